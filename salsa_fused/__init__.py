@@ -1,0 +1,12 @@
+"""salsa_fused: SaLSa line-search Adam on fused multi-tensor kernels.
+
+``from salsa_fused import FusedSaLSa``, then ``loss = opt.step(closure)`` where
+``closure()`` runs the forward pass and returns the loss.
+"""
+
+from .errors import NonFiniteError
+from .line_search import SearchConfig, SearchState
+from .optimizer import FusedSaLSa
+
+__all__ = ["FusedSaLSa", "NonFiniteError", "SearchConfig", "SearchState"]
+__version__ = "0.1.0"

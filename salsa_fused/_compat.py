@@ -1,0 +1,33 @@
+"""The one home of torch's private multi-tensor APIs used by this package.
+
+``torch._foreach_*`` ops are stable in practice but private; every call site
+goes through the names below so a torch release that moves them is a one-file fix.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+
+TensorList = List[torch.Tensor]
+
+foreach_add = torch._foreach_add
+foreach_add_ = torch._foreach_add_
+foreach_addcmul_ = torch._foreach_addcmul_
+foreach_copy_ = torch._foreach_copy_
+foreach_div = torch._foreach_div
+foreach_div_ = torch._foreach_div_
+foreach_mul = torch._foreach_mul
+foreach_mul_ = torch._foreach_mul_
+foreach_norm = torch._foreach_norm
+foreach_reciprocal_ = torch._foreach_reciprocal_
+foreach_sqrt_ = torch._foreach_sqrt_
+foreach_zero_ = torch._foreach_zero_
+
+
+def to_float32(tensors: TensorList) -> TensorList:
+    """The list itself when every tensor is fp32, else a list with upcast copies."""
+    if all(t.dtype == torch.float32 for t in tensors):
+        return tensors
+    return [t if t.dtype == torch.float32 else t.float() for t in tensors]

@@ -1,0 +1,30 @@
+"""Snapshots of the random generators a forward pass draws from.
+
+A search replays the first forward's random state for every trial forward (equal
+dropout masks), then leaves the generators where that one forward left them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterable
+
+import torch
+
+
+@dataclass
+class RNGSnapshot:
+    cpu: torch.Tensor
+    cuda: Dict[int, torch.Tensor]
+
+    @classmethod
+    def capture(cls, devices: Iterable[torch.device]) -> "RNGSnapshot":
+        cuda_indices = sorted({d.index if d.index is not None else torch.cuda.current_device()
+                               for d in devices if d.type == "cuda"})
+        return cls(cpu=torch.get_rng_state(),
+                   cuda={i: torch.cuda.get_rng_state(i) for i in cuda_indices})
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for index, state in self.cuda.items():
+            torch.cuda.set_rng_state(state, index)

@@ -1,0 +1,207 @@
+"""The torch reference backend: the executable spec of every pass.
+
+Built from ``torch._foreach_*`` ops (one call per op over a whole bucket), in the
+operation forms of the published ``salsa-optimizer`` 0.1.0 so that fp32 runs on
+the CPU reproduce it to the bit: ``precond = reciprocal(sqrt(v / bc2) + eps)``,
+``d = precond * g``, ``w = w0.add(d, alpha=-eta)``, per-tensor sums added in
+list order. The Triton and CUDA backends are tested against these functions.
+
+Low-precision weights (bf16, fp16) are upcast to fp32 for the arithmetic and the
+result is rounded once when written back; moments are always fp32.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from .. import _compat as C
+from .base import GRADIENT, MOMENTUM, Bucket, Hyper
+
+name = "torch"
+
+
+def _grads_fp32(bucket: Bucket, grad_scale: Optional[torch.Tensor]) -> List[torch.Tensor]:
+    grads = C.to_float32(bucket.grads)
+    if grad_scale is not None:
+        grads = C.foreach_div(grads, grad_scale.to(torch.float32))
+    return grads
+
+
+def _new_moments(bucket: Bucket, hyper: Hyper, grads: List[torch.Tensor]):
+    """(m_new, v_new) as fresh lists; 0.1.0's forms: ``(1-b2)*g^2 + b2*v``, ``(1-b1)*g + b1*m``."""
+    grad_sq = C.foreach_mul(grads, grads)
+    C.foreach_mul_(grad_sq, 1 - hyper.beta2)
+    exp_avg_sq = C.foreach_mul(bucket.exp_avg_sq, hyper.beta2)
+    C.foreach_add_(exp_avg_sq, grad_sq)
+    scaled_grads = C.foreach_mul(grads, 1 - hyper.beta1)
+    exp_avg = C.foreach_mul(bucket.exp_avg, hyper.beta1)
+    C.foreach_add_(exp_avg, scaled_grads)
+    return exp_avg, exp_avg_sq
+
+
+def _preconditioner(exp_avg_sq: List[torch.Tensor], hyper: Hyper) -> List[torch.Tensor]:
+    """``1 / (sqrt(v / (1 - beta2^(k+1))) + eps)``, a fresh list."""
+    precond = C.foreach_div(exp_avg_sq, hyper.bias_correction2)
+    C.foreach_sqrt_(precond)
+    C.foreach_add_(precond, hyper.eps)
+    C.foreach_reciprocal_(precond)
+    return precond
+
+
+def _direction(precond, grads, exp_avg, hyper: Hyper, direction: str):
+    """d = precond * g  or  precond * m_hat (consumes ``precond``)."""
+    if direction == GRADIENT:
+        C.foreach_mul_(precond, grads)
+    elif direction == MOMENTUM:
+        C.foreach_mul_(precond, C.foreach_div(exp_avg, hyper.bias_correction1))
+    else:
+        raise ValueError(f"unknown direction {direction!r}")
+    return precond
+
+
+def _current_direction(bucket: Bucket, hyper: Hyper, direction: str, grad_scale) -> List[torch.Tensor]:
+    """d from the already-updated moments stored in the bucket."""
+    grads = _grads_fp32(bucket, grad_scale) if direction == GRADIENT else None
+    precond = _preconditioner(bucket.exp_avg_sq, hyper)
+    return _direction(precond, grads, bucket.exp_avg, hyper, direction)
+
+
+def _write_weights(params: List[torch.Tensor], values: List[torch.Tensor]) -> None:
+    if values is params:
+        return
+    C.foreach_copy_(params, values)
+
+
+def _decayed(weights_fp32: List[torch.Tensor], hyper: Hyper, decay_step_size: float) -> List[torch.Tensor]:
+    """``w - weight_decay * decay_step_size * w`` (the list itself when there is no decay)."""
+    if hyper.weight_decay == 0 or decay_step_size == 0:
+        return weights_fp32
+    return C.foreach_mul(weights_fp32, 1 - hyper.weight_decay * decay_step_size)
+
+
+def preconditioned_grad_norm(bucket: Bucket, hyper: Hyper, direction: str,
+                             grad_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """q = sum over the bucket of ``g * d`` with the moments updated by this step's g (not written).
+
+    Returns a 0-dim fp32 tensor on the bucket's device; per-tensor sums are added in list order.
+    Reads g, m, v; writes nothing. Non-finite gradients make q non-finite.
+    """
+    grads = _grads_fp32(bucket, grad_scale)
+    exp_avg, exp_avg_sq = _new_moments(bucket, hyper, grads)
+    precond = _preconditioner(exp_avg_sq, hyper)
+    if direction == GRADIENT:
+        per_tensor = [(g * g * p).sum() for g, p in zip(grads, precond)]
+    else:
+        d = _direction(precond, grads, exp_avg, hyper, MOMENTUM)
+        per_tensor = [torch.inner(g.flatten(), dd.flatten()) for g, dd in zip(grads, d)]
+    total = torch.zeros((), dtype=torch.float32, device=bucket.device)
+    for value in per_tensor:
+        total = total + value
+    return total
+
+
+def first_trial(bucket: Bucket, hyper: Hyper, step_size: float, decay_step_size: float,
+                direction: str, grad_scale: Optional[torch.Tensor] = None) -> None:
+    """Pass A of a search step: write m, v, the saved copy of w, and the first trial weights.
+
+    ``saved = w`` (when the bucket keeps copies);  ``w = w_dec - step_size * d``.
+    """
+    grads = _grads_fp32(bucket, grad_scale)
+    exp_avg, exp_avg_sq = _new_moments(bucket, hyper, grads)
+    C.foreach_copy_(bucket.exp_avg, exp_avg)
+    C.foreach_copy_(bucket.exp_avg_sq, exp_avg_sq)
+    if bucket.saved is not None:
+        C.foreach_copy_(bucket.saved, bucket.params)
+    precond = _preconditioner(exp_avg_sq, hyper)
+    d = _direction(precond, grads, exp_avg, hyper, direction)
+    weights = _decayed(C.to_float32(bucket.params), hyper, decay_step_size)
+    if weights is bucket.params:  # fp32, no decay: update in place, as 0.1.0 does
+        C.foreach_add_(bucket.params, d, alpha=-step_size)
+    else:
+        _write_weights(bucket.params, C.foreach_add(weights, d, alpha=-step_size))
+
+
+def retrial(bucket: Bucket, hyper: Hyper, step_size: float, previous_step_size: float,
+            decay_step_size: float, direction: str, grad_scale: Optional[torch.Tensor] = None) -> None:
+    """Pass B: move the weights to the trial ``w_dec - step_size * d``.
+
+    With a saved copy: ``w = decay(saved) - step_size * d`` (exact). In place:
+    ``w += (previous_step_size - step_size) * d`` (one rounding per trial).
+    """
+    d = _current_direction(bucket, hyper, direction, grad_scale)
+    if bucket.saved is not None:
+        weights = _decayed(C.to_float32(bucket.saved), hyper, decay_step_size)
+        _write_weights(bucket.params, C.foreach_add(weights, d, alpha=-step_size))
+    else:
+        weights = C.to_float32(bucket.params)
+        C.foreach_mul_(d, previous_step_size - step_size)
+        _write_weights(bucket.params, C.foreach_add(weights, d))
+
+
+def restore(bucket: Bucket, hyper: Hyper, previous_step_size: float, decay_step_size: float,
+            direction: str, grad_scale: Optional[torch.Tensor] = None) -> None:
+    """Put back the weights from before the step: ``w = saved`` (exact), or in place
+    ``w = (w + previous_step_size * d) / (1 - weight_decay * decay_step_size)`` (to rounding)."""
+    if bucket.saved is not None:
+        C.foreach_copy_(bucket.params, bucket.saved)
+        return
+    d = _current_direction(bucket, hyper, direction, grad_scale)
+    weights = C.foreach_add(C.to_float32(bucket.params), d, alpha=previous_step_size)
+    if hyper.weight_decay != 0 and decay_step_size != 0:
+        C.foreach_div_(weights, 1 - hyper.weight_decay * decay_step_size)
+    _write_weights(bucket.params, weights)
+
+
+def plain_step(bucket: Bucket, hyper: Hyper, step_size: float, decay_step_size: float,
+               loss: torch.Tensor, found_inf: Optional[torch.Tensor] = None,
+               grad_scale: Optional[torch.Tensor] = None,
+               nonfinite_count: Optional[torch.Tensor] = None) -> None:
+    """Pass A of a plain step: m, v updated and ``w = w_dec - step_size * m_hat * precond``.
+
+    Changes nothing when ``loss`` is non-finite or ``found_inf`` is set. An element
+    whose gradient is non-finite keeps its weight and moments; the number of such
+    elements is added to ``nonfinite_count`` (an int64 0-dim tensor).
+
+    This reference reads one flag on the host to pick the guarded path (free on the
+    CPU; a sync on an accelerator, where the kernel backends guard on the device).
+    """
+    step_ok = torch.isfinite(loss.detach().to(torch.float32)).all()
+    if found_inf is not None:
+        step_ok = step_ok & (found_inf.to(step_ok.device) == 0)
+    if not bool(step_ok):
+        return
+    grads = _grads_fp32(bucket, grad_scale)
+    grad_norms = C.foreach_norm(grads)
+    if not bool(torch.isfinite(torch.stack(grad_norms)).all()):
+        _guarded_plain_step(bucket, hyper, step_size, decay_step_size, grads, nonfinite_count)
+        return
+    exp_avg, exp_avg_sq = _new_moments(bucket, hyper, grads)
+    C.foreach_copy_(bucket.exp_avg, exp_avg)
+    C.foreach_copy_(bucket.exp_avg_sq, exp_avg_sq)
+    precond = _preconditioner(exp_avg_sq, hyper)
+    update = _direction(precond, grads, exp_avg, hyper, MOMENTUM)
+    weights = _decayed(C.to_float32(bucket.params), hyper, decay_step_size)
+    if weights is bucket.params:
+        C.foreach_add_(bucket.params, update, alpha=-step_size)
+    else:
+        _write_weights(bucket.params, C.foreach_add(weights, update, alpha=-step_size))
+
+
+def _guarded_plain_step(bucket, hyper, step_size, decay_step_size, grads, nonfinite_count) -> None:
+    """The rare path: some gradient elements are non-finite; those elements stay as they are."""
+    finite = [torch.isfinite(g) for g in grads]
+    safe_grads = [torch.where(ok, g, torch.zeros_like(g)) for ok, g in zip(finite, grads)]
+    exp_avg, exp_avg_sq = _new_moments(bucket, hyper, safe_grads)
+    precond = _preconditioner(exp_avg_sq, hyper)
+    update = _direction(precond, safe_grads, exp_avg, hyper, MOMENTUM)
+    weights = _decayed(C.to_float32(bucket.params), hyper, decay_step_size)
+    new_weights = C.foreach_add(weights, update, alpha=-step_size)
+    for i, ok in enumerate(finite):
+        bucket.exp_avg[i].copy_(torch.where(ok, exp_avg[i], bucket.exp_avg[i]))
+        bucket.exp_avg_sq[i].copy_(torch.where(ok, exp_avg_sq[i], bucket.exp_avg_sq[i]))
+        bucket.params[i].copy_(torch.where(ok, new_weights[i], bucket.params[i].float()))
+    if nonfinite_count is not None:
+        skipped = sum(int((~ok).sum()) for ok in finite)
+        nonfinite_count.add_(skipped)

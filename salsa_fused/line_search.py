@@ -1,0 +1,175 @@
+"""SaLSa's host-side logic: the smoothed Armijo test and the adaptive search interval.
+
+Pure Python on scalars: no tensors, no devices. The optimizer reads the losses and
+the preconditioned gradient norm from the device (one small read per trial) and
+asks this module what to do next. SPEC section 1 pins every formula; the decision
+arithmetic is fp32 where the published 0.1.0 makes it in fp32 (``h``, ``s``, the
+Armijo comparison) and float64 where it uses Python floats (the interval logic).
+
+Notation: ``k`` step counter, ``eta`` stored step size, ``h`` smoothed loss
+decrease, ``s`` smoothed preconditioned gradient norm, ``t`` steps since the last
+search, ``L`` the search interval.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Optional
+
+import numpy as np
+
+_f32 = np.float32
+
+#: ``s`` below this skips the search (0.1.0's guard, compared in fp32).
+MIN_GRAD_NORM = 1e-8
+#: Initial value of both step-size averages (no bias correction, as published).
+INITIAL_STEP_SIZE_AVERAGE = 1e-8
+#: Smoothing of the fast and slow step-size averages that set the interval.
+FAST_SMOOTHING = 0.9
+SLOW_SMOOTHING = 0.99
+
+
+def _fp32(x: float) -> float:
+    return float(_f32(x))
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Constants of the search (one search over all param groups)."""
+
+    c: float = 0.5
+    beta3: float = 0.9
+    growth: float = 1.1
+    backtrack: float = 0.8
+    max_trials: int = 100
+    max_search_interval: int = 10
+    always_search_steps: int = 9
+    adaptive_interval: bool = True
+
+    def validate(self) -> None:
+        if not 0.0 < self.c < 1.0:
+            raise ValueError(f"c must lie in (0, 1), got {self.c}")
+        if not 0.0 <= self.beta3 < 1.0:
+            raise ValueError(f"beta3 must lie in [0, 1), got {self.beta3}")
+        if not (math.isfinite(self.growth) and self.growth >= 1.0):
+            raise ValueError(f"growth must be a finite number >= 1, got {self.growth}")
+        if not 0.0 < self.backtrack < 1.0:
+            raise ValueError(f"backtrack must lie in (0, 1), got {self.backtrack}")
+        if not (isinstance(self.max_trials, int) and self.max_trials >= 1):
+            raise ValueError(f"max_trials must be an integer >= 1, got {self.max_trials}")
+        if not (isinstance(self.max_search_interval, int) and self.max_search_interval >= 1):
+            raise ValueError(f"max_search_interval must be an integer >= 1, got {self.max_search_interval}")
+        if not (isinstance(self.always_search_steps, int) and self.always_search_steps >= 0):
+            raise ValueError(f"always_search_steps must be an integer >= 0, got {self.always_search_steps}")
+
+
+@dataclass
+class SearchState:
+    """Everything the search carries from step to step; lives in ``state_dict``."""
+
+    step: int = 0  # k
+    step_size: float = 1.0  # eta
+    loss_decrease_avg: float = 0.0  # h (an fp32 value)
+    grad_norm_avg: float = 0.0  # s (an fp32 value)
+    step_size_fast: float = INITIAL_STEP_SIZE_AVERAGE
+    step_size_slow: float = INITIAL_STEP_SIZE_AVERAGE
+    steps_since_search: int = 100  # t
+    search_interval: float = 1.0  # L of the last step
+    num_forward_evals: int = 0
+    num_backward_evals: int = 0
+    num_searches: int = 0
+    num_backtracks: int = 0
+    num_skipped_steps: int = 0
+    num_nonfinite_elements: int = 0  # gradient elements left unchanged on plain steps
+    last_trials: int = 0
+    last_loss_decrease: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "SearchState":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown search state keys {sorted(unknown)}")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one step will do, decided before any forward pass."""
+
+    state: SearchState  # the state after the step's counters advance
+    is_search: bool
+    trial_step_size: float  # eta * growth
+
+
+def plan_step(state: SearchState, config: SearchConfig) -> StepPlan:
+    """Advance the counters (on a copy) and decide whether this step searches.
+
+    ``r = eta_fast / eta_slow`` (inverted below 1), ``L = min(L_max, 1 / (r - 1 + 1e-8))``;
+    a search runs when the interval is off, ``k <= always_search_steps`` or ``t >= L``.
+    """
+    rate = state.step_size_fast / state.step_size_slow
+    if rate < 1:
+        rate = 1 / rate
+    interval = min(config.max_search_interval, 1 / ((rate - 1) + 1e-8))
+    new = replace(state, step=state.step + 1, steps_since_search=state.steps_since_search + 1,
+                  search_interval=interval)
+    is_search = (not config.adaptive_interval or new.step < config.always_search_steps + 1
+                 or new.steps_since_search >= interval)
+    return StepPlan(state=new, is_search=is_search, trial_step_size=state.step_size * config.growth)
+
+
+class ArmijoSearch:
+    """One smoothed Armijo search (SPEC section 1, step 6), driven by trial losses.
+
+    ``s = beta3*s + (1-beta3)*q``;  accept ``eta`` when
+    ``beta3*h + (1-beta3)*(f0 - f1) >= c * eta * s`` or ``f0 == f1``; else ``eta *= backtrack``.
+    """
+
+    def __init__(self, plan: StepPlan, config: SearchConfig, loss: float, grad_norm: float):
+        self.config = config
+        self.state = replace(plan.state, steps_since_search=0, num_searches=plan.state.num_searches + 1)
+        beta3 = _f32(config.beta3)
+        self.state.grad_norm_avg = float(_f32(self.state.grad_norm_avg) * beta3
+                                         + _f32(grad_norm) * _f32(1 - config.beta3))
+        self.loss = _fp32(loss)
+        self.step_size = plan.trial_step_size
+        self.trials = 0
+        #: False when 0.1.0's guard fails (zero loss or tiny norm): one move along m_hat, no trials.
+        self.active = self.loss != 0 and _f32(self.state.grad_norm_avg) >= _f32(MIN_GRAD_NORM)
+
+    def observe(self, trial_loss: float) -> bool:
+        """Record the loss at ``w0 - step_size * d``; True when accepted, else backtrack."""
+        self.trials += 1
+        self.state.num_forward_evals += 1
+        config = self.config
+        decrease = _f32(self.loss) - _f32(trial_loss)
+        self.state.last_loss_decrease = float(decrease)
+        smoothed = _f32(self.state.loss_decrease_avg) * _f32(config.beta3) + decrease * _f32(1 - config.beta3)
+        if decrease == 0:
+            return True
+        sufficient = _f32(self.step_size * config.c) * _f32(self.state.grad_norm_avg)
+        if smoothed >= sufficient:
+            self.state.loss_decrease_avg = float(smoothed)
+            return True
+        self.step_size = self.step_size * config.backtrack
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        return self.trials >= self.config.max_trials
+
+    def finish(self) -> SearchState:
+        """The state after the search: ``eta`` and its fast/slow averages updated."""
+        state = self.state
+        state.step_size = self.step_size
+        state.step_size_slow = state.step_size_slow * SLOW_SMOOTHING + self.step_size * (1 - SLOW_SMOOTHING)
+        state.step_size_fast = state.step_size_fast * FAST_SMOOTHING + self.step_size * (1 - FAST_SMOOTHING)
+        state.last_trials = self.trials
+        if self.trials:
+            state.num_backtracks += self.trials - 1
+        return state

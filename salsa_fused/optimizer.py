@@ -1,0 +1,454 @@
+"""FusedSaLSa: Adam whose step size is found by SaLSa's smoothed Armijo line search.
+
+The class validates arguments, owns the per-parameter state (fp32 moments) and the
+search state, and drives one step: forward and backward (or the caller's), then
+either a plain Adam step (one fused pass per bucket, no host read) or a search
+(a reduction pass for ``q``, one host read, pass A, then one forward and one small
+host read per trial, pass B between trials). The arithmetic of every pass lives in
+the backends; the decisions live in :mod:`salsa_fused.line_search`.
+"""
+
+from __future__ import annotations
+
+import math
+from copy import deepcopy
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+
+import torch
+from torch.optim import Optimizer
+
+from . import backends as _backends
+from ._rng import RNGSnapshot
+from .backends.base import DIRECTIONS, GRADIENT, MOMENTUM, Bucket, Hyper
+from .distributed import SearchReduction, default_reduction
+from .errors import NonFiniteError
+from .line_search import ArmijoSearch, SearchConfig, SearchState, plan_step
+
+LossClosure = Callable[[], Union[torch.Tensor, float]]
+
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+_SEARCH_KEY = "search"
+RESTORE_STRATEGIES = ("copy", "inplace")
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor, the tensor itself otherwise."""
+    return tensor._local_tensor if hasattr(tensor, "_local_tensor") else tensor
+
+
+class FusedSaLSa(Optimizer):
+    r"""SaLSa (Stable Armijo Line Search Adaptation) on fused multi-tensor passes.
+
+    Adam's direction ``d = g / (sqrt(v_hat) + eps)`` (or ``m_hat / (sqrt(v_hat) + eps)``
+    with ``search_direction="momentum"``) and a step size ``eta`` found by backtracking
+    until the smoothed decrease ``beta3*h + (1-beta3)*(f(w) - f(w - eta*d))`` reaches
+    ``c * eta * s``, ``s`` the smoothed preconditioned gradient norm. The search runs at
+    least every ``max_search_interval`` steps, more often while ``eta`` moves. With its
+    defaults this reproduces the published ``salsa-optimizer`` 0.1.0 step for step.
+
+    Args:
+        params: parameters or param groups (per group: ``lr``, ``betas``, ``eps``, ``weight_decay``).
+        lr: multiplier on the searched step size (1.0: none). Group ``g`` moves by
+            ``lr_g * eta``; ``q`` sums ``lr_g * g.d`` over groups, so the Armijo test
+            judges the move actually made. Schedulers may change it.
+        init_step_size: ``eta`` before the first search.
+        c: Armijo constant in (0, 1).
+        betas: Adam's (beta1, beta2).
+        beta3: smoothing of both sides of the Armijo test.
+        eps: added to ``sqrt(v_hat)``.
+        weight_decay: decoupled, ``w -= weight_decay * lr * eta * w`` each step.
+        search_direction: ``"gradient"`` (0.1.0's default) or ``"momentum"`` (its ``use_mv``).
+        adaptive_interval: search every ``L`` steps (True) or on every step (False).
+        max_search_interval, always_search_steps, growth, backtrack, max_trials: SPEC section 1.
+        restore: ``"copy"`` keeps a copy of the weights for exact trials and restores (one
+            extra weight-sized buffer); ``"inplace"`` moves the weights by differences
+            (no extra memory, one rounding per trial).
+        backend: ``"auto"`` (triton on CUDA when it imports, else torch), ``"torch"``, ``"triton"``.
+        nonfinite: ``"raise"`` a :class:`NonFiniteError` or ``"skip"`` (and count) a step whose
+            loss or gradient is NaN/inf. Nothing non-finite is ever written either way.
+        reduction: how losses and ``q`` are reduced across ranks (default: losses averaged
+            over the world when ``torch.distributed`` is initialized).
+
+    ``step(closure)`` runs ``closure()`` (forward, returns the scalar loss) and the backward
+    itself; ``loss.backward(); step(closure, loss=loss)`` is the two-phase form for loops
+    that do their own backward. Trial forwards run under ``torch.no_grad()``.
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, lr: float = 1.0, *, init_step_size: float = 1.0, c: float = 0.5,
+                 betas: Tuple[float, float] = (0.9, 0.999), beta3: float = 0.9, eps: float = 1e-8,
+                 weight_decay: float = 0.0, search_direction: str = GRADIENT,
+                 adaptive_interval: bool = True, max_search_interval: int = 10,
+                 always_search_steps: int = 9, growth: float = 1.1, backtrack: float = 0.8,
+                 max_trials: int = 100, restore: str = "copy", backend: str = "auto",
+                 nonfinite: str = "raise", reduction: Optional[SearchReduction] = None):
+        if not (math.isfinite(init_step_size) and init_step_size > 0):
+            raise ValueError(f"init_step_size must be a finite number > 0, got {init_step_size}")
+        if search_direction not in DIRECTIONS:
+            raise ValueError(f"search_direction must be one of {DIRECTIONS}, got {search_direction!r}")
+        if restore not in RESTORE_STRATEGIES:
+            raise ValueError(f"restore must be one of {RESTORE_STRATEGIES}, got {restore!r}")
+        if backend not in _backends.BACKENDS:
+            raise ValueError(f"backend must be one of {_backends.BACKENDS}, got {backend!r}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        self.search_config = SearchConfig(
+            c=c, beta3=beta3, growth=growth, backtrack=backtrack, max_trials=max_trials,
+            max_search_interval=max_search_interval, always_search_steps=always_search_steps,
+            adaptive_interval=adaptive_interval)
+        self.search_config.validate()
+        self.search_direction = search_direction
+        self.restore_strategy = restore
+        self.backend_name = backend
+        self.nonfinite = nonfinite
+        self.init_step_size = float(init_step_size)
+        self.reduction = reduction if reduction is not None else default_reduction()
+        self._device: Optional[torch.device] = None
+        self._buckets: Dict[tuple, Bucket] = {}
+        self._saved: Dict[torch.Tensor, torch.Tensor] = {}
+        self._nonfinite_count: Optional[torch.Tensor] = None
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.param_groups[0].setdefault(_SEARCH_KEY, SearchState(step_size=self.init_step_size).to_dict())
+
+    # ------------------------------------------------------------------ setup
+    @staticmethod
+    def _validate_group_hyper(group: dict) -> None:
+        lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        if isinstance(lr, torch.Tensor):
+            raise TypeError("lr must be a Python float (it is a host-side multiplier); got a tensor")
+        if not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"lr must be a finite number >= 0, got {lr}")
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        for i, beta in enumerate(betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"betas[{i}] must lie in [0, 1), got {beta}")
+        if not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"eps must be a finite number > 0, got {eps}")
+        if not (math.isfinite(wd) and wd >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {wd}")
+
+    def add_param_group(self, param_group: dict) -> None:
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        candidate = {**self.defaults, **param_group, "params": params}
+        self._validate_group_hyper(candidate)
+        devices = {self._device} if self._device is not None else set()
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"FusedSaLSa can only optimize Tensors, got {type(p).__name__}")
+            if p.is_complex():
+                raise ValueError("FusedSaLSa does not support complex parameters "
+                                 "(view them as real with torch.view_as_real)")
+            if not p.is_floating_point():
+                raise ValueError(f"FusedSaLSa needs floating-point parameters, got {p.dtype}")
+            if p.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+                raise ValueError(f"unsupported parameter dtype {p.dtype}")
+            devices.add(p.device)
+        if len(devices) > 1:
+            names = ", ".join(sorted(str(d) for d in devices))
+            raise ValueError(f"FusedSaLSa needs all parameters on one device, got {names}")
+        super().add_param_group(param_group)
+        if devices:
+            self._device = devices.pop()
+        for p in self.param_groups[-1]["params"]:
+            if p.requires_grad:
+                self._init_state(p)
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        return state
+
+    # ------------------------------------------------------------------ search state
+    @property
+    def search_state(self) -> SearchState:
+        """A copy of the search's scalars (k, eta, h, s, eta_fast, eta_slow, t, counters)."""
+        return SearchState.from_dict(self.param_groups[0][_SEARCH_KEY])
+
+    def _commit(self, state: SearchState) -> None:
+        self.param_groups[0][_SEARCH_KEY] = state.to_dict()
+
+    @property
+    def step_size(self) -> float:
+        """The searched step size ``eta`` (before the growth factor and the group multipliers)."""
+        return self.search_state.step_size
+
+    @property
+    def effective_step_sizes(self) -> List[float]:
+        """Per group, the step the next plain step applies: ``lr * eta * growth``."""
+        eta = self.step_size * self.search_config.growth
+        return [group["lr"] * eta for group in self.param_groups]
+
+    @property
+    def search_interval(self) -> float:
+        """The interval ``L`` of the last step (searches come every ``ceil(L)`` steps)."""
+        return self.search_state.search_interval
+
+    @property
+    def num_forward_evals(self) -> int:
+        return self.search_state.num_forward_evals
+
+    @property
+    def num_searches(self) -> int:
+        return self.search_state.num_searches
+
+    @property
+    def num_backtracks(self) -> int:
+        return self.search_state.num_backtracks
+
+    @property
+    def num_skipped_steps(self) -> int:
+        return self.search_state.num_skipped_steps
+
+    @property
+    def last_search_trials(self) -> int:
+        return self.search_state.last_trials
+
+    @property
+    def last_loss_decrease(self) -> float:
+        return self.search_state.last_loss_decrease
+
+    # ------------------------------------------------------------------ state_dict
+    def state_dict(self) -> dict:
+        state_dict = super().state_dict()
+        # param_groups are shallow copies: detach the search dict from the live one.
+        state_dict["param_groups"][0][_SEARCH_KEY] = deepcopy(self.param_groups[0][_SEARCH_KEY])
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load as ``torch.optim`` does, but keep the moments fp32 (torch would cast them to
+        the parameter dtype) and validate the search state before anything changes."""
+        groups = state_dict["param_groups"]
+        if groups and _SEARCH_KEY in groups[0]:
+            SearchState.from_dict(groups[0][_SEARCH_KEY])  # raises on unknown keys
+        stripped_state, moments = {}, {}
+        for key, value in state_dict["state"].items():
+            moments[key] = {k: v for k, v in value.items() if k in _MOMENT_KEYS}
+            stripped_state[key] = {k: v for k, v in value.items() if k not in _MOMENT_KEYS}
+        super().load_state_dict({**state_dict, "state": stripped_state})
+        params = [p for group in self.param_groups for p in group["params"]]
+        index_of = {}
+        for group in groups:
+            for position, saved_id in enumerate(group["params"]):
+                index_of[saved_id] = len(index_of)
+        for saved_id, values in moments.items():
+            param = params[index_of[saved_id]]
+            state = self.state[param]
+            for k, v in values.items():
+                state[k] = v.to(device=param.device, dtype=torch.float32, copy=True)
+        self.param_groups[0].setdefault(_SEARCH_KEY, SearchState(step_size=self.init_step_size).to_dict())
+        self._buckets.clear()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for name, value in (("_buckets", {}), ("_saved", {}), ("_nonfinite_count", None)):
+            self.__dict__.setdefault(name, value)
+
+    # ------------------------------------------------------------------ step
+    def _backend(self):
+        return _backends.resolve(self.backend_name, self._device or torch.device("cpu"))
+
+    def _collect_buckets(self) -> List[Bucket]:
+        """Buckets of the params that have gradients; validates the gradients first."""
+        members: Dict[tuple, List[torch.Tensor]] = {}
+        for index, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse or grad.layout != torch.strided:
+                    raise RuntimeError("FusedSaLSa does not support sparse gradients")
+                if grad.is_complex():
+                    raise RuntimeError("FusedSaLSa does not support complex gradients")
+                if grad.device != p.device:
+                    raise RuntimeError(f"gradient on {grad.device} for a parameter on {p.device}")
+                if grad.shape != p.shape:
+                    raise RuntimeError(f"gradient of shape {tuple(grad.shape)} for a parameter of "
+                                       f"shape {tuple(p.shape)}")
+                members.setdefault((index, p.device, p.dtype), []).append(p)
+        buckets = []
+        use_copy = self.restore_strategy == "copy"
+        for key, params in members.items():
+            cache_key = key + (tuple(id(p) for p in params),)
+            bucket = self._buckets.get(cache_key)
+            if bucket is None:
+                states = [self._init_state(p) for p in params]
+                bucket = Bucket(params=[_local(p) for p in params], grads=[],
+                                exp_avg=[_local(s["exp_avg"]) for s in states],
+                                exp_avg_sq=[_local(s["exp_avg_sq"]) for s in states],
+                                saved=None, device=key[1], dtype=key[2], group_index=key[0])
+                self._buckets[cache_key] = bucket
+            bucket.grads = [_local(p.grad) for p in params]
+            if bucket.grads and any(g.dtype != bucket.dtype for g in bucket.grads):
+                raise RuntimeError("gradients must have the dtype of their parameters")
+            if use_copy and bucket.saved is None and bucket.params:
+                bucket.saved = [self._saved_buffer(p) for p in params]
+            buckets.append(bucket)
+        return buckets
+
+    def _saved_buffer(self, p: torch.Tensor) -> torch.Tensor:
+        buffer = self._saved.get(p)
+        if buffer is None:
+            buffer = torch.empty_like(_local(p))
+            self._saved[p] = buffer
+        return buffer
+
+    def _hyper(self, group: dict, step: int) -> Hyper:
+        beta1, beta2 = group["betas"]
+        # 0.1.0 corrects with k + 1 after the increment (SPEC section 1, step 5).
+        return Hyper(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                     bias_correction1=1 - beta1 ** max(1, step + 1),
+                     bias_correction2=1 - beta2 ** max(1, step + 1), lr=group["lr"])
+
+    def _loss_tensor(self, value, what: str, need_grad: bool) -> torch.Tensor:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not need_grad:
+            return torch.tensor(float(value), dtype=torch.float32, device=self._device)
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{what} must return the loss as a scalar tensor, got {type(value).__name__}")
+        if value.numel() != 1:
+            raise ValueError(f"{what} must return a scalar loss, got a tensor of shape {tuple(value.shape)}")
+        if value.is_complex() or not value.is_floating_point():
+            raise TypeError(f"{what} must return a real floating-point loss, got {value.dtype}")
+        if need_grad and not value.requires_grad:
+            raise RuntimeError(f"{what} returned a loss with no grad path (requires_grad=False): "
+                               "call step() outside torch.no_grad() and make the loss depend on "
+                               "the parameters")
+        return value
+
+    def _nonfinite_counter(self) -> torch.Tensor:
+        if self._nonfinite_count is None:
+            self._nonfinite_count = torch.zeros((), dtype=torch.int64, device=self._device)
+        return self._nonfinite_count
+
+    def step(self, closure: Optional[LossClosure] = None, *, loss=None):
+        """One SaLSa step; returns the loss at the weights before the step.
+
+        ``closure()`` must run the forward pass and return the scalar loss (no backward);
+        with ``loss=`` the caller has already run forward and backward for this step.
+        """
+        if closure is None:
+            if loss is None and not any(p.grad is not None for g in self.param_groups for p in g["params"]):
+                return None  # nothing to do, as torch.optim does for a step without gradients
+            raise TypeError("FusedSaLSa.step() needs closure: a function that runs the forward pass "
+                            "and returns the loss (SaLSa evaluates it at trial weights)")
+        if not callable(closure):
+            raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        plan = plan_step(self.search_state, self.search_config)
+        devices = [self._device] if self._device is not None else []
+        one_phase = loss is None
+        if one_phase:
+            rng_before = RNGSnapshot.capture(devices) if plan.is_search else None
+            with torch.enable_grad():
+                value = closure()
+            loss_tensor = self._loss_tensor(value, "closure()", need_grad=True)
+            rng_after = RNGSnapshot.capture(devices) if plan.is_search else None
+            loss_tensor.backward()
+        else:
+            loss_tensor = self._loss_tensor(loss, "loss", need_grad=False)
+            rng_before = rng_after = RNGSnapshot.capture(devices) if plan.is_search else None
+        buckets = self._collect_buckets()
+        backend = self._backend()
+        step_state = plan.state
+        step_state.num_forward_evals += 1
+        step_state.num_backward_evals += int(one_phase)
+        f0 = loss_tensor.detach().reshape(()).to(device=self._device, dtype=torch.float32)
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        eta = self.step_size
+        hypers = {b.group_index: self._hyper(self.param_groups[b.group_index], plan.state.step)
+                  for b in buckets}
+        if not plan.is_search:
+            counter = self._nonfinite_counter()
+            with torch.no_grad():
+                for b in buckets:
+                    lr = hypers[b.group_index].lr
+                    backend.plain_step(b, hypers[b.group_index], lr * plan.trial_step_size, lr * eta, f0,
+                                       found_inf=found_inf, grad_scale=grad_scale, nonfinite_count=counter)
+            self._commit(step_state)
+            return loss_tensor if one_phase else loss
+        self._search(plan, step_state, buckets, hypers, backend, f0, closure,
+                     grad_scale, found_inf, rng_before, rng_after, eta)
+        return loss_tensor if one_phase else loss
+
+    def _search(self, plan, step_state, buckets, hypers, backend, f0, closure,
+                grad_scale, found_inf, rng_before, rng_after, eta) -> None:
+        direction = self.search_direction
+        q = torch.zeros((), dtype=torch.float32, device=self._device)
+        with torch.no_grad():
+            for b in buckets:
+                lr = hypers[b.group_index].lr
+                partial = backend.preconditioned_grad_norm(b, hypers[b.group_index], direction, grad_scale)
+                q = q + (partial if lr == 1.0 else partial * lr)
+        q = self.reduction.sum_over_shards(q)
+        loss_avg = self.reduction.average_loss(f0.reshape(1))
+        flags = [found_inf.to(q.device, torch.float32).reshape(1) if found_inf is not None
+                 else q.new_zeros(1), self._nonfinite_counter().to(torch.float32).reshape(1)]
+        f0_value, q_value, inf_flag, earlier_nonfinite = torch.cat(
+            [loss_avg, q.reshape(1), *flags]).tolist()  # the one host read before any write
+        if inf_flag:
+            rng_after.restore()
+            return  # GradScaler found inf/nan: skip the step like AdamW, state unchanged
+        if earlier_nonfinite:
+            self._nonfinite_count.zero_()
+            if self.nonfinite == "raise":
+                raise NonFiniteError(
+                    f"{int(earlier_nonfinite)} gradient elements were NaN/inf on plain steps since "
+                    "the last search; those elements kept their weights and moments")
+            step_state.num_nonfinite_elements += int(earlier_nonfinite)
+        if not (math.isfinite(f0_value) and math.isfinite(q_value)):
+            what = "loss" if not math.isfinite(f0_value) else "gradient (preconditioned norm)"
+            value = f0_value if not math.isfinite(f0_value) else q_value
+            rng_after.restore()
+            self._reject(f"non-finite {what} {value} at step {plan.state.step}; "
+                         "weights and optimizer state are unchanged")
+            return
+        search = ArmijoSearch(plan, self.search_config, f0_value, q_value)
+
+        @torch.no_grad()
+        def move_all(fn, *args):
+            for b in buckets:
+                lr = hypers[b.group_index].lr
+                fn(b, hypers[b.group_index], *[lr * a for a in args])
+
+        if not search.active:
+            move_all(lambda b, h, s, de: backend.first_trial(b, h, s, de, MOMENTUM, grad_scale),
+                     search.step_size, eta)
+            self._commit(search.finish())
+            rng_after.restore()
+            return
+        move_all(lambda b, h, s, de: backend.first_trial(b, h, s, de, direction, grad_scale),
+                 search.step_size, eta)
+        try:
+            while True:
+                rng_before.restore()
+                with torch.no_grad():
+                    value = closure()
+                trial = self._loss_tensor(value, "closure()", need_grad=False)
+                trial = trial.detach().reshape(1).to(device=self._device, dtype=torch.float32)
+                (f1_value,) = self.reduction.average_loss(trial).tolist()
+                previous = search.step_size
+                if search.observe(f1_value) or search.exhausted:
+                    break
+                move_all(lambda b, h, s, p, de: backend.retrial(b, h, s, p, de, direction, grad_scale),
+                         search.step_size, previous, eta)
+        except BaseException:
+            move_all(lambda b, h, p, de: backend.restore(b, h, p, de, direction, grad_scale),
+                     search.step_size, eta)
+            rng_after.restore()
+            raise
+        self._commit(search.finish())
+        rng_after.restore()
+
+    def _reject(self, message: str) -> None:
+        """Raise, or count a skipped step, as ``nonfinite`` says. Nothing has been written."""
+        if self.nonfinite == "raise":
+            raise NonFiniteError(message)
+        current = self.search_state
+        current.num_skipped_steps += 1
+        self._commit(current)
