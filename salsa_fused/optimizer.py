@@ -134,6 +134,7 @@ class FusedSaLSa(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
+        param_group = {**param_group, "params": params}  # a generator is consumed once, above
         candidate = {**self.defaults, **param_group, "params": params}
         self._validate_group_hyper(candidate)
         devices = {self._device} if self._device is not None else set()
