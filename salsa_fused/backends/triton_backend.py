@@ -1,0 +1,300 @@
+"""The Triton backend: each pass of a bucket is one multi-tensor kernel launch.
+
+Same functions and signatures as ``torch_backend`` (the executable spec); the kernels
+and their formulas are in ``triton_kernels``. Per bucket, a table of the tensors'
+data pointers and a block map are built once and cached in ``bucket.cache["triton"]``,
+keyed by ``(data_ptr, numel, dtype)`` of every stream; a moved or replaced tensor makes
+a new table. Tensors whose streams all start on a 16-byte boundary (all of them, in
+practice) share one launch on the vectorized path; any others take a second launch
+without alignment hints.
+
+Bytes moved per parameter with fp32 weights, gradients and state (reads + writes):
+reduction 12, plain step 28, first trial 32 with a saved copy (28 without), retrial 16,
+restore 8 from the copy (16 in place). Nothing here reads a device value on the host.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .base import DIRECTIONS, MOMENTUM, Bucket, Hyper
+
+try:
+    import triton
+    import triton.language as tl
+
+    from . import triton_kernels as K
+except ImportError as error:  # the package works without Triton: the torch backend remains
+    triton = None
+    _IMPORT_ERROR: Optional[ImportError] = error
+else:
+    _IMPORT_ERROR = None
+
+name = "triton"
+
+# Elements per program and warps per program of every kernel (16 fp32 per thread:
+# four 128-bit accesses per stream; the audit checks that nothing spills).
+BLOCK = 4096
+NUM_WARPS = 8
+ALIGNMENT_BYTES = 16
+_MAX_CACHED_TABLES = 4
+
+# Kernel launches by kernel name; tests and benchmarks read it to count launches per step.
+LAUNCH_COUNTER: collections.Counter = collections.Counter()
+
+
+def is_available() -> bool:
+    """Triton imports, and kernels can run: a CUDA device, or the interpreter (TRITON_INTERPRET=1)."""
+    if _IMPORT_ERROR is not None:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _require_triton() -> None:
+    if _IMPORT_ERROR is not None:
+        raise RuntimeError("the triton backend needs the `triton` package "
+                           "(pip install triton); the torch backend works without it") from _IMPORT_ERROR
+
+
+def _triton_dtype(dtype: torch.dtype):
+    table = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+    if dtype not in table:
+        raise TypeError(f"the triton backend supports fp32, bf16 and fp16 tensors, not {dtype}")
+    return table[dtype]
+
+
+@dataclass
+class _Launch:
+    """One launch over a subset of the bucket's tensors: its block map and alignment."""
+
+    block_table: torch.Tensor  # int32 [n_blocks, 2] on the device: (tensor index, block index)
+    n_blocks: int
+    aligned: bool
+
+
+@dataclass
+class _Tables:
+    tensor_table: torch.Tensor  # int64 [n_tensors, K.TABLE_WIDTH] on the device
+    launches: Tuple[_Launch, ...]  # aligned first; empty for a bucket without elements
+    n_blocks: int
+    w_dtype: object  # triton dtypes of the weight (and saved) stream and of the gradients
+    g_dtype: object
+    has_saved: bool
+
+
+def _streams(bucket: Bucket) -> Tuple[Sequence[torch.Tensor], ...]:
+    streams = (bucket.params, bucket.grads, bucket.exp_avg, bucket.exp_avg_sq)
+    return streams + (bucket.saved,) if bucket.saved is not None else streams
+
+
+def _table_key(bucket: Bucket) -> tuple:
+    return tuple((t.data_ptr(), t.numel(), t.dtype) for stream in _streams(bucket) for t in stream)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Every element of ``t`` sits in one gap-free span of memory (any dimension order)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _uniform_dtype(stream: Sequence[torch.Tensor], what: str) -> torch.dtype:
+    dtypes = {t.dtype for t in stream}
+    if len(dtypes) > 1:
+        raise TypeError(f"all {what} of a bucket must share one dtype, got {sorted(map(str, dtypes))}")
+    return dtypes.pop()
+
+
+def _build_tables(bucket: Bucket) -> _Tables:
+    """Pointer table and block maps of a bucket (a Python loop over tensors, run once per layout)."""
+    streams = _streams(bucket)
+    n_tensors = len(bucket.params)
+    if any(len(stream) != n_tensors for stream in streams):
+        raise ValueError("the lists of a bucket must have one entry per parameter")
+    w_dtype = _uniform_dtype(bucket.params, "weights") if n_tensors else bucket.dtype
+    g_dtype = _uniform_dtype(bucket.grads, "gradients") if n_tensors else bucket.dtype
+    for stream, what in ((bucket.exp_avg, "exp_avg"), (bucket.exp_avg_sq, "exp_avg_sq")):
+        if n_tensors and _uniform_dtype(stream, what) != torch.float32:
+            raise TypeError(f"{what} must be fp32")
+    if bucket.saved is not None and n_tensors and _uniform_dtype(bucket.saved, "saved copies") != w_dtype:
+        raise TypeError("saved copies must have the weights' dtype")
+    rows: List[List[int]] = []
+    aligned: List[bool] = []
+    for index in range(n_tensors):
+        tensors = [stream[index] for stream in streams]
+        param = tensors[0]
+        for t in tensors:
+            if t.numel() != param.numel() or t.device != param.device:
+                raise ValueError(f"tensor {index} of the bucket: streams differ in numel or device")
+            if not (_dense(t) and (t.stride() == param.stride() or (t.is_contiguous() and param.is_contiguous()))):
+                raise ValueError(f"tensor {index} of the bucket: streams must be dense with one memory layout")
+        pointers = [t.data_ptr() for t in tensors]
+        rows.append([param.numel()] + pointers + [0] * (K.TABLE_WIDTH - 1 - len(pointers)))
+        aligned.append(all(p % ALIGNMENT_BYTES == 0 for p in pointers))
+    device = bucket.device
+    tensor_table = _to_device(torch.tensor(rows, dtype=torch.int64).reshape(n_tensors, K.TABLE_WIDTH), device)
+    blocks_per_tensor = torch.tensor([-(-row[0] // BLOCK) for row in rows], dtype=torch.int64)
+    is_aligned = torch.tensor(aligned, dtype=torch.bool)
+    launches = []
+    for want_aligned in (True, False):
+        block_table = _block_table(torch.where(is_aligned == want_aligned, blocks_per_tensor, 0))
+        if block_table.shape[0]:
+            launches.append(_Launch(_to_device(block_table, device), block_table.shape[0], want_aligned))
+    return _Tables(tensor_table, tuple(launches), sum(launch.n_blocks for launch in launches),
+                   _triton_dtype(w_dtype), _triton_dtype(g_dtype), bucket.saved is not None)
+
+
+def _block_table(blocks_per_tensor: torch.Tensor) -> torch.Tensor:
+    """int32 [sum(blocks), 2]: (tensor index, block index within it) for every block, tensor-major."""
+    n_blocks = int(blocks_per_tensor.sum())
+    tensor_index = torch.repeat_interleave(torch.arange(blocks_per_tensor.numel()), blocks_per_tensor)
+    first_block = torch.cumsum(blocks_per_tensor, 0) - blocks_per_tensor
+    block_index = torch.arange(n_blocks) - first_block[tensor_index]
+    return torch.stack([tensor_index, block_index], dim=1).to(torch.int32).contiguous()
+
+
+def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a host table to the device without a host sync (from pinned memory on CUDA)."""
+    if device.type == "cuda":
+        return table.pin_memory().to(device, non_blocking=True)
+    return table.to(device)
+
+
+def _tables(bucket: Bucket) -> _Tables:
+    """The cached tables of the bucket's current tensors (built on first use or after a change)."""
+    cache: Dict[tuple, _Tables] = bucket.cache.setdefault(name, {})
+    key = _table_key(bucket)
+    tables = cache.get(key)
+    if tables is None:
+        _require_triton()
+        tables = _build_tables(bucket)
+        if len(cache) >= _MAX_CACHED_TABLES:
+            cache.pop(next(iter(cache)))
+        cache[key] = tables
+    return tables
+
+
+def _launch(kernel, tables: _Tables, launch: _Launch, *args, **constexprs) -> None:
+    LAUNCH_COUNTER[kernel.__name__] += 1
+    kernel[(launch.n_blocks,)](tables.tensor_table, launch.block_table, *args, ALIGNED=launch.aligned,
+                               BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False, **constexprs)
+
+
+def _check_direction(direction: str) -> bool:
+    """True for the momentum direction; raises on an unknown name."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}")
+    return direction == MOMENTUM
+
+
+def _moment_scalars(hyper: Hyper) -> Tuple[float, ...]:
+    """beta1, beta2, 1 - beta1, 1 - beta2 (formed in double, as the reference does)."""
+    return (float(hyper.beta1), float(hyper.beta2), float(1 - hyper.beta1), float(1 - hyper.beta2))
+
+
+def _decay_factor(hyper: Hyper, decay_step_size: float) -> float:
+    """1 - weight_decay * decay_step_size (exactly 1.0 without decay)."""
+    return float(1 - hyper.weight_decay * decay_step_size)
+
+
+def _optional(tensor: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:
+    """A pointer argument for an optional tensor; the placeholder is never read (constexpr off)."""
+    return placeholder if tensor is None else tensor
+
+
+def preconditioned_grad_norm(bucket: Bucket, hyper: Hyper, direction: str,
+                             grad_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """q = sum over the bucket of ``g * d`` with this step's moments (not written); 0-dim fp32.
+
+    One launch writes a partial sum per block; the partials are added in a fixed order
+    (deterministic, no float atomics).
+    """
+    momentum = _check_direction(direction)
+    tables = _tables(bucket)
+    if tables.n_blocks == 0:
+        return torch.zeros((), dtype=torch.float32, device=bucket.device)
+    partials = torch.empty(tables.n_blocks, dtype=torch.float32, device=bucket.device)
+    first = 0
+    for launch in tables.launches:
+        _launch(K._grad_norm_kernel, tables, launch, partials[first:],
+                _optional(grad_scale, partials), *_moment_scalars(hyper), float(hyper.bias_correction1),
+                float(hyper.bias_correction2), float(hyper.eps), G_DTYPE=tables.g_dtype,
+                MOMENTUM=momentum, HAS_GRAD_SCALE=grad_scale is not None)
+        first += launch.n_blocks
+    return partials.sum(dtype=torch.float64).to(torch.float32)
+
+
+def first_trial(bucket: Bucket, hyper: Hyper, step_size: float, decay_step_size: float,
+                direction: str, grad_scale: Optional[torch.Tensor] = None) -> None:
+    """Pass A of a search step: m, v, the saved copy of w, and ``w = w_dec - step_size * d``."""
+    momentum = _check_direction(direction)
+    tables = _tables(bucket)
+    for launch in tables.launches:
+        _launch(K._first_trial_kernel, tables, launch, _optional(grad_scale, tables.tensor_table),
+                *_moment_scalars(hyper), float(hyper.bias_correction1), float(hyper.bias_correction2),
+                float(hyper.eps), _decay_factor(hyper, decay_step_size), float(-step_size),
+                W_DTYPE=tables.w_dtype, G_DTYPE=tables.g_dtype, MOMENTUM=momentum,
+                HAS_SAVED=tables.has_saved, HAS_GRAD_SCALE=grad_scale is not None)
+
+
+def retrial(bucket: Bucket, hyper: Hyper, step_size: float, previous_step_size: float,
+            decay_step_size: float, direction: str, grad_scale: Optional[torch.Tensor] = None) -> None:
+    """Pass B: ``w = decay(saved) - step_size * d`` or in place ``w += (previous - step_size) * d``."""
+    momentum = _check_direction(direction)
+    tables = _tables(bucket)
+    for launch in tables.launches:
+        _launch(K._retrial_kernel, tables, launch, _optional(grad_scale, tables.tensor_table),
+                float(hyper.bias_correction1), float(hyper.bias_correction2), float(hyper.eps),
+                _decay_factor(hyper, decay_step_size), float(-step_size),
+                float(previous_step_size - step_size), W_DTYPE=tables.w_dtype, G_DTYPE=tables.g_dtype,
+                MOMENTUM=momentum, HAS_SAVED=tables.has_saved,
+                HAS_GRAD_SCALE=grad_scale is not None and not momentum)
+
+
+def restore(bucket: Bucket, hyper: Hyper, previous_step_size: float, decay_step_size: float,
+            direction: str, grad_scale: Optional[torch.Tensor] = None) -> None:
+    """Weights from before the step: ``w = saved``, or ``w = (w + previous * d) / (1 - wd * decay)``."""
+    momentum = _check_direction(direction)
+    tables = _tables(bucket)
+    for launch in tables.launches:
+        _launch(K._restore_kernel, tables, launch, _optional(grad_scale, tables.tensor_table),
+                float(hyper.bias_correction1), float(hyper.bias_correction2), float(hyper.eps),
+                _decay_factor(hyper, decay_step_size), float(previous_step_size),
+                W_DTYPE=tables.w_dtype, G_DTYPE=tables.g_dtype, MOMENTUM=momentum,
+                HAS_SAVED=tables.has_saved,
+                HAS_GRAD_SCALE=grad_scale is not None and not momentum and not tables.has_saved)
+
+
+def plain_step(bucket: Bucket, hyper: Hyper, step_size: float, decay_step_size: float,
+               loss: torch.Tensor, found_inf: Optional[torch.Tensor] = None,
+               grad_scale: Optional[torch.Tensor] = None,
+               nonfinite_count: Optional[torch.Tensor] = None) -> None:
+    """Pass A of a plain step, guarded on the device (no host sync).
+
+    ``w = w_dec - step_size * m_hat * precond`` and m, v updated, unless ``loss`` is
+    non-finite or ``found_inf`` is set (then nothing is written). An element whose gradient
+    is non-finite keeps its weight and moments, and is counted into ``nonfinite_count``
+    (an int64 0-dim tensor).
+    """
+    tables = _tables(bucket)
+    if loss.numel() != 1:
+        raise ValueError("plain_step needs a one-element loss tensor")
+    if nonfinite_count is not None and nonfinite_count.dtype != torch.int64:
+        raise TypeError("nonfinite_count must be an int64 tensor")
+    for launch in tables.launches:
+        _launch(K._plain_step_kernel, tables, launch, loss.detach(), _optional(found_inf, loss),
+                _optional(grad_scale, loss), _optional(nonfinite_count, tables.tensor_table),
+                *_moment_scalars(hyper), float(hyper.bias_correction1), float(hyper.bias_correction2),
+                float(hyper.eps), _decay_factor(hyper, decay_step_size), float(-step_size),
+                W_DTYPE=tables.w_dtype, G_DTYPE=tables.g_dtype, HAS_FOUND_INF=found_inf is not None,
+                HAS_GRAD_SCALE=grad_scale is not None, HAS_COUNTER=nonfinite_count is not None)
