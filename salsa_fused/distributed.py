@@ -6,24 +6,45 @@ data-parallel group before the host decides (one small all-reduce per read). The
 preconditioned gradient norm ``q`` is a sum over all elements of the model: with
 replicated weights (DDP) every rank already holds all of it and it is not reduced;
 with sharded weights (FSDP2) the per-shard partial sums are summed over the shard group.
+
+Who reduces what, for a run on ``W`` ranks:
+
+=============================  ==========================  ===========================
+layout                         losses ``f0``, ``f1``         ``q`` (and the skip flags)
+=============================  ==========================  ===========================
+one process                    as they are                  as it is
+DDP (replicated weights)       mean over the world          as it is (already global)
+FSDP2, 1-D mesh                mean over the world          sum over the mesh's group
+HSDP, 2-D mesh (rep, shard)    mean over the world          sum over the shard dim only
+=============================  ==========================  ===========================
+
+Averaging identical losses is harmless, so ranks that see the same batch (tensor
+parallel peers) may sit in the loss group; they must not sit in the shard group unless
+their weights are sharded (replicated weights would count more than once in ``q``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
 
 
 def is_distributed() -> bool:
+    """True when ``torch.distributed`` is initialized with more than one rank."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 @dataclass
 class SearchReduction:
-    """Where the search's scalars are reduced; ``None`` groups mean 'do not reduce'."""
+    """Where the search's scalars are reduced; ``None`` groups mean 'do not reduce'.
+
+    ``loss_group``: the data-parallel ranks; ``f0`` and each ``f1`` are averaged over it.
+    ``shard_group``: the ranks that hold disjoint shards of the weights; the partial
+    ``q`` (and the non-finite flags read with it) are summed over it.
+    """
 
     loss_group: Optional[object] = None
     shard_group: Optional[object] = None
@@ -49,8 +70,77 @@ class SearchReduction:
         return reduced
 
 
-def default_reduction() -> SearchReduction:
-    """Losses averaged over the whole world when ``torch.distributed`` runs with >1 rank."""
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return hasattr(tensor, "_local_tensor") and hasattr(tensor, "placements")
+
+
+def shard_group_of(params: Iterable[torch.Tensor]) -> Optional[object]:
+    """The process group over which ``params`` (DTensors) are sharded; ``None`` if they are not.
+
+    Every sharded parameter must use the same mesh and shard along the same single mesh
+    dimension (FSDP2's 1-D mesh, or the shard dimension of an HSDP 2-D mesh). Parameters
+    that are not sharded cannot be mixed in: they would count once per rank in ``q``.
+    """
+    params = list(params)
+    layouts = set()
+    unsharded = 0
+    for p in params:
+        if not _is_dtensor(p):
+            unsharded += 1
+            continue
+        shard_dims = tuple(i for i, placement in enumerate(p.placements) if placement.is_shard())
+        if not shard_dims:
+            unsharded += 1
+            continue
+        layouts.add((p.device_mesh, shard_dims))
+    if not layouts:
+        return None
+    if len(layouts) > 1:
+        raise ValueError("FusedSaLSa found DTensor parameters sharded over different meshes or mesh "
+                         "dimensions; pass reduction=SearchReduction(loss_group=..., shard_group=...)")
+    ((mesh, shard_dims),) = layouts
+    if len(shard_dims) != 1:
+        raise ValueError(f"FusedSaLSa found parameters sharded over mesh dimensions {shard_dims}; "
+                         "automatic detection handles one shard dimension: pass "
+                         "reduction=SearchReduction(loss_group=..., shard_group=...)")
+    if unsharded:
+        raise ValueError(f"{unsharded} of {len(params)} parameters are not sharded DTensors while the "
+                         "rest are: their share of the preconditioned norm would count once per rank. "
+                         "Shard every parameter (fully_shard the root module) or pass reduction=")
+    return mesh.get_group(shard_dims[0])
+
+
+def default_reduction(params: Optional[Iterable[torch.Tensor]] = None) -> SearchReduction:
+    """Losses averaged over the whole world when ``torch.distributed`` runs with >1 rank;
+    ``q`` summed over the shard group when ``params`` are sharded DTensors (FSDP2)."""
     if not is_distributed():
         return SearchReduction()
-    return SearchReduction(loss_group=dist.group.WORLD)
+    shard_group = shard_group_of(params) if params is not None else None
+    if shard_group is not None and dist.get_world_size(shard_group) == 1:
+        shard_group = None
+    return SearchReduction(loss_group=dist.group.WORLD, shard_group=shard_group)
+
+
+def fsdp_closure(model: torch.nn.Module, closure: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``closure`` made safe for trial forwards under FSDP2.
+
+    FSDP2 keeps the root module's parameters unsharded after a forward (they are
+    expected back for the backward). A trial forward runs under ``torch.no_grad()``
+    with no backward, so the next trial would reuse the stale unsharded copy instead of
+    the trial weights the optimizer wrote into the shards. The returned closure reshards
+    every FSDP module of ``model`` first (a no-op when already sharded), so each call
+    all-gathers the current shards. Alternative: ``fully_shard(model, reshard_after_forward=True)``
+    on the root (one more all-gather of the root's parameters per training step).
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2: nothing to reshard
+        return closure
+    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+    def resharded_closure():
+        for module in fsdp_modules:
+            module.reshard()
+        return closure()
+
+    return resharded_closure

@@ -1,0 +1,301 @@
+"""FusedSaLSa on torch.distributed (gloo, 2 CPU processes): DDP and FSDP2.
+
+Each spawned job runs several checks in one process group (spawning costs seconds).
+The reference is single-process training on the concatenated batch, with no reduction:
+with equal per-rank batches, the mean loss over the global batch is the average of the
+per-rank means, and DDP's averaged gradient is the global batch's gradient, so the two
+runs take the same decisions and agree to rounding. Across ranks the weights must be
+bitwise identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from salsa_fused import FusedSaLSa
+from salsa_fused.distributed import SearchReduction, default_reduction, fsdp_closure
+
+WORLD = 2
+BATCH_PER_RANK = 8
+IN_FEATURES = 6
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _spawn(worker, *args):
+    mp.spawn(worker, args=(_free_port(), *args), nprocs=WORLD, join=True)
+
+
+def _init(rank: int, port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+
+
+def _make_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(IN_FEATURES, 16), torch.nn.Tanh(),
+                               torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+
+def _batch(step: int, rank: int, size: int = BATCH_PER_RANK):
+    """The batch of ``rank`` at ``step``: deterministic, different on every rank."""
+    generator = torch.Generator().manual_seed(1000 * step + rank)
+    x = torch.randn(size, IN_FEATURES, generator=generator)
+    y = torch.sin(x.sum(dim=1, keepdim=True)) + 0.1 * torch.randn(size, 1, generator=generator)
+    return x, y
+
+
+def _global_batch(step: int):
+    parts = [_batch(step, r) for r in range(WORLD)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _skip_interval_warmup(opt: FusedSaLSa) -> None:
+    """Set the fast and slow step-size averages equal, so the interval jumps to its bound
+    (it otherwise stays near 1 for ~150 steps) and plain steps come within a short test."""
+    search = opt.param_groups[0]["search"]
+    search["step_size_fast"] = search["step_size_slow"]
+
+
+def _flat(params) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).float() for p in params])
+
+
+def _assert_same_on_all_ranks(tensor: torch.Tensor, what: str) -> None:
+    gathered = [torch.empty_like(tensor) for _ in range(WORLD)]
+    dist.all_gather(gathered, tensor)
+    for rank, other in enumerate(gathered):
+        if not torch.equal(other, gathered[0]):
+            diff = (other - gathered[0]).abs().max().item()
+            raise AssertionError(f"{what} differs between rank 0 and rank {rank} (max |diff| {diff:.3e})")
+
+
+def _search_record(opt: FusedSaLSa):
+    return (opt.num_searches, opt.last_search_trials, opt.num_forward_evals)
+
+
+def _assert_trajectories_agree(records, ref_records, etas, ref_etas, what):
+    assert records == ref_records, f"{what}: searches/trials differ from single-process training"
+    for step, (eta, ref_eta) in enumerate(zip(etas, ref_etas)):
+        assert abs(eta - ref_eta) <= 1e-4 * abs(ref_eta), f"{what}: step size at step {step}: {eta} vs {ref_eta}"
+
+
+# ----------------------------------------------------------------------------- DDP
+def _ddp_steps(rank, ddp, opt, ref, ref_opt, steps, micro_batches, first_step=0):
+    """Train DDP (rank's data) and the reference (global batch) side by side; check each step."""
+    records, ref_records, etas, ref_etas = [], [], [], []
+    for step in range(first_step, first_step + steps):
+        if step == first_step + 9:  # after the always-search steps
+            _skip_interval_warmup(opt)
+            _skip_interval_warmup(ref_opt)
+        x, y = _batch(step, rank)
+        opt.zero_grad()
+        if micro_batches == 1:
+            opt.step(lambda: F.mse_loss(ddp(x), y))
+        else:  # accumulation: backward per micro-batch, one all-reduce on the last
+            micro = [(x[i::micro_batches], y[i::micro_batches]) for i in range(micro_batches)]
+            total = torch.zeros(())
+            for i, (xb, yb) in enumerate(micro):
+                sync = contextlib.nullcontext() if i == micro_batches - 1 else ddp.no_sync()
+                with sync:
+                    loss = F.mse_loss(ddp(xb), yb) / micro_batches
+                    loss.backward()
+                total += loss.detach()
+            opt.step(lambda: sum(F.mse_loss(ddp(xb), yb) for xb, yb in micro) / micro_batches,
+                     loss=total)
+        gx, gy = _global_batch(step)
+        ref_opt.zero_grad()
+        ref_opt.step(lambda: F.mse_loss(ref(gx), gy))
+        _assert_same_on_all_ranks(_flat(ddp.parameters()), f"weights after step {step}")
+        _assert_same_on_all_ranks(torch.tensor([opt.step_size, opt.num_forward_evals], dtype=torch.float64),
+                                  f"step size / forward count after step {step}")
+        torch.testing.assert_close(_flat(ddp.parameters()), _flat(ref.parameters()), rtol=1e-5, atol=1e-6)
+        records.append(_search_record(opt))
+        ref_records.append(_search_record(ref_opt))
+        etas.append(opt.step_size)
+        ref_etas.append(ref_opt.step_size)
+    return records, ref_records, etas, ref_etas
+
+
+def _ddp_job(rank, port, out_dir):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    _init(rank, port)
+    try:
+        for micro_batches in (1, 2):
+            base = _make_model(0)
+            ddp = DDP(copy.deepcopy(base))
+            opt = FusedSaLSa(ddp.parameters())
+            assert opt.reduction.loss_group is dist.group.WORLD and opt.reduction.shard_group is None
+            ref = copy.deepcopy(base)
+            ref_opt = FusedSaLSa(ref.parameters(), reduction=SearchReduction())
+            result = _ddp_steps(rank, ddp, opt, ref, ref_opt, steps=22, micro_batches=micro_batches)
+            records = result[0]
+            searches = records[-1][0]
+            assert 0 < searches < len(records), f"want searches and plain steps, got {searches} of {len(records)}"
+            _assert_trajectories_agree(*result, what=f"DDP with {micro_batches} micro-batches")
+
+        # The run that the resume job continues: checkpoint at step 12, record steps 12..19.
+        ddp = DDP(_make_model(0))
+        opt = FusedSaLSa(ddp.parameters())
+        for step in range(20):
+            if step == 12 and rank == 0:
+                torch.save({"model": ddp.module.state_dict(), "optimizer": opt.state_dict()},
+                           os.path.join(out_dir, "checkpoint.pt"))
+            if step == 9:
+                _skip_interval_warmup(opt)
+            x, y = _batch(step, rank)
+            opt.zero_grad()
+            opt.step(lambda: F.mse_loss(ddp(x), y))
+        if rank == 0:
+            torch.save({"weights": _flat(ddp.parameters()), "search": opt.search_state},
+                       os.path.join(out_dir, "uninterrupted.pt"))
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_resume_job(rank, port, out_dir):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    _init(rank, port)
+    try:
+        checkpoint = torch.load(os.path.join(out_dir, "checkpoint.pt"), weights_only=False)
+        model = _make_model(seed=123)  # different init: everything must come from the checkpoint
+        model.load_state_dict(checkpoint["model"])
+        ddp = DDP(model)
+        opt = FusedSaLSa(ddp.parameters(), init_step_size=0.5)
+        opt.load_state_dict(checkpoint["optimizer"])
+        for step in range(12, 20):
+            x, y = _batch(step, rank)
+            opt.zero_grad()
+            opt.step(lambda: F.mse_loss(ddp(x), y))
+        _assert_same_on_all_ranks(_flat(ddp.parameters()), "weights after resume")
+        if rank == 0:
+            torch.save({"weights": _flat(ddp.parameters()), "search": opt.search_state},
+                       os.path.join(out_dir, "resumed.pt"))
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_matches_global_batch_accumulation_and_resume(tmp_path):
+    """DDP: identical weights on both ranks, the same trajectory as one process on the
+    concatenated batch (also with 2 accumulated micro-batches per rank), and a run killed
+    at step 12 and resumed in new processes continues bitwise identically."""
+    _spawn(_ddp_job, str(tmp_path))
+    _spawn(_ddp_resume_job, str(tmp_path))
+    uninterrupted = torch.load(tmp_path / "uninterrupted.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=False)
+    assert torch.equal(resumed["weights"], uninterrupted["weights"])
+    assert resumed["search"] == uninterrupted["search"]
+
+
+# ----------------------------------------------------------------------------- FSDP2
+def _fsdp_model(seed, mesh):
+    from torch.distributed.fsdp import fully_shard
+    model = _make_model(seed)
+    fully_shard(model[0], mesh=mesh)  # a sub-module with its own all-gather
+    fully_shard(model, mesh=mesh)     # the root keeps the other layers (unsharded after forward)
+    return model
+
+
+def _fsdp_step(model, opt, step, rank):
+    x, y = _batch(step, rank)
+    opt.zero_grad()
+    opt.step(fsdp_closure(model, lambda: F.mse_loss(model(x), y)))
+
+
+def _full_weights(model) -> torch.Tensor:
+    from torch.distributed.fsdp import FSDPModule
+    for module in model.modules():  # after a forward the root holds unsharded plain tensors
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return torch.cat([p.full_tensor().detach().reshape(-1) for p in model.parameters()])
+
+
+def _fsdp_job(rank, port, out_dir):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.device_mesh import init_device_mesh
+    _init(rank, port)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        model = _fsdp_model(0, mesh)
+        opt = FusedSaLSa(model.parameters())
+        assert opt.reduction.shard_group is not None, "sharded DTensor params must set the shard group"
+        assert opt.reduction.loss_group is dist.group.WORLD
+        exp_avg = opt.state[model[0].weight]["exp_avg"]
+        assert type(exp_avg).__name__ == "DTensor" and exp_avg._local_tensor.shape[0] == 16 // WORLD
+
+        ref = _make_model(0)
+        ref_opt = FusedSaLSa(ref.parameters(), reduction=SearchReduction())
+        records, ref_records, etas, ref_etas = [], [], [], []
+        checkpoint_dir = os.path.join(out_dir, "dcp")
+        saved_after = None
+        for step in range(20):
+            if step == 9:
+                _skip_interval_warmup(opt)
+                _skip_interval_warmup(ref_opt)
+            if step == 14:
+                dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                         checkpoint_id=checkpoint_dir)
+                saved_after = []
+            _fsdp_step(model, opt, step, rank)
+            gx, gy = _global_batch(step)
+            ref_opt.zero_grad()
+            ref_opt.step(lambda: F.mse_loss(ref(gx), gy))
+            full = _full_weights(model)
+            _assert_same_on_all_ranks(torch.tensor([opt.step_size, opt.num_forward_evals], dtype=torch.float64),
+                                      f"step size / forward count after step {step}")
+            torch.testing.assert_close(full, _flat(ref.parameters()), rtol=1e-5, atol=1e-6)
+            records.append(_search_record(opt))
+            ref_records.append(_search_record(ref_opt))
+            etas.append(opt.step_size)
+            ref_etas.append(ref_opt.step_size)
+            if saved_after is not None:
+                saved_after.append(full)
+        assert 0 < records[-1][0] < len(records)
+        _assert_trajectories_agree(records, ref_records, etas, ref_etas, "FSDP2")
+        final_search = opt.search_state
+
+        # Resume from the sharded checkpoint into a fresh model and optimizer.
+        model = _fsdp_model(seed=7, mesh=mesh)
+        opt = FusedSaLSa(model.parameters(), init_step_size=0.25)
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(state, checkpoint_id=checkpoint_dir)
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, opt, state["optim"])
+        assert opt.state[model[0].weight]["exp_avg"].dtype == torch.float32
+        for step, expected in zip(range(14, 20), saved_after):
+            _fsdp_step(model, opt, step, rank)
+            assert torch.equal(_full_weights(model), expected), f"resumed FSDP2 run differs at step {step}"
+        assert opt.search_state == final_search
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_matches_single_process_and_resumes_from_dcp(tmp_path):
+    """FSDP2 on CPU/gloo: kernels on local shards, q summed over the shard group, the same
+    trajectory as one process on the concatenated batch; a torch.distributed.checkpoint
+    save/load of the sharded optimizer state continues bitwise identically."""
+    _spawn(_fsdp_job, str(tmp_path))
+
+
+def test_single_process_reduction_is_inactive():
+    params = list(_make_model(0).parameters())
+    assert not default_reduction(params).active
+    assert not FusedSaLSa(params).reduction.active
