@@ -148,6 +148,11 @@ class ArmijoSearch:
         self.state.num_forward_evals += 1
         config = self.config
         decrease = _f32(self.loss) - _f32(trial_loss)
+        if not math.isfinite(decrease):
+            # A NaN/inf trial loss is a failed trial (even -inf, which would pass the test):
+            # backtrack and record nothing non-finite.
+            self.step_size = self.step_size * config.backtrack
+            return False
         self.state.last_loss_decrease = float(decrease)
         smoothed = _f32(self.state.loss_decrease_avg) * _f32(config.beta3) + decrease * _f32(1 - config.beta3)
         if decrease == 0:

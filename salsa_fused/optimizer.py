@@ -109,6 +109,7 @@ class FusedSaLSa(Optimizer):
         self._buckets: Dict[tuple, Bucket] = {}
         self._saved: Dict[torch.Tensor, torch.Tensor] = {}
         self._nonfinite_count: Optional[torch.Tensor] = None
+        self._nonfinite_loss_count: Optional[torch.Tensor] = None
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.param_groups[0].setdefault(_SEARCH_KEY, SearchState(step_size=self.init_step_size).to_dict())
@@ -119,11 +120,16 @@ class FusedSaLSa(Optimizer):
         lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         if isinstance(lr, torch.Tensor):
             raise TypeError("lr must be a Python float (it is a host-side multiplier); got a tensor")
+        for name, value in (("lr", lr), ("eps", eps), ("weight_decay", wd)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
         if not (math.isfinite(lr) and lr >= 0):
             raise ValueError(f"lr must be a finite number >= 0, got {lr}")
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         for i, beta in enumerate(betas):
+            if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+                raise TypeError(f"betas[{i}] must be a number, got {type(beta).__name__}")
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"betas[{i}] must lie in [0, 1), got {beta}")
         if not (math.isfinite(eps) and eps > 0):
@@ -248,7 +254,8 @@ class FusedSaLSa(Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        for name, value in (("_buckets", {}), ("_saved", {}), ("_nonfinite_count", None)):
+        for name, value in (("_buckets", {}), ("_saved", {}), ("_nonfinite_count", None),
+                            ("_nonfinite_loss_count", None)):
             self.__dict__.setdefault(name, value)
 
     # ------------------------------------------------------------------ step
@@ -322,6 +329,12 @@ class FusedSaLSa(Optimizer):
                                "the parameters")
         return value
 
+    def _nonfinite_loss_counter(self) -> torch.Tensor:
+        """Plain steps since the last search whose loss was NaN/inf (an int64 device scalar)."""
+        if self.__dict__.get("_nonfinite_loss_count") is None:
+            self._nonfinite_loss_count = torch.zeros((), dtype=torch.int64, device=self._device)
+        return self._nonfinite_loss_count
+
     def _nonfinite_counter(self) -> torch.Tensor:
         if self._nonfinite_count is None:
             self._nonfinite_count = torch.zeros((), dtype=torch.int64, device=self._device)
@@ -340,6 +353,8 @@ class FusedSaLSa(Optimizer):
                             "and returns the loss (SaLSa evaluates it at trial weights)")
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        for group in self.param_groups:  # schedulers and users write here: check before any write
+            self._validate_group_hyper(group)
         plan = plan_step(self.search_state, self.search_config)
         devices = [self._device] if self._device is not None else []
         one_phase = loss is None
@@ -354,6 +369,9 @@ class FusedSaLSa(Optimizer):
             loss_tensor = self._loss_tensor(loss, "loss", need_grad=False)
             rng_before = rng_after = RNGSnapshot.capture(devices) if plan.is_search else None
         buckets = self._collect_buckets()
+        if not buckets:
+            raise RuntimeError("no parameter of this optimizer has a gradient after the backward: the "
+                               "loss does not depend on the optimized parameters")
         backend = self._backend()
         step_state = plan.state
         step_state.num_forward_evals += 1
@@ -366,6 +384,9 @@ class FusedSaLSa(Optimizer):
                   for b in buckets}
         if not plan.is_search:
             counter = self._nonfinite_counter()
+            # A non-finite loss makes the plain pass change nothing; count it on the device
+            # (no host read) and report it at the next search.
+            self._nonfinite_loss_counter().add_(torch.isfinite(f0).logical_not())
             with torch.no_grad():
                 for b in buckets:
                     lr = hypers[b.group_index].lr
@@ -389,19 +410,29 @@ class FusedSaLSa(Optimizer):
         q = self.reduction.sum_over_shards(q)
         loss_avg = self.reduction.average_loss(f0.reshape(1))
         flags = [found_inf.to(q.device, torch.float32).reshape(1) if found_inf is not None
-                 else q.new_zeros(1), self._nonfinite_counter().to(torch.float32).reshape(1)]
-        f0_value, q_value, inf_flag, earlier_nonfinite = torch.cat(
+                 else q.new_zeros(1), self._nonfinite_counter().to(torch.float32).reshape(1),
+                 self._nonfinite_loss_counter().to(torch.float32).reshape(1)]
+        f0_value, q_value, inf_flag, earlier_nonfinite, earlier_bad_losses = torch.cat(
             [loss_avg, q.reshape(1), *flags]).tolist()  # the one host read before any write
         if inf_flag:
             rng_after.restore()
             return  # GradScaler found inf/nan: skip the step like AdamW, state unchanged
-        if earlier_nonfinite:
+        if earlier_nonfinite or earlier_bad_losses:
             self._nonfinite_count.zero_()
+            self._nonfinite_loss_count.zero_()
             if self.nonfinite == "raise":
-                raise NonFiniteError(
-                    f"{int(earlier_nonfinite)} gradient elements were NaN/inf on plain steps since "
-                    "the last search; those elements kept their weights and moments")
+                problems = []
+                if earlier_nonfinite:
+                    problems.append(f"{int(earlier_nonfinite)} gradient elements were NaN/inf on plain "
+                                    "steps since the last search (those elements kept their weights "
+                                    "and moments)")
+                if earlier_bad_losses:
+                    problems.append(f"the loss was NaN/inf on {int(earlier_bad_losses)} plain step(s) "
+                                    "since the last search (those steps changed nothing)")
+                rng_after.restore()
+                raise NonFiniteError("; ".join(problems) + f"; step {plan.state.step} was not applied")
             step_state.num_nonfinite_elements += int(earlier_nonfinite)
+            step_state.num_skipped_steps += int(earlier_bad_losses)
         if not (math.isfinite(f0_value) and math.isfinite(q_value)):
             what = "loss" if not math.isfinite(f0_value) else "gradient (preconditioned norm)"
             value = f0_value if not math.isfinite(f0_value) else q_value

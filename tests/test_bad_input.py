@@ -1,0 +1,486 @@
+"""Bad input: each gets a clear error (matched by message) and leaves weights and state as they were.
+
+"Unchanged" means bitwise: every weight, both moments of every parameter, the search
+dict (k, eta, h, s, eta_fast, eta_slow, t and the counters) and the param groups.
+Non-finite values: nothing non-finite is ever written into weights or state.
+"""
+
+from __future__ import annotations
+
+import math
+from copy import deepcopy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from salsa_fused import FusedSaLSa, NonFiniteError
+from salsa_fused.line_search import plan_step
+
+
+# ---------------------------------------------------------------------------- helpers
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+
+_X = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+_Y = _X[:, :1].cos()
+
+
+def _closure(model):
+    return lambda: F.mse_loss(model(_X), _Y)
+
+
+def _snapshot(opt) -> dict:
+    params = [p for g in opt.param_groups for p in g["params"]]
+    return dict(
+        weights=[p.detach().clone() for p in params],
+        moments=[{k: v.clone() for k, v in opt.state[p].items()} for p in params],
+        search=deepcopy(opt.param_groups[0]["search"]),
+        groups=[{k: deepcopy(v) for k, v in g.items() if k not in ("params", "search")} for g in opt.param_groups],
+        group_sizes=[len(g["params"]) for g in opt.param_groups])
+
+
+def _assert_unchanged(before: dict, after: dict) -> None:
+    for i, (a, b) in enumerate(zip(before["weights"], after["weights"])):
+        assert torch.equal(a, b), f"weight {i} changed"
+    assert len(before["weights"]) == len(after["weights"])
+    for i, (a, b) in enumerate(zip(before["moments"], after["moments"])):
+        assert a.keys() == b.keys(), f"state keys of param {i} changed"
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{key} of param {i} changed"
+    assert before["search"] == after["search"]
+    assert before["groups"] == after["groups"] and before["group_sizes"] == after["group_sizes"]
+
+
+def _all_finite(opt) -> bool:
+    tensors = [p for g in opt.param_groups for p in g["params"]]
+    tensors += [v for p in tensors for v in opt.state[p].values()]
+    scalars = [v for v in opt.param_groups[0]["search"].values() if isinstance(v, float)]
+    return all(bool(torch.isfinite(t).all()) for t in tensors) and all(math.isfinite(s) for s in scalars)
+
+
+def _trained(steps=3, **kwargs):
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch", **kwargs)
+    for _ in range(steps):
+        opt.zero_grad()
+        opt.step(_closure(model))
+    return model, opt
+
+
+def _until_plain_step_next(model, opt, limit=400):
+    """Train until the next step is a plain step (the adaptive interval has passed 1)."""
+    for _ in range(limit):
+        if not plan_step(opt.search_state, opt.search_config).is_search:
+            return
+        opt.zero_grad()
+        opt.step(_closure(model))
+    raise AssertionError("no plain step came up")
+
+
+def _until_search_next(model, opt, limit=20):
+    for _ in range(limit):
+        if plan_step(opt.search_state, opt.search_config).is_search:
+            return
+        opt.zero_grad()
+        opt.step(_closure(model))
+    raise AssertionError("no search step came up")
+
+
+# ---------------------------------------------------------------------------- closures
+def test_missing_closure():
+    model, opt = _trained()
+    opt.zero_grad()
+    F.mse_loss(model(_X), _Y).backward()
+    before = _snapshot(opt)
+    with pytest.raises(TypeError, match="needs closure"):
+        opt.step()
+    _assert_unchanged(before, _snapshot(opt))
+
+
+@pytest.mark.parametrize("closure", [5, "loss", torch.tensor(1.0)])
+def test_non_callable_closure(closure):
+    model, opt = _trained()
+    before = _snapshot(opt)
+    with pytest.raises(TypeError, match="closure must be callable"):
+        opt.step(closure)
+    _assert_unchanged(before, _snapshot(opt))
+
+
+@pytest.mark.parametrize("value, error, message", [
+    (lambda m: F.mse_loss(m(_X), _Y, reduction="none"), ValueError, "scalar loss"),
+    (lambda m: "0.5", TypeError, "scalar tensor"),
+    (lambda m: None, TypeError, "scalar tensor"),
+    (lambda m: 0.5, TypeError, "scalar tensor"),  # a float has no grad path for the backward
+    (lambda m: torch.tensor(0.5), RuntimeError, "no grad path"),
+    (lambda m: (m(_X) > 0).sum(), TypeError, "floating-point loss"),
+    (lambda m: F.mse_loss(m(_X), _Y).detach(), RuntimeError, "no grad path"),
+], ids=["non-scalar", "string", "none", "float", "constant", "integer", "detached"])
+@pytest.mark.parametrize("search_next", [True, False], ids=["search-step", "plain-step"])
+def test_closure_returning_a_bad_value(value, error, message, search_next):
+    model, opt = _trained()
+    if not search_next:
+        _until_plain_step_next(model, opt)
+    before = _snapshot(opt)
+    opt.zero_grad()
+    with pytest.raises(error, match=message):
+        opt.step(lambda: value(model))
+    _assert_unchanged(before, _snapshot(opt))
+
+
+def test_loss_not_depending_on_the_parameters():
+    model, opt = _trained()
+    other = torch.nn.Parameter(torch.ones(3))
+    before = _snapshot(opt)
+    opt.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match="no parameter of this optimizer has a gradient"):
+        opt.step(lambda: (other * 2).sum())
+    _assert_unchanged(before, _snapshot(opt))
+
+
+@pytest.mark.parametrize("restore", ["copy", "inplace"])
+@pytest.mark.parametrize("bad", [
+    (lambda m: F.mse_loss(m(_X), _Y, reduction="none"), ValueError, "scalar loss"),
+    (lambda m: "nope", TypeError, "scalar tensor"),
+    (lambda m: torch.zeros(2, 2), ValueError, "scalar loss"),
+], ids=["non-scalar", "string", "matrix"])
+def test_closure_returning_a_bad_value_during_the_trials_two_phase(restore, bad):
+    """Two-phase form: the caller's loss is fine, the closure's trial value is not. The weights
+    are put back (exactly with restore='copy', to rounding with 'inplace'); the search state
+    is unchanged."""
+    model, opt = _trained(restore=restore)
+    _until_search_next(model, opt)
+    before = _snapshot(opt)
+    opt.zero_grad()
+    loss = F.mse_loss(model(_X), _Y)
+    loss.backward()
+    value, error, message = bad
+    with pytest.raises(error, match=message):
+        opt.step(lambda: value(model), loss=loss)
+    after = _snapshot(opt)
+    assert after["search"] == before["search"]
+    for a, b in zip(before["weights"], after["weights"]):
+        if restore == "copy":
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+class _Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("restore", ["copy", "inplace"])
+@pytest.mark.parametrize("fail_at_trial", [1, 3])
+def test_exception_in_a_trial_forward_restores_the_weights(restore, fail_at_trial):
+    """The closure raises in the middle of a search: the exception propagates, the weights
+    are as before the step (bitwise with 'copy'; to one rounding per trial with 'inplace'),
+    the search state is unchanged and the CPU generator is where one forward leaves it."""
+    model, opt = _trained(restore=restore, init_step_size=1e3)  # a huge eta: several backtracks
+    _until_search_next(model, opt)
+    before = _snapshot(opt)
+    calls = []
+
+    def closure():
+        calls.append(torch.is_grad_enabled())
+        torch.rand(3)  # one draw per forward
+        if len(calls) == 1 + fail_at_trial:
+            raise _Boom("trial forward failed")
+        return F.mse_loss(model(_X), _Y)
+
+    torch.manual_seed(5)
+    torch.rand(3)
+    expected_rng = torch.get_rng_state()
+    torch.manual_seed(5)
+    opt.zero_grad()
+    with pytest.raises(_Boom):
+        opt.step(closure)
+    assert len(calls) == 1 + fail_at_trial and calls[0] and not any(calls[1:])
+    assert torch.equal(torch.get_rng_state(), expected_rng)
+    after = _snapshot(opt)
+    assert after["search"] == before["search"]
+    for i, (a, b) in enumerate(zip(before["weights"], after["weights"])):
+        if restore == "copy":
+            assert torch.equal(a, b), f"weight {i} not restored exactly"
+        else:  # in place: w0 - eta*d + eta*d, one rounding of |eta*d| per trial
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    # The step can be retried: the optimizer works normally afterwards.
+    opt.zero_grad()
+    opt.step(_closure(model))
+    assert opt.search_state.step == before["search"]["step"] + 1
+
+
+# ---------------------------------------------------------------------------- gradients
+def test_sparse_gradients():
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(10, 3, sparse=True)
+    opt = FusedSaLSa(embedding.parameters(), backend="torch")
+    before = _snapshot(opt)
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step(lambda: embedding(torch.tensor([1, 2])).pow(2).sum())
+    _assert_unchanged(before, _snapshot(opt))
+
+
+def test_complex_parameters_are_rejected_at_construction_and_in_add_param_group():
+    z = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="complex parameters"):
+        FusedSaLSa([z])
+    model, opt = _trained()
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match="complex parameters"):
+        opt.add_param_group({"params": [z]})
+    _assert_unchanged(before, _snapshot(opt))
+    assert z not in opt.state
+
+
+def test_complex_gradient_cannot_reach_a_real_parameter():
+    """torch itself refuses a complex grad on a real parameter, so complex gradients only come
+    with complex parameters, which the constructor rejects (above)."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(RuntimeError):
+        p.grad = torch.zeros(3, dtype=torch.complex64)
+
+
+def test_integer_parameters_are_rejected():
+    with pytest.raises(ValueError, match="floating-point parameters"):
+        FusedSaLSa([torch.zeros(3, dtype=torch.int64)])
+
+
+def test_params_on_mixed_devices():
+    cpu = torch.nn.Parameter(torch.zeros(3))
+    meta = torch.nn.Parameter(torch.zeros(3, device="meta"))
+    with pytest.raises(ValueError, match="one device.*cpu, meta"):
+        FusedSaLSa([cpu, meta])
+    with pytest.raises(ValueError, match="one device"):
+        FusedSaLSa([{"params": [cpu]}, {"params": [meta]}])
+    model, opt = _trained()
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match="one device"):
+        opt.add_param_group({"params": [meta]})
+    _assert_unchanged(before, _snapshot(opt))
+
+
+def test_gradient_of_another_dtype():
+    """torch refuses a grad of another shape on assignment, and another dtype unless the
+    parameter's ``grad_dtype`` allows it; then we refuse it."""
+    model, opt = _trained()
+    before = _snapshot(opt)
+    weight = model[0].weight
+    weight.grad_dtype = None  # allow any grad dtype
+    weight.grad = torch.zeros_like(weight, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="dtype of their parameters"):
+        opt.step(_closure(model), loss=torch.tensor(1.0))
+    _assert_unchanged(before, _snapshot(opt))
+
+
+# ---------------------------------------------------------------------------- hyperparameters
+_BAD_CONSTRUCTION = [
+    (dict(c=0.0), "c must lie in"), (dict(c=1.0), "c must lie in"), (dict(c=-0.5), "c must lie in"),
+    (dict(c=float("nan")), "c must lie in"),
+    (dict(betas=(1.0, 0.999)), r"betas\[0\] must lie in"), (dict(betas=(-0.1, 0.999)), r"betas\[0\]"),
+    (dict(betas=(0.9, 1.0)), r"betas\[1\] must lie in"), (dict(betas=(0.9, float("nan"))), r"betas\[1\]"),
+    (dict(betas=(0.9,)), "betas must be a pair"), (dict(beta3=1.0), "beta3 must lie in"),
+    (dict(eps=0.0), "eps must be"), (dict(eps=-1e-8), "eps must be"), (dict(eps=float("inf")), "eps must be"),
+    (dict(init_step_size=0.0), "init_step_size must be"), (dict(init_step_size=-1.0), "init_step_size"),
+    (dict(init_step_size=float("nan")), "init_step_size"), (dict(init_step_size=float("inf")), "init_step_size"),
+    (dict(weight_decay=-0.1), "weight_decay must be"), (dict(weight_decay=float("nan")), "weight_decay"),
+    (dict(lr=-1.0), "lr must be"), (dict(lr=float("nan")), "lr must be"), (dict(lr="fast"), "lr must be a number"),
+    (dict(lr=torch.tensor(1.0)), "lr must be a Python float"), (dict(eps=None), "eps must be a number"),
+    (dict(growth=0.5), "growth must be"), (dict(backtrack=1.0), "backtrack must lie in"),
+    (dict(max_trials=0), "max_trials must be"), (dict(max_search_interval=0), "max_search_interval"),
+    (dict(restore="swap"), "restore must be one of"), (dict(backend="cuda"), "backend must be one of"),
+    (dict(nonfinite="ignore"), "nonfinite must be one of"), (dict(search_direction="adam"), "search_direction"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", _BAD_CONSTRUCTION, ids=[str(k) for k, _ in _BAD_CONSTRUCTION])
+def test_out_of_range_hyperparameters_at_construction(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        FusedSaLSa(_model().parameters(), **kwargs)
+
+
+_BAD_GROUP = [
+    (dict(betas=(0.9, 1.0)), r"betas\[1\]"), (dict(betas=(1.5, 0.9)), r"betas\[0\]"), (dict(eps=0.0), "eps"),
+    (dict(weight_decay=-1.0), "weight_decay"), (dict(lr=-0.1), "lr must be"), (dict(lr=float("inf")), "lr must be"),
+]
+
+
+@pytest.mark.parametrize("group, message", _BAD_GROUP, ids=[str(k) for k, _ in _BAD_GROUP])
+def test_out_of_range_hyperparameters_in_add_param_group(group, message):
+    model, opt = _trained()
+    extra = torch.nn.Parameter(torch.ones(3))
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=message):
+        opt.add_param_group({"params": [extra], **group})
+    _assert_unchanged(before, _snapshot(opt))
+    assert extra not in opt.state
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("lr", -1.0, "lr must be"), ("betas", (0.9, 1.0), r"betas\[1\]"), ("eps", 0.0, "eps must be"),
+    ("weight_decay", -0.5, "weight_decay must be")])
+def test_hyperparameters_changed_after_construction_are_checked_at_step(key, value, message):
+    """A scheduler or the user may write into param_groups; step() checks before writing."""
+    model, opt = _trained()
+    opt.param_groups[0][key] = value
+    before = _snapshot(opt)
+    opt.zero_grad()
+    with pytest.raises(ValueError, match=message):
+        opt.step(_closure(model))
+    _assert_unchanged(before, _snapshot(opt))
+
+
+# ---------------------------------------------------------------------------- non-finite values
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_first_loss(bad):
+    """The loss of the step's forward is NaN/inf on a search step: rejected before any write."""
+    model, opt = _trained()
+    _until_search_next(model, opt)
+    before = _snapshot(opt)
+    opt.zero_grad()
+    with pytest.raises(NonFiniteError, match="non-finite loss"):
+        opt.step(lambda: F.mse_loss(model(_X), _Y) * bad)
+    _assert_unchanged(before, _snapshot(opt))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_first_loss_skipped_and_counted(bad):
+    model, opt = _trained(nonfinite="skip")
+    before = _snapshot(opt)
+    opt.zero_grad()
+    opt.step(lambda: F.mse_loss(model(_X), _Y) + bad)
+    after = _snapshot(opt)
+    assert after["search"].pop("num_skipped_steps") == before["search"].pop("num_skipped_steps") + 1
+    _assert_unchanged(before, after)
+
+
+def test_non_finite_loss_on_a_plain_step_changes_nothing_and_is_reported_at_the_next_search():
+    model, opt = _trained()
+    _until_plain_step_next(model, opt)
+    before = _snapshot(opt)
+    opt.zero_grad()
+    opt.step(lambda: F.mse_loss(model(_X), _Y) * float("nan"))  # no host read on a plain step
+    after = _snapshot(opt)
+    assert all(torch.equal(a, b) for a, b in zip(before["weights"], after["weights"]))
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(before["moments"], after["moments"]) for k in a)
+    assert _all_finite(opt)
+    _until_search_next(model, opt)
+    opt.zero_grad()
+    with pytest.raises(NonFiniteError, match="loss was NaN/inf on 1 plain step"):
+        opt.step(_closure(model))
+
+
+def _nan_gradient_step(model, opt, restore_grad_hook=None):
+    """A two-phase step whose gradient has NaN/inf in two elements of the first weight."""
+    opt.zero_grad()
+    loss = F.mse_loss(model(_X), _Y)
+    loss.backward()
+    grad = model[0].weight.grad
+    grad[0, 0] = float("nan")
+    grad[1, 2] = float("inf")
+    return loss
+
+
+def test_non_finite_gradient_on_a_search_step():
+    model, opt = _trained()
+    _until_search_next(model, opt)
+    before = _snapshot(opt)
+    loss = _nan_gradient_step(model, opt)
+    with pytest.raises(NonFiniteError, match="non-finite gradient"):
+        opt.step(_closure(model), loss=loss)
+    _assert_unchanged(before, _snapshot(opt))
+
+
+def test_non_finite_gradient_on_a_search_step_skipped():
+    model, opt = _trained(nonfinite="skip")
+    _until_search_next(model, opt)
+    before = _snapshot(opt)
+    loss = _nan_gradient_step(model, opt)
+    opt.step(_closure(model), loss=loss)
+    after = _snapshot(opt)
+    assert after["search"].pop("num_skipped_steps") == before["search"].pop("num_skipped_steps") + 1
+    _assert_unchanged(before, after)
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_non_finite_gradient_on_a_plain_step(policy):
+    """Plain step: the two non-finite elements keep weight and moments, every other element
+    is updated; the next search reports it (raise) or counts it (skip)."""
+    model, opt = _trained(nonfinite=policy)
+    _until_plain_step_next(model, opt)
+    before = _snapshot(opt)
+    loss = _nan_gradient_step(model, opt)
+    opt.step(_closure(model), loss=loss)
+    after = _snapshot(opt)
+    assert _all_finite(opt)
+    w_before, w_after = before["weights"][0], after["weights"][0]
+    bad = torch.zeros_like(w_before, dtype=torch.bool)
+    bad[0, 0] = bad[1, 2] = True
+    assert torch.equal(w_after[bad], w_before[bad])
+    assert bool((w_after[~bad] != w_before[~bad]).all())
+    for key in ("exp_avg", "exp_avg_sq"):
+        m_before, m_after = before["moments"][0][key], after["moments"][0][key]
+        assert torch.equal(m_after[bad], m_before[bad])
+        assert bool((m_after[~bad] != m_before[~bad]).all())
+    for a, b in zip(before["weights"][1:], after["weights"][1:]):
+        assert not torch.equal(a, b)  # the other parameters took the full step
+    _until_search_next(model, opt)
+    opt.zero_grad()
+    if policy == "raise":
+        with pytest.raises(NonFiniteError, match="2 gradient elements were NaN/inf"):
+            opt.step(_closure(model))
+    else:
+        opt.step(_closure(model))
+        assert opt.search_state.num_nonfinite_elements == 2
+    # Reported once: the following search runs normally.
+    _until_search_next(model, opt)
+    opt.zero_grad()
+    opt.step(_closure(model))
+    assert _all_finite(opt)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("restore", ["copy", "inplace"])
+def test_non_finite_trial_loss_backtracks(bad, restore):
+    """The first trial's loss is NaN/inf (even -inf, which would pass the Armijo test): the
+    search backtracks, accepts a later finite trial and writes nothing non-finite."""
+    model, opt = _trained(restore=restore)
+    _until_search_next(model, opt)
+    before = opt.search_state
+    calls = []
+
+    def closure():
+        calls.append(None)
+        loss = F.mse_loss(model(_X), _Y)
+        return loss + bad if len(calls) == 2 else loss
+
+    opt.zero_grad()
+    opt.step(closure)
+    after = opt.search_state
+    assert after.last_trials >= 2
+    assert after.num_backtracks >= before.num_backtracks + 1
+    assert _all_finite(opt)
+    assert math.isfinite(after.loss_decrease_avg) and math.isfinite(after.last_loss_decrease)
+
+
+def test_every_trial_loss_non_finite_exhausts_the_search_with_finite_state():
+    model, opt = _trained(max_trials=5)
+    _until_search_next(model, opt)
+    before = opt.search_state
+    calls = []
+
+    def closure():
+        calls.append(None)
+        loss = F.mse_loss(model(_X), _Y)
+        return loss if len(calls) == 1 else loss * float("nan")
+
+    opt.zero_grad()
+    opt.step(closure)
+    after = opt.search_state
+    assert len(calls) == 6 and after.last_trials == 5
+    assert after.num_backtracks == before.num_backtracks + 4
+    assert after.step_size == pytest.approx(before.step_size * 1.1 * 0.8 ** 5)
+    assert after.loss_decrease_avg == before.loss_decrease_avg
+    assert _all_finite(opt)
