@@ -13,6 +13,6 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "salsa-optimizer==0.1.0"],
+        "test": ["pytest", "salsa-optimizer==0.1.0", "transformers", "accelerate", "lightning"],
     },
 )

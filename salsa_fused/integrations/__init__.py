@@ -1,0 +1,115 @@
+"""FusedSaLSa inside training stacks: Hugging Face Trainer, accelerate, Lightning.
+
+A line search must evaluate the loss of the *same* batch at trial weights, so every
+integration does the same three things after the framework's own forward and backward:
+
+1. remember each micro-batch of the accumulation window and the random state its
+   forward started from (:class:`AccumulatedLoss`);
+2. build a forward-only loss function over the whole window (the sum of the
+   micro-batch losses, scaled as the backward scaled them, each micro-batch's forward
+   replaying its recorded random state, so dropout draws the masks of the backward);
+3. bind it, with the accumulated loss, to the optimizer
+   (:meth:`FusedSaLSa.bind_closure`), whose next ``step()`` — called by the framework
+   without arguments — runs the two-phase step ``step(closure, loss=total)``.
+
+The framework modules (``salsa_fused.integrations.transformers``, ``.accelerate``)
+import their framework; this package imports none.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, List, Optional, Tuple
+
+import torch
+
+from .._rng import RNGSnapshot
+from ..optimizer import FusedSaLSa
+
+__all__ = ["AccumulatedLoss", "unwrap_salsa"]
+
+
+def unwrap_salsa(optimizer: Any) -> FusedSaLSa:
+    """The :class:`FusedSaLSa` inside framework wrappers (accelerate's ``AcceleratedOptimizer``,
+    Lightning's ``LightningOptimizer``: each keeps the wrapped optimizer in ``.optimizer``)."""
+    seen = optimizer
+    for _ in range(8):
+        if isinstance(seen, FusedSaLSa):
+            return seen
+        seen = getattr(seen, "optimizer", None) or getattr(seen, "_optimizer", None)
+        if seen is None:
+            break
+    raise TypeError(f"expected a FusedSaLSa (possibly wrapped), got {type(optimizer).__name__}")
+
+
+def _param_devices(optimizer: FusedSaLSa) -> List[torch.device]:
+    return sorted({p.device for g in optimizer.param_groups for p in g["params"]}, key=str)
+
+
+class AccumulatedLoss:
+    """The micro-batches of one accumulation window, and the loss function over all of them.
+
+    ``add(batch, loss, rng)`` after each micro-batch's backward (``loss``: the loss whose
+    backward ran, already divided as the backward divided it); ``bind(optimizer, loss_of)``
+    hands the optimizer ``closure() = sum_i loss_of(batch_i)`` — each term evaluated after
+    restoring ``rng_i`` — together with ``total = sum_i loss_i``, and starts a new window.
+    ``loss_of(batch)`` must return the same scaled loss the backward saw for that batch.
+    """
+
+    def __init__(self) -> None:
+        self._entries: List[Tuple[Any, Optional[RNGSnapshot]]] = []
+        self._total: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def total(self) -> Optional[torch.Tensor]:
+        """The summed (detached) loss of the window so far; ``None`` when empty."""
+        return self._total
+
+    @staticmethod
+    def snapshot(devices: Iterable[torch.device]) -> RNGSnapshot:
+        """The random state now (CPU and the CUDA devices among ``devices``)."""
+        return RNGSnapshot.capture(list(devices))
+
+    def add(self, batch: Any, loss: torch.Tensor, rng: Optional[RNGSnapshot] = None) -> None:
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TypeError("AccumulatedLoss.add needs the micro-batch's scalar loss tensor")
+        loss = loss.detach().reshape(())
+        self._total = loss if self._total is None else self._total + loss
+        self._entries.append((batch, rng))
+
+    def forward(self, loss_of: Callable[[Any], torch.Tensor], batch: Any,
+                devices: Iterable[torch.device] = ()) -> torch.Tensor:
+        """``loss_of(batch)`` with grad, recorded with the random state it started from."""
+        rng = self.snapshot(devices)
+        loss = loss_of(batch)
+        self.add(batch, loss, rng)
+        return loss
+
+    def closure(self, loss_of: Callable[[Any], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        """The forward-only loss of the window as it is now (later ``add`` calls do not change it)."""
+        entries = list(self._entries)
+        if not entries:
+            raise RuntimeError("AccumulatedLoss.closure: no micro-batch recorded in this window")
+
+        def closure() -> torch.Tensor:
+            total = None
+            for batch, rng in entries:
+                if rng is not None:
+                    rng.restore()
+                value = loss_of(batch)
+                total = value if total is None else total + value
+            return total
+
+        return closure
+
+    def bind(self, optimizer: Any, loss_of: Callable[[Any], torch.Tensor]) -> None:
+        """Bind ``(closure, total)`` to the FusedSaLSa inside ``optimizer``; start a new window."""
+        salsa = unwrap_salsa(optimizer)
+        salsa.bind_closure(self.closure(loss_of), loss=self._total)
+        self.clear()
+
+    def clear(self) -> None:
+        self._entries = []
+        self._total = None

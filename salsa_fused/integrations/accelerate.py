@@ -1,0 +1,62 @@
+"""FusedSaLSa under Hugging Face ``accelerate``: ``prepare`` and ``accumulate``.
+
+    accelerator = Accelerator(gradient_accumulation_steps=4)
+    model, optimizer, loader = accelerator.prepare(model, FusedSaLSa(model.parameters()), loader)
+    search = SaLSaAccumulation(accelerator, optimizer, loss_of=lambda batch: loss_fn(model, batch))
+    for batch in loader:
+        with accelerator.accumulate(model):
+            search.backward(batch)      # forward, accelerator.backward, remember the micro-batch
+            optimizer.step()            # a no-op until the window's last micro-batch
+            optimizer.zero_grad()
+
+``accelerator.backward`` divides each micro-batch's loss by ``gradient_accumulation_steps``;
+:meth:`SaLSaAccumulation.backward` records the micro-batch and, when
+``accelerator.sync_gradients`` says the window is complete, binds to the optimizer the
+forward-only loss over the whole window (divided the same way) and the window's summed
+loss. accelerate's ``AcceleratedOptimizer.step()`` is a no-op while gradients still
+accumulate, and on those micro-batches nothing is bound: the search runs once per
+update, on the update step, over every micro-batch of it. Under fp16 the GradScaler
+calls ``step()`` without a closure; FusedSaLSa unscales inside its passes
+(``_step_supports_amp_scaling``), and the binding supplies the loss function.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from . import AccumulatedLoss, _param_devices, unwrap_salsa
+
+__all__ = ["SaLSaAccumulation"]
+
+
+class SaLSaAccumulation:
+    """Runs each micro-batch's forward and backward through ``accelerator`` and binds the
+    window's loss function to the (prepared) FusedSaLSa on the step that updates.
+
+    ``loss_of(batch)``: the mean loss of one micro-batch (forward only, no division by the
+    accumulation steps: ``accelerator.backward`` and the bound closure both divide it).
+    """
+
+    def __init__(self, accelerator: Any, optimizer: Any, loss_of: Callable[[Any], torch.Tensor]) -> None:
+        if not callable(loss_of):
+            raise TypeError(f"loss_of must be callable, got {type(loss_of).__name__}")
+        self.accelerator = accelerator
+        self.optimizer = optimizer
+        self.salsa = unwrap_salsa(optimizer)
+        self.loss_of = loss_of
+        self.window = AccumulatedLoss()
+
+    def _scaled_loss(self, batch: Any) -> torch.Tensor:
+        return self.loss_of(batch) / self.accelerator.gradient_accumulation_steps
+
+    def backward(self, batch: Any) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns its (undivided) loss, detached."""
+        rng = AccumulatedLoss.snapshot(_param_devices(self.salsa))
+        loss = self.loss_of(batch)
+        self.accelerator.backward(loss)  # divides by gradient_accumulation_steps itself
+        self.window.add(batch, loss.detach() / self.accelerator.gradient_accumulation_steps, rng)
+        if self.accelerator.sync_gradients:
+            self.window.bind(self.salsa, self._scaled_loss)
+        return loss.detach()

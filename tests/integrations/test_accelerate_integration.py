@@ -1,0 +1,118 @@
+"""FusedSaLSa through accelerate: prepare(), accumulate(), and no search on steps that do not update."""
+
+import pytest
+import torch
+
+accelerate = pytest.importorskip("accelerate")
+from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import GradientAccumulationPlugin  # noqa: E402
+
+from salsa_fused import FusedSaLSa  # noqa: E402
+from salsa_fused.integrations.accelerate import SaLSaAccumulation  # noqa: E402
+
+ACCUMULATE, UPDATES = 3, 4
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+
+def batches():
+    generator = torch.Generator().manual_seed(5)
+    return [(torch.randn(4, 6, generator=generator), torch.randn(4, 1, generator=generator))
+            for _ in range(ACCUMULATE * UPDATES)]
+
+
+def mse(model, batch):
+    x, y = batch
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def reference_weights(start):
+    """Plain two-phase loop with hand-written accumulation (the README form)."""
+    model = make_model()
+    model.load_state_dict(start)
+    opt = FusedSaLSa(model.parameters(), backend="torch", init_step_size=0.1)
+    data = batches()
+    after = []
+    for update in range(UPDATES):
+        window = data[update * ACCUMULATE:(update + 1) * ACCUMULATE]
+        total = 0.0
+        for batch in window:
+            loss = mse(model, batch) / ACCUMULATE
+            loss.backward()
+            total = total + loss.detach()
+        opt.step(lambda: sum(mse(model, b) / ACCUMULATE for b in window), loss=total)
+        opt.zero_grad()
+        after.append([p.detach().clone() for p in model.parameters()])
+    return after, opt
+
+
+def test_prepare_and_accumulate_match_plain_loop():
+    model = make_model()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    accelerator = Accelerator(cpu=True, gradient_accumulation_plugin=GradientAccumulationPlugin(
+        num_steps=ACCUMULATE, sync_with_dataloader=False))
+    data = batches()
+    model, optimizer = accelerator.prepare(model, FusedSaLSa(model.parameters(), backend="torch",
+                                                              init_step_size=0.1))
+    assert isinstance(optimizer, accelerate.optimizer.AcceleratedOptimizer)
+    calls = []
+
+    def loss_of(batch):
+        calls.append(torch.is_grad_enabled())
+        return mse(model, batch)
+
+    search = SaLSaAccumulation(accelerator, optimizer, loss_of)
+    salsa = search.salsa
+    after, counts = [], []
+    for index, batch in enumerate(data):
+        before = [p.detach().clone() for p in model.parameters()]
+        with accelerator.accumulate(model):
+            search.backward(batch)
+            updates = accelerator.sync_gradients
+            optimizer.step()
+            optimizer.zero_grad()
+        counts.append(salsa.search_state.step)
+        if updates:
+            after.append([p.detach().clone() for p in model.parameters()])
+        else:  # accumulation micro-step: no search, no forward beyond the training one, no change
+            assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+            assert "_bound_step" not in salsa.__dict__
+            assert all(p.grad is not None for p in model.parameters())  # still accumulating
+    assert counts == [(i + 1) // ACCUMULATE for i in range(len(data))]  # one step per update
+    want, reference = reference_weights(start)
+    for update, (got_params, want_params) in enumerate(zip(after, want)):
+        for got, expected in zip(got_params, want_params):
+            assert torch.equal(got, expected), f"update {update} differs"
+    assert salsa.search_state == reference.search_state
+    trial_forwards = salsa.num_forward_evals - UPDATES  # each trial: one forward per micro-batch
+    assert calls.count(False) == trial_forwards * ACCUMULATE
+    assert calls.count(True) == len(data)
+
+
+def test_bf16_autocast_prepared_model_steps():
+    model = make_model()
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16", gradient_accumulation_steps=2)
+    model, optimizer = accelerator.prepare(model, FusedSaLSa(model.parameters(), backend="torch"))
+    search = SaLSaAccumulation(accelerator, optimizer, lambda batch: mse(model, batch))
+    dtypes = []
+    model[0].register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    for batch in batches()[:4]:
+        with accelerator.accumulate(model):
+            search.backward(batch)
+            optimizer.step()
+            optimizer.zero_grad()
+    assert search.salsa.search_state.step == 2
+    assert set(dtypes) == {torch.bfloat16}  # every forward, trial ones included, ran under autocast
+    assert len(dtypes) > 4
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_rejects_other_optimizers():
+    model = make_model()
+    accelerator = Accelerator(cpu=True)
+    optimizer = accelerator.prepare(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match="FusedSaLSa"):
+        SaLSaAccumulation(accelerator, optimizer, lambda batch: mse(model, batch))

@@ -1,0 +1,165 @@
+"""SaLSaTrainer (Hugging Face Trainer) against the plain two-phase loop on the same batches."""
+
+import math
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments  # noqa: E402
+
+from salsa_fused import FusedSaLSa  # noqa: E402
+from salsa_fused.integrations.transformers import SaLSaTrainer  # noqa: E402
+
+SEQ, MICRO_BATCH, ACCUMULATE, STEPS = 12, 2, 2, 6
+
+
+def tiny_gpt2(dropout=0.0):
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    return GPT2LMHeadModel(config)
+
+
+def token_dataset(n):
+    generator = torch.Generator().manual_seed(1)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(0, 50, (SEQ,), generator=generator)
+        rows.append({"input_ids": ids, "labels": ids.clone()})
+    return rows
+
+
+class RecordingTrainer(SaLSaTrainer):
+    """Keeps the micro-batches Trainer fed, and the weights after every optimizer step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen_batches, self.weights_after_step, self.logged = [], [], []
+
+    def training_step(self, model, inputs, num_items_in_batch=None, *args, **kwargs):
+        self.seen_batches.append(({k: v.clone() for k, v in inputs.items()}, num_items_in_batch))
+        return super().training_step(model, inputs, num_items_in_batch, *args, **kwargs)
+
+
+def train_args(tmp_path, **overrides):
+    values = dict(output_dir=str(tmp_path), per_device_train_batch_size=MICRO_BATCH,
+                  gradient_accumulation_steps=ACCUMULATE, max_steps=STEPS, learning_rate=1.0,
+                  logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+                  dataloader_num_workers=0, seed=3)
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+class StepWeights(transformers.TrainerCallback):
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.trainer.logged.append(dict(logs))
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.weights_after_step.append(
+            {n: p.detach().clone() for n, p in self.trainer.model.named_parameters()})
+
+
+def run_trainer(tmp_path, model, **overrides):
+    trainer = RecordingTrainer(model=model, args=train_args(tmp_path, **overrides),
+                               train_dataset=token_dataset(STEPS * MICRO_BATCH * ACCUMULATE),
+                               salsa_kwargs={"backend": "torch"})
+    trainer.add_callback(StepWeights(trainer))
+    trainer.train()
+    return trainer
+
+
+def plain_loop(model, trainer, max_grad_norm=1.0, autocast=False):
+    """The README's two-phase form: backward per micro-batch, clip, step(closure, loss=total)."""
+    decay = set(trainer.get_decay_parameter_names(model))
+    named = list(model.named_parameters())
+    opt = FusedSaLSa([{"params": [p for n, p in named if n in decay], "weight_decay": 0.0},
+                      {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}],
+                     lr=1.0, backend="torch")
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, (STEPS - t) / STEPS))
+    model.train()
+    weights = []
+
+    def micro_loss(inputs, count):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return model(**inputs, num_items_in_batch=count).loss.float()
+
+    for step in range(STEPS):
+        window = trainer.seen_batches[step * ACCUMULATE:(step + 1) * ACCUMULATE]
+        total = 0.0
+        for inputs, count in window:
+            loss = micro_loss(inputs, count)
+            loss.backward()
+            total = total + loss.detach()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+
+        def closure():
+            return sum(micro_loss(inputs, count) for inputs, count in window)
+
+        opt.step(closure, loss=total)
+        schedule.step()
+        opt.zero_grad()
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    return opt, weights
+
+
+def test_trainer_matches_plain_loop_step_for_step(tmp_path):
+    model = tiny_gpt2()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = run_trainer(tmp_path, model)
+    assert len(trainer.weights_after_step) == STEPS
+    assert len(trainer.seen_batches) == STEPS * ACCUMULATE
+
+    reference = tiny_gpt2()
+    reference.load_state_dict(start)
+    opt, weights = plain_loop(reference, trainer)
+    salsa = trainer.salsa_optimizer
+    for step, (got, want) in enumerate(zip(trainer.weights_after_step, weights)):
+        for name in want:
+            assert torch.equal(got[name], want[name]), f"step {step}: {name} differs"
+    assert salsa.search_state == opt.search_state
+    assert salsa.num_searches == STEPS  # the first steps always search
+    assert salsa.num_forward_evals > STEPS  # trial forwards ran
+    # Trainer's default linear schedule reached the multiplier 0 at the end.
+    assert [g["lr"] for g in salsa.param_groups] == [0.0, 0.0]
+
+    logs = [entry for entry in trainer.logged if "loss" in entry]
+    assert len(logs) == STEPS
+    for key in ("salsa_step_size", "salsa_effective_step_size", "salsa_search_interval",
+                "salsa_forward_evals", "salsa_searches"):
+        assert key in logs[-1]
+    assert logs[-1]["salsa_forward_evals"] == salsa.num_forward_evals
+    assert logs[-1]["salsa_step_size"] == salsa.step_size
+
+
+def test_trainer_bf16_autocast_and_no_clipping(tmp_path):
+    model = tiny_gpt2()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = run_trainer(tmp_path, model, bf16=True, max_grad_norm=0.0)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    reference = tiny_gpt2()
+    reference.load_state_dict(start)
+    _, weights = plain_loop(reference, trainer, max_grad_norm=math.inf, autocast=True)
+    for name, want in weights[-1].items():
+        torch.testing.assert_close(trainer.weights_after_step[-1][name], want, rtol=1e-5, atol=1e-6)
+
+
+def test_trainer_refuses_other_optimizers_and_warns_on_learning_rate(tmp_path):
+    model = tiny_gpt2()
+    adam = torch.optim.AdamW(model.parameters())
+    trainer = SaLSaTrainer(model=model, args=train_args(tmp_path), train_dataset=token_dataset(4),
+                           optimizers=(adam, None))
+    with pytest.raises(TypeError, match="FusedSaLSa"):
+        trainer.create_optimizer()
+    trainer = SaLSaTrainer(model=model, args=train_args(tmp_path, learning_rate=5e-5),
+                           train_dataset=token_dataset(4))
+    with pytest.warns(UserWarning, match="multiplier"):
+        trainer.create_optimizer()
+    with pytest.raises(ValueError, match="salsa_kwargs"):
+        SaLSaTrainer(model=model, args=train_args(tmp_path), salsa_kwargs={"lr": 0.1})
