@@ -88,6 +88,23 @@ class SearchState:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def validate(self) -> None:
+        """Raise ValueError on values no run can reach (a corrupt or hand-edited checkpoint)."""
+        for name in ("step", "steps_since_search", "num_forward_evals", "num_backward_evals",
+                     "num_searches", "num_backtracks", "num_skipped_steps", "num_nonfinite_elements",
+                     "last_trials"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"search state {name} must be an integer >= 0, got {value!r}")
+        for name in ("step_size", "step_size_fast", "step_size_slow"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"search state {name} must be a finite number > 0, got {value!r}")
+        for name in ("loss_decrease_avg", "grad_norm_avg", "search_interval"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ValueError(f"search state {name} must be a finite number, got {value!r}")
+
     @classmethod
     def from_dict(cls, values: dict) -> "SearchState":
         known = {f.name for f in fields(cls)}

@@ -233,7 +233,9 @@ class FusedSaLSa(Optimizer):
         the parameter dtype) and validate the search state before anything changes."""
         groups = state_dict["param_groups"]
         if groups and _SEARCH_KEY in groups[0]:
-            SearchState.from_dict(groups[0][_SEARCH_KEY])  # raises on unknown keys
+            SearchState.from_dict(groups[0][_SEARCH_KEY]).validate()  # unknown keys, bad values
+        for group in groups:
+            self._validate_group_hyper({**self.defaults, **group})
         stripped_state, moments = {}, {}
         for key, value in state_dict["state"].items():
             moments[key] = {k: v for k, v in value.items() if k in _MOMENT_KEYS}
@@ -251,6 +253,7 @@ class FusedSaLSa(Optimizer):
                 state[k] = v.to(device=param.device, dtype=torch.float32, copy=True)
         self.param_groups[0].setdefault(_SEARCH_KEY, SearchState(step_size=self.init_step_size).to_dict())
         self._buckets.clear()
+        self._nonfinite_count = self._nonfinite_loss_count = None  # counts of the replaced run
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

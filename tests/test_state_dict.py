@@ -1,0 +1,236 @@
+"""state_dict / load_state_dict, param groups, zero_grad and hooks.
+
+Resume: train N steps, save (torch.save to memory), load into a fresh model and
+optimizer, and both the original and the resumed run continue M steps to the bit,
+searches and plain steps included.
+"""
+
+from __future__ import annotations
+
+import io
+from copy import deepcopy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from salsa_fused import FusedSaLSa
+from salsa_fused.line_search import plan_step
+
+_X = torch.randn(32, 6, generator=torch.Generator().manual_seed(3))
+_Y = (_X[:, :1] * _X[:, 1:2]).tanh()
+
+
+def _model(dtype=torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(dtype)
+
+
+def _batch(k: int):
+    rows = torch.arange(8) + 8 * (k % 4)
+    return _X[rows], _Y[rows]
+
+
+def _train(model, opt, steps, start=0):
+    kinds = []
+    for k in range(start, start + steps):
+        x, y = _batch(k)
+        kinds.append(plan_step(opt.search_state, opt.search_config).is_search)
+        opt.zero_grad()
+        opt.step(lambda: F.mse_loss(model(x.to(next(model.parameters()).dtype)).float(), y))
+    return kinds
+
+
+def _groups(model, **second):
+    return [{"params": model[0].parameters()}, {"params": model[2].parameters(), **second}]
+
+
+def _roundtrip(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("direction", ["gradient", "momentum"])
+@pytest.mark.parametrize("restore", ["copy", "inplace"])
+def test_resume_is_bit_identical(direction, restore):
+    kwargs = dict(backend="torch", search_direction=direction, restore=restore, weight_decay=0.01)
+    model = _model()
+    opt = FusedSaLSa(_groups(model, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.0, lr=0.5), **kwargs)
+    _train(model, opt, 40)
+    saved_model = _roundtrip(model.state_dict())
+    saved_opt = _roundtrip(opt.state_dict())
+
+    resumed_model = _model()
+    resumed_model.load_state_dict(saved_model)
+    resumed = FusedSaLSa(_groups(resumed_model, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.0, lr=0.5),
+                         **kwargs)
+    resumed.load_state_dict(saved_opt)
+    assert resumed.search_state == opt.search_state
+
+    kinds = _train(model, opt, 30, start=40)
+    resumed_kinds = _train(resumed_model, resumed, 30, start=40)
+    assert kinds == resumed_kinds
+    assert any(kinds) and not all(kinds), "the continuation must include searches and plain steps"
+    assert resumed.search_state == opt.search_state
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[p][key], resumed.state[q][key])
+
+
+def test_search_state_lives_in_the_state_dict():
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    _train(model, opt, 12)
+    search = opt.state_dict()["param_groups"][0]["search"]
+    expected = opt.search_state
+    for key, value in [("step", 12), ("step_size", expected.step_size),
+                       ("loss_decrease_avg", expected.loss_decrease_avg),
+                       ("grad_norm_avg", expected.grad_norm_avg), ("step_size_fast", expected.step_size_fast),
+                       ("step_size_slow", expected.step_size_slow),
+                       ("steps_since_search", expected.steps_since_search)]:
+        assert search[key] == value, key
+
+
+def test_bf16_moments_stay_fp32_after_load():
+    model = _model(torch.bfloat16)
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    _train(model, opt, 5)
+    fresh_model = _model(torch.bfloat16)
+    fresh = FusedSaLSa(fresh_model.parameters(), backend="torch")
+    fresh.load_state_dict(_roundtrip(opt.state_dict()))
+    for p, q in zip(model.parameters(), fresh_model.parameters()):
+        assert p.dtype == torch.bfloat16
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert fresh.state[q][key].dtype == torch.float32
+            assert torch.equal(fresh.state[q][key], opt.state[p][key])
+            assert fresh.state[q][key].data_ptr() != opt.state[p][key].data_ptr()
+    _train(fresh_model, fresh, 3)  # and it keeps training
+
+
+def test_state_dict_search_dict_is_a_snapshot():
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    _train(model, opt, 5)
+    state_dict = opt.state_dict()
+    frozen = deepcopy(state_dict["param_groups"][0]["search"])
+    _train(model, opt, 5, start=5)
+    assert state_dict["param_groups"][0]["search"] == frozen
+    assert opt.search_state.step == 10 and frozen["step"] == 5
+
+
+def test_loading_does_not_alias_the_loaded_dict():
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    _train(model, opt, 5)
+    state_dict = _roundtrip(opt.state_dict())
+    frozen = deepcopy(state_dict)
+    fresh_model = _model()
+    fresh = FusedSaLSa(fresh_model.parameters(), backend="torch")
+    fresh.load_state_dict(state_dict)
+    _train(fresh_model, fresh, 5, start=5)
+    assert state_dict["param_groups"][0]["search"] == frozen["param_groups"][0]["search"]
+    for key, value in state_dict["state"].items():
+        for name, tensor in value.items():
+            assert torch.equal(tensor, frozen["state"][key][name])
+
+
+def _snapshot(opt):
+    return (deepcopy(opt.param_groups[0]["search"]),
+            [{k: v.clone() for k, v in s.items()} for s in opt.state.values()],
+            [{k: v for k, v in g.items() if k not in ("params", "search")} for g in opt.param_groups])
+
+
+def _same(a, b):
+    assert a[0] == b[0] and a[2] == b[2]
+    for x, y in zip(a[1], b[1]):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda sd: sd["param_groups"][0]["search"].update(mystery=1.0), "unknown search state keys"),
+    (lambda sd: sd["param_groups"][0]["search"].update(step_size=-1.0), "step_size"),
+    (lambda sd: sd["param_groups"][0]["search"].update(step_size=float("nan")), "step_size"),
+    (lambda sd: sd["param_groups"][1].update(betas=(0.9, 1.5)), r"betas\[1\]"),
+    (lambda sd: sd["param_groups"].pop(), "number of parameter groups"),
+])
+def test_loading_a_bad_state_dict_raises_before_changing_anything(edit, message):
+    model = _model()
+    opt = FusedSaLSa(_groups(model), backend="torch")
+    _train(model, opt, 3)
+    other_model = _model()
+    other = FusedSaLSa(_groups(other_model), backend="torch")
+    _train(other_model, other, 7)
+    state_dict = _roundtrip(other.state_dict())
+    edit(state_dict)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(state_dict)
+    _same(before, _snapshot(opt))
+
+
+def test_param_groups_with_their_own_hyperparameters():
+    """Group 2 has other betas, eps and weight decay: its moments follow its own betas."""
+    model = _model()
+    opt = FusedSaLSa(_groups(model, betas=(0.5, 0.9), eps=1e-3, weight_decay=0.1), backend="torch")
+    x, y = _batch(0)
+    opt.step(lambda: F.mse_loss(model(x), y))
+    for p in model[2].parameters():
+        g = p.grad
+        torch.testing.assert_close(opt.state[p]["exp_avg"], 0.5 * g, rtol=1e-6, atol=0)
+        torch.testing.assert_close(opt.state[p]["exp_avg_sq"], 0.1 * g * g, rtol=1e-5, atol=0)
+    for p in model[0].parameters():
+        torch.testing.assert_close(opt.state[p]["exp_avg"], 0.1 * p.grad, rtol=1e-5, atol=0)
+    assert [g["betas"] for g in opt.param_groups] == [(0.9, 0.999), (0.5, 0.9)]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.1]
+
+
+def test_add_param_group_then_train_and_resume():
+    model = _model()
+    opt = FusedSaLSa(model[0].parameters(), backend="torch")
+    frozen = [p.detach().clone() for p in model[2].parameters()]
+    _train(model, opt, 3)
+    assert all(torch.equal(a, b) for a, b in zip(frozen, model[2].parameters()))  # not optimized yet
+    opt.add_param_group({"params": list(model[2].parameters()), "lr": 0.5})
+    assert all(p in opt.state and opt.state[p]["exp_avg"].dtype == torch.float32 for p in model[2].parameters())
+    _train(model, opt, 3, start=3)
+    assert not any(torch.equal(a, b) for a, b in zip(frozen, model[2].parameters()))
+    assert opt.effective_step_sizes[1] == pytest.approx(0.5 * opt.effective_step_sizes[0])
+    assert opt.search_state.step == 6
+
+
+def test_zero_grad():
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    _train(model, opt, 1)
+    assert all(p.grad is not None for p in model.parameters())
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    _train(model, opt, 1, start=1)
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+
+
+def test_step_hooks_fire_once_per_step():
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    calls = []
+    pre = opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", o.search_state.step)))
+    post = opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", o.search_state.step)))
+    _train(model, opt, 12)  # 9 searches, then plain steps and searches
+    assert calls == [(kind, k + (kind == "post")) for k in range(12) for kind in ("pre", "post")]
+    pre.remove()
+    post.remove()
+    _train(model, opt, 1, start=12)
+    assert len(calls) == 24
+
+
+def test_load_state_dict_hooks_and_pickling():
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    _train(model, opt, 4)
+    copy = _roundtrip(opt)  # the whole optimizer, pickled (``__setstate__`` fills in caches)
+    assert copy.search_state == opt.search_state
