@@ -1,0 +1,121 @@
+"""Random state around a search (SPEC section 1, "where we deliberately differ").
+
+The step's first forward draws from the caller's generator as usual; every trial
+forward replays exactly that state (equal dropout masks); after the step the
+generator is where that one forward left it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from salsa_fused import FusedSaLSa
+from salsa_fused.line_search import plan_step
+
+_X = torch.randn(16, 5, generator=torch.Generator().manual_seed(2))
+_Y = _X.sum(1, keepdim=True).sin()
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 32), torch.nn.Tanh(), torch.nn.Dropout(0.3),
+                               torch.nn.Linear(32, 1))
+
+
+class RecordingClosure:
+    """Forward with dropout; records each call's draws and dropout mask and whether grad was on."""
+
+    def __init__(self, model):
+        self.model, self.draws, self.masks, self.grad_enabled = model, [], [], []
+        self._hook = model[2].register_forward_hook(
+            lambda module, inputs, output: self.masks.append(output != 0))
+
+    def __call__(self):
+        self.draws.append(torch.rand(4))
+        self.grad_enabled.append(torch.is_grad_enabled())
+        return F.mse_loss(self.model(_X), _Y)
+
+
+@pytest.mark.parametrize("restore", ["copy", "inplace"])
+def test_trials_replay_the_first_forward_and_the_generator_ends_after_one_forward(restore):
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch", init_step_size=100.0, restore=restore)
+    closure = RecordingClosure(model)
+    torch.manual_seed(1234)
+    opt.step(closure)  # step 1 always searches; eta=100 forces several backtracks
+    after_step = torch.get_rng_state()
+    assert opt.last_search_trials >= 3
+    assert len(closure.draws) == 1 + opt.last_search_trials
+    assert closure.grad_enabled[0] and not any(closure.grad_enabled[1:])
+    for draws, mask in zip(closure.draws[1:], closure.masks[1:]):
+        assert torch.equal(draws, closure.draws[0])
+        assert torch.equal(mask, closure.masks[0])
+
+    one_forward = RecordingClosure(_model())
+    torch.manual_seed(1234)
+    one_forward()
+    assert torch.equal(one_forward.draws[0], closure.draws[0])
+    assert torch.equal(after_step, torch.get_rng_state())
+
+
+def test_consecutive_steps_draw_as_one_forward_each():
+    """Two search steps advance the generator exactly as two plain forwards do: the second
+    step's first forward gets the draws a second forward would get (fresh masks)."""
+    model, reference_model = _model(), _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    closure, reference = RecordingClosure(model), RecordingClosure(reference_model)
+    torch.manual_seed(7)
+    opt.step(closure)
+    first = len(closure.draws)
+    opt.zero_grad()
+    opt.step(closure)
+    after = torch.get_rng_state()
+    torch.manual_seed(7)
+    reference()
+    reference()
+    assert not torch.equal(closure.draws[first], closure.draws[0])
+    assert torch.equal(reference.draws[1], closure.draws[first])
+    assert torch.equal(torch.get_rng_state(), after)
+
+
+def test_plain_step_draws_exactly_one_forward():
+    model, reference_model = _model(), _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    closure = RecordingClosure(model)
+    for _ in range(300):
+        if not plan_step(opt.search_state, opt.search_config).is_search:
+            break
+        opt.zero_grad()
+        opt.step(closure)
+    else:
+        raise AssertionError("no plain step came up")
+    calls = len(closure.draws)
+    state = torch.get_rng_state()
+    opt.zero_grad()
+    opt.step(closure)
+    assert len(closure.draws) == calls + 1
+    after = torch.get_rng_state()
+    torch.set_rng_state(state)
+    RecordingClosure(reference_model)()
+    assert torch.equal(torch.get_rng_state(), after)
+
+
+def test_two_phase_trials_share_one_state_and_the_generator_is_not_advanced_by_them():
+    """Two-phase form: the optimizer did not see the first forward, so trials replay the
+    state found at the step() call (all trials equal), and leave the generator there."""
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch", init_step_size=100.0)
+    closure = RecordingClosure(model)
+    torch.manual_seed(99)
+    loss = closure()
+    loss.backward()
+    at_call = torch.get_rng_state()
+    opt.step(closure, loss=loss)
+    assert opt.last_search_trials >= 2
+    trials = closure.draws[1:]
+    assert len(trials) == opt.last_search_trials
+    assert all(torch.equal(d, trials[0]) for d in trials)
+    assert all(torch.equal(m, closure.masks[1]) for m in closure.masks[1:])
+    assert torch.equal(torch.get_rng_state(), at_call)
