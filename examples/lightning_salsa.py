@@ -1,0 +1,108 @@
+"""FusedSaLSa in PyTorch Lightning: a manual-optimization LightningModule.
+
+Why manual optimization: in automatic optimization the closure Lightning hands to
+``optimizer.step`` runs ``training_step`` *and* the backward (plus ``zero_grad``,
+clipping and hooks) every time it is called; a line search calls its loss function once
+per trial, so each trial would run a backward and overwrite the gradients that define
+the search direction. With gradient accumulation the closure covers only the last
+micro-batch, and under ``16-mixed`` Lightning calls the closure itself and steps without
+one. In manual optimization the module runs the forward and ``manual_backward`` once and
+gives the optimizer a forward-only loss function (the two-phase step):
+
+    loss = self.loss(batch); self.manual_backward(loss)
+    opt.step(closure=lambda: self.loss(batch), loss=loss)
+
+Lightning's precision plugin wraps that closure: ``on_before_optimizer_step`` hooks run
+after each of its calls (the first and each trial). Trial forwards run inside
+``training_step``, so under ``bf16-mixed`` they are autocast like the training forward.
+
+Run: ``python examples/lightning_salsa.py --precision bf16-mixed --steps 20``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Optional
+
+import lightning as L
+import torch
+
+from salsa_fused import FusedSaLSa
+from salsa_fused.integrations import AccumulatedLoss
+
+
+class SaLSaModule(L.LightningModule):
+    """Trains ``model`` with FusedSaLSa; ``loss_fn(model, batch)`` returns the mean loss.
+
+    ``schedule(optimizer)``, when given, returns a ``torch.optim.lr_scheduler`` stepped once
+    per optimizer step (``lr`` multiplies the searched step size).
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable, salsa_kwargs: Optional[dict] = None,
+                 schedule: Optional[Callable] = None):
+        super().__init__()
+        self.automatic_optimization = False
+        self.model = model
+        self.loss_fn = loss_fn
+        self.salsa_kwargs = dict(salsa_kwargs or {})
+        self.schedule = schedule
+
+    def configure_optimizers(self):
+        optimizer = FusedSaLSa(self.model.parameters(), **self.salsa_kwargs)
+        if self.schedule is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.schedule(optimizer),
+                                                         "interval": "step"}}
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.zero_grad()
+        window = AccumulatedLoss()  # replays this forward's random state (dropout) in the trials
+        loss_of = lambda b: self.loss_fn(self.model, b)  # noqa: E731
+        loss = window.forward(loss_of, batch, devices=[self.device])
+        self.manual_backward(loss)
+        opt.step(closure=window.closure(loss_of), loss=window.total)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        salsa = opt.optimizer
+        self.log_dict({"train_loss": loss.detach(), "step_size": salsa.step_size,
+                       "search_interval": salsa.search_interval,
+                       "forward_evals": float(salsa.num_forward_evals)}, prog_bar=True)
+        return loss.detach()
+
+
+def gpt_loss(model, batch):
+    x, y = batch
+    return model(x, y)[1]
+
+
+def main(argv=None) -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from gpt import GPT, ByteBatches, GPTConfig, load_stdlib_corpus
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--block", type=int, default=64)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    data = ByteBatches(load_stdlib_corpus(max_bytes=2_000_000), args.block)
+    generator = torch.Generator().manual_seed(0)
+    batches = [data.get("train", args.batch, generator) for _ in range(args.steps)]
+    model = GPT(GPTConfig(block_size=args.block, n_layer=2, n_head=2, n_embd=64))
+    module = SaLSaModule(model, gpt_loss)
+    trainer = L.Trainer(max_steps=args.steps, accelerator="auto", precision=args.precision,
+                        logger=False, enable_checkpointing=False, log_every_n_steps=1)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    salsa = trainer.optimizers[0]
+    print(f"steps {salsa.search_state.step}  step size {salsa.step_size:.3e}  "
+          f"searches {salsa.num_searches}  forward evals {salsa.num_forward_evals}")
+
+
+if __name__ == "__main__":
+    main()

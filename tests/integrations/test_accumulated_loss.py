@@ -1,0 +1,92 @@
+"""The pieces every integration uses: FusedSaLSa.bind_closure and AccumulatedLoss."""
+
+import pytest
+import torch
+
+from salsa_fused import FusedSaLSa
+from salsa_fused.integrations import AccumulatedLoss, unwrap_salsa
+
+
+class MaskRecorder(torch.nn.Module):
+    """Dropout that records the mask it draws (1 kept, 0 dropped)."""
+
+    def __init__(self):
+        super().__init__()
+        self.masks = []
+
+    def forward(self, x):
+        out = torch.nn.functional.dropout(x, 0.5, training=True)
+        self.masks.append((out != 0).clone())
+        return out
+
+
+def test_trials_replay_each_micro_batch_random_state():
+    torch.manual_seed(0)
+    recorder = MaskRecorder()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 64), recorder, torch.nn.Linear(64, 1))
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    data = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(3)]
+    window = AccumulatedLoss()
+
+    def loss_of(batch):
+        return torch.nn.functional.mse_loss(model(batch[0]), batch[1]) / len(data)
+
+    for batch in data:
+        window.forward(loss_of, batch).backward()
+        torch.rand(5)  # other code draws between micro-batches
+    total = window.total
+    training_masks = list(recorder.masks)
+    rng_at_step = torch.get_rng_state()
+    window.bind(opt, loss_of)
+    assert len(window) == 0 and window.total is None  # a new window starts
+    assert opt.step() is total  # the bound two-phase step returns the window's loss
+    assert opt.num_searches == 1 and opt.last_search_trials >= 1
+    trial_masks = recorder.masks[len(data):]
+    assert len(trial_masks) == opt.last_search_trials * len(data)
+    for index, mask in enumerate(trial_masks):
+        assert torch.equal(mask, training_masks[index % len(data)]), f"trial forward {index}"
+    assert torch.equal(torch.get_rng_state(), rng_at_step)  # as if no trial had run
+
+
+def test_binding_is_used_once_and_replaced_by_a_newer_one():
+    torch.manual_seed(1)
+    model = torch.nn.Linear(3, 1)
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    x = torch.randn(5, 3)
+    calls = []
+
+    def closure(tag):
+        def fn():
+            calls.append(tag)
+            return model(x).pow(2).mean()
+        return fn
+
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    opt.bind_closure(closure("old"), loss=loss.detach())
+    opt.bind_closure(closure("new"), loss=loss.detach())
+    opt.step()
+    assert set(calls) == {"new"}
+    opt.zero_grad()
+    assert opt.step() is None  # binding consumed, no gradients: nothing to do
+    model(x).pow(2).mean().backward()
+    with pytest.raises(TypeError, match="needs closure"):
+        opt.step()
+    with pytest.raises(TypeError, match="callable"):
+        opt.bind_closure(3.0)
+
+
+def test_unwrap_and_empty_window_errors():
+    opt = FusedSaLSa([torch.nn.Parameter(torch.ones(2))], backend="torch")
+
+    class Wrapper:
+        def __init__(self, inner):
+            self.optimizer = inner
+
+    assert unwrap_salsa(Wrapper(Wrapper(opt))) is opt
+    with pytest.raises(TypeError, match="FusedSaLSa"):
+        unwrap_salsa(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1))
+    with pytest.raises(RuntimeError, match="no micro-batch"):
+        AccumulatedLoss().closure(lambda b: b)
+    with pytest.raises(TypeError, match="scalar loss"):
+        AccumulatedLoss().add("batch", torch.ones(2))

@@ -1,0 +1,82 @@
+"""examples/lightning_salsa.py: manual optimization under 32-true and bf16-mixed, against a plain loop."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+L = pytest.importorskip("lightning")
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
+sys.path.insert(0, os.path.abspath(EXAMPLES))
+from lightning_salsa import SaLSaModule  # noqa: E402
+
+from salsa_fused import FusedSaLSa  # noqa: E402
+
+STEPS = 4
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(),
+                               torch.nn.Linear(32, 1))
+
+
+def mse(model, batch):
+    x, y = batch
+    return torch.nn.functional.mse_loss(model(x).float(), y)
+
+
+def batches():
+    generator = torch.Generator().manual_seed(2)
+    return [(torch.randn(16, 8, generator=generator), torch.randn(16, 1, generator=generator))
+            for _ in range(STEPS)]
+
+
+def fit(precision):
+    model = make_model()
+    module = SaLSaModule(model, mse, salsa_kwargs={"backend": "torch", "init_step_size": 0.1},
+                         schedule=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 - 0.1 * t))
+    trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", precision=precision, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    torch.manual_seed(7)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches(), batch_size=None))
+    return model, trainer.optimizers[0]
+
+
+def plain_loop(autocast):
+    """Two-phase steps written out by hand, on the same batches and schedule."""
+    model = make_model()
+    opt = FusedSaLSa(model.parameters(), backend="torch", init_step_size=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 - 0.1 * t)
+    torch.manual_seed(7)
+    model.train()
+
+    def loss_of(batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return mse(model, batch)
+
+    for batch in batches():
+        opt.zero_grad()
+        loss = loss_of(batch)
+        loss.backward()
+        opt.step(lambda: loss_of(batch), loss=loss.detach())
+        schedule.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_lightning_manual_optimization_matches_plain_loop(precision):
+    model, salsa = fit(precision)
+    reference, opt = plain_loop(autocast=precision == "bf16-mixed")
+    assert salsa.search_state.step == STEPS
+    assert salsa.num_forward_evals > STEPS  # searches ran trial forwards
+    assert salsa.param_groups[0]["lr"] == pytest.approx(1.0 - 0.1 * STEPS)
+    for got, want in zip(model.parameters(), reference.parameters()):
+        assert got.dtype == torch.float32
+        if precision == "32-true":
+            assert torch.equal(got, want)
+        else:  # Lightning's and the loop's autocast regions differ: rounding differs
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+    assert salsa.search_state.num_searches == opt.search_state.num_searches
