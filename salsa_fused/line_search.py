@@ -157,7 +157,7 @@ class ArmijoSearch:
         self.step_size = plan.trial_step_size
         self.trials = 0
         #: False when 0.1.0's guard fails (zero loss or tiny norm): one move along m_hat, no trials.
-        self.active = self.loss != 0 and _f32(self.state.grad_norm_avg) >= _f32(MIN_GRAD_NORM)
+        self.active = bool(self.loss != 0 and _f32(self.state.grad_norm_avg) >= _f32(MIN_GRAD_NORM))
 
     def observe(self, trial_loss: float) -> bool:
         """Record the loss at ``w0 - step_size * d``; True when accepted, else backtrack."""
