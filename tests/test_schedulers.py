@@ -1,0 +1,184 @@
+"""``lr`` is a per-group multiplier on the searched step size: torch.optim.lr_scheduler works unchanged.
+
+Where the multiplier enters (README "Learning-rate schedulers"), checked against the
+formulas written out here in float64 rather than against another run of the optimizer:
+a plain step moves group g by ``lr_g * eta * growth * m_hat / (sqrt(v_hat) + eps)``, a
+search tries ``w0 - lr_g * eta * d`` and sums ``q = sum_g lr_g * sum(g * d)``.
+"""
+
+import math
+
+import pytest
+import torch
+from torch.optim import lr_scheduler
+
+from salsa_fused import FusedSaLSa
+
+BETA1, BETA2, EPS, GROWTH = 0.9, 0.999, 1e-8, 1.1
+
+
+def two_group_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 12), torch.nn.Tanh(), torch.nn.Linear(12, 1))
+    groups = [{"params": list(model[0].parameters())}, {"params": list(model[2].parameters()), "lr": 0.5}]
+    return model, groups
+
+
+def batch(k):
+    g = torch.Generator().manual_seed(k % 4)
+    x = torch.randn(16, 5, generator=g)
+    return x, x[:, :1].cos()
+
+
+class Expected:
+    """The SPEC's Adam/SaLSa update in float64, from the state before a step."""
+
+    def __init__(self, opt):
+        self.weights = [[p.detach().double().clone() for p in g["params"]] for g in opt.param_groups]
+        self.m = [[opt.state[p]["exp_avg"].double().clone() for p in g["params"]] for g in opt.param_groups]
+        self.v = [[opt.state[p]["exp_avg_sq"].double().clone() for p in g["params"]] for g in opt.param_groups]
+        self.eta = opt.step_size
+        self.k = opt.search_state.step + 1
+        self.lrs = [g["lr"] for g in opt.param_groups]
+
+    def after(self, opt, searched):
+        """Expected weights after the step, given which kind of step ran."""
+        bc1, bc2 = 1 - BETA1 ** (self.k + 1), 1 - BETA2 ** (self.k + 1)
+        out = []
+        for gi, group in enumerate(opt.param_groups):
+            lr = self.lrs[gi]
+            for w, m, v, p in zip(self.weights[gi], self.m[gi], self.v[gi], group["params"]):
+                g = p.grad.double()
+                m_new, v_new = BETA1 * m + (1 - BETA1) * g, BETA2 * v + (1 - BETA2) * g * g
+                precond = 1 / ((v_new / bc2).sqrt() + EPS)
+                if searched:  # the accepted trial, gradient direction
+                    out.append(w - lr * opt.step_size * g * precond)
+                else:
+                    out.append(w - lr * self.eta * GROWTH * (m_new / bc1) * precond)
+        return out
+
+
+def run(make_scheduler, steps, metric_step=False):
+    model, groups = two_group_model()
+    opt = FusedSaLSa(groups, backend="torch", init_step_size=0.1, always_search_steps=2,
+                     max_search_interval=3)
+    # A run past its first searches: equal fast and slow eta averages, so L = max_search_interval.
+    opt.param_groups[0]["search"].update(step_size_fast=0.1, step_size_slow=0.1)
+    scheduler = make_scheduler(opt)
+    history = []
+    for k in range(steps):
+        x, y = batch(k)
+        opt.zero_grad()
+        expected = Expected(opt)
+        searches = opt.num_searches
+        loss = opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+        searched = opt.num_searches > searches
+        for got, want in zip([p for g in opt.param_groups for p in g["params"]], expected.after(opt, searched)):
+            torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=1e-7)
+        history.append(([g["lr"] for g in opt.param_groups], searched))
+        scheduler.step(loss.item()) if metric_step else scheduler.step()
+        eta = opt.step_size * GROWTH
+        assert opt.effective_step_sizes == [g["lr"] * eta for g in opt.param_groups]
+    assert any(s for _, s in history) and not all(s for _, s in history)  # both kinds of step ran
+    return opt, history
+
+
+def test_lambda_warmup_scales_every_step():
+    warmup = 5
+    opt, history = run(lambda o: lr_scheduler.LambdaLR(o, lambda t: min(1.0, (t + 1) / warmup)), 16)
+    for t, (lrs, _) in enumerate(history):
+        factor = min(1.0, (t + 1) / warmup)
+        assert lrs == pytest.approx([factor, 0.5 * factor])
+
+
+def test_cosine_annealing():
+    opt, history = run(lambda o: lr_scheduler.CosineAnnealingLR(o, T_max=16, eta_min=0.1), 16)
+    for t, (lrs, _) in enumerate(history):
+        cos = (1 + math.cos(math.pi * t / 16)) / 2
+        assert lrs == pytest.approx([0.1 + (1.0 - 0.1) * cos, 0.1 + (0.5 - 0.1) * cos])
+
+
+def test_sequential_warmup_then_cosine():
+    def make(o):
+        warm = lr_scheduler.LinearLR(o, start_factor=0.25, total_iters=4)
+        decay = lr_scheduler.CosineAnnealingLR(o, T_max=12)
+        return lr_scheduler.SequentialLR(o, [warm, decay], milestones=[4])
+    opt, history = run(make, 16)
+    assert history[0][0] == pytest.approx([0.25, 0.125])
+    assert history[4][0] == pytest.approx([1.0, 0.5])
+    assert history[-1][0][0] < 0.1
+
+
+def test_reduce_on_plateau_reads_and_writes_lr():
+    opt, history = run(lambda o: lr_scheduler.ReduceLROnPlateau(o, factor=0.5, patience=0, threshold=10.0),
+                       12, metric_step=True)
+    firsts = [lrs[0] for lrs, _ in history]
+    assert firsts[0] == 1.0 and firsts[-1] < firsts[0]
+    assert all(b in (a, a * 0.5) for a, b in zip(firsts, firsts[1:]))
+
+
+def test_search_tries_lr_times_eta_and_sums_lr_weighted_q():
+    model, groups = two_group_model()
+    opt = FusedSaLSa(groups, backend="torch", init_step_size=0.1)
+    opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = 0.8, 0.3
+    x, y = batch(0)
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    w0 = [p.detach().double().clone() for p in params]
+    grads = [p.grad.double() for p in params]
+    lrs = [0.8] * 2 + [0.3] * 2
+    precond = [1 / (((1 - BETA2) * g * g / (1 - BETA2 ** 2)).sqrt() + EPS) for g in grads]
+    trials = []
+
+    def closure():
+        trials.append([p.detach().double().clone() for p in params])
+        return torch.nn.functional.mse_loss(model(x), y)
+
+    opt.step(closure, loss=loss.detach())
+    first_trial_eta = 0.1 * GROWTH
+    for w, w_0, g, pc, lr in zip(trials[0], w0, grads, precond, lrs):
+        torch.testing.assert_close(w, w_0 - lr * first_trial_eta * g * pc, rtol=1e-5, atol=1e-8)
+    q = sum(lr * (g * g * pc).sum().item() for g, pc, lr in zip(grads, precond, lrs))
+    assert opt.search_state.grad_norm_avg == pytest.approx((1 - 0.9) * q, rel=1e-5)
+
+
+def test_lr_zero_freezes_a_group_and_bad_lr_is_rejected():
+    """run() checks every step against the formula: lr=0 must leave group 2 where it was."""
+    opt, history = run(lambda o: lr_scheduler.LambdaLR(o, [lambda t: 1.0, lambda t: 0.0]), 6)
+    assert all(lrs[1] == 0.0 for lrs, _ in history)
+    with pytest.raises(ValueError, match="lr"):
+        FusedSaLSa([torch.nn.Parameter(torch.ones(2))], lr=-1.0)
+
+
+STEPS_0_1_0 = 60
+
+
+def test_constant_schedule_keeps_the_published_steps():
+    """lr=1.0 and a scheduler attached: still 0.1.0's weights, to the bit, step for step."""
+    from salsa.SaLSA import SaLSA  # test dependency salsa-optimizer==0.1.0
+    torch.manual_seed(0)
+    ref_model = torch.nn.Sequential(torch.nn.Linear(5, 12), torch.nn.Tanh(), torch.nn.Linear(12, 1))
+    our_model = torch.nn.Sequential(torch.nn.Linear(5, 12), torch.nn.Tanh(), torch.nn.Linear(12, 1))
+    our_model.load_state_dict(ref_model.state_dict())
+    reference = SaLSA(ref_model.parameters())
+    ours = FusedSaLSa(our_model.parameters(), backend="torch")
+    scheduler = lr_scheduler.LambdaLR(ours, lambda t: 1.0)
+    for k in range(STEPS_0_1_0):
+        x, y = batch(k)
+
+        def reference_closure(backwards=False):
+            loss = torch.nn.functional.mse_loss(ref_model(x), y)
+            if backwards:
+                loss.backward()
+            return loss
+
+        reference.zero_grad()
+        reference.step(reference_closure)
+        ours.zero_grad()
+        ours.step(lambda: torch.nn.functional.mse_loss(our_model(x), y))
+        scheduler.step()
+        assert ours.step_size == reference.step_size, f"step {k}"
+        for a, b in zip(ref_model.parameters(), our_model.parameters()):
+            assert torch.equal(a, b), f"step {k}"
+    assert ours.num_searches < STEPS_0_1_0  # plain steps ran too
