@@ -294,6 +294,10 @@ class FusedSaLSa(Optimizer):
                                 exp_avg=[_local(s["exp_avg"]) for s in states],
                                 exp_avg_sq=[_local(s["exp_avg_sq"]) for s in states],
                                 saved=None, device=key[1], dtype=key[2], group_index=key[0])
+                # Another set of params with grads (one appeared or vanished): the old bucket of
+                # this (group, device, dtype) goes, so the cache stays one bucket per key.
+                for stale in [k for k in self._buckets if k[:3] == key]:
+                    del self._buckets[stale]
                 self._buckets[cache_key] = bucket
             bucket.grads = [_local(p.grad) for p in params]
             if bucket.grads and any(g.dtype != bucket.dtype for g in bucket.grads):

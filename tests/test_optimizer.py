@@ -1,0 +1,242 @@
+"""FusedSaLSa's behaviour on the torch backend: groups, weight decay, restore strategies,
+the two calling forms, low-precision weights, odd parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from salsa_fused import FusedSaLSa
+from salsa_fused.line_search import plan_step
+
+_X = torch.randn(32, 6, generator=torch.Generator().manual_seed(4))
+_Y = (_X[:, :2].sum(1, keepdim=True)).sin()
+
+
+def _model(dtype=torch.float32):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(dtype)
+
+
+def _batch(k):
+    rows = torch.arange(8) + 8 * (k % 4)
+    return _X[rows], _Y[rows]
+
+
+def _closure(model, k):
+    x, y = _batch(k)
+    dtype = next(model.parameters()).dtype
+    return lambda: F.mse_loss(model(x.to(dtype)).float(), y)
+
+
+def _settle(opt):
+    """Make the step-size averages equal: the interval becomes 10, so the next steps (after the
+    first 9) are plain steps until the next search."""
+    search = opt.param_groups[0]["search"]
+    search["step_size_fast"] = search["step_size_slow"]
+
+
+def _train(model, opt, steps, start=0):
+    losses, kinds = [], []
+    for k in range(start, start + steps):
+        kinds.append(plan_step(opt.search_state, opt.search_config).is_search)
+        opt.zero_grad()
+        losses.append(opt.step(_closure(model, k)).detach().item())
+    return losses, kinds
+
+
+def _twin_parameters():
+    """Two equal parameters with equal gradients: loss = f(a) + f(b)."""
+    init = torch.randn(5, generator=torch.Generator().manual_seed(0))
+    a, b = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    target = torch.linspace(-1, 1, 5)
+
+    def closure():
+        return ((a - target) ** 2).sum() + ((b - target) ** 2).sum()
+    return a, b, closure
+
+
+def test_group_lr_multiplier_moves_that_group_by_that_factor():
+    a, b, closure = _twin_parameters()
+    opt = FusedSaLSa([{"params": [a]}, {"params": [b], "lr": 0.5}], backend="torch")
+    for _ in range(12):  # searches, then plain steps
+        a0, b0 = a.detach().clone(), b.detach().clone()
+        opt.zero_grad()
+        opt.step(closure)
+        # the moves differ by rounding only (one ulp of the weights, ~1e-7)
+        torch.testing.assert_close(2 * (b0 - b.detach()), a0 - a.detach(), rtol=1e-4, atol=1e-6)
+        assert opt.effective_step_sizes == pytest.approx([opt.step_size * 1.1, 0.5 * opt.step_size * 1.1])
+        with torch.no_grad():
+            b.copy_(a)  # equal weights and (so far) equal moments: the next gradients are equal too
+
+
+def test_lr_zero_group_is_frozen():
+    model = _model()
+    opt = FusedSaLSa([{"params": model[0].parameters(), "lr": 0.0}, {"params": model[2].parameters()}],
+                     backend="torch")
+    frozen = [p.detach().clone() for p in model[0].parameters()]
+    _train(model, opt, 15)
+    assert all(torch.equal(a, b) for a, b in zip(frozen, model[0].parameters()))
+    assert opt.effective_step_sizes[0] == 0.0
+
+
+def test_decoupled_weight_decay_alone():
+    """Zero gradient (and zero loss): 0.1.0's guard fails, the move along m_hat is zero, and
+    only the decay ``w *= 1 - weight_decay * lr * eta`` acts, with the eta before the step."""
+    w = torch.nn.Parameter(torch.linspace(-2, 2, 7))
+    opt = FusedSaLSa([{"params": [w], "weight_decay": 0.1, "lr": 0.5}], backend="torch", init_step_size=1.0)
+    expected = w.detach().clone()
+    eta = 1.0
+    for _ in range(12):  # searches (guard fails) and plain steps alike
+        opt.zero_grad()
+        opt.step(lambda: (w * 0).sum())
+        expected = expected * (1 - 0.1 * 0.5 * eta)
+        torch.testing.assert_close(w.detach(), expected, rtol=1e-6, atol=0)
+        eta = opt.step_size
+    assert opt.state[w]["exp_avg"].abs().max() == 0
+
+
+def test_weight_decay_is_per_group():
+    model = _model()
+    decayed = FusedSaLSa([{"params": model[0].parameters(), "weight_decay": 0.5},
+                          {"params": model[2].parameters()}], backend="torch")
+    reference_model = _model()
+    plain = FusedSaLSa([{"params": reference_model[0].parameters()},
+                        {"params": reference_model[2].parameters()}], backend="torch")
+    decayed.zero_grad()
+    decayed.step(lambda: (model[2].weight ** 2).sum())  # model[0] gets no grad: not even decayed
+    plain.zero_grad()
+    plain.step(lambda: (reference_model[2].weight ** 2).sum())
+    for a, b in zip(model.parameters(), reference_model.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("direction", ["gradient", "momentum"])
+def test_restore_strategies_give_the_same_trajectory(direction):
+    runs = {}
+    for restore in ("copy", "inplace"):
+        model = _model()
+        opt = FusedSaLSa(model.parameters(), backend="torch", restore=restore, search_direction=direction,
+                         weight_decay=0.01)
+        losses, kinds = _train(model, opt, 40)
+        runs[restore] = (losses, kinds, [p.detach().clone() for p in model.parameters()], opt.search_state)
+    (l1, k1, w1, s1), (l2, k2, w2, s2) = runs["copy"], runs["inplace"]
+    assert s1.num_backtracks > 10  # the in-place moves were exercised
+    assert k1 == k2 and s1.num_forward_evals == s2.num_forward_evals
+    assert l2 == pytest.approx(l1, rel=1e-4)
+    assert s2.step_size == pytest.approx(s1.step_size, rel=1e-4)
+    for a, b in zip(w1, w2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_copy_restore_lands_exactly_on_the_accepted_trial():
+    """With restore='copy' the weights after a search are exactly w0 - eta*d, however many trials."""
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch", init_step_size=50.0)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    opt.step(_closure(model, 0))
+    assert opt.last_search_trials > 3
+    eta = opt.step_size
+    for p, w in zip(model.parameters(), w0):
+        g = p.grad
+        v_hat = (0.001 * g * g) / (1 - 0.999 ** 2)
+        expected = w.add(g * (1 / (v_hat.sqrt() + 1e-8)), alpha=-eta)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("direction", ["gradient", "momentum"])
+def test_two_phase_form_equals_one_phase_form(direction):
+    one = _model()
+    opt_one = FusedSaLSa(one.parameters(), backend="torch", search_direction=direction)
+    _train(one, opt_one, 30)
+    two = _model()
+    opt_two = FusedSaLSa(two.parameters(), backend="torch", search_direction=direction)
+    for k in range(30):
+        closure = _closure(two, k)
+        opt_two.zero_grad()
+        loss = closure()
+        loss.backward()
+        assert opt_two.step(closure, loss=loss) is loss
+    state_one, state_two = opt_one.search_state, opt_two.search_state
+    assert state_two.num_backward_evals == 0 and state_one.num_backward_evals == 30
+    state_one.num_backward_evals = 0
+    assert state_one == state_two
+    for a, b in zip(one.parameters(), two.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_weights_train(dtype):
+    model = _model(dtype)
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    losses, kinds = _train(model, opt, 30)
+    _settle(opt)
+    more_losses, more_kinds = _train(model, opt, 10, start=30)
+    assert all(kinds[:9]) and not all(more_kinds)
+    assert more_losses[-1] < 0.5 * losses[0]
+    for p in model.parameters():
+        assert p.dtype == dtype and bool(torch.isfinite(p).all())
+        assert opt.state[p]["exp_avg"].dtype == torch.float32
+        assert opt.state[p]["exp_avg_sq"].dtype == torch.float32
+
+
+def test_zero_dim_parameter():
+    scale = torch.nn.Parameter(torch.tensor(3.0))
+    opt = FusedSaLSa([scale], backend="torch")
+    for _ in range(30):
+        opt.zero_grad()
+        opt.step(lambda: (scale - 1.5) ** 2)
+    assert scale.shape == () and opt.state[scale]["exp_avg"].shape == ()
+    assert abs(scale.item() - 1.5) < 0.1
+
+
+@pytest.mark.parametrize("restore", ["copy", "inplace"])
+def test_parameter_without_grad_on_some_steps_is_left_alone(restore):
+    """model[2] gets no gradient on odd steps: its weights and moments stay bitwise as they were
+    (trials and restores included), and it trains again on even steps."""
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch", restore=restore)
+    head = list(model[2].parameters())
+    searched = {True: 0, False: 0}
+    for k in range(40):
+        if k == 20:
+            _settle(opt)
+        x, y = _batch(k)
+        opt.zero_grad(set_to_none=True)
+        if k % 2:
+            closure = lambda: F.mse_loss(model[1](model[0](x)) @ head[0].detach().T + head[1].detach(), y)  # noqa: E731
+            before = [(p.detach().clone(), opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone())
+                      for p in head]
+            searched[plan_step(opt.search_state, opt.search_config).is_search] += 1
+            opt.step(closure)
+            assert all(p.grad is None for p in head)
+            for p, (w, m, v) in zip(head, before):
+                assert torch.equal(p, w) and torch.equal(opt.state[p]["exp_avg"], m)
+                assert torch.equal(opt.state[p]["exp_avg_sq"], v)
+        else:
+            before = [p.detach().clone() for p in head]
+            opt.step(_closure(model, k))
+            assert not any(torch.equal(p, w) for p, w in zip(head, before))
+    assert searched[True] > 0 and searched[False] > 0
+    assert len(opt._buckets) <= 2  # one bucket per (group, device, dtype): the stale ones are dropped
+
+
+def test_step_without_closure_and_without_gradients_does_nothing():
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    assert opt.step() is None
+    assert opt.search_state.step == 0
+
+
+def test_logging_figures():
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch", init_step_size=10.0)
+    _train(model, opt, 12)
+    state = opt.search_state
+    assert opt.num_searches == state.num_searches >= 9
+    assert opt.num_forward_evals == state.num_forward_evals >= 12 + opt.num_searches
+    assert opt.num_backtracks == state.num_backtracks > 0
+    assert opt.last_search_trials >= 1
+    assert opt.search_interval == state.search_interval
+    assert opt.step_size == state.step_size
