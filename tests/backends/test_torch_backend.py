@@ -1,0 +1,187 @@
+"""The torch backend's passes against a float64 re-derivation of SPEC section 1.
+
+The reference below is written from the formulas (not from the backend's code): per element,
+with ``k`` the step counter after its increment,
+
+    m' = b1*m + (1-b1)*g            v' = b2*v + (1-b2)*g^2
+    m_hat = m' / (1 - b1^(k+1))      v_hat = v' / (1 - b2^(k+1))
+    pre = 1 / (sqrt(v_hat) + eps)    d = g*pre (gradient) | m_hat*pre (momentum)
+    q = sum g*d                      w_dec = w * (1 - wd * decay_step)
+    first trial / retrial: w = w_dec(w0) - step*d;   plain step: w = w_dec - step*m_hat*pre
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from salsa_fused.backends import torch_backend as B
+from salsa_fused.backends.base import Bucket, Hyper
+
+SHAPES = [(), (1,), (4097,), (5, 17, 3), (64, 33)]
+K = 6  # the step counter after its increment
+BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
+DIRECTIONS = ["gradient", "momentum"]
+
+
+def _hyper(weight_decay=0.0):
+    return Hyper(beta1=BETA1, beta2=BETA2, eps=EPS, weight_decay=weight_decay,
+                 bias_correction1=1 - BETA1 ** (K + 1), bias_correction2=1 - BETA2 ** (K + 1), lr=1.0)
+
+
+def _bucket(dtype=torch.float32, copy=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=g).to(dtype) for s in SHAPES]
+    grads = [torch.randn(s, generator=g).to(dtype) * 0.1 for s in SHAPES]
+    exp_avg = [torch.randn(s, generator=g) * 0.05 for s in SHAPES]
+    exp_avg_sq = [torch.rand(s, generator=g) * 0.01 for s in SHAPES]
+    saved = [torch.empty_like(p) for p in params] if copy else None
+    return Bucket(params=params, grads=grads, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, saved=saved,
+                  device=torch.device("cpu"), dtype=dtype, group_index=0)
+
+
+def _reference(bucket, direction, grad_scale=1.0):
+    """(m', v', d, update) in float64 for every tensor of ``bucket``."""
+    out = []
+    for g, m, v in zip(bucket.grads, bucket.exp_avg, bucket.exp_avg_sq):
+        g, m, v = g.double() / grad_scale, m.double(), v.double()
+        m_new = BETA1 * m + (1 - BETA1) * g
+        v_new = BETA2 * v + (1 - BETA2) * g * g
+        m_hat = m_new / (1 - BETA1 ** (K + 1))
+        pre = 1 / ((v_new / (1 - BETA2 ** (K + 1))).sqrt() + EPS)
+        d = g * pre if direction == "gradient" else m_hat * pre
+        out.append((m_new, v_new, d, m_hat * pre))
+    return out
+
+
+def _close(actual, expected, dtype=torch.float32):
+    """fp32: a few ulps; bf16/fp16: the fp64 value rounded once (half an ulp, plus one for ties)."""
+    if dtype == torch.float32:
+        torch.testing.assert_close(actual.double(), expected, rtol=4e-6, atol=4e-7)
+    else:
+        torch.testing.assert_close(actual.double(), expected.to(dtype).double(),
+                                   rtol={torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype], atol=1e-6)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_preconditioned_grad_norm(direction, dtype):
+    bucket = _bucket(dtype)
+    before = [t.clone() for t in bucket.params + bucket.exp_avg + bucket.exp_avg_sq]
+    q = B.preconditioned_grad_norm(bucket, _hyper(), direction)
+    expected = sum((g.double() * d).sum() for g, (_, _, d, _) in zip(bucket.grads, _reference(bucket, direction)))
+    assert q.dtype == torch.float32 and q.shape == ()
+    assert q.item() == pytest.approx(expected.item(), rel=1e-5)
+    after = bucket.params + bucket.exp_avg + bucket.exp_avg_sq
+    assert all(torch.equal(a, b) for a, b in zip(before, after))  # writes nothing
+
+
+def test_preconditioned_grad_norm_with_grad_scale_and_non_finite_gradient():
+    bucket = _bucket()
+    scale = torch.tensor(1024.0)
+    expected = sum((g.double() * d).sum() for g, (_, _, d, _) in zip(bucket.grads, _reference(bucket, "gradient")))
+    bucket.grads = [g * 1024.0 for g in bucket.grads]
+    q = B.preconditioned_grad_norm(bucket, _hyper(), "gradient", grad_scale=scale)
+    assert q.item() == pytest.approx(expected.item(), rel=1e-5)
+    bucket.grads[3][2, 1, 0] = float("nan")
+    assert not torch.isfinite(B.preconditioned_grad_norm(bucket, _hyper(), "gradient"))
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("copy", [True, False], ids=["copy", "inplace"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_first_trial_retrial_restore(direction, dtype, copy, weight_decay):
+    bucket = _bucket(dtype, copy)
+    hyper = _hyper(weight_decay)
+    w0 = [p.clone() for p in bucket.params]
+    ref = _reference(bucket, direction)
+    step, decay_step = 0.3, 0.25
+    B.first_trial(bucket, hyper, step, decay_step, direction)
+    for i, (m_new, v_new, d, _) in enumerate(ref):
+        torch.testing.assert_close(bucket.exp_avg[i].double(), m_new, rtol=2e-6, atol=1e-8)
+        torch.testing.assert_close(bucket.exp_avg_sq[i].double(), v_new, rtol=2e-6, atol=2e-9)
+        _close(bucket.params[i], w0[i].double() * (1 - weight_decay * decay_step) - step * d, dtype)
+        if copy:
+            assert torch.equal(bucket.saved[i], w0[i])
+    previous = step
+    for step in (0.24, 0.192):  # two backtracks
+        B.retrial(bucket, hyper, step, previous, decay_step, direction)
+        for i, (_, _, d, _) in enumerate(ref):
+            expected = w0[i].double() * (1 - weight_decay * decay_step) - step * d
+            if copy or dtype == torch.float32:
+                _close(bucket.params[i], expected, dtype)
+            else:  # in place in low precision: one rounding per trial
+                torch.testing.assert_close(bucket.params[i].double(), expected, rtol=3e-2, atol=3e-2)
+        previous = step
+    B.restore(bucket, hyper, previous, decay_step, direction)
+    for i in range(len(SHAPES)):
+        if copy:
+            assert torch.equal(bucket.params[i], w0[i])  # exact
+        elif dtype == torch.float32:
+            torch.testing.assert_close(bucket.params[i], w0[i], rtol=1e-5, atol=1e-6)
+        else:
+            torch.testing.assert_close(bucket.params[i].double(), w0[i].double(), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_plain_step(dtype, weight_decay):
+    bucket = _bucket(dtype)
+    w0 = [p.clone() for p in bucket.params]
+    ref = _reference(bucket, "momentum")
+    count = torch.zeros((), dtype=torch.int64)
+    B.plain_step(bucket, _hyper(weight_decay), 0.3, 0.25, torch.tensor(1.5), nonfinite_count=count)
+    for i, (m_new, v_new, _, update) in enumerate(ref):
+        torch.testing.assert_close(bucket.exp_avg[i].double(), m_new, rtol=2e-6, atol=1e-8)
+        torch.testing.assert_close(bucket.exp_avg_sq[i].double(), v_new, rtol=2e-6, atol=2e-9)
+        _close(bucket.params[i], w0[i].double() * (1 - weight_decay * 0.25) - 0.3 * update, dtype)
+    assert count.item() == 0
+
+
+def test_plain_step_with_grad_scale():
+    bucket = _bucket()
+    w0 = [p.clone() for p in bucket.params]
+    ref = _reference(bucket, "momentum")
+    bucket.grads = [g * 512.0 for g in bucket.grads]
+    B.plain_step(bucket, _hyper(), 0.3, 0.0, torch.tensor(1.0), grad_scale=torch.tensor(512.0))
+    for i, (_, _, _, update) in enumerate(ref):
+        _close(bucket.params[i], w0[i].double() - 0.3 * update)
+
+
+@pytest.mark.parametrize("loss, found_inf", [(float("nan"), 0.0), (float("inf"), 0.0), (1.0, 1.0)])
+def test_plain_step_changes_nothing_on_a_bad_loss_or_found_inf(loss, found_inf):
+    bucket = _bucket()
+    before = [t.clone() for t in bucket.params + bucket.exp_avg + bucket.exp_avg_sq]
+    count = torch.zeros((), dtype=torch.int64)
+    B.plain_step(bucket, _hyper(0.1), 0.3, 0.25, torch.tensor(loss), found_inf=torch.tensor(found_inf),
+                 nonfinite_count=count)
+    after = bucket.params + bucket.exp_avg + bucket.exp_avg_sq
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plain_step_keeps_non_finite_elements(dtype):
+    bucket = _bucket(dtype)
+    bucket.grads[2][5] = float("nan")
+    bucket.grads[3][1, 2, 0] = float("inf")
+    bucket.grads[3][4, 16, 2] = -float("inf")
+    bad = [torch.zeros(s, dtype=torch.bool) for s in SHAPES]
+    bad[2][5] = bad[3][1, 2, 0] = bad[3][4, 16, 2] = True
+    w0 = [p.clone() for p in bucket.params]
+    m0 = [m.clone() for m in bucket.exp_avg]
+    v0 = [v.clone() for v in bucket.exp_avg_sq]
+    clean = _bucket(dtype)  # the same values with finite gradients: reference for the rest
+    clean.grads = [torch.where(b, torch.zeros_like(g), g) for b, g in zip(bad, bucket.grads)]
+    ref = _reference(clean, "momentum")
+    count = torch.zeros((), dtype=torch.int64)
+    B.plain_step(bucket, _hyper(), 0.3, 0.0, torch.tensor(1.0), nonfinite_count=count)
+    assert count.item() == 3
+    for i, (m_new, v_new, _, update) in enumerate(ref):
+        ok = ~bad[i]
+        assert torch.equal(bucket.params[i][bad[i]], w0[i][bad[i]])
+        assert torch.equal(bucket.exp_avg[i][bad[i]], m0[i][bad[i]])
+        assert torch.equal(bucket.exp_avg_sq[i][bad[i]], v0[i][bad[i]])
+        _close(bucket.params[i][ok], (w0[i].double() - 0.3 * update)[ok], dtype)
+        torch.testing.assert_close(bucket.exp_avg[i][ok].double(), m_new[ok], rtol=2e-6, atol=1e-8)
+        assert bool(torch.isfinite(bucket.params[i]).all() and torch.isfinite(bucket.exp_avg_sq[i]).all())
