@@ -1,0 +1,133 @@
+"""torch.compile inside the loss function, and host reads on plain steps.
+
+Trial forwards run under ``torch.no_grad()``, which dynamo guards on: the compiled model
+gets one graph for the training forward and one for trial forwards, after which no
+step compiles anything (``error_on_recompile`` turns any recompilation into an error).
+
+Plain steps: every method that reads a tensor's value on the host (``item``, ``tolist``,
+``bool``, ``float``, ``int``, ``numpy``...) is patched to record its caller. The
+optimizer itself never reads; the triton backend never reads (its kernels guard on the
+device); the torch reference backend reads its two documented finiteness flags per
+bucket (``torch_backend.plain_step``) and nothing else.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+
+from salsa_fused import FusedSaLSa
+from salsa_fused.line_search import plan_step
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(sys.modules["salsa_fused"].__file__))
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 1))
+
+
+def batch(k):
+    g = torch.Generator().manual_seed(k % 5)
+    x = torch.randn(32, 8, generator=g)
+    return x, x[:, :1].sin()
+
+
+def warmed_optimizer(model, **kwargs):
+    """Past its first searches (equal fast/slow eta averages): searches every 3 steps."""
+    opt = FusedSaLSa(model.parameters(), init_step_size=0.05, always_search_steps=1,
+                     max_search_interval=3, **kwargs)
+    opt.param_groups[0]["search"].update(step_size_fast=0.05, step_size_slow=0.05)
+    return opt
+
+
+class HostReadLog:
+    """Patches the host-read methods of torch.Tensor; records (file, function) of each caller."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        self.active = False
+        for name in HOST_READS:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._wrap(name, original))
+
+    def _wrap(self, name, original):
+        log = self
+
+        def wrapper(tensor, *args, **kwargs):
+            if log.active:
+                caller = sys._getframe(1)
+                log.calls.append((name, caller.f_code.co_filename, caller.f_code.co_name))
+            return original(tensor, *args, **kwargs)
+        return wrapper
+
+    def ours(self):
+        return [c for c in self.calls if c[1].startswith(PACKAGE_DIR)]
+
+
+def run_steps(opt, loss_of, steps, log=None, set_to_none=True):
+    kinds = []
+    for k in range(steps):
+        is_search = plan_step(opt.search_state, opt.search_config).is_search
+        x, y = batch(k)
+        opt.zero_grad(set_to_none=set_to_none)
+        if log is not None:
+            log.active = not is_search
+        opt.step(lambda: loss_of(x, y))
+        if log is not None:
+            log.active = False
+        kinds.append(is_search)
+    return kinds
+
+
+def test_compiled_model_no_recompilation_after_warmup(monkeypatch):
+    torch._dynamo.reset()
+    model = make_model()
+    compiled = torch.compile(model, backend="inductor")
+    opt = warmed_optimizer(model, backend="torch")
+    loss_of = lambda x, y: F.mse_loss(compiled(x), y)  # noqa: E731
+    run_steps(opt, loss_of, 2)  # step 1 searches: grad and no-grad graphs
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs >= 2
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    log = HostReadLog(monkeypatch)
+    kinds = run_steps(opt, loss_of, 10, log)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert any(kinds) and not all(kinds)  # searches (trial forwards) and plain steps both ran
+    assert opt.num_forward_evals > 12
+    # plain steps with a compiled model: only the reference backend's documented flag reads
+    plain_steps = kinds.count(False)
+    ours = log.ours()
+    assert all(f.endswith(os.path.join("backends", "torch_backend.py")) and fn == "plain_step"
+               for _, f, fn in ours), ours
+    assert len(ours) == 2 * plain_steps
+    # the compiled model trains like the eager one (same decisions, weights to rounding)
+    eager_model = make_model()
+    eager_opt = warmed_optimizer(eager_model, backend="torch")
+    eager_loss = lambda x, y: F.mse_loss(eager_model(x), y)  # noqa: E731
+    run_steps(eager_opt, eager_loss, 2)
+    run_steps(eager_opt, eager_loss, 10)
+    assert eager_opt.num_searches == opt.num_searches
+    for a, b in zip(model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_optimizer_and_triton_plain_steps_read_nothing_on_the_host(monkeypatch):
+    from salsa_fused.backends import triton_usable
+    if not triton_usable(torch.device("cpu")) and not torch.cuda.is_available():
+        pytest.fail("triton backend unusable: TRITON_INTERPRET=1 must be set before triton imports "
+                    "(tests/conftest.py does it)")
+    model = make_model()
+    opt = warmed_optimizer(model, backend="triton")
+    loss_of = lambda x, y: F.mse_loss(model(x), y)  # noqa: E731
+    # Gradients kept in place (zero_grad(set_to_none=False)), so the kernels' pointer tables,
+    # built on the host from Python lists when the tensors change, are built once here.
+    run_steps(opt, loss_of, 2, set_to_none=False)
+    log = HostReadLog(monkeypatch)
+    kinds = run_steps(opt, loss_of, 6, log, set_to_none=False)
+    assert kinds.count(False) >= 3
+    assert log.ours() == []
