@@ -1,0 +1,324 @@
+"""Pretrain a small byte-level GPT from scratch with FusedSaLSa (or AdamW, for comparison).
+
+The corpus is the source of Python's standard library (present on every machine, no
+downloads). One process on the CPU or a GPU, or data parallel with torchrun:
+
+    python examples/pretrain_gpt.py                                   # the README demo (CPU: ~1-2 min)
+    python examples/pretrain_gpt.py --optimizer adamw                 # AdamW, warmup + cosine
+    torchrun --nproc_per_node 4 examples/pretrain_gpt.py --steps 2000 --n-layer 6 --n-embd 384 \
+        --n-head 6 --block-size 256 --batch-size 32 --dtype bf16-autocast
+    python examples/pretrain_gpt.py --steps 400 --resume              # continue runs/pretrain_gpt
+
+Writes into ``--out`` (default ``runs/pretrain_gpt``): ``log.jsonl`` (one line per step:
+loss, step size, search interval, forward passes), ``loss_step_size.png`` and
+``checkpoint.pt`` (model, optimizer, GradScaler, schedule, random states).
+
+``--batch-size`` is per micro-batch and per rank: a step sees
+``batch_size * grad_accum * world_size`` sequences. With FusedSaLSa and ``--grad-accum k``
+every trial of a search re-runs the forward of all ``k`` micro-batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from gpt import GPT, ByteBatches, GPTConfig, load_stdlib_corpus  # noqa: E402
+
+from salsa_fused import FusedSaLSa  # noqa: E402
+
+DTYPES = ("fp32", "bf16-autocast", "bf16", "fp16-autocast")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--optimizer", choices=("salsa", "adamw"), default="salsa")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps in total")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch per rank")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--n-layer", type=int, default=2)
+    parser.add_argument("--n-head", type=int, default=4)
+    parser.add_argument("--n-embd", type=int, default=64)
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32",
+                        help="bf16-autocast: fp32 weights, bf16 compute; bf16: bf16 weights "
+                             "(fp32 optimizer moments); fp16-autocast needs --grad-scaler")
+    parser.add_argument("--grad-scaler", action="store_true", help="torch.amp.GradScaler (for fp16)")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--search-direction", choices=("gradient", "momentum"), default="gradient",
+                        help="FusedSaLSa's trial direction")
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate")
+    parser.add_argument("--warmup", type=int, default=20, help="AdamW warmup steps (then cosine to 10%%)")
+    parser.add_argument("--max-bytes", type=int, default=4_000_000, help="corpus size cap")
+    parser.add_argument("--eval-interval", type=int, default=50, help="steps between validation losses")
+    parser.add_argument("--eval-batches", type=int, default=4)
+    parser.add_argument("--checkpoint-interval", type=int, default=100)
+    parser.add_argument("--out", default="runs/pretrain_gpt", help="output folder")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs every 10 steps)")
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch_size", "grad_accum", "block_size", "n_layer", "n_head", "n_embd",
+                 "eval_interval", "eval_batches", "checkpoint_interval"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.n_embd % args.n_head:
+        parser.error(f"--n-embd ({args.n_embd}) must be a multiple of --n-head ({args.n_head})")
+    if args.dtype == "fp16-autocast" and not args.grad_scaler:
+        parser.error("--dtype fp16-autocast needs --grad-scaler (fp16 gradients underflow without it)")
+    if args.dtype == "bf16" and args.grad_scaler:
+        parser.error("--grad-scaler works with fp32 weights (fp32/bf16-autocast/fp16-autocast), not bf16 weights")
+    return args
+
+
+# ----------------------------------------------------------------------------- set-up
+def setup_distributed(requested_device: str):
+    """(rank, world_size, device); initializes the process group under torchrun."""
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = torch.cuda.is_available() and requested_device in ("auto", "cuda")
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+        return dist.get_rank(), dist.get_world_size(), device
+    if requested_device == "auto":
+        requested_device = "cuda" if torch.cuda.is_available() else "cpu"
+    return 0, 1, torch.device(requested_device)
+
+
+def make_optimizer(args, model, device):
+    groups = model.param_groups(args.weight_decay)
+    if args.optimizer == "salsa":
+        return FusedSaLSa(groups, search_direction=args.search_direction), None
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+    def warmup_cosine(step):
+        if step < args.warmup:
+            return (step + 1) / args.warmup
+        progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine)
+
+
+def step_batches(batches, args, step, rank, world, device="cpu"):
+    """The micro-batches of ``rank`` at ``step``: a function of (seed, step, rank) only, so a
+    resumed run draws exactly the data the uninterrupted run would have drawn."""
+    generator = torch.Generator().manual_seed((args.seed * 1_000_003 + step) * world + rank)
+    return [batches.get("train", args.batch_size, generator, device) for _ in range(args.grad_accum)]
+
+
+# ----------------------------------------------------------------------------- training
+def train(args) -> dict:
+    rank, world, device = setup_distributed(args.device)
+    is_main = rank == 0
+    torch.manual_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    checkpoint_path = os.path.join(args.out, "checkpoint.pt")
+    log_path = os.path.join(args.out, "log.jsonl")
+
+    corpus = load_stdlib_corpus(args.max_bytes)
+    batches = ByteBatches(corpus, args.block_size)
+    config = GPTConfig(block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
+                       n_embd=args.n_embd, dropout=args.dropout)
+    model = GPT(config).to(device)
+    if args.dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    opt, schedule = make_optimizer(args, model, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.grad_scaler)
+    autocast_dtype = {"bf16-autocast": torch.bfloat16, "fp16-autocast": torch.float16}.get(args.dtype)
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    start, records = 0, []
+    if args.resume:
+        if not os.path.exists(checkpoint_path):
+            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        if schedule is not None:
+            schedule.load_state_dict(state["schedule"])
+        start = state["step"]
+        rng = state["rng"][rank % len(state["rng"])]
+        torch.set_rng_state(rng["cpu"])
+        if device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        if is_main and os.path.exists(log_path):
+            with open(log_path) as handle:
+                records = [json.loads(line) for line in handle if json.loads(line)["step"] <= start]
+
+    def forward_loss(x, y):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            return net(x, y)[1]
+
+    def save_checkpoint(step):
+        rng = {"cpu": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        all_rng = [None] * world
+        if world > 1:
+            dist.all_gather_object(all_rng, rng)
+        else:
+            all_rng = [rng]
+        if is_main:
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                     "schedule": schedule.state_dict() if schedule is not None else None,
+                     "step": step, "rng": all_rng, "args": vars(args)}
+            torch.save(state, checkpoint_path + ".tmp")
+            os.replace(checkpoint_path + ".tmp", checkpoint_path)
+
+    @torch.no_grad()
+    def validation_loss():
+        model.eval()
+        generator = torch.Generator().manual_seed(args.seed * world + rank)  # the same batches every time
+        losses = [forward_loss(*batches.get("val", args.batch_size, generator, device)).float()
+                  for _ in range(args.eval_batches)]
+        model.train()
+        mean = torch.stack(losses).mean()
+        if world > 1:
+            dist.all_reduce(mean)
+            mean /= world
+        return mean.item()
+
+    progress = None
+    if is_main and not args.no_progress:
+        from tqdm import tqdm
+        progress = tqdm(total=args.steps, initial=start, desc=args.optimizer, dynamic_ncols=True)
+    mode = "w" if not args.resume else "a"
+    log_file = open(log_path, mode) if is_main else None
+    if log_file is not None and args.resume:  # drop lines past the checkpoint
+        log_file.close()
+        with open(log_path, "w") as handle:
+            handle.writelines(json.dumps(r) + "\n" for r in records)
+        log_file = open(log_path, "a")
+    started = time.perf_counter()
+    try:
+        for step in range(start, args.steps):
+            micro = step_batches(batches, args, step, rank, world, device)
+            k = len(micro)
+            opt.zero_grad(set_to_none=True)
+            total = torch.zeros((), device=device)
+            for i, (x, y) in enumerate(micro):
+                sync = net.no_sync() if (world > 1 and i < k - 1) else contextlib.nullcontext()
+                with sync:
+                    loss = forward_loss(x, y) / k
+                    scaler.scale(loss).backward()
+                total += loss.detach().float()
+
+            def closure():  # the mean loss over all micro-batches, forward only
+                return sum(forward_loss(x, y).float() for x, y in micro) / k
+
+            if args.optimizer == "salsa":
+                scaler.step(opt, closure, loss=total)  # closure positional: GradScaler refuses closure=
+            else:
+                scaler.step(opt)
+                schedule.step()
+            scaler.update()
+
+            loss_value = total.clone()
+            if world > 1:
+                dist.all_reduce(loss_value)
+                loss_value /= world
+            record = {"step": step + 1, "loss": loss_value.item(), "time": time.perf_counter() - started}
+            if args.optimizer == "salsa":
+                record.update(step_size=opt.step_size, effective_step_size=opt.effective_step_sizes[0],
+                              interval=opt.search_interval, forwards=opt.num_forward_evals,
+                              searches=opt.num_searches)
+            else:
+                record.update(step_size=schedule.get_last_lr()[0])
+            if (step + 1) % args.eval_interval == 0 or step + 1 == args.steps:
+                record["val_loss"] = validation_loss()
+            if not math.isfinite(record["loss"]):
+                raise FloatingPointError(f"non-finite loss {record['loss']} at step {step + 1}")
+            if is_main:
+                records.append(record)
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                postfix = {"loss": f"{record['loss']:.3f}", "step": f"{record['step_size']:.2e}"}
+                if "interval" in record:
+                    postfix["interval"] = f"{record['interval']:.1f}"
+                if progress is not None:
+                    progress.set_postfix(postfix, refresh=False)
+                    progress.update(1)
+                elif (step + 1) % 10 == 0 or step + 1 == args.steps:
+                    print(f"step {step + 1}/{args.steps} " + " ".join(f"{k} {v}" for k, v in postfix.items()),
+                          flush=True)
+            if (step + 1) % args.checkpoint_interval == 0 or step + 1 == args.steps:
+                save_checkpoint(step + 1)
+    finally:
+        if progress is not None:
+            progress.close()
+        if log_file is not None:
+            log_file.close()
+    summary = {}
+    if is_main and records:
+        plot_path = os.path.join(args.out, "loss_step_size.png")
+        plot(records, plot_path, args.optimizer)
+        first = sum(r["loss"] for r in records[:10]) / len(records[:10])
+        last = sum(r["loss"] for r in records[-10:]) / len(records[-10:])
+        summary = {"first_loss": first, "last_loss": last, "val_loss": records[-1].get("val_loss"),
+                   "steps": records[-1]["step"], "seconds": time.perf_counter() - started, "plot": plot_path}
+        extra = (f", {records[-1]['forwards']} forward passes, {records[-1]['searches']} searches"
+                 if args.optimizer == "salsa" else "")
+        print(f"loss {first:.3f} -> {last:.3f} (mean of first/last 10 steps), val {summary['val_loss']:.3f}"
+              f"{extra}; {summary['seconds']:.0f} s on {world} x {device.type}; plot {plot_path}", flush=True)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def plot(records, path, optimizer_name):
+    """Loss (train, and validation where measured) and step size against the step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    figure, (loss_axis, step_axis) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
+    loss_axis.plot(steps, [r["loss"] for r in records], lw=1, label="train")
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if val:
+        loss_axis.plot(*zip(*val), "o-", label="validation")
+    loss_axis.set_ylabel("cross-entropy (nats/byte)")
+    loss_axis.legend()
+    loss_axis.grid(alpha=0.3)
+    if optimizer_name == "salsa":
+        step_axis.semilogy(steps, [r["step_size"] for r in records], label="searched step size eta")
+        interval_axis = step_axis.twinx()
+        interval_axis.plot(steps, [r["interval"] for r in records], color="tab:gray", lw=0.8,
+                           label="search interval")
+        interval_axis.set_ylabel("search interval (steps)")
+        interval_axis.legend(loc="upper right")
+    else:
+        step_axis.semilogy(steps, [r["step_size"] for r in records], label="AdamW learning rate")
+    step_axis.set_ylabel("step size")
+    step_axis.set_xlabel("step")
+    step_axis.legend(loc="upper left")
+    step_axis.grid(alpha=0.3)
+    figure.suptitle(f"byte-level GPT on the Python standard library ({optimizer_name})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    train(parse_args())
