@@ -22,6 +22,16 @@ salsa_reference = pytest.importorskip("salsa.SaLSA", reason="test dependency sal
 from salsa_fused import FusedSaLSa  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: intra-op threads only add contention (10x slower on a busy
+    2-core CI machine). Both optimizers run under the same setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _mlp() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
