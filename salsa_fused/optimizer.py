@@ -308,9 +308,10 @@ class FusedSaLSa(Optimizer):
         return buckets
 
     def _saved_buffer(self, p: torch.Tensor) -> torch.Tensor:
-        buffer = self._saved.get(p)
-        if buffer is None:
-            buffer = torch.empty_like(_local(p))
+        buffer, local = self._saved.get(p), _local(p)
+        if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != (local.shape, local.dtype,
+                                                                             local.device):
+            buffer = torch.empty_like(local)  # new, or the param was cast or moved since
             self._saved[p] = buffer
         return buffer
 

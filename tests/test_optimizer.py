@@ -240,3 +240,35 @@ def test_logging_figures():
     assert opt.last_search_trials >= 1
     assert opt.search_interval == state.search_interval
     assert opt.step_size == state.step_size
+
+
+def test_model_cast_after_construction_keeps_exact_copies():
+    """model.float() after the optimizer exists (bf16 before): the saved copies follow the new
+    dtype, so restore='copy' still puts back exactly the fp32 weights it started from."""
+    model = _model(torch.bfloat16)
+    opt = FusedSaLSa(model.parameters(), backend="torch", init_step_size=100.0)
+    _train(model, opt, 2)
+    model.float()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 1e-4)  # not bf16 values
+    w0 = [p.detach().clone() for p in model.parameters()]
+
+    def failing():
+        raise RuntimeError("trial failed")
+
+    calls = []
+
+    def closure():
+        calls.append(None)
+        if len(calls) == 3:
+            failing()
+        x, y = _batch(0)
+        return F.mse_loss(model(x), y)
+
+    opt.zero_grad()
+    with pytest.raises(RuntimeError, match="trial failed"):
+        opt.step(closure)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), w0))
+    assert all(opt.state[p]["exp_avg"].dtype == torch.float32 for p in model.parameters())
