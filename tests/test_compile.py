@@ -22,6 +22,16 @@ import torch.nn.functional as F
 from salsa_fused import FusedSaLSa
 from salsa_fused.line_search import plan_step
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is much faster than two on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 PACKAGE_DIR = os.path.dirname(os.path.abspath(sys.modules["salsa_fused"].__file__))
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
 

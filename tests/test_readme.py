@@ -11,6 +11,16 @@ import re
 import pytest
 import torch
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is much faster than two on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
 
 # heading -> the python blocks under it (until the next heading of any level)

@@ -69,7 +69,7 @@ class StepWeights(transformers.TrainerCallback):
 def run_trainer(tmp_path, model, **overrides):
     trainer = RecordingTrainer(model=model, args=train_args(tmp_path, **overrides),
                                train_dataset=token_dataset(STEPS * MICRO_BATCH * ACCUMULATE),
-                               salsa_kwargs={"backend": "torch"})
+                               salsa_kwargs={"backend": "torch", "init_step_size": 0.01})
     trainer.add_callback(StepWeights(trainer))
     trainer.train()
     return trainer
@@ -81,7 +81,7 @@ def plain_loop(model, trainer, max_grad_norm=1.0, autocast=False):
     named = list(model.named_parameters())
     opt = FusedSaLSa([{"params": [p for n, p in named if n in decay], "weight_decay": 0.0},
                       {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}],
-                     lr=1.0, backend="torch")
+                     lr=1.0, backend="torch", init_step_size=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, (STEPS - t) / STEPS))
     model.train()
     weights = []
