@@ -83,3 +83,62 @@ def test_pretrain_gpt_under_torchrun_ddp(tmp_path):
     assert "on 2 x cpu" in result.stdout
     assert [r["step"] for r in _log(tmp_path)] == [1, 2, 3]
     assert os.path.exists(os.path.join(tmp_path, "checkpoint.pt"))
+
+
+def _readme_blocks():
+    import re
+    with open(os.path.join(EXAMPLES, "..", "README.md"), encoding="utf-8") as handle:
+        text = handle.read()
+    start = text.index("## Pretraining at scale")
+    end = text.find("\n## ", start + 1)
+    section = text[start:end if end != -1 else len(text)]
+    return re.findall(r"^```python\n(.*?)^```", section, flags=re.MULTILINE | re.DOTALL)
+
+
+def test_readme_pretraining_single_process_snippets_run(tmp_path, monkeypatch):
+    """The GradScaler and checkpoint snippets of the README's pretraining section run as
+    written (the DDP/FSDP2 ones need torchrun; test_distributed.py runs the same flows)."""
+    import torch
+    from salsa_fused import FusedSaLSa
+    blocks = _readme_blocks()
+    scaler_block = next(b for b in blocks if "GradScaler" in b)
+    checkpoint_blocks = [b for b in blocks if "checkpoint" in b and "fully_shard" not in b]
+    assert len(checkpoint_blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 1))
+    namespace = {"torch": torch, "model": model, "opt": FusedSaLSa(model.parameters()),
+                 "x": torch.randn(16, 32), "y": torch.randn(16, 1)}
+    for _ in range(3):
+        exec(compile(scaler_block, "README:GradScaler", "exec"), namespace)
+    assert namespace["opt"].num_searches == 3
+    before = namespace["opt"].search_state
+    for block in checkpoint_blocks:
+        exec(compile(block, "README:checkpoints", "exec"), namespace)
+    assert namespace["opt"].search_state == before
+    assert os.path.exists(tmp_path / "checkpoint.pt") and os.path.isdir(tmp_path / "ckpt")
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA-only: needs a GPU")
+def test_pretrain_gpt_low_precision_on_gpu_300_steps(tmp_path):
+    """On a GPU: 300 steps of the demo model in fp32, bf16 autocast, bf16 weights and fp16 +
+    GradScaler; all train with finite losses, and the step size of the bf16 runs follows
+    fp32's (geometric mean of the per-step ratio). The CPU counterpart (24 steps) is
+    tests/test_amp.py::test_low_precision_runs_train_like_fp32. Thresholds from the issue
+    ("within a few percent"); not yet calibrated on a device."""
+    import math
+    runs = {}
+    for name, flags in {"fp32": [], "bf16-autocast": ["--dtype", "bf16-autocast"], "bf16": ["--dtype", "bf16"],
+                        "fp16": ["--dtype", "fp16-autocast", "--grad-scaler"]}.items():
+        out = tmp_path / name
+        pretrain_gpt.train(pretrain_gpt.parse_args(["--steps", "300", "--device", "cuda", "--no-progress",
+                                                    "--out", str(out), *flags]))
+        runs[name] = _log(out)
+    for name, log in runs.items():
+        losses = [r["loss"] for r in log]
+        assert all(math.isfinite(v) for v in losses), name
+        assert sum(losses[-20:]) / 20 < sum(losses[:20]) / 20 - 1.0, f"{name}: loss did not fall"
+    for name, tolerance in (("bf16-autocast", 0.05), ("bf16", 0.05)):
+        ratios = [math.log(a["step_size"] / b["step_size"]) for a, b in zip(runs[name], runs["fp32"])]
+        drift = math.exp(sum(ratios) / len(ratios)) - 1
+        assert abs(drift) < tolerance, f"{name}: step size {drift:+.1%} from fp32's over 300 steps"
