@@ -1,0 +1,242 @@
+"""Shared helpers of the benchmarks: tensor lists, timing, environment, results files.
+
+Every benchmark writes ``benchmarks/results/<name>.json`` (the environment and one row
+per measurement: kernel, provider, size, p20/p50/p80 in milliseconds, device name,
+versions, date, command) and ``<name>.md`` (a table for people). Figures that need a
+GPU and were not taken say so (:data:`NOT_MEASURED`); nothing is ever filled in.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+NOT_MEASURED = "not measured: no GPU"
+
+Shape = Tuple[int, ...]
+
+
+# ---------------------------------------------------------------------------- tensor lists
+def gpt2_small_shapes(scale: float = 1.0, n_layer: int = 12, d_model: int = 768,
+                      vocab: int = 50257, context: int = 1024) -> List[Shape]:
+    """The parameter shapes of GPT-2 small (tied embedding): 148 tensors, 124,439,808 elements.
+
+    ``wte, wpe``, then per layer ``ln_1 (w, b), c_attn (w, b), attn c_proj (w, b),
+    ln_2 (w, b), c_fc (w, b), mlp c_proj (w, b)``, then ``ln_f (w, b)``. ``scale`` multiplies
+    every tensor's leading dimension (rounded, at least 1): the tensor count and the mix of
+    large and small tensors stay, the element count scales by about ``scale``.
+    """
+    d, h = d_model, 4 * d_model
+    layer = [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, h), (h,), (h, d), (d,)]
+    shapes = [(vocab, d), (context, d)] + layer * n_layer + [(d,), (d,)]
+    if scale == 1.0:
+        return shapes
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    return [(max(1, round(s[0] * scale)),) + tuple(s[1:]) for s in shapes]
+
+
+def flat_shapes(numel: int, n_tensors: int = 1) -> List[Shape]:
+    """``n_tensors`` 1-D tensors of about equal size totalling ``numel`` elements."""
+    base, extra = divmod(numel, n_tensors)
+    return [(base + (1 if i < extra else 0),) for i in range(n_tensors)]
+
+
+def numel_of(shapes: Sequence[Shape]) -> int:
+    total = 0
+    for shape in shapes:
+        n = 1
+        for s in shape:
+            n *= s
+        total += n
+    return total
+
+
+def make_params(shapes: Sequence[Shape], dtype: torch.dtype, device, seed: int = 0,
+                grads: Optional[List[torch.Tensor]] = None) -> List[torch.nn.Parameter]:
+    """Leaf parameters (N(0, 0.02)) with gradients (N(0, 1e-3), or the given tensors, shared)."""
+    generator = torch.Generator().manual_seed(seed)
+    params = []
+    for i, shape in enumerate(shapes):
+        p = torch.nn.Parameter((torch.randn(shape, generator=generator) * 0.02).to(device=device, dtype=dtype))
+        p.grad = grads[i] if grads is not None else (
+            torch.randn(shape, generator=generator) * 1e-3).to(device=device, dtype=dtype)
+        params.append(p)
+    return params
+
+
+# ---------------------------------------------------------------------------- timing
+def synchronize(device) -> None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_once(fn: Callable[[], object], device, inner: int = 1) -> float:
+    """Seconds per call of ``fn``, averaged over ``inner`` back-to-back calls.
+
+    CUDA: events around the calls (device time, launches queued back to back);
+    elsewhere: the wall clock.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / inner
+    began = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - began) / inner
+
+
+def interleaved(fns: Dict[str, Callable[[], object]], device, repeats: int, warmup: int = 1,
+                inner: int = 1) -> Dict[str, List[float]]:
+    """Time every provider ``repeats`` times, one round at a time, in a rotating order.
+
+    Interleaving spreads slow drifts (frequency, other processes) over all providers,
+    so ratios of medians are fair even on a noisy machine. Returns seconds per call.
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    synchronize(device)
+    samples: Dict[str, List[float]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(time_once(fns[name], device, inner))
+    return samples
+
+
+def quantiles_ms(samples: Sequence[float]) -> Dict[str, float]:
+    """p20, p50, p80 of ``samples`` (seconds) in milliseconds."""
+    ordered = sorted(samples)
+    if len(ordered) == 1:
+        value = ordered[0] * 1e3
+        return {"p20_ms": value, "p50_ms": value, "p80_ms": value}
+    cuts = statistics.quantiles(ordered, n=10, method="inclusive")
+    return {"p20_ms": cuts[1] * 1e3, "p50_ms": statistics.median(ordered) * 1e3, "p80_ms": cuts[7] * 1e3}
+
+
+# ---------------------------------------------------------------------------- environment
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{_cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device) -> Dict[str, str]:
+    """Where and how a result was measured."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    return {
+        "device": device_name(device),
+        "device_type": torch.device(device).type,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda or "none",
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv),
+        "git_commit": _git_commit(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
+    }
+
+
+# ---------------------------------------------------------------------------- results
+@dataclass
+class Row:
+    """One measurement: a kernel (or step) by a provider on a size; times in ms."""
+
+    kernel: str
+    provider: str
+    size: str
+    numel: int = 0
+    dtype: str = ""
+    p20_ms: Optional[float] = None
+    p50_ms: Optional[float] = None
+    p80_ms: Optional[float] = None
+    extra: Dict[str, object] = field(default_factory=dict)
+    note: str = ""
+
+
+def row_from_samples(kernel: str, provider: str, size: str, samples: Sequence[float], **kwargs) -> Row:
+    return Row(kernel=kernel, provider=provider, size=size, **quantiles_ms(samples), **kwargs)
+
+
+def write_results(name: str, rows: Sequence[Row], env: Dict[str, str], markdown: str,
+                  out_dir: Optional[Path] = None, summary: Optional[dict] = None) -> Tuple[Path, Path]:
+    """Write ``<name>.json`` (environment, summary, rows with the environment in each) and
+    ``<name>.md``; returns both paths."""
+    out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = [{**asdict(r), "device": env["device"], "torch": env["torch"], "triton": env["triton"],
+                "cuda": env["cuda"], "date": env["date"], "command": env["command"]} for r in rows]
+    json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
+    json_path.write_text(json.dumps({"environment": env, "summary": summary or {}, "rows": records},
+                                    indent=1, default=str) + "\n", encoding="utf-8")
+    header = (f"<!-- generated by {env['command']} -->\n\n"
+              f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; "
+              f"{env['date']}; commit {env['git_commit']}.\n\n")
+    md_path.write_text(header + markdown.rstrip() + "\n", encoding="utf-8")
+    return json_path, md_path
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+        return str(value)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def ensure_triton_interpreter_without_cuda() -> None:
+    """Let the triton backend run on the CPU (its interpreter) when no GPU is present.
+
+    Must run before triton is imported; a no-op when CUDA is available or already set.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
