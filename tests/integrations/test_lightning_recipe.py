@@ -80,3 +80,9 @@ def test_lightning_manual_optimization_matches_plain_loop(precision):
         else:  # Lightning's and the loop's autocast regions differ: rounding differs
             torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
     assert salsa.search_state.num_searches == opt.search_state.num_searches
+
+
+def test_example_script_runs(capsys):
+    from lightning_salsa import main
+    main(["--steps", "2", "--block", "16", "--batch", "2"])
+    assert "steps 2" in capsys.readouterr().out
