@@ -282,6 +282,9 @@ class FusedSaLSa(Optimizer):
                 if grad.shape != p.shape:
                     raise RuntimeError(f"gradient of shape {tuple(grad.shape)} for a parameter of "
                                        f"shape {tuple(p.shape)}")
+                if grad.dtype != p.dtype:  # checked here, before any bucket or state is created
+                    raise RuntimeError(f"gradient of dtype {grad.dtype} for a parameter of dtype {p.dtype}: "
+                                       "gradients must have the dtype of their parameters")
                 members.setdefault((index, p.device, p.dtype), []).append(p)
         buckets = []
         use_copy = self.restore_strategy == "copy"
@@ -300,8 +303,6 @@ class FusedSaLSa(Optimizer):
                     del self._buckets[stale]
                 self._buckets[cache_key] = bucket
             bucket.grads = [_local(p.grad) for p in params]
-            if bucket.grads and any(g.dtype != bucket.dtype for g in bucket.grads):
-                raise RuntimeError("gradients must have the dtype of their parameters")
             if use_copy and bucket.saved is None and bucket.params:
                 bucket.saved = [self._saved_buffer(p) for p in params]
             buckets.append(bucket)

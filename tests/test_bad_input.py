@@ -275,6 +275,23 @@ def test_gradient_of_another_dtype():
     _assert_unchanged(before, _snapshot(opt))
 
 
+def test_a_bad_gradient_creates_no_state_for_other_parameters():
+    """The gradients are all checked before any state is created: a parameter that had no
+    state (frozen at construction, then unfrozen) gets none when another gradient is bad."""
+    late = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+    other = torch.nn.Parameter(torch.ones(2))
+    opt = FusedSaLSa([late, other], backend="torch")
+    assert late not in opt.state
+    late.requires_grad_(True)
+    late.grad = torch.ones(3)
+    other.grad_dtype = None
+    other.grad = torch.ones(2, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="gradient of dtype torch.float64"):
+        opt.step(lambda: (late * other.detach().sum()).sum(), loss=torch.tensor(1.0))
+    assert len(opt.state.get(late, {})) == 0
+    assert torch.equal(late, torch.ones(3)) and torch.equal(other, torch.ones(2))
+
+
 # ---------------------------------------------------------------------------- hyperparameters
 _BAD_CONSTRUCTION = [
     (dict(c=0.0), "c must lie in"), (dict(c=1.0), "c must lie in"), (dict(c=-0.5), "c must lie in"),
