@@ -354,6 +354,12 @@ class FusedSaLSa(Optimizer):
 
         ``closure()`` must run the forward pass and return the scalar loss (no backward);
         with ``loss=`` the caller has already run forward and backward for this step.
+
+        If the closure raises (or returns a bad value) during the trials, the exception
+        propagates with the weights put back (bitwise with ``restore="copy"``, to rounding
+        with ``"inplace"``), the search state unchanged and the generators where one forward
+        leaves them; the moments keep this step's gradient (restoring them exactly would need
+        a copy of m and v, 8 bytes per parameter).
         """
         if closure is None:
             if loss is None and not any(p.grad is not None for g in self.param_groups for p in g["params"]):
@@ -447,7 +453,8 @@ class FusedSaLSa(Optimizer):
             value = f0_value if not math.isfinite(f0_value) else q_value
             rng_after.restore()
             self._reject(f"non-finite {what} {value} at step {plan.state.step}; "
-                         "weights and optimizer state are unchanged")
+                         "weights and optimizer state are unchanged",
+                         int(earlier_nonfinite), int(earlier_bad_losses))
             return
         search = ArmijoSearch(plan, self.search_config, f0_value, q_value)
 
@@ -486,10 +493,13 @@ class FusedSaLSa(Optimizer):
         self._commit(search.finish())
         rng_after.restore()
 
-    def _reject(self, message: str) -> None:
-        """Raise, or count a skipped step, as ``nonfinite`` says. Nothing has been written."""
+    def _reject(self, message: str, earlier_elements: int = 0, earlier_skips: int = 0) -> None:
+        """Raise, or count a skipped step, as ``nonfinite`` says. Nothing has been written.
+        ``earlier_*``: the plain steps' counts read with this step (their device counters are
+        already zeroed), kept in the skip counters."""
         if self.nonfinite == "raise":
             raise NonFiniteError(message)
         current = self.search_state
-        current.num_skipped_steps += 1
+        current.num_skipped_steps += 1 + earlier_skips
+        current.num_nonfinite_elements += earlier_elements
         self._commit(current)

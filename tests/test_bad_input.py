@@ -501,3 +501,19 @@ def test_every_trial_loss_non_finite_exhausts_the_search_with_finite_state():
     assert after.step_size == pytest.approx(before.step_size * 1.1 * 0.8 ** 5)
     assert after.loss_decrease_avg == before.loss_decrease_avg
     assert _all_finite(opt)
+
+
+def test_skip_keeps_the_earlier_counts_when_the_reporting_step_is_itself_skipped():
+    """A plain step leaves 2 non-finite gradient elements; the next search's own loss is NaN:
+    with nonfinite='skip' both are counted (the plain step's count is not lost)."""
+    model, opt = _trained(nonfinite="skip")
+    _until_plain_step_next(model, opt)
+    loss = _nan_gradient_step(model, opt)
+    opt.step(_closure(model), loss=loss)
+    _until_search_next(model, opt)
+    skipped = opt.num_skipped_steps
+    opt.zero_grad()
+    opt.step(lambda: F.mse_loss(model(_X), _Y) * float("nan"))
+    assert opt.num_skipped_steps == skipped + 1
+    assert opt.search_state.num_nonfinite_elements == 2
+    assert _all_finite(opt)
