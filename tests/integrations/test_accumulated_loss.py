@@ -90,3 +90,30 @@ def test_unwrap_and_empty_window_errors():
         AccumulatedLoss().closure(lambda b: b)
     with pytest.raises(TypeError, match="scalar loss"):
         AccumulatedLoss().add("batch", torch.ones(2))
+
+
+def test_grad_scaler_steps_a_bound_closure_like_the_unscaled_loop():
+    """The fp16 path of Trainer/accelerate: scaled backward, bind, scaler.step(opt, None)."""
+    def setup():
+        torch.manual_seed(3)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        return model, FusedSaLSa(model.parameters(), backend="torch", init_step_size=0.05)
+
+    data = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(6)]
+    scaled_model, scaled_opt = setup()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    plain_model, plain_opt = setup()
+    for x, y in data:
+        loss = torch.nn.functional.mse_loss(scaled_model(x), y)
+        scaler.scale(loss).backward()
+        scaled_opt.bind_closure(lambda: torch.nn.functional.mse_loss(scaled_model(x), y), loss=loss.detach())
+        scaler.step(scaled_opt, None)  # what AcceleratedOptimizer.step() does under fp16
+        scaler.update()
+        scaled_opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(plain_model(x), y)
+        loss.backward()
+        plain_opt.step(lambda: torch.nn.functional.mse_loss(plain_model(x), y), loss=loss.detach())
+        plain_opt.zero_grad()
+    assert scaled_opt.search_state == plain_opt.search_state
+    for a, b in zip(scaled_model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # unscaling by 2**12 is exact up to g/s rounding
