@@ -147,6 +147,26 @@ def _ddp_job(rank, port, out_dir):
             assert 0 < searches < len(records), f"want searches and plain steps, got {searches} of {len(records)}"
             _assert_trajectories_agree(*result, what=f"DDP with {micro_batches} micro-batches")
 
+        # A NaN loss on one rank at a plain step: every rank skips it alike (the plain step
+        # judges the averaged loss) and the next search reports it alike.
+        ddp = DDP(_make_model(0))
+        opt = FusedSaLSa(ddp.parameters(), nonfinite="skip")
+        for step in range(13):
+            if step == 9:
+                _skip_interval_warmup(opt)
+            if step == 11:
+                opt.param_groups[0]["search"]["steps_since_search"] = 100  # search now
+            poison = float("nan") if (step == 10 and rank == 1) else 1.0
+            x, y = _batch(step, rank)
+            opt.zero_grad()
+            opt.step(lambda: F.mse_loss(ddp(x), y) * poison)
+        state = opt.search_state
+        assert state.num_skipped_steps == 1 and state.num_searches == 10, state
+        _assert_same_on_all_ranks(_flat(ddp.parameters()), "weights after a NaN loss on rank 1")
+        _assert_same_on_all_ranks(torch.tensor([float(v) for v in vars(state).values() if isinstance(v, (int, float))],
+                                               dtype=torch.float64),
+                                  "search state after a NaN loss on rank 1")
+
         # The run that the resume job continues: checkpoint at step 12, record steps 12..19.
         ddp = DDP(_make_model(0))
         opt = FusedSaLSa(ddp.parameters())
