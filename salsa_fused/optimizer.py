@@ -349,6 +349,15 @@ class FusedSaLSa(Optimizer):
             self._nonfinite_count = torch.zeros((), dtype=torch.int64, device=self._device)
         return self._nonfinite_count
 
+    def mark_forward(self) -> None:
+        """Two-phase form with randomness (dropout): call right before the step's first forward
+        (the first micro-batch under accumulation). The next step's trial forwards then replay
+        the random state from this point, so a closure that draws as the caller's forwards did
+        sees their masks; without the mark they replay the state found at the ``step()`` call.
+        Either way the generators end where the caller's forwards left them."""
+        devices = [self._device] if self._device is not None else []
+        self.__dict__["_forward_rng"] = RNGSnapshot.capture(devices)
+
     def step(self, closure: Optional[LossClosure] = None, *, loss=None):
         """One SaLSa step; returns the loss at the weights before the step.
 
@@ -372,6 +381,7 @@ class FusedSaLSa(Optimizer):
             self._validate_group_hyper(group)
         plan = plan_step(self.search_state, self.search_config)
         devices = [self._device] if self._device is not None else []
+        marked = self.__dict__.pop("_forward_rng", None)  # mark_forward(), used by this step only
         one_phase = loss is None
         if one_phase:
             rng_before = RNGSnapshot.capture(devices) if plan.is_search else None
@@ -382,7 +392,8 @@ class FusedSaLSa(Optimizer):
             loss_tensor.backward()
         else:
             loss_tensor = self._loss_tensor(loss, "loss", need_grad=False)
-            rng_before = rng_after = RNGSnapshot.capture(devices) if plan.is_search else None
+            rng_after = RNGSnapshot.capture(devices) if plan.is_search else None
+            rng_before = (marked or rng_after) if plan.is_search else None
         buckets = self._collect_buckets()
         if not buckets:
             raise RuntimeError("no parameter of this optimizer has a gradient after the backward: the "

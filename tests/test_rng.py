@@ -119,3 +119,37 @@ def test_two_phase_trials_share_one_state_and_the_generator_is_not_advanced_by_t
     assert all(torch.equal(d, trials[0]) for d in trials)
     assert all(torch.equal(m, closure.masks[1]) for m in closure.masks[1:])
     assert torch.equal(torch.get_rng_state(), at_call)
+
+
+def test_two_phase_with_mark_forward_replays_the_callers_forwards():
+    """Gradient accumulation over two micro-batches with dropout: mark_forward() before the
+    first one, and the trial closure (both micro-batches, in order) sees the very masks of the
+    caller's forwards; afterwards the generator is where the caller's forwards left it."""
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch", init_step_size=100.0)
+    closure = RecordingClosure(model)
+
+    def accumulated():
+        return (closure() + closure()) / 2
+
+    torch.manual_seed(5)
+    opt.mark_forward()
+    loss = 0.0
+    for _ in range(2):
+        micro = closure() / 2
+        micro.backward()
+        loss = loss + micro.detach()
+    caller_draws, caller_masks = list(closure.draws), list(closure.masks)
+    after_forwards = torch.get_rng_state()
+    opt.step(accumulated, loss=loss)
+    trials = opt.last_search_trials
+    assert trials >= 2
+    trial_draws, trial_masks = closure.draws[2:], closure.masks[2:]
+    assert len(trial_draws) == 2 * trials
+    for t in range(trials):
+        for micro in range(2):
+            assert torch.equal(trial_draws[2 * t + micro], caller_draws[micro])
+            assert torch.equal(trial_masks[2 * t + micro], caller_masks[micro])
+    assert torch.equal(torch.get_rng_state(), after_forwards)
+    # The mark serves one step: the next two-phase step replays the state at its call again.
+    assert "_forward_rng" not in opt.__dict__
