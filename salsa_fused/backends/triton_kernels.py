@@ -201,7 +201,8 @@ def _grad_norm_kernel(tensor_table_ptr, block_table_ptr, partials_ptr, grad_scal
     """Partial sums of q = sum g * d with this step's moments (computed, not written).
 
     partials[b] = sum over block b of  (g*g)*precond  (gradient)  or  g*(precond*m_hat)  (momentum).
-    Reads g, m, v: 12 bytes/param in fp32. The caller adds the partials in a fixed order.
+    Reads g, v (gradient: m_new is not needed) or g, m, v (momentum): 8 or 12 bytes/param
+    in fp32. The caller adds the partials in a fixed order.
     """
     row_ptr, numel, offsets, full = _locate_block(tensor_table_ptr, block_table_ptr, BLOCK)
     if full:

@@ -1,0 +1,358 @@
+"""Ahead-of-time audit of every kernel the Triton backend launches (issue 7, layer 1). No GPU needed.
+
+The backend's public functions are called on CPU buckets (fp32, bf16, fp16; aligned
+and misaligned storage) with the launch replaced by a recorder, so the audit compiles
+exactly the specializations the backend uses: its pointer-table signatures, constexpr
+switches, BLOCK and num_warps. Each is compiled with ``triton.compile`` for sm_80 and
+sm_90a, and the bundled ``ptxas -v`` reports registers and spills.
+
+Per record:
+  registers, spill_bytes   from ``ptxas -v -arch=sm_XX`` (spill stores + spill loads)
+  vector_bits              the narrowest access width the main streams need: unpredicated
+                           global loads/stores of the full-block path are sorted widest
+                           first and their bytes accumulated until they cover the streams'
+                           bytes per thread (BLOCK / threads x bytes_per_param); the width
+                           where coverage completes. 128 = every stream moves in 128-bit
+                           accesses.
+  bytes_per_param          from the kernel's design: sum of the element sizes of the
+                           streams it reads and writes (e.g. plain step, fp32: reads
+                           w, g, m, v and writes w, m, v = 7 x 4 = 28).
+  bytes_per_param_ptx      (aligned path) bytes moved by 128-bit accesses / elements per
+                           thread: the same number measured on the compiled code.
+
+Run:  python benchmarks/kernel_audit.py   (writes benchmarks/results/kernel_audit.{json,md})
+It must run without TRITON_INTERPRET (kernels must be JIT functions, not interpreted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+from unittest import mock
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    raise SystemExit("kernel_audit compiles for real GPUs: run it without TRITON_INTERPRET=1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from salsa_fused.backends import triton_backend  # noqa: E402
+from salsa_fused.backends.base import GRADIENT, MOMENTUM, Bucket, Hyper  # noqa: E402
+
+TARGETS = {"sm_80": 80, "sm_90a": 90}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+RESULTS = ROOT / "benchmarks" / "results"
+FIELDS = ("kernel", "target", "dtype", "registers", "spill_bytes", "vector_bits", "bytes_per_param")
+# SPEC section 2, fp32 weights, state and gradients.
+FP32_BUDGET = {"plain_step": 28, "first_trial": 32, "retrial": 16}
+
+_SIG_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
+              torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
+_ELEMENT_SIZE = {"w": None, "g": None, "m": 4, "v": 4, "saved": None}
+
+
+@dataclass
+class Variant:
+    """One specialization the backend launches, and the streams its design moves."""
+
+    kernel_name: str  # e.g. "first_trial[copy,gradient]"
+    dtype: str
+    aligned: bool
+    fn: object
+    signature: Dict[str, str]
+    constexprs: Dict[str, object]
+    attrs: Dict[Tuple[int, ...], list]
+    reads: Tuple[str, ...]
+    writes: Tuple[str, ...]
+    options: Dict[str, object] = field(default_factory=dict)
+
+    def bytes_per_param(self) -> int:
+        size = DTYPES[self.dtype].itemsize
+        return sum(size if _ELEMENT_SIZE[s] is None else _ELEMENT_SIZE[s] for s in self.reads + self.writes)
+
+
+def _signature_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _SIG_TYPES[value.dtype]
+    if isinstance(value, float):
+        return "fp32"
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i64" if abs(value) >= 2 ** 31 else "i32"
+    raise TypeError(f"cannot type kernel argument {value!r}")
+
+
+def _make_bucket(dtype: torch.dtype, saved: bool, misaligned: bool) -> Bucket:
+    def tensor(n, dt):
+        if misaligned:
+            return torch.zeros(n + 1, dtype=dt)[1:]
+        return torch.zeros(n, dtype=dt)
+
+    sizes = [5000, 7]
+    return Bucket([tensor(n, dtype) for n in sizes], [tensor(n, dtype) for n in sizes],
+                  [tensor(n, torch.float32) for n in sizes], [tensor(n, torch.float32) for n in sizes],
+                  [tensor(n, dtype) for n in sizes] if saved else None, torch.device("cpu"), dtype, 0)
+
+
+def _streams_of(kernel: str, constexprs: Dict[str, object]) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+    """(streams read, streams written) per element, from each kernel's design (see its docstring)."""
+    direction_input = "m" if constexprs.get("MOMENTUM") else "g"
+    saved = constexprs.get("HAS_SAVED")
+    if kernel == "_grad_norm_kernel":  # m_new only enters q along the momentum direction
+        return (("g", "m", "v") if constexprs.get("MOMENTUM") else ("g", "v")), ()
+    if kernel == "_plain_step_kernel":
+        return ("w", "g", "m", "v"), ("w", "m", "v")
+    if kernel == "_first_trial_kernel":
+        return ("w", "g", "m", "v"), ("w", "m", "v") + (("saved",) if saved else ())
+    if kernel == "_retrial_kernel":
+        return (("saved",) if saved else ("w",)) + (direction_input, "v"), ("w",)
+    if kernel == "_restore_kernel":
+        return (("saved",) if saved else ("w", direction_input, "v")), ("w",)
+    raise KeyError(kernel)
+
+
+def _variant_name(kernel: str, constexprs: Dict[str, object]) -> str:
+    base = kernel.strip("_").replace("_kernel", "")
+    tags = []
+    if "HAS_SAVED" in constexprs:
+        tags.append("copy" if constexprs["HAS_SAVED"] else "inplace")
+    if "MOMENTUM" in constexprs and not (base == "restore" and constexprs.get("HAS_SAVED")):
+        tags.append(MOMENTUM if constexprs["MOMENTUM"] else GRADIENT)
+    if constexprs.get("HAS_FOUND_INF"):
+        tags.append("amp")
+    return base + (f"[{','.join(tags)}]" if tags else "")
+
+
+def record_variants() -> List[Variant]:
+    """Call every backend function the way the optimizer does and record each launch."""
+    recorded: Dict[tuple, Variant] = {}
+    dtype_name = {}
+
+    def recorder(kernel, tables, launch, *args, **constexprs):
+        fn = kernel
+        values = [tables.tensor_table, launch.block_table, *args]
+        constexprs = dict(constexprs, ALIGNED=launch.aligned, BLOCK=triton_backend.BLOCK)
+        runtime_names = [n for n in fn.arg_names if n not in constexprs]
+        assert len(runtime_names) == len(values), (fn.__name__, runtime_names)
+        signature = {name: _signature_type(v) for name, v in zip(runtime_names, values)}
+        signature.update({name: "constexpr" for name in constexprs})
+        attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
+                 for name, v in zip(runtime_names, values)
+                 if isinstance(v, torch.Tensor) and v.data_ptr() % 16 == 0}
+        reads, writes = _streams_of(fn.__name__, constexprs)
+        name = _variant_name(fn.__name__, constexprs)
+        key = (name, dtype_name["current"], launch.aligned)
+        recorded.setdefault(key, Variant(name, dtype_name["current"], launch.aligned, fn, signature, constexprs,
+                                         attrs, reads, writes,
+                                         {"num_warps": triton_backend.NUM_WARPS, "enable_fp_fusion": False}))
+
+    hyper = Hyper(0.9, 0.999, 1e-8, 0.1, 0.19, 0.002, 1.0)
+    with mock.patch.object(triton_backend, "_launch", recorder):
+        for dtype_key, dtype in DTYPES.items():
+            dtype_name["current"] = dtype_key
+            for misaligned in (False, True):
+                for saved in (True, False):
+                    bucket = _make_bucket(dtype, saved, misaligned)
+                    for direction in (GRADIENT, MOMENTUM):
+                        if saved:
+                            triton_backend.preconditioned_grad_norm(bucket, hyper, direction)
+                        triton_backend.first_trial(bucket, hyper, 0.5, 0.5, direction)
+                        triton_backend.retrial(bucket, hyper, 0.4, 0.5, 0.5, direction)
+                        triton_backend.restore(bucket, hyper, 0.4, 0.5, direction)
+                bucket = _make_bucket(dtype, False, misaligned)
+                loss = torch.zeros(())
+                triton_backend.plain_step(bucket, hyper, 0.3, 0.3, loss,
+                                          nonfinite_count=torch.zeros((), dtype=torch.int64))
+                triton_backend.plain_step(bucket, hyper, 0.3, 0.3, loss, torch.zeros(()), torch.ones(()),
+                                          torch.zeros((), dtype=torch.int64))
+    return list(recorded.values())
+
+
+_ACCESS = re.compile(r"^\s*(@!?%p\d+\s+)?(ld|st)\.global(\.[a-z0-9_]+)*?(\.v(\d))?\.([bfsu])(\d+)\s")
+
+
+def global_accesses(ptx: str) -> List[Tuple[bool, int, int]]:
+    """(predicated, width in bits, vector lanes) of every ld.global / st.global in the PTX."""
+    out = []
+    for line in ptx.splitlines():
+        match = _ACCESS.match(line)
+        if match:
+            lanes = int(match.group(5) or 1)
+            out.append((match.group(1) is not None, lanes * int(match.group(7)), lanes))
+    return out
+
+
+def vector_bits(accesses: List[Tuple[bool, int, int]], stream_bytes_per_thread: int) -> int:
+    """Narrowest width needed to cover the streams' bytes with unpredicated accesses, widest first.
+
+    Scalar 64-bit loads are left out: no stream has 64-bit elements, they are the table's
+    pointers. The few scalar 32-bit loads of the block map and flags (at most 20 bytes) are
+    counted, well under the bytes of one fp32 stream.
+    """
+    covered = 0
+    unpredicated = [(w, lanes) for predicated, w, lanes in accesses if not predicated and (lanes, w) != (1, 64)]
+    for width in sorted({w for w, _ in unpredicated}, reverse=True):
+        covered += sum(w // 8 for w, _ in unpredicated if w == width)
+        if covered >= stream_bytes_per_thread:
+            return width
+    return 0
+
+
+def _ptxas(capability: int) -> str:
+    """The ptxas Triton itself runs for this capability (3.9: ``ptxas`` below sm_90, ``ptxas-blackwell``
+    from sm_90 on, because the PTX it emits there has a newer .version than the older ptxas reads)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return get_ptxas(capability).path
+    except (ImportError, AttributeError, TypeError):  # older Triton: one bundled ptxas
+        path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+        if not path.exists():
+            raise FileNotFoundError(f"no bundled ptxas at {path}")
+        return str(path)
+
+
+def ptxas_usage(ptx: str, arch: str, capability: int, fp_fusion: bool) -> Tuple[int, int]:
+    """(registers, spill store + load bytes) reported by ``ptxas -v`` (Triton's own --fmad setting)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        fmad = [] if fp_fusion else ["--fmad=false"]
+        result = subprocess.run([_ptxas(capability), "-v", *fmad, f"-arch={arch}", str(src),
+                                 "-o", str(Path(tmp) / "kernel.cubin")], capture_output=True, text=True)
+    log = result.stdout + result.stderr
+    if result.returncode != 0:
+        raise RuntimeError(f"ptxas failed for {arch}:\n{log}")
+    registers = max(int(r) for r in re.findall(r"Used (\d+) registers", log))
+    spills = sum(int(s) for s in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+    return registers, spills
+
+
+def audit_variant(variant: Variant, target: str) -> dict:
+    capability = TARGETS[target]
+    source = ASTSource(variant.fn, signature=variant.signature, constexprs=variant.constexprs,
+                       attrs=variant.attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=variant.options)
+    ptx = compiled.asm["ptx"]
+    arch = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
+    registers, spill_bytes = ptxas_usage(ptx, arch, capability, variant.options["enable_fp_fusion"])
+    threads = 32 * variant.options["num_warps"]
+    elements_per_thread = triton_backend.BLOCK // threads
+    bytes_per_param = variant.bytes_per_param()
+    accesses = global_accesses(ptx)
+    wide_bytes = sum(w // 8 for predicated, w, _ in accesses if not predicated and w == 128)
+    return {
+        "kernel": variant.kernel_name,
+        "target": arch,
+        "dtype": variant.dtype,
+        "registers": registers,
+        "spill_bytes": spill_bytes,
+        "vector_bits": vector_bits(accesses, elements_per_thread * bytes_per_param),
+        "bytes_per_param": bytes_per_param,
+        "aligned": variant.aligned,
+        "bytes_per_param_ptx": wide_bytes / elements_per_thread if variant.aligned else None,
+        "streams_read": list(variant.reads),
+        "streams_written": list(variant.writes),
+        "block": triton_backend.BLOCK,
+        "num_warps": variant.options["num_warps"],
+        "triton": triton.__version__,
+    }
+
+
+@functools.lru_cache(maxsize=None)
+def _variants_in_worker() -> Tuple[Variant, ...]:
+    return tuple(record_variants())
+
+
+def _audit_job(job: Tuple[int, str]) -> dict:
+    index, target = job
+    return audit_variant(_variants_in_worker()[index], target)
+
+
+def run_audit(workers: Optional[int] = None) -> List[dict]:
+    """Records for every (variant, target), in a stable order."""
+    variants = record_variants()
+    jobs = [(i, target) for i in range(len(variants)) for target in TARGETS]
+    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    if workers <= 1:
+        return [audit_variant(variants[i], target) for i, target in jobs]
+    # spawn, not fork: a forked child of a process that has run torch and triton can deadlock.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_audit_job, jobs))
+
+
+def problems(records: List[dict]) -> List[str]:
+    """What fails the audit: spills, a narrow main stream on sm_90a's aligned path, bytes over budget."""
+    found = []
+    for r in records:
+        where = f"{r['kernel']} {r['target']} {r['dtype']} {'aligned' if r['aligned'] else 'unaligned'}"
+        if r["spill_bytes"]:
+            found.append(f"{where}: spills {r['spill_bytes']} bytes")
+        if r["aligned"] and r["target"] == "sm_90a" and r["vector_bits"] < 128:
+            found.append(f"{where}: main streams need {r['vector_bits']}-bit accesses, not 128")
+        if r["aligned"] and r["bytes_per_param_ptx"] != r["bytes_per_param"]:
+            found.append(f"{where}: 128-bit traffic is {r['bytes_per_param_ptx']} B/param, "
+                         f"design says {r['bytes_per_param']}")
+        budget = FP32_BUDGET.get(r["kernel"].split("[")[0])
+        if r["dtype"] == "fp32" and budget is not None and r["bytes_per_param"] > budget:
+            found.append(f"{where}: {r['bytes_per_param']} B/param over the SPEC budget of {budget}")
+    return found
+
+
+def to_markdown(records: List[dict]) -> str:
+    lines = [
+        "# Kernel audit (ahead-of-time, no GPU)",
+        "",
+        f"triton {triton.__version__}, BLOCK {triton_backend.BLOCK}, num_warps {triton_backend.NUM_WARPS}, "
+        "fp fusion off. Registers and spills from the bundled `ptxas -v`; vector_bits is the narrowest "
+        "access width the main streams need on the full-block path; bytes/param from the streams each "
+        "kernel reads and writes (checked against the 128-bit traffic of the aligned PTX). "
+        "Generated by `python benchmarks/kernel_audit.py`.",
+        "",
+        "| kernel | target | dtype | path | registers | spill bytes | vector bits | bytes/param |",
+        "|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in records:
+        lines.append(f"| {r['kernel']} | {r['target']} | {r['dtype']} | {'aligned' if r['aligned'] else 'unaligned'} "
+                     f"| {r['registers']} | {r['spill_bytes']} | {r['vector_bits']} | {r['bytes_per_param']} |")
+    found = problems(records)
+    lines += ["", "Problems: " + ("none." if not found else ""), *[f"- {p}" for p in found], ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", action="store_true", help="print the records as JSON; write no files")
+    args = parser.parse_args(argv)
+    records = run_audit()
+    if args.json:
+        json.dump(records, sys.stdout)
+        return 0
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "kernel_audit.json").write_text(json.dumps(records, indent=1) + "\n")
+    (RESULTS / "kernel_audit.md").write_text(to_markdown(records))
+    found = problems(records)
+    print(f"{len(records)} records, {len(found)} problems; wrote {RESULTS / 'kernel_audit.json'}")
+    for p in found:
+        print("  " + p)
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
