@@ -257,6 +257,8 @@ def _fsdp_job(rank, port, out_dir):
         opt = FusedSaLSa(model.parameters())
         assert opt.reduction.shard_group is not None, "sharded DTensor params must set the shard group"
         assert opt.reduction.loss_group is dist.group.WORLD
+        with pytest.raises(ValueError, match="not sharded DTensors"):  # replicated would count twice in q
+            FusedSaLSa([*model.parameters(), torch.nn.Parameter(torch.zeros(3))])
         exp_avg = opt.state[model[0].weight]["exp_avg"]
         assert type(exp_avg).__name__ == "DTensor" and exp_avg._local_tensor.shape[0] == 16 // WORLD
 

@@ -95,6 +95,7 @@ def _readme_blocks():
     return re.findall(r"^```python\n(.*?)^```", section, flags=re.MULTILINE | re.DOTALL)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_readme_pretraining_single_process_snippets_run(tmp_path, monkeypatch):
     """The GradScaler and checkpoint snippets of the README's pretraining section run as
     written (the DDP/FSDP2 ones need torchrun; test_distributed.py runs the same flows)."""
