@@ -1,0 +1,106 @@
+"""Kernel launches per Triton backend call: one per bucket for every pass.
+
+Counted with ``triton_backend.LAUNCH_COUNTER`` on a bucket of many tensors (all
+16-byte aligned: the common case). A bucket holding a misaligned view takes one more
+launch (the unhinted path), and the pointer tables are built once, not per call.
+"""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+
+from salsa_fused.backends import triton_backend
+from salsa_fused.backends.base import GRADIENT, MOMENTUM, Bucket, Hyper
+
+pytestmark = pytest.mark.skipif(not triton_backend.is_available(), reason="triton cannot run here")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+HYPER = Hyper(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, bias_correction1=0.19,
+              bias_correction2=0.002, lr=1.0)
+SIZES = [3000, 1, 17, 2048, 5, 300]  # 6 tensors, 8 blocks
+
+
+def make_bucket(saved: bool, misaligned: bool = False) -> Bucket:
+    def tensor(n, dtype=torch.float32):
+        base = torch.rand(n + int(misaligned), dtype=dtype, device=DEVICE)
+        return base[1:] if misaligned else base
+
+    return Bucket([tensor(n) for n in SIZES], [tensor(n) for n in SIZES], [tensor(n) for n in SIZES],
+                  [tensor(n) for n in SIZES], [tensor(n) for n in SIZES] if saved else None,
+                  DEVICE, torch.float32, 0)
+
+
+def launches(call) -> dict:
+    before = triton_backend.LAUNCH_COUNTER.copy()
+    call()
+    return dict(triton_backend.LAUNCH_COUNTER - before)
+
+
+@pytest.mark.parametrize("saved", [True, False])
+@pytest.mark.parametrize("direction", [GRADIENT, MOMENTUM])
+def test_one_launch_per_pass(saved, direction):
+    bucket = make_bucket(saved)
+    loss = torch.tensor(1.0, device=DEVICE)
+    count = torch.zeros((), dtype=torch.int64, device=DEVICE)
+    assert launches(lambda: triton_backend.preconditioned_grad_norm(bucket, HYPER, direction)) == {
+        "_grad_norm_kernel": 1}
+    assert launches(lambda: triton_backend.first_trial(bucket, HYPER, 0.5, 0.5, direction)) == {
+        "_first_trial_kernel": 1}
+    assert launches(lambda: triton_backend.retrial(bucket, HYPER, 0.4, 0.5, 0.5, direction)) == {
+        "_retrial_kernel": 1}
+    assert launches(lambda: triton_backend.restore(bucket, HYPER, 0.4, 0.5, direction)) == {
+        "_restore_kernel": 1}
+    assert launches(lambda: triton_backend.plain_step(
+        bucket, HYPER, 0.3, 0.3, loss, torch.zeros((), device=DEVICE), torch.ones((), device=DEVICE),
+        count)) == {"_plain_step_kernel": 1}
+
+
+def test_grad_norm_is_one_launch_and_one_partial_per_block():
+    """q = one kernel writing a partial per block, then a fixed-order torch sum of the partials."""
+    bucket = make_bucket(saved=False)
+    triton_backend.preconditioned_grad_norm(bucket, HYPER, GRADIENT)  # tables built, cached
+    sums = []
+    real_sum = torch.Tensor.sum
+
+    def spy_sum(self, *args, **kwargs):
+        sums.append(self.numel())
+        return real_sum(self, *args, **kwargs)
+
+    with mock.patch.object(torch.Tensor, "sum", spy_sum):
+        counted = launches(lambda: triton_backend.preconditioned_grad_norm(bucket, HYPER, GRADIENT))
+    assert counted == {"_grad_norm_kernel": 1}
+    blocks = sum(-(-n // triton_backend.BLOCK) for n in SIZES)
+    assert sums == [blocks]
+
+
+def test_misaligned_view_adds_one_launch():
+    bucket = make_bucket(saved=True, misaligned=True)
+    aligned = make_bucket(saved=True)
+    mixed = Bucket(bucket.params + aligned.params, bucket.grads + aligned.grads,
+                   bucket.exp_avg + aligned.exp_avg, bucket.exp_avg_sq + aligned.exp_avg_sq,
+                   bucket.saved + aligned.saved, DEVICE, torch.float32, 0)
+    assert launches(lambda: triton_backend.first_trial(mixed, HYPER, 0.5, 0.5, GRADIENT)) == {
+        "_first_trial_kernel": 2}
+
+
+def test_tables_built_once_per_layout():
+    bucket = make_bucket(saved=True)
+    with mock.patch.object(triton_backend, "_build_tables", wraps=triton_backend._build_tables) as build:
+        for _ in range(3):
+            triton_backend.preconditioned_grad_norm(bucket, HYPER, GRADIENT)
+            triton_backend.first_trial(bucket, HYPER, 0.5, 0.5, GRADIENT)
+            triton_backend.retrial(bucket, HYPER, 0.4, 0.5, 0.5, GRADIENT)
+        assert build.call_count == 1
+        bucket.grads[3] = bucket.grads[3].clone()  # a new gradient tensor: a new table
+        triton_backend.retrial(bucket, HYPER, 0.3, 0.4, 0.5, GRADIENT)
+        assert build.call_count == 2
+
+
+def test_empty_bucket_launches_nothing():
+    bucket = Bucket([], [], [], [], None, DEVICE, torch.float32, 0)
+    assert launches(lambda: (triton_backend.preconditioned_grad_norm(bucket, HYPER, GRADIENT),
+                             triton_backend.plain_step(bucket, HYPER, 0.1, 0.1,
+                                                       torch.tensor(1.0, device=DEVICE)))) == {}
