@@ -14,7 +14,7 @@ search, ``L`` the search interval.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Optional
 
 import numpy as np
@@ -84,6 +84,8 @@ class SearchState:
     num_nonfinite_elements: int = 0  # gradient elements left unchanged on plain steps
     last_trials: int = 0
     last_loss_decrease: float = 0.0
+    #: Scalars of a non-default search rule (salsa_fused.step_size); empty for ArmijoSearch.
+    rule_state: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from copy import deepcopy
+from dataclasses import replace
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
@@ -69,6 +70,12 @@ class FusedSaLSa(Optimizer):
             loss or gradient is NaN/inf. Nothing non-finite is ever written either way.
         reduction: how losses and ``q`` are reduced across ranks (default: losses averaged
             over the world when ``torch.distributed`` is initialized).
+        search_rule: ``rule(plan, config, loss, grad_norm)`` returning a search with
+            ArmijoSearch's protocol (default: ArmijoSearch, the published test); the
+            rules of :mod:`salsa_fused.step_size` are such callables.
+        schedule: ``None``, or an object with ``scale(step)`` (a multiplier on the applied
+            step; trials still probe the searched level) and ``searches(step)`` (False
+            freezes the level), e.g. :class:`salsa_fused.step_size.WarmupStableDecay`.
 
     ``step(closure)`` runs ``closure()`` (forward, returns the scalar loss) and the backward
     itself; ``loss.backward(); step(closure, loss=loss)`` is the two-phase form for loops
@@ -83,7 +90,8 @@ class FusedSaLSa(Optimizer):
                  adaptive_interval: bool = True, max_search_interval: int = 10,
                  always_search_steps: int = 9, growth: float = 1.1, backtrack: float = 0.8,
                  max_trials: int = 100, restore: str = "copy", backend: str = "auto",
-                 nonfinite: str = "raise", reduction: Optional[SearchReduction] = None):
+                 nonfinite: str = "raise", reduction: Optional[SearchReduction] = None,
+                 search_rule: Optional[Callable] = None, schedule=None):
         if not (math.isfinite(init_step_size) and init_step_size > 0):
             raise ValueError(f"init_step_size must be a finite number > 0, got {init_step_size}")
         if search_direction not in DIRECTIONS:
@@ -99,6 +107,13 @@ class FusedSaLSa(Optimizer):
             max_search_interval=max_search_interval, always_search_steps=always_search_steps,
             adaptive_interval=adaptive_interval)
         self.search_config.validate()
+        if search_rule is not None and not callable(search_rule):
+            raise TypeError(f"search_rule must be callable, got {type(search_rule).__name__}")
+        if schedule is not None and not (callable(getattr(schedule, "scale", None))
+                                         and callable(getattr(schedule, "searches", None))):
+            raise TypeError("schedule must have scale(step) and searches(step) methods")
+        self.search_rule = ArmijoSearch if search_rule is None else search_rule
+        self.schedule = schedule
         self.search_direction = search_direction
         self.restore_strategy = restore
         self.backend_name = backend
@@ -380,6 +395,11 @@ class FusedSaLSa(Optimizer):
         for group in self.param_groups:  # schedulers and users write here: check before any write
             self._validate_group_hyper(group)
         plan = plan_step(self.search_state, self.search_config)
+        scale = 1.0
+        if self.schedule is not None:
+            scale = float(self.schedule.scale(plan.state.step))
+            if plan.is_search and not self.schedule.searches(plan.state.step):
+                plan = replace(plan, is_search=False)
         devices = [self._device] if self._device is not None else []
         marked = self.__dict__.pop("_forward_rng", None)  # mark_forward(), used by this step only
         one_phase = loss is None
@@ -416,16 +436,17 @@ class FusedSaLSa(Optimizer):
             with torch.no_grad():
                 for b in buckets:
                     lr = hypers[b.group_index].lr
-                    backend.plain_step(b, hypers[b.group_index], lr * plan.trial_step_size, lr * eta, f0,
+                    backend.plain_step(b, hypers[b.group_index], lr * scale * plan.trial_step_size,
+                                       lr * scale * eta, f0,
                                        found_inf=found_inf, grad_scale=grad_scale, nonfinite_count=counter)
             self._commit(step_state)
             return loss_tensor if one_phase else loss
         self._search(plan, step_state, buckets, hypers, backend, f0, closure,
-                     grad_scale, found_inf, rng_before, rng_after, eta)
+                     grad_scale, found_inf, rng_before, rng_after, eta, scale)
         return loss_tensor if one_phase else loss
 
     def _search(self, plan, step_state, buckets, hypers, backend, f0, closure,
-                grad_scale, found_inf, rng_before, rng_after, eta) -> None:
+                grad_scale, found_inf, rng_before, rng_after, eta, scale=1.0) -> None:
         direction = self.search_direction
         q = torch.zeros((), dtype=torch.float32, device=self._device)
         with torch.no_grad():
@@ -467,7 +488,7 @@ class FusedSaLSa(Optimizer):
                          "weights and optimizer state are unchanged",
                          int(earlier_nonfinite), int(earlier_bad_losses))
             return
-        search = ArmijoSearch(plan, self.search_config, f0_value, q_value)
+        search = self.search_rule(plan, self.search_config, f0_value, q_value)
 
         @torch.no_grad()
         def move_all(fn, *args):
@@ -477,7 +498,7 @@ class FusedSaLSa(Optimizer):
 
         if not search.active:
             move_all(lambda b, h, s, de: backend.first_trial(b, h, s, de, MOMENTUM, grad_scale),
-                     search.step_size, eta)
+                     scale * search.step_size, eta)
             self._commit(search.finish())
             rng_after.restore()
             return
@@ -501,6 +522,9 @@ class FusedSaLSa(Optimizer):
                      search.step_size, eta)
             rng_after.restore()
             raise
+        if scale != 1.0:  # the schedule: apply scale * the accepted trial (decay as the trials had it)
+            move_all(lambda b, h, s, p, de: backend.retrial(b, h, s, p, de, direction, grad_scale),
+                     scale * search.step_size, search.step_size, eta)
         self._commit(search.finish())
         rng_after.restore()
 

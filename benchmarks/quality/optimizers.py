@@ -1,0 +1,152 @@
+"""The optimizers the quality suite compares, by name.
+
+Each entry builds an optimizer (and an LR scheduler where it has one) for a model of a
+task and a run length. Families, which set how the training loop calls ``step``:
+
+- ``fused``: FusedSaLSa configurations (``opt.step(closure)``).
+- ``torch``: AdamW with linear warmup (5%) and cosine decay to 10% of the peak; the learning
+  rate is in the name (``adamw_1e-3``), any rate can be asked for.
+- ``schedulefree``: schedule-free AdamW at its defaults (``train()``/``eval()`` modes).
+- ``prodigy``: Prodigy at its defaults (a ``torch`` family optimizer without scheduler).
+- ``salsa_pub``: the published ``salsa.SaLSA.SaLSA`` at its defaults.
+
+Weight decay 0.1 (on matrices only) for AdamW and the FusedSaLSa configurations that use
+it; Prodigy, schedule-free and the published SaLSa run at their own defaults.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from salsa_fused import FusedSaLSa, presets
+from salsa_fused.step_size import EdgeRule, WarmupStableDecay
+
+WEIGHT_DECAY = 0.1
+WARMUP_FRACTION = 0.05
+ADAMW_PREFIX = "adamw_"
+
+
+@dataclass
+class Built:
+    optimizer: torch.optim.Optimizer
+    family: str
+    scheduler: Optional[object] = None
+    schedule: Optional[WarmupStableDecay] = None  # FusedSaLSa's applied-step schedule
+
+
+def _fused(kwargs_of: Callable[[int], dict], decay: bool = True):
+    def build(task, model, total_steps) -> Built:
+        kwargs = dict(kwargs_of(total_steps))
+        kwargs.setdefault("backend", "torch" if task.device.type == "cpu" else "auto")
+        wd = kwargs.pop("weight_decay", 0.0)
+        opt = FusedSaLSa(task.param_groups(model, wd), **kwargs)
+        return Built(opt, "fused", schedule=kwargs.get("schedule"))
+    return build
+
+
+def _preset(name: str):
+    def build(task, model, total_steps) -> Built:
+        kwargs = presets.preset_kwargs(name, total_steps)
+        wd = kwargs.pop("weight_decay", 0.0)
+        backend = "torch" if task.device.type == "cpu" else "auto"
+        opt = presets.from_preset(task.param_groups(model, wd), name, total_steps=total_steps, backend=backend)
+        return Built(opt, "fused", schedule=kwargs.get("schedule"))
+    return build
+
+
+def warmup_cosine(step: int, total_steps: int, warmup: float = WARMUP_FRACTION, floor: float = 0.1) -> float:
+    """Multiplier of the peak rate at 0-based step ``step``: linear warmup, cosine to ``floor``."""
+    warm = max(1, int(round(warmup * total_steps)))
+    if step < warm:
+        return (step + 1) / warm
+    progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _adamw(lr: float):
+    def build(task, model, total_steps) -> Built:
+        opt = torch.optim.AdamW(task.param_groups(model, WEIGHT_DECAY), lr=lr, betas=(0.9, 0.999))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: warmup_cosine(k, total_steps))
+        return Built(opt, "torch", scheduler=sched)
+    return build
+
+
+def _prodigy(task, model, total_steps) -> Built:
+    from prodigyopt import Prodigy
+    return Built(Prodigy(model.parameters()), "prodigy")
+
+
+def _schedulefree(task, model, total_steps) -> Built:
+    from schedulefree import AdamWScheduleFree
+    return Built(AdamWScheduleFree(model.parameters()), "schedulefree")
+
+
+def _published(task, model, total_steps) -> Built:
+    from salsa.SaLSA import SaLSA
+    return Built(SaLSA(model.parameters()), "salsa_pub")
+
+
+def _wsd(total_steps):
+    return WarmupStableDecay(total_steps, warmup=0.05, decay=0.2)
+
+
+REGISTRY: Dict[str, Callable] = {
+    # FusedSaLSa: the published configurations
+    "salsa_faithful": _fused(lambda n: {}),
+    "salsa_author": _preset("author_gpt"),
+    # ablations (benchmarks/quality/NOTES.md)
+    "salsa_c0.1": _fused(lambda n: dict(c=0.1)),
+    "salsa_author_c0.1": _fused(lambda n: dict(c=0.1, beta3=0.99, search_direction="momentum",
+                                               weight_decay=WEIGHT_DECAY)),
+    "salsa_author_wsd": _fused(lambda n: dict(beta3=0.99, search_direction="momentum",
+                                              weight_decay=WEIGHT_DECAY, schedule=_wsd(n))),
+    "edge1_mom": _fused(lambda n: dict(search_direction="momentum", weight_decay=WEIGHT_DECAY,
+                                       search_rule=EdgeRule(sigma=1.0))),
+    "edge2_grad": _fused(lambda n: dict(weight_decay=WEIGHT_DECAY, search_rule=EdgeRule(sigma=2.0))),
+    "edge2_mom": _fused(lambda n: dict(search_direction="momentum", weight_decay=WEIGHT_DECAY,
+                                       search_rule=EdgeRule(sigma=2.0))),
+    "edge4_mom": _fused(lambda n: dict(search_direction="momentum", weight_decay=WEIGHT_DECAY,
+                                       search_rule=EdgeRule(sigma=4.0))),
+    "edge2_mom_wsd": _fused(lambda n: dict(search_direction="momentum", weight_decay=WEIGHT_DECAY,
+                                           search_rule=EdgeRule(sigma=2.0), schedule=_wsd(n))),
+    "edge4_mom_wsd": _fused(lambda n: dict(search_direction="momentum", weight_decay=WEIGHT_DECAY,
+                                           search_rule=EdgeRule(sigma=4.0), schedule=_wsd(n))),
+    "edge2_grad_wsd": _fused(lambda n: dict(weight_decay=WEIGHT_DECAY, search_rule=EdgeRule(sigma=2.0),
+                                            schedule=_wsd(n))),
+    # the shipped recommendation (salsa_fused.presets.RECOMMENDED)
+    "salsa_recommended": _preset(presets.RECOMMENDED),
+    # references
+    "prodigy": _prodigy,
+    "schedulefree": _schedulefree,
+    "salsa_published": _published,
+}
+
+DEFAULT_ADAMW_GRID = (3e-4, 1e-3, 3e-3, 1e-2)
+DEFAULT_SET = ("salsa_faithful", "salsa_author", "salsa_recommended", "prodigy", "schedulefree",
+               "salsa_published")
+
+
+def adamw_name(lr: float) -> str:
+    return f"{ADAMW_PREFIX}{lr:.0e}".replace("e-0", "e-")
+
+
+def build(name: str, task, model, total_steps: int) -> Built:
+    if name.startswith(ADAMW_PREFIX):
+        try:
+            lr = float(name[len(ADAMW_PREFIX):])
+        except ValueError:
+            raise ValueError(f"bad AdamW name {name!r}: expected e.g. adamw_1e-3") from None
+        return _adamw(lr)(task, model, total_steps)
+    if name not in REGISTRY:
+        raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(REGISTRY)} or adamw_<lr>")
+    return REGISTRY[name](task, model, total_steps)
+
+
+def known(names: List[str]) -> None:
+    for name in names:
+        if not (name in REGISTRY or name.startswith(ADAMW_PREFIX)):
+            raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(REGISTRY)} or adamw_<lr>")

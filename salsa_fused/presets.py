@@ -1,0 +1,74 @@
+"""Named FusedSaLSa configurations.
+
+``FusedSaLSa(params)`` is the published SaLSa (0.1.0) step for step; it stays the default.
+The presets here are other fixed configurations, with nothing to tune per task:
+
+- ``"faithful"``: the published defaults (the same as ``FusedSaLSa(params)``).
+- ``"author_gpt"``: the author's GPT-2 pretraining settings: ``beta3=0.99``, momentum in the
+  trial direction, weight decay 0.1.
+- ``"pretrain"``: the recommended configuration from the quality suite
+  (``benchmarks/quality``, README "Quality: no learning rate vs tuned AdamW"); it needs
+  the run length ``total_steps`` (for its warmup and cooldown), no learning rate.
+
+Usage::
+
+    from salsa_fused import presets
+    opt = presets.from_preset(model.parameters(), "pretrain", total_steps=10_000)
+    # or
+    opt = presets.recommended(model.parameters(), total_steps=10_000)
+
+Param groups passed in keep their own keys (``weight_decay`` per group, e.g. no decay on
+biases and norms), as with any torch optimizer; keyword ``overrides`` replace the preset's
+arguments (``backend=``, ``restore=``, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+from .optimizer import FusedSaLSa
+from .step_size import EdgeRule, WarmupStableDecay
+
+
+def _faithful(total_steps: Optional[int]) -> dict:
+    return {}
+
+
+def _author_gpt(total_steps: Optional[int]) -> dict:
+    return dict(beta3=0.99, search_direction="momentum", weight_decay=0.1)
+
+
+def _pretrain(total_steps: Optional[int]) -> dict:
+    if total_steps is None:
+        raise ValueError("the 'pretrain' preset needs total_steps (the run length sets its warmup "
+                         "and cooldown)")
+    return dict(search_direction="momentum", weight_decay=0.1, search_rule=EdgeRule(sigma=2.0),
+                schedule=WarmupStableDecay(total_steps, warmup=0.05, decay=0.2))
+
+
+PRESETS: Dict[str, Callable[[Optional[int]], dict]] = {
+    "faithful": _faithful,
+    "author_gpt": _author_gpt,
+    "pretrain": _pretrain,
+}
+RECOMMENDED = "pretrain"
+
+
+def preset_kwargs(name: str, total_steps: Optional[int] = None) -> dict:
+    """The keyword arguments of ``FusedSaLSa`` that preset ``name`` sets."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                    or total_steps < 1):
+        raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
+    return PRESETS[name](total_steps)
+
+
+def from_preset(params, name: str, total_steps: Optional[int] = None, **overrides) -> FusedSaLSa:
+    """``FusedSaLSa(params, **preset, **overrides)`` for the named preset."""
+    return FusedSaLSa(params, **{**preset_kwargs(name, total_steps), **overrides})
+
+
+def recommended(params, total_steps: int, **overrides) -> FusedSaLSa:
+    """The recommended configuration (preset ``RECOMMENDED``) for a run of ``total_steps`` steps."""
+    return from_preset(params, RECOMMENDED, total_steps=total_steps, **overrides)

@@ -1,0 +1,212 @@
+"""Step-size rules beyond the published Armijo test, and a schedule on the applied step.
+
+Everything here is host-side arithmetic on Python floats; no tensors. A *rule* is a
+callable ``rule(plan, config, loss, grad_norm)`` returning a search object with the
+protocol of :class:`salsa_fused.line_search.ArmijoSearch`: ``active``, ``step_size``
+(the trial step), ``observe(trial_loss) -> bool`` (True: accept the trial),
+``exhausted``, ``finish() -> SearchState``. Pass it as ``FusedSaLSa(..., search_rule=rule)``.
+
+Model along the search direction ``d`` (``q = g.d`` the step's slope, ``eta`` the trial step):
+
+    f(w0 - eta*d) ~= f0 - eta*q + eta^2 * kappa / 2,   kappa = d^T H d.
+
+One trial gives the curvature estimate ``kappa_hat = 2*(f1 - f0 + eta*q) / eta^2``. The
+published test (c = 0.5) accepts at most the greedy step ``q/kappa``; training with a fixed
+rate sits near the edge of stability ``2*q/kappa`` and above it, and the greedy search
+feeds back (the step falls, sharpness rises to meet it, the step falls again).
+:class:`EdgeRule` aims at ``sigma * q/kappa`` from averaged estimates instead.
+
+A *schedule* multiplies the step the optimizer applies (trials still probe the searched
+level) and may freeze the search: :class:`WarmupStableDecay`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from .line_search import (FAST_SMOOTHING, MIN_GRAD_NORM, SLOW_SMOOTHING, SearchConfig, SearchState,
+                          StepPlan)
+
+
+def curvature_estimate(loss: float, trial_loss: float, slope: float, step_size: float) -> float:
+    """``kappa_hat = 2*(f1 - f0 + eta*q) / eta^2``: the quadratic through f0, its slope -q and f1."""
+    if not step_size > 0:
+        raise ValueError(f"step_size must be > 0, got {step_size}")
+    return 2.0 * (trial_loss - loss + step_size * slope) / (step_size * step_size)
+
+
+def sharpness_ratio(loss: float, trial_loss: float, slope: float, step_size: float) -> float:
+    """``eta * kappa_hat / q``: 1 at the greedy step, 2 at the edge of stability (q > 0)."""
+    if not slope > 0:
+        return math.nan
+    return step_size * curvature_estimate(loss, trial_loss, slope, step_size) / slope
+
+
+@dataclass(frozen=True)
+class EdgeRule:
+    """Aim the level at ``sigma`` times the greedy step ``q/kappa`` (sigma = 2: the edge).
+
+    Per search, from the trial at the current level ``eta`` (raw slope ``q``, losses f0, f1):
+
+        kappa_hat = 2*(f1 - f0 + eta*q) / eta^2
+        Q = avg(q),  K = avg(max(kappa_hat, 0))       (EMAs with weight ``smoothing``, bias-corrected)
+        eta_next = clip(sigma * Q / K, eta / max_change, eta * max_change)   (eta * max_change if K == 0)
+
+    The trial is the update unless it is a blow-up: ``f1 - f0 > blowup * eta * q`` (the quadratic
+    model puts that beyond twice the edge at ``blowup = 1``) or ``f1`` non-finite; then
+    ``eta *= backtrack`` and the trial is repeated. A step with ``q <= 0`` (possible along the
+    momentum direction) carries no curvature information: the trial is kept (unless a blow-up)
+    and the level with it.
+
+    The stored ``eta`` is the next level divided by the growth factor, so the optimizer's plain
+    steps (``eta * growth``) and next trial apply exactly the level. The averages live in
+    ``SearchState.rule_state`` (so in the optimizer's ``state_dict``).
+    """
+
+    sigma: float = 2.0
+    smoothing: float = 0.9
+    max_change: float = 1.5
+    blowup: float = 1.0
+    backtrack: float = 0.5
+
+    def __post_init__(self):
+        if not (math.isfinite(self.sigma) and self.sigma > 0):
+            raise ValueError(f"sigma must be a finite number > 0, got {self.sigma}")
+        if not 0.0 <= self.smoothing < 1.0:
+            raise ValueError(f"smoothing must lie in [0, 1), got {self.smoothing}")
+        if not (math.isfinite(self.max_change) and self.max_change > 1.0):
+            raise ValueError(f"max_change must be a finite number > 1, got {self.max_change}")
+        if not (math.isfinite(self.blowup) and self.blowup > 0):
+            raise ValueError(f"blowup must be a finite number > 0, got {self.blowup}")
+        if not 0.0 < self.backtrack < 1.0:
+            raise ValueError(f"backtrack must lie in (0, 1), got {self.backtrack}")
+
+    def __call__(self, plan: StepPlan, config: SearchConfig, loss: float, grad_norm: float) -> "EdgeSearch":
+        return EdgeSearch(self, plan, config, loss, grad_norm)
+
+
+class EdgeSearch:
+    """One search of :class:`EdgeRule` (ArmijoSearch's protocol)."""
+
+    def __init__(self, rule: EdgeRule, plan: StepPlan, config: SearchConfig, loss: float, grad_norm: float):
+        self.rule = rule
+        self.config = config
+        self.state = replace(plan.state, steps_since_search=0, num_searches=plan.state.num_searches + 1,
+                             rule_state=dict(plan.state.rule_state))
+        self.state.grad_norm_avg = self.state.grad_norm_avg * config.beta3 + grad_norm * (1 - config.beta3)
+        self.loss = float(loss)
+        self.slope = float(grad_norm)
+        self.step_size = plan.trial_step_size
+        self.next_level = None
+        self.trials = 0
+        self.active = self.loss != 0 and abs(self.slope) >= MIN_GRAD_NORM
+        self.last_ratio = math.nan  # eta * kappa_hat / q of the last trial
+
+    def observe(self, trial_loss: float) -> bool:
+        """Record the loss at ``w0 - step_size * d``; True keeps it, False backtracks."""
+        self.trials += 1
+        self.state.num_forward_evals += 1
+        rule, eta, q = self.rule, self.step_size, self.slope
+        self.state.last_loss_decrease = self.loss - trial_loss
+        blown_up = not math.isfinite(trial_loss) or trial_loss - self.loss > rule.blowup * eta * abs(q)
+        if q > 0 and math.isfinite(trial_loss):
+            kappa = curvature_estimate(self.loss, trial_loss, q, eta)
+            self.last_ratio = eta * kappa / q
+            self._average(q, max(kappa, 0.0))
+        if blown_up:
+            self.step_size = eta * rule.backtrack
+            self.next_level = None
+            return False
+        self.next_level = self._proposal(eta) if q > 0 else eta
+        if q > 0:
+            decrease = self.loss - trial_loss
+            self.state.loss_decrease_avg = (self.state.loss_decrease_avg * self.config.beta3
+                                            + decrease * (1 - self.config.beta3))
+        return True
+
+    def _average(self, slope: float, curvature: float) -> None:
+        extra, beta = self.state.rule_state, self.rule.smoothing
+        extra["slope_avg"] = extra.get("slope_avg", 0.0) * beta + slope * (1 - beta)
+        extra["curvature_avg"] = extra.get("curvature_avg", 0.0) * beta + curvature * (1 - beta)
+        extra["count"] = extra.get("count", 0) + 1
+
+    def _proposal(self, eta: float) -> float:
+        """``clip(sigma * Q / K, eta / max_change, eta * max_change)``; grow when ``K == 0``."""
+        extra, rule = self.state.rule_state, self.rule
+        curvature = extra.get("curvature_avg", 0.0)
+        if extra.get("count", 0) == 0:
+            return eta
+        if curvature <= 0:
+            return eta * rule.max_change
+        target = rule.sigma * extra["slope_avg"] / curvature  # bias corrections cancel in the ratio
+        return min(max(target, eta / rule.max_change), eta * rule.max_change)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.trials >= self.config.max_trials
+
+    def finish(self) -> SearchState:
+        state = self.state
+        level = self.next_level if self.next_level is not None else self.step_size
+        state.step_size = level / self.config.growth
+        state.step_size_slow = state.step_size_slow * SLOW_SMOOTHING + state.step_size * (1 - SLOW_SMOOTHING)
+        state.step_size_fast = state.step_size_fast * FAST_SMOOTHING + state.step_size * (1 - FAST_SMOOTHING)
+        state.last_trials = self.trials
+        if self.trials:
+            state.num_backtracks += self.trials - 1
+        return state
+
+
+@dataclass(frozen=True)
+class WarmupStableDecay:
+    """A multiplier on the applied step given the run length, and a freeze of the search.
+
+    ``scale(k)`` for step ``k`` (1-based) of ``total_steps``::
+
+        k / W                         for k <= W              (W = round(warmup * total_steps))
+        1                             until D                 (D = total_steps - round(decay * total_steps))
+        final + (1 - final) * (total_steps - k) / (total_steps - D)   after D
+
+    ``searches(k)`` is False after ``D``: the level found by the search is frozen during the
+    cooldown (if the search kept running, sharpness would follow the smaller step and the
+    search would cut the level again). Past ``total_steps`` the scale stays at ``final``.
+    """
+
+    total_steps: int
+    warmup: float = 0.05
+    decay: float = 0.2
+    final: float = 0.0
+
+    def __post_init__(self):
+        if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1:
+            raise ValueError(f"total_steps must be an integer >= 1, got {self.total_steps!r}")
+        for name in ("warmup", "decay", "final"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {value}")
+        if self.warmup + self.decay > 1.0:
+            raise ValueError(f"warmup + decay must be <= 1, got {self.warmup} + {self.decay}")
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(round(self.warmup * self.total_steps))
+
+    @property
+    def decay_start(self) -> int:
+        return self.total_steps - int(round(self.decay * self.total_steps))
+
+    def scale(self, step: int) -> float:
+        if step < 1:
+            raise ValueError(f"step must be >= 1, got {step}")
+        if step <= self.warmup_steps:
+            return step / self.warmup_steps
+        start = self.decay_start
+        if step <= start:
+            return 1.0
+        if step >= self.total_steps:
+            return self.final
+        return self.final + (1.0 - self.final) * (self.total_steps - step) / (self.total_steps - start)
+
+    def searches(self, step: int) -> bool:
+        return step <= self.decay_start

@@ -1,0 +1,67 @@
+"""Named FusedSaLSa configurations: they construct, say what they set, and train a tiny model."""
+
+import pytest
+import torch
+
+from salsa_fused import FusedSaLSa, presets
+from salsa_fused.line_search import ArmijoSearch
+from salsa_fused.step_size import EdgeRule, WarmupStableDecay
+
+
+def tiny_problem():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 24), torch.nn.GELU(), torch.nn.Linear(24, 3))
+    x = torch.randn(96, 6)
+    y = (x[:, :3] * x[:, 3:]).argmax(1)
+    return model, lambda: torch.nn.functional.cross_entropy(model(x), y)
+
+
+@pytest.mark.parametrize("name", sorted(presets.PRESETS))
+def test_every_preset_trains_a_tiny_model(name):
+    model, closure = tiny_problem()
+    opt = presets.from_preset(model.parameters(), name, total_steps=40, backend="torch")
+    assert isinstance(opt, FusedSaLSa)
+    first = float(closure().detach())
+    for _ in range(40):
+        opt.zero_grad()
+        opt.step(closure)
+    assert float(closure().detach()) < 0.7 * first
+
+
+def test_faithful_preset_is_the_default_configuration():
+    w = torch.nn.Parameter(torch.ones(2))
+    default, faithful = FusedSaLSa([w]), presets.from_preset([w], "faithful")
+    assert faithful.search_config == default.search_config
+    assert faithful.search_rule is ArmijoSearch and faithful.schedule is None
+    assert faithful.search_direction == default.search_direction == "gradient"
+    assert faithful.defaults == default.defaults
+
+
+def test_author_and_recommended_presets_set_what_they_document():
+    w = torch.nn.Parameter(torch.ones(2))
+    author = presets.from_preset([w], "author_gpt")
+    assert author.search_config.beta3 == 0.99 and author.search_direction == "momentum"
+    assert author.param_groups[0]["weight_decay"] == 0.1
+    rec = presets.recommended([w], total_steps=1000)
+    assert isinstance(rec.search_rule, EdgeRule)
+    assert isinstance(rec.schedule, WarmupStableDecay) and rec.schedule.total_steps == 1000
+    assert presets.preset_kwargs(presets.RECOMMENDED, 1000)["search_direction"] == rec.search_direction
+
+
+def test_groups_keep_their_own_weight_decay_and_overrides_win():
+    a, b = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2))
+    opt = presets.recommended([{"params": [a]}, {"params": [b], "weight_decay": 0.0}], total_steps=10,
+                              restore="inplace")
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert opt.restore_strategy == "inplace"
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda p: presets.from_preset(p, "nope"), ValueError, "unknown preset"),
+    (lambda p: presets.from_preset(p, "pretrain"), ValueError, "total_steps"),
+    (lambda p: presets.recommended(p, total_steps=0), ValueError, "total_steps"),
+    (lambda p: presets.recommended(p, total_steps=2.5), ValueError, "total_steps"),
+])
+def test_bad_preset_arguments_raise_clear_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call([torch.nn.Parameter(torch.ones(2))])

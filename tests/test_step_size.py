@@ -1,0 +1,205 @@
+"""The step-size rules of salsa_fused.step_size: scalars in, decisions out, and their wiring."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from salsa_fused import FusedSaLSa
+from salsa_fused.line_search import SearchConfig, SearchState, plan_step
+from salsa_fused.step_size import EdgeRule, WarmupStableDecay, curvature_estimate, sharpness_ratio
+
+
+def quadratic(f0, q, kappa):
+    """Loss along the direction: f(eta) = f0 - eta*q + eta^2*kappa/2."""
+    return lambda eta: f0 - eta * q + 0.5 * kappa * eta * eta
+
+
+def test_curvature_estimate_recovers_a_quadratic():
+    f = quadratic(3.0, 2.0, 40.0)
+    for eta in (1e-3, 0.05, 0.2):
+        assert curvature_estimate(3.0, f(eta), 2.0, eta) == pytest.approx(40.0, rel=1e-9)
+    assert sharpness_ratio(3.0, f(2.0 / 40.0), 2.0, 2.0 / 40.0) == pytest.approx(1.0)
+    assert sharpness_ratio(3.0, f(4.0 / 40.0), 2.0, 4.0 / 40.0) == pytest.approx(2.0)
+    assert math.isnan(sharpness_ratio(3.0, 2.0, -1.0, 0.1))
+    with pytest.raises(ValueError, match="step_size"):
+        curvature_estimate(1.0, 1.0, 1.0, 0.0)
+
+
+def run_searches(rule, f0, q, kappa, eta0, searches, config=SearchConfig()):
+    """Repeated searches on the same quadratic; returns the applied levels and the last state."""
+    state = SearchState(step_size=eta0)
+    levels = []
+    f = quadratic(f0, q, kappa)
+    for _ in range(searches):
+        plan = plan_step(state, config)
+        search = rule(plan, config, f0, q)
+        assert search.active
+        while not search.observe(f(search.step_size)):
+            assert not search.exhausted
+        levels.append(search.step_size)
+        state = search.finish()
+    return levels, state
+
+
+@pytest.mark.parametrize("sigma", [1.0, 2.0, 3.0])
+def test_edge_rule_settles_at_sigma_times_the_greedy_step(sigma):
+    q, kappa = 2.0, 40.0
+    levels, state = run_searches(EdgeRule(sigma=sigma), 5.0, q, kappa, eta0=1e-3, searches=40)
+    assert levels[-1] == pytest.approx(sigma * q / kappa, rel=1e-6)
+    # the stored eta times the growth factor is the level the next step applies
+    assert state.step_size * SearchConfig().growth == pytest.approx(sigma * q / kappa, rel=1e-6)
+    # the level moves by at most max_change per search
+    ratios = [b / a for a, b in zip(levels, levels[1:])]
+    assert max(ratios) <= 1.5 + 1e-9 and min(ratios) >= 1 / 1.5 - 1e-9
+
+
+def test_edge_rule_backtracks_only_on_a_blow_up():
+    config = SearchConfig()
+    plan = plan_step(SearchState(step_size=1.0), config)
+    search = EdgeRule(backtrack=0.5)(plan, config, 2.0, 1.0)
+    eta = search.step_size
+    # loss rose by more than eta*q: rejected, halved
+    assert search.observe(2.0 + 1.5 * eta) is False
+    assert search.step_size == pytest.approx(0.5 * eta)
+    assert search.observe(float("nan")) is False
+    assert search.step_size == pytest.approx(0.25 * eta)
+    # a rise smaller than eta*q (beyond the edge but not a blow-up) is kept
+    assert search.observe(2.0 + 0.5 * 0.25 * eta) is True
+    state = search.finish()
+    assert state.last_trials == 3 and state.num_backtracks == 2
+
+
+def test_edge_rule_grows_on_non_positive_curvature_and_holds_on_negative_slope():
+    config = SearchConfig()
+    plan = plan_step(SearchState(step_size=0.01), config)
+    search = EdgeRule(max_change=1.5)(plan, config, 2.0, 1.0)
+    eta = search.step_size
+    assert search.observe(2.0 - 2 * eta * 1.0)  # decrease beyond linear: kappa_hat < 0
+    state = search.finish()
+    assert state.step_size * config.growth == pytest.approx(1.5 * eta)
+    # along the momentum direction q can be <= 0: the trial is kept and so is the level
+    plan = plan_step(state, config)
+    search = EdgeRule()(plan, config, 2.0, -0.5)
+    eta = search.step_size
+    assert search.observe(2.0 + 0.1 * eta * 0.5)
+    assert search.finish().step_size * config.growth == pytest.approx(eta)
+
+
+def test_edge_rule_keeps_its_averages_in_the_state_without_touching_the_input():
+    config = SearchConfig()
+    before = SearchState(step_size=0.01, rule_state={"slope_avg": 1.0, "curvature_avg": 10.0, "count": 3})
+    plan = plan_step(before, config)
+    search = EdgeRule(smoothing=0.5)(plan, config, 2.0, 3.0)
+    eta = search.step_size
+    search.observe(quadratic(2.0, 3.0, 50.0)(eta))
+    state = search.finish()
+    assert before.rule_state == {"slope_avg": 1.0, "curvature_avg": 10.0, "count": 3}
+    assert state.rule_state["slope_avg"] == pytest.approx(0.5 * 1.0 + 0.5 * 3.0)
+    assert state.rule_state["curvature_avg"] == pytest.approx(0.5 * 10.0 + 0.5 * 50.0)
+    assert state.rule_state["count"] == 4
+    assert SearchState.from_dict(state.to_dict()) == state
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(sigma=0.0), "sigma"), (dict(smoothing=1.0), "smoothing"), (dict(max_change=1.0), "max_change"),
+    (dict(blowup=-1.0), "blowup"), (dict(backtrack=1.0), "backtrack")])
+def test_edge_rule_rejects_bad_constants(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EdgeRule(**kwargs)
+
+
+def test_warmup_stable_decay_values():
+    schedule = WarmupStableDecay(100, warmup=0.1, decay=0.2, final=0.0)
+    assert schedule.warmup_steps == 10 and schedule.decay_start == 80
+    assert schedule.scale(1) == pytest.approx(0.1)
+    assert schedule.scale(10) == 1.0 and schedule.scale(50) == 1.0 and schedule.scale(80) == 1.0
+    assert schedule.scale(90) == pytest.approx(0.5)
+    assert schedule.scale(100) == 0.0 and schedule.scale(150) == 0.0
+    assert schedule.searches(80) and not schedule.searches(81)
+    assert WarmupStableDecay(10, warmup=0.0, decay=0.5, final=0.2).scale(1) == 1.0
+    assert WarmupStableDecay(10, warmup=0.0, decay=0.5, final=0.2).scale(10) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="step"):
+        schedule.scale(0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(total_steps=0), "total_steps"), (dict(total_steps=10.5), "total_steps"),
+    (dict(total_steps=10, warmup=-0.1), "warmup"), (dict(total_steps=10, warmup=0.6, decay=0.6), "warmup \\+ decay")])
+def test_warmup_stable_decay_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        WarmupStableDecay(**kwargs)
+
+
+def test_optimizer_rejects_bad_rule_and_schedule():
+    w = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(TypeError, match="search_rule"):
+        FusedSaLSa([w], search_rule=3)
+    with pytest.raises(TypeError, match="schedule"):
+        FusedSaLSa([w], schedule=object())
+
+
+def test_first_step_with_a_schedule_matches_a_hand_computed_adam_move():
+    """Step 1 searches: the update is ``scale * eta_try * g / (sqrt(v_hat) + eps)`` (numpy reference)."""
+    torch.manual_seed(0)
+    w0 = torch.randn(5, dtype=torch.float64)
+    target = torch.randn(5, dtype=torch.float64)
+    w = torch.nn.Parameter(w0.clone())
+    schedule = WarmupStableDecay(40, warmup=0.1, decay=0.2)  # step 1: scale 1/4
+    opt = FusedSaLSa([w], backend="torch", init_step_size=0.01, search_rule=EdgeRule(), schedule=schedule)
+    opt.step(lambda: ((w - target) ** 2).sum())
+    g = 2 * (w0.numpy() - target.numpy())
+    beta1, beta2, k = 0.9, 0.999, 1
+    v_hat = (1 - beta2) * g * g / (1 - beta2 ** (k + 1))
+    eta_try = 0.01 * 1.1
+    expected = w0.numpy() - 0.25 * eta_try * g / (np.sqrt(v_hat) + 1e-8)
+    np.testing.assert_allclose(w.detach().numpy(), expected, rtol=1e-6)  # fp32 moments
+    assert opt.last_search_trials == 1  # a small step on a convex quadratic: no blow-up
+
+
+def test_schedule_freezes_the_search_and_zero_scale_stops_the_weights():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8))
+    target = torch.randn(8)
+    opt = FusedSaLSa([w], backend="torch", search_rule=EdgeRule(),
+                     schedule=WarmupStableDecay(20, warmup=0.0, decay=0.5, final=0.0))
+    closure = lambda: ((w - target) ** 2).sum()  # noqa: E731
+    for _ in range(10):
+        opt.step(closure)
+        opt.zero_grad()
+    searches, level = opt.num_searches, opt.step_size
+    for _ in range(10):
+        opt.step(closure)
+        opt.zero_grad()
+    assert opt.num_searches == searches and opt.step_size == level  # frozen during the cooldown
+    frozen = w.detach().clone()
+    opt.step(closure)  # step 21: past the end, scale 0
+    assert torch.equal(w.detach(), frozen)
+
+
+def test_edge_rule_trains_and_survives_state_dict_round_trip():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    x = torch.randn(64, 4)
+    y = torch.sin(x.sum(1, keepdim=True))
+    closure = lambda m: (lambda: torch.nn.functional.mse_loss(m(x), y))  # noqa: E731
+    opt = FusedSaLSa(model.parameters(), backend="torch", search_direction="momentum", search_rule=EdgeRule())
+    first = float(closure(model)().detach())
+    for _ in range(30):
+        opt.zero_grad()
+        opt.step(closure(model))
+    assert float(closure(model)().detach()) < 0.5 * first
+    assert opt.search_state.rule_state["count"] >= 10
+    clone = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    clone.load_state_dict(model.state_dict())
+    opt2 = FusedSaLSa(clone.parameters(), backend="torch", search_direction="momentum", search_rule=EdgeRule())
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.search_state == opt.search_state
+    for _ in range(5):
+        opt.zero_grad()
+        opt2.zero_grad()
+        opt.step(closure(model))
+        opt2.step(closure(clone))
+    for a, b in zip(model.parameters(), clone.parameters()):
+        assert torch.equal(a, b)
