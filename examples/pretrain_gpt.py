@@ -252,7 +252,7 @@ def train(args) -> dict:
                 records.append(record)
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
-                postfix = {"loss": f"{record['loss']:.3f}", "step": f"{record['step_size']:.2e}"}
+                postfix = {"loss": f"{record['loss']:.3f}", "eta": f"{record['step_size']:.2e}"}
                 if "interval" in record:
                     postfix["interval"] = f"{record['interval']:.1f}"
                 if progress is not None:
