@@ -18,6 +18,15 @@ from salsa_fused import FusedSaLSa, NonFiniteError
 from salsa_fused.line_search import plan_step
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: intra-op threads only add contention on a busy 2-core CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------- helpers
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
@@ -389,7 +398,7 @@ def test_non_finite_loss_on_a_plain_step_changes_nothing_and_is_reported_at_the_
         opt.step(_closure(model))
 
 
-def _nan_gradient_step(model, opt, restore_grad_hook=None):
+def _nan_gradient_step(model, opt):
     """A two-phase step whose gradient has NaN/inf in two elements of the first weight."""
     opt.zero_grad()
     loss = F.mse_loss(model(_X), _Y)

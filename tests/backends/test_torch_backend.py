@@ -18,6 +18,16 @@ import torch
 from salsa_fused.backends import torch_backend as B
 from salsa_fused.backends.base import Bucket, Hyper
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: intra-op threads only add contention on a busy 2-core CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 SHAPES = [(), (1,), (4097,), (5, 17, 3), (64, 33)]
 K = 6  # the step counter after its increment
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
