@@ -3,8 +3,8 @@
 Same functions and signatures as ``torch_backend`` (the executable spec); the kernels
 and their formulas are in ``triton_kernels``. Per bucket, a table of the tensors'
 data pointers and a block map are built once and cached in ``bucket.cache["triton"]``,
-keyed by ``(data_ptr, numel, dtype)`` of every stream; a moved or replaced tensor makes
-a new table. Tensors whose streams all start on a 16-byte boundary (all of them, in
+keyed by the data pointers of every stream and the numel and dtype of weights and
+gradients; a moved or replaced tensor makes a new table. Tensors whose streams all start on a 16-byte boundary (all of them, in
 practice) share one launch on the vectorized path; any others take a second launch
 without alignment hints.
 
@@ -16,6 +16,7 @@ restore 8 from the copy (16 in place). Nothing here reads a device value on the 
 from __future__ import annotations
 
 import collections
+import operator
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -93,8 +94,19 @@ def _streams(bucket: Bucket) -> Tuple[Sequence[torch.Tensor], ...]:
     return streams + (bucket.saved,) if bucket.saved is not None else streams
 
 
+_dtype_of = operator.attrgetter("dtype")
+
+
 def _table_key(bucket: Bucket) -> tuple:
-    return tuple((t.data_ptr(), t.numel(), t.dtype) for stream in _streams(bucket) for t in stream)
+    """Data pointers of every stream, numel and dtype of the user-owned streams (weights, grads).
+
+    The optimizer-owned streams (moments, saved copies) are created with the weights' shape
+    and a fixed dtype (checked when the table is built), so their pointers identify them.
+    Built with ``map`` (loops in C): a few hundred ns per tensor and stream on the host.
+    """
+    pointers = tuple(tuple(map(torch.Tensor.data_ptr, stream)) for stream in _streams(bucket))
+    return pointers + tuple(tuple(map(torch.Tensor.numel, stream)) + tuple(map(_dtype_of, stream))
+                            for stream in (bucket.params, bucket.grads))
 
 
 def _dense(t: torch.Tensor) -> bool:
