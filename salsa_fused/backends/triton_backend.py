@@ -9,7 +9,7 @@ practice) share one launch on the vectorized path; any others take a second laun
 without alignment hints.
 
 Bytes moved per parameter with fp32 weights, gradients and state (reads + writes):
-reduction 12, plain step 28, first trial 32 with a saved copy (28 without), retrial 16,
+reduction 8 along the gradient (12 along the momentum), plain step 28, first trial 32 with a saved copy (28 without), retrial 16,
 restore 8 from the copy (16 in place). Nothing here reads a device value on the host.
 """
 

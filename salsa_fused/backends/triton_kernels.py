@@ -180,6 +180,7 @@ def _grad_norm_block(row_ptr, offsets, mask, grad_scale_ptr, beta1, beta2, one_m
     m_ptr = _stream(row_ptr, _EXP_AVG, tl.float32, ALIGNED)
     v_ptr = _stream(row_ptr, _EXP_AVG_SQ, tl.float32, ALIGNED)
     g = _scaled_grad(_load(g_ptr, offsets, mask, FULL), grad_scale_ptr, HAS_GRAD_SCALE)
+    # Along the gradient m_new is unused: the compiler drops the load of m (8 bytes/param).
     m_new, v_new = _new_moments(g, _load(m_ptr, offsets, mask, FULL), _load(v_ptr, offsets, mask, FULL),
                                 beta1, beta2, one_minus_beta1, one_minus_beta2)
     precond = _preconditioner(v_new, bias_correction2, eps)
