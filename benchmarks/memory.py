@@ -156,11 +156,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--scale", type=float, default=0.125)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backends", nargs="*", default=None, choices=["torch", "triton"])
+    parser.add_argument("--tiny", action="store_true", help="a 1-layer, 32-wide GPT-2 layout (smoke test)")
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args(argv)
-    results = measure(args.scale, getattr(torch, args.dtype), args.device)
+    shapes = C.gpt2_small_shapes(n_layer=1, d_model=32, vocab=100, context=16) if args.tiny else None
+    results = measure(args.scale, getattr(torch, args.dtype), args.device, args.backends, shapes)
     met = targets_met(results)
     meta = results["_meta"]
+    size = "tiny GPT-2 layout" if args.tiny else f"GPT-2 small x{args.scale:g}"
     rows, table = [], []
     for name, r in results.items():
         if name == "_meta":
@@ -170,11 +174,11 @@ def main(argv=None) -> dict:
                       f"{r['extra_over_adamw_in_weights']:+.4f}",
                       "-" if peak is None else f"{peak / 2**20:.2f}",
                       {True: "met", False: "MISSED"}.get(met.get(name), "-")])
-        rows.append(C.Row(kernel="state_bytes", provider=name, size=f"gpt2-small x{args.scale:g}",
+        rows.append(C.Row(kernel="state_bytes", provider=name, size=size,
                           numel=meta["numel"], dtype=args.dtype, extra=r))
     peak_note = ("" if args.device != "cpu" else
                  "Peak memory during a step: not measured on the CPU (the GPU suite measures it).\n\n")
-    markdown = (f"# Optimizer state memory, GPT-2 small x{args.scale:g} ({meta['n_tensors']} tensors, "
+    markdown = (f"# Optimizer state memory, {size} ({meta['n_tensors']} tensors, "
                 f"{meta['numel'] / 1e6:.2f}M params), {args.dtype} weights\n\n"
                 f"Weights: {meta['weight_bytes'] / 2**20:.2f} MiB. Targets: copy <= AdamW + weights "
                 f"(+2% of AdamW), inplace <= AdamW + 2%.\n\n{peak_note}"

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Layer 2 of the speed evidence (issue 7): run this first whenever a GPU is available.
+#
+#   bash benchmarks/gpu_suite.sh            # GPU: install, CUDA tests, benchmarks, plots
+#   bash benchmarks/gpu_suite.sh --smoke [--out-dir DIR]
+#                                           # no GPU needed: every stage end to end on the
+#                                           # CPU at tiny sizes (what CI's smoke test runs);
+#                                           # no install, no pytest, results in DIR
+#
+# Writes JSON, markdown and PNG into benchmarks/results/ (or DIR), each with the device
+# name, torch/triton/CUDA versions, the command and the date. Without a GPU and without
+# --smoke it stops and says so: GPU figures are never filled in from a CPU run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+smoke=0
+out_dir="benchmarks/results"
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --smoke) smoke=1; shift ;;
+    --out-dir) out_dir="$2"; shift 2 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$out_dir"
+py="${PYTHON:-python}"
+
+if [[ $smoke -eq 1 ]]; then
+  echo "== smoke: every stage on the CPU at tiny sizes (not GPU figures) -> $out_dir"
+  "$py" benchmarks/step_counts.py --device cpu --out-dir "$out_dir" > /dev/null
+  "$py" benchmarks/memory.py --device cpu --tiny --backends torch --out-dir "$out_dir" > /dev/null
+  "$py" benchmarks/kernel_bench.py --device cpu --tiny --sizes 4096 --dtypes fp32 bf16 --repeats 2 \
+      --out-dir "$out_dir" > /dev/null
+  "$py" benchmarks/train_bench.py --device cpu --tiny --steps 4 --out-dir "$out_dir" > /dev/null
+  "$py" benchmarks/plot_results.py --dir "$out_dir"
+  echo "== smoke done"
+  exit 0
+fi
+
+if ! "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "no CUDA device: GPU figures stay 'not measured: no GPU'." >&2
+  echo "Use --smoke to check every stage end to end on the CPU." >&2
+  exit 1
+fi
+
+echo "== install"
+pip install -e . --no-deps --no-build-isolation
+
+echo "== CUDA kernel tests (sync-free plain steps, launches, triton vs torch on the GPU)"
+"$py" -m pytest -q tests/test_cuda.py tests/backends tests/test_counts.py
+
+echo "== counts and memory"
+"$py" benchmarks/step_counts.py --device cuda --out-dir "$out_dir"
+"$py" benchmarks/memory.py --device cuda --scale 1.0 --dtype float32 --out-dir "$out_dir"
+"$py" benchmarks/memory.py --device cuda --scale 1.0 --dtype bfloat16 --out-dir "$out_dir"
+
+echo "== kernel level: plain step, reduction, pass A, pass B vs AdamW fused/foreach, copy roofline"
+"$py" benchmarks/kernel_bench.py --device cuda --out-dir "$out_dir"
+
+echo "== training level: GPT-2 small, B=8, T=512, bf16 autocast, 2000 steps per optimizer"
+"$py" benchmarks/train_bench.py --device cuda --out-dir "$out_dir"
+
+echo "== plots"
+"$py" benchmarks/plot_results.py --dir "$out_dir"
+echo "== done: commit $out_dir"

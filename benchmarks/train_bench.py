@@ -1,0 +1,185 @@
+"""Training-level timings: a GPT-2-small-shaped decoder on random tokens.
+
+Optimizers: fused AdamW, the published SaLSa (``salsa-optimizer`` 0.1.0, ``SaLSA``), and
+FusedSaLSa with each restore strategy. Per optimizer: mean step time over steps 1-200
+and over steps 1000-2000 (the adaptive interval reaches 10 only near step 900), peak
+memory, forward evaluations per step, searches and backtracks, and per-step times and
+step sizes (for ``plot_results.py``). Same model initialization and batches for all.
+
+GPU default: GPT-2 small (12 layers, 768 wide, 12 heads, vocabulary 50257, tied
+embedding; 124.4M parameters), B=8, T=512, bf16 autocast, 2000 steps. ``--tiny`` runs
+the same code on the CPU with a tiny model and a few steps (the smoke test); its
+figures are marked as not GPU figures.
+
+    python benchmarks/train_bench.py                 # GPU
+    python benchmarks/train_bench.py --device cpu --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))
+import _common as C  # noqa: E402
+
+import torch  # noqa: E402
+
+from examples.gpt import GPT, GPTConfig  # noqa: E402
+from salsa_fused import FusedSaLSa  # noqa: E402
+
+OPTIMIZERS = ("adamw_fused", "salsa_published", "fused_salsa_copy", "fused_salsa_inplace")
+WINDOWS = ((1, 200), (1000, 2000))
+
+
+def gpt2_small_config(tiny: bool) -> Tuple[GPTConfig, int, int]:
+    """(config, batch, context)."""
+    if tiny:
+        return GPTConfig(vocab_size=256, block_size=32, n_layer=1, n_head=2, n_embd=32), 2, 32
+    return GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768), 8, 512
+
+
+class StepTimer:
+    """Per-step times without a sync per step (CUDA events, read at the end)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def step_seconds(self) -> List[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def run_one(name: str, steps: int, device: torch.device, tiny: bool, seed: int = 0,
+            windows: Tuple[Tuple[int, int], ...] = WINDOWS) -> dict:
+    config, batch, context = gpt2_small_config(tiny)
+    torch.manual_seed(seed)
+    model = GPT(config).to(device)
+    data = torch.Generator(device="cpu").manual_seed(seed + 1)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    tokens = torch.randint(0, config.vocab_size, (steps, batch, context + 1), generator=data)
+
+    def loss_of(step: int) -> torch.Tensor:
+        window = tokens[step].to(device, non_blocking=True)
+        with autocast:
+            return model(window[:, :-1], window[:, 1:])[1]
+
+    step_sizes: List[float] = []
+    searches = forwards = backtracks = 0
+    if name == "adamw_fused":
+        opt = torch.optim.AdamW(model.param_groups(0.1), lr=6e-4, betas=(0.9, 0.95),
+                                fused=device.type == "cuda")
+
+        def one_step(step):
+            opt.zero_grad(set_to_none=True)
+            loss_of(step).backward()
+            opt.step()
+    elif name == "salsa_published":
+        from salsa.SaLSA import SaLSA
+        opt = SaLSA(model.parameters())
+
+        def one_step(step):
+            opt.zero_grad(set_to_none=True)
+
+            def closure(backwards=False):
+                loss = loss_of(step)
+                if backwards:
+                    loss.backward()
+                return loss
+            opt.step(closure)
+            step_sizes.append(float(opt.step_size))
+    else:
+        restore = name.rsplit("_", 1)[1]
+        opt = FusedSaLSa(model.param_groups(0.0), restore=restore)
+
+        def one_step(step):
+            opt.zero_grad(set_to_none=True)
+            opt.step(lambda: loss_of(step))
+            step_sizes.append(opt.step_size)
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    timer = StepTimer(device)
+    timer.mark()
+    for step in range(steps):
+        one_step(step)
+        timer.mark()
+    seconds = timer.step_seconds()
+    if name == "salsa_published":
+        forwards, backtracks = opt.state["n_forwards"], opt.state["n_backtr"]
+        searches = None  # 0.1.0 does not count its searches
+    elif name.startswith("fused_salsa"):
+        forwards, searches, backtracks = opt.num_forward_evals, opt.num_searches, opt.num_backtracks
+    else:
+        forwards = steps
+    means = {}
+    for first, last in windows:
+        chunk = seconds[first - 1:last]
+        means[f"steps {first}-{last}"] = statistics.fmean(chunk) * 1e3 if len(seconds) >= last else None
+    return {"optimizer": name, "steps": steps, "mean_step_ms": means,
+            "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            "forwards_per_step": forwards / steps, "searches": searches, "backtracks": backtracks,
+            "step_ms": [s * 1e3 for s in seconds], "step_size": step_sizes}
+
+
+def main(argv=None) -> Dict[str, dict]:
+    parser = argparse.ArgumentParser(description="Training-level timings, GPT-2 small on random tokens")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true", help="tiny model, few steps (CPU smoke test)")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--optimizers", nargs="*", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
+    parser.add_argument("--out-dir", default=None)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    steps = args.steps or (12 if args.tiny else 2000)
+    windows = WINDOWS if steps >= 2000 else ((1, min(200, steps // 2)), (steps // 2 + 1, steps))
+    results = {name: run_one(name, steps, device, args.tiny, windows=windows) for name in args.optimizers}
+    gpu = device.type == "cuda" and not args.tiny
+    rows, table = [], []
+    for name, r in results.items():
+        windows = r["mean_step_ms"]
+        for window, mean in windows.items():
+            rows.append(C.Row(kernel=f"train step, {window}", provider=name,
+                              size="gpt2-small B8 T512 bf16" if gpt2_small_config(args.tiny)[1] == 8 else "tiny",
+                              p50_ms=mean, extra={k: v for k, v in r.items() if k not in ("step_ms", "step_size")},
+                              note="" if mean is not None else f"fewer than {window.split('-')[1]} steps run"))
+        peak = r["peak_memory_bytes"]
+        table.append([name] + [("-" if v is None else f"{v:.2f}") for v in windows.values()]
+                     + ["-" if peak is None else f"{peak / 2**30:.2f}", f"{r['forwards_per_step']:.2f}",
+                        "-" if r["searches"] is None else r["searches"], r["backtracks"]])
+    note = "" if gpu else (f"\n**{C.NOT_MEASURED}**: CPU smoke run of a tiny model "
+                           f"({steps} steps); not the GPU training figures.\n")
+    markdown = (f"# Training-level timings ({'GPT-2 small, B=8, T=512, bf16 autocast' if not args.tiny else 'tiny'}, "
+                f"random tokens, {steps} steps)\n{note}\n"
+                + C.markdown_table(["optimizer"] + [f"mean ms, {w}" for w in next(iter(results.values()))
+                                                    ["mean_step_ms"]]
+                                   + ["peak GiB", "forwards/step", "searches", "backtracks"], table))
+    print(markdown)
+    C.write_results("train_bench" if gpu else "train_bench_cpu_smoke", rows, C.environment(device),
+                    markdown, args.out_dir, {"gpu_measured": gpu, "series": {
+                        n: {"step_ms": r["step_ms"], "step_size": r["step_size"]} for n, r in results.items()}})
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Layer 2 end to end without a GPU: ``bash benchmarks/gpu_suite.sh --smoke`` on the CPU.
+
+Every stage (counts, memory, kernel-level and training-level benchmarks, plots) runs at
+tiny sizes and writes its JSON/markdown/PNG; GPU figures are marked as not measured.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import _common as C  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def smoke_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_suite_smoke")
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--smoke", "--out-dir", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out
+
+
+def _load(path: Path) -> dict:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    env = data["environment"]
+    for key in ("device", "torch", "triton", "cuda", "date", "command"):
+        assert env[key], key
+    for row in data["rows"]:
+        for key in ("kernel", "provider", "size", "p20_ms", "p50_ms", "p80_ms", "device", "torch", "date",
+                    "command"):
+            assert key in row, key
+    return data
+
+
+def test_every_stage_writes_results(smoke_dir):
+    names = {p.name for p in smoke_dir.iterdir()}
+    for stem in ("step_counts", "memory_float32", "kernel_bench_cpu_smoke", "train_bench_cpu_smoke"):
+        assert f"{stem}.json" in names and f"{stem}.md" in names, (stem, names)
+    for png in ("kernel_bench_cpu_smoke.png", "train_bench_cpu_smoke.png"):
+        assert (smoke_dir / png).stat().st_size > 10_000
+    assert "kernel_bench.json" not in names and "train_bench.json" not in names  # GPU-only names
+
+
+def test_gpu_figures_are_marked_not_measured(smoke_dir):
+    for stem in ("kernel_bench_cpu_smoke", "train_bench_cpu_smoke"):
+        data = _load(smoke_dir / f"{stem}.json")
+        assert data["summary"]["gpu_measured"] is False
+        assert C.NOT_MEASURED in (smoke_dir / f"{stem}.md").read_text(encoding="utf-8")
+
+
+def test_kernel_bench_rows(smoke_dir):
+    data = _load(smoke_dir / "kernel_bench_cpu_smoke.json")
+    providers = {(r["dtype"], r["provider"]) for r in data["rows"]}
+    for dtype in ("fp32", "bf16"):
+        for name in ("adamw_foreach", "salsa_plain", "salsa_reduction", "salsa_pass_a", "salsa_pass_b", "copy"):
+            assert (dtype, name) in providers, (dtype, name)
+    gpt2 = [r for r in data["rows"] if r["size"].startswith("gpt2-small") and r["provider"] == "salsa_plain"]
+    assert gpt2 and all("148 tensors" in r["size"] for r in gpt2)
+    fp32_plain = next(r for r in data["rows"] if r["provider"] == "salsa_plain" and r["dtype"] == "fp32")
+    assert fp32_plain["extra"]["bytes_moved"] == 28 * fp32_plain["numel"]  # SPEC section 2's budget
+
+
+def test_train_bench_counts_match_the_published_salsa(smoke_dir):
+    """Same model, batches and defaults: FusedSaLSa takes the published package's decisions."""
+    data = _load(smoke_dir / "train_bench_cpu_smoke.json")
+    stats = {r["provider"]: r["extra"] for r in data["rows"]}
+    assert set(stats) == {"adamw_fused", "salsa_published", "fused_salsa_copy", "fused_salsa_inplace"}
+    assert stats["adamw_fused"]["forwards_per_step"] == 1.0
+    published = stats["salsa_published"]
+    for name in ("fused_salsa_copy", "fused_salsa_inplace"):
+        assert stats[name]["forwards_per_step"] == published["forwards_per_step"] > 1.0
+        assert stats[name]["backtracks"] == published["backtracks"]
+        assert stats[name]["searches"] == 4  # the first 9 steps always search
+    series = data["summary"]["series"]
+    assert series["fused_salsa_copy"]["step_size"] == pytest.approx(series["salsa_published"]["step_size"],
+                                                                    rel=1e-4)
+
+
+def test_counts_and_memory_results(smoke_dir):
+    counts = _load(smoke_dir / "step_counts.json")["summary"]
+    assert counts["triton/copy"]["plain step"]["total_launches"] == 3
+    assert counts["triton/copy"]["plain step"]["host_reads"] == 0
+    memory = _load(smoke_dir / "memory_float32.json")["summary"]
+    assert memory["targets_met"] and all(memory["targets_met"].values())
