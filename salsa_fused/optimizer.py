@@ -373,6 +373,18 @@ class FusedSaLSa(Optimizer):
         devices = [self._device] if self._device is not None else []
         self.__dict__["_forward_rng"] = RNGSnapshot.capture(devices)
 
+    def bind_closure(self, closure: LossClosure, *, loss=None) -> None:
+        """Hand the next ``step()`` called without arguments its ``closure`` (and, with
+        ``loss=``, the loss whose backward already ran: the two-phase form).
+
+        For loops that call ``optimizer.step()`` themselves (Hugging Face ``Trainer``,
+        accelerate's ``AcceleratedOptimizer``): bind after the backward. One step uses the
+        binding and clears it; a new binding replaces one not yet used.
+        """
+        if not callable(closure):
+            raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        self.__dict__["_bound_step"] = (closure, loss)
+
     def step(self, closure: Optional[LossClosure] = None, *, loss=None):
         """One SaLSa step; returns the loss at the weights before the step.
 
@@ -385,6 +397,8 @@ class FusedSaLSa(Optimizer):
         leaves them; the moments keep this step's gradient (restoring them exactly would need
         a copy of m and v, 8 bytes per parameter).
         """
+        if closure is None and loss is None and self.__dict__.get("_bound_step") is not None:
+            closure, loss = self.__dict__.pop("_bound_step")
         if closure is None:
             if loss is None and not any(p.grad is not None for g in self.param_groups for p in g["params"]):
                 return None  # nothing to do, as torch.optim does for a step without gradients
