@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import socket
+import tempfile
 
 import pytest
 import torch
@@ -29,19 +29,16 @@ BATCH_PER_RANK = 8
 IN_FEATURES = 6
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _spawn(worker, out_dir: str):
+    """Run ``worker(rank, rendezvous_file, out_dir)`` on WORLD processes. The ranks meet
+    through a file (no port to race for with other jobs on the machine)."""
+    rendezvous = tempfile.mktemp(prefix="salsa_pg_", dir=out_dir)
+    mp.spawn(worker, args=(rendezvous, out_dir), nprocs=WORLD, join=True)
 
 
-def _spawn(worker, *args):
-    mp.spawn(worker, args=(_free_port(), *args), nprocs=WORLD, join=True)
-
-
-def _init(rank: int, port: int) -> None:
+def _init(rank: int, rendezvous: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
 
 
 def _make_model(seed: int) -> torch.nn.Module:
@@ -130,9 +127,9 @@ def _ddp_steps(rank, ddp, opt, ref, ref_opt, steps, micro_batches, first_step=0)
     return records, ref_records, etas, ref_etas
 
 
-def _ddp_job(rank, port, out_dir):
+def _ddp_job(rank, rendezvous, out_dir):
     from torch.nn.parallel import DistributedDataParallel as DDP
-    _init(rank, port)
+    _init(rank, rendezvous)
     try:
         for micro_batches in (1, 2):
             base = _make_model(0)
@@ -187,9 +184,9 @@ def _ddp_job(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _ddp_resume_job(rank, port, out_dir):
+def _ddp_resume_job(rank, rendezvous, out_dir):
     from torch.nn.parallel import DistributedDataParallel as DDP
-    _init(rank, port)
+    _init(rank, rendezvous)
     try:
         checkpoint = torch.load(os.path.join(out_dir, "checkpoint.pt"), weights_only=False)
         model = _make_model(seed=123)  # different init: everything must come from the checkpoint
@@ -245,12 +242,12 @@ def _full_weights(model) -> torch.Tensor:
     return torch.cat([p.full_tensor().detach().reshape(-1) for p in model.parameters()])
 
 
-def _fsdp_job(rank, port, out_dir):
+def _fsdp_job(rank, rendezvous, out_dir):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
     from torch.distributed.device_mesh import init_device_mesh
-    _init(rank, port)
+    _init(rank, rendezvous)
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
         model = _fsdp_model(0, mesh)
