@@ -119,7 +119,6 @@ class FusedSaLSa(Optimizer):
         self.backend_name = backend
         self.nonfinite = nonfinite
         self.init_step_size = float(init_step_size)
-        self.reduction = reduction if reduction is not None else default_reduction()
         self._device: Optional[torch.device] = None
         self._buckets: Dict[tuple, Bucket] = {}
         self._saved: Dict[torch.Tensor, torch.Tensor] = {}
@@ -128,6 +127,9 @@ class FusedSaLSa(Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.param_groups[0].setdefault(_SEARCH_KEY, SearchState(step_size=self.init_step_size).to_dict())
+        # Detected after the groups exist: sharded DTensor params (FSDP2) also reduce q.
+        self.reduction = reduction if reduction is not None else default_reduction(
+            p for group in self.param_groups for p in group["params"])
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -408,6 +410,10 @@ class FusedSaLSa(Optimizer):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
         for group in self.param_groups:  # schedulers and users write here: check before any write
             self._validate_group_hyper(group)
+        if loss is None and getattr(self, "grad_scale", None) is not None:
+            raise RuntimeError("under torch.amp.GradScaler use the two-phase form: "
+                               "scaler.scale(loss).backward(); scaler.step(opt, closure, loss=loss) "
+                               "(step() would run an unscaled backward itself)")
         plan = plan_step(self.search_state, self.search_config)
         scale = 1.0
         if self.schedule is not None:
@@ -443,6 +449,14 @@ class FusedSaLSa(Optimizer):
         hypers = {b.group_index: self._hyper(self.param_groups[b.group_index], plan.state.step)
                   for b in buckets}
         if not plan.is_search:
+            if found_inf is not None and bool(found_inf.any()):
+                # GradScaler saw inf/nan: skip like AdamW with the search state unchanged
+                # (one host read per step, only when a GradScaler passes found_inf).
+                return loss_tensor if one_phase else loss
+            if self.reduction.loss_group is not None:
+                # Every rank must take the same skip decision: judge the loss averaged over
+                # the data-parallel group (one 4-byte all-reduce, no host read).
+                f0 = self.reduction.average_loss(f0.reshape(1)).reshape(())
             counter = self._nonfinite_counter()
             # A non-finite loss makes the plain pass change nothing; count it on the device
             # (no host read) and report it at the next search.
@@ -468,13 +482,14 @@ class FusedSaLSa(Optimizer):
                 lr = hypers[b.group_index].lr
                 partial = backend.preconditioned_grad_norm(b, hypers[b.group_index], direction, grad_scale)
                 q = q + (partial if lr == 1.0 else partial * lr)
-        q = self.reduction.sum_over_shards(q)
-        loss_avg = self.reduction.average_loss(f0.reshape(1))
         flags = [found_inf.to(q.device, torch.float32).reshape(1) if found_inf is not None
                  else q.new_zeros(1), self._nonfinite_counter().to(torch.float32).reshape(1),
                  self._nonfinite_loss_counter().to(torch.float32).reshape(1)]
+        # q and the flags are per shard under FSDP2: one sum over the shard group for all three.
+        shard_sums = self.reduction.sum_over_shards(torch.cat([q.reshape(1), *flags]))
+        loss_avg = self.reduction.average_loss(f0.reshape(1))
         f0_value, q_value, inf_flag, earlier_nonfinite, earlier_bad_losses = torch.cat(
-            [loss_avg, q.reshape(1), *flags]).tolist()  # the one host read before any write
+            [loss_avg, shard_sums]).tolist()  # the one host read before any write
         if inf_flag:
             rng_after.restore()
             return  # GradScaler found inf/nan: skip the step like AdamW, state unchanged
