@@ -7,8 +7,11 @@ The presets here are other fixed configurations, with nothing to tune per task:
 - ``"author_gpt"``: the author's GPT-2 pretraining settings: ``beta3=0.99``, momentum in the
   trial direction, weight decay 0.1.
 - ``"pretrain"``: the recommended configuration from the quality suite
-  (``benchmarks/quality``, README "Quality: no learning rate vs tuned AdamW"); it needs
-  the run length ``total_steps`` (for its warmup and cooldown), no learning rate.
+  (``benchmarks/quality``, README "Quality: no learning rate vs tuned AdamW"): the author's
+  settings plus a warmup-stable-decay schedule on the applied step (linear warmup over the
+  first 5% of steps, linear cooldown to zero over the last 50% with the searched level
+  frozen, :class:`~salsa_fused.step_size.WarmupStableDecay`). It needs the run length
+  ``total_steps``, no learning rate.
 
 Usage::
 
@@ -27,7 +30,7 @@ from __future__ import annotations
 from typing import Callable, Dict, Optional
 
 from .optimizer import FusedSaLSa
-from .step_size import EdgeRule, WarmupStableDecay
+from .step_size import WarmupStableDecay
 
 
 def _faithful(total_steps: Optional[int]) -> dict:
@@ -42,8 +45,8 @@ def _pretrain(total_steps: Optional[int]) -> dict:
     if total_steps is None:
         raise ValueError("the 'pretrain' preset needs total_steps (the run length sets its warmup "
                          "and cooldown)")
-    return dict(search_direction="momentum", weight_decay=0.1, search_rule=EdgeRule(sigma=2.0),
-                schedule=WarmupStableDecay(total_steps, warmup=0.05, decay=0.2))
+    return dict(beta3=0.99, search_direction="momentum", weight_decay=0.1,
+                schedule=WarmupStableDecay(total_steps, warmup=0.05, decay=0.5))
 
 
 PRESETS: Dict[str, Callable[[Optional[int]], dict]] = {

@@ -53,8 +53,9 @@ class EdgeRule:
         Q = avg(q),  K = avg(max(kappa_hat, 0))       (EMAs with weight ``smoothing``, bias-corrected)
         eta_next = clip(sigma * Q / K, eta / max_change, eta * max_change)   (eta * max_change if K == 0)
 
-    The trial is the update unless it is a blow-up: ``f1 - f0 > blowup * eta * q`` (the quadratic
-    model puts that beyond twice the edge at ``blowup = 1``) or ``f1`` non-finite; then
+    The trial is the update unless it is a blow-up: the loss rose by more than ``blowup`` times
+    ``h``, the smoothed decrease of kept trials (0 before the first: any rise), or ``f1`` is
+    non-finite; then
     ``eta *= backtrack`` and the trial is repeated. A step with ``q <= 0`` (possible along the
     momentum direction) carries no curvature information: the trial is kept (unless a blow-up)
     and the level with it.
@@ -109,7 +110,11 @@ class EdgeSearch:
         self.state.num_forward_evals += 1
         rule, eta, q = self.rule, self.step_size, self.slope
         self.state.last_loss_decrease = self.loss - trial_loss
-        blown_up = not math.isfinite(trial_loss) or trial_loss - self.loss > rule.blowup * eta * abs(q)
+        # A rise beyond ``blowup`` typical decreases (h, the smoothed decrease of kept trials; 0 at
+        # first) is a blow-up. Not ``eta*q``: far past the edge the loss saturates and
+        # kappa_hat ~ 2q/eta reads as "at the edge" at any large eta.
+        allowed = rule.blowup * max(self.state.loss_decrease_avg, 0.0)
+        blown_up = not math.isfinite(trial_loss) or trial_loss - self.loss > allowed
         if q > 0 and math.isfinite(trial_loss):
             kappa = curvature_estimate(self.loss, trial_loss, q, eta)
             self.last_ratio = eta * kappa / q

@@ -10,6 +10,7 @@ and sees the same batches in the same order. Sizes: ``"tiny"`` (tests), ``"cpu"`
   smoothing 0.1, so the loss has a floor above zero and ratios of losses mean something).
 - ``seqcls``: a small transformer encoder classifying synthetic token sequences by their
   most frequent marker token, with 10% of labels flipped (fresh data every step).
+- ``teacher``: regression on fresh samples from a fixed random teacher network (an MLP student).
 - ``diabetes``: scikit-learn's diabetes regression (ships with the package), an MLP on
   standardized features and target (mean squared error).
 """
@@ -218,8 +219,42 @@ def diabetes_task(size: str, seed: int, device: torch.device, steps: int = None)
                 lambda model, batch: F.mse_loss(model(batch[0]), batch[1]), val)
 
 
+# ---------------------------------------------------------------------------- teacher
+_TEACHER_SIZES = {"tiny": dict(width=16, batch=32, steps=30), "cpu": dict(width=64, batch=64, steps=400),
+                  "gpu": dict(width=512, batch=256, steps=1500)}
+_TEACHER_INPUTS, _TEACHER_NOISE = 16, 0.1
+
+
+def teacher_task(size: str, seed: int, device: torch.device, steps: int = None) -> Task:
+    """Regression on fresh samples: ``y = teacher(x) + 0.1*noise``, ``x ~ N(0, I_16)``; the
+    teacher is a fixed random tanh MLP (seed 0), the student a GELU MLP. The loss floor is the
+    noise variance 0.01, and with fresh data the train loss measures optimization, not memorization."""
+    cfg = _TEACHER_SIZES[size]
+    steps = steps or cfg["steps"]
+    gen0 = torch.Generator().manual_seed(0)
+    w1 = torch.randn(_TEACHER_INPUTS, 32, generator=gen0) / math.sqrt(_TEACHER_INPUTS)
+    w2 = torch.randn(32, 1, generator=gen0) / math.sqrt(32) * 2
+
+    def sample(count, gen):
+        x = torch.randn(count, _TEACHER_INPUTS, generator=gen)
+        y = (torch.tanh(x @ w1 * 2) @ w2).flatten() + _TEACHER_NOISE * torch.randn(count, generator=gen)
+        return x.to(device), y.to(device)
+
+    gen = torch.Generator().manual_seed(seed)
+    batches = [sample(cfg["batch"], gen) for _ in range(steps)]
+    val = [sample(2048, torch.Generator().manual_seed(10_000))]
+    width = cfg["width"]
+
+    def build():
+        return nn.Sequential(nn.Linear(_TEACHER_INPUTS, width), nn.GELU(), nn.Linear(width, width), nn.GELU(),
+                             nn.Linear(width, 1), nn.Flatten(0))
+
+    return Task("teacher", steps, device, build, batches,
+                lambda model, batch: F.mse_loss(model(batch[0]), batch[1]), val)
+
+
 TASKS: Dict[str, Callable[..., Task]] = {"gpt": gpt_task, "digits": digits_task, "seqcls": seqcls_task,
-                                         "diabetes": diabetes_task}
+                                         "teacher": teacher_task, "diabetes": diabetes_task}
 
 
 def make_task(name: str, size: str, seed: int = 0, device=None, steps: int = None) -> Task:

@@ -4,7 +4,19 @@ import json
 import math
 import os
 
+import pytest
+import torch
+
 from benchmarks.quality import run
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: intra-op threads only add contention on a busy 2-core CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_quality_suite_runs_end_to_end(tmp_path):
