@@ -5,7 +5,8 @@ small's 148 shapes, every leading dimension times ``--scale``; gradients shared)
 
 - ``adamw_foreach``: ``torch.optim.AdamW(foreach=True)``; ``adamw_fused``: ``fused=True``;
 - ``salsa_plain``: ``FusedSaLSa(backend="torch")`` on a plain step (no search: moments
-  and the Adam update, one finiteness check);
+  and the Adam update, one finiteness check); ``salsa_plain_pass``: the backend's
+  ``plain_step`` alone, without the optimizer's per-step Python work;
 - ``salsa_search``: a search step with one trial (reduction pass for ``q``, pass A with the
   saved copy, one forward of a trivial closure, one host read per trial);
 - ``salsa_pass_b``: one further trial (pass B, ``retrial``) on its own.
@@ -31,7 +32,7 @@ from salsa_fused import FusedSaLSa  # noqa: E402
 from salsa_fused.backends import torch_backend  # noqa: E402
 from salsa_fused.backends.base import GRADIENT  # noqa: E402
 
-PROVIDERS = ("adamw_foreach", "adamw_fused", "salsa_plain", "salsa_search", "salsa_pass_b")
+PROVIDERS = ("adamw_foreach", "adamw_fused", "salsa_plain", "salsa_plain_pass", "salsa_search", "salsa_pass_b")
 
 
 def plain_step_optimizer(params, **kwargs) -> FusedSaLSa:
@@ -59,6 +60,16 @@ def build(shapes, dtype: torch.dtype, device: str = "cpu") -> Dict[str, object]:
 
     plain = plain_step_optimizer(C.make_params(shapes, dtype, device, grads=grads), backend="torch")
     fns["salsa_plain"] = lambda: plain.step(lambda: loss, loss=loss)
+    plain_pass = plain_step_optimizer(C.make_params(shapes, dtype, device, grads=grads), backend="torch")
+    plain_pass.step(lambda: loss, loss=loss)
+    (plain_bucket,) = plain_pass._collect_buckets()
+    plain_hyper = plain_pass._hyper(plain_pass.param_groups[0], plain_pass.search_state.step)
+
+    @torch.no_grad()
+    def plain_pass_only():
+        torch_backend.plain_step(plain_bucket, plain_hyper, 1e-4, 1e-4, loss)
+
+    fns["salsa_plain_pass"] = plain_pass_only
 
     search = search_step_optimizer(C.make_params(shapes, dtype, device, grads=grads), backend="torch")
     fns["salsa_search"] = lambda: search.step(lambda: accepted, loss=loss)

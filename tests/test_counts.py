@@ -141,3 +141,43 @@ def test_state_bytes_counts_distinct_storages_and_excludes_weights():
     opt.step(lambda: torch.tensor(0.0), loss=torch.tensor(1.0))  # a search step: saved copies appear
     after = M.state_bytes(opt, params)
     assert 3 * 16 * 4 <= after <= 3 * 16 * 4 + 64, after  # + the 0-dim non-finite counters
+
+
+# ---------------------------------------------------------------------------- CPU fallback speed-up
+def _strided_copy(x: torch.Tensor) -> torch.Tensor:
+    """Same values in non-contiguous storage (every other element of a buffer)."""
+    y = torch.empty((*x.shape, 2), dtype=x.dtype)[..., 0]
+    y.copy_(x)
+    assert not y.is_contiguous() or x.numel() <= 1
+    return y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_blocked_cpu_plain_step_is_bitwise_the_foreach_form(monkeypatch, dtype, weight_decay, scaled):
+    """The CPU plain step runs block by block (cache-friendly); non-contiguous tensors take the
+    foreach form that the parity tests check against salsa-optimizer 0.1.0. Same bits."""
+    from salsa_fused.backends import torch_backend
+    from salsa_fused.backends.base import Bucket, Hyper
+    monkeypatch.setattr(torch_backend, "CPU_BLOCK", 1000)  # several blocks and ragged tails
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(2500,), (3, 5), (40, 60), (1,), (1001,)]
+
+    def tensors(scale, dtype_):
+        return [(torch.randn(s, generator=generator) * scale).to(dtype_) for s in shapes]
+    weights, grads = tensors(0.1, dtype), tensors(1e-3 * (1024.0 if scaled else 1.0), dtype)
+    exp_avg, exp_avg_sq = tensors(1e-3, torch.float32), [t.abs() for t in tensors(1e-3, torch.float32)]
+    blocked = Bucket([t.clone() for t in weights], grads, [t.clone() for t in exp_avg],
+                     [t.clone() for t in exp_avg_sq], None, torch.device("cpu"), dtype, 0)
+    foreach = Bucket(*[[_strided_copy(t) for t in ts] for ts in (weights, grads, exp_avg, exp_avg_sq)],
+                     None, torch.device("cpu"), dtype, 0)
+    grad_scale = torch.tensor(1024.0) if scaled else None
+    for step in range(1, 4):
+        hyper = Hyper(0.9, 0.999, 1e-8, weight_decay, 1 - 0.9 ** (step + 1), 1 - 0.999 ** (step + 1), 1.0)
+        for bucket in (blocked, foreach):
+            torch_backend.plain_step(bucket, hyper, 1e-3, 1e-3, torch.tensor(1.0), grad_scale=grad_scale)
+    for name in ("params", "exp_avg", "exp_avg_sq"):
+        for a, b in zip(getattr(blocked, name), getattr(foreach, name)):
+            assert torch.equal(a, b), name
+    assert not torch.equal(blocked.params[0], weights[0].to(dtype))  # the weights did move
