@@ -361,6 +361,12 @@ class FusedSaLSa(Optimizer):
             self._nonfinite_loss_count = torch.zeros((), dtype=torch.int64, device=self._device)
         return self._nonfinite_loss_count
 
+    def _scaler_skip_counter(self) -> torch.Tensor:
+        """Plain steps since the last search that GradScaler skipped (an int64 device scalar)."""
+        if self.__dict__.get("_scaler_skip_count") is None:
+            self._scaler_skip_count = torch.zeros((), dtype=torch.int64, device=self._device)
+        return self._scaler_skip_count
+
     def _nonfinite_counter(self) -> torch.Tensor:
         if self._nonfinite_count is None:
             self._nonfinite_count = torch.zeros((), dtype=torch.int64, device=self._device)
@@ -449,10 +455,11 @@ class FusedSaLSa(Optimizer):
         hypers = {b.group_index: self._hyper(self.param_groups[b.group_index], plan.state.step)
                   for b in buckets}
         if not plan.is_search:
-            if found_inf is not None and bool(found_inf.any()):
-                # GradScaler saw inf/nan: skip like AdamW with the search state unchanged
-                # (one host read per step, only when a GradScaler passes found_inf).
-                return loss_tensor if one_phase else loss
+            if found_inf is not None:
+                # GradScaler saw inf/nan: the pass below changes nothing (the backend reads
+                # found_inf on the device). Counted on the device, no host read: the next
+                # search takes such steps back out of k and t.
+                self._scaler_skip_counter().add_((found_inf.reshape(()) != 0).to(torch.int64))
             if self.reduction.loss_group is not None:
                 # Every rank must take the same skip decision: judge the loss averaged over
                 # the data-parallel group (one 4-byte all-reduce, no host read).
@@ -488,8 +495,19 @@ class FusedSaLSa(Optimizer):
         # q and the flags are per shard under FSDP2: one sum over the shard group for all three.
         shard_sums = self.reduction.sum_over_shards(torch.cat([q.reshape(1), *flags]))
         loss_avg = self.reduction.average_loss(f0.reshape(1))
-        f0_value, q_value, inf_flag, earlier_nonfinite, earlier_bad_losses = torch.cat(
-            [loss_avg, shard_sums]).tolist()  # the one host read before any write
+        f0_value, q_value, inf_flag, earlier_nonfinite, earlier_bad_losses, scaler_skips = torch.cat(
+            [loss_avg, shard_sums, self._scaler_skip_counter().to(torch.float32).reshape(1)]
+        ).tolist()  # the one host read before any write
+        if scaler_skips:
+            skipped = int(scaler_skips)
+            self._scaler_skip_count.zero_()
+            step_state.step -= skipped  # step_state is plan.state: the rule below sees this
+            step_state.steps_since_search = max(0, step_state.steps_since_search - skipped)
+            hypers = {index: self._hyper(self.param_groups[index], step_state.step) for index in hypers}
+            current = self.search_state  # kept even if this step is skipped or rejected below
+            current.step -= skipped
+            current.steps_since_search = max(0, current.steps_since_search - skipped)
+            self._commit(current)
         if inf_flag:
             rng_after.restore()
             return  # GradScaler found inf/nan: skip the step like AdamW, state unchanged
