@@ -71,13 +71,19 @@ def test_triton_interrupted_search_restores_once_per_bucket(triton_counts, resto
 
 @pytest.mark.parametrize("restore", ["copy", "inplace"])
 def test_torch_backend_passes_and_reads(torch_counts, restore):
-    """The reference backend makes the same passes; on a plain step it reads two flags per
-    bucket on the host (loss/found_inf finite, gradients finite) by design, free on the CPU."""
+    """The reference backend makes the same passes; on a plain step it reads flags on the host
+    by design, free on the CPU: per bucket one (loss/found_inf finite), and per block of
+    ``CPU_BLOCK`` elements one (gradients finite, checked while the block is in cache)."""
+    from salsa_fused.backends.torch_backend import CPU_BLOCK
     counts = torch_counts[restore]
     plain = counts["plain step"]
     assert plain["passes"] == {"plain_step": BUCKETS}
-    assert plain["host_reads"] == 2 * BUCKETS
-    assert all(site.startswith("__bool__ at torch_backend.py") for site in plain["host_read_sites"])
+    model, _, _ = S.demo_model()
+    blocks = sum(-(-p.numel() // CPU_BLOCK) for p in model.parameters())
+    assert plain["host_reads"] == BUCKETS + blocks
+    sites = plain["host_read_sites"]
+    assert sum(site.startswith("__bool__ at torch_backend.py") for site in sites) == BUCKETS
+    assert sum(site.startswith("__float__ at torch_backend.py") for site in sites) == blocks
     search = counts["search step, 4 trials"]
     assert search["passes"] == {"preconditioned_grad_norm": BUCKETS, "first_trial": BUCKETS,
                                 "retrial": 3 * BUCKETS}

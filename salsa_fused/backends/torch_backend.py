@@ -12,6 +12,7 @@ result is rounded once when written back; moments are always fp32.
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional
 
 import torch
@@ -173,13 +174,13 @@ def plain_step(bucket: Bucket, hyper: Hyper, step_size: float, decay_step_size: 
     if not bool(step_ok):
         return
     grads = _grads_fp32(bucket, grad_scale)
+    if bucket.device.type == "cpu" and all(t.is_contiguous() for stream in (
+            grads, bucket.params, bucket.exp_avg, bucket.exp_avg_sq) for t in stream):
+        _plain_step_blocked(bucket, hyper, step_size, decay_step_size, grads, nonfinite_count)
+        return
     grad_norms = C.foreach_norm(grads)
     if not bool(torch.isfinite(torch.stack(grad_norms)).all()):
         _guarded_plain_step(bucket, hyper, step_size, decay_step_size, grads, nonfinite_count)
-        return
-    if bucket.device.type == "cpu" and all(t.is_contiguous() for stream in (
-            grads, bucket.params, bucket.exp_avg, bucket.exp_avg_sq) for t in stream):
-        _plain_step_blocked(bucket, hyper, step_size, decay_step_size, grads)
         return
     exp_avg, exp_avg_sq = _new_moments(bucket, hyper, grads)
     C.foreach_copy_(bucket.exp_avg, exp_avg)
@@ -200,13 +201,15 @@ CPU_BLOCK = 1 << 18
 
 
 def _plain_step_blocked(bucket: Bucket, hyper: Hyper, step_size: float, decay_step_size: float,
-                        grads: List[torch.Tensor]) -> None:
-    """The plain step on the CPU (gradients already checked finite), block by block.
+                        grads: List[torch.Tensor], nonfinite_count: Optional[torch.Tensor]) -> None:
+    """The plain step on the CPU, block by block.
 
     The same operations as the foreach form above, in the same order and with the same
     roundings (bitwise equal), applied to one block of elements at a time so that the
     block stays in cache across them; moments are updated in place and two block-sized
-    scratch rows replace the foreach form's weight-sized temporaries.
+    scratch rows replace the foreach form's weight-sized temporaries. Finiteness is
+    checked per block on ``sum(g^2)`` while the block is in cache (no separate pass over
+    the gradients); a block that fails takes the element-wise guarded path.
     """
     largest = max((p.numel() for p in bucket.params), default=0)
     if largest == 0:
@@ -223,6 +226,11 @@ def _plain_step_blocked(bucket: Bucket, hyper: Hyper, step_size: float, decay_st
             gb, mb, vb, wb = g[start:end], m[start:end], v[start:end], w[start:end]
             s, t = scratch[0, :end - start], scratch[1, :end - start]
             torch.mul(gb, gb, out=s)  # v = beta2*v + (1-beta2)*g^2
+            if not math.isfinite(float(s.sum())):  # NaN/inf in g (or g^2 overflowing fp32)
+                block = Bucket(params=[wb], grads=[gb], exp_avg=[mb], exp_avg_sq=[vb], saved=None,
+                               device=bucket.device, dtype=bucket.dtype, group_index=bucket.group_index)
+                _guarded_plain_step(block, hyper, step_size, decay_step_size, [gb], nonfinite_count)
+                continue
             s.mul_(1 - beta2)
             vb.mul_(beta2)
             vb.add_(s)
