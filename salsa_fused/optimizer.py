@@ -405,6 +405,16 @@ class FusedSaLSa(Optimizer):
         leaves them; the moments keep this step's gradient (restoring them exactly would need
         a copy of m and v, 8 bytes per parameter).
         """
+        try:
+            return self._step(closure, loss)
+        except BaseException:
+            # GradScaler sets grad_scale/found_inf before step() and deletes them only after a
+            # step that returns: drop them here so a later step cannot read a stale scale.
+            self.__dict__.pop("grad_scale", None)
+            self.__dict__.pop("found_inf", None)
+            raise
+
+    def _step(self, closure: Optional[LossClosure], loss):
         if closure is None and loss is None and self.__dict__.get("_bound_step") is not None:
             closure, loss = self.__dict__.pop("_bound_step")
         if closure is None:

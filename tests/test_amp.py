@@ -218,3 +218,27 @@ def test_low_precision_runs_train_like_fp32(batches, device):
         if name != "bf16 weights":
             ratio = math.exp(_mean([math.log(a / b) for a, b in zip(etas[-10:], fp32_etas[-10:])]))
             assert 0.5 < ratio < 2.0, f"{name}: step size / fp32's over the last 10 steps: {ratio:.3f}"
+
+
+def test_a_step_that_raises_under_grad_scaler_leaves_no_stale_scale():
+    """GradScaler deletes grad_scale/found_inf only after a step that returns; a raising step
+    must not leave them for the next, scaler-free step to read."""
+    model = _mlp("cpu")
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    x, y = _batch(0, "cpu")
+    loss = F.mse_loss(model(x), y)
+    scaler.scale(loss).backward()
+
+    def broken_closure():
+        raise KeyError("data loader failed")
+
+    with pytest.raises(KeyError, match="data loader failed"):
+        scaler.step(opt, broken_closure, loss=loss)
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+    opt.zero_grad()
+    loss = F.mse_loss(model(x), y)
+    loss.backward()
+    before = opt.search_state.step
+    opt.step(lambda: F.mse_loss(model(x), y), loss=loss)  # unscaled: must not divide by 256
+    assert opt.search_state.step == before + 1
