@@ -3,8 +3,9 @@
 Same functions and signatures as ``torch_backend`` (the executable spec); the kernels
 and their formulas are in ``triton_kernels``. Per bucket, a table of the tensors'
 data pointers and a block map are built once and cached in ``bucket.cache["triton"]``,
-keyed by the data pointers of every stream and the numel and dtype of weights and
-gradients; a moved or replaced tensor makes a new table. Tensors whose streams all start on a 16-byte boundary (all of them, in
+keyed by the data pointers of every stream but the gradients and the numel and dtype of
+weights and gradients; a moved or replaced weight, moment or saved copy makes a new
+table, new gradient storage only rewrites the table's gradient column. Tensors whose streams all start on a 16-byte boundary (all of them, in
 practice) share one launch on the vectorized path; any others take a second launch
 without alignment hints.
 
@@ -87,6 +88,8 @@ class _Tables:
     w_dtype: object  # triton dtypes of the weight (and saved) stream and of the gradients
     g_dtype: object
     has_saved: bool
+    grad_pointers: Tuple[int, ...] = ()  # the gradient addresses the table's column holds
+    params_contiguous: bool = False
 
 
 def _streams(bucket: Bucket) -> Tuple[Sequence[torch.Tensor], ...]:
@@ -98,13 +101,17 @@ _dtype_of = operator.attrgetter("dtype")
 
 
 def _table_key(bucket: Bucket) -> tuple:
-    """Data pointers of every stream, numel and dtype of the user-owned streams (weights, grads).
+    """Data pointers of every stream but the gradients, numel and dtype of weights and grads.
 
     The optimizer-owned streams (moments, saved copies) are created with the weights' shape
     and a fixed dtype (checked when the table is built), so their pointers identify them.
+    Gradients are left out: ``zero_grad(set_to_none=True)`` gives them new storage every
+    step, and only their column of the table is rewritten then (``_tables``).
     Built with ``map`` (loops in C): a few hundred ns per tensor and stream on the host.
     """
-    pointers = tuple(tuple(map(torch.Tensor.data_ptr, stream)) for stream in _streams(bucket))
+    streams = (bucket.params, bucket.exp_avg, bucket.exp_avg_sq)
+    streams = streams + (bucket.saved,) if bucket.saved is not None else streams
+    pointers = tuple(tuple(map(torch.Tensor.data_ptr, stream)) for stream in streams)
     return pointers + tuple(tuple(map(torch.Tensor.numel, stream)) + tuple(map(_dtype_of, stream))
                             for stream in (bucket.params, bucket.grads))
 
@@ -164,7 +171,9 @@ def _build_tables(bucket: Bucket) -> _Tables:
         if block_table.shape[0]:
             launches.append(_Launch(_to_device(block_table, device), block_table.shape[0], want_aligned))
     return _Tables(tensor_table, tuple(launches), sum(launch.n_blocks for launch in launches),
-                   _triton_dtype(w_dtype), _triton_dtype(g_dtype), bucket.saved is not None)
+                   _triton_dtype(w_dtype), _triton_dtype(g_dtype), bucket.saved is not None,
+                   grad_pointers=tuple(row[K.GRAD_COLUMN] for row in rows),
+                   params_contiguous=all(map(torch.Tensor.is_contiguous, bucket.params)))
 
 
 def _block_table(blocks_per_tensor: torch.Tensor) -> torch.Tensor:
@@ -188,12 +197,23 @@ def _tables(bucket: Bucket) -> _Tables:
     cache: Dict[tuple, _Tables] = bucket.cache.setdefault(name, {})
     key = _table_key(bucket)
     tables = cache.get(key)
-    if tables is None:
-        _require_triton()
-        tables = _build_tables(bucket)
-        if len(cache) >= _MAX_CACHED_TABLES:
-            cache.pop(next(iter(cache)))
-        cache[key] = tables
+    if tables is not None:
+        grad_pointers = tuple(map(torch.Tensor.data_ptr, bucket.grads))
+        if grad_pointers == tables.grad_pointers:
+            return tables
+        if (tables.params_contiguous and all(map(torch.Tensor.is_contiguous, bucket.grads))
+                and all(pointer % ALIGNMENT_BYTES == 0 for pointer in grad_pointers)):
+            # New gradient storage, same layout and alignment class: rewrite the column only
+            # (one small host-to-device copy, stream-ordered after the kernels that read it).
+            column = _to_device(torch.tensor(grad_pointers, dtype=torch.int64), bucket.device)
+            tables.tensor_table[:, K.GRAD_COLUMN].copy_(column)
+            tables.grad_pointers = grad_pointers
+            return tables
+    _require_triton()
+    tables = _build_tables(bucket)
+    if len(cache) >= _MAX_CACHED_TABLES:
+        cache.pop(next(iter(cache)))
+    cache[key] = tables
     return tables
 
 

@@ -12,7 +12,7 @@ from unittest import mock
 import pytest
 import torch
 
-from salsa_fused.backends import triton_backend
+from salsa_fused.backends import torch_backend, triton_backend
 from salsa_fused.backends.base import GRADIENT, MOMENTUM, Bucket, Hyper
 
 pytestmark = pytest.mark.skipif(not triton_backend.is_available(), reason="triton cannot run here")
@@ -94,8 +94,21 @@ def test_tables_built_once_per_layout():
             triton_backend.first_trial(bucket, HYPER, 0.5, 0.5, GRADIENT)
             triton_backend.retrial(bucket, HYPER, 0.4, 0.5, 0.5, GRADIENT)
         assert build.call_count == 1
-        bucket.grads[3] = bucket.grads[3].clone()  # a new gradient tensor: a new table
+        # New gradient storage (zero_grad(set_to_none=True) then backward): only the table's
+        # gradient column is rewritten, no rebuild, and the kernels read the new gradients.
+        bucket.grads = [g.clone() * 2 for g in bucket.grads]
+        reference = Bucket([p.clone() for p in bucket.params], [g.clone() for g in bucket.grads],
+                           [m.clone() for m in bucket.exp_avg], [v.clone() for v in bucket.exp_avg_sq],
+                           [w.clone() for w in bucket.saved], DEVICE, bucket.dtype, 0)
         triton_backend.retrial(bucket, HYPER, 0.3, 0.4, 0.5, GRADIENT)
+        torch_backend.retrial(reference, HYPER, 0.3, 0.4, 0.5, GRADIENT)
+        assert build.call_count == 1
+        for ours, expected in zip(bucket.params, reference.params):
+            torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-7)
+        # A gradient that is not 16-byte aligned changes the launch split: a full rebuild.
+        storage = torch.empty(bucket.grads[3].numel() + 1, dtype=bucket.grads[3].dtype, device=DEVICE)
+        bucket.grads[3] = storage[1:].view_as(bucket.grads[3]).copy_(bucket.grads[3])
+        triton_backend.retrial(bucket, HYPER, 0.2, 0.3, 0.5, GRADIENT)
         assert build.call_count == 2
 
 
