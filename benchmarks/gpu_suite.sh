@@ -31,6 +31,8 @@ if [[ $smoke -eq 1 ]]; then
   "$py" benchmarks/memory.py --device cpu --tiny --backends torch --out-dir "$out_dir" > /dev/null
   "$py" benchmarks/kernel_bench.py --device cpu --tiny --sizes 4096 --dtypes fp32 bf16 --repeats 2 \
       --out-dir "$out_dir" > /dev/null
+  SALSA_BENCH_DEVICE=cpu "$py" -m pytest -q -p no:cacheprovider benchmarks/test_kernel_speed.py \
+      --benchmark-json "$out_dir/kernel_speed.json" > /dev/null
   "$py" benchmarks/train_bench.py --device cpu --tiny --steps 4 --out-dir "$out_dir" > /dev/null
   "$py" benchmarks/plot_results.py --dir "$out_dir"
   echo "== smoke done"
@@ -56,6 +58,7 @@ echo "== counts and memory"
 
 echo "== kernel level: plain step, reduction, pass A, pass B vs AdamW fused/foreach, copy roofline"
 "$py" benchmarks/kernel_bench.py --device cuda --out-dir "$out_dir"
+"$py" -m pytest -q -p no:cacheprovider benchmarks/test_kernel_speed.py --benchmark-json "$out_dir/kernel_speed.json"
 
 echo "== training level: GPT-2 small, B=8, T=512, bf16 autocast, 2000 steps per optimizer"
 "$py" benchmarks/train_bench.py --device cuda --out-dir "$out_dir"

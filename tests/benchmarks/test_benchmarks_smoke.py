@@ -89,3 +89,16 @@ def test_counts_and_memory_results(smoke_dir):
     assert counts["triton/copy"]["plain step"]["host_reads"] == 0
     memory = _load(smoke_dir / "memory_float32.json")["summary"]
     assert memory["targets_met"] and all(memory["targets_met"].values())
+
+
+def test_pytest_benchmark_form_times_every_provider(smoke_dir):
+    """benchmarks/test_kernel_speed.py (pytest-benchmark) ran in the smoke and timed every
+    provider for both dtypes, each record carrying the bytes it must move."""
+    data = json.loads((smoke_dir / "kernel_speed.json").read_text(encoding="utf-8"))
+    records = {(b["params"]["provider"], b["params"]["dtype_name"]): b for b in data["benchmarks"]}
+    for dtype in ("fp32", "bf16"):
+        for provider in ("salsa_plain", "salsa_reduction", "salsa_pass_a", "salsa_pass_b", "copy",
+                         "adamw_foreach"):
+            record = records[(provider, dtype)]
+            assert record["stats"]["mean"] > 0
+            assert record["extra_info"]["bytes_moved"] > 0
