@@ -23,13 +23,7 @@ from salsa_fused import FusedSaLSa
 from salsa_fused.line_search import plan_step
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is much faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(sys.modules["salsa_fused"].__file__))

@@ -22,14 +22,7 @@ salsa_reference = pytest.importorskip("salsa.SaLSA", reason="test dependency sal
 from salsa_fused import FusedSaLSa  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add contention (10x slower on a busy
-    2-core CI machine). Both optimizers run under the same setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _mlp() -> torch.nn.Module:

@@ -15,13 +15,7 @@ from salsa_fused import FusedSaLSa
 from salsa_fused.line_search import plan_step
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a busy 2-core CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 _X = torch.randn(16, 5, generator=torch.Generator().manual_seed(2))

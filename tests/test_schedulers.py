@@ -15,13 +15,7 @@ from torch.optim import lr_scheduler
 from salsa_fused import FusedSaLSa
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is much faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 BETA1, BETA2, EPS, GROWTH = 0.9, 0.999, 1e-8, 1.1

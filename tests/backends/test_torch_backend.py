@@ -19,13 +19,7 @@ from salsa_fused.backends import torch_backend as B
 from salsa_fused.backends.base import Bucket, Hyper
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a busy 2-core CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 SHAPES = [(), (1,), (4097,), (5, 17, 3), (64, 33)]

@@ -8,11 +8,9 @@ import torch
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _tiny_tensors_one_thread(one_intra_op_thread):
+    """Every integration test here uses tiny models (see tests/conftest.py)."""
     yield
-    torch.set_num_threads(threads)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
