@@ -90,6 +90,48 @@ def _published(task, model, total_steps) -> Built:
     return Built(SaLSA(model.parameters()), "salsa_pub")
 
 
+@dataclass(frozen=True)
+class ShapedDecay:
+    """Screen schedule: linear warmup over ``warmup``, flat, then a ``shape`` cooldown ("linear",
+    "cosine", "sqrt": 1 - sqrt(progress)) over the last ``decay`` fraction to ``final``, all times
+    ``factor``; the search runs during the cooldown iff ``search_in_decay``."""
+
+    total_steps: int
+    warmup: float = 0.05
+    decay: float = 0.5
+    shape: str = "linear"
+    factor: float = 1.0
+    final: float = 0.0
+    search_in_decay: bool = False
+
+    SHAPES = ("linear", "cosine", "sqrt")
+
+    def __post_init__(self):
+        if self.shape not in self.SHAPES:
+            raise ValueError(f"shape must be one of {self.SHAPES}, got {self.shape!r}")
+
+    def scale(self, step: int) -> float:
+        n = self.total_steps
+        warm = int(round(self.warmup * n))
+        start = n - int(round(self.decay * n))
+        if step <= warm:
+            value = step / warm
+        elif step <= start:
+            value = 1.0
+        else:
+            x = min(1.0, (step - start) / max(1, n - start))
+            y = {"linear": 1 - x, "cosine": 0.5 * (1 + math.cos(math.pi * x)), "sqrt": 1 - math.sqrt(x)}[self.shape]
+            value = self.final + (1 - self.final) * y
+        return self.factor * value
+
+    def searches(self, step: int) -> bool:
+        return self.search_in_decay or step <= self.total_steps - int(round(self.decay * self.total_steps))
+
+
+def _author(**extra):
+    return dict(beta3=0.99, search_direction="momentum", weight_decay=WEIGHT_DECAY, **extra)
+
+
 def _wsd(total_steps):
     return WarmupStableDecay(total_steps, warmup=0.05, decay=0.2)
 
@@ -131,6 +173,34 @@ REGISTRY: Dict[str, Callable] = {
                                            search_rule=EdgeRule(sigma=1.0), schedule=_wsd(n))),
     "edge2_grad_wsd": _fused(lambda n: dict(weight_decay=WEIGHT_DECAY, search_rule=EdgeRule(sigma=2.0),
                                             schedule=_wsd(n))),
+    # teacher-gap screen (NOTES.md section 4): x<f> = f times the searched level applied
+    "wsd50_x1.5": _fused(lambda n: _author(schedule=ShapedDecay(n, decay=0.5, factor=1.5))),
+    "wsd50_x2": _fused(lambda n: _author(schedule=ShapedDecay(n, decay=0.5, factor=2.0))),
+    "wsd50_c0.3": _fused(lambda n: _author(c=0.3, schedule=WarmupStableDecay(n, 0.05, 0.5))),
+    "wsd40": _fused(lambda n: _author(schedule=WarmupStableDecay(n, 0.05, 0.4))),
+    "wsd60": _fused(lambda n: _author(schedule=WarmupStableDecay(n, 0.05, 0.6))),
+    "wsd50_to0.1": _fused(lambda n: _author(schedule=WarmupStableDecay(n, 0.05, 0.5, final=0.1))),
+    "wsd50_sqrt": _fused(lambda n: _author(schedule=ShapedDecay(n, decay=0.5, shape="sqrt"))),
+    "wsd70_x2": _fused(lambda n: _author(schedule=ShapedDecay(n, decay=0.7, factor=2.0))),
+    "cos95_search": _fused(lambda n: _author(schedule=ShapedDecay(n, decay=0.95, shape="cosine", final=0.1,
+                                                                    search_in_decay=True))),
+    "cos95_search_x2": _fused(lambda n: _author(schedule=ShapedDecay(n, decay=0.95, shape="cosine", final=0.1,
+                                                                       factor=2.0, search_in_decay=True))),
+    "wsd50_cos": _fused(lambda n: _author(schedule=ShapedDecay(n, decay=0.5, shape="cosine"))),
+    "wsd50_search": _fused(lambda n: _author(schedule=ShapedDecay(n, decay=0.5, search_in_decay=True))),
+    "lin95_search": _fused(lambda n: _author(schedule=ShapedDecay(n, decay=0.95, search_in_decay=True))),
+    "lin95_search_x2": _fused(lambda n: _author(schedule=ShapedDecay(n, decay=0.95, factor=2.0,
+                                                                       search_in_decay=True))),
+    "lin95_search_x1.5": _fused(lambda n: _author(schedule=ShapedDecay(n, decay=0.95, factor=1.5,
+                                                                         search_in_decay=True))),
+    "lin95_x2": _fused(lambda n: _author(schedule=ShapedDecay(n, decay=0.95, factor=2.0))),
+    "wsd70_x1.5": _fused(lambda n: _author(schedule=ShapedDecay(n, decay=0.7, factor=1.5))),
+    "wsd70": _fused(lambda n: _author(schedule=ShapedDecay(n, decay=0.7))),
+    "wsd85_x2": _fused(lambda n: _author(schedule=ShapedDecay(n, decay=0.85, factor=2.0))),
+    "lin95_x1.5": _fused(lambda n: _author(schedule=ShapedDecay(n, decay=0.95, factor=1.5))),
+    "wsd85_x1.5": _fused(lambda n: _author(schedule=ShapedDecay(n, decay=0.85, factor=1.5))),
+    "wsd70_x1.25": _fused(lambda n: _author(schedule=ShapedDecay(n, decay=0.7, factor=1.25))),
+    "wsd85_x1.25": _fused(lambda n: _author(schedule=ShapedDecay(n, decay=0.85, factor=1.25))),
     # the shipped recommendation (salsa_fused.presets.RECOMMENDED)
     "salsa_recommended": _preset(presets.RECOMMENDED),
     # references
