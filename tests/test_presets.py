@@ -8,13 +8,7 @@ from salsa_fused.line_search import ArmijoSearch
 from salsa_fused.step_size import WarmupStableDecay
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a busy 2-core CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def tiny_problem():
