@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gpt import GPT, ByteBatches, GPTConfig, load_stdlib_corpus  # noqa: E402
 
-from salsa_fused import FusedSaLSa  # noqa: E402
+from salsa_fused import FusedSaLSa, presets  # noqa: E402
 
 DTYPES = ("fp32", "bf16-autocast", "bf16", "fp16-autocast")
 
@@ -44,7 +44,9 @@ DTYPES = ("fp32", "bf16-autocast", "bf16", "fp16-autocast")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--optimizer", choices=("salsa", "adamw"), default="salsa")
+    parser.add_argument("--optimizer", choices=("salsa", "salsa-recommended", "adamw"), default="salsa",
+                        help="salsa: FusedSaLSa's defaults (the published SaLSa); salsa-recommended: "
+                             "salsa_fused.presets.recommended for a run of --steps steps")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps in total")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch per rank")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
@@ -57,7 +59,8 @@ def parse_args(argv=None):
                         help="bf16-autocast: fp32 weights, bf16 compute; bf16: bf16 weights "
                              "(fp32 optimizer moments); fp16-autocast needs --grad-scaler")
     parser.add_argument("--grad-scaler", action="store_true", help="torch.amp.GradScaler (for fp16)")
-    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--weight-decay", type=float, default=None,
+                        help="on matrices only (default: 0.1 with salsa-recommended, as the preset; else 0)")
     parser.add_argument("--search-direction", choices=("gradient", "momentum"), default="gradient",
                         help="FusedSaLSa's trial direction")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate")
@@ -102,7 +105,12 @@ def setup_distributed(requested_device: str):
 
 
 def make_optimizer(args, model, device):
-    groups = model.param_groups(args.weight_decay)
+    weight_decay = args.weight_decay
+    if weight_decay is None:
+        weight_decay = 0.1 if args.optimizer == "salsa-recommended" else 0.0
+    groups = model.param_groups(weight_decay)
+    if args.optimizer == "salsa-recommended":
+        return presets.recommended(groups, total_steps=args.steps), None
     if args.optimizer == "salsa":
         return FusedSaLSa(groups, search_direction=args.search_direction), None
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
@@ -226,7 +234,7 @@ def train(args) -> dict:
             def closure():  # the mean loss over all micro-batches, forward only
                 return sum(forward_loss(x, y).float() for x, y in micro) / k
 
-            if args.optimizer == "salsa":
+            if args.optimizer.startswith("salsa"):
                 scaler.step(opt, closure, loss=total)  # closure positional: GradScaler refuses closure=
             else:
                 scaler.step(opt)
@@ -238,7 +246,7 @@ def train(args) -> dict:
                 dist.all_reduce(loss_value)
                 loss_value /= world
             record = {"step": step + 1, "loss": loss_value.item(), "time": time.perf_counter() - started}
-            if args.optimizer == "salsa":
+            if args.optimizer.startswith("salsa"):
                 record.update(step_size=opt.step_size, effective_step_size=opt.effective_step_sizes[0],
                               interval=opt.search_interval, forwards=opt.num_forward_evals,
                               searches=opt.num_searches)
@@ -277,7 +285,7 @@ def train(args) -> dict:
         summary = {"first_loss": first, "last_loss": last, "val_loss": records[-1].get("val_loss"),
                    "steps": records[-1]["step"], "seconds": time.perf_counter() - started, "plot": plot_path}
         extra = (f", {records[-1]['forwards']} forward passes, {records[-1]['searches']} searches"
-                 if args.optimizer == "salsa" else "")
+                 if args.optimizer.startswith("salsa") else "")
         print(f"loss {first:.3f} -> {last:.3f} (mean of first/last 10 steps), val {summary['val_loss']:.3f}"
               f"{extra}; {summary['seconds']:.0f} s on {world} x {device.type}; plot {plot_path}", flush=True)
     if world > 1:

@@ -50,7 +50,8 @@ def test_pretrain_gpt_runs_plots_and_resumes_identically(tmp_path):
 
 @pytest.mark.parametrize("flags", [["--optimizer", "adamw", "--dtype", "bf16-autocast"],
                                    ["--dtype", "bf16", "--grad-accum", "2"],
-                                   ["--dtype", "fp16-autocast", "--grad-scaler"]])
+                                   ["--dtype", "fp16-autocast", "--grad-scaler"],
+                                   ["--optimizer", "salsa-recommended"]])
 def test_pretrain_gpt_precisions_and_adamw(tmp_path, flags):
     summary = _run(tmp_path, "--steps", "3", *flags)
     assert summary["steps"] == 3
