@@ -14,7 +14,8 @@ One trial gives the curvature estimate ``kappa_hat = 2*(f1 - f0 + eta*q) / eta^2
 published test (c = 0.5) accepts at most the greedy step ``q/kappa``; training with a fixed
 rate sits near the edge of stability ``2*q/kappa`` and above it, and the greedy search
 feeds back (the step falls, sharpness rises to meet it, the step falls again).
-:class:`EdgeRule` aims at ``sigma * q/kappa`` from averaged estimates instead.
+:class:`EdgeRule` aims at ``sigma * q/kappa`` from averaged estimates instead;
+:class:`NonMonotoneArmijo` measures the decrease from a reference ``max(f0, recent f0)``.
 
 A *schedule* multiplies the step the optimizer applies (trials still probe the searched
 level) and may freeze the search: :class:`WarmupStableDecay`.
@@ -25,8 +26,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from .line_search import (FAST_SMOOTHING, MIN_GRAD_NORM, SLOW_SMOOTHING, SearchConfig, SearchState,
-                          StepPlan)
+from .line_search import (FAST_SMOOTHING, MIN_GRAD_NORM, SLOW_SMOOTHING, ArmijoSearch, SearchConfig,
+                          SearchState, StepPlan, _f32, _fp32)
 
 
 def curvature_estimate(loss: float, trial_loss: float, slope: float, step_size: float) -> float:
@@ -215,3 +216,101 @@ class WarmupStableDecay:
 
     def searches(self, step: int) -> bool:
         return step <= self.decay_start
+
+
+@dataclass(frozen=True)
+class NonMonotoneArmijo:
+    """The smoothed Armijo test against a reference loss ``f_ref >= f0`` (non-monotone, PoNoS-like).
+
+    Identical to :class:`~salsa_fused.line_search.ArmijoSearch` except that the decrease of a
+    trial is measured from a reference instead of the current batch's loss ``f0``:
+
+        f_ref = max(f0, R),   accept eta when  beta3*h + (1-beta3)*(f_ref - f1) >= c * eta * s
+
+    (or ``f1 == f0``), with ``R`` over the ``f0`` of earlier searches: ``reference="ema"``, their
+    bias-corrected average with weight ``smoothing``; ``reference="max"``, the largest of the last
+    ``window``. A batch whose ``f0`` is below the recent losses (a lucky draw) then does not cut
+    the step. ``R`` (its average and count, or the recent values) lives in
+    ``SearchState.rule_state``, so in the optimizer's ``state_dict``; it is updated with ``f0`` when
+    the search finishes. An accepted trial sets ``h`` to the left side (``reference_in_average``,
+    the default), or to ``beta3*h + (1-beta3)*(f0 - f1)``: then the reference enters only the
+    current term of the test and ``h`` stays the plain smoothed decrease.
+    """
+
+    reference: str = "ema"
+    smoothing: float = 0.9
+    window: int = 10
+    reference_in_average: bool = True
+
+    REFERENCES = ("ema", "max")
+
+    def __post_init__(self):
+        if self.reference not in self.REFERENCES:
+            raise ValueError(f"reference must be one of {self.REFERENCES}, got {self.reference!r}")
+        if not 0.0 <= self.smoothing < 1.0:
+            raise ValueError(f"smoothing must lie in [0, 1), got {self.smoothing}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
+
+    def reference_loss(self, rule_state: dict, loss: float) -> float:
+        """``max(f0, R)``; ``f0`` alone before the first search."""
+        if self.reference == "ema":
+            count = rule_state.get("count", 0)
+            if count == 0:
+                return loss
+            average = rule_state["loss_avg"] / (1.0 - self.smoothing ** count)
+            return max(loss, average)
+        recent = rule_state.get("recent_losses", [])
+        return max([loss, *recent])
+
+    def remember(self, rule_state: dict, loss: float) -> None:
+        """Fold ``f0`` of a finished search into ``R`` (finite losses only)."""
+        if not math.isfinite(loss):
+            return
+        if self.reference == "ema":
+            rule_state["loss_avg"] = rule_state.get("loss_avg", 0.0) * self.smoothing + loss * (1.0 - self.smoothing)
+            rule_state["count"] = rule_state.get("count", 0) + 1
+        else:
+            rule_state["recent_losses"] = [*rule_state.get("recent_losses", []), loss][-self.window:]
+
+    def __call__(self, plan: StepPlan, config: SearchConfig, loss: float, grad_norm: float) -> "NonMonotoneSearch":
+        return NonMonotoneSearch(self, plan, config, loss, grad_norm)
+
+
+class NonMonotoneSearch(ArmijoSearch):
+    """One search of :class:`NonMonotoneArmijo` (ArmijoSearch's protocol and fp32 arithmetic)."""
+
+    def __init__(self, rule: NonMonotoneArmijo, plan: StepPlan, config: SearchConfig, loss: float,
+                 grad_norm: float):
+        super().__init__(plan, config, loss, grad_norm)
+        self.rule = rule
+        self.state.rule_state = dict(plan.state.rule_state)
+        self.reference_loss = _fp32(rule.reference_loss(self.state.rule_state, float(loss)))
+
+    def observe(self, trial_loss: float) -> bool:
+        """Record the loss at ``w0 - step_size * d``; True when accepted, else backtrack."""
+        self.trials += 1
+        self.state.num_forward_evals += 1
+        config = self.config
+        decrease = _f32(self.reference_loss) - _f32(trial_loss)
+        if not math.isfinite(decrease):
+            self.step_size = self.step_size * config.backtrack
+            return False
+        self.state.last_loss_decrease = float(_f32(self.loss) - _f32(trial_loss))
+        smoothed = _f32(self.state.loss_decrease_avg) * _f32(config.beta3) + decrease * _f32(1 - config.beta3)
+        if _f32(self.loss) == _f32(trial_loss):
+            return True
+        sufficient = _f32(self.step_size * config.c) * _f32(self.state.grad_norm_avg)
+        if smoothed >= sufficient:
+            if not self.rule.reference_in_average:
+                smoothed = (_f32(self.state.loss_decrease_avg) * _f32(config.beta3)
+                            + (_f32(self.loss) - _f32(trial_loss)) * _f32(1 - config.beta3))
+            self.state.loss_decrease_avg = float(smoothed)
+            return True
+        self.step_size = self.step_size * config.backtrack
+        return False
+
+    def finish(self) -> SearchState:
+        state = super().finish()
+        self.rule.remember(state.rule_state, self.loss)
+        return state

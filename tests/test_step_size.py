@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from salsa_fused import FusedSaLSa
-from salsa_fused.line_search import SearchConfig, SearchState, plan_step
-from salsa_fused.step_size import EdgeRule, WarmupStableDecay, curvature_estimate, sharpness_ratio
+from salsa_fused.line_search import ArmijoSearch, SearchConfig, SearchState, plan_step
+from salsa_fused.step_size import (EdgeRule, NonMonotoneArmijo, WarmupStableDecay, curvature_estimate,
+                                  sharpness_ratio)
 
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -207,5 +208,102 @@ def test_edge_rule_trains_and_survives_state_dict_round_trip():
         opt2.zero_grad()
         opt.step(closure(model))
         opt2.step(closure(clone))
+    for a, b in zip(model.parameters(), clone.parameters()):
+        assert torch.equal(a, b)
+
+
+def drive(rule, state, config, f0, q, trial_losses):
+    """One search fed the given trial losses in turn; returns (accepted trial index, state)."""
+    search = rule(plan_step(state, config), config, f0, q)
+    for index, f1 in enumerate(trial_losses):
+        if search.observe(f1):
+            return index, search.finish()
+    raise AssertionError("no trial accepted")
+
+
+@pytest.mark.parametrize("reference", ["ema", "max"])
+def test_non_monotone_rule_without_history_is_the_armijo_search(reference):
+    # with no earlier search the reference is f0 itself: the same decisions and state as ArmijoSearch
+    config = SearchConfig(beta3=0.99)
+    state = SearchState(step_size=0.01, loss_decrease_avg=0.02, grad_norm_avg=3.0)
+    trials = [2.5, 2.2, 1.99, 1.9]
+    expected = drive(ArmijoSearch, state, config, 2.0, 4.0, trials)
+    got = drive(NonMonotoneArmijo(reference), state, config, 2.0, 4.0, trials)
+    assert got[0] == expected[0] == 1  # one backtrack
+    got_state = got[1]
+    assert got_state.rule_state != {}  # f0 remembered
+    got_state.rule_state = {}
+    assert got_state == expected[1]
+
+
+def test_non_monotone_rule_measures_the_decrease_from_the_reference():
+    config = SearchConfig(c=0.5, beta3=0.9)
+    eta, s_avg, h = 0.1 / 1.1, 1.0, 0.05
+    # earlier searches saw f0 = 3.0 then 2.0: EMA (0.5) = (0.5*3 + 2) * 0.5 / (1 - 0.25) = 2.333...
+    rule = NonMonotoneArmijo("ema", smoothing=0.5)
+    rule_state = {}
+    rule.remember(rule_state, 3.0)
+    rule.remember(rule_state, 2.0)
+    assert rule.reference_loss(rule_state, 1.5) == pytest.approx(7.0 / 3.0)
+    assert rule.reference_loss(rule_state, 2.5) == 2.5  # never below f0
+    state = SearchState(step_size=eta, loss_decrease_avg=h, grad_norm_avg=s_avg, rule_state=rule_state)
+    q = s_avg  # s stays 1
+    # trial at eta*1.1 = 0.1, f1 = 1.55 (a rise from f0 = 1.5): sufficient = 0.5*0.1*1 = 0.05
+    # Armijo: 0.9*0.05 + 0.1*(1.5 - 1.55) = 0.04 < 0.05 rejects; non-monotone:
+    # 0.9*0.05 + 0.1*(7/3 - 1.55) = 0.1233 accepts
+    assert drive(ArmijoSearch, state, config, 1.5, q, [1.55, 1.0])[0] == 1
+    index, after = drive(rule, state, config, 1.5, q, [1.55, 1.0])
+    assert index == 0 and after.step_size == pytest.approx(0.1)
+    assert after.loss_decrease_avg == pytest.approx(0.9 * 0.05 + 0.1 * (7.0 / 3.0 - 1.55), rel=1e-6)
+    assert after.last_loss_decrease == pytest.approx(-0.05, rel=1e-5)
+    assert after.rule_state["count"] == 3 and state.rule_state["count"] == 2  # input untouched
+    # h kept the plain smoothed decrease: the reference only in the current term
+    plain = NonMonotoneArmijo("ema", smoothing=0.5, reference_in_average=False)
+    index, after = drive(plain, state, config, 1.5, q, [1.55, 1.0])
+    assert index == 0 and after.loss_decrease_avg == pytest.approx(0.9 * 0.05 + 0.1 * (1.5 - 1.55), rel=1e-6)
+
+
+def test_non_monotone_max_reference_keeps_the_last_window():
+    rule = NonMonotoneArmijo("max", window=3)
+    rule_state = {}
+    for loss in (5.0, 1.0, 2.0, 1.5, float("nan")):
+        rule.remember(rule_state, loss)
+    assert rule_state["recent_losses"] == [1.0, 2.0, 1.5]
+    assert rule.reference_loss(rule_state, 0.5) == 2.0 and rule.reference_loss(rule_state, 3.0) == 3.0
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(reference="min"), "reference"), (dict(smoothing=1.0), "smoothing"),
+                                           (dict(window=0), "window"), (dict(window=2.0), "window")])
+def test_non_monotone_rule_rejects_bad_constants(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NonMonotoneArmijo(**kwargs)
+
+
+def test_non_monotone_rule_trains_and_survives_state_dict_round_trip():
+    torch.manual_seed(0)
+    make = lambda: torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))  # noqa: E731
+    model = make()
+    x = torch.randn(64, 4)
+    y = torch.sin(x.sum(1, keepdim=True))
+    closure = lambda m: (lambda: torch.nn.functional.mse_loss(m(x), y))  # noqa: E731
+    rule = NonMonotoneArmijo("max", window=4)
+    opt = FusedSaLSa(model.parameters(), backend="torch", search_direction="momentum", search_rule=rule)
+    first = float(closure(model)().detach())
+    for _ in range(30):
+        opt.zero_grad()
+        opt.step(closure(model))
+    assert float(closure(model)().detach()) < 0.5 * first
+    assert len(opt.search_state.rule_state["recent_losses"]) == 4
+    clone = make()
+    clone.load_state_dict(model.state_dict())
+    opt2 = FusedSaLSa(clone.parameters(), backend="torch", search_direction="momentum", search_rule=rule)
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.search_state == opt.search_state
+    for _ in range(12):
+        opt.zero_grad()
+        opt2.zero_grad()
+        opt.step(closure(model))
+        opt2.step(closure(clone))
+    assert opt2.search_state == opt.search_state
     for a, b in zip(model.parameters(), clone.parameters()):
         assert torch.equal(a, b)

@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from salsa_fused import FusedSaLSa, presets
-from salsa_fused.step_size import EdgeRule, WarmupStableDecay
+from salsa_fused.step_size import EdgeRule, NonMonotoneArmijo, WarmupStableDecay
 
 WEIGHT_DECAY = 0.1
 WARMUP_FRACTION = 0.05
@@ -201,6 +201,22 @@ REGISTRY: Dict[str, Callable] = {
     "wsd85_x1.5": _fused(lambda n: _author(schedule=ShapedDecay(n, decay=0.85, factor=1.5))),
     "wsd70_x1.25": _fused(lambda n: _author(schedule=ShapedDecay(n, decay=0.7, factor=1.25))),
     "wsd85_x1.25": _fused(lambda n: _author(schedule=ShapedDecay(n, decay=0.85, factor=1.25))),
+    # non-monotone acceptance screen (NOTES.md section 5): the recommended preset (author + WSD 50%)
+    # with the Armijo decrease measured from max(f0, EMA or window max of earlier searches' f0)
+    "nm_ema0.9": _fused(lambda n: _author(schedule=WarmupStableDecay(n, 0.05, 0.5),
+                                          search_rule=NonMonotoneArmijo("ema", smoothing=0.9))),
+    "nm_ema0.5": _fused(lambda n: _author(schedule=WarmupStableDecay(n, 0.05, 0.5),
+                                          search_rule=NonMonotoneArmijo("ema", smoothing=0.5))),
+    "nm_max10": _fused(lambda n: _author(schedule=WarmupStableDecay(n, 0.05, 0.5),
+                                         search_rule=NonMonotoneArmijo("max", window=10))),
+    "nm_max3": _fused(lambda n: _author(schedule=WarmupStableDecay(n, 0.05, 0.5),
+                                        search_rule=NonMonotoneArmijo("max", window=3))),
+    # ... with h kept the plain smoothed decrease (the reference only in the current term)
+    "nm_ema0.9_h": _fused(lambda n: _author(schedule=WarmupStableDecay(n, 0.05, 0.5),
+                                            search_rule=NonMonotoneArmijo("ema", 0.9, reference_in_average=False))),
+    "nm_max10_h": _fused(lambda n: _author(schedule=WarmupStableDecay(n, 0.05, 0.5),
+                                           search_rule=NonMonotoneArmijo("max", window=10,
+                                                                         reference_in_average=False))),
     # the shipped recommendation (salsa_fused.presets.RECOMMENDED)
     "salsa_recommended": _preset(presets.RECOMMENDED),
     # references
