@@ -28,6 +28,8 @@ from salsa_fused.step_size import EdgeRule, NonMonotoneArmijo, WarmupStableDecay
 WEIGHT_DECAY = 0.1
 WARMUP_FRACTION = 0.05
 ADAMW_PREFIX = "adamw_"
+LONG_WARMUP_PREFIX = "adamw20_"  # adamw20_<lr>: AdamW with 20% warmup + cosine (a check, not the grid)
+SHAPE_PREFIX = "shape_"  # shape_w<warmup>_x<factor>_d<decay>[_f<final>]: a Knots schedule by name
 
 
 @dataclass
@@ -67,10 +69,10 @@ def warmup_cosine(step: int, total_steps: int, warmup: float = WARMUP_FRACTION, 
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _adamw(lr: float):
+def _adamw(lr: float, warmup: float = WARMUP_FRACTION):
     def build(task, model, total_steps) -> Built:
         opt = torch.optim.AdamW(task.param_groups(model, WEIGHT_DECAY), lr=lr, betas=(0.9, 0.999))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: warmup_cosine(k, total_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: warmup_cosine(k, total_steps, warmup))
         return Built(opt, "torch", scheduler=sched)
     return build
 
@@ -126,6 +128,36 @@ class ShapedDecay:
 
     def searches(self, step: int) -> bool:
         return self.search_in_decay or step <= self.total_steps - int(round(self.decay * self.total_steps))
+
+
+@dataclass(frozen=True)
+class Knots:
+    """Screen schedule: the multiplier on the searched level is piecewise linear through ``knots``
+    (pairs of (fraction of the run, multiplier), fractions increasing from 0 to 1); the search
+    runs while the fraction of the run is <= ``search_until``."""
+
+    total_steps: int
+    knots: tuple
+    search_until: float
+
+    def __post_init__(self):
+        fractions = [f for f, _ in self.knots]
+        if fractions[0] != 0.0 or fractions[-1] != 1.0 or fractions != sorted(fractions):
+            raise ValueError(f"knot fractions must rise from 0 to 1, got {fractions}")
+
+    def scale(self, step: int) -> float:
+        x = min(1.0, step / self.total_steps)
+        for (x0, y0), (x1, y1) in zip(self.knots, self.knots[1:]):
+            if x <= x1:
+                return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+        return self.knots[-1][1]
+
+    def searches(self, step: int) -> bool:
+        return step <= round(self.search_until * self.total_steps)
+
+
+def _knots(*knots, search_until):
+    return _fused(lambda n: _author(schedule=Knots(n, tuple(knots), search_until)))
 
 
 def _author(**extra):
@@ -201,6 +233,14 @@ REGISTRY: Dict[str, Callable] = {
     "wsd85_x1.5": _fused(lambda n: _author(schedule=ShapedDecay(n, decay=0.85, factor=1.5))),
     "wsd70_x1.25": _fused(lambda n: _author(schedule=ShapedDecay(n, decay=0.7, factor=1.25))),
     "wsd85_x1.25": _fused(lambda n: _author(schedule=ShapedDecay(n, decay=0.85, factor=1.25))),
+    # long warm-up screen (NOTES.md section 6): the multiplier on the searched level rises over
+    # the first 20-30% of the run (x1 at 5% for the "ramp" ones), then a linear cooldown to 0
+    "ramp1.5_d70": _knots((0, 0), (0.05, 1), (0.25, 1.5), (0.3, 1.5), (1, 0), search_until=0.3),
+    "ramp2_d70": _knots((0, 0), (0.05, 1), (0.25, 2), (0.3, 2), (1, 0), search_until=0.3),
+    "w20_x1.5_d70": _knots((0, 0), (0.2, 1.5), (0.3, 1.5), (1, 0), search_until=0.3),
+    "w20_x2_d70": _knots((0, 0), (0.2, 2), (0.3, 2), (1, 0), search_until=0.3),
+    "w25_x1.5_tri": _knots((0, 0), (0.25, 1.5), (1, 0), search_until=0.25),
+    "w20_x1_d50": _knots((0, 0), (0.2, 1), (0.5, 1), (1, 0), search_until=0.5),
     # non-monotone acceptance screen (NOTES.md section 5): the recommended preset (author + WSD 50%)
     # with the Armijo decrease measured from max(f0, EMA or window max of earlier searches' f0)
     "nm_ema0.9": _fused(lambda n: _author(schedule=WarmupStableDecay(n, 0.05, 0.5),
@@ -241,12 +281,38 @@ def build(name: str, task, model, total_steps: int) -> Built:
         except ValueError:
             raise ValueError(f"bad AdamW name {name!r}: expected e.g. adamw_1e-3") from None
         return _adamw(lr)(task, model, total_steps)
+    if name.startswith(LONG_WARMUP_PREFIX):
+        return _adamw(float(name[len(LONG_WARMUP_PREFIX):]), warmup=0.2)(task, model, total_steps)
+    if name.startswith(SHAPE_PREFIX):
+        return _shape(name)(task, model, total_steps)
     if name not in REGISTRY:
         raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(REGISTRY)} or adamw_<lr>")
     return REGISTRY[name](task, model, total_steps)
 
 
+def _shape(name: str):
+    """``shape_w0.2_x1.5_d0.7``: warm up linearly to ``x`` times the searched level over the first
+    ``w`` of the run, flat, then a linear cooldown to ``f`` (default 0) times it over the last ``d``;
+    the search is frozen during the cooldown."""
+    fields = {}
+    try:
+        for part in name[len(SHAPE_PREFIX):].split("_"):
+            fields[part[0]] = float(part[1:])
+        warmup, factor, decay, final = fields["w"], fields["x"], fields["d"], fields.get("f", 0.0)
+    except (KeyError, ValueError, IndexError):
+        raise ValueError(f"bad shape name {name!r}: expected e.g. shape_w0.2_x1.5_d0.7") from None
+    if not (0 < warmup and 0 < decay and warmup + decay <= 1):
+        raise ValueError(f"bad shape name {name!r}: need 0 < w, 0 < d, w + d <= 1")
+    knots = [(0.0, 0.0), (warmup, factor)]
+    if warmup + decay < 1:
+        knots.append((1.0 - decay, factor))
+    knots.append((1.0, final * factor))
+    return _knots(*knots, search_until=1.0 - decay)
+
+
 def known(names: List[str]) -> None:
     for name in names:
-        if not (name in REGISTRY or name.startswith(ADAMW_PREFIX)):
+        if name.startswith(SHAPE_PREFIX):
+            _shape(name)  # raises on a malformed name before any run starts
+        elif not (name in REGISTRY or name.startswith(ADAMW_PREFIX) or name.startswith(LONG_WARMUP_PREFIX)):
             raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(REGISTRY)} or adamw_<lr>")

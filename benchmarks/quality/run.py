@@ -337,6 +337,8 @@ def main(argv=None) -> int:
                     + (f" DIVERGED {result['diverged']}" if result["diverged"] else ""))
             task = make_task(task_name, args.size, seed=seeds[0], steps=args.steps)
             runs[name] = results
+            with open(path, "w") as handle:  # after every optimizer, so a failure later loses nothing
+                json.dump({"task": task_name, "size": args.size, "steps": task.steps, "runs": _compact(runs)}, handle)
         if any(n.startswith(O.ADAMW_PREFIX) for n in names):
             _extend_grid(task, runs, seeds, log)
         table = summarize(runs)

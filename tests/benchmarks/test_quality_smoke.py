@@ -38,3 +38,41 @@ def test_quality_suite_runs_end_to_end(tmp_path):
         assert max(firsts.values()) - min(firsts.values()) < 1e-5, firsts
     summary = open(os.path.join(out, "summary.md")).read()
     assert "| salsa_recommended |" in summary
+
+
+def test_screen_shapes_by_name_match_the_package_schedule():
+    """``shape_w<W>_x<F>_d<D>`` (the screen's piecewise-linear schedule) is the same multiplier and
+    freeze as ``WarmupStableDecay(n, W, D, peak=F)``, step by step."""
+    from benchmarks.quality import optimizers as O
+    from salsa_fused.step_size import WarmupStableDecay
+
+    task = run.make_task("digits", "tiny")
+    for name, reference in [("shape_w0.2_x2_d0.8", WarmupStableDecay(400, 0.2, 0.8, peak=2.0)),
+                            ("shape_w0.05_x1_d0.5", WarmupStableDecay(400, 0.05, 0.5))]:
+        schedule = O.build(name, task, task.model(0), 400).schedule
+        for k in range(1, 401):
+            assert schedule.scale(k) == pytest.approx(reference.scale(k), abs=1e-12), (name, k)
+            assert schedule.searches(k) == reference.searches(k), (name, k)
+
+
+@pytest.mark.parametrize("name, match", [("shape_w0.2_x2_d0.9", "w \\+ d"), ("shape_w0.2_x2", "bad shape"),
+                                         ("nope", "unknown optimizer")])
+def test_screen_rejects_bad_optimizer_names_before_running(tmp_path, name, match):
+    with pytest.raises(ValueError, match=match):
+        run.main(["--size", "tiny", "--tasks", "digits", "--optimizers", name, "--adamw-lrs", "",
+                  "--out", str(tmp_path)])
+    assert not os.listdir(tmp_path)
+
+
+def test_long_warmup_adamw_check_warms_up_over_a_fifth():
+    from benchmarks.quality import optimizers as O
+
+    task = run.make_task("digits", "tiny")
+    built = O.build("adamw20_1e-2", task, task.model(0), 100)
+    assert built.family == "torch"
+    rates = []
+    for _ in range(25):
+        rates.append(built.optimizer.param_groups[0]["lr"])
+        built.optimizer.step()
+        built.scheduler.step()
+    assert rates[0] == pytest.approx(1e-2 / 20) and rates[19] == pytest.approx(1e-2)
