@@ -168,11 +168,15 @@ class EdgeSearch:
 class WarmupStableDecay:
     """A multiplier on the applied step given the run length, and a freeze of the search.
 
-    ``scale(k)`` for step ``k`` (1-based) of ``total_steps``::
+    ``scale(k)`` for step ``k`` (1-based) of ``total_steps``, all times ``peak``::
 
         k / W                         for k <= W              (W = round(warmup * total_steps))
         1                             until D                 (D = total_steps - round(decay * total_steps))
         final + (1 - final) * (total_steps - k) / (total_steps - D)   after D
+
+    ``peak`` is the applied step at the top of the schedule in units of the searched level
+    (1: the level the search accepts; the recommended preset applies 2x the level it froze at
+    the end of a 20% warmup, then decays linearly to zero: NOTES section 6 of the quality suite).
 
     ``searches(k)`` is False after ``D``: the level found by the search is frozen during the
     cooldown (if the search kept running, sharpness would follow the smaller step and the
@@ -183,6 +187,7 @@ class WarmupStableDecay:
     warmup: float = 0.05
     decay: float = 0.2
     final: float = 0.0
+    peak: float = 1.0
 
     def __post_init__(self):
         if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1:
@@ -193,6 +198,8 @@ class WarmupStableDecay:
                 raise ValueError(f"{name} must lie in [0, 1], got {value}")
         if self.warmup + self.decay > 1.0:
             raise ValueError(f"warmup + decay must be <= 1, got {self.warmup} + {self.decay}")
+        if isinstance(self.peak, bool) or not isinstance(self.peak, (int, float)) or not 0.0 < self.peak < math.inf:
+            raise ValueError(f"peak must be a finite number > 0, got {self.peak!r}")
 
     @property
     def warmup_steps(self) -> int:
@@ -203,6 +210,9 @@ class WarmupStableDecay:
         return self.total_steps - int(round(self.decay * self.total_steps))
 
     def scale(self, step: int) -> float:
+        return self.peak * self._shape(step)
+
+    def _shape(self, step: int) -> float:
         if step < 1:
             raise ValueError(f"step must be >= 1, got {step}")
         if step <= self.warmup_steps:

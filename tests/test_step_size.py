@@ -131,8 +131,22 @@ def test_warmup_stable_decay_values():
         schedule.scale(0)
 
 
+def test_warmup_stable_decay_peak_scales_every_phase_and_one_is_exact():
+    shape = WarmupStableDecay(100, warmup=0.2, decay=0.8)
+    peaked = WarmupStableDecay(100, warmup=0.2, decay=0.8, peak=2.0)
+    assert peaked.decay_start == peaked.warmup_steps == 20  # no stable phase: search in the warmup only
+    assert peaked.scale(10) == pytest.approx(1.0) and peaked.scale(20) == 2.0
+    assert peaked.scale(60) == pytest.approx(1.0) and peaked.scale(100) == 0.0
+    assert peaked.searches(20) and not peaked.searches(21)
+    for k in range(1, 120):  # peak 1 (the default) is the unpeaked schedule bit for bit
+        assert WarmupStableDecay(100, 0.05, 0.5, peak=1.0).scale(k) == WarmupStableDecay(100, 0.05, 0.5).scale(k)
+        assert peaked.scale(k) == 2.0 * shape.scale(k)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(total_steps=0), "total_steps"), (dict(total_steps=10.5), "total_steps"),
+    (dict(total_steps=10, peak=0.0), "peak"), (dict(total_steps=10, peak=float("inf")), "peak"),
+    (dict(total_steps=10, peak="2"), "peak"),
     (dict(total_steps=10, warmup=-0.1), "warmup"), (dict(total_steps=10, warmup=0.6, decay=0.6), "warmup \\+ decay")])
 def test_warmup_stable_decay_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
