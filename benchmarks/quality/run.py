@@ -177,6 +177,16 @@ def _compact(value):
     return value
 
 
+def _light(runs: Dict[str, List[dict]]) -> Dict[str, List[dict]]:
+    """Runs without search logs, traces thinned to every 10th step (the final step size kept)."""
+    out = {}
+    for name, seeds in runs.items():
+        out[name] = [r if r.get("traces_every") == 10 else
+                     {**r, "searches": [], "losses": r["losses"][::10], "traces_every": 10,
+                      "step_sizes": r["step_sizes"][::10] + r["step_sizes"][-1:]} for r in seeds]
+    return out
+
+
 def _mean(xs):
     xs = [x for x in xs if x is not None and math.isfinite(x)]
     return sum(xs) / len(xs) if xs else math.nan
@@ -296,6 +306,9 @@ def main(argv=None) -> int:
     parser.add_argument("--fresh", action="store_true", help="ignore results already in the folder")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-traces", action="store_true",
+                        help="save no search logs and every 10th point of the loss and step-size traces "
+                             "(many-seed runs; the plots need full traces)")
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -338,13 +351,15 @@ def main(argv=None) -> int:
             task = make_task(task_name, args.size, seed=seeds[0], steps=args.steps)
             runs[name] = results
             with open(path, "w") as handle:  # after every optimizer, so a failure later loses nothing
-                json.dump({"task": task_name, "size": args.size, "steps": task.steps, "runs": _compact(runs)}, handle)
+                json.dump({"task": task_name, "size": args.size, "steps": task.steps,
+                           "runs": _compact(_light(runs) if args.no_traces else runs)}, handle)
         if any(n.startswith(O.ADAMW_PREFIX) for n in names):
             _extend_grid(task, runs, seeds, log)
         table = summarize(runs)
         tables[task_name] = table
         with open(path, "w") as handle:
-            json.dump({"task": task_name, "size": args.size, "steps": task.steps, "runs": _compact(runs)}, handle)
+            json.dump({"task": task_name, "size": args.size, "steps": task.steps,
+                       "runs": _compact(_light(runs) if args.no_traces else runs)}, handle)
         if not args.no_plots:
             plot(task_name, runs, out_dir)
     if os.path.exists(summary_path) and not args.fresh:  # another run may have added tasks meanwhile
