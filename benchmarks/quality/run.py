@@ -214,8 +214,9 @@ def _lr_of(name: str) -> float:
     return float(name[len(O.ADAMW_PREFIX):])
 
 
-def _extend_grid(task, runs, seeds, log) -> None:
-    """Add AdamW rates (x3 beyond the end) until the best rate is not at an end of the grid."""
+def _extend_grid(task_of, runs, seeds, log) -> None:
+    """Add AdamW rates (x3 beyond the end) until the best rate is not at an end of the grid.
+    ``task_of(seed)``: the task with that seed's batches."""
     for _ in range(4):
         table = summarize(runs)
         grid = sorted((n for n in table if n.startswith(O.ADAMW_PREFIX)), key=_lr_of)
@@ -230,7 +231,13 @@ def _extend_grid(task, runs, seeds, log) -> None:
         else:
             return
         log(f"  AdamW best at the end of the grid ({best}): adding {new}")
-        runs[new] = [train(task, new, seed) for seed in seeds]
+        runs[new] = []
+        for seed in seeds:
+            task = task_of(seed)
+            result = train(task, new, seed)
+            runs[new].append(result)
+            log(f"{task.name:9s} {new:20s} seed {seed}: train {result['final_train_loss']:.4f} "
+                f"val {result['val_loss']:.4f} (grid extension)")
 
 
 def _fmt(x, spec=".4f"):
@@ -354,7 +361,7 @@ def main(argv=None) -> int:
                 json.dump({"task": task_name, "size": args.size, "steps": task.steps,
                            "runs": _compact(_light(runs) if args.no_traces else runs)}, handle)
         if any(n.startswith(O.ADAMW_PREFIX) for n in names):
-            _extend_grid(task, runs, seeds, log)
+            _extend_grid(lambda seed: make_task(task_name, args.size, seed=seed, steps=args.steps), runs, seeds, log)
         table = summarize(runs)
         tables[task_name] = table
         with open(path, "w") as handle:

@@ -76,3 +76,19 @@ def test_long_warmup_adamw_check_warms_up_over_a_fifth():
         built.optimizer.step()
         built.scheduler.step()
     assert rates[0] == pytest.approx(1e-2 / 20) and rates[19] == pytest.approx(1e-2)
+
+
+def test_grid_extension_trains_each_seed_on_its_own_batches(tmp_path):
+    """A rate added because the best AdamW sat at the end of the grid is the same run, seed for
+    seed, as that rate asked for directly."""
+    common = ["--size", "tiny", "--tasks", "digits", "--seeds", "0,1", "--steps", "10", "--no-plots",
+              "--threads", "1", "--optimizers", ""]
+    assert run.main([*common, "--adamw-lrs", "1e-4,3e-4", "--out", str(tmp_path / "grid")]) == 0
+    assert run.main([*common, "--adamw-lrs", "9e-4", "--out", str(tmp_path / "direct")]) == 0
+    with open(tmp_path / "grid" / "digits.json") as handle:
+        extended = json.load(handle)["runs"]["adamw_9e-4"]
+    with open(tmp_path / "direct" / "digits.json") as handle:
+        direct = json.load(handle)["runs"]["adamw_9e-4"]
+    assert [r["seed"] for r in extended] == [0, 1]
+    assert [r["losses"] for r in extended] == [r["losses"] for r in direct]
+    assert extended[0]["losses"] != extended[1]["losses"]
