@@ -8,10 +8,13 @@ The presets here are other fixed configurations, with nothing to tune per task:
   trial direction, weight decay 0.1.
 - ``"pretrain"``: the recommended configuration from the quality suite
   (``benchmarks/quality``, README "Quality: no learning rate vs tuned AdamW"): the author's
-  settings plus a warmup-stable-decay schedule on the applied step (linear warmup over the
-  first 5% of steps, linear cooldown to zero over the last 50% with the searched level
-  frozen, :class:`~salsa_fused.step_size.WarmupStableDecay`). It needs the run length
-  ``total_steps``, no learning rate.
+  settings plus a schedule on the applied step
+  (:class:`~salsa_fused.step_size.WarmupStableDecay` with ``warmup=0.2, decay=0.8, peak=2``):
+  the search runs during the first 20% of the steps while the applied step warms up linearly
+  to twice the searched level; the level is then frozen and the applied step decays linearly
+  from 2x it to zero over the remaining 80%. It needs the run length ``total_steps``, no
+  learning rate. (Until NOTES section 6 it was a 5% warmup and a 50% cooldown at 1x the level:
+  ``WarmupStableDecay(total_steps, warmup=0.05, decay=0.5)``.)
 
 Usage::
 
@@ -46,7 +49,7 @@ def _pretrain(total_steps: Optional[int]) -> dict:
         raise ValueError("the 'pretrain' preset needs total_steps (the run length sets its warmup "
                          "and cooldown)")
     return dict(beta3=0.99, search_direction="momentum", weight_decay=0.1,
-                schedule=WarmupStableDecay(total_steps, warmup=0.05, decay=0.5))
+                schedule=WarmupStableDecay(total_steps, warmup=0.2, decay=0.8, peak=2.0))
 
 
 PRESETS: Dict[str, Callable[[Optional[int]], dict]] = {

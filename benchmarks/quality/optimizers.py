@@ -6,6 +6,10 @@ task and a run length. Families, which set how the training loop calls ``step``:
 - ``fused``: FusedSaLSa configurations (``opt.step(closure)``).
 - ``torch``: AdamW with linear warmup (5%) and cosine decay to 10% of the peak; the learning
   rate is in the name (``adamw_1e-3``), any rate can be asked for.
+- ``torch`` also: ``adamw20_<lr>``, the same AdamW with a 20% warmup (a fairness check for the
+  preset's long warm-up, NOTES.md section 6; not part of the grid).
+- ``fused`` also: ``shape_w<W>_x<F>_d<D>``, the author's settings with a piecewise-linear
+  schedule on the applied step (the section 6 screen; see ``_shape``).
 - ``schedulefree``: schedule-free AdamW at its defaults (``train()``/``eval()`` modes).
 - ``prodigy``: Prodigy at its defaults (a ``torch`` family optimizer without scheduler).
 - ``salsa_pub``: the published ``salsa.SaLSA.SaLSA`` at its defaults.
@@ -181,6 +185,7 @@ REGISTRY: Dict[str, Callable] = {
     "salsa_author_wsd30": _fused(lambda n: dict(beta3=0.99, search_direction="momentum",
                                                 weight_decay=WEIGHT_DECAY,
                                                 schedule=WarmupStableDecay(n, warmup=0.05, decay=0.3))),
+    # the recommended preset before NOTES.md section 6
     "salsa_author_wsd50": _fused(lambda n: dict(beta3=0.99, search_direction="momentum",
                                                 weight_decay=WEIGHT_DECAY,
                                                 schedule=WarmupStableDecay(n, warmup=0.05, decay=0.5))),
@@ -241,7 +246,7 @@ REGISTRY: Dict[str, Callable] = {
     "w20_x2_d70": _knots((0, 0), (0.2, 2), (0.3, 2), (1, 0), search_until=0.3),
     "w25_x1.5_tri": _knots((0, 0), (0.25, 1.5), (1, 0), search_until=0.25),
     "w20_x1_d50": _knots((0, 0), (0.2, 1), (0.5, 1), (1, 0), search_until=0.5),
-    # non-monotone acceptance screen (NOTES.md section 5): the recommended preset (author + WSD 50%)
+    # non-monotone acceptance screen (NOTES.md section 5): the then recommended preset (author + WSD 50%)
     # with the Armijo decrease measured from max(f0, EMA or window max of earlier searches' f0)
     "nm_ema0.9": _fused(lambda n: _author(schedule=WarmupStableDecay(n, 0.05, 0.5),
                                           search_rule=NonMonotoneArmijo("ema", smoothing=0.9))),
