@@ -2,6 +2,11 @@
 # Layer 2 of the speed evidence (issue 7): run this first whenever a GPU is available.
 #
 #   bash benchmarks/gpu_suite.sh            # GPU: install, CUDA tests, benchmarks, plots
+#   bash benchmarks/gpu_suite.sh --quality  # also issue 5's quality run at the GPU size (the
+#                                           # byte GPT, 6 x 384, 1500 steps, bf16: the shipped
+#                                           # preset, the author's settings, the published
+#                                           # defaults, an AdamW grid), into
+#                                           # benchmarks/quality/results/gpu
 #   bash benchmarks/gpu_suite.sh --smoke [--out-dir DIR]
 #                                           # no GPU needed: every stage end to end on the
 #                                           # CPU at tiny sizes (what CI's smoke test runs);
@@ -14,16 +19,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 smoke=0
+quality=0
 out_dir="benchmarks/results"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --smoke) smoke=1; shift ;;
+    --quality) quality=1; shift ;;
     --out-dir) out_dir="$2"; shift 2 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
 mkdir -p "$out_dir"
 py="${PYTHON:-python}"
+quality_set="salsa_recommended,salsa_author,salsa_faithful"
 
 if [[ $smoke -eq 1 ]]; then
   echo "== smoke: every stage on the CPU at tiny sizes (not GPU figures) -> $out_dir"
@@ -34,6 +42,10 @@ if [[ $smoke -eq 1 ]]; then
   SALSA_BENCH_DEVICE=cpu "$py" -m pytest -q -p no:cacheprovider benchmarks/test_kernel_speed.py \
       --benchmark-json "$out_dir/kernel_speed.json" > /dev/null
   "$py" benchmarks/train_bench.py --device cpu --tiny --steps 4 --out-dir "$out_dir" > /dev/null
+  if [[ $quality -eq 1 ]]; then
+    "$py" -m benchmarks.quality.run --size tiny --tasks gpt --optimizers "$quality_set" \
+        --adamw-lrs 1e-3,3e-3 --steps 8 --seeds 0 --out "$out_dir/quality" --threads 1 > /dev/null
+  fi
   "$py" benchmarks/plot_results.py --dir "$out_dir"
   echo "== smoke done"
   exit 0
@@ -62,6 +74,12 @@ echo "== kernel level: plain step, reduction, pass A, pass B vs AdamW fused/fore
 
 echo "== training level: GPT-2 small, B=8, T=512, bf16 autocast, 2000 steps per optimizer"
 "$py" benchmarks/train_bench.py --device cuda --out-dir "$out_dir"
+
+if [[ $quality -eq 1 ]]; then
+  echo "== quality at issue 5's size: byte GPT 6 x 384, 1500 steps, bf16 autocast, seed 0"
+  "$py" -m benchmarks.quality.run --size gpu --tasks gpt --optimizers "$quality_set" \
+      --adamw-lrs 3e-4,1e-3,3e-3 --seeds 0
+fi
 
 echo "== plots"
 "$py" benchmarks/plot_results.py --dir "$out_dir"

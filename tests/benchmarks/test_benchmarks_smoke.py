@@ -20,7 +20,7 @@ import _common as C  # noqa: E402
 @pytest.fixture(scope="module")
 def smoke_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_suite_smoke")
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--smoke", "--out-dir", str(out)],
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--smoke", "--quality", "--out-dir", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**__import__("os").environ, "PYTHON": sys.executable})
     assert done.returncode == 0, done.stdout + done.stderr
@@ -37,6 +37,11 @@ def _load(path: Path) -> dict:
                     "command"):
             assert key in row, key
     return data
+
+
+def test_quality_stage_runs_the_shipped_preset_against_adamw(smoke_dir):
+    tables = json.loads((smoke_dir / "quality" / "summary.json").read_text(encoding="utf-8"))
+    assert {"salsa_recommended", "salsa_author", "salsa_faithful", "adamw_1e-3", "adamw_3e-3"} <= set(tables["gpt"])
 
 
 def test_every_stage_writes_results(smoke_dir):
