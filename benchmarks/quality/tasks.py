@@ -2,7 +2,9 @@
 
 Every task builds its model from ``torch.manual_seed(seed)`` and its training batches from a
 ``torch.Generator`` seeded with ``seed``, so every optimizer starts from the same weights
-and sees the same batches in the same order. Sizes: ``"tiny"`` (tests), ``"cpu"``, ``"gpu"``.
+and sees the same batches in the same order. Sizes: ``"tiny"`` (tests), ``"cpu"`` (400
+steps, where the presets were chosen), ``"mid"`` (larger models, 1000 steps: does the choice
+carry over on the CPU), ``"gpu"`` (issue 5's size).
 
 - ``gpt``: the byte-level GPT of ``examples/gpt.py`` on Python's standard library (next-byte
   cross-entropy).
@@ -33,7 +35,7 @@ if os.path.join(_ROOT, "examples") not in sys.path:
 
 from gpt import GPT, ByteBatches, GPTConfig, load_stdlib_corpus  # noqa: E402
 
-SIZES = ("tiny", "cpu", "gpu")
+SIZES = ("tiny", "cpu", "mid", "gpu")
 
 
 def _split_groups(model: nn.Module, weight_decay: float) -> List[dict]:
@@ -82,6 +84,7 @@ class Task:
 _GPT_SIZES = {
     "tiny": dict(n_layer=1, n_embd=32, n_head=2, block=32, batch=8, steps=30, corpus=300_000),
     "cpu": dict(n_layer=2, n_embd=64, n_head=2, block=64, batch=16, steps=400, corpus=4_000_000),
+    "mid": dict(n_layer=4, n_embd=96, n_head=4, block=64, batch=16, steps=1000, corpus=8_000_000),
     "gpu": dict(n_layer=6, n_embd=384, n_head=6, block=256, batch=32, steps=1500, corpus=None),
 }
 
@@ -104,7 +107,7 @@ def gpt_task(size: str, seed: int, device: torch.device, steps: int = None) -> T
 
 # ---------------------------------------------------------------------------- digits
 _DIGITS_SIZES = {"tiny": dict(width=32, batch=32, steps=30), "cpu": dict(width=128, batch=32, steps=400),
-                 "gpu": dict(width=512, batch=64, steps=1500)}
+                 "mid": dict(width=256, batch=32, steps=1000), "gpu": dict(width=512, batch=64, steps=1500)}
 
 
 def digits_task(size: str, seed: int, device: torch.device, steps: int = None) -> Task:
@@ -137,6 +140,7 @@ def digits_task(size: str, seed: int, device: torch.device, steps: int = None) -
 # ---------------------------------------------------------------------------- seqcls
 _SEQ_SIZES = {"tiny": dict(width=16, layers=1, length=16, batch=16, steps=30),
               "cpu": dict(width=48, layers=2, length=32, batch=32, steps=400),
+              "mid": dict(width=64, layers=3, length=32, batch=32, steps=1000),
               "gpu": dict(width=256, layers=4, length=128, batch=64, steps=1500)}
 _SEQ_VOCAB, _SEQ_CLASSES, _SEQ_NOISE = 16, 4, 0.1
 
@@ -186,7 +190,7 @@ def seqcls_task(size: str, seed: int, device: torch.device, steps: int = None) -
 
 # ---------------------------------------------------------------------------- diabetes
 _DIABETES_SIZES = {"tiny": dict(width=16, batch=16, steps=30), "cpu": dict(width=64, batch=32, steps=400),
-                   "gpu": dict(width=256, batch=32, steps=1500)}
+                   "mid": dict(width=128, batch=32, steps=1000), "gpu": dict(width=256, batch=32, steps=1500)}
 
 
 def diabetes_task(size: str, seed: int, device: torch.device, steps: int = None) -> Task:
@@ -221,7 +225,7 @@ def diabetes_task(size: str, seed: int, device: torch.device, steps: int = None)
 
 # ---------------------------------------------------------------------------- teacher
 _TEACHER_SIZES = {"tiny": dict(width=16, batch=32, steps=30), "cpu": dict(width=64, batch=64, steps=400),
-                  "gpu": dict(width=512, batch=256, steps=1500)}
+                  "mid": dict(width=128, batch=64, steps=1000), "gpu": dict(width=512, batch=256, steps=1500)}
 _TEACHER_INPUTS, _TEACHER_NOISE = 16, 0.1
 
 

@@ -92,3 +92,16 @@ def test_grid_extension_trains_each_seed_on_its_own_batches(tmp_path):
     assert [r["seed"] for r in extended] == [0, 1]
     assert [r["losses"] for r in extended] == [r["losses"] for r in direct]
     assert extended[0]["losses"] != extended[1]["losses"]
+
+
+@pytest.mark.parametrize("name", ["gpt", "digits", "seqcls", "teacher"])
+def test_mid_size_tasks_build_and_give_a_finite_loss(name):
+    """The "mid" size (larger models, 1000 steps) builds: a transfer check of the CPU-size choice."""
+    task = run.make_task(name, "mid", seed=0, steps=2)
+    assert task.steps == 2 and len(task.batches) == 2
+    model = task.model(0)
+    cpu = sum(p.numel() for p in run.make_task(name, "cpu", seed=0, steps=2).model(0).parameters())
+    assert sum(p.numel() for p in model.parameters()) > cpu
+    with torch.no_grad():
+        assert math.isfinite(float(task.loss(model, task.batches[0])))
+    assert run.make_task(name, "mid").steps == 1000
