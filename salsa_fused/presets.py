@@ -7,14 +7,14 @@ The presets here are other fixed configurations, with nothing to tune per task:
 - ``"author_gpt"``: the author's GPT-2 pretraining settings: ``beta3=0.99``, momentum in the
   trial direction, weight decay 0.1.
 - ``"pretrain"``: the recommended configuration from the quality suite
-  (``benchmarks/quality``, README "Quality: no learning rate vs tuned AdamW"): the author's
-  settings plus a schedule on the applied step
-  (:class:`~salsa_fused.step_size.WarmupStableDecay` with ``warmup=0.2, decay=0.8, peak=2``):
-  the search runs during the first 20% of the steps while the applied step warms up linearly
-  to twice the searched level; the level is then frozen and the applied step decays linearly
-  from 2x it to zero over the remaining 80%. It needs the run length ``total_steps``, no
-  learning rate. (Until NOTES section 6 it was a 5% warmup and a 50% cooldown at 1x the level:
-  ``WarmupStableDecay(total_steps, warmup=0.05, decay=0.5)``.)
+  (``benchmarks/quality``, README "Quality: no learning rate vs tuned AdamW"): momentum in
+  the trial direction, weight decay 0.1, ``beta3=0.95`` (the smoothing of the Armijo test),
+  and a schedule on the applied step (:class:`~salsa_fused.step_size.WarmupStableDecay` with
+  ``warmup=0.2, decay=0.8, peak=2``): the search runs during the first 20% of the steps while
+  the applied step warms up linearly to twice the searched level; the level is then frozen and
+  the applied step decays linearly from 2x it to zero over the remaining 80%. It needs the run
+  length ``total_steps``, no learning rate. History (quality NOTES sections 6-7): until then
+  it was the author's ``beta3=0.99`` with a 5% warmup and a 50% cooldown at 1x the level.
 
 Usage::
 
@@ -48,7 +48,7 @@ def _pretrain(total_steps: Optional[int]) -> dict:
     if total_steps is None:
         raise ValueError("the 'pretrain' preset needs total_steps (the run length sets its warmup "
                          "and cooldown)")
-    return dict(beta3=0.99, search_direction="momentum", weight_decay=0.1,
+    return dict(beta3=0.95, search_direction="momentum", weight_decay=0.1,
                 schedule=WarmupStableDecay(total_steps, warmup=0.2, decay=0.8, peak=2.0))
 
 

@@ -46,7 +46,7 @@ def test_author_and_recommended_presets_set_what_they_document():
     assert author.search_config.beta3 == 0.99 and author.search_direction == "momentum"
     assert author.param_groups[0]["weight_decay"] == 0.1
     rec = presets.recommended([w], total_steps=1000)
-    assert rec.search_rule is ArmijoSearch and rec.search_config.beta3 == 0.99
+    assert rec.search_rule is ArmijoSearch and rec.search_config.beta3 == 0.95
     assert rec.search_direction == "momentum" and rec.param_groups[0]["weight_decay"] == 0.1
     assert rec.schedule == WarmupStableDecay(1000, warmup=0.2, decay=0.8, final=0.0, peak=2.0)
     assert rec.schedule.scale(200) == 2.0 and rec.schedule.searches(200) and not rec.schedule.searches(201)

@@ -247,6 +247,8 @@ REGISTRY: Dict[str, Callable] = {
     "w25_x1.5_tri": _knots((0, 0), (0.25, 1.5), (1, 0), search_until=0.25),
     "w20_x1_d50": _knots((0, 0), (0.2, 1), (0.5, 1), (1, 0), search_until=0.5),
     # the smoothed test's memory (NOTES.md section 7): the shipped preset with a shorter beta3
+    "pretrain_beta3_0.99": _fused(lambda n: _author(schedule=WarmupStableDecay(n, 0.2, 0.8, peak=2.0))),  # shipped
+    # between sections 6 and 7
     "tri_beta3_0.9": _fused(lambda n: dict(beta3=0.9, search_direction="momentum", weight_decay=WEIGHT_DECAY,
                                            schedule=WarmupStableDecay(n, 0.2, 0.8, peak=2.0))),
     "tri_beta3_0.95": _fused(lambda n: dict(beta3=0.95, search_direction="momentum", weight_decay=WEIGHT_DECAY,
