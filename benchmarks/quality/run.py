@@ -262,8 +262,10 @@ def markdown(size: str, tables: Dict[str, Dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def plot(task: str, runs: Dict[str, List[dict]], out_dir: str, names: Optional[List[str]] = None) -> List[str]:
-    """Loss (smoothed) and step size over steps, seed 0 of each optimizer."""
+def plot(task: str, runs: Dict[str, List[dict]], out_dir: str, names: Optional[List[str]] = None,
+         filename: Optional[str] = None) -> List[str]:
+    """Loss (smoothed) and step size over steps, the first seed of each optimizer, into
+    ``out_dir/<filename or task.png>``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -292,7 +294,7 @@ def plot(task: str, runs: Dict[str, List[dict]], out_dir: str, names: Optional[L
     ax_step.set_ylabel("applied step size / learning rate"); ax_step.set_title(f"{task}: step size")
     ax_step.legend(fontsize=7, loc="best", ncol=2)
     fig.tight_layout()
-    path = os.path.join(out_dir, f"{task}.png")
+    path = os.path.join(out_dir, filename or f"{task}.png")
     fig.savefig(path, dpi=90)
     plt.close(fig)
     paths.append(path)
