@@ -251,6 +251,7 @@ REGISTRY: Dict[str, Callable] = {
     # between sections 6 and 7
     "tri_beta3_0.9": _fused(lambda n: dict(beta3=0.9, search_direction="momentum", weight_decay=WEIGHT_DECAY,
                                            schedule=WarmupStableDecay(n, 0.2, 0.8, peak=2.0))),
+    # the configuration shipped as "pretrain" since section 7
     "tri_beta3_0.95": _fused(lambda n: dict(beta3=0.95, search_direction="momentum", weight_decay=WEIGHT_DECAY,
                                             schedule=WarmupStableDecay(n, 0.2, 0.8, peak=2.0))),
     # non-monotone acceptance screen (NOTES.md section 5): the then recommended preset (author + WSD 50%)
@@ -305,7 +306,9 @@ def build(name: str, task, model, total_steps: int) -> Built:
 def _shape(name: str):
     """``shape_w0.2_x1.5_d0.7``: warm up linearly to ``x`` times the searched level over the first
     ``w`` of the run, flat, then a linear cooldown to ``f`` (default 0) times it over the last ``d``;
-    the search is frozen during the cooldown."""
+    the search is frozen during the cooldown: ``WarmupStableDecay(n, w, d, f, peak=x)``. (The
+    section 6 screen ran these names through the equivalent ``Knots`` form; the two agree to
+    rounding, ``tests/benchmarks/test_quality_smoke.py``.)"""
     fields = {}
     try:
         for part in name[len(SHAPE_PREFIX):].split("_"):
@@ -315,11 +318,7 @@ def _shape(name: str):
         raise ValueError(f"bad shape name {name!r}: expected e.g. shape_w0.2_x1.5_d0.7") from None
     if not (0 < warmup and 0 < decay and warmup + decay <= 1):
         raise ValueError(f"bad shape name {name!r}: need 0 < w, 0 < d, w + d <= 1")
-    knots = [(0.0, 0.0), (warmup, factor)]
-    if warmup + decay < 1:
-        knots.append((1.0 - decay, factor))
-    knots.append((1.0, final * factor))
-    return _knots(*knots, search_until=1.0 - decay)
+    return _fused(lambda n: _author(schedule=WarmupStableDecay(n, warmup, decay, final, peak=factor)))
 
 
 def known(names: List[str]) -> None:

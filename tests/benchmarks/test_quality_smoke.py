@@ -40,19 +40,34 @@ def test_quality_suite_runs_end_to_end(tmp_path):
     assert "| salsa_recommended |" in summary
 
 
-def test_screen_shapes_by_name_match_the_package_schedule():
-    """``shape_w<W>_x<F>_d<D>`` (the screen's piecewise-linear schedule) is the same multiplier and
-    freeze as ``WarmupStableDecay(n, W, D, peak=F)``, step by step."""
+def test_screen_shapes_by_name_build_the_package_schedule():
     from benchmarks.quality import optimizers as O
     from salsa_fused.step_size import WarmupStableDecay
 
     task = run.make_task("digits", "tiny")
-    for name, reference in [("shape_w0.2_x2_d0.8", WarmupStableDecay(400, 0.2, 0.8, peak=2.0)),
-                            ("shape_w0.05_x1_d0.5", WarmupStableDecay(400, 0.05, 0.5))]:
-        schedule = O.build(name, task, task.model(0), 400).schedule
+    assert O.build("shape_w0.2_x2_d0.8", task, task.model(0), 400).schedule == \
+        WarmupStableDecay(400, 0.2, 0.8, 0.0, peak=2.0)
+    assert O.build("shape_w0.05_x1.5_d0.5_f0.1", task, task.model(0), 400).schedule == \
+        WarmupStableDecay(400, 0.05, 0.5, 0.1, peak=1.5)
+
+
+def test_knots_schedule_matches_warmup_stable_decay():
+    """The piecewise-linear screen schedule (``Knots``, the form the section 6 screen ran the
+    ``shape_*`` names through, and the ``ramp*`` entries still use) is the same multiplier and
+    freeze as ``WarmupStableDecay`` where both can express the shape."""
+    from benchmarks.quality.optimizers import Knots
+    from salsa_fused.step_size import WarmupStableDecay
+
+    for knots, search_until, reference in [
+            (((0, 0), (0.2, 2), (1, 0)), 0.2, WarmupStableDecay(400, 0.2, 0.8, peak=2.0)),
+            (((0, 0), (0.05, 1), (0.5, 1), (1, 0)), 0.5, WarmupStableDecay(400, 0.05, 0.5)),
+            (((0, 0), (0.1, 1.5), (0.3, 1.5), (1, 0.15)), 0.3, WarmupStableDecay(400, 0.1, 0.7, 0.1, peak=1.5))]:
+        schedule = Knots(400, knots, search_until)
         for k in range(1, 401):
-            assert schedule.scale(k) == pytest.approx(reference.scale(k), abs=1e-12), (name, k)
-            assert schedule.searches(k) == reference.searches(k), (name, k)
+            assert schedule.scale(k) == pytest.approx(reference.scale(k), abs=1e-12), (knots, k)
+            assert schedule.searches(k) == reference.searches(k), (knots, k)
+    with pytest.raises(ValueError, match="knot fractions"):
+        Knots(400, ((0, 0), (0.5, 1), (0.4, 1), (1, 0)), 0.5)
 
 
 @pytest.mark.parametrize("name, match", [("shape_w0.2_x2_d0.9", "w \\+ d"), ("shape_w0.2_x2", "bad shape"),
