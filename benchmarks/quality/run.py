@@ -236,8 +236,16 @@ def _extend_grid(task_of, runs, seeds, log) -> None:
             task = task_of(seed)
             result = train(task, new, seed)
             runs[new].append(result)
-            log(f"{task.name:9s} {new:20s} seed {seed}: train {result['final_train_loss']:.4f} "
-                f"val {result['val_loss']:.4f} (grid extension)")
+            log(run_line(task.name, new, result) + " (grid extension)")
+
+
+def run_line(task_name: str, name: str, result: dict) -> str:
+    """One run's log line (``benchmarks.quality.screen`` parses it: task, optimizer, "seed", seed,
+    "train", loss are its first six fields)."""
+    return (f"{task_name:9s} {name:20s} seed {result['seed']}: train {result['final_train_loss']:.4f} "
+            f"val {result['val_loss']:.4f} {result['step_time_ms']:.1f} ms/step "
+            f"{result['forwards_per_step']:.2f} fwd/step"
+            + (f" DIVERGED {result['diverged']}" if result["diverged"] else ""))
 
 
 def _fmt(x, spec=".4f"):
@@ -353,10 +361,7 @@ def main(argv=None) -> int:
                     task = make_task(task_name, args.size, seed=seed, steps=args.steps)
                 result = train(task, name, seed)
                 results.append(result)
-                log(f"{task_name:9s} {name:20s} seed {seed}: train {result['final_train_loss']:.4f} "
-                    f"val {result['val_loss']:.4f} {result['step_time_ms']:.1f} ms/step "
-                    f"{result['forwards_per_step']:.2f} fwd/step"
-                    + (f" DIVERGED {result['diverged']}" if result["diverged"] else ""))
+                log(run_line(task_name, name, result))
             task = make_task(task_name, args.size, seed=seeds[0], steps=args.steps)
             runs[name] = results
             with open(path, "w") as handle:  # after every optimizer, so a failure later loses nothing

@@ -53,3 +53,14 @@ def test_bad_rename_is_refused(tmp_path):
     log.write_text(LOG)
     with pytest.raises(SystemExit):
         screen.main(["collect", str(log), "--rename", "no-equals-sign", "--out", str(tmp_path / "x.json")])
+
+
+def test_screen_reads_the_lines_the_runner_writes(tmp_path):
+    from benchmarks.quality import run
+
+    result = dict(seed=7, final_train_loss=0.123456, val_loss=0.2, step_time_ms=1.0, forwards_per_step=1.3,
+                  diverged=None)
+    log = tmp_path / "run.log"
+    log.write_text(run.run_line("teacher", "salsa_recommended", result) + "\n"
+                   + run.run_line("teacher", "adamw_3e-2", result) + " (grid extension)\n")
+    assert screen.collect([str(log)], {}) == {"teacher": {"salsa_recommended": {7: 0.1235}, "adamw_3e-2": {7: 0.1235}}}
