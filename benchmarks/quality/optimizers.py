@@ -8,8 +8,8 @@ task and a run length. Families, which set how the training loop calls ``step``:
   rate is in the name (``adamw_1e-3``), any rate can be asked for.
 - ``torch`` also: ``adamw20_<lr>``, the same AdamW with a 20% warmup (a fairness check for the
   preset's long warm-up, NOTES.md section 6; not part of the grid).
-- ``fused`` also: ``shape_w<W>_x<F>_d<D>``, the author's settings with a piecewise-linear
-  schedule on the applied step (the section 6 screen; see ``_shape``).
+- ``fused`` also: ``shape_w<W>_x<F>_d<D>[_f<final>][_b<beta3>]``, the author's settings with a
+  piecewise-linear schedule on the applied step (the section 6 and 8 screens; see ``_shape``).
 - ``schedulefree``: schedule-free AdamW at its defaults (``train()``/``eval()`` modes).
 - ``prodigy``: Prodigy at its defaults (a ``torch`` family optimizer without scheduler).
 - ``salsa_pub``: the published ``salsa.SaLSA.SaLSA`` at its defaults.
@@ -33,7 +33,7 @@ WEIGHT_DECAY = 0.1
 WARMUP_FRACTION = 0.05
 ADAMW_PREFIX = "adamw_"
 LONG_WARMUP_PREFIX = "adamw20_"  # adamw20_<lr>: AdamW with 20% warmup + cosine (a check, not the grid)
-SHAPE_PREFIX = "shape_"  # shape_w<warmup>_x<factor>_d<decay>[_f<final>]: a Knots schedule by name
+SHAPE_PREFIX = "shape_"  # shape_w<warmup>_x<factor>_d<decay>[_f<final>][_b<beta3>]: WarmupStableDecay by name
 
 
 @dataclass
@@ -306,19 +306,28 @@ def build(name: str, task, model, total_steps: int) -> Built:
 def _shape(name: str):
     """``shape_w0.2_x1.5_d0.7``: warm up linearly to ``x`` times the searched level over the first
     ``w`` of the run, flat, then a linear cooldown to ``f`` (default 0) times it over the last ``d``;
-    the search is frozen during the cooldown: ``WarmupStableDecay(n, w, d, f, peak=x)``. (The
-    section 6 screen ran these names through the equivalent ``Knots`` form; the two agree to
-    rounding, ``tests/benchmarks/test_quality_smoke.py``.)"""
+    the search is frozen during the cooldown: ``WarmupStableDecay(n, w, d, f, peak=x)``, with the
+    author's settings and ``beta3`` = ``b`` (default the author's 0.99). (The section 6 screen ran
+    these names through the equivalent ``Knots`` form; the two agree to rounding,
+    ``tests/benchmarks/test_quality_smoke.py``.)"""
     fields = {}
     try:
         for part in name[len(SHAPE_PREFIX):].split("_"):
+            if part[0] in fields:
+                raise ValueError(part)
             fields[part[0]] = float(part[1:])
-        warmup, factor, decay, final = fields["w"], fields["x"], fields["d"], fields.get("f", 0.0)
+        warmup, factor, decay = fields.pop("w"), fields.pop("x"), fields.pop("d")
+        final, beta3 = fields.pop("f", 0.0), fields.pop("b", 0.99)
     except (KeyError, ValueError, IndexError):
         raise ValueError(f"bad shape name {name!r}: expected e.g. shape_w0.2_x1.5_d0.7") from None
+    if fields:
+        raise ValueError(f"bad shape name {name!r}: unknown fields {sorted(fields)} (w, x, d, f, b)")
     if not (0 < warmup and 0 < decay and warmup + decay <= 1):
         raise ValueError(f"bad shape name {name!r}: need 0 < w, 0 < d, w + d <= 1")
-    return _fused(lambda n: _author(schedule=WarmupStableDecay(n, warmup, decay, final, peak=factor)))
+    if not 0 <= beta3 < 1:
+        raise ValueError(f"bad shape name {name!r}: need 0 <= b < 1")
+    return _fused(lambda n: {**_author(schedule=WarmupStableDecay(n, warmup, decay, final, peak=factor)),
+                             "beta3": beta3})
 
 
 def known(names: List[str]) -> None:

@@ -49,6 +49,10 @@ def test_screen_shapes_by_name_build_the_package_schedule():
         WarmupStableDecay(400, 0.2, 0.8, 0.0, peak=2.0)
     assert O.build("shape_w0.05_x1.5_d0.5_f0.1", task, task.model(0), 400).schedule == \
         WarmupStableDecay(400, 0.05, 0.5, 0.1, peak=1.5)
+    assert O.build("shape_w0.2_x2_d0.8", task, task.model(0), 400).optimizer.search_config.beta3 == 0.99
+    built = O.build("shape_w0.15_x2.5_d0.85_b0.95", task, task.model(0), 400)
+    assert built.schedule == WarmupStableDecay(400, 0.15, 0.85, 0.0, peak=2.5)
+    assert built.optimizer.search_config.beta3 == 0.95
 
 
 def test_knots_schedule_matches_warmup_stable_decay():
@@ -71,6 +75,8 @@ def test_knots_schedule_matches_warmup_stable_decay():
 
 
 @pytest.mark.parametrize("name, match", [("shape_w0.2_x2_d0.9", "w \\+ d"), ("shape_w0.2_x2", "bad shape"),
+                                         ("shape_w0.2_x2_d0.8_q1", "unknown fields"),
+                                         ("shape_w0.2_x2_d0.8_b1", "b < 1"),
                                          ("nope", "unknown optimizer")])
 def test_screen_rejects_bad_optimizer_names_before_running(tmp_path, name, match):
     with pytest.raises(ValueError, match=match):
