@@ -2,6 +2,7 @@
 
     python -m benchmarks.quality.screen collect run1.log run2.log --out results/cpu_screen/x.json
     python -m benchmarks.quality.screen table results/cpu_screen/x.json --reference salsa_author_wsd50
+    python -m benchmarks.quality.screen table a.json b.json --seeds 20-39,80-139 --reference ...
 
 ``collect`` reads the per-run lines that ``benchmarks.quality.run`` prints
 (``<task> <optimizer> seed <s>: train <loss> ...``) into ``{task: {optimizer: {seed: loss}}}``;
@@ -15,7 +16,8 @@
   with its standard error;
 
 a candidate run on fewer of those seeds is compared on its own seeds (the best AdamW rate
-on the same seeds), and the table says which.
+on the same seeds), and the table says which. Several files are pooled (a run in two files
+must have the same loss in both); ``--seeds`` keeps only the listed seeds (``0-19,40``).
 """
 
 from __future__ import annotations
@@ -44,6 +46,39 @@ def collect(paths: List[str], rename: Dict[str, str]) -> Losses:
     return losses
 
 
+def merge(parts: List[Losses]) -> Losses:
+    """Pool several ``{task: {optimizer: {seed: loss}}}``; a seed in two parts must agree."""
+    merged: Losses = {}
+    for part in parts:
+        for task, runs in part.items():
+            for name, seeds in runs.items():
+                into = merged.setdefault(task, {}).setdefault(name, {})
+                for seed, loss in seeds.items():
+                    if seed in into and into[seed] != loss:
+                        raise ValueError(f"{task} {name} seed {seed}: two different losses "
+                                         f"({into[seed]} and {loss}) in the files pooled")
+                    into[seed] = loss
+    return merged
+
+
+def parse_seeds(text: str) -> List[int]:
+    """``"0-19,40"`` -> ``[0, ..., 19, 40]``."""
+    seeds = []
+    for item in text.split(","):
+        first, sep, last = item.strip().partition("-")
+        try:
+            seeds += list(range(int(first), int(last) + 1)) if sep else [int(first)]
+        except ValueError:
+            raise ValueError(f"bad seed list {text!r}: expected e.g. 0-19,40") from None
+    return seeds
+
+
+def only_seeds(losses: Losses, seeds: List[int]) -> Losses:
+    keep = set(seeds)
+    return {task: {n: {s: v for s, v in r.items() if s in keep} for n, r in runs.items()}
+            for task, runs in losses.items()}
+
+
 def table(losses: Losses, reference: Optional[str]) -> str:
     lines = []
     for task in sorted(losses):
@@ -52,6 +87,8 @@ def table(losses: Losses, reference: Optional[str]) -> str:
         if not adamw:
             continue
         seeds = sorted(set.intersection(*(set(r) for r in adamw.values())))
+        if not seeds:
+            continue
 
         def mean(name, over):
             return statistics.mean(runs[name][s] for s in over)
@@ -89,8 +126,9 @@ def main(argv=None) -> int:
     c.add_argument("--out", required=True)
     c.add_argument("--rename", action="append", default=[], help="old=new")
     t = sub.add_parser("table")
-    t.add_argument("losses")
+    t.add_argument("losses", nargs="+")
     t.add_argument("--reference", default=None)
+    t.add_argument("--seeds", default=None, help="keep only these seeds, e.g. 0-19,40")
     t.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.command == "collect":
@@ -106,9 +144,17 @@ def main(argv=None) -> int:
                        for task, runs in sorted(losses.items())}, handle, indent=1)
         print(f"{sum(len(r) for runs in losses.values() for r in runs.values())} runs -> {args.out}")
         return 0
-    with open(args.losses) as handle:
-        losses = {task: {n: {int(s): v for s, v in r.items()} for n, r in runs.items()}
-                  for task, runs in json.load(handle).items()}
+    parts = []
+    for path in args.losses:
+        with open(path) as handle:
+            parts.append({task: {n: {int(s): v for s, v in r.items()} for n, r in runs.items()}
+                          for task, runs in json.load(handle).items()})
+    try:
+        losses = merge(parts)
+        if args.seeds is not None:
+            losses = only_seeds(losses, parse_seeds(args.seeds))
+    except ValueError as error:
+        parser.error(str(error))
     text = table(losses, args.reference)
     if args.out:
         with open(args.out, "w") as handle:

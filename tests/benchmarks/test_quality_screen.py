@@ -64,3 +64,38 @@ def test_screen_reads_the_lines_the_runner_writes(tmp_path):
     log.write_text(run.run_line("teacher", "salsa_recommended", result) + "\n"
                    + run.run_line("teacher", "adamw_3e-2", result) + " (grid extension)\n")
     assert screen.collect([str(log)], {}) == {"teacher": {"salsa_recommended": {7: 0.1235}, "adamw_3e-2": {7: 0.1235}}}
+
+
+def test_table_pools_files_and_keeps_the_seeds_asked_for(tmp_path, capsys):
+    log = tmp_path / "run.log"
+    log.write_text(LOG)
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    screen.main(["collect", str(log), "--out", str(first)])
+    more = "".join(f"teacher   {name:20s} seed 2: train {loss:.4f} val 0.1 1 ms/step 1 fwd/step\n"
+                   for name, loss in [("adamw_1e-2", 0.2), ("adamw_3e-2", 0.4), ("cand", 0.3)])
+    (tmp_path / "more.log").write_text(more)
+    screen.main(["collect", str(tmp_path / "more.log"), "--out", str(second)])
+    assert screen.main(["table", str(first), str(second), "--reference", "old_name"]) == 0
+    pooled = capsys.readouterr().out
+    assert "seeds 0-2 (3)" in pooled and "| cand | 3 |" in pooled
+    assert screen.main(["table", str(first), str(second), "--seeds", "2"]) == 0
+    only_two = capsys.readouterr().out
+    # seed 2 alone: best AdamW is 1e-2 (0.2), cand 0.3 -> 1.5; seed 2 has no old_name run
+    assert "seeds 2-2 (1), best AdamW adamw_1e-2" in only_two and "old_name" not in only_two
+    assert screen.main(["table", str(first), "--seeds", "5-9"]) == 0  # no seed left: no table, no crash
+
+
+def test_pooled_files_must_agree_and_seed_lists_must_parse(tmp_path):
+    log = tmp_path / "run.log"
+    log.write_text(LOG)
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    screen.main(["collect", str(log), "--out", str(first)])
+    (tmp_path / "other.log").write_text(LOG.replace("train 0.1800", "train 0.1900"))
+    screen.main(["collect", str(tmp_path / "other.log"), "--out", str(second)])
+    with pytest.raises(SystemExit):
+        screen.main(["table", str(first), str(second)])
+    with pytest.raises(ValueError, match="two different losses"):
+        screen.merge([screen.collect([str(log)], {}), screen.collect([str(tmp_path / "other.log")], {})])
+    assert screen.parse_seeds("0-2,7") == [0, 1, 2, 7]
+    with pytest.raises(ValueError, match="bad seed list"):
+        screen.parse_seeds("0-x")
