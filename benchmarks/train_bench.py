@@ -1,7 +1,9 @@
 """Training-level timings: a GPT-2-small-shaped decoder on random tokens.
 
-Optimizers: fused AdamW, the published SaLSa (``salsa-optimizer`` 0.1.0, ``SaLSA``), and
-FusedSaLSa with each restore strategy. Per optimizer: mean step time over steps 1-200
+Optimizers: fused AdamW, the published SaLSa (``salsa-optimizer`` 0.1.0, ``SaLSA``),
+FusedSaLSa with each restore strategy, and the recommended preset (``presets.recommended``
+for the run's length: it searches only in the first 20% of the steps, so steps 1000-2000
+time its steady state, plain steps only). Per optimizer: mean step time over steps 1-200
 and over steps 1000-2000 (the adaptive interval reaches 10 only near step 900), peak
 memory, forward evaluations per step, searches and backtracks, and per-step times and
 step sizes (for ``plot_results.py``). Same model initialization and batches for all.
@@ -33,9 +35,10 @@ import _common as C  # noqa: E402
 import torch  # noqa: E402
 
 from examples.gpt import GPT, GPTConfig  # noqa: E402
-from salsa_fused import FusedSaLSa  # noqa: E402
+from salsa_fused import FusedSaLSa, presets  # noqa: E402
 
-OPTIMIZERS = ("adamw_fused", "salsa_published", "fused_salsa_copy", "fused_salsa_inplace")
+OPTIMIZERS = ("adamw_fused", "salsa_published", "fused_salsa_copy", "fused_salsa_inplace",
+              "fused_salsa_recommended")
 WINDOWS = ((1, 200), (1000, 2000))
 
 
@@ -108,8 +111,10 @@ def run_one(name: str, steps: int, device: torch.device, tiny: bool, seed: int =
             opt.step(closure)
             step_sizes.append(float(opt.step_size))
     else:
-        restore = name.rsplit("_", 1)[1]
-        opt = FusedSaLSa(model.param_groups(0.0), restore=restore)
+        if name == "fused_salsa_recommended":
+            opt = presets.recommended(model.param_groups(0.1), total_steps=steps)
+        else:
+            opt = FusedSaLSa(model.param_groups(0.0), restore=name.rsplit("_", 1)[1])
 
         def one_step(step):
             opt.zero_grad(set_to_none=True)

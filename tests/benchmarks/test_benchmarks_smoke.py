@@ -76,13 +76,18 @@ def test_train_bench_counts_match_the_published_salsa(smoke_dir):
     """Same model, batches and defaults: FusedSaLSa takes the published package's decisions."""
     data = _load(smoke_dir / "train_bench_cpu_smoke.json")
     stats = {r["provider"]: r["extra"] for r in data["rows"]}
-    assert set(stats) == {"adamw_fused", "salsa_published", "fused_salsa_copy", "fused_salsa_inplace"}
+    assert set(stats) == {"adamw_fused", "salsa_published", "fused_salsa_copy", "fused_salsa_inplace",
+                          "fused_salsa_recommended"}
     assert stats["adamw_fused"]["forwards_per_step"] == 1.0
     published = stats["salsa_published"]
     for name in ("fused_salsa_copy", "fused_salsa_inplace"):
         assert stats[name]["forwards_per_step"] == published["forwards_per_step"] > 1.0
         assert stats[name]["backtracks"] == published["backtracks"]
         assert stats[name]["searches"] == 4  # the first 9 steps always search
+    # the preset searches only in its warm-up (20% of the 4 smoke steps: step 1), then plain steps
+    assert stats["fused_salsa_recommended"]["searches"] == 1
+    assert stats["fused_salsa_recommended"]["forwards_per_step"] == (4 + stats["fused_salsa_recommended"]["backtracks"]
+                                                                     + 1) / 4
     series = data["summary"]["series"]
     assert series["fused_salsa_copy"]["step_size"] == pytest.approx(series["salsa_published"]["step_size"],
                                                                     rel=1e-4)
