@@ -54,12 +54,14 @@ def _fused(kwargs_of: Callable[[int], dict], decay: bool = True):
     return build
 
 
-def _preset(name: str):
+def _preset(name: str, **overrides):
+    """Preset ``name`` for the run's length; ``overrides`` replace its arguments (ablations)."""
     def build(task, model, total_steps) -> Built:
         kwargs = presets.preset_kwargs(name, total_steps)
         wd = kwargs.pop("weight_decay", 0.0)
         backend = "torch" if task.device.type == "cpu" else "auto"
-        opt = presets.from_preset(task.param_groups(model, wd), name, total_steps=total_steps, backend=backend)
+        opt = presets.from_preset(task.param_groups(model, wd), name, total_steps=total_steps, backend=backend,
+                                  **overrides)
         return Built(opt, "fused", schedule=kwargs.get("schedule"))
     return build
 
@@ -272,6 +274,14 @@ REGISTRY: Dict[str, Callable] = {
                                                                          reference_in_average=False))),
     # the shipped recommendation (salsa_fused.presets.RECOMMENDED)
     "salsa_recommended": _preset(presets.RECOMMENDED),
+    # the search's own constants around the shipped preset (NOTES.md section 9): the growth of eta
+    # before each search, the always-search warm-up, searching every step of the search phase
+    "rec_growth1.0": _preset(presets.RECOMMENDED, growth=1.0),
+    "rec_growth1.05": _preset(presets.RECOMMENDED, growth=1.05),
+    "rec_growth1.2": _preset(presets.RECOMMENDED, growth=1.2),
+    "rec_always0": _preset(presets.RECOMMENDED, always_search_steps=0),
+    "rec_always30": _preset(presets.RECOMMENDED, always_search_steps=30),
+    "rec_every_step": _preset(presets.RECOMMENDED, adaptive_interval=False),
     # references
     "prodigy": _prodigy,
     "schedulefree": _schedulefree,

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -53,6 +54,19 @@ def test_screen_shapes_by_name_build_the_package_schedule():
     built = O.build("shape_w0.15_x2.5_d0.85_b0.95", task, task.model(0), 400)
     assert built.schedule == WarmupStableDecay(400, 0.15, 0.85, 0.0, peak=2.5)
     assert built.optimizer.search_config.beta3 == 0.95
+
+
+def test_search_constant_ablations_change_only_their_constant():
+    from benchmarks.quality import optimizers as O
+
+    task = run.make_task("digits", "tiny")
+    shipped = O.build("salsa_recommended", task, task.model(0), 400)
+    for name, field, value in [("rec_growth1.2", "growth", 1.2), ("rec_always0", "always_search_steps", 0),
+                               ("rec_every_step", "adaptive_interval", False)]:
+        built = O.build(name, task, task.model(0), 400)
+        assert getattr(built.optimizer.search_config, field) == value
+        assert built.optimizer.search_config == replace(shipped.optimizer.search_config, **{field: value})
+        assert built.schedule == shipped.schedule
 
 
 def test_knots_schedule_matches_warmup_stable_decay():
