@@ -167,21 +167,35 @@ class ArmijoSearch:
         self.state.num_forward_evals += 1
         config = self.config
         decrease = _f32(self.loss) - _f32(trial_loss)
-        if not math.isfinite(decrease):
+        tested = self._tested_decrease(decrease, trial_loss)
+        if not math.isfinite(tested):
             # A NaN/inf trial loss is a failed trial (even -inf, which would pass the test):
             # backtrack and record nothing non-finite.
             self.step_size = self.step_size * config.backtrack
             return False
         self.state.last_loss_decrease = float(decrease)
-        smoothed = _f32(self.state.loss_decrease_avg) * _f32(config.beta3) + decrease * _f32(1 - config.beta3)
         if decrease == 0:
             return True
         sufficient = _f32(self.step_size * config.c) * _f32(self.state.grad_norm_avg)
+        smoothed = self._smoothed(tested)
         if smoothed >= sufficient:
-            self.state.loss_decrease_avg = float(smoothed)
+            self.state.loss_decrease_avg = float(self._kept_average(smoothed, decrease))
             return True
         self.step_size = self.step_size * config.backtrack
         return False
+
+    def _smoothed(self, decrease):
+        """``beta3*h + (1-beta3)*decrease`` in fp32: the left side of the test, and ``h`` once kept."""
+        beta3 = self.config.beta3
+        return _f32(self.state.loss_decrease_avg) * _f32(beta3) + decrease * _f32(1 - beta3)
+
+    def _tested_decrease(self, decrease, trial_loss: float):
+        """The decrease the test judges (fp32): ``f0 - f1`` here; other rules measure it otherwise."""
+        return decrease
+
+    def _kept_average(self, smoothed, decrease):
+        """``h`` after an accepted trial: the tested left side here."""
+        return smoothed
 
     @property
     def exhausted(self) -> bool:

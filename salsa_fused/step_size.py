@@ -297,28 +297,13 @@ class NonMonotoneSearch(ArmijoSearch):
         self.state.rule_state = dict(plan.state.rule_state)
         self.reference_loss = _fp32(rule.reference_loss(self.state.rule_state, float(loss)))
 
-    def observe(self, trial_loss: float) -> bool:
-        """Record the loss at ``w0 - step_size * d``; True when accepted, else backtrack."""
-        self.trials += 1
-        self.state.num_forward_evals += 1
-        config = self.config
-        decrease = _f32(self.reference_loss) - _f32(trial_loss)
-        if not math.isfinite(decrease):
-            self.step_size = self.step_size * config.backtrack
-            return False
-        self.state.last_loss_decrease = float(_f32(self.loss) - _f32(trial_loss))
-        smoothed = _f32(self.state.loss_decrease_avg) * _f32(config.beta3) + decrease * _f32(1 - config.beta3)
-        if _f32(self.loss) == _f32(trial_loss):
-            return True
-        sufficient = _f32(self.step_size * config.c) * _f32(self.state.grad_norm_avg)
-        if smoothed >= sufficient:
-            if not self.rule.reference_in_average:
-                smoothed = (_f32(self.state.loss_decrease_avg) * _f32(config.beta3)
-                            + (_f32(self.loss) - _f32(trial_loss)) * _f32(1 - config.beta3))
-            self.state.loss_decrease_avg = float(smoothed)
-            return True
-        self.step_size = self.step_size * config.backtrack
-        return False
+    def _tested_decrease(self, decrease, trial_loss: float):
+        """``f_ref - f1`` (fp32)."""
+        return _f32(self.reference_loss) - _f32(trial_loss)
+
+    def _kept_average(self, smoothed, decrease):
+        """The tested left side, or ``beta3*h + (1-beta3)*(f0 - f1)`` without ``reference_in_average``."""
+        return smoothed if self.rule.reference_in_average else self._smoothed(decrease)
 
     def finish(self) -> SearchState:
         state = super().finish()
