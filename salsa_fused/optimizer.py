@@ -23,6 +23,7 @@ from ._rng import RNGSnapshot
 from .backends.base import DIRECTIONS, GRADIENT, MOMENTUM, Bucket, Hyper
 from .distributed import SearchReduction, default_reduction
 from .errors import NonFiniteError
+from .applied import GroupStep
 from .line_search import ArmijoSearch, SearchConfig, SearchState, plan_step
 
 LossClosure = Callable[[], Union[torch.Tensor, float]]
@@ -205,9 +206,13 @@ class FusedSaLSa(Optimizer):
 
     @property
     def effective_step_sizes(self) -> List[float]:
-        """Per group, the step the next plain step applies: ``lr * eta * growth``."""
-        eta = self.step_size * self.search_config.growth
-        return [group["lr"] * eta for group in self.param_groups]
+        """Per group, the step the next plain step applies: ``lr * s * eta * growth`` (``s`` the
+        schedule's scale at the next step; 0 past a schedule's end that decays to 0)."""
+        state = self.search_state
+        scale = 1.0 if self.schedule is None else float(self.schedule.scale(state.step + 1))
+        trial = state.step_size * self.search_config.growth
+        return [GroupStep(group["lr"], scale, state.step_size).plain(trial).step
+                for group in self.param_groups]
 
     @property
     def search_interval(self) -> float:
@@ -464,6 +469,8 @@ class FusedSaLSa(Optimizer):
         eta = self.step_size
         hypers = {b.group_index: self._hyper(self.param_groups[b.group_index], plan.state.step)
                   for b in buckets}
+        groups = {b.group_index: GroupStep(self.param_groups[b.group_index]["lr"], scale, eta)
+                  for b in buckets}
         if not plan.is_search:
             if found_inf is not None:
                 # GradScaler saw inf/nan: the pass below changes nothing (the backend reads
@@ -480,18 +487,17 @@ class FusedSaLSa(Optimizer):
             self._nonfinite_loss_counter().add_(torch.isfinite(f0).logical_not())
             with torch.no_grad():
                 for b in buckets:
-                    lr = hypers[b.group_index].lr
-                    backend.plain_step(b, hypers[b.group_index], lr * scale * plan.trial_step_size,
-                                       lr * scale * eta, f0,
+                    move = groups[b.group_index].plain(plan.trial_step_size)
+                    backend.plain_step(b, hypers[b.group_index], move.step, move.decay, f0,
                                        found_inf=found_inf, grad_scale=grad_scale, nonfinite_count=counter)
             self._commit(step_state)
             return loss_tensor if one_phase else loss
-        self._search(plan, step_state, buckets, hypers, backend, f0, closure,
-                     grad_scale, found_inf, rng_before, rng_after, eta, scale)
+        self._search(plan, step_state, buckets, hypers, groups, backend, f0, closure,
+                     grad_scale, found_inf, rng_before, rng_after)
         return loss_tensor if one_phase else loss
 
-    def _search(self, plan, step_state, buckets, hypers, backend, f0, closure,
-                grad_scale, found_inf, rng_before, rng_after, eta, scale=1.0) -> None:
+    def _search(self, plan, step_state, buckets, hypers, groups, backend, f0, closure,
+                grad_scale, found_inf, rng_before, rng_after) -> None:
         direction = self.search_direction
         q = torch.zeros((), dtype=torch.float32, device=self._device)
         with torch.no_grad():
@@ -548,19 +554,25 @@ class FusedSaLSa(Optimizer):
         search = self.search_rule(plan, self.search_config, f0_value, q_value)
 
         @torch.no_grad()
-        def move_all(fn, *args):
+        def move_all(pass_fn, moves: Callable) -> None:
             for b in buckets:
-                lr = hypers[b.group_index].lr
-                fn(b, hypers[b.group_index], *[lr * a for a in args])
+                pass_fn(b, hypers[b.group_index], moves(groups[b.group_index]))
+
+        def first(b, h, m, direction=direction):
+            backend.first_trial(b, h, m.step, m.decay, direction, grad_scale)
+
+        def retrial(b, h, m):
+            backend.retrial(b, h, m.step, m.previous, m.decay, direction, grad_scale)
+
+        def restore(b, h, m):
+            backend.restore(b, h, m.previous, m.decay, direction, grad_scale)
 
         if not search.active:
-            move_all(lambda b, h, s, de: backend.first_trial(b, h, s, de, MOMENTUM, grad_scale),
-                     scale * search.step_size, eta)
+            move_all(lambda b, h, m: first(b, h, m, MOMENTUM), lambda g: g.guard_failed(search.step_size))
             self._commit(search.finish())
             rng_after.restore()
             return
-        move_all(lambda b, h, s, de: backend.first_trial(b, h, s, de, direction, grad_scale),
-                 search.step_size, eta)
+        move_all(first, lambda g: g.trial(search.step_size))
         try:
             while True:
                 rng_before.restore()
@@ -572,16 +584,13 @@ class FusedSaLSa(Optimizer):
                 previous = search.step_size
                 if search.observe(f1_value) or search.exhausted:
                     break
-                move_all(lambda b, h, s, p, de: backend.retrial(b, h, s, p, de, direction, grad_scale),
-                         search.step_size, previous, eta)
+                move_all(retrial, lambda g: g.trial(search.step_size, previous))
         except BaseException:
-            move_all(lambda b, h, p, de: backend.restore(b, h, p, de, direction, grad_scale),
-                     search.step_size, eta)
+            move_all(restore, lambda g: g.restore(search.step_size))
             rng_after.restore()
             raise
-        if scale != 1.0:  # the schedule: apply scale * the accepted trial (decay as the trials had it)
-            move_all(lambda b, h, s, p, de: backend.retrial(b, h, s, p, de, direction, grad_scale),
-                     scale * search.step_size, search.step_size, eta)
+        if any(g.scale != 1.0 for g in groups.values()):  # the schedule: scale * the accepted trial
+            move_all(retrial, lambda g: g.accept(search.step_size))
         self._commit(search.finish())
         rng_after.restore()
 

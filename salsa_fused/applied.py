@@ -1,0 +1,70 @@
+"""Every step size a pass applies, formed in one place.
+
+Words: the *level* ``eta`` is the searched step size (``SearchState.step_size``); a *trial*
+is a step size a search probes (the first ``eta * growth``, then backtracked); the *applied*
+step is what the weights finally move by. For group ``g`` (multiplier ``lr_g``) at a step
+whose schedule scale is ``s`` (1 without a schedule) and whose level before the step is ``eta``:
+
+    decay, every pass of the step:  w0 -> w0 * (1 - weight_decay * lr_g * s * eta)
+    plain step:                     applied = lr_g * s * (eta * growth)          (along m_hat)
+    search, trial t:                weights at decay(w0) - lr_g * t * d          (trials probe the level)
+    search, accepted trial t:       applied = lr_g * s * t
+    search with the guard failed:   applied = lr_g * s * (eta * growth)          (along m_hat)
+    restore:                        back to w0 from the current trial
+
+The decay is the plain step's on every pass of a search too, so a search step and a plain
+step of the same schedule shrink the weights alike. ``FusedSaLSa.effective_step_sizes``
+reads :meth:`GroupStep.plain` for the next step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Move:
+    """The scalars of one pass on one group.
+
+    The weights go to ``decay(w0) - step * d`` with ``decay(w) = w - weight_decay * decay * w``;
+    ``previous`` is the step the weights are at before the pass (``decay(w0) - previous * d``),
+    read by an in-place retrial and by restore.
+    """
+
+    step: float
+    previous: float = 0.0
+    decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class GroupStep:
+    """The scalars of one step for one param group: ``lr_g``, the schedule's scale, the level."""
+
+    lr: float
+    scale: float
+    level: float
+
+    @property
+    def decay(self) -> float:
+        """``lr_g * s * eta``: the decay step size of every pass of this step."""
+        return self.lr * self.scale * self.level
+
+    def plain(self, trial: float) -> Move:
+        """A plain step along ``m_hat``; ``trial`` is ``eta * growth``."""
+        return Move(step=self.lr * self.scale * trial, decay=self.decay)
+
+    def guard_failed(self, trial: float) -> Move:
+        """The one move of a search whose guard failed (zero loss or tiny slope), along ``m_hat``."""
+        return Move(step=self.lr * (self.scale * trial), decay=self.decay)
+
+    def trial(self, trial: float, previous: float = 0.0) -> Move:
+        """Weights at trial ``trial`` (unscaled: trials probe the level), from trial ``previous``."""
+        return Move(step=self.lr * trial, previous=self.lr * previous, decay=self.decay)
+
+    def accept(self, trial: float) -> Move:
+        """From the accepted trial to the applied step ``lr_g * s * trial``."""
+        return Move(step=self.lr * (self.scale * trial), previous=self.lr * trial, decay=self.decay)
+
+    def restore(self, trial: float) -> Move:
+        """Back to ``w0`` from the weights at trial ``trial``."""
+        return Move(step=0.0, previous=self.lr * trial, decay=self.decay)
