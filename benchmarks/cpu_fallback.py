@@ -30,7 +30,7 @@ import torch  # noqa: E402
 import _common as C  # noqa: E402
 from salsa_fused import FusedSaLSa  # noqa: E402
 from salsa_fused.backends import torch_backend  # noqa: E402
-from salsa_fused.backends.base import GRADIENT  # noqa: E402
+from salsa_fused.backends.base import GRADIENT, Move, PassArgs  # noqa: E402
 
 PROVIDERS = ("adamw_foreach", "adamw_fused", "salsa_plain", "salsa_plain_pass", "salsa_search", "salsa_pass_b")
 
@@ -67,7 +67,7 @@ def build(shapes, dtype: torch.dtype, device: str = "cpu") -> Dict[str, object]:
 
     @torch.no_grad()
     def plain_pass_only():
-        torch_backend.plain_step(plain_bucket, plain_hyper, 1e-4, 1e-4, loss)
+        torch_backend.plain_step(plain_bucket, PassArgs(plain_hyper, Move(1e-4, decay=1e-4)), loss)
 
     fns["salsa_plain_pass"] = plain_pass_only
 
@@ -81,7 +81,7 @@ def build(shapes, dtype: torch.dtype, device: str = "cpu") -> Dict[str, object]:
 
     @torch.no_grad()
     def pass_b():
-        torch_backend.retrial(bucket, hyper, 1e-4, 1.25e-4, 1e-4, GRADIENT)
+        torch_backend.retrial(bucket, PassArgs(hyper, Move(1e-4, 1.25e-4, 1e-4), GRADIENT))
 
     fns["salsa_pass_b"] = pass_b
     return fns

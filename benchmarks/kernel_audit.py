@@ -53,7 +53,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from salsa_fused.backends import triton_backend  # noqa: E402
-from salsa_fused.backends.base import GRADIENT, MOMENTUM, Bucket, Hyper  # noqa: E402
+from salsa_fused.backends.base import GRADIENT, MOMENTUM, Bucket, Hyper, Move, PassArgs  # noqa: E402
 
 TARGETS = {"sm_80": 80, "sm_90a": 90}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -172,16 +172,14 @@ def record_variants() -> List[Variant]:
                     bucket = _make_bucket(dtype, saved, misaligned)
                     for direction in (GRADIENT, MOMENTUM):
                         if saved:
-                            triton_backend.preconditioned_grad_norm(bucket, hyper, direction)
-                        triton_backend.first_trial(bucket, hyper, 0.5, 0.5, direction)
-                        triton_backend.retrial(bucket, hyper, 0.4, 0.5, 0.5, direction)
-                        triton_backend.restore(bucket, hyper, 0.4, 0.5, direction)
+                            triton_backend.slope(bucket, PassArgs(hyper, direction=direction))
+                        triton_backend.first_trial(bucket, PassArgs(hyper, Move(0.5, decay=0.5), direction))
+                        triton_backend.retrial(bucket, PassArgs(hyper, Move(0.4, 0.5, 0.5), direction))
+                        triton_backend.restore(bucket, PassArgs(hyper, Move(0.0, 0.4, 0.5), direction))
                 bucket = _make_bucket(dtype, False, misaligned)
                 loss = torch.zeros(())
-                triton_backend.plain_step(bucket, hyper, 0.3, 0.3, loss,
-                                          nonfinite_count=torch.zeros((), dtype=torch.int64))
-                triton_backend.plain_step(bucket, hyper, 0.3, 0.3, loss, torch.zeros(()), torch.ones(()),
-                                          torch.zeros((), dtype=torch.int64))
+                triton_backend.plain_step(bucket, PassArgs(hyper, Move(0.3, decay=0.3)), loss, nonfinite_count=torch.zeros((), dtype=torch.int64))
+                triton_backend.plain_step(bucket, PassArgs(hyper, Move(0.3, decay=0.3), grad_scale=torch.ones(())), loss, found_inf=torch.zeros(()), nonfinite_count=torch.zeros((), dtype=torch.int64))
     return list(recorded.values())
 
 

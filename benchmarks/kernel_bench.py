@@ -41,7 +41,7 @@ import _common as C  # noqa: E402
 import torch  # noqa: E402
 
 from salsa_fused.backends import resolve  # noqa: E402
-from salsa_fused.backends.base import GRADIENT, Bucket, Hyper  # noqa: E402
+from salsa_fused.backends.base import GRADIENT, Bucket, Hyper, Move, PassArgs  # noqa: E402
 
 GPU_SIZES = [2 ** 20, 2 ** 22, 2 ** 24, 2 ** 26, 2 ** 28, 2 ** 30]
 TINY_SIZES = [2 ** 12, 2 ** 16]
@@ -82,11 +82,10 @@ def providers(shapes, dtype: torch.dtype, device: torch.device, backend_name: st
                 return fn()
         return call
 
-    fns["salsa_plain"] = no_grad(lambda: backend.plain_step(plain_bucket, hyper, 1e-6, 1e-6, loss,
-                                                            nonfinite_count=counter))
-    fns["salsa_reduction"] = no_grad(lambda: backend.preconditioned_grad_norm(bucket, hyper, GRADIENT))
-    fns["salsa_pass_a"] = no_grad(lambda: backend.first_trial(bucket, hyper, 1e-6, 1e-6, GRADIENT))
-    fns["salsa_pass_b"] = no_grad(lambda: backend.retrial(bucket, hyper, 1e-6, 1.25e-6, 1e-6, GRADIENT))
+    fns["salsa_plain"] = no_grad(lambda: backend.plain_step(plain_bucket, PassArgs(hyper, Move(1e-6, decay=1e-6)), loss, nonfinite_count=counter))
+    fns["salsa_reduction"] = no_grad(lambda: backend.slope(bucket, PassArgs(hyper, direction=GRADIENT)))
+    fns["salsa_pass_a"] = no_grad(lambda: backend.first_trial(bucket, PassArgs(hyper, Move(1e-6, decay=1e-6), GRADIENT)))
+    fns["salsa_pass_b"] = no_grad(lambda: backend.retrial(bucket, PassArgs(hyper, Move(1e-6, 1.25e-6, 1e-6), GRADIENT)))
     numel = C.numel_of(shapes)
     copy_bytes = numel * bytes_per_param("salsa_plain", dtype) // 2  # read + write = plain's traffic
     src = torch.empty(copy_bytes, dtype=torch.uint8, device=device)

@@ -4,7 +4,7 @@ Instruments single ``FusedSaLSa`` steps on any device (the CPU included; the Tri
 backend runs under its interpreter, ``TRITON_INTERPRET=1``, when no GPU is present):
 
 - *passes*: calls of the backend's pass functions (``plain_step``, the reduction
-  ``preconditioned_grad_norm``, pass A ``first_trial``, pass B ``retrial``, ``restore``),
+  ``slope``, pass A ``first_trial``, pass B ``retrial``, ``restore``),
   each over one bucket (param group x device x dtype);
 - *launches*: Triton kernel launches, from ``triton_backend.LAUNCH_COUNTER``;
 - *host reads*: calls that bring a tensor's value to Python (``item``, ``tolist``,
@@ -43,7 +43,7 @@ import salsa_fused  # noqa: E402
 from salsa_fused import FusedSaLSa  # noqa: E402
 
 PACKAGE_DIR = str(Path(salsa_fused.__file__).resolve().parent)
-PASS_FUNCTIONS = ("plain_step", "preconditioned_grad_norm", "first_trial", "retrial", "restore")
+PASS_FUNCTIONS = ("plain_step", "slope", "first_trial", "retrial", "restore")
 _READ_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
 
 
@@ -140,7 +140,7 @@ def count_step(opt: FusedSaLSa, step: Callable[[], object]) -> StepCounts:
     counts = StepCounts()
     launches = triton_launch_counter()
     before = collections.Counter(launches) if launches is not None else collections.Counter()
-    backend = opt._backend()
+    backend = opt.backend
     build = getattr(backend, "_build_tables", None)
 
     def counted_build(*args, **kwargs):

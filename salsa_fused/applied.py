@@ -8,7 +8,7 @@ whose schedule scale is ``s`` (1 without a schedule) and whose level before the 
     decay, every pass of the step:  w0 -> w0 * (1 - weight_decay * lr_g * s * eta)
     plain step:                     applied = lr_g * s * (eta * growth)          (along m_hat)
     search, trial t:                weights at decay(w0) - lr_g * t * d          (trials probe the level)
-    search, accepted trial t:       applied = lr_g * s * t
+    search, final move t:           applied = lr_g * s * t          (SaLSa: t the accepted trial)
     search with the guard failed:   applied = lr_g * s * (eta * growth)          (along m_hat)
     restore:                        back to w0 from the current trial
 
@@ -21,19 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class Move:
-    """The scalars of one pass on one group.
-
-    The weights go to ``decay(w0) - step * d`` with ``decay(w) = w - weight_decay * decay * w``;
-    ``previous`` is the step the weights are at before the pass (``decay(w0) - previous * d``),
-    read by an in-place retrial and by restore.
-    """
-
-    step: float
-    previous: float = 0.0
-    decay: float = 0.0
+from .backends.base import Move
 
 
 @dataclass(frozen=True)
@@ -61,9 +49,10 @@ class GroupStep:
         """Weights at trial ``trial`` (unscaled: trials probe the level), from trial ``previous``."""
         return Move(step=self.lr * trial, previous=self.lr * previous, decay=self.decay)
 
-    def accept(self, trial: float) -> Move:
-        """From the accepted trial to the applied step ``lr_g * s * trial``."""
-        return Move(step=self.lr * (self.scale * trial), previous=self.lr * trial, decay=self.decay)
+    def apply(self, step: float, trial: float) -> Move:
+        """From the weights at trial ``trial`` to the applied step ``lr_g * s * step`` (the search's
+        final move: ``step`` is the accepted trial for SaLSa)."""
+        return Move(step=self.lr * (self.scale * step), previous=self.lr * trial, decay=self.decay)
 
     def restore(self, trial: float) -> Move:
         """Back to ``w0`` from the weights at trial ``trial``."""

@@ -19,6 +19,8 @@ from typing import Optional
 
 import numpy as np
 
+from .rules import FinalMove, Verdict
+
 _f32 = np.float32
 
 #: ``s`` below this skips the search (0.1.0's guard, compared in fp32).
@@ -143,46 +145,65 @@ def plan_step(state: SearchState, config: SearchConfig) -> StepPlan:
 
 
 class ArmijoSearch:
-    """One smoothed Armijo search (SPEC section 1, step 6), driven by trial losses.
+    """One smoothed Armijo search (SPEC section 1, step 6), driven by trial losses: the ``"salsa"``
+    rule of :mod:`salsa_fused.rules` (the class is the rule; an instance is one search).
 
-    ``s = beta3*s + (1-beta3)*q``;  accept ``eta`` when
-    ``beta3*h + (1-beta3)*(f0 - f1) >= c * eta * s`` or ``f0 == f1``; else ``eta *= backtrack``.
+    ``s = beta3*s + (1-beta3)*q``;  first trial ``eta * growth``; accept a trial ``t`` when
+    ``beta3*h + (1-beta3)*(f0 - f1) >= c * t * s`` or ``f0 == f1``; else ``t *= backtrack``,
+    giving up after ``max_trials`` (the last trial is kept, the level stored is backtracked once
+    more, as 0.1.0 does). The final move is the last trial; with the guard failed (zero loss or
+    ``s < 1e-8``) there is no trial and the step moves ``eta * growth`` along ``m_hat``.
     """
 
-    def __init__(self, plan: StepPlan, config: SearchConfig, loss: float, grad_norm: float):
+    @staticmethod
+    def direction(configured: str) -> str:
+        """The optimizer's ``search_direction`` (0.1.0: gradient, or momentum with ``use_mv``)."""
+        return configured
+
+    def __init__(self, plan: StepPlan, config: SearchConfig, loss: float, slope: float):
         self.config = config
         self.state = replace(plan.state, steps_since_search=0, num_searches=plan.state.num_searches + 1)
         beta3 = _f32(config.beta3)
         self.state.grad_norm_avg = float(_f32(self.state.grad_norm_avg) * beta3
-                                         + _f32(grad_norm) * _f32(1 - config.beta3))
+                                         + _f32(slope) * _f32(1 - config.beta3))
         self.loss = _fp32(loss)
         self.step_size = plan.trial_step_size
+        self.last_trial = self.step_size  # where the weights are after the last observed trial
         self.trials = 0
-        #: False when 0.1.0's guard fails (zero loss or tiny norm): one move along m_hat, no trials.
+        #: False when 0.1.0's guard fails (zero loss or tiny slope): one move along m_hat, no trials.
         self.active = bool(self.loss != 0 and _f32(self.state.grad_norm_avg) >= _f32(MIN_GRAD_NORM))
 
-    def observe(self, trial_loss: float) -> bool:
-        """Record the loss at ``w0 - step_size * d``; True when accepted, else backtrack."""
+    def observe(self, trial_loss: float) -> Verdict:
+        """Record the loss at ``w0 - step_size * d``: accept, or backtrack (give up at ``max_trials``)."""
         self.trials += 1
         self.state.num_forward_evals += 1
+        self.last_trial = self.step_size
         config = self.config
         decrease = _f32(self.loss) - _f32(trial_loss)
         tested = self._tested_decrease(decrease, trial_loss)
         if not math.isfinite(tested):
             # A NaN/inf trial loss is a failed trial (even -inf, which would pass the test):
             # backtrack and record nothing non-finite.
-            self.step_size = self.step_size * config.backtrack
-            return False
+            return self._backtrack()
         self.state.last_loss_decrease = float(decrease)
         if decrease == 0:
-            return True
+            return Verdict.ACCEPT
         sufficient = _f32(self.step_size * config.c) * _f32(self.state.grad_norm_avg)
         smoothed = self._smoothed(tested)
         if smoothed >= sufficient:
             self.state.loss_decrease_avg = float(self._kept_average(smoothed, decrease))
-            return True
-        self.step_size = self.step_size * config.backtrack
-        return False
+            return Verdict.ACCEPT
+        return self._backtrack()
+
+    def _backtrack(self) -> Verdict:
+        self.step_size = self.step_size * self.config.backtrack
+        return Verdict.GIVE_UP if self.exhausted else Verdict.RETRY
+
+    def final(self) -> FinalMove:
+        """The last trial; without trials (guard failed) ``eta * growth`` along ``m_hat``."""
+        if not self.active:
+            return FinalMove(self.step_size, direction="momentum")
+        return FinalMove(self.last_trial)
 
     def _smoothed(self, decrease):
         """``beta3*h + (1-beta3)*decrease`` in fp32: the left side of the test, and ``h`` once kept."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from copy import deepcopy
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
@@ -20,16 +20,17 @@ from torch.optim import Optimizer
 
 from . import backends as _backends
 from ._rng import RNGSnapshot
-from .backends.base import DIRECTIONS, GRADIENT, MOMENTUM, Bucket, Hyper
+from .backends.base import DIRECTIONS, GRADIENT, MOMENTUM, Bucket, Hyper, PassArgs
 from .distributed import SearchReduction, default_reduction
 from .errors import NonFiniteError
 from .applied import GroupStep
-from .line_search import ArmijoSearch, SearchConfig, SearchState, plan_step
+from .line_search import SearchConfig, SearchState, plan_step
+from .rules import Verdict, resolve_rule
 
 LossClosure = Callable[[], Union[torch.Tensor, float]]
 
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
-_SEARCH_KEY = "search"
+_SEARCH_KEY = "search"  # where state_dict() carries the search state (param_groups[0])
 RESTORE_STRATEGIES = ("copy", "inplace")
 NONFINITE_POLICIES = ("raise", "skip")
 
@@ -37,6 +38,19 @@ NONFINITE_POLICIES = ("raise", "skip")
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor, the tensor itself otherwise."""
     return tensor._local_tensor if hasattr(tensor, "_local_tensor") else tensor
+
+
+@dataclass
+class _DeviceCounts:
+    """int64 device scalars counted on plain steps (no host read), read and zeroed by the next search."""
+
+    nonfinite_elements: torch.Tensor  # gradient elements left unchanged
+    nonfinite_losses: torch.Tensor  # steps whose loss was NaN/inf (they changed nothing)
+    scaler_skips: torch.Tensor  # steps GradScaler skipped (found_inf)
+
+    @classmethod
+    def zeros(cls, device: Optional[torch.device]) -> "_DeviceCounts":
+        return cls(*(torch.zeros((), dtype=torch.int64, device=device) for _ in range(3)))
 
 
 class FusedSaLSa(Optimizer):
@@ -99,8 +113,8 @@ class FusedSaLSa(Optimizer):
             raise ValueError(f"search_direction must be one of {DIRECTIONS}, got {search_direction!r}")
         if restore not in RESTORE_STRATEGIES:
             raise ValueError(f"restore must be one of {RESTORE_STRATEGIES}, got {restore!r}")
-        if backend not in _backends.BACKENDS:
-            raise ValueError(f"backend must be one of {_backends.BACKENDS}, got {backend!r}")
+        if backend not in _backends.names():
+            raise ValueError(f"backend must be one of {_backends.names()}, got {backend!r}")
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         self.search_config = SearchConfig(
@@ -108,12 +122,10 @@ class FusedSaLSa(Optimizer):
             max_search_interval=max_search_interval, always_search_steps=always_search_steps,
             adaptive_interval=adaptive_interval)
         self.search_config.validate()
-        if search_rule is not None and not callable(search_rule):
-            raise TypeError(f"search_rule must be callable, got {type(search_rule).__name__}")
         if schedule is not None and not (callable(getattr(schedule, "scale", None))
                                          and callable(getattr(schedule, "searches", None))):
             raise TypeError("schedule must have scale(step) and searches(step) methods")
-        self.search_rule = ArmijoSearch if search_rule is None else search_rule
+        self.search_rule = resolve_rule(search_rule)
         self.schedule = schedule
         self.search_direction = search_direction
         self.restore_strategy = restore
@@ -123,14 +135,18 @@ class FusedSaLSa(Optimizer):
         self._device: Optional[torch.device] = None
         self._buckets: Dict[tuple, Bucket] = {}
         self._saved: Dict[torch.Tensor, torch.Tensor] = {}
-        self._nonfinite_count: Optional[torch.Tensor] = None
-        self._nonfinite_loss_count: Optional[torch.Tensor] = None
+        self._counts: Optional[_DeviceCounts] = None
+        self._forward_rng: Optional[RNGSnapshot] = None  # mark_forward(), for the next step only
+        self._bound_step: Optional[tuple] = None  # bind_closure(), for the next step only
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
-        self.param_groups[0].setdefault(_SEARCH_KEY, SearchState(step_size=self.init_step_size).to_dict())
+        #: The live search state; state_dict()/load_state_dict() carry it as a dict.
+        self._search = SearchState(step_size=self.init_step_size)
         # Detected after the groups exist: sharded DTensor params (FSDP2) also reduce q.
         self.reduction = reduction if reduction is not None else default_reduction(
             p for group in self.param_groups for p in group["params"])
+        #: The backend module, chosen and checked here, once (raises with the reason it cannot run).
+        self.backend = _backends.resolve(backend, self._device or torch.device("cpu"))
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -194,21 +210,21 @@ class FusedSaLSa(Optimizer):
     @property
     def search_state(self) -> SearchState:
         """A copy of the search's scalars (k, eta, h, s, eta_fast, eta_slow, t, counters)."""
-        return SearchState.from_dict(self.param_groups[0][_SEARCH_KEY])
+        return deepcopy(self._search)
 
     def _commit(self, state: SearchState) -> None:
-        self.param_groups[0][_SEARCH_KEY] = state.to_dict()
+        self._search = state
 
     @property
     def step_size(self) -> float:
         """The searched step size ``eta`` (before the growth factor and the group multipliers)."""
-        return self.search_state.step_size
+        return self._search.step_size
 
     @property
     def effective_step_sizes(self) -> List[float]:
         """Per group, the step the next plain step applies: ``lr * s * eta * growth`` (``s`` the
         schedule's scale at the next step; 0 past a schedule's end that decays to 0)."""
-        state = self.search_state
+        state = self._search
         scale = 1.0 if self.schedule is None else float(self.schedule.scale(state.step + 1))
         trial = state.step_size * self.search_config.growth
         return [GroupStep(group["lr"], scale, state.step_size).plain(trial).step
@@ -217,52 +233,54 @@ class FusedSaLSa(Optimizer):
     @property
     def search_interval(self) -> float:
         """The interval ``L`` of the last step (searches come every ``ceil(L)`` steps)."""
-        return self.search_state.search_interval
+        return self._search.search_interval
 
     @property
     def num_forward_evals(self) -> int:
-        return self.search_state.num_forward_evals
+        return self._search.num_forward_evals
 
     @property
     def num_searches(self) -> int:
-        return self.search_state.num_searches
+        return self._search.num_searches
 
     @property
     def num_backtracks(self) -> int:
-        return self.search_state.num_backtracks
+        return self._search.num_backtracks
 
     @property
     def num_skipped_steps(self) -> int:
-        return self.search_state.num_skipped_steps
+        return self._search.num_skipped_steps
 
     @property
     def last_search_trials(self) -> int:
-        return self.search_state.last_trials
+        return self._search.last_trials
 
     @property
     def last_loss_decrease(self) -> float:
-        return self.search_state.last_loss_decrease
+        return self._search.last_loss_decrease
 
     # ------------------------------------------------------------------ state_dict
     def state_dict(self) -> dict:
         state_dict = super().state_dict()
-        # param_groups are shallow copies: detach the search dict from the live one.
-        state_dict["param_groups"][0][_SEARCH_KEY] = deepcopy(self.param_groups[0][_SEARCH_KEY])
+        state_dict["param_groups"][0][_SEARCH_KEY] = self._search.to_dict()  # a deep copy
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load as ``torch.optim`` does, but keep the moments fp32 (torch would cast them to
         the parameter dtype) and validate the search state before anything changes."""
         groups = state_dict["param_groups"]
+        search = None
         if groups and _SEARCH_KEY in groups[0]:
-            SearchState.from_dict(groups[0][_SEARCH_KEY]).validate()  # unknown keys, bad values
+            search = SearchState.from_dict(deepcopy(groups[0][_SEARCH_KEY]))
+            search.validate()  # unknown keys, bad values
+        groups = [{k: v for k, v in group.items() if k != _SEARCH_KEY} for group in groups]
         for group in groups:
             self._validate_group_hyper({**self.defaults, **group})
         stripped_state, moments = {}, {}
         for key, value in state_dict["state"].items():
             moments[key] = {k: v for k, v in value.items() if k in _MOMENT_KEYS}
             stripped_state[key] = {k: v for k, v in value.items() if k not in _MOMENT_KEYS}
-        super().load_state_dict({**state_dict, "state": stripped_state})
+        super().load_state_dict({**state_dict, "param_groups": groups, "state": stripped_state})
         params = [p for group in self.param_groups for p in group["params"]]
         index_of = {}
         for group in groups:
@@ -273,20 +291,23 @@ class FusedSaLSa(Optimizer):
             state = self.state[param]
             for k, v in values.items():
                 state[k] = v.to(device=param.device, dtype=torch.float32, copy=True)
-        self.param_groups[0].setdefault(_SEARCH_KEY, SearchState(step_size=self.init_step_size).to_dict())
+        self._search = search if search is not None else SearchState(step_size=self.init_step_size)
         self._buckets.clear()
-        self._nonfinite_count = self._nonfinite_loss_count = None  # counts of the replaced run
+        self._counts = None  # counts of the replaced run
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_search": self._search}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        for name, value in (("_buckets", {}), ("_saved", {}), ("_nonfinite_count", None),
-                            ("_nonfinite_loss_count", None)):
+        for name, value in (("_buckets", {}), ("_saved", {}), ("_counts", None), ("_forward_rng", None),
+                            ("_bound_step", None)):
             self.__dict__.setdefault(name, value)
+        if "_search" not in self.__dict__:  # pickled with the search state in param_groups[0]
+            saved = self.param_groups[0].pop(_SEARCH_KEY, None) if self.param_groups else None
+            self._search = SearchState.from_dict(saved) if saved is not None else SearchState()
 
     # ------------------------------------------------------------------ step
-    def _backend(self):
-        return _backends.resolve(self.backend_name, self._device or torch.device("cpu"))
-
     def _collect_buckets(self) -> List[Bucket]:
         """Buckets of the params that have gradients; validates the gradients first."""
         members: Dict[tuple, List[torch.Tensor]] = {}
@@ -338,13 +359,6 @@ class FusedSaLSa(Optimizer):
             self._saved[p] = buffer
         return buffer
 
-    def _hyper(self, group: dict, step: int) -> Hyper:
-        beta1, beta2 = group["betas"]
-        # 0.1.0 corrects with k + 1 after the increment (SPEC section 1, step 5).
-        return Hyper(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                     bias_correction1=1 - beta1 ** max(1, step + 1),
-                     bias_correction2=1 - beta2 ** max(1, step + 1), lr=group["lr"])
-
     def _loss_tensor(self, value, what: str, need_grad: bool) -> torch.Tensor:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not need_grad:
             return torch.tensor(float(value), dtype=torch.float32, device=self._device)
@@ -360,22 +374,10 @@ class FusedSaLSa(Optimizer):
                                "the parameters")
         return value
 
-    def _nonfinite_loss_counter(self) -> torch.Tensor:
-        """Plain steps since the last search whose loss was NaN/inf (an int64 device scalar)."""
-        if self.__dict__.get("_nonfinite_loss_count") is None:
-            self._nonfinite_loss_count = torch.zeros((), dtype=torch.int64, device=self._device)
-        return self._nonfinite_loss_count
-
-    def _scaler_skip_counter(self) -> torch.Tensor:
-        """Plain steps since the last search that GradScaler skipped (an int64 device scalar)."""
-        if self.__dict__.get("_scaler_skip_count") is None:
-            self._scaler_skip_count = torch.zeros((), dtype=torch.int64, device=self._device)
-        return self._scaler_skip_count
-
-    def _nonfinite_counter(self) -> torch.Tensor:
-        if self._nonfinite_count is None:
-            self._nonfinite_count = torch.zeros((), dtype=torch.int64, device=self._device)
-        return self._nonfinite_count
+    def _device_counts(self) -> "_DeviceCounts":
+        if self._counts is None:
+            self._counts = _DeviceCounts.zeros(self._device)
+        return self._counts
 
     def mark_forward(self) -> None:
         """Two-phase form with randomness (dropout): call right before the step's first forward
@@ -384,7 +386,7 @@ class FusedSaLSa(Optimizer):
         sees their masks; without the mark they replay the state found at the ``step()`` call.
         Either way the generators end where the caller's forwards left them."""
         devices = [self._device] if self._device is not None else []
-        self.__dict__["_forward_rng"] = RNGSnapshot.capture(devices)
+        self._forward_rng = RNGSnapshot.capture(devices)
 
     def bind_closure(self, closure: LossClosure, *, loss=None) -> None:
         """Hand the next ``step()`` called without arguments its ``closure`` (and, with
@@ -396,7 +398,7 @@ class FusedSaLSa(Optimizer):
         """
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
-        self.__dict__["_bound_step"] = (closure, loss)
+        self._bound_step = (closure, loss)
 
     def step(self, closure: Optional[LossClosure] = None, *, loss=None):
         """One SaLSa step; returns the loss at the weights before the step.
@@ -420,8 +422,8 @@ class FusedSaLSa(Optimizer):
             raise
 
     def _step(self, closure: Optional[LossClosure], loss):
-        if closure is None and loss is None and self.__dict__.get("_bound_step") is not None:
-            closure, loss = self.__dict__.pop("_bound_step")
+        if closure is None and loss is None and self._bound_step is not None:
+            (closure, loss), self._bound_step = self._bound_step, None
         if closure is None:
             if loss is None and not any(p.grad is not None for g in self.param_groups for p in g["params"]):
                 return None  # nothing to do, as torch.optim does for a step without gradients
@@ -435,14 +437,14 @@ class FusedSaLSa(Optimizer):
             raise RuntimeError("under torch.amp.GradScaler use the two-phase form: "
                                "scaler.scale(loss).backward(); scaler.step(opt, closure, loss=loss) "
                                "(step() would run an unscaled backward itself)")
-        plan = plan_step(self.search_state, self.search_config)
+        plan = plan_step(self._search, self.search_config)
         scale = 1.0
         if self.schedule is not None:
             scale = float(self.schedule.scale(plan.state.step))
             if plan.is_search and not self.schedule.searches(plan.state.step):
                 plan = replace(plan, is_search=False)
         devices = [self._device] if self._device is not None else []
-        marked = self.__dict__.pop("_forward_rng", None)  # mark_forward(), used by this step only
+        marked, self._forward_rng = self._forward_rng, None  # mark_forward(), used by this step only
         one_phase = loss is None
         if one_phase:
             rng_before = RNGSnapshot.capture(devices) if plan.is_search else None
@@ -459,7 +461,7 @@ class FusedSaLSa(Optimizer):
         if not buckets:
             raise RuntimeError("no parameter of this optimizer has a gradient after the backward: the "
                                "loss does not depend on the optimized parameters")
-        backend = self._backend()
+        backend = self.backend
         step_state = plan.state
         step_state.num_forward_evals += 1
         step_state.num_backward_evals += int(one_phase)
@@ -467,7 +469,7 @@ class FusedSaLSa(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         eta = self.step_size
-        hypers = {b.group_index: self._hyper(self.param_groups[b.group_index], plan.state.step)
+        hypers = {b.group_index: Hyper.for_step(self.param_groups[b.group_index], plan.state.step)
                   for b in buckets}
         groups = {b.group_index: GroupStep(self.param_groups[b.group_index]["lr"], scale, eta)
                   for b in buckets}
@@ -476,60 +478,63 @@ class FusedSaLSa(Optimizer):
                 # GradScaler saw inf/nan: the pass below changes nothing (the backend reads
                 # found_inf on the device). Counted on the device, no host read: the next
                 # search takes such steps back out of k and t.
-                self._scaler_skip_counter().add_((found_inf.reshape(()) != 0).to(torch.int64))
+                self._device_counts().scaler_skips.add_((found_inf.reshape(()) != 0).to(torch.int64))
             if self.reduction.loss_group is not None:
                 # Every rank must take the same skip decision: judge the loss averaged over
                 # the data-parallel group (one 4-byte all-reduce, no host read).
                 f0 = self.reduction.average_loss(f0.reshape(1)).reshape(())
-            counter = self._nonfinite_counter()
+            counts = self._device_counts()
             # A non-finite loss makes the plain pass change nothing; count it on the device
             # (no host read) and report it at the next search.
-            self._nonfinite_loss_counter().add_(torch.isfinite(f0).logical_not())
+            counts.nonfinite_losses.add_(torch.isfinite(f0).logical_not())
             with torch.no_grad():
                 for b in buckets:
-                    move = groups[b.group_index].plain(plan.trial_step_size)
-                    backend.plain_step(b, hypers[b.group_index], move.step, move.decay, f0,
-                                       found_inf=found_inf, grad_scale=grad_scale, nonfinite_count=counter)
+                    args = PassArgs(hypers[b.group_index], groups[b.group_index].plain(plan.trial_step_size),
+                                    grad_scale=grad_scale)
+                    backend.plain_step(b, args, f0, found_inf=found_inf, nonfinite_count=counts.nonfinite_elements)
             self._commit(step_state)
             return loss_tensor if one_phase else loss
-        self._search(plan, step_state, buckets, hypers, groups, backend, f0, closure,
-                     grad_scale, found_inf, rng_before, rng_after)
+        try:
+            self._search_step(plan, step_state, buckets, hypers, groups, backend, f0, closure,
+                         grad_scale, found_inf, rng_before)
+        finally:
+            rng_after.restore()  # the generators end where the step's one forward left them
         return loss_tensor if one_phase else loss
 
-    def _search(self, plan, step_state, buckets, hypers, groups, backend, f0, closure,
-                grad_scale, found_inf, rng_before, rng_after) -> None:
-        direction = self.search_direction
+    def _search_step(self, plan, step_state, buckets, hypers, groups, backend, f0, closure,
+                grad_scale, found_inf, rng_before) -> None:
+        direction = self.search_rule.direction(self.search_direction)
+        counts = self._device_counts()
         q = torch.zeros((), dtype=torch.float32, device=self._device)
         with torch.no_grad():
             for b in buckets:
                 lr = hypers[b.group_index].lr
-                partial = backend.preconditioned_grad_norm(b, hypers[b.group_index], direction, grad_scale)
+                partial = backend.slope(b, PassArgs(hypers[b.group_index], direction=direction,
+                                                    grad_scale=grad_scale))
                 q = q + (partial if lr == 1.0 else partial * lr)
         flags = [found_inf.to(q.device, torch.float32).reshape(1) if found_inf is not None
-                 else q.new_zeros(1), self._nonfinite_counter().to(torch.float32).reshape(1),
-                 self._nonfinite_loss_counter().to(torch.float32).reshape(1)]
+                 else q.new_zeros(1), counts.nonfinite_elements.to(torch.float32).reshape(1),
+                 counts.nonfinite_losses.to(torch.float32).reshape(1)]
         # q and the flags are per shard under FSDP2: one sum over the shard group for all three.
         shard_sums = self.reduction.sum_over_shards(torch.cat([q.reshape(1), *flags]))
         loss_avg = self.reduction.average_loss(f0.reshape(1))
         f0_value, q_value, inf_flag, earlier_nonfinite, earlier_bad_losses, scaler_skips = torch.cat(
-            [loss_avg, shard_sums, self._scaler_skip_counter().to(torch.float32).reshape(1)]
+            [loss_avg, shard_sums, counts.scaler_skips.to(torch.float32).reshape(1)]
         ).tolist()  # the one host read before any write
         if scaler_skips:
             skipped = int(scaler_skips)
-            self._scaler_skip_count.zero_()
+            counts.scaler_skips.zero_()
             step_state.step -= skipped  # step_state is plan.state: the rule below sees this
             step_state.steps_since_search = max(0, step_state.steps_since_search - skipped)
-            hypers = {index: self._hyper(self.param_groups[index], step_state.step) for index in hypers}
-            current = self.search_state  # kept even if this step is skipped or rejected below
-            current.step -= skipped
-            current.steps_since_search = max(0, current.steps_since_search - skipped)
-            self._commit(current)
+            hypers = {index: Hyper.for_step(self.param_groups[index], step_state.step) for index in hypers}
+            # kept even if this step is skipped or rejected below
+            self._search.step -= skipped
+            self._search.steps_since_search = max(0, self._search.steps_since_search - skipped)
         if inf_flag:
-            rng_after.restore()
             return  # GradScaler found inf/nan: skip the step like AdamW, state unchanged
         if earlier_nonfinite or earlier_bad_losses:
-            self._nonfinite_count.zero_()
-            self._nonfinite_loss_count.zero_()
+            counts.nonfinite_elements.zero_()
+            counts.nonfinite_losses.zero_()
             if self.nonfinite == "raise":
                 problems = []
                 if earlier_nonfinite:
@@ -539,14 +544,12 @@ class FusedSaLSa(Optimizer):
                 if earlier_bad_losses:
                     problems.append(f"the loss was NaN/inf on {int(earlier_bad_losses)} plain step(s) "
                                     "since the last search (those steps changed nothing)")
-                rng_after.restore()
                 raise NonFiniteError("; ".join(problems) + f"; step {plan.state.step} was not applied")
             step_state.num_nonfinite_elements += int(earlier_nonfinite)
             step_state.num_skipped_steps += int(earlier_bad_losses)
         if not (math.isfinite(f0_value) and math.isfinite(q_value)):
-            what = "loss" if not math.isfinite(f0_value) else "gradient (preconditioned norm)"
+            what = "loss" if not math.isfinite(f0_value) else "gradient (slope q)"
             value = f0_value if not math.isfinite(f0_value) else q_value
-            rng_after.restore()
             self._reject(f"non-finite {what} {value} at step {plan.state.step}; "
                          "weights and optimizer state are unchanged",
                          int(earlier_nonfinite), int(earlier_bad_losses))
@@ -554,25 +557,18 @@ class FusedSaLSa(Optimizer):
         search = self.search_rule(plan, self.search_config, f0_value, q_value)
 
         @torch.no_grad()
-        def move_all(pass_fn, moves: Callable) -> None:
+        def move_all(pass_name: str, moves: Callable, along: str = direction) -> None:
+            run = getattr(backend, pass_name)
             for b in buckets:
-                pass_fn(b, hypers[b.group_index], moves(groups[b.group_index]))
-
-        def first(b, h, m, direction=direction):
-            backend.first_trial(b, h, m.step, m.decay, direction, grad_scale)
-
-        def retrial(b, h, m):
-            backend.retrial(b, h, m.step, m.previous, m.decay, direction, grad_scale)
-
-        def restore(b, h, m):
-            backend.restore(b, h, m.previous, m.decay, direction, grad_scale)
+                run(b, PassArgs(hypers[b.group_index], moves(groups[b.group_index]), along, grad_scale))
 
         if not search.active:
-            move_all(lambda b, h, m: first(b, h, m, MOMENTUM), lambda g: g.guard_failed(search.step_size))
+            final = search.final()
+            move_all("first_trial", lambda g: g.guard_failed(final.step), final.direction or direction)
             self._commit(search.finish())
-            rng_after.restore()
             return
-        move_all(first, lambda g: g.trial(search.step_size))
+        move_all("first_trial", lambda g: g.trial(search.step_size))
+        current = search.step_size  # the trial the weights are at
         try:
             while True:
                 rng_before.restore()
@@ -581,18 +577,21 @@ class FusedSaLSa(Optimizer):
                 trial = self._loss_tensor(value, "closure()", need_grad=False)
                 trial = trial.detach().reshape(1).to(device=self._device, dtype=torch.float32)
                 (f1_value,) = self.reduction.average_loss(trial).tolist()
-                previous = search.step_size
-                if search.observe(f1_value) or search.exhausted:
+                if search.observe(f1_value) is not Verdict.RETRY:
                     break
-                move_all(retrial, lambda g: g.trial(search.step_size, previous))
+                move_all("retrial", lambda g: g.trial(search.step_size, current))
+                current = search.step_size
         except BaseException:
-            move_all(restore, lambda g: g.restore(search.step_size))
-            rng_after.restore()
+            move_all("restore", lambda g: g.restore(current))
             raise
-        if any(g.scale != 1.0 for g in groups.values()):  # the schedule: scale * the accepted trial
-            move_all(retrial, lambda g: g.accept(search.step_size))
+        final = search.final()
+        along = final.direction or direction
+        if along != direction and not self.restore_strategy == "copy":
+            move_all("retrial", lambda g: g.trial(0.0, current))  # back to decay(w0), in place
+            current = 0.0
+        if along != direction or final.step != current or any(g.scale != 1.0 for g in groups.values()):
+            move_all("retrial", lambda g: g.apply(final.step, current), along)
         self._commit(search.finish())
-        rng_after.restore()
 
     def _reject(self, message: str, earlier_elements: int = 0, earlier_skips: int = 0) -> None:
         """Raise, or count a skipped step, as ``nonfinite`` says. Nothing has been written.
@@ -600,7 +599,5 @@ class FusedSaLSa(Optimizer):
         already zeroed), kept in the skip counters."""
         if self.nonfinite == "raise":
             raise NonFiniteError(message)
-        current = self.search_state
-        current.num_skipped_steps += 1 + earlier_skips
-        current.num_nonfinite_elements += earlier_elements
-        self._commit(current)
+        self._search.num_skipped_steps += 1 + earlier_skips
+        self._search.num_nonfinite_elements += earlier_elements

@@ -38,8 +38,9 @@ def _batch(step, device, size=32):
 
 def _skip_interval_warmup(opt):
     """fast == slow averages: the interval jumps to its bound, so plain steps come soon."""
-    search = opt.param_groups[0]["search"]
-    search["step_size_fast"] = search["step_size_slow"]
+    search = opt.search_state
+    search.step_size_fast = search.step_size_slow
+    opt._commit(search)
 
 
 def _snapshot(model, opt):

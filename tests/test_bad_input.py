@@ -40,7 +40,7 @@ def _snapshot(opt) -> dict:
     return dict(
         weights=[p.detach().clone() for p in params],
         moments=[{k: v.clone() for k, v in opt.state[p].items()} for p in params],
-        search=deepcopy(opt.param_groups[0]["search"]),
+        search=opt.state_dict()["param_groups"][0]["search"],
         groups=[{k: deepcopy(v) for k, v in g.items() if k not in ("params", "search")} for g in opt.param_groups],
         group_sizes=[len(g["params"]) for g in opt.param_groups])
 
@@ -60,7 +60,7 @@ def _assert_unchanged(before: dict, after: dict) -> None:
 def _all_finite(opt) -> bool:
     tensors = [p for g in opt.param_groups for p in g["params"]]
     tensors += [v for p in tensors for v in opt.state[p].values()]
-    scalars = [v for v in opt.param_groups[0]["search"].values() if isinstance(v, float)]
+    scalars = [v for v in opt.state_dict()["param_groups"][0]["search"].values() if isinstance(v, float)]
     return all(bool(torch.isfinite(t).all()) for t in tensors) and all(math.isfinite(s) for s in scalars)
 
 

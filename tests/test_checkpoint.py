@@ -47,8 +47,9 @@ def _run(batches, model, opt, generator, steps, on_step=None):
         if on_step is not None:
             on_step(step)
         if step == 9:  # fast == slow averages: the interval jumps to 10, plain steps follow
-            search = opt.param_groups[0]["search"]
-            search["step_size_fast"] = search["step_size_slow"]
+            search = opt.search_state
+            search.step_size_fast = search.step_size_slow
+            opt._commit(search)
         x, y = batches.get("train", 4, generator)
         opt.zero_grad()
         opt.step(lambda: model(x, y)[1])

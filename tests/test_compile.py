@@ -45,7 +45,9 @@ def warmed_optimizer(model, **kwargs):
     """Past its first searches (equal fast/slow eta averages): searches every 3 steps."""
     opt = FusedSaLSa(model.parameters(), init_step_size=0.05, always_search_steps=1,
                      max_search_interval=3, **kwargs)
-    opt.param_groups[0]["search"].update(step_size_fast=0.05, step_size_slow=0.05)
+    search = opt.search_state
+    search.step_size_fast = search.step_size_slow = 0.05
+    opt._commit(search)
     return opt
 
 

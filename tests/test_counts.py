@@ -85,7 +85,7 @@ def test_torch_backend_passes_and_reads(torch_counts, restore):
     assert sum(site.startswith("__bool__ at torch_backend.py") for site in sites) == BUCKETS
     assert sum(site.startswith("__float__ at torch_backend.py") for site in sites) == blocks
     search = counts["search step, 4 trials"]
-    assert search["passes"] == {"preconditioned_grad_norm": BUCKETS, "first_trial": BUCKETS,
+    assert search["passes"] == {"slope": BUCKETS, "first_trial": BUCKETS,
                                 "retrial": 3 * BUCKETS}
     assert search["host_reads"] == 5
     interrupted = counts["search step interrupted at trial 2"]
@@ -95,13 +95,14 @@ def test_torch_backend_passes_and_reads(torch_counts, restore):
 def test_host_read_counter_sees_reads_made_by_package_code_only():
     """The instrument itself: a read inside salsa_fused is recorded, one in the test is not."""
     from salsa_fused.backends import torch_backend
+    from salsa_fused.backends.base import Move, PassArgs
     sink = []
     x = torch.ones(3)
     with S.count_host_reads(sink):
         x.sum().item()  # made here, not by the package
         loss = torch.tensor(float("nan"))
         bucket = _one_tensor_bucket()
-        torch_backend.plain_step(bucket, _hyper(), 1e-3, 1e-3, loss)  # returns after one flag read
+        torch_backend.plain_step(bucket, PassArgs(_hyper(), Move(1e-3, decay=1e-3)), loss)  # returns after one flag read
     assert len(sink) == 1 and sink[0].startswith("__bool__ at torch_backend.py:"), sink
 
 
@@ -165,7 +166,7 @@ def test_blocked_cpu_plain_step_is_bitwise_the_foreach_form(monkeypatch, dtype, 
     """The CPU plain step runs block by block (cache-friendly); non-contiguous tensors take the
     foreach form that the parity tests check against salsa-optimizer 0.1.0. Same bits."""
     from salsa_fused.backends import torch_backend
-    from salsa_fused.backends.base import Bucket, Hyper
+    from salsa_fused.backends.base import Bucket, Hyper, Move, PassArgs
     monkeypatch.setattr(torch_backend, "CPU_BLOCK", 1000)  # several blocks and ragged tails
     generator = torch.Generator().manual_seed(0)
     shapes = [(2500,), (3, 5), (40, 60), (1,), (1001,)]
@@ -182,7 +183,7 @@ def test_blocked_cpu_plain_step_is_bitwise_the_foreach_form(monkeypatch, dtype, 
     for step in range(1, 4):
         hyper = Hyper(0.9, 0.999, 1e-8, weight_decay, 1 - 0.9 ** (step + 1), 1 - 0.999 ** (step + 1), 1.0)
         for bucket in (blocked, foreach):
-            torch_backend.plain_step(bucket, hyper, 1e-3, 1e-3, torch.tensor(1.0), grad_scale=grad_scale)
+            torch_backend.plain_step(bucket, PassArgs(hyper, Move(1e-3, decay=1e-3), grad_scale=grad_scale), torch.tensor(1.0))
     for name in ("params", "exp_avg", "exp_avg_sq"):
         for a, b in zip(getattr(blocked, name), getattr(foreach, name)):
             assert torch.equal(a, b), name

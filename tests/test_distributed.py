@@ -63,8 +63,9 @@ def _global_batch(step: int):
 def _skip_interval_warmup(opt: FusedSaLSa) -> None:
     """Set the fast and slow step-size averages equal, so the interval jumps to its bound
     (it otherwise stays near 1 for ~150 steps) and plain steps come within a short test."""
-    search = opt.param_groups[0]["search"]
-    search["step_size_fast"] = search["step_size_slow"]
+    search = opt.search_state
+    search.step_size_fast = search.step_size_slow
+    opt._commit(search)
 
 
 def _flat(params) -> torch.Tensor:
@@ -152,7 +153,7 @@ def _ddp_job(rank, rendezvous, out_dir):
             if step == 9:
                 _skip_interval_warmup(opt)
             if step == 11:
-                opt.param_groups[0]["search"]["steps_since_search"] = 100  # search now
+                opt._search.steps_since_search = 100  # search now
             poison = float("nan") if (step == 10 and rank == 1) else 1.0
             x, y = _batch(step, rank)
             opt.zero_grad()

@@ -37,8 +37,9 @@ def _closure(model, k):
 def _settle(opt):
     """Make the step-size averages equal: the interval becomes 10, so the next steps (after the
     first 9) are plain steps until the next search."""
-    search = opt.param_groups[0]["search"]
-    search["step_size_fast"] = search["step_size_slow"]
+    search = opt.search_state
+    search.step_size_fast = search.step_size_slow
+    opt._commit(search)
 
 
 def _train(model, opt, steps, start=0):

@@ -156,4 +156,4 @@ def test_two_phase_with_mark_forward_replays_the_callers_forwards():
             assert torch.equal(trial_masks[2 * t + micro], caller_masks[micro])
     assert torch.equal(torch.get_rng_state(), after_forwards)
     # The mark serves one step: the next two-phase step replays the state at its call again.
-    assert "_forward_rng" not in opt.__dict__
+    assert opt._forward_rng is None

@@ -8,6 +8,8 @@ search tries ``w0 - lr_g * eta * d`` and sums ``q = sum_g lr_g * sum(g * d)``.
 
 import math
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.optim import lr_scheduler
@@ -67,7 +69,7 @@ def run(make_scheduler, steps, metric_step=False):
     opt = FusedSaLSa(groups, backend="torch", init_step_size=0.1, always_search_steps=2,
                      max_search_interval=3)
     # A run past its first searches: equal fast and slow eta averages, so L = max_search_interval.
-    opt.param_groups[0]["search"].update(step_size_fast=0.1, step_size_slow=0.1)
+    opt._commit(replace(opt.search_state, step_size_fast=0.1, step_size_slow=0.1))
     scheduler = make_scheduler(opt)
     history = []
     for k in range(steps):

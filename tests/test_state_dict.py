@@ -143,7 +143,7 @@ def test_loading_does_not_alias_the_loaded_dict():
 
 
 def _snapshot(opt):
-    return (deepcopy(opt.param_groups[0]["search"]),
+    return (opt.state_dict()["param_groups"][0]["search"],
             [{k: v.clone() for k, v in s.items()} for s in opt.state.values()],
             [{k: v for k, v in g.items() if k not in ("params", "search")} for g in opt.param_groups])
 

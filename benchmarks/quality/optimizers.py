@@ -27,7 +27,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from salsa_fused import FusedSaLSa, presets
-from salsa_fused.step_size import EdgeRule, NonMonotoneArmijo, WarmupStableDecay
+from salsa_fused.step_size import WarmupStableDecay
+
+from .rules import EdgeRule, NonMonotoneArmijo
 
 WEIGHT_DECAY = 0.1
 WARMUP_FRACTION = 0.05

@@ -47,6 +47,9 @@ class SearchRecorder:
     def __init__(self, rule, log: list):
         self.rule, self.log = rule, log
 
+    def direction(self, configured):
+        return self.rule.direction(configured)
+
     def __call__(self, plan, config, loss, grad_norm):
         search = self.rule(plan, config, loss, grad_norm)
         entry = dict(k=plan.state.step, f0=float(loss), q=float(grad_norm), h=plan.state.loss_decrease_avg,
@@ -79,6 +82,9 @@ class _RecordingSearch:
         if "f1" not in self._entry:
             self._entry["f1"] = float(trial_loss)
         return self._search.observe(trial_loss)
+
+    def final(self):
+        return self._search.final()
 
     def finish(self):
         state = self._search.finish()

@@ -1,45 +1,73 @@
-"""Backend selection: ``"torch"`` (reference), ``"triton"`` (fused kernels), ``"auto"``."""
+"""Backends by name: ``"torch"`` (the reference), ``"triton"`` (fused kernels), and ``"auto"``.
+
+A backend is a module (or object) with the passes of :class:`.base.Backend`. Adding one is one
+module, one line in ``REGISTRY`` (or a :func:`register_backend` call from outside the package)
+and one line in the tests' backend table. ``FusedSaLSa`` selects and checks its backend once,
+in ``__init__``, with :func:`resolve`.
+"""
 
 from __future__ import annotations
 
 import importlib
-import os
-from types import ModuleType
+from typing import Dict, Tuple, Union
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton")
+from .base import Backend
+
+#: name -> the module that implements it (imported on first use: Triton stays optional).
+REGISTRY: Dict[str, Union[str, Backend]] = {
+    "torch": "salsa_fused.backends.torch_backend",
+    "triton": "salsa_fused.backends.triton_backend",
+}
+AUTO = "auto"
 
 
-def _triton_module() -> ModuleType:
-    return importlib.import_module("salsa_fused.backends.triton_backend")
+def names() -> Tuple[str, ...]:
+    """Every name ``backend=`` accepts."""
+    return (AUTO, *REGISTRY)
+
+
+def register_backend(name: str, backend: Union[str, Backend]) -> None:
+    """Add backend ``name``: a module path (imported when first chosen) or an object with the passes."""
+    if not isinstance(name, str) or not name or name == AUTO:
+        raise ValueError(f"a backend name must be a non-empty string other than {AUTO!r}, got {name!r}")
+    if not isinstance(backend, str) and not isinstance(backend, Backend):
+        raise TypeError(f"backend {name!r} lacks passes of salsa_fused.backends.base.Backend")
+    REGISTRY[name] = backend
+
+
+def load(name: str) -> Backend:
+    """The backend registered as ``name`` (imported, not checked against a device)."""
+    if name not in REGISTRY:
+        raise ValueError(f"backend must be one of {names()}, got {name!r}")
+    backend = REGISTRY[name]
+    if isinstance(backend, str):
+        backend = importlib.import_module(backend)
+        if not isinstance(backend, Backend):
+            raise TypeError(f"backend module {REGISTRY[name]} lacks passes of salsa_fused.backends.base.Backend")
+    return backend
+
+
+def usable(name: str, device: torch.device) -> bool:
+    """Whether backend ``name`` can run on ``device``."""
+    try:
+        load(name).check(device)
+    except (ImportError, RuntimeError):
+        return False
+    return True
 
 
 def triton_usable(device: torch.device) -> bool:
     """Triton runs on CUDA tensors, and on CPU tensors only under ``TRITON_INTERPRET=1``."""
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    try:
-        module = _triton_module()
-    except ImportError:
-        return False
-    return module.is_available()
+    return usable("triton", device)
 
 
-def resolve(name: str, device: torch.device) -> ModuleType:
-    """The backend module for ``name`` on ``device``; ``"auto"`` is triton on CUDA when it imports."""
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    if name == "torch" or (name == "auto" and device.type != "cuda"):
-        from . import torch_backend
-        return torch_backend
-    if name == "auto":
-        if triton_usable(device):
-            return _triton_module()
-        from . import torch_backend
-        return torch_backend
-    if not triton_usable(device):
-        raise RuntimeError(
-            f"backend='triton' cannot run on {device}: Triton needs CUDA tensors, or TRITON_INTERPRET=1 "
-            "set before triton is imported for the CPU interpreter")
-    return _triton_module()
+def resolve(name: str, device: torch.device) -> Backend:
+    """The backend for ``name`` on ``device``, checked: raises RuntimeError with the reason when it
+    cannot run there. ``"auto"`` is triton on CUDA when it can run, else torch."""
+    if name == AUTO:
+        name = "triton" if device.type == "cuda" and triton_usable(device) else "torch"
+    backend = load(name)
+    backend.check(device)
+    return backend

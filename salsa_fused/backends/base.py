@@ -20,7 +20,7 @@ increment and ``lr`` the group's multiplier:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -66,3 +66,74 @@ class Hyper:
     bias_correction1: float  # 1 - beta1 ** (k + 1)
     bias_correction2: float  # 1 - beta2 ** (k + 1)
     lr: float  # the group's multiplier on the searched step size
+
+    @classmethod
+    def for_step(cls, group: dict, step: int) -> "Hyper":
+        """The scalars of param group ``group`` at step ``k = step`` (after its increment).
+
+        0.1.0 corrects with ``k + 1`` (SPEC section 1, step 5): the only bias correction.
+        """
+        beta1, beta2 = group["betas"]
+        return cls(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                   bias_correction1=1 - beta1 ** max(1, step + 1),
+                   bias_correction2=1 - beta2 ** max(1, step + 1), lr=group["lr"])
+
+
+@dataclass(frozen=True)
+class Move:
+    """The step sizes of one pass on one bucket (formed by :mod:`salsa_fused.applied`).
+
+    The weights go to ``decay(w0) - step * d`` with ``decay(w) = w - weight_decay * decay * w``;
+    ``previous`` is the step the weights are at before the pass (``decay(w0) - previous * d``),
+    read by an in-place retrial and by restore.
+    """
+
+    step: float
+    previous: float = 0.0
+    decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class PassArgs:
+    """Everything a pass receives beside the bucket's tensors (one typed argument for every pass)."""
+
+    hyper: Hyper
+    move: Move = Move(0.0)
+    direction: str = GRADIENT  # of the trials: "gradient" or "momentum"; a plain step uses m_hat
+    grad_scale: Optional[torch.Tensor] = None  # GradScaler's scale: g / grad_scale is the gradient
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """The passes a backend implements; every one works on one bucket with O(1) launches.
+
+    ``torch_backend`` is the executable spec of each; a module with these names is a backend.
+    """
+
+    name: str
+
+    def check(self, device: torch.device) -> None:
+        """Raise RuntimeError saying why this backend cannot run on ``device``."""
+
+    def slope(self, bucket: Bucket, args: PassArgs) -> torch.Tensor:
+        """``q = sum g * d`` (0-dim fp32; may be negative along the momentum) with this step's
+        moments, nothing written."""
+
+    def first_trial(self, bucket: Bucket, args: PassArgs) -> None:
+        """Pass A of a search: m, v written, ``saved = w``, ``w = decay(w) - move.step * d``."""
+
+    def retrial(self, bucket: Bucket, args: PassArgs) -> None:
+        """Pass B: ``w = decay(saved) - move.step * d``, or in place
+        ``w += (move.previous - move.step) * d``."""
+
+    def restore(self, bucket: Bucket, args: PassArgs) -> None:
+        """The weights from before the step: ``w = saved``, or in place
+        ``w = (w + move.previous * d) / (1 - weight_decay * move.decay)``."""
+
+    def plain_step(self, bucket: Bucket, args: PassArgs, loss: torch.Tensor,
+                   found_inf: Optional[torch.Tensor] = None,
+                   nonfinite_count: Optional[torch.Tensor] = None) -> None:
+        """m, v written and ``w = decay(w) - move.step * m_hat * precond``; nothing written when
+        ``loss`` is non-finite or ``found_inf`` is set; non-finite gradient elements keep their
+        weight and moments and are counted into ``nonfinite_count`` (int64, on the device).
+        No host read on an accelerator."""

@@ -18,9 +18,13 @@ from typing import List, Optional
 import torch
 
 from .. import _compat as C
-from .base import GRADIENT, MOMENTUM, Bucket, Hyper
+from .base import GRADIENT, MOMENTUM, Bucket, Hyper, PassArgs
 
 name = "torch"
+
+
+def check(device: torch.device) -> None:
+    """The reference runs wherever torch does."""
 
 
 def _grads_fp32(bucket: Bucket, grad_scale: Optional[torch.Tensor]) -> List[torch.Tensor]:
@@ -82,17 +86,17 @@ def _decayed(weights_fp32: List[torch.Tensor], hyper: Hyper, decay_step_size: fl
     return C.foreach_mul(weights_fp32, 1 - hyper.weight_decay * decay_step_size)
 
 
-def preconditioned_grad_norm(bucket: Bucket, hyper: Hyper, direction: str,
-                             grad_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+def slope(bucket: Bucket, args: PassArgs) -> torch.Tensor:
     """q = sum over the bucket of ``g * d`` with the moments updated by this step's g (not written).
 
     Returns a 0-dim fp32 tensor on the bucket's device; per-tensor sums are added in list order.
     Reads g, m, v; writes nothing. Non-finite gradients make q non-finite.
     """
-    grads = _grads_fp32(bucket, grad_scale)
+    hyper = args.hyper
+    grads = _grads_fp32(bucket, args.grad_scale)
     exp_avg, exp_avg_sq = _new_moments(bucket, hyper, grads)
     precond = _preconditioner(exp_avg_sq, hyper)
-    if direction == GRADIENT:
+    if args.direction == GRADIENT:
         per_tensor = [(g * g * p).sum() for g, p in zip(grads, precond)]
     else:
         d = _direction(precond, grads, exp_avg, hyper, MOMENTUM)
@@ -103,63 +107,57 @@ def preconditioned_grad_norm(bucket: Bucket, hyper: Hyper, direction: str,
     return total
 
 
-def first_trial(bucket: Bucket, hyper: Hyper, step_size: float, decay_step_size: float,
-                direction: str, grad_scale: Optional[torch.Tensor] = None) -> None:
+def first_trial(bucket: Bucket, args: PassArgs) -> None:
     """Pass A of a search step: write m, v, the saved copy of w, and the first trial weights.
 
-    ``saved = w`` (when the bucket keeps copies);  ``w = w_dec - step_size * d``.
+    ``saved = w`` (when the bucket keeps copies);  ``w = w_dec - step * d``.
     """
-    grads = _grads_fp32(bucket, grad_scale)
+    hyper, move = args.hyper, args.move
+    grads = _grads_fp32(bucket, args.grad_scale)
     exp_avg, exp_avg_sq = _new_moments(bucket, hyper, grads)
     C.foreach_copy_(bucket.exp_avg, exp_avg)
     C.foreach_copy_(bucket.exp_avg_sq, exp_avg_sq)
     if bucket.saved is not None:
         C.foreach_copy_(bucket.saved, bucket.params)
     precond = _preconditioner(exp_avg_sq, hyper)
-    d = _direction(precond, grads, exp_avg, hyper, direction)
-    weights = _decayed(C.to_float32(bucket.params), hyper, decay_step_size)
-    if weights is bucket.params:  # fp32, no decay: update in place, as 0.1.0 does
-        C.foreach_add_(bucket.params, d, alpha=-step_size)
-    else:
-        _write_weights(bucket.params, C.foreach_add(weights, d, alpha=-step_size))
+    d = _direction(precond, grads, exp_avg, hyper, args.direction)
+    _move_from(bucket.params, C.to_float32(bucket.params), d, hyper, move.step, move.decay)
 
 
-def retrial(bucket: Bucket, hyper: Hyper, step_size: float, previous_step_size: float,
-            decay_step_size: float, direction: str, grad_scale: Optional[torch.Tensor] = None) -> None:
-    """Pass B: move the weights to the trial ``w_dec - step_size * d``.
+def retrial(bucket: Bucket, args: PassArgs) -> None:
+    """Pass B: move the weights to the trial ``w_dec - step * d``.
 
-    With a saved copy: ``w = decay(saved) - step_size * d`` (exact). In place:
-    ``w += (previous_step_size - step_size) * d`` (one rounding per trial).
+    With a saved copy: ``w = decay(saved) - step * d`` (exact). In place:
+    ``w += (previous - step) * d`` (one rounding per trial).
     """
-    d = _current_direction(bucket, hyper, direction, grad_scale)
+    move = args.move
+    d = _current_direction(bucket, args.hyper, args.direction, args.grad_scale)
     if bucket.saved is not None:
-        weights = _decayed(C.to_float32(bucket.saved), hyper, decay_step_size)
-        _write_weights(bucket.params, C.foreach_add(weights, d, alpha=-step_size))
+        weights = _decayed(C.to_float32(bucket.saved), args.hyper, move.decay)
+        _write_weights(bucket.params, C.foreach_add(weights, d, alpha=-move.step))
     else:
         weights = C.to_float32(bucket.params)
-        C.foreach_mul_(d, previous_step_size - step_size)
+        C.foreach_mul_(d, move.previous - move.step)
         _write_weights(bucket.params, C.foreach_add(weights, d))
 
 
-def restore(bucket: Bucket, hyper: Hyper, previous_step_size: float, decay_step_size: float,
-            direction: str, grad_scale: Optional[torch.Tensor] = None) -> None:
+def restore(bucket: Bucket, args: PassArgs) -> None:
     """Put back the weights from before the step: ``w = saved`` (exact), or in place
-    ``w = (w + previous_step_size * d) / (1 - weight_decay * decay_step_size)`` (to rounding)."""
+    ``w = (w + previous * d) / (1 - weight_decay * decay)`` (to rounding)."""
     if bucket.saved is not None:
         C.foreach_copy_(bucket.params, bucket.saved)
         return
-    d = _current_direction(bucket, hyper, direction, grad_scale)
-    weights = C.foreach_add(C.to_float32(bucket.params), d, alpha=previous_step_size)
-    if hyper.weight_decay != 0 and decay_step_size != 0:
-        C.foreach_div_(weights, 1 - hyper.weight_decay * decay_step_size)
+    hyper, move = args.hyper, args.move
+    d = _current_direction(bucket, hyper, args.direction, args.grad_scale)
+    weights = C.foreach_add(C.to_float32(bucket.params), d, alpha=move.previous)
+    if hyper.weight_decay != 0 and move.decay != 0:
+        C.foreach_div_(weights, 1 - hyper.weight_decay * move.decay)
     _write_weights(bucket.params, weights)
 
 
-def plain_step(bucket: Bucket, hyper: Hyper, step_size: float, decay_step_size: float,
-               loss: torch.Tensor, found_inf: Optional[torch.Tensor] = None,
-               grad_scale: Optional[torch.Tensor] = None,
+def plain_step(bucket: Bucket, args: PassArgs, loss: torch.Tensor, found_inf: Optional[torch.Tensor] = None,
                nonfinite_count: Optional[torch.Tensor] = None) -> None:
-    """Pass A of a plain step: m, v updated and ``w = w_dec - step_size * m_hat * precond``.
+    """Pass A of a plain step: m, v updated and ``w = w_dec - step * m_hat * precond``.
 
     Changes nothing when ``loss`` is non-finite or ``found_inf`` is set. An element
     whose gradient is non-finite keeps its weight and moments; the number of such
@@ -173,7 +171,8 @@ def plain_step(bucket: Bucket, hyper: Hyper, step_size: float, decay_step_size: 
         step_ok = step_ok & (found_inf.to(step_ok.device) == 0)
     if not bool(step_ok):
         return
-    grads = _grads_fp32(bucket, grad_scale)
+    hyper, step_size, decay_step_size = args.hyper, args.move.step, args.move.decay
+    grads = _grads_fp32(bucket, args.grad_scale)
     if bucket.device.type == "cpu" and all(t.is_contiguous() for stream in (
             grads, bucket.params, bucket.exp_avg, bucket.exp_avg_sq) for t in stream):
         _plain_step_blocked(bucket, hyper, step_size, decay_step_size, grads, nonfinite_count)
@@ -187,11 +186,16 @@ def plain_step(bucket: Bucket, hyper: Hyper, step_size: float, decay_step_size: 
     C.foreach_copy_(bucket.exp_avg_sq, exp_avg_sq)
     precond = _preconditioner(exp_avg_sq, hyper)
     update = _direction(precond, grads, exp_avg, hyper, MOMENTUM)
-    weights = _decayed(C.to_float32(bucket.params), hyper, decay_step_size)
-    if weights is bucket.params:
-        C.foreach_add_(bucket.params, update, alpha=-step_size)
+    _move_from(bucket.params, C.to_float32(bucket.params), update, hyper, step_size, decay_step_size)
+
+
+def _move_from(params, weights_fp32, d, hyper: Hyper, step_size: float, decay_step_size: float) -> None:
+    """``params = decay(weights) - step_size * d``; in place when fp32 without decay, as 0.1.0 does."""
+    weights = _decayed(weights_fp32, hyper, decay_step_size)
+    if weights is params:
+        C.foreach_add_(params, d, alpha=-step_size)
     else:
-        _write_weights(bucket.params, C.foreach_add(weights, update, alpha=-step_size))
+        _write_weights(params, C.foreach_add(weights, d, alpha=-step_size))
 
 
 # Elements per block of the CPU plain step: large enough that each op splits well over

@@ -10,7 +10,7 @@ practice) share one launch on the vectorized path; any others take a second laun
 without alignment hints.
 
 Bytes moved per parameter with fp32 weights, gradients and state (reads + writes):
-reduction 8 along the gradient (12 along the momentum), plain step 28, first trial 32 with a saved copy (28 without), retrial 16,
+slope reduction 8 along the gradient (12 along the momentum), plain step 28, first trial 32 with a saved copy (28 without), retrial 16,
 restore 8 from the copy (16 in place). Nothing here reads a device value on the host.
 """
 
@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .base import DIRECTIONS, MOMENTUM, Bucket, Hyper
+from .base import DIRECTIONS, MOMENTUM, Bucket, Hyper, PassArgs
 
 try:
     import triton
@@ -56,6 +56,16 @@ def is_available() -> bool:
     if _IMPORT_ERROR is not None:
         return False
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check(device: torch.device) -> None:
+    """Raise RuntimeError with the reason when kernels cannot run on ``device``."""
+    if _IMPORT_ERROR is not None:
+        raise RuntimeError(f"backend='triton' needs the `triton` package, which does not import here "
+                           f"({_IMPORT_ERROR}); backend='torch' works without it") from _IMPORT_ERROR
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"backend='triton' cannot run on {device}: Triton needs CUDA tensors, or "
+                           "TRITON_INTERPRET=1 set before triton is imported for the CPU interpreter")
 
 
 def _require_triton() -> None:
@@ -245,14 +255,14 @@ def _optional(tensor: Optional[torch.Tensor], placeholder: torch.Tensor) -> torc
     return placeholder if tensor is None else tensor
 
 
-def preconditioned_grad_norm(bucket: Bucket, hyper: Hyper, direction: str,
-                             grad_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+def slope(bucket: Bucket, args: PassArgs) -> torch.Tensor:
     """q = sum over the bucket of ``g * d`` with this step's moments (not written); 0-dim fp32.
 
     One launch writes a partial sum per block; the partials are added in a fixed order
     (deterministic, no float atomics).
     """
-    momentum = _check_direction(direction)
+    hyper, grad_scale = args.hyper, args.grad_scale
+    momentum = _check_direction(args.direction)
     tables = _tables(bucket)
     if tables.n_blocks == 0:
         return torch.zeros((), dtype=torch.float32, device=bucket.device)
@@ -267,58 +277,57 @@ def preconditioned_grad_norm(bucket: Bucket, hyper: Hyper, direction: str,
     return partials.sum(dtype=torch.float64).to(torch.float32)
 
 
-def first_trial(bucket: Bucket, hyper: Hyper, step_size: float, decay_step_size: float,
-                direction: str, grad_scale: Optional[torch.Tensor] = None) -> None:
-    """Pass A of a search step: m, v, the saved copy of w, and ``w = w_dec - step_size * d``."""
-    momentum = _check_direction(direction)
+def first_trial(bucket: Bucket, args: PassArgs) -> None:
+    """Pass A of a search step: m, v, the saved copy of w, and ``w = w_dec - step * d``."""
+    hyper, move, grad_scale = args.hyper, args.move, args.grad_scale
+    momentum = _check_direction(args.direction)
     tables = _tables(bucket)
     for launch in tables.launches:
         _launch(K._first_trial_kernel, tables, launch, _optional(grad_scale, tables.tensor_table),
                 *_moment_scalars(hyper), float(hyper.bias_correction1), float(hyper.bias_correction2),
-                float(hyper.eps), _decay_factor(hyper, decay_step_size), float(-step_size),
+                float(hyper.eps), _decay_factor(hyper, move.decay), float(-move.step),
                 W_DTYPE=tables.w_dtype, G_DTYPE=tables.g_dtype, MOMENTUM=momentum,
                 HAS_SAVED=tables.has_saved, HAS_GRAD_SCALE=grad_scale is not None)
 
 
-def retrial(bucket: Bucket, hyper: Hyper, step_size: float, previous_step_size: float,
-            decay_step_size: float, direction: str, grad_scale: Optional[torch.Tensor] = None) -> None:
-    """Pass B: ``w = decay(saved) - step_size * d`` or in place ``w += (previous - step_size) * d``."""
-    momentum = _check_direction(direction)
+def retrial(bucket: Bucket, args: PassArgs) -> None:
+    """Pass B: ``w = decay(saved) - step * d`` or in place ``w += (previous - step) * d``."""
+    hyper, move, grad_scale = args.hyper, args.move, args.grad_scale
+    momentum = _check_direction(args.direction)
     tables = _tables(bucket)
     for launch in tables.launches:
         _launch(K._retrial_kernel, tables, launch, _optional(grad_scale, tables.tensor_table),
                 float(hyper.bias_correction1), float(hyper.bias_correction2), float(hyper.eps),
-                _decay_factor(hyper, decay_step_size), float(-step_size),
-                float(previous_step_size - step_size), W_DTYPE=tables.w_dtype, G_DTYPE=tables.g_dtype,
+                _decay_factor(hyper, move.decay), float(-move.step),
+                float(move.previous - move.step), W_DTYPE=tables.w_dtype, G_DTYPE=tables.g_dtype,
                 MOMENTUM=momentum, HAS_SAVED=tables.has_saved,
                 HAS_GRAD_SCALE=grad_scale is not None and not momentum)
 
 
-def restore(bucket: Bucket, hyper: Hyper, previous_step_size: float, decay_step_size: float,
-            direction: str, grad_scale: Optional[torch.Tensor] = None) -> None:
+def restore(bucket: Bucket, args: PassArgs) -> None:
     """Weights from before the step: ``w = saved``, or ``w = (w + previous * d) / (1 - wd * decay)``."""
-    momentum = _check_direction(direction)
+    hyper, move, grad_scale = args.hyper, args.move, args.grad_scale
+    momentum = _check_direction(args.direction)
     tables = _tables(bucket)
     for launch in tables.launches:
         _launch(K._restore_kernel, tables, launch, _optional(grad_scale, tables.tensor_table),
                 float(hyper.bias_correction1), float(hyper.bias_correction2), float(hyper.eps),
-                _decay_factor(hyper, decay_step_size), float(previous_step_size),
+                _decay_factor(hyper, move.decay), float(move.previous),
                 W_DTYPE=tables.w_dtype, G_DTYPE=tables.g_dtype, MOMENTUM=momentum,
                 HAS_SAVED=tables.has_saved,
                 HAS_GRAD_SCALE=grad_scale is not None and not momentum and not tables.has_saved)
 
 
-def plain_step(bucket: Bucket, hyper: Hyper, step_size: float, decay_step_size: float,
-               loss: torch.Tensor, found_inf: Optional[torch.Tensor] = None,
-               grad_scale: Optional[torch.Tensor] = None,
+def plain_step(bucket: Bucket, args: PassArgs, loss: torch.Tensor, found_inf: Optional[torch.Tensor] = None,
                nonfinite_count: Optional[torch.Tensor] = None) -> None:
     """Pass A of a plain step, guarded on the device (no host sync).
 
-    ``w = w_dec - step_size * m_hat * precond`` and m, v updated, unless ``loss`` is
+    ``w = w_dec - step * m_hat * precond`` and m, v updated, unless ``loss`` is
     non-finite or ``found_inf`` is set (then nothing is written). An element whose gradient
     is non-finite keeps its weight and moments, and is counted into ``nonfinite_count``
     (an int64 0-dim tensor).
     """
+    hyper, move, grad_scale = args.hyper, args.move, args.grad_scale
     tables = _tables(bucket)
     if loss.numel() != 1:
         raise ValueError("plain_step needs a one-element loss tensor")
@@ -328,6 +337,6 @@ def plain_step(bucket: Bucket, hyper: Hyper, step_size: float, decay_step_size: 
         _launch(K._plain_step_kernel, tables, launch, loss.detach(), _optional(found_inf, loss),
                 _optional(grad_scale, loss), _optional(nonfinite_count, tables.tensor_table),
                 *_moment_scalars(hyper), float(hyper.bias_correction1), float(hyper.bias_correction2),
-                float(hyper.eps), _decay_factor(hyper, decay_step_size), float(-step_size),
+                float(hyper.eps), _decay_factor(hyper, move.decay), float(-move.step),
                 W_DTYPE=tables.w_dtype, G_DTYPE=tables.g_dtype, HAS_FOUND_INF=found_inf is not None,
                 HAS_GRAD_SCALE=grad_scale is not None, HAS_COUNTER=nonfinite_count is not None)

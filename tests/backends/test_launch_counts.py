@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from salsa_fused.backends import torch_backend, triton_backend
-from salsa_fused.backends.base import GRADIENT, MOMENTUM, Bucket, Hyper
+from salsa_fused.backends.base import GRADIENT, MOMENTUM, Bucket, Hyper, Move, PassArgs
 
 pytestmark = pytest.mark.skipif(not triton_backend.is_available(), reason="triton cannot run here")
 
@@ -45,23 +45,21 @@ def test_one_launch_per_pass(saved, direction):
     bucket = make_bucket(saved)
     loss = torch.tensor(1.0, device=DEVICE)
     count = torch.zeros((), dtype=torch.int64, device=DEVICE)
-    assert launches(lambda: triton_backend.preconditioned_grad_norm(bucket, HYPER, direction)) == {
+    assert launches(lambda: triton_backend.slope(bucket, PassArgs(HYPER, direction=direction))) == {
         "_grad_norm_kernel": 1}
-    assert launches(lambda: triton_backend.first_trial(bucket, HYPER, 0.5, 0.5, direction)) == {
+    assert launches(lambda: triton_backend.first_trial(bucket, PassArgs(HYPER, Move(0.5, decay=0.5), direction))) == {
         "_first_trial_kernel": 1}
-    assert launches(lambda: triton_backend.retrial(bucket, HYPER, 0.4, 0.5, 0.5, direction)) == {
+    assert launches(lambda: triton_backend.retrial(bucket, PassArgs(HYPER, Move(0.4, 0.5, 0.5), direction))) == {
         "_retrial_kernel": 1}
-    assert launches(lambda: triton_backend.restore(bucket, HYPER, 0.4, 0.5, direction)) == {
+    assert launches(lambda: triton_backend.restore(bucket, PassArgs(HYPER, Move(0.0, 0.4, 0.5), direction))) == {
         "_restore_kernel": 1}
-    assert launches(lambda: triton_backend.plain_step(
-        bucket, HYPER, 0.3, 0.3, loss, torch.zeros((), device=DEVICE), torch.ones((), device=DEVICE),
-        count)) == {"_plain_step_kernel": 1}
+    assert launches(lambda: triton_backend.plain_step(bucket, PassArgs(HYPER, Move(0.3, decay=0.3), grad_scale=torch.ones((), device=DEVICE)), loss, found_inf=torch.zeros((), device=DEVICE), nonfinite_count=count)) == {"_plain_step_kernel": 1}
 
 
 def test_grad_norm_is_one_launch_and_one_partial_per_block():
     """q = one kernel writing a partial per block, then a fixed-order torch sum of the partials."""
     bucket = make_bucket(saved=False)
-    triton_backend.preconditioned_grad_norm(bucket, HYPER, GRADIENT)  # tables built, cached
+    triton_backend.slope(bucket, PassArgs(HYPER, direction=GRADIENT))  # tables built, cached
     sums = []
     real_sum = torch.Tensor.sum
 
@@ -70,7 +68,7 @@ def test_grad_norm_is_one_launch_and_one_partial_per_block():
         return real_sum(self, *args, **kwargs)
 
     with mock.patch.object(torch.Tensor, "sum", spy_sum):
-        counted = launches(lambda: triton_backend.preconditioned_grad_norm(bucket, HYPER, GRADIENT))
+        counted = launches(lambda: triton_backend.slope(bucket, PassArgs(HYPER, direction=GRADIENT)))
     assert counted == {"_grad_norm_kernel": 1}
     blocks = sum(-(-n // triton_backend.BLOCK) for n in SIZES)
     assert sums == [blocks]
@@ -82,7 +80,7 @@ def test_misaligned_view_adds_one_launch():
     mixed = Bucket(bucket.params + aligned.params, bucket.grads + aligned.grads,
                    bucket.exp_avg + aligned.exp_avg, bucket.exp_avg_sq + aligned.exp_avg_sq,
                    bucket.saved + aligned.saved, DEVICE, torch.float32, 0)
-    assert launches(lambda: triton_backend.first_trial(mixed, HYPER, 0.5, 0.5, GRADIENT)) == {
+    assert launches(lambda: triton_backend.first_trial(mixed, PassArgs(HYPER, Move(0.5, decay=0.5), GRADIENT))) == {
         "_first_trial_kernel": 2}
 
 
@@ -90,9 +88,9 @@ def test_tables_built_once_per_layout():
     bucket = make_bucket(saved=True)
     with mock.patch.object(triton_backend, "_build_tables", wraps=triton_backend._build_tables) as build:
         for _ in range(3):
-            triton_backend.preconditioned_grad_norm(bucket, HYPER, GRADIENT)
-            triton_backend.first_trial(bucket, HYPER, 0.5, 0.5, GRADIENT)
-            triton_backend.retrial(bucket, HYPER, 0.4, 0.5, 0.5, GRADIENT)
+            triton_backend.slope(bucket, PassArgs(HYPER, direction=GRADIENT))
+            triton_backend.first_trial(bucket, PassArgs(HYPER, Move(0.5, decay=0.5), GRADIENT))
+            triton_backend.retrial(bucket, PassArgs(HYPER, Move(0.4, 0.5, 0.5), GRADIENT))
         assert build.call_count == 1
         # New gradient storage (zero_grad(set_to_none=True) then backward): only the table's
         # gradient column is rewritten, no rebuild, and the kernels read the new gradients.
@@ -100,20 +98,19 @@ def test_tables_built_once_per_layout():
         reference = Bucket([p.clone() for p in bucket.params], [g.clone() for g in bucket.grads],
                            [m.clone() for m in bucket.exp_avg], [v.clone() for v in bucket.exp_avg_sq],
                            [w.clone() for w in bucket.saved], DEVICE, bucket.dtype, 0)
-        triton_backend.retrial(bucket, HYPER, 0.3, 0.4, 0.5, GRADIENT)
-        torch_backend.retrial(reference, HYPER, 0.3, 0.4, 0.5, GRADIENT)
+        triton_backend.retrial(bucket, PassArgs(HYPER, Move(0.3, 0.4, 0.5), GRADIENT))
+        torch_backend.retrial(reference, PassArgs(HYPER, Move(0.3, 0.4, 0.5), GRADIENT))
         assert build.call_count == 1
         for ours, expected in zip(bucket.params, reference.params):
             torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-7)
         # A gradient that is not 16-byte aligned changes the launch split: a full rebuild.
         storage = torch.empty(bucket.grads[3].numel() + 1, dtype=bucket.grads[3].dtype, device=DEVICE)
         bucket.grads[3] = storage[1:].view_as(bucket.grads[3]).copy_(bucket.grads[3])
-        triton_backend.retrial(bucket, HYPER, 0.2, 0.3, 0.5, GRADIENT)
+        triton_backend.retrial(bucket, PassArgs(HYPER, Move(0.2, 0.3, 0.5), GRADIENT))
         assert build.call_count == 2
 
 
 def test_empty_bucket_launches_nothing():
     bucket = Bucket([], [], [], [], None, DEVICE, torch.float32, 0)
-    assert launches(lambda: (triton_backend.preconditioned_grad_norm(bucket, HYPER, GRADIENT),
-                             triton_backend.plain_step(bucket, HYPER, 0.1, 0.1,
-                                                       torch.tensor(1.0, device=DEVICE)))) == {}
+    assert launches(lambda: (triton_backend.slope(bucket, PassArgs(HYPER, direction=GRADIENT)),
+                             triton_backend.plain_step(bucket, PassArgs(HYPER, Move(0.1, decay=0.1)), torch.tensor(1.0, device=DEVICE)))) == {}

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from salsa_fused.backends import torch_backend as B
-from salsa_fused.backends.base import Bucket, Hyper
+from salsa_fused.backends.base import Bucket, Hyper, Move, PassArgs
 
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -69,10 +69,10 @@ def _close(actual, expected, dtype=torch.float32):
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_preconditioned_grad_norm(direction, dtype):
+def test_slope(direction, dtype):
     bucket = _bucket(dtype)
     before = [t.clone() for t in bucket.params + bucket.exp_avg + bucket.exp_avg_sq]
-    q = B.preconditioned_grad_norm(bucket, _hyper(), direction)
+    q = B.slope(bucket, PassArgs(_hyper(), direction=direction))
     expected = sum((g.double() * d).sum() for g, (_, _, d, _) in zip(bucket.grads, _reference(bucket, direction)))
     assert q.dtype == torch.float32 and q.shape == ()
     assert q.item() == pytest.approx(expected.item(), rel=1e-5)
@@ -80,15 +80,15 @@ def test_preconditioned_grad_norm(direction, dtype):
     assert all(torch.equal(a, b) for a, b in zip(before, after))  # writes nothing
 
 
-def test_preconditioned_grad_norm_with_grad_scale_and_non_finite_gradient():
+def test_slope_with_grad_scale_and_non_finite_gradient():
     bucket = _bucket()
     scale = torch.tensor(1024.0)
     expected = sum((g.double() * d).sum() for g, (_, _, d, _) in zip(bucket.grads, _reference(bucket, "gradient")))
     bucket.grads = [g * 1024.0 for g in bucket.grads]
-    q = B.preconditioned_grad_norm(bucket, _hyper(), "gradient", grad_scale=scale)
+    q = B.slope(bucket, PassArgs(_hyper(), direction="gradient", grad_scale=scale))
     assert q.item() == pytest.approx(expected.item(), rel=1e-5)
     bucket.grads[3][2, 1, 0] = float("nan")
-    assert not torch.isfinite(B.preconditioned_grad_norm(bucket, _hyper(), "gradient"))
+    assert not torch.isfinite(B.slope(bucket, PassArgs(_hyper(), direction="gradient")))
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
@@ -101,7 +101,7 @@ def test_first_trial_retrial_restore(direction, dtype, copy, weight_decay):
     w0 = [p.clone() for p in bucket.params]
     ref = _reference(bucket, direction)
     step, decay_step = 0.3, 0.25
-    B.first_trial(bucket, hyper, step, decay_step, direction)
+    B.first_trial(bucket, PassArgs(hyper, Move(step, decay=decay_step), direction))
     for i, (m_new, v_new, d, _) in enumerate(ref):
         torch.testing.assert_close(bucket.exp_avg[i].double(), m_new, rtol=2e-6, atol=1e-8)
         torch.testing.assert_close(bucket.exp_avg_sq[i].double(), v_new, rtol=2e-6, atol=2e-9)
@@ -110,7 +110,7 @@ def test_first_trial_retrial_restore(direction, dtype, copy, weight_decay):
             assert torch.equal(bucket.saved[i], w0[i])
     previous = step
     for step in (0.24, 0.192):  # two backtracks
-        B.retrial(bucket, hyper, step, previous, decay_step, direction)
+        B.retrial(bucket, PassArgs(hyper, Move(step, previous, decay_step), direction))
         for i, (_, _, d, _) in enumerate(ref):
             expected = w0[i].double() * (1 - weight_decay * decay_step) - step * d
             if copy or dtype == torch.float32:
@@ -118,7 +118,7 @@ def test_first_trial_retrial_restore(direction, dtype, copy, weight_decay):
             else:  # in place in low precision: one rounding per trial
                 torch.testing.assert_close(bucket.params[i].double(), expected, rtol=3e-2, atol=3e-2)
         previous = step
-    B.restore(bucket, hyper, previous, decay_step, direction)
+    B.restore(bucket, PassArgs(hyper, Move(0.0, previous, decay_step), direction))
     for i in range(len(SHAPES)):
         if copy:
             assert torch.equal(bucket.params[i], w0[i])  # exact
@@ -135,7 +135,7 @@ def test_plain_step(dtype, weight_decay):
     w0 = [p.clone() for p in bucket.params]
     ref = _reference(bucket, "momentum")
     count = torch.zeros((), dtype=torch.int64)
-    B.plain_step(bucket, _hyper(weight_decay), 0.3, 0.25, torch.tensor(1.5), nonfinite_count=count)
+    B.plain_step(bucket, PassArgs(_hyper(weight_decay), Move(0.3, decay=0.25)), torch.tensor(1.5), nonfinite_count=count)
     for i, (m_new, v_new, _, update) in enumerate(ref):
         torch.testing.assert_close(bucket.exp_avg[i].double(), m_new, rtol=2e-6, atol=1e-8)
         torch.testing.assert_close(bucket.exp_avg_sq[i].double(), v_new, rtol=2e-6, atol=2e-9)
@@ -148,7 +148,7 @@ def test_plain_step_with_grad_scale():
     w0 = [p.clone() for p in bucket.params]
     ref = _reference(bucket, "momentum")
     bucket.grads = [g * 512.0 for g in bucket.grads]
-    B.plain_step(bucket, _hyper(), 0.3, 0.0, torch.tensor(1.0), grad_scale=torch.tensor(512.0))
+    B.plain_step(bucket, PassArgs(_hyper(), Move(0.3, decay=0.0), grad_scale=torch.tensor(512.0)), torch.tensor(1.0))
     for i, (_, _, _, update) in enumerate(ref):
         _close(bucket.params[i], w0[i].double() - 0.3 * update)
 
@@ -158,8 +158,7 @@ def test_plain_step_changes_nothing_on_a_bad_loss_or_found_inf(loss, found_inf):
     bucket = _bucket()
     before = [t.clone() for t in bucket.params + bucket.exp_avg + bucket.exp_avg_sq]
     count = torch.zeros((), dtype=torch.int64)
-    B.plain_step(bucket, _hyper(0.1), 0.3, 0.25, torch.tensor(loss), found_inf=torch.tensor(found_inf),
-                 nonfinite_count=count)
+    B.plain_step(bucket, PassArgs(_hyper(0.1), Move(0.3, decay=0.25)), torch.tensor(loss), found_inf=torch.tensor(found_inf), nonfinite_count=count)
     after = bucket.params + bucket.exp_avg + bucket.exp_avg_sq
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
@@ -179,7 +178,7 @@ def test_plain_step_keeps_non_finite_elements(dtype):
     clean.grads = [torch.where(b, torch.zeros_like(g), g) for b, g in zip(bad, bucket.grads)]
     ref = _reference(clean, "momentum")
     count = torch.zeros((), dtype=torch.int64)
-    B.plain_step(bucket, _hyper(), 0.3, 0.0, torch.tensor(1.0), nonfinite_count=count)
+    B.plain_step(bucket, PassArgs(_hyper(), Move(0.3, decay=0.0)), torch.tensor(1.0), nonfinite_count=count)
     assert count.item() == 3
     for i, (m_new, v_new, _, update) in enumerate(ref):
         ok = ~bad[i]

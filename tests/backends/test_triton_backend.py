@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from salsa_fused.backends import torch_backend, triton_backend
-from salsa_fused.backends.base import GRADIENT, MOMENTUM, Bucket, Hyper
+from salsa_fused.backends.base import GRADIENT, MOMENTUM, Bucket, Hyper, Move, PassArgs
 
 pytestmark = pytest.mark.skipif(not triton_backend.is_available(), reason="triton cannot run here")
 
@@ -137,17 +137,17 @@ def test_grad_norm_matches_torch(dtype, direction, use_scale):
     scale_grads(bucket, grad_scale)
     hyper = make_hyper()
     _, _, _, q_triton, q_torch = run_both(
-        bucket, lambda be, b: be.preconditioned_grad_norm(b, hyper, direction, grad_scale))
+        bucket, lambda be, b: be.slope(b, PassArgs(hyper, direction=direction, grad_scale=grad_scale)))
     assert q_triton.shape == () and q_triton.dtype == torch.float32 and q_triton.device == bucket.device
     torch.testing.assert_close(q_triton, q_torch, rtol=1e-5, atol=0)
     # Deterministic: the same inputs give the same bits.
-    assert torch.equal(q_triton, triton_backend.preconditioned_grad_norm(bucket, hyper, direction, grad_scale))
+    assert torch.equal(q_triton, triton_backend.slope(bucket, PassArgs(hyper, direction=direction, grad_scale=grad_scale)))
 
 
 def test_grad_norm_writes_nothing():
     bucket = make_bucket()
     before = clone_bucket(bucket)
-    triton_backend.preconditioned_grad_norm(bucket, make_hyper(), GRADIENT)
+    triton_backend.slope(bucket, PassArgs(make_hyper(), direction=GRADIENT))
     for stream, tensors in streams(bucket).items():
         for a, b in zip(tensors, streams(before)[stream]):
             assert torch.equal(a, b) or stream == "saved"
@@ -156,7 +156,7 @@ def test_grad_norm_writes_nothing():
 def test_grad_norm_non_finite_gradient_gives_non_finite_q():
     bucket = make_bucket()
     bucket.grads[2][100] = float("inf")
-    assert not torch.isfinite(triton_backend.preconditioned_grad_norm(bucket, make_hyper(), GRADIENT))
+    assert not torch.isfinite(triton_backend.slope(bucket, PassArgs(make_hyper(), direction=GRADIENT)))
 
 
 # --- pass A and pass B of a search step --------------------------------------------------
@@ -175,7 +175,7 @@ def test_first_trial_matches_torch(case):
     bucket = make_bucket(dtype=dtype, saved=saved, seed=1)
     hyper = make_hyper(weight_decay)
     on_triton, on_torch, reference, _, _ = run_both(
-        bucket, lambda be, b: be.first_trial(b, hyper, 0.5, 0.4, direction))
+        bucket, lambda be, b: be.first_trial(b, PassArgs(hyper, Move(0.5, decay=0.4), direction)))
     assert_buckets_match(on_triton, on_torch, reference)
     if saved:  # the copy is w before the step, bit for bit
         for copy_, w in zip(on_triton.saved, bucket.params):
@@ -189,9 +189,9 @@ def test_retrial_matches_torch(case):
     hyper = make_hyper(weight_decay)
 
     def search(backend, b):
-        backend.first_trial(b, hyper, 1.1, 1.0, direction)
-        backend.retrial(b, hyper, 1.1 * 0.8, 1.1, 1.0, direction)
-        backend.retrial(b, hyper, 1.1 * 0.8 ** 2, 1.1 * 0.8, 1.0, direction)
+        backend.first_trial(b, PassArgs(hyper, Move(1.1, decay=1.0), direction))
+        backend.retrial(b, PassArgs(hyper, Move(1.1 * 0.8, 1.1, 1.0), direction))
+        backend.retrial(b, PassArgs(hyper, Move(1.1 * 0.8 ** 2, 1.1 * 0.8, 1.0), direction))
 
     assert_buckets_match(*run_both(bucket, search)[:3])
 
@@ -203,9 +203,9 @@ def test_restore_matches_torch(case):
     hyper = make_hyper(weight_decay)
 
     def search_and_restore(backend, b):
-        backend.first_trial(b, hyper, 0.7, 1.0, direction)
-        backend.retrial(b, hyper, 0.7 * 0.8, 0.7, 1.0, direction)
-        backend.restore(b, hyper, 0.7 * 0.8, 1.0, direction)
+        backend.first_trial(b, PassArgs(hyper, Move(0.7, decay=1.0), direction))
+        backend.retrial(b, PassArgs(hyper, Move(0.7 * 0.8, 0.7, 1.0), direction))
+        backend.restore(b, PassArgs(hyper, Move(0.0, 0.7 * 0.8, 1.0), direction))
 
     on_triton, on_torch, reference, _, _ = run_both(bucket, search_and_restore)
     assert_buckets_match(on_triton, on_torch, reference)
@@ -223,11 +223,11 @@ def test_search_passes_with_grad_scale(direction, saved):
     hyper = make_hyper(0.1)
 
     def search(backend, b):
-        backend.first_trial(b, hyper, 0.5, 1.0, direction, grad_scale)
-        backend.retrial(b, hyper, 0.4, 0.5, 1.0, direction, grad_scale)
+        backend.first_trial(b, PassArgs(hyper, Move(0.5, decay=1.0), direction, grad_scale))
+        backend.retrial(b, PassArgs(hyper, Move(0.4, 0.5, 1.0), direction, grad_scale))
 
     assert_buckets_match(*run_both(bucket, search)[:3])
-    restored = run_both(bucket, lambda be, b: (search(be, b), be.restore(b, hyper, 0.4, 1.0, direction, grad_scale)))
+    restored = run_both(bucket, lambda be, b: (search(be, b), be.restore(b, PassArgs(hyper, Move(0.0, 0.4, 1.0), direction, grad_scale))))
     assert_buckets_match(*restored[:3])
 
 
@@ -247,8 +247,7 @@ def test_plain_step_matches_torch(dtype, weight_decay, use_scale):
 
     def step(backend, b):
         counts[backend.name] = torch.zeros((), dtype=torch.int64, device=DEVICE)
-        backend.plain_step(b, hyper, 0.3, 0.3, loss, torch.zeros((), device=DEVICE), grad_scale,
-                           counts[backend.name])
+        backend.plain_step(b, PassArgs(hyper, Move(0.3, decay=0.3), grad_scale=grad_scale), loss, found_inf=torch.zeros((), device=DEVICE), nonfinite_count=counts[backend.name])
 
     assert_buckets_match(*run_both(bucket, step)[:3])
     assert int(counts["triton"]) == 0
@@ -259,8 +258,7 @@ def test_plain_step_non_finite_loss_writes_nothing(bad_loss):
     bucket = make_bucket(saved=False)
     before = clone_bucket(bucket)
     count = torch.zeros((), dtype=torch.int64, device=DEVICE)
-    triton_backend.plain_step(bucket, make_hyper(0.1), 0.3, 0.3, torch.tensor(bad_loss, device=DEVICE),
-                              nonfinite_count=count)
+    triton_backend.plain_step(bucket, PassArgs(make_hyper(0.1), Move(0.3, decay=0.3)), torch.tensor(bad_loss, device=DEVICE), nonfinite_count=count)
     for stream, tensors in streams(bucket).items():
         for a, b in zip(tensors, streams(before)[stream]):
             assert torch.equal(a, b), stream
@@ -273,12 +271,12 @@ def test_plain_step_found_inf(loss_dtype):
     before = clone_bucket(bucket)
     loss = torch.tensor(1.0, dtype=loss_dtype, device=DEVICE)
     hyper = make_hyper()
-    triton_backend.plain_step(bucket, hyper, 0.3, 0.0, loss, torch.ones((), device=DEVICE))
+    triton_backend.plain_step(bucket, PassArgs(hyper, Move(0.3, decay=0.0)), loss, found_inf=torch.ones((), device=DEVICE))
     for a, b in zip(bucket.params + bucket.exp_avg, before.params + before.exp_avg):
         assert torch.equal(a, b)
     # found_inf == 0: the step happens, as in the reference.
-    triton_backend.plain_step(bucket, hyper, 0.3, 0.0, loss, torch.zeros((), device=DEVICE))
-    torch_backend.plain_step(before, hyper, 0.3, 0.0, loss, torch.zeros((), device=DEVICE))
+    triton_backend.plain_step(bucket, PassArgs(hyper, Move(0.3, decay=0.0)), loss, found_inf=torch.zeros((), device=DEVICE))
+    torch_backend.plain_step(before, PassArgs(hyper, Move(0.3, decay=0.0)), loss, found_inf=torch.zeros((), device=DEVICE))
     assert_buckets_match(bucket, before)
 
 
@@ -299,7 +297,7 @@ def test_plain_step_non_finite_grad_elements(dtype):
 
     def step(backend, b):
         counts[backend.name] = torch.full((), 5, dtype=torch.int64, device=DEVICE)
-        backend.plain_step(b, hyper, 0.3, 0.3, loss, nonfinite_count=counts[backend.name])
+        backend.plain_step(b, PassArgs(hyper, Move(0.3, decay=0.3)), loss, nonfinite_count=counts[backend.name])
 
     on_triton, on_torch, reference, _, _ = run_both(bucket, step)
     assert_buckets_match(on_triton, on_torch, reference)
@@ -316,10 +314,10 @@ def test_plain_step_non_finite_grad_elements(dtype):
 
 
 def _all_passes(backend, b, hyper, direction=GRADIENT):
-    q = backend.preconditioned_grad_norm(b, hyper, direction)
-    backend.first_trial(b, hyper, 0.5, 0.5, direction)
-    backend.retrial(b, hyper, 0.4, 0.5, 0.5, direction)
-    backend.plain_step(b, hyper, 0.2, 0.2, torch.tensor(1.0, device=DEVICE))
+    q = backend.slope(b, PassArgs(hyper, direction=direction))
+    backend.first_trial(b, PassArgs(hyper, Move(0.5, decay=0.5), direction))
+    backend.retrial(b, PassArgs(hyper, Move(0.4, 0.5, 0.5), direction))
+    backend.plain_step(b, PassArgs(hyper, Move(0.2, decay=0.2)), torch.tensor(1.0, device=DEVICE))
     return q
 
 
@@ -349,12 +347,12 @@ def test_empty_bucket_is_a_no_op(saved):
     bucket = Bucket([], [], [], [], [] if saved else None, DEVICE, torch.float32, 0)
     hyper = make_hyper(0.1)
     before = sum(triton_backend.LAUNCH_COUNTER.values())
-    q = triton_backend.preconditioned_grad_norm(bucket, hyper, GRADIENT)
+    q = triton_backend.slope(bucket, PassArgs(hyper, direction=GRADIENT))
     assert q.shape == () and q.dtype == torch.float32 and float(q) == 0.0
-    triton_backend.first_trial(bucket, hyper, 0.5, 0.5, GRADIENT)
-    triton_backend.retrial(bucket, hyper, 0.4, 0.5, 0.5, GRADIENT)
-    triton_backend.restore(bucket, hyper, 0.4, 0.5, GRADIENT)
-    triton_backend.plain_step(bucket, hyper, 0.2, 0.2, torch.tensor(1.0, device=DEVICE))
+    triton_backend.first_trial(bucket, PassArgs(hyper, Move(0.5, decay=0.5), GRADIENT))
+    triton_backend.retrial(bucket, PassArgs(hyper, Move(0.4, 0.5, 0.5), GRADIENT))
+    triton_backend.restore(bucket, PassArgs(hyper, Move(0.0, 0.4, 0.5), GRADIENT))
+    triton_backend.plain_step(bucket, PassArgs(hyper, Move(0.2, decay=0.2)), torch.tensor(1.0, device=DEVICE))
     assert sum(triton_backend.LAUNCH_COUNTER.values()) == before
 
 
@@ -371,7 +369,7 @@ def test_misaligned_views(dtype):
 
     def passes(backend, b):
         q = _all_passes(backend, b, hyper, MOMENTUM)
-        backend.restore(b, hyper, 0.4, 0.5, MOMENTUM)
+        backend.restore(b, PassArgs(hyper, Move(0.0, 0.4, 0.5), MOMENTUM))
         return q
 
     on_triton, on_torch, reference, q_triton, q_torch = run_both(mixed, passes)
@@ -384,40 +382,40 @@ def test_misaligned_views(dtype):
 def test_table_cache_reused_and_rebuilt_after_replacement():
     bucket = make_bucket(seed=11, saved=False)
     hyper = make_hyper()
-    triton_backend.preconditioned_grad_norm(bucket, hyper, GRADIENT)
+    triton_backend.slope(bucket, PassArgs(hyper, direction=GRADIENT))
     cache = bucket.cache["triton"]
     (tables,) = cache.values()
-    triton_backend.first_trial(bucket, hyper, 0.5, 0.0, GRADIENT)
+    triton_backend.first_trial(bucket, PassArgs(hyper, Move(0.5, decay=0.0), GRADIENT))
     assert list(cache.values()) == [tables]  # reused, not rebuilt
     # Replace one weight tensor (as `p.data = ...` would): the old storage must not be touched.
     old = bucket.params[2]
     old_values = old.clone()
     bucket.params[2] = old.clone()
     reference = clone_bucket(bucket)
-    triton_backend.retrial(bucket, hyper, 0.4, 0.5, 0.0, GRADIENT)
-    torch_backend.retrial(reference, hyper, 0.4, 0.5, 0.0, GRADIENT)
+    triton_backend.retrial(bucket, PassArgs(hyper, Move(0.4, 0.5, 0.0), GRADIENT))
+    torch_backend.retrial(reference, PassArgs(hyper, Move(0.4, 0.5, 0.0), GRADIENT))
     assert len(cache) == 2 and tables in cache.values()
     assert torch.equal(old, old_values)
     assert_buckets_match(bucket, reference)
     # Back to the first layout: its cached table is found again.
     bucket.params[2] = old
-    triton_backend.retrial(bucket, hyper, 0.3, 0.4, 0.0, GRADIENT)
+    triton_backend.retrial(bucket, PassArgs(hyper, Move(0.3, 0.4, 0.0), GRADIENT))
     assert len(cache) == 2
 
 
 def test_unknown_direction_raises():
     with pytest.raises(ValueError, match="direction"):
-        triton_backend.first_trial(make_bucket(), make_hyper(), 0.5, 0.5, "sideways")
+        triton_backend.first_trial(make_bucket(), PassArgs(make_hyper(), Move(0.5, decay=0.5), "sideways"))
 
 
 def test_layouts_are_checked():
     bucket = make_bucket(sizes=[(4, 6)], saved=False)
     bucket.grads[0] = bucket.grads[0].t().contiguous().t()  # same shape, other memory order
     with pytest.raises(ValueError, match="layout"):
-        triton_backend.first_trial(bucket, make_hyper(), 0.5, 0.5, GRADIENT)
+        triton_backend.first_trial(bucket, PassArgs(make_hyper(), Move(0.5, decay=0.5), GRADIENT))
     transposed = make_bucket(sizes=[(6, 4)], saved=False, seed=12)
     for stream in (transposed.params, transposed.grads, transposed.exp_avg, transposed.exp_avg_sq):
         stream[0] = stream[0].t()  # all streams transposed alike: dense, one layout, accepted
     on_triton, on_torch, _, _, _ = run_both(
-        transposed, lambda be, b: be.first_trial(b, make_hyper(), 0.5, 0.5, GRADIENT))
+        transposed, lambda be, b: be.first_trial(b, PassArgs(make_hyper(), Move(0.5, decay=0.5), GRADIENT)))
     assert_buckets_match(on_triton, on_torch)

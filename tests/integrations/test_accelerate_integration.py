@@ -79,7 +79,7 @@ def test_prepare_and_accumulate_match_plain_loop():
             after.append([p.detach().clone() for p in model.parameters()])
         else:  # accumulation micro-step: no search, no forward beyond the training one, no change
             assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-            assert "_bound_step" not in salsa.__dict__
+            assert salsa._bound_step is None
             assert all(p.grad is not None for p in model.parameters())  # still accumulating
     assert counts == [(i + 1) // ACCUMULATE for i in range(len(data))]  # one step per update
     want, reference = reference_weights(start)

@@ -3,7 +3,7 @@
 ``get_optimizer_state_dict`` keys the state by parameter name and, if ``optimizer.state``
 is empty, calls ``step(closure=None)`` with zero gradients to create it; FusedSaLSa creates
 its fp32 moments at construction, so a created-but-never-stepped optimizer is already
-complete. The search scalars travel in ``param_groups[0]["search"]``.
+complete. The search scalars travel in ``state_dict()["param_groups"][0]["search"]``.
 """
 
 import torch

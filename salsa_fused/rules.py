@@ -1,0 +1,116 @@
+"""Search rules: what a rule decides, and the rules by name (``FusedSaLSa(search_rule=...)``).
+
+A *rule* picks the trial direction and starts one *search* per search step; the search picks
+the first trial, reads each trial loss (accept, next trial, give up), names the final move
+(which may differ from the last trial) and returns the new :class:`SearchState`. The optimizer
+moves the weights (``salsa_fused.applied`` forms every step size from the search's numbers,
+``lr_g`` and the schedule) and reads the losses; a rule is host-side arithmetic on floats.
+
+One search step, as the optimizer drives it::
+
+    direction = rule.direction(configured)            # before the slope q is reduced along it
+    search = rule(plan, config, loss, q)
+    if search.active:                                  # else: no trial, only search.final()
+        weights at search.step_size                    # the first trial
+        while search.observe(f(weights)) is Verdict.RETRY:
+            weights at search.step_size                # the next trial
+    weights at search.final()                          # times lr_g and the schedule's scale
+    state = search.finish()
+
+``"salsa"`` (:class:`~salsa_fused.line_search.ArmijoSearch`, the published smoothed Armijo
+test) is the default; :func:`register_rule` adds others.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Dict, Optional, Protocol, Union, runtime_checkable
+
+if TYPE_CHECKING:
+    from .line_search import SearchConfig, SearchState, StepPlan
+
+
+class Verdict(enum.Enum):
+    """What a trial loss means. Only ``ACCEPT`` is truthy (``if search.observe(f1):``)."""
+
+    ACCEPT = "accept"  # the search ends; its final move follows
+    RETRY = "retry"  # move to the search's next ``step_size`` and evaluate again
+    GIVE_UP = "give_up"  # the search ends without an accepted trial; its final move follows
+
+    def __bool__(self) -> bool:
+        return self is Verdict.ACCEPT
+
+
+@dataclass(frozen=True)
+class FinalMove:
+    """The move a search step applies from ``w0``: ``step`` in units of the level (the optimizer
+    multiplies by ``lr_g`` and the schedule's scale), along ``direction`` (``None``: the trials')."""
+
+    step: float
+    direction: Optional[str] = None
+
+
+@runtime_checkable
+class Search(Protocol):
+    """One search step's decisions."""
+
+    #: False: no trial at all (e.g. 0.1.0's guard: zero loss or tiny slope); only ``final()`` moves.
+    active: bool
+    #: The trial the weights go to next (the first one once constructed), in units of the level.
+    step_size: float
+
+    def observe(self, trial_loss: float) -> Verdict:
+        """Read the loss at the current trial."""
+
+    def final(self) -> FinalMove:
+        """The move this step applies (after the last ``observe``, or at once when not active)."""
+
+    def finish(self) -> "SearchState":
+        """The search state after this step (the new level, averages and counters)."""
+
+
+@runtime_checkable
+class SearchRule(Protocol):
+    """Starts the search of a search step; chooses the direction its trials move along."""
+
+    def direction(self, configured: str) -> str:
+        """The trial direction (``"gradient"`` or ``"momentum"``) given ``search_direction``."""
+
+    def __call__(self, plan: "StepPlan", config: "SearchConfig", loss: float, slope: float) -> Search:
+        """The search of this step: ``loss`` is ``f(w0)``, ``slope`` is ``q = sum lr_g * g.d``."""
+
+
+#: name -> the rule, or "module:attribute" imported when first chosen.
+RULES: Dict[str, Union[str, SearchRule]] = {
+    "salsa": "salsa_fused.line_search:ArmijoSearch",
+}
+DEFAULT = "salsa"
+
+
+def register_rule(name: str, rule: Union[str, SearchRule]) -> None:
+    """Add rule ``name``: an object with :class:`SearchRule`'s methods, or ``"module:attribute"``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a rule name must be a non-empty string, got {name!r}")
+    if not isinstance(rule, str) and not isinstance(rule, SearchRule):
+        raise TypeError(f"rule {name!r} needs direction(configured) and __call__(plan, config, loss, slope)")
+    RULES[name] = rule
+
+
+def resolve_rule(rule: Union[None, str, SearchRule]) -> SearchRule:
+    """The rule for ``search_rule=``: ``None`` (the default), a registered name, or a rule object."""
+    if rule is None:
+        rule = DEFAULT
+    if isinstance(rule, str):
+        if rule not in RULES:
+            raise ValueError(f"search_rule must be one of {sorted(RULES)} or a rule object, got {rule!r}")
+        entry = RULES[rule]
+        if isinstance(entry, str):
+            module, _, attribute = entry.partition(":")
+            entry = getattr(importlib.import_module(module), attribute)
+        rule = entry
+    if not isinstance(rule, SearchRule):
+        raise TypeError("search_rule must be a rule name or an object with direction(configured) and "
+                        f"__call__(plan, config, loss, slope), got {type(rule).__name__}")
+    return rule

@@ -1,0 +1,70 @@
+"""Backends by name: chosen and checked once, at construction; new ones registered from outside."""
+
+import types
+
+import pytest
+import torch
+
+from salsa_fused import FusedSaLSa
+from salsa_fused import backends
+from salsa_fused.backends import torch_backend, triton_backend
+from salsa_fused.backends.base import Backend
+
+
+def test_backends_in_the_registry_have_every_pass():
+    for name in backends.REGISTRY:
+        assert isinstance(backends.load(name), Backend), name
+
+
+def test_triton_on_cpu_without_the_interpreter_fails_at_construction(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    w = torch.zeros(3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="Triton needs CUDA tensors, or TRITON_INTERPRET=1"):
+        FusedSaLSa([w], backend="triton")
+    assert FusedSaLSa([w]).backend is torch_backend  # "auto" falls back
+
+
+def test_triton_missing_fails_at_construction(monkeypatch):
+    monkeypatch.setattr(triton_backend, "_IMPORT_ERROR", ImportError("No module named 'triton'"))
+    with pytest.raises(RuntimeError, match="needs the `triton` package"):
+        FusedSaLSa([torch.zeros(3, requires_grad=True)], backend="triton")
+
+
+def test_unknown_backend_names_the_choices():
+    with pytest.raises(ValueError, match="backend must be one of .*'torch'"):
+        FusedSaLSa([torch.zeros(3, requires_grad=True)], backend="cuda-ish")
+
+
+def test_a_registered_backend_is_chosen_by_name_and_runs_every_pass(monkeypatch):
+    calls = []
+
+    def counted(name):
+        def run(*args, **kwargs):
+            calls.append(name)
+            return getattr(torch_backend, name)(*args, **kwargs)
+        return run
+
+    mirror = types.SimpleNamespace(name="mirror", check=lambda device: None,
+                                   **{p: counted(p) for p in ("slope", "first_trial", "retrial",
+                                                              "restore", "plain_step")})
+    monkeypatch.setitem(backends.REGISTRY, "mirror", mirror)
+    results = {}
+    for name in ("mirror", "torch"):
+        torch.manual_seed(0)
+        w = torch.randn(10, requires_grad=True)
+        target = torch.randn(10)
+        searches_then_plain = types.SimpleNamespace(scale=lambda k: 1.0, searches=lambda k: k <= 3)
+        opt = FusedSaLSa([w], backend=name, schedule=searches_then_plain)
+        for _ in range(6):
+            opt.zero_grad()
+            opt.step(lambda: ((w - target) ** 2).sum())
+        results[name] = w.detach().clone()
+    assert torch.equal(results["mirror"], results["torch"])
+    assert {"slope", "first_trial", "plain_step"} <= set(calls)
+
+
+def test_register_backend_rejects_an_object_without_the_passes():
+    with pytest.raises(TypeError, match="lacks passes"):
+        backends.register_backend("half", types.SimpleNamespace(name="half", slope=None))
+    with pytest.raises(ValueError, match="other than 'auto'"):
+        backends.register_backend("auto", torch_backend)

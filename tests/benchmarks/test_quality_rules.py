@@ -1,0 +1,259 @@
+"""The rules the quality ablations rejected (benchmarks/quality/rules.py): scalars in, decisions
+out, and their wiring into FusedSaLSa (a rule object passed as ``search_rule``)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.quality.rules import EdgeRule, NonMonotoneArmijo, curvature_estimate, sharpness_ratio
+from salsa_fused import FusedSaLSa
+from salsa_fused.line_search import ArmijoSearch, SearchConfig, SearchState, plan_step
+from salsa_fused.rules import Verdict
+from salsa_fused.step_size import WarmupStableDecay
+
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
+
+def quadratic(f0, q, kappa):
+    """Loss along the direction: f(eta) = f0 - eta*q + eta^2*kappa/2."""
+    return lambda eta: f0 - eta * q + 0.5 * kappa * eta * eta
+
+
+def test_curvature_estimate_recovers_a_quadratic():
+    f = quadratic(3.0, 2.0, 40.0)
+    for eta in (1e-3, 0.05, 0.2):
+        assert curvature_estimate(3.0, f(eta), 2.0, eta) == pytest.approx(40.0, rel=1e-9)
+    assert sharpness_ratio(3.0, f(2.0 / 40.0), 2.0, 2.0 / 40.0) == pytest.approx(1.0)
+    assert sharpness_ratio(3.0, f(4.0 / 40.0), 2.0, 4.0 / 40.0) == pytest.approx(2.0)
+    assert math.isnan(sharpness_ratio(3.0, 2.0, -1.0, 0.1))
+    with pytest.raises(ValueError, match="step_size"):
+        curvature_estimate(1.0, 1.0, 1.0, 0.0)
+
+
+def run_searches(rule, f0, q, kappa, eta0, searches, config=SearchConfig()):
+    """Repeated searches on the same quadratic; returns the applied levels and the last state."""
+    state = SearchState(step_size=eta0)
+    levels = []
+    f = quadratic(f0, q, kappa)
+    for _ in range(searches):
+        plan = plan_step(state, config)
+        search = rule(plan, config, f0, q)
+        assert search.active
+        while not search.observe(f(search.step_size)):
+            assert not search.exhausted
+        levels.append(search.step_size)
+        state = search.finish()
+    return levels, state
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0])
+def test_edge_rule_settles_at_sigma_times_the_greedy_step(sigma):
+    q, kappa = 2.0, 40.0
+    levels, state = run_searches(EdgeRule(sigma=sigma), 5.0, q, kappa, eta0=1e-3, searches=40)
+    assert levels[-1] == pytest.approx(sigma * q / kappa, rel=1e-6)
+    # the stored eta times the growth factor is the level the next step applies
+    assert state.step_size * SearchConfig().growth == pytest.approx(sigma * q / kappa, rel=1e-6)
+    # the level moves by at most max_change per search
+    ratios = [b / a for a, b in zip(levels, levels[1:])]
+    assert max(ratios) <= 1.5 + 1e-9 and min(ratios) >= 1 / 1.5 - 1e-9
+
+
+def test_edge_rule_backtracks_only_on_a_blow_up():
+    """A rise larger than h (the smoothed decrease of kept trials) is a blow-up; a smaller one is kept."""
+    config = SearchConfig()
+    plan = plan_step(SearchState(step_size=1.0, loss_decrease_avg=0.2), config)
+    search = EdgeRule(backtrack=0.5)(plan, config, 2.0, 1.0)
+    eta = search.step_size
+    assert search.observe(2.0 + 0.3) is Verdict.RETRY  # rose by more than h = 0.2
+    assert search.step_size == pytest.approx(0.5 * eta)
+    assert search.observe(float("nan")) is Verdict.RETRY
+    assert search.step_size == pytest.approx(0.25 * eta)
+    assert search.observe(2.0 + 0.1) is Verdict.ACCEPT  # beyond the edge, but within h
+    state = search.finish()
+    assert state.last_trials == 3 and state.num_backtracks == 2
+    # before any kept trial (h = 0) every rise is a blow-up: from init_step_size = 1 it comes down
+    plan = plan_step(SearchState(step_size=1.0), config)
+    search = EdgeRule()(plan, config, 2.0, 1.0)
+    assert search.observe(2.0 + 1e-6) is Verdict.RETRY
+
+
+def test_edge_rule_grows_on_non_positive_curvature_and_holds_on_negative_slope():
+    config = SearchConfig()
+    plan = plan_step(SearchState(step_size=0.01), config)
+    search = EdgeRule(max_change=1.5)(plan, config, 2.0, 1.0)
+    eta = search.step_size
+    assert search.observe(2.0 - 2 * eta * 1.0)  # decrease beyond linear: kappa_hat < 0
+    state = search.finish()
+    assert state.step_size * config.growth == pytest.approx(1.5 * eta)
+    # along the momentum direction q can be <= 0: the trial is kept and so is the level
+    plan = plan_step(state, config)
+    search = EdgeRule()(plan, config, 2.0, -0.5)
+    eta = search.step_size
+    assert search.observe(2.0 + 0.1 * eta * 0.5)
+    assert search.finish().step_size * config.growth == pytest.approx(eta)
+
+
+def test_edge_rule_keeps_its_averages_in_the_state_without_touching_the_input():
+    config = SearchConfig()
+    before = SearchState(step_size=0.01, rule_state={"slope_avg": 1.0, "curvature_avg": 10.0, "count": 3})
+    plan = plan_step(before, config)
+    search = EdgeRule(smoothing=0.5)(plan, config, 2.0, 3.0)
+    eta = search.step_size
+    search.observe(quadratic(2.0, 3.0, 50.0)(eta))
+    state = search.finish()
+    assert before.rule_state == {"slope_avg": 1.0, "curvature_avg": 10.0, "count": 3}
+    assert state.rule_state["slope_avg"] == pytest.approx(0.5 * 1.0 + 0.5 * 3.0)
+    assert state.rule_state["curvature_avg"] == pytest.approx(0.5 * 10.0 + 0.5 * 50.0)
+    assert state.rule_state["count"] == 4
+    assert SearchState.from_dict(state.to_dict()) == state
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(sigma=0.0), "sigma"), (dict(smoothing=1.0), "smoothing"), (dict(max_change=1.0), "max_change"),
+    (dict(blowup=-1.0), "blowup"), (dict(backtrack=1.0), "backtrack")])
+def test_edge_rule_rejects_bad_constants(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EdgeRule(**kwargs)
+
+
+def test_first_step_with_a_schedule_matches_a_hand_computed_adam_move():
+    """Step 1 searches: the update is ``scale * eta_try * g / (sqrt(v_hat) + eps)`` (numpy reference)."""
+    torch.manual_seed(0)
+    w0 = torch.randn(5, dtype=torch.float64)
+    target = torch.randn(5, dtype=torch.float64)
+    w = torch.nn.Parameter(w0.clone())
+    schedule = WarmupStableDecay(40, warmup=0.1, decay=0.2)  # step 1: scale 1/4
+    opt = FusedSaLSa([w], backend="torch", init_step_size=0.01, search_rule=EdgeRule(), schedule=schedule)
+    opt.step(lambda: ((w - target) ** 2).sum())
+    g = 2 * (w0.numpy() - target.numpy())
+    beta1, beta2, k = 0.9, 0.999, 1
+    v_hat = (1 - beta2) * g * g / (1 - beta2 ** (k + 1))
+    eta_try = 0.01 * 1.1
+    expected = w0.numpy() - 0.25 * eta_try * g / (np.sqrt(v_hat) + 1e-8)
+    np.testing.assert_allclose(w.detach().numpy(), expected, rtol=1e-6)  # fp32 moments
+    assert opt.last_search_trials == 1  # a small step on a convex quadratic: no blow-up
+
+
+def test_schedule_freezes_the_search_and_zero_scale_stops_the_weights():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8))
+    target = torch.randn(8)
+    opt = FusedSaLSa([w], backend="torch", search_rule=EdgeRule(),
+                     schedule=WarmupStableDecay(20, warmup=0.0, decay=0.5, final=0.0))
+    closure = lambda: ((w - target) ** 2).sum()  # noqa: E731
+    for _ in range(10):
+        opt.step(closure)
+        opt.zero_grad()
+    searches, level = opt.num_searches, opt.step_size
+    for _ in range(10):
+        opt.step(closure)
+        opt.zero_grad()
+    assert opt.num_searches == searches and opt.step_size == level  # frozen during the cooldown
+    frozen = w.detach().clone()
+    opt.step(closure)  # step 21: past the end, scale 0
+    assert torch.equal(w.detach(), frozen)
+
+
+@pytest.mark.parametrize("make_rule, rule_state_ok", [
+    (EdgeRule, lambda rule_state: rule_state["count"] >= 10),
+    (lambda: NonMonotoneArmijo("max", window=4), lambda rule_state: len(rule_state["recent_losses"]) == 4),
+], ids=["edge", "non_monotone"])
+def test_search_rule_trains_and_survives_state_dict_round_trip(make_rule, rule_state_ok):
+    """A non-default rule trains, keeps its scalars in ``rule_state``, and a checkpoint resumes it
+    bitwise (weights and search state in lockstep with the run that never stopped)."""
+    torch.manual_seed(0)
+    make = lambda: torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))  # noqa: E731
+    model = make()
+    x = torch.randn(64, 4)
+    y = torch.sin(x.sum(1, keepdim=True))
+    closure = lambda m: (lambda: torch.nn.functional.mse_loss(m(x), y))  # noqa: E731
+    opt = FusedSaLSa(model.parameters(), backend="torch", search_direction="momentum", search_rule=make_rule())
+    first = float(closure(model)().detach())
+    for _ in range(30):
+        opt.zero_grad()
+        opt.step(closure(model))
+    assert float(closure(model)().detach()) < 0.5 * first
+    assert rule_state_ok(opt.search_state.rule_state)
+    clone = make()
+    clone.load_state_dict(model.state_dict())
+    opt2 = FusedSaLSa(clone.parameters(), backend="torch", search_direction="momentum", search_rule=make_rule())
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.search_state == opt.search_state
+    for _ in range(12):
+        opt.zero_grad()
+        opt2.zero_grad()
+        opt.step(closure(model))
+        opt2.step(closure(clone))
+    assert opt2.search_state == opt.search_state
+    for a, b in zip(model.parameters(), clone.parameters()):
+        assert torch.equal(a, b)
+
+
+def drive(rule, state, config, f0, q, trial_losses):
+    """One search fed the given trial losses in turn; returns (accepted trial index, state)."""
+    search = rule(plan_step(state, config), config, f0, q)
+    for index, f1 in enumerate(trial_losses):
+        if search.observe(f1):
+            return index, search.finish()
+    raise AssertionError("no trial accepted")
+
+
+@pytest.mark.parametrize("reference", ["ema", "max"])
+def test_non_monotone_rule_without_history_is_the_armijo_search(reference):
+    # with no earlier search the reference is f0 itself: the same decisions and state as ArmijoSearch
+    config = SearchConfig(beta3=0.99)
+    state = SearchState(step_size=0.01, loss_decrease_avg=0.02, grad_norm_avg=3.0)
+    trials = [2.5, 2.2, 1.99, 1.9]
+    expected = drive(ArmijoSearch, state, config, 2.0, 4.0, trials)
+    got = drive(NonMonotoneArmijo(reference), state, config, 2.0, 4.0, trials)
+    assert got[0] == expected[0] == 1  # one backtrack
+    got_state = got[1]
+    assert got_state.rule_state != {}  # f0 remembered
+    got_state.rule_state = {}
+    assert got_state == expected[1]
+
+
+def test_non_monotone_rule_measures_the_decrease_from_the_reference():
+    config = SearchConfig(c=0.5, beta3=0.9)
+    eta, s_avg, h = 0.1 / 1.1, 1.0, 0.05
+    # earlier searches saw f0 = 3.0 then 2.0: EMA (0.5) = (0.5*3 + 2) * 0.5 / (1 - 0.25) = 2.333...
+    rule = NonMonotoneArmijo("ema", smoothing=0.5)
+    rule_state = {}
+    rule.remember(rule_state, 3.0)
+    rule.remember(rule_state, 2.0)
+    assert rule.reference_loss(rule_state, 1.5) == pytest.approx(7.0 / 3.0)
+    assert rule.reference_loss(rule_state, 2.5) == 2.5  # never below f0
+    state = SearchState(step_size=eta, loss_decrease_avg=h, grad_norm_avg=s_avg, rule_state=rule_state)
+    q = s_avg  # s stays 1
+    # trial at eta*1.1 = 0.1, f1 = 1.55 (a rise from f0 = 1.5): sufficient = 0.5*0.1*1 = 0.05
+    # Armijo: 0.9*0.05 + 0.1*(1.5 - 1.55) = 0.04 < 0.05 rejects; non-monotone:
+    # 0.9*0.05 + 0.1*(7/3 - 1.55) = 0.1233 accepts
+    assert drive(ArmijoSearch, state, config, 1.5, q, [1.55, 1.0])[0] == 1
+    index, after = drive(rule, state, config, 1.5, q, [1.55, 1.0])
+    assert index == 0 and after.step_size == pytest.approx(0.1)
+    assert after.loss_decrease_avg == pytest.approx(0.9 * 0.05 + 0.1 * (7.0 / 3.0 - 1.55), rel=1e-6)
+    assert after.last_loss_decrease == pytest.approx(-0.05, rel=1e-5)
+    assert after.rule_state["count"] == 3 and state.rule_state["count"] == 2  # input untouched
+    # h kept the plain smoothed decrease: the reference only in the current term
+    plain = NonMonotoneArmijo("ema", smoothing=0.5, reference_in_average=False)
+    index, after = drive(plain, state, config, 1.5, q, [1.55, 1.0])
+    assert index == 0 and after.loss_decrease_avg == pytest.approx(0.9 * 0.05 + 0.1 * (1.5 - 1.55), rel=1e-6)
+
+
+def test_non_monotone_max_reference_keeps_the_last_window():
+    rule = NonMonotoneArmijo("max", window=3)
+    rule_state = {}
+    for loss in (5.0, 1.0, 2.0, 1.5, float("nan")):
+        rule.remember(rule_state, loss)
+    assert rule_state["recent_losses"] == [1.0, 2.0, 1.5]
+    assert rule.reference_loss(rule_state, 0.5) == 2.0 and rule.reference_loss(rule_state, 3.0) == 3.0
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(reference="min"), "reference"), (dict(smoothing=1.0), "smoothing"),
+                                           (dict(window=0), "window"), (dict(window=2.0), "window")])
+def test_non_monotone_rule_rejects_bad_constants(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NonMonotoneArmijo(**kwargs)

@@ -1,0 +1,71 @@
+"""Search rules by name and the rule protocol's final move (salsa_fused.rules)."""
+
+import pytest
+import torch
+
+from salsa_fused import FusedSaLSa
+from salsa_fused import rules
+from salsa_fused.line_search import ArmijoSearch
+from salsa_fused.rules import FinalMove, Search, SearchRule, Verdict
+
+
+def test_salsa_is_the_default_rule_and_selected_by_name():
+    w = torch.zeros(3, requires_grad=True)
+    assert FusedSaLSa([w]).search_rule is ArmijoSearch
+    assert FusedSaLSa([w], search_rule="salsa").search_rule is ArmijoSearch
+    assert isinstance(ArmijoSearch, SearchRule)
+    with pytest.raises(ValueError, match="search_rule must be one of \\['salsa'"):
+        FusedSaLSa([w], search_rule="nope")
+    with pytest.raises(TypeError, match="direction\\(configured\\)"):
+        FusedSaLSa([w], search_rule=lambda plan, config, loss, slope: None)
+
+
+class MomentumHalf:
+    """Searches along the gradient as SaLSa does, then applies half the accepted trial along m_hat
+    (a final move that differs from the last trial in size and direction)."""
+
+    @staticmethod
+    def direction(configured):
+        return "gradient"
+
+    def __call__(self, plan, config, loss, slope):
+        return _MomentumHalfSearch(plan, config, loss, slope)
+
+
+class _MomentumHalfSearch(ArmijoSearch):
+    def final(self):
+        return FinalMove(0.5 * self.last_trial, direction="momentum")
+
+
+@pytest.mark.parametrize("restore", ["copy", "inplace"])
+def test_a_registered_rule_whose_final_move_differs_from_the_last_trial(monkeypatch, restore):
+    monkeypatch.setitem(rules.RULES, "momentum_half", MomentumHalf())
+    torch.manual_seed(0)
+    w = torch.randn(6, requires_grad=True)
+    a = torch.randn(6)
+    w0 = w.detach().double().clone()
+    opt = FusedSaLSa([{"params": [w], "lr": 0.5}], search_rule="momentum_half", weight_decay=0.1,
+                     restore=restore, backend="torch")
+    eta = opt.step_size
+    loss = (w * a).sum()
+    loss.backward()
+    seen = []
+    opt.step(lambda: seen.append(1) or loss.detach() + (1e3 if len(seen) == 1 else 0.0), loss=loss)
+    assert len(seen) == 2 and isinstance(opt.search_rule, SearchRule)
+    accepted = eta * 1.1 * 0.8
+    state = opt.state[w]
+    m, v = state["exp_avg"].double(), state["exp_avg_sq"].double()
+    u = m / (1 - 0.9 ** 2) / ((v / (1 - 0.999 ** 2)).sqrt() + 1e-8)
+    expected = w0 * (1 - 0.1 * 0.5 * eta) - 0.5 * (0.5 * accepted) * u
+    torch.testing.assert_close(w.detach().double(), expected, rtol=2e-6, atol=1e-7)
+    assert opt.step_size == pytest.approx(accepted)
+
+
+def test_armijo_search_gives_up_after_max_trials_and_keeps_the_last_trial():
+    from salsa_fused.line_search import SearchConfig, SearchState, plan_step
+    config = SearchConfig(max_trials=3)
+    search = ArmijoSearch(plan_step(SearchState(step_size=1.0), config), config, 2.0, 1.0)
+    assert isinstance(search, Search)
+    assert [search.observe(9.0) for _ in range(3)] == [Verdict.RETRY, Verdict.RETRY, Verdict.GIVE_UP]
+    assert search.final() == FinalMove(1.1 * 0.8 * 0.8)
+    assert search.finish().step_size == 1.1 * 0.8 ** 3  # stored one backtrack further, as 0.1.0
