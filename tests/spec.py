@@ -1,0 +1,78 @@
+"""The table the generic optimizer tests run over (in the spirit of PyTorch's ``OptimizerInfo``).
+
+- ``BACKENDS``: one line per backend (adding a backend adds a line here);
+- ``CONFIGS``: FusedSaLSa configurations, each with an id;
+- ``TOLERANCES``: how closely another backend must follow the torch reference, per weight dtype
+  (every entry carries its reason);
+- ``ERROR_INPUTS``: constructor arguments that must raise, and the message they raise with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from salsa_fused import backends
+from salsa_fused.step_size import WarmupStableDecay
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    usable: Callable[[], bool]  # can it run in this process (on the CPU, or CUDA when present)?
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+BACKENDS = [
+    BackendInfo("torch", lambda: True),
+    BackendInfo("triton", lambda: backends.usable("triton", _device())),
+]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float
+    atol: float
+    reason: str
+
+
+TOLERANCES = {
+    torch.float32: Tolerance(1e-5, 1e-6, "kernels fuse the same fp32 ops in another order (a few ulps "
+                                         "per step, tests/backends/test_triton_backend.py)"),
+    torch.bfloat16: Tolerance(1.6e-2, 1e-5, "one bf16 rounding of the written weight: 2 ulps at 8 bits"),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    id: str
+    kwargs: dict
+
+
+CONFIGS = [
+    Config("default", {}),
+    Config("momentum_wd_inplace", dict(search_direction="momentum", weight_decay=0.1, restore="inplace")),
+    Config("schedule", dict(weight_decay=0.1, init_step_size=0.1,
+                            schedule=WarmupStableDecay(8, warmup=0.25, decay=0.5))),
+    Config("every_step", dict(adaptive_interval=False, growth=1.5, backtrack=0.5, max_trials=4)),
+]
+
+
+ERROR_INPUTS = [
+    (dict(init_step_size=0.0), ValueError, "init_step_size must be a finite number > 0"),
+    (dict(search_direction="sideways"), ValueError, "search_direction must be one of"),
+    (dict(restore="maybe"), ValueError, "restore must be one of"),
+    (dict(backend="fpga"), ValueError, "backend must be one of"),
+    (dict(search_rule="greedy"), ValueError, "search_rule must be one of"),
+    (dict(search_rule=3), TypeError, "search_rule must be a rule name"),
+    (dict(schedule=object()), TypeError, "schedule must have scale"),
+    (dict(c=1.0), ValueError, "c must lie in"),
+    (dict(betas=(0.9, 1.0)), ValueError, "betas\\[1\\] must lie in"),
+    (dict(lr=-1.0), ValueError, "lr must be a finite number >= 0"),
+    (dict(weight_decay=float("nan")), ValueError, "weight_decay must be a finite number >= 0"),
+]
