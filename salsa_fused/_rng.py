@@ -24,7 +24,8 @@ class RNGSnapshot:
         return cls(cpu=torch.get_rng_state(),
                    cuda={i: torch.cuda.get_rng_state(i) for i in cuda_indices})
 
-    def restore(self) -> None:
+    def set(self) -> None:
+        """Put every captured generator back in the captured state."""
         torch.set_rng_state(self.cpu)
         for index, state in self.cuda.items():
             torch.cuda.set_rng_state(state, index)

@@ -6,8 +6,8 @@ asks this module what to do next. SPEC section 1 pins every formula; the decisio
 arithmetic is fp32 where the published 0.1.0 makes it in fp32 (``h``, ``s``, the
 Armijo comparison) and float64 where it uses Python floats (the interval logic).
 
-Notation: ``k`` step counter, ``eta`` stored step size, ``h`` smoothed loss
-decrease, ``s`` smoothed preconditioned gradient norm, ``t`` steps since the last
+Notation: ``k`` step counter, ``eta`` the searched level (stored step size), ``h`` smoothed loss
+decrease, ``s`` smoothed slope ``q = g.d``, ``t`` steps since the last
 search, ``L`` the search interval.
 """
 
@@ -86,7 +86,7 @@ class SearchState:
     num_nonfinite_elements: int = 0  # gradient elements left unchanged on plain steps
     last_trials: int = 0
     last_loss_decrease: float = 0.0
-    #: Scalars of a non-default search rule (salsa_fused.step_size); empty for ArmijoSearch.
+    #: Scalars of a rule other than ArmijoSearch (salsa_fused.rules); empty for ArmijoSearch.
     rule_state: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

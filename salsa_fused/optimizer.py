@@ -3,9 +3,11 @@
 The class validates arguments, owns the per-parameter state (fp32 moments) and the
 search state, and drives one step: forward and backward (or the caller's), then
 either a plain Adam step (one fused pass per bucket, no host read) or a search
-(a reduction pass for ``q``, one host read, pass A, then one forward and one small
-host read per trial, pass B between trials). The arithmetic of every pass lives in
-the backends; the decisions live in :mod:`salsa_fused.line_search`.
+(a reduction pass for the slope ``q``, one host read, pass A, then one forward and one
+small host read per trial, pass B between trials). The arithmetic of every pass lives in
+the backends (:mod:`salsa_fused.backends`), every step size they apply is formed in
+:mod:`salsa_fused.applied`, and the decisions come from the search rule
+(:mod:`salsa_fused.rules`; SaLSa's in :mod:`salsa_fused.line_search`).
 """
 
 from __future__ import annotations
@@ -73,21 +75,23 @@ class FusedSaLSa(Optimizer):
         betas: Adam's (beta1, beta2).
         beta3: smoothing of both sides of the Armijo test.
         eps: added to ``sqrt(v_hat)``.
-        weight_decay: decoupled, ``w -= weight_decay * lr * eta * w`` each step.
+        weight_decay: decoupled, ``w -= weight_decay * lr * s * eta * w`` each step (``s`` the
+            schedule's scale; every applied quantity is formed in :mod:`salsa_fused.applied`).
         search_direction: ``"gradient"`` (0.1.0's default) or ``"momentum"`` (its ``use_mv``).
         adaptive_interval: search every ``L`` steps (True) or on every step (False).
         max_search_interval, always_search_steps, growth, backtrack, max_trials: SPEC section 1.
         restore: ``"copy"`` keeps a copy of the weights for exact trials and restores (one
             extra weight-sized buffer); ``"inplace"`` moves the weights by differences
             (no extra memory, one rounding per trial).
-        backend: ``"auto"`` (triton on CUDA when it imports, else torch), ``"torch"``, ``"triton"``.
+        backend: ``"auto"`` (triton on CUDA when it can run, else torch), ``"torch"``, ``"triton"``,
+            or a name added with :func:`salsa_fused.backends.register_backend`; chosen and
+            checked here (a backend that cannot run raises with the reason).
         nonfinite: ``"raise"`` a :class:`NonFiniteError` or ``"skip"`` (and count) a step whose
             loss or gradient is NaN/inf. Nothing non-finite is ever written either way.
         reduction: how losses and ``q`` are reduced across ranks (default: losses averaged
             over the world when ``torch.distributed`` is initialized).
-        search_rule: ``rule(plan, config, loss, grad_norm)`` returning a search with
-            ArmijoSearch's protocol (default: ArmijoSearch, the published test); the
-            rules of :mod:`salsa_fused.step_size` are such callables.
+        search_rule: a rule name (``"salsa"``, the default: the published smoothed Armijo
+            test) or an object with :class:`salsa_fused.rules.SearchRule`'s methods.
         schedule: ``None``, or an object with ``scale(step)`` (a multiplier on the applied
             step; trials still probe the searched level) and ``searches(step)`` (False
             freezes the level), e.g. :class:`salsa_fused.step_size.WarmupStableDecay`.
@@ -498,7 +502,7 @@ class FusedSaLSa(Optimizer):
             self._search_step(plan, step_state, buckets, hypers, groups, backend, f0, closure,
                          grad_scale, found_inf, rng_before)
         finally:
-            rng_after.restore()  # the generators end where the step's one forward left them
+            rng_after.set()  # the generators end where the step's one forward left them
         return loss_tensor if one_phase else loss
 
     def _search_step(self, plan, step_state, buckets, hypers, groups, backend, f0, closure,
@@ -571,7 +575,7 @@ class FusedSaLSa(Optimizer):
         current = search.step_size  # the trial the weights are at
         try:
             while True:
-                rng_before.restore()
+                rng_before.set()
                 with torch.no_grad():
                     value = closure()
                 trial = self._loss_tensor(value, "closure()", need_grad=False)

@@ -97,7 +97,7 @@ class AccumulatedLoss:
             total = None
             for batch, rng in entries:
                 if rng is not None:
-                    rng.restore()
+                    rng.set()
                 value = loss_of(batch)
                 total = value if total is None else total + value
             return total
