@@ -13,6 +13,7 @@ namespace and the step counts of the optimizers it names before the block.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import socket
@@ -67,7 +68,8 @@ def _checkpoint_saved(path):
     def check(namespace, before):
         assert os.path.exists(path), f"the block saved no {path}"
         assert "dcp" not in namespace or os.path.isdir("ckpt"), "the distributed checkpoint block saved no ckpt/"
-        stepped(0)(namespace, before)  # saving and loading take no step
+        found, _, state = before["opt"]
+        assert namespace["opt"] is found and found.search_state == state, "save and load changed the search state"
     check.optimizer = "opt"
     return check
 
@@ -164,7 +166,7 @@ def test_page_snippets_run_as_pasted(page, sandbox, monkeypatch, capsys):
         for expression in {getattr(check, "optimizer", "opt") for check in CHECKS.values()}:
             try:
                 found = unwrap_salsa(eval(expression, scope))
-                before[expression] = (found, found.search_state.step)
+                before[expression] = (found, found.search_state.step, copy.deepcopy(found.search_state))
             except Exception:  # not defined (yet) on this page
                 pass
         try:
