@@ -17,6 +17,8 @@ import copy
 import os
 import re
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -179,3 +181,23 @@ def test_page_snippets_run_as_pasted(page, sandbox, monkeypatch, capsys):
             check(scope, before)
     if page == "README.md":
         assert "step size" in capsys.readouterr().out
+
+
+def test_a_test_skips_only_for_want_of_cuda(tmp_path):
+    """The README's promise, held by tests/conftest.py: a skip that does not name CUDA or a
+    GPU (a missing test dependency) fails the run, and a skipped Triton test names the fix."""
+    (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text(encoding="utf-8"))
+    (tmp_path / "test_skips.py").write_text(
+        "import pytest\n"
+        "def test_missing_package():\n"
+        "    pytest.importorskip('a_package_nobody_installed')\n"
+        "@pytest.mark.skipif(True, reason='needs a CUDA device')\n"
+        "def test_needs_cuda():\n"
+        "    pass\n"
+        "def test_runs():\n"
+        "    pass\n")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stdout
+    assert "1 failed, 1 passed, 1 skipped" in done.stdout, done.stdout
+    assert 'pip install -e ".[test]"' in done.stdout and "a_package_nobody_installed" in done.stdout
