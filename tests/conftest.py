@@ -4,7 +4,7 @@ test skip only for want of CUDA.
 TRITON_INTERPRET must be set before triton is imported and before any kernel is
 defined, so it is set here, when pytest loads this file, ahead of every test module.
 
-A skip whose reason does not name CUDA or a GPU is reported as a failure: a missing test
+A skip whose reason does not name CUDA, a GPU or a CUDA toolkit tool is reported as a failure: a missing test
 dependency (Triton above all, through which the kernels are proven on the CPU) must not
 turn the suite silently green. ``pip install -e ".[test]"`` installs every one.
 """
@@ -21,7 +21,8 @@ if not torch.cuda.is_available():
 
 TRITON_MISSING = importlib.util.find_spec("triton") is None
 INSTALL_HINT = 'pip install -e ".[test]"'
-CUDA_REASON = re.compile(r"\b(cuda|gpus?)\b", re.IGNORECASE)
+# CUDA itself, a GPU, or the CUDA toolkit's own tools (nvcc, cuobjdump), which GPU-less machines lack
+CUDA_REASON = re.compile(r"\b(cuda|gpus?|nvcc|cuobjdump)\b", re.IGNORECASE)
 
 
 def _skip_reason(report) -> str:
