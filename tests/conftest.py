@@ -4,9 +4,9 @@ test skip only for want of CUDA.
 TRITON_INTERPRET must be set before triton is imported and before any kernel is
 defined, so it is set here, when pytest loads this file, ahead of every test module.
 
-A skip whose reason does not name CUDA, a GPU or a CUDA toolkit tool is reported as a failure: a missing test
-dependency (Triton above all, through which the kernels are proven on the CPU) must not
-turn the suite silently green. ``pip install -e ".[test]"`` installs every one.
+A skip whose reason does not name CUDA, a GPU or a CUDA toolkit tool is reported as a
+failure: a missing test dependency (Triton above all, through which the kernels are proven
+on the CPU) must not turn the suite silently green. ``pip install -e ".[test]"`` installs every one.
 """
 
 import importlib.util
