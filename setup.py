@@ -13,6 +13,12 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "salsa-optimizer==0.1.0", "transformers", "accelerate", "lightning"],
+        # examples/pretrain_gpt.py: progress bar and plot
+        "examples": ["tqdm", "matplotlib"],
+        # every package the tests and the benchmarks they run import; Triton runs the kernels
+        # on the CPU interpreter there, so the kernel tests need it on every machine
+        "test": ["pytest", "pytest-benchmark", "triton>=3.0", "salsa-optimizer==0.1.0",
+                 "transformers", "accelerate", "lightning", "matplotlib", "scikit-learn",
+                 "prodigyopt", "schedulefree", "tqdm"],
     },
 )

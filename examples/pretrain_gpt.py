@@ -3,7 +3,7 @@
 The corpus is the source of Python's standard library (present on every machine, no
 downloads). One process on the CPU or a GPU, or data parallel with torchrun:
 
-    python examples/pretrain_gpt.py                                   # the README demo (CPU: ~1-2 min)
+    python examples/pretrain_gpt.py                                   # the README demo (~3 min of CPU time)
     python examples/pretrain_gpt.py --optimizer adamw                 # AdamW, warmup + cosine
     torchrun --nproc_per_node 4 examples/pretrain_gpt.py --steps 2000 --n-layer 6 --n-embd 384 \
         --n-head 6 --block-size 256 --batch-size 32 --dtype bf16-autocast
@@ -208,8 +208,12 @@ def train(args) -> dict:
 
     progress = None
     if is_main and not args.no_progress:
-        from tqdm import tqdm
-        progress = tqdm(total=args.steps, initial=start, desc=args.optimizer, dynamic_ncols=True)
+        try:
+            from tqdm import tqdm
+            progress = tqdm(total=args.steps, initial=start, desc=args.optimizer, dynamic_ncols=True)
+        except ImportError:
+            print('no progress bar (tqdm is not installed: pip install -e ".[examples]"); '
+                  "printing every 10 steps", flush=True)
     mode = "w" if not args.resume else "a"
     log_file = open(log_path, mode) if is_main else None
     if log_file is not None and args.resume:  # drop lines past the checkpoint
@@ -277,9 +281,14 @@ def train(args) -> dict:
         if log_file is not None:
             log_file.close()
     summary = {}
-    if is_main and records:
+    if is_main and records:  # the log and the checkpoint are written: a missing plotting library loses nothing
         plot_path = os.path.join(args.out, "loss_step_size.png")
-        plot(records, plot_path, args.optimizer)
+        try:
+            plot(records, plot_path, args.optimizer)
+        except ImportError:
+            print(f'no plot (matplotlib is not installed: pip install -e ".[examples]"); the log is {log_path}',
+                  flush=True)
+            plot_path = None
         first = sum(r["loss"] for r in records[:10]) / len(records[:10])
         last = sum(r["loss"] for r in records[-10:]) / len(records[-10:])
         summary = {"first_loss": first, "last_loss": last, "val_loss": records[-1].get("val_loss"),
@@ -287,7 +296,8 @@ def train(args) -> dict:
         extra = (f", {records[-1]['forwards']} forward passes, {records[-1]['searches']} searches"
                  if args.optimizer.startswith("salsa") else "")
         print(f"loss {first:.3f} -> {last:.3f} (mean of first/last 10 steps), val {summary['val_loss']:.3f}"
-              f"{extra}; {summary['seconds']:.0f} s on {world} x {device.type}; plot {plot_path}", flush=True)
+              f"{extra}; {summary['seconds']:.0f} s on {world} x {device.type}; log {log_path}"
+              + (f", plot {plot_path}" if plot_path else ""), flush=True)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -295,7 +305,9 @@ def train(args) -> dict:
 
 
 def plot(records, path, optimizer_name):
-    """Loss (train, and validation where measured) and step size against the step."""
+    """Loss (train, and validation where measured) and step size against the step: for
+    FusedSaLSa the searched level ``eta`` and the step actually applied (the optimizer's
+    ``effective_step_sizes``: lr x eta x growth, times the schedule's scale under a preset)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -309,8 +321,10 @@ def plot(records, path, optimizer_name):
     loss_axis.set_ylabel("cross-entropy (nats/byte)")
     loss_axis.legend()
     loss_axis.grid(alpha=0.3)
-    if optimizer_name == "salsa":
-        step_axis.semilogy(steps, [r["step_size"] for r in records], label="searched step size eta")
+    if optimizer_name.startswith("salsa"):
+        step_axis.semilogy(steps, [r["step_size"] for r in records], label="searched level eta")
+        applied = [r["effective_step_size"] if r["effective_step_size"] > 0 else math.nan for r in records]
+        step_axis.semilogy(steps, applied, lw=1, ls="--", label="applied step (effective_step_sizes)")
         interval_axis = step_axis.twinx()
         interval_axis.plot(steps, [r["interval"] for r in records], color="tab:gray", lw=0.8,
                            label="search interval")

@@ -1,16 +1,71 @@
-"""Run Triton kernels under its CPU interpreter when no CUDA device is present.
+"""Run Triton kernels under its CPU interpreter when no CUDA device is present, and let a
+test skip only for want of CUDA.
 
 TRITON_INTERPRET must be set before triton is imported and before any kernel is
 defined, so it is set here, when pytest loads this file, ahead of every test module.
+
+A skip whose reason does not name CUDA, a GPU or a CUDA toolkit tool is reported as a
+failure: a missing test dependency (Triton above all, through which the kernels are proven
+on the CPU) must not turn the suite silently green. ``pip install -e ".[test]"`` installs every one.
 """
 
+import importlib.util
 import os
+import re
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+TRITON_MISSING = importlib.util.find_spec("triton") is None
+INSTALL_HINT = 'pip install -e ".[test]"'
+# CUDA itself, a GPU, or the CUDA toolkit's own tools (nvcc, cuobjdump), which GPU-less machines lack
+CUDA_REASON = re.compile(r"\b(cuda|gpus?|nvcc|cuobjdump)\b", re.IGNORECASE)
+
+
+def _skip_reason(report) -> str:
+    if isinstance(report.longrepr, tuple) and len(report.longrepr) == 3:
+        return str(report.longrepr[2])
+    return str(report.longrepr)
+
+
+def _turn_skip_into_failure(report) -> None:
+    """A skip not caused by a missing CUDA device becomes a failure naming the cause."""
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return
+    reason = _skip_reason(report)
+    if CUDA_REASON.search(reason):
+        return
+    if TRITON_MISSING and "triton" in reason.lower():
+        cause = f"Triton is not installed: {INSTALL_HINT}"
+    else:
+        cause = f"a test may skip only when it needs CUDA; install every test dependency with {INSTALL_HINT}"
+    report.outcome = "failed"
+    report.longrepr = f"{cause}\n(skip reason: {reason})"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--reverse-order", action="store_true",
+                     help="run the collected tests last to first (a check that no test depends on another)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--reverse-order"):
+        items.reverse()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _turn_skip_into_failure(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _turn_skip_into_failure(outcome.get_result())
 
 
 @pytest.fixture

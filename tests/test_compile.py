@@ -11,6 +11,7 @@ device); the torch reference backend reads its two documented finiteness flags p
 bucket (``torch_backend.plain_step``) and nothing else.
 """
 
+import importlib.util
 import os
 import sys
 
@@ -99,9 +100,10 @@ def test_compiled_model_no_recompilation_after_warmup(monkeypatch):
     run_steps(opt, loss_of, 2)  # step 1 searches: grad and no-grad graphs
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert graphs >= 2
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     log = HostReadLog(monkeypatch)
-    kinds = run_steps(opt, loss_of, 10, log)
+    # the config's own patch: monkeypatch's undo cannot restore a dynamo config entry
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        kinds = run_steps(opt, loss_of, 10, log)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     assert any(kinds) and not all(kinds)  # searches (trial forwards) and plain steps both ran
     assert opt.num_forward_evals > 12
@@ -128,8 +130,10 @@ def test_compiled_model_no_recompilation_after_warmup(monkeypatch):
 def test_optimizer_and_triton_plain_steps_read_nothing_on_the_host(monkeypatch):
     from salsa_fused.backends import triton_usable
     if not triton_usable(torch.device("cpu")) and not torch.cuda.is_available():
-        pytest.fail("triton backend unusable: TRITON_INTERPRET=1 must be set before triton imports "
-                    "(tests/conftest.py does it)")
+        if importlib.util.find_spec("triton") is None:
+            pytest.fail('Triton is not installed: pip install -e ".[test]"')
+        pytest.fail("triton backend unusable on the CPU: TRITON_INTERPRET=1 must be set before triton "
+                    "imports (tests/conftest.py sets it)")
     model = make_model()
     opt = warmed_optimizer(model, backend="triton")
     loss_of = lambda x, y: F.mse_loss(model(x), y)  # noqa: E731

@@ -48,6 +48,20 @@ def test_pretrain_gpt_runs_plots_and_resumes_identically(tmp_path):
         assert (a["loss"], a["step_size"], a["forwards"]) == (b["loss"], b["step_size"], b["forwards"])
 
 
+def test_pretrain_gpt_finishes_without_tqdm_and_matplotlib(tmp_path, monkeypatch, capsys):
+    """Without the examples extra the demo says so in one line each, and still trains,
+    logs every step and saves its checkpoint."""
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm` raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    flags = [flag for flag in TINY if flag != "--no-progress"]
+    summary = pretrain_gpt.train(pretrain_gpt.parse_args([*flags, "--steps", "3", "--out", str(tmp_path)]))
+    out = capsys.readouterr().out
+    assert "tqdm is not installed" in out and "matplotlib is not installed" in out
+    assert summary["steps"] == 3 and summary["plot"] is None
+    assert [r["step"] for r in _log(tmp_path)] == [1, 2, 3]
+    assert os.path.exists(tmp_path / "checkpoint.pt") and not os.path.exists(tmp_path / "loss_step_size.png")
+
+
 @pytest.mark.parametrize("flags", [["--optimizer", "adamw", "--dtype", "bf16-autocast"],
                                    ["--dtype", "bf16", "--grad-accum", "2"],
                                    ["--dtype", "fp16-autocast", "--grad-scaler"],
@@ -84,41 +98,6 @@ def test_pretrain_gpt_under_torchrun_ddp(tmp_path):
     assert "on 2 x cpu" in result.stdout
     assert [r["step"] for r in _log(tmp_path)] == [1, 2, 3]
     assert os.path.exists(os.path.join(tmp_path, "checkpoint.pt"))
-
-
-def _readme_blocks():
-    import re
-    with open(os.path.join(EXAMPLES, "..", "README.md"), encoding="utf-8") as handle:
-        text = handle.read()
-    start = text.index("## Pretraining at scale")
-    end = text.find("\n## ", start + 1)
-    section = text[start:end if end != -1 else len(text)]
-    return re.findall(r"^```python\n(.*?)^```", section, flags=re.MULTILINE | re.DOTALL)
-
-
-@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-def test_readme_pretraining_single_process_snippets_run(tmp_path, monkeypatch):
-    """The GradScaler and checkpoint snippets of the README's pretraining section run as
-    written (the DDP/FSDP2 ones need torchrun; test_distributed.py runs the same flows)."""
-    import torch
-    from salsa_fused import FusedSaLSa
-    blocks = _readme_blocks()
-    scaler_block = next(b for b in blocks if "GradScaler" in b)
-    checkpoint_blocks = [b for b in blocks if "checkpoint" in b and "fully_shard" not in b]
-    assert len(checkpoint_blocks) == 2
-    monkeypatch.chdir(tmp_path)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 1))
-    namespace = {"torch": torch, "model": model, "opt": FusedSaLSa(model.parameters()),
-                 "x": torch.randn(16, 32), "y": torch.randn(16, 1)}
-    for _ in range(3):
-        exec(compile(scaler_block, "README:GradScaler", "exec"), namespace)
-    assert namespace["opt"].num_searches == 3
-    before = namespace["opt"].search_state
-    for block in checkpoint_blocks:
-        exec(compile(block, "README:checkpoints", "exec"), namespace)
-    assert namespace["opt"].search_state == before
-    assert os.path.exists(tmp_path / "checkpoint.pt") and os.path.isdir(tmp_path / "ckpt")
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA-only: needs a GPU")

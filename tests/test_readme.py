@@ -1,84 +1,203 @@
-"""The README's python snippets run: the training-stack recipes cannot drift from the code.
+"""Every python snippet of README.md and docs/*.md runs as pasted.
 
-Each ```python block is run with ``exec`` in a fresh namespace (the two-phase block
-shares the namespace of "A training loop", which it continues), in a temporary
-directory, with ``HF_HUB_OFFLINE=1``.
+A page's blocks run in order in one namespace, as one script (the docs pages open with the
+set-up their later blocks continue). A block whose first line is ``# torchrun ...`` is a
+script of its own: it runs in a fresh namespace as a world of one process (the environment
+``torchrun --nproc_per_node 1`` gives it); tests/test_distributed.py runs the same flows on
+two. Everything runs in a temporary directory with ``HF_HUB_OFFLINE=1``; torch.compile uses
+the aot_eager backend here (inductor is exercised by tests/test_compile.py).
+
+Where a block has something to show, ``CHECKS`` holds it: run after the block, given the
+namespace and the step counts of the optimizers it names before the block.
 """
 
+from __future__ import annotations
+
+import copy
 import os
 import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
+from salsa_fused.integrations import unwrap_salsa
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
-
-README = os.path.join(os.path.dirname(__file__), "..", "README.md")
-
-# heading -> the python blocks under it (until the next heading of any level)
-CONTINUED = [("A training loop", "The two-phase form: your own backward, gradient accumulation")]
-RECIPES = ["Learning-rate schedulers", "Hugging Face Trainer", "accelerate", "PyTorch Lightning",
-           "torch.compile", "Distributed checkpoint state dicts"]
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = ["README.md", "docs/api.md", "docs/training.md", "docs/integrations.md", "docs/quality.md"]
 
 
-def python_blocks_by_heading():
-    text = open(README, encoding="utf-8").read()
-    sections, heading = {}, None
-    for part in re.split(r"(^#{2,3} .*$)", text, flags=re.MULTILINE):
-        if re.match(r"^#{2,3} ", part):
-            heading = part.lstrip("#").strip()
-            continue
-        if heading is not None:
-            blocks = re.findall(r"^```python\n(.*?)^```", part, flags=re.MULTILINE | re.DOTALL)
-            sections.setdefault(heading, []).extend(blocks)
-    return sections
+def python_blocks(page: str) -> list[tuple[str, str]]:
+    """(heading, code) of each ```python block of ``page``, in order (headings outside fences)."""
+    blocks, heading, in_fence, code = [], None, False, None
+    for line in (ROOT / page).read_text(encoding="utf-8").splitlines(keepends=True):
+        if line.startswith("```"):
+            if not in_fence:
+                code = [] if line.strip() == "```python" else None  # None: another language
+            elif code is not None:
+                blocks.append((heading, "".join(code)))
+            in_fence = not in_fence
+        elif in_fence:
+            if code is not None:
+                code.append(line)
+        elif re.match(r"#{1,3} ", line):
+            heading = line.lstrip("#").strip()
+    return blocks
 
 
-SECTIONS = python_blocks_by_heading()
+def stepped(count, optimizer="opt"):
+    """The block took ``count`` steps of the FusedSaLSa named by the expression ``optimizer``."""
+    def check(namespace, before):
+        after = unwrap_salsa(eval(optimizer, namespace))
+        start = before.get(optimizer)
+        taken = after.search_state.step - (start[1] if start and start[0] is after else 0)
+        assert taken == count, f"{optimizer}: {taken} steps, expected {count}"
+    check.optimizer = optimizer
+    return check
+
+
+def _training_loop(namespace, before):
+    assert namespace["opt"].num_forward_evals > 100
+
+
+def _checkpoint_saved(path):
+    def check(namespace, before):
+        assert os.path.exists(path), f"the block saved no {path}"
+        assert "dcp" not in namespace or os.path.isdir("ckpt"), "the distributed checkpoint block saved no ckpt/"
+        found, _, state = before["opt"]
+        assert namespace["opt"] is found and found.search_state == state, "save and load changed the search state"
+    check.optimizer = "opt"
+    return check
+
+
+def _preset(namespace, before):
+    assert namespace["opt"].schedule is not None
+
+
+CHECKS = {
+    ("README.md", "A training loop"): _training_loop,
+    ("docs/api.md", "The two-phase form: your own backward, gradient accumulation"): stepped(1),
+    ("docs/api.md", "Learning-rate schedulers"): stepped(50),
+    ("docs/training.md", "Data parallel (DDP)"): stepped(20),
+    ("docs/training.md", "FSDP2 (`fully_shard`, DTensor parameters)"): stepped(20),
+    ("docs/training.md", "Mixed precision"): stepped(1),
+    ("docs/training.md", "Gradient accumulation"): stepped(1),
+    ("docs/training.md", "Checkpoints"): _checkpoint_saved("checkpoint.pt"),
+    ("docs/training.md", "Distributed checkpoint state dicts before the first step"): stepped(0),
+    ("docs/integrations.md", "Hugging Face Trainer"): stepped(2, "trainer.salsa_optimizer"),
+    ("docs/integrations.md", "accelerate"): stepped(4, "optimizer"),
+    ("docs/integrations.md", "PyTorch Lightning"): stepped(4, "trainer.optimizers[0]"),
+    ("docs/integrations.md", "torch.compile"): stepped(6),
+    ("docs/quality.md", "Quality: no learning rate against a tuned AdamW"): _preset,
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _reset_accelerate():
+    """accelerate keeps process-wide singletons; a page may build more than one Accelerator."""
+    try:
+        from accelerate.state import AcceleratorState, GradientState, PartialState
+    except ImportError:
+        return
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
 
 
 @pytest.fixture
 def sandbox(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    original = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: original(model, **{"backend": "aot_eager", **kw}))
     torch.manual_seed(0)
-    try:
-        from accelerate.state import AcceleratorState, GradientState, PartialState
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        PartialState._reset_state()
-    except ImportError:
-        pass
     yield tmp_path
+    _reset_accelerate()
 
 
-def test_every_recipe_section_has_one_snippet():
-    for heading in RECIPES + [h for pair in CONTINUED for h in pair]:
-        assert len(SECTIONS.get(heading, [])) == 1, f"README section {heading!r}: expected one python block"
+def test_every_check_names_a_block():
+    """A renamed heading must not silently drop its check."""
+    for page, heading in CHECKS:
+        assert heading in [h for h, _ in python_blocks(page)], f"{page}: no python block under {heading!r}"
 
 
-@pytest.mark.parametrize("first, second", CONTINUED)
-def test_training_loop_snippets_run(first, second, sandbox, capsys):
-    namespace = {"__name__": "readme"}
-    exec(compile(SECTIONS[first][0], f"README:{first}", "exec"), namespace)
-    exec(compile(SECTIONS[second][0], f"README:{second}", "exec"), namespace)
-    assert namespace["opt"].num_forward_evals > 100
-    assert "step size" in capsys.readouterr().out
+@pytest.mark.parametrize("page", PAGES + ["docs/performance.md"])
+def test_relative_links_lead_to_files(page):
+    text = (ROOT / page).read_text(encoding="utf-8")
+    links = [link.split("#")[0] for link in re.findall(r"\]\(([^)\s]+)\)", text) if "://" not in link]
+    for link in filter(None, links):
+        assert ((ROOT / page).parent / link).exists(), f"{page}: {link} does not exist"
 
 
-@pytest.mark.parametrize("heading", RECIPES)
-def test_recipe_snippet_runs(heading, sandbox, monkeypatch):
-    if heading == "torch.compile":  # inductor is exercised by tests/test_compile.py; skip its C++ build here
-        original = torch.compile
-        monkeypatch.setattr(torch, "compile", lambda model, **kw: original(model, **{"backend": "aot_eager", **kw}))
-    namespace = {"__name__": "readme"}
-    exec(compile(SECTIONS[heading][0], f"README:{heading}", "exec"), namespace)
-    opt = namespace.get("opt") or namespace.get("optimizer") or getattr(namespace.get("trainer"), "optimizer", None)
-    if heading == "PyTorch Lightning":
-        opt = namespace["trainer"].optimizers[0]
-    assert opt is not None
-    from salsa_fused.integrations import unwrap_salsa
-    if heading != "Distributed checkpoint state dicts":  # that one round-trips an unstepped optimizer
-        assert unwrap_salsa(opt).search_state.step > 0, "the snippet never stepped the optimizer"
+def test_ci_runs_the_readme_commands_as_written():
+    """The two commands of the README's front page are what .ci/run runs, character for character."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Two commands"):readme.index("\n## ", readme.index("## Two commands") + 1)]
+    commands = re.findall(r"^```bash\n(.*?)\n```", section, flags=re.MULTILINE | re.DOTALL)
+    assert len(commands) == 2, commands
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    for command in commands:
+        assert f"\n{command} ||" in ci, f".ci/run does not run the README's {command!r}"
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_snippets_run_as_pasted(page, sandbox, monkeypatch, capsys):
+    blocks = python_blocks(page)
+    assert blocks, f"{page} has no python block"
+    namespace = {"__name__": "__main__"}
+    for index, (heading, code) in enumerate(blocks):
+        _reset_accelerate()
+        script = code.startswith("# torchrun")
+        scope = {"__name__": "__main__"} if script else namespace
+        if script:
+            for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())),
+                                ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+                monkeypatch.setenv(name, value)
+        before = {}
+        for expression in {getattr(check, "optimizer", "opt") for check in CHECKS.values()}:
+            try:
+                found = unwrap_salsa(eval(expression, scope))
+                before[expression] = (found, found.search_state.step, copy.deepcopy(found.search_state))
+            except Exception:  # not defined (yet) on this page
+                pass
+        try:
+            exec(compile(code, f"{page}:{heading}:block{index}", "exec"), scope)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        check = CHECKS.get((page, heading))
+        if check is not None:
+            check(scope, before)
+    if page == "README.md":
+        assert "step size" in capsys.readouterr().out
+
+
+def test_a_test_skips_only_for_want_of_cuda(tmp_path):
+    """The README's promise, held by tests/conftest.py: a skip that does not name CUDA or a
+    GPU (a missing test dependency) fails the run, and a skipped Triton test names the fix."""
+    (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text(encoding="utf-8"))
+    (tmp_path / "test_skips.py").write_text(
+        "import pytest\n"
+        "def test_missing_package():\n"
+        "    pytest.importorskip('a_package_nobody_installed')\n"
+        "@pytest.mark.skipif(True, reason='needs a CUDA device')\n"
+        "def test_needs_cuda():\n"
+        "    pass\n"
+        "def test_runs():\n"
+        "    pass\n")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stdout
+    assert "1 failed, 1 passed, 1 skipped" in done.stdout, done.stdout
+    assert 'pip install -e ".[test]"' in done.stdout and "a_package_nobody_installed" in done.stdout
