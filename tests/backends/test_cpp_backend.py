@@ -346,3 +346,73 @@ def test_salsa_0_1_0_parity_on_cpp(kind, momentum):
     searched = [r["searched"] for r in records]
     assert sum(searched) >= 20 and not all(searched), "the run must mix searches and plain steps"
     assert records[-1]["our_backtracks"] >= 20, "the run must backtrack"
+
+
+# --- CUDA kernels (csrc/cuda/): run only where the extension was built with them -----------
+
+cuda_kernels = pytest.mark.skipif(not (torch.cuda.is_available() and cpp_backend.supports("cuda")),
+                                  reason="the extension was built without CUDA kernels, or no GPU")
+# On CUDA, torch divides by a Python scalar as a multiplication by its reciprocal (one more
+# rounding than the kernels' IEEE division), so the reference differs by an ulp or two there.
+CUDA_TOLERANCE = {torch.float32: dict(rtol=2e-6, atol=1e-7), torch.bfloat16: dict(rtol=8e-3, atol=1e-5),
+                  torch.float16: dict(rtol=1e-3, atol=1e-6)}
+
+
+def _to_cuda(bucket: Bucket) -> Bucket:
+    def move(tensors):
+        return None if tensors is None else [t.cuda() for t in tensors]
+    return Bucket(move(bucket.params), move(bucket.grads), move(bucket.exp_avg), move(bucket.exp_avg_sq),
+                  move(bucket.saved), torch.device("cuda"), bucket.dtype, bucket.group_index)
+
+
+def _assert_buckets_close(ours: Bucket, reference: Bucket, dtype: torch.dtype, what: str) -> None:
+    streams = ("params", "exp_avg", "exp_avg_sq") + (("saved",) if reference.saved is not None else ())
+    for stream in streams:
+        for i, (a, b) in enumerate(zip(getattr(ours, stream), getattr(reference, stream))):
+            tolerance = CUDA_TOLERANCE[dtype if stream in ("params", "saved") else torch.float32]
+            torch.testing.assert_close(a, b, **tolerance, msg=lambda m: f"{what}: {stream}[{i}]: {m}")
+
+
+@cuda_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("direction", [GRADIENT, MOMENTUM])
+def test_cuda_passes_match_reference(dtype, direction):
+    hyper = make_hyper(0.1)
+    for saved in (True, False):
+        bucket = _to_cuda(make_bucket(sizes=SIZES + [(3 * 8192 + 5,)], dtype=dtype, saved=saved))
+        ours, reference = clone_bucket(bucket), clone_bucket(bucket)
+        with torch.no_grad():
+            q = [backend.preconditioned_grad_norm(b, hyper, direction)
+                 for b, backend in ((ours, cpp_backend), (reference, torch_backend))]
+            torch.testing.assert_close(q[0], q[1], rtol=1e-5, atol=0)
+            for b, backend in ((ours, cpp_backend), (reference, torch_backend)):
+                backend.first_trial(b, hyper, 0.3, 0.3, direction)
+            _assert_buckets_close(ours, reference, dtype, f"first_trial saved={saved}")
+            for b, backend in ((ours, cpp_backend), (reference, torch_backend)):
+                backend.retrial(b, hyper, 0.24, 0.3, 0.3, direction)
+            _assert_buckets_close(ours, reference, dtype, f"retrial saved={saved}")
+            for b, backend in ((ours, cpp_backend), (reference, torch_backend)):
+                backend.restore(b, hyper, 0.24, 0.3, direction)
+            _assert_buckets_close(ours, reference, dtype, f"restore saved={saved}")
+
+
+@cuda_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_plain_step_guards(dtype):
+    bucket = _to_cuda(make_bucket(dtype=dtype, saved=False))
+    bucket.grads[3][[0, 100, 4096]] = float("nan")
+    ours, reference = clone_bucket(bucket), clone_bucket(bucket)
+    counts = [torch.zeros((), dtype=torch.int64, device="cuda") for _ in range(2)]
+    with torch.no_grad():
+        cpp_backend.plain_step(ours, make_hyper(), 0.37, 0.37, torch.tensor(1.0, device="cuda"),
+                               nonfinite_count=counts[0])
+        torch_backend.plain_step(reference, make_hyper(), 0.37, 0.37, torch.tensor(1.0, device="cuda"),
+                                 nonfinite_count=counts[1])
+    _assert_buckets_close(ours, reference, dtype, "guarded plain step")
+    assert int(counts[0]) == int(counts[1]) == 3
+    untouched = clone_bucket(bucket)
+    with torch.no_grad():
+        cpp_backend.plain_step(untouched, make_hyper(), 0.37, 0.37, torch.tensor(float("nan"), device="cuda"))
+        cpp_backend.plain_step(untouched, make_hyper(), 0.37, 0.37, torch.tensor(1.0, device="cuda"),
+                               found_inf=torch.ones((), device="cuda"))
+    assert_buckets_equal(untouched, bucket, "skipped CUDA steps")
