@@ -9,12 +9,17 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "../salsa_math.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace salsa_cpu {
 
@@ -55,9 +60,11 @@ namespace salsa_cpu {
 #pragma GCC target("avx2,fma,f16c")
 #endif
 #define SALSA_CPU_ISA avx2
+#define SALSA_CPU_STREAMING_STORES 1
 namespace salsa_cpu {
 #include "span_kernels.h"
 }
+#undef SALSA_CPU_STREAMING_STORES
 #undef SALSA_CPU_ISA
 #if defined(__clang__)
 #pragma clang attribute pop

@@ -70,10 +70,54 @@ inline __attribute__((always_inline)) float stored_direction(const G* __restrict
   return salsa::direction<false>(precond, load_grad<G, SCALE>(grad, i, grad_scale), 0.0f, s);
 }
 
+#ifdef SALSA_CPU_STREAMING_STORES
+// Pass B from the saved copy with fp32 weights and gradients, by hand in AVX2: the weights are
+// only written here, so they are stored non-temporally (no read for ownership: 16 bytes per
+// parameter move instead of 20). The same operations as the loop below, element for element.
+template <bool MOMENTUM, bool SCALE>
+void retrial_from_saved_streaming(float* __restrict weight, const float* __restrict grad,
+                                  const float* __restrict exp_avg, const float* __restrict exp_avg_sq,
+                                  const float* __restrict saved, int64_t n, const Scalars s, float grad_scale) {
+  auto element = [&](int64_t i) {
+    const float d = stored_direction<float, MOMENTUM, SCALE>(grad, exp_avg, exp_avg_sq, i, s, grad_scale);
+    weight[i] = salsa::trial_weight(saved[i], d, s);
+  };
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(weight + i) & 31) != 0; ++i) element(i);
+  const __m256 one = _mm256_set1_ps(1.0f), bc1 = _mm256_set1_ps(s.bias_correction1);
+  const __m256 bc2 = _mm256_set1_ps(s.bias_correction2), eps = _mm256_set1_ps(s.eps);
+  const __m256 decay = _mm256_set1_ps(s.decay_factor), neg_step = _mm256_set1_ps(s.neg_step);
+  const __m256 scale = _mm256_set1_ps(grad_scale);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 precond =
+        _mm256_div_ps(one, _mm256_add_ps(_mm256_sqrt_ps(_mm256_div_ps(_mm256_loadu_ps(exp_avg_sq + i), bc2)), eps));
+    __m256 d;
+    if (MOMENTUM) {
+      d = _mm256_mul_ps(precond, _mm256_div_ps(_mm256_loadu_ps(exp_avg + i), bc1));
+    } else {
+      __m256 g = _mm256_loadu_ps(grad + i);
+      if (SCALE) g = _mm256_div_ps(g, scale);
+      d = _mm256_mul_ps(precond, g);
+    }
+    _mm256_stream_ps(weight + i, _mm256_fmadd_ps(d, neg_step, _mm256_mul_ps(_mm256_loadu_ps(saved + i), decay)));
+  }
+  _mm_sfence();
+  for (; i < n; ++i) element(i);
+}
+#endif
+
 template <class W, class G, bool MOMENTUM, bool SCALE>
 void retrial_loop(W* __restrict weight, const G* __restrict grad, const float* __restrict exp_avg,
                   const float* __restrict exp_avg_sq, const W* __restrict saved, int64_t n, const Scalars s,
                   float grad_scale) {
+#ifdef SALSA_CPU_STREAMING_STORES
+  if constexpr (std::is_same_v<W, float> && std::is_same_v<G, float>) {
+    if (saved != nullptr) {
+      retrial_from_saved_streaming<MOMENTUM, SCALE>(weight, grad, exp_avg, exp_avg_sq, saved, n, s, grad_scale);
+      return;
+    }
+  }
+#endif
   if (saved != nullptr) {
     for (int64_t i = 0; i < n; ++i) {
       const float d = stored_direction<G, MOMENTUM, SCALE>(grad, exp_avg, exp_avg_sq, i, s, grad_scale);

@@ -143,6 +143,29 @@ def test_slope_matches_reference(dtype, direction, weight_decay, grad_scale):
     assert_buckets_equal(ours, reference, "slope writes nothing")
 
 
+@pytest.mark.usefixtures("ieee_sqrt_reference")
+@pytest.mark.parametrize("direction", [GRADIENT, MOMENTUM])
+def test_views_at_odd_offsets_bitwise(direction):
+    """Every stream a contiguous view one element into its storage (not vector-aligned):
+    the kernels' aligned fast paths (AVX2 streaming stores) peel and stay bitwise equal."""
+    def offset(tensors):
+        return [torch.empty(t.numel() + 1, dtype=t.dtype)[1:].view(t.shape).copy_(t) for t in tensors]
+
+    bucket = make_bucket(sizes=[(4097,), (CHUNK + 3,), (5,)], saved=True)
+    bucket = Bucket(offset(bucket.params), offset(bucket.grads), offset(bucket.exp_avg), offset(bucket.exp_avg_sq),
+                    offset(bucket.saved), bucket.device, bucket.dtype, 0)
+    hyper = make_hyper(0.1)
+    ours, reference = clone_bucket(bucket), clone_bucket(bucket)
+    with torch.no_grad():
+        for b, backend in ((ours, cpp_backend), (reference, torch_backend)):
+            b.params = offset(b.params)
+            b.saved = offset(b.saved)
+            backend.first_trial(b, hyper, 0.3, 0.3, direction)
+            backend.retrial(b, hyper, 0.24, 0.3, 0.3, direction)
+    assert ours.params[0].data_ptr() % 32 != 0
+    assert_buckets_equal(ours, reference, f"offset views {direction}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_against_the_unmodified_reference_within_one_sqrt_ulp(dtype):
     """With torch's own (MKL) sqrt the reference's precond differs by at most one ulp, so the
