@@ -9,6 +9,8 @@
 // Bytes per parameter with fp32 weights and gradients (reads + writes):
 //   slope (q) 8 along the gradient, 12 along the momentum; plain step 28;
 //   first trial 28 (+4 for the saved copy); retrial 16; restore 8 from the copy, 16 in place.
+// With AVX2, the streams a pass only writes (the saved copy in pass A, the weights in pass B
+// from the copy) are stored non-temporally, so no read for ownership adds 4 more.
 
 namespace SALSA_CPU_ISA {
 
@@ -44,10 +46,62 @@ double slope_loop(const G* __restrict grad, const float* __restrict exp_avg,
   return total;
 }
 
+#ifdef SALSA_CPU_STREAMING_STORES
+// Pass A with a saved copy, fp32 weights and gradients, by hand in AVX2: the saved copy is only
+// written, so it is stored non-temporally (32 bytes per parameter move instead of 36). The same
+// operations as first_trial_loop below, element for element.
+template <bool MOMENTUM, bool SCALE>
+void first_trial_streaming(float* __restrict weight, const float* __restrict grad, float* __restrict exp_avg,
+                           float* __restrict exp_avg_sq, float* __restrict saved, int64_t n, const Scalars s,
+                           float grad_scale) {
+  auto element = [&](int64_t i) {
+    const float g = load_grad<float, SCALE>(grad, i, grad_scale);
+    const salsa::Moments next = salsa::new_moments(g, exp_avg[i], exp_avg_sq[i], s);
+    exp_avg[i] = next.exp_avg;
+    exp_avg_sq[i] = next.exp_avg_sq;
+    const float d = salsa::direction<MOMENTUM>(salsa::preconditioner(next.exp_avg_sq, s), g, next.exp_avg, s);
+    saved[i] = weight[i];
+    weight[i] = salsa::trial_weight(weight[i], d, s);
+  };
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(saved + i) & 31) != 0; ++i) element(i);
+  const __m256 beta1 = _mm256_set1_ps(s.beta1), beta2 = _mm256_set1_ps(s.beta2);
+  const __m256 one_minus_beta1 = _mm256_set1_ps(s.one_minus_beta1), one_minus_beta2 = _mm256_set1_ps(s.one_minus_beta2);
+  const __m256 one = _mm256_set1_ps(1.0f), bc1 = _mm256_set1_ps(s.bias_correction1);
+  const __m256 bc2 = _mm256_set1_ps(s.bias_correction2), eps = _mm256_set1_ps(s.eps);
+  const __m256 decay = _mm256_set1_ps(s.decay_factor), neg_step = _mm256_set1_ps(s.neg_step);
+  const __m256 scale = _mm256_set1_ps(grad_scale);
+  for (; i + 8 <= n; i += 8) {
+    __m256 g = _mm256_loadu_ps(grad + i);
+    if (SCALE) g = _mm256_div_ps(g, scale);
+    const __m256 m = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(exp_avg + i), beta1), _mm256_mul_ps(g, one_minus_beta1));
+    const __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(exp_avg_sq + i), beta2),
+                                   _mm256_mul_ps(_mm256_mul_ps(g, g), one_minus_beta2));
+    _mm256_storeu_ps(exp_avg + i, m);
+    _mm256_storeu_ps(exp_avg_sq + i, v);
+    const __m256 precond = _mm256_div_ps(one, _mm256_add_ps(_mm256_sqrt_ps(_mm256_div_ps(v, bc2)), eps));
+    const __m256 d = MOMENTUM ? _mm256_mul_ps(precond, _mm256_div_ps(m, bc1)) : _mm256_mul_ps(precond, g);
+    const __m256 w = _mm256_loadu_ps(weight + i);
+    _mm256_stream_ps(saved + i, w);
+    _mm256_storeu_ps(weight + i, _mm256_fmadd_ps(d, neg_step, _mm256_mul_ps(w, decay)));
+  }
+  _mm_sfence();
+  for (; i < n; ++i) element(i);
+}
+#endif
+
 template <class W, class G, bool MOMENTUM, bool SCALE>
 void first_trial_loop(W* __restrict weight, const G* __restrict grad, float* __restrict exp_avg,
                       float* __restrict exp_avg_sq, W* __restrict saved, int64_t n, const Scalars s,
                       float grad_scale) {
+#ifdef SALSA_CPU_STREAMING_STORES
+  if constexpr (std::is_same_v<W, float> && std::is_same_v<G, float>) {
+    if (saved != nullptr) {
+      first_trial_streaming<MOMENTUM, SCALE>(weight, grad, exp_avg, exp_avg_sq, saved, n, s, grad_scale);
+      return;
+    }
+  }
+#endif
   for (int64_t i = 0; i < n; ++i) {
     const float g = load_grad<G, SCALE>(grad, i, grad_scale);
     const salsa::Moments next = salsa::new_moments(g, exp_avg[i], exp_avg_sq[i], s);
