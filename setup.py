@@ -1,6 +1,57 @@
-"""Build of salsa_fused: pure Python with Triton kernels; no compiler needed."""
+"""Build of salsa_fused: pure Python with Triton kernels, plus the optional C++/CUDA
+extension ``salsa_fused._C`` (csrc/, built with ninja) when torch and a compiler are there.
+
+Without them (or when the build fails) the install still succeeds, pure Python, and says
+in one line what was not built. ``pip install --no-build-isolation .`` lets the build see
+the installed torch; ``SALSA_FUSED_JIT=1`` compiles the extension at first use instead.
+"""
+
+import os
+import runpy
+import sys
 
 from setuptools import find_packages, setup
+
+# Compiler flags and sources: salsa_fused/_build_flags.py (shared with the JIT build).
+BUILD = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "salsa_fused", "_build_flags.py"))
+
+
+def _extension_build():
+    """(ext_modules, cmdclass) for the extension, or ([], {}) with a notice why not."""
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("salsa_fused: C++ extension not built (torch not importable at build time; "
+              "use pip install --no-build-isolation, or SALSA_FUSED_JIT=1)", file=sys.stderr)
+        return [], {}
+
+    class OptionalBuildExtension(cpp_extension.BuildExtension):
+        """BuildExtension (ninja) that leaves a pure-Python install when compiling fails."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as error:  # no compiler, failed compile: the package works without it
+                print(f"salsa_fused: C++ extension not built ({type(error).__name__}: {error}); "
+                      "the torch and triton backends remain", file=sys.stderr)
+
+    sources = [BUILD["PYTHON_MODULE_SOURCE"]] + BUILD["CPU_SOURCES"]
+    with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None \
+        and os.environ.get("SALSA_FUSED_NO_CUDA") != "1"
+    if with_cuda:
+        extension = cpp_extension.CUDAExtension(
+            "salsa_fused._C", sources + BUILD["CUDA_SOURCES"],
+            extra_compile_args={"cxx": BUILD["CXX_FLAGS"], "nvcc": BUILD["NVCC_FLAGS"]},
+            extra_link_args=BUILD["LINK_FLAGS"])
+    else:
+        extension = cpp_extension.CppExtension(
+            "salsa_fused._C", sources, extra_compile_args={"cxx": BUILD["CXX_FLAGS"]},
+            extra_link_args=BUILD["LINK_FLAGS"])
+    return [extension], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extension_build()
 
 setup(
     name="salsa-fused",
@@ -21,4 +72,6 @@ setup(
                  "transformers", "accelerate", "lightning", "matplotlib", "scikit-learn",
                  "prodigyopt", "schedulefree", "tqdm"],
     },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

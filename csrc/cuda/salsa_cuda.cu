@@ -1,0 +1,254 @@
+// The CUDA implementations of the salsa_fused ops (schemas: csrc/cpu/salsa_cpu.cpp): a thin
+// binding that validates the bucket, writes its tensor table and launches one kernel of
+// salsa_kernels.cuh per pass. Compiled only where a CUDA torch and nvcc exist.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "salsa_kernels.cuh"
+
+namespace salsa_cuda {
+
+namespace {
+
+struct Table {
+  at::Tensor rows;  // the TensorRows on the device (kept alive until the launch is queued)
+  int n_tensors = 0;
+  int64_t n_chunks = 0;
+  at::ScalarType weight = at::kFloat, grad = at::kFloat;
+};
+
+void check_stream(const at::Tensor& ref, const at::Tensor& t, size_t i, const char* what) {
+  TORCH_CHECK(t.device() == ref.device(), "salsa_fused cuda backend: tensor ", i, ": ", what, " is on ",
+              t.device(), ", the bucket on ", ref.device());
+  TORCH_CHECK(t.numel() == ref.numel() && t.is_non_overlapping_and_dense() &&
+                  (t.strides() == ref.strides() || (t.is_contiguous() && ref.is_contiguous())),
+              "salsa_fused cuda backend: tensor ", i, ": ", what, " must be dense with the weight's layout and numel");
+}
+
+// Validate the bucket and copy its table to the device (pinned host buffer, async copy).
+Table make_table(at::TensorList weights, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
+                 at::TensorList saved) {
+  const size_t n = exp_avg_sq.size();
+  TORCH_CHECK((weights.empty() || weights.size() == n) && grads.size() == n && exp_avg.size() == n &&
+                  (saved.empty() || saved.size() == n),
+              "salsa_fused cuda backend: the lists of a bucket must have one entry per parameter");
+  Table table;
+  if (n == 0) return table;
+  table.weight = weights.empty() ? grads[0].scalar_type() : weights[0].scalar_type();
+  table.grad = grads[0].scalar_type();
+  TORCH_CHECK(table.weight == at::kFloat || table.weight == at::kBFloat16 || table.weight == at::kHalf,
+              "salsa_fused cuda backend: weights must be fp32, bf16 or fp16");
+  TORCH_CHECK(table.grad == at::kFloat || table.grad == table.weight,
+              "salsa_fused cuda backend: gradients must be fp32 or in the weights' dtype");
+  at::Tensor host = at::empty({int64_t(n * sizeof(TensorRow))}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  auto* rows = reinterpret_cast<TensorRow*>(host.data_ptr());
+  int64_t chunks = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& ref = weights.empty() ? exp_avg_sq[i] : weights[i];
+    TORCH_CHECK(ref.is_cuda(), "salsa_fused cuda backend: tensor ", i, " is on ", ref.device());
+    TORCH_CHECK(ref.is_non_overlapping_and_dense(), "salsa_fused cuda backend: tensor ", i, " must be dense");
+    if (!weights.empty()) TORCH_CHECK(weights[i].scalar_type() == table.weight,
+                                      "salsa_fused cuda backend: all weights of a bucket must share one dtype");
+    TORCH_CHECK(grads[i].scalar_type() == table.grad,
+                "salsa_fused cuda backend: all gradients of a bucket must share one dtype");
+    TORCH_CHECK(exp_avg[i].scalar_type() == at::kFloat && exp_avg_sq[i].scalar_type() == at::kFloat,
+                "salsa_fused cuda backend: exp_avg and exp_avg_sq must be fp32");
+    check_stream(ref, grads[i], i, "gradient");
+    check_stream(ref, exp_avg[i], i, "exp_avg");
+    check_stream(ref, exp_avg_sq[i], i, "exp_avg_sq");
+    if (!saved.empty()) {
+      TORCH_CHECK(saved[i].scalar_type() == table.weight, "salsa_fused cuda backend: saved copies must have the weights' dtype");
+      check_stream(ref, saved[i], i, "saved copy");
+    }
+    TensorRow& row = rows[i];
+    row.numel = ref.numel();
+    row.first_chunk = chunks;
+    row.ptr[WEIGHT] = weights.empty() ? nullptr : weights[i].data_ptr();
+    row.ptr[GRAD] = grads[i].data_ptr();
+    row.ptr[EXP_AVG] = exp_avg[i].data_ptr();
+    row.ptr[EXP_AVG_SQ] = exp_avg_sq[i].data_ptr();
+    row.ptr[SAVED] = saved.empty() ? nullptr : saved[i].data_ptr();
+    chunks += (ref.numel() + CHUNK - 1) / CHUNK;
+  }
+  TORCH_CHECK(chunks < (int64_t(1) << 31), "salsa_fused cuda backend: bucket too large for one launch");
+  table.rows = host.to(exp_avg_sq[0].device(), at::kByte, /*non_blocking=*/true);
+  table.n_tensors = int(n);
+  table.n_chunks = chunks;
+  return table;
+}
+
+const float* optional_float(const std::optional<at::Tensor>& t, const at::Tensor& like, const char* what) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == 1 && t->device() == like.device(),
+              "salsa_fused cuda backend: ", what, " must be a one-element fp32 tensor on the bucket's device");
+  return t->data_ptr<float>();
+}
+
+Args make_args(const Table& table, const salsa::Scalars& s) {
+  Args a{};
+  a.rows = reinterpret_cast<const TensorRow*>(table.rows.data_ptr());
+  a.n_tensors = table.n_tensors;
+  a.s = s;
+  return a;
+}
+
+salsa::Scalars make_scalars(double beta1, double beta2, double bc1, double bc2, double eps, double decay_factor,
+                            double step_size, double previous_step_size) {
+  salsa::Scalars s{};
+  s.beta1 = float(beta1);
+  s.beta2 = float(beta2);
+  s.one_minus_beta1 = float(1.0 - beta1);
+  s.one_minus_beta2 = float(1.0 - beta2);
+  s.bias_correction1 = float(bc1);
+  s.bias_correction2 = float(bc2);
+  s.eps = float(eps);
+  s.decay_factor = float(decay_factor);
+  s.neg_step = float(-step_size);
+  s.step_change = float(previous_step_size - step_size);
+  s.previous_step = float(previous_step_size);
+  return s;
+}
+
+// Call fn with a (W, G) pair of kernel storage types: fn(W{}, G{}).
+template <class Fn>
+void dispatch_types(const Table& t, Fn&& fn) {
+  using salsa::bf16_bits;
+  using salsa::fp16_bits;
+  if (t.weight == at::kFloat) return fn(float{}, float{});
+  if (t.weight == at::kBFloat16) {
+    if (t.grad == at::kFloat) return fn(bf16_bits{}, float{});
+    return fn(bf16_bits{}, bf16_bits{});
+  }
+  if (t.grad == at::kFloat) return fn(fp16_bits{}, float{});
+  return fn(fp16_bits{}, fp16_bits{});
+}
+
+template <class Kernel>
+void launch(Kernel kernel, const Table& table, const Args& args) {
+  kernel<<<unsigned(table.n_chunks), THREADS, 0, c10::cuda::getCurrentCUDAStream()>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+at::Tensor slope(at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq, double beta1, double beta2,
+                 double bias_correction1, double bias_correction2, double eps, bool momentum,
+                 const std::optional<at::Tensor>& grad_scale) {
+  TORCH_CHECK(!exp_avg_sq.empty(), "salsa_fused cuda backend: empty bucket");
+  c10::cuda::CUDAGuard guard(exp_avg_sq[0].device());
+  const Table table = make_table({}, grads, exp_avg, exp_avg_sq, {});
+  const auto options = at::TensorOptions().dtype(at::kFloat).device(exp_avg_sq[0].device());
+  at::Tensor q = at::empty({}, options);
+  at::Tensor partials = at::empty({std::max<int64_t>(table.n_chunks, 1)}, options);
+  Args args = make_args(table, make_scalars(beta1, beta2, bias_correction1, bias_correction2, eps, 1.0, 0.0, 0.0));
+  args.grad_scale = optional_float(grad_scale, exp_avg_sq[0], "grad_scale");
+  args.partials = partials.data_ptr<float>();
+  if (table.n_chunks > 0) {
+    dispatch_types(table, [&](auto, auto g) {
+      using G = decltype(g);
+      launch(momentum ? slope_kernel<G, true> : slope_kernel<G, false>, table, args);
+    });
+  }
+  slope_finish_kernel<<<1, THREADS, 0, c10::cuda::getCurrentCUDAStream()>>>(args.partials, table.n_chunks,
+                                                                              q.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return q;
+}
+
+void first_trial(at::TensorList weights, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
+                 at::TensorList saved, double beta1, double beta2, double bias_correction1, double bias_correction2,
+                 double eps, double decay_factor, double step_size, bool momentum,
+                 const std::optional<at::Tensor>& grad_scale) {
+  if (exp_avg_sq.empty()) return;
+  c10::cuda::CUDAGuard guard(exp_avg_sq[0].device());
+  const Table table = make_table(weights, grads, exp_avg, exp_avg_sq, saved);
+  if (table.n_chunks == 0) return;
+  Args args = make_args(table, make_scalars(beta1, beta2, bias_correction1, bias_correction2, eps, decay_factor,
+                                            step_size, 0.0));
+  args.grad_scale = optional_float(grad_scale, exp_avg_sq[0], "grad_scale");
+  dispatch_types(table, [&](auto w, auto g) {
+    using W = decltype(w);
+    using G = decltype(g);
+    launch(momentum ? first_trial_kernel<W, G, true> : first_trial_kernel<W, G, false>, table, args);
+  });
+}
+
+void retrial(at::TensorList weights, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
+             at::TensorList saved, double bias_correction1, double bias_correction2, double eps, double decay_factor,
+             double step_size, double previous_step_size, bool momentum, const std::optional<at::Tensor>& grad_scale) {
+  if (exp_avg_sq.empty()) return;
+  c10::cuda::CUDAGuard guard(exp_avg_sq[0].device());
+  const Table table = make_table(weights, grads, exp_avg, exp_avg_sq, saved);
+  if (table.n_chunks == 0) return;
+  Args args = make_args(table, make_scalars(0.0, 0.0, bias_correction1, bias_correction2, eps, decay_factor,
+                                            step_size, previous_step_size));
+  args.grad_scale = optional_float(grad_scale, exp_avg_sq[0], "grad_scale");
+  dispatch_types(table, [&](auto w, auto g) {
+    using W = decltype(w);
+    using G = decltype(g);
+    launch(momentum ? retrial_kernel<W, G, true> : retrial_kernel<W, G, false>, table, args);
+  });
+}
+
+void restore(at::TensorList weights, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
+             at::TensorList saved, double bias_correction1, double bias_correction2, double eps, double decay_factor,
+             double previous_step_size, bool momentum, const std::optional<at::Tensor>& grad_scale) {
+  if (exp_avg_sq.empty()) return;
+  c10::cuda::CUDAGuard guard(exp_avg_sq[0].device());
+  const Table table = make_table(weights, grads, exp_avg, exp_avg_sq, saved);
+  if (table.n_chunks == 0) return;
+  Args args = make_args(table, make_scalars(0.0, 0.0, bias_correction1, bias_correction2, eps, decay_factor, 0.0,
+                                            previous_step_size));
+  args.grad_scale = optional_float(grad_scale, exp_avg_sq[0], "grad_scale");
+  dispatch_types(table, [&](auto w, auto g) {
+    using W = decltype(w);
+    using G = decltype(g);
+    launch(momentum ? restore_kernel<W, G, true> : restore_kernel<W, G, false>, table, args);
+  });
+}
+
+void plain_step(at::TensorList weights, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
+                double beta1, double beta2, double bias_correction1, double bias_correction2, double eps,
+                double decay_factor, double step_size, const at::Tensor& loss,
+                const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_scale,
+                const std::optional<at::Tensor>& nonfinite_count) {
+  if (exp_avg_sq.empty()) return;
+  c10::cuda::CUDAGuard guard(exp_avg_sq[0].device());
+  TORCH_CHECK(loss.numel() == 1, "salsa_fused cuda backend: plain_step needs a one-element loss tensor");
+  if (nonfinite_count.has_value()) {
+    TORCH_CHECK(nonfinite_count->scalar_type() == at::kLong && nonfinite_count->numel() == 1 &&
+                    nonfinite_count->device() == exp_avg_sq[0].device(),
+                "salsa_fused cuda backend: nonfinite_count must be a one-element int64 tensor on the bucket's device");
+  }
+  const Table table = make_table(weights, grads, exp_avg, exp_avg_sq, {});
+  if (table.n_chunks == 0) return;
+  // The guard reads the loss as fp32 on the device (a copy only when it is not fp32 there already).
+  const at::Tensor loss32 = loss.to(exp_avg_sq[0].device(), at::kFloat);
+  Args args = make_args(table, make_scalars(beta1, beta2, bias_correction1, bias_correction2, eps, decay_factor,
+                                            step_size, 0.0));
+  args.loss = loss32.data_ptr<float>();
+  args.found_inf = optional_float(found_inf, exp_avg_sq[0], "found_inf");
+  args.grad_scale = optional_float(grad_scale, exp_avg_sq[0], "grad_scale");
+  args.nonfinite = nonfinite_count.has_value()
+                       ? reinterpret_cast<unsigned long long*>(nonfinite_count->data_ptr<int64_t>()) : nullptr;
+  dispatch_types(table, [&](auto w, auto g) {
+    using W = decltype(w);
+    using G = decltype(g);
+    launch(plain_step_kernel<W, G>, table, args);
+  });
+}
+
+}  // namespace salsa_cuda
+
+TORCH_LIBRARY_IMPL(salsa_fused, CUDA, m) {
+  m.impl("slope", &salsa_cuda::slope);
+  m.impl("first_trial_", &salsa_cuda::first_trial);
+  m.impl("retrial_", &salsa_cuda::retrial);
+  m.impl("restore_", &salsa_cuda::restore);
+  m.impl("plain_step_", &salsa_cuda::plain_step);
+}

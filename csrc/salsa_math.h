@@ -1,0 +1,212 @@
+// SaLSa's per-element math, shared by the CPU kernels (g++) and the CUDA kernels (nvcc).
+//
+// No torch here: nvcc compiles this header without ATen. The formulas are those of
+// salsa_fused/backends/base.py, in the operation forms of the torch reference backend
+// (salsa_fused/backends/torch_backend.py), so that a kernel rounds where the reference
+// rounds and nowhere else:
+//
+//   g       = grad / grad_scale                          (with a GradScaler)
+//   v_new   = v * beta2 + (g * g) * (1 - beta2)
+//   m_new   = m * beta1 + g * (1 - beta1)
+//   precond = 1 / (sqrt(v_new / bc2) + eps)              bc2 = 1 - beta2^(k+1)
+//   d       = precond * g  |  precond * (m_new / bc1)    direction gradient | momentum
+//   w       = fma(d, -step, w * decay_factor)            one rounding, as w.add(d, alpha=-step)
+//
+// Every product, sum, quotient and square root below is one IEEE round-to-nearest
+// operation: on the device through the _rn intrinsics (nvcc would otherwise contract
+// a*b+c), on the host by compiling with -ffp-contract=off. fused_mul_add is used only
+// where the reference makes a single rounding.
+#pragma once
+
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#define SALSA_HD __host__ __device__ __forceinline__
+#else
+#include <math.h>
+#define SALSA_HD inline __attribute__((always_inline))
+#endif
+
+namespace salsa {
+
+// --- storage types: 16-bit weights are carried as their bits --------------------------
+
+struct bf16_bits { uint16_t bits; };
+struct fp16_bits { uint16_t bits; };
+
+SALSA_HD uint32_t float_bits(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
+SALSA_HD float bits_float(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
+
+// |x| < inf and not NaN, from the bits (independent of compiler flags about NaN).
+SALSA_HD bool is_finite(float x) { return (float_bits(x) & 0x7f800000u) != 0x7f800000u; }
+
+SALSA_HD float to_float(float x) { return x; }
+SALSA_HD float to_float(bf16_bits x) { return bits_float(uint32_t(x.bits) << 16); }
+
+SALSA_HD float to_float(fp16_bits x) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__ushort_as_half(x.bits));
+#else
+  const uint32_t h = x.bits;
+  const uint32_t sign = (h & 0x8000u) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1fu;
+  const uint32_t mantissa = h & 0x3ffu;
+  // Normal: rebias 15 -> 127. Inf/NaN: all-ones exponent. Subnormal: mantissa * 2^-24 (exact).
+  const uint32_t normal = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+  const uint32_t special = sign | 0x7f800000u | (mantissa << 13);
+  const uint32_t subnormal = sign | float_bits(float(int32_t(mantissa)) * 5.9604644775390625e-08f);
+  return bits_float(exponent == 0 ? subnormal : (exponent == 31 ? special : normal));
+#endif
+}
+
+template <typename T> SALSA_HD T from_float(float x);
+
+template <> SALSA_HD float from_float<float>(float x) { return x; }
+
+// Round to nearest even; a NaN becomes the quiet NaN 0x7fc0 (as torch's conversion).
+template <> SALSA_HD bf16_bits from_float<bf16_bits>(float x) {
+#if defined(__CUDA_ARCH__)
+  return bf16_bits{__bfloat16_as_ushort(__float2bfloat16_rn(x))};
+#else
+  const uint32_t u = float_bits(x);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return bf16_bits{uint16_t(x != x ? 0x7fc0u : rounded)};
+#endif
+}
+
+// Round to nearest even; overflow to inf, NaN to the quiet NaN 0x7e00.
+template <> SALSA_HD fp16_bits from_float<fp16_bits>(float x) {
+#if defined(__CUDA_ARCH__)
+  return fp16_bits{__half_as_ushort(__float2half_rn(x))};
+#else
+  const uint32_t u = float_bits(x);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t magnitude = u & 0x7fffffffu;
+  // Normal range (|x| >= 2^-14): drop 13 mantissa bits, rebias 127 -> 15, round half to even;
+  // a carry out of the mantissa correctly bumps the exponent (up to inf).
+  const uint32_t truncated = (magnitude - 0x38000000u) >> 13;
+  const uint32_t rest = magnitude & 0x1fffu;
+  const uint32_t normal = truncated + ((rest > 0x1000u) | ((rest == 0x1000u) & (truncated & 1u)));
+  // Subnormal range: adding 0.5 leaves ulp 2^-24, the fp16 subnormal unit, so the hardware
+  // add rounds |x| to it (to nearest even) and the low bits are the fp16 subnormal.
+  const uint32_t subnormal = float_bits(bits_float(magnitude) + 0.5f) - 0x3f000000u;
+  uint32_t h = magnitude < 0x38800000u ? subnormal : normal;
+  h = magnitude >= 0x477ff000u ? 0x7c00u : h;  // rounds to >= 65520: inf
+  h = magnitude > 0x7f800000u ? 0x7e00u : h;   // NaN
+  return fp16_bits{uint16_t(sign | h)};
+#endif
+}
+
+// --- single-rounding arithmetic -----------------------------------------------------
+
+SALSA_HD float mul(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+SALSA_HD float add(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+SALSA_HD float div(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+SALSA_HD float square_root(float a) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(a);
+#else
+  return __builtin_sqrtf(a);
+#endif
+}
+
+// a * b + c with one rounding.
+SALSA_HD float fused_mul_add(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return __builtin_fmaf(a, b, c);
+#endif
+}
+
+// --- the update ---------------------------------------------------------------------
+
+// Scalars of one pass, rounded to fp32 once on the host (the reference's scalar operands).
+struct Scalars {
+  float beta1, beta2, one_minus_beta1, one_minus_beta2;
+  float bias_correction1, bias_correction2, eps;
+  float decay_factor;   // 1 - weight_decay * decay_step_size (exactly 1 without decay)
+  float neg_step;       // -step_size
+  float step_change;    // previous_step_size - step_size (in-place retrial)
+  float previous_step;  // previous_step_size (in-place restore)
+};
+
+struct Moments { float exp_avg, exp_avg_sq; };
+
+// m_new = m * beta1 + g * (1 - beta1);  v_new = v * beta2 + (g * g) * (1 - beta2).
+SALSA_HD Moments new_moments(float g, float exp_avg, float exp_avg_sq, const Scalars& s) {
+  return Moments{add(mul(exp_avg, s.beta1), mul(g, s.one_minus_beta1)),
+                 add(mul(exp_avg_sq, s.beta2), mul(mul(g, g), s.one_minus_beta2))};
+}
+
+// 1 / (sqrt(v / bc2) + eps).
+SALSA_HD float preconditioner(float exp_avg_sq, const Scalars& s) {
+  return div(1.0f, add(square_root(div(exp_avg_sq, s.bias_correction2)), s.eps));
+}
+
+// d = precond * (m / bc1) (momentum) or precond * g (gradient).
+template <bool MOMENTUM>
+SALSA_HD float direction(float precond, float g, float exp_avg, const Scalars& s) {
+  return MOMENTUM ? mul(precond, div(exp_avg, s.bias_correction1)) : mul(precond, g);
+}
+
+// One term of q = sum g * d, with this step's moments: (g * g) * precond, or g * d.
+template <bool MOMENTUM>
+SALSA_HD float slope_term(float g, float exp_avg, float exp_avg_sq, const Scalars& s) {
+  const Moments next = new_moments(g, exp_avg, exp_avg_sq, s);
+  const float precond = preconditioner(next.exp_avg_sq, s);
+  return MOMENTUM ? mul(g, direction<true>(precond, g, next.exp_avg, s)) : mul(mul(g, g), precond);
+}
+
+// w_dec - step * d, one rounding for the move (w * decay_factor is exact without decay).
+SALSA_HD float trial_weight(float w, float d, const Scalars& s) {
+  return fused_mul_add(d, s.neg_step, mul(w, s.decay_factor));
+}
+
+// In place: w + (previous_step - step) * d, the product rounded first.
+SALSA_HD float retrial_in_place(float w, float d, const Scalars& s) {
+  return add(w, mul(d, s.step_change));
+}
+
+// In place: (w + previous_step * d) / decay_factor.
+SALSA_HD float restore_in_place(float w, float d, const Scalars& s) {
+  return div(fused_mul_add(d, s.previous_step, w), s.decay_factor);
+}
+
+// One element of the plain step. Returns false (and leaves w, m, v alone) when g is not finite.
+SALSA_HD bool plain_update(float g, float& w, float& exp_avg, float& exp_avg_sq, const Scalars& s) {
+  const Moments next = new_moments(g, exp_avg, exp_avg_sq, s);
+  const float update = direction<true>(preconditioner(next.exp_avg_sq, s), g, next.exp_avg, s);
+  const float moved = trial_weight(w, update, s);
+  const bool ok = is_finite(g);
+  exp_avg = ok ? next.exp_avg : exp_avg;
+  exp_avg_sq = ok ? next.exp_avg_sq : exp_avg_sq;
+  w = ok ? moved : w;
+  return ok;
+}
+
+}  // namespace salsa

@@ -1,0 +1,77 @@
+"""The compiled extension: loads ``salsa_fused._C`` (built by setup.py), or JIT-builds it.
+
+Importing the library registers the ops ``torch.ops.salsa_fused.*`` (csrc/). With
+``SALSA_FUSED_JIT=1`` the sources of a source checkout are compiled on first use by
+``torch.utils.cpp_extension.load`` (ninja; cached in torch's extensions directory).
+Either way a failure is kept and re-raised by :func:`require` with a build hint; the
+package works without the extension (the torch and triton backends).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Optional
+
+import torch
+
+from . import _build_flags
+
+_loaded = False
+_error: Optional[BaseException] = None
+
+BUILD_HINT = ("build it with `pip install --no-build-isolation .` (or `python setup.py build_ext --inplace` "
+              "in a checkout), or set SALSA_FUSED_JIT=1 to compile it on first use; it needs a C++ compiler")
+
+
+def _jit_build() -> None:
+    from torch.utils import cpp_extension
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sources = [os.path.join(root, path) for path in _build_flags.CPU_SOURCES]
+    with_cuda = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
+    if with_cuda:
+        sources += [os.path.join(root, path) for path in _build_flags.CUDA_SOURCES]
+    missing = [path for path in sources if not os.path.exists(path)]
+    if missing:
+        raise FileNotFoundError(f"SALSA_FUSED_JIT=1 needs the csrc/ sources of a checkout; missing {missing}")
+    cpp_extension.load(name="salsa_fused_jit", sources=sources, extra_cflags=_build_flags.CXX_FLAGS,
+                       extra_cuda_cflags=_build_flags.NVCC_FLAGS if with_cuda else None,
+                       extra_ldflags=_build_flags.LINK_FLAGS, is_python_module=False)
+
+
+def load() -> bool:
+    """Load the ops once; True when they are registered."""
+    global _loaded, _error
+    if _loaded or _error is not None:
+        return _loaded
+    try:
+        if os.environ.get("SALSA_FUSED_JIT") == "1":
+            _jit_build()
+        else:
+            importlib.import_module("salsa_fused._C")
+    except (ImportError, OSError, RuntimeError) as error:
+        _error = error
+        return False
+    _register_fakes()
+    _loaded = True
+    return True
+
+
+def require() -> None:
+    """Load the ops or raise a RuntimeError that says how to build them."""
+    if not load():
+        raise RuntimeError(f"the salsa_fused C++ extension is not available ({_error}); {BUILD_HINT}") from _error
+
+
+def _register_fakes() -> None:
+    """Shapes for torch.compile's fake tensors: the passes write in place; q is a 0-dim fp32."""
+
+    @torch.library.register_fake("salsa_fused::slope")
+    def _slope(grads, exp_avg, exp_avg_sq, beta1, beta2, bias_correction1, bias_correction2, eps, momentum,
+               grad_scale):
+        device = exp_avg_sq[0].device if exp_avg_sq else torch.device("cpu")
+        return torch.empty((), dtype=torch.float32, device=device)
+
+    for name in ("first_trial_", "retrial_", "restore_", "plain_step_"):
+        torch.library.register_fake(f"salsa_fused::{name}")(lambda *args, **kwargs: None)

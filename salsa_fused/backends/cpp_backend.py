@@ -1,0 +1,114 @@
+"""The C++ backend: each pass of a bucket is one call of a compiled torch op (csrc/).
+
+Same functions and signatures as ``torch_backend`` (the executable spec). The ops
+(``torch.ops.salsa_fused.*``, registered with ``TORCH_LIBRARY`` so they compose with
+``torch.compile``) take the bucket's tensor lists whole: on the CPU one
+``at::parallel_for`` over fixed-size chunks of all tensors, vectorized (AVX2+FMA where
+the processor has it), with the reference's operation forms, so results agree with the
+torch backend to the bit (q: to rounding, summed in a fixed order). A CUDA build adds
+kernels for CUDA tensors on a multi-tensor chunking engine (csrc/cuda/).
+
+Bytes moved per parameter with fp32 weights, gradients and state (reads + writes):
+q 8 along the gradient (12 along the momentum), plain step 28, first trial 32 with a
+saved copy (28 without), retrial 16, restore 8 from the copy (16 in place). No pass
+allocates a tensor but q's 0-dim result.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _ext
+from .base import DIRECTIONS, MOMENTUM, Bucket, Hyper
+
+name = "cpp"
+
+
+def is_available() -> bool:
+    """The extension is built (or JIT-built with SALSA_FUSED_JIT=1) and its ops are registered."""
+    return _ext.load()
+
+
+def supports(device: torch.device) -> bool:
+    """The ops have kernels for ``device``: the CPU always, CUDA when the CUDA kernels were built."""
+    if not _ext.load():
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("salsa_fused::plain_step_", key)
+
+
+def _ops():
+    _ext.require()
+    return torch.ops.salsa_fused
+
+
+def _momentum(direction: str) -> bool:
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}")
+    return direction == MOMENTUM
+
+
+def _decay_factor(hyper: Hyper, decay_step_size: float) -> float:
+    """1 - weight_decay * decay_step_size (exactly 1.0 without decay), in double as the reference."""
+    return 1 - hyper.weight_decay * decay_step_size
+
+
+def _saved(bucket: Bucket):
+    return bucket.saved if bucket.saved is not None else []
+
+
+def preconditioned_grad_norm(bucket: Bucket, hyper: Hyper, direction: str,
+                             grad_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """q = sum over the bucket of ``g * d`` with this step's moments (not written); 0-dim fp32.
+
+    Chunk sums (fp32 lanes within a chunk) are added in double in chunk order: the same
+    bits with any number of threads.
+    """
+    momentum = _momentum(direction)
+    return _ops().slope(bucket.grads, bucket.exp_avg, bucket.exp_avg_sq, hyper.beta1, hyper.beta2,
+                        hyper.bias_correction1, hyper.bias_correction2, hyper.eps, momentum, grad_scale)
+
+
+def first_trial(bucket: Bucket, hyper: Hyper, step_size: float, decay_step_size: float,
+                direction: str, grad_scale: Optional[torch.Tensor] = None) -> None:
+    """Pass A of a search step: m, v, the saved copy of w, and ``w = w_dec - step_size * d``."""
+    momentum = _momentum(direction)
+    _ops().first_trial_(bucket.params, bucket.grads, bucket.exp_avg, bucket.exp_avg_sq, _saved(bucket),
+                        hyper.beta1, hyper.beta2, hyper.bias_correction1, hyper.bias_correction2, hyper.eps,
+                        _decay_factor(hyper, decay_step_size), step_size, momentum, grad_scale)
+
+
+def retrial(bucket: Bucket, hyper: Hyper, step_size: float, previous_step_size: float,
+            decay_step_size: float, direction: str, grad_scale: Optional[torch.Tensor] = None) -> None:
+    """Pass B: ``w = decay(saved) - step_size * d`` or in place ``w += (previous - step_size) * d``."""
+    momentum = _momentum(direction)
+    _ops().retrial_(bucket.params, bucket.grads, bucket.exp_avg, bucket.exp_avg_sq, _saved(bucket),
+                    hyper.bias_correction1, hyper.bias_correction2, hyper.eps,
+                    _decay_factor(hyper, decay_step_size), step_size, previous_step_size, momentum, grad_scale)
+
+
+def restore(bucket: Bucket, hyper: Hyper, previous_step_size: float, decay_step_size: float,
+            direction: str, grad_scale: Optional[torch.Tensor] = None) -> None:
+    """Weights from before the step: ``w = saved``, or ``w = (w + previous * d) / (1 - wd * decay)``."""
+    momentum = _momentum(direction)
+    _ops().restore_(bucket.params, bucket.grads, bucket.exp_avg, bucket.exp_avg_sq, _saved(bucket),
+                    hyper.bias_correction1, hyper.bias_correction2, hyper.eps,
+                    _decay_factor(hyper, decay_step_size), previous_step_size, momentum, grad_scale)
+
+
+def plain_step(bucket: Bucket, hyper: Hyper, step_size: float, decay_step_size: float,
+               loss: torch.Tensor, found_inf: Optional[torch.Tensor] = None,
+               grad_scale: Optional[torch.Tensor] = None,
+               nonfinite_count: Optional[torch.Tensor] = None) -> None:
+    """Pass A of a plain step: m, v updated and ``w = w_dec - step_size * m_hat * precond``.
+
+    Changes nothing when ``loss`` is non-finite or ``found_inf`` is set. An element whose
+    gradient is non-finite keeps its weight and moments and is counted into
+    ``nonfinite_count`` (an int64 0-dim tensor). The guards are read inside the op.
+    """
+    _ops().plain_step_(bucket.params, bucket.grads, bucket.exp_avg, bucket.exp_avg_sq, hyper.beta1, hyper.beta2,
+                       hyper.bias_correction1, hyper.bias_correction2, hyper.eps,
+                       _decay_factor(hyper, decay_step_size), step_size, loss, found_inf, grad_scale,
+                       nonfinite_count)

@@ -1,0 +1,64 @@
+"""The CUDA kernels (csrc/cuda/) compile with nvcc for sm_80 and sm_90a without torch, with no
+spills, registers that leave room for two 256-thread blocks per SM, and a vectorized path
+whose 128-bit accesses move exactly the design's bytes per parameter (SPEC section 2).
+
+Runs benchmarks/cuda_audit.py (about a minute of nvcc per architecture); skipped only where
+nvcc is absent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("cuda_audit", ROOT / "benchmarks" / "cuda_audit.py")
+cuda_audit = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cuda_audit)
+
+ARCHS = ["sm_80", "sm_90a"]
+KERNELS = {"slope_kernel", "slope_finish_kernel", "first_trial_kernel", "retrial_kernel", "restore_kernel",
+           "plain_step_kernel"}
+# SPEC section 2, fp32 weights, gradients and state (restore: copy path 8 + in-place path 16).
+FP32_BYTES = {("plain_step_kernel", False): 28, ("first_trial_kernel", False): 32,
+              ("first_trial_kernel", True): 32, ("retrial_kernel", False): 16, ("retrial_kernel", True): 16,
+              ("restore_kernel", False): 24, ("restore_kernel", True): 24, ("slope_kernel", False): 8,
+              ("slope_kernel", True): 12}
+
+
+@pytest.fixture(scope="module")
+def audit():
+    if cuda_audit.find_tool("nvcc") is None:
+        pytest.skip("nvcc is not installed")
+    return {arch["arch"]: arch for arch in cuda_audit.run(ARCHS)["archs"]}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_kernel_compiles_without_spills(audit, arch):
+    kernels = audit[arch]["kernels"]
+    assert {k["kernel"] for k in kernels} == KERNELS
+    assert len(kernels) == 1 + 3 * 9  # slope_finish + 9 kernels for each of fp32, bf16, fp16
+    for k in kernels:
+        where = f"{arch} {k['kernel']} {k['weight']} {k['grad']} momentum={k['momentum']}"
+        assert k["spill_stores"] == 0 and k["spill_loads"] == 0, where
+        assert k["stack"] == 0, where
+        assert 0 < k["registers"] <= 128, where
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_vector_path_moves_the_design_bytes(audit, arch):
+    if cuda_audit.find_tool("cuobjdump") is None:
+        pytest.skip("no cuobjdump to read the SASS")
+    for k in audit[arch]["kernels"]:
+        if k["grad"] is None:
+            continue
+        where = f"{arch} {k['kernel']} {k['weight']} {k['grad']} momentum={k['momentum']}"
+        assert (k["vector_loads"], k["vector_stores"]) == (k["expected_vector_loads"],
+                                                            k["expected_vector_stores"]), where
+        if k["grad"] == "float":
+            assert k["vector_bytes_per_param"] == FP32_BYTES[(k["kernel"], k["momentum"])], where
+        # The vectorized path of a 16-bit stream is one 128-bit access per 8 elements: no 64-bit
+        # global data accesses (those are the tables' pointers, LDG.64, never LD.64/ST.64).
+        assert "LD.64" not in k["sass"] and "ST.64" not in k["sass"] and "STG.64" not in k["sass"], where
