@@ -237,7 +237,8 @@ def _plain_step_block(row_ptr, offsets, mask, grad_scale_ptr, nonfinite_count_pt
     m_new, v_new = _new_moments(g, m, v, beta1, beta2, one_minus_beta1, one_minus_beta2)
     update = _direction(_preconditioner(v_new, bias_correction2, eps), g, m_new, bias_correction1, True)
     w_new = tl.fma(update, neg_step_size, w * decay_factor)
-    finite = tl.abs(g) <= _FLT_MAX
+    # g non-finite, or g*g overflowing fp32 (|g| above ~1.8e19), would write v = inf or NaN.
+    finite = (g * g) <= _FLT_MAX
     _store(m_ptr, offsets, tl.where(finite, m_new, m), mask, FULL)
     _store(v_ptr, offsets, tl.where(finite, v_new, v), mask, FULL)
     _store(w_ptr, offsets, tl.where(finite, w_new, w), mask, FULL)
@@ -257,8 +258,9 @@ def _plain_step_kernel(tensor_table_ptr, block_table_ptr, loss_ptr, found_inf_pt
     """Adam-direction step with the step guard on the device.
 
     w = w * decay_factor - step_size * m_hat * precond  (fma),  m, v = m_new, v_new.
-    Nothing is written when the loss is non-finite or found_inf != 0. An element whose g is
-    non-finite keeps w, m, v; their number is added to nonfinite_count (int64 atomics).
+    Nothing is written when the loss is non-finite or found_inf != 0. An element whose g*g is
+    non-finite (g NaN/inf, or |g| > ~1.8e19) keeps w, m, v; their number is added to
+    nonfinite_count (int64 atomics).
     Reads w, g, m, v and writes w, m, v: 28 bytes/param in fp32.
     """
     step_ok = tl.abs(tl.load(loss_ptr).to(tl.float32)) <= _FLT_MAX
