@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Layer 2 of the speed evidence (issue 7): run this first whenever a GPU is available.
+# The long form of the GPU evidence (issue 7): every size (1M .. 1B), 2000 training steps,
+# pytest-benchmark and plots; 10+ minutes and needs pytest, pytest-benchmark and matplotlib.
+# The bounded check for a borrowed GPU (8 minutes, no network, results in one directory) is
+# `bash benchmarks/gpu_suite.sh --out DIR`; run this one when a GPU is available for longer.
 #
-#   bash benchmarks/gpu_suite.sh            # GPU: install, CUDA tests, benchmarks, plots
-#   bash benchmarks/gpu_suite.sh --quality  # also issue 5's quality run at the GPU size (the
+#   bash benchmarks/long_suite.sh            # GPU: CUDA tests, benchmarks, plots
+#   bash benchmarks/long_suite.sh --quality  # also issue 5's quality run at the GPU size (the
 #                                           # byte GPT, 6 x 384, 1500 steps, bf16: the shipped
 #                                           # preset, the author's settings, the published
 #                                           # defaults, an AdamW grid), into
 #                                           # benchmarks/quality/results/gpu
-#   bash benchmarks/gpu_suite.sh --smoke [--out-dir DIR]
+#   bash benchmarks/long_suite.sh --smoke [--out-dir DIR]
 #                                           # no GPU needed: every stage end to end on the
 #                                           # CPU at tiny sizes (what CI's smoke test runs);
 #                                           # no install, no pytest, results in DIR
@@ -56,9 +59,6 @@ if ! "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
   echo "Use --smoke to check every stage end to end on the CPU." >&2
   exit 1
 fi
-
-echo "== install"
-pip install -e . --no-deps --no-build-isolation
 
 echo "== CUDA kernel tests (sync-free plain steps, launches, triton vs torch on the GPU)"
 "$py" -m pytest -q tests/test_cuda.py tests/backends tests/test_counts.py
