@@ -109,9 +109,11 @@ def sync_debug_error(device: torch.device):
         torch.cuda.set_sync_debug_mode(previous)
 
 
-def _small_model(device, dtype, seed=0):
+def _small_model(device, dtype, seed=0, width=256):
+    """An MLP in two param groups (two buckets); ``width`` 256 on a GPU, 16 in the smoke form
+    (the Triton interpreter runs every launch element by element)."""
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 10))
+    model = torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.GELU(), torch.nn.Linear(width, 10))
     model = model.to(device=device, dtype=dtype)
     x = torch.randn(128, 64, device=device, dtype=dtype)
     y = torch.randint(0, 10, (128,), device=device)
@@ -134,11 +136,11 @@ def _cuda_kernels(step: Callable[[], object]) -> List[str]:
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
-def plain_steps_without_sync(device: torch.device, dtype: torch.dtype, use_scaler: bool, steps: int = 3) -> dict:
+def plain_steps_without_sync(device: torch.device, dtype: torch.dtype, use_scaler: bool, steps: int = 3,
+                             searches: int = 3, width: int = 256) -> dict:
     """Search steps first (tables, saved copies), then plain steps with host syncs turned into errors."""
     from salsa_fused import FusedSaLSa
-    model, groups, loss_fn = _small_model(device, dtype)
-    searches = 3
+    model, groups, loss_fn = _small_model(device, dtype, width=width)
     opt = FusedSaLSa(groups, backend="triton", init_step_size=1e-2, schedule=SearchFirst(searches))
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 10) if use_scaler else None
     for _ in range(searches):
@@ -180,16 +182,16 @@ def plain_steps_without_sync(device: torch.device, dtype: torch.dtype, use_scale
     return values
 
 
-def triton_matches_torch(device: torch.device, restore: str, steps: int = 15) -> dict:
+def triton_matches_torch(device: torch.device, restore: str, steps: int = 15, width: int = 256) -> dict:
     from salsa_fused import FusedSaLSa
     runs = {}
     for backend in ("torch", "triton"):
-        model, groups, loss_fn = _small_model(device, torch.float32, seed=3)
+        model, groups, loss_fn = _small_model(device, torch.float32, seed=3, width=width)
         opt = FusedSaLSa(groups, backend=backend, restore=restore)
         losses = []
         for _ in range(steps):
             opt.zero_grad()
-            losses.append(float(opt.step(loss_fn)))
+            losses.append(float(opt.step(loss_fn).detach()))
         runs[backend] = (losses, [p.detach().clone() for p in model.parameters()], opt.num_searches)
     loss_diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(runs["triton"][0], runs["torch"][0]))
     weight_diff = max(float((a - b).abs().max()) for a, b in zip(runs["triton"][1], runs["torch"][1]))
@@ -202,13 +204,15 @@ def triton_matches_torch(device: torch.device, restore: str, steps: int = 15) ->
 def stage_cuda_checks(ctx: Context) -> None:
     _require_triton()
     device = ctx.device
+    width = 256 if ctx.gpu else 16
     cases = [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)]
     for dtype, scaler in cases:
         name = f"plain steps under sync-debug 'error', {str(dtype)[6:]}{', GradScaler' if scaler else ''}"
-        ctx.check(name, lambda: plain_steps_without_sync(device, dtype, scaler))
+        ctx.check(name, lambda: plain_steps_without_sync(device, dtype, scaler, steps=3 if ctx.gpu else 2,
+                                                         searches=3 if ctx.gpu else 1, width=width))
     for restore in ("copy", "inplace"):
         ctx.check(f"triton vs torch reference on {device.type}, restore={restore}",
-                  lambda: triton_matches_torch(device, restore, steps=15 if ctx.gpu else 3))
+                  lambda: triton_matches_torch(device, restore, steps=15 if ctx.gpu else 3, width=width))
 
 
 # ---------------------------------------------------------------------------- 2. kernel timing
