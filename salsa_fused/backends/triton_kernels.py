@@ -221,15 +221,10 @@ def _grad_norm_kernel(tensor_table_ptr, block_table_ptr, partials_ptr, grad_scal
 
 
 @triton.jit
-def _plain_step_block(row_ptr, offsets, mask, grad_scale_ptr, nonfinite_count_ptr, beta1, beta2,
-                      one_minus_beta1, one_minus_beta2, bias_correction1, bias_correction2, eps,
-                      decay_factor, neg_step_size, W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
-                      HAS_GRAD_SCALE: tl.constexpr, HAS_COUNTER: tl.constexpr, ALIGNED: tl.constexpr,
-                      FULL: tl.constexpr):
-    w_ptr = _stream(row_ptr, _PARAM, W_DTYPE, ALIGNED)
-    g_ptr = _stream(row_ptr, _GRAD, G_DTYPE, ALIGNED)
-    m_ptr = _stream(row_ptr, _EXP_AVG, tl.float32, ALIGNED)
-    v_ptr = _stream(row_ptr, _EXP_AVG_SQ, tl.float32, ALIGNED)
+def _plain_step_block(w_ptr, g_ptr, m_ptr, v_ptr, offsets, mask, grad_scale_ptr, nonfinite_count_ptr,
+                      beta1, beta2, one_minus_beta1, one_minus_beta2, bias_correction1, bias_correction2,
+                      eps, decay_factor, neg_step_size, HAS_GRAD_SCALE: tl.constexpr,
+                      HAS_COUNTER: tl.constexpr, FULL: tl.constexpr):
     g = _scaled_grad(_load(g_ptr, offsets, mask, FULL), grad_scale_ptr, HAS_GRAD_SCALE)
     m = _load(m_ptr, offsets, mask, FULL)
     v = _load(v_ptr, offsets, mask, FULL)
@@ -263,21 +258,32 @@ def _plain_step_kernel(tensor_table_ptr, block_table_ptr, loss_ptr, found_inf_pt
     nonfinite_count (int64 atomics).
     Reads w, g, m, v and writes w, m, v: 28 bytes/param in fp32.
     """
-    step_ok = tl.abs(tl.load(loss_ptr).to(tl.float32)) <= _FLT_MAX
+    # Two levels of dependent loads before the data: the loss, found_inf and this program's
+    # block-map entry are independent of each other; numel and the four stream pointers all
+    # come from the one table row the entry names. Loading them before any branch lets them
+    # issue together (a branch first would order loss -> map -> numel -> pointers).
+    loss = tl.load(loss_ptr).to(tl.float32)
     if HAS_FOUND_INF:
-        step_ok = step_ok & (tl.load(found_inf_ptr).to(tl.float32) == 0.0)
+        found_inf = tl.load(found_inf_ptr).to(tl.float32)
+    row_ptr, numel, offsets, full = _locate_block(tensor_table_ptr, block_table_ptr, BLOCK)
+    w_ptr = _stream(row_ptr, _PARAM, W_DTYPE, ALIGNED)
+    g_ptr = _stream(row_ptr, _GRAD, G_DTYPE, ALIGNED)
+    m_ptr = _stream(row_ptr, _EXP_AVG, tl.float32, ALIGNED)
+    v_ptr = _stream(row_ptr, _EXP_AVG_SQ, tl.float32, ALIGNED)
+    step_ok = tl.abs(loss) <= _FLT_MAX
+    if HAS_FOUND_INF:
+        step_ok = step_ok & (found_inf == 0.0)
     if step_ok:
-        row_ptr, numel, offsets, full = _locate_block(tensor_table_ptr, block_table_ptr, BLOCK)
         if full:
-            _plain_step_block(row_ptr, offsets, None, grad_scale_ptr, nonfinite_count_ptr, beta1, beta2,
-                              one_minus_beta1, one_minus_beta2, bias_correction1, bias_correction2, eps,
-                              decay_factor, neg_step_size, W_DTYPE, G_DTYPE, HAS_GRAD_SCALE, HAS_COUNTER,
-                              ALIGNED, True)
-        else:
-            _plain_step_block(row_ptr, offsets, offsets < numel, grad_scale_ptr, nonfinite_count_ptr,
+            _plain_step_block(w_ptr, g_ptr, m_ptr, v_ptr, offsets, None, grad_scale_ptr, nonfinite_count_ptr,
                               beta1, beta2, one_minus_beta1, one_minus_beta2, bias_correction1,
-                              bias_correction2, eps, decay_factor, neg_step_size, W_DTYPE, G_DTYPE,
-                              HAS_GRAD_SCALE, HAS_COUNTER, ALIGNED, False)
+                              bias_correction2, eps, decay_factor, neg_step_size, HAS_GRAD_SCALE,
+                              HAS_COUNTER, True)
+        else:
+            _plain_step_block(w_ptr, g_ptr, m_ptr, v_ptr, offsets, offsets < numel, grad_scale_ptr,
+                              nonfinite_count_ptr, beta1, beta2, one_minus_beta1, one_minus_beta2,
+                              bias_correction1, bias_correction2, eps, decay_factor, neg_step_size,
+                              HAS_GRAD_SCALE, HAS_COUNTER, False)
 
 
 # --- pass A of a search step -------------------------------------------------------
