@@ -240,3 +240,13 @@ def ensure_triton_interpreter_without_cuda() -> None:
     """
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def append_jsonl(path, record: dict) -> None:
+    """Append one JSON record as a line and flush it: a run cut short keeps every finished row."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

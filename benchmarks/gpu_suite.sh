@@ -1,86 +1,15 @@
 #!/usr/bin/env bash
-# Layer 2 of the speed evidence (issue 7): run this first whenever a GPU is available.
+# The GPU check (issue 17): one command, at most 8 minutes on an H100/H200, no network,
+# the machine's own torch; every stage under its own time limit, a failed stage logged and
+# the next one run; results appended as they are taken, all of them in DIR (five files).
 #
-#   bash benchmarks/gpu_suite.sh            # GPU: install, CUDA tests, benchmarks, plots
-#   bash benchmarks/gpu_suite.sh --quality  # also issue 5's quality run at the GPU size (the
-#                                           # byte GPT, 6 x 384, 1500 steps, bf16: the shipped
-#                                           # preset, the author's settings, the published
-#                                           # defaults, an AdamW grid), into
-#                                           # benchmarks/quality/results/gpu
-#   bash benchmarks/gpu_suite.sh --smoke [--out-dir DIR]
-#                                           # no GPU needed: every stage end to end on the
-#                                           # CPU at tiny sizes (what CI's smoke test runs);
-#                                           # no install, no pytest, results in DIR
+#   bash benchmarks/gpu_suite.sh --out "$OUT"          # GPU
+#   bash benchmarks/gpu_suite.sh --out DIR --smoke     # CPU, tiny sizes: every stage end to end
+#   bash benchmarks/gpu_suite.sh --out DIR --stages kernel_timing,host_overhead
 #
-# Writes JSON, markdown and PNG into benchmarks/results/ (or DIR), each with the device
-# name, torch/triton/CUDA versions, the command and the date. Without a GPU and without
-# --smoke it stops and says so: GPU figures are never filled in from a CPU run.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-
-smoke=0
-quality=0
-out_dir="benchmarks/results"
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --smoke) smoke=1; shift ;;
-    --quality) quality=1; shift ;;
-    --out-dir) out_dir="$2"; shift 2 ;;
-    *) echo "unknown argument: $1" >&2; exit 2 ;;
-  esac
-done
-mkdir -p "$out_dir"
-py="${PYTHON:-python}"
-quality_set="salsa_recommended,salsa_author,salsa_faithful"
-
-if [[ $smoke -eq 1 ]]; then
-  echo "== smoke: every stage on the CPU at tiny sizes (not GPU figures) -> $out_dir"
-  "$py" benchmarks/step_counts.py --device cpu --out-dir "$out_dir" > /dev/null
-  "$py" benchmarks/memory.py --device cpu --tiny --backends torch --out-dir "$out_dir" > /dev/null
-  "$py" benchmarks/kernel_bench.py --device cpu --tiny --sizes 4096 --dtypes fp32 bf16 --repeats 2 \
-      --out-dir "$out_dir" > /dev/null
-  SALSA_BENCH_DEVICE=cpu "$py" -m pytest -q -p no:cacheprovider benchmarks/test_kernel_speed.py \
-      --benchmark-json "$out_dir/kernel_speed.json" > /dev/null
-  "$py" benchmarks/train_bench.py --device cpu --tiny --steps 4 --out-dir "$out_dir" > /dev/null
-  if [[ $quality -eq 1 ]]; then
-    "$py" -m benchmarks.quality.run --size tiny --tasks gpt --optimizers "$quality_set" \
-        --adamw-lrs 1e-3,3e-3 --steps 8 --seeds 0 --out "$out_dir/quality" --threads 1 > /dev/null
-  fi
-  "$py" benchmarks/plot_results.py --dir "$out_dir"
-  echo "== smoke done"
-  exit 0
-fi
-
-if ! "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  echo "no CUDA device: GPU figures stay 'not measured: no GPU'." >&2
-  echo "Use --smoke to check every stage end to end on the CPU." >&2
-  exit 1
-fi
-
-echo "== install"
-pip install -e . --no-deps --no-build-isolation
-
-echo "== CUDA kernel tests (sync-free plain steps, launches, triton vs torch on the GPU)"
-"$py" -m pytest -q tests/test_cuda.py tests/backends tests/test_counts.py
-
-echo "== counts and memory"
-"$py" benchmarks/step_counts.py --device cuda --out-dir "$out_dir"
-"$py" benchmarks/memory.py --device cuda --scale 1.0 --dtype float32 --out-dir "$out_dir"
-"$py" benchmarks/memory.py --device cuda --scale 1.0 --dtype bfloat16 --out-dir "$out_dir"
-
-echo "== kernel level: plain step, reduction, pass A, pass B vs AdamW fused/foreach, copy roofline"
-"$py" benchmarks/kernel_bench.py --device cuda --out-dir "$out_dir"
-"$py" -m pytest -q -p no:cacheprovider benchmarks/test_kernel_speed.py --benchmark-json "$out_dir/kernel_speed.json"
-
-echo "== training level: GPT-2 small, B=8, T=512, bf16 autocast, 2000 steps per optimizer"
-"$py" benchmarks/train_bench.py --device cuda --out-dir "$out_dir"
-
-if [[ $quality -eq 1 ]]; then
-  echo "== quality at issue 5's size: byte GPT 6 x 384, 1500 steps, bf16 autocast, seed 0"
-  "$py" -m benchmarks.quality.run --size gpu --tasks gpt --optimizers "$quality_set" \
-      --adamw-lrs 3e-4,1e-3,3e-3 --seeds 0
-fi
-
-echo "== plots"
-"$py" benchmarks/plot_results.py --dir "$out_dir"
-echo "== done: commit $out_dir"
+# Stages, budget and files: benchmarks/gpu_suite.py. Nothing is installed into the
+# environment and nothing is written into the repository. PYTHON picks the interpreter.
+cd "$(dirname "$0")/.." || exit 2
+export PYTHONDONTWRITEBYTECODE=1
+py="${PYTHON:-$(command -v python || command -v python3)}"
+exec "$py" -m benchmarks.gpu_suite "$@"

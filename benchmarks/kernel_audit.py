@@ -19,6 +19,13 @@ Per record:
                            w, g, m, v and writes w, m, v = 7 x 4 = 28).
   bytes_per_param_ptx      (aligned path) bytes moved by 128-bit accesses / elements per
                            thread: the same number measured on the compiled code.
+  sass_vector_bits,        the same two figures read from the machine code that runs
+  bytes_per_param_sass     (``cuobjdump -sass`` of the cubin: LDG/STG widths), so a width
+                           ptxas narrowed after the PTX would show.
+
+Every specialization the optimizer launches is compiled: each pass with and without a
+GradScaler's scale (and the plain step with found_inf), both directions, both restore
+strategies, the plain step's register cap (``maxnreg``) where the backend sets it.
 
 Run:  python benchmarks/kernel_audit.py   (writes benchmarks/results/kernel_audit.{json,md})
 It must run without TRITON_INTERPRET (kernels must be JIT functions, not interpreted).
@@ -32,6 +39,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -135,7 +143,7 @@ def _variant_name(kernel: str, constexprs: Dict[str, object]) -> str:
         tags.append("copy" if constexprs["HAS_SAVED"] else "inplace")
     if "MOMENTUM" in constexprs and not (base == "restore" and constexprs.get("HAS_SAVED")):
         tags.append(MOMENTUM if constexprs["MOMENTUM"] else GRADIENT)
-    if constexprs.get("HAS_FOUND_INF"):
+    if constexprs.get("HAS_FOUND_INF") or constexprs.get("HAS_GRAD_SCALE"):
         tags.append("amp")
     return base + (f"[{','.join(tags)}]" if tags else "")
 
@@ -148,7 +156,11 @@ def record_variants() -> List[Variant]:
     def recorder(kernel, tables, launch, *args, **constexprs):
         fn = kernel
         values = [tables.tensor_table, launch.block_table, *args]
-        constexprs = dict(constexprs, ALIGNED=launch.aligned, BLOCK=triton_backend.BLOCK)
+        options = {"num_warps": triton_backend.NUM_WARPS, "enable_fp_fusion": False}
+        if "maxnreg" in constexprs:  # a compile option passed with the launch, not a kernel argument
+            constexprs = dict(constexprs)
+            options["maxnreg"] = constexprs.pop("maxnreg")
+        constexprs = dict(constexprs, ALIGNED=launch.aligned, BLOCK=launch.block)
         runtime_names = [n for n in fn.arg_names if n not in constexprs]
         assert len(runtime_names) == len(values), (fn.__name__, runtime_names)
         signature = {name: _signature_type(v) for name, v in zip(runtime_names, values)}
@@ -160,8 +172,7 @@ def record_variants() -> List[Variant]:
         name = _variant_name(fn.__name__, constexprs)
         key = (name, dtype_name["current"], launch.aligned)
         recorded.setdefault(key, Variant(name, dtype_name["current"], launch.aligned, fn, signature, constexprs,
-                                         attrs, reads, writes,
-                                         {"num_warps": triton_backend.NUM_WARPS, "enable_fp_fusion": False}))
+                                         attrs, reads, writes, options))
 
     hyper = Hyper(0.9, 0.999, 1e-8, 0.1, 0.19, 0.002, 1.0)
     with mock.patch.object(triton_backend, "_launch", recorder):
@@ -171,11 +182,12 @@ def record_variants() -> List[Variant]:
                 for saved in (True, False):
                     bucket = _make_bucket(dtype, saved, misaligned)
                     for direction in (GRADIENT, MOMENTUM):
-                        if saved:
-                            triton_backend.slope(bucket, PassArgs(hyper, direction=direction))
-                        triton_backend.first_trial(bucket, PassArgs(hyper, Move(0.5, decay=0.5), direction))
-                        triton_backend.retrial(bucket, PassArgs(hyper, Move(0.4, 0.5, 0.5), direction))
-                        triton_backend.restore(bucket, PassArgs(hyper, Move(0.0, 0.4, 0.5), direction))
+                        for scale in (None, torch.ones(())):  # without and with a GradScaler
+                            if saved:
+                                triton_backend.slope(bucket, PassArgs(hyper, direction=direction, grad_scale=scale))
+                            triton_backend.first_trial(bucket, PassArgs(hyper, Move(0.5, decay=0.5), direction, scale))
+                            triton_backend.retrial(bucket, PassArgs(hyper, Move(0.4, 0.5, 0.5), direction, scale))
+                            triton_backend.restore(bucket, PassArgs(hyper, Move(0.0, 0.4, 0.5), direction, scale))
                 bucket = _make_bucket(dtype, False, misaligned)
                 loss = torch.zeros(())
                 triton_backend.plain_step(bucket, PassArgs(hyper, Move(0.3, decay=0.3)), loss, nonfinite_count=torch.zeros((), dtype=torch.int64))
@@ -213,6 +225,51 @@ def vector_bits(accesses: List[Tuple[bool, int, int]], stream_bytes_per_thread: 
     return 0
 
 
+_SASS_ACCESS = re.compile(r"(@!?U?P\w+\s+)?\b(LDG|STG)\.E((?:\.[A-Z0-9_]+)*)")
+
+
+def sass_accesses(sass: str) -> List[Tuple[bool, int, int]]:
+    """(predicated, width in bits, lanes) of every LDG / STG in ``cuobjdump -sass`` output.
+
+    Width from the suffix: ``.128`` (4 lanes of 32 bits), ``.64``, ``.U16``/``.S16``, ``.U8``/``.S8``,
+    none = 32 bits. 64-bit accesses count as one lane (the table's pointers), as in the PTX reading.
+    """
+    out = []
+    for match in _SASS_ACCESS.finditer(sass):
+        suffixes = set(match.group(3).split("."))
+        if "128" in suffixes:
+            width, lanes = 128, 4
+        elif "64" in suffixes:
+            width, lanes = 64, 1
+        elif suffixes & {"U16", "S16"}:
+            width, lanes = 16, 1
+        elif suffixes & {"U8", "S8"}:
+            width, lanes = 8, 1
+        else:
+            width, lanes = 32, 1
+        out.append((match.group(1) is not None, width, lanes))
+    return out
+
+
+def _cuobjdump() -> Optional[str]:
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(bundled) if bundled.exists() else shutil.which("cuobjdump")
+
+
+def read_sass(cubin: bytes) -> Optional[str]:
+    """The SASS of a cubin (``cuobjdump -sass``), None without a cuobjdump."""
+    tool = _cuobjdump()
+    if tool is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        result = subprocess.run([tool, "-sass", str(path)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"cuobjdump failed:\n{result.stderr}")
+    return result.stdout
+
+
 def _ptxas(capability: int) -> str:
     """The ptxas Triton itself runs for this capability (3.9: ``ptxas`` below sm_90, ``ptxas-blackwell``
     from sm_90 on, because the PTX it emits there has a newer .version than the older ptxas reads)."""
@@ -242,19 +299,36 @@ def ptxas_usage(ptx: str, arch: str, capability: int, fp_fusion: bool) -> Tuple[
     return registers, spills
 
 
+def _options_for(variant: Variant, capability: int) -> Dict[str, object]:
+    """The compile options the backend launches this variant with on ``capability``: the
+    recorded ones (from CPU buckets), with the plain step's per-capability register cap."""
+    options = {k: v for k, v in variant.options.items() if k != "maxnreg"}
+    if variant.fn is getattr(triton_backend.K, "_plain_step_kernel", None):
+        cap = triton_backend.plain_step_maxnreg(triton_backend._triton_dtype(DTYPES[variant.dtype]),
+                                                variant.aligned, capability)
+        if cap is not None:
+            options["maxnreg"] = cap
+    return options
+
+
 def audit_variant(variant: Variant, target: str) -> dict:
     capability = TARGETS[target]
     source = ASTSource(variant.fn, signature=variant.signature, constexprs=variant.constexprs,
                        attrs=variant.attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=variant.options)
+    options = _options_for(variant, capability)
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
     ptx = compiled.asm["ptx"]
     arch = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
-    registers, spill_bytes = ptxas_usage(ptx, arch, capability, variant.options["enable_fp_fusion"])
-    threads = 32 * variant.options["num_warps"]
-    elements_per_thread = triton_backend.BLOCK // threads
+    registers, spill_bytes = ptxas_usage(ptx, arch, capability, options["enable_fp_fusion"])
+    threads = 32 * options["num_warps"]
+    elements_per_thread = variant.constexprs["BLOCK"] // threads
     bytes_per_param = variant.bytes_per_param()
     accesses = global_accesses(ptx)
     wide_bytes = sum(w // 8 for predicated, w, _ in accesses if not predicated and w == 128)
+    sass = read_sass(compiled.asm["cubin"]) if "cubin" in compiled.asm else None
+    sass_access = sass_accesses(sass) if sass is not None else None
+    sass_wide = (sum(w // 8 for predicated, w, _ in sass_access if not predicated and w == 128)
+                 if sass_access is not None else None)
     return {
         "kernel": variant.kernel_name,
         "target": arch,
@@ -265,10 +339,16 @@ def audit_variant(variant: Variant, target: str) -> dict:
         "bytes_per_param": bytes_per_param,
         "aligned": variant.aligned,
         "bytes_per_param_ptx": wide_bytes / elements_per_thread if variant.aligned else None,
+        "sass_vector_bits": (vector_bits(sass_access, elements_per_thread * bytes_per_param)
+                             if sass_access is not None else None),
+        "bytes_per_param_sass": (sass_wide / elements_per_thread
+                                 if sass_wide is not None and variant.aligned else None),
+        "maxnreg": options.get("maxnreg"),
+        "blocks_per_sm": blocks_per_sm(registers, threads),
         "streams_read": list(variant.reads),
         "streams_written": list(variant.writes),
-        "block": triton_backend.BLOCK,
-        "num_warps": variant.options["num_warps"],
+        "block": variant.constexprs["BLOCK"],
+        "num_warps": options["num_warps"],
         "triton": triton.__version__,
     }
 
@@ -295,6 +375,13 @@ def run_audit(workers: Optional[int] = None) -> List[dict]:
         return list(pool.map(_audit_job, jobs))
 
 
+def blocks_per_sm(registers: int, threads: int, registers_per_sm: int = 65536) -> int:
+    """Resident blocks per SM allowed by registers (sm_80/sm_90: 64K registers, allocated per
+    warp in units of 256, i.e. per-thread counts rounded up to a multiple of 8)."""
+    per_warp = -(-registers * 32 // 256) * 256
+    return registers_per_sm // (per_warp * (threads // 32))
+
+
 def problems(records: List[dict]) -> List[str]:
     """What fails the audit: spills, a narrow main stream on sm_90a's aligned path, bytes over budget."""
     found = []
@@ -304,6 +391,12 @@ def problems(records: List[dict]) -> List[str]:
             found.append(f"{where}: spills {r['spill_bytes']} bytes")
         if r["aligned"] and r["target"] == "sm_90a" and r["vector_bits"] < 128:
             found.append(f"{where}: main streams need {r['vector_bits']}-bit accesses, not 128")
+        if (r["aligned"] and r["target"] == "sm_90a" and r.get("sass_vector_bits") is not None
+                and r["sass_vector_bits"] < 128):
+            found.append(f"{where}: the SASS moves the main streams in {r['sass_vector_bits']}-bit accesses")
+        if r["aligned"] and r.get("bytes_per_param_sass") not in (None, r["bytes_per_param"]):
+            found.append(f"{where}: 128-bit SASS traffic is {r['bytes_per_param_sass']} B/param, "
+                         f"design says {r['bytes_per_param']}")
         if r["aligned"] and r["bytes_per_param_ptx"] != r["bytes_per_param"]:
             found.append(f"{where}: 128-bit traffic is {r['bytes_per_param_ptx']} B/param, "
                          f"design says {r['bytes_per_param']}")
@@ -317,18 +410,20 @@ def to_markdown(records: List[dict]) -> str:
     lines = [
         "# Kernel audit (ahead-of-time, no GPU)",
         "",
-        f"triton {triton.__version__}, BLOCK {triton_backend.BLOCK}, num_warps {triton_backend.NUM_WARPS}, "
+        f"triton {triton.__version__}, BLOCK {triton_backend.BLOCK} ({triton_backend.UNALIGNED_BLOCK} on the unaligned path), num_warps {triton_backend.NUM_WARPS}, "
         "fp fusion off. Registers and spills from the bundled `ptxas -v`; vector_bits is the narrowest "
         "access width the main streams need on the full-block path; bytes/param from the streams each "
         "kernel reads and writes (checked against the 128-bit traffic of the aligned PTX). "
         "Generated by `python benchmarks/kernel_audit.py`.",
         "",
-        "| kernel | target | dtype | path | registers | spill bytes | vector bits | bytes/param |",
-        "|---|---|---|---|---:|---:|---:|---:|",
+        "| kernel | target | dtype | path | registers | blocks/SM (8 warps) | spill bytes | vector bits (PTX/SASS) "
+        "| bytes/param |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in records:
         lines.append(f"| {r['kernel']} | {r['target']} | {r['dtype']} | {'aligned' if r['aligned'] else 'unaligned'} "
-                     f"| {r['registers']} | {r['spill_bytes']} | {r['vector_bits']} | {r['bytes_per_param']} |")
+                     f"| {r['registers']} | {r['blocks_per_sm']} | {r['spill_bytes']} | {r['vector_bits']}/"
+                     f"{r['sass_vector_bits'] if r['sass_vector_bits'] is not None else '-'} | {r['bytes_per_param']} |")
     found = problems(records)
     lines += ["", "Problems: " + ("none." if not found else ""), *[f"- {p}" for p in found], ""]
     return "\n".join(lines)

@@ -87,6 +87,7 @@ def run_one(name: str, steps: int, device: torch.device, tiny: bool, seed: int =
             return model(window[:, :-1], window[:, 1:])[1]
 
     step_sizes: List[float] = []
+    losses: List[torch.Tensor] = []  # the loss at each step's start, read once at the end (no sync)
     searches = forwards = backtracks = 0
     if name == "adamw_fused":
         opt = torch.optim.AdamW(model.param_groups(0.1), lr=6e-4, betas=(0.9, 0.95),
@@ -94,8 +95,10 @@ def run_one(name: str, steps: int, device: torch.device, tiny: bool, seed: int =
 
         def one_step(step):
             opt.zero_grad(set_to_none=True)
-            loss_of(step).backward()
+            loss = loss_of(step)
+            loss.backward()
             opt.step()
+            losses.append(loss.detach())
     elif name == "salsa_published":
         from salsa.SaLSA import SaLSA
         opt = SaLSA(model.parameters())
@@ -107,6 +110,7 @@ def run_one(name: str, steps: int, device: torch.device, tiny: bool, seed: int =
                 loss = loss_of(step)
                 if backwards:
                     loss.backward()
+                    losses.append(loss.detach())
                 return loss
             opt.step(closure)
             step_sizes.append(float(opt.step_size))
@@ -118,7 +122,7 @@ def run_one(name: str, steps: int, device: torch.device, tiny: bool, seed: int =
 
         def one_step(step):
             opt.zero_grad(set_to_none=True)
-            opt.step(lambda: loss_of(step))
+            losses.append(opt.step(lambda: loss_of(step)).detach())
             step_sizes.append(opt.step_size)
 
     if device.type == "cuda":
@@ -144,7 +148,8 @@ def run_one(name: str, steps: int, device: torch.device, tiny: bool, seed: int =
     return {"optimizer": name, "steps": steps, "mean_step_ms": means,
             "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
             "forwards_per_step": forwards / steps, "searches": searches, "backtracks": backtracks,
-            "step_ms": [s * 1e3 for s in seconds], "step_size": step_sizes}
+            "step_ms": [s * 1e3 for s in seconds], "step_size": step_sizes,
+            "loss": torch.stack(losses).float().tolist() if losses else []}
 
 
 def main(argv=None) -> Dict[str, dict]:
@@ -166,7 +171,7 @@ def main(argv=None) -> Dict[str, dict]:
         for window, mean in windows.items():
             rows.append(C.Row(kernel=f"train step, {window}", provider=name,
                               size="gpt2-small B8 T512 bf16" if gpt2_small_config(args.tiny)[1] == 8 else "tiny",
-                              p50_ms=mean, extra={k: v for k, v in r.items() if k not in ("step_ms", "step_size")},
+                              p50_ms=mean, extra={k: v for k, v in r.items() if k not in ("step_ms", "step_size", "loss")},
                               note="" if mean is not None else f"fewer than {window.split('-')[1]} steps run"))
         peak = r["peak_memory_bytes"]
         table.append([name] + [("-" if v is None else f"{v:.2f}") for v in windows.values()]

@@ -44,8 +44,16 @@ name = "triton"
 # 160-250 registers (benchmarks/kernel_audit.py); 8 keeps every kernel without spills.
 BLOCK = 2048
 NUM_WARPS = 8
+# The unaligned launch moves scalars, so 8 elements per thread buy no vector width there;
+# 2 keep every GradScaler variant there without spills (at 4 and 8, the slow path of the
+# IEEE division by the scale spilled 8-32 bytes in some; ptxas -v).
+UNALIGNED_BLOCK = 512
 ALIGNMENT_BYTES = 16
 _MAX_CACHED_TABLES = 4
+# Register cap of the plain step with 16-bit weights on the aligned path from sm_90 on: it
+# then fits in 72 (bf16) / 80 (fp16) registers without spills (ptxas -v, sm_90a), so 3 blocks
+# of 8 warps share an SM instead of 2. fp32 weights, the unaligned path and sm_80 spill under it.
+PLAIN_STEP_16BIT_MAXNREG = 80
 
 # Kernel launches by kernel name; tests and benchmarks read it to count launches per step.
 LAUNCH_COUNTER: collections.Counter = collections.Counter()
@@ -88,6 +96,7 @@ class _Launch:
     block_table: torch.Tensor  # int32 [n_blocks, 2] on the device: (tensor index, block index)
     n_blocks: int
     aligned: bool
+    block: int = BLOCK  # elements per program
 
 
 @dataclass
@@ -173,13 +182,13 @@ def _build_tables(bucket: Bucket) -> _Tables:
         aligned.append(all(p % ALIGNMENT_BYTES == 0 for p in pointers))
     device = bucket.device
     tensor_table = _to_device(torch.tensor(rows, dtype=torch.int64).reshape(n_tensors, K.TABLE_WIDTH), device)
-    blocks_per_tensor = torch.tensor([-(-row[0] // BLOCK) for row in rows], dtype=torch.int64)
     is_aligned = torch.tensor(aligned, dtype=torch.bool)
     launches = []
-    for want_aligned in (True, False):
+    for want_aligned, block in ((True, BLOCK), (False, UNALIGNED_BLOCK)):
+        blocks_per_tensor = torch.tensor([-(-row[0] // block) for row in rows], dtype=torch.int64)
         block_table = _block_table(torch.where(is_aligned == want_aligned, blocks_per_tensor, 0))
         if block_table.shape[0]:
-            launches.append(_Launch(_to_device(block_table, device), block_table.shape[0], want_aligned))
+            launches.append(_Launch(_to_device(block_table, device), block_table.shape[0], want_aligned, block))
     return _Tables(tensor_table, tuple(launches), sum(launch.n_blocks for launch in launches),
                    _triton_dtype(w_dtype), _triton_dtype(g_dtype), bucket.saved is not None,
                    grad_pointers=tuple(row[K.GRAD_COLUMN] for row in rows),
@@ -227,10 +236,44 @@ def _tables(bucket: Bucket) -> _Tables:
     return tables
 
 
+def _supports_maxnreg() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "maxnreg" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+_MAXNREG = triton is not None and _supports_maxnreg()
+
+
+def plain_step_maxnreg(w_dtype, aligned: bool, capability: int) -> Optional[int]:
+    """The plain step's register cap for weights of triton dtype ``w_dtype`` on compute
+    capability ``capability`` (e.g. 90), or None (see PLAIN_STEP_16BIT_MAXNREG)."""
+    if aligned and capability >= 90 and w_dtype in (tl.bfloat16, tl.float16):
+        return PLAIN_STEP_16BIT_MAXNREG
+    return None
+
+
+_CAPABILITY: Dict[torch.device, int] = {}
+
+
+def _plain_step_options(tables: _Tables, launch: _Launch, device: torch.device) -> dict:
+    """Compile options of one plain-step launch: the register cap where it pays."""
+    if not _MAXNREG or device.type != "cuda":
+        return {}
+    capability = _CAPABILITY.get(device)
+    if capability is None:
+        major, minor = torch.cuda.get_device_capability(device)
+        capability = _CAPABILITY[device] = 10 * major + minor
+    cap = plain_step_maxnreg(tables.w_dtype, launch.aligned, capability)
+    return {} if cap is None else {"maxnreg": cap}
+
+
 def _launch(kernel, tables: _Tables, launch: _Launch, *args, **constexprs) -> None:
     LAUNCH_COUNTER[kernel.__name__] += 1
     kernel[(launch.n_blocks,)](tables.tensor_table, launch.block_table, *args, ALIGNED=launch.aligned,
-                               BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False, **constexprs)
+                               BLOCK=launch.block, num_warps=NUM_WARPS, enable_fp_fusion=False, **constexprs)
 
 
 def _check_direction(direction: str) -> bool:
@@ -339,4 +382,5 @@ def plain_step(bucket: Bucket, args: PassArgs, loss: torch.Tensor, found_inf: Op
                 *_moment_scalars(hyper), float(hyper.bias_correction1), float(hyper.bias_correction2),
                 float(hyper.eps), _decay_factor(hyper, move.decay), float(-move.step),
                 W_DTYPE=tables.w_dtype, G_DTYPE=tables.g_dtype, HAS_FOUND_INF=found_inf is not None,
-                HAS_GRAD_SCALE=grad_scale is not None, HAS_COUNTER=nonfinite_count is not None)
+                HAS_GRAD_SCALE=grad_scale is not None, HAS_COUNTER=nonfinite_count is not None,
+                **_plain_step_options(tables, launch, bucket.device))

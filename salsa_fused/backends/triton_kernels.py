@@ -221,15 +221,10 @@ def _grad_norm_kernel(tensor_table_ptr, block_table_ptr, partials_ptr, grad_scal
 
 
 @triton.jit
-def _plain_step_block(row_ptr, offsets, mask, grad_scale_ptr, nonfinite_count_ptr, beta1, beta2,
-                      one_minus_beta1, one_minus_beta2, bias_correction1, bias_correction2, eps,
-                      decay_factor, neg_step_size, W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
-                      HAS_GRAD_SCALE: tl.constexpr, HAS_COUNTER: tl.constexpr, ALIGNED: tl.constexpr,
-                      FULL: tl.constexpr):
-    w_ptr = _stream(row_ptr, _PARAM, W_DTYPE, ALIGNED)
-    g_ptr = _stream(row_ptr, _GRAD, G_DTYPE, ALIGNED)
-    m_ptr = _stream(row_ptr, _EXP_AVG, tl.float32, ALIGNED)
-    v_ptr = _stream(row_ptr, _EXP_AVG_SQ, tl.float32, ALIGNED)
+def _plain_step_block(w_ptr, g_ptr, m_ptr, v_ptr, offsets, mask, grad_scale_ptr, nonfinite_count_ptr,
+                      beta1, beta2, one_minus_beta1, one_minus_beta2, bias_correction1, bias_correction2,
+                      eps, decay_factor, neg_step_size, HAS_GRAD_SCALE: tl.constexpr,
+                      HAS_COUNTER: tl.constexpr, FULL: tl.constexpr):
     g = _scaled_grad(_load(g_ptr, offsets, mask, FULL), grad_scale_ptr, HAS_GRAD_SCALE)
     m = _load(m_ptr, offsets, mask, FULL)
     v = _load(v_ptr, offsets, mask, FULL)
@@ -237,7 +232,8 @@ def _plain_step_block(row_ptr, offsets, mask, grad_scale_ptr, nonfinite_count_pt
     m_new, v_new = _new_moments(g, m, v, beta1, beta2, one_minus_beta1, one_minus_beta2)
     update = _direction(_preconditioner(v_new, bias_correction2, eps), g, m_new, bias_correction1, True)
     w_new = tl.fma(update, neg_step_size, w * decay_factor)
-    finite = tl.abs(g) <= _FLT_MAX
+    # g non-finite, or g*g overflowing fp32 (|g| above ~1.8e19), would write v = inf or NaN.
+    finite = (g * g) <= _FLT_MAX
     _store(m_ptr, offsets, tl.where(finite, m_new, m), mask, FULL)
     _store(v_ptr, offsets, tl.where(finite, v_new, v), mask, FULL)
     _store(w_ptr, offsets, tl.where(finite, w_new, w), mask, FULL)
@@ -257,25 +253,37 @@ def _plain_step_kernel(tensor_table_ptr, block_table_ptr, loss_ptr, found_inf_pt
     """Adam-direction step with the step guard on the device.
 
     w = w * decay_factor - step_size * m_hat * precond  (fma),  m, v = m_new, v_new.
-    Nothing is written when the loss is non-finite or found_inf != 0. An element whose g is
-    non-finite keeps w, m, v; their number is added to nonfinite_count (int64 atomics).
+    Nothing is written when the loss is non-finite or found_inf != 0. An element whose g*g is
+    non-finite (g NaN/inf, or |g| > ~1.8e19) keeps w, m, v; their number is added to
+    nonfinite_count (int64 atomics).
     Reads w, g, m, v and writes w, m, v: 28 bytes/param in fp32.
     """
-    step_ok = tl.abs(tl.load(loss_ptr).to(tl.float32)) <= _FLT_MAX
+    # Two levels of dependent loads before the data: the loss, found_inf and this program's
+    # block-map entry are independent of each other; numel and the four stream pointers all
+    # come from the one table row the entry names. Loading them before any branch lets them
+    # issue together (a branch first would order loss -> map -> numel -> pointers).
+    loss = tl.load(loss_ptr).to(tl.float32)
     if HAS_FOUND_INF:
-        step_ok = step_ok & (tl.load(found_inf_ptr).to(tl.float32) == 0.0)
+        found_inf = tl.load(found_inf_ptr).to(tl.float32)
+    row_ptr, numel, offsets, full = _locate_block(tensor_table_ptr, block_table_ptr, BLOCK)
+    w_ptr = _stream(row_ptr, _PARAM, W_DTYPE, ALIGNED)
+    g_ptr = _stream(row_ptr, _GRAD, G_DTYPE, ALIGNED)
+    m_ptr = _stream(row_ptr, _EXP_AVG, tl.float32, ALIGNED)
+    v_ptr = _stream(row_ptr, _EXP_AVG_SQ, tl.float32, ALIGNED)
+    step_ok = tl.abs(loss) <= _FLT_MAX
+    if HAS_FOUND_INF:
+        step_ok = step_ok & (found_inf == 0.0)
     if step_ok:
-        row_ptr, numel, offsets, full = _locate_block(tensor_table_ptr, block_table_ptr, BLOCK)
         if full:
-            _plain_step_block(row_ptr, offsets, None, grad_scale_ptr, nonfinite_count_ptr, beta1, beta2,
-                              one_minus_beta1, one_minus_beta2, bias_correction1, bias_correction2, eps,
-                              decay_factor, neg_step_size, W_DTYPE, G_DTYPE, HAS_GRAD_SCALE, HAS_COUNTER,
-                              ALIGNED, True)
-        else:
-            _plain_step_block(row_ptr, offsets, offsets < numel, grad_scale_ptr, nonfinite_count_ptr,
+            _plain_step_block(w_ptr, g_ptr, m_ptr, v_ptr, offsets, None, grad_scale_ptr, nonfinite_count_ptr,
                               beta1, beta2, one_minus_beta1, one_minus_beta2, bias_correction1,
-                              bias_correction2, eps, decay_factor, neg_step_size, W_DTYPE, G_DTYPE,
-                              HAS_GRAD_SCALE, HAS_COUNTER, ALIGNED, False)
+                              bias_correction2, eps, decay_factor, neg_step_size, HAS_GRAD_SCALE,
+                              HAS_COUNTER, True)
+        else:
+            _plain_step_block(w_ptr, g_ptr, m_ptr, v_ptr, offsets, offsets < numel, grad_scale_ptr,
+                              nonfinite_count_ptr, beta1, beta2, one_minus_beta1, one_minus_beta2,
+                              bias_correction1, bias_correction2, eps, decay_factor, neg_step_size,
+                              HAS_GRAD_SCALE, HAS_COUNTER, False)
 
 
 # --- pass A of a search step -------------------------------------------------------

@@ -284,11 +284,12 @@ def test_plain_step_found_inf(loss_dtype):
 def test_plain_step_non_finite_grad_elements(dtype):
     bucket = make_bucket(dtype=dtype, saved=False, seed=6)
     bad = {0: [0], 2: [5, 4096], 3: [8999, 17], 5: [0]}  # tensor index -> flat element indices
-    values = [float("nan"), float("inf"), float("-inf")]
+    # Finite gradients whose square overflows fp32 (|g| > ~1.8e19) would write v = inf: also kept.
+    values = [float("nan"), float("inf"), float("-inf"), 1e20, -3e19]
     n_bad = 0
     for index, elements in bad.items():
         for element in elements:
-            bucket.grads[index].view(-1)[element] = values[n_bad % 3]
+            bucket.grads[index].view(-1)[element] = values[n_bad % len(values)]
             n_bad += 1
     before = clone_bucket(bucket)
     hyper = make_hyper(0.1)

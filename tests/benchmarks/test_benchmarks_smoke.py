@@ -1,4 +1,4 @@
-"""Layer 2 end to end without a GPU: ``bash benchmarks/gpu_suite.sh --smoke`` on the CPU.
+"""The long GPU suite end to end without a GPU: ``bash benchmarks/long_suite.sh --smoke`` on the CPU.
 
 Every stage (counts, memory, kernel-level and training-level benchmarks, plots) runs at
 tiny sizes and writes its JSON/markdown/PNG; GPU figures are marked as not measured.
@@ -20,7 +20,7 @@ import _common as C  # noqa: E402
 @pytest.fixture(scope="module")
 def smoke_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_suite_smoke")
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--smoke", "--quality", "--out-dir", str(out)],
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "long_suite.sh"), "--smoke", "--quality", "--out-dir", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**__import__("os").environ, "PYTHON": sys.executable})
     assert done.returncode == 0, done.stdout + done.stderr

@@ -73,3 +73,30 @@ def test_bytes_per_param_within_spec_budget(records):
     assert not over, over
     plain = [r for r in records if r["kernel"] == "plain_step" and r["dtype"] == "fp32"]
     assert plain and all(r["bytes_per_param"] == 28 for r in plain)
+
+
+def test_grad_scaler_variants_are_audited(records):
+    """Every kernel is compiled as the optimizer launches it under a GradScaler too."""
+    scaled = {r["kernel"].split("[")[0] for r in records if "amp" in r["kernel"]}
+    assert scaled == KERNELS
+
+
+def test_machine_code_moves_the_streams_in_128_bit_accesses(records):
+    """Read from the SASS (cuobjdump -sass): ptxas kept the PTX's widths and traffic."""
+    aligned = [r for r in records if r["aligned"] and r["target"] == "sm_90a"]
+    if any(r["sass_vector_bits"] is None for r in aligned):
+        pytest.skip("no cuobjdump to read the SASS with")
+    narrow = [f"{_where(r)}: {r['sass_vector_bits']} bits" for r in aligned if r["sass_vector_bits"] < 128]
+    assert not narrow, narrow
+    mismatched = [f"{_where(r)}: {r['bytes_per_param_sass']} vs {r['bytes_per_param']}" for r in aligned
+                  if r["bytes_per_param_sass"] != r["bytes_per_param"]]
+    assert not mismatched, mismatched
+
+
+def test_16_bit_plain_step_fits_three_blocks_per_sm(records):
+    """On sm_90a the register cap lets 3 blocks of 8 warps share an SM, without spills."""
+    plain = [r for r in records if r["kernel"].startswith("plain_step") and r["aligned"]
+             and r["dtype"] in ("bf16", "fp16") and r["target"] == "sm_90a"]
+    assert plain
+    assert all(r["blocks_per_sm"] >= 3 and r["spill_bytes"] == 0 for r in plain), [
+        (_where(r), r["registers"], r["blocks_per_sm"]) for r in plain]

@@ -1,0 +1,280 @@
+"""The GPU check: every stage of the speed and correctness evidence in one bounded run.
+
+    bash benchmarks/gpu_suite.sh --out "$OUT"            # GPU: <= 8 minutes in all
+    bash benchmarks/gpu_suite.sh --out DIR --smoke       # the same stages on the CPU, tiny sizes
+
+Made for a borrowed machine: no network, its own torch (never installed or replaced), one
+call of at most 10 minutes, and only what lies in ``--out`` comes back. So:
+
+- each stage runs in its own process under its own time limit (``STAGES``: seconds per
+  stage, clipped to what is left of ``--budget``); a stage that fails, times out or cannot
+  run (no triton, no pytest) is logged as such and the next one runs;
+- every measurement is appended to ``rows.jsonl`` the moment it is taken (one JSON object
+  a line: stage, name, values, and the environment: device, versions, commit, date);
+- ``--out`` holds at most five files: ``rows.jsonl``, ``suite.log`` (each stage's output),
+  ``summary.json`` and ``summary.md`` (rewritten after every stage) and ``details.tar.gz``
+  (per-stage detail files, e.g. pytest's junit XML and the training curves);
+- nothing is written into the repository (no bytecode, no pytest cache); scratch files
+  live in a temporary directory.
+
+The published ``salsa-optimizer`` 0.1.0 joins the training stage when it imports, or when
+its wheel (``--wheel``, else ``$SALSA_WHEEL``, ``shared/wheels/``, ``../shared/wheels/``)
+can be unpacked into a scratch directory (``pip install --no-deps --no-index --target``, or
+unzipping the pure-Python wheel when pip is missing); otherwise it is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+TOTAL_BUDGET_S = 480.0  # the whole GPU run, CUDA context and Triton JIT compiles included
+SMOKE_BUDGET_S = 150.0
+WHEEL_NAME = "SaLSa_Optimizer-0.1.0-py3-none-any.whl"
+OUT_FILES = ("rows.jsonl", "suite.log", "summary.json", "summary.md", "details.tar.gz")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    gpu_seconds: float  # time limit on a GPU (H100/H200), JIT compiles included
+    smoke_seconds: float  # time limit of the CPU smoke form
+    what: str
+
+
+# In order of value. The GPU limits add up to 450 s of the 480 s budget; the rest covers
+# the driver itself (starting a process per stage, packing the details).
+STAGES = (
+    Stage("cuda_checks", 60, 25, "plain steps under sync-debug 'error' (fp32, bf16, GradScaler), "
+          "launches and CUDA kernels per plain step, triton vs torch reference on the device"),
+    Stage("kernel_timing", 60, 20, "GPT-2 small's 148 tensors, fp32 and bf16: plain step, reduction, "
+          "pass A, pass B vs fused and foreach AdamW, and a copy-bandwidth roofline"),
+    Stage("host_overhead", 40, 20, "host time of a plain step at 148 and 10,000 tensors "
+          "(launch stubbed and real) beside torch.optim.AdamW(fused=True)"),
+    Stage("large_tensor", 45, 15, "one plain step on a tensor of more than 2^31 elements (bf16), "
+          "checked against a reference computation at its start, across 2^31 and at its tail"),
+    Stage("determinism", 25, 15, "the search's q reduction: bitwise across repeats, error against float64"),
+    Stage("training", 150, 30, "GPT-2 small, B=8, T=512, bf16 autocast, 300 steps: fused AdamW, "
+          "FusedSaLSa (copy, inplace, recommended preset), published SaLSa 0.1.0 if installed"),
+    Stage("pytest", 70, 25, "pytest tests/test_cuda.py tests/backends (when pytest is installed)"),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------- the wheel
+def find_wheel(explicit: Optional[str]) -> Optional[Path]:
+    candidates = [explicit, os.environ.get("SALSA_WHEEL"), ROOT / "shared" / "wheels" / WHEEL_NAME,
+                  ROOT.parent / "shared" / "wheels" / WHEEL_NAME]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            return Path(candidate).resolve()
+    return None
+
+
+def published_salsa_path(wheel: Optional[Path], scratch: Path, log) -> Optional[str]:
+    """A directory to put on PYTHONPATH so that ``salsa`` (0.1.0) imports, '' when it already
+    does, None when it cannot (logged)."""
+    probe = subprocess.run([sys.executable, "-c", "import salsa.SaLSA"], capture_output=True, cwd=scratch)
+    if probe.returncode == 0:
+        log("published SaLSa: already importable")
+        return ""
+    if wheel is None:
+        log(f"published SaLSa: not installed and no {WHEEL_NAME} found (--wheel, $SALSA_WHEEL, "
+            "shared/wheels/, ../shared/wheels/): skipped")
+        return None
+    target = scratch / "site"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet",
+                          "--disable-pip-version-check", "--target", str(target), str(wheel)],
+                         capture_output=True, text=True)
+    if pip.returncode != 0:
+        log(f"published SaLSa: pip could not install the wheel ({pip.stderr.strip()[-300:]}); unzipping it")
+        try:
+            with zipfile.ZipFile(wheel) as archive:  # a pure-Python wheel is a zip of the package
+                archive.extractall(target)
+        except (OSError, zipfile.BadZipFile) as error:
+            log(f"published SaLSa: cannot unpack {wheel}: {error}; skipped")
+            return None
+    check = subprocess.run([sys.executable, "-c", "import salsa.SaLSA"], capture_output=True, text=True,
+                           cwd=scratch, env={**os.environ, "PYTHONPATH": str(target)})
+    if check.returncode != 0:
+        log(f"published SaLSa: installed from {wheel} but does not import ({check.stderr.strip()[-300:]}); "
+            "skipped")
+        return None
+    log(f"published SaLSa: installed from {wheel} into a scratch directory")
+    return str(target)
+
+
+# ---------------------------------------------------------------------------- the driver
+class Suite:
+    def __init__(self, out: Path, smoke: bool, budget: float, details: Path, slow: float = 1.0):
+        self.out, self.smoke, self.budget, self.details, self.slow = out, smoke, budget, details, slow
+        self.started = time.monotonic()
+        self.stages: List[dict] = []
+
+    def log(self, message: str) -> None:
+        line = f"[{_now()}] {message}"
+        print(line, flush=True)
+        with open(self.out / "suite.log", "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    def remaining(self) -> float:
+        return self.budget - (time.monotonic() - self.started)
+
+    def run_stage(self, stage: Stage, env: Dict[str, str]) -> dict:
+        limit = min((stage.smoke_seconds if self.smoke else stage.gpu_seconds) * self.slow, self.remaining() - 5)
+        record = {"stage": stage.name, "what": stage.what, "limit_s": round(max(limit, 0), 1)}
+        if limit < 10:
+            record.update(status="not run", reason=f"no time left ({self.remaining():.0f} s of the budget)")
+            self.log(f"== {stage.name}: not run, no time left")
+            return record
+        self.log(f"== {stage.name} (limit {limit:.0f} s): {stage.what}")
+        command = [sys.executable, "-m", "benchmarks.gpu_stages", stage.name, "--out", str(self.out),
+                   "--details", str(self.details)] + (["--smoke"] if self.smoke else [])
+        began = time.monotonic()
+        with open(self.out / "suite.log", "a", encoding="utf-8") as log_file:
+            process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+            try:
+                code = process.wait(timeout=limit)
+                status = "passed" if code == 0 else "failed"
+                reason = "" if code == 0 else f"exit code {code}"
+                if code == 3:
+                    status, reason = "not run", "a requirement is missing (see suite.log)"
+            except subprocess.TimeoutExpired:
+                for sig in (signal.SIGTERM, signal.SIGKILL):
+                    try:
+                        os.killpg(process.pid, sig)
+                    except ProcessLookupError:
+                        break
+                    try:
+                        process.wait(timeout=5)
+                        break
+                    except subprocess.TimeoutExpired:
+                        continue
+                status, reason = "timeout", f"stopped after {limit:.0f} s (rows so far are kept)"
+        record.update(status=status, reason=reason, seconds=round(time.monotonic() - began, 1))
+        self.log(f"== {stage.name}: {status} in {record['seconds']} s {reason}")
+        return record
+
+    def write_summary(self) -> None:
+        rows = []
+        path = self.out / "rows.jsonl"
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a line cut by a killed stage
+        summary = {"smoke": self.smoke, "budget_s": self.budget,
+                   "elapsed_s": round(time.monotonic() - self.started, 1), "date": _now(),
+                   "stages": self.stages, "rows": len(rows)}
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+        (self.out / "summary.md").write_text(summary_markdown(summary, rows), encoding="utf-8")
+        with tarfile.open(self.out / "details.tar.gz", "w:gz") as archive:
+            archive.add(self.details, arcname="details")
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def summary_markdown(summary: dict, rows: List[dict]) -> str:
+    kind = "CPU smoke run at tiny sizes (not GPU figures)" if summary["smoke"] else "GPU run"
+    device = next((r["env"]["device"] for r in rows if "env" in r), "unknown")
+    lines = [f"# GPU suite: {kind}", "", f"Device: {device}; {summary['date']}; "
+             f"{summary['elapsed_s']} s of a {summary['budget_s']:.0f} s budget.", "",
+             "| stage | status | seconds | limit | note |", "|---|---|---:|---:|---|"]
+    for s in summary["stages"]:
+        lines.append(f"| {s['stage']} | {s['status']} | {s.get('seconds', '-')} | {s['limit_s']} | "
+                     f"{s.get('reason', '')} |")
+    for stage in STAGE_NAMES:
+        stage_rows = [r for r in rows if r.get("stage") == stage]
+        if not stage_rows:
+            continue
+        keys = []
+        for r in stage_rows:
+            keys += [k for k in r.get("values", {}) if k not in keys and not isinstance(r["values"][k], (list, dict))]
+        lines += ["", f"## {stage}", "", "| name | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        for r in stage_rows:
+            values = r.get("values", {})
+            lines.append(f"| {r['name']} | " + " | ".join(_cell(values.get(k, "")) for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="The GPU check: every stage under its own time limit")
+    parser.add_argument("--out", required=True, help="directory for the (at most five) result files")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: the same stages end to end")
+    parser.add_argument("--stages", default=",".join(STAGE_NAMES), help="comma-separated subset, in order")
+    parser.add_argument("--budget", type=float, default=None, help="seconds for the whole run")
+    parser.add_argument("--wheel", default=None, help=f"path of {WHEEL_NAME}")
+    parser.add_argument("--slow", type=float, default=1.0,
+                        help="multiply every time limit and the budget (a loaded or slow machine)")
+    args = parser.parse_args(argv)
+    chosen = [s for s in args.stages.split(",") if s]
+    unknown = sorted(set(chosen) - set(STAGE_NAMES))
+    if unknown:
+        parser.error(f"unknown stages {unknown}; known: {', '.join(STAGE_NAMES)}")
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    leftovers = [p.name for p in out.iterdir() if p.name in OUT_FILES]
+    for name in leftovers:
+        (out / name).unlink()  # a fresh run: rows are appended, so an old file would mix runs
+    if not args.slow > 0:
+        parser.error(f"--slow must be > 0, got {args.slow}")
+    budget = (args.budget or (SMOKE_BUDGET_S if args.smoke else TOTAL_BUDGET_S)) * args.slow
+    with tempfile.TemporaryDirectory(prefix="salsa_gpu_suite_") as scratch_name:
+        scratch = Path(scratch_name)
+        details = scratch / "details"
+        details.mkdir()
+        suite = Suite(out, args.smoke, budget, details, args.slow)
+        suite.log(f"GPU suite{' (smoke)' if args.smoke else ''}: stages {', '.join(chosen)}; budget {budget:.0f} s; "
+                  f"python {sys.executable}")
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["PYTHONDONTWRITEBYTECODE"] = "1"  # nothing written into the repository
+        env["PYTHONUNBUFFERED"] = "1"
+        if args.smoke:
+            env["TRITON_INTERPRET"] = "1"  # the Triton kernels run on the CPU interpreter
+        if "training" in chosen:
+            extra = published_salsa_path(find_wheel(args.wheel), scratch, suite.log)
+            if extra:
+                env["PYTHONPATH"] = os.pathsep.join(p for p in (extra, env.get("PYTHONPATH", "")) if p)
+        if not args.smoke:
+            probe = subprocess.run([sys.executable, "-c", "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"],
+                                   env=env, cwd=ROOT)
+            if probe.returncode != 0:
+                suite.log("no CUDA device: GPU figures stay 'not measured: no GPU' (use --smoke on a CPU)")
+                suite.stages.append({"stage": "all", "what": "", "limit_s": 0, "status": "not run",
+                                     "reason": "no CUDA device"})
+                suite.write_summary()
+                return 1
+        by_name = {s.name: s for s in STAGES}
+        for name in chosen:
+            suite.stages.append(suite.run_stage(by_name[name], env))
+            suite.write_summary()
+        suite.log(f"done in {time.monotonic() - suite.started:.0f} s; results in {out}")
+    failed = [s["stage"] for s in suite.stages if s["status"] in ("failed", "timeout")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

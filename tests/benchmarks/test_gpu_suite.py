@@ -1,0 +1,156 @@
+"""The GPU check end to end on the CPU: ``bash benchmarks/gpu_suite.sh --out DIR --smoke``.
+
+Every stage runs at tiny sizes in its own process and writes its rows as it goes; the
+run leaves at most five files in DIR and nothing in the repository. The driver's own
+behaviour (a failed stage is logged and the next one runs; a stage without time left is
+not started) is checked directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from benchmarks import gpu_suite
+
+ROOT = Path(__file__).resolve().parents[2]
+SKIPPED_DIRS = {".git", "__pycache__", ".pytest_cache"}
+
+
+def _repo_files() -> set:
+    found = set()
+    for directory, subdirs, files in os.walk(ROOT):
+        subdirs[:] = [d for d in subdirs if d not in SKIPPED_DIRS]
+        found.update(os.path.relpath(os.path.join(directory, f), ROOT) for f in files)
+    return found
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_suite")
+    before = _repo_files()
+    # --slow 6: time limits for a busy 2-core CI machine (each stage also starts torch afresh).
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--out", str(out), "--smoke",
+                           "--slow", "6"], cwd=ROOT, capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "PYTHON": sys.executable})
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text(encoding="utf-8").splitlines()]
+    return done, out, rows, _repo_files() - before
+
+
+def test_every_stage_passes(smoke):
+    done, out, rows, _ = smoke
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert [s["stage"] for s in summary["stages"]] == list(gpu_suite.STAGE_NAMES)
+    statuses = {s["stage"]: s["status"] for s in summary["stages"]}
+    assert all(status == "passed" for status in statuses.values()), (statuses, done.stdout[-3000:])
+    assert done.returncode == 0
+    assert summary["smoke"] is True
+
+
+def test_results_are_a_few_files_and_nothing_lands_in_the_repo(smoke):
+    _, out, _, new_repo_files = smoke
+    names = {p.name for p in out.iterdir()}
+    assert names == set(gpu_suite.OUT_FILES)  # at most 8 files come back from a lent machine
+    assert not new_repo_files, sorted(new_repo_files)
+    with tarfile.open(out / "details.tar.gz") as archive:
+        members = archive.getnames()
+    assert any(name.endswith("training_fused_salsa_copy.json") for name in members), members
+    assert "CPU smoke run" in (out / "summary.md").read_text(encoding="utf-8")
+
+
+def test_rows_carry_their_environment_and_every_stage_has_rows(smoke):
+    _, _, rows, _ = smoke
+    for row in rows:
+        assert {"stage", "name", "status", "values", "env"} <= set(row)
+        for key in ("device", "torch", "triton", "date", "git_commit"):
+            assert row["env"][key], key
+        assert row["smoke"] is True
+    assert {row["stage"] for row in rows} == set(gpu_suite.STAGE_NAMES)
+    assert not [row["name"] for row in rows if row["status"] == "failed"]
+
+
+def _values(rows, stage):
+    return {row["name"]: row["values"] for row in rows if row["stage"] == stage}
+
+
+def test_plain_steps_launch_once_per_bucket(smoke):
+    checks = _values(smoke[2], "cuda_checks")
+    plain = [v for name, v in checks.items() if name.startswith("plain steps")]
+    assert len(plain) == 3  # fp32, bf16, GradScaler
+    for v in plain:
+        assert v["triton_launches_per_plain_step"] == [v["buckets"]] * v["plain_steps"]
+        assert v["searches"] == 1 and v["weights_changed"] and v["finite"]
+
+
+def test_kernel_timing_covers_both_dtypes_and_the_roofline(smoke):
+    timing = _values(smoke[2], "kernel_timing")
+    for dtype in ("fp32", "bf16"):
+        for provider in ("adamw_fused", "adamw_foreach", "salsa_plain", "salsa_reduction", "salsa_pass_a",
+                         "salsa_pass_b", "copy"):
+            row = timing[f"{provider} {dtype}"]
+            assert row["p50_ms"] > 0 and "148 tensors" in row["size"]
+    assert timing["salsa_plain fp32"]["bytes_moved"] == 28 * timing["salsa_plain fp32"]["numel"]
+
+
+def test_host_overhead_rows_stand_beside_fused_adamw(smoke):
+    host = _values(smoke[2], "host_overhead")
+    for n in (148, 1000):
+        for grads in ("kept", "new"):
+            salsa = host[f"fused_salsa_plain {n} tensors, launch stubbed, grads {grads}"]
+            assert salsa["p50_host_ms"] > 0 and salsa["vs_adamw_fused"] > 0
+            assert salsa["launches_per_step"] == 1  # one bucket, one (stubbed) launch
+            assert host[f"adamw_fused {n} tensors, launch real, grads {grads}"]["p50_host_ms"] > 0
+
+
+def test_large_tensor_step_matches_the_formula_at_start_middle_and_tail(smoke):
+    (values,) = _values(smoke[2], "large_tensor").values()
+    assert set(values["checks"]) == {"start", "across 2^31", "tail"}
+    for check in values["checks"].values():
+        assert check["m_rel_err"] <= 1e-5 and check["w_err_in_bf16_ulps"] <= 1.01
+
+
+def test_q_reduction_is_deterministic_and_close_to_float64(smoke):
+    determinism = _values(smoke[2], "determinism")
+    assert len(determinism) == 2
+    for values in determinism.values():
+        assert values["bitwise_equal_over_3_runs"] is True
+        assert values["rel_err_vs_float64"] < 1e-5
+
+
+def test_training_compares_every_optimizer(smoke):
+    training = _values(smoke[2], "training")
+    assert set(training) == {"adamw_fused", "fused_salsa_recommended", "fused_salsa_copy", "fused_salsa_inplace",
+                             "salsa_published"}
+    # Same model, batches and defaults: the faithful FusedSaLSa takes the published package's steps.
+    assert training["fused_salsa_copy"]["backtracks"] == training["salsa_published"]["backtracks"]
+    assert training["fused_salsa_copy"]["final_step_size"] == pytest.approx(
+        training["salsa_published"]["final_step_size"], rel=1e-4)
+
+
+def test_a_failed_stage_is_logged_and_the_next_one_runs(tmp_path):
+    details = tmp_path / "details"
+    details.mkdir()
+    suite = gpu_suite.Suite(tmp_path, smoke=True, budget=60, details=details)
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    broken = suite.run_stage(gpu_suite.Stage("no_such_stage", 30, 30, "a stage the runner does not know"), env)
+    assert broken["status"] == "failed" and "exit code" in broken["reason"]
+    suite.budget = 0  # nothing left: the next stage is recorded as not run, not started
+    skipped = suite.run_stage(gpu_suite.STAGES[0], env)
+    assert skipped["status"] == "not run" and "no time left" in skipped["reason"]
+    suite.stages += [broken, skipped]
+    suite.write_summary()
+    summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
+    assert [s["status"] for s in summary["stages"]] == ["failed", "not run"]
+    assert "no_such_stage" in (tmp_path / "suite.log").read_text(encoding="utf-8")
+
+
+def test_unknown_stage_names_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        gpu_suite.main(["--out", str(tmp_path), "--smoke", "--stages", "kernel_timing,warp_drive"])
+    assert "warp_drive" in capsys.readouterr().err
