@@ -105,7 +105,8 @@ def test_the_grid_grows_past_an_end_and_the_table_divides_by_its_best():
     assert t["configs"]["cand"]["ratio"] == pytest.approx(1.2) and t["configs"]["cand"]["level_ratio"] == 3.0
     assert u["configs"]["cand"]["ratio"] == pytest.approx(0.5) and u["configs"]["bad"]["ratio"] == math.inf
     text = runner.markdown(rows, "x")
-    assert f"| cand (2 tasks) | {math.sqrt(1.2 * 0.5):.3f} | t (1.200) |" in text
+    assert f"| cand (2 tasks) | {math.sqrt(1.2 * 0.5):.3f} | t (1.200) | 0.500 |" in text
+    assert "| cand | 1/1 |  |" in text  # at or below "bad" on the one task both ran
     assert "| bad (1 tasks) | div |" in text and "**edge**" in text
 
 

@@ -343,8 +343,9 @@ def markdown(rows: List[dict], title: str) -> str:
              "rate. Prodigy and schedule-free run with their documented warmup; Prodigy+SF at its "
              "defaults (ZOO.md). `div` = diverged on a seed.", "",
              "## Summary over tasks", "",
-             "| configuration | geomean ratio | worst task (ratio) | tasks <= 1.03 | tasks > 1.15 | "
-             "median level ratio | mean forwards/step |", "|---|---|---|---|---|---|---|"]
+             "| configuration | geomean ratio | worst task (ratio) | geomean without the worst | "
+             "tasks <= 1.03 | tasks > 1.15 | median level ratio | mean forwards/step |",
+             "|---|---|---|---|---|---|---|---|"]
     for config in configs:
         per = {e["task"]: e["configs"][config] for e in summary.values() if config in e["configs"]}
         ratios = [p["ratio"] for p in per.values()]
@@ -353,8 +354,10 @@ def markdown(rows: List[dict], title: str) -> str:
         worst = max(per, key=lambda t: per[t]["ratio"]) if per else None
         levels = sorted(p["level_ratio"] for p in per.values() if p["level_ratio"] is not None)
         fwd = [p["forwards_per_step"] for p in per.values() if p["forwards_per_step"] is not None]
+        rest = sorted(ratios)[:-1]
+        gm_rest = _gmean(rest) if rest and all(math.isfinite(r) for r in rest) else (math.inf if rest else None)
         lines.append(f"| {config} ({len(per)} tasks) | {_fmt(gm)} | "
-                     f"{worst} ({_fmt(per[worst]['ratio']) if worst else '—'}) | "
+                     f"{worst} ({_fmt(per[worst]['ratio']) if worst else '—'}) | {_fmt(gm_rest)} | "
                      f"{sum(r <= 1.03 for r in ratios)} | {sum(r > 1.15 for r in ratios)} | "
                      f"{_fmt(levels[len(levels) // 2] if levels else None, '.2f')} | "
                      f"{_fmt(sum(fwd) / len(fwd) if fwd else None, '.2f')} |")
@@ -370,6 +373,15 @@ def markdown(rows: List[dict], title: str) -> str:
             cells = [_fmt(e["configs"][c][key], spec) if c in e["configs"] else "" for c in configs]
             lines.append(f"| {e['task']} | {e['best_lr']:.0e} ({_fmt(best['final_train_loss'], '.4g')})"
                          f"{' **edge**' if e['edge'] else ''} | " + " | ".join(cells) + " |")
+    lines += ["", "## Pairwise: on how many tasks the row's final train loss is at or below the column's", "",
+              "| row \\ column | " + " | ".join(configs) + " |", "|---|" + "---|" * len(configs)]
+    for a in configs:
+        cells = []
+        for b in configs:
+            shared = [e for e in summary.values() if a in e["configs"] and b in e["configs"]]
+            wins = sum(e["configs"][a]["ratio"] <= e["configs"][b]["ratio"] for e in shared)
+            cells.append("" if a == b else f"{wins}/{len(shared)}")
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
     lines += ["", "## AdamW grids (mean final train loss per rate)", ""]
     for e in summary.values():
         cells = ", ".join(f"{lr:.0e}: {_fmt(e['configs'][O.adamw_name(lr)]['final_train_loss'], '.4g')}"
