@@ -421,7 +421,8 @@ def command_plot(args) -> int:
         levels = [summary[t]["configs"].get(config, {}).get("level_ratio") or math.nan for t in tasks]
         ax_r.plot([min(r, 1e3) for r in ratios], ys, "o", label=config, ms=4)
         ax_l.plot(levels, ys, "o", label=config, ms=4)
-    for ax, label in ((ax_r, "final train loss / best AdamW"), (ax_l, "mean applied level / best AdamW's")):
+    for ax, label in ((ax_r, "final train loss / best AdamW (drawn at most 1000)"),
+                      (ax_l, "mean applied level / best AdamW's")):
         ax.set_xscale("log"); ax.axvline(1.0, color="k", lw=0.8)
         ax.set_yticks(range(len(tasks))); ax.set_yticklabels([summary[t]["task"] for t in tasks])
         ax.set_xlabel(label)
