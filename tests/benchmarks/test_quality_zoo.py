@@ -93,8 +93,9 @@ def test_the_grid_grows_past_an_end_and_the_table_divides_by_its_best():
     assert runner.grid_edge(rows, "t", [0, 1]) == pytest.approx(3e-2)
     rows += [_row("t", "adamw_3e-2", 0, 1.5)]
     assert runner.grid_edge(rows, "t", [0, 1]) == pytest.approx(3e-2)  # 3e-2 lacks seed 1: not complete
+    assert runner.grid_gaps(rows, "t", [0, 1]) == [("adamw_3e-2", 1)]
     rows += [_row("t", "adamw_3e-2", 1, 1.5)]
-    assert runner.grid_edge(rows, "t", [0, 1]) is None
+    assert runner.grid_edge(rows, "t", [0, 1]) is None and runner.grid_gaps(rows, "t", [0, 1]) == []
     rows += [_row("t", "cand", 0, 1.1, level=2e-3), _row("t", "cand", 1, 1.3, level=4e-3)]
     rows += [_row("u", "adamw_1e-3", 0, 4.0), _row("u", "adamw_1e-2", 0, 8.0), _row("u", "cand", 0, 2.0),
              _row("u", "bad", 0, None)]

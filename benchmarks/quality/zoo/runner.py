@@ -228,6 +228,17 @@ def grid_edge(rows: List[dict], task: str, seeds: List[int]) -> Optional[float]:
     return None
 
 
+def grid_gaps(rows: List[dict], task: str, seeds: List[int]) -> List[Tuple[str, int]]:
+    """(AdamW rate, seed) pairs missing for ``task``: a rate run on some seed (an earlier run with
+    fewer seeds, or a grown grid) is run on every seed of ``seeds``, so the table compares all rates
+    on the same seeds."""
+    have = defaultdict(set)
+    for row in rows:
+        if row["task"] == task and lr_of(row["config"]) is not None:
+            have[row["config"]].add(row["seed"])
+    return [(config, seed) for config in sorted(have, key=lr_of) for seed in seeds if seed not in have[config]]
+
+
 def command_run(args) -> int:
     seeds = parse_seeds(args.seeds)
     task_names = [t for t in args.tasks.split(",") if t] if args.tasks else Z.names(args.split)
@@ -257,6 +268,10 @@ def command_run(args) -> int:
             extra = []
             for t in task_names:
                 mine = [r for r in rows if r["task"] == t and r["length"] == args.length and r["steps"] == steps_of[t]]
+                gaps = grid_gaps(mine, t, seeds)
+                if gaps:
+                    extra += [(t, config, s, args.length, args.steps) for config, s in gaps]
+                    continue  # the grid's ends are judged once every rate has every seed
                 new = grid_edge(mine, t, seeds)
                 if new is not None:
                     log(f"{t}: best AdamW rate at an end of the grid; adding {O.adamw_name(new)}")
