@@ -10,8 +10,10 @@ task and a run length. Families, which set how the training loop calls ``step``:
   preset's long warm-up, NOTES.md section 6; not part of the grid).
 - ``fused`` also: ``shape_w<W>_x<F>_d<D>[_f<final>][_b<beta3>]``, the author's settings with a
   piecewise-linear schedule on the applied step (the section 6 and 8 screens; see ``_shape``).
-- ``schedulefree``: schedule-free AdamW at its defaults (``train()``/``eval()`` modes).
-- ``prodigy``: Prodigy at its defaults (a ``torch`` family optimizer without scheduler).
+- ``schedulefree``: schedule-free AdamW at its defaults (``train()``/``eval()`` modes); also
+  with its documented warmup (``schedulefree_warmup``) and ``prodigy-plus-schedule-free``.
+- ``prodigy``: Prodigy at its defaults (a ``torch`` family optimizer without scheduler);
+  ``prodigy_warmup``: with the warmup and cosine annealing its README documents.
 - ``salsa_pub``: the published ``salsa.SaLSA.SaLSA`` at its defaults.
 
 Weight decay 0.1 (on matrices only) for AdamW and the FusedSaLSa configurations that use
@@ -93,6 +95,28 @@ def _prodigy(task, model, total_steps) -> Built:
 def _schedulefree(task, model, total_steps) -> Built:
     from schedulefree import AdamWScheduleFree
     return Built(AdamWScheduleFree(model.parameters()), "schedulefree")
+
+
+def _prodigy_warmup(task, model, total_steps) -> Built:
+    """Prodigy as its README documents with a schedule: ``safeguard_warmup=True``, a linear warmup
+    over 5% of the run, cosine annealing to 0 (``T_max`` = the run)."""
+    from prodigyopt import Prodigy
+    opt = Prodigy(model.parameters(), lr=1.0, safeguard_warmup=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: warmup_cosine(k, total_steps, floor=0.0))
+    return Built(opt, "prodigy", scheduler=sched)
+
+
+def _schedulefree_warmup(task, model, total_steps) -> Built:
+    """Schedule-free AdamW at its default rate with its documented ``warmup_steps`` (5% of the run)."""
+    from schedulefree import AdamWScheduleFree
+    warmup = max(1, int(round(WARMUP_FRACTION * total_steps)))
+    return Built(AdamWScheduleFree(model.parameters(), warmup_steps=warmup), "schedulefree")
+
+
+def _prodigy_plus_schedulefree(task, model, total_steps) -> Built:
+    """``prodigy-plus-schedule-free`` at its defaults (its README documents no warmup)."""
+    from prodigyplus import ProdigyPlusScheduleFree
+    return Built(ProdigyPlusScheduleFree(model.parameters()), "schedulefree")
 
 
 def _published(task, model, total_steps) -> Built:
@@ -287,6 +311,10 @@ REGISTRY: Dict[str, Callable] = {
     # references
     "prodigy": _prodigy,
     "schedulefree": _schedulefree,
+    # with their documented warmup (the zoo's references, ZOO.md)
+    "prodigy_warmup": _prodigy_warmup,
+    "schedulefree_warmup": _schedulefree_warmup,
+    "prodigy_plus_sf": _prodigy_plus_schedulefree,
     "salsa_published": _published,
 }
 

@@ -138,9 +138,11 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
                 group = opt.param_groups[0]
                 if family == "prodigy":
                     step_sizes.append(group["d"] * group["lr"])
-                else:
+                elif family != "schedulefree":
                     step_sizes.append(group["lr"])
                 opt.step()
+                if family == "schedulefree":  # the rate is set inside step: its warmup, Prodigy+SF's d
+                    step_sizes.append(group.get("d", 1.0) * group.get("scheduled_lr", group["lr"]))
                 if built.scheduler is not None:
                     built.scheduler.step()
         except (NonFiniteError, ValueError) as error:  # ValueError: the published package's NaN check

@@ -1,0 +1,1 @@
+"""The task zoo: generalization across tasks (ZOO.md); run with ``python -m benchmarks.quality.zoo``."""

@@ -1,0 +1,504 @@
+"""Run the zoo, tabulate it, plot it (benchmarks/quality/ZOO.md).
+
+    python -m benchmarks.quality.zoo run --split validation --configs adamw_grid,salsa_defaults,pretrain \\
+        --seeds 0-1 --out benchmarks/quality/results/zoo/validation.jsonl --jobs 2
+    python -m benchmarks.quality.zoo table benchmarks/quality/results/zoo/validation.jsonl --md table.md
+    python -m benchmarks.quality.zoo plot benchmarks/quality/results/zoo/validation.jsonl --out-dir DIR
+
+``run`` appends one JSON row per finished run (task, split, configuration, seed, final train
+and val loss, applied level, forwards per step, commit, versions, date) and skips runs whose
+row is already in the file, so an interrupted run resumes. Runs go configuration by
+configuration over all tasks (the AdamW grid first), so a run cut short has fewer
+configurations on every task rather than every configuration on a few. Each run uses one
+thread.
+
+Configurations: ``adamw_grid`` (AdamW + 5% warmup + cosine at 1e-3, 3e-3, 1e-2, extended by
+3x while the best rate is at an end), ``adamw_<lr>``, the aliases in ``ALIASES`` and any name of
+``benchmarks.quality.optimizers``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from collections import defaultdict
+from typing import Dict, Iterable, List, Optional, Tuple
+
+from .. import optimizers as O
+from . import tasks as Z
+
+GRID = (1e-3, 3e-3, 1e-2)
+MAX_EXTENSIONS = 4
+ALIASES = {"salsa_defaults": "salsa_faithful", "pretrain": "salsa_recommended"}
+REFERENCES = ("prodigy_warmup", "schedulefree_warmup", "prodigy_plus_sf")
+TRACE_POINTS = 100
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def parse_seeds(text: str) -> List[int]:
+    """``"0-2,5"`` -> ``[0, 1, 2, 5]``."""
+    seeds: List[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-"))
+                if hi < lo:
+                    raise ValueError
+                seeds += range(lo, hi + 1)
+            else:
+                seeds.append(int(part))
+        except ValueError:
+            raise ValueError(f"bad seeds {text!r}: expected e.g. 0-1 or 0,3,5") from None
+    if not seeds:
+        raise ValueError(f"bad seeds {text!r}: no seed")
+    return sorted(set(seeds))
+
+
+def optimizer_of(config: str) -> str:
+    """The ``benchmarks.quality.optimizers`` name a zoo configuration runs."""
+    return ALIASES.get(config, config)
+
+
+def lr_of(config: str) -> Optional[float]:
+    if config.startswith(O.ADAMW_PREFIX):
+        return float(config[len(O.ADAMW_PREFIX):])
+    return None
+
+
+def _provenance() -> dict:
+    """Commit (with a ``+dirty`` mark when the worktree has uncommitted changes), versions, date."""
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=_ROOT, capture_output=True, text=True,
+                                  timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    from importlib import metadata
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "prodigyopt", "schedulefree", "prodigy-plus-schedule-free", "salsa-optimizer"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return dict(commit=commit, versions=versions)
+
+
+def _thin(values: List[float], points: int = TRACE_POINTS) -> List[float]:
+    """Means over ``points`` equal bins (the plots' traces)."""
+    if len(values) <= points:
+        return list(values)
+    out = []
+    for i in range(points):
+        lo, hi = i * len(values) // points, (i + 1) * len(values) // points
+        out.append(sum(values[lo:hi]) / (hi - lo))
+    return out
+
+
+def _finite(x) -> Optional[float]:
+    return float(f"{x:.6g}") if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+Unit = Tuple[str, str, int, str, Optional[int]]  # task, config, seed, length, steps override
+
+
+def run_unit(unit: Unit, provenance: dict) -> dict:
+    """Train one (task, configuration, seed) and return its row."""
+    import torch
+
+    from ..run import train
+
+    torch.set_num_threads(1)
+    task_name, config, seed, length, steps = unit
+    task = Z.make(task_name, seed, steps=steps, length=length)
+    try:
+        result = train(task, optimizer_of(config), seed, record_searches=False)
+    except Exception as error:  # one failing optimizer must not end the other runs: the row says why
+        result = dict(final_train_loss=math.nan, val_loss=math.nan, forwards_per_step=math.nan,
+                      step_time_ms=math.nan, losses=[], step_sizes=[],
+                      diverged=f"error: {type(error).__name__}: {error}")
+    levels = [s for s in result["step_sizes"] if math.isfinite(s)]
+    spec = Z.ZOO[task_name]
+    return dict(
+        task=task_name, split=spec.split, family=spec.family, length=length, steps=task.steps,
+        config=config, optimizer=optimizer_of(config), seed=seed,
+        final_train_loss=_finite(result["final_train_loss"]), val_loss=_finite(result["val_loss"]),
+        level_mean=_finite(sum(levels) / len(levels)) if levels else None,
+        level_peak=_finite(max(levels)) if levels else None,
+        level_final=_finite(levels[-1]) if levels else None,
+        forwards_per_step=_finite(result["forwards_per_step"]), step_time_ms=_finite(result["step_time_ms"]),
+        diverged=result["diverged"],
+        loss_trace=[_finite(v) for v in _thin(result["losses"])],
+        level_trace=[_finite(v) for v in _thin(result["step_sizes"])],
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **provenance)
+
+
+def read_rows(paths: Iterable[str]) -> List[dict]:
+    rows = []
+    for path in paths:
+        if not os.path.exists(path):
+            continue
+        with open(path) as handle:
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as error:
+                        raise ValueError(f"{path}:{number}: not a JSON row ({error})") from None
+    return rows
+
+
+def _key(row: dict) -> tuple:
+    return row["task"], row["config"], row["seed"], row["length"], row["steps"]
+
+
+def _initializer():
+    import torch
+    torch.set_num_threads(1)
+
+
+def _execute(units: List[Unit], out: str, jobs: int, done: set, log) -> List[dict]:
+    """Run the units not in ``done``; append each row to ``out`` as it finishes."""
+    todo = [u for u in units if _unit_key(u) not in done]
+    if not todo:
+        return []
+    provenance = _provenance()
+    rows = []
+
+    def record(row):
+        with open(out, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        done.add(_key(row))
+        rows.append(row)
+        log(f"{row['task']:20s} {row['config']:22s} seed {row['seed']}: train {row['final_train_loss']} "
+            f"val {row['val_loss']} level {row['level_mean']} fwd/step {row['forwards_per_step']} "
+            f"{row['step_time_ms']} ms/step" + (f" DIVERGED {row['diverged']}" if row["diverged"] else ""))
+
+    if jobs <= 1:
+        for unit in todo:
+            record(run_unit(unit, provenance))
+    else:
+        import multiprocessing
+        with multiprocessing.get_context("fork").Pool(jobs, initializer=_initializer) as pool:
+            for row in pool.imap_unordered(_run_star, [(u, provenance) for u in todo]):
+                record(row)
+    return rows
+
+
+def _run_star(args):
+    return run_unit(*args)
+
+
+def _unit_key(unit: Unit) -> tuple:
+    task, config, seed, length, steps = unit
+    return task, config, seed, length, steps if steps is not None else Z.ZOO[task].steps_for(length)
+
+
+def grid_edge(rows: List[dict], task: str, seeds: List[int]) -> Optional[float]:
+    """If the best AdamW rate of ``task`` (mean final train loss over ``seeds``) is at an end of
+    the rates run, the next rate to add (x3 or /3); else None."""
+    losses = defaultdict(dict)
+    for row in rows:
+        lr = lr_of(row["config"])
+        if row["task"] == task and lr is not None and row["seed"] in seeds:
+            losses[lr][row["seed"]] = row["final_train_loss"]
+    complete = {lr: v for lr, v in losses.items() if set(v) == set(seeds)}
+    finite = {lr: sum(v.values()) / len(v) for lr, v in complete.items()
+              if all(x is not None for x in v.values())}
+    if len(complete) < 2 or not finite:
+        return None
+    best = min(finite, key=finite.get)
+    rates = sorted(complete)
+    if best == rates[0]:
+        return rates[0] / 3
+    if best == rates[-1]:
+        return rates[-1] * 3
+    return None
+
+
+def grid_gaps(rows: List[dict], task: str, seeds: List[int]) -> List[Tuple[str, int]]:
+    """(AdamW rate, seed) pairs missing for ``task``: a rate run on some seed (an earlier run with
+    fewer seeds, or a grown grid) is run on every seed of ``seeds``, so the table compares all rates
+    on the same seeds."""
+    have = defaultdict(set)
+    for row in rows:
+        if row["task"] == task and lr_of(row["config"]) is not None:
+            have[row["config"]].add(row["seed"])
+    return [(config, seed) for config in sorted(have, key=lr_of) for seed in seeds if seed not in have[config]]
+
+
+def command_run(args) -> int:
+    seeds = parse_seeds(args.seeds)
+    task_names = [t for t in args.tasks.split(",") if t] if args.tasks else Z.names(args.split)
+    for t in task_names:
+        if t not in Z.ZOO:
+            raise SystemExit(f"unknown zoo task {t!r}; choose from {sorted(Z.ZOO)}")
+    configs = [c for c in args.configs.split(",") if c]
+    O.known([optimizer_of(c) for c in configs if c != "adamw_grid"])
+    if args.length not in Z.LENGTHS:
+        raise SystemExit(f"unknown length {args.length!r}; choose from {sorted(Z.LENGTHS)}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    rows = read_rows([args.out])
+    done = {_key(r) for r in rows}
+
+    def units(config_names):
+        return [(t, c, s, args.length, args.steps) for c in config_names for t in task_names for s in seeds]
+
+    for config in configs:
+        if config != "adamw_grid":
+            rows += _execute(units([config]), args.out, args.jobs, done, log)
+            continue
+        rows += _execute(units([O.adamw_name(lr) for lr in GRID]), args.out, args.jobs, done, log)
+        for _ in range(MAX_EXTENSIONS):
+            steps_of = {t: args.steps if args.steps is not None else Z.ZOO[t].steps_for(args.length)
+                        for t in task_names}
+            extra = []
+            for t in task_names:
+                mine = [r for r in rows if r["task"] == t and r["length"] == args.length and r["steps"] == steps_of[t]]
+                gaps = grid_gaps(mine, t, seeds)
+                if gaps:
+                    extra += [(t, config, s, args.length, args.steps) for config, s in gaps]
+                    continue  # the grid's ends are judged once every rate has every seed
+                new = grid_edge(mine, t, seeds)
+                if new is not None:
+                    log(f"{t}: best AdamW rate at an end of the grid; adding {O.adamw_name(new)}")
+                    extra += [(t, O.adamw_name(new), s, args.length, args.steps) for s in seeds]
+            if not extra:
+                break
+            rows += _execute(extra, args.out, args.jobs, done, log)
+    return 0
+
+
+# ---------------------------------------------------------------------------- tables
+def _gmean(xs: List[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else math.nan
+
+
+def summarize(rows: List[dict]) -> Dict[str, dict]:
+    """Per task: the best AdamW rate and, per configuration, mean-over-seeds numbers and ratios.
+
+    A configuration's numbers are over the seeds it shares with the complete AdamW rates; its
+    ratio = its mean final train loss / the best rate's mean on those seeds (inf if a seed
+    diverged); level ratio = its mean applied level / the best rate's mean scheduled rate."""
+    by_task = defaultdict(lambda: defaultdict(dict))
+    for row in rows:
+        by_task[(row["task"], row["length"])][row["config"]][row["seed"]] = row
+    out = {}
+    for (task, length), configs in sorted(by_task.items()):
+        grid = {c: runs for c, runs in configs.items() if lr_of(c) is not None}
+        seed_sets = [set(runs) for runs in grid.values()]
+        seeds = set.intersection(*seed_sets) if seed_sets else set()
+        if not seeds:
+            continue
+
+        def mean(runs, key, over):
+            values = [runs[s][key] for s in over]
+            return None if any(v is None for v in values) else sum(values) / len(values)
+
+        adamw = {c: mean(runs, "final_train_loss", seeds) for c, runs in grid.items()}
+        finite = {c: v for c, v in adamw.items() if v is not None}
+        if not finite:
+            continue
+        best = min(finite, key=finite.get)
+        rates = sorted(grid, key=lr_of)
+        entry = dict(task=task, length=length, split=Z.ZOO[task].split if task in Z.ZOO else "?",
+                     seeds=sorted(seeds), best_adamw=best, best_lr=lr_of(best),
+                     edge=best in (rates[0], rates[-1]), grid=[lr_of(c) for c in rates], configs={})
+        for config, runs in configs.items():
+            over = sorted(set(runs) & seeds) or sorted(runs)
+            loss = mean(runs, "final_train_loss", over)
+            ref = mean(grid[best], "final_train_loss", over) if set(over) <= set(grid[best]) else None
+            val, ref_val = mean(runs, "val_loss", over), (mean(grid[best], "val_loss", over)
+                                                           if set(over) <= set(grid[best]) else None)
+            level, ref_level = mean(runs, "level_mean", over), (mean(grid[best], "level_mean", over)
+                                                                 if set(over) <= set(grid[best]) else None)
+            entry["configs"][config] = dict(
+                seeds=over, final_train_loss=loss, val_loss=val,
+                ratio=(loss / ref) if loss is not None and ref else math.inf,
+                val_ratio=(val / ref_val) if val is not None and ref_val else math.inf,
+                level=level, level_ratio=(level / ref_level) if level is not None and ref_level else None,
+                forwards_per_step=mean(runs, "forwards_per_step", over),
+                diverged=sum(runs[s]["diverged"] is not None for s in over))
+        out[f"{task}@{length}"] = entry
+    return out
+
+
+def _fmt(x, spec=".3f"):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    if isinstance(x, float) and math.isinf(x):
+        return "div"
+    return format(x, spec)
+
+
+def markdown(rows: List[dict], title: str) -> str:
+    summary = summarize(rows)
+    configs = sorted({c for e in summary.values() for c in e["configs"] if lr_of(c) is None})
+    commits = sorted({r["commit"] for r in rows})
+    dates = sorted(r["date"] for r in rows)
+    lines = [f"# {title}", "",
+             f"{len(rows)} runs, {dates[0] if dates else '—'} to {dates[-1] if dates else '—'}, "
+             f"commits {', '.join(commits)}. Generated by `python -m benchmarks.quality.zoo table`.", "",
+             "Ratio = mean final train loss (last 10% of steps) over seeds / the best AdamW rate's "
+             "(5% warmup + cosine, grid extended by 3x while its best is at an end; **edge** = still at "
+             "an end). Level ratio = mean applied step over the run / the best AdamW's mean scheduled "
+             "rate. Prodigy and schedule-free run with their documented warmup; Prodigy+SF at its "
+             "defaults (ZOO.md). `div` = diverged on a seed.", "",
+             "## Summary over tasks", "",
+             "| configuration | geomean ratio | worst task (ratio) | geomean without the worst | "
+             "tasks <= 1.03 | tasks > 1.15 | median level ratio | mean forwards/step |",
+             "|---|---|---|---|---|---|---|---|"]
+    for config in configs:
+        per = {e["task"]: e["configs"][config] for e in summary.values() if config in e["configs"]}
+        ratios = [p["ratio"] for p in per.values()]
+        finite = [r for r in ratios if math.isfinite(r)]
+        gm = _gmean(ratios) if ratios and len(finite) == len(ratios) else math.inf
+        worst = max(per, key=lambda t: per[t]["ratio"]) if per else None
+        levels = sorted(p["level_ratio"] for p in per.values() if p["level_ratio"] is not None)
+        fwd = [p["forwards_per_step"] for p in per.values() if p["forwards_per_step"] is not None]
+        rest = sorted(ratios)[:-1]
+        gm_rest = _gmean(rest) if rest and all(math.isfinite(r) for r in rest) else (math.inf if rest else None)
+        lines.append(f"| {config} ({len(per)} tasks) | {_fmt(gm)} | "
+                     f"{worst} ({_fmt(per[worst]['ratio']) if worst else '—'}) | {_fmt(gm_rest)} | "
+                     f"{sum(r <= 1.03 for r in ratios)} | {sum(r > 1.15 for r in ratios)} | "
+                     f"{_fmt(levels[len(levels) // 2] if levels else None, '.2f')} | "
+                     f"{_fmt(sum(fwd) / len(fwd) if fwd else None, '.2f')} |")
+    head = "| task | best AdamW lr (loss) | " + " | ".join(configs) + " |"
+    rule = "|---|---|" + "---|" * len(configs)
+    for label, key, spec in (("final train loss / best AdamW", "ratio", ".3f"),
+                             ("val loss / the best-train AdamW rate's val loss", "val_ratio", ".3f"),
+                             ("applied level / best AdamW's (mean over the run)", "level_ratio", ".2f"),
+                             ("forwards per step", "forwards_per_step", ".2f")):
+        lines += ["", f"## {label}", "", head, rule]
+        for e in summary.values():
+            best = e["configs"][e["best_adamw"]]
+            cells = [_fmt(e["configs"][c][key], spec) if c in e["configs"] else "" for c in configs]
+            lines.append(f"| {e['task']} | {e['best_lr']:.0e} ({_fmt(best['final_train_loss'], '.4g')})"
+                         f"{' **edge**' if e['edge'] else ''} | " + " | ".join(cells) + " |")
+    lines += ["", "## Pairwise: on how many tasks the row's final train loss is at or below the column's", "",
+              "| row \\ column | " + " | ".join(configs) + " |", "|---|" + "---|" * len(configs)]
+    for a in configs:
+        cells = []
+        for b in configs:
+            shared = [e for e in summary.values() if a in e["configs"] and b in e["configs"]]
+            wins = sum(e["configs"][a]["ratio"] <= e["configs"][b]["ratio"] for e in shared)
+            cells.append("" if a == b else f"{wins}/{len(shared)}")
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    lines += ["", "## AdamW grids (mean final train loss per rate)", ""]
+    for e in summary.values():
+        cells = ", ".join(f"{lr:.0e}: {_fmt(e['configs'][O.adamw_name(lr)]['final_train_loss'], '.4g')}"
+                          for lr in e["grid"])
+        lines.append(f"- {e['task']} (seeds {e['seeds']}): {cells}")
+    return "\n".join(lines) + "\n"
+
+
+def command_table(args) -> int:
+    rows = [r for r in read_rows(args.files) if args.split in (None, "all") or r["split"] == args.split]
+    rows = [r for r in rows if r["length"] == args.length]
+    text = markdown(rows, args.title or f"Zoo, {args.split or 'all'} tasks, length {args.length}")
+    if args.md:
+        with open(args.md, "w") as handle:
+            handle.write(text)
+    print(text)
+    return 0
+
+
+def command_plot(args) -> int:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_rows(args.files) if (args.split in (None, "all") or r["split"] == args.split)
+            and r["length"] == args.length]
+    summary = summarize(rows)
+    if not summary:
+        raise SystemExit("no complete AdamW grid in the rows: nothing to plot")
+    os.makedirs(args.out_dir, exist_ok=True)
+    configs = sorted({c for e in summary.values() for c in e["configs"] if lr_of(c) is None})
+    tasks = list(summary)
+    fig, (ax_r, ax_l) = plt.subplots(1, 2, figsize=(15, 0.4 * len(tasks) + 2.5))
+    for i, config in enumerate(configs):
+        ys = [k + (i - len(configs) / 2) * 0.08 for k in range(len(tasks))]
+        ratios = [summary[t]["configs"].get(config, {}).get("ratio", math.nan) for t in tasks]
+        levels = [summary[t]["configs"].get(config, {}).get("level_ratio") or math.nan for t in tasks]
+        ax_r.plot([min(r, 1e3) for r in ratios], ys, "o", label=config, ms=4)
+        ax_l.plot(levels, ys, "o", label=config, ms=4)
+    for ax, label in ((ax_r, "final train loss / best AdamW (drawn at most 1000)"),
+                      (ax_l, "mean applied level / best AdamW's")):
+        ax.set_xscale("log"); ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_yticks(range(len(tasks))); ax.set_yticklabels([summary[t]["task"] for t in tasks])
+        ax.set_xlabel(label)
+    ax_r.axvline(1.15, color="r", lw=0.6, ls="--")
+    ax_l.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    paths = [os.path.join(args.out_dir, f"zoo_{args.split or 'all'}_ratios.png")]
+    fig.savefig(paths[0], dpi=90)
+    plt.close(fig)
+
+    cols = 4
+    rows_n = math.ceil(len(tasks) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.2 * rows_n), squeeze=False)
+    for ax, t in zip(axes.flat, tasks):
+        e = summary[t]
+        seed = e["seeds"][0]
+        for config in [e["best_adamw"]] + configs:
+            run = next((r for r in rows if r["task"] == e["task"] and r["config"] == config
+                        and r["seed"] == seed), None)
+            if run and run["loss_trace"]:
+                trace = [v if v is not None else math.nan for v in run["loss_trace"]]
+                xs = [(k + 0.5) * run["steps"] / len(trace) for k in range(len(trace))]
+                ax.plot(xs, trace, "--" if config == e["best_adamw"] else "-", lw=1, label=config)
+        ax.set_yscale("log"); ax.set_title(f"{e['task']} (seed {seed})", fontsize=9)
+    for ax in axes.flat[len(tasks):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.tight_layout()
+    paths.append(os.path.join(args.out_dir, f"zoo_{args.split or 'all'}_losses.png"))
+    fig.savefig(paths[1], dpi=80)
+    plt.close(fig)
+    print("\n".join(paths))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality.zoo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run configurations on the zoo's tasks, appending rows")
+    run.add_argument("--split", choices=Z.SPLITS + ("all",), default="validation")
+    run.add_argument("--tasks", default=None, help="comma list (default: every task of --split)")
+    run.add_argument("--configs", required=True,
+                     help="comma list: adamw_grid, adamw_<lr>, " + ", ".join(ALIASES) + " or optimizer names")
+    run.add_argument("--seeds", default="0-1")
+    run.add_argument("--length", default="default", help="short, default or long (ZOO.md)")
+    run.add_argument("--steps", type=int, default=None, help="override every task's steps (tests)")
+    run.add_argument("--out", required=True, help="JSONL file; rows are appended")
+    run.add_argument("--jobs", type=int, default=1, help="runs in parallel (one thread each)")
+    for name, helptext in (("table", "markdown tables from rows"), ("plot", "PNG figures from rows")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("files", nargs="+")
+        p.add_argument("--split", choices=Z.SPLITS + ("all",), default=None)
+        p.add_argument("--length", default="default")
+        if name == "table":
+            p.add_argument("--md", default=None, help="also write the tables to this file")
+            p.add_argument("--title", default=None)
+        else:
+            p.add_argument("--out-dir", required=True)
+    args = parser.parse_args(argv)
+    try:
+        return {"run": command_run, "table": command_table, "plot": command_plot}[args.command](args)
+    except ValueError as error:
+        parser.error(str(error))

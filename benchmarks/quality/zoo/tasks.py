@@ -1,0 +1,403 @@
+"""The zoo's tasks and their fixed split (benchmarks/quality/ZOO.md).
+
+Each task is built by ``make(name, seed, steps)``: the model's weights come from
+``torch.manual_seed(seed)`` and every batch from a ``torch.Generator`` seeded from ``seed``
+(fixed datasets from seed-independent generators), so every configuration starts from the
+same weights and sees the same batches in the same order. The batches of all ``steps`` are
+built up front (a list), so a run is deterministic whatever the optimizer does.
+
+Two data regimes: ``cycled`` tasks train on a fixed small dataset whose batches repeat in a
+fixed order (full-batch-like); ``stream`` tasks draw fresh samples (or fresh random
+mini-batches of a dataset) every step. The final train loss is the suite's
+(``benchmarks.quality.run.train``): the mean of the last 10% of steps' batch losses.
+
+``SPLIT`` was written before any optimizer was run on these tasks; every choice is made
+on the ``development`` tasks, the ``validation`` tasks are only run to report.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..tasks import SequenceClassifier, Task, digits_task
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+if os.path.join(_ROOT, "examples") not in sys.path:
+    sys.path.insert(0, os.path.join(_ROOT, "examples"))
+
+from gpt import GPT, ByteBatches, GPTConfig, load_stdlib_corpus  # noqa: E402
+
+DEVELOPMENT, VALIDATION = "development", "validation"
+SPLITS = (DEVELOPMENT, VALIDATION)
+# run lengths for later (issue 14: "held on three run lengths per task family"): steps x multiplier
+LENGTHS = {"short": 1 / 3, "default": 1.0, "long": 3.0}
+_CPU = torch.device("cpu")
+_DATA_SEED = 0  # fixed datasets and teachers: the same for every seed
+_VAL_SEED = 10_000
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One zoo task: what it is (for ZOO.md and the results rows) and how to build it."""
+
+    name: str
+    split: str
+    family: str
+    model: str
+    data: str
+    regime: str  # "cycled" or "stream"
+    steps: int
+    batch: int
+    build: Callable[[int, int], Task]  # (seed, steps) -> Task
+
+    def steps_for(self, length: str) -> int:
+        if length not in LENGTHS:
+            raise ValueError(f"unknown length {length!r}; choose from {sorted(LENGTHS)}")
+        return max(1, int(round(self.steps * LENGTHS[length])))
+
+
+def _cycle(batches: List[tuple], steps: int) -> List[tuple]:
+    return [batches[k % len(batches)] for k in range(steps)]
+
+
+def _fixed_batches(x: torch.Tensor, y: torch.Tensor, batch: int) -> List[tuple]:
+    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(x), batch)]
+
+
+def _mse(model, batch):
+    return F.mse_loss(model(batch[0]), batch[1])
+
+
+def _ce_smoothed(model, batch):
+    """Cross-entropy with label smoothing 0.1: the loss has a floor above zero, so ratios of
+    final losses stay meaningful on data a model can memorize."""
+    return F.cross_entropy(model(batch[0]), batch[1], label_smoothing=0.1)
+
+
+def _mlp(sizes: List[int], activation: Callable[[], nn.Module]) -> nn.Sequential:
+    layers: List[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(activation())
+    return nn.Sequential(*layers, nn.Flatten(0)) if sizes[-1] == 1 else nn.Sequential(*layers)
+
+
+# ---------------------------------------------------------------------------- language models
+_CORPUS: Dict[int, torch.Tensor] = {}
+
+
+def _corpus(size: int) -> torch.Tensor:
+    if size not in _CORPUS:
+        _CORPUS[size] = load_stdlib_corpus(size)
+    return _CORPUS[size]
+
+
+def _lm(name: str, n_layer: int, n_embd: int, n_head: int, block: int, batch: int, corpus: int):
+    def build(seed: int, steps: int) -> Task:
+        data = ByteBatches(_corpus(corpus), block)
+        gen = torch.Generator().manual_seed(seed)
+        batches = [data.get("train", batch, gen) for _ in range(steps)]
+        val_gen = torch.Generator().manual_seed(_VAL_SEED)
+        val = [data.get("val", batch, val_gen) for _ in range(4)]
+        config = GPTConfig(block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=0.0)
+        return Task(name, steps, _CPU, lambda: GPT(config), batches,
+                    lambda model, b: model(b[0], b[1])[1], val)
+    return build
+
+
+# ---------------------------------------------------------------------------- digits (scikit-learn)
+def _digits():
+    """scikit-learn's 8x8 digits in [0, 1], one fixed 80/20 split: (x_train, y_train, x_val, y_val)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.long)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(_DATA_SEED))
+    n_val = len(x) // 5
+    return x[order[n_val:]], y[order[n_val:]], x[order[:n_val]], y[order[:n_val]]
+
+
+def _stream_from(x: torch.Tensor, y: torch.Tensor, batch: int, steps: int, seed: int) -> List[tuple]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        idx = torch.randint(len(x), (batch,), generator=gen)
+        out.append((x[idx], y[idx]))
+    return out
+
+
+class DigitsCNN(nn.Module):
+    """Two 3x3 convolutions (the second with stride 2), global average pooling, a linear head;
+    BatchNorm after each convolution when ``batch_norm``."""
+
+    def __init__(self, batch_norm: bool, width: int = 16):
+        super().__init__()
+        norm = (lambda c: nn.BatchNorm2d(c)) if batch_norm else (lambda c: nn.Identity())
+        self.features = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), norm(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1, stride=2), norm(2 * width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(2 * width, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x.view(-1, 1, 8, 8)))
+
+
+def _cnn_bn_digits(seed: int, steps: int) -> Task:
+    x, y, xv, yv = _digits()
+    return Task("cnn_bn_digits", steps, _CPU, lambda: DigitsCNN(batch_norm=True),
+                _stream_from(x, y, 32, steps, seed), _ce_smoothed, [(xv, yv)])
+
+
+def _autoencoder(seed: int, steps: int) -> Task:
+    x, _, xv, _ = _digits()
+    batches = [(b, b) for b, _ in _stream_from(x, x, 64, steps, seed)]
+
+    def build():
+        return nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 8), nn.GELU(),
+                             nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 64), nn.Sigmoid())
+
+    return Task("autoencoder", steps, _CPU, build, batches, _mse, [(xv, xv)])
+
+
+def _logreg(seed: int, steps: int) -> Task:
+    """Multinomial logistic regression on standardized digits, the whole training set as one
+    batch (convex; label smoothing keeps the minimizer finite)."""
+    x, y, xv, yv = _digits()
+    mean, std = x.mean(0), x.std(0) + 0.1
+    x, xv = (x - mean) / std, (xv - mean) / std
+    return Task("logreg", steps, _CPU, lambda: nn.Linear(64, 10), _cycle([(x, y)], steps),
+                _ce_smoothed, [(xv, yv)])
+
+
+def _digits_mlp(seed: int, steps: int) -> Task:
+    task = digits_task("cpu", seed, _CPU, steps)  # the quality suite's digits task, unchanged
+    task.name = "digits_mlp"
+    return task
+
+
+# ---------------------------------------------------------------------------- procedural images
+def _shapes(count: int, gen: torch.Generator, size: int = 12):
+    """12x12 images of one of 4 patterns (horizontal bar, vertical bar, diagonal, hollow square)
+    at a random position, plus Gaussian noise of std 0.3; the label is the pattern."""
+    images = torch.zeros(count, 1, size, size)
+    labels = torch.randint(4, (count,), generator=gen)
+    offsets = torch.randint(1, size - 6, (count, 2), generator=gen)
+    for i in range(count):
+        r, c = int(offsets[i, 0]), int(offsets[i, 1])
+        kind = int(labels[i])
+        if kind == 0:
+            images[i, 0, r + 2, c:c + 5] = 1.0
+        elif kind == 1:
+            images[i, 0, r:r + 5, c + 2] = 1.0
+        elif kind == 2:
+            for j in range(5):
+                images[i, 0, r + j, c + j] = 1.0
+        else:
+            images[i, 0, r:r + 5, c:c + 5] = 1.0
+            images[i, 0, r + 1:r + 4, c + 1:c + 4] = 0.0
+    return images + 0.3 * torch.randn(images.shape, generator=gen), labels
+
+
+def _cnn_shapes(seed: int, steps: int) -> Task:
+    x, y = _shapes(512, torch.Generator().manual_seed(_DATA_SEED))
+    val = [_shapes(512, torch.Generator().manual_seed(_VAL_SEED))]
+
+    def build():
+        return nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+
+    return Task("cnn_shapes", steps, _CPU, build, _cycle(_fixed_batches(x, y, 64), steps), _ce_smoothed, val)
+
+
+# ---------------------------------------------------------------------------- MLP regressions
+def _gelu_sin(seed: int, steps: int) -> Task:
+    """y = sin(sum of the 32 inputs / 2), x ~ N(0, I): 16 fixed batches of 32, cycled (issue 14's
+    first task: 32-64-1 GELU)."""
+    def sample(count, gen):
+        x = torch.randn(count, 32, generator=gen)
+        return x, torch.sin(x.sum(1) / 2)
+
+    x, y = sample(16 * 32, torch.Generator().manual_seed(_DATA_SEED))
+    val = [sample(1024, torch.Generator().manual_seed(_VAL_SEED))]
+    return Task("mlp_gelu_sin", steps, _CPU, lambda: _mlp([32, 64, 1], nn.GELU),
+                _cycle(_fixed_batches(x, y, 32), steps), _mse, val)
+
+
+def _teacher(inputs: int, hidden: List[int], activation, scale: float, noise: float):
+    """A fixed random teacher network (seed ``_DATA_SEED``) and a sampler of (x, teacher(x) + noise)."""
+    gen = torch.Generator().manual_seed(_DATA_SEED)
+    sizes = [inputs] + hidden + [1]
+    weights = [torch.randn(a, b, generator=gen) * scale / math.sqrt(a) for a, b in zip(sizes, sizes[1:])]
+
+    def sample(count, gen):
+        x = torch.randn(count, inputs, generator=gen)
+        h = x
+        for w in weights[:-1]:
+            h = activation(h @ w)
+        y = (h @ weights[-1]).flatten()
+        return x, y + noise * torch.randn(count, generator=gen)
+    return sample
+
+
+def _tanh_deep(seed: int, steps: int) -> Task:
+    """Fresh samples of a random tanh teacher (16-32-32-1, gain 2) + noise 0.1; a deep tanh student
+    (16-64-64-64-64-1). Loss floor: the noise variance 0.01."""
+    sample = _teacher(16, [32, 32], torch.tanh, 2.0, 0.1)
+    gen = torch.Generator().manual_seed(seed)
+    batches = [sample(64, gen) for _ in range(steps)]
+    val = [sample(2048, torch.Generator().manual_seed(_VAL_SEED))]
+    return Task("mlp_tanh_deep", steps, _CPU, lambda: _mlp([16, 64, 64, 64, 64, 1], nn.Tanh), batches, _mse, val)
+
+
+def _relu_teacher(seed: int, steps: int) -> Task:
+    """A fixed set of 256 samples of a random ReLU teacher (8-16-1, gain 1.5) + noise 0.05, in 4
+    batches of 64, cycled; a shallow ReLU student (8-64-1)."""
+    sample = _teacher(8, [16], torch.relu, 1.5, 0.05)
+    x, y = sample(256, torch.Generator().manual_seed(_DATA_SEED + 1))
+    val = [sample(1024, torch.Generator().manual_seed(_VAL_SEED))]
+    return Task("mlp_relu_teacher", steps, _CPU, lambda: _mlp([8, 64, 1], nn.ReLU),
+                _cycle(_fixed_batches(x, y, 64), steps), _mse, val)
+
+
+def _relu_deep_full(seed: int, steps: int) -> Task:
+    """y = sin(3 x0) cos(2 x1) + 0.5 x2^2 + 0.05 noise, x ~ N(0, I_8): a fixed set of 256 samples as
+    one full batch; a deep ReLU student (8-32-32-32-32-1)."""
+    def sample(count, gen):
+        x = torch.randn(count, 8, generator=gen)
+        y = torch.sin(3 * x[:, 0]) * torch.cos(2 * x[:, 1]) + 0.5 * x[:, 2] ** 2
+        return x, y + 0.05 * torch.randn(count, generator=gen)
+
+    x, y = sample(256, torch.Generator().manual_seed(_DATA_SEED))
+    val = [sample(1024, torch.Generator().manual_seed(_VAL_SEED))]
+    return Task("mlp_relu_deep_full", steps, _CPU, lambda: _mlp([8, 32, 32, 32, 32, 1], nn.ReLU),
+                _cycle([(x, y)], steps), _mse, val)
+
+
+# ---------------------------------------------------------------------------- sequences
+def _seqcls(seed: int, steps: int) -> Task:
+    """The quality suite's seqcls data (most frequent of tokens 0-3, 10% labels flipped), fresh every
+    step, on a smaller encoder: width 32, 1 layer, length 16."""
+    from ..tasks import _sequences
+
+    gen = torch.Generator().manual_seed(seed)
+    batches = [_sequences(32, 16, gen) for _ in range(steps)]
+    val = [_sequences(512, 16, torch.Generator().manual_seed(_VAL_SEED))]
+    return Task("seqcls_small", steps, _CPU, lambda: SequenceClassifier(32, 1, 16), batches,
+                lambda model, b: F.cross_entropy(model(b[0]), b[1]), val)
+
+
+def _adding(count: int, length: int, gen: torch.Generator):
+    """The adding problem: channel 0 uniform values, channel 1 marks two positions (one in each
+    half); the target is the sum of the two marked values."""
+    values = torch.rand(count, length, generator=gen)
+    first = torch.randint(length // 2, (count,), generator=gen)
+    second = torch.randint(length // 2, (count,), generator=gen) + length // 2
+    marks = torch.zeros(count, length)
+    marks[torch.arange(count), first] = 1.0
+    marks[torch.arange(count), second] = 1.0
+    return torch.stack([values, marks], -1), (values * marks).sum(1)
+
+
+class Recurrent(nn.Module):
+    """An embedding or linear input layer, one GRU/LSTM layer, a linear head on the last state."""
+
+    def __init__(self, cell: str, inputs: int, hidden: int, outputs: int, vocab: Optional[int] = None):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, inputs) if vocab else nn.Identity()
+        self.rnn = (nn.GRU if cell == "gru" else nn.LSTM)(inputs, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, outputs)
+        self.outputs = outputs
+
+    def forward(self, x):
+        out, _ = self.rnn(self.embed(x))
+        y = self.head(out[:, -1])
+        return y.flatten() if self.outputs == 1 else y
+
+
+def _gru_adding(seed: int, steps: int) -> Task:
+    gen = torch.Generator().manual_seed(seed)
+    batches = [_adding(32, 20, gen) for _ in range(steps)]
+    val = [_adding(1024, 20, torch.Generator().manual_seed(_VAL_SEED))]
+    return Task("gru_adding", steps, _CPU, lambda: Recurrent("gru", 2, 32, 1), batches, _mse, val)
+
+
+def _majority(count: int, length: int, gen: torch.Generator):
+    """Tokens uniform over 8; label 1 iff token 0 occurs more often than token 1 (ties: 0), with 10%
+    of labels flipped."""
+    tokens = torch.randint(8, (count, length), generator=gen)
+    labels = ((tokens == 0).sum(1) > (tokens == 1).sum(1)).long()
+    flip = torch.rand(count, generator=gen) < 0.1
+    return tokens, torch.where(flip, 1 - labels, labels)
+
+
+def _lstm_majority(seed: int, steps: int) -> Task:
+    gen = torch.Generator().manual_seed(seed)
+    batches = [_majority(32, 24, gen) for _ in range(steps)]
+    val = [_majority(1024, 24, torch.Generator().manual_seed(_VAL_SEED))]
+    return Task("lstm_majority", steps, _CPU, lambda: Recurrent("lstm", 16, 32, 2, vocab=8), batches,
+                lambda model, b: F.cross_entropy(model(b[0]), b[1]), val)
+
+
+# ---------------------------------------------------------------------------- the zoo and its split
+_D, _V = DEVELOPMENT, VALIDATION
+SPECS: List[Spec] = [
+    # development: every choice is made on these
+    Spec("lm_small", _D, "transformer LM", "byte GPT 1 layer x 32, 2 heads, T=32",
+         "stdlib .py source bytes (first 1 MB)", "stream", 600, 8,
+         _lm("lm_small", 1, 32, 2, 32, 8, 1_000_000)),
+    Spec("cnn_bn_digits", _D, "CNN + BatchNorm", "2 conv (16, 32 ch) + BN + ReLU, avg-pool, linear",
+         "sklearn digits 8x8, random mini-batches", "stream", 500, 32, _cnn_bn_digits),
+    Spec("mlp_relu_teacher", _D, "shallow MLP regression (ReLU)", "8-64-1 ReLU",
+         "256 fixed samples of a random ReLU teacher + noise 0.05", "cycled", 800, 64, _relu_teacher),
+    Spec("gru_adding", _D, "recurrent (GRU) regression", "GRU 2->32, linear head on the last state",
+         "adding problem, length 20, fresh samples", "stream", 600, 32, _gru_adding),
+    # validation: only run to report
+    Spec("lm_mid", _V, "transformer LM", "byte GPT 2 layers x 48, 2 heads, T=48",
+         "stdlib .py source bytes (first 2 MB)", "stream", 500, 16,
+         _lm("lm_mid", 2, 48, 2, 48, 16, 2_000_000)),
+    Spec("cnn_shapes", _V, "CNN without normalization", "conv 8 ch, max-pool, conv 16 ch, avg-pool, linear",
+         "512 fixed procedural 12x12 images (4 patterns + noise 0.3)", "cycled", 600, 64, _cnn_shapes),
+    Spec("mlp_gelu_sin", _V, "shallow MLP regression (GELU)", "32-64-1 GELU",
+         "y = sin(sum(x)/2), 512 fixed samples", "cycled", 400, 32, _gelu_sin),
+    Spec("mlp_tanh_deep", _V, "deep MLP regression (tanh)", "16-64-64-64-64-1 tanh",
+         "fresh samples of a random tanh teacher + noise 0.1", "stream", 3000, 64, _tanh_deep),
+    Spec("mlp_relu_deep_full", _V, "deep MLP regression (ReLU)", "8-32-32-32-32-1 ReLU",
+         "256 fixed samples of sin(3x0)cos(2x1)+x2^2/2 + noise, full batch", "cycled", 1500, 256,
+         _relu_deep_full),
+    Spec("logreg", _V, "convex: logistic regression", "linear 64->10",
+         "sklearn digits standardized, full batch (1438)", "cycled", 5000, 1438, _logreg),
+    Spec("seqcls_small", _V, "transformer sequence classification", "encoder 1 layer x 32, 4 heads, mean-pool",
+         "most frequent marker token, 10% label noise, fresh samples", "stream", 500, 32, _seqcls),
+    Spec("autoencoder", _V, "autoencoder (GELU)", "64-32-8-32-64, sigmoid output",
+         "sklearn digits, random mini-batches", "stream", 800, 64, _autoencoder),
+    Spec("lstm_majority", _V, "recurrent (LSTM) classification", "embedding 16, LSTM 32, linear head",
+         "token-count majority, length 24, 10% label noise, fresh samples", "stream", 600, 32, _lstm_majority),
+    Spec("digits_mlp", _V, "MLP classification (GELU)", "64-128-128-10 GELU (the suite's digits)",
+         "sklearn digits, random mini-batches, label smoothing 0.1", "stream", 400, 32, _digits_mlp),
+]
+ZOO: Dict[str, Spec] = {s.name: s for s in SPECS}
+
+
+def names(split: Optional[str] = None) -> List[str]:
+    if split not in (None, "all") and split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose from {SPLITS + ('all',)}")
+    return [s.name for s in SPECS if split in (None, "all") or s.split == split]
+
+
+def make(name: str, seed: int = 0, steps: Optional[int] = None, length: str = "default") -> Task:
+    """Task ``name`` with seed ``seed``: ``steps`` steps if given, else its length ``length``."""
+    if name not in ZOO:
+        raise ValueError(f"unknown zoo task {name!r}; choose from {sorted(ZOO)}")
+    spec = ZOO[name]
+    return spec.build(seed, steps if steps is not None else spec.steps_for(length))

@@ -1,0 +1,118 @@
+"""The task zoo (benchmarks/quality/ZOO.md): its split as written, deterministic tasks, the runner's rows,
+the AdamW grid's extension and the table's ratios."""
+
+import json
+import math
+import os
+import re
+
+import pytest
+import torch
+
+from benchmarks.quality.zoo import runner, tasks as Z
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
+ZOO_MD = os.path.join(os.path.dirname(Z.__file__), os.pardir, "ZOO.md")
+
+
+def test_zoo_md_lists_every_task_with_its_split_and_size():
+    text = open(ZOO_MD).read()
+    rows = re.findall(r"^\| (\w+) \| (development|validation) \| .* \| (cycled|stream) \| (\d+) \| (\d+) \|$",
+                      text, re.M)
+    written = {name: (split, regime, int(steps), int(batch)) for name, split, regime, steps, batch in rows}
+    assert written == {s.name: (s.split, s.regime, s.steps, s.batch) for s in Z.SPECS}
+
+
+def test_the_split_holds_out_tasks():
+    assert len(Z.SPECS) >= 12
+    development, validation = Z.names(Z.DEVELOPMENT), Z.names(Z.VALIDATION)
+    assert 3 * len(development) <= len(Z.SPECS) and set(development).isdisjoint(validation)
+    assert len({s.family for s in Z.SPECS}) >= 10
+    assert {s.regime for s in Z.SPECS} == {"cycled", "stream"}
+    assert min(s.steps for s in Z.SPECS) <= 400 and max(s.steps for s in Z.SPECS) >= 5000
+    assert [Z.ZOO["logreg"].steps_for(x) for x in ("short", "default", "long")] == [1667, 5000, 15000]
+    with pytest.raises(ValueError, match="unknown split"):
+        Z.names("test")
+    with pytest.raises(ValueError, match="unknown zoo task"):
+        Z.make("mnist")
+
+
+@pytest.mark.parametrize("name", [s.name for s in Z.SPECS])
+def test_a_task_is_fixed_by_its_seed(name):
+    a, b, c = Z.make(name, 0, steps=3), Z.make(name, 0, steps=3), Z.make(name, 1, steps=3)
+    assert a.steps == 3 and len(a.batches) == 3
+    for batch_a, batch_b in zip(a.batches, b.batches):
+        assert all(torch.equal(x, y) for x, y in zip(batch_a, batch_b))
+    weights = [m.state_dict() for m in (a.model(0), b.model(0), a.model(1))]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert any(not torch.equal(weights[0][k], weights[2][k]) for k in weights[0] if weights[0][k].is_floating_point())
+    model = a.model(0)
+    loss = a.loss(model, a.batches[0])
+    assert loss.dim() == 0 and math.isfinite(float(loss.detach())) and math.isfinite(a.evaluate(model))
+    if Z.ZOO[name].regime == "stream":  # another seed, other batches
+        assert not all(torch.equal(x, y) for x, y in zip(a.batches[0], c.batches[0]))
+
+
+def test_run_appends_rows_once_and_the_table_reads_them(tmp_path):
+    out = str(tmp_path / "rows.jsonl")
+    args = ["run", "--tasks", "mlp_gelu_sin,cnn_shapes", "--configs", "adamw_1e-3,adamw_1e-2,salsa_defaults",
+            "--seeds", "0-1", "--steps", "6", "--out", out]
+    assert runner.main(args) == 0
+    rows = runner.read_rows([out])
+    assert len(rows) == 2 * 3 * 2
+    for row in rows:
+        for key in ("task", "split", "config", "seed", "final_train_loss", "val_loss", "level_mean",
+                    "forwards_per_step", "commit", "versions", "date"):
+            assert row[key] is not None, key
+        assert row["split"] == "validation" and row["steps"] == 6 and len(row["loss_trace"]) == 6
+    fused = [r for r in rows if r["config"] == "salsa_defaults"]
+    assert all(r["forwards_per_step"] > 1 and r["optimizer"] == "salsa_faithful" for r in fused)
+    # same weights and batches for every configuration: the first loss (before any step) agrees
+    for task in ("mlp_gelu_sin", "cnn_shapes"):
+        firsts = {r["loss_trace"][0] for r in rows if r["task"] == task and r["seed"] == 0}
+        assert max(firsts) - min(firsts) < 1e-6
+    assert runner.main(args) == 0  # resumes: nothing left to run
+    assert len(runner.read_rows([out])) == len(rows)
+    md = str(tmp_path / "table.md")
+    assert runner.main(["table", out, "--md", md]) == 0
+    text = open(md).read()
+    assert "| salsa_defaults (2 tasks) |" in text and "mlp_gelu_sin" in text
+    assert runner.main(["plot", out, "--out-dir", str(tmp_path)]) == 0
+    assert os.path.exists(tmp_path / "zoo_all_ratios.png")
+
+
+def _row(task, config, seed, loss, level=1e-3):
+    return dict(task=task, config=config, seed=seed, length="default", steps=10, split="validation",
+                final_train_loss=loss, val_loss=loss, level_mean=level, forwards_per_step=1.0,
+                diverged=None if loss is not None else "step 3", commit="x", date="d")
+
+
+def test_the_grid_grows_past_an_end_and_the_table_divides_by_its_best():
+    rows = [_row("t", "adamw_1e-3", s, 2.0) for s in (0, 1)] + [_row("t", "adamw_1e-2", s, 1.0) for s in (0, 1)]
+    assert runner.grid_edge(rows, "t", [0, 1]) == pytest.approx(3e-2)
+    rows += [_row("t", "adamw_3e-2", 0, 1.5)]
+    assert runner.grid_edge(rows, "t", [0, 1]) == pytest.approx(3e-2)  # 3e-2 lacks seed 1: not complete
+    assert runner.grid_gaps(rows, "t", [0, 1]) == [("adamw_3e-2", 1)]
+    rows += [_row("t", "adamw_3e-2", 1, 1.5)]
+    assert runner.grid_edge(rows, "t", [0, 1]) is None and runner.grid_gaps(rows, "t", [0, 1]) == []
+    rows += [_row("t", "cand", 0, 1.1, level=2e-3), _row("t", "cand", 1, 1.3, level=4e-3)]
+    rows += [_row("u", "adamw_1e-3", 0, 4.0), _row("u", "adamw_1e-2", 0, 8.0), _row("u", "cand", 0, 2.0),
+             _row("u", "bad", 0, None)]
+    summary = runner.summarize(rows)
+    t, u = summary["t@default"], summary["u@default"]
+    assert t["best_lr"] == pytest.approx(1e-2) and not t["edge"] and u["edge"]
+    assert runner.grid_edge(rows, "u", [0]) == pytest.approx(1e-3 / 3)
+    assert t["configs"]["cand"]["ratio"] == pytest.approx(1.2) and t["configs"]["cand"]["level_ratio"] == 3.0
+    assert u["configs"]["cand"]["ratio"] == pytest.approx(0.5) and u["configs"]["bad"]["ratio"] == math.inf
+    text = runner.markdown(rows, "x")
+    assert f"| cand (2 tasks) | {math.sqrt(1.2 * 0.5):.3f} | t (1.200) | 0.500 |" in text
+    assert "| cand | 1/1 |  |" in text  # at or below "bad" on the one task both ran
+    assert "| bad (1 tasks) | div |" in text and "**edge**" in text
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="bad seeds"):
+        runner.parse_seeds("2-1")
+    with pytest.raises(SystemExit):
+        runner.main(["run", "--configs", "nope", "--out", "/tmp/never.jsonl"])
