@@ -199,13 +199,13 @@ def test_labpal_batch_size_schedule_doubles_at_half_and_three_quarters():
     opt = LABPAL([w], mode="NSGD", approximation_batches=4, sgd_steps=1000, t_max=40)
     while opt.t < 40:
         opt.step(_labpal_closure(w, opt.t))
-    t, seen = 0, []
-    for record in opt.history:
-        seen.append((t, record["batches"]))
+    t, multipliers = 0, []
+    for record in opt.history:  # k(t) is read at the start of each step, t counting batches consumed
+        k = record["batches"] if record["kind"] == "update" else record["direction_batches"]
+        assert k == (1 if t <= 20 else (2 if t <= 30 else 4)), (t, record)
+        multipliers.append(k)
         t += record["batches"]
-    expected_k = lambda t: 1 if t <= 20 else (2 if t <= 30 else 4)  # noqa: E731
-    assert all(k == expected_k(t) for t, k in seen if k != 4 or t > 30)
-    assert {k for _, k in seen[1:]} == {1, 2, 4}
+    assert set(multipliers) == {1, 2, 4}
 
 
 def test_lr_factor_scores_by_hand():
