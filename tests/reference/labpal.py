@@ -85,7 +85,7 @@ class LABPAL:
                 loss = closure(i)
             for acc, g in zip(grads, torch.autograd.grad(loss, self.params)):
                 acc.add_(g, alpha=1 / k)
-            total += float(loss)
+            total += float(loss.detach())
         return total / k, grads
 
     def _mean_loss(self, closure, first: int = 0) -> float:
