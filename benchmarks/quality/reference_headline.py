@@ -46,7 +46,7 @@ def main(run: str, size: str = "cpu", seed: int = 0) -> dict:
         else:
             losses.append(opt.step(closure))
             step_sizes.append(opt.eta)
-    out = dict(run=run, size=size, seed=seed, train_last50=sum(losses[-50:]) / 50, val=task.evaluate(model),
+    out = dict(run=run, size=size, seed=seed, train_last50=sum(losses[-50:]) / len(losses[-50:]), val=task.evaluate(model),
                seconds=round(time.time() - start, 1))
     if step_sizes:
         trials = [len(h["trial_step_sizes"]) for h in opt.history]
