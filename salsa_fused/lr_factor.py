@@ -38,6 +38,7 @@ import torch
 from ._rng import RNGSnapshot
 from .distributed import SearchReduction, default_reduction
 from .errors import NonFiniteError
+from .optimizer import FusedSaLSa
 
 #: The factor lists of seed 004 (Factor_3 is the default).
 FACTOR_3 = (2.0, 1.0, 0.5)
@@ -113,12 +114,13 @@ class LRFactorSearch:
             raise ValueError(f"factors must be distinct (a repeated factor counts twice), got {factors}")
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-        from .optimizer import FusedSaLSa
         if target == "auto":
             target = "schedule" if isinstance(optimizer, FusedSaLSa) else "lr"
         if target == "schedule":
             if not isinstance(optimizer, FusedSaLSa):
                 raise ValueError(f"target='schedule' needs a FusedSaLSa, got {type(optimizer).__name__}")
+            if isinstance(optimizer.schedule, _ScaledSchedule):
+                raise ValueError("this FusedSaLSa already has an LRFactorSearch on its schedule")
             optimizer.schedule = _ScaledSchedule(optimizer.schedule, self)
         else:
             for i, group in enumerate(groups):

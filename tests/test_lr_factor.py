@@ -123,6 +123,8 @@ def test_fused_salsa_scales_the_applied_step_through_its_schedule():
     opt = FusedSaLSa(model.parameters(), backend="torch")
     search = LRFactorSearch(opt, interval=4)
     assert search.target == "schedule"
+    with pytest.raises(ValueError, match="already has an LRFactorSearch"):
+        LRFactorSearch(opt, interval=4)
     for k in range(8):
         xy = batch(k, torch.float32)
         opt.zero_grad()
