@@ -182,7 +182,7 @@ class LRFactorSearch:
                 for f in self.factors:
                     for p, w0, w1 in zip(params, before, after):
                         p.copy_(w1 if f == 1.0 else torch.lerp(w0, w1, f))  # w0 + f * (w1 - w0)
-                    rng.restore()
+                    rng.set()
                     values.append(self._loss_value(closure()))
         finally:
             with torch.no_grad():
