@@ -226,8 +226,9 @@ class FusedSaLSa(Optimizer):
 
     @property
     def effective_step_sizes(self) -> List[float]:
-        """Per group, the step the next plain step applies: ``lr * s * eta * growth`` (``s`` the
-        schedule's scale at the next step; 0 past a schedule's end that decays to 0)."""
+        """Per group, the step the next plain step applies: ``lr * s * eta * growth`` (the rule's
+        first trial: ``eta * 2^(1/b)`` for seed 001's rules; ``s`` the schedule's scale at the
+        next step; 0 past a schedule's end that decays to 0)."""
         state = self._search
         scale = 1.0 if self.schedule is None else float(self.schedule.scale(state.step + 1))
         trial = plan_step(self.search_rule, state, self.search_config).trial_step_size
