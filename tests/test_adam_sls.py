@@ -109,6 +109,7 @@ def test_every_step_searches_and_the_counters_say_so(name):
     assert state.num_searches == 5 and state.step == 5
     assert state.num_forward_evals == 5 + sum(len(t) for t in trials)
     assert state.num_backtracks == sum(len(t) - 1 for t in trials)
+    assert opt.effective_step_sizes == [state.step_size * 2 ** (1 / 500)]  # the next first trial
 
 
 @pytest.mark.parametrize("name", ["sls", "alsals"])
