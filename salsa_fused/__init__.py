@@ -5,8 +5,10 @@
 """
 
 from .errors import NonFiniteError
+from .labpal import LABPAL
 from .line_search import SearchConfig, SearchState
+from .lr_factor import LRFactorSearch
 from .optimizer import FusedSaLSa
 
-__all__ = ["FusedSaLSa", "NonFiniteError", "SearchConfig", "SearchState"]
+__all__ = ["FusedSaLSa", "LABPAL", "LRFactorSearch", "NonFiniteError", "SearchConfig", "SearchState"]
 __version__ = "0.1.0"

@@ -26,8 +26,8 @@ from .backends.base import DIRECTIONS, GRADIENT, MOMENTUM, Bucket, Hyper, PassAr
 from .distributed import SearchReduction, default_reduction
 from .errors import NonFiniteError
 from .applied import GroupStep
-from .line_search import SearchConfig, SearchState, plan_step
-from .rules import Verdict, resolve_rule
+from .line_search import SearchConfig, SearchState
+from .rules import Verdict, moment_step, plan_step, resolve_rule
 
 LossClosure = Callable[[], Union[torch.Tensor, float]]
 
@@ -226,11 +226,12 @@ class FusedSaLSa(Optimizer):
 
     @property
     def effective_step_sizes(self) -> List[float]:
-        """Per group, the step the next plain step applies: ``lr * s * eta * growth`` (``s`` the
-        schedule's scale at the next step; 0 past a schedule's end that decays to 0)."""
+        """Per group, the step the next plain step applies: ``lr * s * eta * growth`` (the rule's
+        first trial: ``eta * 2^(1/b)`` for seed 001's rules; ``s`` the schedule's scale at the
+        next step; 0 past a schedule's end that decays to 0)."""
         state = self._search
         scale = 1.0 if self.schedule is None else float(self.schedule.scale(state.step + 1))
-        trial = state.step_size * self.search_config.growth
+        trial = plan_step(self.search_rule, state, self.search_config).trial_step_size
         return [GroupStep(group["lr"], scale, state.step_size).plain(trial).step
                 for group in self.param_groups]
 
@@ -441,7 +442,7 @@ class FusedSaLSa(Optimizer):
             raise RuntimeError("under torch.amp.GradScaler use the two-phase form: "
                                "scaler.scale(loss).backward(); scaler.step(opt, closure, loss=loss) "
                                "(step() would run an unscaled backward itself)")
-        plan = plan_step(self._search, self.search_config)
+        plan = plan_step(self.search_rule, self._search, self.search_config)
         scale = 1.0
         if self.schedule is not None:
             scale = float(self.schedule.scale(plan.state.step))
@@ -473,7 +474,8 @@ class FusedSaLSa(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         eta = self.step_size
-        hypers = {b.group_index: Hyper.for_step(self.param_groups[b.group_index], plan.state.step)
+        corrected = moment_step(self.search_rule, plan.state.step)
+        hypers = {b.group_index: Hyper.for_step(self.param_groups[b.group_index], corrected)
                   for b in buckets}
         groups = {b.group_index: GroupStep(self.param_groups[b.group_index]["lr"], scale, eta)
                   for b in buckets}
@@ -530,7 +532,8 @@ class FusedSaLSa(Optimizer):
             counts.scaler_skips.zero_()
             step_state.step -= skipped  # step_state is plan.state: the rule below sees this
             step_state.steps_since_search = max(0, step_state.steps_since_search - skipped)
-            hypers = {index: Hyper.for_step(self.param_groups[index], step_state.step) for index in hypers}
+            corrected = moment_step(self.search_rule, step_state.step)
+            hypers = {index: Hyper.for_step(self.param_groups[index], corrected) for index in hypers}
             # kept even if this step is skipped or rejected below
             self._search.step -= skipped
             self._search.steps_since_search = max(0, self._search.steps_since_search - skipped)

@@ -17,8 +17,18 @@ One search step, as the optimizer drives it::
     weights at search.final()                          # times lr_g and the schedule's scale
     state = search.finish()
 
+Two optional hooks let a rule change what surrounds its searches (:func:`plan_step` and
+:func:`moment_step` read them; a rule without them gets SaLSa's behaviour):
+
+- ``plan(state, config) -> StepPlan``: whether this step searches and its first trial
+  (SaLSa's adaptive interval and ``eta * growth`` by default; seed 001's rules search every
+  step from ``eta * 2^(1/b)``);
+- ``adam_bias_correction = True``: Adam's moments corrected with ``1 - beta^k`` (Kingma & Ba)
+  instead of 0.1.0's ``1 - beta^(k+1)``.
+
 ``"salsa"`` (:class:`~salsa_fused.line_search.ArmijoSearch`, the published smoothed Armijo
-test) is the default; :func:`register_rule` adds others.
+test) is the default; ``"sls"`` and ``"alsals"`` are seed 001's Adam+SLS and ALSALS
+(:mod:`salsa_fused.adam_sls`); :func:`register_rule` adds others.
 """
 
 from __future__ import annotations
@@ -85,6 +95,8 @@ class SearchRule(Protocol):
 #: name -> the rule, or "module:attribute" imported when first chosen.
 RULES: Dict[str, Union[str, SearchRule]] = {
     "salsa": "salsa_fused.line_search:ArmijoSearch",
+    "sls": "salsa_fused.adam_sls:ADAM_SLS",
+    "alsals": "salsa_fused.adam_sls:ALSALS",
 }
 DEFAULT = "salsa"
 
@@ -114,3 +126,21 @@ def resolve_rule(rule: Union[None, str, SearchRule]) -> SearchRule:
         raise TypeError("search_rule must be a rule name or an object with direction(configured) and "
                         f"__call__(plan, config, loss, slope), got {type(rule).__name__}")
     return rule
+
+
+def plan_step(rule: SearchRule, state: "SearchState", config: "SearchConfig") -> "StepPlan":
+    """The step ahead under ``rule``: its ``plan(state, config)`` if it has one, else SaLSa's
+    (:func:`salsa_fused.line_search.plan_step`: the adaptive interval, first trial ``eta * growth``)."""
+    plan = getattr(rule, "plan", None)
+    if plan is None:
+        from .line_search import plan_step as salsa_plan
+
+        return salsa_plan(state, config)
+    return plan(state, config)
+
+
+def moment_step(rule: SearchRule, step: int) -> int:
+    """The ``k`` that :meth:`Hyper.for_step <salsa_fused.backends.base.Hyper.for_step>` corrects
+    Adam's moments with at step ``step``: 0.1.0 corrects with ``1 - beta^(step+1)``; a rule with
+    ``adam_bias_correction = True`` gets Adam's ``1 - beta^step``."""
+    return step - 1 if getattr(rule, "adam_bias_correction", False) else step

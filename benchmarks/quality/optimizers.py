@@ -15,6 +15,8 @@ task and a run length. Families, which set how the training loop calls ``step``:
 - ``prodigy``: Prodigy at its defaults (a ``torch`` family optimizer without scheduler);
   ``prodigy_warmup``: with the warmup and cosine annealing its README documents.
 - ``salsa_pub``: the published ``salsa.SaLSA.SaLSA`` at its defaults.
+- ``labpal``: :class:`salsa_fused.LABPAL` (seed 003; ``opt.step(closure)`` with ``closure(i)``
+  the loss on the step's ``i``-th batch: the task's batches from the step's own onwards).
 
 Weight decay 0.1 (on matrices only) for AdamW and the FusedSaLSa configurations that use
 it; Prodigy, schedule-free and the published SaLSa run at their own defaults.
@@ -28,7 +30,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from salsa_fused import FusedSaLSa, presets
+from salsa_fused import LABPAL, FusedSaLSa, presets
 from salsa_fused.step_size import WarmupStableDecay
 
 from .rules import EdgeRule, NonMonotoneArmijo
@@ -84,6 +86,13 @@ def _adamw(lr: float, warmup: float = WARMUP_FRACTION):
         opt = torch.optim.AdamW(task.param_groups(model, WEIGHT_DECAY), lr=lr, betas=(0.9, 0.999))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: warmup_cosine(k, total_steps, warmup))
         return Built(opt, "torch", scheduler=sched)
+    return build
+
+
+def _labpal(mode: str, **kwargs):
+    """LABPAL at the paper's settings, its batch-size schedule over the run (t_max = its steps)."""
+    def build(task, model, total_steps) -> Built:
+        return Built(LABPAL(model.parameters(), mode, t_max=total_steps, **kwargs), "labpal")
     return build
 
 
@@ -222,6 +231,13 @@ REGISTRY: Dict[str, Callable] = {
                                                  schedule=WarmupStableDecay(n, warmup=0.05, decay=0.95))),
     "salsa_author_c0.3_wsd": _fused(lambda n: dict(c=0.3, beta3=0.99, search_direction="momentum",
                                                    weight_decay=WEIGHT_DECAY, schedule=_wsd(n))),
+    # seed 001's rules at the paper's constants (no weight decay, as there): salsa_fused.adam_sls
+    "adam_sls": _fused(lambda n: dict(search_rule="sls")),
+    "alsals": _fused(lambda n: dict(search_rule="alsals")),
+    # seed 003 (salsa_fused.labpal): the paper's 1000 updates per fit, and a refit every 100
+    "labpal_nsgd": _labpal("NSGD"),
+    "labpal_sgd": _labpal("SGD"),
+    "labpal_nsgd_refit100": _labpal("NSGD", sgd_steps=100),
     "salsa_faithful_wsd": _fused(lambda n: dict(weight_decay=WEIGHT_DECAY, schedule=_wsd(n))),
     "edge1_mom": _fused(lambda n: dict(search_direction="momentum", weight_decay=WEIGHT_DECAY,
                                        search_rule=EdgeRule(sigma=1.0))),

@@ -47,6 +47,9 @@ class SearchRecorder:
     def __init__(self, rule, log: list):
         self.rule, self.log = rule, log
 
+    def __getattr__(self, name):  # the rule's optional hooks (plan, adam_bias_correction)
+        return getattr(self.rule, name)
+
     def direction(self, configured):
         return self.rule.direction(configured)
 
@@ -121,6 +124,10 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
                 loss = opt.step(lambda: task.loss(model, batch))
                 scale = built.schedule.scale(k + 1) if built.schedule is not None else 1.0
                 step_sizes.append(opt.step_size * opt.search_config.growth * scale)
+            elif family == "labpal":
+                batches = task.batches  # closure(i): batch i of this step, the stream from step k on
+                loss = torch.tensor(opt.step(lambda i: task.loss(model, batches[(k + i) % len(batches)])))
+                step_sizes.append(opt.labpal_state.update_step or 0.0)
             elif family == "salsa_pub":
                 opt.zero_grad(set_to_none=True)
 
@@ -166,6 +173,8 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
         forwards = opt.num_forward_evals
     elif family == "salsa_pub":
         forwards = opt.state["n_forwards"]
+    elif family == "labpal":
+        forwards = opt.labpal_state.num_forward_evals
     else:
         forwards = len(values)
     return dict(optimizer=name, seed=seed, final_train_loss=final, val_loss=val,

@@ -1,0 +1,59 @@
+"""Seed 001's headline ("Adam+SLS collapses its step on transformers, ALSALS fixes it"),
+checked with the readable references of tests/reference on the suite's byte-level GPT.
+
+    python benchmarks/quality/reference_headline.py RUN [SIZE] [SEED]
+
+RUN: ``sls`` (Adam+SLS), ``alsals`` (f_a as the exact directional derivative),
+``alsals_probe`` (f_a from the paper's literal 5e-8 probe in fp32), or a number (Adam at
+that constant learning rate). Prints one JSON line: mean train loss of the last 50 steps,
+validation loss, and for the searches the step size at steps 10, 100 and the end.
+A preliminary check (slow reference code, one seed); the fused rules replace it.
+"""
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(_HERE), os.path.join(os.path.dirname(os.path.dirname(_HERE)), "tests")]
+
+from quality.tasks import make_task  # noqa: E402
+from reference.alsals import ALSALS  # noqa: E402
+from reference.sls import AdamSLS  # noqa: E402
+
+
+def main(run: str, size: str = "cpu", seed: int = 0) -> dict:
+    torch.set_num_threads(1)
+    task = make_task("gpt", size, seed=seed)
+    model = task.model(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    searches = {"sls": lambda: AdamSLS(params), "alsals": lambda: ALSALS(params),
+                "alsals_probe": lambda: ALSALS(params, slope="probe")}
+    opt = searches[run]() if run in searches else torch.optim.Adam(params, lr=float(run))
+    losses, step_sizes = [], []
+    start = time.time()
+    for batch in task.batches:
+        closure = lambda: task.loss(model, batch)  # noqa: E731
+        if isinstance(opt, torch.optim.Optimizer):
+            opt.zero_grad()
+            loss = closure()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        else:
+            losses.append(opt.step(closure))
+            step_sizes.append(opt.eta)
+    out = dict(run=run, size=size, seed=seed, train_last50=sum(losses[-50:]) / len(losses[-50:]), val=task.evaluate(model),
+               seconds=round(time.time() - start, 1))
+    if step_sizes:
+        trials = [len(h["trial_step_sizes"]) for h in opt.history]
+        out.update({f"step_size_{k}": step_sizes[k - 1] for k in (10, 100) if k <= len(step_sizes)})
+        out.update(step_size_final=step_sizes[-1], trials_mean=sum(trials) / len(trials))
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(sys.argv[1], *(sys.argv[2:3] or ["cpu"]), *[int(a) for a in sys.argv[3:4]])))

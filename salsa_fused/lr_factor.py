@@ -1,0 +1,241 @@
+"""Automated learning-rate factor search (seed 004), on top of any optimizer.
+
+Every ``interval`` calls, around the optimizer's own step: with the weights ``w0`` before
+and ``w1`` after the step (the step ``delta = w1 - w0`` the optimizer took at its current
+rate), the loss on one scoring batch is measured at ``w0 + f*delta`` for each factor ``f``,
+the losses are normalized to z-scores ``x_f`` (sample standard deviation), scored
+``s_f = exp(-x_f)``, and the rate is multiplied by the score-weighted geometric mean
+``exp(sum s_f log f / sum s_f)``. The weights are put back to ``w1`` bitwise.
+
+``f * delta`` is the step the optimizer would take at ``f`` times its rate whenever its
+update is linear in the rate: SGD (with or without momentum), Adam/AdamW (decoupled decay
+included), and FusedSaLSa's applied step. The seed's slides try ``theta - f*eta*grad`` before
+the step and restore ``theta``; here the step at the old rate is kept and the new rate
+applies from the next step (no extra optimizer step, no copy of the optimizer's state).
+
+Where the factor goes (``target``):
+
+- ``"lr"``: every param group's ``lr`` is multiplied (torch.optim's optimizers).
+- ``"schedule"``: FusedSaLSa's ``schedule`` scale, a multiplier on the applied step that
+  the line search does not see. FusedSaLSa's ``lr`` multiplies the trial step too, so its
+  next search re-finds ``lr * eta`` and absorbs most of a change of ``lr``.
+- ``"auto"`` (default): ``"schedule"`` for FusedSaLSa, ``"lr"`` otherwise.
+
+Cost per decision: one forward per factor on the scoring batch (no backward), two copies
+of the weights while it runs. Under ``torch.distributed`` the trial losses are averaged
+over the ranks before scoring (one all-reduce of ``len(factors)`` numbers), so every rank
+chooses the same rate. Trial forwards replay the random state of the first trial (equal
+dropout masks) and leave the generators where one forward leaves them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from ._rng import RNGSnapshot
+from .distributed import SearchReduction, default_reduction
+from .errors import NonFiniteError
+from .optimizer import FusedSaLSa
+
+#: The factor lists of seed 004 (Factor_3 is the default).
+FACTOR_3 = (2.0, 1.0, 0.5)
+FACTOR_5 = (4.0, 2.0, 1.0, 0.5, 0.125)
+FACTOR_7 = (8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.125)
+TARGETS = ("auto", "lr", "schedule")
+
+
+def factor_scores(factors: Sequence[float], losses: Sequence[float]):
+    """``(scores, factor)``: ``exp(-z)`` of each loss's z-score, and the score-weighted
+    geometric mean of ``factors``. A non-finite loss scores 0 and is left out of the mean
+    and standard deviation; equal losses (standard deviation 0) score 1 each."""
+    finite = [loss for loss in losses if math.isfinite(loss)]
+    if not finite:
+        raise NonFiniteError(f"every trial loss was NaN/inf ({list(losses)}): no factor to choose")
+    mean = math.fsum(finite) / len(finite)
+    std = math.sqrt(math.fsum((x - mean) ** 2 for x in finite) / (len(finite) - 1)) if len(finite) > 1 else 0.0
+    scores = [0.0 if not math.isfinite(x) else (math.exp(-(x - mean) / std) if std > 0 else 1.0)
+              for x in losses]
+    log_mean = math.fsum(s * math.log(f) for s, f in zip(scores, factors)) / math.fsum(scores)
+    return scores, math.exp(log_mean)
+
+
+class _ScaledSchedule:
+    """FusedSaLSa's schedule protocol: the factor search's scale times the inner schedule's."""
+
+    def __init__(self, inner, search: "LRFactorSearch"):
+        self.inner, self.search = inner, search
+
+    def scale(self, step: int) -> float:
+        inner = 1.0 if self.inner is None else float(self.inner.scale(step))
+        return inner * self.search.scale
+
+    def searches(self, step: int) -> bool:
+        return True if self.inner is None else bool(self.inner.searches(step))
+
+
+class LRFactorSearch:
+    """Seed 004's automated learning-rate scheduler around an optimizer's step.
+
+    Args:
+        optimizer: a ``torch.optim.Optimizer`` (e.g. AdamW) or a ``FusedSaLSa``.
+        interval: decide every ``interval`` calls of :meth:`step` (the seed: once per epoch).
+        factors: at least two distinct finite factors > 0 (seed 004's ``Factor_3`` by default).
+        target: ``"auto"``, ``"lr"`` or ``"schedule"`` (module docstring).
+        reduction: where trial losses are averaged (default: over the world when
+            ``torch.distributed`` runs with more than one rank).
+
+    Use::
+
+        search = LRFactorSearch(opt, interval=len(loader))
+        for x, y in loader:
+            opt.zero_grad(); loss_fn(model(x), y).backward()
+            search.step(lambda: loss_fn(model(x), y))          # calls opt.step() itself
+        # FusedSaLSa: search.step(score_closure, lambda: opt.step(train_closure))
+    """
+
+    def __init__(self, optimizer, interval: int, factors: Sequence[float] = FACTOR_3, *,
+                 target: str = "auto", reduction: Optional[SearchReduction] = None):
+        groups = getattr(optimizer, "param_groups", None)
+        if not isinstance(groups, list) or not all(isinstance(g, dict) and "params" in g for g in groups):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer (with param_groups), "
+                            f"got {type(optimizer).__name__}")
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
+        factors = tuple(factors)
+        if len(factors) < 2:
+            raise ValueError(f"factors needs at least two factors to compare, got {factors}")
+        for f in factors:
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not (math.isfinite(f) and f > 0):
+                raise ValueError(f"factors must be finite numbers > 0, got {f!r} in {factors}")
+        if len(set(factors)) != len(factors):
+            raise ValueError(f"factors must be distinct (a repeated factor counts twice), got {factors}")
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        if target == "auto":
+            target = "schedule" if isinstance(optimizer, FusedSaLSa) else "lr"
+        if target == "schedule":
+            if not isinstance(optimizer, FusedSaLSa):
+                raise ValueError(f"target='schedule' needs a FusedSaLSa, got {type(optimizer).__name__}")
+            if isinstance(optimizer.schedule, _ScaledSchedule):
+                raise ValueError("this FusedSaLSa already has an LRFactorSearch on its schedule")
+            optimizer.schedule = _ScaledSchedule(optimizer.schedule, self)
+        else:
+            for i, group in enumerate(groups):
+                lr = group.get("lr")
+                if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+                    raise TypeError(f"target='lr' needs a float lr in every param group; group {i} has "
+                                    f"{type(lr).__name__}")
+        self.optimizer = optimizer
+        self.interval = interval
+        self.factors = tuple(float(f) for f in factors)
+        self.target = target
+        self.reduction = reduction
+        self.calls = 0
+        self.scale = 1.0  # product of the chosen factors
+        self.last_decision: Optional[Dict[str, Any]] = None
+
+    # ------------------------------------------------------------------ step
+    def _params(self) -> List[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def step(self, closure: Callable[[], Any], optimizer_step: Optional[Callable[[], Any]] = None):
+        """Take the optimizer's step (``optimizer_step()``, default ``optimizer.step()``) and,
+        every ``interval`` calls, choose the factor; returns what ``optimizer_step`` returned.
+
+        ``closure()`` runs the forward pass on the scoring batch and returns the scalar loss
+        (called under ``torch.no_grad()``, once per factor, only on decision calls). If it
+        raises or returns a bad value, the weights are put back to where the optimizer's
+        step left them and the rate is unchanged.
+        """
+        if not callable(closure):
+            raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        if optimizer_step is None:
+            optimizer_step = self.optimizer.step
+        elif not callable(optimizer_step):
+            raise TypeError(f"optimizer_step must be callable, got {type(optimizer_step).__name__}")
+        if (self.calls + 1) % self.interval != 0:
+            result = optimizer_step()
+            self.calls += 1
+            return result
+        params = self._params()
+        with torch.no_grad():
+            before = [p.detach().clone() for p in params]
+        result = optimizer_step()
+        self.calls += 1
+        with torch.no_grad():
+            after = [p.detach().clone() for p in params]
+        losses = self._trial_losses(closure, params, before, after)
+        scores, factor = factor_scores(self.factors, losses)
+        self._apply(factor)
+        self.last_decision = dict(call=self.calls, losses=losses, scores=scores, factor=factor, scale=self.scale)
+        return result
+
+    def _trial_losses(self, closure, params, before, after) -> List[float]:
+        devices = {p.device for p in params}
+        rng = RNGSnapshot.capture(devices)
+        values = []
+        try:
+            with torch.no_grad():
+                for f in self.factors:
+                    for p, w0, w1 in zip(params, before, after):
+                        p.copy_(w1 if f == 1.0 else torch.lerp(w0, w1, f))  # w0 + f * (w1 - w0)
+                    rng.set()
+                    values.append(self._loss_value(closure()))
+        finally:
+            with torch.no_grad():
+                for p, w1 in zip(params, after):
+                    p.copy_(w1)
+        device = params[0].device if params else torch.device("cpu")
+        losses = torch.stack([v.to(device) for v in values])
+        reduction = self.reduction if self.reduction is not None else default_reduction()
+        if reduction.loss_group is not None:
+            losses = reduction.average_loss(losses)
+        return losses.tolist()
+
+    @staticmethod
+    def _loss_value(value) -> torch.Tensor:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return torch.tensor(float(value), dtype=torch.float64)
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"closure() must return the loss as a scalar tensor or float, "
+                            f"got {type(value).__name__}")
+        if value.numel() != 1:
+            raise ValueError(f"closure() must return a scalar loss, got a tensor of shape {tuple(value.shape)}")
+        if value.is_complex() or not value.is_floating_point():
+            raise TypeError(f"closure() must return a real floating-point loss, got {value.dtype}")
+        return value.detach().reshape(()).to(torch.float64)
+
+    def _apply(self, factor: float) -> None:
+        self.scale *= factor
+        if self.target == "lr":
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["lr"] * factor
+
+    # ------------------------------------------------------------------ state_dict
+    def state_dict(self) -> dict:
+        """Counters, the scale and the last decision; the rate itself is in the optimizer's
+        ``state_dict`` (``lr``) or, for ``target="schedule"``, in ``scale``."""
+        return dict(interval=self.interval, factors=list(self.factors), target=self.target,
+                    calls=self.calls, scale=self.scale,
+                    last_decision=None if self.last_decision is None else dict(self.last_decision))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Resume; the configuration (interval, factors, target) must match this instance."""
+        expected = dict(interval=self.interval, factors=list(self.factors), target=self.target)
+        for key, value in expected.items():
+            if key not in state_dict:
+                raise ValueError(f"LRFactorSearch state_dict lacks {key!r}")
+            saved = list(state_dict[key]) if key == "factors" else state_dict[key]
+            if saved != value:
+                raise ValueError(f"LRFactorSearch state_dict has {key}={saved!r}, this instance {value!r}")
+        calls, scale = state_dict.get("calls"), state_dict.get("scale")
+        if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
+            raise ValueError(f"LRFactorSearch state_dict calls must be an integer >= 0, got {calls!r}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"LRFactorSearch state_dict scale must be a finite number > 0, got {scale!r}")
+        self.calls, self.scale = calls, float(scale)
+        decision = state_dict.get("last_decision")
+        self.last_decision = None if decision is None else dict(decision)

@@ -1,0 +1,303 @@
+"""LRFactorSearch (salsa_fused.lr_factor) against seed 004's reference, decision for decision.
+
+The reference (tests/reference/lr_factor.py) tries ``theta - f*lr*grad`` with plain SGD;
+on torch.optim.SGD the module's trials ``w0 + f*(w1 - w0)`` are the same points, so with
+the scoring batch equal to the training batch both must see the same losses and choose
+the same rate (float64, to rounding). Then: other optimizers (AdamW: ``f`` times the step
+it took; FusedSaLSa: the schedule scale), exact restoration, resume, bad input.
+"""
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+
+from reference.lr_factor import LRFactorScheduler, weighted_factor
+from salsa_fused import FusedSaLSa, NonFiniteError
+from salsa_fused.lr_factor import FACTOR_5, LRFactorSearch, factor_scores
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
+
+def make_model(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(dtype)
+
+
+def batch(k, dtype=torch.float64):
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(32, 6, generator=g, dtype=dtype)
+    return x, torch.sin(x[:, :2].sum(1, keepdim=True))
+
+
+def loss_on(model, xy):
+    x, y = xy
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+@pytest.mark.parametrize("factors", [(2.0, 1.0, 0.5), FACTOR_5])
+def test_sgd_matches_the_reference_decision_for_decision(factors):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    search = LRFactorSearch(opt, interval=3, factors=factors)
+    decisions = 0
+    for k in range(12):
+        xy = batch(k)
+        twin = copy.deepcopy(model)  # the reference decides from the weights before the step
+        opt.zero_grad()
+        loss_on(model, xy).backward()
+        due = (k + 1) % 3 == 0
+        lr_before = opt.param_groups[0]["lr"]
+        search.step(lambda: loss_on(model, xy))
+        if due:
+            decisions += 1
+            reference = LRFactorScheduler(twin.parameters(), lr_before, factors)
+            new_lr = reference.choose(lambda: loss_on(twin, xy))
+            expected = reference.history[-1]
+            got = search.last_decision
+            assert got["losses"] == pytest.approx(expected["losses"], rel=1e-12, abs=0)
+            assert got["scores"] == pytest.approx(expected["scores"], rel=1e-9)
+            assert opt.param_groups[0]["lr"] == pytest.approx(new_lr, rel=1e-12)
+        else:
+            assert opt.param_groups[0]["lr"] == lr_before
+    assert decisions == 4 and search.scale != 1.0
+
+
+def test_adamw_trials_are_multiples_of_the_step_taken_and_weights_come_back_bitwise():
+    model = make_model()
+    groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.02}]
+    opt = torch.optim.AdamW(groups, lr=0.05, weight_decay=0.1)
+    search = LRFactorSearch(opt, interval=1)
+    for k in range(3):
+        xy = batch(k)
+        opt.zero_grad()
+        loss_on(model, xy).backward()
+        twin, twin_opt = copy.deepcopy(model), copy.deepcopy(opt)
+        twin_opt.param_groups[0]["params"] = list(twin[0].parameters())
+        twin_opt.param_groups[1]["params"] = list(twin[2].parameters())
+        twin_opt.state = {tp: copy.deepcopy(opt.state[p]) for tp, p in zip(twin.parameters(), model.parameters())}
+        for tp, p in zip(twin.parameters(), model.parameters()):
+            tp.grad = p.grad.clone()
+        before = [p.detach().clone() for p in twin.parameters()]
+        twin_opt.step()
+        lrs = [g["lr"] for g in opt.param_groups]
+        search.step(lambda: loss_on(model, xy))
+        for p, tp in zip(model.parameters(), twin.parameters()):
+            assert torch.equal(p, tp)  # the step AdamW took, bitwise: trial weights never left behind
+        expected = []
+        with torch.no_grad():
+            for f in search.factors:
+                probe = copy.deepcopy(twin)
+                for pp, w0, w1 in zip(probe.parameters(), before, twin.parameters()):
+                    pp.copy_(w0 + f * (w1 - w0))
+                expected.append(float(loss_on(probe, xy)))
+        assert search.last_decision["losses"] == pytest.approx(expected, rel=1e-12)
+        _, factor = weighted_factor(search.factors, expected)
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([lr * factor for lr in lrs], rel=1e-12)
+
+
+def test_trial_forwards_replay_one_random_state_and_leave_the_generator_after_one_forward():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    search = LRFactorSearch(opt, interval=1)
+    draws = []
+
+    def noisy_closure():
+        draws.append(float(torch.rand(())))
+        return loss_on(model, batch(0))
+
+    opt.zero_grad()
+    loss_on(model, batch(0)).backward()
+    torch.manual_seed(123)
+    search.step(noisy_closure)
+    assert len(draws) == 3 and len(set(draws)) == 1
+    after = float(torch.rand(()))
+    torch.manual_seed(123)
+    assert [float(torch.rand(())), float(torch.rand(()))] == [draws[0], after]
+
+
+def test_fused_salsa_scales_the_applied_step_through_its_schedule():
+    model = make_model(torch.float32)
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    search = LRFactorSearch(opt, interval=4)
+    assert search.target == "schedule"
+    with pytest.raises(ValueError, match="already has an LRFactorSearch"):
+        LRFactorSearch(opt, interval=4)
+    for k in range(8):
+        xy = batch(k, torch.float32)
+        opt.zero_grad()
+        search.step(lambda: loss_on(model, xy), lambda: opt.step(lambda: loss_on(model, xy)))
+    assert search.last_decision is not None and search.scale != 1.0
+    assert opt.schedule.scale(opt.search_state.step + 1) == search.scale
+    # The next step's applied move is scale times the move of the same optimizer state at scale 1.
+    state = copy.deepcopy(opt.state_dict())
+    weights = [p.detach().clone() for p in model.parameters()]
+    xy = batch(100, torch.float32)
+    moves, scale_chosen = [], search.scale
+    for scale in (scale_chosen, 1.0):
+        with torch.no_grad():
+            for p, w in zip(model.parameters(), weights):
+                p.copy_(w)
+        opt.load_state_dict(copy.deepcopy(state))
+        search.scale = scale
+        opt.zero_grad()
+        opt.step(lambda: loss_on(model, xy))
+        moves.append(torch.cat([(p.detach() - w).reshape(-1) for p, w in zip(model.parameters(), weights)]))
+    torch.testing.assert_close(moves[0], scale_chosen * moves[1], rtol=1e-5, atol=1e-8)
+
+
+def _run(steps, resume_at=None):
+    model = make_model(torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    search = LRFactorSearch(opt, interval=2)
+    for k in range(steps):
+        if k == resume_at:
+            buffer = io.BytesIO()
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "search": search.state_dict()},
+                       buffer)
+            buffer.seek(0)
+            saved = torch.load(buffer)
+            model = make_model(torch.float32, seed=1)
+            opt = torch.optim.AdamW(model.parameters(), lr=0.5)
+            search = LRFactorSearch(opt, interval=2)
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["opt"])
+            search.load_state_dict(saved["search"])
+        xy = batch(k, torch.float32)
+        opt.zero_grad()
+        loss_on(model, xy).backward()
+        search.step(lambda: loss_on(model, xy))
+    return model, opt, search
+
+
+def test_resume_is_bitwise():
+    straight = _run(9)
+    resumed = _run(9, resume_at=5)
+    for p, q in zip(straight[0].parameters(), resumed[0].parameters()):
+        assert torch.equal(p, q)
+    assert straight[1].param_groups[0]["lr"] == resumed[1].param_groups[0]["lr"]
+    assert straight[2].state_dict() == resumed[2].state_dict()
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(interval=0), ValueError, "interval must be an integer >= 1"),
+    (dict(interval=2.0), ValueError, "interval must be an integer >= 1"),
+    (dict(interval=1, factors=(1.0,)), ValueError, "at least two factors"),
+    (dict(interval=1, factors=(2.0, 0.0)), ValueError, "finite numbers > 0"),
+    (dict(interval=1, factors=(2.0, math.inf)), ValueError, "finite numbers > 0"),
+    (dict(interval=1, factors=(2.0, 2.0, 0.5)), ValueError, "distinct"),
+    (dict(interval=1, target="momentum"), ValueError, "target must be one of"),
+    (dict(interval=1, target="schedule"), ValueError, "needs a FusedSaLSa"),
+])
+def test_bad_arguments_raise(kwargs, error, match):
+    opt = torch.optim.SGD(make_model().parameters(), lr=0.1)
+    with pytest.raises(error, match=match):
+        LRFactorSearch(opt, **kwargs)
+
+
+def test_bad_optimizer_and_state_dict_raise():
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        LRFactorSearch(object(), interval=1)
+    opt = torch.optim.SGD(make_model().parameters(), lr=0.1)
+    search = LRFactorSearch(opt, interval=2)
+    good = search.state_dict()
+    for bad, match in [({**good, "interval": 3}, "interval=3"), ({**good, "factors": [4.0, 1.0]}, "factors"),
+                       ({**good, "calls": -1}, "calls"), ({**good, "scale": math.nan}, "scale"),
+                       ({k: v for k, v in good.items() if k != "target"}, "lacks 'target'")]:
+        with pytest.raises(ValueError, match=match):
+            search.load_state_dict(bad)
+    assert search.state_dict() == good
+
+
+@pytest.mark.parametrize("closure_value, error, match", [
+    (lambda: torch.ones(2), ValueError, "scalar loss"),
+    (lambda: "loss", TypeError, "scalar tensor or float"),
+    (lambda: torch.tensor(1), TypeError, "floating-point"),
+])
+def test_bad_closure_output_leaves_the_optimizer_step_and_rate(closure_value, error, match):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    search = LRFactorSearch(opt, interval=1)
+    opt.zero_grad()
+    loss_on(model, batch(0)).backward()
+    expected = [p.detach().clone().add_(p.grad, alpha=-0.1) for p in model.parameters()]  # SGD's own form
+    with pytest.raises(error, match=match):
+        search.step(closure_value)
+    for p, e in zip(model.parameters(), expected):
+        assert torch.equal(p.detach(), e)
+    assert opt.param_groups[0]["lr"] == 0.1 and search.last_decision is None and search.scale == 1.0
+
+
+def test_non_finite_trial_losses():
+    scores, factor = factor_scores((4.0, 1.0, 0.5), [math.inf, 1.0, 2.0])
+    assert scores[0] == 0.0 and factor == pytest.approx(math.exp((math.exp(1 / math.sqrt(2)) * 0 + math.exp(
+        -1 / math.sqrt(2)) * math.log(0.5)) / (math.exp(1 / math.sqrt(2)) + math.exp(-1 / math.sqrt(2)))))
+    with pytest.raises(NonFiniteError, match="every trial loss"):
+        factor_scores((2.0, 1.0), [math.nan, math.inf])
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    search = LRFactorSearch(opt, interval=1)
+    opt.zero_grad()
+    loss_on(model, batch(0)).backward()
+    with pytest.raises(NonFiniteError):
+        search.step(lambda: torch.tensor(math.nan, dtype=torch.float64))
+    assert opt.param_groups[0]["lr"] == 0.1
+
+
+WORLD = 2
+
+
+def _ddp_worker(rank, rendezvous, out_dir):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
+    try:
+        model = make_model()
+        ddp = DistributedDataParallel(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+        search = LRFactorSearch(opt, interval=2)
+        lrs = []
+        for k in range(6):
+            x, y = batch(10 * k + rank)  # every rank its own batch
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(ddp(x), y).backward()
+            search.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+            lrs.append(opt.param_groups[0]["lr"])
+        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()] + [torch.tensor(lrs)])
+        gathered = [torch.empty_like(flat) for _ in range(WORLD)]
+        dist.all_gather(gathered, flat)
+        if rank == 0:
+            torch.save({"gathered": gathered, "lrs": lrs}, f"{out_dir}/lr_factor_ddp.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_choose_the_same_rate_as_one_process_on_the_global_batch(tmp_path):
+    """Losses averaged over the ranks: every rank picks the same rate, the one a single process
+    picks on the concatenated batch (equal batch sizes: the global mean is the ranks' mean)."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    rendezvous = tempfile.mktemp(prefix="lr_factor_pg_", dir=str(tmp_path))
+    mp.spawn(_ddp_worker, args=(rendezvous, str(tmp_path)), nprocs=WORLD, join=True)
+    result = torch.load(tmp_path / "lr_factor_ddp.pt")
+    assert torch.equal(result["gathered"][0], result["gathered"][1])
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    search = LRFactorSearch(opt, interval=2)
+    lrs = []
+    for k in range(6):
+        parts = [batch(10 * k + r) for r in range(WORLD)]
+        x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        search.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+        lrs.append(opt.param_groups[0]["lr"])
+    assert result["lrs"] == pytest.approx(lrs, rel=1e-9)
+    assert len(set(lrs)) > 1  # decisions were taken and moved the rate
