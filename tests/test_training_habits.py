@@ -55,8 +55,10 @@ def _moments(opt):
 def _two_phase_dropout_run(seed: int, preset: str, steps: int = 30):
     """The two-phase form with no mark_forward(): returns (final eta, most backtracks in one step)."""
     model = _dropout_mlp(seed)
+    preset, _, restore = preset.partition("+")
     total = steps if preset == "pretrain" else None
-    opt = presets.from_preset(model.parameters(), preset, total_steps=total, backend="torch")
+    opt = presets.from_preset(model.parameters(), preset, total_steps=total, backend="torch",
+                              restore=restore or "copy")
     x, y = _data(seed)
 
     def closure():
@@ -76,7 +78,9 @@ def _two_phase_dropout_run(seed: int, preset: str, steps: int = 30):
 # With mark_forward() the faithful preset ends every seed at eta 8.8e-3..1.1e-2 and its worst
 # search backtracks 20 times; without the mark 2 of these 6 seeds end at 1.5e-28 and 3.4e-13
 # after searches that exhaust all 100 trials.
-@pytest.mark.parametrize("preset", [pytest.param("faithful", marks=_not_fixed(1)), "author_gpt", "pretrain"])
+@pytest.mark.parametrize("preset", [pytest.param("faithful", marks=_not_fixed(1)),
+                                    pytest.param("faithful+inplace", marks=_not_fixed(1)),
+                                    "author_gpt", "pretrain", "pretrain+inplace"])
 def test_two_phase_dropout_without_mark_keeps_a_sane_step_size(preset):
     for seed in range(6):
         eta, worst = _two_phase_dropout_run(seed, preset)
