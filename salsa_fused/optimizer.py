@@ -142,6 +142,7 @@ class FusedSaLSa(Optimizer):
         self._counts: Optional[_DeviceCounts] = None
         self._forward_rng: Optional[RNGSnapshot] = None  # mark_forward(), for the next step only
         self._bound_step: Optional[tuple] = None  # bind_closure(), for the next step only
+        self._zeroed: Dict[int, tuple] = {}  # zero_grad(set_to_none=False): id(grad) -> (grad, version)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         #: The live search state; state_dict()/load_state_dict() carry it as a dict.
@@ -305,7 +306,7 @@ class FusedSaLSa(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         for name, value in (("_buckets", {}), ("_saved", {}), ("_counts", None), ("_forward_rng", None),
-                            ("_bound_step", None)):
+                            ("_bound_step", None), ("_zeroed", {})):
             self.__dict__.setdefault(name, value)
         if "_search" not in self.__dict__:  # pickled with the search state in param_groups[0]
             saved = self.param_groups[0].pop(_SEARCH_KEY, None) if self.param_groups else None
@@ -383,6 +384,29 @@ class FusedSaLSa(Optimizer):
             self._counts = _DeviceCounts.zeros(self._device)
         return self._counts
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim``; zeroed gradients kept as tensors are remembered (by version, no
+        device read) so the one-phase form can tell them from gradients of a backward."""
+        super().zero_grad(set_to_none)
+        self._zeroed = {} if set_to_none else {
+            id(p.grad): (p.grad, p.grad._version) for group in self.param_groups
+            for p in group["params"] if p.grad is not None}
+
+    def _check_no_earlier_backward(self) -> None:
+        """The one-phase form runs the backward itself: gradients of an earlier backward would be
+        added to its own (the AdamW habit ``loss.backward(); opt.step(closure)``)."""
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        zeroed = self._zeroed
+        for grad in grads:
+            recorded = zeroed.get(id(grad))
+            if recorded is None or recorded[0] is not grad or recorded[1] != grad._version:
+                raise RuntimeError(
+                    "step(closure) runs the forward and the backward itself, but parameters already "
+                    "have gradients (a backward ran before step(), or zero_grad() was not called): "
+                    "they would be added to the step's own. Call zero_grad() before step(closure), "
+                    "or, to keep your own backward, use the two-phase form: "
+                    "loss.backward(); step(closure, loss=loss)")
+
     def mark_forward(self) -> None:
         """Two-phase form with randomness (dropout): call right before the step's first forward
         (the first micro-batch under accumulation). The next step's trial forwards then replay
@@ -441,6 +465,8 @@ class FusedSaLSa(Optimizer):
             raise RuntimeError("under torch.amp.GradScaler use the two-phase form: "
                                "scaler.scale(loss).backward(); scaler.step(opt, closure, loss=loss) "
                                "(step() would run an unscaled backward itself)")
+        if loss is None:
+            self._check_no_earlier_backward()
         plan = plan_step(self._search, self.search_config)
         scale = 1.0
         if self.schedule is not None:

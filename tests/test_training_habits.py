@@ -196,7 +196,6 @@ def test_a_group_at_lr_zero_keeps_its_weights_while_others_train():
 # ---------------------------------------------------------------- item 5: the AdamW habit
 
 
-@_not_fixed(5)
 def test_gradients_present_before_the_one_phase_form_are_an_error():
     model = _dropout_mlp(0)
     opt = FusedSaLSa(model.parameters(), backend="torch")
