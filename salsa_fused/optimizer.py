@@ -379,6 +379,13 @@ class FusedSaLSa(Optimizer):
                                "the parameters")
         return value
 
+    def _trial_loss(self, closure: LossClosure) -> torch.Tensor:
+        """``closure()`` under ``no_grad`` at the weights as they are: a 0-dim fp32 tensor."""
+        with torch.no_grad():
+            value = closure()
+        loss = self._loss_tensor(value, "closure()", need_grad=False)
+        return loss.detach().reshape(()).to(device=self._device, dtype=torch.float32)
+
     def _device_counts(self) -> "_DeviceCounts":
         if self._counts is None:
             self._counts = _DeviceCounts.zeros(self._device)
@@ -487,6 +494,10 @@ class FusedSaLSa(Optimizer):
             loss_tensor = self._loss_tensor(loss, "loss", need_grad=False)
             rng_after = RNGSnapshot.capture(devices) if plan.is_search else None
             rng_before = (marked or rng_after) if plan.is_search else None
+        # Two-phase without mark_forward(): the caller's forward drew random masks (dropout) the
+        # trials cannot replay, so a search judges them against a reference forward at w0 that
+        # replays what the trials replay, not against the caller's loss.
+        needs_reference = not one_phase and marked is None
         buckets = self._collect_buckets()
         if not buckets:
             raise RuntimeError("no parameter of this optimizer has a gradient after the backward: the "
@@ -525,8 +536,12 @@ class FusedSaLSa(Optimizer):
             self._commit(step_state)
             return loss_tensor if one_phase else loss
         try:
+            if needs_reference:
+                rng_before.set()
+                f0 = self._trial_loss(closure)
+                step_state.num_forward_evals += 1
             self._search_step(plan, step_state, buckets, hypers, groups, backend, f0, closure,
-                         grad_scale, found_inf, rng_before)
+                              grad_scale, found_inf, rng_before)
         finally:
             rng_after.set()  # the generators end where the step's one forward left them
         return loss_tensor if one_phase else loss
@@ -602,11 +617,7 @@ class FusedSaLSa(Optimizer):
         try:
             while True:
                 rng_before.set()
-                with torch.no_grad():
-                    value = closure()
-                trial = self._loss_tensor(value, "closure()", need_grad=False)
-                trial = trial.detach().reshape(1).to(device=self._device, dtype=torch.float32)
-                (f1_value,) = self.reduction.average_loss(trial).tolist()
+                (f1_value,) = self.reduction.average_loss(self._trial_loss(closure).reshape(1)).tolist()
                 if search.observe(f1_value) is not Verdict.RETRY:
                     break
                 move_all("retrial", lambda g: g.trial(search.step_size, current))

@@ -118,7 +118,6 @@ def test_lightning_wrapper_passes_mark_forward_and_bind_closure_on(call):
     assert 1e-4 < salsa.step_size < 10
 
 
-@_not_fixed(1)
 def test_lightning_readme_pattern_with_dropout_does_not_collapse():
     """The README snippet as written (no mark) on a dropout net: 495 backtracks and eta 6e-48
     in the issue's 20-step run."""
