@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from copy import deepcopy
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
@@ -53,6 +53,21 @@ class _DeviceCounts:
     @classmethod
     def zeros(cls, device: Optional[torch.device]) -> "_DeviceCounts":
         return cls(*(torch.zeros((), dtype=torch.int64, device=device) for _ in range(3)))
+
+
+@dataclass
+class _StepHandoff:
+    """What a caller hands the next step: ``mark_forward()``'s random state, ``bind_closure()``'s
+    closure and loss, ``zero_grad(set_to_none=False)``'s zeroed gradients (id -> (grad, version)).
+
+    One mutable object, so framework wrappers that run FusedSaLSa's methods on themselves
+    (Lightning's ``LightningOptimizer`` forwards attribute reads to the optimizer, older versions
+    copy its ``__dict__``) write into the optimizer's own handoff, not into a copy.
+    """
+
+    forward_rng: Optional[RNGSnapshot] = None
+    bound_step: Optional[tuple] = None
+    zeroed: Dict[int, tuple] = field(default_factory=dict)
 
 
 class FusedSaLSa(Optimizer):
@@ -140,9 +155,7 @@ class FusedSaLSa(Optimizer):
         self._buckets: Dict[tuple, Bucket] = {}
         self._saved: Dict[torch.Tensor, torch.Tensor] = {}
         self._counts: Optional[_DeviceCounts] = None
-        self._forward_rng: Optional[RNGSnapshot] = None  # mark_forward(), for the next step only
-        self._bound_step: Optional[tuple] = None  # bind_closure(), for the next step only
-        self._zeroed: Dict[int, tuple] = {}  # zero_grad(set_to_none=False): id(grad) -> (grad, version)
+        self._handoff = _StepHandoff()  # mark_forward(), bind_closure(), zero_grad(): for the next step
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         #: The live search state; state_dict()/load_state_dict() carry it as a dict.
@@ -305,9 +318,9 @@ class FusedSaLSa(Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        for name, value in (("_buckets", {}), ("_saved", {}), ("_counts", None), ("_forward_rng", None),
-                            ("_bound_step", None), ("_zeroed", {})):
+        for name, value in (("_buckets", {}), ("_saved", {}), ("_counts", None)):
             self.__dict__.setdefault(name, value)
+        self._handoff = _StepHandoff()
         if "_search" not in self.__dict__:  # pickled with the search state in param_groups[0]
             saved = self.param_groups[0].pop(_SEARCH_KEY, None) if self.param_groups else None
             self._search = SearchState.from_dict(saved) if saved is not None else SearchState()
@@ -395,7 +408,7 @@ class FusedSaLSa(Optimizer):
         """As ``torch.optim``; zeroed gradients kept as tensors are remembered (by version, no
         device read) so the one-phase form can tell them from gradients of a backward."""
         super().zero_grad(set_to_none)
-        self._zeroed = {} if set_to_none else {
+        self._handoff.zeroed = {} if set_to_none else {
             id(p.grad): (p.grad, p.grad._version) for group in self.param_groups
             for p in group["params"] if p.grad is not None}
 
@@ -403,7 +416,7 @@ class FusedSaLSa(Optimizer):
         """The one-phase form runs the backward itself: gradients of an earlier backward would be
         added to its own (the AdamW habit ``loss.backward(); opt.step(closure)``)."""
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        zeroed = self._zeroed
+        zeroed = self._handoff.zeroed
         for grad in grads:
             recorded = zeroed.get(id(grad))
             if recorded is None or recorded[0] is not grad or recorded[1] != grad._version:
@@ -421,19 +434,21 @@ class FusedSaLSa(Optimizer):
         sees their masks; without the mark they replay the state found at the ``step()`` call.
         Either way the generators end where the caller's forwards left them."""
         devices = [self._device] if self._device is not None else []
-        self._forward_rng = RNGSnapshot.capture(devices)
+        self._handoff.forward_rng = RNGSnapshot.capture(devices)
 
     def bind_closure(self, closure: LossClosure, *, loss=None) -> None:
         """Hand the next ``step()`` called without arguments its ``closure`` (and, with
         ``loss=``, the loss whose backward already ran: the two-phase form).
 
         For loops that call ``optimizer.step()`` themselves (Hugging Face ``Trainer``,
-        accelerate's ``AcceleratedOptimizer``): bind after the backward. One step uses the
-        binding and clears it; a new binding replaces one not yet used.
+        accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``): bind after the
+        backward. One step uses the binding and clears it; a new binding replaces one not yet used.
+        A wrapper that always passes a closure of its own (Lightning's, for its hooks) gets it
+        called once; it must return ``None``, and the bound step runs.
         """
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
-        self._bound_step = (closure, loss)
+        self._handoff.bound_step = (closure, loss)
 
     def step(self, closure: Optional[LossClosure] = None, *, loss=None):
         """One SaLSa step; returns the loss at the weights before the step.
@@ -457,8 +472,14 @@ class FusedSaLSa(Optimizer):
             raise
 
     def _step(self, closure: Optional[LossClosure], loss):
-        if closure is None and loss is None and self._bound_step is not None:
-            (closure, loss), self._bound_step = self._bound_step, None
+        handoff = self._handoff
+        if loss is None and handoff.bound_step is not None:
+            wrapper_closure = closure
+            (closure, loss), handoff.bound_step = handoff.bound_step, None
+            if wrapper_closure is not None and wrapper_closure() is not None:
+                raise RuntimeError("step(closure) was called with a closure returning a loss while a "
+                                   "closure bound with bind_closure() was pending: call step() "
+                                   "without arguments to run the bound step")
         if closure is None:
             if loss is None and not any(p.grad is not None for g in self.param_groups for p in g["params"]):
                 return None  # nothing to do, as torch.optim does for a step without gradients
@@ -481,7 +502,7 @@ class FusedSaLSa(Optimizer):
             if plan.is_search and not self.schedule.searches(plan.state.step):
                 plan = replace(plan, is_search=False)
         devices = [self._device] if self._device is not None else []
-        marked, self._forward_rng = self._forward_rng, None  # mark_forward(), used by this step only
+        marked, handoff.forward_rng = handoff.forward_rng, None  # mark_forward(), used by this step only
         one_phase = loss is None
         if one_phase:
             rng_before = RNGSnapshot.capture(devices) if plan.is_search else None

@@ -108,7 +108,6 @@ def _fit(call: str, steps: int = 12):
     return module, trainer.optimizers[0]
 
 
-@_not_fixed(2)
 @pytest.mark.parametrize("call", ["mark", "bind"])
 def test_lightning_wrapper_passes_mark_forward_and_bind_closure_on(call):
     """``self.optimizers()`` is a LightningOptimizer: the mark and the binding must reach the step."""
@@ -130,7 +129,6 @@ def test_lightning_readme_pattern_with_dropout_does_not_collapse():
 # ---------------------------------------------------------------- accelerate (item 2)
 
 
-@_not_fixed(2)
 def test_accelerated_optimizer_passes_mark_forward_and_bind_closure_on():
     accelerate = pytest.importorskip("accelerate")
     import salsa_fused.integrations.accelerate  # noqa: F401  (the integration FusedSaLSa ships)
