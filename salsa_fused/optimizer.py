@@ -110,6 +110,10 @@ class FusedSaLSa(Optimizer):
         schedule: ``None``, or an object with ``scale(step)`` (a multiplier on the applied
             step; trials still probe the searched level) and ``searches(step)`` (False
             freezes the level), e.g. :class:`salsa_fused.step_size.WarmupStableDecay`.
+        model: the module the closure runs, or ``None``. Given, the buffers of its modules that
+            track running statistics (``track_running_stats``: BatchNorm, SyncBatchNorm, tracked
+            InstanceNorm) are put back after a search's extra forwards, so they end as the step's
+            one training forward left them (the integrations pass it).
 
     ``step(closure)`` runs ``closure()`` (forward, returns the scalar loss) and the backward
     itself; ``loss.backward(); step(closure, loss=loss)`` is the two-phase form for loops
@@ -125,7 +129,8 @@ class FusedSaLSa(Optimizer):
                  always_search_steps: int = 9, growth: float = 1.1, backtrack: float = 0.8,
                  max_trials: int = 100, restore: str = "copy", backend: str = "auto",
                  nonfinite: str = "raise", reduction: Optional[SearchReduction] = None,
-                 search_rule: Optional[Callable] = None, schedule=None):
+                 search_rule: Optional[Callable] = None, schedule=None,
+                 model: Optional[torch.nn.Module] = None):
         if not (math.isfinite(init_step_size) and init_step_size > 0):
             raise ValueError(f"init_step_size must be a finite number > 0, got {init_step_size}")
         if search_direction not in DIRECTIONS:
@@ -141,6 +146,8 @@ class FusedSaLSa(Optimizer):
             max_search_interval=max_search_interval, always_search_steps=always_search_steps,
             adaptive_interval=adaptive_interval)
         self.search_config.validate()
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if schedule is not None and not (callable(getattr(schedule, "scale", None))
                                          and callable(getattr(schedule, "searches", None))):
             raise TypeError("schedule must have scale(step) and searches(step) methods")
@@ -151,6 +158,7 @@ class FusedSaLSa(Optimizer):
         self.backend_name = backend
         self.nonfinite = nonfinite
         self.init_step_size = float(init_step_size)
+        self.model = model
         self._device: Optional[torch.device] = None
         self._buckets: Dict[tuple, Bucket] = {}
         self._saved: Dict[torch.Tensor, torch.Tensor] = {}
@@ -392,6 +400,15 @@ class FusedSaLSa(Optimizer):
                                "the parameters")
         return value
 
+    def _running_statistics(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """(buffer, copy) for the buffers of ``model``'s modules tracking running statistics,
+        which every extra forward of a search would update."""
+        if self.model is None:
+            return []
+        return [(buffer, buffer.detach().clone()) for module in self.model.modules()
+                if getattr(module, "track_running_stats", False) and getattr(module, "training", False)
+                for buffer in module.buffers(recurse=False)]
+
     def _trial_loss(self, closure: LossClosure) -> torch.Tensor:
         """``closure()`` under ``no_grad`` at the weights as they are: a 0-dim fp32 tensor."""
         with torch.no_grad():
@@ -556,6 +573,7 @@ class FusedSaLSa(Optimizer):
                     backend.plain_step(b, args, f0, found_inf=found_inf, nonfinite_count=counts.nonfinite_elements)
             self._commit(step_state)
             return loss_tensor if one_phase else loss
+        running = self._running_statistics()
         try:
             if needs_reference:
                 rng_before.set()
@@ -565,6 +583,9 @@ class FusedSaLSa(Optimizer):
                               grad_scale, found_inf, rng_before)
         finally:
             rng_after.set()  # the generators end where the step's one forward left them
+            with torch.no_grad():
+                for buffer, saved in running:  # and the running statistics where it left them
+                    buffer.copy_(saved)
         return loss_tensor if one_phase else loss
 
     def _search_step(self, plan, step_state, buckets, hypers, groups, backend, f0, closure,

@@ -112,7 +112,6 @@ def _assert_buffers_as_after_one_forward(bn, record):
     assert int(bn.num_batches_tracked) == record.grad_forwards
 
 
-@_not_fixed(3)
 @pytest.mark.parametrize("form", ["one_phase", "two_phase"])
 def test_trials_leave_batchnorm_buffers_as_one_forward_leaves_them(form):
     """``model=`` hands the optimizer the modules whose buffers trial forwards must not change."""

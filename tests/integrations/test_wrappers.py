@@ -191,7 +191,6 @@ def _hf_train(tmp_path, model, **args):
     return trainer
 
 
-@_not_fixed(3)
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_hf_trainer_trials_leave_batchnorm_statistics_as_the_training_forwards_leave_them(tmp_path, accumulation):
     """The integration hands the model to the optimizer: BatchNorm's running statistics end as the
