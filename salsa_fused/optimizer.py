@@ -169,17 +169,20 @@ class FusedSaLSa(Optimizer):
         #: The live search state; state_dict()/load_state_dict() carry it as a dict.
         self._search = SearchState(step_size=self.init_step_size)
         # Detected after the groups exist: sharded DTensor params (FSDP2) also reduce q.
+        self._reduction_given = reduction is not None
         self.reduction = reduction if reduction is not None else default_reduction(
             p for group in self.param_groups for p in group["params"])
         #: The backend module, chosen and checked here, once (raises with the reason it cannot run).
         self.backend = _backends.resolve(backend, self._device or torch.device("cpu"))
+        self._fit_backend(self.param_groups)
 
     # ------------------------------------------------------------------ setup
     @staticmethod
     def _validate_group_hyper(group: dict) -> None:
         lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         if isinstance(lr, torch.Tensor):
-            raise TypeError("lr must be a Python float (it is a host-side multiplier); got a tensor")
+            raise ValueError("a tensor lr is not supported: lr must be a Python float (a host-side "
+                             "multiplier on the searched step size)")
         for name, value in (("lr", lr), ("eps", eps), ("weight_decay", wd)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a number, got {type(value).__name__}")
@@ -204,7 +207,10 @@ class FusedSaLSa(Optimizer):
         candidate = {**self.defaults, **param_group, "params": params}
         self._validate_group_hyper(candidate)
         devices = {self._device} if self._device is not None else set()
-        for p in params:
+        # (name, tensor) pairs of named_parameters(): torch keeps the names in "param_names"
+        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) else p
+                   for p in params]
+        for p in tensors:
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"FusedSaLSa can only optimize Tensors, got {type(p).__name__}")
             if p.is_complex():
@@ -221,9 +227,28 @@ class FusedSaLSa(Optimizer):
         super().add_param_group(param_group)
         if devices:
             self._device = devices.pop()
+        if "backend" in self.__dict__:  # a group added after construction
+            self._fit_backend(self.param_groups[-1:], first_index=len(self.param_groups) - 1)
         for p in self.param_groups[-1]["params"]:
             if p.requires_grad:
                 self._init_state(p)
+
+    def _fit_backend(self, groups: List[dict], first_index: int = 0) -> None:
+        """A parameter the backend cannot take (``backend.unsupported``: float64 or a strided view
+        for Triton) sends ``"auto"`` to the torch reference and is refused for a named backend."""
+        unsupported = getattr(self.backend, "unsupported", None)
+        if unsupported is None:
+            return
+        for i, group in enumerate(groups, start=first_index):
+            for j, p in enumerate(group["params"]):
+                reason = unsupported(p)
+                if reason is None:
+                    continue
+                if self.backend_name == _backends.AUTO:
+                    self.backend = _backends.resolve("torch", self._device or torch.device("cpu"))
+                    return
+                raise ValueError(f"backend={self.backend_name!r} cannot take param_groups[{i}]['params'][{j}]: "
+                                 f"it is {reason}; use backend='torch' or 'auto'")
 
     def _init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -321,14 +346,29 @@ class FusedSaLSa(Optimizer):
         self._buckets.clear()
         self._counts = None  # counts of the replaced run
 
+    #: What a copy (deepcopy, pickle, torch.save) keeps beside torch's defaults/state/param_groups;
+    #: the backend is resolved again by name, caches and the hand-off to the next step start empty.
+    _PICKLED = ("_search", "search_config", "search_rule", "schedule", "search_direction",
+                "restore_strategy", "backend_name", "nonfinite", "init_step_size", "model", "_device",
+                "_counts", "_reduction_given")
+
     def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "_search": self._search}
+        state = {**super().__getstate__(), **{name: self.__dict__[name] for name in self._PICKLED
+                                               if name in self.__dict__}}
+        if self.__dict__.get("_reduction_given"):
+            state["reduction"] = self.reduction
+        return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         for name, value in (("_buckets", {}), ("_saved", {}), ("_counts", None)):
             self.__dict__.setdefault(name, value)
         self._handoff = _StepHandoff()
+        if "backend_name" in self.__dict__:
+            if "reduction" not in self.__dict__:  # the default: detected again where it is loaded
+                self.reduction = default_reduction(p for group in self.param_groups for p in group["params"])
+            self.backend = _backends.resolve(self.backend_name, self._device or torch.device("cpu"))
+            self._fit_backend(self.param_groups)
         if "_search" not in self.__dict__:  # pickled with the search state in param_groups[0]
             saved = self.param_groups[0].pop(_SEARCH_KEY, None) if self.param_groups else None
             self._search = SearchState.from_dict(saved) if saved is not None else SearchState()
@@ -537,9 +577,8 @@ class FusedSaLSa(Optimizer):
         # replays what the trials replay, not against the caller's loss.
         needs_reference = not one_phase and marked is None
         buckets = self._collect_buckets()
-        if not buckets:
-            raise RuntimeError("no parameter of this optimizer has a gradient after the backward: the "
-                               "loss does not depend on the optimized parameters")
+        if not buckets:  # none of this optimizer's parameters is in this loss: as torch.optim, a no-op
+            return loss_tensor.detach() if one_phase else loss
         backend = self.backend
         step_state = plan.state
         step_state.num_forward_evals += 1

@@ -47,7 +47,6 @@ def _torch_save_round_trip(pair):
     return torch.load(buffer, weights_only=False)
 
 
-@_not_fixed(9)
 @pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
 def test_a_copied_optimizer_steps_as_the_original(how):
     """Copy model and optimizer together (their parameters stay shared), train both on."""
@@ -65,7 +64,6 @@ def test_a_copied_optimizer_steps_as_the_original(how):
     assert opt_copy.search_state == opt.search_state
 
 
-@_not_fixed(9)
 def test_step_with_a_closure_when_no_parameter_gets_a_gradient_is_a_no_op():
     """Alternating training: this optimizer's sub-model does not enter this loss."""
     generator, discriminator = torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)
@@ -90,7 +88,6 @@ def test_bare_step_without_gradients_stays_a_no_op_with_hooks():
     assert calls == ["pre", "post"]
 
 
-@_not_fixed(9)
 def test_named_parameters_are_accepted_and_their_names_saved():
     model = _model()
     opt = FusedSaLSa(model.named_parameters(), backend="torch")
@@ -109,7 +106,6 @@ def _odd_parameters():
     return {"float64": fp64, "strided": strided}
 
 
-@_not_fixed(9)
 @pytest.mark.parametrize("kind", ["float64", "strided"])
 def test_triton_backend_routes_or_refuses_what_it_cannot_take_at_construction(kind):
     pytest.importorskip("triton")
@@ -129,7 +125,6 @@ def test_triton_backend_routes_or_refuses_what_it_cannot_take_at_construction(ki
     assert not torch.equal(odd.detach(), before)
 
 
-@_not_fixed(9)
 def test_a_tensor_lr_is_supported_or_refused_with_a_value_error():
     model = torch.nn.Linear(8, 1)
     try:

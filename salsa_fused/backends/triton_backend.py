@@ -68,6 +68,15 @@ def check(device: torch.device) -> None:
                            "TRITON_INTERPRET=1 set before triton is imported for the CPU interpreter")
 
 
+def unsupported(param: torch.Tensor) -> Optional[str]:
+    """Why the kernels cannot take ``param`` (checked at construction), or ``None``."""
+    if param.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"{param.dtype} (the kernels take float32, bfloat16 and float16)"
+    if not _dense(param):
+        return "not dense (a strided view with gaps: the kernels read one flat span)"
+    return None
+
+
 def _require_triton() -> None:
     if _IMPORT_ERROR is not None:
         raise RuntimeError("the triton backend needs the `triton` package "
