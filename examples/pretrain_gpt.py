@@ -309,8 +309,10 @@ def plot(records, path, optimizer_name):
     loss_axis.set_ylabel("cross-entropy (nats/byte)")
     loss_axis.legend()
     loss_axis.grid(alpha=0.3)
-    if optimizer_name == "salsa":
+    if optimizer_name.startswith("salsa"):
         step_axis.semilogy(steps, [r["step_size"] for r in records], label="searched step size eta")
+        step_axis.semilogy(steps, [r["effective_step_size"] for r in records], lw=0.8,
+                           label="applied step (lr * schedule * eta * growth)")
         interval_axis = step_axis.twinx()
         interval_axis.plot(steps, [r["interval"] for r in records], color="tab:gray", lw=0.8,
                            label="search interval")

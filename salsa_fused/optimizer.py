@@ -13,6 +13,7 @@ the backends (:mod:`salsa_fused.backends`), every step size they apply is formed
 from __future__ import annotations
 
 import math
+import warnings
 from copy import deepcopy
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
@@ -469,20 +470,43 @@ class FusedSaLSa(Optimizer):
             id(p.grad): (p.grad, p.grad._version) for group in self.param_groups
             for p in group["params"] if p.grad is not None}
 
+    def _has_new_gradients(self) -> bool:
+        """Has a backward run since ``zero_grad()``? (zeroed tensors compared by version)"""
+        zeroed = self._handoff.zeroed
+        for group in self.param_groups:
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                recorded = zeroed.get(id(grad))
+                if recorded is None or recorded[0] is not grad or recorded[1] != grad._version:
+                    return True
+        return False
+
     def _check_no_earlier_backward(self) -> None:
         """The one-phase form runs the backward itself: gradients of an earlier backward would be
         added to its own (the AdamW habit ``loss.backward(); opt.step(closure)``)."""
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        zeroed = self._handoff.zeroed
-        for grad in grads:
-            recorded = zeroed.get(id(grad))
-            if recorded is None or recorded[0] is not grad or recorded[1] != grad._version:
-                raise RuntimeError(
+        if self._has_new_gradients():
+            raise RuntimeError(
                     "step(closure) runs the forward and the backward itself, but parameters already "
                     "have gradients (a backward ran before step(), or zero_grad() was not called): "
                     "they would be added to the step's own. Call zero_grad() before step(closure), "
                     "or, to keep your own backward, use the two-phase form: "
                     "loss.backward(); step(closure, loss=loss)")
+
+    def _warn_if_lr_looks_like_a_step_size(self) -> None:
+        """Once, at the first step: an lr (or a scheduler's initial_lr/max_lr) below 0.1 is most
+        likely AdamW's habit; here it multiplies every step the search finds."""
+        self._lr_checked = True
+        for index, group in enumerate(self.param_groups):
+            base = group.get("max_lr", group.get("initial_lr", group["lr"]))
+            if isinstance(base, (int, float)) and 0 < base < 0.1:
+                warnings.warn(
+                    f"FusedSaLSa's lr is a multiplier on the step size its line search finds (1.0: "
+                    f"none), not a step size: param_groups[{index}] starts at lr={base:g}, which scales "
+                    "every step by that factor; leave lr=1.0 unless you mean to (a warmup of the "
+                    "multiplier from 0 to 1 is fine)", UserWarning, stacklevel=4)
+                return
 
     def mark_forward(self) -> None:
         """Two-phase form with randomness (dropout): call right before the step's first forward
@@ -552,6 +576,8 @@ class FusedSaLSa(Optimizer):
                                "(step() would run an unscaled backward itself)")
         if loss is None:
             self._check_no_earlier_backward()
+        if not self.__dict__.get("_lr_checked", False):
+            self._warn_if_lr_looks_like_a_step_size()
         plan = plan_step(self._search, self.search_config)
         scale = 1.0
         if self.schedule is not None:
@@ -567,7 +593,14 @@ class FusedSaLSa(Optimizer):
                 value = closure()
             loss_tensor = self._loss_tensor(value, "closure()", need_grad=True)
             rng_after = RNGSnapshot.capture(devices) if plan.is_search else None
-            loss_tensor.backward()
+            try:
+                loss_tensor.backward()
+            except RuntimeError as error:
+                if self._has_new_gradients():
+                    raise RuntimeError("closure() ran backward() itself (the published package's "
+                                       "convention): here the closure returns the loss only, and "
+                                       "step() runs the backward") from error
+                raise
         else:
             loss_tensor = self._loss_tensor(loss, "loss", need_grad=False)
             rng_after = RNGSnapshot.capture(devices) if plan.is_search else None
@@ -611,7 +644,7 @@ class FusedSaLSa(Optimizer):
                                     grad_scale=grad_scale)
                     backend.plain_step(b, args, f0, found_inf=found_inf, nonfinite_count=counts.nonfinite_elements)
             self._commit(step_state)
-            return loss_tensor if one_phase else loss
+            return loss_tensor.detach() if one_phase else loss
         running = self._running_statistics()
         try:
             if needs_reference:
@@ -625,7 +658,7 @@ class FusedSaLSa(Optimizer):
             with torch.no_grad():
                 for buffer, saved in running:  # and the running statistics where it left them
                     buffer.copy_(saved)
-        return loss_tensor if one_phase else loss
+        return loss_tensor.detach() if one_phase else loss
 
     def _search_step(self, plan, step_state, buckets, hypers, groups, backend, f0, closure,
                 grad_scale, found_inf, rng_before) -> None:

@@ -223,7 +223,6 @@ def test_zeroed_gradients_kept_as_tensors_are_not_an_error():
 # ---------------------------------------------------------------- item 6: returned loss, backward in the closure, lr
 
 
-@_not_fixed(6)
 def test_step_returns_a_loss_that_does_not_require_grad():
     model = _dropout_mlp(0)
     opt = FusedSaLSa(model.parameters(), backend="torch")
@@ -236,7 +235,6 @@ def test_step_returns_a_loss_that_does_not_require_grad():
         plateau.step(loss)
 
 
-@_not_fixed(6)
 def test_a_closure_that_calls_backward_itself_gets_a_clear_error():
     model = _dropout_mlp(0)
     opt = FusedSaLSa(model.parameters(), backend="torch")
@@ -268,7 +266,6 @@ def _lr_warnings(make_scheduler, lr):
     return [w for w in caught if "multiplier" in str(w.message)]
 
 
-@_not_fixed(6)
 @pytest.mark.parametrize("case", ["adamw_lr", "one_cycle"])
 def test_an_adamw_style_lr_warns_once_what_lr_means(case):
     if case == "adamw_lr":
