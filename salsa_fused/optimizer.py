@@ -59,7 +59,7 @@ class _DeviceCounts:
 @dataclass
 class _StepHandoff:
     """What a caller hands the next step: ``mark_forward()``'s random state, ``bind_closure()``'s
-    closure and loss, ``zero_grad(set_to_none=False)``'s zeroed gradients (id -> (grad, version)).
+    closure and loss, ``zero_grad()``'s random state and zeroed gradients (id -> (grad, version)).
 
     One mutable object, so framework wrappers that run FusedSaLSa's methods on themselves
     (Lightning's ``LightningOptimizer`` forwards attribute reads to the optimizer, older versions
@@ -67,6 +67,7 @@ class _StepHandoff:
     """
 
     forward_rng: Optional[RNGSnapshot] = None
+    zero_grad_rng: Optional[RNGSnapshot] = None  # the random state at zero_grad()
     bound_step: Optional[tuple] = None
     zeroed: Dict[int, tuple] = field(default_factory=dict)
 
@@ -464,8 +465,10 @@ class FusedSaLSa(Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``torch.optim``; zeroed gradients kept as tensors are remembered (by version, no
-        device read) so the one-phase form can tell them from gradients of a backward."""
+        device read) so the one-phase form can tell them from gradients of a backward, and the
+        random state, so the two-phase form can tell whether the caller's forward drew from it."""
         super().zero_grad(set_to_none)
+        self._handoff.zero_grad_rng = RNGSnapshot.capture([self._device] if self._device is not None else [])
         self._handoff.zeroed = {} if set_to_none else {
             id(p.grad): (p.grad, p.grad._version) for group in self.param_groups
             for p in group["params"] if p.grad is not None}
@@ -586,6 +589,7 @@ class FusedSaLSa(Optimizer):
                 plan = replace(plan, is_search=False)
         devices = [self._device] if self._device is not None else []
         marked, handoff.forward_rng = handoff.forward_rng, None  # mark_forward(), used by this step only
+        zeroed_at, handoff.zero_grad_rng = handoff.zero_grad_rng, None
         one_phase = loss is None
         if one_phase:
             rng_before = RNGSnapshot.capture(devices) if plan.is_search else None
@@ -605,10 +609,12 @@ class FusedSaLSa(Optimizer):
             loss_tensor = self._loss_tensor(loss, "loss", need_grad=False)
             rng_after = RNGSnapshot.capture(devices) if plan.is_search else None
             rng_before = (marked or rng_after) if plan.is_search else None
-        # Two-phase without mark_forward(): the caller's forward drew random masks (dropout) the
-        # trials cannot replay, so a search judges them against a reference forward at w0 that
-        # replays what the trials replay, not against the caller's loss.
-        needs_reference = not one_phase and marked is None
+        # Two-phase without mark_forward(), when the generators moved since zero_grad() (or it was
+        # not called): the caller's forward may have drawn random masks (dropout) the trials cannot
+        # replay, so a search judges them against a reference forward at w0 that replays what the
+        # trials replay, not against the caller's loss.
+        needs_reference = (plan.is_search and not one_phase and marked is None
+                           and not rng_after.same_as(zeroed_at))
         buckets = self._collect_buckets()
         if not buckets:  # none of this optimizer's parameters is in this loss: as torch.optim, a no-op
             return loss_tensor.detach() if one_phase else loss
