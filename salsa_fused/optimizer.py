@@ -84,9 +84,13 @@ class FusedSaLSa(Optimizer):
 
     Args:
         params: parameters or param groups (per group: ``lr``, ``betas``, ``eps``, ``weight_decay``).
-        lr: multiplier on the searched step size (1.0: none). Group ``g`` moves by
-            ``lr_g * eta``; ``q`` sums ``lr_g * g.d`` over groups, so the Armijo test
-            judges the move actually made. Schedulers may change it.
+        lr: multiplier on the searched step size (1.0: none), not a step size. A group's lr at
+            construction is kept as its ``search_lr``: trials probe ``search_lr * eta`` and ``q``
+            sums ``search_lr * g.d`` over groups. A scheduler's later ``lr`` scales only the
+            applied step, by ``lr / search_lr``: a warmup from 0 warms up (the first steps move
+            less) while the search keeps finding the level. A group with ``lr=0`` keeps its
+            weights; with every group at 0 a step searches nothing (no trial forward, eta kept)
+            until a group gets a positive lr, which becomes its ``search_lr``.
         init_step_size: ``eta`` before the first search.
         c: Armijo constant in (0, 1).
         betas: Adam's (beta1, beta2).
@@ -190,6 +194,10 @@ class FusedSaLSa(Optimizer):
                 raise TypeError(f"{name} must be a number, got {type(value).__name__}")
         if not (math.isfinite(lr) and lr >= 0):
             raise ValueError(f"lr must be a finite number >= 0, got {lr}")
+        probe = group.get("search_lr", lr)
+        if isinstance(probe, bool) or not isinstance(probe, (int, float)) or not (
+                math.isfinite(probe) and probe >= 0):
+            raise ValueError(f"search_lr must be a finite number >= 0, got {probe!r}")
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         for i, beta in enumerate(betas):
@@ -226,6 +234,7 @@ class FusedSaLSa(Optimizer):
         if len(devices) > 1:
             names = ", ".join(sorted(str(d) for d in devices))
             raise ValueError(f"FusedSaLSa needs all parameters on one device, got {names}")
+        param_group.setdefault("search_lr", candidate["lr"])  # what trials probe at (see lr)
         super().add_param_group(param_group)
         if devices:
             self._device = devices.pop()
@@ -280,7 +289,7 @@ class FusedSaLSa(Optimizer):
         state = self._search
         scale = 1.0 if self.schedule is None else float(self.schedule.scale(state.step + 1))
         trial = state.step_size * self.search_config.growth
-        return [GroupStep(group["lr"], scale, state.step_size).plain(trial).step
+        return [GroupStep.of(group, scale, state.step_size).plain(trial).step
                 for group in self.param_groups]
 
     @property
@@ -328,6 +337,7 @@ class FusedSaLSa(Optimizer):
             search.validate()  # unknown keys, bad values
         groups = [{k: v for k, v in group.items() if k != _SEARCH_KEY} for group in groups]
         for group in groups:
+            group.setdefault("search_lr", group.get("lr", self.defaults["lr"]))  # saved before it existed
             self._validate_group_hyper({**self.defaults, **group})
         stripped_state, moments = {}, {}
         for key, value in state_dict["state"].items():
@@ -587,6 +597,11 @@ class FusedSaLSa(Optimizer):
             scale = float(self.schedule.scale(plan.state.step))
             if plan.is_search and not self.schedule.searches(plan.state.step):
                 plan = replace(plan, is_search=False)
+        for group in self.param_groups:
+            if group["search_lr"] == 0 and group["lr"] > 0:
+                group["search_lr"] = group["lr"]  # the first positive lr of a group that started at 0
+        if plan.is_search and not any(group["search_lr"] > 0 for group in self.param_groups):
+            plan = replace(plan, is_search=False)  # every group at lr 0: nothing to search for
         devices = [self._device] if self._device is not None else []
         marked, handoff.forward_rng = handoff.forward_rng, None  # mark_forward(), used by this step only
         zeroed_at, handoff.zero_grad_rng = handoff.zero_grad_rng, None
@@ -628,7 +643,7 @@ class FusedSaLSa(Optimizer):
         eta = self.step_size
         hypers = {b.group_index: Hyper.for_step(self.param_groups[b.group_index], plan.state.step)
                   for b in buckets}
-        groups = {b.group_index: GroupStep(self.param_groups[b.group_index]["lr"], scale, eta)
+        groups = {b.group_index: GroupStep.of(self.param_groups[b.group_index], scale, eta)
                   for b in buckets}
         if not plan.is_search:
             if found_inf is not None:
