@@ -22,6 +22,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import backends as _backends
+from ._compat import foreach_copy_
 from ._rng import RNGSnapshot
 from .backends.base import DIRECTIONS, GRADIENT, MOMENTUM, Bucket, Hyper, PassArgs
 from .distributed import SearchReduction, default_reduction
@@ -552,13 +553,17 @@ class FusedSaLSa(Optimizer):
 
         If the closure raises (or returns a bad value) during the trials, the exception
         propagates with the weights put back (bitwise with ``restore="copy"``, to rounding
-        with ``"inplace"``), the search state unchanged and the generators where one forward
-        leaves them; the moments keep this step's gradient (restoring them exactly would need
-        a copy of m and v, 8 bytes per parameter).
+        with ``"inplace"``), the moments bitwise (a search keeps a copy of m and v while it
+        runs: 8 bytes per parameter), the search state unchanged and the generators where one
+        forward leaves them: a caller may retry the step.
         """
+        handoff = self._handoff
+        pending = (handoff.forward_rng, handoff.zero_grad_rng, handoff.bound_step)
         try:
             return self._step(closure, loss)
         except BaseException:
+            # The step did not happen: what was handed to it waits for the retry.
+            handoff.forward_rng, handoff.zero_grad_rng, handoff.bound_step = pending
             # GradScaler sets grad_scale/found_inf before step() and deletes them only after a
             # step that returns: drop them here so a later step cannot read a stale scale.
             self.__dict__.pop("grad_scale", None)
@@ -747,6 +752,11 @@ class FusedSaLSa(Optimizer):
             move_all("first_trial", lambda g: g.guard_failed(final.step), final.direction or direction)
             self._commit(search.finish())
             return
+        # Pass A writes this step's moments; a trial forward that raises (out of memory, caught and
+        # retried by the caller) must find them as they were: copies, 8 bytes per parameter while
+        # the search runs, put back on an exception.
+        moments = [t for b in buckets for t in (*b.exp_avg, *b.exp_avg_sq)]
+        moments_before = [t.clone() for t in moments]
         move_all("first_trial", lambda g: g.trial(search.step_size))
         current = search.step_size  # the trial the weights are at
         try:
@@ -759,6 +769,8 @@ class FusedSaLSa(Optimizer):
                 current = search.step_size
         except BaseException:
             move_all("restore", lambda g: g.restore(current))
+            with torch.no_grad():
+                foreach_copy_(moments, moments_before)
             raise
         final = search.final()
         along = final.direction or direction

@@ -288,7 +288,6 @@ class _Boom(Exception):
     pass
 
 
-@_not_fixed(7)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_an_exception_in_a_trial_forward_leaves_the_moments_exactly(backend):
     """A caller catching an error (out of memory) in a trial and retrying the step gets the step
