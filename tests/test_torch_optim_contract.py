@@ -1,8 +1,5 @@
 """The ``torch.optim`` contract where FusedSaLSa broke it (issue 16, item 9): copies and
-pickles, a step with no gradient, named parameters, what a backend cannot take, a tensor lr.
-
-Tests marked ``xfail(strict=True)`` reproduce a failure of the current code; the fix removes
-the marker."""
+pickles, a step with no gradient, named parameters, what a backend cannot take, a tensor lr."""
 
 from __future__ import annotations
 
@@ -17,10 +14,6 @@ import torch.nn.functional as F
 from salsa_fused import FusedSaLSa
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
-def _not_fixed(item: int):
-    return pytest.mark.xfail(strict=True, reason=f"issue 16 item {item}: not fixed yet")
 
 
 def _model():

@@ -1,9 +1,6 @@
 """How people actually train (issue 16): dropout in the two-phase form, BatchNorm, warmup,
 the AdamW habit of calling backward before step, the loss step() returns, what ``lr`` means,
-and an exception in a trial forward. Models with Dropout and BatchNorm, public API only.
-
-Tests marked ``xfail(strict=True)`` reproduce a failure of the current code; the fix removes
-the marker (strict: a marker left on a fixed test fails the suite)."""
+and an exception in a trial forward. Models with Dropout and BatchNorm, public API only."""
 
 from __future__ import annotations
 
@@ -16,10 +13,6 @@ import torch.nn.functional as F
 from salsa_fused import FusedSaLSa, presets
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
-def _not_fixed(item: int):
-    return pytest.mark.xfail(strict=True, reason=f"issue 16 item {item}: not fixed yet")
 
 
 def _data(seed: int, rows: int = 64):

@@ -262,7 +262,7 @@ def _plain_step_blocked(bucket: Bucket, hyper: Hyper, step_size: float, decay_st
 
 def _guarded_plain_step(bucket, hyper, step_size, decay_step_size, grads, nonfinite_count) -> None:
     """The rare path: some gradient elements are non-finite; those elements stay as they are."""
-    finite = [torch.isfinite(g) for g in grads]
+    finite = [torch.isfinite(g * g) for g in grads]  # g*g overflowing would write v = inf
     safe_grads = [torch.where(ok, g, torch.zeros_like(g)) for ok, g in zip(finite, grads)]
     exp_avg, exp_avg_sq = _new_moments(bucket, hyper, safe_grads)
     precond = _preconditioner(exp_avg_sq, hyper)

@@ -17,6 +17,7 @@ restore 8 from the copy (16 in place). Nothing here reads a device value on the 
 from __future__ import annotations
 
 import collections
+import contextlib
 import operator
 import os
 from dataclasses import dataclass
@@ -238,8 +239,11 @@ def _tables(bucket: Bucket) -> _Tables:
 
 def _launch(kernel, tables: _Tables, launch: _Launch, *args, **constexprs) -> None:
     LAUNCH_COUNTER[kernel.__name__] += 1
-    kernel[(launch.n_blocks,)](tables.tensor_table, launch.block_table, *args, ALIGNED=launch.aligned,
-                               BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False, **constexprs)
+    device = tables.tensor_table.device
+    # Triton launches on the current CUDA device: make it the bucket's (params on cuda:1, cuda:0 current).
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        kernel[(launch.n_blocks,)](tables.tensor_table, launch.block_table, *args, ALIGNED=launch.aligned,
+                                   BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False, **constexprs)
 
 
 def _check_direction(direction: str) -> bool:

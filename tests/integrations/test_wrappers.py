@@ -1,19 +1,12 @@
 """FusedSaLSa through the real wrappers of the training stacks (issue 16): Lightning's
 ``LightningOptimizer`` (a real ``Trainer.fit``), accelerate's ``AcceleratedOptimizer`` (a real
-``Accelerator().prepare``) and Hugging Face ``Trainer``, on models with dropout and BatchNorm.
-
-Tests marked ``xfail(strict=True)`` reproduce a failure of the current code; the fix removes
-the marker."""
+``Accelerator().prepare``) and Hugging Face ``Trainer``, on models with dropout and BatchNorm."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-
-def _not_fixed(item: int):
-    return pytest.mark.xfail(strict=True, reason=f"issue 16 item {item}: not fixed yet")
 
 
 class RecordingDropout(torch.nn.Module):
