@@ -86,6 +86,7 @@ class SaLSaTrainerMixin:
                     "you mean to scale every step", stacklevel=2)
             kwargs = {"model": opt_model, **self.salsa_kwargs}  # trials keep BatchNorm's statistics
             self.optimizer = FusedSaLSa(groups, lr=self.args.learning_rate, **kwargs)
+            self.optimizer._lr_checked = True  # warned above, in TrainingArguments' words
         unwrap_salsa(self.optimizer)  # a clear TypeError for any other optimizer
         return self.optimizer
 
