@@ -9,8 +9,14 @@ micro-batch, and under ``16-mixed`` Lightning calls the closure itself and steps
 one. In manual optimization the module runs the forward and ``manual_backward`` once and
 gives the optimizer a forward-only loss function (the two-phase step):
 
+    opt.mark_forward()                      # dropout: trials replay this forward's masks
     loss = self.loss(batch); self.manual_backward(loss)
-    opt.step(closure=lambda: self.loss(batch), loss=loss)
+    opt.step(closure=lambda: self.loss(batch), loss=loss.detach())
+
+``FusedSaLSa(..., model=self.model)`` keeps BatchNorm's running statistics as the training
+forward left them (the trial forwards would update them too). Without ``mark_forward()`` the
+step is still safe: it spends one more forward per search, at the current weights, to compare
+like with like.
 
 Lightning's precision plugin wraps that closure: ``on_before_optimizer_step`` hooks run
 after each of its calls (the first and each trial). Trial forwards run inside
@@ -30,7 +36,6 @@ import lightning as L
 import torch
 
 from salsa_fused import FusedSaLSa
-from salsa_fused.integrations import AccumulatedLoss
 
 
 class SaLSaModule(L.LightningModule):
@@ -50,7 +55,8 @@ class SaLSaModule(L.LightningModule):
         self.schedule = schedule
 
     def configure_optimizers(self):
-        optimizer = FusedSaLSa(self.model.parameters(), **self.salsa_kwargs)
+        # model=: the trial forwards leave BatchNorm's running statistics as the training forward did
+        optimizer = FusedSaLSa(self.model.parameters(), model=self.model, **self.salsa_kwargs)
         if self.schedule is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.schedule(optimizer),
@@ -59,11 +65,10 @@ class SaLSaModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         opt = self.optimizers()
         opt.zero_grad()
-        window = AccumulatedLoss()  # replays this forward's random state (dropout) in the trials
-        loss_of = lambda b: self.loss_fn(self.model, b)  # noqa: E731
-        loss = window.forward(loss_of, batch, devices=[self.device])
+        opt.mark_forward()  # the trials replay this forward's random state: its dropout masks
+        loss = self.loss_fn(self.model, batch)
         self.manual_backward(loss)
-        opt.step(closure=window.closure(loss_of), loss=window.total)
+        opt.step(closure=lambda: self.loss_fn(self.model, batch), loss=loss.detach())
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()

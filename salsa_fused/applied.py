@@ -2,8 +2,12 @@
 
 Words: the *level* ``eta`` is the searched step size (``SearchState.step_size``); a *trial*
 is a step size a search probes (the first ``eta * growth``, then backtracked); the *applied*
-step is what the weights finally move by. For group ``g`` (multiplier ``lr_g``) at a step
-whose schedule scale is ``s`` (1 without a schedule) and whose level before the step is ``eta``:
+step is what the weights finally move by. For group ``g`` at a step whose schedule scale is
+``s`` (1 without a schedule) and whose level before the step is ``eta``, ``lr_g`` is the group's
+*probe* multiplier ``search_lr`` (its ``lr`` at construction, or the first positive ``lr`` it
+gets) and ``s`` includes the ratio ``lr / search_lr`` of a scheduler's current ``lr`` to it:
+trials always probe at the probe multiplier, a warmup of ``lr`` scales only the applied step
+(a group with ``search_lr = 0`` never moves):
 
     decay, every pass of the step:  w0 -> w0 * (1 - weight_decay * lr_g * s * eta)
     plain step:                     applied = lr_g * s * (eta * growth)          (along m_hat)
@@ -31,6 +35,12 @@ class GroupStep:
     lr: float
     scale: float
     level: float
+
+    @classmethod
+    def of(cls, group: dict, scale: float, level: float) -> "GroupStep":
+        """The scalars of param group ``group``: probes at ``search_lr``, applies ``lr``."""
+        probe = group["search_lr"]
+        return cls(probe, scale * (group["lr"] / probe) if probe > 0 else 0.0, level)
 
     @property
     def decay(self) -> float:

@@ -13,14 +13,16 @@ the backends (:mod:`salsa_fused.backends`), every step size they apply is formed
 from __future__ import annotations
 
 import math
+import warnings
 from copy import deepcopy
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch.optim import Optimizer
 
 from . import backends as _backends
+from ._compat import foreach_copy_
 from ._rng import RNGSnapshot
 from .backends.base import DIRECTIONS, GRADIENT, MOMENTUM, Bucket, Hyper, PassArgs
 from .distributed import SearchReduction, default_reduction
@@ -55,6 +57,22 @@ class _DeviceCounts:
         return cls(*(torch.zeros((), dtype=torch.int64, device=device) for _ in range(3)))
 
 
+@dataclass
+class _StepHandoff:
+    """What a caller hands the next step: ``mark_forward()``'s random state, ``bind_closure()``'s
+    closure and loss, ``zero_grad()``'s random state and zeroed gradients (id -> (grad, version)).
+
+    One mutable object, so framework wrappers that run FusedSaLSa's methods on themselves
+    (Lightning's ``LightningOptimizer`` forwards attribute reads to the optimizer, older versions
+    copy its ``__dict__``) write into the optimizer's own handoff, not into a copy.
+    """
+
+    forward_rng: Optional[RNGSnapshot] = None
+    zero_grad_rng: Optional[RNGSnapshot] = None  # the random state at zero_grad()
+    bound_step: Optional[tuple] = None
+    zeroed: Dict[int, tuple] = field(default_factory=dict)
+
+
 class FusedSaLSa(Optimizer):
     r"""SaLSa (Stable Armijo Line Search Adaptation) on fused multi-tensor passes.
 
@@ -67,9 +85,13 @@ class FusedSaLSa(Optimizer):
 
     Args:
         params: parameters or param groups (per group: ``lr``, ``betas``, ``eps``, ``weight_decay``).
-        lr: multiplier on the searched step size (1.0: none). Group ``g`` moves by
-            ``lr_g * eta``; ``q`` sums ``lr_g * g.d`` over groups, so the Armijo test
-            judges the move actually made. Schedulers may change it.
+        lr: multiplier on the searched step size (1.0: none), not a step size. A group's lr at
+            construction is kept as its ``search_lr``: trials probe ``search_lr * eta`` and ``q``
+            sums ``search_lr * g.d`` over groups. A scheduler's later ``lr`` scales only the
+            applied step, by ``lr / search_lr``: a warmup from 0 warms up (the first steps move
+            less) while the search keeps finding the level. A group with ``lr=0`` keeps its
+            weights; with every group at 0 a step searches nothing (no trial forward, eta kept)
+            until a group gets a positive lr, which becomes its ``search_lr``.
         init_step_size: ``eta`` before the first search.
         c: Armijo constant in (0, 1).
         betas: Adam's (beta1, beta2).
@@ -95,6 +117,10 @@ class FusedSaLSa(Optimizer):
         schedule: ``None``, or an object with ``scale(step)`` (a multiplier on the applied
             step; trials still probe the searched level) and ``searches(step)`` (False
             freezes the level), e.g. :class:`salsa_fused.step_size.WarmupStableDecay`.
+        model: the module the closure runs, or ``None``. Given, the buffers of its modules that
+            track running statistics (``track_running_stats``: BatchNorm, SyncBatchNorm, tracked
+            InstanceNorm) are put back after a search's extra forwards, so they end as the step's
+            one training forward left them (the integrations pass it).
 
     ``step(closure)`` runs ``closure()`` (forward, returns the scalar loss) and the backward
     itself; ``loss.backward(); step(closure, loss=loss)`` is the two-phase form for loops
@@ -110,7 +136,8 @@ class FusedSaLSa(Optimizer):
                  always_search_steps: int = 9, growth: float = 1.1, backtrack: float = 0.8,
                  max_trials: int = 100, restore: str = "copy", backend: str = "auto",
                  nonfinite: str = "raise", reduction: Optional[SearchReduction] = None,
-                 search_rule: Optional[Callable] = None, schedule=None):
+                 search_rule: Optional[Callable] = None, schedule=None,
+                 model: Optional[torch.nn.Module] = None):
         if not (math.isfinite(init_step_size) and init_step_size > 0):
             raise ValueError(f"init_step_size must be a finite number > 0, got {init_step_size}")
         if search_direction not in DIRECTIONS:
@@ -126,6 +153,8 @@ class FusedSaLSa(Optimizer):
             max_search_interval=max_search_interval, always_search_steps=always_search_steps,
             adaptive_interval=adaptive_interval)
         self.search_config.validate()
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if schedule is not None and not (callable(getattr(schedule, "scale", None))
                                          and callable(getattr(schedule, "searches", None))):
             raise TypeError("schedule must have scale(step) and searches(step) methods")
@@ -136,33 +165,40 @@ class FusedSaLSa(Optimizer):
         self.backend_name = backend
         self.nonfinite = nonfinite
         self.init_step_size = float(init_step_size)
+        self.model = model
         self._device: Optional[torch.device] = None
         self._buckets: Dict[tuple, Bucket] = {}
         self._saved: Dict[torch.Tensor, torch.Tensor] = {}
         self._counts: Optional[_DeviceCounts] = None
-        self._forward_rng: Optional[RNGSnapshot] = None  # mark_forward(), for the next step only
-        self._bound_step: Optional[tuple] = None  # bind_closure(), for the next step only
+        self._handoff = _StepHandoff()  # mark_forward(), bind_closure(), zero_grad(): for the next step
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         #: The live search state; state_dict()/load_state_dict() carry it as a dict.
         self._search = SearchState(step_size=self.init_step_size)
         # Detected after the groups exist: sharded DTensor params (FSDP2) also reduce q.
+        self._reduction_given = reduction is not None
         self.reduction = reduction if reduction is not None else default_reduction(
             p for group in self.param_groups for p in group["params"])
         #: The backend module, chosen and checked here, once (raises with the reason it cannot run).
         self.backend = _backends.resolve(backend, self._device or torch.device("cpu"))
+        self._fit_backend(self.param_groups)
 
     # ------------------------------------------------------------------ setup
     @staticmethod
     def _validate_group_hyper(group: dict) -> None:
         lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         if isinstance(lr, torch.Tensor):
-            raise TypeError("lr must be a Python float (it is a host-side multiplier); got a tensor")
+            raise ValueError("a tensor lr is not supported: lr must be a Python float (a host-side "
+                             "multiplier on the searched step size)")
         for name, value in (("lr", lr), ("eps", eps), ("weight_decay", wd)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a number, got {type(value).__name__}")
         if not (math.isfinite(lr) and lr >= 0):
             raise ValueError(f"lr must be a finite number >= 0, got {lr}")
+        probe = group.get("search_lr", lr)
+        if isinstance(probe, bool) or not isinstance(probe, (int, float)) or not (
+                math.isfinite(probe) and probe >= 0):
+            raise ValueError(f"search_lr must be a finite number >= 0, got {probe!r}")
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         for i, beta in enumerate(betas):
@@ -182,7 +218,10 @@ class FusedSaLSa(Optimizer):
         candidate = {**self.defaults, **param_group, "params": params}
         self._validate_group_hyper(candidate)
         devices = {self._device} if self._device is not None else set()
-        for p in params:
+        # (name, tensor) pairs of named_parameters(): torch keeps the names in "param_names"
+        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) else p
+                   for p in params]
+        for p in tensors:
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"FusedSaLSa can only optimize Tensors, got {type(p).__name__}")
             if p.is_complex():
@@ -196,12 +235,32 @@ class FusedSaLSa(Optimizer):
         if len(devices) > 1:
             names = ", ".join(sorted(str(d) for d in devices))
             raise ValueError(f"FusedSaLSa needs all parameters on one device, got {names}")
+        param_group.setdefault("search_lr", candidate["lr"])  # what trials probe at (see lr)
         super().add_param_group(param_group)
         if devices:
             self._device = devices.pop()
+        if "backend" in self.__dict__:  # a group added after construction
+            self._fit_backend(self.param_groups[-1:], first_index=len(self.param_groups) - 1)
         for p in self.param_groups[-1]["params"]:
             if p.requires_grad:
                 self._init_state(p)
+
+    def _fit_backend(self, groups: List[dict], first_index: int = 0) -> None:
+        """A parameter the backend cannot take (``backend.unsupported``: float64 or a strided view
+        for Triton) sends ``"auto"`` to the torch reference and is refused for a named backend."""
+        unsupported = getattr(self.backend, "unsupported", None)
+        if unsupported is None:
+            return
+        for i, group in enumerate(groups, start=first_index):
+            for j, p in enumerate(group["params"]):
+                reason = unsupported(p)
+                if reason is None:
+                    continue
+                if self.backend_name == _backends.AUTO:
+                    self.backend = _backends.resolve("torch", self._device or torch.device("cpu"))
+                    return
+                raise ValueError(f"backend={self.backend_name!r} cannot take param_groups[{i}]['params'][{j}]: "
+                                 f"it is {reason}; use backend='torch' or 'auto'")
 
     def _init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -232,7 +291,7 @@ class FusedSaLSa(Optimizer):
         state = self._search
         scale = 1.0 if self.schedule is None else float(self.schedule.scale(state.step + 1))
         trial = plan_step(self.search_rule, state, self.search_config).trial_step_size
-        return [GroupStep(group["lr"], scale, state.step_size).plain(trial).step
+        return [GroupStep.of(group, scale, state.step_size).plain(trial).step
                 for group in self.param_groups]
 
     @property
@@ -280,6 +339,7 @@ class FusedSaLSa(Optimizer):
             search.validate()  # unknown keys, bad values
         groups = [{k: v for k, v in group.items() if k != _SEARCH_KEY} for group in groups]
         for group in groups:
+            group.setdefault("search_lr", group.get("lr", self.defaults["lr"]))  # saved before it existed
             self._validate_group_hyper({**self.defaults, **group})
         stripped_state, moments = {}, {}
         for key, value in state_dict["state"].items():
@@ -300,14 +360,29 @@ class FusedSaLSa(Optimizer):
         self._buckets.clear()
         self._counts = None  # counts of the replaced run
 
+    #: What a copy (deepcopy, pickle, torch.save) keeps beside torch's defaults/state/param_groups;
+    #: the backend is resolved again by name, caches and the hand-off to the next step start empty.
+    _PICKLED = ("_search", "search_config", "search_rule", "schedule", "search_direction",
+                "restore_strategy", "backend_name", "nonfinite", "init_step_size", "model", "_device",
+                "_counts", "_reduction_given")
+
     def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "_search": self._search}
+        state = {**super().__getstate__(), **{name: self.__dict__[name] for name in self._PICKLED
+                                               if name in self.__dict__}}
+        if self.__dict__.get("_reduction_given"):
+            state["reduction"] = self.reduction
+        return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        for name, value in (("_buckets", {}), ("_saved", {}), ("_counts", None), ("_forward_rng", None),
-                            ("_bound_step", None)):
+        for name, value in (("_buckets", {}), ("_saved", {}), ("_counts", None)):
             self.__dict__.setdefault(name, value)
+        self._handoff = _StepHandoff()
+        if "backend_name" in self.__dict__:
+            if "reduction" not in self.__dict__:  # the default: detected again where it is loaded
+                self.reduction = default_reduction(p for group in self.param_groups for p in group["params"])
+            self.backend = _backends.resolve(self.backend_name, self._device or torch.device("cpu"))
+            self._fit_backend(self.param_groups)
         if "_search" not in self.__dict__:  # pickled with the search state in param_groups[0]
             saved = self.param_groups[0].pop(_SEARCH_KEY, None) if self.param_groups else None
             self._search = SearchState.from_dict(saved) if saved is not None else SearchState()
@@ -379,10 +454,74 @@ class FusedSaLSa(Optimizer):
                                "the parameters")
         return value
 
+    def _running_statistics(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """(buffer, copy) for the buffers of ``model``'s modules tracking running statistics,
+        which every extra forward of a search would update."""
+        if self.model is None:
+            return []
+        return [(buffer, buffer.detach().clone()) for module in self.model.modules()
+                if getattr(module, "track_running_stats", False) and getattr(module, "training", False)
+                for buffer in module.buffers(recurse=False)]
+
+    def _trial_loss(self, closure: LossClosure) -> torch.Tensor:
+        """``closure()`` under ``no_grad`` at the weights as they are: a 0-dim fp32 tensor."""
+        with torch.no_grad():
+            value = closure()
+        loss = self._loss_tensor(value, "closure()", need_grad=False)
+        return loss.detach().reshape(()).to(device=self._device, dtype=torch.float32)
+
     def _device_counts(self) -> "_DeviceCounts":
         if self._counts is None:
             self._counts = _DeviceCounts.zeros(self._device)
         return self._counts
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim``; zeroed gradients kept as tensors are remembered (by version, no
+        device read) so the one-phase form can tell them from gradients of a backward, and the
+        random state, so the two-phase form can tell whether the caller's forward drew from it."""
+        super().zero_grad(set_to_none)
+        self._handoff.zero_grad_rng = RNGSnapshot.capture([self._device] if self._device is not None else [])
+        self._handoff.zeroed = {} if set_to_none else {
+            id(p.grad): (p.grad, p.grad._version) for group in self.param_groups
+            for p in group["params"] if p.grad is not None}
+
+    def _has_new_gradients(self) -> bool:
+        """Has a backward run since ``zero_grad()``? (zeroed tensors compared by version)"""
+        zeroed = self._handoff.zeroed
+        for group in self.param_groups:
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                recorded = zeroed.get(id(grad))
+                if recorded is None or recorded[0] is not grad or recorded[1] != grad._version:
+                    return True
+        return False
+
+    def _check_no_earlier_backward(self) -> None:
+        """The one-phase form runs the backward itself: gradients of an earlier backward would be
+        added to its own (the AdamW habit ``loss.backward(); opt.step(closure)``)."""
+        if self._has_new_gradients():
+            raise RuntimeError(
+                    "step(closure) runs the forward and the backward itself, but parameters already "
+                    "have gradients (a backward ran before step(), or zero_grad() was not called): "
+                    "they would be added to the step's own. Call zero_grad() before step(closure), "
+                    "or, to keep your own backward, use the two-phase form: "
+                    "loss.backward(); step(closure, loss=loss)")
+
+    def _warn_if_lr_looks_like_a_step_size(self) -> None:
+        """Once, at the first step: an lr (or a scheduler's initial_lr/max_lr) below 0.1 is most
+        likely AdamW's habit; here it multiplies every step the search finds."""
+        self._lr_checked = True
+        for index, group in enumerate(self.param_groups):
+            base = group.get("max_lr", group.get("initial_lr", group["lr"]))
+            if isinstance(base, (int, float)) and 0 < base < 0.1:
+                warnings.warn(
+                    f"FusedSaLSa's lr is a multiplier on the step size its line search finds (1.0: "
+                    f"none), not a step size: param_groups[{index}] starts at lr={base:g}, which scales "
+                    "every step by that factor; leave lr=1.0 unless you mean to (a warmup of the "
+                    "multiplier from 0 to 1 is fine)", UserWarning, stacklevel=4)
+                return
 
     def mark_forward(self) -> None:
         """Two-phase form with randomness (dropout): call right before the step's first forward
@@ -391,19 +530,21 @@ class FusedSaLSa(Optimizer):
         sees their masks; without the mark they replay the state found at the ``step()`` call.
         Either way the generators end where the caller's forwards left them."""
         devices = [self._device] if self._device is not None else []
-        self._forward_rng = RNGSnapshot.capture(devices)
+        self._handoff.forward_rng = RNGSnapshot.capture(devices)
 
     def bind_closure(self, closure: LossClosure, *, loss=None) -> None:
         """Hand the next ``step()`` called without arguments its ``closure`` (and, with
         ``loss=``, the loss whose backward already ran: the two-phase form).
 
         For loops that call ``optimizer.step()`` themselves (Hugging Face ``Trainer``,
-        accelerate's ``AcceleratedOptimizer``): bind after the backward. One step uses the
-        binding and clears it; a new binding replaces one not yet used.
+        accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``): bind after the
+        backward. One step uses the binding and clears it; a new binding replaces one not yet used.
+        A wrapper that always passes a closure of its own (Lightning's, for its hooks) gets it
+        called once; it must return ``None``, and the bound step runs.
         """
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
-        self._bound_step = (closure, loss)
+        self._handoff.bound_step = (closure, loss)
 
     def step(self, closure: Optional[LossClosure] = None, *, loss=None):
         """One SaLSa step; returns the loss at the weights before the step.
@@ -413,13 +554,17 @@ class FusedSaLSa(Optimizer):
 
         If the closure raises (or returns a bad value) during the trials, the exception
         propagates with the weights put back (bitwise with ``restore="copy"``, to rounding
-        with ``"inplace"``), the search state unchanged and the generators where one forward
-        leaves them; the moments keep this step's gradient (restoring them exactly would need
-        a copy of m and v, 8 bytes per parameter).
+        with ``"inplace"``), the moments bitwise (a search keeps a copy of m and v while it
+        runs: 8 bytes per parameter), the search state unchanged and the generators where one
+        forward leaves them: a caller may retry the step.
         """
+        handoff = self._handoff
+        pending = (handoff.forward_rng, handoff.zero_grad_rng, handoff.bound_step)
         try:
             return self._step(closure, loss)
         except BaseException:
+            # The step did not happen: what was handed to it waits for the retry.
+            handoff.forward_rng, handoff.zero_grad_rng, handoff.bound_step = pending
             # GradScaler sets grad_scale/found_inf before step() and deletes them only after a
             # step that returns: drop them here so a later step cannot read a stale scale.
             self.__dict__.pop("grad_scale", None)
@@ -427,8 +572,14 @@ class FusedSaLSa(Optimizer):
             raise
 
     def _step(self, closure: Optional[LossClosure], loss):
-        if closure is None and loss is None and self._bound_step is not None:
-            (closure, loss), self._bound_step = self._bound_step, None
+        handoff = self._handoff
+        if loss is None and handoff.bound_step is not None:
+            wrapper_closure = closure
+            (closure, loss), handoff.bound_step = handoff.bound_step, None
+            if wrapper_closure is not None and wrapper_closure() is not None:
+                raise RuntimeError("step(closure) was called with a closure returning a loss while a "
+                                   "closure bound with bind_closure() was pending: call step() "
+                                   "without arguments to run the bound step")
         if closure is None:
             if loss is None and not any(p.grad is not None for g in self.param_groups for p in g["params"]):
                 return None  # nothing to do, as torch.optim does for a step without gradients
@@ -442,14 +593,24 @@ class FusedSaLSa(Optimizer):
             raise RuntimeError("under torch.amp.GradScaler use the two-phase form: "
                                "scaler.scale(loss).backward(); scaler.step(opt, closure, loss=loss) "
                                "(step() would run an unscaled backward itself)")
+        if loss is None:
+            self._check_no_earlier_backward()
+        if not self.__dict__.get("_lr_checked", False):
+            self._warn_if_lr_looks_like_a_step_size()
         plan = plan_step(self.search_rule, self._search, self.search_config)
         scale = 1.0
         if self.schedule is not None:
             scale = float(self.schedule.scale(plan.state.step))
             if plan.is_search and not self.schedule.searches(plan.state.step):
                 plan = replace(plan, is_search=False)
+        for group in self.param_groups:
+            if group["search_lr"] == 0 and group["lr"] > 0:
+                group["search_lr"] = group["lr"]  # the first positive lr of a group that started at 0
+        if plan.is_search and not any(group["search_lr"] > 0 for group in self.param_groups):
+            plan = replace(plan, is_search=False)  # every group at lr 0: nothing to search for
         devices = [self._device] if self._device is not None else []
-        marked, self._forward_rng = self._forward_rng, None  # mark_forward(), used by this step only
+        marked, handoff.forward_rng = handoff.forward_rng, None  # mark_forward(), used by this step only
+        zeroed_at, handoff.zero_grad_rng = handoff.zero_grad_rng, None
         one_phase = loss is None
         if one_phase:
             rng_before = RNGSnapshot.capture(devices) if plan.is_search else None
@@ -457,15 +618,27 @@ class FusedSaLSa(Optimizer):
                 value = closure()
             loss_tensor = self._loss_tensor(value, "closure()", need_grad=True)
             rng_after = RNGSnapshot.capture(devices) if plan.is_search else None
-            loss_tensor.backward()
+            try:
+                loss_tensor.backward()
+            except RuntimeError as error:
+                if self._has_new_gradients():
+                    raise RuntimeError("closure() ran backward() itself (the published package's "
+                                       "convention): here the closure returns the loss only, and "
+                                       "step() runs the backward") from error
+                raise
         else:
             loss_tensor = self._loss_tensor(loss, "loss", need_grad=False)
             rng_after = RNGSnapshot.capture(devices) if plan.is_search else None
             rng_before = (marked or rng_after) if plan.is_search else None
+        # Two-phase without mark_forward(), when the generators moved since zero_grad() (or it was
+        # not called): the caller's forward may have drawn random masks (dropout) the trials cannot
+        # replay, so a search judges them against a reference forward at w0 that replays what the
+        # trials replay, not against the caller's loss.
+        needs_reference = (plan.is_search and not one_phase and marked is None
+                           and not rng_after.same_as(zeroed_at))
         buckets = self._collect_buckets()
-        if not buckets:
-            raise RuntimeError("no parameter of this optimizer has a gradient after the backward: the "
-                               "loss does not depend on the optimized parameters")
+        if not buckets:  # none of this optimizer's parameters is in this loss: as torch.optim, a no-op
+            return loss_tensor.detach() if one_phase else loss
         backend = self.backend
         step_state = plan.state
         step_state.num_forward_evals += 1
@@ -477,7 +650,7 @@ class FusedSaLSa(Optimizer):
         corrected = moment_step(self.search_rule, plan.state.step)
         hypers = {b.group_index: Hyper.for_step(self.param_groups[b.group_index], corrected)
                   for b in buckets}
-        groups = {b.group_index: GroupStep(self.param_groups[b.group_index]["lr"], scale, eta)
+        groups = {b.group_index: GroupStep.of(self.param_groups[b.group_index], scale, eta)
                   for b in buckets}
         if not plan.is_search:
             if found_inf is not None:
@@ -499,13 +672,21 @@ class FusedSaLSa(Optimizer):
                                     grad_scale=grad_scale)
                     backend.plain_step(b, args, f0, found_inf=found_inf, nonfinite_count=counts.nonfinite_elements)
             self._commit(step_state)
-            return loss_tensor if one_phase else loss
+            return loss_tensor.detach() if one_phase else loss
+        running = self._running_statistics()
         try:
+            if needs_reference:
+                rng_before.set()
+                f0 = self._trial_loss(closure)
+                step_state.num_forward_evals += 1
             self._search_step(plan, step_state, buckets, hypers, groups, backend, f0, closure,
-                         grad_scale, found_inf, rng_before)
+                              grad_scale, found_inf, rng_before)
         finally:
             rng_after.set()  # the generators end where the step's one forward left them
-        return loss_tensor if one_phase else loss
+            with torch.no_grad():
+                for buffer, saved in running:  # and the running statistics where it left them
+                    buffer.copy_(saved)
+        return loss_tensor.detach() if one_phase else loss
 
     def _search_step(self, plan, step_state, buckets, hypers, groups, backend, f0, closure,
                 grad_scale, found_inf, rng_before) -> None:
@@ -574,22 +755,25 @@ class FusedSaLSa(Optimizer):
             move_all("first_trial", lambda g: g.guard_failed(final.step), final.direction or direction)
             self._commit(search.finish())
             return
+        # Pass A writes this step's moments; a trial forward that raises (out of memory, caught and
+        # retried by the caller) must find them as they were: copies, 8 bytes per parameter while
+        # the search runs, put back on an exception.
+        moments = [t for b in buckets for t in (*b.exp_avg, *b.exp_avg_sq)]
+        moments_before = [t.clone() for t in moments]
         move_all("first_trial", lambda g: g.trial(search.step_size))
         current = search.step_size  # the trial the weights are at
         try:
             while True:
                 rng_before.set()
-                with torch.no_grad():
-                    value = closure()
-                trial = self._loss_tensor(value, "closure()", need_grad=False)
-                trial = trial.detach().reshape(1).to(device=self._device, dtype=torch.float32)
-                (f1_value,) = self.reduction.average_loss(trial).tolist()
+                (f1_value,) = self.reduction.average_loss(self._trial_loss(closure).reshape(1)).tolist()
                 if search.observe(f1_value) is not Verdict.RETRY:
                     break
                 move_all("retrial", lambda g: g.trial(search.step_size, current))
                 current = search.step_size
         except BaseException:
             move_all("restore", lambda g: g.restore(current))
+            with torch.no_grad():
+                foreach_copy_(moments, moments_before)
             raise
         final = search.final()
         along = final.direction or direction

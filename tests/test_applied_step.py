@@ -78,6 +78,7 @@ def test_plain_step_applies_the_scaled_step_and_decay():
     loss = backward(weights, slopes)
     eta = opt.step_size
     reported = opt.effective_step_sizes
+    opt.mark_forward()  # scripted losses: the caller's loss is the trials' reference
     opt.step(lambda: pytest.fail("a plain step runs no trial"), loss=loss)
     for w, start, lr, step_size in zip(weights, w0, LRS, reported):
         _, u = directions(opt, w, 1)
@@ -97,6 +98,7 @@ def test_first_trial_probes_the_level_and_the_accepted_trial_is_scaled(restore):
         seen.append([w.detach().clone() for w in weights])
         return loss.detach()  # f1 == f0: accepted
 
+    opt.mark_forward()  # scripted losses: the caller's loss is the trials' reference
     opt.step(closure, loss=loss)
     assert len(seen) == 1
     for trial_w, w, start, lr in zip(seen[0], weights, w0, LRS):
@@ -117,6 +119,7 @@ def test_retrial_backtracks_from_the_same_decayed_start(restore):
         seen.append([w.detach().clone() for w in weights])
         return loss.detach() + (1e3 if len(seen) == 1 else 0.0)  # reject the first trial
 
+    opt.mark_forward()  # scripted losses: the caller's loss is the trials' reference
     opt.step(closure, loss=loss)
     assert len(seen) == 2
     second = eta * GROWTH * BACKTRACK
@@ -140,6 +143,7 @@ def test_restore_puts_back_the_weights_after_decayed_trials(restore):
         return loss.detach() + 1e3
 
     with pytest.raises(KeyboardInterrupt):
+        opt.mark_forward()  # scripted losses: the caller's loss is the trials' reference
         opt.step(closure, loss=loss)
     for w, start in zip(weights, w0):
         if restore == "copy":
@@ -153,6 +157,7 @@ def test_guard_failed_search_moves_along_momentum_with_the_scaled_step_and_decay
     w0 = [w.detach().clone() for w in weights]
     loss = backward(weights, slopes, zero=True)
     eta = opt.step_size
+    opt.mark_forward()  # scripted losses: the caller's loss is the trials' reference
     opt.step(lambda: pytest.fail("the guard failed: no trial"), loss=loss)
     for w, start, lr in zip(weights, w0, LRS):
         _, u = directions(opt, w, 1)
@@ -166,6 +171,7 @@ def test_bug_search_step_decay_follows_the_schedule():
     w = torch.ones(4, requires_grad=True)
     opt = FusedSaLSa([w], backend="torch", weight_decay=0.1, schedule=schedule)
     w.grad = torch.zeros(4)
+    opt.mark_forward()  # scripted losses: the caller's loss is the trials' reference
     opt.step(lambda: pytest.fail("no trial"), loss=torch.tensor(1.0))
     assert opt.num_searches == 1
     torch.testing.assert_close(w.detach(), torch.full((4,), 1 - 0.1 * schedule.scale(1)))
@@ -181,13 +187,12 @@ def test_bug_effective_step_sizes_report_the_schedule():
     a = torch.randn(5)
     for _ in range(4):
         w.grad = None
-        loss = (w * a).sum()
-        loss.backward()
-        opt.step(lambda: (w * a).sum())
+        opt.step(lambda: (w * a).sum())  # the one-phase form runs the backward itself
     assert opt.effective_step_sizes == [0.0]
     w.grad = None
     loss = (w * a).sum()
     loss.backward()
     before = w.detach().clone()
+    opt.mark_forward()  # scripted losses: the caller's loss is the trials' reference
     opt.step(lambda: (w * a).sum(), loss=loss)
     assert torch.equal(w.detach(), before) and math.isfinite(opt.step_size)

@@ -107,8 +107,9 @@ def test_plain_step_draws_exactly_one_forward():
 
 
 def test_two_phase_trials_share_one_state_and_the_generator_is_not_advanced_by_them():
-    """Two-phase form: the optimizer did not see the first forward, so trials replay the
-    state found at the step() call (all trials equal), and leave the generator there."""
+    """Two-phase form: the optimizer did not see the first forward, so the reference forward
+    at w0 and the trials replay the state found at the step() call (all equal), and leave the
+    generator there."""
     model = _model()
     opt = FusedSaLSa(model.parameters(), backend="torch", init_step_size=100.0)
     closure = RecordingClosure(model)
@@ -118,8 +119,8 @@ def test_two_phase_trials_share_one_state_and_the_generator_is_not_advanced_by_t
     at_call = torch.get_rng_state()
     opt.step(closure, loss=loss)
     assert opt.last_search_trials >= 2
-    trials = closure.draws[1:]
-    assert len(trials) == opt.last_search_trials
+    trials = closure.draws[1:]  # the reference forward, then the trials
+    assert len(trials) == 1 + opt.last_search_trials
     assert all(torch.equal(d, trials[0]) for d in trials)
     assert all(torch.equal(m, closure.masks[1]) for m in closure.masks[1:])
     assert torch.equal(torch.get_rng_state(), at_call)
@@ -156,4 +157,4 @@ def test_two_phase_with_mark_forward_replays_the_callers_forwards():
             assert torch.equal(trial_masks[2 * t + micro], caller_masks[micro])
     assert torch.equal(torch.get_rng_state(), after_forwards)
     # The mark serves one step: the next two-phase step replays the state at its call again.
-    assert opt._forward_rng is None
+    assert opt._handoff.forward_rng is None

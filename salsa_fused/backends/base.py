@@ -65,7 +65,7 @@ class Hyper:
     weight_decay: float
     bias_correction1: float  # 1 - beta1 ** (k + 1)
     bias_correction2: float  # 1 - beta2 ** (k + 1)
-    lr: float  # the group's multiplier on the searched step size
+    lr: float  # the group's probe multiplier on the searched step size (its "search_lr")
 
     @classmethod
     def for_step(cls, group: dict, step: int) -> "Hyper":
@@ -76,7 +76,8 @@ class Hyper:
         beta1, beta2 = group["betas"]
         return cls(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                    bias_correction1=1 - beta1 ** max(1, step + 1),
-                   bias_correction2=1 - beta2 ** max(1, step + 1), lr=group["lr"])
+                   bias_correction2=1 - beta2 ** max(1, step + 1),
+                   lr=group.get("search_lr", group["lr"]))
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ restore 8 from the copy (16 in place). Nothing here reads a device value on the 
 from __future__ import annotations
 
 import collections
+import contextlib
 import operator
 import os
 from dataclasses import dataclass
@@ -74,6 +75,15 @@ def check(device: torch.device) -> None:
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(f"backend='triton' cannot run on {device}: Triton needs CUDA tensors, or "
                            "TRITON_INTERPRET=1 set before triton is imported for the CPU interpreter")
+
+
+def unsupported(param: torch.Tensor) -> Optional[str]:
+    """Why the kernels cannot take ``param`` (checked at construction), or ``None``."""
+    if param.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"{param.dtype} (the kernels take float32, bfloat16 and float16)"
+    if not _dense(param):
+        return "not dense (a strided view with gaps: the kernels read one flat span)"
+    return None
 
 
 def _require_triton() -> None:
@@ -272,8 +282,11 @@ def _plain_step_options(tables: _Tables, launch: _Launch, device: torch.device) 
 
 def _launch(kernel, tables: _Tables, launch: _Launch, *args, **constexprs) -> None:
     LAUNCH_COUNTER[kernel.__name__] += 1
-    kernel[(launch.n_blocks,)](tables.tensor_table, launch.block_table, *args, ALIGNED=launch.aligned,
-                               BLOCK=launch.block, num_warps=NUM_WARPS, enable_fp_fusion=False, **constexprs)
+    device = tables.tensor_table.device
+    # Triton launches on the current CUDA device: make it the bucket's (params on cuda:1, cuda:0 current).
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        kernel[(launch.n_blocks,)](tables.tensor_table, launch.block_table, *args, ALIGNED=launch.aligned,
+                                   BLOCK=launch.block, num_warps=NUM_WARPS, enable_fp_fusion=False, **constexprs)
 
 
 def _check_direction(direction: str) -> bool:

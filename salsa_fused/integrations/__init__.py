@@ -107,6 +107,9 @@ class AccumulatedLoss:
     def bind(self, optimizer: Any, loss_of: Callable[[Any], torch.Tensor]) -> None:
         """Bind ``(closure, total)`` to the FusedSaLSa inside ``optimizer``; start a new window."""
         salsa = unwrap_salsa(optimizer)
+        # The closure replays each micro-batch's recorded random state itself: its trials compare
+        # like with like against the window's loss, so the step needs no reference forward.
+        salsa.mark_forward()
         salsa.bind_closure(self.closure(loss_of), loss=self._total)
         self.clear()
 

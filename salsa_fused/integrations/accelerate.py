@@ -18,6 +18,9 @@ accumulate, and on those micro-batches nothing is bound: the search runs once pe
 update, on the update step, over every micro-batch of it. Under fp16 the GradScaler
 calls ``step()`` without a closure; FusedSaLSa unscales inside its passes
 (``_step_supports_amp_scaling``), and the binding supplies the loss function.
+
+Importing this module also gives ``AcceleratedOptimizer`` the methods ``mark_forward`` and
+``bind_closure``, which reach the FusedSaLSa inside (for loops that bind by hand).
 """
 
 from __future__ import annotations
@@ -25,10 +28,27 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+from accelerate.optimizer import AcceleratedOptimizer
 
 from . import AccumulatedLoss, _param_devices, unwrap_salsa
 
 __all__ = ["SaLSaAccumulation"]
+
+
+def _forward_to_salsa(name: str) -> Callable:
+    def method(self, *args, **kwargs):
+        return getattr(unwrap_salsa(self), name)(*args, **kwargs)
+
+    method.__name__ = name
+    method.__doc__ = f"``FusedSaLSa.{name}`` of the wrapped optimizer (installed by salsa_fused)."
+    return method
+
+
+# AcceleratedOptimizer forwards only torch.optim's methods: importing this module makes the
+# prepared optimizer take FusedSaLSa's hand-offs to the next step() too.
+for _name in ("mark_forward", "bind_closure"):
+    if not hasattr(AcceleratedOptimizer, _name):
+        setattr(AcceleratedOptimizer, _name, _forward_to_salsa(_name))
 
 
 class SaLSaAccumulation:

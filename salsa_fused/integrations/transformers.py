@@ -84,7 +84,9 @@ class SaLSaTrainerMixin:
                     f"FusedSaLSa reads TrainingArguments.learning_rate={self.args.learning_rate} as a "
                     "multiplier on the step size its line search finds; set learning_rate=1.0 unless "
                     "you mean to scale every step", stacklevel=2)
-            self.optimizer = FusedSaLSa(groups, lr=self.args.learning_rate, **self.salsa_kwargs)
+            kwargs = {"model": opt_model, **self.salsa_kwargs}  # trials keep BatchNorm's statistics
+            self.optimizer = FusedSaLSa(groups, lr=self.args.learning_rate, **kwargs)
+            self.optimizer._lr_checked = True  # warned above, in TrainingArguments' words
         unwrap_salsa(self.optimizer)  # a clear TypeError for any other optimizer
         return self.optimizer
 

@@ -39,6 +39,7 @@ def reference_weights(start):
     for update in range(UPDATES):
         window = data[update * ACCUMULATE:(update + 1) * ACCUMULATE]
         total = 0.0
+        opt.mark_forward()  # as the integration marks: its closure replays the window's forwards
         for batch in window:
             loss = mse(model, batch) / ACCUMULATE
             loss.backward()
@@ -79,7 +80,7 @@ def test_prepare_and_accumulate_match_plain_loop():
             after.append([p.detach().clone() for p in model.parameters()])
         else:  # accumulation micro-step: no search, no forward beyond the training one, no change
             assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-            assert salsa._bound_step is None
+            assert salsa._handoff.bound_step is None
             assert all(p.grad is not None for p in model.parameters())  # still accumulating
     assert counts == [(i + 1) // ACCUMULATE for i in range(len(data))]  # one step per update
     want, reference = reference_weights(start)

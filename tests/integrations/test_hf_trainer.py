@@ -93,6 +93,7 @@ def plain_loop(model, trainer, max_grad_norm=1.0, autocast=False):
     for step in range(STEPS):
         window = trainer.seen_batches[step * ACCUMULATE:(step + 1) * ACCUMULATE]
         total = 0.0
+        opt.mark_forward()  # as the integration marks: its closure replays the window's forwards
         for inputs, count in window:
             loss = micro_loss(inputs, count)
             loss.backward()

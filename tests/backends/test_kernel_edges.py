@@ -1,0 +1,80 @@
+"""Kernel edge cases found by reading (issue 16, item 8), through FusedSaLSa on each backend:
+a finite gradient whose square overflows fp32, and parameters on a CUDA device that is not
+the current one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from salsa_fused import FusedSaLSa
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
+HUGE = 2e19  # finite in fp32, but HUGE * HUGE = 4e38 > 3.4e38 overflows
+
+
+def _backend(name):
+    if name == "triton":
+        pytest.importorskip("triton")
+    return name
+
+
+class _SearchFirstStepOnly:
+    """A schedule (the ``schedule=`` protocol) that searches on step 1 only: later steps are plain."""
+
+    def scale(self, step):
+        return 1.0
+
+    def searches(self, step):
+        return step <= 1
+
+
+def _state_tensors(opt):
+    return [v for state in opt.state_dict()["state"].values() for v in state.values()
+            if isinstance(v, torch.Tensor)]
+
+
+@pytest.mark.parametrize("backend, path", [("torch", "plain"), ("triton", "plain"),
+                                           ("torch", "search"), ("triton", "search")])
+def test_a_finite_gradient_whose_square_overflows_writes_nothing_infinite(backend, path):
+    weight = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 8))
+    opt = FusedSaLSa([weight], backend=_backend(backend), nonfinite="skip",
+                     schedule=_SearchFirstStepOnly())
+    closure = lambda: (weight ** 2).sum()  # noqa: E731
+    if path == "plain":  # a searched step first, so the huge gradient meets a plain step
+        opt.zero_grad()
+        opt.step(closure)
+    opt.zero_grad()
+    loss = closure()
+    loss.backward()
+    with torch.no_grad():
+        weight.grad[3] = HUGE
+    opt.step(closure, loss=loss.detach())
+    assert torch.isfinite(weight).all()
+    for tensor in _state_tensors(opt):
+        assert torch.isfinite(tensor).all(), "a moment became inf"
+    opt.zero_grad()  # and the next step is an ordinary one
+    opt.step(closure)
+    assert torch.isfinite(weight).all()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_parameters_on_a_cuda_device_that_is_not_current(backend):
+    """Parameters on cuda:1 while cuda:0 is current: the passes must run on cuda:1 and give
+    the same weights as the same run on cuda:0."""
+    results = []
+    for index in (0, 1):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(16, 4).to(f"cuda:{index}")
+        x = torch.randn(32, 16, device=f"cuda:{index}")
+        opt = FusedSaLSa(model.parameters(), backend=_backend(backend))
+        with torch.cuda.device(0):
+            for _ in range(12):  # searches and plain steps
+                opt.zero_grad()
+                opt.step(lambda: model(x).pow(2).mean())
+            torch.cuda.synchronize(index)
+        results.append([p.detach().cpu() for p in model.parameters()])
+    for got, want in zip(results[1], results[0]):
+        assert torch.equal(got, want)

@@ -1,0 +1,219 @@
+"""FusedSaLSa through the real wrappers of the training stacks (issue 16): Lightning's
+``LightningOptimizer`` (a real ``Trainer.fit``), accelerate's ``AcceleratedOptimizer`` (a real
+``Accelerator().prepare``) and Hugging Face ``Trainer``, on models with dropout and BatchNorm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+class RecordingDropout(torch.nn.Module):
+    """Dropout that keeps every mask it draws (in order), to see which forwards share masks."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.masks = []
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        mask = (torch.rand_like(x) >= self.p).to(x.dtype)
+        self.masks.append(mask)
+        return x * mask / (1 - self.p)
+
+
+def _dropout_net(seed: int = 0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), RecordingDropout(0.3),
+                               torch.nn.Linear(64, 1))
+
+
+def _batches(steps: int, rows: int = 32):
+    generator = torch.Generator().manual_seed(3)
+    out = []
+    for _ in range(steps):
+        x = torch.randn(rows, 16, generator=generator)
+        out.append((x, x[:, :1].sin() + 0.1 * torch.randn(rows, 1, generator=generator)))
+    return out
+
+
+def _trials_replayed_the_training_masks(masks_per_step):
+    """Each step: the training forward's mask first, then one per trial forward; every trial
+    must have drawn the training forward's mask. Returns the number of trial forwards checked."""
+    checked = 0
+    for masks in masks_per_step:
+        training, trials = masks[0], masks[1:]
+        for trial in trials:
+            assert torch.equal(trial, training), "a trial forward drew another dropout mask"
+            checked += 1
+    return checked
+
+
+# ---------------------------------------------------------------- Lightning (items 1, 2)
+
+L = pytest.importorskip("lightning")
+
+
+class DropoutModule(L.LightningModule):
+    """The README's Lightning pattern (manual optimization, the two-phase step) on a dropout net;
+    ``call`` picks how the step is handed its loss function: ``"mark"`` (mark_forward() then
+    step(closure, loss=...)), ``"bind"`` (mark_forward(), bind_closure, then a bare step()), or
+    ``"plain"`` (the README snippet as written, no mark)."""
+
+    def __init__(self, call: str):
+        super().__init__()
+        self.automatic_optimization = False
+        self.net = _dropout_net()
+        self.call = call
+        self.masks_per_step = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.net[2].masks = []
+        if self.call in ("mark", "bind"):
+            opt.mark_forward()
+        loss = F.mse_loss(self.net(x), y)
+        self.manual_backward(loss)
+        closure = lambda: F.mse_loss(self.net(x), y)  # noqa: E731
+        if self.call == "bind":
+            opt.bind_closure(closure, loss=loss.detach())
+            opt.step()
+        else:
+            opt.step(closure=closure, loss=loss.detach())
+        self.masks_per_step.append(self.net[2].masks)
+
+    def configure_optimizers(self):
+        from salsa_fused import FusedSaLSa
+        return FusedSaLSa(self.net.parameters(), backend="torch")
+
+
+def _fit(call: str, steps: int = 12):
+    module = DropoutModule(call)
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    torch.manual_seed(7)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_batches(steps), batch_size=None))
+    return module, trainer.optimizers[0]
+
+
+@pytest.mark.parametrize("call", ["mark", "bind"])
+def test_lightning_wrapper_passes_mark_forward_and_bind_closure_on(call):
+    """``self.optimizers()`` is a LightningOptimizer: the mark and the binding must reach the step."""
+    module, salsa = _fit(call)
+    assert salsa.search_state.step == 12
+    assert _trials_replayed_the_training_masks(module.masks_per_step) >= 12  # the mark reached the step
+    assert 1e-4 < salsa.step_size < 10
+
+
+def test_lightning_readme_pattern_with_dropout_does_not_collapse():
+    """The README snippet as written (no mark) on a dropout net: 495 backtracks and eta 6e-48
+    in the issue's 20-step run."""
+    module, salsa = _fit("plain", steps=20)
+    assert salsa.search_state.step == 20
+    assert 1e-4 < salsa.step_size < 10
+    assert salsa.num_backtracks <= 20 * 20
+
+
+# ---------------------------------------------------------------- accelerate (item 2)
+
+
+def test_accelerated_optimizer_passes_mark_forward_and_bind_closure_on():
+    accelerate = pytest.importorskip("accelerate")
+    import salsa_fused.integrations.accelerate  # noqa: F401  (the integration FusedSaLSa ships)
+    from salsa_fused import FusedSaLSa
+
+    accelerator = accelerate.Accelerator(cpu=True)
+    net = _dropout_net()
+    data = torch.utils.data.DataLoader(_batches(12), batch_size=None)
+    net, optimizer, data = accelerator.prepare(net, FusedSaLSa(net.parameters(), backend="torch"), data)
+    dropout = net[2]
+    masks_per_step = []
+    torch.manual_seed(7)
+    for x, y in data:
+        optimizer.zero_grad()
+        dropout.masks = []
+        optimizer.mark_forward()
+        loss = F.mse_loss(net(x), y)
+        accelerator.backward(loss)
+        optimizer.bind_closure(lambda: F.mse_loss(net(x), y), loss=loss.detach())
+        optimizer.step()
+        masks_per_step.append(dropout.masks)
+    salsa = optimizer.optimizer
+    assert salsa.search_state.step == 12
+    assert _trials_replayed_the_training_masks(masks_per_step) >= 12
+    assert 1e-4 < salsa.step_size < 10
+
+
+# ---------------------------------------------------------------- Hugging Face Trainer (items 3, 4)
+
+
+class _BatchNormRegressor(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.BatchNorm1d(32),
+                                        torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(32, 1))
+
+    def forward(self, x, labels=None):
+        out = self.body(x)
+        loss = None if labels is None else F.mse_loss(out, labels)
+        return {"loss": loss, "logits": out}
+
+
+def _hf_data(rows: int = 64):
+    return [{"x": x, "labels": y} for x, y in zip(*_batches(1, rows)[0])]
+
+
+def _hf_train(tmp_path, model, **args):
+    transformers = pytest.importorskip("transformers")
+    from salsa_fused.integrations.transformers import SaLSaTrainer
+
+    settings = dict(learning_rate=1.0, lr_scheduler_type="constant", per_device_train_batch_size=16,
+                    max_steps=6, report_to=[], save_strategy="no", use_cpu=True, logging_steps=100,
+                    disable_tqdm=True, dataloader_num_workers=0, seed=0, remove_unused_columns=False)
+    settings.update(args)
+    training_args = transformers.TrainingArguments(str(tmp_path), **settings)
+    trainer = SaLSaTrainer(model=model, args=training_args, train_dataset=_hf_data(),
+                           salsa_kwargs={"backend": "torch"})
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_hf_trainer_trials_leave_batchnorm_statistics_as_the_training_forwards_leave_them(tmp_path, accumulation):
+    """The integration hands the model to the optimizer: BatchNorm's running statistics end as the
+    last training forward (the one with grad) left them, and count only training forwards."""
+    model = _BatchNormRegressor()
+    bn = model.body[1]
+    seen = {"grad_forwards": 0, "after": None}
+
+    def record(module, inputs, output):
+        if torch.is_grad_enabled():
+            seen["grad_forwards"] += 1
+            seen["after"] = {name: b.clone() for name, b in module.named_buffers()}
+
+    bn.register_forward_hook(record)
+    trainer = _hf_train(tmp_path, model, gradient_accumulation_steps=accumulation)
+    assert trainer.salsa_optimizer.num_forward_evals > 6 * accumulation  # trials ran
+    assert int(bn.num_batches_tracked) == seen["grad_forwards"] == 6 * accumulation
+    for name, buffer in bn.named_buffers():
+        assert torch.equal(buffer, seen["after"][name]), name
+
+
+def _hf_move(tmp_path, warmup_steps: int) -> float:
+    model = _BatchNormRegressor()
+    start = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    _hf_train(tmp_path, model, max_steps=10, warmup_steps=warmup_steps,
+              lr_scheduler_type="constant_with_warmup" if warmup_steps else "constant")
+    return float((torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - start).norm())
+
+
+def test_hf_trainer_warmup_moves_the_weights_less_than_no_warmup(tmp_path):
+    """Trainer's warmup starts at lr=0 and rises linearly: over it the weights must move less than
+    with the constant schedule."""
+    assert _hf_move(tmp_path / "warm", warmup_steps=10) < _hf_move(tmp_path / "flat", warmup_steps=0)

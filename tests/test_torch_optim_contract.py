@@ -1,0 +1,129 @@
+"""The ``torch.optim`` contract where FusedSaLSa broke it (issue 16, item 9): copies and
+pickles, a step with no gradient, named parameters, what a backend cannot take, a tensor lr."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from salsa_fused import FusedSaLSa
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh(),
+                               torch.nn.Dropout(0.2), torch.nn.Linear(16, 1))
+
+
+_X = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
+_Y = _X[:, :1].cos()
+
+
+def _train(model, opt, steps):
+    torch.manual_seed(5)
+    for _ in range(steps):
+        opt.zero_grad()
+        opt.step(lambda: F.mse_loss(model(_X), _Y))
+
+
+def _torch_save_round_trip(pair):
+    buffer = io.BytesIO()
+    torch.save(pair, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_a_copied_optimizer_steps_as_the_original(how):
+    """Copy model and optimizer together (their parameters stay shared), train both on."""
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch", search_direction="momentum",
+                     restore="inplace", beta3=0.95, max_search_interval=4)
+    _train(model, opt, 3)
+    copier = {"deepcopy": copy.deepcopy, "pickle": lambda pair: pickle.loads(pickle.dumps(pair)),
+              "torch.save": _torch_save_round_trip}[how]
+    model_copy, opt_copy = copier((model, opt))
+    _train(model, opt, 4)
+    _train(model_copy, opt_copy, 4)
+    for got, want in zip(model_copy.parameters(), model.parameters()):
+        assert torch.equal(got, want)
+    assert opt_copy.search_state == opt.search_state
+
+
+def test_step_with_a_closure_when_no_parameter_gets_a_gradient_is_a_no_op():
+    """Alternating training: this optimizer's sub-model does not enter this loss."""
+    generator, discriminator = torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)
+    opt = FusedSaLSa(discriminator.parameters(), backend="torch")
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    before = [p.detach().clone() for p in discriminator.parameters()]
+    loss = opt.step(lambda: generator(_X).pow(2).mean())
+    assert loss is not None and float(loss) == pytest.approx(float(generator(_X).pow(2).mean()))
+    assert all(torch.equal(p, b) for p, b in zip(discriminator.parameters(), before))
+    assert calls == ["pre", "post"]
+    assert opt.search_state.step == 0
+
+
+def test_bare_step_without_gradients_stays_a_no_op_with_hooks():
+    opt = FusedSaLSa(torch.nn.Linear(8, 1).parameters(), backend="torch")
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    assert opt.step() is None
+    assert calls == ["pre", "post"]
+
+
+def test_named_parameters_are_accepted_and_their_names_saved():
+    model = _model()
+    opt = FusedSaLSa(model.named_parameters(), backend="torch")
+    _train(model, opt, 2)
+    names = [name for name, _ in model.named_parameters()]
+    saved = opt.state_dict()["param_groups"][0]
+    assert saved["param_names"] == names
+    reference = torch.optim.AdamW(model.named_parameters())
+    assert reference.state_dict()["param_groups"][0]["param_names"] == saved["param_names"]
+
+
+def _odd_parameters():
+    fp64 = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
+    strided = torch.randn(4, 8)[:, ::2].detach().requires_grad_()  # a leaf with a gap in its storage
+    assert not strided.is_contiguous()
+    return {"float64": fp64, "strided": strided}
+
+
+@pytest.mark.parametrize("kind", ["float64", "strided"])
+def test_triton_backend_routes_or_refuses_what_it_cannot_take_at_construction(kind):
+    pytest.importorskip("triton")
+    odd = _odd_parameters()[kind]
+    plain = torch.nn.Parameter(torch.randn(4))
+    try:
+        opt = FusedSaLSa([{"params": [plain]}, {"params": [odd]}], backend="triton")
+    except ValueError as error:  # refused: the message says which parameter and why
+        message = str(error)
+        assert "param_groups[1]" in message or "group 1" in message, message
+        assert (kind in message) or ("contiguous" in message) or ("dense" in message), message
+        return
+    def closure():  # routed: the step works and moves the odd parameter too
+        return (odd.float() ** 2).sum() + (plain ** 2).sum()
+    before = odd.detach().clone()
+    opt.step(closure)
+    assert not torch.equal(odd.detach(), before)
+
+
+def test_a_tensor_lr_is_supported_or_refused_with_a_value_error():
+    model = torch.nn.Linear(8, 1)
+    try:
+        opt = FusedSaLSa(model.parameters(), lr=torch.tensor(0.5), backend="torch")
+    except ValueError as error:
+        assert "tensor" in str(error) and "lr" in str(error)
+        return
+    opt.step(lambda: F.mse_loss(model(_X), _Y))
+    assert 0 < opt.step_size
