@@ -69,6 +69,7 @@ class _Slot:
     params: List[torch.Tensor]  # the group's params (DTensors stay DTensors), for the checks
     positions: Optional[List[int]]  # the bucket's params in the group's list; None: all of them
     members: Optional[operator.itemgetter]  # picks them from a list
+    shapes: Tuple[torch.Size, ...] = ()  # of the params: their gradients must match
     validated: "collections.OrderedDict[tuple, None]" = field(default_factory=collections.OrderedDict)
 
 
@@ -144,8 +145,9 @@ class BucketCache:
         except RuntimeError:  # no storage (sparse): the check below says so
             pointers = None
         if pointers is None or pointers not in slot.validated:
-            for i in range(len(slot.params)) if slot.positions is None else slot.positions:
-                check_gradient(slot.params[i], grads[i])
+            if not _match(slot, mine if not distributed else picked_global(slot, grads)):
+                for i in range(len(slot.params)) if slot.positions is None else slot.positions:
+                    check_gradient(slot.params[i], grads[i])
             slot.validated[pointers] = None
             if len(slot.validated) > VALIDATED_GRAD_LAYOUTS:
                 slot.validated.popitem(last=False)
@@ -177,7 +179,29 @@ class BucketCache:
                             device=device, dtype=dtype, group_index=index, tensors_fixed=True)
             whole = len(positions) == len(params)
             slots.append(_Slot(bucket, params, None if whole else positions,
-                               None if whole else operator.itemgetter(*positions)))
+                               None if whole else operator.itemgetter(*positions),
+                               tuple(p.shape for p in chosen)))
         weight_pointers = tuple(_data_ptr(_local(p)) for p in params)
         return _GroupEntry(tuple(map(id, params)), weight_pointers, has_grad, distributed, slots)
 
+
+
+_layout_of = operator.attrgetter("layout")
+_dtype_of = operator.attrgetter("dtype")
+_device_of = operator.attrgetter("device")
+_shape_of = operator.attrgetter("shape")
+
+
+def picked_global(slot: _Slot, grads: List[torch.Tensor]) -> List[torch.Tensor]:
+    """The slot's gradients as the params hold them (DTensors stay DTensors)."""
+    return grads if slot.positions is None else [grads[i] for i in slot.positions]
+
+
+def _match(slot: _Slot, grads: List[torch.Tensor]) -> bool:
+    """Every gradient dense with its weight's shape, the bucket's dtype and device (loops in C);
+    False sends the caller to the per-tensor check, which names the problem."""
+    bucket = slot.bucket
+    return (set(map(_layout_of, grads)) == {torch.strided}
+            and set(map(_dtype_of, grads)) == {bucket.dtype}
+            and set(map(_device_of, grads)) == {bucket.device}
+            and tuple(map(_shape_of, grads)) == slot.shapes)

@@ -260,10 +260,11 @@ def _with_grads(tables: _Tables, bucket: Bucket) -> _Tables:
         tables.by_grads.move_to_end(grad_pointers)
     elif (tables.params_contiguous and len(grad_pointers) == tables.tensor_table.shape[0]
             and all(map(torch.Tensor.is_contiguous, bucket.grads))
-            and all(pointer % ALIGNMENT_BYTES == 0 for pointer in grad_pointers)
-            and _same_shapes(bucket)):
+            and not bool(torch.any(torch.tensor(grad_pointers, dtype=torch.int64) % ALIGNMENT_BYTES))
+            and (bucket.tensors_fixed or _same_shapes(bucket))):
         # New gradient storage, same layout and alignment class: a table with the new
         # column (one small host-to-device copy); the tables in use stay as they are.
+        # (The optimizer has checked its buckets' gradients against the weights already.)
         host = tables.host_table.clone()
         host[:, K.GRAD_COLUMN] = torch.tensor(grad_pointers, dtype=torch.int64)
         table = _to_device(host, bucket.device)
