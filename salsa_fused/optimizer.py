@@ -24,6 +24,7 @@ from torch.optim import Optimizer
 from . import backends as _backends
 from ._compat import foreach_copy_
 from ._rng import RNGSnapshot
+from .buckets import BucketCache
 from .backends.base import DIRECTIONS, GRADIENT, MOMENTUM, Bucket, Hyper, PassArgs
 from .distributed import SearchReduction, default_reduction
 from .errors import NonFiniteError
@@ -167,7 +168,7 @@ class FusedSaLSa(Optimizer):
         self.init_step_size = float(init_step_size)
         self.model = model
         self._device: Optional[torch.device] = None
-        self._buckets: Dict[tuple, Bucket] = {}
+        self._buckets = BucketCache()
         self._saved: Dict[torch.Tensor, torch.Tensor] = {}
         self._counts: Optional[_DeviceCounts] = None
         self._handoff = _StepHandoff()  # mark_forward(), bind_closure(), zero_grad(): for the next step
@@ -375,7 +376,7 @@ class FusedSaLSa(Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        for name, value in (("_buckets", {}), ("_saved", {}), ("_counts", None)):
+        for name, value in (("_buckets", BucketCache()), ("_saved", {}), ("_counts", None)):
             self.__dict__.setdefault(name, value)
         self._handoff = _StepHandoff()
         if "backend_name" in self.__dict__:
@@ -389,47 +390,10 @@ class FusedSaLSa(Optimizer):
 
     # ------------------------------------------------------------------ step
     def _collect_buckets(self) -> List[Bucket]:
-        """Buckets of the params that have gradients; validates the gradients first."""
-        members: Dict[tuple, List[torch.Tensor]] = {}
-        for index, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse or grad.layout != torch.strided:
-                    raise RuntimeError("FusedSaLSa does not support sparse gradients")
-                if grad.is_complex():
-                    raise RuntimeError("FusedSaLSa does not support complex gradients")
-                if grad.device != p.device:
-                    raise RuntimeError(f"gradient on {grad.device} for a parameter on {p.device}")
-                if grad.shape != p.shape:
-                    raise RuntimeError(f"gradient of shape {tuple(grad.shape)} for a parameter of "
-                                       f"shape {tuple(p.shape)}")
-                if grad.dtype != p.dtype:  # checked here, before any bucket or state is created
-                    raise RuntimeError(f"gradient of dtype {grad.dtype} for a parameter of dtype {p.dtype}: "
-                                       "gradients must have the dtype of their parameters")
-                members.setdefault((index, p.device, p.dtype), []).append(p)
-        buckets = []
-        use_copy = self.restore_strategy == "copy"
-        for key, params in members.items():
-            cache_key = key + (tuple(id(p) for p in params),)
-            bucket = self._buckets.get(cache_key)
-            if bucket is None:
-                states = [self._init_state(p) for p in params]
-                bucket = Bucket(params=[_local(p) for p in params], grads=[],
-                                exp_avg=[_local(s["exp_avg"]) for s in states],
-                                exp_avg_sq=[_local(s["exp_avg_sq"]) for s in states],
-                                saved=None, device=key[1], dtype=key[2], group_index=key[0])
-                # Another set of params with grads (one appeared or vanished): the old bucket of
-                # this (group, device, dtype) goes, so the cache stays one bucket per key.
-                for stale in [k for k in self._buckets if k[:3] == key]:
-                    del self._buckets[stale]
-                self._buckets[cache_key] = bucket
-            bucket.grads = [_local(p.grad) for p in params]
-            if use_copy and bucket.saved is None and bucket.params:
-                bucket.saved = [self._saved_buffer(p) for p in params]
-            buckets.append(bucket)
-        return buckets
+        """Buckets of the params that have gradients (kept across steps, see
+        :mod:`salsa_fused.buckets`); validates the gradients first."""
+        saved = self._saved_buffer if self.restore_strategy == "copy" else None
+        return self._buckets.collect(self.param_groups, self._init_state, saved)
 
     def _saved_buffer(self, p: torch.Tensor) -> torch.Tensor:
         buffer, local = self._saved.get(p), _local(p)

@@ -49,6 +49,12 @@ class Bucket:
     group_index: int
     # Backends may cache per-bucket data here (pointer tables); keyed by backend.
     cache: dict = field(default_factory=dict)
+    # True when every list but ``grads`` keeps its tensors and their storage for the bucket's
+    # life (the optimizer's buckets: it makes a new bucket otherwise), so a backend's cache
+    # needs no check of them; False for buckets built by hand.
+    tensors_fixed: bool = False
+    # ``data_ptr()`` of each gradient when the optimizer has read them already, else None.
+    grad_pointers: Optional[tuple] = None
 
     @property
     def numel(self) -> int:

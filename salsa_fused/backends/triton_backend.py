@@ -4,8 +4,10 @@ Same functions and signatures as ``torch_backend`` (the executable spec); the ke
 and their formulas are in ``triton_kernels``. Per bucket, a table of the tensors'
 data pointers and a block map are built once and cached in ``bucket.cache["triton"]``,
 keyed by the data pointers of every stream but the gradients and the numel and dtype of
-weights and gradients; a moved or replaced weight, moment or saved copy makes a new
-table, new gradient storage only rewrites the table's gradient column. Tensors whose streams all start on a 16-byte boundary (all of them, in
+weights and gradients (the optimizer's buckets, whose tensors never change, skip that
+key: the optimizer makes a new bucket instead); a moved or replaced weight, moment or
+saved copy makes a new table, new gradient storage a table with a new gradient column,
+kept for the last few gradient layouts. Tensors whose streams all start on a 16-byte boundary (all of them, in
 practice) share one launch on the vectorized path; any others take a second launch
 without alignment hints.
 
@@ -20,7 +22,7 @@ import collections
 import contextlib
 import operator
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -119,6 +121,9 @@ class _Tables:
     has_saved: bool
     grad_pointers: Tuple[int, ...] = ()  # the gradient addresses the table's column holds
     params_contiguous: bool = False
+    host_table: Optional[torch.Tensor] = None  # the table on the host, gradient column as built
+    # device tables of the last few gradient layouts, by their gradient pointers
+    by_grads: "collections.OrderedDict[tuple, torch.Tensor]" = field(default_factory=collections.OrderedDict)
 
 
 def _streams(bucket: Bucket) -> Tuple[Sequence[torch.Tensor], ...]:
@@ -191,7 +196,8 @@ def _build_tables(bucket: Bucket) -> _Tables:
         rows.append([param.numel()] + pointers + [0] * (K.TABLE_WIDTH - 1 - len(pointers)))
         aligned.append(all(p % ALIGNMENT_BYTES == 0 for p in pointers))
     device = bucket.device
-    tensor_table = _to_device(torch.tensor(rows, dtype=torch.int64).reshape(n_tensors, K.TABLE_WIDTH), device)
+    host_table = torch.tensor(rows, dtype=torch.int64).reshape(n_tensors, K.TABLE_WIDTH)
+    tensor_table = _to_device(host_table, device)
     is_aligned = torch.tensor(aligned, dtype=torch.bool)
     launches = []
     for want_aligned, block in ((True, BLOCK), (False, UNALIGNED_BLOCK)):
@@ -199,10 +205,13 @@ def _build_tables(bucket: Bucket) -> _Tables:
         block_table = _block_table(torch.where(is_aligned == want_aligned, blocks_per_tensor, 0))
         if block_table.shape[0]:
             launches.append(_Launch(_to_device(block_table, device), block_table.shape[0], want_aligned, block))
+    grad_pointers = tuple(row[K.GRAD_COLUMN] for row in rows)
     return _Tables(tensor_table, tuple(launches), sum(launch.n_blocks for launch in launches),
                    _triton_dtype(w_dtype), _triton_dtype(g_dtype), bucket.saved is not None,
-                   grad_pointers=tuple(row[K.GRAD_COLUMN] for row in rows),
-                   params_contiguous=all(map(torch.Tensor.is_contiguous, bucket.params)))
+                   grad_pointers=grad_pointers,
+                   params_contiguous=all(map(torch.Tensor.is_contiguous, bucket.params)),
+                   host_table=host_table,
+                   by_grads=collections.OrderedDict({grad_pointers: tensor_table}))
 
 
 def _block_table(blocks_per_tensor: torch.Tensor) -> torch.Tensor:
@@ -223,27 +232,68 @@ def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def _tables(bucket: Bucket) -> _Tables:
     """The cached tables of the bucket's current tensors (built on first use or after a change)."""
+    if bucket.tensors_fixed:
+        # The optimizer's bucket: only the gradients can differ from the last call.
+        tables = bucket.cache.get(name)
+        if tables is None:
+            _require_triton()
+            tables = bucket.cache[name] = _build_tables(bucket)
+        return _with_grads(tables, bucket)
     cache: Dict[tuple, _Tables] = bucket.cache.setdefault(name, {})
     key = _table_key(bucket)
     tables = cache.get(key)
     if tables is not None:
-        grad_pointers = tuple(map(torch.Tensor.data_ptr, bucket.grads))
-        if grad_pointers == tables.grad_pointers:
-            return tables
-        if (tables.params_contiguous and all(map(torch.Tensor.is_contiguous, bucket.grads))
-                and all(pointer % ALIGNMENT_BYTES == 0 for pointer in grad_pointers)):
-            # New gradient storage, same layout and alignment class: rewrite the column only
-            # (one small host-to-device copy, stream-ordered after the kernels that read it).
-            column = _to_device(torch.tensor(grad_pointers, dtype=torch.int64), bucket.device)
-            tables.tensor_table[:, K.GRAD_COLUMN].copy_(column)
-            tables.grad_pointers = grad_pointers
-            return tables
+        tables = cache[key] = _with_grads(tables, bucket)
+        return tables
     _require_triton()
     tables = _build_tables(bucket)
     if len(cache) >= _MAX_CACHED_TABLES:
         cache.pop(next(iter(cache)))
     cache[key] = tables
     return tables
+
+
+def _with_grads(tables: _Tables, bucket: Bucket) -> _Tables:
+    """``tables`` pointing at the bucket's gradients (rebuilt in place when they cannot be).
+
+    The table of each of the last few gradient layouts stays on the device, so gradient
+    storage cycling through a few addresses (``zero_grad(set_to_none=True)`` with a caching
+    allocator) costs no host-to-device copy after the first steps.
+    """
+    grad_pointers = bucket.grad_pointers
+    if grad_pointers is None:
+        grad_pointers = tuple(map(torch.Tensor.data_ptr, bucket.grads))
+    if grad_pointers == tables.grad_pointers:
+        return tables
+    table = tables.by_grads.get(grad_pointers)
+    if table is not None:
+        tables.by_grads.move_to_end(grad_pointers)
+    elif (tables.params_contiguous and len(grad_pointers) == tables.tensor_table.shape[0]
+            and all(map(torch.Tensor.is_contiguous, bucket.grads))
+            and not bool(torch.any(torch.tensor(grad_pointers, dtype=torch.int64) % ALIGNMENT_BYTES))
+            and (bucket.tensors_fixed or _same_shapes(bucket))):
+        # New gradient storage, same layout and alignment class: a table with the new
+        # column (one small host-to-device copy); the tables in use stay as they are.
+        # (The optimizer has checked its buckets' gradients against the weights already.)
+        host = tables.host_table.clone()
+        host[:, K.GRAD_COLUMN] = torch.tensor(grad_pointers, dtype=torch.int64)
+        table = _to_device(host, bucket.device)
+        tables.by_grads[grad_pointers] = table
+        if len(tables.by_grads) > _MAX_CACHED_TABLES:
+            tables.by_grads.popitem(last=False)
+    else:
+        rebuilt = _build_tables(bucket)
+        if bucket.tensors_fixed:
+            bucket.cache[name] = rebuilt
+        return rebuilt
+    tables.tensor_table, tables.grad_pointers = table, grad_pointers
+    return tables
+
+
+def _same_shapes(bucket: Bucket) -> bool:
+    """The gradients have their weights' numel and dtype (checked when a table is reused)."""
+    return (list(map(torch.Tensor.numel, bucket.grads)) == list(map(torch.Tensor.numel, bucket.params))
+            and len({g.dtype for g in bucket.grads} | {bucket.params[0].dtype}) == 1)
 
 
 def _supports_maxnreg() -> bool:

@@ -1,0 +1,207 @@
+"""The optimizer's buckets, kept across steps and rebuilt only when a tensor changes.
+
+A bucket (:class:`salsa_fused.backends.base.Bucket`) holds the tensors of one param group
+that share a device and a dtype and have a gradient this step. Building one is a Python
+loop over the tensors (gradient checks, state lookup); a step at 10,000 tensors spent most
+of its host time there. :class:`BucketCache` builds the buckets of a group once and, on
+later steps, only reads the gradients and compares, per group, three tuples made in C
+(``map``): the params' ``id``, the data pointers of their local storage (``data_ptr()`` of
+a DTensor's ``_local_tensor`` under FSDP2; ``id`` alone misses a reshard) and which params
+have a gradient. Any difference rebuilds that group's buckets, so the backends see a new
+bucket (and build new tables) when a weight moves, changes dtype (``.to()``, ``.data =``),
+a group's params change, a gradient appears or vanishes, or the state is reloaded
+(:meth:`BucketCache.clear`). Moments and saved copies are the optimizer's own: they are read
+when a bucket is built and stay with it.
+
+Gradients are validated (layout, dtype, device, shape) when their data pointers were not
+seen in the last few steps of that bucket (``zero_grad(set_to_none=True)`` cycles the
+allocator through a few addresses); a bucket carries its gradients' pointers so a backend
+need not read them again.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import operator
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from .backends.base import Bucket
+
+# Gradient-pointer tuples remembered per bucket as already validated.
+VALIDATED_GRAD_LAYOUTS = 4
+
+_grad_of = operator.attrgetter("grad")
+_local_of = operator.attrgetter("_local_tensor")
+_has_value = functools.partial(operator.is_not, None)
+_data_ptr = torch.Tensor.data_ptr
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor, the tensor itself otherwise."""
+    return tensor._local_tensor if hasattr(tensor, "_local_tensor") else tensor
+
+
+def check_gradient(p: torch.Tensor, grad: torch.Tensor) -> None:
+    """Raise RuntimeError naming the problem when ``grad`` cannot be a gradient of ``p``."""
+    if grad.is_sparse or grad.layout != torch.strided:
+        raise RuntimeError("FusedSaLSa does not support sparse gradients")
+    if grad.is_complex():
+        raise RuntimeError("FusedSaLSa does not support complex gradients")
+    if grad.device != p.device:
+        raise RuntimeError(f"gradient on {grad.device} for a parameter on {p.device}")
+    if grad.shape != p.shape:
+        raise RuntimeError(f"gradient of shape {tuple(grad.shape)} for a parameter of "
+                           f"shape {tuple(p.shape)}")
+    if grad.dtype != p.dtype:
+        raise RuntimeError(f"gradient of dtype {grad.dtype} for a parameter of dtype {p.dtype}: "
+                           "gradients must have the dtype of their parameters")
+
+
+@dataclass
+class _Slot:
+    """One bucket of a group and where its params sit in the group's list."""
+
+    bucket: Bucket
+    params: List[torch.Tensor]  # the group's params (DTensors stay DTensors), for the checks
+    positions: Optional[List[int]]  # the bucket's params in the group's list; None: all of them
+    members: Optional[operator.itemgetter]  # picks them from a list
+    shapes: Tuple[torch.Size, ...] = ()  # of the params: their gradients must match
+    validated: "collections.OrderedDict[tuple, None]" = field(default_factory=collections.OrderedDict)
+
+
+@dataclass
+class _GroupEntry:
+    """The buckets of one param group and what they were built from."""
+
+    param_ids: Tuple[int, ...]
+    weight_pointers: Tuple[int, ...]
+    has_grad: Tuple[bool, ...]
+    distributed: bool  # some param is a DTensor: read local shards
+    slots: List[_Slot]
+
+
+class BucketCache:
+    """Buckets of every param group, rebuilt per group only when its tensors change."""
+
+    def __init__(self) -> None:
+        self._groups: Dict[int, _GroupEntry] = {}
+        #: Group rebuilds so far (tests and benchmarks read it).
+        self.rebuilds = 0
+
+    def clear(self) -> None:
+        """Forget every bucket (after ``load_state_dict``: new moments)."""
+        self._groups.clear()
+
+    def __len__(self) -> int:
+        return sum(len(entry.slots) for entry in self._groups.values())
+
+    def collect(self, param_groups: List[dict], init_state: Callable[[torch.Tensor], dict],
+                saved_buffer: Optional[Callable[[torch.Tensor], torch.Tensor]]) -> List[Bucket]:
+        """The buckets of the params that have gradients, their gradients checked.
+
+        ``init_state(p)`` gives p's state dict (moments created if missing);
+        ``saved_buffer(p)`` its copy of ``w0`` for ``restore="copy"`` (None: no copies).
+        Raises before anything is created when a gradient is unusable.
+        """
+        for index in [i for i in self._groups if i >= len(param_groups)]:
+            del self._groups[index]  # groups do not shrink in torch.optim, but a reload may
+        buckets: List[Bucket] = []
+        for index, group in enumerate(param_groups):
+            params = group["params"]
+            grads = list(map(_grad_of, params))
+            entry = self._groups.get(index)
+            distributed = entry.distributed if entry is not None else False
+            try:
+                weight_pointers = tuple(map(_data_ptr, map(_local_of, params) if distributed else params))
+            except (AttributeError, RuntimeError):  # a param became (or stopped being) a DTensor
+                weight_pointers = None
+            has_grad = tuple(map(_has_value, grads))
+            if (entry is None or weight_pointers is None or entry.weight_pointers != weight_pointers
+                    or entry.has_grad != has_grad or entry.param_ids != tuple(map(id, params))):
+                entry = self._build(index, params, grads, has_grad, init_state, saved_buffer)
+                self._groups[index] = entry
+            for slot in entry.slots:
+                self._attach_grads(slot, grads, entry.distributed)
+                buckets.append(slot.bucket)
+        return buckets
+
+    @staticmethod
+    def _attach_grads(slot: _Slot, grads: List[torch.Tensor], distributed: bool) -> None:
+        """Put this step's gradients into the slot's bucket; check them unless their pointers
+        are among the last few validated."""
+        if slot.members is None:
+            mine = grads
+        else:
+            picked = slot.members(grads)
+            mine = list(picked) if isinstance(picked, tuple) else [picked]
+        if distributed:
+            mine = list(map(_local, mine))
+        try:
+            pointers = tuple(map(_data_ptr, mine))
+        except RuntimeError:  # no storage (sparse): the check below says so
+            pointers = None
+        if pointers is None or pointers not in slot.validated:
+            if not _match(slot, mine if not distributed else picked_global(slot, grads)):
+                for i in range(len(slot.params)) if slot.positions is None else slot.positions:
+                    check_gradient(slot.params[i], grads[i])
+            slot.validated[pointers] = None
+            if len(slot.validated) > VALIDATED_GRAD_LAYOUTS:
+                slot.validated.popitem(last=False)
+        else:
+            slot.validated.move_to_end(pointers)
+        slot.bucket.grads = mine
+        slot.bucket.grad_pointers = pointers
+
+    def _build(self, index: int, params: List[torch.Tensor], grads: List[Optional[torch.Tensor]],
+               has_grad: Tuple[bool, ...], init_state, saved_buffer) -> _GroupEntry:
+        """The group's buckets, one per (device, dtype) among params with gradients."""
+        self.rebuilds += 1
+        for p, grad in zip(params, grads):  # all checked before any state is created
+            if grad is not None:
+                check_gradient(p, grad)
+        members: Dict[tuple, List[int]] = {}
+        for position, (p, present) in enumerate(zip(params, has_grad)):
+            if present:
+                members.setdefault((p.device, p.dtype), []).append(position)
+        distributed = any(hasattr(p, "_local_tensor") for p in params)
+        slots = []
+        for (device, dtype), positions in members.items():
+            chosen = [params[i] for i in positions]
+            states = [init_state(p) for p in chosen]
+            bucket = Bucket(params=[_local(p) for p in chosen], grads=[],
+                            exp_avg=[_local(s["exp_avg"]) for s in states],
+                            exp_avg_sq=[_local(s["exp_avg_sq"]) for s in states],
+                            saved=[saved_buffer(p) for p in chosen] if saved_buffer is not None else None,
+                            device=device, dtype=dtype, group_index=index, tensors_fixed=True)
+            whole = len(positions) == len(params)
+            slots.append(_Slot(bucket, params, None if whole else positions,
+                               None if whole else operator.itemgetter(*positions),
+                               tuple(p.shape for p in chosen)))
+        weight_pointers = tuple(_data_ptr(_local(p)) for p in params)
+        return _GroupEntry(tuple(map(id, params)), weight_pointers, has_grad, distributed, slots)
+
+
+
+_layout_of = operator.attrgetter("layout")
+_dtype_of = operator.attrgetter("dtype")
+_device_of = operator.attrgetter("device")
+_shape_of = operator.attrgetter("shape")
+
+
+def picked_global(slot: _Slot, grads: List[torch.Tensor]) -> List[torch.Tensor]:
+    """The slot's gradients as the params hold them (DTensors stay DTensors)."""
+    return grads if slot.positions is None else [grads[i] for i in slot.positions]
+
+
+def _match(slot: _Slot, grads: List[torch.Tensor]) -> bool:
+    """Every gradient dense with its weight's shape, the bucket's dtype and device (loops in C);
+    False sends the caller to the per-tensor check, which names the problem."""
+    bucket = slot.bucket
+    return (set(map(_layout_of, grads)) == {torch.strided}
+            and set(map(_dtype_of, grads)) == {bucket.dtype}
+            and set(map(_device_of, grads)) == {bucket.device}
+            and tuple(map(_shape_of, grads)) == slot.shapes)

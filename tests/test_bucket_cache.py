@@ -1,0 +1,119 @@
+"""Buckets and Triton tables kept across steps (salsa_fused/buckets.py): rebuilt exactly when
+a tensor moves, changes dtype, a group changes, a gradient appears or vanishes, or the state
+is reloaded, and every result bitwise the same as rebuilding them on every step."""
+
+from unittest import mock
+
+import pytest
+import torch
+
+from salsa_fused import FusedSaLSa
+from salsa_fused.backends import triton_backend
+
+BACKENDS = ["torch"] + (["triton"] if triton_backend.is_available() else [])
+
+
+class NeverSearch:
+    def scale(self, step):
+        return 1.0
+
+    def searches(self, step):
+        return False
+
+
+def _params():
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (3,), (1, 3), (1,)]
+    return [torch.randn(shape, generator=generator).requires_grad_() for shape in shapes]
+
+
+def _loss(params, extra, k, use_head=True):
+    generator = torch.Generator().manual_seed(100 + k)
+    x, y = torch.randn(8, 4, generator=generator), torch.randn(8, 1, generator=generator)
+    w1, b1, w2, b2 = (p.float() for p in params)
+    hidden = torch.tanh(x @ w1.T + b1)
+    out = hidden @ w2.T + b2 if use_head else hidden.sum(1, keepdim=True)
+    if extra:
+        out = out + (hidden * extra[0].float()).sum(1, keepdim=True)
+    return torch.nn.functional.mse_loss(out, y)
+
+
+def _run(backend, restore, rebuild_every_step):
+    """Ten steps with one change of tensors or groups every other step; per step, whether
+    the optimizer rebuilt any group's buckets."""
+    params, extra = _params(), []
+    opt = FusedSaLSa(params, backend=backend, restore=restore, init_step_size=0.1)
+    rebuilt = []
+    for k in range(10):
+        if k == 2:  # weights moved to new storage (.data =, as .to() or a reshard does)
+            for p in params:
+                p.data = p.data.clone()
+        if k == 4:  # one weight changes dtype
+            params[2].data = params[2].data.to(torch.bfloat16)
+        if k == 6:  # a new group
+            extra.append(torch.full((3,), 0.1, requires_grad=True))
+            opt.add_param_group({"params": extra, "lr": 0.5})
+        if k == 8:  # the state reloaded
+            opt.load_state_dict(opt.state_dict())
+        if rebuild_every_step:
+            opt._buckets.clear()
+        opt.zero_grad(set_to_none=True)
+        before = opt._buckets.rebuilds
+        # step 5: the head has no gradient (its grads are None, so it is skipped)
+        opt.step(lambda: _loss(params, extra, k, use_head=k != 5))
+        rebuilt.append(opt._buckets.rebuilds != before)
+    return params + extra, opt, rebuilt
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("restore", ["copy", "inplace"])
+def test_cached_buckets_give_bitwise_the_results_of_rebuilding_every_step(backend, restore):
+    cached, opt, rebuilt = _run(backend, restore, rebuild_every_step=False)
+    fresh, fresh_opt, _ = _run(backend, restore, rebuild_every_step=True)
+    for p, q in zip(cached, fresh):
+        assert p.dtype == q.dtype and torch.equal(p, q)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[p][key], fresh_opt.state[q][key])
+    assert opt.step_size == fresh_opt.step_size
+    # Rebuilt on the first step, after each change, and when the head's gradients vanish
+    # (step 5) and come back (step 6, also the new group); never on an unchanged step.
+    assert rebuilt == [True, False, True, False, True, True, True, False, True, False]
+
+
+def test_new_gradient_with_a_wrong_dtype_is_still_checked_after_warm_up():
+    params = _params()
+    opt = FusedSaLSa(params, backend="torch", schedule=NeverSearch())
+    for k in range(3):
+        opt.zero_grad(set_to_none=True)
+        opt.step(lambda: _loss(params, [], k))
+    weights = [p.detach().clone() for p in params]
+    loss = _loss(params, [], 3)
+    loss.backward()
+    params[0].grad_dtype = None  # torch then accepts a gradient of another dtype
+    params[0].grad = params[0].grad.double()
+    with pytest.raises(RuntimeError, match="gradient of dtype torch.float64"):
+        opt.step(lambda: loss, loss=loss)
+    assert all(torch.equal(p, w) for p, w in zip(params, weights))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend unavailable")
+@pytest.mark.parametrize("new_grads", [False, True])
+def test_plain_steps_with_unchanged_tensors_build_no_table_and_copy_nothing(new_grads):
+    """Kept gradients: nothing rebuilt or copied. New gradient storage cycling through two
+    addresses (an allocator's reuse): a table per address set in the first steps, then none."""
+    params = _params()
+    opt = FusedSaLSa(params, backend="triton", schedule=NeverSearch(), init_step_size=1e-3)
+    loss = _loss(params, [], 0)
+    loss.backward()
+    grads = [[p.grad.clone() for p in params], [p.grad.clone() for p in params]]
+    with mock.patch.object(triton_backend, "_build_tables", wraps=triton_backend._build_tables) as build, \
+            mock.patch.object(triton_backend, "_to_device", wraps=triton_backend._to_device) as to_device:
+        counts = []
+        for k in range(6):
+            if new_grads:
+                for p, g in zip(params, grads[k % 2]):
+                    p.grad = g
+            opt.step(lambda: loss, loss=loss)
+            counts.append((build.call_count, to_device.call_count, opt._buckets.rebuilds))
+    assert build.call_count == 1 and opt._buckets.rebuilds == 1
+    assert counts[1:] == [counts[-1]] * 5 if not new_grads else counts[2:] == [counts[-1]] * 4
