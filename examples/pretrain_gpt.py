@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gpt import GPT, ByteBatches, GPTConfig, load_stdlib_corpus  # noqa: E402
 
-from salsa_fused import FusedSaLSa, presets  # noqa: E402
+from salsa_fused import FusedSaLSa, backends, presets  # noqa: E402
 
 DTYPES = ("fp32", "bf16-autocast", "bf16", "fp16-autocast")
 
@@ -72,6 +72,8 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="runs/pretrain_gpt", help="output folder")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument("--backend", choices=backends.names(), default="auto",
+                        help="FusedSaLSa's backend (auto: triton on CUDA, cpp on the CPU when built, else torch)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs every 10 steps)")
     args = parser.parse_args(argv)
@@ -110,9 +112,9 @@ def make_optimizer(args, model, device):
         weight_decay = 0.1 if args.optimizer == "salsa-recommended" else 0.0
     groups = model.param_groups(weight_decay)
     if args.optimizer == "salsa-recommended":
-        return presets.recommended(groups, total_steps=args.steps), None
+        return presets.recommended(groups, total_steps=args.steps, backend=args.backend), None
     if args.optimizer == "salsa":
-        return FusedSaLSa(groups, search_direction=args.search_direction), None
+        return FusedSaLSa(groups, search_direction=args.search_direction, backend=args.backend), None
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
     def warmup_cosine(step):

@@ -106,9 +106,11 @@ class FusedSaLSa(Optimizer):
         restore: ``"copy"`` keeps a copy of the weights for exact trials and restores (one
             extra weight-sized buffer); ``"inplace"`` moves the weights by differences
             (no extra memory, one rounding per trial).
-        backend: ``"auto"`` (triton on CUDA when it can run, else torch), ``"torch"``, ``"triton"``,
-            or a name added with :func:`salsa_fused.backends.register_backend`; chosen and
-            checked here (a backend that cannot run raises with the reason).
+        backend: ``"auto"`` (triton on CUDA when it can run; cpp on the CPU when the C++
+            extension is built, else torch with a one-time warning), ``"torch"`` (the reference,
+            step for step 0.1.0's arithmetic), ``"triton"``, ``"cpp"``, or a name added with
+            :func:`salsa_fused.backends.register_backend`; chosen and checked here (a backend
+            that cannot run raises with the reason).
         nonfinite: ``"raise"`` a :class:`NonFiniteError` or ``"skip"`` (and count) a step whose
             loss or gradient is NaN/inf. Nothing non-finite is ever written either way.
         reduction: how losses and ``q`` are reduced across ranks (default: losses averaged

@@ -6,7 +6,8 @@ defined, so it is set here, when pytest loads this file, ahead of every test mod
 
 A skip whose reason does not name CUDA, a GPU or a CUDA toolkit tool is reported as a
 failure: a missing test dependency (Triton above all, through which the kernels are proven
-on the CPU) must not turn the suite silently green. ``pip install -e ".[test]"`` installs every one.
+on the CPU) must not turn the suite silently green. ``pip install --no-build-isolation -e ".[test]"``
+installs every one (and builds the C++ extension).
 """
 
 import importlib.util
@@ -20,7 +21,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TRITON_MISSING = importlib.util.find_spec("triton") is None
-INSTALL_HINT = 'pip install -e ".[test]"'
+INSTALL_HINT = 'pip install --no-build-isolation -e ".[test]"'
 # CUDA itself, a GPU, or the CUDA toolkit's own tools (nvcc, cuobjdump), which GPU-less machines lack
 CUDA_REASON = re.compile(r"\b(cuda|gpus?|nvcc|cuobjdump)\b", re.IGNORECASE)
 

@@ -61,7 +61,7 @@ def _backends():
 @pytest.mark.parametrize("backend", [b for b in _backends() if b.values[0] != "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_backend_follows_the_torch_reference(backend, config, dtype):
-    tolerance = TOLERANCES[dtype]
+    tolerance = TOLERANCES[backend][dtype]
     reference, ref_opt = _run("torch", config, dtype)
     ours, opt = _run(backend, config, dtype)
     assert opt.num_searches == ref_opt.num_searches

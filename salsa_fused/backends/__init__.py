@@ -1,4 +1,5 @@
-"""Backends by name: ``"torch"`` (the reference), ``"triton"`` (fused kernels), and ``"auto"``.
+"""Backends by name: ``"torch"`` (the reference), ``"triton"`` (fused kernels), ``"cpp"`` (the
+compiled extension, csrc/), and ``"auto"``.
 
 A backend is a module (or object) with the passes of :class:`.base.Backend`. Adding one is one
 module, one line in ``REGISTRY`` (or a :func:`register_backend` call from outside the package)
@@ -9,6 +10,7 @@ in ``__init__``, with :func:`resolve`.
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Dict, Tuple, Union
 
 import torch
@@ -19,6 +21,7 @@ from .base import Backend
 REGISTRY: Dict[str, Union[str, Backend]] = {
     "torch": "salsa_fused.backends.torch_backend",
     "triton": "salsa_fused.backends.triton_backend",
+    "cpp": "salsa_fused.backends.cpp_backend",
 }
 AUTO = "auto"
 
@@ -63,11 +66,34 @@ def triton_usable(device: torch.device) -> bool:
     return usable("triton", device)
 
 
+_cpp_fallback_noted = False
+
+
+def _auto(device: torch.device) -> str:
+    """triton on CUDA when it can run; cpp on the CPU when the extension is built; else torch.
+
+    On the CPU without the extension, says so once per process (a warning, not silence).
+    """
+    global _cpp_fallback_noted
+    if device.type == "cuda":
+        return "triton" if triton_usable(device) else "torch"
+    if device.type == "cpu":
+        if usable("cpp", device):
+            return "cpp"
+        if not _cpp_fallback_noted:
+            _cpp_fallback_noted = True
+            from .. import _ext
+            warnings.warn(f"salsa_fused: backend='auto' uses the torch backend on the CPU: the C++ extension "
+                          f"is not built; {_ext.BUILD_HINT}", RuntimeWarning, stacklevel=4)
+    return "torch"
+
+
 def resolve(name: str, device: torch.device) -> Backend:
     """The backend for ``name`` on ``device``, checked: raises RuntimeError with the reason when it
-    cannot run there. ``"auto"`` is triton on CUDA when it can run, else torch."""
+    cannot run there. ``"auto"``: triton on CUDA when it can run, cpp on the CPU when the extension
+    is built, else torch."""
     if name == AUTO:
-        name = "triton" if device.type == "cuda" and triton_usable(device) else "torch"
+        name = _auto(device)
     backend = load(name)
     backend.check(device)
     return backend

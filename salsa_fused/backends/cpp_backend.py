@@ -1,12 +1,13 @@
 """The C++ backend: each pass of a bucket is one call of a compiled torch op (csrc/).
 
-Same functions and signatures as ``torch_backend`` (the executable spec). The ops
-(``torch.ops.salsa_fused.*``, registered with ``TORCH_LIBRARY`` so they compose with
-``torch.compile``) take the bucket's tensor lists whole: on the CPU one
+The passes of :class:`.base.Backend`, tested against ``torch_backend`` (the executable
+spec). The ops (``torch.ops.salsa_fused.*``, registered with ``TORCH_LIBRARY`` so they
+compose with ``torch.compile``) take the bucket's tensor lists whole: on the CPU one
 ``at::parallel_for`` over fixed-size chunks of all tensors, vectorized (AVX2+FMA where
-the processor has it), with the reference's operation forms, so results agree with the
-torch backend to the bit (q: to rounding, summed in a fixed order). A CUDA build adds
-kernels for CUDA tensors on a multi-tensor chunking engine (csrc/cuda/).
+the processor has it), with the reference's operation forms. Their square root is IEEE
+(correctly rounded), so results agree with the torch backend to the bit when its square
+root is too, and to an ulp of the preconditioner otherwise (q: to rounding, summed in a
+fixed order). A CUDA build adds kernels for CUDA tensors (csrc/cuda/).
 
 Bytes moved per parameter with fp32 weights, gradients and state (reads + writes):
 q 8 along the gradient (12 along the momentum), plain step 28, first trial 32 with a
@@ -21,7 +22,7 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from .base import DIRECTIONS, MOMENTUM, Bucket, Hyper
+from .base import DIRECTIONS, MOMENTUM, Bucket, Hyper, Move, PassArgs
 
 name = "cpp"
 
@@ -39,6 +40,14 @@ def supports(device: torch.device) -> bool:
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("salsa_fused::plain_step_", key)
 
 
+def check(device: torch.device) -> None:
+    """Raise RuntimeError when the extension is not built, or has no kernels for ``device``."""
+    _ext.require()
+    if not supports(device):
+        raise RuntimeError(f"the salsa_fused C++ extension has no kernels for {torch.device(device).type} "
+                           f"tensors (built without CUDA?); {_ext.BUILD_HINT}")
+
+
 def _ops():
     _ext.require()
     return torch.ops.salsa_fused
@@ -50,65 +59,62 @@ def _momentum(direction: str) -> bool:
     return direction == MOMENTUM
 
 
-def _decay_factor(hyper: Hyper, decay_step_size: float) -> float:
-    """1 - weight_decay * decay_step_size (exactly 1.0 without decay), in double as the reference."""
-    return 1 - hyper.weight_decay * decay_step_size
+def _decay_factor(hyper: Hyper, move: Move) -> float:
+    """1 - weight_decay * move.decay (exactly 1.0 without decay), in double as the reference."""
+    return 1 - hyper.weight_decay * move.decay
 
 
 def _saved(bucket: Bucket):
     return bucket.saved if bucket.saved is not None else []
 
 
-def preconditioned_grad_norm(bucket: Bucket, hyper: Hyper, direction: str,
-                             grad_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+def slope(bucket: Bucket, args: PassArgs) -> torch.Tensor:
     """q = sum over the bucket of ``g * d`` with this step's moments (not written); 0-dim fp32.
 
     Chunk sums (fp32 lanes within a chunk) are added in double in chunk order: the same
     bits with any number of threads.
     """
-    momentum = _momentum(direction)
-    return _ops().slope(bucket.grads, bucket.exp_avg, bucket.exp_avg_sq, hyper.beta1, hyper.beta2,
-                        hyper.bias_correction1, hyper.bias_correction2, hyper.eps, momentum, grad_scale)
+    h = args.hyper
+    return _ops().slope(bucket.grads, bucket.exp_avg, bucket.exp_avg_sq, h.beta1, h.beta2, h.bias_correction1,
+                        h.bias_correction2, h.eps, _momentum(args.direction), args.grad_scale)
 
 
-def first_trial(bucket: Bucket, hyper: Hyper, step_size: float, decay_step_size: float,
-                direction: str, grad_scale: Optional[torch.Tensor] = None) -> None:
-    """Pass A of a search step: m, v, the saved copy of w, and ``w = w_dec - step_size * d``."""
-    momentum = _momentum(direction)
+def first_trial(bucket: Bucket, args: PassArgs) -> None:
+    """Pass A of a search step: m, v, the saved copy of w, and ``w = w_dec - step * d``."""
+    h, move = args.hyper, args.move
+    momentum = _momentum(args.direction)
     _ops().first_trial_(bucket.params, bucket.grads, bucket.exp_avg, bucket.exp_avg_sq, _saved(bucket),
-                        hyper.beta1, hyper.beta2, hyper.bias_correction1, hyper.bias_correction2, hyper.eps,
-                        _decay_factor(hyper, decay_step_size), step_size, momentum, grad_scale)
+                        h.beta1, h.beta2, h.bias_correction1, h.bias_correction2, h.eps,
+                        _decay_factor(h, move), move.step, momentum, args.grad_scale)
 
 
-def retrial(bucket: Bucket, hyper: Hyper, step_size: float, previous_step_size: float,
-            decay_step_size: float, direction: str, grad_scale: Optional[torch.Tensor] = None) -> None:
-    """Pass B: ``w = decay(saved) - step_size * d`` or in place ``w += (previous - step_size) * d``."""
-    momentum = _momentum(direction)
+def retrial(bucket: Bucket, args: PassArgs) -> None:
+    """Pass B: ``w = decay(saved) - step * d`` or in place ``w += (previous - step) * d``."""
+    h, move = args.hyper, args.move
+    momentum = _momentum(args.direction)
     _ops().retrial_(bucket.params, bucket.grads, bucket.exp_avg, bucket.exp_avg_sq, _saved(bucket),
-                    hyper.bias_correction1, hyper.bias_correction2, hyper.eps,
-                    _decay_factor(hyper, decay_step_size), step_size, previous_step_size, momentum, grad_scale)
+                    h.bias_correction1, h.bias_correction2, h.eps, _decay_factor(h, move), move.step,
+                    move.previous, momentum, args.grad_scale)
 
 
-def restore(bucket: Bucket, hyper: Hyper, previous_step_size: float, decay_step_size: float,
-            direction: str, grad_scale: Optional[torch.Tensor] = None) -> None:
+def restore(bucket: Bucket, args: PassArgs) -> None:
     """Weights from before the step: ``w = saved``, or ``w = (w + previous * d) / (1 - wd * decay)``."""
-    momentum = _momentum(direction)
+    h, move = args.hyper, args.move
+    momentum = _momentum(args.direction)
     _ops().restore_(bucket.params, bucket.grads, bucket.exp_avg, bucket.exp_avg_sq, _saved(bucket),
-                    hyper.bias_correction1, hyper.bias_correction2, hyper.eps,
-                    _decay_factor(hyper, decay_step_size), previous_step_size, momentum, grad_scale)
+                    h.bias_correction1, h.bias_correction2, h.eps, _decay_factor(h, move), move.previous,
+                    momentum, args.grad_scale)
 
 
-def plain_step(bucket: Bucket, hyper: Hyper, step_size: float, decay_step_size: float,
-               loss: torch.Tensor, found_inf: Optional[torch.Tensor] = None,
-               grad_scale: Optional[torch.Tensor] = None,
+def plain_step(bucket: Bucket, args: PassArgs, loss: torch.Tensor, found_inf: Optional[torch.Tensor] = None,
                nonfinite_count: Optional[torch.Tensor] = None) -> None:
-    """Pass A of a plain step: m, v updated and ``w = w_dec - step_size * m_hat * precond``.
+    """Pass A of a plain step: m, v updated and ``w = w_dec - step * m_hat * precond``.
 
     Changes nothing when ``loss`` is non-finite or ``found_inf`` is set. An element whose
     gradient is non-finite keeps its weight and moments and is counted into
     ``nonfinite_count`` (an int64 0-dim tensor). The guards are read inside the op.
     """
-    _ops().plain_step_(bucket.params, bucket.grads, bucket.exp_avg, bucket.exp_avg_sq, hyper.beta1, hyper.beta2,
-                       hyper.bias_correction1, hyper.bias_correction2, hyper.eps,
-                       _decay_factor(hyper, decay_step_size), step_size, loss, found_inf, grad_scale,
-                       nonfinite_count)
+    h, move = args.hyper, args.move
+    _ops().plain_step_(bucket.params, bucket.grads, bucket.exp_avg, bucket.exp_avg_sq, h.beta1, h.beta2,
+                       h.bias_correction1, h.bias_correction2, h.eps, _decay_factor(h, move), move.step, loss,
+                       found_inf, args.grad_scale, nonfinite_count)

@@ -11,24 +11,23 @@ alike; against the unmodified reference the difference is bounded by that one ul
 q is compared to rounding: the reference sums per tensor in torch's reduction order, the
 kernel in fixed-size chunks (and is checked to give the same bits with any thread count).
 
-Skipped when the extension is not built (``python setup.py build_ext --inplace``).
+The optimizer on this backend against salsa-optimizer 0.1.0: tests/test_reference_parity.py.
+Skipped (a failure under tests/conftest.py) when the extension is not built.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-import math
-import os
 
 import pytest
 import torch
 
 from salsa_fused import _compat, _ext
 from salsa_fused.backends import cpp_backend, torch_backend
-from salsa_fused.backends.base import GRADIENT, MOMENTUM, Bucket, Hyper
+from salsa_fused.backends.base import GRADIENT, MOMENTUM, Bucket, Hyper, Move, PassArgs
 
-pytestmark = pytest.mark.skipif(not cpp_backend.is_available(), reason="the C++ extension is not built")
+pytestmark = pytest.mark.skipif(not cpp_backend.is_available(),
+                                reason=f"the C++ extension is not built; {_ext.BUILD_HINT}")
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CHUNK = 1 << 15  # csrc/cpu/salsa_cpu.cpp: elements per chunk
@@ -120,15 +119,16 @@ def test_first_trial_retrial_restore_bitwise(dtype, direction, weight_decay, gra
         bucket = make_bucket(dtype=dtype, saved=saved)
         bucket.grads = [(g.float() * grads_scale).to(g.dtype) for g in bucket.grads]
         what = f"{dtype} {direction} wd={weight_decay} saved={saved}"
-        ours, reference, _, _ = both("first_trial", bucket, hyper, 0.3, 0.3, direction, grad_scale)
+        ours, reference, _, _ = both("first_trial", bucket,
+                                     PassArgs(hyper, Move(0.3, decay=0.3), direction, grad_scale))
         assert_buckets_equal(ours, reference, "first_trial " + what)
         with torch.no_grad():
             for trial_bucket, backend in ((ours, cpp_backend), (reference, torch_backend)):
-                backend.retrial(trial_bucket, hyper, 0.24, 0.3, 0.3, direction, grad_scale)
+                backend.retrial(trial_bucket, PassArgs(hyper, Move(0.24, 0.3, 0.3), direction, grad_scale))
         assert_buckets_equal(ours, reference, "retrial " + what)
         with torch.no_grad():
             for trial_bucket, backend in ((ours, cpp_backend), (reference, torch_backend)):
-                backend.restore(trial_bucket, hyper, 0.24, 0.3, direction, grad_scale)
+                backend.restore(trial_bucket, PassArgs(hyper, Move(0.0, 0.24, 0.3), direction, grad_scale))
         assert_buckets_equal(ours, reference, "restore " + what)
 
 
@@ -136,8 +136,8 @@ def test_first_trial_retrial_restore_bitwise(dtype, direction, weight_decay, gra
 @pytest.mark.parametrize("dtype,direction,weight_decay,grad_scale", CASES, ids=CASE_IDS)
 def test_slope_matches_reference(dtype, direction, weight_decay, grad_scale):
     bucket = make_bucket(dtype=dtype, saved=False)
-    ours, reference, q_ours, q_ref = both("preconditioned_grad_norm", bucket, make_hyper(weight_decay), direction,
-                                          grad_scale)
+    ours, reference, q_ours, q_ref = both("slope", bucket, PassArgs(make_hyper(weight_decay), direction=direction,
+                                                                grad_scale=grad_scale))
     assert q_ours.dtype == torch.float32 and q_ours.dim() == 0
     torch.testing.assert_close(q_ours, q_ref, rtol=2e-6, atol=0)
     assert_buckets_equal(ours, reference, "slope writes nothing")
@@ -160,8 +160,8 @@ def test_views_at_odd_offsets_bitwise(direction):
         for b, backend in ((ours, cpp_backend), (reference, torch_backend)):
             b.params = offset(b.params)
             b.saved = offset(b.saved)
-            backend.first_trial(b, hyper, 0.3, 0.3, direction)
-            backend.retrial(b, hyper, 0.24, 0.3, 0.3, direction)
+            backend.first_trial(b, PassArgs(hyper, Move(0.3, decay=0.3), direction))
+            backend.retrial(b, PassArgs(hyper, Move(0.24, 0.3, 0.3), direction))
     assert ours.params[0].data_ptr() % 32 != 0
     assert_buckets_equal(ours, reference, f"offset views {direction}")
 
@@ -171,7 +171,7 @@ def test_against_the_unmodified_reference_within_one_sqrt_ulp(dtype):
     """With torch's own (MKL) sqrt the reference's precond differs by at most one ulp, so the
     weights differ by at most step * |d| * 2^-23 plus one rounding of the weights' dtype."""
     bucket = make_bucket(dtype=dtype, saved=True)
-    ours, reference, _, _ = both("first_trial", bucket, make_hyper(0.1), 0.3, 0.3, GRADIENT)
+    ours, reference, _, _ = both("first_trial", bucket, PassArgs(make_hyper(0.1), Move(0.3, decay=0.3), GRADIENT))
     for a, b, g, v in zip(ours.params, reference.params, ours.grads, ours.exp_avg_sq):
         d = g.float() / ((v / make_hyper().bias_correction2).sqrt() + 1e-8)
         bound = 0.3 * d.abs() * 2.0 ** -22 + b.float().abs() * torch.finfo(dtype).eps
@@ -188,7 +188,7 @@ def test_slope_bits_independent_of_thread_count():
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            values.append(cpp_backend.preconditioned_grad_norm(bucket, make_hyper(), GRADIENT).item())
+            values.append(cpp_backend.slope(bucket, PassArgs(make_hyper(), direction=GRADIENT)).item())
     finally:
         torch.set_num_threads(threads)
     assert values[0] == values[1] == values[2]
@@ -201,8 +201,8 @@ def test_slope_bits_independent_of_thread_count():
 def test_plain_step_bitwise(dtype, weight_decay, grad_dtype):
     bucket = make_bucket(dtype=dtype, saved=False, grad_dtype=torch.float32 if grad_dtype == "fp32" else None)
     for grad_scale in (None, GRAD_SCALE):
-        ours, reference, _, _ = both("plain_step", bucket, make_hyper(weight_decay), 0.37, 0.37, torch.tensor(2.5),
-                                     grad_scale=grad_scale)
+        ours, reference, _, _ = both("plain_step", bucket, PassArgs(make_hyper(weight_decay), Move(0.37, decay=0.37),
+                                                               grad_scale=grad_scale), torch.tensor(2.5))
         assert_buckets_equal(ours, reference, f"plain_step {dtype} grads {grad_dtype} scale {grad_scale}")
 
 
@@ -216,8 +216,9 @@ def test_plain_step_per_element_guard_and_count(dtype):
     counts = [torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)]
     ours, reference = clone_bucket(bucket), clone_bucket(bucket)
     with torch.no_grad():
-        cpp_backend.plain_step(ours, make_hyper(0.1), 0.37, 0.37, torch.tensor(1.0), nonfinite_count=counts[0])
-        torch_backend.plain_step(reference, make_hyper(0.1), 0.37, 0.37, torch.tensor(1.0),
+        cpp_backend.plain_step(ours, PassArgs(make_hyper(0.1), Move(0.37, decay=0.37)), torch.tensor(1.0),
+                               nonfinite_count=counts[0])
+        torch_backend.plain_step(reference, PassArgs(make_hyper(0.1), Move(0.37, decay=0.37)), torch.tensor(1.0),
                                  nonfinite_count=counts[1])
     assert_buckets_equal(ours, reference, f"guarded plain_step {dtype}")
     assert int(counts[0]) == int(counts[1]) == 5
@@ -233,8 +234,8 @@ def test_plain_step_whole_step_guards_change_nothing(loss, found_inf):
     count = torch.zeros((), dtype=torch.int64)
     ours = clone_bucket(bucket)
     with torch.no_grad():
-        cpp_backend.plain_step(ours, make_hyper(), 0.37, 0.37, torch.tensor(loss, dtype=torch.float64),
-                               found_inf=found_inf, nonfinite_count=count)
+        cpp_backend.plain_step(ours, PassArgs(make_hyper(), Move(0.37, decay=0.37)),
+                               torch.tensor(loss, dtype=torch.float64), found_inf=found_inf, nonfinite_count=count)
     assert_buckets_equal(ours, bucket, "guarded step")
     assert int(count) == 0
 
@@ -242,8 +243,8 @@ def test_plain_step_whole_step_guards_change_nothing(loss, found_inf):
 @pytest.mark.usefixtures("ieee_sqrt_reference")
 def test_plain_step_found_inf_zero_steps():
     bucket = make_bucket(saved=False)
-    ours, reference, _, _ = both("plain_step", bucket, make_hyper(), 0.37, 0.37, torch.tensor(1.0),
-                                 found_inf=torch.tensor(0.0))
+    ours, reference, _, _ = both("plain_step", bucket, PassArgs(make_hyper(), Move(0.37, decay=0.37)),
+                                 torch.tensor(1.0), found_inf=torch.tensor(0.0))
     assert_buckets_equal(ours, reference, "found_inf = 0")
 
 
@@ -254,12 +255,14 @@ def test_one_op_call_per_pass_and_no_allocation_on_plain_step():
     bucket = make_bucket(sizes=sizes, saved=True)
     hyper = make_hyper(0.1)
     loss = torch.tensor(1.0)
+    step, retry, back = (PassArgs(hyper, move, GRADIENT) for move in (Move(0.1, decay=0.1), Move(0.08, 0.1, 0.1),
+                                                                        Move(0.0, 0.08, 0.1)))
     passes = {
-        "salsa_fused::plain_step_": lambda: cpp_backend.plain_step(bucket, hyper, 0.1, 0.1, loss),
-        "salsa_fused::slope": lambda: cpp_backend.preconditioned_grad_norm(bucket, hyper, GRADIENT),
-        "salsa_fused::first_trial_": lambda: cpp_backend.first_trial(bucket, hyper, 0.1, 0.1, GRADIENT),
-        "salsa_fused::retrial_": lambda: cpp_backend.retrial(bucket, hyper, 0.08, 0.1, 0.1, GRADIENT),
-        "salsa_fused::restore_": lambda: cpp_backend.restore(bucket, hyper, 0.08, 0.1, GRADIENT),
+        "salsa_fused::plain_step_": lambda: cpp_backend.plain_step(bucket, step, loss),
+        "salsa_fused::slope": lambda: cpp_backend.slope(bucket, step),
+        "salsa_fused::first_trial_": lambda: cpp_backend.first_trial(bucket, step),
+        "salsa_fused::retrial_": lambda: cpp_backend.retrial(bucket, retry),
+        "salsa_fused::restore_": lambda: cpp_backend.restore(bucket, back),
     }
     for op_name, run in passes.items():
         with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -274,10 +277,10 @@ def test_plain_step_allocates_no_memory():
     bucket = make_bucket(sizes=[(4097,), (CHUNK + 1,)], saved=False)
     loss = torch.tensor(1.0)
     with torch.no_grad():
-        cpp_backend.plain_step(bucket, make_hyper(), 0.1, 0.1, loss)  # warm up
+        cpp_backend.plain_step(bucket, PassArgs(make_hyper(), Move(0.1, decay=0.1)), loss)  # warm up
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                     profile_memory=True) as prof:
-            cpp_backend.plain_step(bucket, make_hyper(), 0.1, 0.1, loss)
+            cpp_backend.plain_step(bucket, PassArgs(make_hyper(), Move(0.1, decay=0.1)), loss)
     assert sum(event.cpu_memory_usage for event in prof.events()) == 0
     assert all(event.cpu_memory_usage == 0 for event in prof.events())
 
@@ -288,19 +291,19 @@ def test_bad_input_raises_and_writes_nothing():
     bad.exp_avg[-1] = bad.exp_avg[-1].double()
     before = clone_bucket(bad)
     with torch.no_grad(), pytest.raises(RuntimeError, match="exp_avg and exp_avg_sq must be fp32"):
-        cpp_backend.first_trial(bad, make_hyper(), 0.1, 0.0, GRADIENT)
+        cpp_backend.first_trial(bad, PassArgs(make_hyper(), Move(0.1), GRADIENT))
     bad.exp_avg[-1] = bad.exp_avg[-1].float()
     assert_buckets_equal(bad, before, "a rejected call")
     mixed = clone_bucket(bucket)
     mixed.params[0] = mixed.params[0].to(torch.bfloat16)
     with torch.no_grad(), pytest.raises(RuntimeError, match="share one dtype"):
-        cpp_backend.plain_step(mixed, make_hyper(), 0.1, 0.0, torch.tensor(1.0))
+        cpp_backend.plain_step(mixed, PassArgs(make_hyper(), Move(0.1)), torch.tensor(1.0))
     strided = clone_bucket(bucket)
     strided.grads[6] = torch.randn(5, 3).t()  # (3, 5) transposed: not the weight's layout
     with torch.no_grad(), pytest.raises(RuntimeError, match="memory layout"):
-        cpp_backend.retrial(strided, make_hyper(), 0.1, 0.2, 0.0, GRADIENT)
+        cpp_backend.retrial(strided, PassArgs(make_hyper(), Move(0.1, 0.2), GRADIENT))
     with pytest.raises(ValueError, match="unknown direction"):
-        cpp_backend.first_trial(bucket, make_hyper(), 0.1, 0.0, "sideways")
+        cpp_backend.first_trial(bucket, PassArgs(make_hyper(), Move(0.1), "sideways"))
 
 
 def test_missing_extension_says_how_to_build(monkeypatch):
@@ -308,19 +311,20 @@ def test_missing_extension_says_how_to_build(monkeypatch):
     monkeypatch.setattr(_ext, "_error", ImportError("No module named 'salsa_fused._C'"))
     assert not cpp_backend.is_available()
     with pytest.raises(RuntimeError, match="build_ext --inplace.*SALSA_FUSED_JIT=1"):
-        cpp_backend.plain_step(make_bucket(saved=False), make_hyper(), 0.1, 0.0, torch.tensor(1.0))
+        cpp_backend.plain_step(make_bucket(saved=False), PassArgs(make_hyper(), Move(0.1)), torch.tensor(1.0))
 
 
 def test_ops_compose_with_torch_compile():
     """The ops trace under torch.compile (fake tensors, functionalized in-place writes)."""
     bucket = make_bucket(sizes=[(33,), (4, 5)], saved=False)
     eager = clone_bucket(bucket)
-    hyper = make_hyper(0.1)
+    plain = PassArgs(make_hyper(0.1), Move(0.2, decay=0.2))  # built outside: dynamo does not trace Move()
+    along_momentum = PassArgs(make_hyper(0.1), direction=MOMENTUM)
 
     def step(params, grads, exp_avg, exp_avg_sq, loss):
         b = Bucket(params, grads, exp_avg, exp_avg_sq, None, torch.device("cpu"), torch.float32, 0)
-        cpp_backend.plain_step(b, hyper, 0.2, 0.2, loss)
-        return cpp_backend.preconditioned_grad_norm(b, hyper, MOMENTUM)
+        cpp_backend.plain_step(b, plain, loss)
+        return cpp_backend.slope(b, along_momentum)
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
@@ -328,47 +332,6 @@ def test_ops_compose_with_torch_compile():
         q_eager = step(eager.params, eager.grads, eager.exp_avg, eager.exp_avg_sq, torch.tensor(1.0))
     assert torch.equal(q_compiled, q_eager)
     assert_buckets_equal(bucket, eager, "compiled plain step")
-
-
-def _parity_module():
-    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "test_reference_parity.py")
-    spec = importlib.util.spec_from_file_location("_parity_on_cpp", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture
-def reference_backend_runs_cpp(monkeypatch):
-    """Until the registry names "cpp": route the optimizer's torch backend through these kernels."""
-    for fn_name in ("preconditioned_grad_norm", "first_trial", "retrial", "restore", "plain_step"):
-        monkeypatch.setattr(torch_backend, fn_name, getattr(cpp_backend, fn_name))
-
-
-@pytest.mark.usefixtures("one_intra_op_thread", "reference_backend_runs_cpp")
-@pytest.mark.parametrize("kind", ["mlp", "conv"])
-@pytest.mark.parametrize("momentum", [False, True], ids=["gradient", "momentum"])
-def test_salsa_0_1_0_parity_on_cpp(kind, momentum):
-    """tests/test_reference_parity.py's scenario on these kernels: every decision (trials,
-    backtracks, interval) identical to 0.1.0, losses, step sizes and weights to rounding
-    (SPEC's 1e-4 relative; the IEEE sqrt differs from 0.1.0's torch sqrt by an ulp)."""
-    pytest.importorskip("salsa.SaLSA", reason="test dependency salsa-optimizer==0.1.0")
-    parity = _parity_module()
-    records = list(parity._run_both(kind, momentum, 120 if not momentum else 100, num_batches=4))
-    for r in records:
-        where = f"{kind} momentum={momentum} step {r['k']}"
-        assert (r["our_forwards"], r["our_backtracks"]) == (r["ref_forwards"], r["ref_backtracks"]), where
-        assert r["our_interval"] == r["ref_interval"], where
-        assert r["our_loss"] == pytest.approx(r["ref_loss"], rel=1e-4, abs=1e-7), where
-        assert r["our_eta"] == pytest.approx(r["ref_eta"], rel=1e-4), where
-        # Along the momentum, rounding differences grow (SPEC): by step ~40 an element near 0
-        # is 1.2e-6 off, beyond test_reference_parity's atol 1e-6 for the torch backend.
-        atol = 1e-5 if momentum else 1e-6
-        for i, (a, b) in enumerate(zip(r["our_weights"], r["ref_weights"])):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=atol, msg=lambda m: f"{where} param {i}: {m}")
-    searched = [r["searched"] for r in records]
-    assert sum(searched) >= 20 and not all(searched), "the run must mix searches and plain steps"
-    assert records[-1]["our_backtracks"] >= 20, "the run must backtrack"
 
 
 # --- CUDA kernels (csrc/cuda/): run only where the extension was built with them -----------
@@ -405,17 +368,17 @@ def test_cuda_passes_match_reference(dtype, direction):
         bucket = _to_cuda(make_bucket(sizes=SIZES + [(3 * 8192 + 5,)], dtype=dtype, saved=saved))
         ours, reference = clone_bucket(bucket), clone_bucket(bucket)
         with torch.no_grad():
-            q = [backend.preconditioned_grad_norm(b, hyper, direction)
+            q = [backend.slope(b, PassArgs(hyper, direction=direction))
                  for b, backend in ((ours, cpp_backend), (reference, torch_backend))]
             torch.testing.assert_close(q[0], q[1], rtol=1e-5, atol=0)
             for b, backend in ((ours, cpp_backend), (reference, torch_backend)):
-                backend.first_trial(b, hyper, 0.3, 0.3, direction)
+                backend.first_trial(b, PassArgs(hyper, Move(0.3, decay=0.3), direction))
             _assert_buckets_close(ours, reference, dtype, f"first_trial saved={saved}")
             for b, backend in ((ours, cpp_backend), (reference, torch_backend)):
-                backend.retrial(b, hyper, 0.24, 0.3, 0.3, direction)
+                backend.retrial(b, PassArgs(hyper, Move(0.24, 0.3, 0.3), direction))
             _assert_buckets_close(ours, reference, dtype, f"retrial saved={saved}")
             for b, backend in ((ours, cpp_backend), (reference, torch_backend)):
-                backend.restore(b, hyper, 0.24, 0.3, direction)
+                backend.restore(b, PassArgs(hyper, Move(0.0, 0.24, 0.3), direction))
             _assert_buckets_close(ours, reference, dtype, f"restore saved={saved}")
 
 
@@ -427,15 +390,16 @@ def test_cuda_plain_step_guards(dtype):
     ours, reference = clone_bucket(bucket), clone_bucket(bucket)
     counts = [torch.zeros((), dtype=torch.int64, device="cuda") for _ in range(2)]
     with torch.no_grad():
-        cpp_backend.plain_step(ours, make_hyper(), 0.37, 0.37, torch.tensor(1.0, device="cuda"),
-                               nonfinite_count=counts[0])
-        torch_backend.plain_step(reference, make_hyper(), 0.37, 0.37, torch.tensor(1.0, device="cuda"),
-                                 nonfinite_count=counts[1])
+        cpp_backend.plain_step(ours, PassArgs(make_hyper(), Move(0.37, decay=0.37)),
+                               torch.tensor(1.0, device="cuda"), nonfinite_count=counts[0])
+        torch_backend.plain_step(reference, PassArgs(make_hyper(), Move(0.37, decay=0.37)),
+                                 torch.tensor(1.0, device="cuda"), nonfinite_count=counts[1])
     _assert_buckets_close(ours, reference, dtype, "guarded plain step")
     assert int(counts[0]) == int(counts[1]) == 3
     untouched = clone_bucket(bucket)
+    plain = PassArgs(make_hyper(), Move(0.37, decay=0.37))
     with torch.no_grad():
-        cpp_backend.plain_step(untouched, make_hyper(), 0.37, 0.37, torch.tensor(float("nan"), device="cuda"))
-        cpp_backend.plain_step(untouched, make_hyper(), 0.37, 0.37, torch.tensor(1.0, device="cuda"),
+        cpp_backend.plain_step(untouched, plain, torch.tensor(float("nan"), device="cuda"))
+        cpp_backend.plain_step(untouched, plain, torch.tensor(1.0, device="cuda"),
                                found_inf=torch.ones((), device="cuda"))
     assert_buckets_equal(untouched, bucket, "skipped CUDA steps")

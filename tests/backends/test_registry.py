@@ -1,13 +1,14 @@
 """Backends by name: chosen and checked once, at construction; new ones registered from outside."""
 
 import types
+import warnings
 
 import pytest
 import torch
 
 from salsa_fused import FusedSaLSa
-from salsa_fused import backends
-from salsa_fused.backends import torch_backend, triton_backend
+from salsa_fused import _ext, backends
+from salsa_fused.backends import cpp_backend, torch_backend, triton_backend
 from salsa_fused.backends.base import Backend
 
 
@@ -21,13 +22,39 @@ def test_triton_on_cpu_without_the_interpreter_fails_at_construction(monkeypatch
     w = torch.zeros(3, requires_grad=True)
     with pytest.raises(RuntimeError, match="Triton needs CUDA tensors, or TRITON_INTERPRET=1"):
         FusedSaLSa([w], backend="triton")
-    assert FusedSaLSa([w]).backend is torch_backend  # "auto" falls back
+    assert FusedSaLSa([w]).backend is not triton_backend  # "auto" passes it over
 
 
 def test_triton_missing_fails_at_construction(monkeypatch):
     monkeypatch.setattr(triton_backend, "_IMPORT_ERROR", ImportError("No module named 'triton'"))
     with pytest.raises(RuntimeError, match="needs the `triton` package"):
         FusedSaLSa([torch.zeros(3, requires_grad=True)], backend="triton")
+
+
+def test_auto_picks_cpp_for_cpu_tensors_when_it_is_built():
+    assert backends.usable("cpp", torch.device("cpu")), f"the C++ extension is not built: {_ext.BUILD_HINT}"
+    assert FusedSaLSa([torch.zeros(3, requires_grad=True)]).backend is cpp_backend
+    assert FusedSaLSa([torch.zeros(3, requires_grad=True)], backend="torch").backend is torch_backend
+
+
+def test_auto_without_the_extension_falls_back_to_torch_and_says_so_once(monkeypatch):
+    monkeypatch.setattr(_ext, "_loaded", False)
+    monkeypatch.setattr(_ext, "_error", ImportError("No module named 'salsa_fused._C'"))
+    monkeypatch.setattr(backends, "_cpp_fallback_noted", False)
+    w = torch.zeros(3, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match=r"uses the torch backend on the CPU.*--no-build-isolation") as noted:
+        assert FusedSaLSa([w]).backend is torch_backend
+    assert len(noted) == 1 and noted[0].filename == __file__  # points at the caller's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process: a second optimizer is quiet
+        assert FusedSaLSa([w]).backend is torch_backend
+    with pytest.raises(RuntimeError, match=r"C\+\+ extension is not available .*--no-build-isolation"):
+        FusedSaLSa([w], backend="cpp")
+
+
+def test_cpp_on_a_device_without_its_kernels_fails_at_construction():
+    with pytest.raises(RuntimeError, match="no kernels for meta tensors"):
+        FusedSaLSa([torch.zeros(3, device="meta", requires_grad=True)], backend="cpp")
 
 
 def test_unknown_backend_names_the_choices():
