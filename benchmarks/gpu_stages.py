@@ -137,16 +137,16 @@ def _cuda_kernels(step: Callable[[], object]) -> List[str]:
 
 
 def plain_steps_without_sync(device: torch.device, dtype: torch.dtype, use_scaler: bool, steps: int = 3,
-                             searches: int = 3, width: int = 256) -> dict:
+                             searches: int = 3, width: int = 256, backend: str = "triton") -> dict:
     """Search steps first (tables, saved copies), then plain steps with host syncs turned into errors."""
     from salsa_fused import FusedSaLSa
     model, groups, loss_fn = _small_model(device, dtype, width=width)
-    opt = FusedSaLSa(groups, backend="triton", init_step_size=1e-2, schedule=SearchFirst(searches))
+    opt = FusedSaLSa(groups, backend=backend, init_step_size=1e-2, schedule=SearchFirst(searches))
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 10) if use_scaler else None
     for _ in range(searches):
         opt.zero_grad(set_to_none=False)
         opt.step(loss_fn)
-    counter = _launch_counter()
+    counter = _launch_counter() if backend == "triton" else None
     weights_before = [p.detach().clone() for p in model.parameters()]
     launches = []
 
@@ -182,23 +182,26 @@ def plain_steps_without_sync(device: torch.device, dtype: torch.dtype, use_scale
     return values
 
 
-def triton_matches_torch(device: torch.device, restore: str, steps: int = 15, width: int = 256) -> dict:
+def matches_torch_reference(device: torch.device, restore: str, steps: int = 15, width: int = 256,
+                            backend: str = "triton") -> dict:
+    """``steps`` FusedSaLSa steps on ``backend`` and on the torch reference, from the same start."""
     from salsa_fused import FusedSaLSa
     runs = {}
-    for backend in ("torch", "triton"):
+    for name in ("torch", backend):
         model, groups, loss_fn = _small_model(device, torch.float32, seed=3, width=width)
-        opt = FusedSaLSa(groups, backend=backend, restore=restore)
+        opt = FusedSaLSa(groups, backend=name, restore=restore)
         losses = []
         for _ in range(steps):
             opt.zero_grad()
             losses.append(float(opt.step(loss_fn).detach()))
-        runs[backend] = (losses, [p.detach().clone() for p in model.parameters()], opt.num_searches)
-    loss_diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(runs["triton"][0], runs["torch"][0]))
-    weight_diff = max(float((a - b).abs().max()) for a, b in zip(runs["triton"][1], runs["torch"][1]))
-    close = all(torch.allclose(a, b, rtol=1e-3, atol=1e-5) for a, b in zip(runs["triton"][1], runs["torch"][1]))
+        runs[name] = (losses, [p.detach().clone() for p in model.parameters()], opt.num_searches)
+    ours, ref = runs[backend], runs["torch"]
+    loss_diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(ours[0], ref[0]))
+    weight_diff = max(float((a - b).abs().max()) for a, b in zip(ours[1], ref[1]))
+    close = all(torch.allclose(a, b, rtol=1e-3, atol=1e-5) for a, b in zip(ours[1], ref[1]))
     return {"steps": steps, "max_loss_rel_diff": loss_diff, "max_weight_abs_diff": weight_diff,
-            "searches_triton": runs["triton"][2], "searches_torch": runs["torch"][2],
-            "passed": close and loss_diff <= 1e-4 and runs["triton"][2] == runs["torch"][2]}
+            f"searches_{backend}": ours[2], "searches_torch": ref[2],
+            "passed": close and loss_diff <= 1e-4 and ours[2] == ref[2]}
 
 
 def stage_cuda_checks(ctx: Context) -> None:
@@ -212,7 +215,7 @@ def stage_cuda_checks(ctx: Context) -> None:
                                                          searches=3 if ctx.gpu else 1, width=width))
     for restore in ("copy", "inplace"):
         ctx.check(f"triton vs torch reference on {device.type}, restore={restore}",
-                  lambda: triton_matches_torch(device, restore, steps=15 if ctx.gpu else 3, width=width))
+                  lambda: matches_torch_reference(device, restore, steps=15 if ctx.gpu else 3, width=width))
 
 
 # ---------------------------------------------------------------------------- 2. kernel timing
@@ -405,24 +408,75 @@ def stage_training(ctx: Context) -> None:
             torch.cuda.empty_cache()
 
 
-# ---------------------------------------------------------------------------- 7. pytest
-def stage_pytest(ctx: Context, time_limit: Optional[float] = None) -> None:
+# ---------------------------------------------------------------------------- C++/CUDA extension
+def stage_cuda_extension(ctx: Context) -> None:
+    """The compiled backend ("cpp") on the device: built by the driver in the background
+    (``SALSA_FUSED_JIT=1`` into a scratch ``TORCH_EXTENSIONS_DIR``) while the stages before
+    this one ran; here its CUDA kernels against the torch reference, its plain steps without
+    host syncs, its pass timings beside fused AdamW, and tests/backends/test_cpp_backend.py."""
+    from salsa_fused import _ext
+    from salsa_fused.backends import cpp_backend
+    from benchmarks import kernel_bench as KB
+    began = time.monotonic()
+    available = cpp_backend.supports(ctx.device)
+    build = {"available": available, "load_seconds": round(time.monotonic() - began, 1),
+             "jit": os.environ.get("SALSA_FUSED_JIT") == "1",
+             "background_build_seconds": os.environ.get("SALSA_GPU_SUITE_BUILD_SECONDS", "")}
+    if not available:
+        build["error"] = f"{type(_ext._error).__name__}: {_ext._error}"[:2000] if _ext._error else \
+            f"built without {ctx.device.type} kernels"
+        if ctx.gpu:
+            ctx.emit("extension with CUDA kernels", build, "failed", "see details/cuda_build.log")
+        else:  # a checkout installed without a compiler: nothing of this stage can run
+            ctx.emit("extension on the CPU", build, "skipped", "the C++ extension is not built here")
+        return
+    ctx.emit(f"extension with {ctx.device.type.upper()} kernels", build)
+    device = ctx.device
+    width = 256 if ctx.gpu else 16
+    for restore in ("copy", "inplace"):
+        ctx.check(f"cpp vs torch reference on {device.type}, restore={restore}",
+                  lambda: matches_torch_reference(device, restore, steps=15 if ctx.gpu else 3, width=width,
+                                                  backend="cpp"))
+    for dtype in (torch.float32, torch.bfloat16):
+        ctx.check(f"cpp plain steps under sync-debug 'error', {str(dtype)[6:]}",
+                  lambda: plain_steps_without_sync(device, dtype, False, steps=3 if ctx.gpu else 2,
+                                                   searches=3 if ctx.gpu else 1, width=width, backend="cpp"))
+    shapes = C.gpt2_small_shapes() if ctx.gpu else TINY_GPT2
+    label = f"gpt2-small{'' if ctx.gpu else ' (tiny widths)'} ({len(shapes)} tensors, {C.numel_of(shapes):,} elements)"
+    for dtype_name in ("fp32", "bf16"):
+        def timing(dtype_name=dtype_name) -> dict:
+            rows = KB.bench(shapes, label, dtype_name, device, "cpp", repeats=15 if ctx.gpu else 2)
+            by_provider = {r.provider: r for r in rows}
+            adamw = by_provider["adamw_fused"].p50_ms
+            values = {f"{name} p50_ms": r.p50_ms for name, r in by_provider.items()}
+            values.update({f"{name} vs adamw_fused": r.p50_ms / adamw for name, r in by_provider.items()
+                           if name.startswith("salsa")})
+            values.update({f"{name} of_copy_bandwidth": r.extra["fraction_of_copy_bandwidth"]
+                           for name, r in by_provider.items() if name.startswith("salsa")})
+            return values
+        ctx.check(f"cpp pass timings, {label}, {dtype_name}", timing)
+        if ctx.gpu:
+            torch.cuda.empty_cache()
     try:
         import pytest  # noqa: F401
     except ImportError as error:
-        ctx.emit("pytest", {"error": str(error)}, "skipped", "pytest is not installed: stage not run "
-                 "(cuda_checks covers the sync-free plain steps and triton vs torch without it)")
-        raise Missing("pytest is not installed") from error
-    junit = ctx.details / "pytest.xml"
-    files = ["tests/test_cuda.py"] + ([] if ctx.smoke else ["tests/backends/test_triton_backend.py",
-                                                            "tests/backends/test_launch_counts.py"])
+        ctx.emit("pytest tests/backends/test_cpp_backend.py", {"error": str(error)}, "skipped",
+                 "pytest is not installed")
+        return
+    _run_pytest(ctx, ["tests/backends/test_cpp_backend.py"], "pytest_cpp", ["-k", "cuda"] if ctx.gpu else [])
+
+
+# ---------------------------------------------------------------------------- pytest
+def _run_pytest(ctx: Context, files: List[str], junit_name: str, extra: List[str]) -> None:
+    junit = ctx.details / f"{junit_name}.xml"
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     if ctx.smoke:
         env.pop("TRITON_INTERPRET", None)  # tests/conftest.py sets it when there is no GPU
     began = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-p", "no:randomly",
-                           "--junitxml", str(junit), *files], cwd=ROOT, env=env)
-    counts = {"exit_code": done.returncode, "seconds": round(time.monotonic() - began, 1), "files": " ".join(files)}
+                           "--junitxml", str(junit), *extra, *files], cwd=ROOT, env=env)
+    counts = {"exit_code": done.returncode, "seconds": round(time.monotonic() - began, 1),
+              "files": " ".join(files + extra)}
     if junit.exists():
         suite = ElementTree.parse(junit).getroot()
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
@@ -430,12 +484,25 @@ def stage_pytest(ctx: Context, time_limit: Optional[float] = None) -> None:
             counts[key] = int(suite.get(key, 0))
         counts["failed_tests"] = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
                                   if case.find("failure") is not None or case.find("error") is not None][:20]
-    ctx.emit("pytest " + " ".join(files), counts, "ok" if done.returncode in (0, 5) else "failed")
+    ctx.emit("pytest " + " ".join(files + extra), counts, "ok" if done.returncode in (0, 5) else "failed")
+
+
+def stage_pytest(ctx: Context) -> None:
+    try:
+        import pytest  # noqa: F401
+    except ImportError as error:
+        ctx.emit("pytest", {"error": str(error)}, "skipped", "pytest is not installed: stage not run "
+                 "(cuda_checks covers the sync-free plain steps and triton vs torch without it)")
+        raise Missing("pytest is not installed") from error
+    files = ["tests/test_cuda.py"] + ([] if ctx.smoke else ["tests/backends/test_triton_backend.py",
+                                                            "tests/backends/test_launch_counts.py"])
+    _run_pytest(ctx, files, "pytest", [])
 
 
 STAGES = {"cuda_checks": stage_cuda_checks, "kernel_timing": stage_kernel_timing,
           "host_overhead": stage_host_overhead, "large_tensor": stage_large_tensor,
-          "determinism": stage_determinism, "training": stage_training, "pytest": stage_pytest}
+          "determinism": stage_determinism, "training": stage_training,
+          "cuda_extension": stage_cuda_extension, "pytest": stage_pytest}
 
 
 def main(argv=None) -> int:
