@@ -71,6 +71,19 @@ class StepTimer:
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
+def forward_ms(loss_of, steps: int, device: torch.device, repeats: int = 10) -> float:
+    """Median time of one trial forward as the search runs it (no grad), on the run's batches."""
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 2):
+            start = time.perf_counter()
+            loss_of(i % steps)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[2:]) * 1e3
+
+
 def run_one(name: str, steps: int, device: torch.device, tiny: bool, seed: int = 0,
             windows: Tuple[Tuple[int, int], ...] = WINDOWS) -> dict:
     config, batch, context = gpt2_small_config(tiny)
@@ -87,6 +100,7 @@ def run_one(name: str, steps: int, device: torch.device, tiny: bool, seed: int =
             return model(window[:, :-1], window[:, 1:])[1]
 
     step_sizes: List[float] = []
+    forwards_so_far: List[int] = []  # FusedSaLSa's forward count after each step (host ints)
     losses: List[torch.Tensor] = []  # the loss at each step's start, read once at the end (no sync)
     searches = forwards = backtracks = 0
     if name == "adamw_fused":
@@ -124,6 +138,7 @@ def run_one(name: str, steps: int, device: torch.device, tiny: bool, seed: int =
             opt.zero_grad(set_to_none=True)
             losses.append(opt.step(lambda: loss_of(step)).detach())
             step_sizes.append(opt.step_size)
+            forwards_so_far.append(opt.num_forward_evals)
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -141,11 +156,17 @@ def run_one(name: str, steps: int, device: torch.device, tiny: bool, seed: int =
         forwards, searches, backtracks = opt.num_forward_evals, opt.num_searches, opt.num_backtracks
     else:
         forwards = steps
-    means = {}
+    means, window_forwards = {}, {}
     for first, last in windows:
         chunk = seconds[first - 1:last]
         means[f"steps {first}-{last}"] = statistics.fmean(chunk) * 1e3 if len(seconds) >= last else None
-    return {"optimizer": name, "steps": steps, "mean_step_ms": means,
+        if forwards_so_far and len(forwards_so_far) >= last:
+            before = forwards_so_far[first - 2] if first >= 2 else 0
+            window_forwards[f"steps {first}-{last}"] = (forwards_so_far[last - 1] - before) / (last - first + 1)
+        elif len(seconds) >= last:
+            window_forwards[f"steps {first}-{last}"] = 1.0 if name == "adamw_fused" else None
+    return {"optimizer": name, "steps": steps, "mean_step_ms": means, "forwards_per_step_in": window_forwards,
+            "forward_ms": forward_ms(loss_of, steps, device),
             "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
             "forwards_per_step": forwards / steps, "searches": searches, "backtracks": backtracks,
             "step_ms": [s * 1e3 for s in seconds], "step_size": step_sizes,

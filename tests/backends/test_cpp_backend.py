@@ -339,9 +339,18 @@ def test_ops_compose_with_torch_compile():
 cuda_kernels = pytest.mark.skipif(not (torch.cuda.is_available() and cpp_backend.supports("cuda")),
                                   reason="the extension was built without CUDA kernels, or no GPU")
 # On CUDA, torch divides by a Python scalar as a multiplication by its reciprocal (one more
-# rounding than the kernels' IEEE division), so the reference differs by an ulp or two there.
-CUDA_TOLERANCE = {torch.float32: dict(rtol=2e-6, atol=1e-7), torch.bfloat16: dict(rtol=8e-3, atol=1e-5),
-                  torch.float16: dict(rtol=1e-3, atol=1e-6)}
+# rounding than the kernels' IEEE division), so the reference differs there: about one element
+# in 25,000 lands an ulp or two away at the scale of the operands, which, where w and eta*d
+# nearly cancel, is far from the result's own ulp (measured on an H200: 1.1e-7 on an fp32
+# weight of 2e-3; 2 bf16 ulps on a weight of 0.48). So: the dtype's relative tolerance plus
+# two ulps at the tensor's largest magnitude.
+CUDA_RTOL = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+
+def _cuda_tolerance(reference: torch.Tensor, dtype: torch.dtype) -> dict:
+    magnitudes = torch.nan_to_num(reference.detach().float().abs(), nan=0.0, posinf=0.0)
+    scale = float(magnitudes.max()) if reference.numel() else 0.0
+    return dict(rtol=CUDA_RTOL[dtype], atol=2 * torch.finfo(dtype).eps * scale + 1e-30)
 
 
 def _to_cuda(bucket: Bucket) -> Bucket:
@@ -355,7 +364,7 @@ def _assert_buckets_close(ours: Bucket, reference: Bucket, dtype: torch.dtype, w
     streams = ("params", "exp_avg", "exp_avg_sq") + (("saved",) if reference.saved is not None else ())
     for stream in streams:
         for i, (a, b) in enumerate(zip(getattr(ours, stream), getattr(reference, stream))):
-            tolerance = CUDA_TOLERANCE[dtype if stream in ("params", "saved") else torch.float32]
+            tolerance = _cuda_tolerance(b, dtype if stream in ("params", "saved") else torch.float32)
             torch.testing.assert_close(a, b, **tolerance, msg=lambda m: f"{what}: {stream}[{i}]: {m}")
 
 

@@ -138,7 +138,7 @@ def test_grad_norm_matches_torch(dtype, direction, use_scale):
     hyper = make_hyper()
     _, _, _, q_triton, q_torch = run_both(
         bucket, lambda be, b: be.slope(b, PassArgs(hyper, direction=direction, grad_scale=grad_scale)))
-    assert q_triton.shape == () and q_triton.dtype == torch.float32 and q_triton.device == bucket.device
+    assert q_triton.shape == () and q_triton.dtype == torch.float32 and q_triton.device == bucket.params[0].device
     torch.testing.assert_close(q_triton, q_torch, rtol=1e-5, atol=0)
     # Deterministic: the same inputs give the same bits.
     assert torch.equal(q_triton, triton_backend.slope(bucket, PassArgs(hyper, direction=direction, grad_scale=grad_scale)))
