@@ -723,9 +723,10 @@ class FusedSaLSa(Optimizer):
             return
         # Pass A writes this step's moments; a trial forward that raises (out of memory, caught and
         # retried by the caller) must find them as they were: copies, 8 bytes per parameter while
-        # the search runs, put back on an exception.
+        # the search runs, put back on an exception. One multi-tensor op (x * 1 is exact, -0 and
+        # NaN included), not a clone per tensor: 296 launches per search for GPT-2 small.
         moments = [t for b in buckets for t in (*b.exp_avg, *b.exp_avg_sq)]
-        moments_before = [t.clone() for t in moments]
+        moments_before = torch._foreach_mul(moments, 1.0)
         move_all("first_trial", lambda g: g.trial(search.step_size))
         current = search.step_size  # the trial the weights are at
         try:

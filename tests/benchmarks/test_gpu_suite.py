@@ -143,7 +143,7 @@ def test_step_profile_reports_each_optimizer(smoke):
     assert {name.split(",")[0] for name in profiles} == {"profile adamw_fused", "profile fused_salsa_copy",
                                                          "profile fused_salsa_inplace"}
     copy = profiles["profile fused_salsa_copy, 2 steps after 2"]
-    assert copy["wall_ms"] > 0 and copy["forwards_per_step"] >= 1 and "FusedSaLSa.step" in copy["top_host_ops"]
+    assert copy["wall_ms"] > 0 and copy["forwards_per_step"] >= 1 and copy["top_host_ops"].count(" ms x") >= 3
 
 
 def test_a_failed_stage_is_logged_and_the_next_one_runs(tmp_path):
