@@ -47,15 +47,23 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _DeviceCounts:
-    """int64 device scalars counted on plain steps (no host read), read and zeroed by the next search."""
+    """int64 device counters of plain steps (no host read), read and zeroed by the next search."""
 
-    nonfinite_elements: torch.Tensor  # gradient elements left unchanged
-    nonfinite_losses: torch.Tensor  # steps whose loss was NaN/inf (they changed nothing)
-    scaler_skips: torch.Tensor  # steps GradScaler skipped (found_inf)
+    nonfinite_elements: torch.Tensor  # 0-dim: gradient elements left unchanged
+    step_counts: torch.Tensor  # [steps whose loss was NaN/inf, steps GradScaler skipped]: the backend's
 
     @classmethod
     def zeros(cls, device: Optional[torch.device]) -> "_DeviceCounts":
-        return cls(*(torch.zeros((), dtype=torch.int64, device=device) for _ in range(3)))
+        return cls(torch.zeros((), dtype=torch.int64, device=device),
+                   torch.zeros(2, dtype=torch.int64, device=device))
+
+    @property
+    def nonfinite_losses(self) -> torch.Tensor:
+        return self.step_counts[0]
+
+    @property
+    def scaler_skips(self) -> torch.Tensor:
+        return self.step_counts[1]
 
 
 @dataclass
@@ -619,24 +627,21 @@ class FusedSaLSa(Optimizer):
         groups = {b.group_index: GroupStep.of(self.param_groups[b.group_index], scale, eta)
                   for b in buckets}
         if not plan.is_search:
-            if found_inf is not None:
-                # GradScaler saw inf/nan: the pass below changes nothing (the backend reads
-                # found_inf on the device). Counted on the device, no host read: the next
-                # search takes such steps back out of k and t.
-                self._device_counts().scaler_skips.add_((found_inf.reshape(()) != 0).to(torch.int64))
             if self.reduction.loss_group is not None:
                 # Every rank must take the same skip decision: judge the loss averaged over
                 # the data-parallel group (one 4-byte all-reduce, no host read).
                 f0 = self.reduction.average_loss(f0.reshape(1)).reshape(())
+            # A non-finite loss or GradScaler's found_inf makes the plain pass change nothing. The
+            # first bucket's pass counts such a step on the device (no host read, no extra op on
+            # the kernel backends); the next search reports the losses and takes the scaler's
+            # skips back out of k and t.
             counts = self._device_counts()
-            # A non-finite loss makes the plain pass change nothing; count it on the device
-            # (no host read) and report it at the next search.
-            counts.nonfinite_losses.add_(torch.isfinite(f0).logical_not())
             with torch.no_grad():
-                for b in buckets:
+                for i, b in enumerate(buckets):
                     args = PassArgs(hypers[b.group_index], groups[b.group_index].plain(plan.trial_step_size),
                                     grad_scale=grad_scale)
-                    backend.plain_step(b, args, f0, found_inf=found_inf, nonfinite_count=counts.nonfinite_elements)
+                    backend.plain_step(b, args, f0, found_inf=found_inf, nonfinite_count=counts.nonfinite_elements,
+                                       step_counts=counts.step_counts if i == 0 else None)
             self._commit(step_state)
             return loss_tensor.detach() if one_phase else loss
         running = self._running_statistics()
