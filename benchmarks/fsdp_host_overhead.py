@@ -24,17 +24,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # mp.spawn's children import this module by its package path
-
-from benchmarks import _common as C  # noqa: E402
+from benchmarks import _common as C
 
 C.ensure_triton_interpreter_without_cuda()
 
