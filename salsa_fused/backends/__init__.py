@@ -1,5 +1,6 @@
 """Backends by name: ``"torch"`` (the reference), ``"triton"`` (fused kernels), ``"cpp"`` (the
-compiled extension, csrc/), and ``"auto"``.
+compiled extension, csrc/, for CPU and CUDA tensors), ``"cuda"`` (the extension's CUDA
+kernels only), and ``"auto"``.
 
 A backend is a module (or object) with the passes of :class:`.base.Backend`. Adding one is one
 module, one line in ``REGISTRY`` (or a :func:`register_backend` call from outside the package)
@@ -22,6 +23,7 @@ REGISTRY: Dict[str, Union[str, Backend]] = {
     "torch": "salsa_fused.backends.torch_backend",
     "triton": "salsa_fused.backends.triton_backend",
     "cpp": "salsa_fused.backends.cpp_backend",
+    "cuda": "salsa_fused.backends.cuda_backend",
 }
 AUTO = "auto"
 
