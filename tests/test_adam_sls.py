@@ -1,6 +1,7 @@
 """Seed 001's rules on FusedSaLSa (salsa_fused.adam_sls) against the readable references
 (tests/reference/sls.py, alsals.py): the same trials and accepted step sizes, step for step,
-on the torch backend and the Triton kernels (interpreter on the CPU); bit-exact resume; DDP."""
+on the torch backend, the Triton kernels (interpreter on the CPU) and the C++ CPU kernels;
+bit-exact resume; DDP."""
 
 import copy
 import dataclasses
@@ -88,7 +89,7 @@ def _fused_run(model, rule, backend, steps=range(STEPS), dtype=torch.float32, op
     return opt, recorder.trials, levels
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])
 @pytest.mark.parametrize("name", ["sls", "alsals"])
 def test_the_trials_and_accepted_steps_are_the_references(name, backend):
     reference_model, fused_model = _model(), _model()
