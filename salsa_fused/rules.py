@@ -145,13 +145,14 @@ def check_arguments(rule: SearchRule, passed: Iterable[str], name: object = None
     unread = [argument for argument in SEARCH_ARGUMENTS if argument in passed and argument not in reads]
     if not unread:
         return
-    label = f"search_rule={name!r}" if isinstance(name, str) else f"search_rule={type(rule).__name__}"
+    kind = rule if isinstance(rule, type) else type(rule)  # a class may be the rule (ArmijoSearch)
+    label = f"search_rule={name!r}" if isinstance(name, str) else f"search_rule={kind.__name__}"
     used = ", ".join(argument for argument in SEARCH_ARGUMENTS if argument in reads) or "none"
     message = f"{label} does not read {', '.join(unread)} (of FusedSaLSa's search arguments it reads {used})"
     own = [argument for argument in unread if is_dataclass(rule) and argument in {f.name for f in fields(rule)}]
     if own:
         settings = ", ".join(f"{argument}=..." for argument in own)
-        message += f"; set {', '.join(own)} on the rule instead: search_rule={type(rule).__name__}({settings})"
+        message += f"; set {', '.join(own)} on the rule instead: search_rule={kind.__name__}({settings})"
     raise ValueError(message)
 
 

@@ -89,6 +89,11 @@ def test_a_rule_refuses_the_search_arguments_it_does_not_declare(monkeypatch):
     with pytest.raises(ValueError, match=r"search_rule=GrowthOnly does not read c, adaptive_interval "
                                          r"\(of FusedSaLSa's search arguments it reads growth\)$"):
         FusedSaLSa([w], backend="torch", search_rule=GrowthOnly(), growth=1.5, adaptive_interval=True, c=0.5)
+    class ArmijoWithoutBeta3(ArmijoSearch):  # a class as the rule, as ArmijoSearch is
+        reads = frozenset(rules.SEARCH_ARGUMENTS) - {"beta3"}
+
+    with pytest.raises(ValueError, match=r"search_rule=ArmijoWithoutBeta3 does not read beta3 "):
+        FusedSaLSa([w], backend="torch", search_rule=ArmijoWithoutBeta3, beta3=0.5, c=0.4)
     monkeypatch.setitem(rules.RULES, "growth_only", GrowthOnly())
     with pytest.raises(ValueError, match="search_rule='growth_only' does not read beta3"):
         FusedSaLSa([w], backend="torch", search_rule="growth_only", beta3=0.9)
