@@ -12,6 +12,7 @@ the backends (:mod:`salsa_fused.backends`), every step size they apply is formed
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from copy import deepcopy
@@ -30,7 +31,7 @@ from .distributed import SearchReduction, default_reduction
 from .errors import NonFiniteError
 from .applied import GroupStep
 from .line_search import SearchConfig, SearchState
-from .rules import Verdict, moment_step, plan_step, resolve_rule
+from .rules import Verdict, check_arguments, moment_step, plan_step, resolve_rule
 
 LossClosure = Callable[[], Union[torch.Tensor, float]]
 
@@ -82,6 +83,20 @@ class _StepHandoff:
     zeroed: Dict[int, tuple] = field(default_factory=dict)
 
 
+def _refuse_unread_search_arguments(init):
+    """``FusedSaLSa.__init__`` that first refuses a search argument given by name that the chosen
+    rule does not read (:func:`salsa_fused.rules.check_arguments`), before anything is built. It
+    sees the keywords as the caller passed them: a default left alone is never refused."""
+
+    @functools.wraps(init)
+    def checked_init(self, params, lr=1.0, **options):
+        chosen = options.get("search_rule")
+        check_arguments(resolve_rule(chosen), options, chosen)
+        init(self, params, lr, **options)
+
+    return checked_init
+
+
 class FusedSaLSa(Optimizer):
     r"""SaLSa (Stable Armijo Line Search Adaptation) on fused multi-tensor passes.
 
@@ -124,7 +139,10 @@ class FusedSaLSa(Optimizer):
         reduction: how losses and ``q`` are reduced across ranks (default: losses averaged
             over the world when ``torch.distributed`` is initialized).
         search_rule: a rule name (``"salsa"``, the default: the published smoothed Armijo
-            test) or an object with :class:`salsa_fused.rules.SearchRule`'s methods.
+            test; ``"sls"``, ``"alsals"``: seed 001's, :mod:`salsa_fused.adam_sls`) or an object
+            with :class:`salsa_fused.rules.SearchRule`'s methods. A search argument (``c``,
+            ``beta3``, ``growth``, ``backtrack``, ``max_trials``, the interval settings,
+            ``search_direction``) given by name that the rule does not read raises ValueError.
         schedule: ``None``, or an object with ``scale(step)`` (a multiplier on the applied
             step; trials still probe the searched level) and ``searches(step)`` (False
             freezes the level), e.g. :class:`salsa_fused.step_size.WarmupStableDecay`.
@@ -140,6 +158,7 @@ class FusedSaLSa(Optimizer):
 
     _step_supports_amp_scaling = True
 
+    @_refuse_unread_search_arguments
     def __init__(self, params, lr: float = 1.0, *, init_step_size: float = 1.0, c: float = 0.5,
                  betas: Tuple[float, float] = (0.9, 0.999), beta3: float = 0.9, eps: float = 1e-8,
                  weight_decay: float = 0.0, search_direction: str = GRADIENT,

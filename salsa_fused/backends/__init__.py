@@ -85,8 +85,9 @@ def _auto(device: torch.device) -> str:
         if not _cpp_fallback_noted:
             _cpp_fallback_noted = True
             from .. import _ext
+            # stacklevel: _auto, resolve, FusedSaLSa.__init__, its argument check, the caller
             warnings.warn(f"salsa_fused: backend='auto' uses the torch backend on the CPU: the C++ extension "
-                          f"is not built; {_ext.BUILD_HINT}", RuntimeWarning, stacklevel=4)
+                          f"is not built; {_ext.BUILD_HINT}", RuntimeWarning, stacklevel=5)
     return "torch"
 
 
