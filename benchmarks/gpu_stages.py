@@ -493,16 +493,25 @@ def stage_cuda_extension(ctx: Context) -> None:
     label = f"gpt2-small{'' if ctx.gpu else ' (tiny widths)'} ({len(shapes)} tensors, {C.numel_of(shapes):,} elements)"
     for dtype_name in ("fp32", "bf16"):
         def timing(dtype_name=dtype_name) -> dict:
-            rows = KB.bench(shapes, label, dtype_name, device, "cpp", repeats=15 if ctx.gpu else 2)
-            by_provider = {r.provider: r for r in rows}
-            adamw = by_provider["adamw_fused"].p50_ms
-            values = {f"{name} p50_ms": r.p50_ms for name, r in by_provider.items()}
-            values.update({f"{name} vs adamw_fused": r.p50_ms / adamw for name, r in by_provider.items()
-                           if name.startswith("salsa")})
-            values.update({f"{name} of_copy_bandwidth": r.extra["fraction_of_copy_bandwidth"]
-                           for name, r in by_provider.items() if name.startswith("salsa")})
+            values = {}
+            medians = {}
+            for backend in ("cpp", "triton") if ctx.gpu else ("cpp",):  # side by side in one stage
+                rows = KB.bench(shapes, label, dtype_name, device, backend, repeats=15 if ctx.gpu else 2)
+                by_provider = {r.provider: r for r in rows}
+                adamw = by_provider["adamw_fused"].p50_ms
+                for name, r in by_provider.items():
+                    if not name.startswith("salsa"):
+                        continue
+                    medians[(backend, name)] = r.p50_ms
+                    values[f"{backend} {name} p50_ms"] = r.p50_ms
+                    values[f"{backend} {name} vs adamw_fused"] = r.p50_ms / adamw
+                    values[f"{backend} {name} of_copy_bandwidth"] = r.extra["fraction_of_copy_bandwidth"]
+                values[f"adamw_fused p50_ms (with {backend})"] = adamw
+            for (backend, name), ms in medians.items():
+                if backend == "cpp" and ("triton", name) in medians:
+                    values[f"{name} cpp / triton"] = ms / medians[("triton", name)]
             return values
-        ctx.check(f"cpp pass timings, {label}, {dtype_name}", timing)
+        ctx.check(f"cpp{' and triton' if ctx.gpu else ''} pass timings, {label}, {dtype_name}", timing)
         if ctx.gpu:
             torch.cuda.empty_cache()
     try:
