@@ -359,7 +359,7 @@ def stage_determinism(ctx: Context) -> None:
                 opt = FusedSaLSa(params, backend=backend, beta3=0.0, init_step_size=1e-6)
                 loss = torch.tensor(2.0, device=ctx.device)
                 opt.step(lambda: 2.0, loss=loss)  # one search step; f1 == f0 accepts the first trial
-                qs.append(opt.search_state.grad_norm_avg)
+                qs.append(opt.search_state.slope_avg)
                 weights.append([p.detach().clone() for p in params])
             q64 = q_float64(opt, params, 0.999, 1e-8)
             bitwise = len(set(qs)) == 1 and all(torch.equal(a, b) for w in weights[1:]

@@ -123,7 +123,7 @@ def _streams_of(kernel: str, constexprs: Dict[str, object]) -> Tuple[Tuple[str, 
     """(streams read, streams written) per element, from each kernel's design (see its docstring)."""
     direction_input = "m" if constexprs.get("MOMENTUM") else "g"
     saved = constexprs.get("HAS_SAVED")
-    if kernel == "_grad_norm_kernel":  # m_new only enters q along the momentum direction
+    if kernel == "_slope_kernel":  # m_new only enters q along the momentum direction
         return (("g", "m", "v") if constexprs.get("MOMENTUM") else ("g", "v")), ()
     if kernel == "_plain_step_kernel":
         return ("w", "g", "m", "v"), ("w", "m", "v")

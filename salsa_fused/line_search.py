@@ -24,7 +24,7 @@ from .rules import SEARCH_ARGUMENTS, FinalMove, Verdict
 _f32 = np.float32
 
 #: ``s`` below this skips the search (0.1.0's guard, compared in fp32).
-MIN_GRAD_NORM = 1e-8
+MIN_SLOPE_AVG = 1e-8
 #: Initial value of both step-size averages (no bias correction, as published).
 INITIAL_STEP_SIZE_AVERAGE = 1e-8
 #: Smoothing of the fast and slow step-size averages that set the interval.
@@ -66,6 +66,10 @@ class SearchConfig:
             raise ValueError(f"always_search_steps must be an integer >= 0, got {self.always_search_steps}")
 
 
+#: Search-state keys of earlier checkpoints -> their names now (q is a slope: it can be negative).
+RENAMED_KEYS = {"grad_norm_avg": "slope_avg"}
+
+
 @dataclass
 class SearchState:
     """Everything the search carries from step to step; lives in ``state_dict``."""
@@ -73,7 +77,7 @@ class SearchState:
     step: int = 0  # k
     step_size: float = 1.0  # eta
     loss_decrease_avg: float = 0.0  # h (an fp32 value)
-    grad_norm_avg: float = 0.0  # s (an fp32 value)
+    slope_avg: float = 0.0  # s: the smoothed slope q (an fp32 value)
     step_size_fast: float = INITIAL_STEP_SIZE_AVERAGE
     step_size_slow: float = INITIAL_STEP_SIZE_AVERAGE
     steps_since_search: int = 100  # t
@@ -104,13 +108,14 @@ class SearchState:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"search state {name} must be a finite number > 0, got {value!r}")
-        for name in ("loss_decrease_avg", "grad_norm_avg", "search_interval"):
+        for name in ("loss_decrease_avg", "slope_avg", "search_interval"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise ValueError(f"search state {name} must be a finite number, got {value!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "SearchState":
+        values = {RENAMED_KEYS.get(k, k): v for k, v in values.items()}
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:
@@ -167,14 +172,14 @@ class ArmijoSearch:
         self.config = config
         self.state = replace(plan.state, steps_since_search=0, num_searches=plan.state.num_searches + 1)
         beta3 = _f32(config.beta3)
-        self.state.grad_norm_avg = float(_f32(self.state.grad_norm_avg) * beta3
+        self.state.slope_avg = float(_f32(self.state.slope_avg) * beta3
                                          + _f32(slope) * _f32(1 - config.beta3))
         self.loss = _fp32(loss)
         self.step_size = plan.trial_step_size
         self.last_trial = self.step_size  # where the weights are after the last observed trial
         self.trials = 0
         #: False when 0.1.0's guard fails (zero loss or tiny slope): one move along m_hat, no trials.
-        self.active = bool(self.loss != 0 and _f32(self.state.grad_norm_avg) >= _f32(MIN_GRAD_NORM))
+        self.active = bool(self.loss != 0 and _f32(self.state.slope_avg) >= _f32(MIN_SLOPE_AVG))
 
     def observe(self, trial_loss: float) -> Verdict:
         """Record the loss at ``w0 - step_size * d``: accept, or backtrack (give up at ``max_trials``)."""
@@ -191,7 +196,7 @@ class ArmijoSearch:
         self.state.last_loss_decrease = float(decrease)
         if decrease == 0:
             return Verdict.ACCEPT
-        sufficient = _f32(self.step_size * config.c) * _f32(self.state.grad_norm_avg)
+        sufficient = _f32(self.step_size * config.c) * _f32(self.state.slope_avg)
         smoothed = self._smoothed(tested)
         if smoothed >= sufficient:
             self.state.loss_decrease_avg = float(self._kept_average(smoothed, decrease))

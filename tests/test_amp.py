@@ -61,7 +61,7 @@ def _assert_unchanged(before, after, counters_deferred=False):
     if not counters_deferred:
         assert before[2] == after[2], "search state changed on a skipped step"
         return
-    for key in ("step_size", "loss_decrease_avg", "grad_norm_avg", "step_size_fast",
+    for key in ("step_size", "loss_decrease_avg", "slope_avg", "step_size_fast",
                 "step_size_slow", "num_searches", "num_backtracks"):
         assert getattr(before[2], key) == getattr(after[2], key), f"{key} changed on a skipped step"
 

@@ -52,7 +52,7 @@ def test_triton_search_step_launches_and_reads(triton_counts, restore, trials):
     """Reduction + pass A per bucket, one pass B per bucket and further trial, no restore;
     host reads: f0 and q once before any write, then one small read per trial."""
     record = triton_counts[restore][f"search step, {trials} trial{'s' if trials > 1 else ''}"]
-    expected = {"_grad_norm_kernel": BUCKETS, "_first_trial_kernel": BUCKETS}
+    expected = {"_slope_kernel": BUCKETS, "_first_trial_kernel": BUCKETS}
     if trials > 1:
         expected["_retrial_kernel"] = BUCKETS * (trials - 1)
     assert record["launches"] == expected
@@ -64,7 +64,7 @@ def test_triton_search_step_launches_and_reads(triton_counts, restore, trials):
 @pytest.mark.parametrize("restore", ["copy", "inplace"])
 def test_triton_interrupted_search_restores_once_per_bucket(triton_counts, restore):
     record = triton_counts[restore]["search step interrupted at trial 2"]
-    assert record["launches"] == {"_grad_norm_kernel": BUCKETS, "_first_trial_kernel": BUCKETS,
+    assert record["launches"] == {"_slope_kernel": BUCKETS, "_first_trial_kernel": BUCKETS,
                                   "_retrial_kernel": BUCKETS, "_restore_kernel": BUCKETS}
     assert record["host_reads"] == 2  # f0/q, then the first trial's loss; the second trial raised
 

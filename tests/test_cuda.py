@@ -102,7 +102,7 @@ def test_search_step_launches_on_cuda():
     opt.step(loss_fn)
     launched = triton_backend.LAUNCH_COUNTER - before
     trials = opt.last_search_trials
-    assert launched["_grad_norm_kernel"] == len(groups)
+    assert launched["_slope_kernel"] == len(groups)
     assert launched["_first_trial_kernel"] == len(groups)
     assert launched["_retrial_kernel"] == len(groups) * (trials - 1)
     assert launched["_restore_kernel"] == 0

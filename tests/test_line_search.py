@@ -138,10 +138,10 @@ def test_exhaustion_after_100_trials():
 def test_armijo_smoothing_in_fp32():
     """s = beta3*s + (1-beta3)*q and the test h_try >= c*eta*s, in fp32 as 0.1.0 makes it."""
     f32 = np.float32
-    plan = _plan(step_size=0.5, grad_norm_avg=2.0, loss_decrease_avg=0.25)
+    plan = _plan(step_size=0.5, slope_avg=2.0, loss_decrease_avg=0.25)
     search = ArmijoSearch(plan, SearchConfig(), 3.0, 4.0)
     s = f32(2.0) * f32(0.9) + f32(4.0) * f32(1 - 0.9)
-    assert search.state.grad_norm_avg == float(s)
+    assert search.state.slope_avg == float(s)
     eta = 0.5 * 1.1
     # the decrease that just passes: h_try = 0.9*0.25 + 0.1*(3 - f1) >= c*eta*s
     needed = float((f32(0.5 * eta) * s - f32(0.25) * f32(0.9)) / f32(0.1))
@@ -168,7 +168,7 @@ def test_equal_losses_accept_with_h_unchanged():
     (1.0, 0.0, 1.0, True),  # the smoothed s carries earlier norms
 ])
 def test_guard(loss, grad_norm, prior_s, active):
-    search = ArmijoSearch(_plan(grad_norm_avg=prior_s), SearchConfig(), loss, grad_norm)
+    search = ArmijoSearch(_plan(slope_avg=prior_s), SearchConfig(), loss, grad_norm)
     assert search.active is active
 
 

@@ -147,7 +147,7 @@ def test_search_tries_lr_times_eta_and_sums_lr_weighted_q():
     for w, w_0, g, pc, lr in zip(trials[0], w0, grads, precond, lrs):
         torch.testing.assert_close(w, w_0 - lr * first_trial_eta * g * pc, rtol=1e-5, atol=1e-8)
     q = sum(lr * (g * g * pc).sum().item() for g, pc, lr in zip(grads, precond, lrs))
-    assert opt.search_state.grad_norm_avg == pytest.approx((1 - 0.9) * q, rel=1e-5)
+    assert opt.search_state.slope_avg == pytest.approx((1 - 0.9) * q, rel=1e-5)
 
 
 def test_lr_zero_freezes_a_group_and_bad_lr_is_rejected():

@@ -93,7 +93,7 @@ def test_search_state_lives_in_the_state_dict():
     expected = opt.search_state
     for key, value in [("step", 12), ("step_size", expected.step_size),
                        ("loss_decrease_avg", expected.loss_decrease_avg),
-                       ("grad_norm_avg", expected.grad_norm_avg), ("step_size_fast", expected.step_size_fast),
+                       ("slope_avg", expected.slope_avg), ("step_size_fast", expected.step_size_fast),
                        ("step_size_slow", expected.step_size_slow),
                        ("steps_since_search", expected.steps_since_search)]:
         assert search[key] == value, key
@@ -238,3 +238,18 @@ def test_load_state_dict_hooks_and_pickling():
     _train(model, opt, 4)
     copy = _roundtrip(opt)  # the whole optimizer, pickled (``__setstate__`` fills in caches)
     assert copy.search_state == opt.search_state
+
+
+def test_checkpoint_with_the_old_slope_key_loads():
+    """Checkpoints written before the rename carry ``grad_norm_avg``; it loads as ``slope_avg``."""
+    params = [torch.nn.Parameter(torch.randn(4))]
+    opt = FusedSaLSa(params)
+    params[0].grad = torch.randn(4)
+    opt.step(lambda: (params[0] ** 2).sum(), loss=(params[0] ** 2).sum().detach())
+    state = opt.state_dict()
+    search = state["param_groups"][0]["search"]
+    search["grad_norm_avg"] = search.pop("slope_avg")
+    assert opt.search_state.slope_avg != 0.0
+    fresh = FusedSaLSa([torch.nn.Parameter(params[0].detach().clone())])
+    fresh.load_state_dict(state)
+    assert fresh.search_state.slope_avg == opt.search_state.slope_avg

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from salsa_fused.line_search import (FAST_SMOOTHING, MIN_GRAD_NORM, SLOW_SMOOTHING, ArmijoSearch, SearchConfig,
+from salsa_fused.line_search import (FAST_SMOOTHING, MIN_SLOPE_AVG, SLOW_SMOOTHING, ArmijoSearch, SearchConfig,
                                      SearchState, StepPlan, _f32, _fp32)
 from salsa_fused.rules import FinalMove, Verdict
 
@@ -96,14 +96,14 @@ class EdgeSearch:
         self.config = config
         self.state = replace(plan.state, steps_since_search=0, num_searches=plan.state.num_searches + 1,
                              rule_state=dict(plan.state.rule_state))
-        self.state.grad_norm_avg = self.state.grad_norm_avg * config.beta3 + grad_norm * (1 - config.beta3)
+        self.state.slope_avg = self.state.slope_avg * config.beta3 + grad_norm * (1 - config.beta3)
         self.loss = float(loss)
         self.slope = float(grad_norm)
         self.step_size = plan.trial_step_size
         self.next_level = None
         self.last_trial = self.step_size
         self.trials = 0
-        self.active = self.loss != 0 and abs(self.slope) >= MIN_GRAD_NORM
+        self.active = self.loss != 0 and abs(self.slope) >= MIN_SLOPE_AVG
         self.last_ratio = math.nan  # eta * kappa_hat / q of the last trial
 
     def observe(self, trial_loss: float) -> Verdict:

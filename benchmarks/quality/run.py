@@ -56,7 +56,7 @@ class SearchRecorder:
     def __call__(self, plan, config, loss, grad_norm):
         search = self.rule(plan, config, loss, grad_norm)
         entry = dict(k=plan.state.step, f0=float(loss), q=float(grad_norm), h=plan.state.loss_decrease_avg,
-                     s=search.state.grad_norm_avg, eta=search.step_size, c=config.c, beta3=config.beta3)
+                     s=search.state.slope_avg, eta=search.step_size, c=config.c, beta3=config.beta3)
         self.log.append(entry)
         return _RecordingSearch(search, entry)
 

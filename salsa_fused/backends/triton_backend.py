@@ -375,7 +375,7 @@ def slope(bucket: Bucket, args: PassArgs) -> torch.Tensor:
     partials = torch.empty(tables.n_blocks, dtype=torch.float32, device=bucket.device)
     first = 0
     for launch in tables.launches:
-        _launch(K._grad_norm_kernel, tables, launch, partials[first:],
+        _launch(K._slope_kernel, tables, launch, partials[first:],
                 _optional(grad_scale, partials), *_moment_scalars(hyper), float(hyper.bias_correction1),
                 float(hyper.bias_correction2), float(hyper.eps), G_DTYPE=tables.g_dtype,
                 MOMENTUM=momentum, HAS_GRAD_SCALE=grad_scale is not None)

@@ -172,7 +172,7 @@ def _stored_direction(row_ptr, offsets, mask, grad_scale_ptr, bias_correction1, 
 
 
 @triton.jit
-def _grad_norm_block(row_ptr, offsets, mask, grad_scale_ptr, beta1, beta2, one_minus_beta1,
+def _slope_block(row_ptr, offsets, mask, grad_scale_ptr, beta1, beta2, one_minus_beta1,
                      one_minus_beta2, bias_correction1, bias_correction2, eps,
                      G_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                      ALIGNED: tl.constexpr, FULL: tl.constexpr):
@@ -194,7 +194,7 @@ def _grad_norm_block(row_ptr, offsets, mask, grad_scale_ptr, beta1, beta2, one_m
 
 
 @triton.jit
-def _grad_norm_kernel(tensor_table_ptr, block_table_ptr, partials_ptr, grad_scale_ptr,
+def _slope_kernel(tensor_table_ptr, block_table_ptr, partials_ptr, grad_scale_ptr,
                       beta1, beta2, one_minus_beta1, one_minus_beta2, bias_correction1,
                       bias_correction2, eps,
                       G_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
@@ -207,11 +207,11 @@ def _grad_norm_kernel(tensor_table_ptr, block_table_ptr, partials_ptr, grad_scal
     """
     row_ptr, numel, offsets, full = _locate_block(tensor_table_ptr, block_table_ptr, BLOCK)
     if full:
-        partial = _grad_norm_block(row_ptr, offsets, None, grad_scale_ptr, beta1, beta2, one_minus_beta1,
+        partial = _slope_block(row_ptr, offsets, None, grad_scale_ptr, beta1, beta2, one_minus_beta1,
                                    one_minus_beta2, bias_correction1, bias_correction2, eps,
                                    G_DTYPE, MOMENTUM, HAS_GRAD_SCALE, ALIGNED, True)
     else:
-        partial = _grad_norm_block(row_ptr, offsets, offsets < numel, grad_scale_ptr, beta1, beta2,
+        partial = _slope_block(row_ptr, offsets, offsets < numel, grad_scale_ptr, beta1, beta2,
                                    one_minus_beta1, one_minus_beta2, bias_correction1, bias_correction2,
                                    eps, G_DTYPE, MOMENTUM, HAS_GRAD_SCALE, ALIGNED, False)
     tl.store(partials_ptr + tl.program_id(0), partial)

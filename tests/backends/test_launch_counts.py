@@ -46,7 +46,7 @@ def test_one_launch_per_pass(saved, direction):
     loss = torch.tensor(1.0, device=DEVICE)
     count = torch.zeros((), dtype=torch.int64, device=DEVICE)
     assert launches(lambda: triton_backend.slope(bucket, PassArgs(HYPER, direction=direction))) == {
-        "_grad_norm_kernel": 1}
+        "_slope_kernel": 1}
     assert launches(lambda: triton_backend.first_trial(bucket, PassArgs(HYPER, Move(0.5, decay=0.5), direction))) == {
         "_first_trial_kernel": 1}
     assert launches(lambda: triton_backend.retrial(bucket, PassArgs(HYPER, Move(0.4, 0.5, 0.5), direction))) == {
@@ -56,7 +56,7 @@ def test_one_launch_per_pass(saved, direction):
     assert launches(lambda: triton_backend.plain_step(bucket, PassArgs(HYPER, Move(0.3, decay=0.3), grad_scale=torch.ones((), device=DEVICE)), loss, found_inf=torch.zeros((), device=DEVICE), nonfinite_count=count)) == {"_plain_step_kernel": 1}
 
 
-def test_grad_norm_is_one_launch_and_one_partial_per_block():
+def test_slope_is_one_launch_and_one_partial_per_block():
     """q = one kernel writing a partial per block, then a fixed-order torch sum of the partials."""
     bucket = make_bucket(saved=False)
     triton_backend.slope(bucket, PassArgs(HYPER, direction=GRADIENT))  # tables built, cached
@@ -69,7 +69,7 @@ def test_grad_norm_is_one_launch_and_one_partial_per_block():
 
     with mock.patch.object(torch.Tensor, "sum", spy_sum):
         counted = launches(lambda: triton_backend.slope(bucket, PassArgs(HYPER, direction=GRADIENT)))
-    assert counted == {"_grad_norm_kernel": 1}
+    assert counted == {"_slope_kernel": 1}
     blocks = sum(-(-n // triton_backend.BLOCK) for n in SIZES)
     assert sums == [blocks]
 

@@ -131,7 +131,7 @@ def scale_grads(bucket: Bucket, grad_scale) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("direction", [GRADIENT, MOMENTUM])
 @pytest.mark.parametrize("use_scale", [False, True])
-def test_grad_norm_matches_torch(dtype, direction, use_scale):
+def test_slope_matches_torch(dtype, direction, use_scale):
     bucket = make_bucket(dtype=dtype)
     grad_scale = _grad_scale(use_scale)
     scale_grads(bucket, grad_scale)
@@ -144,7 +144,7 @@ def test_grad_norm_matches_torch(dtype, direction, use_scale):
     assert torch.equal(q_triton, triton_backend.slope(bucket, PassArgs(hyper, direction=direction, grad_scale=grad_scale)))
 
 
-def test_grad_norm_writes_nothing():
+def test_slope_writes_nothing():
     bucket = make_bucket()
     before = clone_bucket(bucket)
     triton_backend.slope(bucket, PassArgs(make_hyper(), direction=GRADIENT))
@@ -153,7 +153,7 @@ def test_grad_norm_writes_nothing():
             assert torch.equal(a, b) or stream == "saved"
 
 
-def test_grad_norm_non_finite_gradient_gives_non_finite_q():
+def test_slope_non_finite_gradient_gives_non_finite_q():
     bucket = make_bucket()
     bucket.grads[2][100] = float("inf")
     assert not torch.isfinite(triton_backend.slope(bucket, PassArgs(make_hyper(), direction=GRADIENT)))

@@ -20,7 +20,7 @@ triton = pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[2]
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-KERNELS = {"grad_norm", "plain_step", "first_trial", "retrial", "restore"}
+KERNELS = {"slope", "plain_step", "first_trial", "retrial", "restore"}
 # SPEC section 2, fp32 weights, gradients and state.
 FP32_BUDGET = {"plain_step": 28, "first_trial": 32, "retrial": 16}
 

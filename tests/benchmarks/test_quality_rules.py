@@ -205,7 +205,7 @@ def drive(rule, state, config, f0, q, trial_losses):
 def test_non_monotone_rule_without_history_is_the_armijo_search(reference):
     # with no earlier search the reference is f0 itself: the same decisions and state as ArmijoSearch
     config = SearchConfig(beta3=0.99)
-    state = SearchState(step_size=0.01, loss_decrease_avg=0.02, grad_norm_avg=3.0)
+    state = SearchState(step_size=0.01, loss_decrease_avg=0.02, slope_avg=3.0)
     trials = [2.5, 2.2, 1.99, 1.9]
     expected = drive(ArmijoSearch, state, config, 2.0, 4.0, trials)
     got = drive(NonMonotoneArmijo(reference), state, config, 2.0, 4.0, trials)
@@ -226,7 +226,7 @@ def test_non_monotone_rule_measures_the_decrease_from_the_reference():
     rule.remember(rule_state, 2.0)
     assert rule.reference_loss(rule_state, 1.5) == pytest.approx(7.0 / 3.0)
     assert rule.reference_loss(rule_state, 2.5) == 2.5  # never below f0
-    state = SearchState(step_size=eta, loss_decrease_avg=h, grad_norm_avg=s_avg, rule_state=rule_state)
+    state = SearchState(step_size=eta, loss_decrease_avg=h, slope_avg=s_avg, rule_state=rule_state)
     q = s_avg  # s stays 1
     # trial at eta*1.1 = 0.1, f1 = 1.55 (a rise from f0 = 1.5): sufficient = 0.5*0.1*1 = 0.05
     # Armijo: 0.9*0.05 + 0.1*(1.5 - 1.55) = 0.04 < 0.05 rejects; non-monotone:
