@@ -341,6 +341,12 @@ REGISTRY: Dict[str, Callable] = {
     # the beam of step-size factors (seed 004's ALR, NOTES.md section 11): halve/keep/double the applied
     # step at fractions of the run, each branch a horizon of H (a fraction of the run) steps
     "beam_pretrain": _beam(_preset(presets.RECOMMENDED)),
+    "beam_pretrain_h0.06": _beam(_preset(presets.RECOMMENDED), horizon=0.06),
+    "beam_pretrain_p5": _beam(_preset(presets.RECOMMENDED), points=(0.04, 0.08, 0.12, 0.16, 0.2)),
+    # the preset's schedule at a peak of 1x the level: the beam alone decides whether to go above it
+    "beam_pretrain_x1": _beam(_fused(lambda n: dict(beta3=0.95, search_direction="momentum",
+                                                    weight_decay=WEIGHT_DECAY,
+                                                    schedule=WarmupStableDecay(n, 0.2, 0.8, peak=1.0)))),
     # references
     "prodigy": _prodigy,
     "schedulefree": _schedulefree,
