@@ -8,13 +8,21 @@ same upcoming batches ``k .. k+H-1``, and scores each branch by its *horizon los
 
     L(f) = (1/H) * sum_{i<H} loss_i(f),     loss_i the loss step k+i reports (before it moves)
 
-then keeps ``m <- m * argmin_f L(f)`` (ties: the factor nearest 1). Every branch is thrown
+then keeps ``m <- m * argmin_f L(f)`` (ties: the factor nearest 1). With ``min_multiplier``
+given, a factor that would take ``m`` below it is not tried.
+
+With ``cooldown`` > 0 each branch goes on for ``C = round(cooldown * H)`` more steps (batches
+``k+H .. k+H+C-1``) whose multiplier falls linearly, ``m * f * (C - j) / (C + 1)`` at cooldown
+step ``j``, and is scored by the mean loss over those ``C`` steps instead: a short horizon
+favours the smaller step, which lowers the loss's noise floor at once while the larger one
+needs longer to show its progress (Wu et al., 2018); annealing every branch before scoring
+compares progress, as a cooldown reveals it at the end of a run. Every branch is thrown
 away (weights, moments, search state, random generators, the buffers it was given), and
 step ``k`` is taken at the new ``m`` from exactly the state it had: the run after the beam
 is the run that would have had ``m * f`` from step ``k`` on (the winning branch, recomputed).
 
 This measures what an AdamW grid measures (which rate trains best over a horizon) where the
-Armijo test only sees one trial's curvature. Costs ``len(factors) * H`` extra steps per beam
+Armijo test only sees one trial's curvature. Costs ``len(factors) * (H + C)`` extra steps per beam
 step (each with its search's trial forwards); :attr:`StepSizeBeam.num_forward_evals` counts
 them beside the optimizer's own.
 
@@ -121,6 +129,10 @@ class StepSizeBeam:
         factors: at least two distinct finite factors > 0, one branch each.
         buffers: tensors the closure changes besides the parameters (e.g. ``model.buffers()``:
             BatchNorm's running statistics), put back after every branch.
+        cooldown: the cooldown ``C`` as a fraction of ``H`` (0: none; the module docstring).
+        min_multiplier: the multiplier never goes below this (in (0, 1]; 0: no floor). With a
+            schedule of peak ``P`` in units of the searched level, ``1/P`` keeps the applied peak
+            at or above the level the Armijo test accepts.
 
     Use::
 
@@ -133,7 +145,7 @@ class StepSizeBeam:
 
     def __init__(self, optimizer: FusedSaLSa, total_steps: int, *, points: Sequence[float] = (0.05, 0.1, 0.15),
                  horizon: float = 0.03, factors: Sequence[float] = HALVE_KEEP_DOUBLE,
-                 buffers: Iterable[torch.Tensor] = ()):
+                 buffers: Iterable[torch.Tensor] = (), cooldown: float = 0.0, min_multiplier: float = 0.0):
         if not isinstance(optimizer, FusedSaLSa):
             raise TypeError(f"optimizer must be a FusedSaLSa, got {type(optimizer).__name__}")
         if isinstance(optimizer.schedule, _BeamSchedule):
@@ -154,6 +166,12 @@ class StepSizeBeam:
                 raise ValueError(f"factors must be finite numbers > 0, got {f!r} in {factors}")
         if len(set(factors)) != len(factors):
             raise ValueError(f"factors must be distinct, got {factors}")
+        if isinstance(min_multiplier, bool) or not isinstance(min_multiplier, (int, float)) \
+                or not 0 <= min_multiplier <= 1:
+            raise ValueError(f"min_multiplier must lie in [0, 1], got {min_multiplier!r}")
+        if isinstance(cooldown, bool) or not isinstance(cooldown, (int, float)) \
+                or not (math.isfinite(cooldown) and cooldown >= 0):
+            raise ValueError(f"cooldown must be a finite fraction of the horizon >= 0, got {cooldown!r}")
         buffers = list(buffers)
         for b in buffers:
             if not isinstance(b, torch.Tensor):
@@ -166,6 +184,8 @@ class StepSizeBeam:
         self.factors = tuple(float(f) for f in factors)
         self.beam_steps = sorted({max(1, int(round(p * total_steps))) for p in points})
         self.buffers = buffers
+        self.min_multiplier = float(min_multiplier)
+        self.cooldown_steps = int(round(cooldown * self.horizon_steps))
         self.multiplier = 1.0
         self._applied_multiplier = 1.0
         self.calls = 0
@@ -191,33 +211,44 @@ class StepSizeBeam:
         return loss
 
     def _decide(self, closure: IndexedClosure) -> None:
-        steps = min(self.horizon_steps, self.total_steps - self.calls)
+        left = self.total_steps - self.calls
+        steps = min(self.horizon_steps, left)
+        cool = min(self.cooldown_steps, left - steps)
         snapshot = _Snapshot(self.optimizer, self.buffers)
-        losses = []
+        losses: List[Optional[float]] = []  # None: below the floor, not tried
         try:
             for f in self.factors:
-                losses.append(self._branch(closure, steps, self.multiplier * f))
+                if self.multiplier * f < self.min_multiplier * (1 - 1e-12):
+                    losses.append(None)
+                    continue
+                losses.append(self._branch(closure, steps, cool, self.multiplier * f))
                 snapshot.restore()
         except BaseException:
             snapshot.restore()
             self._applied_multiplier = self.multiplier
             raise
-        if not any(math.isfinite(x) for x in losses):
+        tried = [j for j, x in enumerate(losses) if x is not None]
+        if not any(math.isfinite(losses[j]) for j in tried):
             self._applied_multiplier = self.multiplier
             raise NonFiniteError(f"every branch of the beam at step {self.calls} diverged "
                                  f"(horizon losses {losses}): no factor to keep")
-        best = min(range(len(losses)), key=lambda j: (losses[j], abs(math.log(self.factors[j]))))
-        self.multiplier *= self.factors[best]
-        self.decisions.append(dict(step=self.calls, horizon=steps, losses=losses,
+        best = min(tried, key=lambda j: (losses[j], abs(math.log(self.factors[j]))))
+        self.multiplier = max(self.multiplier * self.factors[best], self.min_multiplier)
+        self.decisions.append(dict(step=self.calls, horizon=steps, cooldown=cool, losses=losses,
                                    factor=self.factors[best], multiplier=self.multiplier))
 
-    def _branch(self, closure: IndexedClosure, steps: int, multiplier: float) -> float:
-        """Mean loss of ``steps`` steps at ``multiplier``; inf if a step raised NonFiniteError or a
-        loss was NaN/inf. Counts the branch's forwards."""
+    def _branch(self, closure: IndexedClosure, steps: int, cool: int, multiplier: float) -> float:
+        """``steps`` steps at ``multiplier``, then ``cool`` at a linearly falling one: the mean loss of
+        the cooldown's steps (of the first ``steps`` without one); inf if a step raised
+        NonFiniteError or a loss was NaN/inf. Counts the branch's forwards."""
         opt = self.optimizer
-        self._applied_multiplier = multiplier
         total = 0.0
-        for i in range(steps):
+        for i in range(steps + cool):
+            j = i - steps
+            self._applied_multiplier = multiplier if j < 0 else multiplier * (cool - j) / (cool + 1)
+            if j == 0:
+                total = 0.0  # scored on the cooldown only
+
             def counted(i=i):
                 self.branch_forward_evals += 1
                 return closure(i)
@@ -229,7 +260,7 @@ class StepSizeBeam:
             if not math.isfinite(loss):
                 return math.inf
             total += loss
-        return total / steps
+        return total / (cool if cool else steps)
 
     @property
     def last_decision(self) -> Optional[Dict]:
@@ -240,14 +271,16 @@ class StepSizeBeam:
         """The multiplier, the step counter and the decisions (the optimizer's own state is in its
         ``state_dict``)."""
         return dict(total_steps=self.total_steps, beam_steps=list(self.beam_steps),
-                    horizon_steps=self.horizon_steps, factors=list(self.factors), calls=self.calls,
+                    horizon_steps=self.horizon_steps, cooldown_steps=self.cooldown_steps,
+                    factors=list(self.factors), min_multiplier=self.min_multiplier, calls=self.calls,
                     multiplier=self.multiplier, branch_forward_evals=self.branch_forward_evals,
                     decisions=deepcopy(self.decisions))
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Resume; the configuration (run length, beam steps, horizon, factors) must match."""
         expected = dict(total_steps=self.total_steps, beam_steps=list(self.beam_steps),
-                        horizon_steps=self.horizon_steps, factors=list(self.factors))
+                        horizon_steps=self.horizon_steps, cooldown_steps=self.cooldown_steps,
+                        factors=list(self.factors), min_multiplier=self.min_multiplier)
         for key, value in expected.items():
             if key not in state_dict:
                 raise ValueError(f"StepSizeBeam state_dict lacks {key!r}")

@@ -343,6 +343,12 @@ REGISTRY: Dict[str, Callable] = {
     "beam_pretrain": _beam(_preset(presets.RECOMMENDED)),
     "beam_pretrain_h0.06": _beam(_preset(presets.RECOMMENDED), horizon=0.06),
     "beam_pretrain_p5": _beam(_preset(presets.RECOMMENDED), points=(0.04, 0.08, 0.12, 0.16, 0.2)),
+    # never below the level the Armijo test accepts: the multiplier floored at 1/peak of the preset
+    "beam_pretrain_floor": _beam(_preset(presets.RECOMMENDED), min_multiplier=0.5),
+    "beam_pretrain_floor_h0.06": _beam(_preset(presets.RECOMMENDED), min_multiplier=0.5, horizon=0.06),
+    # each branch scored after a cooldown of C = H steps (against the short horizon's bias to small steps)
+    "beam_pretrain_cool": _beam(_preset(presets.RECOMMENDED), cooldown=1.0),
+    "beam_pretrain_cool_floor": _beam(_preset(presets.RECOMMENDED), cooldown=1.0, min_multiplier=0.5),
     # the preset's schedule at a peak of 1x the level: the beam alone decides whether to go above it
     "beam_pretrain_x1": _beam(_fused(lambda n: dict(beta3=0.95, search_direction="momentum",
                                                     weight_decay=WEIGHT_DECAY,
