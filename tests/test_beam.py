@@ -70,10 +70,12 @@ class Switch:
         return True if self.inner is None else self.inner.searches(step)
 
 
-def run_beam(schedule=None, points=(0.25,), horizon=0.1, batch_norm=False, steps=STEPS, **kwargs):
+def run_beam(schedule=None, points=(0.25,), horizon=0.1, batch_norm=False, steps=STEPS, cooldown=0.0,
+             min_multiplier=0.0, **kwargs):
     model = make_model(batch_norm=batch_norm)
     opt = FusedSaLSa(model.parameters(), backend="torch", schedule=schedule, **kwargs)
-    beam = StepSizeBeam(opt, steps, points=points, horizon=horizon, buffers=list(model.buffers()))
+    beam = StepSizeBeam(opt, steps, points=points, horizon=horizon, buffers=list(model.buffers()),
+                        cooldown=cooldown, min_multiplier=min_multiplier)
     data = batches()
     losses = []
     for k in range(steps):
@@ -130,6 +132,44 @@ def test_keeps_double_when_the_step_is_far_too_small_and_half_when_it_is_too_lar
     for beam in (small, large):
         for d in beam.decisions:
             assert d["losses"][beam.factors.index(d["factor"])] == min(d["losses"])
+
+
+class Branch:
+    """The schedule a branch at factor ``f`` from 0-based step ``k`` applies: ``f`` for ``horizon``
+    steps, then ``f * (C - j) / (C + 1)`` at cooldown step ``j`` (times ``inner``)."""
+
+    def __init__(self, k, f, horizon, cool, inner):
+        self.k, self.f, self.horizon, self.cool, self.inner = k, f, horizon, cool, inner
+
+    def scale(self, step):
+        i = step - 1 - self.k  # 0-based index from the beam step
+        j = i - self.horizon
+        factor = 1.0 if i < 0 else (self.f if j < 0 else self.f * (self.cool - j) / (self.cool + 1))
+        return self.inner.scale(step) * factor
+
+    def searches(self, step):
+        return self.inner.searches(step)
+
+
+def test_with_a_cooldown_each_branch_is_scored_on_its_annealed_steps():
+    inner = WarmupStableDecay(STEPS, warmup=0.2, decay=0.5, peak=2.0)
+    _, _, beam, _ = run_beam(inner, points=(0.25,), horizon=0.1, cooldown=1.5)
+    decision = beam.last_decision
+    k, horizon, cool = decision["step"], decision["horizon"], decision["cooldown"]
+    assert (k, horizon, cool) == (10, 4, 6) and beam.cooldown_steps == 6
+    for f, score in zip(beam.factors, decision["losses"]):
+        _, _, branch = run_twin(Branch(k, f, horizon, cool, inner), steps=k + horizon + cool)
+        assert score == pytest.approx(sum(branch[k + horizon:]) / cool, rel=1e-12, abs=0)
+    # cut at the run's end: a beam step 3 steps before it has a horizon of 3 and no cooldown
+    _, _, late, _ = run_beam(inner, points=(37 / 40,), horizon=0.1, cooldown=1.0)
+    assert (late.last_decision["horizon"], late.last_decision["cooldown"]) == (3, 0)
+
+
+def test_the_floor_is_never_crossed_and_factors_below_it_are_not_tried():
+    _, _, beam, _ = run_beam(Constant(40.0), points=(0.25, 0.5), horizon=0.2, min_multiplier=0.5)
+    first, second = beam.decisions
+    assert first["factor"] == 0.5 and first["multiplier"] == 0.5
+    assert second["losses"][0] is None and second["multiplier"] >= 0.5 and beam.multiplier >= 0.5
 
 
 def test_counts_every_forward_of_the_branches_and_of_the_run():
@@ -258,6 +298,8 @@ def test_the_default_optimizer_is_untouched_without_a_beam():
     (dict(factors=(1.0, -2.0)), ValueError, "finite numbers > 0"),
     (dict(factors=(1.0, 1.0)), ValueError, "distinct"),
     (dict(buffers=[1.0]), TypeError, "tensors"),
+    (dict(cooldown=-1.0), ValueError, "cooldown"),
+    (dict(min_multiplier=2.0), ValueError, "min_multiplier"),
 ])
 def test_bad_arguments_are_named_and_change_nothing(kwargs, error, match):
     opt = FusedSaLSa(make_model().parameters(), backend="torch")
