@@ -130,6 +130,9 @@ class StepSizeBeam:
         buffers: tensors the closure changes besides the parameters (e.g. ``model.buffers()``:
             BatchNorm's running statistics), put back after every branch.
         cooldown: the cooldown ``C`` as a fraction of ``H`` (0: none; the module docstring).
+            The defaults (beam at 5, 10, 15% of the run, ``H`` = 3% of it, ``C = H``) are the
+            configuration chosen on the quality zoo's development tasks (benchmarks/quality
+            NOTES.md section 11); nothing is set per task.
         min_multiplier: the multiplier never goes below this (in (0, 1]; 0: no floor). With a
             schedule of peak ``P`` in units of the searched level, ``1/P`` keeps the applied peak
             at or above the level the Armijo test accepts.
@@ -145,7 +148,7 @@ class StepSizeBeam:
 
     def __init__(self, optimizer: FusedSaLSa, total_steps: int, *, points: Sequence[float] = (0.05, 0.1, 0.15),
                  horizon: float = 0.03, factors: Sequence[float] = HALVE_KEEP_DOUBLE,
-                 buffers: Iterable[torch.Tensor] = (), cooldown: float = 0.0, min_multiplier: float = 0.0):
+                 buffers: Iterable[torch.Tensor] = (), cooldown: float = 1.0, min_multiplier: float = 0.0):
         if not isinstance(optimizer, FusedSaLSa):
             raise TypeError(f"optimizer must be a FusedSaLSa, got {type(optimizer).__name__}")
         if isinstance(optimizer.schedule, _BeamSchedule):

@@ -340,13 +340,15 @@ REGISTRY: Dict[str, Callable] = {
     "rec_every_step": _preset(presets.RECOMMENDED, adaptive_interval=False),
     # the beam of step-size factors (seed 004's ALR, NOTES.md section 11): halve/keep/double the applied
     # step at fractions of the run, each branch a horizon of H (a fraction of the run) steps
-    "beam_pretrain": _beam(_preset(presets.RECOMMENDED)),
-    "beam_pretrain_h0.06": _beam(_preset(presets.RECOMMENDED), horizon=0.06),
-    "beam_pretrain_p5": _beam(_preset(presets.RECOMMENDED), points=(0.04, 0.08, 0.12, 0.16, 0.2)),
+    "beam_pretrain": _beam(_preset(presets.RECOMMENDED), cooldown=0.0),
+    "beam_pretrain_h0.06": _beam(_preset(presets.RECOMMENDED), horizon=0.06, cooldown=0.0),
+    "beam_pretrain_p5": _beam(_preset(presets.RECOMMENDED), points=(0.04, 0.08, 0.12, 0.16, 0.2), cooldown=0.0),
     # never below the level the Armijo test accepts: the multiplier floored at 1/peak of the preset
-    "beam_pretrain_floor": _beam(_preset(presets.RECOMMENDED), min_multiplier=0.5),
-    "beam_pretrain_floor_h0.06": _beam(_preset(presets.RECOMMENDED), min_multiplier=0.5, horizon=0.06),
-    # each branch scored after a cooldown of C = H steps (against the short horizon's bias to small steps)
+    "beam_pretrain_floor": _beam(_preset(presets.RECOMMENDED), min_multiplier=0.5, cooldown=0.0),
+    "beam_pretrain_floor_h0.06": _beam(_preset(presets.RECOMMENDED), min_multiplier=0.5, horizon=0.06,
+                                       cooldown=0.0),
+    # each branch scored after a cooldown of C = H steps (against the short horizon's bias to small steps):
+    # chosen on the development tasks (NOTES.md section 11), StepSizeBeam's defaults
     "beam_pretrain_cool": _beam(_preset(presets.RECOMMENDED), cooldown=1.0),
     "beam_pretrain_cool_floor": _beam(_preset(presets.RECOMMENDED), cooldown=1.0, min_multiplier=0.5),
     # the preset's schedule at a peak of 1x the level: the beam alone decides whether to go above it
