@@ -342,19 +342,12 @@ REGISTRY: Dict[str, Callable] = {
     # step at fractions of the run, each branch a horizon of H (a fraction of the run) steps
     "beam_pretrain": _beam(_preset(presets.RECOMMENDED), cooldown=0.0),
     "beam_pretrain_h0.06": _beam(_preset(presets.RECOMMENDED), horizon=0.06, cooldown=0.0),
-    "beam_pretrain_p5": _beam(_preset(presets.RECOMMENDED), points=(0.04, 0.08, 0.12, 0.16, 0.2), cooldown=0.0),
     # never below the level the Armijo test accepts: the multiplier floored at 1/peak of the preset
+    # (probed on gru_adding seed 1 only, NOTES.md section 11)
     "beam_pretrain_floor": _beam(_preset(presets.RECOMMENDED), min_multiplier=0.5, cooldown=0.0),
-    "beam_pretrain_floor_h0.06": _beam(_preset(presets.RECOMMENDED), min_multiplier=0.5, horizon=0.06,
-                                       cooldown=0.0),
     # each branch scored after a cooldown of C = H steps (against the short horizon's bias to small steps):
     # chosen on the development tasks (NOTES.md section 11), StepSizeBeam's defaults
     "beam_pretrain_cool": _beam(_preset(presets.RECOMMENDED), cooldown=1.0),
-    "beam_pretrain_cool_floor": _beam(_preset(presets.RECOMMENDED), cooldown=1.0, min_multiplier=0.5),
-    # the preset's schedule at a peak of 1x the level: the beam alone decides whether to go above it
-    "beam_pretrain_x1": _beam(_fused(lambda n: dict(beta3=0.95, search_direction="momentum",
-                                                    weight_decay=WEIGHT_DECAY,
-                                                    schedule=WarmupStableDecay(n, 0.2, 0.8, peak=1.0)))),
     # references
     "prodigy": _prodigy,
     "schedulefree": _schedulefree,
