@@ -4,11 +4,13 @@
 ``closure()`` runs the forward pass and returns the loss.
 """
 
+from .beam import StepSizeBeam
 from .errors import NonFiniteError
 from .labpal import LABPAL
 from .line_search import SearchConfig, SearchState
 from .lr_factor import LRFactorSearch
 from .optimizer import FusedSaLSa
 
-__all__ = ["FusedSaLSa", "LABPAL", "LRFactorSearch", "NonFiniteError", "SearchConfig", "SearchState"]
+__all__ = ["FusedSaLSa", "LABPAL", "LRFactorSearch", "NonFiniteError", "SearchConfig", "SearchState",
+           "StepSizeBeam"]
 __version__ = "0.1.0"

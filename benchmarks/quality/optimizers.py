@@ -17,6 +17,8 @@ task and a run length. Families, which set how the training loop calls ``step``:
 - ``salsa_pub``: the published ``salsa.SaLSA.SaLSA`` at its defaults.
 - ``labpal``: :class:`salsa_fused.LABPAL` (seed 003; ``opt.step(closure)`` with ``closure(i)``
   the loss on the step's ``i``-th batch: the task's batches from the step's own onwards).
+- ``beam``: a FusedSaLSa configuration inside :class:`salsa_fused.beam.StepSizeBeam` (NOTES.md
+  section 11; ``beam.step(closure)`` with ``closure(i)`` as for ``labpal``).
 
 Weight decay 0.1 (on matrices only) for AdamW and the FusedSaLSa configurations that use
 it; Prodigy, schedule-free and the published SaLSa run at their own defaults.
@@ -31,6 +33,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from salsa_fused import LABPAL, FusedSaLSa, presets
+from salsa_fused.beam import StepSizeBeam
 from salsa_fused.step_size import WarmupStableDecay
 
 from .rules import EdgeRule, NonMonotoneArmijo
@@ -48,6 +51,7 @@ class Built:
     family: str
     scheduler: Optional[object] = None
     schedule: Optional[WarmupStableDecay] = None  # FusedSaLSa's applied-step schedule
+    beam: Optional[StepSizeBeam] = None  # the ``beam`` family's wrapper around ``optimizer``
 
 
 def _fused(kwargs_of: Callable[[int], dict], decay: bool = True):
@@ -93,6 +97,16 @@ def _labpal(mode: str, **kwargs):
     """LABPAL at the paper's settings, its batch-size schedule over the run (t_max = its steps)."""
     def build(task, model, total_steps) -> Built:
         return Built(LABPAL(model.parameters(), mode, t_max=total_steps, **kwargs), "labpal")
+    return build
+
+
+def _beam(inner: Callable, **beam_kwargs):
+    """The FusedSaLSa configuration ``inner`` builds, inside a :class:`StepSizeBeam` (NOTES.md section
+    11); the model's buffers (BatchNorm's running statistics) are put back after every branch."""
+    def build(task, model, total_steps) -> Built:
+        built = inner(task, model, total_steps)
+        beam = StepSizeBeam(built.optimizer, total_steps, buffers=list(model.buffers()), **beam_kwargs)
+        return Built(built.optimizer, "beam", schedule=built.schedule, beam=beam)
     return build
 
 
@@ -324,6 +338,16 @@ REGISTRY: Dict[str, Callable] = {
     "rec_always0": _preset(presets.RECOMMENDED, always_search_steps=0),
     "rec_always30": _preset(presets.RECOMMENDED, always_search_steps=30),
     "rec_every_step": _preset(presets.RECOMMENDED, adaptive_interval=False),
+    # the beam of step-size factors (seed 004's ALR, NOTES.md section 11): halve/keep/double the applied
+    # step at fractions of the run, each branch a horizon of H (a fraction of the run) steps
+    "beam_pretrain": _beam(_preset(presets.RECOMMENDED), cooldown=0.0),
+    "beam_pretrain_h0.06": _beam(_preset(presets.RECOMMENDED), horizon=0.06, cooldown=0.0),
+    # never below the level the Armijo test accepts: the multiplier floored at 1/peak of the preset
+    # (probed on gru_adding seed 1 only, NOTES.md section 11)
+    "beam_pretrain_floor": _beam(_preset(presets.RECOMMENDED), min_multiplier=0.5, cooldown=0.0),
+    # each branch scored after a cooldown of C = H steps (against the short horizon's bias to small steps):
+    # chosen on the development tasks (NOTES.md section 11), StepSizeBeam's defaults
+    "beam_pretrain_cool": _beam(_preset(presets.RECOMMENDED), cooldown=1.0),
     # references
     "prodigy": _prodigy,
     "schedulefree": _schedulefree,

@@ -124,6 +124,10 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
                 loss = opt.step(lambda: task.loss(model, batch))
                 scale = built.schedule.scale(k + 1) if built.schedule is not None else 1.0
                 step_sizes.append(opt.step_size * opt.search_config.growth * scale)
+            elif family == "beam":
+                batches = task.batches  # closure(i): batch i of this step's horizon, the stream from step k on
+                loss = built.beam.step(lambda i: task.loss(model, batches[k + i]))
+                step_sizes.append(opt.step_size * opt.search_config.growth * opt.schedule.scale(k + 1))
             elif family == "labpal":
                 batches = task.batches  # closure(i): batch i of this step, the stream from step k on
                 loss = torch.tensor(opt.step(lambda i: task.loss(model, batches[(k + i) % len(batches)])))
@@ -171,6 +175,8 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
     final = sum(values[-tail:]) / tail if diverged is None and values else math.nan
     if family == "fused":
         forwards = opt.num_forward_evals
+    elif family == "beam":
+        forwards = built.beam.num_forward_evals  # the branches' forwards too
     elif family == "salsa_pub":
         forwards = opt.state["n_forwards"]
     elif family == "labpal":

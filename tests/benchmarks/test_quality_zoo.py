@@ -116,3 +116,15 @@ def test_bad_arguments_are_named():
         runner.parse_seeds("2-1")
     with pytest.raises(SystemExit):
         runner.main(["run", "--configs", "nope", "--out", "/tmp/never.jsonl"])
+
+
+def test_the_beam_family_runs_through_the_zoo_and_counts_its_branches(tmp_path):
+    out = str(tmp_path / "rows.jsonl")
+    assert runner.main(["run", "--tasks", "cnn_bn_digits", "--configs", "pretrain,beam_pretrain",
+                        "--seeds", "0", "--steps", "20", "--out", out]) == 0
+    rows = {r["config"]: r for r in runner.read_rows([out])}
+    beam, preset = rows["beam_pretrain"], rows["pretrain"]
+    assert beam["diverged"] is None and beam["optimizer"] == "beam_pretrain"
+    assert beam["loss_trace"][0] == preset["loss_trace"][0]  # same weights and first batch
+    # beam steps at 1, 2 and 3 of 20 (5, 10, 15%), a horizon of 1 step, three branches each
+    assert beam["forwards_per_step"] >= preset["forwards_per_step"] + 3 * 3 / 20

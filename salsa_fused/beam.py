@@ -1,0 +1,304 @@
+"""A beam of step-size factors around FusedSaLSa (seed 004's ALR tree, beam width 1).
+
+The line search finds a level ``eta``; a schedule multiplies the step applied. The beam
+multiplies it once more, by ``m`` (1 at the start), and sets ``m`` from the loss itself:
+at a few steps ``k`` fixed in advance, from the weights and optimizer state before step
+``k``, it runs ``H`` steps once per factor ``f`` (default ``1/2, 1, 2``) with ``m * f`` on the
+same upcoming batches ``k .. k+H-1``, and scores each branch by its *horizon loss*
+
+    L(f) = (1/H) * sum_{i<H} loss_i(f),     loss_i the loss step k+i reports (before it moves)
+
+then keeps ``m <- m * argmin_f L(f)`` (ties: the factor nearest 1). With ``min_multiplier``
+given, a factor that would take ``m`` below it is not tried.
+
+With ``cooldown`` > 0 each branch goes on for ``C = round(cooldown * H)`` more steps (batches
+``k+H .. k+H+C-1``) whose multiplier falls linearly, ``m * f * (C - j) / (C + 1)`` at cooldown
+step ``j``, and is scored by the mean loss over those ``C`` steps instead: a short horizon
+favours the smaller step, which lowers the loss's noise floor at once while the larger one
+needs longer to show its progress (Wu et al., 2018); annealing every branch before scoring
+compares progress, as a cooldown reveals it at the end of a run. Every branch is thrown
+away (weights, moments, search state, random generators, the buffers it was given), and
+step ``k`` is taken at the new ``m`` from exactly the state it had: the run after the beam
+is the run that would have had ``m * f`` from step ``k`` on (the winning branch, recomputed).
+
+This measures what an AdamW grid measures (which rate trains best over a horizon) where the
+Armijo test only sees one trial's curvature. Costs ``len(factors) * (H + C)`` extra steps per beam
+step (each with its search's trial forwards); :attr:`StepSizeBeam.num_forward_evals` counts
+them beside the optimizer's own.
+
+``closure(i)`` returns the loss on the ``i``-th batch from the current step on (``i = 0``:
+this step's batch); the beam needs to see ahead, so the loop must know its batches.
+"""
+
+from __future__ import annotations
+
+import math
+from copy import deepcopy
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+from ._rng import RNGSnapshot
+from .errors import NonFiniteError
+from .optimizer import FusedSaLSa
+
+#: Seed 004's ``Factor_3``: halve, keep, double.
+HALVE_KEEP_DOUBLE = (0.5, 1.0, 2.0)
+
+IndexedClosure = Callable[[int], torch.Tensor]
+
+
+class _BeamSchedule:
+    """FusedSaLSa's schedule protocol: the beam's multiplier times the inner schedule's scale."""
+
+    def __init__(self, inner, beam: "StepSizeBeam"):
+        self.inner, self.beam = inner, beam
+
+    def scale(self, step: int) -> float:
+        inner = 1.0 if self.inner is None else float(self.inner.scale(step))
+        return inner * self.beam._applied_multiplier
+
+    def searches(self, step: int) -> bool:
+        return True if self.inner is None else bool(self.inner.searches(step))
+
+
+class _Snapshot:
+    """Everything a branch can change, copied; :meth:`restore` writes it back in place (bitwise),
+    so the optimizer's bucket cache, which holds the moment tensors, stays valid."""
+
+    def __init__(self, opt: FusedSaLSa, buffers: List[torch.Tensor]):
+        self.opt = opt
+        params = [p for group in opt.param_groups for p in group["params"]]
+        with torch.no_grad():
+            self.params = [(p, p.detach().clone()) for p in params]
+            self.buffers = [(b, b.detach().clone()) for b in buffers]
+            self.state = {p: {k: (v.clone() if isinstance(v, torch.Tensor) else deepcopy(v))
+                              for k, v in opt.state[p].items()} for p in params if p in opt.state}
+        self.stateless = [p for p in params if p not in self.state]
+        self.groups = [{k: deepcopy(v) for k, v in group.items() if k != "params"} for group in opt.param_groups]
+        self.search = opt.search_state  # a deep copy
+        self.counts = None if opt._counts is None else deepcopy(opt._counts)
+        handoff = opt._handoff
+        self.handoff = (handoff.forward_rng, handoff.zero_grad_rng, handoff.bound_step, dict(handoff.zeroed))
+        self.rng = RNGSnapshot.capture({p.device for p, _ in self.params})
+
+    def restore(self) -> None:
+        opt = self.opt
+        with torch.no_grad():
+            for p, saved in self.params:
+                p.copy_(saved)
+                p.grad = None
+            for b, saved in self.buffers:
+                b.copy_(saved)
+            for p, saved in self.state.items():
+                state = opt.state[p]
+                for k in [k for k in state if k not in saved]:
+                    del state[k]
+                for k, v in saved.items():
+                    if isinstance(v, torch.Tensor) and isinstance(state.get(k), torch.Tensor) \
+                            and state[k].shape == v.shape and state[k].dtype == v.dtype:
+                        state[k].copy_(v)
+                    else:
+                        state[k] = v.clone() if isinstance(v, torch.Tensor) else deepcopy(v)
+        fresh = [p for p in self.stateless if p in opt.state]
+        for p in fresh:  # a param that got its first gradient in a branch: no state, as before it
+            del opt.state[p]
+        if fresh:
+            opt._buckets.clear()  # the cache held the moments made in the branch
+        for group, saved in zip(opt.param_groups, self.groups):
+            group.update(deepcopy(saved))
+        opt._commit(deepcopy(self.search))
+        opt._counts = None if self.counts is None else deepcopy(self.counts)
+        handoff = opt._handoff
+        handoff.forward_rng, handoff.zero_grad_rng, handoff.bound_step, zeroed = self.handoff
+        handoff.zeroed = dict(zeroed)
+        self.rng.set()
+
+
+class StepSizeBeam:
+    """Keep, at a few steps, the factor on the applied step whose next ``H`` steps train best.
+
+    Args:
+        optimizer: a :class:`~salsa_fused.FusedSaLSa` (its ``schedule``, if any, is kept and
+            multiplied).
+        total_steps: the run length; the beam steps and the horizon are fractions of it.
+        points: fractions of the run in (0, 1) at whose steps the beam runs (step
+            ``max(1, round(p * total_steps))``, 0-based: never before the first step).
+        horizon: the horizon ``H`` as a fraction of the run, ``H = max(1, round(horizon *
+            total_steps))`` steps (cut at the run's end).
+        factors: at least two distinct finite factors > 0, one branch each.
+        buffers: tensors the closure changes besides the parameters (e.g. ``model.buffers()``:
+            BatchNorm's running statistics), put back after every branch.
+        cooldown: the cooldown ``C`` as a fraction of ``H`` (0: none; the module docstring).
+            The defaults (beam at 5, 10, 15% of the run, ``H`` = 3% of it, ``C = H``) are the
+            configuration chosen on the quality zoo's development tasks (benchmarks/quality
+            NOTES.md section 11); nothing is set per task.
+        min_multiplier: the multiplier never goes below this (in (0, 1]; 0: no floor). With a
+            schedule of peak ``P`` in units of the searched level, ``1/P`` keeps the applied peak
+            at or above the level the Armijo test accepts.
+
+    Use::
+
+        beam = StepSizeBeam(opt, total_steps=len(batches), buffers=model.buffers())
+        for k in range(len(batches)):
+            loss = beam.step(lambda i: loss_fn(model, batches[k + i]))
+
+    ``step`` zeroes the gradients and runs the one-phase ``opt.step(closure)`` itself.
+    """
+
+    def __init__(self, optimizer: FusedSaLSa, total_steps: int, *, points: Sequence[float] = (0.05, 0.1, 0.15),
+                 horizon: float = 0.03, factors: Sequence[float] = HALVE_KEEP_DOUBLE,
+                 buffers: Iterable[torch.Tensor] = (), cooldown: float = 1.0, min_multiplier: float = 0.0):
+        if not isinstance(optimizer, FusedSaLSa):
+            raise TypeError(f"optimizer must be a FusedSaLSa, got {type(optimizer).__name__}")
+        if isinstance(optimizer.schedule, _BeamSchedule):
+            raise ValueError("this FusedSaLSa already has a StepSizeBeam on its schedule")
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
+        points = tuple(points)
+        for p in points:
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < 1:
+                raise ValueError(f"points must be fractions of the run in (0, 1), got {p!r} in {points}")
+        if isinstance(horizon, bool) or not isinstance(horizon, (int, float)) or not 0 < horizon <= 1:
+            raise ValueError(f"horizon must be a fraction of the run in (0, 1], got {horizon!r}")
+        factors = tuple(factors)
+        if len(factors) < 2:
+            raise ValueError(f"factors needs at least two factors to compare, got {factors}")
+        for f in factors:
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not (math.isfinite(f) and f > 0):
+                raise ValueError(f"factors must be finite numbers > 0, got {f!r} in {factors}")
+        if len(set(factors)) != len(factors):
+            raise ValueError(f"factors must be distinct, got {factors}")
+        if isinstance(min_multiplier, bool) or not isinstance(min_multiplier, (int, float)) \
+                or not 0 <= min_multiplier <= 1:
+            raise ValueError(f"min_multiplier must lie in [0, 1], got {min_multiplier!r}")
+        if isinstance(cooldown, bool) or not isinstance(cooldown, (int, float)) \
+                or not (math.isfinite(cooldown) and cooldown >= 0):
+            raise ValueError(f"cooldown must be a finite fraction of the horizon >= 0, got {cooldown!r}")
+        buffers = list(buffers)
+        for b in buffers:
+            if not isinstance(b, torch.Tensor):
+                raise TypeError(f"buffers must be tensors, got {type(b).__name__}")
+        self.optimizer = optimizer
+        self.total_steps = total_steps
+        self.points = points
+        self.horizon = float(horizon)
+        self.horizon_steps = max(1, int(round(horizon * total_steps)))
+        self.factors = tuple(float(f) for f in factors)
+        self.beam_steps = sorted({max(1, int(round(p * total_steps))) for p in points})
+        self.buffers = buffers
+        self.min_multiplier = float(min_multiplier)
+        self.cooldown_steps = int(round(cooldown * self.horizon_steps))
+        self.multiplier = 1.0
+        self._applied_multiplier = 1.0
+        self.calls = 0
+        self.branch_forward_evals = 0
+        self.decisions: List[Dict] = []
+        optimizer.schedule = _BeamSchedule(optimizer.schedule, self)
+
+    @property
+    def num_forward_evals(self) -> int:
+        """Every forward: the optimizer's (its steps and their trials) and the branches'."""
+        return self.optimizer.num_forward_evals + self.branch_forward_evals
+
+    def step(self, closure: IndexedClosure):
+        """Step ``calls`` of the run (running the beam first at a beam step); returns the loss."""
+        if not callable(closure):
+            raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        if self.calls in self.beam_steps:
+            self._decide(closure)
+        self._applied_multiplier = self.multiplier
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.optimizer.step(lambda: closure(0))
+        self.calls += 1
+        return loss
+
+    def _decide(self, closure: IndexedClosure) -> None:
+        left = self.total_steps - self.calls
+        steps = min(self.horizon_steps, left)
+        cool = min(self.cooldown_steps, left - steps)
+        snapshot = _Snapshot(self.optimizer, self.buffers)
+        losses: List[Optional[float]] = []  # None: below the floor, not tried
+        try:
+            for f in self.factors:
+                if self.multiplier * f < self.min_multiplier * (1 - 1e-12):
+                    losses.append(None)
+                    continue
+                losses.append(self._branch(closure, steps, cool, self.multiplier * f))
+                snapshot.restore()
+        except BaseException:
+            snapshot.restore()
+            self._applied_multiplier = self.multiplier
+            raise
+        tried = [j for j, x in enumerate(losses) if x is not None]
+        if not any(math.isfinite(losses[j]) for j in tried):
+            self._applied_multiplier = self.multiplier
+            raise NonFiniteError(f"every branch of the beam at step {self.calls} diverged "
+                                 f"(horizon losses {losses}): no factor to keep")
+        best = min(tried, key=lambda j: (losses[j], abs(math.log(self.factors[j]))))
+        self.multiplier = max(self.multiplier * self.factors[best], self.min_multiplier)
+        self.decisions.append(dict(step=self.calls, horizon=steps, cooldown=cool, losses=losses,
+                                   factor=self.factors[best], multiplier=self.multiplier))
+
+    def _branch(self, closure: IndexedClosure, steps: int, cool: int, multiplier: float) -> float:
+        """``steps`` steps at ``multiplier``, then ``cool`` at a linearly falling one: the mean loss of
+        the cooldown's steps (of the first ``steps`` without one); inf if a step raised
+        NonFiniteError or a loss was NaN/inf. Counts the branch's forwards."""
+        opt = self.optimizer
+        total = 0.0
+        for i in range(steps + cool):
+            j = i - steps
+            self._applied_multiplier = multiplier if j < 0 else multiplier * (cool - j) / (cool + 1)
+            if j == 0:
+                total = 0.0  # scored on the cooldown only
+
+            def counted(i=i):
+                self.branch_forward_evals += 1
+                return closure(i)
+            opt.zero_grad(set_to_none=True)
+            try:
+                loss = float(opt.step(counted))
+            except NonFiniteError:
+                return math.inf
+            if not math.isfinite(loss):
+                return math.inf
+            total += loss
+        return total / (cool if cool else steps)
+
+    @property
+    def last_decision(self) -> Optional[Dict]:
+        return self.decisions[-1] if self.decisions else None
+
+    # ------------------------------------------------------------------ state_dict
+    def state_dict(self) -> dict:
+        """The multiplier, the step counter and the decisions (the optimizer's own state is in its
+        ``state_dict``)."""
+        return dict(total_steps=self.total_steps, beam_steps=list(self.beam_steps),
+                    horizon_steps=self.horizon_steps, cooldown_steps=self.cooldown_steps,
+                    factors=list(self.factors), min_multiplier=self.min_multiplier, calls=self.calls,
+                    multiplier=self.multiplier, branch_forward_evals=self.branch_forward_evals,
+                    decisions=deepcopy(self.decisions))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Resume; the configuration (run length, beam steps, horizon, factors) must match."""
+        expected = dict(total_steps=self.total_steps, beam_steps=list(self.beam_steps),
+                        horizon_steps=self.horizon_steps, cooldown_steps=self.cooldown_steps,
+                        factors=list(self.factors), min_multiplier=self.min_multiplier)
+        for key, value in expected.items():
+            if key not in state_dict:
+                raise ValueError(f"StepSizeBeam state_dict lacks {key!r}")
+            saved = list(state_dict[key]) if isinstance(value, list) else state_dict[key]
+            if saved != value:
+                raise ValueError(f"StepSizeBeam state_dict has {key}={saved!r}, this instance {value!r}")
+        calls, multiplier = state_dict.get("calls"), state_dict.get("multiplier")
+        forwards = state_dict.get("branch_forward_evals")
+        for name, value in (("calls", calls), ("branch_forward_evals", forwards)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"StepSizeBeam state_dict {name} must be an integer >= 0, got {value!r}")
+        if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) \
+                or not (math.isfinite(multiplier) and multiplier > 0):
+            raise ValueError(f"StepSizeBeam state_dict multiplier must be a finite number > 0, got {multiplier!r}")
+        self.calls, self.multiplier = calls, float(multiplier)
+        self._applied_multiplier = self.multiplier
+        self.branch_forward_evals = forwards
+        self.decisions = deepcopy(list(state_dict.get("decisions", [])))

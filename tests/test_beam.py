@@ -1,0 +1,323 @@
+"""StepSizeBeam (salsa_fused.beam): the factor it keeps, what it puts back, what it counts.
+
+A branch at factor ``f`` must be the run that applies ``m * f`` from the beam step on: the
+kept branch's horizon losses are compared with a twin run without a beam whose schedule
+multiplier is switched at that step; the run after the beam must be that twin bitwise.
+"""
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+
+from salsa_fused import FusedSaLSa, NonFiniteError
+from salsa_fused.beam import StepSizeBeam
+from salsa_fused.step_size import WarmupStableDecay
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
+STEPS = 40
+
+
+def make_model(seed=0, batch_norm=False):
+    torch.manual_seed(seed)
+    layers = [torch.nn.Linear(6, 16)]
+    if batch_norm:
+        layers.append(torch.nn.BatchNorm1d(16))
+    layers += [torch.nn.Tanh(), torch.nn.Linear(16, 1)]
+    return torch.nn.Sequential(*layers)
+
+
+def batches(count=STEPS + 10):
+    out = []
+    for k in range(count):
+        g = torch.Generator().manual_seed(k)
+        x = torch.randn(32, 6, generator=g)
+        out.append((x, torch.sin(x[:, :2].sum(1, keepdim=True))))
+    return out
+
+
+def loss_on(model, xy):
+    return torch.nn.functional.mse_loss(model(xy[0]), xy[1])
+
+
+class Constant:
+    """A schedule of constant scale (the beam's multiplier goes on top)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def scale(self, step):
+        return self.value
+
+    def searches(self, step):
+        return True
+
+
+class Switch:
+    """Scale ``before`` up to step ``at`` (1-based, inclusive of at - 1), ``after`` from step ``at`` on."""
+
+    def __init__(self, at, before, after, inner=None):
+        self.at, self.before, self.after, self.inner = at, before, after, inner
+
+    def scale(self, step):
+        inner = 1.0 if self.inner is None else self.inner.scale(step)
+        return inner * (self.after if step >= self.at else self.before)
+
+    def searches(self, step):
+        return True if self.inner is None else self.inner.searches(step)
+
+
+def run_beam(schedule=None, points=(0.25,), horizon=0.1, batch_norm=False, steps=STEPS, cooldown=0.0,
+             min_multiplier=0.0, **kwargs):
+    model = make_model(batch_norm=batch_norm)
+    opt = FusedSaLSa(model.parameters(), backend="torch", schedule=schedule, **kwargs)
+    beam = StepSizeBeam(opt, steps, points=points, horizon=horizon, buffers=list(model.buffers()),
+                        cooldown=cooldown, min_multiplier=min_multiplier)
+    data = batches()
+    losses = []
+    for k in range(steps):
+        losses.append(float(beam.step(lambda i: loss_on(model, data[k + i]))))
+    return model, opt, beam, losses
+
+
+def run_twin(schedule, steps=STEPS, batch_norm=False, **kwargs):
+    model = make_model(batch_norm=batch_norm)
+    opt = FusedSaLSa(model.parameters(), backend="torch", schedule=schedule, **kwargs)
+    data = batches()
+    losses = []
+    for k in range(steps):
+        opt.zero_grad()
+        losses.append(float(opt.step(lambda: loss_on(model, data[k]))))
+    return model, opt, losses
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_the_run_after_the_beam_is_the_kept_branch_bitwise(batch_norm):
+    inner = WarmupStableDecay(STEPS, warmup=0.2, decay=0.5, peak=2.0)
+    model, opt, beam, losses = run_beam(inner, batch_norm=batch_norm, search_direction="momentum")
+    decision = beam.last_decision
+    k, horizon = decision["step"], decision["horizon"]
+    assert (k, horizon) == (10, 4) and len(beam.decisions) == 1
+    best = min(range(3), key=lambda j: decision["losses"][j])
+    assert decision["factor"] == beam.factors[best] and beam.multiplier == beam.factors[best]
+    # the twin applies the kept factor from step k on (1-based step k + 1), with no beam at all
+    twin_model, twin_opt, twin_losses = run_twin(Switch(k + 1, 1.0, beam.multiplier, inner),
+                                                 batch_norm=batch_norm, search_direction="momentum")
+    assert losses == twin_losses
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(p, q)
+    for b, c in zip(model.buffers(), twin_model.buffers()):
+        assert torch.equal(b, c)  # running statistics as if no branch had run
+    assert opt.search_state.to_dict() | {"num_forward_evals": 0} == \
+        twin_opt.search_state.to_dict() | {"num_forward_evals": 0}
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[p][key], twin_opt.state[q][key])
+    # the horizon loss of every branch is the mean of the losses a run at that factor reports
+    for f, horizon_loss in zip(beam.factors, decision["losses"]):
+        _, _, branch = run_twin(Switch(k + 1, 1.0, f, inner), steps=k + horizon, batch_norm=batch_norm,
+                                search_direction="momentum")
+        assert horizon_loss == pytest.approx(sum(branch[k:k + horizon]) / horizon, rel=1e-12, abs=0)
+
+
+def test_keeps_double_when_the_step_is_far_too_small_and_half_when_it_is_too_large():
+    _, _, small, _ = run_beam(Constant(1e-3), points=(0.25, 0.5), horizon=0.2)
+    assert [d["factor"] for d in small.decisions] == [2.0, 2.0] and small.multiplier == 4.0
+    # a scale of 40 on the accepted level is far past the edge: every branch but the smallest loses
+    _, _, large, _ = run_beam(Constant(40.0), points=(0.25, 0.5), horizon=0.2)
+    assert [d["factor"] for d in large.decisions] == [0.5, 0.5] and large.multiplier == 0.25
+    for beam in (small, large):
+        for d in beam.decisions:
+            assert d["losses"][beam.factors.index(d["factor"])] == min(d["losses"])
+
+
+class Branch:
+    """The schedule a branch at factor ``f`` from 0-based step ``k`` applies: ``f`` for ``horizon``
+    steps, then ``f * (C - j) / (C + 1)`` at cooldown step ``j`` (times ``inner``)."""
+
+    def __init__(self, k, f, horizon, cool, inner):
+        self.k, self.f, self.horizon, self.cool, self.inner = k, f, horizon, cool, inner
+
+    def scale(self, step):
+        i = step - 1 - self.k  # 0-based index from the beam step
+        j = i - self.horizon
+        factor = 1.0 if i < 0 else (self.f if j < 0 else self.f * (self.cool - j) / (self.cool + 1))
+        return self.inner.scale(step) * factor
+
+    def searches(self, step):
+        return self.inner.searches(step)
+
+
+def test_with_a_cooldown_each_branch_is_scored_on_its_annealed_steps():
+    inner = WarmupStableDecay(STEPS, warmup=0.2, decay=0.5, peak=2.0)
+    _, _, beam, _ = run_beam(inner, points=(0.25,), horizon=0.1, cooldown=1.5)
+    decision = beam.last_decision
+    k, horizon, cool = decision["step"], decision["horizon"], decision["cooldown"]
+    assert (k, horizon, cool) == (10, 4, 6) and beam.cooldown_steps == 6
+    for f, score in zip(beam.factors, decision["losses"]):
+        _, _, branch = run_twin(Branch(k, f, horizon, cool, inner), steps=k + horizon + cool)
+        assert score == pytest.approx(sum(branch[k + horizon:]) / cool, rel=1e-12, abs=0)
+    # cut at the run's end: a beam step 3 steps before it has a horizon of 3 and no cooldown
+    _, _, late, _ = run_beam(inner, points=(37 / 40,), horizon=0.1, cooldown=1.0)
+    assert (late.last_decision["horizon"], late.last_decision["cooldown"]) == (3, 0)
+
+
+def test_the_floor_is_never_crossed_and_factors_below_it_are_not_tried():
+    _, _, beam, _ = run_beam(Constant(40.0), points=(0.25, 0.5), horizon=0.2, min_multiplier=0.5)
+    first, second = beam.decisions
+    assert first["factor"] == 0.5 and first["multiplier"] == 0.5
+    assert second["losses"][0] is None and second["multiplier"] >= 0.5 and beam.multiplier >= 0.5
+
+
+def test_counts_every_forward_of_the_branches_and_of_the_run():
+    model = make_model()
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    beam = StepSizeBeam(opt, STEPS, points=(0.25, 0.5), horizon=0.1)
+    data = batches()
+    calls = []
+
+    def closure_of(k):
+        def closure(i):
+            calls.append(k + i)
+            return loss_on(model, data[k + i])
+        return closure
+
+    for k in range(STEPS):
+        beam.step(closure_of(k))
+    assert beam.num_forward_evals == len(calls)
+    branch_calls = len(calls) - opt.num_forward_evals
+    assert beam.branch_forward_evals == branch_calls >= 2 * 3 * 4  # at least one forward per branch step
+    assert max(calls) == STEPS - 1  # the horizon never reads past the run
+
+
+def test_a_closure_that_raises_in_a_branch_leaves_everything_as_before():
+    model = make_model()
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    beam = StepSizeBeam(opt, STEPS, points=(0.25,), horizon=0.1)
+    data = batches()
+    for k in range(10):
+        beam.step(lambda i: loss_on(model, data[k + i]))
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+    rng = torch.get_rng_state()
+
+    def failing(i):  # draws from the generator, as dropout would
+        if i == 2:
+            raise RuntimeError("data loader failed")
+        return loss_on(model, data[10 + i]) * (1 + 0 * torch.rand(()))
+
+    with pytest.raises(RuntimeError, match="data loader failed"):
+        beam.step(failing)
+    for p, w in zip(model.parameters(), weights):
+        assert torch.equal(p, w)
+    after = opt.state_dict()
+    assert after["param_groups"] == state["param_groups"]
+    for key, value in state["state"].items():
+        for name in value:
+            assert torch.equal(after["state"][key][name], value[name])
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert beam.calls == 10 and beam.multiplier == 1.0 and not beam.decisions
+
+
+def test_a_diverging_branch_scores_inf_and_every_branch_diverging_raises():
+    model = make_model()
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    beam = StepSizeBeam(opt, STEPS, points=(0.25,), horizon=0.1)
+    data = batches()
+    for k in range(10):
+        beam.step(lambda i: loss_on(model, data[k + i]))
+    base = beam.multiplier
+
+    def poisoned(threshold):
+        def closure(i):
+            loss = loss_on(model, data[10 + i])
+            # the branch whose applied step is above ``threshold`` x the level reports NaN
+            return loss * math.nan if i >= 1 and beam._applied_multiplier > threshold else loss
+        return closure
+
+    beam.step(poisoned(1.5))
+    assert beam.last_decision["losses"][2] == math.inf and beam.last_decision["factor"] != 2.0
+    beam.calls = 10  # the same beam step again: now every branch diverges
+    beam.multiplier = base
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(NonFiniteError, match="every branch"):
+        beam.step(poisoned(0.0))
+    for p, w in zip(model.parameters(), weights):
+        assert torch.equal(p, w)
+
+
+def test_state_dict_resumes_the_same_run():
+    def run(resume_at=None):
+        model = make_model()
+        opt = FusedSaLSa(model.parameters(), backend="torch")
+        beam = StepSizeBeam(opt, STEPS, points=(0.25, 0.5), horizon=0.1)
+        data = batches()
+        for k in range(STEPS):
+            if k == resume_at:
+                buffer = io.BytesIO()
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "beam": beam.state_dict()}, buffer)
+                buffer.seek(0)
+                saved = torch.load(buffer)
+                model = make_model(seed=1)
+                opt = FusedSaLSa(model.parameters(), backend="torch")
+                beam = StepSizeBeam(opt, STEPS, points=(0.25, 0.5), horizon=0.1)
+                model.load_state_dict(saved["model"])
+                opt.load_state_dict(saved["opt"])
+                beam.load_state_dict(saved["beam"])
+            beam.step(lambda i: loss_on(model, data[k + i]))
+        return [p.detach() for p in model.parameters()], beam
+
+    straight, beam = run()
+    resumed, beam_resumed = run(resume_at=15)
+    assert beam.multiplier == beam_resumed.multiplier and len(beam_resumed.decisions) == 2
+    for p, q in zip(straight, resumed):
+        assert torch.equal(p, q)
+    other = StepSizeBeam(FusedSaLSa(make_model().parameters(), backend="torch"), STEPS, points=(0.25, 0.5),
+                         horizon=0.2)
+    with pytest.raises(ValueError, match="horizon_steps"):
+        other.load_state_dict(beam.state_dict())
+    with pytest.raises(ValueError, match="multiplier"):
+        beam.load_state_dict({**beam.state_dict(), "multiplier": float("nan")})
+
+
+def test_the_default_optimizer_is_untouched_without_a_beam():
+    model = make_model()
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    assert opt.schedule is None  # the beam only exists where it is asked for
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(points=(0.0,)), ValueError, "points"),
+    (dict(points=(1.0,)), ValueError, "points"),
+    (dict(horizon=0.0), ValueError, "horizon"),
+    (dict(horizon=True), ValueError, "horizon"),
+    (dict(factors=(1.0,)), ValueError, "at least two"),
+    (dict(factors=(1.0, -2.0)), ValueError, "finite numbers > 0"),
+    (dict(factors=(1.0, 1.0)), ValueError, "distinct"),
+    (dict(buffers=[1.0]), TypeError, "tensors"),
+    (dict(cooldown=-1.0), ValueError, "cooldown"),
+    (dict(min_multiplier=2.0), ValueError, "min_multiplier"),
+])
+def test_bad_arguments_are_named_and_change_nothing(kwargs, error, match):
+    opt = FusedSaLSa(make_model().parameters(), backend="torch")
+    with pytest.raises(error, match=match):
+        StepSizeBeam(opt, STEPS, **kwargs)
+    assert opt.schedule is None
+
+
+def test_bad_optimizer_run_length_and_closure():
+    model = make_model()
+    with pytest.raises(TypeError, match="FusedSaLSa"):
+        StepSizeBeam(torch.optim.AdamW(model.parameters()), STEPS)
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    with pytest.raises(ValueError, match="total_steps"):
+        StepSizeBeam(opt, 0)
+    beam = StepSizeBeam(opt, STEPS)
+    with pytest.raises(ValueError, match="already has a StepSizeBeam"):
+        StepSizeBeam(opt, STEPS)
+    with pytest.raises(TypeError, match="callable"):
+        beam.step(None)
+    assert beam.calls == 0
