@@ -7,18 +7,14 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from examples.gpt import GPT, ByteBatches, GPTConfig, load_stdlib_corpus
 from salsa_fused import FusedSaLSa
 from salsa_fused.line_search import plan_step
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-from gpt import GPT, ByteBatches, GPTConfig, load_stdlib_corpus  # noqa: E402
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                  reason="CUDA-only: needs a GPU"))]
