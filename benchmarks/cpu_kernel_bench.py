@@ -33,7 +33,7 @@ import torch
 
 from benchmarks import _common as C
 from salsa_fused.backends import cpp_backend, torch_backend
-from salsa_fused.backends.base import GRADIENT, Bucket, Hyper
+from salsa_fused.backends.base import GRADIENT, Bucket, Hyper, Move, PassArgs
 
 TARGETS = {"cpp_plain": 1.2, "cpp_pass_a": 1.25, "cpp_pass_b": 0.7}
 BASELINE = "adamw_fused"
@@ -57,16 +57,19 @@ def build(shapes, dtype: torch.dtype, device: str = "cpu") -> Dict[str, object]:
         adamw = torch.optim.AdamW(C.make_params(shapes, dtype, device, grads=grads), lr=1e-4, **kwargs)
         fns[name] = adamw.step
     plain, reference, search, trial, slope = (_bucket(shapes, dtype, grads, device) for _ in range(5))
-    fns["cpp_plain"] = lambda: cpp_backend.plain_step(plain, hyper, 1e-4, 1e-4, loss)
-    fns["torch_plain"] = lambda: torch_backend.plain_step(reference, hyper, 1e-4, 1e-4, loss)
+    plain_args = PassArgs(hyper, Move(1e-4, decay=1e-4))
+    fns["cpp_plain"] = lambda: cpp_backend.plain_step(plain, plain_args, loss)
+    fns["torch_plain"] = lambda: torch_backend.plain_step(reference, plain_args, loss)
     if device == "cuda":  # the Triton kernels beside the CUDA ones
         from salsa_fused.backends import triton_backend
         triton_bucket = _bucket(shapes, dtype, grads, device)
-        fns["triton_plain"] = lambda: triton_backend.plain_step(triton_bucket, hyper, 1e-4, 1e-4, loss)
-    fns["cpp_pass_a"] = lambda: cpp_backend.first_trial(search, hyper, 1e-4, 1e-4, GRADIENT)
-    cpp_backend.first_trial(trial, hyper, 1e-4, 1e-4, GRADIENT)
-    fns["cpp_pass_b"] = lambda: cpp_backend.retrial(trial, hyper, 0.8e-4, 1e-4, 1e-4, GRADIENT)
-    fns["cpp_slope"] = lambda: cpp_backend.preconditioned_grad_norm(slope, hyper, GRADIENT)
+        fns["triton_plain"] = lambda: triton_backend.plain_step(triton_bucket, plain_args, loss)
+    trial_args = PassArgs(hyper, Move(1e-4, decay=1e-4), GRADIENT)
+    fns["cpp_pass_a"] = lambda: cpp_backend.first_trial(search, trial_args)
+    cpp_backend.first_trial(trial, trial_args)
+    retrial_args = PassArgs(hyper, Move(0.8e-4, 1e-4, 1e-4), GRADIENT)
+    fns["cpp_pass_b"] = lambda: cpp_backend.retrial(trial, retrial_args)
+    fns["cpp_slope"] = lambda: cpp_backend.slope(slope, PassArgs(hyper, direction=GRADIENT))
     return fns
 
 

@@ -67,7 +67,8 @@ class Context:
         return values
 
     def write_detail(self, name: str, data) -> None:
-        (self.details / name).write_text(json.dumps(data, default=str) + "\n", encoding="utf-8")
+        text = data if isinstance(data, str) else json.dumps(data, default=str)
+        (self.details / name).write_text(text + "\n", encoding="utf-8")
 
 
 def _require_triton() -> None:
@@ -435,6 +436,26 @@ def stage_training(ctx: Context) -> None:
              note="" if ctx.gpu else "CPU smoke figures at tiny sizes: not the GPU target")
 
 
+# ---------------------------------------------------------------------------- step profile
+def stage_step_profile(ctx: Context) -> None:
+    """Why a searching step costs more than its forwards: device busy vs idle time per step,
+    host waits on the device, and the host's top ops, AdamW beside FusedSaLSa."""
+    from benchmarks import step_profile as SP
+    warmup, steps = (20, 10) if ctx.gpu else (2, 2)
+    for name in ("adamw_fused", "fused_salsa_copy", "fused_salsa_inplace"):
+        def run(name=name) -> dict:
+            result = SP.profile_steps(name, ctx.device, tiny=not ctx.gpu, warmup=warmup, steps=steps)
+            ctx.write_detail(f"profile_{name}.txt", result.pop("table"))
+            ctx.write_detail(f"profile_{name}.json", result)
+            top = result.pop("top_host_ops")
+            result["top_host_ops"] = "; ".join(f"{r['op'][:40]} {r['self_ms_per_step']:.2f} ms x{r['calls_per_step']:.0f}"
+                                               for r in top[:6])
+            return result
+        ctx.check(f"profile {name}, {steps} steps after {warmup}", run)
+        if ctx.gpu:
+            torch.cuda.empty_cache()
+
+
 # ---------------------------------------------------------------------------- C++/CUDA extension
 def stage_cuda_extension(ctx: Context) -> None:
     """The compiled backend ("cpp") on the device: built by the driver in the background
@@ -472,16 +493,25 @@ def stage_cuda_extension(ctx: Context) -> None:
     label = f"gpt2-small{'' if ctx.gpu else ' (tiny widths)'} ({len(shapes)} tensors, {C.numel_of(shapes):,} elements)"
     for dtype_name in ("fp32", "bf16"):
         def timing(dtype_name=dtype_name) -> dict:
-            rows = KB.bench(shapes, label, dtype_name, device, "cpp", repeats=15 if ctx.gpu else 2)
-            by_provider = {r.provider: r for r in rows}
-            adamw = by_provider["adamw_fused"].p50_ms
-            values = {f"{name} p50_ms": r.p50_ms for name, r in by_provider.items()}
-            values.update({f"{name} vs adamw_fused": r.p50_ms / adamw for name, r in by_provider.items()
-                           if name.startswith("salsa")})
-            values.update({f"{name} of_copy_bandwidth": r.extra["fraction_of_copy_bandwidth"]
-                           for name, r in by_provider.items() if name.startswith("salsa")})
+            values = {}
+            medians = {}
+            for backend in ("cpp", "triton") if ctx.gpu else ("cpp",):  # side by side in one stage
+                rows = KB.bench(shapes, label, dtype_name, device, backend, repeats=15 if ctx.gpu else 2)
+                by_provider = {r.provider: r for r in rows}
+                adamw = by_provider["adamw_fused"].p50_ms
+                for name, r in by_provider.items():
+                    if not name.startswith("salsa"):
+                        continue
+                    medians[(backend, name)] = r.p50_ms
+                    values[f"{backend} {name} p50_ms"] = r.p50_ms
+                    values[f"{backend} {name} vs adamw_fused"] = r.p50_ms / adamw
+                    values[f"{backend} {name} of_copy_bandwidth"] = r.extra["fraction_of_copy_bandwidth"]
+                values[f"adamw_fused p50_ms (with {backend})"] = adamw
+            for (backend, name), ms in medians.items():
+                if backend == "cpp" and ("triton", name) in medians:
+                    values[f"{name} cpp / triton"] = ms / medians[("triton", name)]
             return values
-        ctx.check(f"cpp pass timings, {label}, {dtype_name}", timing)
+        ctx.check(f"cpp{' and triton' if ctx.gpu else ''} pass timings, {label}, {dtype_name}", timing)
         if ctx.gpu:
             torch.cuda.empty_cache()
     try:
@@ -529,7 +559,7 @@ def stage_pytest(ctx: Context) -> None:
 STAGES = {"cuda_checks": stage_cuda_checks, "kernel_timing": stage_kernel_timing,
           "host_overhead": stage_host_overhead, "large_tensor": stage_large_tensor,
           "determinism": stage_determinism, "training": stage_training,
-          "cuda_extension": stage_cuda_extension, "pytest": stage_pytest}
+          "step_profile": stage_step_profile, "cuda_extension": stage_cuda_extension, "pytest": stage_pytest}
 
 
 def main(argv=None) -> int:

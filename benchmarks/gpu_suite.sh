@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (issue 17): one command, at most 8 minutes on an H100/H200, no network,
+# The GPU check (issue 17): one command, at most 9.2 minutes (550 s) on an H100/H200, no network,
 # the machine's own torch; every stage under its own time limit, a failed stage logged and
 # the next one run; results appended as they are taken, all of them in DIR (five files).
 #

@@ -144,6 +144,8 @@ def _variant_name(kernel: str, constexprs: Dict[str, object]) -> str:
         tags.append(MOMENTUM if constexprs["MOMENTUM"] else GRADIENT)
     if constexprs.get("HAS_FOUND_INF") or constexprs.get("HAS_GRAD_SCALE"):
         tags.append("amp")
+    if constexprs.get("HAS_STEP_COUNTS"):
+        tags.append("counts")
     return base + (f"[{','.join(tags)}]" if tags else "")
 
 
@@ -189,8 +191,13 @@ def record_variants() -> List[Variant]:
                             triton_backend.restore(bucket, PassArgs(hyper, Move(0.0, 0.4, 0.5), direction, scale))
                 bucket = _make_bucket(dtype, False, misaligned)
                 loss = torch.zeros(())
-                triton_backend.plain_step(bucket, PassArgs(hyper, Move(0.3, decay=0.3)), loss, nonfinite_count=torch.zeros((), dtype=torch.int64))
-                triton_backend.plain_step(bucket, PassArgs(hyper, Move(0.3, decay=0.3), grad_scale=torch.ones(())), loss, found_inf=torch.zeros(()), nonfinite_count=torch.zeros((), dtype=torch.int64))
+                for step_counts in (None, torch.zeros(2, dtype=torch.int64)):  # later buckets, the first
+                    count = torch.zeros((), dtype=torch.int64)
+                    triton_backend.plain_step(bucket, PassArgs(hyper, Move(0.3, decay=0.3)), loss,
+                                              nonfinite_count=count, step_counts=step_counts)
+                    triton_backend.plain_step(bucket, PassArgs(hyper, Move(0.3, decay=0.3), grad_scale=torch.ones(())),
+                                              loss, found_inf=torch.zeros(()), nonfinite_count=count,
+                                              step_counts=step_counts)
     return list(recorded.values())
 
 

@@ -23,7 +23,8 @@ import argparse
 import contextlib
 import statistics
 import time
-from typing import Dict, List, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -78,8 +79,20 @@ def forward_ms(loss_of, steps: int, device: torch.device, repeats: int = 10) -> 
     return statistics.median(times[2:]) * 1e3
 
 
-def run_one(name: str, steps: int, device: torch.device, tiny: bool, seed: int = 0,
-            windows: Tuple[Tuple[int, int], ...] = WINDOWS) -> dict:
+@dataclass
+class TrainingRun:
+    """One optimizer on the benchmark's model and batches: ``one_step(i)`` runs step i."""
+    name: str
+    opt: object
+    loss_of: Callable[[int], torch.Tensor]
+    one_step: Callable[[int], None]
+    losses: List[torch.Tensor] = field(default_factory=list)  # each step's loss, read at the end (no sync)
+    step_sizes: List[float] = field(default_factory=list)
+    forwards_so_far: List[int] = field(default_factory=list)  # FusedSaLSa's forward count after each step
+
+
+def prepare(name: str, steps: int, device: torch.device, tiny: bool, seed: int = 0) -> TrainingRun:
+    """The model (same initial weights for every optimizer), ``steps`` batches and the optimizer."""
     config, batch, context = gpt2_small_config(tiny)
     torch.manual_seed(seed)
     model = GPT(config).to(device)
@@ -89,14 +102,11 @@ def run_one(name: str, steps: int, device: torch.device, tiny: bool, seed: int =
     tokens = torch.randint(0, config.vocab_size, (steps, batch, context + 1), generator=data)
 
     def loss_of(step: int) -> torch.Tensor:
-        window = tokens[step].to(device, non_blocking=True)
+        window = tokens[step % steps].to(device, non_blocking=True)
         with autocast:
             return model(window[:, :-1], window[:, 1:])[1]
 
-    step_sizes: List[float] = []
-    forwards_so_far: List[int] = []  # FusedSaLSa's forward count after each step (host ints)
-    losses: List[torch.Tensor] = []  # the loss at each step's start, read once at the end (no sync)
-    searches = forwards = backtracks = 0
+    run = TrainingRun(name, None, loss_of, lambda step: None)
     if name == "adamw_fused":
         opt = torch.optim.AdamW(model.param_groups(0.1), lr=6e-4, betas=(0.9, 0.95),
                                 fused=device.type == "cuda")
@@ -106,7 +116,7 @@ def run_one(name: str, steps: int, device: torch.device, tiny: bool, seed: int =
             loss = loss_of(step)
             loss.backward()
             opt.step()
-            losses.append(loss.detach())
+            run.losses.append(loss.detach())
     elif name == "salsa_published":
         from salsa.SaLSA import SaLSA
         opt = SaLSA(model.parameters())
@@ -118,10 +128,10 @@ def run_one(name: str, steps: int, device: torch.device, tiny: bool, seed: int =
                 loss = loss_of(step)
                 if backwards:
                     loss.backward()
-                    losses.append(loss.detach())
+                    run.losses.append(loss.detach())
                 return loss
             opt.step(closure)
-            step_sizes.append(float(opt.step_size))
+            run.step_sizes.append(float(opt.step_size))
     else:
         if name == "fused_salsa_recommended":
             opt = presets.recommended(model.param_groups(0.1), total_steps=steps)
@@ -130,10 +140,19 @@ def run_one(name: str, steps: int, device: torch.device, tiny: bool, seed: int =
 
         def one_step(step):
             opt.zero_grad(set_to_none=True)
-            losses.append(opt.step(lambda: loss_of(step)).detach())
-            step_sizes.append(opt.step_size)
-            forwards_so_far.append(opt.num_forward_evals)
+            run.losses.append(opt.step(lambda: loss_of(step)).detach())
+            run.step_sizes.append(opt.step_size)
+            run.forwards_so_far.append(opt.num_forward_evals)
+    run.opt, run.one_step = opt, one_step
+    return run
 
+
+def run_one(name: str, steps: int, device: torch.device, tiny: bool, seed: int = 0,
+            windows: Tuple[Tuple[int, int], ...] = WINDOWS) -> dict:
+    run = prepare(name, steps, device, tiny, seed)
+    opt, one_step, loss_of = run.opt, run.one_step, run.loss_of
+    losses, step_sizes, forwards_so_far = run.losses, run.step_sizes, run.forwards_so_far
+    searches = forwards = backtracks = 0
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

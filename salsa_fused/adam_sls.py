@@ -20,51 +20,31 @@ trial when ``max_trials`` fail. Adam's moments use the standard bias correction 
   the literal probe measures rounding (``tests/reference/alsals.py`` keeps it, to compare).
 
 The backtracking factor 0.9 and first step 1.0 are SLS's (Vaswani et al. 2019); seed 001 does
-not restate them. The rule objects carry these constants (FusedSaLSa's ``c``, ``growth``,
-``backtrack``, ``beta3``, ``max_trials`` and interval arguments configure ``"salsa"`` only):
-``FusedSaLSa(params, search_rule=AdamSLSRule(c=0.2))`` changes one.
+not restate them. The rule objects carry these constants and read none of FusedSaLSa's search
+arguments (``c``, ``growth``, ``backtrack``, ``beta3``, ``max_trials``, the interval settings,
+``search_direction``): passing one with these rules raises. ``FusedSaLSa(params,
+search_rule=AdamSLSRule(c=0.2))`` changes a constant.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import ClassVar, FrozenSet
 
 from .backends.base import GRADIENT, MOMENTUM
 from .line_search import SearchConfig, SearchState, StepPlan
 from .rules import FinalMove, Verdict
 
-def _check_constants(c: float, b: float, backtrack: float, max_trials: int) -> None:
-    if not 0.0 < c < 1.0:
-        raise ValueError(f"c must lie in (0, 1), got {c}")
-    if not (math.isfinite(b) and b > 0):
-        raise ValueError(f"b must be a finite number > 0, got {b}")
-    if not 0.0 < backtrack < 1.0:
-        raise ValueError(f"backtrack must lie in (0, 1), got {backtrack}")
-    if isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 1:
-        raise ValueError(f"max_trials must be an integer >= 1, got {max_trials}")
-
-
-class _EveryStepRule:
-    """What both rules share: a search every step from ``eta * 2^(1/b)``, Adam's bias correction."""
-
-    adam_bias_correction = True
-    c: float
-    b: float
-
-    def plan(self, state: SearchState, config: SearchConfig) -> StepPlan:
-        new = replace(state, step=state.step + 1, steps_since_search=state.steps_since_search + 1,
-                      search_interval=1.0)
-        return StepPlan(state=new, is_search=True, trial_step_size=state.step_size * 2 ** (1 / self.b))
-
 
 class _BacktrackingSearch:
     """One backtracking search from the plan's first trial; subclasses say what a trial must pass."""
 
-    def __init__(self, rule, plan: StepPlan, loss: float):
+    def __init__(self, rule: "_EveryStepRule", plan: StepPlan, loss: float, slope: float):
         self.rule = rule
         self.state = replace(plan.state, steps_since_search=0, num_searches=plan.state.num_searches + 1)
         self.loss = float(loss)
+        self.slope = float(slope)
         self.step_size = plan.trial_step_size
         self.last_trial = self.step_size
         self.trials = 0  # trials judged by the Armijo test
@@ -99,31 +79,7 @@ class _BacktrackingSearch:
         return state
 
 
-@dataclass(frozen=True)
-class AdamSLSRule(_EveryStepRule):
-    """Adam+SLS (seed 001, section II): Armijo along the momentum-free direction, move along ``m_hat``."""
-
-    c: float = 0.1
-    b: float = 500.0
-    backtrack: float = 0.9
-    max_trials: int = 100
-
-    def __post_init__(self):
-        _check_constants(self.c, self.b, self.backtrack, self.max_trials)
-
-    @staticmethod
-    def direction(configured: str) -> str:
-        return GRADIENT
-
-    def __call__(self, plan: StepPlan, config: SearchConfig, loss: float, slope: float) -> "_SLSSearch":
-        return _SLSSearch(self, plan, loss, slope)
-
-
 class _SLSSearch(_BacktrackingSearch):
-    def __init__(self, rule: AdamSLSRule, plan: StepPlan, loss: float, slope: float):
-        super().__init__(rule, plan, loss)
-        self.slope = float(slope)
-
     def _sufficient(self, trial_loss: float) -> bool:
         """Eq. 5: ``f1 <= f0 - c * eta * q``."""
         return trial_loss <= self.loss - self.rule.c * self.step_size * self.slope
@@ -133,37 +89,72 @@ class _SLSSearch(_BacktrackingSearch):
         return FinalMove(self.last_trial, direction=MOMENTUM)
 
 
+class _ALSALSSearch(_BacktrackingSearch):
+    def __init__(self, rule: "ALSALSRule", plan: StepPlan, loss: float, slope: float):
+        super().__init__(rule, plan, loss, slope)
+        #: Eq. 6's f_a, evaluated as its limit g . d; Eq. 8's c_h from its sign.
+        self.c_h = rule.c if self.slope > 0 else 1 / rule.c
+
+    def _sufficient(self, trial_loss: float) -> bool:
+        """Eq. 9: ``f0 - f1 >= c_h * eta * f_a``."""
+        return self.loss - trial_loss >= self.c_h * self.step_size * self.slope
+
+
+@dataclass(frozen=True)
+class _EveryStepRule:
+    """What both rules share: their constants, a search every step from ``eta * 2^(1/b)``,
+    Adam's bias correction; a subclass names its trial direction, its search and its ``c``."""
+
+    c: float
+    b: float = 500.0
+    backtrack: float = 0.9
+    max_trials: int = 100
+
+    adam_bias_correction: ClassVar[bool] = True
+    #: FusedSaLSa's search arguments these rules read: none (their constants are the fields above).
+    reads: ClassVar[FrozenSet[str]] = frozenset()
+    trial_direction: ClassVar[str]
+    search: ClassVar[type]
+
+    def __post_init__(self):
+        if not 0.0 < self.c < 1.0:
+            raise ValueError(f"c must lie in (0, 1), got {self.c}")
+        if not (math.isfinite(self.b) and self.b > 0):
+            raise ValueError(f"b must be a finite number > 0, got {self.b}")
+        if not 0.0 < self.backtrack < 1.0:
+            raise ValueError(f"backtrack must lie in (0, 1), got {self.backtrack}")
+        if isinstance(self.max_trials, bool) or not isinstance(self.max_trials, int) or self.max_trials < 1:
+            raise ValueError(f"max_trials must be an integer >= 1, got {self.max_trials}")
+
+    def direction(self, configured: str) -> str:
+        return self.trial_direction
+
+    def plan(self, state: SearchState, config: SearchConfig) -> StepPlan:
+        new = replace(state, step=state.step + 1, steps_since_search=state.steps_since_search + 1,
+                      search_interval=1.0)
+        return StepPlan(state=new, is_search=True, trial_step_size=state.step_size * 2 ** (1 / self.b))
+
+    def __call__(self, plan: StepPlan, config: SearchConfig, loss: float, slope: float) -> _BacktrackingSearch:
+        return self.search(self, plan, loss, slope)
+
+
+@dataclass(frozen=True)
+class AdamSLSRule(_EveryStepRule):
+    """Adam+SLS (seed 001, section II): Armijo along the momentum-free direction, move along ``m_hat``."""
+
+    c: float = 0.1
+    trial_direction: ClassVar[str] = GRADIENT
+    search: ClassVar[type] = _SLSSearch
+
+
 @dataclass(frozen=True)
 class ALSALSRule(_EveryStepRule):
     """ALSALS (seed 001, section III): Armijo along Adam's direction with momentum, the decrease
     rate ``f_a`` in place of the gradient norm, ``c_h`` from its sign."""
 
     c: float = 0.6
-    b: float = 500.0
-    backtrack: float = 0.9
-    max_trials: int = 100
-
-    def __post_init__(self):
-        _check_constants(self.c, self.b, self.backtrack, self.max_trials)
-
-    @staticmethod
-    def direction(configured: str) -> str:
-        return MOMENTUM
-
-    def __call__(self, plan: StepPlan, config: SearchConfig, loss: float, slope: float) -> "_ALSALSSearch":
-        return _ALSALSSearch(self, plan, loss, slope)
-
-
-class _ALSALSSearch(_BacktrackingSearch):
-    def __init__(self, rule: ALSALSRule, plan: StepPlan, loss: float, slope: float):
-        super().__init__(rule, plan, loss)
-        #: Eq. 6's f_a, evaluated as its limit g . d; Eq. 8's c_h from its sign.
-        self.rate = float(slope)
-        self.c_h = rule.c if self.rate > 0 else 1 / rule.c
-
-    def _sufficient(self, trial_loss: float) -> bool:
-        """Eq. 9: ``f0 - f1 >= c_h * eta * f_a``."""
-        return self.loss - trial_loss >= self.c_h * self.step_size * self.rate
+    trial_direction: ClassVar[str] = MOMENTUM
+    search: ClassVar[type] = _ALSALSSearch
 
 
 ADAM_SLS = AdamSLSRule()

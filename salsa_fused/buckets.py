@@ -13,8 +13,8 @@ a group's params change, a gradient appears or vanishes, or the state is reloade
 (:meth:`BucketCache.clear`). Moments and saved copies are the optimizer's own: they are read
 when a bucket is built and stay with it.
 
-Gradients are validated (layout, dtype, device, shape) when their data pointers were not
-seen in the last few steps of that bucket (``zero_grad(set_to_none=True)`` cycles the
+Gradients are validated (layout, dtype, device, shape) when their data pointers and dtypes
+were not seen together in the last few steps of that bucket (``zero_grad(set_to_none=True)`` cycles the
 allocator through a few addresses); a bucket carries its gradients' pointers so a backend
 need not read them again.
 """
@@ -31,7 +31,7 @@ import torch
 
 from .backends.base import Bucket
 
-# Gradient-pointer tuples remembered per bucket as already validated.
+# (gradient pointers, dtypes) remembered per bucket as already validated.
 VALIDATED_GRAD_LAYOUTS = 4
 
 _grad_of = operator.attrgetter("grad")
@@ -141,18 +141,20 @@ class BucketCache:
         if distributed:
             mine = list(map(_local, mine))
         try:
+            # with the dtypes: a gradient of another dtype can land on an address seen before
             pointers = tuple(map(_data_ptr, mine))
+            key = (pointers, tuple(map(_dtype_of, mine)))
         except RuntimeError:  # no storage (sparse): the check below says so
-            pointers = None
-        if pointers is None or pointers not in slot.validated:
+            pointers = key = None
+        if key is None or key not in slot.validated:
             if not _match(slot, mine if not distributed else picked_global(slot, grads)):
                 for i in range(len(slot.params)) if slot.positions is None else slot.positions:
                     check_gradient(slot.params[i], grads[i])
-            slot.validated[pointers] = None
+            slot.validated[key] = None
             if len(slot.validated) > VALIDATED_GRAD_LAYOUTS:
                 slot.validated.popitem(last=False)
         else:
-            slot.validated.move_to_end(pointers)
+            slot.validated.move_to_end(key)
         slot.bucket.grads = mine
         slot.bucket.grad_pointers = pointers
 

@@ -4,6 +4,29 @@ LABPAL moves along the raw gradient (SGD), not Adam's direction, so it does not 
 FusedSaLSa's Adam passes: this module is plain ``torch._foreach_*`` arithmetic (through
 :mod:`salsa_fused._compat`), apart from the Adam backends, and keeps no moments.
 
+**Why it is not a FusedSaLSa search rule.** The decisions fit :mod:`salsa_fused.rules`: an
+approximation is a search whose trials sit at ``0, mu, 2 mu`` along ``g / ||g||`` (``||g||`` is
+``sqrt(q)`` when the direction is ``g``), whose ``observe`` collects the three losses and whose
+``final`` is ``alpha * s_min`` (the state in ``SearchState.rule_state``; ``plan`` says when an
+approximation is due). What the protocol and the passes under it lack:
+
+1. *Several batches per step.* ``FusedSaLSa.step`` takes one loss and one gradient from one
+   ``closure()`` and reads one loss per trial. LABPAL takes the gradient as the mean over the
+   first ``k(t)`` batches and judges every point by the mean over ``n`` batches, the point at
+   ``s = 0`` reusing the gradient batches' losses. It needs a closure taking a batch index and a
+   rule hook saying how many batches the gradient and each trial read; that touches the
+   one-phase and two-phase forms, ``bind_closure`` (the integrations), the random-state replay
+   and DDP's loss averaging: not a small change.
+2. *A third direction,* ``d = g`` without Adam's preconditioner, in every pass of every backend
+   (the slope, the trials, the final move; torch, Triton kernels, C++ CPU and CUDA), which today
+   know ``g / (sqrt(v_hat) + eps)`` and ``m_hat / (sqrt(v_hat) + eps)`` only.
+3. *Plain steps the rule sizes.* A plain step is Adam's ``m_hat`` move at ``eta * growth``
+   without a host read; LABPAL's plain step is ``lambda * g`` (SGD) or ``alpha s_min g / ||g||``
+   (NSGD, a norm read every step). A search with no trial whose ``final`` moves along ``g``
+   would express both, once (2) exists.
+4. The passes update Adam's moments on every step; LABPAL reads none (16 bytes/param of
+   traffic and 8 of state for nothing, results unchanged).
+
 Every ``sgd_steps`` updates (and at the first step) an *approximation*: with ``g`` the mean
 gradient of the step's first ``k(t)`` inference batches, ``u = g / ||g||``, the loss along
 ``-u`` is measured at ``s = 0, mu, 2*mu`` as the mean over ``approximation_batches`` (``n``)

@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-from .rules import FinalMove, Verdict
+from .rules import SEARCH_ARGUMENTS, FinalMove, Verdict
 
 _f32 = np.float32
 
@@ -154,6 +154,9 @@ class ArmijoSearch:
     more, as 0.1.0 does). The final move is the last trial; with the guard failed (zero loss or
     ``s < 1e-8``) there is no trial and the step moves ``eta * growth`` along ``m_hat``.
     """
+
+    #: Every search argument of FusedSaLSa configures this rule.
+    reads = frozenset(SEARCH_ARGUMENTS)
 
     @staticmethod
     def direction(configured: str) -> str:

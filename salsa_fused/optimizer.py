@@ -12,6 +12,7 @@ the backends (:mod:`salsa_fused.backends`), every step size they apply is formed
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from copy import deepcopy
@@ -30,7 +31,7 @@ from .distributed import SearchReduction, default_reduction
 from .errors import NonFiniteError
 from .applied import GroupStep
 from .line_search import SearchConfig, SearchState
-from .rules import Verdict, moment_step, plan_step, resolve_rule
+from .rules import Verdict, check_arguments, moment_step, plan_step, resolve_rule
 
 LossClosure = Callable[[], Union[torch.Tensor, float]]
 
@@ -47,15 +48,23 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _DeviceCounts:
-    """int64 device scalars counted on plain steps (no host read), read and zeroed by the next search."""
+    """int64 device counters of plain steps (no host read), read and zeroed by the next search."""
 
-    nonfinite_elements: torch.Tensor  # gradient elements left unchanged
-    nonfinite_losses: torch.Tensor  # steps whose loss was NaN/inf (they changed nothing)
-    scaler_skips: torch.Tensor  # steps GradScaler skipped (found_inf)
+    nonfinite_elements: torch.Tensor  # 0-dim: gradient elements left unchanged
+    step_counts: torch.Tensor  # [steps whose loss was NaN/inf, steps GradScaler skipped]: the backend's
 
     @classmethod
     def zeros(cls, device: Optional[torch.device]) -> "_DeviceCounts":
-        return cls(*(torch.zeros((), dtype=torch.int64, device=device) for _ in range(3)))
+        return cls(torch.zeros((), dtype=torch.int64, device=device),
+                   torch.zeros(2, dtype=torch.int64, device=device))
+
+    @property
+    def nonfinite_losses(self) -> torch.Tensor:
+        return self.step_counts[0]
+
+    @property
+    def scaler_skips(self) -> torch.Tensor:
+        return self.step_counts[1]
 
 
 @dataclass
@@ -72,6 +81,20 @@ class _StepHandoff:
     zero_grad_rng: Optional[RNGSnapshot] = None  # the random state at zero_grad()
     bound_step: Optional[tuple] = None
     zeroed: Dict[int, tuple] = field(default_factory=dict)
+
+
+def _refuse_unread_search_arguments(init):
+    """``FusedSaLSa.__init__`` that first refuses a search argument given by name that the chosen
+    rule does not read (:func:`salsa_fused.rules.check_arguments`), before anything is built. It
+    sees the keywords as the caller passed them: a default left alone is never refused."""
+
+    @functools.wraps(init)
+    def checked_init(self, params, lr=1.0, **options):
+        chosen = options.get("search_rule")
+        check_arguments(resolve_rule(chosen), options, chosen)
+        init(self, params, lr, **options)
+
+    return checked_init
 
 
 class FusedSaLSa(Optimizer):
@@ -116,7 +139,10 @@ class FusedSaLSa(Optimizer):
         reduction: how losses and ``q`` are reduced across ranks (default: losses averaged
             over the world when ``torch.distributed`` is initialized).
         search_rule: a rule name (``"salsa"``, the default: the published smoothed Armijo
-            test) or an object with :class:`salsa_fused.rules.SearchRule`'s methods.
+            test; ``"sls"``, ``"alsals"``: seed 001's, :mod:`salsa_fused.adam_sls`) or an object
+            with :class:`salsa_fused.rules.SearchRule`'s methods. A search argument (``c``,
+            ``beta3``, ``growth``, ``backtrack``, ``max_trials``, the interval settings,
+            ``search_direction``) given by name that the rule does not read raises ValueError.
         schedule: ``None``, or an object with ``scale(step)`` (a multiplier on the applied
             step; trials still probe the searched level) and ``searches(step)`` (False
             freezes the level), e.g. :class:`salsa_fused.step_size.WarmupStableDecay`.
@@ -132,6 +158,7 @@ class FusedSaLSa(Optimizer):
 
     _step_supports_amp_scaling = True
 
+    @_refuse_unread_search_arguments
     def __init__(self, params, lr: float = 1.0, *, init_step_size: float = 1.0, c: float = 0.5,
                  betas: Tuple[float, float] = (0.9, 0.999), beta3: float = 0.9, eps: float = 1e-8,
                  weight_decay: float = 0.0, search_direction: str = GRADIENT,
@@ -619,24 +646,21 @@ class FusedSaLSa(Optimizer):
         groups = {b.group_index: GroupStep.of(self.param_groups[b.group_index], scale, eta)
                   for b in buckets}
         if not plan.is_search:
-            if found_inf is not None:
-                # GradScaler saw inf/nan: the pass below changes nothing (the backend reads
-                # found_inf on the device). Counted on the device, no host read: the next
-                # search takes such steps back out of k and t.
-                self._device_counts().scaler_skips.add_((found_inf.reshape(()) != 0).to(torch.int64))
             if self.reduction.loss_group is not None:
                 # Every rank must take the same skip decision: judge the loss averaged over
                 # the data-parallel group (one 4-byte all-reduce, no host read).
                 f0 = self.reduction.average_loss(f0.reshape(1)).reshape(())
+            # A non-finite loss or GradScaler's found_inf makes the plain pass change nothing. The
+            # first bucket's pass counts such a step on the device (no host read, no extra op on
+            # the kernel backends); the next search reports the losses and takes the scaler's
+            # skips back out of k and t.
             counts = self._device_counts()
-            # A non-finite loss makes the plain pass change nothing; count it on the device
-            # (no host read) and report it at the next search.
-            counts.nonfinite_losses.add_(torch.isfinite(f0).logical_not())
             with torch.no_grad():
-                for b in buckets:
+                for i, b in enumerate(buckets):
                     args = PassArgs(hypers[b.group_index], groups[b.group_index].plain(plan.trial_step_size),
                                     grad_scale=grad_scale)
-                    backend.plain_step(b, args, f0, found_inf=found_inf, nonfinite_count=counts.nonfinite_elements)
+                    backend.plain_step(b, args, f0, found_inf=found_inf, nonfinite_count=counts.nonfinite_elements,
+                                       step_counts=counts.step_counts if i == 0 else None)
             self._commit(step_state)
             return loss_tensor.detach() if one_phase else loss
         running = self._running_statistics()
@@ -723,9 +747,10 @@ class FusedSaLSa(Optimizer):
             return
         # Pass A writes this step's moments; a trial forward that raises (out of memory, caught and
         # retried by the caller) must find them as they were: copies, 8 bytes per parameter while
-        # the search runs, put back on an exception.
+        # the search runs, put back on an exception. One multi-tensor op (x * 1 is exact, -0 and
+        # NaN included), not a clone per tensor: 296 launches per search for GPT-2 small.
         moments = [t for b in buckets for t in (*b.exp_avg, *b.exp_avg_sq)]
-        moments_before = [t.clone() for t in moments]
+        moments_before = torch._foreach_mul(moments, 1.0)
         move_all("first_trial", lambda g: g.trial(search.step_size))
         current = search.step_size  # the trial the weights are at
         try:

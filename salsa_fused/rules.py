@@ -17,14 +17,17 @@ One search step, as the optimizer drives it::
     weights at search.final()                          # times lr_g and the schedule's scale
     state = search.finish()
 
-Two optional hooks let a rule change what surrounds its searches (:func:`plan_step` and
-:func:`moment_step` read them; a rule without them gets SaLSa's behaviour):
+Optional attributes let a rule change what surrounds its searches (:func:`plan_step`,
+:func:`moment_step` and :func:`check_arguments` read them; a rule without them gets SaLSa's
+behaviour):
 
 - ``plan(state, config) -> StepPlan``: whether this step searches and its first trial
   (SaLSa's adaptive interval and ``eta * growth`` by default; seed 001's rules search every
   step from ``eta * 2^(1/b)``);
 - ``adam_bias_correction = True``: Adam's moments corrected with ``1 - beta^k`` (Kingma & Ba)
-  instead of 0.1.0's ``1 - beta^(k+1)``.
+  instead of 0.1.0's ``1 - beta^(k+1)``;
+- ``reads``: the names in :data:`SEARCH_ARGUMENTS` (FusedSaLSa's arguments that configure a
+  search) the rule uses; FusedSaLSa refuses any other of them passed by name (all, by default).
 
 ``"salsa"`` (:class:`~salsa_fused.line_search.ArmijoSearch`, the published smoothed Armijo
 test) is the default; ``"sls"`` and ``"alsals"`` are seed 001's Adam+SLS and ALSALS
@@ -35,8 +38,8 @@ from __future__ import annotations
 
 import enum
 import importlib
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, Optional, Protocol, Union, runtime_checkable
+from dataclasses import dataclass, fields, is_dataclass
+from typing import TYPE_CHECKING, Dict, Iterable, Optional, Protocol, Union, runtime_checkable
 
 if TYPE_CHECKING:
     from .line_search import SearchConfig, SearchState, StepPlan
@@ -126,6 +129,31 @@ def resolve_rule(rule: Union[None, str, SearchRule]) -> SearchRule:
         raise TypeError("search_rule must be a rule name or an object with direction(configured) and "
                         f"__call__(plan, config, loss, slope), got {type(rule).__name__}")
     return rule
+
+
+#: FusedSaLSa's arguments that configure the search (its ``SearchConfig`` and the trial direction),
+#: as opposed to Adam's and the optimizer's own: a rule declares in ``reads`` those it uses.
+SEARCH_ARGUMENTS = ("c", "beta3", "growth", "backtrack", "max_trials", "max_search_interval",
+                    "always_search_steps", "adaptive_interval", "search_direction")
+
+
+def check_arguments(rule: SearchRule, passed: Iterable[str], name: object = None) -> None:
+    """Raise ValueError naming each of :data:`SEARCH_ARGUMENTS` in ``passed`` (the arguments the
+    caller gave by name) that ``rule`` does not read (its ``reads``; a rule without one reads them
+    all), so a setting is never silently ignored. ``name``: how the caller chose the rule."""
+    reads = getattr(rule, "reads", SEARCH_ARGUMENTS)
+    unread = [argument for argument in SEARCH_ARGUMENTS if argument in passed and argument not in reads]
+    if not unread:
+        return
+    kind = rule if isinstance(rule, type) else type(rule)  # a class may be the rule (ArmijoSearch)
+    label = f"search_rule={name!r}" if isinstance(name, str) else f"search_rule={kind.__name__}"
+    used = ", ".join(argument for argument in SEARCH_ARGUMENTS if argument in reads) or "none"
+    message = f"{label} does not read {', '.join(unread)} (of FusedSaLSa's search arguments it reads {used})"
+    own = [argument for argument in unread if is_dataclass(rule) and argument in {f.name for f in fields(rule)}]
+    if own:
+        settings = ", ".join(f"{argument}=..." for argument in own)
+        message += f"; set {', '.join(own)} on the rule instead: search_rule={kind.__name__}({settings})"
+    raise ValueError(message)
 
 
 def plan_step(rule: SearchRule, state: "SearchState", config: "SearchConfig") -> "StepPlan":

@@ -1,8 +1,11 @@
 """Seed 001's rules on FusedSaLSa (salsa_fused.adam_sls) against the readable references
 (tests/reference/sls.py, alsals.py): the same trials and accepted step sizes, step for step,
-on the torch backend and the Triton kernels (interpreter on the CPU); bit-exact resume; DDP."""
+on the torch backend, the Triton kernels (interpreter on the CPU) and the C++ CPU kernels;
+bit-exact resume; DDP."""
 
 import copy
+import dataclasses
+import inspect
 import os
 import tempfile
 
@@ -13,7 +16,7 @@ import torch.multiprocessing as mp
 
 from salsa_fused import FusedSaLSa
 from salsa_fused.adam_sls import ADAM_SLS, ALSALS, ALSALSRule, AdamSLSRule
-from salsa_fused.rules import resolve_rule
+from salsa_fused.rules import SEARCH_ARGUMENTS, resolve_rule
 from tests.models import tanh_mlp
 from tests.reference.alsals import ALSALS as ReferenceALSALS
 from tests.reference.sls import AdamSLS as ReferenceAdamSLS
@@ -86,7 +89,7 @@ def _fused_run(model, rule, backend, steps=range(STEPS), dtype=torch.float32, op
     return opt, recorder.trials, levels
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])
 @pytest.mark.parametrize("name", ["sls", "alsals"])
 def test_the_trials_and_accepted_steps_are_the_references(name, backend):
     reference_model, fused_model = _model(), _model()
@@ -139,6 +142,47 @@ def test_rules_by_name_carry_the_papers_constants_and_refuse_bad_ones():
             AdamSLSRule(**bad)
     with pytest.raises(ValueError, match="c must lie"):
         ALSALSRule(c=0.0)
+
+
+SEARCH_DEFAULTS = {name: inspect.signature(FusedSaLSa).parameters[name].default for name in SEARCH_ARGUMENTS}
+
+
+@pytest.mark.parametrize("argument", SEARCH_ARGUMENTS)
+@pytest.mark.parametrize("name", ["sls", "alsals"])
+def test_a_search_argument_the_rule_ignores_raises_naming_it_and_the_rule(name, argument):
+    """Given by name, even at FusedSaLSa's default value, it raises; left out, nothing does."""
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    with pytest.raises(ValueError, match=f"search_rule='{name}' does not read {argument} "):
+        FusedSaLSa([w], search_rule=name, backend="torch", **{argument: SEARCH_DEFAULTS[argument]})
+    rule = resolve_rule(name)
+    with pytest.raises(ValueError, match=f"search_rule={type(rule).__name__} does not read {argument} "):
+        FusedSaLSa([w], search_rule=rule, backend="torch", **{argument: SEARCH_DEFAULTS[argument]})
+    opt = FusedSaLSa([w], search_rule=name, backend="torch", init_step_size=0.5, lr=0.5,
+                     betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, restore="inplace", nonfinite="skip")
+    assert opt.search_rule is rule and not opt.state[w]["exp_avg"].any()
+
+
+def test_the_refusal_names_every_ignored_argument_and_where_a_constant_goes():
+    w = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match=r"does not read c, beta3, growth \(of FusedSaLSa's search arguments it "
+                                         r"reads none\); set c on the rule instead: "
+                                         r"search_rule=AdamSLSRule\(c=\.\.\.\)"):
+        FusedSaLSa([w], search_rule="sls", growth=2.0, c=0.3, beta3=0.5)
+    with pytest.raises(ValueError, match=r"set backtrack, max_trials on the rule instead: "
+                                         r"search_rule=ALSALSRule\(backtrack=\.\.\., max_trials=\.\.\.\)"):
+        FusedSaLSa([w], search_rule="alsals", backtrack=0.5, max_trials=3)
+    opt = FusedSaLSa([w], search_rule=ALSALSRule(backtrack=0.5, max_trials=3), backend="torch")
+    assert opt.search_rule.max_trials == 3
+
+
+def test_the_two_rules_share_one_dataclass_and_keep_their_positional_order():
+    assert [f.name for f in dataclasses.fields(AdamSLSRule)] == ["c", "b", "backtrack", "max_trials"]
+    assert [f.name for f in dataclasses.fields(ALSALSRule)] == ["c", "b", "backtrack", "max_trials"]
+    assert AdamSLSRule(0.2, 100.0, 0.5, 7) == AdamSLSRule(c=0.2, b=100.0, backtrack=0.5, max_trials=7)
+    assert AdamSLSRule(c=0.6) != ALSALSRule() and ADAM_SLS.reads == ALSALS.reads == frozenset()
+    assert (ADAM_SLS.direction("momentum"), ALSALS.direction("gradient")) == ("gradient", "momentum")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ADAM_SLS.c = 0.2
 
 
 def test_alsals_searches_when_the_momentum_points_uphill():

@@ -96,6 +96,30 @@ def test_new_gradient_with_a_wrong_dtype_is_still_checked_after_warm_up():
     assert all(torch.equal(p, w) for p, w in zip(params, weights))
 
 
+def test_gradient_of_another_dtype_at_a_validated_address_is_checked():
+    """The validated-gradient memory is keyed by address and dtype: a bf16 view of the same
+    storage (same data_ptr as the fp32 gradient checked before) is still rejected."""
+    params = _params()
+    opt = FusedSaLSa(params, backend="torch", schedule=NeverSearch())
+    storage = [torch.zeros_like(p) for p in params]
+    for k in range(2):
+        opt.zero_grad(set_to_none=True)
+        loss = _loss(params, [], k)
+        loss.backward()
+        for p, s in zip(params, storage):
+            s.copy_(p.grad)
+            p.grad = s  # the same addresses every step
+        opt.step(lambda: loss, loss=loss)
+    weights = [p.detach().clone() for p in params]
+    loss = _loss(params, [], 2)
+    params[0].grad_dtype = None  # torch then accepts a gradient of another dtype
+    params[0].grad = storage[0].view(torch.bfloat16).reshape(-1)[:params[0].numel()].view(params[0].shape)
+    assert params[0].grad.data_ptr() == storage[0].data_ptr()
+    with pytest.raises(RuntimeError, match="gradient of dtype torch.bfloat16"):
+        opt.step(lambda: loss, loss=loss)
+    assert all(torch.equal(p, w) for p, w in zip(params, weights))
+
+
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend unavailable")
 @pytest.mark.parametrize("new_grads", [False, True])
 def test_plain_steps_with_unchanged_tensors_build_no_table_and_copy_nothing(new_grads):

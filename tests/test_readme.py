@@ -76,6 +76,12 @@ def _checkpoint_saved(path):
     return check
 
 
+def _seed_methods(namespace, before):
+    assert namespace["opt"].search_state.num_searches == 3  # AdamSLSRule(c=0.2): a search every step
+    assert namespace["labpal"].labpal_state.step == 3 and namespace["labpal"].labpal_state.num_approximations >= 1
+    assert namespace["factor_search"].calls == 4 and namespace["factor_search"].last_decision["call"] == 4
+
+
 def _preset(namespace, before):
     assert namespace["opt"].schedule is not None
 
@@ -84,6 +90,7 @@ CHECKS = {
     ("README.md", "A training loop"): _training_loop,
     ("docs/api.md", "The two-phase form: your own backward, gradient accumulation"): stepped(1),
     ("docs/api.md", "Learning-rate schedulers"): stepped(50),
+    ("docs/api.md", "The seeds' other methods: Adam+SLS, ALSALS, LABPAL, LR-factor search"): _seed_methods,
     ("docs/training.md", "Data parallel (DDP)"): stepped(20),
     ("docs/training.md", "FSDP2 (`fully_shard`, DTensor parameters)"): stepped(20),
     ("docs/training.md", "Mixed precision"): stepped(1),

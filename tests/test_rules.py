@@ -70,3 +70,30 @@ def test_armijo_search_gives_up_after_max_trials_and_keeps_the_last_trial():
     assert [search.observe(9.0) for _ in range(3)] == [Verdict.RETRY, Verdict.RETRY, Verdict.GIVE_UP]
     assert search.final() == FinalMove(1.1 * 0.8 * 0.8)
     assert search.finish().step_size == 1.1 * 0.8 ** 3  # stored one backtrack further, as 0.1.0
+
+
+class GrowthOnly(MomentumHalf):
+    """A rule that declares it reads one of FusedSaLSa's search arguments."""
+
+    reads = frozenset({"growth"})
+
+
+def test_a_rule_refuses_the_search_arguments_it_does_not_declare(monkeypatch):
+    w = torch.zeros(3, requires_grad=True)
+    assert ArmijoSearch.reads == frozenset(rules.SEARCH_ARGUMENTS)
+    FusedSaLSa([w], backend="torch", c=0.4, beta3=0.5, growth=1.5, backtrack=0.5, max_trials=3,
+               max_search_interval=4, always_search_steps=2, adaptive_interval=False,
+               search_direction="momentum")
+    FusedSaLSa([w], backend="torch", search_rule=MomentumHalf(), c=0.4, beta3=0.5)  # no reads: all of them
+    FusedSaLSa([w], backend="torch", search_rule=GrowthOnly(), growth=1.5)
+    with pytest.raises(ValueError, match=r"search_rule=GrowthOnly does not read c, adaptive_interval "
+                                         r"\(of FusedSaLSa's search arguments it reads growth\)$"):
+        FusedSaLSa([w], backend="torch", search_rule=GrowthOnly(), growth=1.5, adaptive_interval=True, c=0.5)
+    class ArmijoWithoutBeta3(ArmijoSearch):  # a class as the rule, as ArmijoSearch is
+        reads = frozenset(rules.SEARCH_ARGUMENTS) - {"beta3"}
+
+    with pytest.raises(ValueError, match=r"search_rule=ArmijoWithoutBeta3 does not read beta3 "):
+        FusedSaLSa([w], backend="torch", search_rule=ArmijoWithoutBeta3, beta3=0.5, c=0.4)
+    monkeypatch.setitem(rules.RULES, "growth_only", GrowthOnly())
+    with pytest.raises(ValueError, match="search_rule='growth_only' does not read beta3"):
+        FusedSaLSa([w], backend="torch", search_rule="growth_only", beta3=0.9)

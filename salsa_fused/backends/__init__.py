@@ -1,5 +1,6 @@
 """Backends by name: ``"torch"`` (the reference), ``"triton"`` (fused kernels), ``"cpp"`` (the
-compiled extension, csrc/), and ``"auto"``.
+compiled extension, csrc/, for CPU and CUDA tensors), ``"cuda"`` (the extension's CUDA
+kernels only), and ``"auto"``.
 
 A backend is a module (or object) with the passes of :class:`.base.Backend`. Adding one is one
 module, one line in ``REGISTRY`` (or a :func:`register_backend` call from outside the package)
@@ -22,6 +23,7 @@ REGISTRY: Dict[str, Union[str, Backend]] = {
     "torch": "salsa_fused.backends.torch_backend",
     "triton": "salsa_fused.backends.triton_backend",
     "cpp": "salsa_fused.backends.cpp_backend",
+    "cuda": "salsa_fused.backends.cuda_backend",
 }
 AUTO = "auto"
 
@@ -83,8 +85,9 @@ def _auto(device: torch.device) -> str:
         if not _cpp_fallback_noted:
             _cpp_fallback_noted = True
             from .. import _ext
+            # stacklevel: _auto, resolve, FusedSaLSa.__init__, its argument check, the caller
             warnings.warn(f"salsa_fused: backend='auto' uses the torch backend on the CPU: the C++ extension "
-                          f"is not built; {_ext.BUILD_HINT}", RuntimeWarning, stacklevel=4)
+                          f"is not built; {_ext.BUILD_HINT}", RuntimeWarning, stacklevel=5)
     return "torch"
 
 

@@ -139,8 +139,18 @@ class Backend(Protocol):
 
     def plain_step(self, bucket: Bucket, args: PassArgs, loss: torch.Tensor,
                    found_inf: Optional[torch.Tensor] = None,
-                   nonfinite_count: Optional[torch.Tensor] = None) -> None:
+                   nonfinite_count: Optional[torch.Tensor] = None,
+                   step_counts: Optional[torch.Tensor] = None) -> None:
         """m, v written and ``w = decay(w) - move.step * m_hat * precond``; nothing written when
         ``loss`` is non-finite or ``found_inf`` is set; non-finite gradient elements keep their
         weight and moments and are counted into ``nonfinite_count`` (int64, on the device).
-        No host read on an accelerator."""
+        ``step_counts`` (int64 ``[2]``), when given, gets ``count_step``'s increments once per
+        call. No host read on an accelerator."""
+
+
+def count_step(step_counts: torch.Tensor, loss: torch.Tensor, found_inf: Optional[torch.Tensor]) -> None:
+    """``step_counts += [loss is NaN/inf, found_inf != 0]`` on the device: a plain step that
+    changed nothing, counted for the next search (the torch form; kernels do it in the pass)."""
+    step_counts[0].add_(torch.isfinite(loss.detach().to(torch.float32)).logical_not().reshape(()))
+    if found_inf is not None:
+        step_counts[1].add_((found_inf.reshape(()) != 0).to(step_counts.device, torch.int64))

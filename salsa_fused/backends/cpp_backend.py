@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from .base import DIRECTIONS, MOMENTUM, Bucket, Hyper, Move, PassArgs
+from .base import DIRECTIONS, MOMENTUM, Bucket, Hyper, Move, PassArgs, count_step
 
 name = "cpp"
 
@@ -107,13 +107,16 @@ def restore(bucket: Bucket, args: PassArgs) -> None:
 
 
 def plain_step(bucket: Bucket, args: PassArgs, loss: torch.Tensor, found_inf: Optional[torch.Tensor] = None,
-               nonfinite_count: Optional[torch.Tensor] = None) -> None:
+               nonfinite_count: Optional[torch.Tensor] = None, step_counts: Optional[torch.Tensor] = None) -> None:
     """Pass A of a plain step: m, v updated and ``w = w_dec - step * m_hat * precond``.
 
     Changes nothing when ``loss`` is non-finite or ``found_inf`` is set. An element whose
     gradient is non-finite keeps its weight and moments and is counted into
-    ``nonfinite_count`` (an int64 0-dim tensor). The guards are read inside the op.
+    ``nonfinite_count`` (an int64 0-dim tensor). The guards are read inside the op;
+    ``step_counts`` (``base.count_step``) is counted with torch ops beside it.
     """
+    if step_counts is not None:
+        count_step(step_counts, loss, found_inf)
     h, move = args.hyper, args.move
     _ops().plain_step_(bucket.params, bucket.grads, bucket.exp_avg, bucket.exp_avg_sq, h.beta1, h.beta2,
                        h.bias_correction1, h.bias_correction2, h.eps, _decay_factor(h, move), move.step, loss,

@@ -18,7 +18,7 @@ from typing import List, Optional
 import torch
 
 from .. import _compat as C
-from .base import GRADIENT, MOMENTUM, Bucket, Hyper, PassArgs
+from .base import GRADIENT, MOMENTUM, Bucket, Hyper, PassArgs, count_step
 
 name = "torch"
 
@@ -156,16 +156,19 @@ def restore(bucket: Bucket, args: PassArgs) -> None:
 
 
 def plain_step(bucket: Bucket, args: PassArgs, loss: torch.Tensor, found_inf: Optional[torch.Tensor] = None,
-               nonfinite_count: Optional[torch.Tensor] = None) -> None:
+               nonfinite_count: Optional[torch.Tensor] = None, step_counts: Optional[torch.Tensor] = None) -> None:
     """Pass A of a plain step: m, v updated and ``w = w_dec - step * m_hat * precond``.
 
-    Changes nothing when ``loss`` is non-finite or ``found_inf`` is set. An element
-    whose gradient is non-finite keeps its weight and moments; the number of such
-    elements is added to ``nonfinite_count`` (an int64 0-dim tensor).
+    Changes nothing when ``loss`` is non-finite or ``found_inf`` is set (such a step is
+    counted into ``step_counts``, when given: ``base.count_step``). An element whose gradient
+    is non-finite keeps its weight and moments; the number of such elements is added to
+    ``nonfinite_count`` (an int64 0-dim tensor).
 
     This reference reads one flag on the host to pick the guarded path (free on the
     CPU; a sync on an accelerator, where the kernel backends guard on the device).
     """
+    if step_counts is not None:
+        count_step(step_counts, loss, found_inf)
     step_ok = torch.isfinite(loss.detach().to(torch.float32)).all()
     if found_inf is not None:
         step_ok = step_ok & (found_inf.to(step_ok.device) == 0)

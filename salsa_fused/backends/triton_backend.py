@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .base import DIRECTIONS, MOMENTUM, Bucket, Hyper, PassArgs
+from .base import DIRECTIONS, MOMENTUM, Bucket, Hyper, PassArgs, count_step
 
 try:
     import triton
@@ -425,13 +425,14 @@ def restore(bucket: Bucket, args: PassArgs) -> None:
 
 
 def plain_step(bucket: Bucket, args: PassArgs, loss: torch.Tensor, found_inf: Optional[torch.Tensor] = None,
-               nonfinite_count: Optional[torch.Tensor] = None) -> None:
+               nonfinite_count: Optional[torch.Tensor] = None, step_counts: Optional[torch.Tensor] = None) -> None:
     """Pass A of a plain step, guarded on the device (no host sync).
 
     ``w = w_dec - step * m_hat * precond`` and m, v updated, unless ``loss`` is
     non-finite or ``found_inf`` is set (then nothing is written). An element whose gradient
     is non-finite keeps its weight and moments, and is counted into ``nonfinite_count``
-    (an int64 0-dim tensor).
+    (an int64 0-dim tensor). ``step_counts`` (int64 ``[2]``): the first launch adds
+    ``[loss non-finite, found_inf != 0]`` (``base.count_step``), no torch op.
     """
     hyper, move, grad_scale = args.hyper, args.move, args.grad_scale
     tables = _tables(bucket)
@@ -439,11 +440,18 @@ def plain_step(bucket: Bucket, args: PassArgs, loss: torch.Tensor, found_inf: Op
         raise ValueError("plain_step needs a one-element loss tensor")
     if nonfinite_count is not None and nonfinite_count.dtype != torch.int64:
         raise TypeError("nonfinite_count must be an int64 tensor")
-    for launch in tables.launches:
+    if step_counts is not None and (step_counts.dtype != torch.int64 or step_counts.numel() != 2):
+        raise TypeError("step_counts must be an int64 tensor of 2 elements")
+    if step_counts is not None and not tables.launches:
+        count_step(step_counts, loss, found_inf)  # an empty bucket launches nothing
+    for i, launch in enumerate(tables.launches):
+        counts = step_counts if i == 0 else None
         _launch(K._plain_step_kernel, tables, launch, loss.detach(), _optional(found_inf, loss),
                 _optional(grad_scale, loss), _optional(nonfinite_count, tables.tensor_table),
+                _optional(counts, tables.tensor_table),
                 *_moment_scalars(hyper), float(hyper.bias_correction1), float(hyper.bias_correction2),
                 float(hyper.eps), _decay_factor(hyper, move.decay), float(-move.step),
                 W_DTYPE=tables.w_dtype, G_DTYPE=tables.g_dtype, HAS_FOUND_INF=found_inf is not None,
                 HAS_GRAD_SCALE=grad_scale is not None, HAS_COUNTER=nonfinite_count is not None,
+                HAS_STEP_COUNTS=counts is not None,
                 **_plain_step_options(tables, launch, bucket.device))

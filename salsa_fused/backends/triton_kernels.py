@@ -245,17 +245,18 @@ def _plain_step_block(w_ptr, g_ptr, m_ptr, v_ptr, offsets, mask, grad_scale_ptr,
 
 @triton.jit
 def _plain_step_kernel(tensor_table_ptr, block_table_ptr, loss_ptr, found_inf_ptr, grad_scale_ptr,
-                       nonfinite_count_ptr, beta1, beta2, one_minus_beta1, one_minus_beta2,
+                       nonfinite_count_ptr, step_counts_ptr, beta1, beta2, one_minus_beta1, one_minus_beta2,
                        bias_correction1, bias_correction2, eps, decay_factor, neg_step_size,
                        W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                       HAS_GRAD_SCALE: tl.constexpr, HAS_COUNTER: tl.constexpr, ALIGNED: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       HAS_GRAD_SCALE: tl.constexpr, HAS_COUNTER: tl.constexpr,
+                       HAS_STEP_COUNTS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """Adam-direction step with the step guard on the device.
 
     w = w * decay_factor - step_size * m_hat * precond  (fma),  m, v = m_new, v_new.
     Nothing is written when the loss is non-finite or found_inf != 0. An element whose g*g is
     non-finite (g NaN/inf, or |g| > ~1.8e19) keeps w, m, v; their number is added to
-    nonfinite_count (int64 atomics).
+    nonfinite_count (int64 atomics). With HAS_STEP_COUNTS, program 0 adds
+    [loss non-finite, found_inf != 0] to step_counts[0:2] (the step's own counters).
     Reads w, g, m, v and writes w, m, v: 28 bytes/param in fp32.
     """
     # Two levels of dependent loads before the data: the loss, found_inf and this program's
@@ -270,9 +271,15 @@ def _plain_step_kernel(tensor_table_ptr, block_table_ptr, loss_ptr, found_inf_pt
     g_ptr = _stream(row_ptr, _GRAD, G_DTYPE, ALIGNED)
     m_ptr = _stream(row_ptr, _EXP_AVG, tl.float32, ALIGNED)
     v_ptr = _stream(row_ptr, _EXP_AVG_SQ, tl.float32, ALIGNED)
-    step_ok = tl.abs(loss) <= _FLT_MAX
+    loss_ok = tl.abs(loss) <= _FLT_MAX
+    step_ok = loss_ok
     if HAS_FOUND_INF:
         step_ok = step_ok & (found_inf == 0.0)
+    if HAS_STEP_COUNTS:
+        if tl.program_id(0) == 0:
+            tl.atomic_add(step_counts_ptr, tl.where(loss_ok, 0, 1).to(tl.int64))
+            if HAS_FOUND_INF:
+                tl.atomic_add(step_counts_ptr + 1, tl.where(found_inf == 0.0, 0, 1).to(tl.int64))
     if step_ok:
         if full:
             _plain_step_block(w_ptr, g_ptr, m_ptr, v_ptr, offsets, None, grad_scale_ptr, nonfinite_count_ptr,

@@ -114,3 +114,34 @@ def test_empty_bucket_launches_nothing():
     bucket = Bucket([], [], [], [], None, DEVICE, torch.float32, 0)
     assert launches(lambda: (triton_backend.slope(bucket, PassArgs(HYPER, direction=GRADIENT)),
                              triton_backend.plain_step(bucket, PassArgs(HYPER, Move(0.1, decay=0.1)), torch.tensor(1.0, device=DEVICE)))) == {}
+
+
+@pytest.mark.parametrize("with_scaler", [False, True])
+def test_optimizer_plain_step_counts_inside_the_kernel(with_scaler):
+    """A plain step's whole work is the bucket launches: the loss and GradScaler's found_inf are
+    counted by the first bucket's kernel, not by torch ops beside it (each a launch on a GPU)."""
+    from salsa_fused import FusedSaLSa
+    from salsa_fused.backends import base
+
+    class NeverSearch:
+        def scale(self, step):
+            return 1.0
+
+        def searches(self, step):
+            return False
+
+    params = [torch.nn.Parameter(torch.randn(n, device=DEVICE)) for n in (300, 7)]
+    biases = [torch.nn.Parameter(torch.randn(5, device=DEVICE))]
+    opt = FusedSaLSa([{"params": params}, {"params": biases, "weight_decay": 0.0}], backend="triton",
+                     schedule=NeverSearch())
+    for p in params + biases:
+        p.grad = torch.randn_like(p)
+    if with_scaler:
+        opt.grad_scale, opt.found_inf = torch.ones((), device=DEVICE), torch.ones((), device=DEVICE)
+    weights = [p.detach().clone() for p in params + biases]
+    with mock.patch.object(base, "count_step", side_effect=AssertionError("counted with torch ops")), \
+            mock.patch.object(triton_backend, "count_step", side_effect=AssertionError("counted with torch ops")):
+        counted = launches(lambda: opt.step(lambda: torch.tensor(float("nan")), loss=torch.tensor(float("nan"))))
+    assert counted == {"_plain_step_kernel": 2}
+    assert opt._counts.step_counts.tolist() == [1, int(with_scaler)]
+    assert all(torch.equal(w, p) for w, p in zip(weights, params + biases))  # a NaN loss moves nothing

@@ -95,3 +95,14 @@ def test_register_backend_rejects_an_object_without_the_passes():
         backends.register_backend("half", types.SimpleNamespace(name="half", slope=None))
     with pytest.raises(ValueError, match="other than 'auto'"):
         backends.register_backend("auto", torch_backend)
+
+
+def test_cuda_backend_refuses_cpu_tensors_by_name():
+    """backend="cuda" is the extension's CUDA kernels: on CPU tensors it says so, it never
+    falls back to another backend."""
+    with pytest.raises(RuntimeError, match="backend 'cuda' runs the extension's CUDA kernels; these tensors are on cpu"):
+        backends.load("cuda").check(torch.device("cpu"))
+    assert not backends.usable("cuda", torch.device("cpu"))
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    with pytest.raises(RuntimeError, match="backend 'cuda'"):
+        FusedSaLSa(params, backend="cuda")

@@ -420,3 +420,36 @@ def test_layouts_are_checked():
     on_triton, on_torch, _, _, _ = run_both(
         transposed, lambda be, b: be.first_trial(b, PassArgs(make_hyper(), Move(0.5, decay=0.5), GRADIENT)))
     assert_buckets_match(on_triton, on_torch)
+
+
+@pytest.mark.parametrize("loss_value", [1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("found_inf_value", [None, 0.0, 1.0])
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_plain_step_counts_the_step_once_as_the_reference(loss_value, found_inf_value, misaligned):
+    """step_counts gets [loss non-finite, found_inf set] once per call, from the kernel, as
+    base.count_step counts it; a misaligned view adds a launch, not a count."""
+    counts = {}
+    for backend in (torch_backend, triton_backend):
+        bucket = make_bucket(saved=False)
+        if misaligned:
+            storage = torch.randn(9, device=DEVICE)
+            bucket.params[0] = storage[1:8]
+            bucket.grads[0] = torch.randn(9, device=DEVICE)[1:8]
+            bucket.exp_avg[0] = torch.zeros(7, device=DEVICE)
+            bucket.exp_avg_sq[0] = torch.zeros(7, device=DEVICE)
+        step_counts = torch.tensor([3, 5], dtype=torch.int64, device=DEVICE)  # counts accumulate
+        found_inf = None if found_inf_value is None else torch.tensor(found_inf_value, device=DEVICE)
+        backend.plain_step(bucket, PassArgs(make_hyper(), Move(0.3, decay=0.3)), torch.tensor(loss_value, device=DEVICE),
+                           found_inf=found_inf, nonfinite_count=torch.zeros((), dtype=torch.int64, device=DEVICE),
+                           step_counts=step_counts)
+        counts[backend.name] = step_counts.tolist()
+    expected = [3 + int(loss_value != 1.0), 5 + int(found_inf_value == 1.0)]
+    assert counts["torch"] == expected
+    assert counts["triton"] == expected
+
+
+def test_plain_step_rejects_malformed_step_counts():
+    bucket = make_bucket(saved=False)
+    with pytest.raises(TypeError, match="step_counts must be an int64 tensor of 2 elements"):
+        triton_backend.plain_step(bucket, PassArgs(make_hyper(), Move(0.3, decay=0.3)), torch.tensor(1.0, device=DEVICE),
+                                  step_counts=torch.zeros(2, device=DEVICE))

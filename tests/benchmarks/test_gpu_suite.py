@@ -126,11 +126,24 @@ def test_q_reduction_is_deterministic_and_close_to_float64(smoke):
 def test_training_compares_every_optimizer(smoke):
     training = _values(smoke[2], "training")
     assert set(training) == {"adamw_fused", "fused_salsa_recommended", "fused_salsa_copy", "fused_salsa_inplace",
-                             "salsa_published"}
+                             "salsa_published", "adamw_fused, run again last",
+                             "steady-state overhead, steps 3-4 (met = True)"}
+    # AdamW again last: same model, batches and settings give the same losses.
+    assert training["adamw_fused, run again last"]["mean_loss_last_50"] == training["adamw_fused"]["mean_loss_last_50"]
+    overhead = training["steady-state overhead, steps 3-4 (met = True)"]
+    assert overhead["fused_salsa_copy / (adamw + extra forwards)"] > 0
     # Same model, batches and defaults: the faithful FusedSaLSa takes the published package's steps.
     assert training["fused_salsa_copy"]["backtracks"] == training["salsa_published"]["backtracks"]
     assert training["fused_salsa_copy"]["final_step_size"] == pytest.approx(
         training["salsa_published"]["final_step_size"], rel=1e-4)
+
+
+def test_step_profile_reports_each_optimizer(smoke):
+    profiles = _values(smoke[2], "step_profile")
+    assert {name.split(",")[0] for name in profiles} == {"profile adamw_fused", "profile fused_salsa_copy",
+                                                         "profile fused_salsa_inplace"}
+    copy = profiles["profile fused_salsa_copy, 2 steps after 2"]
+    assert copy["wall_ms"] > 0 and copy["forwards_per_step"] >= 1 and copy["top_host_ops"].count(" ms x") >= 3
 
 
 def test_a_failed_stage_is_logged_and_the_next_one_runs(tmp_path):
