@@ -163,6 +163,16 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def command_line() -> str:
+    """This process's command as one would type it again: ``python -m benchmarks.kernel_bench --tiny``."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None:  # started with -m
+        launcher = ["-m", spec.name.removesuffix(".__main__")]
+    else:
+        launcher = sys.argv[:1]
+    return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *launcher, *sys.argv[1:]])
+
+
 def environment(device) -> Dict[str, str]:
     """Where and how a result was measured."""
     try:
@@ -178,7 +188,7 @@ def environment(device) -> Dict[str, str]:
         "cuda": torch.version.cuda or "none",
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv),
+        "command": command_line(),
         "git_commit": _git_commit(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
     }

@@ -13,24 +13,21 @@ small's 148 shapes, every leading dimension times ``--scale``; gradients shared)
 
 Timings are interleaved round by round; ratios are of medians. Usage::
 
-    python benchmarks/cpu_fallback.py [--scale 0.125] [--repeats 15] [--dtype float32]
+    python -m benchmarks.cpu_fallback [--scale 0.125] [--repeats 15] [--dtype float32]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 from typing import Dict, List
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch  # noqa: E402
+import torch
 
-import _common as C  # noqa: E402
-from salsa_fused import FusedSaLSa  # noqa: E402
-from salsa_fused.backends import torch_backend  # noqa: E402
-from salsa_fused.backends.base import GRADIENT, Move, PassArgs  # noqa: E402
+from benchmarks import _common as C
+from salsa_fused import FusedSaLSa
+from salsa_fused.backends import torch_backend
+from salsa_fused.backends.base import GRADIENT, Move, PassArgs
 
 PROVIDERS = ("adamw_foreach", "adamw_fused", "salsa_plain", "salsa_plain_pass", "salsa_search", "salsa_pass_b")
 

@@ -17,7 +17,7 @@ plus ``triton_plain``, into ``results/cuda_kernel_bench``. Ratios are of medians
 appended to ``results/cpu_kernel_bench.json`` (commit, versions, device, date, load
 average); ``results/cpu_kernel_bench.md`` shows the latest run and one line per earlier run.
 
-    python benchmarks/cpu_kernel_bench.py [--scale 0.125] [--repeats 15] [--threads 1 2]
+    python -m benchmarks.cpu_kernel_bench [--scale 0.125] [--repeats 15] [--threads 1 2]
 """
 
 from __future__ import annotations
@@ -26,17 +26,14 @@ import argparse
 import json
 import os
 import statistics
-import sys
 from pathlib import Path
 from typing import Dict, List
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import torch  # noqa: E402
+import torch
 
-import _common as C  # noqa: E402
-from salsa_fused.backends import cpp_backend, torch_backend  # noqa: E402
-from salsa_fused.backends.base import GRADIENT, Bucket, Hyper, Move, PassArgs  # noqa: E402
+from benchmarks import _common as C
+from salsa_fused.backends import cpp_backend, torch_backend
+from salsa_fused.backends.base import GRADIENT, Bucket, Hyper, Move, PassArgs
 
 TARGETS = {"cpp_plain": 1.2, "cpp_pass_a": 1.25, "cpp_pass_b": 0.7}
 BASELINE = "adamw_fused"

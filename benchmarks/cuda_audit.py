@@ -10,7 +10,7 @@ design's budget (SPEC section 2): plain step 28, first trial 32 (with the saved 
 retrial 16, restore 8 from the copy + 16 in place, slope 8 (gradient) / 12 (momentum), in
 fp32. Results go to ``results/cuda_audit.{json,md}`` (appended as runs to the JSON).
 
-    python benchmarks/cuda_audit.py [--arch sm_80 sm_90a]
+    python -m benchmarks.cuda_audit [--arch sm_80 sm_90a]
 """
 
 from __future__ import annotations

@@ -32,7 +32,6 @@ import pstats
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 
 from benchmarks import _common as C

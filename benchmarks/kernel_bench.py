@@ -21,27 +21,21 @@ per sample). The backend is Triton on CUDA; without a GPU (``--device cpu``, use
 the smoke test) the torch backend runs at tiny sizes and the results say they are not
 GPU figures.
 
-    python benchmarks/kernel_bench.py                  # GPU: 1M .. 1B and GPT-2 small
-    python benchmarks/kernel_bench.py --device cpu --tiny
+    python -m benchmarks.kernel_bench                  # GPU: 1M .. 1B and GPT-2 small
+    python -m benchmarks.kernel_bench --device cpu --tiny
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 from typing import Callable, Dict, List
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(ROOT))
-import _common as C  # noqa: E402
+import torch
 
-import torch  # noqa: E402
-
-from salsa_fused.backends import resolve  # noqa: E402
-from salsa_fused.backends.base import GRADIENT, Bucket, Hyper, Move, PassArgs  # noqa: E402
+from benchmarks import _common as C
+from salsa_fused.backends import resolve
+from salsa_fused.backends.base import GRADIENT, Bucket, Hyper, Move, PassArgs
 
 GPU_SIZES = [2 ** 20, 2 ** 22, 2 ** 24, 2 ** 26, 2 ** 28, 2 ** 30]
 TINY_SIZES = [2 ** 12, 2 ** 16]

@@ -38,18 +38,18 @@ quality_set="salsa_recommended,salsa_author,salsa_faithful"
 
 if [[ $smoke -eq 1 ]]; then
   echo "== smoke: every stage on the CPU at tiny sizes (not GPU figures) -> $out_dir"
-  "$py" benchmarks/step_counts.py --device cpu --out-dir "$out_dir" > /dev/null
-  "$py" benchmarks/memory.py --device cpu --tiny --backends torch --out-dir "$out_dir" > /dev/null
-  "$py" benchmarks/kernel_bench.py --device cpu --tiny --sizes 4096 --dtypes fp32 bf16 --repeats 2 \
+  "$py" -m benchmarks.step_counts --device cpu --out-dir "$out_dir" > /dev/null
+  "$py" -m benchmarks.memory --device cpu --tiny --backends torch --out-dir "$out_dir" > /dev/null
+  "$py" -m benchmarks.kernel_bench --device cpu --tiny --sizes 4096 --dtypes fp32 bf16 --repeats 2 \
       --out-dir "$out_dir" > /dev/null
   SALSA_BENCH_DEVICE=cpu "$py" -m pytest -q -p no:cacheprovider benchmarks/test_kernel_speed.py \
       --benchmark-json "$out_dir/kernel_speed.json" > /dev/null
-  "$py" benchmarks/train_bench.py --device cpu --tiny --steps 4 --out-dir "$out_dir" > /dev/null
+  "$py" -m benchmarks.train_bench --device cpu --tiny --steps 4 --out-dir "$out_dir" > /dev/null
   if [[ $quality -eq 1 ]]; then
     "$py" -m benchmarks.quality.run --size tiny --tasks gpt --optimizers "$quality_set" \
         --adamw-lrs 1e-3,3e-3 --steps 8 --seeds 0 --out "$out_dir/quality" --threads 1 > /dev/null
   fi
-  "$py" benchmarks/plot_results.py --dir "$out_dir"
+  "$py" -m benchmarks.plot_results --dir "$out_dir"
   echo "== smoke done"
   exit 0
 fi
@@ -64,16 +64,16 @@ echo "== CUDA kernel tests (sync-free plain steps, launches, triton vs torch on 
 "$py" -m pytest -q tests/test_cuda.py tests/backends tests/test_counts.py
 
 echo "== counts and memory"
-"$py" benchmarks/step_counts.py --device cuda --out-dir "$out_dir"
-"$py" benchmarks/memory.py --device cuda --scale 1.0 --dtype float32 --out-dir "$out_dir"
-"$py" benchmarks/memory.py --device cuda --scale 1.0 --dtype bfloat16 --out-dir "$out_dir"
+"$py" -m benchmarks.step_counts --device cuda --out-dir "$out_dir"
+"$py" -m benchmarks.memory --device cuda --scale 1.0 --dtype float32 --out-dir "$out_dir"
+"$py" -m benchmarks.memory --device cuda --scale 1.0 --dtype bfloat16 --out-dir "$out_dir"
 
 echo "== kernel level: plain step, reduction, pass A, pass B vs AdamW fused/foreach, copy roofline"
-"$py" benchmarks/kernel_bench.py --device cuda --out-dir "$out_dir"
+"$py" -m benchmarks.kernel_bench --device cuda --out-dir "$out_dir"
 "$py" -m pytest -q -p no:cacheprovider benchmarks/test_kernel_speed.py --benchmark-json "$out_dir/kernel_speed.json"
 
 echo "== training level: GPT-2 small, B=8, T=512, bf16 autocast, 2000 steps per optimizer"
-"$py" benchmarks/train_bench.py --device cuda --out-dir "$out_dir"
+"$py" -m benchmarks.train_bench --device cuda --out-dir "$out_dir"
 
 if [[ $quality -eq 1 ]]; then
   echo "== quality at issue 5's size: byte GPT 6 x 384, 1500 steps, bf16 autocast, seed 0"
@@ -82,5 +82,5 @@ if [[ $quality -eq 1 ]]; then
 fi
 
 echo "== plots"
-"$py" benchmarks/plot_results.py --dir "$out_dir"
+"$py" -m benchmarks.plot_results --dir "$out_dir"
 echo "== done: commit $out_dir"

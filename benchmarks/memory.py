@@ -15,21 +15,16 @@ weights the two agree; with bf16 weights FusedSaLSa's moments take twice AdamW's
 On CUDA the peak memory allocated during one step, above what was allocated before it,
 is measured too (``torch.cuda.max_memory_allocated``).
 
-    python benchmarks/memory.py [--scale 0.125] [--dtype float32] [--device cpu]
+    python -m benchmarks.memory [--scale 0.125] [--dtype float32] [--device cpu]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
-from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(ROOT))
-import _common as C  # noqa: E402
+from benchmarks import _common as C
 
 C.ensure_triton_interpreter_without_cuda()
 

@@ -7,21 +7,19 @@
 
 Figures from a CPU smoke run carry "not measured: no GPU" in their title.
 
-    python benchmarks/plot_results.py [--dir benchmarks/results]
+    python -m benchmarks.plot_results [--dir benchmarks/results]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import List
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import matplotlib
 
-import matplotlib  # noqa: E402
+from benchmarks import _common as C
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

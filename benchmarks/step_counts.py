@@ -17,7 +17,7 @@ plain step: ``B`` launches, no host read (Triton backend; the torch reference ba
 reads one finiteness flag per bucket by design). Search step: ``B`` reduction launches,
 ``B`` pass-A launches, ``B x (n - 1)`` pass-B launches, ``B`` restore launches only when a
 trial forward raises; host reads ``1 + n`` (``f0`` and ``q`` before any write, then ``f1``
-of each trial). ``python benchmarks/step_counts.py`` prints and writes these counts.
+of each trial). ``python -m benchmarks.step_counts`` prints and writes these counts.
 """
 
 from __future__ import annotations
@@ -30,10 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(ROOT))
-import _common as C  # noqa: E402
+from benchmarks import _common as C
 
 C.ensure_triton_interpreter_without_cuda()
 

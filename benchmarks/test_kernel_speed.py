@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
-import kernel_bench as KB  # noqa: E402
+from benchmarks import _common as C
+from benchmarks import kernel_bench as KB
 
 DEVICE = torch.device(os.environ.get("SALSA_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 if DEVICE.type == "cuda":

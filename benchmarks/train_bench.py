@@ -13,8 +13,8 @@ embedding; 124.4M parameters), B=8, T=512, bf16 autocast, 2000 steps. ``--tiny``
 the same code on the CPU with a tiny model and a few steps (the smoke test); its
 figures are marked as not GPU figures.
 
-    python benchmarks/train_bench.py                 # GPU
-    python benchmarks/train_bench.py --device cpu --tiny
+    python -m benchmarks.train_bench                 # GPU
+    python -m benchmarks.train_bench --device cpu --tiny
 """
 
 from __future__ import annotations
@@ -22,21 +22,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import sys
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(ROOT))
-import _common as C  # noqa: E402
+import torch
 
-import torch  # noqa: E402
-
-from examples.gpt import GPT, GPTConfig  # noqa: E402
-from salsa_fused import FusedSaLSa, presets  # noqa: E402
+from benchmarks import _common as C
+from examples.gpt import GPT, GPTConfig
+from salsa_fused import FusedSaLSa, presets
 
 OPTIMIZERS = ("adamw_fused", "salsa_published", "fused_salsa_copy", "fused_salsa_inplace",
               "fused_salsa_recommended")

@@ -1,6 +1,7 @@
 """A small byte-level GPT and a text corpus that every machine has: Python's standard library.
 
-Shared by ``examples/pretrain_gpt.py`` and the quality suite in ``benchmarks/quality``.
+The one definition of the model the examples, the tests and the benchmarks (``benchmarks/quality``
+too) train: they import ``examples.gpt``; the scripts beside it, run by path, import ``gpt``.
 The corpus is the ``.py`` files under ``sysconfig.get_paths()["stdlib"]``, read as bytes
 in sorted order (deterministic on one Python version), split 90/10 into train/val.
 """

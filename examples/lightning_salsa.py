@@ -28,14 +28,17 @@ Run: ``python examples/lightning_salsa.py --precision bf16-mixed --steps 20``
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from typing import Callable, Optional
 
 import lightning as L
 import torch
 
 from salsa_fused import FusedSaLSa
+
+if __package__:  # imported as examples.lightning_salsa (the tests)
+    from .gpt import GPT, ByteBatches, GPTConfig, load_stdlib_corpus
+else:  # run as a script (python examples/lightning_salsa.py): its own directory is on sys.path
+    from gpt import GPT, ByteBatches, GPTConfig, load_stdlib_corpus
 
 
 class SaLSaModule(L.LightningModule):
@@ -85,9 +88,6 @@ def gpt_loss(model, batch):
 
 
 def main(argv=None) -> None:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from gpt import GPT, ByteBatches, GPTConfig, load_stdlib_corpus
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     parser.add_argument("--steps", type=int, default=20)

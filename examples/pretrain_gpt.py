@@ -25,18 +25,17 @@ import contextlib
 import json
 import math
 import os
-import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from gpt import GPT, ByteBatches, GPTConfig, load_stdlib_corpus  # noqa: E402
+from salsa_fused import FusedSaLSa, backends, presets
 
-from salsa_fused import FusedSaLSa, backends, presets  # noqa: E402
+if __package__:  # imported as examples.pretrain_gpt (the tests)
+    from .gpt import GPT, ByteBatches, GPTConfig, load_stdlib_corpus
+else:  # run as a script (python examples/pretrain_gpt.py): its own directory is on sys.path
+    from gpt import GPT, ByteBatches, GPTConfig, load_stdlib_corpus
 
 DTYPES = ("fp32", "bf16-autocast", "bf16", "fp16-autocast")
 

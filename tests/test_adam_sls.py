@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from salsa_fused import FusedSaLSa
 from salsa_fused.adam_sls import ADAM_SLS, ALSALS, ALSALSRule, AdamSLSRule
 from salsa_fused.rules import SEARCH_ARGUMENTS, resolve_rule
+from tests.models import tanh_mlp
 from tests.reference.alsals import ALSALS as ReferenceALSALS
 from tests.reference.sls import AdamSLS as ReferenceAdamSLS
 
@@ -54,8 +55,7 @@ class Recorder:
 
 
 def _model(dtype=torch.float32):
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(5, 12), torch.nn.Tanh(), torch.nn.Linear(12, 1)).to(dtype)
+    return tanh_mlp(5, 12, 1, dtype=dtype)
 
 
 def _batch(step, dtype=torch.float32, rank=0, size=16):

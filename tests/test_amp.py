@@ -7,26 +7,22 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from examples.gpt import GPT, ByteBatches, GPTConfig, load_stdlib_corpus
 from salsa_fused import FusedSaLSa
 from salsa_fused.line_search import plan_step
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-from gpt import GPT, ByteBatches, GPTConfig, load_stdlib_corpus  # noqa: E402
+from tests.models import tanh_mlp
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                  reason="CUDA-only: needs a GPU"))]
 
 
 def _mlp(device, seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)).to(device)
+    return tanh_mlp(8, 32, 1, seed=seed).to(device)
 
 
 def _batch(step, device, size=32):

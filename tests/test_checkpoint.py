@@ -9,17 +9,13 @@ state through torch.distributed.checkpoint) versions are in test_distributed.py.
 from __future__ import annotations
 
 import io
-import os
-import sys
 import warnings
 
 import pytest
 import torch
 
+from examples.gpt import GPT, ByteBatches, GPTConfig, load_stdlib_corpus
 from salsa_fused import FusedSaLSa
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-from gpt import GPT, ByteBatches, GPTConfig, load_stdlib_corpus  # noqa: E402
 
 SAVE_AT, STOP_AT = 12, 20
 

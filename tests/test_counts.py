@@ -7,18 +7,13 @@ is read, and every ``Tensor.item/tolist/__bool__/__float__/__int__/cpu/...`` mad
 tensors and one bf16 layer).
 """
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import memory as M  # noqa: E402
-import step_counts as S  # noqa: E402
-from salsa_fused import FusedSaLSa  # noqa: E402
-from salsa_fused.backends import triton_usable  # noqa: E402
+from benchmarks import memory as M
+from benchmarks import step_counts as S
+from salsa_fused import FusedSaLSa
+from salsa_fused.backends import triton_usable
 
 BUCKETS = 3
 needs_triton = pytest.mark.skipif(not triton_usable(torch.device("cpu")),

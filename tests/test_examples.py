@@ -14,9 +14,9 @@ import sys
 
 import pytest
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples")
-sys.path.insert(0, EXAMPLES)
-import pretrain_gpt  # noqa: E402
+from examples import pretrain_gpt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "32", "--batch-size", "4",
         "--max-bytes", "200000", "--eval-interval", "3", "--eval-batches", "1", "--no-progress"]
@@ -90,9 +90,11 @@ def test_pretrain_gpt_under_torchrun_ddp(tmp_path):
     ranks is logged once, and the run finishes with a checkpoint."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-               os.path.join(EXAMPLES, "pretrain_gpt.py"), *TINY, "--steps", "3", "--grad-accum", "2",
+               os.path.join(ROOT, "examples", "pretrain_gpt.py"), *TINY, "--steps", "3", "--grad-accum", "2",
                "--out", str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # salsa_fused from this checkout, as `pip install -e .` would give it
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "on 2 x cpu" in result.stdout

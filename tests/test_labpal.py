@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 from salsa_fused.errors import NonFiniteError
 from salsa_fused.labpal import LABPAL
+from tests.models import tanh_mlp
 from tests.reference.labpal import LABPAL as ReferenceLABPAL
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -23,8 +24,7 @@ STEPS = 20
 
 
 def _model(dtype=torch.float32):
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(5, 12), torch.nn.Tanh(), torch.nn.Linear(12, 1)).to(dtype)
+    return tanh_mlp(5, 12, 1, dtype=dtype)
 
 
 def _batch(step, index, rank=0, size=16):

@@ -14,16 +14,16 @@ import math
 import pytest
 import torch
 
-from reference.lr_factor import LRFactorScheduler, weighted_factor
 from salsa_fused import FusedSaLSa, NonFiniteError
 from salsa_fused.lr_factor import FACTOR_5, LRFactorSearch, factor_scores
+from tests.models import tanh_mlp
+from tests.reference.lr_factor import LRFactorScheduler, weighted_factor
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def make_model(dtype=torch.float64, seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(dtype)
+    return tanh_mlp(6, 16, 1, seed=seed, dtype=dtype)
 
 
 def batch(k, dtype=torch.float64):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from salsa_fused import FusedSaLSa
 from salsa_fused.line_search import plan_step
+from tests.models import tanh_mlp
 
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -19,8 +20,7 @@ _Y = (_X[:, :2].sum(1, keepdim=True)).sin()
 
 
 def _model(dtype=torch.float32):
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(dtype)
+    return tanh_mlp(6, 16, 1, dtype=dtype)
 
 
 def _batch(k):

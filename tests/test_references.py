@@ -13,10 +13,10 @@ import math
 import pytest
 import torch
 
-from reference.alsals import ALSALS
-from reference.labpal import LABPAL, parabola_minimum
-from reference.lr_factor import FACTOR_3, LRFactorScheduler, weighted_factor
-from reference.sls import AdamSLS
+from tests.reference.alsals import ALSALS
+from tests.reference.labpal import LABPAL, parabola_minimum
+from tests.reference.lr_factor import FACTOR_3, LRFactorScheduler, weighted_factor
+from tests.reference.sls import AdamSLS
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 

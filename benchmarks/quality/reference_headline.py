@@ -1,7 +1,7 @@
 """Seed 001's headline ("Adam+SLS collapses its step on transformers, ALSALS fixes it"),
 checked with the readable references of tests/reference on the suite's byte-level GPT.
 
-    python benchmarks/quality/reference_headline.py RUN [SIZE] [SEED]
+    python -m benchmarks.quality.reference_headline RUN [SIZE] [SEED]
 
 RUN: ``sls`` (Adam+SLS), ``alsals`` (f_a as the exact directional derivative),
 ``alsals_probe`` (f_a from the paper's literal 5e-8 probe in fp32), or a number (Adam at
@@ -11,18 +11,14 @@ A preliminary check (slow reference code, one seed); the fused rules replace it.
 """
 
 import json
-import os
 import sys
 import time
 
 import torch
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(_HERE), os.path.join(os.path.dirname(os.path.dirname(_HERE)), "tests")]
-
-from quality.tasks import make_task  # noqa: E402
-from reference.alsals import ALSALS  # noqa: E402
-from reference.sls import AdamSLS  # noqa: E402
+from benchmarks.quality.tasks import make_task
+from tests.reference.alsals import ALSALS
+from tests.reference.sls import AdamSLS
 
 
 def main(run: str, size: str = "cpu", seed: int = 0) -> dict:

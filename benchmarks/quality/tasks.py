@@ -20,8 +20,6 @@ carry over on the CPU), ``"gpu"`` (issue 5's size).
 from __future__ import annotations
 
 import math
-import os
-import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Tuple
 
@@ -29,11 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if os.path.join(_ROOT, "examples") not in sys.path:
-    sys.path.insert(0, os.path.join(_ROOT, "examples"))
-
-from gpt import GPT, ByteBatches, GPTConfig, load_stdlib_corpus  # noqa: E402
+from examples.gpt import GPT, ByteBatches, GPTConfig, load_stdlib_corpus
 
 SIZES = ("tiny", "cpu", "mid", "gpu")
 

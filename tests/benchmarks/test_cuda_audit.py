@@ -8,15 +8,9 @@ nvcc is absent.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("cuda_audit", ROOT / "benchmarks" / "cuda_audit.py")
-cuda_audit = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cuda_audit)
+from benchmarks import cuda_audit
 
 ARCHS = ["sm_80", "sm_90a"]
 KERNELS = {"slope_kernel", "slope_finish_kernel", "first_trial_kernel", "retrial_kernel", "restore_kernel",

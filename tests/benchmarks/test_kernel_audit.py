@@ -30,7 +30,7 @@ def records():
     if not PTXAS.exists():
         pytest.skip("triton has no bundled ptxas (no NVIDIA backend)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_audit.py"), "--json"],
+    result = subprocess.run([sys.executable, "-m", "benchmarks.kernel_audit", "--json"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout)

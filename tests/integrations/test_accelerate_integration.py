@@ -9,13 +9,13 @@ from accelerate.utils import GradientAccumulationPlugin  # noqa: E402
 
 from salsa_fused import FusedSaLSa  # noqa: E402
 from salsa_fused.integrations.accelerate import SaLSaAccumulation  # noqa: E402
+from tests.models import tanh_mlp  # noqa: E402
 
 ACCUMULATE, UPDATES = 3, 4
 
 
 def make_model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    return tanh_mlp(6, 16, 1)
 
 
 def batches():

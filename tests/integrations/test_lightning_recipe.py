@@ -1,17 +1,11 @@
 """examples/lightning_salsa.py: manual optimization under 32-true and bf16-mixed, against a plain loop."""
 
-import os
-import sys
-
 import pytest
 import torch
 
 L = pytest.importorskip("lightning")
 
-EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
-sys.path.insert(0, os.path.abspath(EXAMPLES))
-from lightning_salsa import SaLSaModule  # noqa: E402
-
+from examples.lightning_salsa import SaLSaModule  # noqa: E402
 from salsa_fused import FusedSaLSa  # noqa: E402
 
 STEPS = 4
@@ -83,6 +77,6 @@ def test_lightning_manual_optimization_matches_plain_loop(precision):
 
 
 def test_example_script_runs(capsys):
-    from lightning_salsa import main
+    from examples.lightning_salsa import main
     main(["--steps", "2", "--block", "16", "--batch", "2"])
     assert "steps 2" in capsys.readouterr().out

@@ -18,8 +18,6 @@ on the ``development`` tasks, the ``validation`` tasks are only run to report.
 from __future__ import annotations
 
 import math
-import os
-import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -27,13 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from examples.gpt import GPT, ByteBatches, GPTConfig, load_stdlib_corpus
+
 from ..tasks import SequenceClassifier, Task, digits_task
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-if os.path.join(_ROOT, "examples") not in sys.path:
-    sys.path.insert(0, os.path.join(_ROOT, "examples"))
-
-from gpt import GPT, ByteBatches, GPTConfig, load_stdlib_corpus  # noqa: E402
 
 DEVELOPMENT, VALIDATION = "development", "validation"
 SPLITS = (DEVELOPMENT, VALIDATION)
