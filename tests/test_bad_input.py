@@ -310,7 +310,7 @@ _BAD_CONSTRUCTION = [
     (dict(lr=torch.tensor(1.0)), "tensor lr is not supported"), (dict(eps=None), "eps must be a number"),
     (dict(growth=0.5), "growth must be"), (dict(backtrack=1.0), "backtrack must lie in"),
     (dict(max_trials=0), "max_trials must be"), (dict(max_search_interval=0), "max_search_interval"),
-    (dict(restore="swap"), "restore must be one of"), (dict(backend="cuda"), "backend must be one of"),
+    (dict(restore="swap"), "restore must be one of"), (dict(backend="cudnn"), "backend must be one of"),
     (dict(nonfinite="ignore"), "nonfinite must be one of"), (dict(search_direction="adam"), "search_direction"),
 ]
 
