@@ -520,7 +520,9 @@ def stage_cuda_extension(ctx: Context) -> None:
         ctx.emit("pytest tests/backends/test_cpp_backend.py", {"error": str(error)}, "skipped",
                  "pytest is not installed")
         return
-    _run_pytest(ctx, ["tests/backends/test_cpp_backend.py"], "pytest_cpp", ["-k", "cuda"] if ctx.gpu else [])
+    # on the CPU the suite runs this file itself: the smoke form checks the stage with the plain-step tests
+    _run_pytest(ctx, ["tests/backends/test_cpp_backend.py"], "pytest_cpp",
+                ["-k", "cuda"] if ctx.gpu else ["-k", "plain_step_bitwise or plain_step_per_element"])
 
 
 # ---------------------------------------------------------------------------- pytest
