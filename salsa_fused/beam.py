@@ -41,25 +41,12 @@ import torch
 from ._rng import RNGSnapshot
 from .errors import NonFiniteError
 from .optimizer import FusedSaLSa
+from .step_size import ScaledSchedule, scaled_by
 
 #: Seed 004's ``Factor_3``: halve, keep, double.
 HALVE_KEEP_DOUBLE = (0.5, 1.0, 2.0)
 
 IndexedClosure = Callable[[int], torch.Tensor]
-
-
-class _BeamSchedule:
-    """FusedSaLSa's schedule protocol: the beam's multiplier times the inner schedule's scale."""
-
-    def __init__(self, inner, beam: "StepSizeBeam"):
-        self.inner, self.beam = inner, beam
-
-    def scale(self, step: int) -> float:
-        inner = 1.0 if self.inner is None else float(self.inner.scale(step))
-        return inner * self.beam._applied_multiplier
-
-    def searches(self, step: int) -> bool:
-        return True if self.inner is None else bool(self.inner.searches(step))
 
 
 class _Snapshot:
@@ -151,7 +138,7 @@ class StepSizeBeam:
                  buffers: Iterable[torch.Tensor] = (), cooldown: float = 1.0, min_multiplier: float = 0.0):
         if not isinstance(optimizer, FusedSaLSa):
             raise TypeError(f"optimizer must be a FusedSaLSa, got {type(optimizer).__name__}")
-        if isinstance(optimizer.schedule, _BeamSchedule):
+        if scaled_by(optimizer.schedule, StepSizeBeam):
             raise ValueError("this FusedSaLSa already has a StepSizeBeam on its schedule")
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
@@ -194,7 +181,7 @@ class StepSizeBeam:
         self.calls = 0
         self.branch_forward_evals = 0
         self.decisions: List[Dict] = []
-        optimizer.schedule = _BeamSchedule(optimizer.schedule, self)
+        optimizer.schedule = ScaledSchedule(optimizer.schedule, self, "_applied_multiplier")
 
     @property
     def num_forward_evals(self) -> int:

@@ -39,6 +39,7 @@ from ._rng import RNGSnapshot
 from .distributed import SearchReduction, default_reduction
 from .errors import NonFiniteError
 from .optimizer import FusedSaLSa
+from .step_size import ScaledSchedule, scaled_by
 
 #: The factor lists of seed 004 (Factor_3 is the default).
 FACTOR_3 = (2.0, 1.0, 0.5)
@@ -60,20 +61,6 @@ def factor_scores(factors: Sequence[float], losses: Sequence[float]):
               for x in losses]
     log_mean = math.fsum(s * math.log(f) for s, f in zip(scores, factors)) / math.fsum(scores)
     return scores, math.exp(log_mean)
-
-
-class _ScaledSchedule:
-    """FusedSaLSa's schedule protocol: the factor search's scale times the inner schedule's."""
-
-    def __init__(self, inner, search: "LRFactorSearch"):
-        self.inner, self.search = inner, search
-
-    def scale(self, step: int) -> float:
-        inner = 1.0 if self.inner is None else float(self.inner.scale(step))
-        return inner * self.search.scale
-
-    def searches(self, step: int) -> bool:
-        return True if self.inner is None else bool(self.inner.searches(step))
 
 
 class LRFactorSearch:
@@ -119,9 +106,9 @@ class LRFactorSearch:
         if target == "schedule":
             if not isinstance(optimizer, FusedSaLSa):
                 raise ValueError(f"target='schedule' needs a FusedSaLSa, got {type(optimizer).__name__}")
-            if isinstance(optimizer.schedule, _ScaledSchedule):
+            if scaled_by(optimizer.schedule, LRFactorSearch):
                 raise ValueError("this FusedSaLSa already has an LRFactorSearch on its schedule")
-            optimizer.schedule = _ScaledSchedule(optimizer.schedule, self)
+            optimizer.schedule = ScaledSchedule(optimizer.schedule, self, "scale")
         else:
             for i, group in enumerate(groups):
                 lr = group.get("lr")

@@ -75,3 +75,24 @@ class WarmupStableDecay:
 
     def searches(self, step: int) -> bool:
         return step <= self.decay_start
+
+
+class ScaledSchedule:
+    """FusedSaLSa's schedule protocol around another one: ``scale(k) = inner.scale(k) *
+    getattr(owner, attribute)``, searching when the inner schedule does (always without one).
+    ``owner`` installed it (a StepSizeBeam, an LRFactorSearch) and sets the multiplier."""
+
+    def __init__(self, inner, owner, attribute: str):
+        self.inner, self.owner, self.attribute = inner, owner, attribute
+
+    def scale(self, step: int) -> float:
+        inner = 1.0 if self.inner is None else float(self.inner.scale(step))
+        return inner * getattr(self.owner, self.attribute)
+
+    def searches(self, step: int) -> bool:
+        return True if self.inner is None else bool(self.inner.searches(step))
+
+
+def scaled_by(schedule, owner_type) -> bool:
+    """Whether ``schedule`` is a :class:`ScaledSchedule` installed by an ``owner_type``."""
+    return isinstance(schedule, ScaledSchedule) and isinstance(schedule.owner, owner_type)
