@@ -42,6 +42,7 @@ WEIGHT_DECAY = 0.1
 WARMUP_FRACTION = 0.05
 ADAMW_PREFIX = "adamw_"
 LONG_WARMUP_PREFIX = "adamw20_"  # adamw20_<lr>: AdamW with 20% warmup + cosine (a check, not the grid)
+BACKEND = "auto"  # FusedSaLSa's backend in every configuration: "cpp" on the CPU when built (issue 18)
 SHAPE_PREFIX = "shape_"  # shape_w<warmup>_x<factor>_d<decay>[_f<final>][_b<beta3>]: WarmupStableDecay by name
 
 
@@ -57,7 +58,7 @@ class Built:
 def _fused(kwargs_of: Callable[[int], dict], decay: bool = True):
     def build(task, model, total_steps) -> Built:
         kwargs = dict(kwargs_of(total_steps))
-        kwargs.setdefault("backend", "torch" if task.device.type == "cpu" else "auto")
+        kwargs.setdefault("backend", BACKEND)
         wd = kwargs.pop("weight_decay", 0.0)
         opt = FusedSaLSa(task.param_groups(model, wd), **kwargs)
         return Built(opt, "fused", schedule=kwargs.get("schedule"))
@@ -69,8 +70,7 @@ def _preset(name: str, **overrides):
     def build(task, model, total_steps) -> Built:
         kwargs = presets.preset_kwargs(name, total_steps)
         wd = kwargs.pop("weight_decay", 0.0)
-        backend = "torch" if task.device.type == "cpu" else "auto"
-        opt = presets.from_preset(task.param_groups(model, wd), name, total_steps=total_steps, backend=backend,
+        opt = presets.from_preset(task.param_groups(model, wd), name, total_steps=total_steps, backend=BACKEND,
                                   **overrides)
         return Built(opt, "fused", schedule=kwargs.get("schedule"))
     return build
