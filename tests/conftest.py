@@ -17,6 +17,8 @@ import re
 import pytest
 import torch
 
+from tests import background
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -52,9 +54,26 @@ def pytest_addoption(parser):
                      help="run the collected tests last to first (a check that no test depends on another)")
 
 
+def _module_name(item) -> str:
+    module = getattr(item, "module", None)
+    return module.__name__ if module is not None else ""
+
+
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--reverse-order"):
         items.reverse()
+    waiting = {job.module for job in background.JOBS.values()}  # their tests read a background job: last
+    items[:] = ([i for i in items if _module_name(i) not in waiting]
+                + [i for i in items if _module_name(i) in waiting])
+
+
+def pytest_collection_finish(session):
+    if not session.config.option.collectonly:
+        background.start(sorted({_module_name(i) for i in session.items}))
+
+
+def pytest_sessionfinish(session):
+    background.cleanup()
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -5,23 +5,32 @@ tiny sizes and writes its JSON/markdown/PNG; GPU figures are marked as not measu
 """
 
 import json
-import subprocess
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 from benchmarks import _common as C
+from tests import background
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _long_suite(tmp: Path):
+    out = tmp / "long_suite_smoke"
+    done = background.run_process(["bash", str(ROOT / "benchmarks" / "long_suite.sh"), "--smoke", "--quality",
+                                   "--out-dir", str(out)], cwd=ROOT, timeout=600,
+                                  env={**os.environ, "PYTHON": sys.executable})
+    return done, out
+
+
+LONG_SUITE = background.job("long suite smoke", _long_suite, seconds_hint=60)
+
+
 @pytest.fixture(scope="module")
-def smoke_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu_suite_smoke")
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "long_suite.sh"), "--smoke", "--quality", "--out-dir", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "PYTHON": sys.executable})
+def smoke_dir():
+    done, out = LONG_SUITE.result()
     assert done.returncode == 0, done.stdout + done.stderr
     return out
 

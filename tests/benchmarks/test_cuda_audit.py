@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks import cuda_audit
+from tests import background
 
 ARCHS = ["sm_80", "sm_90a"]
 KERNELS = {"slope_kernel", "slope_finish_kernel", "first_trial_kernel", "retrial_kernel", "restore_kernel",
@@ -22,11 +23,20 @@ FP32_BYTES = {("plain_step_kernel", False): 28, ("first_trial_kernel", False): 3
               ("slope_kernel", True): 12}
 
 
+def _audit(_tmp):
+    if cuda_audit.find_tool("nvcc") is None:
+        return None
+    return {arch["arch"]: arch for arch in cuda_audit.run(ARCHS)["archs"]}
+
+
+AUDIT = background.job("nvcc audit", _audit, seconds_hint=50)
+
+
 @pytest.fixture(scope="module")
 def audit():
     if cuda_audit.find_tool("nvcc") is None:
         pytest.skip("nvcc is not installed")
-    return {arch["arch"]: arch for arch in cuda_audit.run(ARCHS)["archs"]}
+    return AUDIT.result()
 
 
 @pytest.mark.parametrize("arch", ARCHS)

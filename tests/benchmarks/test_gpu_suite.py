@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import gpu_suite
+from tests import background
 
 ROOT = Path(__file__).resolve().parents[2]
 SKIPPED_DIRS = {".git", "__pycache__", ".pytest_cache"}
@@ -31,16 +31,23 @@ def _repo_files() -> set:
     return found
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu_suite")
+def _smoke(tmp: Path):
+    out = tmp / "gpu_suite"
+    out.mkdir()
     before = _repo_files()
     # --slow 6: time limits for a busy 2-core CI machine (each stage also starts torch afresh).
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--out", str(out), "--smoke",
-                           "--slow", "6"], cwd=ROOT, capture_output=True, text=True, timeout=1200,
-                          env={**os.environ, "PYTHON": sys.executable})
+    done = background.run_process(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--out", str(out), "--smoke",
+                                   "--slow", "6"], cwd=ROOT, timeout=1200, env={**os.environ, "PYTHON": sys.executable})
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text(encoding="utf-8").splitlines()]
     return done, out, rows, _repo_files() - before
+
+
+SMOKE = background.job("gpu suite smoke", _smoke, seconds_hint=90)
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    return SMOKE.result()
 
 
 def test_every_stage_passes(smoke):

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests import background
 
 triton = pytest.importorskip("triton")
 
@@ -25,13 +26,22 @@ KERNELS = {"slope", "plain_step", "first_trial", "retrial", "restore"}
 FP32_BUDGET = {"plain_step": 28, "first_trial": 32, "retrial": 16}
 
 
+def _audit(_tmp: Path):
+    if not PTXAS.exists():
+        return None
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return background.run_process([sys.executable, "-m", "benchmarks.kernel_audit", "--json"],
+                                  cwd=ROOT, env=env, timeout=1800)
+
+
+AUDIT = background.job("kernel audit", _audit, seconds_hint=150)
+
+
 @pytest.fixture(scope="module")
 def records():
     if not PTXAS.exists():
         pytest.skip("triton has no bundled ptxas (no NVIDIA backend)")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-m", "benchmarks.kernel_audit", "--json"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    result = AUDIT.result()
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout)
 

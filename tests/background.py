@@ -1,0 +1,116 @@
+"""Expensive module fixtures computed in a background thread while the other tests run.
+
+A few fixtures run a whole program in a subprocess (the kernel audit, the GPU suite's smoke
+run, the quality stage, the nvcc audit): minutes of work on one core, during which pytest's
+own process would wait. A test module declares such work once, at import::
+
+    AUDIT = background.job("kernel audit", compute)   # compute(tmp_dir: Path) -> value
+
+and its fixture returns ``AUDIT.result()``. After collection, ``tests/conftest.py`` starts the
+jobs of the modules that have selected tests, one after another in one thread (longest
+declared first), and moves those modules' tests to the end of the run, so the other core
+works through the jobs while this process runs everything else. ``result()`` waits for the
+job and raises its exception, if any, in the test that reads it. A job started nowhere (its
+module was imported but none of its tests selected) runs on first use, in the caller.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Set
+
+
+class Job:
+    """One computation, run once; ``result()`` returns its value or raises its exception."""
+
+    def __init__(self, name: str, compute: Callable[[Path], object], module: str, seconds_hint: float):
+        self.name, self.compute, self.module, self.seconds_hint = name, compute, module, seconds_hint
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._started = False
+        self._value: object = None
+        self._error: Optional[BaseException] = None
+        self._tmp: Optional[Path] = None
+
+    def run(self) -> None:
+        """Compute, unless another thread already did or is doing it (then wait for it)."""
+        with self._lock:
+            if self._started:
+                start = False
+            else:
+                self._started = start = True
+        if not start:
+            self._done.wait()
+            return
+        try:
+            self._tmp = Path(tempfile.mkdtemp(prefix=f"salsa-{self.name.replace(' ', '-')}-"))
+            self._value = self.compute(self._tmp)
+        except BaseException as error:  # handed to the test that reads the result
+            self._error = error
+        finally:
+            self._done.set()
+
+    def result(self):
+        self.run()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def cleanup(self) -> None:
+        if self._tmp is not None and self._done.is_set():
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+JOBS: Dict[str, Job] = {}
+_PROCESSES: Set[subprocess.Popen] = set()
+
+
+def run_process(args, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kwargs)``, with the
+    child killed by ``cleanup()`` if the session ends first (``-x``, Ctrl-C)."""
+    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs) as process:
+        _PROCESSES.add(process)
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            raise
+        finally:
+            _PROCESSES.discard(process)
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+
+
+def job(name: str, compute: Callable[[Path], object], seconds_hint: float = 60.0) -> Job:
+    """Declare background work for the test module that defines ``compute`` (``compute.__module__``);
+    ``seconds_hint`` only orders the jobs, longest first."""
+    declared = Job(name, compute, compute.__module__, seconds_hint)
+    JOBS[name] = declared
+    return declared
+
+
+def start(modules: List[str]) -> Optional[threading.Thread]:
+    """Run, in one daemon thread, the jobs declared by ``modules``, longest first."""
+    todo = sorted((j for j in JOBS.values() if j.module in modules), key=lambda j: -j.seconds_hint)
+    if not todo:
+        return None
+
+    def work():
+        for j in todo:
+            j.run()
+
+    thread = threading.Thread(target=work, name="background-fixtures", daemon=True)
+    thread.start()
+    return thread
+
+
+def cleanup() -> None:
+    """Kill children still running (the session ended early) and remove the jobs' folders."""
+    for process in list(_PROCESSES):
+        process.kill()
+    for j in JOBS.values():
+        j.cleanup()
