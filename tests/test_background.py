@@ -1,0 +1,76 @@
+"""tests/background.py: a job runs once, hands its value or its exception to every reader, and
+cleanup kills a child still running."""
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import background
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_job_runs_once_for_concurrent_readers(tmp_path):
+    calls = []
+
+    def compute(tmp):
+        calls.append(tmp)
+        time.sleep(0.05)
+        return len(calls)
+
+    job = background.Job("counted", compute, module=__name__, seconds_hint=1)
+    results = []
+    readers = [threading.Thread(target=lambda: results.append(job.result())) for _ in range(4)]
+    for r in readers:
+        r.start()
+    for r in readers:
+        r.join()
+    assert results == [1, 1, 1, 1] and len(calls) == 1 and calls[0].is_dir()
+    job.cleanup()
+    assert not calls[0].exists()
+
+
+def test_the_exception_reaches_the_reader():
+    def compute(tmp):
+        raise ValueError("no ptxas here")
+
+    job = background.Job("failing", compute, module=__name__, seconds_hint=1)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="no ptxas here"):
+            job.result()
+
+
+CLEANUP_SCRIPT = """
+import sys, threading, time
+from tests import background
+outcome = {}
+def run():
+    try:
+        background.run_process([sys.executable, "-c", "import time; time.sleep(60)"], timeout=120)
+        outcome["returned"] = True
+    except BaseException as error:
+        outcome["error"] = error
+thread = threading.Thread(target=run)
+thread.start()
+deadline = time.monotonic() + 20
+while not background._PROCESSES and time.monotonic() < deadline:
+    time.sleep(0.01)
+assert background._PROCESSES, "the child never started"
+started = time.monotonic()
+background.cleanup()
+thread.join(timeout=20)
+assert not thread.is_alive() and not background._PROCESSES
+print(f"killed after {time.monotonic() - started:.1f} s")
+"""
+
+
+def test_cleanup_kills_a_child_still_running():
+    # In its own interpreter: cleanup() here would kill this session's own background jobs.
+    done = subprocess.run([sys.executable, "-c", CLEANUP_SCRIPT], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout.split()[2]) < 20
