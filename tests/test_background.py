@@ -42,6 +42,7 @@ def test_the_exception_reaches_the_reader():
     for _ in range(2):
         with pytest.raises(ValueError, match="no ptxas here"):
             job.result()
+    job.cleanup()
 
 
 CLEANUP_SCRIPT = """
