@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from benchmarks.quality.zoo import runner, tasks as Z
+from salsa_fused import backends
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -68,6 +69,9 @@ def test_run_appends_rows_once_and_the_table_reads_them(tmp_path):
         assert row["split"] == "validation" and row["steps"] == 6 and len(row["loss_trace"]) == 6
     fused = [r for r in rows if r["config"] == "salsa_defaults"]
     assert all(r["forwards_per_step"] > 1 and r["optimizer"] == "salsa_faithful" for r in fused)
+    # the zoo runs FusedSaLSa on "auto": the C++ backend where it is built (issue 18)
+    expected = "cpp" if backends.usable("cpp", torch.device("cpu")) else "torch"
+    assert {r["fused_backend"] for r in rows} == {expected}
     # same weights and batches for every configuration: the first loss (before any step) agrees
     for task in ("mlp_gelu_sin", "cnn_shapes"):
         firsts = {r["loss_trace"][0] for r in rows if r["task"] == task and r["seed"] == 0}

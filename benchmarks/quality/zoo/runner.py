@@ -75,7 +75,8 @@ def lr_of(config: str) -> Optional[float]:
 
 
 def _provenance() -> dict:
-    """Commit (with a ``+dirty`` mark when the worktree has uncommitted changes), versions, date."""
+    """Commit (with a ``+dirty`` mark when the worktree has uncommitted changes), versions, and
+    the backend FusedSaLSa configurations run on (``optimizers.BACKEND`` resolved on the CPU)."""
     def git(*args):
         try:
             return subprocess.run(["git", *args], cwd=_ROOT, capture_output=True, text=True,
@@ -92,7 +93,11 @@ def _provenance() -> dict:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    return dict(commit=commit, versions=versions)
+    import torch
+
+    from salsa_fused import backends
+    fused_backend = backends.resolve(O.BACKEND, torch.device("cpu")).name
+    return dict(commit=commit, versions=versions, fused_backend=fused_backend)
 
 
 def _thin(values: List[float], points: int = TRACE_POINTS) -> List[float]:
