@@ -203,8 +203,10 @@ def test_a_test_skips_only_for_want_of_cuda(tmp_path):
         "    pass\n"
         "def test_runs():\n"
         "    pass\n")
+    # the copied conftest imports tests.background from the repository
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 1, done.stdout
     assert "1 failed, 1 passed, 1 skipped" in done.stdout, done.stdout
     assert 'pip install --no-build-isolation -e ".[test]"' in done.stdout
