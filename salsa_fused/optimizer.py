@@ -134,6 +134,12 @@ class FusedSaLSa(Optimizer):
             step for step 0.1.0's arithmetic), ``"triton"``, ``"cpp"``, or a name added with
             :func:`salsa_fused.backends.register_backend`; chosen and checked here (a backend
             that cannot run raises with the reason).
+        foreach, fused: torch.optim's flags, read as a choice of backend (one for every group):
+            ``fused=True`` (or ``foreach=False``) asks for compiled kernels, ``"auto"`` then
+            picking triton (or the extension's CUDA kernels) on CUDA and cpp on the CPU, and
+            raising with the reason where none runs; ``foreach=True`` (or ``fused=False``) asks
+            for the torch backend (``torch._foreach_*`` ops). ``None``: ``backend`` decides.
+            Flags that contradict each other or ``backend`` raise ValueError.
         nonfinite: ``"raise"`` a :class:`NonFiniteError` or ``"skip"`` (and count) a step whose
             loss or gradient is NaN/inf. Nothing non-finite is ever written either way.
         reduction: how losses and ``q`` are reduced across ranks (default: losses averaged
@@ -165,7 +171,7 @@ class FusedSaLSa(Optimizer):
                  adaptive_interval: bool = True, max_search_interval: int = 10,
                  always_search_steps: int = 9, growth: float = 1.1, backtrack: float = 0.8,
                  max_trials: int = 100, restore: str = "copy", backend: str = "auto",
-                 nonfinite: str = "raise", reduction: Optional[SearchReduction] = None,
+                 foreach: Optional[bool] = None, fused: Optional[bool] = None, nonfinite: str = "raise", reduction: Optional[SearchReduction] = None,
                  search_rule: Optional[Callable] = None, schedule=None,
                  model: Optional[torch.nn.Module] = None):
         if not (math.isfinite(init_step_size) and init_step_size > 0):
@@ -176,6 +182,7 @@ class FusedSaLSa(Optimizer):
             raise ValueError(f"restore must be one of {RESTORE_STRATEGIES}, got {restore!r}")
         if backend not in _backends.names():
             raise ValueError(f"backend must be one of {_backends.names()}, got {backend!r}")
+        backend = _backends.name_for_flags(backend, foreach, fused)
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         self.search_config = SearchConfig(
@@ -193,6 +200,7 @@ class FusedSaLSa(Optimizer):
         self.search_direction = search_direction
         self.restore_strategy = restore
         self.backend_name = backend
+        self.foreach, self.fused = foreach, fused
         self.nonfinite = nonfinite
         self.init_step_size = float(init_step_size)
         self.model = model
@@ -289,8 +297,10 @@ class FusedSaLSa(Optimizer):
                 if self.backend_name == _backends.AUTO:
                     self.backend = _backends.resolve("torch", self._device or torch.device("cpu"))
                     return
-                raise ValueError(f"backend={self.backend_name!r} cannot take param_groups[{i}]['params'][{j}]: "
-                                 f"it is {reason}; use backend='torch' or 'auto'")
+                chosen = ("fused=True" if self.backend_name == _backends.FUSED
+                          else f"backend={self.backend_name!r}")
+                raise ValueError(f"{chosen} cannot take param_groups[{i}]['params'][{j}]: it is {reason} "
+                                 f"for the {self.backend.name} backend; use backend='torch' or 'auto'")
 
     def _init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -393,8 +403,8 @@ class FusedSaLSa(Optimizer):
     #: What a copy (deepcopy, pickle, torch.save) keeps beside torch's defaults/state/param_groups;
     #: the backend is resolved again by name, caches and the hand-off to the next step start empty.
     _PICKLED = ("_search", "search_config", "search_rule", "schedule", "search_direction",
-                "restore_strategy", "backend_name", "nonfinite", "init_step_size", "model", "_device",
-                "_counts", "_reduction_given")
+                "restore_strategy", "backend_name", "foreach", "fused", "nonfinite", "init_step_size", "model",
+                "_device", "_counts", "_reduction_given")
 
     def __getstate__(self) -> dict:
         state = {**super().__getstate__(), **{name: self.__dict__[name] for name in self._PICKLED
@@ -405,7 +415,8 @@ class FusedSaLSa(Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        for name, value in (("_buckets", BucketCache()), ("_saved", {}), ("_counts", None)):
+        for name, value in (("_buckets", BucketCache()), ("_saved", {}), ("_counts", None), ("foreach", None),
+                            ("fused", None)):
             self.__dict__.setdefault(name, value)
         self._handoff = _StepHandoff()
         if "backend_name" in self.__dict__:

@@ -26,6 +26,12 @@ REGISTRY: Dict[str, Union[str, Backend]] = {
     "cuda": "salsa_fused.backends.cuda_backend",
 }
 AUTO = "auto"
+#: The backends that run a pass as compiled kernels (what ``fused=True`` asks for).
+KERNEL_BACKENDS = ("triton", "cpp", "cuda")
+#: The backend of ``torch._foreach_*`` ops (what ``foreach=True`` asks for).
+FOREACH_BACKEND = "torch"
+#: :func:`name_for_flags`' answer to ``fused=True`` with ``backend="auto"``: kernels for the device.
+FUSED = "auto:fused"
 
 
 def names() -> Tuple[str, ...]:
@@ -91,12 +97,57 @@ def _auto(device: torch.device) -> str:
     return "torch"
 
 
+def name_for_flags(backend: str, foreach, fused) -> str:
+    """The backend ``FusedSaLSa(backend=..., foreach=..., fused=...)`` asks for, as torch.optim reads
+    its flags: ``fused=True`` or ``foreach=False``: compiled kernels (``"auto"`` picks them for
+    the device: triton or the extension's CUDA kernels on CUDA, cpp on the CPU, never torch);
+    ``foreach=True`` or ``fused=False``: the torch reference, which runs ``torch._foreach_*`` ops.
+    ``None`` leaves ``backend`` alone. Flags that contradict each other or ``backend`` raise
+    ValueError naming both (FusedSaLSa has no per-tensor loop: ``foreach=False, fused=False`` too)."""
+    for flag, value in (("foreach", foreach), ("fused", fused)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{flag} must be True, False or None, got {value!r}")
+    if foreach is not None and fused is not None and foreach == fused:
+        raise ValueError("`fused` and `foreach` cannot both be True" if fused else
+                         "foreach=False and fused=False leave no implementation: FusedSaLSa runs "
+                         "either compiled kernels (fused) or torch's foreach ops")
+    wants_kernels = fused is True or foreach is False
+    wants_foreach = foreach is True or fused is False
+    if not (wants_kernels or wants_foreach):
+        return backend
+    flags = ", ".join(f"{k}={v}" for k, v in (("foreach", foreach), ("fused", fused)) if v is not None)
+    if wants_foreach:
+        if backend not in (AUTO, FOREACH_BACKEND):
+            raise ValueError(f"{flags} asks for the torch backend (foreach ops), but backend={backend!r}")
+        return FOREACH_BACKEND
+    if backend != AUTO and backend not in KERNEL_BACKENDS:
+        raise ValueError(f"{flags} asks for compiled kernels ({', '.join(KERNEL_BACKENDS)}), "
+                         f"but backend={backend!r}")
+    return FUSED if backend == AUTO else backend
+
+
+def _fused(device: torch.device) -> str:
+    """The kernel backend for ``device`` (``fused=True`` with ``backend="auto"``), or RuntimeError
+    with each candidate's reason."""
+    candidates = ("triton", "cuda") if device.type == "cuda" else ("cpp",)
+    reasons = []
+    for name in candidates:
+        try:
+            load(name).check(device)
+            return name
+        except (ImportError, RuntimeError) as error:
+            reasons.append(f"{name}: {error}")
+    raise RuntimeError(f"fused=True: no compiled backend runs on {device.type} here ({'; '.join(reasons)})")
+
+
 def resolve(name: str, device: torch.device) -> Backend:
     """The backend for ``name`` on ``device``, checked: raises RuntimeError with the reason when it
     cannot run there. ``"auto"``: triton on CUDA when it can run, cpp on the CPU when the extension
     is built, else torch."""
     if name == AUTO:
         name = _auto(device)
+    elif name == FUSED:
+        name = _fused(device)
     backend = load(name)
     backend.check(device)
     return backend

@@ -106,3 +106,44 @@ def test_cuda_backend_refuses_cpu_tensors_by_name():
     params = [torch.nn.Parameter(torch.zeros(3))]
     with pytest.raises(RuntimeError, match="backend 'cuda'"):
         FusedSaLSa(params, backend="cuda")
+
+
+@pytest.mark.parametrize("flags, backend", [
+    (dict(fused=True), cpp_backend), (dict(foreach=False), cpp_backend), (dict(foreach=True), torch_backend),
+    (dict(fused=False), torch_backend), (dict(fused=True, foreach=False), cpp_backend),
+    (dict(fused=False, foreach=True, backend="torch"), torch_backend), (dict(fused=True, backend="cpp"), cpp_backend),
+    (dict(foreach=None, fused=None, backend="torch"), torch_backend)])
+def test_foreach_and_fused_choose_the_backend_as_torch_optim_reads_them(flags, backend):
+    opt = FusedSaLSa([torch.zeros(3, requires_grad=True)], **flags)
+    assert opt.backend is backend
+    assert (opt.foreach, opt.fused) == (flags.get("foreach"), flags.get("fused"))
+
+
+@pytest.mark.parametrize("flags, error, match", [
+    (dict(fused=True, foreach=True), ValueError, "`fused` and `foreach` cannot both be True"),
+    (dict(fused=False, foreach=False), ValueError, "leave no implementation"),
+    (dict(fused=True, backend="torch"), ValueError, "fused=True asks for compiled kernels .* but backend='torch'"),
+    (dict(foreach=False, backend="torch"), ValueError, "foreach=False asks for compiled kernels"),
+    (dict(foreach=True, backend="cpp"), ValueError, "foreach=True asks for the torch backend .* backend='cpp'"),
+    (dict(fused="yes"), TypeError, "fused must be True, False or None"),
+])
+def test_contradicting_flags_raise_naming_both(flags, error, match):
+    w = torch.zeros(3, requires_grad=True)
+    with pytest.raises(error, match=match):
+        FusedSaLSa([w], **flags)
+    assert w.grad is None and torch.equal(w, torch.zeros(3))
+
+
+def test_fused_without_a_compiled_backend_fails_at_construction_with_the_reason(monkeypatch):
+    monkeypatch.setattr(_ext, "require", lambda: (_ for _ in ()).throw(RuntimeError("extension not built")))
+    with pytest.raises(RuntimeError, match="fused=True: no compiled backend runs on cpu here .*cpp: extension not built"):
+        FusedSaLSa([torch.zeros(3, requires_grad=True)], fused=True)
+    assert FusedSaLSa([torch.zeros(3, requires_grad=True)], fused=False).backend is torch_backend
+
+
+def test_fused_survives_pickling_and_picks_the_kernels_again():
+    import pickle
+
+    opt = FusedSaLSa([torch.zeros(3, requires_grad=True)], fused=True)
+    again = pickle.loads(pickle.dumps(opt))
+    assert again.backend is cpp_backend and again.fused is True
