@@ -19,6 +19,11 @@ task and a run length. Families, which set how the training loop calls ``step``:
   the loss on the step's ``i``-th batch: the task's batches from the step's own onwards).
 - ``beam``: a FusedSaLSa configuration inside :class:`salsa_fused.beam.StepSizeBeam` (NOTES.md
   section 11; ``beam.step(closure)`` with ``closure(i)`` as for ``labpal``).
+- ``lr_factor``: AdamW or a FusedSaLSa configuration inside :class:`salsa_fused.LRFactorSearch`
+  (seed 004): every 1% of the run (the seed decides once per epoch over 100 epochs) it scores
+  the factors 2, 1, 0.5 of the step just taken on the next batch of the stream and multiplies
+  the rate by their score-weighted geometric mean. On AdamW it replaces the schedule: a
+  constant base rate, no warmup, no cosine.
 
 Weight decay 0.1 (on matrices only) for AdamW and the FusedSaLSa configurations that use
 it; Prodigy, schedule-free and the published SaLSa run at their own defaults.
@@ -32,7 +37,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from salsa_fused import LABPAL, FusedSaLSa, presets
+from salsa_fused import LABPAL, FusedSaLSa, LRFactorSearch, presets
 from salsa_fused.beam import StepSizeBeam
 from salsa_fused.step_size import WarmupStableDecay
 
@@ -53,6 +58,8 @@ class Built:
     scheduler: Optional[object] = None
     schedule: Optional[WarmupStableDecay] = None  # FusedSaLSa's applied-step schedule
     beam: Optional[StepSizeBeam] = None  # the ``beam`` family's wrapper around ``optimizer``
+    factor_search: Optional[LRFactorSearch] = None  # the ``lr_factor`` family's wrapper around ``optimizer``
+    inner_family: Optional[str] = None  # ``lr_factor``: the wrapped optimizer's family (``torch`` or ``fused``)
 
 
 def _fused(kwargs_of: Callable[[int], dict], decay: bool = True):
@@ -107,6 +114,31 @@ def _beam(inner: Callable, **beam_kwargs):
         built = inner(task, model, total_steps)
         beam = StepSizeBeam(built.optimizer, total_steps, buffers=list(model.buffers()), **beam_kwargs)
         return Built(built.optimizer, "beam", schedule=built.schedule, beam=beam)
+    return build
+
+
+LR_FACTOR_DECISIONS = 100  # seed 004: one decision per epoch, 100 epochs
+
+
+def _constant_adamw(lr: float):
+    """AdamW at a constant rate (the ``lr_factor`` family's base: the factor search is its schedule)."""
+    def build(task, model, total_steps) -> Built:
+        opt = torch.optim.AdamW(task.param_groups(model, WEIGHT_DECAY), lr=lr, betas=(0.9, 0.999))
+        return Built(opt, "torch")
+    return build
+
+
+def _lr_factor(inner: Callable, decisions: int = LR_FACTOR_DECISIONS):
+    """The optimizer ``inner`` builds (``torch`` family without scheduler, or ``fused``) inside an
+    :class:`LRFactorSearch` deciding every ``total_steps / decisions`` steps."""
+    def build(task, model, total_steps) -> Built:
+        built = inner(task, model, total_steps)
+        if built.family not in ("torch", "fused") or built.scheduler is not None:
+            raise ValueError(f"lr_factor wraps a torch optimizer without scheduler or a FusedSaLSa, "
+                             f"got family {built.family!r}")
+        search = LRFactorSearch(built.optimizer, interval=max(1, total_steps // decisions))
+        return Built(built.optimizer, "lr_factor", schedule=built.schedule, factor_search=search,
+                     inner_family=built.family)
     return build
 
 
@@ -348,6 +380,11 @@ REGISTRY: Dict[str, Callable] = {
     # each branch scored after a cooldown of C = H steps (against the short horizon's bias to small steps):
     # chosen on the development tasks (NOTES.md section 11), StepSizeBeam's defaults
     "beam_pretrain_cool": _beam(_preset(presets.RECOMMENDED), cooldown=1.0),
+    # seed 004's LR-factor search (Factor_3, a decision every 1% of the run): on AdamW at a constant
+    # 1e-3 (PyTorch's default rate; no other schedule), and on the faithful FusedSaLSa defaults
+    # (the factor multiplies the applied step, target "schedule")
+    "lrf_adamw_1e-3": _lr_factor(_constant_adamw(1e-3)),
+    "lrf_salsa_defaults": _lr_factor(_fused(lambda n: {})),
     # references
     "prodigy": _prodigy,
     "schedulefree": _schedulefree,

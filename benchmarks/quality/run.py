@@ -101,6 +101,31 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def _lr_factor_step(built, task, model, batch, score_batch) -> torch.Tensor:
+    """One step of the ``lr_factor`` family: the wrapped optimizer's step on ``batch``; on decision
+    steps the factors are scored on ``score_batch`` (the next batch of the stream; the seed scores
+    on a randomly drawn batch), with the model's buffers put back after each scoring forward."""
+    opt, search = built.optimizer, built.factor_search
+    buffers = list(model.buffers())
+
+    def score():
+        saved = [b.detach().clone() for b in buffers]
+        try:
+            return task.loss(model, score_batch)
+        finally:
+            with torch.no_grad():
+                for b, s in zip(buffers, saved):
+                    b.copy_(s)
+
+    opt.zero_grad(set_to_none=True)
+    if built.inner_family == "fused":
+        return search.step(score, lambda: opt.step(lambda: task.loss(model, batch)))
+    loss = task.loss(model, batch)
+    loss.backward()
+    search.step(score)
+    return loss
+
+
 def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
     """Train a fresh model of ``task`` (weights from ``seed``) with optimizer ``name``."""
     model = task.model(seed)
@@ -132,6 +157,11 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
                 batches = task.batches  # closure(i): batch i of this step, the stream from step k on
                 loss = torch.tensor(opt.step(lambda i: task.loss(model, batches[(k + i) % len(batches)])))
                 step_sizes.append(opt.labpal_state.update_step or 0.0)
+            elif family == "lr_factor":  # the step's rate is read before a decision changes it
+                fused = built.inner_family == "fused"
+                scale = opt.schedule.scale(k + 1) if fused else opt.param_groups[0]["lr"]
+                loss = _lr_factor_step(built, task, model, batch, task.batches[(k + 1) % len(task.batches)])
+                step_sizes.append(opt.step_size * opt.search_config.growth * scale if fused else scale)
             elif family == "salsa_pub":
                 opt.zero_grad(set_to_none=True)
 
@@ -181,6 +211,10 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
         forwards = opt.state["n_forwards"]
     elif family == "labpal":
         forwards = opt.labpal_state.num_forward_evals
+    elif family == "lr_factor":  # the wrapped optimizer's forwards and one per factor per decision
+        search = built.factor_search
+        inner = opt.num_forward_evals if built.inner_family == "fused" else len(values)
+        forwards = inner + len(search.factors) * (search.calls // search.interval)
     else:
         forwards = len(values)
     return dict(optimizer=name, seed=seed, final_train_loss=final, val_loss=val,

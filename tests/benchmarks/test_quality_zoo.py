@@ -132,3 +132,33 @@ def test_the_beam_family_runs_through_the_zoo_and_counts_its_branches(tmp_path):
     assert beam["loss_trace"][0] == preset["loss_trace"][0]  # same weights and first batch
     # beam steps at 1, 2 and 3 of 20 (5, 10, 15%), a horizon of 1 step, three branches each
     assert beam["forwards_per_step"] >= preset["forwards_per_step"] + 3 * 3 / 20
+
+
+def test_the_lr_factor_family_decides_every_hundredth_of_the_run_and_counts_its_forwards():
+    from benchmarks.quality.run import train
+
+    task = Z.make("mlp_gelu_sin", 0, steps=200)  # a decision every 2 steps, 100 in all
+    adamw = train(task, "lrf_adamw_1e-3", 0, record_searches=False)
+    assert adamw["diverged"] is None and len(adamw["losses"]) == 200
+    assert adamw["forwards_per_step"] == (200 + 3 * 100) / 200
+    rates = adamw["step_sizes"]
+    assert rates[0] == rates[1] == 1e-3  # the base rate until the first decision (after step 2)
+    assert all(rates[2 * j] == rates[2 * j + 1] for j in range(100))  # changed only by a decision
+    assert len({round(r, 12) for r in rates}) > 10  # the decisions moved it
+
+    plain = train(Z.make("mlp_gelu_sin", 0, steps=200), "salsa_faithful", 0, record_searches=False)
+    fused = train(task, "lrf_salsa_defaults", 0, record_searches=False)
+    assert fused["diverged"] is None
+    # losses are before each step: the same run until the first decision's factor applies (step 2)
+    assert fused["losses"][:3] == plain["losses"][:3]
+    assert fused["losses"][3] != plain["losses"][3]
+    # the wrapped FusedSaLSa's forwards (its searches) and 3 per decision
+    assert fused["forwards_per_step"] > 1 + 3 * 100 / 200
+
+
+def test_the_lr_factor_family_wraps_only_an_unscheduled_optimizer():
+    from benchmarks.quality import optimizers as O
+
+    task = Z.make("mlp_gelu_sin", 0, steps=10)
+    with pytest.raises(ValueError, match="without scheduler"):
+        O._lr_factor(O._adamw(1e-3))(task, task.model(0), 10)

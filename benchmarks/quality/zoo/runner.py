@@ -439,8 +439,9 @@ def command_plot(args) -> int:
         ys = [k + (i - len(configs) / 2) * 0.08 for k in range(len(tasks))]
         ratios = [summary[t]["configs"].get(config, {}).get("ratio", math.nan) for t in tasks]
         levels = [summary[t]["configs"].get(config, {}).get("level_ratio") or math.nan for t in tasks]
-        ax_r.plot([min(r, 1e3) for r in ratios], ys, "o", label=config, ms=4)
-        ax_l.plot(levels, ys, "o", label=config, ms=4)
+        marker = "os^D"[(i // 10) % 4]  # the colour cycle has 10 colours: the 11th configuration on gets another shape
+        ax_r.plot([min(r, 1e3) for r in ratios], ys, marker, label=config, ms=4)
+        ax_l.plot(levels, ys, marker, label=config, ms=4)
     for ax, label in ((ax_r, "final train loss / best AdamW (drawn at most 1000)"),
                       (ax_l, "mean applied level / best AdamW's")):
         ax.set_xscale("log"); ax.axvline(1.0, color="k", lw=0.8)
