@@ -85,6 +85,11 @@ class Hyper:
                    bias_correction2=1 - beta2 ** max(1, step + 1),
                    lr=group.get("search_lr", group["lr"]))
 
+    def decay_factor(self, decay_step_size: float) -> float:
+        """``1 - weight_decay * decay_step_size``: what decoupled decay multiplies the weights by
+        (exactly 1.0 without decay), in double; every backend takes it from here."""
+        return 1 - self.weight_decay * decay_step_size
+
 
 @dataclass(frozen=True)
 class Move:
