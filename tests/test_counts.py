@@ -52,7 +52,9 @@ def test_triton_search_step_launches_and_reads(triton_counts, restore, trials):
         expected["_retrial_kernel"] = BUCKETS * (trials - 1)
     assert record["launches"] == expected
     assert record["host_reads"] == 1 + trials, record["host_read_sites"]
-    assert all(site.startswith("tolist at optimizer.py") for site in record["host_read_sites"])
+    sites = record["host_read_sites"]
+    assert sum(site.startswith("tolist at functional.py") for site in sites) == 1, sites  # f0, q, flags
+    assert sum(site.startswith("tolist at optimizer.py") for site in sites) == trials, sites  # trial losses
 
 
 @needs_triton
