@@ -495,7 +495,7 @@ class FusedSaLSa(Optimizer):
             base = group.get("max_lr", group.get("initial_lr", group["lr"]))
             if isinstance(base, (int, float)) and 0 < base < 0.1:
                 warnings.warn(
-                    f"FusedSaLSa's lr is a multiplier on the step size its line search finds (1.0: "
+                    f"FusedSaLSa's lr is a multiplier on the level its line search finds (1.0: "
                     f"none), not a step size: param_groups[{index}] starts at lr={base:g}, which scales "
                     "every step by that factor; leave lr=1.0 unless you mean to (a warmup of the "
                     "multiplier from 0 to 1 is fine)", UserWarning, stacklevel=4)
