@@ -39,6 +39,7 @@ _MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 _SEARCH_KEY = "search"  # where state_dict() carries the search state (param_groups[0])
 RESTORE_STRATEGIES = ("copy", "inplace")
 NONFINITE_POLICIES = ("raise", "skip")
+_DeviceCounts = F.DeviceCounts  # its name before it moved to functional.py: pickled optimizers load
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
