@@ -8,6 +8,7 @@ GPU and were not taken say so (:data:`NOT_MEASURED`); nothing is ever filled in.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -76,6 +77,45 @@ def make_params(shapes: Sequence[Shape], dtype: torch.dtype, device, seed: int =
             torch.randn(shape, generator=generator) * 1e-3).to(device=device, dtype=dtype)
         params.append(p)
     return params
+
+
+# ---------------------------------------------------------------------------- models and checks
+def two_group_mlp(device, dtype, seed: int = 0, width: int = 256):
+    """An MLP in two param groups (two buckets) with its data: ``(model, groups, loss_fn)``.
+    ``width`` 256 on a GPU, 16 in smoke forms (the Triton interpreter runs every launch element
+    by element). Used by the GPU stages and tests/test_cuda.py."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.GELU(), torch.nn.Linear(width, 10))
+    model = model.to(device=device, dtype=dtype)
+    x = torch.randn(128, 64, device=device, dtype=dtype)
+    y = torch.randint(0, 10, (128,), device=device)
+    groups = [{"params": [model[0].weight, model[2].weight], "weight_decay": 0.01},
+              {"params": [model[0].bias, model[2].bias], "weight_decay": 0.0}]
+    return model, groups, lambda: torch.nn.functional.cross_entropy(model(x).float(), y)
+
+
+def make_next_step_plain(optimizer) -> None:
+    """Make the next step of a FusedSaLSa a plain step: past the always-search steps, the
+    interval at its maximum (``eta_fast == eta_slow``) and not yet due."""
+    state = optimizer.search_state
+    state.steps_since_search = 0
+    state.step = max(state.step, optimizer.search_config.always_search_steps + 1)
+    state.step_size_fast = state.step_size_slow = 1.0
+    optimizer._commit(state)
+
+
+@contextlib.contextmanager
+def sync_debug_error(device: torch.device):
+    """Any host synchronization inside the block raises (CUDA); a no-op on the CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 # ---------------------------------------------------------------------------- timing

@@ -96,33 +96,6 @@ class SearchFirst:
 
 
 # ---------------------------------------------------------------------------- 1. cuda checks
-@contextlib.contextmanager
-def sync_debug_error(device: torch.device):
-    """Any host synchronization inside the block raises (CUDA); a no-op on the CPU."""
-    if device.type != "cuda":
-        yield
-        return
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
-
-
-def _small_model(device, dtype, seed=0, width=256):
-    """An MLP in two param groups (two buckets); ``width`` 256 on a GPU, 16 in the smoke form
-    (the Triton interpreter runs every launch element by element)."""
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.GELU(), torch.nn.Linear(width, 10))
-    model = model.to(device=device, dtype=dtype)
-    x = torch.randn(128, 64, device=device, dtype=dtype)
-    y = torch.randint(0, 10, (128,), device=device)
-    groups = [{"params": [model[0].weight, model[2].weight], "weight_decay": 0.01},
-              {"params": [model[0].bias, model[2].bias], "weight_decay": 0.0}]
-    return model, groups, lambda: torch.nn.functional.cross_entropy(model(x).float(), y)
-
-
 def _launch_counter():
     from salsa_fused.backends import triton_backend
     return getattr(triton_backend, "LAUNCH_COUNTER", None)
@@ -141,7 +114,7 @@ def plain_steps_without_sync(device: torch.device, dtype: torch.dtype, use_scale
                              searches: int = 3, width: int = 256, backend: str = "triton") -> dict:
     """Search steps first (tables, saved copies), then plain steps with host syncs turned into errors."""
     from salsa_fused import FusedSaLSa
-    model, groups, loss_fn = _small_model(device, dtype, width=width)
+    model, groups, loss_fn = C.two_group_mlp(device, dtype, width=width)
     opt = FusedSaLSa(groups, backend=backend, init_step_size=1e-2, schedule=SearchFirst(searches))
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 10) if use_scaler else None
     for _ in range(searches):
@@ -156,7 +129,7 @@ def plain_steps_without_sync(device: torch.device, dtype: torch.dtype, use_scale
         loss = loss_fn()
         (scaler.scale(loss) if scaler is not None else loss).backward()
         before = sum(counter.values()) if counter is not None else 0
-        with (sync_debug_error(device) if check_sync else contextlib.nullcontext()):
+        with (C.sync_debug_error(device) if check_sync else contextlib.nullcontext()):
             if scaler is not None:
                 scaler.step(opt, loss_fn, loss=loss.detach())
             else:
@@ -189,7 +162,7 @@ def matches_torch_reference(device: torch.device, restore: str, steps: int = 15,
     from salsa_fused import FusedSaLSa
     runs = {}
     for name in ("torch", backend):
-        model, groups, loss_fn = _small_model(device, torch.float32, seed=3, width=width)
+        model, groups, loss_fn = C.two_group_mlp(device, torch.float32, seed=3, width=width)
         opt = FusedSaLSa(groups, backend=name, restore=restore)
         losses = []
         for _ in range(steps):

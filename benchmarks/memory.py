@@ -73,15 +73,6 @@ def state_bytes(opt: torch.optim.Optimizer, params: List[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
-def _plain_next(opt: FusedSaLSa) -> None:
-    """Make the next step of ``opt`` a plain step (interval at its maximum, not yet due)."""
-    state = opt.search_state
-    state.steps_since_search = 0
-    state.step = max(state.step, opt.search_config.always_search_steps + 1)
-    state.step_size_fast = state.step_size_slow = 1.0
-    opt._commit(state)
-
-
 def measure(scale: float = 0.01, dtype: torch.dtype = torch.float32, device="cpu",
             backends: Optional[List[str]] = None, shapes=None) -> Dict[str, dict]:
     """State bytes of AdamW and FusedSaLSa (per backend and restore strategy), after a search
@@ -118,7 +109,7 @@ def measure(scale: float = 0.01, dtype: torch.dtype = torch.float32, device="cpu
             opt = FusedSaLSa(params, backend=backend, restore=restore, adaptive_interval=True)
             record(f"FusedSaLSa {backend}/{restore}, search step", opt, params,
                    lambda: opt.step(lambda: accept, loss=loss))
-            _plain_next(opt)
+            C.make_next_step_plain(opt)
             record(f"FusedSaLSa {backend}/{restore}, plain step", opt, params,
                    lambda: opt.step(lambda: accept, loss=loss))
             del opt, params

@@ -211,10 +211,7 @@ def measure(backend: str, restore: str, trials: Sequence[int] = (1, 3), device="
 
     def plain():
         loss = backward(opt, loss_fn)
-        state = opt.search_state
-        state.steps_since_search, state.step = 0, max(state.step, opt.search_config.always_search_steps + 1)
-        state.step_size_fast = state.step_size_slow = 1.0  # interval L = max: the next step is plain
-        opt._commit(state)
+        C.make_next_step_plain(opt)
         counts = count_step(opt, lambda: opt.step(ScriptedLosses(0.0, 1), loss=loss))
         assert opt.search_state.steps_since_search == 1, "expected a plain step"
         return counts

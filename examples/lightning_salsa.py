@@ -45,7 +45,7 @@ class SaLSaModule(L.LightningModule):
     """Trains ``model`` with FusedSaLSa; ``loss_fn(model, batch)`` returns the mean loss.
 
     ``schedule(optimizer)``, when given, returns a ``torch.optim.lr_scheduler`` stepped once
-    per optimizer step (``lr`` multiplies the searched step size).
+    per optimizer step (``lr`` multiplies the level the search finds).
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, salsa_kwargs: Optional[dict] = None,

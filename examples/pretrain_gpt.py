@@ -252,7 +252,7 @@ def train(args) -> dict:
                 loss_value /= world
             record = {"step": step + 1, "loss": loss_value.item(), "time": time.perf_counter() - started}
             if args.optimizer.startswith("salsa"):
-                record.update(step_size=opt.step_size, effective_step_size=opt.effective_step_sizes[0],
+                record.update(step_size=opt.step_size, effective_step_size=opt.applied_steps[0],
                               interval=opt.search_interval, forwards=opt.num_forward_evals,
                               searches=opt.num_searches)
             else:
@@ -307,8 +307,9 @@ def train(args) -> dict:
 
 def plot(records, path, optimizer_name):
     """Loss (train, and validation where measured) and step size against the step: for
-    FusedSaLSa the searched level ``eta`` and the step actually applied (the optimizer's
-    ``effective_step_sizes``: lr x eta x growth, times the schedule's scale under a preset)."""
+    FusedSaLSa the level ``eta`` and the applied step (the optimizer's ``applied_steps``:
+    lr x eta x growth, times the schedule's scale under a preset; logged as
+    ``effective_step_size``, its earlier name)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -323,9 +324,9 @@ def plot(records, path, optimizer_name):
     loss_axis.legend()
     loss_axis.grid(alpha=0.3)
     if optimizer_name.startswith("salsa"):
-        step_axis.semilogy(steps, [r["step_size"] for r in records], label="searched level eta")
+        step_axis.semilogy(steps, [r["step_size"] for r in records], label="level eta")
         applied = [r["effective_step_size"] if r["effective_step_size"] > 0 else math.nan for r in records]
-        step_axis.semilogy(steps, applied, lw=1, ls="--", label="applied step (effective_step_sizes)")
+        step_axis.semilogy(steps, applied, lw=1, ls="--", label="applied step")
         interval_axis = step_axis.twinx()
         interval_axis.plot(steps, [r["interval"] for r in records], color="tab:gray", lw=0.8,
                            label="search interval")

@@ -1,8 +1,8 @@
-"""Every step size a pass applies, formed in one place.
+"""Every applied step, trial and decay a pass moves by, formed in one place.
 
-Words: the *level* ``eta`` is the searched step size (``SearchState.step_size``); a *trial*
-is a step size a search probes (the first ``eta * growth``, then backtracked); the *applied*
-step is what the weights finally move by. For group ``g`` at a step whose schedule scale is
+Words (docs/api.md, "Words"): the *level* ``eta`` is what the search finds and keeps
+(``SearchState.step_size``); a *trial* is a level a search tries (the first ``eta * growth``,
+then backtracked); the *applied step* is what the weights finally move by. For group ``g`` at a step whose schedule scale is
 ``s`` (1 without a schedule) and whose level before the step is ``eta``, ``lr_g`` is the group's
 *probe* multiplier ``search_lr`` (its ``lr`` at construction, or the first positive ``lr`` it
 gets) and ``s`` includes the ratio ``lr / search_lr`` of a scheduler's current ``lr`` to it:
@@ -17,8 +17,8 @@ trials always probe at the probe multiplier, a warmup of ``lr`` scales only the 
     restore:                        back to w0 from the current trial
 
 The decay is the plain step's on every pass of a search too, so a search step and a plain
-step of the same schedule shrink the weights alike. ``FusedSaLSa.effective_step_sizes``
-reads :meth:`GroupStep.plain` for the next step.
+step of the same schedule shrink the weights alike. ``FusedSaLSa.applied_steps`` reads
+:meth:`GroupStep.plain` for the next step.
 """
 
 from __future__ import annotations

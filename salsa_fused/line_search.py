@@ -6,7 +6,7 @@ asks this module what to do next. SPEC section 1 pins every formula; the decisio
 arithmetic is fp32 where the published 0.1.0 makes it in fp32 (``h``, ``s``, the
 Armijo comparison) and float64 where it uses Python floats (the interval logic).
 
-Notation: ``k`` step counter, ``eta`` the searched level (stored step size), ``h`` smoothed loss
+Notation: ``k`` step counter, ``eta`` the level (``SearchState.step_size``), ``h`` smoothed loss
 decrease, ``s`` smoothed slope ``q = g.d``, ``t`` steps since the last
 search, ``L`` the search interval.
 """
@@ -129,7 +129,7 @@ class StepPlan:
 
     state: SearchState  # the state after the step's counters advance
     is_search: bool
-    trial_step_size: float  # eta * growth
+    trial_step_size: float  # the first trial: eta * growth
 
 
 def plan_step(state: SearchState, config: SearchConfig) -> StepPlan:

@@ -17,7 +17,7 @@ Where the factor goes (``target``):
 
 - ``"lr"``: every param group's ``lr`` is multiplied (torch.optim's optimizers).
 - ``"schedule"``: FusedSaLSa's ``schedule`` scale, a multiplier on the applied step that
-  the line search does not see. FusedSaLSa's ``lr`` multiplies the trial step too, so its
+  the line search does not see. FusedSaLSa's ``lr`` multiplies the trials too, so its
   next search re-finds ``lr * eta`` and absorbs most of a change of ``lr``.
 - ``"auto"`` (default): ``"schedule"`` for FusedSaLSa, ``"lr"`` otherwise.
 

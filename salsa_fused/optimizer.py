@@ -1,12 +1,13 @@
 """FusedSaLSa: Adam whose step size is found by SaLSa's smoothed Armijo line search.
 
 The class validates arguments, owns the per-parameter state (fp32 moments) and the
-search state, and drives one step: forward and backward (or the caller's), then
-either a plain Adam step (one fused pass per bucket, no host read) or a search
-(a reduction pass for the slope ``q``, one host read, pass A, then one forward and one
-small host read per trial, pass B between trials). The arithmetic of every pass lives in
-the backends (:mod:`salsa_fused.backends`), every step size they apply is formed in
-:mod:`salsa_fused.applied`, and the decisions come from the search rule
+search state, runs the step's forward and backward (or takes the caller's), keeps the
+random state and running statistics, and hands the step to the functional core
+(:mod:`salsa_fused.functional`): either a plain Adam step (one fused pass per bucket, no
+host read) or a search (a reduction pass for the slope ``q``, one host read, pass A, then
+one forward and one small host read per trial, pass B between trials). The arithmetic of
+every pass lives in the backends (:mod:`salsa_fused.backends`), every step they apply is
+formed in :mod:`salsa_fused.applied`, and the decisions come from the search rule
 (:mod:`salsa_fused.rules`; SaLSa's in :mod:`salsa_fused.line_search`).
 """
 
@@ -17,21 +18,20 @@ import math
 import warnings
 from copy import deepcopy
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch.optim import Optimizer
 
 from . import backends as _backends
-from ._compat import foreach_copy_
 from ._rng import RNGSnapshot
 from .buckets import BucketCache
-from .backends.base import DIRECTIONS, GRADIENT, MOMENTUM, Bucket, Hyper, PassArgs
+from . import functional as F
+from .backends.base import DIRECTIONS, GRADIENT, Bucket
 from .distributed import SearchReduction, default_reduction
-from .errors import NonFiniteError
 from .applied import GroupStep
 from .line_search import SearchConfig, SearchState
-from .rules import Verdict, check_arguments, moment_step, plan_step, resolve_rule
+from .rules import check_arguments, moment_step, plan_step, resolve_rule
 
 LossClosure = Callable[[], Union[torch.Tensor, float]]
 
@@ -39,32 +39,12 @@ _MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 _SEARCH_KEY = "search"  # where state_dict() carries the search state (param_groups[0])
 RESTORE_STRATEGIES = ("copy", "inplace")
 NONFINITE_POLICIES = ("raise", "skip")
+_DeviceCounts = F.DeviceCounts  # its name before it moved to functional.py: pickled optimizers load
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor, the tensor itself otherwise."""
     return tensor._local_tensor if hasattr(tensor, "_local_tensor") else tensor
-
-
-@dataclass
-class _DeviceCounts:
-    """int64 device counters of plain steps (no host read), read and zeroed by the next search."""
-
-    nonfinite_elements: torch.Tensor  # 0-dim: gradient elements left unchanged
-    step_counts: torch.Tensor  # [steps whose loss was NaN/inf, steps GradScaler skipped]: the backend's
-
-    @classmethod
-    def zeros(cls, device: Optional[torch.device]) -> "_DeviceCounts":
-        return cls(torch.zeros((), dtype=torch.int64, device=device),
-                   torch.zeros(2, dtype=torch.int64, device=device))
-
-    @property
-    def nonfinite_losses(self) -> torch.Tensor:
-        return self.step_counts[0]
-
-    @property
-    def scaler_skips(self) -> torch.Tensor:
-        return self.step_counts[1]
 
 
 @dataclass
@@ -101,7 +81,7 @@ class FusedSaLSa(Optimizer):
     r"""SaLSa (Stable Armijo Line Search Adaptation) on fused multi-tensor passes.
 
     Adam's direction ``d = g / (sqrt(v_hat) + eps)`` (or ``m_hat / (sqrt(v_hat) + eps)``
-    with ``search_direction="momentum"``) and a step size ``eta`` found by backtracking
+    with ``search_direction="momentum"``) and a level ``eta`` (the step along ``d``) found by backtracking
     until the smoothed decrease ``beta3*h + (1-beta3)*(f(w) - f(w - eta*d))`` reaches
     ``c * eta * s``, ``s`` the smoothed preconditioned gradient norm. The search runs at
     least every ``max_search_interval`` steps, more often while ``eta`` moves. With its
@@ -109,14 +89,14 @@ class FusedSaLSa(Optimizer):
 
     Args:
         params: parameters or param groups (per group: ``lr``, ``betas``, ``eps``, ``weight_decay``).
-        lr: multiplier on the searched step size (1.0: none), not a step size. A group's lr at
+        lr: multiplier on the level ``eta`` (1.0: none), not a step size. A group's lr at
             construction is kept as its ``search_lr``: trials probe ``search_lr * eta`` and ``q``
             sums ``search_lr * g.d`` over groups. A scheduler's later ``lr`` scales only the
             applied step, by ``lr / search_lr``: a warmup from 0 warms up (the first steps move
             less) while the search keeps finding the level. A group with ``lr=0`` keeps its
             weights; with every group at 0 a step searches nothing (no trial forward, eta kept)
             until a group gets a positive lr, which becomes its ``search_lr``.
-        init_step_size: ``eta`` before the first search.
+        init_step_size: the level ``eta`` before the first search.
         c: Armijo constant in (0, 1).
         betas: Adam's (beta1, beta2).
         beta3: smoothing of both sides of the Armijo test.
@@ -150,7 +130,7 @@ class FusedSaLSa(Optimizer):
             ``beta3``, ``growth``, ``backtrack``, ``max_trials``, the interval settings,
             ``search_direction``) given by name that the rule does not read raises ValueError.
         schedule: ``None``, or an object with ``scale(step)`` (a multiplier on the applied
-            step; trials still probe the searched level) and ``searches(step)`` (False
+            step; trials still probe the level) and ``searches(step)`` (False
             freezes the level), e.g. :class:`salsa_fused.step_size.WarmupStableDecay`.
         model: the module the closure runs, or ``None``. Given, the buffers of its modules that
             track running statistics (``track_running_stats``: BatchNorm, SyncBatchNorm, tracked
@@ -207,7 +187,7 @@ class FusedSaLSa(Optimizer):
         self._device: Optional[torch.device] = None
         self._buckets = BucketCache()
         self._saved: Dict[torch.Tensor, torch.Tensor] = {}
-        self._counts: Optional[_DeviceCounts] = None
+        self._counts: Optional[F.DeviceCounts] = None
         self._handoff = _StepHandoff()  # mark_forward(), bind_closure(), zero_grad(): for the next step
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
@@ -227,7 +207,7 @@ class FusedSaLSa(Optimizer):
         lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         if isinstance(lr, torch.Tensor):
             raise ValueError("a tensor lr is not supported: lr must be a Python float (a host-side "
-                             "multiplier on the searched step size)")
+                             "multiplier on the level the search finds)")
         for name, value in (("lr", lr), ("eps", eps), ("weight_decay", wd)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a number, got {type(value).__name__}")
@@ -320,12 +300,13 @@ class FusedSaLSa(Optimizer):
 
     @property
     def step_size(self) -> float:
-        """The searched step size ``eta`` (before the growth factor and the group multipliers)."""
+        """The level ``eta``: what the search found (before ``lr``, the schedule and the growth
+        factor; docs/api.md, "Words")."""
         return self._search.step_size
 
     @property
-    def effective_step_sizes(self) -> List[float]:
-        """Per group, the step the next plain step applies: ``lr * s * eta * growth`` (the rule's
+    def applied_steps(self) -> List[float]:
+        """Per group, the applied step of the next plain step: ``lr * s * eta * growth`` (the rule's
         first trial: ``eta * 2^(1/b)`` for seed 001's rules; ``s`` the schedule's scale at the
         next step; 0 past a schedule's end that decays to 0)."""
         state = self._search
@@ -333,6 +314,11 @@ class FusedSaLSa(Optimizer):
         trial = plan_step(self.search_rule, state, self.search_config).trial_step_size
         return [GroupStep.of(group, scale, state.step_size).plain(trial).step
                 for group in self.param_groups]
+
+    @property
+    def effective_step_sizes(self) -> List[float]:
+        """The earlier name of :attr:`applied_steps` (kept: the same list)."""
+        return self.applied_steps
 
     @property
     def search_interval(self) -> float:
@@ -474,9 +460,9 @@ class FusedSaLSa(Optimizer):
         loss = self._loss_tensor(value, "closure()", need_grad=False)
         return loss.detach().reshape(()).to(device=self._device, dtype=torch.float32)
 
-    def _device_counts(self) -> "_DeviceCounts":
+    def _device_counts(self) -> F.DeviceCounts:
         if self._counts is None:
-            self._counts = _DeviceCounts.zeros(self._device)
+            self._counts = F.DeviceCounts.zeros(self._device)
         return self._counts
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -521,7 +507,7 @@ class FusedSaLSa(Optimizer):
             base = group.get("max_lr", group.get("initial_lr", group["lr"]))
             if isinstance(base, (int, float)) and 0 < base < 0.1:
                 warnings.warn(
-                    f"FusedSaLSa's lr is a multiplier on the step size its line search finds (1.0: "
+                    f"FusedSaLSa's lr is a multiplier on the level its line search finds (1.0: "
                     f"none), not a step size: param_groups[{index}] starts at lr={base:g}, which scales "
                     "every step by that factor; leave lr=1.0 unless you mean to (a warmup of the "
                     "multiplier from 0 to 1 is fine)", UserWarning, stacklevel=4)
@@ -643,154 +629,37 @@ class FusedSaLSa(Optimizer):
         buckets = self._collect_buckets()
         if not buckets:  # none of this optimizer's parameters is in this loss: as torch.optim, a no-op
             return loss_tensor.detach() if one_phase else loss
-        backend = self.backend
         step_state = plan.state
         step_state.num_forward_evals += 1
         step_state.num_backward_evals += int(one_phase)
         f0 = loss_tensor.detach().reshape(()).to(device=self._device, dtype=torch.float32)
-        grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        eta = self.step_size
-        corrected = moment_step(self.search_rule, plan.state.step)
-        hypers = {b.group_index: Hyper.for_step(self.param_groups[b.group_index], corrected)
-                  for b in buckets}
-        groups = {b.group_index: GroupStep.of(self.param_groups[b.group_index], scale, eta)
-                  for b in buckets}
+        passes = F.Passes.of(self.backend, buckets, self.param_groups, moment_step(self.search_rule, step_state.step),
+                             scale, self.step_size, getattr(self, "grad_scale", None))
         if not plan.is_search:
-            if self.reduction.loss_group is not None:
-                # Every rank must take the same skip decision: judge the loss averaged over
-                # the data-parallel group (one 4-byte all-reduce, no host read).
-                f0 = self.reduction.average_loss(f0.reshape(1)).reshape(())
-            # A non-finite loss or GradScaler's found_inf makes the plain pass change nothing. The
-            # first bucket's pass counts such a step on the device (no host read, no extra op on
-            # the kernel backends); the next search reports the losses and takes the scaler's
-            # skips back out of k and t.
-            counts = self._device_counts()
-            with torch.no_grad():
-                for i, b in enumerate(buckets):
-                    args = PassArgs(hypers[b.group_index], groups[b.group_index].plain(plan.trial_step_size),
-                                    grad_scale=grad_scale)
-                    backend.plain_step(b, args, f0, found_inf=found_inf, nonfinite_count=counts.nonfinite_elements,
-                                       step_counts=counts.step_counts if i == 0 else None)
+            F.plain_step(passes, plan.trial_step_size, f0, found_inf, self._device_counts(), self.reduction)
             self._commit(step_state)
             return loss_tensor.detach() if one_phase else loss
+
+        def trial_loss() -> float:
+            rng_before.set()  # each trial forward replays the step's random draws
+            (value,) = self.reduction.average_loss(self._trial_loss(closure).reshape(1)).tolist()
+            return value
+
         running = self._running_statistics()
         try:
             if needs_reference:
                 rng_before.set()
                 f0 = self._trial_loss(closure)
                 step_state.num_forward_evals += 1
-            self._search_step(plan, step_state, buckets, hypers, groups, backend, f0, closure,
-                              grad_scale, found_inf, rng_before)
+            self._commit(F.search_step(
+                passes, plan, self._search, f0, trial_loss, rule=self.search_rule, config=self.search_config,
+                search_direction=self.search_direction, param_groups=self.param_groups,
+                counts=self._device_counts(), found_inf=found_inf, reduction=self.reduction,
+                nonfinite=self.nonfinite, has_saved_copy=self.restore_strategy == "copy", device=self._device))
         finally:
             rng_after.set()  # the generators end where the step's one forward left them
             with torch.no_grad():
                 for buffer, saved in running:  # and the running statistics where it left them
                     buffer.copy_(saved)
         return loss_tensor.detach() if one_phase else loss
-
-    def _search_step(self, plan, step_state, buckets, hypers, groups, backend, f0, closure,
-                grad_scale, found_inf, rng_before) -> None:
-        direction = self.search_rule.direction(self.search_direction)
-        counts = self._device_counts()
-        q = torch.zeros((), dtype=torch.float32, device=self._device)
-        with torch.no_grad():
-            for b in buckets:
-                lr = hypers[b.group_index].lr
-                partial = backend.slope(b, PassArgs(hypers[b.group_index], direction=direction,
-                                                    grad_scale=grad_scale))
-                q = q + (partial if lr == 1.0 else partial * lr)
-        flags = [found_inf.to(q.device, torch.float32).reshape(1) if found_inf is not None
-                 else q.new_zeros(1), counts.nonfinite_elements.to(torch.float32).reshape(1),
-                 counts.nonfinite_losses.to(torch.float32).reshape(1)]
-        # q and the flags are per shard under FSDP2: one sum over the shard group for all three.
-        shard_sums = self.reduction.sum_over_shards(torch.cat([q.reshape(1), *flags]))
-        loss_avg = self.reduction.average_loss(f0.reshape(1))
-        f0_value, q_value, inf_flag, earlier_nonfinite, earlier_bad_losses, scaler_skips = torch.cat(
-            [loss_avg, shard_sums, counts.scaler_skips.to(torch.float32).reshape(1)]
-        ).tolist()  # the one host read before any write
-        if scaler_skips:
-            skipped = int(scaler_skips)
-            counts.scaler_skips.zero_()
-            step_state.step -= skipped  # step_state is plan.state: the rule below sees this
-            step_state.steps_since_search = max(0, step_state.steps_since_search - skipped)
-            corrected = moment_step(self.search_rule, step_state.step)
-            hypers = {index: Hyper.for_step(self.param_groups[index], corrected) for index in hypers}
-            # kept even if this step is skipped or rejected below
-            self._search.step -= skipped
-            self._search.steps_since_search = max(0, self._search.steps_since_search - skipped)
-        if inf_flag:
-            return  # GradScaler found inf/nan: skip the step like AdamW, state unchanged
-        if earlier_nonfinite or earlier_bad_losses:
-            counts.nonfinite_elements.zero_()
-            counts.nonfinite_losses.zero_()
-            if self.nonfinite == "raise":
-                problems = []
-                if earlier_nonfinite:
-                    problems.append(f"{int(earlier_nonfinite)} gradient elements were NaN/inf on plain "
-                                    "steps since the last search (those elements kept their weights "
-                                    "and moments)")
-                if earlier_bad_losses:
-                    problems.append(f"the loss was NaN/inf on {int(earlier_bad_losses)} plain step(s) "
-                                    "since the last search (those steps changed nothing)")
-                raise NonFiniteError("; ".join(problems) + f"; step {plan.state.step} was not applied")
-            step_state.num_nonfinite_elements += int(earlier_nonfinite)
-            step_state.num_skipped_steps += int(earlier_bad_losses)
-        if not (math.isfinite(f0_value) and math.isfinite(q_value)):
-            what = "loss" if not math.isfinite(f0_value) else "gradient (slope q)"
-            value = f0_value if not math.isfinite(f0_value) else q_value
-            self._reject(f"non-finite {what} {value} at step {plan.state.step}; "
-                         "weights and optimizer state are unchanged",
-                         int(earlier_nonfinite), int(earlier_bad_losses))
-            return
-        search = self.search_rule(plan, self.search_config, f0_value, q_value)
-
-        @torch.no_grad()
-        def move_all(pass_name: str, moves: Callable, along: str = direction) -> None:
-            run = getattr(backend, pass_name)
-            for b in buckets:
-                run(b, PassArgs(hypers[b.group_index], moves(groups[b.group_index]), along, grad_scale))
-
-        if not search.active:
-            final = search.final()
-            move_all("first_trial", lambda g: g.guard_failed(final.step), final.direction or direction)
-            self._commit(search.finish())
-            return
-        # Pass A writes this step's moments; a trial forward that raises (out of memory, caught and
-        # retried by the caller) must find them as they were: copies, 8 bytes per parameter while
-        # the search runs, put back on an exception. One multi-tensor op (x * 1 is exact, -0 and
-        # NaN included), not a clone per tensor: 296 launches per search for GPT-2 small.
-        moments = [t for b in buckets for t in (*b.exp_avg, *b.exp_avg_sq)]
-        moments_before = torch._foreach_mul(moments, 1.0)
-        move_all("first_trial", lambda g: g.trial(search.step_size))
-        current = search.step_size  # the trial the weights are at
-        try:
-            while True:
-                rng_before.set()
-                (f1_value,) = self.reduction.average_loss(self._trial_loss(closure).reshape(1)).tolist()
-                if search.observe(f1_value) is not Verdict.RETRY:
-                    break
-                move_all("retrial", lambda g: g.trial(search.step_size, current))
-                current = search.step_size
-        except BaseException:
-            move_all("restore", lambda g: g.restore(current))
-            with torch.no_grad():
-                foreach_copy_(moments, moments_before)
-            raise
-        final = search.final()
-        along = final.direction or direction
-        if along != direction and not self.restore_strategy == "copy":
-            move_all("retrial", lambda g: g.trial(0.0, current))  # back to decay(w0), in place
-            current = 0.0
-        if along != direction or final.step != current or any(g.scale != 1.0 for g in groups.values()):
-            move_all("retrial", lambda g: g.apply(final.step, current), along)
-        self._commit(search.finish())
-
-    def _reject(self, message: str, earlier_elements: int = 0, earlier_skips: int = 0) -> None:
-        """Raise, or count a skipped step, as ``nonfinite`` says. Nothing has been written.
-        ``earlier_*``: the plain steps' counts read with this step (their device counters are
-        already zeroed), kept in the skip counters."""
-        if self.nonfinite == "raise":
-            raise NonFiniteError(message)
-        self._search.num_skipped_steps += 1 + earlier_skips
-        self._search.num_nonfinite_elements += earlier_elements

@@ -3,10 +3,10 @@
 A *rule* picks the trial direction and starts one *search* per search step; the search picks
 the first trial, reads each trial loss (accept, next trial, give up), names the final move
 (which may differ from the last trial) and returns the new :class:`SearchState`. The optimizer
-moves the weights (``salsa_fused.applied`` forms every step size from the search's numbers,
+moves the weights (``salsa_fused.applied`` forms every trial and applied step from the search's numbers,
 ``lr_g`` and the schedule) and reads the losses; a rule is host-side arithmetic on floats.
 
-One search step, as the optimizer drives it::
+One search step, as :func:`salsa_fused.functional.search_step` drives it::
 
     direction = rule.direction(configured)            # before the slope q is reduced along it
     search = rule(plan, config, loss, q)

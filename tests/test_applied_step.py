@@ -183,12 +183,13 @@ def test_bug_effective_step_sizes_report_the_schedule():
     torch.manual_seed(0)
     w = torch.randn(5, requires_grad=True)
     opt = FusedSaLSa([{"params": [w], "lr": 0.5}], backend="torch", schedule=schedule)
-    assert opt.effective_step_sizes == [pytest.approx(0.5 * schedule.scale(1) * 1.0 * 1.1)]
+    assert opt.applied_steps == [pytest.approx(0.5 * schedule.scale(1) * 1.0 * 1.1)]
+    assert opt.effective_step_sizes == opt.applied_steps  # the earlier name, kept
     a = torch.randn(5)
     for _ in range(4):
         w.grad = None
         opt.step(lambda: (w * a).sum())  # the one-phase form runs the backward itself
-    assert opt.effective_step_sizes == [0.0]
+    assert opt.applied_steps == opt.effective_step_sizes == [0.0]
     w.grad = None
     loss = (w * a).sum()
     loss.backward()

@@ -52,7 +52,9 @@ def test_triton_search_step_launches_and_reads(triton_counts, restore, trials):
         expected["_retrial_kernel"] = BUCKETS * (trials - 1)
     assert record["launches"] == expected
     assert record["host_reads"] == 1 + trials, record["host_read_sites"]
-    assert all(site.startswith("tolist at optimizer.py") for site in record["host_read_sites"])
+    sites = record["host_read_sites"]
+    assert sum(site.startswith("tolist at functional.py") for site in sites) == 1, sites  # f0, q, flags
+    assert sum(site.startswith("tolist at optimizer.py") for site in sites) == trials, sites  # trial losses
 
 
 @needs_triton
@@ -157,9 +159,11 @@ def _strided_copy(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("scaled", [False, True])
-def test_blocked_cpu_plain_step_is_bitwise_the_foreach_form(monkeypatch, dtype, weight_decay, scaled):
+@pytest.mark.parametrize("nonfinite", [False, True])
+def test_blocked_cpu_plain_step_is_bitwise_the_foreach_form(monkeypatch, dtype, weight_decay, scaled, nonfinite):
     """The CPU plain step runs block by block (cache-friendly); non-contiguous tensors take the
-    foreach form that the parity tests check against salsa-optimizer 0.1.0. Same bits."""
+    foreach form that the parity tests check against salsa-optimizer 0.1.0. Same bits, also
+    where some gradient elements are NaN/inf (the guarded path, per block or per bucket)."""
     from salsa_fused.backends import torch_backend
     from salsa_fused.backends.base import Bucket, Hyper, Move, PassArgs
     monkeypatch.setattr(torch_backend, "CPU_BLOCK", 1000)  # several blocks and ragged tails
@@ -175,11 +179,18 @@ def test_blocked_cpu_plain_step_is_bitwise_the_foreach_form(monkeypatch, dtype, 
     foreach = Bucket(*[[_strided_copy(t) for t in ts] for ts in (weights, grads, exp_avg, exp_avg_sq)],
                      None, torch.device("cpu"), dtype, 0)
     grad_scale = torch.tensor(1024.0) if scaled else None
+    counts = {id(blocked): torch.zeros((), dtype=torch.int64), id(foreach): torch.zeros((), dtype=torch.int64)}
     for step in range(1, 4):
         hyper = Hyper(0.9, 0.999, 1e-8, weight_decay, 1 - 0.9 ** (step + 1), 1 - 0.999 ** (step + 1), 1.0)
+        if nonfinite and step == 2:  # in the second block of one tensor, the first of another
+            for bucket in (blocked, foreach):
+                bucket.grads[0][1500] = float("nan")
+                bucket.grads[2][3, 7] = float("-inf")
         for bucket in (blocked, foreach):
-            torch_backend.plain_step(bucket, PassArgs(hyper, Move(1e-3, decay=1e-3), grad_scale=grad_scale), torch.tensor(1.0))
+            torch_backend.plain_step(bucket, PassArgs(hyper, Move(1e-3, decay=1e-3), grad_scale=grad_scale),
+                                     torch.tensor(1.0), nonfinite_count=counts[id(bucket)])
     for name in ("params", "exp_avg", "exp_avg_sq"):
         for a, b in zip(getattr(blocked, name), getattr(foreach, name)):
             assert torch.equal(a, b), name
+    assert counts[id(blocked)].item() == counts[id(foreach)].item() == (2 * 2 if nonfinite else 0)
     assert not torch.equal(blocked.params[0], weights[0].to(dtype))  # the weights did move

@@ -8,53 +8,19 @@
 Run by ``bash benchmarks/gpu_suite.sh``.
 """
 
-import contextlib
-
 import pytest
 import torch
 
+from benchmarks._common import make_next_step_plain, sync_debug_error, two_group_mlp
 from salsa_fused import FusedSaLSa
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@contextlib.contextmanager
-def sync_debug_error(device: torch.device):
-    """Make any host synchronization inside the block raise (CUDA); a no-op elsewhere."""
-    if device.type != "cuda":
-        yield
-        return
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
-
-
-def _model(device, dtype, seed=0):
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 10))
-    model = model.to(device=device, dtype=dtype)
-    x = torch.randn(128, 64, device=device, dtype=dtype)
-    y = torch.randint(0, 10, (128,), device=device)
-    groups = [{"params": [model[0].weight, model[2].weight], "weight_decay": 0.01},
-              {"params": [model[0].bias, model[2].bias], "weight_decay": 0.0}]
-    return model, groups, lambda: torch.nn.functional.cross_entropy(model(x).float(), y)
-
-
-def _next_step_plain(opt: FusedSaLSa) -> None:
-    state = opt.search_state
-    state.steps_since_search = 0
-    state.step = max(state.step, opt.search_config.always_search_steps + 1)
-    state.step_size_fast = state.step_size_slow = 1.0  # L = max interval, not yet due
-    opt._commit(state)
-
-
 def plain_steps_without_sync(device: torch.device, dtype: torch.dtype, use_scaler: bool, steps: int = 3):
     """Warm up with search steps, then run plain steps with host syncs turned into errors."""
     from salsa_fused.backends import triton_backend
-    model, groups, loss_fn = _model(device, dtype)
+    model, groups, loss_fn = two_group_mlp(device, dtype)
     opt = FusedSaLSa(groups, backend="triton", init_step_size=1e-2)
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 10) if use_scaler else None
     for _ in range(3):  # search steps: tables and saved copies are built here
@@ -62,7 +28,7 @@ def plain_steps_without_sync(device: torch.device, dtype: torch.dtype, use_scale
         opt.step(loss_fn)
     weights_before = [p.detach().clone() for p in model.parameters()]
     for _ in range(steps):
-        _next_step_plain(opt)
+        make_next_step_plain(opt)
         opt.zero_grad(set_to_none=False)  # gradients keep their storage: the tables stay cached
         loss = loss_fn()
         if scaler is not None:
@@ -96,7 +62,7 @@ def test_plain_step_with_grad_scaler_never_syncs():
 def test_search_step_launches_on_cuda():
     from salsa_fused.backends import triton_backend
     device = torch.device("cuda")
-    model, groups, loss_fn = _model(device, torch.float32)
+    model, groups, loss_fn = two_group_mlp(device, torch.float32)
     opt = FusedSaLSa(groups, backend="triton")
     before = triton_backend.LAUNCH_COUNTER.copy()
     opt.step(loss_fn)
@@ -113,7 +79,7 @@ def test_triton_matches_torch_backend_on_cuda(restore):
     device = torch.device("cuda")
     runs = {}
     for backend in ("torch", "triton"):
-        model, groups, loss_fn = _model(device, torch.float32, seed=3)
+        model, groups, loss_fn = two_group_mlp(device, torch.float32, seed=3)
         opt = FusedSaLSa(groups, backend=backend, restore=restore)
         losses = []
         for _ in range(15):

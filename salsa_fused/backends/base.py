@@ -71,7 +71,7 @@ class Hyper:
     weight_decay: float
     bias_correction1: float  # 1 - beta1 ** (k + 1)
     bias_correction2: float  # 1 - beta2 ** (k + 1)
-    lr: float  # the group's probe multiplier on the searched step size (its "search_lr")
+    lr: float  # the group's probe multiplier on the level (its "search_lr")
 
     @classmethod
     def for_step(cls, group: dict, step: int) -> "Hyper":
@@ -85,10 +85,16 @@ class Hyper:
                    bias_correction2=1 - beta2 ** max(1, step + 1),
                    lr=group.get("search_lr", group["lr"]))
 
+    def decay_factor(self, decay_step_size: float) -> float:
+        """``1 - weight_decay * decay_step_size``: what decoupled decay multiplies the weights by
+        (exactly 1.0 without decay), in double; every backend takes it from here."""
+        return 1 - self.weight_decay * decay_step_size
+
 
 @dataclass(frozen=True)
 class Move:
-    """The step sizes of one pass on one bucket (formed by :mod:`salsa_fused.applied`).
+    """How far one pass moves one bucket (a trial or an applied step, and the decay; formed by
+    :mod:`salsa_fused.applied`).
 
     The weights go to ``decay(w0) - step * d`` with ``decay(w) = w - weight_decay * decay * w``;
     ``previous`` is the step the weights are at before the pass (``decay(w0) - previous * d``),

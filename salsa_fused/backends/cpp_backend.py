@@ -60,8 +60,7 @@ def _momentum(direction: str) -> bool:
 
 
 def _decay_factor(hyper: Hyper, move: Move) -> float:
-    """1 - weight_decay * move.decay (exactly 1.0 without decay), in double as the reference."""
-    return 1 - hyper.weight_decay * move.decay
+    return hyper.decay_factor(move.decay)
 
 
 def _saved(bucket: Bucket):

@@ -13,12 +13,12 @@ result is rounded once when written back; moments are always fp32.
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
 from .. import _compat as C
-from .base import GRADIENT, MOMENTUM, Bucket, Hyper, PassArgs, count_step
+from .base import GRADIENT, MOMENTUM, Bucket, Hyper, Move, PassArgs, count_step
 
 name = "torch"
 
@@ -27,64 +27,183 @@ def check(device: torch.device) -> None:
     """The reference runs wherever torch does."""
 
 
-def _grads_fp32(bucket: Bucket, grad_scale: Optional[torch.Tensor]) -> List[torch.Tensor]:
-    grads = C.to_float32(bucket.grads)
+def _grads_fp32(grads: List[torch.Tensor], grad_scale: Optional[torch.Tensor]) -> List[torch.Tensor]:
+    grads = C.to_float32(grads)
     if grad_scale is not None:
         grads = C.foreach_div(grads, grad_scale.to(torch.float32))
     return grads
 
 
-def _new_moments(bucket: Bucket, hyper: Hyper, grads: List[torch.Tensor]):
-    """(m_new, v_new) as fresh lists; 0.1.0's forms: ``(1-b2)*g^2 + b2*v``, ``(1-b1)*g + b1*m``."""
-    grad_sq = C.foreach_mul(grads, grads)
-    C.foreach_mul_(grad_sq, 1 - hyper.beta2)
-    exp_avg_sq = C.foreach_mul(bucket.exp_avg_sq, hyper.beta2)
-    C.foreach_add_(exp_avg_sq, grad_sq)
-    scaled_grads = C.foreach_mul(grads, 1 - hyper.beta1)
-    exp_avg = C.foreach_mul(bucket.exp_avg, hyper.beta1)
-    C.foreach_add_(exp_avg, scaled_grads)
+class _ForeachOps:
+    """The ops the arithmetic below is written in, over tensor lists: one ``torch._foreach_*``
+    call each; the non-in-place forms return new lists (``into`` is ignored)."""
+
+    @staticmethod
+    def mul(a, b, into: int):
+        return C.foreach_mul(a, b)
+
+    @staticmethod
+    def div(a, b, into: int):
+        return C.foreach_div(a, b)
+
+    @staticmethod
+    def add(a, b, alpha: float, into: int):
+        return C.foreach_add(a, b, alpha=alpha)
+
+    @staticmethod
+    def float32(a, into: int):
+        return C.to_float32(a)
+
+    @staticmethod
+    def mul_(a, b):
+        C.foreach_mul_(a, b)
+
+    @staticmethod
+    def add_(a, b, alpha: float = 1):
+        if isinstance(b, (int, float)):  # eps
+            C.foreach_add_(a, b)
+        else:
+            C.foreach_add_(a, b, alpha=alpha)
+
+    @staticmethod
+    def sqrt_(a):
+        C.foreach_sqrt_(a)
+
+    @staticmethod
+    def reciprocal_(a):
+        C.foreach_reciprocal_(a)
+
+    @staticmethod
+    def copy_(a, b):
+        C.foreach_copy_(a, b)
+
+
+class _BlockOps:
+    """The same ops on single tensors (one block of a tensor's elements, see
+    :func:`_plain_step_blocked`), the non-in-place forms written into scratch row ``into`` (two
+    fp32 rows of the block's length, reused by every block). Same kernels as the foreach forms:
+    same bits."""
+
+    def __init__(self, rows: Tuple[torch.Tensor, torch.Tensor]):
+        self.rows = rows
+
+    def mul(self, a, b, into: int):
+        return torch.mul(a, b, out=self.rows[into])
+
+    def div(self, a, b, into: int):
+        return torch.div(a, b, out=self.rows[into])
+
+    def add(self, a, b, alpha: float, into: int):
+        return torch.add(a, b, alpha=alpha, out=self.rows[into])
+
+    def float32(self, a, into: int):
+        return a if a.dtype == torch.float32 else self.rows[into].copy_(a)
+
+    @staticmethod
+    def mul_(a, b):
+        a.mul_(b)
+
+    @staticmethod
+    def add_(a, b, alpha: float = 1):
+        a.add_(b, alpha=alpha)
+
+    @staticmethod
+    def sqrt_(a):
+        a.sqrt_()
+
+    @staticmethod
+    def reciprocal_(a):
+        a.reciprocal_()
+
+    @staticmethod
+    def copy_(a, b):
+        a.copy_(b)
+
+
+_FOREACH = _ForeachOps()
+
+
+# ---------------------------------------------------------------- Adam's arithmetic, written once
+# Every pass below is made of these functions, on whole buckets (_FOREACH) or on blocks
+# (_BlockOps); the C++ and Triton kernels follow the same operation forms, and every host-side
+# scalar they take (bias corrections, decay factor) comes from Hyper (base.py).
+
+def _new_moments(ops, exp_avg, exp_avg_sq, grads, hyper: Hyper, in_place: bool = False, grad_sq=None):
+    """``v = beta2*v + (1-beta2)*g^2``, ``m = beta1*m + (1-beta1)*g`` in 0.1.0's operation forms:
+    written into ``exp_avg``/``exp_avg_sq`` (``in_place``), or new lists (the same bits; _FOREACH only).
+    ``grad_sq``: ``g*g`` when the caller has formed it already (into row 0), else formed here."""
+    if grad_sq is None:
+        grad_sq = ops.mul(grads, grads, 0)
+    ops.mul_(grad_sq, 1 - hyper.beta2)
+    if in_place:
+        ops.mul_(exp_avg_sq, hyper.beta2)
+    else:
+        exp_avg_sq = ops.mul(exp_avg_sq, hyper.beta2, 1)
+    ops.add_(exp_avg_sq, grad_sq)
+    scaled_grads = ops.mul(grads, 1 - hyper.beta1, 0)
+    if in_place:
+        ops.mul_(exp_avg, hyper.beta1)
+    else:
+        exp_avg = ops.mul(exp_avg, hyper.beta1, 1)
+    ops.add_(exp_avg, scaled_grads)
     return exp_avg, exp_avg_sq
 
 
-def _preconditioner(exp_avg_sq: List[torch.Tensor], hyper: Hyper) -> List[torch.Tensor]:
-    """``1 / (sqrt(v / (1 - beta2^(k+1))) + eps)``, a fresh list."""
-    precond = C.foreach_div(exp_avg_sq, hyper.bias_correction2)
-    C.foreach_sqrt_(precond)
-    C.foreach_add_(precond, hyper.eps)
-    C.foreach_reciprocal_(precond)
+def _preconditioner(ops, exp_avg_sq, hyper: Hyper):
+    """``1 / (sqrt(v_hat) + eps)`` with ``v_hat = v / bias_correction2``, new."""
+    precond = ops.div(exp_avg_sq, hyper.bias_correction2, 0)
+    ops.sqrt_(precond)
+    ops.add_(precond, hyper.eps)
+    ops.reciprocal_(precond)
     return precond
 
 
-def _direction(precond, grads, exp_avg, hyper: Hyper, direction: str):
-    """d = precond * g  or  precond * m_hat (consumes ``precond``)."""
+def _direction(ops, precond, grads, exp_avg, hyper: Hyper, direction: str):
+    """``d = precond * g``  or  ``precond * m_hat`` with ``m_hat = m / bias_correction1``
+    (written into ``precond``)."""
     if direction == GRADIENT:
-        C.foreach_mul_(precond, grads)
+        ops.mul_(precond, grads)
     elif direction == MOMENTUM:
-        C.foreach_mul_(precond, C.foreach_div(exp_avg, hyper.bias_correction1))
+        ops.mul_(precond, ops.div(exp_avg, hyper.bias_correction1, 1))
     else:
         raise ValueError(f"unknown direction {direction!r}")
     return precond
 
 
+def _decayed(ops, weights_fp32, hyper: Hyper, decay_step_size: float):
+    """``w * (1 - weight_decay * decay_step_size)`` (``weights_fp32`` itself when the factor is 1)."""
+    factor = hyper.decay_factor(decay_step_size)
+    if factor == 1:
+        return weights_fp32
+    return ops.mul(weights_fp32, factor, 1)
+
+
+def _move_from(ops, params, weights_fp32, d, hyper: Hyper, step_size: float, decay_step_size: float) -> None:
+    """``params = decay(weights) - step_size * d``; in place when fp32 without decay, as 0.1.0 does."""
+    weights = _decayed(ops, weights_fp32, hyper, decay_step_size)
+    if weights is params:
+        ops.add_(params, d, alpha=-step_size)
+    else:
+        ops.copy_(params, ops.add(weights, d, -step_size, 1))
+
+
+def _adam_move(ops, params, grads, exp_avg, exp_avg_sq, hyper: Hyper, move: Move, direction: str,
+               grad_sq=None) -> None:
+    """Moments updated in place, then ``w = decay(w) - move.step * d`` along ``direction``: the plain
+    step (along ``m_hat``) and a search's first trial, on a whole bucket or on one block."""
+    exp_avg, exp_avg_sq = _new_moments(ops, exp_avg, exp_avg_sq, grads, hyper, in_place=True, grad_sq=grad_sq)
+    d = _direction(ops, _preconditioner(ops, exp_avg_sq, hyper), grads, exp_avg, hyper, direction)
+    _move_from(ops, params, ops.float32(params, 1), d, hyper, move.step, move.decay)
+
+
 def _current_direction(bucket: Bucket, hyper: Hyper, direction: str, grad_scale) -> List[torch.Tensor]:
     """d from the already-updated moments stored in the bucket."""
-    grads = _grads_fp32(bucket, grad_scale) if direction == GRADIENT else None
-    precond = _preconditioner(bucket.exp_avg_sq, hyper)
-    return _direction(precond, grads, bucket.exp_avg, hyper, direction)
+    grads = _grads_fp32(bucket.grads, grad_scale) if direction == GRADIENT else None
+    precond = _preconditioner(_FOREACH, bucket.exp_avg_sq, hyper)
+    return _direction(_FOREACH, precond, grads, bucket.exp_avg, hyper, direction)
 
 
-def _write_weights(params: List[torch.Tensor], values: List[torch.Tensor]) -> None:
-    if values is params:
-        return
-    C.foreach_copy_(params, values)
-
-
-def _decayed(weights_fp32: List[torch.Tensor], hyper: Hyper, decay_step_size: float) -> List[torch.Tensor]:
-    """``w - weight_decay * decay_step_size * w`` (the list itself when there is no decay)."""
-    if hyper.weight_decay == 0 or decay_step_size == 0:
-        return weights_fp32
-    return C.foreach_mul(weights_fp32, 1 - hyper.weight_decay * decay_step_size)
-
+# ---------------------------------------------------------------- the passes
 
 def slope(bucket: Bucket, args: PassArgs) -> torch.Tensor:
     """q = sum over the bucket of ``g * d`` with the moments updated by this step's g (not written).
@@ -93,13 +212,13 @@ def slope(bucket: Bucket, args: PassArgs) -> torch.Tensor:
     Reads g, m, v; writes nothing. Non-finite gradients make q non-finite.
     """
     hyper = args.hyper
-    grads = _grads_fp32(bucket, args.grad_scale)
-    exp_avg, exp_avg_sq = _new_moments(bucket, hyper, grads)
-    precond = _preconditioner(exp_avg_sq, hyper)
+    grads = _grads_fp32(bucket.grads, args.grad_scale)
+    exp_avg, exp_avg_sq = _new_moments(_FOREACH, bucket.exp_avg, bucket.exp_avg_sq, grads, hyper)
+    precond = _preconditioner(_FOREACH, exp_avg_sq, hyper)
     if args.direction == GRADIENT:
         per_tensor = [(g * g * p).sum() for g, p in zip(grads, precond)]
     else:
-        d = _direction(precond, grads, exp_avg, hyper, MOMENTUM)
+        d = _direction(_FOREACH, precond, grads, exp_avg, hyper, MOMENTUM)
         per_tensor = [torch.inner(g.flatten(), dd.flatten()) for g, dd in zip(grads, d)]
     total = torch.zeros((), dtype=torch.float32, device=bucket.device)
     for value in per_tensor:
@@ -112,16 +231,10 @@ def first_trial(bucket: Bucket, args: PassArgs) -> None:
 
     ``saved = w`` (when the bucket keeps copies);  ``w = w_dec - step * d``.
     """
-    hyper, move = args.hyper, args.move
-    grads = _grads_fp32(bucket, args.grad_scale)
-    exp_avg, exp_avg_sq = _new_moments(bucket, hyper, grads)
-    C.foreach_copy_(bucket.exp_avg, exp_avg)
-    C.foreach_copy_(bucket.exp_avg_sq, exp_avg_sq)
     if bucket.saved is not None:
         C.foreach_copy_(bucket.saved, bucket.params)
-    precond = _preconditioner(exp_avg_sq, hyper)
-    d = _direction(precond, grads, exp_avg, hyper, args.direction)
-    _move_from(bucket.params, C.to_float32(bucket.params), d, hyper, move.step, move.decay)
+    grads = _grads_fp32(bucket.grads, args.grad_scale)
+    _adam_move(_FOREACH, bucket.params, grads, bucket.exp_avg, bucket.exp_avg_sq, args.hyper, args.move, args.direction)
 
 
 def retrial(bucket: Bucket, args: PassArgs) -> None:
@@ -133,12 +246,12 @@ def retrial(bucket: Bucket, args: PassArgs) -> None:
     move = args.move
     d = _current_direction(bucket, args.hyper, args.direction, args.grad_scale)
     if bucket.saved is not None:
-        weights = _decayed(C.to_float32(bucket.saved), args.hyper, move.decay)
-        _write_weights(bucket.params, C.foreach_add(weights, d, alpha=-move.step))
+        weights = _decayed(_FOREACH, C.to_float32(bucket.saved), args.hyper, move.decay)
+        C.foreach_copy_(bucket.params, C.foreach_add(weights, d, alpha=-move.step))
     else:
         weights = C.to_float32(bucket.params)
         C.foreach_mul_(d, move.previous - move.step)
-        _write_weights(bucket.params, C.foreach_add(weights, d))
+        C.foreach_copy_(bucket.params, C.foreach_add(weights, d))
 
 
 def restore(bucket: Bucket, args: PassArgs) -> None:
@@ -150,9 +263,10 @@ def restore(bucket: Bucket, args: PassArgs) -> None:
     hyper, move = args.hyper, args.move
     d = _current_direction(bucket, hyper, args.direction, args.grad_scale)
     weights = C.foreach_add(C.to_float32(bucket.params), d, alpha=move.previous)
-    if hyper.weight_decay != 0 and move.decay != 0:
-        C.foreach_div_(weights, 1 - hyper.weight_decay * move.decay)
-    _write_weights(bucket.params, weights)
+    factor = hyper.decay_factor(move.decay)
+    if factor != 1:
+        C.foreach_div_(weights, factor)
+    C.foreach_copy_(bucket.params, weights)
 
 
 def plain_step(bucket: Bucket, args: PassArgs, loss: torch.Tensor, found_inf: Optional[torch.Tensor] = None,
@@ -164,8 +278,11 @@ def plain_step(bucket: Bucket, args: PassArgs, loss: torch.Tensor, found_inf: Op
     is non-finite keeps its weight and moments; the number of such elements is added to
     ``nonfinite_count`` (an int64 0-dim tensor).
 
-    This reference reads one flag on the host to pick the guarded path (free on the
-    CPU; a sync on an accelerator, where the kernel backends guard on the device).
+    The reference is :func:`_adam_move` on the whole bucket (:func:`_guarded_plain_step` when a
+    gradient is non-finite). On contiguous CPU tensors the same function runs block by block
+    (:func:`_plain_step_blocked`: the same bits, tested). This reference reads one flag on the
+    host to pick the guarded path (free on the CPU; a sync on an accelerator, where the kernel
+    backends guard on the device).
     """
     if step_counts is not None:
         count_step(step_counts, loss, found_inf)
@@ -174,108 +291,61 @@ def plain_step(bucket: Bucket, args: PassArgs, loss: torch.Tensor, found_inf: Op
         step_ok = step_ok & (found_inf.to(step_ok.device) == 0)
     if not bool(step_ok):
         return
-    hyper, step_size, decay_step_size = args.hyper, args.move.step, args.move.decay
-    grads = _grads_fp32(bucket, args.grad_scale)
-    if bucket.device.type == "cpu" and all(t.is_contiguous() for stream in (
-            grads, bucket.params, bucket.exp_avg, bucket.exp_avg_sq) for t in stream):
-        _plain_step_blocked(bucket, hyper, step_size, decay_step_size, grads, nonfinite_count)
+    grads = _grads_fp32(bucket.grads, args.grad_scale)
+    tensors = (bucket.params, grads, bucket.exp_avg, bucket.exp_avg_sq)
+    if bucket.device.type == "cpu" and all(t.is_contiguous() for stream in tensors for t in stream):
+        _plain_step_blocked(*tensors, args.hyper, args.move, nonfinite_count)
         return
-    grad_norms = C.foreach_norm(grads)
-    if not bool(torch.isfinite(torch.stack(grad_norms)).all()):
-        _guarded_plain_step(bucket, hyper, step_size, decay_step_size, grads, nonfinite_count)
+    if not bool(torch.isfinite(torch.stack(C.foreach_norm(grads))).all()):
+        _guarded_plain_step(*tensors, args.hyper, args.move, nonfinite_count)
         return
-    exp_avg, exp_avg_sq = _new_moments(bucket, hyper, grads)
-    C.foreach_copy_(bucket.exp_avg, exp_avg)
-    C.foreach_copy_(bucket.exp_avg_sq, exp_avg_sq)
-    precond = _preconditioner(exp_avg_sq, hyper)
-    update = _direction(precond, grads, exp_avg, hyper, MOMENTUM)
-    _move_from(bucket.params, C.to_float32(bucket.params), update, hyper, step_size, decay_step_size)
+    _adam_move(_FOREACH, *tensors, args.hyper, args.move, MOMENTUM)
 
 
-def _move_from(params, weights_fp32, d, hyper: Hyper, step_size: float, decay_step_size: float) -> None:
-    """``params = decay(weights) - step_size * d``; in place when fp32 without decay, as 0.1.0 does."""
-    weights = _decayed(weights_fp32, hyper, decay_step_size)
-    if weights is params:
-        C.foreach_add_(params, d, alpha=-step_size)
-    else:
-        _write_weights(params, C.foreach_add(weights, d, alpha=-step_size))
+def _guarded_plain_step(params, grads, exp_avg, exp_avg_sq, hyper: Hyper, move: Move,
+                        nonfinite_count: Optional[torch.Tensor]) -> None:
+    """The rare path: some gradient elements are non-finite; those elements stay as they are.
+
+    :func:`_adam_move` on copies with those gradients zeroed, then only the finite elements kept.
+    """
+    finite = [torch.isfinite(g * g) for g in grads]  # g*g overflowing would write v = inf
+    safe_grads = [torch.where(ok, g, torch.zeros_like(g)) for ok, g in zip(finite, grads)]
+    new_params, new_exp_avg, new_exp_avg_sq = ([t.clone() for t in ts] for ts in (params, exp_avg, exp_avg_sq))
+    _adam_move(_FOREACH, new_params, safe_grads, new_exp_avg, new_exp_avg_sq, hyper, move, MOMENTUM)
+    for i, ok in enumerate(finite):
+        for target, value in ((exp_avg[i], new_exp_avg[i]), (exp_avg_sq[i], new_exp_avg_sq[i]),
+                              (params[i], new_params[i])):
+            target.copy_(torch.where(ok, value, target))
+    if nonfinite_count is not None:
+        skipped = sum(int((~ok).sum()) for ok in finite)
+        nonfinite_count.add_(skipped)
 
 
 # Elements per block of the CPU plain step: large enough that each op splits well over
 # the intra-op threads (smaller blocks measured slower), small enough that a block's streams
-# (g, m, v, w and two fp32 scratch rows of 1 MiB) stay in cache through all of its ops.
+# (g, m, v, w and the fp32 temporaries) stay in cache through all of its ops.
 CPU_BLOCK = 1 << 18
 
 
-def _plain_step_blocked(bucket: Bucket, hyper: Hyper, step_size: float, decay_step_size: float,
-                        grads: List[torch.Tensor], nonfinite_count: Optional[torch.Tensor]) -> None:
-    """The plain step on the CPU, block by block.
-
-    The same operations as the foreach form above, in the same order and with the same
-    roundings (bitwise equal), applied to one block of elements at a time so that the
-    block stays in cache across them; moments are updated in place and two block-sized
-    scratch rows replace the foreach form's weight-sized temporaries. Finiteness is
-    checked per block on ``sum(g^2)`` while the block is in cache (no separate pass over
-    the gradients); a block that fails takes the element-wise guarded path.
+def _plain_step_blocked(params, grads, exp_avg, exp_avg_sq, hyper: Hyper, move: Move,
+                        nonfinite_count: Optional[torch.Tensor]) -> None:
+    """The plain step on the CPU, block by block: :func:`_adam_move` on one block of elements at a
+    time (:class:`_BlockOps`: two block-sized scratch rows replace the whole-bucket form's
+    weight-sized temporaries), so the block stays in cache across all of its ops. Finiteness is
+    checked per block on ``sum(g^2)`` while the block is in cache (no separate pass over the
+    gradients); a block that fails takes :func:`_guarded_plain_step`. Bitwise the whole-bucket form.
     """
-    largest = max((p.numel() for p in bucket.params), default=0)
+    largest = max((p.numel() for p in params), default=0)
     if largest == 0:
         return
     scratch = torch.empty(2, min(CPU_BLOCK, largest), dtype=torch.float32)
-    beta1, beta2, bc1, bc2 = hyper.beta1, hyper.beta2, hyper.bias_correction1, hyper.bias_correction2
-    decay = hyper.weight_decay != 0 and decay_step_size != 0
-    factor = 1 - hyper.weight_decay * decay_step_size
-    fp32_weights = bucket.dtype == torch.float32
-    for g, m, v, w in zip(grads, bucket.exp_avg, bucket.exp_avg_sq, bucket.params):
-        g, m, v, w = g.view(-1), m.view(-1), v.view(-1), w.view(-1)
+    for w, g, m, v in zip(params, grads, exp_avg, exp_avg_sq):
+        w, g, m, v = w.view(-1), g.view(-1), m.view(-1), v.view(-1)
         for start in range(0, g.numel(), CPU_BLOCK):
-            end = min(start + CPU_BLOCK, g.numel())
-            gb, mb, vb, wb = g[start:end], m[start:end], v[start:end], w[start:end]
-            s, t = scratch[0, :end - start], scratch[1, :end - start]
-            torch.mul(gb, gb, out=s)  # v = beta2*v + (1-beta2)*g^2
-            if not math.isfinite(float(s.sum())):  # NaN/inf in g (or g^2 overflowing fp32)
-                block = Bucket(params=[wb], grads=[gb], exp_avg=[mb], exp_avg_sq=[vb], saved=None,
-                               device=bucket.device, dtype=bucket.dtype, group_index=bucket.group_index)
-                _guarded_plain_step(block, hyper, step_size, decay_step_size, [gb], nonfinite_count)
-                continue
-            s.mul_(1 - beta2)
-            vb.mul_(beta2)
-            vb.add_(s)
-            torch.mul(gb, 1 - beta1, out=s)  # m = beta1*m + (1-beta1)*g
-            mb.mul_(beta1)
-            mb.add_(s)
-            torch.div(vb, bc2, out=s)  # precond = 1 / (sqrt(v_hat) + eps)
-            s.sqrt_()
-            s.add_(hyper.eps)
-            s.reciprocal_()
-            torch.div(mb, bc1, out=t)  # update = precond * m_hat
-            s.mul_(t)
-            if fp32_weights and not decay:
-                wb.add_(s, alpha=-step_size)
-                continue
-            if fp32_weights:
-                torch.mul(wb, factor, out=t)
+            wb, gb, mb, vb = (t[start:start + CPU_BLOCK] for t in (w, g, m, v))
+            ops = _BlockOps(tuple(scratch[:, :gb.numel()]))
+            grad_sq = ops.mul(gb, gb, 0)
+            if math.isfinite(float(grad_sq.sum())):  # NaN/inf in g, or g^2 overflowing fp32
+                _adam_move(ops, wb, gb, mb, vb, hyper, move, MOMENTUM, grad_sq)
             else:
-                t.copy_(wb)
-                if decay:
-                    t.mul_(factor)
-            t.add_(s, alpha=-step_size)
-            wb.copy_(t)
-
-
-def _guarded_plain_step(bucket, hyper, step_size, decay_step_size, grads, nonfinite_count) -> None:
-    """The rare path: some gradient elements are non-finite; those elements stay as they are."""
-    finite = [torch.isfinite(g * g) for g in grads]  # g*g overflowing would write v = inf
-    safe_grads = [torch.where(ok, g, torch.zeros_like(g)) for ok, g in zip(finite, grads)]
-    exp_avg, exp_avg_sq = _new_moments(bucket, hyper, safe_grads)
-    precond = _preconditioner(exp_avg_sq, hyper)
-    update = _direction(precond, safe_grads, exp_avg, hyper, MOMENTUM)
-    weights = _decayed(C.to_float32(bucket.params), hyper, decay_step_size)
-    new_weights = C.foreach_add(weights, update, alpha=-step_size)
-    for i, ok in enumerate(finite):
-        bucket.exp_avg[i].copy_(torch.where(ok, exp_avg[i], bucket.exp_avg[i]))
-        bucket.exp_avg_sq[i].copy_(torch.where(ok, exp_avg_sq[i], bucket.exp_avg_sq[i]))
-        bucket.params[i].copy_(torch.where(ok, new_weights[i], bucket.params[i].float()))
-    if nonfinite_count is not None:
-        skipped = sum(int((~ok).sum()) for ok in finite)
-        nonfinite_count.add_(skipped)
+                _guarded_plain_step([wb], [gb], [mb], [vb], hyper, move, nonfinite_count)

@@ -352,8 +352,7 @@ def _moment_scalars(hyper: Hyper) -> Tuple[float, ...]:
 
 
 def _decay_factor(hyper: Hyper, decay_step_size: float) -> float:
-    """1 - weight_decay * decay_step_size (exactly 1.0 without decay)."""
-    return float(1 - hyper.weight_decay * decay_step_size)
+    return float(hyper.decay_factor(decay_step_size))
 
 
 def _optional(tensor: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:

@@ -17,13 +17,13 @@ GradScaler-unscaled) gradients. bf16/fp16 autocast comes from accelerate's wrapp
 
 Scheduler: Trainer always builds one; by default (``lr_scheduler_type="linear"``,
 no warmup) ``lr`` falls linearly from ``learning_rate`` to 0 over the run. FusedSaLSa
-reads ``lr`` as a multiplier on its searched step size ``eta``: a group moves by
-``lr * eta`` and the Armijo test judges that move. With ``learning_rate=1.0`` the
-linear schedule multiplies the searched step by ``1 - t/T``. Use
-``lr_scheduler_type="constant"`` for the step the search finds, unscaled.
+reads ``lr`` as a multiplier on the level ``eta`` its search finds: trials probe at the
+``lr`` a group started with, and the schedule's later ``lr`` scales the applied step (with
+``learning_rate=1.0`` the linear schedule multiplies it by ``1 - t/T``). Use
+``lr_scheduler_type="constant"`` for the applied step the search finds, unscaled.
 
-Logged with Trainer's training logs: ``salsa_step_size`` (eta), ``salsa_effective_step_size``
-(lr * eta * growth of the first group, the next plain step), ``salsa_search_interval``,
+Logged with Trainer's training logs: ``salsa_step_size`` (the level eta), ``salsa_effective_step_size``
+(the first group's applied step of the next plain step, ``opt.applied_steps[0]``), ``salsa_search_interval``,
 ``salsa_forward_evals``, ``salsa_searches``, ``salsa_backtracks``.
 """
 
@@ -82,7 +82,7 @@ class SaLSaTrainerMixin:
             if self.args.learning_rate != 1.0:
                 warnings.warn(
                     f"FusedSaLSa reads TrainingArguments.learning_rate={self.args.learning_rate} as a "
-                    "multiplier on the step size its line search finds; set learning_rate=1.0 unless "
+                    "multiplier on the level its line search finds; set learning_rate=1.0 unless "
                     "you mean to scale every step", stacklevel=2)
             kwargs = {"model": opt_model, **self.salsa_kwargs}  # trials keep BatchNorm's statistics
             self.optimizer = FusedSaLSa(groups, lr=self.args.learning_rate, **kwargs)
@@ -134,7 +134,7 @@ class SaLSaTrainerMixin:
             opt = self.salsa_optimizer
             logs = {**logs,
                     "salsa_step_size": opt.step_size,
-                    "salsa_effective_step_size": opt.effective_step_sizes[0],
+                    "salsa_effective_step_size": opt.applied_steps[0],
                     "salsa_search_interval": opt.search_interval,
                     "salsa_forward_evals": opt.num_forward_evals,
                     "salsa_searches": opt.num_searches,

@@ -1,0 +1,228 @@
+"""One step of FusedSaLSa as functions of its buckets and scalars: the functional core.
+
+As ``torch.optim`` keeps ``adam()`` apart from the ``Adam`` class, :class:`~salsa_fused.FusedSaLSa`
+validates arguments, owns the per-parameter and search state, runs the closure, keeps the random
+state and the model's running statistics, and hands each step to one of two functions here:
+
+- :func:`plain_step`: one backend pass per bucket along ``m_hat``, no host read;
+- :func:`search_step`: the slope ``q`` (one pass per bucket), the one host read of ``f(w0)``, ``q``
+  and the device counters, then the search rule's trials (one forward each, through the caller's
+  ``trial_loss``) and the final move; returns the search state after the step.
+
+:class:`Passes` runs one backend pass over every bucket with its group's scalars, each move
+formed by :class:`~salsa_fused.applied.GroupStep`. Nothing here reads ``param_groups`` but
+:meth:`Passes.of` and the re-formed Adam scalars after GradScaler's skipped steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from . import _compat as C
+from .applied import GroupStep
+from .backends.base import Backend, Bucket, Hyper, Move, PassArgs
+from .distributed import SearchReduction
+from .errors import NonFiniteError
+from .line_search import SearchConfig, SearchState, StepPlan
+from .rules import SearchRule, Verdict, moment_step
+
+
+@dataclass
+class DeviceCounts:
+    """int64 device counters of plain steps (no host read), read and zeroed by the next search."""
+
+    nonfinite_elements: torch.Tensor  # 0-dim: gradient elements left unchanged
+    step_counts: torch.Tensor  # [steps whose loss was NaN/inf, steps GradScaler skipped]: the backend's
+
+    @classmethod
+    def zeros(cls, device: Optional[torch.device]) -> "DeviceCounts":
+        return cls(torch.zeros((), dtype=torch.int64, device=device),
+                   torch.zeros(2, dtype=torch.int64, device=device))
+
+    @property
+    def nonfinite_losses(self) -> torch.Tensor:
+        return self.step_counts[0]
+
+    @property
+    def scaler_skips(self) -> torch.Tensor:
+        return self.step_counts[1]
+
+
+@dataclass(frozen=True)
+class Passes:
+    """The backend's passes over every bucket of one step, each bucket with its group's scalars."""
+
+    backend: Backend
+    buckets: List[Bucket]
+    hypers: Dict[int, Hyper]  # group index -> Adam's scalars at this step
+    groups: Dict[int, GroupStep]  # group index -> lr_g, the schedule's scale, the level
+    grad_scale: Optional[torch.Tensor] = None  # GradScaler's scale, or None
+
+    @classmethod
+    def of(cls, backend: Backend, buckets: List[Bucket], param_groups: Sequence[dict], moment_k: int,
+           scale: float, level: float, grad_scale: Optional[torch.Tensor] = None) -> "Passes":
+        """The passes of a step whose moments are corrected at ``moment_k`` (:func:`moment_step`),
+        with schedule scale ``scale`` and level ``eta = level``."""
+        hypers = {b.group_index: Hyper.for_step(param_groups[b.group_index], moment_k) for b in buckets}
+        groups = {b.group_index: GroupStep.of(param_groups[b.group_index], scale, level) for b in buckets}
+        return cls(backend, buckets, hypers, groups, grad_scale)
+
+    def at_moment_step(self, param_groups: Sequence[dict], moment_k: int) -> "Passes":
+        """The same passes with Adam's scalars re-formed at ``moment_k``."""
+        return replace(self, hypers={i: Hyper.for_step(param_groups[i], moment_k) for i in self.hypers})
+
+    @torch.no_grad()
+    def run(self, pass_name: str, direction: str, move: Callable[..., Move], *trials: float) -> None:
+        """Backend pass ``pass_name`` on every bucket, moving by ``move(group, *trials)`` (a
+        :class:`GroupStep` method: ``GroupStep.trial``, ``.apply``, ``.restore``, ...)."""
+        run = getattr(self.backend, pass_name)
+        for b in self.buckets:
+            i = b.group_index
+            run(b, PassArgs(self.hypers[i], move(self.groups[i], *trials), direction, self.grad_scale))
+
+
+def plain_step(passes: Passes, trial: float, loss: torch.Tensor, found_inf: Optional[torch.Tensor],
+               counts: DeviceCounts, reduction: SearchReduction) -> None:
+    """A step without search: every bucket moves ``lr_g * s * trial`` along ``m_hat`` (``trial``:
+    the rule's first trial, ``eta * growth`` for SaLSa), unless ``loss`` is non-finite or
+    ``found_inf`` is set. No host read."""
+    if reduction.loss_group is not None:
+        # Every rank must take the same skip decision: judge the loss averaged over
+        # the data-parallel group (one 4-byte all-reduce, no host read).
+        loss = reduction.average_loss(loss.reshape(1)).reshape(())
+    # A non-finite loss or GradScaler's found_inf makes the plain pass change nothing. The
+    # first bucket's pass counts such a step on the device (no host read, no extra op on
+    # the kernel backends); the next search reports the losses and takes the scaler's
+    # skips back out of k and t.
+    with torch.no_grad():
+        for i, b in enumerate(passes.buckets):
+            args = PassArgs(passes.hypers[b.group_index], passes.groups[b.group_index].plain(trial),
+                            grad_scale=passes.grad_scale)
+            passes.backend.plain_step(b, args, loss, found_inf=found_inf, nonfinite_count=counts.nonfinite_elements,
+                                      step_counts=counts.step_counts if i == 0 else None)
+
+
+def slope(passes: Passes, direction: str, device: Optional[torch.device]) -> torch.Tensor:
+    """``q = sum over groups of lr_g * g.d`` with this step's moments (nothing written); 0-dim fp32."""
+    q = torch.zeros((), dtype=torch.float32, device=device)
+    with torch.no_grad():
+        for b in passes.buckets:
+            lr = passes.hypers[b.group_index].lr
+            partial = passes.backend.slope(b, PassArgs(passes.hypers[b.group_index], direction=direction,
+                                                       grad_scale=passes.grad_scale))
+            q = q + (partial if lr == 1.0 else partial * lr)
+    return q
+
+
+def search_step(passes: Passes, plan: StepPlan, state: SearchState, loss: torch.Tensor,
+                trial_loss: Callable[[], float], *, rule: SearchRule, config: SearchConfig,
+                search_direction: str, param_groups: Sequence[dict], counts: DeviceCounts,
+                found_inf: Optional[torch.Tensor], reduction: SearchReduction, nonfinite: str,
+                has_saved_copy: bool, device: Optional[torch.device]) -> SearchState:
+    """One search step from ``w0``; returns the search state after it.
+
+    ``plan.state`` is the state with this step's counters advanced; ``state`` the live one, which
+    keeps GradScaler's skipped steps taken back out of ``k`` and ``t`` and, under
+    ``nonfinite="skip"``, the skip counters, even when this step is skipped or raises.
+    ``trial_loss()`` evaluates the loss at the weights as they are (the caller resets the random
+    state before each trial forward). If it raises, the weights go back to ``w0`` (bitwise with a
+    saved copy) and the moments to their values before the step, and the exception propagates.
+    """
+    direction = rule.direction(search_direction)
+    q = slope(passes, direction, device)
+    flags = [found_inf.to(q.device, torch.float32).reshape(1) if found_inf is not None
+             else q.new_zeros(1), counts.nonfinite_elements.to(torch.float32).reshape(1),
+             counts.nonfinite_losses.to(torch.float32).reshape(1)]
+    # q and the flags are per shard under FSDP2: one sum over the shard group for all three.
+    shard_sums = reduction.sum_over_shards(torch.cat([q.reshape(1), *flags]))
+    loss_avg = reduction.average_loss(loss.reshape(1))
+    f0_value, q_value, inf_flag, earlier_nonfinite, earlier_bad_losses, scaler_skips = torch.cat(
+        [loss_avg, shard_sums, counts.scaler_skips.to(torch.float32).reshape(1)]
+    ).tolist()  # the one host read before any write
+    step_state = plan.state
+    if scaler_skips:
+        skipped = int(scaler_skips)
+        counts.scaler_skips.zero_()
+        step_state.step -= skipped  # the rule below sees this
+        step_state.steps_since_search = max(0, step_state.steps_since_search - skipped)
+        passes = passes.at_moment_step(param_groups, moment_step(rule, step_state.step))
+        # kept even if this step is skipped or rejected below
+        state.step -= skipped
+        state.steps_since_search = max(0, state.steps_since_search - skipped)
+    if inf_flag:
+        return state  # GradScaler found inf/nan: skip the step like AdamW, state unchanged
+    if earlier_nonfinite or earlier_bad_losses:
+        counts.nonfinite_elements.zero_()
+        counts.nonfinite_losses.zero_()
+        if nonfinite == "raise":
+            problems = []
+            if earlier_nonfinite:
+                problems.append(f"{int(earlier_nonfinite)} gradient elements were NaN/inf on plain "
+                                "steps since the last search (those elements kept their weights "
+                                "and moments)")
+            if earlier_bad_losses:
+                problems.append(f"the loss was NaN/inf on {int(earlier_bad_losses)} plain step(s) "
+                                "since the last search (those steps changed nothing)")
+            raise NonFiniteError("; ".join(problems) + f"; step {step_state.step} was not applied")
+        step_state.num_nonfinite_elements += int(earlier_nonfinite)
+        step_state.num_skipped_steps += int(earlier_bad_losses)
+    if not (math.isfinite(f0_value) and math.isfinite(q_value)):
+        what = "loss" if not math.isfinite(f0_value) else "gradient (slope q)"
+        value = f0_value if not math.isfinite(f0_value) else q_value
+        return reject(state, nonfinite, f"non-finite {what} {value} at step {step_state.step}; "
+                      "weights and optimizer state are unchanged", int(earlier_nonfinite), int(earlier_bad_losses))
+    search = rule(plan, config, f0_value, q_value)
+    run_search(passes, search, direction, trial_loss, has_saved_copy)
+    return search.finish()
+
+
+def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], float],
+               has_saved_copy: bool) -> None:
+    """Drive ``search`` (:class:`salsa_fused.rules.Search`): the weights go to each trial it names
+    until it stops, then to its final move; or, when it is not active, straight to the final move."""
+    if not search.active:
+        final = search.final()
+        passes.run("first_trial", final.direction or direction, GroupStep.guard_failed, final.step)
+        return
+    # Pass A writes this step's moments; a trial forward that raises (out of memory, caught and
+    # retried by the caller) must find them as they were: copies, 8 bytes per parameter while
+    # the search runs, put back on an exception. One multi-tensor op (x * 1 is exact, -0 and
+    # NaN included), not a clone per tensor: 296 launches per search for GPT-2 small.
+    moments = [t for b in passes.buckets for t in (*b.exp_avg, *b.exp_avg_sq)]
+    moments_before = C.foreach_mul(moments, 1.0)
+    passes.run("first_trial", direction, GroupStep.trial, search.step_size)
+    current = search.step_size  # the trial the weights are at
+    try:
+        while True:
+            if search.observe(trial_loss()) is not Verdict.RETRY:
+                break
+            passes.run("retrial", direction, GroupStep.trial, search.step_size, current)
+            current = search.step_size
+    except BaseException:
+        passes.run("restore", direction, GroupStep.restore, current)
+        with torch.no_grad():
+            C.foreach_copy_(moments, moments_before)
+        raise
+    final = search.final()
+    along = final.direction or direction
+    if along != direction and not has_saved_copy:
+        passes.run("retrial", direction, GroupStep.trial, 0.0, current)  # back to decay(w0), in place
+        current = 0.0
+    if along != direction or final.step != current or any(g.scale != 1.0 for g in passes.groups.values()):
+        passes.run("retrial", along, GroupStep.apply, final.step, current)
+
+
+def reject(state: SearchState, nonfinite: str, message: str, earlier_elements: int = 0,
+           earlier_skips: int = 0) -> SearchState:
+    """Raise :class:`NonFiniteError`, or count a skipped step into ``state``, as ``nonfinite`` says.
+    Nothing has been written. ``earlier_*``: the plain steps' counts read with this step (their
+    device counters are already zeroed), kept in the skip counters."""
+    if nonfinite == "raise":
+        raise NonFiniteError(message)
+    state.num_skipped_steps += 1 + earlier_skips
+    state.num_nonfinite_elements += earlier_elements
+    return state

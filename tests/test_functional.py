@@ -1,0 +1,64 @@
+"""The functional core (salsa_fused/functional.py) called without the class: built from a bucket,
+param-group scalars and a search state by hand, it makes FusedSaLSa's steps to the bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks._common import make_next_step_plain
+from salsa_fused import FusedSaLSa
+from salsa_fused import functional as F
+from salsa_fused.backends import torch_backend
+from salsa_fused.backends.base import Bucket
+from salsa_fused.distributed import SearchReduction
+from salsa_fused.line_search import SearchConfig, SearchState
+from salsa_fused.rules import moment_step, plan_step, resolve_rule
+
+GROUP = dict(lr=0.5, search_lr=0.5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+
+
+def _loss(w, target):
+    return 0.5 * ((w - target) ** 2).sum()
+
+
+@pytest.mark.parametrize("restore", ["copy", "inplace"])
+def test_functional_steps_are_the_optimizers(restore):
+    torch.manual_seed(0)
+    target = torch.randn(257)
+    start = torch.randn(257)
+    w_class = start.clone().requires_grad_(True)
+    opt = FusedSaLSa([{"params": [w_class], "lr": GROUP["lr"], "weight_decay": GROUP["weight_decay"]}],
+                     backend="torch", restore=restore, always_search_steps=2)
+    w = start.clone()
+    exp_avg, exp_avg_sq = torch.zeros_like(w), torch.zeros_like(w)
+    saved = [torch.empty_like(w)] if restore == "copy" else None
+    rule, config, state = resolve_rule("salsa"), SearchConfig(always_search_steps=2), SearchState()
+    counts = F.DeviceCounts.zeros(torch.device("cpu"))
+    kinds = []
+    for i in range(8):
+        if i in (4, 6):  # the interval's decision made by hand, the same on both sides
+            make_next_step_plain(opt)
+            state = opt.search_state
+        opt.zero_grad()
+        opt.step(lambda: _loss(w_class, target))
+        grad = (w - target).clone()  # the gradient of _loss
+        bucket = Bucket([w], [grad], [exp_avg], [exp_avg_sq], saved, torch.device("cpu"), torch.float32, 0)
+        plan = plan_step(rule, state, config)
+        plan.state.num_forward_evals += 1
+        plan.state.num_backward_evals += 1
+        passes = F.Passes.of(torch_backend, [bucket], [GROUP], moment_step(rule, plan.state.step), 1.0,
+                             state.step_size)
+        f0 = _loss(w, target).reshape(())
+        if plan.is_search:
+            state = F.search_step(passes, plan, state, f0, lambda: _loss(w, target).item(), rule=rule,
+                                  config=config, search_direction="gradient", param_groups=[GROUP],
+                                  counts=counts, found_inf=None, reduction=SearchReduction(), nonfinite="raise",
+                                  has_saved_copy=saved is not None, device=torch.device("cpu"))
+        else:
+            F.plain_step(passes, plan.trial_step_size, f0, None, counts, SearchReduction())
+            state = plan.state
+        kinds.append(plan.is_search)
+        assert torch.equal(w, w_class.detach())
+        assert state == opt.search_state
+    assert any(kinds) and not all(kinds)  # searches and plain steps both ran
