@@ -30,6 +30,8 @@ Run length, for ``"pretrain"``:
   direction, ``beta3=0.95``, weight decay 0.1) with no schedule: the search runs for the whole
   run and the applied step is the searched level (1x), with no warm-up to 2x and no cooldown.
   Nothing needs the run length; the price is the missing cooldown (quality NOTES section 12).
+  Once the end is known, ``optimizer.schedule = step_size.Cooldown(optimizer.search_state.step,
+  steps)`` freezes the level and decays the applied step to zero over ``steps`` steps.
 
 Usage::
 

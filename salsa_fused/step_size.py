@@ -1,4 +1,5 @@
-"""A schedule on the applied step: :class:`WarmupStableDecay` (the ``pretrain`` preset's).
+"""A schedule on the applied step: :class:`WarmupStableDecay` (the ``pretrain`` preset's), and
+:class:`Cooldown` (a cooldown started by hand in a run of unknown length).
 
 Host-side arithmetic on Python floats; no tensors. A *schedule* multiplies the step the
 optimizer applies (trials still probe the searched level; weight decay follows the applied
@@ -96,6 +97,53 @@ class WarmupStableDecay:
 
     def searches(self, step: int) -> bool:
         return step <= self.decay_start
+
+
+@dataclass(frozen=True)
+class Cooldown:
+    """A cooldown started during a run of unknown length (``presets.recommended(params)``), at
+    step ``start`` (1-based, e.g. ``optimizer.search_state.step``) over ``steps`` steps::
+
+        1                                                  for k <= start
+        final + (1 - final) * (start + steps - k) / steps  after start, ``final`` at start + steps
+
+    ``searches(k)`` is False after ``start`` (the level freezes, as in WarmupStableDecay's
+    cooldown). ``total_steps = start + steps``; past it the scale holds its last positive value
+    (``final``, or ``1 / steps`` for a decay to 0) and the optimizer warns once. Install it with
+    ``optimizer.schedule = Cooldown(optimizer.search_state.step, steps)``.
+    """
+
+    start: int
+    steps: int
+    final: float = 0.0
+
+    def __post_init__(self):
+        for name in ("start", "steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "start" else 1):
+                raise ValueError(f"{name} must be an integer >= {0 if name == 'start' else 1}, got {value!r}")
+        if isinstance(self.final, bool) or not isinstance(self.final, (int, float)) or not 0.0 <= self.final <= 1.0:
+            raise ValueError(f"final must lie in [0, 1], got {self.final!r}")
+
+    @property
+    def total_steps(self) -> int:
+        return self.start + self.steps
+
+    @property
+    def past_end_scale(self) -> float:
+        return self.final if self.final > 0 else 1.0 / self.steps
+
+    def scale(self, step: int) -> float:
+        if step < 1:
+            raise ValueError(f"step must be >= 1, got {step}")
+        if step <= self.start:
+            return 1.0
+        if step > self.total_steps:
+            return self.past_end_scale
+        return self.final + (1.0 - self.final) * (self.total_steps - step) / self.steps
+
+    def searches(self, step: int) -> bool:
+        return step <= self.start
 
 
 class ScaledSchedule:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from salsa_fused import FusedSaLSa, presets
-from salsa_fused.step_size import ScaledSchedule, WarmupStableDecay, warn_past_end
+from salsa_fused.step_size import Cooldown, ScaledSchedule, WarmupStableDecay, warn_past_end
 
 from test_applied_step import GROWTH, LRS, backward, close, directions, expected, make
 
@@ -210,6 +210,40 @@ def test_without_a_run_length_every_step_applies_the_searched_level_and_never_wa
     assert searched_late  # the search keeps running: nothing freezes it
     assert float(closure().detach()) < 0.2 * first
     assert math.isfinite(opt.step_size) and opt.step_size > 0
+
+
+def test_cooldown_values_and_bad_arguments():
+    cooldown = Cooldown(10, 4)
+    assert [cooldown.scale(k) for k in range(9, 17)] == [1.0, 1.0, 0.75, 0.5, 0.25, 0.0, 0.25, 0.25]
+    assert cooldown.searches(10) and not cooldown.searches(11) and not cooldown.searches(99)
+    assert cooldown.total_steps == 14 and Cooldown(0, 5, final=0.1).scale(9) == 0.1
+    for kwargs, match in ((dict(start=-1, steps=3), "start"), (dict(start=2, steps=0), "steps"),
+                          (dict(start=2.0, steps=3), "start"), (dict(start=2, steps=3, final=1.5), "final")):
+        with pytest.raises(ValueError, match=match):
+            Cooldown(**kwargs)
+    with pytest.raises(ValueError, match="step"):
+        cooldown.scale(0)
+
+
+def test_a_cooldown_installed_during_a_run_of_unknown_length_freezes_and_decays_the_applied_step():
+    opt, weights, slopes = make(None)
+    run_scripted(opt, weights, slopes, 3)
+    opt.schedule = Cooldown(opt.search_state.step, 3)  # from step 4: 2/3, 1/3, 0, then 1/3 held
+    level, searches = opt.step_size, opt.num_searches
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for k, scale in zip(range(4, 9), (2 / 3, 1 / 3, 0.0, 1 / 3, 1 / 3)):
+            reported = opt.effective_step_sizes
+            w0 = [w.detach().clone() for w in weights]
+            loss = backward(weights, slopes)
+            opt.mark_forward()
+            opt.step(lambda: pytest.fail("the level is frozen in the cooldown: no search"), loss=loss)
+            for w, start, lr, step_size in zip(weights, w0, LRS, reported):
+                _, u = directions(opt, w, k)
+                assert step_size == pytest.approx(lr * scale * level * GROWTH, rel=1e-12, abs=0.0)
+                close(w, expected(start, lr, scale, level, lr * scale * level * GROWTH, u))
+    assert opt.step_size == level and opt.num_searches == searches
+    assert len(past_end_warnings(record)) == 1
 
 
 def test_bad_run_lengths_still_raise():
