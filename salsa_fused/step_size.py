@@ -101,7 +101,7 @@ class WarmupStableDecay:
 
 @dataclass(frozen=True)
 class Cooldown:
-    """A cooldown started during a run of unknown length (``presets.recommended(params)``), at
+    """A cooldown started during a run of unknown length (``presets.recommended(params, None)``), at
     step ``start`` (1-based, e.g. ``optimizer.search_state.step``) over ``steps`` steps::
 
         1                                                  for k <= start

@@ -174,10 +174,10 @@ def test_a_longer_total_steps_extends_a_checkpoint_of_the_search_phase():
 
 # ---------------------------------------------------------------------------- no run length
 @pytest.mark.parametrize("build", [
-    lambda p: presets.recommended(p),
+    lambda p: presets.recommended(p, None),
     lambda p: presets.recommended(p, total_steps=None),
-    lambda p: presets.from_preset(p, "pretrain"),
-], ids=["recommended()", "total_steps=None", "from_preset"])
+    lambda p: presets.from_preset(p, "pretrain", total_steps=None),
+], ids=["recommended", "total_steps=None", "from_preset"])
 def test_without_a_run_length_the_recommended_search_runs_without_a_schedule(build):
     w = torch.nn.Parameter(torch.ones(2))
     opt, known = build([w]), presets.recommended([w], total_steps=100)
@@ -185,8 +185,17 @@ def test_without_a_run_length_the_recommended_search_runs_without_a_schedule(bui
     assert opt.search_config == known.search_config and opt.search_rule is known.search_rule
     assert opt.search_direction == known.search_direction == "momentum"
     assert opt.param_groups[0]["weight_decay"] == known.param_groups[0]["weight_decay"] == 0.1
-    assert presets.preset_kwargs("pretrain") == presets.preset_kwargs("pretrain", None)
-    assert "schedule" not in presets.preset_kwargs("pretrain")
+    assert "schedule" not in presets.preset_kwargs("pretrain", None)
+
+
+@pytest.mark.parametrize("call", [
+    lambda p: presets.recommended(p), lambda p: presets.from_preset(p, "pretrain"),
+    lambda p: presets.preset_kwargs("pretrain"), lambda p: presets.recommended(p, backend="torch")])
+def test_omitting_the_run_length_raises_and_names_both_choices(call):
+    """Forgetting total_steps must not select the no-length mode silently (it ends worse)."""
+    with pytest.raises(TypeError, match=r"needs total_steps: the run length .* or total_steps=None"):
+        call([torch.nn.Parameter(torch.ones(2))])
+    assert presets.preset_kwargs("faithful") == {}  # presets that take no length do not ask for it
 
 
 def test_without_a_run_length_every_step_applies_the_searched_level_and_never_warns():
@@ -195,7 +204,7 @@ def test_without_a_run_length_every_step_applies_the_searched_level_and_never_wa
     x = torch.randn(48, 5)
     y = torch.sin(x.sum(1, keepdim=True))
     closure = lambda: torch.nn.functional.mse_loss(model(x), y)  # noqa: E731
-    opt = presets.recommended(model.parameters(), backend="torch")
+    opt = presets.recommended(model.parameters(), total_steps=None, backend="torch")
     first = float(closure().detach())
     searched_late = False
     with warnings.catch_warnings():
