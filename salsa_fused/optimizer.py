@@ -32,6 +32,7 @@ from .distributed import SearchReduction, default_reduction
 from .applied import GroupStep
 from .line_search import SearchConfig, SearchState
 from .rules import check_arguments, moment_step, plan_step, resolve_rule
+from .step_size import warn_past_end
 
 LossClosure = Callable[[], Union[torch.Tensor, float]]
 
@@ -308,7 +309,7 @@ class FusedSaLSa(Optimizer):
     def applied_steps(self) -> List[float]:
         """Per group, the applied step of the next plain step: ``lr * s * eta * growth`` (the rule's
         first trial: ``eta * 2^(1/b)`` for seed 001's rules; ``s`` the schedule's scale at the
-        next step; 0 past a schedule's end that decays to 0)."""
+        next step, past a schedule's end the scale it holds there)."""
         state = self._search
         scale = 1.0 if self.schedule is None else float(self.schedule.scale(state.step + 1))
         trial = plan_step(self.search_rule, state, self.search_config).trial_step_size
@@ -591,6 +592,8 @@ class FusedSaLSa(Optimizer):
         scale = 1.0
         if self.schedule is not None:
             scale = float(self.schedule.scale(plan.state.step))
+            if not self.__dict__.get("_past_end_warned", False):  # once: a step past total_steps
+                self._past_end_warned = warn_past_end(self.schedule, plan.state.step, stacklevel=4)
             if plan.is_search and not self.schedule.searches(plan.state.step):
                 plan = replace(plan, is_search=False)
         for group in self.param_groups:

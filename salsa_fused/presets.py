@@ -12,9 +12,26 @@ The presets here are other fixed configurations, with nothing to tune per task:
   and a schedule on the applied step (:class:`~salsa_fused.step_size.WarmupStableDecay` with
   ``warmup=0.2, decay=0.8, peak=2``): the search runs during the first 20% of the steps while
   the applied step warms up linearly to twice the searched level; the level is then frozen and
-  the applied step decays linearly from 2x it to zero over the remaining 80%. It needs the run
+  the applied step decays linearly from 2x it to zero over the remaining 80%. It takes the run
   length ``total_steps``, no learning rate. History (quality NOTES sections 6-7): until then
   it was the author's ``beta3=0.99`` with a 5% warmup and a 50% cooldown at 1x the level.
+
+Run length, for ``"pretrain"``:
+
+- **Past ``total_steps``** the schedule holds the last step of its cooldown
+  (:attr:`~salsa_fused.step_size.WarmupStableDecay.past_end_scale`: ``2 / (0.8 * total_steps)``
+  of the frozen level), never 0, and the optimizer warns once that the run is past its plan.
+  To train longer, build the optimizer with the new ``total_steps`` and ``load_state_dict`` the
+  checkpoint (the schedule is not in the checkpoint; the step count is): the run continues at
+  its step of the longer schedule. From a checkpoint of the search phase (the first 20%) that
+  is a clean extension; from one inside the cooldown, the applied step jumps to the longer
+  schedule's value at that step.
+- **``total_steps=None``** (the length unknown; omitting it raises): the same search (momentum
+  direction, ``beta3=0.95``, weight decay 0.1) with no schedule: the search runs for the whole
+  run and the applied step is the searched level (1x), with no warm-up to 2x and no cooldown.
+  Nothing needs the run length; the price is the missing cooldown (quality NOTES section 13).
+  Once the end is known, ``optimizer.schedule = step_size.Cooldown(optimizer.search_state.step,
+  steps)`` freezes the level and decays the applied step to zero over ``steps`` steps.
 
 Usage::
 
@@ -22,6 +39,8 @@ Usage::
     opt = presets.from_preset(model.parameters(), "pretrain", total_steps=10_000)
     # or
     opt = presets.recommended(model.parameters(), total_steps=10_000)
+    # the run length unknown: no warm-up, no cooldown (ends worse; docs/quality.md)
+    opt = presets.recommended(model.parameters(), total_steps=None)
 
 Param groups passed in keep their own keys (``weight_decay`` per group, e.g. no decay on
 biases and norms), as with any torch optimizer; keyword ``overrides`` replace the preset's
@@ -45,11 +64,10 @@ def _author_gpt(total_steps: Optional[int]) -> dict:
 
 
 def _pretrain(total_steps: Optional[int]) -> dict:
-    if total_steps is None:
-        raise ValueError("the 'pretrain' preset needs total_steps (the run length sets its warmup "
-                         "and cooldown)")
-    return dict(beta3=0.95, search_direction="momentum", weight_decay=0.1,
-                schedule=WarmupStableDecay(total_steps, warmup=0.2, decay=0.8, peak=2.0))
+    search = dict(beta3=0.95, search_direction="momentum", weight_decay=0.1)
+    if total_steps is None:  # the run length unknown: the searched level throughout, no schedule
+        return search
+    return dict(search, schedule=WarmupStableDecay(total_steps, warmup=0.2, decay=0.8, peak=2.0))
 
 
 PRESETS: Dict[str, Callable[[Optional[int]], dict]] = {
@@ -58,23 +76,43 @@ PRESETS: Dict[str, Callable[[Optional[int]], dict]] = {
     "pretrain": _pretrain,
 }
 RECOMMENDED = "pretrain"
+#: Presets whose schedule follows the run length: ``total_steps`` must be given (``None`` included).
+TAKE_LENGTH = frozenset({"pretrain"})
 
 
-def preset_kwargs(name: str, total_steps: Optional[int] = None) -> dict:
-    """The keyword arguments of ``FusedSaLSa`` that preset ``name`` sets."""
+class _Omitted:
+    def __repr__(self) -> str:
+        return "<total_steps not given>"
+
+
+_OMITTED = _Omitted()
+
+
+def preset_kwargs(name: str, total_steps=_OMITTED) -> dict:
+    """The keyword arguments of ``FusedSaLSa`` that preset ``name`` sets. A preset of
+    ``TAKE_LENGTH`` needs ``total_steps``: the run length, or ``None`` when it is unknown."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    if total_steps is _OMITTED:
+        if name in TAKE_LENGTH:
+            raise TypeError(f"the {name!r} preset needs total_steps: the run length (its warm-up and "
+                            "cooldown are fractions of it), or total_steps=None for a run of unknown "
+                            "length (no schedule: the searched level throughout, no cooldown; it ends "
+                            "worse, docs/quality.md)")
+        total_steps = None
     if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
                                     or total_steps < 1):
         raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
     return PRESETS[name](total_steps)
 
 
-def from_preset(params, name: str, total_steps: Optional[int] = None, **overrides) -> FusedSaLSa:
+def from_preset(params, name: str, total_steps=_OMITTED, **overrides) -> FusedSaLSa:
     """``FusedSaLSa(params, **preset, **overrides)`` for the named preset."""
     return FusedSaLSa(params, **{**preset_kwargs(name, total_steps), **overrides})
 
 
-def recommended(params, total_steps: int, **overrides) -> FusedSaLSa:
-    """The recommended configuration (preset ``RECOMMENDED``) for a run of ``total_steps`` steps."""
+def recommended(params, total_steps=_OMITTED, **overrides) -> FusedSaLSa:
+    """The recommended configuration (preset ``RECOMMENDED``) for a run of ``total_steps`` steps;
+    ``total_steps=None``: a run of unknown length (no schedule: the searched level throughout).
+    Omitting ``total_steps`` raises TypeError: the choice is the caller's."""
     return from_preset(params, RECOMMENDED, total_steps=total_steps, **overrides)

@@ -1,16 +1,20 @@
-"""A schedule on the applied step: :class:`WarmupStableDecay` (the ``pretrain`` preset's).
+"""A schedule on the applied step: :class:`WarmupStableDecay` (the ``pretrain`` preset's), and
+:class:`Cooldown` (a cooldown started by hand in a run of unknown length).
 
 Host-side arithmetic on Python floats; no tensors. A *schedule* multiplies the step the
 optimizer applies (trials still probe the searched level; weight decay follows the applied
-step, ``salsa_fused.applied``) and may freeze the search. Search rules are in
-:mod:`salsa_fused.rules`; the rules the quality ablations rejected live in
-``benchmarks/quality/rules.py``.
+step, ``salsa_fused.applied``) and may freeze the search. A schedule planned for a run length
+has ``total_steps``: the optimizer warns once when a step goes past it
+(:func:`warn_past_end`). Search rules are in :mod:`salsa_fused.rules`; the rules the quality
+ablations rejected live in ``benchmarks/quality/rules.py``.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,14 @@ class WarmupStableDecay:
 
     ``searches(k)`` is False after ``D``: the level found by the search is frozen during the
     cooldown (if the search kept running, sharpness would follow the smaller step and the
-    search would cut the level again). Past ``total_steps`` the scale stays at ``final``.
+    search would cut the level again).
+
+    Past ``total_steps`` the scale holds :attr:`past_end_scale`, the last positive scale of
+    the run: ``scale(total_steps)`` when it is positive (``final > 0``: ``final * peak``; no
+    decay: ``peak``), else, with a decay to 0, ``scale(total_steps - 1)`` (``peak / (total_steps - D)``
+    when the warm-up ends before the cooldown).
+    A run that goes on moves at the cooldown's last step instead of stopping; the level stays
+    frozen (``searches(k)`` is False past the end).
     """
 
     total_steps: int
@@ -58,7 +69,18 @@ class WarmupStableDecay:
     def decay_start(self) -> int:
         return self.total_steps - int(round(self.decay * self.total_steps))
 
+    @property
+    def past_end_scale(self) -> float:
+        """The scale held after ``total_steps``: the last positive scale of the run (``peak`` for
+        a one-step run that decays to 0 at once). Every step before the last has a positive scale."""
+        for step in (self.total_steps, self.total_steps - 1):
+            if step >= 1 and self._shape(step) > 0:
+                return self.peak * self._shape(step)
+        return self.peak
+
     def scale(self, step: int) -> float:
+        if step > self.total_steps:
+            return self.past_end_scale
         return self.peak * self._shape(step)
 
     def _shape(self, step: int) -> float:
@@ -77,6 +99,53 @@ class WarmupStableDecay:
         return step <= self.decay_start
 
 
+@dataclass(frozen=True)
+class Cooldown:
+    """A cooldown started during a run of unknown length (``presets.recommended(params, None)``), at
+    step ``start`` (1-based, e.g. ``optimizer.search_state.step``) over ``steps`` steps::
+
+        1                                                  for k <= start
+        final + (1 - final) * (start + steps - k) / steps  after start, ``final`` at start + steps
+
+    ``searches(k)`` is False after ``start`` (the level freezes, as in WarmupStableDecay's
+    cooldown). ``total_steps = start + steps``; past it the scale holds its last positive value
+    (``final``, or ``1 / steps`` for a decay to 0) and the optimizer warns once. Install it with
+    ``optimizer.schedule = Cooldown(optimizer.search_state.step, steps)``.
+    """
+
+    start: int
+    steps: int
+    final: float = 0.0
+
+    def __post_init__(self):
+        for name in ("start", "steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "start" else 1):
+                raise ValueError(f"{name} must be an integer >= {0 if name == 'start' else 1}, got {value!r}")
+        if isinstance(self.final, bool) or not isinstance(self.final, (int, float)) or not 0.0 <= self.final <= 1.0:
+            raise ValueError(f"final must lie in [0, 1], got {self.final!r}")
+
+    @property
+    def total_steps(self) -> int:
+        return self.start + self.steps
+
+    @property
+    def past_end_scale(self) -> float:
+        return self.final if self.final > 0 else 1.0 / self.steps
+
+    def scale(self, step: int) -> float:
+        if step < 1:
+            raise ValueError(f"step must be >= 1, got {step}")
+        if step <= self.start:
+            return 1.0
+        if step > self.total_steps:
+            return self.past_end_scale
+        return self.final + (1.0 - self.final) * (self.total_steps - step) / self.steps
+
+    def searches(self, step: int) -> bool:
+        return step <= self.start
+
+
 class ScaledSchedule:
     """FusedSaLSa's schedule protocol around another one: ``scale(k) = inner.scale(k) *
     getattr(owner, attribute)``, searching when the inner schedule does (always without one).
@@ -92,7 +161,28 @@ class ScaledSchedule:
     def searches(self, step: int) -> bool:
         return True if self.inner is None else bool(self.inner.searches(step))
 
+    @property
+    def total_steps(self) -> Optional[int]:
+        """The inner schedule's planned run length (None without one)."""
+        return getattr(self.inner, "total_steps", None)
+
 
 def scaled_by(schedule, owner_type) -> bool:
     """Whether ``schedule`` is a :class:`ScaledSchedule` installed by an ``owner_type``."""
     return isinstance(schedule, ScaledSchedule) and isinstance(schedule.owner, owner_type)
+
+
+def warn_past_end(schedule, step: int, stacklevel: int = 2) -> bool:
+    """Warn that ``step`` is past the run length ``schedule.total_steps`` planned for; return
+    whether it warned (the caller warns once). Schedules without ``total_steps`` never warn."""
+    total: Optional[int] = getattr(schedule, "total_steps", None)
+    if total is None or step <= total:
+        return False
+    warnings.warn(
+        f"step {step} is past the schedule's total_steps={total}: the applied step now holds at "
+        f"{float(schedule.scale(step)):.3g}x the searched level (the end of the cooldown) with the "
+        "level frozen. To train longer, build the optimizer with the new total_steps and "
+        "load_state_dict() the checkpoint: the schedule continues at this step of the longer run "
+        "(from a checkpoint saved before the cooldown, the decay restarts cleanly).",
+        UserWarning, stacklevel=stacklevel + 1)
+    return True

@@ -178,7 +178,8 @@ def test_bug_search_step_decay_follows_the_schedule():
 
 
 def test_bug_effective_step_sizes_report_the_schedule():
-    """Issue 15 (b): the reported step is the applied one, and 0 past the schedule's end."""
+    """Issue 15 (b): the reported step is the applied one, 0 at the schedule's last step; past the
+    end (issue 14) the schedule's last positive step (tests/test_run_length.py)."""
     schedule = WarmupStableDecay(4, warmup=0.5, decay=0.5)
     torch.manual_seed(0)
     w = torch.randn(5, requires_grad=True)
@@ -186,10 +187,10 @@ def test_bug_effective_step_sizes_report_the_schedule():
     assert opt.applied_steps == [pytest.approx(0.5 * schedule.scale(1) * 1.0 * 1.1)]
     assert opt.effective_step_sizes == opt.applied_steps  # the earlier name, kept
     a = torch.randn(5)
-    for _ in range(4):
+    for _ in range(3):
         w.grad = None
         opt.step(lambda: (w * a).sum())  # the one-phase form runs the backward itself
-    assert opt.applied_steps == opt.effective_step_sizes == [0.0]
+    assert opt.applied_steps == opt.effective_step_sizes == [0.0]  # step 4 of 4 ends the decay on zero
     w.grad = None
     loss = (w * a).sum()
     loss.backward()
@@ -197,3 +198,5 @@ def test_bug_effective_step_sizes_report_the_schedule():
     opt.mark_forward()  # scripted losses: the caller's loss is the trials' reference
     opt.step(lambda: (w * a).sum(), loss=loss)
     assert torch.equal(w.detach(), before) and math.isfinite(opt.step_size)
+    held = schedule.scale(3)
+    assert held > 0 and opt.effective_step_sizes == [pytest.approx(0.5 * held * opt.step_size * 1.1)]

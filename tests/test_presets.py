@@ -63,7 +63,8 @@ def test_groups_keep_their_own_weight_decay_and_overrides_win():
 
 @pytest.mark.parametrize("call, error, match", [
     (lambda p: presets.from_preset(p, "nope"), ValueError, "unknown preset"),
-    (lambda p: presets.from_preset(p, "pretrain"), ValueError, "total_steps"),
+    (lambda p: presets.from_preset(p, "pretrain"), TypeError, "total_steps"),
+    (lambda p: presets.from_preset(p, "pretrain", total_steps=-1), ValueError, "total_steps"),
     (lambda p: presets.recommended(p, total_steps=0), ValueError, "total_steps"),
     (lambda p: presets.recommended(p, total_steps=2.5), ValueError, "total_steps"),
 ])

@@ -17,7 +17,8 @@ def test_warmup_stable_decay_values():
     assert schedule.scale(1) == pytest.approx(0.1)
     assert schedule.scale(10) == 1.0 and schedule.scale(50) == 1.0 and schedule.scale(80) == 1.0
     assert schedule.scale(90) == pytest.approx(0.5)
-    assert schedule.scale(100) == 0.0 and schedule.scale(150) == 0.0
+    assert schedule.scale(100) == 0.0  # the run ends on final; past it, its last positive scale:
+    assert schedule.scale(101) == schedule.scale(150) == schedule.scale(99) == pytest.approx(0.05)
     assert schedule.searches(80) and not schedule.searches(81)
     assert WarmupStableDecay(10, warmup=0.0, decay=0.5, final=0.2).scale(1) == 1.0
     assert WarmupStableDecay(10, warmup=0.0, decay=0.5, final=0.2).scale(10) == pytest.approx(0.2)
@@ -31,6 +32,7 @@ def test_warmup_stable_decay_peak_scales_every_phase_and_one_is_exact():
     assert peaked.decay_start == peaked.warmup_steps == 20  # no stable phase: search in the warmup only
     assert peaked.scale(10) == pytest.approx(1.0) and peaked.scale(20) == 2.0
     assert peaked.scale(60) == pytest.approx(1.0) and peaked.scale(100) == 0.0
+    assert peaked.scale(101) == peaked.scale(99) == pytest.approx(2.0 / 80)
     assert peaked.searches(20) and not peaked.searches(21)
     for k in range(1, 120):  # peak 1 (the default) is the unpeaked schedule bit for bit
         assert WarmupStableDecay(100, 0.05, 0.5, peak=1.0).scale(k) == WarmupStableDecay(100, 0.05, 0.5).scale(k)

@@ -72,9 +72,11 @@ def _fused(kwargs_of: Callable[[int], dict], decay: bool = True):
     return build
 
 
-def _preset(name: str, **overrides):
-    """Preset ``name`` for the run's length; ``overrides`` replace its arguments (ablations)."""
+def _preset(name: str, length_known: bool = True, **overrides):
+    """Preset ``name`` for the run's length (not told it without ``length_known``); ``overrides``
+    replace its arguments (ablations)."""
     def build(task, model, total_steps) -> Built:
+        total_steps = total_steps if length_known else None
         kwargs = presets.preset_kwargs(name, total_steps)
         wd = kwargs.pop("weight_decay", 0.0)
         opt = presets.from_preset(task.param_groups(model, wd), name, total_steps=total_steps, backend=BACKEND,
@@ -362,6 +364,8 @@ REGISTRY: Dict[str, Callable] = {
                                                                          reference_in_average=False))),
     # the shipped recommendation (salsa_fused.presets.RECOMMENDED)
     "salsa_recommended": _preset(presets.RECOMMENDED),
+    # ... told no run length (total_steps=None): no schedule, the searched level throughout (NOTES 13)
+    "salsa_recommended_nolength": _preset(presets.RECOMMENDED, length_known=False),
     # the search's own constants around the shipped preset (NOTES.md section 9): the growth of eta
     # before each search, the always-search warm-up, searching every step of the search phase
     "rec_growth1.0": _preset(presets.RECOMMENDED, growth=1.0),

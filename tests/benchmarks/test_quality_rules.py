@@ -137,7 +137,7 @@ def test_first_step_with_a_schedule_matches_a_hand_computed_adam_move():
     assert opt.last_search_trials == 1  # a small step on a convex quadratic: no blow-up
 
 
-def test_schedule_freezes_the_search_and_zero_scale_stops_the_weights():
+def test_schedule_freezes_the_search_and_past_the_end_holds_the_last_step():
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(8))
     target = torch.randn(8)
@@ -152,9 +152,11 @@ def test_schedule_freezes_the_search_and_zero_scale_stops_the_weights():
         opt.step(closure)
         opt.zero_grad()
     assert opt.num_searches == searches and opt.step_size == level  # frozen during the cooldown
-    frozen = w.detach().clone()
-    opt.step(closure)  # step 21: past the end, scale 0
-    assert torch.equal(w.detach(), frozen)
+    before = w.detach().clone()
+    with pytest.warns(UserWarning, match="past the schedule's total_steps=20"):
+        opt.step(closure)  # step 21: past the end, the scale of step 19 (the level still frozen)
+    assert not torch.equal(w.detach(), before) and torch.isfinite(w).all()
+    assert opt.num_searches == searches and opt.step_size == level
 
 
 @pytest.mark.parametrize("make_rule, rule_state_ok", [

@@ -1,0 +1,262 @@
+"""Run length (issue 14): what a schedule planned for ``total_steps`` applies past it, the
+one-time warning, checkpoints that resume or extend a run, and the recommended configuration
+without a run length.
+
+Past the end, ``WarmupStableDecay`` holds the last positive scale of its run (the cooldown's last
+step) with the level frozen; the applied step is checked against the float64 formula of
+``salsa_fused.applied`` (``tests/test_applied_step.py``'s helpers) and against
+``effective_step_sizes``.
+"""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+
+from salsa_fused import FusedSaLSa, presets
+from salsa_fused.step_size import Cooldown, ScaledSchedule, WarmupStableDecay, warn_past_end
+
+from test_applied_step import GROWTH, LRS, backward, close, directions, expected, make
+
+PAST_END = "past the schedule's total_steps"
+
+
+def run_scripted(opt, weights, slopes, steps):
+    """``steps`` steps of the linear loss in the two-phase form; every trial is accepted."""
+    for _ in range(steps):
+        loss = backward(weights, slopes)
+        opt.mark_forward()  # scripted losses: the caller's loss is the trials' reference
+        opt.step(lambda: loss.detach(), loss=loss)
+
+
+def past_end_warnings(record):
+    return [w for w in record if issubclass(w.category, UserWarning) and PAST_END in str(w.message)]
+
+
+# ---------------------------------------------------------------------------- the schedule itself
+@pytest.mark.parametrize("total, warmup, decay, final, peak", [
+    (100, 0.1, 0.2, 0.0, 1.0), (100, 0.2, 0.8, 0.0, 2.0), (10, 0.0, 0.5, 0.2, 1.0), (10, 0.3, 0.0, 0.0, 2.0),
+    (7, 0.0, 1.0, 0.0, 1.5), (3, 0.5, 0.5, 0.0, 2.0), (1, 0.2, 0.8, 0.0, 2.0), (2, 0.0, 0.5, 0.0, 1.0),
+    (1000, 0.2, 0.8, 0.0, 2.0)])
+def test_past_the_end_the_scale_holds_the_last_positive_scale_of_the_run(total, warmup, decay, final, peak):
+    schedule = WarmupStableDecay(total, warmup=warmup, decay=decay, final=final, peak=peak)
+    in_run = [schedule.scale(k) for k in range(1, total + 1)]
+    positive = [s for s in in_run if s > 0]
+    held = schedule.past_end_scale
+    assert math.isfinite(held) and held > 0
+    # the last positive scale of the run (a one-step run that decays to 0 has none: it holds peak)
+    assert held == (positive[-1] if positive else peak)
+    for k in (total + 1, total + 2, 10 * total + 7):
+        assert schedule.scale(k) == held
+        assert not schedule.searches(k)  # the level stays frozen
+    # inside the run nothing changed: the cooldown still ends at final
+    assert schedule.scale(total) == (peak * final if decay > 0 and round(decay * total) > 0 else in_run[-1])
+
+
+def test_recommended_schedule_past_the_end_is_the_cooldowns_last_step():
+    schedule = presets.recommended([torch.nn.Parameter(torch.ones(2))], total_steps=1000).schedule
+    assert schedule.scale(1000) == 0.0  # the planned run ends on zero, as before
+    assert schedule.scale(999) == schedule.scale(1001) == schedule.scale(5000) == 2.0 / 800
+
+
+def test_warn_past_end_needs_a_planned_length():
+    schedule = WarmupStableDecay(10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not warn_past_end(schedule, 10)
+        assert not warn_past_end(ScaledSchedule(None, object(), "x"), 11)  # no inner: no length
+
+        class Constant:
+            def scale(self, step):
+                return 1.0
+
+            def searches(self, step):
+                return True
+
+        assert not warn_past_end(Constant(), 10 ** 6)
+    with pytest.warns(UserWarning, match="step 11 is past the schedule's total_steps=10"):
+        assert warn_past_end(schedule, 11)
+    assert ScaledSchedule(schedule, object(), "x").total_steps == 10
+
+
+# ---------------------------------------------------------------------------- the optimizer
+def test_past_the_end_the_applied_step_is_the_held_scale_and_it_warns_once():
+    total = 6
+    schedule = WarmupStableDecay(total, warmup=0.0, decay=0.5)  # decay over steps 4-6, 0 at 6
+    opt, weights, slopes = make(schedule)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        run_scripted(opt, weights, slopes, total)
+        assert not past_end_warnings(record)
+        level, searches = opt.step_size, opt.num_searches
+        held = schedule.past_end_scale
+        assert held == schedule.scale(total - 1) == pytest.approx(1 / 3)
+        for k in range(total + 1, total + 4):
+            reported = opt.effective_step_sizes
+            w0 = [w.detach().clone() for w in weights]
+            loss = backward(weights, slopes)
+            opt.mark_forward()
+            opt.step(lambda: pytest.fail("the level is frozen past the end: no search"), loss=loss)
+            for w, start, lr, step_size in zip(weights, w0, LRS, reported):
+                _, u = directions(opt, w, k)
+                assert step_size == pytest.approx(lr * held * level * GROWTH, rel=1e-12)
+                assert step_size > 0 and math.isfinite(step_size)
+                close(w, expected(start, lr, held, level, lr * held * level * GROWTH, u))
+            assert opt.step_size == level and opt.num_searches == searches
+    found = past_end_warnings(record)
+    assert len(found) == 1
+    assert f"step {total + 1} is past the schedule's total_steps={total}" in str(found[0].message)
+    assert found[0].filename == __file__  # points at the caller's step()
+
+
+def model_run(total_steps=12):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    x = torch.randn(48, 5)
+    y = torch.sin(x.sum(1, keepdim=True))
+    opt = presets.recommended(model.parameters(), total_steps=total_steps, backend="torch")
+    return model, opt, lambda: torch.nn.functional.mse_loss(model(x), y)
+
+
+def train(opt, closure, steps):
+    for _ in range(steps):
+        opt.zero_grad()
+        opt.step(closure)
+
+
+def weights_of(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_a_checkpoint_past_the_end_resumes_step_for_step_and_warns_once_more():
+    model, opt, closure = model_run()
+    with pytest.warns(UserWarning, match=PAST_END):
+        train(opt, closure, 14)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same optimizer: already warned
+        train(opt, closure, 3)
+    reference = weights_of(model)
+
+    resumed_model, resumed, resumed_closure = model_run()
+    resumed_model.load_state_dict(saved_model)
+    resumed.load_state_dict(saved_opt)
+    assert resumed.effective_step_sizes == [pytest.approx(2.0 / round(0.8 * 12) * resumed.step_size * 1.1)] * len(
+        resumed.param_groups)
+    with pytest.warns(UserWarning, match="step 15 is past"):  # a new optimizer warns on its first step
+        train(resumed, resumed_closure, 3)
+    for a, b in zip(weights_of(resumed_model), reference):
+        assert torch.equal(a, b)
+    assert resumed.search_state.to_dict() == opt.search_state.to_dict()
+
+
+def test_a_longer_total_steps_extends_a_checkpoint_of_the_search_phase():
+    model, opt, closure = model_run(total_steps=12)
+    train(opt, closure, 2)  # inside the 20% search phase of 12 steps
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+
+    longer_model, longer, longer_closure = model_run(total_steps=40)
+    longer_model.load_state_dict(saved_model)
+    longer.load_state_dict(saved_opt)
+    schedule = longer.schedule
+    assert longer.effective_step_sizes == [
+        pytest.approx(schedule.scale(3) * longer.step_size * 1.1, rel=1e-12)] * len(longer.param_groups)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 40 planned steps: no warning up to 40
+        train(longer, longer_closure, 38)
+    assert longer.search_state.step == 40
+    with pytest.warns(UserWarning, match="step 41 is past the schedule's total_steps=40"):
+        train(longer, longer_closure, 1)
+    assert all(torch.isfinite(p).all() for p in longer_model.parameters())
+
+
+# ---------------------------------------------------------------------------- no run length
+@pytest.mark.parametrize("build", [
+    lambda p: presets.recommended(p, None),
+    lambda p: presets.recommended(p, total_steps=None),
+    lambda p: presets.from_preset(p, "pretrain", total_steps=None),
+], ids=["recommended", "total_steps=None", "from_preset"])
+def test_without_a_run_length_the_recommended_search_runs_without_a_schedule(build):
+    w = torch.nn.Parameter(torch.ones(2))
+    opt, known = build([w]), presets.recommended([w], total_steps=100)
+    assert opt.schedule is None
+    assert opt.search_config == known.search_config and opt.search_rule is known.search_rule
+    assert opt.search_direction == known.search_direction == "momentum"
+    assert opt.param_groups[0]["weight_decay"] == known.param_groups[0]["weight_decay"] == 0.1
+    assert "schedule" not in presets.preset_kwargs("pretrain", None)
+
+
+@pytest.mark.parametrize("call", [
+    lambda p: presets.recommended(p), lambda p: presets.from_preset(p, "pretrain"),
+    lambda p: presets.preset_kwargs("pretrain"), lambda p: presets.recommended(p, backend="torch")])
+def test_omitting_the_run_length_raises_and_names_both_choices(call):
+    """Forgetting total_steps must not select the no-length mode silently (it ends worse)."""
+    with pytest.raises(TypeError, match=r"needs total_steps: the run length .* or total_steps=None"):
+        call([torch.nn.Parameter(torch.ones(2))])
+    assert presets.preset_kwargs("faithful") == {}  # presets that take no length do not ask for it
+
+
+def test_without_a_run_length_every_step_applies_the_searched_level_and_never_warns():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    x = torch.randn(48, 5)
+    y = torch.sin(x.sum(1, keepdim=True))
+    closure = lambda: torch.nn.functional.mse_loss(model(x), y)  # noqa: E731
+    opt = presets.recommended(model.parameters(), total_steps=None, backend="torch")
+    first = float(closure().detach())
+    searched_late = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for k in range(1, 301):
+            eta = opt.step_size
+            assert opt.effective_step_sizes == [pytest.approx(eta * 1.1, rel=1e-12)]
+            searches = opt.num_searches
+            opt.zero_grad()
+            opt.step(closure)
+            searched_late |= k > 250 and opt.num_searches > searches
+    assert searched_late  # the search keeps running: nothing freezes it
+    assert float(closure().detach()) < 0.2 * first
+    assert math.isfinite(opt.step_size) and opt.step_size > 0
+
+
+def test_cooldown_values_and_bad_arguments():
+    cooldown = Cooldown(10, 4)
+    assert [cooldown.scale(k) for k in range(9, 17)] == [1.0, 1.0, 0.75, 0.5, 0.25, 0.0, 0.25, 0.25]
+    assert cooldown.searches(10) and not cooldown.searches(11) and not cooldown.searches(99)
+    assert cooldown.total_steps == 14 and Cooldown(0, 5, final=0.1).scale(9) == 0.1
+    for kwargs, match in ((dict(start=-1, steps=3), "start"), (dict(start=2, steps=0), "steps"),
+                          (dict(start=2.0, steps=3), "start"), (dict(start=2, steps=3, final=1.5), "final")):
+        with pytest.raises(ValueError, match=match):
+            Cooldown(**kwargs)
+    with pytest.raises(ValueError, match="step"):
+        cooldown.scale(0)
+
+
+def test_a_cooldown_installed_during_a_run_of_unknown_length_freezes_and_decays_the_applied_step():
+    opt, weights, slopes = make(None)
+    run_scripted(opt, weights, slopes, 3)
+    opt.schedule = Cooldown(opt.search_state.step, 3)  # from step 4: 2/3, 1/3, 0, then 1/3 held
+    level, searches = opt.step_size, opt.num_searches
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for k, scale in zip(range(4, 9), (2 / 3, 1 / 3, 0.0, 1 / 3, 1 / 3)):
+            reported = opt.effective_step_sizes
+            w0 = [w.detach().clone() for w in weights]
+            loss = backward(weights, slopes)
+            opt.mark_forward()
+            opt.step(lambda: pytest.fail("the level is frozen in the cooldown: no search"), loss=loss)
+            for w, start, lr, step_size in zip(weights, w0, LRS, reported):
+                _, u = directions(opt, w, k)
+                assert step_size == pytest.approx(lr * scale * level * GROWTH, rel=1e-12, abs=0.0)
+                close(w, expected(start, lr, scale, level, lr * scale * level * GROWTH, u))
+    assert opt.step_size == level and opt.num_searches == searches
+    assert len(past_end_warnings(record)) == 1
+
+
+def test_bad_run_lengths_still_raise():
+    w = torch.nn.Parameter(torch.ones(2))
+    for total in (0, -3, 2.5, True, "100"):
+        with pytest.raises(ValueError, match="total_steps"):
+            presets.recommended([w], total_steps=total)
