@@ -3,7 +3,7 @@
 The corpus is the source of Python's standard library (present on every machine, no
 downloads). One process on the CPU or a GPU, or data parallel with torchrun:
 
-    python examples/pretrain_gpt.py                                   # the README demo (~3 min of CPU time)
+    python examples/pretrain_gpt.py                                   # the README demo (8 s of training, 2 cores)
     python examples/pretrain_gpt.py --optimizer adamw                 # AdamW, warmup + cosine
     torchrun --nproc_per_node 4 examples/pretrain_gpt.py --steps 2000 --n-layer 6 --n-embd 384 \
         --n-head 6 --block-size 256 --batch-size 32 --dtype bf16-autocast
