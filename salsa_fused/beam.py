@@ -41,7 +41,7 @@ import torch
 from ._rng import RNGSnapshot
 from .errors import NonFiniteError
 from .optimizer import FusedSaLSa
-from .step_size import ScaledSchedule, scaled_by
+from .step_size import ScaledSchedule, check_factors, scaled_by
 
 #: Seed 004's ``Factor_3``: halve, keep, double.
 HALVE_KEEP_DOUBLE = (0.5, 1.0, 2.0)
@@ -148,14 +148,7 @@ class StepSizeBeam:
                 raise ValueError(f"points must be fractions of the run in (0, 1), got {p!r} in {points}")
         if isinstance(horizon, bool) or not isinstance(horizon, (int, float)) or not 0 < horizon <= 1:
             raise ValueError(f"horizon must be a fraction of the run in (0, 1], got {horizon!r}")
-        factors = tuple(factors)
-        if len(factors) < 2:
-            raise ValueError(f"factors needs at least two factors to compare, got {factors}")
-        for f in factors:
-            if isinstance(f, bool) or not isinstance(f, (int, float)) or not (math.isfinite(f) and f > 0):
-                raise ValueError(f"factors must be finite numbers > 0, got {f!r} in {factors}")
-        if len(set(factors)) != len(factors):
-            raise ValueError(f"factors must be distinct, got {factors}")
+        factors = check_factors(factors)
         if isinstance(min_multiplier, bool) or not isinstance(min_multiplier, (int, float)) \
                 or not 0 <= min_multiplier <= 1:
             raise ValueError(f"min_multiplier must lie in [0, 1], got {min_multiplier!r}")

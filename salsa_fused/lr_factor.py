@@ -39,7 +39,7 @@ from ._rng import RNGSnapshot
 from .distributed import SearchReduction, default_reduction
 from .errors import NonFiniteError
 from .optimizer import FusedSaLSa
-from .step_size import ScaledSchedule, scaled_by
+from .step_size import ScaledSchedule, check_factors, scaled_by
 
 #: The factor lists of seed 004 (Factor_3 is the default).
 FACTOR_3 = (2.0, 1.0, 0.5)
@@ -91,14 +91,7 @@ class LRFactorSearch:
                             f"got {type(optimizer).__name__}")
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
-        factors = tuple(factors)
-        if len(factors) < 2:
-            raise ValueError(f"factors needs at least two factors to compare, got {factors}")
-        for f in factors:
-            if isinstance(f, bool) or not isinstance(f, (int, float)) or not (math.isfinite(f) and f > 0):
-                raise ValueError(f"factors must be finite numbers > 0, got {f!r} in {factors}")
-        if len(set(factors)) != len(factors):
-            raise ValueError(f"factors must be distinct (a repeated factor counts twice), got {factors}")
+        factors = check_factors(factors)
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
         if target == "auto":

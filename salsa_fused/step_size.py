@@ -167,6 +167,20 @@ class ScaledSchedule:
         return getattr(self.inner, "total_steps", None)
 
 
+def check_factors(factors) -> tuple:
+    """``factors`` (multipliers of the applied step that a beam or a factor search compares) as a
+    tuple; ValueError unless there are at least two, each a finite number > 0, all distinct."""
+    factors = tuple(factors)
+    if len(factors) < 2:
+        raise ValueError(f"factors needs at least two factors to compare, got {factors}")
+    for f in factors:
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not (math.isfinite(f) and f > 0):
+            raise ValueError(f"factors must be finite numbers > 0, got {f!r} in {factors}")
+    if len(set(factors)) != len(factors):
+        raise ValueError(f"factors must be distinct (a repeated factor counts twice), got {factors}")
+    return factors
+
+
 def scaled_by(schedule, owner_type) -> bool:
     """Whether ``schedule`` is a :class:`ScaledSchedule` installed by an ``owner_type``."""
     return isinstance(schedule, ScaledSchedule) and isinstance(schedule.owner, owner_type)
