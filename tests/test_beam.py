@@ -193,13 +193,19 @@ def test_counts_every_forward_of_the_branches_and_of_the_run():
     assert max(calls) == STEPS - 1  # the horizon never reads past the run
 
 
-def test_a_closure_that_raises_in_a_branch_leaves_everything_as_before():
+def _beam_after_ten_steps():
+    """A beam deciding at 25% of the run, 10 plain steps in (its first branch point is next)."""
     model = make_model()
     opt = FusedSaLSa(model.parameters(), backend="torch")
     beam = StepSizeBeam(opt, STEPS, points=(0.25,), horizon=0.1)
     data = batches()
     for k in range(10):
         beam.step(lambda i: loss_on(model, data[k + i]))
+    return model, opt, beam, data
+
+
+def test_a_closure_that_raises_in_a_branch_leaves_everything_as_before():
+    model, opt, beam, data = _beam_after_ten_steps()
     weights = [p.detach().clone() for p in model.parameters()]
     state = copy.deepcopy(opt.state_dict())
     rng = torch.get_rng_state()
@@ -223,12 +229,7 @@ def test_a_closure_that_raises_in_a_branch_leaves_everything_as_before():
 
 
 def test_a_diverging_branch_scores_inf_and_every_branch_diverging_raises():
-    model = make_model()
-    opt = FusedSaLSa(model.parameters(), backend="torch")
-    beam = StepSizeBeam(opt, STEPS, points=(0.25,), horizon=0.1)
-    data = batches()
-    for k in range(10):
-        beam.step(lambda i: loss_on(model, data[k + i]))
+    model, opt, beam, data = _beam_after_ten_steps()
     base = beam.multiplier
 
     def poisoned(threshold):

@@ -35,6 +35,20 @@ def past_end_warnings(record):
     return [w for w in record if issubclass(w.category, UserWarning) and PAST_END in str(w.message)]
 
 
+def plain_step_applies(opt, weights, slopes, k, scale, level):
+    """Step ``k`` is a plain step (no search: the closure fails the test) whose applied step is
+    ``lr * scale * level * growth`` per group, as reported before it and as moved, in float64."""
+    reported = opt.effective_step_sizes
+    w0 = [w.detach().clone() for w in weights]
+    loss = backward(weights, slopes)
+    opt.mark_forward()
+    opt.step(lambda: pytest.fail(f"step {k} must not search: the level is frozen"), loss=loss)
+    for w, start, lr, step_size in zip(weights, w0, LRS, reported):
+        _, u = directions(opt, w, k)
+        assert step_size == pytest.approx(lr * scale * level * GROWTH, rel=1e-12, abs=0.0)
+        close(w, expected(start, lr, scale, level, lr * scale * level * GROWTH, u))
+
+
 # ---------------------------------------------------------------------------- the schedule itself
 @pytest.mark.parametrize("total, warmup, decay, final, peak", [
     (100, 0.1, 0.2, 0.0, 1.0), (100, 0.2, 0.8, 0.0, 2.0), (10, 0.0, 0.5, 0.2, 1.0), (10, 0.3, 0.0, 0.0, 2.0),
@@ -94,16 +108,8 @@ def test_past_the_end_the_applied_step_is_the_held_scale_and_it_warns_once():
         held = schedule.past_end_scale
         assert held == schedule.scale(total - 1) == pytest.approx(1 / 3)
         for k in range(total + 1, total + 4):
-            reported = opt.effective_step_sizes
-            w0 = [w.detach().clone() for w in weights]
-            loss = backward(weights, slopes)
-            opt.mark_forward()
-            opt.step(lambda: pytest.fail("the level is frozen past the end: no search"), loss=loss)
-            for w, start, lr, step_size in zip(weights, w0, LRS, reported):
-                _, u = directions(opt, w, k)
-                assert step_size == pytest.approx(lr * held * level * GROWTH, rel=1e-12)
-                assert step_size > 0 and math.isfinite(step_size)
-                close(w, expected(start, lr, held, level, lr * held * level * GROWTH, u))
+            plain_step_applies(opt, weights, slopes, k, held, level)
+            assert all(step > 0 and math.isfinite(step) for step in opt.effective_step_sizes)
             assert opt.step_size == level and opt.num_searches == searches
     found = past_end_warnings(record)
     assert len(found) == 1
@@ -242,15 +248,7 @@ def test_a_cooldown_installed_during_a_run_of_unknown_length_freezes_and_decays_
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         for k, scale in zip(range(4, 9), (2 / 3, 1 / 3, 0.0, 1 / 3, 1 / 3)):
-            reported = opt.effective_step_sizes
-            w0 = [w.detach().clone() for w in weights]
-            loss = backward(weights, slopes)
-            opt.mark_forward()
-            opt.step(lambda: pytest.fail("the level is frozen in the cooldown: no search"), loss=loss)
-            for w, start, lr, step_size in zip(weights, w0, LRS, reported):
-                _, u = directions(opt, w, k)
-                assert step_size == pytest.approx(lr * scale * level * GROWTH, rel=1e-12, abs=0.0)
-                close(w, expected(start, lr, scale, level, lr * scale * level * GROWTH, u))
+            plain_step_applies(opt, weights, slopes, k, scale, level)
     assert opt.step_size == level and opt.num_searches == searches
     assert len(past_end_warnings(record)) == 1
 
