@@ -190,6 +190,8 @@ class FusedSaLSa(Optimizer):
         self._saved: Dict[torch.Tensor, torch.Tensor] = {}
         self._counts: Optional[F.DeviceCounts] = None
         self._handoff = _StepHandoff()  # mark_forward(), bind_closure(), zero_grad(): for the next step
+        self._lr_checked = False  # the one-time look at lr (_warn_if_lr_looks_like_a_step_size)
+        self._past_end_warned = False  # the one-time warning past the schedule's total_steps
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         #: The live search state; state_dict()/load_state_dict() carry it as a dict.
@@ -403,7 +405,7 @@ class FusedSaLSa(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         for name, value in (("_buckets", BucketCache()), ("_saved", {}), ("_counts", None), ("foreach", None),
-                            ("fused", None)):
+                            ("fused", None), ("_lr_checked", False), ("_past_end_warned", False)):
             self.__dict__.setdefault(name, value)
         self._handoff = _StepHandoff()
         if "backend_name" in self.__dict__:
@@ -586,13 +588,13 @@ class FusedSaLSa(Optimizer):
                                "(step() would run an unscaled backward itself)")
         if loss is None:
             self._check_no_earlier_backward()
-        if not self.__dict__.get("_lr_checked", False):
+        if not self._lr_checked:
             self._warn_if_lr_looks_like_a_step_size()
         plan = plan_step(self.search_rule, self._search, self.search_config)
         scale = 1.0
         if self.schedule is not None:
             scale = float(self.schedule.scale(plan.state.step))
-            if not self.__dict__.get("_past_end_warned", False):  # once: a step past total_steps
+            if not self._past_end_warned:
                 self._past_end_warned = warn_past_end(self.schedule, plan.state.step, stacklevel=4)
             if plan.is_search and not self.schedule.searches(plan.state.step):
                 plan = replace(plan, is_search=False)
