@@ -13,7 +13,7 @@ The factor is torch's median time over cpp's, per workload (zoo: the geometric m
 of per-task factors). One record per run is appended to ``results/backend_speedup.jsonl``
 (commit, versions, device, date, load average).
 
-    python -m benchmarks.backend_speedup [--rounds 2] [--demo-steps 200] [--zoo-steps 100]
+    python -m benchmarks.backend_speedup [--rounds 2] [--demo-steps 200] [--zoo-steps 100] [--tasks a,b]
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import math
 import os
 import statistics
 import tempfile
-from typing import Dict, List
+from pathlib import Path
+from typing import Dict, List, Optional
 
 import torch
 
@@ -43,7 +44,7 @@ def demo_seconds(backend: str, steps: int) -> float:
     return float(summary["seconds"])
 
 
-def zoo_step_ms(backend: str, steps: int) -> Dict[str, float]:
+def zoo_step_ms(backend: str, steps: int, tasks: Optional[List[str]] = None) -> Dict[str, float]:
     from benchmarks.quality import optimizers as O
     from benchmarks.quality.run import train
     from benchmarks.quality.zoo import tasks as Z
@@ -52,19 +53,13 @@ def zoo_step_ms(backend: str, steps: int) -> Dict[str, float]:
     try:
         return {name: float(train(Z.make(name, 0, steps=steps), "salsa_faithful", 0,
                                   record_searches=False)["step_time_ms"])
-                for name in sorted(Z.ZOO)}
+                for name in (tasks or sorted(Z.ZOO))}
     finally:
         O.BACKEND = "auto"
 
 
-def run(rounds: int, demo_steps: int, zoo_steps: int, threads: int) -> dict:
-    from salsa_fused import backends
-
-    try:
-        backends.resolve("cpp", torch.device("cpu"))
-    except (ImportError, RuntimeError) as error:
-        raise SystemExit(f"the cpp backend cannot run here: {error}") from None
-    torch.set_num_threads(threads)
+def _measure(rounds: int, demo_steps: int, zoo_steps: int, tasks: Optional[List[str]]):
+    """Per backend: the demo's seconds per round, and per zoo task its ms per step per round."""
     demo: Dict[str, List[float]] = {b: [] for b in BACKENDS}
     zoo: Dict[str, Dict[str, List[float]]] = {b: {} for b in BACKENDS}
     for r in range(rounds):
@@ -73,10 +68,27 @@ def run(rounds: int, demo_steps: int, zoo_steps: int, threads: int) -> dict:
                 demo[backend].append(demo_seconds(backend, demo_steps))
                 print(f"round {r} demo {backend}: {demo[backend][-1]:.1f} s", flush=True)
             if zoo_steps:
-                for task, ms in zoo_step_ms(backend, zoo_steps).items():
+                for task, ms in zoo_step_ms(backend, zoo_steps, tasks).items():
                     zoo[backend].setdefault(task, []).append(ms)
                 print(f"round {r} zoo {backend}: " + " ".join(
                     f"{t} {v[-1]:.2f}" for t, v in zoo[backend].items()), flush=True)
+    return demo, zoo
+
+
+def run(rounds: int, demo_steps: int, zoo_steps: int, threads: int, tasks: Optional[List[str]] = None,
+        results: Path = RESULTS) -> dict:
+    from salsa_fused import backends
+
+    try:
+        backends.resolve("cpp", torch.device("cpu"))
+    except (ImportError, RuntimeError) as error:
+        raise SystemExit(f"the cpp backend cannot run here: {error}") from None
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        demo, zoo = _measure(rounds, demo_steps, zoo_steps, tasks)
+    finally:
+        torch.set_num_threads(default_threads)
     record = dict(C.environment("cpu"), load_average=list(os.getloadavg()), threads=threads, rounds=rounds,
                   demo_steps=demo_steps, zoo_steps=zoo_steps)
     if demo_steps:
@@ -88,7 +100,7 @@ def run(rounds: int, demo_steps: int, zoo_steps: int, threads: int) -> dict:
         record["zoo_step_ms"] = {b: {t: statistics.median(v) for t, v in zoo[b].items()} for b in BACKENDS}
         record["zoo_speedup_by_task"] = per_task
         record["zoo_speedup_geomean"] = math.exp(sum(map(math.log, per_task.values())) / len(per_task))
-    C.append_jsonl(RESULTS, record)
+    C.append_jsonl(results, record)
     return record
 
 
@@ -98,20 +110,23 @@ def main(argv=None) -> int:
     parser.add_argument("--demo-steps", type=int, default=200, help="0 skips the demo")
     parser.add_argument("--zoo-steps", type=int, default=100, help="0 skips the zoo")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tasks", default=None, help="comma-separated zoo tasks (default: all)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="JSONL file the record is appended to")
     args = parser.parse_args(argv)
     for name in ("rounds", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
     if args.demo_steps < 0 or args.zoo_steps < 0:
         parser.error("--demo-steps and --zoo-steps must be >= 0")
-    record = run(args.rounds, args.demo_steps, args.zoo_steps, args.threads)
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+    record = run(args.rounds, args.demo_steps, args.zoo_steps, args.threads, tasks, args.out)
     if "demo_speedup" in record:
         print(f"demo: torch {record['demo_seconds']['torch']:.1f} s, cpp {record['demo_seconds']['cpp']:.1f} s: "
               f"{record['demo_speedup']:.2f}x")
     if "zoo_speedup_geomean" in record:
         print("zoo: " + ", ".join(f"{t} {f:.2f}x" for t, f in record["zoo_speedup_by_task"].items())
               + f"; geomean {record['zoo_speedup_geomean']:.2f}x")
-    print(f"appended to {RESULTS}")
+    print(f"appended to {args.out}")
     return 0
 
 
