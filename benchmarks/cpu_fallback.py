@@ -27,7 +27,7 @@ import torch
 from benchmarks import _common as C
 from salsa_fused import FusedSaLSa
 from salsa_fused.backends import torch_backend
-from salsa_fused.backends.base import GRADIENT, Move, PassArgs
+from salsa_fused.backends.base import GRADIENT, Hyper, Move, PassArgs
 
 PROVIDERS = ("adamw_foreach", "adamw_fused", "salsa_plain", "salsa_plain_pass", "salsa_search", "salsa_pass_b")
 
@@ -60,7 +60,7 @@ def build(shapes, dtype: torch.dtype, device: str = "cpu") -> Dict[str, object]:
     plain_pass = plain_step_optimizer(C.make_params(shapes, dtype, device, grads=grads), backend="torch")
     plain_pass.step(lambda: loss, loss=loss)
     (plain_bucket,) = plain_pass._collect_buckets()
-    plain_hyper = plain_pass._hyper(plain_pass.param_groups[0], plain_pass.search_state.step)
+    plain_hyper = Hyper.for_step(plain_pass.param_groups[0], plain_pass.search_state.step)
 
     @torch.no_grad()
     def plain_pass_only():
@@ -74,7 +74,7 @@ def build(shapes, dtype: torch.dtype, device: str = "cpu") -> Dict[str, object]:
     retrial_opt = search_step_optimizer(C.make_params(shapes, dtype, device, grads=grads), backend="torch")
     retrial_opt.step(lambda: accepted, loss=loss)  # moments and the saved copy exist
     (bucket,) = retrial_opt._collect_buckets()
-    hyper = retrial_opt._hyper(retrial_opt.param_groups[0], retrial_opt.search_state.step)
+    hyper = Hyper.for_step(retrial_opt.param_groups[0], retrial_opt.search_state.step)
 
     @torch.no_grad()
     def pass_b():
