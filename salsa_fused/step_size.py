@@ -17,6 +17,14 @@ from dataclasses import dataclass
 from typing import Optional
 
 
+def linear_decay(step: int, start: int, end: int, final: float) -> float:
+    """The cooldown both schedules share: 1 at ``start``, linearly down to ``final`` at ``end``
+    (``start < step``), ``final`` from ``end`` on: ``final + (1 - final) * (end - step) / (end - start)``."""
+    if step >= end:
+        return final
+    return final + (1.0 - final) * (end - step) / (end - start)
+
+
 @dataclass(frozen=True)
 class WarmupStableDecay:
     """A multiplier on the applied step given the run length, and a freeze of the search.
@@ -91,9 +99,7 @@ class WarmupStableDecay:
         start = self.decay_start
         if step <= start:
             return 1.0
-        if step >= self.total_steps:
-            return self.final
-        return self.final + (1.0 - self.final) * (self.total_steps - step) / (self.total_steps - start)
+        return linear_decay(step, start, self.total_steps, self.final)
 
     def searches(self, step: int) -> bool:
         return step <= self.decay_start
@@ -140,7 +146,7 @@ class Cooldown:
             return 1.0
         if step > self.total_steps:
             return self.past_end_scale
-        return self.final + (1.0 - self.final) * (self.total_steps - step) / self.steps
+        return linear_decay(step, self.start, self.total_steps, self.final)
 
     def searches(self, step: int) -> bool:
         return step <= self.start
