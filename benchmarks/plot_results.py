@@ -13,7 +13,6 @@ Figures from a CPU smoke run carry "not measured: no GPU" in their title.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import List
 
@@ -32,7 +31,7 @@ def _title_suffix(data: dict) -> str:
 
 
 def plot_kernel(path: Path) -> Path:
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = C.latest_run(path)
     rows = [r for r in data["rows"] if r.get("extra", {}).get("GBps") is not None]
     dtypes = sorted({r["dtype"] for r in rows})
     fig, axes = plt.subplots(1, len(dtypes), figsize=(7 * len(dtypes), 4.5), squeeze=False)
@@ -68,7 +67,7 @@ def _rolling(values: List[float], window: int) -> List[float]:
 
 
 def plot_train(path: Path) -> Path:
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = C.latest_run(path)
     series = data["summary"]["series"]
     fig, (ax_time, ax_eta) = plt.subplots(1, 2, figsize=(13, 4.5))
     for name, s in series.items():

@@ -36,7 +36,7 @@ def smoke_dir():
 
 
 def _load(path: Path) -> dict:
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = C.latest_run(path)
     env = data["environment"]
     for key in ("device", "torch", "triton", "cuda", "date", "command"):
         assert env[key], key

@@ -1,0 +1,42 @@
+"""benchmarks/_common.py's results files: every run is appended, none overwritten."""
+
+import json
+
+import pytest
+
+from benchmarks import _common as C
+
+
+def _env(date: str, commit: str) -> dict:
+    return {"device": "test cpu", "device_type": "cpu", "torch": "t", "triton": "tr", "cuda": "none",
+            "python": "3", "date": date, "command": "python -m benchmarks.x", "git_commit": commit}
+
+
+def test_write_results_appends_runs_and_sections(tmp_path):
+    first = [C.Row(kernel="plain", provider="a", size="s", p50_ms=1.0)]
+    second = [C.Row(kernel="plain", provider="a", size="s", p50_ms=2.0)]
+    C.write_results("bench", first, _env("2026-12-01T00:00:00", "aaa"), "| x |\n", tmp_path, {"run": 1})
+    json_path, md_path = C.write_results("bench", second, _env("2026-12-02T00:00:00", "bbb"), "| y |\n",
+                                         tmp_path, {"run": 2})
+    runs = C.read_runs(json_path)
+    assert [r["summary"]["run"] for r in runs] == [1, 2]
+    assert [r["rows"][0]["p50_ms"] for r in runs] == [1.0, 2.0]
+    assert runs[1]["rows"][0]["git_commit"] == "bbb" and runs[1]["rows"][0]["date"] == "2026-12-02T00:00:00"
+    assert C.latest_run(json_path)["summary"] == {"run": 2}
+    text = md_path.read_text()
+    assert text.index("commit aaa") < text.index("| x |") < text.index("commit bbb") < text.index("| y |")
+
+
+def test_a_single_run_file_from_before_appending_is_kept(tmp_path):
+    old = {"environment": _env("2026-11-01T00:00:00", "old"), "summary": {"run": 0}, "rows": []}
+    (tmp_path / "bench.json").write_text(json.dumps(old))
+    (tmp_path / "bench.md").write_text("old table\n")
+    json_path, md_path = C.write_results("bench", [], _env("2026-12-01T00:00:00", "new"), "new table", tmp_path)
+    assert [r["environment"]["git_commit"] for r in C.read_runs(json_path)] == ["old", "new"]
+    text = md_path.read_text()
+    assert text.index("old table") < text.index("new table")
+
+
+def test_latest_run_of_a_missing_file_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.json"):
+        C.latest_run(tmp_path / "nothing.json")
