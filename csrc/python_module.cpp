@@ -1,7 +1,86 @@
 // Makes the built library importable as the Python module salsa_fused._C; importing it
 // runs the TORCH_LIBRARY registrations of the other sources (torch.ops.salsa_fused.*).
+// It also holds one host-side helper of the optimizer's bucket cache (salsa_fused/buckets.py):
+// reading a param group's gradients and what identifies its tensors in one loop over the list,
+// where Python needs one interpreted pass per attribute.
 #include <Python.h>
 
-static PyModuleDef salsa_fused_c_module = {PyModuleDef_HEAD_INIT, "_C", "salsa_fused's compiled torch ops", -1, nullptr};
+#include <cstdint>
+#include <vector>
+
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+namespace {
+
+// Per param: the Python object, the weight's data pointer, its gradient's data pointer and
+// its gradient's dtype plus one (both 0 without a gradient).
+constexpr int kWordsPerParam = 4;
+
+// group_signature(params: list[Tensor]) -> (grads: list[Tensor | None], signature: bytes) | None
+//
+// ``grads[i]`` is ``params[i].grad``; ``signature`` packs, per param, ``id(param)``,
+// ``param.data_ptr()``, and the gradient's ``data_ptr()`` and dtype (zeros without one). Two
+// equal signatures mean the same param objects on the same storage, with gradients at the same
+// addresses of the same dtypes. None when ``params`` is not a list, or some entry is not a
+// tensor or has no storage (a DTensor's wrapper, a sparse gradient): the caller then takes its
+// Python path, which handles and names those.
+PyObject* group_signature(PyObject* /*module*/, PyObject* params) {
+  HANDLE_TH_ERRORS
+  if (!PyList_Check(params)) Py_RETURN_NONE;
+  const Py_ssize_t count = PyList_GET_SIZE(params);
+  std::vector<int64_t> words(static_cast<size_t>(count) * kWordsPerParam, 0);
+  PyObject* grads = PyList_New(count);
+  if (grads == nullptr) return nullptr;
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    PyObject* item = PyList_GET_ITEM(params, i);
+    if (!THPVariable_Check(item)) {
+      Py_DECREF(grads);
+      Py_RETURN_NONE;
+    }
+    const at::Tensor& param = THPVariable_Unpack(item);
+    int64_t* word = words.data() + i * kWordsPerParam;
+    if (!param.has_storage()) {
+      Py_DECREF(grads);
+      Py_RETURN_NONE;
+    }
+    word[0] = reinterpret_cast<int64_t>(item);
+    word[1] = reinterpret_cast<int64_t>(param.unsafeGetTensorImpl()->data());
+    const at::Tensor& grad = param.grad();
+    if (!grad.defined()) {
+      Py_INCREF(Py_None);
+      PyList_SET_ITEM(grads, i, Py_None);
+      continue;
+    }
+    if (grad.layout() != at::kStrided || !grad.has_storage()) {
+      Py_DECREF(grads);
+      Py_RETURN_NONE;
+    }
+    word[2] = reinterpret_cast<int64_t>(grad.unsafeGetTensorImpl()->data());
+    word[3] = static_cast<int64_t>(grad.scalar_type()) + 1;
+    PyList_SET_ITEM(grads, i, THPVariable_Wrap(grad));
+  }
+  PyObject* signature = PyBytes_FromStringAndSize(reinterpret_cast<const char*>(words.data()),
+                                                  static_cast<Py_ssize_t>(words.size() * sizeof(int64_t)));
+  if (signature == nullptr) {
+    Py_DECREF(grads);
+    return nullptr;
+  }
+  PyObject* result = PyTuple_Pack(2, grads, signature);
+  Py_DECREF(grads);
+  Py_DECREF(signature);
+  return result;
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef methods[] = {
+    {"group_signature", group_signature, METH_O,
+     "group_signature(params) -> (grads, signature bytes) | None: a param group's gradients and "
+     "what identifies its tensors, read in one loop (salsa_fused/buckets.py)"},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef salsa_fused_c_module = {PyModuleDef_HEAD_INIT, "_C", "salsa_fused's compiled torch ops", -1, methods};
+
+}  // namespace
 
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&salsa_fused_c_module); }

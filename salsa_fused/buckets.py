@@ -17,6 +17,12 @@ Gradients are validated (layout, dtype, device, shape) when their data pointers 
 were not seen together in the last few steps of that bucket (``zero_grad(set_to_none=True)`` cycles the
 allocator through a few addresses); a bucket carries its gradients' pointers so a backend
 need not read them again.
+
+With the C++ extension built, ``salsa_fused._C.group_signature`` reads a group's gradients and
+all of the above (ids, weight pointers, gradient pointers and dtypes) in one C++ loop; a
+group whose signature equals the one its buckets were last attached with keeps them as they
+are (same tensors, same storage, gradients already validated at those addresses) and only
+takes this step's gradient objects. Any difference, or no extension, takes the Python path.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import collections
 import functools
 import operator
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -82,6 +89,8 @@ class _GroupEntry:
     has_grad: Tuple[bool, ...]
     distributed: bool  # some param is a DTensor: read local shards
     slots: List[_Slot]
+    #: ``group_signature``'s bytes when the slots' gradients were last attached (None: unknown).
+    signature: Optional[bytes] = None
 
 
 class BucketCache:
@@ -110,11 +119,22 @@ class BucketCache:
         for index in [i for i in self._groups if i >= len(param_groups)]:
             del self._groups[index]  # groups do not shrink in torch.optim, but a reload may
         buckets: List[Bucket] = []
+        signature_of = _group_signature()
         for index, group in enumerate(param_groups):
             params = group["params"]
-            grads = list(map(_grad_of, params))
             entry = self._groups.get(index)
             distributed = entry.distributed if entry is not None else False
+            native = (_native_signature(signature_of, params) if signature_of is not None and not distributed
+                      else None)
+            if native is not None:
+                grads, signature = native
+                if entry is not None and entry.signature == signature:
+                    for slot in entry.slots:  # same tensors, gradients validated at these addresses
+                        slot.bucket.grads = grads if slot.members is None else _picked(slot, grads)
+                        buckets.append(slot.bucket)
+                    continue
+            else:
+                grads, signature = list(map(_grad_of, params)), None
             try:
                 weight_pointers = tuple(map(_data_ptr, map(_local_of, params) if distributed else params))
             except (AttributeError, RuntimeError):  # a param became (or stopped being) a DTensor
@@ -124,20 +144,18 @@ class BucketCache:
                     or entry.has_grad != has_grad or entry.param_ids != tuple(map(id, params))):
                 entry = self._build(index, params, grads, has_grad, init_state, saved_buffer)
                 self._groups[index] = entry
+            entry.signature = None  # until every slot took its gradients (a check may raise)
             for slot in entry.slots:
                 self._attach_grads(slot, grads, entry.distributed)
                 buckets.append(slot.bucket)
+            entry.signature = signature
         return buckets
 
     @staticmethod
     def _attach_grads(slot: _Slot, grads: List[torch.Tensor], distributed: bool) -> None:
         """Put this step's gradients into the slot's bucket; check them unless their pointers
         are among the last few validated."""
-        if slot.members is None:
-            mine = grads
-        else:
-            picked = slot.members(grads)
-            mine = list(picked) if isinstance(picked, tuple) else [picked]
+        mine = grads if slot.members is None else _picked(slot, grads)
         if distributed:
             mine = list(map(_local, mine))
         try:
@@ -186,6 +204,34 @@ class BucketCache:
         weight_pointers = tuple(_data_ptr(_local(p)) for p in params)
         return _GroupEntry(tuple(map(id, params)), weight_pointers, has_grad, distributed, slots)
 
+
+
+def _picked(slot: _Slot, grads: List[torch.Tensor]) -> List[torch.Tensor]:
+    """The slot's gradients out of its group's list (the slot holds part of the group)."""
+    picked = slot.members(grads)
+    return list(picked) if isinstance(picked, tuple) else [picked]
+
+
+_signature_function: List[Optional[Callable[[list], Optional[tuple]]]] = []
+
+
+def _group_signature() -> Optional[Callable[[list], Optional[tuple]]]:
+    """``salsa_fused._C.group_signature`` when the extension is built as a Python module (not
+    the JIT build), else None; looked up once."""
+    if not _signature_function:
+        from . import _ext
+
+        module = sys.modules.get("salsa_fused._C") if _ext.load() else None
+        _signature_function.append(getattr(module, "group_signature", None))
+    return _signature_function[0]
+
+
+def _native_signature(signature_of, params: list) -> Optional[tuple]:
+    """``signature_of(params)``, or None where it cannot read them (the Python path decides)."""
+    try:
+        return signature_of(params)
+    except RuntimeError:  # a tensor without storage the check in C++ did not foresee
+        return None
 
 
 _layout_of = operator.attrgetter("layout")

@@ -7,10 +7,21 @@ from unittest import mock
 import pytest
 import torch
 
-from salsa_fused import FusedSaLSa
+from salsa_fused import FusedSaLSa, buckets
 from salsa_fused.backends import triton_backend
 
 BACKENDS = ["torch"] + (["triton"] if triton_backend.is_available() else [])
+SIGNATURE = buckets._group_signature()
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def signature_path(request, monkeypatch):
+    """Every test on both ways of reading a group's tensors: the extension's one C++ loop
+    (``group_signature``) and the Python passes."""
+    if request.param == "native" and SIGNATURE is None:
+        pytest.skip("the C++ extension is not built (salsa_fused._C.group_signature)")
+    monkeypatch.setattr(buckets, "_signature_function", [SIGNATURE if request.param == "native" else None])
+    return request.param
 
 
 class NeverSearch:
@@ -141,3 +152,41 @@ def test_plain_steps_with_unchanged_tensors_build_no_table_and_copy_nothing(new_
             counts.append((build.call_count, to_device.call_count, opt._buckets.rebuilds))
     assert build.call_count == 1 and opt._buckets.rebuilds == 1
     assert counts[1:] == [counts[-1]] * 5 if not new_grads else counts[2:] == [counts[-1]] * 4
+
+
+def test_an_unchanged_group_skips_the_python_passes(signature_path):
+    """With the extension, a plain step on unchanged tensors attaches no gradient in Python
+    (the signature matched); without it, every step does."""
+    params = _params()
+    opt = FusedSaLSa(params, backend="torch", schedule=NeverSearch(), init_step_size=1e-3)
+    loss = _loss(params, [], 0)
+    loss.backward()
+    with mock.patch.object(buckets.BucketCache, "_attach_grads", wraps=buckets.BucketCache._attach_grads) as attach:
+        for _ in range(4):
+            opt.step(lambda: loss, loss=loss)
+    assert attach.call_count == (1 if signature_path == "native" else 4)
+
+
+@pytest.mark.skipif(SIGNATURE is None, reason="the C++ extension is not built")
+def test_group_signature_changes_with_every_tensor_it_identifies(signature_path):
+    params = [torch.nn.Parameter(torch.randn(3)) for _ in range(3)]
+    params[0].grad, params[1].grad = torch.ones(3), torch.zeros(3)
+    grads, base = SIGNATURE(params)
+    assert grads[0] is params[0].grad and grads[1] is params[1].grad and grads[2] is None
+    assert SIGNATURE(params)[1] == base
+    changes = {
+        "weight moved": lambda: setattr(params[0], "data", params[0].data.clone()),
+        "gradient moved": lambda: setattr(params[1], "grad", params[1].grad.clone()),
+        "gradient gone": lambda: setattr(params[0], "grad", None),
+        "gradient appeared": lambda: setattr(params[2], "grad", torch.ones(3)),
+        "param replaced": lambda: params.__setitem__(1, torch.nn.Parameter(params[1].data)),
+    }
+    for what, change in changes.items():
+        before = SIGNATURE(params)[1]
+        change()
+        assert SIGNATURE(params)[1] != before, what
+    assert SIGNATURE(tuple(params)) is None  # not a list: the Python path decides
+    assert SIGNATURE([params[0], "not a tensor"]) is None
+    sparse = torch.nn.Parameter(torch.zeros(3))
+    sparse.grad = torch.zeros(3).to_sparse()
+    assert SIGNATURE([sparse]) is None  # no strided storage: the Python path names the problem
