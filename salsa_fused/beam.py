@@ -11,6 +11,13 @@ same upcoming batches ``k .. k+H-1``, and scores each branch by its *horizon los
 then keeps ``m <- m * argmin_f L(f)`` (ties: the factor nearest 1). With ``min_multiplier``
 given, a factor that would take ``m`` below it is not tried.
 
+With ``extensions`` = E > 0 the beam brackets its choice, as a learning-rate grid is extended
+until its best rate is inside it: while the lowest score so far belongs to the smallest or the
+largest factor tried, one more branch runs one factor-step further out (``f_end * f_end /
+f_next``, ``f_next`` the tried factor nearest ``f_end``: below ``1/2, 1, 2`` that is ``1/4``, then
+``1/8``; above, ``4``, ``8``), at most E more branches per beam step; the best over every factor
+tried is kept.
+
 With ``cooldown`` > 0 each branch goes on for ``C = round(cooldown * H)`` more steps (batches
 ``k+H .. k+H+C-1``) whose multiplier falls linearly, ``m * f * (C - j) / (C + 1)`` at cooldown
 step ``j``, and is scored by the mean loss over those ``C`` steps instead: a short horizon
@@ -22,8 +29,8 @@ step ``k`` is taken at the new ``m`` from exactly the state it had: the run afte
 is the run that would have had ``m * f`` from step ``k`` on (the winning branch, recomputed).
 
 This measures what an AdamW grid measures (which rate trains best over a horizon) where the
-Armijo test only sees one trial's curvature. Costs ``len(factors) * (H + C)`` extra steps per beam
-step (each with its search's trial forwards); :attr:`StepSizeBeam.num_forward_evals` counts
+Armijo test only sees one trial's curvature. Costs ``(len(factors) + E') * (H + C)`` extra steps per beam
+step (``E' <= E`` the extensions run) (each with its search's trial forwards); :attr:`StepSizeBeam.num_forward_evals` counts
 them beside the optimizer's own.
 
 ``closure(i)`` returns the loss on the ``i``-th batch from the current step on (``i = 0``:
@@ -120,6 +127,9 @@ class StepSizeBeam:
             The defaults (beam at 5, 10, 15% of the run, ``H`` = 3% of it, ``C = H``) are the
             configuration chosen on the quality zoo's development tasks (benchmarks/quality
             NOTES.md section 11); nothing is set per task.
+        extensions: at most this many more branches per beam step, each one factor-step beyond
+            the end of the factors tried while that end scores best (0: the factors only; the
+            module docstring).
         min_multiplier: the multiplier never goes below this (in (0, 1]; 0: no floor). With a
             schedule of peak ``P`` in units of the searched level, ``1/P`` keeps the applied peak
             at or above the level the Armijo test accepts.
@@ -135,7 +145,8 @@ class StepSizeBeam:
 
     def __init__(self, optimizer: FusedSaLSa, total_steps: int, *, points: Sequence[float] = (0.05, 0.1, 0.15),
                  horizon: float = 0.03, factors: Sequence[float] = HALVE_KEEP_DOUBLE,
-                 buffers: Iterable[torch.Tensor] = (), cooldown: float = 1.0, min_multiplier: float = 0.0):
+                 buffers: Iterable[torch.Tensor] = (), cooldown: float = 1.0, min_multiplier: float = 0.0,
+                 extensions: int = 0):
         if not isinstance(optimizer, FusedSaLSa):
             raise TypeError(f"optimizer must be a FusedSaLSa, got {type(optimizer).__name__}")
         if scaled_by(optimizer.schedule, StepSizeBeam):
@@ -155,6 +166,8 @@ class StepSizeBeam:
         if isinstance(cooldown, bool) or not isinstance(cooldown, (int, float)) \
                 or not (math.isfinite(cooldown) and cooldown >= 0):
             raise ValueError(f"cooldown must be a finite fraction of the horizon >= 0, got {cooldown!r}")
+        if isinstance(extensions, bool) or not isinstance(extensions, int) or extensions < 0:
+            raise ValueError(f"extensions must be an integer >= 0, got {extensions!r}")
         buffers = list(buffers)
         for b in buffers:
             if not isinstance(b, torch.Tensor):
@@ -169,6 +182,7 @@ class StepSizeBeam:
         self.buffers = buffers
         self.min_multiplier = float(min_multiplier)
         self.cooldown_steps = int(round(cooldown * self.horizon_steps))
+        self.extensions = extensions
         self.multiplier = 1.0
         self._applied_multiplier = 1.0
         self.calls = 0
@@ -199,26 +213,54 @@ class StepSizeBeam:
         cool = min(self.cooldown_steps, left - steps)
         snapshot = _Snapshot(self.optimizer, self.buffers)
         losses: List[Optional[float]] = []  # None: below the floor, not tried
+        extended: List[Dict] = []  # the bracket's branches beyond the factors
         try:
             for f in self.factors:
-                if self.multiplier * f < self.min_multiplier * (1 - 1e-12):
+                if self._below_floor(f):
                     losses.append(None)
                     continue
                 losses.append(self._branch(closure, steps, cool, self.multiplier * f))
+                snapshot.restore()
+            scores = {f: x for f, x in zip(self.factors, losses) if x is not None}
+            while len(extended) < self.extensions and len(scores) >= 2:
+                f = self._beyond_the_end(scores)
+                if f is None or self._below_floor(f):
+                    break
+                scores[f] = self._branch(closure, steps, cool, self.multiplier * f)
+                extended.append(dict(factor=f, loss=scores[f]))
                 snapshot.restore()
         except BaseException:
             snapshot.restore()
             self._applied_multiplier = self.multiplier
             raise
-        tried = [j for j, x in enumerate(losses) if x is not None]
-        if not any(math.isfinite(losses[j]) for j in tried):
+        if not any(math.isfinite(x) for x in scores.values()):
             self._applied_multiplier = self.multiplier
             raise NonFiniteError(f"every branch of the beam at step {self.calls} diverged "
                                  f"(horizon losses {losses}): no factor to keep")
-        best = min(tried, key=lambda j: (losses[j], abs(math.log(self.factors[j]))))
-        self.multiplier = max(self.multiplier * self.factors[best], self.min_multiplier)
-        self.decisions.append(dict(step=self.calls, horizon=steps, cooldown=cool, losses=losses,
-                                   factor=self.factors[best], multiplier=self.multiplier))
+        factor = min(scores, key=lambda f: (scores[f], abs(math.log(f))))
+        self.multiplier = max(self.multiplier * factor, self.min_multiplier)
+        decision = dict(step=self.calls, horizon=steps, cooldown=cool, losses=losses, factor=factor,
+                        multiplier=self.multiplier)
+        if self.extensions:
+            decision["extended"] = extended
+        self.decisions.append(decision)
+
+    def _below_floor(self, factor: float) -> bool:
+        return self.multiplier * factor < self.min_multiplier * (1 - 1e-12)
+
+    @staticmethod
+    def _beyond_the_end(scores: Dict[float, float]) -> Optional[float]:
+        """The next factor out past the end of the tried ``scores`` that scores best (``f_end**2 /
+        f_next``), or None when the best is inside them or nothing scored finite."""
+        if not any(math.isfinite(x) for x in scores.values()):
+            return None
+        tried = sorted(scores)
+        best = min(tried, key=lambda f: (scores[f], abs(math.log(f))))
+        if best == tried[0]:
+            return tried[0] * tried[0] / tried[1]
+        if best == tried[-1]:
+            return tried[-1] * tried[-1] / tried[-2]
+        return None
 
     def _branch(self, closure: IndexedClosure, steps: int, cool: int, multiplier: float) -> float:
         """``steps`` steps at ``multiplier``, then ``cool`` at a linearly falling one: the mean loss of
@@ -255,7 +297,8 @@ class StepSizeBeam:
         ``state_dict``)."""
         return dict(total_steps=self.total_steps, beam_steps=list(self.beam_steps),
                     horizon_steps=self.horizon_steps, cooldown_steps=self.cooldown_steps,
-                    factors=list(self.factors), min_multiplier=self.min_multiplier, calls=self.calls,
+                    factors=list(self.factors), min_multiplier=self.min_multiplier,
+                    extensions=self.extensions, calls=self.calls,
                     multiplier=self.multiplier, branch_forward_evals=self.branch_forward_evals,
                     decisions=deepcopy(self.decisions))
 
@@ -263,7 +306,9 @@ class StepSizeBeam:
         """Resume; the configuration (run length, beam steps, horizon, factors) must match."""
         expected = dict(total_steps=self.total_steps, beam_steps=list(self.beam_steps),
                         horizon_steps=self.horizon_steps, cooldown_steps=self.cooldown_steps,
-                        factors=list(self.factors), min_multiplier=self.min_multiplier)
+                        factors=list(self.factors), min_multiplier=self.min_multiplier,
+                        extensions=self.extensions)
+        state_dict = {"extensions": 0, **state_dict}  # saved before ``extensions`` existed: none
         for key, value in expected.items():
             if key not in state_dict:
                 raise ValueError(f"StepSizeBeam state_dict lacks {key!r}")

@@ -71,11 +71,11 @@ class Switch:
 
 
 def run_beam(schedule=None, points=(0.25,), horizon=0.1, batch_norm=False, steps=STEPS, cooldown=0.0,
-             min_multiplier=0.0, **kwargs):
+             min_multiplier=0.0, extensions=0, **kwargs):
     model = make_model(batch_norm=batch_norm)
     opt = FusedSaLSa(model.parameters(), backend="torch", schedule=schedule, **kwargs)
     beam = StepSizeBeam(opt, steps, points=points, horizon=horizon, buffers=list(model.buffers()),
-                        cooldown=cooldown, min_multiplier=min_multiplier)
+                        cooldown=cooldown, min_multiplier=min_multiplier, extensions=extensions)
     data = batches()
     losses = []
     for k in range(steps):
@@ -170,6 +170,68 @@ def test_the_floor_is_never_crossed_and_factors_below_it_are_not_tried():
     first, second = beam.decisions
     assert first["factor"] == 0.5 and first["multiplier"] == 0.5
     assert second["losses"][0] is None and second["multiplier"] >= 0.5 and beam.multiplier >= 0.5
+
+
+def test_extensions_bracket_the_kept_factor_and_the_run_after_is_the_kept_branch():
+    # far too small a step: 1/2, 1, 2 leave 2 best at the end, so 4, 8, 16 are tried (3 extensions)
+    model, opt, beam, losses = run_beam(Constant(1e-3), points=(0.25,), horizon=0.2, cooldown=1.0, extensions=3)
+    decision = beam.last_decision
+    k, horizon, cool = decision["step"], decision["horizon"], decision["cooldown"]
+    assert [e["factor"] for e in decision["extended"]] == [4.0, 8.0, 16.0]
+    scores = dict(zip(beam.factors, decision["losses"])) | {e["factor"]: e["loss"] for e in decision["extended"]}
+    assert decision["factor"] == min(scores, key=scores.get) == 16.0 and beam.multiplier == 16.0
+    # an extended branch is the run at that factor, scored on its cooldown like the others
+    for f in (4.0, 16.0):
+        _, _, branch = run_twin(Branch(k, f, horizon, cool, Constant(1e-3)), steps=k + horizon + cool)
+        assert scores[f] == pytest.approx(sum(branch[k + horizon:]) / cool, rel=1e-12, abs=0)
+    # and the run after the beam applies the kept (extended) factor from step k on, bitwise
+    twin_model, _, twin_losses = run_twin(Switch(k + 1, 1e-3, 16e-3))
+    assert losses == twin_losses
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(p, q)
+    # without extensions the same beam keeps 2: the factors only, as before
+    _, _, plain, _ = run_beam(Constant(1e-3), points=(0.25,), horizon=0.2, cooldown=1.0)
+    assert plain.multiplier == 2.0 and "extended" not in plain.last_decision
+    assert plain.last_decision["losses"] == decision["losses"]
+
+
+def test_extensions_stop_once_the_best_is_inside_and_at_the_floor():
+    # far too large a step: 1/2 is best at the low end, so 1/4 is tried; each later extension only
+    # while the newest end scores best
+    _, _, beam, _ = run_beam(Constant(40.0), points=(0.25, 0.5), horizon=0.2, extensions=3)
+    assert any(d["extended"] for d in beam.decisions)
+    for d in beam.decisions:
+        scores = dict(zip(beam.factors, d["losses"]))
+        for e in d["extended"]:
+            tried = sorted(scores)
+            best = min(tried, key=scores.get)
+            assert best in (tried[0], tried[-1])  # an extension only past a winning end
+            assert e["factor"] == (tried[0] ** 2 / tried[1] if best == tried[0] else tried[-1] ** 2 / tried[-2])
+            scores[e["factor"]] = e["loss"]
+        tried = sorted(scores)
+        best = min(tried, key=scores.get)
+        assert d["factor"] == best and (len(d["extended"]) == 3 or tried[0] < best < tried[-1])
+    # a floor: no extension below it
+    _, _, floored, _ = run_beam(Constant(40.0), points=(0.25,), horizon=0.2, extensions=3, min_multiplier=0.5)
+    assert floored.last_decision["extended"] == [] and floored.multiplier == 0.5
+
+
+def test_a_diverging_extension_ends_the_bracket():
+    data = batches()
+    model = make_model()
+    opt = FusedSaLSa(model.parameters(), backend="torch", schedule=Constant(1e-3))
+    beam = StepSizeBeam(opt, STEPS, points=(0.25,), horizon=0.1, extensions=3)
+    for k in range(10):
+        beam.step(lambda i: loss_on(model, data[k + i]))
+
+    def closure(i):  # every branch above 2x reports NaN from its second step
+        loss = loss_on(model, data[10 + i])
+        return loss * math.nan if i >= 1 and beam._applied_multiplier > 2.5 else loss
+
+    beam.step(closure)
+    decision = beam.last_decision
+    assert [e["factor"] for e in decision["extended"]] == [4.0]
+    assert decision["extended"][0]["loss"] == math.inf and decision["factor"] == 2.0
 
 
 def test_counts_every_forward_of_the_branches_and_of_the_run():
@@ -282,6 +344,16 @@ def test_state_dict_resumes_the_same_run():
         other.load_state_dict(beam.state_dict())
     with pytest.raises(ValueError, match="multiplier"):
         beam.load_state_dict({**beam.state_dict(), "multiplier": float("nan")})
+    bracketed = StepSizeBeam(FusedSaLSa(make_model().parameters(), backend="torch"), STEPS, points=(0.25, 0.5),
+                             horizon=0.1, extensions=2)
+    with pytest.raises(ValueError, match="extensions"):
+        bracketed.load_state_dict(beam.state_dict())
+    # a state_dict saved before ``extensions`` existed is one without extensions
+    old = {k: v for k, v in beam.state_dict().items() if k != "extensions"}
+    beam_resumed.load_state_dict(old)
+    assert beam_resumed.extensions == 0
+    with pytest.raises(ValueError, match="extensions"):
+        bracketed.load_state_dict(old)
 
 
 def test_the_default_optimizer_is_untouched_without_a_beam():
@@ -301,6 +373,9 @@ def test_the_default_optimizer_is_untouched_without_a_beam():
     (dict(buffers=[1.0]), TypeError, "tensors"),
     (dict(cooldown=-1.0), ValueError, "cooldown"),
     (dict(min_multiplier=2.0), ValueError, "min_multiplier"),
+    (dict(extensions=-1), ValueError, "extensions"),
+    (dict(extensions=1.5), ValueError, "extensions"),
+    (dict(extensions=True), ValueError, "extensions"),
 ])
 def test_bad_arguments_are_named_and_change_nothing(kwargs, error, match):
     opt = FusedSaLSa(make_model().parameters(), backend="torch")

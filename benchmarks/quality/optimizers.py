@@ -384,6 +384,14 @@ REGISTRY: Dict[str, Callable] = {
     # each branch scored after a cooldown of C = H steps (against the short horizon's bias to small steps):
     # chosen on the development tasks (NOTES.md section 11), StepSizeBeam's defaults
     "beam_pretrain_cool": _beam(_preset(presets.RECOMMENDED), cooldown=1.0),
+    # bracketed: up to 3 more branches per point, one factor-step beyond the end while that end
+    # scores best; on the gradient direction; with two more points in the decay phase (NOTES.md
+    # section 14, written before their runs)
+    "beam_bracket": _beam(_preset(presets.RECOMMENDED), cooldown=1.0, extensions=3),
+    "beam_bracket_grad": _beam(_preset(presets.RECOMMENDED, search_direction="gradient"), cooldown=1.0,
+                               extensions=3),
+    "beam_bracket_late": _beam(_preset(presets.RECOMMENDED), cooldown=1.0, extensions=3,
+                               points=(0.05, 0.1, 0.15, 0.25, 0.4)),
     # seed 004's LR-factor search (Factor_3, a decision every 1% of the run): on AdamW at a constant
     # 1e-3 (PyTorch's default rate; no other schedule), and on the faithful FusedSaLSa defaults
     # (the factor multiplies the applied step, target "schedule")
