@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from .base import DIRECTIONS, MOMENTUM, Bucket, Hyper, Move, PassArgs, count_step
+from .base import DIRECTIONS, MOMENTUM, RAW, Bucket, Hyper, Move, PassArgs, count_step
 
 name = "cpp"
 
@@ -56,6 +56,8 @@ def _ops():
 def _momentum(direction: str) -> bool:
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}")
+    if direction == RAW:
+        raise ValueError("the cpp backend does not implement direction 'raw' yet")
     return direction == MOMENTUM
 
 
@@ -114,6 +116,7 @@ def plain_step(bucket: Bucket, args: PassArgs, loss: torch.Tensor, found_inf: Op
     ``nonfinite_count`` (an int64 0-dim tensor). The guards are read inside the op;
     ``step_counts`` (``base.count_step``) is counted with torch ops beside it.
     """
+    _momentum(args.direction)
     if step_counts is not None:
         count_step(step_counts, loss, found_inf)
     h, move = args.hyper, args.move

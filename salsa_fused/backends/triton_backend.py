@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .base import DIRECTIONS, MOMENTUM, Bucket, Hyper, PassArgs, count_step
+from .base import DIRECTIONS, MOMENTUM, RAW, Bucket, Hyper, PassArgs, count_step
 
 try:
     import triton
@@ -343,6 +343,8 @@ def _check_direction(direction: str) -> bool:
     """True for the momentum direction; raises on an unknown name."""
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}")
+    if direction == RAW:
+        raise ValueError("the triton backend does not implement direction 'raw' yet")
     return direction == MOMENTUM
 
 
@@ -434,6 +436,7 @@ def plain_step(bucket: Bucket, args: PassArgs, loss: torch.Tensor, found_inf: Op
     ``[loss non-finite, found_inf != 0]`` (``base.count_step``), no torch op.
     """
     hyper, move, grad_scale = args.hyper, args.move, args.grad_scale
+    _check_direction(args.direction)
     tables = _tables(bucket)
     if loss.numel() != 1:
         raise ValueError("plain_step needs a one-element loss tensor")
