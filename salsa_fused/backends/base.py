@@ -13,7 +13,8 @@ increment and ``lr`` the group's multiplier:
     precond = 1 / (sqrt(v_hat) + eps)
     d       = g * precond          (direction "gradient", 0.1.0's default)
             | m_hat * precond      (direction "momentum", 0.1.0's use_mv=True)
-    update  = m_hat * precond      (a plain step always moves along this)
+            | g                    (direction "raw": the gradient itself, g / grad_scale under GradScaler)
+    update  = m_hat * precond      (a plain step's move, or g with direction "raw")
     w_dec   = w - weight_decay * decay_step_size * w
 """
 
@@ -26,7 +27,8 @@ import torch
 
 GRADIENT = "gradient"
 MOMENTUM = "momentum"
-DIRECTIONS = (GRADIENT, MOMENTUM)
+RAW = "raw"  # no preconditioner: Adam's moments are neither read nor written
+DIRECTIONS = (GRADIENT, MOMENTUM, RAW)
 
 
 @dataclass
@@ -112,7 +114,9 @@ class PassArgs:
 
     hyper: Hyper
     move: Move = Move(0.0)
-    direction: str = GRADIENT  # of the trials: "gradient" or "momentum"; a plain step uses m_hat
+    # Of the trials: "gradient", "momentum" or "raw". A plain step moves along m_hat, or along g
+    # with "raw" (and then leaves the moments alone).
+    direction: str = GRADIENT
     grad_scale: Optional[torch.Tensor] = None  # GradScaler's scale: g / grad_scale is the gradient
 
 
@@ -130,10 +134,11 @@ class Backend(Protocol):
 
     def slope(self, bucket: Bucket, args: PassArgs) -> torch.Tensor:
         """``q = sum g * d`` (0-dim fp32; may be negative along the momentum) with this step's
-        moments, nothing written."""
+        moments, nothing written; ``sum g * g`` along ``"raw"`` (reads g only)."""
 
     def first_trial(self, bucket: Bucket, args: PassArgs) -> None:
-        """Pass A of a search: m, v written, ``saved = w``, ``w = decay(w) - move.step * d``."""
+        """Pass A of a search: m, v written, ``saved = w``, ``w = decay(w) - move.step * d``
+        (along ``"raw"`` m, v are not touched)."""
 
     def retrial(self, bucket: Bucket, args: PassArgs) -> None:
         """Pass B: ``w = decay(saved) - move.step * d``, or in place
@@ -147,9 +152,11 @@ class Backend(Protocol):
                    found_inf: Optional[torch.Tensor] = None,
                    nonfinite_count: Optional[torch.Tensor] = None,
                    step_counts: Optional[torch.Tensor] = None) -> None:
-        """m, v written and ``w = decay(w) - move.step * m_hat * precond``; nothing written when
-        ``loss`` is non-finite or ``found_inf`` is set; non-finite gradient elements keep their
-        weight and moments and are counted into ``nonfinite_count`` (int64, on the device).
+        """m, v written and ``w = decay(w) - move.step * m_hat * precond`` (``args.direction``
+        "gradient" or "momentum"), or ``w = decay(w) - move.step * g`` with m, v untouched
+        (``"raw"``); nothing written when ``loss`` is non-finite or ``found_inf`` is set;
+        non-finite gradient elements keep their weight and moments and are counted into
+        ``nonfinite_count`` (int64, on the device).
         ``step_counts`` (int64 ``[2]``), when given, gets ``count_step``'s increments once per
         call. No host read on an accelerator."""
 

@@ -6,6 +6,9 @@ the CPU reproduce it to the bit: ``precond = reciprocal(sqrt(v / bc2) + eps)``,
 ``d = precond * g``, ``w = w0.add(d, alpha=-eta)``, per-tensor sums added in
 list order. The Triton and CUDA backends are tested against these functions.
 
+Direction ``"raw"`` (``d = g``, base.py) skips Adam entirely: no pass reads or writes the
+moments, and the plain step moves along ``g`` too.
+
 Low-precision weights (bf16, fp16) are upcast to fp32 for the arithmetic and the
 result is rounded once when written back; moments are always fp32.
 """
@@ -18,7 +21,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .. import _compat as C
-from .base import GRADIENT, MOMENTUM, Bucket, Hyper, Move, PassArgs, count_step
+from .base import GRADIENT, MOMENTUM, RAW, Bucket, Hyper, Move, PassArgs, count_step
 
 name = "torch"
 
@@ -197,7 +200,10 @@ def _adam_move(ops, params, grads, exp_avg, exp_avg_sq, hyper: Hyper, move: Move
 
 
 def _current_direction(bucket: Bucket, hyper: Hyper, direction: str, grad_scale) -> List[torch.Tensor]:
-    """d from the already-updated moments stored in the bucket."""
+    """d from the already-updated moments stored in the bucket (along ``"raw"``: the fp32
+    gradients, which may be the bucket's own tensors: not to be written)."""
+    if direction == RAW:
+        return _grads_fp32(bucket.grads, grad_scale)
     grads = _grads_fp32(bucket.grads, grad_scale) if direction == GRADIENT else None
     precond = _preconditioner(_FOREACH, bucket.exp_avg_sq, hyper)
     return _direction(_FOREACH, precond, grads, bucket.exp_avg, hyper, direction)
@@ -209,10 +215,13 @@ def slope(bucket: Bucket, args: PassArgs) -> torch.Tensor:
     """q = sum over the bucket of ``g * d`` with the moments updated by this step's g (not written).
 
     Returns a 0-dim fp32 tensor on the bucket's device; per-tensor sums are added in list order.
-    Reads g, m, v; writes nothing. Non-finite gradients make q non-finite.
+    Reads g, m, v (along ``"raw"``: g only, ``q = sum g * g``); writes nothing. Non-finite
+    gradients make q non-finite.
     """
     hyper = args.hyper
     grads = _grads_fp32(bucket.grads, args.grad_scale)
+    if args.direction == RAW:
+        return _sum_in_order([(g * g).sum() for g in grads], bucket.device)
     exp_avg, exp_avg_sq = _new_moments(_FOREACH, bucket.exp_avg, bucket.exp_avg_sq, grads, hyper)
     precond = _preconditioner(_FOREACH, exp_avg_sq, hyper)
     if args.direction == GRADIENT:
@@ -220,7 +229,11 @@ def slope(bucket: Bucket, args: PassArgs) -> torch.Tensor:
     else:
         d = _direction(_FOREACH, precond, grads, exp_avg, hyper, MOMENTUM)
         per_tensor = [torch.inner(g.flatten(), dd.flatten()) for g, dd in zip(grads, d)]
-    total = torch.zeros((), dtype=torch.float32, device=bucket.device)
+    return _sum_in_order(per_tensor, bucket.device)
+
+
+def _sum_in_order(per_tensor: List[torch.Tensor], device: torch.device) -> torch.Tensor:
+    total = torch.zeros((), dtype=torch.float32, device=device)
     for value in per_tensor:
         total = total + value
     return total
@@ -229,11 +242,16 @@ def slope(bucket: Bucket, args: PassArgs) -> torch.Tensor:
 def first_trial(bucket: Bucket, args: PassArgs) -> None:
     """Pass A of a search step: write m, v, the saved copy of w, and the first trial weights.
 
-    ``saved = w`` (when the bucket keeps copies);  ``w = w_dec - step * d``.
+    ``saved = w`` (when the bucket keeps copies);  ``w = w_dec - step * d``. Along ``"raw"``
+    the moments are not touched (``d = g``).
     """
     if bucket.saved is not None:
         C.foreach_copy_(bucket.saved, bucket.params)
     grads = _grads_fp32(bucket.grads, args.grad_scale)
+    if args.direction == RAW:
+        _move_from(_FOREACH, bucket.params, C.to_float32(bucket.params), grads, args.hyper, args.move.step,
+                   args.move.decay)
+        return
     _adam_move(_FOREACH, bucket.params, grads, bucket.exp_avg, bucket.exp_avg_sq, args.hyper, args.move, args.direction)
 
 
@@ -250,7 +268,10 @@ def retrial(bucket: Bucket, args: PassArgs) -> None:
         C.foreach_copy_(bucket.params, C.foreach_add(weights, d, alpha=-move.step))
     else:
         weights = C.to_float32(bucket.params)
-        C.foreach_mul_(d, move.previous - move.step)
+        if args.direction == RAW:  # d is the gradient: scaled into a new list
+            d = C.foreach_mul(d, move.previous - move.step)
+        else:
+            C.foreach_mul_(d, move.previous - move.step)
         C.foreach_copy_(bucket.params, C.foreach_add(weights, d))
 
 
@@ -271,7 +292,8 @@ def restore(bucket: Bucket, args: PassArgs) -> None:
 
 def plain_step(bucket: Bucket, args: PassArgs, loss: torch.Tensor, found_inf: Optional[torch.Tensor] = None,
                nonfinite_count: Optional[torch.Tensor] = None, step_counts: Optional[torch.Tensor] = None) -> None:
-    """Pass A of a plain step: m, v updated and ``w = w_dec - step * m_hat * precond``.
+    """Pass A of a plain step: m, v updated and ``w = w_dec - step * m_hat * precond``, or
+    along ``"raw"`` ``w = w_dec - step * g`` with m, v untouched (:func:`_raw_plain_step`).
 
     Changes nothing when ``loss`` is non-finite or ``found_inf`` is set (such a step is
     counted into ``step_counts``, when given: ``base.count_step``). An element whose gradient
@@ -292,6 +314,9 @@ def plain_step(bucket: Bucket, args: PassArgs, loss: torch.Tensor, found_inf: Op
     if not bool(step_ok):
         return
     grads = _grads_fp32(bucket.grads, args.grad_scale)
+    if args.direction == RAW:
+        _raw_plain_step(bucket.params, grads, args.hyper, args.move, nonfinite_count)
+        return
     tensors = (bucket.params, grads, bucket.exp_avg, bucket.exp_avg_sq)
     if bucket.device.type == "cpu" and all(t.is_contiguous() for stream in tensors for t in stream):
         _plain_step_blocked(*tensors, args.hyper, args.move, nonfinite_count)
@@ -319,6 +344,25 @@ def _guarded_plain_step(params, grads, exp_avg, exp_avg_sq, hyper: Hyper, move: 
     if nonfinite_count is not None:
         skipped = sum(int((~ok).sum()) for ok in finite)
         nonfinite_count.add_(skipped)
+
+
+def _raw_plain_step(params, grads, hyper: Hyper, move: Move, nonfinite_count: Optional[torch.Tensor]) -> None:
+    """``w = decay(w) - move.step * g`` on the whole bucket; an element whose ``g`` is NaN/inf
+    keeps its weight and is counted into ``nonfinite_count`` (one host read picks that path)."""
+    if not params:
+        return
+    if bool(torch.isfinite(torch.stack(C.foreach_norm(grads))).all()):
+        _move_from(_FOREACH, params, C.to_float32(params), grads, hyper, move.step, move.decay)
+        return
+    # The rare path (also taken when a norm overflows with finite elements: same bits then).
+    finite = [torch.isfinite(g) for g in grads]
+    safe_grads = [torch.where(ok, g, torch.zeros_like(g)) for ok, g in zip(finite, grads)]
+    new_params = [p.clone() for p in params]
+    _move_from(_FOREACH, new_params, C.to_float32(new_params), safe_grads, hyper, move.step, move.decay)
+    for ok, target, value in zip(finite, params, new_params):
+        target.copy_(torch.where(ok, value, target))
+    if nonfinite_count is not None:
+        nonfinite_count.add_(sum(int((~ok).sum()) for ok in finite))
 
 
 # Elements per block of the CPU plain step: large enough that each op splits well over

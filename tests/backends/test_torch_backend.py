@@ -5,9 +5,10 @@ with ``k`` the step counter after its increment,
 
     m' = b1*m + (1-b1)*g            v' = b2*v + (1-b2)*g^2
     m_hat = m' / (1 - b1^(k+1))      v_hat = v' / (1 - b2^(k+1))
-    pre = 1 / (sqrt(v_hat) + eps)    d = g*pre (gradient) | m_hat*pre (momentum)
+    pre = 1 / (sqrt(v_hat) + eps)    d = g*pre (gradient) | m_hat*pre (momentum) | g (raw)
     q = sum g*d                      w_dec = w * (1 - wd * decay_step)
     first trial / retrial: w = w_dec(w0) - step*d;   plain step: w = w_dec - step*m_hat*pre
+    along "raw" no pass touches m, v, and the plain step is w = w_dec - step*g
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 SHAPES = [(), (1,), (4097,), (5, 17, 3), (64, 33)]
 K = 6  # the step counter after its increment
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
-DIRECTIONS = ["gradient", "momentum"]
+DIRECTIONS = ["gradient", "momentum", "raw"]
 
 
 def _hyper(weight_decay=0.0):
@@ -53,7 +54,7 @@ def _reference(bucket, direction, grad_scale=1.0):
         v_new = BETA2 * v + (1 - BETA2) * g * g
         m_hat = m_new / (1 - BETA1 ** (K + 1))
         pre = 1 / ((v_new / (1 - BETA2 ** (K + 1))).sqrt() + EPS)
-        d = g * pre if direction == "gradient" else m_hat * pre
+        d = {"gradient": g * pre, "momentum": m_hat * pre, "raw": g}[direction]
         out.append((m_new, v_new, d, m_hat * pre))
     return out
 
@@ -101,10 +102,15 @@ def test_first_trial_retrial_restore(direction, dtype, copy, weight_decay):
     w0 = [p.clone() for p in bucket.params]
     ref = _reference(bucket, direction)
     step, decay_step = 0.3, 0.25
+    m0, v0 = [m.clone() for m in bucket.exp_avg], [v.clone() for v in bucket.exp_avg_sq]
+    grads = [g.clone() for g in bucket.grads]
     B.first_trial(bucket, PassArgs(hyper, Move(step, decay=decay_step), direction))
     for i, (m_new, v_new, d, _) in enumerate(ref):
-        torch.testing.assert_close(bucket.exp_avg[i].double(), m_new, rtol=2e-6, atol=1e-8)
-        torch.testing.assert_close(bucket.exp_avg_sq[i].double(), v_new, rtol=2e-6, atol=2e-9)
+        if direction == "raw":  # the moments are neither read nor written
+            assert torch.equal(bucket.exp_avg[i], m0[i]) and torch.equal(bucket.exp_avg_sq[i], v0[i])
+        else:
+            torch.testing.assert_close(bucket.exp_avg[i].double(), m_new, rtol=2e-6, atol=1e-8)
+            torch.testing.assert_close(bucket.exp_avg_sq[i].double(), v_new, rtol=2e-6, atol=2e-9)
         _close(bucket.params[i], w0[i].double() * (1 - weight_decay * decay_step) - step * d, dtype)
         if copy:
             assert torch.equal(bucket.saved[i], w0[i])
@@ -126,6 +132,7 @@ def test_first_trial_retrial_restore(direction, dtype, copy, weight_decay):
             torch.testing.assert_close(bucket.params[i], w0[i], rtol=1e-5, atol=1e-6)
         else:
             torch.testing.assert_close(bucket.params[i].double(), w0[i].double(), rtol=3e-2, atol=3e-2)
+    assert all(torch.equal(a, b) for a, b in zip(bucket.grads, grads))  # no pass writes the gradients
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -188,3 +195,81 @@ def test_plain_step_keeps_non_finite_elements(dtype):
         _close(bucket.params[i][ok], (w0[i].double() - 0.3 * update)[ok], dtype)
         torch.testing.assert_close(bucket.exp_avg[i][ok].double(), m_new[ok], rtol=2e-6, atol=1e-8)
         assert bool(torch.isfinite(bucket.params[i]).all() and torch.isfinite(bucket.exp_avg_sq[i]).all())
+
+
+def _raw_expected(w0, g, step, decay_factor, grad_scale=1.0):
+    """``decay(w0) - step * g`` in float64."""
+    return w0.double() * decay_factor - step * (g.double() / grad_scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_raw_plain_step(dtype, weight_decay):
+    bucket = _bucket(dtype)
+    w0 = [p.clone() for p in bucket.params]
+    untouched = [t.clone() for t in bucket.grads + bucket.exp_avg + bucket.exp_avg_sq]
+    count, step_counts = torch.zeros((), dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
+    B.plain_step(bucket, PassArgs(_hyper(weight_decay), Move(0.3, decay=0.25), "raw"), torch.tensor(1.5),
+                 found_inf=torch.tensor(0.0), nonfinite_count=count, step_counts=step_counts)
+    for i, g in enumerate(bucket.grads):
+        _close(bucket.params[i], _raw_expected(w0[i], g, 0.3, 1 - weight_decay * 0.25), dtype)
+    assert all(torch.equal(a, b) for a, b in zip(bucket.grads + bucket.exp_avg + bucket.exp_avg_sq, untouched))
+    assert count.item() == 0 and step_counts.tolist() == [0, 0]
+
+
+def test_raw_passes_with_grad_scale():
+    bucket = _bucket(copy=False)
+    w0 = [p.clone() for p in bucket.params]
+    expected_q = sum((g.double() ** 2).sum() for g in bucket.grads)
+    bucket.grads = [g * 256.0 for g in bucket.grads]
+    scale, hyper = torch.tensor(256.0), _hyper(0.1)
+    args = lambda move: PassArgs(hyper, move, "raw", grad_scale=scale)  # noqa: E731
+    assert B.slope(bucket, args(Move(0.0))).item() == pytest.approx(expected_q.item(), rel=1e-5)
+    B.first_trial(bucket, args(Move(0.3, decay=0.25)))
+    B.retrial(bucket, args(Move(0.15, 0.3, 0.25)))
+    for i, g in enumerate(bucket.grads):
+        _close(bucket.params[i], _raw_expected(w0[i], g, 0.15, 1 - 0.1 * 0.25, 256.0))
+    B.restore(bucket, args(Move(0.0, 0.15, 0.25)))
+    for i in range(len(SHAPES)):
+        torch.testing.assert_close(bucket.params[i], w0[i], rtol=1e-5, atol=1e-6)
+    bucket.params = [p.clone() for p in w0]
+    B.plain_step(bucket, args(Move(0.3)), torch.tensor(1.0))
+    for i, g in enumerate(bucket.grads):
+        _close(bucket.params[i], _raw_expected(w0[i], g, 0.3, 1.0, 256.0))
+
+
+@pytest.mark.parametrize("loss, found_inf", [(float("nan"), 0.0), (float("inf"), 0.0), (1.0, 1.0)])
+def test_raw_plain_step_changes_nothing_on_a_bad_loss_or_found_inf(loss, found_inf):
+    bucket = _bucket()
+    before = [t.clone() for t in bucket.params + bucket.exp_avg + bucket.exp_avg_sq]
+    step_counts = torch.zeros(2, dtype=torch.int64)
+    B.plain_step(bucket, PassArgs(_hyper(0.1), Move(0.3, decay=0.25), "raw"), torch.tensor(loss),
+                 found_inf=torch.tensor(found_inf), step_counts=step_counts)
+    assert all(torch.equal(a, b) for a, b in zip(before, bucket.params + bucket.exp_avg + bucket.exp_avg_sq))
+    assert step_counts.tolist() == [int(loss != 1.0), int(found_inf != 0)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_raw_plain_step_keeps_non_finite_elements(dtype):
+    bucket = _bucket(dtype)
+    bucket.grads[2][5] = float("nan")
+    bucket.grads[3][1, 2, 0] = float("inf")
+    bucket.grads[3][4, 16, 2] = -float("inf")
+    bucket.grads[4][0, 0] = 1e30 if dtype == torch.float32 else 1e38  # finite: g*g overflows, g does not
+    bad = [~torch.isfinite(g) for g in bucket.grads]
+    w0 = [p.clone() for p in bucket.params]
+    count = torch.zeros((), dtype=torch.int64)
+    B.plain_step(bucket, PassArgs(_hyper(0.1), Move(1e-32, decay=0.25), "raw"), torch.tensor(1.0),
+                 nonfinite_count=count)
+    assert count.item() == 3
+    for i, g in enumerate(bucket.grads):
+        ok = ~bad[i]
+        assert torch.equal(bucket.params[i][bad[i]], w0[i][bad[i]])
+        _close(bucket.params[i][ok], _raw_expected(w0[i], torch.where(ok, g, 0), 1e-32, 1 - 0.1 * 0.25)[ok], dtype)
+        assert bool(torch.isfinite(bucket.params[i]).all())
+
+
+def test_raw_slope_of_a_non_finite_gradient_is_non_finite():
+    bucket = _bucket()
+    bucket.grads[3][2, 1, 0] = float("nan")
+    assert not torch.isfinite(B.slope(bucket, PassArgs(_hyper(), direction="raw")))
