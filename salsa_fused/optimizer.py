@@ -130,7 +130,9 @@ class FusedSaLSa(Optimizer):
         reduction: how losses and ``q`` are reduced across ranks (default: losses averaged
             over the world when ``torch.distributed`` is initialized).
         search_rule: a rule name (``"salsa"``, the default: the published smoothed Armijo
-            test; ``"sls"``, ``"alsals"``: seed 001's, :mod:`salsa_fused.adam_sls`) or an object
+            test; ``"sls"``, ``"alsals"``: seed 001's, :mod:`salsa_fused.adam_sls`; ``"labpal"``,
+            ``"labpal_sgd"``: seed 003's, :mod:`salsa_fused.labpal`, whose closure takes a batch
+            index, below) or an object
             with :class:`salsa_fused.rules.SearchRule`'s methods. A search argument (``c``,
             ``beta3``, ``growth``, ``backtrack``, ``max_trials``, the interval settings,
             ``search_direction``) given by name that the rule does not read raises ValueError.
@@ -144,7 +146,10 @@ class FusedSaLSa(Optimizer):
 
     ``step(closure)`` runs ``closure()`` (forward, returns the scalar loss) and the backward
     itself; ``loss.backward(); step(closure, loss=loss)`` is the two-phase form for loops
-    that do their own backward. Trial forwards run under ``torch.no_grad()``.
+    that do their own backward. Trial forwards run under ``torch.no_grad()``. Under a rule that
+    reads several batches per step (``"labpal"``) the closure is ``closure(i)``, the loss of batch
+    ``i`` of the step (:class:`salsa_fused.rules.Batches` gives the contract, :meth:`next_batches`
+    the counts of the next step).
     """
 
     _step_supports_amp_scaling = True
