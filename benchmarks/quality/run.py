@@ -211,7 +211,7 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
     elif family == "salsa_pub":
         forwards = opt.state["n_forwards"]
     elif family == "labpal":
-        forwards = opt.labpal_state.num_forward_evals
+        forwards = opt.num_forward_evals
     elif family == "lr_factor":  # the wrapped optimizer's forwards and one per factor per decision
         search = built.factor_search
         inner = opt.num_forward_evals if built.inner_family == "fused" else len(values)
