@@ -24,8 +24,8 @@ Per record:
                            ptxas narrowed after the PTX would show.
 
 Every specialization the optimizer launches is compiled: each pass with and without a
-GradScaler's scale (and the plain step with found_inf), both directions, both restore
-strategies, the plain step's register cap (``maxnreg``) where the backend sets it.
+GradScaler's scale (and the plain step with found_inf), all three directions (the plain
+step: Adam's update and raw), both restore strategies, the plain step's register cap (``maxnreg``) where the backend sets it.
 
 Run:  python -m benchmarks.kernel_audit   (writes benchmarks/results/kernel_audit.{json,md})
 It must run without TRITON_INTERPRET (kernels must be JIT functions, not interpreted).
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import multiprocessing
 import os
@@ -60,7 +61,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from salsa_fused.backends import triton_backend  # noqa: E402
-from salsa_fused.backends.base import GRADIENT, MOMENTUM, Bucket, Hyper, Move, PassArgs  # noqa: E402
+from salsa_fused.backends.base import GRADIENT, MOMENTUM, RAW, Bucket, Hyper, Move, PassArgs  # noqa: E402
 
 TARGETS = {"sm_80": 80, "sm_90a": 90}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -120,28 +121,40 @@ def _make_bucket(dtype: torch.dtype, saved: bool, misaligned: bool) -> Bucket:
 
 def _streams_of(kernel: str, constexprs: Dict[str, object]) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
     """(streams read, streams written) per element, from each kernel's design (see its docstring)."""
-    direction_input = "m" if constexprs.get("MOMENTUM") else "g"
+    direction = _DIRECTION_NAMES[constexprs["DIRECTION"]]
     saved = constexprs.get("HAS_SAVED")
+    # What d is made of: m and v along the momentum, g and v along the gradient, g alone along raw.
+    d_inputs = {MOMENTUM: ("m", "v"), GRADIENT: ("g", "v"), RAW: ("g",)}[direction]
     if kernel == "_slope_kernel":  # m_new only enters q along the momentum direction
-        return (("g", "m", "v") if constexprs.get("MOMENTUM") else ("g", "v")), ()
+        return {MOMENTUM: ("g", "m", "v"), GRADIENT: ("g", "v"), RAW: ("g",)}[direction], ()
+    moments = () if direction == RAW else ("m", "v")
     if kernel == "_plain_step_kernel":
-        return ("w", "g", "m", "v"), ("w", "m", "v")
+        return ("w", "g") + moments, ("w",) + moments
     if kernel == "_first_trial_kernel":
-        return ("w", "g", "m", "v"), ("w", "m", "v") + (("saved",) if saved else ())
+        return ("w", "g") + moments, ("w",) + moments + (("saved",) if saved else ())
     if kernel == "_retrial_kernel":
-        return (("saved",) if saved else ("w",)) + (direction_input, "v"), ("w",)
+        return (("saved",) if saved else ("w",)) + d_inputs, ("w",)
     if kernel == "_restore_kernel":
-        return (("saved",) if saved else ("w", direction_input, "v")), ("w",)
+        return (("saved",) if saved else ("w",) + d_inputs), ("w",)
     raise KeyError(kernel)
 
 
+_DIRECTION_NAMES = {triton_backend.K.GRADIENT_DIRECTION: GRADIENT, triton_backend.K.MOMENTUM_DIRECTION: MOMENTUM,
+                    triton_backend.K.RAW_DIRECTION: RAW}
+
+
 def _variant_name(kernel: str, constexprs: Dict[str, object]) -> str:
+    """e.g. ``first_trial[copy,gradient,amp]``; the plain step's Adam form has no direction tag."""
     base = kernel.strip("_").replace("_kernel", "")
     tags = []
     if "HAS_SAVED" in constexprs:
         tags.append("copy" if constexprs["HAS_SAVED"] else "inplace")
-    if "MOMENTUM" in constexprs and not (base == "restore" and constexprs.get("HAS_SAVED")):
-        tags.append(MOMENTUM if constexprs["MOMENTUM"] else GRADIENT)
+    direction = _DIRECTION_NAMES[constexprs["DIRECTION"]]
+    if base == "plain_step":
+        if direction == RAW:
+            tags.append(RAW)
+    elif not (base == "restore" and constexprs.get("HAS_SAVED")):
+        tags.append(direction)
     if constexprs.get("HAS_FOUND_INF") or constexprs.get("HAS_GRAD_SCALE"):
         tags.append("amp")
     if constexprs.get("HAS_STEP_COUNTS"):
@@ -182,7 +195,7 @@ def record_variants() -> List[Variant]:
             for misaligned in (False, True):
                 for saved in (True, False):
                     bucket = _make_bucket(dtype, saved, misaligned)
-                    for direction in (GRADIENT, MOMENTUM):
+                    for direction in (GRADIENT, MOMENTUM, RAW):
                         for scale in (None, torch.ones(())):  # without and with a GradScaler
                             if saved:
                                 triton_backend.slope(bucket, PassArgs(hyper, direction=direction, grad_scale=scale))
@@ -191,11 +204,14 @@ def record_variants() -> List[Variant]:
                             triton_backend.restore(bucket, PassArgs(hyper, Move(0.0, 0.4, 0.5), direction, scale))
                 bucket = _make_bucket(dtype, False, misaligned)
                 loss = torch.zeros(())
-                for step_counts in (None, torch.zeros(2, dtype=torch.int64)):  # later buckets, the first
+                for step_counts, direction in itertools.product(
+                        (None, torch.zeros(2, dtype=torch.int64)),  # later buckets, the first
+                        (GRADIENT, RAW)):  # Adam's update, or along g
                     count = torch.zeros((), dtype=torch.int64)
-                    triton_backend.plain_step(bucket, PassArgs(hyper, Move(0.3, decay=0.3)), loss,
+                    triton_backend.plain_step(bucket, PassArgs(hyper, Move(0.3, decay=0.3), direction), loss,
                                               nonfinite_count=count, step_counts=step_counts)
-                    triton_backend.plain_step(bucket, PassArgs(hyper, Move(0.3, decay=0.3), grad_scale=torch.ones(())),
+                    triton_backend.plain_step(bucket, PassArgs(hyper, Move(0.3, decay=0.3), direction,
+                                                               grad_scale=torch.ones(())),
                                               loss, found_inf=torch.zeros(()), nonfinite_count=count,
                                               step_counts=step_counts)
     return list(recorded.values())

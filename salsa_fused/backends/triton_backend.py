@@ -13,7 +13,9 @@ without alignment hints.
 
 Bytes moved per parameter with fp32 weights, gradients and state (reads + writes):
 slope reduction 8 along the gradient (12 along the momentum), plain step 28, first trial 32 with a saved copy (28 without), retrial 16,
-restore 8 from the copy (16 in place). Nothing here reads a device value on the host.
+restore 8 from the copy (16 in place). Along ``"raw"`` (no moments): slope 4, plain step 12,
+first trial 16 (12 without a copy), retrial 12, restore 8 (12 in place). Nothing here reads
+a device value on the host.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .base import DIRECTIONS, MOMENTUM, RAW, Bucket, Hyper, PassArgs, count_step
+from .base import DIRECTIONS, GRADIENT, MOMENTUM, RAW, Bucket, Hyper, PassArgs, count_step
 
 try:
     import triton
@@ -339,13 +341,12 @@ def _launch(kernel, tables: _Tables, launch: _Launch, *args, **constexprs) -> No
                                    BLOCK=launch.block, num_warps=NUM_WARPS, enable_fp_fusion=False, **constexprs)
 
 
-def _check_direction(direction: str) -> bool:
-    """True for the momentum direction; raises on an unknown name."""
+def _direction_code(direction: str) -> int:
+    """The kernels' DIRECTION constexpr for ``direction``; raises on an unknown name."""
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}")
-    if direction == RAW:
-        raise ValueError("the triton backend does not implement direction 'raw' yet")
-    return direction == MOMENTUM
+    _require_triton()
+    return {GRADIENT: K.GRADIENT_DIRECTION, MOMENTUM: K.MOMENTUM_DIRECTION, RAW: K.RAW_DIRECTION}[direction]
 
 
 def _moment_scalars(hyper: Hyper) -> Tuple[float, ...]:
@@ -369,7 +370,7 @@ def slope(bucket: Bucket, args: PassArgs) -> torch.Tensor:
     (deterministic, no float atomics).
     """
     hyper, grad_scale = args.hyper, args.grad_scale
-    momentum = _check_direction(args.direction)
+    direction = _direction_code(args.direction)
     tables = _tables(bucket)
     if tables.n_blocks == 0:
         return torch.zeros((), dtype=torch.float32, device=bucket.device)
@@ -379,7 +380,7 @@ def slope(bucket: Bucket, args: PassArgs) -> torch.Tensor:
         _launch(K._slope_kernel, tables, launch, partials[first:],
                 _optional(grad_scale, partials), *_moment_scalars(hyper), float(hyper.bias_correction1),
                 float(hyper.bias_correction2), float(hyper.eps), G_DTYPE=tables.g_dtype,
-                MOMENTUM=momentum, HAS_GRAD_SCALE=grad_scale is not None)
+                DIRECTION=direction, HAS_GRAD_SCALE=grad_scale is not None)
         first += launch.n_blocks
     return partials.sum(dtype=torch.float64).to(torch.float32)
 
@@ -387,56 +388,58 @@ def slope(bucket: Bucket, args: PassArgs) -> torch.Tensor:
 def first_trial(bucket: Bucket, args: PassArgs) -> None:
     """Pass A of a search step: m, v, the saved copy of w, and ``w = w_dec - step * d``."""
     hyper, move, grad_scale = args.hyper, args.move, args.grad_scale
-    momentum = _check_direction(args.direction)
+    direction = _direction_code(args.direction)
     tables = _tables(bucket)
     for launch in tables.launches:
         _launch(K._first_trial_kernel, tables, launch, _optional(grad_scale, tables.tensor_table),
                 *_moment_scalars(hyper), float(hyper.bias_correction1), float(hyper.bias_correction2),
                 float(hyper.eps), _decay_factor(hyper, move.decay), float(-move.step),
-                W_DTYPE=tables.w_dtype, G_DTYPE=tables.g_dtype, MOMENTUM=momentum,
+                W_DTYPE=tables.w_dtype, G_DTYPE=tables.g_dtype, DIRECTION=direction,
                 HAS_SAVED=tables.has_saved, HAS_GRAD_SCALE=grad_scale is not None)
 
 
 def retrial(bucket: Bucket, args: PassArgs) -> None:
     """Pass B: ``w = decay(saved) - step * d`` or in place ``w += (previous - step) * d``."""
     hyper, move, grad_scale = args.hyper, args.move, args.grad_scale
-    momentum = _check_direction(args.direction)
+    direction = _direction_code(args.direction)
     tables = _tables(bucket)
     for launch in tables.launches:
         _launch(K._retrial_kernel, tables, launch, _optional(grad_scale, tables.tensor_table),
                 float(hyper.bias_correction1), float(hyper.bias_correction2), float(hyper.eps),
                 _decay_factor(hyper, move.decay), float(-move.step),
                 float(move.previous - move.step), W_DTYPE=tables.w_dtype, G_DTYPE=tables.g_dtype,
-                MOMENTUM=momentum, HAS_SAVED=tables.has_saved,
-                HAS_GRAD_SCALE=grad_scale is not None and not momentum)
+                DIRECTION=direction, HAS_SAVED=tables.has_saved,
+                HAS_GRAD_SCALE=grad_scale is not None and args.direction != MOMENTUM)
 
 
 def restore(bucket: Bucket, args: PassArgs) -> None:
     """Weights from before the step: ``w = saved``, or ``w = (w + previous * d) / (1 - wd * decay)``."""
     hyper, move, grad_scale = args.hyper, args.move, args.grad_scale
-    momentum = _check_direction(args.direction)
+    direction = _direction_code(args.direction)
     tables = _tables(bucket)
     for launch in tables.launches:
         _launch(K._restore_kernel, tables, launch, _optional(grad_scale, tables.tensor_table),
                 float(hyper.bias_correction1), float(hyper.bias_correction2), float(hyper.eps),
                 _decay_factor(hyper, move.decay), float(move.previous),
-                W_DTYPE=tables.w_dtype, G_DTYPE=tables.g_dtype, MOMENTUM=momentum,
+                W_DTYPE=tables.w_dtype, G_DTYPE=tables.g_dtype, DIRECTION=direction,
                 HAS_SAVED=tables.has_saved,
-                HAS_GRAD_SCALE=grad_scale is not None and not momentum and not tables.has_saved)
+                HAS_GRAD_SCALE=grad_scale is not None and args.direction != MOMENTUM and not tables.has_saved)
 
 
 def plain_step(bucket: Bucket, args: PassArgs, loss: torch.Tensor, found_inf: Optional[torch.Tensor] = None,
                nonfinite_count: Optional[torch.Tensor] = None, step_counts: Optional[torch.Tensor] = None) -> None:
     """Pass A of a plain step, guarded on the device (no host sync).
 
-    ``w = w_dec - step * m_hat * precond`` and m, v updated, unless ``loss`` is
-    non-finite or ``found_inf`` is set (then nothing is written). An element whose gradient
-    is non-finite keeps its weight and moments, and is counted into ``nonfinite_count``
+    ``w = w_dec - step * m_hat * precond`` and m, v updated (along ``"raw"``:
+    ``w = w_dec - step * g``, m, v untouched), unless ``loss`` is non-finite or ``found_inf``
+    is set (then nothing is written). An element whose gradient is non-finite keeps its
+    weight and moments, and is counted into ``nonfinite_count``
     (an int64 0-dim tensor). ``step_counts`` (int64 ``[2]``): the first launch adds
     ``[loss non-finite, found_inf != 0]`` (``base.count_step``), no torch op.
     """
     hyper, move, grad_scale = args.hyper, args.move, args.grad_scale
-    _check_direction(args.direction)
+    # The plain step moves along Adam's update (m_hat * precond) unless the direction is raw.
+    direction = _direction_code(RAW if args.direction == RAW else MOMENTUM)
     tables = _tables(bucket)
     if loss.numel() != 1:
         raise ValueError("plain_step needs a one-element loss tensor")
@@ -453,7 +456,8 @@ def plain_step(bucket: Bucket, args: PassArgs, loss: torch.Tensor, found_inf: Op
                 _optional(counts, tables.tensor_table),
                 *_moment_scalars(hyper), float(hyper.bias_correction1), float(hyper.bias_correction2),
                 float(hyper.eps), _decay_factor(hyper, move.decay), float(-move.step),
-                W_DTYPE=tables.w_dtype, G_DTYPE=tables.g_dtype, HAS_FOUND_INF=found_inf is not None,
+                W_DTYPE=tables.w_dtype, G_DTYPE=tables.g_dtype, DIRECTION=direction,
+                HAS_FOUND_INF=found_inf is not None,
                 HAS_GRAD_SCALE=grad_scale is not None, HAS_COUNTER=nonfinite_count is not None,
                 HAS_STEP_COUNTS=counts is not None,
                 **_plain_step_options(tables, launch, bucket.device))

@@ -23,7 +23,11 @@ to the stream's dtype when stored:
     m_new   = m * beta1 + g * (1 - beta1)
     precond = 1 / (sqrt(v_new / bc2) + eps)                  bc2 = 1 - beta2^(k+1)
     m_hat   = m_new / bc1                                    bc1 = 1 - beta1^(k+1)
-    d       = precond * g   |   precond * m_hat              (direction gradient | momentum)
+    d       = precond * g   |   precond * m_hat   |   g      (direction gradient | momentum | raw)
+
+A ``DIRECTION`` constexpr picks the direction (``GRADIENT_DIRECTION``, ``MOMENTUM_DIRECTION``,
+``RAW_DIRECTION``); the plain step takes ``MOMENTUM_DIRECTION`` (Adam's update) or
+``RAW_DIRECTION``. Along ``raw`` no kernel reads or writes m, v.
 
 Divisions and square roots are IEEE round-to-nearest (``div_rn``, ``sqrt_rn``), and the
 backend launches with fp fusion off: ``tl.fma`` appears exactly where the torch reference
@@ -50,6 +54,14 @@ _EXP_AVG = tl.constexpr(EXP_AVG_COLUMN)
 _EXP_AVG_SQ = tl.constexpr(EXP_AVG_SQ_COLUMN)
 _SAVED = tl.constexpr(SAVED_COLUMN)
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)  # |x| <= FLT_MAX  <=>  x finite
+
+# Values of the DIRECTION constexpr.
+GRADIENT_DIRECTION = 0
+MOMENTUM_DIRECTION = 1
+RAW_DIRECTION = 2
+_GRADIENT = tl.constexpr(GRADIENT_DIRECTION)
+_MOMENTUM = tl.constexpr(MOMENTUM_DIRECTION)
+_RAW = tl.constexpr(RAW_DIRECTION)
 
 
 # --- addressing ------------------------------------------------------------------
@@ -142,9 +154,9 @@ def _preconditioner(v, bias_correction2, eps):
 
 
 @triton.jit
-def _direction(precond, g, m, bias_correction1, MOMENTUM: tl.constexpr):
-    """d = precond * m_hat (momentum) or precond * g (gradient)."""
-    if MOMENTUM:
+def _direction(precond, g, m, bias_correction1, DIRECTION: tl.constexpr):
+    """d = precond * m_hat (momentum) or precond * g (gradient); not called along raw."""
+    if DIRECTION == _MOMENTUM:
         d = precond * tl.div_rn(m, bias_correction1)
     else:
         d = precond * g
@@ -153,18 +165,22 @@ def _direction(precond, g, m, bias_correction1, MOMENTUM: tl.constexpr):
 
 @triton.jit
 def _stored_direction(row_ptr, offsets, mask, grad_scale_ptr, bias_correction1, bias_correction2,
-                      eps, G_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                      eps, G_DTYPE: tl.constexpr, DIRECTION: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                       ALIGNED: tl.constexpr, FULL: tl.constexpr):
-    """d from the moments already written by pass A (reads v and g, or v and m)."""
-    v_ptr = _stream(row_ptr, _EXP_AVG_SQ, tl.float32, ALIGNED)
-    precond = _preconditioner(_load(v_ptr, offsets, mask, FULL), bias_correction2, eps)
-    if MOMENTUM:
-        m_ptr = _stream(row_ptr, _EXP_AVG, tl.float32, ALIGNED)
-        d = _direction(precond, precond, _load(m_ptr, offsets, mask, FULL), bias_correction1, True)
-    else:
+    """d from the moments already written by pass A (reads v and g, or v and m; g alone along raw)."""
+    if DIRECTION == _RAW:
         g_ptr = _stream(row_ptr, _GRAD, G_DTYPE, ALIGNED)
-        g = _scaled_grad(_load(g_ptr, offsets, mask, FULL), grad_scale_ptr, HAS_GRAD_SCALE)
-        d = _direction(precond, g, g, bias_correction1, False)
+        d = _scaled_grad(_load(g_ptr, offsets, mask, FULL), grad_scale_ptr, HAS_GRAD_SCALE)
+    else:
+        v_ptr = _stream(row_ptr, _EXP_AVG_SQ, tl.float32, ALIGNED)
+        precond = _preconditioner(_load(v_ptr, offsets, mask, FULL), bias_correction2, eps)
+        if DIRECTION == _MOMENTUM:
+            m_ptr = _stream(row_ptr, _EXP_AVG, tl.float32, ALIGNED)
+            d = _direction(precond, precond, _load(m_ptr, offsets, mask, FULL), bias_correction1, _MOMENTUM)
+        else:
+            g_ptr = _stream(row_ptr, _GRAD, G_DTYPE, ALIGNED)
+            g = _scaled_grad(_load(g_ptr, offsets, mask, FULL), grad_scale_ptr, HAS_GRAD_SCALE)
+            d = _direction(precond, g, g, bias_correction1, _GRADIENT)
     return d
 
 
@@ -174,20 +190,23 @@ def _stored_direction(row_ptr, offsets, mask, grad_scale_ptr, bias_correction1, 
 @triton.jit
 def _slope_block(row_ptr, offsets, mask, grad_scale_ptr, beta1, beta2, one_minus_beta1,
                      one_minus_beta2, bias_correction1, bias_correction2, eps,
-                     G_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                     G_DTYPE: tl.constexpr, DIRECTION: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                      ALIGNED: tl.constexpr, FULL: tl.constexpr):
     g_ptr = _stream(row_ptr, _GRAD, G_DTYPE, ALIGNED)
-    m_ptr = _stream(row_ptr, _EXP_AVG, tl.float32, ALIGNED)
-    v_ptr = _stream(row_ptr, _EXP_AVG_SQ, tl.float32, ALIGNED)
     g = _scaled_grad(_load(g_ptr, offsets, mask, FULL), grad_scale_ptr, HAS_GRAD_SCALE)
-    # Along the gradient m_new is unused: the compiler drops the load of m (8 bytes/param).
-    m_new, v_new = _new_moments(g, _load(m_ptr, offsets, mask, FULL), _load(v_ptr, offsets, mask, FULL),
-                                beta1, beta2, one_minus_beta1, one_minus_beta2)
-    precond = _preconditioner(v_new, bias_correction2, eps)
-    if MOMENTUM:
-        term = g * _direction(precond, g, m_new, bias_correction1, True)
+    if DIRECTION == _RAW:
+        term = g * g
     else:
-        term = (g * g) * precond
+        m_ptr = _stream(row_ptr, _EXP_AVG, tl.float32, ALIGNED)
+        v_ptr = _stream(row_ptr, _EXP_AVG_SQ, tl.float32, ALIGNED)
+        # Along the gradient m_new is unused: the compiler drops the load of m (8 bytes/param).
+        m_new, v_new = _new_moments(g, _load(m_ptr, offsets, mask, FULL), _load(v_ptr, offsets, mask, FULL),
+                                    beta1, beta2, one_minus_beta1, one_minus_beta2)
+        precond = _preconditioner(v_new, bias_correction2, eps)
+        if DIRECTION == _MOMENTUM:
+            term = g * _direction(precond, g, m_new, bias_correction1, _MOMENTUM)
+        else:
+            term = (g * g) * precond
     if not FULL:
         term = tl.where(mask, term, 0.0)
     return tl.sum(term, axis=0)
@@ -197,23 +216,23 @@ def _slope_block(row_ptr, offsets, mask, grad_scale_ptr, beta1, beta2, one_minus
 def _slope_kernel(tensor_table_ptr, block_table_ptr, partials_ptr, grad_scale_ptr,
                       beta1, beta2, one_minus_beta1, one_minus_beta2, bias_correction1,
                       bias_correction2, eps,
-                      G_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                      G_DTYPE: tl.constexpr, DIRECTION: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                       ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """Partial sums of q = sum g * d with this step's moments (computed, not written).
 
-    partials[b] = sum over block b of  (g*g)*precond  (gradient)  or  g*(precond*m_hat)  (momentum).
-    Reads g, v (gradient: m_new is not needed) or g, m, v (momentum): 8 or 12 bytes/param
-    in fp32. The caller adds the partials in a fixed order.
+    partials[b] = sum over block b of  (g*g)*precond  (gradient),  g*(precond*m_hat)  (momentum)
+    or  g*g  (raw). Reads g, v (gradient: m_new is not needed), g, m, v (momentum) or g (raw):
+    8, 12 or 4 bytes/param in fp32. The caller adds the partials in a fixed order.
     """
     row_ptr, numel, offsets, full = _locate_block(tensor_table_ptr, block_table_ptr, BLOCK)
     if full:
         partial = _slope_block(row_ptr, offsets, None, grad_scale_ptr, beta1, beta2, one_minus_beta1,
                                    one_minus_beta2, bias_correction1, bias_correction2, eps,
-                                   G_DTYPE, MOMENTUM, HAS_GRAD_SCALE, ALIGNED, True)
+                                   G_DTYPE, DIRECTION, HAS_GRAD_SCALE, ALIGNED, True)
     else:
         partial = _slope_block(row_ptr, offsets, offsets < numel, grad_scale_ptr, beta1, beta2,
                                    one_minus_beta1, one_minus_beta2, bias_correction1, bias_correction2,
-                                   eps, G_DTYPE, MOMENTUM, HAS_GRAD_SCALE, ALIGNED, False)
+                                   eps, G_DTYPE, DIRECTION, HAS_GRAD_SCALE, ALIGNED, False)
     tl.store(partials_ptr + tl.program_id(0), partial)
 
 
@@ -230,7 +249,7 @@ def _plain_step_block(w_ptr, g_ptr, m_ptr, v_ptr, offsets, mask, grad_scale_ptr,
     v = _load(v_ptr, offsets, mask, FULL)
     w = _load(w_ptr, offsets, mask, FULL).to(tl.float32)
     m_new, v_new = _new_moments(g, m, v, beta1, beta2, one_minus_beta1, one_minus_beta2)
-    update = _direction(_preconditioner(v_new, bias_correction2, eps), g, m_new, bias_correction1, True)
+    update = _direction(_preconditioner(v_new, bias_correction2, eps), g, m_new, bias_correction1, _MOMENTUM)
     w_new = tl.fma(update, neg_step_size, w * decay_factor)
     # g non-finite, or g*g overflowing fp32 (|g| above ~1.8e19), would write v = inf or NaN.
     finite = (g * g) <= _FLT_MAX
@@ -238,26 +257,45 @@ def _plain_step_block(w_ptr, g_ptr, m_ptr, v_ptr, offsets, mask, grad_scale_ptr,
     _store(v_ptr, offsets, tl.where(finite, v_new, v), mask, FULL)
     _store(w_ptr, offsets, tl.where(finite, w_new, w), mask, FULL)
     if HAS_COUNTER:
-        n_nonfinite = tl.sum(tl.where(finite, 0, 1), axis=0)
-        if n_nonfinite > 0:
-            tl.atomic_add(nonfinite_count_ptr, n_nonfinite.to(tl.int64))
+        _count_nonfinite(finite, nonfinite_count_ptr)
+
+
+@triton.jit
+def _raw_plain_step_block(w_ptr, g_ptr, offsets, mask, grad_scale_ptr, nonfinite_count_ptr, decay_factor,
+                          neg_step_size, HAS_GRAD_SCALE: tl.constexpr, HAS_COUNTER: tl.constexpr,
+                          FULL: tl.constexpr):
+    g = _scaled_grad(_load(g_ptr, offsets, mask, FULL), grad_scale_ptr, HAS_GRAD_SCALE)
+    w = _load(w_ptr, offsets, mask, FULL).to(tl.float32)
+    finite = tl.abs(g) <= _FLT_MAX
+    _store(w_ptr, offsets, tl.where(finite, tl.fma(g, neg_step_size, w * decay_factor), w), mask, FULL)
+    if HAS_COUNTER:
+        _count_nonfinite(finite, nonfinite_count_ptr)
+
+
+@triton.jit
+def _count_nonfinite(finite, nonfinite_count_ptr):
+    """nonfinite_count += the block's elements that were not finite (one int64 atomic, if any)."""
+    n_nonfinite = tl.sum(tl.where(finite, 0, 1), axis=0)
+    if n_nonfinite > 0:
+        tl.atomic_add(nonfinite_count_ptr, n_nonfinite.to(tl.int64))
 
 
 @triton.jit
 def _plain_step_kernel(tensor_table_ptr, block_table_ptr, loss_ptr, found_inf_ptr, grad_scale_ptr,
                        nonfinite_count_ptr, step_counts_ptr, beta1, beta2, one_minus_beta1, one_minus_beta2,
                        bias_correction1, bias_correction2, eps, decay_factor, neg_step_size,
-                       W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                       HAS_GRAD_SCALE: tl.constexpr, HAS_COUNTER: tl.constexpr,
+                       W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, DIRECTION: tl.constexpr,
+                       HAS_FOUND_INF: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_COUNTER: tl.constexpr,
                        HAS_STEP_COUNTS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    """Adam-direction step with the step guard on the device.
+    """Adam-direction step (DIRECTION momentum) or raw-gradient step with the step guard on the device.
 
-    w = w * decay_factor - step_size * m_hat * precond  (fma),  m, v = m_new, v_new.
-    Nothing is written when the loss is non-finite or found_inf != 0. An element whose g*g is
-    non-finite (g NaN/inf, or |g| > ~1.8e19) keeps w, m, v; their number is added to
-    nonfinite_count (int64 atomics). With HAS_STEP_COUNTS, program 0 adds
+    Adam:  w = w * decay_factor - step_size * m_hat * precond  (fma),  m, v = m_new, v_new.
+    raw:   w = w * decay_factor - step_size * g  (fma); m, v neither read nor written.
+    Nothing is written when the loss is non-finite or found_inf != 0. An element whose g*g
+    (raw: g) is non-finite (g NaN/inf, or |g| > ~1.8e19) keeps w, m, v; their number is added
+    to nonfinite_count (int64 atomics). With HAS_STEP_COUNTS, program 0 adds
     [loss non-finite, found_inf != 0] to step_counts[0:2] (the step's own counters).
-    Reads w, g, m, v and writes w, m, v: 28 bytes/param in fp32.
+    Reads w, g, m, v and writes w, m, v: 28 bytes/param in fp32 (raw: reads w, g, writes w: 12).
     """
     # Two levels of dependent loads before the data: the loss, found_inf and this program's
     # block-map entry are independent of each other; numel and the four stream pointers all
@@ -281,7 +319,14 @@ def _plain_step_kernel(tensor_table_ptr, block_table_ptr, loss_ptr, found_inf_pt
             if HAS_FOUND_INF:
                 tl.atomic_add(step_counts_ptr + 1, tl.where(found_inf == 0.0, 0, 1).to(tl.int64))
     if step_ok:
-        if full:
+        if DIRECTION == _RAW:  # m_ptr, v_ptr unused: their loads are dropped
+            if full:
+                _raw_plain_step_block(w_ptr, g_ptr, offsets, None, grad_scale_ptr, nonfinite_count_ptr,
+                                      decay_factor, neg_step_size, HAS_GRAD_SCALE, HAS_COUNTER, True)
+            else:
+                _raw_plain_step_block(w_ptr, g_ptr, offsets, offsets < numel, grad_scale_ptr, nonfinite_count_ptr,
+                                      decay_factor, neg_step_size, HAS_GRAD_SCALE, HAS_COUNTER, False)
+        elif full:
             _plain_step_block(w_ptr, g_ptr, m_ptr, v_ptr, offsets, None, grad_scale_ptr, nonfinite_count_ptr,
                               beta1, beta2, one_minus_beta1, one_minus_beta2, bias_correction1,
                               bias_correction2, eps, decay_factor, neg_step_size, HAS_GRAD_SCALE,
@@ -300,21 +345,24 @@ def _plain_step_kernel(tensor_table_ptr, block_table_ptr, loss_ptr, found_inf_pt
 def _first_trial_block(row_ptr, offsets, mask, grad_scale_ptr, beta1, beta2, one_minus_beta1,
                        one_minus_beta2, bias_correction1, bias_correction2, eps, decay_factor,
                        neg_step_size, W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
-                       MOMENTUM: tl.constexpr, HAS_SAVED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                       DIRECTION: tl.constexpr, HAS_SAVED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                        ALIGNED: tl.constexpr, FULL: tl.constexpr):
     w_ptr = _stream(row_ptr, _PARAM, W_DTYPE, ALIGNED)
     g_ptr = _stream(row_ptr, _GRAD, G_DTYPE, ALIGNED)
-    m_ptr = _stream(row_ptr, _EXP_AVG, tl.float32, ALIGNED)
-    v_ptr = _stream(row_ptr, _EXP_AVG_SQ, tl.float32, ALIGNED)
     g = _scaled_grad(_load(g_ptr, offsets, mask, FULL), grad_scale_ptr, HAS_GRAD_SCALE)
-    m_new, v_new = _new_moments(g, _load(m_ptr, offsets, mask, FULL), _load(v_ptr, offsets, mask, FULL),
-                                beta1, beta2, one_minus_beta1, one_minus_beta2)
-    _store(m_ptr, offsets, m_new, mask, FULL)
-    _store(v_ptr, offsets, v_new, mask, FULL)
+    if DIRECTION == _RAW:
+        d = g
+    else:
+        m_ptr = _stream(row_ptr, _EXP_AVG, tl.float32, ALIGNED)
+        v_ptr = _stream(row_ptr, _EXP_AVG_SQ, tl.float32, ALIGNED)
+        m_new, v_new = _new_moments(g, _load(m_ptr, offsets, mask, FULL), _load(v_ptr, offsets, mask, FULL),
+                                    beta1, beta2, one_minus_beta1, one_minus_beta2)
+        _store(m_ptr, offsets, m_new, mask, FULL)
+        _store(v_ptr, offsets, v_new, mask, FULL)
+        d = _direction(_preconditioner(v_new, bias_correction2, eps), g, m_new, bias_correction1, DIRECTION)
     w = _load(w_ptr, offsets, mask, FULL)
     if HAS_SAVED:
         _store(_stream(row_ptr, _SAVED, W_DTYPE, ALIGNED), offsets, w, mask, FULL)
-    d = _direction(_preconditioner(v_new, bias_correction2, eps), g, m_new, bias_correction1, MOMENTUM)
     _store(w_ptr, offsets, tl.fma(d, neg_step_size, w.to(tl.float32) * decay_factor), mask, FULL)
 
 
@@ -322,23 +370,24 @@ def _first_trial_block(row_ptr, offsets, mask, grad_scale_ptr, beta1, beta2, one
 def _first_trial_kernel(tensor_table_ptr, block_table_ptr, grad_scale_ptr, beta1, beta2,
                         one_minus_beta1, one_minus_beta2, bias_correction1, bias_correction2, eps,
                         decay_factor, neg_step_size, W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
-                        MOMENTUM: tl.constexpr, HAS_SAVED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                        DIRECTION: tl.constexpr, HAS_SAVED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                         ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """Moments, saved copy and first trial weights of a search step.
 
-    m, v = m_new, v_new;  saved = w (HAS_SAVED);  w = w * decay_factor - step_size * d  (fma).
-    Reads w, g, m, v; writes m, v, w and the saved copy: 32 bytes/param in fp32 (28 in place).
+    m, v = m_new, v_new (not along raw);  saved = w (HAS_SAVED);  w = w * decay_factor - step_size * d  (fma).
+    Reads w, g, m, v; writes m, v, w and the saved copy: 32 bytes/param in fp32 (28 in place);
+    raw reads w, g and writes w and the copy: 16 (12 in place).
     """
     row_ptr, numel, offsets, full = _locate_block(tensor_table_ptr, block_table_ptr, BLOCK)
     if full:
         _first_trial_block(row_ptr, offsets, None, grad_scale_ptr, beta1, beta2, one_minus_beta1,
                            one_minus_beta2, bias_correction1, bias_correction2, eps, decay_factor,
-                           neg_step_size, W_DTYPE, G_DTYPE, MOMENTUM, HAS_SAVED, HAS_GRAD_SCALE, ALIGNED,
+                           neg_step_size, W_DTYPE, G_DTYPE, DIRECTION, HAS_SAVED, HAS_GRAD_SCALE, ALIGNED,
                            True)
     else:
         _first_trial_block(row_ptr, offsets, offsets < numel, grad_scale_ptr, beta1, beta2,
                            one_minus_beta1, one_minus_beta2, bias_correction1, bias_correction2, eps,
-                           decay_factor, neg_step_size, W_DTYPE, G_DTYPE, MOMENTUM, HAS_SAVED,
+                           decay_factor, neg_step_size, W_DTYPE, G_DTYPE, DIRECTION, HAS_SAVED,
                            HAS_GRAD_SCALE, ALIGNED, False)
 
 
@@ -348,10 +397,10 @@ def _first_trial_kernel(tensor_table_ptr, block_table_ptr, grad_scale_ptr, beta1
 @triton.jit
 def _retrial_block(row_ptr, offsets, mask, grad_scale_ptr, bias_correction1, bias_correction2, eps,
                    decay_factor, neg_step_size, step_size_change, W_DTYPE: tl.constexpr,
-                   G_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, HAS_SAVED: tl.constexpr,
+                   G_DTYPE: tl.constexpr, DIRECTION: tl.constexpr, HAS_SAVED: tl.constexpr,
                    HAS_GRAD_SCALE: tl.constexpr, ALIGNED: tl.constexpr, FULL: tl.constexpr):
     d = _stored_direction(row_ptr, offsets, mask, grad_scale_ptr, bias_correction1, bias_correction2,
-                          eps, G_DTYPE, MOMENTUM, HAS_GRAD_SCALE, ALIGNED, FULL)
+                          eps, G_DTYPE, DIRECTION, HAS_GRAD_SCALE, ALIGNED, FULL)
     w_ptr = _stream(row_ptr, _PARAM, W_DTYPE, ALIGNED)
     if HAS_SAVED:
         saved = _load(_stream(row_ptr, _SAVED, W_DTYPE, ALIGNED), offsets, mask, FULL)
@@ -364,24 +413,24 @@ def _retrial_block(row_ptr, offsets, mask, grad_scale_ptr, bias_correction1, bia
 @triton.jit
 def _retrial_kernel(tensor_table_ptr, block_table_ptr, grad_scale_ptr, bias_correction1,
                     bias_correction2, eps, decay_factor, neg_step_size, step_size_change,
-                    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr,
+                    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, DIRECTION: tl.constexpr,
                     HAS_SAVED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, ALIGNED: tl.constexpr,
                     BLOCK: tl.constexpr):
     """Move the weights to the next trial along d (from the stored, updated moments).
 
     HAS_SAVED:  w = saved * decay_factor - step_size * d  (fma, exact trial point)
     in place:   w = w + d * (previous_step_size - step_size)  (one rounding per trial)
-    Reads saved or w, g or m, v; writes w: 16 bytes/param in fp32.
+    Reads saved or w, g or m, v; writes w: 16 bytes/param in fp32 (raw: saved or w, g; 12).
     """
     row_ptr, numel, offsets, full = _locate_block(tensor_table_ptr, block_table_ptr, BLOCK)
     if full:
         _retrial_block(row_ptr, offsets, None, grad_scale_ptr, bias_correction1, bias_correction2, eps,
-                       decay_factor, neg_step_size, step_size_change, W_DTYPE, G_DTYPE, MOMENTUM,
+                       decay_factor, neg_step_size, step_size_change, W_DTYPE, G_DTYPE, DIRECTION,
                        HAS_SAVED, HAS_GRAD_SCALE, ALIGNED, True)
     else:
         _retrial_block(row_ptr, offsets, offsets < numel, grad_scale_ptr, bias_correction1,
                        bias_correction2, eps, decay_factor, neg_step_size, step_size_change, W_DTYPE,
-                       G_DTYPE, MOMENTUM, HAS_SAVED, HAS_GRAD_SCALE, ALIGNED, False)
+                       G_DTYPE, DIRECTION, HAS_SAVED, HAS_GRAD_SCALE, ALIGNED, False)
 
 
 # --- restore -------------------------------------------------------------------------
@@ -390,7 +439,7 @@ def _retrial_kernel(tensor_table_ptr, block_table_ptr, grad_scale_ptr, bias_corr
 @triton.jit
 def _restore_block(row_ptr, offsets, mask, grad_scale_ptr, bias_correction1, bias_correction2, eps,
                    decay_factor, previous_step_size, W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
-                   MOMENTUM: tl.constexpr, HAS_SAVED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                   DIRECTION: tl.constexpr, HAS_SAVED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                    ALIGNED: tl.constexpr, FULL: tl.constexpr):
     w_ptr = _stream(row_ptr, _PARAM, W_DTYPE, ALIGNED)
     if HAS_SAVED:
@@ -398,7 +447,7 @@ def _restore_block(row_ptr, offsets, mask, grad_scale_ptr, bias_correction1, bia
         _store(w_ptr, offsets, saved, mask, FULL)
     else:
         d = _stored_direction(row_ptr, offsets, mask, grad_scale_ptr, bias_correction1, bias_correction2,
-                              eps, G_DTYPE, MOMENTUM, HAS_GRAD_SCALE, ALIGNED, FULL)
+                              eps, G_DTYPE, DIRECTION, HAS_GRAD_SCALE, ALIGNED, FULL)
         w = _load(w_ptr, offsets, mask, FULL).to(tl.float32)
         _store(w_ptr, offsets, tl.div_rn(tl.fma(d, previous_step_size, w), decay_factor), mask, FULL)
 
@@ -406,19 +455,19 @@ def _restore_block(row_ptr, offsets, mask, grad_scale_ptr, bias_correction1, bia
 @triton.jit
 def _restore_kernel(tensor_table_ptr, block_table_ptr, grad_scale_ptr, bias_correction1,
                     bias_correction2, eps, decay_factor, previous_step_size, W_DTYPE: tl.constexpr,
-                    G_DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, HAS_SAVED: tl.constexpr,
+                    G_DTYPE: tl.constexpr, DIRECTION: tl.constexpr, HAS_SAVED: tl.constexpr,
                     HAS_GRAD_SCALE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """Put back the weights from before the step.
 
     HAS_SAVED:  w = saved  (exact; reads saved, writes w: 8 bytes/param in fp32)
-    in place:   w = (w + previous_step_size * d) / decay_factor  (to rounding; 16 bytes/param)
+    in place:   w = (w + previous_step_size * d) / decay_factor  (to rounding; 16 bytes/param, raw 12)
     """
     row_ptr, numel, offsets, full = _locate_block(tensor_table_ptr, block_table_ptr, BLOCK)
     if full:
         _restore_block(row_ptr, offsets, None, grad_scale_ptr, bias_correction1, bias_correction2, eps,
-                       decay_factor, previous_step_size, W_DTYPE, G_DTYPE, MOMENTUM, HAS_SAVED,
+                       decay_factor, previous_step_size, W_DTYPE, G_DTYPE, DIRECTION, HAS_SAVED,
                        HAS_GRAD_SCALE, ALIGNED, True)
     else:
         _restore_block(row_ptr, offsets, offsets < numel, grad_scale_ptr, bias_correction1,
                        bias_correction2, eps, decay_factor, previous_step_size, W_DTYPE, G_DTYPE,
-                       MOMENTUM, HAS_SAVED, HAS_GRAD_SCALE, ALIGNED, False)
+                       DIRECTION, HAS_SAVED, HAS_GRAD_SCALE, ALIGNED, False)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from salsa_fused.backends import torch_backend, triton_backend
-from salsa_fused.backends.base import GRADIENT, MOMENTUM, Bucket, Hyper, Move, PassArgs
+from salsa_fused.backends.base import GRADIENT, MOMENTUM, RAW, Bucket, Hyper, Move, PassArgs
 
 pytestmark = pytest.mark.skipif(not triton_backend.is_available(), reason="triton cannot run here")
 
@@ -129,7 +129,7 @@ def scale_grads(bucket: Bucket, grad_scale) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("direction", [GRADIENT, MOMENTUM])
+@pytest.mark.parametrize("direction", [GRADIENT, MOMENTUM, RAW])
 @pytest.mark.parametrize("use_scale", [False, True])
 def test_slope_matches_torch(dtype, direction, use_scale):
     bucket = make_bucket(dtype=dtype)
@@ -161,7 +161,7 @@ def test_slope_non_finite_gradient_gives_non_finite_q():
 
 # --- pass A and pass B of a search step --------------------------------------------------
 
-SEARCH_CASES = list(itertools.product(DTYPES, [True, False], [0.0, 0.1], [GRADIENT, MOMENTUM]))
+SEARCH_CASES = list(itertools.product(DTYPES, [True, False], [0.0, 0.1], [GRADIENT, MOMENTUM, RAW]))
 
 
 def _case_id(case):
@@ -214,7 +214,7 @@ def test_restore_matches_torch(case):
             assert torch.equal(w, w0)
 
 
-@pytest.mark.parametrize("direction", [GRADIENT, MOMENTUM])
+@pytest.mark.parametrize("direction", [GRADIENT, MOMENTUM, RAW])
 @pytest.mark.parametrize("saved", [True, False])
 def test_search_passes_with_grad_scale(direction, saved):
     bucket = make_bucket(saved=saved, seed=4)
@@ -237,7 +237,8 @@ def test_search_passes_with_grad_scale(direction, saved):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("use_scale", [False, True])
-def test_plain_step_matches_torch(dtype, weight_decay, use_scale):
+@pytest.mark.parametrize("direction", [GRADIENT, RAW])  # Adam's m_hat step, or along g
+def test_plain_step_matches_torch(dtype, weight_decay, use_scale, direction):
     bucket = make_bucket(dtype=dtype, saved=False, seed=5)
     grad_scale = _grad_scale(use_scale)
     scale_grads(bucket, grad_scale)
@@ -247,18 +248,25 @@ def test_plain_step_matches_torch(dtype, weight_decay, use_scale):
 
     def step(backend, b):
         counts[backend.name] = torch.zeros((), dtype=torch.int64, device=DEVICE)
-        backend.plain_step(b, PassArgs(hyper, Move(0.3, decay=0.3), grad_scale=grad_scale), loss, found_inf=torch.zeros((), device=DEVICE), nonfinite_count=counts[backend.name])
+        backend.plain_step(b, PassArgs(hyper, Move(0.3, decay=0.3), direction, grad_scale), loss,
+                           found_inf=torch.zeros((), device=DEVICE), nonfinite_count=counts[backend.name])
 
-    assert_buckets_match(*run_both(bucket, step)[:3])
+    on_triton, on_torch, reference, _, _ = run_both(bucket, step)
+    assert_buckets_match(on_triton, on_torch, reference)
     assert int(counts["triton"]) == 0
+    if direction == RAW:  # the moments are neither read nor written
+        assert all(torch.equal(a, b) for a, b in zip(on_triton.exp_avg + on_triton.exp_avg_sq,
+                                                     bucket.exp_avg + bucket.exp_avg_sq))
 
 
 @pytest.mark.parametrize("bad_loss", [float("nan"), float("inf"), float("-inf")])
-def test_plain_step_non_finite_loss_writes_nothing(bad_loss):
+@pytest.mark.parametrize("direction", [GRADIENT, RAW])
+def test_plain_step_non_finite_loss_writes_nothing(bad_loss, direction):
     bucket = make_bucket(saved=False)
     before = clone_bucket(bucket)
     count = torch.zeros((), dtype=torch.int64, device=DEVICE)
-    triton_backend.plain_step(bucket, PassArgs(make_hyper(0.1), Move(0.3, decay=0.3)), torch.tensor(bad_loss, device=DEVICE), nonfinite_count=count)
+    triton_backend.plain_step(bucket, PassArgs(make_hyper(0.1), Move(0.3, decay=0.3), direction),
+                              torch.tensor(bad_loss, device=DEVICE), nonfinite_count=count)
     for stream, tensors in streams(bucket).items():
         for a, b in zip(tensors, streams(before)[stream]):
             assert torch.equal(a, b), stream
@@ -266,17 +274,18 @@ def test_plain_step_non_finite_loss_writes_nothing(bad_loss):
 
 
 @pytest.mark.parametrize("loss_dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_plain_step_found_inf(loss_dtype):
+@pytest.mark.parametrize("direction", [GRADIENT, RAW])
+def test_plain_step_found_inf(loss_dtype, direction):
     bucket = make_bucket(saved=False)
     before = clone_bucket(bucket)
     loss = torch.tensor(1.0, dtype=loss_dtype, device=DEVICE)
-    hyper = make_hyper()
-    triton_backend.plain_step(bucket, PassArgs(hyper, Move(0.3, decay=0.0)), loss, found_inf=torch.ones((), device=DEVICE))
+    args = PassArgs(make_hyper(), Move(0.3, decay=0.0), direction)
+    triton_backend.plain_step(bucket, args, loss, found_inf=torch.ones((), device=DEVICE))
     for a, b in zip(bucket.params + bucket.exp_avg, before.params + before.exp_avg):
         assert torch.equal(a, b)
     # found_inf == 0: the step happens, as in the reference.
-    triton_backend.plain_step(bucket, PassArgs(hyper, Move(0.3, decay=0.0)), loss, found_inf=torch.zeros((), device=DEVICE))
-    torch_backend.plain_step(before, PassArgs(hyper, Move(0.3, decay=0.0)), loss, found_inf=torch.zeros((), device=DEVICE))
+    triton_backend.plain_step(bucket, args, loss, found_inf=torch.zeros((), device=DEVICE))
+    torch_backend.plain_step(before, args, loss, found_inf=torch.zeros((), device=DEVICE))
     assert_buckets_match(bucket, before)
 
 
@@ -311,6 +320,35 @@ def test_plain_step_non_finite_grad_elements(dtype):
     assert not torch.equal(on_triton.params[2], before.params[2])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_raw_plain_step_non_finite_grad_elements(dtype):
+    """Along raw an element is kept when g is NaN/inf; a finite g whose square overflows moves."""
+    bucket = make_bucket(dtype=dtype, saved=False, seed=6)
+    bad = {0: [0], 2: [5, 4096], 5: [0]}  # tensor index -> flat element indices
+    values = iter([float("nan"), float("inf"), float("-inf"), float("nan")])
+    for index, elements in bad.items():
+        for element in elements:
+            bucket.grads[index].view(-1)[element] = next(values)
+    bucket.grads[3].view(-1)[17] = 1e20
+    before = clone_bucket(bucket)
+    hyper = make_hyper(0.1)
+    counts = {}
+
+    def step(backend, b):
+        counts[backend.name] = torch.full((), 5, dtype=torch.int64, device=DEVICE)
+        backend.plain_step(b, PassArgs(hyper, Move(1e-30, decay=0.3), RAW), torch.tensor(1.0, device=DEVICE),
+                           nonfinite_count=counts[backend.name])
+
+    on_triton, on_torch, reference, _, _ = run_both(bucket, step)
+    assert_buckets_match(on_triton, on_torch, reference)
+    assert int(counts["triton"]) == 5 + 4 == int(counts["torch"])
+    for index, elements in bad.items():
+        kept = on_triton.params[index].view(-1)[elements]
+        assert torch.equal(kept, before.params[index].view(-1)[elements]), index
+    assert not torch.equal(on_triton.params[3].view(-1)[17], before.params[3].view(-1)[17])
+    assert all(bool(torch.isfinite(p).all()) for p in on_triton.params)
+
+
 # --- bucket shapes, alignment, tables ----------------------------------------------------
 
 
@@ -318,7 +356,7 @@ def _all_passes(backend, b, hyper, direction=GRADIENT):
     q = backend.slope(b, PassArgs(hyper, direction=direction))
     backend.first_trial(b, PassArgs(hyper, Move(0.5, decay=0.5), direction))
     backend.retrial(b, PassArgs(hyper, Move(0.4, 0.5, 0.5), direction))
-    backend.plain_step(b, PassArgs(hyper, Move(0.2, decay=0.2)), torch.tensor(1.0, device=DEVICE))
+    backend.plain_step(b, PassArgs(hyper, Move(0.2, decay=0.2), direction), torch.tensor(1.0, device=DEVICE))
     return q
 
 
@@ -358,7 +396,8 @@ def test_empty_bucket_is_a_no_op(saved):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_misaligned_views(dtype):
+@pytest.mark.parametrize("direction", [MOMENTUM, RAW])
+def test_misaligned_views(dtype, direction):
     """Views one element into their storage take the unhinted launch and compute the same."""
     bucket = make_bucket(sizes=[(4097,), (33,)], dtype=dtype, seed=9, misaligned=True)
     assert all(t.data_ptr() % 16 != 0 for t in bucket.params + bucket.exp_avg_sq)
@@ -369,8 +408,8 @@ def test_misaligned_views(dtype):
     hyper = make_hyper(0.1)
 
     def passes(backend, b):
-        q = _all_passes(backend, b, hyper, MOMENTUM)
-        backend.restore(b, PassArgs(hyper, Move(0.0, 0.4, 0.5), MOMENTUM))
+        q = _all_passes(backend, b, hyper, direction)
+        backend.restore(b, PassArgs(hyper, Move(0.0, 0.4, 0.5), direction))
         return q
 
     on_triton, on_torch, reference, q_triton, q_torch = run_both(mixed, passes)

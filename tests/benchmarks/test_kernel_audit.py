@@ -110,3 +110,20 @@ def test_16_bit_plain_step_fits_three_blocks_per_sm(records):
     assert plain
     assert all(r["blocks_per_sm"] >= 3 and r["spill_bytes"] == 0 for r in plain), [
         (_where(r), r["registers"], r["blocks_per_sm"]) for r in plain]
+
+
+def test_raw_direction_moves_only_weights_and_gradients(records):
+    """Along "raw" no kernel touches m, v: fp32 slope 4 B/param, plain step and retrial 12, first
+    trial 16 with a copy (12 in place), restore 8 from the copy (12 in place), in the compiled code."""
+    expected = {"slope": 4, "plain_step": 12, "first_trial[copy": 16, "first_trial[inplace": 12,
+                "retrial": 12, "restore[copy": 8, "restore[inplace": 12}
+    raw = [r for r in records if "raw" in r["kernel"] or r["kernel"].startswith("restore[copy")]
+    assert {r["kernel"].split("[")[0] for r in raw} == KERNELS
+    for r in raw:
+        if r["dtype"] != "fp32":
+            continue
+        bytes_per_param = next(v for k, v in expected.items() if r["kernel"].startswith(k))
+        assert r["bytes_per_param"] == bytes_per_param, _where(r)
+        assert "m" not in r["streams_read"] + r["streams_written"], _where(r)
+        if r["aligned"]:
+            assert r["bytes_per_param_ptx"] == bytes_per_param, _where(r)
