@@ -37,8 +37,8 @@ behaviour):
 
 ``"salsa"`` (:class:`~salsa_fused.line_search.ArmijoSearch`, the published smoothed Armijo
 test) is the default; ``"sls"`` and ``"alsals"`` are seed 001's Adam+SLS and ALSALS
-(:mod:`salsa_fused.adam_sls`), ``"labpal"`` and ``"labpal_sgd"`` seed 003's LABPAL, NSGD and SGD (:mod:`salsa_fused.labpal`);
-:func:`register_rule` adds others.
+(:mod:`salsa_fused.adam_sls`), ``"labpal"`` and ``"labpal_sgd"`` seed 003's LABPAL, NSGD and SGD
+(:mod:`salsa_fused.labpal`); :func:`register_rule` adds others.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 SETTINGS = dict(approximation_batches=4, sgd_steps=5, t_max=40)  # k(t) reaches 2 and 4 in 20 steps
 STEPS = 20
-BACKENDS = ["torch"]
+BACKENDS = ["torch", "triton"]
 BACKEND = "torch"  # of the tests below the reference comparison
 
 
@@ -70,13 +70,25 @@ def _close(a, b, rel):
     return math.isclose(a, b, rel_tol=rel, abs_tol=1e-12)
 
 
+def _float64_closure(model, step):
+    """closure(i) computing in float64 from the model's fp32 weights: the fit differences losses
+    ~1e-4 apart, which fp32 losses would round to ~1e-3 relative."""
+    def closure(i):
+        x, y = _batch(step, i)
+        weights = {name: p.double() for name, p in model.named_parameters()}
+        out = torch.func.functional_call(model, weights, (x.double(),))
+        return torch.nn.functional.mse_loss(out, y.double())
+    return closure
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["SGD", "NSGD"])
 def test_decisions_are_the_references_step_for_step(mode, backend):
-    """Each step from the same weights (the reference's are set to the rule's before it), float64
-    models: the kinds, batches and trials are identical; the fit agrees to the fp32 arithmetic of
-    the passes (trial weights rounded to fp32 move a second difference of losses ~1e-4 apart)."""
-    reference_model, model = _model(torch.float64), _model(torch.float64)
+    """Each step from the same weights (the float64 reference's are set to the rule's fp32 ones
+    before it), losses in float64: the kinds, batches and trials are identical; the fit agrees to
+    the fp32 arithmetic of the passes (trial weights rounded to fp32, a second difference of losses
+    ~1e-4 apart)."""
+    reference_model, model = _model(torch.float64), _model()
     reference = ReferenceLABPAL(list(reference_model.parameters()), mode=mode, **SETTINGS)
     opt = FusedSaLSa(model.parameters(), backend=backend,
                      search_rule=LABPALRule(mode=mode, **SETTINGS))
@@ -85,26 +97,27 @@ def test_decisions_are_the_references_step_for_step(mode, backend):
         with torch.no_grad():
             for p, q in zip(reference_model.parameters(), model.parameters()):
                 p.copy_(q)
-        before = [p.detach().clone() for p in model.parameters()]
+        before = [p.detach().double() for p in model.parameters()]
         reference.step(_closure(reference_model, k))
         opt.zero_grad()
-        opt.step(_closure(model, k))
+        opt.step(_float64_closure(model, k))
         d, h = opt.search_state.rule_state["last"], reference.history[-1]
         trials.append(opt.search_state.last_trials if d["kind"] == "approximation" else 0)
         assert (d["kind"], d["batches"]) == (h["kind"], h["batches"]), k
         if h["kind"] == "approximation":
             assert d["direction_batches"] == h["direction_batches"]
-            assert _close(d["s_min"], h["s_min"], 1e-4) and _close(d["move"], h["move"], 1e-4), (d, h)
+            # measured: up to 5e-5 relative on the torch and Triton backends
+            assert _close(d["s_min"], h["s_min"], 2e-4) and _close(d["move"], h["move"], 2e-4), (d, h)
             assert all(_close(x, y, 1e-7) for x, y in zip(d["losses"], h["losses"]))
             assert d["points"] == list(h["points"])
         for p, q, p0 in zip(model.parameters(), reference_model.parameters(), before):
             step = (q - p0).abs().max()
-            assert (p - q).abs().max() <= 1e-4 * step + 1e-12, k
+            assert (p.double() - q).abs().max() <= 2e-4 * step + 1e-7 * q.abs().max(), k
     assert {h["batches"] for h in reference.history if h["kind"] == "update"} == {1, 2, 4}
     assert trials.count(2) == sum(h["kind"] == "approximation" for h in reference.history) >= 3
     state = opt.search_state.rule_state
-    assert _close(state["update_step"], reference.update_step, 1e-4)
-    assert _close(state["learning_rate"], reference.learning_rate, 1e-4)
+    assert _close(state["update_step"], reference.update_step, 2e-4)
+    assert _close(state["learning_rate"], reference.learning_rate, 2e-4)
     assert state["batches_consumed"] == reference.t
     assert opt.step_size == state["learning_rate"]
 
