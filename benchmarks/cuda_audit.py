@@ -8,7 +8,8 @@ stream and pack of 8 elements, one per 16-bit stream), so the 128-bit loads and 
 in the SASS give the bytes per parameter the kernel moves; they are checked against the
 design's budget (SPEC section 2): plain step 28, first trial 32 (with the saved copy),
 retrial 16, restore 8 from the copy + 16 in place, slope 8 (gradient) / 12 (momentum), in
-fp32. Results go to ``results/cuda_audit.{json,md}`` (appended as runs to the JSON).
+fp32; along the raw gradient (no moments) plain step 12, first trial 16, retrial 12, restore
+8 + 12, slope 4. Results go to ``results/cuda_audit.{json,md}`` (appended as runs to the JSON).
 
     python -m benchmarks.cuda_audit [--arch sm_80 sm_90a]
 """
@@ -34,6 +35,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 NVCC_FLAGS = ["-std=c++20", "-O3", "--fmad=false"]  # as salsa_fused/_build_flags.py NVCC_FLAGS
 PACK = 8  # csrc/cuda/multi_tensor.cuh: elements per thread and step
 ELEMENT_BYTES = {"float": 4, "salsa::bf16_bits": 2, "salsa::fp16_bits": 2}
+# salsa::Direction (csrc/salsa_math.h) by its value, as c++filt prints a template argument.
+DIRECTIONS = {"(salsa::Direction)0": "gradient", "(salsa::Direction)1": "momentum", "(salsa::Direction)2": "raw"}
 
 
 def find_tool(name: str) -> Optional[str]:
@@ -97,35 +100,38 @@ def parse_sass(sass: str) -> Dict[str, Dict[str, int]]:
     return counts
 
 
-def expected_vector_accesses(kernel: str, w_bytes: int, g_bytes: int, momentum: bool) -> Dict[str, int]:
+def expected_vector_accesses(kernel: str, w_bytes: int, g_bytes: int, direction: str) -> Dict[str, int]:
     """128-bit loads and stores of a kernel's vectorized path (the design's streams)."""
     def n(element_bytes):  # 128-bit accesses per pack of one stream
         return element_bytes * PACK // 16
-    moments = 2 * n(4)
+    moments = 0 if direction == "raw" else 2 * n(4)  # m and v, read and written (not along raw)
     if kernel == "plain_step_kernel":
         return {"loads": n(w_bytes) + n(g_bytes) + moments, "stores": n(w_bytes) + moments}
     if kernel == "first_trial_kernel":
         return {"loads": n(w_bytes) + n(g_bytes) + moments, "stores": 2 * n(w_bytes) + moments}
-    direction = n(4) if momentum else n(g_bytes)
-    if kernel == "retrial_kernel":  # v, g or m, saved-or-w (one load site); w
-        return {"loads": n(4) + direction + n(w_bytes), "stores": n(w_bytes)}
-    if kernel == "restore_kernel":  # copy path: saved -> w;  in place: v, g or m, w -> w
-        return {"loads": n(w_bytes) + n(4) + direction + n(w_bytes), "stores": 2 * n(w_bytes)}
+    # What d reads: v and m (momentum), v and g (gradient), g (raw).
+    d_loads = {"momentum": 2 * n(4), "gradient": n(4) + n(g_bytes), "raw": n(g_bytes)}[direction]
+    if kernel == "retrial_kernel":  # d's streams, saved-or-w (one load site); w
+        return {"loads": d_loads + n(w_bytes), "stores": n(w_bytes)}
+    if kernel == "restore_kernel":  # copy path: saved -> w;  in place: d's streams, w -> w
+        return {"loads": n(w_bytes) + d_loads + n(w_bytes), "stores": 2 * n(w_bytes)}
     if kernel == "slope_kernel":
-        return {"loads": n(g_bytes) + n(4) + (n(4) if momentum else 0), "stores": 0}
+        return {"loads": {"momentum": n(g_bytes) + 2 * n(4), "gradient": n(g_bytes) + n(4),
+                          "raw": n(g_bytes)}[direction], "stores": 0}
     return {}
 
 
 def _describe(demangled: str):
-    """(kernel, W, G, momentum) from e.g. 'void salsa_cuda::retrial_kernel<float, float, true>(...)'."""
-    m = re.search(r"salsa_cuda::(\w+)<([^>]*)>", demangled)
+    """(kernel, W, G, direction) from e.g.
+    'void salsa_cuda::retrial_kernel<float, float, (salsa::Direction)1>(...)' (direction "momentum")."""
+    m = re.search(r"salsa_cuda::(\w+)<(.*)>\(", demangled)
     if not m:
-        return re.search(r"salsa_cuda::(\w+)", demangled).group(1), None, None, False
+        return re.search(r"salsa_cuda::(\w+)", demangled).group(1), None, None, None
     kernel, args = m.group(1), [a.strip() for a in m.group(2).split(",")]
-    momentum = args[-1] == "true"
+    direction = DIRECTIONS[args[-1]]
     if kernel == "slope_kernel":
-        return kernel, None, args[0], momentum
-    return kernel, args[0], args[1], momentum
+        return kernel, None, args[0], direction
+    return kernel, args[0], args[1], direction
 
 
 def audit_arch(arch: str, nvcc: str, cuobjdump: Optional[str], workdir: Path) -> dict:
@@ -144,11 +150,11 @@ def audit_arch(arch: str, nvcc: str, cuobjdump: Optional[str], workdir: Path) ->
     names = _demangle(sorted(ptxas))
     kernels = []
     for mangled, info in sorted(ptxas.items(), key=lambda kv: names[kv[0]]):
-        kernel, w, g, momentum = _describe(names[mangled])
+        kernel, w, g, direction = _describe(names[mangled])
         access = sass.get(mangled, {})
-        row = {"kernel": kernel, "weight": w, "grad": g, "momentum": momentum, **info, "sass": access}
+        row = {"kernel": kernel, "weight": w, "grad": g, "direction": direction, **info, "sass": access}
         if g is not None and cuobjdump is not None:
-            expected = expected_vector_accesses(kernel, ELEMENT_BYTES.get(w, 4), ELEMENT_BYTES[g], momentum)
+            expected = expected_vector_accesses(kernel, ELEMENT_BYTES.get(w, 4), ELEMENT_BYTES[g], direction)
             loads = access.get("LDG.128", 0) + access.get("LD.128", 0)
             stores = access.get("STG.128", 0) + access.get("ST.128", 0)
             row.update(vector_loads=loads, vector_stores=stores, expected_vector_loads=expected["loads"],
@@ -185,7 +191,7 @@ def write(record: dict, out_dir: Path = RESULTS) -> None:
              "(restore: its copy path and in-place path together).\n"]
     for arch in record["archs"]:
         lines.append(f"\n## {arch['arch']} (compile {arch['compile_s']:.1f} s)\n")
-        lines.append("| kernel | weight | grad | momentum | registers | spills (st/ld B) | stack B | "
+        lines.append("| kernel | weight | grad | direction | registers | spills (st/ld B) | stack B | "
                      "128-bit ld/st (expected) | vector B/param | other accesses |")
         lines.append("|---|---|---|---|---|---|---|---|---|---|")
         for k in arch["kernels"]:
@@ -193,7 +199,7 @@ def write(record: dict, out_dir: Path = RESULTS) -> None:
             vector = (f"{k['vector_loads']}/{k['vector_stores']} ({k['expected_vector_loads']}/"
                       f"{k['expected_vector_stores']})" if "vector_loads" in k else "-")
             per_param = f"{k['vector_bytes_per_param']:g}" if "vector_loads" in k else "-"
-            lines.append(f"| {k['kernel']} | {k['weight'] or '-'} | {k['grad'] or '-'} | {k['momentum']} | "
+            lines.append(f"| {k['kernel']} | {k['weight'] or '-'} | {k['grad'] or '-'} | {k['direction'] or '-'} | "
                          f"{k.get('registers')} | {k.get('spill_stores')}/{k.get('spill_loads')} | {k.get('stack')} | "
                          f"{vector} | {per_param} | {other} |")
     (out_dir / "cuda_audit.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

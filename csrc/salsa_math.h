@@ -9,7 +9,8 @@
 //   v_new   = v * beta2 + (g * g) * (1 - beta2)
 //   m_new   = m * beta1 + g * (1 - beta1)
 //   precond = 1 / (sqrt(v_new / bc2) + eps)              bc2 = 1 - beta2^(k+1)
-//   d       = precond * g  |  precond * (m_new / bc1)    direction gradient | momentum
+//   d       = precond * g  |  precond * (m_new / bc1)  |  g
+//                                                        direction gradient | momentum | raw
 //   w       = fma(d, -step, w * decay_factor)            one rounding, as w.add(d, alpha=-step)
 //
 // Every product, sum, quotient and square root below is one IEEE round-to-nearest
@@ -145,6 +146,10 @@ SALSA_HD float fused_mul_add(float a, float b, float c) {
 
 // --- the update ---------------------------------------------------------------------
 
+// The search direction d; the values are those of the ops' `direction` argument
+// (salsa_fused/backends/cpp_backend.py). Along raw no pass reads or writes m, v.
+enum class Direction : int { gradient = 0, momentum = 1, raw = 2 };
+
 // Scalars of one pass, rounded to fp32 once on the host (the reference's scalar operands).
 struct Scalars {
   float beta1, beta2, one_minus_beta1, one_minus_beta2;
@@ -168,18 +173,23 @@ SALSA_HD float preconditioner(float exp_avg_sq, const Scalars& s) {
   return div(1.0f, add(square_root(div(exp_avg_sq, s.bias_correction2)), s.eps));
 }
 
-// d = precond * (m / bc1) (momentum) or precond * g (gradient).
-template <bool MOMENTUM>
+// d = precond * (m / bc1) (momentum) or precond * g (gradient); along raw d is g itself.
+template <Direction D>
 SALSA_HD float direction(float precond, float g, float exp_avg, const Scalars& s) {
-  return MOMENTUM ? mul(precond, div(exp_avg, s.bias_correction1)) : mul(precond, g);
+  static_assert(D != Direction::raw, "along raw d = g: no preconditioner");
+  return D == Direction::momentum ? mul(precond, div(exp_avg, s.bias_correction1)) : mul(precond, g);
 }
 
-// One term of q = sum g * d, with this step's moments: (g * g) * precond, or g * d.
-template <bool MOMENTUM>
+// One term of q = sum g * d, with this step's moments: (g * g) * precond, or g * d; g * g along raw.
+template <Direction D>
 SALSA_HD float slope_term(float g, float exp_avg, float exp_avg_sq, const Scalars& s) {
-  const Moments next = new_moments(g, exp_avg, exp_avg_sq, s);
-  const float precond = preconditioner(next.exp_avg_sq, s);
-  return MOMENTUM ? mul(g, direction<true>(precond, g, next.exp_avg, s)) : mul(mul(g, g), precond);
+  if constexpr (D == Direction::raw) {
+    return mul(g, g);
+  } else {
+    const Moments next = new_moments(g, exp_avg, exp_avg_sq, s);
+    const float precond = preconditioner(next.exp_avg_sq, s);
+    return D == Direction::momentum ? mul(g, direction<D>(precond, g, next.exp_avg, s)) : mul(mul(g, g), precond);
+  }
 }
 
 // w_dec - step * d, one rounding for the move (w * decay_factor is exact without decay).
@@ -200,11 +210,20 @@ SALSA_HD float restore_in_place(float w, float d, const Scalars& s) {
 // One element of the plain step. Returns false (and leaves w, m, v alone) when g is not finite.
 SALSA_HD bool plain_update(float g, float& w, float& exp_avg, float& exp_avg_sq, const Scalars& s) {
   const Moments next = new_moments(g, exp_avg, exp_avg_sq, s);
-  const float update = direction<true>(preconditioner(next.exp_avg_sq, s), g, next.exp_avg, s);
+  const float update = direction<Direction::momentum>(preconditioner(next.exp_avg_sq, s), g, next.exp_avg, s);
   const float moved = trial_weight(w, update, s);
   const bool ok = is_finite(g);
   exp_avg = ok ? next.exp_avg : exp_avg;
   exp_avg_sq = ok ? next.exp_avg_sq : exp_avg_sq;
+  w = ok ? moved : w;
+  return ok;
+}
+
+// One element of the plain step along raw: w_dec - step * g. Returns false (and leaves w alone)
+// when g is not finite.
+SALSA_HD bool raw_plain_update(float g, float& w, const Scalars& s) {
+  const float moved = trial_weight(w, g, s);
+  const bool ok = is_finite(g);
   w = ok ? moved : w;
   return ok;
 }

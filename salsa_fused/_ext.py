@@ -68,7 +68,7 @@ def _register_fakes() -> None:
     """Shapes for torch.compile's fake tensors: the passes write in place; q is a 0-dim fp32."""
 
     @torch.library.register_fake("salsa_fused::slope")
-    def _slope(grads, exp_avg, exp_avg_sq, beta1, beta2, bias_correction1, bias_correction2, eps, momentum,
+    def _slope(grads, exp_avg, exp_avg_sq, beta1, beta2, bias_correction1, bias_correction2, eps, direction,
                grad_scale):
         device = exp_avg_sq[0].device if exp_avg_sq else torch.device("cpu")
         return torch.empty((), dtype=torch.float32, device=device)

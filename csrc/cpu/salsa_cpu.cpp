@@ -38,7 +38,8 @@ struct Span {
 // The pass's dtypes and switches (fixed over a bucket).
 struct Kinds {
   Dtype weight, grad;
-  bool momentum, has_scale;
+  salsa::Direction direction;
+  bool has_scale;
   float grad_scale;
 };
 
@@ -230,6 +231,13 @@ double scalar_value(const at::Tensor& t) {
   return t.item().toDouble();
 }
 
+// The ops' `direction` argument: 0 gradient, 1 momentum, 2 raw (salsa::Direction).
+salsa::Direction direction_of(int64_t code) {
+  TORCH_CHECK(code >= 0 && code <= 2, "salsa_fused cpp backend: direction must be 0 (gradient), 1 (momentum) "
+              "or 2 (raw), got ", code);
+  return static_cast<salsa::Direction>(code);
+}
+
 void set_grad_scale(Kinds& k, const std::optional<at::Tensor>& grad_scale) {
   k.has_scale = grad_scale.has_value();
   k.grad_scale = k.has_scale ? static_cast<float>(scalar_value(*grad_scale)) : 1.0f;
@@ -243,10 +251,10 @@ void for_each_chunk(const Bucket& b, Fn&& fn) {
 }
 
 at::Tensor slope(at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq, double beta1,
-                 double beta2, double bias_correction1, double bias_correction2, double eps, bool momentum,
+                 double beta2, double bias_correction1, double bias_correction2, double eps, int64_t direction,
                  const std::optional<at::Tensor>& grad_scale) {
   Bucket b = make_bucket({}, grads, exp_avg, exp_avg_sq, {}, true);
-  b.kinds.momentum = momentum;
+  b.kinds.direction = direction_of(direction);
   set_grad_scale(b.kinds, grad_scale);
   const Scalars s = make_scalars(beta1, beta2, bias_correction1, bias_correction2, eps, 1.0, 0.0, 0.0);
   std::vector<double> partials(b.chunks());
@@ -261,10 +269,10 @@ at::Tensor slope(at::TensorList grads, at::TensorList exp_avg, at::TensorList ex
 
 void first_trial(at::TensorList weights, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
                  at::TensorList saved, double beta1, double beta2, double bias_correction1, double bias_correction2,
-                 double eps, double decay_factor, double step_size, bool momentum,
+                 double eps, double decay_factor, double step_size, int64_t direction,
                  const std::optional<at::Tensor>& grad_scale) {
   Bucket b = make_bucket(weights, grads, exp_avg, exp_avg_sq, saved, true);
-  b.kinds.momentum = momentum;
+  b.kinds.direction = direction_of(direction);
   set_grad_scale(b.kinds, grad_scale);
   const Scalars s = make_scalars(beta1, beta2, bias_correction1, bias_correction2, eps, decay_factor, step_size, 0.0);
   const auto kernel = kernels().first_trial;
@@ -273,9 +281,10 @@ void first_trial(at::TensorList weights, at::TensorList grads, at::TensorList ex
 
 void retrial(at::TensorList weights, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
              at::TensorList saved, double bias_correction1, double bias_correction2, double eps, double decay_factor,
-             double step_size, double previous_step_size, bool momentum, const std::optional<at::Tensor>& grad_scale) {
+             double step_size, double previous_step_size, int64_t direction,
+             const std::optional<at::Tensor>& grad_scale) {
   Bucket b = make_bucket(weights, grads, exp_avg, exp_avg_sq, saved, true);
-  b.kinds.momentum = momentum;
+  b.kinds.direction = direction_of(direction);
   set_grad_scale(b.kinds, grad_scale);
   const Scalars s = make_scalars(0.0, 0.0, bias_correction1, bias_correction2, eps, decay_factor, step_size,
                                  previous_step_size);
@@ -285,9 +294,9 @@ void retrial(at::TensorList weights, at::TensorList grads, at::TensorList exp_av
 
 void restore(at::TensorList weights, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
              at::TensorList saved, double bias_correction1, double bias_correction2, double eps, double decay_factor,
-             double previous_step_size, bool momentum, const std::optional<at::Tensor>& grad_scale) {
+             double previous_step_size, int64_t direction, const std::optional<at::Tensor>& grad_scale) {
   Bucket b = make_bucket(weights, grads, exp_avg, exp_avg_sq, saved, true);
-  b.kinds.momentum = momentum;
+  b.kinds.direction = direction_of(direction);
   set_grad_scale(b.kinds, grad_scale);
   const Scalars s = make_scalars(0.0, 0.0, bias_correction1, bias_correction2, eps, decay_factor, 0.0,
                                  previous_step_size);
@@ -297,9 +306,12 @@ void restore(at::TensorList weights, at::TensorList grads, at::TensorList exp_av
 
 void plain_step(at::TensorList weights, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
                 double beta1, double beta2, double bias_correction1, double bias_correction2, double eps,
-                double decay_factor, double step_size, const at::Tensor& loss,
+                double decay_factor, double step_size, int64_t direction, const at::Tensor& loss,
                 const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& nonfinite_count) {
+  // Adam's update (m_hat * precond) unless the direction is raw.
+  const salsa::Direction along =
+      direction_of(direction) == salsa::Direction::raw ? salsa::Direction::raw : salsa::Direction::momentum;
   TORCH_CHECK(loss.numel() == 1, "salsa_fused cpp backend: plain_step needs a one-element loss tensor");
   if (nonfinite_count.has_value()) {
     TORCH_CHECK(nonfinite_count->scalar_type() == at::kLong && nonfinite_count->numel() == 1 &&
@@ -310,7 +322,7 @@ void plain_step(at::TensorList weights, at::TensorList grads, at::TensorList exp
   // The guards, as the reference: nothing changes for a non-finite (fp32) loss or a set found_inf.
   if (!std::isfinite(static_cast<float>(scalar_value(loss)))) return;  // 1e39 overflows fp32: skipped
   if (found_inf.has_value() && scalar_value(*found_inf) != 0.0) return;
-  b.kinds.momentum = true;
+  b.kinds.direction = along;
   set_grad_scale(b.kinds, grad_scale);
   const Scalars s = make_scalars(beta1, beta2, bias_correction1, bias_correction2, eps, decay_factor, step_size, 0.0);
   const auto kernel = kernels().plain;
@@ -329,22 +341,23 @@ std::string cpu_isa() { return kernels().isa; }
 }  // namespace salsa_cpu
 
 // Schemas: the Python side is salsa_fused/backends/cpp_backend.py. An empty `saved`
-// list means "no saved copy" (restore in place).
+// list means "no saved copy" (restore in place). `direction`: 0 gradient, 1 momentum, 2 raw;
+// the plain step moves along Adam's update for 0 and 1.
 TORCH_LIBRARY(salsa_fused, m) {
   m.def("slope(Tensor[] grads, Tensor[] exp_avg, Tensor[] exp_avg_sq, float beta1, float beta2, "
-        "float bias_correction1, float bias_correction2, float eps, bool momentum, Tensor? grad_scale) -> Tensor");
+        "float bias_correction1, float bias_correction2, float eps, int direction, Tensor? grad_scale) -> Tensor");
   m.def("first_trial_(Tensor(a!)[] weights, Tensor[] grads, Tensor(b!)[] exp_avg, Tensor(c!)[] exp_avg_sq, "
         "Tensor(d!)[] saved, float beta1, float beta2, float bias_correction1, float bias_correction2, float eps, "
-        "float decay_factor, float step_size, bool momentum, Tensor? grad_scale) -> ()");
+        "float decay_factor, float step_size, int direction, Tensor? grad_scale) -> ()");
   m.def("retrial_(Tensor(a!)[] weights, Tensor[] grads, Tensor[] exp_avg, Tensor[] exp_avg_sq, Tensor[] saved, "
         "float bias_correction1, float bias_correction2, float eps, float decay_factor, float step_size, "
-        "float previous_step_size, bool momentum, Tensor? grad_scale) -> ()");
+        "float previous_step_size, int direction, Tensor? grad_scale) -> ()");
   m.def("restore_(Tensor(a!)[] weights, Tensor[] grads, Tensor[] exp_avg, Tensor[] exp_avg_sq, Tensor[] saved, "
         "float bias_correction1, float bias_correction2, float eps, float decay_factor, float previous_step_size, "
-        "bool momentum, Tensor? grad_scale) -> ()");
+        "int direction, Tensor? grad_scale) -> ()");
   m.def("plain_step_(Tensor(a!)[] weights, Tensor[] grads, Tensor(b!)[] exp_avg, Tensor(c!)[] exp_avg_sq, "
         "float beta1, float beta2, float bias_correction1, float bias_correction2, float eps, float decay_factor, "
-        "float step_size, Tensor loss, Tensor? found_inf, Tensor? grad_scale, Tensor(d!)? nonfinite_count) -> ()");
+        "float step_size, int direction, Tensor loss, Tensor? found_inf, Tensor? grad_scale, Tensor(d!)? nonfinite_count) -> ()");
   m.def("cpu_isa() -> str", &salsa_cpu::cpu_isa);
 }
 

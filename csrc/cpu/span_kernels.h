@@ -9,11 +9,14 @@
 // Bytes per parameter with fp32 weights and gradients (reads + writes):
 //   slope (q) 8 along the gradient, 12 along the momentum; plain step 28;
 //   first trial 28 (+4 for the saved copy); retrial 16; restore 8 from the copy, 16 in place.
+// Along raw (d = g, no moments): q 4, plain step 12, first trial 12 (+4), retrial 12,
+//   restore 8 from the copy, 12 in place.
 // With AVX2, the streams a pass only writes (the saved copy in pass A, the weights in pass B
 // from the copy) are stored non-temporally, so no read for ownership adds 4 more.
 
 namespace SALSA_CPU_ISA {
 
+using salsa::Direction;
 using salsa::Scalars;
 
 template <class G, bool SCALE>
@@ -26,40 +29,56 @@ inline __attribute__((always_inline)) float load_grad(const G* __restrict grad, 
 // is a fixed function of its elements (any thread count gives the same bits).
 constexpr int LANES = 16;
 
-template <class G, bool MOMENTUM, bool SCALE>
+// One term of q at element i: reads m only along the momentum, v not along raw.
+template <class G, Direction D, bool SCALE>
+inline __attribute__((always_inline)) float slope_at(const G* __restrict grad, const float* __restrict exp_avg,
+                                                     const float* __restrict exp_avg_sq, int64_t i, const Scalars& s,
+                                                     float grad_scale) {
+  const float g = load_grad<G, SCALE>(grad, i, grad_scale);
+  return salsa::slope_term<D>(g, D == Direction::momentum ? exp_avg[i] : 0.0f,
+                              D == Direction::raw ? 0.0f : exp_avg_sq[i], s);
+}
+
+template <class G, Direction D, bool SCALE>
 double slope_loop(const G* __restrict grad, const float* __restrict exp_avg,
                   const float* __restrict exp_avg_sq, int64_t n, const Scalars s, float grad_scale) {
   float lanes[LANES] = {};
   int64_t i = 0;
   for (; i + LANES <= n; i += LANES) {
-    for (int l = 0; l < LANES; ++l) {
-      const float g = load_grad<G, SCALE>(grad, i + l, grad_scale);
-      lanes[l] += salsa::slope_term<MOMENTUM>(g, MOMENTUM ? exp_avg[i + l] : 0.0f, exp_avg_sq[i + l], s);
-    }
+    for (int l = 0; l < LANES; ++l) lanes[l] += slope_at<G, D, SCALE>(grad, exp_avg, exp_avg_sq, i + l, s, grad_scale);
   }
   double total = 0.0;
   for (int l = 0; l < LANES; ++l) total += lanes[l];
-  for (; i < n; ++i) {
-    const float g = load_grad<G, SCALE>(grad, i, grad_scale);
-    total += salsa::slope_term<MOMENTUM>(g, MOMENTUM ? exp_avg[i] : 0.0f, exp_avg_sq[i], s);
-  }
+  for (; i < n; ++i) total += slope_at<G, D, SCALE>(grad, exp_avg, exp_avg_sq, i, s, grad_scale);
   return total;
+}
+
+// Pass A's direction at element i, m and v written (along raw: g, the moments untouched).
+template <class G, Direction D, bool SCALE>
+inline __attribute__((always_inline)) float first_trial_direction(const G* __restrict grad, float* __restrict exp_avg,
+                                                                  float* __restrict exp_avg_sq, int64_t i,
+                                                                  const Scalars& s, float grad_scale) {
+  const float g = load_grad<G, SCALE>(grad, i, grad_scale);
+  if constexpr (D == Direction::raw) {
+    return g;
+  } else {
+    const salsa::Moments next = salsa::new_moments(g, exp_avg[i], exp_avg_sq[i], s);
+    exp_avg[i] = next.exp_avg;
+    exp_avg_sq[i] = next.exp_avg_sq;
+    return salsa::direction<D>(salsa::preconditioner(next.exp_avg_sq, s), g, next.exp_avg, s);
+  }
 }
 
 #ifdef SALSA_CPU_STREAMING_STORES
 // Pass A with a saved copy, fp32 weights and gradients, by hand in AVX2: the saved copy is only
 // written, so it is stored non-temporally (32 bytes per parameter move instead of 36). The same
 // operations as first_trial_loop below, element for element.
-template <bool MOMENTUM, bool SCALE>
+template <Direction D, bool SCALE>
 void first_trial_streaming(float* __restrict weight, const float* __restrict grad, float* __restrict exp_avg,
                            float* __restrict exp_avg_sq, float* __restrict saved, int64_t n, const Scalars s,
                            float grad_scale) {
   auto element = [&](int64_t i) {
-    const float g = load_grad<float, SCALE>(grad, i, grad_scale);
-    const salsa::Moments next = salsa::new_moments(g, exp_avg[i], exp_avg_sq[i], s);
-    exp_avg[i] = next.exp_avg;
-    exp_avg_sq[i] = next.exp_avg_sq;
-    const float d = salsa::direction<MOMENTUM>(salsa::preconditioner(next.exp_avg_sq, s), g, next.exp_avg, s);
+    const float d = first_trial_direction<float, D, SCALE>(grad, exp_avg, exp_avg_sq, i, s, grad_scale);
     saved[i] = weight[i];
     weight[i] = salsa::trial_weight(weight[i], d, s);
   };
@@ -74,13 +93,17 @@ void first_trial_streaming(float* __restrict weight, const float* __restrict gra
   for (; i + 8 <= n; i += 8) {
     __m256 g = _mm256_loadu_ps(grad + i);
     if (SCALE) g = _mm256_div_ps(g, scale);
-    const __m256 m = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(exp_avg + i), beta1), _mm256_mul_ps(g, one_minus_beta1));
-    const __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(exp_avg_sq + i), beta2),
-                                   _mm256_mul_ps(_mm256_mul_ps(g, g), one_minus_beta2));
-    _mm256_storeu_ps(exp_avg + i, m);
-    _mm256_storeu_ps(exp_avg_sq + i, v);
-    const __m256 precond = _mm256_div_ps(one, _mm256_add_ps(_mm256_sqrt_ps(_mm256_div_ps(v, bc2)), eps));
-    const __m256 d = MOMENTUM ? _mm256_mul_ps(precond, _mm256_div_ps(m, bc1)) : _mm256_mul_ps(precond, g);
+    __m256 d = g;
+    if constexpr (D != Direction::raw) {
+      const __m256 m = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(exp_avg + i), beta1),
+                                     _mm256_mul_ps(g, one_minus_beta1));
+      const __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(exp_avg_sq + i), beta2),
+                                     _mm256_mul_ps(_mm256_mul_ps(g, g), one_minus_beta2));
+      _mm256_storeu_ps(exp_avg + i, m);
+      _mm256_storeu_ps(exp_avg_sq + i, v);
+      const __m256 precond = _mm256_div_ps(one, _mm256_add_ps(_mm256_sqrt_ps(_mm256_div_ps(v, bc2)), eps));
+      d = D == Direction::momentum ? _mm256_mul_ps(precond, _mm256_div_ps(m, bc1)) : _mm256_mul_ps(precond, g);
+    }
     const __m256 w = _mm256_loadu_ps(weight + i);
     _mm256_stream_ps(saved + i, w);
     _mm256_storeu_ps(weight + i, _mm256_fmadd_ps(d, neg_step, _mm256_mul_ps(w, decay)));
@@ -90,50 +113,50 @@ void first_trial_streaming(float* __restrict weight, const float* __restrict gra
 }
 #endif
 
-template <class W, class G, bool MOMENTUM, bool SCALE>
+template <class W, class G, Direction D, bool SCALE>
 void first_trial_loop(W* __restrict weight, const G* __restrict grad, float* __restrict exp_avg,
                       float* __restrict exp_avg_sq, W* __restrict saved, int64_t n, const Scalars s,
                       float grad_scale) {
 #ifdef SALSA_CPU_STREAMING_STORES
   if constexpr (std::is_same_v<W, float> && std::is_same_v<G, float>) {
     if (saved != nullptr) {
-      first_trial_streaming<MOMENTUM, SCALE>(weight, grad, exp_avg, exp_avg_sq, saved, n, s, grad_scale);
+      first_trial_streaming<D, SCALE>(weight, grad, exp_avg, exp_avg_sq, saved, n, s, grad_scale);
       return;
     }
   }
 #endif
   for (int64_t i = 0; i < n; ++i) {
-    const float g = load_grad<G, SCALE>(grad, i, grad_scale);
-    const salsa::Moments next = salsa::new_moments(g, exp_avg[i], exp_avg_sq[i], s);
-    exp_avg[i] = next.exp_avg;
-    exp_avg_sq[i] = next.exp_avg_sq;
-    const float d = salsa::direction<MOMENTUM>(salsa::preconditioner(next.exp_avg_sq, s), g, next.exp_avg, s);
+    const float d = first_trial_direction<G, D, SCALE>(grad, exp_avg, exp_avg_sq, i, s, grad_scale);
     const W w = weight[i];
     if (saved != nullptr) saved[i] = w;
     weight[i] = salsa::from_float<W>(salsa::trial_weight(salsa::to_float(w), d, s));
   }
 }
 
-// d from the moments pass A wrote (reads v and g, or v and m).
-template <class G, bool MOMENTUM, bool SCALE>
+// d from the moments pass A wrote (reads v and g, or v and m; g alone along raw).
+template <class G, Direction D, bool SCALE>
 inline __attribute__((always_inline)) float stored_direction(const G* __restrict grad, const float* __restrict exp_avg,
                                                              const float* __restrict exp_avg_sq, int64_t i,
                                                              const Scalars& s, float grad_scale) {
-  const float precond = salsa::preconditioner(exp_avg_sq[i], s);
-  if (MOMENTUM) return salsa::direction<true>(precond, 0.0f, exp_avg[i], s);
-  return salsa::direction<false>(precond, load_grad<G, SCALE>(grad, i, grad_scale), 0.0f, s);
+  if constexpr (D == Direction::raw) {
+    return load_grad<G, SCALE>(grad, i, grad_scale);
+  } else {
+    const float precond = salsa::preconditioner(exp_avg_sq[i], s);
+    if (D == Direction::momentum) return salsa::direction<D>(precond, 0.0f, exp_avg[i], s);
+    return salsa::direction<D>(precond, load_grad<G, SCALE>(grad, i, grad_scale), 0.0f, s);
+  }
 }
 
 #ifdef SALSA_CPU_STREAMING_STORES
 // Pass B from the saved copy with fp32 weights and gradients, by hand in AVX2: the weights are
 // only written here, so they are stored non-temporally (no read for ownership: 16 bytes per
 // parameter move instead of 20). The same operations as the loop below, element for element.
-template <bool MOMENTUM, bool SCALE>
+template <Direction D, bool SCALE>
 void retrial_from_saved_streaming(float* __restrict weight, const float* __restrict grad,
                                   const float* __restrict exp_avg, const float* __restrict exp_avg_sq,
                                   const float* __restrict saved, int64_t n, const Scalars s, float grad_scale) {
   auto element = [&](int64_t i) {
-    const float d = stored_direction<float, MOMENTUM, SCALE>(grad, exp_avg, exp_avg_sq, i, s, grad_scale);
+    const float d = stored_direction<float, D, SCALE>(grad, exp_avg, exp_avg_sq, i, s, grad_scale);
     weight[i] = salsa::trial_weight(saved[i], d, s);
   };
   int64_t i = 0;
@@ -143,15 +166,20 @@ void retrial_from_saved_streaming(float* __restrict weight, const float* __restr
   const __m256 decay = _mm256_set1_ps(s.decay_factor), neg_step = _mm256_set1_ps(s.neg_step);
   const __m256 scale = _mm256_set1_ps(grad_scale);
   for (; i + 8 <= n; i += 8) {
-    const __m256 precond =
-        _mm256_div_ps(one, _mm256_add_ps(_mm256_sqrt_ps(_mm256_div_ps(_mm256_loadu_ps(exp_avg_sq + i), bc2)), eps));
     __m256 d;
-    if (MOMENTUM) {
-      d = _mm256_mul_ps(precond, _mm256_div_ps(_mm256_loadu_ps(exp_avg + i), bc1));
+    if constexpr (D == Direction::raw) {
+      d = _mm256_loadu_ps(grad + i);
+      if (SCALE) d = _mm256_div_ps(d, scale);
     } else {
-      __m256 g = _mm256_loadu_ps(grad + i);
-      if (SCALE) g = _mm256_div_ps(g, scale);
-      d = _mm256_mul_ps(precond, g);
+      const __m256 precond =
+          _mm256_div_ps(one, _mm256_add_ps(_mm256_sqrt_ps(_mm256_div_ps(_mm256_loadu_ps(exp_avg_sq + i), bc2)), eps));
+      if (D == Direction::momentum) {
+        d = _mm256_mul_ps(precond, _mm256_div_ps(_mm256_loadu_ps(exp_avg + i), bc1));
+      } else {
+        __m256 g = _mm256_loadu_ps(grad + i);
+        if (SCALE) g = _mm256_div_ps(g, scale);
+        d = _mm256_mul_ps(precond, g);
+      }
     }
     _mm256_stream_ps(weight + i, _mm256_fmadd_ps(d, neg_step, _mm256_mul_ps(_mm256_loadu_ps(saved + i), decay)));
   }
@@ -160,45 +188,54 @@ void retrial_from_saved_streaming(float* __restrict weight, const float* __restr
 }
 #endif
 
-template <class W, class G, bool MOMENTUM, bool SCALE>
+template <class W, class G, Direction D, bool SCALE>
 void retrial_loop(W* __restrict weight, const G* __restrict grad, const float* __restrict exp_avg,
                   const float* __restrict exp_avg_sq, const W* __restrict saved, int64_t n, const Scalars s,
                   float grad_scale) {
 #ifdef SALSA_CPU_STREAMING_STORES
   if constexpr (std::is_same_v<W, float> && std::is_same_v<G, float>) {
     if (saved != nullptr) {
-      retrial_from_saved_streaming<MOMENTUM, SCALE>(weight, grad, exp_avg, exp_avg_sq, saved, n, s, grad_scale);
+      retrial_from_saved_streaming<D, SCALE>(weight, grad, exp_avg, exp_avg_sq, saved, n, s, grad_scale);
       return;
     }
   }
 #endif
   if (saved != nullptr) {
     for (int64_t i = 0; i < n; ++i) {
-      const float d = stored_direction<G, MOMENTUM, SCALE>(grad, exp_avg, exp_avg_sq, i, s, grad_scale);
+      const float d = stored_direction<G, D, SCALE>(grad, exp_avg, exp_avg_sq, i, s, grad_scale);
       weight[i] = salsa::from_float<W>(salsa::trial_weight(salsa::to_float(saved[i]), d, s));
     }
   } else {
     for (int64_t i = 0; i < n; ++i) {
-      const float d = stored_direction<G, MOMENTUM, SCALE>(grad, exp_avg, exp_avg_sq, i, s, grad_scale);
+      const float d = stored_direction<G, D, SCALE>(grad, exp_avg, exp_avg_sq, i, s, grad_scale);
       weight[i] = salsa::from_float<W>(salsa::retrial_in_place(salsa::to_float(weight[i]), d, s));
     }
   }
 }
 
-template <class W, class G, bool MOMENTUM, bool SCALE>
+template <class W, class G, Direction D, bool SCALE>
 void restore_loop(W* __restrict weight, const G* __restrict grad, const float* __restrict exp_avg,
                   const float* __restrict exp_avg_sq, int64_t n, const Scalars s, float grad_scale) {
   for (int64_t i = 0; i < n; ++i) {
-    const float d = stored_direction<G, MOMENTUM, SCALE>(grad, exp_avg, exp_avg_sq, i, s, grad_scale);
+    const float d = stored_direction<G, D, SCALE>(grad, exp_avg, exp_avg_sq, i, s, grad_scale);
     weight[i] = salsa::from_float<W>(salsa::restore_in_place(salsa::to_float(weight[i]), d, s));
   }
 }
 
-// Returns the number of elements skipped for a non-finite gradient.
-template <class W, class G, bool SCALE>
+// Returns the number of elements skipped for a non-finite gradient. D: momentum (Adam's
+// update, m and v written) or raw (w_dec - step * g, m and v untouched).
+template <class W, class G, Direction D, bool SCALE>
 int64_t plain_loop(W* __restrict weight, const G* __restrict grad, float* __restrict exp_avg,
                    float* __restrict exp_avg_sq, int64_t n, const Scalars s, float grad_scale) {
   int32_t skipped = 0;
+  if constexpr (D == Direction::raw) {
+    for (int64_t i = 0; i < n; ++i) {
+      float w = salsa::to_float(weight[i]);
+      skipped += salsa::raw_plain_update(load_grad<G, SCALE>(grad, i, grad_scale), w, s) ? 0 : 1;
+      weight[i] = salsa::from_float<W>(w);
+    }
+    return skipped;
+  }
   for (int64_t i = 0; i < n; ++i) {
     const float g = load_grad<G, SCALE>(grad, i, grad_scale);
     float w = salsa::to_float(weight[i]);
@@ -214,38 +251,48 @@ int64_t plain_loop(W* __restrict weight, const G* __restrict grad, float* __rest
 
 // --- dispatch on the span's dtypes and switches -------------------------------------
 
+// Call fn(direction, scale) with both as compile-time constants (std::integral_constant).
+template <class Fn>
+auto with_switches(Direction direction, bool scale, Fn&& fn) {
+  auto with_scale = [&](auto d) { return scale ? fn(d, std::true_type()) : fn(d, std::false_type()); };
+  switch (direction) {
+    case Direction::momentum: return with_scale(std::integral_constant<Direction, Direction::momentum>());
+    case Direction::raw: return with_scale(std::integral_constant<Direction, Direction::raw>());
+    default: return with_scale(std::integral_constant<Direction, Direction::gradient>());
+  }
+}
+
 template <class W, class G>
 struct Typed {
   static double slope(const Span& a, const Kinds& k, const Scalars& s) {
     const G* g = static_cast<const G*>(a.grad);
-    if (k.momentum) {
-      return k.has_scale ? slope_loop<G, true, true>(g, a.exp_avg, a.exp_avg_sq, a.n, s, k.grad_scale)
-                         : slope_loop<G, true, false>(g, a.exp_avg, a.exp_avg_sq, a.n, s, k.grad_scale);
-    }
-    return k.has_scale ? slope_loop<G, false, true>(g, a.exp_avg, a.exp_avg_sq, a.n, s, k.grad_scale)
-                       : slope_loop<G, false, false>(g, a.exp_avg, a.exp_avg_sq, a.n, s, k.grad_scale);
+    return with_switches(k.direction, k.has_scale, [&](auto d, auto scale) {
+      return slope_loop<G, decltype(d)::value, decltype(scale)::value>(g, a.exp_avg, a.exp_avg_sq, a.n, s,
+                                                                      k.grad_scale);
+    });
   }
 
   static void first_trial(const Span& a, const Kinds& k, const Scalars& s) {
     W* w = static_cast<W*>(a.weight);
     const G* g = static_cast<const G*>(a.grad);
     W* saved = static_cast<W*>(a.saved);
-    if (k.momentum) {
-      if (k.has_scale) first_trial_loop<W, G, true, true>(w, g, a.exp_avg, a.exp_avg_sq, saved, a.n, s, k.grad_scale);
-      else first_trial_loop<W, G, true, false>(w, g, a.exp_avg, a.exp_avg_sq, saved, a.n, s, k.grad_scale);
-    } else {
-      if (k.has_scale) first_trial_loop<W, G, false, true>(w, g, a.exp_avg, a.exp_avg_sq, saved, a.n, s, k.grad_scale);
-      else first_trial_loop<W, G, false, false>(w, g, a.exp_avg, a.exp_avg_sq, saved, a.n, s, k.grad_scale);
-    }
+    with_switches(k.direction, k.has_scale, [&](auto d, auto scale) {
+      first_trial_loop<W, G, decltype(d)::value, decltype(scale)::value>(w, g, a.exp_avg, a.exp_avg_sq, saved, a.n,
+                                                                         s, k.grad_scale);
+    });
   }
+
+  // Along the momentum d reads no gradient: the scale is not needed.
+  static bool reads_scale(const Kinds& k) { return k.has_scale && k.direction != Direction::momentum; }
 
   static void retrial(const Span& a, const Kinds& k, const Scalars& s) {
     W* w = static_cast<W*>(a.weight);
     const G* g = static_cast<const G*>(a.grad);
     const W* saved = static_cast<const W*>(a.saved);
-    if (k.momentum) retrial_loop<W, G, true, false>(w, g, a.exp_avg, a.exp_avg_sq, saved, a.n, s, k.grad_scale);
-    else if (k.has_scale) retrial_loop<W, G, false, true>(w, g, a.exp_avg, a.exp_avg_sq, saved, a.n, s, k.grad_scale);
-    else retrial_loop<W, G, false, false>(w, g, a.exp_avg, a.exp_avg_sq, saved, a.n, s, k.grad_scale);
+    with_switches(k.direction, reads_scale(k), [&](auto d, auto scale) {
+      retrial_loop<W, G, decltype(d)::value, decltype(scale)::value>(w, g, a.exp_avg, a.exp_avg_sq, saved, a.n, s,
+                                                                     k.grad_scale);
+    });
   }
 
   static void restore(const Span& a, const Kinds& k, const Scalars& s) {
@@ -255,16 +302,26 @@ struct Typed {
       return;
     }
     const G* g = static_cast<const G*>(a.grad);
-    if (k.momentum) restore_loop<W, G, true, false>(w, g, a.exp_avg, a.exp_avg_sq, a.n, s, k.grad_scale);
-    else if (k.has_scale) restore_loop<W, G, false, true>(w, g, a.exp_avg, a.exp_avg_sq, a.n, s, k.grad_scale);
-    else restore_loop<W, G, false, false>(w, g, a.exp_avg, a.exp_avg_sq, a.n, s, k.grad_scale);
+    with_switches(k.direction, reads_scale(k), [&](auto d, auto scale) {
+      restore_loop<W, G, decltype(d)::value, decltype(scale)::value>(w, g, a.exp_avg, a.exp_avg_sq, a.n, s,
+                                                                     k.grad_scale);
+    });
   }
 
+  // k.direction is momentum (Adam's update) or raw here.
   static int64_t plain(const Span& a, const Kinds& k, const Scalars& s) {
     W* w = static_cast<W*>(a.weight);
     const G* g = static_cast<const G*>(a.grad);
-    return k.has_scale ? plain_loop<W, G, true>(w, g, a.exp_avg, a.exp_avg_sq, a.n, s, k.grad_scale)
-                       : plain_loop<W, G, false>(w, g, a.exp_avg, a.exp_avg_sq, a.n, s, k.grad_scale);
+    auto step = [&](auto d, auto scale) {
+      return plain_loop<W, G, decltype(d)::value, decltype(scale)::value>(w, g, a.exp_avg, a.exp_avg_sq, a.n, s,
+                                                                          k.grad_scale);
+    };
+    if (k.direction == Direction::raw) {
+      using Raw = std::integral_constant<Direction, Direction::raw>;
+      return k.has_scale ? step(Raw(), std::true_type()) : step(Raw(), std::false_type());
+    }
+    using Adam = std::integral_constant<Direction, Direction::momentum>;
+    return k.has_scale ? step(Adam(), std::true_type()) : step(Adam(), std::false_type());
   }
 };
 

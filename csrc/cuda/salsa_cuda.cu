@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "salsa_kernels.cuh"
@@ -128,6 +129,18 @@ void dispatch_types(const Table& t, Fn&& fn) {
   return fn(fp16_bits{}, fp16_bits{});
 }
 
+// Call fn with the ops' `direction` argument as a compile-time salsa::Direction:
+// fn(std::integral_constant<salsa::Direction, D>{}).
+template <class Fn>
+void dispatch_direction(int64_t code, Fn&& fn) {
+  using salsa::Direction;
+  TORCH_CHECK(code >= 0 && code <= 2, "salsa_fused cuda backend: direction must be 0 (gradient), 1 (momentum) "
+              "or 2 (raw), got ", code);
+  if (code == int64_t(Direction::momentum)) return fn(std::integral_constant<Direction, Direction::momentum>());
+  if (code == int64_t(Direction::raw)) return fn(std::integral_constant<Direction, Direction::raw>());
+  return fn(std::integral_constant<Direction, Direction::gradient>());
+}
+
 template <class Kernel>
 void launch(Kernel kernel, const Table& table, const Args& args) {
   kernel<<<unsigned(table.n_chunks), THREADS, 0, c10::cuda::getCurrentCUDAStream()>>>(args);
@@ -137,7 +150,7 @@ void launch(Kernel kernel, const Table& table, const Args& args) {
 }  // namespace
 
 at::Tensor slope(at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq, double beta1, double beta2,
-                 double bias_correction1, double bias_correction2, double eps, bool momentum,
+                 double bias_correction1, double bias_correction2, double eps, int64_t direction,
                  const std::optional<at::Tensor>& grad_scale) {
   TORCH_CHECK(!exp_avg_sq.empty(), "salsa_fused cuda backend: empty bucket");
   c10::cuda::CUDAGuard guard(exp_avg_sq[0].device());
@@ -151,7 +164,7 @@ at::Tensor slope(at::TensorList grads, at::TensorList exp_avg, at::TensorList ex
   if (table.n_chunks > 0) {
     dispatch_types(table, [&](auto, auto g) {
       using G = decltype(g);
-      launch(momentum ? slope_kernel<G, true> : slope_kernel<G, false>, table, args);
+      dispatch_direction(direction, [&](auto d) { launch(slope_kernel<G, decltype(d)::value>, table, args); });
     });
   }
   slope_finish_kernel<<<1, THREADS, 0, c10::cuda::getCurrentCUDAStream()>>>(args.partials, table.n_chunks,
@@ -162,7 +175,7 @@ at::Tensor slope(at::TensorList grads, at::TensorList exp_avg, at::TensorList ex
 
 void first_trial(at::TensorList weights, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
                  at::TensorList saved, double beta1, double beta2, double bias_correction1, double bias_correction2,
-                 double eps, double decay_factor, double step_size, bool momentum,
+                 double eps, double decay_factor, double step_size, int64_t direction,
                  const std::optional<at::Tensor>& grad_scale) {
   if (exp_avg_sq.empty()) return;
   c10::cuda::CUDAGuard guard(exp_avg_sq[0].device());
@@ -174,13 +187,14 @@ void first_trial(at::TensorList weights, at::TensorList grads, at::TensorList ex
   dispatch_types(table, [&](auto w, auto g) {
     using W = decltype(w);
     using G = decltype(g);
-    launch(momentum ? first_trial_kernel<W, G, true> : first_trial_kernel<W, G, false>, table, args);
+    dispatch_direction(direction, [&](auto d) { launch(first_trial_kernel<W, G, decltype(d)::value>, table, args); });
   });
 }
 
 void retrial(at::TensorList weights, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
              at::TensorList saved, double bias_correction1, double bias_correction2, double eps, double decay_factor,
-             double step_size, double previous_step_size, bool momentum, const std::optional<at::Tensor>& grad_scale) {
+             double step_size, double previous_step_size, int64_t direction,
+             const std::optional<at::Tensor>& grad_scale) {
   if (exp_avg_sq.empty()) return;
   c10::cuda::CUDAGuard guard(exp_avg_sq[0].device());
   const Table table = make_table(weights, grads, exp_avg, exp_avg_sq, saved);
@@ -191,13 +205,13 @@ void retrial(at::TensorList weights, at::TensorList grads, at::TensorList exp_av
   dispatch_types(table, [&](auto w, auto g) {
     using W = decltype(w);
     using G = decltype(g);
-    launch(momentum ? retrial_kernel<W, G, true> : retrial_kernel<W, G, false>, table, args);
+    dispatch_direction(direction, [&](auto d) { launch(retrial_kernel<W, G, decltype(d)::value>, table, args); });
   });
 }
 
 void restore(at::TensorList weights, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
              at::TensorList saved, double bias_correction1, double bias_correction2, double eps, double decay_factor,
-             double previous_step_size, bool momentum, const std::optional<at::Tensor>& grad_scale) {
+             double previous_step_size, int64_t direction, const std::optional<at::Tensor>& grad_scale) {
   if (exp_avg_sq.empty()) return;
   c10::cuda::CUDAGuard guard(exp_avg_sq[0].device());
   const Table table = make_table(weights, grads, exp_avg, exp_avg_sq, saved);
@@ -208,15 +222,17 @@ void restore(at::TensorList weights, at::TensorList grads, at::TensorList exp_av
   dispatch_types(table, [&](auto w, auto g) {
     using W = decltype(w);
     using G = decltype(g);
-    launch(momentum ? restore_kernel<W, G, true> : restore_kernel<W, G, false>, table, args);
+    dispatch_direction(direction, [&](auto d) { launch(restore_kernel<W, G, decltype(d)::value>, table, args); });
   });
 }
 
 void plain_step(at::TensorList weights, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
                 double beta1, double beta2, double bias_correction1, double bias_correction2, double eps,
-                double decay_factor, double step_size, const at::Tensor& loss,
+                double decay_factor, double step_size, int64_t direction, const at::Tensor& loss,
                 const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& nonfinite_count) {
+  TORCH_CHECK(direction >= 0 && direction <= 2, "salsa_fused cuda backend: direction must be 0 (gradient), "
+              "1 (momentum) or 2 (raw), got ", direction);
   if (exp_avg_sq.empty()) return;
   c10::cuda::CUDAGuard guard(exp_avg_sq[0].device());
   TORCH_CHECK(loss.numel() == 1, "salsa_fused cuda backend: plain_step needs a one-element loss tensor");
@@ -239,7 +255,9 @@ void plain_step(at::TensorList weights, at::TensorList grads, at::TensorList exp
   dispatch_types(table, [&](auto w, auto g) {
     using W = decltype(w);
     using G = decltype(g);
-    launch(plain_step_kernel<W, G>, table, args);
+    // Adam's update (m_hat * precond) unless the direction is raw.
+    if (direction == int64_t(salsa::Direction::raw)) launch(plain_step_kernel<W, G, salsa::Direction::raw>, table, args);
+    else launch(plain_step_kernel<W, G, salsa::Direction::momentum>, table, args);
   });
 }
 

@@ -3,15 +3,18 @@
 // and the thin binding salsa_cuda.cu launches it where CUDA torch exists.
 //
 // W: weight (and saved copy) type, G: gradient type (float, salsa::bf16_bits, salsa::fp16_bits);
-// moments fp32. Bytes per parameter with fp32 streams (reads + writes): slope 8 along the
-// gradient (12 along the momentum), plain step 28, first trial 32 with a saved copy (28
-// without), retrial 16, restore 8 from the copy (16 in place).
+// moments fp32; D: the direction (salsa::Direction). Bytes per parameter with fp32 streams
+// (reads + writes): slope 8 along the gradient (12 along the momentum), plain step 28, first
+// trial 32 with a saved copy (28 without), retrial 16, restore 8 from the copy (16 in place).
+// Along raw (d = g; m, v neither read nor written): slope 4, plain step 12, first trial 16
+// (12 without a copy), retrial 12, restore 8 (12 in place).
 #pragma once
 
 #include "multi_tensor.cuh"
 
 namespace salsa_cuda {
 
+using salsa::Direction;
 using salsa::Scalars;
 
 // Device-side inputs of a launch; optional pointers are null when absent.
@@ -50,7 +53,7 @@ __device__ __forceinline__ void for_each_pack(const Work& w, Fn&& fn) {
 }
 
 // q partial sums: partials[block] = sum over the block of g * d (this step's moments, not written).
-template <class G, bool MOMENTUM>
+template <class G, Direction D>
 __global__ void __launch_bounds__(THREADS) slope_kernel(Args a) {
   const Work w = locate(a.rows, a.n_tensors);
   float sum = 0.0f;
@@ -58,11 +61,12 @@ __global__ void __launch_bounds__(THREADS) slope_kernel(Args a) {
     constexpr bool V = decltype(path)::VECTOR;
     float g[PACK], m[PACK], v[PACK];
     load_grads<V, G>(w, a, i, g);
-    if (MOMENTUM) load_pack<V>(static_cast<const float*>(w.row->ptr[EXP_AVG]), i, m, w.end);
-    load_pack<V>(static_cast<const float*>(w.row->ptr[EXP_AVG_SQ]), i, v, w.end);
+    if (D == Direction::momentum) load_pack<V>(static_cast<const float*>(w.row->ptr[EXP_AVG]), i, m, w.end);
+    if (D != Direction::raw) load_pack<V>(static_cast<const float*>(w.row->ptr[EXP_AVG_SQ]), i, v, w.end);
 #pragma unroll
     for (int k = 0; k < PACK; ++k) {
-      const float term = salsa::slope_term<MOMENTUM>(g[k], MOMENTUM ? m[k] : 0.0f, v[k], a.s);
+      const float term = salsa::slope_term<D>(g[k], D == Direction::momentum ? m[k] : 0.0f,
+                                              D == Direction::raw ? 0.0f : v[k], a.s);
       sum = salsa::add(sum, i + k < w.end ? term : 0.0f);
     }
   });
@@ -79,8 +83,8 @@ __global__ void __launch_bounds__(THREADS) slope_finish_kernel(const float* __re
   if (threadIdx.x == 0) *q = float(total);
 }
 
-// Pass A of a search step: m, v, the saved copy, w = w_dec - step * d.
-template <class W, class G, bool MOMENTUM>
+// Pass A of a search step: m, v (not along raw), the saved copy, w = w_dec - step * d.
+template <class W, class G, Direction D>
 __global__ void __launch_bounds__(THREADS) first_trial_kernel(Args a) {
   const Work w = locate(a.rows, a.n_tensors);
   W* weight = static_cast<W*>(w.row->ptr[WEIGHT]);
@@ -89,39 +93,51 @@ __global__ void __launch_bounds__(THREADS) first_trial_kernel(Args a) {
   float* exp_avg_sq = static_cast<float*>(w.row->ptr[EXP_AVG_SQ]);
   for_each_pack(w, [&](int64_t i, auto path) {
     constexpr bool V = decltype(path)::VECTOR;
-    float g[PACK], m[PACK], v[PACK], x[PACK];
+    float g[PACK], x[PACK];
     load_grads<V, G>(w, a, i, g);
-    load_pack<V>(exp_avg, i, m, w.end);
-    load_pack<V>(exp_avg_sq, i, v, w.end);
-    load_pack<V>(weight, i, x, w.end);
-    if (saved != nullptr) store_pack<V>(saved, i, x, w.end);  // w0: exact back in W
+    if constexpr (D == Direction::raw) {
+      load_pack<V>(weight, i, x, w.end);
+      if (saved != nullptr) store_pack<V>(saved, i, x, w.end);  // w0: exact back in W
 #pragma unroll
-    for (int k = 0; k < PACK; ++k) {
-      const salsa::Moments next = salsa::new_moments(g[k], m[k], v[k], a.s);
-      m[k] = next.exp_avg;
-      v[k] = next.exp_avg_sq;
-      const float d = salsa::direction<MOMENTUM>(salsa::preconditioner(v[k], a.s), g[k], m[k], a.s);
-      x[k] = salsa::trial_weight(x[k], d, a.s);
+      for (int k = 0; k < PACK; ++k) x[k] = salsa::trial_weight(x[k], g[k], a.s);
+    } else {
+      float m[PACK], v[PACK];
+      load_pack<V>(exp_avg, i, m, w.end);
+      load_pack<V>(exp_avg_sq, i, v, w.end);
+      load_pack<V>(weight, i, x, w.end);
+      if (saved != nullptr) store_pack<V>(saved, i, x, w.end);
+#pragma unroll
+      for (int k = 0; k < PACK; ++k) {
+        const salsa::Moments next = salsa::new_moments(g[k], m[k], v[k], a.s);
+        m[k] = next.exp_avg;
+        v[k] = next.exp_avg_sq;
+        const float d = salsa::direction<D>(salsa::preconditioner(v[k], a.s), g[k], m[k], a.s);
+        x[k] = salsa::trial_weight(x[k], d, a.s);
+      }
+      store_pack<V>(exp_avg, i, m, w.end);
+      store_pack<V>(exp_avg_sq, i, v, w.end);
     }
-    store_pack<V>(exp_avg, i, m, w.end);
-    store_pack<V>(exp_avg_sq, i, v, w.end);
     store_pack<V>(weight, i, x, w.end);
   });
 }
 
-// d from the stored moments: reads v and g (gradient) or v and m (momentum).
-template <bool V, class G, bool MOMENTUM>
+// d from the stored moments: reads v and g (gradient), v and m (momentum), or g alone (raw).
+template <bool V, class G, Direction D>
 __device__ __forceinline__ void stored_direction(const Work& w, const Args& a, int64_t i, float (&d)[PACK]) {
-  float v[PACK], x[PACK];
-  load_pack<V>(static_cast<const float*>(w.row->ptr[EXP_AVG_SQ]), i, v, w.end);
-  if (MOMENTUM) load_pack<V>(static_cast<const float*>(w.row->ptr[EXP_AVG]), i, x, w.end);
-  else load_grads<V, G>(w, a, i, x);
+  if constexpr (D == Direction::raw) {
+    load_grads<V, G>(w, a, i, d);
+  } else {
+    float v[PACK], x[PACK];
+    load_pack<V>(static_cast<const float*>(w.row->ptr[EXP_AVG_SQ]), i, v, w.end);
+    if (D == Direction::momentum) load_pack<V>(static_cast<const float*>(w.row->ptr[EXP_AVG]), i, x, w.end);
+    else load_grads<V, G>(w, a, i, x);
 #pragma unroll
-  for (int k = 0; k < PACK; ++k) d[k] = salsa::direction<MOMENTUM>(salsa::preconditioner(v[k], a.s), x[k], x[k], a.s);
+    for (int k = 0; k < PACK; ++k) d[k] = salsa::direction<D>(salsa::preconditioner(v[k], a.s), x[k], x[k], a.s);
+  }
 }
 
 // Pass B: w = decay(saved) - step * d, or in place w += (previous - step) * d.
-template <class W, class G, bool MOMENTUM>
+template <class W, class G, Direction D>
 __global__ void __launch_bounds__(THREADS) retrial_kernel(Args a) {
   const Work w = locate(a.rows, a.n_tensors);
   W* weight = static_cast<W*>(w.row->ptr[WEIGHT]);
@@ -129,7 +145,7 @@ __global__ void __launch_bounds__(THREADS) retrial_kernel(Args a) {
   for_each_pack(w, [&](int64_t i, auto path) {
     constexpr bool V = decltype(path)::VECTOR;
     float d[PACK], x[PACK];
-    stored_direction<V, G, MOMENTUM>(w, a, i, d);
+    stored_direction<V, G, D>(w, a, i, d);
     load_pack<V>(saved != nullptr ? saved : weight, i, x, w.end);
 #pragma unroll
     for (int k = 0; k < PACK; ++k) {
@@ -140,7 +156,7 @@ __global__ void __launch_bounds__(THREADS) retrial_kernel(Args a) {
 }
 
 // The weights from before the step: w = saved, or in place (w + previous * d) / decay_factor.
-template <class W, class G, bool MOMENTUM>
+template <class W, class G, Direction D>
 __global__ void __launch_bounds__(THREADS) restore_kernel(Args a) {
   const Work w = locate(a.rows, a.n_tensors);
   W* weight = static_cast<W*>(w.row->ptr[WEIGHT]);
@@ -152,7 +168,7 @@ __global__ void __launch_bounds__(THREADS) restore_kernel(Args a) {
       return;
     }
     float d[PACK], x[PACK];
-    stored_direction<V, G, MOMENTUM>(w, a, i, d);
+    stored_direction<V, G, D>(w, a, i, d);
     load_pack<V>(weight, i, x, w.end);
 #pragma unroll
     for (int k = 0; k < PACK; ++k) x[k] = salsa::restore_in_place(x[k], d[k], a.s);
@@ -161,8 +177,9 @@ __global__ void __launch_bounds__(THREADS) restore_kernel(Args a) {
 }
 
 // The plain step, guarded on the device: nothing is written unless the loss is finite and
-// found_inf is 0; an element with a non-finite g keeps w, m, v and is counted.
-template <class W, class G>
+// found_inf is 0; an element with a non-finite g keeps w, m, v and is counted. D: momentum
+// (Adam's update, m and v written) or raw (w_dec - step * g, m and v neither read nor written).
+template <class W, class G, Direction D>
 __global__ void __launch_bounds__(THREADS) plain_step_kernel(Args a) {
   if (!salsa::is_finite(*a.loss) || (a.found_inf != nullptr && *a.found_inf != 0.0f)) return;
   const Work w = locate(a.rows, a.n_tensors);
@@ -172,17 +189,24 @@ __global__ void __launch_bounds__(THREADS) plain_step_kernel(Args a) {
   unsigned long long skipped = 0;
   for_each_pack(w, [&](int64_t i, auto path) {
     constexpr bool V = decltype(path)::VECTOR;
-    float g[PACK], m[PACK], v[PACK], x[PACK];
+    float g[PACK], x[PACK];
     load_grads<V, G>(w, a, i, g);
-    load_pack<V>(exp_avg, i, m, w.end);
-    load_pack<V>(exp_avg_sq, i, v, w.end);
-    load_pack<V>(weight, i, x, w.end);
+    if constexpr (D == Direction::raw) {
+      load_pack<V>(weight, i, x, w.end);
 #pragma unroll
-    for (int k = 0; k < PACK; ++k) {
-      skipped += (salsa::plain_update(g[k], x[k], m[k], v[k], a.s) || i + k >= w.end) ? 0 : 1;
+      for (int k = 0; k < PACK; ++k) skipped += (salsa::raw_plain_update(g[k], x[k], a.s) || i + k >= w.end) ? 0 : 1;
+    } else {
+      float m[PACK], v[PACK];
+      load_pack<V>(exp_avg, i, m, w.end);
+      load_pack<V>(exp_avg_sq, i, v, w.end);
+      load_pack<V>(weight, i, x, w.end);
+#pragma unroll
+      for (int k = 0; k < PACK; ++k) {
+        skipped += (salsa::plain_update(g[k], x[k], m[k], v[k], a.s) || i + k >= w.end) ? 0 : 1;
+      }
+      store_pack<V>(exp_avg, i, m, w.end);
+      store_pack<V>(exp_avg_sq, i, v, w.end);
     }
-    store_pack<V>(exp_avg, i, m, w.end);
-    store_pack<V>(exp_avg_sq, i, v, w.end);
     store_pack<V>(weight, i, x, w.end);
   });
   if (a.nonfinite != nullptr) {

@@ -11,8 +11,9 @@ fixed order). A CUDA build adds kernels for CUDA tensors (csrc/cuda/).
 
 Bytes moved per parameter with fp32 weights, gradients and state (reads + writes):
 q 8 along the gradient (12 along the momentum), plain step 28, first trial 32 with a
-saved copy (28 without), retrial 16, restore 8 from the copy (16 in place). No pass
-allocates a tensor but q's 0-dim result.
+saved copy (28 without), retrial 16, restore 8 from the copy (16 in place); along ``"raw"``
+(no moments read or written) q 4, plain step 12, first trial 16 (12 without a copy),
+retrial 12, restore 8 (12 in place). No pass allocates a tensor but q's 0-dim result.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from .base import DIRECTIONS, MOMENTUM, RAW, Bucket, Hyper, Move, PassArgs, count_step
+from .base import GRADIENT, MOMENTUM, RAW, Bucket, Hyper, Move, PassArgs, count_step
 
 name = "cpp"
 
@@ -53,12 +54,15 @@ def _ops():
     return torch.ops.salsa_fused
 
 
-def _momentum(direction: str) -> bool:
-    if direction not in DIRECTIONS:
+# The ops' ``direction`` argument (csrc/salsa_math.h, salsa::Direction).
+_DIRECTION_CODES = {GRADIENT: 0, MOMENTUM: 1, RAW: 2}
+
+
+def _direction(direction: str) -> int:
+    code = _DIRECTION_CODES.get(direction)
+    if code is None:
         raise ValueError(f"unknown direction {direction!r}")
-    if direction == RAW:
-        raise ValueError("the cpp backend does not implement direction 'raw' yet")
-    return direction == MOMENTUM
+    return code
 
 
 def _decay_factor(hyper: Hyper, move: Move) -> float:
@@ -77,49 +81,50 @@ def slope(bucket: Bucket, args: PassArgs) -> torch.Tensor:
     """
     h = args.hyper
     return _ops().slope(bucket.grads, bucket.exp_avg, bucket.exp_avg_sq, h.beta1, h.beta2, h.bias_correction1,
-                        h.bias_correction2, h.eps, _momentum(args.direction), args.grad_scale)
+                        h.bias_correction2, h.eps, _direction(args.direction), args.grad_scale)
 
 
 def first_trial(bucket: Bucket, args: PassArgs) -> None:
     """Pass A of a search step: m, v, the saved copy of w, and ``w = w_dec - step * d``."""
     h, move = args.hyper, args.move
-    momentum = _momentum(args.direction)
+    direction = _direction(args.direction)
     _ops().first_trial_(bucket.params, bucket.grads, bucket.exp_avg, bucket.exp_avg_sq, _saved(bucket),
                         h.beta1, h.beta2, h.bias_correction1, h.bias_correction2, h.eps,
-                        _decay_factor(h, move), move.step, momentum, args.grad_scale)
+                        _decay_factor(h, move), move.step, direction, args.grad_scale)
 
 
 def retrial(bucket: Bucket, args: PassArgs) -> None:
     """Pass B: ``w = decay(saved) - step * d`` or in place ``w += (previous - step) * d``."""
     h, move = args.hyper, args.move
-    momentum = _momentum(args.direction)
+    direction = _direction(args.direction)
     _ops().retrial_(bucket.params, bucket.grads, bucket.exp_avg, bucket.exp_avg_sq, _saved(bucket),
                     h.bias_correction1, h.bias_correction2, h.eps, _decay_factor(h, move), move.step,
-                    move.previous, momentum, args.grad_scale)
+                    move.previous, direction, args.grad_scale)
 
 
 def restore(bucket: Bucket, args: PassArgs) -> None:
     """Weights from before the step: ``w = saved``, or ``w = (w + previous * d) / (1 - wd * decay)``."""
     h, move = args.hyper, args.move
-    momentum = _momentum(args.direction)
+    direction = _direction(args.direction)
     _ops().restore_(bucket.params, bucket.grads, bucket.exp_avg, bucket.exp_avg_sq, _saved(bucket),
                     h.bias_correction1, h.bias_correction2, h.eps, _decay_factor(h, move), move.previous,
-                    momentum, args.grad_scale)
+                    direction, args.grad_scale)
 
 
 def plain_step(bucket: Bucket, args: PassArgs, loss: torch.Tensor, found_inf: Optional[torch.Tensor] = None,
                nonfinite_count: Optional[torch.Tensor] = None, step_counts: Optional[torch.Tensor] = None) -> None:
-    """Pass A of a plain step: m, v updated and ``w = w_dec - step * m_hat * precond``.
+    """Pass A of a plain step: m, v updated and ``w = w_dec - step * m_hat * precond``, or along
+    ``"raw"`` ``w = w_dec - step * g`` with m, v untouched.
 
     Changes nothing when ``loss`` is non-finite or ``found_inf`` is set. An element whose
     gradient is non-finite keeps its weight and moments and is counted into
     ``nonfinite_count`` (an int64 0-dim tensor). The guards are read inside the op;
     ``step_counts`` (``base.count_step``) is counted with torch ops beside it.
     """
-    _momentum(args.direction)
     if step_counts is not None:
         count_step(step_counts, loss, found_inf)
     h, move = args.hyper, args.move
+    along = _DIRECTION_CODES[RAW if args.direction == RAW else MOMENTUM]
     _ops().plain_step_(bucket.params, bucket.grads, bucket.exp_avg, bucket.exp_avg_sq, h.beta1, h.beta2,
-                       h.bias_correction1, h.bias_correction2, h.eps, _decay_factor(h, move), move.step, loss,
-                       found_inf, args.grad_scale, nonfinite_count)
+                       h.bias_correction1, h.bias_correction2, h.eps, _decay_factor(h, move), move.step, along,
+                       loss, found_inf, args.grad_scale, nonfinite_count)

@@ -16,11 +16,14 @@ from tests import background
 ARCHS = ["sm_80", "sm_90a"]
 KERNELS = {"slope_kernel", "slope_finish_kernel", "first_trial_kernel", "retrial_kernel", "restore_kernel",
            "plain_step_kernel"}
-# SPEC section 2, fp32 weights, gradients and state (restore: copy path 8 + in-place path 16).
-FP32_BYTES = {("plain_step_kernel", False): 28, ("first_trial_kernel", False): 32,
-              ("first_trial_kernel", True): 32, ("retrial_kernel", False): 16, ("retrial_kernel", True): 16,
-              ("restore_kernel", False): 24, ("restore_kernel", True): 24, ("slope_kernel", False): 8,
-              ("slope_kernel", True): 12}
+# SPEC section 2, fp32 weights, gradients and state (restore: copy path 8 + in-place path 16);
+# along the raw gradient no kernel moves m or v (restore: 8 + 12).
+FP32_BYTES = {("plain_step_kernel", "momentum"): 28, ("plain_step_kernel", "raw"): 12,
+              ("first_trial_kernel", "gradient"): 32, ("first_trial_kernel", "momentum"): 32,
+              ("first_trial_kernel", "raw"): 16,
+              ("retrial_kernel", "gradient"): 16, ("retrial_kernel", "momentum"): 16, ("retrial_kernel", "raw"): 12,
+              ("restore_kernel", "gradient"): 24, ("restore_kernel", "momentum"): 24, ("restore_kernel", "raw"): 20,
+              ("slope_kernel", "gradient"): 8, ("slope_kernel", "momentum"): 12, ("slope_kernel", "raw"): 4}
 
 
 def _audit(_tmp):
@@ -43,9 +46,10 @@ def audit():
 def test_every_kernel_compiles_without_spills(audit, arch):
     kernels = audit[arch]["kernels"]
     assert {k["kernel"] for k in kernels} == KERNELS
-    assert len(kernels) == 1 + 3 * 9  # slope_finish + 9 kernels for each of fp32, bf16, fp16
+    # slope_finish + for each of fp32, bf16, fp16: 4 passes x 3 directions + the plain step x 2
+    assert len(kernels) == 1 + 3 * 14
     for k in kernels:
-        where = f"{arch} {k['kernel']} {k['weight']} {k['grad']} momentum={k['momentum']}"
+        where = f"{arch} {k['kernel']} {k['weight']} {k['grad']} direction={k['direction']}"
         assert k["spill_stores"] == 0 and k["spill_loads"] == 0, where
         assert k["stack"] == 0, where
         assert 0 < k["registers"] <= 128, where
@@ -58,11 +62,11 @@ def test_vector_path_moves_the_design_bytes(audit, arch):
     for k in audit[arch]["kernels"]:
         if k["grad"] is None:
             continue
-        where = f"{arch} {k['kernel']} {k['weight']} {k['grad']} momentum={k['momentum']}"
+        where = f"{arch} {k['kernel']} {k['weight']} {k['grad']} direction={k['direction']}"
         assert (k["vector_loads"], k["vector_stores"]) == (k["expected_vector_loads"],
                                                             k["expected_vector_stores"]), where
         if k["grad"] == "float":
-            assert k["vector_bytes_per_param"] == FP32_BYTES[(k["kernel"], k["momentum"])], where
+            assert k["vector_bytes_per_param"] == FP32_BYTES[(k["kernel"], k["direction"])], where
         # The vectorized path of a 16-bit stream is one 128-bit access per 8 elements: no 64-bit
         # global data accesses (those are the tables' pointers, LDG.64, never LD.64/ST.64).
         assert "LD.64" not in k["sass"] and "ST.64" not in k["sass"] and "STG.64" not in k["sass"], where
