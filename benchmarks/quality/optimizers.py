@@ -104,10 +104,11 @@ def _adamw(lr: float, warmup: float = WARMUP_FRACTION):
 
 
 def _labpal(mode: str, **kwargs):
-    """LABPAL at the paper's settings, its batch-size schedule over the run (t_max = its steps), on
-    the torch backend (the C++ CPU kernels have no raw-gradient direction yet)."""
+    """LABPAL at the paper's settings, its batch-size schedule over the run (t_max = its steps).
+    (``results/zoo/validation_labpal_rule.jsonl`` ran on the torch backend, before the C++ kernels
+    had the raw-gradient direction.)"""
     def build(task, model, total_steps) -> Built:
-        return Built(LABPAL(model.parameters(), mode, t_max=total_steps, backend="torch", **kwargs), "labpal")
+        return Built(LABPAL(model.parameters(), mode, t_max=total_steps, backend=BACKEND, **kwargs), "labpal")
     return build
 
 
