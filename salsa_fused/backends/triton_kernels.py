@@ -349,20 +349,23 @@ def _first_trial_block(row_ptr, offsets, mask, grad_scale_ptr, beta1, beta2, one
                        ALIGNED: tl.constexpr, FULL: tl.constexpr):
     w_ptr = _stream(row_ptr, _PARAM, W_DTYPE, ALIGNED)
     g_ptr = _stream(row_ptr, _GRAD, G_DTYPE, ALIGNED)
+    m_ptr = _stream(row_ptr, _EXP_AVG, tl.float32, ALIGNED)  # unused along raw: the loads are dropped
+    v_ptr = _stream(row_ptr, _EXP_AVG_SQ, tl.float32, ALIGNED)
     g = _scaled_grad(_load(g_ptr, offsets, mask, FULL), grad_scale_ptr, HAS_GRAD_SCALE)
     if DIRECTION == _RAW:
+        w = _load(w_ptr, offsets, mask, FULL)
+        if HAS_SAVED:
+            _store(_stream(row_ptr, _SAVED, W_DTYPE, ALIGNED), offsets, w, mask, FULL)
         d = g
     else:
-        m_ptr = _stream(row_ptr, _EXP_AVG, tl.float32, ALIGNED)
-        v_ptr = _stream(row_ptr, _EXP_AVG_SQ, tl.float32, ALIGNED)
         m_new, v_new = _new_moments(g, _load(m_ptr, offsets, mask, FULL), _load(v_ptr, offsets, mask, FULL),
                                     beta1, beta2, one_minus_beta1, one_minus_beta2)
         _store(m_ptr, offsets, m_new, mask, FULL)
         _store(v_ptr, offsets, v_new, mask, FULL)
+        w = _load(w_ptr, offsets, mask, FULL)
+        if HAS_SAVED:
+            _store(_stream(row_ptr, _SAVED, W_DTYPE, ALIGNED), offsets, w, mask, FULL)
         d = _direction(_preconditioner(v_new, bias_correction2, eps), g, m_new, bias_correction1, DIRECTION)
-    w = _load(w_ptr, offsets, mask, FULL)
-    if HAS_SAVED:
-        _store(_stream(row_ptr, _SAVED, W_DTYPE, ALIGNED), offsets, w, mask, FULL)
     _store(w_ptr, offsets, tl.fma(d, neg_step_size, w.to(tl.float32) * decay_factor), mask, FULL)
 
 

@@ -17,11 +17,11 @@ def test_every_provider_runs_and_moves_its_tensors():
     shapes = [(8, 4), (16,)]
     fns = B.build(shapes, torch.float32)
     assert {"adamw_fused", "adamw_foreach", "cpp_plain", "torch_plain", "cpp_pass_a", "cpp_pass_b",
-            "cpp_slope"} <= set(fns)
+            "cpp_slope", "cpp_plain_raw", "cpp_pass_a_raw", "cpp_slope_raw"} <= set(fns)
     with torch.no_grad():
         for name, fn in fns.items():
             out = fn()
-            if name == "cpp_slope":
+            if name in ("cpp_slope", "cpp_slope_raw"):
                 assert out.dim() == 0 and float(out) > 0
 
 
