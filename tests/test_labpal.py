@@ -226,6 +226,28 @@ def test_two_phase_form_and_bind_closure_take_the_one_phase_decisions(bind):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+def test_grad_scaler_two_phase_takes_the_unscaled_decisions():
+    """The passes unscale g along the raw direction: a power-of-two scale changes no bit."""
+    plain_model, scaled_model = _model(), _model()
+    plain = LABPAL(plain_model.parameters(), backend=BACKEND, **SETTINGS)
+    scaled = LABPAL(scaled_model.parameters(), backend=BACKEND, **SETTINGS)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=10**6)
+    for k in range(STEPS):
+        _two_phase(plain, plain_model, k)
+        gradient_batches, closure = scaled.next_batches().gradient, _closure(scaled_model, k)
+        scaled.zero_grad()
+        losses = []
+        for i in range(gradient_batches):
+            loss = closure(i)
+            scaler.scale(loss / gradient_batches if gradient_batches > 1 else loss).backward()
+            losses.append(loss.detach().double())
+        scaler.step(scaled, closure, loss=sum(losses) / gradient_batches)
+        scaler.update()
+        assert plain.last_decision == scaled.last_decision, k
+    for p, q in zip(plain_model.parameters(), scaled_model.parameters()):
+        assert torch.equal(p, q)
+
+
 def _dropout_masks(form):
     """A dropout model over 4 steps (approximations at steps 0 and 3): per step, the kind and the
     masks every call of closure(i) drew, in call order."""
