@@ -149,6 +149,10 @@ class StepSizeBeam:
                  extensions: int = 0):
         if not isinstance(optimizer, FusedSaLSa):
             raise TypeError(f"optimizer must be a FusedSaLSa, got {type(optimizer).__name__}")
+        if optimizer.next_batches() is not None:
+            raise ValueError("StepSizeBeam's closure(i) is the loss of the i-th batch from the current step on, "
+                             "but this FusedSaLSa's search rule (search_rule='labpal') reads several batches "
+                             "per step through closure(i) of its own: the two contracts do not compose")
         if scaled_by(optimizer.schedule, StepSizeBeam):
             raise ValueError("this FusedSaLSa already has a StepSizeBeam on its schedule")
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:

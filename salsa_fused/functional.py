@@ -24,7 +24,7 @@ import torch
 
 from . import _compat as C
 from .applied import GroupStep
-from .backends.base import Backend, Bucket, Hyper, Move, PassArgs
+from .backends.base import GRADIENT, RAW, Backend, Bucket, Hyper, Move, PassArgs
 from .distributed import SearchReduction
 from .errors import NonFiniteError
 from .line_search import SearchConfig, SearchState, StepPlan
@@ -86,10 +86,12 @@ class Passes:
 
 
 def plain_step(passes: Passes, trial: float, loss: torch.Tensor, found_inf: Optional[torch.Tensor],
-               counts: DeviceCounts, reduction: SearchReduction) -> None:
-    """A step without search: every bucket moves ``lr_g * s * trial`` along ``m_hat`` (``trial``:
-    the rule's first trial, ``eta * growth`` for SaLSa), unless ``loss`` is non-finite or
-    ``found_inf`` is set. No host read."""
+               counts: DeviceCounts, reduction: SearchReduction, direction: str = GRADIENT) -> None:
+    """A step without search: every bucket moves ``lr_g * s * trial`` (``trial``: the rule's first
+    trial, ``eta * growth`` for SaLSa) along ``m_hat`` after Adam's moment update, or along the raw
+    gradient with the moments untouched when ``direction`` is the backends' ``RAW`` (a rule whose
+    direction is ``g``, e.g. LABPAL's SGD updates), unless ``loss`` is non-finite or ``found_inf``
+    is set. No host read."""
     if reduction.loss_group is not None:
         # Every rank must take the same skip decision: judge the loss averaged over
         # the data-parallel group (one 4-byte all-reduce, no host read).
@@ -101,7 +103,7 @@ def plain_step(passes: Passes, trial: float, loss: torch.Tensor, found_inf: Opti
     with torch.no_grad():
         for i, b in enumerate(passes.buckets):
             args = PassArgs(passes.hypers[b.group_index], passes.groups[b.group_index].plain(trial),
-                            grad_scale=passes.grad_scale)
+                            direction, passes.grad_scale)
             passes.backend.plain_step(b, args, loss, found_inf=found_inf, nonfinite_count=counts.nonfinite_elements,
                                       step_counts=counts.step_counts if i == 0 else None)
 
@@ -192,8 +194,9 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
     # retried by the caller) must find them as they were: copies, 8 bytes per parameter while
     # the search runs, put back on an exception. One multi-tensor op (x * 1 is exact, -0 and
     # NaN included), not a clone per tensor: 296 launches per search for GPT-2 small.
-    moments = [t for b in passes.buckets for t in (*b.exp_avg, *b.exp_avg_sq)]
-    moments_before = C.foreach_mul(moments, 1.0)
+    # Along the raw gradient no pass writes the moments: nothing to copy.
+    moments = [] if direction == RAW else [t for b in passes.buckets for t in (*b.exp_avg, *b.exp_avg_sq)]
+    moments_before = C.foreach_mul(moments, 1.0) if moments else []
     passes.run("first_trial", direction, GroupStep.trial, search.step_size)
     current = search.step_size  # the trial the weights are at
     try:
@@ -204,8 +207,9 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
             current = search.step_size
     except BaseException:
         passes.run("restore", direction, GroupStep.restore, current)
-        with torch.no_grad():
-            C.foreach_copy_(moments, moments_before)
+        if moments:
+            with torch.no_grad():
+                C.foreach_copy_(moments, moments_before)
         raise
     final = search.final()
     along = final.direction or direction

@@ -1,81 +1,62 @@
-"""LABPAL, the large-batch parabolic approximation line search (seed 003), as an optimizer.
+"""LABPAL, the large-batch parabolic approximation line search (seed 003), as a search rule.
 
-LABPAL moves along the raw gradient (SGD), not Adam's direction, so it does not run on
-FusedSaLSa's Adam passes: this module is plain ``torch._foreach_*`` arithmetic (through
-:mod:`salsa_fused._compat`), apart from the Adam backends, and keeps no moments.
+``FusedSaLSa(params, search_rule="labpal")`` (NSGD) or ``search_rule="labpal_sgd"``, or
+``search_rule=LABPALRule(mode=..., ...)`` to change a constant; :class:`LABPAL` builds the same.
 
-**Why it is not a FusedSaLSa search rule.** The decisions fit :mod:`salsa_fused.rules`: an
-approximation is a search whose trials sit at ``0, mu, 2 mu`` along ``g / ||g||`` (``||g||`` is
-``sqrt(q)`` when the direction is ``g``), whose ``observe`` collects the three losses and whose
-``final`` is ``alpha * s_min`` (the state in ``SearchState.rule_state``; ``plan`` says when an
-approximation is due). What the protocol and the passes under it lack:
+LABPAL moves along the raw gradient ``d = g`` (the backends' direction ``RAW``: no Adam
+preconditioner, Adam's moments neither read nor written), so ``||g|| = sqrt(q)`` with the slope
+``q = sum lr_g g.g`` the search step reads anyway. Every ``sgd_steps`` updates (and at the first
+step) an *approximation*: with ``g`` the mean gradient of the step's first ``k(t)`` batches and
+``u = g / ||g||``, the loss along ``-u`` is measured at ``s = 0, mu, 2 mu`` as the mean over
+``approximation_batches`` (``n``) batches, a parabola ``a s^2 + b s + c`` is fitted exactly
+through the three points, and its minimum ``s_min = -b / 2a`` (at most ``max_step``) sets the
+update step ``alpha * s_min``; the weights move there. As a search: trials at ``mu / ||g||``
+and ``2 mu / ||g||`` (in units of ``g``), the point at ``s = 0`` being the loss the search step
+starts from, and the final move ``alpha * s_min / ||g||``. Between approximations:
 
-1. *Several batches per step.* ``FusedSaLSa.step`` takes one loss and one gradient from one
-   ``closure()`` and reads one loss per trial. LABPAL takes the gradient as the mean over the
-   first ``k(t)`` batches and judges every point by the mean over ``n`` batches, the point at
-   ``s = 0`` reusing the gradient batches' losses. It needs a closure taking a batch index and a
-   rule hook saying how many batches the gradient and each trial read; that touches the
-   one-phase and two-phase forms, ``bind_closure`` (the integrations), the random-state replay
-   and DDP's loss averaging: not a small change.
-2. *A third direction,* ``d = g`` without Adam's preconditioner, in every pass of every backend
-   (the slope, the trials, the final move; torch, Triton kernels, C++ CPU and CUDA), which today
-   know ``g / (sqrt(v_hat) + eps)`` and ``m_hat / (sqrt(v_hat) + eps)`` only.
-3. *Plain steps the rule sizes.* A plain step is Adam's ``m_hat`` move at ``eta * growth``
-   without a host read; LABPAL's plain step is ``lambda * g`` (SGD) or ``alpha s_min g / ||g||``
-   (NSGD, a norm read every step). A search with no trial whose ``final`` moves along ``g``
-   would express both, once (2) exists.
-4. The passes update Adam's moments on every step; LABPAL reads none (16 bytes/param of
-   traffic and 8 of state for nothing, results unchanged).
+- ``mode="SGD"``: ``w -= lambda * g`` with ``lambda = alpha * s_min / ||g||`` of the last fit: a
+  plain step along ``RAW`` of ``lambda``, no host read;
+- ``mode="NSGD"``: ``w -= alpha * s_min * g / ||g||`` (the step length is kept): a search step
+  with no trial whose final move is ``alpha * s_min / ||g||``, so one host read of ``q`` per step.
 
-Every ``sgd_steps`` updates (and at the first step) an *approximation*: with ``g`` the mean
-gradient of the step's first ``k(t)`` inference batches, ``u = g / ||g||``, the loss along
-``-u`` is measured at ``s = 0, mu, 2*mu`` as the mean over ``approximation_batches`` (``n``)
-inference batches, a parabola ``a s^2 + b s + c`` is fitted exactly through the three
-points, and its minimum ``s_min = -b / 2a`` (at most ``max_step``) sets the update step
-``alpha * s_min`` (``alpha = 1.8``); the weights move there. Between approximations:
+A failed fit (``a <= 0`` or ``b >= 0``, or a non-finite point loss) keeps the previous rate (SGD)
+or step length (NSGD), or before any success moves nothing and approximates again at the next
+step. Batch-size schedule (Algorithm 1, ``t_max`` given): ``k(t) = 1`` up to ``t_max/2``
+batches consumed, 2 up to ``3 t_max / 4``, 4 after (approximation batches count in ``t``).
+``accumulation=A`` splits every batch in ``A`` micro-batches: the closure is then called for
+``A`` times as many indices, each returning the mean loss of one equal-sized micro-batch.
 
-- ``mode="SGD"``: ``w -= lambda * g`` with ``lambda = alpha * s_min / ||g||`` of the approximation;
-- ``mode="NSGD"``: ``w -= alpha * s_min * g / ||g||`` (the step length is kept).
+The closure contract (several batches per step) is :class:`salsa_fused.rules.Batches`: the
+gradient reads ``closure(i)`` for ``i < k(t) * A``; each point averages ``closure(i)`` for
+``i < n * A``, the point at ``s = 0`` reusing the gradient batches' losses.
 
-A failed fit (``a <= 0`` or ``b >= 0``, or a non-finite point loss) keeps the previous rate, or
-before any success moves nothing and approximates again at the next step. Batch-size schedule
-(Algorithm 1, ``t_max`` given): ``k(t) = 1`` up to ``t_max/2`` inference batches consumed, 2 up
-to ``3 t_max / 4``, 4 after (approximation batches count in ``t``).
+The level ``eta`` (``FusedSaLSa.step_size``, what decoupled weight decay and ``applied_steps``
+read) is ``lambda`` (``init_step_size`` before the first fit). A group's ``lr`` multiplies ``g``
+in its trials and moves (``q`` sums ``lr_g g.g``): at the default ``lr = 1`` the geometry is the
+paper's. Defaults are the paper's (``n = 10``, ``sgd_steps = 1000``, ``alpha = 1.8``,
+``max_step = 1``) and its published code's (``mu = 0.01``; the code differences ``np.gradient``
+on unevenly spaced points, which doubles ``s_min`` on an exact parabola: the exact fit is used).
 
-**Closure contract.** ``step(closure)`` calls ``closure(i)`` for inference batch ``i`` of this
-step (``i = 0, 1, ...``, ``batches_needed()`` of them): it runs the forward pass on that batch
-and returns the mean loss, the same batch whenever called with the same ``i`` within a step.
-The optimizer runs the backward of ``closure(i) / k`` for ``i < k(t)`` (any gradient already
-in ``.grad`` is replaced), so the schedule's larger batches are gradient accumulation.
-``accumulation=A`` splits each inference batch in ``A`` micro-batches: the closure is then
-called for ``A`` times as many indices, each a micro-batch of ``1/A`` of the batch.
-
-Under DDP each rank's closure returns the loss of its own shard of batch ``i``: the backward
-averages the gradients, and the three point losses are averaged over the ranks (one
-all-reduce of 3 numbers) before the fit, so every rank takes the same decision.
-
-Cost: an update is ``k`` forwards and backwards; an approximation ``k`` forwards and
-backwards plus ``3n - k`` forwards and one weight-sized copy, once per ``sgd_steps`` updates.
-Defaults are the paper's (``n = 10``, ``sgd_steps = 1000``, ``alpha = 1.8``, ``max_step = 1``)
-and its published code's (``mu = 0.01``; the code differences ``np.gradient`` on unevenly spaced
-points, which doubles ``s_min`` on an exact parabola: the exact fit is used here).
+Cost per update: ``k`` forwards and backwards; per approximation ``k`` forwards and backwards plus
+``3n - k`` forwards and one weight-sized copy (``restore="copy"``), once per ``sgd_steps`` updates.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Callable, List, Optional
+from dataclasses import dataclass, replace
+from typing import ClassVar, FrozenSet, Optional
 
-import torch
-from torch.optim import Optimizer
-
-from . import _compat as C
-from .distributed import SearchReduction, default_reduction
-from .errors import NonFiniteError
+from .backends.base import RAW
+from .line_search import SearchConfig, SearchState, StepPlan
+from .optimizer import FusedSaLSa
+from .rules import Batches, FinalMove, Verdict
 
 MODES = ("SGD", "NSGD")
-_STATE_KEY = "labpal"  # where state_dict() carries the scalars (param_groups[0])
+
+#: ``SearchState.rule_state`` of LABPAL: its scalars, and ``last``, what the last step decided.
+_COUNTERS = ("batches_consumed", "updates_since_approximation", "num_approximations", "num_failed_fits")
+_RATES = ("learning_rate", "update_step")  # lambda and alpha * s_min, None before the first fit
 
 
 def parabola_minimum(points, losses):
@@ -90,224 +71,225 @@ def parabola_minimum(points, losses):
     return a, b, -b / (2 * a)
 
 
-@dataclass
-class LABPALState:
-    """The scalars LABPAL carries from step to step; ``state_dict`` holds them."""
+def _initial_state() -> dict:
+    return dict(batches_consumed=0, updates_since_approximation=0, num_approximations=0, num_failed_fits=0,
+                learning_rate=None, update_step=None, last={})
 
-    step: int = 0  # updates and approximations taken
-    batches_consumed: int = 0  # t, in inference batches
-    updates_since_approximation: int = 0
-    learning_rate: Optional[float] = None  # SGD's lambda = alpha * s_min / ||g||
-    update_step: Optional[float] = None  # alpha * s_min
-    num_approximations: int = 0
-    num_failed_fits: int = 0
-    num_forward_evals: int = 0  # closure calls
-    num_backward_evals: int = 0
 
-    @classmethod
-    def from_dict(cls, values: dict) -> "LABPALState":
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown LABPAL state keys {sorted(unknown)}")
-        state = cls(**values)
-        for name in ("step", "batches_consumed", "updates_since_approximation", "num_approximations",
-                     "num_failed_fits", "num_forward_evals", "num_backward_evals"):
-            value = getattr(state, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"LABPAL state {name} must be an integer >= 0, got {value!r}")
-        for name in ("learning_rate", "update_step"):
-            value = getattr(state, name)
-            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"LABPAL state {name} must be None or a finite number > 0, got {value!r}")
+class _LABPALSearch:
+    """One LABPAL search step: an approximation (two trials), or an NSGD update (no trial)."""
+
+    def __init__(self, rule: "LABPALRule", plan: StepPlan, loss: float, slope: float):
+        self.rule = rule
+        self.state = replace(plan.state, rule_state=_copy(plan.state.rule_state))
+        self.labpal = self.state.rule_state
+        self.last = self.labpal["last"]
+        self.norm = math.sqrt(slope) if slope > 0 else 0.0
+        self.last["grad_norm"] = self.norm
+        self.approximation = self.last["kind"] == "approximation"
+        self.losses = [float(loss)]
+        self.trials = 0
+        self.move = 0.0  # along g / ||g||
+        self.active = self.approximation and self.norm > 0
+        self.step_size = rule.sample_step / self.norm if self.active else 0.0
+        if not self.approximation and self.norm > 0:
+            self.move = self.labpal["update_step"]  # NSGD: the step length is kept
+        elif self.approximation and self.norm == 0:
+            self.last["kind"] = "zero_gradient"  # no direction: nothing moves, the batches are consumed
+
+    def observe(self, trial_loss: float) -> Verdict:
+        rule = self.rule
+        self.trials += 1
+        self.state.num_forward_evals += rule.approximation_batches * rule.accumulation
+        self.losses.append(float(trial_loss))
+        if self.trials == 1:
+            self.step_size = 2 * rule.sample_step / self.norm
+            return Verdict.RETRY
+        labpal, last = self.labpal, self.last
+        mu = rule.sample_step
+        points = (0.0, mu, 2 * mu)
+        a, b, s_min = parabola_minimum(points, self.losses)
+        labpal["num_approximations"] += 1
+        if s_min is not None:
+            labpal["update_step"] = rule.alpha * min(s_min, rule.max_step)
+            labpal["learning_rate"] = labpal["update_step"] / self.norm
+        else:
+            labpal["num_failed_fits"] += 1
+        if labpal["update_step"] is not None:
+            rate = labpal["learning_rate"] * self.norm if rule.mode == "SGD" else labpal["update_step"]
+            self.move = rate
+            labpal["updates_since_approximation"] = 0
+        last.update(points=list(points), losses=list(self.losses), a=a, b=b, s_min=s_min)
+        return Verdict.ACCEPT if s_min is not None else Verdict.GIVE_UP
+
+    def final(self) -> FinalMove:
+        """``move / ||g||`` along ``g``: the update, in units of the gradient."""
+        return FinalMove(self.move / self.norm if self.norm > 0 else 0.0)
+
+    def finish(self) -> SearchState:
+        state, labpal = self.state, self.labpal
+        self.last["move"] = self.move
+        state.last_trials = self.trials
+        if self.approximation:
+            state.num_searches += 1
+            state.steps_since_search = 0
+            labpal["batches_consumed"] += self.rule.approximation_batches
+        if labpal["learning_rate"] is not None:
+            state.step_size = labpal["learning_rate"]
         return state
 
 
-class LABPAL(Optimizer):
-    """LABPAL (seed 003): SGD or normalized SGD whose step comes from a parabola fitted to the
-    loss along the gradient over several batches, refitted every ``sgd_steps`` updates.
+def _copy(rule_state: dict) -> dict:
+    """A copy of LABPAL's rule state deep enough to change (the initial one when empty)."""
+    if not rule_state:
+        return _initial_state()
+    return {**rule_state, "last": dict(rule_state.get("last", {}))}
+
+
+@dataclass(frozen=True)
+class LABPALRule:
+    """LABPAL (seed 003) as a search rule: SGD or normalized SGD along ``g`` whose step comes from a
+    parabola fitted to the loss along ``g`` over several batches, refitted every ``sgd_steps`` updates.
 
     Args:
-        params: parameters or param groups (no per-group hyperparameters: one step for all).
         mode: ``"NSGD"`` (the step length is kept) or ``"SGD"`` (the learning rate is kept).
-        approximation_batches: ``n``, inference batches averaged at each parabola point.
+        approximation_batches: ``n``, batches averaged at each parabola point (at least 4, the
+            schedule's largest ``k``).
         sgd_steps: updates between approximations.
         alpha: multiplier on the parabola's minimum.
         sample_step: ``mu``; the points are ``0, mu, 2 mu`` along the unit gradient.
         max_step: upper bound on ``s_min``.
-        t_max: the run's length in inference batches for the batch-size schedule (None: k = 1).
-        accumulation: micro-batches per inference batch (the closure is called per micro-batch).
-        reduction: how point losses are averaged across ranks (default: the world when
-            ``torch.distributed`` is initialized).
+        t_max: the run's length in batches for the batch-size schedule (None: ``k = 1``).
+        accumulation: micro-batches per batch (the closure is called per micro-batch).
     """
 
-    def __init__(self, params, mode: str = "NSGD", *, approximation_batches: int = 10, sgd_steps: int = 1000,
-                 alpha: float = 1.8, sample_step: float = 0.01, max_step: float = 1.0,
-                 t_max: Optional[int] = None, accumulation: int = 1,
-                 reduction: Optional[SearchReduction] = None):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        for name, value in (("approximation_batches", approximation_batches), ("sgd_steps", sgd_steps),
-                            ("accumulation", accumulation)):
+    mode: str = "NSGD"
+    approximation_batches: int = 10
+    sgd_steps: int = 1000
+    alpha: float = 1.8
+    sample_step: float = 0.01
+    max_step: float = 1.0
+    t_max: Optional[int] = None
+    accumulation: int = 1
+
+    #: FusedSaLSa's search arguments LABPAL reads: none (its constants are the fields above).
+    reads: ClassVar[FrozenSet[str]] = frozenset()
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        for name in ("approximation_batches", "sgd_steps", "accumulation"):
+            value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if approximation_batches < 4:
+        if self.approximation_batches < 4:
             raise ValueError("approximation_batches must be >= 4 (the largest k(t) of the schedule), "
-                             f"got {approximation_batches}")
-        for name, value in (("alpha", alpha), ("sample_step", sample_step), ("max_step", max_step)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                             f"got {self.approximation_batches}")
+        for name in ("alpha", "sample_step", "max_step"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        t_max = self.t_max
         if t_max is not None and (isinstance(t_max, bool) or not isinstance(t_max, int) or t_max < 1):
             raise ValueError(f"t_max must be None or an integer >= 1, got {t_max!r}")
-        self.mode = mode
-        self.approximation_batches, self.sgd_steps, self.accumulation = approximation_batches, sgd_steps, accumulation
-        self.alpha, self.sample_step, self.max_step, self.t_max = float(alpha), float(sample_step), float(max_step), t_max
-        super().__init__(params, {})
-        self._labpal = LABPALState()
-        self.reduction = reduction if reduction is not None else default_reduction(
-            p for group in self.param_groups for p in group["params"])
-        #: What the last step decided (kind, batches, and for an approximation the fit and move).
-        self.last_decision: dict = {}
 
-    # ------------------------------------------------------------------ schedule
-    @property
-    def labpal_state(self) -> LABPALState:
-        return LABPALState(**asdict(self._labpal))
+    def direction(self, configured: str) -> str:
+        return RAW
 
-    def batch_multiplier(self) -> int:
-        """``k(t)`` of Algorithm 1, in inference batches."""
-        t = self._labpal.batches_consumed
-        if self.t_max is None or t <= self.t_max // 2:
+    def batch_multiplier(self, batches_consumed: int) -> int:
+        """``k(t)`` of Algorithm 1, in batches, after ``t = batches_consumed``."""
+        if self.t_max is None or batches_consumed <= self.t_max // 2:
             return 1
-        return 2 if t <= (3 * self.t_max) // 4 else 4
+        return 2 if batches_consumed <= (3 * self.t_max) // 4 else 4
 
-    def approximation_due(self) -> bool:
-        state = self._labpal
-        return state.update_step is None or state.updates_since_approximation >= self.sgd_steps
+    def plan(self, state: SearchState, config: SearchConfig) -> StepPlan:
+        labpal = state.rule_state or _initial_state()
+        due = labpal["update_step"] is None or labpal["updates_since_approximation"] >= self.sgd_steps
+        return self._plan(state, approximate=due)
+
+    def without_search(self, state: SearchState, config: SearchConfig) -> StepPlan:
+        """No approximation (the schedule freezes the level): the mode's update at the last rate,
+        or, before any fit, a step that moves nothing."""
+        return self._plan(state, approximate=False)
+
+    def _plan(self, state: SearchState, approximate: bool) -> StepPlan:
+        labpal = _copy(state.rule_state)
+        k = self.batch_multiplier(labpal["batches_consumed"])
+        new = replace(state, step=state.step + 1, steps_since_search=state.steps_since_search + 1,
+                      rule_state=labpal)
+        rate = labpal["learning_rate"]
+        if approximate:
+            labpal["last"] = dict(kind="approximation", batches=self.approximation_batches, direction_batches=k)
+            return StepPlan(state=new, is_search=True, trial_step_size=rate or state.step_size)
+        labpal["batches_consumed"] += k
+        if rate is None:  # frozen before the first fit
+            labpal["last"] = dict(kind="frozen", batches=k)
+            return StepPlan(state=new, is_search=False, trial_step_size=0.0)
+        labpal["updates_since_approximation"] += 1
+        labpal["last"] = dict(kind="update", batches=k)
+        return StepPlan(state=new, is_search=self.mode == "NSGD", trial_step_size=rate)
+
+    def batches(self, plan: StepPlan) -> Batches:
+        last = plan.state.rule_state["last"]
+        k = last.get("direction_batches", last["batches"]) * self.accumulation
+        points = self.approximation_batches * self.accumulation if last["kind"] == "approximation" else 0
+        return Batches(gradient=k, points=points if plan.is_search else 0)
+
+    def __call__(self, plan: StepPlan, config: SearchConfig, loss: float, slope: float) -> _LABPALSearch:
+        return _LABPALSearch(self, plan, loss, slope)
+
+    def check_state(self, rule_state: dict) -> None:
+        """Raise ValueError on LABPAL scalars no run reaches (a corrupt or hand-edited checkpoint)."""
+        if not rule_state:
+            return
+        unknown = set(rule_state) - {*_COUNTERS, *_RATES, "last"}
+        missing = {*_COUNTERS, *_RATES} - set(rule_state)
+        if unknown or missing:
+            raise ValueError(f"not a LABPAL rule state: unknown keys {sorted(unknown)}, missing {sorted(missing)}")
+        for name in _COUNTERS:
+            value = rule_state[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"LABPAL state {name} must be an integer >= 0, got {value!r}")
+        for name in _RATES:
+            value = rule_state[name]
+            if value is not None and (isinstance(value, bool) or not (
+                    isinstance(value, (int, float)) and math.isfinite(value) and value > 0)):
+                raise ValueError(f"LABPAL state {name} must be None or a finite number > 0, got {value!r}")
+        if (rule_state["learning_rate"] is None) != (rule_state["update_step"] is None):
+            raise ValueError("LABPAL state learning_rate and update_step are set together, got "
+                             f"{rule_state['learning_rate']!r} and {rule_state['update_step']!r}")
+        if not isinstance(rule_state.get("last", {}), dict):
+            raise ValueError(f"LABPAL state last must be a dict, got {rule_state['last']!r}")
+
+
+LABPAL_NSGD = LABPALRule()
+LABPAL_SGD = LABPALRule(mode="SGD")
+
+
+class LABPAL(FusedSaLSa):
+    """``FusedSaLSa`` with the LABPAL rule (:class:`LABPALRule`): ``LABPAL(params, "SGD", t_max=...)``
+    is ``FusedSaLSa(params, search_rule=LABPALRule("SGD", t_max=...))``. Keyword arguments that are
+    not the rule's go to :class:`FusedSaLSa` (``backend``, ``reduction``, ``restore``, ...).
+    ``step(closure)`` with ``closure(i)`` the loss of batch ``i`` of this step."""
+
+    def __init__(self, params, mode: str = "NSGD", **options):
+        rule_fields = {name: options.pop(name) for name in list(options)
+                       if name in LABPALRule.__dataclass_fields__}
+        super().__init__(params, search_rule=LABPALRule(mode=mode, **rule_fields), **options)
+
+    @property
+    def labpal_state(self) -> dict:
+        """A copy of LABPAL's scalars (``search_state.rule_state``): batches consumed, updates since
+        the last fit, ``learning_rate`` (lambda), ``update_step`` (alpha * s_min), counters, ``last``."""
+        return _copy(self.search_state.rule_state)
+
+    @property
+    def last_decision(self) -> dict:
+        """What the last step decided: ``kind`` (``"approximation"``, ``"update"``, ...), the batches,
+        and for an approximation the points, losses, fit and move."""
+        return dict(self.labpal_state["last"])
 
     def batches_needed(self) -> int:
-        """How many indices the next ``step`` passes to ``closure`` (micro-batches)."""
-        batches = self.approximation_batches if self.approximation_due() else self.batch_multiplier()
-        return batches * self.accumulation
-
-    # ------------------------------------------------------------------ state_dict
-    def state_dict(self) -> dict:
-        state_dict = super().state_dict()
-        state_dict["param_groups"][0][_STATE_KEY] = asdict(self._labpal)
-        return state_dict
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        groups = state_dict["param_groups"]
-        if not groups or _STATE_KEY not in groups[0]:
-            raise ValueError("not a LABPAL state_dict: param_groups[0] has no 'labpal' entry")
-        labpal = LABPALState.from_dict(dict(groups[0][_STATE_KEY]))
-        groups = [{k: v for k, v in group.items() if k != _STATE_KEY} for group in groups]
-        super().load_state_dict({**state_dict, "param_groups": groups})
-        self._labpal = labpal
-
-    # ------------------------------------------------------------------ step
-    def _params(self) -> List[torch.Tensor]:
-        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
-
-    def _loss(self, closure, index: int, need_grad: bool) -> torch.Tensor:
-        value = closure(index)
-        self._labpal.num_forward_evals += 1
-        if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.is_floating_point():
-            raise TypeError(f"closure({index}) must return the scalar loss as a floating-point tensor, "
-                            f"got {value!r:.80}")
-        if need_grad and not value.requires_grad:
-            raise RuntimeError(f"closure({index}) returned a loss with no grad path: call step() outside "
-                               "torch.no_grad()")
-        return value.reshape(())
-
-    def _gradient(self, closure, params, k: int) -> float:
-        """Mean loss of inference batches ``0..k-1`` (micro-batches ``0..k*A-1``) and their mean
-        gradient in ``.grad`` (the backward of each micro-batch's loss over ``k*A``)."""
-        micro = k * self.accumulation
-        for p in params:
-            p.grad = None
-        total = 0.0
-        for i in range(micro):
-            with torch.enable_grad():
-                loss = self._loss(closure, i, need_grad=True)
-            (loss / micro).backward()
-            self._labpal.num_backward_evals += 1
-            total += float(loss.detach())
-        return total / micro
-
-    def _mean_loss(self, closure, first: int, last: int) -> float:
-        """Sum of the losses of micro-batches ``first..last-1`` over their count per point."""
-        with torch.no_grad():
-            return sum(float(self._loss(closure, i, need_grad=False)) for i in range(first, last))
-
-    def step(self, closure: Callable[[int], torch.Tensor]) -> float:
-        """One LABPAL step (an update, or an approximation and its move); returns the mean loss
-        of the step's gradient batches at the weights before the step."""
-        if not callable(closure):
-            raise TypeError("LABPAL.step() needs closure: closure(i) runs the forward pass on inference "
-                            "batch i of this step and returns its loss")
-        params = self._params()
-        if not params:
-            raise RuntimeError("LABPAL has no parameter that requires grad")
-        k = self.batch_multiplier()
-        due = self.approximation_due()
-        loss = self._gradient(closure, params, k)
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        norm = math.sqrt(sum(float(n.double()) ** 2 for n in C.foreach_norm(grads)))
-        if not (math.isfinite(loss) and math.isfinite(norm)):
-            raise NonFiniteError(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at "
-                                 f"LABPAL step {self._labpal.step + 1}; the weights are unchanged")
-        state = self._labpal
-        if norm == 0:  # no direction: nothing moves, the batches are consumed
-            state.batches_consumed += k
-            self.last_decision = dict(kind="zero_gradient", batches=k, loss=loss, grad_norm=0.0)
-        elif due:
-            self._approximate(closure, params, grads, k, loss, norm)
-        else:
-            step = state.learning_rate if self.mode == "SGD" else state.update_step / norm
-            with torch.no_grad():
-                C.foreach_add_(params, C.foreach_mul(grads, -step))
-            state.batches_consumed += k
-            state.updates_since_approximation += 1
-            self.last_decision = dict(kind="update", batches=k, loss=loss, grad_norm=norm)
-        state.step += 1
-        return loss
-
-    @torch.no_grad()
-    def _approximate(self, closure, params, grads, k: int, loss_k: float, norm: float) -> None:
-        state, n, acc = self._labpal, self.approximation_batches, self.accumulation
-        unit = C.foreach_div(grads, norm)
-        origin = [p.detach().clone() for p in params]
-        mu = self.sample_step
-        points = (0.0, mu, 2 * mu)
-
-        def place(step: float) -> None:
-            C.foreach_copy_(params, origin)
-            if step:
-                C.foreach_add_(params, C.foreach_mul(unit, -step))
-
-        try:
-            sums = [loss_k * k * acc + self._mean_loss(closure, k * acc, n * acc)]
-            for s in points[1:]:
-                place(s)
-                sums.append(self._mean_loss(closure, 0, n * acc))
-        except BaseException:
-            place(0.0)
-            raise
-        local = torch.tensor([x / (n * acc) for x in sums], dtype=torch.float64, device=params[0].device)
-        losses = self.reduction.average_loss(local).tolist()  # over the ranks, in float64
-        a, b, s_min = parabola_minimum(points, losses)
-        state.batches_consumed += n
-        state.num_approximations += 1
-        if s_min is not None:
-            state.update_step = self.alpha * min(s_min, self.max_step)
-            state.learning_rate = state.update_step / norm
-        else:
-            state.num_failed_fits += 1
-        if state.update_step is None:
-            move = 0.0
-        else:
-            move = state.learning_rate * norm if self.mode == "SGD" else state.update_step
-            state.updates_since_approximation = 0
-        place(move)
-        self.last_decision = dict(kind="approximation", batches=n, direction_batches=k, grad_norm=norm,
-                                  points=points, losses=losses, a=a, b=b, s_min=s_min, move=move)
+        """How many indices the next one-phase ``step`` passes to ``closure``."""
+        batches = self.next_batches()
+        return max(batches.gradient, batches.points)

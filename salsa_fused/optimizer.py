@@ -14,10 +14,11 @@ formed in :mod:`salsa_fused.applied`, and the decisions come from the search rul
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import warnings
 from copy import deepcopy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -27,11 +28,12 @@ from . import backends as _backends
 from ._rng import RNGSnapshot
 from .buckets import BucketCache
 from . import functional as F
-from .backends.base import DIRECTIONS, GRADIENT, Bucket
+from .backends.base import GRADIENT, MOMENTUM, Bucket
 from .distributed import SearchReduction, default_reduction
 from .applied import GroupStep
 from .line_search import SearchConfig, SearchState
-from .rules import check_arguments, moment_step, plan_step, resolve_rule
+from .rules import (Batches, check_arguments, check_rule_state, moment_step, plan_step, plan_without_search,
+                    resolve_rule, step_batches)
 from .step_size import warn_past_end
 
 LossClosure = Callable[[], Union[torch.Tensor, float]]
@@ -39,6 +41,8 @@ LossClosure = Callable[[], Union[torch.Tensor, float]]
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 _SEARCH_KEY = "search"  # where state_dict() carries the search state (param_groups[0])
 RESTORE_STRATEGIES = ("copy", "inplace")
+#: Adam's two directions; the backends' third, ``"raw"`` (``d = g``), is chosen by a rule (LABPAL's).
+SEARCH_DIRECTIONS = (GRADIENT, MOMENTUM)
 NONFINITE_POLICIES = ("raise", "skip")
 _DeviceCounts = F.DeviceCounts  # its name before it moved to functional.py: pickled optimizers load
 
@@ -126,7 +130,9 @@ class FusedSaLSa(Optimizer):
         reduction: how losses and ``q`` are reduced across ranks (default: losses averaged
             over the world when ``torch.distributed`` is initialized).
         search_rule: a rule name (``"salsa"``, the default: the published smoothed Armijo
-            test; ``"sls"``, ``"alsals"``: seed 001's, :mod:`salsa_fused.adam_sls`) or an object
+            test; ``"sls"``, ``"alsals"``: seed 001's, :mod:`salsa_fused.adam_sls`; ``"labpal"``,
+            ``"labpal_sgd"``: seed 003's, :mod:`salsa_fused.labpal`, whose closure takes a batch
+            index, below) or an object
             with :class:`salsa_fused.rules.SearchRule`'s methods. A search argument (``c``,
             ``beta3``, ``growth``, ``backtrack``, ``max_trials``, the interval settings,
             ``search_direction``) given by name that the rule does not read raises ValueError.
@@ -140,7 +146,10 @@ class FusedSaLSa(Optimizer):
 
     ``step(closure)`` runs ``closure()`` (forward, returns the scalar loss) and the backward
     itself; ``loss.backward(); step(closure, loss=loss)`` is the two-phase form for loops
-    that do their own backward. Trial forwards run under ``torch.no_grad()``.
+    that do their own backward. Trial forwards run under ``torch.no_grad()``. Under a rule that
+    reads several batches per step (``"labpal"``) the closure is ``closure(i)``, the loss of batch
+    ``i`` of the step (:class:`salsa_fused.rules.Batches` gives the contract, :meth:`next_batches`
+    the counts of the next step).
     """
 
     _step_supports_amp_scaling = True
@@ -157,8 +166,9 @@ class FusedSaLSa(Optimizer):
                  model: Optional[torch.nn.Module] = None):
         if not (math.isfinite(init_step_size) and init_step_size > 0):
             raise ValueError(f"init_step_size must be a finite number > 0, got {init_step_size}")
-        if search_direction not in DIRECTIONS:
-            raise ValueError(f"search_direction must be one of {DIRECTIONS}, got {search_direction!r}")
+        if search_direction not in SEARCH_DIRECTIONS:
+            raise ValueError(f"search_direction must be one of {SEARCH_DIRECTIONS}, got {search_direction!r} "
+                             "(the raw gradient is a rule's direction: search_rule='labpal')")
         if restore not in RESTORE_STRATEGIES:
             raise ValueError(f"restore must be one of {RESTORE_STRATEGIES}, got {restore!r}")
         if backend not in _backends.names():
@@ -323,6 +333,15 @@ class FusedSaLSa(Optimizer):
         """The earlier name of :attr:`applied_steps` (kept: the same list)."""
         return self.applied_steps
 
+    def next_batches(self) -> Optional[Batches]:
+        """Under a rule that reads several batches per step (``search_rule="labpal"``): how many
+        the next step reads (:class:`salsa_fused.rules.Batches`: the two-phase form runs the
+        backward of the first ``gradient`` itself); ``None`` for a rule whose closure takes no index."""
+        plan = plan_step(self.search_rule, self._search, self.search_config)
+        if plan.is_search and self.schedule is not None and not self.schedule.searches(plan.state.step):
+            plan = plan_without_search(self.search_rule, self._search, self.search_config, plan)
+        return step_batches(self.search_rule, plan)
+
     @property
     def search_interval(self) -> float:
         """The interval ``L`` of the last step (searches come every ``ceil(L)`` steps)."""
@@ -366,6 +385,7 @@ class FusedSaLSa(Optimizer):
         if groups and _SEARCH_KEY in groups[0]:
             search = SearchState.from_dict(deepcopy(groups[0][_SEARCH_KEY]))
             search.validate()  # unknown keys, bad values
+            check_rule_state(self.search_rule, search.rule_state)
         groups = [{k: v for k, v in group.items() if k != _SEARCH_KEY} for group in groups]
         for group in groups:
             group.setdefault("search_lr", group.get("lr", self.defaults["lr"]))  # saved before it existed
@@ -456,12 +476,13 @@ class FusedSaLSa(Optimizer):
                 if getattr(module, "track_running_stats", False) and getattr(module, "training", False)
                 for buffer in module.buffers(recurse=False)]
 
-    def _trial_loss(self, closure: LossClosure) -> torch.Tensor:
-        """``closure()`` under ``no_grad`` at the weights as they are: a 0-dim fp32 tensor."""
+    def _trial_loss(self, closure: LossClosure, what: str = "closure()",
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``closure()`` under ``no_grad`` at the weights as they are: a 0-dim tensor of ``dtype``."""
         with torch.no_grad():
             value = closure()
-        loss = self._loss_tensor(value, "closure()", need_grad=False)
-        return loss.detach().reshape(()).to(device=self._device, dtype=torch.float32)
+        loss = self._loss_tensor(value, what, need_grad=False)
+        return loss.detach().reshape(()).to(device=self._device, dtype=dtype)
 
     def _device_counts(self) -> F.DeviceCounts:
         if self._counts is None:
@@ -590,23 +611,27 @@ class FusedSaLSa(Optimizer):
             self._check_no_earlier_backward()
         if not self._lr_checked:
             self._warn_if_lr_looks_like_a_step_size()
-        plan = plan_step(self.search_rule, self._search, self.search_config)
+        rule, state, config = self.search_rule, self._search, self.search_config
+        plan = plan_step(rule, state, config)
         scale = 1.0
         if self.schedule is not None:
             scale = float(self.schedule.scale(plan.state.step))
             if not self._past_end_warned:
                 self._past_end_warned = warn_past_end(self.schedule, plan.state.step, stacklevel=4)
             if plan.is_search and not self.schedule.searches(plan.state.step):
-                plan = replace(plan, is_search=False)
+                plan = plan_without_search(rule, state, config, plan)
         for group in self.param_groups:
             if group["search_lr"] == 0 and group["lr"] > 0:
                 group["search_lr"] = group["lr"]  # the first positive lr of a group that started at 0
         if plan.is_search and not any(group["search_lr"] > 0 for group in self.param_groups):
-            plan = replace(plan, is_search=False)  # every group at lr 0: nothing to search for
+            plan = plan_without_search(rule, state, config, plan)  # every group at lr 0: nothing to search for
+        batches = step_batches(rule, plan)
         devices = [self._device] if self._device is not None else []
         marked, handoff.forward_rng = handoff.forward_rng, None  # mark_forward(), used by this step only
         zeroed_at, handoff.zero_grad_rng = handoff.zero_grad_rng, None
         one_phase = loss is None
+        if batches is not None:
+            return self._multi_batch_step(plan, scale, batches, closure, loss, devices, marked, zeroed_at)
         if one_phase:
             rng_before = RNGSnapshot.capture(devices) if plan.is_search else None
             with torch.enable_grad():
@@ -668,3 +693,138 @@ class FusedSaLSa(Optimizer):
                 for buffer, saved in running:  # and the running statistics where it left them
                     buffer.copy_(saved)
         return loss_tensor.detach() if one_phase else loss
+
+    def _multi_batch_step(self, plan, scale: float, batches: Batches, closure, loss, devices, marked, zeroed_at):
+        """The step of a rule that reads several batches (:class:`salsa_fused.rules.Batches`): the
+        gradient of ``closure(i)`` over ``i < batches.gradient`` (the caller's in the two-phase
+        form), then a plain step or a search whose points each average ``batches.points`` batches."""
+        k, n = batches.gradient, batches.points
+        one_phase = loss is None
+        points = plan.is_search and n > 0
+        replay = None
+        if points and one_phase:
+            replay = _IndexedReplay(closure, devices)
+        reuse = True  # the point at w0 reuses the gradient batches' losses
+        if one_phase:
+            total = None  # the gradient batches' losses summed in float64
+            dtype = None
+            call = replay if replay is not None else functools.partial(_call_indexed, closure)
+            for i in range(k):
+                with torch.enable_grad():
+                    value = call(i)
+                loss_i = self._loss_tensor(value, f"closure({i})", need_grad=True)
+                try:
+                    (loss_i / k if k > 1 else loss_i).backward()
+                except RuntimeError as error:
+                    if i == 0 and self._has_new_gradients():
+                        raise RuntimeError(f"closure({i}) ran backward() itself: here the closure returns "
+                                           "the loss only, and step() runs the backward") from error
+                    raise
+                dtype = loss_i.dtype
+                loss_i = loss_i.detach().reshape(()).to(torch.float64)
+                total = loss_i if total is None else total + loss_i
+            gradient_sum = total
+            loss_tensor = (total / k).to(dtype)
+        else:
+            loss_tensor = self._loss_tensor(loss, "loss", need_grad=False)
+            gradient_sum = loss_tensor.detach().reshape(()).to(torch.float64) * k
+            if points:
+                rng_after = RNGSnapshot.capture(devices)
+                start = marked if (marked is not None and k == 1) else rng_after
+                # The caller's forwards drew from the generators (dropout) and no mark covers every
+                # gradient batch: their losses cannot be replayed, so the point at w0 is evaluated
+                # again, every batch under the draws its trials replay.
+                reuse = (marked is not None and k == 1) or rng_after.same_as(zeroed_at)
+                replay = _IndexedReplay(closure, devices, first={i: start for i in range(k)} if reuse else {},
+                                        end=rng_after)
+        buckets = self._collect_buckets()
+        if not buckets:  # none of this optimizer's parameters is in this loss: as torch.optim, a no-op
+            return loss_tensor.detach() if one_phase else loss
+        step_state = plan.state
+        step_state.num_forward_evals += k
+        step_state.num_backward_evals += k if one_phase else 0
+        found_inf = getattr(self, "found_inf", None)
+        direction = self.search_rule.direction(self.search_direction)
+        passes = F.Passes.of(self.backend, buckets, self.param_groups, moment_step(self.search_rule, step_state.step),
+                             scale, self.step_size, getattr(self, "grad_scale", None))
+        if not plan.is_search:
+            f0 = loss_tensor.detach().reshape(()).to(device=self._device, dtype=torch.float32)
+            F.plain_step(passes, plan.trial_step_size, f0, found_inf, self._device_counts(), self.reduction, direction)
+            self._commit(step_state)
+            return loss_tensor.detach() if one_phase else loss
+
+        def point_sum(first: int) -> torch.Tensor:
+            """``sum closure(i)`` over ``first <= i < n`` at the weights as they are, in float64."""
+            total = torch.zeros((), dtype=torch.float64, device=self._device)
+            for i in range(first, n):
+                total = total + self._trial_loss(functools.partial(replay, i), f"closure({i})", torch.float64)
+            return total
+
+        def trial_loss() -> float:
+            (value,) = self.reduction.average_loss((point_sum(0) / n).reshape(1)).tolist()
+            return value
+
+        running = self._running_statistics()
+        try:
+            if points:  # the point at w0: the mean over n batches
+                first = k if reuse else 0
+                f0 = ((gradient_sum if reuse else 0.0) + point_sum(first)) / n
+                step_state.num_forward_evals += n - first
+            else:
+                f0 = gradient_sum / k
+            self._commit(F.search_step(
+                passes, plan, self._search, f0, trial_loss, rule=self.search_rule, config=self.search_config,
+                search_direction=self.search_direction, param_groups=self.param_groups,
+                counts=self._device_counts(), found_inf=found_inf, reduction=self.reduction,
+                nonfinite=self.nonfinite, has_saved_copy=self.restore_strategy == "copy", device=self._device))
+        finally:
+            if replay is not None and replay.end is not None:
+                replay.end.set()  # the generators end where the step's first forward of each batch left them
+            with torch.no_grad():
+                for buffer, saved in running:  # the running statistics where the gradient forwards left them
+                    buffer.copy_(saved)
+        return loss_tensor.detach() if one_phase else loss
+
+
+def _takes_an_index(closure) -> bool:
+    try:
+        inspect.signature(closure).bind(0)
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (a builtin): assume it does
+        return True
+    return True
+
+
+def _call_indexed(closure, index: int):
+    """``closure(index)``, with the contract named when the closure takes no batch index."""
+    try:
+        return closure(index)
+    except TypeError as error:
+        if _takes_an_index(closure):
+            raise
+        raise TypeError("this FusedSaLSa's search rule reads several batches per step, so its closure "
+                        "takes the batch index: closure(i) runs the forward pass on batch i of this step "
+                        "and returns its loss (rules.Batches); the closure given takes no argument") from error
+
+
+class _IndexedReplay:
+    """``closure(i)`` whose later calls within one step replay the random state its first call drew
+    from (the same dropout masks for batch ``i`` at every point); ``end`` is the random state after
+    the latest first call, where the generators are left after the step."""
+
+    def __init__(self, closure, devices, first: Optional[Dict[int, RNGSnapshot]] = None,
+                 end: Optional[RNGSnapshot] = None):
+        self.closure, self.devices = closure, devices
+        self.first = dict(first or {})
+        self.end = end
+
+    def __call__(self, index: int):
+        before = self.first.get(index)
+        if before is not None:
+            before.set()
+            return _call_indexed(self.closure, index)
+        self.first[index] = RNGSnapshot.capture(self.devices)
+        value = _call_indexed(self.closure, index)
+        self.end = RNGSnapshot.capture(self.devices)
+        return value

@@ -27,18 +27,25 @@ behaviour):
 - ``adam_bias_correction = True``: Adam's moments corrected with ``1 - beta^k`` (Kingma & Ba)
   instead of 0.1.0's ``1 - beta^(k+1)``;
 - ``reads``: the names in :data:`SEARCH_ARGUMENTS` (FusedSaLSa's arguments that configure a
-  search) the rule uses; FusedSaLSa refuses any other of them passed by name (all, by default).
+  search) the rule uses; FusedSaLSa refuses any other of them passed by name (all, by default);
+- ``batches(plan) -> Batches``: the rule reads several batches per step; the closure then takes
+  a batch index, ``closure(i)`` (the contract: :class:`Batches`; :func:`step_batches`);
+- ``without_search(state, config) -> StepPlan``: the step ahead when a search may not run (the
+  schedule freezes the level, or every group's lr is 0); by default the plan without its search;
+- ``check_state(rule_state)``: raise ValueError on a ``SearchState.rule_state`` no run of the rule
+  can reach (``load_state_dict`` calls it before anything changes).
 
 ``"salsa"`` (:class:`~salsa_fused.line_search.ArmijoSearch`, the published smoothed Armijo
 test) is the default; ``"sls"`` and ``"alsals"`` are seed 001's Adam+SLS and ALSALS
-(:mod:`salsa_fused.adam_sls`); :func:`register_rule` adds others.
+(:mod:`salsa_fused.adam_sls`), ``"labpal"`` and ``"labpal_sgd"`` seed 003's LABPAL, NSGD and SGD
+(:mod:`salsa_fused.labpal`); :func:`register_rule` adds others.
 """
 
 from __future__ import annotations
 
 import enum
 import importlib
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import TYPE_CHECKING, Dict, Iterable, Optional, Protocol, Union, runtime_checkable
 
 if TYPE_CHECKING:
@@ -63,6 +70,33 @@ class FinalMove:
 
     step: float
     direction: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Batches:
+    """How many batches one step of a multi-batch rule reads (its ``batches(plan)``).
+
+    The closure of such a rule takes a batch index: ``closure(i)`` runs the forward pass on batch
+    ``i`` of *this* step and returns its mean loss (no backward); called again with the same ``i``
+    within the step it must use the same batch, and the optimizer replays the random draws of its
+    first call (dropout masks), so it sees the same function of the weights. Batches
+    ``0 .. gradient-1`` give the gradient: the optimizer runs the backward of ``closure(i) /
+    gradient`` for each (in the two-phase form the caller has done it and passes their mean loss).
+    Each point of the search is the mean of ``closure(i)`` over ``i < points`` (0: no point is
+    evaluated); the point at the weights before the step reuses the gradient batches' losses and
+    evaluates only ``gradient .. points-1``. Under DDP each rank's ``closure(i)`` is its own shard
+    of batch ``i``; the point means are averaged over the ranks before the rule reads them.
+    """
+
+    gradient: int
+    points: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.gradient, bool) or not isinstance(self.gradient, int) or self.gradient < 1:
+            raise ValueError(f"a step reads at least one gradient batch, got {self.gradient!r}")
+        if isinstance(self.points, bool) or not isinstance(self.points, int) or not (
+                self.points == 0 or self.points >= self.gradient):
+            raise ValueError(f"points must be 0 or >= gradient ({self.gradient}), got {self.points!r}")
 
 
 @runtime_checkable
@@ -100,6 +134,8 @@ RULES: Dict[str, Union[str, SearchRule]] = {
     "salsa": "salsa_fused.line_search:ArmijoSearch",
     "sls": "salsa_fused.adam_sls:ADAM_SLS",
     "alsals": "salsa_fused.adam_sls:ALSALS",
+    "labpal": "salsa_fused.labpal:LABPAL_NSGD",
+    "labpal_sgd": "salsa_fused.labpal:LABPAL_SGD",
 }
 DEFAULT = "salsa"
 
@@ -165,6 +201,30 @@ def plan_step(rule: SearchRule, state: "SearchState", config: "SearchConfig") ->
 
         return salsa_plan(state, config)
     return plan(state, config)
+
+
+def step_batches(rule: SearchRule, plan: "StepPlan") -> Optional[Batches]:
+    """The batches the step of ``plan`` reads under a multi-batch ``rule`` (its ``batches(plan)``);
+    ``None`` for a rule whose closure takes no argument (one batch, ``closure()``)."""
+    batches = getattr(rule, "batches", None)
+    return None if batches is None else batches(plan)
+
+
+def plan_without_search(rule: SearchRule, state: "SearchState", config: "SearchConfig",
+                        plan: "StepPlan") -> "StepPlan":
+    """``plan`` when the step may not search: the rule's ``without_search(state, config)``, else
+    ``plan`` as a step without search (its first trial as the plain step)."""
+    without = getattr(rule, "without_search", None)
+    if without is None:
+        return replace(plan, is_search=False)
+    return without(state, config)
+
+
+def check_rule_state(rule: SearchRule, rule_state: dict) -> None:
+    """The rule's ``check_state(rule_state)`` when it has one (a loaded checkpoint's scalars)."""
+    check = getattr(rule, "check_state", None)
+    if check is not None:
+        check(rule_state)
 
 
 def moment_step(rule: SearchRule, step: int) -> int:

@@ -78,7 +78,8 @@ def _checkpoint_saved(path):
 
 def _seed_methods(namespace, before):
     assert namespace["opt"].search_state.num_searches == 3  # AdamSLSRule(c=0.2): a search every step
-    assert namespace["labpal"].labpal_state.step == 3 and namespace["labpal"].labpal_state.num_approximations >= 1
+    labpal = namespace["labpal"].search_state
+    assert labpal.step == 3 and labpal.num_searches >= 1 and labpal.rule_state["num_approximations"] >= 1
     assert namespace["factor_search"].calls == 4 and namespace["factor_search"].last_decision["call"] == 4
 
 

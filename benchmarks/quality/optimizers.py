@@ -15,8 +15,9 @@ task and a run length. Families, which set how the training loop calls ``step``:
 - ``prodigy``: Prodigy at its defaults (a ``torch`` family optimizer without scheduler);
   ``prodigy_warmup``: with the warmup and cosine annealing its README documents.
 - ``salsa_pub``: the published ``salsa.SaLSA.SaLSA`` at its defaults.
-- ``labpal``: :class:`salsa_fused.LABPAL` (seed 003; ``opt.step(closure)`` with ``closure(i)``
-  the loss on the step's ``i``-th batch: the task's batches from the step's own onwards).
+- ``labpal``: :class:`salsa_fused.LABPAL`, FusedSaLSa with the ``"labpal"`` rule (seed 003;
+  ``opt.step(closure)`` with ``closure(i)`` the loss on the step's ``i``-th batch: the task's
+  batches from the step's own onwards).
 - ``beam``: a FusedSaLSa configuration inside :class:`salsa_fused.beam.StepSizeBeam` (NOTES.md
   section 11; ``beam.step(closure)`` with ``closure(i)`` as for ``labpal``).
 - ``lr_factor``: AdamW or a FusedSaLSa configuration inside :class:`salsa_fused.LRFactorSearch`
@@ -103,9 +104,11 @@ def _adamw(lr: float, warmup: float = WARMUP_FRACTION):
 
 
 def _labpal(mode: str, **kwargs):
-    """LABPAL at the paper's settings, its batch-size schedule over the run (t_max = its steps)."""
+    """LABPAL at the paper's settings, its batch-size schedule over the run (t_max = its steps).
+    (``results/zoo/validation_labpal_rule.jsonl`` ran on the torch backend, before the C++ kernels
+    had the raw-gradient direction.)"""
     def build(task, model, total_steps) -> Built:
-        return Built(LABPAL(model.parameters(), mode, t_max=total_steps, **kwargs), "labpal")
+        return Built(LABPAL(model.parameters(), mode, t_max=total_steps, backend=BACKEND, **kwargs), "labpal")
     return build
 
 
@@ -282,7 +285,7 @@ REGISTRY: Dict[str, Callable] = {
     # seed 001's rules at the paper's constants (no weight decay, as there): salsa_fused.adam_sls
     "adam_sls": _fused(lambda n: dict(search_rule="sls")),
     "alsals": _fused(lambda n: dict(search_rule="alsals")),
-    # seed 003 (salsa_fused.labpal): the paper's 1000 updates per fit, and a refit every 100
+    # seed 003 (salsa_fused.labpal, a FusedSaLSa rule): the paper's 1000 updates per fit, and a refit every 100
     "labpal_nsgd": _labpal("NSGD"),
     "labpal_sgd": _labpal("SGD"),
     "labpal_nsgd_refit100": _labpal("NSGD", sgd_steps=100),

@@ -155,8 +155,9 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
                 step_sizes.append(opt.step_size * opt.search_config.growth * opt.schedule.scale(k + 1))
             elif family == "labpal":
                 batches = task.batches  # closure(i): batch i of this step, the stream from step k on
-                loss = torch.tensor(opt.step(lambda i: task.loss(model, batches[(k + i) % len(batches)])))
-                step_sizes.append(opt.labpal_state.update_step or 0.0)
+                opt.zero_grad(set_to_none=True)
+                loss = opt.step(lambda i: task.loss(model, batches[(k + i) % len(batches)]))
+                step_sizes.append(opt.labpal_state["update_step"] or 0.0)
             elif family == "lr_factor":  # the step's rate is read before a decision changes it
                 fused = built.inner_family == "fused"
                 scale = opt.schedule.scale(k + 1) if fused else opt.param_groups[0]["lr"]
@@ -210,7 +211,7 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
     elif family == "salsa_pub":
         forwards = opt.state["n_forwards"]
     elif family == "labpal":
-        forwards = opt.labpal_state.num_forward_evals
+        forwards = opt.num_forward_evals
     elif family == "lr_factor":  # the wrapped optimizer's forwards and one per factor per decision
         search = built.factor_search
         inner = opt.num_forward_evals if built.inner_family == "fused" else len(values)

@@ -12,6 +12,10 @@ integration does the same three things after the framework's own forward and bac
    (:meth:`FusedSaLSa.bind_closure`), whose next ``step()`` — called by the framework
    without arguments — runs the two-phase step ``step(closure, loss=total)``.
 
+A rule that reads several batches per step (``search_rule="labpal"``, whose closure takes a batch
+index) cannot be fed by these loops: they see one update's batches. :func:`one_batch_salsa`
+refuses it with that reason when the integration is set up (and again at every binding).
+
 The framework modules (``salsa_fused.integrations.transformers``, ``.accelerate``)
 import their framework; this package imports none.
 """
@@ -25,7 +29,7 @@ import torch
 from .._rng import RNGSnapshot
 from ..optimizer import FusedSaLSa
 
-__all__ = ["AccumulatedLoss", "unwrap_salsa"]
+__all__ = ["AccumulatedLoss", "one_batch_salsa", "unwrap_salsa"]
 
 
 def unwrap_salsa(optimizer: Any) -> FusedSaLSa:
@@ -39,6 +43,20 @@ def unwrap_salsa(optimizer: Any) -> FusedSaLSa:
         if seen is None:
             break
     raise TypeError(f"expected a FusedSaLSa (possibly wrapped), got {type(optimizer).__name__}")
+
+
+def one_batch_salsa(optimizer: Any, integration: str) -> FusedSaLSa:
+    """:func:`unwrap_salsa`, refusing a FusedSaLSa whose rule reads several batches per step
+    (``search_rule="labpal"``): these integrations hand the step the batches of one update only,
+    and the rule's ``closure(i)`` needs more (``rules.Batches``), so it would judge a wrong loss."""
+    salsa = unwrap_salsa(optimizer)
+    if salsa.next_batches() is not None:
+        raise ValueError(f"{integration} binds a closure over one update's batches, but this FusedSaLSa's "
+                         "search rule reads several batches per step through closure(i) (search_rule="
+                         "'labpal'): drive the loop yourself with step(closure) or "
+                         "loss.backward(); step(closure, loss=loss), closure(i) the loss of batch i of "
+                         "the step (docs/api.md, the closure contract)")
+    return salsa
 
 
 def _param_devices(optimizer: FusedSaLSa) -> List[torch.device]:
@@ -106,7 +124,7 @@ class AccumulatedLoss:
 
     def bind(self, optimizer: Any, loss_of: Callable[[Any], torch.Tensor]) -> None:
         """Bind ``(closure, total)`` to the FusedSaLSa inside ``optimizer``; start a new window."""
-        salsa = unwrap_salsa(optimizer)
+        salsa = one_batch_salsa(optimizer, "AccumulatedLoss.bind")
         # The closure replays each micro-batch's recorded random state itself: its trials compare
         # like with like against the window's loss, so the step needs no reference forward.
         salsa.mark_forward()

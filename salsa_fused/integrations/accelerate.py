@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
 
-from . import AccumulatedLoss, _param_devices, unwrap_salsa
+from . import AccumulatedLoss, _param_devices, one_batch_salsa, unwrap_salsa
 
 __all__ = ["SaLSaAccumulation"]
 
@@ -64,7 +64,7 @@ class SaLSaAccumulation:
             raise TypeError(f"loss_of must be callable, got {type(loss_of).__name__}")
         self.accelerator = accelerator
         self.optimizer = optimizer
-        self.salsa = unwrap_salsa(optimizer)
+        self.salsa = one_batch_salsa(optimizer, "SaLSaAccumulation")
         self.loss_of = loss_of
         self.window = AccumulatedLoss()
 

@@ -41,7 +41,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
                       "pip install transformers") from error
 
 from ..optimizer import FusedSaLSa
-from . import AccumulatedLoss, _param_devices, unwrap_salsa
+from . import AccumulatedLoss, _param_devices, one_batch_salsa, unwrap_salsa
 
 __all__ = ["SaLSaTrainerMixin", "SaLSaTrainer"]
 
@@ -87,7 +87,7 @@ class SaLSaTrainerMixin:
             kwargs = {"model": opt_model, **self.salsa_kwargs}  # trials keep BatchNorm's statistics
             self.optimizer = FusedSaLSa(groups, lr=self.args.learning_rate, **kwargs)
             self.optimizer._lr_checked = True  # warned above, in TrainingArguments' words
-        unwrap_salsa(self.optimizer)  # a clear TypeError for any other optimizer
+        one_batch_salsa(self.optimizer, "SaLSaTrainer")  # a clear error for any other optimizer
         return self.optimizer
 
     @property

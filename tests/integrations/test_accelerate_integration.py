@@ -117,3 +117,11 @@ def test_rejects_other_optimizers():
     optimizer = accelerator.prepare(torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(TypeError, match="FusedSaLSa"):
         SaLSaAccumulation(accelerator, optimizer, lambda batch: mse(model, batch))
+
+
+def test_rejects_a_rule_that_reads_several_batches_per_step():
+    model = make_model()
+    accelerator = Accelerator(cpu=True)
+    optimizer = FusedSaLSa(model.parameters(), backend="torch", search_rule="labpal")
+    with pytest.raises(ValueError, match="SaLSaAccumulation binds a closure over one update's batches"):
+        SaLSaAccumulation(accelerator, optimizer, loss_of=lambda batch: mse(model, batch))

@@ -164,3 +164,10 @@ def test_trainer_refuses_other_optimizers_and_warns_on_learning_rate(tmp_path):
         trainer.create_optimizer()
     with pytest.raises(ValueError, match="salsa_kwargs"):
         SaLSaTrainer(model=model, args=train_args(tmp_path), salsa_kwargs={"lr": 0.1})
+
+
+def test_trainer_refuses_a_rule_that_reads_several_batches_per_step(tmp_path):
+    trainer = SaLSaTrainer(model=tiny_gpt2(), args=train_args(tmp_path), train_dataset=token_dataset(4),
+                           salsa_kwargs={"backend": "torch", "search_rule": "labpal"})
+    with pytest.raises(ValueError, match="SaLSaTrainer binds a closure over one update's batches"):
+        trainer.create_optimizer()
