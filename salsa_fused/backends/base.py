@@ -161,6 +161,32 @@ class Backend(Protocol):
         call. No host read on an accelerator."""
 
 
+#: The weight dtypes the compiled kernels (Triton, C++, CUDA) take.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def dense(t: torch.Tensor) -> bool:
+    """Every element of ``t`` sits in one gap-free span of memory (any dimension order)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def kernel_unsupported(param: torch.Tensor) -> Optional[str]:
+    """Why the compiled kernels cannot take ``param`` (a backend's ``unsupported``, checked at
+    construction: ``"auto"`` then runs the torch backend, a named backend refuses), or ``None``."""
+    if param.dtype not in KERNEL_DTYPES:
+        return f"{param.dtype} (the kernels take float32, bfloat16 and float16)"
+    if not dense(getattr(param, "_local_tensor", param)):
+        return "not dense (a strided view with gaps: the kernels read one flat span)"
+    return None
+
+
 def count_step(step_counts: torch.Tensor, loss: torch.Tensor, found_inf: Optional[torch.Tensor]) -> None:
     """``step_counts += [loss is NaN/inf, found_inf != 0]`` on the device: a plain step that
     changed nothing, counted for the next search (the torch form; kernels do it in the pass)."""

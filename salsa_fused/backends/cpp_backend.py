@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from .base import GRADIENT, MOMENTUM, RAW, Bucket, Hyper, Move, PassArgs, count_step
+from .base import GRADIENT, MOMENTUM, RAW, Bucket, Hyper, Move, PassArgs, count_step, kernel_unsupported
 
 name = "cpp"
 
@@ -47,6 +47,9 @@ def check(device: torch.device) -> None:
     if not supports(device):
         raise RuntimeError(f"the salsa_fused C++ extension has no kernels for {torch.device(device).type} "
                            f"tensors (built without CUDA?); {_ext.BUILD_HINT}")
+
+
+unsupported = kernel_unsupported
 
 
 def _ops():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import cpp_backend
-from .cpp_backend import first_trial, plain_step, restore, retrial, slope  # noqa: F401 (the passes)
+from .cpp_backend import first_trial, plain_step, restore, retrial, slope, unsupported  # noqa: F401 (the passes)
 
 name = "cuda"
 

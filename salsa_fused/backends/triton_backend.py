@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .base import DIRECTIONS, GRADIENT, MOMENTUM, RAW, Bucket, Hyper, PassArgs, count_step
+from .base import DIRECTIONS, GRADIENT, MOMENTUM, RAW, Bucket, Hyper, PassArgs, count_step, dense, kernel_unsupported
 
 try:
     import triton
@@ -81,13 +81,7 @@ def check(device: torch.device) -> None:
                            "TRITON_INTERPRET=1 set before triton is imported for the CPU interpreter")
 
 
-def unsupported(param: torch.Tensor) -> Optional[str]:
-    """Why the kernels cannot take ``param`` (checked at construction), or ``None``."""
-    if param.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return f"{param.dtype} (the kernels take float32, bfloat16 and float16)"
-    if not _dense(param):
-        return "not dense (a strided view with gaps: the kernels read one flat span)"
-    return None
+unsupported = kernel_unsupported
 
 
 def _require_triton() -> None:
@@ -152,18 +146,6 @@ def _table_key(bucket: Bucket) -> tuple:
                             for stream in (bucket.params, bucket.grads))
 
 
-def _dense(t: torch.Tensor) -> bool:
-    """Every element of ``t`` sits in one gap-free span of memory (any dimension order)."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def _uniform_dtype(stream: Sequence[torch.Tensor], what: str) -> torch.dtype:
     dtypes = {t.dtype for t in stream}
     if len(dtypes) > 1:
@@ -192,7 +174,7 @@ def _build_tables(bucket: Bucket) -> _Tables:
         for t in tensors:
             if t.numel() != param.numel() or t.device != param.device:
                 raise ValueError(f"tensor {index} of the bucket: streams differ in numel or device")
-            if not (_dense(t) and (t.stride() == param.stride() or (t.is_contiguous() and param.is_contiguous()))):
+            if not (dense(t) and (t.stride() == param.stride() or (t.is_contiguous() and param.is_contiguous()))):
                 raise ValueError(f"tensor {index} of the bucket: streams must be dense with one memory layout")
         pointers = [t.data_ptr() for t in tensors]
         rows.append([param.numel()] + pointers + [0] * (K.TABLE_WIDTH - 1 - len(pointers)))

@@ -318,6 +318,26 @@ def test_bad_input_raises_and_writes_nothing():
                                     None)
 
 
+def test_params_the_kernels_cannot_take_send_auto_to_torch_and_are_refused_by_name():
+    """float64 (or a strided view with gaps) with the extension built: ``"auto"`` runs the torch
+    backend and trains; ``backend="cpp"`` and ``fused=True`` refuse at construction, naming it."""
+    from salsa_fused import FusedSaLSa
+
+    double = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
+    gappy = torch.nn.Parameter(torch.randn(4, 6)[:, ::2])
+    for param in (double, gappy):
+        before = param.detach().clone()
+        opt = FusedSaLSa([param], init_step_size=0.1)
+        assert opt.backend.name == "torch"
+        opt.step(lambda: (param.float() ** 2).sum())
+        assert not torch.equal(param, before) and torch.isfinite(param).all()
+        for options in ({"backend": "cpp"}, {"fused": True}):
+            with pytest.raises(ValueError, match="float64|not dense"):
+                FusedSaLSa([param], **options)
+    assert cpp_backend.unsupported(torch.zeros(3, dtype=torch.bfloat16)) is None
+    assert cpp_backend.unsupported(torch.zeros(5, 3).t()) is None  # dense in another order
+
+
 def test_missing_extension_says_how_to_build(monkeypatch):
     monkeypatch.setattr(_ext, "_loaded", False)
     monkeypatch.setattr(_ext, "_error", ImportError("No module named 'salsa_fused._C'"))
