@@ -44,6 +44,7 @@ Cost per update: ``k`` forwards and backwards; per approximation ``k`` forwards 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, replace
 from typing import ClassVar, FrozenSet, Optional
 
@@ -115,6 +116,15 @@ class _LABPALSearch:
             labpal["learning_rate"] = labpal["update_step"] / self.norm
         else:
             labpal["num_failed_fits"] += 1
+            if self.losses[0] == self.losses[1] == self.losses[2]:
+                warnings.warn(
+                    f"LABPAL: the loss is the same at s = 0, mu and 2 mu ({self.losses[0]!r}): the trial moves "
+                    f"of mu = {mu} along g / ||g|| changed nothing measurable (below the weights' resolution, "
+                    "e.g. bf16 or fp16 weights, or a flat loss), so the fit failed and "
+                    + ("the last fit's step is kept" if labpal["update_step"] is not None else
+                       "no step is taken until a fit succeeds")
+                    + "; keep fp32 weights (autocast for the compute) or raise sample_step", RuntimeWarning,
+                    stacklevel=2)
         if labpal["update_step"] is not None:
             rate = labpal["learning_rate"] * self.norm if rule.mode == "SGD" else labpal["update_step"]
             self.move = rate

@@ -408,3 +408,18 @@ def test_ddp_ranks_take_the_same_decisions():
     assert a == b  # the point losses are averaged over the ranks before the fit: the same decisions
     for p, q in zip(ranks[0]["weights"], ranks[1]["weights"]):
         assert torch.equal(p, q)
+
+
+def test_trials_below_the_weights_resolution_warn_instead_of_stalling_silently():
+    """bf16 weights of size 100 (resolution 0.5) moved by mu / ||g|| along g: the three points
+    have one loss, the fit fails; the optimizer says why and leaves the weights where they were."""
+    model = torch.nn.Linear(400, 1, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        model.weight.fill_(100.0)
+    opt = LABPAL(model.parameters(), "NSGD", backend="torch", **SETTINGS)
+    before = model.weight.detach().clone()
+    x = torch.randn(2, 16, 400, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match="changed nothing measurable.*keep fp32 weights"):
+        opt.step(lambda i: model(x[i % 2]).float().pow(2).mean())
+    assert torch.equal(model.weight, before)
+    assert opt.search_state.rule_state["num_failed_fits"] == 1
