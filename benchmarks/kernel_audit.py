@@ -451,6 +451,28 @@ def to_markdown(records: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def write(records: List[dict], found: List[str], out_dir: Path) -> None:
+    """Append this run (its environment and records) to ``kernel_audit.json``; ``kernel_audit.md``
+    gets every run's summary line and this run's table."""
+    from benchmarks import _common as C
+
+    env = {**C.environment("cpu"), "device": f"none: compiled ahead of time for {', '.join(TARGETS)}"}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "kernel_audit.json"
+    old = json.loads(json_path.read_text()) if json_path.exists() else {"runs": []}
+    runs = old["runs"] if isinstance(old, dict) else [{"environment": {}, "records": old}]  # before appending
+    runs.append({"environment": env, "problems": found, "records": records})
+    json_path.write_text(json.dumps({"runs": runs}) + "\n")
+    history = C.markdown_table(
+        ["date", "commit", "triton", "records", "problems", "max registers"],
+        [[run["environment"].get("date", "(before dates were kept)"), run["environment"].get("git_commit", "-"),
+          run["environment"].get("triton", "-"), len(run["records"]), len(run.get("problems", [])),
+          max((r["registers"] for r in run["records"]), default=0)] for run in runs])
+    (out_dir / "kernel_audit.md").write_text(
+        f"{to_markdown(records)}\n## Every run (kernel_audit.json)\n\n{history}"
+        f"\nThis run: {env['date']}, commit {env['git_commit']}, triton {env['triton']}, torch {env['torch']}.\n")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print the records as JSON; write no files")
@@ -459,10 +481,8 @@ def main(argv=None) -> int:
     if args.json:
         json.dump(records, sys.stdout)
         return 0
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "kernel_audit.json").write_text(json.dumps(records, indent=1) + "\n")
-    (RESULTS / "kernel_audit.md").write_text(to_markdown(records))
     found = problems(records)
+    write(records, found, RESULTS)
     print(f"{len(records)} records, {len(found)} problems; wrote {RESULTS / 'kernel_audit.json'}")
     for p in found:
         print("  " + p)

@@ -127,3 +127,23 @@ def test_raw_direction_moves_only_weights_and_gradients(records):
         assert "m" not in r["streams_read"] + r["streams_written"], _where(r)
         if r["aligned"]:
             assert r["bytes_per_param_ptx"] == bytes_per_param, _where(r)
+
+
+def test_written_results_append_each_run(tmp_path):
+    """kernel_audit.json keeps every run with its commit, versions and date (a file from before
+    runs were appended is kept as the first run); kernel_audit.md lists them all."""
+    (tmp_path / "kernel_audit.json").write_text(json.dumps([{"kernel": "old", "registers": 9}]))
+    code = ("import sys; from pathlib import Path; from benchmarks import kernel_audit as K; "
+            "records = [{'kernel': 'plain_step[momentum]', 'target': 'sm_90a', 'dtype': 'fp32', 'aligned': True, "
+            "'registers': 40, 'blocks_per_sm': 6, 'spill_bytes': 0, 'vector_bits': 128, "
+            "'sass_vector_bits': None, 'bytes_per_param': 28, 'bytes_per_param_ptx': 28}]; "
+            "[K.write(records, [], Path(sys.argv[1])) for _ in range(2)]")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = background.run_process([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = json.loads((tmp_path / "kernel_audit.json").read_text())["runs"]
+    assert [len(run["records"]) for run in runs] == [1, 1, 1] and runs[0]["records"][0]["kernel"] == "old"
+    for run in runs[1:]:
+        assert run["environment"]["git_commit"] and run["environment"]["date"] and run["environment"]["triton"]
+    markdown = (tmp_path / "kernel_audit.md").read_text()
+    assert "plain_step[momentum]" in markdown and markdown.count(runs[2]["environment"]["date"]) >= 2
