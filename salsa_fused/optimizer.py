@@ -656,19 +656,12 @@ class FusedSaLSa(Optimizer):
         # trials replay, not against the caller's loss.
         needs_reference = (plan.is_search and not one_phase and marked is None
                            and not rng_after.same_as(zeroed_at))
-        buckets = self._collect_buckets()
-        if not buckets:  # none of this optimizer's parameters is in this loss: as torch.optim, a no-op
+        passes = self._passes(plan, scale, forwards=1, backwards=int(one_phase))
+        if passes is None:  # none of this optimizer's parameters is in this loss: as torch.optim, a no-op
             return loss_tensor.detach() if one_phase else loss
-        step_state = plan.state
-        step_state.num_forward_evals += 1
-        step_state.num_backward_evals += int(one_phase)
         f0 = loss_tensor.detach().reshape(()).to(device=self._device, dtype=torch.float32)
-        found_inf = getattr(self, "found_inf", None)
-        passes = F.Passes.of(self.backend, buckets, self.param_groups, moment_step(self.search_rule, step_state.step),
-                             scale, self.step_size, getattr(self, "grad_scale", None))
         if not plan.is_search:
-            F.plain_step(passes, plan.trial_step_size, f0, found_inf, self._device_counts(), self.reduction)
-            self._commit(step_state)
+            self._plain_step(passes, plan, f0)
             return loss_tensor.detach() if one_phase else loss
 
         def trial_loss() -> float:
@@ -681,18 +674,39 @@ class FusedSaLSa(Optimizer):
             if needs_reference:
                 rng_before.set()
                 f0 = self._trial_loss(closure)
-                step_state.num_forward_evals += 1
-            self._commit(F.search_step(
-                passes, plan, self._search, f0, trial_loss, rule=self.search_rule, config=self.search_config,
-                search_direction=self.search_direction, param_groups=self.param_groups,
-                counts=self._device_counts(), found_inf=found_inf, reduction=self.reduction,
-                nonfinite=self.nonfinite, has_saved_copy=self.restore_strategy == "copy", device=self._device))
+                plan.state.num_forward_evals += 1
+            self._search_step(passes, plan, f0, trial_loss)
         finally:
             rng_after.set()  # the generators end where the step's one forward left them
             with torch.no_grad():
                 for buffer, saved in running:  # and the running statistics where it left them
                     buffer.copy_(saved)
         return loss_tensor.detach() if one_phase else loss
+
+    def _passes(self, plan, scale: float, forwards: int, backwards: int) -> Optional[F.Passes]:
+        """The backend's passes over this step's buckets (gradients checked), the step's forward
+        and backward counts added to ``plan.state``; ``None`` when no param has a gradient."""
+        buckets = self._collect_buckets()
+        if not buckets:
+            return None
+        plan.state.num_forward_evals += forwards
+        plan.state.num_backward_evals += backwards
+        return F.Passes.of(self.backend, buckets, self.param_groups, moment_step(self.search_rule, plan.state.step),
+                           scale, self.step_size, getattr(self, "grad_scale", None))
+
+    def _plain_step(self, passes: F.Passes, plan, f0: torch.Tensor) -> None:
+        """A step without search along the rule's direction (Adam's ``m_hat`` unless it is ``raw``)."""
+        F.plain_step(passes, plan.trial_step_size, f0, getattr(self, "found_inf", None), self._device_counts(),
+                     self.reduction, self.search_rule.direction(self.search_direction))
+        self._commit(plan.state)
+
+    def _search_step(self, passes: F.Passes, plan, f0, trial_loss: Callable[[], float]) -> None:
+        """The search step of ``plan`` from loss ``f0`` (:func:`salsa_fused.functional.search_step`)."""
+        self._commit(F.search_step(
+            passes, plan, self._search, f0, trial_loss, rule=self.search_rule, config=self.search_config,
+            search_direction=self.search_direction, param_groups=self.param_groups,
+            counts=self._device_counts(), found_inf=getattr(self, "found_inf", None), reduction=self.reduction,
+            nonfinite=self.nonfinite, has_saved_copy=self.restore_strategy == "copy", device=self._device))
 
     def _multi_batch_step(self, plan, scale: float, batches: Batches, closure, loss, devices, marked, zeroed_at):
         """The step of a rule that reads several batches (:class:`salsa_fused.rules.Batches`): the
@@ -737,20 +751,12 @@ class FusedSaLSa(Optimizer):
                 reuse = (marked is not None and k == 1) or rng_after.same_as(zeroed_at)
                 replay = _IndexedReplay(closure, devices, first={i: start for i in range(k)} if reuse else {},
                                         end=rng_after)
-        buckets = self._collect_buckets()
-        if not buckets:  # none of this optimizer's parameters is in this loss: as torch.optim, a no-op
+        passes = self._passes(plan, scale, forwards=k, backwards=k if one_phase else 0)
+        if passes is None:  # none of this optimizer's parameters is in this loss: as torch.optim, a no-op
             return loss_tensor.detach() if one_phase else loss
-        step_state = plan.state
-        step_state.num_forward_evals += k
-        step_state.num_backward_evals += k if one_phase else 0
-        found_inf = getattr(self, "found_inf", None)
-        direction = self.search_rule.direction(self.search_direction)
-        passes = F.Passes.of(self.backend, buckets, self.param_groups, moment_step(self.search_rule, step_state.step),
-                             scale, self.step_size, getattr(self, "grad_scale", None))
         if not plan.is_search:
-            f0 = loss_tensor.detach().reshape(()).to(device=self._device, dtype=torch.float32)
-            F.plain_step(passes, plan.trial_step_size, f0, found_inf, self._device_counts(), self.reduction, direction)
-            self._commit(step_state)
+            self._plain_step(passes, plan, loss_tensor.detach().reshape(()).to(device=self._device,
+                                                                              dtype=torch.float32))
             return loss_tensor.detach() if one_phase else loss
 
         def point_sum(first: int) -> torch.Tensor:
@@ -769,14 +775,10 @@ class FusedSaLSa(Optimizer):
             if points:  # the point at w0: the mean over n batches
                 first = k if reuse else 0
                 f0 = ((gradient_sum if reuse else 0.0) + point_sum(first)) / n
-                step_state.num_forward_evals += n - first
+                plan.state.num_forward_evals += n - first
             else:
                 f0 = gradient_sum / k
-            self._commit(F.search_step(
-                passes, plan, self._search, f0, trial_loss, rule=self.search_rule, config=self.search_config,
-                search_direction=self.search_direction, param_groups=self.param_groups,
-                counts=self._device_counts(), found_inf=found_inf, reduction=self.reduction,
-                nonfinite=self.nonfinite, has_saved_copy=self.restore_strategy == "copy", device=self._device))
+            self._search_step(passes, plan, f0, trial_loss)
         finally:
             if replay is not None and replay.end is not None:
                 replay.end.set()  # the generators end where the step's first forward of each batch left them
