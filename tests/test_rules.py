@@ -97,3 +97,37 @@ def test_a_rule_refuses_the_search_arguments_it_does_not_declare(monkeypatch):
     monkeypatch.setitem(rules.RULES, "growth_only", GrowthOnly())
     with pytest.raises(ValueError, match="search_rule='growth_only' does not read beta3"):
         FusedSaLSa([w], backend="torch", search_rule="growth_only", beta3=0.9)
+
+
+class RawPlainOnly:
+    """A one-batch rule along the raw gradient that never searches: every step is a plain step
+    of ``eta`` (the level), which must move along ``g`` and leave Adam's moments alone."""
+
+    reads = frozenset()
+
+    @staticmethod
+    def direction(configured):
+        return "raw"
+
+    @staticmethod
+    def plan(state, config):
+        from dataclasses import replace
+
+        from salsa_fused.line_search import StepPlan
+        return StepPlan(replace(state, step=state.step + 1), False, state.step_size)
+
+    def __call__(self, plan, config, loss, slope):
+        raise AssertionError("this rule never searches")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_a_one_batch_rule_along_the_raw_gradient_makes_raw_plain_steps(backend):
+    from salsa_fused.backends import cpp_backend
+    if backend == "cpp" and not cpp_backend.is_available():
+        pytest.fail("the C++ extension is not built: pip install --no-build-isolation -e .")
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    opt = FusedSaLSa([w], search_rule=RawPlainOnly(), init_step_size=0.25, backend=backend)
+    a = torch.tensor([0.5, 1.0, -2.0])
+    opt.step(lambda: (w * a).sum())
+    torch.testing.assert_close(w.detach(), torch.tensor([1.0, -2.0, 3.0]) - 0.25 * a, rtol=0, atol=0)
+    assert not opt.state[w]["exp_avg"].any() and not opt.state[w]["exp_avg_sq"].any()
