@@ -217,3 +217,73 @@ def test_hf_trainer_warmup_moves_the_weights_less_than_no_warmup(tmp_path):
     """Trainer's warmup starts at lr=0 and rises linearly: over it the weights must move less than
     with the constant schedule."""
     assert _hf_move(tmp_path / "warm", warmup_steps=10) < _hf_move(tmp_path / "flat", warmup_steps=0)
+
+
+class LabpalModule(L.LightningModule):
+    """LABPAL (a rule reading several batches per step) in Lightning's manual optimization: each
+    training batch holds this step's batches; the closure ``closure(i)`` is bound and the bare
+    ``step()`` goes through LightningOptimizer, whose own closure takes no index."""
+
+    def __init__(self, bind: bool):
+        super().__init__()
+        self.automatic_optimization = False
+        self.net = _dropout_net()
+        self.bind = bind
+        self.masks_per_step = []
+
+    def training_step(self, batch, batch_idx):
+        xs, ys = batch
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.net[2].masks = []
+        closure = lambda i: F.mse_loss(self.net(xs[i]), ys[i])  # noqa: E731
+        if self.bind:
+            opt.bind_closure(closure)
+            opt.step()
+        else:
+            opt.step(closure=closure)
+        self.masks_per_step.append(self.net[2].masks)
+
+    def configure_optimizers(self):
+        from salsa_fused import FusedSaLSa
+        from salsa_fused.labpal import LABPALRule
+        return FusedSaLSa(self.net.parameters(), backend="torch",
+                          search_rule=LABPALRule("NSGD", approximation_batches=4, sgd_steps=4))
+
+
+def _fit_labpal(module, steps: int):
+    """``steps`` training steps of ``module``, each batch holding 4 batches of 16 rows."""
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    batches = _batches(4, 16)
+    data = [(torch.stack([x for x, _ in batches]), torch.stack([y for _, y in batches]))] * steps
+    torch.manual_seed(7)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    return trainer.optimizers[0]
+
+
+def test_lightning_wrapper_runs_a_several_batch_rule_through_bind_closure():
+    module = LabpalModule(bind=True)
+    salsa = _fit_labpal(module, steps=9)
+    assert salsa.search_state.step == 9
+    labpal = salsa.search_state.rule_state
+    assert labpal["num_approximations"] == 2 and labpal["num_failed_fits"] == 0  # steps 1 and 6
+    assert all(torch.isfinite(p).all() for p in module.net.parameters())
+    # an approximation step: batch 0 for the gradient, batches 1-3 for the point at w0, then
+    # batches 0-3 at each of the 2 trials; a batch's later forwards replay its first mask (dropout)
+    first = module.masks_per_step[0]
+    assert len(first) == 1 + 3 + 4 + 4
+    assert all(torch.equal(first[i], first[4 + i]) and torch.equal(first[i], first[8 + i]) for i in range(4))
+    assert not torch.equal(first[0], first[1])  # the batches draw masks of their own
+    assert [len(m) for m in module.masks_per_step[1:5]] == [1] * 4  # NSGD updates: one forward each
+    assert len(module.masks_per_step[5]) == 12  # the second approximation
+
+
+def test_lightning_wrapper_refuses_a_one_phase_closure_it_cannot_index():
+    """``step(closure=...)`` through LightningOptimizer hands the optimizer Lightning's own
+    closure, which takes no batch index: a TypeError naming the contract, nothing written."""
+    module = LabpalModule(bind=False)
+    before = [p.detach().clone() for p in module.net.parameters()]
+    with pytest.raises(TypeError, match="closure takes the batch index"):
+        _fit_labpal(module, steps=2)
+    assert all(torch.equal(p, b) for p, b in zip(module.net.parameters(), before))
