@@ -423,3 +423,21 @@ def test_trials_below_the_weights_resolution_warn_instead_of_stalling_silently()
         opt.step(lambda i: model(x[i % 2]).float().pow(2).mean())
     assert torch.equal(model.weight, before)
     assert opt.search_state.rule_state["num_failed_fits"] == 1
+
+
+def test_batchnorm_statistics_are_those_of_the_gradient_forwards_only():
+    """The approximation's extra forwards (the points at w0 and along -g) must not move the
+    running statistics: after the step they are where the gradient batches' forwards left them."""
+    import copy
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 12), torch.nn.BatchNorm1d(12), torch.nn.Tanh(),
+                                torch.nn.Linear(12, 1))
+    twin = copy.deepcopy(model)
+    opt = LABPAL(model.parameters(), "NSGD", model=model, backend="torch", **SETTINGS)
+    batches = [_batch(0, i) for i in range(SETTINGS["approximation_batches"])]
+    opt.step(lambda i: torch.nn.functional.mse_loss(model(batches[i][0]), batches[i][1]))
+    assert opt.search_state.rule_state["last"]["kind"] == "approximation"
+    twin(batches[0][0])  # the one gradient batch's forward (k = 1 at the start of the schedule)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(model[1], name), getattr(twin[1], name)), name
