@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Set
 
@@ -35,6 +36,9 @@ class Job:
         self._value: object = None
         self._error: Optional[BaseException] = None
         self._tmp: Optional[Path] = None
+        #: ``time.monotonic()`` when the computation began and ended (None: not yet).
+        self.began: Optional[float] = None
+        self.ended: Optional[float] = None
 
     def run(self) -> None:
         """Compute, unless another thread already did or is doing it (then wait for it)."""
@@ -46,12 +50,14 @@ class Job:
         if not start:
             self._done.wait()
             return
+        self.began = time.monotonic()
         try:
             self._tmp = Path(tempfile.mkdtemp(prefix=f"salsa-{self.name.replace(' ', '-')}-"))
             self._value = self.compute(self._tmp)
         except BaseException as error:  # handed to the test that reads the result
             self._error = error
         finally:
+            self.ended = time.monotonic()
             self._done.set()
 
     def result(self):
@@ -106,6 +112,16 @@ def start(modules: List[str]) -> Optional[threading.Thread]:
     thread = threading.Thread(target=work, name="background-fixtures", daemon=True)
     thread.start()
     return thread
+
+
+def timeline(session_began: float) -> List[str]:
+    """One line per job that ran: when it began and ended, in seconds from ``session_began``
+    (the CI log shows whether the background thread or the tests are the longer path)."""
+    lines = []
+    for j in sorted((j for j in JOBS.values() if j.began is not None), key=lambda j: j.began):
+        end = f"{j.ended - session_began:.0f}" if j.ended is not None else "unfinished"
+        lines.append(f"{j.name}: {j.began - session_began:.0f} s to {end} s")
+    return lines
 
 
 def cleanup() -> None:

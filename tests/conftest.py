@@ -13,6 +13,7 @@ installs every one (and builds the C++ extension).
 import importlib.util
 import os
 import re
+import time
 
 import pytest
 import torch
@@ -67,9 +68,20 @@ def pytest_collection_modifyitems(config, items):
                 + [i for i in items if _module_name(i) in waiting])
 
 
+_SESSION_BEGAN = time.monotonic()
+
+
 def pytest_collection_finish(session):
     if not session.config.option.collectonly:
         background.start(sorted({_module_name(i) for i in session.items}))
+
+
+def pytest_terminal_summary(terminalreporter):
+    lines = background.timeline(_SESSION_BEGAN)
+    if lines:
+        terminalreporter.write_sep("-", f"background jobs (the session ran {time.monotonic() - _SESSION_BEGAN:.0f} s)")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 def pytest_sessionfinish(session):

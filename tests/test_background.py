@@ -75,3 +75,15 @@ def test_cleanup_kills_a_child_still_running():
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert float(done.stdout.split()[2]) < 20
+
+
+def test_the_timeline_says_when_each_job_began_and_ended(monkeypatch):
+    monkeypatch.setattr(background, "JOBS", {})
+    began = time.monotonic()
+    quick = background.job("quick", lambda tmp: time.sleep(0.05))
+    background.job("never started", lambda tmp: None)
+    quick.result()
+    quick.cleanup()
+    (line,) = background.timeline(began)
+    start, end = (float(x) for x in line.removeprefix("quick: ").removesuffix(" s").split(" s to "))
+    assert line.startswith("quick: ") and 0 <= start <= end and end - start >= 0.0
