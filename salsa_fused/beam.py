@@ -16,7 +16,11 @@ until its best rate is inside it: while the lowest score so far belongs to the s
 largest factor tried, one more branch runs one factor-step further out (``f_end * f_end /
 f_next``, ``f_next`` the tried factor nearest ``f_end``: below ``1/2, 1, 2`` that is ``1/4``, then
 ``1/8``; above, ``4``, ``8``), at most E more branches per beam step; the best over every factor
-tried is kept.
+tried is kept. With ``downward_extensions`` = D > 0 instead, the bracket extends the low end only
+(while the smallest factor tried scores best, ``1/4``, ``1/8``, ..., at most D per beam step) and
+never goes past the largest factor: a smaller step can only be chosen where the loss asked for
+every halving, while a plateau that rewards any larger step cannot pull the multiplier up by more
+than the largest factor per beam step.
 
 With ``cooldown`` > 0 each branch goes on for ``C = round(cooldown * H)`` more steps (batches
 ``k+H .. k+H+C-1``) whose multiplier falls linearly, ``m * f * (C - j) / (C + 1)`` at cooldown
@@ -29,9 +33,9 @@ step ``k`` is taken at the new ``m`` from exactly the state it had: the run afte
 is the run that would have had ``m * f`` from step ``k`` on (the winning branch, recomputed).
 
 This measures what an AdamW grid measures (which rate trains best over a horizon) where the
-Armijo test only sees one trial's curvature. Costs ``(len(factors) + E') * (H + C)`` extra steps per beam
-step (``E' <= E`` the extensions run) (each with its search's trial forwards); :attr:`StepSizeBeam.num_forward_evals` counts
-them beside the optimizer's own.
+Armijo test only sees one trial's curvature. Costs ``(len(factors) + E') * (H + C)`` extra
+steps per beam step (``E'`` the extensions run, at most ``E`` or ``D``), each with its search's
+trial forwards; :attr:`StepSizeBeam.num_forward_evals` counts them beside the optimizer's own.
 
 ``closure(i)`` returns the loss on the ``i``-th batch from the current step on (``i = 0``:
 this step's batch); the beam needs to see ahead, so the loop must know its batches.
@@ -130,6 +134,9 @@ class StepSizeBeam:
         extensions: at most this many more branches per beam step, each one factor-step beyond
             the end of the factors tried while that end scores best (0: the factors only; the
             module docstring).
+        downward_extensions: at most this many more branches per beam step, each one factor-step
+            below the smallest factor tried while it scores best; never above the factors (0: none).
+            Not together with ``extensions``.
         min_multiplier: the multiplier never goes below this (in (0, 1]; 0: no floor). With a
             schedule of peak ``P`` in units of the searched level, ``1/P`` keeps the applied peak
             at or above the level the Armijo test accepts.
@@ -146,7 +153,7 @@ class StepSizeBeam:
     def __init__(self, optimizer: FusedSaLSa, total_steps: int, *, points: Sequence[float] = (0.05, 0.1, 0.15),
                  horizon: float = 0.03, factors: Sequence[float] = HALVE_KEEP_DOUBLE,
                  buffers: Iterable[torch.Tensor] = (), cooldown: float = 1.0, min_multiplier: float = 0.0,
-                 extensions: int = 0):
+                 extensions: int = 0, downward_extensions: int = 0):
         if not isinstance(optimizer, FusedSaLSa):
             raise TypeError(f"optimizer must be a FusedSaLSa, got {type(optimizer).__name__}")
         if optimizer.next_batches() is not None:
@@ -170,8 +177,12 @@ class StepSizeBeam:
         if isinstance(cooldown, bool) or not isinstance(cooldown, (int, float)) \
                 or not (math.isfinite(cooldown) and cooldown >= 0):
             raise ValueError(f"cooldown must be a finite fraction of the horizon >= 0, got {cooldown!r}")
-        if isinstance(extensions, bool) or not isinstance(extensions, int) or extensions < 0:
-            raise ValueError(f"extensions must be an integer >= 0, got {extensions!r}")
+        for name, value in (("extensions", extensions), ("downward_extensions", downward_extensions)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if extensions and downward_extensions:
+            raise ValueError(f"extensions (both ends, {extensions}) and downward_extensions (the low end only, "
+                             f"{downward_extensions}) are two brackets: give one of them")
         buffers = list(buffers)
         for b in buffers:
             if not isinstance(b, torch.Tensor):
@@ -187,6 +198,7 @@ class StepSizeBeam:
         self.min_multiplier = float(min_multiplier)
         self.cooldown_steps = int(round(cooldown * self.horizon_steps))
         self.extensions = extensions
+        self.downward_extensions = downward_extensions
         self.multiplier = 1.0
         self._applied_multiplier = 1.0
         self.calls = 0
@@ -226,8 +238,9 @@ class StepSizeBeam:
                 losses.append(self._branch(closure, steps, cool, self.multiplier * f))
                 snapshot.restore()
             scores = {f: x for f, x in zip(self.factors, losses) if x is not None}
-            while len(extended) < self.extensions and len(scores) >= 2:
-                f = self._beyond_the_end(scores)
+            limit, upward = (self.extensions, True) if self.extensions else (self.downward_extensions, False)
+            while len(extended) < limit and len(scores) >= 2:
+                f = self._beyond_the_end(scores, upward)
                 if f is None or self._below_floor(f):
                     break
                 scores[f] = self._branch(closure, steps, cool, self.multiplier * f)
@@ -245,7 +258,7 @@ class StepSizeBeam:
         self.multiplier = max(self.multiplier * factor, self.min_multiplier)
         decision = dict(step=self.calls, horizon=steps, cooldown=cool, losses=losses, factor=factor,
                         multiplier=self.multiplier)
-        if self.extensions:
+        if self.extensions or self.downward_extensions:
             decision["extended"] = extended
         self.decisions.append(decision)
 
@@ -253,16 +266,17 @@ class StepSizeBeam:
         return self.multiplier * factor < self.min_multiplier * (1 - 1e-12)
 
     @staticmethod
-    def _beyond_the_end(scores: Dict[float, float]) -> Optional[float]:
+    def _beyond_the_end(scores: Dict[float, float], upward: bool = True) -> Optional[float]:
         """The next factor out past the end of the tried ``scores`` that scores best (``f_end**2 /
-        f_next``), or None when the best is inside them or nothing scored finite."""
+        f_next``), or None when the best is inside them, at the top end and not ``upward``, or
+        nothing scored finite."""
         if not any(math.isfinite(x) for x in scores.values()):
             return None
         tried = sorted(scores)
         best = min(tried, key=lambda f: (scores[f], abs(math.log(f))))
         if best == tried[0]:
             return tried[0] * tried[0] / tried[1]
-        if best == tried[-1]:
+        if best == tried[-1] and upward:
             return tried[-1] * tried[-1] / tried[-2]
         return None
 
@@ -302,7 +316,7 @@ class StepSizeBeam:
         return dict(total_steps=self.total_steps, beam_steps=list(self.beam_steps),
                     horizon_steps=self.horizon_steps, cooldown_steps=self.cooldown_steps,
                     factors=list(self.factors), min_multiplier=self.min_multiplier,
-                    extensions=self.extensions, calls=self.calls,
+                    extensions=self.extensions, downward_extensions=self.downward_extensions, calls=self.calls,
                     multiplier=self.multiplier, branch_forward_evals=self.branch_forward_evals,
                     decisions=deepcopy(self.decisions))
 
@@ -311,8 +325,9 @@ class StepSizeBeam:
         expected = dict(total_steps=self.total_steps, beam_steps=list(self.beam_steps),
                         horizon_steps=self.horizon_steps, cooldown_steps=self.cooldown_steps,
                         factors=list(self.factors), min_multiplier=self.min_multiplier,
-                        extensions=self.extensions)
-        state_dict = {"extensions": 0, **state_dict}  # saved before ``extensions`` existed: none
+                        extensions=self.extensions, downward_extensions=self.downward_extensions)
+        # saved before ``extensions`` or ``downward_extensions`` existed: none
+        state_dict = {"extensions": 0, "downward_extensions": 0, **state_dict}
         for key, value in expected.items():
             if key not in state_dict:
                 raise ValueError(f"StepSizeBeam state_dict lacks {key!r}")

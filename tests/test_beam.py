@@ -71,11 +71,12 @@ class Switch:
 
 
 def run_beam(schedule=None, points=(0.25,), horizon=0.1, batch_norm=False, steps=STEPS, cooldown=0.0,
-             min_multiplier=0.0, extensions=0, **kwargs):
+             min_multiplier=0.0, extensions=0, downward_extensions=0, **kwargs):
     model = make_model(batch_norm=batch_norm)
     opt = FusedSaLSa(model.parameters(), backend="torch", schedule=schedule, **kwargs)
     beam = StepSizeBeam(opt, steps, points=points, horizon=horizon, buffers=list(model.buffers()),
-                        cooldown=cooldown, min_multiplier=min_multiplier, extensions=extensions)
+                        cooldown=cooldown, min_multiplier=min_multiplier, extensions=extensions,
+                        downward_extensions=downward_extensions)
     data = batches()
     losses = []
     for k in range(steps):
@@ -216,6 +217,52 @@ def test_extensions_stop_once_the_best_is_inside_and_at_the_floor():
     assert floored.last_decision["extended"] == [] and floored.multiplier == 0.5
 
 
+def test_downward_extensions_go_below_the_factors_only_and_the_run_after_is_the_kept_branch():
+    # far too large a step: 1/2 is best at the low end, so 1/4 is tried; it scores worse, so the
+    # bracket stops there and 1/2 is kept; the run after is the run at 1/2 from the beam step on
+    model, opt, beam, losses = run_beam(Constant(40.0), points=(0.25,), horizon=0.2, cooldown=1.0,
+                                        downward_extensions=3)
+    decision = beam.last_decision
+    k = decision["step"]
+    scores = dict(zip(beam.factors, decision["losses"]))
+    assert min(scores, key=scores.get) == 0.5
+    assert [e["factor"] for e in decision["extended"]] == [0.25] and decision["extended"][0]["loss"] > scores[0.5]
+    assert decision["factor"] == 0.5 and beam.multiplier == 0.5
+    twin_model, _, twin_losses = run_twin(Switch(k + 1, 40.0, 20.0))
+    assert losses == twin_losses
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(p, q)
+    # far too small a step: 2 is best at the top end; the two-sided bracket goes on to 4, 8, 16,
+    # the downward one tries nothing more and keeps 2, as the factors alone do
+    _, _, low, _ = run_beam(Constant(1e-3), points=(0.25,), horizon=0.2, cooldown=1.0, downward_extensions=3)
+    _, _, both, _ = run_beam(Constant(1e-3), points=(0.25,), horizon=0.2, cooldown=1.0, extensions=3)
+    assert [e["factor"] for e in both.last_decision["extended"]] == [4.0, 8.0, 16.0]
+    assert low.last_decision["extended"] == [] and low.multiplier == 2.0
+    # a floor stops it too
+    _, _, floored, _ = run_beam(Constant(40.0), points=(0.25,), horizon=0.2, downward_extensions=3,
+                                min_multiplier=0.5)
+    assert floored.last_decision["extended"] == [] and floored.multiplier == 0.5
+
+
+@pytest.mark.parametrize("best, extended, kept", [
+    (1 / 8, [1 / 4, 1 / 8, 1 / 16], 1 / 8),  # halvings while the newest scores best, then one past it
+    (1 / 64, [1 / 4, 1 / 8, 1 / 16], 1 / 16),  # at most 3 more branches, the best tried kept
+    (8.0, [], 2.0),  # never above the factors
+])
+def test_downward_extensions_follow_the_scores_down_at_most_three_steps(best, extended, kept):
+    # a loss whose every step is raised by a penalty on log2(applied multiplier / best): branches
+    # score in the penalty's order, whatever the training does
+    data = batches()
+    model = make_model()
+    opt = FusedSaLSa(model.parameters(), backend="torch", schedule=Constant(0.1))
+    beam = StepSizeBeam(opt, STEPS, points=(0.25,), horizon=0.1, cooldown=0.0, downward_extensions=3)
+    for k in range(STEPS // 4 + 1):
+        beam.step(lambda i: loss_on(model, data[k + i]) + 100.0 * math.log2(beam._applied_multiplier / best) ** 2)
+    decision = beam.last_decision
+    assert [e["factor"] for e in decision["extended"]] == extended
+    assert decision["factor"] == kept and beam.multiplier == kept
+
+
 def test_a_diverging_extension_ends_the_bracket():
     data = batches()
     model = make_model()
@@ -354,6 +401,19 @@ def test_state_dict_resumes_the_same_run():
     assert beam_resumed.extensions == 0
     with pytest.raises(ValueError, match="extensions"):
         bracketed.load_state_dict(old)
+    # the downward bracket: saved and checked like the others, absent in older state_dicts
+    downward = StepSizeBeam(FusedSaLSa(make_model().parameters(), backend="torch"), STEPS, points=(0.25, 0.5),
+                            horizon=0.1, downward_extensions=2)
+    assert downward.state_dict()["downward_extensions"] == 2
+    with pytest.raises(ValueError, match="downward_extensions"):
+        downward.load_state_dict(beam.state_dict())
+    with pytest.raises(ValueError, match="downward_extensions"):
+        beam.load_state_dict(downward.state_dict())
+    with pytest.raises(ValueError, match="downward_extensions"):
+        downward.load_state_dict(old)
+    saved = {**downward.state_dict(), "calls": 7, "multiplier": 0.25}
+    downward.load_state_dict(saved)
+    assert downward.state_dict() == saved and downward.downward_extensions == 2
 
 
 def test_the_default_optimizer_is_untouched_without_a_beam():
@@ -376,6 +436,10 @@ def test_the_default_optimizer_is_untouched_without_a_beam():
     (dict(extensions=-1), ValueError, "extensions"),
     (dict(extensions=1.5), ValueError, "extensions"),
     (dict(extensions=True), ValueError, "extensions"),
+    (dict(downward_extensions=-1), ValueError, "downward_extensions"),
+    (dict(downward_extensions=2.0), ValueError, "downward_extensions"),
+    (dict(downward_extensions=True), ValueError, "downward_extensions"),
+    (dict(extensions=1, downward_extensions=1), ValueError, "give one of them"),
 ])
 def test_bad_arguments_are_named_and_change_nothing(kwargs, error, match):
     opt = FusedSaLSa(make_model().parameters(), backend="torch")

@@ -395,6 +395,13 @@ REGISTRY: Dict[str, Callable] = {
                                extensions=3),
     "beam_bracket_late": _beam(_preset(presets.RECOMMENDED), cooldown=1.0, extensions=3,
                                points=(0.05, 0.1, 0.15, 0.25, 0.4)),
+    # the last point at the end of the warm-up (20%, where the level is frozen); a bracket that only
+    # extends downward (up to 3 more halvings per point, never above x2); both (NOTES.md section 15,
+    # written before their runs)
+    "beam_warmup_end": _beam(_preset(presets.RECOMMENDED), cooldown=1.0, points=(0.05, 0.1, 0.15, 0.2)),
+    "beam_bracket_down": _beam(_preset(presets.RECOMMENDED), cooldown=1.0, downward_extensions=3),
+    "beam_warmup_end_down": _beam(_preset(presets.RECOMMENDED), cooldown=1.0, points=(0.05, 0.1, 0.15, 0.2),
+                                  downward_extensions=3),
     # seed 004's LR-factor search (Factor_3, a decision every 1% of the run): on AdamW at a constant
     # 1e-3 (PyTorch's default rate; no other schedule), and on the faithful FusedSaLSa defaults
     # (the factor multiplies the applied step, target "schedule")

@@ -218,10 +218,13 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
         forwards = inner + len(search.factors) * (search.calls // search.interval)
     else:
         forwards = len(values)
-    return dict(optimizer=name, seed=seed, final_train_loss=final, val_loss=val,
-                step_time_ms=1e3 * elapsed / max(1, len(values)),
-                forwards_per_step=forwards / max(1, len(values)), diverged=diverged,
-                losses=values, step_sizes=step_sizes, searches=searches)
+    result = dict(optimizer=name, seed=seed, final_train_loss=final, val_loss=val,
+                  step_time_ms=1e3 * elapsed / max(1, len(values)),
+                  forwards_per_step=forwards / max(1, len(values)), diverged=diverged,
+                  losses=values, step_sizes=step_sizes, searches=searches)
+    if family == "beam":  # each beam step: its branches' scores, the factor kept, the multiplier
+        result["beam_decisions"] = built.beam.decisions
+    return result
 
 
 def _compact(value):

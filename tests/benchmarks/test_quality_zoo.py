@@ -132,6 +132,14 @@ def test_the_beam_family_runs_through_the_zoo_and_counts_its_branches(tmp_path):
     assert beam["loss_trace"][0] == preset["loss_trace"][0]  # same weights and first batch
     # beam steps at 1, 2 and 3 of 20 (5, 10, 15%), a horizon of 1 step, three branches each
     assert beam["forwards_per_step"] >= preset["forwards_per_step"] + 3 * 3 / 20
+    # the row carries each beam step's decision: its three scores, the factor kept, the multiplier
+    decisions = beam["beam_decisions"]
+    assert [d["step"] for d in decisions] == [1, 2, 3] and "beam_decisions" not in preset
+    multiplier = 1.0
+    for d in decisions:
+        assert len(d["scores"]) == 3 and d["factor"] in (0.5, 1.0, 2.0) and "extended" not in d
+        multiplier *= d["factor"]
+        assert d["multiplier"] == pytest.approx(multiplier)
 
 
 def test_the_lr_factor_family_decides_every_hundredth_of_the_run_and_counts_its_forwards():

@@ -135,6 +135,9 @@ def run_unit(unit: Unit, provenance: dict) -> dict:
                       diverged=f"error: {type(error).__name__}: {error}")
     levels = [s for s in result["step_sizes"] if math.isfinite(s)]
     spec = Z.ZOO[task_name]
+    extra = {}
+    if "beam_decisions" in result:  # the factors a beam kept and the scores it kept them on
+        extra["beam_decisions"] = [_decision_row(d) for d in result["beam_decisions"]]
     return dict(
         task=task_name, split=spec.split, family=spec.family, length=length, steps=task.steps,
         config=config, optimizer=optimizer_of(config), seed=seed,
@@ -147,7 +150,18 @@ def run_unit(unit: Unit, provenance: dict) -> dict:
         loss_trace=[_finite(v) for v in _thin(result["losses"])],
         level_trace=[_finite(v) for v in _thin(result["step_sizes"])],
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        **provenance)
+        **extra, **provenance)
+
+
+def _decision_row(decision: dict) -> dict:
+    """A beam decision with its scores rounded (None: a factor below the floor; inf: diverged)."""
+    def score(x):
+        return None if x is None else (_finite(x) if math.isfinite(x) else str(x))
+    row = dict(step=decision["step"], factor=decision["factor"], multiplier=_finite(decision["multiplier"]),
+               scores=[score(x) for x in decision["losses"]])
+    if "extended" in decision:
+        row["extended"] = [dict(factor=e["factor"], score=score(e["loss"])) for e in decision["extended"]]
+    return row
 
 
 def read_rows(paths: Iterable[str]) -> List[dict]:
