@@ -18,7 +18,8 @@ were not seen together in the last few steps of that bucket (``zero_grad(set_to_
 allocator through a few addresses); a bucket carries its gradients' pointers so a backend
 need not read them again.
 
-With the C++ extension built, ``salsa_fused._C.group_signature`` reads a group's gradients and
+With the C++ extension loaded (either build, :func:`salsa_fused._ext.module`),
+``group_signature`` reads a group's gradients and
 all of the above (ids, weight pointers, gradient pointers and dtypes) in one C++ loop; a
 group whose signature equals the one its buckets were last attached with keeps them as they
 are (same tensors, same storage, gradients already validated at those addresses) and only
@@ -30,7 +31,6 @@ from __future__ import annotations
 import collections
 import functools
 import operator
-import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -216,13 +216,12 @@ _signature_function: List[Optional[Callable[[list], Optional[tuple]]]] = []
 
 
 def _group_signature() -> Optional[Callable[[list], Optional[tuple]]]:
-    """``salsa_fused._C.group_signature`` when the extension is built as a Python module (not
-    the JIT build), else None; looked up once."""
+    """``group_signature`` of the loaded extension (setup.py's or the JIT build), None without
+    one; looked up once."""
     if not _signature_function:
         from . import _ext
 
-        module = sys.modules.get("salsa_fused._C") if _ext.load() else None
-        _signature_function.append(getattr(module, "group_signature", None))
+        _signature_function.append(getattr(_ext.module(), "group_signature", None))
     return _signature_function[0]
 
 
