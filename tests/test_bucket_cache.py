@@ -359,3 +359,23 @@ def test_cycled_gradients_give_bitwise_the_results_of_rebuilding_every_step(back
         assert torch.equal(p, q)
         assert torch.equal(opt.state[p]["exp_avg_sq"], fresh_opt.state[q]["exp_avg_sq"])
     assert opt.step_size == fresh_opt.step_size
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend unavailable")
+def test_triton_tables_of_remembered_layouts_are_found_by_identity(signature_path):
+    """With the extension, a remembered layout hands the Triton backend the very tuple of
+    pointers its table is keyed by: no pointer is compared or hashed (10,000 per step at 10,000
+    tensors); a table built from a group's first gradients gets keyed by that tuple too."""
+    params = _params()
+    opt = FusedSaLSa(params, backend="triton", schedule=NeverSearch(), init_step_size=1e-3)
+    storages = _grad_storages(params, 2)
+    for k in range(6):
+        loss = _backward_into(params, storages[k % 2], k)
+        opt.step(lambda: loss, loss=loss)
+        (slot,) = _slots(opt)
+        tables = slot.bucket.cache[triton_backend.name]
+        assert tables.grad_pointers == slot.bucket.grad_pointers
+        if k >= 2 and signature_path == "native":
+            assert tables.grad_pointers is slot.bucket.grad_pointers
+            assert [key for key, _ in tables.by_grads][:2] == [slot.bucket.grad_pointers,
+                                                               tuple(s.data_ptr() for s in storages[(k + 1) % 2])]
