@@ -7,8 +7,12 @@ Python work of the optimizer and the backend alone), or with the real kernels
 (``--launch real``, CUDA only: the host returns before the device finishes, so this is
 the time the step holds the Python thread). ``torch.optim.AdamW(fused=True)`` runs on the
 same tensors (its kernel is real: on the CPU the tensors are tiny so that it is host time
-too). Gradients either keep their storage from step to step (``zero_grad(set_to_none=False)``)
-or get new storage before every step (``set_to_none=True`` without allocator reuse).
+too). Gradients (``--grads``) keep their storage from step to step (``kept``:
+``zero_grad(set_to_none=False)``), alternate between two storages per tensor (``cycled``:
+``set_to_none=True`` with a caching allocator that hands the freed blocks back in turn), or
+get new storage before every step (``new``: ``set_to_none=True`` without allocator reuse).
+Each FusedSaLSa row says whether the bucket cache read the groups in C++
+(``group_signature``: the extension loaded) or in Python.
 
 Tensor lists: ``148``: GPT-2 small's shapes (on the CPU every tensor is cut to 64
 elements: host time does not depend on sizes with the launch stubbed); ``10000``:
@@ -28,6 +32,7 @@ import argparse
 import contextlib
 import cProfile
 import io
+import itertools
 import pstats
 import statistics
 import sys
@@ -40,7 +45,7 @@ C.ensure_triton_interpreter_without_cuda()  # stubbed launches resolve the trito
 
 import torch  # noqa: E402
 
-from salsa_fused import FusedSaLSa  # noqa: E402
+from salsa_fused import FusedSaLSa, buckets  # noqa: E402
 
 DEFAULT_OUT = C.RESULTS_DIR / "host_overhead.jsonl"
 CPU_NUMEL_PER_TENSOR = 64
@@ -119,6 +124,18 @@ def _fresh_grads(params) -> Callable[[], None]:
     return renew
 
 
+def _cycled_grads(params) -> Callable[[], None]:
+    storages = itertools.cycle([[p.grad.clone() for p in params], [p.grad.clone() for p in params]])
+
+    def alternate():
+        for p, grad in zip(params, next(storages)):
+            p.grad = grad  # the other of two storages, as a caching allocator's reuse gives
+    return alternate
+
+
+GRAD_MODES = {"kept": lambda params: (lambda: None), "cycled": _cycled_grads, "new": _fresh_grads}
+
+
 def salsa_plain_step(params, device: torch.device) -> Callable[[], object]:
     opt = FusedSaLSa(params, backend="triton", schedule=NeverSearch(), init_step_size=1e-6)
     loss = torch.tensor(1.0, device=device)
@@ -133,13 +150,14 @@ def measure(n_tensors: int, device: torch.device, dtype: torch.dtype = torch.flo
         raise ValueError("real launches are timed on CUDA only (the CPU interpreter is not a launch)")
     shapes = tensor_shapes(n_tensors, device)
     params = C.make_params(shapes, dtype, device)
-    before = _fresh_grads(params) if grads == "new" else (lambda: None)
+    before = GRAD_MODES[grads](params)
     results: Dict[str, dict] = {}
     stubs = stubbed_launches() if launch == "stubbed" else contextlib.nullcontext({})
     with torch.no_grad(), stubs as stubbed:
         samples = _host_seconds(salsa_plain_step(params, device), before, steps, warmup, device)
     launches = sum(s.launches for s in stubbed.values()) / (steps + warmup) if stubbed else None
-    results["fused_salsa_plain"] = {"samples": samples, "launches_per_step": launches}
+    results["fused_salsa_plain"] = {"samples": samples, "launches_per_step": launches,
+                                    "group_signature": buckets._group_signature() is not None}
     try:
         adamw = torch.optim.AdamW(params, lr=1e-6, fused=True)
         results["adamw_fused"] = {"samples": _host_seconds(adamw.step, before, steps, warmup, device)}
@@ -174,7 +192,7 @@ def profile(n_tensors: int, device: torch.device, steps: int = 10, top: int = 25
 
 
 def rows(sizes=(148, 10000), device: Optional[torch.device] = None, steps: int = 20,
-         launches=("stubbed",), grad_modes=("kept", "new")) -> List[dict]:
+         launches=("stubbed",), grad_modes=tuple(GRAD_MODES)) -> List[dict]:
     """``{"name", "values"}`` records, one per (provider, size, launch mode, gradient mode)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = []
@@ -196,6 +214,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--launch", nargs="*", default=None, choices=["stubbed", "real"],
                         help="default: stubbed, and real too on CUDA")
+    parser.add_argument("--grads", nargs="*", default=list(GRAD_MODES), choices=list(GRAD_MODES),
+                        help="gradient storage from step to step (default: all three)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="JSONL file the rows are appended to")
     parser.add_argument("--profile", type=int, default=None, metavar="N_TENSORS",
                         help="print a cProfile of stubbed plain steps at this many tensors instead")
@@ -206,12 +226,13 @@ def main(argv=None) -> int:
         return 0
     launches = tuple(args.launch or (("stubbed", "real") if device.type == "cuda" else ("stubbed",)))
     env = C.environment(device)
-    for record in rows(args.sizes, device, args.steps, launches):
+    for record in rows(args.sizes, device, args.steps, launches, tuple(args.grads)):
         record = {"stage": "host_overhead", **record, "env": env}
         C.append_jsonl(args.out, record)
         v = record["values"]
+        reader = {True: ", groups read in C++", False: ", groups read in Python"}.get(v.get("group_signature"), "")
         print(f"{record['name']}: {v.get('p50_host_ms', float('nan')):.3f} ms host "
-              f"(x{v.get('vs_adamw_fused', float('nan')):.2f} fused AdamW) {v.get('error', '')}")
+              f"(x{v.get('vs_adamw_fused', float('nan')):.2f} fused AdamW{reader}) {v.get('error', '')}")
     print(f"appended to {args.out}")
     return 0
 

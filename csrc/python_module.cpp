@@ -1,5 +1,7 @@
-// Makes the built library importable as the Python module salsa_fused._C; importing it
-// runs the TORCH_LIBRARY registrations of the other sources (torch.ops.salsa_fused.*).
+// Makes the built library importable as a Python module: salsa_fused._C (setup.py) or the JIT
+// build's module (salsa_fused/_ext.py); importing it runs the TORCH_LIBRARY registrations of the
+// other sources (torch.ops.salsa_fused.*). Both builds define TORCH_EXTENSION_NAME as the module's
+// name, which names the init function Python looks for.
 // It also holds one host-side helper of the optimizer's bucket cache (salsa_fused/buckets.py):
 // reading a param group's gradients and what identifies its tensors in one loop over the list,
 // where Python needs one interpreted pass per attribute.
@@ -10,6 +12,15 @@
 
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+
+#ifndef TORCH_EXTENSION_NAME
+#error "TORCH_EXTENSION_NAME (the module's name) is defined by torch.utils.cpp_extension's builds"
+#endif
+// The expansion of TORCH_EXTENSION_NAME as a string, and PyInit_<it>.
+#define SALSA_FUSED_STRING(name) SALSA_FUSED_STRING_OF(name)
+#define SALSA_FUSED_STRING_OF(name) #name
+#define SALSA_FUSED_INIT(name) SALSA_FUSED_INIT_OF(name)
+#define SALSA_FUSED_INIT_OF(name) PyInit_##name
 
 namespace {
 
@@ -79,8 +90,9 @@ PyMethodDef methods[] = {
      "what identifies its tensors, read in one loop (salsa_fused/buckets.py)"},
     {nullptr, nullptr, 0, nullptr}};
 
-PyModuleDef salsa_fused_c_module = {PyModuleDef_HEAD_INIT, "_C", "salsa_fused's compiled torch ops", -1, methods};
+PyModuleDef salsa_fused_c_module = {PyModuleDef_HEAD_INIT, SALSA_FUSED_STRING(TORCH_EXTENSION_NAME),
+                                    "salsa_fused's compiled torch ops", -1, methods};
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&salsa_fused_c_module); }
+PyMODINIT_FUNC SALSA_FUSED_INIT(TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&salsa_fused_c_module); }

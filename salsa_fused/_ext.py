@@ -2,15 +2,18 @@
 
 Importing the library registers the ops ``torch.ops.salsa_fused.*`` (csrc/). With
 ``SALSA_FUSED_JIT=1`` the sources of a source checkout are compiled on first use by
-``torch.utils.cpp_extension.load`` (ninja; cached in torch's extensions directory).
-Either way a failure is kept and re-raised by :func:`require` with a build hint; the
-package works without the extension (the torch and triton backends).
+``torch.utils.cpp_extension.load`` (ninja; cached in torch's extensions directory) into the
+module ``salsa_fused_jit``. Either build is a Python module with the same functions
+(csrc/python_module.cpp); :func:`module` gives the one that was loaded. A failure is kept and
+re-raised by :func:`require` with a build hint; the package works without the extension (the
+torch and triton backends).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import types
 from typing import Optional
 
 import torch
@@ -19,43 +22,52 @@ from . import _build_flags
 
 _loaded = False
 _error: Optional[BaseException] = None
+_module: Optional[types.ModuleType] = None
+
+JIT_MODULE_NAME = "salsa_fused_jit"
 
 BUILD_HINT = ("build it with `pip install --no-build-isolation .` (or `python setup.py build_ext --inplace` "
               "in a checkout), or set SALSA_FUSED_JIT=1 to compile it on first use; it needs a C++ compiler")
 
 
-def _jit_build() -> None:
+def _jit_build() -> types.ModuleType:
     from torch.utils import cpp_extension
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sources = [os.path.join(root, path) for path in _build_flags.CPU_SOURCES]
+    sources = [os.path.join(root, path)
+               for path in [_build_flags.PYTHON_MODULE_SOURCE] + _build_flags.CPU_SOURCES]
     with_cuda = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
     if with_cuda:
         sources += [os.path.join(root, path) for path in _build_flags.CUDA_SOURCES]
     missing = [path for path in sources if not os.path.exists(path)]
     if missing:
         raise FileNotFoundError(f"SALSA_FUSED_JIT=1 needs the csrc/ sources of a checkout; missing {missing}")
-    cpp_extension.load(name="salsa_fused_jit", sources=sources, extra_cflags=_build_flags.CXX_FLAGS,
-                       extra_cuda_cflags=_build_flags.NVCC_FLAGS if with_cuda else None,
-                       extra_ldflags=_build_flags.LINK_FLAGS, is_python_module=False)
+    return cpp_extension.load(name=JIT_MODULE_NAME, sources=sources, extra_cflags=_build_flags.CXX_FLAGS,
+                              extra_cuda_cflags=_build_flags.NVCC_FLAGS if with_cuda else None,
+                              extra_ldflags=_build_flags.LINK_FLAGS, is_python_module=True)
 
 
 def load() -> bool:
     """Load the ops once; True when they are registered."""
-    global _loaded, _error
+    global _loaded, _error, _module
     if _loaded or _error is not None:
         return _loaded
     try:
         if os.environ.get("SALSA_FUSED_JIT") == "1":
-            _jit_build()
+            loaded = _jit_build()
         else:
-            importlib.import_module("salsa_fused._C")
+            loaded = importlib.import_module("salsa_fused._C")
     except (ImportError, OSError, RuntimeError) as error:
         _error = error
         return False
     _register_fakes()
-    _loaded = True
+    _module, _loaded = loaded, True
     return True
+
+
+def module() -> Optional[types.ModuleType]:
+    """The loaded extension module (``salsa_fused._C`` or the JIT build's), None when it did not load."""
+    return _module if load() else None
 
 
 def require() -> None:

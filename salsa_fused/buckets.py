@@ -18,11 +18,14 @@ were not seen together in the last few steps of that bucket (``zero_grad(set_to_
 allocator through a few addresses); a bucket carries its gradients' pointers so a backend
 need not read them again.
 
-With the C++ extension built, ``salsa_fused._C.group_signature`` reads a group's gradients and
-all of the above (ids, weight pointers, gradient pointers and dtypes) in one C++ loop; a
-group whose signature equals the one its buckets were last attached with keeps them as they
-are (same tensors, same storage, gradients already validated at those addresses) and only
-takes this step's gradient objects. Any difference, or no extension, takes the Python path.
+With the C++ extension loaded (either build, :func:`salsa_fused._ext.module`),
+``group_signature`` reads a group's gradients and all of the above (ids, weight pointers,
+gradient pointers and dtypes) in one C++ loop. A group remembers the signatures of its last
+few gradient layouts (``VALIDATED_GRAD_LAYOUTS``, most recent first; forgotten when the group
+is rebuilt or the cache cleared), each with its buckets' gradient pointers; a signature among
+them keeps the buckets as they are (same tensors, same storage, gradients already validated
+at those addresses) and only takes this step's gradient objects and that layout's pointers.
+Any other signature, or no extension, takes the Python path.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from __future__ import annotations
 import collections
 import functools
 import operator
-import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -89,8 +91,25 @@ class _GroupEntry:
     has_grad: Tuple[bool, ...]
     distributed: bool  # some param is a DTensor: read local shards
     slots: List[_Slot]
-    #: ``group_signature``'s bytes when the slots' gradients were last attached (None: unknown).
-    signature: Optional[bytes] = None
+    #: ``group_signature``'s bytes of the last few layouts every slot took and checked, most
+    #: recent first, each with the slots' ``grad_pointers`` for it.
+    layouts: List[Tuple[bytes, Tuple[tuple, ...]]] = field(default_factory=list)
+
+    def known_layout(self, signature: bytes) -> Optional[Tuple[tuple, ...]]:
+        """The slots' gradient pointers for ``signature`` if it is remembered (it becomes the
+        most recent), else None. A scan of a few ``==`` (each stops at the first differing byte)
+        costs less than hashing this step's new bytes object, 32 bytes per param."""
+        for position, (known, pointers) in enumerate(self.layouts):
+            if known == signature:
+                if position:
+                    self.layouts.insert(0, self.layouts.pop(position))
+                return pointers
+        return None
+
+    def remember(self, signature: bytes) -> None:
+        """Keep ``signature`` with the slots' current gradient pointers, forgetting the oldest."""
+        self.layouts.insert(0, (signature, tuple(slot.bucket.grad_pointers for slot in self.slots)))
+        del self.layouts[VALIDATED_GRAD_LAYOUTS:]
 
 
 class BucketCache:
@@ -128,9 +147,11 @@ class BucketCache:
                       else None)
             if native is not None:
                 grads, signature = native
-                if entry is not None and entry.signature == signature:
-                    for slot in entry.slots:  # same tensors, gradients validated at these addresses
+                known = entry.known_layout(signature) if entry is not None else None
+                if known is not None:
+                    for slot, pointers in zip(entry.slots, known):  # same tensors, gradients
                         slot.bucket.grads = grads if slot.members is None else _picked(slot, grads)
+                        slot.bucket.grad_pointers = pointers  # validated at these addresses
                         buckets.append(slot.bucket)
                     continue
             else:
@@ -144,11 +165,11 @@ class BucketCache:
                     or entry.has_grad != has_grad or entry.param_ids != tuple(map(id, params))):
                 entry = self._build(index, params, grads, has_grad, init_state, saved_buffer)
                 self._groups[index] = entry
-            entry.signature = None  # until every slot took its gradients (a check may raise)
             for slot in entry.slots:
                 self._attach_grads(slot, grads, entry.distributed)
                 buckets.append(slot.bucket)
-            entry.signature = signature
+            if signature is not None:  # only once every slot took its gradients (a check may raise)
+                entry.remember(signature)
         return buckets
 
     @staticmethod
@@ -216,13 +237,12 @@ _signature_function: List[Optional[Callable[[list], Optional[tuple]]]] = []
 
 
 def _group_signature() -> Optional[Callable[[list], Optional[tuple]]]:
-    """``salsa_fused._C.group_signature`` when the extension is built as a Python module (not
-    the JIT build), else None; looked up once."""
+    """``group_signature`` of the loaded extension (setup.py's or the JIT build), None without
+    one; looked up once."""
     if not _signature_function:
         from . import _ext
 
-        module = sys.modules.get("salsa_fused._C") if _ext.load() else None
-        _signature_function.append(getattr(module, "group_signature", None))
+        _signature_function.append(getattr(_ext.module(), "group_signature", None))
     return _signature_function[0]
 
 

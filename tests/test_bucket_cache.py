@@ -190,3 +190,192 @@ def test_group_signature_changes_with_every_tensor_it_identifies(signature_path)
     sparse = torch.nn.Parameter(torch.zeros(3))
     sparse.grad = torch.zeros(3).to_sparse()
     assert SIGNATURE([sparse]) is None  # no strided storage: the Python path names the problem
+
+
+def _mixed_params():
+    """Two fp32 params and two bf16 ones, interleaved: two buckets, each a part of the group."""
+    params = _params()
+    for i in (1, 3):
+        params[i].data = params[i].data.to(torch.bfloat16)
+    return params
+
+
+def _grad_storages(params, count):
+    """``count`` sets of gradient storage, one tensor per param: the addresses an allocator
+    cycles gradients through under ``zero_grad(set_to_none=True)``."""
+    return [[torch.zeros_like(p) for p in params] for _ in range(count)]
+
+
+def _backward_into(params, storage, k):
+    """Backward of step k's loss with the gradients moved into ``storage``; the loss."""
+    for p in params:
+        p.grad = None
+    loss = _loss(params, [], k)
+    loss.backward()
+    for p, s in zip(params, storage):
+        s.copy_(p.grad)
+        p.grad = s
+    return loss
+
+
+def _slots(opt):
+    (entry,) = opt._buckets._groups.values()
+    return entry.slots
+
+
+def _assert_pointers_are_this_steps(opt):
+    for slot in _slots(opt):
+        chosen = slot.params if slot.positions is None else [slot.params[i] for i in slot.positions]
+        assert slot.bucket.grad_pointers == tuple(p.grad.data_ptr() for p in chosen)
+        assert all(g is p.grad for g, p in zip(slot.bucket.grads, chosen))
+
+
+def test_gradients_cycling_through_a_few_storages_take_the_python_path_once_each(signature_path):
+    """Gradient storage alternating between two address sets (set_to_none with a caching
+    allocator): with the extension, the Python passes run on the first step of each layout
+    only, and the buckets carry each step's own pointers; without it, on every step."""
+    params = _mixed_params()
+    opt = FusedSaLSa(params, backend="torch", schedule=NeverSearch(), init_step_size=1e-3)
+    storages = _grad_storages(params, 3)
+    order = [0, 1, 0, 1, 0, 2, 1, 0, 2, 1]
+    with mock.patch.object(buckets.BucketCache, "_attach_grads", wraps=buckets.BucketCache._attach_grads) as attach:
+        for k, which in enumerate(order):
+            loss = _backward_into(params, storages[which], k)
+            opt.step(lambda: loss, loss=loss)
+            _assert_pointers_are_this_steps(opt)
+    slow_steps = attach.call_count // len(_slots(opt))
+    assert opt._buckets.rebuilds == 1
+    assert slow_steps == (3 if signature_path == "native" else len(order))
+
+
+def test_more_gradient_layouts_than_remembered_take_the_python_path_again(signature_path):
+    """Layouts are remembered least recently used first out: cycling through one more than
+    VALIDATED_GRAD_LAYOUTS misses every time, cycling through that many hits after the first round."""
+    params = _params()
+    opt = FusedSaLSa(params, backend="torch", schedule=NeverSearch(), init_step_size=1e-3)
+    count = buckets.VALIDATED_GRAD_LAYOUTS
+    for layouts, expected in [(count, count), (count + 1, 3 * (count + 1))]:
+        storages = _grad_storages(params, layouts)
+        with mock.patch.object(buckets.BucketCache, "_attach_grads",
+                               wraps=buckets.BucketCache._attach_grads) as attach:
+            for k in range(3 * layouts):
+                loss = _backward_into(params, storages[k % layouts], k)
+                opt.step(lambda: loss, loss=loss)
+                _assert_pointers_are_this_steps(opt)
+        assert attach.call_count == (expected if signature_path == "native" else 3 * layouts)
+
+
+def test_remembered_layouts_are_forgotten_when_a_tensor_or_the_state_changes(signature_path):
+    """After two layouts are remembered, a weight that moves, load_state_dict, a group's params
+    in another order, and a gradient that vanishes or comes back each rebuild the buckets; so
+    does a weight that changes dtype."""
+    params = _params()
+    opt = FusedSaLSa(params, backend="torch", schedule=NeverSearch(), init_step_size=1e-3)
+    storages = _grad_storages(params, 2)
+
+    def steps(count, start):
+        for k in range(start, start + count):
+            loss = _backward_into(params, storages[k % 2], k)
+            opt.step(lambda: loss, loss=loss)
+            _assert_pointers_are_this_steps(opt)
+
+    steps(4, 0)
+    assert opt._buckets.rebuilds == 1
+    changes = [
+        ("weight moved", lambda: setattr(params[0], "data", params[0].data.clone())),
+        ("state reloaded", lambda: opt.load_state_dict(opt.state_dict())),
+        ("params reordered", lambda: opt.param_groups[0].__setitem__("params", params[::-1])),
+    ]
+    for what, change in changes:
+        before = opt._buckets.rebuilds
+        change()
+        steps(3, 0)
+        assert opt._buckets.rebuilds == before + 1, what
+    before = opt._buckets.rebuilds
+    for k in range(2):  # the head's gradients vanish, then come back at remembered addresses
+        for p in params:
+            p.grad = None
+        loss = _loss(params, [], k, use_head=False)
+        loss.backward()
+        opt.step(lambda: loss, loss=loss)
+        steps(1, k)
+    assert opt._buckets.rebuilds == before + 4
+    before = opt._buckets.rebuilds
+    params[2].data = params[2].data.to(torch.bfloat16)
+    storages[:] = _grad_storages(params, 2)
+    steps(2, 0)
+    assert opt._buckets.rebuilds == before + 1
+    assert {slot.bucket.dtype for slot in _slots(opt)} == {torch.float32, torch.bfloat16}
+
+
+def test_a_wrong_gradient_after_cycling_raises_and_the_next_layout_gets_its_own_pointers(signature_path):
+    """A gradient of another dtype at a new address, and at a remembered one, still raises the
+    named error with weights and state untouched; the bucket whose gradients were taken before
+    the error gets its pointers back from the remembered layout on the next step."""
+    params = _mixed_params()
+    opt = FusedSaLSa(params, backend="torch", schedule=NeverSearch(), init_step_size=1e-3)
+    storages = _grad_storages(params, 3)
+    for k in range(4):
+        loss = _backward_into(params, storages[k % 2], k)
+        opt.step(lambda: loss, loss=loss)
+    weights = [p.detach().clone() for p in params]
+    moments = [opt.state[p]["exp_avg"].clone() for p in params]
+    wrong = {"new address": storages[2][3].float(),
+             "remembered address": storages[0][3].view(torch.float16)}  # the second bucket's
+    for what, gradient in wrong.items():
+        loss = _backward_into(params, storages[2 if what == "new address" else 0], 4)
+        params[3].grad_dtype = None  # torch then accepts a gradient of another dtype
+        params[3].grad = gradient
+        with pytest.raises(RuntimeError, match=f"gradient of dtype {gradient.dtype}"):
+            opt.step(lambda: loss, loss=loss)
+        assert all(torch.equal(p, w) for p, w in zip(params, weights)), what
+        assert all(torch.equal(opt.state[p]["exp_avg"], m) for p, m in zip(params, moments)), what
+        params[3].grad = None
+        params[3].grad_dtype = torch.bfloat16
+    loss = _backward_into(params, storages[1], 5)
+    opt.step(lambda: loss, loss=loss)
+    _assert_pointers_are_this_steps(opt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cycled_gradients_give_bitwise_the_results_of_rebuilding_every_step(backend):
+    """Searches and plain steps on gradients alternating between two storages: the backends'
+    tables follow each step's gradient pointers (a stale pointer would read the other storage)."""
+    results = []
+    for rebuild_every_step in (False, True):
+        params = _mixed_params()
+        opt = FusedSaLSa(params, backend=backend, init_step_size=0.1)
+        storages = _grad_storages(params, 2)
+        for k in range(8):
+            if rebuild_every_step:
+                opt._buckets.clear()
+            loss = _backward_into(params, storages[k % 2], k)
+            opt.step(lambda: _loss(params, [], k), loss=loss)
+            for s in storages[(k + 1) % 2]:
+                s.fill_(float("nan"))  # the storage not in use: reading it would show
+        results.append((params, opt))
+    (cached, opt), (fresh, fresh_opt) = results
+    for p, q in zip(cached, fresh):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["exp_avg_sq"], fresh_opt.state[q]["exp_avg_sq"])
+    assert opt.step_size == fresh_opt.step_size
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend unavailable")
+def test_triton_tables_of_remembered_layouts_are_found_by_identity(signature_path):
+    """With the extension, a remembered layout hands the Triton backend the very tuple of
+    pointers its table is keyed by: no pointer is compared or hashed (10,000 per step at 10,000
+    tensors); a table built from a group's first gradients gets keyed by that tuple too."""
+    params = _params()
+    opt = FusedSaLSa(params, backend="triton", schedule=NeverSearch(), init_step_size=1e-3)
+    storages = _grad_storages(params, 2)
+    for k in range(6):
+        loss = _backward_into(params, storages[k % 2], k)
+        opt.step(lambda: loss, loss=loss)
+        (slot,) = _slots(opt)
+        tables = slot.bucket.cache[triton_backend.name]
+        assert tables.grad_pointers == slot.bucket.grad_pointers
+        if k >= 2 and signature_path == "native":
+            assert tables.grad_pointers is slot.bucket.grad_pointers
+            assert [key for key, _ in tables.by_grads][:2] == [slot.bucket.grad_pointers,
+                                                               tuple(s.data_ptr() for s in storages[(k + 1) % 2])]

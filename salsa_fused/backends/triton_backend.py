@@ -118,8 +118,8 @@ class _Tables:
     grad_pointers: Tuple[int, ...] = ()  # the gradient addresses the table's column holds
     params_contiguous: bool = False
     host_table: Optional[torch.Tensor] = None  # the table on the host, gradient column as built
-    # device tables of the last few gradient layouts, by their gradient pointers
-    by_grads: "collections.OrderedDict[tuple, torch.Tensor]" = field(default_factory=collections.OrderedDict)
+    # (gradient pointers, device table) of the last few gradient layouts, most recent first
+    by_grads: List[Tuple[tuple, torch.Tensor]] = field(default_factory=list)
 
 
 def _streams(bucket: Bucket) -> Tuple[Sequence[torch.Tensor], ...]:
@@ -195,7 +195,7 @@ def _build_tables(bucket: Bucket) -> _Tables:
                    grad_pointers=grad_pointers,
                    params_contiguous=all(map(torch.Tensor.is_contiguous, bucket.params)),
                    host_table=host_table,
-                   by_grads=collections.OrderedDict({grad_pointers: tensor_table}))
+                   by_grads=[(grad_pointers, tensor_table)])
 
 
 def _block_table(blocks_per_tensor: torch.Tensor) -> torch.Tensor:
@@ -247,31 +247,41 @@ def _with_grads(tables: _Tables, bucket: Bucket) -> _Tables:
     grad_pointers = bucket.grad_pointers
     if grad_pointers is None:
         grad_pointers = tuple(map(torch.Tensor.data_ptr, bucket.grads))
-    if grad_pointers == tables.grad_pointers:
+    if grad_pointers is tables.grad_pointers:
         return tables
-    table = tables.by_grads.get(grad_pointers)
-    if table is not None:
-        tables.by_grads.move_to_end(grad_pointers)
-    elif (tables.params_contiguous and len(grad_pointers) == tables.tensor_table.shape[0]
-            and all(map(torch.Tensor.is_contiguous, bucket.grads))
-            and not bool(torch.any(torch.tensor(grad_pointers, dtype=torch.int64) % ALIGNMENT_BYTES))
-            and (bucket.tensors_fixed or _same_shapes(bucket))):
+    table = _known_table(tables, grad_pointers)
+    if table is None and (tables.params_contiguous and len(grad_pointers) == tables.tensor_table.shape[0]
+                          and all(map(torch.Tensor.is_contiguous, bucket.grads))
+                          and not bool(torch.any(torch.tensor(grad_pointers, dtype=torch.int64) % ALIGNMENT_BYTES))
+                          and (bucket.tensors_fixed or _same_shapes(bucket))):
         # New gradient storage, same layout and alignment class: a table with the new
         # column (one small host-to-device copy); the tables in use stay as they are.
         # (The optimizer has checked its buckets' gradients against the weights already.)
         host = tables.host_table.clone()
         host[:, K.GRAD_COLUMN] = torch.tensor(grad_pointers, dtype=torch.int64)
         table = _to_device(host, bucket.device)
-        tables.by_grads[grad_pointers] = table
-        if len(tables.by_grads) > _MAX_CACHED_TABLES:
-            tables.by_grads.popitem(last=False)
-    else:
+        tables.by_grads.insert(0, (grad_pointers, table))
+        del tables.by_grads[_MAX_CACHED_TABLES:]
+    elif table is None:
         rebuilt = _build_tables(bucket)
         if bucket.tensors_fixed:
             bucket.cache[name] = rebuilt
         return rebuilt
     tables.tensor_table, tables.grad_pointers = table, grad_pointers
     return tables
+
+
+def _known_table(tables: _Tables, grad_pointers: tuple) -> Optional[torch.Tensor]:
+    """The device table of a cached layout with these gradient pointers, else None; it becomes
+    the most recent and is keyed by this very tuple. The optimizer's bucket cache hands the same
+    tuple object for a layout it remembers, so a hit is an identity test, not 10,000 integer
+    compares or a hash of them; unequal tuples differ in their first pointers as a rule."""
+    for position, (known, table) in enumerate(tables.by_grads):
+        if known is grad_pointers or known == grad_pointers:
+            del tables.by_grads[position]
+            tables.by_grads.insert(0, (grad_pointers, table))
+            return table
+    return None
 
 
 def _same_shapes(bucket: Bucket) -> bool:

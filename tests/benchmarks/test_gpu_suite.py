@@ -108,10 +108,11 @@ def test_kernel_timing_covers_both_dtypes_and_the_roofline(smoke):
 def test_host_overhead_rows_stand_beside_fused_adamw(smoke):
     host = _values(smoke[2], "host_overhead")
     for n in (148, 1000):
-        for grads in ("kept", "new"):
+        for grads in ("kept", "cycled", "new"):
             salsa = host[f"fused_salsa_plain {n} tensors, launch stubbed, grads {grads}"]
             assert salsa["p50_host_ms"] > 0 and salsa["vs_adamw_fused"] > 0
             assert salsa["launches_per_step"] == 1  # one bucket, one (stubbed) launch
+            assert salsa["group_signature"]  # the smoke run loads the checkout's extension
             assert host[f"adamw_fused {n} tensors, launch real, grads {grads}"]["p50_host_ms"] > 0
 
 
@@ -168,6 +169,27 @@ def test_a_failed_stage_is_logged_and_the_next_one_runs(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
     assert [s["status"] for s in summary["stages"]] == ["failed", "not run"]
     assert "no_such_stage" in (tmp_path / "suite.log").read_text(encoding="utf-8")
+
+
+def test_host_overhead_runs_on_the_background_build_once_it_succeeded(tmp_path):
+    """The host stage times the compiled group_signature path when the JIT build is done;
+    before that, or after a failed build, it runs without it (its rows say which)."""
+    class Build:
+        env = {"SALSA_FUSED_JIT": "1"}
+        exit_code = None
+
+        def succeeded(self):
+            return self.exit_code == 0
+
+    suite = gpu_suite.Suite(tmp_path, smoke=False, budget=60, details=tmp_path)
+    stages = {s.name: s for s in gpu_suite.STAGES}
+    plain = {"PATH": "/bin"}
+    assert suite.stage_env(stages["host_overhead"], plain) is plain  # no build started
+    suite.build = Build()
+    for exit_code, expected in [(None, plain), (1, plain), (0, Build.env)]:
+        suite.build.exit_code = exit_code
+        assert suite.stage_env(stages["host_overhead"], plain) is expected, exit_code
+        assert suite.stage_env(stages["kernel_timing"], plain) is plain
 
 
 def test_unknown_stage_names_are_refused(tmp_path, capsys):
