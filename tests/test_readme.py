@@ -156,7 +156,8 @@ def test_ci_runs_the_readme_commands_as_written():
     assert len(commands) == 2, commands
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     for command in commands:
-        assert f"\n{command} ||" in ci, f".ci/run does not run the README's {command!r}"
+        assert re.search(r"\n[ \t]*" + re.escape(command) + r" \|\|", ci), \
+            f".ci/run does not run the README's {command!r}"
 
 
 @pytest.mark.parametrize("page", PAGES)
