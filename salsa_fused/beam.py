@@ -22,6 +22,16 @@ never goes past the largest factor: a smaller step can only be chosen where the 
 every halving, while a plateau that rewards any larger step cannot pull the multiplier up by more
 than the largest factor per beam step.
 
+With ``move_margin`` = delta > 0 the multiplier moves only on a clear preference: with ``f*`` the
+factor of lowest score over every factor tried (extensions included, which are run as before), the
+beam keeps ``m <- m * f*`` only if
+
+    L(f*) < L(1) - delta * |L(1)|        (for a positive loss: L(f*) < (1 - delta) * L(1))
+
+and otherwise keeps ``m`` (factor 1); a diverged x1 branch (``L(1) = inf``) loses to any finite one.
+Scores a fraction of a percent apart are within the noise of one horizon; following them moves the
+multiplier on nothing. ``delta = 0`` is the plain argmin (``f* != 1`` already means ``L(f*) < L(1)``).
+
 With ``cooldown`` > 0 each branch goes on for ``C = round(cooldown * H)`` more steps (batches
 ``k+H .. k+H+C-1``) whose multiplier falls linearly, ``m * f * (C - j) / (C + 1)`` at cooldown
 step ``j``, and is scored by the mean loss over those ``C`` steps instead: a short horizon
@@ -137,6 +147,9 @@ class StepSizeBeam:
         downward_extensions: at most this many more branches per beam step, each one factor-step
             below the smallest factor tried while it scores best; never above the factors (0: none).
             Not together with ``extensions``.
+        move_margin: the relative score a factor other than 1 must win by before the multiplier
+            moves, in [0, 1) (0: the lowest score wins; the module docstring). Needs 1 among the
+            factors.
         min_multiplier: the multiplier never goes below this (in (0, 1]; 0: no floor). With a
             schedule of peak ``P`` in units of the searched level, ``1/P`` keeps the applied peak
             at or above the level the Armijo test accepts.
@@ -153,7 +166,7 @@ class StepSizeBeam:
     def __init__(self, optimizer: FusedSaLSa, total_steps: int, *, points: Sequence[float] = (0.05, 0.1, 0.15),
                  horizon: float = 0.03, factors: Sequence[float] = HALVE_KEEP_DOUBLE,
                  buffers: Iterable[torch.Tensor] = (), cooldown: float = 1.0, min_multiplier: float = 0.0,
-                 extensions: int = 0, downward_extensions: int = 0):
+                 extensions: int = 0, downward_extensions: int = 0, move_margin: float = 0.0):
         if not isinstance(optimizer, FusedSaLSa):
             raise TypeError(f"optimizer must be a FusedSaLSa, got {type(optimizer).__name__}")
         if optimizer.next_batches() is not None:
@@ -183,6 +196,12 @@ class StepSizeBeam:
         if extensions and downward_extensions:
             raise ValueError(f"extensions (both ends, {extensions}) and downward_extensions (the low end only, "
                              f"{downward_extensions}) are two brackets: give one of them")
+        if isinstance(move_margin, bool) or not isinstance(move_margin, (int, float)) \
+                or not 0 <= move_margin < 1:
+            raise ValueError(f"move_margin must be a relative score margin in [0, 1), got {move_margin!r}")
+        if move_margin and 1.0 not in factors:
+            raise ValueError(f"move_margin compares every factor with keeping the multiplier (factor 1), "
+                             f"but 1 is not among the factors {tuple(factors)}")
         buffers = list(buffers)
         for b in buffers:
             if not isinstance(b, torch.Tensor):
@@ -199,6 +218,7 @@ class StepSizeBeam:
         self.cooldown_steps = int(round(cooldown * self.horizon_steps))
         self.extensions = extensions
         self.downward_extensions = downward_extensions
+        self.move_margin = float(move_margin)
         self.multiplier = 1.0
         self._applied_multiplier = 1.0
         self.calls = 0
@@ -254,13 +274,25 @@ class StepSizeBeam:
             self._applied_multiplier = self.multiplier
             raise NonFiniteError(f"every branch of the beam at step {self.calls} diverged "
                                  f"(horizon losses {losses}): no factor to keep")
-        factor = min(scores, key=lambda f: (scores[f], abs(math.log(f))))
+        best = min(scores, key=lambda f: (scores[f], abs(math.log(f))))
+        factor = best if self._clears_margin(scores, best) else 1.0
         self.multiplier = max(self.multiplier * factor, self.min_multiplier)
         decision = dict(step=self.calls, horizon=steps, cooldown=cool, losses=losses, factor=factor,
                         multiplier=self.multiplier)
         if self.extensions or self.downward_extensions:
             decision["extended"] = extended
+        if self.move_margin:
+            decision["lowest"] = best  # the factor of lowest score, kept or not
         self.decisions.append(decision)
+
+    def _clears_margin(self, scores: Dict[float, float], best: float) -> bool:
+        """Whether ``best`` (not 1) scores below ``L(1) - move_margin * |L(1)|``; True without a margin."""
+        if not self.move_margin or best == 1.0:
+            return True
+        keep = scores.get(1.0)
+        if keep is None or not math.isfinite(keep):
+            return True  # x1 not tried (below the floor) or diverged; ``best`` is finite (checked before)
+        return scores[best] < keep - self.move_margin * abs(keep)
 
     def _below_floor(self, factor: float) -> bool:
         return self.multiplier * factor < self.min_multiplier * (1 - 1e-12)
@@ -316,7 +348,8 @@ class StepSizeBeam:
         return dict(total_steps=self.total_steps, beam_steps=list(self.beam_steps),
                     horizon_steps=self.horizon_steps, cooldown_steps=self.cooldown_steps,
                     factors=list(self.factors), min_multiplier=self.min_multiplier,
-                    extensions=self.extensions, downward_extensions=self.downward_extensions, calls=self.calls,
+                    extensions=self.extensions, downward_extensions=self.downward_extensions,
+                    move_margin=self.move_margin, calls=self.calls,
                     multiplier=self.multiplier, branch_forward_evals=self.branch_forward_evals,
                     decisions=deepcopy(self.decisions))
 
@@ -325,9 +358,10 @@ class StepSizeBeam:
         expected = dict(total_steps=self.total_steps, beam_steps=list(self.beam_steps),
                         horizon_steps=self.horizon_steps, cooldown_steps=self.cooldown_steps,
                         factors=list(self.factors), min_multiplier=self.min_multiplier,
-                        extensions=self.extensions, downward_extensions=self.downward_extensions)
-        # saved before ``extensions`` or ``downward_extensions`` existed: none
-        state_dict = {"extensions": 0, "downward_extensions": 0, **state_dict}
+                        extensions=self.extensions, downward_extensions=self.downward_extensions,
+                        move_margin=self.move_margin)
+        # saved before ``extensions``, ``downward_extensions`` or ``move_margin`` existed: none
+        state_dict = {"extensions": 0, "downward_extensions": 0, "move_margin": 0.0, **state_dict}
         for key, value in expected.items():
             if key not in state_dict:
                 raise ValueError(f"StepSizeBeam state_dict lacks {key!r}")

@@ -71,12 +71,12 @@ class Switch:
 
 
 def run_beam(schedule=None, points=(0.25,), horizon=0.1, batch_norm=False, steps=STEPS, cooldown=0.0,
-             min_multiplier=0.0, extensions=0, downward_extensions=0, **kwargs):
+             min_multiplier=0.0, extensions=0, downward_extensions=0, move_margin=0.0, **kwargs):
     model = make_model(batch_norm=batch_norm)
     opt = FusedSaLSa(model.parameters(), backend="torch", schedule=schedule, **kwargs)
     beam = StepSizeBeam(opt, steps, points=points, horizon=horizon, buffers=list(model.buffers()),
                         cooldown=cooldown, min_multiplier=min_multiplier, extensions=extensions,
-                        downward_extensions=downward_extensions)
+                        downward_extensions=downward_extensions, move_margin=move_margin)
     data = batches()
     losses = []
     for k in range(steps):
@@ -281,6 +281,81 @@ def test_a_diverging_extension_ends_the_bracket():
     assert decision["extended"][0]["loss"] == math.inf and decision["factor"] == 2.0
 
 
+def beam_on_scores(scores, move_margin, downward_extensions=0, nan_branch_at=None):
+    """A beam at step 10 (H = 4, no cooldown) whose every loss is exactly ``scores[applied multiplier]``
+    (2.0 for a factor not listed) with the training loss's gradient: each branch scores exactly its
+    table value. ``nan_branch_at``: that factor's branch reports NaN after its first step."""
+    data = batches()
+    model = make_model()
+    opt = FusedSaLSa(model.parameters(), backend="torch", schedule=Constant(0.1))
+    beam = StepSizeBeam(opt, STEPS, points=(0.25,), horizon=0.1, cooldown=0.0, move_margin=move_margin,
+                        downward_extensions=downward_extensions)
+
+    def closure(k, i):
+        loss = loss_on(model, data[k + i])
+        applied = beam._applied_multiplier
+        if applied == nan_branch_at and k == 10 and i >= 1:
+            return loss * math.nan
+        return loss - loss.detach() + scores.get(applied, 2.0)  # the value is the table's, bitwise
+
+    for k in range(STEPS // 4 + 1):
+        beam.step(lambda i: closure(k, i))
+    assert beam.last_decision["step"] == 10
+    return beam
+
+
+@pytest.mark.parametrize("scores, margin, lowest, kept", [
+    ({0.5: 0.995, 1.0: 1.0, 2.0: 1.5}, 0.01, 0.5, 1.0),  # x1/2 wins by 0.5% < 1%: x1 kept
+    ({0.5: 0.995, 1.0: 1.0, 2.0: 1.5}, 0.0, 0.5, 0.5),  # no margin: the lowest score, as before
+    ({0.5: 1.5, 1.0: 1.0, 2.0: 0.98}, 0.01, 2.0, 2.0),  # x2 wins by 2% > 1%: taken
+    ({0.5: 0.75, 1.0: 1.0, 2.0: 1.5}, 0.25, 0.5, 1.0),  # exactly (1 - margin) L(1): not below it, x1 kept
+    ({0.5: 0.625, 1.0: 1.0, 2.0: 1.5}, 0.25, 0.5, 0.5),  # below it: taken
+    ({0.5: 1.0, 1.0: 1.0, 2.0: 1.0}, 0.01, 1.0, 1.0),  # a tie: the factor nearest 1
+    ({0.5: -1.02, 1.0: -1.0, 2.0: -0.5}, 0.01, 0.5, 0.5),  # negative scores: L(1) - margin |L(1)| = -1.01
+    ({0.5: -1.005, 1.0: -1.0, 2.0: -0.5}, 0.01, 0.5, 1.0),
+])
+def test_the_move_margin_keeps_x1_unless_a_factor_wins_by_more_than_it(scores, margin, lowest, kept):
+    beam = beam_on_scores(scores, margin)
+    decision = beam.last_decision
+    assert decision["losses"] == pytest.approx([scores[f] for f in beam.factors], rel=1e-6)  # float32 values
+    assert decision["factor"] == kept and beam.multiplier == kept
+    assert decision.get("lowest", lowest) == lowest and ("lowest" in decision) == bool(margin)
+
+
+def test_the_move_margin_with_the_bracket_extends_as_before_and_decides_against_x1():
+    # 1/2, then 1/4 score lowest, so the bracket goes down to 1/4 and 1/8 (which loses) as without a
+    # margin; 1/4 is 0.7% below x1: kept x1
+    near = {0.125: 0.995, 0.25: 0.993, 0.5: 0.996, 1.0: 1.0, 2.0: 1.5}
+    beam = beam_on_scores(near, 0.01, downward_extensions=3)
+    plain = beam_on_scores(near, 0.0, downward_extensions=3)
+    assert [e["factor"] for e in beam.last_decision["extended"]] == [0.25, 0.125]
+    assert beam.last_decision["extended"] == plain.last_decision["extended"]
+    assert beam.last_decision["lowest"] == 0.25 and beam.last_decision["factor"] == 1.0 and beam.multiplier == 1.0
+    assert plain.multiplier == 0.25
+    # 1/4 is 3% below x1: the extension is taken
+    far = {**near, 0.25: 0.97}
+    beam = beam_on_scores(far, 0.01, downward_extensions=3)
+    assert beam.last_decision["factor"] == 0.25 and beam.multiplier == 0.25
+
+
+def test_a_diverged_x1_branch_loses_to_any_finite_factor_under_the_margin():
+    beam = beam_on_scores({0.5: 1.0, 1.0: 1.0, 2.0: 0.9999}, 0.5, nan_branch_at=1.0)
+    assert beam.last_decision["losses"][1] == math.inf
+    assert beam.last_decision["factor"] == 2.0 and beam.multiplier == 2.0
+
+
+def test_with_the_margin_the_run_after_the_beam_is_the_kept_branch():
+    # far too large a step: x1/2 wins by far more than 1%, taken; the run after is the run at 1/2
+    model, _, beam, losses = run_beam(Constant(40.0), points=(0.25,), horizon=0.2, cooldown=1.0, move_margin=0.01)
+    decision = beam.last_decision
+    scores = dict(zip(beam.factors, decision["losses"]))
+    assert scores[0.5] < 0.99 * scores[1.0] and decision["factor"] == 0.5
+    twin_model, _, twin_losses = run_twin(Switch(decision["step"] + 1, 40.0, 20.0))
+    assert losses == twin_losses
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_counts_every_forward_of_the_branches_and_of_the_run():
     model = make_model()
     opt = FusedSaLSa(model.parameters(), backend="torch")
@@ -414,6 +489,22 @@ def test_state_dict_resumes_the_same_run():
     saved = {**downward.state_dict(), "calls": 7, "multiplier": 0.25}
     downward.load_state_dict(saved)
     assert downward.state_dict() == saved and downward.downward_extensions == 2
+    # the move margin: saved and checked; a state_dict from before it existed loads as margin 0
+    margined = StepSizeBeam(FusedSaLSa(make_model().parameters(), backend="torch"), STEPS, points=(0.25, 0.5),
+                            horizon=0.1, move_margin=0.01)
+    assert margined.state_dict()["move_margin"] == 0.01 and beam.state_dict()["move_margin"] == 0.0
+    with pytest.raises(ValueError, match="move_margin"):
+        margined.load_state_dict(beam.state_dict())
+    with pytest.raises(ValueError, match="move_margin"):
+        beam.load_state_dict(margined.state_dict())
+    before_margin = {k: v for k, v in beam.state_dict().items() if k != "move_margin"}
+    with pytest.raises(ValueError, match="move_margin"):
+        margined.load_state_dict(before_margin)
+    beam_resumed.load_state_dict(before_margin)
+    assert beam_resumed.move_margin == 0.0
+    saved = {**margined.state_dict(), "calls": 7, "multiplier": 0.5}
+    margined.load_state_dict(saved)
+    assert margined.state_dict() == saved
 
 
 def test_the_default_optimizer_is_untouched_without_a_beam():
@@ -440,6 +531,12 @@ def test_the_default_optimizer_is_untouched_without_a_beam():
     (dict(downward_extensions=2.0), ValueError, "downward_extensions"),
     (dict(downward_extensions=True), ValueError, "downward_extensions"),
     (dict(extensions=1, downward_extensions=1), ValueError, "give one of them"),
+    (dict(move_margin=1.0), ValueError, "move_margin"),
+    (dict(move_margin=-0.01), ValueError, "move_margin"),
+    (dict(move_margin=math.nan), ValueError, "move_margin"),
+    (dict(move_margin=True), ValueError, "move_margin"),
+    (dict(move_margin="0.01"), ValueError, "move_margin"),
+    (dict(move_margin=0.01, factors=(0.5, 2.0)), ValueError, "1 is not among the factors"),
 ])
 def test_bad_arguments_are_named_and_change_nothing(kwargs, error, match):
     opt = FusedSaLSa(make_model().parameters(), backend="torch")

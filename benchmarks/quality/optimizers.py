@@ -402,6 +402,12 @@ REGISTRY: Dict[str, Callable] = {
     "beam_bracket_down": _beam(_preset(presets.RECOMMENDED), cooldown=1.0, downward_extensions=3),
     "beam_warmup_end_down": _beam(_preset(presets.RECOMMENDED), cooldown=1.0, points=(0.05, 0.1, 0.15, 0.2),
                                   downward_extensions=3),
+    # a factor other than x1 is taken only if its score is more than 1% below x1's (the move margin):
+    # on beam_pretrain_cool, and on beam_warmup_end_down (NOTES.md section 16, written before their runs)
+    "beam_cool_margin": _beam(_preset(presets.RECOMMENDED), cooldown=1.0, move_margin=0.01),
+    "beam_warmup_end_down_margin": _beam(_preset(presets.RECOMMENDED), cooldown=1.0,
+                                         points=(0.05, 0.1, 0.15, 0.2), downward_extensions=3,
+                                         move_margin=0.01),
     # seed 004's LR-factor search (Factor_3, a decision every 1% of the run): on AdamW at a constant
     # 1e-3 (PyTorch's default rate; no other schedule), and on the faithful FusedSaLSa defaults
     # (the factor multiplies the applied step, target "schedule")

@@ -142,6 +142,23 @@ def test_the_beam_family_runs_through_the_zoo_and_counts_its_branches(tmp_path):
         assert d["multiplier"] == pytest.approx(multiplier)
 
 
+def test_a_beam_with_a_move_margin_records_the_lowest_factor_beside_the_one_kept(tmp_path):
+    out = str(tmp_path / "rows.jsonl")
+    assert runner.main(["run", "--tasks", "cnn_bn_digits", "--configs", "beam_cool_margin",
+                        "--seeds", "0", "--steps", "20", "--out", out]) == 0
+    (row,) = runner.read_rows([out])
+    assert row["diverged"] is None and len(row["beam_decisions"]) == 3
+    for d in row["beam_decisions"]:
+        scores = dict(zip((0.5, 1.0, 2.0), d["scores"]))
+        assert scores[d["lowest"]] == min(scores.values())
+        # moved on a clear win, kept x1 otherwise (scores are rounded to 6 digits in the row)
+        assert d["factor"] in (1.0, d["lowest"])
+        if scores[d["lowest"]] < 0.98 * scores[1.0]:
+            assert d["factor"] == d["lowest"]
+        if d["factor"] != 1.0:
+            assert scores[d["factor"]] < 0.99 * scores[1.0] * (1 + 1e-5)
+
+
 def test_the_lr_factor_family_decides_every_hundredth_of_the_run_and_counts_its_forwards():
     from benchmarks.quality.run import train
 

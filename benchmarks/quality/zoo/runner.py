@@ -161,6 +161,8 @@ def _decision_row(decision: dict) -> dict:
                scores=[score(x) for x in decision["losses"]])
     if "extended" in decision:
         row["extended"] = [dict(factor=e["factor"], score=score(e["loss"])) for e in decision["extended"]]
+    if "lowest" in decision:  # with a move margin: the factor of lowest score, kept or not
+        row["lowest"] = decision["lowest"]
     return row
 
 
