@@ -8,23 +8,10 @@ same upcoming batches ``k .. k+H-1``, and scores each branch by its *horizon los
 
     L(f) = (1/H) * sum_{i<H} loss_i(f),     loss_i the loss step k+i reports (before it moves)
 
-then keeps ``m <- m * argmin_f L(f)`` (ties: the factor nearest 1). With ``min_multiplier``
-given, a factor that would take ``m`` below it is not tried.
-
-With ``extensions`` = E > 0 the beam brackets its choice, as a learning-rate grid is extended
-until its best rate is inside it: while the lowest score so far belongs to the smallest or the
-largest factor tried, one more branch runs one factor-step further out (``f_end * f_end /
-f_next``, ``f_next`` the tried factor nearest ``f_end``: below ``1/2, 1, 2`` that is ``1/4``, then
-``1/8``; above, ``4``, ``8``), at most E more branches per beam step; the best over every factor
-tried is kept. With ``downward_extensions`` = D > 0 instead, the bracket extends the low end only
-(while the smallest factor tried scores best, ``1/4``, ``1/8``, ..., at most D per beam step) and
-never goes past the largest factor: a smaller step can only be chosen where the loss asked for
-every halving, while a plateau that rewards any larger step cannot pull the multiplier up by more
-than the largest factor per beam step.
+then keeps ``m <- m * argmin_f L(f)`` (ties: the factor nearest 1).
 
 With ``move_margin`` = delta > 0 the multiplier moves only on a clear preference: with ``f*`` the
-factor of lowest score over every factor tried (extensions included, which are run as before), the
-beam keeps ``m <- m * f*`` only if
+factor of lowest score, the beam keeps ``m <- m * f*`` only if
 
     L(f*) < L(1) - delta * |L(1)|        (for a positive loss: L(f*) < (1 - delta) * L(1))
 
@@ -43,9 +30,8 @@ step ``k`` is taken at the new ``m`` from exactly the state it had: the run afte
 is the run that would have had ``m * f`` from step ``k`` on (the winning branch, recomputed).
 
 This measures what an AdamW grid measures (which rate trains best over a horizon) where the
-Armijo test only sees one trial's curvature. Costs ``(len(factors) + E') * (H + C)`` extra
-steps per beam step (``E'`` the extensions run, at most ``E`` or ``D``), each with its search's
-trial forwards; :attr:`StepSizeBeam.num_forward_evals` counts them beside the optimizer's own.
+Armijo test only sees one trial's curvature. Costs ``len(factors) * (H + C)`` extra steps per
+beam step, each with its search's trial forwards; :attr:`StepSizeBeam.num_forward_evals` counts them beside the optimizer's own.
 
 ``closure(i)`` returns the loss on the ``i``-th batch from the current step on (``i = 0``:
 this step's batch); the beam needs to see ahead, so the loop must know its batches.
@@ -63,6 +49,10 @@ from ._rng import RNGSnapshot
 from .errors import NonFiniteError
 from .optimizer import FusedSaLSa
 from .step_size import ScaledSchedule, check_factors, scaled_by
+
+#: Options of earlier versions, removed after their ablations lost (benchmarks/quality/NOTES.md
+#: sections 11, 14-16); a state_dict that has them at a value other than 0 is refused.
+REMOVED_OPTIONS = ("min_multiplier", "extensions", "downward_extensions")
 
 #: Seed 004's ``Factor_3``: halve, keep, double.
 HALVE_KEEP_DOUBLE = (0.5, 1.0, 2.0)
@@ -141,18 +131,9 @@ class StepSizeBeam:
             The defaults (beam at 5, 10, 15% of the run, ``H`` = 3% of it, ``C = H``) are the
             configuration chosen on the quality zoo's development tasks (benchmarks/quality
             NOTES.md section 11); nothing is set per task.
-        extensions: at most this many more branches per beam step, each one factor-step beyond
-            the end of the factors tried while that end scores best (0: the factors only; the
-            module docstring).
-        downward_extensions: at most this many more branches per beam step, each one factor-step
-            below the smallest factor tried while it scores best; never above the factors (0: none).
-            Not together with ``extensions``.
         move_margin: the relative score a factor other than 1 must win by before the multiplier
             moves, in [0, 1) (0: the lowest score wins; the module docstring). Needs 1 among the
             factors.
-        min_multiplier: the multiplier never goes below this (in (0, 1]; 0: no floor). With a
-            schedule of peak ``P`` in units of the searched level, ``1/P`` keeps the applied peak
-            at or above the level the Armijo test accepts.
 
     Use::
 
@@ -165,8 +146,7 @@ class StepSizeBeam:
 
     def __init__(self, optimizer: FusedSaLSa, total_steps: int, *, points: Sequence[float] = (0.05, 0.1, 0.15),
                  horizon: float = 0.03, factors: Sequence[float] = HALVE_KEEP_DOUBLE,
-                 buffers: Iterable[torch.Tensor] = (), cooldown: float = 1.0, min_multiplier: float = 0.0,
-                 extensions: int = 0, downward_extensions: int = 0, move_margin: float = 0.0):
+                 buffers: Iterable[torch.Tensor] = (), cooldown: float = 1.0, move_margin: float = 0.0):
         if not isinstance(optimizer, FusedSaLSa):
             raise TypeError(f"optimizer must be a FusedSaLSa, got {type(optimizer).__name__}")
         if optimizer.next_batches() is not None:
@@ -184,18 +164,9 @@ class StepSizeBeam:
         if isinstance(horizon, bool) or not isinstance(horizon, (int, float)) or not 0 < horizon <= 1:
             raise ValueError(f"horizon must be a fraction of the run in (0, 1], got {horizon!r}")
         factors = check_factors(factors)
-        if isinstance(min_multiplier, bool) or not isinstance(min_multiplier, (int, float)) \
-                or not 0 <= min_multiplier <= 1:
-            raise ValueError(f"min_multiplier must lie in [0, 1], got {min_multiplier!r}")
         if isinstance(cooldown, bool) or not isinstance(cooldown, (int, float)) \
                 or not (math.isfinite(cooldown) and cooldown >= 0):
             raise ValueError(f"cooldown must be a finite fraction of the horizon >= 0, got {cooldown!r}")
-        for name, value in (("extensions", extensions), ("downward_extensions", downward_extensions)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        if extensions and downward_extensions:
-            raise ValueError(f"extensions (both ends, {extensions}) and downward_extensions (the low end only, "
-                             f"{downward_extensions}) are two brackets: give one of them")
         if isinstance(move_margin, bool) or not isinstance(move_margin, (int, float)) \
                 or not 0 <= move_margin < 1:
             raise ValueError(f"move_margin must be a relative score margin in [0, 1), got {move_margin!r}")
@@ -214,10 +185,7 @@ class StepSizeBeam:
         self.factors = tuple(float(f) for f in factors)
         self.beam_steps = sorted({max(1, int(round(p * total_steps))) for p in points})
         self.buffers = buffers
-        self.min_multiplier = float(min_multiplier)
         self.cooldown_steps = int(round(cooldown * self.horizon_steps))
-        self.extensions = extensions
-        self.downward_extensions = downward_extensions
         self.move_margin = float(move_margin)
         self.multiplier = 1.0
         self._applied_multiplier = 1.0
@@ -248,24 +216,12 @@ class StepSizeBeam:
         steps = min(self.horizon_steps, left)
         cool = min(self.cooldown_steps, left - steps)
         snapshot = _Snapshot(self.optimizer, self.buffers)
-        losses: List[Optional[float]] = []  # None: below the floor, not tried
-        extended: List[Dict] = []  # the bracket's branches beyond the factors
+        losses: List[float] = []
         try:
             for f in self.factors:
-                if self._below_floor(f):
-                    losses.append(None)
-                    continue
                 losses.append(self._branch(closure, steps, cool, self.multiplier * f))
                 snapshot.restore()
-            scores = {f: x for f, x in zip(self.factors, losses) if x is not None}
-            limit, upward = (self.extensions, True) if self.extensions else (self.downward_extensions, False)
-            while len(extended) < limit and len(scores) >= 2:
-                f = self._beyond_the_end(scores, upward)
-                if f is None or self._below_floor(f):
-                    break
-                scores[f] = self._branch(closure, steps, cool, self.multiplier * f)
-                extended.append(dict(factor=f, loss=scores[f]))
-                snapshot.restore()
+            scores = dict(zip(self.factors, losses))
         except BaseException:
             snapshot.restore()
             self._applied_multiplier = self.multiplier
@@ -276,11 +232,9 @@ class StepSizeBeam:
                                  f"(horizon losses {losses}): no factor to keep")
         best = min(scores, key=lambda f: (scores[f], abs(math.log(f))))
         factor = best if self._clears_margin(scores, best) else 1.0
-        self.multiplier = max(self.multiplier * factor, self.min_multiplier)
+        self.multiplier *= factor
         decision = dict(step=self.calls, horizon=steps, cooldown=cool, losses=losses, factor=factor,
                         multiplier=self.multiplier)
-        if self.extensions or self.downward_extensions:
-            decision["extended"] = extended
         if self.move_margin:
             decision["lowest"] = best  # the factor of lowest score, kept or not
         self.decisions.append(decision)
@@ -289,28 +243,10 @@ class StepSizeBeam:
         """Whether ``best`` (not 1) scores below ``L(1) - move_margin * |L(1)|``; True without a margin."""
         if not self.move_margin or best == 1.0:
             return True
-        keep = scores.get(1.0)
-        if keep is None or not math.isfinite(keep):
-            return True  # x1 not tried (below the floor) or diverged; ``best`` is finite (checked before)
+        keep = scores[1.0]
+        if not math.isfinite(keep):
+            return True  # x1 diverged; ``best`` is finite (checked before)
         return scores[best] < keep - self.move_margin * abs(keep)
-
-    def _below_floor(self, factor: float) -> bool:
-        return self.multiplier * factor < self.min_multiplier * (1 - 1e-12)
-
-    @staticmethod
-    def _beyond_the_end(scores: Dict[float, float], upward: bool = True) -> Optional[float]:
-        """The next factor out past the end of the tried ``scores`` that scores best (``f_end**2 /
-        f_next``), or None when the best is inside them, at the top end and not ``upward``, or
-        nothing scored finite."""
-        if not any(math.isfinite(x) for x in scores.values()):
-            return None
-        tried = sorted(scores)
-        best = min(tried, key=lambda f: (scores[f], abs(math.log(f))))
-        if best == tried[0]:
-            return tried[0] * tried[0] / tried[1]
-        if best == tried[-1] and upward:
-            return tried[-1] * tried[-1] / tried[-2]
-        return None
 
     def _branch(self, closure: IndexedClosure, steps: int, cool: int, multiplier: float) -> float:
         """``steps`` steps at ``multiplier``, then ``cool`` at a linearly falling one: the mean loss of
@@ -347,9 +283,7 @@ class StepSizeBeam:
         ``state_dict``)."""
         return dict(total_steps=self.total_steps, beam_steps=list(self.beam_steps),
                     horizon_steps=self.horizon_steps, cooldown_steps=self.cooldown_steps,
-                    factors=list(self.factors), min_multiplier=self.min_multiplier,
-                    extensions=self.extensions, downward_extensions=self.downward_extensions,
-                    move_margin=self.move_margin, calls=self.calls,
+                    factors=list(self.factors), move_margin=self.move_margin, calls=self.calls,
                     multiplier=self.multiplier, branch_forward_evals=self.branch_forward_evals,
                     decisions=deepcopy(self.decisions))
 
@@ -357,11 +291,13 @@ class StepSizeBeam:
         """Resume; the configuration (run length, beam steps, horizon, factors) must match."""
         expected = dict(total_steps=self.total_steps, beam_steps=list(self.beam_steps),
                         horizon_steps=self.horizon_steps, cooldown_steps=self.cooldown_steps,
-                        factors=list(self.factors), min_multiplier=self.min_multiplier,
-                        extensions=self.extensions, downward_extensions=self.downward_extensions,
-                        move_margin=self.move_margin)
-        # saved before ``extensions``, ``downward_extensions`` or ``move_margin`` existed: none
-        state_dict = {"extensions": 0, "downward_extensions": 0, "move_margin": 0.0, **state_dict}
+                        factors=list(self.factors), move_margin=self.move_margin)
+        state_dict = {"move_margin": 0.0, **state_dict}  # saved before ``move_margin`` existed: none
+        for key in REMOVED_OPTIONS:  # brackets and a floor that lost their ablations (NOTES 11, 14-16)
+            if state_dict.get(key, 0):
+                raise ValueError(f"this StepSizeBeam state_dict was saved with {key}={state_dict[key]!r}, an "
+                                 f"option removed after it lost its ablation (benchmarks/quality/NOTES.md): "
+                                 f"it cannot be resumed here")
         for key, value in expected.items():
             if key not in state_dict:
                 raise ValueError(f"StepSizeBeam state_dict lacks {key!r}")

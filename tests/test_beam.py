@@ -71,12 +71,11 @@ class Switch:
 
 
 def run_beam(schedule=None, points=(0.25,), horizon=0.1, batch_norm=False, steps=STEPS, cooldown=0.0,
-             min_multiplier=0.0, extensions=0, downward_extensions=0, move_margin=0.0, **kwargs):
+             move_margin=0.0, **kwargs):
     model = make_model(batch_norm=batch_norm)
     opt = FusedSaLSa(model.parameters(), backend="torch", schedule=schedule, **kwargs)
     beam = StepSizeBeam(opt, steps, points=points, horizon=horizon, buffers=list(model.buffers()),
-                        cooldown=cooldown, min_multiplier=min_multiplier, extensions=extensions,
-                        downward_extensions=downward_extensions, move_margin=move_margin)
+                        cooldown=cooldown, move_margin=move_margin)
     data = batches()
     losses = []
     for k in range(steps):
@@ -166,130 +165,14 @@ def test_with_a_cooldown_each_branch_is_scored_on_its_annealed_steps():
     assert (late.last_decision["horizon"], late.last_decision["cooldown"]) == (3, 0)
 
 
-def test_the_floor_is_never_crossed_and_factors_below_it_are_not_tried():
-    _, _, beam, _ = run_beam(Constant(40.0), points=(0.25, 0.5), horizon=0.2, min_multiplier=0.5)
-    first, second = beam.decisions
-    assert first["factor"] == 0.5 and first["multiplier"] == 0.5
-    assert second["losses"][0] is None and second["multiplier"] >= 0.5 and beam.multiplier >= 0.5
-
-
-def test_extensions_bracket_the_kept_factor_and_the_run_after_is_the_kept_branch():
-    # far too small a step: 1/2, 1, 2 leave 2 best at the end, so 4, 8, 16 are tried (3 extensions)
-    model, opt, beam, losses = run_beam(Constant(1e-3), points=(0.25,), horizon=0.2, cooldown=1.0, extensions=3)
-    decision = beam.last_decision
-    k, horizon, cool = decision["step"], decision["horizon"], decision["cooldown"]
-    assert [e["factor"] for e in decision["extended"]] == [4.0, 8.0, 16.0]
-    scores = dict(zip(beam.factors, decision["losses"])) | {e["factor"]: e["loss"] for e in decision["extended"]}
-    assert decision["factor"] == min(scores, key=scores.get) == 16.0 and beam.multiplier == 16.0
-    # an extended branch is the run at that factor, scored on its cooldown like the others
-    for f in (4.0, 16.0):
-        _, _, branch = run_twin(Branch(k, f, horizon, cool, Constant(1e-3)), steps=k + horizon + cool)
-        assert scores[f] == pytest.approx(sum(branch[k + horizon:]) / cool, rel=1e-12, abs=0)
-    # and the run after the beam applies the kept (extended) factor from step k on, bitwise
-    twin_model, _, twin_losses = run_twin(Switch(k + 1, 1e-3, 16e-3))
-    assert losses == twin_losses
-    for p, q in zip(model.parameters(), twin_model.parameters()):
-        assert torch.equal(p, q)
-    # without extensions the same beam keeps 2: the factors only, as before
-    _, _, plain, _ = run_beam(Constant(1e-3), points=(0.25,), horizon=0.2, cooldown=1.0)
-    assert plain.multiplier == 2.0 and "extended" not in plain.last_decision
-    assert plain.last_decision["losses"] == decision["losses"]
-
-
-def test_extensions_stop_once_the_best_is_inside_and_at_the_floor():
-    # far too large a step: 1/2 is best at the low end, so 1/4 is tried; each later extension only
-    # while the newest end scores best
-    _, _, beam, _ = run_beam(Constant(40.0), points=(0.25, 0.5), horizon=0.2, extensions=3)
-    assert any(d["extended"] for d in beam.decisions)
-    for d in beam.decisions:
-        scores = dict(zip(beam.factors, d["losses"]))
-        for e in d["extended"]:
-            tried = sorted(scores)
-            best = min(tried, key=scores.get)
-            assert best in (tried[0], tried[-1])  # an extension only past a winning end
-            assert e["factor"] == (tried[0] ** 2 / tried[1] if best == tried[0] else tried[-1] ** 2 / tried[-2])
-            scores[e["factor"]] = e["loss"]
-        tried = sorted(scores)
-        best = min(tried, key=scores.get)
-        assert d["factor"] == best and (len(d["extended"]) == 3 or tried[0] < best < tried[-1])
-    # a floor: no extension below it
-    _, _, floored, _ = run_beam(Constant(40.0), points=(0.25,), horizon=0.2, extensions=3, min_multiplier=0.5)
-    assert floored.last_decision["extended"] == [] and floored.multiplier == 0.5
-
-
-def test_downward_extensions_go_below_the_factors_only_and_the_run_after_is_the_kept_branch():
-    # far too large a step: 1/2 is best at the low end, so 1/4 is tried; it scores worse, so the
-    # bracket stops there and 1/2 is kept; the run after is the run at 1/2 from the beam step on
-    model, opt, beam, losses = run_beam(Constant(40.0), points=(0.25,), horizon=0.2, cooldown=1.0,
-                                        downward_extensions=3)
-    decision = beam.last_decision
-    k = decision["step"]
-    scores = dict(zip(beam.factors, decision["losses"]))
-    assert min(scores, key=scores.get) == 0.5
-    assert [e["factor"] for e in decision["extended"]] == [0.25] and decision["extended"][0]["loss"] > scores[0.5]
-    assert decision["factor"] == 0.5 and beam.multiplier == 0.5
-    twin_model, _, twin_losses = run_twin(Switch(k + 1, 40.0, 20.0))
-    assert losses == twin_losses
-    for p, q in zip(model.parameters(), twin_model.parameters()):
-        assert torch.equal(p, q)
-    # far too small a step: 2 is best at the top end; the two-sided bracket goes on to 4, 8, 16,
-    # the downward one tries nothing more and keeps 2, as the factors alone do
-    _, _, low, _ = run_beam(Constant(1e-3), points=(0.25,), horizon=0.2, cooldown=1.0, downward_extensions=3)
-    _, _, both, _ = run_beam(Constant(1e-3), points=(0.25,), horizon=0.2, cooldown=1.0, extensions=3)
-    assert [e["factor"] for e in both.last_decision["extended"]] == [4.0, 8.0, 16.0]
-    assert low.last_decision["extended"] == [] and low.multiplier == 2.0
-    # a floor stops it too
-    _, _, floored, _ = run_beam(Constant(40.0), points=(0.25,), horizon=0.2, downward_extensions=3,
-                                min_multiplier=0.5)
-    assert floored.last_decision["extended"] == [] and floored.multiplier == 0.5
-
-
-@pytest.mark.parametrize("best, extended, kept", [
-    (1 / 8, [1 / 4, 1 / 8, 1 / 16], 1 / 8),  # halvings while the newest scores best, then one past it
-    (1 / 64, [1 / 4, 1 / 8, 1 / 16], 1 / 16),  # at most 3 more branches, the best tried kept
-    (8.0, [], 2.0),  # never above the factors
-])
-def test_downward_extensions_follow_the_scores_down_at_most_three_steps(best, extended, kept):
-    # a loss whose every step is raised by a penalty on log2(applied multiplier / best): branches
-    # score in the penalty's order, whatever the training does
-    data = batches()
-    model = make_model()
-    opt = FusedSaLSa(model.parameters(), backend="torch", schedule=Constant(0.1))
-    beam = StepSizeBeam(opt, STEPS, points=(0.25,), horizon=0.1, cooldown=0.0, downward_extensions=3)
-    for k in range(STEPS // 4 + 1):
-        beam.step(lambda i: loss_on(model, data[k + i]) + 100.0 * math.log2(beam._applied_multiplier / best) ** 2)
-    decision = beam.last_decision
-    assert [e["factor"] for e in decision["extended"]] == extended
-    assert decision["factor"] == kept and beam.multiplier == kept
-
-
-def test_a_diverging_extension_ends_the_bracket():
-    data = batches()
-    model = make_model()
-    opt = FusedSaLSa(model.parameters(), backend="torch", schedule=Constant(1e-3))
-    beam = StepSizeBeam(opt, STEPS, points=(0.25,), horizon=0.1, extensions=3)
-    for k in range(10):
-        beam.step(lambda i: loss_on(model, data[k + i]))
-
-    def closure(i):  # every branch above 2x reports NaN from its second step
-        loss = loss_on(model, data[10 + i])
-        return loss * math.nan if i >= 1 and beam._applied_multiplier > 2.5 else loss
-
-    beam.step(closure)
-    decision = beam.last_decision
-    assert [e["factor"] for e in decision["extended"]] == [4.0]
-    assert decision["extended"][0]["loss"] == math.inf and decision["factor"] == 2.0
-
-
-def beam_on_scores(scores, move_margin, downward_extensions=0, nan_branch_at=None):
+def beam_on_scores(scores, move_margin, nan_branch_at=None):
     """A beam at step 10 (H = 4, no cooldown) whose every loss is exactly ``scores[applied multiplier]``
     (2.0 for a factor not listed) with the training loss's gradient: each branch scores exactly its
     table value. ``nan_branch_at``: that factor's branch reports NaN after its first step."""
     data = batches()
     model = make_model()
     opt = FusedSaLSa(model.parameters(), backend="torch", schedule=Constant(0.1))
-    beam = StepSizeBeam(opt, STEPS, points=(0.25,), horizon=0.1, cooldown=0.0, move_margin=move_margin,
-                        downward_extensions=downward_extensions)
+    beam = StepSizeBeam(opt, STEPS, points=(0.25,), horizon=0.1, cooldown=0.0, move_margin=move_margin)
 
     def closure(k, i):
         loss = loss_on(model, data[k + i])
@@ -320,22 +203,6 @@ def test_the_move_margin_keeps_x1_unless_a_factor_wins_by_more_than_it(scores, m
     assert decision["losses"] == pytest.approx([scores[f] for f in beam.factors], rel=1e-6)  # float32 values
     assert decision["factor"] == kept and beam.multiplier == kept
     assert decision.get("lowest", lowest) == lowest and ("lowest" in decision) == bool(margin)
-
-
-def test_the_move_margin_with_the_bracket_extends_as_before_and_decides_against_x1():
-    # 1/2, then 1/4 score lowest, so the bracket goes down to 1/4 and 1/8 (which loses) as without a
-    # margin; 1/4 is 0.7% below x1: kept x1
-    near = {0.125: 0.995, 0.25: 0.993, 0.5: 0.996, 1.0: 1.0, 2.0: 1.5}
-    beam = beam_on_scores(near, 0.01, downward_extensions=3)
-    plain = beam_on_scores(near, 0.0, downward_extensions=3)
-    assert [e["factor"] for e in beam.last_decision["extended"]] == [0.25, 0.125]
-    assert beam.last_decision["extended"] == plain.last_decision["extended"]
-    assert beam.last_decision["lowest"] == 0.25 and beam.last_decision["factor"] == 1.0 and beam.multiplier == 1.0
-    assert plain.multiplier == 0.25
-    # 1/4 is 3% below x1: the extension is taken
-    far = {**near, 0.25: 0.97}
-    beam = beam_on_scores(far, 0.01, downward_extensions=3)
-    assert beam.last_decision["factor"] == 0.25 and beam.multiplier == 0.25
 
 
 def test_a_diverged_x1_branch_loses_to_any_finite_factor_under_the_margin():
@@ -466,29 +333,13 @@ def test_state_dict_resumes_the_same_run():
         other.load_state_dict(beam.state_dict())
     with pytest.raises(ValueError, match="multiplier"):
         beam.load_state_dict({**beam.state_dict(), "multiplier": float("nan")})
-    bracketed = StepSizeBeam(FusedSaLSa(make_model().parameters(), backend="torch"), STEPS, points=(0.25, 0.5),
-                             horizon=0.1, extensions=2)
-    with pytest.raises(ValueError, match="extensions"):
-        bracketed.load_state_dict(beam.state_dict())
-    # a state_dict saved before ``extensions`` existed is one without extensions
-    old = {k: v for k, v in beam.state_dict().items() if k != "extensions"}
+    # options removed after their ablations lost: an old state_dict with them at 0 loads, another is refused
+    old = {**beam.state_dict(), "min_multiplier": 0.0, "extensions": 0, "downward_extensions": 0}
     beam_resumed.load_state_dict(old)
-    assert beam_resumed.extensions == 0
-    with pytest.raises(ValueError, match="extensions"):
-        bracketed.load_state_dict(old)
-    # the downward bracket: saved and checked like the others, absent in older state_dicts
-    downward = StepSizeBeam(FusedSaLSa(make_model().parameters(), backend="torch"), STEPS, points=(0.25, 0.5),
-                            horizon=0.1, downward_extensions=2)
-    assert downward.state_dict()["downward_extensions"] == 2
-    with pytest.raises(ValueError, match="downward_extensions"):
-        downward.load_state_dict(beam.state_dict())
-    with pytest.raises(ValueError, match="downward_extensions"):
-        beam.load_state_dict(downward.state_dict())
-    with pytest.raises(ValueError, match="downward_extensions"):
-        downward.load_state_dict(old)
-    saved = {**downward.state_dict(), "calls": 7, "multiplier": 0.25}
-    downward.load_state_dict(saved)
-    assert downward.state_dict() == saved and downward.downward_extensions == 2
+    for key, value in (("min_multiplier", 0.5), ("extensions", 3), ("downward_extensions", 3)):
+        with pytest.raises(ValueError, match=f"saved with {key}={value}"):
+            beam_resumed.load_state_dict({**old, key: value, "calls": 0})
+    assert beam_resumed.calls == beam.calls
     # the move margin: saved and checked; a state_dict from before it existed loads as margin 0
     margined = StepSizeBeam(FusedSaLSa(make_model().parameters(), backend="torch"), STEPS, points=(0.25, 0.5),
                             horizon=0.1, move_margin=0.01)
@@ -523,20 +374,13 @@ def test_the_default_optimizer_is_untouched_without_a_beam():
     (dict(factors=(1.0, 1.0)), ValueError, "distinct"),
     (dict(buffers=[1.0]), TypeError, "tensors"),
     (dict(cooldown=-1.0), ValueError, "cooldown"),
-    (dict(min_multiplier=2.0), ValueError, "min_multiplier"),
-    (dict(extensions=-1), ValueError, "extensions"),
-    (dict(extensions=1.5), ValueError, "extensions"),
-    (dict(extensions=True), ValueError, "extensions"),
-    (dict(downward_extensions=-1), ValueError, "downward_extensions"),
-    (dict(downward_extensions=2.0), ValueError, "downward_extensions"),
-    (dict(downward_extensions=True), ValueError, "downward_extensions"),
-    (dict(extensions=1, downward_extensions=1), ValueError, "give one of them"),
     (dict(move_margin=1.0), ValueError, "move_margin"),
     (dict(move_margin=-0.01), ValueError, "move_margin"),
     (dict(move_margin=math.nan), ValueError, "move_margin"),
     (dict(move_margin=True), ValueError, "move_margin"),
     (dict(move_margin="0.01"), ValueError, "move_margin"),
     (dict(move_margin=0.01, factors=(0.5, 2.0)), ValueError, "1 is not among the factors"),
+    (dict(extensions=3), TypeError, "extensions"),  # removed: its ablation lost (NOTES.md sections 14-16)
 ])
 def test_bad_arguments_are_named_and_change_nothing(kwargs, error, match):
     opt = FusedSaLSa(make_model().parameters(), backend="torch")

@@ -381,33 +381,17 @@ REGISTRY: Dict[str, Callable] = {
     # step at fractions of the run, each branch a horizon of H (a fraction of the run) steps
     "beam_pretrain": _beam(_preset(presets.RECOMMENDED), cooldown=0.0),
     "beam_pretrain_h0.06": _beam(_preset(presets.RECOMMENDED), horizon=0.06, cooldown=0.0),
-    # never below the level the Armijo test accepts: the multiplier floored at 1/peak of the preset
-    # (probed on gru_adding seed 1 only, NOTES.md section 11)
-    "beam_pretrain_floor": _beam(_preset(presets.RECOMMENDED), min_multiplier=0.5, cooldown=0.0),
     # each branch scored after a cooldown of C = H steps (against the short horizon's bias to small steps):
     # chosen on the development tasks (NOTES.md section 11), StepSizeBeam's defaults
     "beam_pretrain_cool": _beam(_preset(presets.RECOMMENDED), cooldown=1.0),
-    # bracketed: up to 3 more branches per point, one factor-step beyond the end while that end
-    # scores best; on the gradient direction; with two more points in the decay phase (NOTES.md
-    # section 14, written before their runs)
-    "beam_bracket": _beam(_preset(presets.RECOMMENDED), cooldown=1.0, extensions=3),
-    "beam_bracket_grad": _beam(_preset(presets.RECOMMENDED, search_direction="gradient"), cooldown=1.0,
-                               extensions=3),
-    "beam_bracket_late": _beam(_preset(presets.RECOMMENDED), cooldown=1.0, extensions=3,
-                               points=(0.05, 0.1, 0.15, 0.25, 0.4)),
-    # the last point at the end of the warm-up (20%, where the level is frozen); a bracket that only
-    # extends downward (up to 3 more halvings per point, never above x2); both (NOTES.md section 15,
-    # written before their runs)
+    # the last point at the end of the warm-up (20%, where the level is frozen) (NOTES.md section 15,
+    # written before its run). The brackets of sections 14-16 (``extensions``, ``downward_extensions``)
+    # and the floor of section 11 (``min_multiplier``) lost their ablations and left StepSizeBeam;
+    # their rows name the commits that ran them.
     "beam_warmup_end": _beam(_preset(presets.RECOMMENDED), cooldown=1.0, points=(0.05, 0.1, 0.15, 0.2)),
-    "beam_bracket_down": _beam(_preset(presets.RECOMMENDED), cooldown=1.0, downward_extensions=3),
-    "beam_warmup_end_down": _beam(_preset(presets.RECOMMENDED), cooldown=1.0, points=(0.05, 0.1, 0.15, 0.2),
-                                  downward_extensions=3),
     # a factor other than x1 is taken only if its score is more than 1% below x1's (the move margin):
-    # on beam_pretrain_cool, and on beam_warmup_end_down (NOTES.md section 16, written before their runs)
+    # on beam_pretrain_cool (NOTES.md section 16, written before its runs; chosen and validated there)
     "beam_cool_margin": _beam(_preset(presets.RECOMMENDED), cooldown=1.0, move_margin=0.01),
-    "beam_warmup_end_down_margin": _beam(_preset(presets.RECOMMENDED), cooldown=1.0,
-                                         points=(0.05, 0.1, 0.15, 0.2), downward_extensions=3,
-                                         move_margin=0.01),
     # seed 004's LR-factor search (Factor_3, a decision every 1% of the run): on AdamW at a constant
     # 1e-3 (PyTorch's default rate; no other schedule), and on the faithful FusedSaLSa defaults
     # (the factor multiplies the applied step, target "schedule")
