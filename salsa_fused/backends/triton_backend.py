@@ -55,10 +55,12 @@ NUM_WARPS = 8
 UNALIGNED_BLOCK = 512
 ALIGNMENT_BYTES = 16
 _MAX_CACHED_TABLES = 4
-# Register cap of the plain step with 16-bit weights on the aligned path from sm_90 on: it
-# then fits in 72 (bf16) / 80 (fp16) registers without spills (ptxas -v, sm_90a), so 3 blocks
-# of 8 warps share an SM instead of 2. fp32 weights, the unaligned path and sm_80 spill under it.
-PLAIN_STEP_16BIT_MAXNREG = 80
+# Register caps of the plain step with 16-bit weights on the aligned path from sm_90 on, so
+# that 3 blocks of 8 warps share an SM instead of 2 (at most 80 registers), without spills
+# (the ptxas -v of Triton's own compile, sm_90a): bf16 fits in 72 under a cap of 80; fp16
+# spills 8 bytes under 80 but is allocated 80 without spills under 88. fp32 weights, the
+# unaligned path and sm_80 spill under any cap that would gain a block.
+PLAIN_STEP_16BIT_MAXNREG = {"bf16": 80, "fp16": 88}
 
 # Kernel launches by kernel name; tests and benchmarks read it to count launches per step.
 LAUNCH_COUNTER: collections.Counter = collections.Counter()
@@ -304,8 +306,12 @@ _MAXNREG = triton is not None and _supports_maxnreg()
 def plain_step_maxnreg(w_dtype, aligned: bool, capability: int) -> Optional[int]:
     """The plain step's register cap for weights of triton dtype ``w_dtype`` on compute
     capability ``capability`` (e.g. 90), or None (see PLAIN_STEP_16BIT_MAXNREG)."""
-    if aligned and capability >= 90 and w_dtype in (tl.bfloat16, tl.float16):
-        return PLAIN_STEP_16BIT_MAXNREG
+    if not aligned or capability < 90:
+        return None
+    if w_dtype == tl.bfloat16:
+        return PLAIN_STEP_16BIT_MAXNREG["bf16"]
+    if w_dtype == tl.float16:
+        return PLAIN_STEP_16BIT_MAXNREG["fp16"]
     return None
 
 

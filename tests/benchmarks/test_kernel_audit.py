@@ -103,6 +103,20 @@ def test_machine_code_moves_the_streams_in_128_bit_accesses(records):
     assert not mismatched, mismatched
 
 
+def test_register_counts_are_those_of_the_launched_cubin(records):
+    """The log's registers are the ones the cubin Triton built declares (cuobjdump -res-usage),
+    with no stack frame: counts from a second ptxas run with other flags once differed on 38
+    records and hid an fp16 spill."""
+    aligned = [r for r in records if r["aligned"]]
+    if any(r["cubin_registers"] is None for r in aligned):
+        pytest.skip("no cuobjdump to read the cubin with")
+    differing = [f"{_where(r)}: cubin {r['cubin_registers']}, log {r['registers']}" for r in aligned
+                 if r["cubin_registers"] != r["registers"]]
+    assert not differing, differing
+    stacked = [f"{_where(r)}: {r['cubin_stack_bytes']} B" for r in aligned if r["cubin_stack_bytes"]]
+    assert not stacked, stacked
+
+
 def test_16_bit_plain_step_fits_three_blocks_per_sm(records):
     """On sm_90a the register cap lets 3 blocks of 8 warps share an SM, without spills."""
     plain = [r for r in records if r["kernel"].startswith("plain_step") and r["aligned"]
