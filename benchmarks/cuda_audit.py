@@ -21,6 +21,7 @@ import datetime
 import json
 import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -32,7 +33,8 @@ from typing import Dict, List, Optional
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "csrc" / "cuda" / "audit_kernels.cu"
 RESULTS = Path(__file__).resolve().parent / "results"
-NVCC_FLAGS = ["-std=c++20", "-O3", "--fmad=false"]  # as salsa_fused/_build_flags.py NVCC_FLAGS
+# The extension's own nvcc flags (read as setup.py reads them: the file alone, no torch import).
+NVCC_FLAGS = runpy.run_path(str(ROOT / "salsa_fused" / "_build_flags.py"))["NVCC_FLAGS"]
 PACK = 8  # csrc/cuda/multi_tensor.cuh: elements per thread and step
 ELEMENT_BYTES = {"float": 4, "salsa::bf16_bits": 2, "salsa::fp16_bits": 2}
 # salsa::Direction (csrc/salsa_math.h) by its value, as c++filt prints a template argument.
