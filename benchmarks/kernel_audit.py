@@ -4,10 +4,13 @@ The backend's public functions are called on CPU buckets (fp32, bf16, fp16; alig
 and misaligned storage) with the launch replaced by a recorder, so the audit compiles
 exactly the specializations the backend uses: its pointer-table signatures, constexpr
 switches, BLOCK and num_warps. Each is compiled with ``triton.compile`` for sm_80 and
-sm_90a; the ``ptxas -v`` log of that compile (Triton's own ptxas and flags) gives registers and spills.
+sm_90a; the cubin it builds declares its registers and stack frame (``cuobjdump -res-usage``).
 
 Per record:
-  registers, spill_bytes   from the compile's ``ptxas -v`` log (spill stores + spill loads)
+  registers, stack_bytes   what the cubin Triton built declares (``cuobjdump -res-usage``); a
+                           stack frame is spill space (no local arrays, no calls). Read from the
+                           cubin, not from a second ptxas run: one without Triton's flags
+                           (``--regAllocOptLevel=2``) gave other counts and hid a spill.
   vector_bits              the narrowest access width the main streams need: unpredicated
                            global loads/stores of the full-block path are sorted widest
                            first and their bytes accumulated until they cover the streams'
@@ -22,8 +25,6 @@ Per record:
   sass_vector_bits,        the same two figures read from the machine code that runs
   bytes_per_param_sass     (``cuobjdump -sass`` of the cubin: LDG/STG widths), so a width
                            ptxas narrowed after the PTX would show.
-  cubin_registers,         (aligned path) what the cubin itself declares (``cuobjdump
-  cubin_stack_bytes        -res-usage``): must equal the log's registers, with no stack frame.
 
 Every specialization the optimizer launches is compiled: each pass with and without a
 GradScaler's scale (and the plain step with found_inf), all three directions (the plain
@@ -36,9 +37,7 @@ It must run without TRITON_INTERPRET (kernels must be JIT functions, not interpr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
-import io
 import itertools
 import json
 import multiprocessing
@@ -70,7 +69,7 @@ from salsa_fused.backends.base import GRADIENT, MOMENTUM, RAW, Bucket, Hyper, Mo
 TARGETS = {"sm_80": 80, "sm_90a": 90}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RESULTS = ROOT / "benchmarks" / "results"
-FIELDS = ("kernel", "target", "dtype", "registers", "spill_bytes", "vector_bits", "bytes_per_param")
+FIELDS = ("kernel", "target", "dtype", "registers", "stack_bytes", "vector_bits", "bytes_per_param")
 # SPEC section 2, fp32 weights, state and gradients.
 FP32_BUDGET = {"plain_step": 28, "first_trial": 32, "retrial": 16}
 
@@ -283,54 +282,33 @@ def _cuobjdump() -> Optional[str]:
 
 
 def read_sass(cubin: bytes) -> Optional[str]:
-    """The SASS and resource usage of a cubin (``cuobjdump -sass -res-usage``), None without a cuobjdump."""
+    """The SASS of a cubin (``cuobjdump -sass``), None without a cuobjdump."""
     tool = _cuobjdump()
     if tool is None:
         return None
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
-        result = subprocess.run([tool, "-sass", "-res-usage", str(path)], capture_output=True, text=True)
+        result = subprocess.run([tool, "-sass", str(path)], capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"cuobjdump failed:\n{result.stderr}")
     return result.stdout
 
 
-def cubin_usage(sass: str) -> Tuple[int, int]:
-    """(registers, stack bytes) the cubin itself declares (``cuobjdump -res-usage``): a stack frame in
-    these kernels, which have no local arrays, is spill space."""
-    match = re.search(r"REG:(\d+) STACK:(\d+)", sass)
-    if match is None:
-        raise RuntimeError("no resource usage in the cuobjdump output")
+def cubin_usage(cubin: bytes) -> Tuple[int, int]:
+    """(registers, stack frame bytes) the cubin declares (``cuobjdump -res-usage``). These kernels
+    have no local arrays and make no calls, so a stack frame is spill space."""
+    tool = _cuobjdump()
+    if tool is None:
+        raise FileNotFoundError("no cuobjdump (Triton's NVIDIA backend bundles one) to read the cubin with")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        result = subprocess.run([tool, "-res-usage", str(path)], capture_output=True, text=True)
+    match = re.search(r"REG:(\d+) STACK:(\d+)", result.stdout)
+    if result.returncode != 0 or match is None:
+        raise RuntimeError(f"cuobjdump -res-usage failed:\n{result.stdout}{result.stderr}")
     return int(match.group(1)), int(match.group(2))
-
-
-def compile_with_ptxas_log(source: ASTSource, capability: int, options: Dict[str, object]):
-    """``triton.compile`` for ``capability``, and the log of the ``ptxas -v`` that compile ran.
-
-    The log is Triton's own (its ptxas binary and flags, ``--regAllocOptLevel`` included), so the
-    registers and spills read from it are those of the cubin the backend launches; a second ptxas
-    run with other flags reported different counts (and no spill where Triton's build spills)."""
-    knobs = getattr(triton, "knobs", None)
-    if knobs is None or not hasattr(knobs.nvidia, "dump_ptxas_log"):
-        raise RuntimeError(f"kernel_audit reads ptxas's log through triton.knobs (Triton >= 3.4); "
-                           f"this is Triton {triton.__version__}")
-    printed = io.StringIO()
-    with knobs.nvidia.scope(), knobs.compilation.scope():
-        knobs.nvidia.dump_ptxas_log = True
-        knobs.compilation.always_compile = True  # a cached cubin comes without a log
-        with contextlib.redirect_stdout(printed):
-            compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
-    return compiled, printed.getvalue()
-
-
-def ptxas_usage(log: str) -> Tuple[int, int]:
-    """(registers, spill store + load bytes) from a ``ptxas -v`` log."""
-    registers = [int(r) for r in re.findall(r"Used (\d+) registers", log)]
-    if not registers:
-        raise RuntimeError(f"no register count in the ptxas log:\n{log}")
-    spills = sum(int(s) for s in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
-    return max(registers), spills
 
 
 def _options_for(variant: Variant, capability: int) -> Dict[str, object]:
@@ -350,10 +328,10 @@ def audit_variant(variant: Variant, target: str) -> dict:
     source = ASTSource(variant.fn, signature=variant.signature, constexprs=variant.constexprs,
                        attrs=variant.attrs)
     options = _options_for(variant, capability)
-    compiled, ptxas_log = compile_with_ptxas_log(source, capability, options)
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
     ptx = compiled.asm["ptx"]
     arch = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
-    registers, spill_bytes = ptxas_usage(ptxas_log)
+    registers, stack_bytes = cubin_usage(compiled.asm["cubin"])
     threads = 32 * options["num_warps"]
     elements_per_thread = variant.constexprs["BLOCK"] // threads
     bytes_per_param = variant.bytes_per_param()
@@ -365,13 +343,12 @@ def audit_variant(variant: Variant, target: str) -> dict:
     sass_access = sass_accesses(sass) if sass is not None else None
     sass_wide = (sum(w // 8 for predicated, w, _ in sass_access if not predicated and w == 128)
                  if sass_access is not None else None)
-    cubin_registers, cubin_stack = cubin_usage(sass) if sass is not None else (None, None)
     return {
         "kernel": variant.kernel_name,
         "target": arch,
         "dtype": variant.dtype,
         "registers": registers,
-        "spill_bytes": spill_bytes,
+        "stack_bytes": stack_bytes,
         "vector_bits": vector_bits(accesses, elements_per_thread * bytes_per_param),
         "bytes_per_param": bytes_per_param,
         "aligned": variant.aligned,
@@ -380,8 +357,6 @@ def audit_variant(variant: Variant, target: str) -> dict:
                              if sass_access is not None else None),
         "bytes_per_param_sass": (sass_wide / elements_per_thread
                                  if sass_wide is not None and variant.aligned else None),
-        "cubin_registers": cubin_registers,
-        "cubin_stack_bytes": cubin_stack,
         "maxnreg": options.get("maxnreg"),
         "blocks_per_sm": blocks_per_sm(registers, threads),
         "streams_read": list(variant.reads),
@@ -426,13 +401,8 @@ def problems(records: List[dict]) -> List[str]:
     found = []
     for r in records:
         where = f"{r['kernel']} {r['target']} {r['dtype']} {'aligned' if r['aligned'] else 'unaligned'}"
-        if r["spill_bytes"]:
-            found.append(f"{where}: spills {r['spill_bytes']} bytes")
-        if r.get("cubin_registers") not in (None, r["registers"]):
-            found.append(f"{where}: the cubin declares {r['cubin_registers']} registers, ptxas's log "
-                         f"{r['registers']}")
-        if r.get("cubin_stack_bytes"):
-            found.append(f"{where}: the cubin has a {r['cubin_stack_bytes']}-byte stack frame (spills)")
+        if r["stack_bytes"]:
+            found.append(f"{where}: a {r['stack_bytes']}-byte stack frame (spills)")
         if r["aligned"] and r["target"] == "sm_90a" and r["vector_bits"] < 128:
             found.append(f"{where}: main streams need {r['vector_bits']}-bit accesses, not 128")
         if (r["aligned"] and r["target"] == "sm_90a" and r.get("sass_vector_bits") is not None
@@ -455,18 +425,18 @@ def to_markdown(records: List[dict]) -> str:
         "# Kernel audit (ahead-of-time, no GPU)",
         "",
         f"triton {triton.__version__}, BLOCK {triton_backend.BLOCK} ({triton_backend.UNALIGNED_BLOCK} on the unaligned path), num_warps {triton_backend.NUM_WARPS}, "
-        "fp fusion off. Registers and spills from the `ptxas -v` log of Triton's own compile; vector_bits is the narrowest "
+        "fp fusion off. Registers and stack frame (spill space) as the cubin Triton built declares them (`cuobjdump -res-usage`); vector_bits is the narrowest "
         "access width the main streams need on the full-block path; bytes/param from the streams each "
         "kernel reads and writes (checked against the 128-bit traffic of the aligned PTX). "
         "Generated by `python -m benchmarks.kernel_audit`.",
         "",
-        "| kernel | target | dtype | path | registers | blocks/SM (8 warps) | spill bytes | vector bits (PTX/SASS) "
+        "| kernel | target | dtype | path | registers | blocks/SM (8 warps) | stack bytes | vector bits (PTX/SASS) "
         "| bytes/param |",
         "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in records:
         lines.append(f"| {r['kernel']} | {r['target']} | {r['dtype']} | {'aligned' if r['aligned'] else 'unaligned'} "
-                     f"| {r['registers']} | {r['blocks_per_sm']} | {r['spill_bytes']} | {r['vector_bits']}/"
+                     f"| {r['registers']} | {r['blocks_per_sm']} | {r['stack_bytes']} | {r['vector_bits']}/"
                      f"{r['sass_vector_bits'] if r['sass_vector_bits'] is not None else '-'} | {r['bytes_per_param']} |")
     found = problems(records)
     lines += ["", "Problems: " + ("none." if not found else ""), *[f"- {p}" for p in found], ""]
