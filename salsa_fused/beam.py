@@ -19,15 +19,6 @@ and otherwise keeps ``m`` (factor 1); a diverged x1 branch (``L(1) = inf``) lose
 Scores a fraction of a percent apart are within the noise of one horizon; following them moves the
 multiplier on nothing. ``delta = 0`` is the plain argmin (``f* != 1`` already means ``L(f*) < L(1)``).
 
-With ``move_confidence`` = z > 0 the multiplier moves only if the lowest score wins by more than z
-standard errors of the paired difference: with ``l_i(f)``, ``i = 1..n``, the losses ``L(f)`` averages
-(the same batches for every factor) and ``d_i = l_i(f*) - l_i(1)``,
-
-    mean(d) < -z * sd(d) / sqrt(n)        (sd with n - 1; n < 2: no spread measured, no move)
-
-so a score difference counts by how it compares with its own batch-to-batch spread, not by a fixed
-fraction of the loss (benchmarks/quality NOTES.md section 17).
-
 With ``cooldown`` > 0 each branch goes on for ``C = round(cooldown * H)`` more steps (batches
 ``k+H .. k+H+C-1``) whose multiplier falls linearly, ``m * f * (C - j) / (C + 1)`` at cooldown
 step ``j``, and is scored by the mean loss over those ``C`` steps instead: a short horizon
@@ -60,8 +51,8 @@ from .optimizer import FusedSaLSa
 from .step_size import ScaledSchedule, check_factors, scaled_by
 
 #: Options of earlier versions, removed after their ablations lost (benchmarks/quality/NOTES.md
-#: sections 11, 14-16); a state_dict that has them at a value other than 0 is refused.
-REMOVED_OPTIONS = ("min_multiplier", "extensions", "downward_extensions")
+#: sections 11, 14-17); a state_dict that has them at a value other than 0 is refused.
+REMOVED_OPTIONS = ("min_multiplier", "extensions", "downward_extensions", "move_confidence")
 
 #: Seed 004's ``Factor_3``: halve, keep, double.
 HALVE_KEEP_DOUBLE = (0.5, 1.0, 2.0)
@@ -143,9 +134,6 @@ class StepSizeBeam:
         move_margin: the relative score a factor other than 1 must win by before the multiplier
             moves, in [0, 1) (0: the lowest score wins; the module docstring). Needs 1 among the
             factors.
-        move_confidence: the standard errors of the paired score difference a factor other than 1
-            must win by before the multiplier moves, finite and >= 0 (0: no test; the module
-            docstring). Needs 1 among the factors.
 
     Use::
 
@@ -158,8 +146,7 @@ class StepSizeBeam:
 
     def __init__(self, optimizer: FusedSaLSa, total_steps: int, *, points: Sequence[float] = (0.05, 0.1, 0.15),
                  horizon: float = 0.03, factors: Sequence[float] = HALVE_KEEP_DOUBLE,
-                 buffers: Iterable[torch.Tensor] = (), cooldown: float = 1.0, move_margin: float = 0.0,
-                 move_confidence: float = 0.0):
+                 buffers: Iterable[torch.Tensor] = (), cooldown: float = 1.0, move_margin: float = 0.0):
         if not isinstance(optimizer, FusedSaLSa):
             raise TypeError(f"optimizer must be a FusedSaLSa, got {type(optimizer).__name__}")
         if optimizer.next_batches() is not None:
@@ -183,13 +170,9 @@ class StepSizeBeam:
         if isinstance(move_margin, bool) or not isinstance(move_margin, (int, float)) \
                 or not 0 <= move_margin < 1:
             raise ValueError(f"move_margin must be a relative score margin in [0, 1), got {move_margin!r}")
-        if isinstance(move_confidence, bool) or not isinstance(move_confidence, (int, float)) \
-                or not (math.isfinite(move_confidence) and move_confidence >= 0):
-            raise ValueError(f"move_confidence must be a finite number of standard errors >= 0, got {move_confidence!r}")
-        for name, value in (("move_margin", move_margin), ("move_confidence", move_confidence)):
-            if value and 1.0 not in factors:
-                raise ValueError(f"{name} compares every factor with keeping the multiplier (factor 1), "
-                                 f"but 1 is not among the factors {tuple(factors)}")
+        if move_margin and 1.0 not in factors:
+            raise ValueError(f"move_margin compares every factor with keeping the multiplier (factor 1), "
+                             f"but 1 is not among the factors {tuple(factors)}")
         buffers = list(buffers)
         for b in buffers:
             if not isinstance(b, torch.Tensor):
@@ -204,7 +187,6 @@ class StepSizeBeam:
         self.buffers = buffers
         self.cooldown_steps = int(round(cooldown * self.horizon_steps))
         self.move_margin = float(move_margin)
-        self.move_confidence = float(move_confidence)
         self.multiplier = 1.0
         self._applied_multiplier = 1.0
         self.calls = 0
@@ -235,11 +217,9 @@ class StepSizeBeam:
         cool = min(self.cooldown_steps, left - steps)
         snapshot = _Snapshot(self.optimizer, self.buffers)
         losses: List[float] = []
-        scored: Dict[float, List[float]] = {}
         try:
             for f in self.factors:
-                score, scored[f] = self._branch(closure, steps, cool, self.multiplier * f)
-                losses.append(score)
+                losses.append(self._branch(closure, steps, cool, self.multiplier * f))
                 snapshot.restore()
             scores = dict(zip(self.factors, losses))
         except BaseException:
@@ -251,11 +231,11 @@ class StepSizeBeam:
             raise NonFiniteError(f"every branch of the beam at step {self.calls} diverged "
                                  f"(horizon losses {losses}): no factor to keep")
         best = min(scores, key=lambda f: (scores[f], abs(math.log(f))))
-        factor = best if self._clears_margin(scores, best) and self._clears_test(scored, scores, best) else 1.0
+        factor = best if self._clears_margin(scores, best) else 1.0
         self.multiplier *= factor
         decision = dict(step=self.calls, horizon=steps, cooldown=cool, losses=losses, factor=factor,
                         multiplier=self.multiplier)
-        if self.move_margin or self.move_confidence:
+        if self.move_margin:
             decision["lowest"] = best  # the factor of lowest score, kept or not
         self.decisions.append(decision)
 
@@ -268,34 +248,17 @@ class StepSizeBeam:
             return True  # x1 diverged; ``best`` is finite (checked before)
         return scores[best] < keep - self.move_margin * abs(keep)
 
-    def _clears_test(self, scored: Dict[float, List[float]], scores: Dict[float, float], best: float) -> bool:
-        """Whether ``best`` (not 1) wins the paired test by ``move_confidence`` standard errors; True
-        without a test."""
-        if not self.move_confidence or best == 1.0:
-            return True
-        if not math.isfinite(scores[1.0]):
-            return True  # x1 diverged; ``best`` is finite (checked before)
-        diffs = [a - b for a, b in zip(scored[best], scored[1.0])]
-        n = len(diffs)
-        if n < 2:
-            return False
-        mean = sum(diffs) / n
-        sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-        return mean < -self.move_confidence * sd / math.sqrt(n)
-
-    def _branch(self, closure: IndexedClosure, steps: int, cool: int, multiplier: float):
-        """``steps`` steps at ``multiplier``, then ``cool`` at a linearly falling one: (the mean loss of
-        the cooldown's steps (of the first ``steps`` without one), those losses); inf if a step raised
+    def _branch(self, closure: IndexedClosure, steps: int, cool: int, multiplier: float) -> float:
+        """``steps`` steps at ``multiplier``, then ``cool`` at a linearly falling one: the mean loss of
+        the cooldown's steps (of the first ``steps`` without one); inf if a step raised
         NonFiniteError or a loss was NaN/inf. Counts the branch's forwards."""
         opt = self.optimizer
         total = 0.0
-        scored: List[float] = []
         for i in range(steps + cool):
             j = i - steps
             self._applied_multiplier = multiplier if j < 0 else multiplier * (cool - j) / (cool + 1)
             if j == 0:
                 total = 0.0  # scored on the cooldown only
-                scored = []
 
             def counted(i=i):
                 self.branch_forward_evals += 1
@@ -304,12 +267,11 @@ class StepSizeBeam:
             try:
                 loss = float(opt.step(counted))
             except NonFiniteError:
-                return math.inf, scored
+                return math.inf
             if not math.isfinite(loss):
-                return math.inf, scored
+                return math.inf
             total += loss
-            scored.append(loss)
-        return total / (cool if cool else steps), scored
+        return total / (cool if cool else steps)
 
     @property
     def last_decision(self) -> Optional[Dict]:
@@ -321,8 +283,7 @@ class StepSizeBeam:
         ``state_dict``)."""
         return dict(total_steps=self.total_steps, beam_steps=list(self.beam_steps),
                     horizon_steps=self.horizon_steps, cooldown_steps=self.cooldown_steps,
-                    factors=list(self.factors), move_margin=self.move_margin,
-                    move_confidence=self.move_confidence, calls=self.calls,
+                    factors=list(self.factors), move_margin=self.move_margin, calls=self.calls,
                     multiplier=self.multiplier, branch_forward_evals=self.branch_forward_evals,
                     decisions=deepcopy(self.decisions))
 
@@ -330,11 +291,9 @@ class StepSizeBeam:
         """Resume; the configuration (run length, beam steps, horizon, factors) must match."""
         expected = dict(total_steps=self.total_steps, beam_steps=list(self.beam_steps),
                         horizon_steps=self.horizon_steps, cooldown_steps=self.cooldown_steps,
-                        factors=list(self.factors), move_margin=self.move_margin,
-                        move_confidence=self.move_confidence)
-        # saved before ``move_margin`` / ``move_confidence`` existed: none
-        state_dict = {"move_margin": 0.0, "move_confidence": 0.0, **state_dict}
-        for key in REMOVED_OPTIONS:  # brackets and a floor that lost their ablations (NOTES 11, 14-16)
+                        factors=list(self.factors), move_margin=self.move_margin)
+        state_dict = {"move_margin": 0.0, **state_dict}  # saved before ``move_margin`` existed: none
+        for key in REMOVED_OPTIONS:  # brackets, a floor and a move test that lost their ablations (NOTES 11, 14-17)
             if state_dict.get(key, 0):
                 raise ValueError(f"this StepSizeBeam state_dict was saved with {key}={state_dict[key]!r}, an "
                                  f"option removed after it lost its ablation (benchmarks/quality/NOTES.md): "

@@ -165,26 +165,21 @@ def test_with_a_cooldown_each_branch_is_scored_on_its_annealed_steps():
     assert (late.last_decision["horizon"], late.last_decision["cooldown"]) == (3, 0)
 
 
-def beam_on_scores(scores, move_margin, nan_branch_at=None, move_confidence=0.0):
+def beam_on_scores(scores, move_margin, nan_branch_at=None):
     """A beam at step 10 (H = 4, no cooldown) whose every loss is exactly ``scores[applied multiplier]``
-    (2.0 for a factor not listed; a list: its i-th value on the branch's i-th step) with the training
-    loss's gradient: each branch scores exactly its table value. ``nan_branch_at``: that factor's
-    branch reports NaN after its first step."""
+    (2.0 for a factor not listed) with the training loss's gradient: each branch scores exactly its
+    table value. ``nan_branch_at``: that factor's branch reports NaN after its first step."""
     data = batches()
     model = make_model()
     opt = FusedSaLSa(model.parameters(), backend="torch", schedule=Constant(0.1))
-    beam = StepSizeBeam(opt, STEPS, points=(0.25,), horizon=0.1, cooldown=0.0, move_margin=move_margin,
-                        move_confidence=move_confidence)
+    beam = StepSizeBeam(opt, STEPS, points=(0.25,), horizon=0.1, cooldown=0.0, move_margin=move_margin)
 
     def closure(k, i):
         loss = loss_on(model, data[k + i])
         applied = beam._applied_multiplier
         if applied == nan_branch_at and k == 10 and i >= 1:
             return loss * math.nan
-        value = scores.get(applied, 2.0)
-        if isinstance(value, list):
-            value = value[i] if k == 10 and i < len(value) else 2.0
-        return loss - loss.detach() + value  # the value is the table's, bitwise
+        return loss - loss.detach() + scores.get(applied, 2.0)  # the value is the table's, bitwise
 
     for k in range(STEPS // 4 + 1):
         beam.step(lambda i: closure(k, i))
@@ -214,32 +209,6 @@ def test_a_diverged_x1_branch_loses_to_any_finite_factor_under_the_margin():
     beam = beam_on_scores({0.5: 1.0, 1.0: 1.0, 2.0: 0.9999}, 0.5, nan_branch_at=1.0)
     assert beam.last_decision["losses"][1] == math.inf
     assert beam.last_decision["factor"] == 2.0 and beam.multiplier == 2.0
-
-
-X1 = [1.0, 1.0, 1.0, 1.0]
-
-
-@pytest.mark.parametrize("half, z, kept", [
-    ([0.8, 1.1, 0.8, 1.1], 1.0, 1.0),  # d = -0.2, 0.1, -0.2, 0.1: mean -0.05, standard error 0.0866: kept
-    ([0.8, 1.1, 0.8, 1.1], 0.5, 0.5),  # half a standard error (0.0433): taken
-    ([0.8, 1.1, 0.8, 1.1], 0.0, 0.5),  # no test: the lowest score, as before
-    ([0.99, 0.99, 0.99, 0.99], 2.0, 0.5),  # 1% lower on every batch: no spread, taken at any z
-    ([0.95, 0.95, 0.95, 1.0], 2.0, 0.5),  # mean -0.0375, standard error 0.0125: 3 of them, taken
-    ([0.95, 0.95, 0.95, 1.02], 2.0, 1.0),  # mean -0.0325, standard error 0.0175: 1.86 of them, kept
-])
-def test_the_paired_move_test_keeps_x1_unless_the_win_exceeds_z_standard_errors(half, z, kept):
-    beam = beam_on_scores({0.5: half, 1.0: X1, 2.0: [1.5] * 4}, 0.0, move_confidence=z)
-    decision = beam.last_decision
-    assert decision["losses"] == pytest.approx([sum(half) / 4, 1.0, 1.5], rel=1e-6)
-    assert decision["factor"] == kept and beam.multiplier == kept
-    assert decision.get("lowest", 0.5) == 0.5 and ("lowest" in decision) == bool(z)
-
-
-def test_the_paired_move_test_lets_any_finite_factor_beat_a_diverged_x1():
-    beam = beam_on_scores({0.5: [1.0, 1.2, 0.8, 1.0], 1.0: X1, 2.0: [1.5] * 4}, 0.0, nan_branch_at=1.0,
-                          move_confidence=2.0)
-    assert beam.last_decision["losses"][1] == math.inf
-    assert beam.last_decision["factor"] == 0.5 and beam.multiplier == 0.5
 
 
 def test_with_the_margin_the_run_after_the_beam_is_the_kept_branch():
@@ -365,9 +334,11 @@ def test_state_dict_resumes_the_same_run():
     with pytest.raises(ValueError, match="multiplier"):
         beam.load_state_dict({**beam.state_dict(), "multiplier": float("nan")})
     # options removed after their ablations lost: an old state_dict with them at 0 loads, another is refused
-    old = {**beam.state_dict(), "min_multiplier": 0.0, "extensions": 0, "downward_extensions": 0}
+    old = {**beam.state_dict(), "min_multiplier": 0.0, "extensions": 0, "downward_extensions": 0,
+           "move_confidence": 0.0}
     beam_resumed.load_state_dict(old)
-    for key, value in (("min_multiplier", 0.5), ("extensions", 3), ("downward_extensions", 3)):
+    for key, value in (("min_multiplier", 0.5), ("extensions", 3), ("downward_extensions", 3),
+                       ("move_confidence", 1.0)):
         with pytest.raises(ValueError, match=f"saved with {key}={value}"):
             beam_resumed.load_state_dict({**old, key: value, "calls": 0})
     assert beam_resumed.calls == beam.calls
@@ -387,16 +358,6 @@ def test_state_dict_resumes_the_same_run():
     saved = {**margined.state_dict(), "calls": 7, "multiplier": 0.5}
     margined.load_state_dict(saved)
     assert margined.state_dict() == saved
-    # the paired move test likewise; a state_dict from before it existed loads as no test
-    tested = StepSizeBeam(FusedSaLSa(make_model().parameters(), backend="torch"), STEPS, points=(0.25, 0.5),
-                          horizon=0.1, move_confidence=1.0)
-    assert tested.state_dict()["move_confidence"] == 1.0 and beam.state_dict()["move_confidence"] == 0.0
-    with pytest.raises(ValueError, match="move_confidence"):
-        tested.load_state_dict(beam.state_dict())
-    with pytest.raises(ValueError, match="move_confidence"):
-        tested.load_state_dict({k: v for k, v in tested.state_dict().items() if k != "move_confidence"})
-    beam_resumed.load_state_dict({k: v for k, v in beam.state_dict().items() if k != "move_confidence"})
-    assert beam_resumed.move_confidence == 0.0
 
 
 def test_the_default_optimizer_is_untouched_without_a_beam():
@@ -421,11 +382,6 @@ def test_the_default_optimizer_is_untouched_without_a_beam():
     (dict(move_margin=True), ValueError, "move_margin"),
     (dict(move_margin="0.01"), ValueError, "move_margin"),
     (dict(move_margin=0.01, factors=(0.5, 2.0)), ValueError, "1 is not among the factors"),
-    (dict(move_confidence=-1.0), ValueError, "move_confidence"),
-    (dict(move_confidence=math.inf), ValueError, "move_confidence"),
-    (dict(move_confidence=True), ValueError, "move_confidence"),
-    (dict(move_confidence="1"), ValueError, "move_confidence"),
-    (dict(move_confidence=1.0, factors=(0.5, 2.0)), ValueError, "1 is not among the factors"),
     (dict(extensions=3), TypeError, "extensions"),  # removed: its ablation lost (NOTES.md sections 14-16)
 ])
 def test_bad_arguments_are_named_and_change_nothing(kwargs, error, match):
