@@ -334,9 +334,11 @@ def test_state_dict_resumes_the_same_run():
     with pytest.raises(ValueError, match="multiplier"):
         beam.load_state_dict({**beam.state_dict(), "multiplier": float("nan")})
     # options removed after their ablations lost: an old state_dict with them at 0 loads, another is refused
-    old = {**beam.state_dict(), "min_multiplier": 0.0, "extensions": 0, "downward_extensions": 0}
+    old = {**beam.state_dict(), "min_multiplier": 0.0, "extensions": 0, "downward_extensions": 0,
+           "move_confidence": 0.0}
     beam_resumed.load_state_dict(old)
-    for key, value in (("min_multiplier", 0.5), ("extensions", 3), ("downward_extensions", 3)):
+    for key, value in (("min_multiplier", 0.5), ("extensions", 3), ("downward_extensions", 3),
+                       ("move_confidence", 1.0)):
         with pytest.raises(ValueError, match=f"saved with {key}={value}"):
             beam_resumed.load_state_dict({**old, key: value, "calls": 0})
     assert beam_resumed.calls == beam.calls

@@ -392,6 +392,8 @@ REGISTRY: Dict[str, Callable] = {
     # a factor other than x1 is taken only if its score is more than 1% below x1's (the move margin):
     # on beam_pretrain_cool (NOTES.md section 16, written before its runs; chosen and validated there)
     "beam_cool_margin": _beam(_preset(presets.RECOMMENDED), cooldown=1.0, move_margin=0.01),
+    # NOTES.md section 17's paired move test (``move_confidence``, registry beam_cool_paired1/2) did not
+    # beat beam_cool_margin and left StepSizeBeam; its rows name commit cd72439, which ran them.
     # seed 004's LR-factor search (Factor_3, a decision every 1% of the run): on AdamW at a constant
     # 1e-3 (PyTorch's default rate; no other schedule), and on the faithful FusedSaLSa defaults
     # (the factor multiplies the applied step, target "schedule")
