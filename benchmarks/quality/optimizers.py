@@ -392,12 +392,11 @@ REGISTRY: Dict[str, Callable] = {
     # a factor other than x1 is taken only if its score is more than 1% below x1's (the move margin):
     # on beam_pretrain_cool (NOTES.md section 16, written before its runs; chosen and validated there)
     "beam_cool_margin": _beam(_preset(presets.RECOMMENDED), cooldown=1.0, move_margin=0.01),
-    # ... and a move down kept only if it also wins at k times the horizon and the cooldown (NOTES.md
-    # section 18, written before its runs): k = 3 (the ratio between the zoo's run lengths) and k = 2
-    "beam_cool_margin_down3": _beam(_preset(presets.RECOMMENDED), cooldown=1.0, move_margin=0.01, down_horizon=3.0),
-    "beam_cool_margin_down2": _beam(_preset(presets.RECOMMENDED), cooldown=1.0, move_margin=0.01, down_horizon=2.0),
     # NOTES.md section 17's paired move test (``move_confidence``, registry beam_cool_paired1/2) did not
     # beat beam_cool_margin and left StepSizeBeam; its rows name commit cd72439, which ran them.
+    # NOTES.md section 18's longer horizon for moves down (``down_horizon``, registry
+    # beam_cool_margin_down3/2) was not better than beam_cool_margin by its rule and left StepSizeBeam;
+    # its rows name commit a26ae4c (and e7a25c9 / 9acec88, whose package code is a26ae4c's).
     # seed 004's LR-factor search (Factor_3, a decision every 1% of the run): on AdamW at a constant
     # 1e-3 (PyTorch's default rate; no other schedule), and on the faithful FusedSaLSa defaults
     # (the factor multiplies the applied step, target "schedule")

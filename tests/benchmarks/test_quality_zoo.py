@@ -159,26 +159,6 @@ def test_a_beam_with_a_move_margin_records_the_lowest_factor_beside_the_one_kept
             assert scores[d["factor"]] < 0.99 * scores[1.0] * (1 + 1e-5)
 
 
-def test_a_beam_confirming_moves_down_records_the_longer_branches_scores(tmp_path):
-    out = str(tmp_path / "rows.jsonl")
-    assert runner.main(["run", "--tasks", "mlp_relu_teacher", "--configs", "beam_cool_margin_down2",
-                        "--seeds", "0", "--steps", "40", "--out", out]) == 0
-    (row,) = runner.read_rows([out])
-    assert row["diverged"] is None and len(row["beam_decisions"]) == 3
-    confirmed = [d for d in row["beam_decisions"] if "confirm" in d]
-    assert confirmed  # at 40 steps this run proposes a halving (H = C = 1; the confirmation 2 + 2)
-    for d in row["beam_decisions"]:
-        scores = dict(zip((0.5, 1.0, 2.0), d["scores"]))
-        if "confirm" not in d:  # no halving proposed: the margin rule alone, as beam_cool_margin
-            assert d["factor"] in (1.0, 2.0)
-            continue
-        confirm = d["confirm"]
-        assert d["lowest"] == confirm["factor"] == 0.5 and scores[0.5] < 0.99 * scores[1.0] * (1 + 1e-5)
-        assert (confirm["horizon"], confirm["cooldown"]) == (2, 2)
-        x1, half = confirm["scores"]
-        assert d["factor"] == (0.5 if half < 0.99 * x1 else 1.0)
-
-
 def test_the_lr_factor_family_decides_every_hundredth_of_the_run_and_counts_its_forwards():
     from benchmarks.quality.run import train
 
