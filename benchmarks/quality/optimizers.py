@@ -396,7 +396,7 @@ REGISTRY: Dict[str, Callable] = {
     # beat beam_cool_margin and left StepSizeBeam; its rows name commit cd72439, which ran them.
     # NOTES.md section 18's longer horizon for moves down (``down_horizon``, registry
     # beam_cool_margin_down3/2) was not better than beam_cool_margin by its rule and left StepSizeBeam;
-    # its rows name commit a26ae4c (and e7a25c9 / 9acec88, whose package code is a26ae4c's).
+    # its rows name commit a26ae4c (and e7a25c9, 2339622, 9acec88, whose package code is a26ae4c's).
     # seed 004's LR-factor search (Factor_3, a decision every 1% of the run): on AdamW at a constant
     # 1e-3 (PyTorch's default rate; no other schedule), and on the faithful FusedSaLSa defaults
     # (the factor multiplies the applied step, target "schedule")
