@@ -394,6 +394,9 @@ REGISTRY: Dict[str, Callable] = {
     "beam_cool_margin": _beam(_preset(presets.RECOMMENDED), cooldown=1.0, move_margin=0.01),
     # NOTES.md section 17's paired move test (``move_confidence``, registry beam_cool_paired1/2) did not
     # beat beam_cool_margin and left StepSizeBeam; its rows name commit cd72439, which ran them.
+    # NOTES.md section 18's longer horizon for moves down (``down_horizon``, registry
+    # beam_cool_margin_down3/2) was not better than beam_cool_margin by its rule and left StepSizeBeam;
+    # its rows name commit a26ae4c (and e7a25c9, 2339622, 9acec88, whose package code is a26ae4c's).
     # seed 004's LR-factor search (Factor_3, a decision every 1% of the run): on AdamW at a constant
     # 1e-3 (PyTorch's default rate; no other schedule), and on the faithful FusedSaLSa defaults
     # (the factor multiplies the applied step, target "schedule")
