@@ -19,16 +19,6 @@ and otherwise keeps ``m`` (factor 1); a diverged x1 branch (``L(1) = inf``) lose
 Scores a fraction of a percent apart are within the noise of one horizon; following them moves the
 multiplier on nothing. ``delta = 0`` is the plain argmin (``f* != 1`` already means ``L(f*) < L(1)``).
 
-With ``down_horizon`` = k > 1 a move down is decided at a longer horizon only: wherever no move up is
-kept, the beam runs x1 and ``f`` (the factor below 1 of lowest score) once more from the same state, on
-the same upcoming batches, with horizon ``H_k = round(k * H)`` and cooldown ``C_k = round(k * C)`` (cut at
-the run's end), and keeps ``f`` if it beats x1 there (by the margin, if any), whatever the short scores
-said; otherwise x1. With ``down_floor`` each is at least ``S = round(1 / (1 - beta3))`` steps (the span of
-the optimizer's smoothed Armijo test; C_k only if C > 0), so the confirmation does not shrink with the
-run. A short horizon is biased towards the smaller step (Wu et al., 2018): on a plateau it lowers the
-loss's noise floor at once and wins by a few percent, while the larger step needs longer to show its
-progress; a step that is really too large loses at any horizon (benchmarks/quality NOTES.md 18-19).
-
 With ``cooldown`` > 0 each branch goes on for ``C = round(cooldown * H)`` more steps (batches
 ``k+H .. k+H+C-1``) whose multiplier falls linearly, ``m * f * (C - j) / (C + 1)`` at cooldown
 step ``j``, and is scored by the mean loss over those ``C`` steps instead: a short horizon
@@ -61,8 +51,9 @@ from .optimizer import FusedSaLSa
 from .step_size import ScaledSchedule, check_factors, scaled_by
 
 #: Options of earlier versions, removed after their ablations lost (benchmarks/quality/NOTES.md
-#: sections 11, 14-17); a state_dict that has them at a value other than 0 is refused.
-REMOVED_OPTIONS = ("min_multiplier", "extensions", "downward_extensions", "move_confidence")
+#: sections 11, 14-19); a state_dict that has them at a value other than 0 is refused.
+REMOVED_OPTIONS = ("min_multiplier", "extensions", "downward_extensions", "move_confidence", "down_horizon",
+                   "down_floor")
 
 #: Seed 004's ``Factor_3``: halve, keep, double.
 HALVE_KEEP_DOUBLE = (0.5, 1.0, 2.0)
@@ -144,11 +135,6 @@ class StepSizeBeam:
         move_margin: the relative score a factor other than 1 must win by before the multiplier
             moves, in [0, 1) (0: the lowest score wins; the module docstring). Needs 1 among the
             factors.
-        down_horizon: the multiple ``k > 1`` of the horizon and the cooldown at which every move down
-            is decided (0: none, moves down on the beam's scores; the module docstring). Needs 1 and a
-            factor below 1 among the factors.
-        down_floor: the longer horizon and cooldown are at least ``round(1 / (1 - beta3))`` steps of
-            the optimizer's Armijo smoothing ``beta3`` (needs ``down_horizon``).
 
     Use::
 
@@ -161,8 +147,7 @@ class StepSizeBeam:
 
     def __init__(self, optimizer: FusedSaLSa, total_steps: int, *, points: Sequence[float] = (0.05, 0.1, 0.15),
                  horizon: float = 0.03, factors: Sequence[float] = HALVE_KEEP_DOUBLE,
-                 buffers: Iterable[torch.Tensor] = (), cooldown: float = 1.0, move_margin: float = 0.0,
-                 down_horizon: float = 0.0, down_floor: bool = False):
+                 buffers: Iterable[torch.Tensor] = (), cooldown: float = 1.0, move_margin: float = 0.0):
         if not isinstance(optimizer, FusedSaLSa):
             raise TypeError(f"optimizer must be a FusedSaLSa, got {type(optimizer).__name__}")
         if optimizer.next_batches() is not None:
@@ -186,21 +171,9 @@ class StepSizeBeam:
         if isinstance(move_margin, bool) or not isinstance(move_margin, (int, float)) \
                 or not 0 <= move_margin < 1:
             raise ValueError(f"move_margin must be a relative score margin in [0, 1), got {move_margin!r}")
-        if isinstance(down_horizon, bool) or not isinstance(down_horizon, (int, float)) \
-                or not (down_horizon == 0 or (math.isfinite(down_horizon) and down_horizon > 1)):
-            raise ValueError(f"down_horizon must be 0 (off) or a finite multiple of the horizon > 1, "
-                             f"got {down_horizon!r}")
-        if not isinstance(down_floor, bool):
-            raise TypeError(f"down_floor must be a bool, got {type(down_floor).__name__}")
-        if down_floor and not down_horizon:
-            raise ValueError("down_floor sets a floor on down_horizon's confirmation, but down_horizon is 0")
-        if down_horizon and not any(f < 1 for f in factors):
-            raise ValueError(f"down_horizon decides moves down, but no factor below 1 is among the factors "
-                             f"{tuple(factors)}")
-        for name, value in (("move_margin", move_margin), ("down_horizon", down_horizon)):
-            if value and 1.0 not in factors:
-                raise ValueError(f"{name} compares every factor with keeping the multiplier (factor 1), "
-                                 f"but 1 is not among the factors {tuple(factors)}")
+        if move_margin and 1.0 not in factors:
+            raise ValueError(f"move_margin compares every factor with keeping the multiplier (factor 1), "
+                             f"but 1 is not among the factors {tuple(factors)}")
         buffers = list(buffers)
         for b in buffers:
             if not isinstance(b, torch.Tensor):
@@ -215,13 +188,6 @@ class StepSizeBeam:
         self.buffers = buffers
         self.cooldown_steps = int(round(cooldown * self.horizon_steps))
         self.move_margin = float(move_margin)
-        self.down_horizon = float(down_horizon)
-        self.down_floor = down_floor
-        floor = int(round(1.0 / (1.0 - optimizer.search_config.beta3))) if down_floor else 0
-        self.down_horizon_steps = max(1, floor, int(round(down_horizon * self.horizon_steps))) \
-            if down_horizon else 0
-        self.down_cooldown_steps = max(floor, int(round(down_horizon * self.cooldown_steps))) \
-            if self.cooldown_steps else 0
         self.multiplier = 1.0
         self._applied_multiplier = 1.0
         self.calls = 0
@@ -267,48 +233,21 @@ class StepSizeBeam:
                                  f"(horizon losses {losses}): no factor to keep")
         best = min(scores, key=lambda f: (scores[f], abs(math.log(f))))
         factor = best if self._clears_margin(scores, best) else 1.0
-        confirm = None
-        if factor <= 1 and self.down_horizon:  # no move up kept: the longer horizon alone decides down
-            down = min((f for f in self.factors if f < 1), key=lambda f: (scores[f], abs(math.log(f))))
-            confirm = self._confirm_down(closure, snapshot, down, left)
-            factor = down if self._beats_x1(dict(zip((1.0, down), confirm["losses"])), down) else 1.0
         self.multiplier *= factor
         decision = dict(step=self.calls, horizon=steps, cooldown=cool, losses=losses, factor=factor,
                         multiplier=self.multiplier)
-        if self.move_margin or self.down_horizon:
+        if self.move_margin:
             decision["lowest"] = best  # the factor of lowest score, kept or not
-        if confirm is not None:
-            decision["confirm"] = confirm
         self.decisions.append(decision)
 
-    def _confirm_down(self, closure: IndexedClosure, snapshot: _Snapshot, factor: float, left: int) -> Dict:
-        """x1 and ``factor`` again from ``snapshot`` at ``down_horizon`` times the horizon and cooldown:
-        their scores, x1's first (each branch thrown away as in :meth:`_decide`)."""
-        steps = min(self.down_horizon_steps, left)
-        cool = min(self.down_cooldown_steps, left - steps)
-        losses: List[float] = []
-        try:
-            for f in (1.0, factor):
-                losses.append(self._branch(closure, steps, cool, self.multiplier * f))
-                snapshot.restore()
-        except BaseException:
-            snapshot.restore()
-            self._applied_multiplier = self.multiplier
-            raise
-        return dict(factor=factor, horizon=steps, cooldown=cool, losses=losses)
-
-    def _beats_x1(self, scores: Dict[float, float], f: float) -> bool:
-        """Whether factor ``f`` scores below ``L(1) - move_margin * |L(1)|``; True if x1 diverged."""
-        keep = scores[1.0]
-        if not math.isfinite(keep):
-            return True
-        return scores[f] < keep - self.move_margin * abs(keep)
-
     def _clears_margin(self, scores: Dict[float, float], best: float) -> bool:
-        """Whether ``best`` (not 1) beats x1 by the margin; True without a margin."""
+        """Whether ``best`` (not 1) scores below ``L(1) - move_margin * |L(1)|``; True without a margin."""
         if not self.move_margin or best == 1.0:
             return True
-        return self._beats_x1(scores, best)  # ``best`` is finite (checked before)
+        keep = scores[1.0]
+        if not math.isfinite(keep):
+            return True  # x1 diverged; ``best`` is finite (checked before)
+        return scores[best] < keep - self.move_margin * abs(keep)
 
     def _branch(self, closure: IndexedClosure, steps: int, cool: int, multiplier: float) -> float:
         """``steps`` steps at ``multiplier``, then ``cool`` at a linearly falling one: the mean loss of
@@ -345,8 +284,7 @@ class StepSizeBeam:
         ``state_dict``)."""
         return dict(total_steps=self.total_steps, beam_steps=list(self.beam_steps),
                     horizon_steps=self.horizon_steps, cooldown_steps=self.cooldown_steps,
-                    factors=list(self.factors), move_margin=self.move_margin,
-                    down_horizon=self.down_horizon, down_floor=self.down_floor, calls=self.calls,
+                    factors=list(self.factors), move_margin=self.move_margin, calls=self.calls,
                     multiplier=self.multiplier, branch_forward_evals=self.branch_forward_evals,
                     decisions=deepcopy(self.decisions))
 
@@ -354,11 +292,9 @@ class StepSizeBeam:
         """Resume; the configuration (run length, beam steps, horizon, factors) must match."""
         expected = dict(total_steps=self.total_steps, beam_steps=list(self.beam_steps),
                         horizon_steps=self.horizon_steps, cooldown_steps=self.cooldown_steps,
-                        factors=list(self.factors), move_margin=self.move_margin,
-                        down_horizon=self.down_horizon, down_floor=self.down_floor)
-        # saved before ``move_margin``, ``down_horizon`` or ``down_floor`` existed: none
-        state_dict = {"move_margin": 0.0, "down_horizon": 0.0, "down_floor": False, **state_dict}
-        for key in REMOVED_OPTIONS:  # brackets, a floor and a move test that lost their ablations (NOTES 11, 14-17)
+                        factors=list(self.factors), move_margin=self.move_margin)
+        state_dict = {"move_margin": 0.0, **state_dict}  # saved before ``move_margin`` existed: none
+        for key in REMOVED_OPTIONS:  # brackets, a floor, move tests that lost their ablations (NOTES 11, 14-19)
             if state_dict.get(key, 0):
                 raise ValueError(f"this StepSizeBeam state_dict was saved with {key}={state_dict[key]!r}, an "
                                  f"option removed after it lost its ablation (benchmarks/quality/NOTES.md): "

@@ -163,10 +163,6 @@ def _decision_row(decision: dict) -> dict:
         row["extended"] = [dict(factor=e["factor"], score=score(e["loss"])) for e in decision["extended"]]
     if "lowest" in decision:  # with a move margin: the factor of lowest score, kept or not
         row["lowest"] = decision["lowest"]
-    if "confirm" in decision:  # a move down run again at a longer horizon: x1's score, then the factor's
-        confirm = decision["confirm"]
-        row["confirm"] = dict(factor=confirm["factor"], horizon=confirm["horizon"], cooldown=confirm["cooldown"],
-                              scores=[score(x) for x in confirm["losses"]])
     return row
 
 
