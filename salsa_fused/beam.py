@@ -51,8 +51,9 @@ from .optimizer import FusedSaLSa
 from .step_size import ScaledSchedule, check_factors, scaled_by
 
 #: Options of earlier versions, removed after their ablations lost (benchmarks/quality/NOTES.md
-#: sections 11, 14-18); a state_dict that has them at a value other than 0 is refused.
-REMOVED_OPTIONS = ("min_multiplier", "extensions", "downward_extensions", "move_confidence", "down_horizon")
+#: sections 11, 14-19); a state_dict that has them at a value other than 0 is refused.
+REMOVED_OPTIONS = ("min_multiplier", "extensions", "downward_extensions", "move_confidence", "down_horizon",
+                   "down_floor")
 
 #: Seed 004's ``Factor_3``: halve, keep, double.
 HALVE_KEEP_DOUBLE = (0.5, 1.0, 2.0)
@@ -293,7 +294,7 @@ class StepSizeBeam:
                         horizon_steps=self.horizon_steps, cooldown_steps=self.cooldown_steps,
                         factors=list(self.factors), move_margin=self.move_margin)
         state_dict = {"move_margin": 0.0, **state_dict}  # saved before ``move_margin`` existed: none
-        for key in REMOVED_OPTIONS:  # brackets, a floor, move tests that lost their ablations (NOTES 11, 14-18)
+        for key in REMOVED_OPTIONS:  # brackets, a floor, move tests that lost their ablations (NOTES 11, 14-19)
             if state_dict.get(key, 0):
                 raise ValueError(f"this StepSizeBeam state_dict was saved with {key}={state_dict[key]!r}, an "
                                  f"option removed after it lost its ablation (benchmarks/quality/NOTES.md): "

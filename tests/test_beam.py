@@ -335,10 +335,11 @@ def test_state_dict_resumes_the_same_run():
         beam.load_state_dict({**beam.state_dict(), "multiplier": float("nan")})
     # options removed after their ablations lost: an old state_dict with them at 0 loads, another is refused
     old = {**beam.state_dict(), "min_multiplier": 0.0, "extensions": 0, "downward_extensions": 0,
-           "move_confidence": 0.0, "down_horizon": 0.0}
+           "move_confidence": 0.0, "down_horizon": 0.0, "down_floor": False}
     beam_resumed.load_state_dict(old)
     for key, value in (("min_multiplier", 0.5), ("extensions", 3), ("downward_extensions", 3),
-                       ("move_confidence", 1.0), ("down_horizon", 2.0)):
+                       ("move_confidence", 1.0), ("down_horizon", 2.0),
+                       ("down_floor", True)):
         with pytest.raises(ValueError, match=f"saved with {key}={value}"):
             beam_resumed.load_state_dict({**old, key: value, "calls": 0})
     assert beam_resumed.calls == beam.calls
@@ -383,7 +384,8 @@ def test_the_default_optimizer_is_untouched_without_a_beam():
     (dict(move_margin="0.01"), ValueError, "move_margin"),
     (dict(move_margin=0.01, factors=(0.5, 2.0)), ValueError, "1 is not among the factors"),
     (dict(extensions=3), TypeError, "extensions"),  # removed: its ablation lost (NOTES.md sections 14-16)
-    (dict(down_horizon=2.0), TypeError, "down_horizon"),  # removed: not better than the margin (NOTES.md 18)
+    (dict(down_horizon=2.0), TypeError, "down_horizon"),  # removed: not better than the margin (NOTES.md 18-19)
+    (dict(down_floor=True), TypeError, "down_floor"),  # removed: out on development (NOTES.md 19)
 ])
 def test_bad_arguments_are_named_and_change_nothing(kwargs, error, match):
     opt = FusedSaLSa(make_model().parameters(), backend="torch")

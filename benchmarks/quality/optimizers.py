@@ -397,6 +397,9 @@ REGISTRY: Dict[str, Callable] = {
     # NOTES.md section 18's longer horizon for moves down (``down_horizon``, registry
     # beam_cool_margin_down3/2) was not better than beam_cool_margin by its rule and left StepSizeBeam;
     # its rows name commit a26ae4c (and e7a25c9, 2339622, 9acec88, whose package code is a26ae4c's).
+    # NOTES.md section 19's moves down decided at 2x alone, without and with a floor of the Armijo
+    # smoothing's span (``down_horizon``/``down_floor``, registry beam_cool_margin_downalone2 /
+    # beam_cool_margin_downfloor2) were out on development seeds 2-3 and left again; rows name 7268428.
     # seed 004's LR-factor search (Factor_3, a decision every 1% of the run): on AdamW at a constant
     # 1e-3 (PyTorch's default rate; no other schedule), and on the faithful FusedSaLSa defaults
     # (the factor multiplies the applied step, target "schedule")
