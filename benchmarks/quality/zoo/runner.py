@@ -154,13 +154,9 @@ def run_unit(unit: Unit, provenance: dict) -> dict:
 
 
 def _decision_row(decision: dict) -> dict:
-    """A beam decision with its scores rounded (None: a factor below the floor; inf: diverged)."""
-    def score(x):
-        return None if x is None else (_finite(x) if math.isfinite(x) else str(x))
+    """A beam decision with its scores rounded ("inf": a diverged branch)."""
     row = dict(step=decision["step"], factor=decision["factor"], multiplier=_finite(decision["multiplier"]),
-               scores=[score(x) for x in decision["losses"]])
-    if "extended" in decision:
-        row["extended"] = [dict(factor=e["factor"], score=score(e["loss"])) for e in decision["extended"]]
+               scores=[_finite(x) if math.isfinite(x) else str(x) for x in decision["losses"]])
     if "lowest" in decision:  # with a move margin: the factor of lowest score, kept or not
         row["lowest"] = decision["lowest"]
     return row
