@@ -80,6 +80,8 @@ class SearchState:
     slope_avg: float = 0.0  # s: the smoothed slope q (an fp32 value)
     step_size_fast: float = INITIAL_STEP_SIZE_AVERAGE
     step_size_slow: float = INITIAL_STEP_SIZE_AVERAGE
+    #: The largest ``step_size_fast`` after any search so far: what a schedule's ``level_floor`` scales.
+    step_size_fast_peak: float = 0.0
     steps_since_search: int = 100  # t
     search_interval: float = 1.0  # L of the last step
     num_forward_evals: int = 0
@@ -88,6 +90,7 @@ class SearchState:
     num_backtracks: int = 0
     num_skipped_steps: int = 0
     num_nonfinite_elements: int = 0  # gradient elements left unchanged on plain steps
+    num_level_floors: int = 0  # times a schedule's level_floor raised the frozen level
     last_trials: int = 0
     last_loss_decrease: float = 0.0
     #: Scalars of a rule other than ArmijoSearch (salsa_fused.rules); empty for ArmijoSearch.
@@ -100,7 +103,7 @@ class SearchState:
         """Raise ValueError on values no run can reach (a corrupt or hand-edited checkpoint)."""
         for name in ("step", "steps_since_search", "num_forward_evals", "num_backward_evals",
                      "num_searches", "num_backtracks", "num_skipped_steps", "num_nonfinite_elements",
-                     "last_trials"):
+                     "num_level_floors", "last_trials"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"search state {name} must be an integer >= 0, got {value!r}")
@@ -112,6 +115,9 @@ class SearchState:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise ValueError(f"search state {name} must be a finite number, got {value!r}")
+        peak = self.step_size_fast_peak
+        if isinstance(peak, bool) or not (isinstance(peak, (int, float)) and math.isfinite(peak) and peak >= 0):
+            raise ValueError(f"search state step_size_fast_peak must be a finite number >= 0, got {peak!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "SearchState":
@@ -236,6 +242,7 @@ class ArmijoSearch:
         state.step_size = self.step_size
         state.step_size_slow = state.step_size_slow * SLOW_SMOOTHING + self.step_size * (1 - SLOW_SMOOTHING)
         state.step_size_fast = state.step_size_fast * FAST_SMOOTHING + self.step_size * (1 - FAST_SMOOTHING)
+        state.step_size_fast_peak = max(state.step_size_fast_peak, state.step_size_fast)
         state.last_trials = self.trials
         if self.trials:
             state.num_backtracks += self.trials - 1

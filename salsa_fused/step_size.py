@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 
@@ -49,6 +49,10 @@ class WarmupStableDecay:
     when the warm-up ends before the cooldown).
     A run that goes on moves at the cooldown's last step instead of stopping; the level stays
     frozen (``searches(k)`` is False past the end).
+
+    ``level_floor`` (0: off) guards the freeze against a collapsed search: the level frozen is at
+    least ``level_floor * eta_fast_peak``, the largest smoothed level (``step_size_fast``) the
+    search reached (:func:`floored_level`; quality NOTES section 20).
     """
 
     total_steps: int
@@ -56,6 +60,7 @@ class WarmupStableDecay:
     decay: float = 0.2
     final: float = 0.0
     peak: float = 1.0
+    level_floor: float = 0.0
 
     def __post_init__(self):
         if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1:
@@ -68,6 +73,7 @@ class WarmupStableDecay:
             raise ValueError(f"warmup + decay must be <= 1, got {self.warmup} + {self.decay}")
         if isinstance(self.peak, bool) or not isinstance(self.peak, (int, float)) or not 0.0 < self.peak < math.inf:
             raise ValueError(f"peak must be a finite number > 0, got {self.peak!r}")
+        check_level_floor(self.level_floor)
 
     @property
     def warmup_steps(self) -> int:
@@ -116,12 +122,14 @@ class Cooldown:
     ``searches(k)`` is False after ``start`` (the level freezes, as in WarmupStableDecay's
     cooldown). ``total_steps = start + steps``; past it the scale holds its last positive value
     (``final``, or ``1 / steps`` for a decay to 0) and the optimizer warns once. Install it with
-    ``optimizer.schedule = Cooldown(optimizer.search_state.step, steps)``.
+    ``optimizer.schedule = Cooldown(optimizer.search_state.step, steps)``. ``level_floor``: as
+    WarmupStableDecay's.
     """
 
     start: int
     steps: int
     final: float = 0.0
+    level_floor: float = 0.0
 
     def __post_init__(self):
         for name in ("start", "steps"):
@@ -130,6 +138,7 @@ class Cooldown:
                 raise ValueError(f"{name} must be an integer >= {0 if name == 'start' else 1}, got {value!r}")
         if isinstance(self.final, bool) or not isinstance(self.final, (int, float)) or not 0.0 <= self.final <= 1.0:
             raise ValueError(f"final must lie in [0, 1], got {self.final!r}")
+        check_level_floor(self.level_floor)
 
     @property
     def total_steps(self) -> int:
@@ -171,6 +180,34 @@ class ScaledSchedule:
     def total_steps(self) -> Optional[int]:
         """The inner schedule's planned run length (None without one)."""
         return getattr(self.inner, "total_steps", None)
+
+    @property
+    def level_floor(self) -> float:
+        """The inner schedule's floor on the frozen level (0 without one)."""
+        return float(getattr(self.inner, "level_floor", 0.0))
+
+
+def check_level_floor(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"level_floor must be a number in [0, 1] (a fraction of the search's peak "
+                         f"smoothed level), got {value!r}")
+
+
+def floored_level(state, schedule, step: int):
+    """The search state step ``step`` (1-based) runs from: ``state`` itself, unless ``schedule``
+    freezes the level at that step (``searches(step)`` is False) and has a ``level_floor`` ``r > 0``;
+    then ``eta <- max(eta, r * eta_fast_peak)`` (a raise counted in ``num_level_floors``).
+
+    Why: a greedy search can collapse before the freeze (the step drops, sharpness rises to meet it,
+    the step drops again: Roulet et al., arXiv 2312.00209), and the frozen level would then hold the
+    collapsed value for the whole cooldown. Nothing changes while the schedule still searches."""
+    fraction = float(getattr(schedule, "level_floor", 0.0)) if schedule is not None else 0.0
+    if fraction <= 0.0 or schedule.searches(step):
+        return state
+    floor = fraction * state.step_size_fast_peak
+    if not state.step_size < floor:
+        return state
+    return replace(state, step_size=floor, num_level_floors=state.num_level_floors + 1)
 
 
 def check_factors(factors) -> tuple:
