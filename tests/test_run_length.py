@@ -11,12 +11,14 @@ step) with the level frozen; the applied step is checked against the float64 for
 import copy
 import math
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
 
 from salsa_fused import FusedSaLSa, presets
-from salsa_fused.step_size import Cooldown, ScaledSchedule, WarmupStableDecay, warn_past_end
+from salsa_fused.line_search import SearchState
+from salsa_fused.step_size import Cooldown, ScaledSchedule, WarmupStableDecay, floored_level, warn_past_end
 
 from test_applied_step import GROWTH, LRS, backward, close, directions, expected, make
 
@@ -258,3 +260,88 @@ def test_bad_run_lengths_still_raise():
     for total in (0, -3, 2.5, True, "100"):
         with pytest.raises(ValueError, match="total_steps"):
             presets.recommended([w], total_steps=total)
+
+
+# ---------------------------------------------------------------------------- the floor on the frozen level
+def test_floored_level_raises_a_collapsed_level_once_and_only_where_the_schedule_freezes():
+    schedule = WarmupStableDecay(10, warmup=0.2, decay=0.8, peak=2.0, level_floor=0.25)  # searches steps 1-2
+    state = SearchState(step=2, step_size=1e-9, step_size_fast_peak=0.4)
+    assert floored_level(state, schedule, 2) is state  # still searching: nothing changes
+    raised = floored_level(state, schedule, 3)
+    assert raised.step_size == pytest.approx(0.1) and raised.num_level_floors == 1
+    assert state.step_size == 1e-9 and state.num_level_floors == 0  # a new state; the old one untouched
+    assert floored_level(raised, schedule, 4) is raised  # at the floor: not raised again
+    above = replace(state, step_size=0.2)
+    assert floored_level(above, schedule, 3) is above
+    assert floored_level(state, replace(schedule, level_floor=0.0), 3) is state  # off by default
+    assert floored_level(state, None, 3) is state
+    assert floored_level(state, Cooldown(2, 5, level_floor=0.25), 3).step_size == pytest.approx(0.1)
+    wrapped = ScaledSchedule(schedule, object(), "x")  # a beam's or a factor search's wrapper forwards it
+    assert wrapped.level_floor == 0.25 and floored_level(state, wrapped, 3).step_size == pytest.approx(0.1)
+    assert ScaledSchedule(None, object(), "x").level_floor == 0.0
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, math.nan, math.inf, True, "0.1", None])
+def test_a_bad_level_floor_is_refused_by_name(bad):
+    with pytest.raises(ValueError, match="level_floor"):
+        WarmupStableDecay(10, level_floor=bad)
+    with pytest.raises(ValueError, match="level_floor"):
+        Cooldown(3, 5, level_floor=bad)
+
+
+def test_the_search_keeps_the_peak_of_its_fast_average_and_old_checkpoints_load_without_it():
+    from salsa_fused.line_search import ArmijoSearch, SearchConfig, plan_step
+    config = SearchConfig()
+    state = SearchState(step_size=1.0, step_size_fast=0.5, step_size_slow=0.5, step_size_fast_peak=0.7)
+    search = ArmijoSearch(plan_step(state, config), config, loss=1.0, slope=1.0)
+    search.observe(0.0)  # accepted at eta * growth
+    after = search.finish()
+    assert after.step_size_fast == pytest.approx(0.9 * 0.5 + 0.1 * 1.1)
+    assert after.step_size_fast_peak == 0.7  # the average is below its earlier peak: kept
+    search = ArmijoSearch(plan_step(replace(state, step_size_fast_peak=0.1), config), config, 1.0, 1.0)
+    search.observe(0.0)
+    assert search.finish().step_size_fast_peak == pytest.approx(0.9 * 0.5 + 0.1 * 1.1)
+    saved = state.to_dict()
+    del saved["step_size_fast_peak"], saved["num_level_floors"]  # a checkpoint from before the floor
+    loaded = SearchState.from_dict(saved)
+    assert loaded.step_size_fast_peak == 0.0 and loaded.num_level_floors == 0
+    for bad in (-1.0, math.nan, math.inf, True):
+        with pytest.raises(ValueError, match="step_size_fast_peak"):
+            replace(state, step_size_fast_peak=bad).validate()
+    with pytest.raises(ValueError, match="num_level_floors"):
+        replace(state, num_level_floors=-1).validate()
+
+
+def test_the_first_frozen_step_applies_the_floored_level_and_a_failed_step_changes_nothing():
+    total, floor = 8, 0.25
+    schedule = WarmupStableDecay(total, warmup=0.0, decay=0.5, level_floor=floor)  # frozen from step 5
+    opt, weights, slopes = make(schedule)
+    run_scripted(opt, weights, slopes, 4)
+    peak = opt.search_state.step_size_fast_peak
+    assert peak > 0 and opt.search_state.step_size > floor * peak  # a healthy search: the floor would not act
+    opt._commit(replace(opt.search_state, step_size=1e-9))  # as a search that collapsed before the freeze
+    collapsed = opt.state_dict()
+    w_before = [w.detach().clone() for w in weights]
+
+    def failing():
+        raise RuntimeError("the forward failed")
+    for w in weights:
+        w.grad = None
+    with pytest.raises(RuntimeError, match="the forward failed"):
+        opt.step(failing)
+    assert opt.search_state.step_size == 1e-9 and opt.search_state.num_level_floors == 0
+    for w, w0 in zip(weights, w_before):
+        assert torch.equal(w.detach(), w0)
+    assert opt.effective_step_sizes == pytest.approx([lr * schedule.scale(5) * floor * peak * GROWTH for lr in LRS])
+    plain_step_applies(opt, weights, slopes, 5, schedule.scale(5), floor * peak)  # decay follows it too
+    state = opt.search_state
+    assert state.step_size == pytest.approx(floor * peak) and state.num_level_floors == 1
+    plain_step_applies(opt, weights, slopes, 6, schedule.scale(6), floor * peak)
+    assert opt.search_state.num_level_floors == 1  # raised once
+    resumed, w2, s2 = make(schedule)
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.search_state == opt.search_state
+    unfloored, _, _ = make(replace(schedule, level_floor=0.0))
+    unfloored.load_state_dict(collapsed)
+    run_scripted(unfloored, w2, s2, 1)  # without the floor the collapsed level is what stays frozen
+    assert unfloored.step_size == 1e-9 and unfloored.search_state.num_level_floors == 0
