@@ -278,6 +278,19 @@ def _relu_deep_full(seed: int, steps: int) -> Task:
                 _cycle([(x, y)], steps), _mse, val)
 
 
+def _gelu_deep_full(seed: int, steps: int) -> Task:
+    """y = cos(2 x0) + x1 x2 + 0.05 noise, x ~ N(0, I_4): a fixed set of 192 samples as one full batch;
+    a deep GELU student (4-24-24-24-1). Added to development after round 20 (ZOO.md)."""
+    def sample(count, gen):
+        x = torch.randn(count, 4, generator=gen)
+        return x, torch.cos(2 * x[:, 0]) + x[:, 1] * x[:, 2] + 0.05 * torch.randn(count, generator=gen)
+
+    x, y = sample(192, torch.Generator().manual_seed(_DATA_SEED + 2))
+    val = [sample(1024, torch.Generator().manual_seed(_VAL_SEED))]
+    return Task("mlp_gelu_deep_full", steps, _CPU, lambda: _mlp([4, 24, 24, 24, 1], nn.GELU),
+                _cycle([(x, y)], steps), _mse, val)
+
+
 # ---------------------------------------------------------------------------- sequences
 def _seqcls(seed: int, steps: int) -> Task:
     """The quality suite's seqcls data (most frequent of tokens 0-3, 10% labels flipped), fresh every
@@ -356,6 +369,10 @@ SPECS: List[Spec] = [
          "256 fixed samples of a random ReLU teacher + noise 0.05", "cycled", 800, 64, _relu_teacher),
     Spec("gru_adding", _D, "recurrent (GRU) regression", "GRU 2->32, linear head on the last state",
          "adding problem, length 20, fresh samples", "stream", 600, 32, _gru_adding),
+    # added to development after round 20 (quality NOTES section 21): a full-batch fit that converges
+    # inside the search phase, the class whose search collapses, which development lacked
+    Spec("mlp_gelu_deep_full", _D, "deep MLP regression (GELU), full batch", "4-24-24-24-1 GELU",
+         "192 fixed samples of cos(2x0)+x1x2 + noise, full batch", "cycled", 1500, 192, _gelu_deep_full),
     # validation: only run to report
     Spec("lm_mid", _V, "transformer LM", "byte GPT 2 layers x 48, 2 heads, T=48",
          "stdlib .py source bytes (first 2 MB)", "stream", 500, 16,
