@@ -345,3 +345,19 @@ def test_the_first_frozen_step_applies_the_floored_level_and_a_failed_step_chang
     unfloored.load_state_dict(collapsed)
     run_scripted(unfloored, w2, s2, 1)  # without the floor the collapsed level is what stays frozen
     assert unfloored.step_size == 1e-9 and unfloored.search_state.num_level_floors == 0
+
+
+def test_a_floor_held_while_searching_raises_the_level_on_search_steps_too():
+    schedule = WarmupStableDecay(10, warmup=0.2, decay=0.8, peak=2.0, level_floor=0.25, floor_while_searching=True)
+    state = SearchState(step=1, step_size=1e-9, step_size_fast_peak=0.4)
+    assert floored_level(state, schedule, 2).step_size == pytest.approx(0.1)  # a search step: raised
+    assert floored_level(state, replace(schedule, floor_while_searching=False), 2) is state
+    assert ScaledSchedule(schedule, object(), "x").floor_while_searching is True
+    with pytest.raises(ValueError, match="floor_while_searching"):
+        WarmupStableDecay(10, level_floor=0.1, floor_while_searching=1)
+    opt, weights, slopes = make(replace(schedule, total_steps=8, warmup=0.0, decay=0.5))
+    run_scripted(opt, weights, slopes, 2)
+    peak = opt.search_state.step_size_fast_peak
+    opt._commit(replace(opt.search_state, step_size=1e-9))
+    run_scripted(opt, weights, slopes, 1)  # a search step: its first trial starts from the floor
+    assert opt.step_size == pytest.approx(0.25 * peak * GROWTH) and opt.search_state.num_level_floors == 1

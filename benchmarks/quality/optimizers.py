@@ -86,11 +86,13 @@ def _preset(name: str, length_known: bool = True, **overrides):
     return build
 
 
-def _floored_preset(level_floor: float):
-    """The recommended preset with ``level_floor`` on its schedule's freeze (NOTES.md section 20)."""
+def _floored_preset(level_floor: float, while_searching: bool = False):
+    """The recommended preset with ``level_floor`` on its schedule's freeze (NOTES.md section 20), and
+    on every search-phase step with ``while_searching`` (section 21)."""
     def build(task, model, total_steps) -> Built:
         kwargs = presets.preset_kwargs(presets.RECOMMENDED, total_steps)
-        kwargs["schedule"] = replace(kwargs["schedule"], level_floor=level_floor)
+        kwargs["schedule"] = replace(kwargs["schedule"], level_floor=level_floor,
+                                     floor_while_searching=while_searching)
         wd = kwargs.pop("weight_decay", 0.0)
         opt = FusedSaLSa(task.param_groups(model, wd), backend=BACKEND, **kwargs)
         return Built(opt, "fused", schedule=kwargs["schedule"])
@@ -415,6 +417,10 @@ REGISTRY: Dict[str, Callable] = {
     # is at least 1/16 of the search's peak smoothed level (a guard against a collapsed search)
     "pretrain_floor16": _floored_preset(1 / 16),
     "beam_cool_margin_floor16": _beam(_floored_preset(1 / 16), cooldown=1.0, move_margin=0.01),
+    # NOTES.md section 21: the same floor held on every step of the search phase as well
+    "pretrain_floor16_searching": _floored_preset(1 / 16, while_searching=True),
+    "beam_cool_margin_floor16_searching": _beam(_floored_preset(1 / 16, while_searching=True), cooldown=1.0,
+                                                move_margin=0.01),
     # seed 004's LR-factor search (Factor_3, a decision every 1% of the run): on AdamW at a constant
     # 1e-3 (PyTorch's default rate; no other schedule), and on the faithful FusedSaLSa defaults
     # (the factor multiplies the applied step, target "schedule")
