@@ -76,6 +76,7 @@ class _Snapshot:
         self.stateless = [p for p in params if p not in self.state]
         self.groups = [{k: deepcopy(v) for k, v in group.items() if k != "params"} for group in opt.param_groups]
         self.search = opt.search_state  # a deep copy
+        self.collapse_checked = opt._collapse_checked
         self.counts = None if opt._counts is None else deepcopy(opt._counts)
         handoff = opt._handoff
         self.handoff = (handoff.forward_rng, handoff.zero_grad_rng, handoff.bound_step, dict(handoff.zeroed))
@@ -107,6 +108,7 @@ class _Snapshot:
         for group, saved in zip(opt.param_groups, self.groups):
             group.update(deepcopy(saved))
         opt._commit(deepcopy(self.search))
+        opt._collapse_checked = self.collapse_checked
         opt._counts = None if self.counts is None else deepcopy(self.counts)
         handoff = opt._handoff
         handoff.forward_rng, handoff.zero_grad_rng, handoff.bound_step, zeroed = self.handoff
@@ -254,6 +256,7 @@ class StepSizeBeam:
         the cooldown's steps (of the first ``steps`` without one); inf if a step raised
         NonFiniteError or a loss was NaN/inf. Counts the branch's forwards."""
         opt = self.optimizer
+        opt._collapse_checked = True  # a branch that runs past the freeze does not warn: the run checks its own
         total = 0.0
         for i in range(steps + cool):
             j = i - steps

@@ -68,6 +68,9 @@ class SearchConfig:
 
 #: Search-state keys of earlier checkpoints -> their names now (q is a slope: it can be negative).
 RENAMED_KEYS = {"grad_norm_avg": "slope_avg"}
+#: Search-state keys of earlier checkpoints that no longer mean anything (dropped on load): the
+#: counter of a floor on the frozen level that left the package (quality NOTES sections 20-21).
+DROPPED_KEYS = frozenset({"num_level_floors"})
 
 
 @dataclass
@@ -80,7 +83,7 @@ class SearchState:
     slope_avg: float = 0.0  # s: the smoothed slope q (an fp32 value)
     step_size_fast: float = INITIAL_STEP_SIZE_AVERAGE
     step_size_slow: float = INITIAL_STEP_SIZE_AVERAGE
-    #: The largest ``step_size_fast`` after any search so far: what a schedule's ``level_floor`` scales.
+    #: The largest ``step_size_fast`` after any search so far (a level frozen far below it has collapsed).
     step_size_fast_peak: float = 0.0
     steps_since_search: int = 100  # t
     search_interval: float = 1.0  # L of the last step
@@ -90,7 +93,6 @@ class SearchState:
     num_backtracks: int = 0
     num_skipped_steps: int = 0
     num_nonfinite_elements: int = 0  # gradient elements left unchanged on plain steps
-    num_level_floors: int = 0  # times a schedule's level_floor raised the frozen level
     last_trials: int = 0
     last_loss_decrease: float = 0.0
     #: Scalars of a rule other than ArmijoSearch (salsa_fused.rules); empty for ArmijoSearch.
@@ -103,7 +105,7 @@ class SearchState:
         """Raise ValueError on values no run can reach (a corrupt or hand-edited checkpoint)."""
         for name in ("step", "steps_since_search", "num_forward_evals", "num_backward_evals",
                      "num_searches", "num_backtracks", "num_skipped_steps", "num_nonfinite_elements",
-                     "num_level_floors", "last_trials"):
+                     "last_trials"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"search state {name} must be an integer >= 0, got {value!r}")
@@ -121,7 +123,7 @@ class SearchState:
 
     @classmethod
     def from_dict(cls, values: dict) -> "SearchState":
-        values = {RENAMED_KEYS.get(k, k): v for k, v in values.items()}
+        values = {RENAMED_KEYS.get(k, k): v for k, v in values.items() if k not in DROPPED_KEYS}
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:

@@ -34,7 +34,7 @@ from .applied import GroupStep
 from .line_search import SearchConfig, SearchState
 from .rules import (Batches, check_arguments, check_rule_state, moment_step, plan_step, plan_without_search,
                     resolve_rule, step_batches)
-from .step_size import floored_level, warn_past_end
+from .step_size import warn_collapsed_level, warn_past_end
 
 LossClosure = Callable[[], Union[torch.Tensor, float]]
 
@@ -202,6 +202,7 @@ class FusedSaLSa(Optimizer):
         self._handoff = _StepHandoff()  # mark_forward(), bind_closure(), zero_grad(): for the next step
         self._lr_checked = False  # the one-time look at lr (_warn_if_lr_looks_like_a_step_size)
         self._past_end_warned = False  # the one-time warning past the schedule's total_steps
+        self._collapse_checked = False  # the one-time check of the level a schedule freezes
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         #: The live search state; state_dict()/load_state_dict() carry it as a dict.
@@ -322,7 +323,7 @@ class FusedSaLSa(Optimizer):
         """Per group, the applied step of the next plain step: ``lr * s * eta * growth`` (the rule's
         first trial: ``eta * 2^(1/b)`` for seed 001's rules; ``s`` the schedule's scale at the
         next step, past a schedule's end the scale it holds there)."""
-        state = floored_level(self._search, self.schedule, self._search.step + 1)
+        state = self._search
         scale = 1.0 if self.schedule is None else float(self.schedule.scale(state.step + 1))
         trial = plan_step(self.search_rule, state, self.search_config).trial_step_size
         return [GroupStep.of(group, scale, state.step_size).plain(trial).step
@@ -337,7 +338,7 @@ class FusedSaLSa(Optimizer):
         """Under a rule that reads several batches per step (``search_rule="labpal"``): how many
         the next step reads (:class:`salsa_fused.rules.Batches`: the two-phase form runs the
         backward of the first ``gradient`` itself); ``None`` for a rule whose closure takes no index."""
-        state = floored_level(self._search, self.schedule, self._search.step + 1)
+        state = self._search
         plan = plan_step(self.search_rule, state, self.search_config)
         if plan.is_search and self.schedule is not None and not self.schedule.searches(plan.state.step):
             plan = plan_without_search(self.search_rule, state, self.search_config, plan)
@@ -426,7 +427,8 @@ class FusedSaLSa(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         for name, value in (("_buckets", BucketCache()), ("_saved", {}), ("_counts", None), ("foreach", None),
-                            ("fused", None), ("_lr_checked", False), ("_past_end_warned", False)):
+                            ("fused", None), ("_lr_checked", False), ("_past_end_warned", False),
+                            ("_collapse_checked", False)):
             self.__dict__.setdefault(name, value)
         self._handoff = _StepHandoff()
         if "backend_name" in self.__dict__:
@@ -612,14 +614,16 @@ class FusedSaLSa(Optimizer):
             self._check_no_earlier_backward()
         if not self._lr_checked:
             self._warn_if_lr_looks_like_a_step_size()
-        rule, config = self.search_rule, self.search_config
-        state = floored_level(self._search, self.schedule, self._search.step + 1)  # kept once the step commits
+        rule, state, config = self.search_rule, self._search, self.search_config
         plan = plan_step(rule, state, config)
         scale = 1.0
         if self.schedule is not None:
             scale = float(self.schedule.scale(plan.state.step))
             if not self._past_end_warned:
                 self._past_end_warned = warn_past_end(self.schedule, plan.state.step, stacklevel=4)
+            if not self._collapse_checked and not self.schedule.searches(plan.state.step):
+                self._collapse_checked = True  # once, at the first frozen step
+                warn_collapsed_level(self.schedule, state, plan.state.step, stacklevel=4)
             if plan.is_search and not self.schedule.searches(plan.state.step):
                 plan = plan_without_search(rule, state, config, plan)
         for group in self.param_groups:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 
@@ -49,11 +49,6 @@ class WarmupStableDecay:
     when the warm-up ends before the cooldown).
     A run that goes on moves at the cooldown's last step instead of stopping; the level stays
     frozen (``searches(k)`` is False past the end).
-
-    ``level_floor`` (0: off) guards the freeze against a collapsed search: the level frozen is at
-    least ``level_floor * eta_fast_peak``, the largest smoothed level (``step_size_fast``) the
-    search reached (:func:`floored_level`; quality NOTES section 20). With ``floor_while_searching``
-    the floor also holds on every step of the search phase, so a collapse never deepens below it.
     """
 
     total_steps: int
@@ -61,8 +56,6 @@ class WarmupStableDecay:
     decay: float = 0.2
     final: float = 0.0
     peak: float = 1.0
-    level_floor: float = 0.0
-    floor_while_searching: bool = False
 
     def __post_init__(self):
         if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1:
@@ -75,7 +68,6 @@ class WarmupStableDecay:
             raise ValueError(f"warmup + decay must be <= 1, got {self.warmup} + {self.decay}")
         if isinstance(self.peak, bool) or not isinstance(self.peak, (int, float)) or not 0.0 < self.peak < math.inf:
             raise ValueError(f"peak must be a finite number > 0, got {self.peak!r}")
-        check_level_floor(self.level_floor, self.floor_while_searching)
 
     @property
     def warmup_steps(self) -> int:
@@ -124,15 +116,12 @@ class Cooldown:
     ``searches(k)`` is False after ``start`` (the level freezes, as in WarmupStableDecay's
     cooldown). ``total_steps = start + steps``; past it the scale holds its last positive value
     (``final``, or ``1 / steps`` for a decay to 0) and the optimizer warns once. Install it with
-    ``optimizer.schedule = Cooldown(optimizer.search_state.step, steps)``. ``level_floor`` and
-    ``floor_while_searching``: as WarmupStableDecay's.
+    ``optimizer.schedule = Cooldown(optimizer.search_state.step, steps)``.
     """
 
     start: int
     steps: int
     final: float = 0.0
-    level_floor: float = 0.0
-    floor_while_searching: bool = False
 
     def __post_init__(self):
         for name in ("start", "steps"):
@@ -141,7 +130,6 @@ class Cooldown:
                 raise ValueError(f"{name} must be an integer >= {0 if name == 'start' else 1}, got {value!r}")
         if isinstance(self.final, bool) or not isinstance(self.final, (int, float)) or not 0.0 <= self.final <= 1.0:
             raise ValueError(f"final must lie in [0, 1], got {self.final!r}")
-        check_level_floor(self.level_floor, self.floor_while_searching)
 
     @property
     def total_steps(self) -> int:
@@ -184,41 +172,34 @@ class ScaledSchedule:
         """The inner schedule's planned run length (None without one)."""
         return getattr(self.inner, "total_steps", None)
 
-    @property
-    def level_floor(self) -> float:
-        """The inner schedule's floor on the frozen level (0 without one)."""
-        return float(getattr(self.inner, "level_floor", 0.0))
 
-    @property
-    def floor_while_searching(self) -> bool:
-        return bool(getattr(self.inner, "floor_while_searching", False))
+#: A level frozen below this fraction of the peak of the search's fast average has collapsed (quality
+#: NOTES sections 20-21: the largest drop on the development tasks that did not collapse was 7.8x).
+COLLAPSE_FRACTION = 1 / 16
 
 
-def check_level_floor(value, while_searching=False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"level_floor must be a number in [0, 1] (a fraction of the search's peak "
-                         f"smoothed level), got {value!r}")
-    if not isinstance(while_searching, bool):
-        raise ValueError(f"floor_while_searching must be True or False, got {while_searching!r}")
+def warn_collapsed_level(schedule, state, step: int, stacklevel: int = 2) -> bool:
+    """Warn when ``schedule`` freezes, at step ``step``, a level ``eta`` below ``COLLAPSE_FRACTION``
+    times ``state.step_size_fast_peak`` (the largest fast average of the level the search reached);
+    return whether it warned (the caller checks once, at the first frozen step).
 
-
-def floored_level(state, schedule, step: int):
-    """The search state step ``step`` (1-based) runs from: ``state`` itself, unless ``schedule``
-    has a ``level_floor`` ``r > 0`` and freezes the level at that step (``searches(step)`` is False)
-    or has ``floor_while_searching``; then ``eta <- max(eta, r * eta_fast_peak)`` (a raise counted in
-    ``num_level_floors``).
-
-    Why: a greedy search can collapse before the freeze (the step drops, sharpness rises to meet it,
-    the step drops again: Roulet et al., arXiv 2312.00209), and the frozen level would then hold the
-    collapsed value for the whole cooldown. Without ``floor_while_searching`` nothing changes while
-    the schedule still searches."""
-    fraction = float(getattr(schedule, "level_floor", 0.0)) if schedule is not None else 0.0
-    if fraction <= 0.0 or (schedule.searches(step) and not getattr(schedule, "floor_while_searching", False)):
-        return state
-    floor = fraction * state.step_size_fast_peak
-    if not state.step_size < floor:
-        return state
-    return replace(state, step_size=floor, num_level_floors=state.num_level_floors + 1)
+    A greedy search can collapse before the freeze (the step drops, sharpness rises to meet it, the step
+    drops again: Roulet et al., arXiv 2312.00209), typically on a fit that converges inside the search
+    phase; the frozen level then holds for the whole cooldown and training barely moves. Raising the
+    level by rule lost its ablations (quality NOTES sections 20-21), so this only says so."""
+    if schedule is None or schedule.searches(step):
+        return False
+    peak, level = state.step_size_fast_peak, state.step_size
+    if not level < COLLAPSE_FRACTION * peak:
+        return False
+    warnings.warn(
+        f"the search collapsed before the schedule froze its level: step {step} freezes the level at "
+        f"{level:.3g}, {peak / level:.3g}x below the peak of its fast average ({peak:.3g}), and the "
+        "applied step stays that small for the rest of the run, so training will barely move. Seen "
+        "where the loss converges inside the search phase (small full-batch fits over long runs); "
+        "docs/quality.md, \"A search that collapses before the freeze\".",
+        UserWarning, stacklevel=stacklevel + 1)
+    return True
 
 
 def check_factors(factors) -> tuple:

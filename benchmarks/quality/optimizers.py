@@ -33,7 +33,7 @@ it; Prodigy, schedule-free and the published SaLSa run at their own defaults.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -83,19 +83,6 @@ def _preset(name: str, length_known: bool = True, **overrides):
         opt = presets.from_preset(task.param_groups(model, wd), name, total_steps=total_steps, backend=BACKEND,
                                   **overrides)
         return Built(opt, "fused", schedule=kwargs.get("schedule"))
-    return build
-
-
-def _floored_preset(level_floor: float, while_searching: bool = False):
-    """The recommended preset with ``level_floor`` on its schedule's freeze (NOTES.md section 20), and
-    on every search-phase step with ``while_searching`` (section 21)."""
-    def build(task, model, total_steps) -> Built:
-        kwargs = presets.preset_kwargs(presets.RECOMMENDED, total_steps)
-        kwargs["schedule"] = replace(kwargs["schedule"], level_floor=level_floor,
-                                     floor_while_searching=while_searching)
-        wd = kwargs.pop("weight_decay", 0.0)
-        opt = FusedSaLSa(task.param_groups(model, wd), backend=BACKEND, **kwargs)
-        return Built(opt, "fused", schedule=kwargs["schedule"])
     return build
 
 
@@ -413,14 +400,10 @@ REGISTRY: Dict[str, Callable] = {
     # NOTES.md section 19's moves down decided at 2x alone, without and with a floor of the Armijo
     # smoothing's span (``down_horizon``/``down_floor``, registry beam_cool_margin_downalone2 /
     # beam_cool_margin_downfloor2) were out on development seeds 2-3 and left again; rows name 7268428.
-    # NOTES.md section 20 (written before its runs): the level frozen at the end of the search phase
-    # is at least 1/16 of the search's peak smoothed level (a guard against a collapsed search)
-    "pretrain_floor16": _floored_preset(1 / 16),
-    "beam_cool_margin_floor16": _beam(_floored_preset(1 / 16), cooldown=1.0, move_margin=0.01),
-    # NOTES.md section 21: the same floor held on every step of the search phase as well
-    "pretrain_floor16_searching": _floored_preset(1 / 16, while_searching=True),
-    "beam_cool_margin_floor16_searching": _beam(_floored_preset(1 / 16, while_searching=True), cooldown=1.0,
-                                                move_margin=0.01),
+    # NOTES.md sections 20-21's floors on the frozen level (``level_floor`` at the freeze, registry
+    # pretrain_floor16 / beam_cool_margin_floor16; and ``floor_while_searching``, *_floor16_searching)
+    # were not adopted (a spike at the raise; up to 45 forwards per step) and left the package; their
+    # rows name commits 2fa2e89 and 2680d11, whose code ran them.
     # seed 004's LR-factor search (Factor_3, a decision every 1% of the run): on AdamW at a constant
     # 1e-3 (PyTorch's default rate; no other schedule), and on the faithful FusedSaLSa defaults
     # (the factor multiplies the applied step, target "schedule")

@@ -224,10 +224,6 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
                   losses=values, step_sizes=step_sizes, searches=searches)
     if family == "beam":  # each beam step: its branches' scores, the factor kept, the multiplier
         result["beam_decisions"] = built.beam.decisions
-    if family in ("fused", "beam") and getattr(opt.schedule, "level_floor", 0.0):
-        state = opt.search_state  # whether the schedule's floor raised the frozen level, and from what
-        result["level_floor"] = dict(raised=state.num_level_floors, peak=state.step_size_fast_peak,
-                                     level=state.step_size)
     return result
 
 

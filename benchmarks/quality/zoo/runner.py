@@ -138,8 +138,6 @@ def run_unit(unit: Unit, provenance: dict) -> dict:
     extra = {}
     if "beam_decisions" in result:  # the factors a beam kept and the scores it kept them on
         extra["beam_decisions"] = [_decision_row(d) for d in result["beam_decisions"]]
-    if "level_floor" in result:  # a schedule's floor on the frozen level: raised or not
-        extra["level_floor"] = result["level_floor"]
     return dict(
         task=task_name, split=spec.split, family=spec.family, length=length, steps=task.steps,
         config=config, optimizer=optimizer_of(config), seed=seed,
