@@ -403,7 +403,7 @@ REGISTRY: Dict[str, Callable] = {
     # NOTES.md sections 20-21's floors on the frozen level (``level_floor`` at the freeze, registry
     # pretrain_floor16 / beam_cool_margin_floor16; and ``floor_while_searching``, *_floor16_searching)
     # were not adopted (a spike at the raise; up to 45 forwards per step) and left the package; their
-    # rows name commits 2fa2e89 and 2680d11, whose code ran them.
+    # code is in commit 2680d11 (rows name dad0aae, 8c540dd, 2fa2e89, f37fe33, 2680d11).
     # seed 004's LR-factor search (Factor_3, a decision every 1% of the run): on AdamW at a constant
     # 1e-3 (PyTorch's default rate; no other schedule), and on the faithful FusedSaLSa defaults
     # (the factor multiplies the applied step, target "schedule")
