@@ -338,10 +338,9 @@ class FusedSaLSa(Optimizer):
         """Under a rule that reads several batches per step (``search_rule="labpal"``): how many
         the next step reads (:class:`salsa_fused.rules.Batches`: the two-phase form runs the
         backward of the first ``gradient`` itself); ``None`` for a rule whose closure takes no index."""
-        state = self._search
-        plan = plan_step(self.search_rule, state, self.search_config)
+        plan = plan_step(self.search_rule, self._search, self.search_config)
         if plan.is_search and self.schedule is not None and not self.schedule.searches(plan.state.step):
-            plan = plan_without_search(self.search_rule, state, self.search_config, plan)
+            plan = plan_without_search(self.search_rule, self._search, self.search_config, plan)
         return step_batches(self.search_rule, plan)
 
     @property
@@ -698,7 +697,7 @@ class FusedSaLSa(Optimizer):
         plan.state.num_forward_evals += forwards
         plan.state.num_backward_evals += backwards
         return F.Passes.of(self.backend, buckets, self.param_groups, moment_step(self.search_rule, plan.state.step),
-                           scale, plan.state.step_size, getattr(self, "grad_scale", None))
+                           scale, self.step_size, getattr(self, "grad_scale", None))
 
     def _plain_step(self, passes: F.Passes, plan, f0: torch.Tensor) -> None:
         """A step without search along the rule's direction (Adam's ``m_hat`` unless it is ``raw``)."""
