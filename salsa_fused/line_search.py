@@ -68,9 +68,6 @@ class SearchConfig:
 
 #: Search-state keys of earlier checkpoints -> their names now (q is a slope: it can be negative).
 RENAMED_KEYS = {"grad_norm_avg": "slope_avg"}
-#: Search-state keys of earlier checkpoints that no longer mean anything (dropped on load): the
-#: counter of a floor on the frozen level that left the package (quality NOTES sections 20-21).
-DROPPED_KEYS = frozenset({"num_level_floors"})
 
 
 @dataclass
@@ -123,7 +120,7 @@ class SearchState:
 
     @classmethod
     def from_dict(cls, values: dict) -> "SearchState":
-        values = {RENAMED_KEYS.get(k, k): v for k, v in values.items() if k not in DROPPED_KEYS}
+        values = {RENAMED_KEYS.get(k, k): v for k, v in values.items()}
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:
