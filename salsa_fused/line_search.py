@@ -82,6 +82,8 @@ class SearchState:
     step_size_slow: float = INITIAL_STEP_SIZE_AVERAGE
     #: The largest ``step_size_fast`` after any search so far (a level frozen far below it has collapsed).
     step_size_fast_peak: float = 0.0
+    #: The step at which a schedule's ``freeze_below`` froze a collapsing level early (0: it has not).
+    frozen_at: int = 0
     steps_since_search: int = 100  # t
     search_interval: float = 1.0  # L of the last step
     num_forward_evals: int = 0
@@ -100,7 +102,7 @@ class SearchState:
 
     def validate(self) -> None:
         """Raise ValueError on values no run can reach (a corrupt or hand-edited checkpoint)."""
-        for name in ("step", "steps_since_search", "num_forward_evals", "num_backward_evals",
+        for name in ("step", "frozen_at", "steps_since_search", "num_forward_evals", "num_backward_evals",
                      "num_searches", "num_backtracks", "num_skipped_steps", "num_nonfinite_elements",
                      "last_trials"):
             value = getattr(self, name)
@@ -114,6 +116,8 @@ class SearchState:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise ValueError(f"search state {name} must be a finite number, got {value!r}")
+        if self.frozen_at > self.step:
+            raise ValueError(f"search state frozen_at={self.frozen_at} is after its step {self.step}")
         peak = self.step_size_fast_peak
         if isinstance(peak, bool) or not (isinstance(peak, (int, float)) and math.isfinite(peak) and peak >= 0):
             raise ValueError(f"search state step_size_fast_peak must be a finite number >= 0, got {peak!r}")

@@ -34,7 +34,7 @@ from .applied import GroupStep
 from .line_search import SearchConfig, SearchState
 from .rules import (Batches, check_arguments, check_rule_state, moment_step, plan_step, plan_without_search,
                     resolve_rule, step_batches)
-from .step_size import warn_collapsed_level, warn_past_end
+from .step_size import freeze_if_collapsed, schedule_searches, warn_collapsed_level, warn_past_end
 
 LossClosure = Callable[[], Union[torch.Tensor, float]]
 
@@ -323,7 +323,7 @@ class FusedSaLSa(Optimizer):
         """Per group, the applied step of the next plain step: ``lr * s * eta * growth`` (the rule's
         first trial: ``eta * 2^(1/b)`` for seed 001's rules; ``s`` the schedule's scale at the
         next step, past a schedule's end the scale it holds there)."""
-        state = self._search
+        state = freeze_if_collapsed(self.schedule, self._search, self._search.step + 1)
         scale = 1.0 if self.schedule is None else float(self.schedule.scale(state.step + 1))
         trial = plan_step(self.search_rule, state, self.search_config).trial_step_size
         return [GroupStep.of(group, scale, state.step_size).plain(trial).step
@@ -338,9 +338,10 @@ class FusedSaLSa(Optimizer):
         """Under a rule that reads several batches per step (``search_rule="labpal"``): how many
         the next step reads (:class:`salsa_fused.rules.Batches`: the two-phase form runs the
         backward of the first ``gradient`` itself); ``None`` for a rule whose closure takes no index."""
-        plan = plan_step(self.search_rule, self._search, self.search_config)
-        if plan.is_search and self.schedule is not None and not self.schedule.searches(plan.state.step):
-            plan = plan_without_search(self.search_rule, self._search, self.search_config, plan)
+        state = freeze_if_collapsed(self.schedule, self._search, self._search.step + 1)
+        plan = plan_step(self.search_rule, state, self.search_config)
+        if plan.is_search and not schedule_searches(self.schedule, state, plan.state.step):
+            plan = plan_without_search(self.search_rule, state, self.search_config, plan)
         return step_batches(self.search_rule, plan)
 
     @property
@@ -613,7 +614,8 @@ class FusedSaLSa(Optimizer):
             self._check_no_earlier_backward()
         if not self._lr_checked:
             self._warn_if_lr_looks_like_a_step_size()
-        rule, state, config = self.search_rule, self._search, self.search_config
+        rule, config = self.search_rule, self.search_config
+        state = freeze_if_collapsed(self.schedule, self._search, self._search.step + 1)  # kept once the step commits
         plan = plan_step(rule, state, config)
         scale = 1.0
         if self.schedule is not None:
@@ -623,7 +625,7 @@ class FusedSaLSa(Optimizer):
             if not self._collapse_checked and not self.schedule.searches(plan.state.step):
                 self._collapse_checked = True  # once, at the first frozen step
                 warn_collapsed_level(self.schedule, state, plan.state.step, stacklevel=4)
-            if plan.is_search and not self.schedule.searches(plan.state.step):
+            if plan.is_search and not schedule_searches(self.schedule, state, plan.state.step):
                 plan = plan_without_search(rule, state, config, plan)
         for group in self.param_groups:
             if group["search_lr"] == 0 and group["lr"] > 0:
@@ -697,7 +699,7 @@ class FusedSaLSa(Optimizer):
         plan.state.num_forward_evals += forwards
         plan.state.num_backward_evals += backwards
         return F.Passes.of(self.backend, buckets, self.param_groups, moment_step(self.search_rule, plan.state.step),
-                           scale, self.step_size, getattr(self, "grad_scale", None))
+                           scale, plan.state.step_size, getattr(self, "grad_scale", None))
 
     def _plain_step(self, passes: F.Passes, plan, f0: torch.Tensor) -> None:
         """A step without search along the rule's direction (Adam's ``m_hat`` unless it is ``raw``)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 
@@ -49,6 +49,12 @@ class WarmupStableDecay:
     when the warm-up ends before the cooldown).
     A run that goes on moves at the cooldown's last step instead of stopping; the level stays
     frozen (``searches(k)`` is False past the end).
+
+    ``freeze_below`` = r (0: off) freezes the level early, during the search phase, once it falls
+    below ``r * eta_fast_peak`` (the largest fast average of the level the search reached): the level
+    is set to that floor and no later step searches (:func:`freeze_if_collapsed`). A greedy search can
+    collapse before the freeze; the floor it is stopped at is a small raise, where a floor applied at
+    the end of the search phase jumped by orders of magnitude (quality NOTES sections 20-22).
     """
 
     total_steps: int
@@ -56,6 +62,7 @@ class WarmupStableDecay:
     decay: float = 0.2
     final: float = 0.0
     peak: float = 1.0
+    freeze_below: float = 0.0
 
     def __post_init__(self):
         if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1:
@@ -68,6 +75,10 @@ class WarmupStableDecay:
             raise ValueError(f"warmup + decay must be <= 1, got {self.warmup} + {self.decay}")
         if isinstance(self.peak, bool) or not isinstance(self.peak, (int, float)) or not 0.0 < self.peak < math.inf:
             raise ValueError(f"peak must be a finite number > 0, got {self.peak!r}")
+        if isinstance(self.freeze_below, bool) or not isinstance(self.freeze_below, (int, float)) \
+                or not 0.0 <= self.freeze_below < 1.0:
+            raise ValueError(f"freeze_below must be a fraction of the search's peak level in [0, 1) "
+                             f"(0: off), got {self.freeze_below!r}")
 
     @property
     def warmup_steps(self) -> int:
@@ -171,6 +182,31 @@ class ScaledSchedule:
     def total_steps(self) -> Optional[int]:
         """The inner schedule's planned run length (None without one)."""
         return getattr(self.inner, "total_steps", None)
+
+    @property
+    def freeze_below(self) -> float:
+        """The inner schedule's early-freeze fraction (0 without one)."""
+        return float(getattr(self.inner, "freeze_below", 0.0))
+
+
+def freeze_if_collapsed(schedule, state, step: int):
+    """The search state step ``step`` (1-based) starts from: ``state``, unless ``schedule`` has
+    ``freeze_below`` = r > 0, still searches at ``step``, has not frozen early yet, and the level
+    ``eta`` is below ``r * eta_fast_peak``; then a copy with ``eta = r * eta_fast_peak`` and
+    ``frozen_at = step``, after which :func:`schedule_searches` is False for the rest of the run."""
+    fraction = 0.0 if schedule is None else float(getattr(schedule, "freeze_below", 0.0))
+    if fraction <= 0.0 or state.frozen_at or not schedule.searches(step):
+        return state
+    floor = fraction * state.step_size_fast_peak
+    if not state.step_size < floor:
+        return state
+    return replace(state, step_size=floor, frozen_at=step)
+
+
+def schedule_searches(schedule, state, step: int) -> bool:
+    """Whether step ``step`` may search: no schedule, or one that searches there and has not frozen
+    the level early (``state.frozen_at``)."""
+    return schedule is None or (bool(schedule.searches(step)) and not state.frozen_at)
 
 
 #: A level frozen below this fraction of the peak of the search's fast average has collapsed (quality

@@ -18,8 +18,8 @@ import torch
 
 from salsa_fused import FusedSaLSa, presets
 from salsa_fused.line_search import SearchState
-from salsa_fused.step_size import (COLLAPSE_FRACTION, Cooldown, ScaledSchedule, WarmupStableDecay, warn_collapsed_level,
-                                   warn_past_end)
+from salsa_fused.step_size import (COLLAPSE_FRACTION, Cooldown, ScaledSchedule, WarmupStableDecay, freeze_if_collapsed,
+                                   schedule_searches, warn_collapsed_level, warn_past_end)
 
 from test_applied_step import GROWTH, LRS, backward, close, directions, expected, make
 
@@ -352,3 +352,104 @@ def test_a_beam_branch_that_runs_past_the_freeze_does_not_warn_for_the_run():
             beam.step(closure)
     found = collapse_warnings(record)
     assert len(found) == 1 and "step 9 freezes" in str(found[0].message)  # the run's own freeze, once
+
+
+# ---------------------------------------------------------------------------- freezing a collapsing level early
+def test_freeze_if_collapsed_raises_the_level_to_the_floor_once_while_searching():
+    schedule = WarmupStableDecay(10, warmup=0.2, decay=0.5, peak=2.0, freeze_below=1 / 16)  # searches steps 1-5
+    peak = 0.4
+    collapsed = SearchState(step=2, step_size=1e-9, step_size_fast_peak=peak)
+    frozen = freeze_if_collapsed(schedule, collapsed, 3)
+    assert frozen.step_size == peak / 16 and frozen.frozen_at == 3
+    assert collapsed.step_size == 1e-9 and collapsed.frozen_at == 0  # a copy: the caller commits it
+    assert schedule_searches(schedule, collapsed, 3) and not schedule_searches(schedule, frozen, 3)
+    assert not schedule_searches(schedule, frozen, 4)  # for the rest of the run
+    at_floor = replace(collapsed, step_size=peak / 16)
+    assert freeze_if_collapsed(schedule, at_floor, 3) is at_floor  # not below the floor: nothing to do
+    assert freeze_if_collapsed(schedule, collapsed, 6) is collapsed  # the schedule's own freeze: untouched
+    assert freeze_if_collapsed(schedule, replace(frozen, step_size=1e-12), 4).step_size == 1e-12  # once
+    assert freeze_if_collapsed(replace(schedule, freeze_below=0.0), collapsed, 3) is collapsed  # off
+    assert freeze_if_collapsed(None, collapsed, 3) is collapsed and schedule_searches(None, frozen, 3)
+    never = replace(collapsed, step_size_fast_peak=0.0)  # a rule that keeps no fast average
+    assert freeze_if_collapsed(schedule, never, 3) is never
+    assert ScaledSchedule(schedule, object(), "x").freeze_below == 1 / 16
+    assert ScaledSchedule(None, object(), "x").freeze_below == 0.0
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, math.nan, math.inf, True, "0.1", None])
+def test_a_bad_freeze_below_is_refused_by_name(bad):
+    with pytest.raises(ValueError, match="freeze_below"):
+        WarmupStableDecay(10, freeze_below=bad)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, 9])
+def test_a_checkpoint_with_an_impossible_frozen_at_is_refused_and_changes_nothing(bad):
+    schedule = WarmupStableDecay(8, warmup=0.0, decay=0.5, freeze_below=1 / 16)
+    opt, weights, slopes = make(schedule)
+    run_scripted(opt, weights, slopes, 3)
+    saved = copy.deepcopy(opt.state_dict())
+    before = opt.search_state
+    broken = copy.deepcopy(saved)
+    broken["param_groups"][0]["search"]["frozen_at"] = bad  # step is 3
+    with pytest.raises(ValueError, match="frozen_at"):
+        opt.load_state_dict(broken)
+    assert opt.search_state == before
+    old = copy.deepcopy(saved)
+    del old["param_groups"][0]["search"]["frozen_at"]  # a checkpoint from before the option
+    opt.load_state_dict(old)
+    assert opt.search_state.frozen_at == 0
+
+
+def test_the_optimizer_freezes_a_collapsing_level_at_the_floor_and_stops_searching():
+    total = 12
+    schedule = WarmupStableDecay(total, warmup=0.0, decay=0.5, freeze_below=1 / 16)  # searches steps 1-6
+    opt, weights, slopes = make(schedule)
+    run_scripted(opt, weights, slopes, 3)
+    peak = opt.search_state.step_size_fast_peak
+    searches = opt.num_searches
+    assert peak > 0 and opt.search_state.frozen_at == 0 and searches >= 1
+    opt._commit(replace(opt.search_state, step_size=1e-9))  # as a search that collapsed
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for k in range(4, total + 1):  # every step a plain one at the floor, decay included
+            plain_step_applies(opt, weights, slopes, k, schedule.scale(k), peak / 16)
+    assert opt.search_state.frozen_at == 4 and opt.step_size == peak / 16 and opt.num_searches == searches
+    assert opt.search_state.step_size_fast_peak == peak
+    assert not collapse_warnings(record)  # the schedule's freeze finds the floor, not a collapse
+    resumed, w2, s2 = make(schedule)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert resumed.search_state.frozen_at == 4
+
+
+def test_without_a_collapse_the_early_freeze_changes_nothing():
+    runs = []
+    for fraction in (0.0, 1 / 16):
+        model, _, closure = model_run()
+        schedule = WarmupStableDecay(30, warmup=0.2, decay=0.5, peak=2.0, freeze_below=fraction)
+        opt = FusedSaLSa(model.parameters(), backend="torch", search_direction="momentum", beta3=0.95,
+                         weight_decay=0.1, schedule=schedule)
+        train(opt, closure, 30)
+        assert opt.search_state.frozen_at == 0
+        runs.append((weights_of(model), opt.search_state))
+    (w_off, s_off), (w_on, s_on) = runs
+    assert s_off == s_on and all(torch.equal(a, b) for a, b in zip(w_off, w_on))
+
+
+def test_the_early_freeze_reaches_through_a_step_size_beam():
+    from salsa_fused import StepSizeBeam
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    batches = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(40)]
+    schedule = WarmupStableDecay(len(batches), warmup=0.2, decay=0.5, peak=2.0, freeze_below=1 / 16)
+    opt = FusedSaLSa(model.parameters(), backend="torch", schedule=schedule)
+    beam = StepSizeBeam(opt, total_steps=len(batches), points=(0.25,), horizon=0.1)
+    for step in range(len(batches)):
+        if step == 5:
+            opt._commit(replace(opt.search_state, step_size=1e-12))  # as a search that collapsed
+        def closure(i, step=step):
+            x, y = batches[min(step + i, len(batches) - 1)]
+            return torch.nn.functional.mse_loss(model(x), y)
+        beam.step(closure)
+    state = opt.search_state
+    assert state.frozen_at == 6 and state.step_size == state.step_size_fast_peak / 16
+    assert beam.last_decision["step"] == 10  # the beam ran after the freeze, its branches restored

@@ -33,7 +33,7 @@ it; Prodigy, schedule-free and the published SaLSa run at their own defaults.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -83,6 +83,18 @@ def _preset(name: str, length_known: bool = True, **overrides):
         opt = presets.from_preset(task.param_groups(model, wd), name, total_steps=total_steps, backend=BACKEND,
                                   **overrides)
         return Built(opt, "fused", schedule=kwargs.get("schedule"))
+    return build
+
+
+def _early_freeze_preset(fraction: float):
+    """The recommended preset whose schedule freezes the level early, at ``fraction`` of the search's
+    peak fast average, once it falls below that (``freeze_below``; NOTES.md section 22)."""
+    def build(task, model, total_steps) -> Built:
+        kwargs = presets.preset_kwargs(presets.RECOMMENDED, total_steps)
+        kwargs["schedule"] = replace(kwargs["schedule"], freeze_below=fraction)
+        wd = kwargs.pop("weight_decay", 0.0)
+        opt = FusedSaLSa(task.param_groups(model, wd), backend=BACKEND, **kwargs)
+        return Built(opt, "fused", schedule=kwargs["schedule"])
     return build
 
 
@@ -404,6 +416,10 @@ REGISTRY: Dict[str, Callable] = {
     # pretrain_floor16 / beam_cool_margin_floor16; and ``floor_while_searching``, *_floor16_searching)
     # were not adopted (a spike at the raise; up to 45 forwards per step) and left the package; their
     # code is in commit 2680d11 (rows name dad0aae, 8c540dd, 2fa2e89, f37fe33, 2680d11).
+    # NOTES.md section 22 (written before its runs): the level frozen early, at 1/16 of the search's
+    # peak fast average, once it falls below that; no later step searches
+    "pretrain_freeze16": _early_freeze_preset(1 / 16),
+    "beam_cool_margin_freeze16": _beam(_early_freeze_preset(1 / 16), cooldown=1.0, move_margin=0.01),
     # seed 004's LR-factor search (Factor_3, a decision every 1% of the run): on AdamW at a constant
     # 1e-3 (PyTorch's default rate; no other schedule), and on the faithful FusedSaLSa defaults
     # (the factor multiplies the applied step, target "schedule")

@@ -224,6 +224,10 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
                   losses=values, step_sizes=step_sizes, searches=searches)
     if family == "beam":  # each beam step: its branches' scores, the factor kept, the multiplier
         result["beam_decisions"] = built.beam.decisions
+    if family in ("fused", "beam") and getattr(opt.schedule, "freeze_below", 0.0):
+        state = opt.search_state  # whether and when the level froze early, and at what
+        result["early_freeze"] = dict(frozen_at=state.frozen_at, peak=state.step_size_fast_peak,
+                                      level=state.step_size)
     return result
 
 
