@@ -13,8 +13,12 @@ The presets here are other fixed configurations, with nothing to tune per task:
   ``warmup=0.2, decay=0.8, peak=2``): the search runs during the first 20% of the steps while
   the applied step warms up linearly to twice the searched level; the level is then frozen and
   the applied step decays linearly from 2x it to zero over the remaining 80%. It takes the run
-  length ``total_steps``, no learning rate. History (quality NOTES sections 6-7): until then
-  it was the author's ``beta3=0.99`` with a 5% warmup and a 50% cooldown at 1x the level.
+  length ``total_steps``, no learning rate. If the searched level falls below 1/16 of the peak
+  of its fast average during the search phase (a search that collapses, on small full-batch fits
+  over long runs), it is frozen there at once, at that floor (``freeze_below``, quality NOTES
+  section 22). History (quality NOTES sections 6-7, 22): until section 7 it was the author's
+  ``beta3=0.99`` with a 5% warmup and a 50% cooldown at 1x the level; the early freeze since
+  section 22.
 
 Run length, for ``"pretrain"``:
 
@@ -52,7 +56,7 @@ from __future__ import annotations
 from typing import Callable, Dict, Optional
 
 from .optimizer import FusedSaLSa
-from .step_size import WarmupStableDecay
+from .step_size import COLLAPSE_FRACTION, WarmupStableDecay
 
 
 def _faithful(total_steps: Optional[int]) -> dict:
@@ -67,7 +71,8 @@ def _pretrain(total_steps: Optional[int]) -> dict:
     search = dict(beta3=0.95, search_direction="momentum", weight_decay=0.1)
     if total_steps is None:  # the run length unknown: the searched level throughout, no schedule
         return search
-    return dict(search, schedule=WarmupStableDecay(total_steps, warmup=0.2, decay=0.8, peak=2.0))
+    return dict(search, schedule=WarmupStableDecay(total_steps, warmup=0.2, decay=0.8, peak=2.0,
+                                                   freeze_below=COLLAPSE_FRACTION))
 
 
 PRESETS: Dict[str, Callable[[Optional[int]], dict]] = {

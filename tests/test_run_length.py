@@ -340,7 +340,9 @@ def test_a_beam_branch_that_runs_past_the_freeze_does_not_warn_for_the_run():
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
     batches = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(40)]
-    opt = presets.recommended(model.parameters(), total_steps=len(batches), backend="torch")
+    # the preset's schedule without its early freeze, which would raise the level to the peak set below
+    schedule = replace(presets.preset_kwargs("pretrain", len(batches))["schedule"], freeze_below=0.0)
+    opt = presets.recommended(model.parameters(), total_steps=len(batches), backend="torch", schedule=schedule)
     beam = StepSizeBeam(opt, total_steps=len(batches), points=(0.15,), horizon=0.1)  # branches past the freeze
     opt._commit(replace(opt.search_state, step_size_fast_peak=1e6))  # every frozen level reads as collapsed
     with warnings.catch_warnings(record=True) as record:
@@ -453,3 +455,19 @@ def test_the_early_freeze_reaches_through_a_step_size_beam():
     state = opt.search_state
     assert state.frozen_at == 6 and state.step_size == state.step_size_fast_peak / 16
     assert beam.last_decision["step"] == 10  # the beam ran after the freeze, its branches restored
+
+
+def test_the_recommended_preset_freezes_a_collapsing_level_early_and_so_never_warns():
+    schedule = presets.preset_kwargs("pretrain", 100)["schedule"]
+    assert schedule.freeze_below == COLLAPSE_FRACTION  # quality NOTES section 22
+    assert "schedule" not in presets.preset_kwargs("pretrain", None)  # no schedule, no freeze: the search runs on
+    model, opt, closure = model_run(total_steps=40)
+    train(opt, closure, 3)
+    peak = opt.search_state.step_size_fast_peak
+    opt._commit(replace(opt.search_state, step_size=peak * 1e-6))  # as a search that collapsed
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        train(opt, closure, 37)
+    state = opt.search_state
+    assert state.frozen_at == 4 and state.step_size == peak * COLLAPSE_FRACTION
+    assert not collapse_warnings(record)

@@ -377,7 +377,10 @@ REGISTRY: Dict[str, Callable] = {
     "nm_max10_h": _fused(lambda n: _author(schedule=WarmupStableDecay(n, 0.05, 0.5),
                                            search_rule=NonMonotoneArmijo("max", window=10,
                                                                          reference_in_average=False))),
-    # the shipped recommendation (salsa_fused.presets.RECOMMENDED)
+    # the shipped recommendation (salsa_fused.presets.RECOMMENDED). Since NOTES.md section 22 its schedule
+    # freezes a collapsing level early (freeze_below=1/16): rows of this name and of every beam_* on it
+    # (beam_cool_margin included) that name a commit before that adoption ran without the freeze;
+    # pretrain_freeze16 / beam_cool_margin_freeze16 ran it and now build the same optimizers as these.
     "salsa_recommended": _preset(presets.RECOMMENDED),
     # ... told no run length (total_steps=None): no schedule, the searched level throughout (NOTES 13)
     "salsa_recommended_nolength": _preset(presets.RECOMMENDED, length_known=False),
