@@ -209,8 +209,9 @@ def schedule_searches(schedule, state, step: int) -> bool:
     return schedule is None or (bool(schedule.searches(step)) and not state.frozen_at)
 
 
-#: A level frozen below this fraction of the peak of the search's fast average has collapsed (quality
-#: NOTES sections 20-21: the largest drop on the development tasks that did not collapse was 7.8x).
+#: A level below this fraction of the peak of the search's fast average has collapsed (quality NOTES
+#: sections 20-22: the largest drop on the development tasks that did not collapse was 7.8x); the
+#: ``pretrain`` preset's ``freeze_below``.
 COLLAPSE_FRACTION = 1 / 16
 
 
@@ -221,8 +222,9 @@ def warn_collapsed_level(schedule, state, step: int, stacklevel: int = 2) -> boo
 
     A greedy search can collapse before the freeze (the step drops, sharpness rises to meet it, the step
     drops again: Roulet et al., arXiv 2312.00209), typically on a fit that converges inside the search
-    phase; the frozen level then holds for the whole cooldown and training barely moves. Raising the
-    level by rule lost its ablations (quality NOTES sections 20-21), so this only says so."""
+    phase; the frozen level then holds for the whole cooldown and training barely moves. A schedule with
+    ``freeze_below`` at this fraction (the ``pretrain`` preset's) stops such a search at that floor
+    and so never warns; for one without it, this only says so."""
     if schedule is None or schedule.searches(step):
         return False
     peak, level = state.step_size_fast_peak, state.step_size
@@ -232,8 +234,9 @@ def warn_collapsed_level(schedule, state, step: int, stacklevel: int = 2) -> boo
         f"the search collapsed before the schedule froze its level: step {step} freezes the level at "
         f"{level:.3g}, {peak / level:.3g}x below the peak of its fast average ({peak:.3g}), and the "
         "applied step stays that small for the rest of the run, so training will barely move. Seen "
-        "where the loss converges inside the search phase (small full-batch fits over long runs); "
-        "docs/quality.md, \"A search that collapses before the freeze\".",
+        "where the loss converges inside the search phase (small full-batch fits over long runs). "
+        "WarmupStableDecay(freeze_below=1/16), as in the pretrain preset, freezes such a level early, "
+        "at that floor; docs/quality.md, \"A search that collapses before the freeze\".",
         UserWarning, stacklevel=stacklevel + 1)
     return True
 
