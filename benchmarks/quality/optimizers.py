@@ -88,7 +88,7 @@ def _preset(name: str, length_known: bool = True, **overrides):
 
 def _early_freeze_preset(fraction: float):
     """The recommended preset whose schedule freezes the level early, at ``fraction`` of the search's
-    peak fast average, once it falls below that (``freeze_below``; NOTES.md section 22)."""
+    peak fast average, once it falls below that (``freeze_below``; NOTES.md section 22; 0: never)."""
     def build(task, model, total_steps) -> Built:
         kwargs = presets.preset_kwargs(presets.RECOMMENDED, total_steps)
         kwargs["schedule"] = replace(kwargs["schedule"], freeze_below=fraction)
@@ -423,6 +423,9 @@ REGISTRY: Dict[str, Callable] = {
     # peak fast average, once it falls below that; no later step searches
     "pretrain_freeze16": _early_freeze_preset(1 / 16),
     "beam_cool_margin_freeze16": _beam(_early_freeze_preset(1 / 16), cooldown=1.0, move_margin=0.01),
+    # and, after its adoption, the preset and M1 without it: the controls of section 22's replication
+    "pretrain_nofreeze": _early_freeze_preset(0.0),
+    "beam_cool_margin_nofreeze": _beam(_early_freeze_preset(0.0), cooldown=1.0, move_margin=0.01),
     # seed 004's LR-factor search (Factor_3, a decision every 1% of the run): on AdamW at a constant
     # 1e-3 (PyTorch's default rate; no other schedule), and on the faithful FusedSaLSa defaults
     # (the factor multiplies the applied step, target "schedule")
