@@ -28,8 +28,9 @@ Run length, for ``"pretrain"``:
   To train longer, build the optimizer with the new ``total_steps`` and ``load_state_dict`` the
   checkpoint (the schedule is not in the checkpoint; the step count is): the run continues at
   its step of the longer schedule. From a checkpoint of the search phase (the first 20%) that
-  is a clean extension; from one inside the cooldown, the applied step jumps to the longer
-  schedule's value at that step.
+  is a clean extension (a level that froze early stays frozen: ``search_state.frozen_at``);
+  from one inside the cooldown, the applied step jumps to the longer schedule's value at that
+  step.
 - **``total_steps=None``** (the length unknown; omitting it raises): the same search (momentum
   direction, ``beta3=0.95``, weight decay 0.1) with no schedule: the search runs for the whole
   run and the applied step is the searched level (1x), with no warm-up to 2x and no cooldown.

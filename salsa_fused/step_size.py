@@ -69,8 +69,8 @@ class WarmupStableDecay:
             raise ValueError(f"total_steps must be an integer >= 1, got {self.total_steps!r}")
         for name in ("warmup", "decay", "final"):
             value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1], got {value}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
         if self.warmup + self.decay > 1.0:
             raise ValueError(f"warmup + decay must be <= 1, got {self.warmup} + {self.decay}")
         if isinstance(self.peak, bool) or not isinstance(self.peak, (int, float)) or not 0.0 < self.peak < math.inf:
@@ -191,11 +191,14 @@ class ScaledSchedule:
 
 def freeze_if_collapsed(schedule, state, step: int):
     """The search state step ``step`` (1-based) starts from: ``state``, unless ``schedule`` has
-    ``freeze_below`` = r > 0, still searches at ``step``, has not frozen early yet, and the level
-    ``eta`` is below ``r * eta_fast_peak``; then a copy with ``eta = r * eta_fast_peak`` and
+    ``freeze_below`` = r > 0, searches at ``step`` or searched at ``step - 1`` (so the search phase's
+    last search is checked too, at the schedule's own freeze), has not frozen early yet, and the
+    level ``eta`` is below ``r * eta_fast_peak``; then a copy with ``eta = r * eta_fast_peak`` and
     ``frozen_at = step``, after which :func:`schedule_searches` is False for the rest of the run."""
     fraction = 0.0 if schedule is None else float(getattr(schedule, "freeze_below", 0.0))
-    if fraction <= 0.0 or state.frozen_at or not schedule.searches(step):
+    if fraction <= 0.0 or state.frozen_at:
+        return state
+    if not (schedule.searches(step) or (step > 1 and schedule.searches(step - 1))):
         return state
     floor = fraction * state.step_size_fast_peak
     if not state.step_size < floor:
@@ -204,8 +207,9 @@ def freeze_if_collapsed(schedule, state, step: int):
 
 
 def schedule_searches(schedule, state, step: int) -> bool:
-    """Whether step ``step`` may search: no schedule, or one that searches there and has not frozen
-    the level early (``state.frozen_at``)."""
+    """Whether step ``step`` may search: no schedule, or one that searches there while the level has
+    not frozen early (``state.frozen_at``, kept in checkpoints: it holds under any schedule loaded
+    later, and ``schedule=None`` searches as always)."""
     return schedule is None or (bool(schedule.searches(step)) and not state.frozen_at)
 
 
@@ -225,8 +229,8 @@ def warn_collapsed_level(schedule, state, step: int, stacklevel: int = 2) -> boo
     phase; the frozen level then holds for the whole cooldown and training barely moves. A schedule with
     ``freeze_below`` at this fraction (the ``pretrain`` preset's) stops such a search at that floor
     and so never warns; for one without it, this only says so."""
-    if schedule is None or schedule.searches(step):
-        return False
+    if schedule is None or schedule.searches(step) or state.frozen_at:
+        return False  # still searching, or frozen early where a freeze_below chose to
     peak, level = state.step_size_fast_peak, state.step_size
     if not level < COLLAPSE_FRACTION * peak:
         return False

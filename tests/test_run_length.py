@@ -368,7 +368,9 @@ def test_freeze_if_collapsed_raises_the_level_to_the_floor_once_while_searching(
     assert not schedule_searches(schedule, frozen, 4)  # for the rest of the run
     at_floor = replace(collapsed, step_size=peak / 16)
     assert freeze_if_collapsed(schedule, at_floor, 3) is at_floor  # not below the floor: nothing to do
-    assert freeze_if_collapsed(schedule, collapsed, 6) is collapsed  # the schedule's own freeze: untouched
+    at_freeze = freeze_if_collapsed(schedule, collapsed, 6)  # the first frozen step checks the last search
+    assert at_freeze.step_size == peak / 16 and at_freeze.frozen_at == 6
+    assert freeze_if_collapsed(schedule, collapsed, 7) is collapsed  # past it: the schedule's freeze holds
     assert freeze_if_collapsed(schedule, replace(frozen, step_size=1e-12), 4).step_size == 1e-12  # once
     assert freeze_if_collapsed(replace(schedule, freeze_below=0.0), collapsed, 3) is collapsed  # off
     assert freeze_if_collapsed(None, collapsed, 3) is collapsed and schedule_searches(None, frozen, 3)
@@ -471,3 +473,50 @@ def test_the_recommended_preset_freezes_a_collapsing_level_early_and_so_never_wa
     state = opt.search_state
     assert state.frozen_at == 4 and state.step_size == peak * COLLAPSE_FRACTION
     assert not collapse_warnings(record)
+
+
+def test_a_drop_at_the_last_search_of_the_phase_is_frozen_at_the_floor_and_does_not_warn():
+    total = 12
+    schedule = WarmupStableDecay(total, warmup=0.0, decay=0.5, freeze_below=1 / 16)  # searches steps 1-6
+    opt, weights, slopes = make(schedule)
+    run_scripted(opt, weights, slopes, 6)  # the search phase, every step a search
+    peak = opt.search_state.step_size_fast_peak
+    opt._commit(replace(opt.search_state, step_size=1e-9))  # as the phase's last search left it
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        plain_step_applies(opt, weights, slopes, 7, schedule.scale(7), peak / 16)
+    assert opt.search_state.frozen_at == 7 and not collapse_warnings(record)
+
+
+def test_a_level_frozen_early_at_a_lower_fraction_does_not_warn_at_the_schedules_freeze():
+    schedule = WarmupStableDecay(12, warmup=0.0, decay=0.5, freeze_below=1 / 64)  # below COLLAPSE_FRACTION
+    opt, weights, slopes = make(schedule)
+    run_scripted(opt, weights, slopes, 3)
+    opt._commit(replace(opt.search_state, step_size=1e-9))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        run_scripted(opt, weights, slopes, 9)  # freezes at step 4 at peak/64, then past the schedule's freeze
+    assert opt.search_state.frozen_at == 4 and not collapse_warnings(record)
+    unfrozen = replace(opt.search_state, frozen_at=0)  # the same level without the early freeze: it warns
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert warn_collapsed_level(schedule, unfrozen, 7)
+
+
+def test_a_level_frozen_early_stays_frozen_under_a_schedule_loaded_later():
+    schedule = WarmupStableDecay(12, warmup=0.0, decay=0.5, freeze_below=1 / 16)
+    opt, weights, slopes = make(schedule)
+    run_scripted(opt, weights, slopes, 3)
+    opt._commit(replace(opt.search_state, step_size=1e-9))
+    run_scripted(opt, weights, slopes, 1)
+    saved = copy.deepcopy(opt.state_dict())
+    searches = opt.num_searches
+    longer, w2, s2 = make(WarmupStableDecay(100, warmup=0.0, decay=0.5))  # longer, and without freeze_below
+    longer.load_state_dict(saved)
+    assert longer.search_state.frozen_at == 4
+    assert not schedule_searches(longer.schedule, longer.search_state, 5)
+    free, w3, s3 = make(None)  # no schedule: the search runs as always
+    free.load_state_dict(saved)
+    assert schedule_searches(None, free.search_state, 5)
+    run_scripted(free, w3, s3, 2)
+    assert free.num_searches > searches

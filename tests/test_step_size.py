@@ -43,7 +43,9 @@ def test_warmup_stable_decay_peak_scales_every_phase_and_one_is_exact():
     (dict(total_steps=0), "total_steps"), (dict(total_steps=10.5), "total_steps"),
     (dict(total_steps=10, peak=0.0), "peak"), (dict(total_steps=10, peak=float("inf")), "peak"),
     (dict(total_steps=10, peak="2"), "peak"),
-    (dict(total_steps=10, warmup=-0.1), "warmup"), (dict(total_steps=10, warmup=0.6, decay=0.6), "warmup \\+ decay")])
+    (dict(total_steps=10, warmup=-0.1), "warmup"), (dict(total_steps=10, warmup=0.6, decay=0.6), "warmup \\+ decay"),
+    (dict(total_steps=10, warmup="0.1"), "warmup"), (dict(total_steps=10, decay=None), "decay"),
+    (dict(total_steps=10, final=True), "final"), (dict(total_steps=10, final=float("nan")), "final")])
 def test_warmup_stable_decay_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         WarmupStableDecay(**kwargs)
