@@ -17,6 +17,19 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 
+def is_number(value) -> bool:
+    """A real number (int or float), not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_freeze_below(value) -> float:
+    """``value`` as a ``freeze_below`` fraction: a number in [0, 1); ValueError naming it otherwise."""
+    if not (is_number(value) and 0.0 <= value < 1.0):
+        raise ValueError(f"freeze_below must be a fraction of the search's peak level in [0, 1) "
+                         f"(0: off), got {value!r}")
+    return float(value)
+
+
 def linear_decay(step: int, start: int, end: int, final: float) -> float:
     """The cooldown both schedules share: 1 at ``start``, linearly down to ``final`` at ``end``
     (``start < step``), ``final`` from ``end`` on: ``final + (1 - final) * (end - step) / (end - start)``."""
@@ -69,16 +82,13 @@ class WarmupStableDecay:
             raise ValueError(f"total_steps must be an integer >= 1, got {self.total_steps!r}")
         for name in ("warmup", "decay", "final"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            if not (is_number(value) and 0.0 <= value <= 1.0):
                 raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
         if self.warmup + self.decay > 1.0:
             raise ValueError(f"warmup + decay must be <= 1, got {self.warmup} + {self.decay}")
-        if isinstance(self.peak, bool) or not isinstance(self.peak, (int, float)) or not 0.0 < self.peak < math.inf:
+        if not (is_number(self.peak) and 0.0 < self.peak < math.inf):
             raise ValueError(f"peak must be a finite number > 0, got {self.peak!r}")
-        if isinstance(self.freeze_below, bool) or not isinstance(self.freeze_below, (int, float)) \
-                or not 0.0 <= self.freeze_below < 1.0:
-            raise ValueError(f"freeze_below must be a fraction of the search's peak level in [0, 1) "
-                             f"(0: off), got {self.freeze_below!r}")
+        check_freeze_below(self.freeze_below)
 
     @property
     def warmup_steps(self) -> int:
@@ -139,7 +149,7 @@ class Cooldown:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "start" else 1):
                 raise ValueError(f"{name} must be an integer >= {0 if name == 'start' else 1}, got {value!r}")
-        if isinstance(self.final, bool) or not isinstance(self.final, (int, float)) or not 0.0 <= self.final <= 1.0:
+        if not (is_number(self.final) and 0.0 <= self.final <= 1.0):
             raise ValueError(f"final must lie in [0, 1], got {self.final!r}")
 
     @property
@@ -185,8 +195,8 @@ class ScaledSchedule:
 
     @property
     def freeze_below(self) -> float:
-        """The inner schedule's early-freeze fraction (0 without one)."""
-        return float(getattr(self.inner, "freeze_below", 0.0))
+        """The inner schedule's early-freeze fraction (0 without one), as the inner schedule has it."""
+        return getattr(self.inner, "freeze_below", 0.0)
 
 
 def freeze_if_collapsed(schedule, state, step: int):
@@ -195,7 +205,8 @@ def freeze_if_collapsed(schedule, state, step: int):
     last search is checked too, at the schedule's own freeze), has not frozen early yet, and the
     level ``eta`` is below ``r * eta_fast_peak``; then a copy with ``eta = r * eta_fast_peak`` and
     ``frozen_at = step``, after which :func:`schedule_searches` is False for the rest of the run."""
-    fraction = 0.0 if schedule is None else float(getattr(schedule, "freeze_below", 0.0))
+    # a schedule of the caller's own may carry freeze_below too: checked before the step writes anything
+    fraction = 0.0 if schedule is None else check_freeze_below(getattr(schedule, "freeze_below", 0.0))
     if fraction <= 0.0 or state.frozen_at:
         return state
     if not (schedule.searches(step) or (step > 1 and schedule.searches(step - 1))):

@@ -520,3 +520,28 @@ def test_a_level_frozen_early_stays_frozen_under_a_schedule_loaded_later():
     assert schedule_searches(None, free.search_state, 5)
     run_scripted(free, w3, s3, 2)
     assert free.num_searches > searches
+
+
+@pytest.mark.parametrize("bad", [-0.5, 1.0, math.nan, "0.1", True])
+def test_a_schedule_of_ones_own_with_a_bad_freeze_below_is_refused_at_the_step_and_changes_nothing(bad):
+    from test_applied_step import FixedSchedule
+
+    class Frozen(FixedSchedule):
+        freeze_below = bad
+
+    opt, weights, slopes = make(FixedSchedule(1.0))
+    run_scripted(opt, weights, slopes, 2)
+    opt.schedule = Frozen(1.0)  # installed mid-run, as schedules are
+    before_w = [w.detach().clone() for w in weights]
+    before_state, before_search = copy.deepcopy(opt.state_dict()["state"]), opt.search_state
+    loss = backward(weights, slopes)
+    opt.mark_forward()
+    with pytest.raises(ValueError, match="freeze_below"):
+        opt.step(lambda: loss.detach(), loss=loss)
+    assert opt.search_state == before_search
+    assert all(torch.equal(a, b) for a, b in zip(weights, before_w))
+    after = opt.state_dict()["state"]
+    assert all(torch.equal(after[k][n], v) for k, d in before_state.items() for n, v in d.items()
+               if isinstance(v, torch.Tensor))
+    with pytest.raises(ValueError, match="freeze_below"):  # through a beam's wrapper too
+        freeze_if_collapsed(ScaledSchedule(Frozen(1.0), object(), "x"), opt.search_state, 3)
