@@ -177,6 +177,7 @@ def search_step(passes: Passes, plan: StepPlan, state: SearchState, loss: torch.
         value = f0_value if not math.isfinite(f0_value) else q_value
         return reject(state, nonfinite, f"non-finite {what} {value} at step {step_state.step}; "
                       "weights and optimizer state are unchanged", int(earlier_nonfinite), int(earlier_bad_losses))
+    step_state.last_search_loss = f0_value
     search = rule(plan, config, f0_value, q_value)
     run_search(passes, search, direction, trial_loss, has_saved_copy)
     return search.finish()

@@ -84,6 +84,13 @@ class SearchState:
     step_size_fast_peak: float = 0.0
     #: The step at which a schedule's ``freeze_below`` froze a collapsing level early (0: it has not).
     frozen_at: int = 0
+    #: The loss ``f0`` the last search read (averaged over ranks); 0 before any search.
+    last_search_loss: float = 0.0
+    #: A schedule's ``backoff_on_loss_rise``: the smoothed search loss ``l``, its lowest value ``l_low``
+    #: (0: none yet) and the multiplier ``b`` on the applied step (1 until the loss turns).
+    search_loss_avg: float = 0.0
+    search_loss_avg_low: float = 0.0
+    applied_backoff: float = 1.0
     steps_since_search: int = 100  # t
     search_interval: float = 1.0  # L of the last step
     num_forward_evals: int = 0
@@ -112,10 +119,17 @@ class SearchState:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"search state {name} must be a finite number > 0, got {value!r}")
-        for name in ("loss_decrease_avg", "slope_avg", "search_interval"):
+        for name in ("loss_decrease_avg", "slope_avg", "search_interval", "last_search_loss"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise ValueError(f"search state {name} must be a finite number, got {value!r}")
+        for name in ("search_loss_avg", "search_loss_avg_low"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"search state {name} must be a finite number >= 0, got {value!r}")
+        backoff = self.applied_backoff
+        if isinstance(backoff, bool) or not (isinstance(backoff, (int, float)) and 0 < backoff <= 1):
+            raise ValueError(f"search state applied_backoff must be a number in (0, 1], got {backoff!r}")
         if self.frozen_at > self.step:
             raise ValueError(f"search state frozen_at={self.frozen_at} is after its step {self.step}")
         peak = self.step_size_fast_peak

@@ -34,7 +34,8 @@ from .applied import GroupStep
 from .line_search import SearchConfig, SearchState
 from .rules import (Batches, check_arguments, check_rule_state, moment_step, plan_step, plan_without_search,
                     resolve_rule, step_batches)
-from .step_size import freeze_if_collapsed, schedule_searches, warn_collapsed_level, warn_past_end
+from .step_size import (applied_scale, freeze_if_collapsed, observe_search_loss, schedule_searches,
+                        warn_collapsed_level, warn_past_end)
 
 LossClosure = Callable[[], Union[torch.Tensor, float]]
 
@@ -324,7 +325,7 @@ class FusedSaLSa(Optimizer):
         first trial: ``eta * 2^(1/b)`` for seed 001's rules; ``s`` the schedule's scale at the
         next step, past a schedule's end the scale it holds there)."""
         state = freeze_if_collapsed(self.schedule, self._search, self._search.step + 1)
-        scale = 1.0 if self.schedule is None else float(self.schedule.scale(state.step + 1))
+        scale = applied_scale(self.schedule, state, state.step + 1)
         trial = plan_step(self.search_rule, state, self.search_config).trial_step_size
         return [GroupStep.of(group, scale, state.step_size).plain(trial).step
                 for group in self.param_groups]
@@ -617,9 +618,8 @@ class FusedSaLSa(Optimizer):
         rule, config = self.search_rule, self.search_config
         state = freeze_if_collapsed(self.schedule, self._search, self._search.step + 1)  # kept once the step commits
         plan = plan_step(rule, state, config)
-        scale = 1.0
+        scale = applied_scale(self.schedule, state, plan.state.step)
         if self.schedule is not None:
-            scale = float(self.schedule.scale(plan.state.step))
             if not self._past_end_warned:
                 self._past_end_warned = warn_past_end(self.schedule, plan.state.step, stacklevel=4)
             if not self._collapse_checked and not self.schedule.searches(plan.state.step):
@@ -709,11 +709,15 @@ class FusedSaLSa(Optimizer):
 
     def _search_step(self, passes: F.Passes, plan, f0, trial_loss: Callable[[], float]) -> None:
         """The search step of ``plan`` from loss ``f0`` (:func:`salsa_fused.functional.search_step`)."""
-        self._commit(F.search_step(
+        searches_before = self._search.num_searches
+        state = F.search_step(
             passes, plan, self._search, f0, trial_loss, rule=self.search_rule, config=self.search_config,
             search_direction=self.search_direction, param_groups=self.param_groups,
             counts=self._device_counts(), found_inf=getattr(self, "found_inf", None), reduction=self.reduction,
-            nonfinite=self.nonfinite, has_saved_copy=self.restore_strategy == "copy", device=self._device))
+            nonfinite=self.nonfinite, has_saved_copy=self.restore_strategy == "copy", device=self._device)
+        if state.num_searches > searches_before:  # a search ran: the loss it read feeds the range test
+            state = observe_search_loss(self.schedule, state)
+        self._commit(state)
 
     def _multi_batch_step(self, plan, scale: float, batches: Batches, closure, loss, devices, marked, zeroed_at):
         """The step of a rule that reads several batches (:class:`salsa_fused.rules.Batches`): the

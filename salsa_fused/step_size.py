@@ -30,6 +30,13 @@ def check_freeze_below(value) -> float:
     return float(value)
 
 
+def check_flag(name: str, value) -> bool:
+    """``value`` as an on/off option named ``name``: a bool; ValueError naming it otherwise."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def linear_decay(step: int, start: int, end: int, final: float) -> float:
     """The cooldown both schedules share: 1 at ``start``, linearly down to ``final`` at ``end``
     (``start < step``), ``final`` from ``end`` on: ``final + (1 - final) * (end - step) / (end - start)``."""
@@ -68,6 +75,12 @@ class WarmupStableDecay:
     is set to that floor and no later step searches (:func:`freeze_if_collapsed`). A greedy search can
     collapse before the freeze; the floor it is stopped at is a small raise, where a floor applied at
     the end of the search phase jumped by orders of magnitude (quality NOTES sections 20-22).
+
+    ``backoff_on_loss_rise`` (a range test on the search phase's own losses) halves the applied
+    step whenever the loss turns during the search phase: at each search the loss ``f0`` it read
+    updates ``l <- 0.9 l + 0.1 f0`` and its lowest value ``l_low``; when ``l > 2 l_low`` the
+    multiplier ``b`` on the applied step halves and ``l_low <- l`` (:func:`observe_search_loss`,
+    :func:`applied_scale`; quality NOTES section 23). No extra forward or host read.
     """
 
     total_steps: int
@@ -76,6 +89,7 @@ class WarmupStableDecay:
     final: float = 0.0
     peak: float = 1.0
     freeze_below: float = 0.0
+    backoff_on_loss_rise: bool = False
 
     def __post_init__(self):
         if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1:
@@ -89,6 +103,7 @@ class WarmupStableDecay:
         if not (is_number(self.peak) and 0.0 < self.peak < math.inf):
             raise ValueError(f"peak must be a finite number > 0, got {self.peak!r}")
         check_freeze_below(self.freeze_below)
+        check_flag("backoff_on_loss_rise", self.backoff_on_loss_rise)
 
     @property
     def warmup_steps(self) -> int:
@@ -198,6 +213,11 @@ class ScaledSchedule:
         """The inner schedule's early-freeze fraction (0 without one), as the inner schedule has it."""
         return getattr(self.inner, "freeze_below", 0.0)
 
+    @property
+    def backoff_on_loss_rise(self) -> bool:
+        """Whether the inner schedule backs off when the loss turns (False without one)."""
+        return getattr(self.inner, "backoff_on_loss_rise", False)
+
 
 def freeze_if_collapsed(schedule, state, step: int):
     """The search state step ``step`` (1-based) starts from: ``state``, unless ``schedule`` has
@@ -222,6 +242,45 @@ def schedule_searches(schedule, state, step: int) -> bool:
     not frozen early (``state.frozen_at``, kept in checkpoints: it holds under any schedule loaded
     later, and ``schedule=None`` searches as always)."""
     return schedule is None or (bool(schedule.searches(step)) and not state.frozen_at)
+
+
+#: The range test of ``backoff_on_loss_rise`` (quality NOTES section 23): the smoothing of the searches'
+#: losses, the rise over their lowest smoothed value that counts as the loss turning, and the factor the
+#: applied step's multiplier is then cut by.
+LOSS_RISE_SMOOTHING = 0.9
+LOSS_RISE_RATIO = 2.0
+LOSS_RISE_BACKOFF = 0.5
+
+
+def observe_search_loss(schedule, state):
+    """The search state after a search whose loss was ``state.last_search_loss``: unchanged unless
+    ``schedule`` has ``backoff_on_loss_rise`` and that loss is > 0; then the smoothed loss
+    ``l <- 0.9 l + 0.1 f0`` (``f0`` itself at the first such search) and its lowest value ``l_low``
+    are updated, and if ``l > 2 l_low`` the loss has turned: ``b <- b / 2`` (the multiplier on the
+    applied step, :func:`applied_scale`) and ``l_low <- l``, so a second back-off needs a second doubling."""
+    if schedule is None:
+        return state
+    if not check_flag("backoff_on_loss_rise", getattr(schedule, "backoff_on_loss_rise", False)):
+        return state
+    loss = state.last_search_loss
+    if not (math.isfinite(loss) and loss > 0.0):
+        return state  # a ratio of losses means nothing for a loss <= 0
+    average = loss if state.search_loss_avg <= 0.0 else (
+        LOSS_RISE_SMOOTHING * state.search_loss_avg + (1.0 - LOSS_RISE_SMOOTHING) * loss)
+    low = average if state.search_loss_avg_low <= 0.0 else min(state.search_loss_avg_low, average)
+    backoff = state.applied_backoff
+    if average > LOSS_RISE_RATIO * low:
+        backoff, low = backoff * LOSS_RISE_BACKOFF, average
+    return replace(state, search_loss_avg=average, search_loss_avg_low=low, applied_backoff=backoff)
+
+
+def applied_scale(schedule, state, step: int) -> float:
+    """The multiplier on the level that step ``step`` applies: ``schedule.scale(step) * b``, with ``b``
+    (``state.applied_backoff``) the back-off of ``backoff_on_loss_rise`` (1 until the loss turns);
+    1 without a schedule."""
+    if schedule is None:
+        return 1.0
+    return float(schedule.scale(step)) * state.applied_backoff
 
 
 #: A level below this fraction of the peak of the search's fast average has collapsed (quality NOTES

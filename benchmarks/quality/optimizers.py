@@ -86,12 +86,13 @@ def _preset(name: str, length_known: bool = True, **overrides):
     return build
 
 
-def _early_freeze_preset(fraction: float):
+def _early_freeze_preset(fraction: float, **schedule_options):
     """The recommended preset whose schedule freezes the level early, at ``fraction`` of the search's
-    peak fast average, once it falls below that (``freeze_below``; NOTES.md section 22; 0: never)."""
+    peak fast average, once it falls below that (``freeze_below``; NOTES.md section 22; 0: never);
+    ``schedule_options`` replace more of its schedule's fields (``backoff_on_loss_rise``, section 23)."""
     def build(task, model, total_steps) -> Built:
         kwargs = presets.preset_kwargs(presets.RECOMMENDED, total_steps)
-        kwargs["schedule"] = replace(kwargs["schedule"], freeze_below=fraction)
+        kwargs["schedule"] = replace(kwargs["schedule"], freeze_below=fraction, **schedule_options)
         wd = kwargs.pop("weight_decay", 0.0)
         opt = FusedSaLSa(task.param_groups(model, wd), backend=BACKEND, **kwargs)
         return Built(opt, "fused", schedule=kwargs["schedule"])
@@ -426,6 +427,11 @@ REGISTRY: Dict[str, Callable] = {
     # and, after its adoption, the preset and M1 without it: the controls of section 22's replication
     "pretrain_nofreeze": _early_freeze_preset(0.0),
     "beam_cool_margin_nofreeze": _beam(_early_freeze_preset(0.0), cooldown=1.0, move_margin=0.01),
+    # NOTES.md section 23 (written before its runs): a range test on the search phase's own losses, the
+    # applied step halved each time their smoothed value doubles from its lowest (backoff_on_loss_rise)
+    "pretrain_backoff": _early_freeze_preset(1 / 16, backoff_on_loss_rise=True),
+    "beam_cool_margin_backoff": _beam(_early_freeze_preset(1 / 16, backoff_on_loss_rise=True), cooldown=1.0,
+                                      move_margin=0.01),
     # seed 004's LR-factor search (Factor_3, a decision every 1% of the run): on AdamW at a constant
     # 1e-3 (PyTorch's default rate; no other schedule), and on the faithful FusedSaLSa defaults
     # (the factor multiplies the applied step, target "schedule")

@@ -29,6 +29,7 @@ import torch
 
 from salsa_fused.errors import NonFiniteError
 from salsa_fused.line_search import ArmijoSearch
+from salsa_fused.step_size import applied_scale
 
 from . import optimizers as O
 from .tasks import SIZES, TASKS, make_task
@@ -126,6 +127,19 @@ def _lr_factor_step(built, task, model, batch, score_batch) -> torch.Tensor:
     return loss
 
 
+def _applied_level(opt, schedule, step: int) -> float:
+    """The level step ``step`` (1-based) applied, in the units of a rate: ``eta * growth`` times the
+    schedule's scale and the range test's back-off (``salsa_fused.step_size.applied_scale``)."""
+    return opt.step_size * opt.search_config.growth * applied_scale(schedule, opt.search_state, step)
+
+
+def _note_backoff(opt, step: int, backoffs: List[list]) -> None:
+    """Append ``[step, b]`` to ``backoffs`` when the range test's back-off ``b`` changed at ``step``."""
+    backoff = opt.search_state.applied_backoff
+    if backoff != (backoffs[-1][1] if backoffs else 1.0):
+        backoffs.append([step, backoff])
+
+
 def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
     """Train a fresh model of ``task`` (weights from ``seed``) with optimizer ``name``."""
     model = task.model(seed)
@@ -139,6 +153,7 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
         opt.train()
     losses: List[torch.Tensor] = []
     step_sizes: List[float] = []
+    backoffs: List[list] = []  # [step, b] each time the range test's back-off changed
     diverged = None
     _sync(task.device)
     start = time.perf_counter()
@@ -147,12 +162,13 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
             if family == "fused":
                 opt.zero_grad(set_to_none=True)
                 loss = opt.step(lambda: task.loss(model, batch))
-                scale = built.schedule.scale(k + 1) if built.schedule is not None else 1.0
-                step_sizes.append(opt.step_size * opt.search_config.growth * scale)
+                step_sizes.append(_applied_level(opt, built.schedule, k + 1))
+                _note_backoff(opt, k + 1, backoffs)
             elif family == "beam":
                 batches = task.batches  # closure(i): batch i of this step's horizon, the stream from step k on
                 loss = built.beam.step(lambda i: task.loss(model, batches[k + i]))
-                step_sizes.append(opt.step_size * opt.search_config.growth * opt.schedule.scale(k + 1))
+                step_sizes.append(_applied_level(opt, opt.schedule, k + 1))
+                _note_backoff(opt, k + 1, backoffs)
             elif family == "labpal":
                 batches = task.batches  # closure(i): batch i of this step, the stream from step k on
                 opt.zero_grad(set_to_none=True)
@@ -160,7 +176,7 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
                 step_sizes.append(opt.labpal_state["update_step"] or 0.0)
             elif family == "lr_factor":  # the step's rate is read before a decision changes it
                 fused = built.inner_family == "fused"
-                scale = opt.schedule.scale(k + 1) if fused else opt.param_groups[0]["lr"]
+                scale = applied_scale(opt.schedule, opt.search_state, k + 1) if fused else opt.param_groups[0]["lr"]
                 loss = _lr_factor_step(built, task, model, batch, task.batches[(k + 1) % len(task.batches)])
                 step_sizes.append(opt.step_size * opt.search_config.growth * scale if fused else scale)
             elif family == "salsa_pub":
@@ -228,6 +244,8 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
         state = opt.search_state  # whether and when the level froze early, and at what
         result["early_freeze"] = dict(frozen_at=state.frozen_at, peak=state.step_size_fast_peak,
                                       level=state.step_size)
+    if family in ("fused", "beam") and getattr(opt.schedule, "backoff_on_loss_rise", False):
+        result["loss_rise_backoffs"] = backoffs  # the steps the loss turned at, and the multiplier after
     return result
 
 

@@ -140,6 +140,8 @@ def run_unit(unit: Unit, provenance: dict) -> dict:
         extra["beam_decisions"] = [_decision_row(d) for d in result["beam_decisions"]]
     if "early_freeze" in result:  # a schedule with freeze_below: the step the level froze early at (0: never)
         extra["early_freeze"] = {k: _finite(v) if isinstance(v, float) else v for k, v in result["early_freeze"].items()}
+    if "loss_rise_backoffs" in result:  # backoff_on_loss_rise: [step, multiplier] each time the loss turned
+        extra["loss_rise_backoffs"] = result["loss_rise_backoffs"]
     return dict(
         task=task_name, split=spec.split, family=spec.family, length=length, steps=task.steps,
         config=config, optimizer=optimizer_of(config), seed=seed,
