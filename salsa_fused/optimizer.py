@@ -34,8 +34,8 @@ from .applied import GroupStep
 from .line_search import SearchConfig, SearchState
 from .rules import (Batches, check_arguments, check_rule_state, moment_step, plan_step, plan_without_search,
                     resolve_rule, step_batches)
-from .step_size import (applied_scale, freeze_if_collapsed, observe_search_loss, schedule_searches,
-                        warn_collapsed_level, warn_past_end)
+from .step_size import (applied_scale, backs_off_on_loss_rise, freeze_if_collapsed, observe_search_loss,
+                        schedule_searches, warn_collapsed_level, warn_past_end)
 
 LossClosure = Callable[[], Union[torch.Tensor, float]]
 
@@ -617,6 +617,7 @@ class FusedSaLSa(Optimizer):
             self._warn_if_lr_looks_like_a_step_size()
         rule, config = self.search_rule, self.search_config
         state = freeze_if_collapsed(self.schedule, self._search, self._search.step + 1)  # kept once the step commits
+        backs_off_on_loss_rise(self.schedule)  # a schedule's options are checked before anything is written
         plan = plan_step(rule, state, config)
         scale = applied_scale(self.schedule, state, plan.state.step)
         if self.schedule is not None:

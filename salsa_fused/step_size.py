@@ -80,7 +80,9 @@ class WarmupStableDecay:
     step whenever the loss turns during the search phase: at each search the loss ``f0`` it read
     updates ``l <- 0.9 l + 0.1 f0`` and its lowest value ``l_low``; when ``l > 2 l_low`` the
     multiplier ``b`` on the applied step halves and ``l_low <- l`` (:func:`observe_search_loss`,
-    :func:`applied_scale`; quality NOTES section 23). No extra forward or host read.
+    :func:`applied_scale`; quality NOTES section 23). No extra forward or host read. It reads the
+    loss of the single-batch searches (the ``"salsa"``, ``"sls"`` and ``"alsals"`` rules), not a
+    LABPAL fit's.
     """
 
     total_steps: int
@@ -252,15 +254,21 @@ LOSS_RISE_RATIO = 2.0
 LOSS_RISE_BACKOFF = 0.5
 
 
+def backs_off_on_loss_rise(schedule) -> bool:
+    """Whether ``schedule`` has ``backoff_on_loss_rise`` on (False without a schedule); a value that is
+    not a bool, on a schedule of the caller's own, is refused by name (checked before a step writes)."""
+    if schedule is None:
+        return False
+    return check_flag("backoff_on_loss_rise", getattr(schedule, "backoff_on_loss_rise", False))
+
+
 def observe_search_loss(schedule, state):
     """The search state after a search whose loss was ``state.last_search_loss``: unchanged unless
     ``schedule`` has ``backoff_on_loss_rise`` and that loss is > 0; then the smoothed loss
     ``l <- 0.9 l + 0.1 f0`` (``f0`` itself at the first such search) and its lowest value ``l_low``
     are updated, and if ``l > 2 l_low`` the loss has turned: ``b <- b / 2`` (the multiplier on the
     applied step, :func:`applied_scale`) and ``l_low <- l``, so a second back-off needs a second doubling."""
-    if schedule is None:
-        return state
-    if not check_flag("backoff_on_loss_rise", getattr(schedule, "backoff_on_loss_rise", False)):
+    if not backs_off_on_loss_rise(schedule):
         return state
     loss = state.last_search_loss
     if not (math.isfinite(loss) and loss > 0.0):
