@@ -16,9 +16,12 @@ The presets here are other fixed configurations, with nothing to tune per task:
   length ``total_steps``, no learning rate. If the searched level falls below 1/16 of the peak
   of its fast average during the search phase (a search that collapses, on small full-batch fits
   over long runs), it is frozen there at once, at that floor (``freeze_below``, quality NOTES
-  section 22). History (quality NOTES sections 6-7, 22): until section 7 it was the author's
-  ``beta3=0.99`` with a 5% warmup and a 50% cooldown at 1x the level; the early freeze since
-  section 22.
+  section 22). If the loss turns during the search phase (its smoothed value, over the losses
+  the searches read, doubles from its lowest: the warm-up overshot), the applied step halves,
+  once per doubling (``backoff_on_loss_rise``, a range test on the search's own losses, quality
+  NOTES section 23). History (quality NOTES sections 6-7, 22-23): until section 7 it was the
+  author's ``beta3=0.99`` with a 5% warmup and a 50% cooldown at 1x the level; the early freeze
+  since section 22; the back-off since section 23.
 
 Run length, for ``"pretrain"``:
 
@@ -73,7 +76,7 @@ def _pretrain(total_steps: Optional[int]) -> dict:
     if total_steps is None:  # the run length unknown: the searched level throughout, no schedule
         return search
     return dict(search, schedule=WarmupStableDecay(total_steps, warmup=0.2, decay=0.8, peak=2.0,
-                                                   freeze_below=COLLAPSE_FRACTION))
+                                                   freeze_below=COLLAPSE_FRACTION, backoff_on_loss_rise=True))
 
 
 PRESETS: Dict[str, Callable[[Optional[int]], dict]] = {

@@ -86,13 +86,15 @@ def _preset(name: str, length_known: bool = True, **overrides):
     return build
 
 
-def _early_freeze_preset(fraction: float, **schedule_options):
+def _early_freeze_preset(fraction: float, backoff_on_loss_rise: bool = False):
     """The recommended preset whose schedule freezes the level early, at ``fraction`` of the search's
-    peak fast average, once it falls below that (``freeze_below``; NOTES.md section 22; 0: never);
-    ``schedule_options`` replace more of its schedule's fields (``backoff_on_loss_rise``, section 23)."""
+    peak fast average, once it falls below that (``freeze_below``; NOTES.md section 22; 0: never), and
+    backs off when the loss turns if ``backoff_on_loss_rise`` (section 23; off unless asked, so these
+    names build what they built before the preset adopted it)."""
     def build(task, model, total_steps) -> Built:
         kwargs = presets.preset_kwargs(presets.RECOMMENDED, total_steps)
-        kwargs["schedule"] = replace(kwargs["schedule"], freeze_below=fraction, **schedule_options)
+        kwargs["schedule"] = replace(kwargs["schedule"], freeze_below=fraction,
+                                     backoff_on_loss_rise=backoff_on_loss_rise)
         wd = kwargs.pop("weight_decay", 0.0)
         opt = FusedSaLSa(task.param_groups(model, wd), backend=BACKEND, **kwargs)
         return Built(opt, "fused", schedule=kwargs["schedule"])
@@ -381,7 +383,9 @@ REGISTRY: Dict[str, Callable] = {
     # the shipped recommendation (salsa_fused.presets.RECOMMENDED). Since NOTES.md section 22 its schedule
     # freezes a collapsing level early (freeze_below=1/16): rows of this name and of every beam_* on it
     # (beam_cool_margin included) that name a commit before that adoption ran without the freeze;
-    # pretrain_freeze16 / beam_cool_margin_freeze16 ran it and now build the same optimizers as these.
+    # pretrain_freeze16 / beam_cool_margin_freeze16 ran it. Since section 23 it also backs off when the
+    # loss turns (backoff_on_loss_rise): rows before that adoption ran without it; pretrain_backoff /
+    # beam_cool_margin_backoff ran it and now build the same optimizers as these.
     "salsa_recommended": _preset(presets.RECOMMENDED),
     # ... told no run length (total_steps=None): no schedule, the searched level throughout (NOTES 13)
     "salsa_recommended_nolength": _preset(presets.RECOMMENDED, length_known=False),
