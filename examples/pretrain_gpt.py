@@ -10,7 +10,8 @@ downloads). One process on the CPU or a GPU, or data parallel with torchrun:
     python examples/pretrain_gpt.py --steps 400 --resume              # continue runs/pretrain_gpt
 
 Writes into ``--out`` (default ``runs/pretrain_gpt``): ``log.jsonl`` (one line per step:
-loss, step size, search interval, forward passes), ``loss_step_size.png`` and
+loss, step size, search interval, forward passes, the preset's back-off multiplier),
+``loss_step_size.png`` and
 ``checkpoint.pt`` (model, optimizer, GradScaler, schedule, random states).
 
 ``--batch-size`` is per micro-batch and per rank: a step sees
@@ -254,7 +255,7 @@ def train(args) -> dict:
             if args.optimizer.startswith("salsa"):
                 record.update(step_size=opt.step_size, effective_step_size=opt.applied_steps[0],
                               interval=opt.search_interval, forwards=opt.num_forward_evals,
-                              searches=opt.num_searches)
+                              searches=opt.num_searches, applied_backoff=opt.search_state.applied_backoff)
             else:
                 record.update(step_size=schedule.get_last_lr()[0])
             if (step + 1) % args.eval_interval == 0 or step + 1 == args.steps:
