@@ -34,7 +34,8 @@ from .applied import GroupStep
 from .line_search import SearchConfig, SearchState
 from .rules import (Batches, check_arguments, check_rule_state, moment_step, plan_step, plan_without_search,
                     resolve_rule, step_batches)
-from .step_size import (applied_scale, backs_off_on_loss_rise, freeze_if_collapsed, observe_search_loss,
+from .step_size import (applied_scale, backs_off_on_loss_rise, check_freeze_below, freeze_if_collapsed,
+                        observe_search_loss,
                         schedule_searches, warn_collapsed_level, warn_past_end)
 
 LossClosure = Callable[[], Union[torch.Tensor, float]]
@@ -187,6 +188,9 @@ class FusedSaLSa(Optimizer):
         if schedule is not None and not (callable(getattr(schedule, "scale", None))
                                          and callable(getattr(schedule, "searches", None))):
             raise TypeError("schedule must have scale(step) and searches(step) methods")
+        if schedule is not None:  # a schedule of the caller's own: its options refused by name now, not at a step
+            check_freeze_below(getattr(schedule, "freeze_below", 0.0))
+            backs_off_on_loss_rise(schedule)
         self.search_rule = resolve_rule(search_rule)
         self.schedule = schedule
         self.search_direction = search_direction
@@ -323,7 +327,8 @@ class FusedSaLSa(Optimizer):
     def applied_steps(self) -> List[float]:
         """Per group, the applied step of the next plain step: ``lr * s * eta * growth`` (the rule's
         first trial: ``eta * 2^(1/b)`` for seed 001's rules; ``s`` the schedule's scale at the
-        next step, past a schedule's end the scale it holds there)."""
+        next step, past a schedule's end the scale it holds there, times the back-off
+        ``search_state.applied_backoff`` of ``backoff_on_loss_rise``)."""
         state = freeze_if_collapsed(self.schedule, self._search, self._search.step + 1)
         scale = applied_scale(self.schedule, state, state.step + 1)
         trial = plan_step(self.search_rule, state, self.search_config).trial_step_size

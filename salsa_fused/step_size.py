@@ -82,7 +82,9 @@ class WarmupStableDecay:
     multiplier ``b`` on the applied step halves and ``l_low <- l`` (:func:`observe_search_loss`,
     :func:`applied_scale`; quality NOTES section 23). No extra forward or host read. It reads the
     loss of the single-batch searches (the ``"salsa"``, ``"sls"`` and ``"alsals"`` rules), not a
-    LABPAL fit's.
+    LABPAL fit's. Only losses > 0 are compared (a ratio): a loss <= 0 leaves ``l`` as it is, and a
+    loss shifted up by a constant doubles later or never. ``b`` is in the checkpoint and multiplies
+    the applied step under any schedule (not with ``schedule=None``).
     """
 
     total_steps: int

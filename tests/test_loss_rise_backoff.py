@@ -193,9 +193,11 @@ def test_a_schedule_of_ones_own_with_a_bad_option_is_refused_at_the_step_and_cha
         backoff_on_loss_rise = bad
 
     model, closure, _ = model_and_closure()
+    with pytest.raises(ValueError, match="backoff_on_loss_rise"):  # given at construction: refused there
+        build(model, Mine(1.0))
     opt = build(model, FixedSchedule(1.0))
     train(opt, closure, 2)
-    opt.schedule = Mine(1.0)
+    opt.schedule = Mine(1.0)  # installed mid-run, as schedules are: refused at the step
     before_w = [p.detach().clone() for p in model.parameters()]
     before = opt.search_state
     with pytest.raises(ValueError, match="backoff_on_loss_rise"):
