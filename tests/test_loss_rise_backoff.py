@@ -12,7 +12,7 @@ import torch
 from salsa_fused import FusedSaLSa, StepSizeBeam
 from salsa_fused.line_search import SearchState
 from salsa_fused.step_size import (LOSS_RISE_BACKOFF, LOSS_RISE_RATIO, LOSS_RISE_SMOOTHING, ScaledSchedule,
-                                   WarmupStableDecay, applied_scale, observe_search_loss)
+                                   WarmupStableDecay, applied_scale, observe_search_loss, warn_past_end)
 
 from test_applied_step import FixedSchedule
 
@@ -228,3 +228,11 @@ def test_a_beam_branch_restores_the_back_off():
             after = opt.search_state
             assert beam.last_decision["step"] == 10
             assert after.applied_backoff == before.applied_backoff  # the branches' halvings were thrown away
+
+
+def test_the_past_end_warning_quotes_the_applied_scale_with_the_back_off():
+    schedule = WarmupStableDecay(10, warmup=0.0, decay=0.5, peak=2.0, backoff_on_loss_rise=True)
+    with pytest.warns(UserWarning, match=r"holds at 0\.2x the searched level"):  # 2 * 1/5, halved
+        warn_past_end(schedule, 11, state=replace(SearchState(), applied_backoff=0.5))
+    with pytest.warns(UserWarning, match=r"holds at 0\.4x the searched level"):
+        warn_past_end(schedule, 11)
