@@ -35,8 +35,7 @@ from .line_search import SearchConfig, SearchState
 from .rules import (Batches, check_arguments, check_rule_state, moment_step, plan_step, plan_without_search,
                     resolve_rule, step_batches)
 from .step_size import (applied_scale, backs_off_on_loss_rise, check_freeze_below, freeze_if_collapsed,
-                        observe_search_loss,
-                        schedule_searches, warn_collapsed_level, warn_past_end)
+                        observe_search_loss, schedule_searches, warn_collapsed_level, warn_past_end)
 
 LossClosure = Callable[[], Union[torch.Tensor, float]]
 
