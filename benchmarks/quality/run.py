@@ -127,17 +127,14 @@ def _lr_factor_step(built, task, model, batch, score_batch) -> torch.Tensor:
     return loss
 
 
-def _applied_level(opt, schedule, step: int) -> float:
-    """The level step ``step`` (1-based) applied, in the units of a rate: ``eta * growth`` times the
-    schedule's scale and the range test's back-off (``salsa_fused.step_size.applied_scale``)."""
-    return opt.step_size * opt.search_config.growth * applied_scale(schedule, opt.search_state, step)
-
-
-def _note_backoff(opt, step: int, backoffs: List[list]) -> None:
-    """Append ``[step, b]`` to ``backoffs`` when the range test's back-off ``b`` changed at ``step``."""
-    backoff = opt.search_state.applied_backoff
-    if backoff != (backoffs[-1][1] if backoffs else 1.0):
-        backoffs.append([step, backoff])
+def _record_level(opt, schedule, step: int, step_sizes: List[float], backoffs: List[list]) -> None:
+    """Append the level step ``step`` (1-based) applied, in the units of a rate (``eta * growth`` times
+    the schedule's scale and the range test's back-off ``b``: ``salsa_fused.step_size.applied_scale``),
+    and ``[step, b]`` to ``backoffs`` when ``b`` changed at ``step``. One copy of the search state."""
+    state = opt.search_state
+    step_sizes.append(state.step_size * opt.search_config.growth * applied_scale(schedule, state, step))
+    if state.applied_backoff != (backoffs[-1][1] if backoffs else 1.0):
+        backoffs.append([step, state.applied_backoff])
 
 
 def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
@@ -162,13 +159,11 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
             if family == "fused":
                 opt.zero_grad(set_to_none=True)
                 loss = opt.step(lambda: task.loss(model, batch))
-                step_sizes.append(_applied_level(opt, built.schedule, k + 1))
-                _note_backoff(opt, k + 1, backoffs)
+                _record_level(opt, built.schedule, k + 1, step_sizes, backoffs)
             elif family == "beam":
                 batches = task.batches  # closure(i): batch i of this step's horizon, the stream from step k on
                 loss = built.beam.step(lambda i: task.loss(model, batches[k + i]))
-                step_sizes.append(_applied_level(opt, opt.schedule, k + 1))
-                _note_backoff(opt, k + 1, backoffs)
+                _record_level(opt, opt.schedule, k + 1, step_sizes, backoffs)
             elif family == "labpal":
                 batches = task.batches  # closure(i): batch i of this step, the stream from step k on
                 opt.zero_grad(set_to_none=True)
