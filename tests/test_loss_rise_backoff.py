@@ -45,10 +45,19 @@ def test_the_smoothed_loss_its_lowest_value_and_one_halving_per_doubling():
     assert state.search_loss_avg_low == state.search_loss_avg  # the next halving needs another doubling
     assert rises == 1  # 0.9 * 3.8 + 0.1 * 100 = 13.4 > 2 * 3.8
     state = observe(ON, state, 100.0)
-    assert state.applied_backoff == LOSS_RISE_BACKOFF  # 22.1 < 2 * 13.4
-    for _ in range(40):
+    assert state.applied_backoff == LOSS_RISE_BACKOFF  # 0.9 * 13.42 + 10 = 22.078 < 2 * 13.42
+    # losses of 1000 from l = 22.078, l_low = 13.42, by hand: l = 119.870 > 26.84 (halve, l_low 119.870);
+    # 207.883 < 239.740; 287.095 > 239.740 (halve, l_low 287.095); 358.385, 422.547, 480.292, 532.263
+    # < 574.190; 579.037 > 574.190 (halve, l_low 579.037); then l < 1000 < 2 * 579.037 for good:
+    # halvings at the 1st, 3rd and 8th search
+    halved_at = []
+    for search in range(1, 41):
+        before = state.applied_backoff
         state = observe(ON, state, 1000.0)
-    assert state.applied_backoff == LOSS_RISE_BACKOFF ** 2 or state.applied_backoff < LOSS_RISE_BACKOFF
+        if state.applied_backoff != before:
+            halved_at.append(search)
+    assert halved_at == [1, 3, 8] and state.applied_backoff == LOSS_RISE_BACKOFF ** 4
+    assert state.search_loss_avg_low == pytest.approx(579.037, abs=1e-3)
 
 
 @pytest.mark.parametrize("loss", [0.0, -3.0, math.inf, math.nan])
@@ -206,7 +215,15 @@ def test_a_schedule_of_ones_own_with_a_bad_option_is_refused_at_the_step_and_cha
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before_w))
 
 
-def test_a_beam_branch_restores_the_back_off():
+def test_a_beam_branch_restores_the_back_off(monkeypatch):
+    import salsa_fused.optimizer as optimizer_module
+    seen = []  # every back-off a search left, branches' included
+
+    def recording(schedule, state):
+        state = observe_search_loss(schedule, state)
+        seen.append(state.applied_backoff)
+        return state
+    monkeypatch.setattr(optimizer_module, "observe_search_loss", recording)
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
     batches = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(40)]
@@ -227,7 +244,8 @@ def test_a_beam_branch_restores_the_back_off():
         if step == 10:
             after = opt.search_state
             assert beam.last_decision["step"] == 10
-            assert after.applied_backoff == before.applied_backoff  # the branches' halvings were thrown away
+            assert min(seen) < 1.0  # a branch's inflated losses did back off ...
+            assert after.applied_backoff == before.applied_backoff == 1.0  # ... and the branch was thrown away
 
 
 def test_the_past_end_warning_quotes_the_applied_scale_with_the_back_off():
