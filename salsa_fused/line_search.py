@@ -84,7 +84,8 @@ class SearchState:
     step_size_fast_peak: float = 0.0
     #: The step at which a schedule's ``freeze_below`` froze a collapsing level early (0: it has not).
     frozen_at: int = 0
-    #: The loss ``f0`` the last search read (averaged over ranks); 0 before any search.
+    #: The loss ``f0`` the last single-batch search read (averaged over ranks); 0 before any (a LABPAL
+    #: fit does not write it).
     last_search_loss: float = 0.0
     #: A schedule's ``backoff_on_loss_rise``: the smoothed search loss ``l``, its lowest value ``l_low``
     #: (0: none yet) and the multiplier ``b`` on the applied step (1 until the loss turns).
