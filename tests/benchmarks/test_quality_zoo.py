@@ -191,15 +191,36 @@ def test_the_lr_factor_family_wraps_only_an_unscheduled_optimizer():
 
 def test_a_row_of_a_schedule_with_an_early_freeze_records_when_its_level_froze(tmp_path):
     out = str(tmp_path / "rows.jsonl")
-    assert runner.main(["run", "--tasks", "logreg", "--configs", "pretrain_freeze16,pretrain,salsa_defaults",
+    assert runner.main(["run", "--tasks", "logreg", "--configs",
+                        "pretrain_freeze16,pretrain_backoff,pretrain,salsa_defaults",
                         "--seeds", "0", "--steps", "30", "--out", out]) == 0
     rows = {r["config"]: r for r in runner.read_rows([out])}
     assert "early_freeze" not in rows["salsa_defaults"]  # no schedule: nothing to freeze
-    # since NOTES.md section 22 the preset is the candidate that round ran
-    assert rows["pretrain"]["early_freeze"] == rows["pretrain_freeze16"]["early_freeze"]
-    assert rows["pretrain"]["loss_trace"] == rows["pretrain_freeze16"]["loss_trace"]
+    # since NOTES.md section 23 the preset is the candidate that round ran (section 22's, plus the back-off)
+    assert rows["pretrain"]["early_freeze"] == rows["pretrain_backoff"]["early_freeze"]
+    assert rows["pretrain"]["loss_trace"] == rows["pretrain_backoff"]["loss_trace"]
+    assert "loss_rise_backoffs" in rows["pretrain"] and "loss_rise_backoffs" not in rows["pretrain_freeze16"]
+    assert "loss_rise_backoffs" not in rows["salsa_defaults"]
     freeze = rows["pretrain"]["early_freeze"]
     assert isinstance(freeze["frozen_at"], int) and 0 <= freeze["frozen_at"] <= 6  # the search phase: 20% of 30
     assert freeze["peak"] > 0 and freeze["level"] > 0
     if freeze["frozen_at"]:
         assert freeze["level"] == pytest.approx(freeze["peak"] / 16, rel=1e-5)
+
+
+def test_the_level_record_follows_the_back_off_and_notes_each_change():
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from benchmarks.quality.run import _record_level
+    from salsa_fused.line_search import SearchConfig, SearchState
+    from salsa_fused.step_size import WarmupStableDecay
+
+    schedule = WarmupStableDecay(10, warmup=0.0, decay=0.5, peak=2.0, backoff_on_loss_rise=True)
+    opt = SimpleNamespace(search_config=SearchConfig(growth=1.25), search_state=SearchState(step_size=0.1))
+    step_sizes, backoffs = [], []
+    for step, backoff in ((1, 1.0), (2, 0.5), (3, 0.5), (4, 0.25)):
+        opt.search_state = replace(opt.search_state, applied_backoff=backoff)
+        _record_level(opt, schedule, step, step_sizes, backoffs)
+    assert step_sizes == pytest.approx([0.1 * 1.25 * 2.0 * b for b in (1.0, 0.5, 0.5, 0.25)], rel=1e-15)
+    assert backoffs == [[2, 0.5], [4, 0.25]]
