@@ -86,12 +86,12 @@ class Passes:
 
 
 def plain_step(passes: Passes, trial: float, loss: torch.Tensor, found_inf: Optional[torch.Tensor],
-               counts: DeviceCounts, reduction: SearchReduction, direction: str = GRADIENT) -> torch.Tensor:
+               counts: DeviceCounts, reduction: SearchReduction, direction: str = GRADIENT) -> None:
     """A step without search: every bucket moves ``lr_g * s * trial`` (``trial``: the rule's first
     trial, ``eta * growth`` for SaLSa) along ``m_hat`` after Adam's moment update, or along the raw
     gradient with the moments untouched when ``direction`` is the backends' ``RAW`` (a rule whose
     direction is ``g``, e.g. LABPAL's SGD updates), unless ``loss`` is non-finite or ``found_inf``
-    is set. No host read. Returns the loss it judged (averaged over the data-parallel group)."""
+    is set. No host read."""
     if reduction.loss_group is not None:
         # Every rank must take the same skip decision: judge the loss averaged over
         # the data-parallel group (one 4-byte all-reduce, no host read).
@@ -106,7 +106,6 @@ def plain_step(passes: Passes, trial: float, loss: torch.Tensor, found_inf: Opti
                             direction, passes.grad_scale)
             passes.backend.plain_step(b, args, loss, found_inf=found_inf, nonfinite_count=counts.nonfinite_elements,
                                       step_counts=counts.step_counts if i == 0 else None)
-    return loss
 
 
 def slope(passes: Passes, direction: str, device: Optional[torch.device]) -> torch.Tensor:

@@ -35,8 +35,7 @@ from .line_search import SearchConfig, SearchState
 from .rules import (Batches, check_arguments, check_rule_state, moment_step, plan_step, plan_without_search,
                     resolve_rule, step_batches)
 from .step_size import (applied_scale, backs_off_on_loss_rise, check_freeze_below, freeze_if_collapsed,
-                        observe_loss, observe_search_loss, schedule_searches, warn_collapsed_level, warn_past_end,
-                        watches_loss_at)
+                        observe_search_loss, schedule_searches, warn_collapsed_level, warn_past_end)
 
 LossClosure = Callable[[], Union[torch.Tensor, float]]
 
@@ -708,14 +707,10 @@ class FusedSaLSa(Optimizer):
                            scale, plan.state.step_size, getattr(self, "grad_scale", None))
 
     def _plain_step(self, passes: F.Passes, plan, f0: torch.Tensor) -> None:
-        """A step without search along the rule's direction (Adam's ``m_hat`` unless it is ``raw``); on a
-        step the range test watches after the search phase (``backoff_after_search``), its one host read."""
-        judged = F.plain_step(passes, plan.trial_step_size, f0, getattr(self, "found_inf", None),
-                              self._device_counts(), self.reduction, self.search_rule.direction(self.search_direction))
-        state = plan.state
-        if watches_loss_at(self.schedule, state, state.step):
-            state = observe_loss(self.schedule, state, float(judged))
-        self._commit(state)
+        """A step without search along the rule's direction (Adam's ``m_hat`` unless it is ``raw``)."""
+        F.plain_step(passes, plan.trial_step_size, f0, getattr(self, "found_inf", None), self._device_counts(),
+                     self.reduction, self.search_rule.direction(self.search_direction))
+        self._commit(plan.state)
 
     def _search_step(self, passes: F.Passes, plan, f0, trial_loss: Callable[[], float]) -> None:
         """The search step of ``plan`` from loss ``f0`` (:func:`salsa_fused.functional.search_step`)."""

@@ -85,12 +85,6 @@ class WarmupStableDecay:
     LABPAL fit's. Only losses > 0 are compared (a ratio): a loss <= 0 leaves ``l`` as it is, and a
     loss shifted up by a constant doubles later or never. ``b`` is in the checkpoint and multiplies
     the applied step under any schedule (not with ``schedule=None``).
-
-    ``backoff_after_search`` (with ``backoff_on_loss_rise``) keeps the range test on after the search
-    phase (the cooldown, an early freeze, past the end): every ``LOSS_WATCH_INTERVAL`` = 10th step
-    there, the step's loss (averaged over the data-parallel group) is read on the host and fed to the
-    same test (:func:`watches_loss_at`). One host read per 10 steps, as often as the search phase reads
-    at its longest interval; no extra forward (quality NOTES section 24).
     """
 
     total_steps: int
@@ -100,7 +94,6 @@ class WarmupStableDecay:
     peak: float = 1.0
     freeze_below: float = 0.0
     backoff_on_loss_rise: bool = False
-    backoff_after_search: bool = False
 
     def __post_init__(self):
         if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1:
@@ -115,7 +108,6 @@ class WarmupStableDecay:
             raise ValueError(f"peak must be a finite number > 0, got {self.peak!r}")
         check_freeze_below(self.freeze_below)
         check_flag("backoff_on_loss_rise", self.backoff_on_loss_rise)
-        check_backoff_after_search(self.backoff_on_loss_rise, self.backoff_after_search)
 
     @property
     def warmup_steps(self) -> int:
@@ -230,11 +222,6 @@ class ScaledSchedule:
         """Whether the inner schedule backs off when the loss turns (False without one)."""
         return getattr(self.inner, "backoff_on_loss_rise", False)
 
-    @property
-    def backoff_after_search(self) -> bool:
-        """Whether the inner schedule's range test watches the loss after its search phase."""
-        return getattr(self.inner, "backoff_after_search", False)
-
 
 def freeze_if_collapsed(schedule, state, step: int):
     """The search state step ``step`` (1-based) starts from: ``state``, unless ``schedule`` has
@@ -267,19 +254,6 @@ def schedule_searches(schedule, state, step: int) -> bool:
 LOSS_RISE_SMOOTHING = 0.9
 LOSS_RISE_RATIO = 2.0
 LOSS_RISE_BACKOFF = 0.5
-#: ``backoff_after_search``: after the search phase the test reads the loss of every 10th step (the search
-#: interval's bound, ``SearchConfig.max_search_interval``'s default).
-LOSS_WATCH_INTERVAL = 10
-
-
-def check_backoff_after_search(backoff_on_loss_rise, backoff_after_search) -> bool:
-    """``backoff_after_search`` checked: a bool, and on only with ``backoff_on_loss_rise`` (it extends that
-    test); ValueError naming it otherwise."""
-    check_flag("backoff_after_search", backoff_after_search)
-    if backoff_after_search and not backoff_on_loss_rise:
-        raise ValueError("backoff_after_search=True extends backoff_on_loss_rise's test past the search "
-                         "phase: set backoff_on_loss_rise=True too")
-    return backoff_after_search
 
 
 def backs_off_on_loss_rise(schedule) -> bool:
@@ -287,34 +261,18 @@ def backs_off_on_loss_rise(schedule) -> bool:
     not a bool, on a schedule of the caller's own, is refused by name (checked before a step writes)."""
     if schedule is None:
         return False
-    on = check_flag("backoff_on_loss_rise", getattr(schedule, "backoff_on_loss_rise", False))
-    check_backoff_after_search(on, getattr(schedule, "backoff_after_search", False))
-    return on
-
-
-def watches_loss_at(schedule, state, step: int) -> bool:
-    """Whether step ``step`` (1-based), a step without a search, reads its loss for the range test:
-    ``schedule`` has ``backoff_after_search``, its search phase is over at ``step`` (or the level froze
-    early: :func:`schedule_searches` is False) and ``step`` is a multiple of ``LOSS_WATCH_INTERVAL``."""
-    if not backs_off_on_loss_rise(schedule) or not getattr(schedule, "backoff_after_search", False):
-        return False
-    return step % LOSS_WATCH_INTERVAL == 0 and not schedule_searches(schedule, state, step)
+    return check_flag("backoff_on_loss_rise", getattr(schedule, "backoff_on_loss_rise", False))
 
 
 def observe_search_loss(schedule, state):
-    """The search state after a search whose loss was ``state.last_search_loss``:
-    :func:`observe_loss` of that loss."""
-    return observe_loss(schedule, state, state.last_search_loss)
-
-
-def observe_loss(schedule, state, loss: float):
-    """The search state after the range test read ``loss`` (a search's ``f0``, or a watched step's loss):
-    unchanged unless ``schedule`` has ``backoff_on_loss_rise`` and ``loss`` is > 0; then the smoothed loss
-    ``l <- 0.9 l + 0.1 f0`` (``f0`` itself at the first reading) and its lowest value ``l_low``
+    """The search state after a search whose loss was ``state.last_search_loss``: unchanged unless
+    ``schedule`` has ``backoff_on_loss_rise`` and that loss is > 0; then the smoothed loss
+    ``l <- 0.9 l + 0.1 f0`` (``f0`` itself at the first such search) and its lowest value ``l_low``
     are updated, and if ``l > 2 l_low`` the loss has turned: ``b <- b / 2`` (the multiplier on the
     applied step, :func:`applied_scale`) and ``l_low <- l``, so a second back-off needs a second doubling."""
     if not backs_off_on_loss_rise(schedule):
         return state
+    loss = state.last_search_loss
     if not (math.isfinite(loss) and loss > 0.0):
         return state  # a ratio of losses means nothing for a loss <= 0
     average = loss if state.search_loss_avg <= 0.0 else (
