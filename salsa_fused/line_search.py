@@ -92,6 +92,9 @@ class SearchState:
     search_loss_avg: float = 0.0
     search_loss_avg_low: float = 0.0
     applied_backoff: float = 1.0
+    #: A schedule's ``hold_scale_on_loss_rise``: the schedule's scale at the first back-off, above which
+    #: its scale no longer rises (0: no hold).
+    scale_hold: float = 0.0
     steps_since_search: int = 100  # t
     search_interval: float = 1.0  # L of the last step
     num_forward_evals: int = 0
@@ -124,7 +127,7 @@ class SearchState:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise ValueError(f"search state {name} must be a finite number, got {value!r}")
-        for name in ("search_loss_avg", "search_loss_avg_low"):
+        for name in ("search_loss_avg", "search_loss_avg_low", "scale_hold"):
             value = getattr(self, name)
             if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"search state {name} must be a finite number >= 0, got {value!r}")

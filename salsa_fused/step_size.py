@@ -85,6 +85,13 @@ class WarmupStableDecay:
     LABPAL fit's. Only losses > 0 are compared (a ratio): a loss <= 0 leaves ``l`` as it is, and a
     loss shifted up by a constant doubles later or never. ``b`` is in the checkpoint and multiplies
     the applied step under any schedule (not with ``schedule=None``).
+
+    ``hold_scale_on_loss_rise`` (with ``backoff_on_loss_rise``) also ends the warm-up's rise where the
+    loss turned: at the first back-off, at step ``k``, the schedule's scale ``h = scale(k)`` is kept
+    (``SearchState.scale_hold``) and from then on the applied multiplier is ``min(scale(step), h) * b``
+    (:func:`applied_scale`; quality NOTES section 25). The cooldown then decays from ``h`` once its own
+    scale falls below it. Under a beam's wrapper the hold applies to the wrapped schedule's scale, not
+    to the beam's multiplier.
     """
 
     total_steps: int
@@ -94,6 +101,7 @@ class WarmupStableDecay:
     peak: float = 1.0
     freeze_below: float = 0.0
     backoff_on_loss_rise: bool = False
+    hold_scale_on_loss_rise: bool = False
 
     def __post_init__(self):
         if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1:
@@ -108,6 +116,7 @@ class WarmupStableDecay:
             raise ValueError(f"peak must be a finite number > 0, got {self.peak!r}")
         check_freeze_below(self.freeze_below)
         check_flag("backoff_on_loss_rise", self.backoff_on_loss_rise)
+        check_hold(self.backoff_on_loss_rise, self.hold_scale_on_loss_rise)
 
     @property
     def warmup_steps(self) -> int:
@@ -222,6 +231,11 @@ class ScaledSchedule:
         """Whether the inner schedule backs off when the loss turns (False without one)."""
         return getattr(self.inner, "backoff_on_loss_rise", False)
 
+    @property
+    def hold_scale_on_loss_rise(self) -> bool:
+        """Whether the inner schedule's warm-up stops rising at a back-off (False without one)."""
+        return getattr(self.inner, "hold_scale_on_loss_rise", False)
+
 
 def freeze_if_collapsed(schedule, state, step: int):
     """The search state step ``step`` (1-based) starts from: ``state``, unless ``schedule`` has
@@ -256,12 +270,31 @@ LOSS_RISE_RATIO = 2.0
 LOSS_RISE_BACKOFF = 0.5
 
 
+def check_hold(backoff_on_loss_rise, hold_scale_on_loss_rise) -> bool:
+    """``hold_scale_on_loss_rise`` checked: a bool, on only with ``backoff_on_loss_rise`` (it acts at that
+    test's back-offs); ValueError naming it otherwise."""
+    check_flag("hold_scale_on_loss_rise", hold_scale_on_loss_rise)
+    if hold_scale_on_loss_rise and not backoff_on_loss_rise:
+        raise ValueError("hold_scale_on_loss_rise=True acts at backoff_on_loss_rise's back-offs: "
+                         "set backoff_on_loss_rise=True too")
+    return hold_scale_on_loss_rise
+
+
 def backs_off_on_loss_rise(schedule) -> bool:
     """Whether ``schedule`` has ``backoff_on_loss_rise`` on (False without a schedule); a value that is
     not a bool, on a schedule of the caller's own, is refused by name (checked before a step writes)."""
     if schedule is None:
         return False
-    return check_flag("backoff_on_loss_rise", getattr(schedule, "backoff_on_loss_rise", False))
+    on = check_flag("backoff_on_loss_rise", getattr(schedule, "backoff_on_loss_rise", False))
+    check_hold(on, getattr(schedule, "hold_scale_on_loss_rise", False))
+    return on
+
+
+def _unwrapped_scale(schedule, step: int) -> float:
+    """The scale of ``schedule`` without a beam's multiplier (a ScaledSchedule's inner schedule's)."""
+    if isinstance(schedule, ScaledSchedule):
+        return 1.0 if schedule.inner is None else float(schedule.inner.scale(step))
+    return float(schedule.scale(step))
 
 
 def observe_search_loss(schedule, state):
@@ -278,19 +311,29 @@ def observe_search_loss(schedule, state):
     average = loss if state.search_loss_avg <= 0.0 else (
         LOSS_RISE_SMOOTHING * state.search_loss_avg + (1.0 - LOSS_RISE_SMOOTHING) * loss)
     low = average if state.search_loss_avg_low <= 0.0 else min(state.search_loss_avg_low, average)
-    backoff = state.applied_backoff
+    backoff, hold = state.applied_backoff, state.scale_hold
     if average > LOSS_RISE_RATIO * low:
         backoff, low = backoff * LOSS_RISE_BACKOFF, average
-    return replace(state, search_loss_avg=average, search_loss_avg_low=low, applied_backoff=backoff)
+        if hold == 0.0 and getattr(schedule, "hold_scale_on_loss_rise", False):
+            hold = _unwrapped_scale(schedule, state.step) or hold  # a scale of 0 holds nothing
+    return replace(state, search_loss_avg=average, search_loss_avg_low=low, applied_backoff=backoff,
+                   scale_hold=hold)
 
 
 def applied_scale(schedule, state, step: int) -> float:
     """The multiplier on the level that step ``step`` applies: ``schedule.scale(step) * b``, with ``b``
     (``state.applied_backoff``) the back-off of ``backoff_on_loss_rise`` (1 until the loss turns);
-    1 without a schedule."""
+    1 without a schedule. With a hold ``h = state.scale_hold > 0`` (``hold_scale_on_loss_rise``) the
+    schedule's scale is ``min(scale(step), h)`` (a beam's multiplier outside the ``min``)."""
     if schedule is None:
         return 1.0
-    return float(schedule.scale(step)) * state.applied_backoff
+    scale = float(schedule.scale(step))
+    hold = state.scale_hold
+    if hold > 0.0:
+        unwrapped = _unwrapped_scale(schedule, step)
+        if unwrapped > hold:
+            scale = hold * (scale / unwrapped)
+    return scale * state.applied_backoff
 
 
 #: A level below this fraction of the peak of the search's fast average has collapsed (quality NOTES

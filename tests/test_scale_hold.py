@@ -1,0 +1,116 @@
+"""``WarmupStableDecay(hold_scale_on_loss_rise=True)`` (quality NOTES section 25): at the range test's
+first back-off the schedule's scale ``h`` is kept, and the applied multiplier is ``min(scale, h) * b``."""
+
+import copy
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from salsa_fused.line_search import SearchState
+from salsa_fused.step_size import LOSS_RISE_BACKOFF, ScaledSchedule, WarmupStableDecay, applied_scale
+
+from test_loss_rise_backoff import build, model_and_closure, observe, train
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
+TOTAL = 100  # warm-up to 2x over steps 1-20, searches through step 50, then a linear decay
+HOLD = WarmupStableDecay(TOTAL, warmup=0.2, decay=0.5, peak=2.0, backoff_on_loss_rise=True,
+                         hold_scale_on_loss_rise=True)
+
+
+def turned(schedule, step, losses=(1.0, 100.0)):
+    """A state whose loss turned at ``step``: one low loss, then one that doubles the average."""
+    state = replace(SearchState(), step=step)
+    for loss in losses:
+        state = observe(schedule, state, loss)
+    return state
+
+
+def test_the_first_back_off_keeps_the_scale_and_a_later_one_does_not_move_it():
+    state = turned(HOLD, 8)
+    assert state.applied_backoff == LOSS_RISE_BACKOFF and state.scale_hold == HOLD.scale(8) == 0.8
+    later = observe(HOLD, replace(state, step=15), 1e6)  # a second halving at step 15
+    assert later.applied_backoff == LOSS_RISE_BACKOFF ** 2 and later.scale_hold == 0.8
+    without = turned(replace(HOLD, hold_scale_on_loss_rise=False), 8)
+    assert without.applied_backoff == LOSS_RISE_BACKOFF and without.scale_hold == 0.0
+
+
+def test_the_applied_scale_is_the_held_scale_until_the_cooldown_falls_below_it():
+    state = turned(HOLD, 8)
+    for step in (8, 12, 20, 50, 70, 90, 100):
+        want = min(HOLD.scale(step), 0.8) * LOSS_RISE_BACKOFF
+        assert applied_scale(HOLD, state, step) == pytest.approx(want, rel=1e-15)
+    assert applied_scale(HOLD, state, 30) == 0.8 * LOSS_RISE_BACKOFF  # the warm-up's rise ended at 0.8
+    assert applied_scale(HOLD, state, 95) == HOLD.scale(95) * LOSS_RISE_BACKOFF  # 0.2 < 0.8: the decay
+
+
+def test_under_a_beams_wrapper_the_hold_is_on_the_wrapped_schedule_not_the_beams_multiplier():
+    class Owner:
+        multiplier = 1.0
+    owner = Owner()
+    wrapped = ScaledSchedule(HOLD, owner, "multiplier")
+    assert wrapped.hold_scale_on_loss_rise is True
+    state = turned(wrapped, 8)
+    assert state.scale_hold == 0.8
+    owner.multiplier = 4.0  # the beam moves its multiplier later: the hold does not cap it
+    assert applied_scale(wrapped, state, 30) == pytest.approx(0.8 * 4.0 * LOSS_RISE_BACKOFF, rel=1e-15)
+
+
+@pytest.mark.parametrize("bad", [1, "yes", None])
+def test_a_bad_option_or_one_without_the_back_off_is_refused_by_name(bad):
+    with pytest.raises(ValueError, match="hold_scale_on_loss_rise"):
+        WarmupStableDecay(10, backoff_on_loss_rise=True, hold_scale_on_loss_rise=bad)
+    with pytest.raises(ValueError, match="hold_scale_on_loss_rise=True acts at backoff_on_loss_rise"):
+        WarmupStableDecay(10, hold_scale_on_loss_rise=True)
+
+
+def run(schedule, steps, inflate_at=None):
+    model, closure, inflation = model_and_closure()
+    opt = build(model, schedule)
+    for step in range(1, steps + 1):
+        if step == inflate_at:
+            inflation[0] = 50.0  # the loss jumps during the warm-up (scripted)
+        train(opt, closure, 1)
+    return model, opt
+
+
+def test_a_run_whose_loss_never_turns_is_bitwise_the_run_without_the_hold():
+    (m_on, o_on), (m_off, o_off) = run(HOLD, 60), run(replace(HOLD, hold_scale_on_loss_rise=False), 60)
+    assert o_on.search_state == o_off.search_state and o_on.search_state.scale_hold == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(m_on.parameters(), m_off.parameters()))
+
+
+def test_a_loss_that_turns_in_the_warm_up_holds_the_applied_step_and_a_checkpoint_keeps_it():
+    model, closure, inflation = model_and_closure()
+    opt = build(model, HOLD)
+    train(opt, closure, 5)
+    inflation[0] = 50.0  # the loss jumps during the warm-up (scripted)
+    while opt.search_state.applied_backoff == 1.0:
+        train(opt, closure, 1)
+        assert opt.search_state.step < HOLD.warmup_steps, "the loss turned and no back-off followed"
+    state = opt.search_state
+    assert state.applied_backoff == LOSS_RISE_BACKOFF and state.scale_hold == HOLD.scale(state.step)
+    want = [group["lr"] * state.scale_hold * LOSS_RISE_BACKOFF * state.step_size * opt.search_config.growth
+            for group in opt.param_groups]
+    assert opt.applied_steps == pytest.approx(want, rel=1e-12)  # the next step applies the held scale
+    saved = copy.deepcopy(opt.state_dict())
+    resumed_model, _, _ = model_and_closure()
+    resumed = build(resumed_model, HOLD)
+    resumed.load_state_dict(saved)
+    assert resumed.search_state.scale_hold == state.scale_hold
+
+
+@pytest.mark.parametrize("bad", [-0.5, math.inf, math.nan, True])
+def test_a_checkpoint_with_an_impossible_hold_is_refused_and_an_old_one_loads_without(bad):
+    model, opt = run(HOLD, 3)
+    saved, before = copy.deepcopy(opt.state_dict()), opt.search_state
+    broken = copy.deepcopy(saved)
+    broken["param_groups"][0]["search"]["scale_hold"] = bad
+    with pytest.raises(ValueError, match="scale_hold"):
+        opt.load_state_dict(broken)
+    assert opt.search_state == before
+    del saved["param_groups"][0]["search"]["scale_hold"]  # a checkpoint from before the option
+    opt.load_state_dict(saved)
+    assert opt.search_state.scale_hold == 0.0
