@@ -19,9 +19,11 @@ The presets here are other fixed configurations, with nothing to tune per task:
   section 22). If the loss turns during the search phase (its smoothed value, over the losses
   the searches read, doubles from its lowest: the warm-up overshot), the applied step halves,
   once per doubling (``backoff_on_loss_rise``, a range test on the search's own losses, quality
-  NOTES section 23). History (quality NOTES sections 6-7, 22-23): until section 7 it was the
-  author's ``beta3=0.99`` with a 5% warmup and a 50% cooldown at 1x the level; the early freeze
-  since section 22; the back-off since section 23.
+  NOTES section 23), and the warm-up stops rising at the scale where the loss first turned: the
+  applied multiplier is then ``min(scale, h) * b`` (``hold_scale_on_loss_rise``, section 25).
+  History (quality NOTES sections 6-7, 22-23, 25): until section 7 it was the author's
+  ``beta3=0.99`` with a 5% warmup and a 50% cooldown at 1x the level; the early freeze since
+  section 22; the back-off since section 23; the hold since section 25.
 
 Run length, for ``"pretrain"``:
 
@@ -76,7 +78,8 @@ def _pretrain(total_steps: Optional[int]) -> dict:
     if total_steps is None:  # the run length unknown: the searched level throughout, no schedule
         return search
     return dict(search, schedule=WarmupStableDecay(total_steps, warmup=0.2, decay=0.8, peak=2.0,
-                                                   freeze_below=COLLAPSE_FRACTION, backoff_on_loss_rise=True))
+                                                   freeze_below=COLLAPSE_FRACTION, backoff_on_loss_rise=True,
+                                                   hold_scale_on_loss_rise=True))
 
 
 PRESETS: Dict[str, Callable[[Optional[int]], dict]] = {

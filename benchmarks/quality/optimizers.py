@@ -387,7 +387,9 @@ REGISTRY: Dict[str, Callable] = {
     # (beam_cool_margin included) that name a commit before that adoption ran without the freeze;
     # pretrain_freeze16 / beam_cool_margin_freeze16 ran it. Since section 23 it also backs off when the
     # loss turns (backoff_on_loss_rise): rows before that adoption ran without it; pretrain_backoff /
-    # beam_cool_margin_backoff ran it and now build the same optimizers as these.
+    # beam_cool_margin_backoff ran it. Since section 25 it also holds the warm-up's scale at the first
+    # back-off (hold_scale_on_loss_rise): rows before that adoption ran without it; pretrain_hold /
+    # beam_cool_margin_hold ran it and now build the same optimizers as these.
     "salsa_recommended": _preset(presets.RECOMMENDED),
     # ... told no run length (total_steps=None): no schedule, the searched level throughout (NOTES 13)
     "salsa_recommended_nolength": _preset(presets.RECOMMENDED, length_known=False),
