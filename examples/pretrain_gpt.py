@@ -255,7 +255,8 @@ def train(args) -> dict:
             if args.optimizer.startswith("salsa"):
                 record.update(step_size=opt.step_size, effective_step_size=opt.applied_steps[0],
                               interval=opt.search_interval, forwards=opt.num_forward_evals,
-                              searches=opt.num_searches, applied_backoff=opt.search_state.applied_backoff)
+                              searches=opt.num_searches, applied_backoff=opt.search_state.applied_backoff,
+                              scale_hold=opt.search_state.scale_hold)
             else:
                 record.update(step_size=schedule.get_last_lr()[0])
             if (step + 1) % args.eval_interval == 0 or step + 1 == args.steps:

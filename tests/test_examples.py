@@ -36,6 +36,7 @@ def test_pretrain_gpt_runs_plots_and_resumes_identically(tmp_path):
     full = _log(tmp_path / "full")
     assert [r["step"] for r in full] == list(range(1, 7))
     assert all(r["step_size"] > 0 and r["interval"] >= 0 and "forwards" in r for r in full)
+    assert all(0 < r["applied_backoff"] <= 1 and r["scale_hold"] >= 0 for r in full)  # the range test's record
     assert "val_loss" in full[2] and "val_loss" in full[5]
     with open(summary["plot"], "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
