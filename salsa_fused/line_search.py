@@ -134,6 +134,9 @@ class SearchState:
         backoff = self.applied_backoff
         if isinstance(backoff, bool) or not (isinstance(backoff, (int, float)) and 0 < backoff <= 1):
             raise ValueError(f"search state applied_backoff must be a number in (0, 1], got {backoff!r}")
+        if self.scale_hold > 0 and not backoff < 1:
+            raise ValueError(f"search state scale_hold={self.scale_hold!r} is kept at a back-off, but its "
+                             f"applied_backoff is {backoff!r} (no back-off yet)")
         if self.frozen_at > self.step:
             raise ValueError(f"search state frozen_at={self.frozen_at} is after its step {self.step}")
         peak = self.step_size_fast_peak

@@ -114,3 +114,12 @@ def test_a_checkpoint_with_an_impossible_hold_is_refused_and_an_old_one_loads_wi
     del saved["param_groups"][0]["search"]["scale_hold"]  # a checkpoint from before the option
     opt.load_state_dict(saved)
     assert opt.search_state.scale_hold == 0.0
+
+
+def test_a_checkpoint_with_a_hold_but_no_back_off_is_refused():
+    model, opt = run(HOLD, 3)
+    saved, before = copy.deepcopy(opt.state_dict()), opt.search_state
+    saved["param_groups"][0]["search"]["scale_hold"] = 1.5  # applied_backoff is still 1: no run reaches this
+    with pytest.raises(ValueError, match="scale_hold=1.5 is kept at a back-off"):
+        opt.load_state_dict(saved)
+    assert opt.search_state == before
