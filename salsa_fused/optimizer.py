@@ -389,6 +389,12 @@ class FusedSaLSa(Optimizer):
         """Load as ``torch.optim`` does, but keep the moments fp32 (torch would cast them to
         the parameter dtype) and validate the search state before anything changes."""
         groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"the checkpoint has {len(groups)} parameter group(s) and this optimizer {len(self.param_groups)}: "
+                "build it with the groups the checkpoint was saved with (the 'pretrain' preset splits a plain "
+                "list of tensors into decaying matrices and non-decaying vectors since 2026-12-01; pass "
+                "[{'params': list(model.parameters())}] to load a checkpoint it saved before); nothing was loaded")
         search = None
         if groups and _SEARCH_KEY in groups[0]:
             search = SearchState.from_dict(deepcopy(groups[0][_SEARCH_KEY]))

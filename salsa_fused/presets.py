@@ -54,12 +54,18 @@ Usage::
 
 Param groups passed in keep their own keys (``weight_decay`` per group, e.g. no decay on
 biases and norms), as with any torch optimizer; keyword ``overrides`` replace the preset's
-arguments (``backend=``, ``restore=``, ...).
+arguments (``backend=``, ``restore=``, ...). Handed a plain iterable of tensors
+(``model.parameters()``), ``"pretrain"`` splits it into the groups every quality measurement
+used (``benchmarks/quality``): tensors with 2 or more dimensions decay, the others (biases,
+norms' scales) do not (:func:`decay_matrices_only`). Pass ``[{"params": list(model.parameters())}]``
+to decay every tensor, as the preset did before 2026-12-01 (and to load its checkpoints).
 """
 
 from __future__ import annotations
 
 from typing import Callable, Dict, Optional
+
+import torch
 
 from .optimizer import FusedSaLSa
 from .step_size import COLLAPSE_FRACTION, WarmupStableDecay
@@ -118,9 +124,32 @@ def preset_kwargs(name: str, total_steps=_OMITTED) -> dict:
     return PRESETS[name](total_steps)
 
 
+#: Presets that, handed plain tensors, keep vectors (biases, norms' scales) out of the weight decay.
+SPLIT_DECAY = frozenset({"pretrain"})
+
+
+def decay_matrices_only(params):
+    """``params`` as the parameter groups of the quality measurements: a plain iterable of tensors
+    becomes ``[{"params": tensors with dim >= 2}, {"params": the rest, "weight_decay": 0.0}]`` (empty
+    groups left out, order kept within each); groups (dicts) are returned as they are."""
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    params = list(params)
+    if not params or any(isinstance(p, dict) for p in params):
+        return params
+    matrices = [p for p in params if isinstance(p, torch.Tensor) and p.dim() >= 2]
+    vectors = [p for p in params if not (isinstance(p, torch.Tensor) and p.dim() >= 2)]
+    groups = [{"params": matrices}] if matrices else []
+    return groups + ([{"params": vectors, "weight_decay": 0.0}] if vectors else [])
+
+
 def from_preset(params, name: str, total_steps=_OMITTED, **overrides) -> FusedSaLSa:
-    """``FusedSaLSa(params, **preset, **overrides)`` for the named preset."""
-    return FusedSaLSa(params, **{**preset_kwargs(name, total_steps), **overrides})
+    """``FusedSaLSa(params, **preset, **overrides)`` for the named preset; for a preset of
+    ``SPLIT_DECAY`` handed plain tensors, ``params`` split by :func:`decay_matrices_only`."""
+    kwargs = {**preset_kwargs(name, total_steps), **overrides}
+    if name in SPLIT_DECAY:
+        params = decay_matrices_only(params)
+    return FusedSaLSa(params, **kwargs)
 
 
 def recommended(params, total_steps=_OMITTED, **overrides) -> FusedSaLSa:

@@ -41,7 +41,7 @@ def test_faithful_preset_is_the_default_configuration():
 
 
 def test_author_and_recommended_presets_set_what_they_document():
-    w = torch.nn.Parameter(torch.ones(2))
+    w = torch.nn.Parameter(torch.ones(2, 2))
     author = presets.from_preset([w], "author_gpt")
     assert author.search_config.beta3 == 0.99 and author.search_direction == "momentum"
     assert author.param_groups[0]["weight_decay"] == 0.1
@@ -52,6 +52,40 @@ def test_author_and_recommended_presets_set_what_they_document():
                                              backoff_on_loss_rise=True, hold_scale_on_loss_rise=True)
     assert rec.schedule.scale(200) == 2.0 and rec.schedule.searches(200) and not rec.schedule.searches(201)
     assert presets.preset_kwargs(presets.RECOMMENDED, 1000)["search_direction"] == rec.search_direction
+
+
+def test_plain_tensors_are_split_as_the_quality_measurements_split_them():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 1))
+    opt = presets.recommended(model.parameters(), total_steps=10)  # a generator, as users pass it
+    matrices = [model[0].weight, model[2].weight]
+    vectors = [model[0].bias, model[1].weight, model[1].bias, model[2].bias]
+    assert [[id(p) for p in g["params"]] for g in opt.param_groups] == [[id(p) for p in matrices],
+                                                                        [id(p) for p in vectors]]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert [g["weight_decay"] for g in presets.recommended(model.parameters(), total_steps=10,
+                                                           weight_decay=0.3).param_groups] == [0.3, 0.0]
+    only_vectors = presets.recommended([model[0].bias], total_steps=10)  # no empty group
+    assert [g["weight_decay"] for g in only_vectors.param_groups] == [0.0]
+    everything = presets.recommended([{"params": list(model.parameters())}], total_steps=10)
+    assert len(everything.param_groups) == 1 and everything.param_groups[0]["weight_decay"] == 0.1
+    author = presets.from_preset(model.parameters(), "author_gpt")  # the author's settings: decays all
+    assert len(author.param_groups) == 1 and author.param_groups[0]["weight_decay"] == 0.1
+
+
+def test_a_checkpoint_of_the_single_group_layout_loads_into_that_layout_and_not_the_split_one():
+    model, closure = tiny_problem()
+    old = presets.recommended([{"params": list(model.parameters())}], total_steps=20)
+    old.zero_grad()
+    old.step(closure)
+    saved = old.state_dict()
+    split = presets.recommended(model.parameters(), total_steps=20)
+    before = split.search_state
+    with pytest.raises(ValueError, match=r"checkpoint has 1 parameter group\(s\) and this optimizer 2"):
+        split.load_state_dict(saved)
+    assert split.search_state == before
+    again = presets.recommended([{"params": list(model.parameters())}], total_steps=20)
+    again.load_state_dict(saved)
+    assert again.search_state == old.search_state
 
 
 def test_groups_keep_their_own_weight_decay_and_overrides_win():

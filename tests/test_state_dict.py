@@ -159,7 +159,7 @@ def _same(a, b):
     (lambda sd: sd["param_groups"][0]["search"].update(step_size=-1.0), "step_size"),
     (lambda sd: sd["param_groups"][0]["search"].update(step_size=float("nan")), "step_size"),
     (lambda sd: sd["param_groups"][1].update(betas=(0.9, 1.5)), r"betas\[1\]"),
-    (lambda sd: sd["param_groups"].pop(), "number of parameter groups"),
+    (lambda sd: sd["param_groups"].pop(), "parameter group\\(s\\) and this optimizer"),
 ])
 def test_loading_a_bad_state_dict_raises_before_changing_anything(edit, message):
     model = _model()
