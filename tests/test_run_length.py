@@ -188,7 +188,7 @@ def test_a_longer_total_steps_extends_a_checkpoint_of_the_search_phase():
     lambda p: presets.from_preset(p, "pretrain", total_steps=None),
 ], ids=["recommended", "total_steps=None", "from_preset"])
 def test_without_a_run_length_the_recommended_search_runs_without_a_schedule(build):
-    w = torch.nn.Parameter(torch.ones(2))
+    w = torch.nn.Parameter(torch.ones(2, 2))  # a matrix: the preset decays it
     opt, known = build([w]), presets.recommended([w], total_steps=100)
     assert opt.schedule is None
     assert opt.search_config == known.search_config and opt.search_rule is known.search_rule
@@ -220,7 +220,7 @@ def test_without_a_run_length_every_step_applies_the_searched_level_and_never_wa
         warnings.simplefilter("error")
         for k in range(1, 301):
             eta = opt.step_size
-            assert opt.effective_step_sizes == [pytest.approx(eta * 1.1, rel=1e-12)]
+            assert opt.effective_step_sizes == [pytest.approx(eta * 1.1, rel=1e-12)] * 2  # matrices, vectors
             searches = opt.num_searches
             opt.zero_grad()
             opt.step(closure)
