@@ -328,7 +328,8 @@ class FusedSaLSa(Optimizer):
         first trial: ``eta * 2^(1/b)`` for seed 001's rules; ``s`` the schedule's scale at the
         next step, past a schedule's end the scale it holds there, capped at the hold
         ``search_state.scale_hold`` when it is > 0 and times the back-off
-        ``search_state.applied_backoff`` of ``backoff_on_loss_rise``: :func:`salsa_fused.step_size.applied_scale`)."""
+        ``search_state.applied_backoff`` of ``backoff_on_loss_rise``:
+        :func:`salsa_fused.step_size.applied_scale`)."""
         state = freeze_if_collapsed(self.schedule, self._search, self._search.step + 1)
         scale = applied_scale(self.schedule, state, state.step + 1)
         trial = plan_step(self.search_rule, state, self.search_config).trial_step_size

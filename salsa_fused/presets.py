@@ -8,9 +8,9 @@ The presets here are other fixed configurations, with nothing to tune per task:
   trial direction, weight decay 0.1.
 - ``"pretrain"``: the recommended configuration from the quality suite
   (``benchmarks/quality``, README "Quality: no learning rate vs tuned AdamW"): momentum in
-  the trial direction, weight decay 0.1 (on tensors of 2+ dimensions when handed plain tensors), ``beta3=0.95`` (the smoothing of the Armijo test),
-  and a schedule on the applied step (:class:`~salsa_fused.step_size.WarmupStableDecay` with
-  ``warmup=0.2, decay=0.8, peak=2``): the search runs during the first 20% of the steps while
+  the trial direction, weight decay 0.1 (on tensors of 2+ dimensions when handed plain
+  tensors), ``beta3=0.95`` (the smoothing of the Armijo test), and a schedule on the applied
+  step (:class:`~salsa_fused.step_size.WarmupStableDecay` with ``warmup=0.2, decay=0.8, peak=2``): the search runs during the first 20% of the steps while
   the applied step warms up linearly to twice the searched level; the level is then frozen and
   the applied step decays linearly from 2x it to zero over the remaining 80%. It takes the run
   length ``total_steps``, no learning rate. If the searched level falls below 1/16 of the peak

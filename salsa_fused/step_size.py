@@ -87,9 +87,9 @@ class WarmupStableDecay:
     the applied step under any schedule (not with ``schedule=None``).
 
     ``hold_scale_on_loss_rise`` (with ``backoff_on_loss_rise``) also ends the warm-up's rise where the
-    loss turned: at the first back-off it sees (while ``scale_hold`` is 0), at step ``k``, the schedule's scale ``h = scale(k)`` is kept
-    (``SearchState.scale_hold``) and from then on the applied multiplier is ``min(scale(step), h) * b``
-    (:func:`applied_scale`; quality NOTES section 25). The cooldown then decays from ``h`` once its own
+    loss turned: at the first back-off it sees (while ``scale_hold`` is 0), at step ``k``, the
+    schedule's scale ``h = scale(k)`` is kept (``SearchState.scale_hold``) and from then on the
+    applied multiplier is ``min(scale(step), h) * b`` (:func:`applied_scale`; quality NOTES section 25). The cooldown then decays from ``h`` once its own
     scale falls below it. Under a beam's wrapper the hold applies to the wrapped schedule's scale, not
     to the beam's multiplier.
     """
