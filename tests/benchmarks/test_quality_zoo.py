@@ -224,3 +224,41 @@ def test_the_level_record_follows_the_back_off_and_notes_each_change():
         _record_level(opt, schedule, step, step_sizes, backoffs)
     assert step_sizes == pytest.approx([0.1 * 1.25 * 2.0 * b for b in (1.0, 0.5, 0.5, 0.25)], rel=1e-15)
     assert backoffs == [[2, 0.5], [4, 0.25]]
+
+
+def _compared_row(config, task, length, seed, loss, forwards=1.0, trace=None, split="validation"):
+    return dict(config=config, task=task, length=length, seed=seed, split=split, final_train_loss=loss,
+                forwards_per_step=forwards, loss_trace=trace or [loss], level_trace=[0.1])
+
+
+def test_compare_reads_a_rule_as_written():
+    control = [_compared_row("k", t, "default", s, 1.0) for t in ("a", "b", "c") for s in range(4)]
+    candidate = ([_compared_row("c", "a", "default", s, 1.0) for s in range(4)]  # identical to its control
+                 + [_compared_row("c", "b", "default", s, x) for s, x in enumerate((1.3, 0.9, 0.9, 0.9))]  # mean 1.0
+                 + [_compared_row("c", "c", "default", s, x, forwards=1.2) for s, x in enumerate((1.2, 1.2, 1.2, 0.8))])
+    result = runner.compare(candidate, control, "c", "k", [0, 1, 2, 3], bound=1.05, worse_seeds=3)
+    lengths = result["lengths"]["default"]
+    assert result["task_lengths"][("b", "default")]["ratio"] == pytest.approx(1.0)
+    c = result["task_lengths"][("c", "default")]
+    assert c["ratio"] == pytest.approx(1.1) and c["seeds_above"] == 3 and c["worse"]
+    assert c["forwards"] == pytest.approx(1.2)
+    assert lengths["worse"] == ["c"] and lengths["geomean"] == pytest.approx(1.1 ** (1 / 3))
+    assert result["identical"] == 4 and len(result["changed"]) == 8
+    # one seed above is not worse when the rule asks for 3 of 4; a mean over the bound is, without that clause
+    two = [_compared_row("c", "c", "default", s, x) for s, x in enumerate((1.5, 1.0, 1.0, 1.0))]
+    assert not runner.compare(two, control, "c", "k", [0, 1, 2, 3], worse_seeds=3)["task_lengths"][
+        ("c", "default")]["worse"]
+    assert runner.compare(two, control, "c", "k", [0, 1, 2, 3])["task_lengths"][("c", "default")]["worse"]
+    # a task-length without every seed is left out and said so
+    partial = runner.compare(candidate[:3], control, "c", "k", [0, 1, 2, 3])
+    assert partial["task_lengths"] == {} and partial["incomplete"] == [("a", "default", 3)]
+
+
+def test_compare_refuses_two_rows_of_one_run_that_disagree(tmp_path):
+    rows = [_compared_row("k", "a", "default", 0, 1.0), _compared_row("k", "a", "default", 0, 2.0)]
+    with pytest.raises(ValueError, match="two rows with different final losses"):
+        runner.compare(rows, rows, "k", "k", [0])
+    out = tmp_path / "rows.jsonl"
+    out.write_text("\n".join(json.dumps(r) for r in [_compared_row("c", "a", "default", 0, 1.0)]) + "\n")
+    with pytest.raises(SystemExit):  # no task-length has both: a clear usage error
+        runner.main(["compare", str(out), "--candidate", "c", "--control", "k", "--seeds", "0"])

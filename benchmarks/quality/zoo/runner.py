@@ -4,6 +4,8 @@
         --seeds 0-1 --out benchmarks/quality/results/zoo/validation.jsonl --jobs 2
     python -m benchmarks.quality.zoo table benchmarks/quality/results/zoo/validation.jsonl --md table.md
     python -m benchmarks.quality.zoo plot benchmarks/quality/results/zoo/validation.jsonl --out-dir DIR
+    python -m benchmarks.quality.zoo compare CANDIDATE_ROWS... --candidate C --control K \\
+        --control-files CONTROL_ROWS... --split validation --seeds 0-3 --worse-seeds 3
 
 ``run`` appends one JSON row per finished run (task, split, configuration, seed, final train
 and val loss, applied level, forwards per step, commit, versions, date) and skips runs whose
@@ -426,6 +428,89 @@ def markdown(rows: List[dict], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------------------- a round's rule
+def _runs_of(rows: List[dict], config: str, seeds: List[int], split: Optional[str]) -> Dict[tuple, dict]:
+    """``{(task, length, seed): row}`` of ``config``; a run in two rows must have the same final loss."""
+    runs: Dict[tuple, dict] = {}
+    for row in rows:
+        if row["config"] != config or row["seed"] not in seeds or (split and row["split"] != split):
+            continue
+        key = (row["task"], row["length"], row["seed"])
+        if key in runs and runs[key]["final_train_loss"] != row["final_train_loss"]:
+            raise ValueError(f"{config} {key}: two rows with different final losses "
+                             f"({runs[key]['final_train_loss']} and {row['final_train_loss']}): "
+                             "give the files of one machine and commit")
+        runs[key] = row
+    return runs
+
+
+def compare(candidate_rows: List[dict], control_rows: List[dict], candidate: str, control: str,
+            seeds: List[int], split: Optional[str] = None, bound: float = 1.05, worse_seeds: int = 0) -> dict:
+    """A candidate against its control on the runs both have, over ``seeds`` (the quality NOTES' round rules).
+
+    Per task-length with every seed: ``ratio`` = mean final train loss of the candidate over the seeds /
+    the control's; it is **worse** if ``ratio > bound`` and at least ``worse_seeds`` seeds end above their
+    control's; ``forwards`` = the ratio of mean forwards per step. Per length: the geometric mean of the
+    ratios. ``identical``/``changed``: runs whose loss and level traces equal the control's, or not."""
+    cand = _runs_of(candidate_rows, candidate, seeds, split)
+    ctl = _runs_of(control_rows, control, seeds, split)
+    per: Dict[tuple, list] = defaultdict(list)
+    identical, changed = 0, []
+    for key, row in sorted(cand.items()):
+        if key not in ctl:
+            continue
+        base = ctl[key]
+        per[key[:2]].append((row, base))
+        same = (row["final_train_loss"] == base["final_train_loss"] and row["loss_trace"] == base["loss_trace"]
+                and row["level_trace"] == base["level_trace"])
+        if same:
+            identical += 1
+        else:
+            changed.append(dict(task=key[0], length=key[1], seed=key[2], candidate=row["final_train_loss"],
+                                control=base["final_train_loss"], backoffs=row.get("loss_rise_backoffs")))
+    task_lengths, incomplete = {}, []
+    for (task, length), pairs in sorted(per.items()):
+        if len(pairs) != len(seeds):
+            incomplete.append((task, length, len(pairs)))
+            continue
+        ratio = sum(r["final_train_loss"] for r, _ in pairs) / sum(b["final_train_loss"] for _, b in pairs)
+        above = sum(r["final_train_loss"] > b["final_train_loss"] for r, b in pairs)
+        forwards = (sum(r["forwards_per_step"] for r, _ in pairs) / sum(b["forwards_per_step"] for _, b in pairs))
+        task_lengths[(task, length)] = dict(ratio=ratio, seeds_above=above, forwards=forwards,
+                                            worse=ratio > bound and above >= worse_seeds)
+    lengths = {}
+    for length in sorted({length for _, length in task_lengths}):
+        mine = {t: v for (t, l), v in task_lengths.items() if l == length}
+        lengths[length] = dict(geomean=_gmean([v["ratio"] for v in mine.values()]), tasks=len(mine),
+                               worse=sorted(t for t, v in mine.items() if v["worse"]),
+                               highest=max(mine.items(), key=lambda kv: kv[1]["ratio"]),
+                               forwards=max(v["forwards"] for v in mine.values()))
+    return dict(task_lengths=task_lengths, lengths=lengths, identical=identical, changed=changed,
+                incomplete=incomplete,
+                geomean=_gmean([v["ratio"] for v in task_lengths.values()]) if task_lengths else math.nan)
+
+
+def command_compare(args) -> int:
+    seeds = parse_seeds(args.seeds)
+    result = compare(read_rows(args.files), read_rows(args.control_files or args.files), args.candidate,
+                     args.control, seeds, args.split, args.bound, args.worse_seeds)
+    if not result["task_lengths"]:
+        raise ValueError(f"no task-length has {args.candidate} and {args.control} on every seed of {args.seeds}")
+    print(f"{args.candidate} / {args.control}, seeds {args.seeds}: geomean {result['geomean']:.3f} over "
+          f"{len(result['task_lengths'])} task-lengths; {result['identical']} runs identical to their control, "
+          f"{len(result['changed'])} changed")
+    for length, v in result["lengths"].items():
+        task, high = v["highest"]
+        print(f"  {length}: geomean {v['geomean']:.3f} over {v['tasks']} tasks; worse: {', '.join(v['worse']) or 'none'}; "
+              f"highest {task} {high['ratio']:.3f} (seeds above: {high['seeds_above']}); forwards at most {v['forwards']:.3f}")
+    for c in result["changed"]:
+        print(f"  changed: {c['task']} {c['length']} seed {c['seed']}: {c['candidate']:.4g} vs {c['control']:.4g}"
+              + (f" (back-offs {c['backoffs']})" if c["backoffs"] else ""))
+    for task, length, n in result["incomplete"]:
+        print(f"  left out: {task} {length}: {n} of {len(seeds)} seeds")
+    return 0
+
+
 def command_table(args) -> int:
     rows = [r for r in read_rows(args.files) if args.split in (None, "all") or r["split"] == args.split]
     rows = [r for r in rows if r["length"] == args.length]
@@ -519,8 +604,20 @@ def main(argv=None) -> int:
             p.add_argument("--title", default=None)
         else:
             p.add_argument("--out-dir", required=True)
+    cmp = sub.add_parser("compare", help="a candidate against its control, as a round's rule reads it")
+    cmp.add_argument("files", nargs="+", help="rows of the candidate (and of the control without --control-files)")
+    cmp.add_argument("--candidate", required=True)
+    cmp.add_argument("--control", required=True)
+    cmp.add_argument("--control-files", nargs="+", default=None,
+                     help="rows of the control (a control re-run on another machine or commit)")
+    cmp.add_argument("--split", choices=Z.SPLITS, default=None)
+    cmp.add_argument("--seeds", default="0-1")
+    cmp.add_argument("--bound", type=float, default=1.05, help="a task-length above this ratio may be worse")
+    cmp.add_argument("--worse-seeds", type=int, default=0,
+                     help="... and is, if at least this many seeds end above their control's")
     args = parser.parse_args(argv)
     try:
-        return {"run": command_run, "table": command_table, "plot": command_plot}[args.command](args)
+        return {"run": command_run, "table": command_table, "plot": command_plot,
+                "compare": command_compare}[args.command](args)
     except ValueError as error:
         parser.error(str(error))
