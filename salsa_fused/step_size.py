@@ -89,9 +89,9 @@ class WarmupStableDecay:
     ``hold_scale_on_loss_rise`` (with ``backoff_on_loss_rise``) also ends the warm-up's rise where the
     loss turned: at the first back-off it sees (while ``scale_hold`` is 0), at step ``k``, the
     schedule's scale ``h = scale(k)`` is kept (``SearchState.scale_hold``) and from then on the
-    applied multiplier is ``min(scale(step), h) * b`` (:func:`applied_scale`; quality NOTES section 25). The cooldown then decays from ``h`` once its own
-    scale falls below it. Under a beam's wrapper the hold applies to the wrapped schedule's scale, not
-    to the beam's multiplier.
+    applied multiplier is ``min(scale(step), h) * b`` (:func:`applied_scale`; quality NOTES section
+    25). The cooldown then decays from ``h`` once its own scale falls below it. Under a beam's wrapper
+    the hold applies to the wrapped schedule's scale, not to the beam's multiplier.
     """
 
     total_steps: int
@@ -210,8 +210,12 @@ class ScaledSchedule:
         self.inner, self.owner, self.attribute = inner, owner, attribute
 
     def scale(self, step: int) -> float:
-        inner = 1.0 if self.inner is None else float(self.inner.scale(step))
-        return inner * getattr(self.owner, self.attribute)
+        inner, multiplier = self.parts(step)
+        return inner * multiplier
+
+    def parts(self, step: int):
+        """``(inner.scale(step), the owner's multiplier)``: a hold caps the first, not the second."""
+        return (1.0 if self.inner is None else float(self.inner.scale(step))), getattr(self.owner, self.attribute)
 
     def searches(self, step: int) -> bool:
         return True if self.inner is None else bool(self.inner.searches(step))
@@ -290,11 +294,13 @@ def backs_off_on_loss_rise(schedule) -> bool:
     return on
 
 
-def _unwrapped_scale(schedule, step: int) -> float:
-    """The scale of ``schedule`` without a beam's multiplier (a ScaledSchedule's inner schedule's)."""
+def _scale_parts(schedule, step: int):
+    """``(scale, multiplier)`` of ``schedule`` at ``step``: a beam's or a factor search's wrapper gives its
+    inner schedule's scale and its own multiplier (:meth:`ScaledSchedule.parts`), any other schedule
+    its scale and 1."""
     if isinstance(schedule, ScaledSchedule):
-        return 1.0 if schedule.inner is None else float(schedule.inner.scale(step))
-    return float(schedule.scale(step))
+        return schedule.parts(step)
+    return float(schedule.scale(step)), 1.0
 
 
 def observe_search_loss(schedule, state):
@@ -315,7 +321,7 @@ def observe_search_loss(schedule, state):
     if average > LOSS_RISE_RATIO * low:
         backoff, low = backoff * LOSS_RISE_BACKOFF, average
         if hold == 0.0 and getattr(schedule, "hold_scale_on_loss_rise", False):
-            hold = _unwrapped_scale(schedule, state.step) or hold  # a scale of 0 holds nothing
+            hold = _scale_parts(schedule, state.step)[0] or hold  # a scale of 0 holds nothing
     return replace(state, search_loss_avg=average, search_loss_avg_low=low, applied_backoff=backoff,
                    scale_hold=hold)
 
@@ -327,13 +333,10 @@ def applied_scale(schedule, state, step: int) -> float:
     schedule's scale is ``min(scale(step), h)`` (a beam's multiplier outside the ``min``)."""
     if schedule is None:
         return 1.0
-    scale = float(schedule.scale(step))
-    hold = state.scale_hold
-    if hold > 0.0:
-        unwrapped = _unwrapped_scale(schedule, step)
-        if unwrapped > hold:
-            scale = hold * (scale / unwrapped)
-    return scale * state.applied_backoff
+    if state.scale_hold <= 0.0:
+        return float(schedule.scale(step)) * state.applied_backoff
+    scale, multiplier = _scale_parts(schedule, step)
+    return min(scale, state.scale_hold) * multiplier * state.applied_backoff
 
 
 #: A level below this fraction of the peak of the search's fast average has collapsed (quality NOTES

@@ -56,6 +56,8 @@ def test_under_a_beams_wrapper_the_hold_is_on_the_wrapped_schedule_not_the_beams
     assert state.scale_hold == 0.8
     owner.multiplier = 4.0  # the beam moves its multiplier later: the hold does not cap it
     assert applied_scale(wrapped, state, 30) == pytest.approx(0.8 * 4.0 * LOSS_RISE_BACKOFF, rel=1e-15)
+    # late in the cooldown the wrapped scale is below the hold: the wrapper's scale, unchanged
+    assert applied_scale(wrapped, state, 95) == wrapped.scale(95) * LOSS_RISE_BACKOFF
 
 
 @pytest.mark.parametrize("bad", [1, "yes", None])
