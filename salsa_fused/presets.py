@@ -10,9 +10,10 @@ The presets here are other fixed configurations, with nothing to tune per task:
   (``benchmarks/quality``, README "Quality: no learning rate vs tuned AdamW"): momentum in
   the trial direction, weight decay 0.1 (on tensors of 2+ dimensions when handed plain
   tensors), ``beta3=0.95`` (the smoothing of the Armijo test), and a schedule on the applied
-  step (:class:`~salsa_fused.step_size.WarmupStableDecay` with ``warmup=0.2, decay=0.8, peak=2``): the search runs during the first 20% of the steps while
-  the applied step warms up linearly to twice the searched level; the level is then frozen and
-  the applied step decays linearly from 2x it to zero over the remaining 80%. It takes the run
+  step (:class:`~salsa_fused.step_size.WarmupStableDecay` with ``warmup=0.2, decay=0.8,
+  peak=2``): the search runs during the first 20% of the steps while the applied step warms up
+  linearly to twice the searched level; the level is then frozen and the applied step decays
+  linearly from 2x it to zero over the remaining 80%. It takes the run
   length ``total_steps``, no learning rate. If the searched level falls below 1/16 of the peak
   of its fast average during the search phase (a search that collapses, on small full-batch fits
   over long runs), it is frozen there at once, at that floor (``freeze_below``, quality NOTES
@@ -131,9 +132,10 @@ SPLIT_DECAY = frozenset({"pretrain"})
 def decay_matrices_only(params):
     """``params`` as the parameter groups of the quality measurements: a plain iterable of tensors
     becomes ``[{"params": tensors with dim >= 2}, {"params": the rest, "weight_decay": 0.0}]`` (empty
-    groups left out, order kept within each); groups (dicts) are returned as they are."""
+    groups left out, order kept within each); groups (dicts) are returned as they are, and a bare tensor
+    too (the optimizer refuses it as torch.optim does)."""
     if isinstance(params, torch.Tensor):
-        params = [params]
+        return params
     params = list(params)
     if not params or any(isinstance(p, dict) for p in params):
         return params

@@ -68,6 +68,8 @@ def test_plain_tensors_are_split_as_the_quality_measurements_split_them():
     assert [g["weight_decay"] for g in only_vectors.param_groups] == [0.0]
     everything = presets.recommended([{"params": list(model.parameters())}], total_steps=10)
     assert len(everything.param_groups) == 1 and everything.param_groups[0]["weight_decay"] == 0.1
+    with pytest.raises(TypeError, match="iterable of Tensors or dicts"):  # a bare tensor, as torch.optim
+        presets.recommended(model[0].weight, total_steps=10)
     author = presets.from_preset(model.parameters(), "author_gpt")  # the author's settings: decays all
     assert len(author.param_groups) == 1 and author.param_groups[0]["weight_decay"] == 0.1
 
