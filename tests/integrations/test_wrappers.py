@@ -63,8 +63,9 @@ class DropoutModule(L.LightningModule):
     step(closure, loss=...)), ``"bind"`` (mark_forward(), bind_closure, then a bare step()), or
     ``"plain"`` (the README snippet as written, no mark)."""
 
-    def __init__(self, call: str):
+    def __init__(self, call: str, preset_steps: int = 0):
         super().__init__()
+        self.preset_steps = preset_steps  # > 0: the pretrain preset for a run of that many steps
         self.automatic_optimization = False
         self.net = _dropout_net()
         self.call = call
@@ -88,12 +89,14 @@ class DropoutModule(L.LightningModule):
         self.masks_per_step.append(self.net[2].masks)
 
     def configure_optimizers(self):
-        from salsa_fused import FusedSaLSa
+        from salsa_fused import FusedSaLSa, presets
+        if self.preset_steps:
+            return presets.recommended(self.net.parameters(), total_steps=self.preset_steps, backend="torch")
         return FusedSaLSa(self.net.parameters(), backend="torch")
 
 
-def _fit(call: str, steps: int = 12):
-    module = DropoutModule(call)
+def _fit(call: str, steps: int = 12, preset: bool = False):
+    module = DropoutModule(call, preset_steps=steps if preset else 0)
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     torch.manual_seed(7)
@@ -108,6 +111,19 @@ def test_lightning_wrapper_passes_mark_forward_and_bind_closure_on(call):
     assert salsa.search_state.step == 12
     assert _trials_replayed_the_training_masks(module.masks_per_step) >= 12  # the mark reached the step
     assert 1e-4 < salsa.step_size < 10
+
+
+def test_lightning_wrapper_runs_the_preset_on_its_split_groups():
+    """The preset handed ``self.parameters()`` inside ``configure_optimizers``: its two groups (matrices
+    decaying, vectors not) go through LightningOptimizer, the mark reaches the step, and its schedule runs."""
+    module, salsa = _fit("mark", steps=12, preset=True)
+    net = module.net
+    assert [[id(p) for p in g["params"]] for g in salsa.param_groups] == [
+        [id(net[0].weight), id(net[3].weight)], [id(net[0].bias), id(net[3].bias)]]
+    assert [g["weight_decay"] for g in salsa.param_groups] == [0.1, 0.0]
+    assert salsa.search_state.step == 12 and salsa.schedule.total_steps == 12
+    assert _trials_replayed_the_training_masks(module.masks_per_step) >= 1
+    assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
 def test_lightning_readme_pattern_with_dropout_does_not_collapse():
