@@ -501,8 +501,9 @@ def command_compare(args) -> int:
           f"{len(result['changed'])} changed")
     for length, v in result["lengths"].items():
         task, high = v["highest"]
-        print(f"  {length}: geomean {v['geomean']:.3f} over {v['tasks']} tasks; worse: {', '.join(v['worse']) or 'none'}; "
-              f"highest {task} {high['ratio']:.3f} (seeds above: {high['seeds_above']}); forwards at most {v['forwards']:.3f}")
+        print(f"  {length}: geomean {v['geomean']:.3f} over {v['tasks']} tasks; "
+              f"worse: {', '.join(v['worse']) or 'none'}; highest {task} {high['ratio']:.3f} "
+              f"(seeds above: {high['seeds_above']}); forwards at most {v['forwards']:.3f}")
     for c in result["changed"]:
         print(f"  changed: {c['task']} {c['length']} seed {c['seed']}: {c['candidate']:.4g} vs {c['control']:.4g}"
               + (f" (back-offs {c['backoffs']})" if c["backoffs"] else ""))
