@@ -634,7 +634,7 @@ class FusedSaLSa(Optimizer):
         scale = applied_scale(self.schedule, state, plan.state.step)
         if self.schedule is not None:
             if not self._past_end_warned:
-                self._past_end_warned = warn_past_end(self.schedule, plan.state.step, stacklevel=4, state=state)
+                self._past_end_warned = warn_past_end(self.schedule, plan.state.step, state, stacklevel=4)
             if not self._collapse_checked and not self.schedule.searches(plan.state.step):
                 self._collapse_checked = True  # once, at the first frozen step
                 warn_collapsed_level(self.schedule, state, plan.state.step, stacklevel=4)

@@ -390,16 +390,16 @@ def scaled_by(schedule, owner_type) -> bool:
     return isinstance(schedule, ScaledSchedule) and isinstance(schedule.owner, owner_type)
 
 
-def warn_past_end(schedule, step: int, stacklevel: int = 2, state=None) -> bool:
-    """Warn that ``step`` is past the run length ``schedule.total_steps`` planned for; return
-    whether it warned (the caller warns once). Schedules without ``total_steps`` never warn.
-    With the search state ``state`` the scale quoted is the one applied (:func:`applied_scale`)."""
+def warn_past_end(schedule, step: int, state, stacklevel: int = 2) -> bool:
+    """Warn that ``step`` is past the run length ``schedule.total_steps`` planned for, quoting the scale
+    applied there with the search state ``state`` (:func:`applied_scale`); return whether it warned
+    (the caller warns once). Schedules without ``total_steps`` never warn."""
     total: Optional[int] = getattr(schedule, "total_steps", None)
     if total is None or step <= total:
         return False
     warnings.warn(
         f"step {step} is past the schedule's total_steps={total}: the applied step now holds at "
-        f"{float(schedule.scale(step)) if state is None else applied_scale(schedule, state, step):.3g}x "
+        f"{applied_scale(schedule, state, step):.3g}x "
         "the searched level (the end of the cooldown) with the "
         "level frozen. To train longer, build the optimizer with the new total_steps and "
         "load_state_dict() the checkpoint: the schedule continues at this step of the longer run "

@@ -253,4 +253,4 @@ def test_the_past_end_warning_quotes_the_applied_scale_with_the_back_off():
     with pytest.warns(UserWarning, match=r"holds at 0\.2x the searched level"):  # 2 * 1/5, halved
         warn_past_end(schedule, 11, state=replace(SearchState(), applied_backoff=0.5))
     with pytest.warns(UserWarning, match=r"holds at 0\.4x the searched level"):
-        warn_past_end(schedule, 11)
+        warn_past_end(schedule, 11, SearchState())

@@ -82,8 +82,8 @@ def test_warn_past_end_needs_a_planned_length():
     schedule = WarmupStableDecay(10)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert not warn_past_end(schedule, 10)
-        assert not warn_past_end(ScaledSchedule(None, object(), "x"), 11)  # no inner: no length
+        assert not warn_past_end(schedule, 10, SearchState())
+        assert not warn_past_end(ScaledSchedule(None, object(), "x"), 11, SearchState())  # no inner: no length
 
         class Constant:
             def scale(self, step):
@@ -92,9 +92,9 @@ def test_warn_past_end_needs_a_planned_length():
             def searches(self, step):
                 return True
 
-        assert not warn_past_end(Constant(), 10 ** 6)
+        assert not warn_past_end(Constant(), 10 ** 6, SearchState())
     with pytest.warns(UserWarning, match="step 11 is past the schedule's total_steps=10"):
-        assert warn_past_end(schedule, 11)
+        assert warn_past_end(schedule, 11, SearchState())
     assert ScaledSchedule(schedule, object(), "x").total_steps == 10
 
 
