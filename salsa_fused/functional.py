@@ -120,37 +120,6 @@ def slope(passes: Passes, direction: str, device: Optional[torch.device]) -> tor
     return q
 
 
-class HostCopy:
-    """A small device tensor on its way to the host: on CUDA copied into pinned memory without waiting
-    (an event marks its arrival), read later with :meth:`tolist`; elsewhere the tensor itself."""
-
-    def __init__(self, values: torch.Tensor):
-        self._event = None
-        if values.device.type == "cuda":
-            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            host.copy_(values, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-            values = host
-        self._values = values
-
-    def tolist(self) -> list:
-        """The values (waits only for their copy, queued when they were made)."""
-        if self._event is not None:
-            self._event.synchronize()
-        return self._values.tolist()
-
-
-def ceiling_reading(passes: Passes, loss: torch.Tensor, reduction: SearchReduction, direction: str,
-                    device: Optional[torch.device]) -> HostCopy:
-    """``[f, q]`` of a plain step, before its pass writes the moments: the loss averaged over the
-    data-parallel group and the slope ``q`` (:func:`slope`, summed over shards), on their way to the
-    host (``polyak_ceiling``: :func:`salsa_fused.step_size.take_ceiling_reading`)."""
-    q = reduction.sum_over_shards(slope(passes, direction, device).reshape(1))
-    f = reduction.average_loss(loss.reshape(1)).to(q.device, torch.float32)
-    return HostCopy(torch.cat([f, q]))
-
-
 def search_step(passes: Passes, plan: StepPlan, state: SearchState, loss: torch.Tensor,
                 trial_loss: Callable[[], float], *, rule: SearchRule, config: SearchConfig,
                 search_direction: str, param_groups: Sequence[dict], counts: DeviceCounts,

@@ -95,11 +95,6 @@ class SearchState:
     #: A schedule's ``hold_scale_on_loss_rise``: the schedule's scale at the first back-off, above which
     #: its scale no longer rises (0: no hold).
     scale_hold: float = 0.0
-    #: A schedule's ``polyak_ceiling``: the cap on the multiplier of the level after the search phase (0:
-    #: none), and the loss and slope ``q`` of the last read step, not yet taken into it (0, 0: none).
-    scale_ceiling: float = 0.0
-    ceiling_loss: float = 0.0
-    ceiling_slope: float = 0.0
     steps_since_search: int = 100  # t
     search_interval: float = 1.0  # L of the last step
     num_forward_evals: int = 0
@@ -128,12 +123,11 @@ class SearchState:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"search state {name} must be a finite number > 0, got {value!r}")
-        for name in ("loss_decrease_avg", "slope_avg", "search_interval", "last_search_loss", "ceiling_loss",
-                     "ceiling_slope"):
+        for name in ("loss_decrease_avg", "slope_avg", "search_interval", "last_search_loss"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise ValueError(f"search state {name} must be a finite number, got {value!r}")
-        for name in ("search_loss_avg", "search_loss_avg_low", "scale_hold", "scale_ceiling"):
+        for name in ("search_loss_avg", "search_loss_avg_low", "scale_hold"):
             value = getattr(self, name)
             if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"search state {name} must be a finite number >= 0, got {value!r}")

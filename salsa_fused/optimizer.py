@@ -18,7 +18,7 @@ import inspect
 import math
 import warnings
 from copy import deepcopy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -34,9 +34,8 @@ from .applied import GroupStep
 from .line_search import SearchConfig, SearchState
 from .rules import (Batches, check_arguments, check_rule_state, moment_step, plan_step, plan_without_search,
                     resolve_rule, step_batches)
-from .step_size import (applied_scale, backs_off_on_loss_rise, caps_at_polyak_ceiling, check_freeze_below,
-                        freeze_if_collapsed, observe_search_loss, reads_ceiling_at, schedule_searches,
-                        take_ceiling_reading, warn_collapsed_level, warn_past_end)
+from .step_size import (applied_scale, backs_off_on_loss_rise, check_freeze_below, freeze_if_collapsed,
+                        observe_search_loss, schedule_searches, warn_collapsed_level, warn_past_end)
 
 LossClosure = Callable[[], Union[torch.Tensor, float]]
 
@@ -208,7 +207,6 @@ class FusedSaLSa(Optimizer):
         self._lr_checked = False  # the one-time look at lr (_warn_if_lr_looks_like_a_step_size)
         self._past_end_warned = False  # the one-time warning past the schedule's total_steps
         self._collapse_checked = False  # the one-time check of the level a schedule freezes
-        self._ceiling_pending = None  # polyak_ceiling: the last read step's loss and slope, on their way to the host
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         #: The live search state; state_dict()/load_state_dict() carry it as a dict.
@@ -313,30 +311,7 @@ class FusedSaLSa(Optimizer):
     @property
     def search_state(self) -> SearchState:
         """A copy of the search's scalars (k, eta, h, s, eta_fast, eta_slow, t, counters)."""
-        self._settle_ceiling_reading()
         return deepcopy(self._search)
-
-    def _settle_ceiling_reading(self) -> None:
-        """A pending ``polyak_ceiling`` reading (loss and slope on the device) into the search state as
-        host floats (``ceiling_loss``, ``ceiling_slope``); nothing else changes."""
-        pending = self.__dict__.get("_ceiling_pending")
-        if pending is None:
-            return
-        loss, slope = pending.tolist()
-        self._search = replace(self._search, ceiling_loss=loss, ceiling_slope=slope)
-        self._ceiling_pending = None
-
-    def _start_state(self) -> SearchState:
-        """The search state the next step starts from: the level frozen early if it collapsed
-        (:func:`~salsa_fused.step_size.freeze_if_collapsed`) and, on a step that reads the ceiling
-        (``polyak_ceiling``), the reading before it taken into the cap."""
-        state = freeze_if_collapsed(self.schedule, self._search, self._search.step + 1)
-        if not reads_ceiling_at(self.schedule, state, state.step + 1):
-            return state
-        self._settle_ceiling_reading()
-        state = freeze_if_collapsed(self.schedule, self._search, self._search.step + 1)
-        trial = plan_step(self.search_rule, state, self.search_config).trial_step_size
-        return take_ceiling_reading(state, trial, self.search_config.c)
 
     def _commit(self, state: SearchState) -> None:
         self._search = state
@@ -352,11 +327,10 @@ class FusedSaLSa(Optimizer):
         """Per group, the applied step of the next plain step: ``lr * s * eta * growth`` (the rule's
         first trial: ``eta * 2^(1/b)`` for seed 001's rules; ``s`` the schedule's scale at the
         next step, past a schedule's end the scale it holds there, capped at the hold
-        ``search_state.scale_hold`` when it is > 0, times the back-off
-        ``search_state.applied_backoff`` of ``backoff_on_loss_rise``, and capped at
-        ``search_state.scale_ceiling`` of ``polyak_ceiling`` when it is > 0 after the search phase:
+        ``search_state.scale_hold`` when it is > 0 and times the back-off
+        ``search_state.applied_backoff`` of ``backoff_on_loss_rise``:
         :func:`salsa_fused.step_size.applied_scale`)."""
-        state = self._start_state()
+        state = freeze_if_collapsed(self.schedule, self._search, self._search.step + 1)
         scale = applied_scale(self.schedule, state, state.step + 1)
         trial = plan_step(self.search_rule, state, self.search_config).trial_step_size
         return [GroupStep.of(group, scale, state.step_size).plain(trial).step
@@ -408,7 +382,6 @@ class FusedSaLSa(Optimizer):
 
     # ------------------------------------------------------------------ state_dict
     def state_dict(self) -> dict:
-        self._settle_ceiling_reading()
         state_dict = super().state_dict()
         state_dict["param_groups"][0][_SEARCH_KEY] = self._search.to_dict()  # a deep copy
         return state_dict
@@ -448,7 +421,6 @@ class FusedSaLSa(Optimizer):
             for k, v in values.items():
                 state[k] = v.to(device=param.device, dtype=torch.float32, copy=True)
         self._search = search if search is not None else SearchState(step_size=self.init_step_size)
-        self._ceiling_pending = None  # the replaced run's reading
         self._buckets.clear()
         self._counts = None  # counts of the replaced run
 
@@ -459,7 +431,6 @@ class FusedSaLSa(Optimizer):
                 "_device", "_counts", "_reduction_given")
 
     def __getstate__(self) -> dict:
-        self._settle_ceiling_reading()
         state = {**super().__getstate__(), **{name: self.__dict__[name] for name in self._PICKLED
                                                if name in self.__dict__}}
         if self.__dict__.get("_reduction_given"):
@@ -470,7 +441,7 @@ class FusedSaLSa(Optimizer):
         super().__setstate__(state)
         for name, value in (("_buckets", BucketCache()), ("_saved", {}), ("_counts", None), ("foreach", None),
                             ("fused", None), ("_lr_checked", False), ("_past_end_warned", False),
-                            ("_collapse_checked", False), ("_ceiling_pending", None)):
+                            ("_collapse_checked", False)):
             self.__dict__.setdefault(name, value)
         self._handoff = _StepHandoff()
         if "backend_name" in self.__dict__:
@@ -657,9 +628,8 @@ class FusedSaLSa(Optimizer):
         if not self._lr_checked:
             self._warn_if_lr_looks_like_a_step_size()
         rule, config = self.search_rule, self.search_config
+        state = freeze_if_collapsed(self.schedule, self._search, self._search.step + 1)  # kept once the step commits
         backs_off_on_loss_rise(self.schedule)  # a schedule's options are checked before anything is written
-        caps_at_polyak_ceiling(self.schedule)
-        state = self._start_state()  # kept once the step commits
         plan = plan_step(rule, state, config)
         scale = applied_scale(self.schedule, state, plan.state.step)
         if self.schedule is not None:
@@ -745,14 +715,9 @@ class FusedSaLSa(Optimizer):
                            scale, plan.state.step_size, getattr(self, "grad_scale", None))
 
     def _plain_step(self, passes: F.Passes, plan, f0: torch.Tensor) -> None:
-        """A step without search along the rule's direction (Adam's ``m_hat`` unless it is ``raw``); on a
-        step that reads the ceiling (``polyak_ceiling``), its loss and slope, copied to the host for the
-        next such step without waiting."""
-        direction = self.search_rule.direction(self.search_direction)
-        if reads_ceiling_at(self.schedule, plan.state, plan.state.step):
-            self._ceiling_pending = F.ceiling_reading(passes, f0, self.reduction, direction, self._device)
+        """A step without search along the rule's direction (Adam's ``m_hat`` unless it is ``raw``)."""
         F.plain_step(passes, plan.trial_step_size, f0, getattr(self, "found_inf", None), self._device_counts(),
-                     self.reduction, direction)
+                     self.reduction, self.search_rule.direction(self.search_direction))
         self._commit(plan.state)
 
     def _search_step(self, passes: F.Passes, plan, f0, trial_loss: Callable[[], float]) -> None:

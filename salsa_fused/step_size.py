@@ -92,18 +92,6 @@ class WarmupStableDecay:
     applied multiplier is ``min(scale(step), h) * b`` (:func:`applied_scale`; quality NOTES section
     25). The cooldown then decays from ``h`` once its own scale falls below it. Under a beam's wrapper
     the hold applies to the wrapped schedule's scale, not to the beam's multiplier.
-
-    ``polyak_ceiling`` caps the applied step after the search phase (the cooldown, after an early
-    freeze, past the end) at the largest step the search's Armijo test could accept at the current
-    loss: with ``f >= 0``, a trial ``t`` along ``d`` passes ``f(w - t d) <= f - c t q`` only if
-    ``t <= f / (c q)`` (``q = g.d``, ``c`` the search's constant; Polyak's step with ``f* = 0``, the
-    ceiling of PoNoS and of SPS-max with ``c = 1/2``). Every ``CEILING_INTERVAL`` = 10th step there reads
-    its loss and ``q`` (the search's slope pass, nothing written), and the multiplier on the level is
-    capped at ``f / (c q eta growth)`` from the reading before it (:func:`take_ceiling_reading`), so the
-    reading is on the host by then and no step waits on it. A reading with ``f <= 0`` or ``q <= 0``
-    sets no cap (the loss may be negative; the direction may not descend on that batch). It binds only
-    where the loss is small against the step's predicted decrease (fits that converge toward 0); a
-    cross-entropy far above 0 leaves it loose (quality NOTES section 26).
     """
 
     total_steps: int
@@ -114,7 +102,6 @@ class WarmupStableDecay:
     freeze_below: float = 0.0
     backoff_on_loss_rise: bool = False
     hold_scale_on_loss_rise: bool = False
-    polyak_ceiling: bool = False
 
     def __post_init__(self):
         if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1:
@@ -130,7 +117,6 @@ class WarmupStableDecay:
         check_freeze_below(self.freeze_below)
         check_flag("backoff_on_loss_rise", self.backoff_on_loss_rise)
         check_hold(self.backoff_on_loss_rise, self.hold_scale_on_loss_rise)
-        check_flag("polyak_ceiling", self.polyak_ceiling)
 
     @property
     def warmup_steps(self) -> int:
@@ -254,11 +240,6 @@ class ScaledSchedule:
         """Whether the inner schedule's warm-up stops rising at a back-off (False without one)."""
         return getattr(self.inner, "hold_scale_on_loss_rise", False)
 
-    @property
-    def polyak_ceiling(self) -> bool:
-        """Whether the inner schedule caps the applied step at the Armijo ceiling after its search phase."""
-        return getattr(self.inner, "polyak_ceiling", False)
-
 
 def freeze_if_collapsed(schedule, state, step: int):
     """The search state step ``step`` (1-based) starts from: ``state``, unless ``schedule`` has
@@ -349,58 +330,13 @@ def applied_scale(schedule, state, step: int) -> float:
     """The multiplier on the level that step ``step`` applies: ``schedule.scale(step) * b``, with ``b``
     (``state.applied_backoff``) the back-off of ``backoff_on_loss_rise`` (1 until the loss turns);
     1 without a schedule. With a hold ``h = state.scale_hold > 0`` (``hold_scale_on_loss_rise``) the
-    schedule's scale is ``min(scale(step), h)`` (a beam's multiplier outside the ``min``). With a
-    ceiling ``state.scale_ceiling > 0`` (``polyak_ceiling``) the whole multiplier is capped at it on
-    the steps that do not search."""
+    schedule's scale is ``min(scale(step), h)`` (a beam's multiplier outside the ``min``)."""
     if schedule is None:
         return 1.0
     if state.scale_hold <= 0.0:
-        multiplier = float(schedule.scale(step)) * state.applied_backoff
-    else:
-        scale, wrapper = _scale_parts(schedule, step)
-        multiplier = min(scale, state.scale_hold) * wrapper * state.applied_backoff
-    if state.scale_ceiling > 0.0 and not schedule_searches(schedule, state, step):
-        return min(multiplier, state.scale_ceiling)
-    return multiplier
-
-
-#: ``polyak_ceiling``: after the search phase the loss and slope of every 10th step are read (the search
-#: interval's bound, ``SearchConfig.max_search_interval``'s default).
-CEILING_INTERVAL = 10
-
-
-def caps_at_polyak_ceiling(schedule) -> bool:
-    """Whether ``schedule`` has ``polyak_ceiling`` on (False without a schedule); a value that is not a
-    bool, on a schedule of the caller's own, is refused by name."""
-    return schedule is not None and check_flag("polyak_ceiling", getattr(schedule, "polyak_ceiling", False))
-
-
-def reads_ceiling_at(schedule, state, step: int) -> bool:
-    """Whether step ``step`` (1-based), a step without a search, reads its loss and slope for the
-    ceiling: ``schedule`` has ``polyak_ceiling``, does not search at ``step`` and ``step`` is a multiple
-    of ``CEILING_INTERVAL``."""
-    return (caps_at_polyak_ceiling(schedule) and step % CEILING_INTERVAL == 0
-            and not schedule_searches(schedule, state, step))
-
-
-def polyak_ceiling(loss: float, slope: float, c: float) -> float:
-    """The largest trial ``t`` along ``d`` the Armijo test ``f(w - t d) <= f - c t q`` can accept when the
-    loss is >= 0: ``f / (c q)``; 0 (no ceiling) unless ``f > 0``, ``q > 0`` and both are finite."""
-    if not (math.isfinite(loss) and math.isfinite(slope) and loss > 0.0 and slope > 0.0):
-        return 0.0
-    ceiling = loss / (c * slope)
-    return ceiling if math.isfinite(ceiling) else 0.0
-
-
-def take_ceiling_reading(state, trial: float, c: float):
-    """The search state after the pending reading ``(state.ceiling_loss, state.ceiling_slope)`` became the
-    cap on the multiplier: ``scale_ceiling = polyak_ceiling(f, q, c) / trial`` (``trial = eta * growth``,
-    the plain step's trial; 0: no cap), the reading cleared. A state without a reading is unchanged."""
-    if state.ceiling_loss == 0.0 and state.ceiling_slope == 0.0:
-        return state
-    ceiling = polyak_ceiling(state.ceiling_loss, state.ceiling_slope, c)
-    cap = ceiling / trial if ceiling > 0.0 and trial > 0.0 else 0.0
-    return replace(state, scale_ceiling=cap if math.isfinite(cap) else 0.0, ceiling_loss=0.0, ceiling_slope=0.0)
+        return float(schedule.scale(step)) * state.applied_backoff
+    scale, multiplier = _scale_parts(schedule, step)
+    return min(scale, state.scale_hold) * multiplier * state.applied_backoff
 
 
 #: A level below this fraction of the peak of the search's fast average has collapsed (quality NOTES
