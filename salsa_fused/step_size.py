@@ -94,9 +94,10 @@ class WarmupStableDecay:
     the hold applies to the wrapped schedule's scale, not to the beam's multiplier.
 
     ``rollback_at_freeze`` (with ``backoff_on_loss_rise``) rolls the run back, at the schedule's freeze,
-    to where the range test's smoothed loss was lowest, as an LR range test rolls back: each search that
-    sets a new lowest smoothed loss ``l`` (not a back-off's reset of ``l_low``) keeps its level and the
-    schedule's scale (``level_at_low``, ``scale_at_low``); at the first step that does not search, if
+    to where the range test's smoothed loss was lowest, as an LR range test rolls back: each search whose
+    smoothed loss ``l`` goes below the test's ``l_low`` (its lowest value since the last back-off; the
+    back-off's own reset of ``l_low`` is not a low) keeps its level and the schedule's scale
+    (``level_at_low``, ``scale_at_low``); at the first step that does not search, if
     ``l`` is then above its lowest value, the level freezes at ``min(eta, level_at_low)`` and the scale
     is held at ``scale_at_low`` (``scale_hold``, as ``hold_scale_on_loss_rise`` holds it; the lower of
     the two holds). ``search_state.rolled_back_at`` records the step (:func:`roll_back_at_freeze`). No
