@@ -392,7 +392,9 @@ REGISTRY: Dict[str, Callable] = {
     # loss turns (backoff_on_loss_rise): rows before that adoption ran without it; pretrain_backoff /
     # beam_cool_margin_backoff ran it. Since section 25 it also holds the warm-up's scale at the first
     # back-off (hold_scale_on_loss_rise): rows before that adoption ran without it; pretrain_hold /
-    # beam_cool_margin_hold ran it and now build the same optimizers as these.
+    # beam_cool_margin_hold ran it. Since section 27 it also rolls back to the lowest smoothed loss at the
+    # freeze (rollback_at_freeze): rows before that adoption ran without it; pretrain_rollback ran it and
+    # now builds the same optimizer as salsa_recommended.
     "salsa_recommended": _preset(presets.RECOMMENDED),
     # ... told no run length (total_steps=None): no schedule, the searched level throughout (NOTES 13)
     "salsa_recommended_nolength": _preset(presets.RECOMMENDED, length_known=False),
