@@ -253,11 +253,10 @@ def train(args) -> dict:
                 loss_value /= world
             record = {"step": step + 1, "loss": loss_value.item(), "time": time.perf_counter() - started}
             if args.optimizer.startswith("salsa"):
-                search = opt.search_state
                 record.update(step_size=opt.step_size, effective_step_size=opt.applied_steps[0],
                               interval=opt.search_interval, forwards=opt.num_forward_evals,
-                              searches=opt.num_searches, **{name: getattr(search, name) for name in (
-                                  "applied_backoff", "scale_hold", "rolled_back_at")})
+                              searches=opt.num_searches, applied_backoff=opt.search_state.applied_backoff,
+                              scale_hold=opt.search_state.scale_hold)
             else:
                 record.update(step_size=schedule.get_last_lr()[0])
             if (step + 1) % args.eval_interval == 0 or step + 1 == args.steps:

@@ -95,11 +95,6 @@ class SearchState:
     #: A schedule's ``hold_scale_on_loss_rise``: the schedule's scale at the first back-off, above which
     #: its scale no longer rises (0: no hold).
     scale_hold: float = 0.0
-    #: A schedule's ``rollback_at_freeze``: the level and the schedule's scale at the search that set the
-    #: smoothed loss's lowest value (0: none), and the step the run rolled back to them (0: it has not).
-    level_at_low: float = 0.0
-    scale_at_low: float = 0.0
-    rolled_back_at: int = 0
     steps_since_search: int = 100  # t
     search_interval: float = 1.0  # L of the last step
     num_forward_evals: int = 0
@@ -118,7 +113,7 @@ class SearchState:
 
     def validate(self) -> None:
         """Raise ValueError on values no run can reach (a corrupt or hand-edited checkpoint)."""
-        for name in ("step", "frozen_at", "rolled_back_at", "steps_since_search", "num_forward_evals", "num_backward_evals",
+        for name in ("step", "frozen_at", "steps_since_search", "num_forward_evals", "num_backward_evals",
                      "num_searches", "num_backtracks", "num_skipped_steps", "num_nonfinite_elements",
                      "last_trials"):
             value = getattr(self, name)
@@ -132,18 +127,16 @@ class SearchState:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise ValueError(f"search state {name} must be a finite number, got {value!r}")
-        for name in ("search_loss_avg", "search_loss_avg_low", "scale_hold", "level_at_low", "scale_at_low"):
+        for name in ("search_loss_avg", "search_loss_avg_low", "scale_hold"):
             value = getattr(self, name)
             if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"search state {name} must be a finite number >= 0, got {value!r}")
         backoff = self.applied_backoff
         if isinstance(backoff, bool) or not (isinstance(backoff, (int, float)) and 0 < backoff <= 1):
             raise ValueError(f"search state applied_backoff must be a number in (0, 1], got {backoff!r}")
-        if self.scale_hold > 0 and not backoff < 1 and not self.rolled_back_at:
-            raise ValueError(f"search state scale_hold={self.scale_hold!r} is kept at a back-off or a rollback, "
-                             f"but its applied_backoff is {backoff!r} (no back-off yet) and rolled_back_at is 0")
-        if self.rolled_back_at > self.step:
-            raise ValueError(f"search state rolled_back_at={self.rolled_back_at} is after its step {self.step}")
+        if self.scale_hold > 0 and not backoff < 1:
+            raise ValueError(f"search state scale_hold={self.scale_hold!r} is kept at a back-off, but its "
+                             f"applied_backoff is {backoff!r} (no back-off yet)")
         if self.frozen_at > self.step:
             raise ValueError(f"search state frozen_at={self.frozen_at} is after its step {self.step}")
         peak = self.step_size_fast_peak

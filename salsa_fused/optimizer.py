@@ -34,8 +34,8 @@ from .applied import GroupStep
 from .line_search import SearchConfig, SearchState
 from .rules import (Batches, check_arguments, check_rule_state, moment_step, plan_step, plan_without_search,
                     resolve_rule, step_batches)
-from .step_size import (applied_scale, check_freeze_below, observe_search_loss, rolls_back_at_freeze,
-                        schedule_searches, start_state, warn_collapsed_level, warn_past_end)
+from .step_size import (applied_scale, backs_off_on_loss_rise, check_freeze_below, freeze_if_collapsed,
+                        observe_search_loss, schedule_searches, warn_collapsed_level, warn_past_end)
 
 LossClosure = Callable[[], Union[torch.Tensor, float]]
 
@@ -189,7 +189,7 @@ class FusedSaLSa(Optimizer):
             raise TypeError("schedule must have scale(step) and searches(step) methods")
         if schedule is not None:  # a schedule of the caller's own: its options refused by name now, not at a step
             check_freeze_below(getattr(schedule, "freeze_below", 0.0))
-            rolls_back_at_freeze(schedule)
+            backs_off_on_loss_rise(schedule)
         self.search_rule = resolve_rule(search_rule)
         self.schedule = schedule
         self.search_direction = search_direction
@@ -330,7 +330,7 @@ class FusedSaLSa(Optimizer):
         ``search_state.scale_hold`` when it is > 0 and times the back-off
         ``search_state.applied_backoff`` of ``backoff_on_loss_rise``:
         :func:`salsa_fused.step_size.applied_scale`)."""
-        state = start_state(self.schedule, self._search, self._search.step + 1)
+        state = freeze_if_collapsed(self.schedule, self._search, self._search.step + 1)
         scale = applied_scale(self.schedule, state, state.step + 1)
         trial = plan_step(self.search_rule, state, self.search_config).trial_step_size
         return [GroupStep.of(group, scale, state.step_size).plain(trial).step
@@ -345,7 +345,7 @@ class FusedSaLSa(Optimizer):
         """Under a rule that reads several batches per step (``search_rule="labpal"``): how many
         the next step reads (:class:`salsa_fused.rules.Batches`: the two-phase form runs the
         backward of the first ``gradient`` itself); ``None`` for a rule whose closure takes no index."""
-        state = start_state(self.schedule, self._search, self._search.step + 1)
+        state = freeze_if_collapsed(self.schedule, self._search, self._search.step + 1)
         plan = plan_step(self.search_rule, state, self.search_config)
         if plan.is_search and not schedule_searches(self.schedule, state, plan.state.step):
             plan = plan_without_search(self.search_rule, state, self.search_config, plan)
@@ -628,8 +628,8 @@ class FusedSaLSa(Optimizer):
         if not self._lr_checked:
             self._warn_if_lr_looks_like_a_step_size()
         rule, config = self.search_rule, self.search_config
-        state = start_state(self.schedule, self._search, self._search.step + 1)  # kept once the step commits
-        rolls_back_at_freeze(self.schedule)  # a schedule's options are checked before anything is written
+        state = freeze_if_collapsed(self.schedule, self._search, self._search.step + 1)  # kept once the step commits
+        backs_off_on_loss_rise(self.schedule)  # a schedule's options are checked before anything is written
         plan = plan_step(rule, state, config)
         scale = applied_scale(self.schedule, state, plan.state.step)
         if self.schedule is not None:

@@ -22,13 +22,9 @@ The presets here are other fixed configurations, with nothing to tune per task:
   once per doubling (``backoff_on_loss_rise``, a range test on the search's own losses, quality
   NOTES section 23), and the warm-up stops rising at the scale where the loss first turned: the
   applied multiplier is then ``min(scale, h) * b`` (``hold_scale_on_loss_rise``, section 25).
-  At the freeze, if the smoothed loss is then above its lowest value, the run rolls back to where
-  it was lowest: the level freezes at ``min(eta, the level there)`` and the scale is held at the
-  scale there (``rollback_at_freeze``, section 27; an LR range test's rollback).
-  History (quality NOTES sections 6-7, 22-23, 25, 27): until section 7 it was the author's
+  History (quality NOTES sections 6-7, 22-23, 25): until section 7 it was the author's
   ``beta3=0.99`` with a 5% warmup and a 50% cooldown at 1x the level; the early freeze since
-  section 22; the back-off since section 23; the hold since section 25; the rollback since
-  section 27.
+  section 22; the back-off since section 23; the hold since section 25.
 
 Run length, for ``"pretrain"``:
 
@@ -90,7 +86,7 @@ def _pretrain(total_steps: Optional[int]) -> dict:
         return search
     return dict(search, schedule=WarmupStableDecay(total_steps, warmup=0.2, decay=0.8, peak=2.0,
                                                    freeze_below=COLLAPSE_FRACTION, backoff_on_loss_rise=True,
-                                                   hold_scale_on_loss_rise=True, rollback_at_freeze=True))
+                                                   hold_scale_on_loss_rise=True))
 
 
 PRESETS: Dict[str, Callable[[Optional[int]], dict]] = {

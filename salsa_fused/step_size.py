@@ -92,17 +92,6 @@ class WarmupStableDecay:
     applied multiplier is ``min(scale(step), h) * b`` (:func:`applied_scale`; quality NOTES section
     25). The cooldown then decays from ``h`` once its own scale falls below it. Under a beam's wrapper
     the hold applies to the wrapped schedule's scale, not to the beam's multiplier.
-
-    ``rollback_at_freeze`` (with ``backoff_on_loss_rise``) rolls the run back, at the schedule's freeze,
-    to where the range test's smoothed loss was lowest, as an LR range test rolls back: each search whose
-    smoothed loss ``l`` goes below the test's ``l_low`` (its lowest value since the last back-off; the
-    back-off's own reset of ``l_low`` is not a low) keeps its level and the schedule's scale
-    (``level_at_low``, ``scale_at_low``); at the first step that does not search, if
-    ``l`` is then above its lowest value, the level freezes at ``min(eta, level_at_low)`` and the scale
-    is held at ``scale_at_low`` (``scale_hold``, as ``hold_scale_on_loss_rise`` holds it; the lower of
-    the two holds). ``search_state.rolled_back_at`` records the step (:func:`roll_back_at_freeze`). No
-    constant, forward or host read is added; a run whose smoothed loss is at its lowest at the freeze
-    is bitwise the run without it (quality NOTES section 27).
     """
 
     total_steps: int
@@ -113,7 +102,6 @@ class WarmupStableDecay:
     freeze_below: float = 0.0
     backoff_on_loss_rise: bool = False
     hold_scale_on_loss_rise: bool = False
-    rollback_at_freeze: bool = False
 
     def __post_init__(self):
         if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1:
@@ -129,7 +117,6 @@ class WarmupStableDecay:
         check_freeze_below(self.freeze_below)
         check_flag("backoff_on_loss_rise", self.backoff_on_loss_rise)
         check_hold(self.backoff_on_loss_rise, self.hold_scale_on_loss_rise)
-        check_rollback(self.backoff_on_loss_rise, self.rollback_at_freeze)
 
     @property
     def warmup_steps(self) -> int:
@@ -253,11 +240,6 @@ class ScaledSchedule:
         """Whether the inner schedule's warm-up stops rising at a back-off (False without one)."""
         return getattr(self.inner, "hold_scale_on_loss_rise", False)
 
-    @property
-    def rollback_at_freeze(self) -> bool:
-        """Whether the inner schedule rolls back to its lowest smoothed loss at the freeze."""
-        return getattr(self.inner, "rollback_at_freeze", False)
-
 
 def freeze_if_collapsed(schedule, state, step: int):
     """The search state step ``step`` (1-based) starts from: ``state``, unless ``schedule`` has
@@ -302,48 +284,6 @@ def check_hold(backoff_on_loss_rise, hold_scale_on_loss_rise) -> bool:
     return hold_scale_on_loss_rise
 
 
-def check_rollback(backoff_on_loss_rise, rollback_at_freeze) -> bool:
-    """``rollback_at_freeze`` checked: a bool, on only with ``backoff_on_loss_rise`` (it reads that test's
-    smoothed loss); ValueError naming it otherwise."""
-    check_flag("rollback_at_freeze", rollback_at_freeze)
-    if rollback_at_freeze and not backoff_on_loss_rise:
-        raise ValueError("rollback_at_freeze=True reads backoff_on_loss_rise's smoothed loss: "
-                         "set backoff_on_loss_rise=True too")
-    return rollback_at_freeze
-
-
-def rolls_back_at_freeze(schedule) -> bool:
-    """Whether ``schedule`` has ``rollback_at_freeze`` on (False without a schedule); its options checked
-    by name (:func:`backs_off_on_loss_rise` too), before a step writes anything."""
-    if schedule is None:
-        return False
-    return check_rollback(backs_off_on_loss_rise(schedule), getattr(schedule, "rollback_at_freeze", False))
-
-
-def roll_back_at_freeze(schedule, state, step: int):
-    """The search state step ``step`` (1-based) starts from under ``rollback_at_freeze``: ``state``, unless
-    ``step`` is the schedule's freeze (it searched at ``step - 1``, not at ``step``; no early freeze and no
-    rollback yet) and the smoothed loss is above its lowest value, with a low kept; then a copy whose level
-    is ``min(eta, level_at_low)``, whose scale is held at ``scale_at_low`` (the lower of it and a hold
-    already kept) and with ``rolled_back_at = step``."""
-    if not rolls_back_at_freeze(schedule) or state.frozen_at or state.rolled_back_at or step <= 1:
-        return state
-    if schedule.searches(step) or not schedule.searches(step - 1):
-        return state
-    if not (state.level_at_low > 0.0 and state.scale_at_low > 0.0
-            and state.search_loss_avg > state.search_loss_avg_low):
-        return state
-    hold = state.scale_at_low if state.scale_hold <= 0.0 else min(state.scale_hold, state.scale_at_low)
-    return replace(state, step_size=min(state.step_size, state.level_at_low), scale_hold=hold,
-                   rolled_back_at=step)
-
-
-def start_state(schedule, state, step: int):
-    """The search state step ``step`` starts from: :func:`freeze_if_collapsed`, then
-    :func:`roll_back_at_freeze`."""
-    return roll_back_at_freeze(schedule, freeze_if_collapsed(schedule, state, step), step)
-
-
 def backs_off_on_loss_rise(schedule) -> bool:
     """Whether ``schedule`` has ``backoff_on_loss_rise`` on (False without a schedule); a value that is
     not a bool, on a schedule of the caller's own, is refused by name (checked before a step writes)."""
@@ -378,15 +318,12 @@ def observe_search_loss(schedule, state):
         LOSS_RISE_SMOOTHING * state.search_loss_avg + (1.0 - LOSS_RISE_SMOOTHING) * loss)
     low = average if state.search_loss_avg_low <= 0.0 else min(state.search_loss_avg_low, average)
     backoff, hold = state.applied_backoff, state.scale_hold
-    level_at_low, scale_at_low = state.level_at_low, state.scale_at_low
-    if rolls_back_at_freeze(schedule) and (state.search_loss_avg_low <= 0.0 or average < state.search_loss_avg_low):
-        level_at_low, scale_at_low = state.step_size, _scale_parts(schedule, state.step)[0]  # a new low
     if average > LOSS_RISE_RATIO * low:
         backoff, low = backoff * LOSS_RISE_BACKOFF, average
         if hold == 0.0 and getattr(schedule, "hold_scale_on_loss_rise", False):
             hold = _scale_parts(schedule, state.step)[0] or hold  # a scale of 0 holds nothing
     return replace(state, search_loss_avg=average, search_loss_avg_low=low, applied_backoff=backoff,
-                   scale_hold=hold, level_at_low=level_at_low, scale_at_low=scale_at_low)
+                   scale_hold=hold)
 
 
 def applied_scale(schedule, state, step: int) -> float:

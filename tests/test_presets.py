@@ -49,8 +49,7 @@ def test_author_and_recommended_presets_set_what_they_document():
     assert rec.search_rule is ArmijoSearch and rec.search_config.beta3 == 0.95
     assert rec.search_direction == "momentum" and rec.param_groups[0]["weight_decay"] == 0.1
     assert rec.schedule == WarmupStableDecay(1000, warmup=0.2, decay=0.8, final=0.0, peak=2.0, freeze_below=1 / 16,
-                                             backoff_on_loss_rise=True, hold_scale_on_loss_rise=True,
-                                             rollback_at_freeze=True)
+                                             backoff_on_loss_rise=True, hold_scale_on_loss_rise=True)
     assert rec.schedule.scale(200) == 2.0 and rec.schedule.searches(200) and not rec.schedule.searches(201)
     assert presets.preset_kwargs(presets.RECOMMENDED, 1000)["search_direction"] == rec.search_direction
 

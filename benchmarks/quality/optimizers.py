@@ -86,20 +86,17 @@ def _preset(name: str, length_known: bool = True, **overrides):
     return build
 
 
-def _early_freeze_preset(fraction: float, backoff_on_loss_rise: bool = False, hold_scale_on_loss_rise: bool = False,
-                         rollback_at_freeze: bool = False):
+def _early_freeze_preset(fraction: float, backoff_on_loss_rise: bool = False, hold_scale_on_loss_rise: bool = False):
     """The recommended preset whose schedule freezes the level early, at ``fraction`` of the search's
     peak fast average, once it falls below that (``freeze_below``; NOTES.md section 22; 0: never), backs
-    off when the loss turns if ``backoff_on_loss_rise`` (section 23), holds the warm-up's scale there if
-    ``hold_scale_on_loss_rise`` (section 25), and rolls back to the lowest smoothed loss at the freeze if
-    ``rollback_at_freeze`` (section 27); each off unless asked, so these names build what they built
-    before the preset adopted it."""
+    off when the loss turns if ``backoff_on_loss_rise`` (section 23), and holds the warm-up's scale there
+    if ``hold_scale_on_loss_rise`` (section 25); each off unless asked, so these names build what they
+    built before the preset adopted it."""
     def build(task, model, total_steps) -> Built:
         kwargs = presets.preset_kwargs(presets.RECOMMENDED, total_steps)
         kwargs["schedule"] = replace(kwargs["schedule"], freeze_below=fraction,
                                      backoff_on_loss_rise=backoff_on_loss_rise,
-                                     hold_scale_on_loss_rise=hold_scale_on_loss_rise,
-                                     rollback_at_freeze=rollback_at_freeze)
+                                     hold_scale_on_loss_rise=hold_scale_on_loss_rise)
         wd = kwargs.pop("weight_decay", 0.0)
         opt = FusedSaLSa(task.param_groups(model, wd), backend=BACKEND, **kwargs)
         return Built(opt, "fused", schedule=kwargs["schedule"])
@@ -392,9 +389,8 @@ REGISTRY: Dict[str, Callable] = {
     # loss turns (backoff_on_loss_rise): rows before that adoption ran without it; pretrain_backoff /
     # beam_cool_margin_backoff ran it. Since section 25 it also holds the warm-up's scale at the first
     # back-off (hold_scale_on_loss_rise): rows before that adoption ran without it; pretrain_hold /
-    # beam_cool_margin_hold ran it. Since section 27 it also rolls back to the lowest smoothed loss at the
-    # freeze (rollback_at_freeze): rows before that adoption ran without it; pretrain_rollback ran it and
-    # now builds the same optimizer as salsa_recommended.
+    # beam_cool_margin_hold ran it and now build the same optimizers as these. Section 27's rollback at the
+    # freeze was adopted (227b68b) and reverted the same day; no committed row of these names ran with it.
     "salsa_recommended": _preset(presets.RECOMMENDED),
     # ... told no run length (total_steps=None): no schedule, the searched level throughout (NOTES 13)
     "salsa_recommended_nolength": _preset(presets.RECOMMENDED, length_known=False),
@@ -450,10 +446,9 @@ REGISTRY: Dict[str, Callable] = {
     "pretrain_hold": _early_freeze_preset(1 / 16, backoff_on_loss_rise=True, hold_scale_on_loss_rise=True),
     "beam_cool_margin_hold": _beam(_early_freeze_preset(1 / 16, backoff_on_loss_rise=True,
                                                         hold_scale_on_loss_rise=True), cooldown=1.0, move_margin=0.01),
-    # NOTES.md section 27 (written before its runs): at the freeze, back to the level and the scale of the
-    # search phase's lowest smoothed loss when the loss is above it (rollback_at_freeze)
-    "pretrain_rollback": _early_freeze_preset(1 / 16, backoff_on_loss_rise=True, hold_scale_on_loss_rise=True,
-                                              rollback_at_freeze=True),
+    # NOTES.md section 27's rollback at the freeze (``rollback_at_freeze``, registry pretrain_rollback) was
+    # adopted by its rule, then reverted after a new user's held-out tasks (up to 21x worse) and left the
+    # package; its rows name commits 0771179 / 0d25a14, its code 5c3e9ab and its tests 0771179.
     # NOTES.md section 26's Polyak ceiling after the search phase (``polyak_ceiling``, registry
     # pretrain_ceiling) was not adopted and left the package; its rows name commits c32557e / e4dfea7, its code.
     # NOTES.md section 24's watch after the search phase (``backoff_after_search``, registry pretrain_watch /
