@@ -291,6 +291,76 @@ def _gelu_deep_full(seed: int, steps: int) -> Task:
                 _cycle([(x, y)], steps), _mse, val)
 
 
+def _tanh_cycled(seed: int, steps: int) -> Task:
+    """y = sin(x . w) + 0.3 x0 x1, x ~ N(0, I_10): 16 fixed batches of 32, cycled; a deep tanh student
+    (10-64-64-1). Batches that disagree: the loss can fail to fall during a warm-up without any
+    overshoot (a new user's task, quality NOTES section 27). Added to development in section 28."""
+    gen = torch.Generator().manual_seed(_DATA_SEED + 3)
+    w = torch.randn(10, generator=gen)
+
+    def sample(count, gen):
+        x = torch.randn(count, 10, generator=gen)
+        return x, torch.sin(x @ w) + 0.3 * x[:, 0] * x[:, 1]
+
+    x, y = sample(16 * 32, gen)
+    val = [sample(1024, torch.Generator().manual_seed(_VAL_SEED))]
+    return Task("mlp_tanh_cycled", steps, _CPU, lambda: _mlp([10, 64, 64, 1], nn.Tanh),
+                _cycle(_fixed_batches(x, y, 32), steps), _mse, val)
+
+
+def _noisy_classes(seed: int, steps: int) -> Task:
+    """Fresh samples x ~ N(0, I_24), labelled by the argmax of a fixed random linear map to 8 classes,
+    20% of labels redrawn at random; a GELU MLP (24-96-8). Added to validation in section 28."""
+    w = torch.randn(24, 8, generator=torch.Generator().manual_seed(_DATA_SEED + 4))
+
+    def sample(count, gen):
+        x = torch.randn(count, 24, generator=gen)
+        y = (x @ w).argmax(1)
+        noisy = torch.rand(count, generator=gen) < 0.2
+        return x, torch.where(noisy, torch.randint(0, 8, (count,), generator=gen), y)
+
+    gen = torch.Generator().manual_seed(seed)
+    batches = [sample(64, gen) for _ in range(steps)]
+    val = [sample(2048, torch.Generator().manual_seed(_VAL_SEED))]
+    return Task("mlp_noisy_classes", steps, _CPU, lambda: _mlp([24, 96, 8], nn.GELU), batches,
+                lambda model, b: F.cross_entropy(model(b[0]), b[1]), val)
+
+
+class ResidualMLP(nn.Module):
+    """``inputs -> width``, ``blocks`` pre-LayerNorm residual blocks (LN, Linear, GELU, Linear, + x),
+    a final LayerNorm and a linear head."""
+
+    def __init__(self, inputs: int, width: int, blocks: int, outputs: int):
+        super().__init__()
+        self.embed = nn.Linear(inputs, width)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(),
+                                                  nn.Linear(2 * width, width)) for _ in range(blocks))
+        self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, outputs))
+
+    def forward(self, x):
+        h = self.embed(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(h)
+
+
+def _spirals(seed: int, steps: int) -> Task:
+    """Two interleaved spirals (2 classes, 512 fixed points, radial noise 0.1) in 4 fixed batches of
+    128, cycled; a residual MLP with LayerNorm (2 -> 48, 3 blocks -> 2). Added to validation in
+    section 28."""
+    def sample(count, gen):
+        label = torch.randint(0, 2, (count,), generator=gen)
+        t = torch.rand(count, generator=gen) * 3 * math.pi + 0.5
+        r = t / (3 * math.pi) + 0.1 * torch.randn(count, generator=gen)
+        angle = t + math.pi * label
+        return torch.stack([r * torch.cos(angle), r * torch.sin(angle)], 1) * 2, label
+
+    x, y = sample(512, torch.Generator().manual_seed(_DATA_SEED + 5))
+    val = [sample(2048, torch.Generator().manual_seed(_VAL_SEED))]
+    return Task("resmlp_spirals", steps, _CPU, lambda: ResidualMLP(2, 48, 3, 2),
+                _cycle(_fixed_batches(x, y, 128), steps), _ce_smoothed, val)
+
+
 # ---------------------------------------------------------------------------- sequences
 def _seqcls(seed: int, steps: int) -> Task:
     """The quality suite's seqcls data (most frequent of tokens 0-3, 10% labels flipped), fresh every
@@ -373,6 +443,10 @@ SPECS: List[Spec] = [
     # inside the search phase, the class whose search collapses, which development lacked
     Spec("mlp_gelu_deep_full", _D, "deep MLP regression (GELU), full batch", "4-24-24-24-1 GELU",
          "192 fixed samples of cos(2x0)+x1x2 + noise, full batch", "cycled", 1500, 192, _gelu_deep_full),
+    # added to development in quality NOTES section 28: cycled batches whose loss can fail to fall during a
+    # warm-up without overshoot (the shape on which section 27's rollback failed a new user)
+    Spec("mlp_tanh_cycled", _D, "deep MLP regression (tanh), cycled batches", "10-64-64-1 tanh",
+         "y = sin(x.w) + 0.3 x0x1, 512 fixed samples", "cycled", 400, 32, _tanh_cycled),
     # validation: only run to report
     Spec("lm_mid", _V, "transformer LM", "byte GPT 2 layers x 48, 2 heads, T=48",
          "stdlib .py source bytes (first 2 MB)", "stream", 500, 16,
@@ -396,6 +470,12 @@ SPECS: List[Spec] = [
          "token-count majority, length 24, 10% label noise, fresh samples", "stream", 600, 32, _lstm_majority),
     Spec("digits_mlp", _V, "MLP classification (GELU)", "64-128-128-10 GELU (the suite's digits)",
          "sklearn digits, random mini-batches, label smoothing 0.1", "stream", 400, 32, _digits_mlp),
+    # added to validation in quality NOTES section 28 (keeping development at a third), before any run
+    Spec("mlp_noisy_classes", _V, "MLP classification with label noise", "24-96-8 GELU",
+         "argmax of a random linear map, 8 classes, 20% labels redrawn, fresh samples", "stream", 600, 64,
+         _noisy_classes),
+    Spec("resmlp_spirals", _V, "residual MLP with LayerNorm", "2-48, 3 pre-LN residual blocks, -2",
+         "two spirals, 512 fixed points, label smoothing 0.1", "cycled", 800, 128, _spirals),
 ]
 ZOO: Dict[str, Spec] = {s.name: s for s in SPECS}
 
