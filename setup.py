@@ -70,7 +70,7 @@ setup(
         # on the CPU interpreter there, so the kernel tests need it on every machine
         "test": ["pytest", "pytest-benchmark", "triton>=3.0", "salsa-optimizer==0.1.0",
                  "transformers", "accelerate", "lightning", "matplotlib", "scikit-learn",
-                 "prodigyopt", "schedulefree", "tqdm"],
+                 "prodigyopt", "schedulefree", "prodigy-plus-schedule-free", "tqdm"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
