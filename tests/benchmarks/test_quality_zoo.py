@@ -84,6 +84,19 @@ def test_run_appends_rows_once_and_the_table_reads_them(tmp_path):
     assert "| salsa_defaults (2 tasks) |" in text and "mlp_gelu_sin" in text
     assert runner.main(["plot", out, "--out-dir", str(tmp_path)]) == 0
     assert os.path.exists(tmp_path / "zoo_all_ratios.png")
+    assert runner.main(["plot", out, "--out-dir", str(tmp_path / "some"), "--configs", "salsa_defaults"]) == 0
+    assert os.path.exists(tmp_path / "some" / "zoo_all_ratios.png")
+    with pytest.raises(SystemExit, match="no rows of"):
+        runner.main(["plot", out, "--out-dir", str(tmp_path), "--configs", "salsa_defaults,nope"])
+
+
+def test_plot_offsets_keep_each_tasks_points_off_the_next_row():
+    for count in (0, 1, 2, 6, 23, 40):
+        offsets = runner.row_offsets(count)
+        assert len(offsets) == count
+        if count:
+            assert max(offsets) - min(offsets) <= 0.8 + 1e-12 and abs(sum(offsets)) < 1e-9
+    assert runner.row_offsets(3) == pytest.approx([-0.08, 0.0, 0.08])  # few configurations: as before
 
 
 def _row(task, config, seed, loss, level=1e-3):

@@ -523,6 +523,15 @@ def command_table(args) -> int:
     return 0
 
 
+def row_offsets(count: int, spread: float = 0.8) -> List[float]:
+    """Vertical offsets of ``count`` configurations around a task's row: evenly spaced, centred, at most
+    ``spread`` apart end to end (so one task's points never reach the next task's row)."""
+    if count <= 1:
+        return [0.0] * count
+    gap = min(0.08, spread / (count - 1))
+    return [(i - (count - 1) / 2) * gap for i in range(count)]
+
+
 def command_plot(args) -> int:
     import matplotlib
     matplotlib.use("Agg")
@@ -535,10 +544,17 @@ def command_plot(args) -> int:
         raise SystemExit("no complete AdamW grid in the rows: nothing to plot")
     os.makedirs(args.out_dir, exist_ok=True)
     configs = sorted({c for e in summary.values() for c in e["configs"] if lr_of(c) is None})
+    if args.configs:
+        wanted = [c for c in args.configs.split(",") if c]
+        missing = sorted(set(wanted) - set(configs))
+        if missing:
+            raise SystemExit(f"no rows of {missing} with a complete AdamW grid; configurations here: {configs}")
+        configs = wanted
     tasks = list(summary)
     fig, (ax_r, ax_l) = plt.subplots(1, 2, figsize=(15, 0.4 * len(tasks) + 2.5))
+    offsets = row_offsets(len(configs))
     for i, config in enumerate(configs):
-        ys = [k + (i - len(configs) / 2) * 0.08 for k in range(len(tasks))]
+        ys = [k + offsets[i] for k in range(len(tasks))]
         ratios = [summary[t]["configs"].get(config, {}).get("ratio", math.nan) for t in tasks]
         levels = [summary[t]["configs"].get(config, {}).get("level_ratio") or math.nan for t in tasks]
         marker = "os^D"[(i // 10) % 4]  # the colour cycle has 10 colours: the 11th configuration on gets another shape
@@ -605,6 +621,8 @@ def main(argv=None) -> int:
             p.add_argument("--title", default=None)
         else:
             p.add_argument("--out-dir", required=True)
+            p.add_argument("--configs", default=None,
+                           help="comma list of the configurations to draw, in this order (default: all)")
     cmp = sub.add_parser("compare", help="a candidate against its control, as a round's rule reads it")
     cmp.add_argument("files", nargs="+", help="rows of the candidate (and of the control without --control-files)")
     cmp.add_argument("--candidate", required=True)
