@@ -267,6 +267,23 @@ def test_compare_reads_a_rule_as_written():
     assert partial["task_lengths"] == {} and partial["incomplete"] == [("a", "default", 3)]
 
 
+def test_compare_counts_a_candidate_run_without_a_loss_as_worse(tmp_path, capsys):
+    control = [_compared_row("k", t, "default", s, 1.0) for t in ("a", "b") for s in range(2)]
+    candidate = ([_compared_row("c", "a", "default", 0, None), _compared_row("c", "a", "default", 1, 0.5)]
+                 + [_compared_row("c", "b", "default", s, 1.0) for s in range(2)])
+    result = runner.compare(candidate, control, "c", "k", [0, 1], worse_seeds=1)
+    assert result["task_lengths"][("a", "default")]["ratio"] == math.inf
+    assert result["lengths"]["default"]["worse"] == ["a"]
+    broken_control = [dict(r, final_train_loss=None) if r["task"] == "b" and r["seed"] == 0 else r for r in control]
+    result = runner.compare(candidate, broken_control, "c", "k", [0, 1], worse_seeds=0)
+    assert math.isnan(result["task_lengths"][("b", "default")]["ratio"])
+    assert "b" in result["lengths"]["default"]["worse"]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in candidate + control) + "\n")
+    assert runner.main(["compare", str(path), "--candidate", "c", "--control", "k", "--seeds", "0-1"]) == 0
+    assert "no loss" in capsys.readouterr().out
+
+
 def test_compare_refuses_two_rows_of_one_run_that_disagree(tmp_path):
     rows = [_compared_row("k", "a", "default", 0, 1.0), _compared_row("k", "a", "default", 0, 2.0)]
     with pytest.raises(ValueError, match="two rows with different final losses"):

@@ -444,6 +444,12 @@ def _runs_of(rows: List[dict], config: str, seeds: List[int], split: Optional[st
     return runs
 
 
+def _loss_or_inf(row: dict) -> float:
+    """A run's final train loss; a run that diverged or failed (no finite loss) counts as infinitely high."""
+    loss = row["final_train_loss"]
+    return loss if loss is not None and math.isfinite(loss) else math.inf
+
+
 def compare(candidate_rows: List[dict], control_rows: List[dict], candidate: str, control: str,
             seeds: List[int], split: Optional[str] = None, bound: float = 1.05, worse_seeds: int = 0) -> dict:
     """A candidate against its control on the runs both have, over ``seeds`` (the quality NOTES' round rules).
@@ -451,7 +457,9 @@ def compare(candidate_rows: List[dict], control_rows: List[dict], candidate: str
     Per task-length with every seed: ``ratio`` = mean final train loss of the candidate over the seeds /
     the control's; it is **worse** if ``ratio > bound`` and at least ``worse_seeds`` seeds end above their
     control's; ``forwards`` = the ratio of mean forwards per step. Per length: the geometric mean of the
-    ratios. ``identical``/``changed``: runs whose loss and level traces equal the control's, or not."""
+    ratios. ``identical``/``changed``: runs whose loss and level traces equal the control's, or not. A run
+    without a finite loss (diverged, failed) counts as infinitely high: a candidate's makes its task-length
+    worse (ratio inf); a control's makes the ratio NaN, which counts as worse too (nothing to compare)."""
     cand = _runs_of(candidate_rows, candidate, seeds, split)
     ctl = _runs_of(control_rows, control, seeds, split)
     per: Dict[tuple, list] = defaultdict(list)
@@ -473,11 +481,13 @@ def compare(candidate_rows: List[dict], control_rows: List[dict], candidate: str
         if len(pairs) != len(seeds):
             incomplete.append((task, length, len(pairs)))
             continue
-        ratio = sum(r["final_train_loss"] for r, _ in pairs) / sum(b["final_train_loss"] for _, b in pairs)
-        above = sum(r["final_train_loss"] > b["final_train_loss"] for r, b in pairs)
+        cand_losses = [_loss_or_inf(r) for r, _ in pairs]
+        ctl_losses = [_loss_or_inf(b) for _, b in pairs]
+        ratio = sum(cand_losses) / sum(ctl_losses) if math.isfinite(sum(ctl_losses)) else math.nan
+        above = sum(c > b for c, b in zip(cand_losses, ctl_losses))
         forwards = (sum(r["forwards_per_step"] for r, _ in pairs) / sum(b["forwards_per_step"] for _, b in pairs))
         task_lengths[(task, length)] = dict(ratio=ratio, seeds_above=above, forwards=forwards,
-                                            worse=ratio > bound and above >= worse_seeds)
+                                            worse=not ratio <= bound and above >= worse_seeds)
     lengths = {}
     for length in sorted({length for _, length in task_lengths}):
         mine = {t: v for (t, l), v in task_lengths.items() if l == length}
@@ -488,6 +498,10 @@ def compare(candidate_rows: List[dict], control_rows: List[dict], candidate: str
     return dict(task_lengths=task_lengths, lengths=lengths, identical=identical, changed=changed,
                 incomplete=incomplete,
                 geomean=_gmean([v["ratio"] for v in task_lengths.values()]) if task_lengths else math.nan)
+
+
+def _shown(loss) -> str:
+    return "no loss" if loss is None else f"{loss:.4g}"
 
 
 def command_compare(args) -> int:
@@ -505,7 +519,7 @@ def command_compare(args) -> int:
               f"worse: {', '.join(v['worse']) or 'none'}; highest {task} {high['ratio']:.3f} "
               f"(seeds above: {high['seeds_above']}); forwards at most {v['forwards']:.3f}")
     for c in result["changed"]:
-        print(f"  changed: {c['task']} {c['length']} seed {c['seed']}: {c['candidate']:.4g} vs {c['control']:.4g}"
+        print(f"  changed: {c['task']} {c['length']} seed {c['seed']}: {_shown(c['candidate'])} vs {_shown(c['control'])}"
               + (f" (back-offs {c['backoffs']})" if c["backoffs"] else ""))
     for task, length, n in result["incomplete"]:
         print(f"  left out: {task} {length}: {n} of {len(seeds)} seeds")
