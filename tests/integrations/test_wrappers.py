@@ -165,6 +165,38 @@ def test_accelerated_optimizer_passes_mark_forward_and_bind_closure_on():
     assert 1e-4 < salsa.step_size < 10
 
 
+def test_accelerated_optimizer_runs_the_preset_on_a_batchnorm_dropout_model():
+    """The preset handed ``model.parameters()`` of a BatchNorm + dropout net, through a real
+    ``Accelerator().prepare``: its split groups (BatchNorm's scale and shift and the biases do not
+    decay), its schedule over the run, and BatchNorm's statistics counting only training forwards."""
+    accelerate = pytest.importorskip("accelerate")
+    import salsa_fused.integrations.accelerate  # noqa: F401
+    from salsa_fused import presets
+
+    model = _BatchNormRegressor().body
+    bn = model[1]
+    opt = presets.recommended(model.parameters(), total_steps=12, backend="torch", model=model)
+    assert [[id(p) for p in g["params"]] for g in opt.param_groups] == [
+        [id(model[0].weight), id(model[4].weight)], [id(model[0].bias), id(bn.weight), id(bn.bias), id(model[4].bias)]]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    accelerator = accelerate.Accelerator(cpu=True)
+    data = torch.utils.data.DataLoader(_batches(12), batch_size=None)
+    model, optimizer, data = accelerator.prepare(model, opt, data)
+    torch.manual_seed(7)
+    for x, y in data:
+        optimizer.zero_grad()
+        optimizer.mark_forward()
+        loss = F.mse_loss(model(x), y)
+        accelerator.backward(loss)
+        optimizer.bind_closure(lambda: F.mse_loss(model(x), y), loss=loss.detach())
+        optimizer.step()
+    salsa = optimizer.optimizer
+    assert salsa.search_state.step == 12 and salsa.num_forward_evals > 12  # trials ran
+    assert int(bn.num_batches_tracked) == 12  # the trials' forwards left no count behind
+    assert salsa.applied_steps[0] < salsa.step_size  # the cooldown's end: the scale is near 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 # ---------------------------------------------------------------- Hugging Face Trainer (items 3, 4)
 
 
