@@ -1,0 +1,70 @@
+"""The overshoot-signal measurements of benchmarks/quality/zoo/signals.py (quality NOTES section 29)."""
+
+import math
+
+import pytest
+import torch
+
+from benchmarks.quality.run import train
+from benchmarks.quality.zoo import signals, tasks
+
+
+def _tensors(seed):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(3, 4), (5,)]
+    return [torch.randn(s, generator=gen) for s in shapes], [torch.rand(s, generator=gen) + 0.1 for s in shapes]
+
+
+@pytest.mark.parametrize("step", [2, 7])
+def test_agreement_is_one_along_its_own_gradient_and_minus_one_against_it(step):
+    grads, second = _tensors(0)
+    beta1 = 0.9
+    same = [g * (1 - beta1 ** (step - 1)) for g in grads]  # m_hat_prev = g
+    assert signals.agreement(grads, same, second, step) == pytest.approx(1.0, rel=1e-6)
+    assert signals.agreement(grads, [-m for m in same], second, step) == pytest.approx(-1.0, rel=1e-6)
+
+
+def test_agreement_matches_the_formula_by_hand():
+    grads, second = _tensors(1)
+    previous, _ = _tensors(2)
+    step, (beta1, beta2), eps = 5, (0.9, 0.999), 1e-8
+    cross = own = 0.0
+    for g, m, v in zip(grads, previous, second):
+        for gi, mi, vi in zip(g.flatten().tolist(), m.flatten().tolist(), v.flatten().tolist()):
+            p = 1.0 / (math.sqrt(vi / (1 - beta2 ** step)) + eps)
+            cross += gi * p * mi / (1 - beta1 ** (step - 1))
+            own += gi * gi * p
+    assert signals.agreement(grads, previous, second, step) == pytest.approx(cross / own, rel=1e-9)
+
+
+def test_agreement_is_zero_for_an_orthogonal_momentum_and_refuses_the_first_step():
+    grads = [torch.tensor([1.0, 0.0])]
+    second = [torch.ones(2)]
+    assert signals.agreement(grads, [torch.tensor([0.0, 3.0])], second, 3) == 0.0
+    with pytest.raises(ValueError, match="step must be >= 2"):
+        signals.agreement(grads, grads, second, 1)
+
+
+def test_range_statistics_follow_the_range_tests_smoothing():
+    stats = signals.range_statistics([2.0, 1.0, float("nan"), 0.0, 4.0])
+    smoothed = [2.0, 0.9 * 2.0 + 0.1 * 1.0]
+    smoothed.append(0.9 * smoothed[-1] + 0.1 * 4.0)  # the NaN and the 0 are skipped
+    low = min(smoothed)
+    assert stats["max_over_low"] == pytest.approx(max(s / min(smoothed[:i + 1]) for i, s in enumerate(smoothed)))
+    assert stats["max_over_low"] == pytest.approx(smoothed[-1] / low)
+    assert stats["max_over_first"] == pytest.approx(max(1.0, smoothed[-1] / 2.0))
+    assert signals.range_statistics([]) == dict(max_over_low=1.0, max_over_first=1.0)
+
+
+def test_measuring_leaves_the_run_as_the_zoo_runs_it():
+    row = signals.measure("mlp_relu_teacher", "default", 0, steps=40)
+    torch.set_num_threads(1)
+    zoo = train(tasks.make("mlp_relu_teacher", 0, steps=40), "pretrain_hold", 0, record_searches=False)
+    assert row["final_train_loss"] == zoo["final_train_loss"]  # bitwise: the measurement only reads
+    assert row["searches_in_window"] > 0 and len(row["agreement_by_quarter"]) == 4
+    assert all(math.isfinite(x) for x in row["agreement_by_quarter"] + [row["agreement_after"]])
+
+
+def test_measuring_refuses_a_configuration_it_cannot_read():
+    with pytest.raises(ValueError, match="not a plain FusedSaLSa"):
+        signals.measure("mlp_relu_teacher", "default", 0, config="adamw_1e-3", steps=5)
