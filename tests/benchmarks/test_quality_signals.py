@@ -68,3 +68,30 @@ def test_measuring_leaves_the_run_as_the_zoo_runs_it():
 def test_measuring_refuses_a_configuration_it_cannot_read():
     with pytest.raises(ValueError, match="not a plain FusedSaLSa"):
         signals.measure("mlp_relu_teacher", "default", 0, config="adamw_1e-3", steps=5)
+
+
+@pytest.mark.parametrize("config", ["adamw_3e-2", "pretrain_hold"])
+def test_the_sharpness_forward_leaves_the_run_as_the_zoo_runs_it(config):
+    # cnn_bn_digits has BatchNorm: the extra forward must not move its running statistics
+    row = signals.step_sharpness("cnn_bn_digits", "default", 0, config, steps=12)
+    torch.set_num_threads(1)
+    zoo = train(tasks.make("cnn_bn_digits", 0, steps=12), config, 0, record_searches=False)
+    assert row["final_train_loss"] == zoo["final_train_loss"]
+    assert row["steps_measured"] > 0 and len(row["sharpness_by_fifth"]) == 5
+
+
+def test_sharpness_is_below_two_for_small_steps_on_a_convex_task():
+    # logistic regression at a tenth of its best rate: every step lowers its batch's loss
+    row = signals.step_sharpness("logreg", "default", 0, "adamw_3e-2", steps=30)
+    assert all(0.0 < r < 2.0 for r in row["sharpness_by_fifth"])
+
+
+def test_best_adamw_rates_takes_the_lowest_mean_over_complete_seeds():
+    def row(lr, seed, loss, task="t", length="default"):
+        return dict(task=task, length=length, config=f"adamw_{lr}", seed=seed, final_train_loss=loss)
+    rows = [row("1e-2", 0, 1.0), row("1e-2", 1, 3.0),      # mean 2.0
+            row("3e-2", 0, 1.5), row("3e-2", 1, 1.5),      # mean 1.5: best
+            row("9e-2", 0, 0.1),                           # seed 1 missing: not a candidate
+            row("3e-1", 0, 0.1), row("3e-1", 1, None),     # diverged on seed 1
+            dict(task="t", length="default", config="pretrain_hold", seed=0, final_train_loss=0.0)]
+    assert signals.best_adamw_rates(rows) == {("t", "default"): 3e-2}

@@ -17,6 +17,15 @@ commit, versions and date:
   gradient noise scale (McCandlish et al., arXiv 1812.06162); a trajectory at the edge of stability, where
   each gradient turns against the step just taken, drives it to 0 or below. Reported as its mean over
   each quarter of the search phase and over the rest of the run.
+
+A third measurement (``--sharpness``), for any plain FusedSaLSa or AdamW configuration: per step the
+**step's sharpness ratio** ``r_k = 2 (1 - (f_B(w_k) - f_B(w_{k+1})) / <g_k, w_k - w_{k+1}>)``, the
+actual decrease of the step's own batch against its first-order prediction (one extra forward of that
+batch at the new weights, BatchNorm buffers and random generators restored around it). Along a
+quadratic ``r = eta * kappa / q``: 1 at the greedy step, 2 at the edge of stability, above 2 the batch's
+loss rises; the Armijo test with constant ``c`` accepts ``r <= 2 (1 - c)``. Reported as its median over
+each fifth of the run. Run at AdamW's best rate of a task it says where along the batch's own line a
+tuned rate steps, and whether that place is the same on every task (NOTES section 29).
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import torch
 from .. import optimizers as O
 from ..run import _record_level
 from . import tasks as Z
+from . import runner
 from .runner import _provenance, parse_seeds
 
 SMOOTHING = 0.9  # the range test's smoothing of the searches' losses (salsa_fused.step_size.LOSS_RISE_SMOOTHING)
@@ -117,12 +127,87 @@ def measure(task_name: str, length: str, seed: int, config: str = "pretrain_hold
                 agreement_by_quarter=_means(rhos, quarter), agreement_after=_means(rhos, [search_window, task.steps])[0])
 
 
+def step_sharpness(task_name: str, length: str, seed: int, config: str, steps: Optional[int] = None) -> dict:
+    """Train ``config`` (a plain FusedSaLSa or an AdamW configuration) on the zoo task and return the
+    row of its per-step sharpness ratio ``r_k`` (module docstring); the run is the zoo's."""
+    torch.set_num_threads(1)
+    task = Z.make(task_name, seed, steps=steps, length=length)
+    model = task.model(seed)
+    model.train()
+    built = O.build(config, task, model, task.steps)
+    opt = built.optimizer
+    if built.family not in ("fused", "torch"):
+        raise ValueError(f"{config!r} is not a plain FusedSaLSa or torch configuration (family {built.family!r})")
+    params = [p for g in opt.param_groups for p in g["params"]]
+    buffers = list(model.buffers())
+    ratios, losses = [], []
+    for k, batch in enumerate(task.batches):
+        before = [p.detach().clone() for p in params]
+        forward_rng = torch.get_rng_state()  # the step's forward draws (dropout) replayed at w_{k+1}
+        if built.family == "fused":
+            opt.zero_grad(set_to_none=True)
+            loss = opt.step(lambda: task.loss(model, batch))
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss = task.loss(model, batch)
+            loss.backward()
+            opt.step()
+            if built.scheduler is not None:
+                built.scheduler.step()
+        losses.append(float(loss.detach()))
+        with torch.no_grad():
+            predicted = sum(float((p.grad.double() * (b.double() - p.double())).sum())
+                            for p, b in zip(params, before) if p.grad is not None)
+            kept = [b.clone() for b in buffers]
+            rng = torch.get_rng_state()
+            torch.set_rng_state(forward_rng)
+            after = float(task.loss(model, batch))
+            torch.set_rng_state(rng)
+            for b, saved in zip(buffers, kept):
+                b.copy_(saved)
+        if predicted > 0.0 and math.isfinite(after):
+            ratios.append((k + 1, 2.0 * (1.0 - (losses[-1] - after) / predicted)))
+    fifths = [round(task.steps * i / 5) for i in range(6)]
+    medians = []
+    for lo, hi in zip(fifths, fifths[1:]):
+        window = sorted(r for step, r in ratios if lo < step <= hi)
+        medians.append(window[len(window) // 2] if window else math.nan)
+    tail = max(1, len(losses) // 10)
+    return dict(task=task_name, split=Z.ZOO[task_name].split, length=length, steps=task.steps, config=config,
+                seed=seed, final_train_loss=sum(losses[-tail:]) / tail, sharpness_by_fifth=medians,
+                steps_measured=len(ratios))
+
+
+def best_adamw_rates(rows: Iterable[dict], seeds: Sequence[int] = (0, 1)) -> Dict[tuple, float]:
+    """``(task, length) -> lr`` of the AdamW grid point with the lowest mean final train loss over
+    ``seeds`` (only points run on every one of them, none diverged), from zoo rows."""
+    losses: Dict[tuple, Dict[int, float]] = {}
+    for row in rows:
+        lr = runner.lr_of(row["config"])
+        if lr is None or row["seed"] not in seeds:
+            continue
+        losses.setdefault((row["task"], row["length"], lr), {})[row["seed"]] = row["final_train_loss"]
+    best: Dict[tuple, tuple] = {}
+    for (task, length, lr), by_seed in losses.items():
+        if set(by_seed) != set(seeds) or any(v is None or not math.isfinite(v) for v in by_seed.values()):
+            continue
+        mean = sum(by_seed.values()) / len(by_seed)
+        if (task, length) not in best or mean < best[(task, length)][0]:
+            best[(task, length)] = (mean, lr)
+    return {key: lr for key, (mean, lr) in best.items()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", required=True, help="comma-separated zoo task names")
     parser.add_argument("--lengths", default="default", help="comma-separated: short, default, long")
     parser.add_argument("--seeds", default="0-1")
     parser.add_argument("--config", default="pretrain_hold")
+    parser.add_argument("--sharpness", action="store_true",
+                        help="measure the step's sharpness ratio of --config (a plain FusedSaLSa or adamw_<lr>)")
+    parser.add_argument("--around-best-adamw", metavar="ROWS", default=None,
+                        help="with --sharpness: instead of --config, AdamW at each task-length's best grid rate "
+                             "in these zoo rows (comma-separated files; seeds 0-1) and at 1/3 and 3x it")
     parser.add_argument("--out", required=True, help="JSONL file the rows are appended to")
     args = parser.parse_args(argv)
     tasks, lengths = args.tasks.split(","), args.lengths.split(",")
@@ -132,19 +217,38 @@ def main(argv=None) -> int:
     for length in lengths:
         if length not in ("short", "default", "long"):
             parser.error(f"unknown length {length!r}; choose from short, default, long")
+    best = None
+    if args.around_best_adamw:
+        if not args.sharpness:
+            parser.error("--around-best-adamw goes with --sharpness")
+        best = best_adamw_rates(runner.read_rows(args.around_best_adamw.split(",")))
+        missing = [(n, L) for n in tasks for L in lengths if (n, L) not in best]
+        if missing:
+            parser.error(f"no complete AdamW grid on seeds 0-1 in those rows for {missing}")
     provenance = _provenance()
     with open(args.out, "a") as out:
         for name in tasks:
             for length in lengths:
-                for seed in parse_seeds(args.seeds):
-                    row = measure(name, length, seed, args.config)
+                configs = [args.config] if best is None else [
+                    O.adamw_name(best[(name, length)] * f) for f in (1 / 3, 1.0, 3.0)]
+                for seed, config in [(s, c) for s in parse_seeds(args.seeds) for c in configs]:
+                    if args.sharpness:
+                        row = step_sharpness(name, length, seed, config)
+                        row["best_adamw_lr"] = None if best is None else best[(name, length)]
+                    else:
+                        row = measure(name, length, seed, args.config)
                     row.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                                **provenance)
                     out.write(json.dumps(row) + "\n")
                     out.flush()
-                    print(f"{name} {length} seed {seed}: max l/l_low {row['max_over_low']:.3f}, "
-                          f"agreement {[round(x, 3) for x in row['agreement_by_quarter']]} then "
-                          f"{row['agreement_after']:.3f}", file=sys.stderr)
+                    if args.sharpness:
+                        print(f"{name} {length} seed {seed} {config}: final {row['final_train_loss']:.4g}, "
+                              f"sharpness by fifth {[round(x, 2) for x in row['sharpness_by_fifth']]}",
+                              file=sys.stderr)
+                    else:
+                        print(f"{name} {length} seed {seed}: max l/l_low {row['max_over_low']:.3f}, "
+                              f"agreement {[round(x, 3) for x in row['agreement_by_quarter']]} then "
+                              f"{row['agreement_after']:.3f}", file=sys.stderr)
     return 0
 
 
