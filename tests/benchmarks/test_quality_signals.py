@@ -72,11 +72,13 @@ def test_measuring_refuses_a_configuration_it_cannot_read():
 
 @pytest.mark.parametrize("config", ["adamw_3e-2", "pretrain_hold"])
 def test_the_sharpness_forward_leaves_the_run_as_the_zoo_runs_it(config):
-    # cnn_bn_digits has BatchNorm: the extra forward must not move its running statistics
+    # cnn_bn_digits has BatchNorm: the extra forward must not move its running statistics (the val loss
+    # reads them) nor the random generators
     row = signals.step_sharpness("cnn_bn_digits", "default", 0, config, steps=12)
     torch.set_num_threads(1)
     zoo = train(tasks.make("cnn_bn_digits", 0, steps=12), config, 0, record_searches=False)
     assert row["final_train_loss"] == zoo["final_train_loss"]
+    assert row["val_loss"] == zoo["val_loss"]
     assert row["steps_measured"] > 0 and len(row["sharpness_by_fifth"]) == 5
 
 

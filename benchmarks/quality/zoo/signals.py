@@ -174,7 +174,8 @@ def step_sharpness(task_name: str, length: str, seed: int, config: str, steps: O
         medians.append(window[len(window) // 2] if window else math.nan)
     tail = max(1, len(losses) // 10)
     return dict(task=task_name, split=Z.ZOO[task_name].split, length=length, steps=task.steps, config=config,
-                seed=seed, final_train_loss=sum(losses[-tail:]) / tail, sharpness_by_fifth=medians,
+                seed=seed, final_train_loss=sum(losses[-tail:]) / tail, val_loss=task.evaluate(model),
+                sharpness_by_fifth=medians,
                 steps_measured=len(ratios))
 
 
