@@ -166,6 +166,8 @@ class EdgeSearch:
         state.step_size = level / self.config.growth
         state.step_size_slow = state.step_size_slow * SLOW_SMOOTHING + state.step_size * (1 - SLOW_SMOOTHING)
         state.step_size_fast = state.step_size_fast * FAST_SMOOTHING + state.step_size * (1 - FAST_SMOOTHING)
+        # as ArmijoSearch.finish: the schedule's early freeze (freeze_below) compares the fast average with it
+        state.step_size_fast_peak = max(state.step_size_fast_peak, state.step_size_fast)
         state.last_trials = self.trials
         if self.trials:
             state.num_backtracks += self.trials - 1

@@ -61,6 +61,19 @@ def test_edge_rule_settles_at_sigma_times_the_greedy_step(sigma):
     assert max(ratios) <= 1.5 + 1e-9 and min(ratios) >= 1 / 1.5 - 1e-9
 
 
+def test_edge_rule_keeps_the_peak_of_its_fast_average_for_the_early_freeze():
+    # a level that rises and then falls: the peak stays at the highest fast average (freeze_below reads it)
+    levels, state = run_searches(EdgeRule(sigma=1.0), 5.0, 2.0, 40.0, eta0=1e-3, searches=40)
+    assert state.step_size_fast_peak > 0.0
+    assert state.step_size_fast_peak >= state.step_size_fast
+    peak = state.step_size_fast_peak
+    plan = plan_step(state, SearchConfig())
+    search = EdgeRule(sigma=1.0)(plan, SearchConfig(), 5.0, 2.0)
+    search.observe(quadratic(5.0, 2.0, 4000.0)(search.step_size))  # 100x the curvature: the level falls
+    after = search.finish()
+    assert after.step_size_fast < state.step_size_fast and after.step_size_fast_peak == peak
+
+
 def test_edge_rule_backtracks_only_on_a_blow_up():
     """A rise larger than h (the smoothed decrease of kept trials) is a blow-up; a smaller one is kept."""
     config = SearchConfig()
