@@ -447,7 +447,8 @@ REGISTRY: Dict[str, Callable] = {
     "beam_cool_margin_hold": _beam(_early_freeze_preset(1 / 16, backoff_on_loss_rise=True,
                                                         hold_scale_on_loss_rise=True), cooldown=1.0, move_margin=0.01),
     # NOTES.md section 30 (written before its runs): curvature targeting, the preset with its Armijo test
-    # replaced by the edge rule aiming at sigma times the greedy step (sigma 1: greedy; 2: the edge)
+    # replaced by the edge rule aiming at sigma times the greedy step (sigma 1: greedy; 2: the edge).
+    # Not eligible on development (geomean 1.266 / 1.348 of the preset); kept runnable for its rows.
     "pretrain_edge1": _preset(presets.RECOMMENDED, search_rule=EdgeRule(sigma=1.0)),
     "pretrain_edge2": _preset(presets.RECOMMENDED, search_rule=EdgeRule(sigma=2.0)),
     # NOTES.md section 27's rollback at the freeze (``rollback_at_freeze``, registry pretrain_rollback) was
