@@ -87,18 +87,26 @@ def _means(values: List[tuple], edges: List[int]) -> List[float]:
     return out
 
 
-def measure(task_name: str, length: str, seed: int, config: str = "pretrain_hold", warmup: float = 0.2,
-            steps: Optional[int] = None) -> dict:
-    """Train ``config`` on the zoo task (``steps`` overrides the length's) and return the row of both
-    measurements; the run itself is the zoo's (its losses bitwise those of ``zoo run``)."""
+def _start(task_name: str, length: str, seed: int, config: str, steps: Optional[int], families: tuple):
+    """The zoo's task, fresh model (train mode) and ``config`` built on it, on one thread, as ``zoo run``
+    starts a run; a configuration of another family than ``families`` is refused by name."""
     torch.set_num_threads(1)
     task = Z.make(task_name, seed, steps=steps, length=length)
     model = task.model(seed)
     model.train()
     built = O.build(config, task, model, task.steps)
+    if built.family not in families:
+        kinds = " or ".join({"fused": "plain FusedSaLSa", "torch": "torch"}[f] for f in families)
+        raise ValueError(f"{config!r} is not a {kinds} configuration (family {built.family!r})")
+    return task, model, built
+
+
+def measure(task_name: str, length: str, seed: int, config: str = "pretrain_hold", warmup: float = 0.2,
+            steps: Optional[int] = None) -> dict:
+    """Train ``config`` on the zoo task (``steps`` overrides the length's) and return the row of both
+    measurements; the run itself is the zoo's (its losses bitwise those of ``zoo run``)."""
+    task, model, built = _start(task_name, length, seed, config, steps, ("fused",))
     opt = built.optimizer
-    if built.family != "fused":
-        raise ValueError(f"{config!r} is not a plain FusedSaLSa configuration (family {built.family!r})")
     group = opt.param_groups[0]
     betas, eps = group["betas"], group["eps"]
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -130,14 +138,8 @@ def measure(task_name: str, length: str, seed: int, config: str = "pretrain_hold
 def step_sharpness(task_name: str, length: str, seed: int, config: str, steps: Optional[int] = None) -> dict:
     """Train ``config`` (a plain FusedSaLSa or an AdamW configuration) on the zoo task and return the
     row of its per-step sharpness ratio ``r_k`` (module docstring); the run is the zoo's."""
-    torch.set_num_threads(1)
-    task = Z.make(task_name, seed, steps=steps, length=length)
-    model = task.model(seed)
-    model.train()
-    built = O.build(config, task, model, task.steps)
+    task, model, built = _start(task_name, length, seed, config, steps, ("fused", "torch"))
     opt = built.optimizer
-    if built.family not in ("fused", "torch"):
-        raise ValueError(f"{config!r} is not a plain FusedSaLSa or torch configuration (family {built.family!r})")
     params = [p for g in opt.param_groups for p in g["params"]]
     buffers = list(model.buffers())
     ratios, losses = [], []
