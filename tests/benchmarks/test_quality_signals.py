@@ -97,3 +97,8 @@ def test_best_adamw_rates_takes_the_lowest_mean_over_complete_seeds():
             row("3e-1", 0, 0.1), row("3e-1", 1, None),     # diverged on seed 1
             dict(task="t", length="default", config="pretrain_hold", seed=0, final_train_loss=0.0)]
     assert signals.best_adamw_rates(rows) == {("t", "default"): 3e-2}
+
+
+def test_the_sharpness_measurement_refuses_a_beam():
+    with pytest.raises(ValueError, match="not a plain FusedSaLSa or torch configuration"):
+        signals.step_sharpness("mlp_relu_teacher", "default", 0, "beam_cool_margin_hold", steps=5)
