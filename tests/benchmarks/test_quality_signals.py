@@ -1,12 +1,15 @@
 """The overshoot-signal measurements of benchmarks/quality/zoo/signals.py (quality NOTES section 29)."""
 
 import math
+import os
 
 import pytest
 import torch
 
 from benchmarks.quality.run import train
-from benchmarks.quality.zoo import signals, tasks
+from benchmarks.quality.zoo import runner, signals, tasks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _tensors(seed):
@@ -88,17 +91,9 @@ def test_sharpness_is_below_two_for_small_steps_on_a_convex_task():
     assert all(0.0 < r < 2.0 for r in row["sharpness_by_fifth"])
 
 
-def test_best_adamw_rates_takes_the_lowest_mean_over_complete_seeds():
-    def row(lr, seed, loss, task="t", length="default"):
-        return dict(task=task, length=length, config=f"adamw_{lr}", seed=seed, final_train_loss=loss)
-    rows = [row("1e-2", 0, 1.0), row("1e-2", 1, 3.0),      # mean 2.0
-            row("3e-2", 0, 1.5), row("3e-2", 1, 1.5),      # mean 1.5: best
-            row("9e-2", 0, 0.1),                           # seed 1 missing: not a candidate
-            row("3e-1", 0, 0.1), row("3e-1", 1, None),     # diverged on seed 1
-            dict(task="t", length="default", config="pretrain_hold", seed=0, final_train_loss=0.0)]
-    assert signals.best_adamw_rates(rows) == {("t", "default"): 3e-2}
-
-
-def test_the_sharpness_measurement_refuses_a_beam():
-    with pytest.raises(ValueError, match="not a plain FusedSaLSa or torch configuration"):
-        signals.step_sharpness("mlp_relu_teacher", "default", 0, "beam_cool_margin_hold", steps=5)
+def test_best_adamw_rates_are_the_tables_best_rates():
+    rows = runner.read_rows([os.path.join(ROOT, "benchmarks", "quality", "results", "zoo", "development.jsonl")])
+    rates = signals.best_adamw_rates(rows)
+    summary = runner.summarize(rows)
+    assert rates and rates == {(e["task"], e["length"]): e["best_lr"] for e in summary.values()}
+    assert rates[("lm_small", "default")] == 3e-3 and rates[("gru_adding", "short")] == 9e-2

@@ -69,6 +69,13 @@ def test_run_appends_rows_once_and_the_table_reads_them(tmp_path):
         assert row["split"] == "validation" and row["steps"] == 6 and len(row["loss_trace"]) == 6
     fused = [r for r in rows if r["config"] == "salsa_defaults"]
     assert all(r["forwards_per_step"] > 1 and r["optimizer"] == "salsa_faithful" for r in fused)
+    # each row carries the best AdamW rate of the grid rows written before it (the grid runs first): the
+    # fused rows, written after the whole grid, the tables' best rate
+    for task in ("mlp_gelu_sin", "cnn_shapes"):
+        best = runner.summarize(rows)[f"{task}@default"]["best_lr"]
+        assert {r["best_adamw_lr"] for r in fused if r["task"] == task} == {best}
+    first = [r for r in rows if r["config"] == "adamw_1e-3"]
+    assert all(r["best_adamw_lr"] == 1e-3 for r in first)  # the only grid rate run when they were written
     # the zoo runs FusedSaLSa on "auto": the C++ backend where it is built (issue 18)
     expected = "cpp" if backends.usable("cpp", torch.device("cpu")) else "torch"
     assert {r["fused_backend"] for r in rows} == {expected}
@@ -88,6 +95,14 @@ def test_run_appends_rows_once_and_the_table_reads_them(tmp_path):
     assert os.path.exists(tmp_path / "some" / "zoo_all_ratios.png")
     with pytest.raises(SystemExit, match="no rows of"):
         runner.main(["plot", out, "--out-dir", str(tmp_path), "--configs", "salsa_defaults,nope"])
+
+
+def test_the_best_adamw_rate_of_a_row_is_the_tables():
+    rows = [_row("t", "adamw_1e-3", s, 2.0) for s in (0, 1)] + [_row("t", "adamw_1e-2", s, 1.0 + s) for s in (0, 1)]
+    rows += [_row("t", "adamw_3e-2", 0, 0.5)]  # one seed only: the tables compare on the seeds every rate has
+    assert runner.best_adamw_lr(rows, "t", "default") == runner.summarize(rows)["t@default"]["best_lr"] == 3e-2
+    assert runner.best_adamw_lr(rows[:4], "t", "default") == 1e-2
+    assert runner.best_adamw_lr(rows, "t", "long") is None and runner.best_adamw_lr([], "t", "default") is None
 
 
 def test_plot_offsets_keep_each_tasks_points_off_the_next_row():

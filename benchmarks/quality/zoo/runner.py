@@ -8,7 +8,9 @@
         --control-files CONTROL_ROWS... --split validation --seeds 0-3 --worse-seeds 3
 
 ``run`` appends one JSON row per finished run (task, split, configuration, seed, final train
-and val loss, applied level, forwards per step, commit, versions, date) and skips runs whose
+and val loss, applied level, forwards per step, the best AdamW rate of the grid rows in the file
+when the row is written (the grid runs first; ``best_adamw_lr``, in rows written since 2026-12-01 22:00
+UTC: the tables compute it from the grid rows for every row), commit, versions, date) and skips runs whose
 row is already in the file, so an interrupted run resumes. Runs go configuration by
 configuration over all tasks (the AdamW grid first), so a run cut short has fewer
 configurations on every task rather than every configuration on a few. Each run uses one
@@ -192,15 +194,19 @@ def _initializer():
     torch.set_num_threads(1)
 
 
-def _execute(units: List[Unit], out: str, jobs: int, done: set, log) -> List[dict]:
-    """Run the units not in ``done``; append each row to ``out`` as it finishes."""
+def _execute(units: List[Unit], out: str, jobs: int, done: set, log, known: Iterable[dict] = ()) -> List[dict]:
+    """Run the units not in ``done``; append each row to ``out`` as it finishes, with the best AdamW
+    rate of its task and length among ``known`` (the rows already in ``out``) and the rows this call
+    wrote before it, itself included (:func:`best_adamw_lr`)."""
     todo = [u for u in units if _unit_key(u) not in done]
     if not todo:
         return []
     provenance = _provenance()
+    known = list(known)
     rows = []
 
     def record(row):
+        row["best_adamw_lr"] = best_adamw_lr(known + rows + [row], row["task"], row["length"])
         with open(out, "a") as handle:
             handle.write(json.dumps(row) + "\n")
         done.add(_key(row))
@@ -282,9 +288,9 @@ def command_run(args) -> int:
 
     for config in configs:
         if config != "adamw_grid":
-            rows += _execute(units([config]), args.out, args.jobs, done, log)
+            rows += _execute(units([config]), args.out, args.jobs, done, log, rows)
             continue
-        rows += _execute(units([O.adamw_name(lr) for lr in GRID]), args.out, args.jobs, done, log)
+        rows += _execute(units([O.adamw_name(lr) for lr in GRID]), args.out, args.jobs, done, log, rows)
         for _ in range(MAX_EXTENSIONS):
             steps_of = {t: args.steps if args.steps is not None else Z.ZOO[t].steps_for(args.length)
                         for t in task_names}
@@ -301,7 +307,7 @@ def command_run(args) -> int:
                     extra += [(t, O.adamw_name(new), s, args.length, args.steps) for s in seeds]
             if not extra:
                 break
-            rows += _execute(extra, args.out, args.jobs, done, log)
+            rows += _execute(extra, args.out, args.jobs, done, log, rows)
     return 0
 
 
@@ -357,6 +363,13 @@ def summarize(rows: List[dict]) -> Dict[str, dict]:
                 diverged=sum(runs[s]["diverged"] is not None for s in over))
         out[f"{task}@{length}"] = entry
     return out
+
+
+def best_adamw_lr(rows: Iterable[dict], task: str, length: str) -> Optional[float]:
+    """The best AdamW rate of ``task`` at ``length`` as the tables compute it (:func:`summarize`: the lowest
+    mean final train loss over the seeds every grid rate has) from ``rows``; None without a grid row."""
+    entry = summarize([r for r in rows if r["task"] == task and r["length"] == length]).get(f"{task}@{length}")
+    return None if entry is None else entry["best_lr"]
 
 
 def _fmt(x, spec=".3f"):

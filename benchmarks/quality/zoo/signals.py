@@ -181,23 +181,12 @@ def step_sharpness(task_name: str, length: str, seed: int, config: str, steps: O
                 steps_measured=len(ratios))
 
 
-def best_adamw_rates(rows: Iterable[dict], seeds: Sequence[int] = (0, 1)) -> Dict[tuple, float]:
-    """``(task, length) -> lr`` of the AdamW grid point with the lowest mean final train loss over
-    ``seeds`` (only points run on every one of them, none diverged), from zoo rows."""
-    losses: Dict[tuple, Dict[int, float]] = {}
-    for row in rows:
-        lr = runner.lr_of(row["config"])
-        if lr is None or row["seed"] not in seeds:
-            continue
-        losses.setdefault((row["task"], row["length"], lr), {})[row["seed"]] = row["final_train_loss"]
-    best: Dict[tuple, tuple] = {}
-    for (task, length, lr), by_seed in losses.items():
-        if set(by_seed) != set(seeds) or any(v is None or not math.isfinite(v) for v in by_seed.values()):
-            continue
-        mean = sum(by_seed.values()) / len(by_seed)
-        if (task, length) not in best or mean < best[(task, length)][0]:
-            best[(task, length)] = (mean, lr)
-    return {key: lr for key, (mean, lr) in best.items()}
+def best_adamw_rates(rows: Iterable[dict]) -> Dict[tuple, float]:
+    """``(task, length) -> lr``: each task-length's best AdamW rate in zoo rows, as the tables compute it
+    (:func:`runner.best_adamw_lr`); task-lengths without a grid row are left out."""
+    rows = list(rows)
+    rates = {key: runner.best_adamw_lr(rows, *key) for key in {(r["task"], r["length"]) for r in rows}}
+    return {key: lr for key, lr in rates.items() if lr is not None}
 
 
 def main(argv=None) -> int:
@@ -210,7 +199,7 @@ def main(argv=None) -> int:
                         help="measure the step's sharpness ratio of --config (a plain FusedSaLSa or adamw_<lr>)")
     parser.add_argument("--around-best-adamw", metavar="ROWS", default=None,
                         help="with --sharpness: instead of --config, AdamW at each task-length's best grid rate "
-                             "in these zoo rows (comma-separated files; seeds 0-1) and at 1/3 and 3x it")
+                             "in these zoo rows (comma-separated files; as the tables compute it) and at 1/3 and 3x it")
     parser.add_argument("--out", required=True, help="JSONL file the rows are appended to")
     args = parser.parse_args(argv)
     tasks, lengths = args.tasks.split(","), args.lengths.split(",")
@@ -227,7 +216,7 @@ def main(argv=None) -> int:
         best = best_adamw_rates(runner.read_rows(args.around_best_adamw.split(",")))
         missing = [(n, L) for n in tasks for L in lengths if (n, L) not in best]
         if missing:
-            parser.error(f"no complete AdamW grid on seeds 0-1 in those rows for {missing}")
+            parser.error(f"no AdamW grid rows in those files for {missing}")
     provenance = _provenance()
     with open(args.out, "a") as out:
         for name in tasks:
