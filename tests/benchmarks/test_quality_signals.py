@@ -97,3 +97,8 @@ def test_best_adamw_rates_are_the_tables_best_rates():
     summary = runner.summarize(rows)
     assert rates and rates == {(e["task"], e["length"]): e["best_lr"] for e in summary.values()}
     assert rates[("lm_small", "default")] == 3e-3 and rates[("gru_adding", "short")] == 9e-2
+
+
+def test_the_sharpness_measurement_refuses_a_beam():
+    with pytest.raises(ValueError, match="not a plain FusedSaLSa or torch configuration"):
+        signals.step_sharpness("mlp_relu_teacher", "default", 0, "beam_cool_margin_hold", steps=5)
