@@ -102,3 +102,31 @@ def test_best_adamw_rates_are_the_tables_best_rates():
 def test_the_sharpness_measurement_refuses_a_beam():
     with pytest.raises(ValueError, match="not a plain FusedSaLSa or torch configuration"):
         signals.step_sharpness("mlp_relu_teacher", "default", 0, "beam_cool_margin_hold", steps=5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "beam_cool_margin_hold"], "not a plain FusedSaLSa configuration"),
+    (["--config", "beam_cool_margin_hold", "--sharpness"], "not a plain FusedSaLSa or torch configuration"),
+    (["--config", "adamw_1e-3"], "not a plain FusedSaLSa configuration"),
+    (["--config", "nope"], "unknown optimizer 'nope'"),
+    (["--seeds", "a-b"], "bad seeds 'a-b'"),
+    (["--lengths", "longer"], "unknown length 'longer'"),
+    (["--around-best-adamw", "x.jsonl"], "goes with --sharpness"),
+    (["--sharpness", "--around-best-adamw", "/nonexistent/rows.jsonl"], "no such file"),
+])
+def test_bad_arguments_are_named_before_any_row_is_written(tmp_path, capsys, args, message):
+    out = tmp_path / "rows.jsonl"
+    with pytest.raises(SystemExit) as exit_info:
+        signals.main(["--tasks", "mlp_relu_teacher", *args, "--out", str(out)])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_around_best_adamw_refuses_a_config_and_a_file_without_the_task(tmp_path, capsys):
+    rows = os.path.join(ROOT, "benchmarks", "quality", "results", "zoo", "development.jsonl")
+    for args, message in ((["--config", "pretrain_hold"], "leave out --config"),
+                          (["--tasks", "logreg"], "no AdamW grid rows")):
+        with pytest.raises(SystemExit):
+            signals.main(["--tasks", "mlp_relu_teacher", "--sharpness", "--around-best-adamw", rows, *args,
+                          "--out", str(tmp_path / "rows.jsonl")])
+        assert message in capsys.readouterr().err

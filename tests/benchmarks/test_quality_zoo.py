@@ -103,6 +103,12 @@ def test_the_best_adamw_rate_of_a_row_is_the_tables():
     assert runner.best_adamw_lr(rows, "t", "default") == runner.summarize(rows)["t@default"]["best_lr"] == 3e-2
     assert runner.best_adamw_lr(rows[:4], "t", "default") == 1e-2
     assert runner.best_adamw_lr(rows, "t", "long") is None and runner.best_adamw_lr([], "t", "default") is None
+    # rows of another step count (a --steps run) count neither for the rate nor in the tables
+    other = [dict(r, steps=400, final_train_loss=0.01) for r in rows if r["config"] == "adamw_1e-3"]
+    assert runner.best_adamw_lr(rows + other, "t", "default", steps=10) == 3e-2
+    assert runner.best_adamw_lr(rows + other, "t", "default", steps=400) == 1e-3
+    with pytest.raises(ValueError, match="one step count per file"):
+        runner.summarize(rows + other)
 
 
 def test_plot_offsets_keep_each_tasks_points_off_the_next_row():

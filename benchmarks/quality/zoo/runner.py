@@ -8,9 +8,13 @@
         --control-files CONTROL_ROWS... --split validation --seeds 0-3 --worse-seeds 3
 
 ``run`` appends one JSON row per finished run (task, split, configuration, seed, final train
-and val loss, applied level, forwards per step, the best AdamW rate of the grid rows in the file
-when the row is written (the grid runs first; ``best_adamw_lr``, in rows written since 2026-12-01 22:00
-UTC: the tables compute it from the grid rows for every row), commit, versions, date) and skips runs whose
+and val loss, applied level, forwards per step, ``best_adamw_lr``, commit, versions, date).
+``best_adamw_lr`` is the best AdamW rate of the row's task, length and step count among the grid rows
+in the file when the row is written, itself included: the final grid's best for the rows of
+configurations run after ``adamw_grid`` (the grid runs first), the best so far on a grid row, and
+null while the file has no grid row of that task-length. Rows written before 2026-12-01 22:00 UTC
+lack it; the tables compute the best rate from the grid rows for every row. A file holds one step
+count per task and length (``--steps`` runs in a file of their own): the tables refuse a mix. and skips runs whose
 row is already in the file, so an interrupted run resumes. Runs go configuration by
 configuration over all tasks (the AdamW grid first), so a run cut short has fewer
 configurations on every task rather than every configuration on a few. Each run uses one
@@ -206,7 +210,7 @@ def _execute(units: List[Unit], out: str, jobs: int, done: set, log, known: Iter
     rows = []
 
     def record(row):
-        row["best_adamw_lr"] = best_adamw_lr(known + rows + [row], row["task"], row["length"])
+        row["best_adamw_lr"] = best_adamw_lr(known + rows + [row], row["task"], row["length"], row["steps"])
         with open(out, "a") as handle:
             handle.write(json.dumps(row) + "\n")
         done.add(_key(row))
@@ -323,8 +327,15 @@ def summarize(rows: List[dict]) -> Dict[str, dict]:
     ratio = its mean final train loss / the best rate's mean on those seeds (inf if a seed
     diverged); level ratio = its mean applied level / the best rate's mean scheduled rate."""
     by_task = defaultdict(lambda: defaultdict(dict))
+    steps = defaultdict(set)
     for row in rows:
         by_task[(row["task"], row["length"])][row["config"]][row["seed"]] = row
+        steps[(row["task"], row["length"])].add(row.get("steps"))
+    mixed = {f"{task}@{length}": sorted(s, key=str) for (task, length), s in steps.items() if len(s) > 1}
+    if mixed:
+        raise ValueError(f"rows of different run lengths in steps for one task and length: {mixed}; a table "
+                         "would divide one by the other's AdamW: keep one step count per file (--steps runs "
+                         "in a file of their own)")
     out = {}
     for (task, length), configs in sorted(by_task.items()):
         grid = {c: runs for c, runs in configs.items() if lr_of(c) is not None}
@@ -365,10 +376,13 @@ def summarize(rows: List[dict]) -> Dict[str, dict]:
     return out
 
 
-def best_adamw_lr(rows: Iterable[dict], task: str, length: str) -> Optional[float]:
-    """The best AdamW rate of ``task`` at ``length`` as the tables compute it (:func:`summarize`: the lowest
-    mean final train loss over the seeds every grid rate has) from ``rows``; None without a grid row."""
-    entry = summarize([r for r in rows if r["task"] == task and r["length"] == length]).get(f"{task}@{length}")
+def best_adamw_lr(rows: Iterable[dict], task: str, length: str, steps: Optional[int] = None) -> Optional[float]:
+    """The best AdamW rate of ``task`` at ``length`` (and ``steps``, if given) as the tables compute it
+    (:func:`summarize`: the lowest mean final train loss over the seeds every grid rate has) from
+    ``rows``; None without a grid row."""
+    mine = [r for r in rows if r["task"] == task and r["length"] == length
+            and (steps is None or r.get("steps") == steps)]
+    entry = summarize(mine).get(f"{task}@{length}")
     return None if entry is None else entry["best_lr"]
 
 

@@ -1,31 +1,41 @@
-"""Candidate overshoot signals, measured along a configuration's run (quality NOTES section 29).
+"""Candidate overshoot signals, measured along a configuration's run (quality NOTES sections 29-30).
 
     python -m benchmarks.quality.zoo.signals --tasks mlp_tanh_cycled,lm_small --lengths default \\
-        --seeds 0-1 --out benchmarks/quality/results/zoo/signals.jsonl
+        --seeds 0-1 --out /tmp/signals.jsonl
+    python -m benchmarks.quality.zoo.signals --sharpness --tasks lm_small --lengths default --seeds 0 \\
+        --around-best-adamw benchmarks/quality/results/zoo/development.jsonl --out /tmp/sharpness.jsonl
 
-Per run (one thread, the zoo's weights and batches) two measurements, appended as one JSON row with the
-commit, versions and date:
+Every run is the zoo's own (one thread, the zoo's weights and batches; its losses bitwise those of
+``zoo run``), and appends one JSON row with the commit, versions and date. Two kinds of row:
 
-- **The range test's statistics** over the search phase (the first ``warmup`` fraction of the steps,
+**Without** ``--sharpness`` (``--config``, a plain FusedSaLSa configuration; the preset by default):
+
+- **the range test's statistics** over the search phase (the first ``warmup`` fraction of the steps,
   where the ``pretrain`` preset searches): the searches' losses ``f0`` smoothed as the preset smooths
-  them (``l <- 0.9 l + 0.1 f0``), the largest ``l / l_low`` (what ``backoff_on_loss_rise`` compares with
-  2) and the largest ``l / l_first`` (the smoothed loss against its first value).
-- **Cross-batch agreement** per step ``t >= 2``: ``rho_t = <g_t, P_t m_hat_{t-1}> / <g_t, P_t g_t>``, with
+  them (``l <- 0.9 l + 0.1 f0``), ``max_over_low``, the largest ``l / l_low`` (what
+  ``backoff_on_loss_rise`` compares with 2), and ``max_over_first``, the largest ``l / l_first``;
+- **cross-batch agreement** per step ``t >= 2``: ``rho_t = <g_t, P_t m_hat_{t-1}> / <g_t, P_t g_t>``, with
   ``g_t`` this step's gradient (its batch, before the step), ``m_hat_{t-1} = m_{t-1} / (1 - beta1^(t-1))``
   the previous steps' bias-corrected momentum and ``P_t = 1 / (sqrt(v_t / (1 - beta2^t)) + eps)``. Under
   independent batch noise ``E rho = |G|^2_P / (|G|^2_P + tr(P Sigma) / B)``, the signal fraction of the
-  gradient noise scale (McCandlish et al., arXiv 1812.06162); a trajectory at the edge of stability, where
-  each gradient turns against the step just taken, drives it to 0 or below. Reported as its mean over
-  each quarter of the search phase and over the rest of the run.
+  gradient noise scale (McCandlish et al., arXiv 1812.06162); a trajectory whose steps reach the line's
+  minimum on the next batch, or pass it, drives it to 0 or below. ``agreement_by_quarter``: its mean
+  over each quarter of the search phase; ``agreement_after``: over the rest of the run.
 
-A third measurement (``--sharpness``), for any plain FusedSaLSa or AdamW configuration: per step the
-**step's sharpness ratio** ``r_k = 2 (1 - (f_B(w_k) - f_B(w_{k+1})) / <g_k, w_k - w_{k+1}>)``, the
-actual decrease of the step's own batch against its first-order prediction (one extra forward of that
-batch at the new weights, BatchNorm buffers and random generators restored around it). Along a
-quadratic ``r = eta * kappa / q``: 1 at the greedy step, 2 at the edge of stability, above 2 the batch's
-loss rises; the Armijo test with constant ``c`` accepts ``r <= 2 (1 - c)``. Reported as its median over
-each fifth of the run. Run at AdamW's best rate of a task it says where along the batch's own line a
-tuned rate steps, and whether that place is the same on every task (NOTES section 29).
+**With** ``--sharpness`` (a plain FusedSaLSa or a torch optimizer such as ``adamw_<lr>``; with
+``--around-best-adamw ROWS``, AdamW at each task-length's best grid rate in those zoo rows and at 1/3
+and 3x it, the row then recording that ``best_adamw_lr``): per step the **step's sharpness ratio**
+``r_k = 2 (1 - (f_B(w_k) - f_B(w_{k+1})) / <g_k, w_k - w_{k+1}>)``, the actual decrease of the step's own
+batch against its first-order prediction (one extra forward of that batch at the new weights, with the
+step's random draws replayed and BatchNorm buffers restored around it). Along a quadratic
+``r = eta * kappa / q``: 1 at the greedy step, 2 at the edge of stability, above 2 the batch's loss rises;
+the Armijo test with constant ``c`` accepts ``r <= 2 (1 - c)``. ``sharpness_by_fifth``: its median over
+each fifth of the run; ``steps_measured``: the steps with a positive prediction. Run at AdamW's best rate
+it says where along the batch's own line a tuned rate steps, and whether that place is the same on
+every task.
+
+Both kinds also record the final train loss (and the sharpness rows the val loss). Rows are appended:
+to rebuild a committed file, write to a new one (ZOO.md lists the commands).
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import sys
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -189,18 +200,37 @@ def best_adamw_rates(rows: Iterable[dict]) -> Dict[tuple, float]:
     return {key: lr for key, lr in rates.items() if lr is not None}
 
 
+def _families(sharpness: bool) -> tuple:
+    return ("fused", "torch") if sharpness else ("fused",)
+
+
+def check_config(config: str, sharpness: bool, task_name: str) -> None:
+    """ValueError naming the problem unless ``config`` builds, on ``task_name``, an optimizer the
+    measurement reads (``measure``: a plain FusedSaLSa; ``step_sharpness``: that or a torch optimizer)."""
+    try:
+        O.known([config])
+    except (ValueError, SystemExit) as error:
+        raise ValueError(str(error)) from None
+    _start(task_name, "default", 0, config, 1, _families(sharpness))
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality.zoo.signals", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", required=True, help="comma-separated zoo task names")
-    parser.add_argument("--lengths", default="default", help="comma-separated: short, default, long")
-    parser.add_argument("--seeds", default="0-1")
-    parser.add_argument("--config", default="pretrain_hold")
+    parser.add_argument("--lengths", default="default", help="comma-separated: short, default, long (default: default)")
+    parser.add_argument("--seeds", default="0-1", help="e.g. 0-1 or 0,3,5 (default: 0-1)")
+    parser.add_argument("--config", default=None,
+                        help="the configuration measured (an optimizers.py name; default: pretrain_hold, the "
+                             "preset); with --sharpness also adamw_<lr>")
     parser.add_argument("--sharpness", action="store_true",
-                        help="measure the step's sharpness ratio of --config (a plain FusedSaLSa or adamw_<lr>)")
+                        help="measure the step's sharpness ratio of --config (a plain FusedSaLSa or a torch "
+                             "optimizer such as adamw_<lr>) instead of the range test and agreement")
     parser.add_argument("--around-best-adamw", metavar="ROWS", default=None,
-                        help="with --sharpness: instead of --config, AdamW at each task-length's best grid rate "
+                        help="with --sharpness, instead of --config: AdamW at each task-length's best grid rate "
                              "in these zoo rows (comma-separated files; as the tables compute it) and at 1/3 and 3x it")
-    parser.add_argument("--out", required=True, help="JSONL file the rows are appended to")
+    parser.add_argument("--out", required=True,
+                        help="JSONL file the rows are appended to (a new file, to rebuild a committed one)")
     args = parser.parse_args(argv)
     tasks, lengths = args.tasks.split(","), args.lengths.split(",")
     for name in tasks:
@@ -209,26 +239,43 @@ def main(argv=None) -> int:
     for length in lengths:
         if length not in ("short", "default", "long"):
             parser.error(f"unknown length {length!r}; choose from short, default, long")
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as error:
+        parser.error(str(error))
     best = None
     if args.around_best_adamw:
         if not args.sharpness:
             parser.error("--around-best-adamw goes with --sharpness")
-        best = best_adamw_rates(runner.read_rows(args.around_best_adamw.split(",")))
+        if args.config is not None:
+            parser.error("--around-best-adamw runs AdamW around its best rate: leave out --config")
+        paths = args.around_best_adamw.split(",")
+        absent = [p for p in paths if not os.path.isfile(p)]
+        if absent:
+            parser.error(f"--around-best-adamw: no such file {absent}")
+        best = best_adamw_rates(runner.read_rows(paths))
         missing = [(n, L) for n in tasks for L in lengths if (n, L) not in best]
         if missing:
-            parser.error(f"no AdamW grid rows in those files for {missing}")
+            parser.error(f"no AdamW grid rows in {paths} for {missing}")
+    else:
+        args.config = args.config or "pretrain_hold"
+        try:
+            check_config(args.config, args.sharpness, tasks[0])
+        except ValueError as error:
+            parser.error(str(error))
     provenance = _provenance()
     with open(args.out, "a") as out:
         for name in tasks:
             for length in lengths:
                 configs = [args.config] if best is None else [
                     O.adamw_name(best[(name, length)] * f) for f in (1 / 3, 1.0, 3.0)]
-                for seed, config in [(s, c) for s in parse_seeds(args.seeds) for c in configs]:
+                for seed, config in [(s, c) for s in seeds for c in configs]:
                     if args.sharpness:
                         row = step_sharpness(name, length, seed, config)
-                        row["best_adamw_lr"] = None if best is None else best[(name, length)]
+                        if best is not None:
+                            row["best_adamw_lr"] = best[(name, length)]
                     else:
-                        row = measure(name, length, seed, args.config)
+                        row = measure(name, length, seed, config)
                     row.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                                **provenance)
                     out.write(json.dumps(row) + "\n")
