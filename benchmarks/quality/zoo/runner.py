@@ -14,8 +14,8 @@ in the file when the row is written, itself included: the final grid's best for 
 configurations run after ``adamw_grid`` (the grid runs first), the best so far on a grid row, and
 null while the file has no grid row of that task-length. Rows written before 2026-12-01 22:00 UTC
 lack it; the tables compute the best rate from the grid rows for every row. A file holds one step
-count per task and length (``--steps`` runs in a file of their own): the tables refuse a mix. and skips runs whose
-row is already in the file, so an interrupted run resumes. Runs go configuration by
+count per task and length (``--steps`` runs in a file of their own): the tables refuse a mix. ``run``
+skips runs whose row is already in the file, so an interrupted run resumes. Runs go configuration by
 configuration over all tasks (the AdamW grid first), so a run cut short has fewer
 configurations on every task rather than every configuration on a few. Each run uses one
 thread.
