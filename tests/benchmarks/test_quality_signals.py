@@ -6,6 +6,8 @@ import os
 import pytest
 import torch
 
+from salsa_fused.step_size import LOSS_RISE_SMOOTHING
+
 from benchmarks.quality.run import train
 from benchmarks.quality.zoo import runner, signals, tasks
 
@@ -50,8 +52,9 @@ def test_agreement_is_zero_for_an_orthogonal_momentum_and_refuses_the_first_step
 
 def test_range_statistics_follow_the_range_tests_smoothing():
     stats = signals.range_statistics([2.0, 1.0, float("nan"), 0.0, 4.0])
-    smoothed = [2.0, 0.9 * 2.0 + 0.1 * 1.0]
-    smoothed.append(0.9 * smoothed[-1] + 0.1 * 4.0)  # the NaN and the 0 are skipped
+    a = LOSS_RISE_SMOOTHING  # the preset's range test's smoothing (0.9)
+    smoothed = [2.0, a * 2.0 + (1 - a) * 1.0]
+    smoothed.append(a * smoothed[-1] + (1 - a) * 4.0)  # the NaN and the 0 are skipped
     low = min(smoothed)
     assert stats["max_over_low"] == pytest.approx(max(s / min(smoothed[:i + 1]) for i, s in enumerate(smoothed)))
     assert stats["max_over_low"] == pytest.approx(smoothed[-1] / low)

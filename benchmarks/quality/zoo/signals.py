@@ -50,19 +50,22 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from salsa_fused.step_size import LOSS_RISE_SMOOTHING
+
 from .. import optimizers as O
 from ..run import _record_level
 from . import tasks as Z
 from . import runner
 from .runner import _provenance, parse_seeds
 
-SMOOTHING = 0.9  # the range test's smoothing of the searches' losses (salsa_fused.step_size.LOSS_RISE_SMOOTHING)
 
 
 def agreement(grads: Sequence[torch.Tensor], previous_exp_avg: Sequence[torch.Tensor],
               exp_avg_sq: Sequence[torch.Tensor], step: int, betas=(0.9, 0.999), eps: float = 1e-8) -> float:
     """``<g, P m_hat_prev> / <g, P g>`` summed over tensors (module docstring); ``step`` is ``t >= 2``,
-    the 1-based count of the step whose gradient ``grads`` is and whose second moment ``exp_avg_sq`` is."""
+    the 1-based count of the step whose gradient ``grads`` is and whose second moment ``exp_avg_sq`` is.
+    A measurement's own definition, with Adam's bias correction in ``t``: not the optimizer's direction
+    (whose correction is 0.1.0's, docs/api.md); a common scale on ``P`` cancels in the ratio."""
     if step < 2:
         raise ValueError(f"agreement needs a previous momentum: step must be >= 2, got {step}")
     beta1, beta2 = betas
@@ -83,7 +86,7 @@ def range_statistics(search_losses: Iterable[float]) -> Dict[str, float]:
     for loss in search_losses:
         if not (math.isfinite(loss) and loss > 0.0):
             continue
-        average = loss if average is None else SMOOTHING * average + (1.0 - SMOOTHING) * loss
+        average = loss if average is None else LOSS_RISE_SMOOTHING * average + (1.0 - LOSS_RISE_SMOOTHING) * loss
         first = average if first is None else first
         low = average if low is None else min(low, average)
         over_low, over_first = max(over_low, average / low), max(over_first, average / first)
