@@ -94,6 +94,41 @@ def test_sharpness_is_below_two_for_small_steps_on_a_convex_task():
     assert all(0.0 < r < 2.0 for r in row["sharpness_by_fifth"])
 
 
+@pytest.mark.parametrize("config", ["adamw_3e-2", "pretrain_hold"])
+def test_the_chord_forward_leaves_the_run_as_the_zoo_runs_it(config):
+    row = signals.chord_ratio("cnn_bn_digits", "default", 0, config, windows=(3, 5), steps=16)
+    torch.set_num_threads(1)
+    zoo = train(tasks.make("cnn_bn_digits", 0, steps=16), config, 0, record_searches=False)
+    assert row["final_train_loss"] == zoo["final_train_loss"]
+    assert row["val_loss"] == zoo["val_loss"]
+    assert row["windows_measured"] == {"3": 5, "5": 3}  # steps 4, 7, 10, 13, 16 and 6, 11, 16
+
+
+def test_the_chord_ratio_is_the_midpoints_loss_over_the_loss_reached():
+    # windows of 5 over 11 steps: measured at steps 6 (weights w_0 -> w_5) and 11 (w_5 -> w_10); the
+    # fifths of 11 steps are (0,2], (2,4], (4,7], (7,9], (9,11]
+    row = signals.chord_ratio("logreg", "default", 0, "adamw_3e-1", windows=(5,), steps=11)
+    task, model, built = signals._start("logreg", "default", 0, "adamw_3e-1", 11, ("torch",))
+    params = [p for g in built.optimizer.param_groups for p in g["params"]]
+    weights = [[p.detach().clone() for p in params]]
+    for batch in task.batches[:10]:
+        signals._take_step(built, task, model, batch)
+        weights.append([p.detach().clone() for p in params])
+
+    def loss_at(ws, batch):
+        with torch.no_grad():
+            for p, w in zip(params, ws):
+                p.copy_(w)
+            return float(task.loss(model, batch))
+
+    expected = [loss_at([0.5 * (a + b) for a, b in zip(weights[start], weights[start + 5])], task.batches[start + 5])
+                / loss_at(weights[start + 5], task.batches[start + 5]) for start in (0, 5)]
+    by_fifth = row["chord_by_fifth"]["5"]
+    assert by_fifth[2] == pytest.approx(expected[0], rel=1e-12) and by_fifth[4] == pytest.approx(expected[1], rel=1e-12)
+    assert math.isnan(by_fifth[0]) and math.isnan(by_fifth[1]) and math.isnan(by_fifth[3])
+    assert expected[0] != pytest.approx(1.0, abs=1e-3)  # the midpoint is somewhere else
+
+
 def test_best_adamw_rates_are_the_tables_best_rates():
     rows = runner.read_rows([os.path.join(ROOT, "benchmarks", "quality", "results", "zoo", "development.jsonl")])
     rates = signals.best_adamw_rates(rows)
@@ -114,7 +149,9 @@ def test_the_sharpness_measurement_refuses_a_beam():
     (["--config", "nope"], "unknown optimizer 'nope'"),
     (["--seeds", "a-b"], "bad seeds 'a-b'"),
     (["--lengths", "longer"], "unknown length 'longer'"),
-    (["--around-best-adamw", "x.jsonl"], "goes with --sharpness"),
+    (["--around-best-adamw", "x.jsonl"], "goes with --sharpness or --chord"),
+    (["--sharpness", "--chord"], "choose one"),
+    (["--config", "beam_cool_margin_hold", "--chord"], "not a plain FusedSaLSa or torch configuration"),
     (["--sharpness", "--around-best-adamw", "/nonexistent/rows.jsonl"], "no such file"),
 ])
 def test_bad_arguments_are_named_before_any_row_is_written(tmp_path, capsys, args, message):

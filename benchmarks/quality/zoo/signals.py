@@ -1,9 +1,11 @@
-"""Candidate overshoot signals, measured along a configuration's run (quality NOTES sections 29-30).
+"""Candidate overshoot signals, measured along a configuration's run (quality NOTES sections 29-31).
 
     python -m benchmarks.quality.zoo.signals --tasks mlp_tanh_cycled,lm_small --lengths default \\
         --seeds 0-1 --out /tmp/signals.jsonl
     python -m benchmarks.quality.zoo.signals --sharpness --tasks lm_small --lengths default --seeds 0 \\
         --around-best-adamw benchmarks/quality/results/zoo/development.jsonl --out /tmp/sharpness.jsonl
+    python -m benchmarks.quality.zoo.signals --chord --tasks lm_small --lengths default --seeds 0 \
+        --around-best-adamw benchmarks/quality/results/zoo/development.jsonl --out /tmp/chord.jsonl
 
 Every run is the zoo's own (one thread, the zoo's weights and batches; its losses bitwise those of
 ``zoo run``), and appends one JSON row with the commit, versions and date. Two kinds of row:
@@ -34,7 +36,13 @@ each fifth of the run; ``steps_measured``: the steps with a positive prediction.
 it says where along the batch's own line a tuned rate steps, and whether that place is the same on
 every task.
 
-Both kinds also record the final train loss (and the sharpness rows the val loss). Rows are appended:
+**With** ``--chord`` (the same configurations, and ``--around-best-adamw`` as above): the **chord ratio**
+``rho = f_k((w_{k-K} + w_k) / 2) / f_k(w_k)`` at the end of each window of ``K`` = 10 and 40 steps, the loss
+of the next batch at the midpoint of the window's displacement over its loss at the weights reached
+(:func:`chord_ratio`): whether, in hindsight, half the step over the window would have ended lower on a
+batch the window did not step on. ``chord_by_fifth``: its median over each fifth of the run, per ``K``.
+
+Every kind also records the final train loss (and the sharpness and chord rows the val loss). Rows are appended:
 to rebuild a committed file, write to a new one (ZOO.md lists the commands).
 """
 
@@ -149,6 +157,87 @@ def measure(task_name: str, length: str, seed: int, config: str = "pretrain_hold
                 agreement_by_quarter=_means(rhos, quarter), agreement_after=_means(rhos, [search_window, task.steps])[0])
 
 
+def _take_step(built, task, model, batch) -> float:
+    """One zoo step of ``built`` (a plain FusedSaLSa or a torch optimizer and its scheduler) on ``batch``;
+    the loss at the weights before it."""
+    opt = built.optimizer
+    opt.zero_grad(set_to_none=True)
+    if built.family == "fused":
+        loss = opt.step(lambda: task.loss(model, batch))
+    else:
+        loss = task.loss(model, batch)
+        loss.backward()
+        opt.step()
+        if built.scheduler is not None:
+            built.scheduler.step()
+    return float(loss.detach())
+
+
+def _loss_elsewhere(task, model, batch, params, weights) -> float:
+    """``batch``'s loss with ``params`` set to ``weights``, as a side measurement: the weights, the
+    module's buffers (BatchNorm's running statistics) and the random generator come back as they were,
+    so the run goes on bitwise; the forward draws what the step's own forward will draw next."""
+    with torch.no_grad():
+        current = [p.detach().clone() for p in params]
+        kept = [b.clone() for b in model.buffers()]
+        rng = torch.get_rng_state()
+        for p, w in zip(params, weights):
+            p.copy_(w)
+        loss = float(task.loss(model, batch))
+        torch.set_rng_state(rng)
+        for p, w in zip(params, current):
+            p.copy_(w)
+        for b, saved in zip(model.buffers(), kept):
+            b.copy_(saved)
+    return loss
+
+
+def _medians_by_fifth(values: List[tuple], steps: int) -> List[float]:
+    fifths = [round(steps * i / 5) for i in range(6)]
+    medians = []
+    for lo, hi in zip(fifths, fifths[1:]):
+        window = sorted(r for step, r in values if lo < step <= hi and math.isfinite(r))
+        medians.append(window[len(window) // 2] if window else math.nan)
+    return medians
+
+
+#: The windows of the chord measurement, in steps.
+CHORD_WINDOWS = (10, 40)
+
+
+def chord_ratio(task_name: str, length: str, seed: int, config: str, windows: Sequence[int] = CHORD_WINDOWS,
+                steps: Optional[int] = None) -> dict:
+    """Train ``config`` (a plain FusedSaLSa or an AdamW configuration) on the zoo task and return the row
+    of its **chord ratio**: for a window of ``K`` steps ending at step ``k`` (``k`` a multiple of ``K``),
+    ``rho = f_k((w_{k-K} + w_k) / 2) / f_k(w_k)``, the loss of step ``k``'s batch (one it has not stepped
+    on yet, on a stream) at the midpoint of the window's displacement over its loss at the weights
+    reached. The midpoint is where the same ``K`` directions at half the step would have led, to first
+    order: ``rho < 1`` says half the step would have ended lower (the run bounces across a valley),
+    ``rho > 1`` that the run made progress the half step would not have. One extra forward per window;
+    the run is the zoo's (bitwise). ``chord_by_fifth``: ``{K: median rho over each fifth of the run}``."""
+    task, model, built = _start(task_name, length, seed, config, steps, ("fused", "torch"))
+    params = [p for g in built.optimizer.param_groups for p in g["params"]]
+    starts = {K: [p.detach().clone() for p in params] for K in windows}
+    ratios: Dict[int, List[tuple]] = {K: [] for K in windows}
+    losses = []
+    for k, batch in enumerate(task.batches):
+        step = k + 1
+        due = [K for K in windows if step > 1 and (step - 1) % K == 0]
+        current = [p.detach().clone() for p in params] if due else None
+        middles = {K: _loss_elsewhere(task, model, batch, params,
+                                      [0.5 * (s + c) for s, c in zip(starts[K], current)]) for K in due}
+        losses.append(_take_step(built, task, model, batch))
+        for K in due:  # the window ran from the weights before step - K to those before this step
+            if losses[-1] > 0.0 and math.isfinite(middles[K]):
+                ratios[K].append((step, middles[K] / losses[-1]))
+            starts[K] = current
+    tail = max(1, len(losses) // 10)
+    return dict(task=task_name, split=Z.ZOO[task_name].split, length=length, steps=task.steps, config=config,
+                seed=seed, final_train_loss=sum(losses[-tail:]) / tail, val_loss=task.evaluate(model),
+                chord_by_fifth={str(K): _medians_by_fifth(ratios[K], task.steps) for K in windows},
+                windows_measured={str(K): len(ratios[K]) for K in windows})
+
+
 def step_sharpness(task_name: str, length: str, seed: int, config: str, steps: Optional[int] = None) -> dict:
     """Train ``config`` (a plain FusedSaLSa or an AdamW configuration) on the zoo task and return the
     row of its per-step sharpness ratio ``r_k`` (module docstring); the run is the zoo's."""
@@ -160,17 +249,7 @@ def step_sharpness(task_name: str, length: str, seed: int, config: str, steps: O
     for k, batch in enumerate(task.batches):
         before = [p.detach().clone() for p in params]
         forward_rng = torch.get_rng_state()  # the step's forward draws (dropout) replayed at w_{k+1}
-        if built.family == "fused":
-            opt.zero_grad(set_to_none=True)
-            loss = opt.step(lambda: task.loss(model, batch))
-        else:
-            opt.zero_grad(set_to_none=True)
-            loss = task.loss(model, batch)
-            loss.backward()
-            opt.step()
-            if built.scheduler is not None:
-                built.scheduler.step()
-        losses.append(float(loss.detach()))
+        losses.append(_take_step(built, task, model, batch))
         with torch.no_grad():
             predicted = sum(float((p.grad.double() * (b.double() - p.double())).sum())
                             for p, b in zip(params, before) if p.grad is not None)
@@ -183,11 +262,7 @@ def step_sharpness(task_name: str, length: str, seed: int, config: str, steps: O
                 b.copy_(saved)
         if predicted > 0.0 and math.isfinite(after):
             ratios.append((k + 1, 2.0 * (1.0 - (losses[-1] - after) / predicted)))
-    fifths = [round(task.steps * i / 5) for i in range(6)]
-    medians = []
-    for lo, hi in zip(fifths, fifths[1:]):
-        window = sorted(r for step, r in ratios if lo < step <= hi)
-        medians.append(window[len(window) // 2] if window else math.nan)
+    medians = _medians_by_fifth(ratios, task.steps)
     tail = max(1, len(losses) // 10)
     return dict(task=task_name, split=Z.ZOO[task_name].split, length=length, steps=task.steps, config=config,
                 seed=seed, final_train_loss=sum(losses[-tail:]) / tail, val_loss=task.evaluate(model),
@@ -229,12 +304,19 @@ def main(argv=None) -> int:
     parser.add_argument("--sharpness", action="store_true",
                         help="measure the step's sharpness ratio of --config (a plain FusedSaLSa or a torch "
                              "optimizer such as adamw_<lr>) instead of the range test and agreement")
+    parser.add_argument("--chord", action="store_true",
+                        help="measure the chord ratio of --config (a plain FusedSaLSa or a torch optimizer) over "
+                             f"windows of {', '.join(map(str, CHORD_WINDOWS))} steps instead of the range test and "
+                             "agreement")
     parser.add_argument("--around-best-adamw", metavar="ROWS", default=None,
-                        help="with --sharpness, instead of --config: AdamW at each task-length's best grid rate "
+                        help="with --sharpness or --chord, instead of --config: AdamW at each task-length's best grid rate "
                              "in these zoo rows (comma-separated files; as the tables compute it) and at 1/3 and 3x it")
     parser.add_argument("--out", required=True,
                         help="JSONL file the rows are appended to (a new file, to rebuild a committed one)")
     args = parser.parse_args(argv)
+    if args.sharpness and args.chord:
+        parser.error("--sharpness and --chord are two measurements: choose one")
+    either = args.sharpness or args.chord
     tasks, lengths = args.tasks.split(","), args.lengths.split(",")
     for name in tasks:
         if name not in Z.ZOO:
@@ -248,8 +330,8 @@ def main(argv=None) -> int:
         parser.error(str(error))
     best = None
     if args.around_best_adamw:
-        if not args.sharpness:
-            parser.error("--around-best-adamw goes with --sharpness")
+        if not either:
+            parser.error("--around-best-adamw goes with --sharpness or --chord")
         if args.config is not None:
             parser.error("--around-best-adamw runs AdamW around its best rate: leave out --config")
         paths = args.around_best_adamw.split(",")
@@ -263,7 +345,7 @@ def main(argv=None) -> int:
     else:
         args.config = args.config or "pretrain_hold"
         try:
-            check_config(args.config, args.sharpness, tasks[0])
+            check_config(args.config, either, tasks[0])
         except ValueError as error:
             parser.error(str(error))
     provenance = _provenance()
@@ -273,8 +355,8 @@ def main(argv=None) -> int:
                 configs = [args.config] if best is None else [
                     O.adamw_name(best[(name, length)] * f) for f in (1 / 3, 1.0, 3.0)]
                 for seed, config in [(s, c) for s in seeds for c in configs]:
-                    if args.sharpness:
-                        row = step_sharpness(name, length, seed, config)
+                    if either:
+                        row = (step_sharpness if args.sharpness else chord_ratio)(name, length, seed, config)
                         if best is not None:
                             row["best_adamw_lr"] = best[(name, length)]
                     else:
@@ -283,7 +365,11 @@ def main(argv=None) -> int:
                                **provenance)
                     out.write(json.dumps(row) + "\n")
                     out.flush()
-                    if args.sharpness:
+                    if args.chord:
+                        print(f"{name} {length} seed {seed} {config}: final {row['final_train_loss']:.4g}, chord "
+                              + "; ".join(f"K={K} {[round(x, 3) for x in v]}" for K, v in row["chord_by_fifth"].items()),
+                              file=sys.stderr)
+                    elif args.sharpness:
                         print(f"{name} {length} seed {seed} {config}: final {row['final_train_loss']:.4g}, "
                               f"sharpness by fifth {[round(x, 2) for x in row['sharpness_by_fifth']]}",
                               file=sys.stderr)
