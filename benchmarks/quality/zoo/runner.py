@@ -240,25 +240,21 @@ def _unit_key(unit: Unit) -> tuple:
 
 
 def grid_edge(rows: List[dict], task: str, seeds: List[int]) -> Optional[float]:
-    """If the best AdamW rate of ``task`` (mean final train loss over ``seeds``) is at an end of
-    the rates run, the next rate to add (x3 or /3); else None."""
-    losses = defaultdict(dict)
-    for row in rows:
-        lr = lr_of(row["config"])
-        if row["task"] == task and lr is not None and row["seed"] in seeds:
-            losses[lr][row["seed"]] = row["final_train_loss"]
-    complete = {lr: v for lr, v in losses.items() if set(v) == set(seeds)}
-    finite = {lr: sum(v.values()) / len(v) for lr, v in complete.items()
-              if all(x is not None for x in v.values())}
-    if len(complete) < 2 or not finite:
+    """If the best AdamW rate of ``task`` is at an end of the rates run, the next rate to add (x3 or /3);
+    else None. Over the rates that have every seed of ``seeds``, on those seeds, the best is the tables'
+    (:func:`summarize`); ``rows`` are of one length and step count, as a table's."""
+    grid = [r for r in rows if r["task"] == task and lr_of(r["config"]) is not None and r["seed"] in seeds]
+    have = defaultdict(set)
+    for row in grid:
+        have[row["config"]].add(row["seed"])
+    complete = [r for r in grid if have[r["config"]] >= set(seeds)]
+    entries = [e for e in summarize(complete).values() if e["task"] == task]
+    if len(entries) > 1:
+        raise ValueError(f"grid_edge: rows of {task!r} at more than one length: {[e['length'] for e in entries]}")
+    if not entries or len(entries[0]["grid"]) < 2 or not entries[0]["edge"]:
         return None
-    best = min(finite, key=finite.get)
-    rates = sorted(complete)
-    if best == rates[0]:
-        return rates[0] / 3
-    if best == rates[-1]:
-        return rates[-1] * 3
-    return None
+    best, rates = entries[0]["best_lr"], entries[0]["grid"]
+    return rates[0] / 3 if best == rates[0] else rates[-1] * 3
 
 
 def grid_gaps(rows: List[dict], task: str, seeds: List[int]) -> List[Tuple[str, int]]:
