@@ -86,17 +86,23 @@ def _preset(name: str, length_known: bool = True, **overrides):
     return build
 
 
-def _early_freeze_preset(fraction: float, backoff_on_loss_rise: bool = False, hold_scale_on_loss_rise: bool = False):
+def _early_freeze_preset(fraction: float, backoff_on_loss_rise: bool = False, hold_scale_on_loss_rise: bool = False,
+                         cooldown_floor: Optional[float] = None):
     """The recommended preset whose schedule freezes the level early, at ``fraction`` of the search's
     peak fast average, once it falls below that (``freeze_below``; NOTES.md section 22; 0: never), backs
     off when the loss turns if ``backoff_on_loss_rise`` (section 23), and holds the warm-up's scale there
     if ``hold_scale_on_loss_rise`` (section 25); each off unless asked, so these names build what they
-    built before the preset adopted it."""
+    built before the preset adopted it. With ``cooldown_floor`` the cooldown is log-linear down to that
+    fraction of the peak (:class:`LogLinearCooldown`, section 32)."""
     def build(task, model, total_steps) -> Built:
         kwargs = presets.preset_kwargs(presets.RECOMMENDED, total_steps)
         kwargs["schedule"] = replace(kwargs["schedule"], freeze_below=fraction,
                                      backoff_on_loss_rise=backoff_on_loss_rise,
                                      hold_scale_on_loss_rise=hold_scale_on_loss_rise)
+        if cooldown_floor is not None:
+            schedule = kwargs["schedule"]
+            kwargs["schedule"] = LogLinearCooldown(**{f: getattr(schedule, f) for f in schedule.__dataclass_fields__},
+                                                   floor=cooldown_floor)
         wd = kwargs.pop("weight_decay", 0.0)
         opt = FusedSaLSa(task.param_groups(model, wd), backend=BACKEND, **kwargs)
         return Built(opt, "fused", schedule=kwargs["schedule"])
@@ -237,6 +243,27 @@ class ShapedDecay:
 
     def searches(self, step: int) -> bool:
         return self.search_in_decay or step <= self.total_steps - int(round(self.decay * self.total_steps))
+
+
+@dataclass(frozen=True)
+class LogLinearCooldown(WarmupStableDecay):
+    """The ``pretrain`` preset's schedule with a log-linear cooldown: after ``D`` the scale falls
+    geometrically from ``peak`` to ``peak * floor`` at ``total_steps``,
+    ``peak * floor ** ((k - D) / (total_steps - D))``, the same number of steps per halving (quality
+    NOTES section 32), where the preset's linear cooldown spends half of it above half the peak."""
+
+    floor: float = 0.1
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (isinstance(self.floor, float) and 0.0 < self.floor < 1.0):
+            raise ValueError(f"floor must be a float in (0, 1), got {self.floor!r}")
+
+    def _shape(self, step: int) -> float:
+        start = self.decay_start
+        if step <= start:
+            return super()._shape(step)
+        return self.floor ** ((step - start) / (self.total_steps - start))
 
 
 @dataclass(frozen=True)
@@ -451,6 +478,10 @@ REGISTRY: Dict[str, Callable] = {
     # Not eligible on development (geomean 1.266 / 1.348 of the preset); kept runnable for its rows.
     "pretrain_edge1": _preset(presets.RECOMMENDED, search_rule=EdgeRule(sigma=1.0)),
     "pretrain_edge2": _preset(presets.RECOMMENDED, search_rule=EdgeRule(sigma=2.0)),
+    # NOTES.md section 32 (a development-only prototype, no rule): the preset with a log-linear cooldown to
+    # 1/10 and 1/100 of its peak; not a candidate (the GRU loses 1.2-16x), kept runnable for its rows
+    "pretrain_logcool0.1": _early_freeze_preset(1 / 16, True, True, cooldown_floor=0.1),
+    "pretrain_logcool0.01": _early_freeze_preset(1 / 16, True, True, cooldown_floor=0.01),
     # NOTES.md section 27's rollback at the freeze (``rollback_at_freeze``, registry pretrain_rollback) was
     # adopted by its rule, then reverted after a new user's held-out tasks (up to 21x worse) and left the
     # package; its rows name commits 0771179 / 0d25a14, its code 5c3e9ab and its tests 0771179.

@@ -272,3 +272,26 @@ def test_non_monotone_max_reference_keeps_the_last_window():
 def test_non_monotone_rule_rejects_bad_constants(kwargs, match):
     with pytest.raises(ValueError, match=match):
         NonMonotoneArmijo(**kwargs)
+
+
+def test_log_linear_cooldown_halves_in_equal_steps_and_keeps_the_presets_warm_up():
+    from dataclasses import fields
+
+    from benchmarks.quality import optimizers as O
+    from benchmarks.quality.zoo import tasks
+
+    linear = WarmupStableDecay(100, warmup=0.2, decay=0.8, peak=2.0)
+    log = O.LogLinearCooldown(100, warmup=0.2, decay=0.8, peak=2.0, floor=0.01)
+    assert [log.scale(k) for k in range(1, 21)] == [linear.scale(k) for k in range(1, 21)]
+    assert log.scale(60) == pytest.approx(2.0 * 0.1) and log.scale(100) == pytest.approx(2.0 * 0.01)
+    assert log.scale(40) / log.scale(30) == pytest.approx(log.scale(90) / log.scale(80))
+    assert log.scale(250) == log.past_end_scale == pytest.approx(0.02) and not log.searches(21)
+    for floor in (0.0, 1.0, 1, "0.1"):
+        with pytest.raises(ValueError, match="floor must be a float"):
+            O.LogLinearCooldown(100, floor=floor)
+    # the registry's name is the preset (pretrain_hold) with only the cooldown changed
+    task = tasks.make("mlp_relu_teacher", 0, steps=50)
+    built, control = (O.build(name, task, task.model(0), 50) for name in ("pretrain_logcool0.1", "pretrain_hold"))
+    assert isinstance(built.schedule, O.LogLinearCooldown) and built.schedule.floor == 0.1
+    assert all(getattr(built.schedule, f.name) == getattr(control.schedule, f.name) for f in fields(control.schedule))
+    assert built.optimizer.schedule is built.schedule
