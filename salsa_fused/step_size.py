@@ -92,15 +92,6 @@ class WarmupStableDecay:
     applied multiplier is ``min(scale(step), h) * b`` (:func:`applied_scale`; quality NOTES section
     25). The cooldown then decays from ``h`` once its own scale falls below it. Under a beam's wrapper
     the hold applies to the wrapped schedule's scale, not to the beam's multiplier.
-
-    ``hedge_cooldown_on_loss_rise`` (with ``backoff_on_loss_rise``, ``final = 0``) makes the cooldown of a
-    run whose loss turned (``b < 1``) log-linear: after ``D`` the scale is
-    ``peak * f ** ((k - D) / (total_steps - D))`` with ``f = HEDGED_COOLDOWN_FLOOR`` (1/10), the same
-    number of steps in each halving, and ``peak * f`` past the end (:meth:`hedged_scale`, used by
-    :func:`applied_scale`; quality NOTES section 33). A loss that turned says the level, at the warm-up's
-    scale, passed the edge; the linear cooldown then spends half its steps above the level, the
-    log-linear one spreads them over every rate down to a tenth of the peak. A run whose loss never
-    turned keeps the linear cooldown, bitwise.
     """
 
     total_steps: int
@@ -111,7 +102,6 @@ class WarmupStableDecay:
     freeze_below: float = 0.0
     backoff_on_loss_rise: bool = False
     hold_scale_on_loss_rise: bool = False
-    hedge_cooldown_on_loss_rise: bool = False
 
     def __post_init__(self):
         if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1:
@@ -127,10 +117,6 @@ class WarmupStableDecay:
         check_freeze_below(self.freeze_below)
         check_flag("backoff_on_loss_rise", self.backoff_on_loss_rise)
         check_hold(self.backoff_on_loss_rise, self.hold_scale_on_loss_rise)
-        check_hedge(self.backoff_on_loss_rise, self.hedge_cooldown_on_loss_rise)
-        if self.hedge_cooldown_on_loss_rise and self.final != 0.0:
-            raise ValueError(f"hedge_cooldown_on_loss_rise=True replaces the cooldown to final={self.final!r} "
-                             "by one to a tenth of the peak: use it with final=0")
 
     @property
     def warmup_steps(self) -> int:
@@ -163,16 +149,6 @@ class WarmupStableDecay:
         if step <= start:
             return 1.0
         return linear_decay(step, start, self.total_steps, self.final)
-
-    def hedged_scale(self, step: int) -> float:
-        """``scale(step)`` with the log-linear cooldown of ``hedge_cooldown_on_loss_rise``: the same up to
-        the cooldown's start ``D``, then ``peak * f ** ((step - D) / (total_steps - D))``, ``peak * f`` past
-        the end (``f = HEDGED_COOLDOWN_FLOOR``); ``scale(step)`` where there is no cooldown."""
-        start = self.decay_start
-        if step <= start or start >= self.total_steps:
-            return self.scale(step)
-        progress = min(1.0, (step - start) / (self.total_steps - start))
-        return self.peak * HEDGED_COOLDOWN_FLOOR ** progress
 
     def searches(self, step: int) -> bool:
         return step <= self.decay_start
@@ -264,11 +240,6 @@ class ScaledSchedule:
         """Whether the inner schedule's warm-up stops rising at a back-off (False without one)."""
         return getattr(self.inner, "hold_scale_on_loss_rise", False)
 
-    @property
-    def hedge_cooldown_on_loss_rise(self) -> bool:
-        """Whether the inner schedule's cooldown turns log-linear after a back-off (False without one)."""
-        return getattr(self.inner, "hedge_cooldown_on_loss_rise", False)
-
 
 def freeze_if_collapsed(schedule, state, step: int):
     """The search state step ``step`` (1-based) starts from: ``state``, unless ``schedule`` has
@@ -301,8 +272,6 @@ def schedule_searches(schedule, state, step: int) -> bool:
 LOSS_RISE_SMOOTHING = 0.9
 LOSS_RISE_RATIO = 2.0
 LOSS_RISE_BACKOFF = 0.5
-#: ``hedge_cooldown_on_loss_rise``'s cooldown ends at this fraction of the peak (quality NOTES sections 32-33).
-HEDGED_COOLDOWN_FLOOR = 0.1
 
 
 def check_hold(backoff_on_loss_rise, hold_scale_on_loss_rise) -> bool:
@@ -315,16 +284,6 @@ def check_hold(backoff_on_loss_rise, hold_scale_on_loss_rise) -> bool:
     return hold_scale_on_loss_rise
 
 
-def check_hedge(backoff_on_loss_rise, hedge_cooldown_on_loss_rise) -> bool:
-    """``hedge_cooldown_on_loss_rise`` checked: a bool, on only with ``backoff_on_loss_rise`` (it acts after
-    that test's back-offs); ValueError naming it otherwise."""
-    check_flag("hedge_cooldown_on_loss_rise", hedge_cooldown_on_loss_rise)
-    if hedge_cooldown_on_loss_rise and not backoff_on_loss_rise:
-        raise ValueError("hedge_cooldown_on_loss_rise=True acts after backoff_on_loss_rise's back-offs: "
-                         "set backoff_on_loss_rise=True too")
-    return hedge_cooldown_on_loss_rise
-
-
 def backs_off_on_loss_rise(schedule) -> bool:
     """Whether ``schedule`` has ``backoff_on_loss_rise`` on (False without a schedule); a value that is
     not a bool, on a schedule of the caller's own, is refused by name (checked before a step writes)."""
@@ -332,19 +291,16 @@ def backs_off_on_loss_rise(schedule) -> bool:
         return False
     on = check_flag("backoff_on_loss_rise", getattr(schedule, "backoff_on_loss_rise", False))
     check_hold(on, getattr(schedule, "hold_scale_on_loss_rise", False))
-    check_hedge(on, getattr(schedule, "hedge_cooldown_on_loss_rise", False))
     return on
 
 
-def _scale_parts(schedule, step: int, hedged: bool = False):
+def _scale_parts(schedule, step: int):
     """``(scale, multiplier)`` of ``schedule`` at ``step``: a beam's or a factor search's wrapper gives its
     inner schedule's scale and its own multiplier (:meth:`ScaledSchedule.parts`), any other schedule
-    its scale and 1. ``hedged``: the scale is the schedule's (or the inner one's) ``hedged_scale``."""
+    its scale and 1."""
     if isinstance(schedule, ScaledSchedule):
-        if hedged:
-            return float(schedule.inner.hedged_scale(step)), getattr(schedule.owner, schedule.attribute)
         return schedule.parts(step)
-    return float(schedule.hedged_scale(step) if hedged else schedule.scale(step)), 1.0
+    return float(schedule.scale(step)), 1.0
 
 
 def observe_search_loss(schedule, state):
@@ -374,17 +330,13 @@ def applied_scale(schedule, state, step: int) -> float:
     """The multiplier on the level that step ``step`` applies: ``schedule.scale(step) * b``, with ``b``
     (``state.applied_backoff``) the back-off of ``backoff_on_loss_rise`` (1 until the loss turns);
     1 without a schedule. With a hold ``h = state.scale_hold > 0`` (``hold_scale_on_loss_rise``) the
-    schedule's scale is ``min(scale(step), h)`` (a beam's multiplier outside the ``min``). With
-    ``hedge_cooldown_on_loss_rise`` and ``b < 1`` the scale is the schedule's ``hedged_scale(step)``."""
+    schedule's scale is ``min(scale(step), h)`` (a beam's multiplier outside the ``min``)."""
     if schedule is None:
         return 1.0
-    hedged = state.applied_backoff < 1.0 and getattr(schedule, "hedge_cooldown_on_loss_rise", False)
-    if state.scale_hold <= 0.0 and not hedged:
+    if state.scale_hold <= 0.0:
         return float(schedule.scale(step)) * state.applied_backoff
-    scale, multiplier = _scale_parts(schedule, step, hedged)
-    if state.scale_hold > 0.0:
-        scale = min(scale, state.scale_hold)
-    return scale * multiplier * state.applied_backoff
+    scale, multiplier = _scale_parts(schedule, step)
+    return min(scale, state.scale_hold) * multiplier * state.applied_backoff
 
 
 #: A level below this fraction of the peak of the search's fast average has collapsed (quality NOTES

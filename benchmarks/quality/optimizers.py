@@ -87,20 +87,18 @@ def _preset(name: str, length_known: bool = True, **overrides):
 
 
 def _early_freeze_preset(fraction: float, backoff_on_loss_rise: bool = False, hold_scale_on_loss_rise: bool = False,
-                         cooldown_floor: Optional[float] = None, hedge_cooldown_on_loss_rise: bool = False):
+                         cooldown_floor: Optional[float] = None):
     """The recommended preset whose schedule freezes the level early, at ``fraction`` of the search's
     peak fast average, once it falls below that (``freeze_below``; NOTES.md section 22; 0: never), backs
     off when the loss turns if ``backoff_on_loss_rise`` (section 23), and holds the warm-up's scale there
     if ``hold_scale_on_loss_rise`` (section 25); each off unless asked, so these names build what they
     built before the preset adopted it. With ``cooldown_floor`` the cooldown is log-linear down to that
-    fraction of the peak (:class:`LogLinearCooldown`, section 32); with ``hedge_cooldown_on_loss_rise``,
-    only in a run whose loss turned (section 33)."""
+    fraction of the peak (:class:`LogLinearCooldown`, section 32)."""
     def build(task, model, total_steps) -> Built:
         kwargs = presets.preset_kwargs(presets.RECOMMENDED, total_steps)
         kwargs["schedule"] = replace(kwargs["schedule"], freeze_below=fraction,
                                      backoff_on_loss_rise=backoff_on_loss_rise,
-                                     hold_scale_on_loss_rise=hold_scale_on_loss_rise,
-                                     hedge_cooldown_on_loss_rise=hedge_cooldown_on_loss_rise)
+                                     hold_scale_on_loss_rise=hold_scale_on_loss_rise)
         if cooldown_floor is not None:
             schedule = kwargs["schedule"]
             kwargs["schedule"] = LogLinearCooldown(**{f: getattr(schedule, f) for f in schedule.__dataclass_fields__},
@@ -484,9 +482,9 @@ REGISTRY: Dict[str, Callable] = {
     # 1/10 and 1/100 of its peak; not a candidate (the GRU loses 1.2-16x), kept runnable for its rows
     "pretrain_logcool0.1": _early_freeze_preset(1 / 16, True, True, cooldown_floor=0.1),
     "pretrain_logcool0.01": _early_freeze_preset(1 / 16, True, True, cooldown_floor=0.01),
-    # NOTES.md section 33 (written before its runs): section 32's log-linear cooldown to 1/10, only in a run
-    # whose loss turned during the warm-up (hedge_cooldown_on_loss_rise)
-    "pretrain_hedge": _early_freeze_preset(1 / 16, True, True, hedge_cooldown_on_loss_rise=True),
+    # NOTES.md section 33's log-linear cooldown after a back-off (``hedge_cooldown_on_loss_rise``, registry
+    # pretrain_hedge) was eligible on development and not adopted (mlp_tanh_deep at long 1.18x); it left the
+    # package; its rows name commits 14a4317 / 82143c0, its code and tests 14a4317.
     # NOTES.md section 27's rollback at the freeze (``rollback_at_freeze``, registry pretrain_rollback) was
     # adopted by its rule, then reverted after a new user's held-out tasks (up to 21x worse) and left the
     # package; its rows name commits 0771179 / 0d25a14, its code 5c3e9ab and its tests 0771179.
