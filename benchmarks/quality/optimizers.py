@@ -33,7 +33,7 @@ it; Prodigy, schedule-free and the published SaLSa run at their own defaults.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -100,9 +100,7 @@ def _early_freeze_preset(fraction: float, backoff_on_loss_rise: bool = False, ho
                                      backoff_on_loss_rise=backoff_on_loss_rise,
                                      hold_scale_on_loss_rise=hold_scale_on_loss_rise)
         if cooldown_floor is not None:
-            schedule = kwargs["schedule"]
-            kwargs["schedule"] = LogLinearCooldown(**{f: getattr(schedule, f) for f in schedule.__dataclass_fields__},
-                                                   floor=cooldown_floor)
+            kwargs["schedule"] = LogLinearCooldown(**asdict(kwargs["schedule"]), floor=cooldown_floor)
         wd = kwargs.pop("weight_decay", 0.0)
         opt = FusedSaLSa(task.param_groups(model, wd), backend=BACKEND, **kwargs)
         return Built(opt, "fused", schedule=kwargs["schedule"])

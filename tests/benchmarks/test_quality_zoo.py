@@ -141,6 +141,8 @@ def test_the_grid_grows_past_an_end_and_the_table_divides_by_its_best():
     t, u = summary["t@default"], summary["u@default"]
     assert t["best_lr"] == pytest.approx(1e-2) and not t["edge"] and u["edge"]
     assert runner.grid_edge(rows, "u", [0]) == pytest.approx(1e-3 / 3)
+    with pytest.raises(ValueError, match="more than one length"):  # a table's rows are of one length
+        runner.grid_edge(rows + [dict(r, length="long") for r in rows if r["task"] == "t"], "t", [0, 1])
     assert t["configs"]["cand"]["ratio"] == pytest.approx(1.2) and t["configs"]["cand"]["level_ratio"] == 3.0
     assert u["configs"]["cand"]["ratio"] == pytest.approx(0.5) and u["configs"]["bad"]["ratio"] == math.inf
     text = runner.markdown(rows, "x")

@@ -34,7 +34,6 @@ import math
 import os
 import platform
 import subprocess
-import sys
 from collections import defaultdict
 from typing import Dict, Iterable, List, Optional, Tuple
 

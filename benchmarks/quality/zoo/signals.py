@@ -173,19 +173,22 @@ def _take_step(built, task, model, batch) -> float:
     return float(loss.detach())
 
 
-def _loss_elsewhere(task, model, batch, params, weights) -> float:
-    """``batch``'s loss with ``params`` set to ``weights``, as a side measurement: the weights, the
-    module's buffers (BatchNorm's running statistics) and the random generator come back as they were,
-    so the run goes on bitwise; the forward draws what the step's own forward will draw next."""
+def _loss_elsewhere(task, model, batch, params, weights=None, rng_state=None) -> float:
+    """``batch``'s loss with ``params`` set to ``weights`` (None: where they are), as a side measurement:
+    the weights, the module's buffers (BatchNorm's running statistics) and the random generator come back
+    as they were, so the run goes on bitwise. The forward draws from ``rng_state`` (None: what the
+    step's own forward will draw next)."""
     with torch.no_grad():
-        current = [p.detach().clone() for p in params]
+        current = None if weights is None else [p.detach().clone() for p in params]
         kept = [b.clone() for b in model.buffers()]
         rng = torch.get_rng_state()
-        for p, w in zip(params, weights):
+        if rng_state is not None:
+            torch.set_rng_state(rng_state)
+        for p, w in zip(params, weights or ()):
             p.copy_(w)
         loss = float(task.loss(model, batch))
         torch.set_rng_state(rng)
-        for p, w in zip(params, current):
+        for p, w in zip(params, current or ()):
             p.copy_(w)
         for b, saved in zip(model.buffers(), kept):
             b.copy_(saved)
@@ -244,7 +247,6 @@ def step_sharpness(task_name: str, length: str, seed: int, config: str, steps: O
     task, model, built = _start(task_name, length, seed, config, steps, ("fused", "torch"))
     opt = built.optimizer
     params = [p for g in opt.param_groups for p in g["params"]]
-    buffers = list(model.buffers())
     ratios, losses = [], []
     for k, batch in enumerate(task.batches):
         before = [p.detach().clone() for p in params]
@@ -253,13 +255,7 @@ def step_sharpness(task_name: str, length: str, seed: int, config: str, steps: O
         with torch.no_grad():
             predicted = sum(float((p.grad.double() * (b.double() - p.double())).sum())
                             for p, b in zip(params, before) if p.grad is not None)
-            kept = [b.clone() for b in buffers]
-            rng = torch.get_rng_state()
-            torch.set_rng_state(forward_rng)
-            after = float(task.loss(model, batch))
-            torch.set_rng_state(rng)
-            for b, saved in zip(buffers, kept):
-                b.copy_(saved)
+        after = _loss_elsewhere(task, model, batch, params, rng_state=forward_rng)
         if predicted > 0.0 and math.isfinite(after):
             ratios.append((k + 1, 2.0 * (1.0 - (losses[-1] - after) / predicted)))
     medians = _medians_by_fifth(ratios, task.steps)
