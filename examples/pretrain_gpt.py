@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -135,7 +136,25 @@ def step_batches(batches, args, step, rank, world, device="cpu"):
 
 # ----------------------------------------------------------------------------- training
 def train(args) -> dict:
+    """Run the training job; under torchrun, tear the process group down once the run's
+    objects are gone."""
     rank, world, device = setup_distributed(args.device)
+    try:
+        summary = _run(args, rank, world, device)
+    except BaseException:
+        if world > 1:
+            dist.destroy_process_group()
+        raise
+    if world > 1:
+        # DDP's reducer holds the process group and sits in reference cycles: collected at
+        # interpreter exit, gloo's threads are joined mid-finalization (a rare SIGABRT seen in CI).
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def _run(args, rank: int, world: int, device: torch.device) -> dict:
     is_main = rank == 0
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
@@ -301,9 +320,6 @@ def train(args) -> dict:
         print(f"loss {first:.3f} -> {last:.3f} (mean of first/last 10 steps), val {summary['val_loss']:.3f}"
               f"{extra}; {summary['seconds']:.0f} s on {world} x {device.type}; log {log_path}"
               + (f", plot {plot_path}" if plot_path else ""), flush=True)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
     return summary
 
 

@@ -103,6 +103,38 @@ def test_pretrain_gpt_under_torchrun_ddp(tmp_path):
     assert os.path.exists(os.path.join(tmp_path, "checkpoint.pt"))
 
 
+_DESTROY_PROBE = """
+import gc, sys
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from examples import pretrain_gpt
+destroy = dist.destroy_process_group
+def counted_destroy(*args, **kwargs):
+    alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+    print(f"rank {dist.get_rank()}: {alive} DDP wrappers alive at destroy_process_group", flush=True)
+    return destroy(*args, **kwargs)
+dist.destroy_process_group = counted_destroy
+pretrain_gpt.train(pretrain_gpt.parse_args(sys.argv[1:]))
+"""
+
+
+def test_torchrun_teardown_destroys_the_group_after_the_ddp_wrapper_is_freed(tmp_path):
+    """DDP's reducer holds the gloo group; left to interpreter exit, the group's threads are
+    joined mid-finalization (a rare SIGABRT on rank 1 in CI). The example frees the wrapper
+    first: none is alive when the group is destroyed."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(_DESTROY_PROBE)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(probe),
+               *TINY, "--steps", "2", "--out", str(tmp_path / "run")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    counts = sorted(line for line in result.stdout.splitlines() if "alive at destroy_process_group" in line)
+    assert counts == [f"rank {r}: 0 DDP wrappers alive at destroy_process_group" for r in (0, 1)], counts
+
+
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA-only: needs a GPU")
 def test_pretrain_gpt_low_precision_on_gpu_300_steps(tmp_path):
     """On a GPU: 300 steps of the demo model in fp32, bf16 autocast, bf16 weights and fp16 +
