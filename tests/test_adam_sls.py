@@ -11,12 +11,11 @@ import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from salsa_fused import FusedSaLSa
 from salsa_fused.adam_sls import ADAM_SLS, ALSALS, ALSALSRule, AdamSLSRule
 from salsa_fused.rules import SEARCH_ARGUMENTS, resolve_rule
+from tests.gloo_group import spawn_in_gloo_group
 from tests.models import tanh_mlp
 from tests.reference.alsals import ALSALS as ReferenceALSALS
 from tests.reference.sls import AdamSLS as ReferenceAdamSLS
@@ -201,29 +200,23 @@ def test_alsals_searches_when_the_momentum_points_uphill():
 WORLD = 2
 
 
-def _ddp_worker(rank, rendezvous, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
-    try:
-        results = {}
-        for name in ("sls", "alsals"):
-            model = torch.nn.parallel.DistributedDataParallel(_model())
-            recorder = Recorder(resolve_rule(name))
-            opt = FusedSaLSa(model.parameters(), init_step_size=INIT, backend="torch", search_rule=recorder)
-            for k in range(6):
-                x, y = _batch(k, rank=rank, size=8)  # a different batch on every rank
-                opt.zero_grad()
-                opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
-            results[name] = dict(trials=recorder.trials, weights=[p.detach().clone() for p in model.parameters()])
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank, out_dir):
+    results = {}
+    for name in ("sls", "alsals"):
+        model = torch.nn.parallel.DistributedDataParallel(_model())
+        recorder = Recorder(resolve_rule(name))
+        opt = FusedSaLSa(model.parameters(), init_step_size=INIT, backend="torch", search_rule=recorder)
+        for k in range(6):
+            x, y = _batch(k, rank=rank, size=8)  # a different batch on every rank
+            opt.zero_grad()
+            opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+        results[name] = dict(trials=recorder.trials, weights=[p.detach().clone() for p in model.parameters()])
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_ddp_ranks_take_the_same_decisions():
     with tempfile.TemporaryDirectory() as out_dir:
-        rendezvous = tempfile.mktemp(prefix="salsa_pg_", dir=out_dir)
-        mp.spawn(_ddp_worker, args=(rendezvous, out_dir), nprocs=WORLD, join=True)
+        spawn_in_gloo_group(_ddp_worker, out_dir, WORLD)
         ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
     for name in ("sls", "alsals"):
         assert ranks[0][name]["trials"] == ranks[1][name]["trials"]

@@ -13,32 +13,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from salsa_fused import FusedSaLSa
 from salsa_fused.distributed import SearchReduction, default_reduction, fsdp_closure
+from tests.gloo_group import spawn_in_gloo_group
 
 WORLD = 2
 BATCH_PER_RANK = 8
 IN_FEATURES = 6
-
-
-def _spawn(worker, out_dir: str):
-    """Run ``worker(rank, rendezvous_file, out_dir)`` on WORLD processes. The ranks meet
-    through a file (no port to race for with other jobs on the machine)."""
-    rendezvous = tempfile.mktemp(prefix="salsa_pg_", dir=out_dir)
-    mp.spawn(worker, args=(rendezvous, out_dir), nprocs=WORLD, join=True)
-
-
-def _init(rank: int, rendezvous: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
 
 
 def _make_model(seed: int) -> torch.nn.Module:
@@ -128,92 +115,82 @@ def _ddp_steps(rank, ddp, opt, ref, ref_opt, steps, micro_batches, first_step=0)
     return records, ref_records, etas, ref_etas
 
 
-def _ddp_job(rank, rendezvous, out_dir):
+def _ddp_job(rank, out_dir):
     from torch.nn.parallel import DistributedDataParallel as DDP
-    _init(rank, rendezvous)
-    try:
-        for micro_batches in (1, 2):
-            base = _make_model(0)
-            ddp = DDP(copy.deepcopy(base))
-            opt = FusedSaLSa(ddp.parameters())
-            assert opt.reduction.loss_group is dist.group.WORLD and opt.reduction.shard_group is None
-            ref = copy.deepcopy(base)
-            ref_opt = FusedSaLSa(ref.parameters(), reduction=SearchReduction())
-            result = _ddp_steps(rank, ddp, opt, ref, ref_opt, steps=22, micro_batches=micro_batches)
-            records = result[0]
-            searches = records[-1][0]
-            assert 0 < searches < len(records), f"want searches and plain steps, got {searches} of {len(records)}"
-            _assert_trajectories_agree(*result, what=f"DDP with {micro_batches} micro-batches")
-
-        # A NaN loss on one rank at a plain step: every rank skips it alike (the plain step
-        # judges the averaged loss) and the next search reports it alike.
-        ddp = DDP(_make_model(0))
-        opt = FusedSaLSa(ddp.parameters(), nonfinite="skip")
-        for step in range(13):
-            if step == 9:
-                _skip_interval_warmup(opt)
-            if step == 11:
-                opt._search.steps_since_search = 100  # search now
-            poison = float("nan") if (step == 10 and rank == 1) else 1.0
-            x, y = _batch(step, rank)
-            opt.zero_grad()
-            opt.step(lambda: F.mse_loss(ddp(x), y) * poison)
-        state = opt.search_state
-        assert state.num_skipped_steps == 1 and state.num_searches == 10, state
-        _assert_same_on_all_ranks(_flat(ddp.parameters()), "weights after a NaN loss on rank 1")
-        _assert_same_on_all_ranks(torch.tensor([float(v) for v in vars(state).values() if isinstance(v, (int, float))],
-                                               dtype=torch.float64),
-                                  "search state after a NaN loss on rank 1")
-
-        # The run that the resume job continues: checkpoint at step 12, record steps 12..19.
-        ddp = DDP(_make_model(0))
+    for micro_batches in (1, 2):
+        base = _make_model(0)
+        ddp = DDP(copy.deepcopy(base))
         opt = FusedSaLSa(ddp.parameters())
-        for step in range(20):
-            if step == 12 and rank == 0:
-                torch.save({"model": ddp.module.state_dict(), "optimizer": opt.state_dict()},
-                           os.path.join(out_dir, "checkpoint.pt"))
-            if step == 9:
-                _skip_interval_warmup(opt)
-            x, y = _batch(step, rank)
-            opt.zero_grad()
-            opt.step(lambda: F.mse_loss(ddp(x), y))
-        if rank == 0:
-            torch.save({"weights": _flat(ddp.parameters()), "search": opt.search_state},
-                       os.path.join(out_dir, "uninterrupted.pt"))
-        dist.barrier()  # no rank tears gloo down while a peer still talks to it
-    finally:
-        dist.destroy_process_group()
+        assert opt.reduction.loss_group is dist.group.WORLD and opt.reduction.shard_group is None
+        ref = copy.deepcopy(base)
+        ref_opt = FusedSaLSa(ref.parameters(), reduction=SearchReduction())
+        result = _ddp_steps(rank, ddp, opt, ref, ref_opt, steps=22, micro_batches=micro_batches)
+        records = result[0]
+        searches = records[-1][0]
+        assert 0 < searches < len(records), f"want searches and plain steps, got {searches} of {len(records)}"
+        _assert_trajectories_agree(*result, what=f"DDP with {micro_batches} micro-batches")
+
+    # A NaN loss on one rank at a plain step: every rank skips it alike (the plain step
+    # judges the averaged loss) and the next search reports it alike.
+    ddp = DDP(_make_model(0))
+    opt = FusedSaLSa(ddp.parameters(), nonfinite="skip")
+    for step in range(13):
+        if step == 9:
+            _skip_interval_warmup(opt)
+        if step == 11:
+            opt._search.steps_since_search = 100  # search now
+        poison = float("nan") if (step == 10 and rank == 1) else 1.0
+        x, y = _batch(step, rank)
+        opt.zero_grad()
+        opt.step(lambda: F.mse_loss(ddp(x), y) * poison)
+    state = opt.search_state
+    assert state.num_skipped_steps == 1 and state.num_searches == 10, state
+    _assert_same_on_all_ranks(_flat(ddp.parameters()), "weights after a NaN loss on rank 1")
+    _assert_same_on_all_ranks(torch.tensor([float(v) for v in vars(state).values() if isinstance(v, (int, float))],
+                                           dtype=torch.float64),
+                              "search state after a NaN loss on rank 1")
+
+    # The run that the resume job continues: checkpoint at step 12, record steps 12..19.
+    ddp = DDP(_make_model(0))
+    opt = FusedSaLSa(ddp.parameters())
+    for step in range(20):
+        if step == 12 and rank == 0:
+            torch.save({"model": ddp.module.state_dict(), "optimizer": opt.state_dict()},
+                       os.path.join(out_dir, "checkpoint.pt"))
+        if step == 9:
+            _skip_interval_warmup(opt)
+        x, y = _batch(step, rank)
+        opt.zero_grad()
+        opt.step(lambda: F.mse_loss(ddp(x), y))
+    if rank == 0:
+        torch.save({"weights": _flat(ddp.parameters()), "search": opt.search_state},
+                   os.path.join(out_dir, "uninterrupted.pt"))
 
 
-def _ddp_resume_job(rank, rendezvous, out_dir):
+def _ddp_resume_job(rank, out_dir):
     from torch.nn.parallel import DistributedDataParallel as DDP
-    _init(rank, rendezvous)
-    try:
-        checkpoint = torch.load(os.path.join(out_dir, "checkpoint.pt"), weights_only=False)
-        model = _make_model(seed=123)  # different init: everything must come from the checkpoint
-        model.load_state_dict(checkpoint["model"])
-        ddp = DDP(model)
-        opt = FusedSaLSa(ddp.parameters(), init_step_size=0.5)
-        opt.load_state_dict(checkpoint["optimizer"])
-        for step in range(12, 20):
-            x, y = _batch(step, rank)
-            opt.zero_grad()
-            opt.step(lambda: F.mse_loss(ddp(x), y))
-        _assert_same_on_all_ranks(_flat(ddp.parameters()), "weights after resume")
-        if rank == 0:
-            torch.save({"weights": _flat(ddp.parameters()), "search": opt.search_state},
-                       os.path.join(out_dir, "resumed.pt"))
-        dist.barrier()  # no rank tears gloo down while a peer still talks to it
-    finally:
-        dist.destroy_process_group()
+    checkpoint = torch.load(os.path.join(out_dir, "checkpoint.pt"), weights_only=False)
+    model = _make_model(seed=123)  # different init: everything must come from the checkpoint
+    model.load_state_dict(checkpoint["model"])
+    ddp = DDP(model)
+    opt = FusedSaLSa(ddp.parameters(), init_step_size=0.5)
+    opt.load_state_dict(checkpoint["optimizer"])
+    for step in range(12, 20):
+        x, y = _batch(step, rank)
+        opt.zero_grad()
+        opt.step(lambda: F.mse_loss(ddp(x), y))
+    _assert_same_on_all_ranks(_flat(ddp.parameters()), "weights after resume")
+    if rank == 0:
+        torch.save({"weights": _flat(ddp.parameters()), "search": opt.search_state},
+                   os.path.join(out_dir, "resumed.pt"))
 
 
 def test_ddp_matches_global_batch_accumulation_and_resume(tmp_path):
     """DDP: identical weights on both ranks, the same trajectory as one process on the
     concatenated batch (also with 2 accumulated micro-batches per rank), and a run killed
     at step 12 and resumed in new processes continues bitwise identically."""
-    _spawn(_ddp_job, str(tmp_path))
-    _spawn(_ddp_resume_job, str(tmp_path))
+    spawn_in_gloo_group(_ddp_job, str(tmp_path), WORLD)
+    spawn_in_gloo_group(_ddp_resume_job, str(tmp_path), WORLD)
     uninterrupted = torch.load(tmp_path / "uninterrupted.pt", weights_only=False)
     resumed = torch.load(tmp_path / "resumed.pt", weights_only=False)
     assert torch.equal(resumed["weights"], uninterrupted["weights"])
@@ -243,76 +220,71 @@ def _full_weights(model) -> torch.Tensor:
     return torch.cat([p.full_tensor().detach().reshape(-1) for p in model.parameters()])
 
 
-def _fsdp_job(rank, rendezvous, out_dir):
+def _fsdp_job(rank, out_dir):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+                                                     set_model_state_dict, set_optimizer_state_dict)
     from torch.distributed.device_mesh import init_device_mesh
-    _init(rank, rendezvous)
-    try:
-        mesh = init_device_mesh("cpu", (WORLD,))
-        model = _fsdp_model(0, mesh)
-        opt = FusedSaLSa(model.parameters())
-        assert opt.reduction.shard_group is not None, "sharded DTensor params must set the shard group"
-        assert opt.reduction.loss_group is dist.group.WORLD
-        with pytest.raises(ValueError, match="not sharded DTensors"):  # replicated would count twice in q
-            FusedSaLSa([*model.parameters(), torch.nn.Parameter(torch.zeros(3))])
-        exp_avg = opt.state[model[0].weight]["exp_avg"]
-        assert type(exp_avg).__name__ == "DTensor" and exp_avg._local_tensor.shape[0] == 16 // WORLD
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = _fsdp_model(0, mesh)
+    opt = FusedSaLSa(model.parameters())
+    assert opt.reduction.shard_group is not None, "sharded DTensor params must set the shard group"
+    assert opt.reduction.loss_group is dist.group.WORLD
+    with pytest.raises(ValueError, match="not sharded DTensors"):  # replicated would count twice in q
+        FusedSaLSa([*model.parameters(), torch.nn.Parameter(torch.zeros(3))])
+    exp_avg = opt.state[model[0].weight]["exp_avg"]
+    assert type(exp_avg).__name__ == "DTensor" and exp_avg._local_tensor.shape[0] == 16 // WORLD
 
-        ref = _make_model(0)
-        ref_opt = FusedSaLSa(ref.parameters(), reduction=SearchReduction())
-        records, ref_records, etas, ref_etas = [], [], [], []
-        checkpoint_dir = os.path.join(out_dir, "dcp")
-        saved_after = None
-        for step in range(20):
-            if step == 9:
-                _skip_interval_warmup(opt)
-                _skip_interval_warmup(ref_opt)
-            if step == 14:
-                dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-                         checkpoint_id=checkpoint_dir)
-                saved_after = []
-            _fsdp_step(model, opt, step, rank)
-            gx, gy = _global_batch(step)
-            ref_opt.zero_grad()
-            ref_opt.step(lambda: F.mse_loss(ref(gx), gy))
-            full = _full_weights(model)
-            _assert_same_on_all_ranks(torch.tensor([opt.step_size, opt.num_forward_evals], dtype=torch.float64),
-                                      f"step size / forward count after step {step}")
-            torch.testing.assert_close(full, _flat(ref.parameters()), rtol=1e-5, atol=1e-6)
-            records.append(_search_record(opt))
-            ref_records.append(_search_record(ref_opt))
-            etas.append(opt.step_size)
-            ref_etas.append(ref_opt.step_size)
-            if saved_after is not None:
-                saved_after.append(full)
-        assert 0 < records[-1][0] < len(records)
-        _assert_trajectories_agree(records, ref_records, etas, ref_etas, "FSDP2")
-        final_search = opt.search_state
+    ref = _make_model(0)
+    ref_opt = FusedSaLSa(ref.parameters(), reduction=SearchReduction())
+    records, ref_records, etas, ref_etas = [], [], [], []
+    checkpoint_dir = os.path.join(out_dir, "dcp")
+    saved_after = None
+    for step in range(20):
+        if step == 9:
+            _skip_interval_warmup(opt)
+            _skip_interval_warmup(ref_opt)
+        if step == 14:
+            dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                     checkpoint_id=checkpoint_dir)
+            saved_after = []
+        _fsdp_step(model, opt, step, rank)
+        gx, gy = _global_batch(step)
+        ref_opt.zero_grad()
+        ref_opt.step(lambda: F.mse_loss(ref(gx), gy))
+        full = _full_weights(model)
+        _assert_same_on_all_ranks(torch.tensor([opt.step_size, opt.num_forward_evals], dtype=torch.float64),
+                                  f"step size / forward count after step {step}")
+        torch.testing.assert_close(full, _flat(ref.parameters()), rtol=1e-5, atol=1e-6)
+        records.append(_search_record(opt))
+        ref_records.append(_search_record(ref_opt))
+        etas.append(opt.step_size)
+        ref_etas.append(ref_opt.step_size)
+        if saved_after is not None:
+            saved_after.append(full)
+    assert 0 < records[-1][0] < len(records)
+    _assert_trajectories_agree(records, ref_records, etas, ref_etas, "FSDP2")
+    final_search = opt.search_state
 
-        # Resume from the sharded checkpoint into a fresh model and optimizer.
-        model = _fsdp_model(seed=7, mesh=mesh)
-        opt = FusedSaLSa(model.parameters(), init_step_size=0.25)
-        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
-        dcp.load(state, checkpoint_id=checkpoint_dir)
-        set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, opt, state["optim"])
-        assert opt.state[model[0].weight]["exp_avg"].dtype == torch.float32
-        for step, expected in zip(range(14, 20), saved_after):
-            _fsdp_step(model, opt, step, rank)
-            assert torch.equal(_full_weights(model), expected), f"resumed FSDP2 run differs at step {step}"
-        assert opt.search_state == final_search
-        dist.barrier()  # no rank tears gloo down while a peer still talks to it
-    finally:
-        dist.destroy_process_group()
+    # Resume from the sharded checkpoint into a fresh model and optimizer.
+    model = _fsdp_model(seed=7, mesh=mesh)
+    opt = FusedSaLSa(model.parameters(), init_step_size=0.25)
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=checkpoint_dir)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+    assert opt.state[model[0].weight]["exp_avg"].dtype == torch.float32
+    for step, expected in zip(range(14, 20), saved_after):
+        _fsdp_step(model, opt, step, rank)
+        assert torch.equal(_full_weights(model), expected), f"resumed FSDP2 run differs at step {step}"
+    assert opt.search_state == final_search
 
 
 def test_fsdp2_matches_single_process_and_resumes_from_dcp(tmp_path):
     """FSDP2 on CPU/gloo: kernels on local shards, q summed over the shard group, the same
     trajectory as one process on the concatenated batch; a torch.distributed.checkpoint
     save/load of the sharded optimizer state continues bitwise identically."""
-    _spawn(_fsdp_job, str(tmp_path))
+    spawn_in_gloo_group(_fsdp_job, str(tmp_path), WORLD)
 
 
 def test_single_process_reduction_is_inactive():

@@ -12,8 +12,6 @@ import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from salsa_fused import LABPAL, FusedSaLSa, functional
 from salsa_fused.beam import StepSizeBeam
@@ -21,6 +19,7 @@ from salsa_fused.errors import NonFiniteError
 from salsa_fused.integrations import AccumulatedLoss
 from salsa_fused.labpal import LABPAL_NSGD, LABPAL_SGD, LABPALRule
 from salsa_fused.rules import Batches, resolve_rule
+from tests.gloo_group import spawn_in_gloo_group
 from tests.models import tanh_mlp
 from tests.reference.labpal import LABPAL as ReferenceLABPAL
 
@@ -379,28 +378,22 @@ def test_integrations_and_the_beam_refuse_a_multi_batch_rule():
 WORLD = 2
 
 
-def _ddp_worker(rank, rendezvous, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
-    try:
-        model = torch.nn.parallel.DistributedDataParallel(_model())
-        opt = FusedSaLSa(model.parameters(), backend=BACKEND, search_rule=LABPALRule(**SETTINGS))
-        decisions = []
-        for k in range(12):
-            opt.zero_grad()
-            opt.step(lambda i: torch.nn.functional.mse_loss(*(lambda b: (model(b[0]), b[1]))(
-                _batch(k, i, rank=rank, size=8))))
-            decisions.append(opt.search_state.rule_state["last"])
-        torch.save(dict(decisions=decisions, weights=[p.detach().clone() for p in model.parameters()]),
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank, out_dir):
+    model = torch.nn.parallel.DistributedDataParallel(_model())
+    opt = FusedSaLSa(model.parameters(), backend=BACKEND, search_rule=LABPALRule(**SETTINGS))
+    decisions = []
+    for k in range(12):
+        opt.zero_grad()
+        opt.step(lambda i: torch.nn.functional.mse_loss(*(lambda b: (model(b[0]), b[1]))(
+            _batch(k, i, rank=rank, size=8))))
+        decisions.append(opt.search_state.rule_state["last"])
+    torch.save(dict(decisions=decisions, weights=[p.detach().clone() for p in model.parameters()]),
+               os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_ddp_ranks_take_the_same_decisions():
     with tempfile.TemporaryDirectory() as out_dir:
-        rendezvous = tempfile.mktemp(prefix="salsa_pg_", dir=out_dir)
-        mp.spawn(_ddp_worker, args=(rendezvous, out_dir), nprocs=WORLD, join=True)
+        spawn_in_gloo_group(_ddp_worker, out_dir, WORLD)
         ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
     a, b = ranks[0]["decisions"], ranks[1]["decisions"]
     fits = [d for d in a if d["kind"] == "approximation"]

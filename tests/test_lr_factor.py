@@ -249,43 +249,34 @@ def test_non_finite_trial_losses():
 WORLD = 2
 
 
-def _ddp_worker(rank, rendezvous, out_dir):
+def _ddp_worker(rank, out_dir):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
-    try:
-        model = make_model()
-        ddp = DistributedDataParallel(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=0.05)
-        search = LRFactorSearch(opt, interval=2)
-        lrs = []
-        for k in range(6):
-            x, y = batch(10 * k + rank)  # every rank its own batch
-            opt.zero_grad()
-            torch.nn.functional.mse_loss(ddp(x), y).backward()
-            search.step(lambda: torch.nn.functional.mse_loss(model(x), y))
-            lrs.append(opt.param_groups[0]["lr"])
-        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()] + [torch.tensor(lrs)])
-        gathered = [torch.empty_like(flat) for _ in range(WORLD)]
-        dist.all_gather(gathered, flat)
-        if rank == 0:
-            torch.save({"gathered": gathered, "lrs": lrs}, f"{out_dir}/lr_factor_ddp.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    model = make_model()
+    ddp = DistributedDataParallel(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    search = LRFactorSearch(opt, interval=2)
+    lrs = []
+    for k in range(6):
+        x, y = batch(10 * k + rank)  # every rank its own batch
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(ddp(x), y).backward()
+        search.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+        lrs.append(opt.param_groups[0]["lr"])
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()] + [torch.tensor(lrs)])
+    gathered = [torch.empty_like(flat) for _ in range(WORLD)]
+    dist.all_gather(gathered, flat)
+    if rank == 0:
+        torch.save({"gathered": gathered, "lrs": lrs}, f"{out_dir}/lr_factor_ddp.pt")
 
 
 def test_ddp_ranks_choose_the_same_rate_as_one_process_on_the_global_batch(tmp_path):
     """Losses averaged over the ranks: every rank picks the same rate, the one a single process
     picks on the concatenated batch (equal batch sizes: the global mean is the ranks' mean)."""
-    import tempfile
+    from tests.gloo_group import spawn_in_gloo_group
 
-    import torch.multiprocessing as mp
-
-    rendezvous = tempfile.mktemp(prefix="lr_factor_pg_", dir=str(tmp_path))
-    mp.spawn(_ddp_worker, args=(rendezvous, str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_in_gloo_group(_ddp_worker, str(tmp_path), WORLD)
     result = torch.load(tmp_path / "lr_factor_ddp.pt")
     assert torch.equal(result["gathered"][0], result["gathered"][1])
     model = make_model()

@@ -1,0 +1,37 @@
+"""Spawned gloo process groups for the tests.
+
+A worker's body runs inside the group and returns; the group is destroyed only after the
+body's frame is gone and cycles are collected, because DDP's reducer holds the group, and a
+group freed at interpreter exit joins gloo's threads mid-finalization (a rare SIGABRT).
+"""
+
+from __future__ import annotations
+
+import gc
+import tempfile
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def spawn_in_gloo_group(body: Callable[[int, str], None], out_dir: str, world: int = 2) -> None:
+    """Run ``body(rank, out_dir)`` on ``world`` processes joined in one gloo group. The ranks
+    meet through a file (no port to race for with other jobs on the machine)."""
+    rendezvous = tempfile.mktemp(prefix="salsa_pg_", dir=out_dir)
+    mp.spawn(_run_in_group, args=(body, rendezvous, out_dir, world), nprocs=world, join=True)
+
+
+def _run_in_group(rank: int, body, rendezvous: str, out_dir: str, world: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        body(rank, out_dir)
+    except BaseException:
+        gc.collect()
+        dist.destroy_process_group()
+        raise
+    gc.collect()
+    dist.barrier()  # no rank tears gloo down while a peer still talks to it
+    dist.destroy_process_group()
