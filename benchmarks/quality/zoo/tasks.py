@@ -11,8 +11,11 @@ fixed order (full-batch-like); ``stream`` tasks draw fresh samples (or fresh ran
 mini-batches of a dataset) every step. The final train loss is the suite's
 (``benchmarks.quality.run.train``): the mean of the last 10% of steps' batch losses.
 
-``SPLIT`` was written before any optimizer was run on these tasks; every choice is made
-on the ``development`` tasks, the ``validation`` tasks are only run to report.
+The split was written before any optimizer was run on these tasks; every choice is made
+on the ``development`` tasks, the ``validation`` tasks are only run to report. The ``holdout``
+tasks were added, and committed, before any optimizer ran on them, once the validation tasks had
+been seen by later rounds (quality NOTES section 34): they are only run to report configurations
+already fixed.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from examples.gpt import GPT, ByteBatches, GPTConfig, load_stdlib_corpus
 
 from ..tasks import SequenceClassifier, Task, digits_task
 
-DEVELOPMENT, VALIDATION = "development", "validation"
-SPLITS = (DEVELOPMENT, VALIDATION)
+DEVELOPMENT, VALIDATION, HOLDOUT = "development", "validation", "holdout"
+SPLITS = (DEVELOPMENT, VALIDATION, HOLDOUT)
 # run lengths for later (issue 14: "held on three run lengths per task family"): steps x multiplier
 LENGTHS = {"short": 1 / 3, "default": 1.0, "long": 3.0}
 _CPU = torch.device("cpu")
@@ -426,8 +429,130 @@ def _lstm_majority(seed: int, steps: int) -> Task:
                 lambda model, b: F.cross_entropy(model(b[0]), b[1]), val)
 
 
+# ---------------------------------------------------------------------------- hold-out tasks (section 34)
+def _friedman(count: int, gen: torch.Generator):
+    """Friedman #1: x ~ U[0, 1]^10, y = 10 sin(pi x0 x1) + 20 (x2 - 1/2)^2 + 10 x3 + 5 x4 + N(0, 1)
+    (x5..x9 unused), standardized by the noiseless function's mean 14.41 and std 4.88 (over U[0, 1]^5,
+    from 4M samples)."""
+    x = torch.rand(count, 10, generator=gen)
+    y = (10 * torch.sin(math.pi * x[:, 0] * x[:, 1]) + 20 * (x[:, 2] - 0.5) ** 2 + 10 * x[:, 3] + 5 * x[:, 4]
+         + torch.randn(count, generator=gen))
+    return x, (y - 14.41) / 4.88
+
+
+def _silu_friedman(seed: int, steps: int) -> Task:
+    """Fresh samples of Friedman #1 (standardized; the noise variance is 1/4.88^2 = 0.042 after it); a SiLU
+    MLP (10-64-64-1)."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = [_friedman(64, gen) for _ in range(steps)]
+    val = [_friedman(2048, torch.Generator().manual_seed(_VAL_SEED))]
+    return Task("mlp_silu_friedman", steps, _CPU, lambda: _mlp([10, 64, 64, 1], nn.SiLU), batches, _mse, val)
+
+
+class Factorization(nn.Module):
+    """``M ~ U V^T`` read at entries ``(rows, cols)``: a rank-``rank`` factorization, factors N(0, 0.3^2)."""
+
+    def __init__(self, n_rows: int, n_cols: int, rank: int):
+        super().__init__()
+        self.u = nn.Parameter(0.3 * torch.randn(n_rows, rank))
+        self.v = nn.Parameter(0.3 * torch.randn(n_cols, rank))
+
+    def forward(self, rows, cols):
+        return (self.u[rows] * self.v[cols]).sum(1)
+
+
+def _matrix_completion(seed: int, steps: int) -> Task:
+    """A fixed 48 x 40 matrix of rank 3 (``a b^T / sqrt 3``, a and b standard normal) + noise 0.05;
+    40% of its entries observed, all of them in one batch (768, cycled); the loss is the mean squared
+    error on them, the val loss on another 20% of the entries. A rank-6 factorization (non-convex,
+    over-parameterized, no network)."""
+    gen = torch.Generator().manual_seed(_DATA_SEED + 6)
+    a, b = torch.randn(48, 3, generator=gen), torch.randn(40, 3, generator=gen)
+    matrix = a @ b.T / math.sqrt(3) + 0.05 * torch.randn(48, 40, generator=gen)
+    order = torch.randperm(48 * 40, generator=gen)
+    train, held = order[:768], order[768:768 + 384]
+    entries = lambda idx: (idx // 40, idx % 40, matrix.flatten()[idx])  # noqa: E731
+    return Task("matrix_completion", steps, _CPU, lambda: Factorization(48, 40, 6),
+                _cycle([entries(train)], steps), lambda model, b: F.mse_loss(model(b[0], b[1]), b[2]),
+                [entries(held)])
+
+
+def _waves(count: int, gen: torch.Generator, length: int = 64):
+    """1-D signals of length 64: one of 4 waveforms (sine, square, sawtooth, triangle), 1-4 cycles per
+    window, random phase, amplitude 0.5-1.5, plus Gaussian noise of std 0.3; the label is the waveform."""
+    kind = torch.randint(4, (count,), generator=gen)
+    cycles = 1 + 3 * torch.rand(count, 1, generator=gen)
+    phase = torch.rand(count, 1, generator=gen)
+    amplitude = 0.5 + torch.rand(count, 1, generator=gen)
+    u = cycles * torch.arange(length) / length + phase
+    frac = u - torch.floor(u)
+    shapes = torch.stack([torch.sin(2 * math.pi * u), torch.sign(torch.sin(2 * math.pi * u)), 2 * frac - 1,
+                          4 * (frac - 0.5).abs() - 1])
+    wave = shapes[kind, torch.arange(count)]
+    return (amplitude * wave + 0.3 * torch.randn(count, length, generator=gen)).unsqueeze(1), kind
+
+
+def _conv1d_waves(seed: int, steps: int) -> Task:
+    gen = torch.Generator().manual_seed(seed)
+    batches = [_waves(32, gen) for _ in range(steps)]
+    val = [_waves(1024, torch.Generator().manual_seed(_VAL_SEED))]
+
+    def build():
+        return nn.Sequential(nn.Conv1d(1, 16, 5, padding=2), nn.ReLU(), nn.Conv1d(16, 32, 5, stride=2, padding=2),
+                             nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(32, 4))
+
+    return Task("conv1d_waves", steps, _CPU, build, batches, _ce_smoothed, val)
+
+
+def _lm_memorize(seed: int, steps: int) -> Task:
+    """The byte GPT of lm_small (1 layer x 32, 2 heads, T=32) on 8 fixed batches of 8 windows of the
+    corpus, cycled: a language model that memorizes (2048 tokens); val on the corpus's held-out part."""
+    data = ByteBatches(_corpus(1_000_000), 32)
+    gen = torch.Generator().manual_seed(_DATA_SEED + 7)
+    fixed = [data.get("train", 8, gen) for _ in range(8)]
+    val_gen = torch.Generator().manual_seed(_VAL_SEED)
+    val = [data.get("val", 8, val_gen) for _ in range(4)]
+    config = GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32, dropout=0.0)
+    return Task("lm_memorize", steps, _CPU, lambda: GPT(config), _cycle(fixed, steps),
+                lambda model, b: model(b[0], b[1])[1], val)
+
+
+def _softplus_sinc(seed: int, steps: int) -> Task:
+    """y = sin(2r) / (2r), r = |x|, x ~ U[-3, 3]^2, + noise 0.02: 1024 fixed samples in 8 batches of 128,
+    cycled; a Softplus MLP (2-128-128-1)."""
+    def sample(count, gen):
+        x = 6 * torch.rand(count, 2, generator=gen) - 3
+        r = 2 * x.norm(dim=1).clamp_min(1e-6)
+        return x, torch.sin(r) / r + 0.02 * torch.randn(count, generator=gen)
+
+    x, y = sample(1024, torch.Generator().manual_seed(_DATA_SEED + 8))
+    val = [sample(2048, torch.Generator().manual_seed(_VAL_SEED))]
+    return Task("mlp_softplus_sinc", steps, _CPU, lambda: _mlp([2, 128, 128, 1], nn.Softplus),
+                _cycle(_fixed_batches(x, y, 128), steps), _mse, val)
+
+
+def _deep_linear(seed: int, steps: int) -> Task:
+    """Fresh x ~ N(0, I_16), y = A x + 0.05 noise, A = U diag(s) V^T with singular values spaced
+    geometrically from 1 to 0.05 (U, V fixed random orthogonal); a deep linear network (4 bias-free
+    16 x 16 layers, PyTorch's default init: the product starts small, the classic plateau)."""
+    gen = torch.Generator().manual_seed(_DATA_SEED + 9)
+    u, _ = torch.linalg.qr(torch.randn(16, 16, generator=gen))
+    v, _ = torch.linalg.qr(torch.randn(16, 16, generator=gen))
+    target = u @ torch.diag(torch.logspace(0, math.log10(0.05), 16)) @ v.T
+
+    def sample(count, g):
+        x = torch.randn(count, 16, generator=g)
+        return x, x @ target.T + 0.05 * torch.randn(count, 16, generator=g)
+
+    gen = torch.Generator().manual_seed(seed)
+    batches = [sample(32, gen) for _ in range(steps)]
+    val = [sample(2048, torch.Generator().manual_seed(_VAL_SEED))]
+    return Task("deep_linear", steps, _CPU, lambda: nn.Sequential(*[nn.Linear(16, 16, bias=False) for _ in range(4)]),
+                batches, _mse, val)
+
+
 # ---------------------------------------------------------------------------- the zoo and its split
-_D, _V = DEVELOPMENT, VALIDATION
+_D, _V, _H = DEVELOPMENT, VALIDATION, HOLDOUT
 SPECS: List[Spec] = [
     # development: every choice is made on these
     Spec("lm_small", _D, "transformer LM", "byte GPT 1 layer x 32, 2 heads, T=32",
@@ -476,6 +601,21 @@ SPECS: List[Spec] = [
          _noisy_classes),
     Spec("resmlp_spirals", _V, "residual MLP with LayerNorm", "2-48, 3 pre-LN residual blocks, -2",
          "two spirals, 512 fixed points, label smoothing 0.1", "cycled", 800, 128, _spirals),
+    # hold-out (quality NOTES section 34): added and committed before any optimizer ran on them, once
+    # rounds had chosen rules knowing validation failures; only run to report fixed configurations
+    Spec("mlp_silu_friedman", _H, "MLP regression (SiLU), fresh samples", "10-64-64-1 SiLU",
+         "Friedman #1 standardized, noise std 1/4.88, fresh samples", "stream", 1000, 64, _silu_friedman),
+    Spec("matrix_completion", _H, "matrix factorization (no network)", "rank-6 factors of a 48 x 40 matrix",
+         "rank-3 matrix + noise 0.05, 40% of entries (768) as one batch", "cycled", 2000, 768,
+         _matrix_completion),
+    Spec("conv1d_waves", _H, "1-D CNN classification", "conv1d 16 ch, conv1d 32 ch stride 2, avg-pool, linear",
+         "4 waveforms, random cycles/phase/amplitude, noise 0.3, fresh samples", "stream", 600, 32, _conv1d_waves),
+    Spec("lm_memorize", _H, "transformer LM, memorized", "byte GPT 1 layer x 32, 2 heads, T=32",
+         "8 fixed batches of 8 windows of the stdlib corpus", "cycled", 800, 8, _lm_memorize),
+    Spec("mlp_softplus_sinc", _H, "MLP regression (Softplus), cycled", "2-128-128-1 Softplus",
+         "sin(2r)/(2r) on [-3, 3]^2 + noise 0.02, 1024 fixed samples", "cycled", 1200, 128, _softplus_sinc),
+    Spec("deep_linear", _H, "deep linear network", "4 bias-free 16 x 16 linear layers",
+         "y = A x + noise 0.05, A's singular values 1 to 0.05, fresh samples", "stream", 1500, 32, _deep_linear),
 ]
 ZOO: Dict[str, Spec] = {s.name: s for s in SPECS}
 
