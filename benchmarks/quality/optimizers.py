@@ -87,15 +87,16 @@ def _preset(name: str, length_known: bool = True, **overrides):
 
 
 def _early_freeze_preset(fraction: float, backoff_on_loss_rise: bool = False, hold_scale_on_loss_rise: bool = False,
-                         cooldown_floor: Optional[float] = None):
+                         cooldown_floor: Optional[float] = None, **search):
     """The recommended preset whose schedule freezes the level early, at ``fraction`` of the search's
     peak fast average, once it falls below that (``freeze_below``; NOTES.md section 22; 0: never), backs
     off when the loss turns if ``backoff_on_loss_rise`` (section 23), and holds the warm-up's scale there
     if ``hold_scale_on_loss_rise`` (section 25); each off unless asked, so these names build what they
     built before the preset adopted it. With ``cooldown_floor`` the cooldown is log-linear down to that
-    fraction of the peak (:class:`LogLinearCooldown`, section 32)."""
+    fraction of the peak (:class:`LogLinearCooldown`, section 32). ``search``: other FusedSaLSa arguments
+    (section 35: ``max_search_interval``)."""
     def build(task, model, total_steps) -> Built:
-        kwargs = presets.preset_kwargs(presets.RECOMMENDED, total_steps)
+        kwargs = {**presets.preset_kwargs(presets.RECOMMENDED, total_steps), **search}
         kwargs["schedule"] = replace(kwargs["schedule"], freeze_below=fraction,
                                      backoff_on_loss_rise=backoff_on_loss_rise,
                                      hold_scale_on_loss_rise=hold_scale_on_loss_rise)
@@ -478,6 +479,8 @@ REGISTRY: Dict[str, Callable] = {
     "pretrain_edge2": _preset(presets.RECOMMENDED, search_rule=EdgeRule(sigma=2.0)),
     # NOTES.md section 32 (a development-only prototype, no rule): the preset with a log-linear cooldown to
     # 1/10 and 1/100 of its peak; not a candidate (the GRU loses 1.2-16x), kept runnable for its rows
+    # section 35: the preset searching on every step of its search phase (max_search_interval=1)
+    "pretrain_every": _early_freeze_preset(1 / 16, True, True, max_search_interval=1),
     "pretrain_logcool0.1": _early_freeze_preset(1 / 16, True, True, cooldown_floor=0.1),
     "pretrain_logcool0.01": _early_freeze_preset(1 / 16, True, True, cooldown_floor=0.01),
     # NOTES.md section 33's log-linear cooldown after a back-off (``hedge_cooldown_on_loss_rise``, registry

@@ -295,3 +295,27 @@ def test_log_linear_cooldown_halves_in_equal_steps_and_keeps_the_presets_warm_up
     assert isinstance(built.schedule, O.LogLinearCooldown) and built.schedule.floor == 0.1
     assert all(getattr(built.schedule, f.name) == getattr(control.schedule, f.name) for f in fields(control.schedule))
     assert built.optimizer.schedule is built.schedule
+
+
+def test_pretrain_every_is_the_preset_searching_on_every_step_of_its_search_phase():
+    """Section 35's candidate: pretrain_hold with max_search_interval=1 and nothing else changed; a
+    step of the search phase searches, none after the freeze."""
+    from benchmarks.quality import optimizers as O
+    from benchmarks.quality.zoo import tasks
+
+    task = tasks.make("mlp_relu_teacher", 0, steps=60)
+    built, control = (O.build(name, task, task.model(0), 60) for name in ("pretrain_every", "pretrain_hold"))
+    assert built.optimizer.search_config.max_search_interval == 1
+    assert control.optimizer.search_config.max_search_interval == 10
+    assert built.schedule == control.schedule
+    rest = lambda config: {k: v for k, v in vars(config).items() if k != "max_search_interval"}  # noqa: E731
+    assert rest(built.optimizer.search_config) == rest(control.optimizer.search_config)
+    model = task.model(0)
+    opt = O.build("pretrain_every", task, model, 60).optimizer
+    searched = []
+    for batch in task.batches:
+        opt.zero_grad()
+        opt.step(lambda: task.loss(model, batch))
+        searched.append(opt.num_searches)
+    assert searched[11] == 12  # the search phase (12 of 60 steps): a search at every step
+    assert searched[-1] == 12  # frozen after it

@@ -15,7 +15,8 @@ The split was written before any optimizer was run on these tasks; every choice 
 on the ``development`` tasks, the ``validation`` tasks are only run to report. The ``holdout``
 tasks were added, and committed, before any optimizer ran on them, once the validation tasks had
 been seen by later rounds (quality NOTES section 34): they are only run to report configurations
-already fixed.
+already fixed. The ``holdout2`` tasks were committed with section 35's round, before any run, after
+the first hold-out had been seen.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from examples.gpt import GPT, ByteBatches, GPTConfig, load_stdlib_corpus
 
 from ..tasks import SequenceClassifier, Task, digits_task
 
-DEVELOPMENT, VALIDATION, HOLDOUT = "development", "validation", "holdout"
-SPLITS = (DEVELOPMENT, VALIDATION, HOLDOUT)
+DEVELOPMENT, VALIDATION, HOLDOUT, HOLDOUT2 = "development", "validation", "holdout", "holdout2"
+SPLITS = (DEVELOPMENT, VALIDATION, HOLDOUT, HOLDOUT2)
 # run lengths for later (issue 14: "held on three run lengths per task family"): steps x multiplier
 LENGTHS = {"short": 1 / 3, "default": 1.0, "long": 3.0}
 _CPU = torch.device("cpu")
@@ -551,8 +552,89 @@ def _deep_linear(seed: int, steps: int) -> Task:
                 batches, _mse, val)
 
 
+# ---------------------------------------------------------------------------- second hold-out (section 35)
+def _sine_sequences(count: int, gen: torch.Generator, length: int = 24):
+    """Sines of random frequency (0.1-0.5 rad/step), phase and amplitude (0.5-1.5), noise 0.1: the input is
+    the first ``length`` values, the target the next one (noiseless)."""
+    freq = 0.1 + 0.4 * torch.rand(count, 1, generator=gen)
+    phase = 2 * math.pi * torch.rand(count, 1, generator=gen)
+    amplitude = 0.5 + torch.rand(count, 1, generator=gen)
+    clean = amplitude * torch.sin(freq * torch.arange(length + 1) + phase)
+    x = clean[:, :length] + 0.1 * torch.randn(count, length, generator=gen)
+    return x.unsqueeze(-1), clean[:, length]
+
+
+def _gru_forecast(seed: int, steps: int) -> Task:
+    gen = torch.Generator().manual_seed(seed)
+    batches = [_sine_sequences(32, gen) for _ in range(steps)]
+    val = [_sine_sequences(1024, torch.Generator().manual_seed(_VAL_SEED))]
+    return Task("gru_forecast", steps, _CPU, lambda: Recurrent("gru", 1, 24, 1), batches, _mse, val)
+
+
+def _checkerboard(seed: int, steps: int) -> Task:
+    """x ~ U[-2, 2]^2, the label the colour of a 4 x 4 checkerboard square (side 1), 10% of labels flipped:
+    1024 fixed points in 8 batches of 128, cycled; a ReLU MLP (2-64-64-2), label smoothing 0.1."""
+    def sample(count, gen):
+        x = 4 * torch.rand(count, 2, generator=gen) - 2
+        label = (torch.floor(x[:, 0]) + torch.floor(x[:, 1])).long() % 2
+        flip = torch.rand(count, generator=gen) < 0.1
+        return x, torch.where(flip, 1 - label, label)
+
+    x, y = sample(1024, torch.Generator().manual_seed(_DATA_SEED + 10))
+    val = [sample(2048, torch.Generator().manual_seed(_VAL_SEED))]
+    return Task("mlp_checkerboard", steps, _CPU, lambda: _mlp([2, 64, 64, 2], nn.ReLU),
+                _cycle(_fixed_batches(x, y, 128), steps), _ce_smoothed, val)
+
+
+def _least_squares(seed: int, steps: int) -> Task:
+    """Convex least squares: 512 fixed samples of 32 correlated features (covariance eigenvalues spaced
+    geometrically from 1 to 10^-1.5 = 0.03), y = x . w* + noise 0.1, as one full batch; a linear model."""
+    gen = torch.Generator().manual_seed(_DATA_SEED + 11)
+    basis, _ = torch.linalg.qr(torch.randn(32, 32, generator=gen))
+    scale = basis * torch.logspace(0, -1.5, 32).sqrt()
+    w_star = torch.randn(32, generator=gen)
+
+    def sample(count, g):
+        x = torch.randn(count, 32, generator=g) @ scale.T
+        return x, x @ w_star + 0.1 * torch.randn(count, generator=g)
+
+    x, y = sample(512, gen)
+    val = [sample(2048, torch.Generator().manual_seed(_VAL_SEED))]
+    return Task("least_squares", steps, _CPU, lambda: nn.Sequential(nn.Linear(32, 1), nn.Flatten(0)),
+                _cycle([(x, y)], steps), _mse, val)
+
+
+class BagOfEmbeddings(nn.Module):
+    """Mean of token embeddings (``nn.EmbeddingBag``), then a linear head."""
+
+    def __init__(self, vocab: int, width: int, classes: int):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(vocab, width, mode="mean")
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, tokens):
+        return self.head(self.bag(tokens))
+
+
+def _topics(count: int, gen: torch.Generator, length: int = 20):
+    """Documents of 20 tokens over a vocabulary of 200: each of 5 topics draws half its tokens from its own
+    20 words and half uniformly; the label is the topic."""
+    topic = torch.randint(5, (count,), generator=gen)
+    own = topic[:, None] * 20 + torch.randint(20, (count, length), generator=gen)
+    anywhere = torch.randint(200, (count, length), generator=gen)
+    return torch.where(torch.rand(count, length, generator=gen) < 0.5, own, anywhere), topic
+
+
+def _embedding_topics(seed: int, steps: int) -> Task:
+    gen = torch.Generator().manual_seed(seed)
+    batches = [_topics(32, gen) for _ in range(steps)]
+    val = [_topics(1024, torch.Generator().manual_seed(_VAL_SEED))]
+    return Task("embedding_topics", steps, _CPU, lambda: BagOfEmbeddings(200, 16, 5), batches,
+                _ce_smoothed, val)
+
+
 # ---------------------------------------------------------------------------- the zoo and its split
-_D, _V, _H = DEVELOPMENT, VALIDATION, HOLDOUT
+_D, _V, _H, _H2 = DEVELOPMENT, VALIDATION, HOLDOUT, HOLDOUT2
 SPECS: List[Spec] = [
     # development: every choice is made on these
     Spec("lm_small", _D, "transformer LM", "byte GPT 1 layer x 32, 2 heads, T=32",
@@ -616,6 +698,18 @@ SPECS: List[Spec] = [
          "sin(2r)/(2r) on [-3, 3]^2 + noise 0.02, 1024 fixed samples", "cycled", 1200, 128, _softplus_sinc),
     Spec("deep_linear", _H, "deep linear network", "4 bias-free 16 x 16 linear layers",
          "y = A x + noise 0.05, A's singular values 1 to 0.05, fresh samples", "stream", 1500, 32, _deep_linear),
+    # second hold-out (quality NOTES section 35): committed with that round's rule, before any run
+    Spec("gru_forecast", _H2, "recurrent (GRU) forecasting", "GRU 1->24, linear head on the last state",
+         "next value of noisy sines, random frequency/phase/amplitude, fresh samples", "stream", 600, 32,
+         _gru_forecast),
+    Spec("mlp_checkerboard", _H2, "MLP classification, cycled", "2-64-64-2 ReLU",
+         "4 x 4 checkerboard on [-2, 2]^2, 10% labels flipped, 1024 fixed points", "cycled", 1000, 128,
+         _checkerboard),
+    Spec("least_squares", _H2, "convex: least squares", "linear 32->1",
+         "512 fixed samples, feature spectrum 1 to 0.03, noise 0.1, full batch", "cycled", 2000, 512,
+         _least_squares),
+    Spec("embedding_topics", _H2, "bag-of-embeddings classification", "EmbeddingBag 200 x 16 (mean), linear",
+         "documents of 20 tokens from 5 topics, fresh samples", "stream", 500, 32, _embedding_topics),
 ]
 ZOO: Dict[str, Spec] = {s.name: s for s in SPECS}
 
