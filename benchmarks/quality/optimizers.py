@@ -481,6 +481,9 @@ REGISTRY: Dict[str, Callable] = {
     # 1/10 and 1/100 of its peak; not a candidate (the GRU loses 1.2-16x), kept runnable for its rows
     # section 35: the preset searching on every step of its search phase (max_search_interval=1)
     "pretrain_every": _early_freeze_preset(1 / 16, True, True, max_search_interval=1),
+    # section 36: the same with searches at most 2 or 3 steps apart (half or a third of section 35's extra forwards)
+    "pretrain_every2": _early_freeze_preset(1 / 16, True, True, max_search_interval=2),
+    "pretrain_every3": _early_freeze_preset(1 / 16, True, True, max_search_interval=3),
     "pretrain_logcool0.1": _early_freeze_preset(1 / 16, True, True, cooldown_floor=0.1),
     "pretrain_logcool0.01": _early_freeze_preset(1 / 16, True, True, cooldown_floor=0.01),
     # NOTES.md section 33's log-linear cooldown after a back-off (``hedge_cooldown_on_loss_rise``, registry

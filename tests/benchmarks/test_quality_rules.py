@@ -319,3 +319,7 @@ def test_pretrain_every_is_the_preset_searching_on_every_step_of_its_search_phas
         searched.append(opt.num_searches)
     assert searched[11] == 12  # the search phase (12 of 60 steps): a search at every step
     assert searched[-1] == 12  # frozen after it
+    for cap in (2, 3):  # section 36's names: only the cap differs
+        capped = O.build(f"pretrain_every{cap}", task, task.model(0), 60)
+        assert capped.optimizer.search_config.max_search_interval == cap and capped.schedule == control.schedule
+        assert rest(capped.optimizer.search_config) == rest(control.optimizer.search_config)
