@@ -318,3 +318,29 @@ def test_compare_refuses_two_rows_of_one_run_that_disagree(tmp_path):
     out.write_text("\n".join(json.dumps(r) for r in [_compared_row("c", "a", "default", 0, 1.0)]) + "\n")
     with pytest.raises(SystemExit):  # no task-length has both: a clear usage error
         runner.main(["compare", str(out), "--candidate", "c", "--control", "k", "--seeds", "0"])
+
+
+def test_provenance_marks_dirty_code_but_not_appended_result_rows(tmp_path, monkeypatch):
+    """Rows appended to a committed rows file are data: the commit stays clean; an edit elsewhere
+    marks it ``+dirty``."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    rows = tmp_path / "benchmarks" / "quality" / "results" / "zoo" / "rows.jsonl"
+    rows.parent.mkdir(parents=True)
+    rows.write_text("{}\n")
+    code = tmp_path / "code.py"
+    code.write_text("x = 1\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "init")
+    monkeypatch.setattr(runner, "_ROOT", str(tmp_path))
+    clean = runner._provenance()["commit"]
+    assert not clean.endswith("+dirty") and clean != "unknown"
+    rows.write_text("{}\n{}\n")
+    assert runner._provenance()["commit"] == clean
+    code.write_text("x = 2\n")
+    assert runner._provenance()["commit"] == clean + "+dirty"

@@ -81,8 +81,12 @@ def lr_of(config: str) -> Optional[float]:
     return None
 
 
+RESULTS_PATHSPEC = ":(exclude)benchmarks/quality/results"
+
+
 def _provenance() -> dict:
-    """Commit (with a ``+dirty`` mark when the worktree has uncommitted changes), versions, and
+    """Commit (with a ``+dirty`` mark when tracked files other than the result rows have uncommitted
+    changes: a run appending to a committed rows file leaves the code as committed), versions, and
     the backend FusedSaLSa configurations run on (``optimizers.BACKEND`` resolved on the CPU)."""
     def git(*args):
         try:
@@ -91,7 +95,7 @@ def _provenance() -> dict:
         except (OSError, subprocess.SubprocessError):
             return ""
     commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--untracked-files=no"):
+    if git("status", "--porcelain", "--untracked-files=no", "--", ".", RESULTS_PATHSPEC):
         commit += "+dirty"
     from importlib import metadata
     versions = {"python": platform.python_version()}
