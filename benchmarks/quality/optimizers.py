@@ -484,6 +484,9 @@ REGISTRY: Dict[str, Callable] = {
     # section 36: the same with searches at most 2 or 3 steps apart (half or a third of section 35's extra forwards)
     "pretrain_every2": _early_freeze_preset(1 / 16, True, True, max_search_interval=2),
     "pretrain_every3": _early_freeze_preset(1 / 16, True, True, max_search_interval=3),
+    # section 37 (a development screen): the beam on section 35's every-step search phase
+    "beam_every": _beam(_early_freeze_preset(1 / 16, True, True, max_search_interval=1), cooldown=1.0,
+                        move_margin=0.01),
     "pretrain_logcool0.1": _early_freeze_preset(1 / 16, True, True, cooldown_floor=0.1),
     "pretrain_logcool0.01": _early_freeze_preset(1 / 16, True, True, cooldown_floor=0.01),
     # NOTES.md section 33's log-linear cooldown after a back-off (``hedge_cooldown_on_loss_rise``, registry

@@ -323,3 +323,7 @@ def test_pretrain_every_is_the_preset_searching_on_every_step_of_its_search_phas
         capped = O.build(f"pretrain_every{cap}", task, task.model(0), 60)
         assert capped.optimizer.search_config.max_search_interval == cap and capped.schedule == control.schedule
         assert rest(capped.optimizer.search_config) == rest(control.optimizer.search_config)
+    beam, beam_control = (O.build(name, task, task.model(0), 60) for name in ("beam_every", "beam_cool_margin_hold"))
+    assert beam.family == "beam" and beam.optimizer.search_config.max_search_interval == 1
+    assert beam.schedule == beam_control.schedule and rest(beam.optimizer.search_config) == rest(
+        beam_control.optimizer.search_config)
