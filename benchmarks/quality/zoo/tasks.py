@@ -70,6 +70,13 @@ def _fixed_batches(x: torch.Tensor, y: torch.Tensor, batch: int) -> List[tuple]:
     return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(x), batch)]
 
 
+def _fresh(sample: Callable, batch: int, steps: int, seed: int, val_count: int):
+    """A stream: ``steps`` batches ``sample(batch, gen)`` from one generator seeded with ``seed``, and the
+    held-out set, one batch ``sample(val_count, ...)`` from ``_VAL_SEED`` (the same for every seed)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [sample(batch, gen) for _ in range(steps)], [sample(val_count, torch.Generator().manual_seed(_VAL_SEED))]
+
+
 def _mse(model, batch):
     return F.mse_loss(model(batch[0]), batch[1])
 
@@ -252,9 +259,7 @@ def _tanh_deep(seed: int, steps: int) -> Task:
     """Fresh samples of a random tanh teacher (16-32-32-1, gain 2) + noise 0.1; a deep tanh student
     (16-64-64-64-64-1). Loss floor: the noise variance 0.01."""
     sample = _teacher(16, [32, 32], torch.tanh, 2.0, 0.1)
-    gen = torch.Generator().manual_seed(seed)
-    batches = [sample(64, gen) for _ in range(steps)]
-    val = [sample(2048, torch.Generator().manual_seed(_VAL_SEED))]
+    batches, val = _fresh(sample, 64, steps, seed, 2048)
     return Task("mlp_tanh_deep", steps, _CPU, lambda: _mlp([16, 64, 64, 64, 64, 1], nn.Tanh), batches, _mse, val)
 
 
@@ -323,9 +328,7 @@ def _noisy_classes(seed: int, steps: int) -> Task:
         noisy = torch.rand(count, generator=gen) < 0.2
         return x, torch.where(noisy, torch.randint(0, 8, (count,), generator=gen), y)
 
-    gen = torch.Generator().manual_seed(seed)
-    batches = [sample(64, gen) for _ in range(steps)]
-    val = [sample(2048, torch.Generator().manual_seed(_VAL_SEED))]
+    batches, val = _fresh(sample, 64, steps, seed, 2048)
     return Task("mlp_noisy_classes", steps, _CPU, lambda: _mlp([24, 96, 8], nn.GELU), batches,
                 lambda model, b: F.cross_entropy(model(b[0]), b[1]), val)
 
@@ -371,9 +374,7 @@ def _seqcls(seed: int, steps: int) -> Task:
     step, on a smaller encoder: width 32, 1 layer, length 16."""
     from ..tasks import _sequences
 
-    gen = torch.Generator().manual_seed(seed)
-    batches = [_sequences(32, 16, gen) for _ in range(steps)]
-    val = [_sequences(512, 16, torch.Generator().manual_seed(_VAL_SEED))]
+    batches, val = _fresh(lambda n, g: _sequences(n, 16, g), 32, steps, seed, 512)
     return Task("seqcls_small", steps, _CPU, lambda: SequenceClassifier(32, 1, 16), batches,
                 lambda model, b: F.cross_entropy(model(b[0]), b[1]), val)
 
@@ -407,9 +408,7 @@ class Recurrent(nn.Module):
 
 
 def _gru_adding(seed: int, steps: int) -> Task:
-    gen = torch.Generator().manual_seed(seed)
-    batches = [_adding(32, 20, gen) for _ in range(steps)]
-    val = [_adding(1024, 20, torch.Generator().manual_seed(_VAL_SEED))]
+    batches, val = _fresh(lambda n, g: _adding(n, 20, g), 32, steps, seed, 1024)
     return Task("gru_adding", steps, _CPU, lambda: Recurrent("gru", 2, 32, 1), batches, _mse, val)
 
 
@@ -423,9 +422,7 @@ def _majority(count: int, length: int, gen: torch.Generator):
 
 
 def _lstm_majority(seed: int, steps: int) -> Task:
-    gen = torch.Generator().manual_seed(seed)
-    batches = [_majority(32, 24, gen) for _ in range(steps)]
-    val = [_majority(1024, 24, torch.Generator().manual_seed(_VAL_SEED))]
+    batches, val = _fresh(lambda n, g: _majority(n, 24, g), 32, steps, seed, 1024)
     return Task("lstm_majority", steps, _CPU, lambda: Recurrent("lstm", 16, 32, 2, vocab=8), batches,
                 lambda model, b: F.cross_entropy(model(b[0]), b[1]), val)
 
@@ -444,9 +441,7 @@ def _friedman(count: int, gen: torch.Generator):
 def _silu_friedman(seed: int, steps: int) -> Task:
     """Fresh samples of Friedman #1 (standardized; the noise variance is 1/4.88^2 = 0.042 after it); a SiLU
     MLP (10-64-64-1)."""
-    gen = torch.Generator().manual_seed(seed)
-    batches = [_friedman(64, gen) for _ in range(steps)]
-    val = [_friedman(2048, torch.Generator().manual_seed(_VAL_SEED))]
+    batches, val = _fresh(_friedman, 64, steps, seed, 2048)
     return Task("mlp_silu_friedman", steps, _CPU, lambda: _mlp([10, 64, 64, 1], nn.SiLU), batches, _mse, val)
 
 
@@ -494,9 +489,7 @@ def _waves(count: int, gen: torch.Generator, length: int = 64):
 
 
 def _conv1d_waves(seed: int, steps: int) -> Task:
-    gen = torch.Generator().manual_seed(seed)
-    batches = [_waves(32, gen) for _ in range(steps)]
-    val = [_waves(1024, torch.Generator().manual_seed(_VAL_SEED))]
+    batches, val = _fresh(_waves, 32, steps, seed, 1024)
 
     def build():
         return nn.Sequential(nn.Conv1d(1, 16, 5, padding=2), nn.ReLU(), nn.Conv1d(16, 32, 5, stride=2, padding=2),
@@ -545,9 +538,7 @@ def _deep_linear(seed: int, steps: int) -> Task:
         x = torch.randn(count, 16, generator=g)
         return x, x @ target.T + 0.05 * torch.randn(count, 16, generator=g)
 
-    gen = torch.Generator().manual_seed(seed)
-    batches = [sample(32, gen) for _ in range(steps)]
-    val = [sample(2048, torch.Generator().manual_seed(_VAL_SEED))]
+    batches, val = _fresh(sample, 32, steps, seed, 2048)
     return Task("deep_linear", steps, _CPU, lambda: nn.Sequential(*[nn.Linear(16, 16, bias=False) for _ in range(4)]),
                 batches, _mse, val)
 
@@ -565,9 +556,7 @@ def _sine_sequences(count: int, gen: torch.Generator, length: int = 24):
 
 
 def _gru_forecast(seed: int, steps: int) -> Task:
-    gen = torch.Generator().manual_seed(seed)
-    batches = [_sine_sequences(32, gen) for _ in range(steps)]
-    val = [_sine_sequences(1024, torch.Generator().manual_seed(_VAL_SEED))]
+    batches, val = _fresh(_sine_sequences, 32, steps, seed, 1024)
     return Task("gru_forecast", steps, _CPU, lambda: Recurrent("gru", 1, 24, 1), batches, _mse, val)
 
 
@@ -626,9 +615,7 @@ def _topics(count: int, gen: torch.Generator, length: int = 20):
 
 
 def _embedding_topics(seed: int, steps: int) -> Task:
-    gen = torch.Generator().manual_seed(seed)
-    batches = [_topics(32, gen) for _ in range(steps)]
-    val = [_topics(1024, torch.Generator().manual_seed(_VAL_SEED))]
+    batches, val = _fresh(_topics, 32, steps, seed, 1024)
     return Task("embedding_topics", steps, _CPU, lambda: BagOfEmbeddings(200, 16, 5), batches,
                 _ce_smoothed, val)
 
