@@ -479,16 +479,17 @@ REGISTRY: Dict[str, Callable] = {
     "pretrain_edge2": _preset(presets.RECOMMENDED, search_rule=EdgeRule(sigma=2.0)),
     # NOTES.md section 32 (a development-only prototype, no rule): the preset with a log-linear cooldown to
     # 1/10 and 1/100 of its peak; not a candidate (the GRU loses 1.2-16x), kept runnable for its rows
-    # section 35: the preset searching on every step of its search phase (max_search_interval=1)
+    "pretrain_logcool0.1": _early_freeze_preset(1 / 16, True, True, cooldown_floor=0.1),
+    "pretrain_logcool0.01": _early_freeze_preset(1 / 16, True, True, cooldown_floor=0.01),
+    # NOTES.md sections 35-37: the preset searching on every step of its search phase (not eligible on
+    # development: 1.20x forwards, the mid-size teacher 1.098x); kept runnable for its rows
     "pretrain_every": _early_freeze_preset(1 / 16, True, True, max_search_interval=1),
-    # section 36: the same with searches at most 2 or 3 steps apart (half or a third of section 35's extra forwards)
+    # section 36: the same with searches at most 2 or 3 steps apart (not eligible either)
     "pretrain_every2": _early_freeze_preset(1 / 16, True, True, max_search_interval=2),
     "pretrain_every3": _early_freeze_preset(1 / 16, True, True, max_search_interval=3),
     # section 37 (a development screen): the beam on section 35's every-step search phase
     "beam_every": _beam(_early_freeze_preset(1 / 16, True, True, max_search_interval=1), cooldown=1.0,
                         move_margin=0.01),
-    "pretrain_logcool0.1": _early_freeze_preset(1 / 16, True, True, cooldown_floor=0.1),
-    "pretrain_logcool0.01": _early_freeze_preset(1 / 16, True, True, cooldown_floor=0.01),
     # NOTES.md section 33's log-linear cooldown after a back-off (``hedge_cooldown_on_loss_rise``, registry
     # pretrain_hedge) was eligible on development and not adopted (mlp_tanh_deep at long 1.18x); it left the
     # package; its rows name commits 14a4317 / 82143c0, its code and tests 14a4317.
