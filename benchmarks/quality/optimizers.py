@@ -25,6 +25,8 @@ task and a run length. Families, which set how the training loop calls ``step``:
   the factors 2, 1, 0.5 of the step just taken on the next batch of the stream and multiplies
   the rate by their score-weighted geometric mean. On AdamW it replaces the schedule: a
   constant base rate, no warmup, no cosine.
+- ``mechanic``: :class:`benchmarks.quality.mechanic.Mechanic` on Adam (NOTES.md section 38's screen):
+  called as a ``torch`` optimizer; its applied rate is the learned scale times the base's rate.
 
 Weight decay 0.1 (on matrices only) for AdamW and the FusedSaLSa configurations that use
 it; Prodigy, schedule-free and the published SaLSa run at their own defaults.
@@ -42,6 +44,7 @@ from salsa_fused import LABPAL, FusedSaLSa, LRFactorSearch, presets
 from salsa_fused.beam import StepSizeBeam
 from salsa_fused.step_size import WarmupStableDecay
 
+from .mechanic import Mechanic
 from .rules import EdgeRule, NonMonotoneArmijo
 
 WEIGHT_DECAY = 0.1
@@ -87,7 +90,7 @@ def _preset(name: str, length_known: bool = True, **overrides):
 
 
 def _early_freeze_preset(fraction: float, backoff_on_loss_rise: bool = False, hold_scale_on_loss_rise: bool = False,
-                         cooldown_floor: Optional[float] = None, **search):
+                         cooldown_floor: Optional[float] = None, peak: Optional[float] = None, **search):
     """The recommended preset whose schedule freezes the level early, at ``fraction`` of the search's
     peak fast average, once it falls below that (``freeze_below``; NOTES.md section 22; 0: never), backs
     off when the loss turns if ``backoff_on_loss_rise`` (section 23), and holds the warm-up's scale there
@@ -100,6 +103,8 @@ def _early_freeze_preset(fraction: float, backoff_on_loss_rise: bool = False, ho
         kwargs["schedule"] = replace(kwargs["schedule"], freeze_below=fraction,
                                      backoff_on_loss_rise=backoff_on_loss_rise,
                                      hold_scale_on_loss_rise=hold_scale_on_loss_rise)
+        if peak is not None:
+            kwargs["schedule"] = replace(kwargs["schedule"], peak=peak)
         if cooldown_floor is not None:
             kwargs["schedule"] = LogLinearCooldown(**asdict(kwargs["schedule"]), floor=cooldown_floor)
         wd = kwargs.pop("weight_decay", 0.0)
@@ -199,6 +204,16 @@ def _prodigy_plus_schedulefree(task, model, total_steps) -> Built:
     """``prodigy-plus-schedule-free`` at its defaults (its README documents no warmup)."""
     from prodigyplus import ProdigyPlusScheduleFree
     return Built(ProdigyPlusScheduleFree(model.parameters()), "schedulefree")
+
+
+def _mechanic_adam(s_init: float = 1e-8):
+    """Mechanic (NOTES.md section 38) on Adam at base rate 1 with the grid's schedule (5% warmup, cosine
+    to 10%), no weight decay in the base: Mechanic's own (0.01, scaled) stands in for it."""
+    def build(task, model, total_steps) -> Built:
+        base = torch.optim.Adam(model.parameters(), lr=1.0, betas=(0.9, 0.999))
+        sched = torch.optim.lr_scheduler.LambdaLR(base, lambda k: warmup_cosine(k, total_steps))
+        return Built(Mechanic(base, s_init=s_init), "mechanic", scheduler=sched)
+    return build
 
 
 def _published(task, model, total_steps) -> Built:
@@ -487,6 +502,9 @@ REGISTRY: Dict[str, Callable] = {
     # section 36: the same with searches at most 2 or 3 steps apart (not eligible either)
     "pretrain_every2": _early_freeze_preset(1 / 16, True, True, max_search_interval=2),
     "pretrain_every3": _early_freeze_preset(1 / 16, True, True, max_search_interval=3),
+    # section 38 (a screen): the warm-up to 3x or 4x the searched level, the back-off and the hold as shipped
+    "pretrain_peak3": _early_freeze_preset(1 / 16, True, True, peak=3.0),
+    "pretrain_peak4": _early_freeze_preset(1 / 16, True, True, peak=4.0),
     # section 37 (a development screen): the beam on section 35's every-step search phase
     "beam_every": _beam(_early_freeze_preset(1 / 16, True, True, max_search_interval=1), cooldown=1.0,
                         move_margin=0.01),
@@ -513,6 +531,12 @@ REGISTRY: Dict[str, Callable] = {
     "schedulefree_warmup": _schedulefree_warmup,
     "prodigy_plus_sf": _prodigy_plus_schedulefree,
     "salsa_published": _published,
+    # NOTES.md section 38: Mechanic's learned scale on Adam (a screen)
+    "mechanic_adam": _mechanic_adam(),
+    "mechanic_adam_s1e-3": _mechanic_adam(1e-3),
+    "mechanic_adam_s1e-4": _mechanic_adam(1e-4),
+    "mechanic_adam_s1e-2": _mechanic_adam(1e-2),
+    "mechanic_adam_s1e-1": _mechanic_adam(1e-1),
 }
 
 DEFAULT_ADAMW_GRID = (3e-4, 1e-3, 3e-3, 1e-2)

@@ -191,6 +191,8 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
                 group = opt.param_groups[0]
                 if family == "prodigy":
                     step_sizes.append(group["d"] * group["lr"])
+                elif family == "mechanic":  # the base's scheduled rate times the learned scale
+                    step_sizes.append(opt.scale * group["lr"])
                 elif family != "schedulefree":
                     step_sizes.append(group["lr"])
                 opt.step()

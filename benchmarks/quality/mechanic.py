@@ -1,0 +1,83 @@
+"""Mechanic's learned scale on a base optimizer (Cutkosky, Defazio, Mehta, arXiv 2306.00144): a screen
+for issue 14 (NOTES.md section 38), not part of the package.
+
+The base optimizer takes its own step; its updates accumulate in ``Δ`` (descent sign), and the weights are
+``x = x_ref - s·Δ`` with ``s = Σ_j s_j`` a scale learned online, one coin-betting tuner per ``β_j``:
+
+    h_t = <g_t + λ s ‖g_t‖/‖x_t‖ x_t, Δ_t>          (``-d f/d s`` at ``x_t``, with a scaled weight decay)
+    m_j = max(β_j m_j, |h_t| + ε)      v_j = β_j² v_j + h_t²      r_j = β_j r_j + s_j h_t
+    s_j = (s_init/n · m_j + max(0, r_j)) / (√v_j + ε)
+
+The scale starts at ``n·s_init`` and grows while continuing along ``Δ`` keeps lowering the loss: a signal
+over the whole run so far, from the gradients alone (no extra forward).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+
+BETAS = (0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999)
+
+
+class Mechanic:
+    """Wraps ``base`` (a ``torch.optim.Optimizer``; its ``step`` is called as given) and rescales the
+    accumulated updates by a learned ``scale``. ``param_groups`` are the base's (so an LR scheduler on
+    the base applies), ``scale`` is ``s``; the applied rate is ``scale`` times the base's rate."""
+
+    def __init__(self, base: torch.optim.Optimizer, betas: Sequence[float] = BETAS, weight_decay: float = 0.01,
+                 s_init: float = 1e-8, eps: float = 1e-8):
+        self.base = base
+        self.params = [p for g in base.param_groups for p in g["params"]]
+        self.betas = torch.tensor(betas, dtype=torch.float64)
+        self.weight_decay, self.s_init, self.eps = weight_decay, s_init, eps
+        n = len(betas)
+        self.s = torch.full((n,), s_init, dtype=torch.float64)
+        self.m = torch.zeros(n, dtype=torch.float64)
+        self.v = torch.zeros(n, dtype=torch.float64)
+        self.r = torch.zeros(n, dtype=torch.float64)
+        self.x_ref: Optional[list] = None
+        self.delta: Optional[list] = None
+
+    @property
+    def param_groups(self):
+        return self.base.param_groups
+
+    @property
+    def scale(self) -> float:
+        return float(self.s.sum())
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable] = None):
+        params = [p for p in self.params if p.grad is not None]
+        if self.x_ref is None:
+            self.x_ref = [p.detach().clone() for p in self.params]
+            self.delta = [torch.zeros_like(p) for p in self.params]
+        index = {id(p): i for i, p in enumerate(self.params)}
+        s_sum = self.scale
+        grads = [p.grad.detach().double() for p in params]
+        grad_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+        param_norm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in params))
+        decay = self.weight_decay * s_sum * grad_norm / (param_norm + self.eps)
+        h = sum(float(((g + decay * p.detach().double()) * self.delta[index[id(p)]].double()).sum())
+                for g, p in zip(grads, params))
+        if not math.isfinite(h):  # before the base moves anything
+            raise FloatingPointError(f"Mechanic: non-finite h ({h}): a non-finite gradient or weight")
+        before = [p.detach().clone() for p in self.params]
+        loss = self.base.step(closure)
+        for p, old, d in zip(self.params, before, self.delta):
+            d.sub_(p.detach() - old)  # Δ += -(base update)
+        self.m = torch.maximum(self.betas * self.m, torch.tensor(abs(h) + self.eps, dtype=torch.float64))
+        self.v = self.betas ** 2 * self.v + h * h
+        self.r = self.betas * self.r + self.s * h
+        wealth = self.s_init / len(self.betas) * self.m + self.r.clamp(min=0.0)
+        self.s = wealth / (self.v.sqrt() + self.eps)
+        s_new = self.scale
+        for p, x0, d in zip(self.params, self.x_ref, self.delta):
+            p.copy_(x0 - s_new * d)
+        return loss
