@@ -25,6 +25,8 @@ task and a run length. Families, which set how the training loop calls ``step``:
   the factors 2, 1, 0.5 of the step just taken on the next batch of the stream and multiplies
   the rate by their score-weighted geometric mean. On AdamW it replaces the schedule: a
   constant base rate, no warmup, no cosine.
+- ``fused`` also: ``joint_b<beta3>_c<c>_g<growth>_p<peak>_w<warmup>_d<m|g>_i<interval>``, the preset at a
+  point of NOTES.md section 39's joint search (:mod:`benchmarks.quality.joint`).
 - ``mechanic``: :class:`benchmarks.quality.mechanic.Mechanic` on Adam (NOTES.md section 38's screen):
   called as a ``torch`` optimizer; its applied rate is the learned scale times the base's rate.
 
@@ -44,6 +46,7 @@ from salsa_fused import LABPAL, FusedSaLSa, LRFactorSearch, presets
 from salsa_fused.beam import StepSizeBeam
 from salsa_fused.step_size import WarmupStableDecay
 
+from . import joint
 from .mechanic import Mechanic
 from .rules import EdgeRule, NonMonotoneArmijo
 
@@ -559,6 +562,8 @@ def build(name: str, task, model, total_steps: int) -> Built:
         return _adamw(float(name[len(LONG_WARMUP_PREFIX):]), warmup=0.2)(task, model, total_steps)
     if name.startswith(SHAPE_PREFIX):
         return _shape(name)(task, model, total_steps)
+    if name.startswith(joint.PREFIX):
+        return _joint(name)(task, model, total_steps)
     if name not in REGISTRY:
         raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(REGISTRY)} or adamw_<lr>")
     return REGISTRY[name](task, model, total_steps)
@@ -591,9 +596,24 @@ def _shape(name: str):
                              "beta3": beta3})
 
 
+def _joint(name: str):
+    """``joint_b.._c.._g.._p.._w.._d.._i..``: the preset at a point of section 39's joint search
+    (:mod:`benchmarks.quality.joint`)."""
+    point = joint.parse(name)
+
+    def build(task, model, total_steps) -> Built:
+        kwargs = joint.preset_kwargs(point, total_steps)
+        wd = kwargs.pop("weight_decay", 0.0)
+        opt = FusedSaLSa(task.param_groups(model, wd), backend=BACKEND, **kwargs)
+        return Built(opt, "fused", schedule=kwargs["schedule"])
+    return build
+
+
 def known(names: List[str]) -> None:
     for name in names:
         if name.startswith(SHAPE_PREFIX):
             _shape(name)  # raises on a malformed name before any run starts
+        elif name.startswith(joint.PREFIX):
+            joint.parse(name)
         elif not (name in REGISTRY or name.startswith(ADAMW_PREFIX) or name.startswith(LONG_WARMUP_PREFIX)):
             raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(REGISTRY)} or adamw_<lr>")
