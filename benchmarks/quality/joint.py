@@ -105,5 +105,69 @@ def preset_kwargs(point: dict, total_steps: int) -> dict:
     return kwargs
 
 
+FORWARDS_BOUND = 1.10  # a point's forwards per step at most this many times the preset's, on every task-length
+ABOVE = 1.15  # the issue's bound on one task's ratio to the best AdamW
+
+
+def rank(rows: List[dict], control: str = "pretrain_hold", split: str = "development") -> List[dict]:
+    """Step 1 of section 39's rule: per point (and the control), its task-lengths above ``ABOVE``, its
+    geomean ratio to the best AdamW over the task-lengths, whether its forwards stay within
+    ``FORWARDS_BOUND`` of the control's; sorted eligible first (forwards within the bound, and rows on
+    every task-length the most complete point has), then by (count above, geomean)."""
+    import math
+
+    from .zoo.runner import summarize
+
+    summary = {key: entry for key, entry in summarize(rows).items() if entry["split"] == split}
+    names = sorted({c for entry in summary.values() for c in entry["configs"]
+                    if c.startswith(PREFIX) or c == control})
+    table = []
+    for name in names:
+        ratios, above, fwd_ok, per_length = [], 0, True, {}
+        for key, entry in summary.items():
+            mine, ref = entry["configs"].get(name), entry["configs"].get(control)
+            if mine is None or ref is None:
+                continue
+            ratios.append(mine["ratio"])
+            above += mine["ratio"] > ABOVE
+            per_length.setdefault(entry["length"], []).append(mine["ratio"])
+            if mine["forwards_per_step"] > FORWARDS_BOUND * ref["forwards_per_step"]:
+                fwd_ok = False
+        geo = (math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+               if ratios and all(0 < r < math.inf for r in ratios) else math.inf)
+        table.append(dict(name=name, task_lengths=len(ratios), above=above, geomean=geo, forwards_ok=fwd_ok,
+                          per_length={length: (math.exp(sum(math.log(r) for r in rs) / len(rs))
+                                               if all(0 < r < math.inf for r in rs) else math.inf)
+                                      for length, rs in per_length.items()}))
+    complete = max((t["task_lengths"] for t in table), default=0)
+    for t in table:
+        t["complete"] = t["task_lengths"] == complete
+    return sorted(table, key=lambda t: (not (t["forwards_ok"] and t["complete"]), t["above"], t["geomean"]))
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality.joint",
+                                     description="section 39's sample (no arguments: its names, comma-separated), "
+                                                 "or `rank FILES`: step 1 of its rule on those rows")
+    parser.add_argument("command", nargs="?", choices=["names", "rank"], default="names")
+    parser.add_argument("files", nargs="*")
+    parser.add_argument("--control", default="pretrain_hold")
+    args = parser.parse_args(argv)
+    if args.command == "names":
+        print(",".join(name_of(p) for p in sample()))
+        return 0
+    rows = [json.loads(line) for path in args.files for line in open(path) if line.strip()]
+    print("| point | task-lengths | above 1.15 | geomean | short | default | long | forwards within 1.10x |")
+    print("|---|---|---|---|---|---|---|---|")  # incomplete points (fewer task-lengths) rank last
+    for t in rank(rows, args.control):
+        lengths = " | ".join(f"{t['per_length'].get(L, float('nan')):.3f}" for L in ("short", "default", "long"))
+        print(f"| {t['name']} | {t['task_lengths']} | {t['above']} | {t['geomean']:.3f} | {lengths} | "
+              f"{'yes' if t['forwards_ok'] else 'no'} |")
+    return 0
+
+
 if __name__ == "__main__":
-    print(",".join(name_of(p) for p in sample()))
+    raise SystemExit(main())

@@ -49,3 +49,26 @@ def test_a_point_sets_each_constant():
     assert (config.beta3, config.c, config.growth, config.max_search_interval) == (0.9, 0.3, 1.2, 3)
     assert built.optimizer.search_direction == "gradient"
     assert (built.schedule.warmup, built.schedule.decay, built.schedule.peak) == (0.3, 0.7, 3.0)
+
+
+def _row(task, length, config, seed, loss, forwards=1.2):
+    return dict(task=task, length=length, config=config, seed=seed, final_train_loss=loss, val_loss=loss,
+                level_mean=1e-3, forwards_per_step=forwards, diverged=None, steps=100)
+
+
+def test_rank_orders_by_tasks_above_the_bound_then_geomean_and_drops_points_over_the_forwards_bound():
+    a, b = (joint.name_of(dict(joint.PRESET, p=p)) for p in (1.5, 3.0))
+    c = joint.name_of(dict(joint.PRESET, b=0.9))
+    rows = []
+    for task in ("lm_small", "gru_adding"):
+        for seed in (0, 1):
+            rows += [_row(task, "default", "adamw_1e-3", seed, 1.0), _row(task, "default", "adamw_3e-3", seed, 2.0),
+                     _row(task, "default", "pretrain_hold", seed, 1.1)]
+            rows.append(_row(task, "default", a, seed, 1.3 if task == "lm_small" else 0.5))  # one above, geomean 0.81
+            rows.append(_row(task, "default", b, seed, 1.05))  # none above, geomean 1.05
+            rows.append(_row(task, "default", c, seed, 0.9, forwards=1.4))  # best losses, too many forwards
+    table = joint.rank(rows)
+    assert [t["name"] for t in table] == [b, "pretrain_hold", a, c]
+    assert table[0]["above"] == 0 and table[0]["geomean"] == pytest.approx(1.05)
+    assert table[2]["above"] == 1 and table[2]["geomean"] == pytest.approx((1.3 * 0.5) ** 0.5)
+    assert not table[3]["forwards_ok"]
