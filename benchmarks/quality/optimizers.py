@@ -48,7 +48,7 @@ from salsa_fused.step_size import WarmupStableDecay
 
 from . import joint
 from .mechanic import Mechanic
-from .rules import EdgeRule, NonMonotoneArmijo
+from .rules import EdgeRule, NonMonotoneArmijo, RatioArmijo
 
 WEIGHT_DECAY = 0.1
 WARMUP_FRACTION = 0.05
@@ -508,6 +508,8 @@ REGISTRY: Dict[str, Callable] = {
     # section 38 (a screen): the warm-up to 3x or 4x the searched level, the back-off and the hold as shipped
     "pretrain_peak3": _early_freeze_preset(1 / 16, True, True, peak=3.0),
     "pretrain_peak4": _early_freeze_preset(1 / 16, True, True, peak=4.0),
+    # section 41 (a development screen): the Armijo test on the smoothed ratio (f0 - f1) / (eta q)
+    "pretrain_ratio_test": _early_freeze_preset(1 / 16, True, True, search_rule=RatioArmijo()),
     # section 37 (a development screen): the beam on section 35's every-step search phase
     "beam_every": _beam(_early_freeze_preset(1 / 16, True, True, max_search_interval=1), cooldown=1.0,
                         move_margin=0.01),

@@ -13,7 +13,8 @@ published test (c = 0.5) accepts at most the greedy step ``q/kappa``; training w
 rate sits near the edge of stability ``2*q/kappa`` and above it, and the greedy search
 feeds back (the step falls, sharpness rises to meet it, the step falls again).
 :class:`EdgeRule` aims at ``sigma * q/kappa`` from averaged estimates instead;
-:class:`NonMonotoneArmijo` measures the decrease from a reference ``max(f0, recent f0)``.
+:class:`NonMonotoneArmijo` measures the decrease from a reference ``max(f0, recent f0)``;
+:class:`RatioArmijo` smooths the Armijo ratio ``(f0 - f1) / (eta*q)`` instead of its two terms.
 """
 
 from __future__ import annotations
@@ -259,3 +260,55 @@ class NonMonotoneSearch(ArmijoSearch):
         state = super().finish()
         self.rule.remember(state.rule_state, self.loss)
         return state
+
+
+@dataclass(frozen=True)
+class RatioArmijo:
+    """The smoothed Armijo test on the ratio, each search weighing the same (NOTES.md section 41).
+
+    The published test smooths the decrease and the slope apart (``h``, ``s``), so a search on a
+    batch with a large loss and slope weighs more, and early searches (large losses) weigh long
+    after. This one smooths their ratio, with ``q`` the step's raw slope:
+
+        r = (f0 - f1) / (eta * q),   accept eta when  beta3 * R + (1 - beta3) * r >= c   (or f1 == f0)
+
+    and keeps ``R <- beta3 * R + (1 - beta3) * r`` on acceptance (``R`` starts at ``c``; it lives in
+    ``SearchState.rule_state``). A step with ``q <= 0`` is tested as published. Since ``r = 1 -
+    eta*kappa/(2q)`` on a quadratic, ``R`` near ``c = 0.5`` is the greedy step on average over searches.
+    """
+
+    @staticmethod
+    def direction(configured: str) -> str:
+        return configured
+
+    def __call__(self, plan: StepPlan, config: SearchConfig, loss: float, grad_norm: float) -> "RatioSearch":
+        return RatioSearch(plan, config, loss, grad_norm)
+
+
+class RatioSearch(ArmijoSearch):
+    """One search of :class:`RatioArmijo` (ArmijoSearch's protocol)."""
+
+    def __init__(self, plan: StepPlan, config: SearchConfig, loss: float, grad_norm: float):
+        super().__init__(plan, config, loss, grad_norm)
+        self.state.rule_state = dict(plan.state.rule_state)
+        self.raw_slope = float(grad_norm)
+
+    def observe(self, trial_loss: float) -> Verdict:
+        if not self.raw_slope > 0:
+            return super().observe(trial_loss)
+        self.trials += 1
+        self.state.num_forward_evals += 1
+        self.last_trial = self.step_size
+        decrease = float(self.loss) - float(trial_loss)
+        if not math.isfinite(decrease):
+            return self._backtrack()
+        self.state.last_loss_decrease = decrease
+        if decrease == 0:
+            return Verdict.ACCEPT
+        beta3, c = self.config.beta3, self.config.c
+        smoothed = beta3 * self.state.rule_state.get("ratio_avg", c) + (1 - beta3) * decrease / (self.step_size *
+                                                                                               self.raw_slope)
+        if smoothed >= c:
+            self.state.rule_state["ratio_avg"] = smoothed
+            return Verdict.ACCEPT
+        return self._backtrack()

@@ -334,3 +334,21 @@ def test_pretrain_every_is_the_preset_searching_on_every_step_of_its_search_phas
     assert beam.family == "beam" and beam.optimizer.search_config.max_search_interval == 1
     assert beam.schedule == beam_control.schedule and rest(beam.optimizer.search_config) == rest(
         beam_control.optimizer.search_config)
+
+
+def test_ratio_armijo_smooths_the_ratio_and_keeps_it_only_on_acceptance():
+    from benchmarks.quality.rules import RatioArmijo
+    from salsa_fused.line_search import SearchConfig, SearchState, plan_step
+    from salsa_fused.rules import Verdict
+
+    config = SearchConfig(c=0.5, beta3=0.9, growth=1.0)
+    state = SearchState(step_size=0.1, rule_state={"ratio_avg": 0.6})
+    search = RatioArmijo()(plan_step(state, config), config, 1.0, 2.0)  # f0 = 1, q = 2, eta = 0.1
+    # ratio (1 - 0.95) / (0.1 * 2) = 0.25: 0.9 * 0.6 + 0.1 * 0.25 = 0.565 >= 0.5, accepted
+    assert search.observe(0.95) is Verdict.ACCEPT
+    assert search.finish().rule_state["ratio_avg"] == pytest.approx(0.565)
+    search = RatioArmijo()(plan_step(state, config), config, 1.0, 2.0)
+    # a rise: ratio -0.5 -> 0.9 * 0.6 - 0.05 = 0.49 < 0.5, backtrack; R unchanged
+    assert search.observe(1.1) is Verdict.RETRY
+    assert search.state.rule_state["ratio_avg"] == 0.6 and search.step_size == pytest.approx(0.08)
+    assert search.observe(float("nan")) is Verdict.RETRY  # a non-finite trial is a failed trial
