@@ -216,7 +216,6 @@ class ArmijoSearch:
         self.trials += 1
         self.state.num_forward_evals += 1
         self.last_trial = self.step_size
-        config = self.config
         decrease = _f32(self.loss) - _f32(trial_loss)
         tested = self._tested_decrease(decrease, trial_loss)
         if not math.isfinite(tested):
@@ -224,14 +223,18 @@ class ArmijoSearch:
             # backtrack and record nothing non-finite.
             return self._backtrack()
         self.state.last_loss_decrease = float(decrease)
-        if decrease == 0:
+        if decrease == 0 or self._accepts(tested, decrease, trial_loss):
             return Verdict.ACCEPT
-        sufficient = _f32(self.step_size * config.c) * _f32(self.state.slope_avg)
+        return self._backtrack()
+
+    def _accepts(self, tested, decrease, trial_loss: float) -> bool:
+        """The smoothed test ``beta3*h + (1-beta3)*tested >= c * eta * s`` (fp32); ``h`` is kept on a pass."""
+        sufficient = _f32(self.step_size * self.config.c) * _f32(self.state.slope_avg)
         smoothed = self._smoothed(tested)
         if smoothed >= sufficient:
             self.state.loss_decrease_avg = float(self._kept_average(smoothed, decrease))
-            return Verdict.ACCEPT
-        return self._backtrack()
+            return True
+        return False
 
     def _backtrack(self) -> Verdict:
         self.step_size = self.step_size * self.config.backtrack

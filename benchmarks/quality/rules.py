@@ -293,22 +293,15 @@ class RatioSearch(ArmijoSearch):
         self.state.rule_state = dict(plan.state.rule_state)
         self.raw_slope = float(grad_norm)
 
-    def observe(self, trial_loss: float) -> Verdict:
+    def _accepts(self, tested, decrease, trial_loss: float) -> bool:
+        """``beta3*R + (1-beta3)*r >= c`` with ``r = (f0 - f1) / (eta*q)``; ``R`` is kept on a pass.
+        A step with ``q <= 0`` is tested as published."""
         if not self.raw_slope > 0:
-            return super().observe(trial_loss)
-        self.trials += 1
-        self.state.num_forward_evals += 1
-        self.last_trial = self.step_size
-        decrease = float(self.loss) - float(trial_loss)
-        if not math.isfinite(decrease):
-            return self._backtrack()
-        self.state.last_loss_decrease = decrease
-        if decrease == 0:
-            return Verdict.ACCEPT
+            return super()._accepts(tested, decrease, trial_loss)
         beta3, c = self.config.beta3, self.config.c
-        smoothed = beta3 * self.state.rule_state.get("ratio_avg", c) + (1 - beta3) * decrease / (self.step_size *
-                                                                                               self.raw_slope)
+        ratio = (float(self.loss) - float(trial_loss)) / (self.step_size * self.raw_slope)
+        smoothed = beta3 * self.state.rule_state.get("ratio_avg", c) + (1 - beta3) * ratio
         if smoothed >= c:
             self.state.rule_state["ratio_avg"] = smoothed
-            return Verdict.ACCEPT
-        return self._backtrack()
+            return True
+        return False
