@@ -20,7 +20,7 @@ Name: ``joint_b0.95_c0.5_g1.1_p2_w0.2_dm_i10`` (that one builds the shipped pres
 from __future__ import annotations
 
 import random
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 PREFIX = "joint_"
 
@@ -91,18 +91,12 @@ def sample(size: int = SAMPLE_SIZE, seed: int = SAMPLE_SEED) -> List[dict]:
     return points
 
 
-def preset_kwargs(point: dict, total_steps: int) -> dict:
-    """FusedSaLSa's arguments at ``point`` (the preset's, with the point's constants)."""
-    from dataclasses import replace
-
-    from salsa_fused import presets
-
-    kwargs = presets.preset_kwargs(presets.RECOMMENDED, total_steps)
-    kwargs["schedule"] = replace(kwargs["schedule"], warmup=point["w"], decay=round(1.0 - point["w"], 10),
-                                 peak=point["p"])
-    kwargs.update(beta3=point["b"], c=point["c"], growth=point["g"], max_search_interval=point["i"],
+def overrides(point: dict) -> Tuple[dict, dict]:
+    """The point as (fields of the preset's WarmupStableDecay, FusedSaLSa arguments) replacing the preset's."""
+    schedule = dict(warmup=point["w"], decay=round(1.0 - point["w"], 10), peak=point["p"])
+    search = dict(beta3=point["b"], c=point["c"], growth=point["g"], max_search_interval=point["i"],
                   search_direction="momentum" if point["d"] == "m" else "gradient")
-    return kwargs
+    return schedule, search
 
 
 FORWARDS_BOUND = 1.10  # a point's forwards per step at most this many times the preset's, on every task-length

@@ -44,7 +44,7 @@ import torch
 
 from salsa_fused import LABPAL, FusedSaLSa, LRFactorSearch, presets
 from salsa_fused.beam import StepSizeBeam
-from salsa_fused.step_size import WarmupStableDecay
+from salsa_fused.step_size import COLLAPSE_FRACTION, WarmupStableDecay
 
 from . import joint
 from .mechanic import Mechanic
@@ -93,21 +93,22 @@ def _preset(name: str, length_known: bool = True, **overrides):
 
 
 def _early_freeze_preset(fraction: float, backoff_on_loss_rise: bool = False, hold_scale_on_loss_rise: bool = False,
-                         cooldown_floor: Optional[float] = None, peak: Optional[float] = None, **search):
+                         cooldown_floor: Optional[float] = None, schedule: Optional[dict] = None, **search):
     """The recommended preset whose schedule freezes the level early, at ``fraction`` of the search's
     peak fast average, once it falls below that (``freeze_below``; NOTES.md section 22; 0: never), backs
     off when the loss turns if ``backoff_on_loss_rise`` (section 23), and holds the warm-up's scale there
     if ``hold_scale_on_loss_rise`` (section 25); each off unless asked, so these names build what they
     built before the preset adopted it. With ``cooldown_floor`` the cooldown is log-linear down to that
-    fraction of the peak (:class:`LogLinearCooldown`, section 32). ``search``: other FusedSaLSa arguments
-    (section 35: ``max_search_interval``)."""
+    fraction of the peak (:class:`LogLinearCooldown`, section 32). ``schedule``: other fields of its
+    WarmupStableDecay (section 38: ``peak``; section 39: ``warmup``, ``decay``); ``search``: other FusedSaLSa
+    arguments (section 35: ``max_search_interval``)."""
     def build(task, model, total_steps) -> Built:
         kwargs = {**presets.preset_kwargs(presets.RECOMMENDED, total_steps), **search}
         kwargs["schedule"] = replace(kwargs["schedule"], freeze_below=fraction,
                                      backoff_on_loss_rise=backoff_on_loss_rise,
                                      hold_scale_on_loss_rise=hold_scale_on_loss_rise)
-        if peak is not None:
-            kwargs["schedule"] = replace(kwargs["schedule"], peak=peak)
+        if schedule:
+            kwargs["schedule"] = replace(kwargs["schedule"], **schedule)
         if cooldown_floor is not None:
             kwargs["schedule"] = LogLinearCooldown(**asdict(kwargs["schedule"]), floor=cooldown_floor)
         wd = kwargs.pop("weight_decay", 0.0)
@@ -506,8 +507,8 @@ REGISTRY: Dict[str, Callable] = {
     "pretrain_every2": _early_freeze_preset(1 / 16, True, True, max_search_interval=2),
     "pretrain_every3": _early_freeze_preset(1 / 16, True, True, max_search_interval=3),
     # section 38 (a screen): the warm-up to 3x or 4x the searched level, the back-off and the hold as shipped
-    "pretrain_peak3": _early_freeze_preset(1 / 16, True, True, peak=3.0),
-    "pretrain_peak4": _early_freeze_preset(1 / 16, True, True, peak=4.0),
+    "pretrain_peak3": _early_freeze_preset(1 / 16, True, True, schedule=dict(peak=3.0)),
+    "pretrain_peak4": _early_freeze_preset(1 / 16, True, True, schedule=dict(peak=4.0)),
     # section 41 (a development screen): the Armijo test on the smoothed ratio (f0 - f1) / (eta q)
     "pretrain_ratio_test": _early_freeze_preset(1 / 16, True, True, search_rule=RatioArmijo()),
     # section 37 (a development screen): the beam on section 35's every-step search phase
@@ -601,14 +602,8 @@ def _shape(name: str):
 def _joint(name: str):
     """``joint_b.._c.._g.._p.._w.._d.._i..``: the preset at a point of section 39's joint search
     (:mod:`benchmarks.quality.joint`)."""
-    point = joint.parse(name)
-
-    def build(task, model, total_steps) -> Built:
-        kwargs = joint.preset_kwargs(point, total_steps)
-        wd = kwargs.pop("weight_decay", 0.0)
-        opt = FusedSaLSa(task.param_groups(model, wd), backend=BACKEND, **kwargs)
-        return Built(opt, "fused", schedule=kwargs["schedule"])
-    return build
+    schedule, search = joint.overrides(joint.parse(name))
+    return _early_freeze_preset(COLLAPSE_FRACTION, True, True, schedule=schedule, **search)
 
 
 def known(names: List[str]) -> None:
