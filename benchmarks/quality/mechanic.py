@@ -19,6 +19,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from salsa_fused.errors import NonFiniteError
+
 BETAS = (0.9, 0.99, 0.999, 0.9999, 0.99999, 0.999999)
 
 
@@ -54,20 +56,23 @@ class Mechanic:
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None):
-        params = [p for p in self.params if p.grad is not None]
+        """``h`` from one host read, then the base's step, ``Δ``, the tuners and ``x = x_ref - s·Δ``. A
+        non-finite gradient or weight raises :class:`NonFiniteError` before anything moves."""
         if self.x_ref is None:
             self.x_ref = [p.detach().clone() for p in self.params]
             self.delta = [torch.zeros_like(p) for p in self.params]
-        index = {id(p): i for i, p in enumerate(self.params)}
-        s_sum = self.scale
-        grads = [p.grad.detach().double() for p in params]
-        grad_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
-        param_norm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in params))
-        decay = self.weight_decay * s_sum * grad_norm / (param_norm + self.eps)
-        h = sum(float(((g + decay * p.detach().double()) * self.delta[index[id(p)]].double()).sum())
-                for g, p in zip(grads, params))
-        if not math.isfinite(h):  # before the base moves anything
-            raise FloatingPointError(f"Mechanic: non-finite h ({h}): a non-finite gradient or weight")
+        live = [(p.detach().double(), p.grad.detach().double(), d.double())
+                for p, d in zip(self.params, self.delta) if p.grad is not None]
+        if live:  # per tensor: |g|^2, |x|^2, <g, Δ>, <x, Δ>, summed; one read
+            sums = torch.stack([torch.stack([g.pow(2).sum(), x.pow(2).sum(), (g * d).sum(), (x * d).sum()])
+                                for x, g, d in live]).sum(0)
+            grad_sq, param_sq, g_dot_delta, x_dot_delta = sums.tolist()
+        else:
+            grad_sq = param_sq = g_dot_delta = x_dot_delta = 0.0
+        decay = self.weight_decay * self.scale * math.sqrt(grad_sq) / (math.sqrt(param_sq) + self.eps)
+        h = g_dot_delta + decay * x_dot_delta  # <g + decay * x, Δ>
+        if not (math.isfinite(h) and math.isfinite(grad_sq) and math.isfinite(param_sq)):
+            raise NonFiniteError(f"Mechanic: a non-finite gradient or weight (h = {h}); nothing was moved")
         before = [p.detach().clone() for p in self.params]
         loss = self.base.step(closure)
         for p, old, d in zip(self.params, before, self.delta):

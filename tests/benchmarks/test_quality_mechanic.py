@@ -9,6 +9,7 @@ import torch
 from benchmarks.quality import optimizers as O
 from benchmarks.quality import run
 from benchmarks.quality.mechanic import BETAS, Mechanic
+from salsa_fused.errors import NonFiniteError
 
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -58,7 +59,7 @@ def test_scale_grows_from_s_init_while_the_base_direction_keeps_lowering_the_los
 
 def test_non_finite_gradient_is_refused_before_the_scale_moves():
     x, loss_of = _quadratic()
-    opt = Mechanic(torch.optim.SGD([x], lr=0.1))
+    opt = Mechanic(torch.optim.SGD([x], lr=0.1, momentum=0.9))  # a base with state to leave untouched
     for _ in range(3):
         opt.zero_grad()
         loss_of().backward()
@@ -66,10 +67,15 @@ def test_non_finite_gradient_is_refused_before_the_scale_moves():
     opt.zero_grad()
     loss_of().backward()
     x.grad[0] = float("nan")
-    s_before = opt.s.clone()
-    with pytest.raises(FloatingPointError, match="non-finite"):
+    s_before, x_before, delta_before = opt.s.clone(), x.detach().clone(), opt.delta[0].clone()
+    base_state = {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.base.state[x].items()}
+    with pytest.raises(NonFiniteError, match="non-finite"):
         opt.step()
-    assert torch.equal(opt.s, s_before)
+    assert torch.equal(opt.s, s_before) and torch.equal(x.detach(), x_before)
+    assert torch.equal(opt.delta[0], delta_before)
+    assert opt.base.state[x].keys() == base_state.keys()
+    assert all(torch.equal(opt.base.state[x][k], v) if torch.is_tensor(v) else opt.base.state[x][k] == v
+               for k, v in base_state.items())
 
 
 def test_screen_names_build_what_section_38_measured():
