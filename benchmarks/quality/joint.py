@@ -19,6 +19,9 @@ Name: ``joint_b0.95_c0.5_g1.1_p2_w0.2_dm_i10`` (that one builds the shipped pres
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
 import random
 from typing import Dict, List, Tuple
 
@@ -108,9 +111,7 @@ def rank(rows: List[dict], control: str = "pretrain_hold", split: str = "develop
     geomean ratio to the best AdamW over the task-lengths, whether its forwards stay within
     ``FORWARDS_BOUND`` of the control's; sorted eligible first (forwards within the bound, and rows on
     every task-length the most complete point has), then by (count above, geomean)."""
-    import math
-
-    from .zoo.runner import summarize
+    from .zoo.runner import summarize  # here: the runner imports the registry, which imports this module
 
     summary = {key: entry for key, entry in summarize(rows).items() if entry["split"] == split}
     names = sorted({c for entry in summary.values() for c in entry["configs"]
@@ -140,9 +141,6 @@ def rank(rows: List[dict], control: str = "pretrain_hold", split: str = "develop
 
 
 def main(argv=None) -> int:
-    import argparse
-    import json
-
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality.joint",
                                      description="section 39's sample (no arguments: its names, comma-separated), "
                                                  "or `rank FILES`: step 1 of its rule on those rows")
