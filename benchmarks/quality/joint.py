@@ -106,6 +106,13 @@ FORWARDS_BOUND = 1.10  # a point's forwards per step at most this many times the
 ABOVE = 1.15  # the issue's bound on one task's ratio to the best AdamW
 
 
+def _geomean(ratios: List[float]) -> float:
+    """Their geometric mean; inf if there are none or one is not a finite positive number (a divergence)."""
+    if not ratios or not all(0 < r < math.inf for r in ratios):
+        return math.inf
+    return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+
+
 def rank(rows: List[dict], control: str = "pretrain_hold", split: str = "development") -> List[dict]:
     """Step 1 of section 39's rule: per point (and the control), its task-lengths above ``ABOVE``, its
     geomean ratio to the best AdamW over the task-lengths, whether its forwards stay within
@@ -128,12 +135,8 @@ def rank(rows: List[dict], control: str = "pretrain_hold", split: str = "develop
             per_length.setdefault(entry["length"], []).append(mine["ratio"])
             if mine["forwards_per_step"] > FORWARDS_BOUND * ref["forwards_per_step"]:
                 fwd_ok = False
-        geo = (math.exp(sum(math.log(r) for r in ratios) / len(ratios))
-               if ratios and all(0 < r < math.inf for r in ratios) else math.inf)
-        table.append(dict(name=name, task_lengths=len(ratios), above=above, geomean=geo, forwards_ok=fwd_ok,
-                          per_length={length: (math.exp(sum(math.log(r) for r in rs) / len(rs))
-                                               if all(0 < r < math.inf for r in rs) else math.inf)
-                                      for length, rs in per_length.items()}))
+        table.append(dict(name=name, task_lengths=len(ratios), above=above, geomean=_geomean(ratios),
+                          forwards_ok=fwd_ok, per_length={length: _geomean(rs) for length, rs in per_length.items()}))
     complete = max((t["task_lengths"] for t in table), default=0)
     for t in table:
         t["complete"] = t["task_lengths"] == complete
