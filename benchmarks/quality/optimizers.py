@@ -48,7 +48,7 @@ from salsa_fused.step_size import COLLAPSE_FRACTION, WarmupStableDecay
 
 from . import joint
 from .mechanic import Mechanic
-from .rules import EdgeRule, NonMonotoneArmijo, RatioArmijo
+from .rules import ClimbingArmijo, EdgeRule, NonMonotoneArmijo, RatioArmijo
 
 WEIGHT_DECAY = 0.1
 WARMUP_FRACTION = 0.05
@@ -511,6 +511,13 @@ REGISTRY: Dict[str, Callable] = {
     "pretrain_peak4": _early_freeze_preset(1 / 16, True, True, schedule=dict(peak=4.0)),
     # section 41 (a development screen): the Armijo test on the smoothed ratio (f0 - f1) / (eta q)
     "pretrain_ratio_test": _early_freeze_preset(1 / 16, True, True, search_rule=RatioArmijo()),
+    # section 42: a first trial that doubles per search while the batch's own Armijo test passes, at the
+    # preset's warm-up peak (2) and at 1.5 and 1 (a level that is not still climbing at the freeze may want less)
+    "pretrain_climb": _early_freeze_preset(1 / 16, True, True, search_rule=ClimbingArmijo()),
+    "pretrain_climb_peak1.5": _early_freeze_preset(1 / 16, True, True, schedule=dict(peak=1.5),
+                                                   search_rule=ClimbingArmijo()),
+    "pretrain_climb_peak1": _early_freeze_preset(1 / 16, True, True, schedule=dict(peak=1.0),
+                                                 search_rule=ClimbingArmijo()),
     # section 37 (a development screen): the beam on section 35's every-step search phase
     "beam_every": _beam(_early_freeze_preset(1 / 16, True, True, max_search_interval=1), cooldown=1.0,
                         move_margin=0.01),

@@ -14,7 +14,9 @@ rate sits near the edge of stability ``2*q/kappa`` and above it, and the greedy 
 feeds back (the step falls, sharpness rises to meet it, the step falls again).
 :class:`EdgeRule` aims at ``sigma * q/kappa`` from averaged estimates instead;
 :class:`NonMonotoneArmijo` measures the decrease from a reference ``max(f0, recent f0)``;
-:class:`RatioArmijo` smooths the Armijo ratio ``(f0 - f1) / (eta*q)`` instead of its two terms.
+:class:`RatioArmijo` smooths the Armijo ratio ``(f0 - f1) / (eta*q)`` instead of its two terms;
+:class:`ClimbingArmijo` keeps the published test and lets the first trial climb faster while the
+batch's own test passes.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass, replace
 
 from salsa_fused.line_search import (FAST_SMOOTHING, MIN_SLOPE_AVG, SLOW_SMOOTHING, ArmijoSearch, SearchConfig,
                                      SearchState, StepPlan, _f32, _fp32)
+from salsa_fused.line_search import plan_step as salsa_plan_step
 from salsa_fused.rules import FinalMove, Verdict
 
 
@@ -305,3 +308,91 @@ class RatioSearch(ArmijoSearch):
             self.state.rule_state["ratio_avg"] = smoothed
             return True
         return False
+
+
+@dataclass(frozen=True)
+class ClimbingArmijo:
+    """The published smoothed test, with a first trial that climbs faster while each search's own
+    batch passes the unsmoothed test too (NOTES.md section 42).
+
+    SaLSa's first trial is ``eta * growth``, so the level rises by at most ``growth`` (1.1) per search,
+    and a short search phase can end while it is still climbing (section 35). Here a search's first
+    trial is ``eta * G``, with ``G`` in ``SearchState.rule_state`` (``growth`` at first):
+
+        G <- min(G^2, max_climb)   after a search whose first trial passed the smoothed test and the
+                                   batch's own  f0 - f1 >= c * eta * q  (q > 0, the step's raw slope)
+        G <- growth                after any other search.
+
+    A first trial above ``eta * growth`` is accepted only when both tests pass; otherwise the search
+    goes on from ``eta * growth`` with the published test alone. Plain steps apply ``eta * growth``,
+    as published. Where the batch's test keeps passing the level doubles per search; once it
+    fails, the search is SaLSa's again.
+    """
+
+    max_climb: float = 2.0
+
+    def __post_init__(self):
+        if not (math.isfinite(self.max_climb) and self.max_climb >= 1.0):
+            raise ValueError(f"max_climb must be a finite number >= 1, got {self.max_climb}")
+
+    @staticmethod
+    def direction(configured: str) -> str:
+        return configured
+
+    def climb(self, rule_state: dict, config: SearchConfig) -> float:
+        """``G``: the first trial's factor on the level at the next search (never below ``growth``)."""
+        return min(max(rule_state.get("climb", config.growth), config.growth), max(self.max_climb, config.growth))
+
+    def plan(self, state: SearchState, config: SearchConfig) -> StepPlan:
+        plan = salsa_plan_step(state, config)
+        if not plan.is_search:
+            return plan
+        return replace(plan, trial_step_size=state.step_size * self.climb(state.rule_state, config))
+
+    @staticmethod
+    def without_search(state: SearchState, config: SearchConfig) -> StepPlan:
+        return replace(salsa_plan_step(state, config), is_search=False)
+
+    @staticmethod
+    def check_state(rule_state: dict) -> None:
+        climb = rule_state.get("climb", 1.0)
+        if isinstance(climb, bool) or not (isinstance(climb, (int, float)) and math.isfinite(climb) and climb >= 1):
+            raise ValueError(f"rule_state climb must be a finite number >= 1, got {climb!r}")
+
+    def __call__(self, plan: StepPlan, config: SearchConfig, loss: float, slope: float) -> "ClimbingSearch":
+        return ClimbingSearch(self, plan, config, loss, slope)
+
+
+class ClimbingSearch(ArmijoSearch):
+    """One search of :class:`ClimbingArmijo` (ArmijoSearch's protocol and fp32 arithmetic)."""
+
+    def __init__(self, rule: ClimbingArmijo, plan: StepPlan, config: SearchConfig, loss: float, slope: float):
+        super().__init__(plan, config, loss, slope)
+        self.rule = rule
+        self.state.rule_state = dict(plan.state.rule_state)
+        self.raw_slope = float(slope)
+        self.published_trial = plan.state.step_size * config.growth
+        self.climbing = self.step_size > self.published_trial
+
+    def _batch_passes(self, trial_loss: float) -> bool:
+        """The unsmoothed test on this batch: ``f0 - f1 >= c * eta * q`` with ``q > 0``."""
+        return (self.raw_slope > 0 and math.isfinite(trial_loss)
+                and self.loss - trial_loss >= self.config.c * self.step_size * self.raw_slope)
+
+    def observe(self, trial_loss: float) -> Verdict:
+        first, passes = self.trials == 0, self._batch_passes(trial_loss)
+        if first and self.climbing and not passes:
+            # the climb's trial failed the batch's test: count it, and go on from SaLSa's first trial
+            self.trials += 1
+            self.state.num_forward_evals += 1
+            self.last_trial = self.step_size
+            self.state.rule_state["climb"] = self.config.growth
+            self.climbing = False
+            self.step_size = self.published_trial
+            return Verdict.GIVE_UP if self.exhausted else Verdict.RETRY
+        verdict = super().observe(trial_loss)
+        if verdict is not Verdict.RETRY:
+            kept = first and passes and verdict is Verdict.ACCEPT
+            climb = self.rule.climb(self.state.rule_state, self.config)
+            self.state.rule_state["climb"] = min(climb * climb, self.rule.max_climb) if kept else self.config.growth
+        return verdict

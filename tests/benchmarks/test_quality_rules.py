@@ -352,3 +352,70 @@ def test_ratio_armijo_smooths_the_ratio_and_keeps_it_only_on_acceptance():
     assert search.observe(1.1) is Verdict.RETRY
     assert search.state.rule_state["ratio_avg"] == 0.6 and search.step_size == pytest.approx(0.08)
     assert search.observe(float("nan")) is Verdict.RETRY  # a non-finite trial is a failed trial
+
+
+def test_climbing_armijo_doubles_its_first_trial_while_the_batch_passes_and_resets_on_a_failure():
+    from benchmarks.quality.rules import ClimbingArmijo
+    from salsa_fused.rules import plan_step as rule_plan_step
+
+    # beta3 = 0: the smoothed test is the batch's, so the trials' fate is the quadratic's alone
+    rule, config = ClimbingArmijo(), SearchConfig(c=0.5, beta3=0.0, growth=1.1, adaptive_interval=False)
+    state = SearchState(step_size=0.1, slope_avg=1.0)
+    f = quadratic(1.0, 1.0, 1.0)  # greedy step 1: both tests pass up to eta = 1
+    factors = []
+    for _ in range(5):
+        plan = rule_plan_step(rule, state, config)
+        factors.append(plan.trial_step_size / state.step_size)
+        search = rule(plan, config, 1.0, 1.0)
+        assert search.observe(f(search.step_size)) is Verdict.ACCEPT
+        state = search.finish()
+    assert factors == pytest.approx([1.1, 1.21, 1.4641, 2.0, 2.0])  # G <- min(G^2, 2) while both tests pass
+    assert state.step_size == pytest.approx(0.1 * 1.1 * 1.21 * 1.4641 * 2 * 2)  # 0.78: still below 1
+    # the next climb (1.56) fails the batch's test: one counted forward, then SaLSa's eta * 1.1, G reset
+    plan = rule_plan_step(rule, state, config)
+    search = rule(plan, config, 1.0, 1.0)
+    eta = state.step_size
+    assert search.observe(f(2 * eta)) is Verdict.RETRY
+    assert search.step_size == pytest.approx(eta * 1.1) and search.state.rule_state["climb"] == 1.1
+    assert search.observe(f(search.step_size)) is Verdict.ACCEPT  # the smoothed test alone, as published
+    after = search.finish()
+    assert after.step_size == pytest.approx(eta * 1.1) and after.num_forward_evals - state.num_forward_evals == 2
+    assert after.rule_state["climb"] == 1.1  # a search that needed a second trial does not climb
+
+
+def test_climbing_armijo_plain_steps_and_frozen_steps_apply_the_published_growth():
+    from benchmarks.quality.rules import ClimbingArmijo
+    from salsa_fused.rules import plan_step as rule_plan_step, plan_without_search
+
+    rule, config = ClimbingArmijo(), SearchConfig(growth=1.1)
+    state = SearchState(step=50, step_size=0.2, steps_since_search=0, step_size_fast=1.0, step_size_slow=1.0,
+                        rule_state={"climb": 2.0})
+    plain = rule_plan_step(rule, state, config)
+    assert not plain.is_search and plain.trial_step_size == pytest.approx(0.22)
+    searching = rule_plan_step(rule, replace_state(state, steps_since_search=20), config)
+    assert searching.is_search and searching.trial_step_size == pytest.approx(0.4)
+    frozen = plan_without_search(rule, state, config, searching)
+    assert not frozen.is_search and frozen.trial_step_size == pytest.approx(0.22)
+    with pytest.raises(ValueError, match="climb"):
+        rule.check_state({"climb": float("nan")})
+    with pytest.raises(ValueError, match="max_climb"):
+        ClimbingArmijo(max_climb=0.5)
+
+
+def test_climbing_armijo_never_climbs_on_a_non_positive_slope_or_a_non_finite_trial():
+    from benchmarks.quality.rules import ClimbingArmijo
+
+    rule, config = ClimbingArmijo(), SearchConfig(c=0.5, beta3=0.9, growth=1.1, adaptive_interval=False)
+    state = SearchState(step_size=0.1, loss_decrease_avg=0.1, slope_avg=1.0, rule_state={"climb": 1.21})
+    search = rule(plan_step(state, config), config, 1.0, -0.5)  # q < 0: the batch's test cannot pass
+    assert search.observe(0.9) is Verdict.ACCEPT
+    assert search.finish().rule_state["climb"] == 1.1
+    from salsa_fused.rules import plan_step as rule_plan_step
+    search = rule(rule_plan_step(rule, state, config), config, 1.0, 1.0)
+    assert search.observe(float("nan")) is Verdict.RETRY  # the climb's trial failed: SaLSa's first trial next
+    assert search.step_size == pytest.approx(0.11) and math.isfinite(search.state.loss_decrease_avg)
+
+
+def replace_state(state, **changes):
+    from dataclasses import replace
+    return replace(state, **changes)
