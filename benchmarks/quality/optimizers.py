@@ -509,6 +509,10 @@ REGISTRY: Dict[str, Callable] = {
     # section 38 (a screen): the warm-up to 3x or 4x the searched level, the back-off and the hold as shipped
     "pretrain_peak3": _early_freeze_preset(1 / 16, True, True, schedule=dict(peak=3.0)),
     "pretrain_peak4": _early_freeze_preset(1 / 16, True, True, schedule=dict(peak=4.0)),
+    # section 43 (an oracle bound, not a candidate): the preset at other fixed multiples of its searched level
+    "pretrain_peak0.5": _early_freeze_preset(1 / 16, True, True, schedule=dict(peak=0.5)),
+    "pretrain_peak1": _early_freeze_preset(1 / 16, True, True, schedule=dict(peak=1.0)),
+    "pretrain_peak8": _early_freeze_preset(1 / 16, True, True, schedule=dict(peak=8.0)),
     # section 41 (a development screen): the Armijo test on the smoothed ratio (f0 - f1) / (eta q)
     "pretrain_ratio_test": _early_freeze_preset(1 / 16, True, True, search_rule=RatioArmijo()),
     # section 42: a first trial that doubles per search while the batch's own Armijo test passes, at the
