@@ -1,0 +1,106 @@
+"""An oracle bound over a set of configurations (NOTES.md section 43).
+
+Per task and length, the oracle keeps whichever of the given configurations ended lowest (two-seed
+means, as the zoo's tables) and divides it by the best AdamW of the grid:
+
+    oracle(task, length) = min_c loss(c) / min_lr loss(AdamW lr)
+
+So it is what a rule that picked the best of those configurations for every task would reach. It
+needs the answer to pick, so it bounds rules, it is not one. The grid's minimum carries the same
+selection bias (best of several on the same seeds).
+
+    python -m benchmarks.quality.oracle results/zoo/development.jsonl results/zoo/development_oracle43.jsonl \\
+        --configs pretrain_peak0.5,pretrain_peak1,pretrain_hold,pretrain_peak4,pretrain_peak8 --split development
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections import Counter
+from typing import Dict, List, Optional, Sequence
+
+from .zoo.runner import _gmean, parse_seeds, read_rows, summarize
+from .zoo.tasks import LENGTHS
+
+
+def bound(rows: List[dict], configs: Sequence[str], split: Optional[str] = None) -> Dict[str, dict]:
+    """Per length: ``per_task`` {task: (best config, its ratio to the best AdamW)}, their ``geomean``,
+    the tasks above 1.15 and 1.03, and how often each configuration was the best. A task counts only
+    if every configuration has its rows (a missing one would make the oracle weaker, not stronger)."""
+    if not configs:
+        raise ValueError("configs is empty: name the configurations the oracle picks from")
+    summary = summarize([r for r in rows if split is None or r.get("split") == split])
+    out = {}
+    for length in LENGTHS:
+        per_task, missing = {}, []
+        for entry in summary.values():
+            if entry["length"] != length:
+                continue
+            present = entry["configs"]
+            if any(c not in present for c in configs):
+                missing.append(entry["task"])
+                continue
+            ratios = {c: present[c]["ratio"] for c in configs}
+            best = min(configs, key=lambda c: (ratios[c], configs.index(c)))
+            per_task[entry["task"]] = (best, ratios[best])
+        if not per_task:
+            continue
+        values = [ratio for _, ratio in per_task.values()]
+        out[length] = dict(
+            per_task=dict(sorted(per_task.items())), missing=sorted(missing),
+            geomean=_gmean(values) if all(math.isfinite(v) for v in values) else math.inf,
+            above_1_15=sorted(t for t, (_, r) in per_task.items() if r > 1.15),
+            above_1_03=sorted(t for t, (_, r) in per_task.items() if r > 1.03),
+            best_counts=dict(Counter(best for best, _ in per_task.values())))
+    return out
+
+
+def markdown(result: Dict[str, dict], configs: Sequence[str]) -> str:
+    lines = [f"oracle over {', '.join(configs)}", "",
+             "| length | geomean | tasks > 1.15 | tasks > 1.03 | best configuration (count) |",
+             "|---|---|---|---|---|"]
+    for length, r in result.items():
+        counts = ", ".join(f"{c} {n}" for c, n in sorted(r["best_counts"].items(), key=lambda kv: configs.index(kv[0])))
+        worst = ", ".join(f"{t} {r['per_task'][t][1]:.3g}" for t in r["above_1_15"]) or "none"
+        lines.append(f"| {length} | {r['geomean']:.3f} | {worst} | {len(r['above_1_03'])} of {len(r['per_task'])} "
+                     f"| {counts} |")
+    lines += ["", "| task | " + " | ".join(result) + " |", "|---|" + "---|" * len(result)]
+    tasks = sorted({t for r in result.values() for t in r["per_task"]})
+    for task in tasks:
+        cells = []
+        for r in result.values():
+            best = r["per_task"].get(task)
+            cells.append("—" if best is None else f"{best[1]:.3g} ({best[0]})")
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    missing = {length: r["missing"] for length, r in result.items() if r["missing"]}
+    if missing:
+        lines += ["", f"left out (a configuration without rows): {missing}"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="+")
+    parser.add_argument("--configs", required=True, help="comma-separated configuration names")
+    parser.add_argument("--split", default=None)
+    parser.add_argument("--seeds", default=None, help="only these seeds (e.g. 0-1); default: every seed in the files")
+    parser.add_argument("--alias", action="append", default=[],
+                        help="NAME=AS: read rows of configuration NAME as AS (one run under two names)")
+    args = parser.parse_args(argv)
+    aliases = {}
+    for item in args.alias:
+        name, sep, target = item.partition("=")
+        if not sep or not name or not target:
+            parser.error(f"--alias takes NAME=AS, got {item!r}")
+        aliases[name] = target
+    seeds = None if args.seeds is None else set(parse_seeds(args.seeds))
+    rows = [dict(r, config=aliases.get(r["config"], r["config"])) for r in read_rows(args.files)
+            if seeds is None or r["seed"] in seeds]
+    configs = [c for c in args.configs.split(",") if c]
+    print(markdown(bound(rows, configs, args.split), configs))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,64 @@
+"""The oracle bound over configurations (benchmarks/quality/oracle.py, NOTES.md section 43)."""
+
+import json
+import math
+
+import pytest
+
+from benchmarks.quality import oracle
+
+
+def _row(task, length, config, seed, loss):
+    return dict(task=task, split="development", length=length, config=config, seed=seed, final_train_loss=loss,
+                val_loss=loss, level_mean=1e-3, forwards_per_step=1.2, diverged=None, steps=100)
+
+
+def _grid(task, length, best):
+    return [_row(task, length, config, seed, loss) for seed in (0, 1)
+            for config, loss in (("adamw_1e-3", best), ("adamw_3e-3", 2 * best))]
+
+
+def test_the_oracle_keeps_the_best_configuration_per_task_and_divides_by_the_best_adamw():
+    rows = _grid("lm_small", "default", 1.0) + _grid("gru_adding", "default", 0.01)
+    for seed in (0, 1):
+        rows += [_row("lm_small", "default", "low", seed, 1.2), _row("lm_small", "default", "high", seed, 1.02),
+                 _row("gru_adding", "default", "low", seed, 0.008 + 0.002 * seed),  # mean 0.009
+                 _row("gru_adding", "default", "high", seed, 0.05)]
+    result = oracle.bound(rows, ["low", "high"])
+    default = result["default"]
+    assert default["per_task"]["lm_small"] == ("high", pytest.approx(1.02))
+    assert default["per_task"]["gru_adding"] == ("low", pytest.approx(0.9))
+    assert default["geomean"] == pytest.approx(math.sqrt(1.02 * 0.9))
+    assert default["above_1_15"] == [] and default["above_1_03"] == []
+    assert default["best_counts"] == {"high": 1, "low": 1}
+    assert set(result) == {"default"}  # no rows at the other lengths
+
+
+def test_a_task_without_rows_of_every_configuration_is_left_out_and_named():
+    rows = _grid("lm_small", "short", 1.0) + _grid("gru_adding", "short", 1.0)
+    for seed in (0, 1):
+        rows += [_row("lm_small", "short", "a", seed, 2.0), _row("lm_small", "short", "b", seed, 1.5),
+                 _row("gru_adding", "short", "a", seed, 1.1)]
+    short = oracle.bound(rows, ["a", "b"])["short"]
+    assert list(short["per_task"]) == ["lm_small"] and short["missing"] == ["gru_adding"]
+    assert short["above_1_15"] == ["lm_small"] and short["geomean"] == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="configs is empty"):
+        oracle.bound(rows, [])
+
+
+def test_the_command_reads_files_with_an_alias_and_a_seed_filter(tmp_path, capsys):
+    rows = _grid("lm_small", "long", 1.0) + [_row("lm_small", "long", "adamw_1e-3", 2, 1.0),
+                                             _row("lm_small", "long", "adamw_3e-3", 2, 2.0)]
+    rows += [_row("lm_small", "long", "pretrain", 0, 1.1), _row("lm_small", "long", "pretrain", 1, 1.3),
+             _row("lm_small", "long", "pretrain", 2, 9.0), _row("lm_small", "long", "other", 0, 1.4),
+             _row("lm_small", "long", "other", 1, 1.4)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert oracle.main([str(path), "--configs", "pretrain_hold,other", "--alias", "pretrain=pretrain_hold",
+                        "--seeds", "0-1"]) == 0
+    out = capsys.readouterr().out
+    assert "| long | 1.200 | lm_small 1.2 | 1 of 1 | pretrain_hold 1 |" in out
+    assert oracle.main([str(path), "--configs", "pretrain_hold,other", "--alias", "pretrain=pretrain_hold"]) == 0
+    assert "| long | 1.400 | lm_small 1.4 | 1 of 1 | other 1 |" in capsys.readouterr().out  # seed 2's 9.0 counts
+    with pytest.raises(SystemExit):
+        oracle.main([str(path), "--configs", "a", "--alias", "broken"])
