@@ -55,6 +55,9 @@ WARMUP_FRACTION = 0.05
 ADAMW_PREFIX = "adamw_"
 LONG_WARMUP_PREFIX = "adamw20_"  # adamw20_<lr>: AdamW with 20% warmup + cosine (a check, not the grid)
 BACKEND = "auto"  # FusedSaLSa's backend in every configuration: "cpp" on the CPU when built (issue 18)
+#: wsdadamw_<lr>: AdamW in the pretrain preset's schedule shape (section 43; not ``adamw_``: the zoo's grid is
+#: the cosine one)
+PRESET_SHAPE_PREFIX = "wsdadamw_"
 SHAPE_PREFIX = "shape_"  # shape_w<warmup>_x<factor>_d<decay>[_f<final>][_b<beta3>]: WarmupStableDecay by name
 
 
@@ -130,6 +133,18 @@ def _adamw(lr: float, warmup: float = WARMUP_FRACTION):
     def build(task, model, total_steps) -> Built:
         opt = torch.optim.AdamW(task.param_groups(model, WEIGHT_DECAY), lr=lr, betas=(0.9, 0.999))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: warmup_cosine(k, total_steps, warmup))
+        return Built(opt, "torch", scheduler=sched)
+    return build
+
+
+def _adamw_in_preset_shape(lr: float):
+    """AdamW at peak rate ``lr`` in the ``pretrain`` preset's schedule shape: its WarmupStableDecay at
+    peak 1 (linear warm-up over 20% of the run, linear decay to zero over the rest) as the rate's
+    multiplier, 0-based step ``k`` at the schedule's step ``k + 1`` (NOTES.md section 43)."""
+    def build(task, model, total_steps) -> Built:
+        shape = replace(presets.preset_kwargs(presets.RECOMMENDED, total_steps)["schedule"], peak=1.0)
+        opt = torch.optim.AdamW(task.param_groups(model, WEIGHT_DECAY), lr=lr, betas=(0.9, 0.999))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: shape.scale(min(k + 1, total_steps)))
         return Built(opt, "torch", scheduler=sched)
     return build
 
@@ -512,7 +527,9 @@ REGISTRY: Dict[str, Callable] = {
     # section 43 (an oracle bound, not a candidate): the preset at other fixed multiples of its searched level
     "pretrain_peak0.5": _early_freeze_preset(1 / 16, True, True, schedule=dict(peak=0.5)),
     "pretrain_peak1": _early_freeze_preset(1 / 16, True, True, schedule=dict(peak=1.0)),
+    "pretrain_peak0.25": _early_freeze_preset(1 / 16, True, True, schedule=dict(peak=0.25)),
     "pretrain_peak8": _early_freeze_preset(1 / 16, True, True, schedule=dict(peak=8.0)),
+    "pretrain_peak16": _early_freeze_preset(1 / 16, True, True, schedule=dict(peak=16.0)),
     # section 41 (a development screen): the Armijo test on the smoothed ratio (f0 - f1) / (eta q)
     "pretrain_ratio_test": _early_freeze_preset(1 / 16, True, True, search_rule=RatioArmijo()),
     # section 42: a first trial that doubles per search while the batch's own Armijo test passes, at the
@@ -576,6 +593,12 @@ def build(name: str, task, model, total_steps: int) -> Built:
         return _adamw(float(name[len(LONG_WARMUP_PREFIX):]), warmup=0.2)(task, model, total_steps)
     if name.startswith(SHAPE_PREFIX):
         return _shape(name)(task, model, total_steps)
+    if name.startswith(PRESET_SHAPE_PREFIX):
+        try:
+            lr = float(name[len(PRESET_SHAPE_PREFIX):])
+        except ValueError:
+            raise ValueError(f"bad name {name!r}: expected e.g. {PRESET_SHAPE_PREFIX}1e-3") from None
+        return _adamw_in_preset_shape(lr)(task, model, total_steps)
     if name.startswith(joint.PREFIX):
         return _joint(name)(task, model, total_steps)
     if name not in REGISTRY:
@@ -623,5 +646,7 @@ def known(names: List[str]) -> None:
             _shape(name)  # raises on a malformed name before any run starts
         elif name.startswith(joint.PREFIX):
             joint.parse(name)
+        elif name.startswith(PRESET_SHAPE_PREFIX):
+            float(name[len(PRESET_SHAPE_PREFIX):])  # a malformed rate raises before any run starts
         elif not (name in REGISTRY or name.startswith(ADAMW_PREFIX) or name.startswith(LONG_WARMUP_PREFIX)):
             raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(REGISTRY)} or adamw_<lr>")

@@ -84,8 +84,8 @@ def test_screen_names_build_what_section_38_measured():
     assert built.family == "mechanic" and built.optimizer.s_init == 1e-3
     assert built.optimizer.base.param_groups[0]["lr"] == pytest.approx(O.warmup_cosine(0, 100))
     shipped = O.build("pretrain_hold", task, task.model(0), 100).schedule
-    for name, peak in (("pretrain_peak0.5", 0.5), ("pretrain_peak1", 1.0), ("pretrain_peak3", 3.0),
-                       ("pretrain_peak4", 4.0), ("pretrain_peak8", 8.0)):
+    for peak in (0.25, 0.5, 1.0, 3.0, 4.0, 8.0, 16.0):
+        name = f"pretrain_peak{peak:g}"
         assert O.build(name, task, task.model(0), 100).schedule == replace(shipped, peak=peak)
 
 

@@ -62,3 +62,25 @@ def test_the_command_reads_files_with_an_alias_and_a_seed_filter(tmp_path, capsy
     assert "| long | 1.400 | lm_small 1.4 | 1 of 1 | other 1 |" in capsys.readouterr().out  # seed 2's 9.0 counts
     with pytest.raises(SystemExit):
         oracle.main([str(path), "--configs", "a", "--alias", "broken"])
+
+
+def test_adamw_in_the_presets_shape_follows_the_presets_schedule_at_peak_one():
+    from dataclasses import replace
+
+    from benchmarks.quality import optimizers as O
+    from benchmarks.quality import run
+    from salsa_fused import presets
+
+    task = run.make_task("digits", "tiny")
+    built = O.build("wsdadamw_3e-2", task, task.model(0), 100)
+    shape = replace(presets.preset_kwargs(presets.RECOMMENDED, 100)["schedule"], peak=1.0)
+    rates = []
+    for _ in range(100):
+        rates.append(built.optimizer.param_groups[0]["lr"])
+        built.optimizer.step()
+        built.scheduler.step()
+    assert rates == pytest.approx([3e-2 * shape.scale(k) for k in range(1, 101)])
+    assert rates[19] == pytest.approx(3e-2) and rates[-1] == 0.0  # the top at 20%, zero on the last step
+    O.known(["wsdadamw_1e-3"])
+    with pytest.raises(ValueError):
+        O.known(["wsdadamw_fast"])
