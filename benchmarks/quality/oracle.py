@@ -24,12 +24,16 @@ from .zoo.runner import _gmean, parse_seeds, read_rows, summarize
 from .zoo.tasks import LENGTHS
 
 
-def bound(rows: List[dict], configs: Sequence[str], split: Optional[str] = None) -> Dict[str, dict]:
+def bound(rows: List[dict], configs: Sequence[str], split: Optional[str] = None,
+          optional: Sequence[str] = ()) -> Dict[str, dict]:
     """Per length: ``per_task`` {task: (best config, its ratio to the best AdamW)}, their ``geomean``,
     the tasks above 1.15 and 1.03, and how often each configuration was the best. A task counts only
-    if every configuration has its rows (a missing one would make the oracle weaker, not stronger)."""
+    if every configuration of ``configs`` has its rows (a missing one would make the oracle weaker, not
+    stronger); ``optional`` ones (a grid's extensions, run only where an end of it won) count where
+    they have rows."""
     if not configs:
         raise ValueError("configs is empty: name the configurations the oracle picks from")
+    order = list(configs) + [c for c in optional if c not in configs]
     summary = summarize([r for r in rows if split is None or r.get("split") == split])
     out = {}
     for length in LENGTHS:
@@ -41,8 +45,8 @@ def bound(rows: List[dict], configs: Sequence[str], split: Optional[str] = None)
             if any(c not in present for c in configs):
                 missing.append(entry["task"])
                 continue
-            ratios = {c: present[c]["ratio"] for c in configs}
-            best = min(configs, key=lambda c: (ratios[c], configs.index(c)))
+            ratios = {c: present[c]["ratio"] for c in order if c in present}
+            best = min(ratios, key=lambda c: (ratios[c], order.index(c)))
             per_task[entry["task"]] = (best, ratios[best])
         if not per_task:
             continue
@@ -57,6 +61,7 @@ def bound(rows: List[dict], configs: Sequence[str], split: Optional[str] = None)
 
 
 def markdown(result: Dict[str, dict], configs: Sequence[str]) -> str:
+    """``configs``: every name the oracle picked from, in the order the counts are shown."""
     lines = [f"oracle over {', '.join(configs)}", "",
              "| length | geomean | tasks > 1.15 | tasks > 1.03 | best configuration (count) |",
              "|---|---|---|---|---|"]
@@ -83,6 +88,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+")
     parser.add_argument("--configs", required=True, help="comma-separated configuration names")
+    parser.add_argument("--optional", default="", help="comma-separated configurations that count where they have rows")
     parser.add_argument("--split", default=None)
     parser.add_argument("--seeds", default=None, help="only these seeds (e.g. 0-1); default: every seed in the files")
     parser.add_argument("--alias", action="append", default=[],
@@ -98,7 +104,8 @@ def main(argv=None) -> int:
     rows = [dict(r, config=aliases.get(r["config"], r["config"])) for r in read_rows(args.files)
             if seeds is None or r["seed"] in seeds]
     configs = [c for c in args.configs.split(",") if c]
-    print(markdown(bound(rows, configs, args.split), configs))
+    optional = [c for c in args.optional.split(",") if c and c not in configs]
+    print(markdown(bound(rows, configs, args.split, optional), configs + optional))
     return 0
 
 

@@ -84,3 +84,14 @@ def test_adamw_in_the_presets_shape_follows_the_presets_schedule_at_peak_one():
     O.known(["wsdadamw_1e-3"])
     with pytest.raises(ValueError):
         O.known(["wsdadamw_fast"])
+
+
+def test_an_optional_configuration_counts_only_where_it_has_rows():
+    rows = _grid("lm_small", "default", 1.0) + _grid("gru_adding", "default", 1.0)
+    for seed in (0, 1):
+        rows += [_row("lm_small", "default", "a", seed, 1.2), _row("gru_adding", "default", "a", seed, 1.1),
+                 _row("lm_small", "default", "a_extended", seed, 1.05)]
+    default = oracle.bound(rows, ["a"], optional=["a_extended"])["default"]
+    assert default["per_task"] == {"gru_adding": ("a", pytest.approx(1.1)),
+                                   "lm_small": ("a_extended", pytest.approx(1.05))}
+    assert default["missing"] == []
