@@ -527,6 +527,9 @@ REGISTRY: Dict[str, Callable] = {
     # section 43 (an oracle bound, not a candidate): the preset at other fixed multiples of its searched level
     "pretrain_peak0.5": _early_freeze_preset(1 / 16, True, True, schedule=dict(peak=0.5)),
     "pretrain_peak1": _early_freeze_preset(1 / 16, True, True, schedule=dict(peak=1.0)),
+    # section 45: the warm-up shorter than the search phase (which stays 20%: a stable phase at the peak between)
+    "pretrain_warm5": _early_freeze_preset(1 / 16, True, True, schedule=dict(warmup=0.05)),
+    "pretrain_warm10": _early_freeze_preset(1 / 16, True, True, schedule=dict(warmup=0.1)),
     "pretrain_peak0.25": _early_freeze_preset(1 / 16, True, True, schedule=dict(peak=0.25)),
     "pretrain_peak8": _early_freeze_preset(1 / 16, True, True, schedule=dict(peak=8.0)),
     "pretrain_peak16": _early_freeze_preset(1 / 16, True, True, schedule=dict(peak=16.0)),

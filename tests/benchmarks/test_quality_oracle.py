@@ -95,3 +95,18 @@ def test_an_optional_configuration_counts_only_where_it_has_rows():
     assert default["per_task"] == {"gru_adding": ("a", pytest.approx(1.1)),
                                    "lm_small": ("a_extended", pytest.approx(1.05))}
     assert default["missing"] == []
+
+
+def test_section_45_names_shorten_the_warm_up_and_keep_the_search_phase():
+    from dataclasses import replace
+
+    from benchmarks.quality import optimizers as O
+    from benchmarks.quality import run
+
+    task = run.make_task("digits", "tiny")
+    shipped = O.build("pretrain_hold", task, task.model(0), 100).schedule
+    for name, warmup in (("pretrain_warm5", 0.05), ("pretrain_warm10", 0.1)):
+        schedule = O.build(name, task, task.model(0), 100).schedule
+        assert schedule == replace(shipped, warmup=warmup)
+        assert schedule.decay_start == shipped.decay_start == 20  # the search phase stays 20%
+        assert schedule.scale(int(warmup * 100)) == schedule.scale(20) == shipped.peak
