@@ -525,14 +525,15 @@ REGISTRY: Dict[str, Callable] = {
     "pretrain_peak3": _early_freeze_preset(1 / 16, True, True, schedule=dict(peak=3.0)),
     "pretrain_peak4": _early_freeze_preset(1 / 16, True, True, schedule=dict(peak=4.0)),
     # section 43 (an oracle bound, not a candidate): the preset at other fixed multiples of its searched level
+    # (0.25x and 16x where 0.5x or 8x was a task-length's best)
+    "pretrain_peak0.25": _early_freeze_preset(1 / 16, True, True, schedule=dict(peak=0.25)),
     "pretrain_peak0.5": _early_freeze_preset(1 / 16, True, True, schedule=dict(peak=0.5)),
     "pretrain_peak1": _early_freeze_preset(1 / 16, True, True, schedule=dict(peak=1.0)),
+    "pretrain_peak8": _early_freeze_preset(1 / 16, True, True, schedule=dict(peak=8.0)),
+    "pretrain_peak16": _early_freeze_preset(1 / 16, True, True, schedule=dict(peak=16.0)),
     # section 45: the warm-up shorter than the search phase (which stays 20%: a stable phase at the peak between)
     "pretrain_warm5": _early_freeze_preset(1 / 16, True, True, schedule=dict(warmup=0.05)),
     "pretrain_warm10": _early_freeze_preset(1 / 16, True, True, schedule=dict(warmup=0.1)),
-    "pretrain_peak0.25": _early_freeze_preset(1 / 16, True, True, schedule=dict(peak=0.25)),
-    "pretrain_peak8": _early_freeze_preset(1 / 16, True, True, schedule=dict(peak=8.0)),
-    "pretrain_peak16": _early_freeze_preset(1 / 16, True, True, schedule=dict(peak=16.0)),
     # section 41 (a development screen): the Armijo test on the smoothed ratio (f0 - f1) / (eta q)
     "pretrain_ratio_test": _early_freeze_preset(1 / 16, True, True, search_rule=RatioArmijo()),
     # section 42: a first trial that doubles per search while the batch's own Armijo test passes, at the
