@@ -331,3 +331,15 @@ def append_jsonl(path, record: dict) -> None:
         f.write(json.dumps(record, default=str) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def name_pairs(items: Sequence[str], form: str = "NAME=AS") -> Dict[str, str]:
+    """``["a=b", "c=d"]`` -> ``{"a": "b", "c": "d"}`` (a command's renames or aliases); ValueError
+    naming ``form`` on an item without ``=`` or with an empty side."""
+    pairs = {}
+    for item in items:
+        old, sep, new = item.partition("=")
+        if not sep or not old or not new:
+            raise ValueError(f"expected {form}, got {item!r}")
+        pairs[old] = new
+    return pairs

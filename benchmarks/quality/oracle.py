@@ -20,6 +20,7 @@ import math
 from collections import Counter
 from typing import Dict, List, Optional, Sequence
 
+from .._common import name_pairs
 from .zoo.runner import _gmean, parse_seeds, read_rows, summarize
 from .zoo.tasks import LENGTHS
 
@@ -94,12 +95,10 @@ def main(argv=None) -> int:
     parser.add_argument("--alias", action="append", default=[],
                         help="NAME=AS: read rows of configuration NAME as AS (one run under two names)")
     args = parser.parse_args(argv)
-    aliases = {}
-    for item in args.alias:
-        name, sep, target = item.partition("=")
-        if not sep or not name or not target:
-            parser.error(f"--alias takes NAME=AS, got {item!r}")
-        aliases[name] = target
+    try:
+        aliases = name_pairs(args.alias, "--alias NAME=AS")
+    except ValueError as error:
+        parser.error(str(error))
     seeds = None if args.seeds is None else set(parse_seeds(args.seeds))
     rows = [dict(r, config=aliases.get(r["config"], r["config"])) for r in read_rows(args.files)
             if seeds is None or r["seed"] in seeds]

@@ -29,6 +29,7 @@ import statistics
 import sys
 from typing import Dict, List, Optional
 
+from .._common import name_pairs
 from . import optimizers as O
 
 Losses = Dict[str, Dict[str, Dict[int, float]]]
@@ -132,12 +133,10 @@ def main(argv=None) -> int:
     t.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.command == "collect":
-        rename = {}
-        for item in args.rename:
-            old, sep, new = item.partition("=")
-            if not sep or not old or not new:
-                parser.error(f"--rename wants old=new, got {item!r}")
-            rename[old] = new
+        try:
+            rename = name_pairs(args.rename, "--rename old=new")
+        except ValueError as error:
+            parser.error(str(error))
         losses = collect(args.logs, rename)
         with open(args.out, "w") as handle:
             json.dump({task: {n: {str(s): v for s, v in sorted(r.items())} for n, r in sorted(runs.items())}

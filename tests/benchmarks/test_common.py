@@ -40,3 +40,13 @@ def test_a_single_run_file_from_before_appending_is_kept(tmp_path):
 def test_latest_run_of_a_missing_file_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.json"):
         C.latest_run(tmp_path / "nothing.json")
+
+
+def test_name_pairs_maps_each_item_and_names_the_form_on_a_malformed_one():
+    from benchmarks._common import name_pairs
+
+    assert name_pairs(["a=b", "c=d=e"]) == {"a": "b", "c": "d=e"}
+    assert name_pairs([]) == {}
+    for bad in ("no-equals", "=b", "a="):
+        with pytest.raises(ValueError, match="expected --alias NAME=AS"):
+            name_pairs([bad], "--alias NAME=AS")
