@@ -149,6 +149,27 @@ def _adamw_in_preset_shape(lr: float):
     return build
 
 
+#: AdamW named by its peak rate, ``<prefix><lr>``; the prefix picks the schedule.
+RATE_NAMED: Dict[str, Callable[[float], Callable]] = {
+    ADAMW_PREFIX: _adamw,  # the zoo's grid: 5% warm-up, cosine to 10%
+    LONG_WARMUP_PREFIX: lambda lr: _adamw(lr, warmup=0.2),  # a check, not the grid
+    PRESET_SHAPE_PREFIX: _adamw_in_preset_shape,  # section 43
+}
+
+
+def _rate_named(name: str) -> Optional[Callable]:
+    """The builder a rate-named AdamW (``adamw_1e-3``, ``adamw20_3e-2``, ``wsdadamw_1e-2``) stands for;
+    None for any other name. ValueError on a prefix whose rate is not a number."""
+    for prefix, make in RATE_NAMED.items():
+        if name.startswith(prefix):
+            try:
+                lr = float(name[len(prefix):])
+            except ValueError:
+                raise ValueError(f"bad name {name!r}: expected a rate after {prefix!r}, e.g. {prefix}1e-3") from None
+            return make(lr)
+    return None
+
+
 def _labpal(mode: str, **kwargs):
     """LABPAL at the paper's settings, its batch-size schedule over the run (t_max = its steps).
     (``results/zoo/validation_labpal_rule.jsonl`` ran on the torch backend, before the C++ kernels
@@ -587,22 +608,11 @@ def adamw_name(lr: float) -> str:
 
 
 def build(name: str, task, model, total_steps: int) -> Built:
-    if name.startswith(ADAMW_PREFIX):
-        try:
-            lr = float(name[len(ADAMW_PREFIX):])
-        except ValueError:
-            raise ValueError(f"bad AdamW name {name!r}: expected e.g. adamw_1e-3") from None
-        return _adamw(lr)(task, model, total_steps)
-    if name.startswith(LONG_WARMUP_PREFIX):
-        return _adamw(float(name[len(LONG_WARMUP_PREFIX):]), warmup=0.2)(task, model, total_steps)
+    rate_named = _rate_named(name)
+    if rate_named is not None:
+        return rate_named(task, model, total_steps)
     if name.startswith(SHAPE_PREFIX):
         return _shape(name)(task, model, total_steps)
-    if name.startswith(PRESET_SHAPE_PREFIX):
-        try:
-            lr = float(name[len(PRESET_SHAPE_PREFIX):])
-        except ValueError:
-            raise ValueError(f"bad name {name!r}: expected e.g. {PRESET_SHAPE_PREFIX}1e-3") from None
-        return _adamw_in_preset_shape(lr)(task, model, total_steps)
     if name.startswith(joint.PREFIX):
         return _joint(name)(task, model, total_steps)
     if name not in REGISTRY:
@@ -650,7 +660,5 @@ def known(names: List[str]) -> None:
             _shape(name)  # raises on a malformed name before any run starts
         elif name.startswith(joint.PREFIX):
             joint.parse(name)
-        elif name.startswith(PRESET_SHAPE_PREFIX):
-            float(name[len(PRESET_SHAPE_PREFIX):])  # a malformed rate raises before any run starts
-        elif not (name in REGISTRY or name.startswith(ADAMW_PREFIX) or name.startswith(LONG_WARMUP_PREFIX)):
+        elif name not in REGISTRY and _rate_named(name) is None:  # a malformed rate raises here too
             raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(REGISTRY)} or adamw_<lr>")

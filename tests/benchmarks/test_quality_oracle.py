@@ -81,9 +81,12 @@ def test_adamw_in_the_presets_shape_follows_the_presets_schedule_at_peak_one():
         built.scheduler.step()
     assert rates == pytest.approx([3e-2 * shape.scale(k) for k in range(1, 101)])
     assert rates[19] == pytest.approx(3e-2) and rates[-1] == 0.0  # the top at 20%, zero on the last step
-    O.known(["wsdadamw_1e-3"])
-    with pytest.raises(ValueError):
-        O.known(["wsdadamw_fast"])
+    O.known(["wsdadamw_1e-3", "adamw_1e-3", "adamw20_1e-3"])
+    for bad in ("wsdadamw_fast", "adamw_fast", "adamw20_fast"):  # every rate-named form refuses a bad rate
+        with pytest.raises(ValueError, match="expected a rate after"):
+            O.known([bad])
+        with pytest.raises(ValueError, match="expected a rate after"):
+            O.build(bad, task, task.model(0), 100)
 
 
 def test_an_optional_configuration_counts_only_where_it_has_rows():
