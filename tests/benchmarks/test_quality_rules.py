@@ -2,6 +2,7 @@
 out, and their wiring into FusedSaLSa (a rule object passed as ``search_rule``)."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -392,7 +393,7 @@ def test_climbing_armijo_plain_steps_and_frozen_steps_apply_the_published_growth
                         rule_state={"climb": 2.0})
     plain = rule_plan_step(rule, state, config)
     assert not plain.is_search and plain.trial_step_size == pytest.approx(0.22)
-    searching = rule_plan_step(rule, replace_state(state, steps_since_search=20), config)
+    searching = rule_plan_step(rule, replace(state, steps_since_search=20), config)
     assert searching.is_search and searching.trial_step_size == pytest.approx(0.4)
     frozen = plan_without_search(rule, state, config, searching)
     assert not frozen.is_search and frozen.trial_step_size == pytest.approx(0.22)
@@ -414,8 +415,3 @@ def test_climbing_armijo_never_climbs_on_a_non_positive_slope_or_a_non_finite_tr
     search = rule(rule_plan_step(rule, state, config), config, 1.0, 1.0)
     assert search.observe(float("nan")) is Verdict.RETRY  # the climb's trial failed: SaLSa's first trial next
     assert search.step_size == pytest.approx(0.11) and math.isfinite(search.state.loss_decrease_avg)
-
-
-def replace_state(state, **changes):
-    from dataclasses import replace
-    return replace(state, **changes)
