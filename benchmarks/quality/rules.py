@@ -323,8 +323,9 @@ class ClimbingArmijo:
                                    batch's own  f0 - f1 >= c * eta * q  (q > 0, the step's raw slope)
         G <- growth                after any other search.
 
-    A first trial above ``eta * growth`` is accepted only when both tests pass; otherwise the search
-    goes on from ``eta * growth`` with the published test alone. Plain steps apply ``eta * growth``,
+    A first trial above ``eta * growth`` that fails the batch's test (or is not finite) is counted and
+    the search goes on from ``eta * growth`` with the published test alone; one that passes it but not
+    the smoothed test backtracks as published (``eta *= backtrack``); ``f1 == f0`` accepts, as published. Plain steps apply ``eta * growth``,
     as published. Where the batch's test keeps passing the level doubles per search; once it
     fails, the search is SaLSa's again.
     """
@@ -373,23 +374,32 @@ class ClimbingSearch(ArmijoSearch):
         self.raw_slope = float(slope)
         self.published_trial = plan.state.step_size * config.growth
         self.climbing = self.step_size > self.published_trial
+        self.climb_failed = False  # this trial climbed and failed the batch's test
 
     def _batch_passes(self, trial_loss: float) -> bool:
         """The unsmoothed test on this batch: ``f0 - f1 >= c * eta * q`` with ``q > 0``."""
         return (self.raw_slope > 0 and math.isfinite(trial_loss)
                 and self.loss - trial_loss >= self.config.c * self.step_size * self.raw_slope)
 
+    def _accepts(self, tested, decrease, trial_loss: float) -> bool:
+        """The published test, unless this is a climbing first trial that failed the batch's test."""
+        return not self.climb_failed and super()._accepts(tested, decrease, trial_loss)
+
+    def _backtrack(self) -> Verdict:
+        """``eta *= backtrack``; after a climbing first trial that failed the batch's test (or was not
+        finite), SaLSa's first trial ``eta * growth`` instead."""
+        if not self.climb_failed:
+            return super()._backtrack()
+        self.climb_failed = False
+        self.state.rule_state["climb"] = self.config.growth
+        self.step_size = self.published_trial
+        return Verdict.GIVE_UP if self.exhausted else Verdict.RETRY
+
     def observe(self, trial_loss: float) -> Verdict:
-        first, passes = self.trials == 0, self._batch_passes(trial_loss)
-        if first and self.climbing and not passes:
-            # the climb's trial failed the batch's test: count it, and go on from SaLSa's first trial
-            self.trials += 1
-            self.state.num_forward_evals += 1
-            self.last_trial = self.step_size
-            self.state.rule_state["climb"] = self.config.growth
-            self.climbing = False
-            self.step_size = self.published_trial
-            return Verdict.GIVE_UP if self.exhausted else Verdict.RETRY
+        """ArmijoSearch's trial; when the search ends, ``G`` squares if its first trial passed both tests."""
+        first = self.trials == 0
+        passes = self._batch_passes(trial_loss)
+        self.climb_failed = first and self.climbing and not passes
         verdict = super().observe(trial_loss)
         if verdict is not Verdict.RETRY:
             kept = first and passes and verdict is Verdict.ACCEPT

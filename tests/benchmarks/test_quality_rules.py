@@ -415,3 +415,18 @@ def test_climbing_armijo_never_climbs_on_a_non_positive_slope_or_a_non_finite_tr
     search = rule(rule_plan_step(rule, state, config), config, 1.0, 1.0)
     assert search.observe(float("nan")) is Verdict.RETRY  # the climb's trial failed: SaLSa's first trial next
     assert search.step_size == pytest.approx(0.11) and math.isfinite(search.state.loss_decrease_avg)
+
+
+def test_climbing_armijo_backtracks_as_published_when_only_the_smoothed_test_fails():
+    from benchmarks.quality.rules import ClimbingArmijo
+    from salsa_fused.rules import plan_step as rule_plan_step
+
+    rule, config = ClimbingArmijo(), SearchConfig(c=0.5, beta3=0.9, growth=1.1, adaptive_interval=False)
+    state = SearchState(step_size=0.1, loss_decrease_avg=0.0, slope_avg=1.0, rule_state={"climb": 2.0})
+    search = rule(rule_plan_step(rule, state, config), config, 1.0, 1.0)
+    assert search.step_size == pytest.approx(0.2)
+    # the batch's test passes (0.15 >= 0.5 * 0.2 * 1), the smoothed one fails (0.1 * 0.15 < 0.1): eta *= 0.8
+    assert search.observe(0.85) is Verdict.RETRY
+    assert search.step_size == pytest.approx(0.16) and search.state.rule_state["climb"] == 2.0
+    search.observe(0.0)  # a large decrease: accepted at 0.16, a second trial, so G resets
+    assert search.finish().rule_state["climb"] == 1.1
