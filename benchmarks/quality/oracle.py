@@ -9,6 +9,11 @@ So it is what a rule that picked the best of those configurations for every task
 needs the answer to pick, so it bounds rules, it is not one. The grid's minimum carries the same
 selection bias (best of several on the same seeds).
 
+``--pick-at F`` (NOTES.md section 46) replaces the answer by what a run has seen at fraction ``F`` of
+its steps: per task, length and seed, the configuration whose training loss over the trace window
+``[F - 0.05, F)`` of the run is lowest, scored by its own final loss. It bounds rules that would probe
+the configurations on the run's early part and keep the best (their probes' cost not counted).
+
     python -m benchmarks.quality.oracle results/zoo/development.jsonl results/zoo/development_oracle43.jsonl \\
         --configs pretrain_peak0.5,pretrain_peak1,pretrain_hold,pretrain_peak4,pretrain_peak8 --split development
 """
@@ -61,6 +66,39 @@ def bound(rows: List[dict], configs: Sequence[str], split: Optional[str] = None,
     return out
 
 
+def early_loss(row: dict, at: float, window: float = 0.05) -> float:
+    """Mean training loss over the fraction ``[at - window, at)`` of the run (its ``loss_trace``,
+    equal bins of the run's steps); inf if the window holds no finite value."""
+    trace = row.get("loss_trace") or []
+    lo, hi = int(len(trace) * max(at - window, 0.0)), int(len(trace) * at)
+    values = [x for x in trace[lo:max(hi, lo + 1)] if x is not None and math.isfinite(x)]
+    return sum(values) / len(values) if values else math.inf
+
+
+def picked_at(rows: List[dict], configs: Sequence[str], at: float, window: float = 0.05,
+              name: Optional[str] = None) -> List[dict]:
+    """One row per task, length and seed, named ``name`` (default ``picked@<at>``): a copy of the
+    row of whichever of ``configs`` had the lowest :func:`early_loss` at ``at`` on that seed (the
+    first of ``configs`` on a tie). Only where every configuration has that seed's row. The copy's
+    ``picked_from`` says which it was."""
+    if not 0.0 < at <= 1.0:
+        raise ValueError(f"at must be a fraction of the run in (0, 1], got {at}")
+    if not configs:
+        raise ValueError("configs is empty: name the configurations the pick chooses from")
+    name = name or f"picked@{at:g}"
+    runs: Dict[tuple, Dict[str, dict]] = {}
+    for row in rows:
+        if row["config"] in configs:
+            runs.setdefault((row["task"], row["length"], row["seed"]), {})[row["config"]] = row
+    out = []
+    for key, by_config in sorted(runs.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        if len(by_config) < len(configs):
+            continue
+        pick = min(configs, key=lambda c: (early_loss(by_config[c], at, window), configs.index(c)))
+        out.append(dict(by_config[pick], config=name, picked_from=pick))
+    return out
+
+
 def markdown(result: Dict[str, dict], configs: Sequence[str]) -> str:
     """``configs``: every name the oracle picked from, in the order the counts are shown."""
     lines = [f"oracle over {', '.join(configs)}", "",
@@ -94,6 +132,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default=None, help="only these seeds (e.g. 0-1); default: every seed in the files")
     parser.add_argument("--alias", action="append", default=[],
                         help="NAME=AS: read rows of configuration NAME as AS (one run under two names)")
+    parser.add_argument("--pick-at", type=float, default=None, metavar="F",
+                        help="pick per seed by the training loss at fraction F of the run instead of the "
+                             "final loss (section 46); the optional configurations are not picked from")
     args = parser.parse_args(argv)
     try:
         aliases = name_pairs(args.alias, "--alias NAME=AS")
@@ -104,6 +145,19 @@ def main(argv=None) -> int:
             if seeds is None or r["seed"] in seeds]
     configs = [c for c in args.configs.split(",") if c]
     optional = [c for c in args.optional.split(",") if c and c not in configs]
+    if args.pick_at is not None:
+        try:
+            picked = picked_at(rows, configs, args.pick_at)
+        except ValueError as error:
+            parser.error(str(error))
+        name = f"picked@{args.pick_at:g}"
+        print(markdown(bound(rows + picked, [name], args.split), [name]))
+        counts = Counter((r["length"], r["picked_from"]) for r in picked
+                         if args.split is None or r.get("split") == args.split)
+        print("\npicked (runs per length): " + "; ".join(
+            f"{length}: " + ", ".join(f"{c} {counts[(length, c)]}" for c in configs if counts[(length, c)])
+            for length in LENGTHS if any(l == length for l, _ in counts)))
+        return 0
     print(markdown(bound(rows, configs, args.split, optional), configs + optional))
     return 0
 

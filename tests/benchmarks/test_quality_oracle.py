@@ -113,3 +113,51 @@ def test_section_45_names_shorten_the_warm_up_and_keep_the_search_phase():
         assert schedule == replace(shipped, warmup=warmup)
         assert schedule.decay_start == shipped.decay_start == 20  # the search phase stays 20%
         assert schedule.scale(int(warmup * 100)) == schedule.scale(20) == shipped.peak
+
+
+def _traced(task, length, config, seed, final, trace):
+    return dict(_row(task, length, config, seed, final), loss_trace=trace)
+
+
+def test_a_pick_at_a_fraction_keeps_per_seed_the_configuration_lowest_there_and_scores_its_final_loss():
+    early_low_late_high = [1.0] * 10 + [0.2] * 10 + [5.0] * 80  # lowest at 20%, worst at the end
+    steady = [1.0] * 20 + [0.5] * 80
+    rows = _grid("lm_small", "default", 1.0)
+    rows += [_traced("lm_small", "default", "bold", 0, 5.0, early_low_late_high),
+             _traced("lm_small", "default", "calm", 0, 0.5, steady),
+             _traced("lm_small", "default", "bold", 1, 0.4, steady),  # on seed 1 bold is lowest at the end only
+             _traced("lm_small", "default", "calm", 1, 0.6, [0.9] * 100)]
+    picked = oracle.picked_at(rows, ["bold", "calm"], at=0.2)
+    assert [(r["seed"], r["picked_from"], r["final_train_loss"]) for r in picked] == [(0, "bold", 5.0),
+                                                                                     (1, "calm", 0.6)]
+    assert {r["config"] for r in picked} == {"picked@0.2"}
+    late = {r["seed"]: r["picked_from"] for r in oracle.picked_at(rows, ["bold", "calm"], at=1.0)}
+    assert late == {0: "calm", 1: "bold"}  # at the end the pick is the final loss's (up to the window)
+    default = oracle.bound(rows + picked, ["picked@0.2"])["default"]
+    assert default["per_task"]["lm_small"] == ("picked@0.2", pytest.approx((5.0 + 0.6) / 2))
+    with pytest.raises(ValueError, match="fraction of the run"):
+        oracle.picked_at(rows, ["bold"], at=0.0)
+    with pytest.raises(ValueError, match="configs is empty"):
+        oracle.picked_at(rows, [], at=0.5)
+
+
+def test_a_pick_skips_a_seed_without_every_configuration_and_a_window_without_finite_losses():
+    rows = [_traced("gru_adding", "short", "a", 0, 1.0, [math.nan] * 10 + [2.0] * 90),
+            _traced("gru_adding", "short", "b", 0, 3.0, [1.0] * 100),
+            _traced("gru_adding", "short", "a", 1, 1.0, [1.0] * 100)]
+    picked = oracle.picked_at(rows, ["a", "b"], at=0.1)
+    assert [(r["seed"], r["picked_from"]) for r in picked] == [(0, "b")]  # a's window is all NaN: inf
+    assert oracle.early_loss(rows[0], 0.1) == math.inf and oracle.early_loss(rows[0], 0.2) == 2.0
+
+
+def test_the_command_reports_a_pick_and_what_it_picked(tmp_path, capsys):
+    rows = _grid("lm_small", "long", 1.0)
+    rows += [_traced("lm_small", "long", "bold", s, 1.5, [0.1] * 100) for s in (0, 1)]
+    rows += [_traced("lm_small", "long", "calm", s, 1.1, [0.2] * 100) for s in (0, 1)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert oracle.main([str(path), "--configs", "bold,calm", "--pick-at", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "| long | 1.500 | lm_small 1.5 | 1 of 1 | picked@0.3 1 |" in out and "long: bold 2" in out
+    with pytest.raises(SystemExit):
+        oracle.main([str(path), "--configs", "bold,calm", "--pick-at", "1.5"])
