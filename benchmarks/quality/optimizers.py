@@ -12,6 +12,8 @@ task and a run length. Families, which set how the training loop calls ``step``:
   piecewise-linear schedule on the applied step (the section 6 and 8 screens; see ``_shape``).
 - ``schedulefree``: schedule-free AdamW at its defaults (``train()``/``eval()`` modes); also
   with its documented warmup (``schedulefree_warmup``) and ``prodigy-plus-schedule-free``.
+- ``schedulefree_plus``: ScheduleFree+ (a Polyak rate from the loss) at its reference defaults;
+  ``schedulefree_plus_warmup``: with a 5% warm-up (NOTES.md section 47).
 - ``prodigy``: Prodigy at its defaults (a ``torch`` family optimizer without scheduler);
   ``prodigy_warmup``: with the warmup and cosine annealing its README documents.
 - ``salsa_pub``: the published ``salsa.SaLSA.SaLSA`` at its defaults.
@@ -48,6 +50,7 @@ from salsa_fused.step_size import COLLAPSE_FRACTION, WarmupStableDecay
 
 from . import joint
 from .mechanic import Mechanic
+from .schedulefree_plus import ScheduleFreePlus
 from .rules import ClimbingArmijo, EdgeRule, NonMonotoneArmijo, RatioArmijo
 
 WEIGHT_DECAY = 0.1
@@ -238,6 +241,17 @@ def _schedulefree_warmup(task, model, total_steps) -> Built:
     from schedulefree import AdamWScheduleFree
     warmup = max(1, int(round(WARMUP_FRACTION * total_steps)))
     return Built(AdamWScheduleFree(model.parameters(), warmup_steps=warmup), "schedulefree")
+
+
+def _schedulefree_plus(warmup: bool):
+    """ScheduleFree+ (:mod:`benchmarks.quality.schedulefree_plus`) at its reference implementation's
+    defaults; with ``warmup``, a linear warm-up of its rate over 5% of the run (the zoo's warm-up, as for
+    schedule-free AdamW) and the averaging held at the last iterate over the same steps (its
+    ``c_warmup``, documented as 1x or 2x the warm-up)."""
+    def build(task, model, total_steps) -> Built:
+        steps = max(1, int(round(WARMUP_FRACTION * total_steps))) if warmup else 0
+        return Built(ScheduleFreePlus(model.parameters(), warmup_steps=steps, c_warmup=steps), "schedulefree_plus")
+    return build
 
 
 def _prodigy_plus_schedulefree(task, model, total_steps) -> Built:
@@ -589,6 +603,8 @@ REGISTRY: Dict[str, Callable] = {
     "prodigy_warmup": _prodigy_warmup,
     "schedulefree_warmup": _schedulefree_warmup,
     "prodigy_plus_sf": _prodigy_plus_schedulefree,
+    "schedulefree_plus": _schedulefree_plus(False),
+    "schedulefree_plus_warmup": _schedulefree_plus(True),
     "salsa_published": _published,
     # NOTES.md section 38: Mechanic's learned scale on Adam (a screen)
     "mechanic_adam": _mechanic_adam(),

@@ -35,6 +35,8 @@ from . import optimizers as O
 from .tasks import SIZES, TASKS, make_task
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+#: Families whose parameters hold the gradient point in train() mode and the average in eval() mode.
+SCHEDULE_FREE = ("schedulefree", "schedulefree_plus")
 
 
 class SearchRecorder:
@@ -146,7 +148,7 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
     searches: List[dict] = []
     if family == "fused" and record_searches:
         opt.search_rule = SearchRecorder(opt.search_rule, searches)
-    if family == "schedulefree":
+    if family in SCHEDULE_FREE:
         opt.train()
     losses: List[torch.Tensor] = []
     step_sizes: List[float] = []
@@ -193,10 +195,13 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
                     step_sizes.append(group["d"] * group["lr"])
                 elif family == "mechanic":  # the base's scheduled rate times the learned scale
                     step_sizes.append(opt.scale * group["lr"])
-                elif family != "schedulefree":
+                elif family not in SCHEDULE_FREE:
                     step_sizes.append(group["lr"])
-                opt.step()
-                if family == "schedulefree":  # the rate is set inside step: its warmup, Prodigy+SF's d
+                if family == "schedulefree_plus":  # its rate is a Polyak step from this loss
+                    opt.step(loss.detach())
+                else:
+                    opt.step()
+                if family in SCHEDULE_FREE:  # the rate is set inside step: its warmup, Prodigy+SF's d, SF+'s Polyak
                     step_sizes.append(group.get("d", 1.0) * group.get("scheduled_lr", group["lr"]))
                 if built.scheduler is not None:
                     built.scheduler.step()
@@ -210,7 +215,7 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
     _sync(task.device)
     elapsed = time.perf_counter() - start
     values = [float(v) for v in torch.stack(losses)] if losses else []
-    if family == "schedulefree":
+    if family in SCHEDULE_FREE:
         opt.eval()
     if values and not math.isfinite(values[-1]):
         diverged = diverged or "non-finite loss"
