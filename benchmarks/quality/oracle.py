@@ -99,6 +99,65 @@ def picked_at(rows: List[dict], configs: Sequence[str], at: float, window: float
     return out
 
 
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation (ties get their mean rank); nan with fewer than 3 pairs or a
+    constant side."""
+    if len(a) != len(b):
+        raise ValueError(f"spearman needs pairs, got {len(a)} and {len(b)} values")
+
+    def ranks(xs):
+        order = sorted(range(len(xs)), key=lambda i: xs[i])
+        out = [0.0] * len(xs)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2
+            i = j + 1
+        return out
+
+    if len(a) < 3:
+        return math.nan
+    ra, rb = ranks(list(a)), ranks(list(b))
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    sa = math.sqrt(sum((x - ma) ** 2 for x in ra))
+    sb = math.sqrt(sum((y - mb) ** 2 for y in rb))
+    return cov / (sa * sb) if sa > 0 and sb > 0 else math.nan
+
+
+def signal_report(rows: List[dict], multiples: Dict[str, float], control: str, signal: str,
+                  split: Optional[str] = None) -> dict:
+    """Does ``signal``'s applied level tell the multiple of ``control``'s level a task wants (NOTES.md
+    section 47)? Per task-length where every configuration of ``multiples`` (name -> its multiple of
+    ``control``'s level; ``control`` among them) and ``signal`` have rows: the oracle's best multiple,
+    and the levels over the best AdamW's mean rate. Returns ``pairs`` (task, length, best multiple,
+    control's level ratio, signal's), the standard deviation of log2 of each level ratio over them
+    (``spread_control``, ``spread_signal``), and ``rho``: Spearman's correlation of log2(signal level /
+    control level) with log2(best multiple)."""
+    if control not in multiples:
+        raise ValueError(f"the control {control!r} must be one of the multiples {sorted(multiples)}")
+    result = bound(rows, list(multiples), split)
+    summary = summarize([r for r in rows if split is None or r.get("split") == split])
+    pairs = []
+    for length, r in result.items():
+        for task, (best, _) in r["per_task"].items():
+            present = summary[f"{task}@{length}"]["configs"]
+            levels = [present.get(c, {}).get("level_ratio") for c in (control, signal)]
+            if all(v is not None and v > 0 and math.isfinite(v) for v in levels):
+                pairs.append((task, length, multiples[best], levels[0], levels[1]))
+
+    def spread(values):
+        logs = [math.log2(v) for v in values]
+        mean = sum(logs) / len(logs)
+        return math.sqrt(sum((x - mean) ** 2 for x in logs) / len(logs)) if logs else math.nan
+
+    return dict(pairs=pairs, spread_control=spread([p[3] for p in pairs]), spread_signal=spread([p[4] for p in pairs]),
+                rho=spearman([math.log2(p[4] / p[3]) for p in pairs], [math.log2(p[2]) for p in pairs]))
+
+
 def markdown(result: Dict[str, dict], configs: Sequence[str]) -> str:
     """``configs``: every name the oracle picked from, in the order the counts are shown."""
     lines = [f"oracle over {', '.join(configs)}", "",
@@ -132,6 +191,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default=None, help="only these seeds (e.g. 0-1); default: every seed in the files")
     parser.add_argument("--alias", action="append", default=[],
                         help="NAME=AS: read rows of configuration NAME as AS (one run under two names)")
+    parser.add_argument("--signal", default=None, metavar="CONFIG",
+                        help="report how CONFIG's applied level relates to the best multiple (section 47); "
+                             "--configs then gives NAME=MULTIPLE pairs and --control the configuration they "
+                             "multiply")
+    parser.add_argument("--control", default=None)
     parser.add_argument("--pick-at", type=float, default=None, metavar="F",
                         help="pick per seed by the training loss at fraction F of the run instead of the "
                              "final loss (section 46); the optional configurations are not picked from")
@@ -143,6 +207,20 @@ def main(argv=None) -> int:
     seeds = None if args.seeds is None else set(parse_seeds(args.seeds))
     rows = [dict(r, config=aliases.get(r["config"], r["config"])) for r in read_rows(args.files)
             if seeds is None or r["seed"] in seeds]
+    if args.signal is not None:
+        try:
+            multiples = {name: float(value) for name, value in name_pairs(
+                [c for c in args.configs.split(",") if c], "--configs NAME=MULTIPLE").items()}
+            report = signal_report(rows, multiples, args.control, args.signal, args.split)
+        except ValueError as error:
+            parser.error(str(error))
+        print(f"{len(report['pairs'])} task-lengths; spread of log2(level / best AdamW rate): "
+              f"{args.control} {report['spread_control']:.2f}, {args.signal} {report['spread_signal']:.2f}; "
+              f"Spearman of log2({args.signal} / {args.control} level) with log2(best multiple): "
+              f"{report['rho']:.2f}")
+        for task, length, best, control, signal in report["pairs"]:
+            print(f"  {task} {length}: best multiple {best:g}, level ratio {control:.3g} -> {signal:.3g}")
+        return 0
     configs = [c for c in args.configs.split(",") if c]
     optional = [c for c in args.optional.split(",") if c and c not in configs]
     if args.pick_at is not None:

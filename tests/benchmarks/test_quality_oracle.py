@@ -161,3 +161,42 @@ def test_the_command_reports_a_pick_and_what_it_picked(tmp_path, capsys):
     assert "| long | 1.500 | lm_small 1.5 | 1 of 1 | picked@0.3 1 |" in out and "long: bold 2" in out
     with pytest.raises(SystemExit):
         oracle.main([str(path), "--configs", "bold,calm", "--pick-at", "1.5"])
+
+
+def test_spearman_ranks_with_ties_and_refuses_unpaired_values():
+    assert oracle.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert oracle.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert oracle.spearman([1, 1, 2, 3], [5, 6, 7, 8]) == pytest.approx(0.9486833)  # ties: mean ranks
+    assert math.isnan(oracle.spearman([1, 2], [1, 2])) and math.isnan(oracle.spearman([1, 1, 1], [1, 2, 3]))
+    with pytest.raises(ValueError, match="pairs"):
+        oracle.spearman([1, 2, 3], [1, 2])
+
+
+def _leveled(task, length, config, seed, loss, level):
+    return dict(_row(task, length, config, seed, loss), level_mean=level)
+
+
+def test_a_signal_that_rises_where_a_larger_multiple_wins_correlates_with_the_best_multiple(tmp_path, capsys):
+    rows = []
+    wants = {"a": 0.5, "b": 1.0, "c": 2.0}  # each task's best multiple of the control's level
+    for task, best in wants.items():
+        rows += _grid(task, "default", 1.0)  # AdamW's mean rate: 1e-3 in _row
+        for seed in (0, 1):
+            for name, multiple in (("low", 0.5), ("control", 1.0), ("high", 2.0)):
+                rows.append(_leveled(task, "default", name, seed, 1.0 + abs(math.log2(multiple / best)),
+                                     1e-3 * multiple))
+            rows.append(_leveled(task, "default", "signal", seed, 5.0, 1e-3 * best * 3))  # tracks the wanted one
+    report = oracle.signal_report(rows, {"low": 0.5, "control": 1.0, "high": 2.0}, "control", "signal")
+    assert [(t, m) for t, _, m, _, _ in report["pairs"]] == [("a", 0.5), ("b", 1.0), ("c", 2.0)]
+    assert report["rho"] == pytest.approx(1.0)
+    assert report["spread_control"] == 0.0 and report["spread_signal"] == pytest.approx(math.sqrt(2 / 3))
+    with pytest.raises(ValueError, match="control"):
+        oracle.signal_report(rows, {"low": 0.5}, "control", "signal")
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert oracle.main([str(path), "--configs", "low=0.5,control=1,high=2", "--control", "control",
+                        "--signal", "signal"]) == 0
+    out = capsys.readouterr().out
+    assert "3 task-lengths" in out and "with log2(best multiple): 1.00" in out and "a default: best multiple 0.5" in out
+    with pytest.raises(SystemExit):
+        oracle.main([str(path), "--configs", "low=half,control=1", "--control", "control", "--signal", "signal"])
