@@ -158,6 +158,29 @@ def signal_report(rows: List[dict], multiples: Dict[str, float], control: str, s
                 rho=spearman([math.log2(p[4] / p[3]) for p in pairs], [math.log2(p[2]) for p in pairs]))
 
 
+def feature_report(rows: List[dict], feature_rows: List[dict], multiples: Dict[str, float], key: str,
+                   index: Optional[int] = None, split: Optional[str] = None) -> dict:
+    """Does a feature measured along a run (``feature_rows``: rows with ``task``, ``length``, ``seed`` and
+    ``key``, a number or, with ``index``, a list) tell the oracle's best multiple (NOTES.md section 48)?
+    Per task-length where :func:`bound` over ``multiples`` picks one and the feature is finite and > 0 on
+    some seed: ``pairs`` (task, length, best multiple, the feature's geometric mean over seeds), and
+    ``rho``, Spearman's correlation of log2(feature) with log2(best multiple)."""
+    values: Dict[tuple, List[float]] = {}
+    for row in feature_rows:
+        value = row.get(key)
+        if index is not None:
+            value = value[index] if isinstance(value, list) and -len(value) <= index < len(value) else None
+        if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
+            values.setdefault((row["task"], row["length"]), []).append(value)
+    pairs = []
+    for length, r in bound(rows, list(multiples), split).items():
+        for task, (best, _) in r["per_task"].items():
+            found = values.get((task, length))
+            if found:
+                pairs.append((task, length, multiples[best], _gmean(found)))
+    return dict(pairs=pairs, rho=spearman([math.log2(p[3]) for p in pairs], [math.log2(p[2]) for p in pairs]))
+
+
 def markdown(result: Dict[str, dict], configs: Sequence[str]) -> str:
     """``configs``: every name the oracle picked from, in the order the counts are shown."""
     lines = [f"oracle over {', '.join(configs)}", "",
@@ -196,6 +219,10 @@ def main(argv=None) -> int:
                              "--configs then gives NAME=MULTIPLE pairs and --control the configuration they "
                              "multiply")
     parser.add_argument("--control", default=None)
+    parser.add_argument("--feature", default=None, metavar="KEY[:INDEX]",
+                        help="report how a feature of --feature-rows relates to the best multiple (section 48); "
+                             "--configs then gives NAME=MULTIPLE pairs")
+    parser.add_argument("--feature-rows", default=None, help="comma-separated JSONL files of the feature's rows")
     parser.add_argument("--pick-at", type=float, default=None, metavar="F",
                         help="pick per seed by the training loss at fraction F of the run instead of the "
                              "final loss (section 46); the optional configurations are not picked from")
@@ -207,6 +234,23 @@ def main(argv=None) -> int:
     seeds = None if args.seeds is None else set(parse_seeds(args.seeds))
     rows = [dict(r, config=aliases.get(r["config"], r["config"])) for r in read_rows(args.files)
             if seeds is None or r["seed"] in seeds]
+    if args.feature is not None:
+        key, _, index = args.feature.partition(":")
+        try:
+            multiples = {name: float(value) for name, value in name_pairs(
+                [c for c in args.configs.split(",") if c], "--configs NAME=MULTIPLE").items()}
+            if not args.feature_rows:
+                raise ValueError("--feature needs --feature-rows")
+            feature_rows = [r for r in read_rows(args.feature_rows.split(","))
+                            if (seeds is None or r["seed"] in seeds) and (args.split is None or r.get("split") == args.split)]
+            report = feature_report(rows, feature_rows, multiples, key, int(index) if index else None, args.split)
+        except ValueError as error:
+            parser.error(str(error))
+        print(f"{len(report['pairs'])} task-lengths; Spearman of log2({args.feature}) with log2(best multiple): "
+              f"{report['rho']:.2f}")
+        for task, length, best, value in report["pairs"]:
+            print(f"  {task} {length}: best multiple {best:g}, {args.feature} {value:.3g}")
+        return 0
     if args.signal is not None:
         try:
             multiples = {name: float(value) for name, value in name_pairs(

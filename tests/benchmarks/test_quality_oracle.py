@@ -200,3 +200,30 @@ def test_a_signal_that_rises_where_a_larger_multiple_wins_correlates_with_the_be
     assert "3 task-lengths" in out and "with log2(best multiple): 1.00" in out and "a default: best multiple 0.5" in out
     with pytest.raises(SystemExit):
         oracle.main([str(path), "--configs", "low=half,control=1", "--control", "control", "--signal", "signal"])
+
+
+def test_a_feature_that_grows_with_the_wanted_multiple_correlates_with_it(tmp_path, capsys):
+    rows, features = [], []
+    wants = {"a": 0.5, "b": 1.0, "c": 2.0}
+    for task, best in wants.items():
+        rows += _grid(task, "long", 1.0)
+        for seed in (0, 1):
+            for name, multiple in (("low", 0.5), ("control", 1.0), ("high", 2.0)):
+                rows.append(_row(task, "long", name, seed, 1.0 + abs(math.log2(multiple / best))))
+            features.append(dict(task=task, length="long", seed=seed, split="development",
+                                 ratio=[1.0, 1.0, 1.0, 10 * best * (1 + seed)]))
+    features.append(dict(task="d", length="long", seed=0, split="development", ratio=[1, 1, 1, 5]))  # no oracle row
+    multiples = {"low": 0.5, "control": 1.0, "high": 2.0}
+    report = oracle.feature_report(rows, features, multiples, "ratio", 3)
+    assert [(t, m) for t, _, m, _ in report["pairs"]] == [("a", 0.5), ("b", 1.0), ("c", 2.0)]
+    assert report["pairs"][0][3] == pytest.approx(5 * math.sqrt(2))  # the geometric mean over seeds
+    assert report["rho"] == pytest.approx(1.0)
+    assert oracle.feature_report(rows, features, multiples, "ratio", 9)["pairs"] == []  # no such index: no value
+    rows_path, feature_path = tmp_path / "rows.jsonl", tmp_path / "features.jsonl"
+    rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    feature_path.write_text("".join(json.dumps(r) + "\n" for r in features))
+    assert oracle.main([str(rows_path), "--configs", "low=0.5,control=1,high=2", "--feature", "ratio:3",
+                        "--feature-rows", str(feature_path)]) == 0
+    assert "3 task-lengths; Spearman of log2(ratio:3) with log2(best multiple): 1.00" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        oracle.main([str(rows_path), "--configs", "low=0.5,control=1", "--feature", "ratio:3"])

@@ -170,3 +170,21 @@ def test_around_best_adamw_refuses_a_config_and_a_file_without_the_task(tmp_path
             signals.main(["--tasks", "mlp_relu_teacher", "--sharpness", "--around-best-adamw", rows, *args,
                           "--out", str(tmp_path / "rows.jsonl")])
         assert message in capsys.readouterr().err
+
+
+def test_the_polyak_ratios_follow_their_formulas_and_are_nan_where_undefined():
+    grads = [torch.tensor([1.0, -2.0]), torch.tensor([[3.0]])]
+    assert signals.polyak_l1_ratio(6.0, grads, 0.5) == pytest.approx(6.0 / (6.0 * math.sqrt(math.pi / 2)) / 0.5)
+    assert math.isnan(signals.polyak_l1_ratio(0.0, grads, 0.5))
+    assert math.isnan(signals.polyak_l1_ratio(1.0, [torch.zeros(2)], 0.5))
+    assert math.isnan(signals.polyak_l1_ratio(float("inf"), grads, 0.5))
+    assert signals.polyak_slope_ratio(2.0, 4.0, 0.25) == pytest.approx(2.0)
+    assert math.isnan(signals.polyak_slope_ratio(2.0, -1.0, 0.25)) and math.isnan(signals.polyak_slope_ratio(2.0, 1.0, 0.0))
+    assert signals._medians([(1, 3.0), (2, 1.0), (3, math.nan), (4, 2.0), (5, 9.0), (6, 7.0)], [0, 4, 6]) == [2.0, 8.0]
+    assert math.isnan(signals._medians([(1, 1.0)], [1, 2])[0])
+
+
+def test_measuring_records_the_polyak_ratios_over_the_search_phase():
+    row = signals.measure("mlp_relu_teacher", "default", 0, steps=40)
+    for key in ("polyak_l1_by_quarter", "polyak_slope_by_quarter"):
+        assert len(row[key]) == 4 and all(math.isfinite(v) and v > 0 for v in row[key]), (key, row[key])

@@ -23,6 +23,10 @@ Every run is the zoo's own (one thread, the zoo's weights and batches; its losse
   gradient noise scale (McCandlish et al., arXiv 1812.06162); a trajectory whose steps reach the line's
   minimum on the next batch, or pass it, drives it to 0 or below. ``agreement_by_quarter``: its mean
   over each quarter of the search phase; ``agreement_after``: over the rest of the run.
+- **the Polyak step over the searched level** (NOTES.md section 48), the median over each quarter of the
+  search phase: ``polyak_l1_by_quarter``, ScheduleFree+'s ``F / (‖g‖₁ √(π/2))`` every step, and
+  ``polyak_slope_by_quarter``, ``f0 / s`` along the search's own direction at each search (``s`` its
+  smoothed slope); both divided by the searched level ``eta``.
 
 **With** ``--sharpness`` (a plain FusedSaLSa or a torch optimizer such as ``adamw_<lr>``; with
 ``--around-best-adamw ROWS``, AdamW at each task-length's best grid rate in those zoo rows and at 1/3
@@ -101,6 +105,35 @@ def range_statistics(search_losses: Iterable[float]) -> Dict[str, float]:
     return dict(max_over_low=over_low, max_over_first=over_first)
 
 
+def polyak_l1_ratio(loss: float, grads: Sequence[torch.Tensor], level: float) -> float:
+    """ScheduleFree+'s Polyak step ``F / (‖g‖₁ √(π/2))`` (``f* = 0``) over the searched level ``eta``:
+    how many times ``eta`` the step is that would take the loss to 0 if every coordinate moved by it
+    against its gradient's sign. nan where it is undefined (no gradient, a level or loss not > 0)."""
+    l1 = sum(float(g.double().abs().sum()) for g in grads)
+    if not (l1 > 0 and level > 0 and loss > 0 and math.isfinite(loss)):
+        return math.nan
+    return loss / (l1 * math.sqrt(math.pi / 2)) / level
+
+
+def polyak_slope_ratio(loss: float, slope_avg: float, level: float) -> float:
+    """The Polyak step along the search's own direction, ``f0 / s`` (``s`` the smoothed slope
+    ``g.d``), over the searched level ``eta``: the Armijo test with ``c`` accepts at most ``1 / c`` times
+    it along a line of that slope. nan where undefined."""
+    if not (slope_avg > 0 and level > 0 and loss > 0 and math.isfinite(loss)):
+        return math.nan
+    return loss / slope_avg / level
+
+
+def _medians(values: List[tuple], edges: List[int]) -> List[float]:
+    """The median of the finite values whose step lies in each window ``(lo, hi]`` of ``edges``."""
+    out = []
+    for lo, hi in zip(edges, edges[1:]):
+        window = sorted(v for step, v in values if lo < step <= hi and math.isfinite(v))
+        n = len(window)
+        out.append(math.nan if not n else window[n // 2] if n % 2 else (window[n // 2 - 1] + window[n // 2]) / 2)
+    return out
+
+
 def _means(values: List[tuple], edges: List[int]) -> List[float]:
     out = []
     for lo, hi in zip(edges, edges[1:]):
@@ -134,6 +167,7 @@ def measure(task_name: str, length: str, seed: int, config: str = "pretrain_hold
     params = [p for g in opt.param_groups for p in g["params"]]
     search_window = int(warmup * task.steps)
     search_losses, rhos, levels, backoffs, losses = [], [], [], [], []
+    polyak_l1, polyak_slope = [], []  # (step, the Polyak step over the searched level), section 48
     for k, batch in enumerate(task.batches):
         step = k + 1
         previous = [opt.state[p]["exp_avg"].clone() if "exp_avg" in opt.state.get(p, {}) else None for p in params]
@@ -142,8 +176,14 @@ def measure(task_name: str, length: str, seed: int, config: str = "pretrain_hold
         loss = opt.step(lambda: task.loss(model, batch))
         _record_level(opt, built.schedule, step, levels, backoffs)
         losses.append(float(loss))
-        if opt.search_state.num_searches > searches_before and step <= search_window:
-            search_losses.append(opt.search_state.last_search_loss)
+        state = opt.search_state
+        searched = state.num_searches > searches_before
+        if searched and step <= search_window:
+            search_losses.append(state.last_search_loss)
+        polyak_l1.append((step, polyak_l1_ratio(float(loss), [p.grad for p in params if p.grad is not None],
+                                                state.step_size)))
+        if searched:
+            polyak_slope.append((step, polyak_slope_ratio(state.last_search_loss, state.slope_avg, state.step_size)))
         kept = [(p.grad, m, opt.state[p]["exp_avg_sq"]) for p, m in zip(params, previous)
                 if p.grad is not None and m is not None]
         if step >= 2 and kept:
@@ -154,7 +194,8 @@ def measure(task_name: str, length: str, seed: int, config: str = "pretrain_hold
                 seed=seed, final_train_loss=sum(losses[-tail:]) / tail, level_mean=sum(levels) / len(levels),
                 loss_rise_backoffs=backoffs, searches_in_window=len(search_losses),
                 **range_statistics(search_losses),
-                agreement_by_quarter=_means(rhos, quarter), agreement_after=_means(rhos, [search_window, task.steps])[0])
+                agreement_by_quarter=_means(rhos, quarter), agreement_after=_means(rhos, [search_window, task.steps])[0],
+                polyak_l1_by_quarter=_medians(polyak_l1, quarter), polyak_slope_by_quarter=_medians(polyak_slope, quarter))
 
 
 def _take_step(built, task, model, batch) -> float:
