@@ -68,7 +68,11 @@ def bound(rows: List[dict], configs: Sequence[str], split: Optional[str] = None,
 
 def early_loss(row: dict, at: float, window: float = 0.05) -> float:
     """Mean training loss over the fraction ``[at - window, at)`` of the run (its ``loss_trace``,
-    equal bins of the run's steps); inf if the window holds no finite value."""
+    equal bins of the run's steps); inf if the window holds no finite value, and for a run that
+    diverged, whose trace covers only the steps before it (so such a run is picked only when every
+    configuration diverged: a pick that favours the bound)."""
+    if row.get("diverged"):
+        return math.inf
     trace = row.get("loss_trace") or []
     lo, hi = int(len(trace) * max(at - window, 0.0)), int(len(trace) * at)
     values = [x for x in trace[lo:max(hi, lo + 1)] if x is not None and math.isfinite(x)]
@@ -129,17 +133,20 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def signal_report(rows: List[dict], multiples: Dict[str, float], control: str, signal: str,
-                  split: Optional[str] = None) -> dict:
+                  split: Optional[str] = None, optional: Optional[Dict[str, float]] = None) -> dict:
     """Does ``signal``'s applied level tell the multiple of ``control``'s level a task wants (NOTES.md
     section 47)? Per task-length where every configuration of ``multiples`` (name -> its multiple of
     ``control``'s level; ``control`` among them) and ``signal`` have rows: the oracle's best multiple,
     and the levels over the best AdamW's mean rate. Returns ``pairs`` (task, length, best multiple,
     control's level ratio, signal's), the standard deviation of log2 of each level ratio over them
     (``spread_control``, ``spread_signal``), and ``rho``: Spearman's correlation of log2(signal level /
-    control level) with log2(best multiple)."""
+    control level) with log2(best multiple). ``optional`` (name -> multiple): a grid's extensions, counted
+    where they have rows, as in :func:`bound`."""
+    optional = optional or {}
     if control not in multiples:
         raise ValueError(f"the control {control!r} must be one of the multiples {sorted(multiples)}")
-    result = bound(rows, list(multiples), split)
+    result = bound(rows, list(multiples), split, list(optional))
+    multiples = {**multiples, **optional}
     summary = summarize([r for r in rows if split is None or r.get("split") == split])
     pairs = []
     for length, r in result.items():
@@ -151,20 +158,25 @@ def signal_report(rows: List[dict], multiples: Dict[str, float], control: str, s
 
     def spread(values):
         logs = [math.log2(v) for v in values]
+        if not logs:
+            return math.nan
         mean = sum(logs) / len(logs)
-        return math.sqrt(sum((x - mean) ** 2 for x in logs) / len(logs)) if logs else math.nan
+        return math.sqrt(sum((x - mean) ** 2 for x in logs) / len(logs))
 
     return dict(pairs=pairs, spread_control=spread([p[3] for p in pairs]), spread_signal=spread([p[4] for p in pairs]),
                 rho=spearman([math.log2(p[4] / p[3]) for p in pairs], [math.log2(p[2]) for p in pairs]))
 
 
 def feature_report(rows: List[dict], feature_rows: List[dict], multiples: Dict[str, float], key: str,
-                   index: Optional[int] = None, split: Optional[str] = None) -> dict:
+                   index: Optional[int] = None, split: Optional[str] = None,
+                   optional: Optional[Dict[str, float]] = None) -> dict:
     """Does a feature measured along a run (``feature_rows``: rows with ``task``, ``length``, ``seed`` and
     ``key``, a number or, with ``index``, a list) tell the oracle's best multiple (NOTES.md section 48)?
     Per task-length where :func:`bound` over ``multiples`` picks one and the feature is finite and > 0 on
     some seed: ``pairs`` (task, length, best multiple, the feature's geometric mean over seeds), and
-    ``rho``, Spearman's correlation of log2(feature) with log2(best multiple)."""
+    ``rho``, Spearman's correlation of log2(feature) with log2(best multiple). ``optional`` as for
+    :func:`signal_report`."""
+    optional = optional or {}
     values: Dict[tuple, List[float]] = {}
     for row in feature_rows:
         value = row.get(key)
@@ -173,11 +185,12 @@ def feature_report(rows: List[dict], feature_rows: List[dict], multiples: Dict[s
         if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
             values.setdefault((row["task"], row["length"]), []).append(value)
     pairs = []
-    for length, r in bound(rows, list(multiples), split).items():
+    every = {**multiples, **optional}
+    for length, r in bound(rows, list(multiples), split, list(optional)).items():
         for task, (best, _) in r["per_task"].items():
             found = values.get((task, length))
             if found:
-                pairs.append((task, length, multiples[best], _gmean(found)))
+                pairs.append((task, length, every[best], _gmean(found)))
     return dict(pairs=pairs, rho=spearman([math.log2(p[3]) for p in pairs], [math.log2(p[2]) for p in pairs]))
 
 
@@ -216,12 +229,12 @@ def main(argv=None) -> int:
                         help="NAME=AS: read rows of configuration NAME as AS (one run under two names)")
     parser.add_argument("--signal", default=None, metavar="CONFIG",
                         help="report how CONFIG's applied level relates to the best multiple (section 47); "
-                             "--configs then gives NAME=MULTIPLE pairs and --control the configuration they "
-                             "multiply")
+                             "--configs and --optional then give NAME=MULTIPLE pairs and --control the "
+                             "configuration they multiply")
     parser.add_argument("--control", default=None)
     parser.add_argument("--feature", default=None, metavar="KEY[:INDEX]",
                         help="report how a feature of --feature-rows relates to the best multiple (section 48); "
-                             "--configs then gives NAME=MULTIPLE pairs")
+                             "--configs and --optional then give NAME=MULTIPLE pairs")
     parser.add_argument("--feature-rows", default=None, help="comma-separated JSONL files of the feature's rows")
     parser.add_argument("--pick-at", type=float, default=None, metavar="F",
                         help="pick per seed by the training loss at fraction F of the run instead of the "
@@ -232,18 +245,25 @@ def main(argv=None) -> int:
     except ValueError as error:
         parser.error(str(error))
     seeds = None if args.seeds is None else set(parse_seeds(args.seeds))
-    rows = [dict(r, config=aliases.get(r["config"], r["config"])) for r in read_rows(args.files)
-            if seeds is None or r["seed"] in seeds]
+    try:
+        rows = [dict(r, config=aliases.get(r["config"], r["config"])) for r in read_rows(args.files)
+                if seeds is None or r["seed"] in seeds]
+    except ValueError as error:
+        parser.error(str(error))
+    def multiples_of(text, form):
+        return {name: float(value) for name, value in name_pairs([c for c in text.split(",") if c], form).items()}
+
     if args.feature is not None:
         key, _, index = args.feature.partition(":")
         try:
-            multiples = {name: float(value) for name, value in name_pairs(
-                [c for c in args.configs.split(",") if c], "--configs NAME=MULTIPLE").items()}
+            multiples = multiples_of(args.configs, "--configs NAME=MULTIPLE")
+            optional_multiples = multiples_of(args.optional, "--optional NAME=MULTIPLE")
             if not args.feature_rows:
                 raise ValueError("--feature needs --feature-rows")
             feature_rows = [r for r in read_rows(args.feature_rows.split(","))
                             if (seeds is None or r["seed"] in seeds) and (args.split is None or r.get("split") == args.split)]
-            report = feature_report(rows, feature_rows, multiples, key, int(index) if index else None, args.split)
+            report = feature_report(rows, feature_rows, multiples, key, int(index) if index else None, args.split,
+                                    optional_multiples)
         except ValueError as error:
             parser.error(str(error))
         print(f"{len(report['pairs'])} task-lengths; Spearman of log2({args.feature}) with log2(best multiple): "
@@ -253,9 +273,9 @@ def main(argv=None) -> int:
         return 0
     if args.signal is not None:
         try:
-            multiples = {name: float(value) for name, value in name_pairs(
-                [c for c in args.configs.split(",") if c], "--configs NAME=MULTIPLE").items()}
-            report = signal_report(rows, multiples, args.control, args.signal, args.split)
+            multiples = multiples_of(args.configs, "--configs NAME=MULTIPLE")
+            report = signal_report(rows, multiples, args.control, args.signal, args.split,
+                                   multiples_of(args.optional, "--optional NAME=MULTIPLE"))
         except ValueError as error:
             parser.error(str(error))
         print(f"{len(report['pairs'])} task-lengths; spread of log2(level / best AdamW rate): "

@@ -11,7 +11,8 @@ and ``x`` (the weights to evaluate) averages ``z``. The rate of step ``t`` (grad
                                             sign(g), so <g, step> ≈ ‖g‖₁)
     z ← z - α² λ y - α m̂ / (√v̂ + ε)        x ← (1 - c) x + c z        y = β x + (1 - β) z
 
-with ``c = 1`` over the first ``c_warmup`` steps and then ``c = w / Σw``, ``w = t^r · max_{s≤t} α_s^p``.
+with ``c = 1`` over the first ``c_warmup`` steps and then ``c = w / Σw``, ``w = t^r · max(ε, max_{s≤t} α_s)^p``,
+each per parameter group (``lr`` floored at ``ε``), as the reference implementation keeps them.
 ``γ_t`` is the warm-up factor (linear over ``warmup_steps``, 1 after). The rate needs the loss: call
 ``step(loss)`` with the loss at the current weights (``y``); no extra forward.
 """
@@ -39,13 +40,12 @@ class ScheduleFreePlus(torch.optim.Optimizer):
             raise ValueError(f"betas, sf_beta and polyak_beta must be in [0, 1), got {betas}, {sf_beta}, {polyak_beta}")
         if warmup_steps < 0 or c_warmup < 0:
             raise ValueError(f"warmup_steps and c_warmup must be >= 0, got {warmup_steps}, {c_warmup}")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rate_max=eps,
+                                      weight_sum=0.0, scheduled_lr=0.0, average_weight=1.0))
         self.sf_beta, self.r, self.weight_lr_power = sf_beta, r, weight_lr_power
         self.polyak_beta, self.warmup_steps, self.c_warmup = polyak_beta, warmup_steps, c_warmup
         self.t = 0
         self.l1_average = 0.0
-        self.rate_max = 0.0
-        self.weight_sum = 0.0
         self.training = False
 
     def _params(self):
@@ -103,18 +103,17 @@ class ScheduleFreePlus(torch.optim.Optimizer):
         polyak = max(0.0, value + self.sf_beta * inner) / l1_hat if l1_hat > 0 else 0.0
         gamma = self.warmup_factor(t)
         for group in self.param_groups:
-            group["scheduled_lr"] = gamma * group["lr"] * polyak
-        rate0 = self.param_groups[0]["scheduled_lr"]
-        self.rate_max = max(self.rate_max, rate0)
-        if t <= self.c_warmup:
-            c = 1.0
-        else:
-            weight = t ** self.r * self.rate_max ** self.weight_lr_power
-            self.weight_sum += weight
-            c = weight / self.weight_sum if self.weight_sum > 0 else 1.0
+            rate = group["scheduled_lr"] = gamma * max(group["lr"], group["eps"]) * polyak
+            group["rate_max"] = max(group["rate_max"], rate)
+            if t <= self.c_warmup:
+                group["average_weight"] = 1.0
+            else:
+                weight = t ** self.r * group["rate_max"] ** self.weight_lr_power
+                group["weight_sum"] += weight
+                group["average_weight"] = weight / group["weight_sum"]
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            rate, eps, decay = group["scheduled_lr"], group["eps"], group["weight_decay"]
+            rate, eps, decay, c = group["scheduled_lr"], group["eps"], group["weight_decay"], group["average_weight"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -136,4 +135,4 @@ class ScheduleFreePlus(torch.optim.Optimizer):
                 x.mul_(1 - c).add_(z, alpha=c)
                 y.copy_(x).mul_(self.sf_beta).add_(z, alpha=1 - self.sf_beta)
                 p.copy_(y)
-        return rate0
+        return self.param_groups[0]["scheduled_lr"]

@@ -227,3 +227,37 @@ def test_a_feature_that_grows_with_the_wanted_multiple_correlates_with_it(tmp_pa
     assert "3 task-lengths; Spearman of log2(ratio:3) with log2(best multiple): 1.00" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         oracle.main([str(rows_path), "--configs", "low=0.5,control=1", "--feature", "ratio:3"])
+
+
+def test_the_reports_count_a_grids_optional_ends_and_a_signal_without_rows_reads_nan():
+    rows = _grid("a", "short", 1.0)
+    for seed in (0, 1):
+        rows += [_leveled("a", "short", "control", seed, 2.0, 1e-3), _leveled("a", "short", "high", seed, 1.5, 2e-3),
+                 _leveled("a", "short", "highest", seed, 1.1, 1.6e-2)]
+    features = [dict(task="a", length="short", seed=0, split="development", ratio=3.0)]
+    plain = oracle.feature_report(rows, features, {"control": 1.0, "high": 2.0}, "ratio")
+    extended = oracle.feature_report(rows, features, {"control": 1.0, "high": 2.0}, "ratio",
+                                     optional={"highest": 16.0})
+    assert plain["pairs"][0][2] == 2.0 and extended["pairs"][0][2] == 16.0
+    empty = oracle.signal_report(rows, {"control": 1.0, "high": 2.0}, "control", "no_such_signal")
+    assert empty["pairs"] == [] and math.isnan(empty["spread_signal"]) and math.isnan(empty["rho"])
+
+
+def test_a_run_that_diverged_is_not_picked_by_its_truncated_trace():
+    diverged = dict(_traced("lm_small", "long", "bold", 0, math.nan, [0.1] * 30), diverged="step 29: loss is nan")
+    rows = [diverged, _traced("lm_small", "long", "calm", 0, 1.0, [0.5] * 100)]
+    assert oracle.early_loss(diverged, 0.2) == math.inf
+    assert [r["picked_from"] for r in oracle.picked_at(rows, ["bold", "calm"], at=0.2)] == ["calm"]
+
+
+def test_a_missing_rows_file_is_named_not_skipped(tmp_path, capsys):
+    from benchmarks.quality.zoo import runner
+
+    with pytest.raises(ValueError, match="no such rows file"):
+        runner.read_rows([str(tmp_path / "absent.jsonl")])
+    assert runner.read_rows([str(tmp_path / "absent.jsonl")], missing_ok=True) == []
+    with pytest.raises(SystemExit):
+        oracle.main([str(tmp_path / "absent.jsonl"), "--configs", "a"])
+    assert "no such rows file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        runner.main(["table", str(tmp_path / "absent.jsonl")])

@@ -79,8 +79,10 @@ def test_the_rate_is_zero_at_a_zero_loss_and_the_warmup_scales_it():
     w.grad = torch.tensor([1.0, -1.0])
     assert opt.step(torch.tensor(0.0)) == 0.0  # Polyak with f* = 0: nothing to gain, no step
     assert w.detach().tolist() == [1.0, 2.0]
+    assert opt.param_groups[0]["rate_max"] == 1e-8  # the running max starts at eps, as the reference's
+    assert opt.step(torch.tensor(0.0)) == 0.0 and opt.param_groups[0]["average_weight"] == pytest.approx(0.5)
     rate = opt.step(torch.tensor(3.0))
-    assert rate == pytest.approx(0.5 * 3.0 / (2.0 * math.sqrt(math.pi / 2)))
+    assert rate == pytest.approx(0.75 * 3.0 / (2.0 * math.sqrt(math.pi / 2)))
 
 
 def test_bad_input_is_refused_before_anything_moves():

@@ -177,11 +177,16 @@ def _decision_row(decision: dict) -> dict:
     return row
 
 
-def read_rows(paths: Iterable[str]) -> List[dict]:
+def read_rows(paths: Iterable[str], missing_ok: bool = False) -> List[dict]:
+    """The JSON rows of ``paths``, in order. A path that does not exist is a ValueError naming it (a
+    mistyped path would otherwise drop its rows from a table without a word); with ``missing_ok`` (a run's
+    own output, not written yet) it holds no rows."""
     rows = []
     for path in paths:
         if not os.path.exists(path):
-            continue
+            if missing_ok:
+                continue
+            raise ValueError(f"no such rows file: {path}")
         with open(path) as handle:
             for number, line in enumerate(handle, 1):
                 if line.strip():
@@ -283,7 +288,7 @@ def command_run(args) -> int:
         raise SystemExit(f"unknown length {args.length!r}; choose from {sorted(Z.LENGTHS)}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
-    rows = read_rows([args.out])
+    rows = read_rows([args.out], missing_ok=True)
     done = {_key(r) for r in rows}
 
     def units(config_names):

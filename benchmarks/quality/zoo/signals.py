@@ -106,9 +106,10 @@ def range_statistics(search_losses: Iterable[float]) -> Dict[str, float]:
 
 
 def polyak_l1_ratio(loss: float, grads: Sequence[torch.Tensor], level: float) -> float:
-    """ScheduleFree+'s Polyak step ``F / (‖g‖₁ √(π/2))`` (``f* = 0``) over the searched level ``eta``:
-    how many times ``eta`` the step is that would take the loss to 0 if every coordinate moved by it
-    against its gradient's sign. nan where it is undefined (no gradient, a level or loss not > 0)."""
+    """ScheduleFree+'s Polyak step ``F / (‖g‖₁ √(π/2))`` (``f* = 0``) over the searched level ``eta``.
+    ``F / ‖g‖₁`` is the step that would take a linear model of the loss to 0 if every coordinate moved
+    by it against its gradient's sign; ScheduleFree+ takes ``√(2/π)`` (about 0.8) of it. nan where it
+    is undefined (no gradient, a level or loss not > 0)."""
     l1 = sum(float(g.double().abs().sum()) for g in grads)
     if not (l1 > 0 and level > 0 and loss > 0 and math.isfinite(loss)):
         return math.nan
