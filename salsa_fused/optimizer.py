@@ -45,6 +45,10 @@ RESTORE_STRATEGIES = ("copy", "inplace")
 #: Adam's two directions; the backends' third, ``"raw"`` (``d = g``), is chosen by a rule (LABPAL's).
 SEARCH_DIRECTIONS = (GRADIENT, MOMENTUM)
 NONFINITE_POLICIES = ("raise", "skip")
+#: The error for a closure that ran backward() itself, raised before the step's own backward.
+CLOSURE_RAN_BACKWARD = ("{what} ran backward() itself (torch.optim's and the published package's closure "
+                        "convention): here the closure returns the loss only, and step() runs the backward "
+                        "(nothing was changed; zero_grad() and call step() with a closure that returns the loss)")
 _DeviceCounts = F.DeviceCounts  # its name before it moved to functional.py: pickled optimizers load
 
 
@@ -101,7 +105,9 @@ class FusedSaLSa(Optimizer):
             applied step, by ``lr / search_lr``: a warmup from 0 warms up (the first steps move
             less) while the search keeps finding the level. A group with ``lr=0`` keeps its
             weights; with every group at 0 a step searches nothing (no trial forward, eta kept)
-            until a group gets a positive lr, which becomes its ``search_lr``.
+            until a group gets a positive lr. A group built at 0 then gets ``search_lr`` 1 (the
+            neutral multiplier), so a warmup of ``lr`` by hand from 0 to 1 ends at the searched
+            step, as a scheduler's warmup from 0 does.
         init_step_size: the level ``eta`` before the first search.
         c: Armijo constant in (0, 1).
         betas: Adam's (beta1, beta2).
@@ -530,14 +536,32 @@ class FusedSaLSa(Optimizer):
 
     def _check_no_earlier_backward(self) -> None:
         """The one-phase form runs the backward itself: gradients of an earlier backward would be
-        added to its own (the AdamW habit ``loss.backward(); opt.step(closure)``)."""
-        if self._has_new_gradients():
+        added to its own (the AdamW habit ``loss.backward(); opt.step(closure)``). Gradients this
+        optimizer did not zero (``model.zero_grad(set_to_none=False)``) are read once: all zeros pass,
+        and are remembered as zeroed (a device read on this path only; ``opt.zero_grad()`` avoids it)."""
+        if self._has_new_gradients() and not self._remember_if_zeros():
             raise RuntimeError(
                     "step(closure) runs the forward and the backward itself, but parameters already "
                     "have gradients (a backward ran before step(), or zero_grad() was not called): "
                     "they would be added to the step's own. Call zero_grad() before step(closure), "
                     "or, to keep your own backward, use the two-phase form: "
                     "loss.backward(); step(closure, loss=loss)")
+
+    def _remember_if_zeros(self) -> bool:
+        """Are the gradients not zeroed by this optimizer all zeros? If so they are recorded as
+        :meth:`zero_grad` records its own, and True. One device read for all of them."""
+        zeroed = self._handoff.zeroed
+        unknown = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None
+                   and (zeroed.get(id(p.grad)) is None or zeroed[id(p.grad)][0] is not p.grad
+                        or zeroed[id(p.grad)][1] != p.grad._version)]
+        if any(g.is_sparse for g in unknown):
+            return False
+        with torch.no_grad():
+            nonzero = torch.stack([torch.count_nonzero(g).to(self._device or g.device) for g in unknown]).sum()
+        if int(nonzero) != 0:
+            return False
+        self._handoff.zeroed = {**zeroed, **{id(g): (g, g._version) for g in unknown}}
+        return True
 
     def _warn_if_lr_looks_like_a_step_size(self) -> None:
         """Once, at the first step: an lr (or a scheduler's initial_lr/max_lr) below 0.1 is most
@@ -642,7 +666,7 @@ class FusedSaLSa(Optimizer):
                 plan = plan_without_search(rule, state, config, plan)
         for group in self.param_groups:
             if group["search_lr"] == 0 and group["lr"] > 0:
-                group["search_lr"] = group["lr"]  # the first positive lr of a group that started at 0
+                group["search_lr"] = 1.0  # built at 0: its first positive lr is a warmup's, not its level
         if plan.is_search and not any(group["search_lr"] > 0 for group in self.param_groups):
             plan = plan_without_search(rule, state, config, plan)  # every group at lr 0: nothing to search for
         batches = step_batches(rule, plan)
@@ -656,16 +680,11 @@ class FusedSaLSa(Optimizer):
             rng_before = RNGSnapshot.capture(devices) if plan.is_search else None
             with torch.enable_grad():
                 value = closure()
+            if self._has_new_gradients():  # torch's closure convention; backward(retain_graph=True) too
+                raise RuntimeError(CLOSURE_RAN_BACKWARD.format(what="closure()"))
             loss_tensor = self._loss_tensor(value, "closure()", need_grad=True)
             rng_after = RNGSnapshot.capture(devices) if plan.is_search else None
-            try:
-                loss_tensor.backward()
-            except RuntimeError as error:
-                if self._has_new_gradients():
-                    raise RuntimeError("closure() ran backward() itself (the published package's "
-                                       "convention): here the closure returns the loss only, and "
-                                       "step() runs the backward") from error
-                raise
+            loss_tensor.backward()
         else:
             loss_tensor = self._loss_tensor(loss, "loss", need_grad=False)
             rng_after = RNGSnapshot.capture(devices) if plan.is_search else None
@@ -750,14 +769,10 @@ class FusedSaLSa(Optimizer):
             for i in range(k):
                 with torch.enable_grad():
                     value = call(i)
+                if i == 0 and self._has_new_gradients():
+                    raise RuntimeError(CLOSURE_RAN_BACKWARD.format(what=f"closure({i})"))
                 loss_i = self._loss_tensor(value, f"closure({i})", need_grad=True)
-                try:
-                    (loss_i / k if k > 1 else loss_i).backward()
-                except RuntimeError as error:
-                    if i == 0 and self._has_new_gradients():
-                        raise RuntimeError(f"closure({i}) ran backward() itself: here the closure returns "
-                                           "the loss only, and step() runs the backward") from error
-                    raise
+                (loss_i / k if k > 1 else loss_i).backward()
                 dtype = loss_i.dtype
                 loss_i = loss_i.detach().reshape(()).to(torch.float64)
                 total = loss_i if total is None else total + loss_i

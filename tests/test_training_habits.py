@@ -169,6 +169,21 @@ def test_every_group_at_lr_zero_moves_nothing_and_does_not_search():
     assert opt.search_state.step == 1
 
 
+def test_a_warmup_by_hand_from_lr_zero_ends_at_the_searched_step():
+    """Built at lr=0 and warmed up by hand: at lr=1 the applied step is the searched one (search_lr
+    1), not 1/first-lr times it (the first positive lr, 0.1, was once kept as search_lr)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    opt = FusedSaLSa(model.parameters(), lr=0.0, backend="torch")
+    for k in range(15):
+        opt.param_groups[0]["lr"] = min(1.0, k / 10)
+        x, y = _data(k, rows=32)
+        opt.zero_grad()
+        opt.step(lambda: F.mse_loss(model(x), y))
+    assert opt.param_groups[0]["search_lr"] == 1.0
+    assert opt.applied_steps[0] == pytest.approx(opt.step_size * opt.search_config.growth)
+
+
 def test_a_group_at_lr_zero_keeps_its_weights_while_others_train():
     model = _dropout_mlp(0)
     frozen, trained = list(model[0].parameters()), list(model[3].parameters())
@@ -211,6 +226,34 @@ def test_zeroed_gradients_kept_as_tensors_are_not_an_error():
     assert opt.search_state.step == 2
 
 
+def test_gradients_zeroed_through_the_model_as_tensors_are_not_an_error():
+    """model.zero_grad(set_to_none=False) zeroes in place, behind the optimizer's back: the one-phase
+    form reads them once, finds zeros, and steps exactly as after opt.zero_grad(set_to_none=False)."""
+    runs = []
+    for zero in ("model", "optimizer"):
+        model = _dropout_mlp(0)
+        opt = FusedSaLSa(model.parameters(), backend="torch")
+        x, y = _data(0)
+        for _ in range(3):
+            (model if zero == "model" else opt).zero_grad(set_to_none=False)
+            opt.step(lambda: F.mse_loss(model(x), y))
+        runs.append((_flat(model).clone(), opt.search_state))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+
+
+def test_gradients_left_by_a_backward_through_the_model_still_refuse_one_phase():
+    model = _dropout_mlp(0)
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    x, y = _data(0)
+    opt.step(lambda: F.mse_loss(model(x), y))
+    model.zero_grad(set_to_none=False)
+    F.mse_loss(model(x), y).backward()  # the AdamW habit, after a zeroing the optimizer did not see
+    weights, state = _flat(model).clone(), opt.search_state
+    with pytest.raises(RuntimeError, match="already have gradients"):
+        opt.step(lambda: F.mse_loss(model(x), y))
+    assert torch.equal(_flat(model), weights) and opt.search_state == state
+
+
 # ---------------------------------------------------------------- item 6: returned loss, backward in the closure, lr
 
 
@@ -240,6 +283,29 @@ def test_a_closure_that_calls_backward_itself_gets_a_clear_error():
     with pytest.raises(RuntimeError, match=r"(?s)closure.*backward"):
         opt.step(closure)
     assert torch.equal(_flat(model), weights)
+
+
+@pytest.mark.parametrize("multi_batch", [False, True])
+def test_a_closure_whose_backward_keeps_its_graph_gets_the_same_clear_error(multi_batch):
+    """backward(retain_graph=True) in the closure does not make the step's own backward fail: the
+    gradients it left are what gives it away, before they would be doubled (the one-phase form, and
+    LABPAL's closure(i))."""
+    from salsa_fused import LABPAL
+
+    model = _dropout_mlp(0)
+    opt = LABPAL(model.parameters(), backend="torch") if multi_batch else FusedSaLSa(model.parameters(), backend="torch")
+    x, y = _data(0)
+
+    def closure(*index):
+        loss = F.mse_loss(model(x), y)
+        loss.backward(retain_graph=True)
+        return loss
+
+    weights, state, moments = _flat(model).clone(), opt.search_state, _moments(opt)
+    with pytest.raises(RuntimeError, match=r"closure\((0)?\) ran backward\(\) itself"):
+        opt.step(closure)
+    assert torch.equal(_flat(model), weights) and opt.search_state == state
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(_moments(opt), moments))
 
 
 def _lr_warnings(make_scheduler, lr):
