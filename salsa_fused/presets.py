@@ -132,15 +132,25 @@ SPLIT_DECAY = frozenset({"pretrain"})
 def decay_matrices_only(params):
     """``params`` as the parameter groups of the quality measurements: a plain iterable of tensors
     becomes ``[{"params": tensors with dim >= 2}, {"params": the rest, "weight_decay": 0.0}]`` (empty
-    groups left out, order kept within each); groups (dicts) are returned as they are, and a bare tensor
-    too (the optimizer refuses it as torch.optim does)."""
+    groups left out, order kept within each), and ``model.named_parameters()`` (``(name, tensor)``
+    pairs, as torch.optim takes them) is split the same way by its tensors, names kept; groups (dicts)
+    are returned as they are, and a bare tensor too (the optimizer refuses it as torch.optim does)."""
     if isinstance(params, torch.Tensor):
         return params
     params = list(params)
     if not params or any(isinstance(p, dict) for p in params):
         return params
-    matrices = [p for p in params if isinstance(p, torch.Tensor) and p.dim() >= 2]
-    vectors = [p for p in params if not (isinstance(p, torch.Tensor) and p.dim() >= 2)]
+
+    def tensor_of(item):
+        named = isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+        return item[1] if named else item
+
+    def is_matrix(item):
+        tensor = tensor_of(item)
+        return isinstance(tensor, torch.Tensor) and tensor.dim() >= 2
+
+    matrices = [p for p in params if is_matrix(p)]
+    vectors = [p for p in params if not is_matrix(p)]
     groups = [{"params": matrices}] if matrices else []
     return groups + ([{"params": vectors, "weight_decay": 0.0}] if vectors else [])
 

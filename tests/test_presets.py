@@ -74,6 +74,19 @@ def test_plain_tensors_are_split_as_the_quality_measurements_split_them():
     assert len(author.param_groups) == 1 and author.param_groups[0]["weight_decay"] == 0.1
 
 
+def test_named_parameters_split_as_tensors_do_with_their_names_kept():
+    """model.named_parameters(), which torch.optim and FusedSaLSa take, decays the matrices only too
+    (it once landed whole in the no-decay group)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 1))
+    named = presets.recommended(model.named_parameters(), total_steps=10)
+    plain = presets.recommended(model.parameters(), total_steps=10)
+    assert [g["param_names"] for g in named.param_groups] == [["0.weight", "2.weight"],
+                                                             ["0.bias", "1.weight", "1.bias", "2.bias"]]
+    assert [g["weight_decay"] for g in named.param_groups] == [0.1, 0.0]
+    assert [[id(p) for p in g["params"]] for g in named.param_groups] == \
+        [[id(p) for p in g["params"]] for g in plain.param_groups]
+
+
 def test_a_checkpoint_of_the_single_group_layout_loads_into_that_layout_and_not_the_split_one():
     model, closure = tiny_problem()
     old = presets.recommended([{"params": list(model.parameters())}], total_steps=20)
