@@ -556,9 +556,10 @@ class FusedSaLSa(Optimizer):
                         or zeroed[id(p.grad)][1] != p.grad._version)]
         if any(g.is_sparse for g in unknown):
             return False
-        with torch.no_grad():
-            nonzero = torch.stack([torch.count_nonzero(g).to(self._device or g.device) for g in unknown]).sum()
-        if int(nonzero) != 0:
+        with torch.no_grad():  # summed over the shard group under FSDP2, so every rank decides alike
+            local = torch.stack([torch.count_nonzero(_local(g)).to(torch.float32) for g in unknown]).sum()
+            nonzero = self.reduction.sum_over_shards(local.reshape(1))
+        if float(nonzero) != 0:
             return False
         self._handoff.zeroed = {**zeroed, **{id(g): (g, g._version) for g in unknown}}
         return True
