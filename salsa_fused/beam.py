@@ -124,7 +124,9 @@ class StepSizeBeam:
             multiplied).
         total_steps: the run length; the beam steps and the horizon are fractions of it.
         points: fractions of the run in (0, 1) at whose steps the beam runs (step
-            ``max(1, round(p * total_steps))``, 0-based: never before the first step).
+            ``max(1, round(p * total_steps))``, 0-based: never before the first step; a point that
+            falls on the run's end or past it, on a short run, is left out: no step of the run is
+            there, and past the end the beam decides nothing).
         horizon: the horizon ``H`` as a fraction of the run, ``H = max(1, round(horizon *
             total_steps))`` steps (cut at the run's end).
         factors: at least two distinct finite factors > 0, one branch each.
@@ -186,7 +188,8 @@ class StepSizeBeam:
         self.horizon = float(horizon)
         self.horizon_steps = max(1, int(round(horizon * total_steps)))
         self.factors = tuple(float(f) for f in factors)
-        self.beam_steps = sorted({max(1, int(round(p * total_steps))) for p in points})
+        self.beam_steps = sorted(step for step in {max(1, int(round(p * total_steps))) for p in points}
+                                 if step < total_steps)
         self.buffers = buffers
         self.cooldown_steps = int(round(cooldown * self.horizon_steps))
         self.move_margin = float(move_margin)
@@ -216,6 +219,8 @@ class StepSizeBeam:
 
     def _decide(self, closure: IndexedClosure) -> None:
         left = self.total_steps - self.calls
+        if left <= 0:  # past the run's end (a checkpoint's beam step, say): no horizon to score
+            return
         steps = min(self.horizon_steps, left)
         cool = min(self.cooldown_steps, left - steps)
         snapshot = _Snapshot(self.optimizer, self.buffers)

@@ -407,3 +407,21 @@ def test_bad_optimizer_run_length_and_closure():
     with pytest.raises(TypeError, match="callable"):
         beam.step(None)
     assert beam.calls == 0
+
+
+@pytest.mark.parametrize("total_steps, points", [(20, (0.5, 0.98)), (1, (0.05, 0.1, 0.15)), (2, (0.5, 0.9))])
+def test_a_point_on_the_runs_end_is_left_out_and_steps_past_the_end_decide_nothing(total_steps, points):
+    """A point that rounds to the run's end has no step of the run; past the end the beam once divided
+    by a horizon of 0 steps (ZeroDivisionError on every step from there)."""
+    model = make_model()
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    beam = StepSizeBeam(opt, total_steps, points=points)
+    assert all(step < total_steps for step in beam.beam_steps)
+    data = batches(total_steps + 15)
+    for k in range(total_steps + 3):
+        beam.step(lambda i: loss_on(model, data[k + i]))
+    assert [d["step"] for d in beam.decisions] == beam.beam_steps
+    beam.beam_steps.append(beam.calls)  # a beam step past the end (as an edited checkpoint could hold)
+    before = len(beam.decisions)
+    beam.step(lambda i: loss_on(model, data[i]))
+    assert len(beam.decisions) == before
