@@ -14,6 +14,7 @@ search, ``L`` the search interval.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Optional
 
@@ -50,6 +51,15 @@ class SearchConfig:
     adaptive_interval: bool = True
 
     def validate(self) -> None:
+        for name in ("c", "beta3", "growth", "backtrack"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+        for name in ("max_trials", "max_search_interval", "always_search_steps"):
+            if isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        if not isinstance(self.adaptive_interval, bool):
+            raise ValueError(f"adaptive_interval must be True or False, got {self.adaptive_interval!r}")
         if not 0.0 < self.c < 1.0:
             raise ValueError(f"c must lie in (0, 1), got {self.c}")
         if not 0.0 <= self.beta3 < 1.0:

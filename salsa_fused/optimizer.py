@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import numbers
 import warnings
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -171,6 +172,8 @@ class FusedSaLSa(Optimizer):
                  foreach: Optional[bool] = None, fused: Optional[bool] = None, nonfinite: str = "raise", reduction: Optional[SearchReduction] = None,
                  search_rule: Optional[Callable] = None, schedule=None,
                  model: Optional[torch.nn.Module] = None):
+        if isinstance(init_step_size, bool) or not isinstance(init_step_size, numbers.Real):
+            raise ValueError(f"init_step_size must be a finite number > 0, got {init_step_size!r}")
         if not (math.isfinite(init_step_size) and init_step_size > 0):
             raise ValueError(f"init_step_size must be a finite number > 0, got {init_step_size}")
         if search_direction not in SEARCH_DIRECTIONS:

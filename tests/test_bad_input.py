@@ -312,6 +312,12 @@ _BAD_CONSTRUCTION = [
     (dict(max_trials=0), "max_trials must be"), (dict(max_search_interval=0), "max_search_interval"),
     (dict(restore="swap"), "restore must be one of"), (dict(backend="cudnn"), "backend must be one of"),
     (dict(nonfinite="ignore"), "nonfinite must be one of"), (dict(search_direction="adam"), "search_direction"),
+    (dict(max_trials=True), "max_trials must be an integer"),  # bools are ints to isinstance: refused by name
+    (dict(max_search_interval=True), "max_search_interval must be an integer"),
+    (dict(always_search_steps=False), "always_search_steps must be an integer"),
+    (dict(init_step_size=True), "init_step_size must be"), (dict(init_step_size="1"), "init_step_size must be"),
+    (dict(adaptive_interval="no"), "adaptive_interval must be True or False"),
+    (dict(c="0.5"), "c must be a number"), (dict(growth=True), "growth must be a number"),
 ]
 
 
