@@ -91,6 +91,13 @@ def parse_args(argv=None):
     return args
 
 
+#: Settings a --resume must share with the run that wrote the checkpoint (the model, the data stream,
+#: the optimizer and its state's layout); --steps, the logging, the device and the backend may change.
+RESUME_MUST_MATCH = ("optimizer", "batch_size", "grad_accum", "block_size", "n_layer", "n_head", "n_embd",
+                     "dropout", "dtype", "grad_scaler", "weight_decay", "search_direction", "lr", "warmup",
+                     "max_bytes", "seed")
+
+
 # ----------------------------------------------------------------------------- set-up
 def setup_distributed(requested_device: str):
     """(rank, world_size, device); initializes the process group under torchrun."""
@@ -181,6 +188,12 @@ def _run(args, rank: int, world: int, device: torch.device) -> dict:
         if not os.path.exists(checkpoint_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        saved = state.get("args", {})
+        changed = {k: (saved[k], v) for k, v in vars(args).items()
+                   if k in RESUME_MUST_MATCH and k in saved and saved[k] != v}
+        if changed:
+            raise ValueError("--resume: the checkpoint was written by a run with other settings: " + ", ".join(
+                f"--{k.replace('_', '-')} {old!r} there, {new!r} now" for k, (old, new) in changed.items()))
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])

@@ -49,6 +49,16 @@ def test_pretrain_gpt_runs_plots_and_resumes_identically(tmp_path):
         assert (a["loss"], a["step_size"], a["forwards"]) == (b["loss"], b["step_size"], b["forwards"])
 
 
+def test_a_resume_with_other_settings_names_them_before_loading_anything(tmp_path):
+    _run(tmp_path, "--steps", "2", "--checkpoint-interval", "2")
+    with pytest.raises(ValueError, match=r"--optimizer 'salsa' there, 'adamw' now"):
+        _run(tmp_path, "--steps", "4", "--resume", "--optimizer", "adamw")
+    with pytest.raises(ValueError, match=r"--n-embd 32 there, 64 now"):
+        pretrain_gpt.train(pretrain_gpt.parse_args([*TINY[:2], "--n-embd", "64", *TINY[4:], "--out", str(tmp_path),
+                                                    "--steps", "4", "--resume"]))
+    assert [r["step"] for r in _log(tmp_path)] == [1, 2]  # the log is untouched
+
+
 def test_pretrain_gpt_finishes_without_tqdm_and_matplotlib(tmp_path, monkeypatch, capsys):
     """Without the examples extra the demo says so in one line each, and still trains,
     logs every step and saves its checkpoint."""
