@@ -261,3 +261,4 @@ def test_a_missing_rows_file_is_named_not_skipped(tmp_path, capsys):
     assert "no such rows file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         runner.main(["table", str(tmp_path / "absent.jsonl")])
+

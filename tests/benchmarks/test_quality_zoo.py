@@ -344,3 +344,19 @@ def test_provenance_marks_dirty_code_but_not_appended_result_rows(tmp_path, monk
     assert runner._provenance()["commit"] == clean
     code.write_text("x = 2\n")
     assert runner._provenance()["commit"] == clean + "+dirty"
+
+
+def test_the_zoo_table_rebuilds_the_committed_holdout_table_with_its_configurations(tmp_path):
+    """ZOO.md's command: --configs keeps section 34's configurations and the grid, so rows appended to
+    the file by later rounds do not change the committed table."""
+    from benchmarks.quality.zoo import runner
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    zoo = os.path.join(root, "benchmarks", "quality", "results", "zoo")
+    out = tmp_path / "holdout.md"
+    assert runner.main(["table", os.path.join(zoo, "holdout.jsonl"), "--split", "holdout", "--length", "default",
+                        "--configs", "salsa_defaults,pretrain,beam_cool_margin_hold,prodigy_warmup,"
+                        "schedulefree_warmup,prodigy_plus_sf", "--md", str(out),
+                        "--title", "Zoo hold-out tasks, length default, seeds 0-1 (NOTES.md section 34)"]) == 0
+    with open(os.path.join(zoo, "holdout.md")) as committed:
+        assert out.read_text() == committed.read()

@@ -560,6 +560,9 @@ def command_compare(args) -> int:
 def command_table(args) -> int:
     rows = [r for r in read_rows(args.files) if args.split in (None, "all") or r["split"] == args.split]
     rows = [r for r in rows if r["length"] == args.length]
+    if args.configs:  # the named configurations, and the AdamW grid every ratio divides by
+        keep = set(args.configs.split(","))
+        rows = [r for r in rows if r["config"] in keep or lr_of(r["config"]) is not None]
     text = markdown(rows, args.title or f"Zoo, {args.split or 'all'} tasks, length {args.length}")
     if args.md:
         with open(args.md, "w") as handle:
@@ -664,6 +667,8 @@ def main(argv=None) -> int:
         if name == "table":
             p.add_argument("--md", default=None, help="also write the tables to this file")
             p.add_argument("--title", default=None)
+            p.add_argument("--configs", default=None,
+                           help="comma list: only these configurations (and the AdamW grid) (default: all)")
         else:
             p.add_argument("--out-dir", required=True)
             p.add_argument("--configs", default=None,
