@@ -48,6 +48,14 @@ FACTOR_7 = (8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.125)
 TARGETS = ("auto", "lr", "schedule")
 
 
+def _note(error: BaseException, text: str) -> None:
+    """Add ``text`` to ``error``'s report (``add_note``, Python 3.11+; before it, into its message)."""
+    if hasattr(error, "add_note"):
+        error.add_note(text)
+    elif error.args and isinstance(error.args[0], str):
+        error.args = (f"{error.args[0]} ({text})",) + error.args[1:]
+
+
 def factor_scores(factors: Sequence[float], losses: Sequence[float]):
     """``(scores, factor)``: ``exp(-z)`` of each loss's z-score, and the score-weighted
     geometric mean of ``factors``. A non-finite loss scores 0 and is left out of the mean
@@ -147,8 +155,14 @@ class LRFactorSearch:
         self.calls += 1
         with torch.no_grad():
             after = [p.detach().clone() for p in params]
-        losses = self._trial_losses(closure, params, before, after)
-        scores, factor = factor_scores(self.factors, losses)
+        try:
+            losses = self._trial_losses(closure, params, before, after)
+            scores, factor = factor_scores(self.factors, losses)
+        except Exception as error:
+            _note(error, f"LRFactorSearch: the optimizer's step (call {self.calls}) was taken before the scoring "
+                         "failed; the weights are where it left them and the rate is unchanged: do not "
+                         "retake this step")
+            raise
         self._apply(factor)
         self.last_decision = dict(call=self.calls, losses=losses, scores=scores, factor=factor, scale=self.scale)
         return result

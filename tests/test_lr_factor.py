@@ -10,6 +10,7 @@ it took; FusedSaLSa: the schedule scale), exact restoration, resume, bad input.
 import copy
 import io
 import math
+import traceback
 
 import pytest
 import torch
@@ -241,9 +242,11 @@ def test_non_finite_trial_losses():
     search = LRFactorSearch(opt, interval=1)
     opt.zero_grad()
     loss_on(model, batch(0)).backward()
-    with pytest.raises(NonFiniteError):
+    with pytest.raises(NonFiniteError) as caught:
         search.step(lambda: torch.tensor(math.nan, dtype=torch.float64))
     assert opt.param_groups[0]["lr"] == 0.1
+    report = "".join(traceback.format_exception(type(caught.value), caught.value, caught.value.__traceback__))
+    assert "the optimizer's step (call 1) was taken" in report  # a caller must not retake the step
 
 
 WORLD = 2
