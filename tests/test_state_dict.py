@@ -253,3 +253,41 @@ def test_checkpoint_with_the_old_slope_key_loads():
     fresh = FusedSaLSa([torch.nn.Parameter(params[0].detach().clone())])
     fresh.load_state_dict(state)
     assert fresh.search_state.slope_avg == opt.search_state.slope_avg
+
+
+@pytest.mark.parametrize("saved_rule, loading_rule", [("sls", None), ("alsals", "sls"), ("salsa", "alsals"),
+                                                      ("labpal", "labpal_sgd")])
+def test_a_checkpoint_of_another_search_rule_is_refused_by_name_and_nothing_loads(saved_rule, loading_rule):
+    """Their moments and search states mean different things (Adam's bias correction for sls/alsals,
+    no moments for LABPAL): loading one into another once went through silently."""
+    model = _model()
+    saver = FusedSaLSa(model.parameters(), backend="torch", search_rule=saved_rule)
+    if not saved_rule.startswith("labpal"):
+        _train(model, saver, 3)
+    saved = saver.state_dict()
+    assert saved["param_groups"][0]["search_rule"] == saved_rule
+    loader = FusedSaLSa(_model().parameters(), backend="torch", search_rule=loading_rule)
+    before, state_before = loader.search_state, deepcopy(loader.state_dict())
+    with pytest.raises(ValueError, match=f"searching with {saved_rule}, and this one searches with "
+                                         f"{loading_rule or 'salsa'}"):
+        loader.load_state_dict(saved)
+    assert loader.search_state == before
+    assert str(loader.state_dict()) == str(state_before)
+
+
+def test_a_checkpoint_loads_into_the_same_rule_with_other_constants_and_without_the_rules_record():
+    from salsa_fused.adam_sls import AdamSLSRule
+
+    model = _model()
+    saver = FusedSaLSa(model.parameters(), backend="torch", search_rule="sls")
+    _train(model, saver, 3)
+    saved = saver.state_dict()
+    other_constants = FusedSaLSa(_model().parameters(), backend="torch", search_rule=AdamSLSRule(c=0.2))
+    other_constants.load_state_dict(saved)
+    assert other_constants.search_state == saver.search_state
+    older = deepcopy(saved)
+    del older["param_groups"][0]["search_rule"]  # written before the rule was recorded
+    plain = FusedSaLSa(_model().parameters(), backend="torch", search_rule="sls")
+    plain.load_state_dict(older)
+    assert plain.search_state == saver.search_state
+    assert "search_rule" not in plain.param_groups[0]  # the record lives in the checkpoint, not the group
