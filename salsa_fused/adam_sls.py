@@ -145,7 +145,6 @@ class AdamSLSRule(_EveryStepRule):
     c: float = 0.1
     trial_direction: ClassVar[str] = GRADIENT
     search: ClassVar[type] = _SLSSearch
-    identity: ClassVar[str] = "sls"
 
 
 @dataclass(frozen=True)
@@ -156,7 +155,6 @@ class ALSALSRule(_EveryStepRule):
     c: float = 0.6
     trial_direction: ClassVar[str] = MOMENTUM
     search: ClassVar[type] = _ALSALSSearch
-    identity: ClassVar[str] = "alsals"
 
 
 ADAM_SLS = AdamSLSRule()

@@ -185,10 +185,6 @@ class LABPALRule:
     #: FusedSaLSa's search arguments LABPAL reads: none (its constants are the fields above).
     reads: ClassVar[FrozenSet[str]] = frozenset()
 
-    @property
-    def identity(self) -> str:
-        """What a checkpoint records of the rule: ``"labpal"`` (NSGD) or ``"labpal_sgd"``."""
-        return "labpal" if self.mode == "NSGD" else "labpal_sgd"
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")

@@ -200,10 +200,6 @@ class ArmijoSearch:
     ``s < 1e-8``) there is no trial and the step moves ``eta * growth`` along ``m_hat``.
     """
 
-    #: What a checkpoint records of the rule (:func:`salsa_fused.rules.rule_identity`); variants that
-    #: subclass this search keep its state's layout, and its identity.
-    identity = "salsa"
-
     #: Every search argument of FusedSaLSa configures this rule.
     reads = frozenset(SEARCH_ARGUMENTS)
 

@@ -34,7 +34,7 @@ from .distributed import SearchReduction, default_reduction
 from .applied import GroupStep
 from .line_search import SearchConfig, SearchState
 from .rules import (Batches, check_arguments, check_rule_state, moment_step, plan_step, plan_without_search,
-                    resolve_rule, rule_identity, step_batches)
+                    resolve_rule, step_batches)
 from .step_size import (applied_scale, backs_off_on_loss_rise, check_freeze_below, freeze_if_collapsed,
                         observe_search_loss, schedule_searches, warn_collapsed_level, warn_past_end)
 
@@ -42,7 +42,6 @@ LossClosure = Callable[[], Union[torch.Tensor, float]]
 
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 _SEARCH_KEY = "search"  # where state_dict() carries the search state (param_groups[0])
-_RULE_KEY = "search_rule"  # ... and the rule's identity (rules.rule_identity), since 2026-12-02
 RESTORE_STRATEGIES = ("copy", "inplace")
 #: Adam's two directions; the backends' third, ``"raw"`` (``d = g``), is chosen by a rule (LABPAL's).
 SEARCH_DIRECTIONS = (GRADIENT, MOMENTUM)
@@ -394,7 +393,6 @@ class FusedSaLSa(Optimizer):
     def state_dict(self) -> dict:
         state_dict = super().state_dict()
         state_dict["param_groups"][0][_SEARCH_KEY] = self._search.to_dict()  # a deep copy
-        state_dict["param_groups"][0][_RULE_KEY] = rule_identity(self.search_rule)
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -407,18 +405,12 @@ class FusedSaLSa(Optimizer):
                 "build it with the groups the checkpoint was saved with (the 'pretrain' preset splits a plain "
                 "list of tensors into decaying matrices and non-decaying vectors since 2026-12-01; pass "
                 "[{'params': list(model.parameters())}] to load a checkpoint it saved before); nothing was loaded")
-        saved_rule = groups[0].get(_RULE_KEY) if groups else None
-        if saved_rule is not None and saved_rule != rule_identity(self.search_rule):
-            raise ValueError(f"the checkpoint was saved by a FusedSaLSa searching with {saved_rule}, and this one "
-                             f"searches with {rule_identity(self.search_rule)}: its search state and moments "
-                             "belong to the other rule (build the optimizer with the checkpoint's search_rule); "
-                             "nothing was loaded")
         search = None
         if groups and _SEARCH_KEY in groups[0]:
             search = SearchState.from_dict(deepcopy(groups[0][_SEARCH_KEY]))
             search.validate()  # unknown keys, bad values
             check_rule_state(self.search_rule, search.rule_state)
-        groups = [{k: v for k, v in group.items() if k not in (_SEARCH_KEY, _RULE_KEY)} for group in groups]
+        groups = [{k: v for k, v in group.items() if k != _SEARCH_KEY} for group in groups]
         for group in groups:
             group.setdefault("search_lr", group.get("lr", self.defaults["lr"]))  # saved before it existed
             self._validate_group_hyper({**self.defaults, **group})

@@ -220,20 +220,6 @@ def plan_without_search(rule: SearchRule, state: "SearchState", config: "SearchC
     return without(state, config)
 
 
-def rule_identity(rule: SearchRule) -> str:
-    """What a checkpoint records of the search rule: its ``identity`` where it has one (the package's
-    rules: their registered names; a wrapper that forwards attributes to the rule it wraps forwards
-    this too), else its class and ``mode``. Constants are left out: a checkpoint loads into the same
-    rule with other constants, as torch.optim loads into other hyperparameters."""
-    identity = getattr(rule, "identity", None)
-    if isinstance(identity, str):
-        return identity
-    kind = rule if isinstance(rule, type) else type(rule)
-    name = f"{kind.__module__}.{kind.__qualname__}"
-    mode = getattr(rule, "mode", None)
-    return f"{name}:{mode}" if isinstance(mode, str) else name
-
-
 def check_rule_state(rule: SearchRule, rule_state: dict) -> None:
     """The rule's ``check_state(rule_state)`` when it has one (a loaded checkpoint's scalars)."""
     check = getattr(rule, "check_state", None)
