@@ -49,7 +49,9 @@ NONFINITE_POLICIES = ("raise", "skip")
 #: The error for a closure that ran backward() itself, raised before the step's own backward.
 CLOSURE_RAN_BACKWARD = ("{what} ran backward() itself (torch.optim's and the published package's closure "
                         "convention): here the closure returns the loss only, and step() runs the backward "
-                        "(nothing was changed; zero_grad() and call step() with a closure that returns the loss)")
+                        "(the weights and the moments are as they were and the step was not counted; the "
+                        "gradients its backward left are in .grad: call zero_grad(), then step() with a "
+                        "closure that returns the loss)")
 _DeviceCounts = F.DeviceCounts  # its name before it moved to functional.py: pickled optimizers load
 
 
@@ -684,7 +686,9 @@ class FusedSaLSa(Optimizer):
             rng_before = RNGSnapshot.capture(devices) if plan.is_search else None
             with torch.enable_grad():
                 value = closure()
-            if self._has_new_gradients():  # torch's closure convention; backward(retain_graph=True) too
+            # torch's closure convention, backward(retain_graph=True) too; new tensors of zeros are not
+            # a backward's (DDP's gradient_as_bucket_view swaps .grad for bucket views in a forward)
+            if self._has_new_gradients() and not self._remember_if_zeros():
                 raise RuntimeError(CLOSURE_RAN_BACKWARD.format(what="closure()"))
             loss_tensor = self._loss_tensor(value, "closure()", need_grad=True)
             rng_after = RNGSnapshot.capture(devices) if plan.is_search else None
@@ -773,7 +777,7 @@ class FusedSaLSa(Optimizer):
             for i in range(k):
                 with torch.enable_grad():
                     value = call(i)
-                if i == 0 and self._has_new_gradients():
+                if i == 0 and self._has_new_gradients() and not self._remember_if_zeros():
                     raise RuntimeError(CLOSURE_RAN_BACKWARD.format(what=f"closure({i})"))
                 loss_i = self._loss_tensor(value, f"closure({i})", need_grad=True)
                 (loss_i / k if k > 1 else loss_i).backward()

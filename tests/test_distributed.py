@@ -287,6 +287,25 @@ def test_fsdp2_matches_single_process_and_resumes_from_dcp(tmp_path):
     spawn_in_gloo_group(_fsdp_job, str(tmp_path), WORLD)
 
 
+def _bucket_view_job(rank: int, out_dir: str) -> None:
+    """DDP with gradient_as_bucket_view and gradients zeroed as tensors (by the optimizer or through
+    the model): DDP rebuilds its buckets in its second forward, inside closure(), and swaps .grad for
+    bucket views of zeros; the one-phase form must not take that for a closure's own backward."""
+    for zero_through_model in (False, True):
+        model = _make_model(0)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
+        opt = FusedSaLSa(ddp.parameters(), backend="torch")
+        for step in range(4):
+            x, y = _batch(step, rank)
+            (ddp if zero_through_model else opt).zero_grad(set_to_none=False)
+            opt.step(lambda: F.mse_loss(ddp(x), y))
+        assert opt.search_state.step == 4
+
+
+def test_ddp_with_gradient_bucket_views_and_zeroed_tensor_gradients_steps(tmp_path):
+    spawn_in_gloo_group(_bucket_view_job, str(tmp_path), WORLD)
+
+
 def test_single_process_reduction_is_inactive():
     params = list(_make_model(0).parameters())
     assert not default_reduction(params).active
