@@ -311,6 +311,9 @@ class StepSizeBeam:
             if key not in state_dict:
                 raise ValueError(f"StepSizeBeam state_dict lacks {key!r}")
             saved = list(state_dict[key]) if isinstance(value, list) else state_dict[key]
+            if key == "beam_steps" and isinstance(state_dict.get("total_steps"), int):
+                # saved before steps on the run's end were left out: they never ran a beam
+                saved = [step for step in saved if step < state_dict["total_steps"]]
             if saved != value:
                 raise ValueError(f"StepSizeBeam state_dict has {key}={saved!r}, this instance {value!r}")
         calls, multiplier = state_dict.get("calls"), state_dict.get("multiplier")

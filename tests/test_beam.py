@@ -425,3 +425,16 @@ def test_a_point_on_the_runs_end_is_left_out_and_steps_past_the_end_decide_nothi
     before = len(beam.decisions)
     beam.step(lambda i: loss_on(model, data[i]))
     assert len(beam.decisions) == before
+
+
+def test_a_checkpoint_saved_with_a_beam_step_on_the_runs_end_still_loads():
+    """Such a step never ran a beam; checkpoints saved before it was left out hold it."""
+    model = make_model()
+    beam = StepSizeBeam(FusedSaLSa(model.parameters(), backend="torch"), 20, points=(0.5, 0.98))
+    saved = {**beam.state_dict(), "beam_steps": [10, 20]}  # as written before the step at 20 was left out
+    fresh = StepSizeBeam(FusedSaLSa(make_model().parameters(), backend="torch"), 20, points=(0.5, 0.98))
+    fresh.load_state_dict(saved)
+    assert fresh.beam_steps == [10]
+    with pytest.raises(ValueError, match="beam_steps"):
+        fresh.load_state_dict({**saved, "beam_steps": [5, 20]})
+
