@@ -4,8 +4,8 @@ Words (docs/api.md, "Words"): the *level* ``eta`` is what the search finds and k
 (``SearchState.step_size``); a *trial* is a level a search tries (the first ``eta * growth``,
 then backtracked); the *applied step* is what the weights finally move by. For group ``g`` at a step whose schedule scale is
 ``s`` (1 without a schedule) and whose level before the step is ``eta``, ``lr_g`` is the group's
-*probe* multiplier ``search_lr`` (its ``lr`` at construction, or the first positive ``lr`` it
-gets) and ``s`` includes the ratio ``lr / search_lr`` of a scheduler's current ``lr`` to it
+*probe* multiplier ``search_lr`` (its ``lr`` at construction; 1 for a group built at ``lr=0``,
+from its first positive ``lr`` on) and ``s`` includes the ratio ``lr / search_lr`` of a scheduler's current ``lr`` to it
 (capped at the hold ``h`` and times the back-off ``b`` of ``backoff_on_loss_rise``:
 ``salsa_fused.step_size.applied_scale``):
 trials always probe at the probe multiplier, a warmup of ``lr`` scales only the applied step

@@ -58,7 +58,7 @@ class SearchConfig:
         for name in ("max_trials", "max_search_interval", "always_search_steps"):
             if isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
-        if not isinstance(self.adaptive_interval, bool):
+        if not isinstance(self.adaptive_interval, (bool, np.bool_)):
             raise ValueError(f"adaptive_interval must be True or False, got {self.adaptive_interval!r}")
         if not 0.0 < self.c < 1.0:
             raise ValueError(f"c must lie in (0, 1), got {self.c}")

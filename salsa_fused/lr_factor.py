@@ -17,8 +17,9 @@ Where the factor goes (``target``):
 
 - ``"lr"``: every param group's ``lr`` is multiplied (torch.optim's optimizers).
 - ``"schedule"``: FusedSaLSa's ``schedule`` scale, a multiplier on the applied step that
-  the line search does not see. FusedSaLSa's ``lr`` multiplies the trials too, so its
-  next search re-finds ``lr * eta`` and absorbs most of a change of ``lr``.
+  the line search does not see. (FusedSaLSa's ``lr`` would do too, since trials probe at the
+  ``search_lr`` fixed at construction and a later ``lr`` scales only the applied step; the
+  schedule keeps the factor apart from a scheduler that writes ``lr``.)
 - ``"auto"`` (default): ``"schedule"`` for FusedSaLSa, ``"lr"`` otherwise.
 
 Cost per decision: one forward per factor on the scoring batch (no backward), two copies
