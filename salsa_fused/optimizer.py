@@ -405,8 +405,9 @@ class FusedSaLSa(Optimizer):
             raise ValueError(
                 f"the checkpoint has {len(groups)} parameter group(s) and this optimizer {len(self.param_groups)}: "
                 "build it with the groups the checkpoint was saved with (the 'pretrain' preset splits a plain "
-                "list of tensors into decaying matrices and non-decaying vectors since 2026-12-01; pass "
-                "[{'params': list(model.parameters())}] to load a checkpoint it saved before); nothing was loaded")
+                "list of tensors into decaying matrices and non-decaying vectors since 2026-12-01, and "
+                "model.named_parameters() since 2026-12-02; pass [{'params': list(model.parameters())}] to "
+                "load a checkpoint it saved before); nothing was loaded")
         search = None
         if groups and _SEARCH_KEY in groups[0]:
             search = SearchState.from_dict(deepcopy(groups[0][_SEARCH_KEY]))
