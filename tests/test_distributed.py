@@ -280,6 +280,35 @@ def _fsdp_job(rank, out_dir):
     assert opt.search_state == final_search
 
 
+def _fsdp_zeroed_outside_job(rank, out_dir):
+    """FSDP2, the sharded gradients zeroed in place outside the optimizer (a loop's own zeroing): the
+    one-phase form reads the zeros once (summed over the shard group) and steps as after
+    opt.zero_grad(). (model.zero_grad() is not such a zeroing here: after a search's no-grad trial
+    forwards the root module holds its unsharded parameters, so it does not reach the sharded
+    gradients, and the step refuses them, as before.)"""
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (WORLD,))
+    runs = []
+    for outside in (False, True):
+        model = _fsdp_model(0, mesh)
+        opt = FusedSaLSa(model.parameters())
+        for step in range(4):
+            x, y = _batch(step, rank)
+            if outside:
+                for p in opt.param_groups[0]["params"]:
+                    if p.grad is not None:
+                        p.grad.zero_()
+            else:
+                opt.zero_grad()
+            opt.step(fsdp_closure(model, lambda: F.mse_loss(model(x), y)))
+        runs.append((_full_weights(model), opt.search_state))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+
+
+def test_fsdp2_steps_after_sharded_gradients_zeroed_in_place_outside_the_optimizer(tmp_path):
+    spawn_in_gloo_group(_fsdp_zeroed_outside_job, str(tmp_path), WORLD)
+
+
 def test_fsdp2_matches_single_process_and_resumes_from_dcp(tmp_path):
     """FSDP2 on CPU/gloo: kernels on local shards, q summed over the shard group, the same
     trajectory as one process on the concatenated batch; a torch.distributed.checkpoint
