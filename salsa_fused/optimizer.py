@@ -549,7 +549,8 @@ class FusedSaLSa(Optimizer):
             raise RuntimeError(
                     "step(closure) runs the forward and the backward itself, but parameters already "
                     "have gradients (a backward ran before step(), or zero_grad() was not called): "
-                    "they would be added to the step's own. Call zero_grad() before step(closure), "
+                    "they would be added to the step's own. Call this optimizer's zero_grad() before "
+                    "step(closure) (under FSDP2 model.zero_grad() may not reach the sharded gradients), "
                     "or, to keep your own backward, use the two-phase form: "
                     "loss.backward(); step(closure, loss=loss)")
 
