@@ -174,10 +174,9 @@ class FusedSaLSa(Optimizer):
                  foreach: Optional[bool] = None, fused: Optional[bool] = None, nonfinite: str = "raise", reduction: Optional[SearchReduction] = None,
                  search_rule: Optional[Callable] = None, schedule=None,
                  model: Optional[torch.nn.Module] = None):
-        if isinstance(init_step_size, bool) or not isinstance(init_step_size, numbers.Real):
+        if (isinstance(init_step_size, bool) or not isinstance(init_step_size, numbers.Real)
+                or not (math.isfinite(init_step_size) and init_step_size > 0)):
             raise ValueError(f"init_step_size must be a finite number > 0, got {init_step_size!r}")
-        if not (math.isfinite(init_step_size) and init_step_size > 0):
-            raise ValueError(f"init_step_size must be a finite number > 0, got {init_step_size}")
         if search_direction not in SEARCH_DIRECTIONS:
             raise ValueError(f"search_direction must be one of {SEARCH_DIRECTIONS}, got {search_direction!r} "
                              "(the raw gradient is a rule's direction: search_rule='labpal')")
@@ -527,8 +526,9 @@ class FusedSaLSa(Optimizer):
             id(p.grad): (p.grad, p.grad._version) for group in self.param_groups
             for p in group["params"] if p.grad is not None}
 
-    def _has_new_gradients(self) -> bool:
-        """Has a backward run since ``zero_grad()``? (zeroed tensors compared by version)"""
+    def _gradients_not_zeroed_here(self):
+        """The gradients that :meth:`zero_grad` did not leave as they are now: present, and not the
+        zeroed tensor it recorded at that version (a backward wrote them, or something else did)."""
         zeroed = self._handoff.zeroed
         for group in self.param_groups:
             for p in group["params"]:
@@ -537,8 +537,11 @@ class FusedSaLSa(Optimizer):
                     continue
                 recorded = zeroed.get(id(grad))
                 if recorded is None or recorded[0] is not grad or recorded[1] != grad._version:
-                    return True
-        return False
+                    yield grad
+
+    def _has_new_gradients(self) -> bool:
+        """Has a backward run since ``zero_grad()``? (zeroed tensors compared by version)"""
+        return next(self._gradients_not_zeroed_here(), None) is not None
 
     def _check_no_earlier_backward(self) -> None:
         """The one-phase form runs the backward itself: gradients of an earlier backward would be
@@ -557,10 +560,7 @@ class FusedSaLSa(Optimizer):
     def _remember_if_zeros(self) -> bool:
         """Are the gradients not zeroed by this optimizer all zeros? If so they are recorded as
         :meth:`zero_grad` records its own, and True. One device read for all of them."""
-        zeroed = self._handoff.zeroed
-        unknown = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None
-                   and (zeroed.get(id(p.grad)) is None or zeroed[id(p.grad)][0] is not p.grad
-                        or zeroed[id(p.grad)][1] != p.grad._version)]
+        unknown = list(self._gradients_not_zeroed_here())
         if any(g.is_sparse for g in unknown):
             return False
         with torch.no_grad():  # summed over the shard group under FSDP2, so every rank decides alike
@@ -568,7 +568,7 @@ class FusedSaLSa(Optimizer):
             nonzero = self.reduction.sum_over_shards(local.reshape(1))
         if float(nonzero) != 0:
             return False
-        self._handoff.zeroed = {**zeroed, **{id(g): (g, g._version) for g in unknown}}
+        self._handoff.zeroed = {**self._handoff.zeroed, **{id(g): (g, g._version) for g in unknown}}
         return True
 
     def _warn_if_lr_looks_like_a_step_size(self) -> None:
