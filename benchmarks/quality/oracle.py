@@ -132,6 +132,17 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return cov / (sa * sb) if sa > 0 and sb > 0 else math.nan
 
 
+def best_multiples(rows: List[dict], multiples: Dict[str, float], split: Optional[str] = None,
+                   optional: Optional[Dict[str, float]] = None) -> List[tuple]:
+    """``(task, length, best multiple)`` per task-length where :func:`bound` over ``multiples`` (name ->
+    the multiple it applies) picks one; ``optional`` (name -> multiple): a grid's extensions, counted
+    where they have rows."""
+    optional = optional or {}
+    every = {**multiples, **optional}
+    return [(task, length, every[best]) for length, r in bound(rows, list(multiples), split, list(optional)).items()
+            for task, (best, _) in r["per_task"].items()]
+
+
 def signal_report(rows: List[dict], multiples: Dict[str, float], control: str, signal: str,
                   split: Optional[str] = None, optional: Optional[Dict[str, float]] = None) -> dict:
     """Does ``signal``'s applied level tell the multiple of ``control``'s level a task wants (NOTES.md
@@ -142,19 +153,15 @@ def signal_report(rows: List[dict], multiples: Dict[str, float], control: str, s
     (``spread_control``, ``spread_signal``), and ``rho``: Spearman's correlation of log2(signal level /
     control level) with log2(best multiple). ``optional`` (name -> multiple): a grid's extensions, counted
     where they have rows, as in :func:`bound`."""
-    optional = optional or {}
     if control not in multiples:
         raise ValueError(f"the control {control!r} must be one of the multiples {sorted(multiples)}")
-    result = bound(rows, list(multiples), split, list(optional))
-    multiples = {**multiples, **optional}
     summary = summarize([r for r in rows if split is None or r.get("split") == split])
     pairs = []
-    for length, r in result.items():
-        for task, (best, _) in r["per_task"].items():
-            present = summary[f"{task}@{length}"]["configs"]
-            levels = [present.get(c, {}).get("level_ratio") for c in (control, signal)]
-            if all(v is not None and v > 0 and math.isfinite(v) for v in levels):
-                pairs.append((task, length, multiples[best], levels[0], levels[1]))
+    for task, length, best in best_multiples(rows, multiples, split, optional):
+        present = summary[f"{task}@{length}"]["configs"]
+        levels = [present.get(c, {}).get("level_ratio") for c in (control, signal)]
+        if all(v is not None and v > 0 and math.isfinite(v) for v in levels):
+            pairs.append((task, length, best, levels[0], levels[1]))
 
     def spread(values):
         logs = [math.log2(v) for v in values]
@@ -176,7 +183,6 @@ def feature_report(rows: List[dict], feature_rows: List[dict], multiples: Dict[s
     some seed: ``pairs`` (task, length, best multiple, the feature's geometric mean over seeds), and
     ``rho``, Spearman's correlation of log2(feature) with log2(best multiple). ``optional`` as for
     :func:`signal_report`."""
-    optional = optional or {}
     values: Dict[tuple, List[float]] = {}
     for row in feature_rows:
         value = row.get(key)
@@ -184,13 +190,8 @@ def feature_report(rows: List[dict], feature_rows: List[dict], multiples: Dict[s
             value = value[index] if isinstance(value, list) and -len(value) <= index < len(value) else None
         if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
             values.setdefault((row["task"], row["length"]), []).append(value)
-    pairs = []
-    every = {**multiples, **optional}
-    for length, r in bound(rows, list(multiples), split, list(optional)).items():
-        for task, (best, _) in r["per_task"].items():
-            found = values.get((task, length))
-            if found:
-                pairs.append((task, length, every[best], _gmean(found)))
+    pairs = [(task, length, best, _gmean(values[(task, length)]))
+             for task, length, best in best_multiples(rows, multiples, split, optional) if values.get((task, length))]
     return dict(pairs=pairs, rho=spearman([math.log2(p[3]) for p in pairs], [math.log2(p[2]) for p in pairs]))
 
 
