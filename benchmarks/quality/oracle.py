@@ -14,6 +14,9 @@ its steps: per task, length and seed, the configuration whose training loss over
 ``[F - 0.05, F)`` of the run is lowest, scored by its own final loss. It bounds rules that would probe
 the configurations on the run's early part and keep the best (their probes' cost not counted).
 
+``--signal CONFIG --control C --floor-scale K`` (NOTES.md section 49) scores, in hindsight, a floor at K times
+CONFIG's applied level on the multiple of C's searched level (:func:`floor_report`).
+
     python -m benchmarks.quality.oracle results/zoo/development.jsonl results/zoo/development_oracle43.jsonl \\
         --configs pretrain_peak0.5,pretrain_peak1,pretrain_hold,pretrain_peak4,pretrain_peak8 --split development
 """
@@ -195,6 +198,44 @@ def feature_report(rows: List[dict], feature_rows: List[dict], multiples: Dict[s
     return dict(pairs=pairs, rho=spearman([math.log2(p[3]) for p in pairs], [math.log2(p[2]) for p in pairs]))
 
 
+def floor_report(rows: List[dict], multiples: Dict[str, float], control: str, signal: str, scale: float,
+                 split: Optional[str] = None) -> Dict[str, dict]:
+    """A floor on the level from ``signal``'s applied level, in hindsight (NOTES.md section 49). Per task-length
+    where ``control`` and ``signal`` have level ratios, the rule applies the multiple
+
+        m = max(m_c, m_c * scale * level(signal) / level(control))       (m_c: the control's multiple)
+
+    rounded to the nearest multiple with rows (in log2; ties to the lower), and is scored by that
+    configuration's ratio to the best AdamW. ``multiples``: name -> the multiple of the searched level it
+    applies, ``control`` among them. Per length: ``per_task`` {task: (picked name, its ratio, the control's
+    ratio)}, ``geomean``, ``control_geomean`` and ``above_1_15``."""
+    if control not in multiples:
+        raise ValueError(f"the control {control!r} must be one of the multiples {sorted(multiples)}")
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"the floor's scale must be a positive number, got {scale!r}")
+    summary = summarize([r for r in rows if split is None or r.get("split") == split])
+    out: Dict[str, dict] = {}
+    for entry in summary.values():
+        present = entry["configs"]
+        levels = [present.get(c, {}).get("level_ratio") for c in (control, signal)]
+        if not all(v is not None and v > 0 and math.isfinite(v) for v in levels):
+            continue
+        ratios = {name: present[name]["ratio"] for name in multiples
+                  if present.get(name, {}).get("ratio") is not None}
+        if control not in ratios:
+            continue
+        wanted = max(multiples[control], multiples[control] * scale * levels[1] / levels[0])
+        picked = min(ratios, key=lambda name: (abs(math.log2(multiples[name] / wanted)), multiples[name]))
+        result = out.setdefault(entry["length"], dict(per_task={}))
+        result["per_task"][entry["task"]] = (picked, ratios[picked], ratios[control])
+    for result in out.values():
+        picks = result["per_task"].values()
+        result["geomean"] = _gmean([p[1] for p in picks])
+        result["control_geomean"] = _gmean([p[2] for p in picks])
+        result["above_1_15"] = sorted(t for t, p in result["per_task"].items() if p[1] > 1.15)
+    return {length: out[length] for length in LENGTHS if length in out}
+
+
 def markdown(result: Dict[str, dict], configs: Sequence[str]) -> str:
     """``configs``: every name the oracle picked from, in the order the counts are shown."""
     lines = [f"oracle over {', '.join(configs)}", "",
@@ -237,6 +278,8 @@ def main(argv=None) -> int:
                         help="report how a feature of --feature-rows relates to the best multiple (section 48); "
                              "--configs and --optional then give NAME=MULTIPLE pairs")
     parser.add_argument("--feature-rows", default=None, help="comma-separated JSONL files of the feature's rows")
+    parser.add_argument("--floor-scale", type=float, default=None, metavar="K",
+                        help="with --signal: score a floor at K times the signal's level, in hindsight (section 49)")
     parser.add_argument("--pick-at", type=float, default=None, metavar="F",
                         help="pick per seed by the training loss at fraction F of the run instead of the "
                              "final loss (section 46); the optional configurations are not picked from")
@@ -273,6 +316,20 @@ def main(argv=None) -> int:
             print(f"  {task} {length}: best multiple {best:g}, {args.feature} {value:.3g}")
         return 0
     if args.signal is not None:
+        if args.floor_scale is not None:
+            try:
+                multiples = {**multiples_of(args.configs, "--configs NAME=MULTIPLE"),
+                             **multiples_of(args.optional, "--optional NAME=MULTIPLE")}
+                floor = floor_report(rows, multiples, args.control, args.signal, args.floor_scale, args.split)
+            except ValueError as error:
+                parser.error(str(error))
+            print(f"a floor at {args.floor_scale:g} x {args.signal}'s level on {args.control}")
+            for length, r in floor.items():
+                worst = ", ".join(f"{t} {r['per_task'][t][1]:.3g} ({r['per_task'][t][0]})" for t in r["above_1_15"])
+                moved = sum(p[0] != args.control for p in r["per_task"].values())
+                print(f"  {length}: {len(r['per_task'])} tasks, geomean {r['control_geomean']:.3f} -> {r['geomean']:.3f}, "
+                      f"floor binds on {moved}; above 1.15: {worst or 'none'}")
+            return 0
         try:
             multiples = multiples_of(args.configs, "--configs NAME=MULTIPLE")
             report = signal_report(rows, multiples, args.control, args.signal, args.split,

@@ -262,3 +262,33 @@ def test_a_missing_rows_file_is_named_not_skipped(tmp_path, capsys):
     with pytest.raises(SystemExit):
         runner.main(["table", str(tmp_path / "absent.jsonl")])
 
+
+
+def test_a_floor_from_a_signals_level_raises_the_multiple_only_where_the_signal_is_higher(tmp_path, capsys):
+    rows = []
+    for task, best, signal_level in (("a", 1.0, 1e-3), ("b", 4.0, 4e-3), ("c", 2.0, 1e-4)):
+        rows += _grid(task, "default", 1.0)
+        for seed in (0, 1):
+            for name, multiple in (("low", 1.0), ("control", 2.0), ("high", 4.0), ("higher", 8.0)):
+                rows.append(_leveled(task, "default", name, seed, 1.0 + abs(math.log2(multiple / best)),
+                                     1e-3 * multiple / 2))  # the control applies 2x its searched level, 1e-3
+            rows.append(_leveled(task, "default", "signal", seed, 9.0, signal_level))
+    multiples = {"low": 1.0, "control": 2.0, "high": 4.0, "higher": 8.0}
+    floor = oracle.floor_report(rows, multiples, "control", "signal", 1.0)["default"]
+    # a: the signal's level equals the control's -> 2x kept; b: 4x the control's -> 8x; c: below -> kept
+    assert {t: p[0] for t, p in floor["per_task"].items()} == {"a": "control", "b": "higher", "c": "control"}
+    assert floor["per_task"]["b"][1:] == (2.0, 2.0)
+    assert floor["geomean"] == pytest.approx((2.0 * 2.0 * 1.0) ** (1 / 3))
+    assert floor["above_1_15"] == ["a", "b"]
+    half = oracle.floor_report(rows, multiples, "control", "signal", 0.5)["default"]
+    assert half["per_task"]["b"][0] == "high" and half["per_task"]["b"][1] == 1.0  # 2 * 0.5 * 4 = 4x
+    with pytest.raises(ValueError, match="scale"):
+        oracle.floor_report(rows, multiples, "control", "signal", 0.0)
+    with pytest.raises(ValueError, match="control"):
+        oracle.floor_report(rows, {"low": 1.0}, "control", "signal", 1.0)
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert oracle.main([str(path), "--configs", "low=1,control=2,high=4,higher=8", "--control", "control",
+                        "--signal", "signal", "--floor-scale", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "default: 3 tasks" in out and "floor binds on 1" in out
