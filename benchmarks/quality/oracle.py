@@ -177,6 +177,33 @@ def signal_report(rows: List[dict], multiples: Dict[str, float], control: str, s
                 rho=spearman([math.log2(p[4] / p[3]) for p in pairs], [math.log2(p[2]) for p in pairs]))
 
 
+def trace_features(rows: List[dict], config: str) -> List[dict]:
+    """Features of ``config``'s loss trace (100 bin means of the run's losses), one row per run
+    (NOTES.md section 50), ``m[a, b)`` the trace's mean over that fraction of the run:
+
+    - ``search_progress = m[0.15, 0.2) / m[0.1, 0.15)``: the loss's progress late in the search phase;
+    - ``stable_progress = m[0.3, 0.4) / m[0.2, 0.3)``: its progress after the search phase, at the level
+      the preset applies there;
+    - ``roughness_over_trend``: over the bins of ``[0.1, 0.2)``, the mean absolute change between bins
+      over the mean change per bin of the trend (``|first - last| / (bins - 1)``): about 1 on a smooth
+      descent, large where the loss bounces more than it descends.
+
+    A run that diverged has no features (its trace stops early)."""
+    out = []
+    for row in rows:
+        trace = row.get("loss_trace") or []
+        if row["config"] != config or row.get("diverged") or len(trace) < 20:
+            continue
+        window = [x for x in trace[int(0.1 * len(trace)):int(0.2 * len(trace))] if x is not None and math.isfinite(x)]
+        steps = [abs(b - a) for a, b in zip(window, window[1:])]
+        trend = abs(window[-1] - window[0]) / (len(window) - 1) if len(window) > 1 else 0.0
+        out.append(dict(task=row["task"], length=row["length"], seed=row["seed"], split=row.get("split"),
+                        search_progress=early_loss(row, 0.2) / early_loss(row, 0.15),
+                        stable_progress=early_loss(row, 0.4, 0.1) / early_loss(row, 0.3, 0.1),
+                        roughness_over_trend=(sum(steps) / len(steps)) / trend if steps and trend > 0 else math.inf))
+    return out
+
+
 def feature_report(rows: List[dict], feature_rows: List[dict], multiples: Dict[str, float], key: str,
                    index: Optional[int] = None, split: Optional[str] = None,
                    optional: Optional[Dict[str, float]] = None) -> dict:
@@ -278,6 +305,9 @@ def main(argv=None) -> int:
                         help="report how a feature of --feature-rows relates to the best multiple (section 48); "
                              "--configs and --optional then give NAME=MULTIPLE pairs")
     parser.add_argument("--feature-rows", default=None, help="comma-separated JSONL files of the feature's rows")
+    parser.add_argument("--trace-config", default=None, metavar="CONFIG",
+                        help="with --feature: take the feature from CONFIG's loss traces in the files (section 50: "
+                             "search_progress, stable_progress, roughness_over_trend) instead of --feature-rows")
     parser.add_argument("--floor-scale", type=float, default=None, metavar="K",
                         help="with --signal: score a floor at K times the signal's level, in hindsight (section 49)")
     parser.add_argument("--pick-at", type=float, default=None, metavar="F",
@@ -302,9 +332,13 @@ def main(argv=None) -> int:
         try:
             multiples = multiples_of(args.configs, "--configs NAME=MULTIPLE")
             optional_multiples = multiples_of(args.optional, "--optional NAME=MULTIPLE")
-            if not args.feature_rows:
-                raise ValueError("--feature needs --feature-rows")
-            feature_rows = [r for r in read_rows(args.feature_rows.split(","))
+            if args.trace_config is not None:
+                feature_rows = trace_features(rows, args.trace_config)
+            elif args.feature_rows:
+                feature_rows = read_rows(args.feature_rows.split(","))
+            else:
+                raise ValueError("--feature needs --feature-rows or --trace-config")
+            feature_rows = [r for r in feature_rows
                             if (seeds is None or r["seed"] in seeds) and (args.split is None or r.get("split") == args.split)]
             report = feature_report(rows, feature_rows, multiples, key, int(index) if index else None, args.split,
                                     optional_multiples)

@@ -292,3 +292,34 @@ def test_a_floor_from_a_signals_level_raises_the_multiple_only_where_the_signal_
                         "--signal", "signal", "--floor-scale", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "default: 3 tasks" in out and "floor binds on 1" in out
+
+
+def test_trace_features_read_progress_and_roughness_from_a_runs_loss_trace(tmp_path, capsys):
+    smooth = [1.0 - 0.005 * i for i in range(100)]  # a steady descent: progress < 1, roughness 1
+    bouncy = [1.0 + (0.1 if i % 2 else 0.0) for i in range(100)]  # bounces, no trend in [0.1, 0.2)
+    rows = [dict(_traced("a", "default", "control", 0, 1.0, smooth), split="development"),
+            dict(_traced("b", "default", "control", 0, 1.0, bouncy), split="development"),
+            dict(_traced("c", "default", "control", 0, 1.0, smooth), diverged="step 3: loss is nan"),
+            _traced("a", "default", "other", 0, 1.0, bouncy)]
+    features = {r["task"]: r for r in oracle.trace_features(rows, "control")}
+    assert set(features) == {"a", "b"}  # the diverged run and the other configuration have none
+    a = features["a"]
+    assert a["search_progress"] == pytest.approx(sum(smooth[15:20]) / sum(smooth[10:15]))
+    assert a["stable_progress"] == pytest.approx(sum(smooth[30:40]) / sum(smooth[20:30]))
+    assert a["roughness_over_trend"] == pytest.approx(1.0)
+    assert features["b"]["roughness_over_trend"] == pytest.approx(0.1 / (0.1 / 9))  # window ends 1.1 - 1.0
+    wants = {"a": 2.0, "b": 0.5}  # the smooth run wants the preset's 2x, the rough one 0.5x
+    rows = [dict(r, final_train_loss=1.0 + abs(math.log2(2.0 / wants[r["task"]])))
+            for r in rows if r["task"] in wants and r["config"] == "control"]
+    for task, best in wants.items():
+        rows += [r for r in _grid(task, "default", 1.0) if r["seed"] == 0]
+        rows.append(_row(task, "default", "low", 0, 1.0 + abs(math.log2(0.5 / best))))
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert oracle.main([str(path), "--configs", "low=0.5,control=2", "--feature", "roughness_over_trend",
+                        "--trace-config", "control", "--seeds", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "a default: best multiple 2, roughness_over_trend 1\n" in out
+    assert "b default: best multiple 0.5, roughness_over_trend 9\n" in out
+    with pytest.raises(SystemExit):
+        oracle.main([str(path), "--configs", "low=0.5,control=2", "--feature", "roughness_over_trend"])
