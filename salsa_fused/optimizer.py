@@ -90,6 +90,24 @@ def _refuse_unread_search_arguments(init):
     return checked_init
 
 
+class _torch_hooks_suspended:
+    """Empties the named hook dicts of ``opt`` for the block and puts them back after it: torch's
+    ``state_dict``/``load_state_dict`` would run them on the partial dict this class hands to them,
+    so it runs them itself on the whole one."""
+
+    def __init__(self, opt: Optimizer, *names: str):
+        self.opt, self.names, self.saved = opt, names, {}
+
+    def __enter__(self):
+        for name in self.names:
+            self.saved[name] = getattr(self.opt, name)
+            setattr(self.opt, name, type(self.saved[name])())
+
+    def __exit__(self, *exc):
+        for name, hooks in self.saved.items():
+            setattr(self.opt, name, hooks)
+
+
 class FusedSaLSa(Optimizer):
     r"""SaLSa (Stable Armijo Line Search Adaptation) on fused multi-tensor passes.
 
@@ -392,13 +410,29 @@ class FusedSaLSa(Optimizer):
 
     # ------------------------------------------------------------------ state_dict
     def state_dict(self) -> dict:
-        state_dict = super().state_dict()
+        """As ``torch.optim``, with the search state in ``param_groups[0]["search"]``; the state-dict
+        hooks see the whole of it (a post hook may return a replacement, as in torch)."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        with _torch_hooks_suspended(self, "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks"):
+            state_dict = super().state_dict()
         state_dict["param_groups"][0][_SEARCH_KEY] = self._search.to_dict()  # a deep copy
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load as ``torch.optim`` does, but keep the moments fp32 (torch would cast them to
-        the parameter dtype) and validate the search state before anything changes."""
+        the parameter dtype) and validate everything before anything changes. The load hooks see
+        the whole state dict, moments and search state included (a pre hook may return a
+        replacement), and post hooks run once it is all loaded."""
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups):
             raise ValueError(
@@ -407,6 +441,10 @@ class FusedSaLSa(Optimizer):
                 "list of tensors into decaying matrices and non-decaying vectors since 2026-12-01, and "
                 "model.named_parameters() since 2026-12-02; pass [{'params': list(model.parameters())}] to "
                 "load a checkpoint it saved before); nothing was loaded")
+        for index, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"the checkpoint's parameter group {index} has {len(saved['params'])} parameters "
+                                 f"and this optimizer's {len(group['params'])}: nothing was loaded")
         search = None
         if groups and _SEARCH_KEY in groups[0]:
             search = SearchState.from_dict(deepcopy(groups[0][_SEARCH_KEY]))
@@ -416,24 +454,36 @@ class FusedSaLSa(Optimizer):
         for group in groups:
             group.setdefault("search_lr", group.get("lr", self.defaults["lr"]))  # saved before it existed
             self._validate_group_hyper({**self.defaults, **group})
+        param_of = {saved_id: param for saved, group in zip(groups, self.param_groups)
+                    for saved_id, param in zip(saved["params"], group["params"])}
         stripped_state, moments = {}, {}
         for key, value in state_dict["state"].items():
+            if key not in param_of:  # state of no parameter here: kept as it is, as torch.optim keeps it
+                stripped_state[key] = value
+                continue
             moments[key] = {k: v for k, v in value.items() if k in _MOMENT_KEYS}
             stripped_state[key] = {k: v for k, v in value.items() if k not in _MOMENT_KEYS}
-        super().load_state_dict({**state_dict, "param_groups": groups, "state": stripped_state})
-        params = [p for group in self.param_groups for p in group["params"]]
-        index_of = {}
-        for group in groups:
-            for position, saved_id in enumerate(group["params"]):
-                index_of[saved_id] = len(index_of)
+            for name, moment in moments[key].items():
+                param = param_of[key]
+                if not isinstance(moment, torch.Tensor) or moment.shape != param.shape:
+                    raise ValueError(
+                        f"the checkpoint's {name} of parameter {key} is "
+                        f"{tuple(moment.shape) if isinstance(moment, torch.Tensor) else type(moment).__name__}, "
+                        f"but that parameter here has shape {tuple(param.shape)}: the checkpoint is of another "
+                        "model or another grouping; nothing was loaded")
+        with _torch_hooks_suspended(self, "_optimizer_load_state_dict_pre_hooks",
+                                    "_optimizer_load_state_dict_post_hooks"):
+            super().load_state_dict({**state_dict, "param_groups": groups, "state": stripped_state})
         for saved_id, values in moments.items():
-            param = params[index_of[saved_id]]
+            param = param_of[saved_id]
             state = self.state[param]
             for k, v in values.items():
                 state[k] = v.to(device=param.device, dtype=torch.float32, copy=True)
         self._search = search if search is not None else SearchState(step_size=self.init_step_size)
         self._buckets.clear()
         self._counts = None  # counts of the replaced run
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     #: What a copy (deepcopy, pickle, torch.save) keeps beside torch's defaults/state/param_groups;
     #: the backend is resolved again by name, caches and the hand-off to the next step start empty.

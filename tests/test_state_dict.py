@@ -160,6 +160,9 @@ def _same(a, b):
     (lambda sd: sd["param_groups"][0]["search"].update(step_size=float("nan")), "step_size"),
     (lambda sd: sd["param_groups"][1].update(betas=(0.9, 1.5)), r"betas\[1\]"),
     (lambda sd: sd["param_groups"].pop(), "parameter group\\(s\\) and this optimizer"),
+    (lambda sd: sd["param_groups"][1]["params"].pop(), "group 1 has 1 parameters"),
+    (lambda sd: sd["state"][0].update(exp_avg=torch.zeros(3)), "exp_avg of parameter 0 is \\(3,\\)"),
+    (lambda sd: sd["state"][1].update(exp_avg_sq=1.0), "exp_avg_sq of parameter 1 is float"),
 ])
 def test_loading_a_bad_state_dict_raises_before_changing_anything(edit, message):
     model = _model()
@@ -232,12 +235,59 @@ def test_step_hooks_fire_once_per_step():
     assert len(calls) == 24
 
 
-def test_load_state_dict_hooks_and_pickling():
+def test_pickling_keeps_the_search_state():
     model = _model()
     opt = FusedSaLSa(model.parameters(), backend="torch")
     _train(model, opt, 4)
     copy = _roundtrip(opt)  # the whole optimizer, pickled (``__setstate__`` fills in caches)
     assert copy.search_state == opt.search_state
+
+
+def test_state_dict_hooks_see_the_whole_state_dict_and_may_replace_it():
+    """As torch.optim: state_dict post hooks get the finished dict (search state included) and may
+    return another; load pre hooks get the dict as saved, moments and search state included, and
+    what they return is loaded; load post hooks run once the moments are in place."""
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    _train(model, opt, 4)
+    seen = {}
+    opt.register_state_dict_pre_hook(lambda o: seen.setdefault("pre", o.search_state.step))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "seen": "search" in sd["param_groups"][0]})
+    saved = _roundtrip(opt.state_dict())
+    assert seen["pre"] == 4 and saved["seen"] is True
+
+    def migrate(o, state_dict):
+        seen["moments"] = sorted(next(iter(state_dict["state"].values())))
+        seen["search"] = state_dict["param_groups"][0]["search"]["step"]
+        edited = deepcopy(state_dict)
+        for value in edited["state"].values():
+            value["exp_avg"].fill_(7.0)
+        edited["param_groups"][0]["search"]["step_size"] = 0.125
+        return edited
+
+    other_model = _model()
+    other = FusedSaLSa(other_model.parameters(), backend="torch")
+    other.register_load_state_dict_pre_hook(migrate)
+    other.register_load_state_dict_post_hook(
+        lambda o: seen.setdefault("loaded", [bool((o.state[p]["exp_avg"] == 7).all()) for p in other_model.parameters()]))
+    other.load_state_dict(saved)
+    assert seen["moments"] == ["exp_avg", "exp_avg_sq"] and seen["search"] == 4
+    assert seen["loaded"] == [True] * 4 and other.step_size == 0.125
+
+
+def test_state_of_no_parameter_is_kept_as_torch_keeps_it():
+    """A saved state entry that matches no parameter here (a parameter dropped from the model) loads,
+    as in torch.optim.AdamW, and the parameters' own state is the checkpoint's."""
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    _train(model, opt, 3)
+    saved = _roundtrip(opt.state_dict())
+    saved["state"][99] = {"exp_avg": torch.zeros(2), "exp_avg_sq": torch.zeros(2)}
+    _train(model, opt, 3, start=3)
+    opt.load_state_dict(saved)
+    assert opt.search_state.step == 3 and opt.state[99]["exp_avg"].shape == (2,)
+    for index, p in enumerate(model.parameters()):
+        assert torch.equal(opt.state[p]["exp_avg"], saved["state"][index]["exp_avg"])
 
 
 def test_checkpoint_with_the_old_slope_key_loads():
