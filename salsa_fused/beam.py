@@ -29,6 +29,9 @@ away (weights, moments, search state, random generators, the buffers it was give
 step ``k`` is taken at the new ``m`` from exactly the state it had: the run after the beam
 is the run that would have had ``m * f`` from step ``k`` on (the winning branch, recomputed).
 
+Branch steps do not run the optimizer's step hooks (torch's, per optimizer or global): only
+the run's own steps do, once each.
+
 This measures what an AdamW grid measures (which rate trains best over a horizon) where the
 Armijo test only sees one trial's curvature. Costs ``len(factors) * (H + C)`` extra steps per
 beam step, each with its search's trial forwards; :attr:`StepSizeBeam.num_forward_evals` counts them beside the optimizer's own.
@@ -59,6 +62,15 @@ REMOVED_OPTIONS = ("min_multiplier", "extensions", "downward_extensions", "move_
 HALVE_KEEP_DOUBLE = (0.5, 1.0, 2.0)
 
 IndexedClosure = Callable[[int], torch.Tensor]
+
+
+def _step_without_hooks(opt: FusedSaLSa, closure):
+    """``opt.step(closure)`` without torch's step hooks (the optimizer's and the global ones): a
+    branch's steps are thrown away, so a hook (an EMA of the weights, logging, clipping) must not see
+    them. torch wraps ``step`` once per class to run the hooks; the function it wrapped is called."""
+    step = type(opt).step
+    raw = getattr(step, "__wrapped__", None) if getattr(step, "hooked", False) else None
+    return raw(opt, closure) if raw is not None else opt.step(closure)
 
 
 class _Snapshot:
@@ -274,7 +286,7 @@ class StepSizeBeam:
                 return closure(i)
             opt.zero_grad(set_to_none=True)
             try:
-                loss = float(opt.step(counted))
+                loss = float(_step_without_hooks(opt, counted))
             except NonFiniteError:
                 return math.inf
             if not math.isfinite(loss):

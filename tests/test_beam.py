@@ -15,6 +15,7 @@ import torch
 from salsa_fused import FusedSaLSa, NonFiniteError
 from salsa_fused.beam import StepSizeBeam
 from salsa_fused.step_size import WarmupStableDecay
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -242,6 +243,28 @@ def test_counts_every_forward_of_the_branches_and_of_the_run():
     branch_calls = len(calls) - opt.num_forward_evals
     assert beam.branch_forward_evals == branch_calls >= 2 * 3 * 4  # at least one forward per branch step
     assert max(calls) == STEPS - 1  # the horizon never reads past the run
+
+
+def test_step_hooks_see_the_runs_steps_once_each_and_no_branch_step():
+    """An EMA, a logger or a clipping hook registered on the optimizer (or globally) must not see
+    the branches' steps, which are thrown away."""
+    model = make_model()
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    beam = StepSizeBeam(opt, STEPS, points=(0.25, 0.5), horizon=0.1)
+    data = batches()
+    seen = []
+    handles = [opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(("pre", beam.calls))),
+               opt.register_step_post_hook(lambda o, args, kwargs: seen.append(("post", beam.calls))),
+               register_optimizer_step_post_hook(
+                   lambda o, args, kwargs: seen.append(("global", beam.calls)))]
+    try:
+        for k in range(STEPS):
+            beam.step(lambda i, k=k: loss_on(model, data[k + i]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(beam.decisions) == 2 and beam.branch_forward_evals > 0
+    assert seen == [(kind, k) for k in range(STEPS) for kind in ("pre", "post", "global")]
 
 
 def _beam_after_ten_steps():
