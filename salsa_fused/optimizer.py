@@ -725,8 +725,8 @@ class FusedSaLSa(Optimizer):
         for group in self.param_groups:
             if group["search_lr"] == 0 and group["lr"] > 0:
                 group["search_lr"] = 1.0  # built at 0: its first positive lr is a warmup's, not its level
-        if plan.is_search and not any(group["search_lr"] > 0 for group in self.param_groups):
-            plan = plan_without_search(rule, state, config, plan)  # every group at lr 0: nothing to search for
+        if plan.is_search and not any(group["search_lr"] > 0 and group["lr"] > 0 for group in self.param_groups):
+            plan = plan_without_search(rule, state, config, plan)  # every group at lr 0 now: nothing moves
         batches = step_batches(rule, plan)
         devices = [self._device] if self._device is not None else []
         marked, handoff.forward_rng = handoff.forward_rng, None  # mark_forward(), used by this step only
