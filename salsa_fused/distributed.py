@@ -61,6 +61,15 @@ class SearchReduction:
         dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=self.loss_group)
         return reduced / dist.get_world_size(self.loss_group)
 
+    def any_rank(self, flag: bool, device: Optional[torch.device] = None) -> bool:
+        """``flag`` or-ed over the loss group: a choice that decides how many forwards (so how many
+        collectives) a step runs must be the same on every rank. One tiny all-reduce; no-op alone."""
+        if self.loss_group is None:
+            return flag
+        value = torch.tensor([float(flag)], device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.loss_group)
+        return bool(value.item())
+
     def sum_over_shards(self, partial_sum: torch.Tensor) -> torch.Tensor:
         """Sum of a shard's partial ``q`` over the shard group (no-op for replicated weights)."""
         if self.shard_group is None:

@@ -753,8 +753,9 @@ class FusedSaLSa(Optimizer):
         # not called): the caller's forward may have drawn random masks (dropout) the trials cannot
         # replay, so a search judges them against a reference forward at w0 that replays what the
         # trials replay, not against the caller's loss.
-        needs_reference = (plan.is_search and not one_phase and marked is None
-                           and not rng_after.same_as(zeroed_at))
+        needs_reference = (plan.is_search and not one_phase
+                           and self.reduction.any_rank(marked is None and not rng_after.same_as(zeroed_at),
+                                                       self._device))
         passes = self._passes(plan, scale, forwards=1, backwards=int(one_phase))
         if passes is None:  # none of this optimizer's parameters is in this loss: as torch.optim, a no-op
             return loss_tensor.detach() if one_phase else loss
@@ -847,7 +848,8 @@ class FusedSaLSa(Optimizer):
                 # The caller's forwards drew from the generators (dropout) and no mark covers every
                 # gradient batch: their losses cannot be replayed, so the point at w0 is evaluated
                 # again, every batch under the draws its trials replay.
-                reuse = (marked is not None and k == 1) or rng_after.same_as(zeroed_at)
+                reuse = not self.reduction.any_rank(
+                    not ((marked is not None and k == 1) or rng_after.same_as(zeroed_at)), self._device)
                 replay = _IndexedReplay(closure, devices, first={i: start for i in range(k)} if reuse else {},
                                         end=rng_after)
         passes = self._passes(plan, scale, forwards=k, backwards=k if one_phase else 0)

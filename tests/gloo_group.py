@@ -7,25 +7,29 @@ group freed at interpreter exit joins gloo's threads mid-finalization (a rare SI
 
 from __future__ import annotations
 
+import datetime
 import gc
 import tempfile
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def spawn_in_gloo_group(body: Callable[[int, str], None], out_dir: str, world: int = 2) -> None:
+def spawn_in_gloo_group(body: Callable[[int, str], None], out_dir: str, world: int = 2,
+                        timeout_s: Optional[float] = None) -> None:
     """Run ``body(rank, out_dir)`` on ``world`` processes joined in one gloo group. The ranks
-    meet through a file (no port to race for with other jobs on the machine)."""
+    meet through a file (no port to race for with other jobs on the machine). ``timeout_s``: a
+    collective that waits longer raises (a test of ranks that could fall out of step fails, not hangs)."""
     rendezvous = tempfile.mktemp(prefix="salsa_pg_", dir=out_dir)
-    mp.spawn(_run_in_group, args=(body, rendezvous, out_dir, world), nprocs=world, join=True)
+    mp.spawn(_run_in_group, args=(body, rendezvous, out_dir, world, timeout_s), nprocs=world, join=True)
 
 
-def _run_in_group(rank: int, body, rendezvous: str, out_dir: str, world: int) -> None:
+def _run_in_group(rank: int, body, rendezvous: str, out_dir: str, world: int, timeout_s: Optional[float]) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    extra = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world, **extra)
     try:
         body(rank, out_dir)
     except BaseException:

@@ -335,6 +335,31 @@ def test_ddp_with_gradient_bucket_views_and_zeroed_tensor_gradients_steps(tmp_pa
     spawn_in_gloo_group(_bucket_view_job, str(tmp_path), WORLD)
 
 
+def _rng_on_one_rank_job(rank: int, out_dir: str) -> None:
+    """Two-phase form without mark_forward() under DDP with BatchNorm (every DDP forward broadcasts
+    the buffers: a collective): only rank 0 draws from the generator between zero_grad() and step().
+    Whether a search adds a reference forward must be decided alike on every rank, or their
+    collectives fall out of step and the run hangs."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    opt = FusedSaLSa(ddp.parameters(), model=ddp, backend="torch")
+    for step in range(3):
+        x, y = _batch(step, rank)
+        opt.zero_grad()
+        if rank == 0:
+            torch.rand(1)  # say, a sample picked for logging
+        loss = F.mse_loss(ddp(x), y)
+        loss.backward()
+        opt.step(lambda: F.mse_loss(ddp(x), y), loss=loss)
+    _assert_same_on_all_ranks(_flat(ddp.parameters()), "weights")
+    _assert_same_on_all_ranks(torch.tensor([float(opt.num_forward_evals)]), "forwards")
+
+
+def test_ddp_ranks_agree_on_the_reference_forward_when_only_one_rank_drew_random_numbers(tmp_path):
+    spawn_in_gloo_group(_rng_on_one_rank_job, str(tmp_path), WORLD, timeout_s=60)
+
+
 def test_single_process_reduction_is_inactive():
     params = list(_make_model(0).parameters())
     assert not default_reduction(params).active
