@@ -90,6 +90,13 @@ def _refuse_unread_search_arguments(init):
     return checked_init
 
 
+def _refuse_a_set(params) -> None:
+    if isinstance(params, (set, frozenset)):
+        raise TypeError("optimizer parameters need to be organized in ordered collections, but the "
+                        "ordering of tensors in sets will change between runs (a checkpoint would put "
+                        "moments on the wrong tensors): pass a list")
+
+
 class _torch_hooks_suspended:
     """Empties the named hook dicts of ``opt`` for the block and puts them back after it: torch's
     ``state_dict``/``load_state_dict`` would run them on the partial dict this class hands to them,
@@ -236,6 +243,7 @@ class FusedSaLSa(Optimizer):
         self._past_end_warned = False  # the one-time warning past the schedule's total_steps
         self._collapse_checked = False  # the one-time check of the level a schedule freezes
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        _refuse_a_set(params)  # torch.optim refuses one only inside a group
         super().__init__(params, defaults)
         #: The live search state; state_dict()/load_state_dict() carry it as a dict.
         self._search = SearchState(step_size=self.init_step_size)
@@ -277,6 +285,7 @@ class FusedSaLSa(Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         params = param_group["params"]
+        _refuse_a_set(params)
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         param_group = {**param_group, "params": params}  # a generator is consumed once, above
         candidate = {**self.defaults, **param_group, "params": params}
@@ -471,6 +480,7 @@ class FusedSaLSa(Optimizer):
                         f"{tuple(moment.shape) if isinstance(moment, torch.Tensor) else type(moment).__name__}, "
                         f"but that parameter here has shape {tuple(param.shape)}: the checkpoint is of another "
                         "model or another grouping; nothing was loaded")
+        self._check_loaded_moments(moments, param_of)
         with _torch_hooks_suspended(self, "_optimizer_load_state_dict_pre_hooks",
                                     "_optimizer_load_state_dict_post_hooks"):
             super().load_state_dict({**state_dict, "param_groups": groups, "state": stripped_state})
@@ -484,6 +494,23 @@ class FusedSaLSa(Optimizer):
         self._counts = None  # counts of the replaced run
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    def _check_loaded_moments(self, moments: dict, param_of: dict) -> None:
+        """Refuse a checkpoint whose moments hold NaN/inf or a negative ``exp_avg_sq``: every later
+        step would read them (and blame the gradient). One device read per load; under FSDP2 the
+        shards' counts are summed, so every rank decides alike."""
+        checks = [(key, name, ~torch.isfinite(_local(t)) | ((_local(t) < 0) if name == "exp_avg_sq" else False))
+                  for key, values in moments.items() for name, t in values.items()]
+        if not checks:
+            return
+        with torch.no_grad():
+            device = self._device or torch.device("cpu")
+            counts = torch.stack([bad.sum().to(device=device, dtype=torch.float32) for _, _, bad in checks])
+            counts = self.reduction.sum_over_shards(counts)
+        bad = [f"{name} of parameter {key}" for (key, name, _), count in zip(checks, counts.tolist()) if count]
+        if bad:
+            raise ValueError(f"the checkpoint's {', '.join(bad[:4])}{' and more' if len(bad) > 4 else ''} "
+                             "hold NaN/inf (or a negative exp_avg_sq): the checkpoint is corrupt; nothing was loaded")
 
     #: What a copy (deepcopy, pickle, torch.save) keeps beside torch's defaults/state/param_groups;
     #: the backend is resolved again by name, caches and the hand-off to the next step start empty.

@@ -526,3 +526,14 @@ def test_skip_keeps_the_earlier_counts_when_the_reporting_step_is_itself_skipped
     assert opt.num_skipped_steps == skipped + 1
     assert opt.search_state.num_nonfinite_elements == 2
     assert _all_finite(opt)
+
+
+def test_a_set_of_parameters_is_refused_as_torch_refuses_it():
+    """A set's order changes between runs: a checkpoint would put moments on the wrong tensors."""
+    params = {torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))}
+    with pytest.raises(TypeError, match="ordered collections"):
+        FusedSaLSa(params)
+    opt = FusedSaLSa([torch.nn.Parameter(torch.randn(4))])
+    with pytest.raises(TypeError, match="ordered collections"):
+        opt.add_param_group({"params": params})
+    assert len(opt.param_groups) == 1

@@ -163,6 +163,9 @@ def _same(a, b):
     (lambda sd: sd["param_groups"][1]["params"].pop(), "group 1 has 1 parameters"),
     (lambda sd: sd["state"][0].update(exp_avg=torch.zeros(3)), "exp_avg of parameter 0 is \\(3,\\)"),
     (lambda sd: sd["state"][1].update(exp_avg_sq=1.0), "exp_avg_sq of parameter 1 is float"),
+    (lambda sd: sd["state"][2]["exp_avg"].view(-1)[0].fill_(float("inf")), "exp_avg of parameter 2 hold NaN"),
+    (lambda sd: sd["state"][0]["exp_avg_sq"].view(-1)[1].fill_(-1.0), "exp_avg_sq of parameter 0 hold NaN/inf \\(or a negative"),
+    (lambda sd: sd["state"][3]["exp_avg_sq"].fill_(float("nan")), "exp_avg_sq of parameter 3"),
 ])
 def test_loading_a_bad_state_dict_raises_before_changing_anything(edit, message):
     model = _model()
