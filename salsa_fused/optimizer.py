@@ -90,6 +90,21 @@ def _refuse_unread_search_arguments(init):
     return checked_init
 
 
+#: torch.optim's flags this optimizer cannot honour, and why (accepted at False, their default).
+_UNSUPPORTED_FLAGS = {
+    "maximize": "the line search minimizes the closure's loss: return the negated objective instead",
+    "capturable": "a search reads its trial losses on the host, which a CUDA graph cannot capture",
+    "differentiable": "a search decides on host floats, so the step is not differentiable",
+}
+
+
+def _refuse_unsupported_flags(**flags) -> None:
+    for name, value in flags.items():
+        if value is not False:
+            raise ValueError(f"FusedSaLSa does not support {name}={value!r}: {_UNSUPPORTED_FLAGS[name]} "
+                             f"({name}=False, the default, is accepted)")
+
+
 def _refuse_a_set(params) -> None:
     if isinstance(params, (set, frozenset)):
         raise TypeError("optimizer parameters need to be organized in ordered collections, but the "
@@ -154,6 +169,9 @@ class FusedSaLSa(Optimizer):
             step for step 0.1.0's arithmetic), ``"triton"``, ``"cpp"``, or a name added with
             :func:`salsa_fused.backends.register_backend`; chosen and checked here (a backend
             that cannot run raises with the reason).
+        maximize, capturable, differentiable: torch.optim's flags, accepted at ``False`` (their
+            default) and refused otherwise, with the reason: the search minimizes the closure's
+            loss on the host.
         foreach, fused: torch.optim's flags, read as a choice of backend (one for every group):
             ``fused=True`` (or ``foreach=False``) asks for compiled kernels, ``"auto"`` then
             picking triton (or the extension's CUDA kernels) on CUDA and cpp on the CPU, and
@@ -198,7 +216,9 @@ class FusedSaLSa(Optimizer):
                  max_trials: int = 100, restore: str = "copy", backend: str = "auto",
                  foreach: Optional[bool] = None, fused: Optional[bool] = None, nonfinite: str = "raise", reduction: Optional[SearchReduction] = None,
                  search_rule: Optional[Callable] = None, schedule=None,
-                 model: Optional[torch.nn.Module] = None):
+                 model: Optional[torch.nn.Module] = None, maximize: bool = False, capturable: bool = False,
+                 differentiable: bool = False):
+        _refuse_unsupported_flags(maximize=maximize, capturable=capturable, differentiable=differentiable)
         if (isinstance(init_step_size, bool) or not isinstance(init_step_size, numbers.Real)
                 or not (math.isfinite(init_step_size) and init_step_size > 0)):
             raise ValueError(f"init_step_size must be a finite number > 0, got {init_step_size!r}")

@@ -537,3 +537,12 @@ def test_a_set_of_parameters_is_refused_as_torch_refuses_it():
     with pytest.raises(TypeError, match="ordered collections"):
         opt.add_param_group({"params": params})
     assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("flag, reason", [("maximize", "negated objective"), ("capturable", "CUDA graph"),
+                                          ("differentiable", "not differentiable")])
+def test_torch_optim_flags_it_cannot_honour_are_accepted_off_and_refused_on_with_the_reason(flag, reason):
+    params = [torch.nn.Parameter(torch.randn(3))]
+    FusedSaLSa(params, **{flag: False})
+    with pytest.raises(ValueError, match=f"does not support {flag}=True: .*{reason}"):
+        FusedSaLSa(params, **{flag: True})
