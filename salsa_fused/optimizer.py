@@ -51,7 +51,9 @@ CLOSURE_RAN_BACKWARD = ("{what} ran backward() itself (torch.optim's and the pub
                         "convention): here the closure returns the loss only, and step() runs the backward "
                         "(the weights and the moments are as they were and the step was not counted; the "
                         "gradients its backward left are in .grad: call zero_grad(), then step() with a "
-                        "closure that returns the loss)")
+                        "closure that returns the loss; under Lightning's automatic optimization the "
+                        "trainer's closure runs the backward: set self.automatic_optimization = False as "
+                        "docs/integrations.md shows)")
 _DeviceCounts = F.DeviceCounts  # its name before it moved to functional.py: pickled optimizers load
 
 
@@ -577,14 +579,16 @@ class FusedSaLSa(Optimizer):
         return buffer
 
     def _loss_tensor(self, value, what: str, need_grad: bool) -> torch.Tensor:
+        """``value`` checked as a loss; ``what``: a closure call (``"closure()"``) or ``"loss"`` (step's argument)."""
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not need_grad:
             return torch.tensor(float(value), dtype=torch.float32, device=self._device)
+        must = f"{what} must return" if what.endswith(")") else f"step()'s {what}= must be"
         if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{what} must return the loss as a scalar tensor, got {type(value).__name__}")
+            raise TypeError(f"{must} the loss as a scalar tensor, got {type(value).__name__}")
         if value.numel() != 1:
-            raise ValueError(f"{what} must return a scalar loss, got a tensor of shape {tuple(value.shape)}")
+            raise ValueError(f"{must} a scalar loss, got a tensor of shape {tuple(value.shape)}")
         if value.is_complex() or not value.is_floating_point():
-            raise TypeError(f"{what} must return a real floating-point loss, got {value.dtype}")
+            raise TypeError(f"{must} a real floating-point loss, got {value.dtype}")
         if need_grad and not value.requires_grad:
             raise RuntimeError(f"{what} returned a loss with no grad path (requires_grad=False): "
                                "call step() outside torch.no_grad() and make the loss depend on "

@@ -546,3 +546,14 @@ def test_torch_optim_flags_it_cannot_honour_are_accepted_off_and_refused_on_with
     FusedSaLSa(params, **{flag: False})
     with pytest.raises(ValueError, match=f"does not support {flag}=True: .*{reason}"):
         FusedSaLSa(params, **{flag: True})
+
+
+def test_a_bad_loss_argument_is_named_as_the_argument_not_as_a_closure():
+    params = [torch.nn.Parameter(torch.randn(3))]
+    opt = FusedSaLSa(params)
+    params[0].grad = torch.ones(3)
+    with pytest.raises(ValueError, match=r"step\(\)'s loss= must be a scalar loss, got a tensor of shape \(2,\)"):
+        opt.step(lambda: params[0].sum(), loss=torch.ones(2))
+    with pytest.raises(TypeError, match=r"closure\(\) must return the loss as a scalar tensor, got str"):
+        opt.zero_grad()
+        opt.step(lambda: "loss")
