@@ -360,10 +360,20 @@ class FusedSaLSa(Optimizer):
                                  f"for the {self.backend.name} backend; use backend='torch' or 'auto'")
 
     def _init_state(self, p: torch.Tensor) -> dict:
+        """p's state, its moments created fp32 in p's memory layout, or laid out again in it (the
+        compiled kernels stream one layout per tensor): ``model.to(memory_format=...)`` after
+        construction, or a checkpoint saved in another layout, changes the weight's layout."""
         state = self.state[p]
         if not state:
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        for name in _MOMENT_KEYS:
+            moment = state.get(name)
+            if moment is not None and _local(moment).stride() != _local(p).stride():
+                relaid = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                with torch.no_grad():
+                    relaid.copy_(moment)
+                state[name] = relaid
         return state
 
     # ------------------------------------------------------------------ search state
@@ -572,8 +582,8 @@ class FusedSaLSa(Optimizer):
 
     def _saved_buffer(self, p: torch.Tensor) -> torch.Tensor:
         buffer, local = self._saved.get(p), _local(p)
-        if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != (local.shape, local.dtype,
-                                                                             local.device):
+        if buffer is None or ((buffer.shape, buffer.stride(), buffer.dtype, buffer.device)
+                              != (local.shape, local.stride(), local.dtype, local.device)):
             buffer = torch.empty_like(local)  # new, or the param was cast or moved since
             self._saved[p] = buffer
         return buffer

@@ -277,3 +277,44 @@ def test_model_cast_after_construction_keeps_exact_copies():
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), w0))
     assert all(opt.state[p]["exp_avg"].dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])
+def test_a_weight_laid_out_channels_last_after_construction_or_by_a_checkpoint_trains(backend):
+    """model.to(memory_format=channels_last) after the optimizer is built (or a checkpoint of the
+    contiguous model loaded into a channels_last one): the moments follow the weight's layout, and
+    the run matches the torch backend's on the contiguous model."""
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(64, 1))
+
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    y = torch.randn(4, 1, generator=torch.Generator().manual_seed(2))
+
+    def train(model, opt, steps, inputs):
+        for _ in range(steps):
+            opt.zero_grad()
+            opt.step(lambda: torch.nn.functional.mse_loss(model(inputs), y))
+
+    reference = build()
+    train(reference, FusedSaLSa(reference.parameters(), backend="torch"), 4, x)
+    model = build()
+    opt = FusedSaLSa(model.parameters(), backend=backend)
+    train(model, opt, 2, x)
+    model.to(memory_format=torch.channels_last)
+    train(model, opt, 2, x.contiguous(memory_format=torch.channels_last))
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert opt.state[model[0].weight]["exp_avg"].stride() == model[0].weight.stride()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    contiguous = build()
+    first = FusedSaLSa(contiguous.parameters(), backend=backend)
+    train(contiguous, first, 2, x)
+    resumed = build().to(memory_format=torch.channels_last)
+    resumed.load_state_dict(contiguous.state_dict())
+    second = FusedSaLSa(resumed.parameters(), backend=backend)
+    second.load_state_dict(first.state_dict())
+    train(resumed, second, 2, x.contiguous(memory_format=torch.channels_last))
+    for a, b in zip(resumed.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
