@@ -141,15 +141,21 @@ def fsdp_closure(model: torch.nn.Module, closure: Callable[[], torch.Tensor]) ->
     all-gathers the current shards. Alternative: ``fully_shard(model, reshard_after_forward=True)``
     on the root (one more all-gather of the root's parameters per training step).
     """
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without FSDP2: nothing to reshard
-        return closure
-    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    modules = fsdp_modules(model)
 
     def resharded_closure():
-        for module in fsdp_modules:
+        for module in modules:
             module.reshard()
         return closure()
 
+    resharded_closure.reshards_fsdp = True  # FusedSaLSa reads it: no warning about stale trials
     return resharded_closure
+
+
+def fsdp_modules(model: torch.nn.Module) -> list:
+    """The FSDP2 modules (``fully_shard``-ed) among ``model``'s modules; none without FSDP2."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]

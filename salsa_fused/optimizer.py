@@ -30,7 +30,7 @@ from ._rng import RNGSnapshot
 from .buckets import BucketCache
 from . import functional as F
 from .backends.base import GRADIENT, MOMENTUM, Bucket
-from .distributed import SearchReduction, default_reduction
+from .distributed import SearchReduction, _is_dtensor, default_reduction, fsdp_modules
 from .applied import GroupStep
 from .line_search import SearchConfig, SearchState
 from .rules import (Batches, check_arguments, check_rule_state, moment_step, plan_step, plan_without_search,
@@ -616,11 +616,39 @@ class FusedSaLSa(Optimizer):
 
     def _trial_loss(self, closure: LossClosure, what: str = "closure()",
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``closure()`` under ``no_grad`` at the weights as they are: a 0-dim tensor of ``dtype``."""
+        """``closure()`` under ``no_grad`` at the weights as they are: a 0-dim tensor of ``dtype``.
+        The FSDP2 modules of ``model`` are resharded first, as :func:`fsdp_closure` does: the root
+        keeps its parameters unsharded after a forward, and a trial would read them stale."""
+        for module in self._fsdp_modules():
+            module.reshard()
         with torch.no_grad():
             value = closure()
         loss = self._loss_tensor(value, what, need_grad=False)
         return loss.detach().reshape(()).to(device=self._device, dtype=dtype)
+
+    def _fsdp_modules(self) -> list:
+        """``model``'s FSDP2 modules (looked up once; ``model=None``: none)."""
+        modules = self.__dict__.get("_fsdp_module_list")
+        if modules is None:
+            modules = fsdp_modules(self.model) if self.model is not None else []
+            self._fsdp_module_list = modules
+        return modules
+
+    def _warn_if_trials_may_read_stale_fsdp_weights(self, closure) -> None:
+        """Once, at the first search: sharded (FSDP2) parameters, no ``model=`` with FSDP2 modules to
+        reshard, and a closure not made by :func:`fsdp_closure`: every trial after the first would
+        read the root's stale unsharded weights unless the root reshards after its forward."""
+        self._fsdp_checked = True
+        if self._fsdp_modules() or getattr(closure, "reshards_fsdp", False):
+            return
+        if any(_is_dtensor(p) for group in self.param_groups for p in group["params"]):
+            warnings.warn(
+                "FusedSaLSa's parameters are sharded (FSDP2), but the optimizer was built without "
+                "model= and the closure is not wrapped by salsa_fused.distributed.fsdp_closure: FSDP2 keeps the root "
+                "module's parameters unsharded after a forward, so every trial after the first reads "
+                "stale weights (the level collapses) unless the root was fully_shard-ed with "
+                "reshard_after_forward=True. Pass model=your_model (the optimizer then reshards before "
+                "each trial) or wrap the closure with fsdp_closure(model, closure)", UserWarning, stacklevel=4)
 
     def _device_counts(self) -> F.DeviceCounts:
         if self._counts is None:
@@ -788,6 +816,8 @@ class FusedSaLSa(Optimizer):
                 group["search_lr"] = 1.0  # built at 0: its first positive lr is a warmup's, not its level
         if plan.is_search and not any(group["search_lr"] > 0 and group["lr"] > 0 for group in self.param_groups):
             plan = plan_without_search(rule, state, config, plan)  # every group at lr 0 now: nothing moves
+        if plan.is_search and not self.__dict__.get("_fsdp_checked", False):
+            self._warn_if_trials_may_read_stale_fsdp_weights(closure)
         batches = step_batches(rule, plan)
         devices = [self._device] if self._device is not None else []
         marked, handoff.forward_rng = handoff.forward_rng, None  # mark_forward(), used by this step only

@@ -364,3 +364,34 @@ def test_single_process_reduction_is_inactive():
     params = list(_make_model(0).parameters())
     assert not default_reduction(params).active
     assert not FusedSaLSa(params).reduction.active
+
+
+def _fsdp_plain_closure_job(rank: int, out_dir: str) -> None:
+    """FSDP2 with the DDP habit, a plain closure: with model= the optimizer reshards before each
+    trial and the run is the fsdp_closure run; without it the first search warns."""
+    import warnings
+
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (WORLD,))
+    runs = {}
+    for form in ("fsdp_closure", "model="):
+        model = _fsdp_model(0, mesh)
+        opt = FusedSaLSa(model.parameters(), model=model if form == "model=" else None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # neither form warns
+            for step in range(6):
+                x, y = _batch(step, rank)
+                opt.zero_grad()
+                closure = lambda: F.mse_loss(model(x), y)  # noqa: E731
+                opt.step(fsdp_closure(model, closure) if form == "fsdp_closure" else closure)
+        runs[form] = (_full_weights(model), opt.step_size, opt.num_forward_evals)
+    assert torch.equal(runs["model="][0], runs["fsdp_closure"][0]) and runs["model="][1:] == runs["fsdp_closure"][1:]
+    model = _fsdp_model(0, mesh)
+    opt = FusedSaLSa(model.parameters())
+    x, y = _batch(0, rank)
+    with pytest.warns(UserWarning, match="stale weights"):
+        opt.step(lambda: F.mse_loss(model(x), y))
+
+
+def test_fsdp2_with_a_plain_closure_reshards_through_model_or_warns(tmp_path):
+    spawn_in_gloo_group(_fsdp_plain_closure_job, str(tmp_path), WORLD, timeout_s=120)
