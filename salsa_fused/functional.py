@@ -179,7 +179,11 @@ def search_step(passes: Passes, plan: StepPlan, state: SearchState, loss: torch.
                       "weights and optimizer state are unchanged", int(earlier_nonfinite), int(earlier_bad_losses))
     step_state.last_search_loss = f0_value
     search = rule(plan, config, f0_value, q_value)
-    run_search(passes, search, direction, trial_loss, has_saved_copy)
+    try:
+        run_search(passes, search, direction, trial_loss, has_saved_copy)
+    except GaveUpAtNonFiniteTrial as error:  # the weights and moments are back at w0
+        return reject(state, nonfinite, f"{error} (step {step_state.step})", int(earlier_nonfinite),
+                      int(earlier_bad_losses))
     return search.finish()
 
 
@@ -202,23 +206,55 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
     current = search.step_size  # the trial the weights are at
     try:
         while True:
-            if search.observe(trial_loss()) is not Verdict.RETRY:
+            tried = search.step_size
+            loss = trial_loss()
+            verdict = search.observe(loss)
+            if verdict is Verdict.GIVE_UP and not math.isfinite(loss) and not _weights_finite(passes):
+                # 0.1.0 keeps the last trial when every trial failed; one whose weights overflowed
+                # their dtype is not kept (read only on this path: nothing non-finite is kept)
+                raise GaveUpAtNonFiniteTrial(
+                    f"every trial of the search failed, the last (step size {tried:g}) at a non-finite "
+                    f"loss {loss}: the weights and the optimizer's state are as before the step (a "
+                    "smaller init_step_size, or more max_trials, lets the search backtrack further)")
+            if verdict is not Verdict.RETRY:
                 break
             passes.run("retrial", direction, GroupStep.trial, search.step_size, current)
             current = search.step_size
+        final = search.final()
+        along = final.direction or direction
+        if along != direction and not has_saved_copy:
+            passes.run("retrial", direction, GroupStep.trial, 0.0, current)  # back to decay(w0), in place
+            current = 0.0
+        if along != direction or final.step != current or any(g.scale != 1.0 for g in passes.groups.values()):
+            passes.run("retrial", along, GroupStep.apply, final.step, current)
+            if has_saved_copy and not _weights_finite(passes, torch.float16):
+                raise GaveUpAtNonFiniteTrial(
+                    f"the applied step (step size {final.step:g} times each group's lr / search_lr and "
+                    "schedule scale) overflowed float16 weights: the weights and the optimizer's state are "
+                    "as before the step (lower lr, or train float16 weights under an fp32 master copy)")
     except BaseException:
         passes.run("restore", direction, GroupStep.restore, current)
         if moments:
             with torch.no_grad():
                 C.foreach_copy_(moments, moments_before)
         raise
-    final = search.final()
-    along = final.direction or direction
-    if along != direction and not has_saved_copy:
-        passes.run("retrial", direction, GroupStep.trial, 0.0, current)  # back to decay(w0), in place
-        current = 0.0
-    if along != direction or final.step != current or any(g.scale != 1.0 for g in passes.groups.values()):
-        passes.run("retrial", along, GroupStep.apply, final.step, current)
+
+
+class GaveUpAtNonFiniteTrial(NonFiniteError):
+    """A search whose kept move would write NaN/inf weights; nothing was written (``reject``)."""
+
+
+def _weights_finite(passes: Passes, dtype: Optional[torch.dtype] = None) -> bool:
+    """Are the weights (of ``dtype`` only, if given) finite? One device read. After the final move
+    it is asked of float16 weights only, the one dtype a realistic step overflows (65504): none on
+    search steps without float16 weights."""
+    weights = [p for b in passes.buckets if dtype is None or b.dtype == dtype for p in b.params]
+    if not weights:
+        return True
+    with torch.no_grad():
+        peaks = torch.stack([p.abs().amax().float() if p.numel() else p.new_zeros((), dtype=torch.float32)
+                             for p in weights])
+    return bool(torch.isfinite(peaks).all())
 
 
 def reject(state: SearchState, nonfinite: str, message: str, earlier_elements: int = 0,

@@ -557,3 +557,60 @@ def test_a_bad_loss_argument_is_named_as_the_argument_not_as_a_closure():
     with pytest.raises(TypeError, match=r"closure\(\) must return the loss as a scalar tensor, got str"):
         opt.zero_grad()
         opt.step(lambda: "loss")
+
+
+def _half_regression():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1).half()
+    x, y = torch.randn(16, 8).half(), torch.randn(16, 1).half()
+    return model, lambda: F.mse_loss(model(x).float(), y.float())
+
+
+def _everything(model, opt):
+    return ([p.detach().clone() for p in model.parameters()],
+            [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters() if p in opt.state],
+            opt.search_state)
+
+
+def _unchanged(before, after):
+    assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
+    assert len(before[1]) == len(after[1]) and all(
+        a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(before[1], after[1]))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_a_search_that_gives_up_at_weights_that_overflowed_keeps_nothing_non_finite(backend):
+    """Every trial failed and the last overflowed float16 (0.1.0 would keep it): the step is
+    refused, or skipped under nonfinite='skip', with the weights and moments as before."""
+    for policy in ("raise", "skip"):
+        model, closure = _half_regression()
+        opt = FusedSaLSa(model.parameters(), init_step_size=1e5, max_trials=2, nonfinite=policy, backend=backend)
+        before = _everything(model, opt)
+        if policy == "raise":
+            with pytest.raises(NonFiniteError, match="every trial of the search failed.*non-finite loss"):
+                opt.step(closure)
+            assert opt.search_state == before[2]
+        else:
+            opt.step(closure)
+            assert opt.num_skipped_steps == 1 and opt.step_size == 1e5
+        after = _everything(model, opt)
+        _unchanged(before, after)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_an_applied_step_that_overflows_float16_weights_is_refused_with_everything_as_before():
+    model, closure = _half_regression()
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    for _ in range(3):
+        opt.zero_grad()
+        opt.step(closure)
+    opt.param_groups[0]["lr"] = 1e6  # a multiplier gone wrong: far beyond the trial the search tested
+    while not plan_step(opt.search_state, opt.search_config).is_search:
+        opt.zero_grad()
+        opt.step(closure)
+    before = _everything(model, opt)
+    opt.zero_grad()
+    with pytest.raises(NonFiniteError, match="overflowed float16 weights"):
+        opt.step(closure)
+    _unchanged(before, _everything(model, opt))
+    assert opt.search_state == before[2]
