@@ -180,7 +180,7 @@ def search_step(passes: Passes, plan: StepPlan, state: SearchState, loss: torch.
     step_state.last_search_loss = f0_value
     search = rule(plan, config, f0_value, q_value)
     try:
-        run_search(passes, search, direction, trial_loss, has_saved_copy)
+        run_search(passes, search, direction, trial_loss, has_saved_copy, reduction)
     except GaveUpAtNonFiniteTrial as error:  # the weights and moments are back at w0
         return reject(state, nonfinite, f"{error} (step {step_state.step})", int(earlier_nonfinite),
                       int(earlier_bad_losses))
@@ -188,9 +188,10 @@ def search_step(passes: Passes, plan: StepPlan, state: SearchState, loss: torch.
 
 
 def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], float],
-               has_saved_copy: bool) -> None:
+               has_saved_copy: bool, reduction: Optional[SearchReduction] = None) -> None:
     """Drive ``search`` (:class:`salsa_fused.rules.Search`): the weights go to each trial it names
-    until it stops, then to its final move; or, when it is not active, straight to the final move."""
+    until it stops, then to its final move; or, when it is not active, straight to the final move.
+    ``reduction``: over which shards a finiteness read of the weights is summed (FSDP2)."""
     if not search.active:
         final = search.final()
         passes.run("first_trial", final.direction or direction, GroupStep.guard_failed, final.step)
@@ -202,6 +203,13 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
     # Along the raw gradient no pass writes the moments: nothing to copy.
     moments = [] if direction == RAW else [t for b in passes.buckets for t in (*b.exp_avg, *b.exp_avg_sq)]
     moments_before = C.foreach_mul(moments, 1.0) if moments else []
+
+    def put_back(at: float) -> None:
+        passes.run("restore", direction, GroupStep.restore, at)
+        if moments:
+            with torch.no_grad():
+                C.foreach_copy_(moments, moments_before)
+
     passes.run("first_trial", direction, GroupStep.trial, search.step_size)
     current = search.step_size  # the trial the weights are at
     try:
@@ -209,52 +217,63 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
             tried = search.step_size
             loss = trial_loss()
             verdict = search.observe(loss)
-            if verdict is Verdict.GIVE_UP and not math.isfinite(loss) and not _weights_finite(passes):
+            if (verdict is Verdict.GIVE_UP and not math.isfinite(loss)
+                    and not _weights_finite(passes, reduction=reduction)):
                 # 0.1.0 keeps the last trial when every trial failed; one whose weights overflowed
                 # their dtype is not kept (read only on this path: nothing non-finite is kept)
+                failed = (f"every trial of the search failed, the last (step size {tried:g}) at a non-finite "
+                          f"loss {loss}, its weights overflowed their dtype")
+                if not has_saved_copy:
+                    raise NonFiniteError(
+                        f"{failed}; restore='inplace' cannot undo such a trial: the weights hold NaN/inf "
+                        "(restore='copy', the default, keeps w0; a smaller init_step_size lets the search "
+                        "backtrack further)")
                 raise GaveUpAtNonFiniteTrial(
-                    f"every trial of the search failed, the last (step size {tried:g}) at a non-finite "
-                    f"loss {loss}: the weights and the optimizer's state are as before the step (a "
-                    "smaller init_step_size, or more max_trials, lets the search backtrack further)")
+                    f"{failed}: the weights and the optimizer's state are as before the step (a smaller "
+                    "init_step_size, or more max_trials, lets the search backtrack further)")
             if verdict is not Verdict.RETRY:
                 break
             passes.run("retrial", direction, GroupStep.trial, search.step_size, current)
             current = search.step_size
-        final = search.final()
-        along = final.direction or direction
-        if along != direction and not has_saved_copy:
-            passes.run("retrial", direction, GroupStep.trial, 0.0, current)  # back to decay(w0), in place
-            current = 0.0
-        if along != direction or final.step != current or any(g.scale != 1.0 for g in passes.groups.values()):
-            passes.run("retrial", along, GroupStep.apply, final.step, current)
-            if has_saved_copy and not _weights_finite(passes, torch.float16):
-                raise GaveUpAtNonFiniteTrial(
-                    f"the applied step (step size {final.step:g} times each group's lr / search_lr and "
-                    "schedule scale) overflowed float16 weights: the weights and the optimizer's state are "
-                    "as before the step (lower lr, or train float16 weights under an fp32 master copy)")
     except BaseException:
-        passes.run("restore", direction, GroupStep.restore, current)
-        if moments:
-            with torch.no_grad():
-                C.foreach_copy_(moments, moments_before)
+        put_back(current)
         raise
+    final = search.final()
+    along = final.direction or direction
+    if along != direction and not has_saved_copy:
+        passes.run("retrial", direction, GroupStep.trial, 0.0, current)  # back to decay(w0), in place
+        current = 0.0
+    if along != direction or final.step != current or any(g.scale != 1.0 for g in passes.groups.values()):
+        passes.run("retrial", along, GroupStep.apply, final.step, current)
+        if has_saved_copy and not _weights_finite(passes, torch.float16, reduction):
+            put_back(current)  # from the saved copy: exact whatever the move was
+            raise GaveUpAtNonFiniteTrial(
+                f"the applied step (step size {final.step:g} times each group's lr / search_lr and "
+                "schedule scale) overflowed float16 weights: the weights and the optimizer's state are "
+                "as before the step (lower lr, or train float16 weights under an fp32 master copy)")
 
 
 class GaveUpAtNonFiniteTrial(NonFiniteError):
     """A search whose kept move would write NaN/inf weights; nothing was written (``reject``)."""
 
 
-def _weights_finite(passes: Passes, dtype: Optional[torch.dtype] = None) -> bool:
-    """Are the weights (of ``dtype`` only, if given) finite? One device read. After the final move
-    it is asked of float16 weights only, the one dtype a realistic step overflows (65504): none on
-    search steps without float16 weights."""
-    weights = [p for b in passes.buckets if dtype is None or b.dtype == dtype for p in b.params]
-    if not weights:
+def _weights_finite(passes: Passes, dtype: Optional[torch.dtype] = None,
+                    reduction: Optional[SearchReduction] = None) -> bool:
+    """Are the weights (of ``dtype`` only, if given) finite? One device read, the count of
+    non-finite tensors summed over the shard group (FSDP2: every rank decides alike). After the
+    final move it is asked of float16 weights only, the one dtype a realistic step overflows
+    (65504): none on search steps without float16 weights."""
+    buckets = [b for b in passes.buckets if dtype is None or b.dtype == dtype]  # alike on every rank
+    if not buckets:
         return True
     with torch.no_grad():
-        peaks = torch.stack([p.abs().amax().float() if p.numel() else p.new_zeros((), dtype=torch.float32)
-                             for p in weights])
-    return bool(torch.isfinite(peaks).all())
+        weights = [p for b in buckets for p in b.params if p.numel()]
+        peaks = torch._foreach_norm(weights, float("inf")) if weights else []  # one multi-tensor op
+        bad = (torch.stack(peaks).isfinite().logical_not().sum().to(torch.float32).reshape(1) if peaks
+               else torch.zeros(1, dtype=torch.float32, device=buckets[0].device))
+        if reduction is not None:
+            bad = reduction.sum_over_shards(bad)
+    return not bool(bad.item())
 
 
 def reject(state: SearchState, nonfinite: str, message: str, earlier_elements: int = 0,

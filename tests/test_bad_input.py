@@ -614,3 +614,15 @@ def test_an_applied_step_that_overflows_float16_weights_is_refused_with_everythi
         opt.step(closure)
     _unchanged(before, _everything(model, opt))
     assert opt.search_state == before[2]
+
+
+def test_under_inplace_restore_a_trial_that_overflowed_is_reported_as_not_undone():
+    """restore='inplace' cannot put back a weight that overflowed: the error says the weights hold
+    NaN/inf instead of claiming they are as before (and 'skip' does not count it as skipped)."""
+    for policy in ("raise", "skip"):
+        model, closure = _half_regression()
+        opt = FusedSaLSa(model.parameters(), init_step_size=1e6, max_trials=2, restore="inplace",
+                         nonfinite=policy, backend="torch")
+        with pytest.raises(NonFiniteError, match="restore='inplace' cannot undo such a trial"):
+            opt.step(closure)
+        assert opt.num_skipped_steps == 0
