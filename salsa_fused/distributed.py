@@ -149,6 +149,7 @@ def fsdp_closure(model: torch.nn.Module, closure: Callable[[], torch.Tensor]) ->
         return closure()
 
     resharded_closure.reshards_fsdp = True  # FusedSaLSa reads it: no warning about stale trials
+    resharded_closure.fsdp_modules = modules  # resharded again after a search (the applied move)
     return resharded_closure
 
 

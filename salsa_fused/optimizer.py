@@ -107,6 +107,15 @@ def _refuse_unsupported_flags(**flags) -> None:
                              f"({name}=False, the default, is accepted)")
 
 
+def _described(value) -> str:
+    """A shape, with the local shard's for a DTensor: ``(16, 6)``, ``(16, 6) sharded, (8, 6) here``."""
+    if not isinstance(value, torch.Tensor):
+        return type(value).__name__
+    if _is_dtensor(value):
+        return f"{tuple(value.shape)} sharded, {tuple(_local(value).shape)} on this rank"
+    return f"{tuple(value.shape)}"
+
+
 def _refuse_a_set(params) -> None:
     if isinstance(params, (set, frozenset)):
         raise TypeError("optimizer parameters need to be organized in ordered collections, but the "
@@ -416,9 +425,14 @@ class FusedSaLSa(Optimizer):
         backward of the first ``gradient`` itself); ``None`` for a rule whose closure takes no index."""
         state = freeze_if_collapsed(self.schedule, self._search, self._search.step + 1)
         plan = plan_step(self.search_rule, state, self.search_config)
-        if plan.is_search and not schedule_searches(self.schedule, state, plan.state.step):
+        if plan.is_search and not (schedule_searches(self.schedule, state, plan.state.step) and self._some_group_moves()):
             plan = plan_without_search(self.search_rule, state, self.search_config, plan)
         return step_batches(self.search_rule, plan)
+
+    def _some_group_moves(self) -> bool:
+        """Does a group have a positive ``lr`` now? While none does nothing moves: no search runs
+        (a group built at 0 gets ``search_lr`` 1 with its first positive ``lr``)."""
+        return any(group["lr"] > 0 for group in self.param_groups)
 
     @property
     def search_interval(self) -> float:
@@ -491,6 +505,12 @@ class FusedSaLSa(Optimizer):
             search = SearchState.from_dict(deepcopy(groups[0][_SEARCH_KEY]))
             search.validate()  # unknown keys, bad values
             check_rule_state(self.search_rule, search.rule_state)
+        elif state_dict["state"]:
+            warnings.warn(
+                "the checkpoint has moments but no search state (param_groups[0]['search']): it was saved "
+                "by another optimizer, or through torch.distributed.checkpoint with "
+                "flatten_optimizer_state_dict=True, which drops it; the search starts over from "
+                "init_step_size, with the step counter at 0", UserWarning, stacklevel=2)
         groups = [{k: v for k, v in group.items() if k != _SEARCH_KEY} for group in groups]
         for group in groups:
             group.setdefault("search_lr", group.get("lr", self.defaults["lr"]))  # saved before it existed
@@ -506,12 +526,13 @@ class FusedSaLSa(Optimizer):
             stripped_state[key] = {k: v for k, v in value.items() if k not in _MOMENT_KEYS}
             for name, moment in moments[key].items():
                 param = param_of[key]
-                if not isinstance(moment, torch.Tensor) or moment.shape != param.shape:
+                if (not isinstance(moment, torch.Tensor) or moment.shape != param.shape
+                        or _is_dtensor(moment) != _is_dtensor(param) or _local(moment).shape != _local(param).shape):
                     raise ValueError(
-                        f"the checkpoint's {name} of parameter {key} is "
-                        f"{tuple(moment.shape) if isinstance(moment, torch.Tensor) else type(moment).__name__}, "
-                        f"but that parameter here has shape {tuple(param.shape)}: the checkpoint is of another "
-                        "model or another grouping; nothing was loaded")
+                        f"the checkpoint's {name} of parameter {key} is {_described(moment)}, but that "
+                        f"parameter here is {_described(param)}: the checkpoint is of another model, another "
+                        "grouping or another sharding (load a sharded run through torch.distributed.checkpoint); "
+                        "nothing was loaded")
         self._check_loaded_moments(moments, param_of)
         with _torch_hooks_suspended(self, "_optimizer_load_state_dict_pre_hooks",
                                     "_optimizer_load_state_dict_post_hooks"):
@@ -531,15 +552,27 @@ class FusedSaLSa(Optimizer):
         """Refuse a checkpoint whose moments hold NaN/inf or a negative ``exp_avg_sq``: every later
         step would read them (and blame the gradient). One device read per load; under FSDP2 the
         shards' counts are summed, so every rank decides alike."""
-        checks = [(key, name, ~torch.isfinite(_local(t)) | ((_local(t) < 0) if name == "exp_avg_sq" else False))
-                  for key, values in moments.items() for name, t in values.items()]
-        if not checks:
+        names = [(key, name) for key, values in moments.items() for name in values]
+        if not names:
             return
+        device = self._device or torch.device("cpu")
+
+        def flaw(name: str, tensor: torch.Tensor) -> torch.Tensor:
+            """1 if the tensor holds NaN/inf (or, for exp_avg_sq, a negative value), else 0: its
+            min and max, so no mask the size of the tensor is kept."""
+            local = _local(tensor)
+            if not local.numel():
+                return torch.zeros((), dtype=torch.float32, device=device)
+            low, high = torch.aminmax(local.float() if not local.is_floating_point() else local)
+            bad = ~(torch.isfinite(low) & torch.isfinite(high))
+            if name == "exp_avg_sq":
+                bad = bad | (low < 0)
+            return bad.to(device=device, dtype=torch.float32)
+
         with torch.no_grad():
-            device = self._device or torch.device("cpu")
-            counts = torch.stack([bad.sum().to(device=device, dtype=torch.float32) for _, _, bad in checks])
+            counts = torch.stack([flaw(name, moments[key][name]) for key, name in names])
             counts = self.reduction.sum_over_shards(counts)
-        bad = [f"{name} of parameter {key}" for (key, name, _), count in zip(checks, counts.tolist()) if count]
+        bad = [f"{name} of parameter {key}" for (key, name), count in zip(names, counts.tolist()) if count]
         if bad:
             raise ValueError(f"the checkpoint's {', '.join(bad[:4])}{' and more' if len(bad) > 4 else ''} "
                              "hold NaN/inf (or a negative exp_avg_sq): the checkpoint is corrupt; nothing was loaded")
@@ -634,17 +667,25 @@ class FusedSaLSa(Optimizer):
             self._fsdp_module_list = modules
         return modules
 
+    def _reshard_after_trials(self, closure) -> None:
+        """After a search: the root keeps the last trial's weights unsharded (no backward followed
+        its forward), and FSDP2's next forward would use them, not the move the step applied
+        (which differs under a scheduler or a schedule's scale). Reshard ``model``'s FSDP2 modules,
+        or those of an :func:`fsdp_closure`; the next forward all-gathers them anyway."""
+        for module in self._fsdp_modules() or getattr(closure, "fsdp_modules", ()):
+            module.reshard()
+
     def _warn_if_trials_may_read_stale_fsdp_weights(self, closure) -> None:
         """Once, at the first search: sharded (FSDP2) parameters, no ``model=`` with FSDP2 modules to
         reshard, and a closure not made by :func:`fsdp_closure`: every trial after the first would
         read the root's stale unsharded weights unless the root reshards after its forward."""
         self._fsdp_checked = True
-        if self._fsdp_modules() or getattr(closure, "reshards_fsdp", False):
-            return
+        if self.model is not None or getattr(closure, "reshards_fsdp", False):
+            return  # model= given: its FSDP2 modules (if any) are resharded; none: tensor parallel, say
         if any(_is_dtensor(p) for group in self.param_groups for p in group["params"]):
             warnings.warn(
-                "FusedSaLSa's parameters are sharded (FSDP2), but the optimizer was built without "
-                "model= and the closure is not wrapped by salsa_fused.distributed.fsdp_closure: FSDP2 keeps the root "
+                "FusedSaLSa's parameters are DTensors, but the optimizer was built without model= and "
+                "the closure is not wrapped by salsa_fused.distributed.fsdp_closure: if they are FSDP2's, it keeps the root "
                 "module's parameters unsharded after a forward, so every trial after the first reads "
                 "stale weights (the level collapses) unless the root was fully_shard-ed with "
                 "reshard_after_forward=True. Pass model=your_model (the optimizer then reshards before "
@@ -814,7 +855,7 @@ class FusedSaLSa(Optimizer):
         for group in self.param_groups:
             if group["search_lr"] == 0 and group["lr"] > 0:
                 group["search_lr"] = 1.0  # built at 0: its first positive lr is a warmup's, not its level
-        if plan.is_search and not any(group["search_lr"] > 0 and group["lr"] > 0 for group in self.param_groups):
+        if plan.is_search and not self._some_group_moves():
             plan = plan_without_search(rule, state, config, plan)  # every group at lr 0 now: nothing moves
         if plan.is_search and not self.__dict__.get("_fsdp_checked", False):
             self._warn_if_trials_may_read_stale_fsdp_weights(closure)
@@ -872,6 +913,7 @@ class FusedSaLSa(Optimizer):
             with torch.no_grad():
                 for buffer, saved in running:  # and the running statistics where it left them
                     buffer.copy_(saved)
+            self._reshard_after_trials(closure)
         return loss_tensor.detach() if one_phase else loss
 
     def _passes(self, plan, scale: float, forwards: int, backwards: int) -> Optional[F.Passes]:
@@ -977,6 +1019,7 @@ class FusedSaLSa(Optimizer):
             with torch.no_grad():
                 for buffer, saved in running:  # the running statistics where the gradient forwards left them
                     buffer.copy_(saved)
+            self._reshard_after_trials(closure)
         return loss_tensor.detach() if one_phase else loss
 
 

@@ -368,15 +368,26 @@ def test_single_process_reduction_is_inactive():
 
 def _fsdp_plain_closure_job(rank: int, out_dir: str) -> None:
     """FSDP2 with the DDP habit, a plain closure: with model= the optimizer reshards before each
-    trial and the run is the fsdp_closure run; without it the first search warns."""
+    trial and after the search, and the run is single-process training on the global batch, under
+    a scheduler too (lr 0.5 != search_lr: the applied move is not the last trial, which the root
+    would otherwise keep unsharded for the next forward); fsdp_closure the same; without either
+    the first search warns."""
     import warnings
 
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh("cpu", (WORLD,))
-    runs = {}
+    ref = _make_model(0)
+    ref_opt = FusedSaLSa(ref.parameters(), reduction=SearchReduction())
+    ref_lr = torch.optim.lr_scheduler.LambdaLR(ref_opt, lambda k: 0.5)
+    for step in range(6):
+        gx, gy = _global_batch(step)
+        ref_opt.zero_grad()
+        ref_opt.step(lambda: F.mse_loss(ref(gx), gy))
+        ref_lr.step()
     for form in ("fsdp_closure", "model="):
         model = _fsdp_model(0, mesh)
         opt = FusedSaLSa(model.parameters(), model=model if form == "model=" else None)
+        lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # neither form warns
             for step in range(6):
@@ -384,8 +395,10 @@ def _fsdp_plain_closure_job(rank: int, out_dir: str) -> None:
                 opt.zero_grad()
                 closure = lambda: F.mse_loss(model(x), y)  # noqa: E731
                 opt.step(fsdp_closure(model, closure) if form == "fsdp_closure" else closure)
-        runs[form] = (_full_weights(model), opt.step_size, opt.num_forward_evals)
-    assert torch.equal(runs["model="][0], runs["fsdp_closure"][0]) and runs["model="][1:] == runs["fsdp_closure"][1:]
+                lr.step()
+        torch.testing.assert_close(_full_weights(model), _flat(ref.parameters()), rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{form}: {m}")
+        assert opt.num_forward_evals == ref_opt.num_forward_evals and opt.step_size == pytest.approx(ref_opt.step_size)
     model = _fsdp_model(0, mesh)
     opt = FusedSaLSa(model.parameters())
     x, y = _batch(0, rank)
