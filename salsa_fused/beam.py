@@ -50,7 +50,7 @@ import torch
 
 from ._rng import RNGSnapshot
 from .errors import NonFiniteError
-from .optimizer import FusedSaLSa
+from .optimizer import FusedSaLSa, _torch_hooks_suspended
 from .step_size import ScaledSchedule, check_factors, scaled_by
 
 #: Options of earlier versions, removed after their ablations lost (benchmarks/quality/NOTES.md
@@ -67,10 +67,13 @@ IndexedClosure = Callable[[int], torch.Tensor]
 def _step_without_hooks(opt: FusedSaLSa, closure):
     """``opt.step(closure)`` without torch's step hooks (the optimizer's and the global ones): a
     branch's steps are thrown away, so a hook (an EMA of the weights, logging, clipping) must not see
-    them. torch wraps ``step`` once per class to run the hooks; the function it wrapped is called."""
+    them. torch wraps ``step`` once per class to run the hooks; the function it wrapped is called,
+    with the optimizer's own hooks set aside too (a subclass whose ``step`` calls ``super().step()``
+    reaches a wrapped ``step`` again: its global hooks still run)."""
     step = type(opt).step
     raw = getattr(step, "__wrapped__", None) if getattr(step, "hooked", False) else None
-    return raw(opt, closure) if raw is not None else opt.step(closure)
+    with _torch_hooks_suspended(opt, "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks"):
+        return raw(opt, closure) if raw is not None else opt.step(closure)
 
 
 class _Snapshot:

@@ -187,8 +187,17 @@ def test_a_scheduler_that_brings_every_lr_to_zero_stops_the_searches_until_an_lr
     assert opt.num_searches == 1 and opt.num_forward_evals > 4 and not torch.equal(_flat(model), start)
 
 
-    # Today: 0.98 with the warmup vs 1.11 without (the first step, at lr=0, searches nothing).
+def test_labpal_announces_no_search_batches_while_every_lr_is_zero():
+    """next_batches() (what a two-phase loop sizes its batches from) follows the step's rule."""
+    from salsa_fused import LABPAL
 
+    opt = LABPAL(_dropout_mlp(0).parameters(), backend="torch")
+    assert opt.next_batches().points > 0
+    opt.param_groups[0]["lr"] = 0.0
+    assert opt.next_batches().points == 0
+
+
+def test_a_warmup_by_hand_from_lr_zero_ends_at_the_searched_step():
     """Built at lr=0 and warmed up by hand: at lr=1 the applied step is the searched one (search_lr
     1), not 1/first-lr times it (the first positive lr, 0.1, was once kept as search_lr)."""
     torch.manual_seed(0)
