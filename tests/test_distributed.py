@@ -408,3 +408,25 @@ def _fsdp_plain_closure_job(rank: int, out_dir: str) -> None:
 
 def test_fsdp2_with_a_plain_closure_reshards_through_model_or_warns(tmp_path):
     spawn_in_gloo_group(_fsdp_plain_closure_job, str(tmp_path), WORLD, timeout_s=120)
+
+
+def _fsdp_overflow_job(rank: int, out_dir: str) -> None:
+    """FSDP2 with one rank's shard empty: a search that gives up at weights that overflowed is
+    refused (here skipped) on every rank alike, the finiteness read summed over the shards."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (WORLD,))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 1)  # weight (1, 6) and bias (1,): rank 1 holds empty shards
+    fully_shard(model, mesh=mesh)
+    opt = FusedSaLSa(model.parameters(), model=model, init_step_size=3e38, max_trials=1, nonfinite="skip")
+    x, y = _batch(0, rank)
+    opt.step(lambda: F.mse_loss(model(x), y))
+    _assert_same_on_all_ranks(torch.tensor([float(opt.num_skipped_steps), opt.step_size, float(opt.search_state.step)],
+                                           dtype=torch.float64), "skips, level and step")
+    assert opt.num_skipped_steps == 1
+    assert torch.isfinite(_full_weights(model)).all()
+
+
+def test_fsdp2_ranks_refuse_alike_a_search_whose_weights_overflowed(tmp_path):
+    spawn_in_gloo_group(_fsdp_overflow_job, str(tmp_path), WORLD, timeout_s=60)
