@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -50,6 +50,41 @@ class DeviceCounts:
     @property
     def scaler_skips(self) -> torch.Tensor:
         return self.step_counts[1]
+
+
+@dataclass
+class CountsInFlight:
+    """A snapshot of the plain steps' counters on its way to the host (no wait where it is taken):
+    ``local`` what it takes out of this rank's counters once read, ``host`` where the copy lands
+    (``[gradient elements summed over the shard group, NaN/inf losses]``), ``done`` its CUDA event."""
+
+    local: torch.Tensor
+    host: torch.Tensor
+    done: Optional[object]
+
+    @classmethod
+    def take(cls, counts: DeviceCounts, reduction: SearchReduction) -> "CountsInFlight":
+        with torch.no_grad():
+            local = torch.stack([counts.nonfinite_elements, counts.nonfinite_losses]).clone()
+            elements = reduction.sum_over_shards(local[:1].to(torch.float64))  # every rank alike (FSDP2)
+            values = torch.cat([elements, local[1:].to(torch.float64)])  # losses: averaged, alike already
+            if values.device.type != "cuda":
+                return cls(local, values, None)
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        return cls(local, host, done)
+
+    def read(self, counts: DeviceCounts) -> Tuple[int, int]:
+        """(gradient elements, losses) of the snapshot; they leave the counters (a device op)."""
+        if self.done is not None:
+            self.done.synchronize()  # enqueued a step ago: done, or nearly
+        elements, losses = (int(v) for v in self.host.tolist())
+        with torch.no_grad():
+            counts.nonfinite_elements.sub_(self.local[0])
+            counts.step_counts[0].sub_(self.local[1])
+        return elements, losses
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from .buckets import BucketCache
 from . import functional as F
 from .backends.base import GRADIENT, MOMENTUM, Bucket
 from .distributed import SearchReduction, _is_dtensor, default_reduction, fsdp_modules
+from .errors import NonFiniteError
 from .applied import GroupStep
 from .line_search import SearchConfig, SearchState
 from .rules import (Batches, check_arguments, check_rule_state, moment_step, plan_step, plan_without_search,
@@ -545,6 +546,7 @@ class FusedSaLSa(Optimizer):
         self._search = search if search is not None else SearchState(step_size=self.init_step_size)
         self._buckets.clear()
         self._counts = None  # counts of the replaced run
+        self._counts_in_flight = None
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -929,12 +931,38 @@ class FusedSaLSa(Optimizer):
 
     def _plain_step(self, passes: F.Passes, plan, f0: torch.Tensor) -> None:
         """A step without search along the rule's direction (Adam's ``m_hat`` unless it is ``raw``)."""
+        self._report_plain_steps_without_search(plan.state)
         F.plain_step(passes, plan.trial_step_size, f0, getattr(self, "found_inf", None), self._device_counts(),
                      self.reduction, self.search_rule.direction(self.search_direction))
         self._commit(plan.state)
 
+    def _report_plain_steps_without_search(self, state: SearchState) -> None:
+        """Where no search comes (a schedule's frozen level, past its end), the plain steps' NaN/inf
+        counts are reported as a search would report them, ``max_search_interval`` steps apart: at
+        such a step they are copied to the host without waiting, and read at the next plain step
+        (by then the copy is done): ``"raise"`` refuses that step, before it writes anything;
+        ``"skip"`` adds them to the counters."""
+        pending, self._counts_in_flight = self.__dict__.get("_counts_in_flight"), None
+        if pending is not None:
+            elements, losses = pending.read(self._device_counts())
+            if elements or losses:
+                if self.nonfinite == "raise":
+                    problems = ([f"{elements} gradient elements were NaN/inf (they kept their weights and "
+                                 "moments)"] if elements else []) + (
+                                [f"the loss was NaN/inf on {losses} step(s) (they changed nothing)"] if losses else [])
+                    raise NonFiniteError(
+                        f"on the plain steps before step {state.step}, where no search runs to report them: "
+                        + "; ".join(problems) + f"; step {state.step} was not applied")
+                state.num_nonfinite_elements += elements
+                state.num_skipped_steps += losses
+            return
+        interval = self.search_config.max_search_interval
+        if state.steps_since_search >= interval and state.steps_since_search % interval == 0:
+            self._counts_in_flight = F.CountsInFlight.take(self._device_counts(), self.reduction)
+
     def _search_step(self, passes: F.Passes, plan, f0, trial_loss: Callable[[], float]) -> None:
         """The search step of ``plan`` from loss ``f0`` (:func:`salsa_fused.functional.search_step`)."""
+        self._counts_in_flight = None  # the search reads (and zeroes) every count itself
         searches_before = self._search.num_searches
         state = F.search_step(
             passes, plan, self._search, f0, trial_loss, rule=self.search_rule, config=self.search_config,

@@ -121,3 +121,42 @@ def test_groups_keep_their_own_weight_decay_and_overrides_win():
 def test_bad_preset_arguments_raise_clear_errors(call, error, match):
     with pytest.raises(error, match=match):
         call([torch.nn.Parameter(torch.ones(2))])
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_nan_batches_after_the_search_phase_are_reported_though_no_search_comes(policy):
+    """The preset searches only in its first 20%: NaN/inf on later plain steps is still reported,
+    max_search_interval steps apart (copied to the host without waiting, read one step later)."""
+    import warnings
+
+    from salsa_fused import NonFiniteError
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = presets.recommended(model.parameters(), total_steps=20, nonfinite=policy)
+    generator = torch.Generator().manual_seed(1)
+    data = [(torch.randn(32, 8, generator=generator), torch.randn(32, 1, generator=generator)) for _ in range(40)]
+    for x, _ in data[5:]:
+        x[0, 0] = float("nan")  # every batch from step 6 on
+    weights, raised = None, None
+    for k, (x, y) in enumerate(data):
+        if k == 5:
+            weights = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # past total_steps
+                opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+        except NonFiniteError as error:
+            raised = (k + 1, str(error))
+            break
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    if policy == "raise":
+        step, message = raised
+        assert step <= 6 + opt.search_config.max_search_interval + 1
+        assert "where no search runs to report them: the loss was NaN/inf on" in message
+        assert opt.search_state.step == step - 1  # the reporting step was not applied
+    else:
+        assert raised is None and opt.num_skipped_steps >= 40 - 5 - opt.search_config.max_search_interval - 1
