@@ -224,11 +224,20 @@ class StepSizeBeam:
         """Step ``calls`` of the run (running the beam first at a beam step); returns the loss."""
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        before = (self.multiplier, len(self.decisions), self.branch_forward_evals)
         if self.calls in self.beam_steps:
             self._decide(closure)
         self._applied_multiplier = self.multiplier
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.optimizer.step(lambda: closure(0))
+        try:
+            loss = self.optimizer.step(lambda: closure(0))
+        except BaseException:
+            # the step did not happen (the optimizer put everything back): neither did this call's
+            # decision, so a retry decides again from the same multiplier
+            self.multiplier, kept, self.branch_forward_evals = before
+            del self.decisions[kept:]
+            self._applied_multiplier = self.multiplier
+            raise
         self.calls += 1
         return loss
 

@@ -461,3 +461,30 @@ def test_a_checkpoint_saved_with_a_beam_step_on_the_runs_end_still_loads():
     with pytest.raises(ValueError, match="beam_steps"):
         fresh.load_state_dict({**saved, "beam_steps": [5, 20]})
 
+
+
+def test_a_step_that_raises_after_the_beam_decided_is_retried_exactly():
+    """An OOM (say) in the run's own step after a beam step: the decision is undone with the step,
+    so the retried run is the run without the failure, bitwise."""
+    def run(fail_at=None):
+        model = make_model()
+        opt = FusedSaLSa(model.parameters(), backend="torch")
+        beam = StepSizeBeam(opt, STEPS, points=(0.25, 0.5), horizon=0.1)
+        data = batches()
+        failed = []
+        for k in range(STEPS):
+            def closure(i, k=k):
+                if k == fail_at and i == 0 and not failed and beam.decisions and beam.decisions[-1]["step"] == k:
+                    failed.append(k)
+                    raise RuntimeError("simulated out of memory")
+                return loss_on(model, data[k + i])
+            try:
+                beam.step(closure)
+            except RuntimeError:
+                beam.step(closure)  # the retry
+        return model, beam, failed
+
+    reference, plain_beam, _ = run()
+    retried, retried_beam, failed = run(fail_at=plain_beam.beam_steps[0])
+    assert failed and [d["multiplier"] for d in retried_beam.decisions] == [d["multiplier"] for d in plain_beam.decisions]
+    assert all(torch.equal(a, b) for a, b in zip(retried.parameters(), reference.parameters()))
