@@ -43,6 +43,7 @@ this step's batch); the beam needs to see ahead, so the loop must know its batch
 from __future__ import annotations
 
 import math
+import numbers
 from copy import deepcopy
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -175,8 +176,9 @@ class StepSizeBeam:
                              "per step through closure(i) of its own: the two contracts do not compose")
         if scaled_by(optimizer.schedule, StepSizeBeam):
             raise ValueError("this FusedSaLSa already has a StepSizeBeam on its schedule")
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) or total_steps < 1:
             raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
+        total_steps = int(total_steps)
         points = tuple(points)
         for p in points:
             if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < 1:

@@ -64,6 +64,8 @@ to decay every tensor, as the preset did before 2026-12-01 (and to load its chec
 
 from __future__ import annotations
 
+import numbers
+
 from typing import Callable, Dict, Optional
 
 import torch
@@ -119,10 +121,10 @@ def preset_kwargs(name: str, total_steps=_OMITTED) -> dict:
                             "length (no schedule: the searched level throughout, no cooldown; it ends "
                             "worse, docs/quality.md)")
         total_steps = None
-    if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+    if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral)
                                     or total_steps < 1):
         raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
-    return PRESETS[name](total_steps)
+    return PRESETS[name](None if total_steps is None else int(total_steps))
 
 
 #: Presets that, handed plain tensors, keep vectors (biases, norms' scales) out of the weight decay.

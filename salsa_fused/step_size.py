@@ -12,6 +12,7 @@ ablations rejected live in ``benchmarks/quality/rules.py``.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, replace
 from typing import Optional
@@ -104,14 +105,22 @@ class WarmupStableDecay:
     hold_scale_on_loss_rise: bool = False
 
     def __post_init__(self):
-        if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1:
+        if (isinstance(self.total_steps, bool) or not isinstance(self.total_steps, numbers.Integral)
+                or self.total_steps < 1):
             raise ValueError(f"total_steps must be an integer >= 1, got {self.total_steps!r}")
+        object.__setattr__(self, "total_steps", int(self.total_steps))  # a numpy integer, say
         for name in ("warmup", "decay", "final"):
             value = getattr(self, name)
             if not (is_number(value) and 0.0 <= value <= 1.0):
                 raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
         if self.warmup + self.decay > 1.0:
             raise ValueError(f"warmup + decay must be <= 1, got {self.warmup} + {self.decay}")
+        if self.decay < 1.0 and self.decay_start < 1:
+            shortest = next(n for n in range(1, 10 ** 6) if n - int(round(self.decay * n)) >= 1)
+            raise ValueError(
+                f"total_steps={self.total_steps} with decay={self.decay} leaves no step before the cooldown, "
+                f"so the search would never run and the run would apply init_step_size: use total_steps >= "
+                f"{shortest} (or decay=1 to mean no search)")
         if not (is_number(self.peak) and 0.0 < self.peak < math.inf):
             raise ValueError(f"peak must be a finite number > 0, got {self.peak!r}")
         check_freeze_below(self.freeze_below)

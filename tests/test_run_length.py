@@ -55,8 +55,8 @@ def plain_step_applies(opt, weights, slopes, k, scale, level):
 # ---------------------------------------------------------------------------- the schedule itself
 @pytest.mark.parametrize("total, warmup, decay, final, peak", [
     (100, 0.1, 0.2, 0.0, 1.0), (100, 0.2, 0.8, 0.0, 2.0), (10, 0.0, 0.5, 0.2, 1.0), (10, 0.3, 0.0, 0.0, 2.0),
-    (7, 0.0, 1.0, 0.0, 1.5), (3, 0.5, 0.5, 0.0, 2.0), (1, 0.2, 0.8, 0.0, 2.0), (2, 0.0, 0.5, 0.0, 1.0),
-    (1000, 0.2, 0.8, 0.0, 2.0)])
+    (7, 0.0, 1.0, 0.0, 1.5), (3, 0.5, 0.5, 0.0, 2.0), (1, 0.0, 1.0, 0.0, 2.0), (2, 0.0, 0.5, 0.0, 1.0),
+    (3, 0.2, 0.8, 0.0, 2.0), (1000, 0.2, 0.8, 0.0, 2.0)])
 def test_past_the_end_the_scale_holds_the_last_positive_scale_of_the_run(total, warmup, decay, final, peak):
     schedule = WarmupStableDecay(total, warmup=warmup, decay=decay, final=final, peak=peak)
     in_run = [schedule.scale(k) for k in range(1, total + 1)]
@@ -545,3 +545,23 @@ def test_a_schedule_of_ones_own_with_a_bad_freeze_below_is_refused_at_the_step_a
                if isinstance(v, torch.Tensor))
     with pytest.raises(ValueError, match="freeze_below"):  # through a beam's wrapper too
         freeze_if_collapsed(ScaledSchedule(Frozen(1.0), object(), "x"), opt.search_state, 3)
+
+
+@pytest.mark.parametrize("total", [1, 2])
+def test_a_run_too_short_for_one_search_step_is_refused_by_name(total):
+    """The preset's shape (cooldown 80%) on 1 or 2 steps: no step before the cooldown, so the
+    search would never run and the run would apply init_step_size."""
+    from salsa_fused import presets
+
+    with pytest.raises(ValueError, match=f"total_steps={total} with decay=0.8 leaves no step before the cooldown.*>= 3"):
+        presets.recommended([torch.nn.Parameter(torch.randn(3))], total_steps=total)
+    WarmupStableDecay(total, warmup=0.0, decay=1.0)  # decay=1 means no search, as asked
+
+
+def test_numpy_integers_are_run_lengths():
+    import numpy as np
+    from salsa_fused import StepSizeBeam, presets
+
+    opt = presets.recommended([torch.nn.Parameter(torch.randn(3))], total_steps=np.int64(100))
+    assert opt.schedule.total_steps == 100 and type(opt.schedule.total_steps) is int
+    assert StepSizeBeam(opt, total_steps=np.int32(100)).total_steps == 100
