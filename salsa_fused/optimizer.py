@@ -505,7 +505,7 @@ class FusedSaLSa(Optimizer):
         if groups and _SEARCH_KEY in groups[0]:
             search = SearchState.from_dict(deepcopy(groups[0][_SEARCH_KEY]))
             search.validate()  # unknown keys, bad values
-            check_rule_state(self.search_rule, search.rule_state)
+            check_rule_state(self.search_rule, search.rule_state, search.step)
         elif state_dict["state"]:
             warnings.warn(
                 "the checkpoint has moments but no search state (param_groups[0]['search']): it was saved "

@@ -220,11 +220,23 @@ def plan_without_search(rule: SearchRule, state: "SearchState", config: "SearchC
     return without(state, config)
 
 
-def check_rule_state(rule: SearchRule, rule_state: dict) -> None:
-    """The rule's ``check_state(rule_state)`` when it has one (a loaded checkpoint's scalars)."""
+def check_rule_state(rule: SearchRule, rule_state: dict, steps_taken: int = 0) -> None:
+    """The rule's ``check_state(rule_state)`` when it has one (a loaded checkpoint's scalars). A rule
+    with a state of its own (one with ``check_state``) has it after its first step, and a rule without
+    one never has it: a checkpoint that says otherwise was saved under another ``search_rule``
+    (``"salsa"``, ``"sls"`` and ``"alsals"`` keep none, so they cannot be told apart)."""
     check = getattr(rule, "check_state", None)
-    if check is not None:
-        check(rule_state)
+    if check is None:
+        if rule_state:
+            raise ValueError(f"the checkpoint's search state carries a rule's own scalars ({sorted(rule_state)}), "
+                             "which this search_rule does not keep: it was saved under another search_rule "
+                             "(LABPAL's); build the optimizer with that rule. Nothing was loaded")
+        return
+    if not rule_state and steps_taken > 0:
+        raise ValueError(f"the checkpoint took {steps_taken} steps without the scalars this search_rule keeps from "
+                         "its first step: it was saved under another search_rule ('salsa', 'sls' or 'alsals'); "
+                         "build the optimizer with that rule. Nothing was loaded")
+    check(rule_state)
 
 
 def moment_step(rule: SearchRule, step: int) -> int:

@@ -434,3 +434,24 @@ def test_batchnorm_statistics_are_those_of_the_gradient_forwards_only():
     twin(batches[0][0])  # the one gradient batch's forward (k = 1 at the start of the schedule)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         assert torch.equal(getattr(model[1], name), getattr(twin[1], name)), name
+
+
+def test_a_checkpoint_of_labpal_and_one_of_the_adam_rules_do_not_load_into_each_other():
+    """LABPAL keeps scalars of its own from its first step and the Adam rules none: a checkpoint
+    that says otherwise was saved under the other rule, and is refused with nothing changed."""
+    model = _model()
+    labpal = LABPAL(model.parameters(), backend="torch")
+    _run(labpal, model, range(4))
+    salsa_model = _model()
+    salsa = FusedSaLSa(salsa_model.parameters(), backend="torch")
+    for k in range(4):
+        salsa.zero_grad()
+        salsa.step(lambda: _closure(salsa_model, k)(0))
+    into_salsa, into_labpal = FusedSaLSa(_model().parameters()), LABPAL(_model().parameters())
+    before = (into_salsa.search_state, into_labpal.search_state)
+    with pytest.raises(ValueError, match="carries a rule's own scalars.*saved under another search_rule"):
+        into_salsa.load_state_dict(labpal.state_dict())
+    with pytest.raises(ValueError, match="took 4 steps without the scalars this search_rule keeps"):
+        into_labpal.load_state_dict(salsa.state_dict())
+    assert (into_salsa.search_state, into_labpal.search_state) == before
+    LABPAL(_model().parameters()).load_state_dict(labpal.state_dict())  # its own rule loads
