@@ -51,9 +51,16 @@ class ByteBatches:
     """Random windows of a byte corpus: ``x`` of shape (batch, block), ``y`` shifted by one."""
 
     def __init__(self, corpus: torch.Tensor, block_size: int, val_fraction: float = 0.1):
+        if block_size < 1:
+            raise ValueError(f"the block size must be >= 1, got {block_size}")
         split = int(len(corpus) * (1 - val_fraction))
         self.splits = {"train": corpus[:split], "val": corpus[split:]}
         self.block_size = block_size
+        shortest = min(len(part) for part in self.splits.values())
+        if shortest < block_size + 2:
+            raise ValueError(f"a corpus of {len(corpus)} bytes leaves a split of {shortest} bytes, too short for "
+                             f"windows of {block_size} + 1 bytes: give more bytes (at least "
+                             f"{math.ceil((block_size + 2) / min(val_fraction, 1 - val_fraction)) + 1}) or a smaller block")
 
     def get(self, split: str, batch_size: int, generator: torch.Generator, device="cpu"):
         data = self.splits[split]

@@ -92,8 +92,12 @@ def main(argv=None) -> None:
     parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--block", type=int, default=64)
+    parser.add_argument("--block", type=int, default=64, help="bytes per sequence (at most 4096 in this example)")
     args = parser.parse_args(argv)
+    for name, most in (("steps", None), ("batch", None), ("block", 4096)):
+        value = getattr(args, name)
+        if value < 1 or (most is not None and value > most):
+            parser.error(f"--{name} must be >= 1" + (f" and <= {most}" if most else "") + f", got {value}")
 
     torch.manual_seed(0)
     data = ByteBatches(load_stdlib_corpus(max_bytes=2_000_000), args.block)

@@ -79,7 +79,7 @@ def parse_args(argv=None):
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs every 10 steps)")
     args = parser.parse_args(argv)
     for name in ("steps", "batch_size", "grad_accum", "block_size", "n_layer", "n_head", "n_embd",
-                 "eval_interval", "eval_batches", "checkpoint_interval"):
+                 "eval_interval", "eval_batches", "checkpoint_interval", "max_bytes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.n_embd % args.n_head:
@@ -169,7 +169,10 @@ def _run(args, rank: int, world: int, device: torch.device) -> dict:
     log_path = os.path.join(args.out, "log.jsonl")
 
     corpus = load_stdlib_corpus(args.max_bytes)
-    batches = ByteBatches(corpus, args.block_size)
+    try:
+        batches = ByteBatches(corpus, args.block_size)
+    except ValueError as error:
+        raise SystemExit(f"pretrain_gpt.py: --max-bytes {args.max_bytes} with --block-size {args.block_size}: {error}")
     config = GPTConfig(block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
                        n_embd=args.n_embd, dropout=args.dropout)
     model = GPT(config).to(device)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from examples import pretrain_gpt
 
@@ -88,6 +89,16 @@ def test_pretrain_gpt_rejects_bad_flags():
         pretrain_gpt.parse_args(["--dtype", "fp16-autocast"])  # needs --grad-scaler
     with pytest.raises(SystemExit):
         pretrain_gpt.parse_args(["--n-embd", "30", "--n-head", "4"])
+    with pytest.raises(SystemExit):
+        pretrain_gpt.parse_args(["--max-bytes", "0"])
+
+
+def test_a_corpus_too_short_for_the_block_is_named():
+    from examples.gpt import ByteBatches
+
+    with pytest.raises(ValueError, match="a corpus of 10 bytes leaves a split of 1 bytes, too short for windows of 64"):
+        ByteBatches(torch.zeros(10, dtype=torch.uint8), 64)
+    ByteBatches(torch.zeros(661, dtype=torch.uint8), 64).get("val", 2, torch.Generator().manual_seed(0))
 
 
 def _free_port():

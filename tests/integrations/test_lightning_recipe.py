@@ -80,3 +80,14 @@ def test_example_script_runs(capsys):
     from examples.lightning_salsa import main
     main(["--steps", "2", "--block", "16", "--batch", "2"])
     assert "steps 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [(["--batch", "0"], "--batch must be >= 1"),
+                                            (["--block", "100000"], "--block must be >= 1 and <= 4096"),
+                                            (["--steps", "-1"], "--steps must be >= 1")])
+def test_the_example_refuses_bad_flags_by_name(flags, message, capsys):
+    from examples.lightning_salsa import main
+
+    with pytest.raises(SystemExit):
+        main(flags)
+    assert message in capsys.readouterr().err
