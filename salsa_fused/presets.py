@@ -160,10 +160,17 @@ def decay_matrices_only(params):
 def from_preset(params, name: str, total_steps=_OMITTED, **overrides) -> FusedSaLSa:
     """``FusedSaLSa(params, **preset, **overrides)`` for the named preset; for a preset of
     ``SPLIT_DECAY`` handed plain tensors, ``params`` split by :func:`decay_matrices_only`."""
-    kwargs = {**preset_kwargs(name, total_steps), **overrides}
+    preset = preset_kwargs(name, total_steps)
+    kwargs = {**preset, **overrides}
     if name in SPLIT_DECAY:
         params = decay_matrices_only(params)
-    return FusedSaLSa(params, **kwargs)
+    try:
+        return FusedSaLSa(params, **kwargs)
+    except ValueError as error:
+        if "search_rule" in overrides and "does not read" in str(error):
+            raise ValueError(f"{error}: the {name!r} preset sets them, for the default search; build "
+                             "FusedSaLSa(params, search_rule=...) for another rule") from error
+        raise
 
 
 def recommended(params, total_steps=_OMITTED, **overrides) -> FusedSaLSa:

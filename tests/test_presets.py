@@ -160,3 +160,8 @@ def test_nan_batches_after_the_search_phase_are_reported_though_no_search_comes(
         assert opt.search_state.step == step - 1  # the reporting step was not applied
     else:
         assert raised is None and opt.num_skipped_steps >= 40 - 5 - opt.search_config.max_search_interval - 1
+
+
+def test_a_rule_that_reads_none_of_the_presets_arguments_is_refused_saying_the_preset_set_them():
+    with pytest.raises(ValueError, match="does not read beta3, search_direction.*the 'pretrain' preset sets them"):
+        presets.recommended([torch.nn.Parameter(torch.randn(3))], total_steps=100, search_rule="sls")
