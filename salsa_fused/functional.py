@@ -76,10 +76,14 @@ class CountsInFlight:
             done.record()
         return cls(local, host, done)
 
+    def ready(self) -> bool:
+        """Has the copy landed (no wait)?"""
+        return self.done is None or bool(self.done.query())
+
     def read(self, counts: DeviceCounts) -> Tuple[int, int]:
         """(gradient elements, losses) of the snapshot; they leave the counters (a device op)."""
         if self.done is not None:
-            self.done.synchronize()  # enqueued a step ago: done, or nearly
+            self.done.synchronize()  # enqueued a step ago or more: done, or nearly
         elements, losses = (int(v) for v in self.host.tolist())
         with torch.no_grad():
             counts.nonfinite_elements.sub_(self.local[0])

@@ -940,10 +940,13 @@ class FusedSaLSa(Optimizer):
         """Where no search comes (a schedule's frozen level, past its end), the plain steps' NaN/inf
         counts are reported as a search would report them, ``max_search_interval`` steps apart: at
         such a step they are copied to the host without waiting, and read at the next plain step
-        (by then the copy is done): ``"raise"`` refuses that step, before it writes anything;
-        ``"skip"`` adds them to the counters."""
-        pending, self._counts_in_flight = self.__dict__.get("_counts_in_flight"), None
+        (by then the copy is done; alone, the first plain step that finds it landed, so no step waits):
+        ``"raise"`` refuses that step, before it writes anything; ``"skip"`` adds them to the counters."""
+        pending = self.__dict__.get("_counts_in_flight")
         if pending is not None:
+            if not (self.reduction.active or pending.ready()):
+                return  # alone, no wait: read at a later step; ranks read at the same step, waiting if need be
+            self._counts_in_flight = None
             elements, losses = pending.read(self._device_counts())
             if elements or losses:
                 if self.nonfinite == "raise":
