@@ -142,6 +142,8 @@ class _EveryStepRule:
 class AdamSLSRule(_EveryStepRule):
     """Adam+SLS (seed 001, section II): Armijo along the momentum-free direction, move along ``m_hat``."""
 
+    keeps_no_state = True  # nothing in SearchState.rule_state (rules.check_rule_state)
+
     c: float = 0.1
     trial_direction: ClassVar[str] = GRADIENT
     search: ClassVar[type] = _SLSSearch
@@ -151,6 +153,8 @@ class AdamSLSRule(_EveryStepRule):
 class ALSALSRule(_EveryStepRule):
     """ALSALS (seed 001, section III): Armijo along Adam's direction with momentum, the decrease
     rate ``f_a`` in place of the gradient norm, ``c_h`` from its sign."""
+
+    keeps_no_state = True  # nothing in SearchState.rule_state (rules.check_rule_state)
 
     c: float = 0.6
     trial_direction: ClassVar[str] = MOMENTUM

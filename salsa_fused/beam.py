@@ -94,6 +94,8 @@ class _Snapshot:
         self.search = opt.search_state  # a deep copy
         self.collapse_checked = opt._collapse_checked
         self.counts = None if opt._counts is None else deepcopy(opt._counts)
+        # the run's NaN/inf counts on their way to the host: read by the run, not by a branch
+        self.counts_in_flight, opt._counts_in_flight = opt.__dict__.get("_counts_in_flight"), None
         handoff = opt._handoff
         self.handoff = (handoff.forward_rng, handoff.zero_grad_rng, handoff.bound_step, dict(handoff.zeroed))
         self.rng = RNGSnapshot.capture({p.device for p, _ in self.params})
@@ -126,10 +128,15 @@ class _Snapshot:
         opt._commit(deepcopy(self.search))
         opt._collapse_checked = self.collapse_checked
         opt._counts = None if self.counts is None else deepcopy(self.counts)
+        opt._counts_in_flight = None  # a branch's own, if it took one
         handoff = opt._handoff
         handoff.forward_rng, handoff.zero_grad_rng, handoff.bound_step, zeroed = self.handoff
         handoff.zeroed = dict(zeroed)
         self.rng.set()
+
+    def release(self) -> None:
+        """After the last branch's restore: the run's counts in flight go back to the run."""
+        self.opt._counts_in_flight = self.counts_in_flight
 
 
 class StepSizeBeam:
@@ -226,7 +233,7 @@ class StepSizeBeam:
         """Step ``calls`` of the run (running the beam first at a beam step); returns the loss."""
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
-        before = (self.multiplier, len(self.decisions), self.branch_forward_evals)
+        before = (self.multiplier, len(self.decisions))
         if self.calls in self.beam_steps:
             self._decide(closure)
         self._applied_multiplier = self.multiplier
@@ -235,8 +242,9 @@ class StepSizeBeam:
             loss = self.optimizer.step(lambda: closure(0))
         except BaseException:
             # the step did not happen (the optimizer put everything back): neither did this call's
-            # decision, so a retry decides again from the same multiplier
-            self.multiplier, kept, self.branch_forward_evals = before
+            # decision, so a retry decides again from the same multiplier (its branches' forwards ran,
+            # and stay counted)
+            self.multiplier, kept = before
             del self.decisions[kept:]
             self._applied_multiplier = self.multiplier
             raise
@@ -260,6 +268,8 @@ class StepSizeBeam:
             snapshot.restore()
             self._applied_multiplier = self.multiplier
             raise
+        finally:
+            snapshot.release()
         if not any(math.isfinite(x) for x in scores.values()):
             self._applied_multiplier = self.multiplier
             raise NonFiniteError(f"every branch of the beam at step {self.calls} diverged "

@@ -65,15 +65,16 @@ class CountsInFlight:
     @classmethod
     def take(cls, counts: DeviceCounts, reduction: SearchReduction) -> "CountsInFlight":
         with torch.no_grad():
-            local = torch.stack([counts.nonfinite_elements, counts.nonfinite_losses]).clone()
+            local = torch.stack([counts.nonfinite_elements, counts.nonfinite_losses])  # a new tensor
             elements = reduction.sum_over_shards(local[:1].to(torch.float64))  # every rank alike (FSDP2)
             values = torch.cat([elements, local[1:].to(torch.float64)])  # losses: averaged, alike already
             if values.device.type != "cuda":
                 return cls(local, values, None)
             host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            host.copy_(values, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
+            with torch.cuda.device(values.device):  # the parameters' device, current or not
+                host.copy_(values, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(torch.cuda.current_stream(values.device))
         return cls(local, host, done)
 
     def ready(self) -> bool:

@@ -173,6 +173,8 @@ class LABPALRule:
         accumulation: micro-batches per batch (the closure is called per micro-batch).
     """
 
+    keeps_state_from_first_step = True  # its scalars in SearchState.rule_state (rules.check_rule_state)
+
     mode: str = "NSGD"
     approximation_batches: int = 10
     sgd_steps: int = 1000

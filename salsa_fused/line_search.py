@@ -202,6 +202,8 @@ class ArmijoSearch:
 
     #: Every search argument of FusedSaLSa configures this rule.
     reads = frozenset(SEARCH_ARGUMENTS)
+    #: No scalars of its own in ``SearchState.rule_state`` (:func:`salsa_fused.rules.check_rule_state`).
+    keeps_no_state = True
 
     @staticmethod
     def direction(configured: str) -> str:

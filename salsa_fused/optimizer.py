@@ -257,6 +257,8 @@ class FusedSaLSa(Optimizer):
         if schedule is not None:  # a schedule of the caller's own: its options refused by name now, not at a step
             check_freeze_below(getattr(schedule, "freeze_below", 0.0))
             backs_off_on_loss_rise(schedule)
+            if callable(getattr(schedule, "check_searches", None)):
+                schedule.check_searches()
         self.search_rule = resolve_rule(search_rule)
         self.schedule = schedule
         self.search_direction = search_direction
@@ -937,15 +939,19 @@ class FusedSaLSa(Optimizer):
         self._commit(plan.state)
 
     def _report_plain_steps_without_search(self, state: SearchState) -> None:
-        """Where no search comes (a schedule's frozen level, past its end), the plain steps' NaN/inf
-        counts are reported as a search would report them, ``max_search_interval`` steps apart: at
-        such a step they are copied to the host without waiting, and read at the next plain step
-        (by then the copy is done; alone, the first plain step that finds it landed, so no step waits):
-        ``"raise"`` refuses that step, before it writes anything; ``"skip"`` adds them to the counters."""
+        """Where no search comes for ``max_search_interval`` steps (a schedule's frozen level, past its
+        end, LABPAL between its fits), the plain steps' NaN/inf counts are reported as a search would
+        report them: every ``max_search_interval`` steps they are copied to the host without waiting,
+        and read once the copy has landed (alone: the first plain step that finds it so; under
+        DDP/FSDP2: the next such point, ``max_search_interval`` steps later, so that every rank reads
+        at the same step without waiting). ``"raise"`` refuses the reading step, before it writes
+        anything; ``"skip"`` adds the counts to the counters."""
+        interval = self.search_config.max_search_interval
+        at_point = state.steps_since_search >= interval and state.steps_since_search % interval == 0
         pending = self.__dict__.get("_counts_in_flight")
         if pending is not None:
-            if not (self.reduction.active or pending.ready()):
-                return  # alone, no wait: read at a later step; ranks read at the same step, waiting if need be
+            if not (at_point if self.reduction.active else pending.ready()):
+                return
             self._counts_in_flight = None
             elements, losses = pending.read(self._device_counts())
             if elements or losses:
@@ -954,13 +960,11 @@ class FusedSaLSa(Optimizer):
                                  "moments)"] if elements else []) + (
                                 [f"the loss was NaN/inf on {losses} step(s) (they changed nothing)"] if losses else [])
                     raise NonFiniteError(
-                        f"on the plain steps before step {state.step}, where no search runs to report them: "
+                        f"on plain steps before step {state.step}, where no search came to report them: "
                         + "; ".join(problems) + f"; step {state.step} was not applied")
                 state.num_nonfinite_elements += elements
                 state.num_skipped_steps += losses
-            return
-        interval = self.search_config.max_search_interval
-        if state.steps_since_search >= interval and state.steps_since_search % interval == 0:
+        if at_point:
             self._counts_in_flight = F.CountsInFlight.take(self._device_counts(), self.reduction)
 
     def _search_step(self, passes: F.Passes, plan, f0, trial_loss: Callable[[], float]) -> None:

@@ -222,21 +222,28 @@ def plan_without_search(rule: SearchRule, state: "SearchState", config: "SearchC
 
 def check_rule_state(rule: SearchRule, rule_state: dict, steps_taken: int = 0) -> None:
     """The rule's ``check_state(rule_state)`` when it has one (a loaded checkpoint's scalars). A rule
-    with a state of its own (one with ``check_state``) has it after its first step, and a rule without
-    one never has it: a checkpoint that says otherwise was saved under another ``search_rule``
-    (``"salsa"``, ``"sls"`` and ``"alsals"`` keep none, so they cannot be told apart)."""
-    check = getattr(rule, "check_state", None)
-    if check is None:
-        if rule_state:
-            raise ValueError(f"the checkpoint's search state carries a rule's own scalars ({sorted(rule_state)}), "
-                             "which this search_rule does not keep: it was saved under another search_rule "
-                             "(LABPAL's); build the optimizer with that rule. Nothing was loaded")
-        return
-    if not rule_state and steps_taken > 0:
+    that declares ``keeps_no_state`` (the Adam rules) never has any, and one that declares
+    ``keeps_state_from_first_step`` (LABPAL) has it after its first step: a checkpoint that says
+    otherwise was saved under another ``search_rule``. (``"salsa"``, ``"sls"`` and ``"alsals"`` keep
+    none, so they cannot be told apart; a rule of one's own declares neither, and is not checked so.)"""
+    if _declares(rule, "keeps_no_state") and rule_state:
+        raise ValueError(f"the checkpoint's search state carries a rule's own scalars ({sorted(rule_state)}), "
+                         "which this search_rule does not keep: it was saved under another search_rule "
+                         "(LABPAL's, say); build the optimizer with that rule. Nothing was loaded")
+    if _declares(rule, "keeps_state_from_first_step") and not rule_state and steps_taken > 0:
         raise ValueError(f"the checkpoint took {steps_taken} steps without the scalars this search_rule keeps from "
                          "its first step: it was saved under another search_rule ('salsa', 'sls' or 'alsals'); "
                          "build the optimizer with that rule. Nothing was loaded")
-    check(rule_state)
+    check = getattr(rule, "check_state", None)
+    if check is not None:
+        check(rule_state)
+
+
+def _declares(rule: SearchRule, name: str) -> bool:
+    """``name`` set on the rule's own class (or the rule, a class, itself), not inherited: a rule
+    of one's own built on a packaged one may keep another state."""
+    own = vars(rule) if isinstance(rule, type) else {**vars(type(rule)), **getattr(rule, "__dict__", {})}
+    return bool(own.get(name, False))
 
 
 def moment_step(rule: SearchRule, step: int) -> int:

@@ -115,12 +115,7 @@ class WarmupStableDecay:
                 raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
         if self.warmup + self.decay > 1.0:
             raise ValueError(f"warmup + decay must be <= 1, got {self.warmup} + {self.decay}")
-        if self.decay < 1.0 and self.decay_start < 1:
-            shortest = next(n for n in range(1, 10 ** 6) if n - int(round(self.decay * n)) >= 1)
-            raise ValueError(
-                f"total_steps={self.total_steps} with decay={self.decay} leaves no step before the cooldown, "
-                f"so the search would never run and the run would apply init_step_size: use total_steps >= "
-                f"{shortest} (or decay=1 to mean no search)")
+
         if not (is_number(self.peak) and 0.0 < self.peak < math.inf):
             raise ValueError(f"peak must be a finite number > 0, got {self.peak!r}")
         check_freeze_below(self.freeze_below)
@@ -134,6 +129,18 @@ class WarmupStableDecay:
     @property
     def decay_start(self) -> int:
         return self.total_steps - int(round(self.decay * self.total_steps))
+
+    def check_searches(self) -> None:
+        """Under a FusedSaLSa: refuse a run too short for one search step before the cooldown (the
+        search would never run and the run would apply ``init_step_size``); ``decay=1`` asks for that."""
+        if self.decay < 1.0 and self.decay_start < 1:
+            n = max(1, int(0.5 / (1.0 - self.decay)) - 2)  # n - round(decay * n) >= 1 from about 0.5 / (1 - decay)
+            while n - int(round(self.decay * n)) < 1:
+                n += 1
+            raise ValueError(
+                f"total_steps={self.total_steps} with decay={self.decay} leaves no step before the cooldown, "
+                f"so the search would never run and the run would apply init_step_size: use total_steps >= "
+                f"{n} (or decay=1 to mean no search)")
 
     @property
     def past_end_scale(self) -> float:
@@ -184,8 +191,9 @@ class Cooldown:
     def __post_init__(self):
         for name in ("start", "steps"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "start" else 1):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < (0 if name == "start" else 1):
                 raise ValueError(f"{name} must be an integer >= {0 if name == 'start' else 1}, got {value!r}")
+            object.__setattr__(self, name, int(value))  # a numpy integer, say
         if not (is_number(self.final) and 0.0 <= self.final <= 1.0):
             raise ValueError(f"final must lie in [0, 1], got {self.final!r}")
 

@@ -488,3 +488,37 @@ def test_a_step_that_raises_after_the_beam_decided_is_retried_exactly():
     retried, retried_beam, failed = run(fail_at=plain_beam.beam_steps[0])
     assert failed and [d["multiplier"] for d in retried_beam.decisions] == [d["multiplier"] for d in plain_beam.decisions]
     assert all(torch.equal(a, b) for a, b in zip(retried.parameters(), reference.parameters()))
+
+
+class _NaNGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+def test_nan_counts_of_a_thrown_away_branch_never_reach_the_run():
+    """After the preset's search phase the plain steps' NaN/inf counts travel to the host every few
+    steps: a branch's own (a NaN gradient only a branch saw) go with the branch, and the run's are
+    read by the run."""
+    import warnings
+
+    from salsa_fused import presets
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.GELU(), torch.nn.Linear(16, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = presets.recommended(model.parameters(), total_steps=100, nonfinite="raise", backend="torch")
+    beam = StepSizeBeam(opt, 100, points=(0.5,), horizon=0.1)
+    data = batches(130)
+    for k in range(100):
+        def closure(i, k=k):
+            loss = loss_on(model, data[k + i])
+            return _NaNGradient.apply(loss) if i == 12 else loss  # only a branch reads 12 batches ahead
+        beam.step(closure)  # raised "161 gradient elements were NaN/inf" from the branch's counts
+    assert opt.num_skipped_steps == 0 and opt.search_state.num_nonfinite_elements == 0
+    assert int(opt._device_counts().nonfinite_elements) == 0 and len(beam.decisions) == 1

@@ -156,7 +156,7 @@ def test_nan_batches_after_the_search_phase_are_reported_though_no_search_comes(
     if policy == "raise":
         step, message = raised
         assert step <= 6 + opt.search_config.max_search_interval + 1
-        assert "where no search runs to report them: the loss was NaN/inf on" in message
+        assert "where no search came to report them: the loss was NaN/inf on" in message
         assert opt.search_state.step == step - 1  # the reporting step was not applied
     else:
         assert raised is None and opt.num_skipped_steps >= 40 - 5 - opt.search_config.max_search_interval - 1

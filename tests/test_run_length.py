@@ -556,6 +556,9 @@ def test_a_run_too_short_for_one_search_step_is_refused_by_name(total):
     with pytest.raises(ValueError, match=f"total_steps={total} with decay=0.8 leaves no step before the cooldown.*>= 3"):
         presets.recommended([torch.nn.Parameter(torch.randn(3))], total_steps=total)
     WarmupStableDecay(total, warmup=0.0, decay=1.0)  # decay=1 means no search, as asked
+    WarmupStableDecay(total, warmup=0.2, decay=0.8).scale(1)  # a scale for AdamW's shape: no search to miss
+    with pytest.raises(ValueError, match=r"use total_steps >= 5000001 "):
+        WarmupStableDecay(2, warmup=0.0, decay=0.9999999).check_searches()  # found at once, not by a scan
 
 
 def test_numpy_integers_are_run_lengths():
@@ -565,3 +568,6 @@ def test_numpy_integers_are_run_lengths():
     opt = presets.recommended([torch.nn.Parameter(torch.randn(3))], total_steps=np.int64(100))
     assert opt.schedule.total_steps == 100 and type(opt.schedule.total_steps) is int
     assert StepSizeBeam(opt, total_steps=np.int32(100)).total_steps == 100
+    from salsa_fused.step_size import Cooldown
+    cooldown = Cooldown(np.int64(10), np.int32(5))
+    assert (cooldown.start, cooldown.steps) == (10, 5) and type(cooldown.start) is int

@@ -161,13 +161,13 @@ def test_bad_arguments_are_named():
         runner.main(["run", "--configs", "nope", "--out", "/tmp/never.jsonl"])
 
 
-@pytest.mark.parametrize("steps", ["0", "-3"])
-def test_a_run_length_below_one_step_is_a_usage_error_and_writes_no_row(steps, tmp_path, capsys):
+@pytest.mark.parametrize("steps", ["0", "-3", "2"])
+def test_a_run_length_below_three_steps_is_a_usage_error_and_writes_no_row(steps, tmp_path, capsys):
     out = tmp_path / "rows.jsonl"
     with pytest.raises(SystemExit):
         runner.main(["run", "--tasks", "cnn_bn_digits", "--configs", "pretrain", "--seeds", "0", "--steps", steps,
                      "--out", str(out)])
-    assert f"--steps must be >= 1, got {steps}" in capsys.readouterr().err and not out.exists()
+    assert "--steps must be >= 3" in capsys.readouterr().err and not out.exists()
 
 
 def test_the_beam_family_runs_through_the_zoo_and_counts_its_branches(tmp_path):

@@ -685,8 +685,9 @@ def main(argv=None) -> int:
     cmp.add_argument("--worse-seeds", type=int, default=0,
                      help="... and is, if at least this many seeds end above their control's")
     args = parser.parse_args(argv)
-    if getattr(args, "steps", None) is not None and args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
+    if getattr(args, "steps", None) is not None and args.steps < 3:
+        parser.error(f"--steps must be >= 3 (the presets' search phase needs a step before their cooldown), "
+                     f"got {args.steps}")
     try:
         return {"run": command_run, "table": command_table, "plot": command_plot,
                 "compare": command_compare}[args.command](args)

@@ -327,7 +327,7 @@ def check_config(config: str, sharpness: bool, task_name: str) -> None:
         O.known([config])
     except (ValueError, SystemExit) as error:
         raise ValueError(str(error)) from None
-    _start(task_name, "default", 0, config, 1, _families(sharpness))
+    _start(task_name, "default", 0, config, 10, _families(sharpness))  # built, not run: its family
 
 
 def main(argv=None) -> int:
