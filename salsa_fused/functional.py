@@ -83,8 +83,8 @@ class CountsInFlight:
 
     def read(self, counts: DeviceCounts) -> Tuple[int, int]:
         """(gradient elements, losses) of the snapshot; they leave the counters (a device op)."""
-        if self.done is not None:
-            self.done.synchronize()  # enqueued a step ago or more: done, or nearly
+        if self.done is not None and not self.done.query():
+            self.done.synchronize()  # under DDP/FSDP2, a point later: landed long ago in practice
         elements, losses = (int(v) for v in self.host.tolist())
         with torch.no_grad():
             counts.nonfinite_elements.sub_(self.local[0])

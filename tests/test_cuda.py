@@ -90,3 +90,36 @@ def test_triton_matches_torch_backend_on_cuda(restore):
     for a, b in zip(runs["triton"][1], runs["torch"][1]):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
     assert runs["triton"][2] == runs["torch"][2]
+
+
+def test_the_presets_frozen_steps_never_sync_and_still_report_nan():
+    """After the preset's search phase no search reads the NaN/inf counts: they travel to pinned
+    host memory without a sync and are read once landed; a NaN batch is still reported."""
+    import warnings
+
+    from salsa_fused import NonFiniteError, presets
+    device = torch.device("cuda")
+    model, groups, loss_fn = two_group_mlp(device, torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = presets.recommended(groups, total_steps=20, backend="triton")
+    for _ in range(5):  # the search phase (20% of 20 steps) and the first frozen step
+        opt.zero_grad(set_to_none=False)
+        opt.step(loss_fn)
+    for _ in range(25):  # frozen: counts copied every 10 steps and read later, never a sync
+        opt.zero_grad(set_to_none=False)
+        loss = loss_fn()
+        loss.backward()
+        with sync_debug_error(device):
+            opt.step(loss_fn, loss=loss.detach())
+    raised = None
+    for k in range(40):
+        opt.zero_grad(set_to_none=False)
+        loss = loss_fn() * float("nan")
+        loss.backward()
+        try:
+            opt.step(loss_fn, loss=loss.detach())
+        except NonFiniteError as error:
+            raised = (k, str(error))
+            break
+    assert raised is not None and "no search came to report them" in raised[1]

@@ -430,3 +430,36 @@ def _fsdp_overflow_job(rank: int, out_dir: str) -> None:
 
 def test_fsdp2_ranks_refuse_alike_a_search_whose_weights_overflowed(tmp_path):
     spawn_in_gloo_group(_fsdp_overflow_job, str(tmp_path), WORLD, timeout_s=60)
+
+
+def _frozen_nan_job(rank: int, out_dir: str) -> None:
+    """DDP, the preset after its search phase (no search reads the counts): NaN batches on rank 0
+    only are reported at the same step on every rank, which leaves weights as they were."""
+    from salsa_fused import NonFiniteError, presets
+    import warnings
+
+    model = _make_model(0)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = presets.recommended(ddp.parameters(), total_steps=20, backend="torch")
+    raised_at = -1.0
+    for step in range(40):
+        x, y = _batch(step, rank)
+        if step >= 6 and rank == 0:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        opt.zero_grad()
+        try:
+            opt.step(lambda: F.mse_loss(ddp(x), y))
+        except NonFiniteError as error:
+            assert "no search came to report them" in str(error)
+            raised_at = float(step)
+            break
+    assert raised_at > 0
+    _assert_same_on_all_ranks(torch.tensor([raised_at]), "the step that reported the NaN batches")
+    _assert_same_on_all_ranks(_flat(ddp.parameters()), "weights")
+
+
+def test_ddp_ranks_report_nan_batches_after_the_search_phase_at_the_same_step(tmp_path):
+    spawn_in_gloo_group(_frozen_nan_job, str(tmp_path), WORLD, timeout_s=60)
