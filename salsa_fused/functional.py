@@ -136,6 +136,10 @@ def plain_step(passes: Passes, trial: float, loss: torch.Tensor, found_inf: Opti
         # Every rank must take the same skip decision: judge the loss averaged over
         # the data-parallel group (one 4-byte all-reduce, no host read).
         loss = reduction.average_loss(loss.reshape(1)).reshape(())
+    if found_inf is not None:
+        # A step GradScaler skips is its skip, not a NaN loss to report (its NaN loss gave the
+        # inf/NaN gradients the scaler found): as a search step, where found_inf comes first.
+        loss = torch.where(found_inf.reshape(()).to(loss.device) != 0, torch.zeros_like(loss), loss)
     # A non-finite loss or GradScaler's found_inf makes the plain pass change nothing. The
     # first bucket's pass counts such a step on the device (no host read, no extra op on
     # the kernel backends); the next search reports the losses and takes the scaler's

@@ -243,3 +243,30 @@ def test_a_step_that_raises_under_grad_scaler_leaves_no_stale_scale():
     before = opt.search_state.step
     opt.step(lambda: F.mse_loss(model(x), y), loss=loss)  # unscaled: must not divide by 256
     assert opt.search_state.step == before + 1
+
+
+def test_a_nan_batch_that_grad_scaler_skips_is_its_skip_on_a_plain_step_as_on_a_search_step():
+    """Under GradScaler a NaN loss gives NaN gradients, which the scaler finds and skips: after the
+    preset's search phase that step is not also reported as a NaN loss later (a good step was
+    refused 8 steps on)."""
+    import warnings
+
+    from salsa_fused import presets
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = presets.recommended(model.parameters(), total_steps=20, backend="torch")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    generator = torch.Generator().manual_seed(1)
+    for k in range(50):
+        x, y = torch.randn(32, 8, generator=generator), torch.randn(32, 1, generator=generator)
+        if k in (3, 25):
+            x[0, 0] = float("nan")  # on a search step, then on a plain step after the search phase
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt, lambda: torch.nn.functional.mse_loss(model(x), y), loss=loss.detach())
+        scaler.update()
+    assert scaler.get_scale() == 2.0 ** 8 and opt.num_skipped_steps == 0
