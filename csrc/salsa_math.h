@@ -207,12 +207,13 @@ SALSA_HD float restore_in_place(float w, float d, const Scalars& s) {
   return div(fused_mul_add(d, s.previous_step, w), s.decay_factor);
 }
 
-// One element of the plain step. Returns false (and leaves w, m, v alone) when g is not finite.
+// One element of the plain step. Returns false (and leaves w, m, v alone) when g is not finite,
+// or when g * g overflows fp32 (|g| above ~1.8e19), which would write v = inf.
 SALSA_HD bool plain_update(float g, float& w, float& exp_avg, float& exp_avg_sq, const Scalars& s) {
   const Moments next = new_moments(g, exp_avg, exp_avg_sq, s);
   const float update = direction<Direction::momentum>(preconditioner(next.exp_avg_sq, s), g, next.exp_avg, s);
   const float moved = trial_weight(w, update, s);
-  const bool ok = is_finite(g);
+  const bool ok = is_finite(g * g);
   exp_avg = ok ? next.exp_avg : exp_avg;
   exp_avg_sq = ok ? next.exp_avg_sq : exp_avg_sq;
   w = ok ? moved : w;

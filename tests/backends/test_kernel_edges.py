@@ -35,8 +35,8 @@ def _state_tensors(opt):
             if isinstance(v, torch.Tensor)]
 
 
-@pytest.mark.parametrize("backend, path", [("torch", "plain"), ("triton", "plain"),
-                                           ("torch", "search"), ("triton", "search")])
+@pytest.mark.parametrize("backend, path", [("torch", "plain"), ("triton", "plain"), ("cpp", "plain"),
+                                           ("torch", "search"), ("triton", "search"), ("cpp", "search")])
 def test_a_finite_gradient_whose_square_overflows_writes_nothing_infinite(backend, path):
     weight = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 8))
     opt = FusedSaLSa([weight], backend=_backend(backend), nonfinite="skip",
