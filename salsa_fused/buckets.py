@@ -165,17 +165,20 @@ class BucketCache:
                     or entry.has_grad != has_grad or entry.param_ids != tuple(map(id, params))):
                 entry = self._build(index, params, grads, has_grad, init_state, saved_buffer)
                 self._groups[index] = entry
+            relaid = False
             for slot in entry.slots:
-                self._attach_grads(slot, grads, entry.distributed)
+                relaid = self._attach_grads(slot, grads, entry.distributed) or relaid
                 buckets.append(slot.bucket)
-            if signature is not None:  # only once every slot took its gradients (a check may raise)
+            if signature is not None and not relaid:  # once every slot took its gradients (a check may raise)
                 entry.remember(signature)
         return buckets
 
     @staticmethod
-    def _attach_grads(slot: _Slot, grads: List[torch.Tensor], distributed: bool) -> None:
+    def _attach_grads(slot: _Slot, grads: List[torch.Tensor], distributed: bool) -> bool:
         """Put this step's gradients into the slot's bucket; check them unless their pointers
-        are among the last few validated."""
+        are among the last few validated. A gradient laid out otherwise than its weight (strides
+        of a transpose, a non-dense view, an expanded tensor) goes in as a copy in the weight's
+        layout, which the kernels stream alongside it: True then, and the layout is not cached."""
         mine = grads if slot.members is None else _picked(slot, grads)
         if distributed:
             mine = list(map(_local, mine))
@@ -189,6 +192,15 @@ class BucketCache:
             if not _match(slot, mine if not distributed else picked_global(slot, grads)):
                 for i in range(len(slot.params)) if slot.positions is None else slot.positions:
                     check_gradient(slot.params[i], grads[i])
+            odd = [i for i, (g, p) in enumerate(zip(mine, slot.bucket.params)) if g.stride() != p.stride()]
+            if odd:
+                mine = list(mine)
+                with torch.no_grad():
+                    for i in odd:
+                        mine[i] = torch.empty_like(slot.bucket.params[i]).copy_(mine[i])
+                slot.bucket.grads = mine
+                slot.bucket.grad_pointers = tuple(map(_data_ptr, mine))
+                return True
             slot.validated[key] = None
             if len(slot.validated) > VALIDATED_GRAD_LAYOUTS:
                 slot.validated.popitem(last=False)
@@ -196,6 +208,7 @@ class BucketCache:
             slot.validated.move_to_end(key)
         slot.bucket.grads = mine
         slot.bucket.grad_pointers = pointers
+        return False
 
     def _build(self, index: int, params: List[torch.Tensor], grads: List[Optional[torch.Tensor]],
                has_grad: Tuple[bool, ...], init_state, saved_buffer) -> _GroupEntry:

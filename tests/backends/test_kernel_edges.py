@@ -78,3 +78,33 @@ def test_parameters_on_a_cuda_device_that_is_not_current(backend):
         results.append([p.detach().cpu() for p in model.parameters()])
     for got, want in zip(results[1], results[0]):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])
+@pytest.mark.parametrize("relayout", ["transposed", "strided", "expanded"])
+def test_a_gradient_laid_out_otherwise_than_its_weight_steps_as_a_dense_one(backend, relayout):
+    """A gradient with a transpose's strides, a non-dense view or an expanded tensor: the step is
+    the one its dense copy gives, on every backend, on search and plain steps."""
+    def run(odd):
+        torch.manual_seed(0)
+        a, b = torch.nn.Parameter(torch.randn(4, 6)), torch.nn.Parameter(torch.randn(5, 3))
+        opt = FusedSaLSa([{"params": [a]}, {"params": [b]}], backend=_backend(backend),
+                         schedule=_SearchFirstStepOnly())
+        loss_fn = lambda: ((a - 0.3) ** 2).mean() + (b.sin() ** 2).mean()  # noqa: E731
+        for _ in range(3):  # a search, then plain steps
+            opt.zero_grad()
+            loss = loss_fn()
+            loss.backward()
+            g = b.grad
+            if relayout == "expanded":  # the same values in both runs: a row repeated
+                g = g[:1].expand(5, 3) if odd else g[:1].repeat(5, 1)
+            elif odd and relayout == "transposed":
+                g = g.t().contiguous().t()
+            elif odd:
+                g = torch.zeros(5, 6).index_copy_(1, torch.arange(0, 6, 2), g)[:, ::2]
+            b.grad = g
+            opt.step(loss_fn, loss=loss.detach())
+        return a.detach().clone(), b.detach().clone(), opt.search_state
+
+    dense, odd = run(False), run(True)
+    assert torch.equal(dense[0], odd[0]) and torch.equal(dense[1], odd[1]) and dense[2] == odd[2]
