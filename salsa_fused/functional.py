@@ -136,14 +136,11 @@ def plain_step(passes: Passes, trial: float, loss: torch.Tensor, found_inf: Opti
         # Every rank must take the same skip decision: judge the loss averaged over
         # the data-parallel group (one 4-byte all-reduce, no host read).
         loss = reduction.average_loss(loss.reshape(1)).reshape(())
-    if found_inf is not None:
-        # A step GradScaler skips is its skip, not a NaN loss to report (its NaN loss gave the
-        # inf/NaN gradients the scaler found): as a search step, where found_inf comes first.
-        loss = torch.where(found_inf.reshape(()).to(loss.device) != 0, torch.zeros_like(loss), loss)
     # A non-finite loss or GradScaler's found_inf makes the plain pass change nothing. The
     # first bucket's pass counts such a step on the device (no host read, no extra op on
     # the kernel backends); the next search reports the losses and takes the scaler's
-    # skips back out of k and t.
+    # skips back out of k and t. A step the scaler skips counts as its skip only, not as a
+    # NaN loss too (its NaN loss gave the gradients the scaler found), as on a search step.
     with torch.no_grad():
         for i, b in enumerate(passes.buckets):
             args = PassArgs(passes.hypers[b.group_index], passes.groups[b.group_index].plain(trial),

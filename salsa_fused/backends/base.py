@@ -188,8 +188,13 @@ def kernel_unsupported(param: torch.Tensor) -> Optional[str]:
 
 
 def count_step(step_counts: torch.Tensor, loss: torch.Tensor, found_inf: Optional[torch.Tensor]) -> None:
-    """``step_counts += [loss is NaN/inf, found_inf != 0]`` on the device: a plain step that
-    changed nothing, counted for the next search (the torch form; kernels do it in the pass)."""
-    step_counts[0].add_(torch.isfinite(loss.detach().to(torch.float32)).logical_not().reshape(()))
-    if found_inf is not None:
-        step_counts[1].add_((found_inf.reshape(()) != 0).to(step_counts.device, torch.int64))
+    """``step_counts += [loss is NaN/inf and found_inf == 0, found_inf != 0]`` on the device: a
+    plain step that changed nothing, counted for the next search (the torch form; kernels do it
+    in the pass). A step GradScaler skips is its skip, not also a NaN loss."""
+    bad_loss = torch.isfinite(loss.detach().to(torch.float32)).logical_not().reshape(())
+    if found_inf is None:
+        step_counts[0].add_(bad_loss)
+        return
+    skipped = (found_inf.reshape(()) != 0).to(step_counts.device)
+    step_counts[0].add_(bad_loss.to(step_counts.device) & ~skipped)
+    step_counts[1].add_(skipped.to(torch.int64))

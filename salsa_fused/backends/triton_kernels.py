@@ -294,7 +294,7 @@ def _plain_step_kernel(tensor_table_ptr, block_table_ptr, loss_ptr, found_inf_pt
     Nothing is written when the loss is non-finite or found_inf != 0. An element whose g*g
     (raw: g) is non-finite (g NaN/inf, or |g| > ~1.8e19) keeps w, m, v; their number is added
     to nonfinite_count (int64 atomics). With HAS_STEP_COUNTS, program 0 adds
-    [loss non-finite, found_inf != 0] to step_counts[0:2] (the step's own counters).
+    [loss non-finite and found_inf == 0, found_inf != 0] to step_counts[0:2] (the step's own counters).
     Reads w, g, m, v and writes w, m, v: 28 bytes/param in fp32 (raw: reads w, g, writes w: 12).
     """
     # Two levels of dependent loads before the data: the loss, found_inf and this program's
@@ -318,7 +318,8 @@ def _plain_step_kernel(tensor_table_ptr, block_table_ptr, loss_ptr, found_inf_pt
         # across the data streams (ptxas -v, sm_90a), costing the 16-bit step a block per SM.
         pair = tl.arange(0, 2)
         flags = tl.where(pair == 0, tl.where(loss_ok, 0, 1), 0)
-        if HAS_FOUND_INF:
+        if HAS_FOUND_INF:  # a step the scaler skips is its skip, not also a NaN loss
+            flags = tl.where(pair == 0, tl.where(loss_ok | (found_inf != 0.0), 0, 1), flags)
             flags = tl.where(pair == 1, tl.where(found_inf == 0.0, 0, 1), flags)
             counters = 2
         else:
