@@ -505,7 +505,15 @@ class FusedSaLSa(Optimizer):
                                  f"and this optimizer's {len(group['params'])}: nothing was loaded")
         search = None
         if groups and _SEARCH_KEY in groups[0]:
-            search = SearchState.from_dict(deepcopy(groups[0][_SEARCH_KEY]))
+            saved_search = groups[0][_SEARCH_KEY]
+            if not isinstance(saved_search, dict):
+                raise ValueError(f"the checkpoint's search state (param_groups[0]['search']) is a "
+                                 f"{type(saved_search).__name__}, not a dict: the checkpoint is corrupt; nothing was loaded")
+            missing = [k for k in ("step", "step_size") if k not in saved_search]
+            if missing:
+                raise ValueError(f"the checkpoint's search state has no {' or '.join(missing)}: the checkpoint is "
+                                 "corrupt (the level would start over silently); nothing was loaded")
+            search = SearchState.from_dict(deepcopy(saved_search))
             search.validate()  # unknown keys, bad values
             check_rule_state(self.search_rule, search.rule_state, search.step)
         elif state_dict["state"]:
@@ -527,6 +535,10 @@ class FusedSaLSa(Optimizer):
                 continue
             moments[key] = {k: v for k, v in value.items() if k in _MOMENT_KEYS}
             stripped_state[key] = {k: v for k, v in value.items() if k not in _MOMENT_KEYS}
+            if moments[key] and len(moments[key]) != len(_MOMENT_KEYS):
+                (have,), (lack,) = moments[key], set(_MOMENT_KEYS) - set(moments[key])
+                raise ValueError(f"the checkpoint's state of parameter {key} has {have} but no {lack}: the "
+                                 "checkpoint is corrupt; nothing was loaded")
             for name, moment in moments[key].items():
                 param = param_of[key]
                 if (not isinstance(moment, torch.Tensor) or moment.shape != param.shape

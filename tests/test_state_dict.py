@@ -166,6 +166,9 @@ def _same(a, b):
     (lambda sd: sd["state"][2]["exp_avg"].view(-1)[0].fill_(float("inf")), "exp_avg of parameter 2 hold NaN"),
     (lambda sd: sd["state"][0]["exp_avg_sq"].view(-1)[1].fill_(-1.0), "exp_avg_sq of parameter 0 hold NaN/inf \\(or a negative"),
     (lambda sd: sd["state"][3]["exp_avg_sq"].fill_(float("nan")), "exp_avg_sq of parameter 3"),
+    (lambda sd: sd["state"][1].pop("exp_avg_sq"), "state of parameter 1 has exp_avg but no exp_avg_sq"),
+    (lambda sd: sd["param_groups"][0]["search"].pop("step_size"), "search state has no step_size"),
+    (lambda sd: sd["param_groups"][0].update(search="corrupt"), "search state .* is a str, not a dict"),
 ])
 def test_loading_a_bad_state_dict_raises_before_changing_anything(edit, message):
     model = _model()
