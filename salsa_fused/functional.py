@@ -201,18 +201,7 @@ def search_step(passes: Passes, plan: StepPlan, state: SearchState, loss: torch.
     if earlier_nonfinite or earlier_bad_losses:
         counts.nonfinite_elements.zero_()
         counts.nonfinite_losses.zero_()
-        if nonfinite == "raise":
-            problems = []
-            if earlier_nonfinite:
-                problems.append(f"{int(earlier_nonfinite)} gradient elements were NaN/inf on plain "
-                                "steps since the last search (those elements kept their weights "
-                                "and moments)")
-            if earlier_bad_losses:
-                problems.append(f"the loss was NaN/inf on {int(earlier_bad_losses)} plain step(s) "
-                                "since the last search (those steps changed nothing)")
-            raise NonFiniteError("; ".join(problems) + f"; step {step_state.step} was not applied")
-        step_state.num_nonfinite_elements += int(earlier_nonfinite)
-        step_state.num_skipped_steps += int(earlier_bad_losses)
+        report_plain_steps(step_state, nonfinite, int(earlier_nonfinite), int(earlier_bad_losses), step_state.step)
     if not (math.isfinite(f0_value) and math.isfinite(q_value)):
         what = "loss" if not math.isfinite(f0_value) else "gradient (slope q)"
         value = f0_value if not math.isfinite(f0_value) else q_value
@@ -315,6 +304,26 @@ def _weights_finite(passes: Passes, dtype: Optional[torch.dtype] = None,
         if reduction is not None:
             bad = reduction.sum_over_shards(bad)
     return not bool(bad.item())
+
+
+def report_plain_steps(state: SearchState, nonfinite: str, elements: int, losses: int, step: int,
+                       where: str = "") -> None:
+    """The plain steps' NaN/inf counts, read at step ``step`` (by a search, or ``where`` no search
+    comes): ``"raise"`` a :class:`NonFiniteError` naming them (that step is not applied), or add
+    them to ``state``'s counters. Nothing when both are 0."""
+    if not (elements or losses):
+        return
+    if nonfinite == "raise":
+        problems = []
+        if elements:
+            problems.append(f"{elements} gradient elements were NaN/inf on plain steps since the last "
+                            "search (those elements kept their weights and moments)")
+        if losses:
+            problems.append(f"the loss was NaN/inf on {losses} plain step(s) since the last search "
+                            "(those steps changed nothing)")
+        raise NonFiniteError(f"{where}{'; '.join(problems)}; step {step} was not applied")
+    state.num_nonfinite_elements += elements
+    state.num_skipped_steps += losses
 
 
 def reject(state: SearchState, nonfinite: str, message: str, earlier_elements: int = 0,

@@ -31,7 +31,6 @@ from .buckets import BucketCache
 from . import functional as F
 from .backends.base import GRADIENT, MOMENTUM, Bucket
 from .distributed import SearchReduction, _is_dtensor, default_reduction, fsdp_modules
-from .errors import NonFiniteError
 from .applied import GroupStep
 from .line_search import SearchConfig, SearchState
 from .rules import (Batches, check_arguments, check_rule_state, moment_step, plan_step, plan_without_search,
@@ -966,16 +965,8 @@ class FusedSaLSa(Optimizer):
                 return
             self._counts_in_flight = None
             elements, losses = pending.read(self._device_counts())
-            if elements or losses:
-                if self.nonfinite == "raise":
-                    problems = ([f"{elements} gradient elements were NaN/inf (they kept their weights and "
-                                 "moments)"] if elements else []) + (
-                                [f"the loss was NaN/inf on {losses} step(s) (they changed nothing)"] if losses else [])
-                    raise NonFiniteError(
-                        f"on plain steps before step {state.step}, where no search came to report them: "
-                        + "; ".join(problems) + f"; step {state.step} was not applied")
-                state.num_nonfinite_elements += elements
-                state.num_skipped_steps += losses
+            F.report_plain_steps(state, self.nonfinite, elements, losses, state.step,
+                                 where="read where no search came to report them: ")
         if at_point:
             self._counts_in_flight = F.CountsInFlight.take(self._device_counts(), self.reduction)
 
