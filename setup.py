@@ -68,7 +68,7 @@ setup(
         "examples": ["tqdm", "matplotlib"],
         # every package the tests and the benchmarks they run import; Triton runs the kernels
         # on the CPU interpreter there, so the kernel tests need it on every machine
-        "test": ["pytest", "pytest-benchmark", "triton>=3.0", "salsa-optimizer==0.1.0",
+        "test": ["pytest", "pytest-timeout", "pytest-benchmark", "triton>=3.0", "salsa-optimizer==0.1.0",
                  "transformers", "accelerate", "lightning", "matplotlib", "scikit-learn",
                  "prodigyopt", "schedulefree", "prodigy-plus-schedule-free", "tqdm"],
     },

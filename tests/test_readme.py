@@ -1,11 +1,14 @@
 """Every python snippet of README.md and docs/*.md runs as pasted.
 
 A page's blocks run in order in one namespace, as one script (the docs pages open with the
-set-up their later blocks continue). A block whose first line is ``# torchrun ...`` is a
-script of its own: it runs in a fresh namespace as a world of one process (the environment
-``torchrun --nproc_per_node 1`` gives it); tests/test_distributed.py runs the same flows on
-two. Everything runs in a temporary directory with ``HF_HUB_OFFLINE=1``; torch.compile uses
-the aot_eager backend here (inductor is exercised by tests/test_compile.py).
+set-up their later blocks continue). A block whose first line is ``# torchrun --nproc_per_node N
+...`` is a script of its own: it runs as that line says, N CPU processes under
+``torch.distributed.run`` (gloo), with its check on every rank (tests/torchrun_block.py).
+In this process such a block once hung CI for the rest of its time (a C++ destructor of the
+block's objects, at a later line), and torchrun gives each rank one OpenMP thread where this
+process has its own settings. Everything runs in a temporary directory with
+``HF_HUB_OFFLINE=1``; torch.compile uses the aot_eager backend here (inductor is exercised by
+tests/test_compile.py).
 
 Where a block has something to show, ``CHECKS`` holds it: run after the block, given the
 namespace and the step counts of the optimizers it names before the block.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -160,34 +164,53 @@ def test_ci_runs_the_readme_commands_as_written():
             f".ci/run does not run the README's {command!r}"
 
 
+def _run_under_torchrun(page: str, heading: str, code: str) -> None:
+    """``torchrun --nproc_per_node N`` as the block's first line says; every rank must pass."""
+    processes = int(re.match(r"# torchrun --nproc_per_node (\d+) ", code).group(1))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               str(ROOT / "tests" / "torchrun_block.py"), page, heading]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    # its own process group: a timeout kills the ranks too, not only the launcher
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          cwd=ROOT, start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            raise AssertionError(f"{page}: {heading!r} under torchrun ran past 300 s\n{stdout[-3000:]}{stderr[-3000:]}")
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    assert result.returncode == 0, f"{page}: {heading!r}\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+    passed = sorted(re.findall(r"rank (\d+): the block ran and passed its check", result.stdout), key=int)
+    assert passed == [str(rank) for rank in range(processes)], result.stdout  # ranks' lines may interleave
+
+
 @pytest.mark.parametrize("page", PAGES)
-def test_page_snippets_run_as_pasted(page, sandbox, monkeypatch, capsys):
+def test_page_snippets_run_as_pasted(page, sandbox, capsys):
     blocks = python_blocks(page)
     assert blocks, f"{page} has no python block"
     namespace = {"__name__": "__main__"}
     for index, (heading, code) in enumerate(blocks):
+        if code.startswith("# torchrun"):
+            _run_under_torchrun(page, heading, code)
+            continue
         _reset_accelerate()
-        script = code.startswith("# torchrun")
-        scope = {"__name__": "__main__"} if script else namespace
-        if script:
-            for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())),
-                                ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-                monkeypatch.setenv(name, value)
         before = {}
         for expression in {getattr(check, "optimizer", "opt") for check in CHECKS.values()}:
             try:
-                found = unwrap_salsa(eval(expression, scope))
+                found = unwrap_salsa(eval(expression, namespace))
                 before[expression] = (found, found.search_state.step, copy.deepcopy(found.search_state))
             except Exception:  # not defined (yet) on this page
                 pass
         try:
-            exec(compile(code, f"{page}:{heading}:block{index}", "exec"), scope)
+            exec(compile(code, f"{page}:{heading}:block{index}", "exec"), namespace)
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
         check = CHECKS.get((page, heading))
         if check is not None:
-            check(scope, before)
+            check(namespace, before)
     if page == "README.md":
         assert "level" in capsys.readouterr().out  # the quickstart printed its figures
 
@@ -213,3 +236,15 @@ def test_a_test_skips_only_for_want_of_cuda(tmp_path):
     assert "1 failed, 1 passed, 1 skipped" in done.stdout, done.stdout
     assert 'pip install --no-build-isolation -e ".[test]"' in done.stdout
     assert "a_package_nobody_installed" in done.stdout
+
+
+def test_a_stalled_test_fails_the_run_instead_of_holding_it(tmp_path):
+    """pyproject.toml's pytest settings end a run whose test stalls (pytest-timeout, its limit here
+    lowered to 3 s): the run fails with the stalled test's stack instead of waiting forever."""
+    settings = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    (tmp_path / "pyproject.toml").write_text(settings[settings.index("[tool.pytest.ini_options]"):])
+    (tmp_path / "test_stall.py").write_text("import time\ndef test_stalls():\n    time.sleep(600)\n")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=3",
+                           str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0, done.stdout
+    assert "Timeout" in done.stdout + done.stderr and "test_stalls" in done.stdout + done.stderr, done.stdout + done.stderr
