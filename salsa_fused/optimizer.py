@@ -626,7 +626,23 @@ class FusedSaLSa(Optimizer):
         """Buckets of the params that have gradients (kept across steps, see
         :mod:`salsa_fused.buckets`); validates the gradients first."""
         saved = self._saved_buffer if self.restore_strategy == "copy" else None
-        return self._buckets.collect(self.param_groups, self._init_state, saved)
+        rebuilds = self._buckets.rebuilds
+        buckets = self._buckets.collect(self.param_groups, self._init_state, saved)
+        if self._buckets.rebuilds != rebuilds:  # new weights (model.double(), model.half() ...)
+            try:
+                self._refit_backend()
+            except Exception:
+                self._buckets.clear()  # the next step checks again, not a cached layout
+                raise
+        return buckets
+
+    def _refit_backend(self) -> None:
+        """The weights changed after construction: ``"auto"`` chooses again over all of them (a
+        kernel backend or the torch reference), a named backend that cannot take one refuses it
+        by name before anything is written."""
+        if self.backend_name == _backends.AUTO:
+            self.backend = _backends.resolve(_backends.AUTO, self._device or torch.device("cpu"))
+        self._fit_backend(self.param_groups)
 
     def _saved_buffer(self, p: torch.Tensor) -> torch.Tensor:
         buffer, local = self._saved.get(p), _local(p)

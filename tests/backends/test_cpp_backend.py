@@ -338,6 +338,41 @@ def test_params_the_kernels_cannot_take_send_auto_to_torch_and_are_refused_by_na
     assert cpp_backend.unsupported(torch.zeros(5, 3).t()) is None  # dense in another order
 
 
+def test_weights_cast_after_construction_choose_the_backend_again():
+    """``model.double()`` after construction: ``"auto"`` moves to the torch reference and back to
+    cpp after ``model.float()``; ``backend="cpp"`` refuses by name (the kernel's own message
+    was all there was), with the weights and moments unchanged, and again on a retry."""
+    from salsa_fused import FusedSaLSa
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    for backend in ("auto", "cpp"):
+        model = torch.nn.Linear(4, 1)
+        opt = FusedSaLSa(model.parameters(), backend=backend)
+        opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+        model.double()
+        closure = lambda: torch.nn.functional.mse_loss(model(x.double()), y.double())  # noqa: E731
+        opt.zero_grad()
+        if backend == "auto":
+            opt.step(closure)
+            assert opt.backend.name == "torch" and torch.isfinite(model.weight).all()
+            model.float()
+            opt.zero_grad()
+            opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+            assert opt.backend.name == "cpp"
+            continue
+        before = ([p.detach().clone() for p in model.parameters()],
+                  [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()], opt.search_state.step)
+        for _ in range(2):
+            opt.zero_grad()
+            with pytest.raises(ValueError, match=r"backend='cpp' cannot take param_groups\[0\]\['params'\]\[0\]: "
+                                                 r"it is torch.float64"):
+                opt.step(closure)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before[0]))
+        assert all(torch.equal(opt.state[p][k], v) for p, s in zip(model.parameters(), before[1]) for k, v in s.items())
+        assert opt.search_state.step == before[2]
+
+
 def test_missing_extension_says_how_to_build(monkeypatch):
     monkeypatch.setattr(_ext, "_loaded", False)
     monkeypatch.setattr(_ext, "_error", ImportError("No module named 'salsa_fused._C'"))
