@@ -216,6 +216,8 @@ def _run(args, rank: int, world: int, device: torch.device) -> dict:
             return net(x, y)[1]
 
     def save_checkpoint(step):
+        if isinstance(opt, FusedSaLSa):  # NaN/inf counts of plain steps since the last search: not in a checkpoint
+            opt.report_nonfinite()
         rng = {"cpu": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         all_rng = [None] * world

@@ -306,11 +306,11 @@ def _weights_finite(passes: Passes, dtype: Optional[torch.dtype] = None,
     return not bool(bad.item())
 
 
-def report_plain_steps(state: SearchState, nonfinite: str, elements: int, losses: int, step: int,
+def report_plain_steps(state: SearchState, nonfinite: str, elements: int, losses: int, step: Optional[int],
                        where: str = "") -> None:
     """The plain steps' NaN/inf counts, read at step ``step`` (by a search, or ``where`` no search
-    comes): ``"raise"`` a :class:`NonFiniteError` naming them (that step is not applied), or add
-    them to ``state``'s counters. Nothing when both are 0."""
+    comes; ``None``: between steps): ``"raise"`` a :class:`NonFiniteError` naming them (that step
+    is not applied), or add them to ``state``'s counters. Nothing when both are 0."""
     if not (elements or losses):
         return
     if nonfinite == "raise":
@@ -321,7 +321,8 @@ def report_plain_steps(state: SearchState, nonfinite: str, elements: int, losses
         if losses:
             problems.append(f"the loss was NaN/inf on {losses} plain step(s) since the last search "
                             "(those steps changed nothing)")
-        raise NonFiniteError(f"{where}{'; '.join(problems)}; step {step} was not applied")
+        refused = f"; step {step} was not applied" if step is not None else ""
+        raise NonFiniteError(f"{where}{'; '.join(problems)}{refused}")
     state.num_nonfinite_elements += elements
     state.num_skipped_steps += losses
 

@@ -986,6 +986,21 @@ class FusedSaLSa(Optimizer):
         if at_point:
             self._counts_in_flight = F.CountsInFlight.take(self._device_counts(), self.reduction)
 
+    def report_nonfinite(self) -> Tuple[int, int]:
+        """Report now the plain steps' NaN/inf counts that no search has read yet, as a search
+        would: ``nonfinite="raise"`` raises :class:`NonFiniteError` naming them, ``"skip"`` adds them
+        to ``search_state.num_nonfinite_elements`` and ``num_skipped_steps``. For the end of a run
+        or before a checkpoint (counts on the device are in neither). One host read; under
+        DDP/FSDP2 a collective, so every rank calls it. Returns (gradient elements, losses) read;
+        a second call returns ``(0, 0)``."""
+        if self._counts is None:
+            return 0, 0
+        self._counts_in_flight = None  # a copy not read yet: its counts are still in the counters
+        elements, losses = F.CountsInFlight.take(self._counts, self.reduction).read(self._counts)
+        F.report_plain_steps(self._search, self.nonfinite, elements, losses, None,
+                             where="read by report_nonfinite(): ")
+        return elements, losses
+
     def _search_step(self, passes: F.Passes, plan, f0, trial_loss: Callable[[], float]) -> None:
         """The search step of ``plan`` from loss ``f0`` (:func:`salsa_fused.functional.search_step`)."""
         self._counts_in_flight = None  # the search reads (and zeroes) every count itself

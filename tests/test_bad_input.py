@@ -467,6 +467,32 @@ def test_non_finite_gradient_on_a_plain_step(policy):
     assert _all_finite(opt)
 
 
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_report_nonfinite_reads_the_plain_steps_counts_before_any_search(policy):
+    """At a run's end (or before a checkpoint) no search may come to read a plain step's counts:
+    report_nonfinite() reads them then, as the search would have, and once only."""
+    model, opt = _trained(nonfinite=policy)
+    assert opt.report_nonfinite() == (0, 0)
+    _until_plain_step_next(model, opt)
+    loss = _nan_gradient_step(model, opt)
+    opt.step(_closure(model), loss=loss)
+    state = opt.search_state
+    if policy == "raise":
+        with pytest.raises(NonFiniteError, match=r"read by report_nonfinite\(\): 2 gradient elements were NaN/inf "
+                                                 r"on plain steps since the last search \(those elements kept"):
+            opt.report_nonfinite()
+        assert opt.search_state == state
+    else:
+        assert opt.report_nonfinite() == (2, 0)
+        assert opt.search_state.num_nonfinite_elements == state.num_nonfinite_elements + 2
+        assert opt.search_state.step == state.step
+    assert opt.report_nonfinite() == (0, 0)
+    _until_search_next(model, opt)  # and the next search does not report them again
+    opt.zero_grad()
+    opt.step(_closure(model))
+    assert opt.search_state.num_nonfinite_elements == (0 if policy == "raise" else 2)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("restore", ["copy", "inplace"])
 def test_non_finite_trial_loss_backtracks(bad, restore):
