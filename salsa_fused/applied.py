@@ -41,8 +41,8 @@ class GroupStep:
     @classmethod
     def of(cls, group: dict, scale: float, level: float) -> "GroupStep":
         """The scalars of param group ``group``: probes at ``search_lr``, applies ``lr``."""
-        probe = group["search_lr"]
-        return cls(probe, scale * (group["lr"] / probe) if probe > 0 else 0.0, level)
+        probe, lr = float(group["search_lr"]), float(group["lr"])  # numpy scalars from a scheduler: fp64
+        return cls(probe, scale * (lr / probe) if probe > 0 else 0.0, level)
 
     @property
     def decay(self) -> float:

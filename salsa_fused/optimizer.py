@@ -296,18 +296,18 @@ class FusedSaLSa(Optimizer):
             raise ValueError("a tensor lr is not supported: lr must be a Python float (a host-side "
                              "multiplier on the level the search finds)")
         for name, value in (("lr", lr), ("eps", eps), ("weight_decay", wd)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"{name} must be a number, got {type(value).__name__}")
         if not (math.isfinite(lr) and lr >= 0):
             raise ValueError(f"lr must be a finite number >= 0, got {lr}")
         probe = group.get("search_lr", lr)
-        if isinstance(probe, bool) or not isinstance(probe, (int, float)) or not (
+        if isinstance(probe, bool) or not isinstance(probe, numbers.Real) or not (
                 math.isfinite(probe) and probe >= 0):
             raise ValueError(f"search_lr must be a finite number >= 0, got {probe!r}")
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         for i, beta in enumerate(betas):
-            if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+            if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
                 raise TypeError(f"betas[{i}] must be a number, got {type(beta).__name__}")
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"betas[{i}] must lie in [0, 1), got {beta}")
@@ -346,7 +346,11 @@ class FusedSaLSa(Optimizer):
         if devices:
             self._device = devices.pop()
         if "backend" in self.__dict__:  # a group added after construction
-            self._fit_backend(self.param_groups[-1:], first_index=len(self.param_groups) - 1)
+            try:
+                self._fit_backend(self.param_groups[-1:], first_index=len(self.param_groups) - 1)
+            except Exception:
+                self.param_groups.pop()  # refused: not added, as torch.optim refuses a group
+                raise
         for p in self.param_groups[-1]["params"]:
             if p.requires_grad:
                 self._init_state(p)

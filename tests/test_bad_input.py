@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from copy import deepcopy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -342,6 +343,37 @@ def test_out_of_range_hyperparameters_in_add_param_group(group, message):
         opt.add_param_group({"params": [extra], **group})
     _assert_unchanged(before, _snapshot(opt))
     assert extra not in opt.state
+
+
+def test_a_group_the_backend_refuses_is_not_added():
+    """add_param_group of a float64 parameter under backend='cpp': refused by name, and the group is
+    not left in param_groups (every later step failed in the kernel)."""
+    pytest.importorskip("salsa_fused._C", reason="the C++ extension is not built: pip install --no-build-isolation -e .")
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend="cpp")
+    extra = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"backend='cpp' cannot take param_groups\[1\]\['params'\]\[0\]"):
+        opt.add_param_group({"params": [extra]})
+    assert len(opt.param_groups) == 1 and len(opt.state_dict()["param_groups"]) == 1 and extra not in opt.state
+    opt.zero_grad()
+    opt.step(_closure(model))
+    assert opt.search_state.step == 1
+
+
+def test_numpy_scalars_from_a_scheduler_are_numbers():
+    """A LambdaLR whose factor is a numpy float32 (AdamW takes it): the step runs, and in fp64, as
+    with the same factor as a Python float."""
+    steps = {}
+    for factor in (np.float32(0.5), float(np.float32(0.5))):
+        torch.manual_seed(0)
+        model = _model()
+        opt = FusedSaLSa(model.parameters(), betas=(np.float32(0.9), np.float64(0.999)))
+        torch.optim.lr_scheduler.LambdaLR(opt, lambda k, f=factor: f)
+        for _ in range(3):
+            opt.zero_grad()
+            opt.step(_closure(model))
+        steps[type(factor)] = [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(*steps.values()))
 
 
 @pytest.mark.parametrize("key, value, message", [

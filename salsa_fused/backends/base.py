@@ -81,11 +81,11 @@ class Hyper:
 
         0.1.0 corrects with ``k + 1`` (SPEC section 1, step 5): the only bias correction.
         """
-        beta1, beta2 = group["betas"]
-        return cls(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+        beta1, beta2 = map(float, group["betas"])  # a scheduler may set numpy scalars: fp64 here
+        return cls(beta1=beta1, beta2=beta2, eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
                    bias_correction1=1 - beta1 ** max(1, step + 1),
                    bias_correction2=1 - beta2 ** max(1, step + 1),
-                   lr=group.get("search_lr", group["lr"]))
+                   lr=float(group.get("search_lr", group["lr"])))
 
     def decay_factor(self, decay_step_size: float) -> float:
         """``1 - weight_decay * decay_step_size``: what decoupled decay multiplies the weights by
