@@ -54,6 +54,11 @@ CLOSURE_RAN_BACKWARD = ("{what} ran backward() itself (torch.optim's and the pub
                         "closure that returns the loss; under Lightning's automatic optimization the "
                         "trainer's closure runs the backward: set self.automatic_optimization = False as "
                         "docs/integrations.md shows)")
+CLOSURE_CHANGED_GRADIENTS = ("closure() changed the step's gradients in place during a trial forward (a "
+                             "zero_grad(set_to_none=False), or a backward, inside it): the search reads them at "
+                             "every trial, and each trial would have moved the weights nowhere. The closure "
+                             "returns the loss only; call zero_grad() before step(). The weights, the moments "
+                             "and the search state are as they were")
 _DeviceCounts = F.DeviceCounts  # its name before it moved to functional.py: pickled optimizers load
 
 
@@ -931,9 +936,13 @@ class FusedSaLSa(Optimizer):
             self._plain_step(passes, plan, f0)
             return loss_tensor.detach() if one_phase else loss
 
+        gradients = [(g, g._version) for bucket in passes.buckets for g in bucket.grads]
+
         def trial_loss() -> float:
             rng_before.set()  # each trial forward replays the step's random draws
             (value,) = self.reduction.average_loss(self._trial_loss(closure).reshape(1)).tolist()
+            if any(g._version != version for g, version in gradients):
+                raise RuntimeError(CLOSURE_CHANGED_GRADIENTS)
             return value
 
         running = self._running_statistics()

@@ -67,7 +67,7 @@ def _all_finite(opt) -> bool:
 
 def _trained(steps=3, **kwargs):
     model = _model()
-    opt = FusedSaLSa(model.parameters(), backend="torch", **kwargs)
+    opt = FusedSaLSa(model.parameters(), **{"backend": "torch", **kwargs})
     for _ in range(steps):
         opt.zero_grad()
         opt.step(_closure(model))
@@ -343,6 +343,27 @@ def test_out_of_range_hyperparameters_in_add_param_group(group, message):
         opt.add_param_group({"params": [extra], **group})
     _assert_unchanged(before, _snapshot(opt))
     assert extra not in opt.state
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_a_closure_that_zeroes_the_gradients_in_place_is_refused(backend):
+    """``model.zero_grad(set_to_none=False)`` inside the closure (a torch-style leftover without the
+    backward): each trial read zeroed gradients and moved nowhere, the search accepted a no-move
+    and training stalled silently. It is refused at the first trial, with nothing changed."""
+    if backend == "cpp":
+        pytest.importorskip("salsa_fused._C", reason="the C++ extension is not built: pip install --no-build-isolation -e .")
+    model, opt = _trained(backend=backend)
+    _until_search_next(model, opt)
+    before = _snapshot(opt)
+
+    def closure():
+        model.zero_grad(set_to_none=False)
+        return F.mse_loss(model(_X), _Y)
+
+    opt.zero_grad()
+    with pytest.raises(RuntimeError, match="changed the step's gradients in place during a trial forward"):
+        opt.step(closure)
+    _assert_unchanged(before, _snapshot(opt))
 
 
 def test_a_group_the_backend_refuses_is_not_added():
