@@ -7,11 +7,14 @@ per trial, so each trial would run a backward and overwrite the gradients that d
 the search direction. With gradient accumulation the closure covers only the last
 micro-batch, and under ``16-mixed`` Lightning calls the closure itself and steps without
 one. In manual optimization the module runs the forward and ``manual_backward`` once and
-gives the optimizer a forward-only loss function (the two-phase step):
+gives the optimizer a forward-only loss function (the two-phase step), bound before the
+step: under ``16-mixed`` with a GradScaler, Lightning's precision plugin calls ``step``
+without the closure it was handed (``step(closure=..., loss=...)`` fails there):
 
     opt.mark_forward()                      # dropout: trials replay this forward's masks
     loss = self.loss(batch); self.manual_backward(loss)
-    opt.step(closure=lambda: self.loss(batch), loss=loss.detach())
+    opt.bind_closure(lambda: self.loss(batch), loss=loss.detach())
+    opt.step()
 
 ``FusedSaLSa(..., model=self.model)`` keeps BatchNorm's running statistics as the training
 forward left them (the trial forwards would update them too). Without ``mark_forward()`` the
@@ -71,7 +74,8 @@ class SaLSaModule(L.LightningModule):
         opt.mark_forward()  # the trials replay this forward's random state: its dropout masks
         loss = self.loss_fn(self.model, batch)
         self.manual_backward(loss)
-        opt.step(closure=lambda: self.loss_fn(self.model, batch), loss=loss.detach())
+        opt.bind_closure(lambda: self.loss_fn(self.model, batch), loss=loss.detach())
+        opt.step()  # bound, not passed: a 16-mixed GradScaler plugin steps without the closure given
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()

@@ -865,8 +865,17 @@ class FusedSaLSa(Optimizer):
         if closure is None:
             if loss is None and not any(p.grad is not None for g in self.param_groups for p in g["params"]):
                 return None  # nothing to do, as torch.optim does for a step without gradients
+            if loss is not None:
+                raise TypeError(
+                    "FusedSaLSa.step(loss=...) came without a closure: the search evaluates a function that "
+                    "runs the forward pass and returns the loss at trial weights. A wrapper that steps "
+                    "without the closure it was given (Lightning's 16-mixed GradScaler plugin) needs it "
+                    "bound first: opt.bind_closure(closure, loss=loss); opt.step() (docs/integrations.md)")
             raise TypeError("FusedSaLSa.step() needs closure: a function that runs the forward pass "
-                            "and returns the loss (SaLSa evaluates it at trial weights)")
+                            "and returns the loss (SaLSa evaluates it at trial weights). Through a trainer "
+                            "that calls step() itself: salsa_fused.integrations.transformers.SaLSaTrainer for "
+                            "HF Trainer, salsa_fused.integrations.accelerate.SaLSaAccumulation for accelerate, or opt.bind_closure(closure) before "
+                            "its step (docs/integrations.md)")
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
         for group in self.param_groups:  # schedulers and users write here: check before any write

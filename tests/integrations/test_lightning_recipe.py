@@ -1,4 +1,5 @@
-"""examples/lightning_salsa.py: manual optimization under 32-true and bf16-mixed, against a plain loop."""
+"""examples/lightning_salsa.py: manual optimization under 32-true, bf16-mixed and 16-mixed with a
+GradScaler, against a plain loop."""
 
 import pytest
 import torch
@@ -28,11 +29,12 @@ def batches():
             for _ in range(STEPS)]
 
 
-def fit(precision):
+def fit(precision, plugins=None):
     model = make_model()
     module = SaLSaModule(model, mse, salsa_kwargs={"backend": "torch", "init_step_size": 0.1},
                          schedule=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 - 0.1 * t))
-    trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", precision=precision, logger=False,
+    precision_flag = {} if plugins else {"precision": precision}
+    trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", logger=False, plugins=plugins, **precision_flag,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     torch.manual_seed(7)
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches(), batch_size=None))
@@ -91,3 +93,16 @@ def test_the_example_refuses_bad_flags_by_name(flags, message, capsys):
     with pytest.raises(SystemExit):
         main(flags)
     assert message in capsys.readouterr().err
+
+
+def test_16_mixed_with_a_grad_scaler_steps_with_the_bound_closure():
+    """What ``precision="16-mixed"`` builds on a GPU, forced onto the CPU: Lightning's plugin runs
+    the closure it is handed and calls ``scaler.step(optimizer)`` without it, where
+    ``step(closure=..., loss=...)`` raised "needs closure"; the example binds the closure first."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    model, salsa = fit(None, plugins=[plugin])
+    assert salsa.search_state.step == STEPS
+    assert salsa.num_forward_evals > STEPS  # searches ran trial forwards
+    assert all(torch.isfinite(p).all() for p in model.parameters())
