@@ -34,7 +34,7 @@ import collections
 import functools
 import operator
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -119,22 +119,45 @@ class BucketCache:
         self._groups: Dict[int, _GroupEntry] = {}
         #: Group rebuilds so far (tests and benchmarks read it).
         self.rebuilds = 0
+        self._state: Optional[Mapping] = None  # the optimizer's state the buckets' moments came from
+        self._state_fingerprint: tuple = ()
 
     def clear(self) -> None:
         """Forget every bucket (after ``load_state_dict``: new moments)."""
         self._groups.clear()
+        self._state = None
+
+    def _moments_current(self, state: Mapping) -> bool:
+        """Is ``state`` the optimizer state the buckets read, with the same per-param dicts and
+        moment tensors? (``opt.state`` replaced or cleared, a param's dict or a moment replaced:
+        not; an in-place write keeps them current.) Identity checks in C loops, no device read."""
+        if state is not self._state:
+            return False
+        return _same_objects(_fingerprint(state), self._state_fingerprint)
 
     def __len__(self) -> int:
         return sum(len(entry.slots) for entry in self._groups.values())
 
     def collect(self, param_groups: List[dict], init_state: Callable[[torch.Tensor], dict],
-                saved_buffer: Optional[Callable[[torch.Tensor], torch.Tensor]]) -> List[Bucket]:
+                saved_buffer: Optional[Callable[[torch.Tensor], torch.Tensor]],
+                state: Optional[Mapping] = None) -> List[Bucket]:
         """The buckets of the params that have gradients, their gradients checked.
 
         ``init_state(p)`` gives p's state dict (moments created if missing);
-        ``saved_buffer(p)`` its copy of ``w0`` for ``restore="copy"`` (None: no copies).
+        ``saved_buffer(p)`` its copy of ``w0`` for ``restore="copy"`` (None: no copies);
+        ``state``: the optimizer's state mapping; where its moments are no longer those the
+        buckets hold (replaced, cleared), every group is built again.
         Raises before anything is created when a gradient is unusable.
         """
+        if state is not None and self._groups and not self._moments_current(state):
+            self._groups.clear()
+        rebuilds = self.rebuilds
+        buckets = self._collect(param_groups, init_state, saved_buffer)
+        if state is not None and (self.rebuilds != rebuilds or state is not self._state):
+            self._state, self._state_fingerprint = state, _fingerprint(state)
+        return buckets
+
+    def _collect(self, param_groups, init_state, saved_buffer) -> List[Bucket]:
         for index in [i for i in self._groups if i >= len(param_groups)]:
             del self._groups[index]  # groups do not shrink in torch.optim, but a reload may
         buckets: List[Bucket] = []
@@ -238,6 +261,23 @@ class BucketCache:
         weight_pointers = tuple(_data_ptr(_local(p)) for p in params)
         return _GroupEntry(tuple(map(id, params)), weight_pointers, has_grad, distributed, slots)
 
+
+
+_EXP_AVG, _EXP_AVG_SQ = operator.itemgetter("exp_avg"), operator.itemgetter("exp_avg_sq")
+
+
+def _fingerprint(state: Mapping) -> tuple:
+    """The objects an optimizer state is made of: its per-param dicts and their moments."""
+    entries = tuple(state.values())
+    try:
+        return entries, tuple(map(_EXP_AVG, entries)), tuple(map(_EXP_AVG_SQ, entries))
+    except KeyError:  # a dict without moments (a param that never had a gradient): the slower way
+        return (entries, tuple(entry.get("exp_avg") for entry in entries),
+                tuple(entry.get("exp_avg_sq") for entry in entries))
+
+
+def _same_objects(a: tuple, b: tuple) -> bool:
+    return all(len(x) == len(y) and all(map(operator.is_, x, y)) for x, y in zip(a, b))
 
 
 def _picked(slot: _Slot, grads: List[torch.Tensor]) -> List[torch.Tensor]:

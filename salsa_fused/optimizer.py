@@ -636,7 +636,7 @@ class FusedSaLSa(Optimizer):
         :mod:`salsa_fused.buckets`); validates the gradients first."""
         saved = self._saved_buffer if self.restore_strategy == "copy" else None
         rebuilds = self._buckets.rebuilds
-        buckets = self._buckets.collect(self.param_groups, self._init_state, saved)
+        buckets = self._buckets.collect(self.param_groups, self._init_state, saved, self.state)
         if self._buckets.rebuilds != rebuilds:  # new weights (model.double(), model.half() ...)
             try:
                 self._refit_backend()

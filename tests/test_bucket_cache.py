@@ -379,3 +379,46 @@ def test_triton_tables_of_remembered_layouts_are_found_by_identity(signature_pat
             assert tables.grad_pointers is slot.bucket.grad_pointers
             assert [key for key, _ in tables.by_grads][:2] == [slot.bucket.grad_pointers,
                                                                tuple(s.data_ptr() for s in storages[(k + 1) % 2])]
+
+
+_RESETS = {
+    "moments replaced": lambda opt, p: opt.state[p].update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p)),
+    "dict replaced": lambda opt, p: opt.state.__setitem__(p, {}),
+    "dict cleared": lambda opt, p: opt.state[p].clear(),
+    "state cleared": lambda opt, p: opt.state.clear(),
+    "state replaced": lambda opt, p: setattr(opt, "state", __import__("collections").defaultdict(dict)),
+}
+
+
+@pytest.mark.parametrize("reset", list(_RESETS))
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_a_state_reset_through_opt_state_is_what_the_next_step_reads(reset, backend):
+    """Moments reset by replacing them (or their dicts, or ``opt.state``) train from zeros, bitwise
+    as zeroing them in place does: the cached buckets kept stepping on the old, hidden moments,
+    and ``opt.state`` and the checkpoint never saw them again (an audit's finding)."""
+    if backend == "cpp":
+        pytest.importorskip("salsa_fused._C", reason="the C++ extension is not built: pip install --no-build-isolation -e .")
+    runs = []
+    for way in (reset, "in place"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        x, y = torch.randn(16, 6), torch.randn(16, 1)
+        opt = FusedSaLSa(model.parameters(), backend=backend)
+        closure = lambda: torch.nn.functional.mse_loss(model(x), y)  # noqa: E731
+        for step in range(8):
+            if step == 4:
+                for p in model.parameters():
+                    if way == "in place":
+                        opt.state[p]["exp_avg"].zero_()
+                        opt.state[p]["exp_avg_sq"].zero_()
+                    else:
+                        _RESETS[way](opt, p)
+            opt.zero_grad()
+            opt.step(closure)
+        runs.append(([p.detach().clone() for p in model.parameters()], opt.state_dict()["state"]))
+    (weights, state), (weights_in_place, state_in_place) = runs
+    assert all(torch.equal(a, b) for a, b in zip(weights, weights_in_place))
+    assert sorted(state) == sorted(state_in_place) == [0, 1, 2, 3]
+    for index in state:
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(state[index][key], state_in_place[index][key])
