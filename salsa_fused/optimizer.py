@@ -346,6 +346,8 @@ class FusedSaLSa(Optimizer):
         if len(devices) > 1:
             names = ", ".join(sorted(str(d) for d in devices))
             raise ValueError(f"FusedSaLSa needs all parameters on one device, got {names}")
+        if len(set(map(id, tensors))) != len(tensors):  # torch.optim warns; the backends would disagree
+            raise ValueError("a parameter group lists the same parameter more than once")
         param_group.setdefault("search_lr", candidate["lr"])  # what trials probe at (see lr)
         super().add_param_group(param_group)
         if devices:

@@ -366,6 +366,17 @@ def test_a_closure_that_zeroes_the_gradients_in_place_is_refused(backend):
     _assert_unchanged(before, _snapshot(opt))
 
 
+def test_a_parameter_listed_twice_in_a_group_is_refused():
+    """torch.optim only warns; the torch and cpp backends stepped it differently."""
+    w = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match="lists the same parameter more than once"):
+        FusedSaLSa([w, w])
+    opt = FusedSaLSa([torch.nn.Parameter(torch.ones(3))])
+    with pytest.raises(ValueError, match="lists the same parameter more than once"):
+        opt.add_param_group({"params": [w, w]})
+    assert len(opt.param_groups) == 1
+
+
 def test_a_group_the_backend_refuses_is_not_added():
     """add_param_group of a float64 parameter under backend='cpp': refused by name, and the group is
     not left in param_groups (every later step failed in the kernel)."""
