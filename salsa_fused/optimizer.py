@@ -777,7 +777,9 @@ class FusedSaLSa(Optimizer):
                     "they would be added to the step's own. Call this optimizer's zero_grad() before "
                     "step(closure) (under FSDP2 model.zero_grad() may not reach the sharded gradients), "
                     "or, to keep your own backward, use the two-phase form: "
-                    "loss.backward(); step(closure, loss=loss)")
+                    "loss.backward(); step(closure, loss=loss). Under Lightning's automatic optimization "
+                    "with accumulate_grad_batches the earlier micro-batches' backward left them: set "
+                    "self.automatic_optimization = False as docs/integrations.md shows")
 
     def _remember_if_zeros(self) -> bool:
         """Are the gradients not zeroed by this optimizer all zeros? If so they are recorded as

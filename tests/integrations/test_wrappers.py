@@ -335,3 +335,31 @@ def test_lightning_wrapper_refuses_a_one_phase_closure_it_cannot_index():
     with pytest.raises(TypeError, match="closure takes the batch index"):
         _fit_labpal(module, steps=2)
     assert all(torch.equal(p, b) for p, b in zip(module.net.parameters(), before))
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_lightning_automatic_optimization_is_refused_naming_the_fix(accumulate):
+    """Lightning's automatic optimization hands step() a closure that runs the backward; with
+    accumulate_grad_batches the earlier micro-batches' backward has already left gradients. Both
+    ways the error names ``self.automatic_optimization = False`` (with accumulation it only
+    said that gradients were there)."""
+    L = pytest.importorskip("lightning")
+    from salsa_fused import FusedSaLSa
+
+    class Automatic(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return FusedSaLSa(self.parameters(), backend="torch")
+
+    data = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(4)]
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", accumulate_grad_batches=accumulate, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(RuntimeError, match=r"self\.automatic_optimization = False"):
+        trainer.fit(Automatic(), torch.utils.data.DataLoader(data, batch_size=None))
