@@ -986,31 +986,33 @@ class FusedSaLSa(Optimizer):
 
     def _plain_step(self, passes: F.Passes, plan, f0: torch.Tensor) -> None:
         """A step without search along the rule's direction (Adam's ``m_hat`` unless it is ``raw``)."""
-        self._report_plain_steps_without_search(plan.state)
+        at_point = self._report_plain_steps_without_search(plan.state)
         F.plain_step(passes, plan.trial_step_size, f0, getattr(self, "found_inf", None), self._device_counts(),
                      self.reduction, self.search_rule.direction(self.search_direction))
+        if at_point:  # after the step's own counts: a NaN at this step goes with this copy
+            self._counts_in_flight = F.CountsInFlight.take(self._device_counts(), self.reduction)
         self._commit(plan.state)
 
-    def _report_plain_steps_without_search(self, state: SearchState) -> None:
+    def _report_plain_steps_without_search(self, state: SearchState) -> bool:
         """Where no search comes for ``max_search_interval`` steps (a schedule's frozen level, past its
         end, LABPAL between its fits), the plain steps' NaN/inf counts are reported as a search would
         report them: every ``max_search_interval`` steps they are copied to the host without waiting,
         and read once the copy has landed (alone: the first plain step that finds it so; under
         DDP/FSDP2: the next such point, ``max_search_interval`` steps later, so that every rank reads
         at the same step without waiting). ``"raise"`` refuses the reading step, before it writes
-        anything; ``"skip"`` adds the counts to the counters."""
+        anything; ``"skip"`` adds the counts to the counters. Returns whether this step is a copy
+        point (the caller takes the copy once the step has written its own counts)."""
         interval = self.search_config.max_search_interval
         at_point = state.steps_since_search >= interval and state.steps_since_search % interval == 0
         pending = self.__dict__.get("_counts_in_flight")
         if pending is not None:
             if not (at_point if self.reduction.active else pending.ready()):
-                return
+                return False  # the copy in flight stays the one to read
             self._counts_in_flight = None
             elements, losses = pending.read(self._device_counts())
             F.report_plain_steps(state, self.nonfinite, elements, losses, state.step,
                                  where="read where no search came to report them: ")
-        if at_point:
-            self._counts_in_flight = F.CountsInFlight.take(self._device_counts(), self.reduction)
+        return at_point
 
     def report_nonfinite(self) -> Tuple[int, int]:
         """Report now the plain steps' NaN/inf counts that no search has read yet, as a search

@@ -113,6 +113,7 @@ def test_groups_keep_their_own_weight_decay_and_overrides_win():
 
 @pytest.mark.parametrize("call, error, match", [
     (lambda p: presets.from_preset(p, "nope"), ValueError, "unknown preset"),
+    (lambda p: presets.from_preset(p, ["pretrain"], total_steps=100), ValueError, r"unknown preset \['pretrain'\]"),
     (lambda p: presets.from_preset(p, "pretrain"), TypeError, "total_steps"),
     (lambda p: presets.from_preset(p, "pretrain", total_steps=-1), ValueError, "total_steps"),
     (lambda p: presets.recommended(p, total_steps=0), ValueError, "total_steps"),
@@ -165,3 +166,30 @@ def test_nan_batches_after_the_search_phase_are_reported_though_no_search_comes(
 def test_a_rule_that_reads_none_of_the_presets_arguments_is_refused_saying_the_preset_set_them():
     with pytest.raises(ValueError, match="does not read beta3, search_direction.*the 'pretrain' preset sets them"):
         presets.recommended([torch.nn.Parameter(torch.randn(3))], total_steps=100, search_rule="sls")
+
+
+@pytest.mark.parametrize("nan_step_offset", range(0, 11))
+def test_a_nan_batch_of_the_frozen_phase_is_reported_within_max_search_interval_steps(nan_step_offset):
+    """One NaN batch at any step of the frozen phase, the copy points included (a NaN there went
+    with the next copy: 11 steps later), is counted within max_search_interval steps."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = presets.recommended(model.parameters(), total_steps=60, nonfinite="skip", backend="torch")
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 8, generator=generator), torch.randn(32, 1, generator=generator)
+    interval = opt.search_config.max_search_interval
+    nan_step, counted_at = 13 + nan_step_offset, None  # the search phase is steps 1-12
+    for k in range(1, nan_step + interval + 2):
+        batch = x.clone()
+        if k == nan_step:
+            batch[0, 0] = float("nan")
+        opt.zero_grad()
+        opt.step(lambda: torch.nn.functional.mse_loss(model(batch), y))
+        if counted_at is None and opt.num_skipped_steps:
+            counted_at = k
+    assert opt.num_searches > 0 and counted_at is not None
+    assert counted_at - nan_step <= interval, (nan_step, counted_at)
