@@ -29,14 +29,17 @@ The presets here are other fixed configurations, with nothing to tune per task:
 Run length, for ``"pretrain"``:
 
 - **Past ``total_steps``** the schedule holds the last step of its cooldown
-  (:attr:`~salsa_fused.step_size.WarmupStableDecay.past_end_scale`: ``2 / (0.8 * total_steps)``
+  (:attr:`~salsa_fused.step_size.WarmupStableDecay.past_end_scale`: ``2 / (T - D)`` with
+  ``D = T - round(0.8 * T)``, about ``2 / (0.8 * total_steps)``
   of the frozen level), never 0, and the optimizer warns once that the run is past its plan.
   To train longer, build the optimizer with the new ``total_steps`` and ``load_state_dict`` the
   checkpoint (the schedule is not in the checkpoint; the step count is): the run continues at
   its step of the longer schedule. From a checkpoint of the search phase (the first 20%) that
   is a clean extension (a level that froze early stays frozen: ``search_state.frozen_at``);
-  from one inside the cooldown, the applied step jumps to the longer schedule's value at that
-  step.
+  from one inside the cooldown, the run goes on at that step of the longer schedule: where the
+  step lies inside the longer schedule's search phase the search resumes there (a clean
+  extension), past it the applied step jumps to the longer schedule's value with the level
+  frozen at the old run's 20%.
 - **``total_steps=None``** (the length unknown; omitting it raises): the same search (momentum
   direction, ``beta3=0.95``, weight decay 0.1) with no schedule: the search runs for the whole
   run and the applied step is the searched level (1x), with no warm-up to 2x and no cooldown.
@@ -112,7 +115,7 @@ _OMITTED = _Omitted()
 def preset_kwargs(name: str, total_steps=_OMITTED) -> dict:
     """The keyword arguments of ``FusedSaLSa`` that preset ``name`` sets. A preset of
     ``TAKE_LENGTH`` needs ``total_steps``: the run length, or ``None`` when it is unknown."""
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     if total_steps is _OMITTED:
         if name in TAKE_LENGTH:
