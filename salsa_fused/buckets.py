@@ -128,9 +128,9 @@ class BucketCache:
         self._state = None
 
     def _moments_current(self, state: Mapping) -> bool:
-        """Is ``state`` the optimizer state the buckets read, with the same per-param dicts and
-        moment tensors? (``opt.state`` replaced or cleared, a param's dict or a moment replaced:
-        not; an in-place write keeps them current.) Identity checks in C loops, no device read."""
+        """Is ``state`` the optimizer state the buckets read, with the same moment tensors?
+        (``opt.state`` replaced or cleared, a param's dict or a moment replaced: not; an in-place
+        write keeps them current.) Identity checks in C loops, no device read."""
         if state is not self._state:
             return False
         return _same_objects(_fingerprint(state), self._state_fingerprint)
@@ -267,12 +267,13 @@ _EXP_AVG, _EXP_AVG_SQ = operator.itemgetter("exp_avg"), operator.itemgetter("exp
 
 
 def _fingerprint(state: Mapping) -> tuple:
-    """The objects an optimizer state is made of: its per-param dicts and their moments."""
-    entries = tuple(state.values())
+    """The moment tensors of an optimizer state, in its order (a dict replaced without them, or
+    with others, changes them; the same tensors in a new dict are the same moments)."""
+    entries = state.values()
     try:
-        return entries, tuple(map(_EXP_AVG, entries)), tuple(map(_EXP_AVG_SQ, entries))
+        return tuple(map(_EXP_AVG, entries)), tuple(map(_EXP_AVG_SQ, entries))
     except KeyError:  # a dict without moments (a param that never had a gradient): the slower way
-        return (entries, tuple(entry.get("exp_avg") for entry in entries),
+        return (tuple(entry.get("exp_avg") for entry in entries),
                 tuple(entry.get("exp_avg_sq") for entry in entries))
 
 
