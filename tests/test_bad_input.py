@@ -396,7 +396,7 @@ def test_numpy_scalars_from_a_scheduler_are_numbers():
     """A LambdaLR whose factor is a numpy float32 (AdamW takes it): the step runs, and in fp64, as
     with the same factor as a Python float."""
     steps = {}
-    for factor in (np.float32(0.5), float(np.float32(0.5))):
+    for factor in (np.float32(0.3), float(np.float32(0.3))):  # 0.3: float32 arithmetic would round differently
         torch.manual_seed(0)
         model = _model()
         opt = FusedSaLSa(model.parameters(), betas=(np.float32(0.9), np.float64(0.999)))
