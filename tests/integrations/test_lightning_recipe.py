@@ -29,8 +29,8 @@ def batches():
             for _ in range(STEPS)]
 
 
-def fit(precision, plugins=None):
-    model = make_model()
+def fit(precision, plugins=None, model=None):
+    model = make_model() if model is None else model
     module = SaLSaModule(model, mse, salsa_kwargs={"backend": "torch", "init_step_size": 0.1},
                          schedule=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 - 0.1 * t))
     precision_flag = {} if plugins else {"precision": precision}
@@ -96,13 +96,19 @@ def test_the_example_refuses_bad_flags_by_name(flags, message, capsys):
 
 
 def test_16_mixed_with_a_grad_scaler_steps_with_the_bound_closure():
-    """What ``precision="16-mixed"`` builds on a GPU, forced onto the CPU: Lightning's plugin runs
-    the closure it is handed and calls ``scaler.step(optimizer)`` without it, where
-    ``step(closure=..., loss=...)`` raised "needs closure"; the example binds the closure first."""
+    """What ``precision="16-mixed"`` builds on a GPU, forced onto the CPU, on a model with BatchNorm
+    and dropout: Lightning's plugin runs the closure it is handed and calls ``scaler.step(optimizer)``
+    without it, where ``step(closure=..., loss=...)`` raised "needs closure"; the example binds the
+    closure first."""
     from lightning.pytorch.plugins import MixedPrecision
 
-    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
-    model, salsa = fit(None, plugins=[plugin])
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 8))  # no overflow
+    torch.manual_seed(0)
+    norm = torch.nn.BatchNorm1d(32)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), norm, torch.nn.GELU(), torch.nn.Dropout(0.2),
+                                torch.nn.Linear(32, 1))
+    model, salsa = fit(None, plugins=[plugin], model=model)
     assert salsa.search_state.step == STEPS
     assert salsa.num_forward_evals > STEPS  # searches ran trial forwards
+    assert int(norm.num_batches_tracked) == STEPS  # model=: the trials left BatchNorm's statistics alone
     assert all(torch.isfinite(p).all() for p in model.parameters())
