@@ -127,7 +127,17 @@ def preset_kwargs(name: str, total_steps=_OMITTED) -> dict:
     if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral)
                                     or total_steps < 1):
         raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
-    return PRESETS[name](None if total_steps is None else int(total_steps))
+    kwargs = PRESETS[name](None if total_steps is None else int(total_steps))
+    schedule = kwargs.get("schedule")
+    if schedule is not None:  # refused here, before the caller's parameters (a generator, say) are read
+        try:
+            schedule.check_searches()
+        except ValueError:
+            shortest = next(n for n in range(1, 1000) if PRESETS[name](n)["schedule"].decay_start >= 1)
+            raise ValueError(f"total_steps={total_steps} is too short for the {name!r} preset: its cooldown "
+                             f"takes the last {schedule.decay:.0%} of the run, so no step would search; use "
+                             f"total_steps >= {shortest}") from None
+    return kwargs
 
 
 #: Presets that, handed plain tensors, keep vectors (biases, norms' scales) out of the weight decay.

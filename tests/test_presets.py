@@ -124,6 +124,20 @@ def test_bad_preset_arguments_raise_clear_errors(call, error, match):
         call([torch.nn.Parameter(torch.ones(2))])
 
 
+@pytest.mark.parametrize("total_steps", [1, 2])
+def test_a_run_too_short_to_search_is_refused_before_the_parameters_are_read(total_steps):
+    """The preset's cooldown is its last 80%: under 3 steps no step searches. The refusal names the
+    preset and the shortest length, not the schedule's own ``decay=``, which preset users never set,
+    and comes before a generator of parameters is consumed (a retry with a longer run still has them)."""
+    model = torch.nn.Linear(3, 2)
+    params = model.parameters()
+    with pytest.raises(ValueError, match=r"too short for the 'pretrain' preset.*total_steps >= 3") as raised:
+        presets.recommended(params, total_steps=total_steps)
+    assert "decay=" not in str(raised.value)
+    opt = presets.recommended(params, total_steps=3)
+    assert sum(len(g["params"]) for g in opt.param_groups) == 2
+
+
 @pytest.mark.parametrize("policy", ["raise", "skip"])
 def test_nan_batches_after_the_search_phase_are_reported_though_no_search_comes(policy):
     """The preset searches only in its first 20%: NaN/inf on later plain steps is still reported,
