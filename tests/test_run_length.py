@@ -553,7 +553,10 @@ def test_a_run_too_short_for_one_search_step_is_refused_by_name(total):
     search would never run and the run would apply init_step_size."""
     from salsa_fused import presets
 
+    schedule = presets.preset_kwargs("pretrain", 3)["schedule"]
     with pytest.raises(ValueError, match=f"total_steps={total} with decay=0.8 leaves no step before the cooldown.*>= 3"):
+        FusedSaLSa([torch.nn.Parameter(torch.randn(3))], schedule=replace(schedule, total_steps=total))
+    with pytest.raises(ValueError, match=f"total_steps={total} is too short for the 'pretrain' preset.*>= 3"):
         presets.recommended([torch.nn.Parameter(torch.randn(3))], total_steps=total)
     WarmupStableDecay(total, warmup=0.0, decay=1.0)  # decay=1 means no search, as asked
     WarmupStableDecay(total, warmup=0.2, decay=0.8).scale(1)  # a scale for AdamW's shape: no search to miss
