@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from examples import pretrain_gpt
+from torchrun_launch import run_torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,23 +100,11 @@ def test_a_corpus_too_short_for_the_block_is_named():
     ByteBatches(torch.zeros(661, dtype=torch.uint8), 64).get("val", 2, torch.Generator().manual_seed(0))
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_pretrain_gpt_under_torchrun_ddp(tmp_path):
     """2 CPU processes (gloo) with 2 accumulated micro-batches: the same loss on both
     ranks is logged once, and the run finishes with a checkpoint."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-               os.path.join(ROOT, "examples", "pretrain_gpt.py"), *TINY, "--steps", "3", "--grad-accum", "2",
-               "--out", str(tmp_path)]
-    # salsa_fused from this checkout, as `pip install -e .` would give it
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    result = run_torchrun(2, os.path.join(ROOT, "examples", "pretrain_gpt.py"), *TINY, "--steps", "3",
+                          "--grad-accum", "2", "--out", tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "on 2 x cpu" in result.stdout
     assert [r["step"] for r in _log(tmp_path)] == [1, 2, 3]
@@ -145,12 +132,7 @@ def test_torchrun_teardown_destroys_the_group_after_the_ddp_wrapper_is_freed(tmp
     first: none is alive when the group is destroyed."""
     probe = tmp_path / "probe.py"
     probe.write_text(_DESTROY_PROBE)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(probe),
-               *TINY, "--steps", "2", "--out", str(tmp_path / "run")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    result = run_torchrun(2, probe, *TINY, "--steps", "2", "--out", tmp_path / "run")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     counts = sorted(line for line in result.stdout.splitlines() if "alive at destroy_process_group" in line)
     assert counts == [f"rank {r}: 0 DDP wrappers alive at destroy_process_group" for r in (0, 1)], counts

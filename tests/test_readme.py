@@ -19,8 +19,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from salsa_fused.integrations import unwrap_salsa
+from torchrun_launch import run_torchrun
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -110,12 +109,6 @@ CHECKS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _reset_accelerate():
     """accelerate keeps process-wide singletons; a page may build more than one Accelerator."""
     try:
@@ -167,20 +160,7 @@ def test_ci_runs_the_readme_commands_as_written():
 def _run_under_torchrun(page: str, heading: str, code: str) -> None:
     """``torchrun --nproc_per_node N`` as the block's first line says; every rank must pass."""
     processes = int(re.match(r"# torchrun --nproc_per_node (\d+) ", code).group(1))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-               str(ROOT / "tests" / "torchrun_block.py"), page, heading]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    # its own process group: a timeout kills the ranks too, not only the launcher
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                          cwd=ROOT, start_new_session=True) as process:
-        try:
-            stdout, stderr = process.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            stdout, stderr = process.communicate()
-            raise AssertionError(f"{page}: {heading!r} under torchrun ran past 300 s\n{stdout[-3000:]}{stderr[-3000:]}")
-    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    result = run_torchrun(processes, ROOT / "tests" / "torchrun_block.py", page, heading)
     assert result.returncode == 0, f"{page}: {heading!r}\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
     passed = sorted(re.findall(r"rank (\d+): the block ran and passed its check", result.stdout), key=int)
     assert passed == [str(rank) for rank in range(processes)], result.stdout  # ranks' lines may interleave
