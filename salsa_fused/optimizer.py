@@ -1090,11 +1090,15 @@ class FusedSaLSa(Optimizer):
                                                                               dtype=torch.float32))
             return loss_tensor.detach() if one_phase else loss
 
+        gradients = [(g, g._version) for bucket in passes.buckets for g in bucket.grads]
+
         def point_sum(first: int) -> torch.Tensor:
             """``sum closure(i)`` over ``first <= i < n`` at the weights as they are, in float64."""
             total = torch.zeros((), dtype=torch.float64, device=self._device)
             for i in range(first, n):
                 total = total + self._trial_loss(functools.partial(replay, i), f"closure({i})", torch.float64)
+                if any(g._version != version for g, version in gradients):
+                    raise RuntimeError(CLOSURE_CHANGED_GRADIENTS)
             return total
 
         def trial_loss() -> float:

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from salsa_fused import FusedSaLSa, NonFiniteError
+from salsa_fused import LABPAL, FusedSaLSa, NonFiniteError
 from salsa_fused.line_search import plan_step
 
 
@@ -363,6 +363,43 @@ def test_a_closure_that_zeroes_the_gradients_in_place_is_refused(backend):
     opt.zero_grad()
     with pytest.raises(RuntimeError, match="changed the step's gradients in place during a trial forward"):
         opt.step(closure)
+    _assert_unchanged(before, _snapshot(opt))
+
+
+@pytest.mark.parametrize("form", ["closure", "two-phase"])
+def test_a_multi_batch_closure_that_zeroes_the_gradients_in_place_is_refused(form):
+    """The same under LABPAL, whose search points average several batches ``closure(i)``: refused at
+    the first point that changed the gradients, with nothing changed."""
+    model = _model()
+    opt = LABPAL(model.parameters(), backend="torch", approximation_batches=4, sgd_steps=2)
+    batches = [(torch.randn(8, 4, generator=torch.Generator().manual_seed(i)),) for i in range(64)]
+
+    def closure(i):
+        model.zero_grad(set_to_none=False)
+        (x,) = batches[i]
+        return F.mse_loss(model(x), x[:, :1].cos())
+
+    def clean(i):
+        (x,) = batches[i]
+        return F.mse_loss(model(x), x[:, :1].cos())
+
+    opt.zero_grad()
+    opt.step(clean)  # a clean search first: refused on a later one too, not only on the first
+    for _ in range(30):
+        if opt.next_batches().points > 0:
+            break
+        opt.zero_grad()
+        opt.step(clean)
+    assert opt.next_batches().points > 0 and opt.search_state.step > 1
+    before = _snapshot(opt)
+    opt.zero_grad()
+    with pytest.raises(RuntimeError, match="changed the step's gradients in place during a trial forward"):
+        if form == "closure":
+            opt.step(closure)
+        else:
+            loss = clean(0)
+            loss.backward()
+            opt.step(closure, loss=loss.detach())
     _assert_unchanged(before, _snapshot(opt))
 
 
