@@ -15,7 +15,10 @@ call of at most 10 minutes, and only what lies in ``--out`` comes back. So:
   ``summary.json`` and ``summary.md`` (rewritten after every stage) and ``details.tar.gz``
   (per-stage detail files, e.g. pytest's junit XML and the training curves);
 - nothing is written into the repository (no bytecode, no pytest cache); scratch files
-  live in a temporary directory.
+  live in a temporary directory;
+- the exit code is 0 only when every chosen stage passed: a stage that failed, timed out or
+  was not run (no time left, a missing requirement) makes it 1, as ``summary.md`` lists them.
+  A refused command line (exit 2) leaves an earlier run's files in ``--out`` as they were.
 
 The published ``salsa-optimizer`` 0.1.0 joins the training stage when it imports, or when
 its wheel (``--wheel``, else ``$SALSA_WHEEL``, ``shared/wheels/``, ``../shared/wheels/``)
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import signal
 import subprocess
@@ -303,14 +307,16 @@ def main(argv=None) -> int:
     unknown = sorted(set(chosen) - set(STAGE_NAMES))
     if unknown:
         parser.error(f"unknown stages {unknown}; known: {', '.join(STAGE_NAMES)}")
+    if not (args.slow > 0 and math.isfinite(args.slow)):
+        parser.error(f"--slow must be a finite number > 0, got {args.slow}")
+    if args.budget is not None and not (args.budget > 0 and math.isfinite(args.budget)):
+        parser.error(f"--budget must be a finite number of seconds > 0, got {args.budget}")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     leftovers = [p.name for p in out.iterdir() if p.name in OUT_FILES]
-    for name in leftovers:
+    for name in leftovers:  # after every refusal: a refused call leaves an earlier run's results
         (out / name).unlink()  # a fresh run: rows are appended, so an old file would mix runs
-    if not args.slow > 0:
-        parser.error(f"--slow must be > 0, got {args.slow}")
-    budget = (args.budget or (SMOKE_BUDGET_S if args.smoke else TOTAL_BUDGET_S)) * args.slow
+    budget = (args.budget if args.budget is not None else (SMOKE_BUDGET_S if args.smoke else TOTAL_BUDGET_S)) * args.slow
     with tempfile.TemporaryDirectory(prefix="salsa_gpu_suite_") as scratch_name:
         scratch = Path(scratch_name)
         details = scratch / "details"
@@ -348,8 +354,10 @@ def main(argv=None) -> int:
                 suite.build.stop()
         suite.write_summary()  # with the build's log in the details
         suite.log(f"done in {time.monotonic() - suite.started:.0f} s; results in {out}")
-    failed = [s["stage"] for s in suite.stages if s["status"] in ("failed", "timeout")]
-    return 1 if failed else 0
+    missed = [f"{s['stage']} ({s['status']})" for s in suite.stages if s["status"] != "passed"]
+    if missed:  # not run (no time left, a missing requirement) counts: the exit code says what summary.md says
+        suite.log(f"stages that did not pass: {', '.join(missed)}")
+    return 1 if missed else 0
 
 
 if __name__ == "__main__":

@@ -196,3 +196,24 @@ def test_unknown_stage_names_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         gpu_suite.main(["--out", str(tmp_path), "--smoke", "--stages", "kernel_timing,warp_drive"])
     assert "warp_drive" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--slow", "0"], ["--slow", "nan"], ["--budget", "0"], ["--budget", "-5"]])
+def test_a_refused_command_line_leaves_an_earlier_runs_results(tmp_path, flags, capsys):
+    for name in gpu_suite.OUT_FILES:
+        (tmp_path / name).write_text("an earlier run\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as refused:
+        gpu_suite.main(["--out", str(tmp_path), "--smoke", "--stages", "determinism", *flags])
+    assert refused.value.code == 2 and flags[0] in capsys.readouterr().err
+    for name in gpu_suite.OUT_FILES:
+        assert (tmp_path / name).read_text(encoding="utf-8") == "an earlier run\n", name
+
+
+def test_a_stage_not_run_makes_the_exit_code_nonzero(tmp_path):
+    """A budget too small for any stage: every stage is 'not run: no time left', and the exit code
+    says so (on a lent GPU machine only the exit code and summary.md come back at a glance)."""
+    code = gpu_suite.main(["--out", str(tmp_path), "--smoke", "--stages", "determinism", "--budget", "12"])
+    summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
+    assert [s["status"] for s in summary["stages"]] == ["not run"]
+    assert code == 1
+    assert "stages that did not pass: determinism (not run)" in (tmp_path / "suite.log").read_text(encoding="utf-8")
