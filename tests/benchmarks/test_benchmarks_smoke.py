@@ -54,11 +54,12 @@ def test_quality_stage_runs_the_shipped_preset_against_adamw(smoke_dir):
 
 def test_every_stage_writes_results(smoke_dir):
     names = {p.name for p in smoke_dir.iterdir()}
-    for stem in ("step_counts", "memory_float32", "kernel_bench_cpu_smoke", "train_bench_cpu_smoke"):
+    for stem in ("step_counts", "memory_float32_tiny_smoke", "kernel_bench_cpu_smoke", "train_bench_cpu_smoke"):
         assert f"{stem}.json" in names and f"{stem}.md" in names, (stem, names)
     for png in ("kernel_bench_cpu_smoke.png", "train_bench_cpu_smoke.png"):
         assert (smoke_dir / png).stat().st_size > 10_000
     assert "kernel_bench.json" not in names and "train_bench.json" not in names  # GPU-only names
+    assert "memory_float32.json" not in names  # the published full-size file
 
 
 def test_gpu_figures_are_marked_not_measured(smoke_dir):
@@ -105,7 +106,7 @@ def test_counts_and_memory_results(smoke_dir):
     counts = _load(smoke_dir / "step_counts.json")["summary"]
     assert counts["triton/copy"]["plain step"]["total_launches"] == 3
     assert counts["triton/copy"]["plain step"]["host_reads"] == 0
-    memory = _load(smoke_dir / "memory_float32.json")["summary"]
+    memory = _load(smoke_dir / "memory_float32_tiny_smoke.json")["summary"]
     assert memory["targets_met"] and all(memory["targets_met"].values())
 
 

@@ -37,6 +37,17 @@ def test_a_single_run_file_from_before_appending_is_kept(tmp_path):
     assert text.index("old table") < text.index("new table")
 
 
+def test_a_table_whose_json_is_missing_is_appended_to_not_overwritten(tmp_path):
+    C.write_results("bench", [], _env("2026-12-01T00:00:00", "aaa"), "first table", tmp_path)
+    (tmp_path / "bench.json").unlink()
+    _, md_path = C.write_results("bench", [C.Row(kernel="k", provider="p", size="s")],
+                                 _env("2026-12-02T00:00:00", "bbb"), "second table", tmp_path)
+    text = md_path.read_text()
+    assert text.count("# bench: every run") == 1
+    assert text.index("commit aaa") < text.index("first table") < text.index("commit bbb") < text.index("second table")
+    assert C.read_runs(tmp_path / "bench.json")[0]["rows"][0]["python"] == "3"  # each row carries its versions
+
+
 def test_latest_run_of_a_missing_file_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.json"):
         C.latest_run(tmp_path / "nothing.json")
