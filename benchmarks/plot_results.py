@@ -3,9 +3,13 @@
 - ``kernel_bench*.png``: effective bandwidth of each provider by size and dtype, with the
   copy roofline;
 - ``train_bench*.png``: step time (ms, rolling mean) and FusedSaLSa's / SaLSa's step size
-  over steps, per optimizer.
+  over steps, per optimizer;
+- ``gpu/<run>/training.png``, for each GPU suite run (``bash benchmarks/gpu_suite.sh --out DIR``;
+  the committed ones lie in ``results/gpu/``, or ``--dir`` is such a ``DIR`` itself): the training
+  stage's loss, step time and step size per optimizer, from the curves in its ``details.tar.gz``.
 
-Figures from a CPU smoke run carry "not measured: no GPU" in their title.
+Figures from a CPU smoke run carry "not measured: no GPU" in their title. Finding nothing to
+draw is an error (exit 1) that names what was looked for.
 
     python -m benchmarks.plot_results [--dir benchmarks/results]
 """
@@ -13,8 +17,11 @@ Figures from a CPU smoke run carry "not measured: no GPU" in their title.
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+import tarfile
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import matplotlib
 
@@ -91,6 +98,58 @@ def plot_train(path: Path) -> Path:
     return out
 
 
+def _gpu_suite_curves(run_dir: Path) -> dict:
+    """``{optimizer: its training_<name>.json}`` from a GPU suite run's ``details.tar.gz``."""
+    curves = {}
+    with tarfile.open(run_dir / "details.tar.gz") as archive:
+        for member in archive.getmembers():
+            name = Path(member.name).name
+            if member.isfile() and name.startswith("training_") and name.endswith(".json"):
+                data = json.load(archive.extractfile(member))
+                curves[data.get("optimizer", name[len("training_"):-len(".json")])] = data
+    return curves
+
+
+def plot_gpu_suite(run_dir: Path) -> Optional[Path]:
+    """``run_dir/training.png`` from the training stage's curves; None when the run has none."""
+    curves = _gpu_suite_curves(run_dir)
+    if not curves:
+        return None
+    env, smoke = {}, False
+    rows_path = run_dir / "rows.jsonl"
+    if rows_path.exists():
+        for line in rows_path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a killed stage
+            env, smoke = row.get("env", env), row.get("smoke", smoke)
+            if env:
+                break
+    title = f"{env.get('device', 'unknown device')}, torch {env.get('torch', '?')}, {env.get('date', '')[:10]}"
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (name, data) in enumerate(sorted(curves.items())):
+        for ax, key in zip(axes, ("loss", "step_ms", "step_size")):
+            values = [v for v in data.get(key) or [] if v is not None]
+            if values:  # one colour per optimizer on every panel (AdamW has no step size)
+                window = max(1, len(values) // 30) if key != "step_size" else 1
+                ax.plot(range(1, len(values) + 1), _rolling(values, window), label=name, linewidth=1,
+                        color=colors[index % len(colors)])
+    for ax, label in zip(axes, ("training loss (rolling mean)", "step time, ms (rolling mean)", "step size eta")):
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    axes[1].set_yscale("log")
+    axes[2].set_yscale("log")
+    fig.suptitle(f"GPU suite, training stage — {title}" + (f" ({C.NOT_MEASURED})" if smoke else ""), fontsize=9)
+    fig.tight_layout()
+    out = run_dir / "training.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def main(argv=None) -> List[Path]:
     parser = argparse.ArgumentParser(description="PNGs from the benchmark results")
     parser.add_argument("--dir", default=str(C.RESULTS_DIR))
@@ -98,8 +157,15 @@ def main(argv=None) -> List[Path]:
     directory = Path(args.dir)
     written = [plot_kernel(p) for p in sorted(directory.glob("kernel_bench*.json"))]
     written += [plot_train(p) for p in sorted(directory.glob("train_bench*.json"))]
+    suites = sorted({p.parent for pattern in ("details.tar.gz", "gpu/*/details.tar.gz")
+                     for p in directory.glob(pattern)})
+    written += [out for out in map(plot_gpu_suite, suites) if out is not None]
     for path in written:
         print(f"wrote {path}")
+    if not written:
+        raise SystemExit(f"plot_results: nothing to draw in {directory}: it has no kernel_bench*.json, no "
+                         "train_bench*.json and no GPU suite run with training curves (details.tar.gz, "
+                         "itself or in gpu/*/)")
     return written
 
 
