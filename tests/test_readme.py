@@ -145,6 +145,40 @@ def test_relative_links_lead_to_files(page):
         assert ((ROOT / page).parent / link).exists(), f"{page}: {link} does not exist"
 
 
+COMMAND_PAGES = PAGES + ["docs/performance.md", "benchmarks/quality/ZOO.md", "benchmarks/quality/NOTES.md"]
+
+
+def _benchmark_commands(text: str) -> list[tuple[str, list[str]]]:
+    """``(source files, --flags)`` of each ``python -m benchmarks.X`` / ``bash benchmarks/X.sh``
+    command in ``text``, backslash continuations joined."""
+    text = re.sub(r"\\\n\s*", " ", text)
+    commands = []
+    for match in re.finditer(r"(?:python -m (benchmarks(?:\.\w+)+)|bash (benchmarks/\w+)\.sh)([^`\n]*)", text):
+        module, script, rest = match.groups()
+        if module:
+            path = ROOT / Path(*module.split("."))
+            sources = sorted(path.glob("*.py")) if path.is_dir() else [path.with_suffix(".py")]
+        else:
+            sources = [ROOT / f"{script}.sh", ROOT / f"{script}.py"]
+        commands.append((match.group(0).strip(), sources, re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", rest)))
+    return commands
+
+
+@pytest.mark.parametrize("page", COMMAND_PAGES)
+def test_documented_benchmark_commands_name_options_that_exist(page):
+    """Every option of a documented ``python -m benchmarks...`` or ``bash benchmarks/...sh`` command
+    is one its sources define (``gpu_suite.sh --quality``, an option of another script, was documented)."""
+    commands = _benchmark_commands((ROOT / page).read_text(encoding="utf-8"))
+    assert commands or page not in ("docs/performance.md", "benchmarks/quality/ZOO.md"), page
+    for command, sources, flags in commands:
+        existing = [source for source in sources if source.exists()]
+        assert existing, f"{page}: {command!r} names no file"
+        text = "\n".join(source.read_text(encoding="utf-8") for source in existing)
+        missing = [flag for flag in flags if f'"{flag}"' not in text and f"{flag})" not in text
+                   and f"'{flag}'" not in text]
+        assert not missing, f"{page}: {command!r} uses {missing}, which {[str(s.relative_to(ROOT)) for s in existing]} do not define"
+
+
 def test_ci_runs_the_readme_commands_as_written():
     """The two commands of the README's front page are what .ci/run runs, character for character."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
