@@ -34,3 +34,11 @@ def test_run_measures_each_thread_count(tmp_path):
         assert set(result["targets_met"]) == set(B.TARGETS)
     B.write(record, tmp_path)
     assert (tmp_path / "cpu_kernel_bench.json").exists() and (tmp_path / "cpu_kernel_bench.md").exists()
+    smaller = B.run(scale=0.001, repeats=2, threads_list=[1], dtypes=["float32"], warmup=1)
+    B.write(smaller, tmp_path)
+    text = (tmp_path / "cpu_kernel_bench.md").read_text()
+    history = text.split("## Every run")[1].split("\n## ")[0]
+    for run in (record, smaller):  # each run's size and repeats beside its ratios, and its own full table
+        assert f"| {run['size']} | 2 |" in history
+        assert text.count(f"commit {run['environment']['git_commit']}: {run['size']}") == 1
+    assert text.index(f": {smaller['size']}") < text.index(f": {record['size']}")  # newest first
