@@ -8,6 +8,9 @@ nvcc is absent.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from benchmarks import cuda_audit
@@ -29,7 +32,8 @@ FP32_BYTES = {("plain_step_kernel", "momentum"): 28, ("plain_step_kernel", "raw"
 def _audit(_tmp):
     if cuda_audit.find_tool("nvcc") is None:
         return None
-    return {arch["arch"]: arch for arch in cuda_audit.run(ARCHS)["archs"]}
+    record = cuda_audit.run(ARCHS)
+    return {"nvcc": record["nvcc"], **{arch["arch"]: arch for arch in record["archs"]}}
 
 
 AUDIT = background.job("nvcc audit", _audit, seconds_hint=50)
@@ -70,3 +74,24 @@ def test_vector_path_moves_the_design_bytes(audit, arch):
         # The vectorized path of a 16-bit stream is one 128-bit access per 8 elements: no 64-bit
         # global data accesses (those are the tables' pointers, LDG.64, never LD.64/ST.64).
         assert "LD.64" not in k["sass"] and "ST.64" not in k["sass"] and "STG.64" not in k["sass"], where
+
+
+def test_the_committed_audit_is_what_this_commit_compiles(audit):
+    """benchmarks/results/cuda_audit.{json,md}, which docs/performance.md cites, describe the kernels
+    as they are: every kernel's registers, spills and stack equal this build's with the same nvcc (a
+    change of flags without a new audit left a register count stale)."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "cuda_audit.json"
+    committed = json.loads(path.read_text())["runs"][-1]
+    assert committed["nvcc"] == audit["nvcc"], (
+        f"the committed audit ran {committed['nvcc']}, this one {audit['nvcc']}: run python -m "
+        "benchmarks.cuda_audit and commit its results")
+
+    def figures(arch):
+        return {(k["kernel"], k["weight"], k["grad"], k["direction"]):
+                (k["registers"], k["spill_stores"], k["spill_loads"], k["stack"]) for k in arch["kernels"]}
+
+    for arch in committed["archs"]:
+        now, then = figures(audit[arch["arch"]]), figures(arch)
+        stale = sorted(f"{k}: committed {then.get(k)}, now {v}" for k, v in now.items() if then.get(k) != v)
+        assert not stale and now.keys() == then.keys(), (
+            f"{arch['arch']}: run python -m benchmarks.cuda_audit and commit its results; stale: " + "; ".join(stale[:10]))

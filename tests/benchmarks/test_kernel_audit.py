@@ -186,3 +186,26 @@ def test_written_results_append_each_run(tmp_path):
         assert run["environment"]["git_commit"] and run["environment"]["date"] and run["environment"]["triton"]
     markdown = (tmp_path / "kernel_audit.md").read_text()
     assert "plain_step[momentum]" in markdown and markdown.count(runs[2]["environment"]["date"]) >= 2
+
+
+def test_the_committed_audit_is_what_this_commit_compiles(records):
+    """benchmarks/results/kernel_audit.{json,md}, which docs/performance.md cites, describe the kernels
+    as they are: registers, stack and vector width of every record equal this run's (a kernel change
+    without a new audit left two register counts stale)."""
+    committed = json.loads((ROOT / "benchmarks" / "results" / "kernel_audit.json").read_text())["runs"][-1]
+    version = {r["triton"] for r in records}
+    assert version == {committed["environment"]["triton"]}, (
+        f"the committed audit ran triton {committed['environment']['triton']}, this one {version}: "
+        "run python -m benchmarks.kernel_audit and commit its results")
+
+    def key(r):
+        return r["kernel"], r["target"], r["dtype"], r["aligned"]
+
+    def figures(r):
+        return r["registers"], r["stack_bytes"], r["vector_bits"], r["bytes_per_param"]
+
+    now = {key(r): figures(r) for r in records}
+    then = {key(r): figures(r) for r in committed["records"]}
+    stale = sorted(f"{k}: committed {then.get(k)}, now {v}" for k, v in now.items() if then.get(k) != v)
+    assert not stale and now.keys() == then.keys(), (
+        "run python -m benchmarks.kernel_audit and commit its results; stale: " + "; ".join(stale[:10]))
