@@ -178,13 +178,14 @@ def search_step(passes: Passes, plan: StepPlan, state: SearchState, loss: torch.
     direction = rule.direction(search_direction)
     q = slope(passes, direction, device)
     flags = [found_inf.to(q.device, torch.float32).reshape(1) if found_inf is not None
-             else q.new_zeros(1), counts.nonfinite_elements.to(torch.float32).reshape(1),
-             counts.nonfinite_losses.to(torch.float32).reshape(1)]
-    # q and the flags are per shard under FSDP2: one sum over the shard group for all three.
+             else q.new_zeros(1), counts.nonfinite_elements.to(torch.float32).reshape(1)]
+    # q and the flags are per shard under FSDP2: one sum over the shard group for the three. The
+    # plain steps' NaN/inf losses are not: their losses were averaged, so every rank counted alike.
     shard_sums = reduction.sum_over_shards(torch.cat([q.reshape(1), *flags]))
     loss_avg = reduction.average_loss(loss.reshape(1))
     f0_value, q_value, inf_flag, earlier_nonfinite, earlier_bad_losses, scaler_skips = torch.cat(
-        [loss_avg, shard_sums, counts.scaler_skips.to(torch.float32).reshape(1)]
+        [loss_avg, shard_sums, counts.nonfinite_losses.to(torch.float32).reshape(1),
+         counts.scaler_skips.to(torch.float32).reshape(1)]
     ).tolist()  # the one host read before any write
     step_state = plan.state
     if scaler_skips:

@@ -432,6 +432,47 @@ def test_fsdp2_ranks_refuse_alike_a_search_whose_weights_overflowed(tmp_path):
     spawn_in_gloo_group(_fsdp_overflow_job, str(tmp_path), WORLD, timeout_s=60)
 
 
+def _fsdp_nan_plain_loss_job(rank: int, out_dir: str) -> None:
+    """FSDP2: one plain step whose loss is NaN (on every rank: the losses are averaged) is one
+    skipped step when the next search reads the counts, not one per rank of the shard group."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from salsa_fused import NonFiniteError
+    mesh = init_device_mesh("cpu", (WORLD,))
+    reports = {}
+    for policy in ("skip", "raise"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        fully_shard(model, mesh=mesh)
+        opt = FusedSaLSa(model.parameters(), model=model, nonfinite=policy, backend="torch", always_search_steps=1)
+        message, searched_at_nan = None, None
+        for step in range(1, 21):
+            x, y = _batch(step, rank)
+            if step == 2:  # a settled level: the interval grows to 10 steps, so plain steps follow
+                search = opt.search_state
+                search.step_size_fast = search.step_size_slow
+                opt._commit(search)
+            factor = float("nan") if step == 5 else 1.0
+            searches = opt.num_searches
+            opt.zero_grad()
+            try:
+                opt.step(lambda: F.mse_loss(model(x), y) * factor)
+            except NonFiniteError as error:
+                message = str(error)
+                break
+            if step == 5:
+                searched_at_nan = opt.num_searches > searches
+        assert searched_at_nan is False  # step 5 was a plain step
+        reports[policy] = (opt.num_skipped_steps, message)
+    assert reports["skip"][0] == 1, reports
+    assert "on 1 plain step(s)" in reports["raise"][1], reports
+
+
+def test_fsdp2_counts_a_nan_loss_of_a_plain_step_once(tmp_path):
+    spawn_in_gloo_group(_fsdp_nan_plain_loss_job, str(tmp_path), WORLD, timeout_s=60)
+
+
 def _frozen_nan_job(rank: int, out_dir: str) -> None:
     """DDP, the preset after its search phase (no search reads the counts): NaN batches on rank 0
     only are reported at the same step on every rank, which leaves weights as they were."""
