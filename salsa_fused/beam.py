@@ -295,7 +295,9 @@ class StepSizeBeam:
     def _branch(self, closure: IndexedClosure, steps: int, cool: int, multiplier: float) -> float:
         """``steps`` steps at ``multiplier``, then ``cool`` at a linearly falling one: the mean loss of
         the cooldown's steps (of the first ``steps`` without one); inf if a step raised
-        NonFiniteError or a loss was NaN/inf. Counts the branch's forwards."""
+        NonFiniteError or a loss was NaN/inf. Counts the branch's forwards. Under data parallelism
+        each step's loss is averaged over the optimizer's loss group first, so every rank scores,
+        leaves and keeps alike (a rank's own loss kept different factors on different ranks)."""
         opt = self.optimizer
         opt._collapse_checked = True  # a branch that runs past the freeze does not warn: the run checks its own
         total = 0.0
@@ -310,9 +312,11 @@ class StepSizeBeam:
                 return closure(i)
             opt.zero_grad(set_to_none=True)
             try:
-                loss = float(_step_without_hooks(opt, counted))
-            except NonFiniteError:
+                local = _step_without_hooks(opt, counted)
+            except NonFiniteError:  # raised on every rank alike: the optimizer's own check is collective
                 return math.inf
+            (loss,) = opt.reduction.average_loss(
+                local.detach().reshape(1).to(device=opt._device, dtype=torch.float32)).tolist()
             if not math.isfinite(loss):
                 return math.inf
             total += loss

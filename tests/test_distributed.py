@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 
 import pytest
@@ -471,6 +472,47 @@ def _fsdp_nan_plain_loss_job(rank: int, out_dir: str) -> None:
 
 def test_fsdp2_counts_a_nan_loss_of_a_plain_step_once(tmp_path):
     spawn_in_gloo_group(_fsdp_nan_plain_loss_job, str(tmp_path), WORLD, timeout_s=60)
+
+
+def _ddp_beam_job(rank: int, out_dir: str) -> None:
+    """DDP with a StepSizeBeam, each rank on its own data (rank 1's targets noisier, so the ranks'
+    own losses would rank the factors differently): every rank keeps the same factors, and the
+    weights stay bitwise equal. A NaN loss on rank 0 alone, in one branch under ``skip``, scores that
+    branch inf on every rank (rank 0 alone leaving it put the collectives out of step)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from salsa_fused import StepSizeBeam, presets
+    steps = 40
+    for poisoned in (False, True):
+        model = _make_model(0)
+        ddp = DistributedDataParallel(model)
+        opt = presets.recommended(ddp.parameters(), total_steps=steps, backend="torch", nonfinite="skip")
+        beam = StepSizeBeam(opt, total_steps=steps, points=(0.1, 0.2), horizon=0.1)
+        data = []
+        for k in range(steps + 10):
+            x, y = _batch(k, rank)
+            data.append((x, y if rank == 0 else 3 * torch.randn_like(y)))
+        seen = []
+        for k in range(steps):
+            def closure(i, k=k):
+                loss = F.mse_loss(ddp(data[k + i][0]), data[k + i][1])
+                if poisoned and rank == 0 and k == 4 and i == 1:
+                    seen.append(i)
+                    if len(seen) == 1:  # the first branch's second step, on rank 0 only
+                        return loss * float("nan")
+                return loss
+            beam.step(closure)
+        kept = torch.tensor([beam.multiplier] + [d["factor"] for d in beam.decisions], dtype=torch.float64)
+        assert len(beam.decisions) == 2
+        _assert_same_on_all_ranks(kept, "the beam's multiplier and kept factors")
+        _assert_same_on_all_ranks(_flat(ddp.parameters()), "weights")
+        if poisoned:
+            assert math.inf in beam.decisions[0]["losses"], beam.decisions[0]
+        del ddp
+
+
+def test_ddp_ranks_keep_the_same_beam_factors(tmp_path):
+    spawn_in_gloo_group(_ddp_beam_job, str(tmp_path), WORLD, timeout_s=60)
 
 
 def _frozen_nan_job(rank: int, out_dir: str) -> None:
