@@ -49,6 +49,18 @@ class SearchReduction:
     loss_group: Optional[object] = None
     shard_group: Optional[object] = None
 
+    def __deepcopy__(self, memo) -> "SearchReduction":
+        """The same groups: a process group is a handle on this process's communicator, not data
+        (``copy.deepcopy`` of an optimizer built with an explicit reduction)."""
+        return SearchReduction(self.loss_group, self.shard_group)
+
+    def __getstate__(self):
+        if self.active:
+            raise TypeError("a SearchReduction with process groups cannot be pickled (the groups live in this "
+                            "process): save optimizer.state_dict(), which holds no reduction, and pass the "
+                            "reduction again to the optimizer that loads it")
+        return dict(self.__dict__)
+
     @property
     def active(self) -> bool:
         return self.loss_group is not None or self.shard_group is not None

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
+import torch.distributed as dist
 from torch.optim import Optimizer
 
 from . import backends as _backends
@@ -30,7 +31,7 @@ from ._rng import RNGSnapshot
 from .buckets import BucketCache
 from . import functional as F
 from .backends.base import GRADIENT, MOMENTUM, Bucket
-from .distributed import SearchReduction, _is_dtensor, default_reduction, fsdp_modules
+from .distributed import SearchReduction, _is_dtensor, default_reduction, fsdp_modules, is_distributed, shard_group_of
 from .applied import GroupStep
 from .line_search import SearchConfig, SearchState
 from .rules import (Batches, check_arguments, check_rule_state, moment_step, plan_step, plan_without_search,
@@ -287,6 +288,8 @@ class FusedSaLSa(Optimizer):
         self._search = SearchState(step_size=self.init_step_size)
         # Detected after the groups exist: sharded DTensor params (FSDP2) also reduce q.
         self._reduction_given = reduction is not None
+        if reduction is not None:
+            _check_reduction(reduction, [p for group in self.param_groups for p in group["params"]])
         self.reduction = reduction if reduction is not None else default_reduction(
             p for group in self.param_groups for p in group["params"])
         #: The backend module, chosen and checked here, once (raises with the reason it cannot run).
@@ -1122,6 +1125,24 @@ class FusedSaLSa(Optimizer):
                     buffer.copy_(saved)
             self._reshard_after_trials(closure)
         return loss_tensor.detach() if one_phase else loss
+
+
+def _check_reduction(reduction, params) -> None:
+    """A given ``reduction`` is a :class:`SearchReduction`, and has a shard group where the parameters
+    are sharded DTensors (FSDP2): without one each rank's slope ``q`` would come from its own shard,
+    the ranks would decide differently and their collectives fall out of step."""
+    if not isinstance(reduction, SearchReduction):
+        raise TypeError("reduction must be a salsa_fused.distributed.SearchReduction(loss_group=..., "
+                        f"shard_group=...), or None for the default, got {type(reduction).__name__} {reduction!r}")
+    if reduction.shard_group is not None or not is_distributed():
+        return
+    detected = shard_group_of(params)
+    if detected is not None and dist.get_world_size(detected) > 1:
+        raise ValueError(f"the parameters are DTensors sharded over {dist.get_world_size(detected)} ranks (FSDP2), "
+                         "but the reduction given has no shard_group: each rank's slope q would come from its own "
+                         "shard alone and the ranks would decide differently; pass SearchReduction(loss_group=..., "
+                         "shard_group=<the group the shards are spread over>), or omit reduction to have both "
+                         "detected")
 
 
 def _takes_an_index(closure) -> bool:

@@ -403,6 +403,25 @@ def test_a_multi_batch_closure_that_zeroes_the_gradients_in_place_is_refused(for
     _assert_unchanged(before, _snapshot(opt))
 
 
+@pytest.mark.parametrize("reduction", ["mean", 1, object()])
+def test_a_reduction_that_is_not_a_search_reduction_is_refused_by_name(reduction):
+    """It failed at the first step, after the backward, on a missing method."""
+    with pytest.raises(TypeError, match="reduction must be a salsa_fused.distributed.SearchReduction"):
+        FusedSaLSa(_model().parameters(), reduction=reduction)
+
+
+def test_an_inactive_reduction_given_by_hand_copies_and_pickles():
+    import io
+
+    from salsa_fused.distributed import SearchReduction
+    opt = FusedSaLSa(_model().parameters(), reduction=SearchReduction())
+    assert not deepcopy(opt).reduction.active
+    buffer = io.BytesIO()
+    torch.save(opt, buffer)
+    buffer.seek(0)
+    assert not torch.load(buffer, weights_only=False).reduction.active
+
+
 def test_a_parameter_listed_twice_in_a_group_is_refused():
     """torch.optim only warns; the torch and cpp backends stepped it differently."""
     w = torch.nn.Parameter(torch.ones(2))

@@ -515,6 +515,33 @@ def test_ddp_ranks_keep_the_same_beam_factors(tmp_path):
     spawn_in_gloo_group(_ddp_beam_job, str(tmp_path), WORLD, timeout_s=60)
 
 
+def _explicit_reduction_job(rank: int, out_dir: str) -> None:
+    """A reduction passed by hand: one without a shard group is refused for FSDP2's sharded
+    parameters, by name; one for DDP deep-copies with its groups shared, and pickling it says why not."""
+    import io
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = _make_model(0)
+    fully_shard(model, mesh=mesh)
+    with pytest.raises(ValueError, match="sharded over 2 ranks .* has no shard_group"):
+        FusedSaLSa(model.parameters(), model=model, reduction=SearchReduction(loss_group=dist.group.WORLD))
+    given = SearchReduction(loss_group=dist.group.WORLD, shard_group=dist.group.WORLD)
+    FusedSaLSa(model.parameters(), model=model, reduction=given)  # with one: taken as given
+
+    replicated = _make_model(1)
+    opt = FusedSaLSa(replicated.parameters(), reduction=SearchReduction(loss_group=dist.group.WORLD))
+    twin = copy.deepcopy(opt)
+    assert twin.reduction.loss_group is dist.group.WORLD and twin.reduction is not opt.reduction
+    with pytest.raises(TypeError, match="cannot be pickled .* save optimizer.state_dict"):
+        torch.save(opt, io.BytesIO())
+
+
+def test_an_explicit_reduction_is_checked_against_the_parameters_and_copies(tmp_path):
+    spawn_in_gloo_group(_explicit_reduction_job, str(tmp_path), WORLD, timeout_s=60)
+
+
 def _frozen_nan_job(rank: int, out_dir: str) -> None:
     """DDP, the preset after its search phase (no search reads the counts): NaN batches on rank 0
     only are reported at the same step on every rank, which leaves weights as they were."""
