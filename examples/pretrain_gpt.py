@@ -197,6 +197,9 @@ def _run(args, rank: int, world: int, device: torch.device) -> dict:
         if changed:
             raise ValueError("--resume: the checkpoint was written by a run with other settings: " + ", ".join(
                 f"--{k.replace('_', '-')} {old!r} there, {new!r} now" for k, (old, new) in changed.items()))
+        if state["step"] >= args.steps:
+            raise ValueError(f"--resume: the checkpoint is at step {state['step']}, and --steps {args.steps} asks "
+                             f"for no more: pass --steps above {state['step']} to train on")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])

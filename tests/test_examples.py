@@ -57,6 +57,10 @@ def test_a_resume_with_other_settings_names_them_before_loading_anything(tmp_pat
         pretrain_gpt.train(pretrain_gpt.parse_args([*TINY[:2], "--n-embd", "64", *TINY[4:], "--out", str(tmp_path),
                                                     "--steps", "4", "--resume"]))
     assert [r["step"] for r in _log(tmp_path)] == [1, 2]  # the log is untouched
+    for steps in ("1", "2"):  # nothing left to train: said, not a silent run that trains nothing
+        with pytest.raises(ValueError, match=f"checkpoint is at step 2, and --steps {steps} asks for no more"):
+            _run(tmp_path, "--steps", steps, "--resume")
+    assert [r["step"] for r in _log(tmp_path)] == [1, 2]
 
 
 def test_pretrain_gpt_finishes_without_tqdm_and_matplotlib(tmp_path, monkeypatch, capsys):
