@@ -118,7 +118,14 @@ def main(argv=None) -> int:
             parser.error(f"--{name} must be >= 1")
     if args.demo_steps < 0 or args.zoo_steps < 0:
         parser.error("--demo-steps and --zoo-steps must be >= 0")
+    if args.demo_steps == 0 and args.zoo_steps == 0:
+        parser.error("--demo-steps 0 and --zoo-steps 0 leave nothing to measure")
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+    if tasks is not None:  # before any measurement: the demo takes minutes
+        from benchmarks.quality.zoo import tasks as Z
+        unknown = sorted(set(tasks) - set(Z.ZOO))
+        if unknown:
+            parser.error(f"unknown zoo tasks {unknown}; known: {', '.join(sorted(Z.ZOO))}")
     record = run(args.rounds, args.demo_steps, args.zoo_steps, args.threads, tasks, args.out)
     if "demo_speedup" in record:
         print(f"demo: torch {record['demo_seconds']['torch']:.1f} s, cpp {record['demo_seconds']['cpp']:.1f} s: "

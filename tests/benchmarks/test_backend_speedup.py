@@ -38,3 +38,17 @@ def test_an_unknown_task_is_refused_by_name(tmp_path):
         backend_speedup.run(rounds=1, demo_steps=0, zoo_steps=2, threads=1, tasks=["no_such_task"],
                             results=tmp_path / "x.jsonl")
     assert not (tmp_path / "x.jsonl").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tasks", "logreg,no_such_task"], r"unknown zoo tasks \['no_such_task'\]"),
+    (["--demo-steps", "0", "--zoo-steps", "0"], "nothing to measure"),
+])
+def test_the_command_line_is_refused_before_anything_runs(tmp_path, flags, message, capsys, monkeypatch):
+    """Refused before the demo (minutes) runs, and nothing appended."""
+    monkeypatch.setattr(backend_speedup, "run", lambda *a, **k: pytest.fail("measured before refusing"))
+    with pytest.raises(SystemExit) as refused:
+        backend_speedup.main([*flags, "--out", str(tmp_path / "x.jsonl")])
+    assert refused.value.code == 2
+    assert __import__("re").search(message, capsys.readouterr().err)
+    assert not (tmp_path / "x.jsonl").exists()
