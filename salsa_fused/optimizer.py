@@ -952,13 +952,12 @@ class FusedSaLSa(Optimizer):
             self._plain_step(passes, plan, f0)
             return loss_tensor.detach() if one_phase else loss
 
-        gradients = [(g, g._version) for bucket in passes.buckets for g in bucket.grads]
+        gradients_unchanged = _gradients_watch(passes)
 
         def trial_loss() -> float:
             rng_before.set()  # each trial forward replays the step's random draws
             (value,) = self.reduction.average_loss(self._trial_loss(closure).reshape(1)).tolist()
-            if any(g._version != version for g, version in gradients):
-                raise RuntimeError(CLOSURE_CHANGED_GRADIENTS)
+            gradients_unchanged()
             return value
 
         running = self._running_statistics()
@@ -1093,15 +1092,14 @@ class FusedSaLSa(Optimizer):
                                                                               dtype=torch.float32))
             return loss_tensor.detach() if one_phase else loss
 
-        gradients = [(g, g._version) for bucket in passes.buckets for g in bucket.grads]
+        gradients_unchanged = _gradients_watch(passes)
 
         def point_sum(first: int) -> torch.Tensor:
             """``sum closure(i)`` over ``first <= i < n`` at the weights as they are, in float64."""
             total = torch.zeros((), dtype=torch.float64, device=self._device)
             for i in range(first, n):
                 total = total + self._trial_loss(functools.partial(replay, i), f"closure({i})", torch.float64)
-                if any(g._version != version for g, version in gradients):
-                    raise RuntimeError(CLOSURE_CHANGED_GRADIENTS)
+                gradients_unchanged()
             return total
 
         def trial_loss() -> float:
@@ -1125,6 +1123,17 @@ class FusedSaLSa(Optimizer):
                     buffer.copy_(saved)
             self._reshard_after_trials(closure)
         return loss_tensor.detach() if one_phase else loss
+
+
+def _gradients_watch(passes: F.Passes) -> Callable[[], None]:
+    """A check, for after each forward of a search, that raises when a closure changed the step's
+    gradients in place (their version counters moved): the trials read those gradients."""
+    recorded = [(g, g._version) for bucket in passes.buckets for g in bucket.grads]
+
+    def unchanged() -> None:
+        if any(g._version != version for g, version in recorded):
+            raise RuntimeError(CLOSURE_CHANGED_GRADIENTS)
+    return unchanged
 
 
 def _check_reduction(reduction, params) -> None:
