@@ -17,6 +17,7 @@ formed by :class:`~salsa_fused.applied.GroupStep`. Nothing here reads ``param_gr
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -28,7 +29,7 @@ from .backends.base import GRADIENT, RAW, Backend, Bucket, Hyper, Move, PassArgs
 from .distributed import SearchReduction
 from .errors import NonFiniteError
 from .line_search import SearchConfig, SearchState, StepPlan
-from .rules import SearchRule, Verdict, moment_step
+from .rules import FinalMove, SearchRule, Verdict, checked_direction, moment_step
 
 
 @dataclass
@@ -175,7 +176,7 @@ def search_step(passes: Passes, plan: StepPlan, state: SearchState, loss: torch.
     state before each trial forward). If it raises, the weights go back to ``w0`` (bitwise with a
     saved copy) and the moments to their values before the step, and the exception propagates.
     """
-    direction = rule.direction(search_direction)
+    direction = checked_direction(rule, search_direction)
     q = slope(passes, direction, device)
     flags = [found_inf.to(q.device, torch.float32).reshape(1) if found_inf is not None
              else q.new_zeros(1), counts.nonfinite_elements.to(torch.float32).reshape(1)]
@@ -211,22 +212,24 @@ def search_step(passes: Passes, plan: StepPlan, state: SearchState, loss: torch.
     step_state.last_search_loss = f0_value
     search = rule(plan, config, f0_value, q_value)
     try:
-        run_search(passes, search, direction, trial_loss, has_saved_copy, reduction)
+        return run_search(passes, search, direction, trial_loss, has_saved_copy, reduction)
     except GaveUpAtNonFiniteTrial as error:  # the weights and moments are back at w0
         return reject(state, nonfinite, f"{error} (step {step_state.step})", int(earlier_nonfinite),
                       int(earlier_bad_losses))
-    return search.finish()
 
 
 def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], float],
-               has_saved_copy: bool, reduction: Optional[SearchReduction] = None) -> None:
+               has_saved_copy: bool, reduction: Optional[SearchReduction] = None) -> SearchState:
     """Drive ``search`` (:class:`salsa_fused.rules.Search`): the weights go to each trial it names
     until it stops, then to its final move; or, when it is not active, straight to the final move.
-    ``reduction``: over which shards a finiteness read of the weights is summed (FSDP2)."""
+    Returns ``search.finish()``. The search's final move and state are read and checked before the
+    final move is written: a rule that raises there, or names a non-finite move or a state no run
+    can reach, leaves the weights and moments as before the step. ``reduction``: over which shards
+    a finiteness read of the weights is summed (FSDP2)."""
     if not search.active:
-        final = search.final()
+        final, state = _decisions(search, direction)
         passes.run("first_trial", final.direction or direction, GroupStep.guard_failed, final.step)
-        return
+        return state
     # Pass A writes this step's moments; a trial forward that raises (out of memory, caught and
     # retried by the caller) must find them as they were: copies, 8 bytes per parameter while
     # the search runs, put back on an exception. One multi-tensor op (x * 1 is exact, -0 and
@@ -266,10 +269,10 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
                 break
             passes.run("retrial", direction, GroupStep.trial, search.step_size, current)
             current = search.step_size
+        final, state = _decisions(search, direction)
     except BaseException:
         put_back(current)
         raise
-    final = search.final()
     along = final.direction or direction
     if along != direction and not has_saved_copy:
         passes.run("retrial", direction, GroupStep.trial, 0.0, current)  # back to decay(w0), in place
@@ -282,6 +285,38 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
                 f"the applied step (step size {final.step:g} times each group's lr / search_lr and "
                 "schedule scale) overflowed float16 weights: the weights and the optimizer's state are "
                 "as before the step (lower lr, or train float16 weights under an fp32 master copy)")
+    return state
+
+
+def _decisions(search, direction: str) -> Tuple[FinalMove, SearchState]:
+    """``search.final()`` and ``search.finish()``, checked: a finite move ``>= 0`` along the trials'
+    direction or one of the backends', and a state :meth:`SearchState.validate` accepts (``load_state_dict``
+    would refuse any other)."""
+    from .backends.base import DIRECTIONS
+
+    final = search.final()
+    name = type(search).__name__
+    if not isinstance(final, FinalMove):
+        raise TypeError(f"search {name}.final() must return a FinalMove, got {type(final).__name__}; "
+                        "the weights and moments are as before the step")
+    step = final.step
+    if isinstance(step, bool) or not isinstance(step, numbers.Real) or not math.isfinite(step) or step < 0:
+        raise ValueError(f"search {name}.final() named a move of step size {step!r}; a final move is a finite "
+                         "number >= 0. The weights and moments are as before the step")
+    if final.direction not in (None, *DIRECTIONS):
+        raise ValueError(f"search {name}.final() named direction {final.direction!r}; a final move is along "
+                         f"the trials' direction (None) or one of {', '.join(map(repr, DIRECTIONS))}. The "
+                         "weights and moments are as before the step")
+    state = search.finish()
+    if not isinstance(state, SearchState):
+        raise TypeError(f"search {name}.finish() must return a SearchState, got {type(state).__name__}; "
+                        "the weights and moments are as before the step")
+    try:
+        state.validate()
+    except ValueError as error:
+        raise ValueError(f"search {name}.finish() returned a state no run can reach ({error}); the weights "
+                         "and moments are as before the step") from None
+    return final, state
 
 
 class GaveUpAtNonFiniteTrial(NonFiniteError):

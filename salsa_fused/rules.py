@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import enum
 import importlib
+import inspect
 from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import TYPE_CHECKING, Dict, Iterable, Optional, Protocol, Union, runtime_checkable
 
@@ -140,12 +141,21 @@ RULES: Dict[str, Union[str, SearchRule]] = {
 DEFAULT = "salsa"
 
 
+#: The packaged rules' names: :func:`register_rule` does not replace them.
+BUILT_IN = frozenset(RULES)
+
+
 def register_rule(name: str, rule: Union[str, SearchRule]) -> None:
-    """Add rule ``name``: an object with :class:`SearchRule`'s methods, or ``"module:attribute"``."""
+    """Add rule ``name``: an object with :class:`SearchRule`'s methods, or ``"module:attribute"``.
+    Registering a name again replaces the rule of one's own it named; a packaged rule's name
+    (:data:`BUILT_IN`) is refused."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"a rule name must be a non-empty string, got {name!r}")
-    if not isinstance(rule, str) and not isinstance(rule, SearchRule):
-        raise TypeError(f"rule {name!r} needs direction(configured) and __call__(plan, config, loss, slope)")
+    if name in BUILT_IN:
+        raise ValueError(f"{name!r} names a packaged search rule ({', '.join(sorted(BUILT_IN))}), which "
+                         "register_rule does not replace: register the rule under a name of its own")
+    if not isinstance(rule, str):
+        _check_rule_object(rule, f"rule {name!r}")
     RULES[name] = rule
 
 
@@ -161,10 +171,48 @@ def resolve_rule(rule: Union[None, str, SearchRule]) -> SearchRule:
             module, _, attribute = entry.partition(":")
             entry = getattr(importlib.import_module(module), attribute)
         rule = entry
-    if not isinstance(rule, SearchRule):
-        raise TypeError("search_rule must be a rule name or an object with direction(configured) and "
-                        f"__call__(plan, config, loss, slope), got {type(rule).__name__}")
+    _check_rule_object(rule, "search_rule")
     return rule
+
+
+def _check_rule_object(rule: object, label: str) -> None:
+    """Raise TypeError unless ``rule`` has :class:`SearchRule`'s methods callable as they stand: a
+    class is a rule only when its ``direction`` needs no instance and constructing it starts a
+    search (:class:`ArmijoSearch`); a rule class whose methods take ``self`` must be instantiated."""
+    if not isinstance(rule, SearchRule):
+        raise TypeError(f"{label} must be a rule name or an object with direction(configured) and "
+                        f"__call__(plan, config, loss, slope), got {type(rule).__name__}")
+    if isinstance(rule, type) and not (isinstance(inspect.getattr_static(rule, "direction"),
+                                                  (staticmethod, classmethod)) and _binds(rule, 4)):
+        raise TypeError(f"{label}={rule.__name__} is the rule's class; its methods take an instance: "
+                        f"pass {rule.__name__}() (with the rule's settings as arguments)")
+
+
+def _binds(function, count: int) -> bool:
+    """Does ``function`` take ``count`` positional arguments (True when its signature is unknown)?"""
+    try:
+        inspect.signature(function).bind(*range(count))
+    except TypeError:
+        return False
+    except ValueError:
+        return True
+    return True
+
+
+def checked_direction(rule: SearchRule, configured: str) -> str:
+    """``rule.direction(configured)``, refused with the rule named unless it is one of the
+    backends' directions (``"gradient"``, ``"momentum"``, ``"raw"``), before anything is written."""
+    from .backends.base import DIRECTIONS
+
+    direction = rule.direction(configured)
+    if direction not in DIRECTIONS:
+        raise ValueError(f"search rule {_rule_name(rule)}.direction({configured!r}) returned {direction!r}; "
+                         f"a trial direction is one of {', '.join(map(repr, DIRECTIONS))}. Nothing was written")
+    return direction
+
+
+def _rule_name(rule: object) -> str:
+    return rule.__name__ if isinstance(rule, type) else type(rule).__name__
 
 
 #: FusedSaLSa's arguments that configure the search (its ``SearchConfig`` and the trial direction),

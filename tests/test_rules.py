@@ -1,5 +1,7 @@
 """Search rules by name and the rule protocol's final move (salsa_fused.rules)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -131,3 +133,140 @@ def test_a_one_batch_rule_along_the_raw_gradient_makes_raw_plain_steps(backend):
     opt.step(lambda: (w * a).sum())
     torch.testing.assert_close(w.detach(), torch.tensor([1.0, -2.0, 3.0]) - 0.25 * a, rtol=0, atol=0)
     assert not opt.state[w]["exp_avg"].any() and not opt.state[w]["exp_avg_sq"].any()
+
+
+def test_register_rule_refuses_a_packaged_name_and_replaces_ones_own(monkeypatch):
+    monkeypatch.setattr(rules, "RULES", dict(rules.RULES))
+    for name in sorted(rules.BUILT_IN):
+        with pytest.raises(ValueError, match=f"'{name}' names a packaged search rule"):
+            rules.register_rule(name, MomentumHalf())
+    assert rules.resolve_rule("salsa") is ArmijoSearch
+    first, second = MomentumHalf(), MomentumHalf()
+    rules.register_rule("mine", first)
+    rules.register_rule("mine", second)  # a notebook cell run again
+    assert rules.resolve_rule("mine") is second
+
+
+def test_a_rule_class_whose_methods_take_an_instance_is_refused_naming_the_call():
+    from salsa_fused.adam_sls import AdamSLSRule
+    from salsa_fused.labpal import LABPALRule
+    w = torch.zeros(3, requires_grad=True)
+    for kind in (AdamSLSRule, LABPALRule, MomentumHalf):
+        with pytest.raises(TypeError, match=f"search_rule={kind.__name__} is the rule's class.*{kind.__name__}\\(\\)"):
+            FusedSaLSa([w], search_rule=kind)
+        with pytest.raises(TypeError, match=f"rule 'x'={kind.__name__} is the rule's class"):
+            rules.register_rule("x", kind)
+    assert FusedSaLSa([w], search_rule=ArmijoSearch).search_rule is ArmijoSearch  # its direction is static
+    assert isinstance(FusedSaLSa([w], search_rule=AdamSLSRule()).search_rule, AdamSLSRule)
+
+
+class Sideways(MomentumHalf):
+    def __init__(self, name="sideways"):
+        self.name = name
+
+    def direction(self, configured):
+        return self.name
+
+    def plan(self, state, config):  # searches on odd steps only: plain steps come at once
+        from salsa_fused.line_search import plan_step
+        plan = plan_step(state, config)
+        return replace(plan, is_search=plan.state.step % 2 == 1)
+
+
+def test_a_rule_naming_an_unknown_direction_is_refused_before_anything_is_written():
+    w = torch.nn.Parameter(torch.ones(4))
+    with pytest.raises(ValueError, match="Sideways.direction\\('gradient'\\) returned 'sideways'"):
+        FusedSaLSa([w], search_rule=Sideways())
+    rule = Sideways("gradient")
+    opt = FusedSaLSa([w], search_rule=rule, backend="torch")
+    rule.name = "sideways"  # a rule whose answer changes after construction: refused at the step
+    target = torch.linspace(-3, 3, 4)
+    closure = lambda: ((w - target) ** 2).sum()  # noqa: E731
+    plain_steps = 0
+    for _ in range(4):  # search steps and plain steps
+        opt.zero_grad()
+        loss = closure()
+        loss.backward()
+        plain_steps += not rules.plan_step(rule, opt.search_state, opt.search_config).is_search
+        before = (w.detach().clone(), {k: v.clone() for k, v in opt.state[w].items()},
+                  opt.state_dict()["param_groups"][0]["search"])
+        with pytest.raises(ValueError, match="returned 'sideways'.*Nothing was written"):
+            opt.step(closure, loss=loss.detach())
+        assert torch.equal(w, before[0]) and opt.state_dict()["param_groups"][0]["search"] == before[2]
+        assert all(torch.equal(v, before[1][k]) for k, v in opt.state[w].items())
+        rule.name = "gradient"
+        opt.step(closure, loss=loss.detach())
+        rule.name = "sideways"
+    assert plain_steps > 0 and opt.search_state.num_searches > 0
+
+
+class _FaultySearch(ArmijoSearch):
+    fault = None
+
+    def final(self):
+        if self.fault == "final raises":
+            raise RuntimeError("final failed")
+        if self.fault in ("nan move", "negative move", "unknown direction", "not a FinalMove"):
+            return {"nan move": FinalMove(float("nan")), "negative move": FinalMove(-1.0),
+                    "unknown direction": FinalMove(1.0, direction="sideways"),
+                    "not a FinalMove": 0.5}[self.fault]
+        return super().final()
+
+    def finish(self):
+        if self.fault == "finish raises":
+            raise RuntimeError("finish failed")
+        state = super().finish()
+        if self.fault == "zero level":
+            state.step_size = 0.0
+        return None if self.fault == "no state" else state
+
+
+class Faulty(MomentumHalf):
+    def __init__(self, fault):
+        self.fault = fault
+
+    def __call__(self, plan, config, loss, slope):
+        search = _FaultySearch(plan, config, loss, slope)
+        search.fault = self.fault
+        return search
+
+
+@pytest.mark.parametrize("restore", ["copy", "inplace"])
+@pytest.mark.parametrize("fault, error, message", [
+    ("final raises", RuntimeError, "final failed"),
+    ("finish raises", RuntimeError, "finish failed"),
+    ("nan move", ValueError, "named a move of step size nan"),
+    ("negative move", ValueError, "named a move of step size -1.0"),
+    ("unknown direction", ValueError, "named direction 'sideways'"),
+    ("not a FinalMove", TypeError, "must return a FinalMove"),
+    ("zero level", ValueError, "returned a state no run can reach.*step_size must be a finite number > 0"),
+    ("no state", TypeError, "must return a SearchState"),
+])
+def test_a_rule_failing_at_its_final_move_or_state_leaves_the_step_unapplied(restore, fault, error, message):
+    """The final move and the state after the search are read and checked before the final move is
+    written: weights (bitwise with restore='copy'), moments and search state as before the step."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(6))
+    a = torch.randn(6)
+    rule = Faulty(None)
+    opt = FusedSaLSa([w], search_rule=rule, restore=restore, backend="torch")
+    closure = lambda: ((w - a) ** 2).sum()  # noqa: E731
+    opt.zero_grad()
+    opt.step(closure)
+    rule.fault = fault
+    opt.zero_grad()
+    closure().backward()
+    weights, moments = w.detach().clone(), {k: v.clone() for k, v in opt.state[w].items()}
+    search = opt.state_dict()["param_groups"][0]["search"]
+    with pytest.raises(error, match=message):
+        opt.step(closure, loss=closure().detach())
+    if restore == "copy":
+        assert torch.equal(w, weights)
+    else:
+        torch.testing.assert_close(w.detach(), weights, rtol=1e-6, atol=1e-6)
+    assert all(torch.equal(v, moments[k]) for k, v in opt.state[w].items())
+    assert opt.state_dict()["param_groups"][0]["search"] == search
+    opt.load_state_dict(opt.state_dict())  # the state is one a checkpoint can hold
+    rule.fault = None
+    opt.step(closure, loss=closure().detach())  # the step can be retried
+    assert opt.search_state.step == search["step"] + 1
