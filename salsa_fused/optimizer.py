@@ -34,7 +34,7 @@ from .backends.base import GRADIENT, MOMENTUM, Bucket
 from .distributed import SearchReduction, _is_dtensor, default_reduction, fsdp_modules, is_distributed, shard_group_of
 from .applied import GroupStep
 from .line_search import SearchConfig, SearchState
-from .rules import (Batches, check_arguments, check_rule_state, moment_step, plan_step, plan_without_search,
+from .rules import (Batches, check_arguments, check_rule_state, checked_direction, moment_step, plan_step, plan_without_search,
                     resolve_rule, step_batches)
 from .step_size import (applied_scale, backs_off_on_loss_rise, check_freeze_below, freeze_if_collapsed,
                         observe_search_loss, schedule_searches, warn_collapsed_level, warn_past_end)
@@ -265,6 +265,7 @@ class FusedSaLSa(Optimizer):
             if callable(getattr(schedule, "check_searches", None)):
                 schedule.check_searches()
         self.search_rule = resolve_rule(search_rule)
+        checked_direction(self.search_rule, search_direction)  # a rule's own direction() checked now, not at a step
         self.schedule = schedule
         self.search_direction = search_direction
         self.restore_strategy = restore
@@ -844,8 +845,10 @@ class FusedSaLSa(Optimizer):
         If the closure raises (or returns a bad value) during the trials, the exception
         propagates with the weights put back (bitwise with ``restore="copy"``, to rounding
         with ``"inplace"``), the moments bitwise (a search keeps a copy of m and v while it
-        runs: 8 bytes per parameter), the search state unchanged and the generators where one
-        forward leaves them: a caller may retry the step.
+        runs: 8 bytes per parameter) and the search state unchanged; in the one-phase form the
+        random generators and ``model``'s running statistics go back to before the step's own
+        forward (in the two-phase form, to where the caller's forward left them): a caller may
+        retry the step, and the retry runs the same forward.
         """
         handoff = self._handoff
         pending = (handoff.forward_rng, handoff.zero_grad_rng, handoff.bound_step)
@@ -922,8 +925,10 @@ class FusedSaLSa(Optimizer):
         one_phase = loss is None
         if batches is not None:
             return self._multi_batch_step(plan, scale, batches, closure, loss, devices, marked, zeroed_at)
+        running_at_start = []  # one-phase: the running statistics before the step's own forward
         if one_phase:
             rng_before = RNGSnapshot.capture(devices) if plan.is_search else None
+            running_at_start = self._running_statistics() if plan.is_search else []
             with torch.enable_grad():
                 value = closure()
             # torch's closure convention, backward(retain_graph=True) too; new tensors of zeros are not
@@ -967,12 +972,15 @@ class FusedSaLSa(Optimizer):
                 f0 = self._trial_loss(closure)
                 plan.state.num_forward_evals += 1
             self._search_step(passes, plan, f0, trial_loss)
+        except BaseException:
+            # Not applied: in the one-phase form the generators and running statistics go back to
+            # before the step's own forward, so that step(closure) again runs the same forward.
+            _leave_random_state(rng_before if one_phase else rng_after, running_at_start or running)
+            raise
         finally:
-            rng_after.set()  # the generators end where the step's one forward left them
-            with torch.no_grad():
-                for buffer, saved in running:  # and the running statistics where it left them
-                    buffer.copy_(saved)
             self._reshard_after_trials(closure)
+        # the generators end where the step's one forward left them, the running statistics too
+        _leave_random_state(rng_after, running)
         return loss_tensor.detach() if one_phase else loss
 
     def _passes(self, plan, scale: float, forwards: int, backwards: int) -> Optional[F.Passes]:
@@ -990,7 +998,7 @@ class FusedSaLSa(Optimizer):
         """A step without search along the rule's direction (Adam's ``m_hat`` unless it is ``raw``)."""
         at_point = self._report_plain_steps_without_search(plan.state)
         F.plain_step(passes, plan.trial_step_size, f0, getattr(self, "found_inf", None), self._device_counts(),
-                     self.reduction, self.search_rule.direction(self.search_direction))
+                     self.reduction, checked_direction(self.search_rule, self.search_direction))
         if at_point:  # after the step's own counts: a NaN at this step goes with this copy
             self._counts_in_flight = F.CountsInFlight.take(self._device_counts(), self.reduction)
         self._commit(plan.state)
@@ -1052,8 +1060,10 @@ class FusedSaLSa(Optimizer):
         one_phase = loss is None
         points = plan.is_search and n > 0
         replay = None
+        running_at_start = []  # one-phase: the running statistics before the gradient forwards
         if points and one_phase:
             replay = _IndexedReplay(closure, devices)
+            running_at_start = self._running_statistics()
         reuse = True  # the point at w0 reuses the gradient batches' losses
         if one_phase:
             total = None  # the gradient batches' losses summed in float64
@@ -1115,14 +1125,29 @@ class FusedSaLSa(Optimizer):
             else:
                 f0 = gradient_sum / k
             self._search_step(passes, plan, f0, trial_loss)
+        except BaseException:
+            # Not applied: in the one-phase form the generators and running statistics go back to
+            # before the step's first gradient forward, so that step(closure) again runs the same forwards.
+            if one_phase and replay is not None:
+                _leave_random_state(replay.first.get(0), running_at_start)
+            else:
+                _leave_random_state(replay.end if replay is not None else None, running)
+            raise
         finally:
-            if replay is not None and replay.end is not None:
-                replay.end.set()  # the generators end where the step's first forward of each batch left them
-            with torch.no_grad():
-                for buffer, saved in running:  # the running statistics where the gradient forwards left them
-                    buffer.copy_(saved)
             self._reshard_after_trials(closure)
+        # the generators end where the step's first forward of each batch left them; the running
+        # statistics where the gradient forwards left them
+        _leave_random_state(replay.end if replay is not None else None, running)
         return loss_tensor.detach() if one_phase else loss
+
+
+def _leave_random_state(rng: Optional[RNGSnapshot], running: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Put the generators at ``rng`` (if any) and each running-statistics buffer at its saved copy."""
+    if rng is not None:
+        rng.set()
+    with torch.no_grad():
+        for buffer, saved in running:
+            buffer.copy_(saved)
 
 
 def _gradients_watch(passes: F.Passes) -> Callable[[], None]:

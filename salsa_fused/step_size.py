@@ -351,9 +351,26 @@ def applied_scale(schedule, state, step: int) -> float:
     if schedule is None:
         return 1.0
     if state.scale_hold <= 0.0:
-        return float(schedule.scale(step)) * state.applied_backoff
+        scale = _checked_scale(schedule, step, schedule.scale(step))
+        return scale * state.applied_backoff
     scale, multiplier = _scale_parts(schedule, step)
+    _checked_scale(schedule, step, scale * multiplier)
     return min(scale, state.scale_hold) * multiplier * state.applied_backoff
+
+
+def _checked_scale(schedule, step: int, scale) -> float:
+    """``scale`` as a float, refused (ValueError naming the schedule, before anything is written)
+    unless it is a finite number >= 0."""
+    value = None
+    if not isinstance(scale, (bool, str, bytes)):
+        try:
+            value = float(scale)  # a number, or a one-element tensor or array
+        except (TypeError, ValueError):
+            pass
+    if value is None or not math.isfinite(value) or value < 0:
+        raise ValueError(f"schedule {type(schedule).__name__}.scale({step}) returned {scale!r}; a schedule's scale "
+                         "is a finite number >= 0. Nothing was written")
+    return value
 
 
 #: A level below this fraction of the peak of the search's fast average has collapsed (quality NOTES

@@ -181,7 +181,8 @@ class _Boom(Exception):
 def test_exception_in_a_trial_forward_restores_the_weights(restore, fail_at_trial):
     """The closure raises in the middle of a search: the exception propagates, the weights
     are as before the step (bitwise with 'copy'; to one rounding per trial with 'inplace'),
-    the search state is unchanged and the CPU generator is where one forward leaves it."""
+    the search state is unchanged and the CPU generator is back where the step began (the step's
+    own forward is undone too, so a retry draws the same)."""
     model, opt = _trained(restore=restore, init_step_size=1e3)  # a huge eta: several backtracks
     _until_search_next(model, opt)
     before = _snapshot(opt)
@@ -195,9 +196,7 @@ def test_exception_in_a_trial_forward_restores_the_weights(restore, fail_at_tria
         return F.mse_loss(model(_X), _Y)
 
     torch.manual_seed(5)
-    torch.rand(3)
     expected_rng = torch.get_rng_state()
-    torch.manual_seed(5)
     opt.zero_grad()
     with pytest.raises(_Boom):
         opt.step(closure)
@@ -214,6 +213,78 @@ def test_exception_in_a_trial_forward_restores_the_weights(restore, fail_at_tria
     opt.zero_grad()
     opt.step(_closure(model))
     assert opt.search_state.step == before["search"]["step"] + 1
+
+
+class _DropoutBatchNormNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                                        torch.nn.Dropout(0.3), torch.nn.Linear(8, 1))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _twin_runs(search_rule=None):
+    """Two identical models and optimizers (model= given: BatchNorm's buffers are restored)."""
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        net = _DropoutBatchNormNet()
+        kwargs = {} if search_rule is None else {"search_rule": search_rule}
+        runs.append((net, FusedSaLSa(net.parameters(), backend="torch", model=net, **kwargs)))
+    return runs
+
+
+def _state_of(net, opt):
+    return ([t.detach().clone() for t in net.state_dict().values()],
+            deepcopy(opt.state_dict()["param_groups"][0]["search"]), torch.get_rng_state())
+
+
+@pytest.mark.parametrize("search_rule", [None, "labpal"])
+def test_a_step_retried_after_a_trial_forward_raised_is_exact(search_rule):
+    """One-phase, with dropout and BatchNorm: a trial forward raises, the step is retried, and
+    everything (weights, running statistics, search state, generator) ends bitwise where a twin
+    run that never failed ends; the failed attempt leaves the generator and buffers as before it."""
+    x, y = torch.randn(16, 4, generator=torch.Generator().manual_seed(1)), torch.randn(16, 1)
+    (net, opt), (twin, twin_opt) = _twin_runs(search_rule)
+
+    def closure_of(model, fail_at=None):
+        calls = []
+
+        def closure(*index):
+            calls.append(1)
+            if len(calls) == fail_at:
+                raise _Boom("trial forward failed")
+            rows = slice(None) if not index else slice(8 * (index[0] % 2), 8 * (index[0] % 2) + 8)
+            return F.mse_loss(model(x[rows]), y[rows])
+        return closure
+
+    torch.manual_seed(3)
+    failed = False
+    for step in range(4):
+        rng = torch.get_rng_state()
+        batches = opt.next_batches()
+        fail_at = None  # the first forward of the search's trials (LABPAL: of its point at w0)
+        if not failed and (step >= 1 if batches is None else batches.points > batches.gradient):  # LABPAL: its first fit
+            fail_at, failed = 2 if batches is None else batches.gradient + 1, True
+        for model, optimizer, fail_at in ((net, opt, fail_at), (twin, twin_opt, None)):
+            torch.set_rng_state(rng)
+            if fail_at is not None:
+                before = _state_of(model, optimizer)
+                optimizer.zero_grad()
+                with pytest.raises(_Boom):
+                    optimizer.step(closure_of(model, fail_at))
+                after = _state_of(model, optimizer)
+                assert all(torch.equal(a, b) for a, b in zip(before[0], after[0])), "weights or buffers moved"
+                assert after[1] == before[1] and torch.equal(after[2], before[2])
+            torch.set_rng_state(rng)
+            optimizer.zero_grad()
+            optimizer.step(closure_of(model))
+        mine, theirs = _state_of(net, opt), _state_of(twin, twin_opt)
+        assert all(torch.equal(a, b) for a, b in zip(mine[0], theirs[0]))
+        assert mine[1] == theirs[1] and torch.equal(mine[2], theirs[2])
+    assert failed
 
 
 # ---------------------------------------------------------------------------- gradients
@@ -772,3 +843,37 @@ def test_under_inplace_restore_a_trial_that_overflowed_is_reported_as_not_undone
         with pytest.raises(NonFiniteError, match="restore='inplace' cannot undo such a trial"):
             opt.step(closure)
         assert opt.num_skipped_steps == 0
+
+
+class _ScaleOf:
+    """A schedule of one's own whose scale is whatever the test sets."""
+
+    def __init__(self):
+        self.value = 1.0
+
+    def scale(self, step):
+        return self.value
+
+    def searches(self, step):
+        return step <= 2  # then plain steps at the frozen level
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.5, "1.0", None])
+def test_a_schedule_scale_that_is_not_a_finite_number_at_least_zero_is_refused(value):
+    """On a search step and on a plain step alike: the error names the schedule and its value, and
+    nothing is written (a NaN scale used to write NaN weights on a plain step)."""
+    schedule = _ScaleOf()
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch", schedule=schedule)
+    for step in range(4):
+        is_search = step <= 1
+        schedule.value = value
+        before = _snapshot(opt)
+        opt.zero_grad()
+        with pytest.raises(ValueError, match=f"_ScaleOf.scale\\({step + 1}\\) returned .*finite number >= 0"):
+            opt.step(_closure(model))
+        _assert_unchanged(before, _snapshot(opt))
+        schedule.value = 1.0
+        opt.zero_grad()
+        opt.step(_closure(model))
+        assert opt.search_state.num_searches == min(step + 1, 2) and not opt.search_state.num_skipped_steps
