@@ -52,7 +52,7 @@ import torch
 from ._rng import RNGSnapshot
 from .errors import NonFiniteError
 from .optimizer import FusedSaLSa, _torch_hooks_suspended
-from .step_size import ScaledSchedule, check_factors, scaled_by
+from .step_size import ScaledSchedule, check_factors, check_installed, scaled_by
 
 #: Options of earlier versions, removed after their ablations lost (benchmarks/quality/NOTES.md
 #: sections 11, 14-19); a state_dict that has them at a value other than 0 is refused.
@@ -186,6 +186,13 @@ class StepSizeBeam:
         if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) or total_steps < 1:
             raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
         total_steps = int(total_steps)
+        planned = getattr(optimizer.schedule, "total_steps", None)
+        if isinstance(planned, numbers.Integral) and not isinstance(planned, bool) and planned != total_steps:
+            raise ValueError(f"total_steps={total_steps} contradicts the optimizer's schedule, planned for "
+                             f"{planned} steps: the beam's points and horizon are fractions of the run the "
+                             "schedule plans; pass the same run length to both")
+        if isinstance(points, (str, bytes)) or not isinstance(points, Iterable):
+            raise TypeError(f"points must be a sequence of fractions of the run (e.g. (0.05, 0.1)), got {points!r}")
         points = tuple(points)
         for p in points:
             if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < 1:
@@ -233,6 +240,7 @@ class StepSizeBeam:
         """Step ``calls`` of the run (running the beam first at a beam step); returns the loss."""
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        check_installed(self.optimizer.schedule, self)
         before = (self.multiplier, len(self.decisions))
         if self.calls in self.beam_steps:
             self._decide(closure)
@@ -364,7 +372,11 @@ class StepSizeBeam:
         if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) \
                 or not (math.isfinite(multiplier) and multiplier > 0):
             raise ValueError(f"StepSizeBeam state_dict multiplier must be a finite number > 0, got {multiplier!r}")
+        decisions = state_dict.get("decisions", [])
+        if not (isinstance(decisions, (list, tuple)) and all(isinstance(d, dict) for d in decisions)):
+            raise ValueError("StepSizeBeam state_dict decisions must be a list of decisions (dicts, as "
+                             f"StepSizeBeam.decisions), got {decisions!r}")
         self.calls, self.multiplier = calls, float(multiplier)
         self._applied_multiplier = self.multiplier
         self.branch_forward_evals = forwards
-        self.decisions = deepcopy(list(state_dict.get("decisions", [])))
+        self.decisions = deepcopy(list(decisions))

@@ -26,13 +26,16 @@ Cost per decision: one forward per factor on the scoring batch (no backward), tw
 of the weights while it runs. Under ``torch.distributed`` the trial losses are averaged
 over the ranks before scoring (one all-reduce of ``len(factors)`` numbers), so every rank
 chooses the same rate. Trial forwards replay the random state of the first trial (equal
-dropout masks) and leave the generators where one forward leaves them.
+dropout masks) and leave the generators where one forward leaves them; the running statistics
+of BatchNorm layers (``buffers=``, by default FusedSaLSa's ``model=``'s) go back to where the
+optimizer's step left them. A step that moved no weight (GradScaler or a NaN loss skipped it)
+decides nothing: every factor would score alike.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -40,7 +43,7 @@ from ._rng import RNGSnapshot
 from .distributed import SearchReduction, default_reduction
 from .errors import NonFiniteError
 from .optimizer import FusedSaLSa
-from .step_size import ScaledSchedule, check_factors, scaled_by
+from .step_size import ScaledSchedule, check_factors, check_installed, scaled_by
 
 #: The factor lists of seed 004 (Factor_3 is the default).
 FACTOR_3 = (2.0, 1.0, 0.5)
@@ -82,6 +85,9 @@ class LRFactorSearch:
         target: ``"auto"``, ``"lr"`` or ``"schedule"`` (module docstring).
         reduction: where trial losses are averaged (default: over the world when
             ``torch.distributed`` runs with more than one rank).
+        buffers: tensors the scoring closure changes besides the parameters (``model.buffers()``:
+            BatchNorm's running statistics), put back after the scoring forwards. Default: the
+            running statistics of a FusedSaLSa's ``model=``, else none.
 
     Use::
 
@@ -93,7 +99,8 @@ class LRFactorSearch:
     """
 
     def __init__(self, optimizer, interval: int, factors: Sequence[float] = FACTOR_3, *,
-                 target: str = "auto", reduction: Optional[SearchReduction] = None):
+                 target: str = "auto", reduction: Optional[SearchReduction] = None,
+                 buffers: Optional[Iterable[torch.Tensor]] = None):
         groups = getattr(optimizer, "param_groups", None)
         if not isinstance(groups, list) or not all(isinstance(g, dict) and "params" in g for g in groups):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer (with param_groups), "
@@ -103,6 +110,11 @@ class LRFactorSearch:
         factors = check_factors(factors)
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        if buffers is not None:
+            buffers = list(buffers)
+            for b in buffers:
+                if not isinstance(b, torch.Tensor):
+                    raise TypeError(f"buffers must be tensors, got {type(b).__name__}")
         if target == "auto":
             target = "schedule" if isinstance(optimizer, FusedSaLSa) else "lr"
         if target == "schedule":
@@ -122,6 +134,7 @@ class LRFactorSearch:
         self.factors = tuple(float(f) for f in factors)
         self.target = target
         self.reduction = reduction
+        self.buffers = buffers
         self.calls = 0
         self.scale = 1.0  # product of the chosen factors
         self.last_decision: Optional[Dict[str, Any]] = None
@@ -145,6 +158,8 @@ class LRFactorSearch:
             optimizer_step = self.optimizer.step
         elif not callable(optimizer_step):
             raise TypeError(f"optimizer_step must be callable, got {type(optimizer_step).__name__}")
+        if self.target == "schedule":
+            check_installed(self.optimizer.schedule, self)
         if (self.calls + 1) % self.interval != 0:
             result = optimizer_step()
             self.calls += 1
@@ -156,6 +171,11 @@ class LRFactorSearch:
         self.calls += 1
         with torch.no_grad():
             after = [p.detach().clone() for p in params]
+            moved = any(not torch.equal(w0, w1) for w0, w1 in zip(before, after))
+        if not self._moved_anywhere(moved, params):
+            self.last_decision = dict(call=self.calls, losses=[], scores=[], factor=1.0, scale=self.scale,
+                                      skipped=True)
+            return result
         try:
             losses = self._trial_losses(closure, params, before, after)
             scores, factor = factor_scores(self.factors, losses)
@@ -165,12 +185,33 @@ class LRFactorSearch:
                          "retake this step")
             raise
         self._apply(factor)
-        self.last_decision = dict(call=self.calls, losses=losses, scores=scores, factor=factor, scale=self.scale)
+        self.last_decision = dict(call=self.calls, losses=losses, scores=scores, factor=factor, scale=self.scale,
+                                  skipped=False)
         return result
+
+    def _moved_anywhere(self, moved: bool, params: List[torch.Tensor]) -> bool:
+        """Whether the step moved a weight on any rank (one all-reduce under data parallelism)."""
+        reduction = self.reduction if self.reduction is not None else default_reduction()
+        if reduction.loss_group is None:
+            return moved
+        device = params[0].device if params else torch.device("cpu")
+        flag = torch.tensor([1.0 if moved else 0.0], device=device)
+        return bool(reduction.average_loss(flag).item() > 0)
+
+    def _running_statistics(self) -> List[torch.Tensor]:
+        if self.buffers is not None:
+            return self.buffers
+        model = getattr(self.optimizer, "model", None) if isinstance(self.optimizer, FusedSaLSa) else None
+        if model is None:
+            return []
+        return [buffer for module in model.modules() if getattr(module, "track_running_stats", False)
+                and getattr(module, "training", False) for buffer in module.buffers(recurse=False)]
 
     def _trial_losses(self, closure, params, before, after) -> List[float]:
         devices = {p.device for p in params}
         rng = RNGSnapshot.capture(devices)
+        with torch.no_grad():
+            buffers = [(b, b.detach().clone()) for b in self._running_statistics()]
         values = []
         try:
             with torch.no_grad():
@@ -183,6 +224,8 @@ class LRFactorSearch:
             with torch.no_grad():
                 for p, w1 in zip(params, after):
                     p.copy_(w1)
+                for b, saved in buffers:
+                    b.copy_(saved)
         device = params[0].device if params else torch.device("cpu")
         losses = torch.stack([v.to(device) for v in values])
         reduction = self.reduction if self.reduction is not None else default_reduction()
@@ -231,6 +274,9 @@ class LRFactorSearch:
             raise ValueError(f"LRFactorSearch state_dict calls must be an integer >= 0, got {calls!r}")
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"LRFactorSearch state_dict scale must be a finite number > 0, got {scale!r}")
-        self.calls, self.scale = calls, float(scale)
         decision = state_dict.get("last_decision")
+        if decision is not None and not (isinstance(decision, dict) and {"call", "factor", "scale"} <= decision.keys()):
+            raise ValueError("LRFactorSearch state_dict last_decision must be None or a decision (a dict with "
+                             f"call, factor and scale, as LRFactorSearch.last_decision), got {decision!r}")
+        self.calls, self.scale = calls, float(scale)
         self.last_decision = None if decision is None else dict(decision)

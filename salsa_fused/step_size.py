@@ -15,7 +15,7 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Iterable, Optional
 
 
 def is_number(value) -> bool:
@@ -408,6 +408,8 @@ def warn_collapsed_level(schedule, state, step: int, stacklevel: int = 2) -> boo
 def check_factors(factors) -> tuple:
     """``factors`` (multipliers of the applied step that a beam or a factor search compares) as a
     tuple; ValueError unless there are at least two, each a finite number > 0, all distinct."""
+    if isinstance(factors, (str, bytes)) or not isinstance(factors, Iterable):
+        raise TypeError(f"factors must be a sequence of multipliers (e.g. (0.5, 1.0, 2.0)), got {factors!r}")
     factors = tuple(factors)
     if len(factors) < 2:
         raise ValueError(f"factors needs at least two factors to compare, got {factors}")
@@ -420,8 +422,24 @@ def check_factors(factors) -> tuple:
 
 
 def scaled_by(schedule, owner_type) -> bool:
-    """Whether ``schedule`` is a :class:`ScaledSchedule` installed by an ``owner_type``."""
-    return isinstance(schedule, ScaledSchedule) and isinstance(schedule.owner, owner_type)
+    """Whether ``schedule`` is, or wraps, a :class:`ScaledSchedule` installed by an ``owner_type``."""
+    return any(isinstance(wrapper.owner, owner_type) for wrapper in _wrappers(schedule))
+
+
+def check_installed(schedule, owner) -> None:
+    """Raise RuntimeError unless ``owner``'s :class:`ScaledSchedule` is (in) the optimizer's
+    ``schedule``: one assigned after ``owner`` wrapped it would drop ``owner``'s multiplier silently."""
+    if not any(wrapper.owner is owner for wrapper in _wrappers(schedule)):
+        name = type(owner).__name__
+        raise RuntimeError(f"the optimizer's schedule was replaced after {name} wrapped it, so {name}'s multiplier "
+                           f"no longer applies: set the schedule first (FusedSaLSa(schedule=...) or "
+                           f"optimizer.schedule = ...), then build the {name}. Nothing was stepped")
+
+
+def _wrappers(schedule):
+    while isinstance(schedule, ScaledSchedule):
+        yield schedule
+        schedule = schedule.inner
 
 
 def warn_past_end(schedule, step: int, state, stacklevel: int = 2) -> bool:

@@ -393,6 +393,8 @@ def test_the_default_optimizer_is_untouched_without_a_beam():
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(points=(0.0,)), ValueError, "points"),
     (dict(points=(1.0,)), ValueError, "points"),
+    (dict(points=0.1), TypeError, "points must be a sequence of fractions"),
+    (dict(factors=2.0), TypeError, "factors must be a sequence of multipliers"),
     (dict(horizon=0.0), ValueError, "horizon"),
     (dict(horizon=True), ValueError, "horizon"),
     (dict(factors=(1.0,)), ValueError, "at least two"),
@@ -522,3 +524,35 @@ def test_nan_counts_of_a_thrown_away_branch_never_reach_the_run():
         beam.step(closure)  # raised "161 gradient elements were NaN/inf" from the branch's counts
     assert opt.num_skipped_steps == 0 and opt.search_state.num_nonfinite_elements == 0
     assert int(opt._device_counts().nonfinite_elements) == 0 and len(beam.decisions) == 1
+
+
+def test_a_run_length_contradicting_the_schedules_is_refused():
+    opt = FusedSaLSa(make_model().parameters(), backend="torch", schedule=WarmupStableDecay(total_steps=100))
+    with pytest.raises(ValueError, match="total_steps=40 contradicts the optimizer's schedule, planned for 100"):
+        StepSizeBeam(opt, STEPS)
+    assert isinstance(opt.schedule, WarmupStableDecay)
+    assert StepSizeBeam(opt, 100).total_steps == 100
+
+
+def test_a_schedule_assigned_after_the_beam_wrapped_it_is_refused_at_the_next_step():
+    """It used to drop the beam's multiplier silently."""
+    model = make_model()
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    beam = StepSizeBeam(opt, STEPS)
+    data = batches()
+    beam.step(lambda i: loss_on(model, data[i]))
+    opt.schedule = Constant(0.5)
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="schedule was replaced after StepSizeBeam wrapped it"):
+        beam.step(lambda i: loss_on(model, data[1 + i]))
+    assert beam.calls == 1 and all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+
+
+@pytest.mark.parametrize("decisions", [5, [5], "x"])
+def test_a_state_dict_with_decisions_that_are_not_a_list_of_decisions_is_refused(decisions):
+    model, opt, beam, _ = run_beam(steps=12)
+    saved = {**beam.state_dict(), "decisions": decisions}
+    before = beam.state_dict()
+    with pytest.raises(ValueError, match="decisions must be a list of decisions"):
+        beam.load_state_dict(saved)
+    assert beam.state_dict() == before

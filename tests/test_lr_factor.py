@@ -295,3 +295,78 @@ def test_ddp_ranks_choose_the_same_rate_as_one_process_on_the_global_batch(tmp_p
         lrs.append(opt.param_groups[0]["lr"])
     assert result["lrs"] == pytest.approx(lrs, rel=1e-9)
     assert len(set(lrs)) > 1  # decisions were taken and moved the rate
+
+
+def _batch_norm_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+
+@pytest.mark.parametrize("how", ["FusedSaLSa model=", "buffers="])
+def test_scoring_forwards_leave_batch_norm_statistics_where_the_step_left_them(how):
+    """The scoring forwards (one per factor) used to move the running statistics len(factors) more times."""
+    net, twin = _batch_norm_net(), _batch_norm_net()
+    xy = batch(0, torch.float32)
+    runs = []
+    for model in (net, twin):
+        if how == "buffers=":
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            search = LRFactorSearch(opt, interval=1, buffers=model.buffers()) if model is net else None
+        else:
+            opt = FusedSaLSa(model.parameters(), backend="torch", model=model)
+            search = LRFactorSearch(opt, interval=1) if model is net else None
+        runs.append((model, opt, search))
+    for model, opt, search in runs:
+        opt.zero_grad()
+        if isinstance(opt, FusedSaLSa):
+            step = lambda m=model, o=opt: o.step(lambda: loss_on(m, xy))  # noqa: E731
+        else:
+            loss_on(model, xy).backward()
+            step = opt.step
+        if search is None:
+            step()
+        else:
+            search.step(lambda m=model: loss_on(m, xy), step)
+            assert search.last_decision["losses"]
+    for a, b in zip(net.buffers(), twin.buffers()):
+        assert torch.equal(a, b)
+
+
+def test_a_step_that_moved_nothing_decides_nothing():
+    """A skipped step (GradScaler, a NaN loss): every factor scores alike, and the score-weighted
+    geometric mean of FACTOR_5 (0.87) used to change the rate on no evidence."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    search = LRFactorSearch(opt, interval=1, factors=FACTOR_5)
+    xy = batch(0)
+    search.step(lambda: loss_on(model, xy), lambda: None)  # the optimizer's step skipped
+    assert search.last_decision["skipped"] and search.last_decision["factor"] == 1.0
+    assert search.scale == 1.0 and opt.param_groups[0]["lr"] == 0.1
+    opt.zero_grad()
+    loss_on(model, xy).backward()
+    search.step(lambda: loss_on(model, xy))
+    assert not search.last_decision["skipped"] and search.scale != 1.0
+
+
+def test_a_schedule_assigned_after_the_factor_search_wrapped_it_is_refused():
+    model = make_model(torch.float32)
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    search = LRFactorSearch(opt, interval=2)
+    opt.schedule = None
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="schedule was replaced after LRFactorSearch wrapped it"):
+        search.step(lambda: loss_on(model, batch(0, torch.float32)))
+    assert search.calls == 0 and all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+
+
+@pytest.mark.parametrize("decision", [3, "x", {"factor": 2.0}])
+def test_a_state_dict_whose_last_decision_is_not_a_decision_is_refused(decision):
+    search = LRFactorSearch(torch.optim.SGD(make_model().parameters(), lr=0.1), interval=1)
+    with pytest.raises(ValueError, match="last_decision must be None or a decision"):
+        search.load_state_dict({**search.state_dict(), "last_decision": decision})
+    assert search.last_decision is None
+
+
+def test_factors_that_are_not_a_sequence_are_named():
+    with pytest.raises(TypeError, match="factors must be a sequence of multipliers"):
+        LRFactorSearch(torch.optim.SGD(make_model().parameters(), lr=0.1), interval=1, factors=0.5)
