@@ -19,9 +19,14 @@ starts from, and the final move ``alpha * s_min / ||g||``. Between approximation
 - ``mode="NSGD"``: ``w -= alpha * s_min * g / ||g||`` (the step length is kept): a search step
   with no trial whose final move is ``alpha * s_min / ||g||``, so one host read of ``q`` per step.
 
-A failed fit (``a <= 0`` or ``b >= 0``, or a non-finite point loss) keeps the previous rate (SGD)
-or step length (NSGD), or before any success moves nothing and approximates again at the next
-step. Batch-size schedule (Algorithm 1, ``t_max`` given): ``k(t) = 1`` up to ``t_max/2``
+A failed fit (``a <= 0`` or ``b >= 0``, or a non-finite loss at ``mu`` or ``2 mu``) keeps the
+previous rate (SGD) or step length (NSGD), or before any success moves nothing and approximates
+again at the next step. A non-finite loss at ``s = 0`` (on a gradient batch or a point batch, at
+the weights before the step) is the step's own loss: the step is skipped or refused as
+``nonfinite=`` says, as any step with a NaN/inf loss. Under ``torch.amp.GradScaler``, a skipped
+NSGD update (a search step) advances none of LABPAL's counters; a skipped SGD update (a plain
+step, no host read) still counts toward ``sgd_steps`` and the batches consumed (the next
+approximation reads the skips and takes them out of the step counter, not out of these). Batch-size schedule (Algorithm 1, ``t_max`` given): ``k(t) = 1`` up to ``t_max/2``
 batches consumed, 2 up to ``3 t_max / 4``, 4 after (approximation batches count in ``t``).
 ``accumulation=A`` splits every batch in ``A`` micro-batches: the closure is then called for
 ``A`` times as many indices, each returning the mean loss of one equal-sized micro-batch.
@@ -285,6 +290,10 @@ class LABPAL(FusedSaLSa):
     ``step(closure)`` with ``closure(i)`` the loss of batch ``i`` of this step."""
 
     def __init__(self, params, mode: str = "NSGD", **options):
+        if "search_rule" in options:
+            raise TypeError("LABPAL builds its own search rule (LABPALRule(mode, ...) from its arguments): pass "
+                            "the rule's fields (sgd_steps=..., t_max=...) here, or a rule of your own as "
+                            "FusedSaLSa(params, search_rule=...)")
         rule_fields = {name: options.pop(name) for name in list(options)
                        if name in LABPALRule.__dataclass_fields__}
         super().__init__(params, search_rule=LABPALRule(mode=mode, **rule_fields), **options)

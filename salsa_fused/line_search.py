@@ -204,6 +204,8 @@ class ArmijoSearch:
     reads = frozenset(SEARCH_ARGUMENTS)
     #: No scalars of its own in ``SearchState.rule_state`` (:func:`salsa_fused.rules.check_rule_state`).
     keeps_no_state = True
+    #: Its ``finish`` keeps ``step_size_fast_peak``, which a schedule's ``freeze_below`` reads.
+    tracks_level_peak = True
 
     @staticmethod
     def direction(configured: str) -> str:

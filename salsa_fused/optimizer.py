@@ -36,8 +36,9 @@ from .applied import GroupStep
 from .line_search import SearchConfig, SearchState
 from .rules import (Batches, check_arguments, check_rule_state, checked_direction, moment_step, plan_step, plan_without_search,
                     resolve_rule, step_batches)
-from .step_size import (applied_scale, backs_off_on_loss_rise, check_freeze_below, freeze_if_collapsed,
-                        observe_search_loss, schedule_searches, warn_collapsed_level, warn_past_end)
+from .step_size import (applied_scale, backs_off_on_loss_rise, check_freeze_below, check_freeze_rule,
+                        freeze_if_collapsed, observe_search_loss, schedule_searches, warn_collapsed_level,
+                        warn_past_end)
 
 LossClosure = Callable[[], Union[torch.Tensor, float]]
 
@@ -266,6 +267,7 @@ class FusedSaLSa(Optimizer):
                 schedule.check_searches()
         self.search_rule = resolve_rule(search_rule)
         checked_direction(self.search_rule, search_direction)  # a rule's own direction() checked now, not at a step
+        check_freeze_rule(schedule, self.search_rule)
         self.schedule = schedule
         self.search_direction = search_direction
         self.restore_strategy = restore
@@ -899,6 +901,7 @@ class FusedSaLSa(Optimizer):
         if not self._lr_checked:
             self._warn_if_lr_looks_like_a_step_size()
         rule, config = self.search_rule, self.search_config
+        check_freeze_rule(self.schedule, rule)  # a schedule assigned after construction
         state = freeze_if_collapsed(self.schedule, self._search, self._search.step + 1)  # kept once the step commits
         backs_off_on_loss_rise(self.schedule)  # a schedule's options are checked before anything is written
         plan = plan_step(rule, state, config)

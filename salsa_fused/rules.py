@@ -33,7 +33,10 @@ behaviour):
 - ``without_search(state, config) -> StepPlan``: the step ahead when a search may not run (the
   schedule freezes the level, or every group's lr is 0); by default the plan without its search;
 - ``check_state(rule_state)``: raise ValueError on a ``SearchState.rule_state`` no run of the rule
-  can reach (``load_state_dict`` calls it before anything changes).
+  can reach (``load_state_dict`` calls it before anything changes);
+- ``tracks_level_peak = True``: its searches keep ``SearchState.step_size_fast_peak`` (the peak of
+  the level's fast average) as :class:`ArmijoSearch` does; a schedule's ``freeze_below`` reads it
+  and is refused under a rule without it.
 
 ``"salsa"`` (:class:`~salsa_fused.line_search.ArmijoSearch`, the published smoothed Armijo
 test) is the default; ``"sls"`` and ``"alsals"`` are seed 001's Adam+SLS and ALSALS

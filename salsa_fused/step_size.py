@@ -276,6 +276,18 @@ def freeze_if_collapsed(schedule, state, step: int):
     return replace(state, step_size=floor, frozen_at=step)
 
 
+def check_freeze_rule(schedule, rule) -> None:
+    """Raise ValueError when ``schedule`` has ``freeze_below`` > 0 under a search rule that does not
+    track the peak of its level's fast average (``tracks_level_peak``: SaLSa's ArmijoSearch): the
+    freeze compares the level with that peak, which would stay 0 and never freeze."""
+    fraction = 0.0 if schedule is None else check_freeze_below(getattr(schedule, "freeze_below", 0.0))
+    if fraction > 0.0 and not getattr(rule, "tracks_level_peak", False):
+        name = rule.__name__ if isinstance(rule, type) else type(rule).__name__
+        raise ValueError(f"the schedule's freeze_below={fraction:g} compares the level with the peak of its fast "
+                         f"average, which only SaLSa's search ('salsa') tracks; search rule {name} does not, so "
+                         "the level would never freeze: set freeze_below=0 with this rule")
+
+
 def schedule_searches(schedule, state, step: int) -> bool:
     """Whether step ``step`` may search: no schedule, or one that searches there while the level has
     not frozen early (``state.frozen_at``, kept in checkpoints: it holds under any schedule loaded

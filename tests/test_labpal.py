@@ -455,3 +455,10 @@ def test_a_checkpoint_of_labpal_and_one_of_the_adam_rules_do_not_load_into_each_
         into_labpal.load_state_dict(salsa.state_dict())
     assert (into_salsa.search_state, into_labpal.search_state) == before
     LABPAL(_model().parameters()).load_state_dict(labpal.state_dict())  # its own rule loads
+
+
+def test_labpal_with_a_search_rule_of_its_own_is_refused_by_name():
+    from salsa_fused.labpal import LABPAL
+    w = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(TypeError, match="LABPAL builds its own search rule"):
+        LABPAL([w], search_rule="salsa")

@@ -574,3 +574,20 @@ def test_numpy_integers_are_run_lengths():
     from salsa_fused.step_size import Cooldown
     cooldown = Cooldown(np.int64(10), np.int32(5))
     assert (cooldown.start, cooldown.steps) == (10, 5) and type(cooldown.start) is int
+
+
+@pytest.mark.parametrize("rule", ["sls", "alsals", "labpal", "labpal_sgd"])
+def test_freeze_below_under_a_rule_that_does_not_track_the_levels_peak_is_refused(rule):
+    """Only SaLSa's search keeps the fast average's peak that freeze_below reads: under another rule
+    the freeze never happened, silently."""
+    schedule = WarmupStableDecay(100, warmup=0.1, decay=0.2, freeze_below=1 / 16)
+    w = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match="freeze_below=0.0625 .* only SaLSa's search .* does not"):
+        FusedSaLSa([w], search_rule=rule, schedule=schedule)
+    opt = FusedSaLSa([w], search_rule=rule, schedule=replace(schedule, freeze_below=0.0), backend="torch")
+    opt.schedule = schedule  # assigned after construction: refused at the step, before any write
+    closure = (lambda i: (w * w).sum()) if rule.startswith("labpal") else (lambda: (w * w).sum())
+    with pytest.raises(ValueError, match="freeze_below"):
+        opt.step(closure)
+    assert torch.equal(w, torch.ones(3)) and opt.search_state.step == 0
+    FusedSaLSa([w], schedule=schedule)  # SaLSa's own rule tracks it

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 from salsa_fused.line_search import (FAST_SMOOTHING, MIN_SLOPE_AVG, SLOW_SMOOTHING, ArmijoSearch, SearchConfig,
                                      SearchState, StepPlan, _f32, _fp32)
@@ -65,6 +66,9 @@ class EdgeRule:
     steps (``eta * growth``) and next trial apply exactly the level. The averages live in
     ``SearchState.rule_state`` (so in the optimizer's ``state_dict``).
     """
+
+    #: Its searches keep ``step_size_fast_peak`` as ArmijoSearch does (a schedule's ``freeze_below``).
+    tracks_level_peak: ClassVar[bool] = True
 
     sigma: float = 2.0
     smoothing: float = 0.9
@@ -197,6 +201,9 @@ class NonMonotoneArmijo:
     current term of the test and ``h`` stays the plain smoothed decrease.
     """
 
+    #: Its searches keep ``step_size_fast_peak`` as ArmijoSearch does (a schedule's ``freeze_below``).
+    tracks_level_peak: ClassVar[bool] = True
+
     reference: str = "ema"
     smoothing: float = 0.9
     window: int = 10
@@ -280,6 +287,9 @@ class RatioArmijo:
     eta*kappa/(2q)`` on a quadratic, ``R`` near ``c = 0.5`` is the greedy step on average over searches.
     """
 
+    #: Its searches keep ``step_size_fast_peak`` as ArmijoSearch does (a schedule's ``freeze_below``).
+    tracks_level_peak: ClassVar[bool] = True
+
     @staticmethod
     def direction(configured: str) -> str:
         return configured
@@ -329,6 +339,9 @@ class ClimbingArmijo:
     as published. Where the batch's test keeps passing the level doubles per search; once it
     fails, the search is SaLSa's again.
     """
+
+    #: Its searches keep ``step_size_fast_peak`` as ArmijoSearch does (a schedule's ``freeze_below``).
+    tracks_level_peak: ClassVar[bool] = True
 
     max_climb: float = 2.0
 
