@@ -171,7 +171,9 @@ class LRFactorSearch:
         self.calls += 1
         with torch.no_grad():
             after = [p.detach().clone() for p in params]
-            moved = any(not torch.equal(w0, w1) for w0, w1 in zip(before, after))
+            device = before[0].device if before else torch.device("cpu")
+            flags = [torch.ne(w0, w1).any().to(device) for w0, w1 in zip(before, after) if w0.numel()]
+            moved = bool(torch.stack(flags).any()) if flags else False  # one host read
         if not self._moved_anywhere(moved, params):
             self.last_decision = dict(call=self.calls, losses=[], scores=[], factor=1.0, scale=self.scale,
                                       skipped=True)
