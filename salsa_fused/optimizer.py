@@ -20,7 +20,7 @@ import numbers
 import warnings
 from copy import deepcopy
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -960,7 +960,7 @@ class FusedSaLSa(Optimizer):
             self._plain_step(passes, plan, f0)
             return loss_tensor.detach() if one_phase else loss
 
-        gradients_unchanged = _gradients_watch(passes)
+        gradients_unchanged = _gradients_watch(passes, self.param_groups)
 
         def trial_loss() -> float:
             rng_before.set()  # each trial forward replays the step's random draws
@@ -1105,7 +1105,7 @@ class FusedSaLSa(Optimizer):
                                                                               dtype=torch.float32))
             return loss_tensor.detach() if one_phase else loss
 
-        gradients_unchanged = _gradients_watch(passes)
+        gradients_unchanged = _gradients_watch(passes, self.param_groups)
 
         def point_sum(first: int) -> torch.Tensor:
             """``sum closure(i)`` over ``first <= i < n`` at the weights as they are, in float64."""
@@ -1153,10 +1153,14 @@ def _leave_random_state(rng: Optional[RNGSnapshot], running: List[Tuple[torch.Te
             buffer.copy_(saved)
 
 
-def _gradients_watch(passes: F.Passes) -> Callable[[], None]:
+def _gradients_watch(passes: F.Passes, param_groups: Sequence[dict]) -> Callable[[], None]:
     """A check, for after each forward of a search, that raises when a closure changed the step's
-    gradients in place (their version counters moved): the trials read those gradients."""
+    gradients in place (their version counters moved): the trials read those gradients. Under
+    FSDP2 the buckets hold each gradient's local shard, whose counter an in-place op on the
+    DTensor gradient does not move: the DTensor's own counter is read too."""
     recorded = [(g, g._version) for bucket in passes.buckets for g in bucket.grads]
+    recorded += [(p.grad, p.grad._version) for group in param_groups for p in group["params"]
+                 if p.grad is not None and hasattr(p.grad, "_local_tensor")]
 
     def unchanged() -> None:
         if any(g._version != version for g, version in recorded):

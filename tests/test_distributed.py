@@ -310,6 +310,44 @@ def test_fsdp2_steps_after_sharded_gradients_zeroed_in_place_outside_the_optimiz
     spawn_in_gloo_group(_fsdp_zeroed_outside_job, str(tmp_path), WORLD)
 
 
+def _fsdp_zeroed_in_a_trial_job(rank, out_dir):
+    """FSDP2: a closure that zeroes the sharded gradients in place during a trial forward is refused
+    on every rank alike (the check reads each DTensor gradient's local version counter), with the
+    weights, moments and search state as before the step, and the step can then be taken."""
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = _fsdp_model(0, mesh)
+    opt = FusedSaLSa(model.parameters())
+    _fsdp_step(model, opt, 0, rank)
+    x, y = _batch(1, rank)
+    calls = []
+
+    def zeroing():
+        calls.append(1)
+        if len(calls) == 2:  # the first trial forward
+            for p in opt.param_groups[0]["params"]:
+                p.grad.zero_()
+        return F.mse_loss(model(x), y)
+
+    opt.zero_grad()
+    weights, search = _full_weights(model), opt.search_state
+    moments = [v.full_tensor().clone() for p in model.parameters() for v in opt.state[p].values()
+               if isinstance(v, torch.Tensor) and v.dim()]
+    with pytest.raises(RuntimeError, match="changed the step's gradients in place during a trial forward"):
+        opt.step(fsdp_closure(model, zeroing))
+    assert torch.equal(_full_weights(model), weights) and opt.search_state == search
+    after = [v.full_tensor() for p in model.parameters() for v in opt.state[p].values()
+             if isinstance(v, torch.Tensor) and v.dim()]
+    assert len(after) == len(moments) and all(torch.equal(a, b) for a, b in zip(after, moments))
+    _fsdp_step(model, opt, 1, rank)
+    assert opt.search_state.step == search.step + 1
+    _assert_same_on_all_ranks(_full_weights(model), "weights after the refused step and its retry")
+
+
+def test_fsdp2_a_closure_zeroing_sharded_gradients_in_a_trial_is_refused_on_every_rank(tmp_path):
+    spawn_in_gloo_group(_fsdp_zeroed_in_a_trial_job, str(tmp_path), WORLD, timeout_s=120)
+
+
 def test_fsdp2_matches_single_process_and_resumes_from_dcp(tmp_path):
     """FSDP2 on CPU/gloo: kernels on local shards, q summed over the shard group, the same
     trajectory as one process on the concatenated batch; a torch.distributed.checkpoint
