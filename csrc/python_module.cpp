@@ -24,16 +24,18 @@
 
 namespace {
 
-// Per param: the Python object, the weight's data pointer, its gradient's data pointer and
-// its gradient's dtype plus one (both 0 without a gradient).
-constexpr int kWordsPerParam = 4;
+// Per param: the Python object, the weight's data pointer, its gradient's data pointer, its
+// gradient's dtype plus one, and 1 when the gradient's strides are the weight's (2 otherwise;
+// the last three 0 without a gradient).
+constexpr int kWordsPerParam = 5;
 
 // group_signature(params: list[Tensor]) -> (grads: list[Tensor | None], signature: bytes) | None
 //
 // ``grads[i]`` is ``params[i].grad``; ``signature`` packs, per param, ``id(param)``,
-// ``param.data_ptr()``, and the gradient's ``data_ptr()`` and dtype (zeros without one). Two
-// equal signatures mean the same param objects on the same storage, with gradients at the same
-// addresses of the same dtypes. None when ``params`` is not a list, or some entry is not a
+// ``param.data_ptr()``, and the gradient's ``data_ptr()``, dtype and whether its strides are the
+// weight's (zeros without one). Two equal signatures mean the same param objects on the same
+// storage, with gradients at the same addresses of the same dtypes, each laid out as its weight
+// or not as before (a gradient at a seen address with a transpose's strides is new). None when ``params`` is not a list, or some entry is not a
 // tensor or has no storage (a DTensor's wrapper, a sparse gradient): the caller then takes its
 // Python path, which handles and names those.
 PyObject* group_signature(PyObject* /*module*/, PyObject* params) {
@@ -69,6 +71,7 @@ PyObject* group_signature(PyObject* /*module*/, PyObject* params) {
     }
     word[2] = reinterpret_cast<int64_t>(grad.unsafeGetTensorImpl()->data());
     word[3] = static_cast<int64_t>(grad.scalar_type()) + 1;
+    word[4] = grad.strides() == param.strides() ? 1 : 2;
     PyList_SET_ITEM(grads, i, THPVariable_Wrap(grad));
   }
   PyObject* signature = PyBytes_FromStringAndSize(reinterpret_cast<const char*>(words.data()),

@@ -13,14 +13,14 @@ a group's params change, a gradient appears or vanishes, or the state is reloade
 (:meth:`BucketCache.clear`). Moments and saved copies are the optimizer's own: they are read
 when a bucket is built and stay with it.
 
-Gradients are validated (layout, dtype, device, shape) when their data pointers and dtypes
-were not seen together in the last few steps of that bucket (``zero_grad(set_to_none=True)`` cycles the
+Gradients are validated (layout, dtype, device, shape) when their data pointers, dtypes and
+strides were not seen together in the last few steps of that bucket (``zero_grad(set_to_none=True)`` cycles the
 allocator through a few addresses); a bucket carries its gradients' pointers so a backend
 need not read them again.
 
 With the C++ extension loaded (either build, :func:`salsa_fused._ext.module`),
 ``group_signature`` reads a group's gradients and all of the above (ids, weight pointers,
-gradient pointers and dtypes) in one C++ loop. A group remembers the signatures of its last
+gradient pointers and dtypes, whether each gradient has its weight's strides) in one C++ loop. A group remembers the signatures of its last
 few gradient layouts (``VALIDATED_GRAD_LAYOUTS``, most recent first; forgotten when the group
 is rebuilt or the cache cleared), each with its buckets' gradient pointers; a signature among
 them keeps the buckets as they are (same tensors, same storage, gradients already validated
@@ -206,9 +206,10 @@ class BucketCache:
         if distributed:
             mine = list(map(_local, mine))
         try:
-            # with the dtypes: a gradient of another dtype can land on an address seen before
+            # with the dtypes and strides: a gradient of another dtype or layout (a transpose of
+            # a persistent buffer) can land on an address seen before
             pointers = tuple(map(_data_ptr, mine))
-            key = (pointers, tuple(map(_dtype_of, mine)))
+            key = (pointers, tuple(map(_dtype_of, mine)), tuple(map(_stride_of, mine)))
         except RuntimeError:  # no storage (sparse): the check below says so
             pointers = key = None
         if key is None or key not in slot.validated:
@@ -310,6 +311,7 @@ def _native_signature(signature_of, params: list) -> Optional[tuple]:
 
 _layout_of = operator.attrgetter("layout")
 _dtype_of = operator.attrgetter("dtype")
+_stride_of = operator.methodcaller("stride")
 _device_of = operator.attrgetter("device")
 _shape_of = operator.attrgetter("shape")
 

@@ -181,6 +181,11 @@ def test_group_signature_changes_with_every_tensor_it_identifies(signature_path)
         "gradient appeared": lambda: setattr(params[2], "grad", torch.ones(3)),
         "param replaced": lambda: params.__setitem__(1, torch.nn.Parameter(params[1].data)),
     }
+    square = torch.nn.Parameter(torch.randn(3, 3))
+    square.grad = torch.zeros(3, 3)
+    before = SIGNATURE([square])[1]
+    square.grad = square.grad.t()  # the same address and dtype, a transpose's strides
+    assert SIGNATURE([square])[1] != before, "gradient relaid out at the same address"
     for what, change in changes.items():
         before = SIGNATURE(params)[1]
         change()

@@ -108,3 +108,35 @@ def test_a_gradient_laid_out_otherwise_than_its_weight_steps_as_a_dense_one(back
 
     dense, odd = run(False), run(True)
     assert torch.equal(dense[0], odd[0]) and torch.equal(dense[1], odd[1]) and dense[2] == odd[2]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])
+@pytest.mark.parametrize("relayout", ["transposed", "strided"])
+def test_a_gradient_at_an_address_seen_before_with_another_layout_steps_as_a_dense_one(backend, relayout):
+    """A persistent gradient buffer handed in with the weight's layout, then at the same address and
+    dtype with a transpose's or a gap's strides: validated again and copied into the weight's layout
+    (the layout check was keyed by address and dtype: triton streamed the transpose as if dense,
+    cpp refused it)."""
+    def run(odd):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(5, 6))
+        target = torch.randn(5, 6)
+        opt = FusedSaLSa([w], backend=_backend(backend), schedule=_SearchFirstStepOnly())
+        loss_fn = lambda: ((w - target) ** 2).sum() + w.sin().sum()  # noqa: E731
+        buffer = torch.zeros(60)
+        for step in range(4):  # a search, then plain steps
+            opt.zero_grad()
+            loss = loss_fn()
+            (g,) = torch.autograd.grad(loss, w)
+            if odd and step % 2 == 1:
+                grad = buffer[:30].view(6, 5).t() if relayout == "transposed" else buffer.view(5, 12)[:, ::2]
+            else:
+                grad = buffer[:30].view(5, 6)
+            with torch.no_grad():
+                grad.copy_(g)
+            w.grad = grad
+            opt.step(loss_fn, loss=loss.detach())
+        return w.detach().clone(), opt.state[w]["exp_avg"].clone(), opt.search_state
+
+    dense, odd = run(False), run(True)
+    assert torch.equal(dense[0], odd[0]) and torch.equal(dense[1], odd[1]) and dense[2] == odd[2]
