@@ -34,8 +34,8 @@ from .backends.base import GRADIENT, MOMENTUM, Bucket
 from .distributed import SearchReduction, _is_dtensor, default_reduction, fsdp_modules, is_distributed, shard_group_of
 from .applied import GroupStep
 from .line_search import SearchConfig, SearchState
-from .rules import (Batches, check_arguments, check_rule_state, checked_direction, moment_step, plan_step, plan_without_search,
-                    resolve_rule, step_batches)
+from .rules import (Batches, check_arguments, check_rule_state, checked_direction, moment_step, plan_step,
+                    plan_without_search, resolve_rule, step_batches)
 from .step_size import (applied_scale, backs_off_on_loss_rise, check_freeze_below, check_freeze_rule,
                         freeze_if_collapsed, observe_search_loss, schedule_searches, warn_collapsed_level,
                         warn_past_end)
