@@ -14,8 +14,14 @@ One search step, as :func:`salsa_fused.functional.search_step` drives it::
         weights at search.step_size                    # the first trial
         while search.observe(f(weights)) is Verdict.RETRY:
             weights at search.step_size                # the next trial
-    weights at search.final()                          # times lr_g and the schedule's scale
-    state = search.finish()
+    move, state = search.final(), search.finish()      # both read before the move is written
+    weights at move                                    # times lr_g and the schedule's scale
+
+``direction()`` names one of the backends' directions (``"gradient"``, ``"momentum"``, ``"raw"``;
+checked at construction and at every step); ``final()`` a finite step ``>= 0`` along the trials'
+direction or one of those;
+``finish()`` a state :meth:`SearchState.validate` accepts. Anything else, or an exception from
+either, leaves the weights, moments and search state as before the step.
 
 Optional attributes let a rule change what surrounds its searches (:func:`plan_step`,
 :func:`moment_step` and :func:`check_arguments` read them; a rule without them gets SaLSa's
