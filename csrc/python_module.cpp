@@ -35,9 +35,10 @@ constexpr int kWordsPerParam = 5;
 // ``param.data_ptr()``, and the gradient's ``data_ptr()``, dtype and whether its strides are the
 // weight's (zeros without one). Two equal signatures mean the same param objects on the same
 // storage, with gradients at the same addresses of the same dtypes, each laid out as its weight
-// or not as before (a gradient at a seen address with a transpose's strides is new). None when ``params`` is not a list, or some entry is not a
-// tensor or has no storage (a DTensor's wrapper, a sparse gradient): the caller then takes its
-// Python path, which handles and names those.
+// or not as before (a gradient at a seen address with a transpose's strides is new). None when
+// ``params`` is not a list, or some entry is not a tensor or has no storage (a DTensor's
+// wrapper, a sparse gradient): the caller then takes its Python path, which handles and names
+// those.
 PyObject* group_signature(PyObject* /*module*/, PyObject* params) {
   HANDLE_TH_ERRORS
   if (!PyList_Check(params)) Py_RETURN_NONE;

@@ -14,17 +14,18 @@ a group's params change, a gradient appears or vanishes, or the state is reloade
 when a bucket is built and stay with it.
 
 Gradients are validated (layout, dtype, device, shape) when their data pointers, dtypes and
-strides were not seen together in the last few steps of that bucket (``zero_grad(set_to_none=True)`` cycles the
-allocator through a few addresses); a bucket carries its gradients' pointers so a backend
-need not read them again.
+strides were not seen together in the last few steps of that bucket
+(``zero_grad(set_to_none=True)`` cycles the allocator through a few addresses); a bucket
+carries its gradients' pointers so a backend need not read them again.
 
 With the C++ extension loaded (either build, :func:`salsa_fused._ext.module`),
 ``group_signature`` reads a group's gradients and all of the above (ids, weight pointers,
-gradient pointers and dtypes, whether each gradient has its weight's strides) in one C++ loop. A group remembers the signatures of its last
-few gradient layouts (``VALIDATED_GRAD_LAYOUTS``, most recent first; forgotten when the group
-is rebuilt or the cache cleared), each with its buckets' gradient pointers; a signature among
-them keeps the buckets as they are (same tensors, same storage, gradients already validated
-at those addresses) and only takes this step's gradient objects and that layout's pointers.
+gradient pointers and dtypes, whether each gradient has its weight's strides) in one C++ loop.
+A group remembers the signatures of its last few gradient layouts (``VALIDATED_GRAD_LAYOUTS``,
+most recent first; forgotten when the group is rebuilt or the cache cleared), each with its
+buckets' gradient pointers; a signature among them keeps the buckets as they are (same tensors,
+same storage, gradients already validated at those addresses) and only takes this step's
+gradient objects and that layout's pointers.
 Any other signature, or no extension, takes the Python path.
 """
 

@@ -25,7 +25,7 @@ import torch
 
 from . import _compat as C
 from .applied import GroupStep
-from .backends.base import GRADIENT, RAW, Backend, Bucket, Hyper, Move, PassArgs
+from .backends.base import DIRECTIONS, GRADIENT, RAW, Backend, Bucket, Hyper, Move, PassArgs
 from .distributed import SearchReduction
 from .errors import NonFiniteError
 from .line_search import SearchConfig, SearchState, StepPlan
@@ -292,8 +292,6 @@ def _decisions(search, direction: str) -> Tuple[FinalMove, SearchState]:
     """``search.final()`` and ``search.finish()``, checked: a finite move ``>= 0`` along the trials'
     direction or one of the backends', and a state :meth:`SearchState.validate` accepts (``load_state_dict``
     would refuse any other)."""
-    from .backends.base import DIRECTIONS
-
     final = search.final()
     name = type(search).__name__
     if not isinstance(final, FinalMove):

@@ -26,7 +26,8 @@ the weights before the step) is the step's own loss: the step is skipped or refu
 ``nonfinite=`` says, as any step with a NaN/inf loss. Under ``torch.amp.GradScaler``, a skipped
 NSGD update (a search step) advances none of LABPAL's counters; a skipped SGD update (a plain
 step, no host read) still counts toward ``sgd_steps`` and the batches consumed (the next
-approximation reads the skips and takes them out of the step counter, not out of these). Batch-size schedule (Algorithm 1, ``t_max`` given): ``k(t) = 1`` up to ``t_max/2``
+approximation reads the skips and takes them out of the step counter, not out of these).
+Batch-size schedule (Algorithm 1, ``t_max`` given): ``k(t) = 1`` up to ``t_max/2``
 batches consumed, 2 up to ``3 t_max / 4``, 4 after (approximation batches count in ``t``).
 ``accumulation=A`` splits every batch in ``A`` micro-batches: the closure is then called for
 ``A`` times as many indices, each returning the mean loss of one equal-sized micro-batch.

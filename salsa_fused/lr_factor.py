@@ -42,7 +42,7 @@ import torch
 from ._rng import RNGSnapshot
 from .distributed import SearchReduction, default_reduction
 from .errors import NonFiniteError
-from .optimizer import FusedSaLSa
+from .optimizer import FusedSaLSa, running_statistics
 from .step_size import ScaledSchedule, check_factors, check_installed, scaled_by
 
 #: The factor lists of seed 004 (Factor_3 is the default).
@@ -203,11 +203,7 @@ class LRFactorSearch:
     def _running_statistics(self) -> List[torch.Tensor]:
         if self.buffers is not None:
             return self.buffers
-        model = getattr(self.optimizer, "model", None) if isinstance(self.optimizer, FusedSaLSa) else None
-        if model is None:
-            return []
-        return [buffer for module in model.modules() if getattr(module, "track_running_stats", False)
-                and getattr(module, "training", False) for buffer in module.buffers(recurse=False)]
+        return running_statistics(self.optimizer.model if isinstance(self.optimizer, FusedSaLSa) else None)
 
     def _trial_losses(self, closure, params, before, after) -> List[float]:
         devices = {p.device for p in params}

@@ -689,11 +689,7 @@ class FusedSaLSa(Optimizer):
     def _running_statistics(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """(buffer, copy) for the buffers of ``model``'s modules tracking running statistics,
         which every extra forward of a search would update."""
-        if self.model is None:
-            return []
-        return [(buffer, buffer.detach().clone()) for module in self.model.modules()
-                if getattr(module, "track_running_stats", False) and getattr(module, "training", False)
-                for buffer in module.buffers(recurse=False)]
+        return [(buffer, buffer.detach().clone()) for buffer in running_statistics(self.model)]
 
     def _trial_loss(self, closure: LossClosure, what: str = "closure()",
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -738,6 +734,10 @@ class FusedSaLSa(Optimizer):
                 "stale weights (the level collapses) unless the root was fully_shard-ed with "
                 "reshard_after_forward=True. Pass model=your_model (the optimizer then reshards before "
                 "each trial) or wrap the closure with fsdp_closure(model, closure)", UserWarning, stacklevel=4)
+
+    def _sharded_groups(self) -> Sequence[dict]:
+        """The param groups where the gradients are FSDP2's sharded DTensors, else none."""
+        return self.param_groups if self.reduction.shard_group is not None else ()
 
     def _device_counts(self) -> F.DeviceCounts:
         if self._counts is None:
@@ -960,7 +960,7 @@ class FusedSaLSa(Optimizer):
             self._plain_step(passes, plan, f0)
             return loss_tensor.detach() if one_phase else loss
 
-        gradients_unchanged = _gradients_watch(passes, self.param_groups)
+        gradients_unchanged = _gradients_watch(passes, self._sharded_groups())
 
         def trial_loss() -> float:
             rng_before.set()  # each trial forward replays the step's random draws
@@ -978,7 +978,7 @@ class FusedSaLSa(Optimizer):
         except BaseException:
             # Not applied: in the one-phase form the generators and running statistics go back to
             # before the step's own forward, so that step(closure) again runs the same forward.
-            _leave_random_state(rng_before if one_phase else rng_after, running_at_start or running)
+            _leave_random_state(*((rng_before, running_at_start) if one_phase else (rng_after, running)))
             raise
         finally:
             self._reshard_after_trials(closure)
@@ -1105,7 +1105,7 @@ class FusedSaLSa(Optimizer):
                                                                               dtype=torch.float32))
             return loss_tensor.detach() if one_phase else loss
 
-        gradients_unchanged = _gradients_watch(passes, self.param_groups)
+        gradients_unchanged = _gradients_watch(passes, self._sharded_groups())
 
         def point_sum(first: int) -> torch.Tensor:
             """``sum closure(i)`` over ``first <= i < n`` at the weights as they are, in float64."""
@@ -1144,6 +1144,16 @@ class FusedSaLSa(Optimizer):
         return loss_tensor.detach() if one_phase else loss
 
 
+def running_statistics(model: Optional[torch.nn.Module]) -> List[torch.Tensor]:
+    """The buffers of ``model``'s modules that track running statistics in training mode
+    (BatchNorm's), which any extra forward would update; none without a model."""
+    if model is None:
+        return []
+    return [buffer for module in model.modules()
+            if getattr(module, "track_running_stats", False) and getattr(module, "training", False)
+            for buffer in module.buffers(recurse=False)]
+
+
 def _leave_random_state(rng: Optional[RNGSnapshot], running: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Put the generators at ``rng`` (if any) and each running-statistics buffer at its saved copy."""
     if rng is not None:
@@ -1157,7 +1167,8 @@ def _gradients_watch(passes: F.Passes, param_groups: Sequence[dict]) -> Callable
     """A check, for after each forward of a search, that raises when a closure changed the step's
     gradients in place (their version counters moved): the trials read those gradients. Under
     FSDP2 the buckets hold each gradient's local shard, whose counter an in-place op on the
-    DTensor gradient does not move: the DTensor's own counter is read too."""
+    DTensor gradient does not move: the DTensor's own counter is read too (``param_groups``: the
+    optimizer's groups where its gradients are sharded, else empty)."""
     recorded = [(g, g._version) for bucket in passes.buckets for g in bucket.grads]
     recorded += [(p.grad, p.grad._version) for group in param_groups for p in group["params"]
                  if p.grad is not None and hasattr(p.grad, "_local_tensor")]

@@ -19,9 +19,8 @@ One search step, as :func:`salsa_fused.functional.search_step` drives it::
 
 ``direction()`` names one of the backends' directions (``"gradient"``, ``"momentum"``, ``"raw"``;
 checked at construction and at every step); ``final()`` a finite step ``>= 0`` along the trials'
-direction or one of those;
-``finish()`` a state :meth:`SearchState.validate` accepts. Anything else, or an exception from
-either, leaves the weights, moments and search state as before the step.
+direction or one of those; ``finish()`` a state :meth:`SearchState.validate` accepts. Anything
+else, or an exception from either, leaves the weights, moments and search state as before the step.
 
 Optional attributes let a rule change what surrounds its searches (:func:`plan_step`,
 :func:`moment_step` and :func:`check_arguments` read them; a rule without them gets SaLSa's
@@ -57,6 +56,8 @@ import importlib
 import inspect
 from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import TYPE_CHECKING, Dict, Iterable, Optional, Protocol, Union, runtime_checkable
+
+from .backends.base import DIRECTIONS
 
 if TYPE_CHECKING:
     from .line_search import SearchConfig, SearchState, StepPlan
@@ -211,16 +212,15 @@ def _binds(function, count: int) -> bool:
 def checked_direction(rule: SearchRule, configured: str) -> str:
     """``rule.direction(configured)``, refused with the rule named unless it is one of the
     backends' directions (``"gradient"``, ``"momentum"``, ``"raw"``), before anything is written."""
-    from .backends.base import DIRECTIONS
-
     direction = rule.direction(configured)
     if direction not in DIRECTIONS:
-        raise ValueError(f"search rule {_rule_name(rule)}.direction({configured!r}) returned {direction!r}; "
+        raise ValueError(f"search rule {rule_name(rule)}.direction({configured!r}) returned {direction!r}; "
                          f"a trial direction is one of {', '.join(map(repr, DIRECTIONS))}. Nothing was written")
     return direction
 
 
-def _rule_name(rule: object) -> str:
+def rule_name(rule: object) -> str:
+    """The rule's class name (a class may be the rule itself: :class:`ArmijoSearch`)."""
     return rule.__name__ if isinstance(rule, type) else type(rule).__name__
 
 
@@ -238,14 +238,13 @@ def check_arguments(rule: SearchRule, passed: Iterable[str], name: object = None
     unread = [argument for argument in SEARCH_ARGUMENTS if argument in passed and argument not in reads]
     if not unread:
         return
-    kind = rule if isinstance(rule, type) else type(rule)  # a class may be the rule (ArmijoSearch)
-    label = f"search_rule={name!r}" if isinstance(name, str) else f"search_rule={kind.__name__}"
+    label = f"search_rule={name!r}" if isinstance(name, str) else f"search_rule={rule_name(rule)}"
     used = ", ".join(argument for argument in SEARCH_ARGUMENTS if argument in reads) or "none"
     message = f"{label} does not read {', '.join(unread)} (of FusedSaLSa's search arguments it reads {used})"
     own = [argument for argument in unread if is_dataclass(rule) and argument in {f.name for f in fields(rule)}]
     if own:
         settings = ", ".join(f"{argument}=..." for argument in own)
-        message += f"; set {', '.join(own)} on the rule instead: search_rule={kind.__name__}({settings})"
+        message += f"; set {', '.join(own)} on the rule instead: search_rule={rule_name(rule)}({settings})"
     raise ValueError(message)
 
 

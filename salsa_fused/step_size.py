@@ -282,9 +282,11 @@ def check_freeze_rule(schedule, rule) -> None:
     freeze compares the level with that peak, which would stay 0 and never freeze."""
     fraction = 0.0 if schedule is None else check_freeze_below(getattr(schedule, "freeze_below", 0.0))
     if fraction > 0.0 and not getattr(rule, "tracks_level_peak", False):
-        name = rule.__name__ if isinstance(rule, type) else type(rule).__name__
+        from .rules import rule_name
+
         raise ValueError(f"the schedule's freeze_below={fraction:g} compares the level with the peak of its fast "
-                         f"average, which only SaLSa's search ('salsa') tracks; search rule {name} does not, so "
+                         f"average, which only SaLSa's search ('salsa') tracks; search rule {rule_name(rule)} "
+                         "does not, so "
                          "the level would never freeze: set freeze_below=0 with this rule")
 
 
