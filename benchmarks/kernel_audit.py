@@ -31,6 +31,7 @@ GradScaler's scale (and the plain step with found_inf), all three directions (th
 step: Adam's update and raw), both restore strategies, the plain step's register cap (``maxnreg``) where the backend sets it.
 
 Run:  python -m benchmarks.kernel_audit   (writes benchmarks/results/kernel_audit.{json,md})
+      python -m benchmarks.kernel_audit --sample   (a covering sixth, as JSON: what the tests compile)
 It must run without TRITON_INTERPRET (kernels must be JIT functions, not interpreted).
 """
 
@@ -377,10 +378,30 @@ def _audit_job(job: Tuple[int, str]) -> dict:
     return audit_variant(_variants_in_worker()[index], target)
 
 
-def run_audit(workers: Optional[int] = None) -> List[dict]:
-    """Records for every (variant, target), in a stable order."""
+def covering_jobs(variants: List[Variant]) -> List[Tuple[int, str]]:
+    """Two (variant index, target) jobs per kernel: one on each target, one aligned and one not,
+    in two of the three dtypes, the dtypes and the pairing rotating from kernel to kernel. Every
+    kernel, target, dtype and alignment is compiled, and each pairing of a target with an
+    alignment and a dtype recurs across kernels: a change to a kernel's code moves its records."""
+    dtypes = list(DTYPES)
+    targets = list(TARGETS)
+    index = {(v.kernel_name, v.dtype, v.aligned): i for i, v in enumerate(variants)}
+    names = list(dict.fromkeys(v.kernel_name for v in variants))
+    jobs = []
+    for k, name in enumerate(names):
+        for half in (0, 1):
+            dtype = dtypes[(k + half) % len(dtypes)]
+            target = targets[(k + half) % len(targets)]
+            jobs.append((index[(name, dtype, half == 0)], target))
+    return jobs
+
+
+def run_audit(workers: Optional[int] = None, sample: bool = False) -> List[dict]:
+    """Records for every (variant, target), in a stable order; ``sample``: only the
+    ``covering_jobs`` (a sixth of them)."""
     variants = record_variants()
-    jobs = [(i, target) for i in range(len(variants)) for target in TARGETS]
+    jobs = ([(i, target) for i in range(len(variants)) for target in TARGETS] if not sample
+            else covering_jobs(variants))
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     if workers <= 1:
         return [audit_variant(variants[i], target) for i, target in jobs]
@@ -468,8 +489,13 @@ def write(records: List[dict], found: List[str], out_dir: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print the records as JSON; write no files")
+    parser.add_argument("--sample", action="store_true",
+                        help="compile only a covering sample (every kernel on both targets, aligned and not, in "
+                             "two dtypes): what the tests check the committed audit against; implies --json")
     args = parser.parse_args(argv)
-    records = run_audit()
+    records = run_audit(sample=args.sample)
+    if args.sample:
+        args.json = True
     if args.json:
         json.dump(records, sys.stdout)
         return 0
