@@ -12,6 +12,11 @@ import sys
 
 from setuptools import find_packages, setup
 
+try:
+    from setuptools.command.bdist_wheel import bdist_wheel
+except ImportError:  # setuptools < 70.1
+    from wheel.bdist_wheel import bdist_wheel
+
 # Compiler flags and sources: salsa_fused/_build_flags.py (shared with the JIT build).
 BUILD = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "salsa_fused", "_build_flags.py"))
 
@@ -35,6 +40,11 @@ def _extension_build():
             except Exception as error:  # no compiler, failed compile: the package works without it
                 print(f"salsa_fused: C++ extension not built ({type(error).__name__}: {error}); "
                       "the torch and triton backends remain", file=sys.stderr)
+                self.distribution.extension_not_built = True
+                for extension in self.extensions:  # an earlier build's library must not ship as this one's
+                    stale = self.get_ext_fullpath(extension.name)
+                    if not self.inplace and os.path.exists(stale):
+                        os.remove(stale)
 
     sources = [BUILD["PYTHON_MODULE_SOURCE"]] + BUILD["CPU_SOURCES"]
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None \
@@ -51,7 +61,18 @@ def _extension_build():
     return [extension], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 
 
+class WheelTaggedByItsContents(bdist_wheel):
+    """A wheel whose extension failed to build holds pure Python: tagged ``py3-none-any`` and
+    ``Root-Is-Purelib``, not for the build machine's interpreter and platform."""
+
+    def get_tag(self):
+        if getattr(self.distribution, "extension_not_built", False):
+            self.root_is_pure = True
+        return super().get_tag()
+
+
 ext_modules, cmdclass = _extension_build()
+cmdclass["bdist_wheel"] = WheelTaggedByItsContents
 
 setup(
     name="salsa-fused",

@@ -6,9 +6,12 @@ and ``examples.*``; the benchmarks hold tens of MB of results), so the sdist lea
 suite that fails at import.
 """
 
+import os
 import subprocess
 import sys
+import sysconfig
 import tarfile
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,3 +37,29 @@ def test_the_sdist_holds_every_source_of_the_package_and_the_extension_and_no_te
     assert not missing, f"the sdist lacks {missing}"
     assert not [name for name in names if name.startswith("tests/")], "a partial test suite was shipped"
     assert not [name for name in names if name.endswith((".so", ".pyd", ".o"))], "a build output was shipped"
+
+
+def test_a_wheel_whose_extension_failed_to_build_is_pure_and_ships_no_stale_library(tmp_path):
+    """No working compiler: the wheel holds the pure-Python package, tagged py3-none-any, and not a
+    library an earlier build left in build/ (it shipped, beside a platform tag, before)."""
+    tree = tmp_path / "tree"
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True, capture_output=True).stdout
+    for name in filter(None, files.decode().split("\0")):
+        if (ROOT / name).is_file():
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            (tree / name).write_bytes((ROOT / name).read_bytes())
+    stale = tree / "build" / f"lib.{sysconfig.get_platform()}-{sys.implementation.cache_tag}" / "salsa_fused"
+    stale.mkdir(parents=True)
+    (stale / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}").write_bytes(b"an earlier build")
+    env = {**os.environ, "CC": "false", "CXX": "false"}
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index",
+                           "-w", str(tmp_path / "wheels"), str(tree)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (wheel,) = (tmp_path / "wheels").glob("*.whl")
+    assert wheel.name == "salsa_fused-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        assert "Root-Is-Purelib: true" in archive.read("salsa_fused-0.1.0.dist-info/WHEEL").decode()
+    assert "salsa_fused/optimizer.py" in names and "salsa_fused/backends/triton_backend.py" in names
+    assert not [name for name in names if name.endswith((".so", ".pyd"))], names
