@@ -382,7 +382,8 @@ def covering_jobs(variants: List[Variant]) -> List[Tuple[int, str]]:
     """Two (variant index, target) jobs per kernel: one on each target, one aligned and one not,
     in two of the three dtypes, the dtypes and the pairing rotating from kernel to kernel. Every
     kernel, target, dtype and alignment is compiled, and each pairing of a target with an
-    alignment and a dtype recurs across kernels: a change to a kernel's code moves its records."""
+    alignment and a dtype recurs across kernels. A change confined to the one dtype a kernel's
+    sample leaves out shows only in the full audit."""
     dtypes = list(DTYPES)
     targets = list(TARGETS)
     index = {(v.kernel_name, v.dtype, v.aligned): i for i, v in enumerate(variants)}
