@@ -427,7 +427,7 @@ class FusedSaLSa(Optimizer):
         ``search_state.scale_hold`` when it is > 0 and times the back-off
         ``search_state.applied_backoff`` of ``backoff_on_loss_rise``:
         :func:`salsa_fused.step_size.applied_scale`)."""
-        state = freeze_if_collapsed(self.schedule, self._search, self._search.step + 1)
+        state = freeze_if_collapsed(self.schedule, self._search, self._search.step + 1, self.search_rule)
         scale = applied_scale(self.schedule, state, state.step + 1)
         trial = plan_step(self.search_rule, state, self.search_config).trial_step_size
         return [GroupStep.of(group, scale, state.step_size).plain(trial).step
@@ -442,7 +442,7 @@ class FusedSaLSa(Optimizer):
         """Under a rule that reads several batches per step (``search_rule="labpal"``): how many
         the next step reads (:class:`salsa_fused.rules.Batches`: the two-phase form runs the
         backward of the first ``gradient`` itself); ``None`` for a rule whose closure takes no index."""
-        state = freeze_if_collapsed(self.schedule, self._search, self._search.step + 1)
+        state = freeze_if_collapsed(self.schedule, self._search, self._search.step + 1, self.search_rule)
         plan = plan_step(self.search_rule, state, self.search_config)
         if plan.is_search and not (schedule_searches(self.schedule, state, plan.state.step) and self._some_group_moves()):
             plan = plan_without_search(self.search_rule, state, self.search_config, plan)
@@ -901,8 +901,8 @@ class FusedSaLSa(Optimizer):
         if not self._lr_checked:
             self._warn_if_lr_looks_like_a_step_size()
         rule, config = self.search_rule, self.search_config
-        check_freeze_rule(self.schedule, rule)  # a schedule assigned after construction
-        state = freeze_if_collapsed(self.schedule, self._search, self._search.step + 1)  # kept once the step commits
+        # kept once the step commits; freeze_below is checked with the rule here (a schedule assigned later)
+        state = freeze_if_collapsed(self.schedule, self._search, self._search.step + 1, rule)
         backs_off_on_loss_rise(self.schedule)  # a schedule's options are checked before anything is written
         plan = plan_step(rule, state, config)
         scale = applied_scale(self.schedule, state, plan.state.step)

@@ -258,14 +258,15 @@ class ScaledSchedule:
         return getattr(self.inner, "hold_scale_on_loss_rise", False)
 
 
-def freeze_if_collapsed(schedule, state, step: int):
+def freeze_if_collapsed(schedule, state, step: int, rule):
     """The search state step ``step`` (1-based) starts from: ``state``, unless ``schedule`` has
     ``freeze_below`` = r > 0, searches at ``step`` or searched at ``step - 1`` (so the search phase's
     last search is checked too, at the schedule's own freeze), has not frozen early yet, and the
     level ``eta`` is below ``r * eta_fast_peak``; then a copy with ``eta = r * eta_fast_peak`` and
-    ``frozen_at = step``, after which :func:`schedule_searches` is False for the rest of the run."""
-    # a schedule of the caller's own may carry freeze_below too: checked before the step writes anything
-    fraction = 0.0 if schedule is None else check_freeze_below(getattr(schedule, "freeze_below", 0.0))
+    ``frozen_at = step``, after which :func:`schedule_searches` is False for the rest of the run.
+    ``freeze_below`` is checked first, with the search ``rule`` (:func:`check_freeze_rule`)."""
+    # a schedule of the caller's own, or one assigned after construction: checked before the step writes anything
+    fraction = check_freeze_rule(schedule, rule)
     if fraction <= 0.0 or state.frozen_at:
         return state
     if not (schedule.searches(step) or (step > 1 and schedule.searches(step - 1))):
@@ -276,10 +277,11 @@ def freeze_if_collapsed(schedule, state, step: int):
     return replace(state, step_size=floor, frozen_at=step)
 
 
-def check_freeze_rule(schedule, rule) -> None:
-    """Raise ValueError when ``schedule`` has ``freeze_below`` > 0 under a search rule that does not
-    track the peak of its level's fast average (``tracks_level_peak``: SaLSa's ArmijoSearch): the
-    freeze compares the level with that peak, which would stay 0 and never freeze."""
+def check_freeze_rule(schedule, rule) -> float:
+    """``schedule``'s ``freeze_below`` (0 without one), checked (:func:`check_freeze_below`); ValueError
+    when it is > 0 under a search rule that does not track the peak of its level's fast average
+    (``tracks_level_peak``: SaLSa's ArmijoSearch): the freeze compares the level with that peak,
+    which would stay 0 and never freeze."""
     fraction = 0.0 if schedule is None else check_freeze_below(getattr(schedule, "freeze_below", 0.0))
     if fraction > 0.0 and not getattr(rule, "tracks_level_peak", False):
         from .rules import rule_name
@@ -288,6 +290,7 @@ def check_freeze_rule(schedule, rule) -> None:
                          f"average, which only SaLSa's search ('salsa') tracks; search rule {rule_name(rule)} "
                          "does not, so "
                          "the level would never freeze: set freeze_below=0 with this rule")
+    return fraction
 
 
 def schedule_searches(schedule, state, step: int) -> bool:

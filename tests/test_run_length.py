@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from salsa_fused import FusedSaLSa, presets
-from salsa_fused.line_search import SearchState
+from salsa_fused.line_search import ArmijoSearch, SearchState
 from salsa_fused.step_size import (COLLAPSE_FRACTION, Cooldown, ScaledSchedule, WarmupStableDecay, freeze_if_collapsed,
                                    schedule_searches, warn_collapsed_level, warn_past_end)
 
@@ -361,21 +361,23 @@ def test_freeze_if_collapsed_raises_the_level_to_the_floor_once_while_searching(
     schedule = WarmupStableDecay(10, warmup=0.2, decay=0.5, peak=2.0, freeze_below=1 / 16)  # searches steps 1-5
     peak = 0.4
     collapsed = SearchState(step=2, step_size=1e-9, step_size_fast_peak=peak)
-    frozen = freeze_if_collapsed(schedule, collapsed, 3)
+    frozen = freeze_if_collapsed(schedule, collapsed, 3, ArmijoSearch)
     assert frozen.step_size == peak / 16 and frozen.frozen_at == 3
     assert collapsed.step_size == 1e-9 and collapsed.frozen_at == 0  # a copy: the caller commits it
     assert schedule_searches(schedule, collapsed, 3) and not schedule_searches(schedule, frozen, 3)
     assert not schedule_searches(schedule, frozen, 4)  # for the rest of the run
     at_floor = replace(collapsed, step_size=peak / 16)
-    assert freeze_if_collapsed(schedule, at_floor, 3) is at_floor  # not below the floor: nothing to do
-    at_freeze = freeze_if_collapsed(schedule, collapsed, 6)  # the first frozen step checks the last search
+    assert freeze_if_collapsed(schedule, at_floor, 3, ArmijoSearch) is at_floor  # not below the floor: nothing to do
+    # the first frozen step checks the last search
+    at_freeze = freeze_if_collapsed(schedule, collapsed, 6, ArmijoSearch)
     assert at_freeze.step_size == peak / 16 and at_freeze.frozen_at == 6
-    assert freeze_if_collapsed(schedule, collapsed, 7) is collapsed  # past it: the schedule's freeze holds
-    assert freeze_if_collapsed(schedule, replace(frozen, step_size=1e-12), 4).step_size == 1e-12  # once
-    assert freeze_if_collapsed(replace(schedule, freeze_below=0.0), collapsed, 3) is collapsed  # off
-    assert freeze_if_collapsed(None, collapsed, 3) is collapsed and schedule_searches(None, frozen, 3)
+    # past it: the schedule's freeze holds
+    assert freeze_if_collapsed(schedule, collapsed, 7, ArmijoSearch) is collapsed
+    assert freeze_if_collapsed(schedule, replace(frozen, step_size=1e-12), 4, ArmijoSearch).step_size == 1e-12  # once
+    assert freeze_if_collapsed(replace(schedule, freeze_below=0.0), collapsed, 3, ArmijoSearch) is collapsed  # off
+    assert freeze_if_collapsed(None, collapsed, 3, ArmijoSearch) is collapsed and schedule_searches(None, frozen, 3)
     never = replace(collapsed, step_size_fast_peak=0.0)  # a rule that keeps no fast average
-    assert freeze_if_collapsed(schedule, never, 3) is never
+    assert freeze_if_collapsed(schedule, never, 3, ArmijoSearch) is never
     assert ScaledSchedule(schedule, object(), "x").freeze_below == 1 / 16
     assert ScaledSchedule(None, object(), "x").freeze_below == 0.0
 
@@ -544,7 +546,7 @@ def test_a_schedule_of_ones_own_with_a_bad_freeze_below_is_refused_at_the_step_a
     assert all(torch.equal(after[k][n], v) for k, d in before_state.items() for n, v in d.items()
                if isinstance(v, torch.Tensor))
     with pytest.raises(ValueError, match="freeze_below"):  # through a beam's wrapper too
-        freeze_if_collapsed(ScaledSchedule(Frozen(1.0), object(), "x"), opt.search_state, 3)
+        freeze_if_collapsed(ScaledSchedule(Frozen(1.0), object(), "x"), opt.search_state, 3, ArmijoSearch)
 
 
 @pytest.mark.parametrize("total", [1, 2])
