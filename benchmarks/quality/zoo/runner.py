@@ -6,6 +6,8 @@
     python -m benchmarks.quality.zoo plot benchmarks/quality/results/zoo/validation.jsonl --out-dir DIR
     python -m benchmarks.quality.zoo compare CANDIDATE_ROWS... --candidate C --control K \\
         --control-files CONTROL_ROWS... --split validation --seeds 0-3 --worse-seeds 3
+    python -m benchmarks.quality.zoo scorecard benchmarks/quality/results/zoo/validation.jsonl \\
+        --split validation --config pretrain_hold --update README.md
 
 ``run`` appends one JSON row per finished run (task, split, configuration, seed, final train
 and val loss, applied level, forwards per step, ``best_adamw_lr``, commit, versions, date).
@@ -684,12 +686,20 @@ def main(argv=None) -> int:
     cmp.add_argument("--bound", type=float, default=1.05, help="a task-length above this ratio may be worse")
     cmp.add_argument("--worse-seeds", type=int, default=0,
                      help="... and is, if at least this many seeds end above their control's")
+    card = sub.add_parser("scorecard", help="issue 14's targets for one configuration, per run length")
+    card.add_argument("files", nargs="+")
+    card.add_argument("--split", choices=Z.SPLITS, required=True)
+    card.add_argument("--config", required=True)
+    card.add_argument("--update", default=None,
+                      help="rewrite this file's block between '<!-- zoo scorecard: SPLIT -->' and its end marker")
     args = parser.parse_args(argv)
     if getattr(args, "steps", None) is not None and args.steps < 3:
         parser.error(f"--steps must be >= 3 (the presets' search phase needs a step before their cooldown), "
                      f"got {args.steps}")
     try:
+        from .scorecard import command_scorecard
+
         return {"run": command_run, "table": command_table, "plot": command_plot,
-                "compare": command_compare}[args.command](args)
+                "compare": command_compare, "scorecard": command_scorecard}[args.command](args)
     except ValueError as error:
         parser.error(str(error))

@@ -1,0 +1,118 @@
+"""Issue 14's targets read off the zoo's rows (benchmarks/quality/zoo/scorecard.py), and the README's
+blocks, which are that reading of the committed rows."""
+
+import math
+import os
+
+import pytest
+
+from benchmarks.quality.zoo import runner, scorecard as S, tasks as Z
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ZOO = os.path.join(ROOT, "benchmarks", "quality", "results", "zoo")
+README = os.path.join(ROOT, "README.md")
+#: the README's blocks: split -> (rows, the recommended configuration's name in them)
+README_BLOCKS = {"validation": ("validation.jsonl", "pretrain_hold"), "holdout": ("holdout.jsonl", "pretrain")}
+
+
+def _row(task, config, length, seed, loss, level=1e-3, forwards=1.0):
+    return dict(task=task, config=config, seed=seed, length=length, steps=Z.ZOO[task].steps_for(length),
+                split=Z.ZOO[task].split, final_train_loss=loss, val_loss=loss, level_mean=level,
+                forwards_per_step=forwards, diverged=None if loss is not None else "step 3", commit="x", date="d")
+
+
+def _task_rows(task, length, cand, defaults=1.0, refs=(1.0, 1.0, 1.0), seeds=(0, 1)):
+    """AdamW's best (1e-2) at loss 1, and each configuration at its ratio to it."""
+    rows = []
+    for seed in seeds:
+        rows += [_row(task, "adamw_1e-3", length, seed, 3.0), _row(task, "adamw_1e-2", length, seed, 1.0, level=1e-2),
+                 _row(task, "adamw_1e-1", length, seed, 2.0)]
+        if cand is not None:
+            rows.append(_row(task, "cand", length, seed, cand, level=2e-2, forwards=1.5))
+        rows.append(_row(task, S.DEFAULTS, length, seed, defaults))
+        rows += [_row(task, ref, length, seed, value) for ref, value in zip(runner.REFERENCES, refs)]
+    return rows
+
+
+def test_each_target_is_read_as_the_issue_writes_it():
+    names = sorted(Z.names("holdout"))
+    assert len(names) == 6
+    rows = []
+    for length in Z.LENGTHS:
+        for task in names:
+            rows += _task_rows(task, length, 1.0)
+    card = S.scorecard(rows, "holdout", "cand")
+    for length in Z.LENGTHS:
+        c = card[length]
+        assert c["geomean"] == pytest.approx(1.0) and c["geomean_met"] and not c["above"] and not c["missing"]
+        assert not c["worse_than_defaults"] and all(a == dict(count=6, met=True) for a in c["ahead"].values())
+        assert c["forwards_mean"] == c["forwards_max"] == 1.5
+        assert c["tasks"][0]["level_ratio"] == pytest.approx(2.0) and c["tasks"][0]["best_lr"] == pytest.approx(1e-2)
+
+    # at "long": one task at 1.3 (above 1.15; the geomean 1.037 > 1.03), one 6% worse than the
+    # defaults, a reference ahead on two tasks of six (4/6 < 3/4), one task without the configuration at "short"
+    first, second, third = names[:3]
+    rows = [r for r in rows if not (r["length"] == "long" and r["task"] in (first, second, third))
+            and not (r["length"] == "short" and r["task"] == first and r["config"] == "cand")]
+    rows += _task_rows(first, "long", 1.3, refs=(1.0, 1.0, 2.0))
+    rows += _task_rows(second, "long", 1.06, defaults=1.0, refs=(1.0, 1.0, 1.0))
+    rows += _task_rows(third, "long", 0.9, refs=(0.8, 1.0, 1.0))
+    card = S.scorecard(rows, "holdout", "cand")
+    long = card["long"]
+    assert long["geomean"] == pytest.approx((1.3 * 1.06 * 0.9) ** (1 / 6)) and not long["geomean_met"]
+    assert long["above"] == [first] and long["worse_than_defaults"] == [first, second]
+    assert long["ahead"]["prodigy_warmup"] == dict(count=3, met=False)  # behind on the first three
+    assert long["ahead"]["prodigy_plus_sf"] == dict(count=5, met=True)
+    short = card["short"]
+    assert short["missing"] == [first] and math.isnan(short["geomean"]) and not short["geomean_met"]
+    assert short["above"] == [first] and short["worse_than_defaults"] == [first]
+    assert short["ahead"]["prodigy_warmup"]["count"] == 5
+    assert card["default"]["geomean_met"]
+    text = S.markdown(card, "holdout", "cand", "the command")
+    assert f"| {first} | no rows | 1.000 (2x) | **1.300** (2x) | — / 1.50 / 1.50 |" in text
+    assert "| geomean <= 1.03 | —: **missed** | 1.000: met | 1.037: **missed** |" in text
+    assert f"**missed** (1: {first})" in text and f"**missed** (2: {first}, {second})" in text
+    assert "| at or ahead of Prodigy + warm-up on 75% of tasks | 5/6: met | 6/6: met | 3/6: **missed** |" in text
+    assert f"Tasks without rows (every target they enter counts as missed): short: {first}." in text
+
+
+def test_a_diverged_run_misses_every_target_it_enters():
+    rows = []
+    for length in Z.LENGTHS:
+        for task in Z.names("holdout"):
+            rows += _task_rows(task, length, 1.0)
+    task = Z.names("holdout")[0]
+    rows = [r for r in rows if not (r["task"] == task and r["length"] == "default" and r["config"] == "cand")]
+    rows += [_row(task, "cand", "default", 0, None), _row(task, "cand", "default", 1, 1.0)]
+    card = S.scorecard(rows, "holdout", "cand")["default"]
+    assert card["geomean"] == math.inf and not card["geomean_met"] and card["above"] == [task]
+    assert card["worse_than_defaults"] == [task] and card["ahead"]["prodigy_warmup"]["count"] == 5
+    with pytest.raises(ValueError, match="no task in split"):
+        S.scorecard(rows, "test", "cand")
+
+
+def test_the_update_rewrites_only_its_own_block_and_refuses_a_page_without_it(tmp_path):
+    page = tmp_path / "page.md"
+    text = "intro\n" + "\n".join(S.markers("holdout")) + "\nafter\n"
+    page.write_text(text)
+    assert S.replace_block(text, "holdout", "new\n") == "intro\n<!-- zoo scorecard: holdout -->\nnew\n" \
+                                                      "<!-- end zoo scorecard: holdout -->\nafter\n"
+    for broken in ("intro\n", text + S.markers("holdout")[0], "\n".join(reversed(S.markers("holdout")))):
+        with pytest.raises(ValueError, match="once each"):
+            S.replace_block(broken, "holdout", "new\n")
+    rows = os.path.join(ZOO, "holdout.jsonl")
+    page.write_text("no markers here\n")
+    with pytest.raises(SystemExit):  # a usage error, and the page as it was
+        runner.main(["scorecard", rows, "--split", "holdout", "--config", "pretrain", "--update", str(page)])
+    assert page.read_text() == "no markers here\n"
+
+
+@pytest.mark.parametrize("split", sorted(README_BLOCKS))
+def test_the_readme_shows_the_committed_rows_as_the_scorecard_reads_them(split):
+    """The README's tables are generated, not typed: this fails when a row or the page changes alone."""
+    name, config = README_BLOCKS[split]
+    files = [os.path.relpath(os.path.join(ZOO, name), ROOT)]
+    card = S.scorecard(runner.read_rows([os.path.join(ROOT, f) for f in files]), split, config)
+    expected = S.markdown(card, split, config, S.command(files, split, config))
+    with open(README, encoding="utf-8") as handle:
+        assert S.block_of(handle.read(), split) == expected
