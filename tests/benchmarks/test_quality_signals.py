@@ -188,3 +188,49 @@ def test_measuring_records_the_polyak_ratios_over_the_search_phase():
     row = signals.measure("mlp_relu_teacher", "default", 0, steps=40)
     for key in ("polyak_l1_by_quarter", "polyak_slope_by_quarter"):
         assert len(row[key]) == 4 and all(math.isfinite(v) and v > 0 for v in row[key]), (key, row[key])
+
+
+def test_the_line_minimum_is_the_lowest_point_and_its_parabola_the_vertex():
+    multiples = signals.LINE_SCAN_MULTIPLES
+    quadratic = [(q - 1.7) ** 2 for q in multiples]  # lowest on the ladder at 2; the three points 1, 2, 4 span it
+    found = signals.line_minimum(multiples, quadratic)
+    assert found["line_min_multiple"] == 2.0 and found["line_parabola_multiple"] == pytest.approx(1.7, rel=1e-12)
+    rising = [float(i) for i in range(len(multiples))]  # no step lowers the loss: the minimum at q = 0, no vertex
+    assert signals.line_minimum(multiples, rising)["line_min_multiple"] == 0.0
+    assert math.isnan(signals.line_minimum(multiples, rising)["line_parabola_multiple"])
+    falling = [-q for q in multiples[:-1]] + [math.nan]  # a non-finite loss is infinitely high, not the lowest
+    found = signals.line_minimum(multiples, falling)
+    assert found["line_min_multiple"] == multiples[-2] and math.isnan(found["line_parabola_multiple"])
+    concave_tie = [3.0, 1.0, 1.0, 3.0]  # a tie: the smaller multiple; the points through it are convex
+    assert signals.line_minimum([0.0, 1.0, 2.0, 3.0], concave_tie) == dict(line_min_multiple=1.0,
+                                                                            line_parabola_multiple=1.5)
+
+
+def test_the_line_scan_reads_the_upcoming_batches_along_the_freezes_step_and_leaves_the_run_as_the_zoo_runs_it():
+    # cnn_bn_digits has BatchNorm: the scan's forwards must not move its running statistics
+    steps, name = 40, "cnn_bn_digits"
+    row = signals.line_scan(name, "default", 0, steps=steps)
+    torch.set_num_threads(1)
+    zoo = train(tasks.make(name, 0, steps=steps), "pretrain_hold", 0, record_searches=False)
+    assert row["final_train_loss"] == zoo["final_train_loss"]  # bitwise: the scan only reads
+    freeze = steps - round(0.8 * steps)
+    assert row["freeze_step"] == freeze and len(row["line_scan_losses"]) == len(signals.LINE_SCAN_MULTIPLES)
+    # at q = 0 the weights before the freeze's step, at q = the multiple it applied the weights after it
+    applied = row["applied_multiple_at_freeze"]
+    again = signals.line_scan(name, "default", 0, multiples=(0.0, applied), batches=3, steps=steps)
+    task, model, built = signals._start(name, "default", 0, "pretrain_hold", steps, ("fused",))
+    params = [p for g in built.optimizer.param_groups for p in g["params"]]
+    means = []
+    for k, batch in enumerate(task.batches[:freeze]):
+        if k + 1 == freeze:
+            means.append(sum(signals._loss_elsewhere(task, model, b, params) for b in task.batches[freeze:freeze + 3]) / 3)
+        signals._take_step(built, task, model, batch)
+    means.append(sum(signals._loss_elsewhere(task, model, b, params) for b in task.batches[freeze:freeze + 3]) / 3)
+    assert again["line_scan_losses"] == pytest.approx(means, rel=1e-5) and means[0] != pytest.approx(means[1], rel=1e-3)
+
+
+def test_the_line_scan_refuses_a_run_without_a_freeze_or_the_batches_after_it():
+    with pytest.raises(ValueError, match="no WarmupStableDecay schedule"):
+        signals.line_scan("mlp_relu_teacher", "default", 0, config="salsa_faithful", steps=20)
+    with pytest.raises(ValueError, match="leave no 8 batches after the freeze"):
+        signals.line_scan("mlp_relu_teacher", "default", 0, steps=9)

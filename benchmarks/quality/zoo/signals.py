@@ -308,6 +308,68 @@ def step_sharpness(task_name: str, length: str, seed: int, config: str, steps: O
                 steps_measured=len(ratios))
 
 
+#: The line scan's multiples of the searched level (NOTES.md section 51): 0 and 2^-3 .. 2^5.
+LINE_SCAN_MULTIPLES = (0.0,) + tuple(2.0 ** j for j in range(-3, 6))
+#: The upcoming batches whose mean loss the line scan reads at each multiple.
+LINE_SCAN_BATCHES = 8
+
+
+def line_minimum(multiples: Sequence[float], losses: Sequence[float]) -> Dict[str, float]:
+    """The multiple of the lowest loss (a non-finite loss counts as infinitely high; ties: the smaller
+    multiple), and the vertex of the parabola through it and its two neighbours on the ladder: nan when the
+    lowest is at an end or the three points are not convex."""
+    clean = [loss if math.isfinite(loss) else math.inf for loss in losses]
+    i = min(range(len(clean)), key=lambda j: (clean[j], j))
+    vertex = math.nan
+    if 0 < i < len(clean) - 1 and all(math.isfinite(clean[j]) for j in (i - 1, i, i + 1)):
+        (x0, x1, x2), (y0, y1, y2) = multiples[i - 1:i + 2], clean[i - 1:i + 2]
+        # the parabola's second divided difference and the vertex -b / 2a
+        a = ((y2 - y1) / (x2 - x1) - (y1 - y0) / (x1 - x0)) / (x2 - x0)
+        if a > 0:
+            b = (y1 - y0) / (x1 - x0) - a * (x0 + x1)
+            vertex = -b / (2 * a)
+    return dict(line_min_multiple=multiples[i], line_parabola_multiple=vertex)
+
+
+def line_scan(task_name: str, length: str, seed: int, config: str = "pretrain_hold",
+              multiples: Sequence[float] = LINE_SCAN_MULTIPLES, batches: int = LINE_SCAN_BATCHES,
+              steps: Optional[int] = None) -> dict:
+    """Train ``config`` (a plain FusedSaLSa with a ``WarmupStableDecay`` schedule) on the zoo task and
+    return the row of its **line scan** at the freeze (NOTES.md section 51): after the last search step
+    ``F`` (the schedule's ``decay_start``), with ``w_F`` the weights before it, ``a_F`` the level it applied
+    and ``u = (w_F - w_{F+1}) / a_F``, the mean loss of the ``batches`` batches of steps ``F+1 ..`` at
+    ``w_F - q (eta g) u`` for each ``q`` of ``multiples`` (``eta g``: the searched level times the growth
+    after step ``F``). Side measurements: the run is the zoo's (bitwise)."""
+    task, model, built = _start(task_name, length, seed, config, steps, ("fused",))
+    opt, schedule = built.optimizer, built.schedule
+    if schedule is None or not hasattr(schedule, "decay_start"):
+        raise ValueError(f"{config!r} has no WarmupStableDecay schedule: the line scan reads its freeze")
+    freeze = schedule.decay_start
+    if freeze + batches > task.steps:
+        raise ValueError(f"{task.steps} steps leave no {batches} batches after the freeze at step {freeze}")
+    params = [p for g in opt.param_groups for p in g["params"]]
+    levels, backoffs, losses, scan = [], [], [], {}
+    for k, batch in enumerate(task.batches):
+        step = k + 1
+        before = [p.detach().clone() for p in params] if step == freeze else None
+        losses.append(_take_step(built, task, model, batch))
+        _record_level(opt, schedule, step, levels, backoffs)
+        if step == freeze:
+            unit = opt.search_state.step_size * opt.search_config.growth
+            applied = levels[-1]
+            update = [(b - p.detach()) / applied for b, p in zip(before, params)]
+            ahead = task.batches[step:step + batches]
+            scan_losses = [sum(_loss_elsewhere(task, model, upcoming, params,
+                                               [b - q * unit * d for b, d in zip(before, update)])
+                               for upcoming in ahead) / len(ahead) for q in multiples]
+            scan = dict(line_scan_multiples=list(multiples), line_scan_losses=scan_losses, freeze_step=freeze,
+                        level_at_freeze=unit, applied_multiple_at_freeze=applied / unit,
+                        **line_minimum(multiples, scan_losses))
+    tail = max(1, len(losses) // 10)
+    return dict(task=task_name, split=Z.ZOO[task_name].split, length=length, steps=task.steps, config=config,
+                seed=seed, final_train_loss=sum(losses[-tail:]) / tail, level_mean=sum(levels) / len(levels), **scan)
+
+
 def best_adamw_rates(rows: Iterable[dict]) -> Dict[tuple, float]:
     """``(task, length) -> lr``: each task-length's best AdamW rate in zoo rows, as the tables compute it
     (:func:`runner.best_adamw_lr`); task-lengths without a grid row are left out."""
@@ -346,14 +408,17 @@ def main(argv=None) -> int:
                         help="measure the chord ratio of --config (a plain FusedSaLSa or a torch optimizer) over "
                              f"windows of {', '.join(map(str, CHORD_WINDOWS))} steps instead of the range test and "
                              "agreement")
+    parser.add_argument("--line-scan", action="store_true",
+                        help="scan the loss of the upcoming batches along the step at the freeze of --config (NOTES.md "
+                             "section 51) instead of the range test and agreement")
     parser.add_argument("--around-best-adamw", metavar="ROWS", default=None,
                         help="with --sharpness or --chord, instead of --config: AdamW at each task-length's best grid rate "
                              "in these zoo rows (comma-separated files; as the tables compute it) and at 1/3 and 3x it")
     parser.add_argument("--out", required=True,
                         help="JSONL file the rows are appended to (a new file, to rebuild a committed one)")
     args = parser.parse_args(argv)
-    if args.sharpness and args.chord:
-        parser.error("--sharpness and --chord are two measurements: choose one")
+    if args.sharpness + args.chord + args.line_scan > 1:
+        parser.error("--sharpness, --chord and --line-scan are three measurements: choose one")
     either = args.sharpness or args.chord
     tasks, lengths = args.tasks.split(","), args.lengths.split(",")
     for name in tasks:
@@ -393,7 +458,9 @@ def main(argv=None) -> int:
                 configs = [args.config] if best is None else [
                     O.adamw_name(best[(name, length)] * f) for f in (1 / 3, 1.0, 3.0)]
                 for seed, config in [(s, c) for s in seeds for c in configs]:
-                    if either:
+                    if args.line_scan:
+                        row = line_scan(name, length, seed, config)
+                    elif either:
                         row = (step_sharpness if args.sharpness else chord_ratio)(name, length, seed, config)
                         if best is not None:
                             row["best_adamw_lr"] = best[(name, length)]
@@ -406,6 +473,10 @@ def main(argv=None) -> int:
                     if args.chord:
                         print(f"{name} {length} seed {seed} {config}: final {row['final_train_loss']:.4g}, chord "
                               + "; ".join(f"K={K} {[round(x, 3) for x in v]}" for K, v in row["chord_by_fifth"].items()),
+                              file=sys.stderr)
+                    elif args.line_scan:
+                        print(f"{name} {length} seed {seed} {config}: final {row['final_train_loss']:.4g}, line "
+                              f"minimum at {row['line_min_multiple']:g}x (parabola {row['line_parabola_multiple']:.3g}x)",
                               file=sys.stderr)
                     elif args.sharpness:
                         print(f"{name} {length} seed {seed} {config}: final {row['final_train_loss']:.4g}, "
