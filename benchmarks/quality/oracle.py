@@ -17,6 +17,9 @@ the configurations on the run's early part and keep the best (their probes' cost
 ``--signal CONFIG --control C --floor-scale K`` (NOTES.md section 49) scores, in hindsight, a floor at K times
 CONFIG's applied level on the multiple of C's searched level (:func:`floor_report`).
 
+``--feature KEY --feature-rows ROWS --control C --rule-scale K`` (NOTES.md section 51) scores, in hindsight,
+the multiple set to K times a feature measured along C's run (:func:`feature_rule_report`).
+
     python -m benchmarks.quality.oracle results/zoo/development.jsonl results/zoo/development_oracle43.jsonl \\
         --configs pretrain_peak0.5,pretrain_peak1,pretrain_hold,pretrain_peak4,pretrain_peak8 --split development
 """
@@ -263,6 +266,47 @@ def floor_report(rows: List[dict], multiples: Dict[str, float], control: str, si
     return {length: out[length] for length in LENGTHS if length in out}
 
 
+def feature_rule_report(rows: List[dict], feature_rows: List[dict], multiples: Dict[str, float], control: str,
+                        key: str, scale: float, split: Optional[str] = None) -> Dict[str, dict]:
+    """A multiple set from a feature, in hindsight (NOTES.md section 51). Per task-length where every
+    configuration of ``multiples`` (name -> the multiple of the searched level it applies, ``control``
+    among them) has a ratio, the rule applies ``scale`` times the feature (its geometric mean over the
+    seeds where it is finite and > 0; the control's multiple where it has none), rounded to the nearest
+    of ``multiples`` in log2 (ties to the lower), and is scored by that configuration's ratio to the best
+    AdamW. Only ``multiples``, on every task: a grid's extensions that exist where an oracle wanted them
+    would tell the rule the answer. Per length: ``per_task`` {task: (picked name, its ratio, the control's
+    ratio)}, ``geomean``, ``control_geomean``, ``above_1_15`` and ``no_feature`` (tasks left at the control's)."""
+    if control not in multiples:
+        raise ValueError(f"the control {control!r} must be one of the multiples {sorted(multiples)}")
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"the rule's scale must be a positive number, got {scale!r}")
+    values: Dict[tuple, List[float]] = {}
+    for row in feature_rows:
+        value = row.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
+            values.setdefault((row["task"], row["length"]), []).append(value)
+    summary = summarize([r for r in rows if split is None or r.get("split") == split])
+    out: Dict[str, dict] = {}
+    for entry in summary.values():
+        present = entry["configs"]
+        if any(present.get(name, {}).get("ratio") is None for name in multiples):
+            continue
+        ratios = {name: present[name]["ratio"] for name in multiples}
+        feature = values.get((entry["task"], entry["length"]))
+        wanted = scale * _gmean(feature) if feature else multiples[control]
+        picked = min(ratios, key=lambda name: (abs(math.log2(multiples[name] / wanted)), multiples[name]))
+        result = out.setdefault(entry["length"], dict(per_task={}, no_feature=[]))
+        result["per_task"][entry["task"]] = (picked, ratios[picked], ratios[control])
+        if not feature:
+            result["no_feature"].append(entry["task"])
+    for result in out.values():
+        picks = result["per_task"].values()
+        result["geomean"] = _gmean([p[1] for p in picks])
+        result["control_geomean"] = _gmean([p[2] for p in picks])
+        result["above_1_15"] = sorted(t for t, p in result["per_task"].items() if p[1] > 1.15)
+    return {length: out[length] for length in LENGTHS if length in out}
+
+
 def markdown(result: Dict[str, dict], configs: Sequence[str]) -> str:
     """``configs``: every name the oracle picked from, in the order the counts are shown."""
     lines = [f"oracle over {', '.join(configs)}", "",
@@ -310,6 +354,9 @@ def main(argv=None) -> int:
                              "search_progress, stable_progress, roughness_over_trend) instead of --feature-rows")
     parser.add_argument("--floor-scale", type=float, default=None, metavar="K",
                         help="with --signal: score a floor at K times the signal's level, in hindsight (section 49)")
+    parser.add_argument("--rule-scale", type=float, default=None, metavar="C",
+                        help="with --feature, --feature-rows and --control: score, in hindsight, the multiple set to C "
+                             "times the feature (section 51)")
     parser.add_argument("--pick-at", type=float, default=None, metavar="F",
                         help="pick per seed by the training loss at fraction F of the run instead of the "
                              "final loss (section 46); the optional configurations are not picked from")
@@ -327,6 +374,24 @@ def main(argv=None) -> int:
     def multiples_of(text, form):
         return {name: float(value) for name, value in name_pairs([c for c in text.split(",") if c], form).items()}
 
+    if args.feature is not None and args.rule_scale is not None:
+        try:
+            multiples = multiples_of(args.configs, "--configs NAME=MULTIPLE")
+            if not args.feature_rows or args.control is None:
+                raise ValueError("--rule-scale needs --feature-rows and --control")
+            feature_rows = [r for r in read_rows(args.feature_rows.split(","))
+                            if (seeds is None or r["seed"] in seeds) and (args.split is None or r.get("split") == args.split)]
+            rule = feature_rule_report(rows, feature_rows, multiples, args.control, args.feature, args.rule_scale,
+                                       args.split)
+        except ValueError as error:
+            parser.error(str(error))
+        print(f"the multiple at {args.rule_scale:g} x {args.feature}, in place of {args.control}'s")
+        for length, r in rule.items():
+            worst = ", ".join(f"{t} {r['per_task'][t][1]:.3g} ({r['per_task'][t][0]})" for t in r["above_1_15"])
+            moved = sum(p[0] != args.control for p in r["per_task"].values())
+            print(f"  {length}: {len(r['per_task'])} tasks, geomean {r['control_geomean']:.3f} -> {r['geomean']:.3f}, "
+                  f"moved on {moved} (no feature: {', '.join(r['no_feature']) or 'none'}); above 1.15: {worst or 'none'}")
+        return 0
     if args.feature is not None:
         key, _, index = args.feature.partition(":")
         try:

@@ -323,3 +323,40 @@ def test_trace_features_read_progress_and_roughness_from_a_runs_loss_trace(tmp_p
     assert "b default: best multiple 0.5, roughness_over_trend 9\n" in out
     with pytest.raises(SystemExit):
         oracle.main([str(path), "--configs", "low=0.5,control=2", "--feature", "roughness_over_trend"])
+
+
+def test_a_multiple_set_from_a_feature_picks_the_nearest_multiple_and_keeps_the_controls_without_one(tmp_path, capsys):
+    rows, features = [], []
+    wants = {"a": 0.5, "b": 4.0, "c": 2.0, "d": 1.0}
+    for task, best in wants.items():
+        rows += _grid(task, "default", 1.0)
+        for seed in (0, 1):
+            for name, multiple in (("half", 0.5), ("one", 1.0), ("control", 2.0), ("four", 4.0)):
+                rows.append(_row(task, "default", name, seed, 1.0 + abs(math.log2(multiple / best))))
+    # a: the feature 0.25 and 1 on its seeds (geomean 0.5); b: 3 (nearest in log2: 4); c: 0 and nan on
+    # both seeds (no feature: the control's 2x); d: 1.4 (between 1 and 2, nearer 1 in log2)
+    for task, values in (("a", (0.25, 1.0)), ("b", (3.0, 3.0)), ("c", (0.0, math.nan)), ("d", (1.4, 1.4))):
+        features += [dict(task=task, length="default", seed=s, split="development", q=v) for s, v in enumerate(values)]
+    multiples = {"half": 0.5, "one": 1.0, "control": 2.0, "four": 4.0}
+    rule = oracle.feature_rule_report(rows, features, multiples, "control", "q", 1.0)["default"]
+    assert {t: p[0] for t, p in rule["per_task"].items()} == {"a": "half", "b": "four", "c": "control", "d": "one"}
+    assert rule["no_feature"] == ["c"] and rule["geomean"] == pytest.approx(1.0)
+    assert rule["control_geomean"] == pytest.approx((3.0 * 2.0 * 1.0 * 2.0) ** 0.25) and rule["above_1_15"] == []
+    doubled = oracle.feature_rule_report(rows, features, multiples, "control", "q", 2.0)["default"]
+    assert {t: p[0] for t, p in doubled["per_task"].items()} == {"a": "one", "b": "four", "c": "control", "d": "control"}
+    # a task without one of the multiples is left out: a grid's missing point would steer the rule
+    partial = oracle.feature_rule_report([r for r in rows if not (r["task"] == "d" and r["config"] == "four")],
+                                         features, multiples, "control", "q", 1.0)["default"]
+    assert sorted(partial["per_task"]) == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="scale"):
+        oracle.feature_rule_report(rows, features, multiples, "control", "q", -1.0)
+    rows_path, feature_path = tmp_path / "rows.jsonl", tmp_path / "features.jsonl"
+    rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    feature_path.write_text("".join(json.dumps(r) + "\n" for r in features))
+    assert oracle.main([str(rows_path), "--configs", "half=0.5,one=1,control=2,four=4", "--feature", "q",
+                        "--feature-rows", str(feature_path), "--control", "control", "--rule-scale", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "default: 4 tasks, geomean 1.861 -> 1.000, moved on 3 (no feature: c); above 1.15: none" in out
+    with pytest.raises(SystemExit):
+        oracle.main([str(rows_path), "--configs", "half=0.5,control=2", "--feature", "q", "--feature-rows",
+                     str(feature_path), "--rule-scale", "1"])
