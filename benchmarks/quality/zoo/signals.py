@@ -1,11 +1,13 @@
-"""Candidate overshoot signals, measured along a configuration's run (quality NOTES sections 29-31).
+"""Candidate overshoot signals, measured along a configuration's run (quality NOTES sections 29-31, 48, 51).
 
     python -m benchmarks.quality.zoo.signals --tasks mlp_tanh_cycled,lm_small --lengths default \\
         --seeds 0-1 --out /tmp/signals.jsonl
     python -m benchmarks.quality.zoo.signals --sharpness --tasks lm_small --lengths default --seeds 0 \\
         --around-best-adamw benchmarks/quality/results/zoo/development.jsonl --out /tmp/sharpness.jsonl
-    python -m benchmarks.quality.zoo.signals --chord --tasks lm_small --lengths default --seeds 0 \
+    python -m benchmarks.quality.zoo.signals --chord --tasks lm_small --lengths default --seeds 0 \\
         --around-best-adamw benchmarks/quality/results/zoo/development.jsonl --out /tmp/chord.jsonl
+    python -m benchmarks.quality.zoo.signals --line-scan --tasks lm_small --lengths default --seeds 0-1 \\
+        --out /tmp/linescan.jsonl
 
 Every run is the zoo's own (one thread, the zoo's weights and batches; its losses bitwise those of
 ``zoo run``), and appends one JSON row with the commit, versions and date. Two kinds of row:
@@ -45,6 +47,11 @@ every task.
 of the next batch at the midpoint of the window's displacement over its loss at the weights reached
 (:func:`chord_ratio`): whether, in hindsight, half the step over the window would have ended lower on a
 batch the window did not step on. ``chord_by_fifth``: its median over each fifth of the run, per ``K``.
+
+**With** ``--line-scan`` (``--config``, a plain FusedSaLSa with a ``WarmupStableDecay`` schedule; the preset by
+default): the **line scan at the freeze** (:func:`line_scan`, NOTES.md section 51), the mean loss of the next
+``LINE_SCAN_BATCHES`` batches along the last search step at 0 and ``2^-3 .. 2^5`` times the searched level,
+and ``line_min_multiple`` / ``line_parabola_multiple``, where it is lowest (:func:`line_minimum`).
 
 Every kind also records the final train loss (and the sharpness and chord rows the val loss). Rows are appended:
 to rebuild a committed file, write to a new one (ZOO.md lists the commands).
