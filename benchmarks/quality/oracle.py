@@ -207,6 +207,19 @@ def trace_features(rows: List[dict], config: str) -> List[dict]:
     return out
 
 
+def feature_values(feature_rows: List[dict], key: str, index: Optional[int] = None) -> Dict[tuple, List[float]]:
+    """``(task, length) -> [the feature per seed]`` over the rows where it is finite and > 0 (``key``: a
+    number or, with ``index``, an element of a list)."""
+    values: Dict[tuple, List[float]] = {}
+    for row in feature_rows:
+        value = row.get(key)
+        if index is not None:
+            value = value[index] if isinstance(value, list) and -len(value) <= index < len(value) else None
+        if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
+            values.setdefault((row["task"], row["length"]), []).append(value)
+    return values
+
+
 def feature_report(rows: List[dict], feature_rows: List[dict], multiples: Dict[str, float], key: str,
                    index: Optional[int] = None, split: Optional[str] = None,
                    optional: Optional[Dict[str, float]] = None) -> dict:
@@ -216,13 +229,7 @@ def feature_report(rows: List[dict], feature_rows: List[dict], multiples: Dict[s
     some seed: ``pairs`` (task, length, best multiple, the feature's geometric mean over seeds), and
     ``rho``, Spearman's correlation of log2(feature) with log2(best multiple). ``optional`` as for
     :func:`signal_report`."""
-    values: Dict[tuple, List[float]] = {}
-    for row in feature_rows:
-        value = row.get(key)
-        if index is not None:
-            value = value[index] if isinstance(value, list) and -len(value) <= index < len(value) else None
-        if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
-            values.setdefault((row["task"], row["length"]), []).append(value)
+    values = feature_values(feature_rows, key, index)
     pairs = [(task, length, best, _gmean(values[(task, length)]))
              for task, length, best in best_multiples(rows, multiples, split, optional) if values.get((task, length))]
     return dict(pairs=pairs, rho=spearman([math.log2(p[3]) for p in pairs], [math.log2(p[2]) for p in pairs]))
@@ -280,11 +287,7 @@ def feature_rule_report(rows: List[dict], feature_rows: List[dict], multiples: D
         raise ValueError(f"the control {control!r} must be one of the multiples {sorted(multiples)}")
     if not (scale > 0 and math.isfinite(scale)):
         raise ValueError(f"the rule's scale must be a positive number, got {scale!r}")
-    values: Dict[tuple, List[float]] = {}
-    for row in feature_rows:
-        value = row.get(key)
-        if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
-            values.setdefault((row["task"], row["length"]), []).append(value)
+    values = feature_values(feature_rows, key)
     summary = summarize([r for r in rows if split is None or r.get("split") == split])
     out: Dict[str, dict] = {}
     for entry in summary.values():
@@ -305,6 +308,17 @@ def feature_rule_report(rows: List[dict], feature_rows: List[dict], multiples: D
         result["control_geomean"] = _gmean([p[2] for p in picks])
         result["above_1_15"] = sorted(t for t, p in result["per_task"].items() if p[1] > 1.15)
     return {length: out[length] for length in LENGTHS if length in out}
+
+
+def print_rescored(result: Dict[str, dict], control: str, moved: str) -> None:
+    """One line per length of a :func:`floor_report` or :func:`feature_rule_report`: the control's geomean and
+    the rule's, on how many tasks the rule moved off the control, and the tasks above 1.15."""
+    for length, r in result.items():
+        worst = ", ".join(f"{t} {r['per_task'][t][1]:.3g} ({r['per_task'][t][0]})" for t in r["above_1_15"])
+        count = sum(p[0] != control for p in r["per_task"].values())
+        unread = f" (no feature: {', '.join(r['no_feature']) or 'none'})" if "no_feature" in r else ""
+        print(f"  {length}: {len(r['per_task'])} tasks, geomean {r['control_geomean']:.3f} -> {r['geomean']:.3f}, "
+              f"{moved} {count}{unread}; above 1.15: {worst or 'none'}")
 
 
 def markdown(result: Dict[str, dict], configs: Sequence[str]) -> str:
@@ -374,23 +388,22 @@ def main(argv=None) -> int:
     def multiples_of(text, form):
         return {name: float(value) for name, value in name_pairs([c for c in text.split(",") if c], form).items()}
 
+    def kept(feature_rows):
+        return [r for r in feature_rows
+                if (seeds is None or r["seed"] in seeds) and (args.split is None or r.get("split") == args.split)]
+
     if args.feature is not None and args.rule_scale is not None:
         try:
             multiples = multiples_of(args.configs, "--configs NAME=MULTIPLE")
             if not args.feature_rows or args.control is None:
                 raise ValueError("--rule-scale needs --feature-rows and --control")
-            feature_rows = [r for r in read_rows(args.feature_rows.split(","))
-                            if (seeds is None or r["seed"] in seeds) and (args.split is None or r.get("split") == args.split)]
+            feature_rows = kept(read_rows(args.feature_rows.split(",")))
             rule = feature_rule_report(rows, feature_rows, multiples, args.control, args.feature, args.rule_scale,
                                        args.split)
         except ValueError as error:
             parser.error(str(error))
         print(f"the multiple at {args.rule_scale:g} x {args.feature}, in place of {args.control}'s")
-        for length, r in rule.items():
-            worst = ", ".join(f"{t} {r['per_task'][t][1]:.3g} ({r['per_task'][t][0]})" for t in r["above_1_15"])
-            moved = sum(p[0] != args.control for p in r["per_task"].values())
-            print(f"  {length}: {len(r['per_task'])} tasks, geomean {r['control_geomean']:.3f} -> {r['geomean']:.3f}, "
-                  f"moved on {moved} (no feature: {', '.join(r['no_feature']) or 'none'}); above 1.15: {worst or 'none'}")
+        print_rescored(rule, args.control, "moved on")
         return 0
     if args.feature is not None:
         key, _, index = args.feature.partition(":")
@@ -403,8 +416,7 @@ def main(argv=None) -> int:
                 feature_rows = read_rows(args.feature_rows.split(","))
             else:
                 raise ValueError("--feature needs --feature-rows or --trace-config")
-            feature_rows = [r for r in feature_rows
-                            if (seeds is None or r["seed"] in seeds) and (args.split is None or r.get("split") == args.split)]
+            feature_rows = kept(feature_rows)
             report = feature_report(rows, feature_rows, multiples, key, int(index) if index else None, args.split,
                                     optional_multiples)
         except ValueError as error:
@@ -423,11 +435,7 @@ def main(argv=None) -> int:
             except ValueError as error:
                 parser.error(str(error))
             print(f"a floor at {args.floor_scale:g} x {args.signal}'s level on {args.control}")
-            for length, r in floor.items():
-                worst = ", ".join(f"{t} {r['per_task'][t][1]:.3g} ({r['per_task'][t][0]})" for t in r["above_1_15"])
-                moved = sum(p[0] != args.control for p in r["per_task"].values())
-                print(f"  {length}: {len(r['per_task'])} tasks, geomean {r['control_geomean']:.3f} -> {r['geomean']:.3f}, "
-                      f"floor binds on {moved}; above 1.15: {worst or 'none'}")
+            print_rescored(floor, args.control, "floor binds on")
             return 0
         try:
             multiples = multiples_of(args.configs, "--configs NAME=MULTIPLE")
