@@ -235,6 +235,22 @@ def feature_report(rows: List[dict], feature_rows: List[dict], multiples: Dict[s
     return dict(pairs=pairs, rho=spearman([math.log2(p[3]) for p in pairs], [math.log2(p[2]) for p in pairs]))
 
 
+def _nearest(ratios: Dict[str, float], multiples: Dict[str, float], wanted: float) -> str:
+    """The name among ``ratios`` whose multiple is nearest ``wanted`` in log2 (ties: the lower multiple)."""
+    return min(ratios, key=lambda name: (abs(math.log2(multiples[name] / wanted)), multiples[name]))
+
+
+def _rescored(out: Dict[str, dict]) -> Dict[str, dict]:
+    """Each length's ``per_task`` {task: (picked, its ratio, the control's)} summed up: ``geomean``,
+    ``control_geomean``, ``above_1_15``; the lengths in ``LENGTHS`` order."""
+    for result in out.values():
+        picks = result["per_task"].values()
+        result["geomean"] = _gmean([p[1] for p in picks])
+        result["control_geomean"] = _gmean([p[2] for p in picks])
+        result["above_1_15"] = sorted(t for t, p in result["per_task"].items() if p[1] > 1.15)
+    return {length: out[length] for length in LENGTHS if length in out}
+
+
 def floor_report(rows: List[dict], multiples: Dict[str, float], control: str, signal: str, scale: float,
                  split: Optional[str] = None) -> Dict[str, dict]:
     """A floor on the level from ``signal``'s applied level, in hindsight (NOTES.md section 49). Per task-length
@@ -262,15 +278,10 @@ def floor_report(rows: List[dict], multiples: Dict[str, float], control: str, si
         if control not in ratios:
             continue
         wanted = max(multiples[control], multiples[control] * scale * levels[1] / levels[0])
-        picked = min(ratios, key=lambda name: (abs(math.log2(multiples[name] / wanted)), multiples[name]))
+        picked = _nearest(ratios, multiples, wanted)
         result = out.setdefault(entry["length"], dict(per_task={}))
         result["per_task"][entry["task"]] = (picked, ratios[picked], ratios[control])
-    for result in out.values():
-        picks = result["per_task"].values()
-        result["geomean"] = _gmean([p[1] for p in picks])
-        result["control_geomean"] = _gmean([p[2] for p in picks])
-        result["above_1_15"] = sorted(t for t, p in result["per_task"].items() if p[1] > 1.15)
-    return {length: out[length] for length in LENGTHS if length in out}
+    return _rescored(out)
 
 
 def feature_rule_report(rows: List[dict], feature_rows: List[dict], multiples: Dict[str, float], control: str,
@@ -297,17 +308,12 @@ def feature_rule_report(rows: List[dict], feature_rows: List[dict], multiples: D
         ratios = {name: present[name]["ratio"] for name in multiples}
         feature = values.get((entry["task"], entry["length"]))
         wanted = scale * _gmean(feature) if feature else multiples[control]
-        picked = min(ratios, key=lambda name: (abs(math.log2(multiples[name] / wanted)), multiples[name]))
+        picked = _nearest(ratios, multiples, wanted)
         result = out.setdefault(entry["length"], dict(per_task={}, no_feature=[]))
         result["per_task"][entry["task"]] = (picked, ratios[picked], ratios[control])
         if not feature:
             result["no_feature"].append(entry["task"])
-    for result in out.values():
-        picks = result["per_task"].values()
-        result["geomean"] = _gmean([p[1] for p in picks])
-        result["control_geomean"] = _gmean([p[2] for p in picks])
-        result["above_1_15"] = sorted(t for t, p in result["per_task"].items() if p[1] > 1.15)
-    return {length: out[length] for length in LENGTHS if length in out}
+    return _rescored(out)
 
 
 def print_rescored(result: Dict[str, dict], control: str, moved: str) -> None:
