@@ -785,7 +785,9 @@ class FusedSaLSa(Optimizer):
                     "or, to keep your own backward, use the two-phase form: "
                     "loss.backward(); step(closure, loss=loss). Under Lightning's automatic optimization "
                     "with accumulate_grad_batches the earlier micro-batches' backward left them: set "
-                    "self.automatic_optimization = False as docs/integrations.md shows")
+                    "self.automatic_optimization = False and accumulate in the module, as "
+                    "docs/integrations.md shows (accumulate_grad_batches and gradient_clip_val are "
+                    "automatic-optimization flags)")
 
     def _remember_if_zeros(self) -> bool:
         """Are the gradients not zeroed by this optimizer all zeros? If so they are recorded as

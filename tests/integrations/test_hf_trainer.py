@@ -171,3 +171,114 @@ def test_trainer_refuses_a_rule_that_reads_several_batches_per_step(tmp_path):
                            salsa_kwargs={"backend": "torch", "search_rule": "labpal"})
     with pytest.raises(ValueError, match="SaLSaTrainer binds a closure over one update's batches"):
         trainer.create_optimizer()
+
+
+def test_trainer_builds_with_the_adam_constants_and_optimizer_cls_and_kwargs(tmp_path):
+    model = tiny_gpt2()
+    args = train_args(tmp_path, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6)
+    trainer = SaLSaTrainer(model=model, args=args, train_dataset=token_dataset(4))
+    group = trainer.create_optimizer().param_groups[0]
+    assert (group["betas"], group["eps"]) == ((0.8, 0.95), 1e-6)
+
+    trainer = SaLSaTrainer(model=model, args=args, train_dataset=token_dataset(4),
+                           optimizer_cls_and_kwargs=(FusedSaLSa, {"init_step_size": 0.01, "betas": (0.5, 0.9)}))
+    opt = trainer.create_optimizer()
+    assert opt.init_step_size == 0.01 and opt.param_groups[0]["betas"] == (0.5, 0.9)
+    assert opt.param_groups[0]["eps"] == 1e-6 and opt.model is model
+
+    def trainer_with(cls_and_kwargs, salsa_kwargs=None):
+        return SaLSaTrainer(model=model, args=args, train_dataset=token_dataset(4),
+                            optimizer_cls_and_kwargs=cls_and_kwargs, salsa_kwargs=salsa_kwargs)
+
+    with pytest.raises(TypeError, match="optimizer_cls_and_kwargs names 'AdamW'"):
+        trainer_with((torch.optim.AdamW, {})).create_optimizer()
+    with pytest.raises(ValueError, match="optimizer_cls_and_kwargs must not set 'lr'"):
+        trainer_with((FusedSaLSa, {"lr": 0.5})).create_optimizer()
+    with pytest.raises(ValueError, match="c set by both"):
+        trainer_with((FusedSaLSa, {"c": 0.3}), {"c": 0.4}).create_optimizer()
+
+
+class BatchNormRegression(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh(),
+                                        torch.nn.Linear(16, 1))
+
+    def forward(self, x, labels=None):
+        out = self.body(x)
+        return {"loss": torch.nn.functional.mse_loss(out, labels), "logits": out}
+
+
+def regression_rows(n):
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 8, generator=generator)
+    return [{"x": row, "labels": row[:1].sin()} for row in x]
+
+
+def test_a_given_optimizer_without_model_keeps_batchnorm_statistics(tmp_path):
+    """Trials of a FusedSaLSa passed through optimizers=(opt, None) without model= used to update the
+    running statistics too: each search added its trial forwards to num_batches_tracked."""
+    steps, accumulate = 6, 2
+    model = BatchNormRegression()
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    args = train_args(tmp_path, max_steps=steps, gradient_accumulation_steps=accumulate,
+                      per_device_train_batch_size=8, lr_scheduler_type="constant")
+    trainer = SaLSaTrainer(model=model, args=args, train_dataset=regression_rows(8 * steps * accumulate),
+                           optimizers=(opt, None))
+    trainer.train()
+    assert opt.model is model and opt.num_forward_evals > steps  # searches ran trial forwards
+    assert int(model.body[1].num_batches_tracked) == steps * accumulate
+
+    other = torch.nn.Linear(2, 2)
+    stranger = FusedSaLSa(other.parameters(), backend="torch")
+    trainer = SaLSaTrainer(model=tiny_gpt2(), args=train_args(tmp_path), train_dataset=token_dataset(4),
+                           optimizers=(stranger, None))
+    trainer.create_optimizer()
+    assert stranger.model is None  # not this model's parameters: not attached
+
+
+def test_trainer_warns_where_its_scheduler_would_reshape_a_preset(tmp_path):
+    from salsa_fused import presets
+
+    def created(total_steps, **overrides):
+        model = tiny_gpt2()
+        opt = presets.recommended(model.parameters(), total_steps=total_steps, backend="torch")
+        trainer = SaLSaTrainer(model=model, args=train_args(tmp_path, **overrides), train_dataset=token_dataset(4),
+                               optimizers=(opt, None))
+        trainer.create_optimizer()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.create_scheduler(STEPS)
+        return [str(w.message) for w in caught]
+
+    messages = created(STEPS)  # Trainer's default scheduler, linear
+    assert len(messages) == 1 and "lr_scheduler_type='linear' multiplies" in messages[0]
+    messages = created(STEPS + 4, lr_scheduler_type="constant")
+    assert len(messages) == 1 and f"total_steps={STEPS + 4} and Trainer will run {STEPS}" in messages[0]
+    assert created(STEPS, lr_scheduler_type="constant") == []
+
+
+def test_trainer_reports_a_plain_steps_nan_at_the_end_and_before_a_checkpoint(tmp_path):
+    """A NaN gradient on a step without a search is counted on the device; with no later search to read
+    it, train() used to return as if nothing happened, under the default nonfinite="raise"."""
+    from salsa_fused import presets
+    from salsa_fused.errors import NonFiniteError
+
+    class Poison(transformers.TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 3:  # the 4th update: the preset searched on the 1st only
+                next(model.parameters()).grad.view(-1)[0] = float("nan")
+
+    for save in ("no", "steps"):
+        model = tiny_gpt2()
+        opt = presets.recommended(model.parameters(), total_steps=STEPS, backend="torch")
+        args = train_args(tmp_path / save, lr_scheduler_type="constant", max_grad_norm=0.0, save_strategy=save,
+                          save_steps=STEPS - 1)
+        trainer = SaLSaTrainer(model=model, args=args, train_dataset=token_dataset(STEPS * MICRO_BATCH * ACCUMULATE),
+                               optimizers=(opt, None), callbacks=[Poison()])
+        with pytest.raises(NonFiniteError, match="1 gradient elements"):
+            trainer.train()
+        assert opt.num_searches == 1 and opt.search_state.step == (STEPS - 1 if save == "steps" else STEPS)
+        assert not (tmp_path / save / f"checkpoint-{STEPS - 1}").exists()  # refused before it was written
+        assert all(torch.isfinite(p).all() for p in model.parameters())
