@@ -28,7 +28,8 @@ The presets here are other fixed configurations, with nothing to tune per task:
 
 Run length, for ``"pretrain"``:
 
-- **Past ``total_steps``** the schedule holds the last step of its cooldown
+- **Past ``total_steps``** (whose own step applies 0: the cooldown ends there) the schedule holds
+  the cooldown's last positive step
   (:attr:`~salsa_fused.step_size.WarmupStableDecay.past_end_scale`: ``2 / (T - D)`` with
   ``D = T - round(0.8 * T)``, about ``2 / (0.8 * total_steps)``
   of the frozen level), never 0, and the optimizer warns once that the run is past its plan.
