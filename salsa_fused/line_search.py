@@ -131,12 +131,14 @@ class SearchState:
                 raise ValueError(f"search state {name} must be an integer >= 0, got {value!r}")
         for name in ("step_size", "step_size_fast", "step_size_slow"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"search state {name} must be a finite number > 0, got {value!r}")
-        for name in ("loss_decrease_avg", "slope_avg", "search_interval", "last_search_loss"):
+        for name in ("loss_decrease_avg", "slope_avg", "search_interval", "last_search_loss", "last_loss_decrease"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value)):
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise ValueError(f"search state {name} must be a finite number, got {value!r}")
+        if not isinstance(self.rule_state, dict):
+            raise ValueError(f"search state rule_state must be a dict, got {type(self.rule_state).__name__}")
         for name in ("search_loss_avg", "search_loss_avg_low", "scale_hold"):
             value = getattr(self, name)
             if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):

@@ -107,6 +107,14 @@ _UNSUPPORTED_FLAGS = {
 }
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
+
+
+#: The hyperparameters every step reads from a param group.
+_GROUP_HYPER_KEYS = ("lr", "betas", "eps", "weight_decay")
+
+
 def _refuse_unsupported_flags(**flags) -> None:
     for name, value in flags.items():
         if value is not False:
@@ -238,8 +246,9 @@ class FusedSaLSa(Optimizer):
                  differentiable: bool = False):
         _refuse_unsupported_flags(maximize=maximize, capturable=capturable, differentiable=differentiable)
         if (isinstance(init_step_size, bool) or not isinstance(init_step_size, numbers.Real)
-                or not (math.isfinite(init_step_size) and init_step_size > 0)):
-            raise ValueError(f"init_step_size must be a finite number > 0, got {init_step_size!r}")
+                or not (math.isfinite(init_step_size) and 0 < init_step_size <= FLOAT32_MAX)):
+            raise ValueError(f"init_step_size must be a number > 0 that float32 holds (at most "
+                             f"{FLOAT32_MAX:.4g}), got {init_step_size!r}")
         if search_direction not in SEARCH_DIRECTIONS:
             raise ValueError(f"search_direction must be one of {SEARCH_DIRECTIONS}, got {search_direction!r} "
                              "(the raw gradient is a rule's direction: search_rule='labpal')")
@@ -309,12 +318,13 @@ class FusedSaLSa(Optimizer):
         for name, value in (("lr", lr), ("eps", eps), ("weight_decay", wd)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-        if not (math.isfinite(lr) and lr >= 0):
-            raise ValueError(f"lr must be a finite number >= 0, got {lr}")
+        if not (math.isfinite(lr) and 0 <= lr <= FLOAT32_MAX):
+            raise ValueError(f"lr must be a number >= 0 that float32 holds (at most {FLOAT32_MAX:.4g}), got {lr}")
         probe = group.get("search_lr", lr)
         if isinstance(probe, bool) or not isinstance(probe, numbers.Real) or not (
-                math.isfinite(probe) and probe >= 0):
-            raise ValueError(f"search_lr must be a finite number >= 0, got {probe!r}")
+                math.isfinite(probe) and 0 <= probe <= FLOAT32_MAX):
+            raise ValueError(f"search_lr must be a number >= 0 that float32 holds (at most {FLOAT32_MAX:.4g}), "
+                             f"got {probe!r}")
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         for i, beta in enumerate(betas):
@@ -322,12 +332,33 @@ class FusedSaLSa(Optimizer):
                 raise TypeError(f"betas[{i}] must be a number, got {type(beta).__name__}")
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"betas[{i}] must lie in [0, 1), got {beta}")
-        if not (math.isfinite(eps) and eps > 0):
-            raise ValueError(f"eps must be a finite number > 0, got {eps}")
+        if not (math.isfinite(eps) and FLOAT32_TINY <= eps <= FLOAT32_MAX):
+            raise ValueError(f"eps must be a number > 0 that float32 holds, from {FLOAT32_TINY:.4g} to "
+                             f"{FLOAT32_MAX:.4g} (the moments are float32: a smaller eps is 0 there, and "
+                             f"0 / (sqrt(0) + 0) is NaN), got {eps}")
         if not (math.isfinite(wd) and wd >= 0):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {wd}")
 
+    def _check_moves_fit_float32(self, plan, scale: float) -> None:
+        """Refuse, before anything is written, a step whose moves float32 cannot hold: the passes take
+        the step sizes in float32, where they would be inf and write inf weights (a scheduler's huge
+        ``lr``, a level loaded from elsewhere). Checked: the first trial ``lr_g * eta * growth``, the
+        applied step ``lr_g * s * eta * growth`` (no accepted trial is larger) and the decay."""
+        for index, group in enumerate(self.param_groups):
+            group_step = GroupStep.of(group, scale, plan.state.step_size)
+            moves = {"the first trial": group_step.trial(plan.trial_step_size).step,
+                     "the applied step": group_step.plain(plan.trial_step_size).step,
+                     "the weight decay": group_step.decay * float(group["weight_decay"])}
+            for what, size in moves.items():
+                if not (math.isfinite(size) and abs(size) <= FLOAT32_MAX):
+                    raise ValueError(
+                        f"param_groups[{index}]: {what} would be {size:.4g} times the direction, more than "
+                        f"float32 holds ({FLOAT32_MAX:.4g}): lr={group['lr']!r}, search_lr={group['search_lr']!r}, "
+                        f"the level {plan.state.step_size:.4g}, the schedule's scale {scale:.4g}; nothing "
+                        "was written")
+
     def add_param_group(self, param_group: dict) -> None:
+        _refuse_unsupported_flags(**{name: param_group[name] for name in _UNSUPPORTED_FLAGS if name in param_group})
         params = param_group["params"]
         _refuse_a_set(params)
         params = [params] if isinstance(params, torch.Tensor) else list(params)
@@ -348,6 +379,10 @@ class FusedSaLSa(Optimizer):
                 raise ValueError(f"FusedSaLSa needs floating-point parameters, got {p.dtype}")
             if p.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
                 raise ValueError(f"unsupported parameter dtype {p.dtype}")
+            if any(stride == 0 and size > 1 for stride, size in zip(p.stride(), p.shape)):
+                raise ValueError(f"a parameter of shape {tuple(p.shape)} has elements that share memory (an "
+                                 f"expanded tensor, strides {p.stride()}): an update cannot write it in place; "
+                                 "make it a parameter of its own memory (.clone() or .contiguous())")
             devices.add(p.device)
         if len(devices) > 1:
             names = ", ".join(sorted(str(d) for d in devices))
@@ -539,9 +574,13 @@ class FusedSaLSa(Optimizer):
                 "flatten_optimizer_state_dict=True, which drops it; the search starts over from "
                 "init_step_size, with the step counter at 0", UserWarning, stacklevel=2)
         groups = [{k: v for k, v in group.items() if k != _SEARCH_KEY} for group in groups]
-        for group in groups:
+        for index, group in enumerate(groups):
             group.setdefault("search_lr", group.get("lr", self.defaults["lr"]))  # saved before it existed
-            self._validate_group_hyper({**self.defaults, **group})
+            lacking = [key for key in _GROUP_HYPER_KEYS if key not in group]
+            if lacking:
+                raise ValueError(f"the checkpoint's parameter group {index} has no {', '.join(map(repr, lacking))}: "
+                                 "every step reads it; the checkpoint is corrupt; nothing was loaded")
+            self._validate_group_hyper(group)
         param_of = {saved_id: param for saved, group in zip(groups, self.param_groups)
                     for saved_id, param in zip(saved["params"], group["params"])}
         stripped_state, moments = {}, {}
@@ -557,6 +596,10 @@ class FusedSaLSa(Optimizer):
                                  "checkpoint is corrupt; nothing was loaded")
             for name, moment in moments[key].items():
                 param = param_of[key]
+                if isinstance(moment, torch.Tensor) and (moment.layout != torch.strided or moment.is_meta):
+                    raise ValueError(f"the checkpoint's {name} of parameter {key} is a "
+                                     f"{'meta' if moment.is_meta else str(moment.layout)} tensor, which holds no "
+                                     "values to load: the checkpoint is corrupt; nothing was loaded")
                 if (not isinstance(moment, torch.Tensor) or moment.shape != param.shape
                         or _is_dtensor(moment) != _is_dtensor(param) or _local(moment).shape != _local(param).shape):
                     raise ValueError(
@@ -595,7 +638,8 @@ class FusedSaLSa(Optimizer):
             local = _local(tensor)
             if not local.numel():
                 return torch.zeros((), dtype=torch.float32, device=device)
-            low, high = torch.aminmax(local.float() if not local.is_floating_point() else local)
+            # in float32, as the moments are kept: a float64 value beyond its range would load as inf
+            low, high = torch.aminmax(local if local.dtype == torch.float32 else local.float())
             bad = ~(torch.isfinite(low) & torch.isfinite(high))
             if name == "exp_avg_sq":
                 bad = bad | (low < 0)
@@ -919,6 +963,7 @@ class FusedSaLSa(Optimizer):
         for group in self.param_groups:
             if group["search_lr"] == 0 and group["lr"] > 0:
                 group["search_lr"] = 1.0  # built at 0: its first positive lr is a warmup's, not its level
+        self._check_moves_fit_float32(plan, scale)
         if plan.is_search and not self._some_group_moves():
             plan = plan_without_search(rule, state, config, plan)  # every group at lr 0 now: nothing moves
         if plan.is_search and not self.__dict__.get("_fsdp_checked", False):

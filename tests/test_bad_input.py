@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from copy import deepcopy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -390,6 +391,10 @@ _BAD_CONSTRUCTION = [
     (dict(init_step_size=True), "init_step_size must be"), (dict(init_step_size="1"), "init_step_size must be"),
     (dict(adaptive_interval="no"), "adaptive_interval must be True or False"),
     (dict(c="0.5"), "c must be a number"), (dict(growth=True), "growth must be a number"),
+    # beyond float32, where the moments and the kernels' step sizes live: 1e-50 is 0 there, 1e45 inf
+    (dict(eps=1e-50), "eps must be a number > 0 that float32 holds"), (dict(eps=1e39), "float32 holds"),
+    (dict(lr=1e45), "lr must be a number >= 0 that float32 holds"),
+    (dict(init_step_size=1e300), "init_step_size must be a number > 0 that float32 holds"),
 ]
 
 
@@ -402,6 +407,8 @@ def test_out_of_range_hyperparameters_at_construction(kwargs, message):
 _BAD_GROUP = [
     (dict(betas=(0.9, 1.0)), r"betas\[1\]"), (dict(betas=(1.5, 0.9)), r"betas\[0\]"), (dict(eps=0.0), "eps"),
     (dict(weight_decay=-1.0), "weight_decay"), (dict(lr=-0.1), "lr must be"), (dict(lr=float("inf")), "lr must be"),
+    (dict(maximize=True), "does not support maximize=True"), (dict(capturable=True), "capturable=True"),
+    (dict(differentiable=True), "differentiable=True"), (dict(search_lr=1e40), "search_lr must be"),
 ]
 
 
@@ -537,7 +544,7 @@ def test_numpy_scalars_from_a_scheduler_are_numbers():
 
 @pytest.mark.parametrize("key, value, message", [
     ("lr", -1.0, "lr must be"), ("betas", (0.9, 1.0), r"betas\[1\]"), ("eps", 0.0, "eps must be"),
-    ("weight_decay", -0.5, "weight_decay must be")])
+    ("weight_decay", -0.5, "weight_decay must be"), ("lr", 1e45, "float32 holds"), ("eps", 1e-50, "float32 holds")])
 def test_hyperparameters_changed_after_construction_are_checked_at_step(key, value, message):
     """A scheduler or the user may write into param_groups; step() checks before writing."""
     model, opt = _trained()
@@ -546,6 +553,39 @@ def test_hyperparameters_changed_after_construction_are_checked_at_step(key, val
     opt.zero_grad()
     with pytest.raises(ValueError, match=message):
         opt.step(_closure(model))
+    _assert_unchanged(before, _snapshot(opt))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("search_next", [True, False], ids=["search-step", "plain-step"])
+@pytest.mark.parametrize("lr, weight_decay", [(1e30, 0.0), (1.0, 1e38)], ids=["step", "decay"])
+def test_a_move_float32_cannot_hold_is_refused_before_any_write(backend, search_next, lr, weight_decay):
+    """Each factor fits float32 but their product does not: the kernels take the step in float32, where
+    it was inf, and wrote inf weights (cpp) or raised after writing the moments (torch)."""
+    model, opt = _trained(backend=backend)
+    (_until_search_next if search_next else _until_plain_step_next)(model, opt)
+    opt.param_groups[0]["lr"] = lr
+    opt.param_groups[0]["weight_decay"] = weight_decay
+    opt._search = replace(opt._search, step_size=1e10)
+    before = _snapshot(opt)
+    opt.zero_grad()
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: the .* more than float32 holds"):
+        opt.step(_closure(model))
+    _assert_unchanged(before, _snapshot(opt))
+    assert _all_finite(opt)
+
+
+def test_a_parameter_whose_elements_share_memory_is_refused():
+    """An expanded parameter was taken; every step then raised torch's in-place error after moving the
+    other parameters and writing the moments."""
+    bias = torch.nn.Parameter(torch.zeros(3))
+    expanded = torch.nn.Parameter(torch.randn(1, 3).expand(4, 3))
+    with pytest.raises(ValueError, match=r"elements that share memory \(an expanded tensor"):
+        FusedSaLSa([bias, expanded], backend="torch")
+    model, opt = _trained()
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match="share memory"):
+        opt.add_param_group({"params": [expanded]})
     _assert_unchanged(before, _snapshot(opt))
 
 

@@ -169,6 +169,18 @@ def _same(a, b):
     (lambda sd: sd["state"][1].pop("exp_avg_sq"), "state of parameter 1 has exp_avg but no exp_avg_sq"),
     (lambda sd: sd["param_groups"][0]["search"].pop("step_size"), "search state has no step_size"),
     (lambda sd: sd["param_groups"][0].update(search="corrupt"), "search state .* is a str, not a dict"),
+    # float64 values beyond float32 would load as inf: the moments are kept in float32
+    (lambda sd: sd["state"][0].update(exp_avg_sq=sd["state"][0]["exp_avg_sq"].double().fill_(1e300)),
+     "exp_avg_sq of parameter 0 hold NaN/inf"),
+    (lambda sd: sd["param_groups"][0]["search"].update(last_loss_decrease=float("nan")), "last_loss_decrease"),
+    (lambda sd: sd["param_groups"][0]["search"].update(step_size=True), "step_size must be a finite number"),
+    (lambda sd: sd["param_groups"][0]["search"].update(rule_state=None), "rule_state must be a dict"),
+    (lambda sd: sd["param_groups"][1].pop("betas"), "group 1 has no 'betas': every step reads it"),
+    (lambda sd: sd["param_groups"][0].pop("lr"), "group 0 has no 'lr'"),
+    (lambda sd: sd["state"][0].update(exp_avg=sd["state"][0]["exp_avg"].to_sparse()),
+     "exp_avg of parameter 0 is a torch.sparse_coo tensor"),
+    (lambda sd: sd["state"][1].update(exp_avg_sq=sd["state"][1]["exp_avg_sq"].to("meta")),
+     "exp_avg_sq of parameter 1 is a meta tensor"),
 ])
 def test_loading_a_bad_state_dict_raises_before_changing_anything(edit, message):
     model = _model()
