@@ -247,7 +247,7 @@ class FusedSaLSa(Optimizer):
         _refuse_unsupported_flags(maximize=maximize, capturable=capturable, differentiable=differentiable)
         if (isinstance(init_step_size, bool) or not isinstance(init_step_size, numbers.Real)
                 or not (math.isfinite(init_step_size) and 0 < init_step_size <= FLOAT32_MAX)):
-            raise ValueError(f"init_step_size must be a number > 0 that float32 holds (at most "
+            raise ValueError(f"init_step_size must be a finite number > 0 that float32 holds (at most "
                              f"{FLOAT32_MAX:.4g}), got {init_step_size!r}")
         if search_direction not in SEARCH_DIRECTIONS:
             raise ValueError(f"search_direction must be one of {SEARCH_DIRECTIONS}, got {search_direction!r} "
@@ -319,11 +319,11 @@ class FusedSaLSa(Optimizer):
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"{name} must be a number, got {type(value).__name__}")
         if not (math.isfinite(lr) and 0 <= lr <= FLOAT32_MAX):
-            raise ValueError(f"lr must be a number >= 0 that float32 holds (at most {FLOAT32_MAX:.4g}), got {lr}")
+            raise ValueError(f"lr must be a finite number >= 0 that float32 holds (at most {FLOAT32_MAX:.4g}), got {lr}")
         probe = group.get("search_lr", lr)
         if isinstance(probe, bool) or not isinstance(probe, numbers.Real) or not (
                 math.isfinite(probe) and 0 <= probe <= FLOAT32_MAX):
-            raise ValueError(f"search_lr must be a number >= 0 that float32 holds (at most {FLOAT32_MAX:.4g}), "
+            raise ValueError(f"search_lr must be a finite number >= 0 that float32 holds (at most {FLOAT32_MAX:.4g}), "
                              f"got {probe!r}")
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
@@ -333,7 +333,7 @@ class FusedSaLSa(Optimizer):
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"betas[{i}] must lie in [0, 1), got {beta}")
         if not (math.isfinite(eps) and FLOAT32_TINY <= eps <= FLOAT32_MAX):
-            raise ValueError(f"eps must be a number > 0 that float32 holds, from {FLOAT32_TINY:.4g} to "
+            raise ValueError(f"eps must be a finite number > 0 that float32 holds, from {FLOAT32_TINY:.4g} to "
                              f"{FLOAT32_MAX:.4g} (the moments are float32: a smaller eps is 0 there, and "
                              f"0 / (sqrt(0) + 0) is NaN), got {eps}")
         if not (math.isfinite(wd) and wd >= 0):

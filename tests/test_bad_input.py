@@ -392,9 +392,9 @@ _BAD_CONSTRUCTION = [
     (dict(adaptive_interval="no"), "adaptive_interval must be True or False"),
     (dict(c="0.5"), "c must be a number"), (dict(growth=True), "growth must be a number"),
     # beyond float32, where the moments and the kernels' step sizes live: 1e-50 is 0 there, 1e45 inf
-    (dict(eps=1e-50), "eps must be a number > 0 that float32 holds"), (dict(eps=1e39), "float32 holds"),
-    (dict(lr=1e45), "lr must be a number >= 0 that float32 holds"),
-    (dict(init_step_size=1e300), "init_step_size must be a number > 0 that float32 holds"),
+    (dict(eps=1e-50), "eps must be a finite number > 0 that float32 holds"), (dict(eps=1e39), "float32 holds"),
+    (dict(lr=1e45), "lr must be a finite number >= 0 that float32 holds"),
+    (dict(init_step_size=1e300), "init_step_size must be a finite number > 0 that float32 holds"),
 ]
 
 
