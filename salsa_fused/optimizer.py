@@ -115,6 +115,11 @@ FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
 _GROUP_HYPER_KEYS = ("lr", "betas", "eps", "weight_decay")
 
 
+def _starts_probing(group: dict) -> bool:
+    """A group built at ``lr=0`` whose ``lr`` is positive now: its step sets ``search_lr`` to 1."""
+    return group["search_lr"] == 0 and group["lr"] > 0
+
+
 def _refuse_unsupported_flags(**flags) -> None:
     for name, value in flags.items():
         if value is not False:
@@ -345,7 +350,8 @@ class FusedSaLSa(Optimizer):
         ``lr``, a level loaded from elsewhere). Checked: the first trial ``lr_g * eta * growth``, the
         applied step ``lr_g * s * eta * growth`` (no accepted trial is larger) and the decay."""
         for index, group in enumerate(self.param_groups):
-            group_step = GroupStep.of(group, scale, plan.state.step_size)
+            probing = {**group, "search_lr": 1.0} if _starts_probing(group) else group  # as the step will set it
+            group_step = GroupStep.of(probing, scale, plan.state.step_size)
             moves = {"the first trial": group_step.trial(plan.trial_step_size).step,
                      "the applied step": group_step.plain(plan.trial_step_size).step,
                      "the weight decay": group_step.decay * float(group["weight_decay"])}
@@ -353,7 +359,7 @@ class FusedSaLSa(Optimizer):
                 if not (math.isfinite(size) and abs(size) <= FLOAT32_MAX):
                     raise ValueError(
                         f"param_groups[{index}]: {what} would be {size:.4g} times the direction, more than "
-                        f"float32 holds ({FLOAT32_MAX:.4g}): lr={group['lr']!r}, search_lr={group['search_lr']!r}, "
+                        f"float32 holds ({FLOAT32_MAX:.4g}): lr={group['lr']!r}, search_lr={probing['search_lr']!r}, "
                         f"the level {plan.state.step_size:.4g}, the schedule's scale {scale:.4g}; nothing "
                         "was written")
 
@@ -960,10 +966,10 @@ class FusedSaLSa(Optimizer):
                 warn_collapsed_level(self.schedule, state, plan.state.step, stacklevel=4)
             if plan.is_search and not schedule_searches(self.schedule, state, plan.state.step):
                 plan = plan_without_search(rule, state, config, plan)
-        for group in self.param_groups:
-            if group["search_lr"] == 0 and group["lr"] > 0:
-                group["search_lr"] = 1.0  # built at 0: its first positive lr is a warmup's, not its level
         self._check_moves_fit_float32(plan, scale)
+        for group in self.param_groups:
+            if _starts_probing(group):
+                group["search_lr"] = 1.0  # built at 0: its first positive lr is a warmup's, not its level
         if plan.is_search and not self._some_group_moves():
             plan = plan_without_search(rule, state, config, plan)  # every group at lr 0 now: nothing moves
         if plan.is_search and not self.__dict__.get("_fsdp_checked", False):

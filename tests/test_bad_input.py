@@ -575,6 +575,21 @@ def test_a_move_float32_cannot_hold_is_refused_before_any_write(backend, search_
     assert _all_finite(opt)
 
 
+def test_a_refused_move_leaves_a_group_built_at_lr_0_unprobed():
+    """The step sets search_lr to 1 for a group built at lr=0 whose lr is positive now; a step refused
+    for its move must not have set it."""
+    model = _model()
+    first, *rest = list(model.parameters())
+    opt = FusedSaLSa([{"params": rest}, {"params": [first], "lr": 0.0}], backend="torch")
+    opt.param_groups[1]["lr"] = 1e30
+    opt._search = replace(opt._search, step_size=1e10)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: the applied step .* search_lr=1.0"):
+        opt.step(_closure(model))
+    _assert_unchanged(before, _snapshot(opt))
+    assert opt.param_groups[1]["search_lr"] == 0
+
+
 def test_a_parameter_whose_elements_share_memory_is_refused():
     """An expanded parameter was taken; every step then raised torch's in-place error after moving the
     other parameters and writing the moments."""
