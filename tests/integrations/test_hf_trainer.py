@@ -203,7 +203,7 @@ class BatchNormRegression(torch.nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.body = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh(),
-                                        torch.nn.Linear(16, 1))
+                                        torch.nn.Dropout(0.1), torch.nn.Linear(16, 1))
 
     def forward(self, x, labels=None):
         out = self.body(x)
@@ -217,6 +217,7 @@ def regression_rows(n):
 
 
 def test_a_given_optimizer_without_model_keeps_batchnorm_statistics(tmp_path):
+    # BatchNorm and dropout: Trainer's real loop, the window's dropout replayed by the trials
     """Trials of a FusedSaLSa passed through optimizers=(opt, None) without model= used to update the
     running statistics too: each search added its trial forwards to num_batches_tracked."""
     steps, accumulate = 6, 2
@@ -229,6 +230,7 @@ def test_a_given_optimizer_without_model_keeps_batchnorm_statistics(tmp_path):
     trainer.train()
     assert opt.model is model and opt.num_forward_evals > steps  # searches ran trial forwards
     assert int(model.body[1].num_batches_tracked) == steps * accumulate
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
     other = torch.nn.Linear(2, 2)
     stranger = FusedSaLSa(other.parameters(), backend="torch")
