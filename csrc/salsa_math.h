@@ -162,6 +162,25 @@ struct Scalars {
 
 struct Moments { float exp_avg, exp_avg_sq; };
 
+// 1 - beta etc. are formed in double and rounded once, as Python scalars reach torch ops.
+// Host-only: both extensions build their launch scalars here.
+inline Scalars make_scalars(double beta1, double beta2, double bias_correction1, double bias_correction2,
+                            double eps, double decay_factor, double step_size, double previous_step_size) {
+  Scalars s{};
+  s.beta1 = float(beta1);
+  s.beta2 = float(beta2);
+  s.one_minus_beta1 = float(1.0 - beta1);
+  s.one_minus_beta2 = float(1.0 - beta2);
+  s.bias_correction1 = float(bias_correction1);
+  s.bias_correction2 = float(bias_correction2);
+  s.eps = float(eps);
+  s.decay_factor = float(decay_factor);
+  s.neg_step = float(-step_size);
+  s.step_change = float(previous_step_size - step_size);
+  s.previous_step = float(previous_step_size);
+  return s;
+}
+
 // m_new = m * beta1 + g * (1 - beta1);  v_new = v * beta2 + (g * g) * (1 - beta2).
 SALSA_HD Moments new_moments(float g, float exp_avg, float exp_avg_sq, const Scalars& s) {
   return Moments{add(mul(exp_avg, s.beta1), mul(g, s.one_minus_beta1)),

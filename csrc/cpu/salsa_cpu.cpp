@@ -77,6 +77,7 @@ namespace salsa_cpu {
 namespace salsa_cpu {
 
 using salsa::Scalars;
+using salsa::make_scalars;
 
 struct Kernels {
   double (*slope)(const Span&, const Kinds&, const Scalars&);
@@ -197,24 +198,6 @@ Bucket make_bucket(at::TensorList weights, at::TensorList grads, at::TensorList 
   }
   if (weights.empty()) b.kinds.weight = b.kinds.grad;  // q reads no weights
   return b;
-}
-
-// 1 - beta etc. are formed in double and rounded once, as Python scalars reach torch ops.
-Scalars make_scalars(double beta1, double beta2, double bias_correction1, double bias_correction2, double eps,
-                     double decay_factor, double step_size, double previous_step_size) {
-  Scalars s{};
-  s.beta1 = float(beta1);
-  s.beta2 = float(beta2);
-  s.one_minus_beta1 = float(1.0 - beta1);
-  s.one_minus_beta2 = float(1.0 - beta2);
-  s.bias_correction1 = float(bias_correction1);
-  s.bias_correction2 = float(bias_correction2);
-  s.eps = float(eps);
-  s.decay_factor = float(decay_factor);
-  s.neg_step = float(-step_size);
-  s.step_change = float(previous_step_size - step_size);
-  s.previous_step = float(previous_step_size);
-  return s;
 }
 
 // The value of a one-element tensor; read from memory on the CPU (no op dispatched).

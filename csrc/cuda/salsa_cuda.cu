@@ -98,22 +98,7 @@ Args make_args(const Table& table, const salsa::Scalars& s) {
   return a;
 }
 
-salsa::Scalars make_scalars(double beta1, double beta2, double bc1, double bc2, double eps, double decay_factor,
-                            double step_size, double previous_step_size) {
-  salsa::Scalars s{};
-  s.beta1 = float(beta1);
-  s.beta2 = float(beta2);
-  s.one_minus_beta1 = float(1.0 - beta1);
-  s.one_minus_beta2 = float(1.0 - beta2);
-  s.bias_correction1 = float(bc1);
-  s.bias_correction2 = float(bc2);
-  s.eps = float(eps);
-  s.decay_factor = float(decay_factor);
-  s.neg_step = float(-step_size);
-  s.step_change = float(previous_step_size - step_size);
-  s.previous_step = float(previous_step_size);
-  return s;
-}
+using salsa::make_scalars;
 
 // Call fn with a (W, G) pair of kernel storage types: fn(W{}, G{}).
 template <class Fn>
