@@ -281,12 +281,17 @@ class ArmijoSearch:
 
     def finish(self) -> SearchState:
         """The state after the search: ``eta`` and its fast/slow averages updated."""
-        state = self.state
-        state.step_size = self.step_size
-        state.step_size_slow = state.step_size_slow * SLOW_SMOOTHING + self.step_size * (1 - SLOW_SMOOTHING)
-        state.step_size_fast = state.step_size_fast * FAST_SMOOTHING + self.step_size * (1 - FAST_SMOOTHING)
-        state.step_size_fast_peak = max(state.step_size_fast_peak, state.step_size_fast)
-        state.last_trials = self.trials
-        if self.trials:
-            state.num_backtracks += self.trials - 1
-        return state
+        return record_search(self.state, self.step_size, self.trials)
+
+
+def record_search(state: SearchState, step_size: float, trials: int) -> SearchState:
+    """Set ``eta = step_size`` in ``state`` after a search of ``trials`` trials: its fast (0.9) and
+    slow (0.99) exponential averages, the fast average's peak, and the backtrack count."""
+    state.step_size = step_size
+    state.step_size_slow = state.step_size_slow * SLOW_SMOOTHING + step_size * (1 - SLOW_SMOOTHING)
+    state.step_size_fast = state.step_size_fast * FAST_SMOOTHING + step_size * (1 - FAST_SMOOTHING)
+    state.step_size_fast_peak = max(state.step_size_fast_peak, state.step_size_fast)
+    state.last_trials = trials
+    if trials:
+        state.num_backtracks += trials - 1
+    return state

@@ -25,8 +25,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
-from salsa_fused.line_search import (FAST_SMOOTHING, MIN_SLOPE_AVG, SLOW_SMOOTHING, ArmijoSearch, SearchConfig,
-                                     SearchState, StepPlan, _f32, _fp32)
+from salsa_fused.line_search import (MIN_SLOPE_AVG, ArmijoSearch, SearchConfig,
+                                     SearchState, StepPlan, _f32, _fp32, record_search)
 from salsa_fused.line_search import plan_step as salsa_plan_step
 from salsa_fused.rules import FinalMove, Verdict
 
@@ -169,17 +169,8 @@ class EdgeSearch:
         return self.trials >= self.config.max_trials
 
     def finish(self) -> SearchState:
-        state = self.state
         level = self.next_level if self.next_level is not None else self.step_size
-        state.step_size = level / self.config.growth
-        state.step_size_slow = state.step_size_slow * SLOW_SMOOTHING + state.step_size * (1 - SLOW_SMOOTHING)
-        state.step_size_fast = state.step_size_fast * FAST_SMOOTHING + state.step_size * (1 - FAST_SMOOTHING)
-        # as ArmijoSearch.finish: the schedule's early freeze (freeze_below) compares the fast average with it
-        state.step_size_fast_peak = max(state.step_size_fast_peak, state.step_size_fast)
-        state.last_trials = self.trials
-        if self.trials:
-            state.num_backtracks += self.trials - 1
-        return state
+        return record_search(self.state, level / self.config.growth, self.trials)
 
 
 @dataclass(frozen=True)
