@@ -99,13 +99,15 @@ def _preset(name: str, length_known: bool = True, **overrides):
 
 
 def _early_freeze_preset(fraction: float, backoff_on_loss_rise: bool = False, hold_scale_on_loss_rise: bool = False,
-                         cooldown_floor: Optional[float] = None, schedule: Optional[dict] = None, **search):
+                         cooldown_floor: Optional[float] = None, schedule: Optional[dict] = None,
+                         warmup_start: Optional[float] = None, **search):
     """The recommended preset whose schedule freezes the level early, at ``fraction`` of the search's
     peak fast average, once it falls below that (``freeze_below``; NOTES.md section 22; 0: never), backs
     off when the loss turns if ``backoff_on_loss_rise`` (section 23), and holds the warm-up's scale there
     if ``hold_scale_on_loss_rise`` (section 25); each off unless asked, so these names build what they
     built before the preset adopted it. With ``cooldown_floor`` the cooldown is log-linear down to that
-    fraction of the peak (:class:`LogLinearCooldown`, section 32). ``schedule``: other fields of its
+    fraction of the peak (:class:`LogLinearCooldown`, section 32); with ``warmup_start`` the warm-up
+    starts at that fraction of the peak (:class:`WarmupFromFloor`, section 52). ``schedule``: other fields of its
     WarmupStableDecay (section 38: ``peak``; section 39: ``warmup``, ``decay``); ``search``: other FusedSaLSa
     arguments (section 35: ``max_search_interval``)."""
     def build(task, model, total_steps) -> Built:
@@ -117,6 +119,8 @@ def _early_freeze_preset(fraction: float, backoff_on_loss_rise: bool = False, ho
             kwargs["schedule"] = replace(kwargs["schedule"], **schedule)
         if cooldown_floor is not None:
             kwargs["schedule"] = LogLinearCooldown(**asdict(kwargs["schedule"]), floor=cooldown_floor)
+        if warmup_start is not None:
+            kwargs["schedule"] = WarmupFromFloor(**asdict(kwargs["schedule"]), start=warmup_start)
         wd = kwargs.pop("weight_decay", 0.0)
         opt = FusedSaLSa(task.param_groups(model, wd), backend=BACKEND, **kwargs)
         return Built(opt, "fused", schedule=kwargs["schedule"])
@@ -332,6 +336,26 @@ class LogLinearCooldown(WarmupStableDecay):
         if step <= start:
             return super()._shape(step)
         return self.floor ** ((step - start) / (self.total_steps - start))
+
+
+@dataclass(frozen=True)
+class WarmupFromFloor(WarmupStableDecay):
+    """The ``pretrain`` preset's schedule with a warm-up that starts at ``start`` of the peak instead of
+    at 0: ``peak * (start + (1 - start) * k / W)`` for ``k <= W`` (quality NOTES section 52); the stable
+    phase and the cooldown as the preset's. ``start = 0.5`` applies the searched level itself (1x) at
+    the first step, as the defaults do, and climbs to the peak (2x) by the end of the warm-up."""
+
+    start: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (isinstance(self.start, float) and 0.0 < self.start < 1.0):
+            raise ValueError(f"start must be a float in (0, 1), got {self.start!r}")
+
+    def _shape(self, step: int) -> float:
+        if 1 <= step <= self.warmup_steps:
+            return self.start + (1.0 - self.start) * step / self.warmup_steps
+        return super()._shape(step)
 
 
 @dataclass(frozen=True)
@@ -569,6 +593,9 @@ REGISTRY: Dict[str, Callable] = {
     # section 45: the warm-up shorter than the search phase (which stays 20%: a stable phase at the peak between)
     "pretrain_warm5": _early_freeze_preset(1 / 16, True, True, schedule=dict(warmup=0.05)),
     "pretrain_warm10": _early_freeze_preset(1 / 16, True, True, schedule=dict(warmup=0.1)),
+    # section 52: the warm-up starting at 1/2 or 1/4 of its peak (the searched level at 1x or 0.5x) instead of 0
+    "pretrain_wstart0.5": _early_freeze_preset(1 / 16, True, True, warmup_start=0.5),
+    "pretrain_wstart0.25": _early_freeze_preset(1 / 16, True, True, warmup_start=0.25),
     # section 41 (a development screen): the Armijo test on the smoothed ratio (f0 - f1) / (eta q)
     "pretrain_ratio_test": _early_freeze_preset(1 / 16, True, True, search_rule=RatioArmijo()),
     # section 42: a first trial that doubles per search while the batch's own Armijo test passes, at the

@@ -430,3 +430,27 @@ def test_climbing_armijo_backtracks_as_published_when_only_the_smoothed_test_fai
     assert search.step_size == pytest.approx(0.16) and search.state.rule_state["climb"] == 2.0
     search.observe(0.0)  # a large decrease: accepted at 0.16, a second trial, so G resets
     assert search.finish().rule_state["climb"] == 1.1
+
+
+def test_warmup_from_floor_starts_above_zero_and_matches_the_preset_after_its_warmup():
+    """NOTES section 52: the warm-up starts at ``start`` of the peak and reaches it at W; the stable
+    phase, the cooldown and past the end are the preset's."""
+    from dataclasses import fields
+
+    from benchmarks.quality import optimizers as O
+    from benchmarks.quality.zoo import tasks
+
+    linear = WarmupStableDecay(100, warmup=0.2, decay=0.8, peak=2.0)
+    floor = O.WarmupFromFloor(100, warmup=0.2, decay=0.8, peak=2.0, start=0.5)
+    assert floor.scale(1) == pytest.approx(2.0 * (0.5 + 0.5 / 20)) and floor.scale(10) == pytest.approx(1.5)
+    assert floor.scale(20) == linear.scale(20) == 2.0
+    assert [floor.scale(k) for k in range(21, 130)] == [linear.scale(k) for k in range(21, 130)]
+    assert all(floor.scale(k) < floor.scale(k + 1) for k in range(1, 20))
+    for start in (0.0, 1.0, 1, "0.5"):
+        with pytest.raises(ValueError, match="start must be a float"):
+            O.WarmupFromFloor(100, start=start)
+    task = tasks.make("mlp_relu_teacher", 0, steps=50)
+    built, control = (O.build(name, task, task.model(0), 50) for name in ("pretrain_wstart0.25", "pretrain_hold"))
+    assert isinstance(built.schedule, O.WarmupFromFloor) and built.schedule.start == 0.25
+    assert all(getattr(built.schedule, f.name) == getattr(control.schedule, f.name) for f in fields(control.schedule))
+    assert built.optimizer.schedule is built.schedule
