@@ -351,7 +351,8 @@ def report_plain_steps(state: SearchState, nonfinite: str, elements: int, losses
         problems = []
         if elements:
             problems.append(f"{elements} gradient elements were NaN/inf on plain steps since the last "
-                            "search (those elements kept their weights and moments)")
+                            "search, or their new 16-bit weights overflowed (those elements kept their "
+                            "weights, and their moments where the gradient was NaN/inf)")
         if losses:
             problems.append(f"the loss was NaN/inf on {losses} plain step(s) since the last search "
                             "(those steps changed nothing)")

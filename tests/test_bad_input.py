@@ -725,7 +725,8 @@ def test_report_nonfinite_reads_the_plain_steps_counts_before_any_search(policy)
     state = opt.search_state
     if policy == "raise":
         with pytest.raises(NonFiniteError, match=r"read by report_nonfinite\(\): 2 gradient elements were NaN/inf "
-                                                 r"on plain steps since the last search \(those elements kept"):
+                                                 r"on plain steps since the last search, or their new "
+                                                 r"16-bit weights overflowed \(those elements kept"):
             opt.report_nonfinite()
         assert opt.search_state == state
     else:

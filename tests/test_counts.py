@@ -69,18 +69,22 @@ def test_triton_interrupted_search_restores_once_per_bucket(triton_counts, resto
 @pytest.mark.parametrize("restore", ["copy", "inplace"])
 def test_torch_backend_passes_and_reads(torch_counts, restore):
     """The reference backend makes the same passes; on a plain step it reads flags on the host
-    by design, free on the CPU: per bucket one (loss/found_inf finite), and per block of
-    ``CPU_BLOCK`` elements one (gradients finite, checked while the block is in cache)."""
+    by design, free on the CPU: per bucket one (loss/found_inf finite), per block of ``CPU_BLOCK``
+    elements one (gradients finite, checked while the block is in cache), and per block of 16-bit
+    weights one more (the new weights' extremes: none may round to inf)."""
     from salsa_fused.backends.torch_backend import CPU_BLOCK
     counts = torch_counts[restore]
     plain = counts["plain step"]
     assert plain["passes"] == {"plain_step": BUCKETS}
     model, _, _ = S.demo_model()
     blocks = sum(-(-p.numel() // CPU_BLOCK) for p in model.parameters())
-    assert plain["host_reads"] == BUCKETS + blocks
+    sixteen_bit_blocks = sum(-(-p.numel() // CPU_BLOCK) for p in model.parameters() if p.dtype == torch.bfloat16)
+    assert sixteen_bit_blocks > 0  # the demo has a bf16 bucket
+    assert plain["host_reads"] == BUCKETS + blocks + sixteen_bit_blocks
     sites = plain["host_read_sites"]
     assert sum(site.startswith("__bool__ at torch_backend.py") for site in sites) == BUCKETS
     assert sum(site.startswith("__float__ at torch_backend.py") for site in sites) == blocks
+    assert sum(site.startswith("tolist at torch_backend.py") for site in sites) == sixteen_bit_blocks
     search = counts["search step, 4 trials"]
     assert search["passes"] == {"slope": BUCKETS, "first_trial": BUCKETS,
                                 "retrial": 3 * BUCKETS}

@@ -194,7 +194,7 @@ __global__ void __launch_bounds__(THREADS) plain_step_kernel(Args a) {
     if constexpr (D == Direction::raw) {
       load_pack<V>(weight, i, x, w.end);
 #pragma unroll
-      for (int k = 0; k < PACK; ++k) skipped += (salsa::raw_plain_update(g[k], x[k], a.s) || i + k >= w.end) ? 0 : 1;
+      for (int k = 0; k < PACK; ++k) skipped += (salsa::raw_plain_update<W>(g[k], x[k], a.s) || i + k >= w.end) ? 0 : 1;
     } else {
       float m[PACK], v[PACK];
       load_pack<V>(exp_avg, i, m, w.end);
@@ -202,7 +202,7 @@ __global__ void __launch_bounds__(THREADS) plain_step_kernel(Args a) {
       load_pack<V>(weight, i, x, w.end);
 #pragma unroll
       for (int k = 0; k < PACK; ++k) {
-        skipped += (salsa::plain_update(g[k], x[k], m[k], v[k], a.s) || i + k >= w.end) ? 0 : 1;
+        skipped += (salsa::plain_update<W>(g[k], x[k], m[k], v[k], a.s) || i + k >= w.end) ? 0 : 1;
       }
       store_pack<V>(exp_avg, i, m, w.end);
       store_pack<V>(exp_avg_sq, i, v, w.end);

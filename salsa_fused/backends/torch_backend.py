@@ -181,22 +181,55 @@ def _decayed(ops, weights_fp32, hyper: Hyper, decay_step_size: float):
     return ops.mul(weights_fp32, factor, 1)
 
 
-def _move_from(ops, params, weights_fp32, d, hyper: Hyper, step_size: float, decay_step_size: float) -> None:
-    """``params = decay(weights) - step_size * d``; in place when fp32 without decay, as 0.1.0 does."""
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+# The smallest fp32 magnitude that rounds (to nearest even) to inf in each 16-bit dtype.
+_OVERFLOW = {torch.float16: 65520.0, torch.bfloat16: 3.39617752923046e38}
+
+
+def _move_from(ops, params, weights_fp32, d, hyper: Hyper, step_size: float, decay_step_size: float,
+               kept: Optional[torch.Tensor] = None) -> None:
+    """``params = decay(weights) - step_size * d``; in place when fp32 without decay, as 0.1.0 does.
+    With ``kept`` (a plain step's counter) a 16-bit weight whose new value would round to inf
+    keeps its value and is counted into ``kept``."""
     weights = _decayed(ops, weights_fp32, hyper, decay_step_size)
     if weights is params:
         ops.add_(params, d, alpha=-step_size)
-    else:
+    elif kept is None:
         ops.copy_(params, ops.add(weights, d, -step_size, 1))
+    else:
+        _copy_finite(params, ops.add(weights, d, -step_size, 1), kept)
+
+
+def _copy_finite(params, new_fp32, kept: torch.Tensor) -> None:
+    """``params = new_fp32`` rounded to their dtype, except 16-bit elements that would round to inf
+    (or are NaN): those keep their value and are counted into ``kept``. Lists or single tensors.
+    One host read (each 16-bit tensor's extremes against its dtype's bound) picks the masked copy."""
+    pairs = list(zip(params, new_fp32)) if isinstance(params, (list, tuple)) else [(params, new_fp32)]
+    checked = [(param, new) for param, new in pairs if param.dtype in _SIXTEEN_BIT and param.numel()]
+    for param, new in pairs:
+        if param.dtype not in _SIXTEEN_BIT or not param.numel():
+            param.copy_(new)
+    if not checked:
+        return
+    bounds = [_OVERFLOW[param.dtype] for param, _ in checked]
+    extremes = torch.stack([torch.stack(torch.aminmax(new)).abs().max() for _, new in checked]).tolist()
+    for (param, new), extreme, bound in zip(checked, extremes, bounds):
+        if extreme < bound:  # False for NaN
+            param.copy_(new)
+            continue
+        rounded = new.to(param.dtype)
+        ok = torch.isfinite(rounded)
+        torch.where(ok, rounded, param, out=param)
+        kept.add_(ok.numel()).sub_(ok.sum())
 
 
 def _adam_move(ops, params, grads, exp_avg, exp_avg_sq, hyper: Hyper, move: Move, direction: str,
-               grad_sq=None) -> None:
+               grad_sq=None, kept: Optional[torch.Tensor] = None) -> None:
     """Moments updated in place, then ``w = decay(w) - move.step * d`` along ``direction``: the plain
     step (along ``m_hat``) and a search's first trial, on a whole bucket or on one block."""
     exp_avg, exp_avg_sq = _new_moments(ops, exp_avg, exp_avg_sq, grads, hyper, in_place=True, grad_sq=grad_sq)
     d = _direction(ops, _preconditioner(ops, exp_avg_sq, hyper), grads, exp_avg, hyper, direction)
-    _move_from(ops, params, ops.float32(params, 1), d, hyper, move.step, move.decay)
+    _move_from(ops, params, ops.float32(params, 1), d, hyper, move.step, move.decay, kept)
 
 
 def _current_direction(bucket: Bucket, hyper: Hyper, direction: str, grad_scale) -> List[torch.Tensor]:
@@ -297,8 +330,9 @@ def plain_step(bucket: Bucket, args: PassArgs, loss: torch.Tensor, found_inf: Op
 
     Changes nothing when ``loss`` is non-finite or ``found_inf`` is set (such a step is
     counted into ``step_counts``, when given: ``base.count_step``). An element whose gradient
-    is non-finite keeps its weight and moments; the number of such elements is added to
-    ``nonfinite_count`` (an int64 0-dim tensor).
+    is non-finite keeps its weight and moments, one whose new 16-bit weight would overflow its
+    dtype keeps its weight (its moments take the finite gradient); the number of such elements is
+    added to ``nonfinite_count`` (an int64 0-dim tensor). fp32 and fp64 weights are not checked.
 
     The reference is :func:`_adam_move` on the whole bucket (:func:`_guarded_plain_step` when a
     gradient is non-finite). On contiguous CPU tensors the same function runs block by block
@@ -314,6 +348,8 @@ def plain_step(bucket: Bucket, args: PassArgs, loss: torch.Tensor, found_inf: Op
     if not bool(step_ok):
         return
     grads = _grads_fp32(bucket.grads, args.grad_scale)
+    if nonfinite_count is None:  # the 16-bit overflow check counts somewhere
+        nonfinite_count = torch.zeros((), dtype=torch.int64, device=bucket.device)
     if args.direction == RAW:
         _raw_plain_step(bucket.params, grads, args.hyper, args.move, nonfinite_count)
         return
@@ -324,45 +360,55 @@ def plain_step(bucket: Bucket, args: PassArgs, loss: torch.Tensor, found_inf: Op
     if not bool(torch.isfinite(torch.stack(C.foreach_norm(grads))).all()):
         _guarded_plain_step(*tensors, args.hyper, args.move, nonfinite_count)
         return
-    _adam_move(_FOREACH, *tensors, args.hyper, args.move, MOMENTUM)
+    _adam_move(_FOREACH, *tensors, args.hyper, args.move, MOMENTUM, kept=nonfinite_count)
+
+
+def _stays_finite(finite: List[torch.Tensor], new_params: List[torch.Tensor]) -> List[torch.Tensor]:
+    """``finite`` and, for 16-bit weights, the new weight finite in its dtype (float16 overflows at
+    65520 where fp32 does not); fp32 and fp64 weights are not checked."""
+    return [ok & torch.isfinite(p) if p.dtype in _SIXTEEN_BIT else ok for ok, p in zip(finite, new_params)]
 
 
 def _guarded_plain_step(params, grads, exp_avg, exp_avg_sq, hyper: Hyper, move: Move,
                         nonfinite_count: Optional[torch.Tensor]) -> None:
-    """The rare path: some gradient elements are non-finite; those elements stay as they are.
+    """The guarded path: an element whose gradient is non-finite stays as it is (weight and
+    moments); one whose new 16-bit weight overflows keeps its weight.
 
-    :func:`_adam_move` on copies with those gradients zeroed, then only the finite elements kept.
+    :func:`_adam_move` on copies with the non-finite gradients zeroed, then only the elements that
+    pass kept (the same bits as the unguarded path where all pass).
     """
     finite = [torch.isfinite(g * g) for g in grads]  # g*g overflowing would write v = inf
     safe_grads = [torch.where(ok, g, torch.zeros_like(g)) for ok, g in zip(finite, grads)]
     new_params, new_exp_avg, new_exp_avg_sq = ([t.clone() for t in ts] for ts in (params, exp_avg, exp_avg_sq))
     _adam_move(_FOREACH, new_params, safe_grads, new_exp_avg, new_exp_avg_sq, hyper, move, MOMENTUM)
-    for i, ok in enumerate(finite):
-        for target, value in ((exp_avg[i], new_exp_avg[i]), (exp_avg_sq[i], new_exp_avg_sq[i]),
-                              (params[i], new_params[i])):
+    moves = _stays_finite(finite, new_params)
+    for i, (ok, ok_weight) in enumerate(zip(finite, moves)):
+        for target, value in ((exp_avg[i], new_exp_avg[i]), (exp_avg_sq[i], new_exp_avg_sq[i])):
             target.copy_(torch.where(ok, value, target))
-    if nonfinite_count is not None:
-        skipped = sum(int((~ok).sum()) for ok in finite)
-        nonfinite_count.add_(skipped)
+        params[i].copy_(torch.where(ok_weight, new_params[i], params[i]))
+    if nonfinite_count is not None:  # summed on the device: no host read
+        nonfinite_count.add_(torch.stack([(~ok).sum() for ok in moves]).sum())
 
 
 def _raw_plain_step(params, grads, hyper: Hyper, move: Move, nonfinite_count: Optional[torch.Tensor]) -> None:
-    """``w = decay(w) - move.step * g`` on the whole bucket; an element whose ``g`` is NaN/inf
-    keeps its weight and is counted into ``nonfinite_count`` (one host read picks that path)."""
+    """``w = decay(w) - move.step * g`` on the whole bucket; an element whose ``g`` is NaN/inf (one
+    host read picks that path), or whose new 16-bit weight overflows, keeps its weight and is counted
+    into ``nonfinite_count``."""
     if not params:
         return
     if bool(torch.isfinite(torch.stack(C.foreach_norm(grads))).all()):
-        _move_from(_FOREACH, params, C.to_float32(params), grads, hyper, move.step, move.decay)
+        _move_from(_FOREACH, params, C.to_float32(params), grads, hyper, move.step, move.decay, nonfinite_count)
         return
     # The rare path (also taken when a norm overflows with finite elements: same bits then).
     finite = [torch.isfinite(g) for g in grads]
     safe_grads = [torch.where(ok, g, torch.zeros_like(g)) for ok, g in zip(finite, grads)]
     new_params = [p.clone() for p in params]
     _move_from(_FOREACH, new_params, C.to_float32(new_params), safe_grads, hyper, move.step, move.decay)
+    finite = _stays_finite(finite, new_params)
     for ok, target, value in zip(finite, params, new_params):
         target.copy_(torch.where(ok, value, target))
-    if nonfinite_count is not None:
-        nonfinite_count.add_(sum(int((~ok).sum()) for ok in finite))
+    if nonfinite_count is not None:  # summed on the device: no host read
+        nonfinite_count.add_(torch.stack([(~ok).sum() for ok in finite]).sum())
 
 
 # Elements per block of the CPU plain step: large enough that each op splits well over
@@ -390,6 +436,6 @@ def _plain_step_blocked(params, grads, exp_avg, exp_avg_sq, hyper: Hyper, move: 
             ops = _BlockOps(tuple(scratch[:, :gb.numel()]))
             grad_sq = ops.mul(gb, gb, 0)
             if math.isfinite(float(grad_sq.sum())):  # NaN/inf in g, or g^2 overflowing fp32
-                _adam_move(ops, wb, gb, mb, vb, hyper, move, MOMENTUM, grad_sq)
+                _adam_move(ops, wb, gb, mb, vb, hyper, move, MOMENTUM, grad_sq, kept=nonfinite_count)
             else:
                 _guarded_plain_step([wb], [gb], [mb], [vb], hyper, move, nonfinite_count)

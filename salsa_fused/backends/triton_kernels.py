@@ -54,6 +54,9 @@ _EXP_AVG = tl.constexpr(EXP_AVG_COLUMN)
 _EXP_AVG_SQ = tl.constexpr(EXP_AVG_SQ_COLUMN)
 _SAVED = tl.constexpr(SAVED_COLUMN)
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)  # |x| <= FLT_MAX  <=>  x finite
+# The smallest fp32 magnitudes that round (to nearest even) to inf in bf16 and in float16.
+_BF16_OVERFLOW = tl.constexpr(3.39617752923046e38)  # 0x7F7F8000
+_FP16_OVERFLOW = tl.constexpr(65520.0)
 
 # Values of the DIRECTION constexpr.
 GRADIENT_DIRECTION = 0
@@ -112,6 +115,16 @@ def _round_to_bf16(x):
     rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
     rounded = tl.where(x != x, 0x7FC0, rounded)
     return rounded.to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _stays_finite(ptr, value):
+    """Whether fp32 ``value`` stays finite once stored in the 16-bit stream ``ptr`` (the callers
+    check fp32 streams not at all, as the torch reference does not)."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        return tl.abs(value) < _BF16_OVERFLOW
+    else:
+        return tl.abs(value) < _FP16_OVERFLOW
 
 
 @triton.jit
@@ -251,10 +264,13 @@ def _plain_step_block(w_ptr, g_ptr, m_ptr, v_ptr, offsets, mask, grad_scale_ptr,
     m_new, v_new = _new_moments(g, m, v, beta1, beta2, one_minus_beta1, one_minus_beta2)
     update = _direction(_preconditioner(v_new, bias_correction2, eps), g, m_new, bias_correction1, _MOMENTUM)
     w_new = tl.fma(update, neg_step_size, w * decay_factor)
-    # g non-finite, or g*g overflowing fp32 (|g| above ~1.8e19), would write v = inf or NaN.
+    # g non-finite, or g*g overflowing fp32 (|g| above ~1.8e19), would write v = inf or NaN; a new
+    # 16-bit weight can overflow its dtype where its fp32 value does not (the weight alone is kept).
     finite = (g * g) <= _FLT_MAX
     _store(m_ptr, offsets, tl.where(finite, m_new, m), mask, FULL)
     _store(v_ptr, offsets, tl.where(finite, v_new, v), mask, FULL)
+    if w_ptr.dtype.element_ty != tl.float32:
+        finite = finite & _stays_finite(w_ptr, w_new)
     _store(w_ptr, offsets, tl.where(finite, w_new, w), mask, FULL)
     if HAS_COUNTER:
         _count_nonfinite(finite, nonfinite_count_ptr)
@@ -266,8 +282,11 @@ def _raw_plain_step_block(w_ptr, g_ptr, offsets, mask, grad_scale_ptr, nonfinite
                           FULL: tl.constexpr):
     g = _scaled_grad(_load(g_ptr, offsets, mask, FULL), grad_scale_ptr, HAS_GRAD_SCALE)
     w = _load(w_ptr, offsets, mask, FULL).to(tl.float32)
+    w_new = tl.fma(g, neg_step_size, w * decay_factor)
     finite = tl.abs(g) <= _FLT_MAX
-    _store(w_ptr, offsets, tl.where(finite, tl.fma(g, neg_step_size, w * decay_factor), w), mask, FULL)
+    if w_ptr.dtype.element_ty != tl.float32:
+        finite = finite & _stays_finite(w_ptr, w_new)
+    _store(w_ptr, offsets, tl.where(finite, w_new, w), mask, FULL)
     if HAS_COUNTER:
         _count_nonfinite(finite, nonfinite_count_ptr)
 
@@ -292,8 +311,8 @@ def _plain_step_kernel(tensor_table_ptr, block_table_ptr, loss_ptr, found_inf_pt
     Adam:  w = w * decay_factor - step_size * m_hat * precond  (fma),  m, v = m_new, v_new.
     raw:   w = w * decay_factor - step_size * g  (fma); m, v neither read nor written.
     Nothing is written when the loss is non-finite or found_inf != 0. An element whose g*g
-    (raw: g) is non-finite (g NaN/inf, or |g| > ~1.8e19) keeps w, m, v; their number is added
-    to nonfinite_count (int64 atomics). With HAS_STEP_COUNTS, program 0 adds
+    (raw: g) is non-finite (g NaN/inf, or |g| > ~1.8e19) keeps w, m, v; one whose new 16-bit weight
+    would overflow its dtype keeps w. Their number is added to nonfinite_count (int64 atomics). With HAS_STEP_COUNTS, program 0 adds
     [loss non-finite and found_inf == 0, found_inf != 0] to step_counts[0:2] (the step's own counters).
     Reads w, g, m, v and writes w, m, v: 28 bytes/param in fp32 (raw: reads w, g, writes w: 12).
     """

@@ -140,3 +140,81 @@ def test_a_gradient_at_an_address_seen_before_with_another_layout_steps_as_a_den
 
     dense, odd = run(False), run(True)
     assert torch.equal(dense[0], odd[0]) and torch.equal(dense[1], odd[1]) and dense[2] == odd[2]
+
+
+class _SearchFirstThenScaled:
+    """Searches on step 1 only; later (plain) steps apply the searched level times ``plain_scale``."""
+
+    def __init__(self):
+        self.plain_scale = 1.0
+
+    def scale(self, step):
+        return 1.0 if step <= 1 else self.plain_scale
+
+    def searches(self, step):
+        return step <= 1
+
+
+# Per 16-bit dtype: weights (two at the dtype's edge) and the plain step's move, which takes the
+# edge ones past the largest finite value (float16: 65520 rounds to inf; bf16: 0x7F7F8000 does, an
+# fp32 value that is finite) and leaves the others finite.
+EDGES = {torch.float16: ([65000.0, -65000.0, 60000.0, 0.0, 1.0, -100.0], 2000.0),
+         torch.bfloat16: ([3.3895e38, -3.3895e38, 1e38, 0.0, 1.0, -100.0], 1e36)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_a_plain_step_that_would_overflow_16_bit_weights_keeps_those_elements(backend, dtype):
+    """An element whose new 16-bit weight would round to inf keeps its weight (its moments take the
+    finite gradient) and is counted with the non-finite elements; every other element takes the step."""
+    values, move = EDGES[dtype]
+    weight = torch.nn.Parameter(torch.tensor(values, dtype=dtype))
+    # |g| = 0.01 keeps the loss inside fp32 at bf16's edge; eps far below it keeps |d| at 1
+    outward = torch.tensor([-0.01 if v >= 0 else 0.01 for v in values], dtype=torch.float64)
+    schedule = _SearchFirstThenScaled()
+    opt = FusedSaLSa([weight], backend=_backend(backend), nonfinite="skip", schedule=schedule, eps=1e-20)
+    closure = lambda: (weight.double() * outward).sum()  # noqa: E731  d = sign(g): w moves outward
+    opt.zero_grad()
+    opt.step(closure)
+    schedule.plain_scale = move / opt.applied_steps[0]  # the next step moves about `move` (|d| is 1)
+    before_w = weight.detach().clone()
+    before_m = [t.clone() for t in _state_tensors(opt) if t.numel() == len(values)]
+    opt.zero_grad()
+    opt.step(closure)
+    edge = torch.tensor([True, True] + [False] * (len(values) - 2))
+    assert torch.isfinite(weight).all()
+    assert torch.equal(weight.detach()[edge], before_w[edge])
+    assert bool((weight.detach()[~edge] != before_w[~edge]).all())
+    after_m = [t for t in _state_tensors(opt) if t.numel() == len(values)]
+    assert len(after_m) == 2
+    for m0, m1 in zip(before_m, after_m):
+        assert bool((m1 != m0).all()) and torch.isfinite(m1).all()
+    assert opt.report_nonfinite() == (2, 0)
+    assert opt.search_state.num_nonfinite_elements == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_a_raw_plain_step_that_would_overflow_16_bit_weights_keeps_those_weights(backend, dtype):
+    """Along raw (``w - step * g``, seed 001's rules), the same check: the edge weights stay, the
+    others move by exactly ``step * g``, and the kept ones are counted."""
+    from salsa_fused.backends import cpp_backend, torch_backend, triton_backend
+    from salsa_fused.backends.base import RAW, Bucket, Hyper, Move, PassArgs
+
+    module = {"torch": torch_backend, "cpp": cpp_backend, "triton": triton_backend}[_backend(backend)]
+    values, step = EDGES[dtype]
+    weights = torch.tensor(values, dtype=dtype)
+    grads = torch.tensor([-1.0 if v >= 0 else 1.0 for v in values], dtype=dtype)  # w - step * g: outward
+    bucket = Bucket(params=[weights.clone()], grads=[grads], exp_avg=[torch.zeros(len(values))],
+                    exp_avg_sq=[torch.zeros(len(values))], saved=None, device=torch.device("cpu"), dtype=dtype,
+                    group_index=0)
+    hyper = Hyper(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, bias_correction1=0.1,
+                  bias_correction2=0.001, lr=1.0)
+    count = torch.zeros((), dtype=torch.int64)
+    module.plain_step(bucket, PassArgs(hyper, Move(step, decay=0.0), RAW), torch.tensor(1.0), nonfinite_count=count)
+    edge = torch.tensor([True, True] + [False] * (len(values) - 2))
+    moved = bucket.params[0]
+    assert torch.isfinite(moved).all() and int(count) == 2
+    assert torch.equal(moved[edge], weights[edge])
+    expected = (weights.double() - step * grads.double()).to(dtype)
+    assert torch.equal(moved[~edge], expected[~edge])

@@ -143,12 +143,13 @@ print(registers, spills, *K.cubin_usage(compiled.asm["cubin"]))
 """
 
 
-@pytest.mark.parametrize("cap", [80, 88])
+@pytest.mark.parametrize("cap", [64, 88])
 def test_audit_reads_the_spills_of_tritons_own_build(cap):
     """The registers and stack frame the audit reads from the cubin are those of Triton's own
     ptxas run (its flags, --regAllocOptLevel=2 included), spills included: the fp16 plain step
-    spills under a cap of 80 and not under the backend's 88. (An audit that ran ptxas again
-    without Triton's flags reported no spill at 80.)"""
+    spills under a cap of 64 and not under the backend's 88. (An audit that ran ptxas again
+    without Triton's flags reported no spill at 80, where the kernel of 2026-12-02 spilled; since
+    the 16-bit overflow check it needs 72 registers there and spills only below.)"""
     if not PTXAS.exists():
         pytest.skip("triton has no bundled ptxas (no NVIDIA backend)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -157,7 +158,7 @@ def test_audit_reads_the_spills_of_tritons_own_build(cap):
     log_registers, log_spills, cubin_registers, stack_bytes = map(int, done.stdout.split()[-4:])
     assert cubin_registers == log_registers
     assert (stack_bytes > 0) == (log_spills > 0)
-    assert (log_spills > 0) == (cap == 80)
+    assert (log_spills > 0) == (cap == 64)
 
 
 def test_16_bit_plain_step_fits_three_blocks_per_sm(records):
