@@ -112,7 +112,7 @@ class SearchState:
     num_searches: int = 0
     num_backtracks: int = 0
     num_skipped_steps: int = 0
-    num_nonfinite_elements: int = 0  # gradient elements left unchanged on plain steps
+    num_nonfinite_elements: int = 0  # plain-step elements left unmoved: NaN/inf gradient, or a 16-bit overflow
     last_trials: int = 0
     last_loss_decrease: float = 0.0
     #: Scalars of a rule other than ArmijoSearch (salsa_fused.rules); empty for ArmijoSearch.
