@@ -13,6 +13,7 @@ formed in :mod:`salsa_fused.applied`, and the decisions come from the search rul
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -1053,11 +1054,18 @@ class FusedSaLSa(Optimizer):
     def _plain_step(self, passes: F.Passes, plan, f0: torch.Tensor) -> None:
         """A step without search along the rule's direction (Adam's ``m_hat`` unless it is ``raw``)."""
         at_point = self._report_plain_steps_without_search(plan.state)
-        F.plain_step(passes, plan.trial_step_size, f0, getattr(self, "found_inf", None), self._device_counts(),
+        found_inf = getattr(self, "found_inf", None)
+        F.plain_step(passes, plan.trial_step_size, f0, found_inf, self._device_counts(),
                      self.reduction, checked_direction(self.search_rule, self.search_direction))
         if at_point:  # after the step's own counts: a NaN at this step goes with this copy
             self._counts_in_flight = F.CountsInFlight.take(self._device_counts(), self.reduction)
-        self._commit(plan.state)
+        state = plan.state
+        # GradScaler's skip leaves k and t where they were, read here (one host read, only under a
+        # scaler): with no search to come (a frozen level) nothing else would take it back out.
+        if found_inf is not None and bool(found_inf.reshape(-1)[0] != 0):
+            self._device_counts().scaler_skips.sub_(1)  # the pass counted it for the next search
+            state = dataclasses.replace(state, step=state.step - 1, steps_since_search=state.steps_since_search - 1)
+        self._commit(state)
 
     def _report_plain_steps_without_search(self, state: SearchState) -> bool:
         """Where no search comes for ``max_search_interval`` steps (a schedule's frozen level, past its

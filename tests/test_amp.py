@@ -270,3 +270,37 @@ def test_a_nan_batch_that_grad_scaler_skips_is_its_skip_on_a_plain_step_as_on_a_
         scaler.step(opt, lambda: torch.nn.functional.mse_loss(model(x), y), loss=loss.detach())
         scaler.update()
     assert scaler.get_scale() == 2.0 ** 8 and opt.num_skipped_steps == 0
+
+
+def test_plain_steps_that_grad_scaler_skips_leave_the_step_count_under_a_frozen_level():
+    """After the preset's search phase no search comes to take a skipped plain step back out of
+    k: the plain step does it itself, so a run that meets three overflowing batches ends where a
+    run that never saw them ends (the same k, schedule scale and weights)."""
+    from salsa_fused import presets
+    bad = (20, 22, 24)  # past the search phase of a 40-step run
+
+    def run(see_bad):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 1))
+        opt = presets.recommended(model.parameters(), total_steps=40)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=10_000)
+        gen = torch.Generator().manual_seed(1)
+        for k in range(36):
+            x, y = torch.randn(32, 8, generator=gen), torch.randn(32, 1, generator=gen)
+            if k in bad and not see_bad:
+                continue
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            scaler.scale(loss).backward()
+            if k in bad:
+                model[0].weight.grad[0, 0] = float("inf")
+            scaler.step(opt, lambda: torch.nn.functional.mse_loss(model(x), y), loss=loss.detach())
+            scaler.update()
+        return opt, torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    clean, w_clean = run(False)
+    skipped, w_skipped = run(True)
+    assert skipped.search_state.step == clean.search_state.step == 33
+    assert skipped.applied_steps == clean.applied_steps
+    assert torch.equal(w_skipped, w_clean)
+    assert int(skipped._counts.scaler_skips) == 0
