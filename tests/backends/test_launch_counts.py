@@ -143,6 +143,8 @@ def test_optimizer_plain_step_counts_inside_the_kernel(with_scaler):
             mock.patch.object(triton_backend, "count_step", side_effect=AssertionError("counted with torch ops")):
         counted = launches(lambda: opt.step(lambda: torch.tensor(float("nan")), loss=torch.tensor(float("nan"))))
     assert counted == {"_plain_step_kernel": 2}
-    # a NaN loss; with the scaler's found_inf set the step is its skip only, not also a NaN loss
-    assert opt._counts.step_counts.tolist() == [int(not with_scaler), int(with_scaler)]
+    # a NaN loss; with the scaler's found_inf set the step is its skip only, not also a NaN loss,
+    # and the step itself took that skip back out (k unchanged: docs/training.md)
+    assert opt._counts.step_counts.tolist() == [int(not with_scaler), 0]
+    assert opt.search_state.step == int(not with_scaler)
     assert all(torch.equal(w, p) for w, p in zip(weights, params + biases))  # a NaN loss moves nothing
