@@ -194,10 +194,15 @@ def _move_from(ops, params, weights_fp32, d, hyper: Hyper, step_size: float, dec
     weights = _decayed(ops, weights_fp32, hyper, decay_step_size)
     if weights is params:
         ops.add_(params, d, alpha=-step_size)
-    elif kept is None:
+    elif kept is None or not _has_sixteen_bit(params):
         ops.copy_(params, ops.add(weights, d, -step_size, 1))
     else:
         _copy_finite(params, ops.add(weights, d, -step_size, 1), kept)
+
+
+def _has_sixteen_bit(params) -> bool:
+    """Whether a list of weights (or one block) holds a 16-bit tensor, which the plain step checks."""
+    return any(p.dtype in _SIXTEEN_BIT for p in (params if isinstance(params, (list, tuple)) else [params]))
 
 
 def _copy_finite(params, new_fp32, kept: torch.Tensor) -> None:
