@@ -24,6 +24,9 @@ from .rules import SEARCH_ARGUMENTS, FinalMove, Verdict
 
 _f32 = np.float32
 
+#: The largest float32: every level, trial and applied step goes to the passes in float32.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 #: ``s`` below this skips the search (0.1.0's guard, compared in fp32).
 MIN_SLOPE_AVG = 1e-8
 #: Initial value of both step-size averages (no bias correction, as published).
@@ -131,8 +134,10 @@ class SearchState:
                 raise ValueError(f"search state {name} must be an integer >= 0, got {value!r}")
         for name in ("step_size", "step_size_fast", "step_size_slow"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"search state {name} must be a finite number > 0, got {value!r}")
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)
+                                               and 0 < value <= FLOAT32_MAX):
+                raise ValueError(f"search state {name} must be a finite number > 0 that float32 holds (at most "
+                                 f"{FLOAT32_MAX:.4g}), got {value!r}")
         for name in ("loss_decrease_avg", "slope_avg", "search_interval", "last_search_loss", "last_loss_decrease"):
             value = getattr(self, name)
             if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)):

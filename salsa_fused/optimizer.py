@@ -34,7 +34,7 @@ from . import functional as F
 from .backends.base import GRADIENT, MOMENTUM, Bucket
 from .distributed import SearchReduction, _is_dtensor, default_reduction, fsdp_modules, is_distributed, shard_group_of
 from .applied import GroupStep
-from .line_search import SearchConfig, SearchState
+from .line_search import FLOAT32_MAX, SearchConfig, SearchState
 from .rules import (Batches, check_arguments, check_rule_state, checked_direction, moment_step, plan_step,
                     plan_without_search, resolve_rule, step_batches)
 from .step_size import (applied_scale, backs_off_on_loss_rise, check_freeze_below, check_freeze_rule,
@@ -108,7 +108,6 @@ _UNSUPPORTED_FLAGS = {
 }
 
 
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
 
 
@@ -119,6 +118,11 @@ _GROUP_HYPER_KEYS = ("lr", "betas", "eps", "weight_decay")
 def _starts_probing(group: dict) -> bool:
     """A group built at ``lr=0`` whose ``lr`` is positive now: its step sets ``search_lr`` to 1."""
     return group["search_lr"] == 0 and group["lr"] > 0
+
+
+def _as_the_step_sees(group: dict) -> dict:
+    """``group`` with the ``search_lr`` its next step will give it (1 when it starts probing)."""
+    return {**group, "search_lr": 1.0} if _starts_probing(group) else group
 
 
 def _refuse_unsupported_flags(**flags) -> None:
@@ -351,7 +355,7 @@ class FusedSaLSa(Optimizer):
         ``lr``, a level loaded from elsewhere). Checked: the first trial ``lr_g * eta * growth``, the
         applied step ``lr_g * s * eta * growth`` (no accepted trial is larger) and the decay."""
         for index, group in enumerate(self.param_groups):
-            probing = {**group, "search_lr": 1.0} if _starts_probing(group) else group  # as the step will set it
+            probing = _as_the_step_sees(group)
             group_step = GroupStep.of(probing, scale, plan.state.step_size)
             moves = {"the first trial": group_step.trial(plan.trial_step_size).step,
                      "the applied step": group_step.plain(plan.trial_step_size).step,
@@ -472,7 +476,7 @@ class FusedSaLSa(Optimizer):
         state = freeze_if_collapsed(self.schedule, self._search, self._search.step + 1, self.search_rule)
         scale = applied_scale(self.schedule, state, state.step + 1)
         trial = plan_step(self.search_rule, state, self.search_config).trial_step_size
-        return [GroupStep.of(group, scale, state.step_size).plain(trial).step
+        return [GroupStep.of(_as_the_step_sees(group), scale, state.step_size).plain(trial).step
                 for group in self.param_groups]
 
     @property
@@ -571,9 +575,12 @@ class FusedSaLSa(Optimizer):
             if missing:
                 raise ValueError(f"the checkpoint's search state has no {' or '.join(missing)}: the checkpoint is "
                                  "corrupt (the level would start over silently); nothing was loaded")
-            search = SearchState.from_dict(deepcopy(saved_search))
-            search.validate()  # unknown keys, bad values
-            check_rule_state(self.search_rule, search.rule_state, search.step)
+            try:
+                search = SearchState.from_dict(deepcopy(saved_search))
+                search.validate()  # unknown keys, bad values
+                check_rule_state(self.search_rule, search.rule_state, search.step)
+            except ValueError as error:
+                raise ValueError(f"the checkpoint is corrupt: {error}; nothing was loaded") from error
         elif state_dict["state"]:
             warnings.warn(
                 "the checkpoint has moments but no search state (param_groups[0]['search']): it was saved "
@@ -679,7 +686,8 @@ class FusedSaLSa(Optimizer):
                             ("fused", None), ("_lr_checked", False), ("_past_end_warned", False),
                             ("_collapse_checked", False)):
             self.__dict__.setdefault(name, value)
-        self._handoff = _StepHandoff()
+        # load_state_dict() comes here too: a bind_closure()/mark_forward() it follows stays for the next step
+        self.__dict__.setdefault("_handoff", _StepHandoff())
         if "backend_name" in self.__dict__:
             if "reduction" not in self.__dict__:  # the default: detected again where it is loaded
                 self.reduction = default_reduction(p for group in self.param_groups for p in group["params"])
@@ -856,8 +864,11 @@ class FusedSaLSa(Optimizer):
 
     def _warn_if_lr_looks_like_a_step_size(self) -> None:
         """Once, at the first step: an lr (or a scheduler's initial_lr/max_lr) below 0.1 is most
-        likely AdamW's habit; here it multiplies every step the search finds."""
+        likely AdamW's habit; here it multiplies every step the search finds. A resumed run (its step
+        counter past 0) was looked at when it started: its lr now may be a scheduler's (ReduceLROnPlateau)."""
         self._lr_checked = True
+        if self._search.step > 0:
+            return
         for index, group in enumerate(self.param_groups):
             base = group.get("max_lr", group.get("initial_lr", group["lr"]))
             if isinstance(base, (int, float)) and 0 < base < 0.1:
@@ -907,11 +918,15 @@ class FusedSaLSa(Optimizer):
         """
         handoff = self._handoff
         pending = (handoff.forward_rng, handoff.zero_grad_rng, handoff.bound_step)
+        probes = [group.get("search_lr") for group in self.param_groups]
         try:
             return self._step(closure, loss)
         except BaseException:
-            # The step did not happen: what was handed to it waits for the retry.
+            # The step did not happen: what was handed to it waits for the retry, and a group
+            # that was to start probing at it has not.
             handoff.forward_rng, handoff.zero_grad_rng, handoff.bound_step = pending
+            for group, probe in zip(self.param_groups, probes):
+                group["search_lr"] = probe
             # GradScaler sets grad_scale/found_inf before step() and deletes them only after a
             # step that returns: drop them here so a later step cannot read a stale scale.
             self.__dict__.pop("grad_scale", None)

@@ -174,6 +174,9 @@ def _same(a, b):
      "exp_avg_sq of parameter 0 hold NaN/inf"),
     (lambda sd: sd["param_groups"][0]["search"].update(last_loss_decrease=float("nan")), "last_loss_decrease"),
     (lambda sd: sd["param_groups"][0]["search"].update(step_size=True), "step_size must be a finite number"),
+    # every step would then refuse the move: the passes take the level in float32
+    (lambda sd: sd["param_groups"][0]["search"].update(step_size=1e300), "step_size must be .* float32 holds"),
+    (lambda sd: sd["param_groups"][0]["search"].update(step_size_slow=1e39), "step_size_slow must be"),
     (lambda sd: sd["param_groups"][0]["search"].update(rule_state=None), "rule_state must be a dict"),
     (lambda sd: sd["param_groups"][1].pop("betas"), "group 1 has no 'betas': every step reads it"),
     (lambda sd: sd["param_groups"][0].pop("lr"), "group 0 has no 'lr'"),
@@ -195,6 +198,27 @@ def test_loading_a_bad_state_dict_raises_before_changing_anything(edit, message)
     with pytest.raises(ValueError, match=message):
         opt.load_state_dict(state_dict)
     _same(before, _snapshot(opt))
+
+
+def test_a_step_bound_before_load_state_dict_runs_after_it():
+    """A callback restoring the optimizer between a trainer's backward (and bind_closure) and its
+    step() leaves the bound step and its mark_forward() for that step, as an uninterrupted run has them."""
+    runs = []
+    for reload in (False, True):
+        model = _model()
+        opt = FusedSaLSa(model.parameters(), backend="torch")
+        _train(model, opt, 3)
+        x, y = _batch(3)
+        opt.zero_grad()
+        opt.mark_forward()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        opt.bind_closure(lambda: F.mse_loss(model(x), y), loss=loss)
+        if reload:
+            opt.load_state_dict(_roundtrip(opt.state_dict()))
+        opt.step()
+        runs.append((torch.cat([p.detach().reshape(-1) for p in model.parameters()]), opt.search_state))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
 
 
 def test_param_groups_with_their_own_hyperparameters():

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from salsa_fused import FusedSaLSa, presets
+from salsa_fused.line_search import plan_step
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -222,6 +223,53 @@ def test_a_warmup_by_hand_from_lr_zero_ends_at_the_searched_step():
     assert 1 / 3 < opt.step_size / by_scheduler.step_size < 3
 
 
+def test_applied_steps_of_a_group_built_at_lr_zero_is_what_its_next_step_applies():
+    """A group built at lr=0 whose lr was raised starts probing at its next step: applied_steps
+    says so before that step (it said 0), and the group moves by it."""
+    model = _dropout_mlp(0, p=0.0)
+    opt = FusedSaLSa([{"params": model[0].parameters(), "lr": 0.0}, {"params": model[3].parameters()}],
+                     backend="torch")
+    for k in range(40):
+        if k > 10 and not plan_step(opt.search_state, opt.search_config).is_search:
+            break  # the next step is a plain one
+        x, y = _data(k)
+        opt.zero_grad()
+        opt.step(lambda: F.mse_loss(model(x), y))
+        settled = opt.search_state  # equal step-size averages: the interval grows to its longest
+        settled.step_size_fast = settled.step_size_slow
+        opt._commit(settled)
+    opt.param_groups[0]["lr"] = 1.0
+    predicted = opt.applied_steps
+    assert predicted[0] == predicted[1] > 0
+    weights = [model[0].weight, model[3].weight]
+    searches, before = opt.num_searches, [w.detach().clone() for w in weights]
+    x, y = _data(40)
+    opt.zero_grad()
+    opt.step(lambda: F.mse_loss(model(x), y))
+    assert opt.num_searches == searches  # a plain step: each group moved by its applied step along m_hat
+    k = opt.search_state.step
+    for w, w0, step in zip(weights, before, predicted):
+        m, v = opt.state[w]["exp_avg"] / (1 - 0.9 ** k), opt.state[w]["exp_avg_sq"] / (1 - 0.999 ** k)
+        torch.testing.assert_close(w0 - w.detach(), step * m / (v.sqrt() + 1e-8), rtol=5e-3, atol=1e-6)
+
+
+def test_a_step_that_raises_leaves_a_group_built_at_lr_zero_unprobed():
+    model = _dropout_mlp(0, p=0.0)
+    opt = FusedSaLSa([{"params": model[0].parameters(), "lr": 0.0}, {"params": model[3].parameters()}],
+                     backend="torch")
+    opt.param_groups[0]["lr"] = 0.5
+
+    def failing_closure():
+        raise _Boom("the data loader failed")
+
+    with pytest.raises(_Boom):
+        opt.step(failing_closure)
+    assert opt.param_groups[0]["search_lr"] == 0.0
+    x, y = _data(0)
+    opt.step(lambda: F.mse_loss(model(x), y))
+    assert opt.param_groups[0]["search_lr"] == 1.0
+
+
 def test_a_group_at_lr_zero_keeps_its_weights_while_others_train():
     model = _dropout_mlp(0)
     frozen, trained = list(model[0].parameters()), list(model[3].parameters())
@@ -371,6 +419,27 @@ def test_an_adamw_style_lr_warns_once_what_lr_means(case):
                               lr=1.0)
     assert len(caught) == 1
     assert "step size" in str(caught[0].message)
+
+
+def test_resuming_a_run_whose_scheduler_lowered_lr_does_not_warn():
+    """ReduceLROnPlateau leaves lr < 0.1 and no initial_lr: the resumed run's first step is not its first."""
+    model = _dropout_mlp(0, p=0.0)
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.1)
+    for k in range(4):
+        x, y = _data(k)
+        opt.zero_grad()
+        opt.step(lambda: F.mse_loss(model(x), y))
+        plateau.step(1.0)
+    assert opt.param_groups[0]["lr"] < 0.1
+    resumed = FusedSaLSa(model.parameters(), backend="torch")
+    resumed.load_state_dict(opt.state_dict())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x, y = _data(4)
+        resumed.zero_grad()
+        resumed.step(lambda: F.mse_loss(model(x), y))
+    assert not [w for w in caught if "multiplier" in str(w.message)]
 
 
 def test_a_warmup_of_the_multiplier_does_not_warn():
