@@ -42,7 +42,7 @@ import torch
 from ._rng import RNGSnapshot
 from .distributed import SearchReduction, default_reduction
 from .errors import NonFiniteError
-from .optimizer import FusedSaLSa, running_statistics
+from .optimizer import FusedSaLSa, _same_tensor_memory, running_statistics
 from .step_size import ScaledSchedule, check_factors, check_installed, scaled_by
 
 #: The factor lists of seed 004 (Factor_3 is the default).
@@ -210,14 +210,21 @@ class LRFactorSearch:
         rng = RNGSnapshot.capture(devices)
         with torch.no_grad():
             buffers = [(b, b.detach().clone()) for b in self._running_statistics()]
-        values = []
+        values, returned = [], []
         try:
             with torch.no_grad():
                 for f in self.factors:
                     for p, w0, w1 in zip(params, before, after):
                         p.copy_(w1 if f == 1.0 else torch.lerp(w0, w1, f))  # w0 + f * (w1 - w0)
                     rng.set()
-                    values.append(self._loss_value(closure()))
+                    value = closure()
+                    values.append(self._loss_value(value))
+                    if isinstance(value, torch.Tensor) and any(_same_tensor_memory(value, r) for r in returned):
+                        raise RuntimeError(
+                            "closure() returned the same loss tensor at two factors' weights: it must run "
+                            "the forward again at each call (each factor's weights are scored by it), e.g. "
+                            "lambda: loss_fn(model(x), y), not lambda: loss")
+                    returned.append(value)
         finally:
             with torch.no_grad():
                 for p, w1 in zip(params, after):

@@ -62,6 +62,11 @@ CLOSURE_CHANGED_GRADIENTS = ("closure() changed the step's gradients in place du
                              "every trial, and each trial would have moved the weights nowhere. The closure "
                              "returns the loss only; call zero_grad() before step(). The weights, the moments "
                              "and the search state are as they were")
+STALE_CLOSURE = ("{what} returned the step's own loss (the same tensor, or a view or detach() of it) at "
+                 "trial weights: the search evaluates the closure at each trial and needs it to run the "
+                 "forward again, e.g. step(lambda: loss_fn(model(x), y)), not step(lambda: loss). Each such "
+                 "trial would pass the Armijo test and grow the step without bound. The weights, the moments "
+                 "and the search state are as they were")
 _DeviceCounts = F.DeviceCounts  # its name before it moved to functional.py: pickled optimizers load
 
 
@@ -751,15 +756,19 @@ class FusedSaLSa(Optimizer):
         return [(buffer, buffer.detach().clone()) for buffer in running_statistics(self.model)]
 
     def _trial_loss(self, closure: LossClosure, what: str = "closure()",
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                    dtype: torch.dtype = torch.float32, step_losses: Sequence = ()) -> torch.Tensor:
         """``closure()`` under ``no_grad`` at the weights as they are: a 0-dim tensor of ``dtype``.
         The FSDP2 modules of ``model`` are resharded first, as :func:`fsdp_closure` does: the root
-        keeps its parameters unsharded after a forward, and a trial would read them stale."""
+        keeps its parameters unsharded after a forward, and a trial would read them stale.
+        A loss that is one of ``step_losses`` (the step's own, or a view or ``detach()`` of it) was
+        not computed at the trial's weights: refused."""
         for module in self._fsdp_modules():
             module.reshard()
         with torch.no_grad():
             value = closure()
         loss = self._loss_tensor(value, what, need_grad=False)
+        if any(_same_tensor_memory(loss, own) for own in step_losses):
+            raise RuntimeError(STALE_CLOSURE.format(what=what))
         return loss.detach().reshape(()).to(device=self._device, dtype=dtype)
 
     def _fsdp_modules(self) -> list:
@@ -1031,17 +1040,20 @@ class FusedSaLSa(Optimizer):
 
         gradients_unchanged = _gradients_watch(passes, self._sharded_groups())
 
+        step_losses = (value if one_phase else loss,)
+
         def trial_loss() -> float:
             rng_before.set()  # each trial forward replays the step's random draws
-            (value,) = self.reduction.average_loss(self._trial_loss(closure).reshape(1)).tolist()
+            (trial,) = self.reduction.average_loss(
+                self._trial_loss(closure, step_losses=step_losses).reshape(1)).tolist()
             gradients_unchanged()
-            return value
+            return trial
 
         running = self._running_statistics()
         try:
             if needs_reference:
                 rng_before.set()
-                f0 = self._trial_loss(closure)
+                f0 = self._trial_loss(closure, step_losses=step_losses)
                 plan.state.num_forward_evals += 1
             self._search_step(passes, plan, f0, trial_loss)
         except BaseException:
@@ -1147,6 +1159,7 @@ class FusedSaLSa(Optimizer):
         if one_phase:
             total = None  # the gradient batches' losses summed in float64
             dtype = None
+            step_losses = []
             call = replay if replay is not None else functools.partial(_call_indexed, closure)
             for i in range(k):
                 with torch.enable_grad():
@@ -1154,6 +1167,7 @@ class FusedSaLSa(Optimizer):
                 if i == 0 and self._has_new_gradients() and not self._remember_if_zeros():
                     raise RuntimeError(CLOSURE_RAN_BACKWARD.format(what=f"closure({i})"))
                 loss_i = self._loss_tensor(value, f"closure({i})", need_grad=True)
+                step_losses.append(loss_i)
                 (loss_i / k if k > 1 else loss_i).backward()
                 dtype = loss_i.dtype
                 loss_i = loss_i.detach().reshape(()).to(torch.float64)
@@ -1162,6 +1176,7 @@ class FusedSaLSa(Optimizer):
             loss_tensor = (total / k).to(dtype)
         else:
             loss_tensor = self._loss_tensor(loss, "loss", need_grad=False)
+            step_losses = [loss]
             gradient_sum = loss_tensor.detach().reshape(()).to(torch.float64) * k
             if points:
                 rng_after = RNGSnapshot.capture(devices)
@@ -1187,7 +1202,8 @@ class FusedSaLSa(Optimizer):
             """``sum closure(i)`` over ``first <= i < n`` at the weights as they are, in float64."""
             total = torch.zeros((), dtype=torch.float64, device=self._device)
             for i in range(first, n):
-                total = total + self._trial_loss(functools.partial(replay, i), f"closure({i})", torch.float64)
+                total = total + self._trial_loss(functools.partial(replay, i), f"closure({i})", torch.float64,
+                                                 step_losses)
                 gradients_unchanged()
             return total
 
@@ -1218,6 +1234,19 @@ class FusedSaLSa(Optimizer):
         # statistics where the gradient forwards left them
         _leave_random_state(replay.end if replay is not None else None, running)
         return loss_tensor.detach() if one_phase else loss
+
+
+def _same_tensor_memory(value: torch.Tensor, own) -> bool:
+    """Is ``value`` the tensor ``own``, or does it share its memory (a view, ``detach()``)? A new
+    forward's loss never does while ``own`` is alive."""
+    if value is own:
+        return True
+    if not isinstance(own, torch.Tensor) or value.device != own.device:
+        return False
+    try:
+        return value.untyped_storage().data_ptr() == own.untyped_storage().data_ptr() != 0
+    except (RuntimeError, NotImplementedError):  # tensors without storage (fake, functional)
+        return False
 
 
 def running_statistics(model: Optional[torch.nn.Module]) -> List[torch.Tensor]:

@@ -96,7 +96,7 @@ def test_first_trial_probes_the_level_and_the_accepted_trial_is_scaled(restore):
 
     def closure():
         seen.append([w.detach().clone() for w in weights])
-        return loss.detach()  # f1 == f0: accepted
+        return loss.detach().clone()  # f1 == f0: accepted
 
     opt.mark_forward()  # scripted losses: the caller's loss is the trials' reference
     opt.step(closure, loss=loss)

@@ -481,6 +481,48 @@ def test_a_multi_batch_closure_that_zeroes_the_gradients_in_place_is_refused(for
     _assert_unchanged(before, _snapshot(opt))
 
 
+@pytest.mark.parametrize("form", ["one-phase", "two-phase", "two-phase-detached"])
+def test_a_closure_returning_the_steps_own_loss_is_refused(form):
+    """``step(lambda: loss)`` (torch.optim's habit): every trial would read the loss at w0, pass the
+    Armijo test and grow the level without bound (1 -> 304 in 60 steps, no error, before this check)."""
+    model, opt = _trained()
+    _until_search_next(model, opt)
+    before = _snapshot(opt)
+    opt.zero_grad()
+    loss = F.mse_loss(model(_X), _Y)
+    with pytest.raises(RuntimeError, match=r"closure\(\) returned the step's own loss"):
+        if form == "one-phase":
+            opt.step(lambda: loss)
+        else:
+            loss.backward()
+            stale = loss.detach() if form == "two-phase-detached" else loss
+            opt.step(lambda: stale, loss=loss)
+    _assert_unchanged(before, _snapshot(opt))
+
+
+@pytest.mark.parametrize("form", ["closure", "two-phase"])
+def test_a_multi_batch_closure_returning_the_steps_own_losses_is_refused(form):
+    model = _model()
+    opt = LABPAL(model.parameters(), backend="torch", approximation_batches=4, sgd_steps=2)
+    batches = [torch.randn(8, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    losses = {}
+
+    def stale(i):
+        if i not in losses:
+            losses[i] = F.mse_loss(model(batches[i]), batches[i][:, :1].cos())
+        return losses[i]
+
+    assert opt.next_batches().points > 0
+    before = _snapshot(opt)
+    with pytest.raises(RuntimeError, match=r"closure\(\d\) returned the step's own loss"):
+        if form == "closure":
+            opt.step(stale)
+        else:
+            stale(0).backward()
+            opt.step(stale, loss=stale(0))
+    _assert_unchanged(before, _snapshot(opt))
+
+
 @pytest.mark.parametrize("reduction", ["mean", 1, object()])
 def test_a_reduction_that_is_not_a_search_reduction_is_refused_by_name(reduction):
     """It failed at the first step, after the backward, on a missing method."""

@@ -212,8 +212,12 @@ def test_bad_optimizer_and_state_dict_raise():
     assert search.state_dict() == good
 
 
+_A_LOSS_COMPUTED_BEFORE = torch.tensor(0.5)
+
+
 @pytest.mark.parametrize("closure_value, error, match", [
     (lambda: torch.ones(2), ValueError, "scalar loss"),
+    (lambda: _A_LOSS_COMPUTED_BEFORE, RuntimeError, "same loss tensor at two factors"),  # every factor ties
     (lambda: "loss", TypeError, "scalar tensor or float"),
     (lambda: torch.tensor(1), TypeError, "floating-point"),
 ])

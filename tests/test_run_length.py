@@ -31,7 +31,7 @@ def run_scripted(opt, weights, slopes, steps):
     for _ in range(steps):
         loss = backward(weights, slopes)
         opt.mark_forward()  # scripted losses: the caller's loss is the trials' reference
-        opt.step(lambda: loss.detach(), loss=loss)
+        opt.step(lambda: loss.detach().clone(), loss=loss)  # scripted: each trial reads the same value
 
 
 def past_end_warnings(record):
@@ -539,7 +539,7 @@ def test_a_schedule_of_ones_own_with_a_bad_freeze_below_is_refused_at_the_step_a
     loss = backward(weights, slopes)
     opt.mark_forward()
     with pytest.raises(ValueError, match="freeze_below"):
-        opt.step(lambda: loss.detach(), loss=loss)
+        opt.step(lambda: loss.detach().clone(), loss=loss)  # scripted: each trial reads the same value
     assert opt.search_state == before_search
     assert all(torch.equal(a, b) for a, b in zip(weights, before_w))
     after = opt.state_dict()["state"]
