@@ -922,27 +922,31 @@ class FusedSaLSa(Optimizer):
         with ``"inplace"``), the moments bitwise (a search keeps a copy of m and v while it
         runs: 8 bytes per parameter) and the search state unchanged; in the one-phase form the
         random generators and ``model``'s running statistics go back to before the step's own
-        forward (in the two-phase form, to where the caller's forward left them): a caller may
-        retry the step, and the retry runs the same forward.
+        forward (in the two-phase form, to where the caller's forward left them), and the
+        gradients of the one-phase form's own backward are taken back: a caller may retry the
+        step, and the retry runs the same forward.
         """
         handoff = self._handoff
         pending = (handoff.forward_rng, handoff.zero_grad_rng, handoff.bound_step)
         probes = [group.get("search_lr") for group in self.param_groups]
+        undo: List[Callable[[], None]] = []  # what the step did before it failed, undone
         try:
-            return self._step(closure, loss)
+            return self._step(closure, loss, undo)
         except BaseException:
-            # The step did not happen: what was handed to it waits for the retry, and a group
-            # that was to start probing at it has not.
+            # The step did not happen: what was handed to it waits for the retry, a group that
+            # was to start probing at it has not, and the gradients of its own backward are gone.
             handoff.forward_rng, handoff.zero_grad_rng, handoff.bound_step = pending
             for group, probe in zip(self.param_groups, probes):
                 group["search_lr"] = probe
+            for action in undo:
+                action()
             # GradScaler sets grad_scale/found_inf before step() and deletes them only after a
             # step that returns: drop them here so a later step cannot read a stale scale.
             self.__dict__.pop("grad_scale", None)
             self.__dict__.pop("found_inf", None)
             raise
 
-    def _step(self, closure: Optional[LossClosure], loss):
+    def _step(self, closure: Optional[LossClosure], loss, undo: List[Callable[[], None]]):
         handoff = self._handoff
         if loss is None and handoff.bound_step is not None:
             wrapper_closure = closure
@@ -1005,7 +1009,7 @@ class FusedSaLSa(Optimizer):
         zeroed_at, handoff.zero_grad_rng = handoff.zero_grad_rng, None
         one_phase = loss is None
         if batches is not None:
-            return self._multi_batch_step(plan, scale, batches, closure, loss, devices, marked, zeroed_at)
+            return self._multi_batch_step(plan, scale, batches, closure, loss, devices, marked, zeroed_at, undo)
         running_at_start = []  # one-phase: the running statistics before the step's own forward
         if one_phase:
             rng_before = RNGSnapshot.capture(devices) if plan.is_search else None
@@ -1018,6 +1022,7 @@ class FusedSaLSa(Optimizer):
                 raise RuntimeError(CLOSURE_RAN_BACKWARD.format(what="closure()"))
             loss_tensor = self._loss_tensor(value, "closure()", need_grad=True)
             rng_after = RNGSnapshot.capture(devices) if plan.is_search else None
+            undo.append(_gradients_restorer(self.param_groups))
             loss_tensor.backward()
         else:
             loss_tensor = self._loss_tensor(loss, "loss", need_grad=False)
@@ -1143,7 +1148,8 @@ class FusedSaLSa(Optimizer):
             state = observe_search_loss(self.schedule, state)
         self._commit(state)
 
-    def _multi_batch_step(self, plan, scale: float, batches: Batches, closure, loss, devices, marked, zeroed_at):
+    def _multi_batch_step(self, plan, scale: float, batches: Batches, closure, loss, devices, marked, zeroed_at,
+                          undo: List[Callable[[], None]]):
         """The step of a rule that reads several batches (:class:`salsa_fused.rules.Batches`): the
         gradient of ``closure(i)`` over ``i < batches.gradient`` (the caller's in the two-phase
         form), then a plain step or a search whose points each average ``batches.points`` batches."""
@@ -1168,6 +1174,8 @@ class FusedSaLSa(Optimizer):
                     raise RuntimeError(CLOSURE_RAN_BACKWARD.format(what=f"closure({i})"))
                 loss_i = self._loss_tensor(value, f"closure({i})", need_grad=True)
                 step_losses.append(loss_i)
+                if i == 0:
+                    undo.append(_gradients_restorer(self.param_groups))
                 (loss_i / k if k > 1 else loss_i).backward()
                 dtype = loss_i.dtype
                 loss_i = loss_i.detach().reshape(()).to(torch.float64)
@@ -1234,6 +1242,22 @@ class FusedSaLSa(Optimizer):
         # statistics where the gradient forwards left them
         _leave_random_state(replay.end if replay is not None else None, running)
         return loss_tensor.detach() if one_phase else loss
+
+
+def _gradients_restorer(param_groups: Sequence[dict]) -> Callable[[], None]:
+    """Called right before the one-phase form's own backward, when every gradient is ``None`` or
+    zeros (checked): what puts them back so, for a retry of a step that failed after it."""
+    before = [(p, p.grad) for group in param_groups for p in group["params"]]
+
+    def restore() -> None:
+        with torch.no_grad():
+            for p, grad in before:
+                if grad is None:
+                    p.grad = None
+                else:
+                    grad.zero_()  # accumulated into in place, or replaced: zeros again either way
+                    p.grad = grad
+    return restore
 
 
 def _same_tensor_memory(value: torch.Tensor, own) -> bool:

@@ -242,9 +242,11 @@ def _state_of(net, opt):
             deepcopy(opt.state_dict()["param_groups"][0]["search"]), torch.get_rng_state())
 
 
+@pytest.mark.parametrize("zero_grad_first", [True, False], ids=["zero_grad-retry", "plain-retry"])
 @pytest.mark.parametrize("search_rule", [None, "labpal"])
-def test_a_step_retried_after_a_trial_forward_raised_is_exact(search_rule):
-    """One-phase, with dropout and BatchNorm: a trial forward raises, the step is retried, and
+def test_a_step_retried_after_a_trial_forward_raised_is_exact(search_rule, zero_grad_first):
+    """One-phase, with dropout and BatchNorm: a trial forward raises, the step is retried (with or
+    without a zero_grad() first: the failed step takes its own backward's gradients back), and
     everything (weights, running statistics, search state, generator) ends bitwise where a twin
     run that never failed ends; the failed attempt leaves the generator and buffers as before it."""
     x, y = torch.randn(16, 4, generator=torch.Generator().manual_seed(1)), torch.randn(16, 1)
@@ -279,8 +281,10 @@ def test_a_step_retried_after_a_trial_forward_raised_is_exact(search_rule):
                 after = _state_of(model, optimizer)
                 assert all(torch.equal(a, b) for a, b in zip(before[0], after[0])), "weights or buffers moved"
                 assert after[1] == before[1] and torch.equal(after[2], before[2])
+                assert all(p.grad is None for p in model.parameters())
             torch.set_rng_state(rng)
-            optimizer.zero_grad()
+            if zero_grad_first or fail_at is None:
+                optimizer.zero_grad()
             optimizer.step(closure_of(model))
         mine, theirs = _state_of(net, opt), _state_of(twin, twin_opt)
         assert all(torch.equal(a, b) for a, b in zip(mine[0], theirs[0]))
