@@ -65,13 +65,18 @@ class SearchReduction:
     def active(self) -> bool:
         return self.loss_group is not None or self.shard_group is not None
 
+    @property
+    def loss_ranks(self) -> int:
+        """How many ranks the loss is averaged over (1: not reduced)."""
+        return 1 if self.loss_group is None else dist.get_world_size(self.loss_group)
+
     def average_loss(self, losses: torch.Tensor) -> torch.Tensor:
         """Mean of ``losses`` (a 1-D fp32 tensor) over the loss group; the input is not modified."""
         if self.loss_group is None:
             return losses
         reduced = losses.clone()
         dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=self.loss_group)
-        return reduced / dist.get_world_size(self.loss_group)
+        return reduced / self.loss_ranks
 
     def any_rank(self, flag: bool, device: Optional[torch.device] = None) -> bool:
         """``flag`` or-ed over the loss group: a choice that decides how many forwards (so how many

@@ -206,6 +206,8 @@ def search_step(passes: Passes, plan: StepPlan, state: SearchState, loss: torch.
         report_plain_steps(step_state, nonfinite, int(earlier_nonfinite), int(earlier_bad_losses), step_state.step)
     if not (math.isfinite(f0_value) and math.isfinite(q_value)):
         what = "loss" if not math.isfinite(f0_value) else "gradient (slope q)"
+        if what == "loss" and reduction.loss_ranks > 1:
+            what = f"loss (averaged over the {reduction.loss_ranks} data-parallel ranks: NaN/inf on any rank's batch)"
         value = f0_value if not math.isfinite(f0_value) else q_value
         return reject(state, nonfinite, f"non-finite {what} {value} at step {step_state.step}; "
                       "weights and optimizer state are unchanged", int(earlier_nonfinite), int(earlier_bad_losses))

@@ -1125,7 +1125,8 @@ class FusedSaLSa(Optimizer):
         would: ``nonfinite="raise"`` raises :class:`NonFiniteError` naming them, ``"skip"`` adds them
         to ``search_state.num_nonfinite_elements`` and ``num_skipped_steps``. For the end of a run
         or before a checkpoint (counts on the device are in neither). One host read; under
-        DDP/FSDP2 a collective, so every rank calls it. Returns (elements left unmoved, for a NaN/inf
+        FSDP2 a collective (the shards' counts are summed). Under DDP each rank reads its own
+        counts; call it on every rank all the same, or the ranks' counters differ. Returns (elements left unmoved, for a NaN/inf
         gradient or a 16-bit overflow; losses) read; a second call returns ``(0, 0)``."""
         if self._counts is None:
             return 0, 0

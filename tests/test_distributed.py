@@ -118,6 +118,8 @@ def _ddp_steps(rank, ddp, opt, ref, ref_opt, steps, micro_batches, first_step=0)
 
 def _ddp_job(rank, out_dir):
     from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from salsa_fused import NonFiniteError
     for micro_batches in (1, 2):
         base = _make_model(0)
         ddp = DDP(copy.deepcopy(base))
@@ -150,6 +152,19 @@ def _ddp_job(rank, out_dir):
     _assert_same_on_all_ranks(torch.tensor([float(v) for v in vars(state).values() if isinstance(v, (int, float))],
                                            dtype=torch.float64),
                               "search state after a NaN loss on rank 1")
+
+    # The same at a search under "raise": every rank raises, and the message says whose loss it read.
+    ddp = DDP(_make_model(0))
+    opt = FusedSaLSa(ddp.parameters())
+    x, y = _batch(0, rank)
+    poison = float("nan") if rank == 1 else 1.0
+    before = _flat(ddp.parameters())
+    try:
+        opt.step(lambda: F.mse_loss(ddp(x), y) * poison)
+        raise AssertionError(f"a NaN loss on rank 1 did not raise on rank {rank}")
+    except NonFiniteError as error:
+        assert "loss (averaged over the 2 data-parallel ranks: NaN/inf on any rank's batch) nan" in str(error), error
+    assert torch.equal(_flat(ddp.parameters()), before) and opt.search_state.step == 0
 
     # The run that the resume job continues: checkpoint at step 12, record steps 12..19.
     ddp = DDP(_make_model(0))
