@@ -205,11 +205,17 @@ def search_step(passes: Passes, plan: StepPlan, state: SearchState, loss: torch.
         counts.nonfinite_losses.zero_()
         report_plain_steps(step_state, nonfinite, int(earlier_nonfinite), int(earlier_bad_losses), step_state.step)
     if not (math.isfinite(f0_value) and math.isfinite(q_value)):
-        what = "loss" if not math.isfinite(f0_value) else "gradient (slope q)"
-        if what == "loss" and reduction.loss_ranks > 1:
-            what = f"loss (averaged over the {reduction.loss_ranks} data-parallel ranks: NaN/inf on any rank's batch)"
-        value = f0_value if not math.isfinite(f0_value) else q_value
-        return reject(state, nonfinite, f"non-finite {what} {value} at step {step_state.step}; "
+        if not math.isfinite(f0_value):
+            what, value, why = "loss", f0_value, ""
+            if reduction.loss_ranks > 1:
+                what = f"loss (averaged over the {reduction.loss_ranks} data-parallel ranks: NaN/inf on any rank's batch)"
+        else:
+            what, value, why = "gradient (slope q)", q_value, ""
+            largest_probe = max((group.lr for group in passes.groups.values()), default=1.0)
+            if math.isinf(q_value) and largest_probe > 1.0:
+                why = (f"; q sums search_lr * g.d over the groups, and a group's search_lr (its lr at "
+                       f"construction) is {largest_probe:.4g}: the sum may have overflowed float32")
+        return reject(state, nonfinite, f"non-finite {what} {value} at step {step_state.step}{why}; "
                       "weights and optimizer state are unchanged", int(earlier_nonfinite), int(earlier_bad_losses))
     step_state.last_search_loss = f0_value
     search = rule(plan, config, f0_value, q_value)

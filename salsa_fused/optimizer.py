@@ -745,9 +745,13 @@ class FusedSaLSa(Optimizer):
         if value.is_complex() or not value.is_floating_point():
             raise TypeError(f"{must} a real floating-point loss, got {value.dtype}")
         if need_grad and not value.requires_grad:
-            raise RuntimeError(f"{what} returned a loss with no grad path (requires_grad=False): "
-                               "call step() outside torch.no_grad() and make the loss depend on "
-                               "the parameters")
+            if torch.is_inference_mode_enabled() or value.is_inference():
+                raise RuntimeError(f"{what} returned a loss with no grad path: it was computed under "
+                                   "torch.inference_mode(), where no tensor gets one; call step() outside "
+                                   "inference_mode (step() runs its backward itself)")
+            raise RuntimeError(f"{what} returned a loss with no grad path (requires_grad=False): its "
+                               "forward ran under torch.no_grad() (step() itself enables grad for the "
+                               "closure), or the loss does not depend on the parameters")
         return value
 
     def _running_statistics(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:

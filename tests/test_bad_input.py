@@ -135,6 +135,25 @@ def test_closure_returning_a_bad_value(value, error, message, search_next):
     _assert_unchanged(before, _snapshot(opt))
 
 
+def test_a_step_under_inference_mode_names_inference_mode():
+    """step() enables grad under no_grad, but nothing can under inference_mode: the error says which."""
+    model, opt = _trained()
+    before = _snapshot(opt)
+    opt.zero_grad()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="computed under torch.inference_mode()"):
+        opt.step(_closure(model))
+    _assert_unchanged(before, _snapshot(opt))
+
+
+def test_a_slope_that_overflows_at_a_huge_lr_names_search_lr():
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), lr=3e38, backend="torch")
+    before = _snapshot(opt)
+    with pytest.raises(NonFiniteError, match=r"slope q\) inf .*search_lr \(its lr at construction\) is 3e\+38"):
+        opt.step(_closure(model))
+    _assert_unchanged(before, _snapshot(opt))
+
+
 def test_loss_not_depending_on_the_parameters():
     model, opt = _trained()
     other = torch.nn.Parameter(torch.ones(3))

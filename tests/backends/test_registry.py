@@ -136,8 +136,10 @@ def test_contradicting_flags_raise_naming_both(flags, error, match):
 
 def test_fused_without_a_compiled_backend_fails_at_construction_with_the_reason(monkeypatch):
     monkeypatch.setattr(_ext, "require", lambda: (_ for _ in ()).throw(RuntimeError("extension not built")))
-    with pytest.raises(RuntimeError, match="fused=True: no compiled backend runs on cpu here .*cpp: extension not built"):
-        FusedSaLSa([torch.zeros(3, requires_grad=True)], fused=True)
+    for flags in ({"fused": True}, {"foreach": False}):  # the message names both: either asked for kernels
+        with pytest.raises(RuntimeError, match=r"fused=True or foreach=False \(compiled kernels\): no compiled "
+                                               "backend runs on cpu here .*cpp: extension not built"):
+            FusedSaLSa([torch.zeros(3, requires_grad=True)], **flags)
     assert FusedSaLSa([torch.zeros(3, requires_grad=True)], fused=False).backend is torch_backend
 
 
