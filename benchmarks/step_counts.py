@@ -14,7 +14,7 @@ backend runs under its interpreter, ``TRITON_INTERPRET=1``, when no GPU is prese
 
 What the design promises (SPEC section 2), with ``B`` buckets and ``n`` trials:
 plain step: ``B`` launches, no host read (Triton backend; the torch reference backend
-reads one finiteness flag per bucket by design). Search step: ``B`` reduction launches,
+reads finiteness flags by design: docs/performance.md). Search step: ``B`` reduction launches,
 ``B`` pass-A launches, ``B x (n - 1)`` pass-B launches, ``B`` restore launches only when a
 trial forward raises; host reads ``1 + n`` (``f0`` and ``q`` before any write, then ``f1``
 of each trial). ``python -m benchmarks.step_counts`` prints and writes these counts.
@@ -270,8 +270,9 @@ def main(argv=None) -> dict:
                 "Demo model with 3 buckets (fp32 weights with decay, fp32 biases, a bf16 layer). "
                 "Scripted trial losses fix the number of trials. Host reads: tensor values read "
                 "by `salsa_fused` code (each a device sync on a GPU). The torch reference backend "
-                "reads one finiteness flag per bucket on a plain step (free on the CPU); the "
-                "Triton backend guards on the device.\n\n"
+                "reads finiteness flags on a plain step (free on the CPU): one per bucket, one per "
+                "block of 256K elements of each tensor, and one more per such block of 16-bit "
+                "weights; the Triton backend guards on the device.\n\n"
                 + C.markdown_table(["backend", "restore", "step", "buckets", "passes", "launches",
                                     "host reads", "table builds"], table))
     print(markdown)
