@@ -49,6 +49,7 @@ from salsa_fused.beam import StepSizeBeam
 from salsa_fused.step_size import COLLAPSE_FRACTION, WarmupStableDecay
 
 from . import joint
+from .hypergradient import HypergradientMultiplier
 from .mechanic import Mechanic
 from .schedulefree_plus import ScheduleFreePlus
 from .rules import ClimbingArmijo, EdgeRule, NonMonotoneArmijo, RatioArmijo
@@ -73,6 +74,7 @@ class Built:
     beam: Optional[StepSizeBeam] = None  # the ``beam`` family's wrapper around ``optimizer``
     factor_search: Optional[LRFactorSearch] = None  # the ``lr_factor`` family's wrapper around ``optimizer``
     inner_family: Optional[str] = None  # ``lr_factor``: the wrapped optimizer's family (``torch`` or ``fused``)
+    hyper: Optional[HypergradientMultiplier] = None  # section 53: a learned multiplier on the applied step
 
 
 def _fused(kwargs_of: Callable[[int], dict], decay: bool = True):
@@ -175,6 +177,16 @@ def _rate_named(name: str) -> Optional[Callable]:
                 raise ValueError(f"bad name {name!r}: expected a rate after {prefix!r}, e.g. {prefix}1e-3") from None
             return make(lr)
     return None
+
+
+def _hypergradient(inner: Callable, beta: float, start_fraction: float):
+    """``inner`` (a ``fused`` build) with :class:`HypergradientMultiplier` learning a multiplier on its
+    applied step from the step ``start_fraction`` of the run on (NOTES.md section 53)."""
+    def build(task, model, total_steps) -> Built:
+        built = inner(task, model, total_steps)
+        start = max(1, round(start_fraction * total_steps))
+        return replace(built, hyper=HypergradientMultiplier(built.optimizer, beta, start_step=start))
+    return build
 
 
 def _labpal(mode: str, **kwargs):
@@ -596,6 +608,11 @@ REGISTRY: Dict[str, Callable] = {
     # section 52: the warm-up starting at 1/2 or 1/4 of its peak (the searched level at 1x or 0.5x) instead of 0
     "pretrain_wstart0.5": _early_freeze_preset(1 / 16, True, True, warmup_start=0.5),
     "pretrain_wstart0.25": _early_freeze_preset(1 / 16, True, True, warmup_start=0.25),
+    # section 53: the preset with a multiplier on its applied step learned by hypergradient descent
+    # (beta: the log-multiplier's rate per unit cosine), from the first step or from the end of the search phase
+    "pretrain_hyper0.01": _hypergradient(_early_freeze_preset(1 / 16, True, True), 0.01, 0.0),
+    "pretrain_hyper0.03": _hypergradient(_early_freeze_preset(1 / 16, True, True), 0.03, 0.0),
+    "pretrain_hyper0.03_late": _hypergradient(_early_freeze_preset(1 / 16, True, True), 0.03, 0.2),
     # section 41 (a development screen): the Armijo test on the smoothed ratio (f0 - f1) / (eta q)
     "pretrain_ratio_test": _early_freeze_preset(1 / 16, True, True, search_rule=RatioArmijo()),
     # section 42: a first trial that doubles per search while the batch's own Armijo test passes, at the

@@ -129,12 +129,14 @@ def _lr_factor_step(built, task, model, batch, score_batch) -> torch.Tensor:
     return loss
 
 
-def _record_level(opt, schedule, step: int, step_sizes: List[float], backoffs: List[list]) -> None:
+def _record_level(opt, schedule, step: int, step_sizes: List[float], backoffs: List[list],
+                  multiplier: float = 1.0) -> None:
     """Append the level step ``step`` (1-based) applied, in the units of a rate (``eta * growth`` times
-    the schedule's scale and the range test's back-off ``b``: ``salsa_fused.step_size.applied_scale``),
-    and ``[step, b]`` to ``backoffs`` when ``b`` changed at ``step``. One copy of the search state."""
+    the schedule's scale and the range test's back-off ``b``: ``salsa_fused.step_size.applied_scale``,
+    times ``multiplier``, the groups' ``lr``), and ``[step, b]`` to ``backoffs`` when ``b`` changed at
+    ``step``. One copy of the search state."""
     state = opt.search_state
-    step_sizes.append(state.step_size * opt.search_config.growth * applied_scale(schedule, state, step))
+    step_sizes.append(state.step_size * opt.search_config.growth * applied_scale(schedule, state, step) * multiplier)
     if state.applied_backoff != (backoffs[-1][1] if backoffs else 1.0):
         backoffs.append([step, state.applied_backoff])
 
@@ -160,8 +162,13 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
         try:
             if family == "fused":
                 opt.zero_grad(set_to_none=True)
+                if built.hyper is not None:
+                    built.hyper.before_step()
+                multiplier = opt.param_groups[0]["lr"]  # a learned multiplier's (section 53), read before it moves
                 loss = opt.step(lambda: task.loss(model, batch))
-                _record_level(opt, built.schedule, k + 1, step_sizes, backoffs)
+                _record_level(opt, built.schedule, k + 1, step_sizes, backoffs, multiplier)
+                if built.hyper is not None:
+                    built.hyper.after_step()
             elif family == "beam":
                 batches = task.batches  # closure(i): batch i of this step's horizon, the stream from step k on
                 loss = built.beam.step(lambda i: task.loss(model, batches[k + i]))
@@ -248,6 +255,10 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
                                       level=state.step_size)
     if family in ("fused", "beam") and getattr(opt.schedule, "backoff_on_loss_rise", False):
         result["loss_rise_backoffs"] = backoffs  # the steps the loss turned at, and the multiplier after
+    if family == "fused" and built.hyper is not None:  # the learned multiplier at the end, and its cosines
+        cosines = built.hyper.cosines
+        result["hypergradient"] = dict(multiplier=built.hyper.multiplier, updates=len(cosines),
+                                       mean_cosine=sum(cosines) / len(cosines) if cosines else 0.0)
     return result
 
 

@@ -454,3 +454,44 @@ def test_warmup_from_floor_starts_above_zero_and_matches_the_preset_after_its_wa
     assert isinstance(built.schedule, O.WarmupFromFloor) and built.schedule.start == 0.25
     assert all(getattr(built.schedule, f.name) == getattr(control.schedule, f.name) for f in fields(control.schedule))
     assert built.optimizer.schedule is built.schedule
+
+
+@pytest.mark.parametrize("curvature, direction", [(3.0, "down"), (0.1, "up")])
+def test_hypergradient_multiplier_shrinks_an_overshooting_step_and_grows_a_short_one(curvature, direction):
+    """On f = a w^2 / 2 with SGD at rate 1 each step moves w to (1 - a m) w: past the minimum when
+    a m > 2 (the next gradient opposes the last move: cos +1, m shrinks by exp(-beta) per step), short of
+    it when a m < 1 (cos -1, m grows)."""
+    from benchmarks.quality.hypergradient import HypergradientMultiplier
+
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = torch.optim.SGD([w], lr=1.0)
+    hyper = HypergradientMultiplier(opt, beta=0.1)
+    multipliers = []
+    for _ in range(6):
+        opt.zero_grad()
+        (0.5 * curvature * w.pow(2).sum()).backward()
+        hyper.before_step()
+        opt.step()
+        hyper.after_step()
+        multipliers.append(opt.param_groups[0]["lr"])
+    assert multipliers[0] == 1.0  # no update before a first move exists
+    ratio = math.exp(-0.1) if direction == "down" else math.exp(0.1)
+    assert multipliers[1:] == pytest.approx([ratio ** k for k in range(1, 6)])
+    assert hyper.cosines == pytest.approx([1.0 if direction == "down" else -1.0] * 5)
+
+
+def test_hypergradient_multiplier_waits_for_its_start_step_and_refuses_groups_not_at_lr_one():
+    from benchmarks.quality.hypergradient import HypergradientMultiplier
+
+    w = torch.nn.Parameter(torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="lr=0.5"):
+        HypergradientMultiplier(torch.optim.SGD([w], lr=0.5), beta=0.1)
+    opt = torch.optim.SGD([w], lr=1.0)
+    hyper = HypergradientMultiplier(opt, beta=0.1, start_step=4)
+    for _ in range(5):
+        opt.zero_grad()
+        (1.5 * w.pow(2).sum()).backward()
+        hyper.before_step()
+        opt.step()
+        hyper.after_step()
+    assert len(hyper.cosines) == 2 and hyper.multiplier == pytest.approx(math.exp(-0.2))
