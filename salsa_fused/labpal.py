@@ -28,7 +28,12 @@ NSGD update (a search step) advances none of LABPAL's counters; a skipped SGD up
 step, no host read) still counts toward ``sgd_steps`` and the batches consumed (the next
 approximation reads the skips and takes them out of the step counter, not out of these).
 Batch-size schedule (Algorithm 1, ``t_max`` given): ``k(t) = 1`` up to ``t_max/2``
-batches consumed, 2 up to ``3 t_max / 4``, 4 after (approximation batches count in ``t``).
+batches consumed, 2 up to ``3 t_max / 4``, 4 after (approximation batches count in ``t``), each
+times the noise adaptation factor ``epsilon`` (section 4.3, Eq. 7: ``noise_factor``, 1 by default;
+:meth:`LABPALRule.noise_factor_for` computes it from the batch and dataset sizes), truncated to an
+integer and at least 1, as the published code does. An approximation's points average
+``max(n, k(t))`` batches (Algorithm 1 samples the approximation batch in chunks of ``k(t)``
+batches, at least one chunk).
 ``accumulation=A`` splits every batch in ``A`` micro-batches: the closure is then called for
 ``A`` times as many indices, each returning the mean loss of one equal-sized micro-batch.
 
@@ -42,6 +47,10 @@ in its trials and moves (``q`` sums ``lr_g g.g``): at the default ``lr = 1`` the
 paper's. Defaults are the paper's (``n = 10``, ``sgd_steps = 1000``, ``alpha = 1.8``,
 ``max_step = 1``) and its published code's (``mu = 0.01``; the code differences ``np.gradient``
 on unevenly spaced points, which doubles ``s_min`` on an exact parabola: the exact fit is used).
+Not here, from the published code and not the paper: its momentum option (0 by default there),
+the mean over the last 25 fits once 400 updates have passed (here every fit replaces the last),
+and its refusal of a fit whose direction norm is below 1e-3 or above 100 (absolute bounds that
+depend on the model's scale; here only a fit without a minimum ahead is refused).
 
 Cost per update: ``k`` forwards and backwards; per approximation ``k`` forwards and backwards plus
 ``3n - k`` forwards and one weight-sized copy (``restore="copy"``), once per ``sgd_steps`` updates.
@@ -107,7 +116,7 @@ class _LABPALSearch:
     def observe(self, trial_loss: float) -> Verdict:
         rule = self.rule
         self.trials += 1
-        self.state.num_forward_evals += rule.approximation_batches * rule.accumulation
+        self.state.num_forward_evals += self.last["batches"] * rule.accumulation
         self.losses.append(float(trial_loss))
         if self.trials == 1:
             self.step_size = 2 * rule.sample_step / self.norm
@@ -149,7 +158,7 @@ class _LABPALSearch:
         if self.approximation:
             state.num_searches += 1
             state.steps_since_search = 0
-            labpal["batches_consumed"] += self.rule.approximation_batches
+            labpal["batches_consumed"] += self.last["batches"]
         if labpal["learning_rate"] is not None:
             state.step_size = labpal["learning_rate"]
         return state
@@ -169,14 +178,17 @@ class LABPALRule:
 
     Args:
         mode: ``"NSGD"`` (the step length is kept) or ``"SGD"`` (the learning rate is kept).
-        approximation_batches: ``n``, batches averaged at each parabola point (at least 4, the
-            schedule's largest ``k``).
+        approximation_batches: ``n``, batches averaged at each parabola point (at least the
+            step's ``k(t)``: an approximation reads ``max(n, k(t))``).
         sgd_steps: updates between approximations.
         alpha: multiplier on the parabola's minimum.
         sample_step: ``mu``; the points are ``0, mu, 2 mu`` along the unit gradient.
         max_step: upper bound on ``s_min``.
         t_max: the run's length in batches for the batch-size schedule (None: ``k = 1``).
         accumulation: micro-batches per batch (the closure is called per micro-batch).
+        noise_factor: ``epsilon`` of section 4.3 (Eq. 7), multiplying the schedule's batch counts:
+            ``noise_factor_for(batch_size, dataset_size)`` for a run whose gradient noise differs
+            from the paper's CIFAR-10 setting (batch 128, 40,000 examples).
     """
 
     keeps_state_from_first_step = True  # its scalars in SearchState.rule_state (rules.check_rule_state)
@@ -189,6 +201,7 @@ class LABPALRule:
     max_step: float = 1.0
     t_max: Optional[int] = None
     accumulation: int = 1
+    noise_factor: float = 1.0
 
     #: FusedSaLSa's search arguments LABPAL reads: none (its constants are the fields above).
     reads: ClassVar[FrozenSet[str]] = frozenset()
@@ -200,10 +213,7 @@ class LABPALRule:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.approximation_batches < 4:
-            raise ValueError("approximation_batches must be >= 4 (the largest k(t) of the schedule), "
-                             f"got {self.approximation_batches}")
-        for name in ("alpha", "sample_step", "max_step"):
+        for name in ("alpha", "sample_step", "max_step", "noise_factor"):
             value = getattr(self, name)
             if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
@@ -214,11 +224,23 @@ class LABPALRule:
     def direction(self, configured: str) -> str:
         return RAW
 
+    @staticmethod
+    def noise_factor_for(batch_size: int, dataset_size: int) -> float:
+        """``epsilon = (128 / |B|) * (|D| / 40000)`` (seed 003, Eq. 7): the noise scale of a run with
+        batch size ``batch_size`` on ``dataset_size`` examples over the paper's CIFAR-10 setting."""
+        for name, value in (("batch_size", batch_size), ("dataset_size", dataset_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        return (128 / batch_size) * (dataset_size / 40000)
+
     def batch_multiplier(self, batches_consumed: int) -> int:
-        """``k(t)`` of Algorithm 1, in batches, after ``t = batches_consumed``."""
+        """``k(t)`` of Algorithm 1, in batches, after ``t = batches_consumed``: 1, 2 or 4 times the
+        noise factor, truncated, at least 1."""
         if self.t_max is None or batches_consumed <= self.t_max // 2:
-            return 1
-        return 2 if batches_consumed <= (3 * self.t_max) // 4 else 4
+            base = 1
+        else:
+            base = 2 if batches_consumed <= (3 * self.t_max) // 4 else 4
+        return max(1, int(base * self.noise_factor))
 
     def plan(self, state: SearchState, config: SearchConfig) -> StepPlan:
         labpal = state.rule_state or _initial_state()
@@ -237,7 +259,7 @@ class LABPALRule:
                       rule_state=labpal)
         rate = labpal["learning_rate"]
         if approximate:
-            labpal["last"] = dict(kind="approximation", batches=self.approximation_batches, direction_batches=k)
+            labpal["last"] = dict(kind="approximation", batches=max(self.approximation_batches, k), direction_batches=k)
             return StepPlan(state=new, is_search=True, trial_step_size=rate or state.step_size)
         labpal["batches_consumed"] += k
         if rate is None:  # frozen before the first fit
@@ -250,7 +272,7 @@ class LABPALRule:
     def batches(self, plan: StepPlan) -> Batches:
         last = plan.state.rule_state["last"]
         k = last.get("direction_batches", last["batches"]) * self.accumulation
-        points = self.approximation_batches * self.accumulation if last["kind"] == "approximation" else 0
+        points = last["batches"] * self.accumulation if last["kind"] == "approximation" else 0
         return Batches(gradient=k, points=points if plan.is_search else 0)
 
     def __call__(self, plan: StepPlan, config: SearchConfig, loss: float, slope: float) -> _LABPALSearch:

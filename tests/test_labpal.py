@@ -82,15 +82,16 @@ def _float64_closure(model, step):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["SGD", "NSGD"])
-def test_decisions_are_the_references_step_for_step(mode, backend):
+@pytest.mark.parametrize("noise_factor", [1.0, 2.6])
+def test_decisions_are_the_references_step_for_step(mode, backend, noise_factor):
     """Each step from the same weights (the float64 reference's are set to the rule's fp32 ones
     before it), losses in float64: the kinds, batches and trials are identical; the fit agrees to
     the fp32 arithmetic of the passes (trial weights rounded to fp32, a second difference of losses
     ~1e-4 apart)."""
     reference_model, model = _model(torch.float64), _model()
-    reference = ReferenceLABPAL(list(reference_model.parameters()), mode=mode, **SETTINGS)
-    opt = FusedSaLSa(model.parameters(), backend=backend,
-                     search_rule=LABPALRule(mode=mode, **SETTINGS))
+    settings = dict(SETTINGS, noise_factor=noise_factor)  # 2.6: k(t) = 2, 5, 10, above n = 4 at the end
+    reference = ReferenceLABPAL(list(reference_model.parameters()), mode=mode, **settings)
+    opt = FusedSaLSa(model.parameters(), backend=backend, search_rule=LABPALRule(mode=mode, **settings))
     trials = []
     for k in range(STEPS):
         with torch.no_grad():
@@ -112,7 +113,8 @@ def test_decisions_are_the_references_step_for_step(mode, backend):
         for p, q, p0 in zip(model.parameters(), reference_model.parameters(), before):
             step = (q - p0).abs().max()
             assert (p.double() - q).abs().max() <= 2e-4 * step + 1e-7 * q.abs().max(), k
-    assert {h["batches"] for h in reference.history if h["kind"] == "update"} == {1, 2, 4}
+    assert {h["batches"] for h in reference.history if h["kind"] == "update"} == (
+        {1, 2, 4} if noise_factor == 1.0 else {2, 5, 10})
     assert trials.count(2) == sum(h["kind"] == "approximation" for h in reference.history) >= 3
     state = opt.search_state.rule_state
     assert _close(state["update_step"], reference.update_step, 2e-4)
@@ -137,7 +139,9 @@ def test_rule_by_name_defaults_and_arguments():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(mode="Adam"), "mode must be one of"),
-    (dict(approximation_batches=2), "approximation_batches must be >= 4"),
+    (dict(approximation_batches=0), "approximation_batches must be an integer >= 1"),
+    (dict(noise_factor=0.0), "noise_factor must be a finite number > 0"),
+    (dict(noise_factor=float("inf")), "noise_factor must be a finite number > 0"),
     (dict(sgd_steps=0), "sgd_steps must be an integer >= 1"),
     (dict(alpha=float("inf")), "alpha must be a finite number > 0"),
     (dict(t_max=0), "t_max must be None or an integer >= 1"),
@@ -145,6 +149,33 @@ def test_rule_by_name_defaults_and_arguments():
 def test_bad_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LABPALRule(**kwargs)
+
+
+def test_the_noise_factor_is_the_papers_equation_7_and_scales_the_schedule():
+    assert LABPALRule.noise_factor_for(128, 40000) == 1.0
+    assert LABPALRule.noise_factor_for(12, 40000) == pytest.approx(10.667, rel=1e-3)  # the code's "batch size 12"
+    assert LABPALRule.noise_factor_for(128, 9_440_000) == pytest.approx(236.0)  # ImageNet-sized: the code's 236
+    rule = LABPALRule(t_max=100, noise_factor=0.3)
+    assert [rule.batch_multiplier(t) for t in (0, 60, 90)] == [1, 1, 1]  # truncated, at least one batch
+    rule = LABPALRule(t_max=100, noise_factor=3.7)
+    assert [rule.batch_multiplier(t) for t in (0, 60, 90)] == [3, 7, 14]
+    for bad in (0, 12.0, True):
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+            LABPALRule.noise_factor_for(bad, 40000)
+    with pytest.raises(ValueError, match="dataset_size must be an integer >= 1"):
+        LABPALRule.noise_factor_for(128, -1)
+
+
+def test_an_approximation_reads_at_least_the_steps_gradient_batches():
+    """k(t) above n: the points average max(n, k(t)) batches, the first k(t) being the gradient's."""
+    model = _model()
+    opt = LABPAL(model.parameters(), backend=BACKEND, approximation_batches=4, sgd_steps=5, noise_factor=6.0)
+    batches, calls = opt.next_batches(), []
+    assert batches == Batches(6, 6)
+    opt.step(_closure(model, 0, calls=calls))
+    assert sorted(set(calls)) == list(range(6)) and calls.count(5) == 3
+    assert opt.labpal_state["batches_consumed"] == 6
+    assert opt.search_state.num_forward_evals == 6 + 2 * 6
 
 
 def test_closure_is_called_for_the_batches_it_announces_and_the_counts_add_up():

@@ -57,13 +57,14 @@ def parabola_minimum(points, losses):
 class LABPAL:
     def __init__(self, params, mode: str = "NSGD", approximation_batches: int = 10, sgd_steps: int = 1000,
                  alpha: float = 1.8, sample_step: float = 0.01, max_step: float = 1.0,
-                 t_max: Optional[int] = None):
+                 t_max: Optional[int] = None, noise_factor: float = 1.0):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.params: List[torch.Tensor] = list(params)
         self.mode = mode
         self.approximation_batches, self.sgd_steps = approximation_batches, sgd_steps
         self.alpha, self.sample_step, self.max_step, self.t_max = alpha, sample_step, max_step, t_max
+        self.noise_factor = noise_factor  # epsilon of section 4.3 (Eq. 7): scales the schedule's batch counts
         self.t = 0  # inference batches consumed
         self.updates_since_approximation = 0
         self.learning_rate: Optional[float] = None  # SGD: lambda
@@ -71,10 +72,12 @@ class LABPAL:
         self.history: List[dict] = []
 
     def batch_multiplier(self) -> int:
-        """``k(t)`` of Algorithm 1."""
+        """``k(t)`` of Algorithm 1, times the noise factor (truncated, at least one batch)."""
         if self.t_max is None or self.t <= self.t_max // 2:
-            return 1
-        return 2 if self.t <= (3 * self.t_max) // 4 else 4
+            base = 1
+        else:
+            base = 2 if self.t <= (3 * self.t_max) // 4 else 4
+        return max(1, int(base * self.noise_factor))
 
     def _mean_gradient(self, closure, k: int):
         """Mean loss and gradient over batches ``0..k-1``."""
@@ -88,9 +91,9 @@ class LABPAL:
             total += float(loss.detach())
         return total / k, grads
 
-    def _mean_loss(self, closure, first: int = 0) -> float:
+    def _mean_loss(self, closure, n: int, first: int = 0) -> float:
         with torch.no_grad():
-            return sum(float(closure(i)) for i in range(first, self.approximation_batches))
+            return sum(float(closure(i)) for i in range(first, n))
 
     def _move(self, step: float, direction) -> None:
         with torch.no_grad():
@@ -121,17 +124,17 @@ class LABPAL:
         return loss
 
     def _approximate(self, closure, k: int) -> float:
-        n = self.approximation_batches
+        n = max(self.approximation_batches, k)  # Algorithm 1: at least one chunk of k(t) batches
         loss_dir, grads = self._mean_gradient(closure, k)
         norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item()
         unit = [g / norm for g in grads]
         theta = [p.detach().clone() for p in self.params]
         mu = self.sample_step
         points = (0.0, mu, 2 * mu)
-        losses = [(loss_dir * k + self._mean_loss(closure, first=k)) / n]
+        losses = [(loss_dir * k + self._mean_loss(closure, n, first=k)) / n]
         for s in points[1:]:
             self._place(theta, s, unit)
-            losses.append(self._mean_loss(closure) / n)
+            losses.append(self._mean_loss(closure, n) / n)
         a, b, s_min = parabola_minimum(points, losses)
         self.t += n
         record = dict(kind="approximation", batches=n, direction_batches=k, grad_norm=norm, points=points,
