@@ -155,10 +155,11 @@ void check_same_layout(const at::Tensor& ref, const at::Tensor& t, int64_t index
               " must be dense with the weight's memory layout");
 }
 
+// Only the slope reads no weights (needs_weights false): every other pass writes them.
 Bucket make_bucket(at::TensorList weights, at::TensorList grads, at::TensorList exp_avg,
-                   at::TensorList exp_avg_sq, at::TensorList saved, bool needs_grads) {
+                   at::TensorList exp_avg_sq, at::TensorList saved, bool needs_grads, bool needs_weights = true) {
   const size_t n = exp_avg_sq.size();
-  TORCH_CHECK((weights.empty() || weights.size() == n) && exp_avg.size() == n &&
+  TORCH_CHECK((weights.size() == n || (!needs_weights && weights.empty())) && exp_avg.size() == n &&
                   (grads.size() == n || (!needs_grads && grads.empty())) && (saved.empty() || saved.size() == n),
               "salsa_fused cpp backend: the lists of a bucket must have one entry per parameter");
   Bucket b{weights, grads, exp_avg, exp_avg_sq, saved};
@@ -236,7 +237,7 @@ void for_each_chunk(const Bucket& b, Fn&& fn) {
 at::Tensor slope(at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq, double beta1,
                  double beta2, double bias_correction1, double bias_correction2, double eps, int64_t direction,
                  const std::optional<at::Tensor>& grad_scale) {
-  Bucket b = make_bucket({}, grads, exp_avg, exp_avg_sq, {}, true);
+  Bucket b = make_bucket({}, grads, exp_avg, exp_avg_sq, {}, true, false);
   b.kinds.direction = direction_of(direction);
   set_grad_scale(b.kinds, grad_scale);
   const Scalars s = make_scalars(beta1, beta2, bias_correction1, bias_correction2, eps, 1.0, 0.0, 0.0);

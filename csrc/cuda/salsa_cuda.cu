@@ -32,10 +32,11 @@ void check_stream(const at::Tensor& ref, const at::Tensor& t, size_t i, const ch
 }
 
 // Validate the bucket and copy its table to the device (pinned host buffer, async copy).
+// Only the slope reads no weights (needs_weights false): every other pass writes them.
 Table make_table(at::TensorList weights, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
-                 at::TensorList saved) {
+                 at::TensorList saved, bool needs_weights = true) {
   const size_t n = exp_avg_sq.size();
-  TORCH_CHECK((weights.empty() || weights.size() == n) && grads.size() == n && exp_avg.size() == n &&
+  TORCH_CHECK((weights.size() == n || (!needs_weights && weights.empty())) && grads.size() == n && exp_avg.size() == n &&
                   (saved.empty() || saved.size() == n),
               "salsa_fused cuda backend: the lists of a bucket must have one entry per parameter");
   Table table;
@@ -139,7 +140,7 @@ at::Tensor slope(at::TensorList grads, at::TensorList exp_avg, at::TensorList ex
                  const std::optional<at::Tensor>& grad_scale) {
   TORCH_CHECK(!exp_avg_sq.empty(), "salsa_fused cuda backend: empty bucket");
   c10::cuda::CUDAGuard guard(exp_avg_sq[0].device());
-  const Table table = make_table({}, grads, exp_avg, exp_avg_sq, {});
+  const Table table = make_table({}, grads, exp_avg, exp_avg_sq, {}, false);
   const auto options = at::TensorOptions().dtype(at::kFloat).device(exp_avg_sq[0].device());
   at::Tensor q = at::empty({}, options);
   at::Tensor partials = at::empty({std::max<int64_t>(table.n_chunks, 1)}, options);

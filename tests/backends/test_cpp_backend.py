@@ -318,6 +318,24 @@ def test_bad_input_raises_and_writes_nothing():
                                     None)
 
 
+def test_a_pass_that_writes_weights_refuses_an_empty_weight_list():
+    """Only the slope reads no weights; the others wrote through a null pointer (SIGSEGV) when handed none."""
+    bucket = make_bucket(saved=True)
+    before = clone_bucket(bucket)
+    ops, hyper = torch.ops.salsa_fused, (0.9, 0.999, 0.1, 0.001, 1e-8, 1.0, 0.1)
+    lists = (bucket.grads, bucket.exp_avg, bucket.exp_avg_sq)
+    calls = {
+        "first_trial_": lambda: ops.first_trial_([], *lists, bucket.saved, *hyper, 0, None),
+        "plain_step_": lambda: ops.plain_step_([], *lists, *hyper, 1, torch.tensor(1.0), None, None, None),
+        "restore_": lambda: ops.restore_([], *lists, bucket.saved, 0.1, 0.001, 1e-8, 1.0, 0.1, 0, None),
+        "retrial_": lambda: ops.retrial_([], *lists, [], 0.1, 0.001, 1e-8, 1.0, 0.1, 0.2, 0, None),
+    }
+    for name, call in calls.items():
+        with torch.no_grad(), pytest.raises(RuntimeError, match="one entry per parameter"):
+            call()
+        assert_buckets_equal(bucket, before, name)
+
+
 def test_params_the_kernels_cannot_take_send_auto_to_torch_and_are_refused_by_name():
     """float64 (or a strided view with gaps) with the extension built: ``"auto"`` runs the torch
     backend and trains; ``backend="cpp"`` and ``fused=True`` refuse at construction, naming it."""
