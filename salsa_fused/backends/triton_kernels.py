@@ -104,6 +104,17 @@ def _load(ptr, offsets, mask, FULL: tl.constexpr):
 
 
 @triton.jit
+def _to_fp32(x):
+    """A stream's elements widened to fp32, exactly. bf16 is widened by its bits (``bits << 16``),
+    what ``cvt.f32.bf16`` does on the GPU: the CPU interpreter's cast flushes or misplaces bf16
+    subnormals (below 1.18e-38)."""
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
 def _round_to_bf16(x):
     """fp32 -> bf16, round to nearest even, by integer arithmetic on the bits.
 
@@ -146,7 +157,7 @@ def _store(ptr, offsets, value, mask, FULL: tl.constexpr):
 @triton.jit
 def _scaled_grad(grad, grad_scale_ptr, HAS_GRAD_SCALE: tl.constexpr):
     """g = grad / grad_scale in fp32 (grad itself when there is no scaler)."""
-    g = grad.to(tl.float32)
+    g = _to_fp32(grad)
     if HAS_GRAD_SCALE:
         g = tl.div_rn(g, tl.load(grad_scale_ptr).to(tl.float32))
     return g
@@ -260,7 +271,7 @@ def _plain_step_block(w_ptr, g_ptr, m_ptr, v_ptr, offsets, mask, grad_scale_ptr,
     g = _scaled_grad(_load(g_ptr, offsets, mask, FULL), grad_scale_ptr, HAS_GRAD_SCALE)
     m = _load(m_ptr, offsets, mask, FULL)
     v = _load(v_ptr, offsets, mask, FULL)
-    w = _load(w_ptr, offsets, mask, FULL).to(tl.float32)
+    w = _to_fp32(_load(w_ptr, offsets, mask, FULL))
     m_new, v_new = _new_moments(g, m, v, beta1, beta2, one_minus_beta1, one_minus_beta2)
     update = _direction(_preconditioner(v_new, bias_correction2, eps), g, m_new, bias_correction1, _MOMENTUM)
     w_new = tl.fma(update, neg_step_size, w * decay_factor)
@@ -281,7 +292,7 @@ def _raw_plain_step_block(w_ptr, g_ptr, offsets, mask, grad_scale_ptr, nonfinite
                           neg_step_size, HAS_GRAD_SCALE: tl.constexpr, HAS_COUNTER: tl.constexpr,
                           FULL: tl.constexpr):
     g = _scaled_grad(_load(g_ptr, offsets, mask, FULL), grad_scale_ptr, HAS_GRAD_SCALE)
-    w = _load(w_ptr, offsets, mask, FULL).to(tl.float32)
+    w = _to_fp32(_load(w_ptr, offsets, mask, FULL))
     w_new = tl.fma(g, neg_step_size, w * decay_factor)
     finite = tl.abs(g) <= _FLT_MAX
     if w_ptr.dtype.element_ty != tl.float32:
@@ -393,7 +404,7 @@ def _first_trial_block(row_ptr, offsets, mask, grad_scale_ptr, beta1, beta2, one
         if HAS_SAVED:
             _store(_stream(row_ptr, _SAVED, W_DTYPE, ALIGNED), offsets, w, mask, FULL)
         d = _direction(_preconditioner(v_new, bias_correction2, eps), g, m_new, bias_correction1, DIRECTION)
-    _store(w_ptr, offsets, tl.fma(d, neg_step_size, w.to(tl.float32) * decay_factor), mask, FULL)
+    _store(w_ptr, offsets, tl.fma(d, neg_step_size, _to_fp32(w) * decay_factor), mask, FULL)
 
 
 @triton.jit
@@ -434,9 +445,9 @@ def _retrial_block(row_ptr, offsets, mask, grad_scale_ptr, bias_correction1, bia
     w_ptr = _stream(row_ptr, _PARAM, W_DTYPE, ALIGNED)
     if HAS_SAVED:
         saved = _load(_stream(row_ptr, _SAVED, W_DTYPE, ALIGNED), offsets, mask, FULL)
-        w_new = tl.fma(d, neg_step_size, saved.to(tl.float32) * decay_factor)
+        w_new = tl.fma(d, neg_step_size, _to_fp32(saved) * decay_factor)
     else:
-        w_new = _load(w_ptr, offsets, mask, FULL).to(tl.float32) + d * step_size_change
+        w_new = _to_fp32(_load(w_ptr, offsets, mask, FULL)) + d * step_size_change
     _store(w_ptr, offsets, w_new, mask, FULL)
 
 
@@ -478,7 +489,7 @@ def _restore_block(row_ptr, offsets, mask, grad_scale_ptr, bias_correction1, bia
     else:
         d = _stored_direction(row_ptr, offsets, mask, grad_scale_ptr, bias_correction1, bias_correction2,
                               eps, G_DTYPE, DIRECTION, HAS_GRAD_SCALE, ALIGNED, FULL)
-        w = _load(w_ptr, offsets, mask, FULL).to(tl.float32)
+        w = _to_fp32(_load(w_ptr, offsets, mask, FULL))
         _store(w_ptr, offsets, tl.div_rn(tl.fma(d, previous_step_size, w), decay_factor), mask, FULL)
 
 
