@@ -67,7 +67,8 @@ template <typename T> SALSA_HD T from_float(float x);
 
 template <> SALSA_HD float from_float<float>(float x) { return x; }
 
-// Round to nearest even; a NaN becomes the quiet NaN 0x7fc0 (as torch's conversion).
+// Round to nearest even; a NaN becomes the quiet NaN 0x7fc0, sign and payload dropped (torch keeps
+// them; no pass stores a NaN weight: a non-finite move is refused or masked before the store).
 template <> SALSA_HD bf16_bits from_float<bf16_bits>(float x) {
 #if defined(__CUDA_ARCH__)
   return bf16_bits{__bfloat16_as_ushort(__float2bfloat16_rn(x))};
@@ -78,7 +79,7 @@ template <> SALSA_HD bf16_bits from_float<bf16_bits>(float x) {
 #endif
 }
 
-// Round to nearest even; overflow to inf, NaN to the quiet NaN 0x7e00.
+// Round to nearest even; overflow to inf, NaN to the quiet NaN 0x7e00 with its sign (payload dropped).
 template <> SALSA_HD fp16_bits from_float<fp16_bits>(float x) {
 #if defined(__CUDA_ARCH__)
   return fp16_bits{__half_as_ushort(__float2half_rn(x))};

@@ -200,9 +200,17 @@ def _build_tables(bucket: Bucket) -> _Tables:
                    by_grads=[(grad_pointers, tensor_table)])
 
 
+#: The most blocks one launch table holds: int32 indices, and CUDA's largest grid dimension.
+_MAX_BLOCKS = 2 ** 31 - 1
+
+
 def _block_table(blocks_per_tensor: torch.Tensor) -> torch.Tensor:
     """int32 [sum(blocks), 2]: (tensor index, block index within it) for every block, tensor-major."""
     n_blocks = int(blocks_per_tensor.sum())
+    if n_blocks > _MAX_BLOCKS:  # the table's int32 indices and CUDA's grid (2^31 - 1 blocks) would wrap
+        raise ValueError(f"the triton backend launches one program per block: this bucket needs {n_blocks} "
+                         f"blocks, more than {_MAX_BLOCKS}; split the parameters into more param groups or use "
+                         "backend='cuda'")
     tensor_index = torch.repeat_interleave(torch.arange(blocks_per_tensor.numel()), blocks_per_tensor)
     first_block = torch.cumsum(blocks_per_tensor, 0) - blocks_per_tensor
     block_index = torch.arange(n_blocks) - first_block[tensor_index]

@@ -509,3 +509,13 @@ def test_every_bf16_gradient_and_weight_is_widened_exactly():
         triton_backend.first_trial(on_triton, PassArgs(make_hyper(), move, RAW))
         torch_backend.first_trial(on_torch, PassArgs(make_hyper(), move, RAW))
         assert torch.equal(on_triton.params[0].view(torch.int16), on_torch.params[0].view(torch.int16))
+
+
+def test_a_bucket_beyond_the_launch_grid_is_refused_by_name():
+    """Block indices are int32 and CUDA's grid holds 2^31 - 1 programs: a table that large is refused,
+    not wrapped (about 4.4e12 elements at the aligned block size; checked on the counts alone)."""
+    from salsa_fused.backends.triton_backend import _MAX_BLOCKS, _block_table
+
+    with pytest.raises(ValueError, match="needs 2147483648 blocks, more than 2147483647"):
+        _block_table(torch.tensor([_MAX_BLOCKS, 1]))
+    assert _block_table(torch.tensor([2, 0, 1])).tolist() == [[0, 0], [0, 1], [2, 0]]
