@@ -839,6 +839,25 @@ class FusedSaLSa(Optimizer):
                 if recorded is None or recorded[0] is not grad or recorded[1] != grad._version:
                     yield grad
 
+    def _take_back_own_gradients(self) -> None:
+        """After a one-phase step failed past its own backward: every gradient was ``None`` or a
+        recorded zeroed tensor before it (checked), so a gradient the record does not hold is the
+        backward's (back to ``None``) and one it holds is zeroed again (its new version recorded:
+        a retry needs no device read). Nothing is read ahead of a failure: no cost per step."""
+        zeroed = self._handoff.zeroed
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    grad = p.grad
+                    if grad is None:
+                        continue
+                    recorded = zeroed.get(id(grad))
+                    if recorded is None or recorded[0] is not grad:
+                        p.grad = None
+                    else:
+                        grad.zero_()
+                        zeroed[id(grad)] = (grad, grad._version)
+
     def _has_new_gradients(self) -> bool:
         """Has a backward run since ``zero_grad()``? (zeroed tensors compared by version)"""
         return next(self._gradients_not_zeroed_here(), None) is not None
@@ -1026,7 +1045,7 @@ class FusedSaLSa(Optimizer):
                 raise RuntimeError(CLOSURE_RAN_BACKWARD.format(what="closure()"))
             loss_tensor = self._loss_tensor(value, "closure()", need_grad=True)
             rng_after = RNGSnapshot.capture(devices) if plan.is_search else None
-            undo.append(_gradients_restorer(self.param_groups))
+            undo.append(self._take_back_own_gradients)
             loss_tensor.backward()
         else:
             loss_tensor = self._loss_tensor(loss, "loss", need_grad=False)
@@ -1180,7 +1199,7 @@ class FusedSaLSa(Optimizer):
                 loss_i = self._loss_tensor(value, f"closure({i})", need_grad=True)
                 step_losses.append(loss_i)
                 if i == 0:
-                    undo.append(_gradients_restorer(self.param_groups))
+                    undo.append(self._take_back_own_gradients)
                 (loss_i / k if k > 1 else loss_i).backward()
                 dtype = loss_i.dtype
                 loss_i = loss_i.detach().reshape(()).to(torch.float64)
@@ -1247,22 +1266,6 @@ class FusedSaLSa(Optimizer):
         # statistics where the gradient forwards left them
         _leave_random_state(replay.end if replay is not None else None, running)
         return loss_tensor.detach() if one_phase else loss
-
-
-def _gradients_restorer(param_groups: Sequence[dict]) -> Callable[[], None]:
-    """Called right before the one-phase form's own backward, when every gradient is ``None`` or
-    zeros (checked): what puts them back so, for a retry of a step that failed after it."""
-    before = [(p, p.grad) for group in param_groups for p in group["params"]]
-
-    def restore() -> None:
-        with torch.no_grad():
-            for p, grad in before:
-                if grad is None:
-                    p.grad = None
-                else:
-                    grad.zero_()  # accumulated into in place, or replaced: zeros again either way
-                    p.grad = grad
-    return restore
 
 
 def _same_tensor_memory(value: torch.Tensor, own) -> bool:

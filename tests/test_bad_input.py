@@ -311,6 +311,30 @@ def test_a_step_retried_after_a_trial_forward_raised_is_exact(search_rule, zero_
     assert failed
 
 
+def test_a_failed_step_leaves_gradients_zeroed_as_tensors_zeroed_in_place():
+    """zero_grad(set_to_none=False) kept the gradients as zero tensors: the failed step's backward
+    wrote into them, and they are zeros again, the same tensors; the retry runs."""
+    model, opt = _trained()
+    _until_search_next(model, opt)
+    opt.zero_grad(set_to_none=False)
+    kept = [p.grad for p in model.parameters()]
+    before = _snapshot(opt)
+    calls = []
+
+    def failing_at_the_first_trial():
+        calls.append(1)
+        if len(calls) == 2:
+            raise _Boom("trial forward failed")
+        return F.mse_loss(model(_X), _Y)
+
+    with pytest.raises(_Boom):
+        opt.step(failing_at_the_first_trial)
+    _assert_unchanged(before, _snapshot(opt))
+    assert all(p.grad is g and not g.any() for p, g in zip(model.parameters(), kept))
+    opt.step(_closure(model))
+    assert opt.search_state.step == before["search"]["step"] + 1
+
+
 # ---------------------------------------------------------------------------- gradients
 def test_sparse_gradients():
     torch.manual_seed(0)
