@@ -219,7 +219,11 @@ class LRFactorSearch:
                     rng.set()
                     value = closure()
                     values.append(self._loss_value(value))
-                    if isinstance(value, torch.Tensor) and any(_same_tensor_memory(value, r) for r in returned):
+                    # the same tensor again, or its memory still holding an earlier factor's value (a CUDA
+                    # graph's static output that a replay rewrote holds this factor's loss: not refused)
+                    if isinstance(value, torch.Tensor) and any(
+                            value is earlier or (_same_tensor_memory(value, earlier) and torch.equal(values[-1], values[i]))
+                            for i, earlier in enumerate(returned)):
                         raise RuntimeError(
                             "closure() returned the same loss tensor at two factors' weights: it must run "
                             "the forward again at each call (each factor's weights are scored by it), e.g. "
@@ -249,7 +253,7 @@ class LRFactorSearch:
             raise ValueError(f"closure() must return a scalar loss, got a tensor of shape {tuple(value.shape)}")
         if value.is_complex() or not value.is_floating_point():
             raise TypeError(f"closure() must return a real floating-point loss, got {value.dtype}")
-        return value.detach().reshape(()).to(torch.float64)
+        return value.detach().reshape(()).to(torch.float64, copy=True)  # a copy: the closure may reuse its buffer
 
     def _apply(self, factor: float) -> None:
         self.scale *= factor

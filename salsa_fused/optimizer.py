@@ -764,14 +764,15 @@ class FusedSaLSa(Optimizer):
         """``closure()`` under ``no_grad`` at the weights as they are: a 0-dim tensor of ``dtype``.
         The FSDP2 modules of ``model`` are resharded first, as :func:`fsdp_closure` does: the root
         keeps its parameters unsharded after a forward, and a trial would read them stale.
-        A loss that is one of ``step_losses`` (the step's own, or a view or ``detach()`` of it) was
-        not computed at the trial's weights: refused."""
+        ``step_losses``: :func:`_step_losses` of the step's own losses; a trial loss that is one of
+        them, or a view or ``detach()`` of one still holding its value, was not computed at the
+        trial's weights: refused."""
         for module in self._fsdp_modules():
             module.reshard()
         with torch.no_grad():
             value = closure()
         loss = self._loss_tensor(value, what, need_grad=False)
-        if any(_same_tensor_memory(loss, own) for own in step_losses):
+        if any(_is_the_steps_own_loss(loss, own, at_w0) for own, at_w0 in step_losses):
             raise RuntimeError(STALE_CLOSURE.format(what=what))
         return loss.detach().reshape(()).to(device=self._device, dtype=dtype)
 
@@ -1068,7 +1069,7 @@ class FusedSaLSa(Optimizer):
 
         gradients_unchanged = _gradients_watch(passes, self._sharded_groups())
 
-        step_losses = (value if one_phase else loss,)
+        step_losses = _step_losses([value if one_phase else loss])
 
         def trial_loss() -> float:
             rng_before.set()  # each trial forward replays the step's random draws
@@ -1229,13 +1230,14 @@ class FusedSaLSa(Optimizer):
             return loss_tensor.detach() if one_phase else loss
 
         gradients_unchanged = _gradients_watch(passes, self._sharded_groups())
+        own_losses = _step_losses(step_losses)
 
         def point_sum(first: int) -> torch.Tensor:
             """``sum closure(i)`` over ``first <= i < n`` at the weights as they are, in float64."""
             total = torch.zeros((), dtype=torch.float64, device=self._device)
             for i in range(first, n):
                 total = total + self._trial_loss(functools.partial(replay, i), f"closure({i})", torch.float64,
-                                                 step_losses)
+                                                 own_losses)
                 gradients_unchanged()
             return total
 
@@ -1270,7 +1272,8 @@ class FusedSaLSa(Optimizer):
 
 def _same_tensor_memory(value: torch.Tensor, own) -> bool:
     """Is ``value`` the tensor ``own``, or does it share its memory (a view, ``detach()``)? A new
-    forward's loss never does while ``own`` is alive."""
+    forward's loss does not while ``own`` is alive, except an output of CUDA graphs
+    (``torch.compile(mode="reduce-overhead")``), whose static buffer a later replay overwrites."""
     if value is own:
         return True
     if not isinstance(own, torch.Tensor) or value.device != own.device:
@@ -1279,6 +1282,21 @@ def _same_tensor_memory(value: torch.Tensor, own) -> bool:
         return value.untyped_storage().data_ptr() == own.untyped_storage().data_ptr() != 0
     except (RuntimeError, NotImplementedError):  # tensors without storage (fake, functional)
         return False
+
+
+def _step_losses(losses) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """The step's own loss tensors, each with a copy of its value (one small device copy per
+    search step, no host read): what :func:`_is_the_steps_own_loss` compares a trial loss with."""
+    return [(loss, loss.detach().clone()) for loss in losses if isinstance(loss, torch.Tensor)]
+
+
+def _is_the_steps_own_loss(value: torch.Tensor, own: torch.Tensor, at_w0: torch.Tensor) -> bool:
+    """``value`` is ``own``, or shares its memory and holds its value (a ``detach()`` or view of it;
+    a CUDA graph's static output that a trial's replay rewrote holds the trial's loss, not ``own``'s:
+    not refused). The value is read only where the memory is shared."""
+    if value is own:
+        return True
+    return _same_tensor_memory(value, own) and bool(torch.equal(value.detach().reshape(()), at_w0.reshape(())))
 
 
 def running_statistics(model: Optional[torch.nn.Module]) -> List[torch.Tensor]:

@@ -547,6 +547,32 @@ def test_a_closure_returning_the_steps_own_loss_is_refused(form):
     _assert_unchanged(before, _snapshot(opt))
 
 
+def test_a_trial_loss_written_into_the_steps_loss_memory_is_not_refused():
+    """What CUDA graphs (torch.compile(mode="reduce-overhead")) do: a static output buffer that
+    each replay rewrites, so a trial's loss can share the step's loss's memory. Holding the trial's
+    own value, it is a new loss, not the step's: the search runs as with fresh tensors."""
+    runs = []
+    for static in (False, True):
+        model, opt = _trained()
+        _until_search_next(model, opt)
+        buffer = torch.zeros(1)
+
+        def closure():
+            value = F.mse_loss(model(_X), _Y)
+            if not static:
+                return value
+            buffer.copy_(value.detach())
+            return buffer[0]
+
+        opt.zero_grad()
+        loss = F.mse_loss(model(_X), _Y)
+        loss.backward()
+        buffer.copy_(loss.detach())
+        opt.step(closure, loss=buffer[0] if static else loss.detach())
+        runs.append(([p.detach().clone() for p in model.parameters()], opt.search_state))
+    assert runs[0][1] == runs[1][1] and all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0]))
+
+
 @pytest.mark.parametrize("form", ["closure", "two-phase"])
 def test_a_multi_batch_closure_returning_the_steps_own_losses_is_refused(form):
     model = _model()

@@ -235,6 +235,30 @@ def test_bad_closure_output_leaves_the_optimizer_step_and_rate(closure_value, er
     assert opt.param_groups[0]["lr"] == 0.1 and search.last_decision is None and search.scale == 1.0
 
 
+def test_a_closure_rewriting_one_static_buffer_is_scored_as_fresh_losses():
+    """CUDA graphs return each replay's loss in the same static buffer: a factor's loss there holds
+    that factor's value, and scores as a fresh tensor would."""
+    decisions = []
+    for static in (False, True):
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        search = LRFactorSearch(opt, interval=1)
+        buffer = torch.zeros(1, dtype=torch.float64)
+
+        def closure():
+            value = loss_on(model, batch(1))
+            if not static:
+                return value
+            buffer.copy_(value)
+            return buffer[0]
+
+        opt.zero_grad()
+        loss_on(model, batch(0)).backward()
+        search.step(closure)
+        decisions.append(search.last_decision)
+    assert decisions[0]["losses"] == decisions[1]["losses"] and decisions[0]["factor"] == decisions[1]["factor"]
+
+
 def test_non_finite_trial_losses():
     scores, factor = factor_scores((4.0, 1.0, 0.5), [math.inf, 1.0, 2.0])
     assert scores[0] == 0.0 and factor == pytest.approx(math.exp((math.exp(1 / math.sqrt(2)) * 0 + math.exp(
