@@ -208,7 +208,8 @@ def search_step(passes: Passes, plan: StepPlan, state: SearchState, loss: torch.
         if not math.isfinite(f0_value):
             what, value, why = "loss", f0_value, ""
             if reduction.loss_ranks > 1:
-                what = f"loss (averaged over the {reduction.loss_ranks} data-parallel ranks: NaN/inf on any rank's batch)"
+                what = (f"loss (averaged over the {reduction.loss_ranks} data-parallel ranks: NaN/inf on any "
+                        "rank's batch)")
         else:
             what, value, why = "gradient (slope q)", q_value, ""
             largest_probe = max((group.lr for group in passes.groups.values()), default=1.0)

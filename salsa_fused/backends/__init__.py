@@ -137,7 +137,8 @@ def _fused(device: torch.device) -> str:
             return name
         except (ImportError, RuntimeError) as error:
             reasons.append(f"{name}: {error}")
-    raise RuntimeError(f"fused=True or foreach=False (compiled kernels): no compiled backend runs on {device.type} here ({'; '.join(reasons)})")
+    raise RuntimeError(f"fused=True or foreach=False (compiled kernels): no compiled backend runs on "
+                       f"{device.type} here ({'; '.join(reasons)})")
 
 
 def resolve(name: str, device: torch.device) -> Backend:

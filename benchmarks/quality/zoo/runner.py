@@ -156,7 +156,8 @@ def run_unit(unit: Unit, provenance: dict) -> dict:
     if "loss_rise_backoffs" in result:  # backoff_on_loss_rise: [step, multiplier] each time the loss turned
         extra["loss_rise_backoffs"] = result["loss_rise_backoffs"]
     if "hypergradient" in result:  # NOTES.md section 53: the learned multiplier at the end, its updates' mean cosine
-        extra["hypergradient"] = {k: _finite(v) if isinstance(v, float) else v for k, v in result["hypergradient"].items()}
+        extra["hypergradient"] = {k: _finite(v) if isinstance(v, float) else v
+                                  for k, v in result["hypergradient"].items()}
     return dict(
         task=task_name, split=spec.split, family=spec.family, length=length, steps=task.steps,
         config=config, optimizer=optimizer_of(config), seed=seed,
