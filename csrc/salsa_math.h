@@ -229,11 +229,12 @@ SALSA_HD float restore_in_place(float w, float d, const Scalars& s) {
 
 // Whether a new weight stays finite once stored as W: a 16-bit weight overflows where its fp32 value
 // does not (float16 at |x| >= 65520). fp32 weights are not checked (the torch reference does not).
-// From the bits: |x| below the smallest magnitude that rounds (to nearest even) to inf; NaN fails.
+// |x| below the smallest magnitude that rounds (to nearest even) to inf: bf16 0x1.ffp+127 (bits
+// 0x7f7f8000), fp16 65520 (0x477ff000); NaN fails the comparison.
 template <class W> SALSA_HD bool stays_finite(float x);
 template <> SALSA_HD bool stays_finite<float>(float) { return true; }
-template <> SALSA_HD bool stays_finite<bf16_bits>(float x) { return (float_bits(x) & 0x7fffffffu) < 0x7f7f8000u; }
-template <> SALSA_HD bool stays_finite<fp16_bits>(float x) { return (float_bits(x) & 0x7fffffffu) < 0x477ff000u; }
+template <> SALSA_HD bool stays_finite<bf16_bits>(float x) { return fabsf(x) < 0x1.ffp+127f; }
+template <> SALSA_HD bool stays_finite<fp16_bits>(float x) { return fabsf(x) < 65520.0f; }
 
 // One element of the plain step. Returns false and leaves w, m, v alone when g is not finite or
 // g * g overflows fp32 (|g| above ~1.8e19), which would write v = inf; returns false and leaves w
@@ -244,11 +245,11 @@ SALSA_HD bool plain_update(float g, float& w, float& exp_avg, float& exp_avg_sq,
   const float update = direction<Direction::momentum>(preconditioner(next.exp_avg_sq, s), g, next.exp_avg, s);
   const float moved = trial_weight(w, update, s);
   const bool finite = is_finite(g * g);
-  const bool ok = finite && stays_finite<W>(moved);
+  const bool stays = stays_finite<W>(moved);
   exp_avg = finite ? next.exp_avg : exp_avg;
   exp_avg_sq = finite ? next.exp_avg_sq : exp_avg_sq;
-  w = ok ? moved : w;
-  return ok;
+  w = stays ? (finite ? moved : w) : w;  // two selects, not one on (finite && stays): GCC vectorizes these
+  return finite & stays;
 }
 
 // One element of the plain step along raw: w_dec - step * g. Returns false (and leaves w alone)
@@ -256,9 +257,10 @@ SALSA_HD bool plain_update(float g, float& w, float& exp_avg, float& exp_avg_sq,
 template <class W>
 SALSA_HD bool raw_plain_update(float g, float& w, const Scalars& s) {
   const float moved = trial_weight(w, g, s);
-  const bool ok = is_finite(g) && stays_finite<W>(moved);
-  w = ok ? moved : w;
-  return ok;
+  const bool finite = is_finite(g);
+  const bool stays = stays_finite<W>(moved);
+  w = stays ? (finite ? moved : w) : w;  // as in plain_update
+  return finite & stays;
 }
 
 }  // namespace salsa
