@@ -827,18 +827,23 @@ class FusedSaLSa(Optimizer):
             id(p.grad): (p.grad, p.grad._version) for group in self.param_groups
             for p in group["params"] if p.grad is not None}
 
-    def _gradients_not_zeroed_here(self):
-        """The gradients that :meth:`zero_grad` did not leave as they are now: present, and not the
-        zeroed tensor it recorded at that version (a backward wrote them, or something else did)."""
+    def _gradients_and_records(self):
+        """(param, its gradient, the version :meth:`zero_grad` recorded for that very tensor, or
+        ``None`` when it recorded none) for every present gradient."""
         zeroed = self._handoff.zeroed
         for group in self.param_groups:
             for p in group["params"]:
                 grad = p.grad
-                if grad is None:
-                    continue
-                recorded = zeroed.get(id(grad))
-                if recorded is None or recorded[0] is not grad or recorded[1] != grad._version:
-                    yield grad
+                if grad is not None:
+                    recorded = zeroed.get(id(grad))
+                    yield p, grad, recorded[1] if recorded is not None and recorded[0] is grad else None
+
+    def _gradients_not_zeroed_here(self):
+        """The gradients that :meth:`zero_grad` did not leave as they are now: present, and not the
+        zeroed tensor it recorded at that version (a backward wrote them, or something else did)."""
+        for _, grad, version in self._gradients_and_records():
+            if version is None or version != grad._version:
+                yield grad
 
     def _take_back_own_gradients(self) -> None:
         """After a one-phase step failed past its own backward: every gradient was ``None`` or a
@@ -847,17 +852,12 @@ class FusedSaLSa(Optimizer):
         a retry needs no device read). Nothing is read ahead of a failure: no cost per step."""
         zeroed = self._handoff.zeroed
         with torch.no_grad():
-            for group in self.param_groups:
-                for p in group["params"]:
-                    grad = p.grad
-                    if grad is None:
-                        continue
-                    recorded = zeroed.get(id(grad))
-                    if recorded is None or recorded[0] is not grad:
-                        p.grad = None
-                    else:
-                        grad.zero_()
-                        zeroed[id(grad)] = (grad, grad._version)
+            for p, grad, version in list(self._gradients_and_records()):
+                if version is None:
+                    p.grad = None
+                else:
+                    grad.zero_()
+                    zeroed[id(grad)] = (grad, grad._version)
 
     def _has_new_gradients(self) -> bool:
         """Has a backward run since ``zero_grad()``? (zeroed tensors compared by version)"""
