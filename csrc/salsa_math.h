@@ -51,15 +51,17 @@ SALSA_HD float to_float(fp16_bits x) {
 #if defined(__CUDA_ARCH__)
   return __half2float(__ushort_as_half(x.bits));
 #else
+  // Magnitude bits shifted into place and rebiased 15 -> 127; inf/NaN rebiased once more to the
+  // all-ones exponent; a subnormal or zero h reads as (1 + mantissa * 2^-10) * 2^-14, and 2^-14 is
+  // then taken off: mantissa * 2^-24, exact. Masks, not selects: GCC would not vectorize those
+  // once a finiteness test of the result was folded into them.
   const uint32_t h = x.bits;
-  const uint32_t sign = (h & 0x8000u) << 16;
   const uint32_t exponent = (h >> 10) & 0x1fu;
-  const uint32_t mantissa = h & 0x3ffu;
-  // Normal: rebias 15 -> 127. Inf/NaN: all-ones exponent. Subnormal: mantissa * 2^-24 (exact).
-  const uint32_t normal = sign | ((exponent + 112u) << 23) | (mantissa << 13);
-  const uint32_t special = sign | 0x7f800000u | (mantissa << 13);
-  const uint32_t subnormal = sign | float_bits(float(int32_t(mantissa)) * 5.9604644775390625e-08f);
-  return bits_float(exponent == 0 ? subnormal : (exponent == 31 ? special : normal));
+  const uint32_t subnormal = 0u - uint32_t(exponent == 0);
+  const uint32_t special = 0u - uint32_t(exponent == 31);
+  const uint32_t bits = ((h & 0x7fffu) << 13) + (112u << 23) + (special & (112u << 23)) + (subnormal & (1u << 23));
+  const float magnitude = bits_float(bits) - bits_float(subnormal & 0x38800000u);
+  return bits_float(float_bits(magnitude) | ((h & 0x8000u) << 16));
 #endif
 }
 
@@ -89,9 +91,8 @@ template <> SALSA_HD fp16_bits from_float<fp16_bits>(float x) {
   const uint32_t magnitude = u & 0x7fffffffu;
   // Normal range (|x| >= 2^-14): drop 13 mantissa bits, rebias 127 -> 15, round half to even;
   // a carry out of the mantissa correctly bumps the exponent (up to inf).
-  const uint32_t truncated = (magnitude - 0x38000000u) >> 13;
-  const uint32_t rest = magnitude & 0x1fffu;
-  const uint32_t normal = truncated + ((rest > 0x1000u) | ((rest == 0x1000u) & (truncated & 1u)));
+  // (Written as one add, as for bf16: a comparison on the dropped bits kept GCC from vectorizing.)
+  const uint32_t normal = (magnitude - 0x38000000u + 0xfffu + ((magnitude >> 13) & 1u)) >> 13;
   // Subnormal range: adding 0.5 leaves ulp 2^-24, the fp16 subnormal unit, so the hardware
   // add rounds |x| to it (to nearest even) and the low bits are the fp16 subnormal.
   const uint32_t subnormal = float_bits(bits_float(magnitude) + 0.5f) - 0x3f000000u;

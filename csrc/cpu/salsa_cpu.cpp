@@ -21,29 +21,7 @@
 #include <immintrin.h>
 #endif
 
-namespace salsa_cpu {
-
-enum class Dtype : int { f32, bf16, f16 };
-
-// One chunk of one tensor, pointers already offset to the chunk's first element.
-struct Span {
-  void* weight;
-  const void* grad;
-  float* exp_avg;
-  float* exp_avg_sq;
-  void* saved;  // nullptr without a saved copy
-  int64_t n;
-};
-
-// The pass's dtypes and switches (fixed over a bucket).
-struct Kinds {
-  Dtype weight, grad;
-  salsa::Direction direction;
-  bool has_scale;
-  float grad_scale;
-};
-
-}  // namespace salsa_cpu
+#include "span.h"
 
 // The span kernels, once per instruction set; x86 gets an AVX2+FMA build beside the baseline.
 #define SALSA_CPU_ISA baseline

@@ -113,6 +113,20 @@ void first_trial_streaming(float* __restrict weight, const float* __restrict gra
 }
 #endif
 
+// The element loop of pass A, with or without the saved copy as a compile-time switch (GCC left
+// a run-time test inside the loop, unvectorized, for some dtypes).
+template <class W, class G, Direction D, bool SCALE, bool SAVE>
+void first_trial_elements(W* __restrict weight, const G* __restrict grad, float* __restrict exp_avg,
+                          float* __restrict exp_avg_sq, W* __restrict saved, int64_t n, const Scalars& s,
+                          float grad_scale) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float d = first_trial_direction<G, D, SCALE>(grad, exp_avg, exp_avg_sq, i, s, grad_scale);
+    const W w = weight[i];
+    if constexpr (SAVE) saved[i] = w;
+    weight[i] = salsa::from_float<W>(salsa::trial_weight(salsa::to_float(w), d, s));
+  }
+}
+
 template <class W, class G, Direction D, bool SCALE>
 void first_trial_loop(W* __restrict weight, const G* __restrict grad, float* __restrict exp_avg,
                       float* __restrict exp_avg_sq, W* __restrict saved, int64_t n, const Scalars s,
@@ -125,11 +139,10 @@ void first_trial_loop(W* __restrict weight, const G* __restrict grad, float* __r
     }
   }
 #endif
-  for (int64_t i = 0; i < n; ++i) {
-    const float d = first_trial_direction<G, D, SCALE>(grad, exp_avg, exp_avg_sq, i, s, grad_scale);
-    const W w = weight[i];
-    if (saved != nullptr) saved[i] = w;
-    weight[i] = salsa::from_float<W>(salsa::trial_weight(salsa::to_float(w), d, s));
+  if (saved != nullptr) {
+    first_trial_elements<W, G, D, SCALE, true>(weight, grad, exp_avg, exp_avg_sq, saved, n, s, grad_scale);
+  } else {
+    first_trial_elements<W, G, D, SCALE, false>(weight, grad, exp_avg, exp_avg_sq, saved, n, s, grad_scale);
   }
 }
 

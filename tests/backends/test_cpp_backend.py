@@ -184,6 +184,40 @@ def test_against_the_unmodified_reference_within_one_sqrt_ulp(dtype):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_16bit_gradient_and_weight_is_widened_exactly(dtype):
+    """All 65536 bit patterns as gradients (raw direction: w + 2g) and as weights (a zero step: w
+    kept), the non-finite ones zeroed: bitwise the reference's result, subnormals included (the
+    kernels widen fp16 by the bits, branch-free so that GCC vectorizes them)."""
+    patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    values = torch.where(torch.isfinite(patterns.float()), patterns, torch.zeros_like(patterns))
+    for weights, grads, move in ((torch.zeros_like(values), values, Move(step=-2.0)),
+                                 (values, torch.ones_like(values), Move(step=0.0))):
+        bucket = Bucket([weights], [grads], [torch.zeros(values.shape)], [torch.zeros(values.shape)], None,
+                        torch.device("cpu"), dtype, group_index=0)
+        ours, reference, _, _ = both("first_trial", bucket, PassArgs(make_hyper(), move, RAW))
+        assert_buckets_equal(ours, reference, f"{dtype} widened")
+
+
+def test_fp32_values_are_narrowed_to_fp16_as_torch_rounds():
+    """Each positive finite fp16 value, the fp32 midpoint to the next one (a tie: to even) and the
+    fp32 neighbours of that midpoint, with both signs, stored as fp16 weights (w = 0 + g, fp32
+    gradients, a first trial): bitwise the reference's result, across subnormals, the normal
+    boundary and the overflow bound (a trial's weights may round to inf; the search rejects it)."""
+    below = torch.arange(0, 0x7c00, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    above = torch.arange(1, 0x7c01, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    above[-1] = 65536.0  # past the largest finite fp16: the midpoint 65520 rounds to inf
+    middle = (below + above) / 2
+    next_up, next_down = torch.nextafter(middle, above), torch.nextafter(middle, below)
+    values = torch.cat([below, middle, next_up, next_down])
+    values = torch.cat([values, -values])
+    bucket = Bucket([torch.zeros(values.shape, dtype=torch.float16)], [values], [torch.zeros(values.shape)],
+                    [torch.zeros(values.shape)], None, torch.device("cpu"), torch.float16, group_index=0)
+    ours, reference, _, _ = both("first_trial", bucket, PassArgs(make_hyper(), Move(step=-1.0), RAW))
+    assert_buckets_equal(ours, reference, "fp32 narrowed to fp16")
+    assert ours.params[0].isinf().sum() == 4 and ours.params[0].isnan().sum() == 0
+
+
 def test_slope_bits_independent_of_thread_count():
     bucket = make_bucket(sizes=[(3 * CHUNK + 5,), (CHUNK,), (17,)], saved=False)
     threads = torch.get_num_threads()
