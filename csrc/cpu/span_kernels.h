@@ -244,7 +244,7 @@ int64_t plain_loop(W* __restrict weight, const G* __restrict grad, float* __rest
   if constexpr (D == Direction::raw) {
     for (int64_t i = 0; i < n; ++i) {
       float w = salsa::to_float(weight[i]);
-      skipped += salsa::raw_plain_update<W>(load_grad<G, SCALE>(grad, i, grad_scale), w, s) ? 0 : 1;
+      skipped += salsa::raw_plain_update<W>(load_grad<G, SCALE>(grad, i, grad_scale), w, s);
       weight[i] = salsa::from_float<W>(w);
     }
     return skipped;
@@ -254,7 +254,7 @@ int64_t plain_loop(W* __restrict weight, const G* __restrict grad, float* __rest
     float w = salsa::to_float(weight[i]);
     float m = exp_avg[i];
     float v = exp_avg_sq[i];
-    skipped += salsa::plain_update<W>(g, w, m, v, s) ? 0 : 1;
+    skipped += salsa::plain_update<W>(g, w, m, v, s);
     exp_avg[i] = m;
     exp_avg_sq[i] = v;
     weight[i] = salsa::from_float<W>(w);

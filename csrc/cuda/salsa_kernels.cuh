@@ -194,7 +194,10 @@ __global__ void __launch_bounds__(THREADS) plain_step_kernel(Args a) {
     if constexpr (D == Direction::raw) {
       load_pack<V>(weight, i, x, w.end);
 #pragma unroll
-      for (int k = 0; k < PACK; ++k) skipped += (salsa::raw_plain_update<W>(g[k], x[k], a.s) || i + k >= w.end) ? 0 : 1;
+      for (int k = 0; k < PACK; ++k) {
+        const int32_t skips = salsa::raw_plain_update<W>(g[k], x[k], a.s);
+        skipped += i + k < w.end ? skips : 0;
+      }
     } else {
       float m[PACK], v[PACK];
       load_pack<V>(exp_avg, i, m, w.end);
@@ -202,7 +205,8 @@ __global__ void __launch_bounds__(THREADS) plain_step_kernel(Args a) {
       load_pack<V>(weight, i, x, w.end);
 #pragma unroll
       for (int k = 0; k < PACK; ++k) {
-        skipped += (salsa::plain_update<W>(g[k], x[k], m[k], v[k], a.s) || i + k >= w.end) ? 0 : 1;
+        const int32_t skips = salsa::plain_update<W>(g[k], x[k], m[k], v[k], a.s);
+        skipped += i + k < w.end ? skips : 0;
       }
       store_pack<V>(exp_avg, i, m, w.end);
       store_pack<V>(exp_avg_sq, i, v, w.end);
