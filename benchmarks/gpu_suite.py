@@ -82,7 +82,8 @@ STAGES = (
           "last; steady-state time vs AdamW + the extra forwards"),
     Stage("step_profile", 45, 25, "torch.profiler over 10 steady steps of GPT-2 small: device busy vs idle "
           "time per step, host waits on the device, top host ops (AdamW, FusedSaLSa copy and inplace)"),
-    Stage("pytest", 60, 25, "pytest tests/test_cuda.py tests/backends (when pytest is installed)"),
+    Stage("pytest", 60, 25, "pytest tests/test_cuda.py, tests/backends/test_triton_backend.py and "
+          "tests/backends/test_launch_counts.py (--smoke: tests/test_cuda.py only; when pytest is installed)"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 

@@ -88,11 +88,24 @@ def parse_args(argv=None):
         parser.error("--dtype fp16-autocast needs --grad-scaler (fp16 gradients underflow without it)")
     if args.dtype == "bf16" and args.grad_scaler:
         parser.error("--grad-scaler works with fp32 weights (fp32/bf16-autocast/fp16-autocast), not bf16 weights")
+    if args.device != "auto":
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            parser.error(f"--device {args.device!r} is not a device: auto, cpu, cuda or cuda:N")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device; "
+                         "--device cpu or auto runs on the CPU")
     return args
 
 
+class ResumeError(ValueError):
+    """A --resume that cannot continue the run in OUT (said in one line when run as a script)."""
+
+
 #: Settings a --resume must share with the run that wrote the checkpoint (the model, the data stream,
-#: the optimizer and its state's layout); --steps, the logging, the device and the backend may change.
+#: the optimizer and its state's layout), as must the number of processes; --steps (the schedules
+#: follow it: said at the resume), the logging, the device and the backend may change.
 RESUME_MUST_MATCH = ("optimizer", "batch_size", "grad_accum", "block_size", "n_layer", "n_head", "n_embd",
                      "dropout", "dtype", "grad_scaler", "weight_decay", "search_direction", "lr", "warmup",
                      "max_bytes", "seed")
@@ -189,17 +202,32 @@ def _run(args, rank: int, world: int, device: torch.device) -> dict:
     start, records = 0, []
     if args.resume:
         if not os.path.exists(checkpoint_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
+            raise ResumeError(f"--resume: no checkpoint at {checkpoint_path} (run without --resume to start, or "
+                              "--out the folder of the run to continue)")
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
         saved = state.get("args", {})
         changed = {k: (saved[k], v) for k, v in vars(args).items()
                    if k in RESUME_MUST_MATCH and k in saved and saved[k] != v}
         if changed:
-            raise ValueError("--resume: the checkpoint was written by a run with other settings: " + ", ".join(
+            raise ResumeError("--resume: the checkpoint was written by a run with other settings: " + ", ".join(
                 f"--{k.replace('_', '-')} {old!r} there, {new!r} now" for k, (old, new) in changed.items()))
+        saved_world = len(state["rng"])  # one random state per process
+        if saved_world != world:
+            raise ResumeError(f"--resume: the checkpoint was written by {saved_world} process(es), this run has "
+                              f"{world}: each step's batch ({args.batch_size} x {args.grad_accum} x the processes "
+                              "sequences) and the data each process draws depend on it; resume with "
+                              f"{saved_world} process(es)")
         if state["step"] >= args.steps:
-            raise ValueError(f"--resume: the checkpoint is at step {state['step']}, and --steps {args.steps} asks "
-                             f"for no more: pass --steps above {state['step']} to train on")
+            raise ResumeError(f"--resume: the checkpoint is at step {state['step']}, and --steps {args.steps} asks "
+                              f"for no more: pass --steps above {state['step']} to train on")
+        planned = saved.get("steps", args.steps)
+        if planned != args.steps and args.optimizer != "salsa" and is_main:
+            shape = ("the preset's warm-up and cooldown" if args.optimizer == "salsa-recommended"
+                     else "AdamW's warm-up and cosine")
+            print(f"--resume: the checkpoint's run planned --steps {planned}, this one {args.steps}: {shape} "
+                  f"follow the {args.steps}-step schedule from step {state['step']} on, so the step size may "
+                  "jump there" + (" (salsa_fused.presets, 'Run length')" if args.optimizer == "salsa-recommended"
+                                  else ""), flush=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -307,7 +335,8 @@ def _run(args, rank: int, world: int, device: torch.device) -> dict:
                 records.append(record)
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
-                postfix = {"loss": f"{record['loss']:.3f}", "eta": f"{record['step_size']:.2e}"}
+                size_name = "eta" if args.optimizer.startswith("salsa") else "lr"
+                postfix = {"loss": f"{record['loss']:.3f}", size_name: f"{record['step_size']:.2e}"}
                 if "interval" in record:
                     postfix["interval"] = f"{record['interval']:.1f}"
                 if progress is not None:
@@ -332,13 +361,14 @@ def _run(args, rank: int, world: int, device: torch.device) -> dict:
             print(f'no plot (matplotlib is not installed: pip install -e ".[examples]"); the log is {log_path}',
                   flush=True)
             plot_path = None
-        first = sum(r["loss"] for r in records[:10]) / len(records[:10])
-        last = sum(r["loss"] for r in records[-10:]) / len(records[-10:])
+        n = max(1, min(10, len(records) // 2))  # first and last n steps, apart when there are 2 or more
+        first = sum(r["loss"] for r in records[:n]) / n
+        last = sum(r["loss"] for r in records[-n:]) / n
         summary = {"first_loss": first, "last_loss": last, "val_loss": records[-1].get("val_loss"),
                    "steps": records[-1]["step"], "seconds": time.perf_counter() - started, "plot": plot_path}
         extra = (f", {records[-1]['forwards']} forward passes, {records[-1]['searches']} searches"
                  if args.optimizer.startswith("salsa") else "")
-        print(f"loss {first:.3f} -> {last:.3f} (mean of first/last 10 steps), val {summary['val_loss']:.3f}"
+        print(f"loss {first:.3f} -> {last:.3f} (mean of first/last {n} step{'s' if n > 1 else ''}), val {summary['val_loss']:.3f}"
               f"{extra}; {summary['seconds']:.0f} s on {world} x {device.type}; log {log_path}"
               + (f", plot {plot_path}" if plot_path else ""), flush=True)
     return summary
@@ -384,4 +414,7 @@ def plot(records, path, optimizer_name):
 
 
 if __name__ == "__main__":
-    train(parse_args())
+    try:
+        train(parse_args())
+    except ResumeError as error:
+        raise SystemExit(f"pretrain_gpt.py: {error}") from None

@@ -63,6 +63,50 @@ def test_a_resume_with_other_settings_names_them_before_loading_anything(tmp_pat
     assert [r["step"] for r in _log(tmp_path)] == [1, 2]
 
 
+def test_a_resume_by_another_number_of_processes_is_refused(tmp_path):
+    """The batch of a step and the data each process draws depend on the number of processes:
+    a checkpoint of a 2-process run (two random states) is not continued by one process."""
+    _run(tmp_path, "--steps", "2")
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state["rng"] = state["rng"] * 2
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(pretrain_gpt.ResumeError, match=r"written by 2 process\(es\), this run has 1"):
+        _run(tmp_path, "--steps", "4", "--resume")
+    assert [r["step"] for r in _log(tmp_path)] == [1, 2]
+
+
+def test_a_resume_that_changes_the_run_length_says_the_schedule_changes(tmp_path, capsys):
+    for optimizer, shape in (("salsa-recommended", "the preset's warm-up and cooldown"),
+                             ("adamw", "AdamW's warm-up and cosine")):
+        out = tmp_path / optimizer
+        _run(out, "--steps", "3", "--optimizer", optimizer)
+        printed = capsys.readouterr().out
+        assert "(mean of first/last 1 step)" in printed  # 3 steps: the first and the last, not the same mean
+        assert (" lr " if optimizer == "adamw" else " eta ") in printed
+        _run(out, "--steps", "5", "--optimizer", optimizer, "--resume")
+        assert (f"the checkpoint's run planned --steps 3, this one 5: {shape} follow the 5-step schedule from "
+                "step 3 on") in capsys.readouterr().out
+    _run(tmp_path / "salsa", "--steps", "2")
+    _run(tmp_path / "salsa", "--steps", "4", "--resume")  # no schedule: nothing to say
+    assert "planned" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--resume", "--steps", "2"], "pretrain_gpt.py: --resume: no checkpoint at"),
+    (["--device", "cuda"], "--device cuda: this torch"),
+    (["--device", "gpu"], "--device 'gpu' is not a device"),
+])
+def test_the_script_says_what_is_wrong_in_one_line(tmp_path, flags, message):
+    if "cuda" in flags and torch.cuda.is_available():
+        pytest.skip("a CUDA device is here")
+    import subprocess
+
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "pretrain_gpt.py"), *TINY,
+                             "--out", str(tmp_path / "run"), *flags], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and message in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
 def test_pretrain_gpt_finishes_without_tqdm_and_matplotlib(tmp_path, monkeypatch, capsys):
     """Without the examples extra the demo says so in one line each, and still trains,
     logs every step and saves its checkpoint."""
