@@ -433,10 +433,15 @@ class FusedSaLSa(Optimizer):
                 if self.backend_name == _backends.AUTO:
                     self.backend = _backends.resolve("torch", self._device or torch.device("cpu"))
                     return
-                chosen = ("fused=True" if self.backend_name == _backends.FUSED
-                          else f"backend={self.backend_name!r}")
-                raise ValueError(f"{chosen} cannot take param_groups[{i}]['params'][{j}]: it is {reason} "
-                                 f"for the {self.backend.name} backend; use backend='torch' or 'auto'")
+                flags = ", ".join(f"{k}={v}" for k, v in (("foreach", self.foreach), ("fused", self.fused))
+                                  if v is not None)
+                if self.backend_name == _backends.FUSED:  # asked for by the flags, with backend="auto"
+                    remedy = f"drop {flags} (the default picks the torch backend for it) or pass foreach=True"
+                else:
+                    flags = f"backend={self.backend_name!r}" + (f" ({flags})" if flags else "")
+                    remedy = "use backend='torch' or 'auto'"
+                raise ValueError(f"{flags} cannot take param_groups[{i}]['params'][{j}]: it is {reason} "
+                                 f"for the {self.backend.name} backend; {remedy}")
 
     def _init_state(self, p: torch.Tensor) -> dict:
         """p's state, its moments created fp32 in p's memory layout, or laid out again in it (the

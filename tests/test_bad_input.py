@@ -641,6 +641,18 @@ def test_a_group_the_backend_refuses_is_not_added():
     assert opt.search_state.step == 1
 
 
+@pytest.mark.parametrize("flags", [{"foreach": False}, {"fused": True}])
+def test_a_flag_that_asks_for_kernels_names_itself_when_they_cannot_take_a_parameter(flags):
+    """float64 weights with foreach=False (or fused=True): the error names the flag the caller passed
+    and says to drop it (the default picks the torch backend for float64), not fused=True or 'auto'."""
+    pytest.importorskip("salsa_fused._C", reason="the C++ extension is not built: pip install --no-build-isolation -e .")
+    (flag, value), = flags.items()
+    with pytest.raises(ValueError, match=rf"^{flag}={value} cannot take param_groups\[0\]\['params'\]\[0\]: .*"
+                                         rf"drop {flag}={value}"):
+        FusedSaLSa(torch.nn.Linear(2, 2).double().parameters(), **flags)
+    assert FusedSaLSa(torch.nn.Linear(2, 2).double().parameters()).backend.name == "torch"
+
+
 def test_numpy_scalars_from_a_scheduler_are_numbers():
     """A LambdaLR whose factor is a numpy float32 (AdamW takes it): the step runs, and in fp64, as
     with the same factor as a Python float."""
