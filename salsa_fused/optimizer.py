@@ -932,7 +932,8 @@ class FusedSaLSa(Optimizer):
 
         For loops that call ``optimizer.step()`` themselves (Hugging Face ``Trainer``,
         accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``): bind after the
-        backward. One step uses the binding and clears it; a new binding replaces one not yet used.
+        backward. The next step uses the binding and clears it (one given its own ``loss=`` clears it
+        unused: a later ``step()`` never searches an older batch); a new binding replaces one not yet used.
         A wrapper that always passes a closure of its own (Lightning's, for its hooks) gets it
         called once; it must return ``None``, and the bound step runs.
         """
@@ -984,6 +985,8 @@ class FusedSaLSa(Optimizer):
                 raise RuntimeError("step(closure) was called with a closure returning a loss while a "
                                    "closure bound with bind_closure() was pending: call step() "
                                    "without arguments to run the bound step")
+        elif handoff.bound_step is not None:  # given its loss, this step is the one the binding was for
+            handoff.bound_step = None
         if closure is None:
             if loss is None and not any(p.grad is not None for g in self.param_groups for p in g["params"]):
                 return None  # nothing to do, as torch.optim does for a step without gradients

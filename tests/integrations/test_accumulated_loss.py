@@ -76,6 +76,27 @@ def test_binding_is_used_once_and_replaced_by_a_newer_one():
         opt.bind_closure(3.0)
 
 
+def test_a_step_given_its_loss_clears_a_binding_it_did_not_use():
+    """bind_closure(cl, loss=l) and then step(cl, loss=l) (the explicit form, as a GradScaler passes it
+    on): a later step() without a new binding must not search the old batch's closure from its loss."""
+    torch.manual_seed(2)
+    model = torch.nn.Linear(3, 1)
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    old_x, new_x = torch.randn(5, 3), torch.randn(5, 3)
+
+    def closure_on(x):
+        return lambda: model(x).pow(2).mean()
+
+    loss = closure_on(old_x)()
+    loss.backward()
+    opt.bind_closure(closure_on(old_x), loss=loss)
+    opt.step(closure_on(old_x), loss=loss)
+    opt.zero_grad()
+    closure_on(new_x)().backward()
+    with pytest.raises(TypeError, match="needs closure"):
+        opt.step()
+
+
 def test_unwrap_and_empty_window_errors():
     opt = FusedSaLSa([torch.nn.Parameter(torch.ones(2))], backend="torch")
 
