@@ -67,6 +67,14 @@ STALE_CLOSURE = ("{what} returned the step's own loss (the same tensor, or a vie
                  "forward again, e.g. step(lambda: loss_fn(model(x), y)), not step(lambda: loss). Each such "
                  "trial would pass the Armijo test and grow the step without bound. The weights, the moments "
                  "and the search state are as they were")
+SCALED_LOSS = ("loss= is {ratio:.4g}x the closure's loss at the same weights, about the GradScaler's scale "
+               "{scale:g}: it looks like scaler.scale(loss). Pass the unscaled loss, as the closure returns it "
+               "(scaler.scale(loss).backward(); scaler.step(opt, closure, loss=loss)): the gradients are "
+               "unscaled by the optimizer, and a scaled loss passes every Armijo test. The weights, the moments "
+               "and the search state are as they were")
+#: Below this GradScaler scale the check refuses nothing: a loss= that differs from the closure's by
+#: a small factor (a closure that computes it another way) could be taken for a scaled one.
+SCALED_LOSS_MIN_SCALE = 256.0
 _DeviceCounts = F.DeviceCounts  # its name before it moved to functional.py: pickled optimizers load
 
 
@@ -1078,6 +1086,10 @@ class FusedSaLSa(Optimizer):
         gradients_unchanged = _gradients_watch(passes, self._sharded_groups())
 
         step_losses = _step_losses([value if one_phase else loss])
+        # Under a GradScaler, the first search of the two-phase form checks once that loss= is not
+        # scaler.scale(loss): one forward at w0 (counted), the caller's loss kept for the search.
+        checks_scale = (not (one_phase or needs_reference) and getattr(self, "grad_scale", None) is not None
+                        and not self.__dict__.get("_unscaled_loss_seen", False))
 
         def trial_loss() -> float:
             rng_before.set()  # each trial forward replays the step's random draws
@@ -1091,6 +1103,10 @@ class FusedSaLSa(Optimizer):
             if needs_reference:
                 rng_before.set()
                 f0 = self._trial_loss(closure, step_losses=step_losses)
+                plan.state.num_forward_evals += 1
+            if checks_scale:
+                rng_before.set()
+                self._refuse_a_scaled_loss(f0, self._trial_loss(closure, step_losses=step_losses))
                 plan.state.num_forward_evals += 1
             self._search_step(passes, plan, f0, trial_loss)
         except BaseException:
@@ -1167,6 +1183,20 @@ class FusedSaLSa(Optimizer):
         F.report_plain_steps(self._search, self.nonfinite, elements, losses, None,
                              where="read by report_nonfinite(): ")
         return elements, losses
+
+    def _refuse_a_scaled_loss(self, given: torch.Tensor, at_w0: torch.Tensor) -> None:
+        """Refuse ``loss=`` that is between half and twice the GradScaler's scale times the closure's
+        loss at the same weights (``loss=scaler.scale(loss)``); otherwise remember that this
+        optimizer's caller passes the unscaled loss. One host read; the decision is every rank's."""
+        given_value, closure_value, scale = torch.stack([
+            given.float().reshape(()), at_w0.float().reshape(()).to(given.device),
+            self.grad_scale.float().reshape(()).to(given.device)]).tolist()
+        ratio = given_value / closure_value if closure_value > 0 and math.isfinite(closure_value) else math.nan
+        looks_scaled = (scale >= SCALED_LOSS_MIN_SCALE and given_value > 0 and math.isfinite(ratio)
+                        and scale / 2 <= ratio <= 2 * scale)
+        if self.reduction.any_rank(looks_scaled, self._device):
+            raise ValueError(SCALED_LOSS.format(ratio=ratio, scale=scale))
+        self._unscaled_loss_seen = True
 
     def _search_step(self, passes: F.Passes, plan, f0, trial_loss: Callable[[], float]) -> None:
         """The search step of ``plan`` from loss ``f0`` (:func:`salsa_fused.functional.search_step`)."""

@@ -6,6 +6,7 @@ Every check runs on the CPU; the same checks run on CUDA when a device is presen
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -88,7 +89,9 @@ def test_grad_scaler_with_power_of_two_scale_equals_unscaled_run(device):
         scaler.update()
         for a, b in zip(plain_model.parameters(), scaled_model.parameters()):
             assert torch.equal(a, b), f"step {step}: GradScaler run differs from the unscaled run"
-    assert plain_opt.search_state == scaled_opt.search_state
+    # the scaler's run spends one forward, once, checking that loss= is not scaler.scale(loss)
+    assert plain_opt.search_state == dataclasses.replace(
+        scaled_opt.search_state, num_forward_evals=scaled_opt.search_state.num_forward_evals - 1)
     assert 0 < scaled_opt.num_searches < 16
 
 
@@ -146,6 +149,29 @@ def test_one_phase_step_under_grad_scaler_is_refused():
     with pytest.raises(RuntimeError, match="two-phase form"):
         scaler.step(opt, lambda: F.mse_loss(model(x), y))
     _assert_unchanged(before, _snapshot(model, opt))
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_the_scaled_loss_passed_as_loss_is_refused_at_the_first_search(backend):
+    """scaler.step(opt, closure, loss=scaler.scale(loss)): every trial's loss is the scale times
+    smaller, so every Armijo test passed and the level grew each search (a new user's trial: eta 0.90
+    against 0.0089, the loss 639 against 0.13 in 30 steps). Refused by name at the first search (one forward
+    at w0, once per optimizer), with
+    the weights, moments and search state as they were; the unscaled loss then steps as usual."""
+    model = _mlp("cpu")
+    opt = FusedSaLSa(model.parameters(), backend=backend)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    x, y = _batch(0, "cpu")
+    opt.zero_grad()  # without it the search takes its own loss at w0 (a reference forward), not loss=
+    loss = F.mse_loss(model(x), y)
+    scaled = scaler.scale(loss)
+    scaled.backward()
+    before = _snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"about the GradScaler's scale 4096: it looks like scaler.scale\(loss\)"):
+        scaler.step(opt, lambda: F.mse_loss(model(x), y), loss=scaled)
+    _assert_unchanged(before, _snapshot(model, opt))
+    scaler.step(opt, lambda: F.mse_loss(model(x), y), loss=loss)
+    assert opt.num_searches == 1 and opt.search_state.step == 1
 
 
 # ----------------------------------------------------------------------------- tiny GPT
