@@ -70,21 +70,27 @@ def test_triton_interrupted_search_restores_once_per_bucket(triton_counts, resto
 def test_torch_backend_passes_and_reads(torch_counts, restore):
     """The reference backend makes the same passes; on a plain step it reads flags on the host
     by design, free on the CPU: per bucket one (loss/found_inf finite), per block of ``CPU_BLOCK``
-    elements one (gradients finite, checked while the block is in cache), and per block of 16-bit
-    weights one more (the new weights' extremes: none may round to inf)."""
-    from salsa_fused.backends.torch_backend import CPU_BLOCK
+    elements of a large tensor and per group of small ones one (gradients finite, checked while the
+    block is in cache), and per block or group of 16-bit weights one more (the new weights'
+    extremes: none may round to inf)."""
+    from salsa_fused.backends.torch_backend import CPU_BLOCK, cpu_step_units
     counts = torch_counts[restore]
     plain = counts["plain step"]
     assert plain["passes"] == {"plain_step": BUCKETS}
-    model, _, _ = S.demo_model()
-    blocks = sum(-(-p.numel() // CPU_BLOCK) for p in model.parameters())
-    sixteen_bit_blocks = sum(-(-p.numel() // CPU_BLOCK) for p in model.parameters() if p.dtype == torch.bfloat16)
-    assert sixteen_bit_blocks > 0  # the demo has a bf16 bucket
-    assert plain["host_reads"] == BUCKETS + blocks + sixteen_bit_blocks
+    _, param_groups, _ = S.demo_model()  # one bucket per group
+    blocks = groups = sixteen_bit = 0
+    for group in param_groups:
+        numels, dtype = [p.numel() for p in group["params"]], group["params"][0].dtype
+        for grouped, indices in cpu_step_units(numels):
+            reads = 1 if grouped else -(-numels[indices[0]] // CPU_BLOCK)
+            groups, blocks = groups + grouped * reads, blocks + (not grouped) * reads
+            sixteen_bit += reads if dtype == torch.bfloat16 else 0
+    assert sixteen_bit > 0 and groups > 0  # the demo has a bf16 bucket (its tensors all small: grouped)
+    assert plain["host_reads"] == BUCKETS + groups + blocks + sixteen_bit
     sites = plain["host_read_sites"]
-    assert sum(site.startswith("__bool__ at torch_backend.py") for site in sites) == BUCKETS
+    assert sum(site.startswith("__bool__ at torch_backend.py") for site in sites) == BUCKETS + groups
     assert sum(site.startswith("__float__ at torch_backend.py") for site in sites) == blocks
-    assert sum(site.startswith("tolist at torch_backend.py") for site in sites) == sixteen_bit_blocks
+    assert sum(site.startswith("tolist at torch_backend.py") for site in sites) == sixteen_bit
     search = counts["search step, 4 trials"]
     assert search["passes"] == {"slope": BUCKETS, "first_trial": BUCKETS,
                                 "retrial": 3 * BUCKETS}
@@ -165,12 +171,13 @@ def _strided_copy(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("nonfinite", [False, True])
 def test_blocked_cpu_plain_step_is_bitwise_the_foreach_form(monkeypatch, dtype, weight_decay, scaled, nonfinite):
-    """The CPU plain step runs block by block (cache-friendly); non-contiguous tensors take the
-    foreach form that the parity tests check against salsa-optimizer 0.1.0. Same bits, also
-    where some gradient elements are NaN/inf (the guarded path, per block or per bucket)."""
+    """The CPU plain step runs block by block (cache-friendly), small tensors in foreach groups;
+    non-contiguous tensors take the foreach form that the parity tests check against
+    salsa-optimizer 0.1.0. Same bits, also where some gradient elements are NaN/inf (the guarded
+    path, per block, per group or per bucket)."""
     from salsa_fused.backends import torch_backend
     from salsa_fused.backends.base import Bucket, Hyper, Move, PassArgs
-    monkeypatch.setattr(torch_backend, "CPU_BLOCK", 1000)  # several blocks and ragged tails
+    monkeypatch.setattr(torch_backend, "CPU_BLOCK", 1000)  # several blocks and ragged tails; below 125: grouped
     generator = torch.Generator().manual_seed(0)
     shapes = [(2500,), (3, 5), (40, 60), (1,), (1001,)]
 
@@ -186,15 +193,16 @@ def test_blocked_cpu_plain_step_is_bitwise_the_foreach_form(monkeypatch, dtype, 
     counts = {id(blocked): torch.zeros((), dtype=torch.int64), id(foreach): torch.zeros((), dtype=torch.int64)}
     for step in range(1, 4):
         hyper = Hyper(0.9, 0.999, 1e-8, weight_decay, 1 - 0.9 ** (step + 1), 1 - 0.999 ** (step + 1), 1.0)
-        if nonfinite and step == 2:  # in the second block of one tensor, the first of another
+        if nonfinite and step == 2:  # in the second block of one tensor, the first of another, a small one
             for bucket in (blocked, foreach):
                 bucket.grads[0][1500] = float("nan")
                 bucket.grads[2][3, 7] = float("-inf")
+                bucket.grads[1][2, 4] = float("nan")
         for bucket in (blocked, foreach):
             torch_backend.plain_step(bucket, PassArgs(hyper, Move(1e-3, decay=1e-3), grad_scale=grad_scale),
                                      torch.tensor(1.0), nonfinite_count=counts[id(bucket)])
     for name in ("params", "exp_avg", "exp_avg_sq"):
         for a, b in zip(getattr(blocked, name), getattr(foreach, name)):
             assert torch.equal(a, b), name
-    assert counts[id(blocked)].item() == counts[id(foreach)].item() == (2 * 2 if nonfinite else 0)
+    assert counts[id(blocked)].item() == counts[id(foreach)].item() == (3 * 2 if nonfinite else 0)
     assert not torch.equal(blocked.params[0], weights[0].to(dtype))  # the weights did move

@@ -16,7 +16,7 @@ result is rounded once when written back; moments are always fp32.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -422,20 +422,50 @@ def _raw_plain_step(params, grads, hyper: Hyper, move: Move, nonfinite_count: Op
 CPU_BLOCK = 1 << 18
 
 
+def cpu_step_units(numels: Sequence[int]) -> List[Tuple[bool, List[int]]]:
+    """How the CPU plain step walks a bucket's tensors (by index): ``(True, indices)`` a group of
+    tensors below ``CPU_BLOCK // 8`` elements each, up to a block's worth in all, stepped together
+    by the foreach ops; ``(False, [i])`` a larger tensor, stepped block by block. One at a time,
+    a small tensor's ~14 ops and host read (about 0.2 ms) cost more than its arithmetic (a model
+    of 160 tensors ran 5x foreach AdamW's plain step)."""
+    units, group, grouped = [], [], 0
+    for i, n in enumerate(numels):
+        if n >= CPU_BLOCK // 8:
+            units.append((False, [i]))
+            continue
+        group.append(i)
+        grouped += n
+        if grouped >= CPU_BLOCK:
+            units.append((True, group))
+            group, grouped = [], 0
+    if group:
+        units.append((True, group))
+    return units
+
+
 def _plain_step_blocked(params, grads, exp_avg, exp_avg_sq, hyper: Hyper, move: Move,
                         nonfinite_count: Optional[torch.Tensor]) -> None:
     """The plain step on the CPU, block by block: :func:`_adam_move` on one block of elements at a
     time (:class:`_BlockOps`: two block-sized scratch rows replace the whole-bucket form's
     weight-sized temporaries), so the block stays in cache across all of its ops. Finiteness is
     checked per block on ``sum(g^2)`` while the block is in cache (no separate pass over the
-    gradients); a block that fails takes :func:`_guarded_plain_step`. Bitwise the whole-bucket form.
+    gradients); a block that fails takes :func:`_guarded_plain_step`. Small tensors go in groups
+    through the whole-bucket form (:func:`cpu_step_units`). Bitwise the whole-bucket form.
     """
     largest = max((p.numel() for p in params), default=0)
     if largest == 0:
         return
     scratch = torch.empty(2, min(CPU_BLOCK, largest), dtype=torch.float32)
-    for w, g, m, v in zip(params, grads, exp_avg, exp_avg_sq):
-        w, g, m, v = w.view(-1), g.view(-1), m.view(-1), v.view(-1)
+    for grouped, indices in cpu_step_units([g.numel() for g in grads]):
+        if grouped:
+            w, g, m, v = ([stream[i] for i in indices] for stream in (params, grads, exp_avg, exp_avg_sq))
+            if bool(torch.isfinite(torch.stack(C.foreach_norm(g))).all()):
+                _adam_move(_FOREACH, w, g, m, v, hyper, move, MOMENTUM, kept=nonfinite_count)
+            else:
+                _guarded_plain_step(w, g, m, v, hyper, move, nonfinite_count)
+            continue
+        (i,) = indices
+        w, g, m, v = params[i].view(-1), grads[i].view(-1), exp_avg[i].view(-1), exp_avg_sq[i].view(-1)
         for start in range(0, g.numel(), CPU_BLOCK):
             wb, gb, mb, vb = (t[start:start + CPU_BLOCK] for t in (w, g, m, v))
             ops = _BlockOps(tuple(scratch[:, :gb.numel()]))
