@@ -271,8 +271,9 @@ def main(argv=None) -> dict:
                 "Scripted trial losses fix the number of trials. Host reads: tensor values read "
                 "by `salsa_fused` code (each a device sync on a GPU). The torch reference backend "
                 "reads finiteness flags on a plain step (free on the CPU): one per bucket, one per "
-                "block of 256K elements of each tensor, and one more per such block of 16-bit "
-                "weights; the Triton backend guards on the device.\n\n"
+                "block of 256K elements of each tensor of 32K elements or more and one per group of "
+                "smaller tensors (up to 256K elements a group), and one more per such block or group "
+                "of 16-bit weights; the Triton backend guards on the device.\n\n"
                 + C.markdown_table(["backend", "restore", "step", "buckets", "passes", "launches",
                                     "host reads", "table builds"], table))
     print(markdown)
