@@ -82,6 +82,13 @@ def parse_args(argv=None):
                  "eval_interval", "eval_batches", "checkpoint_interval", "max_bytes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.optimizer == "salsa-recommended":
+        try:
+            presets.preset_kwargs(presets.RECOMMENDED, args.steps)
+        except ValueError as error:
+            parser.error(f"--optimizer salsa-recommended --steps {args.steps}: {error}")
     if args.n_embd % args.n_head:
         parser.error(f"--n-embd ({args.n_embd}) must be a multiple of --n-head ({args.n_head})")
     if args.dtype == "fp16-autocast" and not args.grad_scaler:
@@ -292,6 +299,7 @@ def _run(args, rank: int, world: int, device: torch.device) -> dict:
             handle.writelines(json.dumps(r) + "\n" for r in records)
         log_file = open(log_path, "a")
     started = time.perf_counter()
+    time_before = records[-1]["time"] if records else 0.0  # a resumed run's log goes on from its checkpoint's time
     try:
         for step in range(start, args.steps):
             micro = step_batches(batches, args, step, rank, world, device)
@@ -319,7 +327,8 @@ def _run(args, rank: int, world: int, device: torch.device) -> dict:
             if world > 1:
                 dist.all_reduce(loss_value)
                 loss_value /= world
-            record = {"step": step + 1, "loss": loss_value.item(), "time": time.perf_counter() - started}
+            record = {"step": step + 1, "loss": loss_value.item(),
+                      "time": time_before + time.perf_counter() - started}
             if args.optimizer.startswith("salsa"):
                 record.update(step_size=opt.step_size, effective_step_size=opt.applied_steps[0],
                               interval=opt.search_interval, forwards=opt.num_forward_evals,

@@ -47,6 +47,7 @@ def test_pretrain_gpt_runs_plots_and_resumes_identically(tmp_path):
     assert [r["step"] for r in resumed] == list(range(1, 7))
     for a, b in zip(resumed, full):
         assert (a["loss"], a["step_size"], a["forwards"]) == (b["loss"], b["step_size"], b["forwards"])
+    assert all(a["time"] < b["time"] for a, b in zip(resumed, resumed[1:]))  # the log's clock goes on
 
 
 def test_a_resume_with_other_settings_names_them_before_loading_anything(tmp_path):
@@ -138,6 +139,10 @@ def test_pretrain_gpt_rejects_bad_flags():
         pretrain_gpt.parse_args(["--n-embd", "30", "--n-head", "4"])
     with pytest.raises(SystemExit):
         pretrain_gpt.parse_args(["--max-bytes", "0"])
+    with pytest.raises(SystemExit):
+        pretrain_gpt.parse_args(["--dropout", "-0.5"])
+    with pytest.raises(SystemExit):
+        pretrain_gpt.parse_args(["--optimizer", "salsa-recommended", "--steps", "2"])  # too short for its cooldown
 
 
 def test_a_corpus_too_short_for_the_block_is_named():
