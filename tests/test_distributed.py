@@ -626,3 +626,29 @@ def _frozen_nan_job(rank: int, out_dir: str) -> None:
 
 def test_ddp_ranks_report_nan_batches_after_the_search_phase_at_the_same_step(tmp_path):
     spawn_in_gloo_group(_frozen_nan_job, str(tmp_path), WORLD, timeout_s=60)
+
+
+def _uneven_inputs_job(rank: int, out_dir: str) -> None:
+    """Uneven inputs under torch's Join with throw_on_early_termination=True (docs/training.md):
+    every rank raises at the step after one runs out, the weights the same on all. (With Join's
+    default a joined rank shadows DDP's all-reduces, not the optimizer's: a collective mismatch.)"""
+    from torch.distributed.algorithms.join import Join
+
+    model = _make_model(0)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = FusedSaLSa(ddp.parameters(), backend="torch")
+    steps = 6 if rank == 0 else 4
+    done = 0
+    with pytest.raises(RuntimeError, match="exhausted"):
+        with Join([ddp], throw_on_early_termination=True):
+            for step in range(steps):
+                x, y = _batch(step, rank)
+                opt.zero_grad()
+                opt.step(lambda: F.mse_loss(ddp(x), y))
+                done += 1
+    assert done == 4 and opt.search_state.step == 4
+    _assert_same_on_all_ranks(_flat(ddp.parameters()), "weights")
+
+
+def test_ddp_uneven_inputs_under_join_that_throws_stop_every_rank_alike(tmp_path):
+    spawn_in_gloo_group(_uneven_inputs_job, str(tmp_path), WORLD, timeout_s=60)
