@@ -289,17 +289,8 @@ class FusedSaLSa(Optimizer):
         self.search_config.validate()
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if schedule is not None and not (callable(getattr(schedule, "scale", None))
-                                         and callable(getattr(schedule, "searches", None))):
-            raise TypeError("schedule must have scale(step) and searches(step) methods")
-        if schedule is not None:  # a schedule of the caller's own: its options refused by name now, not at a step
-            check_freeze_below(getattr(schedule, "freeze_below", 0.0))
-            backs_off_on_loss_rise(schedule)
-            if callable(getattr(schedule, "check_searches", None)):
-                schedule.check_searches()
         self.search_rule = resolve_rule(search_rule)
         checked_direction(self.search_rule, search_direction)  # a rule's own direction() checked now, not at a step
-        check_freeze_rule(schedule, self.search_rule)
         self.schedule = schedule
         self.search_direction = search_direction
         self.restore_strategy = restore
@@ -498,6 +489,27 @@ class FusedSaLSa(Optimizer):
                 for group in self.param_groups]
 
     @property
+    def schedule(self):
+        """The step-size schedule (``None``, or an object with ``scale(step)`` and ``searches(step)``,
+        e.g. :class:`salsa_fused.step_size.WarmupStableDecay`). Assigned here or at construction, it
+        is checked alike before it is kept: its methods, its options, and its rule."""
+        return self.__dict__.get("_schedule")
+
+    @schedule.setter
+    def schedule(self, schedule) -> None:
+        if schedule is not None and not (callable(getattr(schedule, "scale", None))
+                                         and callable(getattr(schedule, "searches", None))):
+            raise TypeError("schedule must have scale(step) and searches(step) methods, got "
+                            f"{type(schedule).__name__}")
+        if schedule is not None:  # a schedule of the caller's own: its options refused by name now, not at a step
+            check_freeze_below(getattr(schedule, "freeze_below", 0.0))
+            backs_off_on_loss_rise(schedule)
+            if callable(getattr(schedule, "check_searches", None)):
+                schedule.check_searches()
+        check_freeze_rule(schedule, self.search_rule)
+        self.__dict__["_schedule"] = schedule
+
+    @property
     def effective_step_sizes(self) -> List[float]:
         """The earlier name of :attr:`applied_steps` (kept: the same list)."""
         return self.applied_steps
@@ -687,7 +699,7 @@ class FusedSaLSa(Optimizer):
 
     #: What a copy (deepcopy, pickle, torch.save) keeps beside torch's defaults/state/param_groups;
     #: the backend is resolved again by name, caches and the hand-off to the next step start empty.
-    _PICKLED = ("_search", "search_config", "search_rule", "schedule", "search_direction",
+    _PICKLED = ("_search", "search_config", "search_rule", "_schedule", "search_direction",
                 "restore_strategy", "backend_name", "foreach", "fused", "nonfinite", "init_step_size", "model",
                 "_device", "_counts", "_reduction_given")
 
@@ -700,6 +712,8 @@ class FusedSaLSa(Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        if "schedule" in self.__dict__:  # pickled before the schedule became a checked property
+            self.__dict__["_schedule"] = self.__dict__.pop("schedule")
         for name, value in (("_buckets", BucketCache()), ("_saved", {}), ("_counts", None), ("foreach", None),
                             ("fused", None), ("_lr_checked", False), ("_past_end_warned", False),
                             ("_collapse_checked", False)):
@@ -1034,6 +1048,12 @@ class FusedSaLSa(Optimizer):
                 self._collapse_checked = True  # once, at the first frozen step
                 warn_collapsed_level(self.schedule, state, plan.state.step, stacklevel=4)
             if plan.is_search and not schedule_searches(self.schedule, state, plan.state.step):
+                if state.num_searches == 0:
+                    raise ValueError(
+                        f"the schedule stops the search at step {plan.state.step}, before any search has run: "
+                        f"the level would stay at init_step_size ({self.init_step_size:g}) for the whole run "
+                        f"({type(self.schedule).__name__}). Let it search first, e.g. Cooldown(start, steps) with "
+                        "start >= 1 (the first step searches). Nothing was stepped")
                 plan = plan_without_search(rule, state, config, plan)
         self._check_moves_fit_float32(plan, scale)
         for group in self.param_groups:

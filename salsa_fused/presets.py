@@ -46,7 +46,8 @@ Run length, for ``"pretrain"``:
   run and the applied step is the searched level (1x), with no warm-up to 2x and no cooldown.
   Nothing needs the run length; the price is the missing cooldown (quality NOTES section 13).
   Once the end is known, ``optimizer.schedule = step_size.Cooldown(optimizer.search_state.step,
-  steps)`` freezes the level and decays the applied step to zero over ``steps`` steps.
+  steps)`` freezes the level and decays the applied step to zero over ``steps`` steps (after the
+  first step: a schedule that stops the search before any search ran is refused at the step).
 
 Usage::
 

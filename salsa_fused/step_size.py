@@ -181,7 +181,8 @@ class Cooldown:
     ``searches(k)`` is False after ``start`` (the level freezes, as in WarmupStableDecay's
     cooldown). ``total_steps = start + steps``; past it the scale holds its last positive value
     (``final``, or ``1 / steps`` for a decay to 0) and the optimizer warns once. Install it with
-    ``optimizer.schedule = Cooldown(optimizer.search_state.step, steps)``.
+    ``optimizer.schedule = Cooldown(optimizer.search_state.step, steps)`` once a search has run
+    (``start`` 0 would freeze a level no search set: refused at the first step).
     """
 
     start: int

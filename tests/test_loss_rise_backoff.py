@@ -197,7 +197,7 @@ def test_a_checkpoint_with_an_impossible_back_off_is_refused_and_changes_nothing
 
 
 @pytest.mark.parametrize("bad", ["yes", 1, None])
-def test_a_schedule_of_ones_own_with_a_bad_option_is_refused_at_the_step_and_changes_nothing(bad):
+def test_a_schedule_of_ones_own_with_a_bad_option_is_refused_and_changes_nothing(bad):
     class Mine(FixedSchedule):
         backoff_on_loss_rise = bad
 
@@ -206,7 +206,11 @@ def test_a_schedule_of_ones_own_with_a_bad_option_is_refused_at_the_step_and_cha
         build(model, Mine(1.0))
     opt = build(model, FixedSchedule(1.0))
     train(opt, closure, 2)
-    opt.schedule = Mine(1.0)  # installed mid-run, as schedules are: refused at the step
+    kept = opt.schedule
+    with pytest.raises(ValueError, match="backoff_on_loss_rise"):
+        opt.schedule = Mine(1.0)  # installed mid-run, as schedules are: refused where it is assigned
+    assert opt.schedule is kept
+    kept.backoff_on_loss_rise = bad  # turned bad after it was assigned: refused at the step
     before_w = [p.detach().clone() for p in model.parameters()]
     before = opt.search_state
     with pytest.raises(ValueError, match="backoff_on_loss_rise"):

@@ -525,7 +525,8 @@ def test_a_level_frozen_early_stays_frozen_under_a_schedule_loaded_later():
 
 
 @pytest.mark.parametrize("bad", [-0.5, 1.0, math.nan, "0.1", True])
-def test_a_schedule_of_ones_own_with_a_bad_freeze_below_is_refused_at_the_step_and_changes_nothing(bad):
+def test_a_schedule_of_ones_own_with_a_bad_freeze_below_is_refused_and_changes_nothing(bad):
+    """Refused where it is assigned (as at construction), and at the step when it turned bad after."""
     from test_applied_step import FixedSchedule
 
     class Frozen(FixedSchedule):
@@ -533,7 +534,11 @@ def test_a_schedule_of_ones_own_with_a_bad_freeze_below_is_refused_at_the_step_a
 
     opt, weights, slopes = make(FixedSchedule(1.0))
     run_scripted(opt, weights, slopes, 2)
-    opt.schedule = Frozen(1.0)  # installed mid-run, as schedules are
+    kept = opt.schedule
+    with pytest.raises(ValueError, match="freeze_below"):
+        opt.schedule = Frozen(1.0)  # installed mid-run, as schedules are
+    assert opt.schedule is kept
+    kept.freeze_below = bad  # changed after it was assigned: refused at the step
     before_w = [w.detach().clone() for w in weights]
     before_state, before_search = copy.deepcopy(opt.state_dict()["state"]), opt.search_state
     loss = backward(weights, slopes)
@@ -587,9 +592,47 @@ def test_freeze_below_under_a_rule_that_does_not_track_the_levels_peak_is_refuse
     with pytest.raises(ValueError, match="freeze_below=0.0625 .* only SaLSa's search .* does not"):
         FusedSaLSa([w], search_rule=rule, schedule=schedule)
     opt = FusedSaLSa([w], search_rule=rule, schedule=replace(schedule, freeze_below=0.0), backend="torch")
-    opt.schedule = schedule  # assigned after construction: refused at the step, before any write
-    closure = (lambda i: (w * w).sum()) if rule.startswith("labpal") else (lambda: (w * w).sum())
-    with pytest.raises(ValueError, match="freeze_below"):
-        opt.step(closure)
-    assert torch.equal(w, torch.ones(3)) and opt.search_state.step == 0
+    with pytest.raises(ValueError, match="freeze_below=0.0625 .* only SaLSa's search .* does not"):
+        opt.schedule = schedule  # assigned after construction: refused alike
+    assert opt.schedule.freeze_below == 0.0
     FusedSaLSa([w], schedule=schedule)  # SaLSa's own rule tracks it
+
+
+def test_a_schedule_that_stops_the_search_before_any_search_ran_is_refused():
+    """presets' recipe for a run whose end became known, Cooldown(search_state.step, n), used at step 0:
+    no search ever ran, the level stayed at init_step_size and the run diverged, silently (a new user's
+    trial: losses 0.5, 192, 738). Refused at the first step, before any write; after one search it runs."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+
+    def closure():
+        return torch.nn.functional.mse_loss(model(x), y)
+
+    for build in (lambda: FusedSaLSa(model.parameters(), schedule=Cooldown(0, 20)),
+                  lambda: presets.recommended(model.parameters(), total_steps=None)):
+        opt = build()
+        if opt.schedule is None:
+            opt.schedule = Cooldown(opt.search_state.step, 20)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        with pytest.raises(ValueError, match="stops the search at step 1, before any search has run"):
+            opt.step(closure)
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        assert opt.search_state.step == 0 and opt.num_searches == 0
+    opt = presets.recommended(model.parameters(), total_steps=None)
+    opt.zero_grad()
+    opt.step(closure)  # one search
+    opt.schedule = Cooldown(opt.search_state.step, 20)
+    opt.zero_grad()
+    opt.step(closure)
+    assert opt.num_searches == 1 and opt.search_state.step == 2
+
+
+def test_a_schedule_assigned_after_construction_is_checked_as_one_given_to_it():
+    opt = FusedSaLSa([torch.nn.Parameter(torch.ones(3))])
+    with pytest.raises(TypeError, match="schedule must have scale.* got int"):
+        opt.schedule = 3
+    with pytest.raises(ValueError, match="the search would never run"):
+        opt.schedule = WarmupStableDecay(2, decay=0.9)
+    assert opt.schedule is None
