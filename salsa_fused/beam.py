@@ -51,7 +51,7 @@ import torch
 
 from ._rng import RNGSnapshot
 from .errors import NonFiniteError
-from .optimizer import FusedSaLSa, _torch_hooks_suspended
+from .optimizer import FusedSaLSa, _torch_hooks_suspended, running_statistics
 from .step_size import ScaledSchedule, check_factors, check_installed, scaled_by
 
 #: Options of earlier versions, removed after their ablations lost (benchmarks/quality/NOTES.md
@@ -154,7 +154,9 @@ class StepSizeBeam:
             total_steps))`` steps (cut at the run's end).
         factors: at least two distinct finite factors > 0, one branch each.
         buffers: tensors the closure changes besides the parameters (e.g. ``model.buffers()``:
-            BatchNorm's running statistics), put back after every branch.
+            BatchNorm's running statistics), put back after every branch; by default (``None``) the
+            running statistics of the optimizer's ``model=``, as :class:`~salsa_fused.lr_factor.LRFactorSearch`
+            takes them (none without ``model=``).
         cooldown: the cooldown ``C`` as a fraction of ``H`` (0: none; the module docstring).
             The defaults (beam at 5, 10, 15% of the run, ``H`` = 3% of it, ``C = H``) are the
             configuration chosen on the quality zoo's development tasks (benchmarks/quality
@@ -174,7 +176,8 @@ class StepSizeBeam:
 
     def __init__(self, optimizer: FusedSaLSa, total_steps: int, *, points: Sequence[float] = (0.05, 0.1, 0.15),
                  horizon: float = 0.03, factors: Sequence[float] = HALVE_KEEP_DOUBLE,
-                 buffers: Iterable[torch.Tensor] = (), cooldown: float = 1.0, move_margin: float = 0.0):
+                 buffers: Optional[Iterable[torch.Tensor]] = None, cooldown: float = 1.0,
+                 move_margin: float = 0.0):
         if not isinstance(optimizer, FusedSaLSa):
             raise TypeError(f"optimizer must be a FusedSaLSa, got {type(optimizer).__name__}")
         if optimizer.next_batches() is not None:
@@ -209,10 +212,11 @@ class StepSizeBeam:
         if move_margin and 1.0 not in factors:
             raise ValueError(f"move_margin compares every factor with keeping the multiplier (factor 1), "
                              f"but 1 is not among the factors {tuple(factors)}")
-        buffers = list(buffers)
-        for b in buffers:
-            if not isinstance(b, torch.Tensor):
-                raise TypeError(f"buffers must be tensors, got {type(b).__name__}")
+        if buffers is not None:
+            buffers = list(buffers)
+            for b in buffers:
+                if not isinstance(b, torch.Tensor):
+                    raise TypeError(f"buffers must be tensors, got {type(b).__name__}")
         self.optimizer = optimizer
         self.total_steps = total_steps
         self.points = points
@@ -265,7 +269,8 @@ class StepSizeBeam:
             return
         steps = min(self.horizon_steps, left)
         cool = min(self.cooldown_steps, left - steps)
-        snapshot = _Snapshot(self.optimizer, self.buffers)
+        given = self.buffers
+        snapshot = _Snapshot(self.optimizer, running_statistics(self.optimizer.model) if given is None else given)
         losses: List[float] = []
         try:
             for f in self.factors:

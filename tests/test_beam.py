@@ -72,11 +72,13 @@ class Switch:
 
 
 def run_beam(schedule=None, points=(0.25,), horizon=0.1, batch_norm=False, steps=STEPS, cooldown=0.0,
-             move_margin=0.0, **kwargs):
+             move_margin=0.0, buffers_from_model=False, **kwargs):
+    """``buffers_from_model``: the optimizer gets ``model=`` and the beam no ``buffers=`` (its default)."""
     model = make_model(batch_norm=batch_norm)
-    opt = FusedSaLSa(model.parameters(), backend="torch", schedule=schedule, **kwargs)
-    beam = StepSizeBeam(opt, steps, points=points, horizon=horizon, buffers=list(model.buffers()),
-                        cooldown=cooldown, move_margin=move_margin)
+    opt = FusedSaLSa(model.parameters(), backend="torch", schedule=schedule,
+                     **({"model": model} if buffers_from_model else {}), **kwargs)
+    beam = StepSizeBeam(opt, steps, points=points, horizon=horizon, cooldown=cooldown, move_margin=move_margin,
+                        **({} if buffers_from_model else {"buffers": list(model.buffers())}))
     data = batches()
     losses = []
     for k in range(steps):
@@ -84,9 +86,10 @@ def run_beam(schedule=None, points=(0.25,), horizon=0.1, batch_norm=False, steps
     return model, opt, beam, losses
 
 
-def run_twin(schedule, steps=STEPS, batch_norm=False, **kwargs):
+def run_twin(schedule, steps=STEPS, batch_norm=False, buffers_from_model=False, **kwargs):
     model = make_model(batch_norm=batch_norm)
-    opt = FusedSaLSa(model.parameters(), backend="torch", schedule=schedule, **kwargs)
+    opt = FusedSaLSa(model.parameters(), backend="torch", schedule=schedule,
+                     **({"model": model} if buffers_from_model else {}), **kwargs)
     data = batches()
     losses = []
     for k in range(steps):
@@ -95,10 +98,13 @@ def run_twin(schedule, steps=STEPS, batch_norm=False, **kwargs):
     return model, opt, losses
 
 
-@pytest.mark.parametrize("batch_norm", [False, True])
-def test_the_run_after_the_beam_is_the_kept_branch_bitwise(batch_norm):
+@pytest.mark.parametrize("batch_norm,buffers_from_model", [(False, False), (True, False), (True, True)])
+def test_the_run_after_the_beam_is_the_kept_branch_bitwise(batch_norm, buffers_from_model):
+    """With BatchNorm the branches' running statistics are put back: those given as ``buffers=``, or by
+    default those of the optimizer's ``model=`` (a new user's trial found the default took none)."""
     inner = WarmupStableDecay(STEPS, warmup=0.2, decay=0.5, peak=2.0)
-    model, opt, beam, losses = run_beam(inner, batch_norm=batch_norm, search_direction="momentum")
+    model, opt, beam, losses = run_beam(inner, batch_norm=batch_norm, search_direction="momentum",
+                                        buffers_from_model=buffers_from_model)
     decision = beam.last_decision
     k, horizon = decision["step"], decision["horizon"]
     assert (k, horizon) == (10, 4) and len(beam.decisions) == 1
@@ -106,7 +112,8 @@ def test_the_run_after_the_beam_is_the_kept_branch_bitwise(batch_norm):
     assert decision["factor"] == beam.factors[best] and beam.multiplier == beam.factors[best]
     # the twin applies the kept factor from step k on (1-based step k + 1), with no beam at all
     twin_model, twin_opt, twin_losses = run_twin(Switch(k + 1, 1.0, beam.multiplier, inner),
-                                                 batch_norm=batch_norm, search_direction="momentum")
+                                                 batch_norm=batch_norm, search_direction="momentum",
+                                                 buffers_from_model=buffers_from_model)
     assert losses == twin_losses
     for p, q in zip(model.parameters(), twin_model.parameters()):
         assert torch.equal(p, q)
