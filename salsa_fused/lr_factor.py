@@ -15,7 +15,11 @@ applies from the next step (no extra optimizer step, no copy of the optimizer's 
 
 Where the factor goes (``target``):
 
-- ``"lr"``: every param group's ``lr`` is multiplied (torch.optim's optimizers).
+- ``"lr"``: every param group's ``lr`` is multiplied (torch.optim's optimizers). A scheduler that
+  multiplies the current ``lr`` (StepLR, ExponentialLR, CosineAnnealingLR) keeps the factor; one
+  that writes ``lr`` from its base rates at every step (LambdaLR, OneCycleLR, CyclicLR) overwrites
+  it and every decision is lost: put the search's running product in the formula,
+  ``LambdaLR(opt, lambda k: search.scale * schedule(k))``.
 - ``"schedule"``: FusedSaLSa's ``schedule`` scale, a multiplier on the applied step that
   the line search does not see. (FusedSaLSa's ``lr`` would do too, since trials probe at the
   ``search_lr`` fixed at construction and a later ``lr`` scales only the applied step; the

@@ -398,3 +398,24 @@ def test_a_state_dict_whose_last_decision_is_not_a_decision_is_refused(decision)
 def test_factors_that_are_not_a_sequence_are_named():
     with pytest.raises(TypeError, match="factors must be a sequence of multipliers"):
         LRFactorSearch(torch.optim.SGD(make_model().parameters(), lr=0.1), interval=1, factors=0.5)
+
+
+def test_a_closed_form_scheduler_keeps_the_decisions_through_the_search_scale():
+    """LambdaLR writes lr = base * lambda(k) at every step: the factor search's decisions on AdamW's lr
+    were overwritten, silently (a new user's trial). The documented recipe, the search's product of
+    decisions in the lambda, keeps every one: lr / base == search.scale after each scheduler step."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    torch.manual_seed(0)
+    model = tanh_mlp(4, 8, 1, seed=0)
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    search = LRFactorSearch(adamw, interval=2)
+    scheduler = LambdaLR(adamw, lambda k: search.scale * 0.5 ** (k // 3))
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    for k in range(8):
+        adamw.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        search.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+        scheduler.step()
+        assert adamw.param_groups[0]["lr"] == pytest.approx(1e-3 * search.scale * 0.5 ** ((k + 1) // 3), rel=1e-12)
+    assert search.calls == 8 and search.last_decision["call"] == 8 and search.scale != 1.0
