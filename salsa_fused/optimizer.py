@@ -200,7 +200,9 @@ class FusedSaLSa(Optimizer):
             until a group gets a positive lr. A group built at 0 then gets ``search_lr`` 1 (the
             neutral multiplier), so a warmup of ``lr`` by hand from 0 to 1 ends at the searched
             step, as a scheduler's warmup from 0 does.
-        init_step_size: the level ``eta`` before the first search.
+        init_step_size: the level ``eta`` before the first search (``None``: 1.0). A schedule that stops
+            the search before any search ran is refused unless it is given: the level is then the
+            caller's, not a default.
         c: Armijo constant in (0, 1).
         betas: Adam's (beta1, beta2).
         beta3: smoothing of both sides of the Armijo test.
@@ -257,7 +259,7 @@ class FusedSaLSa(Optimizer):
     _step_supports_amp_scaling = True
 
     @_refuse_unread_search_arguments
-    def __init__(self, params, lr: float = 1.0, *, init_step_size: float = 1.0, c: float = 0.5,
+    def __init__(self, params, lr: float = 1.0, *, init_step_size: Optional[float] = None, c: float = 0.5,
                  betas: Tuple[float, float] = (0.9, 0.999), beta3: float = 0.9, eps: float = 1e-8,
                  weight_decay: float = 0.0, search_direction: str = GRADIENT,
                  adaptive_interval: bool = True, max_search_interval: int = 10,
@@ -268,6 +270,8 @@ class FusedSaLSa(Optimizer):
                  model: Optional[torch.nn.Module] = None, maximize: bool = False, capturable: bool = False,
                  differentiable: bool = False):
         _refuse_unsupported_flags(maximize=maximize, capturable=capturable, differentiable=differentiable)
+        self._init_step_size_given = init_step_size is not None
+        init_step_size = 1.0 if init_step_size is None else init_step_size
         if (isinstance(init_step_size, bool) or not isinstance(init_step_size, numbers.Real)
                 or not (math.isfinite(init_step_size) and 0 < init_step_size <= FLOAT32_MAX)):
             raise ValueError(f"init_step_size must be a finite number > 0 that float32 holds (at most "
@@ -700,8 +704,8 @@ class FusedSaLSa(Optimizer):
     #: What a copy (deepcopy, pickle, torch.save) keeps beside torch's defaults/state/param_groups;
     #: the backend is resolved again by name, caches and the hand-off to the next step start empty.
     _PICKLED = ("_search", "search_config", "search_rule", "_schedule", "search_direction",
-                "restore_strategy", "backend_name", "foreach", "fused", "nonfinite", "init_step_size", "model",
-                "_device", "_counts", "_reduction_given")
+                "restore_strategy", "backend_name", "foreach", "fused", "nonfinite", "init_step_size",
+                "_init_step_size_given", "model", "_device", "_counts", "_reduction_given")
 
     def __getstate__(self) -> dict:
         state = {**super().__getstate__(), **{name: self.__dict__[name] for name in self._PICKLED
@@ -716,6 +720,7 @@ class FusedSaLSa(Optimizer):
             self.__dict__["_schedule"] = self.__dict__.pop("schedule")
         for name, value in (("_buckets", BucketCache()), ("_saved", {}), ("_counts", None), ("foreach", None),
                             ("fused", None), ("_lr_checked", False), ("_past_end_warned", False),
+                            ("_init_step_size_given", True),
                             ("_collapse_checked", False)):
             self.__dict__.setdefault(name, value)
         # load_state_dict() comes here too: a bind_closure()/mark_forward() it follows stays for the next step
@@ -1048,12 +1053,13 @@ class FusedSaLSa(Optimizer):
                 self._collapse_checked = True  # once, at the first frozen step
                 warn_collapsed_level(self.schedule, state, plan.state.step, stacklevel=4)
             if plan.is_search and not schedule_searches(self.schedule, state, plan.state.step):
-                if state.num_searches == 0:
+                if state.num_searches == 0 and not self._init_step_size_given:
                     raise ValueError(
                         f"the schedule stops the search at step {plan.state.step}, before any search has run: "
-                        f"the level would stay at init_step_size ({self.init_step_size:g}) for the whole run "
-                        f"({type(self.schedule).__name__}). Let it search first, e.g. Cooldown(start, steps) with "
-                        "start >= 1 (the first step searches). Nothing was stepped")
+                        f"the level would stay at the default init_step_size ({self.init_step_size:g}) for the "
+                        f"whole run ({type(self.schedule).__name__}). Let it search first, e.g. Cooldown(start, "
+                        "steps) with start >= 1 (the first step searches), or pass init_step_size= for a level "
+                        "of your own. Nothing was stepped")
                 plan = plan_without_search(rule, state, config, plan)
         self._check_moves_fit_float32(plan, scale)
         for group in self.param_groups:

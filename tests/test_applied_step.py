@@ -74,9 +74,6 @@ def close(actual, want):
 
 def test_plain_step_applies_the_scaled_step_and_decay():
     opt, weights, slopes = make(FixedSchedule(0.3, search=False))
-    searched = opt.search_state  # as after a search: a schedule that stops the search before any is refused
-    searched.num_searches = 1
-    opt._commit(searched)
     w0 = [w.detach().clone() for w in weights]
     loss = backward(weights, slopes)
     eta = opt.step_size

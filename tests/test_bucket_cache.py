@@ -93,7 +93,7 @@ def test_cached_buckets_give_bitwise_the_results_of_rebuilding_every_step(backen
 
 def test_new_gradient_with_a_wrong_dtype_is_still_checked_after_warm_up():
     params = _params()
-    opt = FusedSaLSa(params, backend="torch", schedule=NeverSearch())
+    opt = FusedSaLSa(params, backend="torch", schedule=NeverSearch(), init_step_size=1.0)
     for k in range(3):
         opt.zero_grad(set_to_none=True)
         opt.step(lambda: _loss(params, [], k))
@@ -111,7 +111,7 @@ def test_gradient_of_another_dtype_at_a_validated_address_is_checked():
     """The validated-gradient memory is keyed by address and dtype: a bf16 view of the same
     storage (same data_ptr as the fp32 gradient checked before) is still rejected."""
     params = _params()
-    opt = FusedSaLSa(params, backend="torch", schedule=NeverSearch())
+    opt = FusedSaLSa(params, backend="torch", schedule=NeverSearch(), init_step_size=1.0)
     storage = [torch.zeros_like(p) for p in params]
     for k in range(2):
         opt.zero_grad(set_to_none=True)

@@ -601,7 +601,8 @@ def test_freeze_below_under_a_rule_that_does_not_track_the_levels_peak_is_refuse
 def test_a_schedule_that_stops_the_search_before_any_search_ran_is_refused():
     """presets' recipe for a run whose end became known, Cooldown(search_state.step, n), used at step 0:
     no search ever ran, the level stayed at init_step_size and the run diverged, silently (a new user's
-    trial: losses 0.5, 192, 738). Refused at the first step, before any write; after one search it runs."""
+    trial: losses 0.5, 192, 738). Refused at the first step, before any write, unless init_step_size was
+    given (a level of the caller's own, as the plain-step benchmarks use); after one search it runs."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     x, y = torch.randn(32, 4), torch.randn(32, 1)
@@ -620,6 +621,10 @@ def test_a_schedule_that_stops_the_search_before_any_search_ran_is_refused():
             opt.step(closure)
         assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
         assert opt.search_state.step == 0 and opt.num_searches == 0
+    opt = FusedSaLSa(model.parameters(), schedule=Cooldown(0, 20), init_step_size=1e-3)
+    opt.zero_grad()
+    opt.step(closure)  # a level of the caller's own: no search needed
+    assert opt.num_searches == 0 and opt.step_size == 1e-3
     opt = presets.recommended(model.parameters(), total_steps=None)
     opt.zero_grad()
     opt.step(closure)  # one search

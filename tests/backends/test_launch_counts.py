@@ -133,7 +133,7 @@ def test_optimizer_plain_step_counts_inside_the_kernel(with_scaler):
     params = [torch.nn.Parameter(torch.randn(n, device=DEVICE)) for n in (300, 7)]
     biases = [torch.nn.Parameter(torch.randn(5, device=DEVICE))]
     opt = FusedSaLSa([{"params": params}, {"params": biases, "weight_decay": 0.0}], backend="triton",
-                     schedule=NeverSearch())
+                     schedule=NeverSearch(), init_step_size=1.0)
     for p in params + biases:
         p.grad = torch.randn_like(p)
     if with_scaler:
