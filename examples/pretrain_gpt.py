@@ -377,7 +377,8 @@ def _run(args, rank: int, world: int, device: torch.device) -> dict:
                    "steps": records[-1]["step"], "seconds": time.perf_counter() - started, "plot": plot_path}
         extra = (f", {records[-1]['forwards']} forward passes, {records[-1]['searches']} searches"
                  if args.optimizer.startswith("salsa") else "")
-        print(f"loss {first:.3f} -> {last:.3f} (mean of first/last {n} step{'s' if n > 1 else ''}), val {summary['val_loss']:.3f}"
+        window = f"{n} step{'s' if n > 1 else ''}"
+        print(f"loss {first:.3f} -> {last:.3f} (mean of first/last {window}), val {summary['val_loss']:.3f}"
               f"{extra}; {summary['seconds']:.0f} s on {world} x {device.type}; log {log_path}"
               + (f", plot {plot_path}" if plot_path else ""), flush=True)
     return summary

@@ -645,7 +645,8 @@ def test_a_group_the_backend_refuses_is_not_added():
 def test_a_flag_that_asks_for_kernels_names_itself_when_they_cannot_take_a_parameter(flags):
     """float64 weights with foreach=False (or fused=True): the error names the flag the caller passed
     and says to drop it (the default picks the torch backend for float64), not fused=True or 'auto'."""
-    pytest.importorskip("salsa_fused._C", reason="the C++ extension is not built: pip install --no-build-isolation -e .")
+    pytest.importorskip("salsa_fused._C",
+                        reason="the C++ extension is not built: pip install --no-build-isolation -e .")
     (flag, value), = flags.items()
     with pytest.raises(ValueError, match=rf"^{flag}={value} cannot take param_groups\[0\]\['params'\]\[0\]: .*"
                                          rf"drop {flag}={value}"):

@@ -113,10 +113,10 @@ def test_compiled_model_no_recompilation_after_warmup(monkeypatch):
     ours = log.ours()
     # (one loss flag per bucket in plain_step, one gradient flag per block or group of the blocked CPU pass)
     assert all(f.endswith(os.path.join("backends", "torch_backend.py"))
-               and fn in ("plain_step", "_plain_step_blocked") for _, f, fn in ours), ours
+               and fn in ("plain_step", "_plain_step_blocked", "_foreach_plain_step") for _, f, fn in ours), ours
     assert sum(fn == "plain_step" for _, _, fn in ours) == plain_steps
     units = cpu_step_units([p.numel() for p in model.parameters() if p.requires_grad])
-    assert sum(fn == "_plain_step_blocked" for _, _, fn in ours) == plain_steps * len(units)
+    assert sum(fn in ("_plain_step_blocked", "_foreach_plain_step") for _, _, fn in ours) == plain_steps * len(units)
     # the compiled model trains like the eager one (same decisions, weights to rounding)
     eager_model = make_model()
     eager_opt = warmed_optimizer(eager_model, backend="torch")

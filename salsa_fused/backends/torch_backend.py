@@ -362,10 +362,17 @@ def plain_step(bucket: Bucket, args: PassArgs, loss: torch.Tensor, found_inf: Op
     if bucket.device.type == "cpu" and all(t.is_contiguous() for stream in tensors for t in stream):
         _plain_step_blocked(*tensors, args.hyper, args.move, nonfinite_count)
         return
-    if not bool(torch.isfinite(torch.stack(C.foreach_norm(grads))).all()):
-        _guarded_plain_step(*tensors, args.hyper, args.move, nonfinite_count)
-        return
-    _adam_move(_FOREACH, *tensors, args.hyper, args.move, MOMENTUM, kept=nonfinite_count)
+    _foreach_plain_step(*tensors, args.hyper, args.move, nonfinite_count)
+
+
+def _foreach_plain_step(params, grads, exp_avg, exp_avg_sq, hyper: Hyper, move: Move,
+                        nonfinite_count: torch.Tensor) -> None:
+    """The plain step on lists with the foreach ops: one host read (every gradient's norm finite)
+    picks :func:`_adam_move` or :func:`_guarded_plain_step` (NaN/inf in g, or a norm overflowing)."""
+    if bool(torch.isfinite(torch.stack(C.foreach_norm(grads))).all()):
+        _adam_move(_FOREACH, params, grads, exp_avg, exp_avg_sq, hyper, move, MOMENTUM, kept=nonfinite_count)
+    else:
+        _guarded_plain_step(params, grads, exp_avg, exp_avg_sq, hyper, move, nonfinite_count)
 
 
 def _stays_finite(finite: List[torch.Tensor], new_params: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -458,11 +465,8 @@ def _plain_step_blocked(params, grads, exp_avg, exp_avg_sq, hyper: Hyper, move: 
     scratch = torch.empty(2, min(CPU_BLOCK, largest), dtype=torch.float32)
     for grouped, indices in cpu_step_units([g.numel() for g in grads]):
         if grouped:
-            w, g, m, v = ([stream[i] for i in indices] for stream in (params, grads, exp_avg, exp_avg_sq))
-            if bool(torch.isfinite(torch.stack(C.foreach_norm(g))).all()):
-                _adam_move(_FOREACH, w, g, m, v, hyper, move, MOMENTUM, kept=nonfinite_count)
-            else:
-                _guarded_plain_step(w, g, m, v, hyper, move, nonfinite_count)
+            _foreach_plain_step(*([stream[i] for i in indices] for stream in (params, grads, exp_avg, exp_avg_sq)),
+                                hyper, move, nonfinite_count)
             continue
         (i,) = indices
         w, g, m, v = params[i].view(-1), grads[i].view(-1), exp_avg[i].view(-1), exp_avg_sq[i].view(-1)
