@@ -1126,14 +1126,14 @@ class FusedSaLSa(Optimizer):
 
         running = self._running_statistics()
         try:
-            if needs_reference:
+            if needs_reference or checks_scale:  # one forward at w0, replaying the step's random draws
                 rng_before.set()
-                f0 = self._trial_loss(closure, step_losses=step_losses)
+                at_w0 = self._trial_loss(closure, step_losses=step_losses)
                 plan.state.num_forward_evals += 1
-            if checks_scale:
-                rng_before.set()
-                self._refuse_a_scaled_loss(f0, self._trial_loss(closure, step_losses=step_losses))
-                plan.state.num_forward_evals += 1
+                if checks_scale:
+                    self._refuse_a_scaled_loss(f0, at_w0)
+                else:
+                    f0 = at_w0
             self._search_step(passes, plan, f0, trial_loss)
         except BaseException:
             # Not applied: in the one-phase form the generators and running statistics go back to
