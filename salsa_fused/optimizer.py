@@ -120,6 +120,13 @@ _UNSUPPORTED_FLAGS = {
     "differentiable": "a search decides on host floats, so the step is not differentiable",
 }
 
+#: Flags a param group can carry in from another optimizer's checkpoint or a user's hand, refused
+#: there when set: a step that read none of them would silently do something else.
+_UNSUPPORTED_GROUP_FLAGS = {
+    **_UNSUPPORTED_FLAGS,
+    "amsgrad": "it keeps no running maximum of the second moment (AdamW's amsgrad)",
+}
+
 
 FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
 
@@ -356,6 +363,10 @@ class FusedSaLSa(Optimizer):
                              f"0 / (sqrt(0) + 0) is NaN), got {eps}")
         if not (math.isfinite(wd) and wd >= 0):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {wd}")
+        for name, why in _UNSUPPORTED_GROUP_FLAGS.items():
+            if group.get(name, False) not in (False, None):
+                raise ValueError(f"a param group has {name}={group[name]!r}, which FusedSaLSa does not support: "
+                                 f"{why} (set it to False, or leave it out)")
 
     def _check_moves_fit_float32(self, plan, scale: float) -> None:
         """Refuse, before anything is written, a step whose moves float32 cannot hold: the passes take

@@ -949,6 +949,38 @@ def test_torch_optim_flags_it_cannot_honour_are_accepted_off_and_refused_on_with
         FusedSaLSa(params, **{flag: True})
 
 
+@pytest.mark.parametrize("flag", ["maximize", "amsgrad", "capturable", "differentiable"])
+def test_a_flag_set_on_a_group_by_hand_or_by_another_optimizers_checkpoint_is_refused_before_any_write(flag):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+
+    def closure():
+        return F.mse_loss(model(x), y)
+
+    opt = FusedSaLSa(model.parameters())
+    opt.zero_grad()
+    opt.step(closure)
+    adamw = torch.optim.AdamW(model.parameters(), **{flag: True})
+    model(x).sum().backward()
+    if flag in ("maximize", "amsgrad"):  # the others' steps need CUDA or a graph; their groups load all the same
+        adamw.step()
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=f"a param group has {flag}=True, which FusedSaLSa does not support"):
+        opt.load_state_dict(adamw.state_dict())
+    _assert_unchanged(before, _snapshot(opt))
+    opt.param_groups[0][flag] = True  # as an AdamW user flips it between steps
+    opt.zero_grad()
+    model(x).sum().backward()
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=f"a param group has {flag}=True"):
+        opt.step(closure, loss=closure())
+    _assert_unchanged(before, _snapshot(opt))
+    opt.param_groups[0][flag] = False
+    opt.zero_grad()
+    opt.step(closure)
+
+
 def test_a_bad_loss_argument_is_named_as_the_argument_not_as_a_closure():
     params = [torch.nn.Parameter(torch.randn(3))]
     opt = FusedSaLSa(params)
