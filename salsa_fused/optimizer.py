@@ -979,6 +979,7 @@ class FusedSaLSa(Optimizer):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
         self._handoff.bound_step = (closure, loss)
 
+    @torch.compiler.disable
     def step(self, closure: Optional[LossClosure] = None, *, loss=None):
         """One SaLSa step; returns the loss at the weights before the step.
 

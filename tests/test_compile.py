@@ -145,3 +145,25 @@ def test_optimizer_and_triton_plain_steps_read_nothing_on_the_host(monkeypatch):
     kinds = run_steps(opt, loss_of, 6, log, set_to_none=False)
     assert kinds.count(False) >= 3
     assert log.ours() == []
+
+
+def test_compiling_the_step_itself_runs_it_eagerly_bitwise_with_no_graph():
+    """``torch.compile(opt.step)``, as AdamW users do: the step is host-side search logic around
+    fused passes (``torch.compiler.disable``), so it runs eagerly, bitwise the uncompiled step,
+    while the model the closure calls keeps its own graphs."""
+    torch._dynamo.reset()
+    runs = []
+    for compile_step in (False, True):
+        model = make_model()
+        compiled_model = torch.compile(model, backend="eager")
+        opt = warmed_optimizer(model)
+        step = torch.compile(opt.step, backend="eager") if compile_step else opt.step
+        with torch._dynamo.config.patch(error_on_recompile=compile_step):
+            for k in range(12):
+                x, y = batch(k)
+                opt.zero_grad()
+                step(lambda: F.mse_loss(compiled_model(x), y))
+        runs.append(([p.detach().clone() for p in model.parameters()], opt.search_state))
+    (eager_weights, eager_search), (weights, search) = runs
+    assert all(torch.equal(a, b) for a, b in zip(eager_weights, weights))
+    assert search == eager_search and search.num_searches < 12  # plain steps ran too
