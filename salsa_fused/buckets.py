@@ -71,6 +71,45 @@ def check_gradient(p: torch.Tensor, grad: torch.Tensor) -> None:
                            "gradients must have the dtype of their parameters")
 
 
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def check_moments(p: torch.Tensor, state: Mapping) -> None:
+    """Raise ValueError naming the problem when ``p``'s state (``opt.state[p]``, changed by hand)
+    holds a moment the kernels cannot read: each is a float32 strided tensor of ``p``'s shape on
+    its device, and neither or both are there (none: created at the first step)."""
+    present = [name for name in _MOMENTS if name in state]
+    where = f"opt.state[p] of a parameter of shape {tuple(p.shape)}"
+    if len(present) == 1:
+        (lacking,) = set(_MOMENTS) - set(present)
+        raise ValueError(f"{where} has {present[0]!r} but no {lacking!r} (changed by hand?); nothing was written")
+    for name in present:
+        moment = state[name]
+        if not isinstance(moment, torch.Tensor):
+            raise ValueError(f"{where} holds {name!r} as a {type(moment).__name__}, not a tensor (changed by "
+                             "hand?); nothing was written")
+        if (moment.dtype != torch.float32 or moment.layout != torch.strided or moment.is_meta
+                or moment.device != p.device or moment.shape != p.shape
+                or _local(moment).shape != _local(p).shape):
+            raise ValueError(f"{where} holds {name!r} as a {moment.dtype} tensor of shape {tuple(moment.shape)} on "
+                             f"{moment.device}{' (meta)' if moment.is_meta else ''}: the moments are float32 "
+                             f"tensors of the parameter's shape on its device ({p.device}) (changed by hand?); "
+                             "nothing was written")
+
+
+def refuse_repeated_params(param_groups: List[dict]) -> None:
+    """Raise ValueError when a tensor is in ``param_groups`` more than once (a list changed by
+    hand: the constructor and ``add_param_group`` refuse it): it would take one update per entry."""
+    seen = set()
+    for index, group in enumerate(param_groups):
+        for p in group["params"]:
+            if id(p) in seen:
+                raise ValueError(f"a parameter of shape {tuple(p.shape)} is in param_groups more than once "
+                                 f"(again in group {index}; changed by hand?): it would be updated once per "
+                                 "entry; nothing was written")
+            seen.add(id(p))
+
+
 @dataclass
 class _Slot:
     """One bucket of a group and where its params sit in the group's list."""
@@ -153,15 +192,16 @@ class BucketCache:
         if state is not None and self._groups and not self._moments_current(state):
             self._groups.clear()
         rebuilds = self.rebuilds
-        buckets = self._collect(param_groups, init_state, saved_buffer)
+        buckets = self._collect(param_groups, init_state, saved_buffer, state)
         if state is not None and (self.rebuilds != rebuilds or state is not self._state):
             self._state, self._state_fingerprint = state, _fingerprint(state)
         return buckets
 
-    def _collect(self, param_groups, init_state, saved_buffer) -> List[Bucket]:
+    def _collect(self, param_groups, init_state, saved_buffer, state) -> List[Bucket]:
         for index in [i for i in self._groups if i >= len(param_groups)]:
             del self._groups[index]  # groups do not shrink in torch.optim, but a reload may
         buckets: List[Bucket] = []
+        repeats_checked = False  # once per step that rebuilds a group
         signature_of = _group_signature()
         for index, group in enumerate(param_groups):
             params = group["params"]
@@ -187,7 +227,10 @@ class BucketCache:
             has_grad = tuple(map(_has_value, grads))
             if (entry is None or weight_pointers is None or entry.weight_pointers != weight_pointers
                     or entry.has_grad != has_grad or entry.param_ids != tuple(map(id, params))):
-                entry = self._build(index, params, grads, has_grad, init_state, saved_buffer)
+                if not repeats_checked:
+                    refuse_repeated_params(param_groups)
+                    repeats_checked = True
+                entry = self._build(index, params, grads, has_grad, init_state, saved_buffer, state)
                 self._groups[index] = entry
             relaid = False
             for slot in entry.slots:
@@ -236,12 +279,14 @@ class BucketCache:
         return False
 
     def _build(self, index: int, params: List[torch.Tensor], grads: List[Optional[torch.Tensor]],
-               has_grad: Tuple[bool, ...], init_state, saved_buffer) -> _GroupEntry:
+               has_grad: Tuple[bool, ...], init_state, saved_buffer, state: Optional[Mapping]) -> _GroupEntry:
         """The group's buckets, one per (device, dtype) among params with gradients."""
         self.rebuilds += 1
         for p, grad in zip(params, grads):  # all checked before any state is created
             if grad is not None:
                 check_gradient(p, grad)
+                if state is not None and p in state:
+                    check_moments(p, state[p])
         members: Dict[tuple, List[int]] = {}
         for position, (p, present) in enumerate(zip(params, has_grad)):
             if present:

@@ -335,7 +335,11 @@ class FusedSaLSa(Optimizer):
 
     # ------------------------------------------------------------------ setup
     @staticmethod
-    def _validate_group_hyper(group: dict) -> None:
+    def _validate_group_hyper(group: dict, keys: Tuple[str, ...] = _GROUP_HYPER_KEYS) -> None:
+        lacking = [key for key in keys if key not in group]
+        if lacking:
+            raise ValueError(f"a param group has no {', '.join(map(repr, lacking))}: every step reads it "
+                             "(deleted by hand?); nothing was written")
         lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         if isinstance(lr, torch.Tensor):
             raise ValueError("a tensor lr is not supported: lr must be a Python float (a host-side "
@@ -417,6 +421,10 @@ class FusedSaLSa(Optimizer):
         if len(devices) > 1:
             names = ", ".join(sorted(str(d) for d in devices))
             raise ValueError(f"FusedSaLSa needs all parameters on one device, got {names}")
+        if devices and next(iter(devices)).type == "meta":
+            raise ValueError(f"a parameter of shape {tuple(tensors[0].shape)} is on the meta device, which holds no "
+                             "values to update: materialize the model first (model.to_empty(device=...) "
+                             "and its initialization) and build the optimizer on its parameters")
         if len(set(map(id, tensors))) != len(tensors):  # torch.optim warns; the backends would disagree
             raise ValueError("a parameter group lists the same parameter more than once")
         param_group.setdefault("search_lr", candidate["lr"])  # what trials probe at (see lr)
@@ -462,7 +470,7 @@ class FusedSaLSa(Optimizer):
         compiled kernels stream one layout per tensor): ``model.to(memory_format=...)`` after
         construction, or a checkpoint saved in another layout, changes the weight's layout."""
         state = self.state[p]
-        if not state:
+        if "exp_avg" not in state and "exp_avg_sq" not in state:  # none yet (check_moments refuses one alone)
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
         for name in _MOMENT_KEYS:
@@ -655,6 +663,10 @@ class FusedSaLSa(Optimizer):
                                  "checkpoint is corrupt; nothing was loaded")
             for name, moment in moments[key].items():
                 param = param_of[key]
+                if isinstance(moment, torch.Tensor) and (not moment.is_floating_point() or moment.is_complex()):
+                    raise ValueError(f"the checkpoint's {name} of parameter {key} is a {moment.dtype} tensor: the "
+                                     "moments are real floating-point values (kept float32); the checkpoint is "
+                                     "corrupt; nothing was loaded")
                 if isinstance(moment, torch.Tensor) and (moment.layout != torch.strided or moment.is_meta):
                     raise ValueError(f"the checkpoint's {name} of parameter {key} is a "
                                      f"{'meta' if moment.is_meta else str(moment.layout)} tensor, which holds no "
@@ -1006,7 +1018,8 @@ class FusedSaLSa(Optimizer):
             # was to start probing at it has not, and the gradients of its own backward are gone.
             handoff.forward_rng, handoff.zero_grad_rng, handoff.bound_step = pending
             for group, probe in zip(self.param_groups, probes):
-                group["search_lr"] = probe
+                if probe is not None:
+                    group["search_lr"] = probe
             for action in undo:
                 action()
             # GradScaler sets grad_scale/found_inf before step() and deletes them only after a
@@ -1043,7 +1056,7 @@ class FusedSaLSa(Optimizer):
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
         for group in self.param_groups:  # schedulers and users write here: check before any write
-            self._validate_group_hyper(group)
+            self._validate_group_hyper(group, _GROUP_HYPER_KEYS + ("search_lr",))
         if loss is None and getattr(self, "grad_scale", None) is not None:
             raise RuntimeError("under torch.amp.GradScaler use the two-phase form: "
                                "scaler.scale(loss).backward(); scaler.step(opt, closure, loss=loss) "

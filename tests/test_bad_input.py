@@ -1093,3 +1093,92 @@ def test_a_schedule_scale_that_is_not_a_finite_number_at_least_zero_is_refused(v
         opt.zero_grad()
         opt.step(_closure(model))
         assert opt.search_state.num_searches == min(step + 1, 2) and not opt.search_state.num_skipped_steps
+
+
+_HAND_WRITTEN_MOMENTS = {
+    "an int64 exp_avg": (lambda p, s: s.__setitem__("exp_avg", s["exp_avg"].long()), "as a torch.int64 tensor"),
+    "a float64 exp_avg_sq": (lambda p, s: s.__setitem__("exp_avg_sq", s["exp_avg_sq"].double()), "torch.float64"),
+    "an exp_avg of another shape": (lambda p, s: s.__setitem__("exp_avg", torch.zeros(3)), "of shape \\(3,\\)"),
+    "an exp_avg that is a float": (lambda p, s: s.__setitem__("exp_avg", 0.0), "as a float, not a tensor"),
+    "exp_avg deleted": (lambda p, s: s.pop("exp_avg"), "has 'exp_avg_sq' but no 'exp_avg'"),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("plain", [False, True], ids=["search step", "plain step"])
+@pytest.mark.parametrize("case", list(_HAND_WRITTEN_MOMENTS))
+def test_a_moment_changed_by_hand_is_refused_by_name_with_nothing_written(backend, plain, case):
+    """The torch backend wrote exp_avg_sq of every parameter before failing on an int64 exp_avg;
+    the others failed with raw errors naming no parameter."""
+    model, opt = _trained(backend=backend)
+    if plain:
+        _until_plain_step_next(model, opt)
+    change, message = _HAND_WRITTEN_MOMENTS[case]
+    target = list(model.parameters())[2]
+    change(target, opt.state[target])
+    weights = [p.detach().clone() for p in model.parameters()]
+    moments = {id(p): {k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+               for p in model.parameters()}
+    search = opt.search_state
+    opt.zero_grad()
+    with pytest.raises(ValueError, match=f"opt.state\\[p\\] of a parameter of shape \\(1, 8\\) .*{message}"):
+        opt.step(_closure(model))
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    for p in model.parameters():
+        now = {k: v for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+        assert now.keys() == moments[id(p)].keys() and all(torch.equal(now[k], v) for k, v in moments[id(p)].items())
+    assert opt.search_state == search
+
+
+def test_both_moments_removed_by_hand_start_again_from_zero():
+    model, opt = _trained()
+    target = list(model.parameters())[0]
+    opt.state[target] = {"step": torch.tensor(3.0)}  # another optimizer's entry, without moments
+    opt.zero_grad()
+    opt.step(_closure(model))
+    assert opt.state[target]["exp_avg"].dtype == torch.float32 and opt.state[target]["exp_avg"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_a_parameter_listed_twice_by_hand_is_refused_at_the_step(backend):
+    """The constructor refuses a repeated parameter; appended afterwards it took two updates a step."""
+    model, opt = _trained(backend=backend)
+    first = next(iter(model.parameters()))
+    opt.param_groups[0]["params"].append(first)
+    before = _snapshot(opt)
+    opt.zero_grad()
+    with pytest.raises(ValueError, match=r"a parameter of shape \(8, 4\) is in param_groups more than once"):
+        opt.step(_closure(model))
+    _assert_unchanged(before, _snapshot(opt))
+    opt.param_groups[0]["params"].pop()
+    opt.step(_closure(model))
+
+
+@pytest.mark.parametrize("key", ["lr", "betas", "eps", "weight_decay", "search_lr"])
+def test_a_group_key_deleted_by_hand_is_named_and_not_put_back(key):
+    model, opt = _trained()
+    del opt.param_groups[0][key]
+    before = _snapshot(opt)
+    opt.zero_grad()
+    with pytest.raises(ValueError, match=f"a param group has no '{key}'"):
+        opt.step(_closure(model))
+    _assert_unchanged(before, _snapshot(opt))
+    assert key not in opt.param_groups[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_a_checkpoint_moment_that_is_not_real_floating_point_is_refused(dtype):
+    model, opt = _trained()
+    saved = deepcopy(opt.state_dict())
+    key = next(iter(saved["state"]))
+    saved["state"][key]["exp_avg"] = saved["state"][key]["exp_avg"].to(dtype)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=f"exp_avg of parameter {key} is a {dtype}.*nothing was loaded"):
+        opt.load_state_dict(saved)
+    _assert_unchanged(before, _snapshot(opt))
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "cpp"])
+def test_a_meta_parameter_is_refused_at_construction_by_what_it_is(backend):
+    with pytest.raises(ValueError, match="on the meta device, which holds no values"):
+        FusedSaLSa([torch.nn.Parameter(torch.empty(5, device="meta"))], backend=backend)
