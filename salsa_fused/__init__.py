@@ -14,3 +14,15 @@ from .optimizer import FusedSaLSa
 __all__ = ["FusedSaLSa", "LABPAL", "LRFactorSearch", "NonFiniteError", "SearchConfig", "SearchState",
            "StepSizeBeam"]
 __version__ = "0.1.0"
+
+#: Submodules imported on first access (``salsa_fused.presets`` after ``import salsa_fused``), as
+#: the ones the names above pull in are: the integrations import their frameworks only then.
+_SUBMODULES = ("adam_sls", "applied", "backends", "beam", "buckets", "distributed", "errors", "functional",
+               "integrations", "labpal", "line_search", "lr_factor", "optimizer", "presets", "rules", "step_size")
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,14 +26,34 @@ _module: Optional[types.ModuleType] = None
 
 JIT_MODULE_NAME = "salsa_fused_jit"
 
-BUILD_HINT = ("build it with `pip install --no-build-isolation .` (or `python setup.py build_ext --inplace` "
-              "in a checkout), or set SALSA_FUSED_JIT=1 to compile it on first use; it needs a C++ compiler")
+def _root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _in_a_checkout() -> bool:
+    """Whether the csrc/ sources lie beside the package (a source checkout, an editable install)."""
+    return all(os.path.exists(os.path.join(_root(), path))
+               for path in [_build_flags.PYTHON_MODULE_SOURCE] + _build_flags.CPU_SOURCES)
+
+
+def build_hint() -> str:
+    """How to build the extension from where the package is: the JIT variable only where the
+    sources it compiles are, and not again where it is already set (its failure is the reason)."""
+    if _in_a_checkout():
+        hint = ("build it with `pip install --no-build-isolation .` (or `python setup.py build_ext --inplace`) "
+                "here")
+        if os.environ.get("SALSA_FUSED_JIT") != "1":
+            hint += ", or set SALSA_FUSED_JIT=1 to compile it on first use"
+    else:
+        hint = ("reinstall from a source checkout or the sdist with `pip install --no-build-isolation <source>`, "
+                "torch, setuptools, wheel and ninja installed first (`pip -v` shows why a build failed)")
+    return hint + "; it needs a C++ compiler"
 
 
 def _jit_build() -> types.ModuleType:
     from torch.utils import cpp_extension
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = _root()
     sources = [os.path.join(root, path)
                for path in [_build_flags.PYTHON_MODULE_SOURCE] + _build_flags.CPU_SOURCES]
     with_cuda = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
@@ -41,7 +61,8 @@ def _jit_build() -> types.ModuleType:
         sources += [os.path.join(root, path) for path in _build_flags.CUDA_SOURCES]
     missing = [path for path in sources if not os.path.exists(path)]
     if missing:
-        raise FileNotFoundError(f"SALSA_FUSED_JIT=1 needs the csrc/ sources of a checkout; missing {missing}")
+        raise FileNotFoundError("SALSA_FUSED_JIT=1 compiles the csrc/ sources of a source checkout, and this "
+                                f"installed package has none (missing {len(missing)} files, e.g. {missing[0]})")
     return cpp_extension.load(name=JIT_MODULE_NAME, sources=sources, extra_cflags=_build_flags.CXX_FLAGS,
                               extra_cuda_cflags=_build_flags.NVCC_FLAGS if with_cuda else None,
                               extra_ldflags=_build_flags.LINK_FLAGS, is_python_module=True)
@@ -73,7 +94,7 @@ def module() -> Optional[types.ModuleType]:
 def require() -> None:
     """Load the ops or raise a RuntimeError that says how to build them."""
     if not load():
-        raise RuntimeError(f"the salsa_fused C++ extension is not available ({_error}); {BUILD_HINT}") from _error
+        raise RuntimeError(f"the salsa_fused C++ extension is not available ({_error}); {build_hint()}") from _error
 
 
 def _register_fakes() -> None:

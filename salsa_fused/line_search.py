@@ -2,9 +2,10 @@
 
 Pure Python on scalars: no tensors, no devices. The optimizer reads the losses and
 the preconditioned gradient norm from the device (one small read per trial) and
-asks this module what to do next. SPEC section 1 pins every formula; the decision
-arithmetic is fp32 where the published 0.1.0 makes it in fp32 (``h``, ``s``, the
-Armijo comparison) and float64 where it uses Python floats (the interval logic).
+asks this module what to do next. The specification (SPEC section 1, transcribed by the
+tests' tests/spec.py) pins every formula; the decision arithmetic is fp32 where the
+published 0.1.0 makes it in fp32 (``h``, ``s``, the Armijo comparison) and float64 where it
+uses Python floats (the interval logic).
 
 Notation: ``k`` step counter, ``eta`` the level (``SearchState.step_size``), ``h`` smoothed loss
 decrease, ``s`` smoothed slope ``q = g.d``, ``t`` steps since the last

@@ -218,7 +218,12 @@ class FusedSaLSa(Optimizer):
             schedule's scale; every applied quantity is formed in :mod:`salsa_fused.applied`).
         search_direction: ``"gradient"`` (0.1.0's default) or ``"momentum"`` (its ``use_mv``).
         adaptive_interval: search every ``L`` steps (True) or on every step (False).
-        max_search_interval, always_search_steps, growth, backtrack, max_trials: SPEC section 1.
+        growth, backtrack, max_trials: the first trial is ``growth * eta``; each failed trial is
+            followed by one ``backtrack`` times smaller, at most ``max_trials`` per search.
+        max_search_interval, always_search_steps: search when ``L`` steps have passed since the
+            last search, ``L = min(max_search_interval, 1 / (r - 1))`` with ``r`` the ratio of a
+            fast and a slow average of ``eta``; always in the first ``always_search_steps`` steps
+            (docs/api.md has every argument's default and meaning).
         restore: ``"copy"`` keeps a copy of the weights for exact trials and restores (one
             extra weight-sized buffer); ``"inplace"`` moves the weights by differences
             (no extra memory, one rounding per trial).
@@ -633,7 +638,7 @@ class FusedSaLSa(Optimizer):
                 search.validate()  # unknown keys, bad values
                 check_rule_state(self.search_rule, search.rule_state, search.step)
             except ValueError as error:
-                raise ValueError(f"the checkpoint is corrupt: {error}; nothing was loaded") from error
+                raise ValueError(f"the checkpoint cannot be loaded: {error}; nothing was loaded") from error
         elif state_dict["state"]:
             warnings.warn(
                 "the checkpoint has moments but no search state (param_groups[0]['search']): it was saved "

@@ -285,11 +285,11 @@ def check_rule_state(rule: SearchRule, rule_state: dict, steps_taken: int = 0) -
     if _declares(rule, "keeps_no_state") and rule_state:
         raise ValueError(f"the checkpoint's search state carries a rule's own scalars ({sorted(rule_state)}), "
                          "which this search_rule does not keep: it was saved under another search_rule "
-                         "(LABPAL's, say); build the optimizer with that rule. Nothing was loaded")
+                         "(LABPAL's, say); build the optimizer with that rule")
     if _declares(rule, "keeps_state_from_first_step") and not rule_state and steps_taken > 0:
         raise ValueError(f"the checkpoint took {steps_taken} steps without the scalars this search_rule keeps from "
                          "its first step: it was saved under another search_rule ('salsa', 'sls' or 'alsals'); "
-                         "build the optimizer with that rule. Nothing was loaded")
+                         "build the optimizer with that rule")
     check = getattr(rule, "check_state", None)
     if check is not None:
         check(rule_state)

@@ -63,3 +63,17 @@ def test_a_wheel_whose_extension_failed_to_build_is_pure_and_ships_no_stale_libr
         assert "Root-Is-Purelib: true" in archive.read("salsa_fused-0.1.0.dist-info/WHEEL").decode()
     assert "salsa_fused/optimizer.py" in names and "salsa_fused/backends/triton_backend.py" in names
     assert not [name for name in names if name.endswith((".so", ".pyd"))], names
+
+
+def test_every_public_submodule_is_an_attribute_after_a_plain_import():
+    """``salsa_fused.presets`` after ``import salsa_fused`` raised AttributeError while
+    ``salsa_fused.rules`` worked (imported by the names the package exports)."""
+    package = Path(__file__).resolve().parents[1] / "salsa_fused"
+    public = sorted(path.stem if path.is_file() else path.name for path in package.iterdir()
+                    if not path.name.startswith("_") and (path.suffix == ".py" or (path / "__init__.py").exists()))
+    code = ("import salsa_fused, sys\n"
+            f"for name in {public!r}:\n"
+            "    assert getattr(salsa_fused, name).__name__ == 'salsa_fused.' + name, name\n"
+            "print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -46,7 +46,7 @@ def check(device: torch.device) -> None:
     _ext.require()
     if not supports(device):
         raise RuntimeError(f"the salsa_fused C++ extension has no kernels for {torch.device(device).type} "
-                           f"tensors (built without CUDA?); {_ext.BUILD_HINT}")
+                           f"tensors (built without CUDA?); {_ext.build_hint()}")
 
 
 unsupported = kernel_unsupported

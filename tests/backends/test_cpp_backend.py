@@ -27,7 +27,7 @@ from salsa_fused.backends import cpp_backend, torch_backend
 from salsa_fused.backends.base import GRADIENT, MOMENTUM, RAW, Bucket, Hyper, Move, PassArgs
 
 pytestmark = pytest.mark.skipif(not cpp_backend.is_available(),
-                                reason=f"the C++ extension is not built; {_ext.BUILD_HINT}")
+                                reason=f"the C++ extension is not built; {_ext.build_hint()}")
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CHUNK = 1 << 15  # csrc/cpu/salsa_cpu.cpp: elements per chunk
@@ -431,6 +431,19 @@ def test_missing_extension_says_how_to_build(monkeypatch):
     assert not cpp_backend.is_available()
     with pytest.raises(RuntimeError, match="build_ext --inplace.*SALSA_FUSED_JIT=1"):
         cpp_backend.plain_step(make_bucket(saved=False), PassArgs(make_hyper(), Move(0.1)), torch.tensor(1.0))
+
+
+def test_the_build_hint_offers_the_jit_build_only_where_it_can_run(monkeypatch):
+    """An installed wheel has no csrc/ to JIT-compile, and with SALSA_FUSED_JIT=1 set the hint
+    repeated the variable whose failure was the reason."""
+    monkeypatch.delenv("SALSA_FUSED_JIT", raising=False)
+    assert "SALSA_FUSED_JIT=1" in _ext.build_hint() and "build_ext --inplace" in _ext.build_hint()
+    monkeypatch.setenv("SALSA_FUSED_JIT", "1")
+    assert "SALSA_FUSED_JIT" not in _ext.build_hint()
+    monkeypatch.setattr(_ext, "_in_a_checkout", lambda: False)
+    hint = _ext.build_hint()
+    assert "SALSA_FUSED_JIT" not in hint and "build_ext" not in hint
+    assert "reinstall from a source checkout or the sdist" in hint
 
 
 def test_ops_compose_with_torch_compile():
