@@ -211,7 +211,9 @@ def search_step(passes: Passes, plan: StepPlan, state: SearchState, loss: torch.
                 what = (f"loss (averaged over the {reduction.loss_ranks} data-parallel ranks: NaN/inf on any "
                         "rank's batch)")
         else:
-            what, value, why = "gradient (slope q)", q_value, ""
+            what, value = "gradient (slope q)", q_value
+            why = ("; q = g.d is not finite where a gradient element is NaN/inf or its square overflows float32 "
+                   "(|g| above about 1.8e19), or where a moment in opt.state was written non-finite by hand")
             largest_probe = max((group.lr for group in passes.groups.values()), default=1.0)
             if math.isinf(q_value) and largest_probe > 1.0:
                 why = (f"; q sums search_lr * g.d over the groups, and a group's search_lr (its lr at "
