@@ -1,5 +1,22 @@
-"""Errors raised by FusedSaLSa."""
+"""Errors raised by FusedSaLSa, and where its warnings point."""
+
+import os
+import sys
+
+import torch
+
+_OWN_DIRS = tuple(os.path.dirname(os.path.abspath(path)) + os.sep for path in (__file__, torch.__file__))
 
 
 class NonFiniteError(FloatingPointError):
     """A loss or gradient was NaN or infinite; nothing non-finite was written."""
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` in the function that calls this which names the
+    first frame outside this package and torch: the caller's ``step()`` (or ``scaler.step()``),
+    whatever wrappers torch puts around ``step`` (its hooks, ``torch.compiler.disable``)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_OWN_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -32,6 +32,7 @@ from ._rng import RNGSnapshot
 from .buckets import BucketCache
 from . import functional as F
 from .backends.base import GRADIENT, MOMENTUM, Bucket
+from .errors import caller_stacklevel
 from .distributed import SearchReduction, _is_dtensor, default_reduction, fsdp_modules, is_distributed, shard_group_of
 from .applied import GroupStep
 from .line_search import FLOAT32_MAX, SearchConfig, SearchState
@@ -866,7 +867,8 @@ class FusedSaLSa(Optimizer):
                 "module's parameters unsharded after a forward, so every trial after the first reads "
                 "stale weights (the level collapses) unless the root was fully_shard-ed with "
                 "reshard_after_forward=True. Pass model=your_model (the optimizer then reshards before "
-                "each trial) or wrap the closure with fsdp_closure(model, closure)", UserWarning, stacklevel=4)
+                "each trial) or wrap the closure with fsdp_closure(model, closure)", UserWarning,
+                stacklevel=caller_stacklevel())
 
     def _sharded_groups(self) -> Sequence[dict]:
         """The param groups where the gradients are FSDP2's sharded DTensors, else none."""
@@ -969,7 +971,7 @@ class FusedSaLSa(Optimizer):
                     f"FusedSaLSa's lr is a multiplier on the level its line search finds (1.0: "
                     f"none), not a step size: param_groups[{index}] starts at lr={base:g}, which scales "
                     "every step by that factor; leave lr=1.0 unless you mean to (a warmup of the "
-                    "multiplier from 0 to 1 is fine)", UserWarning, stacklevel=4)
+                    "multiplier from 0 to 1 is fine)", UserWarning, stacklevel=caller_stacklevel())
                 return
 
     def mark_forward(self) -> None:
@@ -1078,10 +1080,11 @@ class FusedSaLSa(Optimizer):
         scale = applied_scale(self.schedule, state, plan.state.step)
         if self.schedule is not None:
             if not self._past_end_warned:
-                self._past_end_warned = warn_past_end(self.schedule, plan.state.step, state, stacklevel=4)
+                self._past_end_warned = warn_past_end(self.schedule, plan.state.step, state,
+                                                      stacklevel=caller_stacklevel())
             if not self._collapse_checked and not self.schedule.searches(plan.state.step):
                 self._collapse_checked = True  # once, at the first frozen step
-                warn_collapsed_level(self.schedule, state, plan.state.step, stacklevel=4)
+                warn_collapsed_level(self.schedule, state, plan.state.step, stacklevel=caller_stacklevel())
             if plan.is_search and not schedule_searches(self.schedule, state, plan.state.step):
                 if state.num_searches == 0 and not self._init_step_size_given:
                     raise ValueError(

@@ -167,3 +167,19 @@ def test_compiling_the_step_itself_runs_it_eagerly_bitwise_with_no_graph():
     (eager_weights, eager_search), (weights, search) = runs
     assert all(torch.equal(a, b) for a, b in zip(eager_weights, weights))
     assert search == eager_search and search.num_searches < 12  # plain steps ran too
+
+
+@pytest.mark.parametrize("compile_step", [False, True])
+def test_a_warning_from_the_step_names_the_callers_line_through_any_wrapper(compile_step):
+    """torch wraps ``step`` (its hooks, ``torch.compiler.disable``): a fixed stacklevel pointed
+    into torch once the disable wrapper was added."""
+    import warnings
+    model = make_model()
+    opt = FusedSaLSa(model.parameters(), lr=0.01)  # an AdamW-like lr: warned at the first step
+    step = torch.compile(opt.step, backend="eager") if compile_step else opt.step
+    x, y = batch(0)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        step(lambda: F.mse_loss(model(x), y))
+    (found,) = [w for w in record if "multiplier on the level" in str(w.message)]
+    assert found.filename == __file__
