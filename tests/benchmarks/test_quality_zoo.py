@@ -67,8 +67,9 @@ def test_run_appends_rows_once_and_the_table_reads_them(tmp_path):
     assert len(rows) == 2 * 3 * 2
     for row in rows:
         for key in ("task", "split", "config", "seed", "final_train_loss", "val_loss", "level_mean",
-                    "forwards_per_step", "commit", "versions", "date"):
+                    "forwards_per_step", "commit", "versions", "date", "machine"):
             assert row[key] is not None, key
+        assert row["versions"]["salsa-fused"] and "cores" in row["machine"]
         assert row["split"] == "validation" and row["steps"] == 6 and len(row["loss_trace"]) == 6
     fused = [r for r in rows if r["config"] == "salsa_defaults"]
     assert all(r["forwards_per_step"] > 1 and r["optimizer"] == "salsa_faithful" for r in fused)
@@ -98,6 +99,13 @@ def test_run_appends_rows_once_and_the_table_reads_them(tmp_path):
     assert os.path.exists(tmp_path / "some" / "zoo_all_ratios.png")
     with pytest.raises(SystemExit, match="no rows of"):
         runner.main(["plot", out, "--out-dir", str(tmp_path), "--configs", "salsa_defaults,nope"])
+    with pytest.raises(SystemExit, match=r"no rows at --length short \(the rows' lengths: default\)"):
+        runner.main(["table", out, "--length", "short"])
+    without_grid = str(tmp_path / "without_grid.jsonl")
+    with open(without_grid, "w") as handle:
+        handle.writelines(json.dumps(r) + "\n" for r in rows if r["config"] == "salsa_defaults")
+    with pytest.raises(SystemExit, match="no complete AdamW grid in the rows: nothing to tabulate"):
+        runner.main(["table", without_grid])
 
 
 def test_the_best_adamw_rate_of_a_row_is_the_tables():

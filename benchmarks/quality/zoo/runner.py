@@ -101,7 +101,8 @@ def _provenance() -> dict:
         commit += "+dirty"
     from importlib import metadata
     versions = {"python": platform.python_version()}
-    for package in ("torch", "prodigyopt", "schedulefree", "prodigy-plus-schedule-free", "salsa-optimizer"):
+    for package in ("salsa-fused", "torch", "prodigyopt", "schedulefree", "prodigy-plus-schedule-free",
+                    "salsa-optimizer"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -110,7 +111,18 @@ def _provenance() -> dict:
 
     from salsa_fused import backends
     fused_backend = backends.resolve(O.BACKEND, torch.device("cpu")).name
-    return dict(commit=commit, versions=versions, fused_backend=fused_backend)
+    return dict(commit=commit, versions=versions, fused_backend=fused_backend, machine=_machine())
+
+
+def _machine() -> str:
+    """The CPU model and core count the row ran on (rows of one table may come from two machines)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, {platform.system()}"
 
 
 def _thin(values: List[float], points: int = TRACE_POINTS) -> List[float]:
@@ -564,7 +576,13 @@ def command_compare(args) -> int:
 
 def command_table(args) -> int:
     rows = [r for r in read_rows(args.files) if args.split in (None, "all") or r["split"] == args.split]
+    lengths = sorted({r["length"] for r in rows})
     rows = [r for r in rows if r["length"] == args.length]
+    if not rows:
+        raise SystemExit(f"no rows at --length {args.length} (the rows' lengths: {', '.join(lengths) or 'none'})")
+    if not summarize(rows):
+        raise SystemExit("no complete AdamW grid in the rows: nothing to tabulate (every ratio divides by the "
+                         "best AdamW of a grid: run the task with --configs adamw_grid,... first)")
     if args.configs:  # the named configurations, and the AdamW grid every ratio divides by
         keep = set(args.configs.split(","))
         rows = [r for r in rows if r["config"] in keep or lr_of(r["config"]) is not None]
