@@ -317,6 +317,17 @@ def _tanh_cycled(seed: int, steps: int) -> Task:
                 _cycle(_fixed_batches(x, y, 32), steps), _mse, val)
 
 
+def _tanh_shallow(seed: int, steps: int) -> Task:
+    """y = x0 x1 + sin(2 x2) + 0.1 noise, x ~ N(0, I_6), fresh samples; a shallow tanh student (6-48-1):
+    the family ZOO.md lacked until 2026-12-04 (a shallow tanh regression). Loss floor: 0.01."""
+    def sample(count, gen):
+        x = torch.randn(count, 6, generator=gen)
+        return x, x[:, 0] * x[:, 1] + torch.sin(2 * x[:, 2]) + 0.1 * torch.randn(count, generator=gen)
+
+    batches, val = _fresh(sample, 32, steps, seed, 2048)
+    return Task("mlp_tanh_shallow", steps, _CPU, lambda: _mlp([6, 48, 1], nn.Tanh), batches, _mse, val)
+
+
 def _noisy_classes(seed: int, steps: int) -> Task:
     """Fresh samples x ~ N(0, I_24), labelled by the argmax of a fixed random linear map to 8 classes,
     20% of labels redrawn at random; a GELU MLP (24-96-8). Added to validation in section 28."""
@@ -670,6 +681,10 @@ SPECS: List[Spec] = [
          _noisy_classes),
     Spec("resmlp_spirals", _V, "residual MLP with LayerNorm", "2-48, 3 pre-LN residual blocks, -2",
          "two spirals, 512 fixed points, label smoothing 0.1", "cycled", 800, 128, _spirals),
+    # added to validation on 2026-12-04 (ZOO.md), before any run: the shallow tanh regression the
+    # issue's family list names, which an audit found missing
+    Spec("mlp_tanh_shallow", _V, "shallow MLP regression (tanh)", "6-48-1 tanh",
+         "y = x0x1 + sin(2x2) + noise 0.1, fresh samples", "stream", 600, 32, _tanh_shallow),
     # hold-out (quality NOTES section 34): added and committed before any optimizer ran on them, once
     # rounds had chosen rules knowing validation failures; only run to report fixed configurations
     Spec("mlp_silu_friedman", _H, "MLP regression (SiLU), fresh samples", "10-64-64-1 SiLU",
