@@ -119,14 +119,12 @@ _UNSUPPORTED_FLAGS = {
     "maximize": "the line search minimizes the closure's loss: return the negated objective instead",
     "capturable": "a search reads its trial losses on the host, which a CUDA graph cannot capture",
     "differentiable": "a search decides on host floats, so the step is not differentiable",
+    "amsgrad": "it keeps no running maximum of the second moment (AdamW's amsgrad)",
 }
 
 #: Flags a param group can carry in from another optimizer's checkpoint or a user's hand, refused
 #: there when set: a step that read none of them would silently do something else.
-_UNSUPPORTED_GROUP_FLAGS = {
-    **_UNSUPPORTED_FLAGS,
-    "amsgrad": "it keeps no running maximum of the second moment (AdamW's amsgrad)",
-}
+_UNSUPPORTED_GROUP_FLAGS = _UNSUPPORTED_FLAGS
 
 
 FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
@@ -233,9 +231,9 @@ class FusedSaLSa(Optimizer):
             step for step 0.1.0's arithmetic), ``"triton"``, ``"cpp"``, or a name added with
             :func:`salsa_fused.backends.register_backend`; chosen and checked here (a backend
             that cannot run raises with the reason).
-        maximize, capturable, differentiable: torch.optim's flags, accepted at ``False`` (their
-            default) and refused otherwise, with the reason: the search minimizes the closure's
-            loss on the host.
+        maximize, capturable, differentiable, amsgrad: torch.optim's flags, accepted at ``False``
+            (their default) and refused otherwise, with the reason: the search minimizes the
+            closure's loss on the host, and keeps Adam's two moments only.
         foreach, fused: torch.optim's flags, read as a choice of backend (one for every group):
             ``fused=True`` (or ``foreach=False``) asks for compiled kernels, ``"auto"`` then
             picking triton (or the extension's CUDA kernels) on CUDA and cpp on the CPU, and
@@ -281,8 +279,9 @@ class FusedSaLSa(Optimizer):
                  foreach: Optional[bool] = None, fused: Optional[bool] = None, nonfinite: str = "raise", reduction: Optional[SearchReduction] = None,
                  search_rule: Optional[Callable] = None, schedule=None,
                  model: Optional[torch.nn.Module] = None, maximize: bool = False, capturable: bool = False,
-                 differentiable: bool = False):
-        _refuse_unsupported_flags(maximize=maximize, capturable=capturable, differentiable=differentiable)
+                 differentiable: bool = False, amsgrad: bool = False):
+        _refuse_unsupported_flags(maximize=maximize, capturable=capturable, differentiable=differentiable,
+                                  amsgrad=amsgrad)
         self._init_step_size_given = init_step_size is not None
         init_step_size = 1.0 if init_step_size is None else init_step_size
         if (isinstance(init_step_size, bool) or not isinstance(init_step_size, numbers.Real)

@@ -942,7 +942,7 @@ def test_a_set_of_parameters_is_refused_as_torch_refuses_it():
 
 
 @pytest.mark.parametrize("flag, reason", [("maximize", "negated objective"), ("capturable", "CUDA graph"),
-                                          ("differentiable", "not differentiable")])
+                                          ("differentiable", "not differentiable"), ("amsgrad", "running maximum")])
 def test_torch_optim_flags_it_cannot_honour_are_accepted_off_and_refused_on_with_the_reason(flag, reason):
     params = [torch.nn.Parameter(torch.randn(3))]
     FusedSaLSa(params, **{flag: False})
