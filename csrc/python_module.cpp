@@ -2,9 +2,10 @@
 // build's module (salsa_fused/_ext.py); importing it runs the TORCH_LIBRARY registrations of the
 // other sources (torch.ops.salsa_fused.*). Both builds define TORCH_EXTENSION_NAME as the module's
 // name, which names the init function Python looks for.
-// It also holds one host-side helper of the optimizer's bucket cache (salsa_fused/buckets.py):
-// reading a param group's gradients and what identifies its tensors in one loop over the list,
-// where Python needs one interpreted pass per attribute.
+// It also holds two host-side helpers of the optimizer's bucket cache (salsa_fused/buckets.py):
+// reading a param group's gradients and what identifies its tensors, and the identities of the
+// optimizer state's moments, each in one loop, where Python needs one interpreted pass per
+// attribute.
 #include <Python.h>
 
 #include <cstdint>
@@ -88,10 +89,78 @@ PyObject* group_signature(PyObject* /*module*/, PyObject* params) {
   END_HANDLE_TH_ERRORS
 }
 
+// Interned keys of an optimizer state entry (set once at module init).
+PyObject* exp_avg_key = nullptr;
+PyObject* exp_avg_sq_key = nullptr;
+
+// moments_signature(state: dict) -> bytes | None
+//
+// Per entry of ``state`` (an optimizer's ``opt.state``, in its order): the addresses of its
+// ``"exp_avg"`` and ``"exp_avg_sq"`` objects (0 where one is missing). Equal signatures mean the
+// same moment objects in the same order, while the caller holds references to the ones it
+// compares against (an address is then not reused). None when ``state`` is not a dict or an entry
+// is not a dict: the caller takes its Python path.
+PyObject* moments_signature(PyObject* /*module*/, PyObject* state) {
+  if (!PyDict_Check(state)) Py_RETURN_NONE;
+  const Py_ssize_t count = PyDict_Size(state);
+  PyObject* signature = PyBytes_FromStringAndSize(nullptr, count * 2 * static_cast<Py_ssize_t>(sizeof(int64_t)));
+  if (signature == nullptr) return nullptr;
+  int64_t* word = reinterpret_cast<int64_t*>(PyBytes_AS_STRING(signature));
+  Py_ssize_t position = 0;
+  Py_ssize_t index = 0;
+  PyObject* key = nullptr;
+  PyObject* entry = nullptr;
+  while (PyDict_Next(state, &position, &key, &entry)) {
+    if (!PyDict_Check(entry) || index >= count) {
+      Py_DECREF(signature);
+      Py_RETURN_NONE;
+    }
+    word[2 * index] = reinterpret_cast<int64_t>(PyDict_GetItem(entry, exp_avg_key));
+    word[2 * index + 1] = reinterpret_cast<int64_t>(PyDict_GetItem(entry, exp_avg_sq_key));
+    ++index;
+  }
+  return signature;
+}
+
+// moments_unchanged(state: dict, signature: bytes) -> bool | None
+//
+// Whether ``moments_signature(state)`` would equal ``signature``, read without building it: stops
+// at the first entry that differs. None where ``moments_signature`` would be None.
+PyObject* moments_unchanged(PyObject* /*module*/, PyObject* args) {
+  PyObject* state = nullptr;
+  PyObject* signature = nullptr;
+  if (!PyArg_ParseTuple(args, "OO!", &state, &PyBytes_Type, &signature)) return nullptr;
+  if (!PyDict_Check(state)) Py_RETURN_NONE;
+  const Py_ssize_t count = PyDict_Size(state);
+  if (PyBytes_GET_SIZE(signature) != count * 2 * static_cast<Py_ssize_t>(sizeof(int64_t))) Py_RETURN_FALSE;
+  const int64_t* word = reinterpret_cast<const int64_t*>(PyBytes_AS_STRING(signature));
+  Py_ssize_t position = 0;
+  Py_ssize_t index = 0;
+  PyObject* key = nullptr;
+  PyObject* entry = nullptr;
+  bool same = true;
+  while (PyDict_Next(state, &position, &key, &entry)) {
+    if (!PyDict_Check(entry) || index >= count) Py_RETURN_NONE;
+    if (same && (word[2 * index] != reinterpret_cast<int64_t>(PyDict_GetItem(entry, exp_avg_key)) ||
+                 word[2 * index + 1] != reinterpret_cast<int64_t>(PyDict_GetItem(entry, exp_avg_sq_key)))) {
+      same = false;  // the rest is still read: an entry that is not a dict means None, as for the signature
+    }
+    ++index;
+  }
+  if (same) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+
 PyMethodDef methods[] = {
     {"group_signature", group_signature, METH_O,
      "group_signature(params) -> (grads, signature bytes) | None: a param group's gradients and "
      "what identifies its tensors, read in one loop (salsa_fused/buckets.py)"},
+    {"moments_signature", moments_signature, METH_O,
+     "moments_signature(state) -> bytes | None: the addresses of each state entry's exp_avg and "
+     "exp_avg_sq, read in one loop (salsa_fused/buckets.py)"},
+    {"moments_unchanged", moments_unchanged, METH_VARARGS,
+     "moments_unchanged(state, signature) -> bool | None: whether moments_signature(state) equals "
+     "signature, read in one loop without building it (salsa_fused/buckets.py)"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef salsa_fused_c_module = {PyModuleDef_HEAD_INIT, SALSA_FUSED_STRING(TORCH_EXTENSION_NAME),
@@ -99,4 +168,9 @@ PyModuleDef salsa_fused_c_module = {PyModuleDef_HEAD_INIT, SALSA_FUSED_STRING(TO
 
 }  // namespace
 
-PyMODINIT_FUNC SALSA_FUSED_INIT(TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&salsa_fused_c_module); }
+PyMODINIT_FUNC SALSA_FUSED_INIT(TORCH_EXTENSION_NAME)(void) {
+  exp_avg_key = PyUnicode_InternFromString("exp_avg");
+  exp_avg_sq_key = PyUnicode_InternFromString("exp_avg_sq");
+  if (exp_avg_key == nullptr || exp_avg_sq_key == nullptr) return nullptr;
+  return PyModule_Create(&salsa_fused_c_module);
+}

@@ -160,7 +160,8 @@ class BucketCache:
         #: Group rebuilds so far (tests and benchmarks read it).
         self.rebuilds = 0
         self._state: Optional[Mapping] = None  # the optimizer's state the buckets' moments came from
-        self._state_fingerprint: tuple = ()
+        self._state_fingerprint: tuple = ()  # its moments (held: their addresses are not reused)
+        self._state_signature: Optional[bytes] = None  # their addresses, read by the extension
 
     def clear(self) -> None:
         """Forget every bucket (after ``load_state_dict``: new moments)."""
@@ -173,6 +174,10 @@ class BucketCache:
         write keeps them current.) Identity checks in C loops, no device read."""
         if state is not self._state:
             return False
+        if self._state_signature is not None:
+            unchanged = _extension_function("moments_unchanged")(state, self._state_signature)
+            if unchanged is not None:
+                return unchanged
         return _same_objects(_fingerprint(state), self._state_fingerprint)
 
     def __len__(self) -> int:
@@ -195,6 +200,8 @@ class BucketCache:
         buckets = self._collect(param_groups, init_state, saved_buffer, state)
         if state is not None and (self.rebuilds != rebuilds or state is not self._state):
             self._state, self._state_fingerprint = state, _fingerprint(state)
+            signature_of = _extension_function("moments_signature")
+            self._state_signature = signature_of(state) if signature_of is not None else None
         return buckets
 
     def _collect(self, param_groups, init_state, saved_buffer, state) -> List[Bucket]:
@@ -345,6 +352,19 @@ def _group_signature() -> Optional[Callable[[list], Optional[tuple]]]:
 
         _signature_function.append(getattr(_ext.module(), "group_signature", None))
     return _signature_function[0]
+
+
+_extension_functions: Dict[str, Optional[Callable]] = {}
+
+
+def _extension_function(name: str) -> Optional[Callable]:
+    """The loaded extension's ``name`` (``moments_signature``: the addresses of every state entry's
+    moments; ``moments_unchanged``: whether they are still those), None without one; looked up once."""
+    if name not in _extension_functions:
+        from . import _ext
+
+        _extension_functions[name] = getattr(_ext.module(), name, None)
+    return _extension_functions[name]
 
 
 def _native_signature(signature_of, params: list) -> Optional[tuple]:

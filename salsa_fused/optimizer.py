@@ -1079,11 +1079,10 @@ class FusedSaLSa(Optimizer):
         scale = applied_scale(self.schedule, state, plan.state.step)
         if self.schedule is not None:
             if not self._past_end_warned:
-                self._past_end_warned = warn_past_end(self.schedule, plan.state.step, state,
-                                                      stacklevel=caller_stacklevel())
+                self._past_end_warned = warn_past_end(self.schedule, plan.state.step, state)
             if not self._collapse_checked and not self.schedule.searches(plan.state.step):
                 self._collapse_checked = True  # once, at the first frozen step
-                warn_collapsed_level(self.schedule, state, plan.state.step, stacklevel=caller_stacklevel())
+                warn_collapsed_level(self.schedule, state, plan.state.step)
             if plan.is_search and not schedule_searches(self.schedule, state, plan.state.step):
                 if state.num_searches == 0 and not self._init_step_size_given:
                     raise ValueError(

@@ -17,6 +17,8 @@ import warnings
 from dataclasses import dataclass, replace
 from typing import Iterable, Optional
 
+from .errors import caller_stacklevel
+
 
 def is_number(value) -> bool:
     """A real number (int or float), not a bool."""
@@ -397,7 +399,7 @@ def _checked_scale(schedule, step: int, scale) -> float:
 COLLAPSE_FRACTION = 1 / 16
 
 
-def warn_collapsed_level(schedule, state, step: int, stacklevel: int = 2) -> bool:
+def warn_collapsed_level(schedule, state, step: int, stacklevel: Optional[int] = None) -> bool:
     """Warn when ``schedule`` freezes, at step ``step``, a level ``eta`` below ``COLLAPSE_FRACTION``
     times ``state.step_size_fast_peak`` (the largest fast average of the level the search reached);
     return whether it warned (the caller checks once, at the first frozen step).
@@ -419,7 +421,7 @@ def warn_collapsed_level(schedule, state, step: int, stacklevel: int = 2) -> boo
         "where the loss converges inside the search phase (small full-batch fits over long runs). "
         "WarmupStableDecay(freeze_below=1/16), as in the pretrain preset, freezes such a level early, "
         "at that floor; docs/quality.md, \"A search that collapses before the freeze\".",
-        UserWarning, stacklevel=stacklevel + 1)
+        UserWarning, stacklevel=caller_stacklevel() if stacklevel is None else stacklevel + 1)
     return True
 
 
@@ -460,7 +462,7 @@ def _wrappers(schedule):
         schedule = schedule.inner
 
 
-def warn_past_end(schedule, step: int, state, stacklevel: int = 2) -> bool:
+def warn_past_end(schedule, step: int, state, stacklevel: Optional[int] = None) -> bool:
     """Warn that ``step`` is past the run length ``schedule.total_steps`` planned for, quoting the scale
     applied there with the search state ``state`` (:func:`applied_scale`); return whether it warned
     (the caller warns once). Schedules without ``total_steps`` never warn."""
@@ -474,5 +476,5 @@ def warn_past_end(schedule, step: int, state, stacklevel: int = 2) -> bool:
         "level frozen. To train longer, build the optimizer with the new total_steps and "
         "load_state_dict() the checkpoint: the schedule continues at this step of the longer run "
         "(from a checkpoint saved before the cooldown, the decay restarts cleanly).",
-        UserWarning, stacklevel=stacklevel + 1)
+        UserWarning, stacklevel=caller_stacklevel() if stacklevel is None else stacklevel + 1)
     return True

@@ -16,11 +16,15 @@ SIGNATURE = buckets._group_signature()
 
 @pytest.fixture(autouse=True, params=["native", "python"])
 def signature_path(request, monkeypatch):
-    """Every test on both ways of reading a group's tensors: the extension's one C++ loop
-    (``group_signature``) and the Python passes."""
+    """Every test on both ways of reading a group's tensors and the state's moments: the
+    extension's C++ loops (``group_signature``, ``moments_signature``/``moments_unchanged``) and
+    the Python passes."""
     if request.param == "native" and SIGNATURE is None:
         pytest.skip("the C++ extension is not built (salsa_fused._C.group_signature)")
-    monkeypatch.setattr(buckets, "_signature_function", [SIGNATURE if request.param == "native" else None])
+    native = request.param == "native"
+    monkeypatch.setattr(buckets, "_signature_function", [SIGNATURE if native else None])
+    monkeypatch.setattr(buckets, "_extension_functions", {} if native else {
+        "moments_signature": None, "moments_unchanged": None})
     return request.param
 
 
@@ -427,3 +431,30 @@ def test_a_state_reset_through_opt_state_is_what_the_next_step_reads(reset, back
     for index in state:
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(state[index][key], state_in_place[index][key])
+
+
+def test_the_moments_check_tells_a_replaced_or_removed_moment_from_an_in_place_write(signature_path):
+    """``_moments_current``: an in-place write keeps the moments current; a moment replaced or
+    removed, a param's dict replaced by one without moments, or a new entry makes them stale."""
+    state = {}
+    params = [torch.zeros(3, requires_grad=True) for _ in range(3)]
+    for p in params:
+        state[p] = {"exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3)}
+    cache = buckets.BucketCache()
+    cache._state, cache._state_fingerprint = state, buckets._fingerprint(state)
+    signature_of = buckets._extension_function("moments_signature")
+    assert (signature_of is not None) == (signature_path == "native")
+    cache._state_signature = signature_of(state) if signature_of is not None else None
+    state[params[0]]["exp_avg"].add_(1.0)
+    assert cache._moments_current(state)
+    for change in (lambda: state[params[1]].__setitem__("exp_avg_sq", torch.zeros(3)),
+                   lambda: state[params[1]].pop("exp_avg"),
+                   lambda: state.__setitem__(params[2], {"step": 1}),
+                   lambda: state.__setitem__(torch.zeros(1), {})):
+        saved = {p: dict(entry) for p, entry in state.items()}
+        change()
+        assert not cache._moments_current(state)
+        state.clear()
+        state.update(saved)
+        assert cache._moments_current(state)
+    assert not cache._moments_current(dict(state))  # another mapping: rebuilt whatever it holds
