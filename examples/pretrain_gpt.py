@@ -110,6 +110,10 @@ class ResumeError(ValueError):
     """A --resume that cannot continue the run in OUT (said in one line when run as a script)."""
 
 
+class BackendError(ValueError):
+    """A --backend that cannot run the run's tensors (said in one line when run as a script)."""
+
+
 #: Settings a --resume must share with the run that wrote the checkpoint (the model, the data stream,
 #: the optimizer and its state's layout), as must the number of processes; --steps (the schedules
 #: follow it: said at the resume), the logging, the device and the backend may change.
@@ -139,10 +143,13 @@ def make_optimizer(args, model, device):
     if weight_decay is None:
         weight_decay = 0.1 if args.optimizer == "salsa-recommended" else 0.0
     groups = model.param_groups(weight_decay)
-    if args.optimizer == "salsa-recommended":
-        return presets.recommended(groups, total_steps=args.steps, backend=args.backend), None
-    if args.optimizer == "salsa":
-        return FusedSaLSa(groups, search_direction=args.search_direction, backend=args.backend), None
+    try:
+        if args.optimizer == "salsa-recommended":
+            return presets.recommended(groups, total_steps=args.steps, backend=args.backend), None
+        if args.optimizer == "salsa":
+            return FusedSaLSa(groups, search_direction=args.search_direction, backend=args.backend), None
+    except RuntimeError as error:  # the backend cannot run on this device: the optimizer says why
+        raise BackendError(f"--backend {args.backend} on {device}: {error}") from None
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
     def warmup_cosine(step):
@@ -426,5 +433,5 @@ def plot(records, path, optimizer_name):
 if __name__ == "__main__":
     try:
         train(parse_args())
-    except ResumeError as error:
+    except (ResumeError, BackendError) as error:
         raise SystemExit(f"pretrain_gpt.py: {error}") from None
