@@ -220,11 +220,16 @@ def stage_kernel_timing(ctx: Context) -> None:
     fp32 = medians.get("fp32", {})
     if "adamw_fused" in fp32 and "salsa_plain" in fp32:
         # Issue 17's targets; the plain step's bandwidth target is read from its row above.
-        targets = {"plain <= 1.0x fused AdamW": fp32["salsa_plain"] / fp32["adamw_fused"] <= 1.0,
-                   "pass A <= 1.15x fused AdamW": fp32["salsa_pass_a"] / fp32["adamw_fused"] <= 1.15,
-                   "pass B <= 0.6x fused AdamW": fp32["salsa_pass_b"] / fp32["adamw_fused"] <= 0.6}
-        ctx.emit("targets fp32 (met = True)", targets,
-                 note="" if ctx.gpu else "CPU smoke figures of the torch backend: not the GPU targets")
+        ratios = {"plain": (fp32["salsa_plain"] / fp32["adamw_fused"], 1.0),
+                  "pass A": (fp32["salsa_pass_a"] / fp32["adamw_fused"], 1.15),
+                  "pass B": (fp32["salsa_pass_b"] / fp32["adamw_fused"], 0.6)}
+        if ctx.gpu:
+            ctx.emit("targets fp32 (met = True)",
+                     {f"{name} <= {bound}x fused AdamW": ratio <= bound for name, (ratio, bound) in ratios.items()})
+        else:  # a verdict on CPU smoke figures would read as the GPU target's
+            ctx.emit("fp32 ratios to fused AdamW (CPU smoke: not judged)",
+                     {f"{name} / fused AdamW": ratio for name, (ratio, _) in ratios.items()},
+                     note="CPU smoke figures of the torch backend: the GPU targets are not judged on them")
 
 
 # ---------------------------------------------------------------------------- 3. host overhead
@@ -404,9 +409,13 @@ def stage_training(ctx: Context) -> None:
         expected = adamw_ms + (per_step - 1.0) * forward
         targets[f"{label} ms"] = r["mean_step_ms"][steady]
         targets[f"{label} / (adamw + extra forwards)"] = r["mean_step_ms"][steady] / expected
-        targets[f"{label} met (<= 1.01)"] = r["mean_step_ms"][steady] / expected <= 1.01
-    ctx.emit(f"steady-state overhead, {steady} (met = True)", targets,
-             note="" if ctx.gpu else "CPU smoke figures at tiny sizes: not the GPU target")
+        if ctx.gpu:  # a verdict on CPU smoke figures would read as the GPU target's
+            targets[f"{label} met (<= 1.01)"] = r["mean_step_ms"][steady] / expected <= 1.01
+    if ctx.gpu:
+        ctx.emit(f"steady-state overhead, {steady} (met = True)", targets)
+    else:
+        ctx.emit(f"steady-state overhead, {steady} (CPU smoke: not judged)", targets,
+                 note="CPU smoke figures at tiny sizes: the GPU target is not judged on them")
 
 
 # ---------------------------------------------------------------------------- step profile

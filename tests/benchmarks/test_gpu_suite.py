@@ -103,6 +103,9 @@ def test_kernel_timing_covers_both_dtypes_and_the_roofline(smoke):
             row = timing[f"{provider} {dtype}"]
             assert row["p50_ms"] > 0 and "148 tensors" in row["size"]
     assert timing["salsa_plain fp32"]["bytes_moved"] == 28 * timing["salsa_plain fp32"]["numel"]
+    # CPU smoke figures get ratios, never a verdict that would read as the GPU target's
+    assert "targets fp32 (met = True)" not in timing
+    assert timing["fp32 ratios to fused AdamW (CPU smoke: not judged)"]["plain / fused AdamW"] > 0
 
 
 def test_host_overhead_rows_stand_beside_fused_adamw(smoke):
@@ -135,11 +138,12 @@ def test_training_compares_every_optimizer(smoke):
     training = _values(smoke[2], "training")
     assert set(training) == {"adamw_fused", "fused_salsa_recommended", "fused_salsa_copy", "fused_salsa_inplace",
                              "salsa_published", "adamw_fused, run again last",
-                             "steady-state overhead, steps 3-4 (met = True)"}
+                             "steady-state overhead, steps 3-4 (CPU smoke: not judged)"}
     # AdamW again last: same model, batches and settings give the same losses.
     assert training["adamw_fused, run again last"]["mean_loss_last_50"] == training["adamw_fused"]["mean_loss_last_50"]
-    overhead = training["steady-state overhead, steps 3-4 (met = True)"]
+    overhead = training["steady-state overhead, steps 3-4 (CPU smoke: not judged)"]
     assert overhead["fused_salsa_copy / (adamw + extra forwards)"] > 0
+    assert not any("met" in key for key in overhead)  # no verdict on CPU smoke figures
     # Same model, batches and defaults: the faithful FusedSaLSa takes the published package's steps.
     assert training["fused_salsa_copy"]["backtracks"] == training["salsa_published"]["backtracks"]
     assert training["fused_salsa_copy"]["final_step_size"] == pytest.approx(
