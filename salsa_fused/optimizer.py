@@ -114,17 +114,14 @@ def _refuse_unread_search_arguments(init):
     return checked_init
 
 
-#: torch.optim's flags this optimizer cannot honour, and why (accepted at False, their default).
+#: torch.optim's flags this optimizer cannot honour, and why: accepted at False (their default) in the
+#: constructor, and refused when set there, in a group added, loaded or changed by hand.
 _UNSUPPORTED_FLAGS = {
     "maximize": "the line search minimizes the closure's loss: return the negated objective instead",
     "capturable": "a search reads its trial losses on the host, which a CUDA graph cannot capture",
     "differentiable": "a search decides on host floats, so the step is not differentiable",
     "amsgrad": "it keeps no running maximum of the second moment (AdamW's amsgrad)",
 }
-
-#: Flags a param group can carry in from another optimizer's checkpoint or a user's hand, refused
-#: there when set: a step that read none of them would silently do something else.
-_UNSUPPORTED_GROUP_FLAGS = _UNSUPPORTED_FLAGS
 
 
 FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
@@ -372,7 +369,7 @@ class FusedSaLSa(Optimizer):
                              f"0 / (sqrt(0) + 0) is NaN), got {eps}")
         if not (math.isfinite(wd) and wd >= 0):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {wd}")
-        for name, why in _UNSUPPORTED_GROUP_FLAGS.items():
+        for name, why in _UNSUPPORTED_FLAGS.items():
             if group.get(name, False) not in (False, None):
                 raise ValueError(f"a param group has {name}={group[name]!r}, which FusedSaLSa does not support: "
                                  f"{why} (set it to False, or leave it out)")
