@@ -341,30 +341,23 @@ def _picked(slot: _Slot, grads: List[torch.Tensor]) -> List[torch.Tensor]:
     return list(picked) if isinstance(picked, tuple) else [picked]
 
 
-_signature_function: List[Optional[Callable[[list], Optional[tuple]]]] = []
-
-
-def _group_signature() -> Optional[Callable[[list], Optional[tuple]]]:
-    """``group_signature`` of the loaded extension (setup.py's or the JIT build), None without
-    one; looked up once."""
-    if not _signature_function:
-        from . import _ext
-
-        _signature_function.append(getattr(_ext.module(), "group_signature", None))
-    return _signature_function[0]
-
-
 _extension_functions: Dict[str, Optional[Callable]] = {}
 
 
 def _extension_function(name: str) -> Optional[Callable]:
-    """The loaded extension's ``name`` (``moments_signature``: the addresses of every state entry's
-    moments; ``moments_unchanged``: whether they are still those), None without one; looked up once."""
+    """The loaded extension's host helper ``name`` (setup.py's build or the JIT's), None without
+    one; looked up once: ``group_signature`` (a group's gradients and what identifies its tensors),
+    ``moments_signature`` (the addresses of every state entry's moments), ``moments_unchanged``
+    (whether they are still those)."""
     if name not in _extension_functions:
         from . import _ext
 
         _extension_functions[name] = getattr(_ext.module(), name, None)
     return _extension_functions[name]
+
+
+def _group_signature() -> Optional[Callable[[list], Optional[tuple]]]:
+    return _extension_function("group_signature")
 
 
 def _native_signature(signature_of, params: list) -> Optional[tuple]:

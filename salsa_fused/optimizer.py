@@ -338,8 +338,8 @@ class FusedSaLSa(Optimizer):
     # ------------------------------------------------------------------ setup
     @staticmethod
     def _validate_group_hyper(group: dict, keys: Tuple[str, ...] = _GROUP_HYPER_KEYS) -> None:
-        lacking = [key for key in keys if key not in group]
-        if lacking:
+        if not all(map(group.__contains__, keys)):
+            lacking = [key for key in keys if key not in group]
             raise ValueError(f"a param group has no {', '.join(map(repr, lacking))}: every step reads it "
                              "(deleted by hand?); nothing was written")
         lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]

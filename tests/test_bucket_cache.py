@@ -22,9 +22,8 @@ def signature_path(request, monkeypatch):
     if request.param == "native" and SIGNATURE is None:
         pytest.skip("the C++ extension is not built (salsa_fused._C.group_signature)")
     native = request.param == "native"
-    monkeypatch.setattr(buckets, "_signature_function", [SIGNATURE if native else None])
     monkeypatch.setattr(buckets, "_extension_functions", {} if native else {
-        "moments_signature": None, "moments_unchanged": None})
+        "group_signature": None, "moments_signature": None, "moments_unchanged": None})
     return request.param
 
 
