@@ -8,6 +8,7 @@ in sorted order (deterministic on one Python version), split 90/10 into train/va
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import sysconfig
@@ -149,3 +150,20 @@ class GPT(nn.Module):
             (decay if param.dim() >= 2 else no_decay).append(param)
         return [{"params": decay, "weight_decay": weight_decay},
                 {"params": no_decay, "weight_decay": 0.0}]
+
+
+def main(argv=None) -> None:
+    """``python examples/gpt.py``: what this module defines; training is ``pretrain_gpt.py``."""
+    parser = argparse.ArgumentParser(
+        description="The byte-level GPT and the standard-library corpus that the examples train. "
+                    "This module only defines them; train with: python examples/pretrain_gpt.py "
+                    "(--help lists its flags).")
+    parser.parse_args(argv)
+    config = GPTConfig()
+    count = sum(p.numel() for p in GPT(config).parameters())
+    print(f"GPT {config.n_layer} layers x {config.n_embd} (block {config.block_size}, vocabulary "
+          f"{config.vocab_size}): {count:,} parameters. Train it: python examples/pretrain_gpt.py")
+
+
+if __name__ == "__main__":
+    main()

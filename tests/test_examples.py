@@ -113,6 +113,16 @@ def test_the_script_says_what_is_wrong_in_one_line(tmp_path, flags, message):
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
 
 
+def test_the_model_module_run_by_path_says_what_it_is_and_where_training_is():
+    import subprocess
+
+    script = os.path.join(ROOT, "examples", "gpt.py")
+    for flags, expected in ([["--help"], "train with: python examples/pretrain_gpt.py"],
+                            [[], "10,844,160 parameters. Train it: python examples/pretrain_gpt.py"]):
+        result = subprocess.run([sys.executable, script, *flags], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and expected in " ".join(result.stdout.split()), result.stdout + result.stderr
+
+
 def test_pretrain_gpt_finishes_without_tqdm_and_matplotlib(tmp_path, monkeypatch, capsys):
     """Without the examples extra the demo says so in one line each, and still trains,
     logs every step and saves its checkpoint."""
