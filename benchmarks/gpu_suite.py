@@ -147,6 +147,7 @@ class ExtensionBuild:
         self.log_path = details / "cuda_build.log"
         self.began = time.monotonic()
         self.seconds: Optional[float] = None
+        self.stopped = False  # killed unfinished: its lock file is gone, nothing of it is loadable
         self.log = log
         self._log_file = open(self.log_path, "w", encoding="utf-8")
         code = ("import sys, torch; from salsa_fused import _ext; from salsa_fused.backends import cpp_backend; "
@@ -171,12 +172,17 @@ class ExtensionBuild:
         return self.process.poll() == 0
 
     def stop(self) -> None:
+        """Kill an unfinished build, and remove the lock torch's JIT holds while it builds: a
+        later load would otherwise wait on that lock for ever (torch's FileBaton)."""
         if self.process.poll() is None:
             try:
                 os.killpg(self.process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             self.process.wait()
+            self.stopped = True
+            for lock in Path(self.env["TORCH_EXTENSIONS_DIR"]).glob("*/lock"):
+                lock.unlink(missing_ok=True)
         self._log_file.close()
 
 
@@ -216,6 +222,12 @@ class Suite:
             waited = time.monotonic()
             self.build.wait(limit - 20)  # leave the stage time to run on what was built
             limit -= time.monotonic() - waited
+            if self.build.stopped:  # loading it would start the build again, in the stage's last seconds
+                record.update(status="failed", seconds=round(time.monotonic() - waited, 1),
+                              reason="the background build of the extension did not finish in time "
+                                     "(details/cuda_build.log)")
+                self.log(f"== {stage.name}: failed, the build did not finish")
+                return record
             env = {**self.build.env, "SALSA_GPU_SUITE_BUILD_SECONDS": str(self.build.seconds or "")}
         else:
             env = self.stage_env(stage, env)

@@ -196,6 +196,26 @@ def test_host_overhead_runs_on_the_background_build_once_it_succeeded(tmp_path):
         assert suite.stage_env(stages["kernel_timing"], plain) is plain
 
 
+def test_a_build_stopped_unfinished_fails_its_stage_and_leaves_no_lock(tmp_path):
+    """A build killed at its limit leaves torch's JIT lock; loading again in the stage would wait
+    on it until the stage's own limit. The stage is failed at once, and the lock removed."""
+    import subprocess
+
+    lock = tmp_path / "torch_extensions" / "salsa_fused_jit" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    build = gpu_suite.ExtensionBuild.__new__(gpu_suite.ExtensionBuild)
+    build.env = {"TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions")}
+    build.began, build.seconds, build.stopped, build.log = 0.0, None, False, lambda message: None
+    build._log_file = open(tmp_path / "cuda_build.log", "w", encoding="utf-8")
+    build.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    suite = gpu_suite.Suite(tmp_path, smoke=True, budget=60, details=tmp_path)
+    suite.build = build
+    record = suite.run_stage(gpu_suite.Stage("cuda_extension", 21, 21, "the extension"), dict(os.environ))
+    assert record["status"] == "failed" and "did not finish" in record["reason"], record
+    assert build.process.poll() is not None and not lock.exists()
+
+
 def test_unknown_stage_names_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         gpu_suite.main(["--out", str(tmp_path), "--smoke", "--stages", "kernel_timing,warp_drive"])
