@@ -82,14 +82,14 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["salsa_fused", "salsa_fused.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4"],
     extras_require={
         "triton": ["triton>=3.0"],
         # examples/pretrain_gpt.py: progress bar and plot
         "examples": ["tqdm", "matplotlib"],
         # every package the tests and the benchmarks they run import; Triton runs the kernels
         # on the CPU interpreter there, so the kernel tests need it on every machine
-        "test": ["pytest", "pytest-timeout", "pytest-benchmark", "triton>=3.0", "salsa-optimizer==0.1.0",
+        "test": ["pytest", "numpy", "pytest-timeout", "pytest-benchmark", "triton>=3.0", "salsa-optimizer==0.1.0",
                  "transformers", "accelerate", "lightning", "matplotlib", "scikit-learn",
                  "prodigyopt", "schedulefree", "prodigy-plus-schedule-free", "tqdm"],
     },

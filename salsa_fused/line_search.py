@@ -14,19 +14,56 @@ search, ``L`` the search interval.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Optional
 
-import numpy as np
-
 from .rules import SEARCH_ARGUMENTS, FinalMove, Verdict
 
-_f32 = np.float32
+
+class _f32(float):
+    """A float32 scalar: its value, the other operand and every ``+ - * /`` result rounded to
+    float32 (to nearest, overflow to inf), as ``numpy.float32``'s arithmetic (numpy 2's rules for a
+    Python float operand), without numpy. A float32 sum, difference, product or quotient computed
+    in float64 and rounded once more is the correctly rounded float32 result (53 >= 2 x 24 + 2)."""
+
+    __slots__ = ()
+
+    def __new__(cls, value=0.0):
+        return float.__new__(cls, ctypes.c_float(float(value)).value)
+
+    def _other(self, other) -> float:
+        return float(_f32(other))
+
+    def __add__(self, other):
+        return _f32(float(self) + self._other(other))
+
+    def __radd__(self, other):
+        return _f32(self._other(other) + float(self))
+
+    def __sub__(self, other):
+        return _f32(float(self) - self._other(other))
+
+    def __rsub__(self, other):
+        return _f32(self._other(other) - float(self))
+
+    def __mul__(self, other):
+        return _f32(float(self) * self._other(other))
+
+    def __rmul__(self, other):
+        return _f32(self._other(other) * float(self))
+
+    def __truediv__(self, other):
+        return _f32(float(self) / self._other(other))
+
+    def __rtruediv__(self, other):
+        return _f32(self._other(other) / float(self))
+
 
 #: The largest float32: every level, trial and applied step goes to the passes in float32.
-FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_MAX = float(_f32(3.4028234663852886e38))
 
 #: ``s`` below this skips the search (0.1.0's guard, compared in fp32).
 MIN_SLOPE_AVG = 1e-8
@@ -35,6 +72,12 @@ INITIAL_STEP_SIZE_AVERAGE = 1e-8
 #: Smoothing of the fast and slow step-size averages that set the interval.
 FAST_SMOOTHING = 0.9
 SLOW_SMOOTHING = 0.99
+
+
+def _is_bool(value) -> bool:
+    """True or False, also as a numpy bool scalar (read from a config file, say)."""
+    return isinstance(value, bool) or (getattr(getattr(value, "dtype", None), "kind", None) == "b"
+                                       and getattr(value, "shape", None) == ())
 
 
 def _fp32(x: float) -> float:
@@ -62,7 +105,7 @@ class SearchConfig:
         for name in ("max_trials", "max_search_interval", "always_search_steps"):
             if isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
-        if not isinstance(self.adaptive_interval, (bool, np.bool_)):
+        if not _is_bool(self.adaptive_interval):
             raise ValueError(f"adaptive_interval must be True or False, got {self.adaptive_interval!r}")
         if not 0.0 < self.c < 1.0:
             raise ValueError(f"c must lie in (0, 1), got {self.c}")

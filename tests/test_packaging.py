@@ -77,3 +77,30 @@ def test_every_public_submodule_is_an_attribute_after_a_plain_import():
             "print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_the_package_imports_and_searches_without_numpy():
+    """numpy is not a requirement: a bare CUDA torch (a borrowed GPU machine) may lack it. With
+    its import blocked, every submodule imports and a searching run ends bitwise as with numpy."""
+    package = Path(__file__).resolve().parents[1] / "salsa_fused"
+    public = sorted(path.stem if path.is_file() else path.name for path in package.iterdir()
+                    if not path.name.startswith("_") and (path.suffix == ".py" or (path / "__init__.py").exists()))
+    code = ("import sys, warnings\n"
+            "if sys.argv[1] == 'blocked':\n"
+            "    sys.modules['numpy'] = None\n"
+            "warnings.simplefilter('ignore')\n"
+            "import importlib, torch\n"
+            "from salsa_fused import FusedSaLSa\n"
+            f"for name in {public!r}:\n"
+            "    importlib.import_module('salsa_fused.' + name)\n"
+            "torch.manual_seed(0)\n"
+            "model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))\n"
+            "opt = FusedSaLSa(model.parameters(), backend='torch')\n"
+            "x = torch.randn(64, 4); y = x.sum(1, keepdim=True).sin()\n"
+            "for _ in range(30):\n"
+            "    opt.zero_grad(); opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))\n"
+            "print(opt.num_forward_evals, opt.step_size.hex(), [p.sum().item().hex() for p in model.parameters()])")
+    runs = [subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True, timeout=120)
+            for how in ("blocked", "imported")]
+    assert all(run.returncode == 0 for run in runs), runs[0].stderr[-2000:] + runs[1].stderr[-2000:]
+    assert runs[0].stdout == runs[1].stdout and int(runs[0].stdout.split()[0]) > 30, runs[0].stdout
