@@ -197,12 +197,26 @@ def device_name(device) -> str:
     return f"{_cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+#: Where measurements are appended: a run that adds rows there leaves the code as committed.
+RESULT_DIRECTORIES = ("benchmarks/results", "benchmarks/quality/results")
+
+
+def git_commit(root: Optional[str] = None) -> str:
+    """HEAD's short hash in ``root`` (this checkout), with ``+dirty`` when tracked files outside the
+    result directories differ from it (the measured code is then not that commit's); "unknown"
+    without git."""
+    root = root or Path(__file__).resolve().parents[1]
+
+    def git(*args) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    if commit != "unknown" and git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                                   *(f":(exclude){path}" for path in RESULT_DIRECTORIES)):
+        commit += "+dirty"
+    return commit
 
 
 def command_line() -> str:
@@ -231,7 +245,7 @@ def environment(device) -> Dict[str, str]:
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command_line(),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
     }
 

@@ -61,3 +61,28 @@ def test_name_pairs_maps_each_item_and_names_the_form_on_a_malformed_one():
     for bad in ("no-equals", "=b", "a="):
         with pytest.raises(ValueError, match="expected --alias NAME=AS"):
             name_pairs([bad], "--alias NAME=AS")
+
+
+def test_the_commit_is_marked_dirty_by_code_edits_not_by_appended_results(tmp_path):
+    """Benchmark rows name the commit they measured; an uncommitted edit of code marks it ``+dirty``,
+    rows appended under a result directory do not (the GPU suite's rows once named a stale commit)."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    rows = tmp_path / "benchmarks" / "results" / "rows.jsonl"
+    rows.parent.mkdir(parents=True)
+    rows.write_text("{}\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "init")
+    clean = C.git_commit(str(tmp_path))
+    assert len(clean) == 12 and not clean.endswith("+dirty")
+    rows.write_text("{}\n{}\n")
+    assert C.git_commit(str(tmp_path)) == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert C.git_commit(str(tmp_path)) == clean + "+dirty"
+    assert C.git_commit(str(tmp_path / "missing")) == "unknown"

@@ -35,7 +35,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 from collections import defaultdict
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -83,22 +82,12 @@ def lr_of(config: str) -> Optional[float]:
     return None
 
 
-RESULTS_PATHSPEC = ":(exclude)benchmarks/quality/results"
-
-
 def _provenance() -> dict:
-    """Commit (with a ``+dirty`` mark when tracked files other than the result rows have uncommitted
-    changes: a run appending to a committed rows file leaves the code as committed), versions, and
-    the backend FusedSaLSa configurations run on (``optimizers.BACKEND`` resolved on the CPU)."""
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=_ROOT, capture_output=True, text=True,
-                                  timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--untracked-files=no", "--", ".", RESULTS_PATHSPEC):
-        commit += "+dirty"
+    """Commit (``benchmarks._common.git_commit``: ``+dirty`` when tracked files other than the result
+    rows have uncommitted changes), versions, and the backend FusedSaLSa configurations run on
+    (``optimizers.BACKEND`` resolved on the CPU)."""
+    from benchmarks._common import git_commit
+    commit = git_commit(_ROOT)
     from importlib import metadata
     versions = {"python": platform.python_version()}
     for package in ("salsa-fused", "torch", "prodigyopt", "schedulefree", "prodigy-plus-schedule-free",
