@@ -271,10 +271,14 @@ class Suite:
         summary = {"smoke": self.smoke, "budget_s": self.budget,
                    "elapsed_s": round(time.monotonic() - self.started, 1), "date": _now(),
                    "stages": self.stages, "rows": len(rows)}
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-        (self.out / "summary.md").write_text(summary_markdown(summary, rows), encoding="utf-8")
-        with tarfile.open(self.out / "details.tar.gz", "w:gz") as archive:
+        # each file written beside and renamed over: a run killed while writing keeps the last whole one
+        for name, text in (("summary.json", json.dumps(summary, indent=1) + "\n"),
+                           ("summary.md", summary_markdown(summary, rows))):
+            (self.out / f".{name}.partial").write_text(text, encoding="utf-8")
+            os.replace(self.out / f".{name}.partial", self.out / name)
+        with tarfile.open(self.out / ".details.tar.gz.partial", "w:gz") as archive:
             archive.add(self.details, arcname="details")
+        os.replace(self.out / ".details.tar.gz.partial", self.out / "details.tar.gz")
 
 
 def _cell(value) -> str:
@@ -326,7 +330,7 @@ def main(argv=None) -> int:
         parser.error(f"--budget must be a finite number of seconds > 0, got {args.budget}")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    leftovers = [p.name for p in out.iterdir() if p.name in OUT_FILES]
+    leftovers = [p.name for p in out.iterdir() if p.name in OUT_FILES or p.name.endswith(".partial")]
     for name in leftovers:  # after every refusal: a refused call leaves an earlier run's results
         (out / name).unlink()  # a fresh run: rows are appended, so an old file would mix runs
     budget = (args.budget if args.budget is not None else (SMOKE_BUDGET_S if args.smoke else TOTAL_BUDGET_S)) * args.slow
