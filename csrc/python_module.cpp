@@ -26,20 +26,30 @@
 namespace {
 
 // Per param: the Python object, the weight's data pointer, its gradient's data pointer, its
-// gradient's dtype plus one, and 1 when the gradient's strides are the weight's (2 otherwise;
-// the last three 0 without a gradient).
-constexpr int kWordsPerParam = 5;
+// gradient's dtype plus one, 1 when the gradient's strides are the weight's (2 otherwise; these
+// three 0 without a gradient), and a hash of the weight's sizes and strides.
+constexpr int kWordsPerParam = 6;
+
+// FNV-1a over the sizes, then the strides: ``p.data = p.data.view(...)`` (or ``.t()``) keeps the
+// weight's address but not its layout, which its moments must follow.
+int64_t layout_hash(const at::Tensor& t) {
+  uint64_t hash = 14695981039346656037ull;
+  for (const int64_t size : t.sizes()) hash = (hash ^ static_cast<uint64_t>(size)) * 1099511628211ull;
+  hash = (hash ^ 0xffull) * 1099511628211ull;  // between the two lists
+  for (const int64_t stride : t.strides()) hash = (hash ^ static_cast<uint64_t>(stride)) * 1099511628211ull;
+  return static_cast<int64_t>(hash);
+}
 
 // group_signature(params: list[Tensor]) -> (grads: list[Tensor | None], signature: bytes) | None
 //
 // ``grads[i]`` is ``params[i].grad``; ``signature`` packs, per param, ``id(param)``,
-// ``param.data_ptr()``, and the gradient's ``data_ptr()``, dtype and whether its strides are the
-// weight's (zeros without one). Two equal signatures mean the same param objects on the same
-// storage, with gradients at the same addresses of the same dtypes, each laid out as its weight
-// or not as before (a gradient at a seen address with a transpose's strides is new). None when
-// ``params`` is not a list, or some entry is not a tensor or has no storage (a DTensor's
-// wrapper, a sparse gradient): the caller then takes its Python path, which handles and names
-// those.
+// ``param.data_ptr()``, the gradient's ``data_ptr()``, dtype and whether its strides are the
+// weight's (zeros without one), and the weight's layout. Two equal signatures mean the same param
+// objects on the same storage in the same layouts, with gradients at the same addresses of the
+// same dtypes, each laid out as its weight or not as before (a gradient at a seen address with a
+// transpose's strides is new). None when ``params`` is not a list, or some entry is not a tensor or
+// has no storage (a DTensor's wrapper, a sparse gradient): the caller then takes its Python path,
+// which handles and names those.
 PyObject* group_signature(PyObject* /*module*/, PyObject* params) {
   HANDLE_TH_ERRORS
   if (!PyList_Check(params)) Py_RETURN_NONE;
@@ -61,6 +71,7 @@ PyObject* group_signature(PyObject* /*module*/, PyObject* params) {
     }
     word[0] = reinterpret_cast<int64_t>(item);
     word[1] = reinterpret_cast<int64_t>(param.unsafeGetTensorImpl()->data());
+    word[5] = layout_hash(param);
     const at::Tensor& grad = param.grad();
     if (!grad.defined()) {
       Py_INCREF(Py_None);

@@ -91,9 +91,13 @@ def check_moments(p: torch.Tensor, state: Mapping) -> None:
         if (moment.dtype != torch.float32 or moment.layout != torch.strided or moment.is_meta
                 or moment.device != p.device or moment.shape != p.shape
                 or _local(moment).shape != _local(p).shape):
+            reshaped = (moment.shape != p.shape and moment.dtype == torch.float32 and moment.numel() == p.numel())
+            cause = ("the parameter reshaped after its moments were made, by p.data = p.data.view(...) or "
+                     ".t()? Reshape the module's tensors before building the optimizer, or reshape opt.state[p]'s "
+                     "moments alike" if reshaped else "changed by hand?")
             raise ValueError(f"{where} holds {name!r} as a {moment.dtype} tensor of shape {tuple(moment.shape)} on "
                              f"{moment.device}{' (meta)' if moment.is_meta else ''}: the moments are float32 "
-                             f"tensors of the parameter's shape on its device ({p.device}) (changed by hand?); "
+                             f"tensors of the parameter's shape on its device ({p.device}) ({cause}); "
                              "nothing was written")
 
 
@@ -128,6 +132,9 @@ class _GroupEntry:
 
     param_ids: Tuple[int, ...]
     weight_pointers: Tuple[int, ...]
+    #: each weight's strides: ``p.data = p.data.view(...)`` (or ``.t()``) keeps its address, not its
+    #: strides, which its moments must follow
+    weight_strides: Tuple[tuple, ...]
     has_grad: Tuple[bool, ...]
     distributed: bool  # some param is a DTensor: read local shards
     slots: List[_Slot]
@@ -228,12 +235,14 @@ class BucketCache:
             else:
                 grads, signature = list(map(_grad_of, params)), None
             try:
-                weight_pointers = tuple(map(_data_ptr, map(_local_of, params) if distributed else params))
+                weights = list(map(_local_of, params)) if distributed else params
+                weight_pointers = tuple(map(_data_ptr, weights))
             except (AttributeError, RuntimeError):  # a param became (or stopped being) a DTensor
                 weight_pointers = None
             has_grad = tuple(map(_has_value, grads))
             if (entry is None or weight_pointers is None or entry.weight_pointers != weight_pointers
-                    or entry.has_grad != has_grad or entry.param_ids != tuple(map(id, params))):
+                    or entry.has_grad != has_grad or entry.param_ids != tuple(map(id, params))
+                    or entry.weight_strides != tuple(map(_stride_of, weights))):
                 if not repeats_checked:
                     refuse_repeated_params(param_groups)
                     repeats_checked = True
@@ -312,8 +321,9 @@ class BucketCache:
             slots.append(_Slot(bucket, params, None if whole else positions,
                                None if whole else operator.itemgetter(*positions),
                                tuple(p.shape for p in chosen)))
-        weight_pointers = tuple(_data_ptr(_local(p)) for p in params)
-        return _GroupEntry(tuple(map(id, params)), weight_pointers, has_grad, distributed, slots)
+        weights = [_local(p) for p in params]
+        return _GroupEntry(tuple(map(id, params)), tuple(map(_data_ptr, weights)), tuple(map(_stride_of, weights)),
+                           has_grad, distributed, slots)
 
 
 
