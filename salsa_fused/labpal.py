@@ -193,6 +193,12 @@ class LABPALRule:
 
     keeps_state_from_first_step = True  # its scalars in SearchState.rule_state (rules.check_rule_state)
 
+    @staticmethod
+    def initial_rule_state() -> dict:
+        """The rule state before the first step, with every key (``FusedSaLSa.state_dict`` writes it
+        for a run that has not stepped, so that torch.distributed.checkpoint finds each key to load)."""
+        return _initial_state()
+
     mode: str = "NSGD"
     approximation_batches: int = 10
     sgd_steps: int = 1000

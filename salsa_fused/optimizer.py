@@ -591,7 +591,13 @@ class FusedSaLSa(Optimizer):
             pre_hook(self)
         with _torch_hooks_suspended(self, "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks"):
             state_dict = super().state_dict()
-        state_dict["param_groups"][0][_SEARCH_KEY] = self._search.to_dict()  # a deep copy
+        search = self._search.to_dict()  # a deep copy
+        initial = getattr(self.search_rule, "initial_rule_state", None)
+        if not search["rule_state"] and initial is not None:
+            # every key the rule will keep, before its first step too: torch.distributed.checkpoint
+            # loads into the state dict of a fresh optimizer and fills only the keys it finds there
+            search["rule_state"] = initial()
+        state_dict["param_groups"][0][_SEARCH_KEY] = search
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:

@@ -39,6 +39,9 @@ behaviour):
   schedule freezes the level, or every group's lr is 0); by default the plan without its search;
 - ``check_state(rule_state)``: raise ValueError on a ``SearchState.rule_state`` no run of the rule
   can reach (``load_state_dict`` calls it before anything changes);
+- ``initial_rule_state() -> dict``: the ``rule_state`` before the first step, every key present;
+  ``state_dict()`` writes it for a run that has not stepped (torch.distributed.checkpoint loads only
+  the keys it finds in a fresh optimizer's state dict);
 - ``tracks_level_peak = True``: its searches keep ``SearchState.step_size_fast_peak`` (the peak of
   the level's fast average) as :class:`ArmijoSearch` does; a schedule's ``freeze_below`` reads it
   and is refused under a rule without it.

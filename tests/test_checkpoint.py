@@ -8,6 +8,7 @@ state through torch.distributed.checkpoint) versions are in test_distributed.py.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import warnings
 
@@ -116,3 +117,80 @@ def test_distributed_checkpoint_resume_continues_identically(batches, tmp_path):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
         _resume_check(batches, save, load)
+
+
+def _labpal_run(model, opt, steps):
+    for step in steps:
+        opt.zero_grad()
+
+        def closure(i, step=step):
+            g = torch.Generator().manual_seed(10_000 * step + i)
+            x = torch.randn(16, 8, generator=g)
+            return torch.nn.functional.mse_loss(model(x), x[:, :1].sin())
+
+        opt.step(closure)
+
+
+def test_labpal_resumes_through_distributed_checkpoint_into_a_fresh_optimizer(tmp_path):
+    """dcp.load fills only the keys of the fresh optimizer's state dict: LABPAL's scalars must be
+    there before its first step, or they are dropped and the load is refused."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    from salsa_fused.labpal import LABPALRule
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        rule = LABPALRule("NSGD", approximation_batches=3, sgd_steps=5)
+        return model, FusedSaLSa(model.parameters(), search_rule=rule, backend="torch")
+
+    model, opt = build()
+    _labpal_run(model, opt, range(20))
+    expected = [p.detach().clone() for p in model.parameters()]
+    model, opt = build()
+    _labpal_run(model, opt, range(12))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=str(tmp_path))
+        model, opt = build()
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(state, checkpoint_id=str(tmp_path))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+    _labpal_run(model, opt, range(12, 20))
+    for a, b in zip(expected, model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_distributed_checkpoint_without_a_later_search_field_loads_as_docs_training_says(tmp_path):
+    """docs/training.md: dcp.load refuses a checkpoint whose search state lacks a field added since
+    (an earlier version's); with allow_partial_load the field keeps its starting value, as a
+    torch.save checkpoint of that version gets."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    x, y = torch.randn(16, 8), torch.randn(16, 1)
+    for _ in range(5):
+        opt.zero_grad()
+        opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+    saved = get_optimizer_state_dict(model, opt)
+    del saved["param_groups"][0]["search"]["scale_hold"]  # as a version before that field wrote it
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
+        dcp.save({"optim": saved}, checkpoint_id=str(tmp_path))
+        fresh = FusedSaLSa(model.parameters(), backend="torch")
+        state = {"optim": get_optimizer_state_dict(model, fresh)}
+        with pytest.raises((RuntimeError, dcp.api.CheckpointException),  # the latter wraps it in one process
+                           match="Missing key in checkpoint state_dict: optim.param_groups.0.search.scale_hold"):
+            dcp.load(state, checkpoint_id=str(tmp_path))
+        state = {"optim": get_optimizer_state_dict(model, fresh)}
+        dcp.load(state, checkpoint_id=str(tmp_path), planner=DefaultLoadPlanner(allow_partial_load=True))
+    set_optimizer_state_dict(model, fresh, state["optim"])
+    assert fresh.search_state == dataclasses.replace(opt.search_state, scale_hold=fresh.search_state.scale_hold)
+    assert fresh.search_state.scale_hold == type(opt.search_state)().scale_hold
