@@ -58,7 +58,9 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 def check_gradient(p: torch.Tensor, grad: torch.Tensor) -> None:
     """Raise RuntimeError naming the problem when ``grad`` cannot be a gradient of ``p``."""
     if grad.is_sparse or grad.layout != torch.strided:
-        raise RuntimeError("FusedSaLSa does not support sparse gradients")
+        raise RuntimeError(f"FusedSaLSa does not support sparse gradients (a parameter of shape {tuple(p.shape)} has "
+                           f"a {grad.layout} gradient): build nn.Embedding / nn.EmbeddingBag with sparse=False, "
+                           "the default")
     if grad.is_complex():
         raise RuntimeError("FusedSaLSa does not support complex gradients")
     if grad.device != p.device:
