@@ -6,8 +6,8 @@ The presets here are other fixed configurations, with nothing to tune per task:
 - ``"faithful"``: the published defaults (the same as ``FusedSaLSa(params)``).
 - ``"author_gpt"``: the author's GPT-2 pretraining settings: ``beta3=0.99``, momentum in the
   trial direction, weight decay 0.1.
-- ``"pretrain"``: the recommended configuration from the quality suite
-  (``benchmarks/quality``, README "Quality: no learning rate vs tuned AdamW"): momentum in
+- ``"pretrain"``: the configuration for training from scratch from the quality suite
+  (``benchmarks/quality``, docs/quality.md; not recommended yet, its targets are unmet): momentum in
   the trial direction, weight decay 0.1 (on tensors of 2+ dimensions when handed plain
   tensors), ``beta3=0.95`` (the smoothing of the Armijo test), and a schedule on the applied
   step (:class:`~salsa_fused.step_size.WarmupStableDecay` with ``warmup=0.2, decay=0.8,

@@ -137,7 +137,7 @@ class SearchRule(Protocol):
     """Starts the search of a search step; chooses the direction its trials move along."""
 
     def direction(self, configured: str) -> str:
-        """The trial direction (``"gradient"`` or ``"momentum"``) given ``search_direction``."""
+        """The trial direction (``"gradient"``, ``"momentum"`` or ``"raw"``) given ``search_direction``."""
 
     def __call__(self, plan: "StepPlan", config: "SearchConfig", loss: float, slope: float) -> Search:
         """The search of this step: ``loss`` is ``f(w0)``, ``slope`` is ``q = sum lr_g * g.d``."""
