@@ -40,9 +40,11 @@ namespace salsa_cpu {
 #endif
 #define SALSA_CPU_ISA avx2
 #define SALSA_CPU_STREAMING_STORES 1
+#define SALSA_CPU_F16C 1
 namespace salsa_cpu {
 #include "span_kernels.h"
 }
+#undef SALSA_CPU_F16C
 #undef SALSA_CPU_STREAMING_STORES
 #undef SALSA_CPU_ISA
 #if defined(__clang__)

@@ -31,6 +31,7 @@ SOURCE = """
 #pragma GCC target("avx2,fma,f16c")
 #define SALSA_CPU_ISA avx2
 #define SALSA_CPU_STREAMING_STORES 1
+#define SALSA_CPU_F16C 1
 namespace salsa_cpu {
 #include "cpu/span_kernels.h"
 }
