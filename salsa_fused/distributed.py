@@ -25,8 +25,9 @@ their weights are sharded (replicated weights would count more than once in ``q`
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -86,6 +87,18 @@ class SearchReduction:
         value = torch.tensor([float(flag)], device=device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.loss_group)
         return bool(value.item())
+
+    def differing(self, texts: Dict[str, str], device: Optional[torch.device] = None) -> List[str]:
+        """The names whose text is not the same on every rank of the loss group. One all-reduce (MAX) of
+        a 48-bit hash per name and of its negation: each rank learns the largest and the smallest."""
+        if self.loss_group is None:
+            return []
+        names = sorted(texts)
+        hashes = [float(int.from_bytes(hashlib.sha256(texts[name].encode()).digest()[:6], "big")) for name in names]
+        extremes = torch.tensor(hashes + [-h for h in hashes], dtype=torch.float64, device=device)
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=self.loss_group)
+        highest, lowest = extremes[:len(names)].tolist(), extremes[len(names):].tolist()
+        return [name for name, high, low in zip(names, highest, lowest) if high != -low]
 
     def sum_over_shards(self, partial_sum: torch.Tensor) -> torch.Tensor:
         """Sum of a shard's partial ``q`` over the shard group (no-op for replicated weights)."""

@@ -394,6 +394,7 @@ class FusedSaLSa(Optimizer):
                         "was written")
 
     def add_param_group(self, param_group: dict) -> None:
+        self.__dict__["_ranks_agree"] = False  # compared across ranks again at the next step
         _refuse_unsupported_flags(**{name: param_group[name] for name in _UNSUPPORTED_FLAGS if name in param_group})
         params = param_group["params"]
         _refuse_a_set(params)
@@ -609,6 +610,7 @@ class FusedSaLSa(Optimizer):
         the parameter dtype) and validate everything before anything changes. The load hooks see
         the whole state dict, moments and search state included (a pre hook may return a
         replacement), and post hooks run once it is all loaded."""
+        self._ranks_agree = False  # compared across ranks again at the next step
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
@@ -1078,6 +1080,8 @@ class FusedSaLSa(Optimizer):
         # kept once the step commits; freeze_below is checked with the rule here (a schedule assigned later)
         state = freeze_if_collapsed(self.schedule, self._search, self._search.step + 1, rule)
         backs_off_on_loss_rise(self.schedule)  # a schedule's options are checked before anything is written
+        if self.reduction.loss_group is not None and not self.__dict__.get("_ranks_agree", False):
+            self._refuse_ranks_that_differ(state)  # at the first step, and after a load or a new group
         plan = plan_step(rule, state, config)
         scale = applied_scale(self.schedule, state, plan.state.step)
         if self.schedule is not None:
@@ -1179,6 +1183,34 @@ class FusedSaLSa(Optimizer):
         # the generators end where the step's one forward left them, the running statistics too
         _leave_random_state(rng_after, running)
         return loss_tensor.detach() if one_phase else loss
+
+    def _refuse_ranks_that_differ(self, state: SearchState) -> None:
+        """Every data-parallel rank must run the same search: ranks built or loaded otherwise (another
+        init_step_size, preset or group) run other trials, their weights part, and their collectives
+        fall out of step until a timeout that names nothing. One all-reduce; every rank raises alike."""
+        def described(value) -> str:
+            return repr(value) if value is None or dataclasses.is_dataclass(value) else type(value).__name__
+
+        def plain(value) -> str:
+            return repr(value) if isinstance(value, (bool, int, float, str, tuple, list, type(None))) else \
+                type(value).__name__
+
+        groups = [(len(g["params"]), sum(p.numel() for p in g["params"]),
+                   sorted((key, plain(value)) for key, value in g.items() if key not in ("params", "search_lr")))
+                  for g in self.param_groups]
+        texts = {"search constants": repr(self.search_config), "search_rule": described(self.search_rule),
+                 "search_direction": repr(self.search_direction), "restore": repr(self.restore_strategy),
+                 "nonfinite": repr(self.nonfinite), "schedule": described(self.schedule), "param_groups": repr(groups),
+                 "search state": repr(dataclasses.asdict(state))}
+        differing = self.reduction.differing(texts, self._device)
+        if differing:
+            mine = "; ".join(f"{name} = {texts[name]}" for name in differing)
+            raise ValueError(
+                f"FusedSaLSa is not the same on the {self.reduction.loss_ranks} data-parallel ranks: "
+                f"{', '.join(differing)} differ (this rank's: {mine[:800]}). Build every rank's optimizer alike "
+                "(arguments, preset, param groups) and load the same checkpoint: ranks that search otherwise part "
+                "their weights and their collectives. Nothing was stepped")
+        self._ranks_agree = True
 
     def _passes(self, plan, scale: float, forwards: int, backwards: int) -> Optional[F.Passes]:
         """The backend's passes over this step's buckets (gradients checked), the step's forward

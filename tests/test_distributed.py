@@ -652,3 +652,44 @@ def _uneven_inputs_job(rank: int, out_dir: str) -> None:
 
 def test_ddp_uneven_inputs_under_join_that_throws_stop_every_rank_alike(tmp_path):
     spawn_in_gloo_group(_uneven_inputs_job, str(tmp_path), WORLD, timeout_s=60)
+
+
+def _ranks_that_differ_job(rank: int, out_dir: str) -> None:
+    """Ranks built otherwise search otherwise: their weights parted and the job stalled at a later
+    collective with gloo's timeout, naming nothing. Refused on every rank at the first step."""
+    cases = {
+        "init_step_size": (lambda params: FusedSaLSa(params, backend="torch", init_step_size=0.5 if rank else 1.0),
+                           "search state"),
+        "a group": (lambda params: FusedSaLSa(params if rank else [{"params": params[:2]}, {"params": params[2:]}],
+                                              backend="torch"), "param_groups"),
+        "the preset": (lambda params: FusedSaLSa(params, backend="torch", beta3=0.95 if rank else 0.9),
+                       "search constants"),
+    }
+    for what, (build, named) in cases.items():
+        model = _make_model(0)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = build(list(ddp.parameters()))
+        before = _flat(ddp.parameters()).clone()
+        x, y = _batch(0, rank)
+        with pytest.raises(ValueError, match=f"not the same on the 2 data-parallel ranks: {named} differ"):
+            opt.step(lambda: F.mse_loss(ddp(x), y))
+        assert torch.equal(_flat(ddp.parameters()), before) and opt.search_state.step == 0, what
+    model = _make_model(0)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = FusedSaLSa(ddp.parameters(), backend="torch")
+    for step in range(3):  # built alike: compared once, then steps as before
+        x, y = _batch(step, rank)
+        opt.zero_grad()
+        opt.step(lambda: F.mse_loss(ddp(x), y))
+    state = opt.state_dict()
+    if rank == 1:
+        state["param_groups"][0]["search"]["step_size"] *= 2
+    opt.load_state_dict(state)  # a checkpoint that differs on one rank: compared again
+    opt.zero_grad()
+    with pytest.raises(ValueError, match="search state differ"):
+        opt.step(lambda: F.mse_loss(ddp(x), y))
+    _assert_same_on_all_ranks(_flat(ddp.parameters()), "weights")
+
+
+def test_ddp_ranks_built_or_loaded_otherwise_are_refused_alike_before_a_step(tmp_path):
+    spawn_in_gloo_group(_ranks_that_differ_job, str(tmp_path), WORLD, timeout_s=60)
