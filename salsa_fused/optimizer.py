@@ -18,6 +18,7 @@ import functools
 import inspect
 import math
 import numbers
+import re
 import warnings
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -1188,8 +1189,9 @@ class FusedSaLSa(Optimizer):
         """Every data-parallel rank must run the same search: ranks built or loaded otherwise (another
         init_step_size, preset or group) run other trials, their weights part, and their collectives
         fall out of step until a timeout that names nothing. One all-reduce; every rank raises alike."""
-        def described(value) -> str:
-            return repr(value) if value is None or dataclasses.is_dataclass(value) else type(value).__name__
+        def described(value) -> str:  # a dataclass's fields; an object's address differs on every rank
+            text = repr(value) if value is None or dataclasses.is_dataclass(value) else type(value).__name__
+            return re.sub(r" at 0x[0-9a-fA-F]+", "", text)
 
         def plain(value) -> str:
             return repr(value) if isinstance(value, (bool, int, float, str, tuple, list, type(None))) else \

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import os
 
@@ -654,6 +655,18 @@ def test_ddp_uneven_inputs_under_join_that_throws_stop_every_rank_alike(tmp_path
     spawn_in_gloo_group(_uneven_inputs_job, str(tmp_path), WORLD, timeout_s=60)
 
 
+@dataclasses.dataclass
+class _ScheduleHoldingAnObject:
+    """A schedule whose repr names an object's address, which differs on every rank."""
+    marker: object = dataclasses.field(default_factory=object)
+
+    def scale(self, step):
+        return 1.0
+
+    def searches(self, step):
+        return True
+
+
 def _ranks_that_differ_job(rank: int, out_dir: str) -> None:
     """Ranks built otherwise search otherwise: their weights parted and the job stalled at a later
     collective with gloo's timeout, naming nothing. Refused on every rank at the first step."""
@@ -676,8 +689,9 @@ def _ranks_that_differ_job(rank: int, out_dir: str) -> None:
         assert torch.equal(_flat(ddp.parameters()), before) and opt.search_state.step == 0, what
     model = _make_model(0)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    opt = FusedSaLSa(ddp.parameters(), backend="torch")
-    for step in range(3):  # built alike: compared once, then steps as before
+    objects = [object() for _ in range(10 * (rank + 1))]  # the schedules' markers at other addresses
+    opt = FusedSaLSa(ddp.parameters(), backend="torch", schedule=_ScheduleHoldingAnObject(objects[-1]))
+    for step in range(3):  # built alike (an address apart): compared once, then steps as before
         x, y = _batch(step, rank)
         opt.zero_grad()
         opt.step(lambda: F.mse_loss(ddp(x), y))
