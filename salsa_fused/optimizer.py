@@ -1189,9 +1189,8 @@ class FusedSaLSa(Optimizer):
         """Every data-parallel rank must run the same search: ranks built or loaded otherwise (another
         init_step_size, preset or group) run other trials, their weights part, and their collectives
         fall out of step until a timeout that names nothing. One all-reduce; every rank raises alike."""
-        def described(value) -> str:  # a dataclass's fields; an object's address differs on every rank
-            text = repr(value) if value is None or dataclasses.is_dataclass(value) else type(value).__name__
-            return re.sub(r" at 0x[0-9a-fA-F]+", "", text)
+        def described(value) -> str:  # a dataclass by its fields, another object by its type
+            return repr(value) if value is None or dataclasses.is_dataclass(value) else type(value).__name__
 
         def plain(value) -> str:
             return repr(value) if isinstance(value, (bool, int, float, str, tuple, list, type(None))) else \
@@ -1204,6 +1203,7 @@ class FusedSaLSa(Optimizer):
                  "search_direction": repr(self.search_direction), "restore": repr(self.restore_strategy),
                  "nonfinite": repr(self.nonfinite), "schedule": described(self.schedule), "param_groups": repr(groups),
                  "search state": repr(dataclasses.asdict(state))}
+        texts = {name: re.sub(r" at 0x[0-9a-fA-F]+", "", text) for name, text in texts.items()}  # addresses differ
         differing = self.reduction.differing(texts, self._device)
         if differing:
             mine = "; ".join(f"{name} = {texts[name]}" for name in differing)
