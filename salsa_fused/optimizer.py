@@ -395,7 +395,6 @@ class FusedSaLSa(Optimizer):
                         "was written")
 
     def add_param_group(self, param_group: dict) -> None:
-        self.__dict__["_ranks_agree"] = False  # compared across ranks again at the next step
         _refuse_unsupported_flags(**{name: param_group[name] for name in _UNSUPPORTED_FLAGS if name in param_group})
         params = param_group["params"]
         _refuse_a_set(params)
@@ -611,7 +610,6 @@ class FusedSaLSa(Optimizer):
         the parameter dtype) and validate everything before anything changes. The load hooks see
         the whole state dict, moments and search state included (a pre hook may return a
         replacement), and post hooks run once it is all loaded."""
-        self._ranks_agree = False  # compared across ranks again at the next step
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
@@ -1081,8 +1079,10 @@ class FusedSaLSa(Optimizer):
         # kept once the step commits; freeze_below is checked with the rule here (a schedule assigned later)
         state = freeze_if_collapsed(self.schedule, self._search, self._search.step + 1, rule)
         backs_off_on_loss_rise(self.schedule)  # a schedule's options are checked before anything is written
-        if self.reduction.loss_group is not None and not self.__dict__.get("_ranks_agree", False):
-            self._refuse_ranks_that_differ(state)  # at the first step, and after a load or a new group
+        if self.reduction.loss_group is not None and state.step == 0:
+            # at the first step, known alike on every rank (a per-rank flag, set again by a load on one
+            # rank only, sent that rank alone into the all-reduce)
+            self._refuse_ranks_that_differ(state)
         plan = plan_step(rule, state, config)
         scale = applied_scale(self.schedule, state, plan.state.step)
         if self.schedule is not None:
@@ -1188,7 +1188,8 @@ class FusedSaLSa(Optimizer):
     def _refuse_ranks_that_differ(self, state: SearchState) -> None:
         """Every data-parallel rank must run the same search: ranks built or loaded otherwise (another
         init_step_size, preset or group) run other trials, their weights part, and their collectives
-        fall out of step until a timeout that names nothing. One all-reduce; every rank raises alike."""
+        fall out of step until a timeout that names nothing. One all-reduce at the first step; every rank
+        raises alike."""
         def described(value) -> str:  # a dataclass by its fields, another object by its type
             return repr(value) if value is None or dataclasses.is_dataclass(value) else type(value).__name__
 
@@ -1212,7 +1213,6 @@ class FusedSaLSa(Optimizer):
                 f"{', '.join(differing)} differ (this rank's: {mine[:800]}). Build every rank's optimizer alike "
                 "(arguments, preset, param groups) and load the same checkpoint: ranks that search otherwise part "
                 "their weights and their collectives. Nothing was stepped")
-        self._ranks_agree = True
 
     def _passes(self, plan, scale: float, forwards: int, backwards: int) -> Optional[F.Passes]:
         """The backend's passes over this step's buckets (gradients checked), the step's forward
