@@ -103,6 +103,22 @@ def check_moments(p: torch.Tensor, state: Mapping) -> None:
                              "nothing was written")
 
 
+def refuse_relaid_in_place(params, weights, weight_pointers, entry: "_GroupEntry", state: Mapping) -> None:
+    """Raise ValueError when a weight with moments kept its address but not its strides since the
+    buckets were built: ``p.data = p.data.t()`` (or ``.view(...)``) moves the values, not the memory,
+    so neither a moment of the old shape nor one copied by index is that weight's."""
+    if entry.param_ids != tuple(map(id, params)):
+        return
+    for p, weight, pointer, old_pointer, old_strides in zip(params, weights, weight_pointers, entry.weight_pointers,
+                                                           entry.weight_strides):
+        if pointer == old_pointer and weight.stride() != old_strides and p in state and state[p]:
+            raise ValueError(f"a parameter of shape {tuple(p.shape)} was laid out anew at its own address (strides "
+                             f"{old_strides} -> {weight.stride()}: p.data = p.data.view(...) or .t()?) after its "
+                             "moments were made, which no longer match its elements. Reshape the module's tensors "
+                             "before building the optimizer, or lay out opt.state[p]'s moments alike; nothing was "
+                             "written")
+
+
 def refuse_repeated_params(param_groups: List[dict]) -> None:
     """Raise ValueError when a tensor is in ``param_groups`` more than once (a list changed by
     hand: the constructor and ``add_param_group`` refuse it): it would take one update per entry."""
@@ -248,6 +264,8 @@ class BucketCache:
                 if not repeats_checked:
                     refuse_repeated_params(param_groups)
                     repeats_checked = True
+                if entry is not None and weight_pointers is not None and state is not None:
+                    refuse_relaid_in_place(params, weights, weight_pointers, entry, state)
                 entry = self._build(index, params, grads, has_grad, init_state, saved_buffer, state)
                 self._groups[index] = entry
             relaid = False
