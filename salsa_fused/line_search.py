@@ -24,10 +24,11 @@ from .rules import SEARCH_ARGUMENTS, FinalMove, Verdict
 
 
 class _f32(float):
-    """A float32 scalar: its value, the other operand and every ``+ - * /`` result rounded to
-    float32 (to nearest, overflow to inf), as ``numpy.float32``'s arithmetic (numpy 2's rules for a
-    Python float operand), without numpy. A float32 sum, difference, product or quotient computed
-    in float64 and rounded once more is the correctly rounded float32 result (53 >= 2 x 24 + 2)."""
+    """A float32 scalar: its value, the other operand and every ``+ - *`` result rounded to float32
+    (to nearest, overflow to inf), as ``numpy.float32``'s arithmetic (numpy 2's rules for a Python
+    float operand), without numpy; the search needs no other operation. A float32 sum, difference or
+    product computed in float64 and rounded once more is the correctly rounded float32 result
+    (53 >= 2 x 24 + 2)."""
 
     __slots__ = ()
 
@@ -54,12 +55,6 @@ class _f32(float):
 
     def __rmul__(self, other):
         return _f32(self._other(other) * float(self))
-
-    def __truediv__(self, other):
-        return _f32(float(self) / self._other(other))
-
-    def __rtruediv__(self, other):
-        return _f32(self._other(other) / float(self))
 
 
 #: The largest float32: every level, trial and applied step goes to the passes in float32.

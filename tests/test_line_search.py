@@ -169,10 +169,10 @@ def test_the_host_float32_arithmetic_is_numpys_bit_for_bit_without_numpy():
                 expected = op(np.float32(a), np.float32(b))
                 got = op(_f32(a), _f32(b))
                 assert type(got) is _f32
-                assert np.isnan(expected) == math.isnan(got) and (math.isnan(got) or float(expected) == float(got)), \
-                    (a, b, float(expected), float(got))
+                same = np.isnan(expected) and math.isnan(got) or expected.tobytes() == np.float32(got).tobytes()
+                assert same, (a, b, float(expected), float(got))  # bytes: the sign of a zero counts
                 mixed = op(_f32(a), b)  # a Python float operand is rounded to float32 first, as _f32(b)
-                assert math.isnan(mixed) == math.isnan(got) and (math.isnan(got) or float(mixed) == float(got))
+                assert math.isnan(mixed) and math.isnan(got) or np.float32(mixed).tobytes() == np.float32(got).tobytes()
     assert FLOAT32_MAX == float(np.finfo(np.float32).max)
 
 
