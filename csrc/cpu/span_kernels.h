@@ -39,18 +39,41 @@ inline __attribute__((always_inline)) float slope_at(const G* __restrict grad, c
                               D == Direction::raw ? 0.0f : exp_avg_sq[i], s);
 }
 
+// The q terms of elements [0, n), n a multiple of LANES, added into lanes: element i into lane i % LANES.
+template <class G, Direction D, bool SCALE>
+inline __attribute__((always_inline)) void add_slope_lanes(const G* __restrict grad, const float* __restrict exp_avg,
+                                                           const float* __restrict exp_avg_sq, int64_t n,
+                                                           const Scalars& s, float grad_scale,
+                                                           float* __restrict lanes) {
+  for (int64_t i = 0; i + LANES <= n; i += LANES) {
+    for (int l = 0; l < LANES; ++l) {
+      lanes[l] += slope_at<G, D, SCALE>(grad, exp_avg, exp_avg_sq, i + l, s, grad_scale);
+    }
+  }
+}
+
+// The span's q: the lanes over its whole multiples of LANES, summed in lane order, then the tail
+// terms in order. grad, exp_avg, exp_avg_sq point at the span's first element; ``add_whole`` adds
+// the terms of [0, whole) into the lanes (from fp32 blocks, for fp16 gradients).
+template <class G, Direction D, bool SCALE, class AddWhole>
+inline __attribute__((always_inline)) double slope_in_order(const G* __restrict grad, const float* __restrict exp_avg,
+                                                            const float* __restrict exp_avg_sq, int64_t n,
+                                                            const Scalars& s, float grad_scale, AddWhole&& add_whole) {
+  float lanes[LANES] = {};
+  const int64_t whole = n - n % LANES;
+  add_whole(whole, lanes);
+  double total = 0.0;
+  for (int l = 0; l < LANES; ++l) total += lanes[l];
+  for (int64_t i = whole; i < n; ++i) total += slope_at<G, D, SCALE>(grad, exp_avg, exp_avg_sq, i, s, grad_scale);
+  return total;
+}
+
 template <class G, Direction D, bool SCALE>
 double slope_loop(const G* __restrict grad, const float* __restrict exp_avg,
                   const float* __restrict exp_avg_sq, int64_t n, const Scalars s, float grad_scale) {
-  float lanes[LANES] = {};
-  int64_t i = 0;
-  for (; i + LANES <= n; i += LANES) {
-    for (int l = 0; l < LANES; ++l) lanes[l] += slope_at<G, D, SCALE>(grad, exp_avg, exp_avg_sq, i + l, s, grad_scale);
-  }
-  double total = 0.0;
-  for (int l = 0; l < LANES; ++l) total += lanes[l];
-  for (; i < n; ++i) total += slope_at<G, D, SCALE>(grad, exp_avg, exp_avg_sq, i, s, grad_scale);
-  return total;
+  return slope_in_order<G, D, SCALE>(grad, exp_avg, exp_avg_sq, n, s, grad_scale, [&](int64_t whole, float* lanes) {
+    add_slope_lanes<G, D, SCALE>(grad, exp_avg, exp_avg_sq, whole, s, grad_scale, lanes);
+  });
 }
 
 // Pass A's direction at element i, m and v written (along raw: g, the moments untouched).
@@ -401,24 +424,15 @@ struct StagedHalf {
         constexpr Direction D = decltype(d)::value;
         constexpr bool SCALE = decltype(scale)::value;
         const fp16_bits* grad = static_cast<const fp16_bits*>(a.grad);
-        const int64_t whole = a.n - a.n % LANES;  // slope_loop's order: lanes, then the tail in order
-        float lanes[LANES] = {};
-        float g[HALF_BLOCK];
-        blocks(whole, [&](int64_t offset, int64_t n) {
-          halves_to_floats(grad + offset, g, n);
-          for (int64_t j = 0; j < n; j += LANES) {
-            for (int l = 0; l < LANES; ++l) {
-              lanes[l] += slope_at<float, D, SCALE>(g, a.exp_avg + offset, a.exp_avg_sq + offset, j + l, s,
-                                                    k.grad_scale);
-            }
-          }
-        });
-        double total = 0.0;
-        for (int l = 0; l < LANES; ++l) total += lanes[l];
-        for (int64_t j = whole; j < a.n; ++j) {
-          total += slope_at<fp16_bits, D, SCALE>(grad, a.exp_avg, a.exp_avg_sq, j, s, k.grad_scale);
-        }
-        return total;
+        return slope_in_order<fp16_bits, D, SCALE>(
+            grad, a.exp_avg, a.exp_avg_sq, a.n, s, k.grad_scale, [&](int64_t whole, float* lanes) {
+              float g[HALF_BLOCK];
+              blocks(whole, [&](int64_t offset, int64_t n) {
+                halves_to_floats(grad + offset, g, n);
+                add_slope_lanes<float, D, SCALE>(g, a.exp_avg + offset, a.exp_avg_sq + offset, n, s, k.grad_scale,
+                                                 lanes);
+              });
+            });
       });
     }
   }

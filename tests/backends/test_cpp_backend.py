@@ -545,3 +545,16 @@ def test_cuda_plain_step_guards(dtype, direction):
         cpp_backend.plain_step(untouched, plain, torch.tensor(1.0, device="cuda"),
                                found_inf=torch.ones((), device="cuda"))
     assert_buckets_equal(untouched, bucket, "skipped CUDA steps")
+
+
+@pytest.mark.parametrize("direction", [GRADIENT, MOMENTUM, RAW])
+@pytest.mark.parametrize("grad_scale", [None, 4.0])
+def test_fp16_gradients_sum_q_in_the_order_of_fp32_ones(direction, grad_scale):
+    """fp16 gradients go through fp32 blocks (F16C) while fp32 ones are read in place; both sums of q
+    must keep one order (lanes, then the tail), so the same values give the same bits."""
+    bucket = make_bucket(dtype=torch.float16, saved=False)
+    as_fp32 = Bucket(bucket.params, [g.float() for g in bucket.grads], bucket.exp_avg, bucket.exp_avg_sq, None,
+                     bucket.device, bucket.dtype, group_index=0)
+    scale = None if grad_scale is None else torch.tensor([grad_scale])
+    args = PassArgs(make_hyper(), direction=direction, grad_scale=scale)
+    assert cpp_backend.slope(bucket, args).item() == cpp_backend.slope(as_fp32, args).item()
