@@ -27,10 +27,17 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
+from .errors import ClosureFailedOnAnotherRank
+
+MIXED_FORMS = (
+    "the data-parallel ranks mix the one-phase step(closure) and the two-phase step(closure, loss=...) at step "
+    "{step}: {two_phase} of the {ranks} data-parallel ranks passed loss=. The two forms run different collectives "
+    "at a search step: use the same form on every rank. Nothing was stepped")
 
 
 def is_distributed() -> bool:
@@ -87,6 +94,41 @@ class SearchReduction:
         value = torch.tensor([float(flag)], device=device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.loss_group)
         return bool(value.item())
+
+    def exchange(self, values: torch.Tensor, two_phase: bool, failed: bool = False) -> torch.Tensor:
+        """The search's all-reduce over the loss group, with the ranks' status in it: ``values`` (1-D)
+        averaged, then three sums for :meth:`check`: the ranks stepping in the two-phase form, the ranks
+        whose forward raised, and those ranks' numbers + 1. Three more elements in the all-reduce the
+        search runs anyway, no collective of their own. No loss group: ``values`` as they are."""
+        if self.loss_group is None:
+            return values
+        rank = float(dist.get_rank() + 1) if failed else 0.0
+        payload = torch.cat([values.reshape(-1), values.new_tensor([float(two_phase), float(failed), rank])])
+        dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=self.loss_group)
+        return torch.cat([payload[:-3] / self.loss_ranks, payload[-3:]])
+
+    def check(self, status: Sequence[float], two_phase: bool, failure: Optional[BaseException], step: int) -> None:
+        """Raise on every rank alike when the ranks of an :meth:`exchange` (its last three values,
+        ``status``, read) did not all step in the same form, or when a rank's forward raised:
+        ``failure``, this rank's exception, is raised again; a rank whose own forward returned raises
+        :class:`ClosureFailedOnAnotherRank`. No loss group: ``failure`` raised, if any."""
+        if self.loss_group is None or not status:
+            if failure is not None:
+                raise failure
+            return
+        two_phase_ranks, failed_ranks, rank_sum = (round(value) for value in status)
+        if two_phase_ranks not in (0, self.loss_ranks):
+            raise ValueError(MIXED_FORMS.format(step=step, two_phase=two_phase_ranks, ranks=self.loss_ranks)) \
+                from failure
+        if failure is not None:
+            raise failure
+        if failed_ranks:
+            which = f"rank {rank_sum - 1}" if failed_ranks == 1 else f"{failed_ranks} ranks"
+            raise ClosureFailedOnAnotherRank(
+                f"the closure raised on {which} ({failed_ranks} of the {self.loss_ranks} data-parallel ranks) at "
+                f"step {step}, in a forward of the search (that rank raised its own exception): every rank "
+                "raises, the weights and the optimizer's state as before the step, so that the ranks stay in step "
+                "(a retry of the step on every rank runs on alike)")
 
     def differing(self, texts: Dict[str, str], device: Optional[torch.device] = None) -> List[str]:
         """The names whose text is not the same on every rank of the loss group. One all-reduce (MAX) of

@@ -12,6 +12,11 @@ class NonFiniteError(FloatingPointError):
     """A loss or gradient was NaN or infinite; nothing non-finite was written."""
 
 
+class ClosureFailedOnAnotherRank(RuntimeError):
+    """Under DDP/FSDP2 a search's forward raised on another rank: this rank raises too, with the
+    weights and the optimizer's state as before the step (the failing rank raises its own exception)."""
+
+
 def caller_stacklevel() -> int:
     """The ``stacklevel`` for a ``warnings.warn`` in the function that calls this which names the
     first frame outside this package and torch: the caller's ``step()`` (or ``scaler.step()``),

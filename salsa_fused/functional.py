@@ -166,7 +166,8 @@ def search_step(passes: Passes, plan: StepPlan, state: SearchState, loss: torch.
                 trial_loss: Callable[[], float], *, rule: SearchRule, config: SearchConfig,
                 search_direction: str, param_groups: Sequence[dict], counts: DeviceCounts,
                 found_inf: Optional[torch.Tensor], reduction: SearchReduction, nonfinite: str,
-                has_saved_copy: bool, device: Optional[torch.device]) -> SearchState:
+                has_saved_copy: bool, device: Optional[torch.device], two_phase: bool = False,
+                failure: Optional[Exception] = None) -> SearchState:
     """One search step from ``w0``; returns the search state after it.
 
     ``plan.state`` is the state with this step's counters advanced; ``state`` the live one, which
@@ -175,19 +176,29 @@ def search_step(passes: Passes, plan: StepPlan, state: SearchState, loss: torch.
     ``trial_loss()`` evaluates the loss at the weights as they are (the caller resets the random
     state before each trial forward). If it raises, the weights go back to ``w0`` (bitwise with a
     saved copy) and the moments to their values before the step, and the exception propagates.
+    ``two_phase``: the step's form, and ``failure``: what this rank's forward of ``loss`` raised (then
+    ``loss`` is NaN), both carried in the loss's all-reduce and checked on every rank before any write
+    (:meth:`SearchReduction.check`).
     """
     direction = checked_direction(rule, search_direction)
     q = slope(passes, direction, device)
     flags = [found_inf.to(q.device, torch.float32).reshape(1) if found_inf is not None
              else q.new_zeros(1), counts.nonfinite_elements.to(torch.float32).reshape(1)]
+    # The loss group's all-reduce comes first, with the ranks' status: in the two-phase form it pairs with
+    # the opening exchange of a rank in the other form (SearchReduction.check), here its first collective.
+    head = reduction.exchange(loss.reshape(1), two_phase, failure is not None)
+    if reduction.shard_group is not None and head.numel() > 1:
+        # Read before the shard group's sum (one more host read under FSDP2): a rank that refuses the step
+        # here runs no more collectives, and its peers must not wait for it in another group.
+        reduction.check(head[1:].tolist(), two_phase, failure, plan.state.step)
     # q and the flags are per shard under FSDP2: one sum over the shard group for the three. The
     # plain steps' NaN/inf losses are not: their losses were averaged, so every rank counted alike.
     shard_sums = reduction.sum_over_shards(torch.cat([q.reshape(1), *flags]))
-    loss_avg = reduction.average_loss(loss.reshape(1))
-    f0_value, q_value, inf_flag, earlier_nonfinite, earlier_bad_losses, scaler_skips = torch.cat(
-        [loss_avg, shard_sums, counts.nonfinite_losses.to(torch.float32).reshape(1),
-         counts.scaler_skips.to(torch.float32).reshape(1)]
-    ).tolist()  # the one host read before any write
+    values = torch.cat([head, shard_sums, counts.nonfinite_losses.to(torch.float32).reshape(1),
+                        counts.scaler_skips.to(torch.float32).reshape(1)]).tolist()  # the one read before any write
+    f0_value, status = values[0], values[1:head.numel()]
+    q_value, inf_flag, earlier_nonfinite, earlier_bad_losses, scaler_skips = values[head.numel():]
+    reduction.check(status, two_phase, failure, plan.state.step)
     step_state = plan.state
     if scaler_skips:
         skipped = int(scaler_skips)

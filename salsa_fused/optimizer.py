@@ -1137,9 +1137,11 @@ class FusedSaLSa(Optimizer):
         # not called): the caller's forward may have drawn random masks (dropout) the trials cannot
         # replay, so a search judges them against a reference forward at w0 that replays what the
         # trials replay, not against the caller's loss.
+        # That choice is every rank's: the opening exchange of the two-phase form's search, whose status
+        # refuses ranks in the other form (its first exchange is the search's loss at w0).
         needs_reference = (plan.is_search and not one_phase
-                           and self.reduction.any_rank(marked is None and not rng_after.same_as(zeroed_at),
-                                                       self._device))
+                           and self._any_rank_opening(marked is None and not rng_after.same_as(zeroed_at),
+                                                      plan.state.step))
         passes = self._passes(plan, scale, forwards=1, backwards=int(one_phase))
         if passes is None:  # none of this optimizer's parameters is in this loss: as torch.optim, a no-op
             return loss_tensor.detach() if one_phase else loss
@@ -1156,24 +1158,27 @@ class FusedSaLSa(Optimizer):
         checks_scale = (not (one_phase or needs_reference) and getattr(self, "grad_scale", None) is not None
                         and not self.__dict__.get("_unscaled_loss_seen", False))
 
+        def forward() -> torch.Tensor:
+            loss = self._trial_loss(closure, step_losses=step_losses)
+            gradients_unchanged()
+            return loss
+
         def trial_loss() -> float:
             rng_before.set()  # each trial forward replays the step's random draws
-            (trial,) = self.reduction.average_loss(
-                self._trial_loss(closure, step_losses=step_losses).reshape(1)).tolist()
-            gradients_unchanged()
-            return trial
+            return self._shared_loss(forward, torch.float32, not one_phase, plan.state.step)
 
         running = self._running_statistics()
         try:
+            failure = None  # what this rank's forward at w0 raised, raised once its peers know (_shared_forward)
             if needs_reference or checks_scale:  # one forward at w0, replaying the step's random draws
                 rng_before.set()
-                at_w0 = self._trial_loss(closure, step_losses=step_losses)
+                at_w0, failure = self._shared_forward(forward, torch.float32)
                 plan.state.num_forward_evals += 1
                 if checks_scale:
-                    self._refuse_a_scaled_loss(f0, at_w0)
+                    self._refuse_a_scaled_loss(f0, at_w0, failure, plan.state.step)
                 else:
                     f0 = at_w0
-            self._search_step(passes, plan, f0, trial_loss)
+            self._search_step(passes, plan, f0, trial_loss, not one_phase, failure)
         except BaseException:
             # Not applied: in the one-phase form the generators and running statistics go back to
             # before the step's own forward, so that step(closure) again runs the same forward.
@@ -1278,29 +1283,68 @@ class FusedSaLSa(Optimizer):
                              where="read by report_nonfinite(): ")
         return elements, losses
 
-    def _refuse_a_scaled_loss(self, given: torch.Tensor, at_w0: torch.Tensor) -> None:
+    def _refuse_a_scaled_loss(self, given: torch.Tensor, at_w0: torch.Tensor, failure: Optional[Exception],
+                              step: int) -> None:
         """Refuse ``loss=`` that is between half and twice the GradScaler's scale times the closure's
         loss at the same weights (``loss=scaler.scale(loss)``); otherwise remember that this
-        optimizer's caller passes the unscaled loss. One host read; the decision is every rank's."""
+        optimizer's caller passes the unscaled loss. One host read; the decision is every rank's, and so
+        is ``failure``, what this rank's forward of ``at_w0`` raised (:meth:`_shared_forward`)."""
         given_value, closure_value, scale = torch.stack([
             given.float().reshape(()), at_w0.float().reshape(()).to(given.device),
             self.grad_scale.float().reshape(()).to(given.device)]).tolist()
         ratio = given_value / closure_value if closure_value > 0 and math.isfinite(closure_value) else math.nan
         looks_scaled = (scale >= SCALED_LOSS_MIN_SCALE and given_value > 0 and math.isfinite(ratio)
                         and scale / 2 <= ratio <= 2 * scale)
-        if self.reduction.any_rank(looks_scaled, self._device):
+        if self._any_rank_opening(looks_scaled, step, failure):
             raise ValueError(SCALED_LOSS.format(ratio=ratio, scale=scale))
         self._unscaled_loss_seen = True
 
-    def _search_step(self, passes: F.Passes, plan, f0, trial_loss: Callable[[], float]) -> None:
-        """The search step of ``plan`` from loss ``f0`` (:func:`salsa_fused.functional.search_step`)."""
+    def _any_rank_opening(self, flag: bool, step: int, failure: Optional[Exception] = None) -> bool:
+        """``flag`` or-ed over the loss group, for a choice the two-phase form makes before its search (how
+        many forwards, so how many collectives, it runs): the exchange carries the form (a rank in the
+        one-phase form meets it with the loss at w0) and ``failure``; refused alike on every rank."""
+        if self.reduction.loss_group is None:
+            self.reduction.check((), True, failure, step)
+            return flag
+        flags = torch.tensor([float(flag)], device=self._device)
+        (value, *status) = self.reduction.exchange(flags, True, failure is not None).tolist()
+        self.reduction.check(status, True, failure, step)
+        return value > 0
+
+    def _shared_forward(self, forward: Callable[[], torch.Tensor],
+                        dtype: torch.dtype) -> Tuple[torch.Tensor, Optional[Exception]]:
+        """``forward()`` (a search's forward: a 0-dim loss of ``dtype``) and None, or, where the ranks share
+        the search's losses and it raised, NaN and its exception: the rank must still join the all-reduce
+        its peers wait in, flagged as failed, and raise after it (:meth:`SearchReduction.check`). Alone, or
+        for an exception that is not an ``Exception`` (``KeyboardInterrupt``), it propagates at once."""
+        if self.reduction.loss_group is None:
+            return forward(), None
+        try:
+            return forward(), None
+        except Exception as error:  # out of memory on one rank, a closure that raised on its batch
+            return torch.full((), math.nan, dtype=dtype, device=self._device), error
+
+    def _shared_loss(self, forward: Callable[[], torch.Tensor], dtype: torch.dtype, two_phase: bool,
+                     step: int) -> float:
+        """A search's trial loss: ``forward()`` averaged over the loss group (:meth:`_shared_forward`),
+        read, and the ranks' status checked (``two_phase``: this step's form)."""
+        local, failure = self._shared_forward(forward, dtype)
+        (value, *status) = self.reduction.exchange(local.reshape(1), two_phase, failure is not None).tolist()
+        self.reduction.check(status, two_phase, failure, step)
+        return value
+
+    def _search_step(self, passes: F.Passes, plan, f0, trial_loss: Callable[[], float], two_phase: bool,
+                     failure: Optional[Exception] = None) -> None:
+        """The search step of ``plan`` from loss ``f0`` (:func:`salsa_fused.functional.search_step`);
+        ``failure``: what this rank's forward of ``f0`` raised."""
         self._counts_in_flight = None  # the search reads (and zeroes) every count itself
         searches_before = self._search.num_searches
         state = F.search_step(
             passes, plan, self._search, f0, trial_loss, rule=self.search_rule, config=self.search_config,
             search_direction=self.search_direction, param_groups=self.param_groups,
             counts=self._device_counts(), found_inf=getattr(self, "found_inf", None), reduction=self.reduction,
-            nonfinite=self.nonfinite, has_saved_copy=self.restore_strategy == "copy", device=self._device)
+            nonfinite=self.nonfinite, has_saved_copy=self.restore_strategy == "copy", device=self._device,
+            two_phase=two_phase, failure=failure)
         if state.num_searches > searches_before:  # a search ran: the loss it read feeds the range test
             state = observe_search_loss(self.schedule, state)
         self._commit(state)
@@ -1349,8 +1393,8 @@ class FusedSaLSa(Optimizer):
                 # The caller's forwards drew from the generators (dropout) and no mark covers every
                 # gradient batch: their losses cannot be replayed, so the point at w0 is evaluated
                 # again, every batch under the draws its trials replay.
-                reuse = not self.reduction.any_rank(
-                    not ((marked is not None and k == 1) or rng_after.same_as(zeroed_at)), self._device)
+                reuse = not self._any_rank_opening(
+                    not ((marked is not None and k == 1) or rng_after.same_as(zeroed_at)), plan.state.step)
                 replay = _IndexedReplay(closure, devices, first={i: start for i in range(k)} if reuse else {},
                                         end=rng_after)
         passes = self._passes(plan, scale, forwards=k, backwards=k if one_phase else 0)
@@ -1374,18 +1418,19 @@ class FusedSaLSa(Optimizer):
             return total
 
         def trial_loss() -> float:
-            (value,) = self.reduction.average_loss((point_sum(0) / n).reshape(1)).tolist()
-            return value
+            return self._shared_loss(lambda: point_sum(0) / n, torch.float64, not one_phase, plan.state.step)
 
         running = self._running_statistics()
         try:
+            failure = None  # what this rank's forwards at w0 raised, raised once its peers know
             if points:  # the point at w0: the mean over n batches
                 first = k if reuse else 0
-                f0 = ((gradient_sum if reuse else 0.0) + point_sum(first)) / n
+                at_w0, failure = self._shared_forward(lambda: point_sum(first), torch.float64)
+                f0 = ((gradient_sum if reuse else 0.0) + at_w0) / n
                 plan.state.num_forward_evals += n - first
             else:
                 f0 = gradient_sum / k
-            self._search_step(passes, plan, f0, trial_loss)
+            self._search_step(passes, plan, f0, trial_loss, not one_phase, failure)
         except BaseException:
             # Not applied: in the one-phase form the generators and running statistics go back to
             # before the step's first gradient forward, so that step(closure) again runs the same forwards.

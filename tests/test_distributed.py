@@ -703,3 +703,113 @@ def _ranks_that_differ_job(rank: int, out_dir: str) -> None:
 
 def test_ddp_ranks_built_otherwise_are_refused_alike_at_the_first_step(tmp_path):
     spawn_in_gloo_group(_ranks_that_differ_job, str(tmp_path), WORLD, timeout_s=60)
+
+
+def _state_of(opt: FusedSaLSa) -> dict:
+    return copy.deepcopy(opt.state_dict())
+
+
+def _assert_same_state(state: dict, before: dict, what: str) -> None:
+    assert state["param_groups"] == before["param_groups"], what
+    assert state["state"].keys() == before["state"].keys(), what
+    for key, moments in state["state"].items():
+        for name, value in moments.items():
+            same = torch.equal(value, before["state"][key][name]) if torch.is_tensor(value) else \
+                value == before["state"][key][name]
+            assert same, f"{what}: state {key} {name} changed"
+
+
+def _mixed_forms_job(rank: int, out_dir: str) -> None:
+    """Rank 0 steps in the one-phase form, rank 1 in the two-phase form at a search step. The two forms
+    run different collectives (the two-phase form decides first, in an all-reduce of its own, whether
+    it needs a reference forward), so their all-reduces paired up unnoticed: rank 0 read rank 1's flag
+    as half its loss, and the ranks fell out of step until a collective timed out. Refused on every
+    rank, weights and state as before; the ranks stay in step and train on alike. Not at the first step:
+    there the one-phase form compares the ranks' optimizers before its own backward, the two-phase form
+    after the caller's, and that comparison meets DDP's gradient all-reduce (docs/training.md)."""
+    model = _make_model(0)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = FusedSaLSa(ddp.parameters(), backend="torch")
+    for step in range(5):
+        x, y = _batch(step, rank)
+
+        def closure():
+            return F.mse_loss(ddp(x), y)
+
+        if step in (1, 3):  # every early step searches (the interval starts near 1)
+            before, state_before = _flat(ddp.parameters()).clone(), _state_of(opt)
+            opt.zero_grad()
+            with pytest.raises(ValueError, match=r"mix the one-phase step\(closure\) and the two-phase .*"
+                                                 r"1 of the 2 data-parallel ranks passed loss="):
+                if rank == 0:
+                    opt.step(closure)
+                else:
+                    loss = closure()
+                    loss.backward()
+                    opt.step(closure, loss=loss)
+            assert torch.equal(_flat(ddp.parameters()), before)
+            _assert_same_state(_state_of(opt), state_before, f"step {step}")
+        opt.zero_grad()
+        opt.step(closure)
+    assert opt.search_state.step == 5 and opt.num_searches == 5
+    _assert_same_on_all_ranks(_flat(ddp.parameters()), "weights")
+
+
+def test_ddp_ranks_that_mix_the_one_and_two_phase_forms_are_refused_alike(tmp_path):
+    spawn_in_gloo_group(_mixed_forms_job, str(tmp_path), WORLD, timeout_s=20)
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def _closure_raises_on_one_rank_job(rank: int, out_dir: str) -> None:
+    """Rank 1's closure raises in a trial forward (say, out of memory), rank 0's does not. Rank 1's
+    exception went up while rank 0 waited in the trial's all-reduce until gloo's timeout. Now rank 1
+    joins that all-reduce flagged as failed and raises its own exception, rank 0 raises an error naming
+    rank 1; on both the weights and the state are as before the step, and a retry steps alike."""
+    cases = {  # the form, and whether the generators move between zero_grad() and step()
+        "one-phase": (False, False),
+        "two-phase": (True, False),
+        "two-phase, reference forward": (True, True),  # the forward at w0 raises, before the search
+    }
+    for what, (two_phase, draws) in cases.items():
+        model = _make_model(0)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = FusedSaLSa(ddp.parameters(), backend="torch")
+        for step in range(3):
+            x, y = _batch(step, rank)
+            fail = step == 1 and rank == 1
+
+            def closure():
+                if fail and not torch.is_grad_enabled():  # a trial's forward, not the step's own
+                    raise _Boom("out of memory, say")
+                return F.mse_loss(ddp(x), y)
+
+            def step_once():
+                opt.zero_grad()
+                if draws:
+                    torch.rand(1)
+                if not two_phase:
+                    return opt.step(closure)
+                with torch.enable_grad():
+                    loss = closure()
+                loss.backward()
+                return opt.step(closure, loss=loss)
+
+            if step == 1:
+                before, state_before = _flat(ddp.parameters()).clone(), _state_of(opt)
+                expected = (_Boom, "out of memory") if rank == 1 else \
+                    (RuntimeError, r"the closure raised on rank 1 \(1 of the 2 data-parallel ranks\)")
+                with pytest.raises(expected[0], match=expected[1]):
+                    step_once()
+                assert torch.equal(_flat(ddp.parameters()), before), what
+                _assert_same_state(_state_of(opt), state_before, what)
+                fail = False
+            step_once()
+        assert opt.search_state.step == 3, what
+        _assert_same_on_all_ranks(_flat(ddp.parameters()), f"weights ({what})")
+
+
+def test_ddp_a_closure_that_raises_on_one_rank_raises_on_every_rank(tmp_path):
+    spawn_in_gloo_group(_closure_raises_on_one_rank_job, str(tmp_path), WORLD, timeout_s=20)
