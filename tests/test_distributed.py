@@ -813,3 +813,27 @@ def _closure_raises_on_one_rank_job(rank: int, out_dir: str) -> None:
 
 def test_ddp_a_closure_that_raises_on_one_rank_raises_on_every_rank(tmp_path):
     spawn_in_gloo_group(_closure_raises_on_one_rank_job, str(tmp_path), WORLD, timeout_s=20)
+
+
+def test_the_ranks_status_sums_stay_exact_with_a_bf16_loss_on_many_ranks(monkeypatch):
+    """The form and failure counts ride in the loss's all-reduce: with a bf16 loss they must still count
+    257 ranks exactly (in bf16, 256 + 1 rounds to 256 and every rank would be refused as mixing forms).
+    257 ranks simulated: an all-reduce that sums 257 copies of the payload, in its dtype."""
+    import salsa_fused.distributed as distributed
+    ranks = 257
+
+    def all_reduce(tensor, op=None, group=None):
+        total = torch.zeros_like(tensor)
+        for _ in range(ranks):
+            total += tensor
+        tensor.copy_(total)
+
+    monkeypatch.setattr(distributed.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda group=None: ranks)
+    reduction = SearchReduction(loss_group=object())
+    out = reduction.exchange(torch.tensor([2.5], dtype=torch.bfloat16), two_phase=True)
+    value, *status = out.tolist()
+    assert status == [ranks, 0, 0]
+    reduction.check(status, True, None, step=3)  # all two-phase alike: nothing raised
+    assert value == pytest.approx(2.5, rel=1e-3)
