@@ -137,6 +137,33 @@ def _starts_probing(group: dict) -> bool:
     return group["search_lr"] == 0 and group["lr"] > 0
 
 
+_PLAIN_NUMBERS = frozenset((float, int))
+_FLAG_NAMES = frozenset(_UNSUPPORTED_FLAGS)
+
+
+def _hyper_key(group: dict) -> Optional[tuple]:
+    """Everything :meth:`FusedSaLSa._validate_group_hyper` reads of ``group`` (with ``search_lr``), as
+    types and values, when each value is an exact ``float`` or ``int``, ``betas`` a tuple or list and no
+    unsupported flag is set; else None. Two equal keys pass or fail those checks alike (the types are
+    part of the key, so ``True`` is not ``1``, nor ``1`` ``1.0``; NaN equals nothing), and so does the
+    float32 fit of the moves at the same scale and level: a step whose keys equal those of the last
+    step that checked them skips both checks."""
+    try:
+        lr, probe, eps, wd, betas = (group["lr"], group["search_lr"], group["eps"], group["weight_decay"],
+                                     group["betas"])
+    except KeyError:
+        return None
+    if type(betas) not in (tuple, list) or len(betas) != 2:
+        return None
+    beta1, beta2 = betas
+    types = (type(lr), type(probe), type(eps), type(wd), type(beta1), type(beta2))
+    if not _PLAIN_NUMBERS.issuperset(types):
+        return None
+    if not _FLAG_NAMES.isdisjoint(group) and any(group.get(name, False) not in (False, None) for name in _FLAG_NAMES):
+        return None
+    return types, lr, probe, eps, wd, beta1, beta2
+
+
 def _as_the_step_sees(group: dict) -> dict:
     """``group`` with the ``search_lr`` its next step will give it (1 when it starts probing)."""
     return {**group, "search_lr": 1.0} if _starts_probing(group) else group
@@ -1065,8 +1092,13 @@ class FusedSaLSa(Optimizer):
                             "its step (docs/integrations.md)")
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
-        for group in self.param_groups:  # schedulers and users write here: check before any write
-            self._validate_group_hyper(group, _GROUP_HYPER_KEYS + ("search_lr",))
+        # Schedulers and users write here: check before any write. Groups whose every value read is
+        # as it was at the last step that checked them (types too) are not checked again.
+        hyper_keys = list(map(_hyper_key, self.param_groups))
+        checked = self.__dict__.get("_checked_hypers")
+        for index, (group, key) in enumerate(zip(self.param_groups, hyper_keys)):
+            if key is None or checked is None or index >= len(checked[0]) or key != checked[0][index]:
+                self._validate_group_hyper(group, _GROUP_HYPER_KEYS + ("search_lr",))
         if loss is None and getattr(self, "grad_scale", None) is not None:
             raise RuntimeError("under torch.amp.GradScaler use the two-phase form: "
                                "scaler.scale(loss).backward(); scaler.step(opt, closure, loss=loss) "
@@ -1100,7 +1132,13 @@ class FusedSaLSa(Optimizer):
                         "steps) with start >= 1 (the first step searches), or pass init_step_size= for a level "
                         "of your own. Nothing was stepped")
                 plan = plan_without_search(rule, state, config, plan)
-        self._check_moves_fit_float32(plan, scale)
+        # The groups read again: the schedule's and the rule's own code ran since the keys above.
+        moves_keys = (list(map(_hyper_key, self.param_groups)), type(scale), scale, type(plan.state.step_size),
+                      plan.state.step_size, type(plan.trial_step_size), plan.trial_step_size)
+        if checked is None or None in moves_keys[0] or moves_keys != checked[1] or moves_keys[0] != hyper_keys:
+            self._check_moves_fit_float32(plan, scale)
+        # both checks passed for these keys (a group whose key changed since was validated above: not kept)
+        self._checked_hypers = (hyper_keys, moves_keys if moves_keys[0] == hyper_keys else None)
         for group in self.param_groups:
             if _starts_probing(group):
                 group["search_lr"] = 1.0  # built at 0: its first positive lr is a warmup's, not its level

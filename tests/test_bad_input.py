@@ -719,6 +719,70 @@ def test_a_refused_move_leaves_a_group_built_at_lr_0_unprobed():
     assert opt.param_groups[1]["search_lr"] == 0
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("change, message", [
+    (lambda group: group["betas"].__setitem__(0, 1.5), r"betas\[0\] must lie in \[0, 1\)"),
+    (lambda group: group.__setitem__("lr", True), "lr must be a number")], ids=["betas-list-in-place", "lr-1-to-True"])
+def test_a_group_checked_at_earlier_steps_is_checked_again_when_a_value_changes_in_place_or_in_type(
+        backend, change, message):
+    """The step skips the group's checks while every value it reads (and its type) is as at the last step
+    that checked them: a betas list changed in place, lr 1 replaced by True (equal to it) are still
+    refused before any write."""
+    model, opt = _trained(backend=backend, lr=1, betas=[0.9, 0.999])  # a list, changeable in place
+    change(opt.param_groups[0])
+    before = _snapshot(opt)
+    opt.zero_grad()
+    with pytest.raises((ValueError, TypeError), match=message):
+        opt.step(_closure(model))
+    _assert_unchanged(before, _snapshot(opt))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_a_move_that_overflows_at_an_unchanged_group_is_refused_when_the_scale_grows(backend):
+    """The group's values are those of the steps before, which passed; a schedule's scale that grows
+    past what float32 holds in the applied step is refused, nothing written."""
+    class Scale:
+        value = 1.0
+
+        def scale(self, step):
+            return self.value
+
+        def searches(self, step):
+            return False
+
+    model, opt = _trained(backend=backend, schedule=Scale(), init_step_size=1e10)
+    Scale.value = 1e30
+    before = _snapshot(opt)
+    opt.zero_grad()
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: the applied step .* more than float32 holds"):
+        opt.step(_closure(model))
+    _assert_unchanged(before, _snapshot(opt))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_an_lr_written_by_the_schedule_inside_the_step_is_checked_for_its_move(backend):
+    """A group read at the start of the step as at the steps before can be written by the schedule's
+    own code later in the same step (here its scale()): the float32 fit of the move reads it again."""
+    class WritesLr:
+        opt = None
+
+        def scale(self, step):
+            if step == 4:
+                self.opt.param_groups[0]["lr"] = 1e30
+            return 1.0
+
+        def searches(self, step):
+            return False
+
+    schedule = WritesLr()
+    model, opt = _trained(backend=backend, schedule=schedule, init_step_size=1e10)
+    schedule.opt = opt
+    opt.zero_grad()
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: the applied step .* more than float32 holds"):
+        opt.step(_closure(model))
+    assert _all_finite(opt)
+
+
 def test_a_parameter_whose_elements_share_memory_is_refused():
     """An expanded parameter was taken; every step then raised torch's in-place error after moving the
     other parameters and writing the moments."""
