@@ -209,6 +209,18 @@ class SearchState:
         return cls(**values)
 
 
+def copy_with(state: SearchState, **changes) -> SearchState:
+    """``dataclasses.replace(state, **changes)``: for a ``SearchState`` itself (no ``__post_init__``, no
+    slots) a copy of its ``__dict__``, the same shallow copy at a third of the host time (``replace``
+    passes each of its fields through ``__init__``; every step plans on such a copy)."""
+    if type(state) is not SearchState:
+        return replace(state, **changes)
+    new = object.__new__(SearchState)
+    new.__dict__.update(state.__dict__)
+    new.__dict__.update(changes)
+    return new
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """What one step will do, decided before any forward pass."""
@@ -228,8 +240,8 @@ def plan_step(state: SearchState, config: SearchConfig) -> StepPlan:
     if rate < 1:
         rate = 1 / rate
     interval = min(config.max_search_interval, 1 / ((rate - 1) + 1e-8))
-    new = replace(state, step=state.step + 1, steps_since_search=state.steps_since_search + 1,
-                  search_interval=interval)
+    new = copy_with(state, step=state.step + 1, steps_since_search=state.steps_since_search + 1,
+                    search_interval=interval)
     is_search = (not config.adaptive_interval or new.step < config.always_search_steps + 1
                  or new.steps_since_search >= interval)
     return StepPlan(state=new, is_search=is_search, trial_step_size=state.step_size * config.growth)

@@ -275,6 +275,10 @@ def plan_without_search(rule: SearchRule, state: "SearchState", config: "SearchC
     ``plan`` as a step without search (its first trial as the plain step)."""
     without = getattr(rule, "without_search", None)
     if without is None:
+        from .line_search import StepPlan
+
+        if type(plan) is StepPlan:  # as replace() gives, without its pass over the fields
+            return StepPlan(state=plan.state, is_search=False, trial_step_size=plan.trial_step_size)
         return replace(plan, is_search=False)
     return without(state, config)
 
