@@ -65,6 +65,11 @@ class _BacktrackingSearch:
         self.step_size = self.step_size * self.rule.backtrack
         return Verdict.RETRY
 
+    @property
+    def exhausted(self) -> bool:
+        """Every one of ``max_trials`` trials was judged (a GIVE_UP then means that all failed)."""
+        return self.trials >= self.rule.max_trials
+
     def _sufficient(self, trial_loss: float) -> bool:
         raise NotImplementedError
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -27,7 +28,7 @@ from . import _compat as C
 from .applied import GroupStep
 from .backends.base import DIRECTIONS, GRADIENT, RAW, Backend, Bucket, Hyper, Move, PassArgs
 from .distributed import SearchReduction
-from .errors import NonFiniteError
+from .errors import NonFiniteError, caller_stacklevel
 from .line_search import SearchConfig, SearchState, StepPlan
 from .rules import FinalMove, SearchRule, Verdict, checked_direction, moment_step
 
@@ -292,6 +293,9 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
             passes.run("retrial", direction, GroupStep.trial, search.step_size, current)
             current = search.step_size
         final, state = _decisions(search, direction)
+        if verdict is Verdict.GIVE_UP and getattr(search, "exhausted", False):
+            rule = getattr(search, "config", None) or getattr(search, "rule", None)
+            _warn_every_trial_failed(search.trials, getattr(rule, "backtrack", 0.0) ** (search.trials - 1))
     except BaseException:
         put_back(current)
         raise
@@ -308,6 +312,21 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
                 "schedule scale) overflowed float16 weights: the weights and the optimizer's state are "
                 "as before the step (lower lr, or train float16 weights under an fp32 master copy)")
     return state
+
+
+def _warn_every_trial_failed(trials: int, fell_to: float) -> None:
+    """Every trial of a backtracking search failed: the level fell to at most ``fell_to`` (``backtrack``
+    to the ``trials - 1``) times the first trial (``0.8^99`` with the defaults), so the run nearly stops
+    while each search spends ``max_trials`` forwards. 0.1.0 does the same, silently. The text depends on
+    the configuration only, so Python's filter shows it once per calling line."""
+    warnings.warn(
+        f"every trial of a line search failed ({trials} trials): the level fell to at most {fell_to:.3g} "
+        "times the first trial (with the defaults, to next to nothing). The usual cause in the two-phase "
+        "form is a loss= that is not the closure's loss at the current weights (the last micro-batch's loss, or a "
+        "sum where the closure returns the mean: pass the mean over all micro-batches, unscaled, as "
+        "the closure returns it); else a closure that returns NaN or a much larger loss at trial "
+        "weights. opt.search_state.last_trials and opt.step_size show it", RuntimeWarning,
+        stacklevel=caller_stacklevel())
 
 
 def _decisions(search, direction: str) -> Tuple[FinalMove, SearchState]:

@@ -970,7 +970,8 @@ def test_every_trial_loss_non_finite_exhausts_the_search_with_finite_state():
         return loss if len(calls) == 1 else loss * float("nan")
 
     opt.zero_grad()
-    opt.step(closure)
+    with pytest.warns(RuntimeWarning, match=r"every trial of a line search failed \(5 trials\)"):
+        opt.step(closure)
     after = opt.search_state
     assert len(calls) == 6 and after.last_trials == 5
     assert after.num_backtracks == before.num_backtracks + 4

@@ -489,3 +489,43 @@ def test_an_exception_in_a_trial_forward_leaves_the_moments_exactly(backend):
     assert torch.equal(w0, w1)
     assert all(torch.equal(a[1], b[1]) for a, b in zip(m0, m1))
     assert s0 == s1
+
+
+# ---------------------------------------------- accumulation: a loss= that is not the closure's loss
+
+
+def _accumulated_step(opt, model, x, y, loss_of_last_only: bool, parts: int = 4):
+    """Gradient accumulation in the two-phase form; with ``loss_of_last_only`` the loop passes the last
+    micro-batch's (divided) loss as ``loss=`` instead of the mean over all of them (the closure's)."""
+    micro = [(x[i::parts], y[i::parts]) for i in range(parts)]
+    opt.zero_grad()
+    total = 0.0
+    for xb, yb in micro:
+        part = F.mse_loss(model(xb), yb) / parts
+        part.backward()
+        total = part.detach() if loss_of_last_only else total + part.detach()
+    return opt.step(lambda: sum(F.mse_loss(model(xb), yb) for xb, yb in micro) / parts, loss=total)
+
+
+@pytest.mark.parametrize("rule", ["salsa", "sls"])
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_a_loss_that_is_not_the_closures_warns_when_every_trial_fails(backend, rule):
+    """A deterministic model (BatchNorm, no dropout) in the two-phase form uses the caller's loss= as
+    the loss at w0: a loss= a quarter of the closure's makes every trial lose, the level falls by
+    0.8^100 and the run stalls. Before, nothing said so; now a RuntimeWarning names the likely cause.
+    The right loop does not warn."""
+    for wrong in (False, True):
+        model = _batchnorm_mlp()
+        opt = FusedSaLSa(model.parameters(), model=model, backend=backend, search_rule=rule)
+        x, y = _data(0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                _accumulated_step(opt, model, x, y, loss_of_last_only=wrong)
+        failed = [w for w in caught if "every trial of a line search failed" in str(w.message)]
+        if not wrong:
+            assert failed == [] and opt.step_size > 1e-6
+            continue
+        assert opt.step_size < 1e-6 * opt.init_step_size  # what the warning is about: the level collapsed
+        assert failed and all(w.category is RuntimeWarning and w.filename == __file__ for w in failed)
+        assert "loss=" in str(failed[0].message) and "mean over all micro-batches" in str(failed[0].message)
