@@ -837,3 +837,118 @@ def test_the_ranks_status_sums_stay_exact_with_a_bf16_loss_on_many_ranks(monkeyp
     assert status == [ranks, 0, 0]
     reduction.check(status, True, None, step=3)  # all two-phase alike: nothing raised
     assert value == pytest.approx(2.5, rel=1e-3)
+
+
+def _fsdp_moments(model, opt) -> list:
+    """Every moment of ``opt``, gathered (a collective: every rank calls it alike)."""
+    return [v.full_tensor().clone() for p in model.parameters() for v in opt.state[p].values()
+            if isinstance(v, torch.Tensor) and v.dim()]
+
+
+def _fsdp_closure_raises_on_one_rank_job(rank: int, out_dir: str) -> None:
+    """FSDP2 (a shard group, and one more host read before the shard group's sum): rank 1's closure raises
+    in a search forward, after the model's forward (its all-gathers done). Every rank raises, rank 1 its
+    own exception, rank 0 ClosureFailedOnAnotherRank naming rank 1; on both the full weights, moments and
+    search state are as before the step, and a retry on both ranks runs on to the weights, bitwise, of a
+    run in which nothing raised. Before, rank 0 waited in the trial's all-reduce until the timeout."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from salsa_fused import ClosureFailedOnAnotherRank
+    mesh = init_device_mesh("cpu", (WORLD,))
+    cases = {  # the form, and whether the generators move between zero_grad() and step()
+        "one-phase": (False, False),
+        "two-phase": (True, False),
+        "two-phase, reference forward": (True, True),  # the forward at w0 raises, before the search
+    }
+    for what, (two_phase, draws) in cases.items():
+        runs = []
+        for interrupted in (False, True):
+            model = _fsdp_model(0, mesh)
+            opt = FusedSaLSa(model.parameters(), model=model, backend="torch")
+            for step in range(4):
+                x, y = _batch(step, rank)
+                fail = interrupted and step == 2 and rank == 1
+
+                def closure():
+                    loss = F.mse_loss(model(x), y)
+                    if fail and not torch.is_grad_enabled():  # a search forward, not the step's own
+                        raise _Boom("out of memory, say")
+                    return loss
+
+                def step_once():
+                    opt.zero_grad()
+                    if draws:
+                        torch.rand(1)
+                    if not two_phase:
+                        return opt.step(closure)
+                    with torch.enable_grad():
+                        loss = closure()
+                    loss.backward()
+                    return opt.step(closure, loss=loss)
+
+                if fail or (interrupted and step == 2):
+                    weights, moments = _full_weights(model), _fsdp_moments(model, opt)
+                    search, forwards = opt.search_state, opt.num_forward_evals
+                    expected = (_Boom, "out of memory") if rank == 1 else \
+                        (ClosureFailedOnAnotherRank, r"the closure raised on rank 1 \(1 of the 2 data-parallel ranks\)")
+                    with pytest.raises(expected[0], match=expected[1]):
+                        step_once()
+                    assert torch.equal(_full_weights(model), weights), what
+                    after = _fsdp_moments(model, opt)
+                    assert len(after) == len(moments) and all(torch.equal(a, b) for a, b in zip(after, moments)), what
+                    assert opt.search_state == search and opt.num_forward_evals == forwards, what
+                    fail = False
+                step_once()
+            assert opt.search_state.step == 4 and opt.num_searches == 4, what
+            runs.append((_full_weights(model), opt.search_state))
+        _assert_same_on_all_ranks(runs[1][0], f"weights ({what})")
+        assert torch.equal(runs[1][0], runs[0][0]), f"{what}: the retried run differs from the uninterrupted one"
+        assert runs[1][1] == runs[0][1], what
+
+
+def test_fsdp2_a_closure_that_raises_on_one_rank_raises_on_every_rank(tmp_path):
+    spawn_in_gloo_group(_fsdp_closure_raises_on_one_rank_job, str(tmp_path), WORLD, timeout_s=30)
+
+
+def _fsdp_mixed_forms_job(rank: int, out_dir: str) -> None:
+    """FSDP2: rank 0 steps in the one-phase form, rank 1 in the two-phase form at a search step. The
+    one-phase rank reads the forms before the shard group's sum, the two-phase rank in its opening
+    all-reduce: ValueError on both, full weights, moments and search state as before, and the run goes
+    on to the weights, bitwise, of a run without the mixed steps."""
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (WORLD,))
+    runs = []
+    for mixed in (False, True):
+        model = _fsdp_model(0, mesh)
+        opt = FusedSaLSa(model.parameters(), model=model, backend="torch")
+        for step in range(5):
+            x, y = _batch(step, rank)
+
+            def closure():
+                return F.mse_loss(model(x), y)
+
+            if mixed and step in (1, 3):  # every early step searches
+                weights, moments, search = _full_weights(model), _fsdp_moments(model, opt), opt.search_state
+                opt.zero_grad()
+                with pytest.raises(ValueError, match=r"mix the one-phase step\(closure\) and the two-phase .*"
+                                                     r"1 of the 2 data-parallel ranks passed loss="):
+                    if rank == 0:
+                        opt.step(closure)
+                    else:
+                        loss = closure()
+                        loss.backward()
+                        opt.step(closure, loss=loss)
+                assert torch.equal(_full_weights(model), weights)
+                after = _fsdp_moments(model, opt)
+                assert len(after) == len(moments) and all(torch.equal(a, b) for a, b in zip(after, moments))
+                assert opt.search_state == search
+            opt.zero_grad()
+            opt.step(closure)
+        assert opt.search_state.step == 5 and opt.num_searches == 5
+        runs.append((_full_weights(model), opt.search_state))
+    _assert_same_on_all_ranks(runs[1][0], "weights")
+    assert torch.equal(runs[1][0], runs[0][0]) and runs[1][1] == runs[0][1]
+
+
+def test_fsdp2_ranks_that_mix_the_one_and_two_phase_forms_are_refused_alike(tmp_path):
+    spawn_in_gloo_group(_fsdp_mixed_forms_job, str(tmp_path), WORLD, timeout_s=30)
