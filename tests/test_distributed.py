@@ -952,3 +952,50 @@ def _fsdp_mixed_forms_job(rank: int, out_dir: str) -> None:
 
 def test_fsdp2_ranks_that_mix_the_one_and_two_phase_forms_are_refused_alike(tmp_path):
     spawn_in_gloo_group(_fsdp_mixed_forms_job, str(tmp_path), WORLD, timeout_s=30)
+
+
+def _mixed_forms_opening_dtype_job(rank: int, out_dir: str) -> None:
+    """The two-phase form's opening all-reduce pairs with the one-phase form's all-reduce of its loss at
+    w0 when the ranks mix forms: both must send the same dtype. Under LABPAL (a search step with points)
+    that loss is float64 and the opening was float32; with torch's default dtype float64 the opening was
+    float64 against the float32 loss of the default rule. The buffers' sizes differed: gloo aborted the
+    process (NCCL hangs or misreads) instead of the ValueError on every rank, state as before."""
+    from salsa_fused import LABPAL
+    cases = {"LABPAL": (lambda params: LABPAL(params, backend="torch", approximation_batches=2, sgd_steps=1),
+                        torch.float32),
+             "default dtype float64": (lambda params: FusedSaLSa(params, backend="torch"), torch.float64)}
+    for what, (build, default_dtype) in cases.items():
+        model = _make_model(0)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = build(ddp.parameters())
+        indexed = opt.next_batches() is not None
+        for step in range(4):
+            def closure(i=0, step=step):
+                x, y = _batch(10 * step + i, rank)
+                return F.mse_loss(ddp(x.float()), y.float())  # drawn in the default dtype
+
+            if step == 2:  # LABPAL with sgd_steps=1: steps 0 and 2 fit a parabola (search, points > 0)
+                assert opt.next_batches() is None or opt.next_batches().points > 0, what
+                before, state_before = _flat(ddp.parameters()).clone(), _state_of(opt)
+                opt.zero_grad()
+                previous = torch.get_default_dtype()
+                torch.set_default_dtype(default_dtype)
+                try:
+                    with pytest.raises(ValueError, match=r"mix the one-phase step\(closure\) and the two-phase"):
+                        if rank == 0:
+                            opt.step(closure)
+                        else:
+                            loss = closure(0)
+                            loss.backward()
+                            opt.step(closure, loss=loss.detach().double() if indexed else loss)
+                finally:
+                    torch.set_default_dtype(previous)
+                assert torch.equal(_flat(ddp.parameters()), before), what
+                _assert_same_state(_state_of(opt), state_before, what)
+            opt.zero_grad()
+            opt.step(closure)
+        _assert_same_on_all_ranks(_flat(ddp.parameters()), f"weights ({what})")
+
+
+def test_ddp_a_mix_of_forms_sends_one_dtype_in_the_opening_all_reduce(tmp_path):
+    spawn_in_gloo_group(_mixed_forms_opening_dtype_job, str(tmp_path), WORLD, timeout_s=20)
