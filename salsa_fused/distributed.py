@@ -97,17 +97,19 @@ class SearchReduction:
 
     def exchange(self, values: torch.Tensor, two_phase: bool, failed: bool = False) -> torch.Tensor:
         """The search's all-reduce over the loss group, with the ranks' status in it: ``values`` (1-D)
-        averaged (in fp32 at least), then three sums for :meth:`check`: the ranks stepping in the
+        averaged, then three sums for :meth:`check`: the ranks stepping in the
         two-phase form, the ranks whose forward raised, and those ranks' numbers + 1. Three more elements
         in the all-reduce the search runs anyway, no collective of their own. No loss group: ``values`` as
         they are."""
         if self.loss_group is None:
             return values
         rank = float(dist.get_rank() + 1) if failed else 0.0
-        # at least fp32: a bf16/fp16 loss's sums of flags over 257+ ranks would round (256 + 1 = 256 in bf16)
-        dtype = torch.promote_types(values.dtype, torch.float32)
-        payload = torch.cat([values.reshape(-1).to(dtype),
-                             torch.tensor([float(two_phase), float(failed), rank], dtype=dtype, device=values.device)])
+        # Always float64, whatever the values' dtype: every rank must send one dtype (a rank in the other form
+        # sends another loss here: buffers of two sizes abort gloo, hang NCCL), and the flags' sums must stay
+        # exact (256 + 1 = 256 in bf16).
+        payload = torch.cat([values.reshape(-1).to(torch.float64),
+                             torch.tensor([float(two_phase), float(failed), rank], dtype=torch.float64,
+                                          device=values.device)])
         dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=self.loss_group)
         return torch.cat([payload[:-3] / self.loss_ranks, payload[-3:]])
 

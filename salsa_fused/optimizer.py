@@ -1337,18 +1337,15 @@ class FusedSaLSa(Optimizer):
             raise ValueError(SCALED_LOSS.format(ratio=ratio, scale=scale))
         self._unscaled_loss_seen = True
 
-    def _any_rank_opening(self, flag: bool, step: int, failure: Optional[Exception] = None,
-                          dtype: torch.dtype = torch.float32) -> bool:
+    def _any_rank_opening(self, flag: bool, step: int, failure: Optional[Exception] = None) -> bool:
         """``flag`` or-ed over the loss group, for a choice the two-phase form makes before its search (how
         many forwards, so how many collectives, it runs): the exchange carries the form (a rank in the
-        one-phase form meets it with the loss at w0) and ``failure``; refused alike on every rank.
-        ``dtype``: that of the loss at w0 which a rank in the one-phase form sends instead (float32 here,
-        float64 under a rule that reads several batches): an all-reduce whose ranks send tensors of two
-        dtypes pairs buffers of two sizes (gloo aborts the process, NCCL hangs or misreads)."""
+        one-phase form meets it with the loss at w0, of the same size and dtype on the wire) and
+        ``failure``; refused alike on every rank."""
         if self.reduction.loss_group is None:
             self.reduction.check((), True, failure, step)
             return flag
-        flags = torch.tensor([float(flag)], dtype=dtype, device=self._device)
+        flags = torch.tensor([float(flag)], device=self._device)
         (value, *status) = self.reduction.exchange(flags, True, failure is not None).tolist()
         self.reduction.check(status, True, failure, step)
         return value > 0
@@ -1435,10 +1432,8 @@ class FusedSaLSa(Optimizer):
                 # The caller's forwards drew from the generators (dropout) and no mark covers every
                 # gradient batch: their losses cannot be replayed, so the point at w0 is evaluated
                 # again, every batch under the draws its trials replay.
-                # in float64: a rank in the one-phase form meets this with its loss at w0, summed in float64
                 reuse = not self._any_rank_opening(
-                    not ((marked is not None and k == 1) or rng_after.same_as(zeroed_at)), plan.state.step,
-                    dtype=torch.float64)
+                    not ((marked is not None and k == 1) or rng_after.same_as(zeroed_at)), plan.state.step)
                 replay = _IndexedReplay(closure, devices, first={i: start for i in range(k)} if reuse else {},
                                         end=rng_after)
         passes = self._passes(plan, scale, forwards=k, backwards=k if one_phase else 0)

@@ -958,21 +958,24 @@ def _mixed_forms_opening_dtype_job(rank: int, out_dir: str) -> None:
     """The two-phase form's opening all-reduce pairs with the one-phase form's all-reduce of its loss at
     w0 when the ranks mix forms: both must send the same dtype. Under LABPAL (a search step with points)
     that loss is float64 and the opening was float32; with torch's default dtype float64 the opening was
-    float64 against the float32 loss of the default rule. The buffers' sizes differed: gloo aborted the
-    process (NCCL hangs or misreads) instead of the ValueError on every rank, state as before."""
+    float64 against the float32 loss of the default rule; a float64 model's loss met a float32 opening. The
+    buffers' sizes differed: gloo aborted the process (NCCL hangs or misreads) instead of the ValueError on
+    every rank, state as before."""
     from salsa_fused import LABPAL
     cases = {"LABPAL": (lambda params: LABPAL(params, backend="torch", approximation_batches=2, sgd_steps=1),
-                        torch.float32),
-             "default dtype float64": (lambda params: FusedSaLSa(params, backend="torch"), torch.float64)}
-    for what, (build, default_dtype) in cases.items():
-        model = _make_model(0)
+                        torch.float32, torch.float32),
+             "default dtype float64": (lambda params: FusedSaLSa(params, backend="torch"), torch.float64,
+                                       torch.float32),
+             "float64 model": (lambda params: FusedSaLSa(params, backend="torch"), torch.float32, torch.float64)}
+    for what, (build, default_dtype, model_dtype) in cases.items():
+        model = _make_model(0).to(model_dtype)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         opt = build(ddp.parameters())
         indexed = opt.next_batches() is not None
         for step in range(4):
             def closure(i=0, step=step):
                 x, y = _batch(10 * step + i, rank)
-                return F.mse_loss(ddp(x.float()), y.float())  # drawn in the default dtype
+                return F.mse_loss(ddp(x.to(model_dtype)), y.to(model_dtype))  # drawn in the default dtype
 
             if step == 2:  # LABPAL with sgd_steps=1: steps 0 and 2 fit a parabola (search, points > 0)
                 assert opt.next_batches() is None or opt.next_batches().points > 0, what
