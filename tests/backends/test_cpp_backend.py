@@ -269,6 +269,50 @@ def test_plain_step_per_element_guard_and_count(dtype, direction):
         assert all(bool(torch.isfinite(t).all()) for t in stream)
 
 
+@pytest.mark.usefixtures("ieee_sqrt_reference")
+@pytest.mark.parametrize("grad_dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("direction", [GRADIENT, RAW])
+def test_plain_step_keeps_fp16_weights_that_would_overflow_in_every_lane(direction, grad_dtype):
+    """The fp16 plain step moves 8 elements a vector, the last n % 8 one by one: in every lane of
+    both, an element whose new weight would round to inf keeps its weight and is counted, and one
+    just inside the range moves. Along raw the move lands on the edge itself (65504 + 16 = 65520
+    rounds to inf; 65504 + 15.984375 rounds to 65504). The small-tensor tests of
+    tests/backends/test_kernel_edges.py reach only the one-by-one loop."""
+    n = 8 * 4 + 7  # element i: past the edge where i % 3 == 0, just inside where i % 3 == 1, else O(1)
+    kind = torch.arange(n) % 3
+    sign = torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0)
+    gen = torch.Generator().manual_seed(5)
+    if direction == RAW:  # w - step * g, step 1
+        weights = torch.where(kind < 2, 65504.0, torch.randn(n, generator=gen)) * sign
+        grads = torch.where(kind == 0, -16.0, torch.where(kind == 1, -15.984375, torch.randn(n, generator=gen)))
+        grads = grads * torch.where(kind < 2, sign, 1.0)
+        step = 1.0
+    else:  # m = v = 0, bias corrections 1 - beta: d = sign(g) to an ulp or two
+        weights = torch.where(kind == 0, 65000.0, torch.where(kind == 1, 60000.0, 1.0)) * sign
+        grads = -sign * torch.where(kind < 2, 1.0, 0.5 + torch.rand(n, generator=gen))
+        step = 2000.0
+    bucket = Bucket([weights.to(torch.float16)], [grads.to(grad_dtype)], [torch.zeros(n)], [torch.zeros(n)],
+                    None, torch.device("cpu"), torch.float16, group_index=0)
+    hyper = Hyper(beta1=0.9, beta2=0.999, eps=1e-20, weight_decay=0.0, bias_correction1=0.1, bias_correction2=0.001,
+                  lr=1.0)
+    counts = [torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)]
+    ours, reference = clone_bucket(bucket), clone_bucket(bucket)
+    with torch.no_grad():
+        for module, target, count in ((cpp_backend, ours, counts[0]), (torch_backend, reference, counts[1])):
+            module.plain_step(target, PassArgs(hyper, Move(step), direction), torch.tensor(1.0),
+                              nonfinite_count=count)
+    assert_buckets_equal(ours, reference, f"fp16 plain_step at the edge, {direction}, grads {grad_dtype}")
+    edge = kind == 0
+    assert int(counts[0]) == int(counts[1]) == int(edge.sum())
+    assert torch.equal(ours.params[0][edge], bucket.params[0][edge])
+    assert torch.isfinite(ours.params[0]).all()
+    if direction == RAW:
+        assert torch.equal(ours.params[0][kind == 1], bucket.params[0][kind == 1])  # 65519.98 rounds to 65504
+    else:
+        assert bool((ours.params[0][~edge] != bucket.params[0][~edge]).all())
+        assert bool((ours.exp_avg[0] != 0).all())  # the kept elements' moments take their finite gradients
+
+
 @pytest.mark.parametrize("loss,found_inf", [(float("nan"), None), (float("inf"), None), (1e39, None),
                                             (1.0, torch.tensor(1.0)), (1.0, torch.tensor(float("inf")))])
 @pytest.mark.parametrize("direction", [GRADIENT, RAW])
