@@ -348,6 +348,7 @@ class FusedSaLSa(Optimizer):
         self._lr_checked = False  # the one-time look at lr (_warn_if_lr_looks_like_a_step_size)
         self._past_end_warned = False  # the one-time warning past the schedule's total_steps
         self._collapse_checked = False  # the one-time check of the level a schedule freezes
+        self._stacked_scheduler_warned = False  # the one-time warning of a scheduler on top of the schedule
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         _refuse_a_set(params)  # torch.optim refuses one only inside a group
         super().__init__(params, defaults)
@@ -779,7 +780,7 @@ class FusedSaLSa(Optimizer):
             self.__dict__["_schedule"] = self.__dict__.pop("schedule")
         for name, value in (("_buckets", BucketCache()), ("_saved", {}), ("_counts", None), ("foreach", None),
                             ("fused", None), ("_lr_checked", False), ("_past_end_warned", False),
-                            ("_init_step_size_given", True),
+                            ("_init_step_size_given", True), ("_stacked_scheduler_warned", False),
                             ("_collapse_checked", False)):
             self.__dict__.setdefault(name, value)
         # load_state_dict() comes here too: a bind_closure()/mark_forward() it follows stays for the next step
@@ -1004,6 +1005,22 @@ class FusedSaLSa(Optimizer):
                     "multiplier from 0 to 1 is fine)", UserWarning, stacklevel=caller_stacklevel())
                 return
 
+    def _warn_if_a_scheduler_shapes_the_schedule(self) -> bool:
+        """At a search step: a torch scheduler (it writes ``initial_lr``) that has moved a group's ``lr``
+        off its ``initial_lr`` multiplies this optimizer's own ``schedule`` (a preset's warm-up and
+        cooldown), shaping the applied step twice. Warns once and returns True; a constant scheduler never
+        moves ``lr``, so it never warns."""
+        for index, group in enumerate(self.param_groups):
+            if "initial_lr" in group and group["lr"] != group["initial_lr"]:
+                warnings.warn(
+                    f"a learning-rate scheduler moved param_groups[{index}]'s lr from {group['initial_lr']:g} to "
+                    f"{group['lr']:g}, and this optimizer has a schedule of its own "
+                    f"({type(self.schedule).__name__}): the applied step is "
+                    "the product of the two, shaped twice. Drop the scheduler (or keep it constant) to apply the "
+                    "optimizer's schedule alone", UserWarning, stacklevel=caller_stacklevel())
+                return True
+        return False
+
     def mark_forward(self) -> None:
         """Two-phase form with randomness (dropout): call right before the step's first forward
         (the first micro-batch under accumulation). The next step's trial forwards then replay
@@ -1120,6 +1137,8 @@ class FusedSaLSa(Optimizer):
         if self.schedule is not None:
             if not self._past_end_warned:
                 self._past_end_warned = warn_past_end(self.schedule, plan.state.step, state)
+            if plan.is_search and not self._stacked_scheduler_warned:
+                self._stacked_scheduler_warned = self._warn_if_a_scheduler_shapes_the_schedule()
             if not self._collapse_checked and not self.schedule.searches(plan.state.step):
                 self._collapse_checked = True  # once, at the first frozen step
                 warn_collapsed_level(self.schedule, state, plan.state.step)

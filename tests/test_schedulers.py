@@ -189,3 +189,44 @@ def test_constant_schedule_keeps_the_published_steps():
         for a, b in zip(ref_model.parameters(), our_model.parameters()):
             assert torch.equal(a, b), f"step {k}"
     assert ours.num_searches < STEPS_0_1_0  # plain steps ran too
+
+
+@pytest.mark.parametrize("kind", ["cosine", "warmup_from_zero", "constant"])
+def test_a_scheduler_that_moves_lr_on_a_preset_warns_once(kind):
+    """A torch scheduler on an optimizer with a schedule of its own (a preset) multiplies the two: the
+    applied step is shaped twice. Once it has moved lr off its initial_lr, the next search step warns,
+    once; a constant scheduler (Trainer's "constant") never moves lr and never warns."""
+    import warnings
+
+    from salsa_fused import presets
+    model, _ = two_group_model()
+    opt = presets.recommended(model.parameters(), total_steps=40)
+    scheduler = {"cosine": lambda: lr_scheduler.CosineAnnealingLR(opt, T_max=40),
+                 "warmup_from_zero": lambda: lr_scheduler.LambdaLR(opt, lambda t: min(1.0, t / 5)),
+                 "constant": lambda: lr_scheduler.LambdaLR(opt, lambda t: 1.0)}[kind]()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for k in range(12):
+            x, y = batch(k)
+            opt.zero_grad()
+            opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+            scheduler.step()
+    stacked = [w for w in caught if "shaped twice" in str(w.message)]
+    assert len(stacked) == (0 if kind == "constant" else 1), [str(w.message) for w in caught]
+    if stacked:
+        assert stacked[0].filename == __file__ and "WarmupStableDecay" in str(stacked[0].message)
+
+
+def test_a_scheduler_without_a_schedule_of_the_optimizers_own_does_not_warn():
+    import warnings
+
+    model, _ = two_group_model()
+    opt = FusedSaLSa(model.parameters())
+    scheduler = lr_scheduler.CosineAnnealingLR(opt, T_max=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for k in range(12):
+            x, y = batch(k)
+            opt.zero_grad()
+            opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+            scheduler.step()
