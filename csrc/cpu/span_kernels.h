@@ -92,6 +92,45 @@ inline __attribute__((always_inline)) float first_trial_direction(const G* __res
   }
 }
 
+#if defined(SALSA_CPU_STREAMING_STORES) || defined(SALSA_CPU_F16C)
+// Adam on 8 lanes by hand in AVX2, for the loops GCC does not write as wanted (a streaming store, F16C
+// conversions in registers): the operations of salsa::new_moments, preconditioner, direction and
+// trial_weight, element for element (the backend tests compare every pass with the reference bit for bit).
+struct AdamLanes {
+  __m256 beta1, beta2, one_minus_beta1, one_minus_beta2, one, bc1, bc2, eps, decay, neg_step, scale;
+
+  AdamLanes(const Scalars& s, float grad_scale)
+      : beta1(_mm256_set1_ps(s.beta1)), beta2(_mm256_set1_ps(s.beta2)),
+        one_minus_beta1(_mm256_set1_ps(s.one_minus_beta1)), one_minus_beta2(_mm256_set1_ps(s.one_minus_beta2)),
+        one(_mm256_set1_ps(1.0f)), bc1(_mm256_set1_ps(s.bias_correction1)),
+        bc2(_mm256_set1_ps(s.bias_correction2)), eps(_mm256_set1_ps(s.eps)), decay(_mm256_set1_ps(s.decay_factor)),
+        neg_step(_mm256_set1_ps(s.neg_step)), scale(_mm256_set1_ps(grad_scale)) {}
+
+  // m = beta1 m0 + (1 - beta1) g, v = beta2 v0 + (1 - beta2) g2 (g2 = g * g); returns 1 / (sqrt(v / bc2) + eps).
+  inline __attribute__((always_inline)) __m256 moments(__m256 g, __m256 g2, __m256 m0, __m256 v0, __m256& m,
+                                                       __m256& v) const {
+    m = _mm256_add_ps(_mm256_mul_ps(m0, beta1), _mm256_mul_ps(g, one_minus_beta1));
+    v = _mm256_add_ps(_mm256_mul_ps(v0, beta2), _mm256_mul_ps(g2, one_minus_beta2));
+    return preconditioner(v);
+  }
+
+  // 1 / (sqrt(v / bc2) + eps)
+  inline __attribute__((always_inline)) __m256 preconditioner(__m256 v) const {
+    return _mm256_div_ps(one, _mm256_add_ps(_mm256_sqrt_ps(_mm256_div_ps(v, bc2)), eps));
+  }
+
+  // precond * m / bc1: the step's direction along the momentum.
+  inline __attribute__((always_inline)) __m256 momentum(__m256 precond, __m256 m) const {
+    return _mm256_mul_ps(precond, _mm256_div_ps(m, bc1));
+  }
+
+  // w * decay - step * d, as one fused multiply-add.
+  inline __attribute__((always_inline)) __m256 moved(__m256 w, __m256 d) const {
+    return _mm256_fmadd_ps(d, neg_step, _mm256_mul_ps(w, decay));
+  }
+};
+#endif
+
 #ifdef SALSA_CPU_STREAMING_STORES
 // Pass A with a saved copy, fp32 weights and gradients, by hand in AVX2: the saved copy is only
 // written, so it is stored non-temporally (32 bytes per parameter move instead of 36). The same
@@ -107,29 +146,22 @@ void first_trial_streaming(float* __restrict weight, const float* __restrict gra
   };
   int64_t i = 0;
   for (; i < n && (reinterpret_cast<uintptr_t>(saved + i) & 31) != 0; ++i) element(i);
-  const __m256 beta1 = _mm256_set1_ps(s.beta1), beta2 = _mm256_set1_ps(s.beta2);
-  const __m256 one_minus_beta1 = _mm256_set1_ps(s.one_minus_beta1), one_minus_beta2 = _mm256_set1_ps(s.one_minus_beta2);
-  const __m256 one = _mm256_set1_ps(1.0f), bc1 = _mm256_set1_ps(s.bias_correction1);
-  const __m256 bc2 = _mm256_set1_ps(s.bias_correction2), eps = _mm256_set1_ps(s.eps);
-  const __m256 decay = _mm256_set1_ps(s.decay_factor), neg_step = _mm256_set1_ps(s.neg_step);
-  const __m256 scale = _mm256_set1_ps(grad_scale);
+  const AdamLanes a(s, grad_scale);
   for (; i + 8 <= n; i += 8) {
     __m256 g = _mm256_loadu_ps(grad + i);
-    if (SCALE) g = _mm256_div_ps(g, scale);
+    if (SCALE) g = _mm256_div_ps(g, a.scale);
     __m256 d = g;
     if constexpr (D != Direction::raw) {
-      const __m256 m = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(exp_avg + i), beta1),
-                                     _mm256_mul_ps(g, one_minus_beta1));
-      const __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(exp_avg_sq + i), beta2),
-                                     _mm256_mul_ps(_mm256_mul_ps(g, g), one_minus_beta2));
+      __m256 m, v;
+      const __m256 precond = a.moments(g, _mm256_mul_ps(g, g), _mm256_loadu_ps(exp_avg + i),
+                                       _mm256_loadu_ps(exp_avg_sq + i), m, v);
       _mm256_storeu_ps(exp_avg + i, m);
       _mm256_storeu_ps(exp_avg_sq + i, v);
-      const __m256 precond = _mm256_div_ps(one, _mm256_add_ps(_mm256_sqrt_ps(_mm256_div_ps(v, bc2)), eps));
-      d = D == Direction::momentum ? _mm256_mul_ps(precond, _mm256_div_ps(m, bc1)) : _mm256_mul_ps(precond, g);
+      d = D == Direction::momentum ? a.momentum(precond, m) : _mm256_mul_ps(precond, g);
     }
     const __m256 w = _mm256_loadu_ps(weight + i);
     _mm256_stream_ps(saved + i, w);
-    _mm256_storeu_ps(weight + i, _mm256_fmadd_ps(d, neg_step, _mm256_mul_ps(w, decay)));
+    _mm256_storeu_ps(weight + i, a.moved(w, d));
   }
   _mm_sfence();
   for (; i < n; ++i) element(i);
@@ -197,27 +229,23 @@ void retrial_from_saved_streaming(float* __restrict weight, const float* __restr
   };
   int64_t i = 0;
   for (; i < n && (reinterpret_cast<uintptr_t>(weight + i) & 31) != 0; ++i) element(i);
-  const __m256 one = _mm256_set1_ps(1.0f), bc1 = _mm256_set1_ps(s.bias_correction1);
-  const __m256 bc2 = _mm256_set1_ps(s.bias_correction2), eps = _mm256_set1_ps(s.eps);
-  const __m256 decay = _mm256_set1_ps(s.decay_factor), neg_step = _mm256_set1_ps(s.neg_step);
-  const __m256 scale = _mm256_set1_ps(grad_scale);
+  const AdamLanes a(s, grad_scale);
   for (; i + 8 <= n; i += 8) {
     __m256 d;
     if constexpr (D == Direction::raw) {
       d = _mm256_loadu_ps(grad + i);
-      if (SCALE) d = _mm256_div_ps(d, scale);
+      if (SCALE) d = _mm256_div_ps(d, a.scale);
     } else {
-      const __m256 precond =
-          _mm256_div_ps(one, _mm256_add_ps(_mm256_sqrt_ps(_mm256_div_ps(_mm256_loadu_ps(exp_avg_sq + i), bc2)), eps));
+      const __m256 precond = a.preconditioner(_mm256_loadu_ps(exp_avg_sq + i));
       if (D == Direction::momentum) {
-        d = _mm256_mul_ps(precond, _mm256_div_ps(_mm256_loadu_ps(exp_avg + i), bc1));
+        d = a.momentum(precond, _mm256_loadu_ps(exp_avg + i));
       } else {
         __m256 g = _mm256_loadu_ps(grad + i);
-        if (SCALE) g = _mm256_div_ps(g, scale);
+        if (SCALE) g = _mm256_div_ps(g, a.scale);
         d = _mm256_mul_ps(precond, g);
       }
     }
-    _mm256_stream_ps(weight + i, _mm256_fmadd_ps(d, neg_step, _mm256_mul_ps(_mm256_loadu_ps(saved + i), decay)));
+    _mm256_stream_ps(weight + i, a.moved(_mm256_loadu_ps(saved + i), d));
   }
   _mm_sfence();
   for (; i < n; ++i) element(i);
@@ -409,31 +437,25 @@ inline __attribute__((always_inline)) __m256 load_grad8(const G* __restrict grad
 template <class G, Direction D, bool SCALE>
 int64_t plain_halves(fp16_bits* __restrict weight, const G* __restrict grad, float* __restrict exp_avg,
                      float* __restrict exp_avg_sq, int64_t n, const Scalars s, float grad_scale) {
-  const __m256 beta1 = _mm256_set1_ps(s.beta1), beta2 = _mm256_set1_ps(s.beta2);
-  const __m256 one_minus_beta1 = _mm256_set1_ps(s.one_minus_beta1), one_minus_beta2 = _mm256_set1_ps(s.one_minus_beta2);
-  const __m256 one = _mm256_set1_ps(1.0f), bc1 = _mm256_set1_ps(s.bias_correction1);
-  const __m256 bc2 = _mm256_set1_ps(s.bias_correction2), eps = _mm256_set1_ps(s.eps);
-  const __m256 decay = _mm256_set1_ps(s.decay_factor), neg_step = _mm256_set1_ps(s.neg_step);
-  const __m256 scale = _mm256_set1_ps(grad_scale);
+  const AdamLanes a(s, grad_scale);
   const __m256 infinity = _mm256_set1_ps(__builtin_inff());
   const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256 fp16_overflow = _mm256_set1_ps(65520.0f);  // stays_finite<fp16_bits>
   __m256i skipped = _mm256_setzero_si256();  // per lane: minus the count of elements skipped
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    const __m256 g = load_grad8<G, SCALE>(grad, i, scale);
+    const __m256 g = load_grad8<G, SCALE>(grad, i, a.scale);
     const __m256 w = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(weight + i)));
     __m256 moved, finite;
     if constexpr (D == Direction::raw) {
-      moved = _mm256_fmadd_ps(g, neg_step, _mm256_mul_ps(w, decay));
+      moved = a.moved(w, g);
       finite = _mm256_cmp_ps(_mm256_and_ps(g, magnitude), infinity, _CMP_LT_OQ);  // is_finite(g)
     } else {
       const __m256 m0 = _mm256_loadu_ps(exp_avg + i), v0 = _mm256_loadu_ps(exp_avg_sq + i);
       const __m256 g2 = _mm256_mul_ps(g, g);
-      const __m256 m = _mm256_add_ps(_mm256_mul_ps(m0, beta1), _mm256_mul_ps(g, one_minus_beta1));
-      const __m256 v = _mm256_add_ps(_mm256_mul_ps(v0, beta2), _mm256_mul_ps(g2, one_minus_beta2));
-      const __m256 precond = _mm256_div_ps(one, _mm256_add_ps(_mm256_sqrt_ps(_mm256_div_ps(v, bc2)), eps));
-      moved = _mm256_fmadd_ps(_mm256_mul_ps(precond, _mm256_div_ps(m, bc1)), neg_step, _mm256_mul_ps(w, decay));
+      __m256 m, v;
+      const __m256 precond = a.moments(g, g2, m0, v0, m, v);
+      moved = a.moved(w, a.momentum(precond, m));
       finite = _mm256_cmp_ps(g2, infinity, _CMP_LT_OQ);  // is_finite(g * g): g * g is not negative
       _mm256_storeu_ps(exp_avg + i, _mm256_blendv_ps(m0, m, finite));
       _mm256_storeu_ps(exp_avg_sq + i, _mm256_blendv_ps(v0, v, finite));
