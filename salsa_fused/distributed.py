@@ -26,8 +26,9 @@ their weights are sharded (replicated weights would count more than once in ``q`
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -113,11 +114,14 @@ class SearchReduction:
         dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=self.loss_group)
         return torch.cat([payload[:-3] / self.loss_ranks, payload[-3:]])
 
-    def check(self, status: Sequence[float], two_phase: bool, failure: Optional[BaseException], step: int) -> None:
+    def check(self, status: Sequence[float], two_phase: bool, failure: Optional[BaseException], step: int,
+              where: Optional[str] = None) -> None:
         """Raise on every rank alike when the ranks of an :meth:`exchange` (its last three values,
         ``status``, read) did not all step in the same form, or when a rank's forward raised:
         ``failure``, this rank's exception, is raised again; a rank whose own forward returned raises
-        :class:`ClosureFailedOnAnotherRank`. No loss group: ``failure`` raised, if any."""
+        :class:`ClosureFailedOnAnotherRank`, whose message goes on with ``where`` (which forward raised,
+        and where that leaves the weights; by default a search's, at ``step``). No loss group: ``failure``
+        raised, if any."""
         if self.loss_group is None or not status:
             if failure is not None:
                 raise failure
@@ -130,11 +134,35 @@ class SearchReduction:
             raise failure
         if failed_ranks:
             which = f"rank {rank_sum - 1}" if failed_ranks == 1 else f"{failed_ranks} ranks"
+            if where is None:
+                where = (f"at step {step}, in a forward of the search (that rank raised its own exception): every "
+                         "rank raises, the weights and the optimizer's state as before the step, so that the ranks "
+                         "stay in step (a retry of the step on every rank runs on alike)")
             raise ClosureFailedOnAnotherRank(
-                f"the closure raised on {which} ({failed_ranks} of the {self.loss_ranks} data-parallel ranks) at "
-                f"step {step}, in a forward of the search (that rank raised its own exception): every rank "
-                "raises, the weights and the optimizer's state as before the step, so that the ranks stay in step "
-                "(a retry of the step on every rank runs on alike)")
+                f"the closure raised on {which} ({failed_ranks} of the {self.loss_ranks} data-parallel ranks) "
+                f"{where}")
+
+    def shared_forward(self, forward: Callable[[], torch.Tensor], dtype: torch.dtype,
+                       device: Optional[torch.device]) -> Tuple[torch.Tensor, Optional[Exception]]:
+        """``forward()`` (a forward whose loss the ranks share: 0-dim, of ``dtype``) and None, or, where the
+        ranks share it and it raised, NaN (on ``device``) and its exception: the rank must still join the
+        all-reduce its peers wait in (:meth:`exchange`), flagged as failed, and raise after it (:meth:`check`).
+        Alone, or for an exception that is not an ``Exception`` (``KeyboardInterrupt``), it propagates at once."""
+        if self.loss_group is None:
+            return forward(), None
+        try:
+            return forward(), None
+        except Exception as error:  # out of memory on one rank, a closure that raised on its batch
+            return torch.full((), math.nan, dtype=dtype, device=device), error
+
+    def shared_loss(self, forward: Callable[[], torch.Tensor], dtype: torch.dtype, device: Optional[torch.device],
+                    two_phase: bool, step: int, where: Optional[str] = None) -> float:
+        """``forward()`` averaged over the loss group (:meth:`shared_forward`), read, and the ranks' status
+        checked (``two_phase``: the form the caller steps in; ``step``, ``where``: :meth:`check`'s)."""
+        local, failure = self.shared_forward(forward, dtype, device)
+        (value, *status) = self.exchange(local.reshape(1), two_phase, failure is not None).tolist()
+        self.check(status, two_phase, failure, step, where)
+        return value
 
     def differing(self, texts: Dict[str, str], device: Optional[torch.device] = None) -> List[str]:
         """The names whose text is not the same on every rank of the loss group. One all-reduce (MAX) of

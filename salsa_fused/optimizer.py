@@ -1222,14 +1222,14 @@ class FusedSaLSa(Optimizer):
 
         def trial_loss() -> float:
             rng_before.set()  # each trial forward replays the step's random draws
-            return self._shared_loss(forward, torch.float32, not one_phase, plan.state.step)
+            return self.reduction.shared_loss(forward, torch.float32, self._device, not one_phase, plan.state.step)
 
         running = self._running_statistics()
         try:
-            failure = None  # what this rank's forward at w0 raised, raised once its peers know (_shared_forward)
+            failure = None  # what this rank's forward at w0 raised, raised once its peers know (shared_forward)
             if needs_reference or checks_scale:  # one forward at w0, replaying the step's random draws
                 rng_before.set()
-                at_w0, failure = self._shared_forward(forward, torch.float32)
+                at_w0, failure = self.reduction.shared_forward(forward, torch.float32, self._device)
                 plan.state.num_forward_evals += 1
                 if checks_scale:
                     self._refuse_a_scaled_loss(f0, at_w0, failure, plan.state.step)
@@ -1345,7 +1345,7 @@ class FusedSaLSa(Optimizer):
         """Refuse ``loss=`` that is between half and twice the GradScaler's scale times the closure's
         loss at the same weights (``loss=scaler.scale(loss)``); otherwise remember that this
         optimizer's caller passes the unscaled loss. One host read; the decision is every rank's, and so
-        is ``failure``, what this rank's forward of ``at_w0`` raised (:meth:`_shared_forward`)."""
+        is ``failure``, what this rank's forward of ``at_w0`` raised (:meth:`SearchReduction.shared_forward`)."""
         given_value, closure_value, scale = torch.stack([
             given.float().reshape(()), at_w0.float().reshape(()).to(given.device),
             self.grad_scale.float().reshape(()).to(given.device)]).tolist()
@@ -1368,28 +1368,6 @@ class FusedSaLSa(Optimizer):
         (value, *status) = self.reduction.exchange(flags, True, failure is not None).tolist()
         self.reduction.check(status, True, failure, step)
         return value > 0
-
-    def _shared_forward(self, forward: Callable[[], torch.Tensor],
-                        dtype: torch.dtype) -> Tuple[torch.Tensor, Optional[Exception]]:
-        """``forward()`` (a search's forward: a 0-dim loss of ``dtype``) and None, or, where the ranks share
-        the search's losses and it raised, NaN and its exception: the rank must still join the all-reduce
-        its peers wait in, flagged as failed, and raise after it (:meth:`SearchReduction.check`). Alone, or
-        for an exception that is not an ``Exception`` (``KeyboardInterrupt``), it propagates at once."""
-        if self.reduction.loss_group is None:
-            return forward(), None
-        try:
-            return forward(), None
-        except Exception as error:  # out of memory on one rank, a closure that raised on its batch
-            return torch.full((), math.nan, dtype=dtype, device=self._device), error
-
-    def _shared_loss(self, forward: Callable[[], torch.Tensor], dtype: torch.dtype, two_phase: bool,
-                     step: int) -> float:
-        """A search's trial loss: ``forward()`` averaged over the loss group (:meth:`_shared_forward`),
-        read, and the ranks' status checked (``two_phase``: this step's form)."""
-        local, failure = self._shared_forward(forward, dtype)
-        (value, *status) = self.reduction.exchange(local.reshape(1), two_phase, failure is not None).tolist()
-        self.reduction.check(status, two_phase, failure, step)
-        return value
 
     def _search_step(self, passes: F.Passes, plan, f0, trial_loss: Callable[[], float], two_phase: bool,
                      failure: Optional[Exception] = None) -> None:
@@ -1476,14 +1454,16 @@ class FusedSaLSa(Optimizer):
             return total
 
         def trial_loss() -> float:
-            return self._shared_loss(lambda: point_sum(0) / n, torch.float64, not one_phase, plan.state.step)
+            return self.reduction.shared_loss(lambda: point_sum(0) / n, torch.float64, self._device,
+                                              not one_phase, plan.state.step)
 
         running = self._running_statistics()
         try:
             failure = None  # what this rank's forwards at w0 raised, raised once its peers know
             if points:  # the point at w0: the mean over n batches
                 first = k if reuse else 0
-                at_w0, failure = self._shared_forward(lambda: point_sum(first), torch.float64)
+                at_w0, failure = self.reduction.shared_forward(lambda: point_sum(first), torch.float64,
+                                                               self._device)
                 f0 = ((gradient_sum if reuse else 0.0) + at_w0) / n
                 plan.state.num_forward_evals += n - first
             else:
