@@ -28,8 +28,10 @@ Where the factor goes (``target``):
 
 Cost per decision: one forward per factor on the scoring batch (no backward), two copies
 of the weights while it runs. Under ``torch.distributed`` the trial losses are averaged
-over the ranks before scoring (one all-reduce of ``len(factors)`` numbers), so every rank
-chooses the same rate. Trial forwards replay the random state of the first trial (equal
+over the ranks before scoring (one all-reduce per factor, of its loss and the ranks' status), so every
+rank chooses the same rate, and a scoring forward that raises on one rank raises on every rank before
+the next factor's forward: that rank its own exception, the others
+:class:`~salsa_fused.ClosureFailedOnAnotherRank`. Trial forwards replay the random state of the first trial (equal
 dropout masks) and leave the generators where one forward leaves them; the running statistics
 of BatchNorm layers (``buffers=``, by default FusedSaLSa's ``model=``'s) go back to where the
 optimizer's step left them. A step that moved no weight (GradScaler or a NaN loss skipped it)
@@ -153,8 +155,10 @@ class LRFactorSearch:
 
         ``closure()`` runs the forward pass on the scoring batch and returns the scalar loss
         (called under ``torch.no_grad()``, once per factor, only on decision calls). If it
-        raises or returns a bad value, the weights are put back to where the optimizer's
-        step left them and the rate is unchanged.
+        raises or returns a bad value, the weights, the buffers and the random generators are put
+        back to where the optimizer's step left them and the rate is unchanged; under data
+        parallelism on every rank alike (the other ranks raise
+        :class:`~salsa_fused.ClosureFailedOnAnotherRank`), so the run goes on alike from the next call.
         """
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
@@ -210,42 +214,58 @@ class LRFactorSearch:
         return running_statistics(self.optimizer.model if isinstance(self.optimizer, FusedSaLSa) else None)
 
     def _trial_losses(self, closure, params, before, after) -> List[float]:
+        """The loss at each factor's weights, averaged over the ranks: one all-reduce per factor, which
+        carries the ranks' status (:meth:`SearchReduction.shared_loss`): a rank whose scoring forward raised
+        joins it flagged and raises its own exception, the others :class:`ClosureFailedOnAnotherRank`,
+        before the next factor's forward. On any exception the weights go back to ``w1``, the buffers and
+        the random generators to where the optimizer's step left them."""
         devices = {p.device for p in params}
         rng = RNGSnapshot.capture(devices)
+        device = params[0].device if params else torch.device("cpu")
+        reduction = self.reduction if self.reduction is not None else default_reduction()
+        where = (f"in LRFactorSearch's scoring forward (call {self.calls}; that rank raised its own exception): "
+                 "every rank raises, the weights, buffers and generators where the optimizer's step left them and "
+                 "the rate unchanged, alike on every rank")
         with torch.no_grad():
             buffers = [(b, b.detach().clone()) for b in self._running_statistics()]
         values, returned = [], []
+
+        def scored(f: float) -> torch.Tensor:
+            """The loss at ``w0 + f * (w1 - w0)``, float64 on ``device``."""
+            for p, w0, w1 in zip(params, before, after):
+                p.copy_(w1 if f == 1.0 else torch.lerp(w0, w1, f))  # w0 + f * (w1 - w0)
+            rng.set()
+            value = closure()
+            values.append(self._loss_value(value))
+            # the same tensor again, or its memory still holding an earlier factor's value (a CUDA
+            # graph's static output that a replay rewrote holds this factor's loss: not refused)
+            if isinstance(value, torch.Tensor) and any(
+                    value is earlier
+                    or (_same_tensor_memory(value, earlier) and torch.equal(values[-1], values[i]))
+                    for i, earlier in enumerate(returned)):
+                raise RuntimeError(
+                    "closure() returned the same loss tensor at two factors' weights: it must run "
+                    "the forward again at each call (each factor's weights are scored by it), e.g. "
+                    "lambda: loss_fn(model(x), y), not lambda: loss")
+            returned.append(value)
+            return values[-1].to(device)
+
+        losses, scored_all = [], False
         try:
             with torch.no_grad():
                 for f in self.factors:
-                    for p, w0, w1 in zip(params, before, after):
-                        p.copy_(w1 if f == 1.0 else torch.lerp(w0, w1, f))  # w0 + f * (w1 - w0)
-                    rng.set()
-                    value = closure()
-                    values.append(self._loss_value(value))
-                    # the same tensor again, or its memory still holding an earlier factor's value (a CUDA
-                    # graph's static output that a replay rewrote holds this factor's loss: not refused)
-                    if isinstance(value, torch.Tensor) and any(
-                            value is earlier
-                            or (_same_tensor_memory(value, earlier) and torch.equal(values[-1], values[i]))
-                            for i, earlier in enumerate(returned)):
-                        raise RuntimeError(
-                            "closure() returned the same loss tensor at two factors' weights: it must run "
-                            "the forward again at each call (each factor's weights are scored by it), e.g. "
-                            "lambda: loss_fn(model(x), y), not lambda: loss")
-                    returned.append(value)
+                    losses.append(reduction.shared_loss(lambda f=f: scored(f), torch.float64, device, False,
+                                                        self.calls, where))
+            scored_all = True
         finally:
             with torch.no_grad():
                 for p, w1 in zip(params, after):
                     p.copy_(w1)
                 for b, saved in buffers:
                     b.copy_(saved)
-        device = params[0].device if params else torch.device("cpu")
-        losses = torch.stack([v.to(device) for v in values])
-        reduction = self.reduction if self.reduction is not None else default_reduction()
-        if reduction.loss_group is not None:
-            losses = reduction.average_loss(losses)
-        return losses.tolist()
+            if not scored_all:  # where the step left them, not where a forward that raised did
+                rng.set()
+        return losses
 
     @staticmethod
     def _loss_value(value) -> torch.Tensor:

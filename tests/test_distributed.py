@@ -1002,3 +1002,81 @@ def _mixed_forms_opening_dtype_job(rank: int, out_dir: str) -> None:
 
 def test_ddp_a_mix_of_forms_sends_one_dtype_in_the_opening_all_reduce(tmp_path):
     spawn_in_gloo_group(_mixed_forms_opening_dtype_job, str(tmp_path), WORLD, timeout_s=20)
+
+
+def _dropout_batch_norm_model(seed: int) -> torch.nn.Module:
+    """A model whose forwards move what the beam and the factor search must put back: BatchNorm's running
+    statistics and the random generators (dropout)."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(IN_FEATURES, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh(),
+                               torch.nn.Dropout(0.2), torch.nn.Linear(16, 1))
+
+
+def _lr_factor_closure_raises_on_one_rank_job(rank: int, out_dir: str) -> None:
+    """LRFactorSearch under DDP: rank 1's scoring closure raises at the second factor's forward (after the
+    model's forward). Rank 1 left with its exception while rank 0 waited in the trial losses' all-reduce until
+    the collective timeout (or paired it with the next step's). Now every rank raises, rank 1 its own
+    exception, rank 0 ClosureFailedOnAnotherRank naming rank 1, with the weights, BatchNorm buffers,
+    generators, optimizer state and the search's scale where the optimizer's step left them; the run goes
+    on bitwise as one whose call there took the optimizer's step alone (the decision skipped), for a
+    FusedSaLSa (target "schedule") and for AdamW (target "lr")."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from salsa_fused import ClosureFailedOnAnotherRank, LRFactorSearch
+    for target in ("schedule", "lr"):
+        runs = []
+        for interrupted in (False, True):
+            model = _dropout_batch_norm_model(0)
+            ddp = DistributedDataParallel(model)
+            opt = FusedSaLSa(ddp.parameters(), model=model, backend="torch") if target == "schedule" else \
+                torch.optim.AdamW(ddp.parameters(), lr=0.02)
+            search = LRFactorSearch(opt, interval=3, buffers=None if target == "schedule" else model.buffers())
+            torch.manual_seed(10 + rank)
+            at_failure = None
+            for call in range(8):
+                x, y = _batch(call, rank)
+                forwards = []
+
+                def score():
+                    loss = F.mse_loss(ddp(x), y)
+                    forwards.append(loss)
+                    if interrupted and call == 2 and rank == 1 and len(forwards) == 2:
+                        raise _Boom("out of memory, say")
+                    return loss
+
+                def optimizer_step():
+                    opt.zero_grad()
+                    if target == "schedule":
+                        return opt.step(lambda: F.mse_loss(ddp(x), y))
+                    F.mse_loss(ddp(x), y).backward()
+                    return opt.step()
+
+                if call == 2 and not interrupted:  # the call as the failure leaves it: the step alone
+                    optimizer_step()
+                    search.calls += 1
+                elif call == 2:
+                    expected = (_Boom, "out of memory") if rank == 1 else \
+                        (ClosureFailedOnAnotherRank, r"the closure raised on rank 1 \(1 of the 2 data-parallel "
+                                                     r"ranks\) in LRFactorSearch's scoring forward \(call 3;")
+                    with pytest.raises(expected[0], match=expected[1]):
+                        search.step(score, optimizer_step)
+                    assert len(forwards) == 2, target  # no rank scored the third factor
+                else:
+                    search.step(score, optimizer_step)
+                if call == 2:
+                    at_failure = (_flat(model.state_dict().values()), torch.get_rng_state(), _state_of(opt),
+                                  search.state_dict())
+            assert search.calls == 8 and search.last_decision["call"] == 6, target
+            runs.append((at_failure, _flat(model.state_dict().values()), torch.get_rng_state(), _state_of(opt),
+                         search.state_dict()))
+        (reference, *ref_end), (failed, *end) = runs
+        for what, (ref, got) in {"at the failure": (reference, failed), "at the end": (ref_end, end)}.items():
+            assert torch.equal(got[0], ref[0]), f"{target}: weights and buffers {what}"
+            assert torch.equal(got[1], ref[1]), f"{target}: generators {what}"
+            _assert_same_state(got[2], ref[2], f"{target}: optimizer state {what}")
+            assert got[3] == ref[3], f"{target}: the search's state {what}"
+        _assert_same_on_all_ranks(_flat(ddp.parameters()), f"weights ({target})")
+
+
+def test_ddp_a_factor_search_closure_that_raises_on_one_rank_raises_on_every_rank(tmp_path):
+    spawn_in_gloo_group(_lr_factor_closure_raises_on_one_rank_job, str(tmp_path), WORLD, timeout_s=20)
