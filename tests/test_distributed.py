@@ -1080,3 +1080,60 @@ def _lr_factor_closure_raises_on_one_rank_job(rank: int, out_dir: str) -> None:
 
 def test_ddp_a_factor_search_closure_that_raises_on_one_rank_raises_on_every_rank(tmp_path):
     spawn_in_gloo_group(_lr_factor_closure_raises_on_one_rank_job, str(tmp_path), WORLD, timeout_s=20)
+
+
+def _beam_closure_raises_on_one_rank_job(rank: int, out_dir: str) -> None:
+    """StepSizeBeam under DDP: rank 1's closure raises in a search forward of a branch's step (after the
+    model's forward). The branch's step tells every rank (FusedSaLSa's search): rank 1 raises its own
+    exception, rank 0 ClosureFailedOnAnotherRank, and on both the beam puts back what its branches changed:
+    weights, BatchNorm buffers, generators, the optimizer's state, the multiplier and the decisions as before
+    the call; a retry of the call on both ranks runs on bitwise as the run in which nothing raised."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from salsa_fused import ClosureFailedOnAnotherRank, StepSizeBeam
+    steps, beam_call = 12, 2
+    runs = []
+    for interrupted in (False, True):
+        model = _dropout_batch_norm_model(0)
+        ddp = DistributedDataParallel(model)
+        opt = FusedSaLSa(ddp.parameters(), model=model, backend="torch")
+        beam = StepSizeBeam(opt, total_steps=steps, points=(beam_call / steps,), horizon=0.1)
+        assert beam.beam_steps == [beam_call]
+        torch.manual_seed(10 + rank)
+        fail = interrupted and rank == 1
+        for call in range(steps):
+            def closure(i, call=call):
+                nonlocal fail
+                x, y = _batch(call + i, rank)
+                loss = F.mse_loss(ddp(x), y)
+                if fail and call == beam_call and i == 1 and not torch.is_grad_enabled():
+                    fail = False  # once: a trial forward of a branch's second step
+                    raise _Boom("out of memory, say")
+                return loss
+
+            if interrupted and call == beam_call:
+                before = (_flat(model.state_dict().values()), torch.get_rng_state(), _state_of(opt),
+                          beam.multiplier, copy.deepcopy(beam.decisions), beam.calls)
+                expected = (_Boom, "out of memory") if rank == 1 else \
+                    (ClosureFailedOnAnotherRank, r"the closure raised on rank 1 \(1 of the 2 data-parallel ranks\)")
+                with pytest.raises(expected[0], match=expected[1]):
+                    beam.step(closure)
+                assert torch.equal(_flat(model.state_dict().values()), before[0]), "weights and buffers"
+                assert torch.equal(torch.get_rng_state(), before[1]), "generators"
+                _assert_same_state(_state_of(opt), before[2], "optimizer state")
+                assert (beam.multiplier, beam.decisions, beam.calls) == before[3:], "the beam's state"
+            beam.step(closure)
+        assert len(beam.decisions) == 1
+        state = beam.state_dict()
+        del state["branch_forward_evals"]  # the failed call's branch forwards ran, and stay counted
+        runs.append((_flat(model.state_dict().values()), torch.get_rng_state(), _state_of(opt), state))
+    (reference, failed) = runs
+    assert torch.equal(failed[0], reference[0]), "weights and buffers: the retried run differs"
+    assert torch.equal(failed[1], reference[1]), "generators: the retried run differs"
+    _assert_same_state(failed[2], reference[2], "optimizer state: the retried run differs")
+    assert failed[3] == reference[3], "the beam's state: the retried run differs"
+    _assert_same_on_all_ranks(_flat(ddp.parameters()), "weights")
+
+
+def test_ddp_a_beam_closure_that_raises_on_one_rank_raises_on_every_rank(tmp_path):
+    spawn_in_gloo_group(_beam_closure_raises_on_one_rank_job, str(tmp_path), WORLD, timeout_s=20)
