@@ -54,7 +54,8 @@ def test_triton_search_step_launches_and_reads(triton_counts, restore, trials):
     assert record["host_reads"] == 1 + trials, record["host_read_sites"]
     sites = record["host_read_sites"]
     assert sum(site.startswith("tolist at functional.py") for site in sites) == 1, sites  # f0, q, flags
-    assert sum(site.startswith("tolist at optimizer.py") for site in sites) == trials, sites  # trial losses
+    # trial losses, read where the ranks' losses are shared (SearchReduction.shared_loss)
+    assert sum(site.startswith("tolist at distributed.py") for site in sites) == trials, sites
 
 
 @needs_triton
