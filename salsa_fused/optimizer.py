@@ -74,9 +74,29 @@ SCALED_LOSS = ("loss= is {ratio:.4g}x the closure's loss at the same weights, ab
                "(scaler.scale(loss).backward(); scaler.step(opt, closure, loss=loss)): the gradients are "
                "unscaled by the optimizer, and a scaled loss passes every Armijo test. The weights, the moments "
                "and the search state are as they were")
-#: Below this GradScaler scale the check refuses nothing: a loss= that differs from the closure's by
-#: a small factor (a closure that computes it another way) could be taken for a scaled one.
+#: Below this GradScaler scale a loss= is not named scaled: one that differs from the closure's by a
+#: small factor is refused as LOSS_NOT_THE_CLOSURES instead (a scale of 2 and a sum of 2 micro-batches look alike).
 SCALED_LOSS_MIN_SCALE = 256.0
+LOSS_NOT_THE_CLOSURES = (
+    "{what}. The search judges its trials against loss=: one above the "
+    "closure's passes trials it should not and inflates the level step after step, one below fails "
+    "them all and collapses it. Pass the closure's value at the "
+    "current weights, as the closure returns it: with gradient accumulation the mean over all micro-batches "
+    "(not their sum, not the last micro-batch's loss), unscaled, the closure computing it alike (autocast "
+    "inside it as in your forward, no term the closure leaves out). The weights, the moments and the search "
+    "state are as they were")
+#: loss= against the closure's loss at w0 (the step's random draws replayed): the same number computed
+#: twice, so they differ by rounding only: ~1e-6 relative for nondeterministic kernels, ~1e-2 for bf16
+#: autocast in one forward and not the other, nothing for a Python float (f0 is float32 either way). The
+#: mistakes are factors of 2 and more: the sum of k >= 2 micro-batch means is k x the closure's mean, the
+#: last of k micro-batches' divided losses about 1/k, a scaled loss the scale. 1.5 either way lies between
+#: (50x bf16's rounding, under the smallest mistake, k = 2); past it the Armijo test is off by a third of the
+#: loss at least, more than any step's decrease, so a refusal is not a false alarm about a harmless gap.
+LOSS_MISMATCH_FACTOR = 1.5
+#: ... and they differ by more than this, absolutely: a loss near 0 is the difference of terms of order
+#: 1-10 (log-softmax of a memorized sample), whose float32 rounding (eps * 8 ~ 1e-6) makes 1e-7 and 2e-7
+#: alike. A loss of 0, a NaN/inf and losses of opposite sign are not compared (a ratio says nothing there).
+LOSS_MISMATCH_MIN_DIFFERENCE = 1e-6
 _DeviceCounts = F.DeviceCounts  # its name before it moved to functional.py: pickled optimizers load
 
 
@@ -1210,13 +1230,13 @@ class FusedSaLSa(Optimizer):
         gradients_unchanged = _gradients_watch(passes, self._sharded_groups())
 
         step_losses = _step_losses([value if one_phase else loss])
-        # Under a GradScaler, the first search of the two-phase form checks once that loss= is not
-        # scaler.scale(loss): one forward at w0 (counted), the caller's loss kept for the search.
-        checks_scale = (not (one_phase or needs_reference) and getattr(self, "grad_scale", None) is not None
-                        and not self.__dict__.get("_unscaled_loss_seen", False))
+        # The first search of the two-phase form that judges trials against loss= (no reference forward)
+        # checks once that loss= is the closure's loss at w0 (not a sum of micro-batch means, not
+        # scaler.scale(loss)): one forward at w0 (counted), the caller's loss kept for the search.
+        checks_loss = not (one_phase or needs_reference or self.__dict__.get("_loss_checked", False))
 
-        def forward() -> torch.Tensor:
-            loss = self._trial_loss(closure, step_losses=step_losses)
+        def forward(own_losses: Sequence = step_losses) -> torch.Tensor:
+            loss = self._trial_loss(closure, step_losses=own_losses)
             gradients_unchanged()
             return loss
 
@@ -1227,12 +1247,15 @@ class FusedSaLSa(Optimizer):
         running = self._running_statistics()
         try:
             failure = None  # what this rank's forward at w0 raised, raised once its peers know (shared_forward)
-            if needs_reference or checks_scale:  # one forward at w0, replaying the step's random draws
+            if needs_reference or checks_loss:  # one forward at w0, replaying the step's random draws
                 rng_before.set()
-                at_w0, failure = self.reduction.shared_forward(forward, torch.float32, self._device)
+                # The check's forward is not tested for the step's own loss: at w0 a closure that writes
+                # a static output buffer (CUDA graphs) holds loss='s very value in its memory; the trials test it.
+                at_w0, failure = self.reduction.shared_forward(
+                    forward if needs_reference else functools.partial(forward, ()), torch.float32, self._device)
                 plan.state.num_forward_evals += 1
-                if checks_scale:
-                    self._refuse_a_scaled_loss(f0, at_w0, failure, plan.state.step)
+                if checks_loss:
+                    self._refuse_a_loss_not_the_closures(f0, at_w0, failure, plan.state.step)
                 else:
                     f0 = at_w0
             self._search_step(passes, plan, f0, trial_loss, not one_phase, failure)
@@ -1340,21 +1363,36 @@ class FusedSaLSa(Optimizer):
                              where="read by report_nonfinite(): ")
         return elements, losses
 
-    def _refuse_a_scaled_loss(self, given: torch.Tensor, at_w0: torch.Tensor, failure: Optional[Exception],
-                              step: int) -> None:
-        """Refuse ``loss=`` that is between half and twice the GradScaler's scale times the closure's
-        loss at the same weights (``loss=scaler.scale(loss)``); otherwise remember that this
-        optimizer's caller passes the unscaled loss. One host read; the decision is every rank's, and so
-        is ``failure``, what this rank's forward of ``at_w0`` raised (:meth:`SearchReduction.shared_forward`)."""
-        given_value, closure_value, scale = torch.stack([
-            given.float().reshape(()), at_w0.float().reshape(()).to(given.device),
-            self.grad_scale.float().reshape(()).to(given.device)]).tolist()
-        ratio = given_value / closure_value if closure_value > 0 and math.isfinite(closure_value) else math.nan
-        looks_scaled = (scale >= SCALED_LOSS_MIN_SCALE and given_value > 0 and math.isfinite(ratio)
-                        and scale / 2 <= ratio <= 2 * scale)
-        if self._any_rank_opening(looks_scaled, step, failure):
-            raise ValueError(SCALED_LOSS.format(ratio=ratio, scale=scale))
-        self._unscaled_loss_seen = True
+    def _refuse_a_loss_not_the_closures(self, given: torch.Tensor, at_w0: torch.Tensor,
+                                        failure: Optional[Exception], step: int) -> None:
+        """Refuse ``loss=`` that is not ``at_w0``, the closure's loss at the same weights: more than
+        ``LOSS_MISMATCH_FACTOR`` from it either way (and ``LOSS_MISMATCH_MIN_DIFFERENCE`` apart), named
+        ``scaler.scale(loss)`` where it is between half and twice the GradScaler's scale times it;
+        otherwise remember that this optimizer's caller passes the closure's loss (the check runs once).
+        One host read; the decision is every rank's, and so is ``failure``, what this rank's forward of
+        ``at_w0`` raised (:meth:`SearchReduction.shared_forward`)."""
+        scaler = getattr(self, "grad_scale", None)
+        values = [given.float().reshape(()), at_w0.float().reshape(()).to(given.device)]
+        if scaler is not None:
+            values.append(scaler.float().reshape(()).to(given.device))
+        given_value, closure_value, *scale = torch.stack(values).tolist()
+        scale = scale[0] if scale else 0.0
+        ratio = given_value / closure_value if closure_value != 0 and math.isfinite(closure_value) else math.nan
+        looks_scaled = (scale >= SCALED_LOSS_MIN_SCALE and given_value > 0 and closure_value > 0
+                        and math.isfinite(ratio) and scale / 2 <= ratio <= 2 * scale)
+        # a ratio > 0: finite losses of the same sign, neither 0
+        differs = (math.isfinite(given_value) and math.isfinite(ratio) and ratio > 0
+                   and not 1 / LOSS_MISMATCH_FACTOR <= ratio <= LOSS_MISMATCH_FACTOR
+                   and abs(given_value - closure_value) > LOSS_MISMATCH_MIN_DIFFERENCE)
+        if self._any_rank_opening(looks_scaled or differs, step, failure):
+            if looks_scaled:
+                raise ValueError(SCALED_LOSS.format(ratio=ratio, scale=scale))
+            values = f"{given_value:.6g} against {closure_value:.6g}, the step's random draws replayed"
+            raise ValueError(LOSS_NOT_THE_CLOSURES.format(
+                what=f"loss= is {ratio:.4g}x the closure's loss at the same weights ({values})" if differs else
+                f"loss= is not the closure's loss at the same weights on another data-parallel rank (this "
+                f"rank's: {values})"))
+        self._loss_checked = True
 
     def _any_rank_opening(self, flag: bool, step: int, failure: Optional[Exception] = None) -> bool:
         """``flag`` or-ed over the loss group, for a choice the two-phase form makes before its search (how

@@ -2,7 +2,8 @@
 
 Two param groups with different ``lr``, weight decay, and a schedule whose scale is not 1;
 the loss is linear (``f(w) = sum(a * w)``, so ``g = a``) and run in the two-phase form, so
-the closure only sees the trial forwards and its return value scripts the search. The
+the closure only sees the trial forwards (the check of loss= at w0 marked done: scripted_losses)
+and its return value scripts the search. The
 expected weights use the moments the optimizer stored, in float64 (SPEC section 1):
 
     d = g / (sqrt(v_hat) + eps)   (trials, direction "gradient"),  u = m_hat / (sqrt(v_hat) + eps)
@@ -16,6 +17,7 @@ import torch
 
 from salsa_fused import FusedSaLSa
 from salsa_fused.step_size import WarmupStableDecay
+from tests.scripted import scripted_losses
 
 LRS = (1.0, 0.5)
 WD = 0.1
@@ -43,7 +45,7 @@ def make(schedule, restore="copy", level=0.2):
     groups = [{"params": [w], "lr": lr} for w, lr in zip(weights, LRS)]
     opt = FusedSaLSa(groups, backend="torch", weight_decay=WD, init_step_size=level, growth=GROWTH,
                      backtrack=BACKTRACK, betas=BETAS, eps=EPS, restore=restore, schedule=schedule)
-    return opt, weights, slopes
+    return scripted_losses(opt), weights, slopes
 
 
 def backward(weights, slopes, zero=False):
@@ -169,7 +171,7 @@ def test_bug_search_step_decay_follows_the_schedule():
     by ``1 - wd * lr * scale * eta`` as a plain step of the same schedule does (was 0.900)."""
     schedule = WarmupStableDecay(100, warmup=0.5, decay=0.2)
     w = torch.ones(4, requires_grad=True)
-    opt = FusedSaLSa([w], backend="torch", weight_decay=0.1, schedule=schedule)
+    opt = scripted_losses(FusedSaLSa([w], backend="torch", weight_decay=0.1, schedule=schedule))
     w.grad = torch.zeros(4)
     opt.mark_forward()  # scripted losses: the caller's loss is the trials' reference
     opt.step(lambda: pytest.fail("no trial"), loss=torch.tensor(1.0))

@@ -149,7 +149,11 @@ def test_two_phase_with_mark_forward_replays_the_callers_forwards():
     opt.step(accumulated, loss=loss)
     trials = opt.last_search_trials
     assert trials >= 2
-    trial_draws, trial_masks = closure.draws[2:], closure.masks[2:]
+    # the first search checks loss= with one forward at w0 (both micro-batches), replaying as the trials do
+    for micro in range(2):
+        assert torch.equal(closure.draws[2 + micro], caller_draws[micro])
+        assert torch.equal(closure.masks[2 + micro], caller_masks[micro])
+    trial_draws, trial_masks = closure.draws[4:], closure.masks[4:]
     assert len(trial_draws) == 2 * trials
     for t in range(trials):
         for micro in range(2):

@@ -9,6 +9,7 @@ from salsa_fused import FusedSaLSa
 from salsa_fused import rules
 from salsa_fused.line_search import ArmijoSearch
 from salsa_fused.rules import FinalMove, Search, SearchRule, Verdict
+from tests.scripted import scripted_losses
 
 
 def test_salsa_is_the_default_rule_and_selected_by_name():
@@ -52,7 +53,7 @@ def test_a_registered_rule_whose_final_move_differs_from_the_last_trial(monkeypa
     loss = (w * a).sum()
     loss.backward()
     seen = []
-    opt.mark_forward()  # scripted losses: the caller's loss is the trials' reference
+    scripted_losses(opt).mark_forward()  # scripted losses: the caller's loss is the trials' reference
     opt.step(lambda: seen.append(1) or loss.detach() + (1e3 if len(seen) == 1 else 0.0), loss=loss)
     assert len(seen) == 2 and isinstance(opt.search_rule, SearchRule)
     accepted = eta * 1.1 * 0.8

@@ -143,8 +143,10 @@ def test_search_tries_lr_times_eta_and_sums_lr_weighted_q():
         return torch.nn.functional.mse_loss(model(x), y)
 
     opt.step(closure, loss=loss.detach())
+    # the first call is the check that loss= is the closure's loss, at w0 (once per optimizer)
+    assert all(torch.equal(w, w_0) for w, w_0 in zip(trials[0], w0))
     first_trial_eta = 0.1 * GROWTH
-    for w, w_0, g, pc, lr in zip(trials[0], w0, grads, precond, lrs):
+    for w, w_0, g, pc, lr in zip(trials[1], w0, grads, precond, lrs):
         torch.testing.assert_close(w, w_0 - lr * first_trial_eta * g * pc, rtol=1e-5, atol=1e-8)
     q = sum(lr * (g * g * pc).sum().item() for g, pc, lr in zip(grads, precond, lrs))
     assert opt.search_state.slope_avg == pytest.approx((1 - 0.9) * q, rel=1e-5)

@@ -4,6 +4,7 @@ and an exception in a trial forward. Models with Dropout and BatchNorm, public A
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -513,15 +514,16 @@ def test_a_loss_that_is_not_the_closures_warns_when_every_trial_fails(backend, r
     """A deterministic model (BatchNorm, no dropout) in the two-phase form uses the caller's loss= as
     the loss at w0: a loss= a quarter of the closure's makes every trial lose, the level falls by
     0.8^100 and the run stalls. Before, nothing said so; now a RuntimeWarning names the likely cause.
-    The right loop does not warn."""
+    The first search refuses such a loss= (the check of loss= at w0, once per optimizer: the tests below),
+    so the loop here turns wrong after one right step, past the check. The right loop does not warn."""
     for wrong in (False, True):
         model = _batchnorm_mlp()
         opt = FusedSaLSa(model.parameters(), model=model, backend=backend, search_rule=rule)
         x, y = _data(0)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            for _ in range(3):
-                _accumulated_step(opt, model, x, y, loss_of_last_only=wrong)
+            for step in range(4):
+                _accumulated_step(opt, model, x, y, loss_of_last_only=wrong and step > 0)
         failed = [w for w in caught if "every trial of a line search failed" in str(w.message)]
         if not wrong:
             assert failed == [] and opt.step_size > 1e-6
@@ -529,3 +531,104 @@ def test_a_loss_that_is_not_the_closures_warns_when_every_trial_fails(backend, r
         assert opt.step_size < 1e-6 * opt.init_step_size  # what the warning is about: the level collapsed
         assert failed and all(w.category is RuntimeWarning and w.filename == __file__ for w in failed)
         assert "loss=" in str(failed[0].message) and "mean over all micro-batches" in str(failed[0].message)
+
+
+def _summed_step(opt, model, x, y, summed: bool, parts: int = 4, dropout_mark: bool = False):
+    """Gradient accumulation in the two-phase form; with ``summed`` the loop passes the sum of the
+    micro-batches' (undivided) means as ``loss=`` while the closure returns their mean."""
+    micro = [(x[i::parts], y[i::parts]) for i in range(parts)]
+    opt.zero_grad()
+    if dropout_mark:
+        opt.mark_forward()  # the trials (and the check at w0) replay the caller's dropout masks
+    total = 0.0
+    for xb, yb in micro:
+        mean = F.mse_loss(model(xb), yb)
+        (mean / parts).backward()
+        total = total + (mean.detach() if summed else mean.detach() / parts)
+    return opt.step(lambda: sum(F.mse_loss(model(xb), yb) for xb, yb in micro) / parts, loss=total)
+
+
+def _bn_dropout_mlp(seed: int = 0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(),
+                               torch.nn.Dropout(0.2), torch.nn.Linear(32, 1))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_a_summed_loss_is_refused_at_the_first_search_with_nothing_written(backend):
+    """The sum of 4 micro-batch means as loss= where the closure returns their mean passed every trial it
+    should not and inflated the level (12x the right loop's after 60 steps), with nothing said. The first
+    two-phase search checks loss= against one forward of the closure at w0 and refuses it, naming the
+    ratio: weights, moments, search state, BatchNorm running statistics and the generator as they were;
+    the right loss= then steps."""
+    model = _batchnorm_mlp()
+    opt = FusedSaLSa(model.parameters(), model=model, backend=backend)
+    x, y = _data(0)
+    weights, buffers, state = _flat(model).clone(), [b.clone() for b in model.buffers()], opt.search_state
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match=r"loss= is 4x the closure's loss at the same weights .*mean over all "
+                                         r"micro-batches.*The weights, the moments and the search state are"):
+        _summed_step(opt, model, x, y, summed=True)
+    assert torch.equal(_flat(model), weights) and opt.search_state == state
+    assert all(not value.any() for _, value in _moments(opt))  # the moments as built: zeros
+    # the caller's own forwards moved the running statistics; the check's forward did not
+    model_again = _batchnorm_mlp()
+    for xb, yb in [(x[i::4], y[i::4]) for i in range(4)]:
+        model_again(xb)
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), model_again.buffers()))
+    assert not all(torch.equal(a, b) for a, b in zip(model.buffers(), buffers))
+    assert torch.equal(torch.get_rng_state(), rng)
+    _summed_step(opt, model, x, y, summed=False)
+    assert opt.num_searches == 1 and opt.search_state.step == 1
+
+
+@pytest.mark.parametrize("model_of,mark", [(_batchnorm_mlp, False), (_bn_dropout_mlp, True)])
+def test_the_check_of_loss_leaves_the_right_loops_trajectory_bitwise_and_runs_once(model_of, mark):
+    """The right loop (the mean as loss=) is not refused, and the check's forward at w0 changes nothing
+    but the count: weights, BatchNorm running statistics, moments, the generator and the search state
+    after 25 steps are bitwise those of the same loop with the check marked done (the loop as it ran
+    before the check), num_forward_evals one above. The check runs once: later searches run no forward
+    at w0, and a summed loss= at a later search is not refused (past the check, as before it)."""
+    runs = []
+    for checked in (False, True):
+        model = model_of()
+        opt = FusedSaLSa(model.parameters(), model=model, backend="torch")
+        if checked:
+            opt._loss_checked = True  # the loop as it ran before the check
+        torch.manual_seed(7)
+        for k in range(25):
+            x, y = _data(k)
+            _summed_step(opt, model, x, y, summed=False, dropout_mark=mark)
+            if k == 0:
+                first = opt.num_forward_evals
+        runs.append((_flat(model).clone(), [b.clone() for b in model.buffers()], _moments(opt),
+                     torch.get_rng_state(), opt.search_state, first))
+    (w0, b0, m0, r0, s0, f0), (w1, b1, m1, r1, s1, f1) = runs
+    assert torch.equal(w0, w1) and torch.equal(r0, r1)
+    assert all(torch.equal(a, b) for a, b in zip(b0, b1))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(m0, m1))
+    assert s0.num_searches > 2 and f0 == f1 + 1
+    assert s0 == dataclasses.replace(s1, num_forward_evals=s1.num_forward_evals + 1)
+    _summed_step(opt, model, *_data(99), summed=True)  # not checked again: steps (wrongly, as before)
+
+
+@pytest.mark.filterwarnings("ignore:every trial of a line search failed")  # loss= below the closure's
+@pytest.mark.parametrize("factor,refused", [(1.3, False), (1 / 1.3, False), (1.6, True), (1 / 1.6, True),
+                                            (0.0, False), (-1.0, False)])
+def test_the_check_of_loss_tolerates_a_factor_below_one_and_a_half_either_way(factor, refused):
+    """Rounding (nondeterministic kernels, bf16 autocast in one forward only) is far below 1.5x; the
+    mistakes are 2x and more. A loss= of 0 or of the other sign is not compared; a Python float is."""
+    model = _batchnorm_mlp()
+    opt = FusedSaLSa(model.parameters(), model=model, backend="torch")
+    x, y = _data(0)
+    opt.zero_grad()
+    loss = F.mse_loss(model(x), y)
+    loss.backward()
+    given = loss.item() * factor  # a Python float
+    if refused:
+        with pytest.raises(ValueError, match=f"loss= is {factor:.4g}x the closure's loss"):
+            opt.step(lambda: F.mse_loss(model(x), y), loss=given)
+        assert opt.search_state.step == 0
+    else:
+        assert opt.step(lambda: F.mse_loss(model(x), y), loss=given) == given
+        assert opt.num_searches == 1
