@@ -193,6 +193,14 @@ def test_constant_schedule_keeps_the_published_steps():
     assert ours.num_searches < STEPS_0_1_0  # plain steps ran too
 
 
+def _train_with_scheduler(model, opt, scheduler, steps):
+    for k in range(steps):
+        x, y = batch(k)
+        opt.zero_grad()
+        opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+        scheduler.step()
+
+
 @pytest.mark.parametrize("kind", ["cosine", "warmup_from_zero", "constant"])
 def test_a_scheduler_that_moves_lr_on_a_preset_warns_once(kind):
     """A torch scheduler on an optimizer with a schedule of its own (a preset) multiplies the two: the
@@ -208,11 +216,7 @@ def test_a_scheduler_that_moves_lr_on_a_preset_warns_once(kind):
                  "constant": lambda: lr_scheduler.LambdaLR(opt, lambda t: 1.0)}[kind]()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for k in range(12):
-            x, y = batch(k)
-            opt.zero_grad()
-            opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
-            scheduler.step()
+        _train_with_scheduler(model, opt, scheduler, 12)
     stacked = [w for w in caught if "shaped twice" in str(w.message)]
     assert len(stacked) == (0 if kind == "constant" else 1), [str(w.message) for w in caught]
     if stacked:
@@ -227,8 +231,4 @@ def test_a_scheduler_without_a_schedule_of_the_optimizers_own_does_not_warn():
     scheduler = lr_scheduler.CosineAnnealingLR(opt, T_max=12)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for k in range(12):
-            x, y = batch(k)
-            opt.zero_grad()
-            opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
-            scheduler.step()
+        _train_with_scheduler(model, opt, scheduler, 12)
