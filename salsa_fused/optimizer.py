@@ -1148,10 +1148,6 @@ class FusedSaLSa(Optimizer):
         # kept once the step commits; freeze_below is checked with the rule here (a schedule assigned later)
         state = freeze_if_collapsed(self.schedule, self._search, self._search.step + 1, rule)
         backs_off_on_loss_rise(self.schedule)  # a schedule's options are checked before anything is written
-        if self.reduction.loss_group is not None and state.step == 0:
-            # at the first step, known alike on every rank (a per-rank flag, set again by a load on one
-            # rank only, sent that rank alone into the all-reduce)
-            self._refuse_ranks_that_differ(state)
         plan = plan_step(rule, state, config)
         scale = applied_scale(self.schedule, state, plan.state.step)
         if self.schedule is not None:
@@ -1190,8 +1186,19 @@ class FusedSaLSa(Optimizer):
         marked, handoff.forward_rng = handoff.forward_rng, None  # mark_forward(), used by this step only
         zeroed_at, handoff.zero_grad_rng = handoff.zero_grad_rng, None
         one_phase = loss is None
+        if self.reduction.loss_group is not None and state.step == 0:
+            # At the first step, known alike on every rank (a per-rank flag, set again by a load on one rank
+            # only, sent that rank alone into the all-reduce), compared once the step's own backward has run
+            # in either form, so that a rank in the other form meets it there, not in DDP's gradient all-reduce.
+            compare = functools.partial(self._refuse_ranks_that_differ, state)
+            if one_phase:  # refused after the step's own forward: the generators and statistics go back
+                undo.append(functools.partial(_leave_random_state, RNGSnapshot.capture(devices),
+                                              self._running_statistics()))
+        else:
+            compare = None
         if batches is not None:
-            return self._multi_batch_step(plan, scale, batches, closure, loss, devices, marked, zeroed_at, undo)
+            return self._multi_batch_step(plan, scale, batches, closure, loss, devices, marked, zeroed_at, undo,
+                                          compare)
         running_at_start = []  # one-phase: the running statistics before the step's own forward
         if one_phase:
             rng_before = RNGSnapshot.capture(devices) if plan.is_search else None
@@ -1210,6 +1217,8 @@ class FusedSaLSa(Optimizer):
             loss_tensor = self._loss_tensor(loss, "loss", need_grad=False)
             rng_after = RNGSnapshot.capture(devices) if plan.is_search else None
             rng_before = (marked or rng_after) if plan.is_search else None
+        if compare is not None:
+            compare()
         # Two-phase without mark_forward(), when the generators moved since zero_grad() (or it was
         # not called): the caller's forward may have drawn random masks (dropout) the trials cannot
         # replay, so a search judges them against a reference forward at w0 that replays what the
@@ -1424,10 +1433,11 @@ class FusedSaLSa(Optimizer):
         self._commit(state)
 
     def _multi_batch_step(self, plan, scale: float, batches: Batches, closure, loss, devices, marked, zeroed_at,
-                          undo: List[Callable[[], None]]):
+                          undo: List[Callable[[], None]], compare: Optional[Callable[[], None]] = None):
         """The step of a rule that reads several batches (:class:`salsa_fused.rules.Batches`): the
         gradient of ``closure(i)`` over ``i < batches.gradient`` (the caller's in the two-phase
-        form), then a plain step or a search whose points each average ``batches.points`` batches."""
+        form), then a plain step or a search whose points each average ``batches.points`` batches.
+        ``compare``: the first step's comparison of the ranks, run once the gradient batches' backward has."""
         k, n = batches.gradient, batches.points
         one_phase = loss is None
         points = plan.is_search and n > 0
@@ -1457,8 +1467,12 @@ class FusedSaLSa(Optimizer):
                 total = loss_i if total is None else total + loss_i
             gradient_sum = total
             loss_tensor = (total / k).to(dtype)
+            if compare is not None:
+                compare()
         else:
             loss_tensor = self._loss_tensor(loss, "loss", need_grad=False)
+            if compare is not None:
+                compare()
             step_losses = [loss]
             gradient_sum = loss_tensor.detach().reshape(()).to(torch.float64) * k
             if points:

@@ -727,9 +727,9 @@ def _mixed_forms_job(rank: int, out_dir: str) -> None:
     run different collectives (the two-phase form decides first, in an all-reduce of its own, whether
     it needs a reference forward), so their all-reduces paired up unnoticed: rank 0 read rank 1's flag
     as half its loss, and the ranks fell out of step until a collective timed out. Refused on every
-    rank, weights and state as before; the ranks stay in step and train on alike. Not at the first step:
-    there the one-phase form compares the ranks' optimizers before its own backward, the two-phase form
-    after the caller's, and that comparison meets DDP's gradient all-reduce (docs/training.md)."""
+    rank, weights and state as before; the ranks stay in step and train on alike. At the first step too: the
+    one-phase form compared the ranks' optimizers before its own backward, the two-phase form after the
+    caller's, so that comparison met DDP's gradient all-reduce and gloo aborted the process (SIGABRT)."""
     model = _make_model(0)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = FusedSaLSa(ddp.parameters(), backend="torch")
@@ -739,7 +739,7 @@ def _mixed_forms_job(rank: int, out_dir: str) -> None:
         def closure():
             return F.mse_loss(ddp(x), y)
 
-        if step in (1, 3):  # every early step searches (the interval starts near 1)
+        if step in (0, 1, 3):  # every early step searches (the interval starts near 1)
             before, state_before = _flat(ddp.parameters()).clone(), _state_of(opt)
             opt.zero_grad()
             with pytest.raises(ValueError, match=r"mix the one-phase step\(closure\) and the two-phase .*"
