@@ -308,7 +308,9 @@ class StepSizeBeam:
     def _branch(self, closure: IndexedClosure, steps: int, cool: int, multiplier: float) -> float:
         """``steps`` steps at ``multiplier``, then ``cool`` at a linearly falling one: the mean loss of
         the cooldown's steps (of the first ``steps`` without one); inf if a step raised
-        NonFiniteError or a loss was NaN/inf. Counts the branch's forwards. Under data parallelism
+        NonFiniteError or a loss was NaN/inf (under data parallelism, a NonFiniteError the closure raised
+        on this rank propagates, as any exception of a search's forward: the optimizer raises it here and
+        ClosureFailedOnAnotherRank on the other ranks). Counts the branch's forwards. Under data parallelism
         each step's loss is averaged over the optimizer's loss group first, so every rank scores,
         leaves and keeps alike (a rank's own loss kept different factors on different ranks)."""
         opt = self.optimizer
@@ -322,11 +324,20 @@ class StepSizeBeam:
 
             def counted(i=i):
                 self.branch_forward_evals += 1
-                return closure(i)
+                try:
+                    return closure(i)
+                except NonFiniteError as error:
+                    raised.append(error)
+                    raise
+            raised: List[BaseException] = []
             opt.zero_grad(set_to_none=True)
             try:
                 local = _step_without_hooks(opt, counted)
-            except NonFiniteError:  # raised on every rank alike: the optimizer's own check is collective
+            except NonFiniteError as error:  # the optimizer's own check is collective: raised on every rank alike
+                if opt.reduction.loss_group is not None and any(error is own for own in raised):
+                    # the closure's own, on this rank alone: its peers raise ClosureFailedOnAnotherRank (a
+                    # diverged branch here and an error there parted the ranks' collectives), so this rank raises
+                    raise
                 return math.inf
             (loss,) = opt.reduction.average_loss(
                 local.detach().reshape(1).to(device=opt._device, dtype=torch.float32)).tolist()

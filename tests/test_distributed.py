@@ -1140,3 +1140,42 @@ def _beam_closure_raises_on_one_rank_job(rank: int, out_dir: str) -> None:
 
 def test_ddp_a_beam_closure_that_raises_on_one_rank_raises_on_every_rank(tmp_path):
     spawn_in_gloo_group(_beam_closure_raises_on_one_rank_job, str(tmp_path), WORLD, timeout_s=20)
+
+
+def _beam_closure_nonfinite_on_one_rank_job(rank: int, out_dir: str) -> None:
+    """DDP with a StepSizeBeam whose closure raises NonFiniteError itself (its own check) in a trial forward
+    of a branch, on rank 1 only. The beam scored that branch inf on rank 1 alone, while rank 0 got
+    ClosureFailedOnAnotherRank out of the search: the ranks' collectives parted and gloo aborted (SIGABRT).
+    Now rank 1 raises the closure's error and rank 0 ClosureFailedOnAnotherRank, out of beam.step: weights,
+    optimizer state and the beam's multiplier as before, and a retry on both ranks decides alike."""
+    from salsa_fused import ClosureFailedOnAnotherRank, NonFiniteError, StepSizeBeam, presets
+    steps = 20
+    ddp = torch.nn.parallel.DistributedDataParallel(_make_model(0))
+    opt = presets.recommended(ddp.parameters(), total_steps=steps, backend="torch")
+    beam = StepSizeBeam(opt, total_steps=steps, points=(0.1,), horizon=0.1)  # the beam decides at step 2
+    data = [_batch(k, rank) for k in range(steps + 10)]
+    raised = []
+    for k in range(5):
+        def closure(i, k=k):
+            if rank == 1 and k == 2 and i == 1 and not torch.is_grad_enabled() and not raised:
+                raised.append(i)  # a trial forward of the first branch's second step, on rank 1 only
+                raise NonFiniteError("the closure's own check, on rank 1")
+            return F.mse_loss(ddp(data[k + i][0]), data[k + i][1])
+        if k == 2:
+            before = (_flat(ddp.parameters()).clone(), _state_of(opt), beam.multiplier, len(beam.decisions))
+            expected = (NonFiniteError, "own check") if rank == 1 else \
+                (ClosureFailedOnAnotherRank, r"the closure raised on rank 1 \(1 of the 2 data-parallel ranks\)")
+            with pytest.raises(expected[0], match=expected[1]):
+                beam.step(closure)
+            assert torch.equal(_flat(ddp.parameters()), before[0])
+            _assert_same_state(_state_of(opt), before[1], "a beam step refused")
+            assert (beam.multiplier, len(beam.decisions)) == before[2:]
+        beam.step(closure)
+    assert len(raised) == rank and len(beam.decisions) == 1
+    kept = torch.tensor([beam.multiplier] + [d["factor"] for d in beam.decisions], dtype=torch.float64)
+    _assert_same_on_all_ranks(kept, "the beam's multiplier and kept factors")
+    _assert_same_on_all_ranks(_flat(ddp.parameters()), "weights")
+
+
+def test_ddp_a_beam_closure_raising_nonfinite_on_one_rank_raises_on_every_rank(tmp_path):
+    spawn_in_gloo_group(_beam_closure_nonfinite_on_one_rank_job, str(tmp_path), WORLD, timeout_s=20)
