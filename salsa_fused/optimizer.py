@@ -1403,17 +1403,19 @@ class FusedSaLSa(Optimizer):
                 f"rank's: {values})"))
         self._loss_checked = True
 
-    def _any_rank_opening(self, flag: bool, step: int, failure: Optional[Exception] = None) -> bool:
+    def _any_rank_opening(self, flag: bool, step: int, failure: Optional[Exception] = None,
+                          two_phase: bool = True) -> bool:
         """``flag`` or-ed over the loss group, for a choice the two-phase form makes before its search (how
         many forwards, so how many collectives, it runs): the exchange carries the form (a rank in the
-        one-phase form meets it with the loss at w0, of the same size and dtype on the wire) and
-        ``failure``; refused alike on every rank."""
+        one-phase form meets it with the loss at w0, of the same size and dtype on the wire, or, reading several
+        batches, with this exchange in its form, ``two_phase=False``, before its forwards at w0) and ``failure``;
+        refused alike on every rank."""
         if self.reduction.loss_group is None:
-            self.reduction.check((), True, failure, step)
+            self.reduction.check((), two_phase, failure, step)
             return flag
         flags = torch.tensor([float(flag)], device=self._device)
-        (value, *status) = self.reduction.exchange(flags, True, failure is not None).tolist()
-        self.reduction.check(status, True, failure, step)
+        (value, *status) = self.reduction.exchange(flags, two_phase, failure is not None).tolist()
+        self.reduction.check(status, two_phase, failure, step)
         return value > 0
 
     def _search_step(self, passes: F.Passes, plan, f0, trial_loss: Callable[[], float], two_phase: bool,
@@ -1469,6 +1471,11 @@ class FusedSaLSa(Optimizer):
             loss_tensor = (total / k).to(dtype)
             if compare is not None:
                 compare()
+            if points and self.reduction.loss_group is not None:
+                # Where a rank in the two-phase form opens its search (the exchange of its reuse choice): this
+                # rank's forwards at w0 run collectives of their own (FSDP2's all-gathers), which met that
+                # all-reduce and hung. One more small all-reduce per search, carrying the form.
+                self._any_rank_opening(False, plan.state.step, two_phase=False)
         else:
             loss_tensor = self._loss_tensor(loss, "loss", need_grad=False)
             if compare is not None:

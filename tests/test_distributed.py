@@ -1179,3 +1179,43 @@ def _beam_closure_nonfinite_on_one_rank_job(rank: int, out_dir: str) -> None:
 
 def test_ddp_a_beam_closure_raising_nonfinite_on_one_rank_raises_on_every_rank(tmp_path):
     spawn_in_gloo_group(_beam_closure_nonfinite_on_one_rank_job, str(tmp_path), WORLD, timeout_s=20)
+
+
+def _labpal_mixed_forms_job(rank: int, out_dir: str) -> None:
+    """LABPAL on FSDP2, rank 0 in the one-phase form and rank 1 in the two-phase form at an approximation
+    (a search whose points read more batches), the first step and a later one. The one-phase form ran its
+    forwards at w0 (FSDP2's all-gathers) where the two-phase form opened its search with an all-reduce: the
+    ranks waited on each other until gloo's timeout. Refused on every rank with the mixed-forms error,
+    weights and state as before; the ranks step on alike."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from salsa_fused import LABPAL
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = _fsdp_model(0, mesh)
+    opt = LABPAL(model.parameters(), backend="torch", approximation_batches=3, sgd_steps=2, model=model)
+    for step in range(5):
+        def closure(i, step=step):
+            x, y = _batch(10 * step + i, rank)
+            return F.mse_loss(model(x), y)
+        if step in (0, 3):
+            assert opt.next_batches().points > 0 and opt.next_batches().gradient == 1, step
+            before, state_before = _full_weights(model), _state_of(opt)
+            opt.zero_grad()
+            with pytest.raises(ValueError, match=r"mix the one-phase step\(closure\) and the two-phase .*"
+                                                 r"1 of the 2 data-parallel ranks passed loss="):
+                if rank == 0:
+                    opt.step(closure)
+                else:
+                    loss = closure(0)
+                    loss.backward()
+                    opt.step(closure, loss=loss.detach())
+            assert torch.equal(_full_weights(model), before)
+            _assert_same_state(_state_of(opt), state_before, f"step {step}")
+        opt.zero_grad()
+        opt.step(closure)
+    assert opt.search_state.step == 5
+    _assert_same_on_all_ranks(_full_weights(model), "weights")
+
+
+def test_fsdp2_labpal_ranks_that_mix_the_one_and_two_phase_forms_are_refused_alike(tmp_path):
+    spawn_in_gloo_group(_labpal_mixed_forms_job, str(tmp_path), WORLD, timeout_s=20)
