@@ -1136,10 +1136,13 @@ class FusedSaLSa(Optimizer):
         for index, (group, key) in enumerate(zip(self.param_groups, hyper_keys)):
             if key is None or checked is None or index >= len(checked[0]) or key != checked[0][index]:
                 self._validate_group_hyper(group, _GROUP_HYPER_KEYS + ("search_lr",))
+        unscaled = None  # the one-phase form under a GradScaler, refused
         if loss is None and getattr(self, "grad_scale", None) is not None:
-            raise RuntimeError("under torch.amp.GradScaler use the two-phase form: "
-                               "scaler.scale(loss).backward(); scaler.step(opt, closure, loss=loss) "
-                               "(step() would run an unscaled backward itself)")
+            unscaled = RuntimeError("under torch.amp.GradScaler use the two-phase form: "
+                                    "scaler.scale(loss).backward(); scaler.step(opt, closure, loss=loss) "
+                                    "(step() would run an unscaled backward itself)")
+            if self.reduction.loss_group is None:
+                raise unscaled
         if loss is None:
             self._check_no_earlier_backward()
         if not self._lr_checked:
@@ -1197,6 +1200,8 @@ class FusedSaLSa(Optimizer):
         else:
             compare = None
         if batches is not None:
+            if unscaled is not None:  # several batches: refused at once, as alone (not told to the peers)
+                raise unscaled
             return self._multi_batch_step(plan, scale, batches, closure, loss, devices, marked, zeroed_at, undo,
                                           compare)
         running_at_start = []  # one-phase: the running statistics before the step's own forward
@@ -1219,6 +1224,12 @@ class FusedSaLSa(Optimizer):
             rng_before = (marked or rng_after) if plan.is_search else None
         if compare is not None:
             compare()
+        if unscaled is not None:
+            # Refused once the step's own backward has run, where a rank in the two-phase form opens its search:
+            # raised at once, this rank left its peers waiting in DDP's gradient all-reduce.
+            if plan.is_search:
+                self._any_rank_opening(False, plan.state.step, unscaled, two_phase=False)
+            raise unscaled
         # Two-phase without mark_forward(), when the generators moved since zero_grad() (or it was
         # not called): the caller's forward may have drawn random masks (dropout) the trials cannot
         # replay, so a search judges them against a reference forward at w0 that replays what the

@@ -1219,3 +1219,44 @@ def _labpal_mixed_forms_job(rank: int, out_dir: str) -> None:
 
 def test_fsdp2_labpal_ranks_that_mix_the_one_and_two_phase_forms_are_refused_alike(tmp_path):
     spawn_in_gloo_group(_labpal_mixed_forms_job, str(tmp_path), WORLD, timeout_s=20)
+
+
+def _grad_scaler_mixed_forms_job(rank: int, out_dir: str) -> None:
+    """DDP under torch.amp.GradScaler: at a search step rank 0 calls scaler.step(opt, closure) (the one-phase
+    form, refused under a scaler) while rank 1 uses the two-phase form. Rank 0 raised at once, before any
+    backward, and rank 1 waited in DDP's gradient all-reduce until gloo's timeout. Now rank 0 refuses after
+    its backward, where rank 1 opens its search: the mixed-forms error on both, weights and state as before."""
+    ddp = torch.nn.parallel.DistributedDataParallel(_make_model(0))
+    opt = FusedSaLSa(ddp.parameters(), backend="torch")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    for step in range(3):
+        x, y = _batch(step, rank)
+
+        def closure():
+            return F.mse_loss(ddp(x), y)
+
+        def two_phase():
+            opt.zero_grad()
+            loss = closure()
+            scaler.scale(loss).backward()
+            scaler.step(opt, closure, loss=loss)
+            scaler.update()
+        if step == 1:
+            before, state_before = _flat(ddp.parameters()).clone(), _state_of(opt)
+            with pytest.raises(ValueError, match=r"mix the one-phase step\(closure\) and the two-phase .*"
+                                                 r"1 of the 2 data-parallel ranks passed loss="):
+                if rank == 0:
+                    opt.zero_grad()
+                    scaler.step(opt, closure)
+                else:
+                    two_phase()
+            assert torch.equal(_flat(ddp.parameters()), before)
+            _assert_same_state(_state_of(opt), state_before, "a refused step under GradScaler")
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)  # its per-step records of the refused step
+        two_phase()
+    assert opt.search_state.step == 3
+    _assert_same_on_all_ranks(_flat(ddp.parameters()), "weights")
+
+
+def test_ddp_grad_scaler_ranks_that_mix_the_forms_are_refused_alike(tmp_path):
+    spawn_in_gloo_group(_grad_scaler_mixed_forms_job, str(tmp_path), WORLD, timeout_s=20)
