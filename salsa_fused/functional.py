@@ -106,11 +106,14 @@ class Passes:
 
     @classmethod
     def of(cls, backend: Backend, buckets: List[Bucket], param_groups: Sequence[dict], moment_k: int,
-           scale: float, level: float, grad_scale: Optional[torch.Tensor] = None) -> "Passes":
+           scale: float, level: float, grad_scale: Optional[torch.Tensor] = None,
+           decay_level: Optional[float] = None) -> "Passes":
         """The passes of a step whose moments are corrected at ``moment_k`` (:func:`moment_step`),
-        with schedule scale ``scale`` and level ``eta = level``."""
+        with schedule scale ``scale`` and level ``eta = level``; the weight decay multiplies
+        ``decay_level`` (``level`` when ``None``)."""
+        decay_level = level if decay_level is None else decay_level
         hypers = {b.group_index: Hyper.for_step(param_groups[b.group_index], moment_k) for b in buckets}
-        groups = {b.group_index: GroupStep.of(param_groups[b.group_index], scale, level) for b in buckets}
+        groups = {b.group_index: GroupStep.of(param_groups[b.group_index], scale, decay_level) for b in buckets}
         return cls(backend, buckets, hypers, groups, grad_scale)
 
     def at_moment_step(self, param_groups: Sequence[dict], moment_k: int) -> "Passes":

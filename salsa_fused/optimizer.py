@@ -1328,7 +1328,17 @@ class FusedSaLSa(Optimizer):
         plan.state.num_forward_evals += forwards
         plan.state.num_backward_evals += backwards
         return F.Passes.of(self.backend, buckets, self.param_groups, moment_step(self.search_rule, plan.state.step),
-                           scale, plan.state.step_size, getattr(self, "grad_scale", None))
+                           scale, plan.state.step_size, getattr(self, "grad_scale", None),
+                           decay_level=self._decay_level(plan.state))
+
+    def _decay_level(self, state: SearchState) -> float:
+        """The level the weight decay of this step multiplies: ``eta``, except before any search when
+        ``init_step_size`` was not given. That level is a placeholder (1.0), not a rate: decaying by it
+        shrank every trial of the first search by ``weight_decay`` itself (10% at 0.1) whatever the trial,
+        so on a trained model every trial failed and the level collapsed. Until a search sets it, no decay."""
+        if state.num_searches == 0 and not self._init_step_size_given:
+            return 0.0
+        return state.step_size
 
     def _plain_step(self, passes: F.Passes, plan, f0: torch.Tensor) -> None:
         """A step without search along the rule's direction (Adam's ``m_hat`` unless it is ``raw``)."""

@@ -47,8 +47,9 @@ def test_functional_steps_are_the_optimizers(restore):
         plan = plan_step(rule, state, config)
         plan.state.num_forward_evals += 1
         plan.state.num_backward_evals += 1
+        # the optimizer's init_step_size is not given: its placeholder level decays nothing before the first search
         passes = F.Passes.of(torch_backend, [bucket], [GROUP], moment_step(rule, plan.state.step), 1.0,
-                             state.step_size)
+                             state.step_size, decay_level=0.0 if state.num_searches == 0 else None)
         f0 = _loss(w, target).reshape(())
         if plan.is_search:
             state = F.search_step(passes, plan, state, f0, lambda: _loss(w, target).item(), rule=rule,

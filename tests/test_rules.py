@@ -48,7 +48,7 @@ def test_a_registered_rule_whose_final_move_differs_from_the_last_trial(monkeypa
     a = torch.randn(6)
     w0 = w.detach().double().clone()
     opt = FusedSaLSa([{"params": [w], "lr": 0.5}], search_rule="momentum_half", weight_decay=0.1,
-                     restore=restore, backend="torch")
+                     restore=restore, backend="torch", init_step_size=1.0)  # given: its level decays
     eta = opt.step_size
     loss = (w * a).sum()
     loss.backward()

@@ -632,3 +632,35 @@ def test_the_check_of_loss_tolerates_a_factor_below_one_and_a_half_either_way(fa
     else:
         assert opt.step(lambda: F.mse_loss(model(x), y), loss=given) == given
         assert opt.num_searches == 1
+
+
+def _fine_tuned(weight_decay: float, backend: str):
+    """FusedSaLSa's level, losses and warnings over 3 steps on a model AdamW trained first."""
+    model, (x, y) = _dropout_mlp(0, p=0.0), _data(0)
+    warm = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(100):
+        warm.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        warm.step()
+    opt = FusedSaLSa(model.parameters(), weight_decay=weight_decay, backend=backend)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        losses = []
+        for _ in range(3):
+            opt.zero_grad()
+            losses.append(float(opt.step(lambda: F.mse_loss(model(x), y))))
+    return opt.step_size, losses, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_weight_decay_on_a_trained_model_does_not_make_the_first_search_fail(backend):
+    """A user fine-tunes a trained model with FusedSaLSa(..., weight_decay=0.1), AdamW's habit. Before any
+    search the level is the placeholder init_step_size=1.0, and every trial of the first search used to decay
+    the weights by wd * lr * 1.0 = 10% whatever its trial: all 100 trials failed, the level fell to 2e-10 (a
+    stall of ~200 steps) and the weights kept the 10% shrink, the loss above where it started."""
+    level, losses, caught = _fine_tuned(0.1, backend)
+    without_decay, _, _ = _fine_tuned(0.0, backend)
+    assert not [message for message in caught if "every trial" in message]
+    assert without_decay / 2 < level < without_decay * 2
+    assert losses[-1] < losses[0]
+
