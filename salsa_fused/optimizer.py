@@ -491,6 +491,8 @@ class FusedSaLSa(Optimizer):
         for p in self.param_groups[-1]["params"]:
             if p.requires_grad:
                 self._init_state(p)
+        if self.__dict__.get("_lr_checked"):  # past the first step's look at every group's lr: look at this one
+            self._warn_if_group_lr_looks_like_a_step_size(len(self.param_groups) - 1, self.param_groups[-1])
 
     def _fit_backend(self, groups: List[dict], first_index: int = 0) -> None:
         """A parameter the backend cannot take (``backend.unsupported``: float64 or a strided view
@@ -1016,14 +1018,22 @@ class FusedSaLSa(Optimizer):
         if self._search.step > 0:
             return
         for index, group in enumerate(self.param_groups):
-            base = group.get("max_lr", group.get("initial_lr", group["lr"]))
-            if isinstance(base, (int, float)) and 0 < base < 0.1:
-                warnings.warn(
-                    f"FusedSaLSa's lr is a multiplier on the level its line search finds (1.0: "
-                    f"none), not a step size: param_groups[{index}] starts at lr={base:g}, which scales "
-                    "every step by that factor; leave lr=1.0 unless you mean to (a warmup of the "
-                    "multiplier from 0 to 1 is fine)", UserWarning, stacklevel=caller_stacklevel())
+            if self._warn_if_group_lr_looks_like_a_step_size(index, group):
                 return
+
+    @staticmethod
+    def _warn_if_group_lr_looks_like_a_step_size(index: int, group: dict) -> bool:
+        """Warns (and returns True) when group ``index`` starts at an lr (or a scheduler's
+        initial_lr/max_lr) below 0.1, AdamW's habit."""
+        base = group.get("max_lr", group.get("initial_lr", group["lr"]))
+        if isinstance(base, (int, float)) and 0 < base < 0.1:
+            warnings.warn(
+                f"FusedSaLSa's lr is a multiplier on the level its line search finds (1.0: "
+                f"none), not a step size: param_groups[{index}] starts at lr={base:g}, which scales "
+                "every step by that factor; leave lr=1.0 unless you mean to (a warmup of the "
+                "multiplier from 0 to 1 is fine)", UserWarning, stacklevel=caller_stacklevel())
+            return True
+        return False
 
     def _warn_if_a_scheduler_shapes_the_schedule(self) -> bool:
         """At a search step: a torch scheduler (it writes ``initial_lr``) that has moved a group's ``lr``

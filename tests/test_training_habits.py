@@ -664,3 +664,23 @@ def test_weight_decay_on_a_trained_model_does_not_make_the_first_search_fail(bac
     assert without_decay / 2 < level < without_decay * 2
     assert losses[-1] < losses[0]
 
+
+@pytest.mark.parametrize("lr, warned", [(1e-4, True), (1.0, False), (0.0, False)])
+def test_a_group_added_mid_run_with_an_adamw_style_lr_warns(lr, warned):
+    """A user unfreezes a layer mid-run and adds it as AdamW users do, add_param_group({..., "lr": 1e-4}):
+    that lr multiplies the searched level, so the layer moves 1e-4x the rest. The first step's look at lr had
+    passed, and the added group trained 10^4 times slower than meant with nothing said."""
+    model, (x, y) = _dropout_mlp(0, p=0.0), _data(0)
+    head = list(model[3].parameters())
+    opt = FusedSaLSa(model[0].parameters(), backend="torch")
+    for _ in range(2):
+        opt.zero_grad()
+        opt.step(lambda: F.mse_loss(model(x), y))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.add_param_group({"params": head, "lr": lr})
+    found = [w for w in caught if "multiplier" in str(w.message)]
+    assert len(found) == (1 if warned else 0)
+    if warned:
+        assert "param_groups[1] starts at lr=0.0001" in str(found[0].message)
+        assert found[0].filename == __file__
