@@ -1345,8 +1345,10 @@ class FusedSaLSa(Optimizer):
         """The level the weight decay of this step multiplies: ``eta``, except before any search when
         ``init_step_size`` was not given. That level is a placeholder (1.0), not a rate: decaying by it
         shrank every trial of the first search by ``weight_decay`` itself (10% at 0.1) whatever the trial,
-        so on a trained model every trial failed and the level collapsed. Until a search sets it, no decay."""
-        if state.num_searches == 0 and not self._init_step_size_given:
+        so on a trained model every trial failed and the level collapsed. Until a search sets it, no decay.
+        Not under a ``schedule`` (the presets): its scale at the first step (a warm-up's start) already makes
+        that decay small, and the preset's measured runs (docs/quality.md) decay there; they stay as measured."""
+        if state.num_searches == 0 and not self._init_step_size_given and self.schedule is None:
             return 0.0
         return state.step_size
 
