@@ -298,7 +298,8 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
         final, state = _decisions(search, direction)
         if verdict is Verdict.GIVE_UP and getattr(search, "exhausted", False):
             rule = getattr(search, "config", None) or getattr(search, "rule", None)
-            _warn_every_trial_failed(search.trials, getattr(rule, "backtrack", 0.0) ** (search.trials - 1))
+            shrink = max((passes.hypers[i].weight_decay * g.decay for i, g in passes.groups.items()), default=0.0)
+            _warn_every_trial_failed(search.trials, getattr(rule, "backtrack", 0.0) ** (search.trials - 1), shrink)
     except BaseException:
         put_back(current)
         raise
@@ -317,18 +318,24 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
     return state
 
 
-def _warn_every_trial_failed(trials: int, fell_to: float) -> None:
+def _warn_every_trial_failed(trials: int, fell_to: float, shrink: float = 0.0) -> None:
     """Every trial of a backtracking search failed: the level fell to at most ``fell_to`` (``backtrack``
     to the ``trials - 1``) times the first trial (``0.8^99`` with the defaults), so the run nearly stops
     while each search spends ``max_trials`` forwards. 0.1.0 does the same, silently. The text depends on
-    the configuration only, so Python's filter shows it once per calling line."""
+    the configuration only, so Python's filter shows it once per calling line. ``shrink``, the largest
+    ``weight_decay * lr * s * eta`` of the step, is named when it is 1e-3 or more: every trial shrinks the
+    weights by it whatever the trial (the decay multiplies the level before the search), which can fail
+    them all on a trained model."""
+    decay = (f"Every trial also shrank the weights by {shrink:.3g} (weight_decay * lr * schedule scale * "
+             "the level before the search, whatever the trial): on a trained model that alone can fail them "
+             "all; give a smaller init_step_size, or a longer schedule. " if shrink >= 1e-3 else "")
     warnings.warn(
         f"every trial of a line search failed ({trials} trials): the level fell to at most {fell_to:.3g} "
         "times the first trial (with the defaults, to next to nothing). The usual cause in the two-phase "
         "form is a loss= that is not the closure's loss at the current weights (the last micro-batch's loss, or a "
         "sum where the closure returns the mean: pass the mean over all micro-batches, unscaled, as "
         "the closure returns it); else a closure that returns NaN or a much larger loss at trial "
-        "weights. opt.search_state.last_trials and opt.step_size show it", RuntimeWarning,
+        f"weights. {decay}opt.search_state.last_trials and opt.step_size show it", RuntimeWarning,
         stacklevel=caller_stacklevel())
 
 

@@ -63,3 +63,23 @@ def test_functional_steps_are_the_optimizers(restore):
         assert torch.equal(w, w_class.detach())
         assert state == opt.search_state
     assert any(kinds) and not all(kinds)  # searches and plain steps both ran
+
+
+@pytest.mark.parametrize("init_step_size, named", [(1.0, True), (1e-3, False)])
+def test_the_every_trial_failed_warning_names_a_decay_that_fails_every_trial(init_step_size, named):
+    """A user fine-tunes a fitted weight with weight_decay=0.1 and init_step_size=1.0: every trial shrinks it
+    by 0.1 whatever the trial, so all of them fail. The warning blamed loss= (this is the one-phase form) or a
+    closure returning NaN, and said nothing of the decay; it now names the shrink. At init_step_size=1e-3 it passes."""
+    import warnings
+
+    target = torch.linspace(1.0, 2.0, 16)
+    w = target.clone().add_(1e-3).requires_grad_(True)
+    opt = FusedSaLSa([w], weight_decay=0.1, init_step_size=init_step_size, backend="torch", max_trials=20)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.zero_grad()
+        opt.step(lambda: _loss(w, target))
+    failed = [str(x.message) for x in caught if "every trial" in str(x.message)]
+    assert len(failed) == (1 if named else 0)
+    if named:
+        assert "shrank the weights by 0.1 " in failed[0]
