@@ -322,11 +322,11 @@ def _warn_every_trial_failed(trials: int, fell_to: float, shrink: float = 0.0) -
     """Every trial of a backtracking search failed: the level fell to at most ``fell_to`` (``backtrack``
     to the ``trials - 1``) times the first trial (``0.8^99`` with the defaults), so the run nearly stops
     while each search spends ``max_trials`` forwards. 0.1.0 does the same, silently. The text depends on
-    the configuration only, so Python's filter shows it once per calling line. ``shrink``, the largest
-    ``weight_decay * lr * s * eta`` of the step, is named when it is 1e-3 or more: every trial shrinks the
-    weights by it whatever the trial (the decay multiplies the level before the search), which can fail
-    them all on a trained model."""
-    decay = (f"Every trial also shrank the weights by {shrink:.3g} (weight_decay * lr * schedule scale * "
+    the configuration only, so Python's filter shows it once per calling line. When ``shrink``, the largest
+    ``weight_decay * lr * s * eta`` of the step, is 1e-3 or more, the text says so (not its value, which
+    moves with the level): every trial shrinks the weights by it whatever the trial (the decay multiplies
+    the level before the search), which can fail them all on a trained model."""
+    decay = ("Every trial also shrank the weights by 1e-3 or more (weight_decay * lr * schedule scale * "
              "the level before the search, whatever the trial): on a trained model that alone can fail them "
              "all; give a smaller init_step_size, or a longer schedule. " if shrink >= 1e-3 else "")
     warnings.warn(

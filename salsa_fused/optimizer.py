@@ -430,7 +430,7 @@ class FusedSaLSa(Optimizer):
         applied step ``lr_g * s * eta * growth`` (no accepted trial is larger) and the decay."""
         for index, group in enumerate(self.param_groups):
             probing = _as_the_step_sees(group)
-            group_step = GroupStep.of(probing, scale, plan.state.step_size)
+            group_step = GroupStep.of(probing, scale, self._decay_level(plan.state))
             moves = {"the first trial": group_step.trial(plan.trial_step_size).step,
                      "the applied step": group_step.plain(plan.trial_step_size).step,
                      "the weight decay": group_step.decay * float(group["weight_decay"])}
