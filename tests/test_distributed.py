@@ -722,6 +722,21 @@ def _assert_same_state(state: dict, before: dict, what: str) -> None:
             assert same, f"{what}: state {key} {name} changed"
 
 
+def _refused_as_mixed_forms(rank: int, opt, closure, own_forward, given_loss=None) -> None:
+    """Rank 0 steps in the one-phase form, ``step(closure)``, rank 1 in the two-phase form (``own_forward()``
+    and its backward, then ``step(closure, loss=given_loss(loss))``, the loss itself by default): refused with
+    the mixed-forms ValueError on both ranks, naming rank 1's form."""
+    opt.zero_grad()
+    with pytest.raises(ValueError, match=r"mix the one-phase step\(closure\) and the two-phase .*"
+                                         r"1 of the 2 data-parallel ranks passed loss="):
+        if rank == 0:
+            opt.step(closure)
+        else:
+            loss = own_forward()
+            loss.backward()
+            opt.step(closure, loss=loss if given_loss is None else given_loss(loss))
+
+
 def _mixed_forms_job(rank: int, out_dir: str) -> None:
     """Rank 0 steps in the one-phase form, rank 1 in the two-phase form at a search step. The two forms
     run different collectives (the two-phase form decides first, in an all-reduce of its own, whether
@@ -741,15 +756,7 @@ def _mixed_forms_job(rank: int, out_dir: str) -> None:
 
         if step in (0, 1, 3):  # every early step searches (the interval starts near 1)
             before, state_before = _flat(ddp.parameters()).clone(), _state_of(opt)
-            opt.zero_grad()
-            with pytest.raises(ValueError, match=r"mix the one-phase step\(closure\) and the two-phase .*"
-                                                 r"1 of the 2 data-parallel ranks passed loss="):
-                if rank == 0:
-                    opt.step(closure)
-                else:
-                    loss = closure()
-                    loss.backward()
-                    opt.step(closure, loss=loss)
+            _refused_as_mixed_forms(rank, opt, closure, closure)
             assert torch.equal(_flat(ddp.parameters()), before)
             _assert_same_state(_state_of(opt), state_before, f"step {step}")
         opt.zero_grad()
@@ -932,15 +939,7 @@ def _fsdp_mixed_forms_job(rank: int, out_dir: str) -> None:
 
             if mixed and step in (1, 3):  # every early step searches
                 weights, moments, search = _full_weights(model), _fsdp_moments(model, opt), opt.search_state
-                opt.zero_grad()
-                with pytest.raises(ValueError, match=r"mix the one-phase step\(closure\) and the two-phase .*"
-                                                     r"1 of the 2 data-parallel ranks passed loss="):
-                    if rank == 0:
-                        opt.step(closure)
-                    else:
-                        loss = closure()
-                        loss.backward()
-                        opt.step(closure, loss=loss)
+                _refused_as_mixed_forms(rank, opt, closure, closure)
                 assert torch.equal(_full_weights(model), weights)
                 after = _fsdp_moments(model, opt)
                 assert len(after) == len(moments) and all(torch.equal(a, b) for a, b in zip(after, moments))
@@ -983,17 +982,11 @@ def _mixed_forms_opening_dtype_job(rank: int, out_dir: str) -> None:
             if step == 2:  # LABPAL with sgd_steps=1: steps 0 and 2 fit a parabola (search, points > 0)
                 assert opt.next_batches() is None or opt.next_batches().points > 0, what
                 before, state_before = _flat(ddp.parameters()).clone(), _state_of(opt)
-                opt.zero_grad()
                 previous = torch.get_default_dtype()
                 torch.set_default_dtype(default_dtype)
                 try:
-                    with pytest.raises(ValueError, match=r"mix the one-phase step\(closure\) and the two-phase"):
-                        if rank == 0:
-                            opt.step(closure)
-                        else:
-                            loss = closure(0)
-                            loss.backward()
-                            opt.step(closure, loss=loss.detach().double() if indexed else loss)
+                    _refused_as_mixed_forms(rank, opt, closure, lambda: closure(0),
+                                            (lambda loss: loss.detach().double()) if indexed else None)
                 finally:
                     torch.set_default_dtype(previous)
                 assert torch.equal(_flat(ddp.parameters()), before), what
@@ -1200,15 +1193,7 @@ def _labpal_mixed_forms_job(rank: int, out_dir: str) -> None:
         if step in (0, 3):
             assert opt.next_batches().points > 0 and opt.next_batches().gradient == 1, step
             before, state_before = _full_weights(model), _state_of(opt)
-            opt.zero_grad()
-            with pytest.raises(ValueError, match=r"mix the one-phase step\(closure\) and the two-phase .*"
-                                                 r"1 of the 2 data-parallel ranks passed loss="):
-                if rank == 0:
-                    opt.step(closure)
-                else:
-                    loss = closure(0)
-                    loss.backward()
-                    opt.step(closure, loss=loss.detach())
+            _refused_as_mixed_forms(rank, opt, closure, lambda: closure(0), torch.Tensor.detach)
             assert torch.equal(_full_weights(model), before)
             _assert_same_state(_state_of(opt), state_before, f"step {step}")
         opt.zero_grad()
