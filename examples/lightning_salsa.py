@@ -25,7 +25,8 @@ Lightning's precision plugin wraps that closure: ``on_before_optimizer_step`` ho
 after each of its calls (the first and each trial). Trial forwards run inside
 ``training_step``, so under ``bf16-mixed`` they are autocast like the training forward.
 
-Run: ``python examples/lightning_salsa.py --precision bf16-mixed --steps 20``
+Run: ``python examples/lightning_salsa.py --precision bf16-mixed --steps 20`` (``32-true``, ``bf16-mixed`` or
+``16-mixed``: with a GradScaler on a GPU; on the CPU Lightning autocasts to fp16 without one)
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def gpt_loss(model, batch):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "16-mixed"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--block", type=int, default=64, help="bytes per sequence (at most 4096 in this example)")
