@@ -1536,12 +1536,11 @@ class FusedSaLSa(Optimizer):
         gradients_unchanged = _gradients_watch(passes, self._sharded_groups())
         own_losses = _step_losses(step_losses)
 
-        def point_sum(first: int) -> torch.Tensor:
-            """``sum closure(i)`` over ``first <= i < n`` at the weights as they are, in float64."""
+        def point_sum(first: int, end: int = n, own: Sequence = own_losses) -> torch.Tensor:
+            """``sum closure(i)`` over ``first <= i < end`` at the weights as they are, in float64."""
             total = torch.zeros((), dtype=torch.float64, device=self._device)
-            for i in range(first, n):
-                total = total + self._trial_loss(functools.partial(replay, i), f"closure({i})", torch.float64,
-                                                 own_losses)
+            for i in range(first, end):
+                total = total + self._trial_loss(functools.partial(replay, i), f"closure({i})", torch.float64, own)
                 gradients_unchanged()
             return total
 
@@ -1549,6 +1548,10 @@ class FusedSaLSa(Optimizer):
             return self.reduction.shared_loss(lambda: point_sum(0) / n, torch.float64, self._device,
                                               not one_phase, plan.state.step)
 
+        # As the single-batch form's check: the first search whose point at w0 reuses loss= (the mean over
+        # the gradient batches) checks it once per optimizer against the closure's mean over those batches
+        # at w0 (k forwards, counted), their random draws replayed as the trials replay them.
+        checks_loss = points and reuse and not (one_phase or self.__dict__.get("_loss_checked", False))
         running = self._running_statistics()
         try:
             failure = None  # what this rank's forwards at w0 raised, raised once its peers know
@@ -1558,6 +1561,13 @@ class FusedSaLSa(Optimizer):
                                                                self._device)
                 f0 = ((gradient_sum if reuse else 0.0) + at_w0) / n
                 plan.state.num_forward_evals += n - first
+                if checks_loss:  # after the point's own forwards, whose first calls set the replayed draws
+                    closures = at_w0
+                    if failure is None:  # no step losses: at w0 a static output buffer holds loss='s value
+                        closures, failure = self.reduction.shared_forward(lambda: point_sum(0, k, ()) / k,
+                                                                          torch.float64, self._device)
+                    plan.state.num_forward_evals += k
+                    self._refuse_a_loss_not_the_closures(gradient_sum / k, closures, failure, plan.state.step)
             else:
                 f0 = gradient_sum / k
             self._search_step(passes, plan, f0, trial_loss, not one_phase, failure)

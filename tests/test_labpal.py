@@ -9,6 +9,7 @@ import math
 import os
 import pickle
 import tempfile
+from dataclasses import replace
 
 import pytest
 import torch
@@ -310,7 +311,9 @@ def _dropout_masks(form):
 def test_each_batch_replays_its_random_draws_within_a_step(form):
     """Every call of closure(i) in a step sees the masks of its first call; in the two-phase form
     without mark_forward() the caller's forward of batch 0 cannot be replayed, so the point at w0
-    is evaluated again and the trials replay that evaluation."""
+    is evaluated again and the trials replay that evaluation. With the mark, the first approximation
+    checks loss= against one more forward of batch 0 at w0 (once per optimizer), replaying the
+    caller's masks as the trials do."""
     approximations = 0
     for kind, masks in _dropout_masks(form):
         if kind != "approximation":
@@ -319,12 +322,93 @@ def test_each_batch_replays_its_random_draws_within_a_step(form):
         assert sorted(masks) == [0, 1, 2, 3]
         for i, drawn in masks.items():
             again = form == "two_phase" and i == 0
-            assert len(drawn) == 3 + again, i
+            checked = form == "marked" and approximations == 1 and i == 0
+            assert len(drawn) == 3 + again + checked, i
             assert all(torch.equal(drawn[again], later) for later in drawn[again:]), i
         assert not torch.equal(masks[1][0], masks[2][0])  # different batches draw different masks
         if form == "two_phase":
             assert not torch.equal(masks[0][0], masks[0][1])
     assert approximations == 2
+
+
+
+def _accumulated_two_phase(opt, model, step, accumulation, factor=1.0, scaler=None, mark=False):
+    """The two-phase form over the step's ``k`` gradient micro-batches (``accumulation`` per batch): the
+    caller's backward of each ``closure(i) / k``, then ``loss=`` their mean times ``factor`` (``k``: the sum
+    of their means, where the closure returns each mean); under ``scaler`` the backward is scaled and
+    ``loss=`` too when ``factor`` is the scale (``scaler.scale(loss)``)."""
+    k = opt.next_batches().gradient
+    closure = _closure(model, step, accumulation)
+    opt.zero_grad()
+    if mark:
+        opt.mark_forward()  # k == 1: the trials (and the check at w0) replay the caller's dropout mask
+    losses = []
+    for i in range(k):
+        loss = closure(i)
+        part = loss / k if k > 1 else loss
+        (scaler.scale(part) if scaler is not None else part).backward()
+        losses.append(loss.detach().double())
+    given = sum(losses) / k * factor
+    if scaler is not None:
+        return scaler.step(opt, closure, loss=given)
+    return opt.step(closure, loss=given)
+
+
+@pytest.mark.parametrize("case", ["summed", "divided", "scaled"])
+def test_a_loss_that_is_not_the_closures_mean_is_refused_at_the_first_approximation(case):
+    """LABPAL's two-phase step takes loss= as the mean of closure(i) over its k gradient batches and
+    reuses it as their share of the point at w0 the parabola is fitted through. The sum of the k
+    micro-batch means (k = 4, accumulation 4), the last one's divided loss (about 1/k; here their mean / 4)
+    or scaler.scale(loss) passed with nothing said: the fit's minimum fell from 0.253 to 0.015 (summed,
+    scaled) or the fit failed and nothing moved (divided). As the single-batch form, the first approximation
+    now checks loss= against the closure's mean over those batches at w0 (k forwards, once per optimizer)
+    and refuses it, naming the ratio or the scale: weights, search state, LABPAL's counters and the
+    generator as they were; the right loss= then fits."""
+    model = _model()
+    opt = LABPAL(model.parameters(), backend=BACKEND, approximation_batches=2, sgd_steps=5, accumulation=4)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=10**6) if case == "scaled" else None
+    factor = {"summed": 4.0, "divided": 1 / 4, "scaled": 1024.0}[case]
+    weights, state, rng = [p.detach().clone() for p in model.parameters()], opt.search_state, torch.get_rng_state()
+    assert opt.next_batches() == Batches(4, 8)
+    message = (r"loss= is 1024x the closure's loss at the same weights, about the GradScaler's scale 1024"
+               if case == "scaled" else rf"loss= is {factor:.4g}x the closure's loss at the same weights .*mean "
+                                        r"over all micro-batches.*The weights, the moments and the search state")
+    with pytest.raises(ValueError, match=message):
+        _accumulated_two_phase(opt, model, 0, 4, factor, scaler)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), weights))
+    assert opt.search_state == state and opt.search_state.rule_state == {}
+    assert torch.equal(torch.get_rng_state(), rng)
+    if scaler is not None:
+        scaler.update()  # the scaler's step raised before its update: its per-step record is cleared here
+    _accumulated_two_phase(opt, model, 0, 4, 1.0, scaler)
+    assert opt.last_decision["kind"] == "approximation" and opt.search_state.num_searches == 1
+
+
+@pytest.mark.parametrize("dropout,accumulation", [(False, 2), (True, 1)])
+def test_the_check_of_loss_leaves_labpals_trajectory_bitwise_and_runs_once(dropout, accumulation):
+    """The right loss= is not refused, and the check's k forwards at w0 change nothing but the count:
+    weights, generator and search state after 12 steps (3 approximations) are bitwise those of the same
+    loop with the check marked done, num_forward_evals k above. With dropout (mark_forward(), k = 1) the
+    check replays the caller's mask. A summed loss= later is not refused (past the check)."""
+    runs = []
+    for checked in (False, True):
+        torch.manual_seed(0)
+        model = _model(dropout=dropout)
+        opt = LABPAL(model.parameters(), backend=BACKEND, approximation_batches=4, sgd_steps=4,
+                     accumulation=accumulation)
+        if checked:
+            opt._loss_checked = True  # the loop as it ran before the check
+        k = opt.next_batches().gradient
+        for step in range(12):
+            _accumulated_two_phase(opt, model, step, accumulation, mark=dropout)
+        runs.append(([p.detach().clone() for p in model.parameters()], torch.get_rng_state(), opt.search_state))
+    (w0, r0, s0), (w1, r1, s1) = runs
+    assert all(torch.equal(a, b) for a, b in zip(w0, w1)) and torch.equal(r0, r1)
+    assert s0.rule_state["num_approximations"] == 3
+    assert s0 == replace(s1, num_forward_evals=s1.num_forward_evals + k)
+    while opt.next_batches().points == 0:
+        _accumulated_two_phase(opt, model, 99, accumulation, mark=dropout)
+    _accumulated_two_phase(opt, model, 99, accumulation, factor=4.0, mark=dropout)  # not checked again
 
 
 def test_resume_from_state_dict_and_pickle_is_bit_exact():
