@@ -769,6 +769,70 @@ def test_ddp_ranks_that_mix_the_one_and_two_phase_forms_are_refused_alike(tmp_pa
     spawn_in_gloo_group(_mixed_forms_job, str(tmp_path), WORLD, timeout_s=20)
 
 
+
+def _accumulated_two_phase(ddp, opt, step, rank, parts, summed):
+    """Gradient accumulation over ``parts`` micro-batches in the two-phase form, one gradient all-reduce (on
+    the last); ``summed``: loss= is the sum of the micro-batches' means (``parts`` x the closure's mean).
+    Under LABPAL (``opt.next_batches()``) the closure takes the micro-batch index: the first ``parts`` give
+    the gradient, an approximation's points read more."""
+    batches = opt.next_batches()
+    count = parts if batches is None else max(batches.gradient, batches.points)
+    assert batches is None or batches.gradient == parts
+    x, y = _batch(step, rank, size=4 * count)
+    micro = [(x[i::count], y[i::count]) for i in range(count)]
+    opt.zero_grad()
+    total = torch.zeros((), dtype=torch.float64)
+    for i, (xb, yb) in enumerate(micro[:parts]):
+        with contextlib.nullcontext() if i == parts - 1 else ddp.no_sync():
+            loss = F.mse_loss(ddp(xb), yb)
+            (loss / parts).backward()
+        total += loss.detach().double() if summed else loss.detach().double() / parts
+    if batches is not None:
+        return opt.step(lambda i: F.mse_loss(ddp(micro[i][0]), micro[i][1]), loss=total)
+    return opt.step(lambda: sum(F.mse_loss(ddp(xb), yb) for xb, yb in micro) / parts, loss=total)
+
+
+def _loss_mismatch_on_one_rank_job(rank: int, out_dir: str) -> None:
+    """Rank 1 passes a summed loss= (2 micro-batch means: 2x the closure's mean), rank 0 the right one, at
+    the first two-phase search (the check of loss= at w0, once per optimizer), under the default rule and
+    under LABPAL (its first approximation). The refusal rides the check's all-reduce: both ranks raise
+    ValueError (rank 1 naming the ratio, rank 0 naming another rank), the weights, optimizer state and
+    generator as before on each; the corrected retry steps alike on both ranks, bitwise as a twin run that
+    passed the right loss= from the start."""
+    from salsa_fused import LABPAL
+    cases = {"default rule": lambda params: FusedSaLSa(params, backend="torch"),
+             "LABPAL": lambda params: LABPAL(params, backend="torch", approximation_batches=2, sgd_steps=2,
+                                             accumulation=2)}
+    for what, build in cases.items():
+        runs = []
+        for refused in (True, False):
+            ddp = torch.nn.parallel.DistributedDataParallel(_make_model(0))
+            opt = build(ddp.parameters())
+            for step in range(4):
+                if step == 0 and refused:
+                    before, state_before = _flat(ddp.parameters()).clone(), _state_of(opt)
+                    rng = torch.get_rng_state()
+                    expected = r"loss= is 2x the closure's loss at the same weights" if rank == 1 else \
+                        r"loss= is not the closure's loss at the same weights on another data-parallel rank"
+                    with pytest.raises(ValueError, match=expected):
+                        _accumulated_two_phase(ddp, opt, step, rank, 2, summed=rank == 1)
+                    assert torch.equal(_flat(ddp.parameters()), before), what
+                    _assert_same_state(_state_of(opt), state_before, what)
+                    assert torch.equal(torch.get_rng_state(), rng), what
+                _accumulated_two_phase(ddp, opt, step, rank, 2, summed=False)
+            assert opt.search_state.step == 4 and opt.num_searches >= 2, what
+            runs.append((_flat(ddp.parameters()).clone(), opt.search_state))
+            _assert_same_on_all_ranks(runs[-1][0], f"weights ({what})")
+            _assert_same_on_all_ranks(torch.tensor([opt.step_size, opt.num_forward_evals], dtype=torch.float64),
+                                      f"step size / forward count ({what})")
+        (weights, state), (twin_weights, twin_state) = runs
+        assert torch.equal(weights, twin_weights) and state == twin_state, what
+
+
+def test_ddp_a_loss_that_is_not_the_closures_on_one_rank_is_refused_on_every_rank(tmp_path):
+    spawn_in_gloo_group(_loss_mismatch_on_one_rank_job, str(tmp_path), WORLD, timeout_s=30)
+
+
 class _Boom(RuntimeError):
     pass
 
