@@ -879,7 +879,7 @@ class FusedSaLSa(Optimizer):
         The FSDP2 modules of ``model`` are resharded first, as :func:`fsdp_closure` does: the root
         keeps its parameters unsharded after a forward, and a trial would read them stale.
         ``step_losses``: :func:`_step_losses` of the step's own losses; a trial loss that is one of
-        them, or a view or ``detach()`` of one still holding its value, was not computed at the
+        them, or a view or ``detach()`` of one, still holding its value was not computed at the
         trial's weights: refused."""
         for module in self._fsdp_modules():
             module.reshard()
@@ -1608,11 +1608,10 @@ def _step_losses(losses) -> List[Tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _is_the_steps_own_loss(value: torch.Tensor, own: torch.Tensor, at_w0: torch.Tensor) -> bool:
-    """``value`` is ``own``, or shares its memory and holds its value (a ``detach()`` or view of it;
-    a CUDA graph's static output that a trial's replay rewrote holds the trial's loss, not ``own``'s:
-    not refused). The value is read only where the memory is shared."""
-    if value is own:
-        return True
+    """``value`` is ``own`` or shares its memory (a ``detach()`` or view of it), and holds its value
+    ``at_w0``. A CUDA graph's static output that a trial's replay rewrote holds the trial's loss, not
+    ``own``'s: not refused, be it a view of ``own``'s memory or ``own`` itself (CUDA graph trees return
+    the same tensor object from replay to replay). The value is read only where the memory is shared."""
     return _same_tensor_memory(value, own) and bool(torch.equal(value.detach().reshape(()), at_w0.reshape(())))
 
 

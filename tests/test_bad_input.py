@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from salsa_fused import LABPAL, FusedSaLSa, NonFiniteError
 from salsa_fused.line_search import plan_step
+from tests.models import StaticLoss
 
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -573,6 +574,37 @@ def test_a_trial_loss_written_into_the_steps_loss_memory_is_not_refused():
         runs.append(([p.detach().clone() for p in model.parameters()], opt.search_state))
     assert runs[0][1] == runs[1][1] and all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0]))
 
+
+@pytest.mark.parametrize("form", ["one-phase", "two-phase", "labpal", "labpal-two-phase"])
+def test_a_loss_returned_in_the_same_static_tensor_at_every_forward_is_not_refused(form):
+    """CUDA graph trees return a replay's loss in the same tensor object at every replay: a trial's
+    loss was then the step's own loss tensor, refused as a stale closure at the first trial of the first
+    search (one- and two-phase, LABPAL's points too), though it held the trial's loss. The same object
+    is now told by its value as a view is: the search runs bitwise as with fresh tensors. step(lambda:
+    loss) is still refused (test_a_closure_returning_the_steps_own_loss_is_refused)."""
+    runs = []
+    for static in (False, True):
+        model = _model()
+        loss_of = StaticLoss(model) if static else (lambda x, y: F.mse_loss(model(x), y))
+        labpal = form.startswith("labpal")
+        opt = LABPAL(model.parameters(), backend="torch", approximation_batches=2, sgd_steps=2) if labpal \
+            else FusedSaLSa(model.parameters(), backend="torch")
+        for step in range(5):
+            batches = [(_X[i::2] + 0.1 * step, _Y[i::2]) for i in range(2)]
+
+            def closure(*index):
+                return loss_of(*batches[index[0]]) if index else loss_of(_X, _Y)
+            opt.zero_grad()
+            if not form.endswith("two-phase"):
+                opt.step(closure)
+                continue
+            loss = closure(0) if labpal else closure()  # LABPAL: one gradient batch (k = 1)
+            loss.backward()
+            assert not static or (closure(0) if labpal else closure()) is loss  # the same object again
+            opt.step(closure, loss=loss)
+        assert opt.num_searches >= 2
+        runs.append(([p.detach().clone() for p in model.parameters()], opt.search_state))
+    assert runs[0][1] == runs[1][1] and all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0]))
 
 @pytest.mark.parametrize("form", ["closure", "two-phase"])
 def test_a_multi_batch_closure_returning_the_steps_own_losses_is_refused(form):
