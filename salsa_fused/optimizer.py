@@ -1281,6 +1281,8 @@ class FusedSaLSa(Optimizer):
                 rng_before.set()
                 # The check's forward is not tested for the step's own loss: at w0 a closure that writes
                 # a static output buffer (CUDA graphs) holds loss='s very value in its memory; the trials test it.
+                # That forward rewrites the buffer: loss= is read before it (a copy, once per optimizer).
+                f0 = f0.clone() if checks_loss else f0
                 at_w0, failure = self.reduction.shared_forward(
                     forward if needs_reference else functools.partial(forward, ()), torch.float32, self._device)
                 plan.state.num_forward_evals += 1

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from salsa_fused import FusedSaLSa, presets
 from salsa_fused.line_search import plan_step
+from tests.models import StaticLoss
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -684,3 +685,35 @@ def test_a_group_added_mid_run_with_an_adamw_style_lr_warns(lr, warned):
     if warned:
         assert "param_groups[1] starts at lr=0.0001" in str(found[0].message)
         assert found[0].filename == __file__
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_a_wrong_loss_in_the_closures_static_output_tensor_is_refused(backend):
+    """loss= read from the static output tensor that the closure's forward rewrites (a loss module returning
+    its loss in the same tensor at every forward, as CUDA graph trees do): here the last micro-batch's divided
+    loss, about a quarter of the closure's mean. The check's forward at w0 rewrote the tensor with the
+    closure's loss before loss= was read, compared that with itself and passed any loss=, and the search
+    started from the closure's loss, not the loss= it was given. The check now compares a copy of loss=
+    taken before its forward and refuses it, nothing written; the right loss= from the same tensor steps."""
+    model = _batchnorm_mlp()
+    loss_of = StaticLoss(model)
+    opt = FusedSaLSa(model.parameters(), model=model, backend=backend)
+    x, y = _data(0)
+    micro = [(x[i::4], y[i::4]) for i in range(4)]
+    opt.zero_grad()
+    for xb, yb in micro:
+        loss = loss_of(xb, yb, weight=1 / 4)  # each micro-batch's divided loss, in the one static tensor
+        loss.backward()
+    weights, buffers, state = _flat(model).clone(), [b.clone() for b in model.buffers()], opt.search_state
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match=r"loss= is 0\.\d+x the closure's loss at the same weights .*mean over all "
+                                         r"micro-batches.*The weights, the moments and the search state are"):
+        opt.step(lambda: loss_of(x, y), loss=loss)  # the closure: the whole batch's mean, in the same tensor
+    assert torch.equal(_flat(model), weights) and opt.search_state == state
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), buffers)) and torch.equal(torch.get_rng_state(), rng)
+    assert all(not value.any() for _, value in _moments(opt))  # the moments as built: zeros
+    opt.zero_grad()
+    loss = loss_of(x, y)
+    loss.backward()
+    assert opt.step(lambda: loss_of(x, y), loss=loss) is loss
+    assert opt.num_searches == 1 and opt.search_state.step == 1
