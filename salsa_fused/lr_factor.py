@@ -237,11 +237,11 @@ class LRFactorSearch:
             rng.set()
             value = closure()
             values.append(self._loss_value(value))
-            # the same tensor again, or its memory still holding an earlier factor's value (a CUDA
-            # graph's static output that a replay rewrote holds this factor's loss: not refused)
+            # the same tensor again or its memory, still holding an earlier factor's value (a CUDA
+            # graph's static output that a replay rewrote holds this factor's loss: not refused, be it
+            # a view of that memory or the same tensor object, as CUDA graph trees return it)
             if isinstance(value, torch.Tensor) and any(
-                    value is earlier
-                    or (_same_tensor_memory(value, earlier) and torch.equal(values[-1], values[i]))
+                    _same_tensor_memory(value, earlier) and torch.equal(values[-1], values[i])
                     for i, earlier in enumerate(returned)):
                 raise RuntimeError(
                     "closure() returned the same loss tensor at two factors' weights: it must run "
