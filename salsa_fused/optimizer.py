@@ -1291,6 +1291,8 @@ class FusedSaLSa(Optimizer):
                 else:
                     f0 = at_w0
             self._search_step(passes, plan, f0, trial_loss, not one_phase, failure)
+            if checks_loss:
+                self._loss_check_passed()
         except BaseException:
             # Not applied: in the one-phase form the generators and running statistics go back to
             # before the step's own forward, so that step(closure) again runs the same forward.
@@ -1411,8 +1413,8 @@ class FusedSaLSa(Optimizer):
                                         failure: Optional[Exception], step: int) -> None:
         """Refuse ``loss=`` that is not ``at_w0``, the closure's loss at the same weights: more than
         ``LOSS_MISMATCH_FACTOR`` from it either way (and ``LOSS_MISMATCH_MIN_DIFFERENCE`` apart), named
-        ``scaler.scale(loss)`` where it is between half and twice the GradScaler's scale times it;
-        otherwise remember that this optimizer's caller passes the closure's loss (the check runs once).
+        ``scaler.scale(loss)`` where it is between half and twice the GradScaler's scale times it (the
+        caller marks the check done once its step is taken: :meth:`_loss_check_passed`).
         One host read; the decision is every rank's, and so is ``failure``, what this rank's forward of
         ``at_w0`` raised (:meth:`SearchReduction.shared_forward`)."""
         scaler = getattr(self, "grad_scale", None)
@@ -1436,6 +1438,11 @@ class FusedSaLSa(Optimizer):
                 what=f"loss= is {ratio:.4g}x the closure's loss at the same weights ({values})" if differs else
                 f"loss= is not the closure's loss at the same weights on another data-parallel rank (this "
                 f"rank's: {values})"))
+
+    def _loss_check_passed(self) -> None:
+        """The step whose loss= passed :meth:`_refuse_a_loss_not_the_closures` was taken: the check runs once
+        per optimizer. Not before: a step refused after the check (a trial that raised, or returned the
+        step's own loss) leaves the state as it was, the check not done, so its retry is checked."""
         self._loss_checked = True
 
     def _any_rank_opening(self, flag: bool, step: int, failure: Optional[Exception] = None,
@@ -1573,6 +1580,8 @@ class FusedSaLSa(Optimizer):
             else:
                 f0 = gradient_sum / k
             self._search_step(passes, plan, f0, trial_loss, not one_phase, failure)
+            if checks_loss:
+                self._loss_check_passed()
         except BaseException:
             # Not applied: in the one-phase form the generators and running statistics go back to
             # before the step's first gradient forward, so that step(closure) again runs the same forwards.

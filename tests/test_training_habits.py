@@ -717,3 +717,37 @@ def test_a_wrong_loss_in_the_closures_static_output_tensor_is_refused(backend):
     loss.backward()
     assert opt.step(lambda: loss_of(x, y), loss=loss) is loss
     assert opt.num_searches == 1 and opt.search_state.step == 1
+
+
+
+@pytest.mark.parametrize("labpal", [False, True])
+def test_a_step_refused_after_the_check_of_loss_passed_checks_again(labpal):
+    """A step whose loss= passed the check and that was then refused (here step(lambda: loss), whose trial
+    returns the step's own loss; a trial that raises alike) leaves the weights and the state as they were,
+    and the check too: it marked itself done, so the retry's wrong loss= (the sum of 4 micro-batch means;
+    under LABPAL, 4 micro-batches per batch) went unchecked. The check now counts as done once its step is
+    taken."""
+    from salsa_fused import LABPAL
+    model = _batchnorm_mlp()
+    opt = LABPAL(model.parameters(), model=model, backend="torch", approximation_batches=1, accumulation=4) \
+        if labpal else FusedSaLSa(model.parameters(), model=model, backend="torch")
+    x, y = _data(0)
+    micro = [(x[i::4], y[i::4]) for i in range(4)]
+    opt.zero_grad()
+    total = 0.0
+    for xb, yb in micro:
+        mean = F.mse_loss(model(xb), yb)
+        (mean / 4).backward()
+        total = total + mean.detach()  # the sum of the micro-batch means
+    loss = total / 4
+    weights, state = _flat(model).clone(), opt.search_state
+    with pytest.raises(RuntimeError, match=r"closure\(\d?\) returned the step's own loss"):
+        opt.step((lambda i: loss) if labpal else (lambda: loss), loss=loss)
+    assert torch.equal(_flat(model), weights) and opt.search_state == state
+    closure = (lambda i: F.mse_loss(model(micro[i][0]), micro[i][1])) if labpal else \
+        (lambda: sum(F.mse_loss(model(xb), yb) for xb, yb in micro) / 4)
+    with pytest.raises(ValueError, match=r"loss= is 4x the closure's loss at the same weights"):
+        opt.step(closure, loss=total)
+    assert torch.equal(_flat(model), weights) and opt.search_state == state
+    opt.step(closure, loss=loss)
+    assert opt.search_state.step == 1 and opt.num_searches == 1
