@@ -1159,24 +1159,25 @@ class FusedSaLSa(Optimizer):
             self._warn_if_lr_looks_like_a_step_size()
         rule, config = self.search_rule, self.search_config
         # kept once the step commits; freeze_below is checked with the rule here (a schedule assigned later)
-        state = freeze_if_collapsed(self.schedule, self._search, self._search.step + 1, rule)
-        backs_off_on_loss_rise(self.schedule)  # a schedule's options are checked before anything is written
+        schedule = self.schedule  # a property: read once (nothing in this step assigns it)
+        state = freeze_if_collapsed(schedule, self._search, self._search.step + 1, rule)
+        backs_off_on_loss_rise(schedule)  # a schedule's options are checked before anything is written
         plan = plan_step(rule, state, config)
-        scale = applied_scale(self.schedule, state, plan.state.step)
-        if self.schedule is not None:
+        scale = applied_scale(schedule, state, plan.state.step)
+        if schedule is not None:
             if not self._past_end_warned:
-                self._past_end_warned = warn_past_end(self.schedule, plan.state.step, state)
+                self._past_end_warned = warn_past_end(schedule, plan.state.step, state)
             if plan.is_search and not self._stacked_scheduler_warned:
                 self._stacked_scheduler_warned = self._warn_if_a_scheduler_shapes_the_schedule()
-            if not self._collapse_checked and not self.schedule.searches(plan.state.step):
+            if not self._collapse_checked and not schedule.searches(plan.state.step):
                 self._collapse_checked = True  # once, at the first frozen step
-                warn_collapsed_level(self.schedule, state, plan.state.step)
-            if plan.is_search and not schedule_searches(self.schedule, state, plan.state.step):
+                warn_collapsed_level(schedule, state, plan.state.step)
+            if plan.is_search and not schedule_searches(schedule, state, plan.state.step):
                 if state.num_searches == 0 and not self._init_step_size_given:
                     raise ValueError(
                         f"the schedule stops the search at step {plan.state.step}, before any search has run: "
                         f"the level would stay at the default init_step_size ({self.init_step_size:g}) for the "
-                        f"whole run ({type(self.schedule).__name__}). Let it search first, e.g. Cooldown(start, "
+                        f"whole run ({type(schedule).__name__}). Let it search first, e.g. Cooldown(start, "
                         "steps) with start >= 1 (the first step searches), or pass init_step_size= for a level "
                         "of your own. Nothing was stepped")
                 plan = plan_without_search(rule, state, config, plan)
