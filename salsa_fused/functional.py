@@ -146,12 +146,19 @@ def plain_step(passes: Passes, trial: float, loss: torch.Tensor, found_inf: Opti
     # the kernel backends); the next search reports the losses and takes the scaler's
     # skips back out of k and t. A step the scaler skips counts as its skip only, not as a
     # NaN loss too (its NaN loss gave the gradients the scaler found), as on a search step.
-    with torch.no_grad():
+    # As torch.no_grad(), without its context manager's Python calls (about ten a step).
+    grad_enabled = torch.is_grad_enabled()
+    if grad_enabled:
+        torch.set_grad_enabled(False)
+    try:
         for i, b in enumerate(passes.buckets):
             args = PassArgs(passes.hypers[b.group_index], passes.groups[b.group_index].plain(trial),
                             direction, passes.grad_scale)
             passes.backend.plain_step(b, args, loss, found_inf=found_inf, nonfinite_count=counts.nonfinite_elements,
                                       step_counts=counts.step_counts if i == 0 else None)
+    finally:
+        if grad_enabled:
+            torch.set_grad_enabled(True)
 
 
 def slope(passes: Passes, direction: str, device: Optional[torch.device]) -> torch.Tensor:
