@@ -256,9 +256,7 @@ def plan_step(rule: SearchRule, state: "SearchState", config: "SearchConfig") ->
     (:func:`salsa_fused.line_search.plan_step`: the adaptive interval, first trial ``eta * growth``)."""
     plan = getattr(rule, "plan", None)
     if plan is None:
-        from .line_search import plan_step as salsa_plan
-
-        return salsa_plan(state, config)
+        return _line_search.plan_step(state, config)
     return plan(state, config)
 
 
@@ -275,8 +273,7 @@ def plan_without_search(rule: SearchRule, state: "SearchState", config: "SearchC
     ``plan`` as a step without search (its first trial as the plain step)."""
     without = getattr(rule, "without_search", None)
     if without is None:
-        from .line_search import StepPlan
-
+        StepPlan = _line_search.StepPlan
         if type(plan) is StepPlan:  # as replace() gives, without its pass over the fields
             return StepPlan(state=plan.state, is_search=False, trial_step_size=plan.trial_step_size)
         return replace(plan, is_search=False)
@@ -314,3 +311,8 @@ def moment_step(rule: SearchRule, step: int) -> int:
     Adam's moments with at step ``step``: 0.1.0 corrects with ``1 - beta^(step+1)``; a rule with
     ``adam_bias_correction = True`` gets Adam's ``1 - beta^step``."""
     return step - 1 if getattr(rule, "adam_bias_correction", False) else step
+
+
+# At the end: line_search imports this module at its top. A function-level import ran the import
+# machinery (a Python call, importlib's ``parent``) at every step's plan_step and plan_without_search.
+from . import line_search as _line_search  # noqa: E402
