@@ -52,3 +52,14 @@ def test_plain_step_restores_grad_mode_when_its_pass_raises(monkeypatch):
         opt.step(lambda: loss, loss=loss)
     assert seen == [False]  # the pass ran without grad
     assert torch.is_grad_enabled()  # and the step gave it back
+
+
+def test_cpp_ops_still_refuse_when_the_extension_is_not_loaded(monkeypatch):
+    """``_ops()`` skips ``require()`` once the extension is loaded; not loaded, it raises as before."""
+    from salsa_fused import _ext
+    from salsa_fused.backends import cpp_backend
+    assert cpp_backend._ops() is torch.ops.salsa_fused
+    monkeypatch.setattr(_ext, "_loaded", False)
+    monkeypatch.setattr(_ext, "_error", ImportError("No module named 'salsa_fused._C'"))
+    with pytest.raises(RuntimeError, match="C\\+\\+ extension is not available"):
+        cpp_backend._ops()

@@ -53,7 +53,8 @@ unsupported = kernel_unsupported
 
 
 def _ops():
-    _ext.require()
+    if not _ext._loaded:  # loaded once: later calls only read the flag (require() would call load() again)
+        _ext.require()
     return torch.ops.salsa_fused
 
 
