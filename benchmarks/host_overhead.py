@@ -21,6 +21,7 @@ elements: host time does not depend on sizes with the launch stubbed); ``10000``
     python -m benchmarks.host_overhead                 # both sizes, rows appended to
                                                        # benchmarks/results/host_overhead.jsonl
     python -m benchmarks.host_overhead --profile 10000 # where the stubbed step's host time goes
+    python -m benchmarks.host_overhead --calls 148     # Python calls per stubbed step (deterministic)
 
 Each row carries the commit, versions, device and date. Targets (issue 17): 10,000 tensors
 at most fused AdamW's host time; 148 tensors at most 0.2 ms.
@@ -136,8 +137,8 @@ def _cycled_grads(params) -> Callable[[], None]:
 GRAD_MODES = {"kept": lambda params: (lambda: None), "cycled": _cycled_grads, "new": _fresh_grads}
 
 
-def salsa_plain_step(params, device: torch.device) -> Callable[[], object]:
-    opt = FusedSaLSa(params, backend="triton", schedule=NeverSearch(), init_step_size=1e-6)
+def salsa_plain_step(params, device: torch.device, backend: str = "triton") -> Callable[[], object]:
+    opt = FusedSaLSa(params, backend=backend, schedule=NeverSearch(), init_step_size=1e-6)
     loss = torch.tensor(1.0, device=device)
     return lambda: opt.step(lambda: loss, loss=loss)
 
@@ -191,6 +192,25 @@ def profile(n_tensors: int, device: torch.device, steps: int = 10, top: int = 25
     return stream.getvalue()
 
 
+def python_calls(n_tensors: int, device: torch.device, backend: str = "triton", grad: bool = False,
+                 steps: int = 100, warmup: int = 5) -> float:
+    """Python calls (cProfile's count: functions and builtins) per stubbed plain step, the calling
+    ``lambda`` included; deterministic, unlike the host clock. ``grad``: ``step()`` called with grad
+    enabled (a training loop's case) instead of under ``torch.no_grad()`` as :func:`measure` times it."""
+    params = C.make_params(tensor_shapes(n_tensors, device), torch.float32, device)
+    with torch.set_grad_enabled(grad), stubbed_launches():
+        step = salsa_plain_step(params, device, backend)
+        for _ in range(warmup):
+            step()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(steps):
+            step()
+        profiler.disable()
+    calls = sum(row[1] for row in pstats.Stats(profiler).stats.values())
+    return (calls - 2 * steps) / steps  # less the profiler's own two calls a step (its enable/disable overhead)
+
+
 def rows(sizes=(148, 10000), device: Optional[torch.device] = None, steps: int = 20,
          launches=("stubbed",), grad_modes=tuple(GRAD_MODES)) -> List[dict]:
     """``{"name", "values"}`` records, one per (provider, size, launch mode, gradient mode)."""
@@ -219,10 +239,19 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="JSONL file the rows are appended to")
     parser.add_argument("--profile", type=int, default=None, metavar="N_TENSORS",
                         help="print a cProfile of stubbed plain steps at this many tensors instead")
+    parser.add_argument("--calls", type=int, default=None, metavar="N_TENSORS",
+                        help="print Python calls per stubbed plain step at this many tensors instead "
+                             "(backends triton and auto, under no_grad and with grad on)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.profile:
         print(profile(args.profile, device))
+        return 0
+    if args.calls:
+        for backend in ("triton", "auto"):
+            for grad in (False, True):
+                print(f"{backend} backend, grad {'on' if grad else 'off'}: "
+                      f"{python_calls(args.calls, device, backend, grad):.1f} Python calls per plain step")
         return 0
     launches = tuple(args.launch or (("stubbed", "real") if device.type == "cuda" else ("stubbed",)))
     env = C.environment(device)

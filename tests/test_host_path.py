@@ -63,3 +63,9 @@ def test_cpp_ops_still_refuse_when_the_extension_is_not_loaded(monkeypatch):
     monkeypatch.setattr(_ext, "_error", ImportError("No module named 'salsa_fused._C'"))
     with pytest.raises(RuntimeError, match="C\\+\\+ extension is not available"):
         cpp_backend._ops()
+
+
+def test_host_overhead_counts_python_calls_per_plain_step_deterministically():
+    from benchmarks import host_overhead as H
+    counts = {H.python_calls(4, torch.device("cpu"), "torch", grad, steps=20, warmup=2) for grad in (False, False)}
+    assert len(counts) == 1 and 20 < counts.pop() < 1000
