@@ -1205,11 +1205,13 @@ class FusedSaLSa(Optimizer):
             # only, sent that rank alone into the all-reduce), compared once the step's own backward has run
             # in either form, so that a rank in the other form meets it there, not in DDP's gradient all-reduce.
             compare = functools.partial(self._refuse_ranks_that_differ, state)
-            if one_phase:  # refused after the step's own forward: the generators and statistics go back
-                undo.append(functools.partial(_leave_random_state, RNGSnapshot.capture(devices),
-                                              self._running_statistics()))
         else:
             compare = None
+        if one_phase and (compare is not None or unscaled is not None):
+            # Refused after the step's own forward (by the comparison, or under a scaler, through the opening
+            # exchange): the generators and running statistics go back, so that a retry runs the same forward.
+            undo.append(functools.partial(_leave_random_state, RNGSnapshot.capture(devices),
+                                          self._running_statistics()))
         if batches is not None:
             if unscaled is not None:  # several batches: refused at once, as alone (not told to the peers)
                 raise unscaled
@@ -1517,8 +1519,13 @@ class FusedSaLSa(Optimizer):
             if points and self.reduction.loss_group is not None:
                 # Where a rank in the two-phase form opens its search (the exchange of its reuse choice): this
                 # rank's forwards at w0 run collectives of their own (FSDP2's all-gathers), which met that
-                # all-reduce and hung. One more small all-reduce per search, carrying the form.
-                self._any_rank_opening(False, plan.state.step, two_phase=False)
+                # all-reduce and hung. One more small all-reduce per search, carrying the form. Refused there, the
+                # generators and running statistics go back to before the gradient forwards, as in the search.
+                try:
+                    self._any_rank_opening(False, plan.state.step, two_phase=False)
+                except BaseException:
+                    _leave_random_state(replay.first.get(0), running_at_start)
+                    raise
         else:
             loss_tensor = self._loss_tensor(loss, "loss", need_grad=False)
             if compare is not None:

@@ -1309,3 +1309,84 @@ def _grad_scaler_mixed_forms_job(rank: int, out_dir: str) -> None:
 
 def test_ddp_grad_scaler_ranks_that_mix_the_forms_are_refused_alike(tmp_path):
     spawn_in_gloo_group(_grad_scaler_mixed_forms_job, str(tmp_path), WORLD, timeout_s=20)
+
+
+def _moved_by_a_forward(model: torch.nn.Module):
+    """What a forward in training mode moves besides the weights: the generator (dropout) and BatchNorm's
+    running statistics; with the weights and the optimizer's state, what a refused step leaves as it was."""
+    return torch.get_rng_state(), _flat(model.buffers()).clone()
+
+
+def _assert_not_moved(model: torch.nn.Module, before, what: str) -> None:
+    rng, buffers = _moved_by_a_forward(model)
+    assert torch.equal(rng, before[0]), f"{what}: the generator moved"
+    assert torch.equal(buffers, before[1]), f"{what}: BatchNorm's running statistics moved"
+
+
+def _grad_scaler_one_phase_refused_job(rank: int, out_dir: str) -> None:
+    """DDP under torch.amp.GradScaler, every rank calling the one-phase scaler.step(opt, closure) at a search
+    step past the first. Alone it is refused before the closure runs; under DDP it is refused after the
+    step's own forward and backward (77fd3b9), so that forward's dropout draws and BatchNorm updates must go
+    back as at any refused one-phase step: the retry in the two-phase form then runs the same forward."""
+    model = _dropout_batch_norm_model(0)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = FusedSaLSa(ddp.parameters(), backend="torch", model=ddp)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    for step in range(3):
+        x, y = _batch(step, rank)
+
+        def closure():
+            return F.mse_loss(ddp(x), y)
+
+        if step == 1:
+            before, state_before = _flat(ddp.parameters()).clone(), _state_of(opt)
+            moved_before = _moved_by_a_forward(model)
+            opt.zero_grad()
+            with pytest.raises(RuntimeError, match="under torch.amp.GradScaler use the two-phase form"):
+                scaler.step(opt, closure)
+            assert torch.equal(_flat(ddp.parameters()), before)
+            _assert_same_state(_state_of(opt), state_before, "a refused one-phase step under GradScaler")
+            _assert_not_moved(model, moved_before, "a refused one-phase step under GradScaler")
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)  # its per-step records of the refused step
+        opt.zero_grad()
+        loss = closure()
+        scaler.scale(loss).backward()
+        scaler.step(opt, closure, loss=loss)
+        scaler.update()
+    assert opt.search_state.step == 3
+    _assert_same_on_all_ranks(_flat(ddp.parameters()), "weights")
+
+
+def test_ddp_grad_scaler_one_phase_refusal_puts_the_forward_back(tmp_path):
+    spawn_in_gloo_group(_grad_scaler_one_phase_refused_job, str(tmp_path), WORLD, timeout_s=20)
+
+
+def _labpal_mixed_forms_puts_the_forward_back_job(rank: int, out_dir: str) -> None:
+    """LABPAL under DDP, rank 0 in the one-phase form and rank 1 in the two-phase form at an approximation
+    past the first step: refused with the mixed-forms error in the exchange that opens the one-phase form's
+    search (da04879). Rank 0 had run its gradient forward: its dropout draws and BatchNorm updates go back,
+    as they do where the single-batch one-phase form is refused as mixed forms (in its search's exchange)."""
+    from salsa_fused import LABPAL
+    model = _dropout_batch_norm_model(0)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = LABPAL(ddp.parameters(), backend="torch", approximation_batches=3, sgd_steps=2, model=ddp)
+    for step in range(5):
+        def closure(i, step=step):
+            x, y = _batch(10 * step + i, rank)
+            return F.mse_loss(ddp(x), y)
+        if step == 3:
+            assert opt.next_batches().points > 0 and opt.next_batches().gradient == 1, step
+            before, state_before = _flat(ddp.parameters()).clone(), _state_of(opt)
+            moved_before = _moved_by_a_forward(model)
+            _refused_as_mixed_forms(rank, opt, closure, lambda: closure(0), torch.Tensor.detach)
+            assert torch.equal(_flat(ddp.parameters()), before)
+            _assert_same_state(_state_of(opt), state_before, f"step {step}")
+            if rank == 0:
+                _assert_not_moved(model, moved_before, "the one-phase rank refused as mixed forms")
+        opt.zero_grad()
+        opt.step(closure)
+    _assert_same_on_all_ranks(_flat(ddp.parameters()), "weights")
+
+
+def test_ddp_labpal_one_phase_rank_refused_as_mixed_forms_puts_the_forward_back(tmp_path):
+    spawn_in_gloo_group(_labpal_mixed_forms_puts_the_forward_back_job, str(tmp_path), WORLD, timeout_s=20)
