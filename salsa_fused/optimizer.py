@@ -1213,10 +1213,8 @@ class FusedSaLSa(Optimizer):
             undo.append(functools.partial(_leave_random_state, RNGSnapshot.capture(devices),
                                           self._running_statistics()))
         if batches is not None:
-            if unscaled is not None:  # several batches: refused at once, as alone (not told to the peers)
-                raise unscaled
             return self._multi_batch_step(plan, scale, batches, closure, loss, devices, marked, zeroed_at, undo,
-                                          compare)
+                                          compare, unscaled)
         running_at_start = []  # one-phase: the running statistics before the step's own forward
         if one_phase:
             rng_before = RNGSnapshot.capture(devices) if plan.is_search else None
@@ -1480,11 +1478,14 @@ class FusedSaLSa(Optimizer):
         self._commit(state)
 
     def _multi_batch_step(self, plan, scale: float, batches: Batches, closure, loss, devices, marked, zeroed_at,
-                          undo: List[Callable[[], None]], compare: Optional[Callable[[], None]] = None):
+                          undo: List[Callable[[], None]], compare: Optional[Callable[[], None]] = None,
+                          unscaled: Optional[Exception] = None):
         """The step of a rule that reads several batches (:class:`salsa_fused.rules.Batches`): the
         gradient of ``closure(i)`` over ``i < batches.gradient`` (the caller's in the two-phase
         form), then a plain step or a search whose points each average ``batches.points`` batches.
-        ``compare``: the first step's comparison of the ranks, run once the gradient batches' backward has."""
+        ``compare``: the first step's comparison of the ranks, run once the gradient batches' backward has.
+        ``unscaled``: the one-phase form's refusal under a GradScaler with a loss group, raised where the
+        single-batch form raises it (after the backward, through the search's opening exchange)."""
         k, n = batches.gradient, batches.points
         one_phase = loss is None
         points = plan.is_search and n > 0
@@ -1522,10 +1523,12 @@ class FusedSaLSa(Optimizer):
                 # all-reduce and hung. One more small all-reduce per search, carrying the form. Refused there, the
                 # generators and running statistics go back to before the gradient forwards, as in the search.
                 try:
-                    self._any_rank_opening(False, plan.state.step, two_phase=False)
+                    self._any_rank_opening(False, plan.state.step, unscaled, two_phase=False)
                 except BaseException:
                     _leave_random_state(replay.first.get(0), running_at_start)
                     raise
+            if unscaled is not None:  # a step without a search: this rank raises alone, as the single-batch form
+                raise unscaled
         else:
             loss_tensor = self._loss_tensor(loss, "loss", need_grad=False)
             if compare is not None:

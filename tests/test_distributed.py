@@ -1390,3 +1390,45 @@ def _labpal_mixed_forms_puts_the_forward_back_job(rank: int, out_dir: str) -> No
 
 def test_ddp_labpal_one_phase_rank_refused_as_mixed_forms_puts_the_forward_back(tmp_path):
     spawn_in_gloo_group(_labpal_mixed_forms_puts_the_forward_back_job, str(tmp_path), WORLD, timeout_s=20)
+
+
+def _labpal_grad_scaler_mixed_forms_job(rank: int, out_dir: str) -> None:
+    """LABPAL under DDP and torch.amp.GradScaler: at an approximation rank 0 calls scaler.step(opt, closure)
+    (the one-phase form, refused under a scaler) while rank 1 uses the two-phase form. As in the single-batch
+    form (77fd3b9), rank 0 must not raise before its backward: rank 1 waits in DDP's gradient all-reduce.
+    Refused on both ranks with the mixed-forms error, weights and state as before; the ranks step on alike."""
+    from salsa_fused import LABPAL
+    ddp = torch.nn.parallel.DistributedDataParallel(_make_model(0))
+    opt = LABPAL(ddp.parameters(), backend="torch", approximation_batches=3, sgd_steps=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    for step in range(5):
+        def closure(i, step=step):
+            x, y = _batch(10 * step + i, rank)
+            return F.mse_loss(ddp(x), y)
+
+        def two_phase():
+            opt.zero_grad()
+            loss = closure(0)
+            scaler.scale(loss).backward()
+            scaler.step(opt, closure, loss=loss.detach())
+            scaler.update()
+        if step == 3:
+            assert opt.next_batches().points > 0 and opt.next_batches().gradient == 1, step
+            before, state_before = _flat(ddp.parameters()).clone(), _state_of(opt)
+            with pytest.raises(ValueError, match=r"mix the one-phase step\(closure\) and the two-phase .*"
+                                                 r"1 of the 2 data-parallel ranks passed loss="):
+                if rank == 0:
+                    opt.zero_grad()
+                    scaler.step(opt, closure)
+                else:
+                    two_phase()
+            assert torch.equal(_flat(ddp.parameters()), before)
+            _assert_same_state(_state_of(opt), state_before, "a refused LABPAL step under GradScaler")
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)  # its per-step records of the refused step
+        two_phase()
+    assert opt.search_state.step == 5
+    _assert_same_on_all_ranks(_flat(ddp.parameters()), "weights")
+
+
+def test_ddp_labpal_grad_scaler_ranks_that_mix_the_forms_are_refused_alike(tmp_path):
+    spawn_in_gloo_group(_labpal_grad_scaler_mixed_forms_job, str(tmp_path), WORLD, timeout_s=20)
