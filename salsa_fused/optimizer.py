@@ -1517,15 +1517,17 @@ class FusedSaLSa(Optimizer):
             loss_tensor = (total / k).to(dtype)
             if compare is not None:
                 compare()
-            if points and self.reduction.loss_group is not None:
+            if self.reduction.loss_group is not None and (points or (unscaled is not None and plan.is_search)):
                 # Where a rank in the two-phase form opens its search (the exchange of its reuse choice): this
                 # rank's forwards at w0 run collectives of their own (FSDP2's all-gathers), which met that
                 # all-reduce and hung. One more small all-reduce per search, carrying the form. Refused there, the
                 # generators and running statistics go back to before the gradient forwards, as in the search.
+                # Under a scaler, at a search without points, the same exchange meets the search's first one.
                 try:
                     self._any_rank_opening(False, plan.state.step, unscaled, two_phase=False)
                 except BaseException:
-                    _leave_random_state(replay.first.get(0), running_at_start)
+                    if replay is not None:  # points read: else only a scaler's refusal, put back by undo
+                        _leave_random_state(replay.first.get(0), running_at_start)
                     raise
             if unscaled is not None:  # a step without a search: this rank raises alone, as the single-batch form
                 raise unscaled

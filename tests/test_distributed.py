@@ -1393,8 +1393,9 @@ def test_ddp_labpal_one_phase_rank_refused_as_mixed_forms_puts_the_forward_back(
 
 
 def _labpal_grad_scaler_mixed_forms_job(rank: int, out_dir: str) -> None:
-    """LABPAL under DDP and torch.amp.GradScaler: at an approximation rank 0 calls scaler.step(opt, closure)
-    (the one-phase form, refused under a scaler) while rank 1 uses the two-phase form. As in the single-batch
+    """LABPAL under DDP and torch.amp.GradScaler: at an approximation, and at an NSGD update (a search without
+    points), rank 0 calls scaler.step(opt, closure) (the one-phase form, refused under a scaler) while rank 1
+    uses the two-phase form. As in the single-batch
     form (77fd3b9), rank 0 must not raise before its backward: rank 1 waits in DDP's gradient all-reduce.
     Refused on both ranks with the mixed-forms error, weights and state as before; the ranks step on alike."""
     from salsa_fused import LABPAL
@@ -1412,8 +1413,8 @@ def _labpal_grad_scaler_mixed_forms_job(rank: int, out_dir: str) -> None:
             scaler.scale(loss).backward()
             scaler.step(opt, closure, loss=loss.detach())
             scaler.update()
-        if step == 3:
-            assert opt.next_batches().points > 0 and opt.next_batches().gradient == 1, step
+        if step in (1, 3):  # an update (NSGD: a search without points) and an approximation (points)
+            assert opt.next_batches().points == (0 if step == 1 else 3) and opt.next_batches().gradient == 1, step
             before, state_before = _flat(ddp.parameters()).clone(), _state_of(opt)
             with pytest.raises(ValueError, match=r"mix the one-phase step\(closure\) and the two-phase .*"
                                                  r"1 of the 2 data-parallel ranks passed loss="):
