@@ -41,7 +41,7 @@ from .rules import (Batches, check_arguments, check_rule_state, checked_directio
                     plan_without_search, resolve_rule, step_batches)
 from .step_size import (applied_scale, backs_off_on_loss_rise, check_freeze_below, check_freeze_rule,
                         freeze_if_collapsed, observe_search_loss, schedule_searches, warn_collapsed_level,
-                        warn_past_end)
+                        unwrapped, warn_past_end)
 
 LossClosure = Callable[[], Union[torch.Tensor, float]]
 
@@ -1352,8 +1352,10 @@ class FusedSaLSa(Optimizer):
         shrank every trial of the first search by ``weight_decay`` itself (10% at 0.1) whatever the trial,
         so on a trained model every trial failed and the level collapsed. Until a search sets it, no decay.
         Not under a ``schedule`` (the presets): its scale at the first step (a warm-up's start) already makes
-        that decay small, and the preset's measured runs (docs/quality.md) decay there; they stay as measured."""
-        if state.num_searches == 0 and not self._init_step_size_given and self.schedule is None:
+        that decay small, and the preset's measured runs (docs/quality.md) decay there; they stay as measured.
+        A beam's or a factor search's multiplier on no schedule of the caller's (a :class:`ScaledSchedule`
+        around none) is no schedule here: its scale at the first step is 1."""
+        if state.num_searches == 0 and not self._init_step_size_given and unwrapped(self.schedule) is None:
             return 0.0
         return state.step_size
 

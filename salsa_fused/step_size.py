@@ -456,6 +456,14 @@ def check_installed(schedule, owner) -> None:
                            f"optimizer.schedule = ...), then build the {name}. Nothing was stepped")
 
 
+def unwrapped(schedule):
+    """The schedule inside any :class:`ScaledSchedule` wrappers (a beam's, a factor search's): the caller's
+    own, ``None`` where a wrapper stands around none."""
+    for wrapper in _wrappers(schedule):
+        schedule = wrapper.inner
+    return schedule
+
+
 def _wrappers(schedule):
     while isinstance(schedule, ScaledSchedule):
         yield schedule

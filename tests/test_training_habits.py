@@ -5,6 +5,7 @@ and an exception in a trial forward. Models with Dropout and BatchNorm, public A
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 
 import pytest
@@ -635,8 +636,10 @@ def test_the_check_of_loss_tolerates_a_factor_below_one_and_a_half_either_way(fa
         assert opt.num_searches == 1
 
 
-def _fine_tuned(weight_decay: float, backend: str):
-    """FusedSaLSa's level, losses and warnings over 3 steps on a model AdamW trained first."""
+def _fine_tuned(weight_decay: float, backend: str, lr_factor: bool = False):
+    """FusedSaLSa's level, losses and warnings over 3 steps on a model AdamW trained first; ``lr_factor``:
+    stepped through an LRFactorSearch (its factor on the optimizer's schedule), deciding after the 3 steps."""
+    from salsa_fused import LRFactorSearch
     model, (x, y) = _dropout_mlp(0, p=0.0), _data(0)
     warm = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(100):
@@ -644,12 +647,15 @@ def _fine_tuned(weight_decay: float, backend: str):
         F.mse_loss(model(x), y).backward()
         warm.step()
     opt = FusedSaLSa(model.parameters(), weight_decay=weight_decay, backend=backend)
+    search = LRFactorSearch(opt, interval=4) if lr_factor else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         losses = []
         for _ in range(3):
             opt.zero_grad()
-            losses.append(float(opt.step(lambda: F.mse_loss(model(x), y))))
+            closure = lambda: F.mse_loss(model(x), y)  # noqa: E731
+            stepped = functools.partial(opt.step, closure)
+            losses.append(float(search.step(closure, stepped) if lr_factor else stepped()))
     return opt.step_size, losses, [str(w.message) for w in caught]
 
 
@@ -661,6 +667,17 @@ def test_weight_decay_on_a_trained_model_does_not_make_the_first_search_fail(bac
     stall of ~200 steps) and the weights kept the 10% shrink, the loss above where it started."""
     level, losses, caught = _fine_tuned(0.1, backend)
     without_decay, _, _ = _fine_tuned(0.0, backend)
+    assert not [message for message in caught if "every trial" in message]
+    assert without_decay / 2 < level < without_decay * 2
+    assert losses[-1] < losses[0]
+
+
+def test_weight_decay_on_a_trained_model_does_not_make_the_first_search_fail_under_an_lr_factor_search():
+    """As above, stepped through an LRFactorSearch: it puts its factor on the optimizer's schedule (a
+    ScaledSchedule around none), and the first search decayed by the placeholder level again, since "no
+    schedule" was read as the attribute being None: every trial failed and the level collapsed."""
+    level, losses, caught = _fine_tuned(0.1, "torch", lr_factor=True)
+    without_decay, _, _ = _fine_tuned(0.0, "torch", lr_factor=True)
     assert not [message for message in caught if "every trial" in message]
     assert without_decay / 2 < level < without_decay * 2
     assert losses[-1] < losses[0]
