@@ -1586,10 +1586,12 @@ class FusedSaLSa(Optimizer):
                 f0 = ((gradient_sum if reuse else 0.0) + at_w0) / n
                 plan.state.num_forward_evals += n - first
                 if checks_loss:  # after the point's own forwards, whose first calls set the replayed draws
-                    closures = at_w0
-                    if failure is None:  # no step losses: at w0 a static output buffer holds loss='s value
-                        closures, failure = self.reduction.shared_forward(lambda: point_sum(0, k, ()) / k,
-                                                                          torch.float64, self._device)
+                    # No step losses: at w0 a static output buffer holds loss='s value. Run on every rank, one whose
+                    # point forwards raised too: its peers run these forwards (FSDP2's all-gathers) before the
+                    # check's all-reduce, where that rank raises; the first failure is kept.
+                    closures, failed = self.reduction.shared_forward(lambda: point_sum(0, k, ()) / k,
+                                                                     torch.float64, self._device)
+                    failure = failure if failure is not None else failed
                     plan.state.num_forward_evals += k
                     self._refuse_a_loss_not_the_closures(gradient_sum / k, closures, failure, plan.state.step)
             else:

@@ -1433,3 +1433,49 @@ def _labpal_grad_scaler_mixed_forms_job(rank: int, out_dir: str) -> None:
 
 def test_ddp_labpal_grad_scaler_ranks_that_mix_the_forms_are_refused_alike(tmp_path):
     spawn_in_gloo_group(_labpal_grad_scaler_mixed_forms_job, str(tmp_path), WORLD, timeout_s=20)
+
+
+def _labpal_check_after_a_failed_point_job(rank: int, out_dir: str) -> None:
+    """LABPAL on FSDP2 in the two-phase form, at its first approximation, where the check of loss= runs k more
+    forwards at w0 after the point's own: on rank 1 the last point forward raises after its model forward (a
+    closure's own check of its batch). Rank 1 skipped the check's forwards, rank 0 ran them, so rank 0's
+    all-gathers met rank 1's all-reduce of the check (collectives paired wrongly, gloo errors or times out).
+    Every rank runs the check's forwards: rank 1 raises its own error, rank 0 ClosureFailedOnAnotherRank, the
+    weights and state as before, and the retry steps alike."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from salsa_fused import LABPAL, ClosureFailedOnAnotherRank
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = _fsdp_model(0, mesh)
+    opt = LABPAL(model.parameters(), backend="torch", approximation_batches=3, sgd_steps=2, model=model)
+    raised = []
+    for step in range(3):
+        def closure(i, step=step):
+            x, y = _batch(10 * step + i, rank)
+            loss = F.mse_loss(model(x), y)
+            if rank == 1 and step == 0 and i == 2 and not raised:
+                raised.append(i)
+                raise RuntimeError("rank 1's own check of batch 2")
+            return loss
+
+        def two_phase():
+            opt.zero_grad()
+            loss = closure(0)
+            loss.backward()
+            return opt.step(closure, loss=loss.detach())
+        if step == 0:
+            assert opt.next_batches().points == 3 and opt.next_batches().gradient == 1
+            before, state_before = _full_weights(model), _state_of(opt)
+            expected = (RuntimeError, "rank 1's own check") if rank == 1 else \
+                (ClosureFailedOnAnotherRank, r"the closure raised on rank 1 \(1 of the 2 data-parallel ranks\)")
+            with pytest.raises(expected[0], match=expected[1]):
+                two_phase()
+            assert torch.equal(_full_weights(model), before)
+            _assert_same_state(_state_of(opt), state_before, "a refused approximation")
+        two_phase()
+    assert opt.search_state.step == 3 and len(raised) == rank
+    _assert_same_on_all_ranks(_full_weights(model), "weights")
+
+
+def test_fsdp2_labpal_check_of_loss_after_a_point_forward_raised_on_one_rank(tmp_path):
+    spawn_in_gloo_group(_labpal_check_after_a_failed_point_job, str(tmp_path), WORLD, timeout_s=20)
