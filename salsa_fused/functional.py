@@ -305,7 +305,7 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
         final, state = _decisions(search, direction)
         if verdict is Verdict.GIVE_UP and getattr(search, "exhausted", False):
             rule = getattr(search, "config", None) or getattr(search, "rule", None)
-            shrink = max((passes.hypers[i].weight_decay * g.decay for i, g in passes.groups.items()), default=0.0)
+            shrink = max((passes.hypers[i].shrink(g.decay) for i, g in passes.groups.items()), default=0.0)
             _warn_every_trial_failed(search.trials, getattr(rule, "backtrack", 0.0) ** (search.trials - 1), shrink)
     except BaseException:
         put_back(current)

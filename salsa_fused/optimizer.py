@@ -32,7 +32,7 @@ from . import backends as _backends
 from ._rng import RNGSnapshot
 from .buckets import BucketCache
 from . import functional as F
-from .backends.base import GRADIENT, MOMENTUM, Bucket
+from .backends.base import GRADIENT, MOMENTUM, Bucket, Hyper
 from .errors import caller_stacklevel
 from .distributed import SearchReduction, _is_dtensor, default_reduction, fsdp_modules, is_distributed, shard_group_of
 from .applied import GroupStep
@@ -433,7 +433,7 @@ class FusedSaLSa(Optimizer):
             group_step = GroupStep.of(probing, scale, self._decay_level(plan.state))
             moves = {"the first trial": group_step.trial(plan.trial_step_size).step,
                      "the applied step": group_step.plain(plan.trial_step_size).step,
-                     "the weight decay": group_step.decay * float(group["weight_decay"])}
+                     "the weight decay": Hyper.for_step(probing, 0).shrink(group_step.decay)}
             for what, size in moves.items():
                 if not (math.isfinite(size) and abs(size) <= FLOAT32_MAX):
                     raise ValueError(

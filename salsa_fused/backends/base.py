@@ -87,10 +87,16 @@ class Hyper:
                    bias_correction2=1 - beta2 ** max(1, step + 1),
                    lr=float(group.get("search_lr", group["lr"])))
 
+    def shrink(self, decay_step_size: float) -> float:
+        """``weight_decay * decay_step_size``: the fraction of the weights decoupled decay takes off (0.0
+        without decay), in double; the decay factor, the float32 check and the every-trial-failed warning
+        read it here."""
+        return self.weight_decay * decay_step_size
+
     def decay_factor(self, decay_step_size: float) -> float:
         """``1 - weight_decay * decay_step_size``: what decoupled decay multiplies the weights by
         (exactly 1.0 without decay), in double; every backend takes it from here."""
-        return 1 - self.weight_decay * decay_step_size
+        return 1 - self.shrink(decay_step_size)
 
 
 @dataclass(frozen=True)
