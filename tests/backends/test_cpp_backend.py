@@ -113,12 +113,28 @@ CASE_IDS = [f"{str(d).split('.')[-1]}-{direction}-wd{wd}-{'scaled' if s is not N
 @pytest.mark.usefixtures("ieee_sqrt_reference")
 @pytest.mark.parametrize("dtype,direction,weight_decay,grad_scale", CASES, ids=CASE_IDS)
 def test_first_trial_retrial_restore_bitwise(dtype, direction, weight_decay, grad_scale):
+    check_search_passes(dtype, direction, weight_decay, grad_scale)
+
+
+@pytest.mark.usefixtures("ieee_sqrt_reference")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("direction", [GRADIENT, MOMENTUM, RAW])
+@pytest.mark.parametrize("grad_scale", [None, GRAD_SCALE], ids=["unscaled", "scaled"])
+def test_search_passes_with_fp32_gradients_on_16_bit_weights_bitwise(dtype, direction, grad_scale):
+    """16-bit weights with fp32 gradients (an fp32 master gradient, autocast) take their own kernels: fp16
+    ones read the gradients in place, 8 a vector beside the converted weights, where fp16 gradients are
+    converted too. Only the plain step was compared for these."""
+    check_search_passes(dtype, direction, 0.1, grad_scale, grad_dtype=torch.float32)
+
+
+def check_search_passes(dtype, direction, weight_decay, grad_scale, grad_dtype=None):
+    """first_trial, retrial and restore, with the saved copy and in place, bitwise to the reference."""
     hyper = make_hyper(weight_decay)
     grads_scale = 1.0 if grad_scale is None else float(grad_scale)
     for saved in (True, False):
-        bucket = make_bucket(dtype=dtype, saved=saved)
+        bucket = make_bucket(dtype=dtype, saved=saved, grad_dtype=grad_dtype)
         bucket.grads = [(g.float() * grads_scale).to(g.dtype) for g in bucket.grads]
-        what = f"{dtype} {direction} wd={weight_decay} saved={saved}"
+        what = f"{dtype} {direction} wd={weight_decay} saved={saved} grads {grad_dtype or dtype}"
         ours, reference, _, _ = both("first_trial", bucket,
                                      PassArgs(hyper, Move(0.3, decay=0.3), direction, grad_scale))
         assert_buckets_equal(ours, reference, "first_trial " + what)
