@@ -128,7 +128,36 @@ struct AdamLanes {
   inline __attribute__((always_inline)) __m256 moved(__m256 w, __m256 d) const {
     return _mm256_fmadd_ps(d, neg_step, _mm256_mul_ps(w, decay));
   }
+
+  // Pass A's direction from 8 gradients g (already divided by the scale), as first_trial_direction: m and v
+  // at exp_avg, exp_avg_sq read and written (along raw d is g, the moments untouched).
+  template <Direction D>
+  inline __attribute__((always_inline)) __m256 first_trial_direction(__m256 g, float* __restrict exp_avg,
+                                                                     float* __restrict exp_avg_sq) const {
+    if constexpr (D == Direction::raw) {
+      return g;
+    } else {
+      __m256 m, v;
+      const __m256 precond = moments(g, _mm256_mul_ps(g, g), _mm256_loadu_ps(exp_avg), _mm256_loadu_ps(exp_avg_sq),
+                                     m, v);
+      _mm256_storeu_ps(exp_avg, m);
+      _mm256_storeu_ps(exp_avg_sq, v);
+      return D == Direction::momentum ? momentum(precond, m) : _mm256_mul_ps(precond, g);
+    }
+  }
 };
+
+// 8 gradients as fp32 from fp32 or fp16 (converted by F16C), divided by the scale as load_grad does.
+template <class G, bool SCALE>
+inline __attribute__((always_inline)) __m256 load_grad8(const G* __restrict grad, int64_t i, __m256 grad_scale) {
+  __m256 g;
+  if constexpr (std::is_same_v<G, float>) {
+    g = _mm256_loadu_ps(grad + i);
+  } else {
+    g = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(grad + i)));
+  }
+  return SCALE ? _mm256_div_ps(g, grad_scale) : g;
+}
 #endif
 
 #ifdef SALSA_CPU_STREAMING_STORES
@@ -148,17 +177,8 @@ void first_trial_streaming(float* __restrict weight, const float* __restrict gra
   for (; i < n && (reinterpret_cast<uintptr_t>(saved + i) & 31) != 0; ++i) element(i);
   const AdamLanes a(s, grad_scale);
   for (; i + 8 <= n; i += 8) {
-    __m256 g = _mm256_loadu_ps(grad + i);
-    if (SCALE) g = _mm256_div_ps(g, a.scale);
-    __m256 d = g;
-    if constexpr (D != Direction::raw) {
-      __m256 m, v;
-      const __m256 precond = a.moments(g, _mm256_mul_ps(g, g), _mm256_loadu_ps(exp_avg + i),
-                                       _mm256_loadu_ps(exp_avg_sq + i), m, v);
-      _mm256_storeu_ps(exp_avg + i, m);
-      _mm256_storeu_ps(exp_avg_sq + i, v);
-      d = D == Direction::momentum ? a.momentum(precond, m) : _mm256_mul_ps(precond, g);
-    }
+    const __m256 d = a.first_trial_direction<D>(load_grad8<float, SCALE>(grad, i, a.scale), exp_avg + i,
+                                                exp_avg_sq + i);
     const __m256 w = _mm256_loadu_ps(weight + i);
     _mm256_stream_ps(saved + i, w);
     _mm256_storeu_ps(weight + i, a.moved(w, d));
@@ -417,18 +437,6 @@ inline void floats_to_halves(const float* __restrict from, fp16_bits* __restrict
   for (; j < n; ++j) to[j] = salsa::from_float<fp16_bits>(from[j]);
 }
 
-// 8 gradients as fp32 from fp16 (converted) or fp32, divided by the scale as load_grad does.
-template <class G, bool SCALE>
-inline __attribute__((always_inline)) __m256 load_grad8(const G* __restrict grad, int64_t i, __m256 grad_scale) {
-  __m256 g;
-  if constexpr (std::is_same_v<G, float>) {
-    g = _mm256_loadu_ps(grad + i);
-  } else {
-    g = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(grad + i)));
-  }
-  return SCALE ? _mm256_div_ps(g, grad_scale) : g;
-}
-
 // The plain step on fp16 weights in one pass, 8 elements at a time: each weight, gradient and
 // moment is loaded and stored once, converted in registers. Through fp32 blocks (three more passes
 // over each block) the step took 0.93 ns an element on data in L1, fp32's 0.65; this 0.71. The same
@@ -476,6 +484,29 @@ int64_t plain_halves(fp16_bits* __restrict weight, const G* __restrict grad, flo
                                                 grad_scale);
   }
   return count;
+}
+
+// Pass A on fp16 weights in one pass, as plain_halves: 8 weights (and fp16 gradients) converted in
+// registers, the saved copy written from the halves loaded. The same operations as first_trial_loop with
+// W = fp16, element for element; the last n % 8 elements go through first_trial_loop itself.
+template <class G, Direction D, bool SCALE>
+void first_trial_halves(fp16_bits* __restrict weight, const G* __restrict grad, float* __restrict exp_avg,
+                        float* __restrict exp_avg_sq, fp16_bits* __restrict saved, int64_t n, const Scalars s,
+                        float grad_scale) {
+  const AdamLanes a(s, grad_scale);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 d = a.first_trial_direction<D>(load_grad8<G, SCALE>(grad, i, a.scale), exp_avg + i,
+                                                exp_avg_sq + i);
+    const __m128i w = _mm_loadu_si128(reinterpret_cast<const __m128i*>(weight + i));
+    if (saved != nullptr) _mm_storeu_si128(reinterpret_cast<__m128i*>(saved + i), w);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(weight + i),
+                     _mm256_cvtps_ph(a.moved(_mm256_cvtph_ps(w), d), _MM_FROUND_TO_NEAREST_INT));
+  }
+  if (i < n) {
+    first_trial_loop<fp16_bits, G, D, SCALE>(weight + i, grad + i, exp_avg + i, exp_avg_sq + i,
+                                             saved != nullptr ? saved + i : nullptr, n - i, s, grad_scale);
+  }
 }
 
 // fp16 weights with fp16 (G = fp16_bits) or fp32 gradients: each block's weights, saved copy and
@@ -531,15 +562,9 @@ struct StagedHalf {
     fp16_bits* weight = static_cast<fp16_bits*>(a.weight);
     fp16_bits* saved = static_cast<fp16_bits*>(a.saved);
     with_switches(k.direction, k.has_scale, [&](auto d, auto scale) {
-      float w[HALF_BLOCK], g[HALF_BLOCK];
-      blocks(a.n, [&](int64_t offset, int64_t n) {
-        if (saved != nullptr) memcpy(saved + offset, weight + offset, sizeof(fp16_bits) * n);
-        halves_to_floats(weight + offset, w, n);
-        first_trial_loop<float, float, decltype(d)::value, decltype(scale)::value, false>(
-            w, block_grads(a.grad, offset, n, g), a.exp_avg + offset, a.exp_avg_sq + offset, nullptr, n, s,
-            k.grad_scale);
-        floats_to_halves(w, weight + offset, n);
-      });
+      first_trial_halves<G, decltype(d)::value, decltype(scale)::value>(weight, static_cast<const G*>(a.grad),
+                                                                         a.exp_avg, a.exp_avg_sq, saved, a.n, s,
+                                                                         k.grad_scale);
     });
   }
 
