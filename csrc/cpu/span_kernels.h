@@ -94,17 +94,19 @@ inline __attribute__((always_inline)) float first_trial_direction(const G* __res
 
 #if defined(SALSA_CPU_STREAMING_STORES) || defined(SALSA_CPU_F16C)
 // Adam on 8 lanes by hand in AVX2, for the loops GCC does not write as wanted (a streaming store, F16C
-// conversions in registers): the operations of salsa::new_moments, preconditioner, direction and
-// trial_weight, element for element (the backend tests compare every pass with the reference bit for bit).
+// conversions in registers): the operations of salsa::new_moments, preconditioner, direction,
+// trial_weight and retrial_in_place, element for element (the backend tests compare every pass with the
+// reference bit for bit).
 struct AdamLanes {
-  __m256 beta1, beta2, one_minus_beta1, one_minus_beta2, one, bc1, bc2, eps, decay, neg_step, scale;
+  __m256 beta1, beta2, one_minus_beta1, one_minus_beta2, one, bc1, bc2, eps, decay, neg_step, step_change, scale;
 
   AdamLanes(const Scalars& s, float grad_scale)
       : beta1(_mm256_set1_ps(s.beta1)), beta2(_mm256_set1_ps(s.beta2)),
         one_minus_beta1(_mm256_set1_ps(s.one_minus_beta1)), one_minus_beta2(_mm256_set1_ps(s.one_minus_beta2)),
         one(_mm256_set1_ps(1.0f)), bc1(_mm256_set1_ps(s.bias_correction1)),
         bc2(_mm256_set1_ps(s.bias_correction2)), eps(_mm256_set1_ps(s.eps)), decay(_mm256_set1_ps(s.decay_factor)),
-        neg_step(_mm256_set1_ps(s.neg_step)), scale(_mm256_set1_ps(grad_scale)) {}
+        neg_step(_mm256_set1_ps(s.neg_step)), step_change(_mm256_set1_ps(s.step_change)),
+        scale(_mm256_set1_ps(grad_scale)) {}
 
   // m = beta1 m0 + (1 - beta1) g, v = beta2 v0 + (1 - beta2) g2 (g2 = g * g); returns 1 / (sqrt(v / bc2) + eps).
   inline __attribute__((always_inline)) __m256 moments(__m256 g, __m256 g2, __m256 m0, __m256 v0, __m256& m,
@@ -144,6 +146,25 @@ struct AdamLanes {
       _mm256_storeu_ps(exp_avg_sq, v);
       return D == Direction::momentum ? momentum(precond, m) : _mm256_mul_ps(precond, g);
     }
+  }
+
+  // d from the moments pass A wrote, as stored_direction; ``grad()`` gives the 8 gradients divided by the
+  // scale, called only where d reads them (along the gradient and raw).
+  template <Direction D, class Grad>
+  inline __attribute__((always_inline)) __m256 stored_direction(Grad&& grad, const float* __restrict exp_avg,
+                                                                const float* __restrict exp_avg_sq) const {
+    if constexpr (D == Direction::raw) {
+      return grad();
+    } else if constexpr (D == Direction::momentum) {
+      return momentum(preconditioner(_mm256_loadu_ps(exp_avg_sq)), _mm256_loadu_ps(exp_avg));
+    } else {
+      return _mm256_mul_ps(preconditioner(_mm256_loadu_ps(exp_avg_sq)), grad());
+    }
+  }
+
+  // In place: w + (previous_step - step) * d, the product rounded first (retrial_in_place).
+  inline __attribute__((always_inline)) __m256 retrial_in_place(__m256 w, __m256 d) const {
+    return _mm256_add_ps(w, _mm256_mul_ps(d, step_change));
   }
 };
 
@@ -202,12 +223,12 @@ void first_trial_elements(W* __restrict weight, const G* __restrict grad, float*
   }
 }
 
-template <class W, class G, Direction D, bool SCALE, bool MAY_STREAM = true>
+template <class W, class G, Direction D, bool SCALE>
 void first_trial_loop(W* __restrict weight, const G* __restrict grad, float* __restrict exp_avg,
                       float* __restrict exp_avg_sq, W* __restrict saved, int64_t n, const Scalars s,
                       float grad_scale) {
 #ifdef SALSA_CPU_STREAMING_STORES
-  if constexpr (MAY_STREAM && std::is_same_v<W, float> && std::is_same_v<G, float>) {
+  if constexpr (std::is_same_v<W, float> && std::is_same_v<G, float>) {
     if (saved != nullptr) {
       first_trial_streaming<D, SCALE>(weight, grad, exp_avg, exp_avg_sq, saved, n, s, grad_scale);
       return;
@@ -251,20 +272,8 @@ void retrial_from_saved_streaming(float* __restrict weight, const float* __restr
   for (; i < n && (reinterpret_cast<uintptr_t>(weight + i) & 31) != 0; ++i) element(i);
   const AdamLanes a(s, grad_scale);
   for (; i + 8 <= n; i += 8) {
-    __m256 d;
-    if constexpr (D == Direction::raw) {
-      d = _mm256_loadu_ps(grad + i);
-      if (SCALE) d = _mm256_div_ps(d, a.scale);
-    } else {
-      const __m256 precond = a.preconditioner(_mm256_loadu_ps(exp_avg_sq + i));
-      if (D == Direction::momentum) {
-        d = a.momentum(precond, _mm256_loadu_ps(exp_avg + i));
-      } else {
-        __m256 g = _mm256_loadu_ps(grad + i);
-        if (SCALE) g = _mm256_div_ps(g, a.scale);
-        d = _mm256_mul_ps(precond, g);
-      }
-    }
+    const __m256 d = a.stored_direction<D>([&] { return load_grad8<float, SCALE>(grad, i, a.scale); }, exp_avg + i,
+                                           exp_avg_sq + i);
     _mm256_stream_ps(weight + i, a.moved(_mm256_loadu_ps(saved + i), d));
   }
   _mm_sfence();
@@ -272,12 +281,12 @@ void retrial_from_saved_streaming(float* __restrict weight, const float* __restr
 }
 #endif
 
-template <class W, class G, Direction D, bool SCALE, bool MAY_STREAM = true>
+template <class W, class G, Direction D, bool SCALE>
 void retrial_loop(W* __restrict weight, const G* __restrict grad, const float* __restrict exp_avg,
                   const float* __restrict exp_avg_sq, const W* __restrict saved, int64_t n, const Scalars s,
                   float grad_scale) {
 #ifdef SALSA_CPU_STREAMING_STORES
-  if constexpr (MAY_STREAM && std::is_same_v<W, float> && std::is_same_v<G, float>) {
+  if constexpr (std::is_same_v<W, float> && std::is_same_v<G, float>) {
     if (saved != nullptr) {
       retrial_from_saved_streaming<D, SCALE>(weight, grad, exp_avg, exp_avg_sq, saved, n, s, grad_scale);
       return;
@@ -413,9 +422,10 @@ struct Typed {
 // fp16 spans through fp32 blocks: F16C converts 8 elements an instruction, where salsa_math.h's
 // portable bit arithmetic takes about 20 vector operations each way (the fp16 passes ran at 2.3-2.6x
 // fused AdamW). The same bits: both read fp16 exactly and round to nearest even on the way back
-// (no pass stores a NaN weight), and the plain step checks the fp16 range as before. The plain step
-// converts in registers instead (plain_halves): staged, its three extra passes per block held it at
-// 1.23x-1.26x fused AdamW where fp32's sat at 0.9x.
+// (no pass stores a NaN weight), and the plain step checks the fp16 range as before. The plain step and
+// passes A and B convert in registers instead (plain_halves, first_trial_halves, retrial_halves): staged,
+// the three extra passes per block held the plain step at 1.23x-1.26x fused AdamW where fp32's sat at 0.9x,
+// pass A at 1.31x at 2 threads. The slope and the in-place restore are still staged.
 using salsa::fp16_bits;
 
 constexpr int64_t HALF_BLOCK = 256;  // a multiple of LANES: q's lanes go on across blocks
@@ -509,9 +519,33 @@ void first_trial_halves(fp16_bits* __restrict weight, const G* __restrict grad, 
   }
 }
 
-// fp16 weights with fp16 (G = fp16_bits) or fp32 gradients: each block's weights, saved copy and
-// fp16 gradients in fp32 buffers, the fp32 element loops over them, the weights back in fp16; the
-// plain step in one pass (plain_halves).
+// Pass B on fp16 weights in one pass, converted in registers as first_trial_halves: from the saved copy
+// or in place. The same operations as retrial_loop with W = fp16, element for element; the last n % 8
+// elements go through retrial_loop itself.
+template <class G, Direction D, bool SCALE>
+void retrial_halves(fp16_bits* __restrict weight, const G* __restrict grad, const float* __restrict exp_avg,
+                    const float* __restrict exp_avg_sq, const fp16_bits* __restrict saved, int64_t n,
+                    const Scalars s, float grad_scale) {
+  const AdamLanes a(s, grad_scale);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 d = a.stored_direction<D>([&] { return load_grad8<G, SCALE>(grad, i, a.scale); }, exp_avg + i,
+                                           exp_avg_sq + i);
+    const __m256 w = _mm256_cvtph_ps(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(saved != nullptr ? saved + i : weight + i)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(weight + i),
+                     _mm256_cvtps_ph(saved != nullptr ? a.moved(w, d) : a.retrial_in_place(w, d),
+                                     _MM_FROUND_TO_NEAREST_INT));
+  }
+  if (i < n) {
+    retrial_loop<fp16_bits, G, D, SCALE>(weight + i, grad + i, exp_avg + i, exp_avg_sq + i,
+                                         saved != nullptr ? saved + i : nullptr, n - i, s, grad_scale);
+  }
+}
+
+// fp16 weights with fp16 (G = fp16_bits) or fp32 gradients: the slope and the in-place restore take each
+// block's weights and fp16 gradients in fp32 buffers, run the fp32 element loops over them and store the
+// weights back in fp16; the plain step and passes A and B convert in registers in one pass.
 template <class G>
 struct StagedHalf {
   // This block's gradients as fp32: converted into ``buffer``, or read where they are.
@@ -572,14 +606,9 @@ struct StagedHalf {
     fp16_bits* weight = static_cast<fp16_bits*>(a.weight);
     const fp16_bits* saved = static_cast<const fp16_bits*>(a.saved);
     with_switches(k.direction, Typed<fp16_bits, G>::reads_scale(k), [&](auto d, auto scale) {
-      float w[HALF_BLOCK], from[HALF_BLOCK], g[HALF_BLOCK];
-      blocks(a.n, [&](int64_t offset, int64_t n) {
-        halves_to_floats(saved != nullptr ? saved + offset : weight + offset, saved != nullptr ? from : w, n);
-        retrial_loop<float, float, decltype(d)::value, decltype(scale)::value, false>(
-            w, block_grads_read_by<decltype(d)::value>(a.grad, offset, n, g), a.exp_avg + offset,
-            a.exp_avg_sq + offset, saved != nullptr ? from : nullptr, n, s, k.grad_scale);
-        floats_to_halves(w, weight + offset, n);
-      });
+      retrial_halves<G, decltype(d)::value, decltype(scale)::value>(weight, static_cast<const G*>(a.grad),
+                                                                     a.exp_avg, a.exp_avg_sq, saved, a.n, s,
+                                                                     k.grad_scale);
     });
   }
 
