@@ -1270,27 +1270,25 @@ def test_fsdp2_labpal_ranks_that_mix_the_one_and_two_phase_forms_are_refused_ali
     spawn_in_gloo_group(_labpal_mixed_forms_job, str(tmp_path), WORLD, timeout_s=20)
 
 
-def _grad_scaler_mixed_forms_job(rank: int, out_dir: str) -> None:
-    """DDP under torch.amp.GradScaler: at a search step rank 0 calls scaler.step(opt, closure) (the one-phase
-    form, refused under a scaler) while rank 1 uses the two-phase form. Rank 0 raised at once, before any
-    backward, and rank 1 waited in DDP's gradient all-reduce until gloo's timeout. Now rank 0 refuses after
-    its backward, where rank 1 opens its search: the mixed-forms error on both, weights and state as before."""
-    ddp = torch.nn.parallel.DistributedDataParallel(_make_model(0))
-    opt = FusedSaLSa(ddp.parameters(), backend="torch")
+def _scaled_steps_refusing_mixed_forms(rank: int, ddp, opt, closure_at, own_forward, steps: int, refused: tuple,
+                                       what: str, before_refusal=None) -> None:
+    """``steps`` two-phase steps under a GradScaler with ``closure_at(step)``; at the steps in ``refused``
+    rank 0 calls ``scaler.step(opt, closure)`` (the one-phase form, refused under a scaler) while rank 1
+    steps in the two-phase form: the mixed-forms ValueError on both, weights and state as before. The
+    ranks end alike."""
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
-    for step in range(3):
-        x, y = _batch(step, rank)
-
-        def closure():
-            return F.mse_loss(ddp(x), y)
+    for step in range(steps):
+        closure = closure_at(step)
 
         def two_phase():
             opt.zero_grad()
-            loss = closure()
+            loss = own_forward(closure)
             scaler.scale(loss).backward()
-            scaler.step(opt, closure, loss=loss)
+            scaler.step(opt, closure, loss=loss.detach())
             scaler.update()
-        if step == 1:
+        if step in refused:
+            if before_refusal is not None:
+                before_refusal(step)
             before, state_before = _flat(ddp.parameters()).clone(), _state_of(opt)
             with pytest.raises(ValueError, match=r"mix the one-phase step\(closure\) and the two-phase .*"
                                                  r"1 of the 2 data-parallel ranks passed loss="):
@@ -1300,11 +1298,27 @@ def _grad_scaler_mixed_forms_job(rank: int, out_dir: str) -> None:
                 else:
                     two_phase()
             assert torch.equal(_flat(ddp.parameters()), before)
-            _assert_same_state(_state_of(opt), state_before, "a refused step under GradScaler")
+            _assert_same_state(_state_of(opt), state_before, what)
             scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)  # its per-step records of the refused step
         two_phase()
-    assert opt.search_state.step == 3
     _assert_same_on_all_ranks(_flat(ddp.parameters()), "weights")
+
+
+def _grad_scaler_mixed_forms_job(rank: int, out_dir: str) -> None:
+    """DDP under torch.amp.GradScaler: at a search step rank 0 calls scaler.step(opt, closure) (the one-phase
+    form, refused under a scaler) while rank 1 uses the two-phase form. Rank 0 raised at once, before any
+    backward, and rank 1 waited in DDP's gradient all-reduce until gloo's timeout. Now rank 0 refuses after
+    its backward, where rank 1 opens its search: the mixed-forms error on both, weights and state as before."""
+    ddp = torch.nn.parallel.DistributedDataParallel(_make_model(0))
+    opt = FusedSaLSa(ddp.parameters(), backend="torch")
+
+    def closure_at(step):
+        x, y = _batch(step, rank)
+        return lambda: F.mse_loss(ddp(x), y)
+
+    _scaled_steps_refusing_mixed_forms(rank, ddp, opt, closure_at, lambda closure: closure(), 3, (1,),
+                                       "a refused step under GradScaler")
+    assert opt.search_state.step == 3
 
 
 def test_ddp_grad_scaler_ranks_that_mix_the_forms_are_refused_alike(tmp_path):
@@ -1401,34 +1415,19 @@ def _labpal_grad_scaler_mixed_forms_job(rank: int, out_dir: str) -> None:
     from salsa_fused import LABPAL
     ddp = torch.nn.parallel.DistributedDataParallel(_make_model(0))
     opt = LABPAL(ddp.parameters(), backend="torch", approximation_batches=3, sgd_steps=2)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
-    for step in range(5):
-        def closure(i, step=step):
+
+    def closure_at(step):
+        def closure(i):
             x, y = _batch(10 * step + i, rank)
             return F.mse_loss(ddp(x), y)
+        return closure
 
-        def two_phase():
-            opt.zero_grad()
-            loss = closure(0)
-            scaler.scale(loss).backward()
-            scaler.step(opt, closure, loss=loss.detach())
-            scaler.update()
-        if step in (1, 3):  # an update (NSGD: a search without points) and an approximation (points)
-            assert opt.next_batches().points == (0 if step == 1 else 3) and opt.next_batches().gradient == 1, step
-            before, state_before = _flat(ddp.parameters()).clone(), _state_of(opt)
-            with pytest.raises(ValueError, match=r"mix the one-phase step\(closure\) and the two-phase .*"
-                                                 r"1 of the 2 data-parallel ranks passed loss="):
-                if rank == 0:
-                    opt.zero_grad()
-                    scaler.step(opt, closure)
-                else:
-                    two_phase()
-            assert torch.equal(_flat(ddp.parameters()), before)
-            _assert_same_state(_state_of(opt), state_before, "a refused LABPAL step under GradScaler")
-            scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)  # its per-step records of the refused step
-        two_phase()
+    def refused_at(step):  # an update (NSGD: a search without points) and an approximation (points)
+        assert opt.next_batches().points == (0 if step == 1 else 3) and opt.next_batches().gradient == 1, step
+
+    _scaled_steps_refusing_mixed_forms(rank, ddp, opt, closure_at, lambda closure: closure(0), 5, (1, 3),
+                                       "a refused LABPAL step under GradScaler", refused_at)
     assert opt.search_state.step == 5
-    _assert_same_on_all_ranks(_flat(ddp.parameters()), "weights")
 
 
 def test_ddp_labpal_grad_scaler_ranks_that_mix_the_forms_are_refused_alike(tmp_path):
