@@ -1173,7 +1173,7 @@ class FusedSaLSa(Optimizer):
                 self._collapse_checked = True  # once, at the first frozen step
                 warn_collapsed_level(schedule, state, plan.state.step)
             if plan.is_search and not schedule_searches(schedule, state, plan.state.step):
-                if self._level_is_placeholder(state):
+                if state.num_searches == 0 and not self._init_step_size_given:
                     raise ValueError(
                         f"the schedule stops the search at step {plan.state.step}, before any search has run: "
                         f"the level would stay at the default init_step_size ({self.init_step_size:g}) for the "
@@ -1355,13 +1355,9 @@ class FusedSaLSa(Optimizer):
         that decay small, and the preset's measured runs (docs/quality.md) decay there; they stay as measured.
         A beam's or a factor search's multiplier on no schedule of the caller's (a :class:`ScaledSchedule`
         around none) is no schedule here: its scale at the first step is 1."""
-        if self._level_is_placeholder(state) and unwrapped(self.schedule) is None:
+        if state.num_searches == 0 and not self._init_step_size_given and unwrapped(self.schedule) is None:
             return 0.0
         return state.step_size
-
-    def _level_is_placeholder(self, state: SearchState) -> bool:
-        """No search has set the level and ``init_step_size`` was not given: ``eta`` is the default 1.0."""
-        return state.num_searches == 0 and not self._init_step_size_given
 
     def _plain_step(self, passes: F.Passes, plan, f0: torch.Tensor) -> None:
         """A step without search along the rule's direction (Adam's ``m_hat`` unless it is ``raw``)."""
