@@ -175,25 +175,18 @@ def measure(n_tensors: int, device: torch.device, dtype: torch.dtype = torch.flo
     return results
 
 
-def _profiled_plain_steps(n_tensors: int, device: torch.device, backend: str, grad: bool, steps: int,
-                          warmup: int) -> cProfile.Profile:
-    """cProfile of ``steps`` stubbed plain steps after ``warmup`` unprofiled ones, grad mode ``grad``."""
+def profile(n_tensors: int, device: torch.device, steps: int = 10, top: int = 25) -> str:
+    """cProfile of ``steps`` stubbed plain steps: the functions by their own time."""
     params = C.make_params(tensor_shapes(n_tensors, device), torch.float32, device)
-    with torch.set_grad_enabled(grad), stubbed_launches():
-        step = salsa_plain_step(params, device, backend)
-        for _ in range(warmup):
+    with torch.no_grad(), stubbed_launches():
+        step = salsa_plain_step(params, device)
+        for _ in range(3):
             step()
         profiler = cProfile.Profile()
         profiler.enable()
         for _ in range(steps):
             step()
         profiler.disable()
-    return profiler
-
-
-def profile(n_tensors: int, device: torch.device, steps: int = 10, top: int = 25) -> str:
-    """cProfile of ``steps`` stubbed plain steps: the functions by their own time."""
-    profiler = _profiled_plain_steps(n_tensors, device, "triton", False, steps, 3)
     stream = io.StringIO()
     pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(top)
     return stream.getvalue()
@@ -204,7 +197,16 @@ def python_calls(n_tensors: int, device: torch.device, backend: str = "triton", 
     """Python calls (cProfile's count: functions and builtins) per stubbed plain step, the calling
     ``lambda`` included; deterministic, unlike the host clock. ``grad``: ``step()`` called with grad
     enabled (a training loop's case) instead of under ``torch.no_grad()`` as :func:`measure` times it."""
-    profiler = _profiled_plain_steps(n_tensors, device, backend, grad, steps, warmup)
+    params = C.make_params(tensor_shapes(n_tensors, device), torch.float32, device)
+    with torch.set_grad_enabled(grad), stubbed_launches():
+        step = salsa_plain_step(params, device, backend)
+        for _ in range(warmup):
+            step()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(steps):
+            step()
+        profiler.disable()
     calls = sum(row[1] for row in pstats.Stats(profiler).stats.values())
     return (calls - 2 * steps) / steps  # less the profiler's own two calls a step (its enable/disable overhead)
 
