@@ -46,7 +46,7 @@ import torch
 
 from salsa_fused import LABPAL, FusedSaLSa, LRFactorSearch, presets
 from salsa_fused.beam import StepSizeBeam
-from salsa_fused.step_size import COLLAPSE_FRACTION, WarmupStableDecay
+from salsa_fused.step_size import COLLAPSE_FRACTION, Cooldown, WarmupStableDecay
 
 from . import joint
 from .hypergradient import HypergradientMultiplier
@@ -87,16 +87,32 @@ def _fused(kwargs_of: Callable[[int], dict], decay: bool = True):
     return build
 
 
-def _preset(name: str, length_known: bool = True, **overrides):
-    """Preset ``name`` for the run's length (not told it without ``length_known``); ``overrides``
-    replace its arguments (ablations)."""
+def _preset(name: str, length_known: bool = True, told: Optional[Callable[[int], int]] = None, **overrides):
+    """Preset ``name`` for the run's length (not told it without ``length_known``; told ``told(length)``
+    instead with ``told``, section 59); ``overrides`` replace its arguments (ablations)."""
     def build(task, model, total_steps) -> Built:
-        total_steps = total_steps if length_known else None
+        total_steps = (told(total_steps) if told else total_steps) if length_known else None
         kwargs = presets.preset_kwargs(name, total_steps)
         wd = kwargs.pop("weight_decay", 0.0)
         opt = presets.from_preset(task.param_groups(model, wd), name, total_steps=total_steps, backend=BACKEND,
                                   **overrides)
         return Built(opt, "fused", schedule=kwargs.get("schedule"))
+    return build
+
+
+def _end_known_late(cooldown: float):
+    """The preset told no run length (``total_steps=None``) whose user learns the end ``cooldown`` of the
+    run before it and then starts the documented cooldown, ``optimizer.schedule = Cooldown(
+    optimizer.search_state.step, steps)``, from a step pre-hook (section 59)."""
+    def build(task, model, total_steps) -> Built:
+        built = _preset(presets.RECOMMENDED, length_known=False)(task, model, total_steps)
+        steps = max(1, round(cooldown * total_steps))
+
+        def start_cooldown(opt, args, kwargs):
+            if opt.schedule is None and opt.search_state.step == total_steps - steps:
+                opt.schedule = Cooldown(opt.search_state.step, steps)
+        built.optimizer.register_step_pre_hook(start_cooldown)
+        return built
     return build
 
 
@@ -525,6 +541,11 @@ REGISTRY: Dict[str, Callable] = {
     "salsa_recommended": _preset(presets.RECOMMENDED),
     # ... told no run length (total_steps=None): no schedule, the searched level throughout (NOTES 13)
     "salsa_recommended_nolength": _preset(presets.RECOMMENDED, length_known=False),
+    # section 59: ... told no run length, the end learned 20% before it, then Cooldown by hand; and the preset
+    # told a third of the run's length (two thirds run past its end) or three times it (stopped a third in)
+    "pretrain_endlate20": _end_known_late(0.2),
+    "pretrain_told_third": _preset(presets.RECOMMENDED, told=lambda n: max(3, round(n / 3))),
+    "pretrain_told_triple": _preset(presets.RECOMMENDED, told=lambda n: 3 * n),
     # the search's own constants around the shipped preset (NOTES.md section 9): the growth of eta
     # before each search, the always-search warm-up, searching every step of the search phase
     "rec_growth1.0": _preset(presets.RECOMMENDED, growth=1.0),

@@ -166,7 +166,7 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
                     built.hyper.before_step()
                 multiplier = opt.param_groups[0]["lr"]  # a learned multiplier's (section 53), read before it moves
                 loss = opt.step(lambda: task.loss(model, batch))
-                _record_level(opt, built.schedule, k + 1, step_sizes, backoffs, multiplier)
+                _record_level(opt, opt.schedule, k + 1, step_sizes, backoffs, multiplier)
                 if built.hyper is not None:
                     built.hyper.after_step()
             elif family == "beam":

@@ -140,3 +140,29 @@ def test_mid_size_tasks_build_and_give_a_finite_loss(name):
     with torch.no_grad():
         assert math.isfinite(float(task.loss(model, task.batches[0])))
     assert run.make_task(name, "mid").steps == 1000
+
+
+def test_the_end_learned_late_runs_the_no_length_preset_then_the_documented_cooldown():
+    """Section 59: bitwise the no-length preset until the end is known, then Cooldown(start, 20%)."""
+    from benchmarks.quality import optimizers as O
+    from salsa_fused.step_size import Cooldown
+
+    task = run.make_task("digits", "tiny", steps=20)
+    late, free = (run.train(task, name, 0) for name in ("pretrain_endlate20", "salsa_recommended_nolength"))
+    assert late["losses"][:17] == free["losses"][:17]  # step 17 is the cooldown's first, its loss taken before it
+    assert late["losses"][17:] != free["losses"][17:]
+    assert late["step_sizes"][:16] == free["step_sizes"][:16]
+    level = late["step_sizes"][15]  # frozen at step 16's level, then 3/4, 2/4, 1/4, 0 of it
+    assert late["step_sizes"][16:] == pytest.approx([level * f for f in (0.75, 0.5, 0.25, 0.0)])
+    built = O.build("pretrain_endlate20", task, task.model(0), 20)
+    assert built.optimizer.schedule is None
+
+
+def test_a_preset_told_another_length_plans_for_that_length():
+    from benchmarks.quality import optimizers as O
+
+    task = run.make_task("digits", "tiny")
+    assert O.build("pretrain_told_third", task, task.model(0), 400).schedule.total_steps == 133
+    assert O.build("pretrain_told_triple", task, task.model(0), 400).schedule.total_steps == 1200
+    assert O.build("pretrain_told_third", task, task.model(0), 400).schedule == \
+        O.build("salsa_recommended", task, task.model(0), 133).schedule
