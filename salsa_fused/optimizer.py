@@ -365,7 +365,8 @@ class FusedSaLSa(Optimizer):
         self._saved: Dict[torch.Tensor, torch.Tensor] = {}
         self._counts: Optional[F.DeviceCounts] = None
         self._handoff = _StepHandoff()  # mark_forward(), bind_closure(), zero_grad(): for the next step
-        self._lr_checked = False  # the one-time look at lr (_warn_if_lr_looks_like_a_step_size)
+        self._lr_checked = False  # the look at lr is done (_warn_if_lr_looks_like_a_step_size)
+        self._lr_rising: Dict[int, float] = {}  # group index -> lr at the last look, while a scheduler's lr rises
         self._past_end_warned = False  # the one-time warning past the schedule's total_steps
         self._collapse_checked = False  # the one-time check of the level a schedule freezes
         self._stacked_scheduler_warned = False  # the one-time warning of a scheduler on top of the schedule
@@ -491,7 +492,7 @@ class FusedSaLSa(Optimizer):
         for p in self.param_groups[-1]["params"]:
             if p.requires_grad:
                 self._init_state(p)
-        if self.__dict__.get("_lr_checked"):  # past the first step's look at every group's lr: look at this one
+        if self.__dict__.get("_lr_checked") or self.__dict__.get("_lr_rising"):  # past the first step's look
             self._warn_if_group_lr_looks_like_a_step_size(len(self.param_groups) - 1, self.param_groups[-1])
 
     def _fit_backend(self, groups: List[dict], first_index: int = 0) -> None:
@@ -801,7 +802,7 @@ class FusedSaLSa(Optimizer):
         if "schedule" in self.__dict__:  # pickled before the schedule became a checked property
             self.__dict__["_schedule"] = self.__dict__.pop("schedule")
         for name, value in (("_buckets", BucketCache()), ("_saved", {}), ("_counts", None), ("foreach", None),
-                            ("fused", None), ("_lr_checked", False), ("_past_end_warned", False),
+                            ("fused", None), ("_lr_checked", False), ("_lr_rising", {}), ("_past_end_warned", False),
                             ("_init_step_size_given", True), ("_stacked_scheduler_warned", False),
                             ("_collapse_checked", False)):
             self.__dict__.setdefault(name, value)
@@ -1011,29 +1012,50 @@ class FusedSaLSa(Optimizer):
         return True
 
     def _warn_if_lr_looks_like_a_step_size(self) -> None:
-        """Once, at the first step: an lr (or a scheduler's initial_lr/max_lr) below 0.1 is most
-        likely AdamW's habit; here it multiplies every step the search finds. A resumed run (its step
-        counter past 0) was looked at when it started: its lr now may be a scheduler's (ReduceLROnPlateau)."""
-        self._lr_checked = True
-        if self._search.step > 0:
+        """At the first step: an lr (or a scheduler's initial_lr/max_lr) below 0.1 is most likely AdamW's
+        habit; here it multiplies every step the search finds. A torch scheduler's lr still rising below 0.1
+        is looked at again at the next steps. A resumed run (its step counter past 0) was looked at when it
+        started: its lr now may be a scheduler's (ReduceLROnPlateau)."""
+        if self._search.step > 0 and not self._lr_rising:
+            self._lr_checked = True
             return
-        for index, group in enumerate(self.param_groups):
-            if self._warn_if_group_lr_looks_like_a_step_size(index, group):
-                return
+        looked, self._lr_rising = self._lr_rising or dict.fromkeys(range(len(self.param_groups))), {}
+        for index, last in looked.items():
+            warned = self._warn_if_group_lr_looks_like_a_step_size(index, self.param_groups[index], last)
+            if warned:
+                self._lr_rising = {}
+                break
+            if warned is None:
+                self._lr_rising[index] = self.param_groups[index]["lr"]
+        self._lr_checked = not self._lr_rising
 
     @staticmethod
-    def _warn_if_group_lr_looks_like_a_step_size(index: int, group: dict) -> bool:
-        """Warns (and returns True) when group ``index`` starts at an lr (or a scheduler's
-        initial_lr/max_lr) below 0.1, AdamW's habit."""
+    def _warn_if_group_lr_looks_like_a_step_size(index: int, group: dict, last: Optional[float] = None
+                                                 ) -> Optional[bool]:
+        """Warns (and returns True) when group ``index``'s lr stays below 0.1, AdamW's habit: its lr, or a torch
+        scheduler's max_lr (OneCycleLR) or initial_lr. A scheduler may raise lr past its initial_lr (CyclicLR
+        writes its base_lr there, never its max_lr): an lr below 0.1 that may still rise (``last``, its lr at
+        the previous look, is None or below it) is not judged yet (None); one that stopped, by its peak."""
         base = group.get("max_lr", group.get("initial_lr", group["lr"]))
-        if isinstance(base, (int, float)) and 0 < base < 0.1:
-            warnings.warn(
-                f"FusedSaLSa's lr is a multiplier on the level its line search finds (1.0: "
-                f"none), not a step size: param_groups[{index}] starts at lr={base:g}, which scales "
-                "every step by that factor; leave lr=1.0 unless you mean to (a warmup of the "
-                "multiplier from 0 to 1 is fine)", UserWarning, stacklevel=caller_stacklevel())
-            return True
-        return False
+        if not (isinstance(base, (int, float)) and base < 0.1):
+            return False
+        where = f"starts at lr={base:g}"
+        if "initial_lr" in group and "max_lr" not in group:
+            lr = group["lr"]
+            if not (isinstance(lr, (int, float)) and lr < 0.1):
+                return False
+            if last is None or lr > last:
+                return None
+            base = max(base, last)
+            where = f"peaks at lr={base:g} under its scheduler"
+        if base <= 0:
+            return False
+        warnings.warn(
+            f"FusedSaLSa's lr is a multiplier on the level its line search finds (1.0: "
+            f"none), not a step size: param_groups[{index}] {where}, which scales "
+            "every step by that factor; leave lr=1.0 unless you mean to (a warmup of the "
+            "multiplier from 0 to 1 is fine)", UserWarning, stacklevel=caller_stacklevel())
+        return True
 
     def _warn_if_a_scheduler_shapes_the_schedule(self) -> bool:
         """At a search step: a torch scheduler (it writes ``initial_lr``) that has moved a group's ``lr``

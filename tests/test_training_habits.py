@@ -398,16 +398,19 @@ def test_a_closure_whose_backward_keeps_its_graph_gets_the_same_clear_error(mult
     assert all(torch.equal(a[1], b[1]) for a, b in zip(_moments(opt), moments))
 
 
-def _lr_warnings(make_scheduler, lr):
+def _lr_warnings(make_scheduler, lr, steps=3, warned_at=None):
+    """The lr warnings of ``steps`` steps; ``warned_at``: a list that gets the step (from 1) of each."""
     model = _dropout_mlp(0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         opt = FusedSaLSa(model.parameters(), lr=lr, backend="torch")
         scheduler = make_scheduler(opt)
         x, y = _data(0)
-        for _ in range(3):
+        for step in range(1, steps + 1):
             opt.zero_grad()
             opt.step(lambda: F.mse_loss(model(x), y))
+            if warned_at is not None:
+                warned_at += [step] * (len([w for w in caught if "multiplier" in str(w.message)]) - len(warned_at))
             if scheduler is not None:
                 scheduler.step()
     return [w for w in caught if "multiplier" in str(w.message)]
@@ -422,6 +425,49 @@ def test_an_adamw_style_lr_warns_once_what_lr_means(case):
                               lr=1.0)
     assert len(caught) == 1
     assert "step size" in str(caught[0].message)
+
+
+@pytest.mark.parametrize("base_lr, max_lr", [(0.01, 1.0), (1e-5, 1e-3)])
+def test_a_cyclic_lr_is_judged_by_its_peak(base_lr, max_lr):
+    """CyclicLR writes its base_lr into the group (lr and initial_lr), never its max_lr: a cycle of the
+    multiplier from 0.01 to 1.0 warned at the first step that the group "starts at lr=0.01". A scheduler's lr
+    below 0.1 is now looked at until it stops rising: a peak of 1.0 says nothing; one of 1e-3 (AdamW's
+    rates) still warns, once, at the step after its peak (step 5 of a cycle up over 4 steps), naming it."""
+    warned_at = []
+    caught = _lr_warnings(lambda opt: torch.optim.lr_scheduler.CyclicLR(opt, base_lr=base_lr, max_lr=max_lr,
+                                                                         step_size_up=4), 1.0, 12, warned_at)
+    if max_lr == 1.0:
+        assert not caught
+    else:
+        assert len(caught) == 1 and warned_at == [6]
+        assert "param_groups[0] peaks at lr=0.001 under its scheduler" in str(caught[0].message)
+        assert caught[0].filename == __file__
+
+
+@pytest.mark.parametrize("kind", ["constant", "cosine"])
+def test_an_adamw_style_lr_under_a_scheduler_that_does_not_raise_it_warns_at_the_second_step(kind):
+    """lr=1e-4 under a scheduler that keeps it or lowers it: the second step sees it stopped rising."""
+    warned_at = []
+    make = (lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=100)) if kind == "constant" else \
+        (lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10))
+    caught = _lr_warnings(make, 1e-4, 4, warned_at)
+    assert len(caught) == 1 and warned_at == [2]
+    assert "param_groups[0] peaks at lr=0.0001 under its scheduler" in str(caught[0].message)
+
+
+def test_a_group_added_while_a_schedulers_lr_rises_is_looked_at_when_added():
+    model = _dropout_mlp(0, p=0.0)
+    opt = FusedSaLSa(model[0].parameters(), backend="torch")
+    scheduler = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.01, max_lr=1.0, step_size_up=4)
+    x, y = _data(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.zero_grad()
+        opt.step(lambda: F.mse_loss(model(x), y))
+        scheduler.step()
+        assert not caught
+        opt.add_param_group({"params": list(model[3].parameters()), "lr": 1e-4})
+    assert ["param_groups[1] starts at lr=0.0001" in str(w.message) for w in caught] == [True]
 
 
 def test_resuming_a_run_whose_scheduler_lowered_lr_does_not_warn():
