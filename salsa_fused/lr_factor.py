@@ -48,7 +48,7 @@ import torch
 from ._rng import RNGSnapshot
 from .distributed import SearchReduction, default_reduction
 from .errors import NonFiniteError
-from .optimizer import FusedSaLSa, _same_tensor_memory, running_statistics
+from .optimizer import FusedSaLSa, _is_stale_loss, running_statistics
 from .step_size import ScaledSchedule, check_factors, check_installed, scaled_by
 
 #: The factor lists of seed 004 (Factor_3 is the default).
@@ -237,12 +237,8 @@ class LRFactorSearch:
             rng.set()
             value = closure()
             values.append(self._loss_value(value))
-            # the same tensor again or its memory, still holding an earlier factor's value (a CUDA
-            # graph's static output that a replay rewrote holds this factor's loss: not refused, be it
-            # a view of that memory or the same tensor object, as CUDA graph trees return it)
             if isinstance(value, torch.Tensor) and any(
-                    _same_tensor_memory(value, earlier) and torch.equal(values[-1], values[i])
-                    for i, earlier in enumerate(returned)):
+                    _is_stale_loss(value, earlier, values[i]) for i, earlier in enumerate(returned)):
                 raise RuntimeError(
                     "closure() returned the same loss tensor at two factors' weights: it must run "
                     "the forward again at each call (each factor's weights are scored by it), e.g. "

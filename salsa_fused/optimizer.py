@@ -887,7 +887,7 @@ class FusedSaLSa(Optimizer):
         with torch.no_grad():
             value = closure()
         loss = self._loss_tensor(value, what, need_grad=False)
-        if any(_is_the_steps_own_loss(loss, own, at_w0) for own, at_w0 in step_losses):
+        if any(_is_stale_loss(loss, own, at_w0) for own, at_w0 in step_losses):
             raise RuntimeError(STALE_CLOSURE.format(what=what))
         return loss.detach().reshape(()).to(device=self._device, dtype=dtype)
 
@@ -1637,32 +1637,30 @@ class FusedSaLSa(Optimizer):
         return loss_tensor.detach() if one_phase else loss
 
 
-def _same_tensor_memory(value: torch.Tensor, own) -> bool:
-    """Is ``value`` the tensor ``own``, or does it share its memory (a view, ``detach()``)? A new
-    forward's loss does not while ``own`` is alive, except an output of CUDA graphs
-    (``torch.compile(mode="reduce-overhead")``), whose static buffer a later replay overwrites."""
-    if value is own:
-        return True
-    if not isinstance(own, torch.Tensor) or value.device != own.device:
-        return False
-    try:
-        return value.untyped_storage().data_ptr() == own.untyped_storage().data_ptr() != 0
-    except (RuntimeError, NotImplementedError):  # tensors without storage (fake, functional)
-        return False
-
-
 def _step_losses(losses) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """The step's own loss tensors, each with a copy of its value (one small device copy per
-    search step, no host read): what :func:`_is_the_steps_own_loss` compares a trial loss with."""
+    search step, no host read): what :func:`_is_stale_loss` compares a trial loss with."""
     return [(loss, loss.detach().clone()) for loss in losses if isinstance(loss, torch.Tensor)]
 
 
-def _is_the_steps_own_loss(value: torch.Tensor, own: torch.Tensor, at_w0: torch.Tensor) -> bool:
-    """``value`` is ``own`` or shares its memory (a ``detach()`` or view of it), and holds its value
-    ``at_w0``. A CUDA graph's static output that a trial's replay rewrote holds the trial's loss, not
-    ``own``'s: not refused, be it a view of ``own``'s memory or ``own`` itself (CUDA graph trees return
-    the same tensor object from replay to replay). The value is read only where the memory is shared."""
-    return _same_tensor_memory(value, own) and bool(torch.equal(value.detach().reshape(()), at_w0.reshape(())))
+def _is_stale_loss(value: torch.Tensor, earlier: torch.Tensor, earlier_value: torch.Tensor) -> bool:
+    """Is ``value``, a closure's loss, a loss it returned before (``earlier``: the step's own, or an
+    LRFactorSearch's earlier factor's) still holding that loss's value ``earlier_value``, rather than one its
+    forward computed: ``earlier`` itself or a tensor sharing its memory (a ``detach()``, a view)? A new
+    forward's loss shares no memory with a live ``earlier``, except a CUDA graph's static output, whose replay
+    rewrites it: one that holds another value is not stale, be it a view of that memory or ``earlier`` itself
+    (CUDA graph trees return the same tensor object from replay to replay). The value is read only where the
+    memory is shared."""
+    if value is not earlier:
+        if not isinstance(earlier, torch.Tensor) or value.device != earlier.device:
+            return False
+        try:
+            shared = value.untyped_storage().data_ptr() == earlier.untyped_storage().data_ptr() != 0
+        except (RuntimeError, NotImplementedError):  # tensors without storage (fake, functional)
+            return False
+        if not shared:
+            return False
+    return bool(torch.equal(value.detach().reshape(()), earlier_value.reshape(())))
 
 
 def running_statistics(model: Optional[torch.nn.Module]) -> List[torch.Tensor]:
