@@ -230,6 +230,12 @@ class LRFactorSearch:
             buffers = [(b, b.detach().clone()) for b in self._running_statistics()]
         values, returned = [], []
 
+        def again() -> object:
+            """The scoring forward once more, from the random state of the first (FSDP2's: None)."""
+            rng.set()
+            return closure()
+        rerun = None if any(hasattr(p, "_local_tensor") for p in params) else again
+
         def scored(f: float) -> torch.Tensor:
             """The loss at ``w0 + f * (w1 - w0)``, float64 on ``device``."""
             for p, w0, w1 in zip(params, before, after):
@@ -238,7 +244,7 @@ class LRFactorSearch:
             value = closure()
             values.append(self._loss_value(value))
             if isinstance(value, torch.Tensor) and any(
-                    _is_stale_loss(value, earlier, values[i]) for i, earlier in enumerate(returned)):
+                    _is_stale_loss(value, earlier, values[i], rerun) for i, earlier in enumerate(returned)):
                 raise RuntimeError(
                     "closure() returned the same loss tensor at two factors' weights: it must run "
                     "the forward again at each call (each factor's weights are scored by it), e.g. "

@@ -887,7 +887,8 @@ class FusedSaLSa(Optimizer):
         with torch.no_grad():
             value = closure()
         loss = self._loss_tensor(value, what, need_grad=False)
-        if any(_is_stale_loss(loss, own, at_w0) for own, at_w0 in step_losses):
+        rerun = closure if self.reduction.shard_group is None else None
+        if any(_is_stale_loss(loss, own, at_w0, rerun) for own, at_w0 in step_losses):
             raise RuntimeError(STALE_CLOSURE.format(what=what))
         return loss.detach().reshape(()).to(device=self._device, dtype=dtype)
 
@@ -1643,14 +1644,19 @@ def _step_losses(losses) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     return [(loss, loss.detach().clone()) for loss in losses if isinstance(loss, torch.Tensor)]
 
 
-def _is_stale_loss(value: torch.Tensor, earlier: torch.Tensor, earlier_value: torch.Tensor) -> bool:
+def _is_stale_loss(value: torch.Tensor, earlier: torch.Tensor, earlier_value: torch.Tensor,
+                   rerun: Optional[Callable[[], object]]) -> bool:
     """Is ``value``, a closure's loss, a loss it returned before (``earlier``: the step's own, or an
     LRFactorSearch's earlier factor's) still holding that loss's value ``earlier_value``, rather than one its
     forward computed: ``earlier`` itself or a tensor sharing its memory (a ``detach()``, a view)? A new
-    forward's loss shares no memory with a live ``earlier``, except a CUDA graph's static output, whose replay
-    rewrites it: one that holds another value is not stale, be it a view of that memory or ``earlier`` itself
-    (CUDA graph trees return the same tensor object from replay to replay). The value is read only where the
-    memory is shared."""
+    forward's loss shares no memory with a live ``earlier``, except a static output buffer (CUDA graphs) that
+    each forward rewrites: one that holds another value is not stale, be it a view of that memory or
+    ``earlier`` itself (CUDA graph trees return the same tensor object from replay to replay). One that holds
+    the same value (a trial's loss equal to the step's own, bitwise) is told by ``rerun``, the closure once
+    more at the same weights, with that memory set to NaN: a forward writes its loss there again, a closure
+    that runs none leaves the NaN. The memory gets its bits back either way; without ``rerun`` (a forward
+    with collectives of its own: FSDP2's all-gathers) it is stale. The value is read only where the memory
+    is shared."""
     if value is not earlier:
         if not isinstance(earlier, torch.Tensor) or value.device != earlier.device:
             return False
@@ -1660,7 +1666,19 @@ def _is_stale_loss(value: torch.Tensor, earlier: torch.Tensor, earlier_value: to
             return False
         if not shared:
             return False
-    return bool(torch.equal(value.detach().reshape(()), earlier_value.reshape(())))
+    if not torch.equal(value.detach().reshape(()), earlier_value.reshape(())):
+        return False
+    if rerun is None:
+        return True
+    memory = value.data  # written without moving the tensor's version counter: its bits are put back
+    bits = memory.clone()
+    memory.fill_(math.nan)
+    try:
+        with torch.no_grad():
+            rerun()
+        return bool(torch.isnan(memory).all())
+    finally:
+        memory.copy_(bits)
 
 
 def running_statistics(model: Optional[torch.nn.Module]) -> List[torch.Tensor]:

@@ -606,6 +606,55 @@ def test_a_loss_returned_in_the_same_static_tensor_at_every_forward_is_not_refus
         runs.append(([p.detach().clone() for p in model.parameters()], opt.search_state))
     assert runs[0][1] == runs[1][1] and all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0]))
 
+@pytest.mark.parametrize("form", ["one-phase", "two-phase"])
+def test_a_static_output_whose_trial_loss_ties_the_steps_own_is_not_refused(form):
+    """A loss returned in the same static tensor at every forward (as CUDA graph trees return it) whose trial
+    loss equals the step's own bitwise (init_step_size=1e-12: the trials move no weight) was refused at the
+    first trial as a stale closure: the same memory, the same value. That memory is now set to NaN and the
+    closure run once more: its forward writes there again. The search runs bitwise as with fresh tensors."""
+    runs = []
+    for static in (False, True):
+        model = _model()
+        loss_of = StaticLoss(model) if static else (lambda x, y: F.mse_loss(model(x), y))
+        opt = FusedSaLSa(model.parameters(), backend="torch", init_step_size=1e-12)
+        decreases = []
+        for step in range(3):
+            def closure():
+                return loss_of(_X + 0.1 * step, _Y)
+            opt.zero_grad()
+            if form == "two-phase":
+                loss = closure()
+                loss.backward()
+                opt.step(closure, loss=loss)
+            else:
+                opt.step(closure)
+            decreases.append(opt.last_loss_decrease)
+        assert opt.num_searches == 3 and decreases == [0.0] * 3  # every trial tied
+        runs.append(([p.detach().clone() for p in model.parameters()], opt.search_state))
+    assert runs[0][1] == runs[1][1] and all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0]))
+
+
+@pytest.mark.parametrize("form", ["one-phase", "two-phase"])
+def test_a_closure_returning_the_steps_own_loss_is_refused_where_a_forward_would_tie(form):
+    """The other side of the tie: step(lambda: loss) where a forward would have returned the same value (the
+    trials move no weight) is refused as before; the memory set to NaN for the closure's second call gets its
+    value back, the loss tensor's version counter unmoved."""
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch", init_step_size=1e-12)
+    before = _snapshot(opt)
+    opt.zero_grad()
+    loss = F.mse_loss(model(_X), _Y)
+    value, version = loss.detach().clone(), loss._version
+    with pytest.raises(RuntimeError, match=r"closure\(\) returned the step's own loss"):
+        if form == "one-phase":
+            opt.step(lambda: loss)
+        else:
+            loss.backward()
+            opt.step(lambda: loss, loss=loss)
+    _assert_unchanged(before, _snapshot(opt))
+    assert torch.equal(loss.detach(), value) and loss._version == version
+
+
 @pytest.mark.parametrize("form", ["closure", "two-phase"])
 def test_a_multi_batch_closure_returning_the_steps_own_losses_is_refused(form):
     model = _model()

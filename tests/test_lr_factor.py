@@ -262,6 +262,33 @@ def test_a_closure_rewriting_one_static_buffer_is_scored_as_fresh_losses():
         assert decisions[0]["losses"] == other["losses"] and decisions[0]["factor"] == other["factor"]
 
 
+def test_a_static_buffer_whose_factors_tie_is_scored_as_fresh_losses():
+    """The same static buffer at every call whose factors' losses tie bitwise (rounded to bfloat16 here: the
+    step moves them by less) was refused as "the same loss tensor at two factors". The buffer is now set to
+    NaN and the closure run once more: its forward writes there again, and the decision is a fresh tensor's.
+    A closure returning a tensor computed before is still refused, its value given back."""
+    decisions = []
+    for static in (False, True):
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+        search = LRFactorSearch(opt, interval=1)
+        buffer = torch.zeros((), dtype=torch.float64)
+
+        def closure():
+            value = loss_on(model, batch(1)).to(torch.bfloat16).to(torch.float64)
+            return buffer.copy_(value) if static else value
+
+        opt.zero_grad()
+        loss_on(model, batch(0)).backward()
+        search.step(closure)
+        decisions.append(search.last_decision)
+    assert len(set(decisions[0]["losses"])) == 1 and decisions[0] == decisions[1]
+    before = _A_LOSS_COMPUTED_BEFORE.clone()
+    with pytest.raises(RuntimeError, match="same loss tensor at two factors"):
+        search.step(lambda: _A_LOSS_COMPUTED_BEFORE)
+    assert torch.equal(_A_LOSS_COMPUTED_BEFORE, before)
+
+
 def test_non_finite_trial_losses():
     scores, factor = factor_scores((4.0, 1.0, 0.5), [math.inf, 1.0, 2.0])
     assert scores[0] == 0.0 and factor == pytest.approx(math.exp((math.exp(1 / math.sqrt(2)) * 0 + math.exp(
