@@ -234,7 +234,7 @@ class LRFactorSearch:
             """The scoring forward once more, from the random state of the first (FSDP2's: None)."""
             rng.set()
             return closure()
-        rerun = None if any(hasattr(p, "_local_tensor") for p in params) else again
+        rerun = None if reduction.active or any(hasattr(p, "_local_tensor") for p in params) else again
 
         def scored(f: float) -> torch.Tensor:
             """The loss at ``w0 + f * (w1 - w0)``, float64 on ``device``."""

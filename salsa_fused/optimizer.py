@@ -875,19 +875,25 @@ class FusedSaLSa(Optimizer):
         return [(buffer, buffer.detach().clone()) for buffer in running_statistics(self.model)]
 
     def _trial_loss(self, closure: LossClosure, what: str = "closure()",
-                    dtype: torch.dtype = torch.float32, step_losses: Sequence = ()) -> torch.Tensor:
+                    dtype: torch.dtype = torch.float32, step_losses: Sequence = (),
+                    reruns: Optional[List[int]] = None) -> torch.Tensor:
         """``closure()`` under ``no_grad`` at the weights as they are: a 0-dim tensor of ``dtype``.
         The FSDP2 modules of ``model`` are resharded first, as :func:`fsdp_closure` does: the root
         keeps its parameters unsharded after a forward, and a trial would read them stale.
         ``step_losses``: :func:`_step_losses` of the step's own losses; a trial loss that is one of
         them, or a view or ``detach()`` of one, still holding its value was not computed at the
-        trial's weights: refused."""
+        trial's weights: refused, unless one forward more (counted in ``reruns[0]``; in one process only, where
+        it meets no peer's collectives) shows that the closure rewrites that memory (:func:`_is_stale_loss`)."""
         for module in self._fsdp_modules():
             module.reshard()
         with torch.no_grad():
             value = closure()
         loss = self._loss_tensor(value, what, need_grad=False)
-        rerun = closure if self.reduction.shard_group is None else None
+        rerun = None
+        if reruns is not None and not self.reduction.active:
+            def rerun():
+                reruns[0] += 1
+                return closure()
         if any(_is_stale_loss(loss, own, at_w0, rerun) for own, at_w0 in step_losses):
             raise RuntimeError(STALE_CLOSURE.format(what=what))
         return loss.detach().reshape(()).to(device=self._device, dtype=dtype)
@@ -1282,6 +1288,7 @@ class FusedSaLSa(Optimizer):
             return loss_tensor.detach() if one_phase else loss
 
         gradients_unchanged = _gradients_watch(passes, self._sharded_groups())
+        reruns = [0]  # the trials' extra forwards (_trial_loss)
 
         step_losses = _step_losses([value if one_phase else loss])
         # The first search of the two-phase form that judges trials against loss= (no reference forward)
@@ -1290,7 +1297,7 @@ class FusedSaLSa(Optimizer):
         checks_loss = not (one_phase or needs_reference or self.__dict__.get("_loss_checked", False))
 
         def forward(own_losses: Sequence = step_losses) -> torch.Tensor:
-            loss = self._trial_loss(closure, step_losses=own_losses)
+            loss = self._trial_loss(closure, step_losses=own_losses, reruns=reruns)
             gradients_unchanged()
             return loss
 
@@ -1314,7 +1321,7 @@ class FusedSaLSa(Optimizer):
                     self._refuse_a_loss_not_the_closures(f0, at_w0, failure, plan.state.step)
                 else:
                     f0 = at_w0
-            self._search_step(passes, plan, f0, trial_loss, not one_phase, failure)
+            self._search_step(passes, plan, f0, trial_loss, not one_phase, failure, reruns)
             if checks_loss:
                 self._loss_check_passed()
         except BaseException:
@@ -1487,9 +1494,10 @@ class FusedSaLSa(Optimizer):
         return value > 0
 
     def _search_step(self, passes: F.Passes, plan, f0, trial_loss: Callable[[], float], two_phase: bool,
-                     failure: Optional[Exception] = None) -> None:
+                     failure: Optional[Exception] = None, reruns: Sequence[int] = (0,)) -> None:
         """The search step of ``plan`` from loss ``f0`` (:func:`salsa_fused.functional.search_step`);
-        ``failure``: what this rank's forward of ``f0`` raised."""
+        ``failure``: what this rank's forward of ``f0`` raised; ``reruns[0]``: the trials' extra forwards
+        (:meth:`_trial_loss`), counted once the search has run."""
         self._counts_in_flight = None  # the search reads (and zeroes) every count itself
         searches_before = self._search.num_searches
         state = F.search_step(
@@ -1498,6 +1506,7 @@ class FusedSaLSa(Optimizer):
             counts=self._device_counts(), found_inf=getattr(self, "found_inf", None), reduction=self.reduction,
             nonfinite=self.nonfinite, has_saved_copy=self.restore_strategy == "copy", device=self._device,
             two_phase=two_phase, failure=failure)
+        state.num_forward_evals += reruns[0]
         if state.num_searches > searches_before:  # a search ran: the loss it read feeds the range test
             state = observe_search_loss(self.schedule, state)
         self._commit(state)
@@ -1581,13 +1590,15 @@ class FusedSaLSa(Optimizer):
             return loss_tensor.detach() if one_phase else loss
 
         gradients_unchanged = _gradients_watch(passes, self._sharded_groups())
+        reruns = [0]  # the trials' extra forwards (_trial_loss)
         own_losses = _step_losses(step_losses)
 
         def point_sum(first: int, end: int = n, own: Sequence = own_losses) -> torch.Tensor:
             """``sum closure(i)`` over ``first <= i < end`` at the weights as they are, in float64."""
             total = torch.zeros((), dtype=torch.float64, device=self._device)
             for i in range(first, end):
-                total = total + self._trial_loss(functools.partial(replay, i), f"closure({i})", torch.float64, own)
+                total = total + self._trial_loss(functools.partial(replay, i), f"closure({i})", torch.float64, own,
+                                                 reruns)
                 gradients_unchanged()
             return total
 
@@ -1619,7 +1630,7 @@ class FusedSaLSa(Optimizer):
                     self._refuse_a_loss_not_the_closures(gradient_sum / k, closures, failure, plan.state.step)
             else:
                 f0 = gradient_sum / k
-            self._search_step(passes, plan, f0, trial_loss, not one_phase, failure)
+            self._search_step(passes, plan, f0, trial_loss, not one_phase, failure, reruns)
             if checks_loss:
                 self._loss_check_passed()
         except BaseException:

@@ -7,6 +7,7 @@ Non-finite values: nothing non-finite is ever written into weights or state.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from copy import deepcopy
 from dataclasses import replace
@@ -631,7 +632,10 @@ def test_a_static_output_whose_trial_loss_ties_the_steps_own_is_not_refused(form
             decreases.append(opt.last_loss_decrease)
         assert opt.num_searches == 3 and decreases == [0.0] * 3  # every trial tied
         runs.append(([p.detach().clone() for p in model.parameters()], opt.search_state))
-    assert runs[0][1] == runs[1][1] and all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0]))
+    (fresh_weights, fresh), (static_weights, static) = runs
+    assert static.num_forward_evals == fresh.num_forward_evals + 3  # each step's one trial ran once more, counted
+    assert dataclasses.replace(static, num_forward_evals=fresh.num_forward_evals) == fresh
+    assert all(torch.equal(a, b) for a, b in zip(fresh_weights, static_weights))
 
 
 @pytest.mark.parametrize("form", ["one-phase", "two-phase"])
