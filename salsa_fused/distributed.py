@@ -104,13 +104,17 @@ class SearchReduction:
         they are."""
         if self.loss_group is None:
             return values
-        rank = float(dist.get_rank() + 1) if failed else 0.0
         # Always float64, whatever the values' dtype: every rank must send one dtype (a rank in the other form
         # sends another loss here: buffers of two sizes abort gloo, hang NCCL), and the flags' sums must stay
-        # exact (256 + 1 = 256 in bf16).
-        payload = torch.cat([values.reshape(-1).to(torch.float64),
-                             torch.tensor([float(two_phase), float(failed), rank], dtype=torch.float64,
-                                          device=values.device)])
+        # exact (256 + 1 = 256 in bf16). The flags are filled in on the device: a tensor made from a list on
+        # CUDA is a copy that waits for the stream, a host sync a GradScaler's plain step would add.
+        payload = values.new_zeros(values.numel() + 3, dtype=torch.float64)
+        payload[:-3] = values.reshape(-1)
+        if two_phase:
+            payload[-3] = 1.0
+        if failed:
+            payload[-2] = 1.0
+            payload[-1] = float(dist.get_rank() + 1)
         dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=self.loss_group)
         return torch.cat([payload[:-3] / self.loss_ranks, payload[-3:]])
 
