@@ -1264,12 +1264,11 @@ class FusedSaLSa(Optimizer):
             rng_before = (marked or rng_after) if plan.is_search else None
         if compare is not None:
             compare()
-        if unscaled is not None:
+        if unscaled is not None and plan.is_search:
             # Refused once the step's own backward has run, where a rank in the two-phase form opens its search:
-            # raised at once, this rank left its peers waiting in DDP's gradient all-reduce.
-            if plan.is_search:
-                self._any_rank_opening(False, plan.state.step, unscaled, two_phase=False)
-            raise unscaled
+            # raised at once, this rank left its peers waiting in DDP's gradient all-reduce. At a plain step, in
+            # that step's all-reduce (_plain_step).
+            self._any_rank_opening(False, plan.state.step, unscaled, two_phase=False)
         # Two-phase without mark_forward(), when the generators moved since zero_grad() (or it was
         # not called): the caller's forward may have drawn random masks (dropout) the trials cannot
         # replay, so a search judges them against a reference forward at w0 that replays what the
@@ -1281,10 +1280,12 @@ class FusedSaLSa(Optimizer):
                                                       plan.state.step))
         passes = self._passes(plan, scale, forwards=1, backwards=int(one_phase))
         if passes is None:  # none of this optimizer's parameters is in this loss: as torch.optim, a no-op
+            if unscaled is not None:
+                raise unscaled
             return loss_tensor.detach() if one_phase else loss
         f0 = loss_tensor.detach().reshape(()).to(device=self._device, dtype=torch.float32)
         if not plan.is_search:
-            self._plain_step(passes, plan, f0)
+            self._plain_step(passes, plan, f0, not one_phase, unscaled)
             return loss_tensor.detach() if one_phase else loss
 
         gradients_unchanged = _gradients_watch(passes, self._sharded_groups())
@@ -1389,21 +1390,45 @@ class FusedSaLSa(Optimizer):
             return 0.0
         return state.step_size
 
-    def _plain_step(self, passes: F.Passes, plan, f0: torch.Tensor) -> None:
-        """A step without search along the rule's direction (Adam's ``m_hat`` unless it is ``raw``)."""
-        at_point = self._report_plain_steps_without_search(plan.state)
+    def _plain_step(self, passes: F.Passes, plan, f0: torch.Tensor, two_phase: bool = True,
+                    unscaled: Optional[Exception] = None) -> None:
+        """A step without search along the rule's direction (Adam's ``m_hat`` unless it is ``raw``).
+        ``two_phase``: the step's form; ``unscaled``: the one-phase form's refusal under a GradScaler with a
+        loss group, raised on every rank alike in this step's all-reduce."""
         found_inf = getattr(self, "found_inf", None)
+        reduction, scaler_skipped = self.reduction, None
+        if reduction.loss_group is not None and (found_inf is not None or unscaled is not None):
+            f0, scaler_skipped = self._scaled_plain_exchange(f0, found_inf, two_phase, unscaled, plan.state.step)
+            reduction = SearchReduction()  # f0 is averaged: the pass reduces nothing more
+        at_point = self._report_plain_steps_without_search(plan.state)
         F.plain_step(passes, plan.trial_step_size, f0, found_inf, self._device_counts(),
-                     self.reduction, checked_direction(self.search_rule, self.search_direction))
+                     reduction, checked_direction(self.search_rule, self.search_direction))
         if at_point:  # after the step's own counts: a NaN at this step goes with this copy
             self._counts_in_flight = F.CountsInFlight.take(self._device_counts(), self.reduction)
         state = plan.state
+        if scaler_skipped is None:
+            scaler_skipped = found_inf is not None and bool(found_inf.reshape(-1)[0] != 0)
         # GradScaler's skip leaves k and t where they were, read here (one host read, only under a
         # scaler): with no search to come (a frozen level) nothing else would take it back out.
-        if found_inf is not None and bool(found_inf.reshape(-1)[0] != 0):
+        if scaler_skipped:
             self._device_counts().scaler_skips.sub_(1)  # the pass counted it for the next search
             state = dataclasses.replace(state, step=state.step - 1, steps_since_search=state.steps_since_search - 1)
         self._commit(state)
+
+    def _scaled_plain_exchange(self, f0: torch.Tensor, found_inf: Optional[torch.Tensor], two_phase: bool,
+                               unscaled: Optional[Exception], step: int) -> Tuple[torch.Tensor, bool]:
+        """A plain step's all-reduce of ``f0`` under a GradScaler with a loss group, carrying the ranks' forms
+        (:meth:`SearchReduction.exchange`), read with ``found_inf`` in the one host read such a step makes anyway
+        (before the pass now, not after it), so that a rank in the one-phase form, refused there (``unscaled``),
+        raises on every rank alike before anything is written: the mixed-forms ``ValueError``, or, where every
+        rank stepped in that form, each its own refusal. Returns the averaged ``f0`` and whether the scaler
+        skips this step."""
+        exchanged = self.reduction.exchange(f0.reshape(1), two_phase, unscaled is not None)
+        # GradScaler's found_inf is the int 0 where it found no gradient (the refused form's zero_grad())
+        inf = found_inf.reshape(-1)[:1].to(exchanged) if torch.is_tensor(found_inf) else exchanged.new_zeros(1)
+        (_, *status, skipped) = torch.cat([exchanged, inf]).tolist()
+        self.reduction.check(status, two_phase, unscaled, step)
+        return exchanged[0].to(torch.float32), skipped != 0
 
     def _report_plain_steps_without_search(self, state: SearchState) -> bool:
         """Where no search comes for ``max_search_interval`` steps (a schedule's frozen level, past its
@@ -1519,7 +1544,8 @@ class FusedSaLSa(Optimizer):
         form), then a plain step or a search whose points each average ``batches.points`` batches.
         ``compare``: the first step's comparison of the ranks, run once the gradient batches' backward has.
         ``unscaled``: the one-phase form's refusal under a GradScaler with a loss group, raised where the
-        single-batch form raises it (after the backward, through the search's opening exchange)."""
+        single-batch form raises it (after the backward, through the search's opening exchange, or the plain
+        step's all-reduce)."""
         k, n = batches.gradient, batches.points
         one_phase = loss is None
         points = plan.is_search and n > 0
@@ -1563,8 +1589,6 @@ class FusedSaLSa(Optimizer):
                     if replay is not None:  # points read: else only a scaler's refusal, put back by undo
                         _leave_random_state(replay.first.get(0), running_at_start)
                     raise
-            if unscaled is not None:  # a step without a search: this rank raises alone, as the single-batch form
-                raise unscaled
         else:
             loss_tensor = self._loss_tensor(loss, "loss", need_grad=False)
             if compare is not None:
@@ -1583,10 +1607,13 @@ class FusedSaLSa(Optimizer):
                                         end=rng_after)
         passes = self._passes(plan, scale, forwards=k, backwards=k if one_phase else 0)
         if passes is None:  # none of this optimizer's parameters is in this loss: as torch.optim, a no-op
+            if unscaled is not None:
+                raise unscaled
             return loss_tensor.detach() if one_phase else loss
-        if not plan.is_search:
+        if not plan.is_search:  # a one-phase step under a scaler is refused in the plain step's all-reduce
             self._plain_step(passes, plan, loss_tensor.detach().reshape(()).to(device=self._device,
-                                                                              dtype=torch.float32))
+                                                                              dtype=torch.float32),
+                             not one_phase, unscaled)
             return loss_tensor.detach() if one_phase else loss
 
         gradients_unchanged = _gradients_watch(passes, self._sharded_groups())

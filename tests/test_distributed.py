@@ -1325,6 +1325,67 @@ def test_ddp_grad_scaler_ranks_that_mix_the_forms_are_refused_alike(tmp_path):
     spawn_in_gloo_group(_grad_scaler_mixed_forms_job, str(tmp_path), WORLD, timeout_s=20)
 
 
+def _next_step_is_plain(opt: FusedSaLSa) -> bool:
+    from salsa_fused.rules import plan_step
+    return not plan_step(opt.search_rule, opt.search_state, opt.search_config).is_search
+
+
+def _grad_scaler_mixed_forms_at_a_plain_step_job(rank: int, out_dir: str) -> None:
+    """DDP under torch.amp.GradScaler: at a step without a search rank 0 calls scaler.step(opt, closure) (the
+    one-phase form, refused under a scaler) while rank 1 uses the two-phase form. Rank 0 raised alone and rank 1
+    stepped: its plain step's all-reduce then paired with rank 0's next collective (the ranks' weights parted,
+    or gloo timed out). The plain step's all-reduce under a scaler carries the ranks' forms, read with
+    found_inf before anything is written: the mixed-forms error on both ranks, weights and state as before, and
+    the retry steps alike. Every rank in the one-phase form at a plain step: each raises its own refusal."""
+    ddp = torch.nn.parallel.DistributedDataParallel(_make_model(0))
+    opt = FusedSaLSa(ddp.parameters(), backend="torch", always_search_steps=1)
+
+    def closure_at(step):
+        x, y = _batch(step, rank)
+        return lambda: F.mse_loss(ddp(x), y)
+
+    def refused_at(step):
+        if step == 1:
+            _skip_interval_warmup(opt)  # the interval at its bound: plain steps from here
+        assert _next_step_is_plain(opt), step
+
+    _scaled_steps_refusing_mixed_forms(rank, ddp, opt, closure_at, lambda closure: closure(), 4, (1, 2),
+                                       "a refused plain step under GradScaler", refused_at)
+    assert opt.search_state.step == 4 and opt.num_searches == 1
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    scaler.scale(torch.ones(()))  # the scale a step of this iteration would have made
+    assert _next_step_is_plain(opt)
+    before, state_before = _flat(ddp.parameters()).clone(), _state_of(opt)
+    opt.zero_grad()
+    with pytest.raises(RuntimeError, match="under torch.amp.GradScaler use the two-phase form"):
+        scaler.step(opt, closure_at(4))  # every rank in the one-phase form
+    assert torch.equal(_flat(ddp.parameters()), before)
+    _assert_same_state(_state_of(opt), state_before, "a refused one-phase plain step on every rank")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    opt.zero_grad()
+    closure = closure_at(4)
+    loss = closure()
+    scaler.scale(loss).backward()
+    scaler.step(opt, closure, loss=loss.detach())  # the retry in the two-phase form steps
+    scaler.update()
+    assert opt.search_state.step == 5
+    assert not torch.equal(_flat(ddp.parameters()), before)
+    # an overflow on rank 1 at a plain step: the scaler's skip, read with the exchange, alike on both ranks
+    assert _next_step_is_plain(opt)
+    before, state_before = _flat(ddp.parameters()).clone(), _state_of(opt)
+    opt.zero_grad()
+    loss = closure() * (math.inf if rank == 1 else 1.0)
+    scaler.scale(loss).backward()
+    scaler.step(opt, closure, loss=loss.detach())
+    assert torch.equal(_flat(ddp.parameters()), before)
+    assert opt.search_state.step == 5 and opt.num_skipped_steps == 0
+    _assert_same_on_all_ranks(_flat(ddp.parameters()), "weights")
+
+
+def test_ddp_grad_scaler_ranks_that_mix_the_forms_at_a_plain_step_are_refused_alike(tmp_path):
+    spawn_in_gloo_group(_grad_scaler_mixed_forms_at_a_plain_step_job, str(tmp_path), WORLD, timeout_s=20)
+
+
 def _moved_by_a_forward(model: torch.nn.Module):
     """What a forward in training mode moves besides the weights: the generator (dropout) and BatchNorm's
     running statistics; with the weights and the optimizer's state, what a refused step leaves as it was."""
