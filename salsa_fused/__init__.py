@@ -5,14 +5,14 @@
 """
 
 from .beam import StepSizeBeam
-from .errors import ClosureFailedOnAnotherRank, NonFiniteError
+from .errors import ClosureFailedOnAnotherRank, NonFiniteError, NonFiniteOnEveryRank
 from .labpal import LABPAL
 from .line_search import SearchConfig, SearchState
 from .lr_factor import LRFactorSearch
 from .optimizer import FusedSaLSa
 
-__all__ = ["ClosureFailedOnAnotherRank", "FusedSaLSa", "LABPAL", "LRFactorSearch", "NonFiniteError", "SearchConfig",
-           "SearchState", "StepSizeBeam"]
+__all__ = ["ClosureFailedOnAnotherRank", "FusedSaLSa", "LABPAL", "LRFactorSearch", "NonFiniteError",
+           "NonFiniteOnEveryRank", "SearchConfig", "SearchState", "StepSizeBeam"]
 __version__ = "0.1.0"
 
 #: Submodules imported on first access (``salsa_fused.presets`` after ``import salsa_fused``), as

@@ -309,8 +309,9 @@ class StepSizeBeam:
         """``steps`` steps at ``multiplier``, then ``cool`` at a linearly falling one: the mean loss of
         the cooldown's steps (of the first ``steps`` without one); inf if a step raised
         NonFiniteError or a loss was NaN/inf (under data parallelism, a NonFiniteError the closure raised
-        on this rank propagates, as any exception of a search's forward: the optimizer raises it here and
-        ClosureFailedOnAnotherRank on the other ranks). Counts the branch's forwards. Under data parallelism
+        on this rank only propagates, as any exception of a search's forward: the optimizer raises it here
+        and ClosureFailedOnAnotherRank on the other ranks; raised on every rank, it is an agreed divergence:
+        NonFiniteOnEveryRank on every rank, inf). Counts the branch's forwards. Under data parallelism
         each step's loss is averaged over the optimizer's loss group first, so every rank scores,
         leaves and keeps alike (a rank's own loss kept different factors on different ranks)."""
         opt = self.optimizer
@@ -335,8 +336,9 @@ class StepSizeBeam:
                 local = _step_without_hooks(opt, counted)
             except NonFiniteError as error:  # the optimizer's own check is collective: raised on every rank alike
                 if opt.reduction.loss_group is not None and any(error is own for own in raised):
-                    # the closure's own, on this rank alone: its peers raise ClosureFailedOnAnotherRank (a
-                    # diverged branch here and an error there parted the ranks' collectives), so this rank raises
+                    # the closure's own, on this rank alone (on every rank it comes as NonFiniteOnEveryRank): its
+                    # peers raise ClosureFailedOnAnotherRank (a diverged branch here and an error there parted
+                    # the ranks' collectives), so this rank raises
                     raise
                 return math.inf
             (loss,) = opt.reduction.average_loss(

@@ -33,12 +33,16 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from .errors import ClosureFailedOnAnotherRank
+from .errors import ClosureFailedOnAnotherRank, NonFiniteError, NonFiniteOnEveryRank
 
 MIXED_FORMS = (
     "the data-parallel ranks mix the one-phase step(closure) and the two-phase step(closure, loss=...) at step "
     "{step}: {two_phase} of the {ranks} data-parallel ranks passed loss=. The two forms run different collectives "
     "at a search step: use the same form on every rank. Nothing was stepped")
+
+
+#: The ranks' status in an exchange's all-reduce (:meth:`SearchReduction.exchange`): four float64 sums.
+STATUS_SIZE = 4
 
 
 def is_distributed() -> bool:
@@ -96,33 +100,37 @@ class SearchReduction:
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.loss_group)
         return bool(value.item())
 
-    def exchange(self, values: torch.Tensor, two_phase: bool, failed: bool = False) -> torch.Tensor:
+    def exchange(self, values: torch.Tensor, two_phase: bool,
+                 failure: Optional[BaseException] = None) -> torch.Tensor:
         """The search's all-reduce over the loss group, with the ranks' status in it: ``values`` (1-D)
-        averaged, then three sums for :meth:`check`: the ranks stepping in the
-        two-phase form, the ranks whose forward raised, and those ranks' numbers + 1. Three more elements
-        in the all-reduce the search runs anyway, no collective of their own. No loss group: ``values`` as
-        they are."""
+        averaged, then four sums for :meth:`check`: the ranks stepping in the two-phase form, the ranks
+        whose forward raised (``failure``, this rank's exception), those ranks' numbers + 1, and the ranks
+        whose forward raised :class:`NonFiniteError`. Four more elements in the all-reduce the search runs
+        anyway, no collective of their own. No loss group: ``values`` as they are."""
         if self.loss_group is None:
             return values
         # Always float64, whatever the values' dtype: every rank must send one dtype (a rank in the other form
         # sends another loss here: buffers of two sizes abort gloo, hang NCCL), and the flags' sums must stay
         # exact (256 + 1 = 256 in bf16). The flags are filled in on the device: a tensor made from a list on
         # CUDA is a copy that waits for the stream, a host sync a GradScaler's plain step would add.
-        payload = values.new_zeros(values.numel() + 3, dtype=torch.float64)
-        payload[:-3] = values.reshape(-1)
+        payload = values.new_zeros(values.numel() + STATUS_SIZE, dtype=torch.float64)
+        payload[:-STATUS_SIZE] = values.reshape(-1)  # then: two-phase, failed, its rank + 1, failed non-finite
         if two_phase:
+            payload[-4] = 1.0
+        if failure is not None:
             payload[-3] = 1.0
-        if failed:
-            payload[-2] = 1.0
-            payload[-1] = float(dist.get_rank() + 1)
+            payload[-2] = float(dist.get_rank() + 1)
+            if isinstance(failure, NonFiniteError):
+                payload[-1] = 1.0
         dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=self.loss_group)
-        return torch.cat([payload[:-3] / self.loss_ranks, payload[-3:]])
+        return torch.cat([payload[:-STATUS_SIZE] / self.loss_ranks, payload[-STATUS_SIZE:]])
 
     def check(self, status: Sequence[float], two_phase: bool, failure: Optional[BaseException], step: int,
               where: Optional[str] = None) -> None:
-        """Raise on every rank alike when the ranks of an :meth:`exchange` (its last three values,
+        """Raise on every rank alike when the ranks of an :meth:`exchange` (its last four values,
         ``status``, read) did not all step in the same form, or when a rank's forward raised:
-        ``failure``, this rank's exception, is raised again; a rank whose own forward returned raises
+        ``failure``, this rank's exception, is raised again (as :class:`NonFiniteOnEveryRank` from it where
+        every rank's forward raised :class:`NonFiniteError`); a rank whose own forward returned raises
         :class:`ClosureFailedOnAnotherRank`, whose message goes on with ``where`` (which forward raised,
         and where that leaves the weights; by default a search's, at ``step``). No loss group: ``failure``
         raised, if any."""
@@ -130,9 +138,14 @@ class SearchReduction:
             if failure is not None:
                 raise failure
             return
-        two_phase_ranks, failed_ranks, rank_sum = (round(value) for value in status)
+        two_phase_ranks, failed_ranks, rank_sum, nonfinite_ranks = (round(value) for value in status)
         if two_phase_ranks not in (0, self.loss_ranks):
             raise ValueError(MIXED_FORMS.format(step=step, two_phase=two_phase_ranks, ranks=self.loss_ranks)) \
+                from failure
+        if failure is not None and nonfinite_ranks == self.loss_ranks:
+            raise NonFiniteOnEveryRank(
+                f"the closure raised NonFiniteError on every one of the {self.loss_ranks} data-parallel ranks "
+                f"at step {step} (this rank's: {failure}): an agreed divergence, raised on every rank alike") \
                 from failure
         if failure is not None:
             raise failure
@@ -164,7 +177,7 @@ class SearchReduction:
         """``forward()`` averaged over the loss group (:meth:`shared_forward`), read, and the ranks' status
         checked (``two_phase``: the form the caller steps in; ``step``, ``where``: :meth:`check`'s)."""
         local, failure = self.shared_forward(forward, dtype, device)
-        (value, *status) = self.exchange(local.reshape(1), two_phase, failure is not None).tolist()
+        (value, *status) = self.exchange(local.reshape(1), two_phase, failure).tolist()
         self.check(status, two_phase, failure, step, where)
         return value
 

@@ -17,6 +17,13 @@ class ClosureFailedOnAnotherRank(RuntimeError):
     weights and the optimizer's state as before the step (the failing rank raises its own exception)."""
 
 
+class NonFiniteOnEveryRank(NonFiniteError):
+    """Under DDP/FSDP2 the closure raised :class:`NonFiniteError` on every rank in a forward whose loss the
+    ranks share (a search's, ``LRFactorSearch``'s scoring): each rank raises this, from its own error, where
+    it would have raised that error. An agreed divergence, which :class:`~salsa_fused.StepSizeBeam` scores
+    as a diverged branch, as it scores the closure's own error in one process."""
+
+
 def caller_stacklevel() -> int:
     """The ``stacklevel`` for a ``warnings.warn`` in the function that calls this which names the
     first frame outside this package and torch: the caller's ``step()`` (or ``scaler.step()``),

@@ -197,7 +197,7 @@ def search_step(passes: Passes, plan: StepPlan, state: SearchState, loss: torch.
              else q.new_zeros(1), counts.nonfinite_elements.to(torch.float32).reshape(1)]
     # The loss group's all-reduce comes first, with the ranks' status: in the two-phase form it pairs with
     # the opening exchange of a rank in the other form (SearchReduction.check), here its first collective.
-    head = reduction.exchange(loss.reshape(1), two_phase, failure is not None)
+    head = reduction.exchange(loss.reshape(1), two_phase, failure)
     if reduction.shard_group is not None and head.numel() > 1:
         # Read before the shard group's sum (one more host read under FSDP2): a rank that refuses the step
         # here runs no more collectives, and its peers must not wait for it in another group.

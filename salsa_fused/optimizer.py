@@ -1423,7 +1423,7 @@ class FusedSaLSa(Optimizer):
         raises on every rank alike before anything is written: the mixed-forms ``ValueError``, or, where every
         rank stepped in that form, each its own refusal. Returns the averaged ``f0`` and whether the scaler
         skips this step."""
-        exchanged = self.reduction.exchange(f0.reshape(1), two_phase, unscaled is not None)
+        exchanged = self.reduction.exchange(f0.reshape(1), two_phase, unscaled)
         # GradScaler's found_inf is the int 0 where it found no gradient (the refused form's zero_grad())
         inf = found_inf.reshape(-1)[:1].to(exchanged) if torch.is_tensor(found_inf) else exchanged.new_zeros(1)
         (_, *status, skipped) = torch.cat([exchanged, inf]).tolist()
@@ -1514,7 +1514,7 @@ class FusedSaLSa(Optimizer):
             self.reduction.check((), two_phase, failure, step)
             return flag
         flags = torch.tensor([float(flag)], device=self._device)
-        (value, *status) = self.reduction.exchange(flags, two_phase, failure is not None).tolist()
+        (value, *status) = self.reduction.exchange(flags, two_phase, failure).tolist()
         self.reduction.check(status, two_phase, failure, step)
         return value > 0
 

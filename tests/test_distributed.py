@@ -908,7 +908,7 @@ def test_the_ranks_status_sums_stay_exact_with_a_bf16_loss_on_many_ranks(monkeyp
     reduction = SearchReduction(loss_group=object())
     out = reduction.exchange(torch.tensor([2.5], dtype=torch.bfloat16), two_phase=True)
     value, *status = out.tolist()
-    assert status == [ranks, 0, 0]
+    assert status == [ranks, 0, 0, 0]
     reduction.check(status, True, None, step=3)  # all two-phase alike: nothing raised
     assert value == pytest.approx(2.5, rel=1e-3)
 
@@ -1236,6 +1236,45 @@ def _beam_closure_nonfinite_on_one_rank_job(rank: int, out_dir: str) -> None:
 
 def test_ddp_a_beam_closure_raising_nonfinite_on_one_rank_raises_on_every_rank(tmp_path):
     spawn_in_gloo_group(_beam_closure_nonfinite_on_one_rank_job, str(tmp_path), WORLD, timeout_s=20)
+
+
+def _beam_closure_nonfinite_on_every_rank_job(rank: int, out_dir: str) -> None:
+    """DDP with a StepSizeBeam whose closure raises NonFiniteError itself in a trial forward of a branch, on
+    every rank: an agreed divergence. In one process the beam scores that branch as diverged; under DDP each
+    rank raised its own error out of beam.step and the run stopped. Now every rank raises NonFiniteOnEveryRank
+    from its own out of the branch's step, and the beam scores the branch inf on every rank, as in one process:
+    the same decision and weights on both ranks."""
+    from salsa_fused import NonFiniteError, NonFiniteOnEveryRank, StepSizeBeam, presets
+    from salsa_fused.distributed import SearchReduction
+    steps = 20
+    ddp = torch.nn.parallel.DistributedDataParallel(_make_model(0))
+    opt = presets.recommended(ddp.parameters(), total_steps=steps, backend="torch")
+    beam = StepSizeBeam(opt, total_steps=steps, points=(0.1,), horizon=0.1)  # the beam decides at step 2
+    data = [_batch(k, rank) for k in range(steps + 10)]
+    raised = []
+    for k in range(5):
+        def closure(i, k=k):
+            if k == 2 and i == 1 and not torch.is_grad_enabled() and not raised:
+                raised.append(i)  # a trial forward of the first branch's second step, on every rank
+                raise NonFiniteError(f"the closure's own check, on rank {rank}")
+            return F.mse_loss(ddp(data[k + i][0]), data[k + i][1])
+        beam.step(closure)
+    assert raised == [1] and len(beam.decisions) == 1
+    assert beam.decisions[0]["losses"][0] == math.inf, beam.decisions[0]
+    assert all(math.isfinite(loss) for loss in beam.decisions[0]["losses"][1:]), beam.decisions[0]
+    kept = torch.tensor([beam.multiplier] + [d["factor"] for d in beam.decisions], dtype=torch.float64)
+    _assert_same_on_all_ranks(kept, "the beam's multiplier and kept factors")
+    _assert_same_on_all_ranks(_flat(ddp.parameters()), "weights")
+    # the optimizer itself raises NonFiniteOnEveryRank on every rank, from the rank's own error
+    reduction = SearchReduction(loss_group=dist.group.WORLD)
+    with pytest.raises(NonFiniteOnEveryRank, match=f"every one of the 2 .* on rank {rank}") as refused:
+        reduction.shared_loss(lambda: (_ for _ in ()).throw(NonFiniteError(f"on rank {rank}")), torch.float32,
+                              None, True, 7)
+    assert isinstance(refused.value.__cause__, NonFiniteError)
+
+
+def test_ddp_a_beam_closure_raising_nonfinite_on_every_rank_scores_the_branch_diverged(tmp_path):
+    spawn_in_gloo_group(_beam_closure_nonfinite_on_every_rank_job, str(tmp_path), WORLD, timeout_s=20)
 
 
 def _labpal_mixed_forms_job(rank: int, out_dir: str) -> None:
