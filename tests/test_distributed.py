@@ -1425,6 +1425,35 @@ def test_ddp_grad_scaler_ranks_that_mix_the_forms_at_a_plain_step_are_refused_al
     spawn_in_gloo_group(_grad_scaler_mixed_forms_at_a_plain_step_job, str(tmp_path), WORLD, timeout_s=20)
 
 
+
+def _labpal_grad_scaler_mixed_forms_at_a_plain_step_job(rank: int, out_dir: str) -> None:
+    """As the single-batch job above, for LABPAL's SGD updates between its fits (steps without a search that
+    read one batch through the multi-batch step): rank 0 raised alone there, rank 1 stepped. The one-phase
+    rank's refusal rides the plain step's all-reduce: both ranks refused alike."""
+    from salsa_fused import LABPAL
+    from salsa_fused.rules import plan_step
+    ddp = torch.nn.parallel.DistributedDataParallel(_make_model(0))
+    opt = LABPAL(ddp.parameters(), "SGD", backend="torch", approximation_batches=3, sgd_steps=2)
+
+    def closure_at(step):
+        def closure(i):
+            x, y = _batch(10 * step + i, rank)
+            return F.mse_loss(ddp(x), y)
+        return closure
+
+    def refused_at(step):
+        assert not plan_step(opt.search_rule, opt.search_state, opt.search_config).is_search, step
+        assert opt.next_batches().points == 0 and opt.next_batches().gradient == 1, step
+
+    _scaled_steps_refusing_mixed_forms(rank, ddp, opt, closure_at, lambda closure: closure(0), 3, (1, 2),
+                                       "a refused LABPAL plain step under GradScaler", refused_at)
+    assert opt.search_state.step == 3
+
+
+def test_ddp_labpal_grad_scaler_ranks_that_mix_the_forms_at_a_plain_step_are_refused_alike(tmp_path):
+    spawn_in_gloo_group(_labpal_grad_scaler_mixed_forms_at_a_plain_step_job, str(tmp_path), WORLD, timeout_s=20)
+
+
 def _moved_by_a_forward(model: torch.nn.Module):
     """What a forward in training mode moves besides the weights: the generator (dropout) and BatchNorm's
     running statistics; with the weights and the optimizer's state, what a refused step leaves as it was."""
