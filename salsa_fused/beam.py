@@ -68,10 +68,12 @@ IndexedClosure = Callable[[int], torch.Tensor]
 def _step_without_hooks(opt: FusedSaLSa, closure):
     """``opt.step(closure)`` without torch's step hooks (the optimizer's and the global ones): a
     branch's steps are thrown away, so a hook (an EMA of the weights, logging, clipping) must not see
-    them. torch wraps ``step`` once per class to run the hooks; the function it wrapped is called,
-    with the optimizer's own hooks set aside too (a subclass whose ``step`` calls ``super().step()``
-    reaches a wrapped ``step`` again: its global hooks still run)."""
+    them. ``FusedSaLSa.step`` runs them itself around ``_unhooked_step``; a subclass's own ``step``
+    is wrapped by torch, and the function it wrapped is called, with the optimizer's own hooks set
+    aside too (its ``super().step()`` runs none)."""
     step = type(opt).step
+    if step is FusedSaLSa.step:
+        return opt._unhooked_step(closure)
     raw = getattr(step, "__wrapped__", None) if getattr(step, "hooked", False) else None
     with _torch_hooks_suspended(opt, "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks"):
         return raw(opt, closure) if raw is not None else opt.step(closure)

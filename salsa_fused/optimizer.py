@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from . import backends as _backends
 from ._rng import RNGSnapshot
@@ -1104,8 +1105,7 @@ class FusedSaLSa(Optimizer):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
         self._handoff.bound_step = (closure, loss)
 
-    @torch.compiler.disable
-    def step(self, closure: Optional[LossClosure] = None, *, loss=None):
+    def step(self, *args, **kwargs):
         """One SaLSa step; returns the loss at the weights before the step.
 
         ``closure()`` must run the forward pass and return the scalar loss (no backward);
@@ -1120,6 +1120,18 @@ class FusedSaLSa(Optimizer):
         gradients of the one-phase form's own backward are taken back: a caller may retry the
         step, and the retry runs the same forward.
         """
+        # torch wraps a step in its hooks and profiler range (Optimizer.profile_hook_step) at every call; here
+        # only while a hook is registered or a profiler records (about a third of a plain step's host time).
+        # A subclass's own step is wrapped by torch already: the hooks run there, once.
+        if ((self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _global_optimizer_pre_hooks
+             or _global_optimizer_post_hooks or torch.autograd._profiler_enabled())
+                and type(self).step is FusedSaLSa.step):
+            return self._hooked_step(*args, **kwargs)
+        return self._unhooked_step(*args, **kwargs)
+
+    @torch.compiler.disable
+    def _unhooked_step(self, closure: Optional[LossClosure] = None, *, loss=None):
+        """:meth:`step` without torch's step hooks and profiler range."""
         handoff = self._handoff
         pending = (handoff.forward_rng, handoff.zero_grad_rng, handoff.bound_step)
         probes = [group.get("search_lr") for group in self.param_groups]
@@ -1140,6 +1152,11 @@ class FusedSaLSa(Optimizer):
             self.__dict__.pop("grad_scale", None)
             self.__dict__.pop("found_inf", None)
             raise
+
+    #: torch's own wrapper: the step hooks, the profiler's range ``Optimizer.step#<class>.step``
+    _hooked_step = Optimizer.profile_hook_step(_unhooked_step)
+    step.__signature__ = inspect.signature(_unhooked_step)
+    step.hooked = True  # torch.optim leaves a step so marked as it is (Optimizer._patch_step_function)
 
     def _step(self, closure: Optional[LossClosure], loss, undo: List[Callable[[], None]]):
         handoff = self._handoff

@@ -69,3 +69,81 @@ def test_host_overhead_counts_python_calls_per_plain_step_deterministically():
     from benchmarks import host_overhead as H
     counts = {H.python_calls(4, torch.device("cpu"), "torch", grad, steps=20, warmup=2) for grad in (False, False)}
     assert len(counts) == 1 and 20 < counts.pop() < 1000
+
+
+def _steps_through_torchs_wrapper(opt, monkeypatch, **step_kwargs) -> int:
+    """How many of three plain steps ran torch's step wrapper (it calls ``_optimizer_step_code`` after the step)."""
+    calls = []
+    monkeypatch.setattr(opt, "_optimizer_step_code", lambda: calls.append(1))
+    loss = torch.tensor(1.0)
+    for _ in range(3):
+        opt.step(lambda: loss, loss=loss, **step_kwargs)
+    return len(calls)
+
+
+def test_torchs_step_wrapper_runs_only_while_a_hook_or_a_profiler_is_there(monkeypatch):
+    """The wrapper (hooks, the profiler's range) cost a third of a plain step's host time: skipped when
+    nothing would see it, run as torch runs it once a hook is registered mid-run or a profiler records."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    _, opt = _plain_optimizer("torch")
+    assert _steps_through_torchs_wrapper(opt, monkeypatch) == 0
+    seen = []
+    handle = opt.register_step_post_hook(lambda o, args, kwargs: seen.append(("post", args[1:], kwargs)))
+    assert _steps_through_torchs_wrapper(opt, monkeypatch) == 3
+    assert [kind for kind, *_ in seen] == ["post"] * 3 and set(seen[0][2]) == {"loss"}
+    handle.remove()
+    assert _steps_through_torchs_wrapper(opt, monkeypatch) == 0
+    handle = register_optimizer_step_pre_hook(lambda o, args, kwargs: seen.append(("global", args[1:], kwargs)))
+    try:
+        assert _steps_through_torchs_wrapper(opt, monkeypatch) == 3
+    finally:
+        handle.remove()
+    assert [kind for kind, *_ in seen[3:]] == ["global"] * 3
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        assert _steps_through_torchs_wrapper(opt, monkeypatch) == 3
+    ranges = [e for e in profiler.events() if e.name == "Optimizer.step#FusedSaLSa.step"]
+    assert len(ranges) == 3
+    assert _steps_through_torchs_wrapper(opt, monkeypatch) == 0
+
+
+def test_a_pre_hook_sees_the_arguments_as_called_and_may_replace_them():
+    params, opt = _plain_optimizer("torch")
+    loss, other = torch.tensor(1.0), torch.tensor(float("nan"))  # a NaN loss: the plain step changes nothing
+    seen = []
+
+    def pre_hook(o, args, kwargs):
+        seen.append((len(args), sorted(kwargs)))
+        return args, {**kwargs, "loss": other}
+
+    opt.register_step_pre_hook(pre_hook)
+    before = [p.detach().clone() for p in params]
+    assert opt.step(closure=lambda: loss, loss=loss) is other
+    assert seen == [(1, ["closure", "loss"])]
+    assert all(torch.equal(b, p) for b, p in zip(before, params))
+
+
+def test_a_subclass_with_a_step_of_its_own_runs_the_hooks_once_per_step():
+    """torch wraps the subclass's ``step`` in its hooks; its ``super().step()`` runs none again."""
+    class Logged(FusedSaLSa):
+        def step(self, closure=None, *, loss=None):
+            return super().step(closure, loss=loss)
+
+    _plain_optimizer("torch")  # a FusedSaLSa built first: torch wrapped its step once, it ran the hooks twice
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(8))]
+    params[0].grad = torch.randn(8)
+    opt = Logged(params, backend="torch", schedule=NeverSearch(), init_step_size=1e-3)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    loss = torch.tensor(1.0)
+    for _ in range(2):
+        opt.step(lambda: loss, loss=loss)
+    assert calls == ["pre", "post"] * 2
+
+
+def test_step_keeps_its_signature_and_torchs_mark():
+    import inspect
+    _, opt = _plain_optimizer("torch")
+    assert str(inspect.signature(opt.step)) == "(closure: 'Optional[LossClosure]' = None, *, loss=None)"
+    assert type(opt).step.hooked and "One SaLSa step" in type(opt).step.__doc__
