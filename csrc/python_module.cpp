@@ -5,9 +5,10 @@
 // It also holds two host-side helpers of the optimizer's bucket cache (salsa_fused/buckets.py):
 // reading a param group's gradients and what identifies its tensors, and the identities of the
 // optimizer state's moments, each in one loop, where Python needs one interpreted pass per
-// attribute.
+// attribute; and the C++ backend's count of a plain step that changed nothing, on CPU tensors.
 #include <Python.h>
 
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -162,6 +163,62 @@ PyObject* moments_unchanged(PyObject* /*module*/, PyObject* args) {
   Py_RETURN_FALSE;
 }
 
+// The value of a one-element CPU tensor of a floating dtype (exact in a double); false for any other tensor.
+bool cpu_value(const at::Tensor& t, double* value) {
+  if (!t.device().is_cpu() || t.numel() != 1 || !t.has_storage() || t.key_set().has(c10::DispatchKey::Python)) {
+    return false;
+  }
+  switch (t.scalar_type()) {
+    case at::kFloat: *value = *t.const_data_ptr<float>(); return true;
+    case at::kDouble: *value = *t.const_data_ptr<double>(); return true;
+    case at::kBFloat16: *value = static_cast<float>(*t.const_data_ptr<c10::BFloat16>()); return true;
+    case at::kHalf: *value = static_cast<float>(*t.const_data_ptr<c10::Half>()); return true;
+    default: return false;
+  }
+}
+
+// count_plain_step(step_counts: Tensor, loss: Tensor, found_inf: Tensor | None) -> bool
+//
+// salsa_fused.backends.base.count_step read and written on the host, for CPU tensors: ``step_counts +=
+// [loss is NaN/inf (as fp32) and found_inf == 0, found_inf != 0]`` (one in-place add each, as the torch
+// form's, its version counter bumped alike). Seven dispatched torch ops there, a few loads and stores
+// here. False, with nothing written, where it does not apply (another device, dtype or shape, a tensor
+// subclass): the caller runs the torch form, which also names what is wrong.
+PyObject* count_plain_step(PyObject* /*module*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject* counts_object = nullptr;
+  PyObject* loss_object = nullptr;
+  PyObject* found_inf_object = nullptr;
+  if (!PyArg_ParseTuple(args, "OOO", &counts_object, &loss_object, &found_inf_object)) return nullptr;
+  if (!THPVariable_Check(counts_object) || !THPVariable_Check(loss_object) ||
+      (found_inf_object != Py_None && !THPVariable_Check(found_inf_object))) {
+    Py_RETURN_FALSE;
+  }
+  const at::Tensor& counts = THPVariable_Unpack(counts_object);
+  if (!counts.device().is_cpu() || counts.scalar_type() != at::kLong || counts.dim() != 1 || counts.numel() != 2 ||
+      !counts.has_storage() || counts.key_set().has(c10::DispatchKey::Python)) {
+    Py_RETURN_FALSE;
+  }
+  double loss = 0.0;
+  double found_inf = 0.0;
+  if (!cpu_value(THPVariable_Unpack(loss_object), &loss) ||
+      (found_inf_object != Py_None && !cpu_value(THPVariable_Unpack(found_inf_object), &found_inf))) {
+    Py_RETURN_FALSE;
+  }
+  int64_t* data = counts.data_ptr<int64_t>();
+  const int64_t stride = counts.stride(0);
+  const bool skipped = found_inf != 0.0;  // NaN too, as found_inf != 0 is
+  // the loss as fp32, as torch's .to(torch.float32): a double beyond fp32's range is inf there
+  data[0] += (!std::isfinite(static_cast<float>(loss)) && !skipped) ? 1 : 0;
+  counts.unsafeGetTensorImpl()->bump_version();
+  if (found_inf_object != Py_None) {
+    data[stride] += skipped ? 1 : 0;
+    counts.unsafeGetTensorImpl()->bump_version();
+  }
+  Py_RETURN_TRUE;
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"group_signature", group_signature, METH_O,
      "group_signature(params) -> (grads, signature bytes) | None: a param group's gradients and "
@@ -172,6 +229,9 @@ PyMethodDef methods[] = {
     {"moments_unchanged", moments_unchanged, METH_VARARGS,
      "moments_unchanged(state, signature) -> bool | None: whether moments_signature(state) equals "
      "signature, read in one loop without building it (salsa_fused/buckets.py)"},
+    {"count_plain_step", count_plain_step, METH_VARARGS,
+     "count_plain_step(step_counts, loss, found_inf) -> bool: base.count_step on CPU tensors, read and written "
+     "on the host (salsa_fused/backends/cpp_backend.py); False where it does not apply"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef salsa_fused_c_module = {PyModuleDef_HEAD_INIT, SALSA_FUSED_STRING(TORCH_EXTENSION_NAME),

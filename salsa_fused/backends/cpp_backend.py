@@ -123,10 +123,13 @@ def plain_step(bucket: Bucket, args: PassArgs, loss: torch.Tensor, found_inf: Op
     Changes nothing when ``loss`` is non-finite or ``found_inf`` is set. An element whose
     gradient is non-finite keeps its weight and moments and is counted into
     ``nonfinite_count`` (an int64 0-dim tensor). The guards are read inside the op;
-    ``step_counts`` (``base.count_step``) is counted with torch ops beside it.
+    ``step_counts`` (``base.count_step``) is counted beside it: on the host for CPU tensors
+    (the extension's ``count_plain_step``), with torch ops otherwise.
     """
     if step_counts is not None:
-        count_step(step_counts, loss, found_inf)
+        on_host = getattr(_ext.module(), "count_plain_step", None)  # None: not loaded, or built before it
+        if on_host is None or not on_host(step_counts, loss, found_inf):
+            count_step(step_counts, loss, found_inf)
     h, move = args.hyper, args.move
     along = _DIRECTION_CODES[RAW if args.direction == RAW else MOMENTUM]
     _ops().plain_step_(bucket.params, bucket.grads, bucket.exp_avg, bucket.exp_avg_sq, h.beta1, h.beta2,

@@ -618,3 +618,71 @@ def test_fp16_gradients_sum_q_in_the_order_of_fp32_ones(direction, grad_scale):
     scale = None if grad_scale is None else torch.tensor([grad_scale])
     args = PassArgs(make_hyper(), direction=direction, grad_scale=scale)
     assert cpp_backend.slope(bucket, args).item() == cpp_backend.slope(as_fp32, args).item()
+
+
+_LOSSES = [torch.tensor(1.0), torch.tensor(float("nan")), torch.tensor(float("-inf")),
+           torch.tensor(1e39, dtype=torch.float64), torch.tensor(3e38, dtype=torch.float64),
+           torch.tensor(float("inf"), dtype=torch.float16), torch.tensor([float("nan")], dtype=torch.bfloat16)]
+_FOUND_INF = [None, torch.tensor(0.0), torch.tensor([1.0]), torch.tensor(float("nan")),
+              torch.tensor(1e-50, dtype=torch.float64)]
+
+
+@pytest.mark.parametrize("loss", _LOSSES, ids=lambda t: f"{t.dtype}-{t.item()}")
+@pytest.mark.parametrize("found_inf", _FOUND_INF, ids=lambda t: "none" if t is None else f"{t.dtype}-{t.item()}")
+def test_plain_step_counts_on_the_host_as_the_torch_form(loss, found_inf):
+    """The plain step's count of CPU tensors is read and written on the host (seven dispatched ops
+    in the torch form: about 12 us a step); the same counts, and one in-place add each as there."""
+    from salsa_fused.backends import base
+    counted = torch.tensor([3, 5], dtype=torch.int64)
+    expected = counted.clone()
+    base.count_step(expected, loss, found_inf)
+    version = counted._version
+    assert _ext.module().count_plain_step(counted, loss, found_inf) is True
+    assert counted.tolist() == expected.tolist()
+    assert counted._version - version == (1 if found_inf is None else 2)
+
+
+def test_plain_step_counts_with_torch_ops_what_the_host_count_does_not_take():
+    """Other shapes, dtypes or a subclass go to the torch form, which names what is wrong."""
+    from salsa_fused.backends import base
+    count = _ext.module().count_plain_step
+    counts = torch.zeros(2, dtype=torch.int64)
+    assert count(counts, torch.tensor([1.0, 2.0]), None) is False  # not one loss
+    assert count(counts, torch.tensor(1), None) is False  # an integer loss
+    assert count(torch.zeros(2), torch.tensor(1.0), None) is False  # float counters
+    assert count(torch.zeros(3, dtype=torch.int64), torch.tensor(1.0), None) is False
+    assert count(counts, torch.tensor(1.0), torch.tensor([0.0, 0.0])) is False
+    assert counts.tolist() == [0, 0]
+    bucket = Bucket([torch.zeros(3)], [torch.ones(3)], [torch.zeros(3)], [torch.zeros(3)], None,
+                    torch.device("cpu"), torch.float32, 0)
+    with pytest.raises(RuntimeError):  # the torch form's reshape of a two-element loss
+        cpp_backend.plain_step(bucket, PassArgs(make_hyper(), Move(0.1)), torch.tensor([1.0, 2.0]), step_counts=counts)
+    with pytest.raises(RuntimeError):
+        base.count_step(counts, torch.tensor([1.0, 2.0]), None)
+
+
+@pytest.mark.parametrize("with_scaler", [False, True])
+def test_optimizer_plain_step_counts_on_the_host(with_scaler, monkeypatch):
+    """The optimizer's plain steps on CPU tensors count without the torch form, the skip taken back alike."""
+    from salsa_fused import FusedSaLSa
+
+    class NeverSearch:
+        def scale(self, step):
+            return 1.0
+
+        def searches(self, step):
+            return False
+
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (300, 7)]
+    opt = FusedSaLSa(params, backend="cpp", schedule=NeverSearch(), init_step_size=1.0)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    if with_scaler:
+        opt.grad_scale, opt.found_inf = torch.ones(()), torch.ones(())
+    monkeypatch.setattr(cpp_backend, "count_step", lambda *args: pytest.fail("counted with torch ops"))
+    weights = [p.detach().clone() for p in params]
+    nan = torch.tensor(float("nan"))
+    opt.step(lambda: nan, loss=nan)
+    assert opt._counts.step_counts.tolist() == [int(not with_scaler), 0]
+    assert opt.search_state.step == int(not with_scaler)
+    assert all(torch.equal(w, p) for w, p in zip(weights, params))
