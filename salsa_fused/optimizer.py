@@ -897,7 +897,7 @@ class FusedSaLSa(Optimizer):
                 return closure()
         if any(_is_stale_loss(loss, own, at_w0, rerun) for own, at_w0 in step_losses):
             raise RuntimeError(STALE_CLOSURE.format(what=what))
-        return loss.detach().reshape(()).to(device=self._device, dtype=dtype)
+        return _loss_scalar(loss, self._device, dtype)
 
     def _fsdp_modules(self) -> list:
         """``model``'s FSDP2 modules (looked up once; ``model=None``: none)."""
@@ -1300,7 +1300,7 @@ class FusedSaLSa(Optimizer):
             if unscaled is not None:
                 raise unscaled
             return loss_tensor.detach() if one_phase else loss
-        f0 = loss_tensor.detach().reshape(()).to(device=self._device, dtype=torch.float32)
+        f0 = _loss_scalar(loss_tensor, self._device)
         if not plan.is_search:
             self._plain_step(passes, plan, f0, not one_phase, unscaled)
             return loss_tensor.detach() if one_phase else loss
@@ -1628,9 +1628,7 @@ class FusedSaLSa(Optimizer):
                 raise unscaled
             return loss_tensor.detach() if one_phase else loss
         if not plan.is_search:  # a one-phase step under a scaler is refused in the plain step's all-reduce
-            self._plain_step(passes, plan, loss_tensor.detach().reshape(()).to(device=self._device,
-                                                                              dtype=torch.float32),
-                             not one_phase, unscaled)
+            self._plain_step(passes, plan, _loss_scalar(loss_tensor, self._device), not one_phase, unscaled)
             return loss_tensor.detach() if one_phase else loss
 
         gradients_unchanged = _gradients_watch(passes, self._sharded_groups())
@@ -1691,6 +1689,15 @@ class FusedSaLSa(Optimizer):
         # statistics where the gradient forwards left them
         _leave_random_state(replay.end if replay is not None else None, running)
         return loss_tensor.detach() if one_phase else loss
+
+
+def _loss_scalar(loss: torch.Tensor, device: Optional[torch.device], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``loss.detach().reshape(()).to(device=device, dtype=dtype)``: the same tensor, without the last two
+    ops (about 2 us of a plain step's host time) when the loss is a 0-dim tensor of ``dtype`` on ``device``."""
+    value = loss.detach()
+    if value.dim() or value.dtype is not dtype or (device is not None and value.device != device):
+        value = value.reshape(()).to(device=device, dtype=dtype)
+    return value
 
 
 def _step_losses(losses) -> List[Tuple[torch.Tensor, torch.Tensor]]:
