@@ -112,8 +112,13 @@ class Passes:
         with schedule scale ``scale`` and level ``eta = level``; the weight decay multiplies
         ``decay_level`` (``level`` when ``None``)."""
         decay_level = level if decay_level is None else decay_level
-        hypers = {b.group_index: Hyper.for_step(param_groups[b.group_index], moment_k) for b in buckets}
-        groups = {b.group_index: GroupStep.of(param_groups[b.group_index], scale, decay_level) for b in buckets}
+        hypers: Dict[int, Hyper] = {}
+        groups: Dict[int, GroupStep] = {}
+        for b in buckets:  # once per group, not per bucket (a group's dtypes each have one)
+            if b.group_index not in hypers:
+                group = param_groups[b.group_index]
+                hypers[b.group_index] = Hyper.for_step(group, moment_k)
+                groups[b.group_index] = GroupStep.of(group, scale, decay_level)
         return cls(backend, buckets, hypers, groups, grad_scale)
 
     def at_moment_step(self, param_groups: Sequence[dict], moment_k: int) -> "Passes":
