@@ -680,11 +680,19 @@ class FusedSaLSa(Optimizer):
                 raise ValueError(f"the checkpoint's parameter group {index} has {len(saved['params'])} parameters "
                                  f"and this optimizer's {len(group['params'])}: nothing was loaded")
         search = None
-        if groups and _SEARCH_KEY in groups[0]:
-            saved_search = groups[0][_SEARCH_KEY]
+        # saved in group 0, but a checkpoint laid out again in this optimizer's group order (a pre hook
+        # matching param_names, torch.distributed.checkpoint) carries it in the group it came with
+        carriers = [index for index, group in enumerate(groups) if _SEARCH_KEY in group]
+        if len(carriers) > 1:
+            where = " and ".join(f"param_groups[{i}]" for i in carriers)
+            raise ValueError(f"the checkpoint has a search state in {where}: one optimizer saves one; the "
+                             "checkpoint is corrupt or merged; nothing was loaded")
+        if carriers:
+            saved_search = groups[carriers[0]][_SEARCH_KEY]
             if not isinstance(saved_search, dict):
-                raise ValueError(f"the checkpoint's search state (param_groups[0]['search']) is a "
-                                 f"{type(saved_search).__name__}, not a dict: the checkpoint is corrupt; nothing was loaded")
+                raise ValueError(f"the checkpoint's search state (param_groups[{carriers[0]}]['search']) is a "
+                                 f"{type(saved_search).__name__}, not a dict: the checkpoint is corrupt; nothing was "
+                                 "loaded")
             missing = [k for k in ("step", "step_size") if k not in saved_search]
             if missing:
                 raise ValueError(f"the checkpoint's search state has no {' or '.join(missing)}: the checkpoint is "
@@ -697,7 +705,7 @@ class FusedSaLSa(Optimizer):
                 raise ValueError(f"the checkpoint cannot be loaded: {error}; nothing was loaded") from error
         elif state_dict["state"]:
             warnings.warn(
-                "the checkpoint has moments but no search state (param_groups[0]['search']): it was saved "
+                "the checkpoint has moments but no search state (no param group has 'search'): it was saved "
                 "by another optimizer, or through torch.distributed.checkpoint with "
                 "flatten_optimizer_state_dict=True, which drops it; the search starts over from "
                 "init_step_size, with the step counter at 0", UserWarning, stacklevel=2)

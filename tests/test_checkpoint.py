@@ -194,3 +194,45 @@ def test_a_distributed_checkpoint_without_a_later_search_field_loads_as_docs_tra
     set_optimizer_state_dict(model, fresh, state["optim"])
     assert fresh.search_state == dataclasses.replace(opt.search_state, scale_hold=fresh.search_state.scale_hold)
     assert fresh.search_state.scale_hold == type(opt.search_state)().scale_hold
+
+
+def test_a_distributed_checkpoint_loaded_into_groups_in_another_order_keeps_its_search_state(tmp_path):
+    """torch.distributed.checkpoint matches groups by parameter name, so the checkpoint's first group
+    (the one with the search state) may become this optimizer's second: it was dropped there, the
+    level back at init_step_size and the step counter at 0."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    def build(reverse):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        named = list(model.named_parameters())
+        groups = [{"params": [p for name, p in named if name.endswith("weight")], "weight_decay": 0.1},
+                  {"params": [p for name, p in named if name.endswith("bias")]}]
+        return model, FusedSaLSa(groups[::-1] if reverse else groups, backend="torch")
+
+    def run(model, opt, steps):
+        for step in steps:
+            x = torch.randn(16, 8, generator=torch.Generator().manual_seed(step))
+            opt.zero_grad()
+            opt.step(lambda: torch.nn.functional.mse_loss(model(x), x[:, :1].sin()))
+
+    model, opt = build(reverse=False)
+    run(model, opt, range(20))
+    expected = [p.detach().clone() for p in model.parameters()]
+    model, opt = build(reverse=False)
+    run(model, opt, range(12))
+    saved_search = opt.search_state
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
+        dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(tmp_path))
+        resumed_model, resumed = build(reverse=True)
+        resumed_model.load_state_dict(model.state_dict())
+        state = {"optim": get_optimizer_state_dict(resumed_model, resumed)}
+        dcp.load(state, checkpoint_id=str(tmp_path))
+    set_optimizer_state_dict(resumed_model, resumed, state["optim"])
+    assert resumed.search_state == saved_search
+    assert [group["weight_decay"] for group in resumed.param_groups] == [0.0, 0.1]
+    run(resumed_model, resumed, range(12, 20))
+    for a, b in zip(expected, resumed_model.parameters()):
+        assert torch.equal(a, b)

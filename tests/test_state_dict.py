@@ -359,3 +359,59 @@ def test_a_checkpoint_with_moments_but_no_search_state_warns_that_the_search_sta
     with pytest.warns(UserWarning, match="no search state.*flatten_optimizer_state_dict"):
         fresh.load_state_dict(saved)
     assert fresh.step_size == 0.5 and fresh.search_state.step == 0
+
+
+def _by_param_names(opt, state_dict):
+    """A load_state_dict pre hook as torch's documentation suggests for groups built in another order:
+    the checkpoint's groups and state laid out as this optimizer's groups, matched by param_names."""
+    where = {name: (saved, index) for saved in state_dict["param_groups"]
+             for name, index in zip(saved["param_names"], saved["params"])}
+    groups, state, next_index = [], {}, 0
+    for group in opt.param_groups:
+        saved = where[group["param_names"][0]][0]
+        groups.append({**saved, "params": [], "param_names": list(group["param_names"])})
+        for name in group["param_names"]:
+            if where[name][1] in state_dict["state"]:
+                state[next_index] = state_dict["state"][where[name][1]]
+            groups[-1]["params"].append(next_index)
+            next_index += 1
+    return {"state": state, "param_groups": groups}
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_a_checkpoint_whose_groups_were_reordered_keeps_its_search_state(backend):
+    """The search state travels in the group the checkpoint saved first. Laid out again in this
+    optimizer's group order (a pre hook matching param_names, or torch.distributed.checkpoint, which
+    matches groups by parameter name), it sat in group 1 and was dropped: the level went back to 1.0
+    and the step counter to 0, with a warning that the checkpoint had no search state."""
+    def groups(model, reverse):
+        named = list(model.named_parameters())
+        built = [{"params": [p for p in named if p[0].endswith("weight")], "weight_decay": 0.1},
+                 {"params": [p for p in named if p[0].endswith("bias")]}]
+        return built[::-1] if reverse else built
+
+    model = _model()
+    opt = FusedSaLSa(groups(model, reverse=False), backend=backend)
+    _train(model, opt, 10)
+    other_model = _model()
+    other_model.load_state_dict(model.state_dict())
+    other = FusedSaLSa(groups(other_model, reverse=True), backend=backend)
+    other.register_load_state_dict_pre_hook(_by_param_names)
+    other.load_state_dict(_roundtrip(opt.state_dict()))
+    assert other.search_state == opt.search_state
+    assert [g["weight_decay"] for g in other.param_groups] == [0.0, 0.1]
+    _train(model, opt, 8, start=10)
+    _train(other_model, other, 8, start=10)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other_model.parameters()))
+
+
+def test_a_checkpoint_with_a_search_state_in_two_groups_is_refused():
+    model = _model()
+    opt = FusedSaLSa(_groups(model), backend="torch")
+    _train(model, opt, 3)
+    saved = _roundtrip(opt.state_dict())
+    saved["param_groups"][1]["search"] = deepcopy(saved["param_groups"][0]["search"])
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=r"search state in param_groups\[0\] and param_groups\[1\]"):
+        opt.load_state_dict(saved)
+    _same(before, _snapshot(opt))
