@@ -460,8 +460,10 @@ class FusedSaLSa(Optimizer):
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"FusedSaLSa can only optimize Tensors, got {type(p).__name__}")
             if p.is_complex():
-                raise ValueError("FusedSaLSa does not support complex parameters "
-                                 "(view them as real with torch.view_as_real)")
+                raise ValueError("FusedSaLSa does not support complex parameters: keep a real one of its own, "
+                                 "p = torch.nn.Parameter(torch.view_as_real(z.detach()).clone()), and use "
+                                 "torch.view_as_complex(p) in the forward (torch.view_as_real(z) itself is not a "
+                                 "leaf tensor and cannot be optimized)")
             if not p.is_floating_point():
                 raise ValueError(f"FusedSaLSa needs floating-point parameters, got {p.dtype}")
             if p.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):

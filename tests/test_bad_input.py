@@ -361,6 +361,24 @@ def test_complex_parameters_are_rejected_at_construction_and_in_add_param_group(
     assert z not in opt.state
 
 
+def test_the_remedy_the_complex_parameter_error_names_trains():
+    """The error said "view them as real with torch.view_as_real": FusedSaLSa([torch.view_as_real(z)])
+    then failed with "can't optimize a non-leaf Tensor". It names a real parameter of its own now."""
+    z = torch.nn.Parameter(torch.tensor([0.5 + 0.5j, -1.0 + 0.0j, 0.0 + 2.0j]))
+    with pytest.raises(ValueError, match="complex parameters") as error:
+        FusedSaLSa([z])
+    assert "torch.nn.Parameter(torch.view_as_real(z.detach()).clone())" in str(error.value)
+    assert "torch.view_as_complex(p)" in str(error.value)
+    p = torch.nn.Parameter(torch.view_as_real(z.detach()).clone())  # as the message writes it
+    opt = FusedSaLSa([p], backend="torch")
+    target = torch.tensor([1.0 + 2.0j, -1.0j, 0.5 + 0.0j])
+    start = (torch.view_as_complex(p.detach()) - target).abs().max()
+    for _ in range(40):
+        opt.zero_grad()
+        opt.step(lambda: (torch.view_as_complex(p) - target).abs().pow(2).sum())
+    assert (torch.view_as_complex(p.detach()) - target).abs().max() < 0.1 * start
+
+
 def test_complex_gradient_cannot_reach_a_real_parameter():
     """torch itself refuses a complex grad on a real parameter, so complex gradients only come
     with complex parameters, which the constructor rejects (above)."""
