@@ -392,7 +392,8 @@ class FusedSaLSa(Optimizer):
         if not all(map(group.__contains__, keys)):
             lacking = [key for key in keys if key not in group]
             raise ValueError(f"a param group has no {', '.join(map(repr, lacking))}: every step reads it "
-                             "(deleted by hand?); nothing was written")
+                             "(deleted by hand, or the group appended to param_groups by hand: add groups with "
+                             "add_param_group, which fills in what they leave out); nothing was written")
         lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         if isinstance(lr, torch.Tensor):
             raise ValueError("a tensor lr is not supported: lr must be a Python float (a host-side "

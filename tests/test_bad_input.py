@@ -1336,6 +1336,24 @@ def test_a_group_key_deleted_by_hand_is_named_and_not_put_back(key):
     assert key not in opt.param_groups[0]
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_a_group_appended_to_param_groups_by_hand_is_refused_naming_add_param_group(backend):
+    """A group appended by hand, every AdamW key given, has no search_lr: the error said "deleted by
+    hand?", which this group never was."""
+    model, opt = _trained(backend=backend)
+    extra = torch.nn.Parameter(torch.zeros(3))
+    opt.param_groups.append({"params": [extra], "lr": 1.0, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0})
+    before = _snapshot(opt)
+    opt.zero_grad()
+    with pytest.raises(ValueError, match="a param group has no 'search_lr'.*appended to param_groups by hand.*"
+                                         "add_param_group"):
+        opt.step(_closure(model))
+    _assert_unchanged(before, _snapshot(opt))
+    opt.param_groups.pop()
+    opt.add_param_group({"params": [extra]})
+    opt.step(_closure(model))
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
 def test_a_checkpoint_moment_that_is_not_real_floating_point_is_refused(dtype):
     model, opt = _trained()
