@@ -183,3 +183,36 @@ def test_a_warning_from_the_step_names_the_callers_line_through_any_wrapper(comp
         step(lambda: F.mse_loss(model(x), y))
     (found,) = [w for w in record if "multiplier on the level" in str(w.message)]
     assert found.filename == __file__
+
+
+@pytest.mark.parametrize("form", ["one-phase", "two-phase"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_a_compiled_training_step_around_zero_grad_and_step_is_the_eager_one_and_never_recompiles(form, backend):
+    """docs/integrations.md: ``torch.compile`` of a whole training step (zero_grad, the caller's forward
+    and backward, step) breaks the graph at the step, runs it eagerly, and recompiles nothing after
+    its first steps: bitwise the uncompiled loop, searches and plain steps alike."""
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = make_model()
+        opt = warmed_optimizer(model, backend=backend)
+
+        def train_step(x, y):
+            opt.zero_grad()
+            if form == "one-phase":
+                return opt.step(lambda: F.mse_loss(model(x), y))
+            opt.mark_forward()
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            return opt.step(lambda: F.mse_loss(model(x), y), loss=loss)
+
+        step = torch.compile(train_step, backend="eager") if compiled else train_step
+        for k in range(3):
+            step(*batch(k))
+        with torch._dynamo.config.patch(error_on_recompile=compiled):
+            for k in range(3, 12):
+                step(*batch(k))
+        runs.append(([p.detach().clone() for p in model.parameters()], opt.search_state))
+    (eager_weights, eager_search), (weights, search) = runs
+    assert all(torch.equal(a, b) for a, b in zip(eager_weights, weights))
+    assert search == eager_search and 1 < search.num_searches < 12  # plain steps ran too
