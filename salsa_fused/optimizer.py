@@ -31,7 +31,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 
 from . import backends as _backends
 from ._rng import RNGSnapshot
-from .buckets import BucketCache
+from .buckets import BucketCache, check_gradient
 from . import functional as F
 from .backends.base import GRADIENT, MOMENTUM, Bucket, Hyper
 from .errors import caller_stacklevel
@@ -1020,8 +1020,9 @@ class FusedSaLSa(Optimizer):
         """Are the gradients not zeroed by this optimizer all zeros? If so they are recorded as
         :meth:`zero_grad` records its own, and True. One device read for all of them."""
         unknown = list(self._gradients_not_zeroed_here())
-        if any(g.is_sparse for g in unknown):
-            return False
+        for p, grad, _ in self._gradients_and_records():
+            if grad.layout != torch.strided:  # zeroed or not, no step takes it: named as such
+                check_gradient(p, grad)
         with torch.no_grad():  # summed over the shard group under FSDP2, so every rank decides alike
             local = torch.stack([torch.count_nonzero(_local(g)).to(torch.float32) for g in unknown]).sum()
             nonzero = self.reduction.sum_over_shards(local.reshape(1))

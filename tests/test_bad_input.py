@@ -349,6 +349,23 @@ def test_sparse_gradients():
     _assert_unchanged(before, _snapshot(opt))
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_sparse_gradients_zeroed_through_the_model_are_named_as_sparse(backend):
+    """model.zero_grad(set_to_none=False) keeps a sparse gradient as a zeroed sparse tensor: the one-phase
+    step refused it as gradients of an earlier backward ("call zero_grad()"), which the caller had called."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 3, sparse=True), torch.nn.Linear(3, 1))
+    opt = FusedSaLSa(model.parameters(), backend=backend)
+    tokens = torch.tensor([1, 2])
+    model(tokens).sum().backward()
+    model.zero_grad(set_to_none=False)
+    assert model[0].weight.grad.layout == torch.sparse_coo
+    before = _snapshot(opt)
+    with pytest.raises(RuntimeError, match=r"does not support sparse gradients \(a parameter of shape \(10, 3\)"):
+        opt.step(lambda: model(tokens).pow(2).sum())
+    _assert_unchanged(before, _snapshot(opt))
+
+
 def test_complex_parameters_are_rejected_at_construction_and_in_add_param_group():
     z = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
     with pytest.raises(ValueError, match="complex parameters"):
