@@ -526,18 +526,20 @@ class FusedSaLSa(Optimizer):
     def _init_state(self, p: torch.Tensor) -> dict:
         """p's state, its moments created fp32 in p's memory layout, or laid out again in it (the
         compiled kernels stream one layout per tensor): ``model.to(memory_format=...)`` after
-        construction, or a checkpoint saved in another layout, changes the weight's layout."""
+        construction, or a checkpoint saved in another layout, changes the weight's layout. Made
+        outside ``torch.inference_mode()`` (an optimizer built under it): the steps write them in place."""
         state = self.state[p]
-        if "exp_avg" not in state and "exp_avg_sq" not in state:  # none yet (check_moments refuses one alone)
-            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-        for name in _MOMENT_KEYS:
-            moment = state.get(name)
-            if moment is not None and _local(moment).stride() != _local(p).stride():
-                relaid = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-                with torch.no_grad():
-                    relaid.copy_(moment)
-                state[name] = relaid
+        with torch.inference_mode(False):
+            if "exp_avg" not in state and "exp_avg_sq" not in state:  # none yet (check_moments refuses one alone)
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            for name in _MOMENT_KEYS:
+                moment = state.get(name)
+                if moment is not None and _local(moment).stride() != _local(p).stride():
+                    relaid = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                    with torch.no_grad():
+                        relaid.copy_(moment)
+                    state[name] = relaid
         return state
 
     # ------------------------------------------------------------------ search state
@@ -758,7 +760,8 @@ class FusedSaLSa(Optimizer):
             param = param_of[saved_id]
             state = self.state[param]
             for k, v in values.items():
-                state[k] = v.to(device=param.device, dtype=torch.float32, copy=True)
+                with torch.inference_mode(False):  # loaded under it: the steps write the moments in place
+                    state[k] = v.to(device=param.device, dtype=torch.float32, copy=True)
         self._search = search if search is not None else SearchState(step_size=self.init_step_size)
         self._buckets.clear()
         self._counts = None  # counts of the replaced run

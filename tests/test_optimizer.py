@@ -319,3 +319,22 @@ def test_a_weight_laid_out_channels_last_after_construction_or_by_a_checkpoint_t
     train(resumed, second, 2, x.contiguous(memory_format=torch.channels_last))
     for a, b in zip(resumed.parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("where", ["constructor", "add_param_group"])
+def test_an_optimizer_built_under_inference_mode_trains(backend, where):
+    """The moments are made where a parameter joins (AdamW makes them at its first step): made under
+    torch.inference_mode() they were inference tensors, and the torch backend's first step raised
+    "Inplace update to inference tensor outside InferenceMode is not allowed"."""
+    model = _model()
+    if where == "constructor":
+        with torch.inference_mode():
+            opt = FusedSaLSa(model.parameters(), backend=backend)
+    else:
+        opt = FusedSaLSa(model[0].parameters(), backend=backend)
+        with torch.inference_mode():
+            opt.add_param_group({"params": model[2].parameters()})
+    assert not any(t.is_inference() for state in opt.state.values() for t in state.values())
+    losses, _ = _train(model, opt, 12)
+    assert losses[-1] < losses[0]

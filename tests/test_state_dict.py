@@ -415,3 +415,23 @@ def test_a_checkpoint_with_a_search_state_in_two_groups_is_refused():
     with pytest.raises(ValueError, match=r"search state in param_groups\[0\] and param_groups\[1\]"):
         opt.load_state_dict(saved)
     _same(before, _snapshot(opt))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_a_checkpoint_loaded_under_inference_mode_trains_on(backend):
+    """A resume function run under torch.inference_mode() (AdamW's load keeps the checkpoint's own
+    tensors and trains on): the copies of the moments were inference tensors, and the torch backend's
+    next step raised "Inplace update to inference tensor outside InferenceMode is not allowed"."""
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend=backend)
+    _train(model, opt, 4)
+    saved = _roundtrip(opt.state_dict())
+    resumed_model = _model()
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = FusedSaLSa(resumed_model.parameters(), backend=backend)
+    with torch.inference_mode():
+        resumed.load_state_dict(saved)
+    assert not any(t.is_inference() for state in resumed.state.values() for t in state.values())
+    _train(model, opt, 6, start=4)
+    _train(resumed_model, resumed, 6, start=4)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed_model.parameters()))
