@@ -27,7 +27,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
-from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+try:  # torch's registries of global step hooks (private): read to skip its step wrapper while both are empty
+    from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+except ImportError:  # a torch that moved them: never empty here, so every step takes torch's wrapper
+    _global_optimizer_pre_hooks = _global_optimizer_post_hooks = {"unknown": None}
 
 from . import backends as _backends
 from ._rng import RNGSnapshot
