@@ -163,6 +163,33 @@ def test_slope_matches_reference(dtype, direction, weight_decay, grad_scale):
 
 
 @pytest.mark.usefixtures("ieee_sqrt_reference")
+@pytest.mark.parametrize("dtype,grad_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                              (torch.float16, torch.float16), (torch.float16, torch.float32)],
+                         ids=["fp32", "bf16", "fp16", "fp16-fp32-grads"])
+@pytest.mark.parametrize("direction", [GRADIENT, MOMENTUM, RAW])
+@pytest.mark.parametrize("grad_scale", [None, GRAD_SCALE], ids=["unscaled", "scaled"])
+def test_each_slope_term_bitwise(dtype, grad_dtype, direction, grad_scale):
+    """q of a tensor whose gradient is zero but at one element is that element's term alone, so it must equal
+    the reference's bit for bit; the sums above round a term's last bits away (a term computed as g * (g * p)
+    instead of (g * g) * p passed them). Every position of a 16-lane block, of the next one and of the tail."""
+    n = 2 * 16 + 9
+    scale = 1.0 if grad_scale is None else float(grad_scale)
+    args = PassArgs(make_hyper(), direction=direction, grad_scale=grad_scale)
+    bucket = make_bucket(sizes=[(n,)], dtype=dtype, saved=False, grad_dtype=grad_dtype)
+    gen = torch.Generator().manual_seed(1)
+    for round_ in range(4):
+        values = torch.randn(n, generator=gen) * scale
+        for position in range(n):
+            grad = torch.zeros(n)
+            grad[position] = values[position]
+            bucket.grads = [grad.to(grad_dtype)]
+            _, _, q_ours, q_ref = both("slope", bucket, args)
+            assert q_ref.item() != 0.0
+            assert q_ours.view(torch.int32).item() == q_ref.view(torch.int32).item(), (
+                f"round {round_}, element {position}: q {q_ours.item()!r}, reference {q_ref.item()!r}")
+
+
+@pytest.mark.usefixtures("ieee_sqrt_reference")
 @pytest.mark.parametrize("direction", [GRADIENT, MOMENTUM, RAW])
 def test_views_at_odd_offsets_bitwise(direction):
     """Every stream a contiguous view one element into its storage (not vector-aligned):
