@@ -10,6 +10,7 @@ each on its own weights and state (gradients shared), timed interleaved round by
 - ``cpp_pass_a``: ``first_trial`` with the saved copy (32 B/param: target <= 1.25x fused);
 - ``cpp_pass_b``: ``retrial`` from the saved copy (16 B/param: target <= 0.7x fused);
 - ``cpp_slope``: the q reduction (8 B/param along the gradient);
+- ``cpp_restore_inplace``: ``restore`` without a saved copy (16 B/param along the gradient: w, g, v; w);
 - ``cpp_plain_raw``, ``cpp_pass_a_raw``, ``cpp_slope_raw``: the same passes along direction
   ``"raw"`` (d = g, no moments: 12, 16 and 4 B/param).
 
@@ -58,7 +59,8 @@ def build(shapes, dtype: torch.dtype, device: str = "cpu") -> Dict[str, object]:
     for name, kwargs in (("adamw_fused", {"fused": True}), ("adamw_foreach", {"foreach": True})):
         adamw = torch.optim.AdamW(C.make_params(shapes, dtype, device, grads=grads), lr=1e-4, **kwargs)
         fns[name] = adamw.step
-    plain, reference, search, trial, slope, raw = (_bucket(shapes, dtype, grads, device) for _ in range(6))
+    plain, reference, search, trial, slope, raw, in_place = (_bucket(shapes, dtype, grads, device) for _ in range(7))
+    in_place.saved = None
     plain_args = PassArgs(hyper, Move(1e-4, decay=1e-4))
     fns["cpp_plain"] = lambda: cpp_backend.plain_step(plain, plain_args, loss)
     fns["torch_plain"] = lambda: torch_backend.plain_step(reference, plain_args, loss)
@@ -72,6 +74,8 @@ def build(shapes, dtype: torch.dtype, device: str = "cpu") -> Dict[str, object]:
     retrial_args = PassArgs(hyper, Move(0.8e-4, 1e-4, 1e-4), GRADIENT)
     fns["cpp_pass_b"] = lambda: cpp_backend.retrial(trial, retrial_args)
     fns["cpp_slope"] = lambda: cpp_backend.slope(slope, PassArgs(hyper, direction=GRADIENT))
+    restore_args = PassArgs(hyper, Move(0.0, 1e-4, 1e-4), GRADIENT)
+    fns["cpp_restore_inplace"] = lambda: cpp_backend.restore(in_place, restore_args)
     raw_plain_args, raw_trial_args = PassArgs(hyper, Move(1e-4, decay=1e-4), RAW), PassArgs(hyper, Move(1e-4), RAW)
     fns["cpp_plain_raw"] = lambda: cpp_backend.plain_step(raw, raw_plain_args, loss)
     fns["cpp_pass_a_raw"] = lambda: cpp_backend.first_trial(raw, raw_trial_args)

@@ -12,17 +12,24 @@ pytestmark = pytest.mark.skipif(not cpp_backend.supports(torch.device("cpu")),
                                 reason="the C++ extension is not built (nvcc/compiler-free install)")
 
 
-def test_every_provider_runs_and_moves_its_tensors():
+def test_every_provider_runs_and_moves_its_tensors(monkeypatch):
     from benchmarks import cpu_kernel_bench as B
     shapes = [(8, 4), (16,)]
     fns = B.build(shapes, torch.float32)
     assert {"adamw_fused", "adamw_foreach", "cpp_plain", "torch_plain", "cpp_pass_a", "cpp_pass_b",
-            "cpp_slope", "cpp_plain_raw", "cpp_pass_a_raw", "cpp_slope_raw"} <= set(fns)
+            "cpp_slope", "cpp_plain_raw", "cpp_pass_a_raw", "cpp_slope_raw", "cpp_restore_inplace"} <= set(fns)
+    restored = []  # the buckets restore ran on, their weights after it
+    restore = cpp_backend.restore
+    monkeypatch.setattr(cpp_backend, "restore", lambda bucket, args: restored.append(
+        (bucket, [p.clone() for p in bucket.params], restore(bucket, args))))
     with torch.no_grad():
         for name, fn in fns.items():
             out = fn()
             if name in ("cpp_slope", "cpp_slope_raw"):
                 assert out.dim() == 0 and float(out) > 0
+    (bucket, before, _), = restored
+    assert bucket.saved is None  # in place, not the copy
+    assert not all(torch.equal(a, b) for a, b in zip(bucket.params, before))
 
 
 def test_run_measures_each_thread_count(tmp_path):
