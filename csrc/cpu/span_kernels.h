@@ -54,7 +54,7 @@ inline __attribute__((always_inline)) void add_slope_lanes(const G* __restrict g
 
 // The span's q: the lanes over its whole multiples of LANES, summed in lane order, then the tail
 // terms in order. grad, exp_avg, exp_avg_sq point at the span's first element; ``add_whole`` adds
-// the terms of [0, whole) into the lanes (from fp32 blocks, for fp16 gradients).
+// the terms of [0, whole) into the lanes (in registers with F16C, for fp16 gradients).
 template <class G, Direction D, bool SCALE, class AddWhole>
 inline __attribute__((always_inline)) double slope_in_order(const G* __restrict grad, const float* __restrict exp_avg,
                                                             const float* __restrict exp_avg_sq, int64_t n,
@@ -94,11 +94,12 @@ inline __attribute__((always_inline)) float first_trial_direction(const G* __res
 
 #if defined(SALSA_CPU_STREAMING_STORES) || defined(SALSA_CPU_F16C)
 // Adam on 8 lanes by hand in AVX2, for the loops GCC does not write as wanted (a streaming store, F16C
-// conversions in registers): the operations of salsa::new_moments, preconditioner, direction,
-// trial_weight and retrial_in_place, element for element (the backend tests compare every pass with the
-// reference bit for bit).
+// conversions in registers): the operations of salsa::new_moments, preconditioner, direction, slope_term,
+// trial_weight, retrial_in_place and restore_in_place, element for element (the backend tests compare every
+// pass with the reference bit for bit).
 struct AdamLanes {
-  __m256 beta1, beta2, one_minus_beta1, one_minus_beta2, one, bc1, bc2, eps, decay, neg_step, step_change, scale;
+  __m256 beta1, beta2, one_minus_beta1, one_minus_beta2, one, bc1, bc2, eps, decay, neg_step, step_change,
+      previous_step, scale;
 
   AdamLanes(const Scalars& s, float grad_scale)
       : beta1(_mm256_set1_ps(s.beta1)), beta2(_mm256_set1_ps(s.beta2)),
@@ -106,13 +107,18 @@ struct AdamLanes {
         one(_mm256_set1_ps(1.0f)), bc1(_mm256_set1_ps(s.bias_correction1)),
         bc2(_mm256_set1_ps(s.bias_correction2)), eps(_mm256_set1_ps(s.eps)), decay(_mm256_set1_ps(s.decay_factor)),
         neg_step(_mm256_set1_ps(s.neg_step)), step_change(_mm256_set1_ps(s.step_change)),
-        scale(_mm256_set1_ps(grad_scale)) {}
+        previous_step(_mm256_set1_ps(s.previous_step)), scale(_mm256_set1_ps(grad_scale)) {}
+
+  // v = beta2 v0 + (1 - beta2) g2 (g2 = g * g).
+  inline __attribute__((always_inline)) __m256 second_moment(__m256 g2, __m256 v0) const {
+    return _mm256_add_ps(_mm256_mul_ps(v0, beta2), _mm256_mul_ps(g2, one_minus_beta2));
+  }
 
   // m = beta1 m0 + (1 - beta1) g, v = beta2 v0 + (1 - beta2) g2 (g2 = g * g); returns 1 / (sqrt(v / bc2) + eps).
   inline __attribute__((always_inline)) __m256 moments(__m256 g, __m256 g2, __m256 m0, __m256 v0, __m256& m,
                                                        __m256& v) const {
     m = _mm256_add_ps(_mm256_mul_ps(m0, beta1), _mm256_mul_ps(g, one_minus_beta1));
-    v = _mm256_add_ps(_mm256_mul_ps(v0, beta2), _mm256_mul_ps(g2, one_minus_beta2));
+    v = second_moment(g2, v0);
     return preconditioner(v);
   }
 
@@ -165,6 +171,28 @@ struct AdamLanes {
   // In place: w + (previous_step - step) * d, the product rounded first (retrial_in_place).
   inline __attribute__((always_inline)) __m256 retrial_in_place(__m256 w, __m256 d) const {
     return _mm256_add_ps(w, _mm256_mul_ps(d, step_change));
+  }
+
+  // In place: (w + previous_step * d) / decay_factor, one rounding for the move (restore_in_place).
+  inline __attribute__((always_inline)) __m256 restore_in_place(__m256 w, __m256 d) const {
+    return _mm256_div_ps(_mm256_fmadd_ps(d, previous_step, w), decay);
+  }
+
+  // q's terms of 8 gradients g (already divided by the scale), as salsa::slope_term: this step's moments from
+  // those at exp_avg, exp_avg_sq, only read (m only along the momentum, neither along raw).
+  template <Direction D>
+  inline __attribute__((always_inline)) __m256 slope_term(__m256 g, const float* __restrict exp_avg,
+                                                          const float* __restrict exp_avg_sq) const {
+    const __m256 g2 = _mm256_mul_ps(g, g);
+    if constexpr (D == Direction::raw) {
+      return g2;
+    } else if constexpr (D == Direction::momentum) {
+      __m256 m, v;
+      const __m256 precond = moments(g, g2, _mm256_loadu_ps(exp_avg), _mm256_loadu_ps(exp_avg_sq), m, v);
+      return _mm256_mul_ps(g, momentum(precond, m));
+    } else {
+      return _mm256_mul_ps(g2, preconditioner(second_moment(g2, _mm256_loadu_ps(exp_avg_sq))));
+    }
   }
 };
 
@@ -419,33 +447,14 @@ struct Typed {
 };
 
 #ifdef SALSA_CPU_F16C
-// fp16 spans through fp32 blocks: F16C converts 8 elements an instruction, where salsa_math.h's
-// portable bit arithmetic takes about 20 vector operations each way (the fp16 passes ran at 2.3-2.6x
-// fused AdamW). The same bits: both read fp16 exactly and round to nearest even on the way back
-// (no pass stores a NaN weight), and the plain step checks the fp16 range as before. The plain step and
-// passes A and B convert in registers instead (plain_halves, first_trial_halves, retrial_halves): staged,
-// the three extra passes per block held the plain step at 1.23x-1.26x fused AdamW where fp32's sat at 0.9x,
-// pass A at 1.31x at 2 threads. The slope and the in-place restore are still staged.
+// fp16 spans with F16C: 8 elements converted an instruction, in registers, so each weight, gradient and
+// moment is loaded and stored once. salsa_math.h's portable bit arithmetic takes about 20 vector operations
+// each way (the fp16 passes ran at 2.3-2.6x fused AdamW); converted through fp32 blocks in passes of their
+// own, the plain step sat at 1.23x-1.26x fused AdamW where fp32's sat at 0.9x, pass A at 1.31x at 2 threads.
+// The same bits as the portable conversions: both read fp16 exactly and round to nearest even on the way
+// back (no pass stores a NaN weight), and the plain step checks the fp16 range as before. Each pass's last
+// n % 8 elements (n % 16 for the slope) go through the portable element loop.
 using salsa::fp16_bits;
-
-constexpr int64_t HALF_BLOCK = 256;  // a multiple of LANES: q's lanes go on across blocks
-
-inline void halves_to_floats(const fp16_bits* __restrict from, float* __restrict to, int64_t n) {
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    _mm256_storeu_ps(to + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(from + j))));
-  }
-  for (; j < n; ++j) to[j] = salsa::to_float(from[j]);
-}
-
-inline void floats_to_halves(const float* __restrict from, fp16_bits* __restrict to, int64_t n) {
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(to + j),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(from + j), _MM_FROUND_TO_NEAREST_INT));
-  }
-  for (; j < n; ++j) to[j] = salsa::from_float<fp16_bits>(from[j]);
-}
 
 // The plain step on fp16 weights in one pass, 8 elements at a time: each weight, gradient and
 // moment is loaded and stored once, converted in registers. Through fp32 blocks (three more passes
@@ -543,34 +552,47 @@ void retrial_halves(fp16_bits* __restrict weight, const G* __restrict grad, cons
   }
 }
 
-// fp16 weights with fp16 (G = fp16_bits) or fp32 gradients: the slope and the in-place restore take each
-// block's weights and fp16 gradients in fp32 buffers, run the fp32 element loops over them and store the
-// weights back in fp16; the plain step and passes A and B convert in registers in one pass.
+// The in-place restore on fp16 weights in one pass, as retrial_halves. The same operations as restore_loop
+// with W = fp16, element for element; the last n % 8 elements go through restore_loop itself.
+template <class G, Direction D, bool SCALE>
+void restore_halves(fp16_bits* __restrict weight, const G* __restrict grad, const float* __restrict exp_avg,
+                    const float* __restrict exp_avg_sq, int64_t n, const Scalars s, float grad_scale) {
+  const AdamLanes a(s, grad_scale);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 d = a.stored_direction<D>([&] { return load_grad8<G, SCALE>(grad, i, a.scale); }, exp_avg + i,
+                                           exp_avg_sq + i);
+    const __m256 w = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(weight + i)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(weight + i),
+                     _mm256_cvtps_ph(a.restore_in_place(w, d), _MM_FROUND_TO_NEAREST_INT));
+  }
+  if (i < n) {
+    restore_loop<fp16_bits, G, D, SCALE>(weight + i, grad + i, exp_avg + i, exp_avg_sq + i, n - i, s, grad_scale);
+  }
+}
+
+// q's terms of fp16 gradients over [0, n), n a multiple of LANES, converted in registers, as add_slope_lanes:
+// lanes 0-7 and 8-15 in one vector each, every term added to its lane in the same order.
+template <Direction D, bool SCALE>
+void add_slope_lanes_halves(const fp16_bits* __restrict grad, const float* __restrict exp_avg,
+                            const float* __restrict exp_avg_sq, int64_t n, const Scalars& s, float grad_scale,
+                            float* __restrict lanes) {
+  static_assert(LANES == 16, "two vectors of 8 lanes");
+  const AdamLanes a(s, grad_scale);
+  __m256 low = _mm256_loadu_ps(lanes), high = _mm256_loadu_ps(lanes + 8);
+  for (int64_t i = 0; i + LANES <= n; i += LANES) {
+    low = _mm256_add_ps(low, a.slope_term<D>(load_grad8<fp16_bits, SCALE>(grad, i, a.scale), exp_avg + i,
+                                             exp_avg_sq + i));
+    high = _mm256_add_ps(high, a.slope_term<D>(load_grad8<fp16_bits, SCALE>(grad, i + 8, a.scale),
+                                               exp_avg + i + 8, exp_avg_sq + i + 8));
+  }
+  _mm256_storeu_ps(lanes, low);
+  _mm256_storeu_ps(lanes + 8, high);
+}
+
+// fp16 weights with fp16 (G = fp16_bits) or fp32 gradients: every pass converts in registers.
 template <class G>
-struct StagedHalf {
-  // This block's gradients as fp32: converted into ``buffer``, or read where they are.
-  static const float* block_grads(const void* grad, int64_t offset, int64_t n, float* buffer) {
-    if constexpr (std::is_same_v<G, float>) {
-      return static_cast<const float*>(grad) + offset;
-    } else {
-      halves_to_floats(static_cast<const fp16_bits*>(grad) + offset, buffer, n);
-      return buffer;
-    }
-  }
-
-  template <class Body>
-  static void blocks(int64_t n, Body&& body) {
-    for (int64_t offset = 0; offset < n; offset += HALF_BLOCK) {
-      body(offset, n - offset < HALF_BLOCK ? n - offset : HALF_BLOCK);
-    }
-  }
-
-  // Along the momentum, retrials and restores read no gradient (stored_direction).
-  template <Direction D>
-  static const float* block_grads_read_by(const void* grad, int64_t offset, int64_t n, float* buffer) {
-    return D == Direction::momentum ? nullptr : block_grads(grad, offset, n, buffer);
-  }
-
+struct HalfWeights {
   static double slope(const Span& a, const Kinds& k, const Scalars& s) {
     if constexpr (std::is_same_v<G, float>) {
       return Typed<fp16_bits, float>::slope(a, k, s);  // reads no fp16
@@ -581,12 +603,7 @@ struct StagedHalf {
         const fp16_bits* grad = static_cast<const fp16_bits*>(a.grad);
         return slope_in_order<fp16_bits, D, SCALE>(
             grad, a.exp_avg, a.exp_avg_sq, a.n, s, k.grad_scale, [&](int64_t whole, float* lanes) {
-              float g[HALF_BLOCK];
-              blocks(whole, [&](int64_t offset, int64_t n) {
-                halves_to_floats(grad + offset, g, n);
-                add_slope_lanes<float, D, SCALE>(g, a.exp_avg + offset, a.exp_avg_sq + offset, n, s, k.grad_scale,
-                                                 lanes);
-              });
+              add_slope_lanes_halves<D, SCALE>(grad, a.exp_avg, a.exp_avg_sq, whole, s, k.grad_scale, lanes);
             });
       });
     }
@@ -619,14 +636,9 @@ struct StagedHalf {
     }
     fp16_bits* weight = static_cast<fp16_bits*>(a.weight);
     with_switches(k.direction, Typed<fp16_bits, G>::reads_scale(k), [&](auto d, auto scale) {
-      float w[HALF_BLOCK], g[HALF_BLOCK];
-      blocks(a.n, [&](int64_t offset, int64_t n) {
-        halves_to_floats(weight + offset, w, n);
-        restore_loop<float, float, decltype(d)::value, decltype(scale)::value>(
-            w, block_grads_read_by<decltype(d)::value>(a.grad, offset, n, g), a.exp_avg + offset,
-            a.exp_avg_sq + offset, n, s, k.grad_scale);
-        floats_to_halves(w, weight + offset, n);
-      });
+      restore_halves<G, decltype(d)::value, decltype(scale)::value>(weight, static_cast<const G*>(a.grad),
+                                                                     a.exp_avg, a.exp_avg_sq, a.n, s,
+                                                                     k.grad_scale);
     });
   }
 
@@ -655,7 +667,7 @@ auto dispatch(const Kinds& k, Fn&& fn) {
     return k.grad == Dtype::f32 ? fn(Typed<salsa::bf16_bits, float>()) : fn(Typed<salsa::bf16_bits, salsa::bf16_bits>());
   }
 #ifdef SALSA_CPU_F16C
-  return k.grad == Dtype::f32 ? fn(StagedHalf<float>()) : fn(StagedHalf<salsa::fp16_bits>());
+  return k.grad == Dtype::f32 ? fn(HalfWeights<float>()) : fn(HalfWeights<salsa::fp16_bits>());
 #else
   return k.grad == Dtype::f32 ? fn(Typed<salsa::fp16_bits, float>()) : fn(Typed<salsa::fp16_bits, salsa::fp16_bits>());
 #endif
