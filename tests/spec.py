@@ -74,11 +74,12 @@ PARITY_TOLERANCES = {
                                  "measured at most 8.3e-6 on a weight and 1.8e-6 on a loss (AVX2 machine), "
                                  "1.1e-5 on a weight (AVX-512 machine), every decision identical"),
     # the one run whose compounding depends on the CPU: 100 steps of the conv net along momentum
-    "cpp_conv_momentum": Tolerance(3e-4, 1e-4, "as 'cpp', but this run compounds the 1-ulp differences "
+    "cpp_conv_momentum": Tolerance(1e-3, 1e-4, "as 'cpp', but this run compounds the 1-ulp differences "
                                                "further, by an amount that depends on the CPU torch runs on: "
                                                "at most 8.3e-6 on a weight and 1.8e-6 on a loss on an AVX2 "
                                                "machine, 5.2e-5 on a weight and 1.3e-4 relative on a loss on "
-                                               "an AVX-512 one; every decision identical on both"),
+                                               "an Intel AVX-512 one, 6.1e-5 and 6.0e-4 on an AMD EPYC "
+                                               "AVX-512 one (at ccbdfd1 too); every decision identical on all"),
 }
 
 
