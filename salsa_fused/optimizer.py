@@ -1220,6 +1220,8 @@ class FusedSaLSa(Optimizer):
         if loss is None:
             self._check_no_earlier_backward()
         if not self._lr_checked:
+            # the lrs a rising scheduler's look records are this step's: a step that raises has not seen them
+            undo.append(functools.partial(setattr, self, "_lr_rising", self._lr_rising))
             self._warn_if_lr_looks_like_a_step_size()
         rule, config = self.search_rule, self.search_config
         # kept once the step commits; freeze_below is checked with the rule here (a schedule assigned later)

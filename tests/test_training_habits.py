@@ -455,6 +455,35 @@ def test_an_adamw_style_lr_under_a_scheduler_that_does_not_raise_it_warns_at_the
     assert "param_groups[0] peaks at lr=0.0001 under its scheduler" in str(caught[0].message)
 
 
+def test_a_step_that_raised_leaves_the_rising_lr_look_as_it_was():
+    """The look at a scheduler's rising lr is part of the step: a first step whose forward raised (an out of
+    memory, caught and retried at the same lr) left its lr recorded, so the retry found it 'stopped rising'
+    and warned that a CyclicLR from 0.01 to 1.0 'peaks at lr=0.01'."""
+    model = _dropout_mlp(0, p=0.0)
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    scheduler = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.01, max_lr=1.0, step_size_up=4)
+    x, y = _data(0)
+    forwards = []
+
+    def closure():
+        forwards.append(1)
+        if len(forwards) == 1:
+            raise RuntimeError("out of memory")
+        return F.mse_loss(model(x), y)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(8):
+            opt.zero_grad()
+            try:
+                opt.step(closure)
+            except RuntimeError as error:
+                assert "out of memory" in str(error)
+                opt.step(closure)
+            scheduler.step()
+    assert not [w for w in caught if "multiplier" in str(w.message)]
+
+
 def test_a_group_added_while_a_schedulers_lr_rises_is_looked_at_when_added():
     model = _dropout_mlp(0, p=0.0)
     opt = FusedSaLSa(model[0].parameters(), backend="torch")
