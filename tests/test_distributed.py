@@ -1199,18 +1199,23 @@ def test_ddp_a_beam_closure_that_raises_on_one_rank_raises_on_every_rank(tmp_pat
     spawn_in_gloo_group(_beam_closure_raises_on_one_rank_job, str(tmp_path), WORLD, timeout_s=20)
 
 
+def _ddp_preset_beam(rank: int, steps: int = 20):
+    """DDP, the preset for ``steps`` steps and a StepSizeBeam deciding once, at step 2; this rank's batches."""
+    from salsa_fused import StepSizeBeam, presets
+    ddp = torch.nn.parallel.DistributedDataParallel(_make_model(0))
+    opt = presets.recommended(ddp.parameters(), total_steps=steps, backend="torch")
+    beam = StepSizeBeam(opt, total_steps=steps, points=(0.1,), horizon=0.1)
+    return ddp, opt, beam, [_batch(k, rank) for k in range(steps + 10)]
+
+
 def _beam_closure_nonfinite_on_one_rank_job(rank: int, out_dir: str) -> None:
     """DDP with a StepSizeBeam whose closure raises NonFiniteError itself (its own check) in a trial forward
     of a branch, on rank 1 only. The beam scored that branch inf on rank 1 alone, while rank 0 got
     ClosureFailedOnAnotherRank out of the search: the ranks' collectives parted and gloo aborted (SIGABRT).
     Now rank 1 raises the closure's error and rank 0 ClosureFailedOnAnotherRank, out of beam.step: weights,
     optimizer state and the beam's multiplier as before, and a retry on both ranks decides alike."""
-    from salsa_fused import ClosureFailedOnAnotherRank, NonFiniteError, StepSizeBeam, presets
-    steps = 20
-    ddp = torch.nn.parallel.DistributedDataParallel(_make_model(0))
-    opt = presets.recommended(ddp.parameters(), total_steps=steps, backend="torch")
-    beam = StepSizeBeam(opt, total_steps=steps, points=(0.1,), horizon=0.1)  # the beam decides at step 2
-    data = [_batch(k, rank) for k in range(steps + 10)]
+    from salsa_fused import ClosureFailedOnAnotherRank, NonFiniteError
+    ddp, opt, beam, data = _ddp_preset_beam(rank)
     raised = []
     for k in range(5):
         def closure(i, k=k):
@@ -1244,13 +1249,9 @@ def _beam_closure_nonfinite_on_every_rank_job(rank: int, out_dir: str) -> None:
     rank raised its own error out of beam.step and the run stopped. Now every rank raises NonFiniteOnEveryRank
     from its own out of the branch's step, and the beam scores the branch inf on every rank, as in one process:
     the same decision and weights on both ranks."""
-    from salsa_fused import NonFiniteError, NonFiniteOnEveryRank, StepSizeBeam, presets
+    from salsa_fused import NonFiniteError, NonFiniteOnEveryRank
     from salsa_fused.distributed import SearchReduction
-    steps = 20
-    ddp = torch.nn.parallel.DistributedDataParallel(_make_model(0))
-    opt = presets.recommended(ddp.parameters(), total_steps=steps, backend="torch")
-    beam = StepSizeBeam(opt, total_steps=steps, points=(0.1,), horizon=0.1)  # the beam decides at step 2
-    data = [_batch(k, rank) for k in range(steps + 10)]
+    ddp, opt, beam, data = _ddp_preset_beam(rank)
     raised = []
     for k in range(5):
         def closure(i, k=k):
