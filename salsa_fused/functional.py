@@ -166,6 +166,20 @@ def plain_step(passes: Passes, trial: float, loss: torch.Tensor, found_inf: Opti
             torch.set_grad_enabled(True)
 
 
+def warn_if_ranks_found_inf_otherwise(own: bool, agreed: bool) -> None:
+    """Warn where this rank's GradScaler ``found_inf`` is not the skip its ranks agreed on: the optimizer skips
+    on every rank alike, but ``scaler.update()`` reads each rank's own ``found_inf``, so the ranks' scales part
+    (and the gradients they reduce next mix scales)."""
+    if own != agreed:
+        warnings.warn(
+            "GradScaler's found_inf differs between the ranks (this rank's: "
+            f"{'inf' if own else 'none'}; another rank's: {'none' if own else 'inf'}): FusedSaLSa skipped this "
+            "step on every rank, but each rank's scaler.update() reads its own found_inf, so the ranks' loss "
+            "scales part. Use a scaler whose found_inf is all-reduced over the ranks that hold the gradient "
+            "shards (torch 2.13's GradScaler does so over FSDP2's DTensor gradients) (docs/training.md)",
+            RuntimeWarning, stacklevel=caller_stacklevel())
+
+
 def slope(passes: Passes, direction: str, device: Optional[torch.device]) -> torch.Tensor:
     """``q = sum over groups of lr_g * g.d`` with this step's moments (nothing written); 0-dim fp32."""
     q = torch.zeros((), dtype=torch.float32, device=device)
@@ -198,8 +212,8 @@ def search_step(passes: Passes, plan: StepPlan, state: SearchState, loss: torch.
     """
     direction = checked_direction(rule, search_direction)
     q = slope(passes, direction, device)
-    flags = [found_inf.to(q.device, torch.float32).reshape(1) if found_inf is not None
-             else q.new_zeros(1), counts.nonfinite_elements.to(torch.float32).reshape(1)]
+    own_inf = found_inf.to(q.device, torch.float32).reshape(1) if found_inf is not None else q.new_zeros(1)
+    flags = [own_inf, counts.nonfinite_elements.to(torch.float32).reshape(1)]
     # The loss group's all-reduce comes first, with the ranks' status: in the two-phase form it pairs with
     # the opening exchange of a rank in the other form (SearchReduction.check), here its first collective.
     head = reduction.exchange(loss.reshape(1), two_phase, failure)
@@ -211,10 +225,13 @@ def search_step(passes: Passes, plan: StepPlan, state: SearchState, loss: torch.
     # plain steps' NaN/inf losses are not: their losses were averaged, so every rank counted alike.
     shard_sums = reduction.sum_over_shards(torch.cat([q.reshape(1), *flags]))
     values = torch.cat([head, shard_sums, counts.nonfinite_losses.to(torch.float32).reshape(1),
-                        counts.scaler_skips.to(torch.float32).reshape(1)]).tolist()  # the one read before any write
+                        counts.scaler_skips.to(torch.float32).reshape(1),
+                        own_inf]).tolist()  # the one read before any write
     f0_value, status = values[0], values[1:head.numel()]
-    q_value, inf_flag, earlier_nonfinite, earlier_bad_losses, scaler_skips = values[head.numel():]
+    q_value, inf_flag, earlier_nonfinite, earlier_bad_losses, scaler_skips, own_inf_value = values[head.numel():]
     reduction.check(status, two_phase, failure, plan.state.step)
+    if found_inf is not None:
+        warn_if_ranks_found_inf_otherwise(own_inf_value != 0, inf_flag != 0)
     step_state = plan.state
     if scaler_skips:
         skipped = int(scaler_skips)

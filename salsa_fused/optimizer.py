@@ -1435,7 +1435,8 @@ class FusedSaLSa(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         reduction, scaler_skipped = self.reduction, None
         if reduction.loss_group is not None and (found_inf is not None or unscaled is not None):
-            f0, scaler_skipped = self._scaled_plain_exchange(f0, found_inf, two_phase, unscaled, plan.state.step)
+            f0, found_inf, scaler_skipped = self._scaled_plain_exchange(f0, found_inf, two_phase, unscaled,
+                                                                        plan.state.step)
             reduction = SearchReduction()  # f0 is averaged: the pass reduces nothing more
         at_point = self._report_plain_steps_without_search(plan.state)
         F.plain_step(passes, plan.trial_step_size, f0, found_inf, self._device_counts(),
@@ -1453,19 +1454,23 @@ class FusedSaLSa(Optimizer):
         self._commit(state)
 
     def _scaled_plain_exchange(self, f0: torch.Tensor, found_inf: Optional[torch.Tensor], two_phase: bool,
-                               unscaled: Optional[Exception], step: int) -> Tuple[torch.Tensor, bool]:
-        """A plain step's all-reduce of ``f0`` under a GradScaler with a loss group, carrying the ranks' forms
-        (:meth:`SearchReduction.exchange`), read with ``found_inf`` in the one host read such a step makes anyway
+                               unscaled: Optional[Exception], step: int) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+        """A plain step's all-reduce of ``f0`` and ``found_inf`` under a GradScaler with a loss group, carrying
+        the ranks' forms (:meth:`SearchReduction.exchange`), read in the one host read such a step makes anyway
         (before the pass now, not after it), so that a rank in the one-phase form, refused there (``unscaled``),
         raises on every rank alike before anything is written: the mixed-forms ``ValueError``, or, where every
-        rank stepped in that form, each its own refusal. Returns the averaged ``f0`` and whether the scaler
-        skips this step."""
-        exchanged = self.reduction.exchange(f0.reshape(1), two_phase, unscaled)
+        rank stepped in that form, each its own refusal. ``found_inf`` is averaged with ``f0``: every rank skips
+        where any rank's scaler found an inf (each FSDP2 rank checks its own shards where torch's DTensor does
+        not all-reduce it). Returns the averaged ``f0``, the agreed ``found_inf`` (on the device, for the pass)
+        and whether the scaler skips this step."""
         # GradScaler's found_inf is the int 0 where it found no gradient (the refused form's zero_grad())
-        inf = found_inf.reshape(-1)[:1].to(exchanged) if torch.is_tensor(found_inf) else exchanged.new_zeros(1)
-        (_, *status, skipped) = torch.cat([exchanged, inf]).tolist()
+        inf = found_inf.reshape(1).to(f0) if torch.is_tensor(found_inf) else f0.new_zeros(1)
+        exchanged = self.reduction.exchange(torch.cat([f0.reshape(1), inf]), two_phase, unscaled)
+        (_, any_inf, *status, own_inf) = torch.cat([exchanged, inf]).tolist()
         self.reduction.check(status, two_phase, unscaled, step)
-        return exchanged[0].to(torch.float32), skipped != 0
+        F.warn_if_ranks_found_inf_otherwise(own_inf != 0, any_inf != 0)
+        agreed = exchanged[:2].to(torch.float32)  # the backends' found_inf is float32
+        return agreed[0], agreed[1], any_inf != 0
 
     def _report_plain_steps_without_search(self, state: SearchState) -> bool:
         """Where no search comes for ``max_search_interval`` steps (a schedule's frozen level, past its

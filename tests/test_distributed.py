@@ -1608,3 +1608,98 @@ def _labpal_check_after_a_failed_point_job(rank: int, out_dir: str) -> None:
 
 def test_fsdp2_labpal_check_of_loss_after_a_point_forward_raised_on_one_rank(tmp_path):
     spawn_in_gloo_group(_labpal_check_after_a_failed_point_job, str(tmp_path), WORLD, timeout_s=20)
+
+
+def _found_inf_on_one_rank_job(rank: int, out_dir: str) -> None:
+    """FSDP2 under torch.amp.GradScaler with each rank's found_inf from its own shards (DTensor's all-reduce of it
+    taken out here, as a scaler without it, or plain local gradient shards, would have it): an inf in rank 0's
+    shard only, at a plain
+    step and at a search step, is skipped on every rank alike; k, t and the weights stay alike, the steps after
+    keep their collectives in step, and the rank whose own scaler found no inf is warned that its scale parts."""
+    import warnings
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    DTensor._op_dispatcher._custom_op_handlers.pop(torch.ops.aten._amp_foreach_non_finite_check_and_unscale_.default,
+                                                   None)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = _fsdp_model(0, mesh)
+    opt = FusedSaLSa(model.parameters(), model=model, backend="torch", always_search_steps=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    injected = {}
+    for step in range(1, 15):
+        if step == 2:
+            _skip_interval_warmup(opt)  # the interval grows to 10: plain steps, and (one skipped) a search at 12
+        x, y = _batch(step, rank)
+        closure = fsdp_closure(model, lambda: F.mse_loss(model(x), y))
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        scaler.scale(loss).backward()
+        plain = _next_step_is_plain(opt)
+        inject = step in (4, 12)
+        if inject and rank == 0:
+            model[0].weight.grad._local_tensor.view(-1)[0] = float("inf")
+        before, state_before, searches = _full_weights(model), opt.search_state, opt.num_searches
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            scaler.step(opt, closure, loss=loss.detach())
+        scaler.update()
+        warned = [str(w.message) for w in caught if "found_inf differs between the ranks" in str(w.message)]
+        state = opt.search_state
+        _assert_same_on_all_ranks(torch.tensor([float(state.step), float(state.steps_since_search),
+                                                float(opt.num_searches)], dtype=torch.float64), f"k, t at {step}")
+        after = _full_weights(model)
+        _assert_same_on_all_ranks(after, f"weights at step {step}")
+        if inject:
+            injected[step] = plain
+            assert torch.equal(after, before), f"step {step} skipped on every rank"
+            assert (state.step, state.steps_since_search) == (state_before.step, state_before.steps_since_search)
+            assert opt.num_searches == searches
+            assert bool(warned) == (rank == 1), (step, warned)  # rank 1's own scaler found none
+        else:
+            assert not warned and not torch.equal(after, before)
+    assert injected == {4: True, 12: False}, injected  # a plain step and a search step
+
+
+def test_fsdp2_grad_scaler_with_found_inf_on_one_rank_skips_on_every_rank(tmp_path):
+    spawn_in_gloo_group(_found_inf_on_one_rank_job, str(tmp_path), WORLD, timeout_s=30)
+
+
+def _ddp_found_inf_job(rank: int, out_dir: str) -> None:
+    """DDP under torch.amp.GradScaler: an inf in rank 0's own gradient before DDP's all-reduce reaches every
+    rank's found_inf (the gradients are averaged before unscale), at a plain step and at a search step: every
+    rank skips alike, unwarned, and the scalers' scales stay alike."""
+    import warnings
+    model = _make_model(0)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = FusedSaLSa(ddp.parameters(), model=ddp, backend="torch", always_search_steps=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    inject = [False]
+    if rank == 0:
+        model[0].weight.register_hook(lambda g: g.index_fill(1, torch.tensor([0]), float("inf")) if inject[0] else g)
+    for step in range(1, 15):
+        if step == 2:
+            _skip_interval_warmup(opt)
+        x, y = _batch(step, rank)
+        inject[0] = step in (4, 12)
+        opt.zero_grad()
+        loss = F.mse_loss(ddp(x), y)
+        scaler.scale(loss).backward()
+        inject[0] = False
+        plain, state_before = _next_step_is_plain(opt), opt.search_state
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            scaler.step(opt, lambda: F.mse_loss(ddp(x), y), loss=loss.detach())
+        scaler.update()
+        assert not [w for w in caught if "found_inf differs" in str(w.message)]
+        state = opt.search_state
+        _assert_same_on_all_ranks(torch.tensor([float(state.step), float(state.steps_since_search),
+                                                scaler.get_scale()], dtype=torch.float64), f"k, t, scale at {step}")
+        if step in (4, 12):
+            assert plain == (step == 4)
+            assert state.step == state_before.step and scaler.get_scale() < 2.0 ** 4
+    _assert_same_on_all_ranks(_flat(ddp.parameters()), "weights")
+
+
+def test_ddp_grad_scaler_inf_on_one_ranks_batch_is_skipped_alike(tmp_path):
+    spawn_in_gloo_group(_ddp_found_inf_job, str(tmp_path), WORLD, timeout_s=30)
