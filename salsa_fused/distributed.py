@@ -38,7 +38,8 @@ from .errors import ClosureFailedOnAnotherRank, NonFiniteError, NonFiniteOnEvery
 MIXED_FORMS = (
     "the data-parallel ranks mix the one-phase step(closure) and the two-phase step(closure, loss=...) at step "
     "{step}: {two_phase} of the {ranks} data-parallel ranks passed loss=. The two forms run different collectives "
-    "at a search step: use the same form on every rank. Nothing was stepped")
+    "at a search step: use the same form on every rank (under a GradScaler, the two-phase one: the one-phase "
+    "form is refused there). Nothing was stepped")
 
 
 #: The ranks' status in an exchange's all-reduce (:meth:`SearchReduction.exchange`): four float64 sums.
