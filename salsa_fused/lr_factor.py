@@ -231,7 +231,7 @@ class LRFactorSearch:
         values, returned = [], []
 
         def again() -> object:
-            """The scoring forward once more, from the random state of the first (FSDP2's: None)."""
+            """The scoring forward once more, from the random state of the first (None under data parallelism)."""
             rng.set()
             return closure()
         rerun = None if reduction.active or any(hasattr(p, "_local_tensor") for p in params) else again

@@ -1741,8 +1741,9 @@ def _is_stale_loss(value: torch.Tensor, earlier: torch.Tensor, earlier_value: to
     ``earlier`` itself (CUDA graph trees return the same tensor object from replay to replay). One that holds
     the same value (a trial's loss equal to the step's own, bitwise) is told by ``rerun``, the closure once
     more at the same weights, with that memory set to NaN: a forward writes its loss there again, a closure
-    that runs none leaves the NaN. The memory gets its bits back either way; without ``rerun`` (a forward
-    with collectives of its own: FSDP2's all-gathers) it is stale. The value is read only where the memory
+    that runs none leaves the NaN. The memory gets its bits back either way; without ``rerun`` (under data
+    parallelism, where a lone forward's collectives, DDP's buffer broadcast or FSDP2's all-gathers, would meet no
+    peer) it is stale. The value is read only where the memory
     is shared."""
     if value is not earlier:
         if not isinstance(earlier, torch.Tensor) or value.device != earlier.device:
