@@ -183,14 +183,16 @@ def test_pretrain_gpt_under_torchrun_ddp(tmp_path):
 
 
 _DESTROY_PROBE = """
-import gc, sys
+import gc, pathlib, sys
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from examples import pretrain_gpt
 destroy = dist.destroy_process_group
 def counted_destroy(*args, **kwargs):
     alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
-    print(f"rank {dist.get_rank()}: {alive} DDP wrappers alive at destroy_process_group", flush=True)
+    rank = dist.get_rank()
+    report = pathlib.Path(__file__).with_name(f"destroy_rank{rank}.txt")
+    report.write_text(f"rank {rank}: {alive} DDP wrappers alive at destroy_process_group")
     return destroy(*args, **kwargs)
 dist.destroy_process_group = counted_destroy
 pretrain_gpt.train(pretrain_gpt.parse_args(sys.argv[1:]))
@@ -205,7 +207,8 @@ def test_torchrun_teardown_destroys_the_group_after_the_ddp_wrapper_is_freed(tmp
     probe.write_text(_DESTROY_PROBE)
     result = run_torchrun(2, probe, *TINY, "--steps", "2", "--out", tmp_path / "run")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    counts = sorted(line for line in result.stdout.splitlines() if "alive at destroy_process_group" in line)
+    # One file per rank: the ranks share torchrun's stdout, where two lines can interleave.
+    counts = [(tmp_path / f"destroy_rank{r}.txt").read_text() for r in (0, 1)]
     assert counts == [f"rank {r}: 0 DDP wrappers alive at destroy_process_group" for r in (0, 1)], counts
 
 
