@@ -52,6 +52,7 @@ from . import joint
 from .hypergradient import HypergradientMultiplier
 from .mechanic import Mechanic
 from .schedulefree_plus import ScheduleFreePlus
+from .searched_average import ScheduleFreeAverage
 from .rules import ClimbingArmijo, EdgeRule, NonMonotoneArmijo, RatioArmijo
 
 WEIGHT_DECAY = 0.1
@@ -75,6 +76,7 @@ class Built:
     factor_search: Optional[LRFactorSearch] = None  # the ``lr_factor`` family's wrapper around ``optimizer``
     inner_family: Optional[str] = None  # ``lr_factor``: the wrapped optimizer's family (``torch`` or ``fused``)
     hyper: Optional[HypergradientMultiplier] = None  # section 53: a learned multiplier on the applied step
+    average: Optional[ScheduleFreeAverage] = None  # section 60: schedule-free averaging of the searched steps
 
 
 def _fused(kwargs_of: Callable[[int], dict], decay: bool = True):
@@ -112,6 +114,16 @@ def _end_known_late(cooldown: float):
             if opt.schedule is None and opt.search_state.step == total_steps - steps:
                 opt.schedule = Cooldown(opt.search_state.step, steps)
         built.optimizer.register_step_pre_hook(start_cooldown)
+        return built
+    return build
+
+
+def _nolength_averaged(**overrides):
+    """The preset told no run length (``total_steps=None``), its steps averaged schedule-free
+    (:class:`ScheduleFreeAverage`, section 60); ``overrides`` replace the preset's arguments."""
+    def build(task, model, total_steps) -> Built:
+        built = _preset(presets.RECOMMENDED, length_known=False, **overrides)(task, model, total_steps)
+        built.average = ScheduleFreeAverage(built.optimizer)
         return built
     return build
 
@@ -546,6 +558,10 @@ REGISTRY: Dict[str, Callable] = {
     "pretrain_endlate20": _end_known_late(0.2),
     "pretrain_told_third": _preset(presets.RECOMMENDED, told=lambda n: max(3, round(n / 3))),
     "pretrain_told_triple": _preset(presets.RECOMMENDED, told=lambda n: 3 * n),
+    # section 60: ... told no run length, its steps averaged schedule-free; with the momentum direction, and
+    # with beta1 = 0 (the gradient direction, as schedule-free AdamW has no first moment)
+    "nolength_sf": _nolength_averaged(),
+    "nolength_sf_b0": _nolength_averaged(betas=(0.0, 0.999)),
     # the search's own constants around the shipped preset (NOTES.md section 9): the growth of eta
     # before each search, the always-search warm-up, searching every step of the search phase
     "rec_growth1.0": _preset(presets.RECOMMENDED, growth=1.0),

@@ -152,6 +152,8 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
         opt.search_rule = SearchRecorder(opt.search_rule, searches)
     if family in SCHEDULE_FREE:
         opt.train()
+    if built.average is not None:
+        built.average.train()
     losses: List[torch.Tensor] = []
     step_sizes: List[float] = []
     backoffs: List[list] = []  # [step, b] each time the range test's back-off changed
@@ -224,6 +226,8 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
     values = [float(v) for v in torch.stack(losses)] if losses else []
     if family in SCHEDULE_FREE:
         opt.eval()
+    if built.average is not None:  # as for the schedule-free families: the train losses were read at y
+        built.average.eval()
     if values and not math.isfinite(values[-1]):
         diverged = diverged or "non-finite loss"
     val = task.evaluate(model) if diverged is None else math.nan
