@@ -166,18 +166,31 @@ def plain_step(passes: Passes, trial: float, loss: torch.Tensor, found_inf: Opti
             torch.set_grad_enabled(True)
 
 
-def warn_if_ranks_found_inf_otherwise(own: bool, agreed: bool) -> None:
-    """Warn where this rank's GradScaler ``found_inf`` is not the skip its ranks agreed on: the optimizer skips
-    on every rank alike, but ``scaler.update()`` reads each rank's own ``found_inf``, so the ranks' scales part
-    (and the gradients they reduce next mix scales)."""
-    if own != agreed:
-        warnings.warn(
-            "GradScaler's found_inf differs between the ranks (this rank's: "
-            f"{'inf' if own else 'none'}; another rank's: {'none' if own else 'inf'}): FusedSaLSa skipped this "
-            "step on every rank, but each rank's scaler.update() reads its own found_inf, so the ranks' loss "
-            "scales part. Use a scaler whose found_inf is all-reduced over the ranks that hold the gradient "
-            "shards (torch 2.13's GradScaler does so over FSDP2's DTensor gradients) (docs/training.md)",
-            RuntimeWarning, stacklevel=caller_stacklevel())
+#: Where a GradScaler's per-device ``found_inf`` records are, if found: ``scaler.update()`` reads them.
+ScalerRecords = Callable[[], Optional[List[torch.Tensor]]]
+
+
+def agree_scaler_found_inf(records: ScalerRecords, own: bool, agreed: bool) -> None:
+    """Where this rank's GradScaler ``found_inf`` is not the skip its ranks agreed on (the optimizer skips on
+    every rank alike), write the agreed flag into the scaler's per-device records, ``records()``, in place
+    (a fill on the device, no host read): ``scaler.update()`` reads them, so the ranks' scales stay alike.
+    Where they are not found (a scaler other than torch's, another torch), warn that the scales part (and the
+    gradients the ranks reduce next mix scales)."""
+    if own == agreed:
+        return
+    found = records()
+    if found is not None:
+        for record in found:
+            record.fill_(float(agreed))
+        return
+    warnings.warn(
+        "GradScaler's found_inf differs between the ranks (this rank's: "
+        f"{'inf' if own else 'none'}; another rank's: {'none' if own else 'inf'}): FusedSaLSa skipped this "
+        "step on every rank, but this rank's scaler keeps its found_inf where FusedSaLSa cannot write the "
+        "agreed one (only torch.amp.GradScaler.step's records are found), so the ranks' loss scales part. Use "
+        "torch.amp.GradScaler, or a scaler whose found_inf is all-reduced over the ranks that hold the "
+        "gradient shards (docs/training.md)",
+        RuntimeWarning, stacklevel=caller_stacklevel())
 
 
 def slope(passes: Passes, direction: str, device: Optional[torch.device]) -> torch.Tensor:
@@ -197,7 +210,7 @@ def search_step(passes: Passes, plan: StepPlan, state: SearchState, loss: torch.
                 search_direction: str, param_groups: Sequence[dict], counts: DeviceCounts,
                 found_inf: Optional[torch.Tensor], reduction: SearchReduction, nonfinite: str,
                 has_saved_copy: bool, device: Optional[torch.device], two_phase: bool = False,
-                failure: Optional[Exception] = None) -> SearchState:
+                failure: Optional[Exception] = None, scaler_records: ScalerRecords = lambda: None) -> SearchState:
     """One search step from ``w0``; returns the search state after it.
 
     ``plan.state`` is the state with this step's counters advanced; ``state`` the live one, which
@@ -208,7 +221,8 @@ def search_step(passes: Passes, plan: StepPlan, state: SearchState, loss: torch.
     saved copy) and the moments to their values before the step, and the exception propagates.
     ``two_phase``: the step's form, and ``failure``: what this rank's forward of ``loss`` raised (then
     ``loss`` is NaN), both carried in the loss's all-reduce and checked on every rank before any write
-    (:meth:`SearchReduction.check`).
+    (:meth:`SearchReduction.check`). ``scaler_records``: the GradScaler's records of this rank's ``found_inf``,
+    given the ranks' agreed skip (:func:`agree_scaler_found_inf`).
     """
     direction = checked_direction(rule, search_direction)
     q = slope(passes, direction, device)
@@ -231,7 +245,7 @@ def search_step(passes: Passes, plan: StepPlan, state: SearchState, loss: torch.
     q_value, inf_flag, earlier_nonfinite, earlier_bad_losses, scaler_skips, own_inf_value = values[head.numel():]
     reduction.check(status, two_phase, failure, plan.state.step)
     if found_inf is not None:
-        warn_if_ranks_found_inf_otherwise(own_inf_value != 0, inf_flag != 0)
+        agree_scaler_found_inf(scaler_records, own_inf_value != 0, inf_flag != 0)
     step_state = plan.state
     if scaler_skips:
         skipped = int(scaler_skips)

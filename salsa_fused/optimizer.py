@@ -19,6 +19,7 @@ import inspect
 import math
 import numbers
 import re
+import sys
 import warnings
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -1468,7 +1469,7 @@ class FusedSaLSa(Optimizer):
         exchanged = self.reduction.exchange(torch.cat([f0.reshape(1), inf]), two_phase, unscaled)
         (_, any_inf, *status, own_inf) = torch.cat([exchanged, inf]).tolist()
         self.reduction.check(status, two_phase, unscaled, step)
-        F.warn_if_ranks_found_inf_otherwise(own_inf != 0, any_inf != 0)
+        F.agree_scaler_found_inf(functools.partial(_grad_scaler_records, self), own_inf != 0, any_inf != 0)
         agreed = exchanged[:2].to(torch.float32)  # the backends' found_inf is float32
         return agreed[0], agreed[1], any_inf != 0
 
@@ -1572,7 +1573,7 @@ class FusedSaLSa(Optimizer):
             search_direction=self.search_direction, param_groups=self.param_groups,
             counts=self._device_counts(), found_inf=getattr(self, "found_inf", None), reduction=self.reduction,
             nonfinite=self.nonfinite, has_saved_copy=self.restore_strategy == "copy", device=self._device,
-            two_phase=two_phase, failure=failure)
+            two_phase=two_phase, failure=failure, scaler_records=functools.partial(_grad_scaler_records, self))
         state.num_forward_evals += reruns[0]
         if state.num_searches > searches_before:  # a search ran: the loss it read feeds the range test
             state = observe_search_loss(self.schedule, state)
@@ -1714,6 +1715,33 @@ class FusedSaLSa(Optimizer):
         # statistics where the gradient forwards left them
         _leave_random_state(replay.end if replay is not None else None, running)
         return loss_tensor.detach() if one_phase else loss
+
+
+#: How many frames above the optimizer's own a GradScaler's ``step`` is looked for (:func:`_grad_scaler_records`).
+_SCALER_FRAMES = 32
+
+
+def _grad_scaler_records(optimizer: Optimizer) -> Optional[List[torch.Tensor]]:
+    """The per-device ``found_inf`` records that ``scaler.update()`` reads, of the ``torch.amp.GradScaler`` whose
+    ``step(optimizer, ...)`` runs this step: torch hands the optimizer ``found_inf``, a sum of them, not the
+    scaler (a ``grad_scaler=`` keyword only to a ``step`` that declares one). Found among the calling frames,
+    in the scaler's private ``_per_optimizer_states`` (torch 2.13); None where there is no such frame or record."""
+    frame = sys._getframe(1)
+    for _ in range(_SCALER_FRAMES):
+        frame = frame.f_back
+        if frame is None:
+            return None
+        if frame.f_code.co_name != "step":
+            continue
+        scaler, stepped = frame.f_locals.get("self"), frame.f_locals.get("optimizer")
+        if stepped is optimizer and isinstance(scaler, torch.amp.GradScaler):
+            states = getattr(scaler, "_per_optimizer_states", None)
+            records = states.get(id(optimizer), {}).get("found_inf_per_device") if isinstance(states, dict) else None
+            if not isinstance(records, dict) or not records:
+                return None
+            found = list(records.values())
+            return found if all(isinstance(record, torch.Tensor) for record in found) else None
+    return None
 
 
 def _loss_scalar(loss: torch.Tensor, device: Optional[torch.device], dtype: torch.dtype = torch.float32) -> torch.Tensor:

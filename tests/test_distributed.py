@@ -1613,9 +1613,10 @@ def test_fsdp2_labpal_check_of_loss_after_a_point_forward_raised_on_one_rank(tmp
 def _found_inf_on_one_rank_job(rank: int, out_dir: str) -> None:
     """FSDP2 under torch.amp.GradScaler with each rank's found_inf from its own shards (DTensor's all-reduce of it
     taken out here, as a scaler without it, or plain local gradient shards, would have it): an inf in rank 0's
-    shard only, at a plain
-    step and at a search step, is skipped on every rank alike; k, t and the weights stay alike, the steps after
-    keep their collectives in step, and the rank whose own scaler found no inf is warned that its scale parts."""
+    shard only, at a plain step and at a search step, is skipped on every rank alike; k, t and the weights stay
+    alike, the steps after keep their collectives in step, and the agreed skip is written into the scaler's own
+    records: both scales back off, unwarned (before, rank 1's kept 16 while rank 0's fell to 8). A scaler whose
+    records cannot be found (found_inf set by hand, no torch GradScaler.step calling) is warned that they part."""
     import warnings
 
     from torch.distributed.device_mesh import init_device_mesh
@@ -1640,6 +1641,7 @@ def _found_inf_on_one_rank_job(rank: int, out_dir: str) -> None:
         if inject and rank == 0:
             model[0].weight.grad._local_tensor.view(-1)[0] = float("inf")
         before, state_before, searches = _full_weights(model), opt.search_state, opt.num_searches
+        scale_before = scaler.get_scale()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             scaler.step(opt, closure, loss=loss.detach())
@@ -1647,7 +1649,8 @@ def _found_inf_on_one_rank_job(rank: int, out_dir: str) -> None:
         warned = [str(w.message) for w in caught if "found_inf differs between the ranks" in str(w.message)]
         state = opt.search_state
         _assert_same_on_all_ranks(torch.tensor([float(state.step), float(state.steps_since_search),
-                                                float(opt.num_searches)], dtype=torch.float64), f"k, t at {step}")
+                                                float(opt.num_searches), scaler.get_scale()], dtype=torch.float64),
+                                  f"k, t, scale at {step}")
         after = _full_weights(model)
         _assert_same_on_all_ranks(after, f"weights at step {step}")
         if inject:
@@ -1655,10 +1658,25 @@ def _found_inf_on_one_rank_job(rank: int, out_dir: str) -> None:
             assert torch.equal(after, before), f"step {step} skipped on every rank"
             assert (state.step, state.steps_since_search) == (state_before.step, state_before.steps_since_search)
             assert opt.num_searches == searches
-            assert bool(warned) == (rank == 1), (step, warned)  # rank 1's own scaler found none
+            assert scaler.get_scale() == scale_before / 2, (step, scaler.get_scale())  # rank 1's found none
         else:
-            assert not warned and not torch.equal(after, before)
+            assert not torch.equal(after, before) and scaler.get_scale() == scale_before
+        assert not warned, (step, warned)
     assert injected == {4: True, 12: False}, injected  # a plain step and a search step
+
+    opt.zero_grad()
+    x, y = _batch(15, rank)
+    loss = F.mse_loss(model(x), y)
+    loss.backward()
+    before = _full_weights(model)
+    opt.grad_scale, opt.found_inf = torch.ones(()), torch.full((), float(rank == 0))
+    with pytest.warns(RuntimeWarning, match="found_inf differs between the ranks") if rank == 1 else \
+            warnings.catch_warnings():
+        if rank == 0:
+            warnings.simplefilter("error")
+        opt.step(fsdp_closure(model, lambda: F.mse_loss(model(x), y)), loss=loss.detach())
+    del opt.grad_scale, opt.found_inf
+    assert torch.equal(_full_weights(model), before)
 
 
 def test_fsdp2_grad_scaler_with_found_inf_on_one_rank_skips_on_every_rank(tmp_path):
