@@ -57,11 +57,25 @@ class SearchReduction:
 
     ``loss_group``: the data-parallel ranks; ``f0`` and each ``f1`` are averaged over it.
     ``shard_group``: the ranks that hold disjoint shards of the weights; the partial
-    ``q`` (and the non-finite flags read with it) are summed over it.
+    ``q`` (and the non-finite flags read with it) are summed over it. A shard group of more than one rank
+    needs a loss group: the loss group's all-reduces are where the ranks agree their losses, a plain step's
+    skip, a forward that raised and their forms.
     """
 
     loss_group: Optional[object] = None
     shard_group: Optional[object] = None
+
+    def __post_init__(self) -> None:
+        if self.loss_group is None and self.shard_group is not None and dist.get_world_size(self.shard_group) > 1:
+            raise ValueError(
+                f"SearchReduction got a shard_group (of {dist.get_world_size(self.shard_group)} ranks) without a "
+                "loss_group: the ranks of the shard group would each decide the search on their own loss, and "
+                "agree nothing else either (a GradScaler's found_inf at a plain step, a closure that raised on one "
+                "rank, the step's form): where they see different batches their searches part at the first step "
+                "(gloo aborts on a collective mismatch, NCCL hangs); where they see the same one, one rank's "
+                "skipped plain step parts their step counts and hangs the next search. Pass loss_group=: the "
+                "data-parallel group (dist.group.WORLD under FSDP2 or HSDP), or the shard group itself where all "
+                "its ranks see the same batch (averaging equal losses changes nothing)")
 
     def __deepcopy__(self, memo) -> "SearchReduction":
         """The same groups: a process group is a handle on this process's communicator, not data

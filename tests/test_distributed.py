@@ -574,12 +574,19 @@ def test_ddp_ranks_keep_the_same_beam_factors(tmp_path):
 
 def _explicit_reduction_job(rank: int, out_dir: str) -> None:
     """A reduction passed by hand: one without a shard group is refused for FSDP2's sharded
-    parameters, by name; one for DDP deep-copies with its groups shared, and pickling it says why not."""
+    parameters, by name; one with a shard group of 2 ranks but no loss group is refused when built (it left the
+    ranks deciding on their own losses: a collective mismatch at the first search on their own batches, k and t
+    parted by a GradScaler's skip on one rank at a plain step on the same batch), one of a single rank is not;
+    one for DDP deep-copies with its groups shared, and pickling it says why not."""
     import io
 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh("cpu", (WORLD,))
+    with pytest.raises(ValueError, match="got a shard_group \\(of 2 ranks\\) without a loss_group.*Pass loss_group="):
+        SearchReduction(shard_group=mesh.get_group())
+    singles = [dist.new_group([r]) for r in range(WORLD)]  # every rank creates every group
+    assert SearchReduction(shard_group=singles[rank]).shard_group is singles[rank]
     model = _make_model(0)
     fully_shard(model, mesh=mesh)
     with pytest.raises(ValueError, match="sharded over 2 ranks .* has no shard_group"):
