@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.join import Joinable, JoinHook
 from torch.optim import Optimizer
 try:  # torch's registries of global step hooks (private): read to skip its step wrapper while both are empty
     from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
@@ -103,6 +104,18 @@ LOSS_MISMATCH_FACTOR = 1.5
 #: alike. A loss of 0, a NaN/inf and losses of opposite sign are not compared (a ratio says nothing there).
 LOSS_MISMATCH_MIN_DIFFERENCE = 1e-6
 _DeviceCounts = F.DeviceCounts  # its name before it moved to functional.py: pickled optimizers load
+#: The error for a step under torch's Join that a rank which ran out of inputs would leave hanging.
+JOIN_UNSHADOWED = (
+    "FusedSaLSa cannot step under torch.distributed.algorithms.Join with throw_on_early_termination=False (Join's "
+    "default): a rank that ran out of inputs shadows the model's collectives (DDP's) but not the optimizer's, whose "
+    "number depends on the trials the ranks' searches take, so the ranks' collectives fall out of step (measured on "
+    "gloo: a collective mismatch that aborts the joined rank; NCCL hangs). Use Join([model, opt], "
+    "throw_on_early_termination=True), which raises on every rank at the step after one runs out, the weights alike, "
+    "or give every rank the same number of steps (docs/training.md). Nothing was stepped")
+JOIN_OPTIMIZER_FIRST = (
+    "FusedSaLSa is the first joinable of torch.distributed.algorithms.Join: the first one announces each rank's "
+    "iteration, before the model's forward, which the optimizer's step follows. List the model first: "
+    "Join([model, opt], throw_on_early_termination=True). Nothing was stepped")
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -235,7 +248,16 @@ class _torch_hooks_suspended:
             setattr(self.opt, name, hooks)
 
 
-class FusedSaLSa(Optimizer):
+class _JoinedRankRefusal(JoinHook):
+    """The join hook of :class:`FusedSaLSa`: a search's collectives cannot be shadowed (how many a step runs
+    depends on its trials), so a rank that ran out of inputs raises where it would shadow them, as its peers
+    refuse their step (:meth:`FusedSaLSa._refuse_unshadowed_join`)."""
+
+    def main_hook(self) -> None:
+        raise RuntimeError(JOIN_UNSHADOWED)
+
+
+class FusedSaLSa(Optimizer, Joinable):
     r"""SaLSa (Stable Armijo Line Search Adaptation) on fused multi-tensor passes.
 
     Adam's direction ``d = g / (sqrt(v_hat) + eps)`` (or ``m_hat / (sqrt(v_hat) + eps)``
@@ -365,6 +387,7 @@ class FusedSaLSa(Optimizer):
         self.nonfinite = nonfinite
         self.init_step_size = float(init_step_size)
         self.model = model
+        Joinable.__init__(self)  # Join sets its _join_config: read by _refuse_unshadowed_join
         self._device: Optional[torch.device] = None
         self._buckets = BucketCache()
         self._saved: Dict[torch.Tensor, torch.Tensor] = {}
@@ -827,6 +850,8 @@ class FusedSaLSa(Optimizer):
             self.__dict__.setdefault(name, value)
         # load_state_dict() comes here too: a bind_closure()/mark_forward() it follows stays for the next step
         self.__dict__.setdefault("_handoff", _StepHandoff())
+        if "_join_config" not in self.__dict__:  # not pickled: a copy is in no Join
+            Joinable.__init__(self)
         if "backend_name" in self.__dict__:
             if "reduction" not in self.__dict__:  # the default: detected again where it is loaded
                 self.reduction = default_reduction(p for group in self.param_groups for p in group["params"])
@@ -1177,7 +1202,34 @@ class FusedSaLSa(Optimizer):
     step.__signature__ = inspect.signature(_unhooked_step)
     step.hooked = True  # torch.optim leaves a step so marked as it is (Optimizer._patch_step_function)
 
+    def join_hook(self, **kwargs) -> JoinHook:
+        """The hook torch's ``Join([model, opt], ...)`` runs on a rank that ran out of inputs: it raises, naming
+        Join (a search's collectives cannot be shadowed); with ``throw_on_early_termination=True`` Join raises
+        before it runs."""
+        return _JoinedRankRefusal()
+
+    @property
+    def join_device(self) -> torch.device:
+        return self._device or torch.device("cpu")
+
+    @property
+    def join_process_group(self):
+        return self.reduction.loss_group if self.reduction.loss_group is not None else dist.group.WORLD
+
+    def _refuse_unshadowed_join(self) -> None:
+        """Refuse a step under a ``Join`` that lists this optimizer where a rank that runs out of inputs would
+        leave its peers in the search's collectives: ``throw_on_early_termination=False``, or this optimizer
+        listed first. Every rank refuses alike at its first step in it, before any collective or write. The
+        optimizer then leaves the Join's setting (torch keeps it after the block), so that steps outside it run."""
+        config = self._join_config
+        if not config.enable or (config.throw_on_early_termination and not config.is_first_joinable):
+            return
+        Joinable.__init__(self)
+        raise RuntimeError(JOIN_OPTIMIZER_FIRST if config.throw_on_early_termination else JOIN_UNSHADOWED)
+
     def _step(self, closure: Optional[LossClosure], loss, undo: List[Callable[[], None]]):
+        if self._join_config.enable:
+            self._refuse_unshadowed_join()
         handoff = self._handoff
         if loss is None and handoff.bound_step is not None:
             wrapper_closure = closure

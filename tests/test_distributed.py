@@ -665,6 +665,72 @@ def test_ddp_uneven_inputs_under_join_that_throws_stop_every_rank_alike(tmp_path
     spawn_in_gloo_group(_uneven_inputs_job, str(tmp_path), WORLD, timeout_s=60)
 
 
+def _join_steps(ddp, opt, form: str, batches: int, rank: int) -> int:
+    """``batches`` steps of ``form`` (``"one"``: step(closure); ``"two"``: the caller's backward, then
+    step(closure, loss=)); returns how many returned."""
+    done = 0
+    for step in range(batches):
+        x, y = _batch(step, rank)
+        opt.zero_grad()
+        if form == "one":
+            opt.step(lambda: F.mse_loss(ddp(x), y))
+        else:
+            loss = F.mse_loss(ddp(x), y)
+            loss.backward()
+            opt.step(lambda: F.mse_loss(ddp(x), y), loss=loss.detach())
+        done += 1
+    return done
+
+
+def _join_with_the_optimizer_job(rank: int, out_dir: str) -> None:
+    """FusedSaLSa in torch's Join (a Joinable), uneven inputs (6 batches on rank 0, 4 on rank 1), both forms. With
+    Join's default a joined rank cannot shadow the search's collectives (Join([ddp]) aborted gloo with a collective
+    mismatch, "8 vs 4"; Join([ddp, opt]) raised AttributeError: no join_hook): every rank refuses its first step,
+    naming Join, nothing written, and steps outside the Join run on. A rank with no input raises in the join hook
+    as its peer refuses its step. With throw_on_early_termination=True, the model listed first, every rank raises
+    at the step after one runs out (Join's own errors), the weights alike; the optimizer listed first (which aborted
+    gloo, "260 vs 4") is refused at the first step."""
+    from torch.distributed.algorithms.join import Join
+
+    from salsa_fused.optimizer import JOIN_OPTIMIZER_FIRST, JOIN_UNSHADOWED
+    model = _make_model(0)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = FusedSaLSa(ddp.parameters(), backend="torch")
+    uneven = 6 if rank == 0 else 4
+    for form in ("one", "two"):
+        before, state_before = _flat(ddp.parameters()), _state_of(opt)
+        with pytest.raises(RuntimeError, match="cannot step under torch.distributed.algorithms.Join with "
+                                               "throw_on_early_termination=False") as refused:
+            with Join([ddp, opt]):
+                _join_steps(ddp, opt, form, uneven, rank)
+        assert str(refused.value) == JOIN_UNSHADOWED
+        assert torch.equal(_flat(ddp.parameters()), before)
+        _assert_same_state(_state_of(opt), state_before, f"a step refused under Join ({form}-phase)")
+        assert _join_steps(ddp, opt, form, 1, rank) == 1  # outside the Join
+    with pytest.raises(RuntimeError, match="cannot step under torch.distributed.algorithms.Join"):
+        with Join([ddp, opt]):
+            _join_steps(ddp, opt, "two", 1 if rank == 0 else 0, rank)  # rank 1's join hook raises
+    steps = opt.search_state.step
+    with pytest.raises(RuntimeError, match=JOIN_OPTIMIZER_FIRST[:40]):
+        with Join([opt, ddp], throw_on_early_termination=True):
+            _join_steps(ddp, opt, "two", uneven, rank)
+    assert opt.search_state.step == steps
+    for form in ("one", "two"):
+        done = [0]
+        with pytest.raises(RuntimeError, match="exhausted"):
+            with Join([ddp, opt], throw_on_early_termination=True):
+                for step in range(uneven):
+                    done[0] += _join_steps(ddp, opt, form, 1, rank)
+        assert done[0] == 4
+        steps += 4
+        assert opt.search_state.step == steps
+        _assert_same_on_all_ranks(_flat(ddp.parameters()), f"weights after Join ({form}-phase)")
+
+
+def test_ddp_uneven_inputs_under_join_with_the_optimizer_fail_alike_or_stop_alike(tmp_path):
+    spawn_in_gloo_group(_join_with_the_optimizer_job, str(tmp_path), WORLD, timeout_s=10)
+
+
 @dataclasses.dataclass
 class _ScheduleHoldingAnObject:
     """A schedule whose repr names an object's address, which differs on every rank."""
