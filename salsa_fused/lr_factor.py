@@ -48,7 +48,7 @@ import torch
 from ._rng import RNGSnapshot
 from .distributed import SearchReduction, default_reduction
 from .errors import NonFiniteError
-from .optimizer import FusedSaLSa, _is_stale_loss, running_statistics
+from .optimizer import FusedSaLSa, _is_stale_loss, forget_autocast_casts, running_statistics
 from .step_size import ScaledSchedule, check_factors, check_installed, scaled_by
 
 #: The factor lists of seed 004 (Factor_3 is the default).
@@ -241,6 +241,7 @@ class LRFactorSearch:
             for p, w0, w1 in zip(params, before, after):
                 p.copy_(w1 if f == 1.0 else torch.lerp(w0, w1, f))  # w0 + f * (w1 - w0)
             rng.set()
+            forget_autocast_casts()
             value = closure()
             values.append(self._loss_value(value))
             if isinstance(value, torch.Tensor) and any(
@@ -265,6 +266,7 @@ class LRFactorSearch:
                     p.copy_(w1)
                 for b, saved in buffers:
                     b.copy_(saved)
+            forget_autocast_casts()
             if not scored_all:  # where the step left them, not where a forward that raised did
                 rng.set()
         return losses

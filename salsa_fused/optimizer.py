@@ -923,13 +923,15 @@ class FusedSaLSa(Optimizer, Joinable):
                     reruns: Optional[List[int]] = None) -> torch.Tensor:
         """``closure()`` under ``no_grad`` at the weights as they are: a 0-dim tensor of ``dtype``.
         The FSDP2 modules of ``model`` are resharded first, as :func:`fsdp_closure` does: the root
-        keeps its parameters unsharded after a forward, and a trial would read them stale.
+        keeps its parameters unsharded after a forward, and a trial would read them stale; so would a
+        trial in an autocast region from autocast's cached casts (:func:`forget_autocast_casts`).
         ``step_losses``: :func:`_step_losses` of the step's own losses; a trial loss that is one of
         them, or a view or ``detach()`` of one, still holding its value was not computed at the
         trial's weights: refused, unless one forward more (counted in ``reruns[0]``; in one process only, where
         it meets no peer's collectives) shows that the closure rewrites that memory (:func:`_is_stale_loss`)."""
         for module in self._fsdp_modules():
             module.reshard()
+        forget_autocast_casts()
         with torch.no_grad():
             value = closure()
         loss = self._loss_tensor(value, what, need_grad=False)
@@ -1196,6 +1198,8 @@ class FusedSaLSa(Optimizer, Joinable):
             self.__dict__.pop("grad_scale", None)
             self.__dict__.pop("found_inf", None)
             raise
+        finally:
+            forget_autocast_casts()  # the weights moved (or went back): a forward after the step reads them
 
     #: torch's own wrapper: the step hooks, the profiler's range ``Optimizer.step#<class>.step``
     _hooked_step = Optimizer.profile_hook_step(_unhooked_step)
@@ -1847,6 +1851,12 @@ def _is_stale_loss(value: torch.Tensor, earlier: torch.Tensor, earlier_value: to
         return bool(torch.isnan(memory).all())
     finally:
         memory.copy_(bits)
+
+
+def forget_autocast_casts() -> None:
+    """Drop autocast's cached low-precision copies of the weights. Inside one autocast region (a step called
+    in it) the cache outlives a weight write, and a later forward there would read the weights from before it."""
+    torch.clear_autocast_cache()
 
 
 def running_statistics(model: Optional[torch.nn.Module]) -> List[torch.Tensor]:

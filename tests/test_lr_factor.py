@@ -449,3 +449,20 @@ def test_a_closed_form_scheduler_keeps_the_decisions_through_the_search_scale():
         scheduler.step()
         assert adamw.param_groups[0]["lr"] == pytest.approx(1e-3 * search.scale * 0.5 ** ((k + 1) // 3), rel=1e-12)
     assert search.calls == 8 and search.last_decision["call"] == 8 and search.scale != 1.0
+
+
+def test_the_factors_are_scored_at_their_own_weights_inside_an_autocast_region():
+    """Called inside an autocast region (the step's own forward there), each factor's forward read autocast's
+    cached bf16 copy of the weights from that forward: every factor scored the loss before the step alike."""
+    model = make_model(torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    search = LRFactorSearch(opt, interval=1)
+    xy = batch(0, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_on(model, xy).float().backward()
+        search.step(lambda: loss_on(model, xy).float())
+        after = model(xy[0])
+    losses = search.last_decision["losses"]
+    assert len(set(losses)) == len(losses)  # each factor's own weights
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(after, model(xy[0]))  # a forward after the step reads where it left the weights
