@@ -59,6 +59,17 @@ def one_batch_salsa(optimizer: Any, integration: str) -> FusedSaLSa:
     return salsa
 
 
+def check_micro_batch_loss(loss: Any, where: str) -> None:
+    """A TypeError naming what ``where`` got unless ``loss`` is a one-element tensor (a micro-batch's loss)."""
+    if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+        return
+    if isinstance(loss, torch.Tensor):
+        got = f"a tensor of shape {tuple(loss.shape)} (reduce it to the mean loss)"
+    else:
+        got = type(loss).__name__ + (" (a model output: return its .loss)" if hasattr(loss, "loss") else "")
+    raise TypeError(f"{where} needs the micro-batch's scalar loss tensor, got {got}")
+
+
 def _param_devices(optimizer: FusedSaLSa) -> List[torch.device]:
     return sorted({p.device for g in optimizer.param_groups for p in g["params"]}, key=str)
 
@@ -91,8 +102,7 @@ class AccumulatedLoss:
         return RNGSnapshot.capture(list(devices))
 
     def add(self, batch: Any, loss: torch.Tensor, rng: Optional[RNGSnapshot] = None) -> None:
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise TypeError("AccumulatedLoss.add needs the micro-batch's scalar loss tensor")
+        check_micro_batch_loss(loss, "AccumulatedLoss.add")
         loss = loss.detach().reshape(())
         self._total = loss if self._total is None else self._total + loss
         self._entries.append((batch, rng))

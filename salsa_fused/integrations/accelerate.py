@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
 
-from . import AccumulatedLoss, _param_devices, one_batch_salsa, unwrap_salsa
+from . import AccumulatedLoss, _param_devices, check_micro_batch_loss, one_batch_salsa, unwrap_salsa
 
 __all__ = ["SaLSaAccumulation"]
 
@@ -75,6 +75,7 @@ class SaLSaAccumulation:
         """Forward and backward of one micro-batch; returns its (undivided) loss, detached."""
         rng = AccumulatedLoss.snapshot(_param_devices(self.salsa))
         loss = self.loss_of(batch)
+        check_micro_batch_loss(loss, "SaLSaAccumulation's loss_of(batch)")  # before accelerate divides it
         self.accelerator.backward(loss)  # divides by gradient_accumulation_steps itself
         self.window.add(batch, loss.detach() / self.accelerator.gradient_accumulation_steps, rng)
         if self.accelerator.sync_gradients:

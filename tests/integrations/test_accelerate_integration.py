@@ -140,6 +140,33 @@ def test_accelerator_autocast_around_the_step_is_the_run_without_it():
         assert torch.equal(a, b)
 
 
+class _ModelOutput(dict):
+    """What a Hugging Face model returns: the loss is a field of it."""
+
+    @property
+    def loss(self):
+        return self["loss"]
+
+
+@pytest.mark.parametrize("loss_of, named", [
+    (lambda model, batch: _ModelOutput(loss=mse(model, batch)),
+     r"got _ModelOutput \(a model output: return its .loss\)"),
+    (lambda model, batch: (model(batch[0]) - batch[1]).pow(2), r"got a tensor of shape \(4, 1\)"),
+])
+def test_a_loss_of_that_returns_no_scalar_loss_is_named_before_accelerate_divides_it(loss_of, named):
+    """Before, accelerate's division raised ``unsupported operand type(s) for /: '...Output' and 'int'``, or
+    torch's backward ``grad can be implicitly created only for scalar outputs``."""
+    model = make_model()
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model, optimizer = accelerator.prepare(model, FusedSaLSa(model.parameters(), backend="torch"))
+    search = SaLSaAccumulation(accelerator, optimizer, lambda batch: loss_of(model, batch))
+    with accelerator.accumulate(model):
+        with pytest.raises(TypeError, match="SaLSaAccumulation's loss_of\\(batch\\) needs the micro-batch's scalar "
+                                            "loss tensor, " + named):
+            search.backward(batches()[0])
+    assert all(p.grad is None for p in model.parameters()) and len(search.window) == 0
+
+
 def test_rejects_other_optimizers():
     model = make_model()
     accelerator = Accelerator(cpu=True)
