@@ -20,7 +20,9 @@ calls ``step()`` without a closure; FusedSaLSa unscales inside its passes
 (``_step_supports_amp_scaling``), and the binding supplies the loss function.
 
 Importing this module also gives ``AcceleratedOptimizer`` the methods ``mark_forward`` and
-``bind_closure``, which reach the FusedSaLSa inside (for loops that bind by hand).
+``bind_closure``, which reach the FusedSaLSa inside (for loops that bind by hand), and its
+``step`` the FusedSaLSa forms ``step(closure)`` and ``step(closure, loss=loss)``: on a micro-batch
+that does not sync they raise, since accelerate would skip the step and that micro-batch with it.
 """
 
 from __future__ import annotations
@@ -49,6 +51,44 @@ def _forward_to_salsa(name: str) -> Callable:
 for _name in ("mark_forward", "bind_closure"):
     if not hasattr(AcceleratedOptimizer, _name):
         setattr(AcceleratedOptimizer, _name, _forward_to_salsa(_name))
+
+
+def _wrapped_salsa(prepared: AcceleratedOptimizer):
+    try:
+        return unwrap_salsa(prepared)
+    except TypeError:
+        return None
+
+
+def _step_with_a_closure(accelerated_step: Callable) -> Callable:
+    """accelerate's ``step``, for a FusedSaLSa also in the forms ``step(closure)`` and
+    ``step(closure, loss=loss)``, refused on a micro-batch that does not sync: accelerate skips
+    that step, closure and all, so the micro-batch would never be trained."""
+
+    def step(self, closure=None, *, loss=None):
+        salsa = _wrapped_salsa(self)
+        if salsa is None or (closure is None and loss is None):
+            return accelerated_step(self, closure) if loss is None else accelerated_step(self, closure, loss=loss)
+        if not self.gradient_state.sync_gradients:
+            raise RuntimeError(
+                "step(closure) on a micro-batch that does not sync gradients (gradient_accumulation_steps="
+                f"{self.gradient_state.num_steps}): accelerate skips the step there, closure included, so this "
+                "micro-batch would never be trained (or, with loss=, the step that syncs would search its own "
+                "micro-batch only). Use SaLSaAccumulation, which binds the whole window's loss on the step "
+                "that syncs (salsa_fused.integrations.accelerate, docs/integrations.md)")
+        if loss is None:
+            return accelerated_step(self, closure)
+        salsa.bind_closure(closure, loss=loss)  # accelerate's step (and its GradScaler) take no loss=
+        accelerated_step(self)
+        return loss
+
+    step.__name__, step.__doc__ = "step", accelerated_step.__doc__
+    step.salsa_closure_forms = True
+    return step
+
+
+if not getattr(AcceleratedOptimizer.step, "salsa_closure_forms", False):
+    AcceleratedOptimizer.step = _step_with_a_closure(AcceleratedOptimizer.step)
 
 
 class SaLSaAccumulation:

@@ -167,6 +167,56 @@ def test_a_loss_of_that_returns_no_scalar_loss_is_named_before_accelerate_divide
     assert all(p.grad is None for p in model.parameters()) and len(search.window) == 0
 
 
+@pytest.mark.parametrize("form", ["one_phase", "two_phase"])
+def test_a_closure_handed_to_a_step_that_accelerate_skips_is_refused(form):
+    """``optimizer.step(closure)`` in ``accelerator.accumulate``: accelerate skipped the step and its closure on
+    the micro-batches that do not sync, so only every ``gradient_accumulation_steps``-th batch was trained
+    (measured: 4 backward passes over 16 micro-batches at 4), without a word."""
+    model = make_model()
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=ACCUMULATE)
+    model, optimizer = accelerator.prepare(model, FusedSaLSa(model.parameters(), backend="torch"))
+    batch = batches()[0]
+    before = [p.detach().clone() for p in model.parameters()]
+    with accelerator.accumulate(model):
+        assert not accelerator.sync_gradients
+        args = {}
+        if form == "two_phase":
+            loss = mse(model, batch)
+            accelerator.backward(loss)
+            args = {"loss": loss.detach()}
+        with pytest.raises(RuntimeError, match=r"does not sync gradients \(gradient_accumulation_steps=3\).*"
+                                               "never be trained.*Use SaLSaAccumulation"):
+            optimizer.step(lambda: mse(model, batch), **args)
+    salsa = optimizer.optimizer
+    assert salsa.search_state.step == 0 and salsa._handoff.bound_step is None
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_the_two_phase_form_through_the_prepared_optimizer_is_the_plain_step():
+    """``step(closure, loss=loss)`` on the prepared optimizer: accelerate's own step takes no ``loss=`` (a
+    TypeError before); the binding hands both to FusedSaLSa's step."""
+    data = batches()
+    runs = []
+    for prepared in (False, True):
+        model = make_model()
+        optimizer = FusedSaLSa(model.parameters(), backend="torch")
+        accelerator = Accelerator(cpu=True)
+        if prepared:
+            model, optimizer = accelerator.prepare(model, optimizer)
+        for batch in data:
+            optimizer.zero_grad()
+            loss = mse(model, batch)
+            accelerator.backward(loss)
+            assert optimizer.step(lambda: mse(model, batch), loss=loss) is loss
+        runs.append((model, optimizer))
+    (plain, plain_opt), (prepared, prepared_opt) = runs
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), prepared.parameters()))
+    assert prepared_opt.optimizer.search_state == plain_opt.search_state
+    sgd = Accelerator(cpu=True).prepare(torch.optim.SGD(make_model().parameters(), lr=0.1))
+    with pytest.raises(TypeError, match="loss"):  # another optimizer: accelerate's step as it was
+        sgd.step(lambda: torch.zeros(()), loss=torch.zeros(()))
+
+
 def test_rejects_other_optimizers():
     model = make_model()
     accelerator = Accelerator(cpu=True)
