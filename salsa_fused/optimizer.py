@@ -163,6 +163,12 @@ _UNSUPPORTED_FLAGS = {
 }
 
 
+#: torch.optim's per-group backend flags: FusedSaLSa reads them at construction, as one choice for every group
+#: (:meth:`FusedSaLSa._refuse_another_backend`).
+_BACKEND_FLAGS = ("foreach", "fused")
+_ASKED_FOR = {_backends.FOREACH_BACKEND: "the torch backend (foreach ops)", _backends.FUSED: "compiled kernels"}
+
+
 FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
 
 
@@ -185,7 +191,7 @@ def _hyper_key(group: dict) -> Optional[tuple]:
     unsupported flag is set; else None. Two equal keys pass or fail those checks alike (the types are
     part of the key, so ``True`` is not ``1``, nor ``1`` ``1.0``; NaN equals nothing), and so does the
     float32 fit of the moves at the same scale and level: a step whose keys equal those of the last
-    step that checked them skips both checks."""
+    step that checked them skips both checks. A group with ``foreach`` or ``fused`` set has none."""
     try:
         lr, probe, eps, wd, betas = (group["lr"], group["search_lr"], group["eps"], group["weight_decay"],
                                      group["betas"])
@@ -199,6 +205,8 @@ def _hyper_key(group: dict) -> Optional[tuple]:
         return None
     if not _FLAG_NAMES.isdisjoint(group) and any(group.get(name, False) not in (False, None) for name in _FLAG_NAMES):
         return None
+    if ("foreach" in group or "fused" in group) and any(group.get(name) is not None for name in _BACKEND_FLAGS):
+        return None  # checked at every step: a hand edit is refused at the next one
     return types, lr, probe, eps, wd, beta1, beta2
 
 
@@ -311,7 +319,9 @@ class FusedSaLSa(Optimizer, Joinable):
             picking triton (or the extension's CUDA kernels) on CUDA and cpp on the CPU, and
             raising with the reason where none runs; ``foreach=True`` (or ``fused=False``) asks
             for the torch backend (``torch._foreach_*`` ops). ``None``: ``backend`` decides.
-            Flags that contradict each other or ``backend`` raise ValueError.
+            Flags that contradict each other or ``backend`` raise ValueError. A group's own flags
+            pass at ``None`` or where they ask for this backend; others are refused
+            (:meth:`_refuse_another_backend`).
         nonfinite: ``"raise"`` a :class:`NonFiniteError` or ``"skip"`` (and count) a step whose
             loss or gradient is NaN/inf. Nothing non-finite is ever written either way.
         reduction: how losses and ``q`` are reduced across ranks (default: losses averaged
@@ -480,6 +490,8 @@ class FusedSaLSa(Optimizer, Joinable):
         param_group = {**param_group, "params": params}  # a generator is consumed once, above
         candidate = {**self.defaults, **param_group, "params": params}
         self._validate_group_hyper(candidate)
+        self._refuse_another_backend(candidate, f"param_groups[{len(self.param_groups)}]",
+                                     "the group was not added" if "backend" in self.__dict__ else "nothing was built")
         devices = {self._device} if self._device is not None else set()
         # (name, tensor) pairs of named_parameters(): torch keeps the names in "param_names"
         tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) else p
@@ -525,6 +537,36 @@ class FusedSaLSa(Optimizer, Joinable):
                 self._init_state(p)
         if self.__dict__.get("_lr_checked") or self.__dict__.get("_lr_rising"):  # past the first step's look
             self._warn_if_group_lr_looks_like_a_step_size(len(self.param_groups) - 1, self.param_groups[-1])
+
+    def _refuse_another_backend(self, group: dict, where: str, after: str) -> None:
+        """Refuse ``group`` (named ``where``) whose ``foreach``/``fused`` asks for another backend than this
+        optimizer's, one for every group; ``None`` (a torch.optim checkpoint's) and a flag that asks for the
+        backend chosen pass. ``after``: what the refusal left as it was."""
+        given = {name: group[name] for name in _BACKEND_FLAGS if group.get(name) is not None}
+        if not given:
+            return
+        flags = ", ".join(f"{name}={value!r}" for name, value in given.items())
+        chosen = self.backend_name
+        kind = _backends.FUSED if chosen in _backends.KERNEL_BACKENDS else chosen
+        try:
+            asked = _backends.name_for_flags(_backends.AUTO, given.get("foreach"), given.get("fused"))
+        except (TypeError, ValueError) as error:
+            asked, problem = None, f" ({error}):"
+        if asked == kind:
+            return
+        built = ", ".join(f"{name}={value!r}" for name, value in (("foreach", self.foreach), ("fused", self.fused))
+                          if value is not None)
+        backend = "compiled kernels" if chosen == _backends.FUSED else (
+            f"backend={chosen!r}" if chosen == _backends.AUTO else f"the {chosen!r} backend")
+        backend += f" ({built})" if built else ""
+        them = "it" if len(given) == 1 else "them"
+        remedy = f"set the group's {' and '.join(map(repr, given))} to None (or leave {them} out)"
+        if asked is not None:
+            problem = f", which asks for {_ASKED_FOR[asked]}, but"
+            remedy += (f", or build the optimizer with {flags} to run every group so (a group on another backend "
+                       "needs an optimizer of its own)")
+        raise ValueError(f"{where} has {flags}{problem} FusedSaLSa runs one backend for every group, chosen at "
+                         f"construction: {backend}; {remedy}; {after}")
 
     def _fit_backend(self, groups: List[dict], first_index: int = 0) -> None:
         """A parameter the backend cannot take (``backend.unsupported``: float64 or a strided view
@@ -749,6 +791,7 @@ class FusedSaLSa(Optimizer, Joinable):
                 raise ValueError(f"the checkpoint's parameter group {index} has no {', '.join(map(repr, lacking))}: "
                                  "every step reads it; the checkpoint is corrupt; nothing was loaded")
             self._validate_group_hyper(group)
+            self._refuse_another_backend(group, f"the checkpoint's parameter group {index}", "nothing was loaded")
         param_of = {saved_id: param for saved, group in zip(groups, self.param_groups)
                     for saved_id, param in zip(saved["params"], group["params"])}
         stripped_state, moments = {}, {}
@@ -1267,6 +1310,7 @@ class FusedSaLSa(Optimizer, Joinable):
         for index, (group, key) in enumerate(zip(self.param_groups, hyper_keys)):
             if key is None or checked is None or index >= len(checked[0]) or key != checked[0][index]:
                 self._validate_group_hyper(group, _GROUP_HYPER_KEYS + ("search_lr",))
+                self._refuse_another_backend(group, f"param_groups[{index}]", "nothing was written")
         unscaled = None  # the one-phase form under a GradScaler, refused
         if loss is None and getattr(self, "grad_scale", None) is not None:
             unscaled = RuntimeError("under torch.amp.GradScaler use the two-phase form: "

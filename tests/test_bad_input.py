@@ -1144,6 +1144,103 @@ def test_a_flag_set_on_a_group_by_hand_or_by_another_optimizers_checkpoint_is_re
     opt.step(closure)
 
 
+def _needs_kernels(options: dict) -> None:
+    if options.get("backend") == "cpp" or options.get("fused") or options.get("foreach") is False:
+        pytest.importorskip("salsa_fused._C",
+                            reason="the C++ extension is not built: pip install --no-build-isolation -e .")
+
+
+def _two_groups(model, second: dict) -> list:
+    return [{"params": list(model[0].parameters())}, {"params": list(model[2].parameters()), **second}]
+
+
+#: (the optimizer's options, a group's foreach/fused that asks for another backend than theirs)
+_ANOTHER_BACKEND = [
+    ({}, {"fused": True}), ({}, {"foreach": True}), ({}, {"foreach": False}),  # "auto" chooses for every group
+    ({"backend": "torch"}, {"fused": True}), ({"foreach": True}, {"foreach": False}),
+    ({"backend": "cpp"}, {"foreach": True}), ({"fused": True}, {"fused": False}),
+    ({"backend": "torch"}, {"foreach": True, "fused": True}), ({"backend": "torch"}, {"foreach": "yes"}),
+]
+
+
+@pytest.mark.parametrize("options, second", _ANOTHER_BACKEND)
+def test_a_group_asking_for_another_backend_is_refused_at_construction_and_in_add_param_group(options, second):
+    """FusedSaLSa runs one backend for every group, chosen by its constructor's backend/foreach/fused; a
+    group's own foreach/fused (torch.optim's AdamW honours them per group) that asked for another was ignored
+    silently. Refused by group and key, with the remedy; add_param_group adds nothing."""
+    _needs_kernels(options)
+    model = _model()
+    groups = _two_groups(model, second)
+    flag = next(iter(second))
+    refusal = rf"param_groups\[1\] has {flag}=.*one backend for every group.*to None"
+    with pytest.raises(ValueError, match=refusal):
+        FusedSaLSa(groups, **options)
+    opt = FusedSaLSa(groups[:1], **options)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=refusal + ".*the group was not added"):
+        opt.add_param_group(groups[1])
+    assert_unchanged(before, snapshot(opt))
+
+
+@pytest.mark.parametrize("options, second", [
+    ({}, {"foreach": None, "fused": None}),  # as a torch.optim checkpoint's groups carry them
+    ({"backend": "torch"}, {"foreach": True}), ({"foreach": True}, {"fused": False, "foreach": None}),
+    ({"backend": "cpp"}, {"fused": True}), ({"fused": True}, {"foreach": False}),
+])
+def test_a_group_whose_foreach_or_fused_agrees_with_the_backend_steps_as_one_without_them(options, second):
+    _needs_kernels(options)
+    runs = []
+    for group_flags in (second, {}):
+        model = _model()
+        opt = FusedSaLSa(_two_groups(model, group_flags), **options)
+        for _ in range(4):
+            opt.zero_grad()
+            opt.step(_closure(model))
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_a_checkpoint_whose_group_asks_for_another_backend_is_refused_and_torchs_default_one_loads():
+    """AdamW's groups carry foreach/fused: None (its default) loads into any FusedSaLSa, with the warning that
+    the search starts over; foreach=True loads where FusedSaLSa runs the torch backend, and is refused by
+    group and key where it runs another (here "auto"), nothing loaded."""
+    model, chosen = _trained()  # backend="torch"
+    _, auto = _trained(backend="auto")
+    for foreach in (None, True):
+        adamw = torch.optim.AdamW(model.parameters(), foreach=foreach)
+        model(_X).sum().backward()
+        adamw.step()
+        if foreach is None:
+            with pytest.warns(UserWarning, match="no search state"):
+                auto.load_state_dict(adamw.state_dict())
+        else:
+            assert_load_refused(auto, adamw.state_dict(), r"the checkpoint's parameter group 0 has foreach=True, "
+                                r"which asks for the torch backend.*backend='auto'.*nothing was loaded")
+        with pytest.warns(UserWarning, match="no search state"):
+            chosen.load_state_dict(adamw.state_dict())
+        assert chosen.param_groups[0]["foreach"] is foreach
+        chosen.zero_grad()
+        chosen.step(_closure(model))
+
+
+@pytest.mark.parametrize("flag, other, agreeing", [("foreach", False, True), ("fused", True, False)])
+def test_a_backend_flag_set_on_a_group_by_hand_is_refused_at_the_next_step_before_any_write(flag, other, agreeing):
+    """As an AdamW user sets opt.param_groups[0]["foreach"] between steps: refused at the next step, the
+    steps before having checked (and cached) the group; a value that agrees with the backend steps on."""
+    model, opt = _trained()  # backend="torch"
+    for value in (other, agreeing, other):
+        opt.param_groups[0][flag] = value
+        opt.zero_grad()
+        if value is agreeing:
+            opt.step(_closure(model))
+            continue
+        before = snapshot(opt)
+        with pytest.raises(ValueError, match=rf"param_groups\[0\] has {flag}={value}, which asks for compiled "
+                                             r"kernels.*'torch' backend.*nothing was written"):
+            opt.step(_closure(model))
+        assert_unchanged(before, snapshot(opt))
+
+
 def test_a_bad_loss_argument_is_named_as_the_argument_not_as_a_closure():
     params = [torch.nn.Parameter(torch.randn(3))]
     opt = FusedSaLSa(params)
