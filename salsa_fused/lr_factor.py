@@ -26,10 +26,10 @@ Where the factor goes (``target``):
   schedule keeps the factor apart from a scheduler that writes ``lr``.)
 - ``"auto"`` (default): ``"schedule"`` for FusedSaLSa, ``"lr"`` otherwise.
 
-Cost per decision: one forward per factor on the scoring batch (no backward), two copies
-of the weights while it runs. Under ``torch.distributed`` the trial losses are averaged
-over the ranks before scoring (one all-reduce per factor, of its loss and the ranks' status), so every
-rank chooses the same rate, and a scoring forward that raises on one rank raises on every rank before
+Cost per decision: one forward per factor on the scoring batch (no backward; counted in
+``scoring_forward_evals``), two copies of the weights while it runs. Under ``torch.distributed`` the trial
+losses are averaged over the ranks before scoring (one all-reduce per factor, of its loss and the ranks'
+status), so every rank chooses the same rate, and a scoring forward that raises on one rank raises on every rank before
 the next factor's forward: that rank its own exception, the others
 :class:`~salsa_fused.ClosureFailedOnAnotherRank`. Trial forwards replay the random state of the first trial (equal
 dropout masks) and leave the generators where one forward leaves them; the running statistics
@@ -143,6 +143,9 @@ class LRFactorSearch:
         self.buffers = buffers
         self.calls = 0
         self.scale = 1.0  # product of the chosen factors
+        #: The scoring forwards run: one per factor per decision, and the one more of each tie of a factor's loss,
+        #: in a static output buffer, with an earlier factor's bitwise (:func:`salsa_fused.optimizer._is_stale_loss`).
+        self.scoring_forward_evals = 0
         self.last_decision: Optional[Dict[str, Any]] = None
 
     # ------------------------------------------------------------------ step
@@ -233,6 +236,7 @@ class LRFactorSearch:
         def again() -> object:
             """The scoring forward once more, from the random state of the first (None under data parallelism)."""
             rng.set()
+            self.scoring_forward_evals += 1
             return closure()
         rerun = None if reduction.active or any(hasattr(p, "_local_tensor") for p in params) else again
 
@@ -242,6 +246,7 @@ class LRFactorSearch:
                 p.copy_(w1 if f == 1.0 else torch.lerp(w0, w1, f))  # w0 + f * (w1 - w0)
             rng.set()
             forget_autocast_casts()
+            self.scoring_forward_evals += 1
             value = closure()
             values.append(self._loss_value(value))
             if isinstance(value, torch.Tensor) and any(
@@ -295,11 +300,12 @@ class LRFactorSearch:
         """Counters, the scale and the last decision; the rate itself is in the optimizer's
         ``state_dict`` (``lr``) or, for ``target="schedule"``, in ``scale``."""
         return dict(interval=self.interval, factors=list(self.factors), target=self.target,
-                    calls=self.calls, scale=self.scale,
+                    calls=self.calls, scale=self.scale, scoring_forward_evals=self.scoring_forward_evals,
                     last_decision=None if self.last_decision is None else dict(self.last_decision))
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Resume; the configuration (interval, factors, target) must match this instance."""
+        """Resume; the configuration (interval, factors, target) must match this instance. A state dict saved
+        before ``scoring_forward_evals`` was kept loads with it at 0."""
         expected = dict(interval=self.interval, factors=list(self.factors), target=self.target)
         for key, value in expected.items():
             if key not in state_dict:
@@ -308,13 +314,15 @@ class LRFactorSearch:
             if saved != value:
                 raise ValueError(f"LRFactorSearch state_dict has {key}={saved!r}, this instance {value!r}")
         calls, scale = state_dict.get("calls"), state_dict.get("scale")
-        if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
-            raise ValueError(f"LRFactorSearch state_dict calls must be an integer >= 0, got {calls!r}")
+        forwards = state_dict.get("scoring_forward_evals", 0)
+        for name, value in (("calls", calls), ("scoring_forward_evals", forwards)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"LRFactorSearch state_dict {name} must be an integer >= 0, got {value!r}")
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"LRFactorSearch state_dict scale must be a finite number > 0, got {scale!r}")
         decision = state_dict.get("last_decision")
         if decision is not None and not (isinstance(decision, dict) and {"call", "factor", "scale"} <= decision.keys()):
             raise ValueError("LRFactorSearch state_dict last_decision must be None or a decision (a dict with "
                              f"call, factor and scale, as LRFactorSearch.last_decision), got {decision!r}")
-        self.calls, self.scale = calls, float(scale)
+        self.calls, self.scale, self.scoring_forward_evals = calls, float(scale), forwards
         self.last_decision = None if decision is None else dict(decision)

@@ -180,6 +180,24 @@ def test_resume_is_bitwise():
         assert torch.equal(p, q)
     assert straight[1].param_groups[0]["lr"] == resumed[1].param_groups[0]["lr"]
     assert straight[2].state_dict() == resumed[2].state_dict()
+    assert straight[2].scoring_forward_evals == resumed[2].scoring_forward_evals == 3 * 4  # 4 decisions, 3 factors
+
+
+def test_scoring_forwards_are_counted_one_per_factor_and_none_at_a_decision_that_is_skipped():
+    """A step that moved no weight (lr=0 here) decides nothing and runs no scoring forward; a state dict
+    saved before the count was kept loads with it at 0."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    search = LRFactorSearch(opt, interval=1, factors=FACTOR_5)
+    for lr in (0.0, 0.1):
+        opt.param_groups[0]["lr"] = lr
+        opt.zero_grad()
+        loss_on(model, batch(0)).backward()
+        search.step(lambda: loss_on(model, batch(1)))
+    assert search.last_decision["skipped"] is False and search.scoring_forward_evals == len(FACTOR_5)
+    older = {k: v for k, v in search.state_dict().items() if k != "scoring_forward_evals"}
+    search.load_state_dict(older)
+    assert search.scoring_forward_evals == 0
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
@@ -206,6 +224,7 @@ def test_bad_optimizer_and_state_dict_raise():
     good = search.state_dict()
     for bad, match in [({**good, "interval": 3}, "interval=3"), ({**good, "factors": [4.0, 1.0]}, "factors"),
                        ({**good, "calls": -1}, "calls"), ({**good, "scale": math.nan}, "scale"),
+                       ({**good, "scoring_forward_evals": 1.5}, "scoring_forward_evals"),
                        ({k: v for k, v in good.items() if k != "target"}, "lacks 'target'")]:
         with pytest.raises(ValueError, match=match):
             search.load_state_dict(bad)
@@ -266,15 +285,18 @@ def test_a_static_buffer_whose_factors_tie_is_scored_as_fresh_losses():
     """The same static buffer at every call whose factors' losses tie bitwise (rounded to bfloat16 here: the
     step moves them by less) was refused as "the same loss tensor at two factors". The buffer is now set to
     NaN and the closure run once more: its forward writes there again, and the decision is a fresh tensor's.
-    A closure returning a tensor computed before is still refused, its value given back."""
-    decisions = []
+    That forward is counted in scoring_forward_evals (it was counted nowhere). A closure returning a tensor
+    computed before is still refused, its value given back."""
+    decisions, calls = [], []
     for static in (False, True):
         model = make_model()
         opt = torch.optim.SGD(model.parameters(), lr=1e-4)
         search = LRFactorSearch(opt, interval=1)
         buffer = torch.zeros((), dtype=torch.float64)
+        calls.append(0)
 
         def closure():
+            calls[-1] += 1
             value = loss_on(model, batch(1)).to(torch.bfloat16).to(torch.float64)
             return buffer.copy_(value) if static else value
 
@@ -282,7 +304,9 @@ def test_a_static_buffer_whose_factors_tie_is_scored_as_fresh_losses():
         loss_on(model, batch(0)).backward()
         search.step(closure)
         decisions.append(search.last_decision)
+        assert search.scoring_forward_evals == calls[-1]
     assert len(set(decisions[0]["losses"])) == 1 and decisions[0] == decisions[1]
+    assert calls[0] == 3 and calls[1] > 3
     before = _A_LOSS_COMPUTED_BEFORE.clone()
     with pytest.raises(RuntimeError, match="same loss tensor at two factors"):
         search.step(lambda: _A_LOSS_COMPUTED_BEFORE)

@@ -241,10 +241,9 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
         forwards = opt.state["n_forwards"]
     elif family == "labpal":
         forwards = opt.num_forward_evals
-    elif family == "lr_factor":  # the wrapped optimizer's forwards and one per factor per decision
-        search = built.factor_search
+    elif family == "lr_factor":  # the wrapped optimizer's forwards and the search's scoring forwards
         inner = opt.num_forward_evals if built.inner_family == "fused" else len(values)
-        forwards = inner + len(search.factors) * (search.calls // search.interval)
+        forwards = inner + built.factor_search.scoring_forward_evals
     else:
         forwards = len(values)
     result = dict(optimizer=name, seed=seed, final_train_loss=final, val_loss=val,
