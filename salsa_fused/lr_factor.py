@@ -143,8 +143,8 @@ class LRFactorSearch:
         self.buffers = buffers
         self.calls = 0
         self.scale = 1.0  # product of the chosen factors
-        #: The scoring forwards run: one per factor per decision, and the one more of each tie of a factor's loss,
-        #: in a static output buffer, with an earlier factor's bitwise (:func:`salsa_fused.optimizer._is_stale_loss`).
+        #: The scoring forwards run: one per factor per decision, and one more per factor whose loss, in a static
+        #: output buffer, tied an earlier factor's bitwise (:func:`salsa_fused.optimizer._is_stale_loss`).
         self.scoring_forward_evals = 0
         self.last_decision: Optional[Dict[str, Any]] = None
 
@@ -249,8 +249,7 @@ class LRFactorSearch:
             self.scoring_forward_evals += 1
             value = closure()
             values.append(self._loss_value(value))
-            if isinstance(value, torch.Tensor) and any(
-                    _is_stale_loss(value, earlier, values[i], rerun) for i, earlier in enumerate(returned)):
+            if isinstance(value, torch.Tensor) and _is_stale_loss(value, list(zip(returned, values)), rerun):
                 raise RuntimeError(
                     "closure() returned the same loss tensor at two factors' weights: it must run "
                     "the forward again at each call (each factor's weights are scored by it), e.g. "

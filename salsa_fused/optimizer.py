@@ -983,7 +983,7 @@ class FusedSaLSa(Optimizer, Joinable):
             def rerun():
                 reruns[0] += 1
                 return closure()
-        if any(_is_stale_loss(loss, own, at_w0, rerun) for own, at_w0 in step_losses):
+        if _is_stale_loss(loss, step_losses, rerun):
             raise RuntimeError(STALE_CLOSURE.format(what=what))
         return _loss_scalar(loss, self._device, dtype)
 
@@ -1859,30 +1859,21 @@ def _step_losses(losses) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     return [(loss, loss.detach().clone()) for loss in losses if isinstance(loss, torch.Tensor)]
 
 
-def _is_stale_loss(value: torch.Tensor, earlier: torch.Tensor, earlier_value: torch.Tensor,
+def _is_stale_loss(value: torch.Tensor, earlier_losses: Sequence[Tuple[torch.Tensor, torch.Tensor]],
                    rerun: Optional[Callable[[], object]]) -> bool:
-    """Is ``value``, a closure's loss, a loss it returned before (``earlier``: the step's own, or an
-    LRFactorSearch's earlier factor's) still holding that loss's value ``earlier_value``, rather than one its
-    forward computed: ``earlier`` itself or a tensor sharing its memory (a ``detach()``, a view)? A new
-    forward's loss shares no memory with a live ``earlier``, except a static output buffer (CUDA graphs) that
-    each forward rewrites: one that holds another value is not stale, be it a view of that memory or
-    ``earlier`` itself (CUDA graph trees return the same tensor object from replay to replay). One that holds
-    the same value (a trial's loss equal to the step's own, bitwise) is told by ``rerun``, the closure once
-    more at the same weights, with that memory set to NaN: a forward writes its loss there again, a closure
-    that runs none leaves the NaN. The memory gets its bits back either way; without ``rerun`` (under data
-    parallelism, where a lone forward's collectives, DDP's buffer broadcast or FSDP2's all-gathers, would meet no
-    peer) it is stale. The value is read only where the memory
-    is shared."""
-    if value is not earlier:
-        if not isinstance(earlier, torch.Tensor) or value.device != earlier.device:
-            return False
-        try:
-            shared = value.untyped_storage().data_ptr() == earlier.untyped_storage().data_ptr() != 0
-        except (RuntimeError, NotImplementedError):  # tensors without storage (fake, functional)
-            return False
-        if not shared:
-            return False
-    if not torch.equal(value.detach().reshape(()), earlier_value.reshape(())):
+    """Is ``value``, a closure's loss, a loss it returned before (``earlier_losses``: pairs of such a loss and
+    its value then: the step's own, or an LRFactorSearch's earlier factors') still holding that value, rather
+    than one its forward computed: that loss itself or a tensor sharing its memory (a ``detach()``, a view)?
+    A new forward's loss shares no memory with a live earlier one, except a static output buffer (CUDA graphs)
+    that each forward rewrites: one that holds another value is not stale, be it a view of that memory or the
+    earlier tensor itself (CUDA graph trees return the same tensor object from replay to replay). One that
+    holds the same value as any of them (a trial's loss equal to the step's own, bitwise) is told by
+    ``rerun``, the closure once more at the same weights (once, however many earlier losses it ties), with
+    ``value``'s memory set to NaN: a forward writes its loss there again, a closure that runs none leaves the
+    NaN. The memory gets its bits back either way; without ``rerun`` (under data parallelism, where a lone
+    forward's collectives, DDP's buffer broadcast or FSDP2's all-gathers, would meet no peer) it is stale.
+    The value is read only where the memory is shared."""
+    if not any(_holds_earlier_loss(value, earlier, earlier_value) for earlier, earlier_value in earlier_losses):
         return False
     if rerun is None:
         return True
@@ -1901,6 +1892,20 @@ def forget_autocast_casts() -> None:
     """Drop autocast's cached low-precision copies of the weights. Inside one autocast region (a step called
     in it) the cache outlives a weight write, and a later forward there would read the weights from before it."""
     torch.clear_autocast_cache()
+
+
+def _holds_earlier_loss(value: torch.Tensor, earlier: torch.Tensor, earlier_value: torch.Tensor) -> bool:
+    """Is ``value`` ``earlier`` or a tensor sharing its memory, holding ``earlier``'s value then (``earlier_value``)?"""
+    if value is not earlier:
+        if not isinstance(earlier, torch.Tensor) or value.device != earlier.device:
+            return False
+        try:
+            shared = value.untyped_storage().data_ptr() == earlier.untyped_storage().data_ptr() != 0
+        except (RuntimeError, NotImplementedError):  # tensors without storage (fake, functional)
+            return False
+        if not shared:
+            return False
+    return torch.equal(value.detach().reshape(()), earlier_value.reshape(()))
 
 
 def running_statistics(model: Optional[torch.nn.Module]) -> List[torch.Tensor]:

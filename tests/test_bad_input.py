@@ -652,6 +652,33 @@ def test_a_static_output_whose_trial_loss_ties_the_steps_own_is_not_refused(form
     assert all(torch.equal(a, b) for a, b in zip(fresh_weights, static_weights))
 
 
+def test_a_trial_loss_tying_several_of_the_steps_own_losses_runs_one_forward_more():
+    """LABPAL with accumulation=2 keeps two losses of the step; a static output whose point forward ties both
+    (every batch the same here) ran the closure once more per tied loss, twice in a row (40 calls over 3 steps
+    where fresh tensors take 28); one forward tells the memory apart for both: one per tied forward (34)."""
+    runs = []
+    for static in (False, True):
+        model = _model()
+        loss_of = StaticLoss(model) if static else (lambda x, y: F.mse_loss(model(x), y))
+        opt = LABPAL(model.parameters(), backend="torch", approximation_batches=4, sgd_steps=2, accumulation=2)
+        calls = []  # True for a call that finds the output set to NaN: the tie's second call
+
+        def closure(i):
+            calls.append(static and bool(torch.isnan(loss_of.out)))
+            return loss_of(_X, _Y)
+
+        for _ in range(3):
+            opt.zero_grad()
+            opt.step(closure)
+        runs.append(([p.detach().clone() for p in model.parameters()], opt.search_state, calls))
+    (fresh_weights, fresh, fresh_calls), (static_weights, tied, calls) = runs
+    reruns = sum(calls)
+    assert reruns > 0 and not any(a and b for a, b in zip(calls, calls[1:]))  # never two in a row
+    assert len(calls) == len(fresh_calls) + reruns and tied.num_forward_evals == len(calls)
+    assert dataclasses.replace(tied, num_forward_evals=fresh.num_forward_evals) == fresh
+    assert all(torch.equal(a, b) for a, b in zip(fresh_weights, static_weights))
+
+
 @pytest.mark.parametrize("form", ["one-phase", "two-phase"])
 def test_a_closure_returning_the_steps_own_loss_is_refused_where_a_forward_would_tie(form):
     """The other side of the tie: step(lambda: loss) where a forward would have returned the same value (the
