@@ -783,7 +783,9 @@ class FusedSaLSa(Optimizer, Joinable):
                 "by another optimizer, or through torch.distributed.checkpoint with "
                 "flatten_optimizer_state_dict=True, which drops it; the search starts over from "
                 "init_step_size, with the step counter at 0", UserWarning, stacklevel=2)
-        groups = [{k: v for k, v in group.items() if k != _SEARCH_KEY} for group in groups]
+        # another optimizer's foreach/fused (AdamW keeps them in every group) chose its own kernels, not ours
+        dropped = () if carriers else _BACKEND_FLAGS
+        groups = [{k: v for k, v in group.items() if k != _SEARCH_KEY and k not in dropped} for group in groups]
         for index, group in enumerate(groups):
             group.setdefault("search_lr", group.get("lr", self.defaults["lr"]))  # saved before it existed
             lacking = [key for key in _GROUP_HYPER_KEYS if key not in group]

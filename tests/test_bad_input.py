@@ -1227,27 +1227,28 @@ def test_a_group_whose_foreach_or_fused_agrees_with_the_backend_steps_as_one_wit
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-def test_a_checkpoint_whose_group_asks_for_another_backend_is_refused_and_torchs_default_one_loads():
-    """AdamW's groups carry foreach/fused: None (its default) loads into any FusedSaLSa, with the warning that
-    the search starts over; foreach=True loads where FusedSaLSa runs the torch backend, and is refused by
-    group and key where it runs another (here "auto"), nothing loaded."""
+def test_another_optimizers_checkpoint_loads_whatever_its_backend_flags_and_a_salsa_one_asking_for_another_is_refused():
+    """AdamW keeps foreach/fused in every group: its own kernels, not a request to this optimizer. Its checkpoint
+    loads into any FusedSaLSa whatever they are (with the warning that the search starts over), the flags left
+    out; a FusedSaLSa checkpoint whose group asks for another backend (set by hand) is refused by group and
+    key, nothing loaded."""
     model, chosen = _trained()  # backend="torch"
     _, auto = _trained(backend="auto")
-    for foreach in (None, True):
-        adamw = torch.optim.AdamW(model.parameters(), foreach=foreach)
+    for flags in ({}, {"foreach": True}, {"fused": True}):
+        adamw = torch.optim.AdamW(model.parameters(), **flags)
         model(_X).sum().backward()
         adamw.step()
-        if foreach is None:
+        assert {k: adamw.state_dict()["param_groups"][0][k] for k in flags} == flags
+        for opt in (auto, chosen):
             with pytest.warns(UserWarning, match="no search state"):
-                auto.load_state_dict(adamw.state_dict())
-        else:
-            assert_load_refused(auto, adamw.state_dict(), r"the checkpoint's parameter group 0 has foreach=True, "
-                                r"which asks for the torch backend.*backend='auto'.*nothing was loaded")
-        with pytest.warns(UserWarning, match="no search state"):
-            chosen.load_state_dict(adamw.state_dict())
-        assert chosen.param_groups[0]["foreach"] is foreach
-        chosen.zero_grad()
-        chosen.step(_closure(model))
+                opt.load_state_dict(adamw.state_dict())
+            assert "foreach" not in opt.param_groups[0] and "fused" not in opt.param_groups[0]
+            opt.zero_grad()
+            opt.step(_closure(model))
+    saved = auto.state_dict()
+    saved["param_groups"][0]["foreach"] = True
+    assert_load_refused(auto, saved, r"the checkpoint's parameter group 0 has foreach=True, which asks for the torch "
+                        r"backend.*backend='auto'.*nothing was loaded")
 
 
 @pytest.mark.parametrize("flag, other, agreeing", [("foreach", False, True), ("fused", True, False)])
