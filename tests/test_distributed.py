@@ -1207,7 +1207,10 @@ def _lr_factor_closure_raises_on_one_rank_job(rank: int, out_dir: str) -> None:
             assert torch.equal(got[0], ref[0]), f"{target}: weights and buffers {what}"
             assert torch.equal(got[1], ref[1]), f"{target}: generators {what}"
             _assert_same_state(got[2], ref[2], f"{target}: optimizer state {what}")
-            assert got[3] == ref[3], f"{target}: the search's state {what}"
+            ref_search, got_search = dict(ref[3]), dict(got[3])
+            ref_forwards, got_forwards = ref_search.pop("scoring_forward_evals"), got_search.pop("scoring_forward_evals")
+            assert got_search == ref_search, f"{target}: the search's state {what}"
+            assert got_forwards == ref_forwards + 2, f"{target}: the failed call's two forwards are counted ({what})"
         _assert_same_on_all_ranks(_flat(ddp.parameters()), f"weights ({target})")
 
 
