@@ -78,8 +78,13 @@ def _step_with_a_closure(accelerated_step: Callable) -> Callable:
                 "that syncs (salsa_fused.integrations.accelerate, docs/integrations.md)")
         if loss is None:
             return accelerated_step(self, closure)
+        pending = salsa._handoff.bound_step
         salsa.bind_closure(closure, loss=loss)  # accelerate's step (and its GradScaler) take no loss=
-        accelerated_step(self)
+        try:
+            accelerated_step(self)
+        except BaseException:  # as after FusedSaLSa's own step(closure, loss=): nothing of this step stays bound
+            salsa._handoff.bound_step = pending
+            raise
         return loss
 
     step.__name__, step.__doc__ = "step", accelerated_step.__doc__

@@ -217,6 +217,28 @@ def test_the_two_phase_form_through_the_prepared_optimizer_is_the_plain_step():
         sgd.step(lambda: torch.zeros(()), loss=torch.zeros(()))
 
 
+def test_a_two_phase_step_through_the_prepared_optimizer_that_raises_leaves_nothing_bound():
+    """``step(closure, loss=loss)`` on the prepared optimizer binds the pair for accelerate's step: where that step
+    raises (here the closure, at the first trial), nothing may stay bound, as after the plain FusedSaLSa step (the
+    binding stayed: a later ``step()`` searched the batch that raised, a later ``step(closure)`` was refused)."""
+    model = make_model()
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(model, FusedSaLSa(model.parameters(), backend="torch"))
+    batch = batches()[0]
+    loss = mse(model, batch)
+    accelerator.backward(loss)
+
+    def failing():
+        raise ValueError("the closure failed")
+    with pytest.raises(ValueError, match="the closure failed"):
+        optimizer.step(failing, loss=loss.detach())
+    salsa = optimizer.optimizer
+    assert salsa._handoff.bound_step is None and salsa.search_state.step == 0
+    optimizer.zero_grad()
+    optimizer.step(lambda: mse(model, batch))  # the one-phase form runs on
+    assert salsa.search_state.step == 1
+
+
 def test_rejects_other_optimizers():
     model = make_model()
     accelerator = Accelerator(cpu=True)
