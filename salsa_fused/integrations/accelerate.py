@@ -66,8 +66,10 @@ def _step_with_a_closure(accelerated_step: Callable) -> Callable:
     that step, closure and all, so the micro-batch would never be trained."""
 
     def step(self, closure=None, *, loss=None):
+        if closure is None and loss is None:  # every step of other loops: no unwrapping (1.1 us for another optimizer)
+            return accelerated_step(self)
         salsa = _wrapped_salsa(self)
-        if salsa is None or (closure is None and loss is None):
+        if salsa is None:
             return accelerated_step(self, closure) if loss is None else accelerated_step(self, closure, loss=loss)
         if not self.gradient_state.sync_gradients:
             raise RuntimeError(
