@@ -118,12 +118,18 @@ def _end_known_late(cooldown: float):
     return build
 
 
-def _nolength_averaged(**overrides):
+def _nolength_averaged(y_matched: bool = False, **overrides):
     """The preset told no run length (``total_steps=None``), its steps averaged schedule-free
-    (:class:`ScheduleFreeAverage`, section 60); ``overrides`` replace the preset's arguments."""
+    (:class:`ScheduleFreeAverage`, section 60); ``overrides`` replace the preset's arguments. With
+    ``y_matched`` every group's ``lr`` (the multiplier on the applied step; the trials still probe the
+    searched level) is ``1 / (1 - β)``, so that ``y``, which moves ``1 - β`` of ``z``'s step once the average
+    has weight, moves about the searched step (section 61)."""
     def build(task, model, total_steps) -> Built:
         built = _preset(presets.RECOMMENDED, length_known=False, **overrides)(task, model, total_steps)
         built.average = ScheduleFreeAverage(built.optimizer)
+        if y_matched:
+            for group in built.optimizer.param_groups:
+                group["lr"] = 1.0 / (1.0 - built.average.beta)
         return built
     return build
 
@@ -562,6 +568,8 @@ REGISTRY: Dict[str, Callable] = {
     # with beta1 = 0 (the gradient direction, as schedule-free AdamW has no first moment)
     "nolength_sf": _nolength_averaged(),
     "nolength_sf_b0": _nolength_averaged(betas=(0.0, 0.999)),
+    # section 61: ... with y's move matched to the searched step (lr = 1 / (1 - beta) = 10)
+    "nolength_sf_ymatch": _nolength_averaged(y_matched=True),
     # the search's own constants around the shipped preset (NOTES.md section 9): the growth of eta
     # before each search, the always-search warm-up, searching every step of the search phase
     "rec_growth1.0": _preset(presets.RECOMMENDED, growth=1.0),

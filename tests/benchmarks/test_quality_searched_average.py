@@ -74,6 +74,9 @@ def test_the_zoo_builds_it_without_a_run_length_and_evaluates_the_average():
         built = O.build(name, task, task.model(0), 100)
         assert built.family == "fused" and built.optimizer.schedule is None and built.average is not None
         assert built.optimizer.param_groups[0]["betas"][0] == beta1
+    matched = O.build("nolength_sf_ymatch", task, task.model(0), 100).optimizer
+    assert [g["lr"] for g in matched.param_groups] == [pytest.approx(10.0)] * len(matched.param_groups)
+    assert [g["search_lr"] for g in matched.param_groups] == [1.0] * len(matched.param_groups)
     result = run.train(task, "nolength_sf_b0", seed=0)
     assert result["diverged"] is None and math.isfinite(result["final_train_loss"]) and math.isfinite(result["val_loss"])
     assert len(result["step_sizes"]) == len(result["losses"]) == task.steps
