@@ -17,6 +17,7 @@ from examples.gpt import GPT, ByteBatches, GPTConfig, load_stdlib_corpus
 from salsa_fused import FusedSaLSa
 from salsa_fused.line_search import plan_step
 from tests.models import tanh_mlp
+from tests.step_forms import step_in_form
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                  reason="CUDA-only: needs a GPU"))]
@@ -347,12 +348,7 @@ def _autocast_run(form: str, outer: bool, steps: int = 10):
 
         opt.zero_grad()
         with region():
-            if form == "one_phase":
-                opt.step(closure)
-            else:
-                loss = closure()
-                loss.backward()
-                opt.step(closure, loss=loss.detach())
+            step_in_form(opt, closure, form)
     return model, opt
 
 

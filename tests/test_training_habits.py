@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from salsa_fused import FusedSaLSa, presets
 from salsa_fused.line_search import plan_step
 from tests.models import StaticLoss
+from tests.step_forms import step_in_form
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -124,12 +125,7 @@ def test_trials_leave_batchnorm_buffers_as_one_forward_leaves_them(form):
 
         opt.zero_grad()
         evals = opt.num_forward_evals
-        if form == "one_phase":
-            opt.step(closure)
-        else:
-            loss = closure()
-            loss.backward()
-            opt.step(closure, loss=loss.detach())
+        step_in_form(opt, closure, form)
         searched += opt.num_forward_evals - evals - 1  # the trial forwards of this step
     assert searched >= 6  # trials ran, so the buffers had the chance to change
     _assert_buffers_as_after_one_forward(model[1], record)
