@@ -1695,10 +1695,14 @@ class FusedSaLSa(Optimizer, Joinable):
         one_phase = loss is None
         points = plan.is_search and n > 0
         replay = None
-        running_at_start = []  # one-phase: the running statistics before the gradient forwards
-        if points and one_phase:
-            replay = _IndexedReplay(closure, devices)
+        running_at_start = []  # one-phase search: the running statistics before the gradient forwards
+        rng_at_start = None  # and the generators, where no replay's first call keeps them
+        if one_phase and plan.is_search:
             running_at_start = self._running_statistics()
+            if points:
+                replay = _IndexedReplay(closure, devices)
+            else:
+                rng_at_start = RNGSnapshot.capture(devices)
         reuse = True  # the point at w0 reuses the gradient batches' losses
         if one_phase:
             total = None  # the gradient batches' losses summed in float64
@@ -1806,8 +1810,8 @@ class FusedSaLSa(Optimizer, Joinable):
         except BaseException:
             # Not applied: in the one-phase form the generators and running statistics go back to
             # before the step's first gradient forward, so that step(closure) again runs the same forwards.
-            if one_phase and replay is not None:
-                _leave_random_state(replay.first.get(0), running_at_start)
+            if one_phase:
+                _leave_random_state(replay.first.get(0) if replay is not None else rng_at_start, running_at_start)
             else:
                 _leave_random_state(replay.end if replay is not None else None, running)
             raise

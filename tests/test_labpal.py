@@ -551,6 +551,28 @@ def test_batchnorm_statistics_are_those_of_the_gradient_forwards_only():
         assert torch.equal(getattr(model[1], name), getattr(twin[1], name)), name
 
 
+@pytest.mark.parametrize("kind", ["approximation", "update"])
+def test_a_refused_search_step_puts_back_the_generators_and_batchnorm_statistics(kind):
+    """A search step refused with NonFiniteError (a NaN loss) leaves everything as it was, the
+    generators and the running statistics its gradient forwards moved included, as the single-batch
+    form does, so that step(closure) again runs the same forwards: an approximation did, an NSGD
+    update (a search step without points) left the dropout generator and BatchNorm's statistics moved."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 12), torch.nn.BatchNorm1d(12), torch.nn.Tanh(),
+                                torch.nn.Dropout(0.3), torch.nn.Linear(12, 1))
+    opt = LABPAL(model.parameters(), "NSGD", model=model, backend=BACKEND, **SETTINGS)
+    _run(opt, model, range(1 if kind == "update" else 1 + SETTINGS["sgd_steps"]))
+    buffers, rng, state = copy.deepcopy(model.state_dict()), torch.get_rng_state(), opt.search_state
+    opt.zero_grad()
+    with pytest.raises(NonFiniteError, match="non-finite loss"):
+        opt.step(lambda i: _closure(model, 9)(i) * float("nan"))
+    assert opt.search_state == state
+    assert torch.equal(torch.get_rng_state(), rng)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, buffers[name]), name
+    assert _run(opt, model, [9])[0]["kind"] == kind
+
+
 def test_a_checkpoint_of_labpal_and_one_of_the_adam_rules_do_not_load_into_each_other():
     """LABPAL keeps scalars of its own from its first step and the Adam rules none: a checkpoint
     that says otherwise was saved under the other rule, and is refused with nothing changed."""
