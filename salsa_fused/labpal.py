@@ -21,7 +21,7 @@ starts from, and the final move ``alpha * s_min / ||g||``. Between approximation
 
 A failed fit (``a <= 0`` or ``b >= 0``, or a non-finite loss at ``mu`` or ``2 mu``) keeps the
 previous rate (SGD) or step length (NSGD), or before any success moves nothing and approximates
-again at the next step. A non-finite loss at ``s = 0`` (on a gradient batch or a point batch, at
+again at the next step (a ``RuntimeWarning`` each time, as when the three losses are equal). A non-finite loss at ``s = 0`` (on a gradient batch or a point batch, at
 the weights before the step) is the step's own loss: the step is skipped or refused as
 ``nonfinite=`` says, as any step with a NaN/inf loss. Under ``torch.amp.GradScaler``, a skipped
 NSGD update (a search step) advances none of LABPAL's counters; a skipped SGD update (a plain
@@ -140,6 +140,13 @@ class _LABPALSearch:
                        "no step is taken until a fit succeeds")
                     + "; keep fp32 weights (autocast for the compute) or raise sample_step", RuntimeWarning,
                     stacklevel=2)
+            elif labpal["update_step"] is None:  # losses that differ by rounding alone fail the fit as well
+                warnings.warn(
+                    f"LABPAL: no step has been taken: none of its {labpal['num_approximations']} fits found a "
+                    f"minimum ahead along -g (the last: losses {self.losses} at s = 0, mu and 2 mu, mu = {mu}), "
+                    "and no step is taken until one does. With bf16 or fp16 weights the trial moves of mu along "
+                    "g / ||g|| are near the weights' resolution and the losses differ by rounding: keep fp32 "
+                    "weights (autocast for the compute) or raise sample_step", RuntimeWarning, stacklevel=2)
         if labpal["update_step"] is not None:
             rate = labpal["learning_rate"] * self.norm if rule.mode == "SGD" else labpal["update_step"]
             self.move = rate

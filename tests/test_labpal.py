@@ -8,7 +8,9 @@ import copy
 import math
 import os
 import pickle
+import re
 import tempfile
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -531,6 +533,39 @@ def test_trials_below_the_weights_resolution_warn_instead_of_stalling_silently()
         opt.step(lambda i: model(x[i % 2]).float().pow(2).mean())
     assert torch.equal(model.weight, before)
     assert opt.search_state.rule_state["num_failed_fits"] == 1
+
+
+def test_fits_that_fail_before_any_step_warn_though_the_losses_differ():
+    """bf16 weights of a 5-64-64-1 MLP: the trials move most weights by less than their resolution, the
+    three losses differ by rounding and no parabola has a minimum ahead (fp32: the first fit succeeds).
+    Every fit failed and no step was ever taken, silently; it warns as for equal losses."""
+    def closure(model, dtype, step):
+        def loss(i):
+            x = torch.randn(16, 5, generator=torch.Generator().manual_seed(100 * step + i))
+            return torch.nn.functional.mse_loss(model(x.to(dtype)).float(), torch.sin(2 * x.sum(1, keepdim=True)))
+        return loss
+
+    for dtype in (torch.float32, torch.bfloat16):
+        model = tanh_mlp(5, 64, 64, 1, dtype=dtype)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = LABPAL(model.parameters(), "NSGD", backend=BACKEND, **SETTINGS)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for k in range(3):
+                opt.zero_grad()
+                opt.step(closure(model, dtype, k))
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        state = opt.search_state.rule_state
+        if dtype == torch.float32:
+            assert state["num_failed_fits"] == 0 and not messages
+            continue
+        losses = state["last"]["losses"]
+        assert state["num_failed_fits"] == 3 and len(set(losses)) == 3
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+        assert len(messages) == 3
+        assert all(re.search("no step has been taken.*keep fp32 weights.*raise sample_step", m, re.S)
+                   for m in messages)
+        assert "none of its 3 fits" in messages[-1]
 
 
 def test_batchnorm_statistics_are_those_of_the_gradient_forwards_only():
