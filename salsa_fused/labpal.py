@@ -21,8 +21,9 @@ starts from, and the final move ``alpha * s_min / ||g||``. Between approximation
 
 A failed fit (``a <= 0`` or ``b >= 0``, or a non-finite loss at ``mu`` or ``2 mu``) keeps the
 previous rate (SGD) or step length (NSGD), or before any success moves nothing and approximates
-again at the next step (a ``RuntimeWarning`` each time, as when the three losses are equal). A non-finite loss at ``s = 0`` (on a gradient batch or a point batch, at
-the weights before the step) is the step's own loss: the step is skipped or refused as
+again at the next step (a ``RuntimeWarning`` each time, as when the three losses are equal). A
+non-finite loss at ``s = 0`` (on a gradient batch or a point batch, at the weights before the step)
+is the step's own loss: the step is skipped or refused as
 ``nonfinite=`` says, as any step with a NaN/inf loss. Under ``torch.amp.GradScaler``, a skipped
 NSGD update (a search step) advances none of LABPAL's counters; a skipped SGD update (a plain
 step, no host read) still counts toward ``sgd_steps`` and the batches consumed (the next

@@ -1298,6 +1298,10 @@ class FusedSaLSa(Optimizer, Joinable):
                     "runs the forward pass and returns the loss at trial weights. A wrapper that steps "
                     "without the closure it was given (Lightning's 16-mixed GradScaler plugin) needs it "
                     "bound first: opt.bind_closure(closure, loss=loss); opt.step() (docs/integrations.md)")
+            if self.next_batches() is not None:  # the integrations refuse such a rule: not the way out
+                raise TypeError("FusedSaLSa.step() needs closure: this search rule reads several batches per step, "
+                                "so closure(i) runs the forward pass on batch i of this step and returns its loss "
+                                "(docs/api.md, several batches per step: closure(i))")
             raise TypeError("FusedSaLSa.step() needs closure: a function that runs the forward pass "
                             "and returns the loss (SaLSa evaluates it at trial weights). Through a trainer "
                             "that calls step() itself: salsa_fused.integrations.transformers.SaLSaTrainer for "

@@ -443,6 +443,11 @@ def test_bad_closures_and_non_finite_losses_leave_the_weights():
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(TypeError, match="its closure takes the batch index"):
         opt.step(lambda: _closure(model, 0)(0))
+    _closure(model, 0)(0).backward()
+    with pytest.raises(TypeError, match=r"needs closure: this search rule reads several batches.*closure\(i\)") \
+            as raised:
+        opt.step()  # the integrations' advice for the single-batch form would not do: they refuse LABPAL
+    assert "SaLSaTrainer" not in str(raised.value)
     opt.zero_grad()
     with pytest.raises(TypeError, match="closure\\(0\\) must return the loss as a scalar tensor"):
         opt.step(lambda i: "1.0")
