@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import inspect
 import math
 import numbers
@@ -422,6 +423,7 @@ class FusedSaLSa(Optimizer, Joinable):
         #: The backend module, chosen and checked here, once (raises with the reason it cannot run).
         self.backend = _backends.resolve(backend, self._device or torch.device("cpu"))
         self._fit_backend(self.param_groups)
+        _load_accelerate_integration_if_imported()
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -1896,6 +1898,18 @@ def _is_stale_loss(value: torch.Tensor, earlier_losses: Sequence[Tuple[torch.Ten
         return bool(torch.isnan(memory).all())
     finally:
         memory.copy_(bits)
+
+
+def _load_accelerate_integration_if_imported() -> None:
+    """Where accelerate is imported, import :mod:`salsa_fused.integrations.accelerate`: its ``AcceleratedOptimizer.step``
+    refuses a closure on a micro-batch that accelerate skips (the micro-batch would never be trained). A script
+    that prepares this optimizer has imported accelerate before building it, whether or not it imports the
+    integration; nothing is imported otherwise."""
+    if "accelerate" in sys.modules and "salsa_fused.integrations.accelerate" not in sys.modules:
+        try:
+            importlib.import_module("salsa_fused.integrations.accelerate")
+        except ImportError:  # an accelerate the integration cannot take: left as it is
+            pass
 
 
 def forget_autocast_casts() -> None:

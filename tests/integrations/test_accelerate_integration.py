@@ -192,6 +192,41 @@ def test_a_closure_handed_to_a_step_that_accelerate_skips_is_refused(form):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+_WITHOUT_THE_INTEGRATION_IMPORT = """
+import sys
+import torch
+from salsa_fused import FusedSaLSa
+FusedSaLSa([torch.nn.Parameter(torch.zeros(2))])
+assert "accelerate" not in sys.modules, "building the optimizer imported accelerate"
+from accelerate import Accelerator
+model = torch.nn.Linear(3, 1)
+accelerator = Accelerator(cpu=True, gradient_accumulation_steps=3)
+model, optimizer = accelerator.prepare(model, FusedSaLSa(model.parameters(), backend="torch"))
+x, y = torch.randn(4, 3), torch.randn(4, 1)
+with accelerator.accumulate(model):
+    try:
+        optimizer.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+    except RuntimeError as error:
+        assert "does not sync gradients" in str(error), error
+        print("refused")
+"""
+
+
+def test_a_script_that_never_imports_the_integration_gets_the_refusal_too():
+    """A user of accelerate who builds FusedSaLSa and never imports ``salsa_fused.integrations.accelerate``: the
+    optimizer imports it where accelerate is imported (never otherwise), so the closure that accelerate would
+    skip is refused there too (a fresh interpreter: this one has imported the integration already)."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_THE_INTEGRATION_IMPORT], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stdout.split() == ["refused"], done.stdout
+
+
 def test_the_two_phase_form_through_the_prepared_optimizer_is_the_plain_step():
     """``step(closure, loss=loss)`` on the prepared optimizer: accelerate's own step takes no ``loss=`` (a
     TypeError before); the binding hands both to FusedSaLSa's step."""
