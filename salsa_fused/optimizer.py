@@ -716,6 +716,7 @@ class FusedSaLSa(Optimizer, Joinable):
     def state_dict(self) -> dict:
         """As ``torch.optim``, with the search state in ``param_groups[0]["search"]``; the state-dict
         hooks see the whole of it (a post hook may return a replacement, as in torch)."""
+        _load_accelerate_integration_if_imported()  # accelerate's prepare() reads it (device placement)
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         with _torch_hooks_suspended(self, "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks"):
@@ -1311,6 +1312,8 @@ class FusedSaLSa(Optimizer, Joinable):
                             "its step (docs/integrations.md)")
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        if "accelerate" in sys.modules and _ACCELERATE_INTEGRATION not in sys.modules:  # no call on the hot path
+            _load_accelerate_integration_if_imported()  # built before accelerate's import: refusals from now on
         # Schedulers and users write here: check before any write. Groups whose every value read is
         # as it was at the last step that checked them (types too) are not checked again.
         hyper_keys = list(map(_hyper_key, self.param_groups))
@@ -1900,16 +1903,27 @@ def _is_stale_loss(value: torch.Tensor, earlier_losses: Sequence[Tuple[torch.Ten
         memory.copy_(bits)
 
 
+_ACCELERATE_INTEGRATION = "salsa_fused.integrations.accelerate"
+_accelerate_integration_failed = False  # an accelerate the integration cannot take: not tried again
+
+
+def _accelerate_imported_without_integration() -> bool:
+    modules = sys.modules
+    return "accelerate" in modules and _ACCELERATE_INTEGRATION not in modules and not _accelerate_integration_failed
+
+
 def _load_accelerate_integration_if_imported() -> None:
     """Where accelerate is imported, import :mod:`salsa_fused.integrations.accelerate`: its ``AcceleratedOptimizer.step``
-    refuses a closure on a micro-batch that accelerate skips (the micro-batch would never be trained). A script
-    that prepares this optimizer has imported accelerate before building it, whether or not it imports the
-    integration; nothing is imported otherwise."""
-    if "accelerate" in sys.modules and "salsa_fused.integrations.accelerate" not in sys.modules:
+    refuses a closure on a micro-batch that accelerate skips (the micro-batch would never be trained). Called
+    when the optimizer is built, at ``state_dict()`` (``accelerator.prepare`` reads it to place the state) and
+    at a step given a closure, so a script that never imports the integration, or builds the optimizer before
+    importing accelerate, gets it too; nothing is imported where accelerate is not."""
+    global _accelerate_integration_failed
+    if _accelerate_imported_without_integration():
         try:
-            importlib.import_module("salsa_fused.integrations.accelerate")
-        except ImportError:  # an accelerate the integration cannot take: left as it is
-            pass
+            importlib.import_module(_ACCELERATE_INTEGRATION)
+        except ImportError:
+            _accelerate_integration_failed = True
 
 
 def forget_autocast_casts() -> None:

@@ -236,6 +236,51 @@ def test_a_script_that_never_imports_the_integration_gets_the_refusal_too():
     assert done.stdout.split() == ["refused"], done.stdout
 
 
+_BUILT_BEFORE_ACCELERATE_IS_IMPORTED = """
+import sys
+import torch
+from salsa_fused import FusedSaLSa
+model = torch.nn.Linear(3, 1)
+salsa = FusedSaLSa(model.parameters(), backend="torch")
+assert "accelerate" not in sys.modules, "building the optimizer imported accelerate"
+from accelerate import Accelerator
+accelerator = Accelerator(cpu=True, gradient_accumulation_steps=3, device_placement=PLACEMENT)
+model, optimizer = accelerator.prepare(model, salsa)
+x, y = torch.randn(4, 3), torch.randn(4, 1)
+closure = lambda: torch.nn.functional.mse_loss(model(x), y)
+for micro_batch in range(6):
+    with accelerator.accumulate(model):
+        try:
+            optimizer.step(closure)
+            print("stepped" if accelerator.sync_gradients else "skipped")
+        except RuntimeError as error:
+            assert "does not sync gradients" in str(error), error
+            print("refused")
+        optimizer.zero_grad()
+"""
+
+
+@pytest.mark.parametrize("placement, printed", [
+    (True, ["refused", "refused", "stepped"] * 2),
+    (False, ["skipped", "skipped", "stepped", "refused", "refused", "stepped"]),
+])
+def test_an_optimizer_built_before_accelerate_is_imported_gets_the_refusal(placement, printed):
+    """FusedSaLSa built before ``import accelerate``: ``prepare`` reads its ``state_dict()`` to place the state,
+    which imports the integration, so every skipped micro-batch is refused. With ``device_placement=False``
+    nothing reaches the optimizer until its first step that syncs: the first window's micro-batches go by
+    unrefused (accelerate never calls the optimizer on them), and the refusal holds from there on."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    script = _BUILT_BEFORE_ACCELERATE_IS_IMPORTED.replace("PLACEMENT", str(placement))
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stdout.split() == printed, done.stdout
+
+
 def test_the_two_phase_form_through_the_prepared_optimizer_is_the_plain_step():
     """``step(closure, loss=loss)`` on the prepared optimizer: accelerate's own step takes no ``loss=`` (a
     TypeError before); the binding hands both to FusedSaLSa's step."""
