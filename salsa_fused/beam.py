@@ -51,7 +51,7 @@ import torch
 
 from ._rng import RNGSnapshot
 from .errors import NonFiniteError
-from .optimizer import FusedSaLSa, _torch_hooks_suspended, running_statistics
+from .optimizer import CALL_NAME, FusedSaLSa, _torch_hooks_suspended, running_statistics
 from .step_size import ScaledSchedule, check_factors, check_installed, scaled_by
 
 #: Options of earlier versions, removed after their ablations lost (benchmarks/quality/NOTES.md
@@ -252,8 +252,11 @@ class StepSizeBeam:
             self._decide(closure)
         self._applied_multiplier = self.multiplier
         self.optimizer.zero_grad(set_to_none=True)
+        def first_batch():
+            return closure(0)
+        setattr(first_batch, CALL_NAME, "closure(0)")  # what the optimizer's messages call it
         try:
-            loss = self.optimizer.step(lambda: closure(0))
+            loss = self.optimizer.step(first_batch)
         except BaseException:
             # the step did not happen (the optimizer put everything back): neither did this call's
             # decision, so a retry decides again from the same multiplier (its branches' forwards ran,
@@ -332,6 +335,7 @@ class StepSizeBeam:
                 except NonFiniteError as error:
                     raised.append(error)
                     raise
+            setattr(counted, CALL_NAME, f"closure({i})")
             raised: List[BaseException] = []
             opt.zero_grad(set_to_none=True)
             try:

@@ -66,7 +66,10 @@ CLOSURE_RAN_BACKWARD = ("{what} ran backward() itself (torch.optim's and the pub
                         "closure that returns the loss; under Lightning's automatic optimization the "
                         "trainer's closure runs the backward: set self.automatic_optimization = False as "
                         "docs/integrations.md shows)")
-CLOSURE_CHANGED_GRADIENTS = ("closure() changed the step's gradients in place during a trial forward (a "
+#: An attribute of a closure that wraps a caller's differently named one (StepSizeBeam's ``closure(i)``):
+#: the name messages give its call.
+CALL_NAME = "_salsa_call_name"
+CLOSURE_CHANGED_GRADIENTS = ("{what} changed the step's gradients in place during a trial forward (a "
                              "zero_grad(set_to_none=False), or a backward, inside it): the search reads them at "
                              "every trial, and each trial would have moved the weights nowhere. The closure "
                              "returns the loss only; call zero_grad() before step(). The weights, the moments "
@@ -1312,6 +1315,7 @@ class FusedSaLSa(Optimizer, Joinable):
                             "its step (docs/integrations.md)")
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        call = getattr(closure, CALL_NAME, "closure()")  # how messages name the closure's call
         if "accelerate" in sys.modules and _ACCELERATE_INTEGRATION not in sys.modules:  # no call on the hot path
             _load_accelerate_integration_if_imported()  # built before accelerate's import: refusals from now on
         # Schedulers and users write here: check before any write. Groups whose every value read is
@@ -1402,8 +1406,8 @@ class FusedSaLSa(Optimizer, Joinable):
             # torch's closure convention, backward(retain_graph=True) too; new tensors of zeros are not
             # a backward's (DDP's gradient_as_bucket_view swaps .grad for bucket views in a forward)
             if self._has_new_gradients() and not self._remember_if_zeros():
-                raise RuntimeError(CLOSURE_RAN_BACKWARD.format(what="closure()"))
-            loss_tensor = self._loss_tensor(value, "closure()", need_grad=True)
+                raise RuntimeError(CLOSURE_RAN_BACKWARD.format(what=call))
+            loss_tensor = self._loss_tensor(value, call, need_grad=True)
             rng_after = RNGSnapshot.capture(devices) if plan.is_search else None
             undo.append(self._take_back_own_gradients)
             loss_tensor.backward()
@@ -1437,7 +1441,7 @@ class FusedSaLSa(Optimizer, Joinable):
             self._plain_step(passes, plan, f0, not one_phase, unscaled)
             return loss_tensor.detach() if one_phase else loss
 
-        gradients_unchanged = _gradients_watch(passes, self._sharded_groups())
+        gradients_unchanged = _gradients_watch(passes, self._sharded_groups(), call)
         reruns = [0]  # the trials' extra forwards (_trial_loss)
 
         step_losses = _step_losses([value if one_phase else loss])
@@ -1447,7 +1451,7 @@ class FusedSaLSa(Optimizer, Joinable):
         checks_loss = not (one_phase or needs_reference or self.__dict__.get("_loss_checked", False))
 
         def forward(own_losses: Sequence = step_losses) -> torch.Tensor:
-            loss = self._trial_loss(closure, step_losses=own_losses, reruns=reruns)
+            loss = self._trial_loss(closure, call, step_losses=own_losses, reruns=reruns)
             gradients_unchanged()
             return loss
 
@@ -1772,7 +1776,7 @@ class FusedSaLSa(Optimizer, Joinable):
             self._plain_step(passes, plan, _loss_scalar(loss_tensor, self._device), not one_phase, unscaled)
             return loss_tensor.detach() if one_phase else loss
 
-        gradients_unchanged = _gradients_watch(passes, self._sharded_groups())
+        gradients_unchanged = _gradients_watch(passes, self._sharded_groups(), "closure(i)")
         reruns = [0]  # the trials' extra forwards (_trial_loss)
         own_losses = _step_losses(step_losses)
 
@@ -1965,7 +1969,7 @@ def _leave_random_state(rng: Optional[RNGSnapshot], running: List[Tuple[torch.Te
             buffer.copy_(saved)
 
 
-def _gradients_watch(passes: F.Passes, param_groups: Sequence[dict]) -> Callable[[], None]:
+def _gradients_watch(passes: F.Passes, param_groups: Sequence[dict], what: str) -> Callable[[], None]:
     """A check, for after each forward of a search, that raises when a closure changed the step's
     gradients in place (their version counters moved): the trials read those gradients. Under
     FSDP2 the buckets hold each gradient's local shard, whose counter an in-place op on the
@@ -1977,7 +1981,7 @@ def _gradients_watch(passes: F.Passes, param_groups: Sequence[dict]) -> Callable
 
     def unchanged() -> None:
         if any(g._version != version for g, version in recorded):
-            raise RuntimeError(CLOSURE_CHANGED_GRADIENTS)
+            raise RuntimeError(CLOSURE_CHANGED_GRADIENTS.format(what=what))
     return unchanged
 
 

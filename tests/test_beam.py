@@ -309,6 +309,27 @@ def test_a_closure_that_raises_in_a_branch_leaves_everything_as_before():
     assert beam.calls == 10 and beam.multiplier == 1.0 and not beam.decisions
 
 
+@pytest.mark.parametrize("bad_at, at_beam_step", [(2, True), (0, False)])
+def test_a_bad_loss_is_named_by_the_call_that_returned_it(bad_at, at_beam_step):
+    """The optimizer's messages name ``closure(i)``, the call the user wrote, with the ``i`` that returned the
+    bad value: in a branch, and at a plain step of the run (``closure(0)``), not the ``closure()`` the
+    optimizer's own contract has."""
+    model, opt, beam, data = _beam_after_ten_steps()
+    if not at_beam_step:
+        beam.step(lambda i: loss_on(model, data[10 + i]))  # past the beam step at 10
+    weights = [p.detach().clone() for p in model.parameters()]
+    start = beam.calls
+
+    def no_grad_path(i):
+        loss = loss_on(model, data[start + i])
+        return loss.detach() if i == bad_at else loss
+
+    with pytest.raises(RuntimeError, match=rf"^closure\({bad_at}\) returned a loss with no grad path"):
+        beam.step(no_grad_path)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    assert beam.calls == start
+
+
 def test_a_diverging_branch_scores_inf_and_every_branch_diverging_raises():
     model, opt, beam, data = _beam_after_ten_steps()
     base = beam.multiplier
