@@ -53,6 +53,7 @@ from .hypergradient import HypergradientMultiplier
 from .mechanic import Mechanic
 from .schedulefree_plus import ScheduleFreePlus
 from .searched_average import ScheduleFreeAverage
+from .weight_average import PowerEMA
 from .rules import ClimbingArmijo, EdgeRule, NonMonotoneArmijo, RatioArmijo
 
 WEIGHT_DECAY = 0.1
@@ -77,6 +78,7 @@ class Built:
     inner_family: Optional[str] = None  # ``lr_factor``: the wrapped optimizer's family (``torch`` or ``fused``)
     hyper: Optional[HypergradientMultiplier] = None  # section 53: a learned multiplier on the applied step
     average: Optional[ScheduleFreeAverage] = None  # section 60: schedule-free averaging of the searched steps
+    ema: Optional[PowerEMA] = None  # section 62: a power EMA of the weights beside the run, read over the tail
 
 
 def _fused(kwargs_of: Callable[[int], dict], decay: bool = True):
@@ -130,6 +132,16 @@ def _nolength_averaged(y_matched: bool = False, **overrides):
         if y_matched:
             for group in built.optimizer.param_groups:
                 group["lr"] = 1.0 / (1.0 - built.average.beta)
+        return built
+    return build
+
+
+def _nolength_ema(gamma: float):
+    """The preset told no run length (``total_steps=None``), its run untouched, with a power EMA of the weights
+    (:class:`PowerEMA`, section 62) beside it: the zoo reads the final losses at the average."""
+    def build(task, model, total_steps) -> Built:
+        built = _preset(presets.RECOMMENDED, length_known=False)(task, model, total_steps)
+        built.ema = PowerEMA(model, gamma)
         return built
     return build
 
@@ -570,6 +582,8 @@ REGISTRY: Dict[str, Callable] = {
     "nolength_sf_b0": _nolength_averaged(betas=(0.0, 0.999)),
     # section 61: ... with y's move matched to the searched step (lr = 1 / (1 - beta) = 10)
     "nolength_sf_ymatch": _nolength_averaged(y_matched=True),
+    # section 62: ... its run untouched, the losses read at a power EMA of its weights (gamma 3, 7, 17)
+    **{f"nolength_ema{gamma}": _nolength_ema(gamma) for gamma in (3, 7, 17)},
     # the search's own constants around the shipped preset (NOTES.md section 9): the growth of eta
     # before each search, the always-search warm-up, searching every step of the search phase
     "rec_growth1.0": _preset(presets.RECOMMENDED, growth=1.0),

@@ -157,12 +157,16 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
     losses: List[torch.Tensor] = []
     step_sizes: List[float] = []
     backoffs: List[list] = []  # [step, b] each time the range test's back-off changed
+    ema_losses: List[float] = []  # section 62: the average's loss on each tail batch, read before the step
+    ema_from = len(task.batches) - max(1, len(task.batches) // 10)
     diverged = None
     _sync(task.device)
     start = time.perf_counter()
     for k, batch in enumerate(task.batches):
         try:
             if family == "fused":
+                if built.ema is not None and k >= ema_from:
+                    ema_losses.append(built.ema.loss(lambda averaged: task.loss(averaged, batch)))
                 opt.zero_grad(set_to_none=True)
                 if built.hyper is not None:
                     built.hyper.before_step()
@@ -171,6 +175,8 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
                 _record_level(opt, opt.schedule, k + 1, step_sizes, backoffs, multiplier)
                 if built.hyper is not None:
                     built.hyper.after_step()
+                if built.ema is not None:
+                    built.ema.update()
             elif family == "beam":
                 batches = task.batches  # closure(i): batch i of this step's horizon, the stream from step k on
                 loss = built.beam.step(lambda i: task.loss(model, batches[k + i]))
@@ -233,6 +239,10 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
     val = task.evaluate(model) if diverged is None else math.nan
     tail = max(1, len(values) // 10)
     final = sum(values[-tail:]) / tail if diverged is None and values else math.nan
+    raw_final = final
+    if built.ema is not None:  # the losses at the average, over the same tail; the iterates' kept beside them
+        final = sum(ema_losses) / tail if diverged is None and len(ema_losses) == tail else math.nan
+        val = task.evaluate(built.ema.evaluated_model()) if diverged is None else math.nan
     if family == "fused":
         forwards = opt.num_forward_evals
     elif family == "beam":
@@ -250,6 +260,8 @@ def train(task, name: str, seed: int, record_searches: bool = True) -> dict:
                   step_time_ms=1e3 * elapsed / max(1, len(values)),
                   forwards_per_step=forwards / max(1, len(values)), diverged=diverged,
                   losses=values, step_sizes=step_sizes, searches=searches)
+    if built.ema is not None:
+        result["raw_final_train_loss"] = raw_final
     if family == "beam":  # each beam step: its branches' scores, the factor kept, the multiplier
         result["beam_decisions"] = built.beam.decisions
     if family in ("fused", "beam") and getattr(opt.schedule, "freeze_below", 0.0):

@@ -150,6 +150,8 @@ def run_unit(unit: Unit, provenance: dict) -> dict:
     levels = [s for s in result["step_sizes"] if math.isfinite(s)]
     spec = Z.ZOO[task_name]
     extra = {}
+    if "raw_final_train_loss" in result:  # section 62: the iterates' own, where the row's is the average's
+        extra["raw_final_train_loss"] = _finite(result["raw_final_train_loss"])
     if "beam_decisions" in result:  # the factors a beam kept and the scores it kept them on
         extra["beam_decisions"] = [_decision_row(d) for d in result["beam_decisions"]]
     if "early_freeze" in result:  # a schedule with freeze_below: the step the level froze early at (0: never)
