@@ -943,10 +943,15 @@ class FusedSaLSa(Optimizer, Joinable):
             self._saved[p] = buffer
         return buffer
 
-    def _loss_tensor(self, value, what: str, need_grad: bool) -> torch.Tensor:
-        """``value`` checked as a loss; ``what``: a closure call (``"closure()"``) or ``"loss"`` (step's argument)."""
+    def _loss_tensor(self, value, what: str, need_grad: bool, closure: Optional[Callable] = None) -> torch.Tensor:
+        """``value`` checked as a loss; ``what``: a closure call (``"closure()"``) or ``"loss"`` (step's argument),
+        ``closure``'s own name for its call where it has one (:data:`CALL_NAME`)."""
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not need_grad:
             return torch.tensor(float(value), dtype=torch.float32, device=self._device)
+        if (isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point()
+                and not value.is_complex() and (value.requires_grad or not need_grad)):
+            return value
+        what = what if closure is None else _call_name(closure, what)
         must = f"{what} must return" if what.endswith(")") else f"step()'s {what}= must be"
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{must} the loss as a scalar tensor, got {type(value).__name__}")
@@ -1315,7 +1320,6 @@ class FusedSaLSa(Optimizer, Joinable):
                             "its step (docs/integrations.md)")
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
-        call = getattr(closure, CALL_NAME, "closure()")  # how messages name the closure's call
         if "accelerate" in sys.modules and _ACCELERATE_INTEGRATION not in sys.modules:  # no call on the hot path
             _load_accelerate_integration_if_imported()  # built before accelerate's import: refusals from now on
         # Schedulers and users write here: check before any write. Groups whose every value read is
@@ -1406,8 +1410,8 @@ class FusedSaLSa(Optimizer, Joinable):
             # torch's closure convention, backward(retain_graph=True) too; new tensors of zeros are not
             # a backward's (DDP's gradient_as_bucket_view swaps .grad for bucket views in a forward)
             if self._has_new_gradients() and not self._remember_if_zeros():
-                raise RuntimeError(CLOSURE_RAN_BACKWARD.format(what=call))
-            loss_tensor = self._loss_tensor(value, call, need_grad=True)
+                raise RuntimeError(CLOSURE_RAN_BACKWARD.format(what=_call_name(closure)))
+            loss_tensor = self._loss_tensor(value, "closure()", need_grad=True, closure=closure)
             rng_after = RNGSnapshot.capture(devices) if plan.is_search else None
             undo.append(self._take_back_own_gradients)
             loss_tensor.backward()
@@ -1441,6 +1445,7 @@ class FusedSaLSa(Optimizer, Joinable):
             self._plain_step(passes, plan, f0, not one_phase, unscaled)
             return loss_tensor.detach() if one_phase else loss
 
+        call = _call_name(closure)
         gradients_unchanged = _gradients_watch(passes, self._sharded_groups(), call)
         reruns = [0]  # the trials' extra forwards (_trial_loss)
 
@@ -1967,6 +1972,11 @@ def _leave_random_state(rng: Optional[RNGSnapshot], running: List[Tuple[torch.Te
     with torch.no_grad():
         for buffer, saved in running:
             buffer.copy_(saved)
+
+
+def _call_name(closure: Callable, default: str = "closure()") -> str:
+    """How messages name a call of ``closure``: its :data:`CALL_NAME` where a wrapper set one."""
+    return getattr(closure, CALL_NAME, default)
 
 
 def _gradients_watch(passes: F.Passes, param_groups: Sequence[dict], what: str) -> Callable[[], None]:
