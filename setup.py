@@ -31,22 +31,45 @@ def _extension_build():
               "use pip install --no-build-isolation, or SALSA_FUSED_JIT=1)", file=sys.stderr)
         return [], {}
 
+    sources = [BUILD["PYTHON_MODULE_SOURCE"]] + BUILD["CPU_SOURCES"]
+
+    def cpu_extension():
+        return cpp_extension.CppExtension("salsa_fused._C", sources, extra_compile_args={"cxx": BUILD["CXX_FLAGS"]},
+                                          extra_link_args=BUILD["LINK_FLAGS"])
+
     class OptionalBuildExtension(cpp_extension.BuildExtension):
-        """BuildExtension (ninja) that leaves a pure-Python install when compiling fails."""
+        """BuildExtension (ninja) that builds the CPU part alone when the CUDA part fails (an nvcc whose
+        CUDA differs from torch's, say), and leaves a pure-Python install when compiling fails."""
 
         def run(self):
+            # a run that raised left the compiler's name replaced by an object and inplace cleared: a retry
+            # starts from both as they were
+            compiler, inplace = self.compiler, self.inplace
             try:
-                super().run()
+                return super().run()
             except Exception as error:  # no compiler, failed compile: the package works without it
-                print(f"salsa_fused: C++ extension not built ({type(error).__name__}: {error}); "
-                      "the torch and triton backends remain", file=sys.stderr)
-                self.distribution.extension_not_built = True
-                for extension in self.extensions:  # an earlier build's library must not ship as this one's
-                    stale = self.get_ext_fullpath(extension.name)
-                    if not self.inplace and os.path.exists(stale):
-                        os.remove(stale)
+                failure = error
+            if any(source.endswith(".cu") for extension in self.extensions for source in extension.sources):
+                print(f"salsa_fused: the CUDA part of the C++ extension not built ({type(failure).__name__}: "
+                      f"{failure}); building its CPU part alone", file=sys.stderr)
+                cpu = cpu_extension()
+                for extension in self.extensions:  # setuptools' own fields on it stay (finalize_options set them)
+                    for field in ("sources", "include_dirs", "library_dirs", "libraries", "extra_compile_args",
+                                  "extra_link_args", "define_macros", "language"):
+                        setattr(extension, field, getattr(cpu, field))
+                self.compiler, self.inplace = compiler, inplace
+                try:
+                    return super().run()
+                except Exception as error:
+                    failure = error
+            print(f"salsa_fused: C++ extension not built ({type(failure).__name__}: {failure}); "
+                  "the torch and triton backends remain", file=sys.stderr)
+            self.distribution.extension_not_built = True
+            for extension in self.extensions:  # an earlier build's library must not ship as this one's
+                stale = self.get_ext_fullpath(extension.name)
+                if not self.inplace and os.path.exists(stale):
+                    os.remove(stale)
 
-    sources = [BUILD["PYTHON_MODULE_SOURCE"]] + BUILD["CPU_SOURCES"]
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None \
         and os.environ.get("SALSA_FUSED_NO_CUDA") != "1"
     if with_cuda:
@@ -55,9 +78,7 @@ def _extension_build():
             extra_compile_args={"cxx": BUILD["CXX_FLAGS"], "nvcc": BUILD["NVCC_FLAGS"]},
             extra_link_args=BUILD["LINK_FLAGS"])
     else:
-        extension = cpp_extension.CppExtension(
-            "salsa_fused._C", sources, extra_compile_args={"cxx": BUILD["CXX_FLAGS"]},
-            extra_link_args=BUILD["LINK_FLAGS"])
+        extension = cpu_extension()
     return [extension], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 
 
