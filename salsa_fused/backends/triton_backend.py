@@ -66,9 +66,29 @@ PLAIN_STEP_16BIT_MAXNREG = {"bf16": 80, "fp16": 88}
 LAUNCH_COUNTER: collections.Counter = collections.Counter()
 
 
+#: The oldest Triton whose CPU interpreter follows a pointer loaded from memory. The kernels read their tensors'
+#: addresses from a table; under Triton 3.0's and 3.1's interpreter those loads and stores reach nothing, and a
+#: step moved no weight and no moment, silently (seen with torch 2.4.1; compiled kernels are another path).
+MIN_INTERPRETER_TRITON = (3, 2)
+
+
+def _interpreter_refusal() -> Optional[str]:
+    """Why the kernels cannot run under this Triton's interpreter, or None (not interpreting, or a new enough one)."""
+    if os.environ.get("TRITON_INTERPRET") != "1" or _IMPORT_ERROR is not None:
+        return None
+    release = tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
+    if release >= MIN_INTERPRETER_TRITON:
+        return None
+    return (f"Triton {triton.__version__}'s CPU interpreter (TRITON_INTERPRET=1) does not follow the tensor "
+            f"addresses the kernels load from their tables, so its steps would move nothing; it needs Triton "
+            f">= {'.'.join(map(str, MIN_INTERPRETER_TRITON))} (`pip install 'triton>=3.2' --no-deps` beside an "
+            "older torch's pin), or backend='torch' / 'cpp' on the CPU")
+
+
 def is_available() -> bool:
-    """Triton imports, and kernels can run: a CUDA device, or the interpreter (TRITON_INTERPRET=1)."""
-    if _IMPORT_ERROR is not None:
+    """Triton imports, and kernels can run: a CUDA device, or the interpreter (TRITON_INTERPRET=1) of a Triton
+    that runs them."""
+    if _IMPORT_ERROR is not None or _interpreter_refusal() is not None:
         return False
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -81,6 +101,9 @@ def check(device: torch.device) -> None:
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(f"backend='triton' cannot run on {device}: Triton needs CUDA tensors, or "
                            "TRITON_INTERPRET=1 set before triton is imported for the CPU interpreter")
+    refusal = _interpreter_refusal()
+    if refusal is not None:
+        raise RuntimeError(f"backend='triton' cannot run here: {refusal}")
 
 
 unsupported = kernel_unsupported
