@@ -12,6 +12,12 @@ import torch
 
 TensorList = List[torch.Tensor]
 
+#: torch's (major, minor) release.
+TORCH_RELEASE = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+#: torch.optim takes ``model.named_parameters()`` and keeps the names in ``param_groups[i]["param_names"]``
+#: from torch 2.6 on; older releases refuse the ``(name, tensor)`` pairs.
+OPTIMIZER_KEEPS_PARAMETER_NAMES = TORCH_RELEASE >= (2, 6)
+
 foreach_add = torch._foreach_add
 foreach_add_ = torch._foreach_add_
 foreach_addcmul_ = torch._foreach_addcmul_

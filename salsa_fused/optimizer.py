@@ -36,6 +36,7 @@ except ImportError:  # a torch that moved them: never empty here, so every step 
     _global_optimizer_pre_hooks = _global_optimizer_post_hooks = {"unknown": None}
 
 from . import backends as _backends
+from ._compat import OPTIMIZER_KEEPS_PARAMETER_NAMES
 from ._rng import RNGSnapshot
 from .buckets import BucketCache, check_gradient
 from . import functional as F
@@ -501,6 +502,9 @@ class FusedSaLSa(Optimizer, Joinable):
         # (name, tensor) pairs of named_parameters(): torch keeps the names in "param_names"
         tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) else p
                    for p in params]
+        if not OPTIMIZER_KEEPS_PARAMETER_NAMES and any(t is not p for t, p in zip(tensors, params)):
+            raise TypeError(f"FusedSaLSa takes model.named_parameters() where torch.optim keeps the names, from torch "
+                            f"2.6 on; this is torch {torch.__version__}: pass model.parameters() (or upgrade torch)")
         for p in tensors:
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"FusedSaLSa can only optimize Tensors, got {type(p).__name__}")

@@ -92,6 +92,19 @@ def test_named_parameters_are_accepted_and_their_names_saved():
     assert reference.state_dict()["param_groups"][0]["param_names"] == saved["param_names"]
 
 
+def test_named_parameters_on_a_torch_that_keeps_no_names_are_refused_naming_the_release(monkeypatch):
+    """torch.optim takes named_parameters() from torch 2.6 on; before it FusedSaLSa says so and what to pass (torch's
+    own message there, "can only optimize Tensors, but one of the params is tuple", named neither)."""
+    import salsa_fused.optimizer as optimizer_module
+    monkeypatch.setattr(optimizer_module, "OPTIMIZER_KEEPS_PARAMETER_NAMES", False)
+    model = _model()
+    with pytest.raises(TypeError, match=r"named_parameters\(\) where torch.optim keeps the names, from torch 2\.6"):
+        FusedSaLSa(model.named_parameters(), backend="torch")
+    with pytest.raises(TypeError, match="from torch 2.6"):
+        FusedSaLSa([{"params": list(model.named_parameters())}], backend="torch")
+    FusedSaLSa(model.parameters(), backend="torch")  # tensors alone still build
+
+
 def _odd_parameters():
     fp64 = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
     strided = torch.randn(4, 8)[:, ::2].detach().requires_grad_()  # a leaf with a gap in its storage
