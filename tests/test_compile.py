@@ -133,8 +133,11 @@ def test_optimizer_and_triton_plain_steps_read_nothing_on_the_host(monkeypatch):
     if not triton_usable(torch.device("cpu")) and not torch.cuda.is_available():
         if importlib.util.find_spec("triton") is None:
             pytest.fail('Triton is not installed: pip install -e ".[test]"')
-        pytest.fail("triton backend unusable on the CPU: TRITON_INTERPRET=1 must be set before triton "
-                    "imports (tests/conftest.py sets it)")
+        from salsa_fused.backends import triton_backend
+        try:
+            triton_backend.check(torch.device("cpu"))
+        except RuntimeError as error:
+            pytest.fail(f"triton backend unusable on the CPU: {error}")
     model = make_model()
     opt = warmed_optimizer(model, backend="triton")
     loss_of = lambda x, y: F.mse_loss(model(x), y)  # noqa: E731
