@@ -21,7 +21,7 @@ SOURCES = ("*.py", "*.cpp", "*.h", "*.cu", "*.cuh")
 def _sdist_names(tmp_path) -> set:
     subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path),
                     "sdist", "-d", str(tmp_path)], cwd=ROOT, check=True, capture_output=True, timeout=300)
-    (archive,) = tmp_path.glob("salsa_fused-*.tar.gz")
+    (archive,) = tmp_path.glob("salsa[-_]fused-*.tar.gz")  # setuptools before 69.3 kept the dash
     with tarfile.open(archive) as sdist:
         return {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
 
