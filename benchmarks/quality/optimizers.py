@@ -136,11 +136,12 @@ def _nolength_averaged(y_matched: bool = False, **overrides):
     return build
 
 
-def _nolength_ema(gamma: float):
-    """The preset told no run length (``total_steps=None``), its run untouched, with a power EMA of the weights
-    (:class:`PowerEMA`, section 62) beside it: the zoo reads the final losses at the average."""
+def _nolength_ema(gamma: float, length_known: bool = False):
+    """The preset told no run length (``total_steps=None``; told it with ``length_known``, section 63), its run
+    untouched, with a power EMA of the weights (:class:`PowerEMA`, section 62) beside it: the zoo reads the final
+    losses at the average."""
     def build(task, model, total_steps) -> Built:
-        built = _preset(presets.RECOMMENDED, length_known=False)(task, model, total_steps)
+        built = _preset(presets.RECOMMENDED, length_known=length_known)(task, model, total_steps)
         built.ema = PowerEMA(model, gamma)
         return built
     return build
@@ -584,6 +585,8 @@ REGISTRY: Dict[str, Callable] = {
     "nolength_sf_ymatch": _nolength_averaged(y_matched=True),
     # section 62: ... its run untouched, the losses read at a power EMA of its weights (gamma 3, 7, 17)
     **{f"nolength_ema{gamma}": _nolength_ema(gamma) for gamma in (3, 7, 17)},
+    # section 63: the preset told its length, its run untouched, the losses read at the power EMA (gamma 17)
+    "pretrain_ema17": _nolength_ema(17, length_known=True),
     # the search's own constants around the shipped preset (NOTES.md section 9): the growth of eta
     # before each search, the always-search warm-up, searching every step of the search phase
     "rec_growth1.0": _preset(presets.RECOMMENDED, growth=1.0),

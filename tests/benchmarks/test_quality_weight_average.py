@@ -66,3 +66,13 @@ def test_the_zoo_run_beside_it_is_the_no_length_run_and_its_losses_are_the_avera
     assert averaged["raw_final_train_loss"] == control["final_train_loss"]
     assert math.isfinite(averaged["final_train_loss"]) and averaged["final_train_loss"] != control["final_train_loss"]
     assert math.isfinite(averaged["val_loss"]) and averaged["val_loss"] != control["val_loss"]
+
+
+def test_the_preset_told_its_length_runs_beside_the_average_as_without_it():
+    from benchmarks.quality import run
+    from benchmarks.quality.zoo import tasks as Z
+
+    control = run.train(Z.make("mlp_tanh_cycled", 0, steps=40), "salsa_recommended", seed=0)
+    averaged = run.train(Z.make("mlp_tanh_cycled", 0, steps=40), "pretrain_ema17", seed=0)
+    assert averaged["losses"] == control["losses"] and averaged["raw_final_train_loss"] == control["final_train_loss"]
+    assert math.isfinite(averaged["final_train_loss"]) and averaged["final_train_loss"] != control["final_train_loss"]
