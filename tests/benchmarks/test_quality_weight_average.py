@@ -28,7 +28,8 @@ def test_the_average_after_t_steps_weights_step_s_as_its_power_law_share(gamma):
         expected = sum(share * x for share, x in zip(shares, _iterates()[:t]))
         torch.testing.assert_close(ema.model.weight.detach()[0], expected, rtol=1e-12, atol=1e-13)
     assert ema.steps == 9
-    assert relative_width(7) == pytest.approx(0.0994, abs=1e-4) and relative_width(17) == pytest.approx(0.0499, abs=1e-4)
+    assert relative_width(7) == pytest.approx(0.0994, abs=1e-4)
+    assert relative_width(17) == pytest.approx(0.0499, abs=1e-4)
 
 
 def test_reading_the_average_leaves_the_trained_model_and_the_generator_alone():
