@@ -177,10 +177,14 @@ class SearchState:
                                                and 0 < value <= FLOAT32_MAX):
                 raise ValueError(f"search state {name} must be a finite number > 0 that float32 holds (at most "
                                  f"{FLOAT32_MAX:.4g}), got {value!r}")
-        for name in ("loss_decrease_avg", "slope_avg", "search_interval", "last_search_loss", "last_loss_decrease"):
+        for name in ("loss_decrease_avg", "slope_avg", "last_search_loss", "last_loss_decrease"):
             value = getattr(self, name)
             if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise ValueError(f"search state {name} must be a finite number, got {value!r}")
+        interval = self.search_interval  # L = min(L_max, 1 / (r - 1 + 1e-8)) > 0 at every step
+        if isinstance(interval, bool) or not (isinstance(interval, (int, float)) and math.isfinite(interval)
+                                              and interval > 0):
+            raise ValueError(f"search state search_interval must be a finite number > 0, got {interval!r}")
         if not isinstance(self.rule_state, dict):
             raise ValueError(f"search state rule_state must be a dict, got {type(self.rule_state).__name__}")
         for name in ("search_loss_avg", "search_loss_avg_low", "scale_hold"):
