@@ -225,3 +225,20 @@ def test_state_dict_round_trip_and_unknown_keys():
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SearchConfig(**kwargs).validate()
+
+
+@pytest.mark.parametrize("name, value", [("loss_decrease_avg", 1e300), ("slope_avg", -1e39)])
+def test_a_checkpoint_whose_h_or_s_float32_cannot_hold_is_refused_at_load(name, value):
+    """h and s are kept in float32: a checkpoint holding one beyond its range loaded, and then every step
+    raised "ArmijoSearch.finish() returned a state no run can reach", blaming the search, not the checkpoint."""
+    import torch
+
+    from salsa_fused import FusedSaLSa
+    from tests.refusals import assert_load_refused
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    opt = FusedSaLSa([weight], backend="torch")
+    opt.step(lambda: (weight * weight).sum())
+    saved = opt.state_dict()
+    saved["param_groups"][0]["search"][name] = value
+    assert_load_refused(opt, saved, f"search state {name} must be a finite number that float32 holds")
