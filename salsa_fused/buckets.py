@@ -73,6 +73,27 @@ def check_gradient(p: torch.Tensor, grad: torch.Tensor) -> None:
                            "gradients must have the dtype of their parameters")
 
 
+def check_parameter(p) -> None:
+    """Raise (TypeError, ValueError) naming the problem when ``p`` cannot be a parameter: checked where a
+    group is added and, for a tensor with a gradient put into ``param_groups`` by hand, where a step builds
+    its group's buckets."""
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"FusedSaLSa can only optimize Tensors, got {type(p).__name__}")
+    if p.is_complex():
+        raise ValueError("FusedSaLSa does not support complex parameters: keep a real one of its own, "
+                         "p = torch.nn.Parameter(torch.view_as_real(z.detach()).clone()), and use "
+                         "torch.view_as_complex(p) in the forward (torch.view_as_real(z) itself is not a "
+                         "leaf tensor and cannot be optimized)")
+    if not p.is_floating_point():
+        raise ValueError(f"FusedSaLSa needs floating-point parameters, got {p.dtype}")
+    if p.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise ValueError(f"unsupported parameter dtype {p.dtype}")
+    if any(stride == 0 and size > 1 for stride, size in zip(p.stride(), p.shape)):
+        raise ValueError(f"a parameter of shape {tuple(p.shape)} has elements that share memory (an "
+                         f"expanded tensor, strides {p.stride()}): an update cannot write it in place; "
+                         "make it a parameter of its own memory (.clone() or .contiguous())")
+
+
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -212,30 +233,32 @@ class BucketCache:
 
     def collect(self, param_groups: List[dict], init_state: Callable[[torch.Tensor], dict],
                 saved_buffer: Optional[Callable[[torch.Tensor], torch.Tensor]],
-                state: Optional[Mapping] = None) -> List[Bucket]:
+                state: Optional[Mapping] = None, fit: Optional[Callable[[], None]] = None) -> List[Bucket]:
         """The buckets of the params that have gradients, their gradients checked.
 
         ``init_state(p)`` gives p's state dict (moments created if missing);
         ``saved_buffer(p)`` its copy of ``w0`` for ``restore="copy"`` (None: no copies);
         ``state``: the optimizer's state mapping; where its moments are no longer those the
-        buckets hold (replaced, cleared), every group is built again.
-        Raises before anything is created when a gradient is unusable.
+        buckets hold (replaced, cleared), every group is built again;
+        ``fit()``, called once where a group is built, after the parameters are checked and before
+        any state is created, raises for weights the backend cannot take.
+        Raises before anything is created when a gradient or a parameter is unusable.
         """
         if state is not None and self._groups and not self._moments_current(state):
             self._groups.clear()
         rebuilds = self.rebuilds
-        buckets = self._collect(param_groups, init_state, saved_buffer, state)
+        buckets = self._collect(param_groups, init_state, saved_buffer, state, fit)
         if state is not None and (self.rebuilds != rebuilds or state is not self._state):
             self._state, self._state_fingerprint = state, _fingerprint(state)
             signature_of = _extension_function("moments_signature")
             self._state_signature = signature_of(state) if signature_of is not None else None
         return buckets
 
-    def _collect(self, param_groups, init_state, saved_buffer, state) -> List[Bucket]:
+    def _collect(self, param_groups, init_state, saved_buffer, state, fit) -> List[Bucket]:
         for index in [i for i in self._groups if i >= len(param_groups)]:
             del self._groups[index]  # groups do not shrink in torch.optim, but a reload may
         buckets: List[Bucket] = []
-        repeats_checked = False  # once per step that rebuilds a group
+        checked = False  # the repeats and the backend's fit: once per step that rebuilds a group
         signature_of = _group_signature()
         for index, group in enumerate(param_groups):
             params = group["params"]
@@ -263,9 +286,13 @@ class BucketCache:
             if (entry is None or weight_pointers is None or entry.weight_pointers != weight_pointers
                     or entry.has_grad != has_grad or entry.param_ids != tuple(map(id, params))
                     or entry.weight_strides != tuple(map(_stride_of, weights))):
-                if not repeats_checked:
+                if not checked:
                     refuse_repeated_params(param_groups)
-                    repeats_checked = True
+                    for p in [p for g in param_groups for p in g["params"] if p.grad is not None]:
+                        check_parameter(p)  # one put into param_groups by hand
+                    if fit is not None:
+                        fit()
+                    checked = True
                 if entry is not None and weight_pointers is not None and state is not None:
                     refuse_relaid_in_place(params, weights, weight_pointers, entry, state)
                 entry = self._build(index, params, grads, has_grad, init_state, saved_buffer, state)

@@ -38,7 +38,7 @@ except ImportError:  # a torch that moved them: never empty here, so every step 
 from . import backends as _backends
 from ._compat import OPTIMIZER_KEEPS_PARAMETER_NAMES
 from ._rng import RNGSnapshot
-from .buckets import BucketCache, check_gradient
+from .buckets import BucketCache, check_gradient, check_parameter
 from . import functional as F
 from .backends.base import GRADIENT, MOMENTUM, Bucket, Hyper
 from .errors import caller_stacklevel
@@ -506,21 +506,7 @@ class FusedSaLSa(Optimizer, Joinable):
             raise TypeError(f"FusedSaLSa takes model.named_parameters() where torch.optim keeps the names, from torch "
                             f"2.6 on; this is torch {torch.__version__}: pass model.parameters() (or upgrade torch)")
         for p in tensors:
-            if not isinstance(p, torch.Tensor):
-                raise TypeError(f"FusedSaLSa can only optimize Tensors, got {type(p).__name__}")
-            if p.is_complex():
-                raise ValueError("FusedSaLSa does not support complex parameters: keep a real one of its own, "
-                                 "p = torch.nn.Parameter(torch.view_as_real(z.detach()).clone()), and use "
-                                 "torch.view_as_complex(p) in the forward (torch.view_as_real(z) itself is not a "
-                                 "leaf tensor and cannot be optimized)")
-            if not p.is_floating_point():
-                raise ValueError(f"FusedSaLSa needs floating-point parameters, got {p.dtype}")
-            if p.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-                raise ValueError(f"unsupported parameter dtype {p.dtype}")
-            if any(stride == 0 and size > 1 for stride, size in zip(p.stride(), p.shape)):
-                raise ValueError(f"a parameter of shape {tuple(p.shape)} has elements that share memory (an "
-                                 f"expanded tensor, strides {p.stride()}): an update cannot write it in place; "
-                                 "make it a parameter of its own memory (.clone() or .contiguous())")
+            check_parameter(p)
             devices.add(p.device)
         if len(devices) > 1:
             names = ", ".join(sorted(str(d) for d in devices))
@@ -921,15 +907,8 @@ class FusedSaLSa(Optimizer, Joinable):
         """Buckets of the params that have gradients (kept across steps, see
         :mod:`salsa_fused.buckets`); validates the gradients first."""
         saved = self._saved_buffer if self.restore_strategy == "copy" else None
-        rebuilds = self._buckets.rebuilds
-        buckets = self._buckets.collect(self.param_groups, self._init_state, saved, self.state)
-        if self._buckets.rebuilds != rebuilds:  # new weights (model.double(), model.half() ...)
-            try:
-                self._refit_backend()
-            except Exception:
-                self._buckets.clear()  # the next step checks again, not a cached layout
-                raise
-        return buckets
+        # a group built again (new weights: model.double(), model.half() ...) fits the backend first
+        return self._buckets.collect(self.param_groups, self._init_state, saved, self.state, self._refit_backend)
 
     def _refit_backend(self) -> None:
         """The weights changed after construction: ``"auto"`` chooses again over all of them (a

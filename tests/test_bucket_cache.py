@@ -9,6 +9,7 @@ import torch
 
 from salsa_fused import FusedSaLSa, buckets
 from salsa_fused.backends import triton_backend
+from tests.refusals import assert_unchanged, snapshot
 
 BACKENDS = ["torch"] + (["triton"] if triton_backend.is_available() else [])
 SIGNATURE = buckets._group_signature()
@@ -513,3 +514,41 @@ def test_a_square_weight_transposed_at_its_address_is_refused_with_nothing_writt
     with pytest.raises(ValueError, match=r"laid out anew at its own address \(strides \(4, 1\) -> \(1, 4\)"):
         opt.step(lambda: ((x @ weight) ** 2).mean())
     assert torch.equal(before[0], weight) and all(torch.equal(v, opt.state[weight][k]) for k, v in before[1].items())
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["cpp"])
+def test_an_expanded_parameter_put_into_param_groups_by_hand_is_refused_with_nothing_written(backend):
+    """The constructor and add_param_group refuse a parameter whose elements share memory; appended to a
+    group's list by hand, the torch backend moved the other weights and wrote the moments, then failed in
+    torch's in-place error."""
+    if backend == "cpp":
+        pytest.importorskip("salsa_fused._C", reason="the C++ extension is not built")
+    weight = torch.nn.Parameter(torch.ones(3))
+    opt = FusedSaLSa([weight], backend=backend)
+    expanded = torch.nn.Parameter(torch.ones(1, 3).expand(4, 3))
+    opt.param_groups[0]["params"].append(expanded)
+    before = snapshot(opt)
+    opt.zero_grad()
+    with pytest.raises(ValueError, match=r"a parameter of shape \(4, 3\) has elements that share memory"):
+        opt.step(lambda: (weight * weight).sum() + (expanded * expanded).sum())
+    assert_unchanged(before, snapshot(opt))
+
+
+@pytest.mark.parametrize("backend", BACKENDS[1:] + ["cpp"])
+def test_a_parameter_the_backend_refuses_at_the_step_gets_no_state(backend):
+    """A float64 tensor appended to a group by hand: a named compiled backend refuses it at the step, but
+    its moments were made first, so the refused step left opt.state changed."""
+    if backend == "cpp":
+        pytest.importorskip("salsa_fused._C", reason="the C++ extension is not built")
+    weight = torch.nn.Parameter(torch.ones(3))
+    opt = FusedSaLSa([weight], backend=backend)
+    opt.zero_grad()
+    opt.step(lambda: (weight * weight).sum())
+    late = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt.param_groups[0]["params"].append(late)
+    before = snapshot(opt)
+    opt.zero_grad()
+    with pytest.raises(ValueError, match=r"cannot take param_groups\[0\]\['params'\]\[1\]: it is torch.float64"):
+        opt.step(lambda: (weight * weight).sum() + (late * late).sum().float())
+    assert_unchanged(before, snapshot(opt))
+
