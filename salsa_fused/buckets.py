@@ -124,6 +124,37 @@ def check_moments(p: torch.Tensor, state: Mapping) -> None:
                              "nothing was written")
 
 
+def _span(tensor: torch.Tensor) -> Tuple[int, int]:
+    """The bytes ``tensor`` reaches, as ``(first, end)``: from its first element to past its last."""
+    local = _local(tensor)
+    reach = sum((size - 1) * stride for size, stride in zip(local.shape, local.stride())) + 1
+    return local.data_ptr(), local.data_ptr() + reach * local.element_size()
+
+
+def refuse_shared_moments(param_groups: List[dict], state: Mapping) -> None:
+    """Raise ValueError when a moment in ``state`` of a parameter with a gradient overlaps another such
+    moment or a weight in memory (set by hand: ``s["exp_avg"] = s["exp_avg_sq"] = torch.zeros_like(p)``):
+    each write of one would change the other."""
+    spans = []
+    for p in (p for group in param_groups for p in group["params"] if p.grad is not None):
+        spans.append((*_span(p), "the weight", p))
+        moments = state[p] if p in state and isinstance(state[p], Mapping) else {}
+        for name in _MOMENTS:
+            moment = moments.get(name)
+            if isinstance(moment, torch.Tensor) and moment.layout == torch.strided and moment.numel():
+                spans.append((*_span(moment), f"opt.state[p][{name!r}]", p))
+    reaching = None  # of the spans before, the one that reaches furthest
+    for span in sorted((span for span in spans if span[0] and span[1] > span[0]), key=operator.itemgetter(0)):
+        if reaching is not None and span[0] < reaching[1] and "opt.state" in span[2] + reaching[2]:
+            (_, _, what, p), (_, _, other, q) = reaching, span
+            raise ValueError(f"{what} of a parameter of shape {tuple(p.shape)} and {other} of a parameter of "
+                             f"shape {tuple(q.shape)}{' (the same one)' if p is q else ''} share memory (set by "
+                             "hand?): a step that writes one would change the other. Give each moment a tensor "
+                             "of its own (torch.zeros_like(p) for each); nothing was written")
+        if reaching is None or span[1] > reaching[1]:
+            reaching = span
+
+
 def refuse_relaid_in_place(params, weights, weight_pointers, entry: "_GroupEntry", state: Mapping) -> None:
     """Raise ValueError when a weight with moments kept its address but not its strides since the
     buckets were built: ``p.data = p.data.t()`` (or ``.view(...)``) moves the values, not the memory,
@@ -290,6 +321,8 @@ class BucketCache:
                     refuse_repeated_params(param_groups)
                     for p in [p for g in param_groups for p in g["params"] if p.grad is not None]:
                         check_parameter(p)  # one put into param_groups by hand
+                    if state is not None:
+                        refuse_shared_moments(param_groups, state)
                     if fit is not None:
                         fit()
                     checked = True

@@ -552,3 +552,38 @@ def test_a_parameter_the_backend_refuses_at_the_step_gets_no_state(backend):
         opt.step(lambda: (weight * weight).sum() + (late * late).sum().float())
     assert_unchanged(before, snapshot(opt))
 
+
+_SHARED_MOMENTS = {
+    "one tensor for both moments": lambda ps, state: state[ps[0]].update(
+        dict.fromkeys(("exp_avg", "exp_avg_sq"), torch.zeros_like(ps[0]))),
+    "a moment in another's memory": lambda ps, state: state[ps[1]].__setitem__(
+        "exp_avg", state[ps[0]]["exp_avg_sq"].view(-1)[:4]),
+    "the weight as its moment": lambda ps, state: state[ps[0]].__setitem__("exp_avg", ps[0].data),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["cpp"])
+@pytest.mark.parametrize("case", list(_SHARED_MOMENTS))
+def test_moments_set_by_hand_in_shared_memory_are_refused_with_nothing_written(backend, case):
+    """Moments reset by hand as ``s["exp_avg"] = s["exp_avg_sq"] = torch.zeros_like(p)``: the torch backend
+    wrote NaN weights at the next plain step (v took m's writes and went negative), cpp raised a
+    NonFiniteError later, triton trained on garbage moments; a moment in a weight's memory moved it."""
+    if backend == "cpp":
+        pytest.importorskip("salsa_fused._C", reason="the C++ extension is not built")
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(2, 4)), torch.nn.Parameter(torch.randn(4))]
+    opt = FusedSaLSa(params, backend=backend)
+    x = torch.randn(8, 2)
+
+    def closure():
+        return ((x @ params[0] + params[1]).tanh() ** 2).mean()
+
+    for _ in range(2):
+        opt.zero_grad()
+        opt.step(closure)
+    _SHARED_MOMENTS[case](params, opt.state)
+    before = snapshot(opt)
+    opt.zero_grad()
+    with pytest.raises(ValueError, match=r"of a parameter of shape \((2, 4|4,)\) .*share memory"):
+        opt.step(closure)
+    assert_unchanged(before, snapshot(opt))
