@@ -135,18 +135,19 @@ def refuse_shared_moments(param_groups: List[dict], state: Mapping) -> None:
     """Raise ValueError when a moment in ``state`` of a parameter with a gradient overlaps another such
     moment or a weight in memory (set by hand: ``s["exp_avg"] = s["exp_avg_sq"] = torch.zeros_like(p)``):
     each write of one would change the other."""
-    spans = []
+    spans = []  # (first byte, end, what, its parameter, whether it is a moment)
     for p in (p for group in param_groups for p in group["params"] if p.grad is not None):
-        spans.append((*_span(p), "the weight", p))
+        spans.append((*_span(p), "the weight", p, False))
         moments = state[p] if p in state and isinstance(state[p], Mapping) else {}
         for name in _MOMENTS:
             moment = moments.get(name)
             if isinstance(moment, torch.Tensor) and moment.layout == torch.strided and moment.numel():
-                spans.append((*_span(moment), f"opt.state[p][{name!r}]", p))
+                spans.append((*_span(moment), f"opt.state[p][{name!r}]", p, True))
     reaching = None  # of the spans before, the one that reaches furthest
     for span in sorted((span for span in spans if span[0] and span[1] > span[0]), key=operator.itemgetter(0)):
-        if reaching is not None and span[0] < reaching[1] and "opt.state" in span[2] + reaching[2]:
-            (_, _, what, p), (_, _, other, q) = reaching, span
+        # weights may share memory with each other (views of one storage); a moment may share none
+        if reaching is not None and span[0] < reaching[1] and (span[4] or reaching[4]):
+            (_, _, what, p, _), (_, _, other, q, _) = reaching, span
             raise ValueError(f"{what} of a parameter of shape {tuple(p.shape)} and {other} of a parameter of "
                              f"shape {tuple(q.shape)}{' (the same one)' if p is q else ''} share memory (set by "
                              "hand?): a step that writes one would change the other. Give each moment a tensor "

@@ -177,14 +177,15 @@ class SearchState:
                                                and 0 < value <= FLOAT32_MAX):
                 raise ValueError(f"search state {name} must be a finite number > 0 that float32 holds (at most "
                                  f"{FLOAT32_MAX:.4g}), got {value!r}")
-        for name in ("loss_decrease_avg", "slope_avg", "last_search_loss", "last_loss_decrease"):
+        for name in ("loss_decrease_avg", "slope_avg"):  # h and s are kept in float32: beyond it they are inf
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and abs(value) <= FLOAT32_MAX):
+                raise ValueError(f"search state {name} must be a finite number that float32 holds (at most "
+                                 f"{FLOAT32_MAX:.4g} in magnitude), got {value!r}")
+        for name in ("last_search_loss", "last_loss_decrease"):
             value = getattr(self, name)
             if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise ValueError(f"search state {name} must be a finite number, got {value!r}")
-        for name in ("loss_decrease_avg", "slope_avg"):  # h and s are kept in float32: beyond it they are inf
-            if abs(getattr(self, name)) > FLOAT32_MAX:
-                raise ValueError(f"search state {name} must be a finite number that float32 holds (at most "
-                                 f"{FLOAT32_MAX:.4g} in magnitude), got {getattr(self, name)!r}")
         interval = self.search_interval  # L = min(L_max, 1 / (r - 1 + 1e-8)) > 0 at every step
         if isinstance(interval, bool) or not (isinstance(interval, (int, float)) and math.isfinite(interval)
                                               and interval > 0):
