@@ -17,6 +17,8 @@ TORCH_RELEASE = tuple(int(part) for part in torch.__version__.split("+")[0].spli
 #: torch.optim takes ``model.named_parameters()`` and keeps the names in ``param_groups[i]["param_names"]``
 #: from torch 2.6 on; older releases refuse the ``(name, tensor)`` pairs.
 OPTIMIZER_KEEPS_PARAMETER_NAMES = TORCH_RELEASE >= (2, 6)
+#: Where FSDP2's ``fully_shard`` and ``FSDPModule`` live: public from torch 2.6, private on 2.4 and 2.5.
+FSDP2_MODULES = ("torch.distributed.fsdp", "torch.distributed._composable.fsdp")
 
 foreach_add = torch._foreach_add
 foreach_add_ = torch._foreach_add_
@@ -37,3 +39,17 @@ def to_float32(tensors: TensorList) -> TensorList:
     if all(t.dtype == torch.float32 for t in tensors):
         return tensors
     return [t if t.dtype == torch.float32 else t.float() for t in tensors]
+
+
+def fsdp2():
+    """The module that holds FSDP2's ``fully_shard`` and ``FSDPModule`` on this torch, or None without FSDP2."""
+    import importlib
+    for name in FSDP2_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "FSDPModule"):
+            return module
+    return None
+

@@ -33,6 +33,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from ._compat import fsdp2
 from .errors import ClosureFailedOnAnotherRank, NonFiniteError, NonFiniteOnEveryRank
 
 MIXED_FORMS = (
@@ -293,8 +294,7 @@ def fsdp_closure(model: torch.nn.Module, closure: Callable[[], torch.Tensor]) ->
 
 def fsdp_modules(model: torch.nn.Module) -> list:
     """The FSDP2 modules (``fully_shard``-ed) among ``model``'s modules; none without FSDP2."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without FSDP2
+    api = fsdp2()
+    if api is None:
         return []
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+    return [m for m in model.modules() if isinstance(m, api.FSDPModule)]

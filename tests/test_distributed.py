@@ -22,10 +22,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from salsa_fused import FusedSaLSa
-from salsa_fused.distributed import SearchReduction, default_reduction, fsdp_closure
+from salsa_fused._compat import TORCH_RELEASE, fsdp2
+from salsa_fused.distributed import SearchReduction, default_reduction, fsdp_closure, fsdp_modules
 from tests.gloo_group import spawn_in_gloo_group
 
 WORLD = 2
+# FSDP2 before torch 2.6 (torch.distributed._composable.fsdp) creates CUDA streams at its first forward
+fsdp2_forwards = pytest.mark.skipif(TORCH_RELEASE < (2, 6), reason="FSDP2 before torch 2.6 runs forwards on CUDA only")
 BATCH_PER_RANK = 8
 IN_FEATURES = 6
 
@@ -219,7 +222,7 @@ def test_ddp_matches_global_batch_accumulation_and_resume(tmp_path):
 
 # ----------------------------------------------------------------------------- FSDP2
 def _fsdp_model(seed, mesh):
-    from torch.distributed.fsdp import fully_shard
+    fully_shard = fsdp2().fully_shard
     model = _make_model(seed)
     fully_shard(model[0], mesh=mesh)  # a sub-module with its own all-gather
     fully_shard(model, mesh=mesh)     # the root keeps the other layers (unsharded after forward)
@@ -233,11 +236,25 @@ def _fsdp_step(model, opt, step, rank):
 
 
 def _full_weights(model) -> torch.Tensor:
-    from torch.distributed.fsdp import FSDPModule
+    FSDPModule = fsdp2().FSDPModule
     for module in model.modules():  # after a forward the root holds unsharded plain tensors
         if isinstance(module, FSDPModule):
             module.reshard()
     return torch.cat([p.full_tensor().detach().reshape(-1) for p in model.parameters()])
+
+
+def _fsdp_modules_job(rank: int, out_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    model = _fsdp_model(0, init_device_mesh("cpu", (WORLD,)))
+    assert fsdp_modules(model) == [model, model[0]]
+    assert FusedSaLSa(model.parameters(), model=model)._fsdp_modules() == [model, model[0]]
+
+
+def test_the_fsdp2_modules_to_reshard_are_found_on_every_torch_with_fsdp2(tmp_path):
+    """torch 2.4 and 2.5 keep FSDP2 under torch.distributed._composable.fsdp: the optimizer built with model=
+    found no module there to reshard before its trials, so each trial after the first would read the root's stale
+    unsharded weights, without the warning it gives when it has no model."""
+    spawn_in_gloo_group(_fsdp_modules_job, str(tmp_path), WORLD, timeout_s=60)
 
 
 def _fsdp_job(rank, out_dir):
@@ -325,6 +342,7 @@ def _fsdp_zeroed_outside_job(rank, out_dir):
     assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
 
 
+@fsdp2_forwards
 def test_fsdp2_steps_after_sharded_gradients_zeroed_in_place_outside_the_optimizer(tmp_path):
     spawn_in_gloo_group(_fsdp_zeroed_outside_job, str(tmp_path), WORLD)
 
@@ -363,10 +381,12 @@ def _fsdp_zeroed_in_a_trial_job(rank, out_dir):
     _assert_same_on_all_ranks(_full_weights(model), "weights after the refused step and its retry")
 
 
+@fsdp2_forwards
 def test_fsdp2_a_closure_zeroing_sharded_gradients_in_a_trial_is_refused_on_every_rank(tmp_path):
     spawn_in_gloo_group(_fsdp_zeroed_in_a_trial_job, str(tmp_path), WORLD, timeout_s=120)
 
 
+@fsdp2_forwards
 def test_fsdp2_matches_single_process_and_resumes_from_dcp(tmp_path):
     """FSDP2 on CPU/gloo: kernels on local shards, q summed over the shard group, the same
     trajectory as one process on the concatenated batch; a torch.distributed.checkpoint
@@ -464,6 +484,7 @@ def _fsdp_plain_closure_job(rank: int, out_dir: str) -> None:
         opt.step(lambda: F.mse_loss(model(x), y))
 
 
+@fsdp2_forwards
 def test_fsdp2_with_a_plain_closure_reshards_through_model_or_warns(tmp_path):
     spawn_in_gloo_group(_fsdp_plain_closure_job, str(tmp_path), WORLD, timeout_s=120)
 
@@ -472,7 +493,7 @@ def _fsdp_overflow_job(rank: int, out_dir: str) -> None:
     """FSDP2 with one rank's shard empty: a search that gives up at weights that overflowed is
     refused (here skipped) on every rank alike, the finiteness read summed over the shards."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    fully_shard = fsdp2().fully_shard
     mesh = init_device_mesh("cpu", (WORLD,))
     torch.manual_seed(0)
     model = torch.nn.Linear(6, 1)  # weight (1, 6) and bias (1,): rank 1 holds empty shards
@@ -486,6 +507,7 @@ def _fsdp_overflow_job(rank: int, out_dir: str) -> None:
     assert torch.isfinite(_full_weights(model)).all()
 
 
+@fsdp2_forwards
 def test_fsdp2_ranks_refuse_alike_a_search_whose_weights_overflowed(tmp_path):
     spawn_in_gloo_group(_fsdp_overflow_job, str(tmp_path), WORLD, timeout_s=60)
 
@@ -494,7 +516,7 @@ def _fsdp_nan_plain_loss_job(rank: int, out_dir: str) -> None:
     """FSDP2: one plain step whose loss is NaN (on every rank: the losses are averaged) is one
     skipped step when the next search reads the counts, not one per rank of the shard group."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    fully_shard = fsdp2().fully_shard
 
     from salsa_fused import NonFiniteError
     mesh = init_device_mesh("cpu", (WORLD,))
@@ -527,6 +549,7 @@ def _fsdp_nan_plain_loss_job(rank: int, out_dir: str) -> None:
     assert "on 1 plain step(s)" in reports["raise"][1], reports
 
 
+@fsdp2_forwards
 def test_fsdp2_counts_a_nan_loss_of_a_plain_step_once(tmp_path):
     spawn_in_gloo_group(_fsdp_nan_plain_loss_job, str(tmp_path), WORLD, timeout_s=60)
 
@@ -581,7 +604,7 @@ def _explicit_reduction_job(rank: int, out_dir: str) -> None:
     import io
 
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    fully_shard = fsdp2().fully_shard
     mesh = init_device_mesh("cpu", (WORLD,))
     with pytest.raises(ValueError, match="got a shard_group \\(of 2 ranks\\) without a loss_group.*Pass loss_group="):
         SearchReduction(shard_group=mesh.get_group())
@@ -1053,6 +1076,7 @@ def _fsdp_closure_raises_on_one_rank_job(rank: int, out_dir: str) -> None:
         assert runs[1][1] == runs[0][1], what
 
 
+@fsdp2_forwards
 def test_fsdp2_a_closure_that_raises_on_one_rank_raises_on_every_rank(tmp_path):
     spawn_in_gloo_group(_fsdp_closure_raises_on_one_rank_job, str(tmp_path), WORLD, timeout_s=30)
 
@@ -1089,6 +1113,7 @@ def _fsdp_mixed_forms_job(rank: int, out_dir: str) -> None:
     assert torch.equal(runs[1][0], runs[0][0]) and runs[1][1] == runs[0][1]
 
 
+@fsdp2_forwards
 def test_fsdp2_ranks_that_mix_the_one_and_two_phase_forms_are_refused_alike(tmp_path):
     spawn_in_gloo_group(_fsdp_mixed_forms_job, str(tmp_path), WORLD, timeout_s=30)
 
@@ -1382,6 +1407,7 @@ def _labpal_mixed_forms_job(rank: int, out_dir: str) -> None:
     _assert_same_on_all_ranks(_full_weights(model), "weights")
 
 
+@fsdp2_forwards
 def test_fsdp2_labpal_ranks_that_mix_the_one_and_two_phase_forms_are_refused_alike(tmp_path):
     spawn_in_gloo_group(_labpal_mixed_forms_job, str(tmp_path), WORLD, timeout_s=20)
 
@@ -1682,6 +1708,7 @@ def _labpal_check_after_a_failed_point_job(rank: int, out_dir: str) -> None:
     _assert_same_on_all_ranks(_full_weights(model), "weights")
 
 
+@fsdp2_forwards
 def test_fsdp2_labpal_check_of_loss_after_a_point_forward_raised_on_one_rank(tmp_path):
     spawn_in_gloo_group(_labpal_check_after_a_failed_point_job, str(tmp_path), WORLD, timeout_s=20)
 
@@ -1755,6 +1782,7 @@ def _found_inf_on_one_rank_job(rank: int, out_dir: str) -> None:
     assert torch.equal(_full_weights(model), before)
 
 
+@fsdp2_forwards
 def test_fsdp2_grad_scaler_with_found_inf_on_one_rank_skips_on_every_rank(tmp_path):
     spawn_in_gloo_group(_found_inf_on_one_rank_job, str(tmp_path), WORLD, timeout_s=30)
 
