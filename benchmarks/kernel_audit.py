@@ -62,8 +62,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
+from salsa_fused._compat import triton_kernel_source  # noqa: E402
 from salsa_fused.backends import triton_backend  # noqa: E402
 from salsa_fused.backends.base import GRADIENT, MOMENTUM, RAW, Bucket, Hyper, Move, PassArgs  # noqa: E402
 
@@ -326,8 +326,7 @@ def _options_for(variant: Variant, capability: int) -> Dict[str, object]:
 
 def audit_variant(variant: Variant, target: str) -> dict:
     capability = TARGETS[target]
-    source = ASTSource(variant.fn, signature=variant.signature, constexprs=variant.constexprs,
-                       attrs=variant.attrs)
+    source = triton_kernel_source(variant.fn, variant.signature, variant.constexprs, variant.attrs)
     options = _options_for(variant, capability)
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
     ptx = compiled.asm["ptx"]

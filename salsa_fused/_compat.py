@@ -1,4 +1,5 @@
-"""The one home of torch's private multi-tensor APIs used by this package.
+"""The one home of torch's private multi-tensor APIs used by this package, and of what differs
+between the torch (and Triton) releases it runs on.
 
 ``torch._foreach_*`` ops are stable in practice but private; every call site
 goes through the names below so a torch release that moves them is a one-file fix.
@@ -53,3 +54,19 @@ def fsdp2():
             return module
     return None
 
+
+def triton_kernel_source(fn, signature: dict, constexprs: dict, attrs: dict):
+    """``triton.compiler.ASTSource`` of the JIT function ``fn`` for an ahead-of-time ``triton.compile``:
+    ``signature`` and ``constexprs`` keyed by argument name, ``attrs`` as ``{(index,): [["tt.divisibility", 16]]}``.
+    Triton 3.0 (torch 2.4's pin) keys both by argument index, takes the constexprs as ``constants`` and the
+    alignment as an ``AttrsDescriptor``."""
+    import inspect
+
+    from triton.compiler import ASTSource
+    if "constexprs" in inspect.signature(ASTSource).parameters:
+        return ASTSource(fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    from triton.compiler.compiler import AttrsDescriptor
+    index = fn.arg_names.index
+    return ASTSource(fn, signature={index(name): kind for name, kind in signature.items() if name not in constexprs},
+                     constants={index(name): value for name, value in constexprs.items()},
+                     attrs=AttrsDescriptor(divisible_by_16={i for (i,), _ in attrs.items()}))

@@ -87,7 +87,15 @@ def _locate_block(tensor_table_ptr, block_table_ptr, BLOCK: tl.constexpr):
 @triton.jit
 def _stream(row_ptr, COLUMN: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     """The typed data pointer of one stream of this program's tensor."""
-    ptr = tl.load(row_ptr + COLUMN).to(tl.pointer_type(DTYPE))
+    address = tl.load(row_ptr + COLUMN)
+    # one branch per dtype, named: Triton 3.0's pointer_type refuses a constexpr element type
+    if DTYPE == tl.float32:
+        ptr = address.to(tl.pointer_type(tl.float32))
+    elif DTYPE == tl.bfloat16:
+        ptr = address.to(tl.pointer_type(tl.bfloat16))
+    else:
+        tl.static_assert(DTYPE == tl.float16)
+        ptr = address.to(tl.pointer_type(tl.float16))
     if ALIGNED:
         ptr = tl.multiple_of(ptr, 16)
     return ptr
@@ -141,10 +149,10 @@ def _stays_finite(ptr, value):
 @triton.jit
 def _store(ptr, offsets, value, mask, FULL: tl.constexpr):
     """Round ``value`` once (to nearest even) to the stream's dtype and store it."""
-    if ptr.dtype.element_ty == tl.bfloat16 and value.dtype == tl.float32:
-        value = _round_to_bf16(value)
-    else:
-        value = value.to(ptr.dtype.element_ty)
+    if ptr.dtype.element_ty == tl.bfloat16:
+        if value.dtype == tl.float32:  # nested: Triton 3.0 compiles no `and` of two dtype comparisons
+            value = _round_to_bf16(value)
+    value = value.to(ptr.dtype.element_ty)
     if FULL:
         tl.store(ptr + offsets, value)
     else:
