@@ -41,3 +41,14 @@ def assert_load_refused(opt, state_dict: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         opt.load_state_dict(state_dict)
     assert_unchanged(before, snapshot(opt))
+
+
+def give_gradient_of_another_dtype(param: torch.Tensor, gradient: torch.Tensor) -> None:
+    """``param.grad = gradient`` though their dtypes differ, as a bad gradient can arrive: torch with
+    ``Tensor.grad_dtype`` takes it once that is None; torch 2.4 refuses the assignment, not a ``.data`` swap."""
+    if hasattr(torch.Tensor, "grad_dtype"):
+        param.grad_dtype = None
+        param.grad = gradient
+    else:
+        param.grad = torch.zeros_like(param)
+        param.grad.data = gradient

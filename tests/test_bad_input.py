@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from salsa_fused import LABPAL, FusedSaLSa, NonFiniteError
 from salsa_fused.line_search import plan_step
 from tests.models import StaticLoss
-from tests.refusals import assert_load_refused, assert_unchanged, snapshot
+from tests.refusals import assert_load_refused, assert_unchanged, give_gradient_of_another_dtype, snapshot
 
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -408,8 +408,7 @@ def test_gradient_of_another_dtype():
     model, opt = _trained()
     before = snapshot(opt)
     weight = model[0].weight
-    weight.grad_dtype = None  # allow any grad dtype
-    weight.grad = torch.zeros_like(weight, dtype=torch.float64)
+    give_gradient_of_another_dtype(weight, torch.zeros_like(weight, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="dtype of their parameters"):
         opt.step(_closure(model), loss=torch.tensor(1.0))
     assert_unchanged(before, snapshot(opt))
@@ -424,8 +423,7 @@ def test_a_bad_gradient_creates_no_state_for_other_parameters():
     assert late not in opt.state
     late.requires_grad_(True)
     late.grad = torch.ones(3)
-    other.grad_dtype = None
-    other.grad = torch.ones(2, dtype=torch.float64)
+    give_gradient_of_another_dtype(other, torch.ones(2, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="gradient of dtype torch.float64"):
         opt.step(lambda: (late * other.detach().sum()).sum(), loss=torch.tensor(1.0))
     assert len(opt.state.get(late, {})) == 0

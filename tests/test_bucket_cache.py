@@ -9,7 +9,7 @@ import torch
 
 from salsa_fused import FusedSaLSa, buckets
 from salsa_fused.backends import triton_backend
-from tests.refusals import assert_unchanged, snapshot
+from tests.refusals import assert_unchanged, give_gradient_of_another_dtype, snapshot
 
 BACKENDS = ["torch"] + (["triton"] if triton_backend.is_available() else [])
 SIGNATURE = buckets._group_signature()
@@ -104,8 +104,7 @@ def test_new_gradient_with_a_wrong_dtype_is_still_checked_after_warm_up():
     weights = [p.detach().clone() for p in params]
     loss = _loss(params, [], 3)
     loss.backward()
-    params[0].grad_dtype = None  # torch then accepts a gradient of another dtype
-    params[0].grad = params[0].grad.double()
+    give_gradient_of_another_dtype(params[0], params[0].grad.double())
     with pytest.raises(RuntimeError, match="gradient of dtype torch.float64"):
         opt.step(lambda: loss, loss=loss)
     assert all(torch.equal(p, w) for p, w in zip(params, weights))
@@ -127,8 +126,8 @@ def test_gradient_of_another_dtype_at_a_validated_address_is_checked():
         opt.step(lambda: loss, loss=loss)
     weights = [p.detach().clone() for p in params]
     loss = _loss(params, [], 2)
-    params[0].grad_dtype = None  # torch then accepts a gradient of another dtype
-    params[0].grad = storage[0].view(torch.bfloat16).reshape(-1)[:params[0].numel()].view(params[0].shape)
+    give_gradient_of_another_dtype(params[0], storage[0].view(torch.bfloat16).reshape(-1)[:params[0].numel()]
+                                   .view(params[0].shape))
     assert params[0].grad.data_ptr() == storage[0].data_ptr()
     with pytest.raises(RuntimeError, match="gradient of dtype torch.bfloat16"):
         opt.step(lambda: loss, loss=loss)
@@ -338,8 +337,7 @@ def test_a_wrong_gradient_after_cycling_raises_and_the_next_layout_gets_its_own_
              "remembered address": storages[0][3].view(torch.float16)}  # the second bucket's
     for what, gradient in wrong.items():
         loss = _backward_into(params, storages[2 if what == "new address" else 0], 4)
-        params[3].grad_dtype = None  # torch then accepts a gradient of another dtype
-        params[3].grad = gradient
+        give_gradient_of_another_dtype(params[3], gradient)
         with pytest.raises(RuntimeError, match=f"gradient of dtype {gradient.dtype}"):
             opt.step(lambda: loss, loss=loss)
         assert all(torch.equal(p, w) for p, w in zip(params, weights)), what
