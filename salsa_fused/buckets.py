@@ -75,8 +75,8 @@ def check_gradient(p: torch.Tensor, grad: torch.Tensor) -> None:
 
 def check_parameter(p) -> None:
     """Raise (TypeError, ValueError) naming the problem when ``p`` cannot be a parameter: checked where a
-    group is added and, for a tensor with a gradient put into ``param_groups`` by hand, where a step builds
-    its group's buckets."""
+    group is added and, for a tensor put into ``param_groups`` by hand, where a step builds its group's
+    buckets."""
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"FusedSaLSa can only optimize Tensors, got {type(p).__name__}")
     if p.is_complex():
@@ -101,8 +101,11 @@ def check_moments(p: torch.Tensor, state: Mapping) -> None:
     """Raise ValueError naming the problem when ``p``'s state (``opt.state[p]``, changed by hand)
     holds a moment the kernels cannot read: each is a float32 strided tensor of ``p``'s shape on
     its device, and neither or both are there (none: created at the first step)."""
-    present = [name for name in _MOMENTS if name in state]
     where = f"opt.state[p] of a parameter of shape {tuple(p.shape)}"
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{where} is a {type(state).__name__}, not a dict (set by hand?): it holds the "
+                         "parameter's moments by name ('exp_avg', 'exp_avg_sq'); nothing was written")
+    present = [name for name in _MOMENTS if name in state]
     if len(present) == 1:
         (lacking,) = set(_MOMENTS) - set(present)
         raise ValueError(f"{where} has {present[0]!r} but no {lacking!r} (changed by hand?); nothing was written")
@@ -320,7 +323,7 @@ class BucketCache:
                     or entry.weight_strides != tuple(map(_stride_of, weights))):
                 if not checked:
                     refuse_repeated_params(param_groups)
-                    for p in [p for g in param_groups for p in g["params"] if p.grad is not None]:
+                    for p in [p for g in param_groups for p in g["params"]]:
                         check_parameter(p)  # one put into param_groups by hand
                     if state is not None:
                         refuse_shared_moments(param_groups, state)
@@ -421,9 +424,10 @@ def _fingerprint(state: Mapping) -> tuple:
     entries = state.values()
     try:
         return tuple(map(_EXP_AVG, entries)), tuple(map(_EXP_AVG_SQ, entries))
-    except KeyError:  # a dict without moments (a param that never had a gradient): the slower way
-        return (tuple(entry.get("exp_avg") for entry in entries),
-                tuple(entry.get("exp_avg_sq") for entry in entries))
+    except (KeyError, TypeError):  # a dict without moments (a param that never had a gradient), or no dict
+        # (set by hand: the entry itself stands for both, so the groups are built again and check_moments says so)
+        return (tuple(entry.get("exp_avg") if isinstance(entry, Mapping) else entry for entry in entries),
+                tuple(entry.get("exp_avg_sq") if isinstance(entry, Mapping) else entry for entry in entries))
 
 
 def _same_objects(a: tuple, b: tuple) -> bool:

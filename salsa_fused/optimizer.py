@@ -24,7 +24,7 @@ import sys
 import warnings
 from copy import deepcopy
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -737,6 +737,7 @@ class FusedSaLSa(Optimizer, Joinable):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        _check_checkpoint_layout(state_dict)
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups):
             raise ValueError(
@@ -932,7 +933,7 @@ class FusedSaLSa(Optimizer, Joinable):
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not need_grad:
             return torch.tensor(float(value), dtype=torch.float32, device=self._device)
         if (isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point()
-                and not value.is_complex() and (value.requires_grad or not need_grad)):
+                and not value.is_complex() and not value.is_meta and (value.requires_grad or not need_grad)):
             return value
         what = what if closure is None else _call_name(closure, what)
         must = f"{what} must return" if what.endswith(")") else f"step()'s {what}= must be"
@@ -942,6 +943,10 @@ class FusedSaLSa(Optimizer, Joinable):
             raise ValueError(f"{must} a scalar loss, got a tensor of shape {tuple(value.shape)}")
         if value.is_complex() or not value.is_floating_point():
             raise TypeError(f"{must} a real floating-point loss, got {value.dtype}")
+        if value.is_meta:
+            raise ValueError(f"{must} a loss with a value, got a tensor on the meta device (shapes only: a "
+                             "forward of a model still on 'meta'; move it with model.to_empty(device=...) and "
+                             "initialize its weights before training)")
         if need_grad and not value.requires_grad:
             if torch.is_inference_mode_enabled() or value.is_inference():
                 raise RuntimeError(f"{what} returned a loss with no grad path: it was computed under "
@@ -1849,6 +1854,44 @@ def _grad_scaler_records(optimizer: Optimizer) -> Optional[List[torch.Tensor]]:
             found = list(records.values())
             return found if all(isinstance(record, torch.Tensor) for record in found) else None
     return None
+
+
+def _check_checkpoint_layout(state_dict) -> None:
+    """Raise ValueError naming what is amiss where ``state_dict`` is not laid out as ``state_dict()``
+    lays it out: a dict with ``state`` (a dict of dicts) and ``param_groups`` (a list of dicts, each
+    with its ``params`` ids, no id in two places)."""
+    corrupt = "the checkpoint is corrupt; nothing was loaded"
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"load_state_dict() takes the dict state_dict() returns, got {type(state_dict).__name__}")
+    lacking = [key for key in ("state", "param_groups") if key not in state_dict]
+    if lacking:
+        raise ValueError(f"the checkpoint has no {' or '.join(map(repr, lacking))}: it is not an optimizer's "
+                         "state_dict() (a model's?); nothing was loaded")
+    state, groups = state_dict["state"], state_dict["param_groups"]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"the checkpoint's 'state' is a {type(state).__name__}, not a dict of each "
+                         f"parameter's state by id: {corrupt}")
+    if not isinstance(groups, (list, tuple)) or not all(isinstance(group, Mapping) for group in groups):
+        raise ValueError(f"the checkpoint's 'param_groups' is not a list of dicts: {corrupt}")
+    seen = {}
+    for index, group in enumerate(groups):
+        ids = group.get("params")
+        if not isinstance(ids, (list, tuple)):
+            raise ValueError(f"the checkpoint's parameter group {index} has no list of parameter ids "
+                             f"('params'): {corrupt}")
+        for saved_id in ids:
+            if not isinstance(saved_id, (int, str)):
+                raise ValueError(f"the checkpoint's parameter group {index} lists {type(saved_id).__name__} "
+                                 f"{saved_id!r} among its parameter ids: {corrupt}")
+            if saved_id in seen:
+                where = (f"in parameter group {index}" if seen[saved_id] == index
+                         else f"in parameter groups {seen[saved_id]} and {index}")
+                raise ValueError(f"the checkpoint lists parameter id {saved_id!r} twice ({where}): {corrupt}")
+            seen[saved_id] = index
+    for saved_id, value in state.items():
+        if not isinstance(value, Mapping):
+            raise ValueError(f"the checkpoint's state of parameter {saved_id!r} is a {type(value).__name__}, not a "
+                             f"dict: {corrupt}")
 
 
 def _loss_scalar(loss: torch.Tensor, device: Optional[torch.device], dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -1483,3 +1483,107 @@ def test_a_checkpoint_moment_that_is_not_real_floating_point_is_refused(dtype):
 def test_a_meta_parameter_is_refused_at_construction_by_what_it_is(backend):
     with pytest.raises(ValueError, match="on the meta device, which holds no values"):
         FusedSaLSa([torch.nn.Parameter(torch.empty(5, device="meta"))], backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("dtype, message", [(torch.int64, "needs floating-point parameters, got torch.int64"),
+                                            (torch.complex64, "does not support complex parameters")])
+def test_a_tensor_without_gradient_appended_to_a_group_by_hand_is_refused_alike_by_every_backend(
+        backend, dtype, message):
+    """Only tensors with a gradient were checked at the step: the torch backend stepped past an integer or
+    complex tensor appended by hand, while the kernels' backends refused it as a dtype they cannot take."""
+    model, opt = _trained(backend=backend)
+    opt.param_groups[0]["params"].append(torch.zeros(3, dtype=dtype))
+    before = snapshot(opt)
+    opt.zero_grad()
+    with pytest.raises(ValueError, match=message):
+        opt.step(_closure(model))
+    assert_unchanged(before, snapshot(opt))
+    opt.param_groups[0]["params"].pop()
+    opt.step(_closure(model))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("entry", [[1, 2], None, "exp_avg"], ids=["list", "None", "str"])
+def test_a_parameter_state_replaced_by_something_not_a_dict_is_refused_by_name(backend, entry):
+    """opt.state[p] = [...] raised 'list indices must be integers or slices, not str' from the check
+    of whether the moments were still those the kernels hold."""
+    model, opt = _trained(backend=backend)
+    target = list(model.parameters())[2]
+    opt.state[target] = entry
+    weights = [p.detach().clone() for p in model.parameters()]
+    search = opt.search_state
+    opt.zero_grad()
+    with pytest.raises(ValueError, match=rf"opt.state\[p\] of a parameter of shape \(1, 8\) is a "
+                                         rf"{type(entry).__name__}, not a dict.*nothing was written"):
+        opt.step(_closure(model))
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    assert opt.search_state == search
+
+
+@pytest.mark.parametrize("how", ["loss=", "closure"])
+def test_a_loss_on_the_meta_device_is_refused_by_what_it_is(how):
+    """torch's 'Cannot copy out of meta tensor; no data!' named neither the loss nor the meta model."""
+    model, opt = _trained()
+    before = snapshot(opt)
+    opt.zero_grad()
+    meta = torch.tensor(1.0, device="meta")
+    with pytest.raises(ValueError, match="a loss with a value, got a tensor on the meta device.*to_empty"):
+        if how == "loss=":
+            F.mse_loss(model(_X), _Y).backward()
+            opt.step(_closure(model), loss=meta)
+        else:
+            opt.step(lambda: meta.requires_grad_())
+    assert_unchanged(before, snapshot(opt))
+
+
+def _laid_out_wrongly(case: str, saved: dict):
+    key = saved["param_groups"][0]["params"][0]
+    if case == "a model's state_dict":
+        return {"0.weight": torch.zeros(8, 4)}
+    if case == "state as a list":
+        return {**saved, "state": list(saved["state"].values())}
+    if case == "a parameter's state as a list":
+        return {**saved, "state": {**saved["state"], key: list(saved["state"][key].values())}}
+    if case == "param_groups as a dict":
+        return {**saved, "param_groups": {0: saved["param_groups"][0]}}
+    if case == "a group without params":
+        return {**saved, "param_groups": [{k: v for k, v in saved["param_groups"][0].items() if k != "params"}]}
+    if case == "an id twice in a group":
+        ids = saved["param_groups"][0]["params"]
+        return {**saved, "param_groups": [{**saved["param_groups"][0], "params": [ids[0], ids[0], *ids[2:]]}]}
+    if case == "an id that is a tensor":
+        ids = saved["param_groups"][0]["params"]
+        return {**saved, "param_groups": [{**saved["param_groups"][0], "params": [torch.tensor(0), *ids[1:]]}]}
+    raise AssertionError(case)
+
+
+_WRONG_LAYOUTS = {
+    "a model's state_dict": "no 'state' or 'param_groups': it is not an optimizer's state_dict",
+    "state as a list": "'state' is a list, not a dict",
+    "a parameter's state as a list": "state of parameter 0 is a list, not a dict",
+    "param_groups as a dict": "'param_groups' is not a list of dicts",
+    "a group without params": "parameter group 0 has no list of parameter ids",
+    "an id twice in a group": "lists parameter id 0 twice \\(in parameter group 0\\)",
+    "an id that is a tensor": "parameter group 0 lists Tensor",
+}
+
+
+@pytest.mark.parametrize("case", list(_WRONG_LAYOUTS))
+def test_a_checkpoint_not_laid_out_as_state_dict_lays_it_out_is_refused_by_what_is_amiss(case):
+    """A 'state' that was a list raised AttributeError ('list' object has no attribute 'items'); an id listed
+    twice mapped both entries to the second parameter and named that one's shape as the mismatch."""
+    model, opt = _trained()
+    saved = deepcopy(opt.state_dict())
+    assert_load_refused(opt, _laid_out_wrongly(case, saved), _WRONG_LAYOUTS[case])
+
+
+def test_a_checkpoint_listing_an_id_in_two_groups_is_refused_naming_both():
+    model = _model()
+    opt = FusedSaLSa([{"params": [model[0].weight, model[0].bias]}, {"params": [model[2].weight, model[2].bias]}],
+                     backend="torch")
+    opt.zero_grad()
+    opt.step(_closure(model))
+    saved = deepcopy(opt.state_dict())
+    saved["param_groups"][1]["params"][0] = saved["param_groups"][0]["params"][1]
+    assert_load_refused(opt, saved, "lists parameter id 1 twice \\(in parameter groups 0 and 1\\)")
