@@ -1511,14 +1511,18 @@ def test_a_parameter_state_replaced_by_something_not_a_dict_is_refused_by_name(b
     model, opt = _trained(backend=backend)
     target = list(model.parameters())[2]
     opt.state[target] = entry
+    others = [p for p in model.parameters() if p is not target]
     weights = [p.detach().clone() for p in model.parameters()]
+    moments = [{k: v.clone() for k, v in opt.state[p].items()} for p in others]
     search = opt.search_state
     opt.zero_grad()
     with pytest.raises(ValueError, match=rf"opt.state\[p\] of a parameter of shape \(1, 8\) is a "
                                          rf"{type(entry).__name__}, not a dict.*nothing was written"):
         opt.step(_closure(model))
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
-    assert opt.search_state == search
+    for p, saved in zip(others, moments):
+        assert all(torch.equal(opt.state[p][k], v) for k, v in saved.items()) and opt.state[p].keys() == saved.keys()
+    assert opt.state[target] is entry and opt.search_state == search
 
 
 @pytest.mark.parametrize("how", ["loss=", "closure"])
