@@ -151,6 +151,9 @@ def test_the_sharpness_measurement_refuses_a_beam():
     (["--lengths", "longer"], "unknown length 'longer'"),
     (["--around-best-adamw", "x.jsonl"], "goes with --sharpness or --chord"),
     (["--sharpness", "--chord"], "choose one"),
+    (["--line-scan", "--rehearsal"], "choose one"),
+    (["--rehearsal", "--config", "salsa_faithful"], "no WarmupStableDecay schedule"),
+    (["--line-scan", "--config", "salsa_faithful"], "no WarmupStableDecay schedule"),
     (["--config", "beam_cool_margin_hold", "--chord"], "not a plain FusedSaLSa or torch configuration"),
     (["--sharpness", "--around-best-adamw", "/nonexistent/rows.jsonl"], "no such file"),
 ])
@@ -234,3 +237,61 @@ def test_the_line_scan_refuses_a_run_without_a_freeze_or_the_batches_after_it():
         signals.line_scan("mlp_relu_teacher", "default", 0, config="salsa_faithful", steps=20)
     with pytest.raises(ValueError, match="leave no 8 batches after the freeze"):
         signals.line_scan("mlp_relu_teacher", "default", 0, steps=9)
+
+
+def test_the_lowest_multiple_counts_a_non_finite_loss_as_highest_and_breaks_ties_low():
+    assert signals.lowest_multiple([0.5, 1.0, 2.0], [3.0, 1.0, 2.0]) == 1.0
+    assert signals.lowest_multiple([0.5, 1.0, 2.0], [math.nan, 2.0, 2.0]) == 1.0
+    assert signals.lowest_multiple([0.5, 1.0, 2.0], [math.inf, 5.0, math.nan]) == 1.0
+
+
+def test_the_rehearsal_reads_the_batches_after_each_branch_and_leaves_the_run_as_the_zoo_runs_it():
+    # cnn_bn_digits has BatchNorm: the branches' steps must not move the run's running statistics
+    steps, name = 60, "cnn_bn_digits"
+    row = signals.rehearsal(name, "default", 0, multiples=(0.0, 2.0, 8.0), steps=steps)
+    torch.set_num_threads(1)
+    zoo = train(tasks.make(name, 0, steps=steps), "pretrain_hold", 0, record_searches=False)
+    assert row["final_train_loss"] == zoo["final_train_loss"]  # bitwise: every branch was put back
+    freeze = steps - round(0.8 * steps)
+    assert row["freeze_step"] == freeze and row["rehearsal_multiples"] == [0.0, 2.0, 8.0]
+    assert (row["rehearsal_steps_r8"], row["rehearsal_steps_r4"]) == (round(48 / 8), round(48 / 4))
+    # a branch at multiple 0 moves no weight: it reads the batches after it at the weights after step F
+    task, model, built = signals._start(name, "default", 0, "pretrain_hold", steps, ("fused",))
+    params = [p for g in built.optimizer.param_groups for p in g["params"]]
+    for batch in task.batches[:freeze]:
+        signals._take_step(built, task, model, batch)
+    for key in ("r8", "r4"):
+        n = row[f"rehearsal_steps_{key}"]
+        after = task.batches[freeze + n:freeze + n + signals.REHEARSAL_BATCHES]
+        still = sum(signals._loss_elsewhere(task, model, b, params) for b in after) / len(after)
+        losses = row[f"rehearsal_losses_{key}"]
+        assert losses[0] == pytest.approx(still, rel=1e-6)
+        assert losses[1] != pytest.approx(losses[0], rel=1e-3) and losses[2] != pytest.approx(losses[1], rel=1e-3)
+        assert row[f"rehearsal_min_multiple_{key}"] == signals.lowest_multiple([0.0, 2.0, 8.0], losses)
+
+
+def test_a_rehearsal_branch_applies_its_multiple_of_the_frozen_level_decayed_to_zero():
+    steps, name = 40, "mlp_relu_teacher"
+    task, model, built = signals._start(name, "default", 0, "pretrain_hold", steps, ("fused",))
+    opt = built.optimizer
+    params = [p for g in opt.param_groups for p in g["params"]]
+    freeze = built.schedule.decay_start
+    for batch in task.batches[:freeze]:
+        signals._take_step(built, task, model, batch)
+    applied = []
+    original = signals._Branch.scale
+    signals._Branch.scale = lambda self, step: applied.append(original(self, step)) or original(self, step)
+    try:
+        before = [p.detach().clone() for p in params]
+        signals._branch_loss(task, model, opt, params, freeze, 4, 3.0, 2)
+    finally:
+        signals._Branch.scale = original
+    assert applied and set(applied) <= {3.0 * (freeze + 4 - k) / 4 for k in range(freeze + 1, freeze + 5)}
+    assert all(torch.equal(b, p) for b, p in zip(before, params))  # put back
+
+
+def test_the_rehearsal_refuses_a_run_without_a_freeze_or_the_steps_after_it():
+    with pytest.raises(ValueError, match="no WarmupStableDecay schedule"):
+        signals.rehearsal("mlp_relu_teacher", "default", 0, config="salsa_faithful", steps=20)
+    with pytest.raises(ValueError, match="leave no r8 branch"):
+        signals.rehearsal("mlp_relu_teacher", "default", 0, steps=12)

@@ -1,4 +1,4 @@
-"""Candidate overshoot signals, measured along a configuration's run (quality NOTES sections 29-31, 48, 51).
+"""Candidate overshoot signals, measured along a configuration's run (quality NOTES sections 29-31, 48, 51, 64).
 
     python -m benchmarks.quality.zoo.signals --tasks mlp_tanh_cycled,lm_small --lengths default \\
         --seeds 0-1 --out /tmp/signals.jsonl
@@ -8,6 +8,8 @@
         --around-best-adamw benchmarks/quality/results/zoo/development.jsonl --out /tmp/chord.jsonl
     python -m benchmarks.quality.zoo.signals --line-scan --tasks lm_small --lengths default --seeds 0-1 \\
         --out /tmp/linescan.jsonl
+    python -m benchmarks.quality.zoo.signals --rehearsal --tasks lm_small --lengths default --seeds 0-1 \\
+        --out /tmp/rehearsal.jsonl
 
 Every run is the zoo's own (one thread, the zoo's weights and batches; its losses bitwise those of
 ``zoo run``), and appends one JSON row with the commit, versions and date. Two kinds of row:
@@ -53,6 +55,11 @@ default): the **line scan at the freeze** (:func:`line_scan`, NOTES.md section 5
 ``LINE_SCAN_BATCHES`` batches along the last search step at 0 and ``2^-3 .. 2^5`` times the searched level,
 and ``line_min_multiple`` / ``line_parabola_multiple``, where it is lowest (:func:`line_minimum`).
 
+**With** ``--rehearsal`` (``--config`` as for the line scan): the **rehearsal at the freeze** (:func:`rehearsal`,
+NOTES.md section 64), for each multiple of ``REHEARSAL_MULTIPLES`` a branch of ``R/8`` and of ``R/4`` steps
+(``R`` the steps after the freeze) at that multiple, decayed linearly to zero, and the mean loss of the next
+``REHEARSAL_BATCHES`` batches after it; ``rehearsal_min_multiple_r8`` / ``_r4``, where it is lowest.
+
 Every kind also records the final train loss (and the sharpness and chord rows the val loss). Rows are appended:
 to rebuild a committed file, write to a new one (ZOO.md lists the commands).
 """
@@ -60,16 +67,18 @@ to rebuild a committed file, write to a new one (ZOO.md lists the commands).
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import math
 import os
 import sys
+from dataclasses import replace
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from salsa_fused.step_size import LOSS_RISE_SMOOTHING
+from salsa_fused.step_size import LOSS_RISE_SMOOTHING, Cooldown
 
 from .. import optimizers as O
 from ..run import _record_level
@@ -377,6 +386,109 @@ def line_scan(task_name: str, length: str, seed: int, config: str = "pretrain_ho
                 seed=seed, final_train_loss=sum(losses[-tail:]) / tail, level_mean=sum(levels) / len(levels), **scan)
 
 
+#: The multiples (as the preset's peak: 2 is the preset) whose branches the rehearsal runs (NOTES.md section 64).
+REHEARSAL_MULTIPLES = (0.5, 1.0, 2.0, 4.0, 8.0)
+#: The branch lengths, as fractions of the steps after the freeze.
+REHEARSAL_FRACTIONS = {"r8": 1 / 8, "r4": 1 / 4}
+#: The batches after a branch whose mean loss it reads.
+REHEARSAL_BATCHES = 8
+
+
+class _Branch:
+    """A schedule for a rehearsal branch: ``multiple`` times a linear decay from 1 after step ``start``
+    to 0 at step ``start + steps`` (:class:`salsa_fused.step_size.Cooldown`'s shape); it never searches."""
+
+    def __init__(self, start: int, steps: int, multiple: float):
+        self.cooldown, self.multiple = Cooldown(start, steps), multiple
+
+    def scale(self, step: int) -> float:
+        return self.multiple * self.cooldown.scale(step)
+
+    def searches(self, step: int) -> bool:
+        return False
+
+    @property
+    def total_steps(self) -> int:
+        return self.cooldown.total_steps
+
+
+def lowest_multiple(multiples: Sequence[float], losses: Sequence[float]) -> float:
+    """The multiple of the lowest loss; a non-finite loss counts as infinitely high, ties go to the smaller."""
+    clean = [loss if math.isfinite(loss) else math.inf for loss in losses]
+    return multiples[min(range(len(clean)), key=lambda j: (clean[j], j))]
+
+
+def rehearsal(task_name: str, length: str, seed: int, config: str = "pretrain_hold",
+              multiples: Sequence[float] = REHEARSAL_MULTIPLES, fractions: Dict[str, float] = REHEARSAL_FRACTIONS,
+              batches: int = REHEARSAL_BATCHES, steps: Optional[int] = None) -> dict:
+    """Train ``config`` (a FusedSaLSa with a ``WarmupStableDecay`` schedule) on the zoo task and return the
+    row of its **rehearsal** at the freeze (NOTES.md section 64): after step ``F`` (``decay_start``), for each
+    branch length ``S = round(f (T - F))`` of ``fractions`` and each ``q`` of ``multiples``, a branch of ``S``
+    steps on the batches of steps ``F+1 ..`` that applies ``(q / peak) m_F`` times the frozen level (``m_F``
+    the multiple step ``F`` applied, hold and back-off included), decayed linearly to zero, then the mean
+    loss of the next ``batches`` batches at its weights. The run's state comes back after each branch and
+    the run goes on: its losses are the zoo's (bitwise)."""
+    task, model, built = _start(task_name, length, seed, config, steps, ("fused",))
+    opt, schedule = built.optimizer, built.schedule
+    if schedule is None or not hasattr(schedule, "decay_start"):
+        raise ValueError(f"{config!r} has no WarmupStableDecay schedule: the rehearsal branches at its freeze")
+    freeze, rest = schedule.decay_start, task.steps - schedule.decay_start
+    lengths = {key: int(round(f * rest)) for key, f in fractions.items()}
+    for key, n in lengths.items():
+        if n < 2 or freeze + n + batches > task.steps:
+            raise ValueError(f"{task.steps} steps leave no {key} branch of {n} >= 2 steps and {batches} batches "
+                             f"after the freeze at step {freeze}")
+    params = [p for g in opt.param_groups for p in g["params"]]
+    levels, backoffs, losses, found = [], [], [], {}
+    for k, batch in enumerate(task.batches):
+        step = k + 1
+        losses.append(_take_step(built, task, model, batch))
+        _record_level(opt, schedule, step, levels, backoffs)
+        if step == freeze:
+            unit = opt.search_state.step_size * opt.search_config.growth
+            applied_multiple = levels[-1] / unit
+            found.update(freeze_step=freeze, level_at_freeze=unit, applied_multiple_at_freeze=applied_multiple,
+                         rehearsal_multiples=list(multiples))
+            for key, n in lengths.items():
+                means = [_branch_loss(task, model, opt, params, freeze, n, q / schedule.peak * applied_multiple,
+                                      batches) for q in multiples]
+                found[f"rehearsal_steps_{key}"] = n
+                found[f"rehearsal_losses_{key}"] = means
+                found[f"rehearsal_min_multiple_{key}"] = lowest_multiple(multiples, means)
+    tail = max(1, len(losses) // 10)
+    return dict(task=task_name, split=Z.ZOO[task_name].split, length=length, steps=task.steps, config=config,
+                seed=seed, final_train_loss=sum(losses[-tail:]) / tail, level_mean=sum(levels) / len(levels), **found)
+
+
+def _branch_loss(task, model, opt, params, start: int, steps: int, multiple: float, batches: int) -> float:
+    """One rehearsal branch from after step ``start`` (:func:`rehearsal`): ``steps`` steps under
+    :class:`_Branch`, the search's back-off and hold set aside, then the mean loss of the next ``batches``
+    batches; everything the branch moved (weights, buffers, optimizer state, schedule, random generator)
+    is put back."""
+    weights = [p.detach().clone() for p in params]
+    buffers = [b.clone() for b in model.buffers()]
+    saved, schedule, rng = copy.deepcopy(opt.state_dict()), opt.schedule, torch.get_rng_state()
+    try:
+        opt.schedule = _Branch(start, steps, multiple)
+        opt._commit(replace(opt.search_state, applied_backoff=1.0, scale_hold=0.0))
+        for batch in task.batches[start:start + steps]:
+            opt.zero_grad(set_to_none=True)
+            opt.step(lambda: task.loss(model, batch))
+        ahead = task.batches[start + steps:start + steps + batches]
+        mean = sum(_loss_elsewhere(task, model, b, params) for b in ahead) / len(ahead)
+    finally:
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p, w in zip(params, weights):
+                p.copy_(w)
+            for b, kept in zip(model.buffers(), buffers):
+                b.copy_(kept)
+        opt.schedule = schedule
+        opt.load_state_dict(saved)
+        torch.set_rng_state(rng)
+    return mean
+
+
 def best_adamw_rates(rows: Iterable[dict]) -> Dict[tuple, float]:
     """``(task, length) -> lr``: each task-length's best AdamW rate in zoo rows, as the tables compute it
     (:func:`runner.best_adamw_lr`); task-lengths without a grid row are left out."""
@@ -389,14 +501,18 @@ def _families(sharpness: bool) -> tuple:
     return ("fused", "torch") if sharpness else ("fused",)
 
 
-def check_config(config: str, sharpness: bool, task_name: str) -> None:
+def check_config(config: str, sharpness: bool, task_name: str, freeze: bool = False) -> None:
     """ValueError naming the problem unless ``config`` builds, on ``task_name``, an optimizer the
-    measurement reads (``measure``: a plain FusedSaLSa; ``step_sharpness``: that or a torch optimizer)."""
+    measurement reads (``measure``: a plain FusedSaLSa; ``step_sharpness``: that or a torch optimizer;
+    with ``freeze``, the line scan's and the rehearsal's, a FusedSaLSa with a ``WarmupStableDecay``)."""
     try:
         O.known([config])
     except (ValueError, SystemExit) as error:
         raise ValueError(str(error)) from None
-    _start(task_name, "default", 0, config, 10, _families(sharpness))  # built, not run: its family
+    built = _start(task_name, "default", 0, config, 10, _families(sharpness))[2]  # built, not run: its family
+    if freeze and not hasattr(built.schedule, "decay_start"):
+        raise ValueError(f"{config!r} has no WarmupStableDecay schedule: the line scan and the rehearsal read its "
+                         "freeze")
 
 
 def main(argv=None) -> int:
@@ -418,14 +534,17 @@ def main(argv=None) -> int:
     parser.add_argument("--line-scan", action="store_true",
                         help="scan the loss of the upcoming batches along the step at the freeze of --config (NOTES.md "
                              "section 51) instead of the range test and agreement")
+    parser.add_argument("--rehearsal", action="store_true",
+                        help="run short branches at each multiple, decayed to zero, at the freeze of --config (NOTES.md "
+                             "section 64) instead of the range test and agreement")
     parser.add_argument("--around-best-adamw", metavar="ROWS", default=None,
                         help="with --sharpness or --chord, instead of --config: AdamW at each task-length's best grid rate "
                              "in these zoo rows (comma-separated files; as the tables compute it) and at 1/3 and 3x it")
     parser.add_argument("--out", required=True,
                         help="JSONL file the rows are appended to (a new file, to rebuild a committed one)")
     args = parser.parse_args(argv)
-    if args.sharpness + args.chord + args.line_scan > 1:
-        parser.error("--sharpness, --chord and --line-scan are three measurements: choose one")
+    if args.sharpness + args.chord + args.line_scan + args.rehearsal > 1:
+        parser.error("--sharpness, --chord, --line-scan and --rehearsal are four measurements: choose one")
     either = args.sharpness or args.chord
     tasks, lengths = args.tasks.split(","), args.lengths.split(",")
     for name in tasks:
@@ -455,7 +574,7 @@ def main(argv=None) -> int:
     else:
         args.config = args.config or "pretrain_hold"
         try:
-            check_config(args.config, either, tasks[0])
+            check_config(args.config, either, tasks[0], freeze=args.line_scan or args.rehearsal)
         except ValueError as error:
             parser.error(str(error))
     provenance = _provenance()
@@ -467,6 +586,8 @@ def main(argv=None) -> int:
                 for seed, config in [(s, c) for s in seeds for c in configs]:
                     if args.line_scan:
                         row = line_scan(name, length, seed, config)
+                    elif args.rehearsal:
+                        row = rehearsal(name, length, seed, config)
                     elif either:
                         row = (step_sharpness if args.sharpness else chord_ratio)(name, length, seed, config)
                         if best is not None:
@@ -485,6 +606,10 @@ def main(argv=None) -> int:
                         print(f"{name} {length} seed {seed} {config}: final {row['final_train_loss']:.4g}, line "
                               f"minimum at {row['line_min_multiple']:g}x (parabola {row['line_parabola_multiple']:.3g}x)",
                               file=sys.stderr)
+                    elif args.rehearsal:
+                        print(f"{name} {length} seed {seed} {config}: final {row['final_train_loss']:.4g}, rehearsal "
+                              + "; ".join(f"{key} lowest at {row[f'rehearsal_min_multiple_{key}']:g}x"
+                                          for key in REHEARSAL_FRACTIONS), file=sys.stderr)
                     elif args.sharpness:
                         print(f"{name} {length} seed {seed} {config}: final {row['final_train_loss']:.4g}, "
                               f"sharpness by fifth {[round(x, 2) for x in row['sharpness_by_fifth']]}",
