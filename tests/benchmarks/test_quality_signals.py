@@ -1,5 +1,6 @@
 """The overshoot-signal measurements of benchmarks/quality/zoo/signals.py (quality NOTES section 29)."""
 
+import json
 import math
 import os
 
@@ -154,6 +155,11 @@ def test_the_sharpness_measurement_refuses_a_beam():
     (["--line-scan", "--rehearsal"], "choose one"),
     (["--rehearsal", "--config", "salsa_faithful"], "no WarmupStableDecay schedule"),
     (["--line-scan", "--config", "salsa_faithful"], "no WarmupStableDecay schedule"),
+    (["--branches", "r2=0.5"], "--branches goes with --rehearsal"),
+    (["--rehearsal", "--branches", "r2=1.5"], "bad branch 'r2=1.5'"),
+    (["--rehearsal", "--branches", "r2=0.5,r2=0.25"], "bad branch 'r2=0.25'"),
+    (["--rehearsal", "--branches", "r-2=0.5"], "bad branch 'r-2=0.5'"),
+    (["--rehearsal", "--branches", "r2"], "bad branch 'r2'"),
     (["--config", "beam_cool_margin_hold", "--chord"], "not a plain FusedSaLSa or torch configuration"),
     (["--sharpness", "--around-best-adamw", "/nonexistent/rows.jsonl"], "no such file"),
 ])
@@ -295,3 +301,16 @@ def test_the_rehearsal_refuses_a_run_without_a_freeze_or_the_steps_after_it():
         signals.rehearsal("mlp_relu_teacher", "default", 0, config="salsa_faithful", steps=20)
     with pytest.raises(ValueError, match="leave no r8 branch"):
         signals.rehearsal("mlp_relu_teacher", "default", 0, steps=12)
+
+
+def test_branch_fractions_are_read_from_the_command_line():
+    assert signals.branch_fractions("r2=0.5,r8=0.125") == {"r2": 0.5, "r8": 0.125}
+
+
+def test_the_rehearsal_command_writes_the_branches_asked_for(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    assert signals.main(["--rehearsal", "--branches", "r2=0.5", "--tasks", "mlp_relu_teacher", "--lengths", "short",
+                         "--seeds", "0", "--out", str(out)]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["rehearsal_steps_r2"] == round(0.5 * (row["steps"] - row["freeze_step"]))
+    assert "rehearsal_min_multiple_r2" in row and "rehearsal_losses_r8" not in row and "commit" in row

@@ -412,6 +412,23 @@ class _Branch:
         return self.cooldown.total_steps
 
 
+def branch_fractions(text: str) -> Dict[str, float]:
+    """``"r8=0.125,r4=0.25"`` -> ``{"r8": 0.125, "r4": 0.25}``: keys of letters, digits and underscores, each
+    once, and fractions in (0, 1); ValueError naming the first entry that is not."""
+    out: Dict[str, float] = {}
+    for entry in text.split(","):
+        key, sep, value = entry.partition("=")
+        try:
+            fraction = float(value)
+        except ValueError:
+            fraction = math.nan
+        if not sep or not key.replace("_", "").isalnum() or key in out or not 0.0 < fraction < 1.0:
+            raise ValueError(f"bad branch {entry!r}: give KEY=FRACTION, a new key of letters, digits and "
+                             "underscores and a fraction in (0, 1)")
+        out[key] = fraction
+    return out
+
+
 def lowest_multiple(multiples: Sequence[float], losses: Sequence[float]) -> float:
     """The multiple of the lowest loss; a non-finite loss counts as infinitely high, ties go to the smaller."""
     clean = [loss if math.isfinite(loss) else math.inf for loss in losses]
@@ -537,6 +554,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rehearsal", action="store_true",
                         help="run short branches at each multiple, decayed to zero, at the freeze of --config (NOTES.md "
                              "section 64) instead of the range test and agreement")
+    parser.add_argument("--branches", default=None, metavar="KEY=FRACTION,...",
+                        help="with --rehearsal: the branch lengths, as fractions of the steps after the freeze, and the "
+                             "keys of their fields (default: " + ",".join(f"{k}={v:g}" for k, v in REHEARSAL_FRACTIONS.items())
+                             + ")")
     parser.add_argument("--around-best-adamw", metavar="ROWS", default=None,
                         help="with --sharpness or --chord, instead of --config: AdamW at each task-length's best grid rate "
                              "in these zoo rows (comma-separated files; as the tables compute it) and at 1/3 and 3x it")
@@ -546,6 +567,14 @@ def main(argv=None) -> int:
     if args.sharpness + args.chord + args.line_scan + args.rehearsal > 1:
         parser.error("--sharpness, --chord, --line-scan and --rehearsal are four measurements: choose one")
     either = args.sharpness or args.chord
+    fractions = REHEARSAL_FRACTIONS
+    if args.branches is not None:
+        if not args.rehearsal:
+            parser.error("--branches goes with --rehearsal")
+        try:
+            fractions = branch_fractions(args.branches)
+        except ValueError as error:
+            parser.error(str(error))
     tasks, lengths = args.tasks.split(","), args.lengths.split(",")
     for name in tasks:
         if name not in Z.ZOO:
@@ -587,7 +616,7 @@ def main(argv=None) -> int:
                     if args.line_scan:
                         row = line_scan(name, length, seed, config)
                     elif args.rehearsal:
-                        row = rehearsal(name, length, seed, config)
+                        row = rehearsal(name, length, seed, config, fractions=fractions)
                     elif either:
                         row = (step_sharpness if args.sharpness else chord_ratio)(name, length, seed, config)
                         if best is not None:
@@ -609,7 +638,7 @@ def main(argv=None) -> int:
                     elif args.rehearsal:
                         print(f"{name} {length} seed {seed} {config}: final {row['final_train_loss']:.4g}, rehearsal "
                               + "; ".join(f"{key} lowest at {row[f'rehearsal_min_multiple_{key}']:g}x"
-                                          for key in REHEARSAL_FRACTIONS), file=sys.stderr)
+                                          for key in fractions), file=sys.stderr)
                     elif args.sharpness:
                         print(f"{name} {length} seed {seed} {config}: final {row['final_train_loss']:.4g}, "
                               f"sharpness by fifth {[round(x, 2) for x in row['sharpness_by_fifth']]}",
