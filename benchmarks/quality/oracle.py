@@ -20,6 +20,10 @@ CONFIG's applied level on the multiple of C's searched level (:func:`floor_repor
 ``--feature KEY --feature-rows ROWS --control C --rule-scale K`` (NOTES.md section 51) scores, in hindsight,
 the multiple set to K times a feature measured along C's run (:func:`feature_rule_report`).
 
+``--switched ROWS`` (NOTES.md section 65) adds, from the rehearsal's rows (``zoo.signals --rehearsal``) with a
+branch to the run's end, one row per multiple ``q``, named ``switch_<q>``: the run that switched to ``q`` at
+the preset's freeze (:func:`switched_rows`), so that any of the reports above can pick among them.
+
     python -m benchmarks.quality.oracle results/zoo/development.jsonl results/zoo/development_oracle43.jsonl \\
         --configs pretrain_peak0.5,pretrain_peak1,pretrain_hold,pretrain_peak4,pretrain_peak8 --split development
 """
@@ -69,6 +73,25 @@ def bound(rows: List[dict], configs: Sequence[str], split: Optional[str] = None,
             above_1_15=sorted(t for t, (_, r) in per_task.items() if r > 1.15),
             above_1_03=sorted(t for t, (_, r) in per_task.items() if r > 1.03),
             best_counts=dict(Counter(best for best, _ in per_task.values())))
+    return out
+
+
+def switched_rows(rehearsal_rows: List[dict], key: str = "full") -> List[dict]:
+    """Zoo rows of the runs that switched multiple at the freeze, from rehearsal rows with a branch ``key``
+    to the run's end (``rehearsal_final_losses_<key>``): per row and multiple ``q``, a row named ``switch_<q>``
+    with that branch's final train loss (the zoo's reading of a run's end) and the row's task, split, length,
+    seed and steps. Rows without that branch are refused by name."""
+    out = []
+    for row in rehearsal_rows:
+        losses = row.get(f"rehearsal_final_losses_{key}")
+        if losses is None:
+            raise ValueError(f"a rehearsal row of {row.get('task')} {row.get('length')} seed {row.get('seed')} has no "
+                             f"branch {key!r} to the run's end (rehearsal_final_losses_{key})")
+        for q, loss in zip(row["rehearsal_multiples"], losses):
+            out.append(dict(task=row["task"], split=row["split"], length=row["length"], seed=row["seed"],
+                            steps=row["steps"], config=f"switch_{q:g}", final_train_loss=loss, val_loss=None,
+                            level_mean=None, forwards_per_step=None,
+                            diverged=None if math.isfinite(loss) else "non-finite loss"))
     return out
 
 
@@ -377,6 +400,11 @@ def main(argv=None) -> int:
     parser.add_argument("--rule-scale", type=float, default=None, metavar="C",
                         help="with --feature, --feature-rows and --control: score, in hindsight, the multiple set to C "
                              "times the feature (section 51)")
+    parser.add_argument("--switched", default=None, metavar="ROWS",
+                        help="add the runs that switched multiple at the freeze, switch_<q>, from these rehearsal rows "
+                             "(comma-separated files; section 65)")
+    parser.add_argument("--switched-key", default="full", metavar="KEY",
+                        help="with --switched: the key of the branch to the run's end (default: full)")
     parser.add_argument("--pick-at", type=float, default=None, metavar="F",
                         help="pick per seed by the training loss at fraction F of the run instead of the "
                              "final loss (section 46); the optional configurations are not picked from")
@@ -389,6 +417,9 @@ def main(argv=None) -> int:
     try:
         rows = [dict(r, config=aliases.get(r["config"], r["config"])) for r in read_rows(args.files)
                 if seeds is None or r["seed"] in seeds]
+        if args.switched:
+            rows += [r for r in switched_rows(read_rows(args.switched.split(",")), args.switched_key)
+                     if seeds is None or r["seed"] in seeds]
     except ValueError as error:
         parser.error(str(error))
     def multiples_of(text, form):

@@ -360,3 +360,28 @@ def test_a_multiple_set_from_a_feature_picks_the_nearest_multiple_and_keeps_the_
     with pytest.raises(SystemExit):
         oracle.main([str(rows_path), "--configs", "half=0.5,control=2", "--feature", "q", "--feature-rows",
                      str(feature_path), "--rule-scale", "1"])
+
+
+def _rehearsal_row(task, length, seed, losses, multiples=(1.0, 2.0, 4.0)):
+    return dict(task=task, split="development", length=length, seed=seed, steps=100, config="pretrain_hold",
+                rehearsal_multiples=list(multiples), rehearsal_final_losses_full=list(losses))
+
+
+def test_switched_rows_name_each_multiple_and_carry_the_branchs_final_loss():
+    rows = oracle.switched_rows([_rehearsal_row("lm_small", "default", 0, [1.5, 1.1, math.nan])])
+    assert [r["config"] for r in rows] == ["switch_1", "switch_2", "switch_4"]
+    assert [r["final_train_loss"] for r in rows][:2] == [1.5, 1.1] and rows[2]["diverged"] is not None
+    assert all(r["task"] == "lm_small" and r["seed"] == 0 and r["steps"] == 100 for r in rows)
+    with pytest.raises(ValueError, match="no branch 'full' to the run's end"):
+        oracle.switched_rows([dict(_rehearsal_row("lm_small", "default", 0, [1.0]), rehearsal_final_losses_full=None)])
+
+
+def test_the_command_picks_among_the_switched_runs(tmp_path, capsys):
+    grid = tmp_path / "grid.jsonl"
+    grid.write_text("".join(json.dumps(r) + "\n" for r in _grid("lm_small", "default", 1.0)))
+    switched = tmp_path / "rehearsal.jsonl"
+    switched.write_text("".join(json.dumps(_rehearsal_row("lm_small", "default", s, [1.5, 1.1 + s * 0.02, 1.3])) + "\n"
+                                for s in (0, 1)))
+    assert oracle.main([str(grid), "--switched", str(switched), "--configs", "switch_1,switch_2,switch_4"]) == 0
+    out = capsys.readouterr().out
+    assert "switch_2" in out and "1.110" in out  # the mean of 1.10 and 1.12 over the best AdamW's 1.0

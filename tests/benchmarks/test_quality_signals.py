@@ -157,6 +157,9 @@ def test_the_sharpness_measurement_refuses_a_beam():
     (["--line-scan", "--config", "salsa_faithful"], "no WarmupStableDecay schedule"),
     (["--branches", "r2=0.5"], "--branches goes with --rehearsal"),
     (["--rehearsal", "--branches", "r2=1.5"], "bad branch 'r2=1.5'"),
+    (["--multiples", "1,2"], "--multiples goes with --rehearsal"),
+    (["--rehearsal", "--multiples", "1,-2"], "bad --multiples '1,-2'"),
+    (["--rehearsal", "--multiples", "1,x"], "bad --multiples '1,x'"),
     (["--rehearsal", "--branches", "r2=0.5,r2=0.25"], "bad branch 'r2=0.25'"),
     (["--rehearsal", "--branches", "r-2=0.5"], "bad branch 'r-2=0.5'"),
     (["--rehearsal", "--branches", "r2"], "bad branch 'r2'"),
@@ -314,3 +317,16 @@ def test_the_rehearsal_command_writes_the_branches_asked_for(tmp_path):
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["rehearsal_steps_r2"] == round(0.5 * (row["steps"] - row["freeze_step"]))
     assert "rehearsal_min_multiple_r2" in row and "rehearsal_losses_r8" not in row and "commit" in row
+
+
+def test_a_branch_to_the_end_at_the_presets_own_multiple_is_the_presets_run():
+    # no back-off and no hold fire on this short run, so the branch at q = peak applies what the preset applies
+    steps, name = 60, "mlp_relu_teacher"
+    row = signals.rehearsal(name, "default", 0, multiples=(1.0, 2.0), fractions={"full": 1.0}, steps=steps)
+    torch.set_num_threads(1)
+    zoo = train(tasks.make(name, 0, steps=steps), "pretrain_hold", 0, record_searches=False)
+    assert row["final_train_loss"] == zoo["final_train_loss"] and row["applied_multiple_at_freeze"] == 2.0
+    assert row["rehearsal_steps_full"] == steps - row["freeze_step"] and "rehearsal_losses_full" not in row
+    switched = row["rehearsal_final_losses_full"]
+    assert switched[1] == pytest.approx(zoo["final_train_loss"], rel=1e-6) and switched[0] != pytest.approx(switched[1])
+    assert row["rehearsal_min_multiple_full"] == signals.lowest_multiple([1.0, 2.0], switched)

@@ -414,7 +414,7 @@ class _Branch:
 
 def branch_fractions(text: str) -> Dict[str, float]:
     """``"r8=0.125,r4=0.25"`` -> ``{"r8": 0.125, "r4": 0.25}``: keys of letters, digits and underscores, each
-    once, and fractions in (0, 1); ValueError naming the first entry that is not."""
+    once, and fractions in (0, 1] (1: to the run's end); ValueError naming the first entry that is not."""
     out: Dict[str, float] = {}
     for entry in text.split(","):
         key, sep, value = entry.partition("=")
@@ -422,9 +422,9 @@ def branch_fractions(text: str) -> Dict[str, float]:
             fraction = float(value)
         except ValueError:
             fraction = math.nan
-        if not sep or not key.replace("_", "").isalnum() or key in out or not 0.0 < fraction < 1.0:
+        if not sep or not key.replace("_", "").isalnum() or key in out or not 0.0 < fraction <= 1.0:
             raise ValueError(f"bad branch {entry!r}: give KEY=FRACTION, a new key of letters, digits and "
-                             "underscores and a fraction in (0, 1)")
+                             "underscores and a fraction in (0, 1] (1: to the end of the run)")
         out[key] = fraction
     return out
 
@@ -443,15 +443,20 @@ def rehearsal(task_name: str, length: str, seed: int, config: str = "pretrain_ho
     branch length ``S = round(f (T - F))`` of ``fractions`` and each ``q`` of ``multiples``, a branch of ``S``
     steps on the batches of steps ``F+1 ..`` that applies ``(q / peak) m_F`` times the frozen level (``m_F``
     the multiple step ``F`` applied, hold and back-off included), decayed linearly to zero, then the mean
-    loss of the next ``batches`` batches at its weights. The run's state comes back after each branch and
-    the run goes on: its losses are the zoo's (bitwise)."""
+    loss of the next ``batches`` batches at its weights. A fraction of 1 runs each branch to the end of the
+    run and reads it as the zoo reads a run (``rehearsal_final_losses_<key>``, the mean of its last 10% of
+    steps' losses): the run that switched to that multiple at the freeze (NOTES.md section 65). The run's
+    state comes back after each branch and the run goes on: its losses are the zoo's (bitwise)."""
     task, model, built = _start(task_name, length, seed, config, steps, ("fused",))
     opt, schedule = built.optimizer, built.schedule
     if schedule is None or not hasattr(schedule, "decay_start"):
         raise ValueError(f"{config!r} has no WarmupStableDecay schedule: the rehearsal branches at its freeze")
     freeze, rest = schedule.decay_start, task.steps - schedule.decay_start
     lengths = {key: int(round(f * rest)) for key, f in fractions.items()}
+    tail = max(1, task.steps // 10)
     for key, n in lengths.items():
+        if n == rest:
+            continue  # to the end of the run: read as the zoo reads a run's end
         if n < 2 or freeze + n + batches > task.steps:
             raise ValueError(f"{task.steps} steps leave no {key} branch of {n} >= 2 steps and {batches} batches "
                              f"after the freeze at step {freeze}")
@@ -467,32 +472,38 @@ def rehearsal(task_name: str, length: str, seed: int, config: str = "pretrain_ho
             found.update(freeze_step=freeze, level_at_freeze=unit, applied_multiple_at_freeze=applied_multiple,
                          rehearsal_multiples=list(multiples))
             for key, n in lengths.items():
-                means = [_branch_loss(task, model, opt, params, freeze, n, q / schedule.peak * applied_multiple,
-                                      batches) for q in multiples]
+                read = [_branch_loss(task, model, opt, params, freeze, n, q / schedule.peak * applied_multiple,
+                                     batches, tail) for q in multiples]
+                field = "rehearsal_final_losses" if n == rest else "rehearsal_losses"
+                readings = [final if n == rest else after for after, final in read]
                 found[f"rehearsal_steps_{key}"] = n
-                found[f"rehearsal_losses_{key}"] = means
-                found[f"rehearsal_min_multiple_{key}"] = lowest_multiple(multiples, means)
+                found[f"{field}_{key}"] = readings
+                found[f"rehearsal_min_multiple_{key}"] = lowest_multiple(multiples, readings)
     tail = max(1, len(losses) // 10)
     return dict(task=task_name, split=Z.ZOO[task_name].split, length=length, steps=task.steps, config=config,
                 seed=seed, final_train_loss=sum(losses[-tail:]) / tail, level_mean=sum(levels) / len(levels), **found)
 
 
-def _branch_loss(task, model, opt, params, start: int, steps: int, multiple: float, batches: int) -> float:
+def _branch_loss(task, model, opt, params, start: int, steps: int, multiple: float, batches: int,
+                 tail: int = 1) -> tuple:
     """One rehearsal branch from after step ``start`` (:func:`rehearsal`): ``steps`` steps under
-    :class:`_Branch`, the search's back-off and hold set aside, then the mean loss of the next ``batches``
-    batches; everything the branch moved (weights, buffers, optimizer state, schedule, random generator)
-    is put back."""
+    :class:`_Branch`, the search's back-off and hold set aside. Returns the mean loss of the next ``batches``
+    batches after it (nan for none) and the mean of its last ``tail`` steps' losses (each before its step,
+    as the zoo's final train loss); everything the branch moved (weights, buffers, optimizer state,
+    schedule, random generator) is put back."""
     weights = [p.detach().clone() for p in params]
     buffers = [b.clone() for b in model.buffers()]
     saved, schedule, rng = copy.deepcopy(opt.state_dict()), opt.schedule, torch.get_rng_state()
     try:
         opt.schedule = _Branch(start, steps, multiple)
         opt._commit(replace(opt.search_state, applied_backoff=1.0, scale_hold=0.0))
+        losses = []
         for batch in task.batches[start:start + steps]:
             opt.zero_grad(set_to_none=True)
-            opt.step(lambda: task.loss(model, batch))
+            losses.append(float(opt.step(lambda: task.loss(model, batch))))
         ahead = task.batches[start + steps:start + steps + batches]
-        mean = sum(_loss_elsewhere(task, model, b, params) for b in ahead) / len(ahead)
+        mean = sum(_loss_elsewhere(task, model, b, params) for b in ahead) / len(ahead) if ahead else math.nan
+        tail_mean = sum(losses[-tail:]) / len(losses[-tail:])
     finally:
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
@@ -503,7 +514,7 @@ def _branch_loss(task, model, opt, params, start: int, steps: int, multiple: flo
         opt.schedule = schedule
         opt.load_state_dict(saved)
         torch.set_rng_state(rng)
-    return mean
+    return mean, tail_mean
 
 
 def best_adamw_rates(rows: Iterable[dict]) -> Dict[tuple, float]:
@@ -558,6 +569,9 @@ def main(argv=None) -> int:
                         help="with --rehearsal: the branch lengths, as fractions of the steps after the freeze, and the "
                              "keys of their fields (default: " + ",".join(f"{k}={v:g}" for k, v in REHEARSAL_FRACTIONS.items())
                              + ")")
+    parser.add_argument("--multiples", default=None, metavar="Q,...",
+                        help="with --rehearsal: the multiples (as the preset's peak) of its branches (default: "
+                             + ",".join(f"{q:g}" for q in REHEARSAL_MULTIPLES) + ")")
     parser.add_argument("--around-best-adamw", metavar="ROWS", default=None,
                         help="with --sharpness or --chord, instead of --config: AdamW at each task-length's best grid rate "
                              "in these zoo rows (comma-separated files; as the tables compute it) and at 1/3 and 3x it")
@@ -567,7 +581,16 @@ def main(argv=None) -> int:
     if args.sharpness + args.chord + args.line_scan + args.rehearsal > 1:
         parser.error("--sharpness, --chord, --line-scan and --rehearsal are four measurements: choose one")
     either = args.sharpness or args.chord
-    fractions = REHEARSAL_FRACTIONS
+    fractions, multiples = REHEARSAL_FRACTIONS, REHEARSAL_MULTIPLES
+    if args.multiples is not None:
+        if not args.rehearsal:
+            parser.error("--multiples goes with --rehearsal")
+        try:
+            multiples = tuple(float(q) for q in args.multiples.split(","))
+        except ValueError:
+            multiples = ()
+        if not multiples or not all(0.0 < q < math.inf for q in multiples):
+            parser.error(f"bad --multiples {args.multiples!r}: give positive numbers separated by commas")
     if args.branches is not None:
         if not args.rehearsal:
             parser.error("--branches goes with --rehearsal")
@@ -616,7 +639,7 @@ def main(argv=None) -> int:
                     if args.line_scan:
                         row = line_scan(name, length, seed, config)
                     elif args.rehearsal:
-                        row = rehearsal(name, length, seed, config, fractions=fractions)
+                        row = rehearsal(name, length, seed, config, multiples=multiples, fractions=fractions)
                     elif either:
                         row = (step_sharpness if args.sharpness else chord_ratio)(name, length, seed, config)
                         if best is not None:
