@@ -158,6 +158,9 @@ def test_the_sharpness_measurement_refuses_a_beam():
     (["--branches", "r2=0.5"], "--branches goes with --rehearsal"),
     (["--rehearsal", "--branches", "r2=1.5"], "bad branch 'r2=1.5'"),
     (["--multiples", "1,2"], "--multiples goes with --rehearsal"),
+    (["--switch-at", "0.1"], "--switch-at F goes with --rehearsal"),
+    (["--rehearsal", "--switch-at", "1.5"], "--switch-at F goes with --rehearsal"),
+    (["--rehearsal", "--switch-at", "0.1", "--branches", "r2=0.5"], "--switch-at F goes with --rehearsal"),
     (["--rehearsal", "--multiples", "1,-2"], "bad --multiples '1,-2'"),
     (["--rehearsal", "--multiples", "1,x"], "bad --multiples '1,x'"),
     (["--rehearsal", "--branches", "r2=0.5,r2=0.25"], "bad branch 'r2=0.25'"),
@@ -330,3 +333,19 @@ def test_a_branch_to_the_end_at_the_presets_own_multiple_is_the_presets_run():
     switched = row["rehearsal_final_losses_full"]
     assert switched[1] == pytest.approx(zoo["final_train_loss"], rel=1e-6) and switched[0] != pytest.approx(switched[1])
     assert row["rehearsal_min_multiple_full"] == signals.lowest_multiple([1.0, 2.0], switched)
+
+
+def test_a_switch_of_the_peak_during_the_warm_up_at_the_presets_peak_is_the_presets_run():
+    steps, name = 60, "cnn_bn_digits"
+    row = signals.switch_during_warmup(name, "default", 0, 0.1, multiples=(1.0, 2.0, 4.0), steps=steps)
+    torch.set_num_threads(1)
+    zoo = train(tasks.make(name, 0, steps=steps), "pretrain_hold", 0, record_searches=False)
+    assert row["final_train_loss"] == zoo["final_train_loss"] and row["switch_step"] == 6  # the run put back
+    finals = row["switch_final_losses"]
+    assert finals[1] == zoo["final_train_loss"]  # peak 2 is the preset's own schedule: bitwise
+    assert finals[0] != pytest.approx(finals[1]) and finals[2] != pytest.approx(finals[1])
+    # the run at peak 4 from the first step differs from the switch (its first 6 steps warmed up to 4)
+    from_start = train(tasks.make(name, 0, steps=steps), "pretrain_peak4", 0, record_searches=False)
+    assert from_start["final_train_loss"] != pytest.approx(finals[2], rel=1e-9)
+    with pytest.raises(ValueError, match="leaves no step before or after it"):
+        signals.switch_during_warmup(name, "default", 0, 0.001, steps=steps)

@@ -58,7 +58,10 @@ and ``line_min_multiple`` / ``line_parabola_multiple``, where it is lowest (:fun
 **With** ``--rehearsal`` (``--config`` as for the line scan): the **rehearsal at the freeze** (:func:`rehearsal`,
 NOTES.md section 64), for each multiple of ``REHEARSAL_MULTIPLES`` a branch of ``R/8`` and of ``R/4`` steps
 (``R`` the steps after the freeze) at that multiple, decayed linearly to zero, and the mean loss of the next
-``REHEARSAL_BATCHES`` batches after it; ``rehearsal_min_multiple_r8`` / ``_r4``, where it is lowest.
+``REHEARSAL_BATCHES`` batches after it; ``rehearsal_min_multiple_r8`` / ``_r4``, where it is lowest
+(``--branches``, ``--multiples`` to choose others; a fraction of 1 runs to the end, NOTES.md section 65). With
+``--switch-at F`` instead the rest of the run from step ``F T`` at each peak (:func:`switch_during_warmup`,
+section 66): ``switch_final_losses``, ``switch_min_multiple``.
 
 Every kind also records the final train loss (and the sharpness and chord rows the val loss). Rows are appended:
 to rebuild a committed file, write to a new one (ZOO.md lists the commands).
@@ -485,18 +488,22 @@ def rehearsal(task_name: str, length: str, seed: int, config: str = "pretrain_ho
 
 
 def _branch_loss(task, model, opt, params, start: int, steps: int, multiple: float, batches: int,
-                 tail: int = 1) -> tuple:
+                 tail: int = 1, branch_schedule=None) -> tuple:
     """One rehearsal branch from after step ``start`` (:func:`rehearsal`): ``steps`` steps under
     :class:`_Branch`, the search's back-off and hold set aside. Returns the mean loss of the next ``batches``
     batches after it (nan for none) and the mean of its last ``tail`` steps' losses (each before its step,
     as the zoo's final train loss); everything the branch moved (weights, buffers, optimizer state,
-    schedule, random generator) is put back."""
+    schedule, random generator) is put back. With ``branch_schedule`` the branch runs under it instead, the
+    search state as it is (section 66's switch of the peak)."""
     weights = [p.detach().clone() for p in params]
     buffers = [b.clone() for b in model.buffers()]
     saved, schedule, rng = copy.deepcopy(opt.state_dict()), opt.schedule, torch.get_rng_state()
     try:
-        opt.schedule = _Branch(start, steps, multiple)
-        opt._commit(replace(opt.search_state, applied_backoff=1.0, scale_hold=0.0))
+        if branch_schedule is None:
+            opt.schedule = _Branch(start, steps, multiple)
+            opt._commit(replace(opt.search_state, applied_backoff=1.0, scale_hold=0.0))
+        else:
+            opt.schedule = branch_schedule
         losses = []
         for batch in task.batches[start:start + steps]:
             opt.zero_grad(set_to_none=True)
@@ -515,6 +522,38 @@ def _branch_loss(task, model, opt, params, start: int, steps: int, multiple: flo
         opt.load_state_dict(saved)
         torch.set_rng_state(rng)
     return mean, tail_mean
+
+
+def switch_during_warmup(task_name: str, length: str, seed: int, at: float, config: str = "pretrain_hold",
+                         multiples: Sequence[float] = REHEARSAL_MULTIPLES, steps: Optional[int] = None) -> dict:
+    """Train ``config`` (a FusedSaLSa with a ``WarmupStableDecay`` schedule) on the zoo task and return the row
+    of its **switch during the warm-up** (NOTES.md section 66): after step ``s = round(at T)``, for each ``q`` of
+    ``multiples``, the rest of the run with the schedule's ``peak`` set to ``q`` (searches, back-off and hold as
+    the schedule has them), read as the zoo reads a run (``switch_final_losses``, the mean of its last 10% of
+    steps' losses). At ``q`` = the schedule's own peak the branch is the run itself. The run's state comes back
+    after each branch and the run goes on: its losses are the zoo's (bitwise)."""
+    task, model, built = _start(task_name, length, seed, config, steps, ("fused",))
+    opt, schedule = built.optimizer, built.schedule
+    if schedule is None or not hasattr(schedule, "decay_start"):
+        raise ValueError(f"{config!r} has no WarmupStableDecay schedule: the switch changes its peak")
+    start = int(round(at * task.steps))
+    if not 1 <= start < task.steps:
+        raise ValueError(f"a switch at {at!r} of {task.steps} steps leaves no step before or after it")
+    params = [p for g in opt.param_groups for p in g["params"]]
+    levels, backoffs, losses, found = [], [], [], {}
+    tail = max(1, task.steps // 10)
+    for k, batch in enumerate(task.batches):
+        step = k + 1
+        losses.append(_take_step(built, task, model, batch))
+        _record_level(opt, schedule, step, levels, backoffs)
+        if step == start:
+            finals = [_branch_loss(task, model, opt, params, start, task.steps - start, 0.0, 0, tail,
+                                   branch_schedule=replace(schedule, peak=q))[1] for q in multiples]
+            found.update(switch_step=start, switch_multiples=list(multiples), switch_final_losses=finals,
+                         switch_min_multiple=lowest_multiple(multiples, finals))
+    return dict(task=task_name, split=Z.ZOO[task_name].split, length=length, steps=task.steps, config=config,
+                seed=seed, final_train_loss=sum(losses[-tail:]) / len(losses[-tail:]),
+                level_mean=sum(levels) / len(levels), **found)
 
 
 def best_adamw_rates(rows: Iterable[dict]) -> Dict[tuple, float]:
@@ -565,6 +604,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rehearsal", action="store_true",
                         help="run short branches at each multiple, decayed to zero, at the freeze of --config (NOTES.md "
                              "section 64) instead of the range test and agreement")
+    parser.add_argument("--switch-at", type=float, default=None, metavar="F",
+                        help="with --rehearsal: instead of branches at the freeze, the rest of the run from step F T with "
+                             "the schedule's peak at each of --multiples (NOTES.md section 66)")
     parser.add_argument("--branches", default=None, metavar="KEY=FRACTION,...",
                         help="with --rehearsal: the branch lengths, as fractions of the steps after the freeze, and the "
                              "keys of their fields (default: " + ",".join(f"{k}={v:g}" for k, v in REHEARSAL_FRACTIONS.items())
@@ -591,6 +633,9 @@ def main(argv=None) -> int:
             multiples = ()
         if not multiples or not all(0.0 < q < math.inf for q in multiples):
             parser.error(f"bad --multiples {args.multiples!r}: give positive numbers separated by commas")
+    if args.switch_at is not None and (not args.rehearsal or args.branches is not None
+                                       or not 0.0 < args.switch_at < 1.0):
+        parser.error("--switch-at F goes with --rehearsal, without --branches, and F in (0, 1)")
     if args.branches is not None:
         if not args.rehearsal:
             parser.error("--branches goes with --rehearsal")
@@ -639,7 +684,9 @@ def main(argv=None) -> int:
                     if args.line_scan:
                         row = line_scan(name, length, seed, config)
                     elif args.rehearsal:
-                        row = rehearsal(name, length, seed, config, multiples=multiples, fractions=fractions)
+                        row = (rehearsal(name, length, seed, config, multiples=multiples, fractions=fractions)
+                               if args.switch_at is None else
+                               switch_during_warmup(name, length, seed, args.switch_at, config, multiples))
                     elif either:
                         row = (step_sharpness if args.sharpness else chord_ratio)(name, length, seed, config)
                         if best is not None:
@@ -660,8 +707,10 @@ def main(argv=None) -> int:
                               file=sys.stderr)
                     elif args.rehearsal:
                         print(f"{name} {length} seed {seed} {config}: final {row['final_train_loss']:.4g}, rehearsal "
-                              + "; ".join(f"{key} lowest at {row[f'rehearsal_min_multiple_{key}']:g}x"
-                                          for key in fractions), file=sys.stderr)
+                              + ("; ".join(f"{key} lowest at {row[f'rehearsal_min_multiple_{key}']:g}x"
+                                           for key in fractions) if args.switch_at is None else
+                                 f"switched at step {row['switch_step']}, lowest at {row['switch_min_multiple']:g}x"),
+                              file=sys.stderr)
                     elif args.sharpness:
                         print(f"{name} {length} seed {seed} {config}: final {row['final_train_loss']:.4g}, "
                               f"sharpness by fifth {[round(x, 2) for x in row['sharpness_by_fifth']]}",
