@@ -80,14 +80,18 @@ def switched_rows(rehearsal_rows: List[dict], key: str = "full") -> List[dict]:
     """Zoo rows of the runs that switched multiple at the freeze, from rehearsal rows with a branch ``key``
     to the run's end (``rehearsal_final_losses_<key>``): per row and multiple ``q``, a row named ``switch_<q>``
     with that branch's final train loss (the zoo's reading of a run's end) and the row's task, split, length,
-    seed and steps. Rows without that branch are refused by name."""
+    seed and steps. Rows of a switch during the warm-up (``--switch-at``, NOTES.md section 66) give theirs
+    (``switch_final_losses``) instead. Rows with neither are refused by name."""
     out = []
     for row in rehearsal_rows:
-        losses = row.get(f"rehearsal_final_losses_{key}")
+        if "switch_final_losses" in row:
+            losses, multiples = row["switch_final_losses"], row["switch_multiples"]
+        else:
+            losses, multiples = row.get(f"rehearsal_final_losses_{key}"), row.get("rehearsal_multiples")
         if losses is None:
             raise ValueError(f"a rehearsal row of {row.get('task')} {row.get('length')} seed {row.get('seed')} has no "
                              f"branch {key!r} to the run's end (rehearsal_final_losses_{key})")
-        for q, loss in zip(row["rehearsal_multiples"], losses):
+        for q, loss in zip(multiples, losses):
             out.append(dict(task=row["task"], split=row["split"], length=row["length"], seed=row["seed"],
                             steps=row["steps"], config=f"switch_{q:g}", final_train_loss=loss, val_loss=None,
                             level_mean=None, forwards_per_step=None,
@@ -402,7 +406,7 @@ def main(argv=None) -> int:
                              "times the feature (section 51)")
     parser.add_argument("--switched", default=None, metavar="ROWS",
                         help="add the runs that switched multiple at the freeze, switch_<q>, from these rehearsal rows "
-                             "(comma-separated files; section 65)")
+                             "(comma-separated files; section 65), or during the warm-up (--switch-at rows, section 66)")
     parser.add_argument("--switched-key", default="full", metavar="KEY",
                         help="with --switched: the key of the branch to the run's end (default: full)")
     parser.add_argument("--pick-at", type=float, default=None, metavar="F",

@@ -385,3 +385,10 @@ def test_the_command_picks_among_the_switched_runs(tmp_path, capsys):
     assert oracle.main([str(grid), "--switched", str(switched), "--configs", "switch_1,switch_2,switch_4"]) == 0
     out = capsys.readouterr().out
     assert "switch_2" in out and "1.110" in out  # the mean of 1.10 and 1.12 over the best AdamW's 1.0
+
+
+def test_switched_rows_read_a_switch_during_the_warm_up_as_well():
+    row = dict(task="lm_small", split="development", length="short", seed=1, steps=100, config="pretrain_hold",
+               switch_multiples=[0.5, 2.0], switch_final_losses=[1.3, 1.2], switch_step=10)
+    rows = oracle.switched_rows([row])
+    assert [(r["config"], r["final_train_loss"]) for r in rows] == [("switch_0.5", 1.3), ("switch_2", 1.2)]
