@@ -1,4 +1,4 @@
-"""Candidate overshoot signals, measured along a configuration's run (quality NOTES sections 29-31, 48, 51, 64).
+"""Candidate overshoot signals, measured along a configuration's run (quality NOTES sections 29-31, 48, 51, 64-66).
 
     python -m benchmarks.quality.zoo.signals --tasks mlp_tanh_cycled,lm_small --lengths default \\
         --seeds 0-1 --out /tmp/signals.jsonl
@@ -482,7 +482,6 @@ def rehearsal(task_name: str, length: str, seed: int, config: str = "pretrain_ho
                 found[f"rehearsal_steps_{key}"] = n
                 found[f"{field}_{key}"] = readings
                 found[f"rehearsal_min_multiple_{key}"] = lowest_multiple(multiples, readings)
-    tail = max(1, len(losses) // 10)
     return dict(task=task_name, split=Z.ZOO[task_name].split, length=length, steps=task.steps, config=config,
                 seed=seed, final_train_loss=sum(losses[-tail:]) / tail, level_mean=sum(levels) / len(levels), **found)
 
