@@ -251,6 +251,14 @@ def test_the_line_scan_refuses_a_run_without_a_freeze_or_the_batches_after_it():
         signals.line_scan("mlp_relu_teacher", "default", 0, steps=9)
 
 
+def _preset_at_its_freeze(name, steps):
+    """The zoo's run of the preset on ``name`` (``steps`` steps) up to its freeze: (task, model, built, params)."""
+    task, model, built = signals._start(name, "default", 0, "pretrain_hold", steps, ("fused",))
+    for batch in task.batches[:built.schedule.decay_start]:
+        signals._take_step(built, task, model, batch)
+    return task, model, built, [p for g in built.optimizer.param_groups for p in g["params"]]
+
+
 def test_the_lowest_multiple_counts_a_non_finite_loss_as_highest_and_breaks_ties_low():
     assert signals.lowest_multiple([0.5, 1.0, 2.0], [3.0, 1.0, 2.0]) == 1.0
     assert signals.lowest_multiple([0.5, 1.0, 2.0], [math.nan, 2.0, 2.0]) == 1.0
@@ -268,10 +276,7 @@ def test_the_rehearsal_reads_the_batches_after_each_branch_and_leaves_the_run_as
     assert row["freeze_step"] == freeze and row["rehearsal_multiples"] == [0.0, 2.0, 8.0]
     assert (row["rehearsal_steps_r8"], row["rehearsal_steps_r4"]) == (round(48 / 8), round(48 / 4))
     # a branch at multiple 0 moves no weight: it reads the batches after it at the weights after step F
-    task, model, built = signals._start(name, "default", 0, "pretrain_hold", steps, ("fused",))
-    params = [p for g in built.optimizer.param_groups for p in g["params"]]
-    for batch in task.batches[:freeze]:
-        signals._take_step(built, task, model, batch)
+    task, model, built, params = _preset_at_its_freeze(name, steps)
     for key in ("r8", "r4"):
         n = row[f"rehearsal_steps_{key}"]
         after = task.batches[freeze + n:freeze + n + signals.REHEARSAL_BATCHES]
@@ -282,23 +287,16 @@ def test_the_rehearsal_reads_the_batches_after_each_branch_and_leaves_the_run_as
         assert row[f"rehearsal_min_multiple_{key}"] == signals.lowest_multiple([0.0, 2.0, 8.0], losses)
 
 
-def test_a_rehearsal_branch_applies_its_multiple_of_the_frozen_level_decayed_to_zero():
-    steps, name = 40, "mlp_relu_teacher"
-    task, model, built = signals._start(name, "default", 0, "pretrain_hold", steps, ("fused",))
-    opt = built.optimizer
-    params = [p for g in opt.param_groups for p in g["params"]]
+def test_a_rehearsal_branch_applies_its_multiple_of_the_frozen_level_decayed_to_zero(monkeypatch):
+    task, model, built, params = _preset_at_its_freeze("mlp_relu_teacher", 40)
     freeze = built.schedule.decay_start
-    for batch in task.batches[:freeze]:
-        signals._take_step(built, task, model, batch)
-    applied = []
-    original = signals._Branch.scale
-    signals._Branch.scale = lambda self, step: applied.append(original(self, step)) or original(self, step)
-    try:
-        before = [p.detach().clone() for p in params]
-        signals._branch_loss(task, model, opt, params, freeze, 4, 3.0, 2)
-    finally:
-        signals._Branch.scale = original
-    assert applied and set(applied) <= {3.0 * (freeze + 4 - k) / 4 for k in range(freeze + 1, freeze + 5)}
+    applied, original = [], signals._Branch.scale
+    monkeypatch.setattr(signals._Branch, "scale",
+                        lambda self, step: applied.append(original(self, step)) or original(self, step))
+    before = [p.detach().clone() for p in params]
+    signals._branch_loss(task, model, built.optimizer, params, freeze, 4, 3.0, 2)
+    # every step of the branch asks for its scale: 3 times the decay from 3/4 to 0
+    assert set(applied) == {3.0 * (freeze + 4 - k) / 4 for k in range(freeze + 1, freeze + 5)}
     assert all(torch.equal(b, p) for b, p in zip(before, params))  # put back
 
 
