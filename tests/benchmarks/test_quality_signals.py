@@ -161,6 +161,9 @@ def test_the_sharpness_measurement_refuses_a_beam():
     (["--switch-at", "0.1"], "--switch-at F goes with --rehearsal"),
     (["--rehearsal", "--switch-at", "1.5"], "--switch-at F goes with --rehearsal"),
     (["--rehearsal", "--switch-at", "0.1", "--branches", "r2=0.5"], "--switch-at F goes with --rehearsal"),
+    (["--rehearse-at", "0.1"], "--rehearse-at F goes with --rehearsal"),
+    (["--rehearsal", "--rehearse-at", "0"], "--rehearse-at F goes with --rehearsal"),
+    (["--rehearsal", "--rehearse-at", "0.1", "--switch-at", "0.1"], "--rehearse-at F goes with --rehearsal"),
     (["--rehearsal", "--multiples", "1,-2"], "bad --multiples '1,-2'"),
     (["--rehearsal", "--multiples", "1,x"], "bad --multiples '1,x'"),
     (["--rehearsal", "--branches", "r2=0.5,r2=0.25"], "bad branch 'r2=0.25'"),
@@ -331,6 +334,37 @@ def test_a_branch_to_the_end_at_the_presets_own_multiple_is_the_presets_run():
     switched = row["rehearsal_final_losses_full"]
     assert switched[1] == pytest.approx(zoo["final_train_loss"], rel=1e-6) and switched[0] != pytest.approx(switched[1])
     assert row["rehearsal_min_multiple_full"] == signals.lowest_multiple([1.0, 2.0], switched)
+
+
+def test_a_rehearsal_during_the_warm_up_branches_after_its_step_at_the_top_of_each_switched_run(monkeypatch):
+    steps, name = 60, "cnn_bn_digits"
+    asked = []
+    original = signals._branch_loss
+    monkeypatch.setattr(signals, "_branch_loss", lambda *a, **k: asked.append((a[4], a[6])) or original(*a, **k))
+    row = signals.rehearsal(name, "default", 0, multiples=(0.0, 4.0), fractions={"r4": 0.25}, steps=steps, at=0.1)
+    torch.set_num_threads(1)
+    zoo = train(tasks.make(name, 0, steps=steps), "pretrain_hold", 0, record_searches=False)
+    assert row["final_train_loss"] == zoo["final_train_loss"]  # every branch was put back
+    assert row["rehearsal_step"] == 6 and "freeze_step" not in row and row["rehearsal_steps_r4"] == round(54 / 4)
+    top = signals.switched_top(4.0, row["backoff_at_rehearsal"], row["hold_at_rehearsal"])
+    assert asked == [(6, 0.0), (6, top)] and top > 0
+    # the branch at 0 reads the batches after it at the weights after step 6, mid warm-up
+    task, model, built = signals._start(name, "default", 0, "pretrain_hold", steps, ("fused",))
+    for batch in task.batches[:6]:
+        signals._take_step(built, task, model, batch)
+    params = [p for g in built.optimizer.param_groups for p in g["params"]]
+    after = task.batches[6 + 14:6 + 14 + signals.REHEARSAL_BATCHES]
+    still = sum(signals._loss_elsewhere(task, model, b, params) for b in after) / len(after)
+    assert row["rehearsal_losses_r4"][0] == pytest.approx(still, rel=1e-6)
+    with pytest.raises(ValueError, match="leaves no step before or after it"):
+        signals.rehearsal(name, "default", 0, steps=steps, at=0.001)
+
+
+def test_the_top_of_a_switched_run_is_its_peak_under_the_hold_and_back_off():
+    assert signals.switched_top(4.0, 1.0, 0.0) == 4.0
+    assert signals.switched_top(4.0, 0.5, 0.0) == 2.0
+    assert signals.switched_top(4.0, 0.5, 1.5) == 0.75  # held below the peak
+    assert signals.switched_top(1.0, 0.5, 1.5) == 0.5  # a peak under the hold is the peak
 
 
 def test_a_switch_of_the_peak_during_the_warm_up_at_the_presets_peak_is_the_presets_run():

@@ -1,4 +1,4 @@
-"""Candidate overshoot signals, measured along a configuration's run (quality NOTES sections 29-31, 48, 51, 64-66).
+"""Candidate overshoot signals, measured along a configuration's run (quality NOTES sections 29-31, 48, 51, 64-67).
 
     python -m benchmarks.quality.zoo.signals --tasks mlp_tanh_cycled,lm_small --lengths default \\
         --seeds 0-1 --out /tmp/signals.jsonl
@@ -61,7 +61,8 @@ NOTES.md section 64), for each multiple of ``REHEARSAL_MULTIPLES`` a branch of `
 ``REHEARSAL_BATCHES`` batches after it; ``rehearsal_min_multiple_r8`` / ``_r4``, where it is lowest
 (``--branches``, ``--multiples`` to choose others; a fraction of 1 runs to the end, NOTES.md section 65). With
 ``--switch-at F`` instead the rest of the run from step ``F T`` at each peak (:func:`switch_during_warmup`,
-section 66): ``switch_final_losses``, ``switch_min_multiple``.
+section 66): ``switch_final_losses``, ``switch_min_multiple``; with ``--rehearse-at F`` the branches after step
+``F T`` (section 67).
 
 Every kind also records the final train loss (and the sharpness and chord rows the val loss). Rows are appended:
 to rebuild a committed file, write to a new one (ZOO.md lists the commands).
@@ -438,9 +439,16 @@ def lowest_multiple(multiples: Sequence[float], losses: Sequence[float]) -> floa
     return multiples[min(range(len(clean)), key=lambda j: (clean[j], j))]
 
 
+def switched_top(peak: float, backoff: float, hold: float) -> float:
+    """The multiple of the searched level at the top of a run whose schedule's peak became ``peak``, under
+    the back-off ``b`` and hold ``h`` it carries (:func:`salsa_fused.step_size.applied_scale`): ``min(peak, h) b``,
+    ``peak b`` without a hold (``h = 0``)."""
+    return (min(peak, hold) if hold > 0 else peak) * backoff
+
+
 def rehearsal(task_name: str, length: str, seed: int, config: str = "pretrain_hold",
               multiples: Sequence[float] = REHEARSAL_MULTIPLES, fractions: Dict[str, float] = REHEARSAL_FRACTIONS,
-              batches: int = REHEARSAL_BATCHES, steps: Optional[int] = None) -> dict:
+              batches: int = REHEARSAL_BATCHES, steps: Optional[int] = None, at: Optional[float] = None) -> dict:
     """Train ``config`` (a FusedSaLSa with a ``WarmupStableDecay`` schedule) on the zoo task and return the
     row of its **rehearsal** at the freeze (NOTES.md section 64): after step ``F`` (``decay_start``), for each
     branch length ``S = round(f (T - F))`` of ``fractions`` and each ``q`` of ``multiples``, a branch of ``S``
@@ -449,12 +457,20 @@ def rehearsal(task_name: str, length: str, seed: int, config: str = "pretrain_ho
     loss of the next ``batches`` batches at its weights. A fraction of 1 runs each branch to the end of the
     run and reads it as the zoo reads a run (``rehearsal_final_losses_<key>``, the mean of its last 10% of
     steps' losses): the run that switched to that multiple at the freeze (NOTES.md section 65). The run's
-    state comes back after each branch and the run goes on: its losses are the zoo's (bitwise)."""
+    state comes back after each branch and the run goes on: its losses are the zoo's (bitwise).
+
+    With ``at`` the branches start after step ``s = round(at T)`` instead (NOTES.md section 67), ``R = T - s``,
+    and the branch at ``q`` applies ``min(q, h) b`` times the searched level there (``b`` the back-off and ``h``
+    the hold at step ``s``, no hold: ``q b``): the top of the run whose peak switched to ``q`` at ``s``
+    (:func:`switch_during_warmup`), had its level stopped moving."""
     task, model, built = _start(task_name, length, seed, config, steps, ("fused",))
     opt, schedule = built.optimizer, built.schedule
     if schedule is None or not hasattr(schedule, "decay_start"):
         raise ValueError(f"{config!r} has no WarmupStableDecay schedule: the rehearsal branches at its freeze")
-    freeze, rest = schedule.decay_start, task.steps - schedule.decay_start
+    freeze = schedule.decay_start if at is None else int(round(at * task.steps))
+    if not 1 <= freeze < task.steps:
+        raise ValueError(f"a rehearsal at {at!r} of {task.steps} steps leaves no step before or after it")
+    rest = task.steps - freeze
     lengths = {key: int(round(f * rest)) for key, f in fractions.items()}
     tail = max(1, task.steps // 10)
     for key, n in lengths.items():
@@ -462,7 +478,7 @@ def rehearsal(task_name: str, length: str, seed: int, config: str = "pretrain_ho
             continue  # to the end of the run: read as the zoo reads a run's end
         if n < 2 or freeze + n + batches > task.steps:
             raise ValueError(f"{task.steps} steps leave no {key} branch of {n} >= 2 steps and {batches} batches "
-                             f"after the freeze at step {freeze}")
+                             f"after the {'freeze' if at is None else 'rehearsal'} at step {freeze}")
     params = [p for g in opt.param_groups for p in g["params"]]
     levels, backoffs, losses, found = [], [], [], {}
     for k, batch in enumerate(task.batches):
@@ -470,13 +486,20 @@ def rehearsal(task_name: str, length: str, seed: int, config: str = "pretrain_ho
         losses.append(_take_step(built, task, model, batch))
         _record_level(opt, schedule, step, levels, backoffs)
         if step == freeze:
-            unit = opt.search_state.step_size * opt.search_config.growth
+            state = opt.search_state
+            unit = state.step_size * opt.search_config.growth
             applied_multiple = levels[-1] / unit
-            found.update(freeze_step=freeze, level_at_freeze=unit, applied_multiple_at_freeze=applied_multiple,
-                         rehearsal_multiples=list(multiples))
+            if at is None:
+                found.update(freeze_step=freeze, level_at_freeze=unit, applied_multiple_at_freeze=applied_multiple)
+                branch_multiples = [q / schedule.peak * applied_multiple for q in multiples]
+            else:
+                found.update(rehearsal_step=freeze, level_at_rehearsal=unit, backoff_at_rehearsal=state.applied_backoff,
+                             hold_at_rehearsal=state.scale_hold)
+                branch_multiples = [switched_top(q, state.applied_backoff, state.scale_hold) for q in multiples]
+            found.update(rehearsal_multiples=list(multiples))
             for key, n in lengths.items():
-                read = [_branch_loss(task, model, opt, params, freeze, n, q / schedule.peak * applied_multiple,
-                                     batches, tail) for q in multiples]
+                read = [_branch_loss(task, model, opt, params, freeze, n, multiple, batches, tail)
+                        for multiple in branch_multiples]
                 field = "rehearsal_final_losses" if n == rest else "rehearsal_losses"
                 readings = [final if n == rest else after for after, final in read]
                 found[f"rehearsal_steps_{key}"] = n
@@ -606,6 +629,9 @@ def main(argv=None) -> int:
     parser.add_argument("--switch-at", type=float, default=None, metavar="F",
                         help="with --rehearsal: instead of branches at the freeze, the rest of the run from step F T with "
                              "the schedule's peak at each of --multiples (NOTES.md section 66)")
+    parser.add_argument("--rehearse-at", type=float, default=None, metavar="F",
+                        help="with --rehearsal: the branches after step F T instead of the freeze, each at the top of the "
+                             "run switched to its multiple there (NOTES.md section 67)")
     parser.add_argument("--branches", default=None, metavar="KEY=FRACTION,...",
                         help="with --rehearsal: the branch lengths, as fractions of the steps after the freeze, and the "
                              "keys of their fields (default: " + ",".join(f"{k}={v:g}" for k, v in REHEARSAL_FRACTIONS.items())
@@ -635,6 +661,9 @@ def main(argv=None) -> int:
     if args.switch_at is not None and (not args.rehearsal or args.branches is not None
                                        or not 0.0 < args.switch_at < 1.0):
         parser.error("--switch-at F goes with --rehearsal, without --branches, and F in (0, 1)")
+    if args.rehearse_at is not None and (not args.rehearsal or args.switch_at is not None
+                                         or not 0.0 < args.rehearse_at < 1.0):
+        parser.error("--rehearse-at F goes with --rehearsal, without --switch-at, and F in (0, 1)")
     if args.branches is not None:
         if not args.rehearsal:
             parser.error("--branches goes with --rehearsal")
@@ -683,7 +712,8 @@ def main(argv=None) -> int:
                     if args.line_scan:
                         row = line_scan(name, length, seed, config)
                     elif args.rehearsal:
-                        row = (rehearsal(name, length, seed, config, multiples=multiples, fractions=fractions)
+                        row = (rehearsal(name, length, seed, config, multiples=multiples, fractions=fractions,
+                                         at=args.rehearse_at)
                                if args.switch_at is None else
                                switch_during_warmup(name, length, seed, args.switch_at, config, multiples))
                     elif either:
