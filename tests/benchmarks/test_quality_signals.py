@@ -161,9 +161,9 @@ def test_the_sharpness_measurement_refuses_a_beam():
     (["--switch-at", "0.1"], "--switch-at F goes with --rehearsal"),
     (["--rehearsal", "--switch-at", "1.5"], "--switch-at F goes with --rehearsal"),
     (["--rehearsal", "--switch-at", "0.1", "--branches", "r2=0.5"], "--switch-at F goes with --rehearsal"),
-    (["--rehearse-at", "0.1"], "--rehearse-at F goes with --rehearsal"),
-    (["--rehearsal", "--rehearse-at", "0"], "--rehearse-at F goes with --rehearsal"),
-    (["--rehearsal", "--rehearse-at", "0.1", "--switch-at", "0.1"], "--rehearse-at F goes with --rehearsal"),
+    (["--rehearse-at", "0.1"], "--rehearse-at F goes with --rehearsal or --line-scan"),
+    (["--rehearsal", "--rehearse-at", "0"], "--rehearse-at F goes with --rehearsal or --line-scan"),
+    (["--rehearsal", "--rehearse-at", "0.1", "--switch-at", "0.1"], "--rehearse-at F goes with --rehearsal or --line-scan"),
     (["--rehearsal", "--multiples", "1,-2"], "bad --multiples '1,-2'"),
     (["--rehearsal", "--multiples", "1,x"], "bad --multiples '1,x'"),
     (["--rehearsal", "--branches", "r2=0.5,r2=0.25"], "bad branch 'r2=0.25'"),
@@ -245,6 +245,30 @@ def test_the_line_scan_reads_the_upcoming_batches_along_the_freezes_step_and_lea
         signals._take_step(built, task, model, batch)
     means.append(sum(signals._loss_elsewhere(task, model, b, params) for b in task.batches[freeze:freeze + 3]) / 3)
     assert again["line_scan_losses"] == pytest.approx(means, rel=1e-5) and means[0] != pytest.approx(means[1], rel=1e-3)
+
+
+def test_a_line_scan_during_the_warm_up_reads_along_the_step_it_names():
+    steps, name = 60, "cnn_bn_digits"
+    row = signals.line_scan(name, "default", 0, multiples=(0.0, 1.0), batches=3, steps=steps, at=0.1)
+    torch.set_num_threads(1)
+    zoo = train(tasks.make(name, 0, steps=steps), "pretrain_hold", 0, record_searches=False)
+    assert row["final_train_loss"] == zoo["final_train_loss"]
+    assert row["line_scan_step"] == 6 and "freeze_step" not in row
+    # at q = 0 the weights before step 6, at the multiple step 6 applied the weights after it
+    applied = row["applied_multiple_at_scan"]
+    assert 0 < applied < 2  # mid warm-up: under the preset's peak
+    again = signals.line_scan(name, "default", 0, multiples=(0.0, applied), batches=3, steps=steps, at=0.1)
+    task, model, built = signals._start(name, "default", 0, "pretrain_hold", steps, ("fused",))
+    params = [p for g in built.optimizer.param_groups for p in g["params"]]
+    means = []
+    for k, batch in enumerate(task.batches[:6]):
+        if k + 1 == 6:
+            means.append(sum(signals._loss_elsewhere(task, model, b, params) for b in task.batches[6:9]) / 3)
+        signals._take_step(built, task, model, batch)
+    means.append(sum(signals._loss_elsewhere(task, model, b, params) for b in task.batches[6:9]) / 3)
+    assert again["line_scan_losses"] == pytest.approx(means, rel=1e-5) and means[0] != pytest.approx(means[1], rel=1e-3)
+    with pytest.raises(ValueError, match="leave no 8 batches after the scan"):
+        signals.line_scan(name, "default", 0, steps=steps, at=0.95)
 
 
 def test_the_line_scan_refuses_a_run_without_a_freeze_or_the_batches_after_it():

@@ -1,4 +1,4 @@
-"""Candidate overshoot signals, measured along a configuration's run (quality NOTES sections 29-31, 48, 51, 64-67).
+"""Candidate overshoot signals, measured along a configuration's run (quality NOTES sections 29-31, 48, 51, 64-68).
 
     python -m benchmarks.quality.zoo.signals --tasks mlp_tanh_cycled,lm_small --lengths default \\
         --seeds 0-1 --out /tmp/signals.jsonl
@@ -62,7 +62,7 @@ NOTES.md section 64), for each multiple of ``REHEARSAL_MULTIPLES`` a branch of `
 (``--branches``, ``--multiples`` to choose others; a fraction of 1 runs to the end, NOTES.md section 65). With
 ``--switch-at F`` instead the rest of the run from step ``F T`` at each peak (:func:`switch_during_warmup`,
 section 66): ``switch_final_losses``, ``switch_min_multiple``; with ``--rehearse-at F`` the branches after step
-``F T`` (section 67).
+``F T`` (section 67), and the line scan along step ``F T`` (section 68).
 
 Every kind also records the final train loss (and the sharpness and chord rows the val loss). Rows are appended:
 to rebuild a committed file, write to a new one (ZOO.md lists the commands).
@@ -353,20 +353,22 @@ def line_minimum(multiples: Sequence[float], losses: Sequence[float]) -> Dict[st
 
 def line_scan(task_name: str, length: str, seed: int, config: str = "pretrain_hold",
               multiples: Sequence[float] = LINE_SCAN_MULTIPLES, batches: int = LINE_SCAN_BATCHES,
-              steps: Optional[int] = None) -> dict:
+              steps: Optional[int] = None, at: Optional[float] = None) -> dict:
     """Train ``config`` (a plain FusedSaLSa with a ``WarmupStableDecay`` schedule) on the zoo task and
     return the row of its **line scan** at the freeze (NOTES.md section 51): after the last search step
     ``F`` (the schedule's ``decay_start``), with ``w_F`` the weights before it, ``a_F`` the level it applied
     and ``u = (w_F - w_{F+1}) / a_F``, the mean loss of the ``batches`` batches of steps ``F+1 ..`` at
     ``w_F - q (eta g) u`` for each ``q`` of ``multiples`` (``eta g``: the searched level times the growth
-    after step ``F``). Side measurements: the run is the zoo's (bitwise)."""
+    after step ``F``). With ``at``, the same along step ``s = round(at T)`` instead (NOTES.md section 68).
+    Side measurements: the run is the zoo's (bitwise)."""
     task, model, built = _start(task_name, length, seed, config, steps, ("fused",))
     opt, schedule = built.optimizer, built.schedule
     if schedule is None or not hasattr(schedule, "decay_start"):
         raise ValueError(f"{config!r} has no WarmupStableDecay schedule: the line scan reads its freeze")
-    freeze = schedule.decay_start
-    if freeze + batches > task.steps:
-        raise ValueError(f"{task.steps} steps leave no {batches} batches after the freeze at step {freeze}")
+    freeze = schedule.decay_start if at is None else int(round(at * task.steps))
+    where = "the freeze" if at is None else "the scan"
+    if freeze < 1 or freeze + batches > task.steps:
+        raise ValueError(f"{task.steps} steps leave no {batches} batches after {where} at step {freeze}")
     params = [p for g in opt.param_groups for p in g["params"]]
     levels, backoffs, losses, scan = [], [], [], {}
     for k, batch in enumerate(task.batches):
@@ -382,8 +384,10 @@ def line_scan(task_name: str, length: str, seed: int, config: str = "pretrain_ho
             scan_losses = [sum(_loss_elsewhere(task, model, upcoming, params,
                                                [b - q * unit * d for b, d in zip(before, update)])
                                for upcoming in ahead) / len(ahead) for q in multiples]
-            scan = dict(line_scan_multiples=list(multiples), line_scan_losses=scan_losses, freeze_step=freeze,
-                        level_at_freeze=unit, applied_multiple_at_freeze=applied / unit,
+            at_step = (dict(freeze_step=freeze, level_at_freeze=unit, applied_multiple_at_freeze=applied / unit)
+                       if at is None else
+                       dict(line_scan_step=freeze, level_at_scan=unit, applied_multiple_at_scan=applied / unit))
+            scan = dict(line_scan_multiples=list(multiples), line_scan_losses=scan_losses, **at_step,
                         **line_minimum(multiples, scan_losses))
     tail = max(1, len(losses) // 10)
     return dict(task=task_name, split=Z.ZOO[task_name].split, length=length, steps=task.steps, config=config,
@@ -631,7 +635,8 @@ def main(argv=None) -> int:
                              "the schedule's peak at each of --multiples (NOTES.md section 66)")
     parser.add_argument("--rehearse-at", type=float, default=None, metavar="F",
                         help="with --rehearsal: the branches after step F T instead of the freeze, each at the top of the "
-                             "run switched to its multiple there (NOTES.md section 67)")
+                             "run switched to its multiple there (NOTES.md section 67); with --line-scan: the scan "
+                             "along step F T (section 68)")
     parser.add_argument("--branches", default=None, metavar="KEY=FRACTION,...",
                         help="with --rehearsal: the branch lengths, as fractions of the steps after the freeze, and the "
                              "keys of their fields (default: " + ",".join(f"{k}={v:g}" for k, v in REHEARSAL_FRACTIONS.items())
@@ -661,9 +666,9 @@ def main(argv=None) -> int:
     if args.switch_at is not None and (not args.rehearsal or args.branches is not None
                                        or not 0.0 < args.switch_at < 1.0):
         parser.error("--switch-at F goes with --rehearsal, without --branches, and F in (0, 1)")
-    if args.rehearse_at is not None and (not args.rehearsal or args.switch_at is not None
+    if args.rehearse_at is not None and (not (args.rehearsal or args.line_scan) or args.switch_at is not None
                                          or not 0.0 < args.rehearse_at < 1.0):
-        parser.error("--rehearse-at F goes with --rehearsal, without --switch-at, and F in (0, 1)")
+        parser.error("--rehearse-at F goes with --rehearsal or --line-scan, without --switch-at, and F in (0, 1)")
     if args.branches is not None:
         if not args.rehearsal:
             parser.error("--branches goes with --rehearsal")
@@ -710,7 +715,7 @@ def main(argv=None) -> int:
                     O.adamw_name(best[(name, length)] * f) for f in (1 / 3, 1.0, 3.0)]
                 for seed, config in [(s, c) for s in seeds for c in configs]:
                     if args.line_scan:
-                        row = line_scan(name, length, seed, config)
+                        row = line_scan(name, length, seed, config, at=args.rehearse_at)
                     elif args.rehearsal:
                         row = (rehearsal(name, length, seed, config, multiples=multiples, fractions=fractions,
                                          at=args.rehearse_at)
