@@ -362,15 +362,19 @@ def test_a_branch_to_the_end_at_the_presets_own_multiple_is_the_presets_run():
 
 def test_a_rehearsal_during_the_warm_up_branches_after_its_step_at_the_top_of_each_switched_run(monkeypatch):
     steps, name = 60, "cnn_bn_digits"
-    asked = []
-    original = signals._branch_loss
+    asked, tops = [], []
+    original, top_of = signals._branch_loss, signals.switched_top
     monkeypatch.setattr(signals, "_branch_loss", lambda *a, **k: asked.append((a[4], a[6])) or original(*a, **k))
+    monkeypatch.setattr(signals, "switched_top", lambda *a: tops.append(a) or top_of(*a))
     row = signals.rehearsal(name, "default", 0, multiples=(0.0, 4.0), fractions={"r4": 0.25}, steps=steps, at=0.1)
     torch.set_num_threads(1)
     zoo = train(tasks.make(name, 0, steps=steps), "pretrain_hold", 0, record_searches=False)
     assert row["final_train_loss"] == zoo["final_train_loss"]  # every branch was put back
     assert row["rehearsal_step"] == 6 and "freeze_step" not in row and row["rehearsal_steps_r4"] == round(54 / 4)
-    top = signals.switched_top(4.0, row["backoff_at_rehearsal"], row["hold_at_rehearsal"])
+    # each branch is at the top of its switched run, under the back-off and hold the run had at step 6
+    state = (row["backoff_at_rehearsal"], row["hold_at_rehearsal"])
+    assert tops == [(0.0, *state), (4.0, *state)]
+    top = top_of(4.0, *state)
     assert asked == [(6, 0.0), (6, top)] and top > 0
     # the branch at 0 reads the batches after it at the weights after step 6, mid warm-up
     task, model, built = signals._start(name, "default", 0, "pretrain_hold", steps, ("fused",))
