@@ -10,6 +10,8 @@
         --out /tmp/linescan.jsonl
     python -m benchmarks.quality.zoo.signals --rehearsal --tasks lm_small --lengths default --seeds 0-1 \\
         --out /tmp/rehearsal.jsonl
+    python -m benchmarks.quality.zoo.signals --rehearsal --rehearse-at 0.1 --branches r2=0.5 \\
+        --tasks lm_small --lengths default --seeds 0-1 --out /tmp/rehearsal_early.jsonl
 
 Every run is the zoo's own (one thread, the zoo's weights and batches; its losses bitwise those of
 ``zoo run``), and appends one JSON row with the commit, versions and date. Two kinds of row:
