@@ -20,6 +20,9 @@ CONFIG's applied level on the multiple of C's searched level (:func:`floor_repor
 ``--feature KEY --feature-rows ROWS --control C --rule-scale K`` (NOTES.md section 51) scores, in hindsight,
 the multiple set to K times a feature measured along C's run (:func:`feature_rule_report`).
 
+``--among Q,...`` with a rehearsal's pick as the feature (NOTES.md section 70) picks again among those of its
+multiples only: what a rehearsal with fewer branches would have read.
+
 ``--switched ROWS`` (NOTES.md section 65) adds, from the rehearsal's rows (``zoo.signals --rehearsal``) with a
 branch to the run's end, one row per multiple ``q``, named ``switch_<q>``: the run that switched to ``q`` at
 the preset's freeze (:func:`switched_rows`), so that any of the reports above can pick among them.
@@ -37,6 +40,7 @@ from typing import Dict, List, Optional, Sequence
 
 from .._common import name_pairs
 from .zoo.runner import _gmean, parse_seeds, read_rows, summarize
+from .zoo.signals import lowest_multiple
 from .zoo.tasks import LENGTHS
 
 
@@ -96,6 +100,28 @@ def switched_rows(rehearsal_rows: List[dict], key: str = "full") -> List[dict]:
                             steps=row["steps"], config=f"switch_{q:g}", final_train_loss=loss, val_loss=None,
                             level_mean=None, forwards_per_step=None,
                             diverged=None if math.isfinite(loss) else "non-finite loss"))
+    return out
+
+
+def rehearsal_picks_among(rehearsal_rows: List[dict], key: str, among: Sequence[float]) -> List[dict]:
+    """The rehearsal's rows with ``key`` (``rehearsal_min_multiple_<branch>``) picked again among the multiples
+    ``among`` only (NOTES.md section 70): the lowest of the branch's readings (``rehearsal_losses_<branch>``,
+    or ``rehearsal_final_losses_<branch>``) at those multiples, as a rehearsal that ran only their branches
+    would have read. ValueError naming the problem for another key or a multiple a row did not run."""
+    prefix = "rehearsal_min_multiple_"
+    if not key.startswith(prefix) or not among:
+        raise ValueError(f"picking among multiples needs a rehearsal's {prefix}<branch> and some multiples, got {key!r}")
+    branch = key[len(prefix):]
+    out = []
+    for row in rehearsal_rows:
+        readings = row.get(f"rehearsal_losses_{branch}", row.get(f"rehearsal_final_losses_{branch}"))
+        ran = row.get("rehearsal_multiples") or []
+        missing = [q for q in among if q not in ran]
+        if readings is None or missing:
+            raise ValueError(f"a rehearsal row of {row.get('task')} {row.get('length')} seed {row.get('seed')} has no "
+                             f"branch {branch!r} at {missing or list(among)}")
+        kept = [q for q in ran if q in among]
+        out.append(dict(row, **{key: lowest_multiple(kept, [readings[ran.index(q)] for q in kept])}))
     return out
 
 
@@ -396,6 +422,9 @@ def main(argv=None) -> int:
                         help="report how a feature of --feature-rows relates to the best multiple (section 48); "
                              "--configs and --optional then give NAME=MULTIPLE pairs")
     parser.add_argument("--feature-rows", default=None, help="comma-separated JSONL files of the feature's rows")
+    parser.add_argument("--among", default=None, metavar="Q,...",
+                        help="with --feature rehearsal_min_multiple_<branch>: the rehearsal's pick among these of its "
+                             "multiples only (section 70)")
     parser.add_argument("--trace-config", default=None, metavar="CONFIG",
                         help="with --feature: take the feature from CONFIG's loss traces in the files (section 50: "
                              "search_progress, stable_progress, roughness_over_trend) instead of --feature-rows")
@@ -429,9 +458,19 @@ def main(argv=None) -> int:
     def multiples_of(text, form):
         return {name: float(value) for name, value in name_pairs([c for c in text.split(",") if c], form).items()}
 
+    if args.among is not None and (args.feature is None or not args.feature_rows):
+        parser.error("--among goes with --feature and --feature-rows")
+
     def kept(feature_rows):
-        return [r for r in feature_rows
-                if (seeds is None or r["seed"] in seeds) and (args.split is None or r.get("split") == args.split)]
+        feature_rows = [r for r in feature_rows
+                        if (seeds is None or r["seed"] in seeds) and (args.split is None or r.get("split") == args.split)]
+        if args.among is None:
+            return feature_rows
+        try:
+            among = [float(q) for q in args.among.split(",")]
+        except ValueError:
+            raise ValueError(f"bad --among {args.among!r}: give multiples separated by commas") from None
+        return rehearsal_picks_among(feature_rows, args.feature, among)
 
     if args.feature is not None and args.rule_scale is not None:
         try:

@@ -392,3 +392,39 @@ def test_switched_rows_read_a_switch_during_the_warm_up_as_well():
                switch_multiples=[0.5, 2.0], switch_final_losses=[1.3, 1.2], switch_step=10)
     rows = oracle.switched_rows([row])
     assert [(r["config"], r["final_train_loss"]) for r in rows] == [("switch_0.5", 1.3), ("switch_2", 1.2)]
+
+
+def test_a_rehearsals_pick_among_fewer_multiples_reads_only_their_branches(tmp_path, capsys):
+    row = dict(task="lm_small", split="development", length="default", seed=0, steps=100,
+               rehearsal_multiples=[0.5, 1.0, 2.0, 4.0, 8.0], rehearsal_losses_r2=[3.0, 1.0, 2.5, 2.0, 9.0],
+               rehearsal_min_multiple_r2=1.0)
+    (picked,) = oracle.rehearsal_picks_among([row], "rehearsal_min_multiple_r2", [0.5, 2.0, 8.0])
+    assert picked["rehearsal_min_multiple_r2"] == 2.0 and row["rehearsal_min_multiple_r2"] == 1.0  # not written over
+    assert oracle.rehearsal_picks_among([row], "rehearsal_min_multiple_r2", [4.0, 8.0])[0]["rehearsal_min_multiple_r2"] == 4.0
+    # a branch to the run's end is read from its final losses
+    full = dict(row, rehearsal_final_losses_full=[1.0, 2.0, 0.5, 3.0, 4.0])
+    assert oracle.rehearsal_picks_among([full], "rehearsal_min_multiple_full", [0.5, 2.0])[0][
+        "rehearsal_min_multiple_full"] == 2.0
+    with pytest.raises(ValueError, match=r"no branch 'r2' at \[16.0\]"):
+        oracle.rehearsal_picks_among([row], "rehearsal_min_multiple_r2", [0.5, 16.0])
+    with pytest.raises(ValueError, match="rehearsal_min_multiple_<branch>"):
+        oracle.rehearsal_picks_among([row], "line_min_multiple", [0.5])
+    # the command: the feature's pairs carry the pick among the multiples asked for
+    rows = [r for task in ("lm_small", "logreg") for r in _grid(task, "default", 1.0)]
+    for task, best in (("lm_small", 2.0), ("logreg", 0.5)):
+        rows += [_row(task, "default", f"peak{q:g}", seed, 1.0 + abs(math.log2(q / best)))
+                 for seed in (0, 1) for q in (0.5, 1.0, 2.0)]
+    features = [dict(row, task=task, seed=seed) for task in ("lm_small", "logreg") for seed in (0, 1)]
+    grid, feature_path = tmp_path / "rows.jsonl", tmp_path / "rehearsal.jsonl"
+    grid.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    feature_path.write_text("".join(json.dumps(r) + "\n" for r in features))
+    args = [str(grid), "--configs", "peak0.5=0.5,peak1=1,peak2=2", "--feature", "rehearsal_min_multiple_r2",
+            "--feature-rows", str(feature_path)]
+    assert oracle.main(args + ["--among", "0.5,2,8"]) == 0
+    assert "lm_small default: best multiple 2, rehearsal_min_multiple_r2 2" in capsys.readouterr().out
+    assert oracle.main(args) == 0
+    assert "lm_small default: best multiple 2, rehearsal_min_multiple_r2 1" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        oracle.main([str(grid), "--configs", "peak1", "--among", "0.5,2"])
+    with pytest.raises(SystemExit):
+        oracle.main(args + ["--among", "0.5,x"])
