@@ -367,18 +367,18 @@ def line_scan(task_name: str, length: str, seed: int, config: str = "pretrain_ho
     opt, schedule = built.optimizer, built.schedule
     if schedule is None or not hasattr(schedule, "decay_start"):
         raise ValueError(f"{config!r} has no WarmupStableDecay schedule: the line scan reads its freeze")
-    freeze = schedule.decay_start if at is None else int(round(at * task.steps))
+    scan_step = schedule.decay_start if at is None else int(round(at * task.steps))
     where = "the freeze" if at is None else "the scan"
-    if freeze < 1 or freeze + batches > task.steps:
-        raise ValueError(f"{task.steps} steps leave no {batches} batches after {where} at step {freeze}")
+    if scan_step < 1 or scan_step + batches > task.steps:
+        raise ValueError(f"{task.steps} steps leave no {batches} batches after {where} at step {scan_step}")
     params = [p for g in opt.param_groups for p in g["params"]]
     levels, backoffs, losses, scan = [], [], [], {}
     for k, batch in enumerate(task.batches):
         step = k + 1
-        before = [p.detach().clone() for p in params] if step == freeze else None
+        before = [p.detach().clone() for p in params] if step == scan_step else None
         losses.append(_take_step(built, task, model, batch))
         _record_level(opt, schedule, step, levels, backoffs)
-        if step == freeze:
+        if step == scan_step:
             unit = opt.search_state.step_size * opt.search_config.growth
             applied = levels[-1]
             update = [(b - p.detach()) / applied for b, p in zip(before, params)]
@@ -386,9 +386,9 @@ def line_scan(task_name: str, length: str, seed: int, config: str = "pretrain_ho
             scan_losses = [sum(_loss_elsewhere(task, model, upcoming, params,
                                                [b - q * unit * d for b, d in zip(before, update)])
                                for upcoming in ahead) / len(ahead) for q in multiples]
-            at_step = (dict(freeze_step=freeze, level_at_freeze=unit, applied_multiple_at_freeze=applied / unit)
+            at_step = (dict(freeze_step=scan_step, level_at_freeze=unit, applied_multiple_at_freeze=applied / unit)
                        if at is None else
-                       dict(line_scan_step=freeze, level_at_scan=unit, applied_multiple_at_scan=applied / unit))
+                       dict(line_scan_step=scan_step, level_at_scan=unit, applied_multiple_at_scan=applied / unit))
             scan = dict(line_scan_multiples=list(multiples), line_scan_losses=scan_losses, **at_step,
                         **line_minimum(multiples, scan_losses))
     tail = max(1, len(losses) // 10)
@@ -473,38 +473,38 @@ def rehearsal(task_name: str, length: str, seed: int, config: str = "pretrain_ho
     opt, schedule = built.optimizer, built.schedule
     if schedule is None or not hasattr(schedule, "decay_start"):
         raise ValueError(f"{config!r} has no WarmupStableDecay schedule: the rehearsal branches at its freeze")
-    freeze = schedule.decay_start if at is None else int(round(at * task.steps))
-    if not 1 <= freeze < task.steps:
+    branch_step = schedule.decay_start if at is None else int(round(at * task.steps))
+    if not 1 <= branch_step < task.steps:
         raise ValueError(f"a rehearsal at {at!r} of {task.steps} steps leaves no step before or after it")
-    rest = task.steps - freeze
+    rest = task.steps - branch_step
     lengths = {key: int(round(f * rest)) for key, f in fractions.items()}
     tail = max(1, task.steps // 10)
     for key, n in lengths.items():
         if n == rest:
             continue  # to the end of the run: read as the zoo reads a run's end
-        if n < 2 or freeze + n + batches > task.steps:
+        if n < 2 or branch_step + n + batches > task.steps:
             raise ValueError(f"{task.steps} steps leave no {key} branch of {n} >= 2 steps and {batches} batches "
-                             f"after the {'freeze' if at is None else 'rehearsal'} at step {freeze}")
+                             f"after the {'freeze' if at is None else 'rehearsal'} at step {branch_step}")
     params = [p for g in opt.param_groups for p in g["params"]]
     levels, backoffs, losses, found = [], [], [], {}
     for k, batch in enumerate(task.batches):
         step = k + 1
         losses.append(_take_step(built, task, model, batch))
         _record_level(opt, schedule, step, levels, backoffs)
-        if step == freeze:
+        if step == branch_step:
             state = opt.search_state
             unit = state.step_size * opt.search_config.growth
             applied_multiple = levels[-1] / unit
             if at is None:
-                found.update(freeze_step=freeze, level_at_freeze=unit, applied_multiple_at_freeze=applied_multiple)
+                found.update(freeze_step=branch_step, level_at_freeze=unit, applied_multiple_at_freeze=applied_multiple)
                 branch_multiples = [q / schedule.peak * applied_multiple for q in multiples]
             else:
-                found.update(rehearsal_step=freeze, level_at_rehearsal=unit, backoff_at_rehearsal=state.applied_backoff,
-                             hold_at_rehearsal=state.scale_hold)
+                found.update(rehearsal_step=branch_step, level_at_rehearsal=unit,
+                             backoff_at_rehearsal=state.applied_backoff, hold_at_rehearsal=state.scale_hold)
                 branch_multiples = [switched_top(q, state.applied_backoff, state.scale_hold) for q in multiples]
             found.update(rehearsal_multiples=list(multiples))
             for key, n in lengths.items():
-                read = [_branch_loss(task, model, opt, params, freeze, n, multiple, batches, tail)
+                read = [_branch_loss(task, model, opt, params, branch_step, n, multiple, batches, tail)
                         for multiple in branch_multiples]
                 field = "rehearsal_final_losses" if n == rest else "rehearsal_losses"
                 readings = [final if n == rest else after for after, final in read]
