@@ -1591,3 +1591,37 @@ def test_a_checkpoint_listing_an_id_in_two_groups_is_refused_naming_both():
     saved = deepcopy(opt.state_dict())
     saved["param_groups"][1]["params"][0] = saved["param_groups"][0]["params"][1]
     assert_load_refused(opt, saved, "lists parameter id 1 twice \\(in parameter groups 0 and 1\\)")
+
+
+@pytest.mark.parametrize("at_search", [False, True], ids=["plain-step", "search-step"])
+def test_a_closure_raising_after_the_steps_own_forward_leaves_weights_moments_and_search_state(at_search):
+    """One-phase: the closure's first call is the step's own forward, not a trial. When it raises after
+    its forward ran, weights, moments, search state and gradients are as before the step (what that
+    forward moved, BatchNorm's statistics and the generators, stays moved, as with any optimizer:
+    docs/api.md), and the step then runs."""
+    x, y = torch.randn(16, 4, generator=torch.Generator().manual_seed(1)), torch.randn(16, 1)
+    (net, opt), _ = _twin_runs()
+    for _ in range(400):
+        if plan_step(opt.search_state, opt.search_config).is_search == at_search:
+            break
+        opt.zero_grad()
+        opt.step(lambda: F.mse_loss(net(x), y))
+    assert plan_step(opt.search_state, opt.search_config).is_search == at_search
+    weights = [p.detach().clone() for p in net.parameters()]
+    state = deepcopy(opt.state_dict())
+
+    def raising():
+        F.mse_loss(net(x), y)
+        raise _Boom("after the forward")
+    opt.zero_grad()
+    with pytest.raises(_Boom):
+        opt.step(raising)
+    assert all(torch.equal(a, p) for a, p in zip(weights, net.parameters()))
+    assert all(p.grad is None for p in net.parameters())
+    after = opt.state_dict()
+    assert after["param_groups"][0]["search"] == state["param_groups"][0]["search"]
+    assert all(torch.equal(after["state"][i][k], v) for i, s in state["state"].items() for k, v in s.items()
+               if torch.is_tensor(v))
+    steps = opt.search_state.step
+    opt.step(lambda: F.mse_loss(net(x), y))
+    assert opt.search_state.step == steps + 1
