@@ -1497,10 +1497,13 @@ class FusedSaLSa(Optimizer, Joinable):
         groups = [(len(g["params"]), sum(p.numel() for p in g["params"]),
                    sorted((key, plain(value)) for key, value in g.items() if key not in ("params", "search_lr")))
                   for g in self.param_groups]
-        texts = {"search constants": repr(self.search_config), "search_rule": described(self.search_rule),
-                 "search_direction": repr(self.search_direction), "restore": repr(self.restore_strategy),
-                 "nonfinite": repr(self.nonfinite), "schedule": described(self.schedule), "param_groups": repr(groups),
-                 "search state": repr(dataclasses.asdict(state))}
+        texts = {"search_rule": described(self.search_rule), "search_direction": repr(self.search_direction),
+                 "restore": repr(self.restore_strategy), "nonfinite": repr(self.nonfinite),
+                 "schedule": described(self.schedule), "param_groups": repr(groups)}
+        # field by field, so that the error names the one that differs
+        texts.update({f"search constants.{field.name}": repr(getattr(self.search_config, field.name))
+                      for field in dataclasses.fields(self.search_config)})
+        texts.update({f"search state.{name}": repr(value) for name, value in dataclasses.asdict(state).items()})
         texts = {name: re.sub(r" at 0x[0-9a-fA-F]+", "", text) for name, text in texts.items()}  # addresses differ
         differing = self.reduction.differing(texts, self._device)
         if differing:

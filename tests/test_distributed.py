@@ -772,11 +772,11 @@ def _ranks_that_differ_job(rank: int, out_dir: str) -> None:
     built alike step on, a load on one rank included (it sent that rank alone into the comparison)."""
     cases = {
         "init_step_size": (lambda params: FusedSaLSa(params, backend="torch", init_step_size=0.5 if rank else 1.0),
-                           "search state"),
+                           "search state.step_size"),
         "a group": (lambda params: FusedSaLSa(params if rank else [{"params": params[:2]}, {"params": params[2:]}],
                                               backend="torch"), "param_groups"),
         "the preset": (lambda params: FusedSaLSa(params, backend="torch", beta3=0.95 if rank else 0.9),
-                       "search constants"),
+                       "search constants.beta3"),
     }
     for what, (build, named) in cases.items():
         model = _make_model(0)
