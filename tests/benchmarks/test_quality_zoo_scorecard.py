@@ -48,6 +48,10 @@ def test_each_target_is_read_as_the_issue_writes_it():
         assert not c["worse_than_defaults"] and all(a == dict(count=6, met=True) for a in c["ahead"].values())
         assert c["forwards_mean"] == c["forwards_max"] == 1.5
         assert c["tasks"][0]["level_ratio"] == pytest.approx(2.0) and c["tasks"][0]["best_lr"] == pytest.approx(1e-2)
+        # the grid's rates next to the best end at 2x (1e-1) and 3x (1e-3) its loss
+        assert c["tasks"][0]["grid_step_off"] == pytest.approx((2.0, 3.0))
+        assert c["grid_step_off"]["better"] == dict(geomean=pytest.approx(2.0), above=6, tasks=6)
+        assert c["grid_step_off"]["worse"] == dict(geomean=pytest.approx(3.0), above=6, tasks=6)
 
     # at "long": one task at 1.3 (above 1.15; the geomean 1.037 > 1.03), one 6% worse than the
     # defaults, a reference ahead on two tasks of six (4/6 < 3/4), one task without the configuration at "short"
@@ -74,6 +78,25 @@ def test_each_target_is_read_as_the_issue_writes_it():
     assert f"**missed** (1: {first})" in text and f"**missed** (2: {first}, {second})" in text
     assert "| at or ahead of Prodigy + warm-up on 75% of tasks | 5/6: met | 6/6: met | 3/6: **missed** |" in text
     assert f"Tasks without rows (every target they enter counts as missed): short: {first}." in text
+    assert ("| yardstick: AdamW a grid step off its best rate, the worse side: geomean (tasks above 1.15) "
+            "| 3.000 (6/6) | 3.000 (6/6) | 3.000 (6/6) |") in text
+
+
+def test_the_yardstick_reads_the_grid_rates_next_to_the_best_and_the_one_neighbour_at_an_end():
+    task = sorted(Z.names("holdout"))[0]
+    rows = []
+    for seed in (0, 1):
+        rows += [_row(task, "adamw_1e-3", "default", seed, 1.2), _row(task, "adamw_3e-3", "default", seed, 1.0),
+                 _row(task, "adamw_1e-2", "default", seed, 1.1), _row(task, "adamw_3e-2", "default", seed, 5.0),
+                 _row(task, "adamw_1e-4", "long", seed, 1.0), _row(task, "adamw_3e-4", "long", seed, 1.5)]
+    card = S.scorecard(rows, "holdout", "cand")
+    by_task = {t["task"]: t for t in card["default"]["tasks"]}
+    assert by_task[task]["grid_step_off"] == pytest.approx((1.1, 1.2))  # 3e-2's 5.0 is two steps off
+    assert card["default"]["grid_step_off"]["worse"] == dict(geomean=pytest.approx(1.2), above=1, tasks=1)
+    assert card["default"]["grid_step_off"]["better"]["above"] == 0
+    long = {t["task"]: t for t in card["long"]["tasks"]}
+    assert long[task]["edge"] and long[task]["grid_step_off"] == pytest.approx((1.5, 1.5))
+    assert card["short"]["grid_step_off"]["better"]["tasks"] == 0  # no grid: no yardstick, not a zero
 
 
 def test_a_diverged_run_misses_every_target_it_enters():

@@ -13,6 +13,9 @@ level / the best AdamW's mean rate. Per length, each target:
   documented warm-up, prodigy-plus-schedule-free) on at least 3/4 of the tasks;
 - forwards per step, reported (mean and highest over the tasks).
 
+Beside them, a yardstick for how precise a level the targets ask for: the same ratios for AdamW at the
+grid's rates next to its best (about 3x below and above), the better and the worse of the two per task.
+
 A task without rows for the configuration, the defaults or a reference at some length fails every target
 of that length it enters: the card never reads a missing task as met. ``--update FILE`` rewrites, in
 FILE, the text between ``<!-- zoo scorecard: SPLIT -->`` and ``<!-- end zoo scorecard: SPLIT -->``.
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 from . import runner as R
 from . import tasks as Z
@@ -58,9 +61,20 @@ def scorecard(rows: List[dict], split: str, config: str) -> Dict[str, dict]:
             tasks.append(dict(task=name, ratio=ratio(config), level_ratio=mine.get("level_ratio"),
                               forwards=mine.get("forwards_per_step"), defaults=ratio(DEFAULTS),
                               references={ref: ratio(ref) for ref in R.REFERENCES},
-                              best_lr=entry["best_lr"] if entry else None, edge=bool(entry and entry["edge"])))
+                              best_lr=entry["best_lr"] if entry else None, edge=bool(entry and entry["edge"]),
+                              grid_step_off=grid_step_off(entry) if entry else None))
         card[length] = dict(tasks=tasks, **_targets(tasks))
     return card
+
+
+def grid_step_off(entry: dict) -> Optional[Tuple[float, float]]:
+    """(better, worse): the ratios of the AdamW grid's rates next to its best rate, one entry of
+    :func:`runner.summarize`; both the one neighbour's where the best is at an end of the grid."""
+    rates = entry["grid"]
+    at = rates.index(entry["best_lr"])
+    by_rate = {R.lr_of(c): e["ratio"] for c, e in entry["configs"].items() if R.lr_of(c) is not None}
+    ratios = [by_rate[rates[i]] for i in (at - 1, at + 1) if 0 <= i < len(rates)]
+    return (min(ratios), max(ratios)) if ratios else None
 
 
 def _targets(tasks: List[dict]) -> dict:
@@ -77,7 +91,11 @@ def _targets(tasks: List[dict]) -> dict:
                     and t["ratio"] <= t["references"][ref] for t in tasks)
         ahead[ref] = dict(count=count, met=count >= AHEAD_SHARE_AT_LEAST * len(tasks))
     forwards = [t["forwards"] for t in tasks if t["forwards"] is not None]
-    return dict(geomean=geomean, geomean_met=complete and geomean <= GEOMEAN_AT_MOST,
+    off = [t["grid_step_off"] for t in tasks if t["grid_step_off"] is not None]
+    step_off = {side: dict(geomean=R._gmean([o[k] for o in off]),
+                           above=sum(not o[k] <= NO_TASK_ABOVE for o in off), tasks=len(off))
+                for k, side in enumerate(("better", "worse"))}
+    return dict(grid_step_off=step_off,geomean=geomean, geomean_met=complete and geomean <= GEOMEAN_AT_MOST,
                 above=above, worse_than_defaults=worse_than_defaults, ahead=ahead, missing=missing,
                 forwards_mean=sum(forwards) / len(forwards) if forwards else None,
                 forwards_max=max(forwards) if forwards else None)
@@ -129,6 +147,10 @@ def markdown(card: Dict[str, dict], split: str, config: str, command: str) -> st
             [f"{card[n]['ahead'][ref]['count']}/{count}: {_met(card[n]['ahead'][ref]['met'])}" for n in lengths])
     row("forwards/step, mean (highest)", [f"{R._fmt(card[n]['forwards_mean'], '.2f')} "
                                           f"({R._fmt(card[n]['forwards_max'], '.2f')})" for n in lengths])
+    for side in ("better", "worse"):
+        row(f"yardstick: AdamW a grid step off its best rate, the {side} side: geomean (tasks above {NO_TASK_ABOVE})",
+            [f"{R._fmt(card[n]['grid_step_off'][side]['geomean'])} ({card[n]['grid_step_off'][side]['above']}"
+             f"/{card[n]['grid_step_off'][side]['tasks']})" for n in lengths])
     missing = {n: card[n]["missing"] for n in lengths if card[n]["missing"]}
     if missing:
         lines += ["", "Tasks without rows (every target they enter counts as missed): "
