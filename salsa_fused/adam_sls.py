@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar, FrozenSet
 
 from .backends.base import GRADIENT, MOMENTUM
+from .errors import checked_int
 from .line_search import SearchConfig, SearchState, StepPlan
 from .rules import FinalMove, Verdict
 
@@ -128,8 +129,7 @@ class _EveryStepRule:
             raise ValueError(f"b must be a finite number > 0, got {self.b}")
         if not 0.0 < self.backtrack < 1.0:
             raise ValueError(f"backtrack must lie in (0, 1), got {self.backtrack}")
-        if isinstance(self.max_trials, bool) or not isinstance(self.max_trials, int) or self.max_trials < 1:
-            raise ValueError(f"max_trials must be an integer >= 1, got {self.max_trials}")
+        object.__setattr__(self, "max_trials", checked_int("max_trials", self.max_trials, 1))  # a numpy integer, say
 
     def direction(self, configured: str) -> str:
         return self.trial_direction

@@ -50,7 +50,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 
 from ._rng import RNGSnapshot
-from .errors import NonFiniteError
+from .errors import NonFiniteError, checked_int
 from .optimizer import CALL_NAME, FusedSaLSa, _torch_hooks_suspended, running_statistics
 from .step_size import ScaledSchedule, check_factors, check_installed, scaled_by
 
@@ -188,9 +188,7 @@ class StepSizeBeam:
                              "per step through closure(i) of its own: the two contracts do not compose")
         if scaled_by(optimizer.schedule, StepSizeBeam):
             raise ValueError("this FusedSaLSa already has a StepSizeBeam on its schedule")
-        if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) or total_steps < 1:
-            raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
-        total_steps = int(total_steps)
+        total_steps = checked_int("total_steps", total_steps, 1)
         planned = getattr(optimizer.schedule, "total_steps", None)
         if isinstance(planned, numbers.Integral) and not isinstance(planned, bool) and planned != total_steps:
             raise ValueError(f"total_steps={total_steps} contradicts the optimizer's schedule, planned for "

@@ -1,5 +1,6 @@
 """Errors raised by FusedSaLSa, and where its warnings point."""
 
+import numbers
 import os
 import sys
 
@@ -22,6 +23,20 @@ class NonFiniteOnEveryRank(NonFiniteError):
     ranks share (a search's, ``LRFactorSearch``'s scoring): each rank raises this, from its own error, where
     it would have raised that error. An agreed divergence, which :class:`~salsa_fused.StepSizeBeam` scores
     as a diverged branch, as it scores the closure's own error in one process."""
+
+
+def checked_int(name: str, value, minimum: int, allow_none: bool = False):
+    """``value`` as an int, if it is an integer (Python's or numpy's, not a bool) of at least ``minimum``
+    (or None, with ``allow_none``); else ValueError naming ``name``, the bound and, for a value that is not
+    an integer, its type."""
+    if allow_none and value is None:
+        return None
+    wanted = f"{name} must be {'None or ' if allow_none else ''}an integer >= {minimum}, got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{wanted} (a {type(value).__name__}, not an integer)")
+    if value < minimum:
+        raise ValueError(wanted)
+    return int(value)
 
 
 def caller_stacklevel() -> int:

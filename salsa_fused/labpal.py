@@ -65,6 +65,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar, FrozenSet, Optional
 
 from .backends.base import RAW
+from .errors import checked_int
 from .line_search import SearchConfig, SearchState, StepPlan
 from .optimizer import FusedSaLSa
 from .rules import Batches, FinalMove, Verdict
@@ -224,16 +225,12 @@ class LABPALRule:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         for name in ("approximation_batches", "sgd_steps", "accumulation"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            object.__setattr__(self, name, checked_int(name, getattr(self, name), 1))  # a numpy integer, say
         for name in ("alpha", "sample_step", "max_step", "noise_factor"):
             value = getattr(self, name)
             if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        t_max = self.t_max
-        if t_max is not None and (isinstance(t_max, bool) or not isinstance(t_max, int) or t_max < 1):
-            raise ValueError(f"t_max must be None or an integer >= 1, got {t_max!r}")
+        object.__setattr__(self, "t_max", checked_int("t_max", self.t_max, 1, allow_none=True))
 
     def direction(self, configured: str) -> str:
         return RAW
@@ -242,9 +239,7 @@ class LABPALRule:
     def noise_factor_for(batch_size: int, dataset_size: int) -> float:
         """``epsilon = (128 / |B|) * (|D| / 40000)`` (seed 003, Eq. 7): the noise scale of a run with
         batch size ``batch_size`` on ``dataset_size`` examples over the paper's CIFAR-10 setting."""
-        for name, value in (("batch_size", batch_size), ("dataset_size", dataset_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        batch_size, dataset_size = checked_int("batch_size", batch_size, 1), checked_int("dataset_size", dataset_size, 1)
         return (128 / batch_size) * (dataset_size / 40000)
 
     def batch_multiplier(self, batches_consumed: int) -> int:

@@ -20,6 +20,7 @@ import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Optional
 
+from .errors import checked_int
 from .rules import SEARCH_ARGUMENTS, FinalMove, Verdict
 
 
@@ -97,9 +98,8 @@ class SearchConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ValueError(f"{name} must be a number, got {value!r}")
-        for name in ("max_trials", "max_search_interval", "always_search_steps"):
-            if isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        for name, minimum in (("max_trials", 1), ("max_search_interval", 1), ("always_search_steps", 0)):
+            object.__setattr__(self, name, checked_int(name, getattr(self, name), minimum))  # a numpy integer, say
         if not _is_bool(self.adaptive_interval):
             raise ValueError(f"adaptive_interval must be True or False, got {self.adaptive_interval!r}")
         if not 0.0 < self.c < 1.0:
@@ -110,12 +110,6 @@ class SearchConfig:
             raise ValueError(f"growth must be a finite number >= 1, got {self.growth}")
         if not 0.0 < self.backtrack < 1.0:
             raise ValueError(f"backtrack must lie in (0, 1), got {self.backtrack}")
-        if not (isinstance(self.max_trials, int) and self.max_trials >= 1):
-            raise ValueError(f"max_trials must be an integer >= 1, got {self.max_trials}")
-        if not (isinstance(self.max_search_interval, int) and self.max_search_interval >= 1):
-            raise ValueError(f"max_search_interval must be an integer >= 1, got {self.max_search_interval}")
-        if not (isinstance(self.always_search_steps, int) and self.always_search_steps >= 0):
-            raise ValueError(f"always_search_steps must be an integer >= 0, got {self.always_search_steps}")
 
 
 #: Search-state keys of earlier checkpoints -> their names now (q is a slope: it can be negative).

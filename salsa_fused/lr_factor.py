@@ -47,7 +47,7 @@ import torch
 
 from ._rng import RNGSnapshot
 from .distributed import SearchReduction, default_reduction
-from .errors import NonFiniteError
+from .errors import NonFiniteError, checked_int
 from .optimizer import FusedSaLSa, _is_stale_loss, forget_autocast_casts, running_statistics
 from .step_size import ScaledSchedule, check_factors, check_installed, scaled_by
 
@@ -111,8 +111,7 @@ class LRFactorSearch:
         if not isinstance(groups, list) or not all(isinstance(g, dict) and "params" in g for g in groups):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer (with param_groups), "
                             f"got {type(optimizer).__name__}")
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
+        interval = checked_int("interval", interval, 1)
         factors = check_factors(factors)
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")

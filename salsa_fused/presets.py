@@ -69,12 +69,12 @@ to decay every tensor, as the preset did before 2026-12-01 (and to load its chec
 
 from __future__ import annotations
 
-import numbers
 
 from typing import Callable, Dict, Optional
 
 import torch
 
+from .errors import checked_int
 from .optimizer import FusedSaLSa
 from .step_size import COLLAPSE_FRACTION, WarmupStableDecay
 
@@ -126,10 +126,7 @@ def preset_kwargs(name: str, total_steps=_OMITTED) -> dict:
                             "length (no schedule: the searched level throughout, no cooldown; it ends "
                             "worse, docs/quality.md)")
         total_steps = None
-    if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral)
-                                    or total_steps < 1):
-        raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
-    kwargs = PRESETS[name](None if total_steps is None else int(total_steps))
+    kwargs = PRESETS[name](None if total_steps is None else checked_int("total_steps", total_steps, 1))
     schedule = kwargs.get("schedule")
     if schedule is not None:  # refused here, before the caller's parameters (a generator, say) are read
         try:

@@ -12,12 +12,11 @@ ablations rejected live in ``benchmarks/quality/rules.py``.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from dataclasses import dataclass, replace
 from typing import Iterable, Optional
 
-from .errors import caller_stacklevel
+from .errors import caller_stacklevel, checked_int
 
 
 def is_number(value) -> bool:
@@ -107,10 +106,7 @@ class WarmupStableDecay:
     hold_scale_on_loss_rise: bool = False
 
     def __post_init__(self):
-        if (isinstance(self.total_steps, bool) or not isinstance(self.total_steps, numbers.Integral)
-                or self.total_steps < 1):
-            raise ValueError(f"total_steps must be an integer >= 1, got {self.total_steps!r}")
-        object.__setattr__(self, "total_steps", int(self.total_steps))  # a numpy integer, say
+        object.__setattr__(self, "total_steps", checked_int("total_steps", self.total_steps, 1))  # a numpy integer, say
         for name in ("warmup", "decay", "final"):
             value = getattr(self, name)
             if not (is_number(value) and 0.0 <= value <= 1.0):
@@ -192,11 +188,8 @@ class Cooldown:
     final: float = 0.0
 
     def __post_init__(self):
-        for name in ("start", "steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < (0 if name == "start" else 1):
-                raise ValueError(f"{name} must be an integer >= {0 if name == 'start' else 1}, got {value!r}")
-            object.__setattr__(self, name, int(value))  # a numpy integer, say
+        for name, minimum in (("start", 0), ("steps", 1)):
+            object.__setattr__(self, name, checked_int(name, getattr(self, name), minimum))  # a numpy integer, say
         if not (is_number(self.final) and 0.0 <= self.final <= 1.0):
             raise ValueError(f"final must lie in [0, 1], got {self.final!r}")
 

@@ -1625,3 +1625,47 @@ def test_a_closure_raising_after_the_steps_own_forward_leaves_weights_moments_an
     steps = opt.search_state.step
     opt.step(lambda: F.mse_loss(net(x), y))
     assert opt.search_state.step == steps + 1
+
+
+def test_integer_arguments_take_numpy_integers_and_a_refusal_names_the_type():
+    """Arguments read from a config (numpy integers) are integers: max_trials=np.int64(10) was refused with
+    'must be an integer >= 1, got 10' (a new user's review). A float or a string is refused naming its type."""
+    from salsa_fused import LRFactorSearch
+    from salsa_fused.adam_sls import AdamSLSRule
+    from salsa_fused.labpal import LABPALRule
+
+    opt = FusedSaLSa(_model().parameters(), max_trials=np.int64(10), max_search_interval=np.int32(10),
+                     always_search_steps=np.int64(9), backend="torch")
+    config = opt.search_config
+    assert (config.max_trials, config.max_search_interval, config.always_search_steps) == (10, 10, 9)
+    assert all(type(v) is int for v in (config.max_trials, config.max_search_interval, config.always_search_steps))
+    assert type(AdamSLSRule(c=0.1, max_trials=np.int16(5)).max_trials) is int
+    rule = LABPALRule(sgd_steps=np.int64(7), t_max=np.int32(50))
+    assert (type(rule.sgd_steps), type(rule.t_max)) == (int, int)
+    assert LRFactorSearch(opt, interval=np.int64(5)).interval == 5
+    for value, named in ((10.0, "a float"), ("10", "a str"), (True, "a bool")):
+        with pytest.raises(ValueError, match=f"max_trials must be an integer >= 1, got {value!r} \\({named}, not an "
+                                             "integer\\)"):
+            FusedSaLSa(_model().parameters(), max_trials=value)
+    with pytest.raises(ValueError, match=r"always_search_steps must be an integer >= 0, got -1$"):
+        FusedSaLSa(_model().parameters(), always_search_steps=-1)
+    with pytest.raises(ValueError, match=r"t_max must be None or an integer >= 1, got 2.5 \(a float"):
+        LABPALRule(t_max=2.5)
+
+
+def test_a_loss_passed_by_position_is_named_as_steps_call_not_an_internal_method():
+    """step(closure, loss) raised TypeError naming FusedSaLSa._unhooked_step (a new user's review)."""
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    opt.zero_grad()
+    loss = F.mse_loss(model(_X), _Y)
+    loss.backward()
+    before = snapshot(opt)
+    with pytest.raises(TypeError, match=r"^step\(\) takes the closure as its one positional argument, got 2 .* "
+                                        r"step\(closure, loss=loss\)$"):
+        opt.step(_closure(model), loss)
+    with pytest.raises(TypeError, match=r"^step\(\) takes closure and loss=, got the keyword argument\(s\) 'los'$"):
+        opt.step(_closure(model), los=loss)
+    assert_unchanged(before, snapshot(opt))
+    opt.step(_closure(model), loss=loss)
+    assert opt.search_state.step == 1

@@ -421,3 +421,28 @@ def test_a_checkpoint_loaded_under_inference_mode_trains_on(backend):
     _train(model, opt, 6, start=4)
     _train(resumed_model, resumed, 6, start=4)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed_model.parameters()))
+
+
+def test_the_documented_hand_over_to_adamw_continues_its_moments():
+    """docs/training.md's recipe for going on with AdamW (its load_state_dict cannot read this optimizer's
+    checkpoint): AdamW takes the moments and the step count and continues them, not from zero."""
+    model = tanh_mlp(4, 8, 1)
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+    y = x[:, :1].sin()
+    for _ in range(6):
+        opt.zero_grad()
+        opt.step(lambda: F.mse_loss(model(x), y))
+    adamw = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=opt.param_groups[0]["betas"])
+    for p, s in opt.state.items():
+        adamw.state[p] = {"step": torch.tensor(float(opt.search_state.step)),
+                          "exp_avg": s["exp_avg"].clone(), "exp_avg_sq": s["exp_avg_sq"].clone()}
+    handed = {p: (s["exp_avg"].clone(), s["exp_avg_sq"].clone()) for p, s in opt.state.items()}
+    adamw.zero_grad()
+    F.mse_loss(model(x), y).backward()
+    adamw.step()
+    (beta1, beta2) = opt.param_groups[0]["betas"]
+    for p, (m, v) in handed.items():
+        assert adamw.state[p]["step"].item() == 7
+        torch.testing.assert_close(adamw.state[p]["exp_avg"], beta1 * m + (1 - beta1) * p.grad)
+        torch.testing.assert_close(adamw.state[p]["exp_avg_sq"], beta2 * v + (1 - beta2) * p.grad * p.grad)

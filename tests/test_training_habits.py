@@ -451,6 +451,23 @@ def test_an_adamw_style_lr_under_a_scheduler_that_does_not_raise_it_warns_at_the
     assert "param_groups[0] peaks at lr=0.0001 under its scheduler" in str(caught[0].message)
 
 
+@pytest.mark.parametrize("kind", ["constant", "plateau", "warmup_to_one"])
+def test_a_scheduler_that_sets_adamw_rates_on_lr_one_is_judged_by_the_lr_it_sets(kind):
+    """A LambdaLR returning AdamW's rates on top of lr=1.0 (its initial_lr): its lr was never looked at, as
+    the initial_lr of 1.0 passed, so lr=3e-4 shrank every searched step 3000-fold without a word (a new
+    user's review). It is judged by its peak as any scheduler's lr below 0.1 is: once it stops rising."""
+    rate = {"constant": lambda k: 3e-4, "plateau": lambda k: min(0.01, (k + 1) / 400),
+            "warmup_to_one": lambda k: min(1.0, (k + 1) / 4)}[kind]
+    warned_at = []
+    caught = _lr_warnings(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, rate), 1.0, 8, warned_at)
+    if kind == "warmup_to_one":
+        assert not caught
+    else:
+        assert len(caught) == 1 and warned_at == [2 if kind == "constant" else 5]
+        peak = "0.0003" if kind == "constant" else "0.01"
+        assert f"param_groups[0] peaks at lr={peak} under its scheduler" in str(caught[0].message)
+
+
 def test_a_step_that_raised_leaves_the_rising_lr_look_as_it_was():
     """The look at a scheduler's rising lr is part of the step: a first step whose forward raised (an out of
     memory, caught and retried at the same lr) left its lr recorded, so the retry found it 'stopped rising'
