@@ -7,8 +7,11 @@
 Writes ``results/<size>/<task>.json`` (per optimizer and seed: the loss and step-size traces,
 the search log of FusedSaLSa runs, the summary numbers), ``results/<size>/summary.md`` and
 ``summary.json`` (the tables), and PNG plots. Results for optimizers already in a task's
-JSON are kept and merged, so ablations can be added run by run. The AdamW grid is extended
-by factors of 3 until its best rate is inside the grid.
+JSON are kept and merged, so ablations can be added run by run; an optimizer run again
+replaces its entry there (the tables read the latest). Every run is also appended, without its
+traces, to ``results/<size>/runs.jsonl``, and each carries where and how it ran (``provenance``:
+commit, torch/triton/CUDA/Python versions, device, date, command), which the tables list per task.
+The AdamW grid is extended by factors of 3 until its best rate is inside the grid.
 
 Numbers per run: final train loss (mean over the last 10% of steps of the loss at the
 step's batch, before the step), val loss (at the end, on fixed held-out batches), wall time
@@ -23,6 +26,7 @@ import math
 import os
 import sys
 import time
+from collections import defaultdict
 from typing import Dict, List, Optional
 
 import torch
@@ -31,10 +35,15 @@ from salsa_fused.errors import NonFiniteError
 from salsa_fused.line_search import ArmijoSearch
 from salsa_fused.step_size import applied_scale
 
+from .. import _common as C
 from . import optimizers as O
 from .tasks import SIZES, TASKS, make_task
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+#: Every run, appended (the task JSONs keep each optimizer's latest runs only).
+HISTORY = "runs.jsonl"
+#: A run's numbers that go into the history with its provenance (its traces stay in the task's JSON).
+HISTORY_KEYS = ("seed", "final_train_loss", "val_loss", "step_time_ms", "forwards_per_step", "diverged")
 #: Families whose parameters hold the gradient point in train() mode and the average in eval() mode.
 SCHEDULE_FREE = ("schedulefree", "schedulefree_plus")
 
@@ -312,6 +321,7 @@ def summarize(runs: Dict[str, List[dict]]) -> Dict[str, dict]:
         row["diverged"] = sum(r["diverged"] is not None for r in seeds)
         row["seeds"] = len(seeds)
         row["final_step_size"] = _mean([r["step_sizes"][-1] if r["step_sizes"] else math.nan for r in seeds])
+        row["commits"] = sorted({r.get("provenance", {}).get("git_commit", "unrecorded") for r in seeds})
         table[name] = row
     adamw = {n: r for n, r in table.items() if n.startswith(O.ADAMW_PREFIX) and math.isfinite(r["final_train_loss"])}
     if adamw:
@@ -325,9 +335,21 @@ def _lr_of(name: str) -> float:
     return float(name[len(O.ADAMW_PREFIX):])
 
 
-def _extend_grid(task_of, runs, seeds, log) -> None:
+def recorded_run(task, name: str, seed: int, size: str, out_dir: str) -> dict:
+    """:func:`train`, its result stamped with ``provenance`` (``benchmarks._common.environment``: commit,
+    versions, device, date, command) and appended, without its traces, to ``out_dir/runs.jsonl``."""
+    result = train(task, name, seed)
+    result["provenance"] = C.environment(task.device)
+    line = {"task": task.name, "size": size, "optimizer": name,
+            **{key: result[key] for key in HISTORY_KEYS}, **result["provenance"]}
+    with open(os.path.join(out_dir, HISTORY), "a") as handle:
+        handle.write(json.dumps(_compact(line)) + "\n")
+    return result
+
+
+def _extend_grid(task_of, runs, seeds, log, run=train) -> None:
     """Add AdamW rates (x3 beyond the end) until the best rate is not at an end of the grid.
-    ``task_of(seed)``: the task with that seed's batches."""
+    ``task_of(seed)``: the task with that seed's batches; ``run(task, name, seed)``: one run's result."""
     for _ in range(4):
         table = summarize(runs)
         grid = sorted((n for n in table if n.startswith(O.ADAMW_PREFIX)), key=_lr_of)
@@ -345,7 +367,7 @@ def _extend_grid(task_of, runs, seeds, log) -> None:
         runs[new] = []
         for seed in seeds:
             task = task_of(seed)
-            result = train(task, new, seed)
+            result = run(task, new, seed)
             runs[new].append(result)
             log(run_line(task.name, new, result) + " (grid extension)")
 
@@ -377,6 +399,14 @@ def markdown(size: str, tables: Dict[str, Dict[str, dict]]) -> str:
                          f"{_fmt(row['val_loss'])} | {_fmt(row['final_step_size'], '.2e')} | "
                          f"{_fmt(row['step_time_ms'], '.1f')} | {_fmt(row['forwards_per_step'], '.2f')} | "
                          f"{row['diverged']}/{row['seeds']} |")
+        commits = defaultdict(list)
+        for name, row in sorted(table.items()):
+            for commit in row.get("commits", ["unrecorded"]):
+                commits[commit].append(name)
+        lines += ["", "Runs by commit: " + "; ".join(
+            f"{commit}: {len(names)} optimizer(s)" if commit != "unrecorded" else
+            f"unrecorded (run before runs carried their commit): {', '.join(names)}"
+            for commit, names in sorted(commits.items())) + f" (every run with its date and versions: {HISTORY})."]
         lines.append("")
     return "\n".join(lines)
 
@@ -470,7 +500,7 @@ def main(argv=None) -> int:
             for seed in seeds:
                 if seed != seeds[0]:
                     task = make_task(task_name, args.size, seed=seed, steps=args.steps)
-                result = train(task, name, seed)
+                result = recorded_run(task, name, seed, args.size, out_dir)
                 results.append(result)
                 log(run_line(task_name, name, result))
             task = make_task(task_name, args.size, seed=seeds[0], steps=args.steps)
@@ -479,7 +509,8 @@ def main(argv=None) -> int:
                 json.dump({"task": task_name, "size": args.size, "steps": task.steps,
                            "runs": _compact(_light(runs) if args.no_traces else runs)}, handle)
         if any(n.startswith(O.ADAMW_PREFIX) for n in names):
-            _extend_grid(lambda seed: make_task(task_name, args.size, seed=seed, steps=args.steps), runs, seeds, log)
+            _extend_grid(lambda seed: make_task(task_name, args.size, seed=seed, steps=args.steps), runs, seeds, log,
+                         lambda task, name, seed: recorded_run(task, name, seed, args.size, out_dir))
         table = summarize(runs)
         tables[task_name] = table
         with open(path, "w") as handle:

@@ -166,3 +166,26 @@ def test_a_preset_told_another_length_plans_for_that_length():
     assert O.build("pretrain_told_triple", task, task.model(0), 400).schedule.total_steps == 1200
     assert O.build("pretrain_told_third", task, task.model(0), 400).schedule == \
         O.build("salsa_recommended", task, task.model(0), 133).schedule
+
+
+def test_every_run_is_appended_with_where_and_how_it_ran_and_a_rerun_replaces_only_the_tables_entry(tmp_path):
+    """The suite's task JSONs keep each optimizer's latest runs (a re-run replaced the committed one, and
+    nothing said which code or machine either came from: a new user's review); every run now carries its
+    provenance and is appended to runs.jsonl, and the tables list the commits they read."""
+    out = str(tmp_path)
+    argv = ["--size", "tiny", "--tasks", "digits", "--optimizers", "salsa_faithful", "--adamw-lrs", "",
+            "--steps", "6", "--out", out, "--threads", "1", "--no-plots"]
+    assert run.main(argv) == 0 and run.main(argv + ["--seeds", "0,1"]) == 0
+    with open(os.path.join(out, run.HISTORY)) as handle:
+        history = [json.loads(line) for line in handle]
+    assert [(h["task"], h["optimizer"], h["seed"]) for h in history] == [("digits", "salsa_faithful", s) for s in (0, 0, 1)]
+    for line in history:
+        assert {"git_commit", "torch", "triton", "python", "device", "date", "command"} <= set(line)
+        assert math.isfinite(line["final_train_loss"]) and line["size"] == "tiny"
+    assert history[0]["final_train_loss"] == history[1]["final_train_loss"]  # the same run, appended twice
+    with open(os.path.join(out, "digits.json")) as handle:
+        runs = json.load(handle)["runs"]["salsa_faithful"]
+    assert [r["seed"] for r in runs] == [0, 1] and runs[0]["provenance"]["git_commit"] == history[0]["git_commit"]
+    summary = open(os.path.join(out, "summary.md")).read()
+    assert f"Runs by commit: {history[0]['git_commit']}: 1 optimizer(s) (every run with its date and versions: " \
+           "runs.jsonl)." in summary
