@@ -87,9 +87,10 @@ def run(rounds: int, demo_steps: int, zoo_steps: int, threads: int, tasks: Optio
     torch.set_num_threads(threads)
     try:
         demo, zoo = _measure(rounds, demo_steps, zoo_steps, tasks)
+        environment = C.environment("cpu")  # its device names the threads the runs had
     finally:
         torch.set_num_threads(default_threads)
-    record = dict(C.environment("cpu"), load_average=list(os.getloadavg()), threads=threads, rounds=rounds,
+    record = dict(environment, load_average=list(os.getloadavg()), threads=threads, rounds=rounds,
                   demo_steps=demo_steps, zoo_steps=zoo_steps)
     if demo_steps:
         medians = {b: statistics.median(v) for b, v in demo.items()}

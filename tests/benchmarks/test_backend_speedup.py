@@ -29,6 +29,8 @@ def test_times_both_backends_and_appends_one_record(tmp_path):
     assert record["zoo_speedup_geomean"] == pytest.approx(math.sqrt(math.prod(record["zoo_speedup_by_task"].values())))
     for key in ("git_commit", "torch", "device", "date", "load_average"):
         assert record[key], key
+    # the device names the threads the runs had, not the caller's setting restored after them
+    assert "1 torch threads" in record["device"] and record["threads"] == 1
     lines = out.read_text(encoding="utf-8").splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["zoo_steps"] == 3
 

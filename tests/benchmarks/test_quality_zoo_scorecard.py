@@ -99,6 +99,19 @@ def test_the_yardstick_reads_the_grid_rates_next_to_the_best_and_the_one_neighbo
     assert card["short"]["grid_step_off"]["better"]["tasks"] == 0  # no grid: no yardstick, not a zero
 
 
+def test_a_task_with_rows_but_no_adamw_grid_is_named_so_not_as_without_rows():
+    """The card said 'Tasks without rows' of a task whose configuration had rows and whose AdamW grid had
+    none (a new user's review): the two are told apart."""
+    first, second = sorted(Z.names("holdout"))[:2]
+    rows = _task_rows(first, "default", 1.0)
+    rows += [_row(second, "cand", "default", seed, 1.0) for seed in (0, 1)]  # no grid for the second
+    card = S.scorecard(rows, "holdout", "cand")
+    assert card["default"]["missing"][0] == second and card["default"]["no_grid"] == [second]
+    text = S.markdown(card, "holdout", "cand", "the command")
+    assert (f"Of those, with rows but no complete AdamW grid to divide by (run `--configs adamw_grid` on them "
+            f"first): default: {second}.") in text
+
+
 def test_a_diverged_run_misses_every_target_it_enters():
     rows = []
     for length in Z.LENGTHS:

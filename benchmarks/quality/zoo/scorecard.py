@@ -48,7 +48,9 @@ def scorecard(rows: List[dict], split: str, config: str) -> Dict[str, dict]:
         raise ValueError(f"the zoo has no task in split {split!r}")
     card = {}
     for length in Z.LENGTHS:
-        summary = R.summarize([r for r in rows if r["split"] == split and r["length"] == length])
+        mine = [r for r in rows if r["split"] == split and r["length"] == length]
+        summary = R.summarize(mine)
+        ran = {r["task"] for r in mine}
         tasks = []
         for name in names:
             entry = summary.get(f"{name}@{length}")
@@ -62,7 +64,8 @@ def scorecard(rows: List[dict], split: str, config: str) -> Dict[str, dict]:
                               forwards=mine.get("forwards_per_step"), defaults=ratio(DEFAULTS),
                               references={ref: ratio(ref) for ref in R.REFERENCES},
                               best_lr=entry["best_lr"] if entry else None, edge=bool(entry and entry["edge"]),
-                              grid_step_off=grid_step_off(entry) if entry else None))
+                              grid_step_off=grid_step_off(entry) if entry else None,
+                              no_grid=entry is None and name in ran))
         card[length] = dict(tasks=tasks, **_targets(tasks))
     return card
 
@@ -80,6 +83,7 @@ def grid_step_off(entry: dict) -> Optional[Tuple[float, float]]:
 def _targets(tasks: List[dict]) -> dict:
     ratios = [t["ratio"] for t in tasks]
     missing = [t["task"] for t in tasks if t["ratio"] is None]
+    no_grid = [t["task"] for t in tasks if t.get("no_grid")]
     complete = not missing
     geomean = R._gmean(ratios) if complete else math.nan
     above = [t["task"] for t in tasks if t["ratio"] is None or not t["ratio"] <= NO_TASK_ABOVE]
@@ -95,7 +99,7 @@ def _targets(tasks: List[dict]) -> dict:
     step_off = {side: dict(geomean=R._gmean([o[k] for o in off]),
                            above=sum(not o[k] <= NO_TASK_ABOVE for o in off), tasks=len(off))
                 for k, side in enumerate(("better", "worse"))}
-    return dict(grid_step_off=step_off,geomean=geomean, geomean_met=complete and geomean <= GEOMEAN_AT_MOST,
+    return dict(grid_step_off=step_off, no_grid=no_grid,geomean=geomean, geomean_met=complete and geomean <= GEOMEAN_AT_MOST,
                 above=above, worse_than_defaults=worse_than_defaults, ahead=ahead, missing=missing,
                 forwards_mean=sum(forwards) / len(forwards) if forwards else None,
                 forwards_max=max(forwards) if forwards else None)
@@ -155,6 +159,10 @@ def markdown(card: Dict[str, dict], split: str, config: str, command: str) -> st
     if missing:
         lines += ["", "Tasks without rows (every target they enter counts as missed): "
                   + "; ".join(f"{n}: {', '.join(m)}" for n, m in missing.items()) + "."]
+    no_grid = {n: card[n]["no_grid"] for n in lengths if card[n]["no_grid"]}
+    if no_grid:
+        lines += ["", "Of those, with rows but no complete AdamW grid to divide by (run `--configs adamw_grid` on "
+                  "them first): " + "; ".join(f"{n}: {', '.join(m)}" for n, m in no_grid.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
