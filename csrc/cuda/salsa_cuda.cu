@@ -53,6 +53,8 @@ Table make_table(at::TensorList weights, at::TensorList grads, at::TensorList ex
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& ref = weights.empty() ? exp_avg_sq[i] : weights[i];
     TORCH_CHECK(ref.is_cuda(), "salsa_fused cuda backend: tensor ", i, " is on ", ref.device());
+    TORCH_CHECK(ref.device() == exp_avg_sq[0].device(), "salsa_fused cuda backend: tensor ", i, " is on ",
+                ref.device(), ", the bucket's first on ", exp_avg_sq[0].device(), ": a bucket is on one device");
     TORCH_CHECK(ref.is_non_overlapping_and_dense(), "salsa_fused cuda backend: tensor ", i, " must be dense");
     if (!weights.empty()) TORCH_CHECK(weights[i].scalar_type() == table.weight,
                                       "salsa_fused cuda backend: all weights of a bucket must share one dtype");
@@ -84,12 +86,17 @@ Table make_table(at::TensorList weights, at::TensorList grads, at::TensorList ex
   return table;
 }
 
-const float* optional_float(const std::optional<at::Tensor>& t, const at::Tensor& like, const char* what) {
-  if (!t.has_value()) return nullptr;
-  TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == 1 && t->device() == like.device(),
-              "salsa_fused cuda backend: ", what, " must be a one-element fp32 tensor on the bucket's device");
-  return t->data_ptr<float>();
+// A one-element tensor as fp32 on the bucket's device: t itself, or its copy there (GradScaler keeps found_inf on
+// its own device, which a model split over GPUs does not share; the reference moves it likewise). The caller keeps
+// it until the launch is queued.
+std::optional<at::Tensor> on_bucket_device(const std::optional<at::Tensor>& t, const at::Tensor& like, const char* what) {
+  if (!t.has_value()) return std::nullopt;
+  TORCH_CHECK(t->numel() == 1, "salsa_fused cuda backend: ", what, " must be a one-element tensor, got ", t->numel(),
+              " elements");
+  return t->to(like.device(), at::kFloat);
 }
+
+const float* float_data(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
 
 Args make_args(const Table& table, const salsa::Scalars& s) {
   Args a{};
@@ -145,7 +152,8 @@ at::Tensor slope(at::TensorList grads, at::TensorList exp_avg, at::TensorList ex
   at::Tensor q = at::empty({}, options);
   at::Tensor partials = at::empty({std::max<int64_t>(table.n_chunks, 1)}, options);
   Args args = make_args(table, make_scalars(beta1, beta2, bias_correction1, bias_correction2, eps, 1.0, 0.0, 0.0));
-  args.grad_scale = optional_float(grad_scale, exp_avg_sq[0], "grad_scale");
+  const std::optional<at::Tensor> scale32 = on_bucket_device(grad_scale, exp_avg_sq[0], "grad_scale");
+  args.grad_scale = float_data(scale32);
   args.partials = partials.data_ptr<float>();
   if (table.n_chunks > 0) {
     dispatch_types(table, [&](auto, auto g) {
@@ -169,7 +177,8 @@ void first_trial(at::TensorList weights, at::TensorList grads, at::TensorList ex
   if (table.n_chunks == 0) return;
   Args args = make_args(table, make_scalars(beta1, beta2, bias_correction1, bias_correction2, eps, decay_factor,
                                             step_size, 0.0));
-  args.grad_scale = optional_float(grad_scale, exp_avg_sq[0], "grad_scale");
+  const std::optional<at::Tensor> scale32 = on_bucket_device(grad_scale, exp_avg_sq[0], "grad_scale");
+  args.grad_scale = float_data(scale32);
   dispatch_types(table, [&](auto w, auto g) {
     using W = decltype(w);
     using G = decltype(g);
@@ -187,7 +196,8 @@ void retrial(at::TensorList weights, at::TensorList grads, at::TensorList exp_av
   if (table.n_chunks == 0) return;
   Args args = make_args(table, make_scalars(0.0, 0.0, bias_correction1, bias_correction2, eps, decay_factor,
                                             step_size, previous_step_size));
-  args.grad_scale = optional_float(grad_scale, exp_avg_sq[0], "grad_scale");
+  const std::optional<at::Tensor> scale32 = on_bucket_device(grad_scale, exp_avg_sq[0], "grad_scale");
+  args.grad_scale = float_data(scale32);
   dispatch_types(table, [&](auto w, auto g) {
     using W = decltype(w);
     using G = decltype(g);
@@ -204,7 +214,8 @@ void restore(at::TensorList weights, at::TensorList grads, at::TensorList exp_av
   if (table.n_chunks == 0) return;
   Args args = make_args(table, make_scalars(0.0, 0.0, bias_correction1, bias_correction2, eps, decay_factor, 0.0,
                                             previous_step_size));
-  args.grad_scale = optional_float(grad_scale, exp_avg_sq[0], "grad_scale");
+  const std::optional<at::Tensor> scale32 = on_bucket_device(grad_scale, exp_avg_sq[0], "grad_scale");
+  args.grad_scale = float_data(scale32);
   dispatch_types(table, [&](auto w, auto g) {
     using W = decltype(w);
     using G = decltype(g);
@@ -234,8 +245,10 @@ void plain_step(at::TensorList weights, at::TensorList grads, at::TensorList exp
   Args args = make_args(table, make_scalars(beta1, beta2, bias_correction1, bias_correction2, eps, decay_factor,
                                             step_size, 0.0));
   args.loss = loss32.data_ptr<float>();
-  args.found_inf = optional_float(found_inf, exp_avg_sq[0], "found_inf");
-  args.grad_scale = optional_float(grad_scale, exp_avg_sq[0], "grad_scale");
+  const std::optional<at::Tensor> found_inf32 = on_bucket_device(found_inf, exp_avg_sq[0], "found_inf");
+  args.found_inf = float_data(found_inf32);
+  const std::optional<at::Tensor> scale32 = on_bucket_device(grad_scale, exp_avg_sq[0], "grad_scale");
+  args.grad_scale = float_data(scale32);
   args.nonfinite = nonfinite_count.has_value()
                        ? reinterpret_cast<unsigned long long*>(nonfinite_count->data_ptr<int64_t>()) : nullptr;
   dispatch_types(table, [&](auto w, auto g) {

@@ -97,7 +97,9 @@ __global__ void __launch_bounds__(THREADS) first_trial_kernel(Args a) {
     load_grads<V, G>(w, a, i, g);
     if constexpr (D == Direction::raw) {
       load_pack<V>(weight, i, x, w.end);
-      if (saved != nullptr) store_pack<V>(saved, i, x, w.end);  // w0: exact back in W
+      // w0, exact back in W for every finite value, +-0, inf and subnormal; a 16-bit NaN weight comes back as the
+      // canonical quiet NaN (salsa::from_float), its payload dropped: a bit copy would read the weight twice.
+      if (saved != nullptr) store_pack<V>(saved, i, x, w.end);
 #pragma unroll
       for (int k = 0; k < PACK; ++k) x[k] = salsa::trial_weight(x[k], g[k], a.s);
     } else {
