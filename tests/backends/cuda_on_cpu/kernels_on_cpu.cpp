@@ -1,0 +1,289 @@
+// Runs the CUDA kernels of csrc/cuda/salsa_kernels.cuh on the CPU (cuda_shim.h) and checks every element they
+// write, bit for bit, against the per-element formulas of csrc/salsa_math.h, which the CPU backend shares and
+// which tests/backends/test_cpp_backend.py holds to the torch reference. So the kernels' chunking, packing,
+// vector and scalar paths, tails, reductions and non-finite counts are checked without a GPU; the hardware's
+// own arithmetic (its cvt and fma) is not.
+//
+// Usage: kernels_on_cpu [--perturb]. Prints "failures N" and exits 1 if N > 0. --perturb changes one expected
+// bit, so that a run of the check itself must fail.
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "cuda_shim.h"
+#include "cuda/salsa_kernels.cuh"
+
+using namespace salsa_cuda;
+using salsa::Direction;
+
+static_assert(THREADS * 8 <= int(sizeof(shuffle_slots)), "the shim's shuffle slots hold one 8-byte value per thread");
+
+namespace {
+
+int failures = 0;
+bool perturb = false;
+
+template <class Kernel> void launch(Kernel kernel, int64_t blocks, const Args& args) {
+  std::barrier<> barrier(THREADS);
+  block_barrier = &barrier;
+  std::vector<std::thread> threads;
+  for (int t = 0; t < THREADS; ++t) {
+    threads.emplace_back([&, t] {
+      threadIdx.x = unsigned(t);
+      for (int64_t b = 0; b < blocks; ++b) {
+        blockIdx.x = unsigned(b);
+        kernel(args);
+        barrier.arrive_and_wait();  // the block ends before the next begins
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+}
+
+template <class T> T from(float x) { return salsa::from_float<T>(x); }
+template <class T> uint32_t bits(T x) {
+  if constexpr (sizeof(T) == 4) return salsa::float_bits(x);
+  else return x.bits;
+}
+
+// Each tensor in a buffer of its own, at an element offset from a 64-byte boundary (0: aligned; else the
+// vector path must not be taken), with guard bytes around it that no kernel may touch.
+constexpr char GUARD = char(0x5a);
+struct Buffer {
+  std::vector<char> memory;
+  char* begin;  // the tensor's first byte
+  size_t bytes;
+};
+
+template <class T> T* allocate(std::vector<Buffer>& buffers, int64_t numel, int offset) {
+  buffers.push_back(Buffer{std::vector<char>((numel + 64) * sizeof(T) + 128, GUARD), nullptr, size_t(numel) * sizeof(T)});
+  Buffer& b = buffers.back();
+  const uintptr_t aligned = (reinterpret_cast<uintptr_t>(b.memory.data()) + 63) & ~uintptr_t(63);
+  T* p = reinterpret_cast<T*>(aligned) + offset;
+  b.begin = reinterpret_cast<char*>(p);
+  return p;
+}
+
+bool guards_intact(const std::vector<Buffer>& buffers) {
+  for (const Buffer& b : buffers) {
+    for (const char* c = b.memory.data(); c != b.memory.data() + b.memory.size(); ++c) {
+      if ((c < b.begin || c >= b.begin + b.bytes) && *c != GUARD) return false;
+    }
+  }
+  return true;
+}
+
+// The expected state of one tensor, updated element by element with salsa_math.h.
+template <class W, class G> struct Expected {
+  std::vector<W> weight, saved;
+  std::vector<G> grad;
+  std::vector<float> exp_avg, exp_avg_sq;
+};
+
+salsa::Scalars scalars(double step_size, double previous_step_size) {
+  return salsa::make_scalars(0.9, 0.999, 1 - std::pow(0.9, 4), 1 - std::pow(0.999, 4), 1e-8, 0.97, step_size,
+                             previous_step_size);
+}
+
+// One bucket of tensors of the given sizes and offsets through every pass in order: slope, first trial,
+// retrial, restore, plain step. With `inject`, some gradients are NaN or inf and some 16-bit weights sit near
+// their overflow, and only the plain step's writes and count are checked (the search passes take no
+// non-finite gradient: the optimizer refuses them before).
+template <class W, class G, Direction D>
+void run_case(const std::vector<int64_t>& sizes, const std::vector<int>& offsets, bool with_saved, bool scaled,
+              unsigned seed, bool inject) {
+  std::mt19937 generator(seed);
+  std::normal_distribution<float> normal;
+  std::vector<Buffer> buffers;
+  const int n = int(sizes.size());
+  std::vector<TensorRow> rows(n);
+  std::vector<Expected<W, G>> expected(n);
+  int64_t chunks = 0;
+  for (int i = 0; i < n; ++i) {
+    const int64_t numel = sizes[i];
+    W* w = allocate<W>(buffers, numel, offsets[i]);
+    G* g = allocate<G>(buffers, numel, offsets[i] % 2 ? 0 : offsets[i]);
+    float* m = allocate<float>(buffers, numel, 0);
+    float* v = allocate<float>(buffers, numel, 0);
+    W* s = with_saved ? allocate<W>(buffers, numel, 0) : nullptr;
+    for (int64_t k = 0; k < numel; ++k) {
+      const float gradient = normal(generator);
+      w[k] = from<W>(normal(generator));
+      g[k] = from<G>(scaled ? gradient * 1024.f : gradient);
+      m[k] = 0.1f * gradient + 0.05f * normal(generator);
+      v[k] = 0.002f * gradient * gradient + 1e-3f * std::fabs(normal(generator));
+      if (s != nullptr) s[k] = from<W>(normal(generator));
+      if (inject && k % 997 == 5) g[k] = from<G>(k % 2 ? NAN : INFINITY);
+      if (inject && k % 1009 == 7) w[k] = from<W>(sizeof(W) == 2 ? 65000.f : 1.f);
+    }
+    expected[i] = Expected<W, G>{std::vector<W>(w, w + numel), s ? std::vector<W>(s, s + numel) : std::vector<W>(),
+                                 std::vector<G>(g, g + numel), std::vector<float>(m, m + numel),
+                                 std::vector<float>(v, v + numel)};
+    rows[i] = TensorRow{numel, chunks, {w, g, m, v, s}};
+    chunks += (numel + CHUNK - 1) / CHUNK;
+  }
+  float grad_scale = 1024.f, loss = 1.f;
+  unsigned long long nonfinite = 0;
+  std::vector<float> partials(std::max<int64_t>(chunks, 1));
+  Args args{};
+  args.rows = rows.data();
+  args.n_tensors = n;
+  args.grad_scale = scaled ? &grad_scale : nullptr;
+  args.loss = &loss;
+  args.nonfinite = &nonfinite;
+  args.partials = partials.data();
+  args.s = scalars(0.3, 0.0);
+
+  auto gradient = [&](const Expected<W, G>& e, int64_t k) {
+    const float g = salsa::to_float(e.grad[k]);
+    return scaled ? salsa::div(g, grad_scale) : g;
+  };
+  auto fail = [&](const char* pass, const char* what, int tensor, int64_t k) {
+    std::printf("FAIL %s: %s, W %zu bytes, G %zu bytes, direction %d, saved %d, scaled %d, tensor %d element %lld\n",
+                pass, what, sizeof(W), sizeof(G), int(D), int(with_saved), int(scaled), tensor, (long long)k);
+    failures++;
+  };
+  auto check = [&](const char* pass, bool saved_too) {
+    if (!guards_intact(buffers)) return fail(pass, "a byte outside the tensors was written", -1, -1);
+    for (int i = 0; i < n; ++i) {
+      const TensorRow& r = rows[i];
+      for (int64_t k = 0; k < r.numel; ++k) {
+        bool same = bits(static_cast<W*>(r.ptr[WEIGHT])[k]) == bits(expected[i].weight[k]);
+        if (D != Direction::raw) {
+          same = same && salsa::float_bits(static_cast<float*>(r.ptr[EXP_AVG])[k]) == salsa::float_bits(expected[i].exp_avg[k]) &&
+                 salsa::float_bits(static_cast<float*>(r.ptr[EXP_AVG_SQ])[k]) == salsa::float_bits(expected[i].exp_avg_sq[k]);
+        }
+        if (saved_too) same = same && bits(static_cast<W*>(r.ptr[SAVED])[k]) == bits(expected[i].saved[k]);
+        if (!same) return fail(pass, "an element differs from salsa_math.h's", i, k);
+      }
+    }
+  };
+
+  if (!inject) {  // slope: q summed over the blocks' partial sums, against a double sum of the terms
+    launch(slope_kernel<G, D>, chunks, args);
+    double blocks = 0, terms = 0;
+    for (int64_t b = 0; b < chunks; ++b) blocks += partials[b];
+    for (int i = 0; i < n; ++i) {
+      for (int64_t k = 0; k < sizes[i]; ++k) {
+        terms += salsa::slope_term<D>(gradient(expected[i], k), expected[i].exp_avg[k], expected[i].exp_avg_sq[k], args.s);
+      }
+    }
+    if (std::fabs(float(blocks) - terms) > 1e-5 * std::fabs(terms) + 1e-30) fail("slope", "q differs", -1, -1);
+  }
+
+  launch(first_trial_kernel<W, G, D>, chunks, args);
+  for (int i = 0; i < n; ++i) {
+    for (int64_t k = 0; k < sizes[i]; ++k) {
+      Expected<W, G>& e = expected[i];
+      const float g = gradient(e, k);
+      float d = g;
+      if constexpr (D != Direction::raw) {
+        const salsa::Moments next = salsa::new_moments(g, e.exp_avg[k], e.exp_avg_sq[k], args.s);
+        e.exp_avg[k] = next.exp_avg;
+        e.exp_avg_sq[k] = next.exp_avg_sq;
+        d = salsa::direction<D>(salsa::preconditioner(e.exp_avg_sq[k], args.s), g, e.exp_avg[k], args.s);
+      }
+      if (with_saved) e.saved[k] = e.weight[k];
+      e.weight[k] = from<W>(salsa::trial_weight(salsa::to_float(e.weight[k]), d, args.s));
+    }
+  }
+  if (perturb) {
+    for (auto& e : expected) {
+      if (!e.weight.empty()) {
+        e.weight[0] = from<W>(salsa::to_float(e.weight[0]) * 2.f + 1.f);
+        break;
+      }
+    }
+  }
+  if (!inject) check("first trial", with_saved);
+  if (perturb) return;
+
+  args.s = scalars(0.2, 0.3);  // the retrial's step, after a first trial at 0.3
+  auto stored_direction = [&](const Expected<W, G>& e, int64_t k) {
+    if constexpr (D == Direction::raw) {
+      return gradient(e, k);
+    } else {
+      const float p = salsa::preconditioner(e.exp_avg_sq[k], args.s);
+      return D == Direction::momentum ? salsa::direction<D>(p, 0.f, e.exp_avg[k], args.s)
+                                      : salsa::direction<D>(p, gradient(e, k), 0.f, args.s);
+    }
+  };
+  launch(retrial_kernel<W, G, D>, chunks, args);
+  for (int i = 0; i < n; ++i) {
+    for (int64_t k = 0; k < sizes[i]; ++k) {
+      Expected<W, G>& e = expected[i];
+      const float d = stored_direction(e, k);
+      e.weight[k] = from<W>(with_saved ? salsa::trial_weight(salsa::to_float(e.saved[k]), d, args.s)
+                                       : salsa::retrial_in_place(salsa::to_float(e.weight[k]), d, args.s));
+    }
+  }
+  if (!inject) check("retrial", with_saved);
+
+  launch(restore_kernel<W, G, D>, chunks, args);
+  for (int i = 0; i < n; ++i) {
+    for (int64_t k = 0; k < sizes[i]; ++k) {
+      Expected<W, G>& e = expected[i];
+      e.weight[k] = with_saved ? e.saved[k]
+                               : from<W>(salsa::restore_in_place(salsa::to_float(e.weight[k]), stored_direction(e, k), args.s));
+    }
+  }
+  if (!inject) check("restore", with_saved);
+
+  // The plain step, from the state the passes above left (with `inject`, not checked until here).
+  constexpr Direction P = D == Direction::raw ? Direction::raw : Direction::momentum;
+  args.s = scalars(inject ? 3000.0 : 0.3, 0.0);  // with inject, a step that overflows the 16-bit weights near 65000
+  for (int i = 0; i < n; ++i) {
+    for (int64_t k = 0; k < sizes[i]; ++k) {
+      expected[i].weight[k] = static_cast<W*>(rows[i].ptr[WEIGHT])[k];
+      expected[i].exp_avg[k] = static_cast<float*>(rows[i].ptr[EXP_AVG])[k];
+      expected[i].exp_avg_sq[k] = static_cast<float*>(rows[i].ptr[EXP_AVG_SQ])[k];
+    }
+  }
+  launch(plain_step_kernel<W, G, P>, chunks, args);
+  unsigned long long skipped = 0;
+  for (int i = 0; i < n; ++i) {
+    for (int64_t k = 0; k < sizes[i]; ++k) {
+      Expected<W, G>& e = expected[i];
+      float w = salsa::to_float(e.weight[k]);
+      if constexpr (P == Direction::raw) skipped += salsa::raw_plain_update<W>(gradient(e, k), w, args.s);
+      else skipped += salsa::plain_update<W>(gradient(e, k), w, e.exp_avg[k], e.exp_avg_sq[k], args.s);
+      e.weight[k] = from<W>(w);
+    }
+  }
+  check("plain step", false);
+  if (skipped != nonfinite) fail("plain step", "the count of skipped elements differs", -1, -1);
+}
+
+template <class W, class G> void every_case(const std::vector<int64_t>& sizes, const std::vector<int>& offsets, unsigned seed) {
+  for (bool saved : {true, false}) {
+    for (bool scaled : {false, true}) {
+      for (bool inject : {false, true}) {
+        run_case<W, G, Direction::gradient>(sizes, offsets, saved, scaled, seed, inject);
+        run_case<W, G, Direction::momentum>(sizes, offsets, saved, scaled, seed, inject);
+        run_case<W, G, Direction::raw>(sizes, offsets, saved, scaled, seed, inject);
+        if (perturb) return;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  perturb = argc > 1 && std::strcmp(argv[1], "--perturb") == 0;
+  // Empty tensors (first, inside, last), tails of 1-7 elements, a chunk's edges (8192), several chunks, and
+  // offsets that leave some rows unaligned (the scalar path) beside aligned ones (the vector path).
+  const std::vector<int64_t> sizes = {0, 1, 7, 8191, 8192, 8193, 20005, 0, 3, 16, 2 * 8192 + 9};
+  const std::vector<int> offsets = {0, 1, 0, 0, 3, 1, 0, 2, 0, 5, 8};
+  every_case<float, float>(sizes, offsets, 1);
+  if (!perturb) {
+    every_case<salsa::bf16_bits, salsa::bf16_bits>(sizes, offsets, 2);
+    every_case<salsa::fp16_bits, salsa::fp16_bits>(sizes, offsets, 3);
+    every_case<salsa::bf16_bits, float>(sizes, offsets, 4);
+    every_case<salsa::fp16_bits, float>(sizes, offsets, 5);
+  }
+  std::printf("128-bit accesses %lld, failures %d\n", vector_accesses.load(), failures);
+  return failures != 0;
+}

@@ -1,0 +1,49 @@
+"""The CUDA kernels (csrc/cuda/salsa_kernels.cuh) run on the CPU and write, bit for bit, what csrc/salsa_math.h's
+per-element formulas give (tests/backends/cuda_on_cpu/: an emulation of the CUDA constructs they use, and the
+check). The CPU backend shares those formulas and is held to the torch reference in test_cpp_backend.py, so
+this carries the reference to the kernels' chunking, vector and scalar paths, tails, block reductions, guards
+around each tensor and non-finite counts, for fp32, bf16 and fp16 weights, without a GPU. Not checked here: the
+hardware's own conversions and fused multiply-adds, and anything of the binding (test_cuda_binding.py compiles
+it). About 30 s of one core, in the background.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from tests import background
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent / "cuda_on_cpu"
+
+
+def _build_and_run(tmp: Path) -> dict:
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:  # the extension needs one too: not a reason to skip
+        raise RuntimeError("no C++ compiler (c++ or g++) on PATH")
+    binary = tmp / "kernels_on_cpu"
+    build = subprocess.run([compiler, "-std=c++20", "-O2", "-pthread", f"-I{ROOT / 'csrc'}", f"-I{HERE}",
+                            str(HERE / "kernels_on_cpu.cpp"), "-o", str(binary)], capture_output=True, text=True)
+    if build.returncode != 0:
+        raise RuntimeError(f"the emulation did not compile:\n{build.stderr[-4000:]}")
+    runs = {name: subprocess.run([str(binary), *flags], capture_output=True, text=True, timeout=600)
+            for name, flags in (("check", []), ("perturbed", ["--perturb"]))}
+    return {name: (run.returncode, run.stdout, run.stderr) for name, run in runs.items()}
+
+
+RUN = background.job("CUDA kernels on the CPU", _build_and_run, seconds_hint=30)
+
+
+def test_every_pass_writes_what_salsa_math_gives_for_every_element():
+    code, out, err = RUN.result()["check"]
+    failures = [line for line in out.splitlines() if line.startswith("FAIL")]
+    assert code == 0 and out.rstrip().endswith("failures 0"), "\n".join(failures[:20]) or (out + err)[-4000:]
+    accesses = int(out.rsplit("128-bit accesses ", 1)[1].split(",")[0])
+    assert accesses > 0  # the aligned rows took the vector path
+
+
+def test_the_check_fails_when_one_expected_bit_is_changed():
+    code, out, _ = RUN.result()["perturbed"]
+    assert code == 1 and "FAIL first trial: an element differs from salsa_math.h's" in out
