@@ -37,7 +37,7 @@ struct uint4 {
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 inline uint4 make_uint4(uint32_t a, uint32_t b, uint32_t c, uint32_t d) { return {a, b, c, d}; }
 
-//: 128-bit accesses made (the vector path was taken).
+// 128-bit accesses made (the vector path was taken).
 inline std::atomic<long long> vector_accesses{0};
 
 template <class T> inline void check_aligned(const T* p, const char* what) {
