@@ -152,3 +152,23 @@ def test_the_readme_shows_the_committed_rows_as_the_scorecard_reads_them(split):
     expected = S.markdown(card, split, config, S.command(files, split, config))
     with open(README, encoding="utf-8") as handle:
         assert S.block_of(handle.read(), split) == expected
+
+
+def test_a_rate_chosen_on_other_rows_reads_the_flattery_and_the_configuration_against_it():
+    """NOTES.md section 72: AdamW's rate picked on other seeds' grid, scored on these rows."""
+    first, second = sorted(Z.names("holdout"))[:2]
+    scored = _task_rows(first, "default", 1.5) + _task_rows(second, "default", 1.2)  # best 1e-2 on both
+    choose = [dict(r, seed=r["seed"] + 2) for r in _task_rows(first, "default", 1.0)]
+    for r in choose:  # other seeds: 1e-1 best for the first task
+        if r["config"] == "adamw_1e-1":
+            r["final_train_loss"] = 0.5
+    choose += [dict(r, seed=r["seed"] + 2) for r in _task_rows(second, "default", 1.0)]
+    result = S.rate_chosen_elsewhere(scored, choose, "holdout", "cand")["default"]
+    assert result["tasks"][first] == dict(rate=pytest.approx(1e-1), best_rate=pytest.approx(1e-2), adamw=pytest.approx(2.0),
+                                          config=pytest.approx(0.75), config_in_sample=pytest.approx(1.5))
+    assert result["tasks"][second]["adamw"] == pytest.approx(1.0) and result["tasks"][second]["config"] == pytest.approx(1.2)
+    assert result["adamw"] == dict(geomean=pytest.approx(2 ** 0.5), above=[first])
+    assert result["config"]["above"] == [second] and result["config_in_sample"]["above"] == [first, second]
+    assert len(result["missing"]) == 4  # the other hold-out tasks have no rows
+    text = S.chosen_markdown({"default": result}, "cand")
+    assert "| default | 1.414 (1) | 1.342 (2) | 0.949 (1) | 1/2 |" in text

@@ -702,6 +702,9 @@ def main(argv=None) -> int:
     card.add_argument("files", nargs="+")
     card.add_argument("--split", choices=Z.SPLITS, required=True)
     card.add_argument("--config", required=True)
+    card.add_argument("--choose-rate-on", nargs="+", default=None, metavar="FILE",
+                      help="also read the configuration against AdamW at the rate these rows' grid picks (other "
+                           "seeds), and how much the in-sample pick flatters AdamW (NOTES.md section 72)")
     card.add_argument("--update", default=None,
                       help="rewrite this file's block between '<!-- zoo scorecard: SPLIT -->' and its end marker")
     args = parser.parse_args(argv)

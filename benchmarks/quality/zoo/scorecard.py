@@ -70,6 +70,34 @@ def scorecard(rows: List[dict], split: str, config: str) -> Dict[str, dict]:
     return card
 
 
+def rate_chosen_elsewhere(rows: List[dict], choose_rows: List[dict], split: str, config: str) -> Dict[str, dict]:
+    """Per length: AdamW at the rate the grid of ``choose_rows`` picks (its best there, other seeds), scored on
+    ``rows``, over ``rows``' own best rate (``adamw``: how much the in-sample pick flatters the denominator), and
+    the configuration over AdamW at that rate (``config``); per task and as geomeans with the tasks above 1.15.
+    A task without rows on either side, or without the chosen rate in ``rows``, is in ``missing``."""
+    names = sorted(name for name, spec in Z.ZOO.items() if spec.split == split)
+    out = {}
+    for length in Z.LENGTHS:
+        scored = R.summarize([r for r in rows if r["split"] == split and r["length"] == length])
+        chooser = R.summarize([r for r in choose_rows if r["split"] == split and r["length"] == length])
+        per_task, missing = {}, []
+        for name in names:
+            entry, chosen = scored.get(f"{name}@{length}"), chooser.get(f"{name}@{length}")
+            at_rate = None if entry is None or chosen is None else next(
+                (e for c, e in entry["configs"].items() if R.lr_of(c) == chosen["best_lr"]), None)
+            mine = entry["configs"].get(config) if entry else None
+            if at_rate is None or mine is None:
+                missing.append(name)
+                continue
+            per_task[name] = dict(rate=chosen["best_lr"], best_rate=entry["best_lr"], adamw=at_rate["ratio"],
+                                  config=mine["ratio"] / at_rate["ratio"], config_in_sample=mine["ratio"])
+        summary = {key: dict(geomean=R._gmean([t[key] for t in per_task.values()]),
+                             above=sorted(n for n, t in per_task.items() if not t[key] <= NO_TASK_ABOVE))
+                   for key in ("adamw", "config", "config_in_sample")}
+        out[length] = dict(tasks=per_task, missing=missing, **summary)
+    return out
+
+
 def grid_step_off(entry: dict) -> Optional[Tuple[float, float]]:
     """(better, worse): the ratios of the AdamW grid's rates next to its best rate, one entry of
     :func:`runner.summarize`; both the one neighbour's where the best is at an end of the grid."""
@@ -194,13 +222,30 @@ def command(files: List[str], split: str, config: str) -> str:
     return (f"python -m benchmarks.quality.zoo scorecard {' '.join(files)} --split {split} --config {config}")
 
 
+def chosen_markdown(result: Dict[str, dict], config: str) -> str:
+    lines = ["", f"AdamW's rate chosen on the rows of --choose-rate-on (other seeds), scored here: geomean over tasks "
+             f"(tasks above {NO_TASK_ABOVE}):", "",
+             "| length | AdamW at the chosen rate / the best here | " + f"`{config}` / the best here | "
+             f"`{config}` / AdamW at the chosen rate | rate moved on | missing |", "|---|---|---|---|---|---|"]
+    for length, r in result.items():
+        moved = sorted(n for n, t in r["tasks"].items() if t["rate"] != t["best_rate"])
+        cells = [f"{R._fmt(r[k]['geomean'])} ({len(r[k]['above'])})" for k in ("adamw", "config_in_sample", "config")]
+        lines.append(f"| {length} | " + " | ".join(cells) + f" | {len(moved)}/{len(r['tasks'])} | "
+                     f"{', '.join(r['missing']) or '—'} |")
+    return "\n".join(lines) + "\n"
+
+
 def command_scorecard(args) -> int:
-    card = scorecard(R.read_rows(args.files), args.split, args.config)
+    rows = R.read_rows(args.files)
+    card = scorecard(rows, args.split, args.config)
     text = markdown(card, args.split, args.config, command(args.files, args.split, args.config))
-    if args.update:
+    if args.update:  # the card alone: the page's block is the issue's reading
         with open(args.update, encoding="utf-8") as handle:
             page = replace_block(handle.read(), args.split, text)
         with open(args.update, "w", encoding="utf-8") as handle:
             handle.write(page)
+    if args.choose_rate_on:
+        text += chosen_markdown(rate_chosen_elsewhere(rows, R.read_rows(args.choose_rate_on), args.split, args.config),
+                                args.config)
     print(text)
     return 0
