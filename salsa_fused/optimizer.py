@@ -276,6 +276,8 @@ def _step_call_error(args: tuple, kwargs: dict) -> str:
         return (f"step() takes the closure as its one positional argument, got {len(args)} positional arguments: "
                 "pass the loss of the two-phase form by name, step(closure, loss=loss)")
     unknown = ", ".join(repr(k) for k in kwargs if k not in ("closure", "loss"))
+    if not unknown:
+        return "step() got the closure twice, by position and as closure="
     return f"step() takes closure and loss=, got the keyword argument(s) {unknown}"
 
 
@@ -1140,22 +1142,24 @@ class FusedSaLSa(Optimizer, Joinable):
     def _warn_if_group_lr_looks_like_a_step_size(index: int, group: dict, last: Optional[float] = None
                                                  ) -> Optional[bool]:
         """Warns (and returns True) when group ``index``'s lr stays below 0.1, AdamW's habit: its lr, or a torch
-        scheduler's max_lr (OneCycleLR). Under another torch scheduler (it writes initial_lr) the lr it sets is
-        judged, whatever its initial_lr (a LambdaLR returning AdamW's rates on top of lr=1.0); it may rise past
-        its initial_lr (CyclicLR writes its base_lr there, never its max_lr): an lr below 0.1 that may still
-        rise (``last``, its lr at the previous look, is None or below it) is not judged yet (None); one that
-        stopped, by its peak."""
-        base = group.get("max_lr", group["lr"])
-        where = f"starts at lr={base:g}" if isinstance(base, (int, float)) else ""
+        scheduler's max_lr (OneCycleLR) or initial_lr. A scheduler may raise lr past its initial_lr (CyclicLR
+        writes its base_lr there, never its max_lr): an lr below 0.1 that may still rise (``last``, its lr at
+        the previous look, is None or below it) is not judged yet (None); one that stopped, by its peak. A scheduler's
+        lr below 0.1 on an initial_lr of 0.1 or more is not judged: a warm-up of the multiplier stepped per epoch
+        (LinearLR from 0.01) holds a low lr as long as one returning AdamW's rates (LambdaLR(lambda k: 3e-4)),
+        and only its future tells them apart."""
+        base = group.get("max_lr", group.get("initial_lr", group["lr"]))
+        if not (isinstance(base, (int, float)) and base < 0.1):
+            return False
+        where = f"starts at lr={base:g}"
         if "initial_lr" in group and "max_lr" not in group:
-            if not (isinstance(base, (int, float)) and base < 0.1):
+            lr = group["lr"]
+            if not (isinstance(lr, (int, float)) and lr < 0.1):
                 return False
-            if last is None or base > last:
+            if last is None or lr > last:
                 return None
             base = max(base, last)
             where = f"peaks at lr={base:g} under its scheduler"
-        if not (isinstance(base, (int, float)) and base < 0.1):
-            return False
         if base <= 0:
             return False
         warnings.warn(
@@ -1220,7 +1224,7 @@ class FusedSaLSa(Optimizer, Joinable):
         gradients of the one-phase form's own backward are taken back: a caller may retry the
         step, and the retry runs the same forward.
         """
-        if len(args) > 1 or (kwargs and not kwargs.keys() <= {"closure", "loss"}):
+        if len(args) > 1 or (kwargs and (not kwargs.keys() <= {"closure", "loss"} or (args and "closure" in kwargs))):
             raise TypeError(_step_call_error(args, kwargs))
         # torch wraps a step in its hooks and profiler range (Optimizer.profile_hook_step) at every call; here
         # only while a hook is registered or a profiler records (about a third of a plain step's host time).

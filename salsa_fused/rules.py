@@ -61,6 +61,7 @@ from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import TYPE_CHECKING, Dict, Iterable, Optional, Protocol, Union, runtime_checkable
 
 from .backends.base import DIRECTIONS
+from .errors import checked_int
 
 if TYPE_CHECKING:
     from .line_search import SearchConfig, SearchState, StepPlan
@@ -106,10 +107,9 @@ class Batches:
     points: int = 0
 
     def __post_init__(self):
-        if isinstance(self.gradient, bool) or not isinstance(self.gradient, int) or self.gradient < 1:
-            raise ValueError(f"a step reads at least one gradient batch, got {self.gradient!r}")
-        if isinstance(self.points, bool) or not isinstance(self.points, int) or not (
-                self.points == 0 or self.points >= self.gradient):
+        object.__setattr__(self, "gradient", checked_int("gradient (batches a step reads)", self.gradient, 1))
+        object.__setattr__(self, "points", checked_int("points", self.points, 0))
+        if not (self.points == 0 or self.points >= self.gradient):
             raise ValueError(f"points must be 0 or >= gradient ({self.gradient}), got {self.points!r}")
 
 

@@ -1651,6 +1651,13 @@ def test_integer_arguments_take_numpy_integers_and_a_refusal_names_the_type():
         FusedSaLSa(_model().parameters(), always_search_steps=-1)
     with pytest.raises(ValueError, match=r"t_max must be None or an integer >= 1, got 2.5 \(a float"):
         LABPALRule(t_max=2.5)
+    from salsa_fused.rules import Batches
+
+    assert Batches(np.int64(2), np.int32(3)) == Batches(2, 3) and type(Batches(np.int64(2)).gradient) is int
+    with pytest.raises(ValueError, match=r"gradient \(batches a step reads\) must be an integer >= 1, got 0$"):
+        Batches(0)
+    with pytest.raises(ValueError, match=r"points must be 0 or >= gradient \(2\), got 1$"):
+        Batches(2, 1)
 
 
 def test_a_loss_passed_by_position_is_named_as_steps_call_not_an_internal_method():
@@ -1666,6 +1673,8 @@ def test_a_loss_passed_by_position_is_named_as_steps_call_not_an_internal_method
         opt.step(_closure(model), loss)
     with pytest.raises(TypeError, match=r"^step\(\) takes closure and loss=, got the keyword argument\(s\) 'los'$"):
         opt.step(_closure(model), los=loss)
+    with pytest.raises(TypeError, match=r"^step\(\) got the closure twice, by position and as closure=$"):
+        opt.step(_closure(model), closure=_closure(model))
     assert_unchanged(before, snapshot(opt))
     opt.step(_closure(model), loss=loss)
     assert opt.search_state.step == 1

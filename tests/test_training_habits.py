@@ -451,21 +451,37 @@ def test_an_adamw_style_lr_under_a_scheduler_that_does_not_raise_it_warns_at_the
     assert "param_groups[0] peaks at lr=0.0001 under its scheduler" in str(caught[0].message)
 
 
-@pytest.mark.parametrize("kind", ["constant", "plateau", "warmup_to_one"])
-def test_a_scheduler_that_sets_adamw_rates_on_lr_one_is_judged_by_the_lr_it_sets(kind):
-    """A LambdaLR returning AdamW's rates on top of lr=1.0 (its initial_lr): its lr was never looked at, as
-    the initial_lr of 1.0 passed, so lr=3e-4 shrank every searched step 3000-fold without a word (a new
-    user's review). It is judged by its peak as any scheduler's lr below 0.1 is: once it stops rising."""
-    rate = {"constant": lambda k: 3e-4, "plateau": lambda k: min(0.01, (k + 1) / 400),
-            "warmup_to_one": lambda k: min(1.0, (k + 1) / 4)}[kind]
+@pytest.mark.parametrize("kind", ["per_epoch_linear", "warmup_with_a_skipped_step"])
+def test_a_scheduler_holding_lr_below_01_on_an_initial_lr_of_1_does_not_warn(kind):
+    """A scheduler's lr below 0.1 on an initial_lr of 1.0 is not judged (docs/api.md): judging it warned during
+    ordinary warm-ups of the multiplier, a LinearLR from 0.01 stepped per epoch (4 steps each) and one whose
+    scheduler step was skipped once (as HF Trainer skips it after a GradScaler overflow), naming the plateau as
+    the peak (a review of 4d0825c). The price, documented: a LambdaLR returning AdamW's rates on lr=1.0 is not
+    warned of."""
     warned_at = []
-    caught = _lr_warnings(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, rate), 1.0, 8, warned_at)
-    if kind == "warmup_to_one":
-        assert not caught
+    if kind == "per_epoch_linear":
+        def make(opt):
+            inner = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=3)
+            calls = []
+
+            class PerEpoch:
+                def step(self):
+                    calls.append(1)
+                    if len(calls) % 4 == 0:
+                        inner.step()
+            return PerEpoch()
     else:
-        assert len(caught) == 1 and warned_at == [2 if kind == "constant" else 5]
-        peak = "0.0003" if kind == "constant" else "0.01"
-        assert f"param_groups[0] peaks at lr={peak} under its scheduler" in str(caught[0].message)
+        def make(opt):
+            inner = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=200)
+            calls = []
+
+            class SkipsOnce:
+                def step(self):
+                    calls.append(1)
+                    if len(calls) != 2:
+                        inner.step()
+            return SkipsOnce()
+    assert not _lr_warnings(make, 1.0, 12, warned_at)
 
 
 def test_a_step_that_raised_leaves_the_rising_lr_look_as_it_was():
