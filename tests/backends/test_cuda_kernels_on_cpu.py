@@ -1,10 +1,14 @@
 """The CUDA kernels (csrc/cuda/salsa_kernels.cuh) run on the CPU and write, bit for bit, what csrc/salsa_math.h's
 per-element formulas give (tests/backends/cuda_on_cpu/: an emulation of the CUDA constructs they use, and the
 check). The CPU backend shares those formulas and is held to the torch reference in test_cpp_backend.py, so
-this carries the reference to the kernels' chunking, vector and scalar paths, tails, block reductions, guards
-around each tensor and non-finite counts, for fp32, bf16 and fp16 weights, without a GPU. Not checked here: the
-hardware's own conversions and fused multiply-adds, and anything of the binding (test_cuda_binding.py compiles
-it). About 30 s of one core, in the background.
+this carries the reference to the kernels' chunking, vector and scalar paths (a row with any one stream
+misaligned included), tails, block reductions (the slope's partials within 1e-5 of a double sum; its finish
+kernel's q bit for bit in its fixed order), the plain step's guards (found_inf, a non-finite loss) and non-finite
+counts, and the bytes around each tensor, for fp32, bf16 and fp16 weights, without a GPU. Checked to fail when the
+kernels lose the found_inf or the loss guard, when the vector path reads only the weight's alignment, or when the
+finish kernel sums one partial. Not checked: reads past a tensor's end (the guard bytes catch writes), the
+hardware's own conversions and fused multiply-adds, and the binding (test_cuda_binding.py compiles it). About 35 s
+of one core, in the background.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@
 //
 // Usage: kernels_on_cpu [--perturb]. Prints "failures N" and exits 1 if N > 0. --perturb changes one expected
 // bit, so that a run of the check itself must fail.
+#include <array>
 #include <cstdio>
 #include <cstring>
 #include <random>
@@ -48,8 +49,9 @@ template <class T> uint32_t bits(T x) {
   else return x.bits;
 }
 
-// Each tensor in a buffer of its own, at an element offset from a 64-byte boundary (0: aligned; else the
-// vector path must not be taken), with guard bytes around it that no kernel may touch.
+// Each tensor in a buffer of its own, at an element offset from a 64-byte boundary (a row whose streams are all
+// 16-byte aligned takes the vector path; one misaligned stream sends it to the scalar path), with guard bytes
+// around it that no kernel may write.
 constexpr char GUARD = char(0x5a);
 struct Buffer {
   std::vector<char> memory;
@@ -87,12 +89,31 @@ salsa::Scalars scalars(double step_size, double previous_step_size) {
                              previous_step_size);
 }
 
-// One bucket of tensors of the given sizes and offsets through every pass in order: slope, first trial,
-// retrial, restore, plain step. With `inject`, some gradients are NaN or inf and some 16-bit weights sit near
+// The element offsets of one row's streams: weight, gradient, exp_avg, exp_avg_sq, saved copy.
+using Offsets = std::array<int, N_STREAMS>;
+
+// The slope's q as slope_finish_kernel sums the blocks' partials: per thread in double over partials
+// t, t + THREADS, ...; then block_sum's order (a shuffle tree within each warp, the warps in order).
+float finished_q(const std::vector<float>& partials, int64_t n) {
+  double lanes[THREADS] = {};
+  for (int64_t i = 0; i < n; ++i) lanes[i % THREADS] += double(partials[i]);
+  double total = 0.0;
+  for (int warp = 0; warp < THREADS / 32; ++warp) {
+    double* v = lanes + warp * 32;
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      for (int lane = 0; lane + offset < 32; ++lane) v[lane] += v[lane + offset];  // lane 0's chain reads these only
+    }
+    total += v[0];
+  }
+  return float(total);
+}
+
+// One bucket of tensors of the given sizes and offsets through every pass in order: slope (and its finish),
+// first trial, retrial, restore, plain step, and the plain step again under a found_inf and a non-finite loss. With `inject`, some gradients are NaN or inf and some 16-bit weights sit near
 // their overflow, and only the plain step's writes and count are checked (the search passes take no
 // non-finite gradient: the optimizer refuses them before).
 template <class W, class G, Direction D>
-void run_case(const std::vector<int64_t>& sizes, const std::vector<int>& offsets, bool with_saved, bool scaled,
+void run_case(const std::vector<int64_t>& sizes, const std::vector<Offsets>& offsets, bool with_saved, bool scaled,
               unsigned seed, bool inject) {
   std::mt19937 generator(seed);
   std::normal_distribution<float> normal;
@@ -103,11 +124,11 @@ void run_case(const std::vector<int64_t>& sizes, const std::vector<int>& offsets
   int64_t chunks = 0;
   for (int i = 0; i < n; ++i) {
     const int64_t numel = sizes[i];
-    W* w = allocate<W>(buffers, numel, offsets[i]);
-    G* g = allocate<G>(buffers, numel, offsets[i] % 2 ? 0 : offsets[i]);
-    float* m = allocate<float>(buffers, numel, 0);
-    float* v = allocate<float>(buffers, numel, 0);
-    W* s = with_saved ? allocate<W>(buffers, numel, 0) : nullptr;
+    W* w = allocate<W>(buffers, numel, offsets[i][WEIGHT]);
+    G* g = allocate<G>(buffers, numel, offsets[i][GRAD]);
+    float* m = allocate<float>(buffers, numel, offsets[i][EXP_AVG]);
+    float* v = allocate<float>(buffers, numel, offsets[i][EXP_AVG_SQ]);
+    W* s = with_saved ? allocate<W>(buffers, numel, offsets[i][SAVED]) : nullptr;
     for (int64_t k = 0; k < numel; ++k) {
       const float gradient = normal(generator);
       w[k] = from<W>(normal(generator));
@@ -124,7 +145,7 @@ void run_case(const std::vector<int64_t>& sizes, const std::vector<int>& offsets
     rows[i] = TensorRow{numel, chunks, {w, g, m, v, s}};
     chunks += (numel + CHUNK - 1) / CHUNK;
   }
-  float grad_scale = 1024.f, loss = 1.f;
+  float grad_scale = 1024.f, loss = 1.f, found_inf = 1.f;
   unsigned long long nonfinite = 0;
   std::vector<float> partials(std::max<int64_t>(chunks, 1));
   Args args{};
@@ -161,7 +182,9 @@ void run_case(const std::vector<int64_t>& sizes, const std::vector<int>& offsets
     }
   };
 
-  if (!inject) {  // slope: q summed over the blocks' partial sums, against a double sum of the terms
+  if (!inject) {
+    // slope: the blocks' partial sums (fp32 trees) within 1e-5 of a double sum of the terms; the finish kernel's
+    // q bit for bit as its fixed order sums those partials
     launch(slope_kernel<G, D>, chunks, args);
     double blocks = 0, terms = 0;
     for (int64_t b = 0; b < chunks; ++b) blocks += partials[b];
@@ -170,7 +193,10 @@ void run_case(const std::vector<int64_t>& sizes, const std::vector<int>& offsets
         terms += salsa::slope_term<D>(gradient(expected[i], k), expected[i].exp_avg[k], expected[i].exp_avg_sq[k], args.s);
       }
     }
-    if (std::fabs(float(blocks) - terms) > 1e-5 * std::fabs(terms) + 1e-30) fail("slope", "q differs", -1, -1);
+    if (std::fabs(float(blocks) - terms) > 1e-5 * std::fabs(terms) + 1e-30) fail("slope", "the partials' sum differs", -1, -1);
+    float q = NAN;
+    launch([&](const Args&) { slope_finish_kernel(partials.data(), chunks, &q); }, 1, args);
+    if (salsa::float_bits(q) != salsa::float_bits(finished_q(partials, chunks))) fail("slope", "q differs", -1, -1);
   }
 
   launch(first_trial_kernel<W, G, D>, chunks, args);
@@ -254,9 +280,18 @@ void run_case(const std::vector<int64_t>& sizes, const std::vector<int>& offsets
   }
   check("plain step", false);
   if (skipped != nonfinite) fail("plain step", "the count of skipped elements differs", -1, -1);
+  if (inject) return;
+  args.found_inf = &found_inf;  // a GradScaler's overflow: nothing moves
+  launch(plain_step_kernel<W, G, P>, chunks, args);
+  check("plain step under found_inf", false);
+  args.found_inf = nullptr;
+  loss = NAN;  // a non-finite loss: nothing moves
+  launch(plain_step_kernel<W, G, P>, chunks, args);
+  check("plain step at a non-finite loss", false);
+  if (nonfinite != skipped) fail("plain step", "a step that did nothing counted elements", -1, -1);
 }
 
-template <class W, class G> void every_case(const std::vector<int64_t>& sizes, const std::vector<int>& offsets, unsigned seed) {
+template <class W, class G> void every_case(const std::vector<int64_t>& sizes, const std::vector<Offsets>& offsets, unsigned seed) {
   for (bool saved : {true, false}) {
     for (bool scaled : {false, true}) {
       for (bool inject : {false, true}) {
@@ -273,10 +308,14 @@ template <class W, class G> void every_case(const std::vector<int64_t>& sizes, c
 
 int main(int argc, char** argv) {
   perturb = argc > 1 && std::strcmp(argv[1], "--perturb") == 0;
-  // Empty tensors (first, inside, last), tails of 1-7 elements, a chunk's edges (8192), several chunks, and
-  // offsets that leave some rows unaligned (the scalar path) beside aligned ones (the vector path).
-  const std::vector<int64_t> sizes = {0, 1, 7, 8191, 8192, 8193, 20005, 0, 3, 16, 2 * 8192 + 9};
-  const std::vector<int> offsets = {0, 1, 0, 0, 3, 1, 0, 2, 0, 5, 8};
+  // Empty tensors (first, inside), tails of 1-7 elements, a chunk's edges (8192), several chunks, and offsets
+  // that leave some rows unaligned (the scalar path) beside aligned ones (the vector path): the weight's, and in
+  // the last four rows one other stream's alone (the gradient, exp_avg, exp_avg_sq, the saved copy).
+  const std::vector<int64_t> sizes = {0, 1, 7, 8191, 8192, 8193, 20005, 0, 3, 16, 2 * 8192 + 9, 8200, 8200, 8200, 8200};
+  const std::vector<Offsets> offsets = {
+      {0, 0, 0, 0, 0}, {1, 0, 0, 0, 0}, {0, 0, 0, 0, 0}, {0, 0, 0, 0, 0}, {3, 0, 0, 0, 0}, {1, 0, 0, 0, 0},
+      {0, 0, 0, 0, 0}, {2, 2, 0, 0, 0}, {0, 0, 0, 0, 0}, {5, 0, 0, 0, 0}, {8, 8, 0, 0, 0},
+      {0, 1, 0, 0, 0}, {0, 0, 1, 0, 0}, {0, 0, 0, 2, 0}, {0, 0, 0, 0, 3}};
   every_case<float, float>(sizes, offsets, 1);
   if (!perturb) {
     every_case<salsa::bf16_bits, salsa::bf16_bits>(sizes, offsets, 2);
