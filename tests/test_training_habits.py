@@ -458,30 +458,22 @@ def test_a_scheduler_holding_lr_below_01_on_an_initial_lr_of_1_does_not_warn(kin
     scheduler step was skipped once (as HF Trainer skips it after a GradScaler overflow), naming the plateau as
     the peak (a review of 4d0825c). The price, documented: a LambdaLR returning AdamW's rates on lr=1.0 is not
     warned of."""
+    total_iters, steps_it = {"per_epoch_linear": (3, lambda call: call % 4 == 0),
+                             "warmup_with_a_skipped_step": (200, lambda call: call != 2)}[kind]
+
+    class SteppedSometimes:
+        """The training loop's scheduler.step(), passed on to a LinearLR only at the calls ``steps_it`` names."""
+
+        def __init__(self, opt):
+            self.inner, self.calls = torch.optim.lr_scheduler.LinearLR(opt, 0.01, total_iters=total_iters), 0
+
+        def step(self):
+            self.calls += 1
+            if steps_it(self.calls):
+                self.inner.step()
+
     warned_at = []
-    if kind == "per_epoch_linear":
-        def make(opt):
-            inner = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=3)
-            calls = []
-
-            class PerEpoch:
-                def step(self):
-                    calls.append(1)
-                    if len(calls) % 4 == 0:
-                        inner.step()
-            return PerEpoch()
-    else:
-        def make(opt):
-            inner = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=200)
-            calls = []
-
-            class SkipsOnce:
-                def step(self):
-                    calls.append(1)
-                    if len(calls) != 2:
-                        inner.step()
-            return SkipsOnce()
-    assert not _lr_warnings(make, 1.0, 12, warned_at)
+    assert not _lr_warnings(SteppedSometimes, 1.0, 12, warned_at)
 
 
 def test_a_step_that_raised_leaves_the_rising_lr_look_as_it_was():
