@@ -239,7 +239,8 @@ class LABPALRule:
     def noise_factor_for(batch_size: int, dataset_size: int) -> float:
         """``epsilon = (128 / |B|) * (|D| / 40000)`` (seed 003, Eq. 7): the noise scale of a run with
         batch size ``batch_size`` on ``dataset_size`` examples over the paper's CIFAR-10 setting."""
-        batch_size, dataset_size = checked_int("batch_size", batch_size, 1), checked_int("dataset_size", dataset_size, 1)
+        batch_size = checked_int("batch_size", batch_size, 1)
+        dataset_size = checked_int("dataset_size", dataset_size, 1)
         return (128 / batch_size) * (dataset_size / 40000)
 
     def batch_multiplier(self, batches_consumed: int) -> int:

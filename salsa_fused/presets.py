@@ -69,7 +69,6 @@ to decay every tensor, as the preset did before 2026-12-01 (and to load its chec
 
 from __future__ import annotations
 
-
 from typing import Callable, Dict, Optional
 
 import torch

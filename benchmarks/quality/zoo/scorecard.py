@@ -127,7 +127,8 @@ def _targets(tasks: List[dict]) -> dict:
     step_off = {side: dict(geomean=R._gmean([o[k] for o in off]),
                            above=sum(not o[k] <= NO_TASK_ABOVE for o in off), tasks=len(off))
                 for k, side in enumerate(("better", "worse"))}
-    return dict(grid_step_off=step_off, no_grid=no_grid,geomean=geomean, geomean_met=complete and geomean <= GEOMEAN_AT_MOST,
+    return dict(grid_step_off=step_off, no_grid=no_grid,
+                geomean=geomean, geomean_met=complete and geomean <= GEOMEAN_AT_MOST,
                 above=above, worse_than_defaults=worse_than_defaults, ahead=ahead, missing=missing,
                 forwards_mean=sum(forwards) / len(forwards) if forwards else None,
                 forwards_max=max(forwards) if forwards else None)
