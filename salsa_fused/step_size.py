@@ -94,6 +94,10 @@ class WarmupStableDecay:
     applied multiplier is ``min(scale(step), h) * b`` (:func:`applied_scale`; quality NOTES section
     25). The cooldown then decays from ``h`` once its own scale falls below it. Under a beam's wrapper
     the hold applies to the wrapped schedule's scale, not to the beam's multiplier.
+
+    ``decay_from_hold`` (with ``hold_scale_on_loss_rise``) makes the hold the schedule's peak for the rest
+    of the run: past the warm-up the scale is ``scale(k) * h / peak`` instead of ``min(scale(k), h)``, so the
+    cooldown decays from ``h`` at once (:meth:`held_scale`; quality NOTES section 73).
     """
 
     total_steps: int
@@ -104,6 +108,7 @@ class WarmupStableDecay:
     freeze_below: float = 0.0
     backoff_on_loss_rise: bool = False
     hold_scale_on_loss_rise: bool = False
+    decay_from_hold: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "total_steps", checked_int("total_steps", self.total_steps, 1))  # a numpy integer, say
@@ -119,6 +124,10 @@ class WarmupStableDecay:
         check_freeze_below(self.freeze_below)
         check_flag("backoff_on_loss_rise", self.backoff_on_loss_rise)
         check_hold(self.backoff_on_loss_rise, self.hold_scale_on_loss_rise)
+        check_flag("decay_from_hold", self.decay_from_hold)
+        if self.decay_from_hold and not self.hold_scale_on_loss_rise:
+            raise ValueError("decay_from_hold=True decays the cooldown from hold_scale_on_loss_rise's held scale: "
+                             "set hold_scale_on_loss_rise=True (and backoff_on_loss_rise=True) too")
 
     @property
     def warmup_steps(self) -> int:
@@ -166,6 +175,13 @@ class WarmupStableDecay:
 
     def searches(self, step: int) -> bool:
         return step <= self.decay_start
+
+    def held_scale(self, step: int, scale: float, hold: float) -> float:
+        """The scale ``scale`` (this schedule's at ``step``) under a hold ``h = hold > 0``: ``min(scale, h)``;
+        with :attr:`decay_from_hold`, past the warm-up, ``scale * h / peak`` (the hold is the peak)."""
+        if self.decay_from_hold and step > self.warmup_steps:
+            return scale * (hold / self.peak)
+        return min(scale, hold)
 
 
 @dataclass(frozen=True)
@@ -360,7 +376,8 @@ def applied_scale(schedule, state, step: int) -> float:
     """The multiplier on the level that step ``step`` applies: ``schedule.scale(step) * b``, with ``b``
     (``state.applied_backoff``) the back-off of ``backoff_on_loss_rise`` (1 until the loss turns);
     1 without a schedule. With a hold ``h = state.scale_hold > 0`` (``hold_scale_on_loss_rise``) the
-    schedule's scale is ``min(scale(step), h)`` (a beam's multiplier outside the ``min``)."""
+    schedule's scale is ``min(scale(step), h)`` (a beam's multiplier outside the ``min``), or past the
+    warm-up of a :class:`WarmupStableDecay` with ``decay_from_hold``, ``scale(step) * h / peak``."""
     if schedule is None:
         return 1.0
     if state.scale_hold <= 0.0:
@@ -368,7 +385,12 @@ def applied_scale(schedule, state, step: int) -> float:
         return scale * state.applied_backoff
     scale, multiplier = _scale_parts(schedule, step)
     _checked_scale(schedule, step, scale * multiplier)
-    return min(scale, state.scale_hold) * multiplier * state.applied_backoff
+    inner = unwrapped(schedule)
+    if isinstance(inner, WarmupStableDecay):
+        held = inner.held_scale(step, scale, state.scale_hold)
+    else:
+        held = min(scale, state.scale_hold)
+    return held * multiplier * state.applied_backoff
 
 
 def _checked_scale(schedule, step: int, scale) -> float:

@@ -125,3 +125,55 @@ def test_a_checkpoint_with_a_hold_but_no_back_off_is_refused():
     with pytest.raises(ValueError, match="scale_hold=1.5 is kept at a back-off"):
         opt.load_state_dict(saved)
     assert opt.search_state == before
+
+
+DECAY = replace(HOLD, decay_from_hold=True)  # quality NOTES section 73
+
+
+def test_with_decay_from_hold_the_hold_is_the_peak_past_the_warm_up():
+    state = turned(DECAY, 8)
+    assert state.scale_hold == 0.8
+    for step in (8, 12, 20):  # the warm-up: capped at the hold, as without the option
+        assert applied_scale(DECAY, state, step) == applied_scale(HOLD, state, step)
+    for step in (21, 50, 51, 70, 90, 99, 100, 130):  # past it: the schedule scaled by h / peak
+        assert applied_scale(DECAY, state, step) == pytest.approx(
+            DECAY.scale(step) * 0.8 / 2.0 * LOSS_RISE_BACKOFF, rel=1e-15)
+    assert applied_scale(DECAY, state, 70) < applied_scale(HOLD, state, 70)  # the decay starts from h at once
+    assert applied_scale(DECAY, state, 100) == 0.0
+    # no hold set (the loss never turned): the schedule's own scale, as without the option
+    assert all(applied_scale(DECAY, SearchState(), k) == DECAY.scale(k) for k in (5, 20, 60, 100))
+
+
+def test_decay_from_hold_under_a_beams_wrapper_scales_the_wrapped_schedule_only():
+    class Owner:
+        multiplier = 3.0
+    wrapped = ScaledSchedule(DECAY, Owner(), "multiplier")
+    state = turned(wrapped, 8)
+    want = DECAY.scale(70) * 0.8 / 2.0 * 3.0 * LOSS_RISE_BACKOFF
+    assert applied_scale(wrapped, state, 70) == pytest.approx(want, rel=1e-15)
+
+
+@pytest.mark.parametrize("bad", [1, "yes", None])
+def test_decay_from_hold_is_refused_by_name_when_not_a_bool_or_without_the_hold(bad):
+    with pytest.raises(ValueError, match="decay_from_hold"):
+        replace(DECAY, decay_from_hold=bad)
+    with pytest.raises(ValueError, match="decay_from_hold=True decays the cooldown from hold_scale_on_loss_rise"):
+        WarmupStableDecay(10, backoff_on_loss_rise=True, decay_from_hold=True)
+
+
+def test_a_run_whose_loss_turns_applies_the_held_scale_times_the_decay_and_is_unchanged_before():
+    def run_to(schedule, steps):
+        model, closure, inflation = model_and_closure()
+        opt = build(model, schedule)
+        train(opt, closure, 5)
+        inflation[0] = 50.0  # the loss jumps during the warm-up (scripted)
+        train(opt, closure, steps - 5)
+        return model, opt
+    (m_hold, o_hold), (m_decay, o_decay) = run_to(HOLD, DECAY.warmup_steps), run_to(DECAY, DECAY.warmup_steps)
+    assert o_decay.search_state == o_hold.search_state and o_decay.search_state.scale_hold > 0
+    assert all(torch.equal(a, b) for a, b in zip(m_hold.parameters(), m_decay.parameters()))
+    state = o_decay.search_state
+    step = state.step + 1
+    want = [group["lr"] * DECAY.scale(step) * state.scale_hold / DECAY.peak * state.applied_backoff
+            * state.step_size * o_decay.search_config.growth for group in o_decay.param_groups]
+    assert o_decay.applied_steps == pytest.approx(want, rel=1e-12)

@@ -148,12 +148,13 @@ def _nolength_ema(gamma: float, length_known: bool = False):
 
 
 def _early_freeze_preset(fraction: float, backoff_on_loss_rise: bool = False, hold_scale_on_loss_rise: bool = False,
-                         cooldown_floor: Optional[float] = None, schedule: Optional[dict] = None,
+                         decay_from_hold: bool = False, cooldown_floor: Optional[float] = None, schedule: Optional[dict] = None,
                          warmup_start: Optional[float] = None, **search):
     """The recommended preset whose schedule freezes the level early, at ``fraction`` of the search's
     peak fast average, once it falls below that (``freeze_below``; NOTES.md section 22; 0: never), backs
     off when the loss turns if ``backoff_on_loss_rise`` (section 23), and holds the warm-up's scale there
-    if ``hold_scale_on_loss_rise`` (section 25); each off unless asked, so these names build what they
+    if ``hold_scale_on_loss_rise`` (section 25), and decays the cooldown from that held scale if ``decay_from_hold``
+    (section 73); each off unless asked, so these names build what they
     built before the preset adopted it. With ``cooldown_floor`` the cooldown is log-linear down to that
     fraction of the peak (:class:`LogLinearCooldown`, section 32); with ``warmup_start`` the warm-up
     starts at that fraction of the peak (:class:`WarmupFromFloor`, section 52). ``schedule``: other fields of its
@@ -163,7 +164,8 @@ def _early_freeze_preset(fraction: float, backoff_on_loss_rise: bool = False, ho
         kwargs = {**presets.preset_kwargs(presets.RECOMMENDED, total_steps), **search}
         kwargs["schedule"] = replace(kwargs["schedule"], freeze_below=fraction,
                                      backoff_on_loss_rise=backoff_on_loss_rise,
-                                     hold_scale_on_loss_rise=hold_scale_on_loss_rise)
+                                     hold_scale_on_loss_rise=hold_scale_on_loss_rise,
+                                     decay_from_hold=decay_from_hold)
         if schedule:
             kwargs["schedule"] = replace(kwargs["schedule"], **schedule)
         if cooldown_floor is not None:
@@ -639,6 +641,10 @@ REGISTRY: Dict[str, Callable] = {
     "pretrain_hold": _early_freeze_preset(1 / 16, backoff_on_loss_rise=True, hold_scale_on_loss_rise=True),
     "beam_cool_margin_hold": _beam(_early_freeze_preset(1 / 16, backoff_on_loss_rise=True,
                                                         hold_scale_on_loss_rise=True), cooldown=1.0, move_margin=0.01),
+    # NOTES.md section 73 (written before its runs): the hold also becomes the peak, so the cooldown decays
+    # from the held scale at once (decay_from_hold)
+    "pretrain_hold_decayfromhold": _early_freeze_preset(1 / 16, backoff_on_loss_rise=True,
+                                                        hold_scale_on_loss_rise=True, decay_from_hold=True),
     # NOTES.md section 30 (written before its runs): curvature targeting, the preset with its Armijo test
     # replaced by the edge rule aiming at sigma times the greedy step (sigma 1: greedy; 2: the edge).
     # Not eligible on development (geomean 1.266 / 1.348 of the preset); kept runnable for its rows.
