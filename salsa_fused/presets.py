@@ -20,11 +20,13 @@ The presets here are other fixed configurations, with nothing to tune per task:
   section 22). If the loss turns during the search phase (its smoothed value, over the losses
   the searches read, doubles from its lowest: the warm-up overshot), the applied step halves,
   once per doubling (``backoff_on_loss_rise``, a range test on the search's own losses, quality
-  NOTES section 23), and the warm-up stops rising at the scale where the loss first turned: the
-  applied multiplier is then ``min(scale, h) * b`` (``hold_scale_on_loss_rise``, section 25).
-  History (quality NOTES sections 6-7, 22-23, 25): until section 7 it was the author's
+  NOTES section 23), and that scale ``h`` becomes the schedule's peak: the warm-up stops rising at
+  ``h`` (``hold_scale_on_loss_rise``, section 25) and the cooldown decays from ``h`` instead of from
+  2x (``decay_from_hold``, section 73), all times the back-off ``b``.
+  History (quality NOTES sections 6-7, 22-23, 25, 73): until section 7 it was the author's
   ``beta3=0.99`` with a 5% warmup and a 50% cooldown at 1x the level; the early freeze since
-  section 22; the back-off since section 23; the hold since section 25.
+  section 22; the back-off since section 23; the hold since section 25; the cooldown from the
+  hold since section 73.
 
 Run length, for ``"pretrain"``:
 
@@ -92,7 +94,7 @@ def _pretrain(total_steps: Optional[int]) -> dict:
         return search
     return dict(search, schedule=WarmupStableDecay(total_steps, warmup=0.2, decay=0.8, peak=2.0,
                                                    freeze_below=COLLAPSE_FRACTION, backoff_on_loss_rise=True,
-                                                   hold_scale_on_loss_rise=True))
+                                                   hold_scale_on_loss_rise=True, decay_from_hold=True))
 
 
 PRESETS: Dict[str, Callable[[Optional[int]], dict]] = {

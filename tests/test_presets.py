@@ -1,5 +1,7 @@
 """Named FusedSaLSa configurations: they construct, say what they set, and train a tiny model."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -49,7 +51,8 @@ def test_author_and_recommended_presets_set_what_they_document():
     assert rec.search_rule is ArmijoSearch and rec.search_config.beta3 == 0.95
     assert rec.search_direction == "momentum" and rec.param_groups[0]["weight_decay"] == 0.1
     assert rec.schedule == WarmupStableDecay(1000, warmup=0.2, decay=0.8, final=0.0, peak=2.0, freeze_below=1 / 16,
-                                             backoff_on_loss_rise=True, hold_scale_on_loss_rise=True)
+                                             backoff_on_loss_rise=True, hold_scale_on_loss_rise=True,
+                                             decay_from_hold=True)
     assert rec.schedule.scale(200) == 2.0 and rec.schedule.searches(200) and not rec.schedule.searches(201)
     assert presets.preset_kwargs(presets.RECOMMENDED, 1000)["search_direction"] == rec.search_direction
 
@@ -207,3 +210,17 @@ def test_a_nan_batch_of_the_frozen_phase_is_reported_within_max_search_interval_
             counted_at = k
     assert opt.num_searches > 0 and counted_at is not None
     assert counted_at - nan_step <= interval, (nan_step, counted_at)
+
+
+def test_docs_api_recipe_runs_the_preset_without_the_hold_and_half_of_it_is_refused_by_name():
+    """docs/api.md's ``schedule`` row: both hold options off gives the preset without the hold; turning
+    the hold off alone leaves ``decay_from_hold`` without its hold, refused naming it."""
+    from dataclasses import replace
+
+    w = torch.nn.Parameter(torch.ones(2, 2))
+    kw = presets.preset_kwargs("pretrain", 100)
+    schedule = replace(kw["schedule"], hold_scale_on_loss_rise=False, decay_from_hold=False)
+    opt = presets.recommended([w], total_steps=100, schedule=schedule)
+    assert opt.schedule == schedule and opt.schedule.backoff_on_loss_rise
+    with pytest.raises(ValueError, match="decay_from_hold=True decays the cooldown"):
+        replace(kw["schedule"], hold_scale_on_loss_rise=False)

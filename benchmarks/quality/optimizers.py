@@ -569,7 +569,9 @@ REGISTRY: Dict[str, Callable] = {
     # loss turns (backoff_on_loss_rise): rows before that adoption ran without it; pretrain_backoff /
     # beam_cool_margin_backoff ran it. Since section 25 it also holds the warm-up's scale at the first
     # back-off (hold_scale_on_loss_rise): rows before that adoption ran without it; pretrain_hold /
-    # beam_cool_margin_hold ran it and now build the same optimizers as these. Section 27's rollback at the
+    # beam_cool_margin_hold ran it. Since section 73 the hold is also the cooldown's peak (decay_from_hold):
+    # rows before that adoption ran without it; pretrain_hold_decayfromhold ran it and now builds the same
+    # optimizer as these (pretrain_hold keeps section 25's). Section 27's rollback at the
     # freeze was adopted (227b68b) and reverted the same day; no committed row of these names ran with it.
     "salsa_recommended": _preset(presets.RECOMMENDED),
     # ... told no run length (total_steps=None): no schedule, the searched level throughout (NOTES 13)

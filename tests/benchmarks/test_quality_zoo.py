@@ -248,13 +248,13 @@ def test_the_lr_factor_family_wraps_only_an_unscheduled_optimizer():
 def test_a_row_of_a_schedule_with_an_early_freeze_records_when_its_level_froze(tmp_path):
     out = str(tmp_path / "rows.jsonl")
     assert runner.main(["run", "--tasks", "logreg", "--configs",
-                        "pretrain_freeze16,pretrain_backoff,pretrain_hold,pretrain,salsa_defaults",
+                        "pretrain_freeze16,pretrain_backoff,pretrain_hold_decayfromhold,pretrain,salsa_defaults",
                         "--seeds", "0", "--steps", "30", "--out", out]) == 0
     rows = {r["config"]: r for r in runner.read_rows([out])}
     assert "early_freeze" not in rows["salsa_defaults"]  # no schedule: nothing to freeze
-    # since NOTES.md section 25 the preset is the candidate that round ran (section 23's, plus the hold)
-    assert rows["pretrain"]["early_freeze"] == rows["pretrain_hold"]["early_freeze"]
-    assert rows["pretrain"]["loss_trace"] == rows["pretrain_hold"]["loss_trace"]
+    # since NOTES.md section 73 the preset is the candidate that round ran (section 25's, the cooldown from the hold)
+    assert rows["pretrain"]["early_freeze"] == rows["pretrain_hold_decayfromhold"]["early_freeze"]
+    assert rows["pretrain"]["loss_trace"] == rows["pretrain_hold_decayfromhold"]["loss_trace"]
     assert "loss_rise_backoffs" in rows["pretrain"] and "loss_rise_backoffs" not in rows["pretrain_freeze16"]
     assert "loss_rise_backoffs" not in rows["salsa_defaults"]
     freeze = rows["pretrain"]["early_freeze"]
