@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -190,6 +191,30 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_fingerprint(cpuinfo: Optional[str] = None) -> str:
+    """What sets a CPU run's last bits besides the code and the thread count: the CPU's ``family/model/stepping``
+    and microcode (``/proc/cpuinfo``, or the text ``cpuinfo``; its model name can be masked, "AMD EPYC" on two
+    machines whose runs differ), torch's CPU dispatch level, and a digest of the feature flags, as one line.
+    Quality NOTES section 74: runs under different fingerprints need not agree bit for bit."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    fields: Dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("cpu family", "model", "stepping", "microcode", "flags") and key not in fields:
+            fields[key] = value.strip()
+    flags = " ".join(sorted(fields.get("flags", "").split()))
+    digest = hashlib.sha1(flags.encode()).hexdigest()[:12] if flags else "?"
+    family = "/".join(fields.get(k, "?") for k in ("cpu family", "model", "stepping"))
+    return (f"family/model/stepping {family}, microcode {fields.get('microcode', '?')}, "
+            f"torch dispatch {torch.backends.cpu.get_cpu_capability()}, flags sha1 {digest}")
+
+
 def device_name(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
@@ -247,6 +272,7 @@ def environment(device) -> Dict[str, str]:
         "command": command_line(),
         "git_commit": git_commit(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
+        "cpu": cpu_fingerprint(),
     }
 
 
@@ -300,7 +326,7 @@ def write_results(name: str, rows: Sequence[Row], env: Dict[str, str], markdown:
     out_dir.mkdir(parents=True, exist_ok=True)
     records = [{**asdict(r), "device": env["device"], "torch": env["torch"], "triton": env["triton"],
                 "cuda": env["cuda"], "python": env.get("python", ""), "date": env["date"], "command": env["command"],
-                "git_commit": env.get("git_commit", "")} for r in rows]
+                "git_commit": env.get("git_commit", ""), "cpu": env.get("cpu", "")} for r in rows]
     json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
     runs = read_runs(json_path) + [{"environment": env, "summary": summary or {}, "rows": records}]
     json_path.write_text(json.dumps({"runs": runs}, indent=1, default=str) + "\n", encoding="utf-8")

@@ -86,3 +86,30 @@ def test_the_commit_is_marked_dirty_by_code_edits_not_by_appended_results(tmp_pa
     (tmp_path / "code.py").write_text("x = 2\n")
     assert C.git_commit(str(tmp_path)) == clean + "+dirty"
     assert C.git_commit(str(tmp_path / "missing")) == "unknown"
+
+
+CPUINFO = """processor\t: 0
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+stepping\t: 1
+microcode\t: 0x1000065
+flags\t\t: fpu sse2 avx512f
+processor\t: 1
+cpu family\t: 25
+model\t\t: 17
+flags\t\t: fpu sse2 avx512f
+"""
+
+
+def test_the_cpu_fingerprint_tells_machines_the_model_name_does_not():
+    """Quality NOTES section 74: two machines named "AMD EPYC" gave different bits; the fingerprint reads what
+    differs (family/model/stepping, microcode, flags), from the first processor, flags in any order."""
+    base = C.cpu_fingerprint(CPUINFO)
+    assert base.startswith("family/model/stepping 25/17/1, microcode 0x1000065, torch dispatch ")
+    assert C.cpu_fingerprint(CPUINFO.replace("fpu sse2 avx512f", "avx512f fpu sse2", 1)) == base
+    for other in (CPUINFO.replace("model\t\t: 17", "model\t\t: 1", 1), CPUINFO.replace("0x1000065", "0x1000066"),
+                  CPUINFO.replace("fpu sse2 avx512f", "fpu sse2", 1)):
+        assert C.cpu_fingerprint(other) != base
+    assert C.cpu_fingerprint("").endswith("flags sha1 ?") and "family/model/stepping ?/?/?" in C.cpu_fingerprint("")
+    assert C.environment("cpu")["cpu"] == C.cpu_fingerprint()

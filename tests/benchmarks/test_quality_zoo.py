@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+from benchmarks import _common as C
 from benchmarks.quality.zoo import runner, tasks as Z
 from salsa_fused import backends
 
@@ -361,6 +362,7 @@ def test_provenance_marks_dirty_code_but_not_appended_result_rows(tmp_path, monk
     assert runner._provenance()["commit"] == clean
     code.write_text("x = 2\n")
     assert runner._provenance()["commit"] == clean + "+dirty"
+    assert runner._provenance()["cpu"] == C.cpu_fingerprint()  # NOTES section 74: the machine's name is not enough
 
 
 def test_the_zoo_table_rebuilds_the_committed_holdout_table_with_its_configurations(tmp_path):

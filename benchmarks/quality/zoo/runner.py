@@ -84,8 +84,8 @@ def lr_of(config: str) -> Optional[float]:
 
 def _provenance() -> dict:
     """Commit (``benchmarks._common.git_commit``: ``+dirty`` when tracked files other than the result
-    rows have uncommitted changes), versions, and the backend FusedSaLSa configurations run on
-    (``optimizers.BACKEND`` resolved on the CPU)."""
+    rows have uncommitted changes), versions, the backend FusedSaLSa configurations run on
+    (``optimizers.BACKEND`` resolved on the CPU), and the CPU's fingerprint (``_common.cpu_fingerprint``)."""
     from benchmarks._common import git_commit
     commit = git_commit(_ROOT)
     from importlib import metadata
@@ -100,7 +100,9 @@ def _provenance() -> dict:
 
     from salsa_fused import backends
     fused_backend = backends.resolve(O.BACKEND, torch.device("cpu")).name
-    return dict(commit=commit, versions=versions, fused_backend=fused_backend, machine=_machine())
+    from benchmarks._common import cpu_fingerprint
+    return dict(commit=commit, versions=versions, fused_backend=fused_backend, machine=_machine(),
+                cpu=cpu_fingerprint())
 
 
 def _machine() -> str:
