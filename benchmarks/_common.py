@@ -194,25 +194,34 @@ def _cpu_name() -> str:
 def cpu_fingerprint(cpuinfo: Optional[str] = None) -> str:
     """What sets a CPU run's last bits besides the code and the thread count: the CPU's ``family/model/stepping``
     and microcode (``/proc/cpuinfo``, or the text ``cpuinfo``; its model name can be masked, "AMD EPYC" on two
-    machines whose runs differ), torch's CPU dispatch level, and a digest of the feature flags, as one line.
-    Quality NOTES section 74: runs under different fingerprints need not agree bit for bit."""
+    machines whose runs differ), torch's CPU dispatch level, and a digest of the feature flags, as one line. On
+    Arm Linux the implementer/part/variant/revision and the "Features" line stand in; without ``/proc/cpuinfo``
+    (macOS, Windows) only ``platform.processor()`` and torch's dispatch level are read, which may not tell two
+    machines apart. Quality NOTES section 74: runs under different fingerprints need not agree bit for bit."""
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo", encoding="utf-8") as f:
                 cpuinfo = f.read()
         except OSError:
             cpuinfo = ""
+    x86 = ("cpu family", "model", "stepping")
+    arm = ("CPU implementer", "CPU part", "CPU variant", "CPU revision")
     fields: Dict[str, str] = {}
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()
-        if key in ("cpu family", "model", "stepping", "microcode", "flags") and key not in fields:
+        if key in (*x86, *arm, "microcode", "flags", "Features") and key not in fields:
             fields[key] = value.strip()
-    flags = " ".join(sorted(fields.get("flags", "").split()))
+    dispatch = f"torch dispatch {torch.backends.cpu.get_cpu_capability()}"
+    if not fields:
+        return f"processor {platform.processor() or platform.machine() or '?'} (no /proc/cpuinfo), {dispatch}"
+    flags = " ".join(sorted(fields.get("flags", fields.get("Features", "")).split()))
     digest = hashlib.sha1(flags.encode()).hexdigest()[:12] if flags else "?"
-    family = "/".join(fields.get(k, "?") for k in ("cpu family", "model", "stepping"))
-    return (f"family/model/stepping {family}, microcode {fields.get('microcode', '?')}, "
-            f"torch dispatch {torch.backends.cpu.get_cpu_capability()}, flags sha1 {digest}")
+    if "cpu family" not in fields and "CPU part" in fields:
+        ids = "implementer/part/variant/revision " + "/".join(fields.get(k, "?") for k in arm)
+    else:
+        ids = "family/model/stepping " + "/".join(fields.get(k, "?") for k in x86)
+    return f"{ids}, microcode {fields.get('microcode', '?')}, {dispatch}, flags sha1 {digest}"
 
 
 def device_name(device) -> str:

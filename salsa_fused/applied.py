@@ -6,7 +6,8 @@ then backtracked); the *applied step* is what the weights finally move by. For g
 ``s`` (1 without a schedule) and whose level before the step is ``eta``, ``lr_g`` is the group's
 *probe* multiplier ``search_lr`` (its ``lr`` at construction; 1 for a group built at ``lr=0``,
 from its first positive ``lr`` on) and ``s`` includes the ratio ``lr / search_lr`` of a scheduler's current ``lr`` to it
-(capped at the hold ``h`` and times the back-off ``b`` of ``backoff_on_loss_rise``:
+(capped at the hold ``h``, or scaled by ``h / peak`` past the warm-up with ``decay_from_hold``, and times the
+back-off ``b`` of ``backoff_on_loss_rise``:
 ``salsa_fused.step_size.applied_scale``):
 trials always probe at the probe multiplier, a warmup of ``lr`` scales only the applied step
 (a group with ``search_lr = 0`` never moves):

@@ -637,7 +637,8 @@ class FusedSaLSa(Optimizer, Joinable):
         """Per group, the applied step of the next plain step: ``lr * s * eta * growth`` (the rule's
         first trial: ``eta * 2^(1/b)`` for seed 001's rules; ``s`` the schedule's scale at the
         next step, past a schedule's end the scale it holds there, capped at the hold
-        ``search_state.scale_hold`` when it is > 0 and times the back-off
+        ``search_state.scale_hold`` when it is > 0 (past the warm-up of a ``decay_from_hold`` schedule, scaled
+        by ``h / peak`` instead) and times the back-off
         ``search_state.applied_backoff`` of ``backoff_on_loss_rise``:
         :func:`salsa_fused.step_size.applied_scale`)."""
         state = freeze_if_collapsed(self.schedule, self._search, self._search.step + 1, self.search_rule)

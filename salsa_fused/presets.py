@@ -34,7 +34,8 @@ Run length, for ``"pretrain"``:
   the cooldown's last positive step
   (:attr:`~salsa_fused.step_size.WarmupStableDecay.past_end_scale`: ``2 / (T - D)`` with
   ``D = T - round(0.8 * T)``, about ``2 / (0.8 * total_steps)``
-  of the frozen level), never 0, and the optimizer warns once that the run is past its plan.
+  of the frozen level; times the back-off ``b``, and ``h b / (T - D)`` where the loss turned and a hold ``h`` was
+  kept), never 0, and the optimizer warns once that the run is past its plan.
   To train longer, build the optimizer with the new ``total_steps`` and ``load_state_dict`` the
   checkpoint (the schedule is not in the checkpoint; the step count is): the run continues at
   its step of the longer schedule. From a checkpoint of the search phase (the first 20%) that

@@ -96,8 +96,8 @@ class WarmupStableDecay:
     the hold applies to the wrapped schedule's scale, not to the beam's multiplier.
 
     ``decay_from_hold`` (with ``hold_scale_on_loss_rise``) makes the hold the schedule's peak for the rest
-    of the run: past the warm-up the scale is ``scale(k) * h / peak`` instead of ``min(scale(k), h)``, so the
-    cooldown decays from ``h`` at once (:meth:`held_scale`; quality NOTES section 73).
+    of the run: past the warm-up the scale is ``scale(k) * h / peak`` (``h`` at most ``peak``) instead of
+    ``min(scale(k), h)``, so the cooldown decays from ``h`` at once (:meth:`held_scale`; quality NOTES section 73).
     """
 
     total_steps: int
@@ -178,9 +178,10 @@ class WarmupStableDecay:
 
     def held_scale(self, step: int, scale: float, hold: float) -> float:
         """The scale ``scale`` (this schedule's at ``step``) under a hold ``h = hold > 0``: ``min(scale, h)``;
-        with :attr:`decay_from_hold`, past the warm-up, ``scale * h / peak`` (the hold is the peak)."""
+        with :attr:`decay_from_hold`, past the warm-up, ``scale * min(h, peak) / peak`` (the hold is the peak; a
+        hold above this schedule's peak, kept from a checkpoint of a higher one, caps nothing, as the ``min`` does)."""
         if self.decay_from_hold and step > self.warmup_steps:
-            return scale * (hold / self.peak)
+            return scale * min(1.0, hold / self.peak)
         return min(scale, hold)
 
 
@@ -268,6 +269,11 @@ class ScaledSchedule:
     def hold_scale_on_loss_rise(self) -> bool:
         """Whether the inner schedule's warm-up stops rising at a back-off (False without one)."""
         return getattr(self.inner, "hold_scale_on_loss_rise", False)
+
+    @property
+    def decay_from_hold(self) -> bool:
+        """Whether the inner schedule's cooldown decays from its held scale (False without one)."""
+        return getattr(self.inner, "decay_from_hold", False)
 
 
 def freeze_if_collapsed(schedule, state, step: int, rule):

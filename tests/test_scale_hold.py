@@ -177,3 +177,55 @@ def test_a_run_whose_loss_turns_applies_the_held_scale_times_the_decay_and_is_un
     want = [group["lr"] * DECAY.scale(step) * state.scale_hold / DECAY.peak * state.applied_backoff
             * state.step_size * o_decay.search_config.growth for group in o_decay.param_groups]
     assert o_decay.applied_steps == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("peak", [0.5, 3.0])
+def test_decay_from_hold_at_another_peak_scales_by_the_hold_over_that_peak(peak):
+    schedule = replace(DECAY, peak=peak)
+    state = turned(schedule, 8)
+    h = schedule.scale(8)
+    assert state.scale_hold == h == pytest.approx(peak * 8 / 20, rel=1e-15)
+    assert applied_scale(schedule, state, 15) == min(schedule.scale(15), h) * LOSS_RISE_BACKOFF
+    for step in (21, 60, 99):
+        assert applied_scale(schedule, state, step) == pytest.approx(
+            schedule.scale(step) * h / peak * LOSS_RISE_BACKOFF, rel=1e-15)
+
+
+def test_without_a_warm_up_the_hold_is_the_peak_and_decay_from_hold_changes_nothing():
+    schedule = replace(DECAY, warmup=0.0)
+    state = turned(schedule, 8)
+    assert state.scale_hold == schedule.peak
+    for step in (8, 30, 60, 90, 120):
+        assert applied_scale(schedule, state, step) == applied_scale(replace(schedule, decay_from_hold=False),
+                                                                      state, step)
+
+
+def test_a_kept_hold_above_a_lower_peak_loaded_later_caps_nothing_and_raises_nothing():
+    """A checkpoint of a peak-2 run, its hold 1.6, loaded into a peak-1 schedule: never above that schedule's
+    own scale, as the ``min`` of the hold alone is not (a review's case)."""
+    lower = WarmupStableDecay(TOTAL, warmup=0.2, decay=0.5, peak=1.0, backoff_on_loss_rise=True,
+                              hold_scale_on_loss_rise=True, decay_from_hold=True)
+    state = replace(SearchState(), applied_backoff=LOSS_RISE_BACKOFF, scale_hold=1.6)
+    for step in (10, 30, 70, 100, 130):
+        assert applied_scale(lower, state, step) == lower.scale(step) * LOSS_RISE_BACKOFF
+
+
+def test_decay_from_hold_is_seen_through_a_beams_wrapper_and_kept_by_a_checkpoint():
+    class Owner:
+        multiplier = 1.0
+    assert ScaledSchedule(DECAY, Owner(), "multiplier").decay_from_hold is True
+    assert ScaledSchedule(HOLD, Owner(), "multiplier").decay_from_hold is False
+    model, closure, inflation = model_and_closure()
+    opt = build(model, DECAY)
+    train(opt, closure, 5)
+    inflation[0] = 50.0  # the loss turns in the warm-up (scripted)
+    train(opt, closure, 20)  # past the warm-up: the cooldown from the hold applies
+    assert opt.search_state.scale_hold > 0
+    saved = copy.deepcopy(opt.state_dict())
+    resumed = build(model_and_closure()[0], DECAY)
+    resumed.load_state_dict(saved)
+    assert resumed.search_state == opt.search_state and resumed.applied_steps == opt.applied_steps
+    without = build(model_and_closure()[0], HOLD)
+    without.load_state_dict(saved)  # the same checkpoint without the option: the hold caps, as section 25's
+    state, step = without.search_state, without.search_state.step + 1
+    assert applied_scale(HOLD, state, step) == min(HOLD.scale(step), state.scale_hold) * state.applied_backoff

@@ -111,5 +111,9 @@ def test_the_cpu_fingerprint_tells_machines_the_model_name_does_not():
     for other in (CPUINFO.replace("model\t\t: 17", "model\t\t: 1", 1), CPUINFO.replace("0x1000065", "0x1000066"),
                   CPUINFO.replace("fpu sse2 avx512f", "fpu sse2", 1)):
         assert C.cpu_fingerprint(other) != base
-    assert C.cpu_fingerprint("").endswith("flags sha1 ?") and "family/model/stepping ?/?/?" in C.cpu_fingerprint("")
+    assert C.cpu_fingerprint("").startswith("processor ") and "(no /proc/cpuinfo)" in C.cpu_fingerprint("")
+    arm = "CPU implementer\t: 0x41\nCPU part\t: 0xd0c\nCPU variant\t: 0x3\nCPU revision\t: 1\nFeatures\t: fp asimd\n"
+    assert C.cpu_fingerprint(arm).startswith("implementer/part/variant/revision 0x41/0xd0c/0x3/1, microcode ?")
+    assert C.cpu_fingerprint(arm.replace("0xd0c", "0xd40")) != C.cpu_fingerprint(arm)
+    assert C.cpu_fingerprint(arm.replace("fp asimd", "fp asimd sve")) != C.cpu_fingerprint(arm)
     assert C.environment("cpu")["cpu"] == C.cpu_fingerprint()

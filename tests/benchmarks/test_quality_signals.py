@@ -409,3 +409,13 @@ def test_a_switch_of_the_peak_during_the_warm_up_at_the_presets_peak_is_the_pres
     assert from_start["final_train_loss"] != pytest.approx(finals[2], rel=1e-9)
     with pytest.raises(ValueError, match="leaves no step before or after it"):
         signals.switch_during_warmup(name, "default", 0, 0.001, steps=steps)
+
+
+@pytest.mark.parametrize("config", ["salsa_recommended", "pretrain_hold_decayfromhold"])
+def test_the_branches_refuse_a_schedule_whose_cooldown_decays_from_the_hold(config):
+    """NOTES.md section 73: with decay_from_hold the held scale is the peak past the warm-up, so a branch's peak
+    q would not move its top; the rehearsal and the switch model section 25's preset and say so."""
+    with pytest.raises(ValueError, match="decay_from_hold"):
+        signals.rehearsal("mlp_relu_teacher", "default", 0, config=config, steps=40)
+    with pytest.raises(ValueError, match="decay_from_hold"):
+        signals.switch_during_warmup("mlp_relu_teacher", "default", 0, at=0.1, config=config, steps=40)

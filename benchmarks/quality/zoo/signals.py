@@ -445,6 +445,16 @@ def lowest_multiple(multiples: Sequence[float], losses: Sequence[float]) -> floa
     return multiples[min(range(len(clean)), key=lambda j: (clean[j], j))]
 
 
+def check_branchable(schedule, config: str) -> None:
+    """ValueError unless the branches of :func:`rehearsal` and :func:`switch_during_warmup` model ``config``'s
+    schedule: they set its peak to ``q`` and take the top of the run as :func:`switched_top`, which a
+    ``decay_from_hold`` schedule does not follow once its hold is set (its peak is then the hold, whatever ``q``)."""
+    if getattr(schedule, "decay_from_hold", False):
+        raise ValueError(f"{config!r} decays its cooldown from the held scale (decay_from_hold, NOTES.md section 73): "
+                         "a branch's peak q would not move its top once the hold is set; these measurements model "
+                         "section 25's preset, 'pretrain_hold'")
+
+
 def switched_top(peak: float, backoff: float, hold: float) -> float:
     """The multiple of the searched level at the top of a run whose schedule's peak became ``peak``, under
     the back-off ``b`` and hold ``h`` it carries (:func:`salsa_fused.step_size.applied_scale`): ``min(peak, h) b``,
@@ -473,6 +483,7 @@ def rehearsal(task_name: str, length: str, seed: int, config: str = "pretrain_ho
     opt, schedule = built.optimizer, built.schedule
     if schedule is None or not hasattr(schedule, "decay_start"):
         raise ValueError(f"{config!r} has no WarmupStableDecay schedule: the rehearsal branches at its freeze")
+    check_branchable(schedule, config)
     branch_step = schedule.decay_start if at is None else int(round(at * task.steps))
     if not 1 <= branch_step < task.steps:
         raise ValueError(f"a rehearsal at {at!r} of {task.steps} steps leaves no step before or after it")
@@ -564,6 +575,7 @@ def switch_during_warmup(task_name: str, length: str, seed: int, at: float, conf
     opt, schedule = built.optimizer, built.schedule
     if schedule is None or not hasattr(schedule, "decay_start"):
         raise ValueError(f"{config!r} has no WarmupStableDecay schedule: the switch changes its peak")
+    check_branchable(schedule, config)
     start = int(round(at * task.steps))
     if not 1 <= start < task.steps:
         raise ValueError(f"a switch at {at!r} of {task.steps} steps leaves no step before or after it")
