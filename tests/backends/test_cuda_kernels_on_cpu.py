@@ -6,9 +6,12 @@ misaligned included), tails, block reductions (the slope's partials within 1e-5 
 kernel's q bit for bit in its fixed order), the plain step's guards (found_inf, a non-finite loss) and non-finite
 counts, and the bytes around each tensor, for fp32, bf16 and fp16 weights, without a GPU. Checked to fail when the
 kernels lose the found_inf or the loss guard, when the vector path reads only the weight's alignment, or when the
-finish kernel sums one partial. Not checked: reads past a tensor's end (the guard bytes catch writes), the
-hardware's own conversions and fused multiply-adds, and the binding (test_cuda_binding.py compiles it). About 35 s
-of one core, in the background.
+finish kernel sums one partial. Reads past a tensor's end: a second build with AddressSanitizer poisons the bytes
+after each tensor (and before it, to the 8-byte granule ASan tracks) while the kernels run, once per dtype,
+direction and saved copy (`--bounds`); checked to stop a kernel whose vector path reads a ragged tail's full pack,
+and, on every run, to stop a read the harness makes past a tensor's end itself (`--overread`). Not checked: the
+hardware's own conversions and fused multiply-adds, and the binding (test_cuda_binding.py compiles it). About a
+minute of one core, in the background.
 """
 
 from __future__ import annotations
@@ -27,17 +30,21 @@ def _build_and_run(tmp: Path) -> dict:
     compiler = shutil.which("c++") or shutil.which("g++")
     if compiler is None:  # the extension needs one too: not a reason to skip
         raise RuntimeError("no C++ compiler (c++ or g++) on PATH")
-    binary = tmp / "kernels_on_cpu"
-    build = subprocess.run([compiler, "-std=c++20", "-O2", "-pthread", f"-I{ROOT / 'csrc'}", f"-I{HERE}",
-                            str(HERE / "kernels_on_cpu.cpp"), "-o", str(binary)], capture_output=True, text=True)
-    if build.returncode != 0:
-        raise RuntimeError(f"the emulation did not compile:\n{build.stderr[-4000:]}")
-    runs = {name: subprocess.run([str(binary), *flags], capture_output=True, text=True, timeout=600)
-            for name, flags in (("check", []), ("perturbed", ["--perturb"]))}
+    binaries = {}
+    for name, flags in (("plain", ["-O2"]), ("asan", ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"])):
+        binaries[name] = tmp / f"kernels_on_cpu_{name}"
+        build = subprocess.run([compiler, "-std=c++20", *flags, "-pthread", f"-I{ROOT / 'csrc'}", f"-I{HERE}",
+                                str(HERE / "kernels_on_cpu.cpp"), "-o", str(binaries[name])],
+                               capture_output=True, text=True)
+        if build.returncode != 0:
+            raise RuntimeError(f"the emulation did not compile ({name}):\n{build.stderr[-4000:]}")
+    runs = {name: subprocess.run([str(binaries[binary]), *flags], capture_output=True, text=True, timeout=600)
+            for name, binary, flags in (("check", "plain", []), ("perturbed", "plain", ["--perturb"]),
+                                        ("bounds", "asan", ["--bounds"]), ("overread", "asan", ["--overread"]))}
     return {name: (run.returncode, run.stdout, run.stderr) for name, run in runs.items()}
 
 
-RUN = background.job("CUDA kernels on the CPU", _build_and_run, seconds_hint=30)
+RUN = background.job("CUDA kernels on the CPU", _build_and_run, seconds_hint=60)
 
 
 def test_every_pass_writes_what_salsa_math_gives_for_every_element():
@@ -51,3 +58,14 @@ def test_every_pass_writes_what_salsa_math_gives_for_every_element():
 def test_the_check_fails_when_one_expected_bit_is_changed():
     code, out, _ = RUN.result()["perturbed"]
     assert code == 1 and "FAIL first trial: an element differs from salsa_math.h's" in out
+
+
+def test_no_kernel_reads_or_writes_past_a_tensors_end_under_asan():
+    code, out, err = RUN.result()["bounds"]
+    assert code == 0 and out.rstrip().endswith("failures 0"), (out + err)[-4000:]
+    assert int(out.rsplit("128-bit accesses ", 1)[1].split(",")[0]) > 0
+
+
+def test_the_asan_build_stops_a_read_past_a_tensors_end():
+    code, out, err = RUN.result()["overread"]
+    assert code != 0 and "use-after-poison" in err and "unnoticed" not in out, (out + err)[-2000:]

@@ -4,17 +4,31 @@
 // vector and scalar paths, tails, reductions and non-finite counts are checked without a GPU; the hardware's
 // own arithmetic (its cvt and fma) is not.
 //
-// Usage: kernels_on_cpu [--perturb]. Prints "failures N" and exits 1 if N > 0. --perturb changes one expected
-// bit, so that a run of the check itself must fail.
+// Usage: kernels_on_cpu [--perturb | --bounds | --overread]. Prints "failures N" and exits 1 if N > 0. --perturb changes one
+// expected bit, so that a run of the check itself must fail. Built with -fsanitize=address, the bytes around each
+// tensor are poisoned while the kernels run, so a read past a tensor's end (or a write) stops the run with ASan's
+// report; --bounds runs each dtype, direction and saved copy once for that build (no GradScaler, no injected
+// non-finite values: those change what is computed, not where it is read); --overread reads one float past a
+// tensor's end itself, which that build must stop.
 #include <array>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <random>
 #include <thread>
 #include <vector>
 
 #include "cuda_shim.h"
 #include "cuda/salsa_kernels.cuh"
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define GUARD_POISON(begin, bytes) ASAN_POISON_MEMORY_REGION(begin, bytes)
+#define GUARD_UNPOISON(begin, bytes) ASAN_UNPOISON_MEMORY_REGION(begin, bytes)
+#else
+#define GUARD_POISON(begin, bytes) ((void)(begin), (void)(bytes))
+#define GUARD_UNPOISON(begin, bytes) ((void)(begin), (void)(bytes))
+#endif
 
 using namespace salsa_cuda;
 using salsa::Direction;
@@ -25,22 +39,58 @@ namespace {
 
 int failures = 0;
 bool perturb = false;
+bool bounds_only = false;  // --bounds: every dtype, direction and saved copy once (the ASan build's run)
+
+// THREADS threads, started once and reused by every launch (starting them per launch cost most of the run's time,
+// and most of all under ASan): each launch hands them one job and waits until all have run it.
+class ThreadPool {
+ public:
+  ThreadPool() : start_(THREADS + 1), done_(THREADS + 1) {
+    for (int t = 0; t < THREADS; ++t) {
+      threads_.emplace_back([this, t] {
+        threadIdx.x = unsigned(t);
+        for (;;) {
+          start_.arrive_and_wait();
+          if (stop_) return;
+          job_(t);
+          done_.arrive_and_wait();
+        }
+      });
+    }
+  }
+  ~ThreadPool() {
+    stop_ = true;
+    start_.arrive_and_wait();
+    for (auto& thread : threads_) thread.join();
+  }
+  void run(std::function<void(int)> job) {
+    job_ = std::move(job);
+    start_.arrive_and_wait();
+    done_.arrive_and_wait();
+  }
+
+ private:
+  std::barrier<> start_, done_;
+  std::function<void(int)> job_;
+  bool stop_ = false;
+  std::vector<std::thread> threads_;
+};
+
+ThreadPool& block_threads() {
+  static ThreadPool pool;
+  return pool;
+}
 
 template <class Kernel> void launch(Kernel kernel, int64_t blocks, const Args& args) {
   std::barrier<> barrier(THREADS);
   block_barrier = &barrier;
-  std::vector<std::thread> threads;
-  for (int t = 0; t < THREADS; ++t) {
-    threads.emplace_back([&, t] {
-      threadIdx.x = unsigned(t);
-      for (int64_t b = 0; b < blocks; ++b) {
-        blockIdx.x = unsigned(b);
-        kernel(args);
-        barrier.arrive_and_wait();  // the block ends before the next begins
-      }
-    });
-  }
-  for (auto& thread : threads) thread.join();
+  block_threads().run([&](int) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      blockIdx.x = unsigned(b);
+      kernel(args);
+      barrier.arrive_and_wait();  // the block ends before the next begins
+    }
+  });
 }
 
 template <class T> T from(float x) { return salsa::from_float<T>(x); }
@@ -51,12 +101,19 @@ template <class T> uint32_t bits(T x) {
 
 // Each tensor in a buffer of its own, at an element offset from a 64-byte boundary (a row whose streams are all
 // 16-byte aligned takes the vector path; one misaligned stream sends it to the scalar path), with guard bytes
-// around it that no kernel may write.
+// around it that no kernel may write, nor, under ASan, read (poisoned; ASan tracks 8-byte granules, so the bytes
+// before a tensor that starts inside a granule stay readable, and those after its end are all poisoned).
 constexpr char GUARD = char(0x5a);
 struct Buffer {
   std::vector<char> memory;
   char* begin;  // the tensor's first byte
   size_t bytes;
+
+  void poison() const {
+    GUARD_POISON(memory.data(), size_t(begin - memory.data()));
+    GUARD_POISON(begin + bytes, size_t(memory.data() + memory.size() - (begin + bytes)));
+  }
+  void unpoison() const { GUARD_UNPOISON(memory.data(), memory.size()); }
 };
 
 template <class T> T* allocate(std::vector<Buffer>& buffers, int64_t numel, int offset) {
@@ -65,16 +122,20 @@ template <class T> T* allocate(std::vector<Buffer>& buffers, int64_t numel, int 
   const uintptr_t aligned = (reinterpret_cast<uintptr_t>(b.memory.data()) + 63) & ~uintptr_t(63);
   T* p = reinterpret_cast<T*>(aligned) + offset;
   b.begin = reinterpret_cast<char*>(p);
+  b.poison();
   return p;
 }
 
 bool guards_intact(const std::vector<Buffer>& buffers) {
+  bool intact = true;
   for (const Buffer& b : buffers) {
+    b.unpoison();
     for (const char* c = b.memory.data(); c != b.memory.data() + b.memory.size(); ++c) {
-      if ((c < b.begin || c >= b.begin + b.bytes) && *c != GUARD) return false;
+      if ((c < b.begin || c >= b.begin + b.bytes) && *c != GUARD) intact = false;
     }
+    b.poison();
   }
-  return true;
+  return intact;
 }
 
 // The expected state of one tensor, updated element by element with salsa_math.h.
@@ -295,6 +356,7 @@ template <class W, class G> void every_case(const std::vector<int64_t>& sizes, c
   for (bool saved : {true, false}) {
     for (bool scaled : {false, true}) {
       for (bool inject : {false, true}) {
+        if (bounds_only && (scaled || inject)) continue;
         run_case<W, G, Direction::gradient>(sizes, offsets, saved, scaled, seed, inject);
         run_case<W, G, Direction::momentum>(sizes, offsets, saved, scaled, seed, inject);
         run_case<W, G, Direction::raw>(sizes, offsets, saved, scaled, seed, inject);
@@ -308,6 +370,13 @@ template <class W, class G> void every_case(const std::vector<int64_t>& sizes, c
 
 int main(int argc, char** argv) {
   perturb = argc > 1 && std::strcmp(argv[1], "--perturb") == 0;
+  bounds_only = argc > 1 && std::strcmp(argv[1], "--bounds") == 0;
+  if (argc > 1 && std::strcmp(argv[1], "--overread") == 0) {  // the poison itself: ASan must stop this read
+    std::vector<Buffer> buffers;
+    const volatile float* p = allocate<float>(buffers, 3, 1);
+    std::printf("read past the end unnoticed: %g\n", double(p[3]));
+    return 2;
+  }
   // Empty tensors (first, inside), tails of 1-7 elements, a chunk's edges (8192), several chunks, and offsets
   // that leave some rows unaligned (the scalar path) beside aligned ones (the vector path): the weight's, and in
   // the last four rows one other stream's alone (the gradient, exp_avg, exp_avg_sq, the saved copy).
