@@ -647,6 +647,10 @@ REGISTRY: Dict[str, Callable] = {
     # from the held scale at once (decay_from_hold)
     "pretrain_hold_decayfromhold": _early_freeze_preset(1 / 16, backoff_on_loss_rise=True,
                                                         hold_scale_on_loss_rise=True, decay_from_hold=True),
+    # NOTES.md section 76: the opt-in beam (move_margin=0.01) on that preset, as StepSizeBeam on the shipped one
+    "beam_cool_margin_decayfromhold": _beam(_early_freeze_preset(1 / 16, backoff_on_loss_rise=True,
+                                                                 hold_scale_on_loss_rise=True, decay_from_hold=True),
+                                            cooldown=1.0, move_margin=0.01),
     # NOTES.md section 30 (written before its runs): curvature targeting, the preset with its Armijo test
     # replaced by the edge rule aiming at sigma times the greedy step (sigma 1: greedy; 2: the edge).
     # Not eligible on development (geomean 1.266 / 1.348 of the preset); kept runnable for its rows.
