@@ -86,7 +86,7 @@ def _provenance() -> dict:
     """Commit (``benchmarks._common.git_commit``: ``+dirty`` when tracked files other than the result
     rows have uncommitted changes), versions, the backend FusedSaLSa configurations run on
     (``optimizers.BACKEND`` resolved on the CPU), and the CPU's fingerprint (``_common.cpu_fingerprint``)."""
-    from benchmarks._common import git_commit
+    from benchmarks._common import cpu_fingerprint, git_commit
     commit = git_commit(_ROOT)
     from importlib import metadata
     versions = {"python": platform.python_version()}
@@ -100,7 +100,6 @@ def _provenance() -> dict:
 
     from salsa_fused import backends
     fused_backend = backends.resolve(O.BACKEND, torch.device("cpu")).name
-    from benchmarks._common import cpu_fingerprint
     return dict(commit=commit, versions=versions, fused_backend=fused_backend, machine=_machine(),
                 cpu=cpu_fingerprint())
 
