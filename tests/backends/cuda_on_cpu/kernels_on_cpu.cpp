@@ -4,12 +4,12 @@
 // vector and scalar paths, tails, reductions and non-finite counts are checked without a GPU; the hardware's
 // own arithmetic (its cvt and fma) is not.
 //
-// Usage: kernels_on_cpu [--perturb | --bounds | --overread]. Prints "failures N" and exits 1 if N > 0. --perturb changes one
-// expected bit, so that a run of the check itself must fail. Built with -fsanitize=address, the bytes around each
-// tensor are poisoned while the kernels run, so a read past a tensor's end (or a write) stops the run with ASan's
-// report; --bounds runs each dtype, direction and saved copy once for that build (no GradScaler, no injected
-// non-finite values: those change what is computed, not where it is read); --overread reads one float past a
-// tensor's end itself, which that build must stop.
+// Usage: kernels_on_cpu [--perturb | --bounds | --overread]. Prints "failures N" and exits 1 if N > 0.
+// --perturb changes one expected bit, so that a run of the check itself must fail. Built with
+// -fsanitize=address, the bytes around each tensor are poisoned while the kernels run, so a read past a
+// tensor's end (or a write) stops the run with ASan's report; --bounds runs each dtype, direction and saved
+// copy once for that build (no GradScaler, no injected non-finite values: those change what is computed, not
+// where it is read); --overread reads one float past a tensor's end itself, which that build must stop.
 #include <array>
 #include <cstdio>
 #include <cstring>
