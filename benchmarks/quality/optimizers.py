@@ -59,6 +59,8 @@ from .rules import ClimbingArmijo, EdgeRule, NonMonotoneArmijo, RatioArmijo
 WEIGHT_DECAY = 0.1
 WARMUP_FRACTION = 0.05
 ADAMW_PREFIX = "adamw_"
+#: AdamW at no weight decay, the zoo's schedule otherwise: the second grid of NOTES.md section 78
+ADAMW_WD0_PREFIX = "adamwwd0_"
 LONG_WARMUP_PREFIX = "adamw20_"  # adamw20_<lr>: AdamW with 20% warmup + cosine (a check, not the grid)
 BACKEND = "auto"  # FusedSaLSa's backend in every configuration: "cpp" on the CPU when built (issue 18)
 #: wsdadamw_<lr>: AdamW in the pretrain preset's schedule shape (section 43; not ``adamw_``: the zoo's grid is
@@ -187,9 +189,9 @@ def warmup_cosine(step: int, total_steps: int, warmup: float = WARMUP_FRACTION, 
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _adamw(lr: float, warmup: float = WARMUP_FRACTION):
+def _adamw(lr: float, warmup: float = WARMUP_FRACTION, weight_decay: float = WEIGHT_DECAY):
     def build(task, model, total_steps) -> Built:
-        opt = torch.optim.AdamW(task.param_groups(model, WEIGHT_DECAY), lr=lr, betas=(0.9, 0.999))
+        opt = torch.optim.AdamW(task.param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: warmup_cosine(k, total_steps, warmup))
         return Built(opt, "torch", scheduler=sched)
     return build
@@ -210,6 +212,7 @@ def _adamw_in_preset_shape(lr: float):
 #: AdamW named by its peak rate, ``<prefix><lr>``; the prefix picks the schedule.
 RATE_NAMED: Dict[str, Callable[[float], Callable]] = {
     ADAMW_PREFIX: _adamw,  # the zoo's grid: 5% warm-up, cosine to 10%
+    ADAMW_WD0_PREFIX: lambda lr: _adamw(lr, weight_decay=0.0),  # the same at no weight decay (section 78)
     LONG_WARMUP_PREFIX: lambda lr: _adamw(lr, warmup=0.2),  # a check, not the grid
     PRESET_SHAPE_PREFIX: _adamw_in_preset_shape,  # section 43
 }
@@ -651,6 +654,9 @@ REGISTRY: Dict[str, Callable] = {
     "beam_cool_margin_decayfromhold": _beam(_early_freeze_preset(1 / 16, backoff_on_loss_rise=True,
                                                                  hold_scale_on_loss_rise=True, decay_from_hold=True),
                                             cooldown=1.0, move_margin=0.01),
+    # NOTES.md section 78 (written before its runs): that preset with no weight decay on any group
+    "pretrain_nowd": _early_freeze_preset(1 / 16, backoff_on_loss_rise=True, hold_scale_on_loss_rise=True,
+                                          decay_from_hold=True, weight_decay=0.0),
     # NOTES.md section 30 (written before its runs): curvature targeting, the preset with its Armijo test
     # replaced by the edge rule aiming at sigma times the greedy step (sigma 1: greedy; 2: the edge).
     # Not eligible on development (geomean 1.266 / 1.348 of the preset); kept runnable for its rows.
@@ -737,8 +743,8 @@ DEFAULT_SET = ("salsa_faithful", "salsa_author", "salsa_recommended", "prodigy",
                "salsa_published")
 
 
-def adamw_name(lr: float) -> str:
-    return f"{ADAMW_PREFIX}{lr:.0e}".replace("e-0", "e-")
+def adamw_name(lr: float, prefix: str = ADAMW_PREFIX) -> str:
+    return f"{prefix}{lr:.0e}".replace("e-0", "e-")
 
 
 def build(name: str, task, model, total_steps: int) -> Built:

@@ -163,6 +163,46 @@ def test_the_grid_grows_past_an_end_and_the_table_divides_by_its_best():
     assert "| bad (1 tasks) | div |" in text and "**edge**" in text
 
 
+def test_adamw_tuned_over_its_weight_decay_divides_by_the_better_grid_and_reads_the_winners_grid():
+    """NOTES.md section 78: a second grid at no weight decay; by default the tables read the zoo's grid alone."""
+    rows = [_row("t", "adamw_1e-3", s, 2.0) for s in (0, 1)] + [_row("t", "adamw_1e-2", s, 1.0) for s in (0, 1)]
+    rows += [_row("t", "adamw_3e-2", s, 1.5) for s in (0, 1)]
+    rows += [_row("t", "adamwwd0_1e-2", s, 0.9) for s in (0, 1)] + [_row("t", "adamwwd0_3e-2", s, 0.5) for s in (0, 1)]
+    rows += [_row("t", "cand", s, 1.0) for s in (0, 1)]
+    zoo = runner.summarize(rows)["t@default"]
+    assert zoo["best_adamw"] == "adamw_1e-2" and zoo["grid_prefix"] == "adamw_" and not zoo["edge"]
+    assert zoo["configs"]["cand"]["ratio"] == pytest.approx(1.0) and "adamwwd0_3e-2" in zoo["configs"]
+    tuned = runner.summarize(rows, grids=runner.TUNED_OVER_DECAY)["t@default"]
+    assert tuned["best_adamw"] == "adamwwd0_3e-2" and tuned["best_lr"] == pytest.approx(3e-2)
+    assert tuned["grid"] == pytest.approx([1e-2, 3e-2]) and tuned["edge"]  # the winner's grid, at its end
+    assert tuned["configs"]["cand"]["ratio"] == pytest.approx(2.0)
+    # each grid grows and fills within itself
+    assert runner.grid_edge(rows, "t", [0, 1], runner.GRIDS["adamw_grid_wd0"]) == pytest.approx(9e-2)
+    assert runner.grid_edge(rows, "t", [0, 1]) is None
+    assert runner.grid_gaps(rows + [_row("t", "adamwwd0_9e-2", 0, 0.4)], "t", [0, 1], "adamwwd0_") == [
+        ("adamwwd0_9e-2", 1)]
+    assert runner.grid_gaps(rows + [_row("t", "adamwwd0_9e-2", 0, 0.4)], "t", [0, 1]) == []
+
+
+def test_the_no_decay_grid_runs_adamw_with_no_weight_decay_on_any_group(tmp_path):
+    from benchmarks.quality import optimizers as O
+    from benchmarks.quality.zoo import tasks as Z
+    task = Z.make("cnn_bn_digits", 0, steps=10)
+    decays = {}
+    for name in ("adamw_1e-2", "adamwwd0_1e-2", "pretrain_hold_decayfromhold", "pretrain_nowd"):
+        built = O.build(name, task, task.model(0), 10)
+        decays[name] = sorted({g["weight_decay"] for g in built.optimizer.param_groups})
+    # the zoo's grid and preset decay the matrices (not biases and norms); the section-78 twins decay nothing
+    assert decays["adamw_1e-2"] == decays["pretrain_hold_decayfromhold"] == [0.0, O.WEIGHT_DECAY]
+    assert decays["adamwwd0_1e-2"] == decays["pretrain_nowd"] == [0.0]
+    out = str(tmp_path / "rows.jsonl")
+    assert runner.main(["run", "--tasks", "cnn_bn_digits", "--configs", "adamw_grid_wd0,pretrain_nowd",
+                        "--seeds", "0", "--steps", "6", "--out", out]) == 0
+    configs = {r["config"] for r in runner.read_rows([out])}
+    assert {"adamwwd0_1e-3", "adamwwd0_3e-3", "adamwwd0_1e-2", "pretrain_nowd"} <= configs
+    assert not any(c.startswith("adamw_") for c in configs)
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="bad seeds"):
         runner.parse_seeds("2-1")

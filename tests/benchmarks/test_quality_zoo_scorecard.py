@@ -129,6 +129,66 @@ def test_a_diverged_run_misses_every_target_it_enters():
         S.scorecard(rows, "test", "cand")
 
 
+def _holdout_rows(cand_by_task_seed, length="default", seeds=(0, 1, 2, 3)):
+    """Every hold-out task at ``length`` with AdamW's best at loss 1 and the configuration at
+    ``cand_by_task_seed.get((task, seed), 1.0)``."""
+    rows = []
+    for task in Z.names("holdout"):
+        rows += _task_rows(task, length, None, seeds=seeds)
+        rows += [_row(task, "cand", length, seed, cand_by_task_seed.get((task, seed), 1.0)) for seed in seeds]
+    return rows
+
+
+def test_the_geomean_interval_resamples_each_tasks_seeds_and_is_the_geomean_where_seeds_agree():
+    """NOTES.md section 77: how far the geomean rests on the seeds drawn."""
+    card = S.scorecard(_holdout_rows({}), "holdout", "cand")["default"]
+    assert card["geomean"] == pytest.approx(1.0) and card["geomean_interval"] == pytest.approx((1.0, 1.0))
+    assert card["seeds"] == [4] and card["tasks"][0]["seed_pairs"] == [(1.0, 1.0)] * 4
+
+    task = Z.names("holdout")[0]
+    rows = _holdout_rows({(task, 0): 3.0, (task, 1): 3.0})  # that task: 2.0 on the four seeds' mean
+    card = S.scorecard(rows, "holdout", "cand")["default"]
+    low, high = card["geomean_interval"]
+    assert card["geomean"] == pytest.approx(2.0 ** (1 / 6))
+    # the draws of that task's seeds give 1x (no 3.0 drawn) to 3x (only 3.0s); the interval is inside and
+    # straddles the whole sample's geomean, and a second reading is the same (a seeded generator)
+    assert 1.0 <= low < card["geomean"] < high <= 3.0 ** (1 / 6)
+    assert S.scorecard(rows, "holdout", "cand")["default"]["geomean_interval"] == (low, high)
+    text = S.markdown({"default": card}, "holdout", "cand", "the command")
+    assert f"| geomean, 5%-95% over the seeds resampled per task | {runner._fmt(low)}-{runner._fmt(high)} |" in text
+    assert "mean of the seeds (4 per task-length)" in text
+
+
+def test_the_geomean_interval_is_not_drawn_through_a_diverged_run():
+    task = sorted(Z.names("holdout"))[0]  # the card's first task
+    rows = [r for r in _holdout_rows({}) if not (r["task"] == task and r["config"] == "cand" and r["seed"] == 2)]
+    rows.append(_row(task, "cand", "default", 2, None))
+    card = S.scorecard(rows, "holdout", "cand")["default"]
+    assert card["tasks"][0]["seed_pairs"] is None and card["geomean_interval"] is None
+    assert "| geomean, 5%-95% over the seeds resampled per task | — |" in S.markdown(
+        {"default": card}, "holdout", "cand", "the command")
+
+
+def test_the_card_can_divide_by_adamw_tuned_over_its_weight_decay():
+    """NOTES.md section 78: with the no-decay grid (here 0.5x the zoo's best at 1e-2, worse 3x either side) the
+    tuned-decay card divides by it, and its yardstick reads that grid's neighbours."""
+    rows = []
+    for task in Z.names("holdout"):
+        rows += _task_rows(task, "default", 1.0)
+        rows += [_row(task, f"adamwwd0_{lr}", "default", seed, loss) for seed in (0, 1)
+                 for lr, loss in (("1e-3", 1.5), ("1e-2", 0.5), ("1e-1", 1.5))]
+    zoo = S.scorecard(rows, "holdout", "cand")["default"]
+    tuned = S.scorecard(rows, "holdout", "cand", runner.TUNED_OVER_DECAY)["default"]
+    assert zoo["geomean"] == pytest.approx(1.0) and tuned["geomean"] == pytest.approx(2.0)
+    assert tuned["tasks"][0]["grid_step_off"] == pytest.approx((3.0, 3.0))
+    assert tuned["tasks"][0]["defaults"] == pytest.approx(2.0)  # every configuration divides by the better AdamW
+    text = S.markdown({"default": tuned}, "holdout", "cand", S.command(["f"], "holdout", "cand", "tuned-decay"),
+                      "tuned-decay")
+    assert "--config cand --adamw tuned-decay`" in text
+    assert "a grid bracketing its best; the better of weight decay 0.1 on matrices and none)" in text
+    assert S.command(["f"], "holdout", "cand").endswith("--config cand")
+
+
 def test_the_update_rewrites_only_its_own_block_and_refuses_a_page_without_it(tmp_path):
     page = tmp_path / "page.md"
     text = "intro\n" + "\n".join(S.markers("holdout")) + "\nafter\n"

@@ -76,9 +76,32 @@ def optimizer_of(config: str) -> str:
     return ALIASES.get(config, config)
 
 
-def lr_of(config: str) -> Optional[float]:
-    if config.startswith(O.ADAMW_PREFIX):
-        return float(config[len(O.ADAMW_PREFIX):])
+#: The AdamW grids ``run --configs`` takes, and the prefix of their rows' configurations: the zoo's (weight
+#: decay 0.1 on matrices) and the same at no weight decay (NOTES.md section 78).
+GRIDS = {"adamw_grid": O.ADAMW_PREFIX, "adamw_grid_wd0": O.ADAMW_WD0_PREFIX}
+#: ``summarize(grids=...)``: the zoo's grid alone (every table before section 78), or AdamW tuned over its rate
+#: and its weight decay (the better of both grids per task-length)
+ZOO_GRID = (O.ADAMW_PREFIX,)
+TUNED_OVER_DECAY = (O.ADAMW_PREFIX, O.ADAMW_WD0_PREFIX)
+#: ``scorecard --adamw``: its name -> (the grids, how the card says it)
+ADAMW_DENOMINATORS = {"zoo-grid": (ZOO_GRID, "weight decay 0.1 on matrices"),
+                      "no-decay": ((O.ADAMW_WD0_PREFIX,), "no weight decay"),
+                      "tuned-decay": (TUNED_OVER_DECAY, "the better of weight decay 0.1 on matrices and none")}
+
+
+def lr_of(config: str, prefix: str = O.ADAMW_PREFIX) -> Optional[float]:
+    """The rate of an AdamW grid row's configuration of the grid ``prefix`` names; None for any other."""
+    if config.startswith(prefix):
+        return float(config[len(prefix):])
+    return None
+
+
+def _grid_rate(config: str, grids: Tuple[str, ...]) -> Optional[Tuple[str, float]]:
+    """(prefix, rate) of a row of one of ``grids``; None for any other configuration."""
+    for prefix in grids:
+        lr = lr_of(config, prefix)
+        if lr is not None:
+            return prefix, lr
     return None
 
 
@@ -256,16 +279,16 @@ def _unit_key(unit: Unit) -> tuple:
     return task, config, seed, length, steps if steps is not None else Z.ZOO[task].steps_for(length)
 
 
-def grid_edge(rows: List[dict], task: str, seeds: List[int]) -> Optional[float]:
-    """If the best AdamW rate of ``task`` is at an end of the rates run, the next rate to add (x3 or /3);
-    else None. Over the rates that have every seed of ``seeds``, on those seeds, the best is the tables'
-    (:func:`summarize`); ``rows`` are of one length and step count, as a table's."""
-    grid = [r for r in rows if r["task"] == task and lr_of(r["config"]) is not None and r["seed"] in seeds]
+def grid_edge(rows: List[dict], task: str, seeds: List[int], prefix: str = O.ADAMW_PREFIX) -> Optional[float]:
+    """If the best AdamW rate of ``task`` in the grid ``prefix`` names is at an end of the rates run, the next
+    rate to add (x3 or /3); else None. Over the rates that have every seed of ``seeds``, on those seeds, the best
+    is the tables' (:func:`summarize`); ``rows`` are of one length and step count, as a table's."""
+    grid = [r for r in rows if r["task"] == task and lr_of(r["config"], prefix) is not None and r["seed"] in seeds]
     have = defaultdict(set)
     for row in grid:
         have[row["config"]].add(row["seed"])
     complete = [r for r in grid if have[r["config"]] >= set(seeds)]
-    entries = [e for e in summarize(complete).values() if e["task"] == task]
+    entries = [e for e in summarize(complete, grids=(prefix,)).values() if e["task"] == task]
     if len(entries) > 1:
         raise ValueError(f"grid_edge: rows of {task!r} at more than one length: {[e['length'] for e in entries]}")
     if not entries or len(entries[0]["grid"]) < 2 or not entries[0]["edge"]:
@@ -274,15 +297,16 @@ def grid_edge(rows: List[dict], task: str, seeds: List[int]) -> Optional[float]:
     return rates[0] / 3 if best == rates[0] else rates[-1] * 3
 
 
-def grid_gaps(rows: List[dict], task: str, seeds: List[int]) -> List[Tuple[str, int]]:
-    """(AdamW rate, seed) pairs missing for ``task``: a rate run on some seed (an earlier run with
-    fewer seeds, or a grown grid) is run on every seed of ``seeds``, so the table compares all rates
-    on the same seeds."""
+def grid_gaps(rows: List[dict], task: str, seeds: List[int], prefix: str = O.ADAMW_PREFIX) -> List[Tuple[str, int]]:
+    """(AdamW rate, seed) pairs missing for ``task`` in the grid ``prefix`` names: a rate run on some seed (an
+    earlier run with fewer seeds, or a grown grid) is run on every seed of ``seeds``, so the table compares all
+    rates on the same seeds."""
     have = defaultdict(set)
     for row in rows:
-        if row["task"] == task and lr_of(row["config"]) is not None:
+        if row["task"] == task and lr_of(row["config"], prefix) is not None:
             have[row["config"]].add(row["seed"])
-    return [(config, seed) for config in sorted(have, key=lr_of) for seed in seeds if seed not in have[config]]
+    return [(config, seed) for config in sorted(have, key=lambda c: lr_of(c, prefix))
+            for seed in seeds if seed not in have[config]]
 
 
 def command_run(args) -> int:
@@ -292,7 +316,7 @@ def command_run(args) -> int:
         if t not in Z.ZOO:
             raise SystemExit(f"unknown zoo task {t!r}; choose from {sorted(Z.ZOO)}")
     configs = [c for c in args.configs.split(",") if c]
-    O.known([optimizer_of(c) for c in configs if c != "adamw_grid"])
+    O.known([optimizer_of(c) for c in configs if c not in GRIDS])
     if args.length not in Z.LENGTHS:
         raise SystemExit(f"unknown length {args.length!r}; choose from {sorted(Z.LENGTHS)}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -304,24 +328,25 @@ def command_run(args) -> int:
         return [(t, c, s, args.length, args.steps) for c in config_names for t in task_names for s in seeds]
 
     for config in configs:
-        if config != "adamw_grid":
+        if config not in GRIDS:
             rows += _execute(units([config]), args.out, args.jobs, done, log, rows)
             continue
-        rows += _execute(units([O.adamw_name(lr) for lr in GRID]), args.out, args.jobs, done, log, rows)
+        prefix = GRIDS[config]
+        rows += _execute(units([O.adamw_name(lr, prefix) for lr in GRID]), args.out, args.jobs, done, log, rows)
         for _ in range(MAX_EXTENSIONS):
             steps_of = {t: args.steps if args.steps is not None else Z.ZOO[t].steps_for(args.length)
                         for t in task_names}
             extra = []
             for t in task_names:
                 mine = [r for r in rows if r["task"] == t and r["length"] == args.length and r["steps"] == steps_of[t]]
-                gaps = grid_gaps(mine, t, seeds)
+                gaps = grid_gaps(mine, t, seeds, prefix)
                 if gaps:
-                    extra += [(t, config, s, args.length, args.steps) for config, s in gaps]
+                    extra += [(t, name, s, args.length, args.steps) for name, s in gaps]
                     continue  # the grid's ends are judged once every rate has every seed
-                new = grid_edge(mine, t, seeds)
+                new = grid_edge(mine, t, seeds, prefix)
                 if new is not None:
-                    log(f"{t}: best AdamW rate at an end of the grid; adding {O.adamw_name(new)}")
-                    extra += [(t, O.adamw_name(new), s, args.length, args.steps) for s in seeds]
+                    log(f"{t}: best AdamW rate at an end of the grid {config}; adding {O.adamw_name(new, prefix)}")
+                    extra += [(t, O.adamw_name(new, prefix), s, args.length, args.steps) for s in seeds]
             if not extra:
                 break
             rows += _execute(extra, args.out, args.jobs, done, log, rows)
@@ -333,9 +358,12 @@ def _gmean(xs: List[float]) -> float:
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else math.nan
 
 
-def summarize(rows: List[dict]) -> Dict[str, dict]:
+def summarize(rows: List[dict], grids: Tuple[str, ...] = ZOO_GRID) -> Dict[str, dict]:
     """Per task: the best AdamW rate and, per configuration, mean-over-seeds numbers and ratios.
 
+    The best AdamW is the lowest mean final train loss among the rows of the grids ``grids`` names (their
+    prefixes; by default the zoo's grid alone; :data:`TUNED_OVER_DECAY`: over the rate and the weight decay),
+    on the seeds every one of their rates has; ``grid_prefix``, ``grid`` and ``edge`` describe the winner's grid.
     A configuration's numbers are over the seeds it shares with the complete AdamW rates; its
     ratio = its mean final train loss / the best rate's mean on those seeds (inf if a seed
     diverged); level ratio = its mean applied level / the best rate's mean scheduled rate."""
@@ -351,7 +379,7 @@ def summarize(rows: List[dict]) -> Dict[str, dict]:
                          "in a file of their own)")
     out = {}
     for (task, length), configs in sorted(by_task.items()):
-        grid = {c: runs for c, runs in configs.items() if lr_of(c) is not None}
+        grid = {c: runs for c, runs in configs.items() if _grid_rate(c, grids) is not None}
         seed_sets = [set(runs) for runs in grid.values()]
         seeds = set.intersection(*seed_sets) if seed_sets else set()
         if not seeds:
@@ -366,10 +394,11 @@ def summarize(rows: List[dict]) -> Dict[str, dict]:
         if not finite:
             continue
         best = min(finite, key=finite.get)
-        rates = sorted(grid, key=lr_of)
+        prefix = _grid_rate(best, grids)[0]
+        rates = sorted((c for c in grid if c.startswith(prefix)), key=lambda c: lr_of(c, prefix))
         entry = dict(task=task, length=length, split=Z.ZOO[task].split if task in Z.ZOO else "?",
-                     seeds=sorted(seeds), best_adamw=best, best_lr=lr_of(best),
-                     edge=best in (rates[0], rates[-1]), grid=[lr_of(c) for c in rates], configs={})
+                     seeds=sorted(seeds), best_adamw=best, best_lr=lr_of(best, prefix), grid_prefix=prefix,
+                     edge=best in (rates[0], rates[-1]), grid=[lr_of(c, prefix) for c in rates], configs={})
         for config, runs in configs.items():
             over = sorted(set(runs) & seeds) or sorted(runs)
             loss = mean(runs, "final_train_loss", over)
@@ -706,6 +735,10 @@ def main(argv=None) -> int:
     card.add_argument("--choose-rate-on", nargs="+", default=None, metavar="FILE",
                       help="also read the configuration against AdamW at the rate these rows' grid picks (other "
                            "seeds), and how much the in-sample pick flatters AdamW (NOTES.md section 72)")
+    card.add_argument("--adamw", choices=sorted(ADAMW_DENOMINATORS), default="zoo-grid",
+                      help="the AdamW divided by: the zoo's grid (weight decay 0.1 on matrices), the grid at no "
+                           "weight decay, or the better of the two per task-length (tuned over its weight decay, "
+                           "NOTES.md section 78)")
     card.add_argument("--update", default=None,
                       help="rewrite this file's block between '<!-- zoo scorecard: SPLIT -->' and its end marker")
     args = parser.parse_args(argv)

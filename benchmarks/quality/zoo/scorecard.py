@@ -14,7 +14,10 @@ level / the best AdamW's mean rate. Per length, each target:
 - forwards per step, reported (mean and highest over the tasks).
 
 Beside them, a yardstick for how precise a level the targets ask for: the same ratios for AdamW at the
-grid's rates next to its best (about 3x below and above), the better and the worse of the two per task.
+grid's rates next to its best (about 3x below and above), the better and the worse of the two per task;
+and how far the geomean rests on the seeds drawn: its 5th and 95th percentiles over ``RESAMPLES``
+resamplings of each task's seeds with replacement (the configuration and the best AdamW rate on the same
+drawn seeds, the rate kept as the whole sample chose it; a fixed generator, so the card is reproducible).
 
 A task without rows for the configuration, the defaults or a reference at some length fails every target
 of that length it enters: the card never reads a missing task as met. ``--update FILE`` rewrites, in
@@ -24,6 +27,7 @@ FILE, the text between ``<!-- zoo scorecard: SPLIT -->`` and ``<!-- end zoo scor
 from __future__ import annotations
 
 import math
+import random
 import re
 from typing import Dict, List, Optional, Tuple
 
@@ -34,23 +38,25 @@ GEOMEAN_AT_MOST = 1.03
 NO_TASK_ABOVE = 1.15
 VS_DEFAULTS_AT_MOST = 1.05
 AHEAD_SHARE_AT_LEAST = 0.75
+RESAMPLES = 2000
+INTERVAL = (0.05, 0.95)
 DEFAULTS = "salsa_defaults"
 REFERENCE_NAMES = {"prodigy_warmup": "Prodigy + warm-up", "schedulefree_warmup": "schedule-free AdamW + warm-up",
                    "prodigy_plus_sf": "prodigy-plus-schedule-free"}
 
 
-def scorecard(rows: List[dict], split: str, config: str) -> Dict[str, dict]:
+def scorecard(rows: List[dict], split: str, config: str, grids: Tuple[str, ...] = R.ZOO_GRID) -> Dict[str, dict]:
     """Per length of ``tasks.LENGTHS``: the split's tasks (each with the configuration's ratio, level
     ratio and forwards, the defaults' and the references' ratios, None where a row is missing) and
-    each target, met or not."""
+    each target, met or not; the best AdamW among the grids ``grids`` names (:func:`runner.summarize`)."""
     names = sorted(name for name, spec in Z.ZOO.items() if spec.split == split)
     if not names:
         raise ValueError(f"the zoo has no task in split {split!r}")
     card = {}
     for length in Z.LENGTHS:
-        mine = [r for r in rows if r["split"] == split and r["length"] == length]
-        summary = R.summarize(mine)
-        ran = {r["task"] for r in mine}
+        at_length = [r for r in rows if r["split"] == split and r["length"] == length]
+        summary = R.summarize(at_length, grids)
+        ran = {r["task"] for r in at_length}
         tasks = []
         for name in names:
             entry = summary.get(f"{name}@{length}")
@@ -65,9 +71,46 @@ def scorecard(rows: List[dict], split: str, config: str) -> Dict[str, dict]:
                               references={ref: ratio(ref) for ref in R.REFERENCES},
                               best_lr=entry["best_lr"] if entry else None, edge=bool(entry and entry["edge"]),
                               grid_step_off=grid_step_off(entry) if entry else None,
-                              no_grid=entry is None and name in ran))
+                              no_grid=entry is None and name in ran,
+                              seed_pairs=seed_pairs([r for r in at_length if r["task"] == name], config, entry)))
         card[length] = dict(tasks=tasks, **_targets(tasks))
     return card
+
+
+def seed_pairs(rows: List[dict], config: str, entry: Optional[dict]) -> Optional[List[Tuple[float, float]]]:
+    """Per seed the configuration's ratio is over (``entry``: one task-length of :func:`runner.summarize`),
+    (its final train loss, the best AdamW rate's); None without the configuration, or where a loss is
+    missing (a diverged run)."""
+    if entry is None or config not in entry["configs"]:
+        return None
+    seeds = entry["configs"][config]["seeds"]
+    loss = {(r["config"], r["seed"]): r["final_train_loss"] for r in rows}
+    pairs = [(loss.get((config, s)), loss.get((entry["best_adamw"], s))) for s in seeds]
+    return None if any(a is None or b is None for a, b in pairs) else pairs
+
+
+def geomean_interval(tasks: List[dict], resamples: int = RESAMPLES,
+                     interval: Tuple[float, float] = INTERVAL) -> Optional[Tuple[float, float]]:
+    """The percentiles ``interval`` of the geomean over tasks of (mean final loss / the best AdamW's mean on
+    the same seeds), each task's seeds drawn with replacement ``resamples`` times (:func:`seed_pairs`); None
+    where a task has no pairs. The generator is seeded, so the interval is the same on every call."""
+    pairs = [t.get("seed_pairs") for t in tasks]
+    if not pairs or any(not p for p in pairs):
+        return None
+    draw = random.Random(0)
+    geomeans = []
+    for _ in range(resamples):
+        logs = 0.0
+        for task_pairs in pairs:
+            picked = [task_pairs[draw.randrange(len(task_pairs))] for _ in task_pairs]
+            ours, best = sum(a for a, _ in picked), sum(b for _, b in picked)
+            if not (ours > 0 and best > 0 and math.isfinite(ours) and math.isfinite(best)):
+                return None
+            logs += math.log(ours / best)
+        geomeans.append(math.exp(logs / len(pairs)))
+    geomeans.sort()
+    at = [min(len(geomeans) - 1, max(0, int(round(q * (len(geomeans) - 1))))) for q in interval]
+    return geomeans[at[0]], geomeans[at[1]]
 
 
 def rate_chosen_elsewhere(rows: List[dict], choose_rows: List[dict], split: str, config: str) -> Dict[str, dict]:
@@ -83,8 +126,7 @@ def rate_chosen_elsewhere(rows: List[dict], choose_rows: List[dict], split: str,
         per_task, missing = {}, []
         for name in names:
             entry, chosen = scored.get(f"{name}@{length}"), chooser.get(f"{name}@{length}")
-            at_rate = None if entry is None or chosen is None else next(
-                (e for c, e in entry["configs"].items() if R.lr_of(c) == chosen["best_lr"]), None)
+            at_rate = None if entry is None or chosen is None else entry["configs"].get(chosen["best_adamw"])
             mine = entry["configs"].get(config) if entry else None
             if at_rate is None or mine is None:
                 missing.append(name)
@@ -101,9 +143,9 @@ def rate_chosen_elsewhere(rows: List[dict], choose_rows: List[dict], split: str,
 def grid_step_off(entry: dict) -> Optional[Tuple[float, float]]:
     """(better, worse): the ratios of the AdamW grid's rates next to its best rate, one entry of
     :func:`runner.summarize`; both the one neighbour's where the best is at an end of the grid."""
-    rates = entry["grid"]
+    rates, prefix = entry["grid"], entry.get("grid_prefix", R.ZOO_GRID[0])
     at = rates.index(entry["best_lr"])
-    by_rate = {R.lr_of(c): e["ratio"] for c, e in entry["configs"].items() if R.lr_of(c) is not None}
+    by_rate = {R.lr_of(c, prefix): e["ratio"] for c, e in entry["configs"].items() if R.lr_of(c, prefix) is not None}
     ratios = [by_rate[rates[i]] for i in (at - 1, at + 1) if 0 <= i < len(rates)]
     return (min(ratios), max(ratios)) if ratios else None
 
@@ -128,7 +170,8 @@ def _targets(tasks: List[dict]) -> dict:
                            above=sum(not o[k] <= NO_TASK_ABOVE for o in off), tasks=len(off))
                 for k, side in enumerate(("better", "worse"))}
     return dict(grid_step_off=step_off, no_grid=no_grid,
-                geomean=geomean, geomean_met=complete and geomean <= GEOMEAN_AT_MOST,
+                geomean=geomean, geomean_interval=geomean_interval(tasks) if complete else None,
+                seeds=sorted({len(t["seed_pairs"]) for t in tasks if t.get("seed_pairs")}), geomean_met=complete and geomean <= GEOMEAN_AT_MOST,
                 above=above, worse_than_defaults=worse_than_defaults, ahead=ahead, missing=missing,
                 forwards_mean=sum(forwards) / len(forwards) if forwards else None,
                 forwards_max=max(forwards) if forwards else None)
@@ -143,15 +186,22 @@ def _cell(ratio, level) -> str:
     return shown + (f" ({level:.2g}x)" if level is not None else "")
 
 
+def _seed_counts(card: Dict[str, dict]) -> str:
+    counts = sorted({n for c in card.values() for n in c["seeds"]})
+    if not counts:
+        return "none"
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
+
+
 def _met(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
-def markdown(card: Dict[str, dict], split: str, config: str, command: str) -> str:
+def markdown(card: Dict[str, dict], split: str, config: str, command: str, adamw: str = "zoo-grid") -> str:
     lengths = list(card)
     count = len(card[lengths[0]]["tasks"])
     lines = [f"Generated by `{command}` from the committed rows: final train loss / the best AdamW (5% warm-up + "
-             f"cosine, a grid bracketing its best), mean of the seeds; in brackets the applied level / the best "
+             f"cosine, a grid bracketing its best; {R.ADAMW_DENOMINATORS[adamw][1]}), mean of the seeds ({_seed_counts(card)} per task-length); in brackets the applied level / the best "
              f"AdamW's mean rate; **bold** above {NO_TASK_ABOVE}. The references: Prodigy and schedule-free AdamW with "
              f"their documented warm-up, prodigy-plus-schedule-free at its defaults (ZOO.md). Lengths: "
              + ", ".join(f"{name} = {Z.LENGTHS[name]:.3g}x the task's steps" for name in lengths) + ".", "",
@@ -169,6 +219,9 @@ def markdown(card: Dict[str, dict], split: str, config: str, command: str) -> st
 
     row(f"geomean <= {GEOMEAN_AT_MOST}", [f"{R._fmt(card[n]['geomean'])}: {_met(card[n]['geomean_met'])}"
                                           for n in lengths])
+    row(f"geomean, {INTERVAL[0]:.0%}-{INTERVAL[1]:.0%} over the seeds resampled per task",
+        [(lambda iv: "—" if iv is None else f"{R._fmt(iv[0])}-{R._fmt(iv[1])}")(card[n]["geomean_interval"])
+         for n in lengths])
     row(f"no task above {NO_TASK_ABOVE}", [f"{_met(not card[n]['above'])}" + (
         f" ({len(card[n]['above'])}: {', '.join(card[n]['above'])})" if card[n]["above"] else "") for n in lengths])
     row(f"never more than {VS_DEFAULTS_AT_MOST - 1:.0%} worse than the defaults",
@@ -219,8 +272,9 @@ def block_of(text: str, split: str) -> str:
     return text.split(start, 1)[1].split(end, 1)[0].lstrip("\n")
 
 
-def command(files: List[str], split: str, config: str) -> str:
-    return (f"python -m benchmarks.quality.zoo scorecard {' '.join(files)} --split {split} --config {config}")
+def command(files: List[str], split: str, config: str, adamw: str = "zoo-grid") -> str:
+    return (f"python -m benchmarks.quality.zoo scorecard {' '.join(files)} --split {split} --config {config}"
+            + ("" if adamw == "zoo-grid" else f" --adamw {adamw}"))
 
 
 def chosen_markdown(result: Dict[str, dict], config: str) -> str:
@@ -238,8 +292,8 @@ def chosen_markdown(result: Dict[str, dict], config: str) -> str:
 
 def command_scorecard(args) -> int:
     rows = R.read_rows(args.files)
-    card = scorecard(rows, args.split, args.config)
-    text = markdown(card, args.split, args.config, command(args.files, args.split, args.config))
+    card = scorecard(rows, args.split, args.config, R.ADAMW_DENOMINATORS[args.adamw][0])
+    text = markdown(card, args.split, args.config, command(args.files, args.split, args.config, args.adamw), args.adamw)
     if args.update:  # the card alone: the page's block is the issue's reading
         with open(args.update, encoding="utf-8") as handle:
             page = replace_block(handle.read(), args.split, text)
