@@ -49,6 +49,7 @@ from salsa_fused.beam import StepSizeBeam
 from salsa_fused.step_size import COLLAPSE_FRACTION, Cooldown, WarmupStableDecay
 
 from . import joint
+from .decay_per_run import DecayPerRun
 from .hypergradient import HypergradientMultiplier
 from .mechanic import Mechanic
 from .schedulefree_plus import ScheduleFreePlus
@@ -177,6 +178,17 @@ def _early_freeze_preset(fraction: float, backoff_on_loss_rise: bool = False, ho
         wd = kwargs.pop("weight_decay", 0.0)
         opt = FusedSaLSa(task.param_groups(model, wd), backend=BACKEND, **kwargs)
         return Built(opt, "fused", schedule=kwargs["schedule"])
+    return build
+
+
+def _decay_per_run(kappa: float):
+    """Section 78's ``pretrain_nowd`` with :class:`DecayPerRun` on the tensors the zoo's groups decay (section 79)."""
+    def build(task, model, total_steps) -> Built:
+        built = REGISTRY["pretrain_nowd"](task, model, total_steps)
+        decayed = [p for group in task.param_groups(model, WEIGHT_DECAY) if group.get("weight_decay", WEIGHT_DECAY) > 0
+                   for p in group["params"]]
+        built.decay = DecayPerRun(built.optimizer, decayed, kappa, total_steps)
+        return built
     return build
 
 
@@ -657,6 +669,9 @@ REGISTRY: Dict[str, Callable] = {
     # NOTES.md section 78 (written before its runs): that preset with no weight decay on any group
     "pretrain_nowd": _early_freeze_preset(1 / 16, backoff_on_loss_rise=True, hold_scale_on_loss_rise=True,
                                           decay_from_hold=True, weight_decay=0.0),
+    # NOTES.md section 79 (written before its runs): no decay from the optimizer; the zoo's decayed tensors shrink
+    # by 1 - kappa s_t / T per step instead (DecayPerRun), kappa 1: the same over the run whatever the level
+    "pretrain_decay_per_run": _decay_per_run(1.0),
     # NOTES.md section 30 (written before its runs): curvature targeting, the preset with its Armijo test
     # replaced by the edge rule aiming at sigma times the greedy step (sigma 1: greedy; 2: the edge).
     # Not eligible on development (geomean 1.266 / 1.348 of the preset); kept runnable for its rows.
