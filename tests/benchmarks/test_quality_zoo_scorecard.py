@@ -11,10 +11,11 @@ from benchmarks.quality.zoo import runner, scorecard as S, tasks as Z
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ZOO = os.path.join(ROOT, "benchmarks", "quality", "results", "zoo")
 README = os.path.join(ROOT, "README.md")
-#: the README's blocks: split -> (files of rows, the recommended configuration's name in them): every row re-run on
-#: one machine at one commit (NOTES.md sections 73-74)
-README_BLOCKS = {"validation": (("validation_repro74.jsonl",), "pretrain_hold_decayfromhold"),
-                 "holdout": (("holdout_repro74.jsonl",), "pretrain_hold_decayfromhold")}
+#: the README's blocks: split -> (files of rows, the recommended configuration's name in them): every row run on one
+#: machine, seeds 0-1 at one commit (NOTES.md sections 73-74) and seeds 2-3 at another (section 77)
+README_BLOCKS = {
+    "validation": (("validation_repro74.jsonl", "validation_seeds23_77.jsonl"), "pretrain_hold_decayfromhold"),
+    "holdout": (("holdout_repro74.jsonl", "holdout_seeds23_77.jsonl"), "pretrain_hold_decayfromhold")}
 
 
 def _row(task, config, length, seed, loss, level=1e-3, forwards=1.0):
