@@ -24,9 +24,9 @@ The presets here are other fixed configurations, with nothing to tune per task:
   ``h`` (``hold_scale_on_loss_rise``, section 25) and the cooldown decays from ``h`` instead of from
   2x (``decay_from_hold``, section 73), all times the back-off ``b``.
   The weight decay is decoupled and scales with the applied step (``w -= wd * a * w``), so where the level
-  overshoots the best AdamW rate the decay does too: on the zoo's failing tasks that decay is much of the
-  loss, but without it, or with a decay set by the run length instead, another task needs it (quality NOTES
-  sections 78-79), so it stays.
+  overshoots the best AdamW rate the decay does too: on the zoo's overshooting validation tasks that decay is
+  much of the loss (not on its hold-out tasks, which fail by the level's path), but without it, or with a decay
+  set by the run length instead, another task needs it (quality NOTES sections 78-79), so it stays.
   History (quality NOTES sections 6-7, 22-23, 25, 73): until section 7 it was the author's
   ``beta3=0.99`` with a 5% warmup and a 50% cooldown at 1x the level; the early freeze since
   section 22; the back-off since section 23; the hold since section 25; the cooldown from the
