@@ -26,10 +26,13 @@ class DecayPerRun:
     multiply ``params`` by ``1 - kappa * s_t / total_steps`` (module docstring)."""
 
     def __init__(self, optimizer, params: List[torch.Tensor], kappa: float, total_steps: int):
-        if not (isinstance(kappa, (int, float)) and math.isfinite(kappa) and kappa >= 0):
-            raise ValueError(f"kappa must be a finite number >= 0, got {kappa!r}")
-        if not (isinstance(total_steps, int) and total_steps >= 1):
+        if isinstance(total_steps, bool) or not (isinstance(total_steps, int) and total_steps >= 1):
             raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
+        if isinstance(kappa, bool) or not (isinstance(kappa, (int, float)) and math.isfinite(kappa)
+                                           and 0 <= kappa < total_steps):
+            raise ValueError(f"kappa must be a finite number in [0, total_steps={total_steps}) (a step at the "
+                             f"schedule's peak multiplies by 1 - kappa / total_steps, which must stay above 0), "
+                             f"got {kappa!r}")
         schedule = optimizer.schedule
         if schedule is None or not hasattr(schedule, "scale") or not hasattr(schedule, "peak"):
             raise ValueError("DecayPerRun reads the shape of the optimizer's schedule: it needs one with "
