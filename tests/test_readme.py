@@ -137,12 +137,26 @@ def test_every_check_names_a_block():
         assert heading in [h for h, _ in python_blocks(page)], f"{page}: no python block under {heading!r}"
 
 
+def _heading_slugs(text: str) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation but ``-`` and ``_`` dropped,
+    spaces to ``-`` (fenced code left out: a ``#`` comment there is no heading)."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    headings = re.findall(r"^#+\s+(.*?)\s*$", text, flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
 @pytest.mark.parametrize("page", PAGES + ["docs/performance.md"])
 def test_relative_links_lead_to_files(page):
+    """Every relative link leads to a file, and every ``#fragment`` to a heading of its page."""
     text = (ROOT / page).read_text(encoding="utf-8")
-    links = [link.split("#")[0] for link in re.findall(r"\]\(([^)\s]+)\)", text) if "://" not in link]
-    for link in filter(None, links):
-        assert ((ROOT / page).parent / link).exists(), f"{page}: {link} does not exist"
+    links = [link for link in re.findall(r"\]\(([^)\s]+)\)", text) if "://" not in link]
+    for link in links:
+        path, _, fragment = link.partition("#")
+        target = (ROOT / page).parent / path if path else ROOT / page
+        assert target.exists(), f"{page}: {path} does not exist"
+        if fragment and target.suffix == ".md":
+            slugs = _heading_slugs(target.read_text(encoding="utf-8"))
+            assert fragment in slugs, f"{page}: {link} names no heading of {target.name}"
 
 
 COMMAND_PAGES = PAGES + ["docs/performance.md", "benchmarks/quality/ZOO.md", "benchmarks/quality/NOTES.md"]
