@@ -14,6 +14,10 @@ its steps: per task, length and seed, the configuration whose training loss over
 ``[F - 0.05, F)`` of the run is lowest, scored by its own final loss. It bounds rules that would probe
 the configurations on the run's early part and keep the best (their probes' cost not counted).
 
+``--pilot P:T`` (NOTES.md section 80) picks, per task and seed, the configuration whose complete run at length
+``P`` ended lowest and scores its run at length ``T``: what pilot runs at a shorter length would choose (their
+cost, ``len(configs) * P / T`` of the run, not counted).
+
 ``--signal CONFIG --control C --floor-scale K`` (NOTES.md section 49) scores, in hindsight, a floor at K times
 CONFIG's applied level on the multiple of C's searched level (:func:`floor_report`).
 
@@ -159,6 +163,38 @@ def picked_at(rows: List[dict], configs: Sequence[str], at: float, window: float
             continue
         pick = min(configs, key=lambda c: (early_loss(by_config[c], at, window), configs.index(c)))
         out.append(dict(by_config[pick], config=name, picked_from=pick))
+    return out
+
+
+def picked_by_pilot(rows: List[dict], configs: Sequence[str], pilot: str, target: str,
+                    name: Optional[str] = None) -> List[dict]:
+    """One row per task and seed at length ``target``, named ``name`` (default ``pilot@<pilot>``): a copy of
+    the ``target`` row of whichever of ``configs`` ended lowest at length ``pilot`` on that seed (final train
+    loss; a diverged pilot never wins unless all did; the first of ``configs`` on a tie). Only where every
+    configuration has both rows. The copy's ``picked_from`` says which it was."""
+    for length in (pilot, target):
+        if length not in LENGTHS:
+            raise ValueError(f"unknown length {length!r}: one of {', '.join(LENGTHS)}")
+    if LENGTHS[pilot] >= LENGTHS[target]:
+        raise ValueError(f"the pilot length {pilot!r} must be shorter than the target {target!r}")
+    if not configs:
+        raise ValueError("configs is empty: name the configurations the pilots choose from")
+    name = name or f"pilot@{pilot}"
+    runs: Dict[tuple, Dict[tuple, dict]] = {}
+    for row in rows:
+        if row["config"] in configs and row["length"] in (pilot, target):
+            runs.setdefault((row["task"], row["seed"]), {})[(row["config"], row["length"])] = row
+
+    def ended(row):
+        loss = row.get("final_train_loss")
+        return math.inf if row.get("diverged") or loss is None or not math.isfinite(loss) else loss
+
+    out = []
+    for (task, seed), by_run in sorted(runs.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        if any((c, length) not in by_run for c in configs for length in (pilot, target)):
+            continue
+        pick = min(configs, key=lambda c: (ended(by_run[(c, pilot)]), configs.index(c)))
+        out.append(dict(by_run[(pick, target)], config=name, picked_from=pick))
     return out
 
 
@@ -441,6 +477,9 @@ def main(argv=None) -> int:
     parser.add_argument("--pick-at", type=float, default=None, metavar="F",
                         help="pick per seed by the training loss at fraction F of the run instead of the "
                              "final loss (section 46); the optional configurations are not picked from")
+    parser.add_argument("--pilot", default=None, metavar="P:T",
+                        help="pick per seed by the final loss of the complete run at length P, scored at length T "
+                             "(section 80); the optional configurations are not picked from")
     args = parser.parse_args(argv)
     try:
         aliases = name_pairs(args.alias, "--alias NAME=AS")
@@ -532,6 +571,22 @@ def main(argv=None) -> int:
         return 0
     configs = [c for c in args.configs.split(",") if c]
     optional = [c for c in args.optional.split(",") if c and c not in configs]
+    if args.pilot is not None:
+        pilot, _, target = args.pilot.partition(":")
+        try:
+            picked = picked_by_pilot(rows, configs, pilot, target)
+        except ValueError as error:
+            parser.error(str(error))
+        name = f"pilot@{pilot}"
+        on_split = [r for r in picked if args.split is None or r.get("split") == args.split]
+        scored = {length: r for length, r in bound(rows + picked, [name], args.split).items() if length == target}
+        print(markdown(scored, [name]))
+        counts = Counter(r["picked_from"] for r in on_split)
+        print(f"\npicked from {pilot}-length pilots for {target} (runs): "
+              + ", ".join(f"{c} {counts[c]}" for c in configs if counts[c])
+              + f"; the pilots cost {len(configs)} x {LENGTHS[pilot] / LENGTHS[target]:.3g} = "
+              f"{len(configs) * LENGTHS[pilot] / LENGTHS[target]:.2f} of the {target} run")
+        return 0
     if args.pick_at is not None:
         try:
             picked = picked_at(rows, configs, args.pick_at)

@@ -428,3 +428,49 @@ def test_a_rehearsals_pick_among_fewer_multiples_reads_only_their_branches(tmp_p
         oracle.main([str(grid), "--configs", "peak1", "--among", "0.5,2"])
     with pytest.raises(SystemExit):
         oracle.main(args + ["--among", "0.5,x"])
+
+
+def test_a_pilot_keeps_per_seed_the_configuration_that_ended_lowest_at_the_shorter_length():
+    rows = _grid("lm_small", "long", 1.0)
+    # seed 0: bold wins the short pilot and loses at long; seed 1: calm wins both
+    rows += [_row("lm_small", "short", "bold", 0, 0.5), _row("lm_small", "short", "calm", 0, 0.6),
+             _row("lm_small", "long", "bold", 0, 3.0), _row("lm_small", "long", "calm", 0, 1.2),
+             _row("lm_small", "short", "bold", 1, 0.9), _row("lm_small", "short", "calm", 1, 0.7),
+             _row("lm_small", "long", "bold", 1, 0.8), _row("lm_small", "long", "calm", 1, 1.4)]
+    picked = oracle.picked_by_pilot(rows, ["bold", "calm"], "short", "long")
+    assert [(r["seed"], r["picked_from"], r["length"], r["final_train_loss"]) for r in picked] == [
+        (0, "bold", "long", 3.0), (1, "calm", "long", 1.4)]
+    assert {r["config"] for r in picked} == {"pilot@short"}
+    long = oracle.bound(rows + picked, ["pilot@short"])["long"]
+    assert long["per_task"]["lm_small"] == ("pilot@short", pytest.approx((3.0 + 1.4) / 2))
+    # a diverged pilot is not picked; a seed without every configuration's pilot is left out
+    rows[-8] = dict(rows[-8], diverged=True)
+    del rows[-1]
+    assert [(r["seed"], r["picked_from"]) for r in oracle.picked_by_pilot(rows, ["bold", "calm"], "short", "long")] \
+        == [(0, "calm")]
+
+
+def test_a_pilot_must_be_shorter_than_its_target_and_name_known_lengths():
+    rows = _grid("lm_small", "long", 1.0)
+    with pytest.raises(ValueError, match="must be shorter"):
+        oracle.picked_by_pilot(rows, ["a"], "long", "default")
+    with pytest.raises(ValueError, match="unknown length"):
+        oracle.picked_by_pilot(rows, ["a"], "tiny", "long")
+    with pytest.raises(ValueError, match="configs is empty"):
+        oracle.picked_by_pilot(rows, [], "short", "long")
+
+
+def test_the_command_reports_a_pilots_pick_and_its_cost(tmp_path, capsys):
+    rows = _grid("lm_small", "default", 1.0)
+    rows += [_row("lm_small", "short", "bold", s, 0.5) for s in (0, 1)]
+    rows += [_row("lm_small", "short", "calm", s, 0.6) for s in (0, 1)]
+    rows += [_row("lm_small", "default", "bold", s, 1.5) for s in (0, 1)]
+    rows += [_row("lm_small", "default", "calm", s, 1.1) for s in (0, 1)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert oracle.main([str(path), "--configs", "bold,calm", "--pilot", "short:default"]) == 0
+    out = capsys.readouterr().out
+    assert "| default | 1.500 | lm_small 1.5 | 1 of 1 | pilot@short 1 |" in out
+    assert "(runs): bold 2; the pilots cost 2 x 0.333 = 0.67 of the default run" in out
+    with pytest.raises(SystemExit):
+        oracle.main([str(path), "--configs", "bold,calm", "--pilot", "default:short"])
