@@ -281,20 +281,22 @@ def search_step(passes: Passes, plan: StepPlan, state: SearchState, loss: torch.
     step_state.last_search_loss = f0_value
     search = rule(plan, config, f0_value, q_value)
     try:
-        return run_search(passes, search, direction, trial_loss, has_saved_copy, reduction)
+        return run_search(passes, search, direction, trial_loss, has_saved_copy, reduction, two_phase)
     except GaveUpAtNonFiniteTrial as error:  # the weights and moments are back at w0
         return reject(state, nonfinite, f"{error} (step {step_state.step})", int(earlier_nonfinite),
                       int(earlier_bad_losses))
 
 
 def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], float],
-               has_saved_copy: bool, reduction: Optional[SearchReduction] = None) -> SearchState:
+               has_saved_copy: bool, reduction: Optional[SearchReduction] = None,
+               two_phase: bool = False) -> SearchState:
     """Drive ``search`` (:class:`salsa_fused.rules.Search`): the weights go to each trial it names
     until it stops, then to its final move; or, when it is not active, straight to the final move.
     Returns ``search.finish()``. The search's final move and state are read and checked before the
     final move is written: a rule that raises there, or names a non-finite move or a state no run
     can reach, leaves the weights and moments as before the step. ``reduction``: over which shards
-    a finiteness read of the weights is summed (FSDP2)."""
+    a finiteness read of the weights is summed (FSDP2); ``two_phase``, the step's form, for the warning when
+    every trial fails."""
     if not search.active:
         final, state = _decisions(search, direction)
         passes.run("first_trial", final.direction or direction, GroupStep.guard_failed, final.step)
@@ -342,7 +344,8 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
         if verdict is Verdict.GIVE_UP and getattr(search, "exhausted", False):
             rule = getattr(search, "config", None) or getattr(search, "rule", None)
             shrink = max((passes.hypers[i].shrink(g.decay) for i, g in passes.groups.items()), default=0.0)
-            _warn_every_trial_failed(search.trials, getattr(rule, "backtrack", 0.0) ** (search.trials - 1), shrink)
+            _warn_every_trial_failed(search.trials, getattr(rule, "backtrack", 0.0) ** (search.trials - 1), shrink,
+                                     two_phase)
     except BaseException:
         put_back(current)
         raise
@@ -361,25 +364,32 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
     return state
 
 
-def _warn_every_trial_failed(trials: int, fell_to: float, shrink: float = 0.0) -> None:
+def _warn_every_trial_failed(trials: int, fell_to: float, shrink: float = 0.0, two_phase: bool = False) -> None:
     """Every trial of a backtracking search failed: the level fell to at most ``fell_to`` (``backtrack``
     to the ``trials - 1``) times the first trial (``0.8^99`` with the defaults), so the run nearly stops
     while each search spends ``max_trials`` forwards. 0.1.0 does the same, silently. The text depends on
-    the configuration only, so Python's filter shows it once per calling line. When ``shrink``, the largest
-    ``weight_decay * lr * s * eta`` of the step, is 1e-3 or more, the text says so (not its value, which
-    moves with the level): every trial shrinks the weights by it whatever the trial (the decay multiplies
-    the level before the search), which can fail them all on a trained model."""
+    the configuration and the step's form only, so Python's filter shows it once per calling line. It names
+    the causes in the order they are met: in the two-phase form, a ``loss=`` that is not the closure's; a
+    closure that returns NaN or more at trial weights; a level grown untested (0.1.0's rule grows it by
+    ``growth`` at every search that cannot test: loss exactly 0, or a smoothed slope under 1e-8, as on a
+    batch already fitted). When ``shrink``, the largest ``weight_decay * lr * s * eta`` of the step, is 1e-3
+    or more, the text says so (not its value, which moves with the level): every trial shrinks the weights
+    by it whatever the trial (the decay multiplies the level before the search), which can fail them all on
+    a trained model."""
     decay = ("Every trial also shrank the weights by 1e-3 or more (weight_decay * lr * schedule scale * "
              "the level before the search, whatever the trial): on a trained model that alone can fail them "
              "all; give a smaller init_step_size, or a longer schedule. " if shrink >= 1e-3 else "")
+    loss_given = ("a loss= that is not the closure's loss at the current weights (the last micro-batch's loss, "
+                  "or a sum where the closure returns the mean: pass the mean over all micro-batches, unscaled, "
+                  "as the closure returns it); " if two_phase else "")
     warnings.warn(
         f"every trial of a line search failed ({trials} trials): the level fell to at most {fell_to:.3g} "
-        "times the first trial (with the defaults, to next to nothing). The usual cause in the two-phase "
-        "form is a loss= that is not the closure's loss at the current weights (the last micro-batch's loss, or a "
-        "sum where the closure returns the mean: pass the mean over all micro-batches, unscaled, as "
-        "the closure returns it); else a closure that returns NaN or a much larger loss at trial "
-        f"weights. {decay}opt.search_state.last_trials and opt.step_size show it", RuntimeWarning,
-        stacklevel=caller_stacklevel())
+        f"times the first trial (with the defaults, to next to nothing). Causes: {loss_given}a closure that "
+        "returns NaN or a much larger loss at trial weights; or a level grown untested: at a search whose loss "
+        "is exactly 0 or whose gradient has vanished (smoothed slope under 1e-8), SaLSa's rule (0.1.0's) grows "
+        "the level by growth without a trial, so batches already fitted leave a level far too large for the "
+        f"next batch with a loss. {decay}opt.search_state.last_trials and opt.step_size show it (docs/api.md, "
+        "'A loss of exactly zero')", RuntimeWarning, stacklevel=caller_stacklevel())
 
 
 def _decisions(search, direction: str) -> Tuple[FinalMove, SearchState]:

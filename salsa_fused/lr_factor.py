@@ -282,7 +282,8 @@ class LRFactorSearch:
             raise TypeError(f"closure() must return the loss as a scalar tensor or float, "
                             f"got {type(value).__name__}")
         if value.numel() != 1:
-            raise ValueError(f"closure() must return a scalar loss, got a tensor of shape {tuple(value.shape)}")
+            raise ValueError(f"closure() must return a loss of one element (a scalar), got a tensor of shape "
+                             f"{tuple(value.shape)}")
         if value.is_complex() or not value.is_floating_point():
             raise TypeError(f"closure() must return a real floating-point loss, got {value.dtype}")
         return value.detach().reshape(()).to(torch.float64, copy=True)  # a copy: the closure may reuse its buffer

@@ -952,7 +952,8 @@ class FusedSaLSa(Optimizer, Joinable):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{must} the loss as a scalar tensor, got {type(value).__name__}")
         if value.numel() != 1:
-            raise ValueError(f"{must} a scalar loss, got a tensor of shape {tuple(value.shape)}")
+            raise ValueError(f"{must} a loss of one element (a scalar, as loss.backward() takes), got a tensor of "
+                             f"shape {tuple(value.shape)}")
         if value.is_complex() or not value.is_floating_point():
             raise TypeError(f"{must} a real floating-point loss, got {value.dtype}")
         if value.is_meta:

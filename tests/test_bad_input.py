@@ -96,7 +96,7 @@ def test_non_callable_closure(closure):
 
 
 @pytest.mark.parametrize("value, error, message", [
-    (lambda m: F.mse_loss(m(_X), _Y, reduction="none"), ValueError, "scalar loss"),
+    (lambda m: F.mse_loss(m(_X), _Y, reduction="none"), ValueError, "loss of one element"),
     (lambda m: "0.5", TypeError, "scalar tensor"),
     (lambda m: None, TypeError, "scalar tensor"),
     (lambda m: 0.5, TypeError, "scalar tensor"),  # a float has no grad path for the backward
@@ -147,9 +147,9 @@ def test_loss_not_depending_on_the_parameters():
 
 @pytest.mark.parametrize("restore", ["copy", "inplace"])
 @pytest.mark.parametrize("bad", [
-    (lambda m: F.mse_loss(m(_X), _Y, reduction="none"), ValueError, "scalar loss"),
+    (lambda m: F.mse_loss(m(_X), _Y, reduction="none"), ValueError, "loss of one element"),
     (lambda m: "nope", TypeError, "scalar tensor"),
-    (lambda m: torch.zeros(2, 2), ValueError, "scalar loss"),
+    (lambda m: torch.zeros(2, 2), ValueError, "loss of one element"),
 ], ids=["non-scalar", "string", "matrix"])
 def test_closure_returning_a_bad_value_during_the_trials_two_phase(restore, bad):
     """Two-phase form: the caller's loss is fine, the closure's trial value is not. The weights
@@ -1082,6 +1082,48 @@ def test_non_finite_trial_loss_backtracks(bad, restore):
     assert math.isfinite(after.loss_decrease_avg) and math.isfinite(after.last_loss_decrease)
 
 
+def test_a_level_grown_on_zero_loss_batches_fails_the_next_batch_and_the_warning_names_it():
+    """A hinge loss already met (loss 0, gradient 0) on every batch: SaLSa's rule (0.1.0's, SPEC step 6)
+    grows the level by ``growth`` at each search that cannot test, so the first batch with a loss fails
+    every trial from there. That is the published algorithm, kept step for step; the one-phase warning
+    names that cause and not the two-phase form's ``loss=``. Nothing non-finite is written."""
+    generator = torch.Generator().manual_seed(0)
+    x, near = torch.randn(64, 4, generator=generator), torch.randn(64, 4, generator=generator)
+    x[:, 0] = torch.sign(x[:, 0]) * (1 + x[:, 0].abs())  # |x0| > 1: margins 5 |x0| > 1
+    y, near_y = torch.sign(x[:, :1]), torch.sign(near[:, :1])
+    model = torch.nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[5.0, 0.0, 0.0, 0.0]]))  # every margin above 1: hinge loss 0
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    for _ in range(300):
+        opt.zero_grad()
+        assert opt.step(lambda: torch.relu(1 - y * model(x)).mean()).item() == 0.0
+    assert opt.step_size > 1e4  # grown untested, 1.1x per search
+    searches = opt.search_state.num_searches
+    with pytest.warns(RuntimeWarning, match="every trial of a line search failed") as caught:
+        while opt.search_state.num_searches == searches:  # points near the boundary: a small loss
+            opt.zero_grad()
+            opt.step(lambda: torch.relu(1 - near_y * model(near)).mean())
+    text = str(caught[0].message)
+    assert "a level grown untested" in text and "exactly 0" in text and "loss=" not in text
+    assert _all_finite(opt) and torch.isfinite(model.weight).all()
+
+
+def test_a_one_element_loss_of_any_shape_trains_as_the_scalar():
+    """``loss.backward()`` takes a loss of one element whatever its shape; so does ``step``."""
+    runs = []
+    for shape in ((), (1,), (1, 1)):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        opt = FusedSaLSa(model.parameters(), backend="torch")
+        for _ in range(12):
+            opt.zero_grad()
+            returned = opt.step(lambda: F.mse_loss(model(_X[:, :4]), _Y).reshape(shape))
+        assert returned.shape == torch.Size(shape)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
+
+
 def test_every_trial_loss_non_finite_exhausts_the_search_with_finite_state():
     model, opt = _trained(max_trials=5)
     _until_search_next(model, opt)
@@ -1271,7 +1313,8 @@ def test_a_bad_loss_argument_is_named_as_the_argument_not_as_a_closure():
     params = [torch.nn.Parameter(torch.randn(3))]
     opt = FusedSaLSa(params)
     params[0].grad = torch.ones(3)
-    with pytest.raises(ValueError, match=r"step\(\)'s loss= must be a scalar loss, got a tensor of shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"step\(\)'s loss= must be a loss of one element \(a scalar, as "
+                                         r"loss.backward\(\) takes\), got a tensor of shape \(2,\)"):
         opt.step(lambda: params[0].sum(), loss=torch.ones(2))
     with pytest.raises(TypeError, match=r"closure\(\) must return the loss as a scalar tensor, got str"):
         opt.zero_grad()

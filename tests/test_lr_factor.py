@@ -235,7 +235,7 @@ _A_LOSS_COMPUTED_BEFORE = torch.tensor(0.5)
 
 
 @pytest.mark.parametrize("closure_value, error, match", [
-    (lambda: torch.ones(2), ValueError, "scalar loss"),
+    (lambda: torch.ones(2), ValueError, "loss of one element"),
     (lambda: _A_LOSS_COMPUTED_BEFORE, RuntimeError, "same loss tensor at two factors"),  # every factor ties
     (lambda: "loss", TypeError, "scalar tensor or float"),
     (lambda: torch.tensor(1), TypeError, "floating-point"),
