@@ -8,10 +8,14 @@ own process would wait. A test module declares such work once, at import::
 
 and its fixture returns ``AUDIT.result()``. After collection, ``tests/conftest.py`` starts the
 jobs of the modules that have selected tests, one after another in one thread (longest
-declared first), and moves those modules' tests to the end of the run, so the other core
-works through the jobs while this process runs everything else. ``result()`` waits for the
-job and raises its exception, if any, in the test that reads it. A job started nowhere (its
-module was imported but none of its tests selected) runs on first use, in the caller.
+declared first), and moves those modules' tests to the end of the run, shortest job first
+(:func:`jobs_last`), so the other core works through the jobs while this process runs
+everything else. ``result()`` runs a job no one has started yet in the caller, or waits for it,
+and raises its exception, if any, in the test that reads it: the tests at the end take the short
+jobs from the back of the thread's queue while the thread runs the long ones from its front,
+and both cores work until the last job is done. A job started nowhere (its module was imported
+but none of its tests selected) runs on first use, in the caller. ``seconds_hint`` is a job's
+measured time (2 cores, 2026-12-05), which orders both ends.
 """
 
 from __future__ import annotations
@@ -97,6 +101,17 @@ def job(name: str, compute: Callable[[Path], object], seconds_hint: float = 60.0
     declared = Job(name, compute, compute.__module__, seconds_hint)
     JOBS[name] = declared
     return declared
+
+
+def jobs_last(items: list, module_of: Callable[[object], str]) -> list:
+    """``items`` (tests) with those of modules that declared a job moved to the end, the module of the
+    shortest job first (each module's tests in their order): the reverse of :func:`start`'s queue."""
+    hint: Dict[str, float] = {}
+    for j in JOBS.values():
+        hint[j.module] = max(hint.get(j.module, 0.0), j.seconds_hint)
+    rest = [i for i in items if module_of(i) not in hint]
+    waiting = sorted((i for i in items if module_of(i) in hint), key=lambda i: hint[module_of(i)])
+    return rest + waiting
 
 
 def start(modules: List[str]) -> Optional[threading.Thread]:

@@ -63,9 +63,7 @@ def _module_name(item) -> str:
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--reverse-order"):
         items.reverse()
-    waiting = {job.module for job in background.JOBS.values()}  # their tests read a background job: last
-    items[:] = ([i for i in items if _module_name(i) not in waiting]
-                + [i for i in items if _module_name(i) in waiting])
+    items[:] = background.jobs_last(items, _module_name)  # tests that read a background job: last
 
 
 _SESSION_BEGAN = time.monotonic()

@@ -87,3 +87,15 @@ def test_the_timeline_says_when_each_job_began_and_ended(monkeypatch):
     (line,) = background.timeline(began)
     start, end = (float(x) for x in line.removeprefix("quick: ").removesuffix(" s").split(" s to "))
     assert line.startswith("quick: ") and 0 <= start <= end and end - start >= 0.0
+
+
+def test_the_tests_that_read_a_job_come_last_shortest_job_first(monkeypatch):
+    """The reverse of the thread's queue (longest first): the tests at the end run the short jobs
+    themselves while the thread runs the long ones, instead of waiting on the thread job by job."""
+    monkeypatch.setattr(background, "JOBS", {})
+    for name, module, hint in (("long", "m_long", 200), ("short", "m_short", 20), ("mid", "m_mid", 80)):
+        background.JOBS[name] = background.Job(name, lambda tmp: None, module, hint)
+    items = [("m_long", 1), ("plain", 1), ("m_short", 1), ("m_mid", 1), ("m_long", 2), ("plain", 2), ("m_short", 2)]
+    ordered = background.jobs_last(items, lambda item: item[0])
+    assert ordered == [("plain", 1), ("plain", 2), ("m_short", 1), ("m_short", 2), ("m_mid", 1),
+                       ("m_long", 1), ("m_long", 2)]

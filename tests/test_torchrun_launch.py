@@ -39,7 +39,7 @@ def _run_past_the_limit(tmp: Path):
     return error, [pid for pid in pids if _alive(pid)]
 
 
-PAST_THE_LIMIT = background.job("torchrun past its limit", _run_past_the_limit, seconds_hint=25)
+PAST_THE_LIMIT = background.job("torchrun past its limit", _run_past_the_limit, seconds_hint=20)
 
 
 def test_a_run_past_its_limit_fails_and_leaves_no_rank_behind():

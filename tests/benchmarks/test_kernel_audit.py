@@ -38,7 +38,7 @@ def _audit(_tmp: Path):
                                   cwd=ROOT, env=env, timeout=1800)
 
 
-AUDIT = background.job("kernel audit", _audit, seconds_hint=40)
+AUDIT = background.job("kernel audit", _audit, seconds_hint=80)
 COMMITTED = ROOT / "benchmarks" / "results" / "kernel_audit.json"
 
 
