@@ -10,8 +10,8 @@ finish kernel sums one partial. Reads past a tensor's end: a second build with A
 after each tensor (and before it, to the 8-byte granule ASan tracks) while the kernels run, once per dtype,
 direction and saved copy (`--bounds`); checked to stop a kernel whose vector path reads a ragged tail's full pack,
 and, on every run, to stop a read the harness makes past a tensor's end itself (`--overread`). Not checked: the
-hardware's own conversions and fused multiply-adds, and the binding (test_cuda_binding.py compiles it). About a
-minute of one core, in the background.
+hardware's own conversions and fused multiply-adds, and the binding (test_cuda_binding.py compiles it). About four
+minutes of one core on a 2-core AVX2 machine (233 s, 2026-12-05), in the background.
 """
 
 from __future__ import annotations
