@@ -345,7 +345,7 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
             rule = getattr(search, "config", None) or getattr(search, "rule", None)
             shrink = max((passes.hypers[i].shrink(g.decay) for i, g in passes.groups.items()), default=0.0)
             _warn_every_trial_failed(search.trials, getattr(rule, "backtrack", 0.0) ** (search.trials - 1), shrink,
-                                     two_phase)
+                                     two_phase, getattr(search, "grows_untested", False))
     except BaseException:
         put_back(current)
         raise
@@ -364,15 +364,16 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
     return state
 
 
-def _warn_every_trial_failed(trials: int, fell_to: float, shrink: float = 0.0, two_phase: bool = False) -> None:
+def _warn_every_trial_failed(trials: int, fell_to: float, shrink: float = 0.0, two_phase: bool = False,
+                             grows_untested: bool = False) -> None:
     """Every trial of a backtracking search failed: the level fell to at most ``fell_to`` (``backtrack``
     to the ``trials - 1``) times the first trial (``0.8^99`` with the defaults), so the run nearly stops
     while each search spends ``max_trials`` forwards. 0.1.0 does the same, silently. The text depends on
     the configuration and the step's form only, so Python's filter shows it once per calling line. It names
     the causes in the order they are met: in the two-phase form, a ``loss=`` that is not the closure's; a
-    closure that returns NaN or more at trial weights; a level grown untested (0.1.0's rule grows it by
-    ``growth`` at every search that cannot test: loss exactly 0, or a smoothed slope under 1e-8, as on a
-    batch already fitted). When ``shrink``, the largest ``weight_decay * lr * s * eta`` of the step, is 1e-3
+    closure that returns NaN or more at trial weights; for a rule that ``grows_untested`` (SaLSa's), a level
+    grown untested (0.1.0's rule grows it by ``growth`` at every search that cannot test: loss exactly 0, or a
+    smoothed slope under 1e-8, as on a batch already fitted). When ``shrink``, the largest ``weight_decay * lr * s * eta`` of the step, is 1e-3
     or more, the text says so (not its value, which moves with the level): every trial shrinks the weights
     by it whatever the trial (the decay multiplies the level before the search), which can fail them all on
     a trained model."""
@@ -382,14 +383,15 @@ def _warn_every_trial_failed(trials: int, fell_to: float, shrink: float = 0.0, t
     loss_given = ("a loss= that is not the closure's loss at the current weights (the last micro-batch's loss, "
                   "or a sum where the closure returns the mean: pass the mean over all micro-batches, unscaled, "
                   "as the closure returns it); " if two_phase else "")
+    untested = ("; or a level grown untested: at a search whose loss is exactly 0 or whose gradient has vanished "
+                "(smoothed slope under 1e-8), SaLSa's rule (0.1.0's) grows the level by growth without a trial, so "
+                "batches already fitted leave a level far too large for the next batch with a loss (docs/api.md, "
+                "'A loss of exactly zero')" if grows_untested else "")
     warnings.warn(
         f"every trial of a line search failed ({trials} trials): the level fell to at most {fell_to:.3g} "
         f"times the first trial (with the defaults, to next to nothing). Causes: {loss_given}a closure that "
-        "returns NaN or a much larger loss at trial weights; or a level grown untested: at a search whose loss "
-        "is exactly 0 or whose gradient has vanished (smoothed slope under 1e-8), SaLSa's rule (0.1.0's) grows "
-        "the level by growth without a trial, so batches already fitted leave a level far too large for the "
-        f"next batch with a loss. {decay}opt.search_state.last_trials and opt.step_size show it (docs/api.md, "
-        "'A loss of exactly zero')", RuntimeWarning, stacklevel=caller_stacklevel())
+        f"returns NaN or a much larger loss at trial weights{untested}. {decay}opt.search_state.last_trials and "
+        "opt.step_size show it", RuntimeWarning, stacklevel=caller_stacklevel())
 
 
 def _decisions(search, direction: str) -> Tuple[FinalMove, SearchState]:

@@ -267,6 +267,9 @@ class ArmijoSearch:
     keeps_no_state = True
     #: Its ``finish`` keeps ``step_size_fast_peak``, which a schedule's ``freeze_below`` reads.
     tracks_level_peak = True
+    #: A search whose guard fails (zero loss, vanishing slope) still sets the level to ``eta * growth``: the
+    #: warning when every trial fails names that cause for this rule.
+    grows_untested = True
 
     @staticmethod
     def direction(configured: str) -> str:

@@ -629,6 +629,8 @@ def test_a_loss_that_is_not_the_closures_warns_when_every_trial_fails(backend, r
         assert opt.step_size < 1e-6 * opt.init_step_size  # what the warning is about: the level collapsed
         assert failed and all(w.category is RuntimeWarning and w.filename == __file__ for w in failed)
         assert "loss=" in str(failed[0].message) and "mean over all micro-batches" in str(failed[0].message)
+        # only SaLSa's rule grows the level without a trial; Adam+SLS's warning does not name that cause
+        assert ("a level grown untested" in str(failed[0].message)) == (rule == "salsa")
 
 
 def _summed_step(opt, model, x, y, summed: bool, parts: int = 4, dropout_mark: bool = False):
