@@ -4,18 +4,18 @@
 // vector and scalar paths, tails, reductions and non-finite counts are checked without a GPU; the hardware's
 // own arithmetic (its cvt and fma) is not.
 //
-// Usage: kernels_on_cpu [--perturb | --bounds | --overread]. Prints "failures N" and exits 1 if N > 0.
+// Usage: kernels_on_cpu [--perturb | --bounds | --overread | --divergent]. Prints "failures N" and exits 1 if N > 0.
 // --perturb changes one expected bit, so that a run of the check itself must fail. Built with
 // -fsanitize=address, the bytes around each tensor are poisoned while the kernels run, so a read past a
 // tensor's end (or a write) stops the run with ASan's report; --bounds runs each dtype, direction and saved
 // copy once for that build (no GradScaler, no injected non-finite values: those change what is computed, not
-// where it is read); --overread reads one float past a tensor's end itself, which that build must stop.
+// where it is read); --overread reads one float past a tensor's end itself, which that build must stop;
+// --divergent launches a block in which only thread 0 reaches a __syncthreads, which the shim must stop.
 #include <array>
 #include <cstdio>
 #include <cstring>
 #include <functional>
 #include <random>
-#include <thread>
 #include <vector>
 
 #include "cuda_shim.h"
@@ -41,56 +41,8 @@ int failures = 0;
 bool perturb = false;
 bool bounds_only = false;  // --bounds: every dtype, direction and saved copy once (the ASan build's run)
 
-// THREADS threads, started once and reused by every launch (starting them per launch cost most of the run's time,
-// and most of all under ASan): each launch hands them one job and waits until all have run it.
-class ThreadPool {
- public:
-  ThreadPool() : start_(THREADS + 1), done_(THREADS + 1) {
-    for (int t = 0; t < THREADS; ++t) {
-      threads_.emplace_back([this, t] {
-        threadIdx.x = unsigned(t);
-        for (;;) {
-          start_.arrive_and_wait();
-          if (stop_) return;
-          job_(t);
-          done_.arrive_and_wait();
-        }
-      });
-    }
-  }
-  ~ThreadPool() {
-    stop_ = true;
-    start_.arrive_and_wait();
-    for (auto& thread : threads_) thread.join();
-  }
-  void run(std::function<void(int)> job) {
-    job_ = std::move(job);
-    start_.arrive_and_wait();
-    done_.arrive_and_wait();
-  }
-
- private:
-  std::barrier<> start_, done_;
-  std::function<void(int)> job_;
-  bool stop_ = false;
-  std::vector<std::thread> threads_;
-};
-
-ThreadPool& block_threads() {
-  static ThreadPool pool;
-  return pool;
-}
-
 template <class Kernel> void launch(Kernel kernel, int64_t blocks, const Args& args) {
-  std::barrier<> barrier(THREADS);
-  block_barrier = &barrier;
-  block_threads().run([&](int) {
-    for (int64_t b = 0; b < blocks; ++b) {
-      blockIdx.x = unsigned(b);
-      kernel(args);
-      barrier.arrive_and_wait();  // the block ends before the next begins
-    }
-  });
+  cuda_shim::launch_blocks(THREADS, blocks, [&] { kernel(args); });
 }
 
 template <class T> T from(float x) { return salsa::from_float<T>(x); }
@@ -375,6 +327,13 @@ int main(int argc, char** argv) {
     std::vector<Buffer> buffers;
     const volatile float* p = allocate<float>(buffers, 3, 1);
     std::printf("read past the end unnoticed: %g\n", double(p[3]));
+    return 2;
+  }
+  if (argc > 1 && std::strcmp(argv[1], "--divergent") == 0) {
+    cuda_shim::launch_blocks(THREADS, 1, [] {
+      if (threadIdx.x == 0) __syncthreads();
+    });
+    std::printf("a __syncthreads of one thread unnoticed\n");
     return 2;
   }
   // Empty tensors (first, inside), tails of 1-7 elements, a chunk's edges (8192), several chunks, and offsets
