@@ -7,7 +7,8 @@ goes through the names below so a torch release that moves them is a one-file fi
 
 from __future__ import annotations
 
-from typing import List, Sequence
+import functools
+from typing import Callable, List, Sequence, TypeVar
 
 import torch
 
@@ -33,6 +34,24 @@ foreach_norm = torch._foreach_norm
 foreach_reciprocal_ = torch._foreach_reciprocal_
 foreach_sqrt_ = torch._foreach_sqrt_
 foreach_zero_ = torch._foreach_zero_
+
+
+_Function = TypeVar("_Function", bound=Callable)
+
+
+def compile_disabled(fn: _Function) -> _Function:
+    """``torch.compiler.disable(fn)``, made at the first call: the decorator imports ``torch._dynamo``
+    (2 s on a 2-core CPU), which ``import salsa_fused`` should not cost a script that never compiles.
+    torch.optim defers it the same way (``torch._disable_dynamo``, private)."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        disabled = call.__dict__.get("_disabled")
+        if disabled is None:
+            disabled = call._disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    return call  # type: ignore[return-value]
 
 
 def to_float32(tensors: TensorList) -> TensorList:

@@ -36,7 +36,7 @@ except ImportError:  # a torch that moved them: never empty here, so every step 
     _global_optimizer_pre_hooks = _global_optimizer_post_hooks = {"unknown": None}
 
 from . import backends as _backends
-from ._compat import OPTIMIZER_KEEPS_PARAMETER_NAMES
+from ._compat import OPTIMIZER_KEEPS_PARAMETER_NAMES, compile_disabled
 from ._rng import RNGSnapshot
 from .buckets import BucketCache, check_gradient, check_parameter
 from . import functional as F
@@ -1237,7 +1237,7 @@ class FusedSaLSa(Optimizer, Joinable):
             return self._hooked_step(*args, **kwargs)
         return self._unhooked_step(*args, **kwargs)
 
-    @torch.compiler.disable
+    @compile_disabled
     def _unhooked_step(self, closure: Optional[LossClosure] = None, *, loss=None):
         """:meth:`step` without torch's step hooks and profiler range."""
         handoff = self._handoff
