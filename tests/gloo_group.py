@@ -19,8 +19,10 @@ import torch.multiprocessing as mp
 
 # The ranks fork from one server process that imported torch and the package once for the whole
 # session (it has run no torch op, so no thread pool is forked): a group starts in a fraction of
-# a second instead of two fresh interpreters importing torch, seconds on a busy 2-core machine.
-multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "salsa_fused", "tests.gloo_group"])
+# a second instead of two fresh interpreters importing torch, seconds on a busy 2-core machine. It
+# imports torch._dynamo too, which the package leaves to the first step or zero_grad (2 s a rank).
+multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "salsa_fused",
+                                        "tests.gloo_group"])
 
 
 def spawn_in_gloo_group(body: Callable[[int, str], None], out_dir: str, world: int = 2,
