@@ -3,18 +3,19 @@ written as one select once kept the bf16 plain step scalar (4.2x fused AdamW ins
 fp16 conversions written with a comparison and an int-to-float cast kept every fp16 pass scalar
 (about 10x), and no test noticed either. This compiles ``csrc/cpu/span_kernels.h`` as the extension
 does for AVX2 (its flags, target and namespace, every weight and gradient dtype instantiated
-through the span entry points) and reads GCC's vectorizer report on each element loop."""
+through the span entry points) and reads GCC's vectorizer report on each element loop. The compile
+(18 s of one core) is a background job (tests/background.py)."""
 
 from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from salsa_fused import _build_flags
+from tests import background
 
 ROOT = Path(__file__).resolve().parents[2]
 KERNELS = ROOT / "csrc" / "cpu" / "span_kernels.h"
@@ -40,17 +41,25 @@ namespace salsa_cpu {
 ELEMENT_LOOP = re.compile(r"^\s*for \(int64_t i = 0; i < n; \+\+i\)")
 
 
-@pytest.fixture(scope="module")
-def vectorizer_report(tmp_path_factory) -> str:
-    directory = tmp_path_factory.mktemp("span_kernels")
+def _vectorizer_report(directory: Path) -> str:
+    if COMPILER is None:
+        return ""
     source = directory / "span_kernels.cpp"
     source.write_text(SOURCE)
     flags = [f for f in _build_flags.CXX_FLAGS if f != "-fopenmp"]
-    result = subprocess.run([COMPILER, *flags, f"-I{ROOT / 'csrc'}", "-c", str(source), "-o",
-                             str(directory / "span_kernels.o"), "-fopt-info-vec-optimized", "-fopt-info-vec-missed"],
-                            capture_output=True, text=True, timeout=300)
+    result = background.run_process([COMPILER, *flags, f"-I{ROOT / 'csrc'}", "-c", str(source), "-o",
+                                     str(directory / "span_kernels.o"), "-fopt-info-vec-optimized",
+                                     "-fopt-info-vec-missed"], timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stderr
+
+
+REPORT = background.job("vectorizer report", _vectorizer_report, seconds_hint=18)
+
+
+@pytest.fixture(scope="module")
+def vectorizer_report() -> str:
+    return REPORT.result()
 
 
 def element_loops() -> list:

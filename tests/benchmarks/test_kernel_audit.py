@@ -121,29 +121,45 @@ def test_machine_code_moves_the_streams_in_128_bit_accesses(records):
     assert not mismatched, mismatched
 
 
-# Compiles the fp16 plain step (aligned, sm_90a) under a register cap with ptxas's log printed,
-# and prints the log's (registers, spill bytes) beside what the audit reads from the cubin.
+# Compiles the fp16 plain step (aligned, sm_90a) under each register cap given with ptxas's log printed,
+# and prints a line per cap: the cap, the log's (registers, spill bytes), what the audit reads from the cubin.
 _SPILL_PROBE = """
 import contextlib, io, re, sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from benchmarks import kernel_audit as K
 variant = next(v for v in K.record_variants() if v.kernel_name == "plain_step" and v.aligned and v.dtype == "fp16")
-options = {**K._options_for(variant, 90), "maxnreg": int(sys.argv[1])}
-log = io.StringIO()
-with triton.knobs.nvidia.scope(), triton.knobs.compilation.scope():
-    triton.knobs.nvidia.dump_ptxas_log = True
-    triton.knobs.compilation.always_compile = True
-    with contextlib.redirect_stdout(log):
-        compiled = triton.compile(ASTSource(variant.fn, signature=variant.signature, constexprs=variant.constexprs,
-                                            attrs=variant.attrs), target=GPUTarget("cuda", 90, 32), options=options)
-registers = max(int(r) for r in re.findall(r"Used (\\d+) registers", log.getvalue()))
-spills = sum(int(b) for b in re.findall(r"(\\d+) bytes spill (?:stores|loads)", log.getvalue()))
-print(registers, spills, *K.cubin_usage(compiled.asm["cubin"]))
+for cap in map(int, sys.argv[1:]):
+    options = {**K._options_for(variant, 90), "maxnreg": cap}
+    log = io.StringIO()
+    with triton.knobs.nvidia.scope(), triton.knobs.compilation.scope():
+        triton.knobs.nvidia.dump_ptxas_log = True
+        triton.knobs.compilation.always_compile = True
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(variant.fn, signature=variant.signature, constexprs=variant.constexprs,
+                                                attrs=variant.attrs), target=GPUTarget("cuda", 90, 32), options=options)
+    registers = max(int(r) for r in re.findall(r"Used (\\d+) registers", log.getvalue()))
+    spills = sum(int(b) for b in re.findall(r"(\\d+) bytes spill (?:stores|loads)", log.getvalue()))
+    print("CAP", cap, registers, spills, *K.cubin_usage(compiled.asm["cubin"]))
 """
+SPILL_CAPS = (64, 88)
 
 
-@pytest.mark.parametrize("cap", [64, 88])
+def _spill_probe(_tmp: Path):
+    if not PTXAS.exists():
+        return None
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = background.run_process([sys.executable, "-c", _SPILL_PROBE, *map(str, SPILL_CAPS)], cwd=ROOT, env=env,
+                                  timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("CAP ")]
+    return {int(cap): tuple(map(int, rest)) for cap, *rest in lines}
+
+
+SPILLS = background.job("spill probe", _spill_probe, seconds_hint=13)
+
+
+@pytest.mark.parametrize("cap", SPILL_CAPS)
 def test_audit_reads_the_spills_of_tritons_own_build(cap):
     """The registers and stack frame the audit reads from the cubin are those of Triton's own
     ptxas run (its flags, --regAllocOptLevel=2 included), spills included: the fp16 plain step
@@ -152,10 +168,7 @@ def test_audit_reads_the_spills_of_tritons_own_build(cap):
     the 16-bit overflow check it needs 72 registers there and spills only below.)"""
     if not PTXAS.exists():
         pytest.skip("triton has no bundled ptxas (no NVIDIA backend)")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = background.run_process([sys.executable, "-c", _SPILL_PROBE, str(cap)], cwd=ROOT, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    log_registers, log_spills, cubin_registers, stack_bytes = map(int, done.stdout.split()[-4:])
+    log_registers, log_spills, cubin_registers, stack_bytes = SPILLS.result()[cap]
     assert cubin_registers == log_registers
     assert (stack_bytes > 0) == (log_spills > 0)
     assert (log_spills > 0) == (cap == 64)
