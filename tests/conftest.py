@@ -23,6 +23,13 @@ from tests import background
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# One intra-op thread for every test, and through OMP_NUM_THREADS for the programs tests start: the
+# tensors are tiny and the other core runs the background jobs (tests/background.py), so a second
+# thread only waits for it (the C++ backend's tests ran 2x slower with two, 2026-12-06). A test of
+# thread counts sets its own and restores this one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
 TRITON_MISSING = importlib.util.find_spec("triton") is None
 INSTALL_HINT = 'pip install --no-build-isolation -e ".[test]"'
 # CUDA itself, a GPU, or the CUDA toolkit's own tools (nvcc, cuobjdump), which GPU-less machines lack
@@ -96,13 +103,3 @@ def pytest_runtest_makereport(item, call):
 def pytest_make_collect_report(collector):
     outcome = yield
     _turn_skip_into_failure(outcome.get_result())
-
-
-@pytest.fixture
-def one_intra_op_thread():
-    """For modules of tiny tensors (``pytestmark = pytest.mark.usefixtures(...)``): intra-op
-    threads only add contention there, up to 10x slower on a busy 2-core CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

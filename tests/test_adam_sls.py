@@ -20,7 +20,6 @@ from tests.models import tanh_mlp
 from tests.reference.alsals import ALSALS as ReferenceALSALS
 from tests.reference.sls import AdamSLS as ReferenceAdamSLS
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 STEPS = 12
 INIT = 0.2  # a first level a few backtracks above the accepted ones

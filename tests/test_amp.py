@@ -214,15 +214,15 @@ def _mean(values):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_low_precision_runs_train_like_fp32(batches, device, one_intra_op_thread):
+def test_low_precision_runs_train_like_fp32(batches, device):
     """bf16 autocast, bf16 weights (fp32 moments) and fp16 autocast + GradScaler: the loss
     falls as in fp32, nothing goes non-finite, and the step size stays near fp32's
     (geometric mean over the last 10 steps within a factor 2; bf16 weights round small
     moves away and search their own level, so only their loss is compared).
 
-    One intra-op thread: bf16 matmuls on the CPU sum in an order that depends on the thread
-    count, and 24 bf16-weight steps amplify it (measured on one machine: 73% of fp32's drop
-    with 1 thread, 58% with 2)."""
+    It runs on the session's one intra-op thread (tests/conftest.py): bf16 matmuls on the CPU
+    sum in an order that depends on the thread count, and 24 bf16-weight steps amplify it
+    (measured on one machine: 73% of fp32's drop with 1 thread, 58% with 2)."""
     steps = 24
     _, _, fp32_losses, fp32_etas = _train_gpt(batches, device, steps)
     runs = {

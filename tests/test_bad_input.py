@@ -23,9 +23,6 @@ from tests.models import StaticLoss
 from tests.refusals import assert_load_refused, assert_unchanged, give_gradient_of_another_dtype, snapshot
 
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
 # ---------------------------------------------------------------------------- helpers
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)

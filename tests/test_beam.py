@@ -17,7 +17,6 @@ from salsa_fused.beam import StepSizeBeam
 from salsa_fused.step_size import WarmupStableDecay
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 STEPS = 40
 
@@ -490,7 +489,6 @@ def test_a_checkpoint_saved_with_a_beam_step_on_the_runs_end_still_loads():
     assert fresh.beam_steps == [10]
     with pytest.raises(ValueError, match="beam_steps"):
         fresh.load_state_dict({**saved, "beam_steps": [5, 20]})
-
 
 
 def test_a_step_that_raises_after_the_beam_decided_is_retried_exactly():

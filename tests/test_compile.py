@@ -25,9 +25,6 @@ from salsa_fused.backends.torch_backend import cpu_step_units
 from salsa_fused.line_search import plan_step
 
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
 PACKAGE_DIR = os.path.dirname(os.path.abspath(sys.modules["salsa_fused"].__file__))
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
 

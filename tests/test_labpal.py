@@ -26,7 +26,6 @@ from tests.gloo_group import spawn_in_gloo_group
 from tests.models import tanh_mlp
 from tests.reference.labpal import LABPAL as ReferenceLABPAL
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 SETTINGS = dict(approximation_batches=4, sgd_steps=5, t_max=40)  # k(t) reaches 2 and 4 in 20 steps
 STEPS = 20
@@ -331,7 +330,6 @@ def test_each_batch_replays_its_random_draws_within_a_step(form):
         if form == "two_phase":
             assert not torch.equal(masks[0][0], masks[0][1])
     assert approximations == 2
-
 
 
 def _accumulated_two_phase(opt, model, step, accumulation, factor=1.0, scaler=None, mark=False):

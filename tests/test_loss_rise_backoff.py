@@ -16,7 +16,6 @@ from salsa_fused.step_size import (LOSS_RISE_BACKOFF, LOSS_RISE_RATIO, LOSS_RISE
 
 from test_applied_step import FixedSchedule
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 ON = WarmupStableDecay(100, warmup=0.2, decay=0.5, peak=2.0, backoff_on_loss_rise=True)
 

@@ -20,8 +20,6 @@ from salsa_fused.lr_factor import FACTOR_5, LRFactorSearch, factor_scores
 from tests.models import tanh_mlp
 from tests.reference.lr_factor import LRFactorScheduler, weighted_factor
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
 
 def make_model(dtype=torch.float64, seed=0):
     return tanh_mlp(6, 16, 1, seed=seed, dtype=dtype)

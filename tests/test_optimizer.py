@@ -12,9 +12,6 @@ from salsa_fused.line_search import plan_step
 from tests.models import tanh_mlp
 
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
 _X = torch.randn(32, 6, generator=torch.Generator().manual_seed(4))
 _Y = (_X[:, :2].sum(1, keepdim=True)).sin()
 

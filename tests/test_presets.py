@@ -10,9 +10,6 @@ from salsa_fused.line_search import ArmijoSearch
 from salsa_fused.step_size import WarmupStableDecay
 
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
 def tiny_problem():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 24), torch.nn.GELU(), torch.nn.Linear(24, 3))

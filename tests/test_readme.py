@@ -30,7 +30,6 @@ import torch.distributed as dist
 from salsa_fused.integrations import unwrap_salsa
 from torchrun_launch import run_torchrun
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ["README.md", "docs/api.md", "docs/training.md", "docs/integrations.md", "docs/quality.md"]

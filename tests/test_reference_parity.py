@@ -24,9 +24,6 @@ from salsa_fused import FusedSaLSa  # noqa: E402
 from spec import PARITY_TOLERANCES  # noqa: E402
 
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
 def _mlp() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))

@@ -18,7 +18,6 @@ from tests.reference.labpal import LABPAL, parabola_minimum
 from tests.reference.lr_factor import FACTOR_3, LRFactorScheduler, weighted_factor
 from tests.reference.sls import AdamSLS
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 DIAG = torch.tensor([10.0, 3.0, 1.0, 0.3], dtype=torch.float64)
 W_STAR = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)

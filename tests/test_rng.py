@@ -15,9 +15,6 @@ from salsa_fused import FusedSaLSa
 from salsa_fused.line_search import plan_step
 
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
 _X = torch.randn(16, 5, generator=torch.Generator().manual_seed(2))
 _Y = _X.sum(1, keepdim=True).sin()
 

@@ -13,7 +13,6 @@ from salsa_fused.step_size import LOSS_RISE_BACKOFF, ScaledSchedule, WarmupStabl
 
 from test_loss_rise_backoff import build, model_and_closure, observe, train
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 TOTAL = 100  # warm-up to 2x over steps 1-20, searches through step 50, then a linear decay
 HOLD = WarmupStableDecay(TOTAL, warmup=0.2, decay=0.5, peak=2.0, backoff_on_loss_rise=True,

@@ -17,9 +17,6 @@ from torch.optim import lr_scheduler
 from salsa_fused import FusedSaLSa
 
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
 BETA1, BETA2, EPS, GROWTH = 0.9, 0.999, 1e-8, 1.1
 
 

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from salsa_fused import FusedSaLSa
 from spec import BACKENDS, CONFIGS, ERROR_INPUTS, TOLERANCES
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 STEPS = 6

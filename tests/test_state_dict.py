@@ -20,9 +20,6 @@ from tests.models import tanh_mlp
 from tests.refusals import assert_load_refused
 
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
 _X = torch.randn(32, 6, generator=torch.Generator().manual_seed(3))
 _Y = (_X[:, :1] * _X[:, 1:2]).tanh()
 

@@ -8,9 +8,6 @@ from salsa_fused import FusedSaLSa
 from salsa_fused.step_size import WarmupStableDecay
 
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
 def test_warmup_stable_decay_values():
     schedule = WarmupStableDecay(100, warmup=0.1, decay=0.2, final=0.0)
     assert schedule.warmup_steps == 10 and schedule.decay_start == 80

@@ -13,8 +13,6 @@ import torch.nn.functional as F
 
 from salsa_fused import FusedSaLSa
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
 
 def _model():
     torch.manual_seed(0)

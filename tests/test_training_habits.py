@@ -17,8 +17,6 @@ from salsa_fused.line_search import plan_step
 from tests.models import StaticLoss
 from tests.step_forms import step_in_form
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
 
 def _data(seed: int, rows: int = 64):
     generator = torch.Generator().manual_seed(100 + seed)
@@ -832,7 +830,6 @@ def test_a_wrong_loss_in_the_closures_static_output_tensor_is_refused(backend):
     loss.backward()
     assert opt.step(lambda: loss_of(x, y), loss=loss) is loss
     assert opt.num_searches == 1 and opt.search_state.step == 1
-
 
 
 @pytest.mark.parametrize("labpal", [False, True])

@@ -9,7 +9,6 @@ import torch
 
 from salsa_fused import FusedSaLSa
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 HUGE = 2e19  # finite in fp32, but HUGE * HUGE = 4e38 > 3.4e38 overflows
 

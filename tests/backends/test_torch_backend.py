@@ -20,9 +20,6 @@ from salsa_fused.backends import torch_backend as B
 from salsa_fused.backends.base import Bucket, Hyper, Move, PassArgs
 
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
 SHAPES = [(), (1,), (4097,), (5, 17, 3), (64, 33)]
 K = 6  # the step counter after its increment
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8

@@ -7,9 +7,6 @@ from benchmarks.quality import optimizers as O
 from benchmarks.quality import run
 
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
 def test_names_round_trip_and_the_sample_is_fixed_distinct_and_excludes_the_preset():
     points = joint.sample()
     names = [joint.name_of(p) for p in points]

@@ -12,9 +12,6 @@ from benchmarks.quality.mechanic import BETAS, Mechanic
 from salsa_fused.errors import NonFiniteError
 
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
 def _quadratic(seed=0, n=20):
     gen = torch.Generator().manual_seed(seed)
     target = torch.randn(n, generator=gen)

@@ -15,9 +15,6 @@ from salsa_fused.rules import Verdict
 from salsa_fused.step_size import WarmupStableDecay
 
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
 def quadratic(f0, q, kappa):
     """Loss along the direction: f(eta) = f0 - eta*q + eta^2*kappa/2."""
     return lambda eta: f0 - eta * q + 0.5 * kappa * eta * eta

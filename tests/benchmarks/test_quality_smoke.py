@@ -11,9 +11,6 @@ import torch
 from benchmarks.quality import run
 
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
 def test_quality_suite_runs_end_to_end(tmp_path):
     out = str(tmp_path)
     names = "salsa_faithful,salsa_recommended,prodigy,schedulefree,salsa_published"

@@ -13,7 +13,6 @@ from benchmarks import _common as C
 from benchmarks.quality.zoo import runner, tasks as Z
 from salsa_fused import backends
 
-pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 ZOO_MD = os.path.join(os.path.dirname(Z.__file__), os.pardir, "ZOO.md")
 

@@ -1,16 +1,9 @@
-"""accelerate keeps process-wide singletons (mixed precision, accumulation); reset them per test.
-Tiny models: one intra-op thread (much faster than two on a busy 2-core machine)."""
+"""accelerate keeps process-wide singletons (mixed precision, accumulation); reset them per test."""
 
 import os
 
 import pytest
-import torch
 
-
-@pytest.fixture(autouse=True)
-def _tiny_tensors_one_thread(one_intra_op_thread):
-    """Every integration test here uses tiny models (see tests/conftest.py)."""
-    yield
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
