@@ -1,7 +1,9 @@
 """Smoke tests of examples/pretrain_gpt.py: a few steps with a tiny model.
 
-In-process runs (fast) for the single-process paths and resume; one torchrun run with
-2 CPU processes (gloo) for the DDP path with gradient accumulation.
+In-process runs (fast) for the single-process paths and resume. The runs as programs (the scripts'
+one-line errors, the model module run by path, two torchrun runs with 2 CPU processes for the DDP
+path) start a fresh interpreter each: they run one after another in a background job
+(tests/background.py), about 50 s of one core, and their tests read what each left.
 """
 
 from __future__ import annotations
@@ -9,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from examples import pretrain_gpt
+from tests import background
 from torchrun_launch import run_torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,6 +33,68 @@ def _log(out):
 
 def _run(out, *flags):
     return pretrain_gpt.train(pretrain_gpt.parse_args([*TINY, "--out", str(out), *flags]))
+
+
+SCRIPT_ERRORS = [
+    (["--resume", "--steps", "2"], "pretrain_gpt.py: --resume: no checkpoint at"),
+    (["--device", "cuda"], "--device cuda: this torch"),
+    (["--device", "gpu"], "--device 'gpu' is not a device"),
+    (["--device", "cpu", "--backend", "cuda"], "pretrain_gpt.py: --backend cuda on cpu: backend 'cuda' runs"),
+    (["--device", "cpu", "--backend", "triton"], "pretrain_gpt.py: --backend triton on cpu: backend='triton' cannot"),
+]
+
+_DESTROY_PROBE = """
+import gc, pathlib, sys
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from examples import pretrain_gpt
+destroy = dist.destroy_process_group
+def counted_destroy(*args, **kwargs):
+    alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+    rank = dist.get_rank()
+    report = pathlib.Path(__file__).with_name(f"destroy_rank{rank}.txt")
+    report.write_text(f"rank {rank}: {alive} DDP wrappers alive at destroy_process_group")
+    return destroy(*args, **kwargs)
+dist.destroy_process_group = counted_destroy
+pretrain_gpt.train(pretrain_gpt.parse_args(sys.argv[1:]))
+"""
+
+
+def _programs(tmp: Path) -> dict:
+    """Each run as a program, keyed as the tests read it; a run that raised keeps its exception."""
+    # without the interpreter the tests set, as a user runs it: Triton then refuses CPU tensors
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    script, model = os.path.join(ROOT, "examples", "pretrain_gpt.py"), os.path.join(ROOT, "examples", "gpt.py")
+    probe = tmp / "teardown" / "probe.py"
+    probe.parent.mkdir()
+    probe.write_text(_DESTROY_PROBE)
+    runs = {("error", *flags): lambda flags=flags: background.run_process(
+                [sys.executable, script, *TINY, "--out", str(tmp / "error_run"), *flags], timeout=120, env=env)
+            for flags, _ in SCRIPT_ERRORS if not (flags[:2] == ["--device", "cuda"] and torch.cuda.is_available())}
+    for flags in (["--help"], []):
+        runs[("gpt.py", *flags)] = lambda flags=flags: background.run_process([sys.executable, model, *flags],
+                                                                               timeout=120)
+    runs[("torchrun ddp",)] = lambda: run_torchrun(2, script, *TINY, "--steps", "3", "--grad-accum", "2",
+                                                   "--out", tmp / "ddp")
+    runs[("torchrun teardown",)] = lambda: run_torchrun(2, probe, *TINY, "--steps", "2", "--out",
+                                                        tmp / "teardown" / "run")
+    done = {}
+    for key, run in runs.items():
+        try:
+            done[key] = run()
+        except Exception as error:  # raised again in the test that reads this run
+            done[key] = error
+    return done
+
+
+PROGRAMS = background.job("example programs", _programs, seconds_hint=50)
+
+
+def _program(key: tuple):
+    result = PROGRAMS.result()[key]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def test_pretrain_gpt_runs_plots_and_resumes_identically(tmp_path):
@@ -95,34 +161,19 @@ def test_a_resume_that_changes_the_run_length_says_the_schedule_changes(tmp_path
     assert "planned" not in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--resume", "--steps", "2"], "pretrain_gpt.py: --resume: no checkpoint at"),
-    (["--device", "cuda"], "--device cuda: this torch"),
-    (["--device", "gpu"], "--device 'gpu' is not a device"),
-    (["--device", "cpu", "--backend", "cuda"], "pretrain_gpt.py: --backend cuda on cpu: backend 'cuda' runs"),
-    (["--device", "cpu", "--backend", "triton"], "pretrain_gpt.py: --backend triton on cpu: backend='triton' cannot"),
-])
-def test_the_script_says_what_is_wrong_in_one_line(tmp_path, flags, message):
+@pytest.mark.parametrize("flags,message", SCRIPT_ERRORS)
+def test_the_script_says_what_is_wrong_in_one_line(flags, message):
     if flags[:2] == ["--device", "cuda"] and torch.cuda.is_available():
         pytest.skip("a CUDA device is here")
-    import subprocess
-
-    # without the interpreter the tests set, as a user runs it: Triton then refuses CPU tensors
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "pretrain_gpt.py"), *TINY,
-                             "--out", str(tmp_path / "run"), *flags], capture_output=True, text=True, timeout=120,
-                            env=env)
+    result = _program(("error", *flags))
     assert result.returncode != 0 and message in result.stderr
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
 
 
 def test_the_model_module_run_by_path_says_what_it_is_and_where_training_is():
-    import subprocess
-
-    script = os.path.join(ROOT, "examples", "gpt.py")
     for flags, expected in ([["--help"], "train with: python examples/pretrain_gpt.py"],
                             [[], "10,844,160 parameters. Train it: python examples/pretrain_gpt.py"]):
-        result = subprocess.run([sys.executable, script, *flags], capture_output=True, text=True, timeout=120)
+        result = _program(("gpt.py", *flags))
         assert result.returncode == 0 and expected in " ".join(result.stdout.split()), result.stdout + result.stderr
 
 
@@ -171,44 +222,26 @@ def test_a_corpus_too_short_for_the_block_is_named():
     ByteBatches(torch.zeros(661, dtype=torch.uint8), 64).get("val", 2, torch.Generator().manual_seed(0))
 
 
-def test_pretrain_gpt_under_torchrun_ddp(tmp_path):
+def test_pretrain_gpt_under_torchrun_ddp():
     """2 CPU processes (gloo) with 2 accumulated micro-batches: the same loss on both
     ranks is logged once, and the run finishes with a checkpoint."""
-    result = run_torchrun(2, os.path.join(ROOT, "examples", "pretrain_gpt.py"), *TINY, "--steps", "3",
-                          "--grad-accum", "2", "--out", tmp_path)
+    result = _program(("torchrun ddp",))
+    out = Path(result.args[-1])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "on 2 x cpu" in result.stdout
-    assert [r["step"] for r in _log(tmp_path)] == [1, 2, 3]
-    assert os.path.exists(os.path.join(tmp_path, "checkpoint.pt"))
+    assert [r["step"] for r in _log(out)] == [1, 2, 3]
+    assert (out / "checkpoint.pt").exists()
 
 
-_DESTROY_PROBE = """
-import gc, pathlib, sys
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
-from examples import pretrain_gpt
-destroy = dist.destroy_process_group
-def counted_destroy(*args, **kwargs):
-    alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
-    rank = dist.get_rank()
-    report = pathlib.Path(__file__).with_name(f"destroy_rank{rank}.txt")
-    report.write_text(f"rank {rank}: {alive} DDP wrappers alive at destroy_process_group")
-    return destroy(*args, **kwargs)
-dist.destroy_process_group = counted_destroy
-pretrain_gpt.train(pretrain_gpt.parse_args(sys.argv[1:]))
-"""
-
-
-def test_torchrun_teardown_destroys_the_group_after_the_ddp_wrapper_is_freed(tmp_path):
+def test_torchrun_teardown_destroys_the_group_after_the_ddp_wrapper_is_freed():
     """DDP's reducer holds the gloo group; left to interpreter exit, the group's threads are
     joined mid-finalization (a rare SIGABRT on rank 1 in CI). The example frees the wrapper
     first: none is alive when the group is destroyed."""
-    probe = tmp_path / "probe.py"
-    probe.write_text(_DESTROY_PROBE)
-    result = run_torchrun(2, probe, *TINY, "--steps", "2", "--out", tmp_path / "run")
+    result = _program(("torchrun teardown",))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # One file per rank: the ranks share torchrun's stdout, where two lines can interleave.
-    counts = [(tmp_path / f"destroy_rank{r}.txt").read_text() for r in (0, 1)]
+    probe_dir = Path(result.args[-1]).parent
+    counts = [(probe_dir / f"destroy_rank{r}.txt").read_text() for r in (0, 1)]
     assert counts == [f"rank {r}: 0 DDP wrappers alive at destroy_process_group" for r in (0, 1)], counts
 
 
