@@ -1,6 +1,9 @@
-"""FusedSaLSa through accelerate: prepare(), accumulate(), and no search on steps that do not update."""
+"""FusedSaLSa through accelerate: prepare(), accumulate(), and no search on steps that do not update. The
+scripts that need a fresh interpreter run in a background job (tests/background.py)."""
 
 import contextlib
+import os
+import sys
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from accelerate.utils import GradientAccumulationPlugin  # noqa: E402
 
 from salsa_fused import FusedSaLSa  # noqa: E402
 from salsa_fused.integrations.accelerate import SaLSaAccumulation  # noqa: E402
+from tests import background  # noqa: E402
 from tests.models import tanh_mlp  # noqa: E402
 
 ACCUMULATE, UPDATES = 3, 4
@@ -225,13 +229,7 @@ def test_a_script_that_never_imports_the_integration_gets_the_refusal_too():
     """A user of accelerate who builds FusedSaLSa and never imports ``salsa_fused.integrations.accelerate``: the
     optimizer imports it where accelerate is imported (never otherwise), so the closure that accelerate would
     skip is refused there too (a fresh interpreter: this one has imported the integration already)."""
-    import os
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", _WITHOUT_THE_INTEGRATION_IMPORT], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = FRESH.result()["never imported"]
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert done.stdout.split() == ["refused"], done.stdout
 
@@ -260,6 +258,21 @@ for micro_batch in range(6):
 """
 
 
+def _fresh_interpreters(_tmp) -> dict:
+    """The scripts above, each in a fresh interpreter (this one has imported the integration already), one after
+    another: keyed "never imported" and the ``device_placement`` of the built-before script."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    scripts = {"never imported": _WITHOUT_THE_INTEGRATION_IMPORT,
+               **{placement: _BUILT_BEFORE_ACCELERATE_IS_IMPORTED.replace("PLACEMENT", str(placement))
+                  for placement in (True, False)}}
+    return {key: background.run_process([sys.executable, "-c", script], cwd=root, env=env, timeout=300)
+            for key, script in scripts.items()}
+
+
+FRESH = background.job("accelerate in fresh interpreters", _fresh_interpreters, seconds_hint=24)
+
+
 @pytest.mark.parametrize("placement, printed", [
     (True, ["refused", "refused", "stepped"] * 2),
     (False, ["skipped", "skipped", "stepped", "refused", "refused", "stepped"]),
@@ -269,14 +282,7 @@ def test_an_optimizer_built_before_accelerate_is_imported_gets_the_refusal(place
     which imports the integration, so every skipped micro-batch is refused. With ``device_placement=False``
     nothing reaches the optimizer until its first step that syncs: the first window's micro-batches go by
     unrefused (accelerate never calls the optimizer on them), and the refusal holds from there on."""
-    import os
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    script = _BUILT_BEFORE_ACCELERATE_IS_IMPORTED.replace("PLACEMENT", str(placement))
-    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = FRESH.result()[placement]
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert done.stdout.split() == printed, done.stdout
 
