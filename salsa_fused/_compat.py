@@ -41,8 +41,9 @@ _Function = TypeVar("_Function", bound=Callable)
 
 def compile_disabled(fn: _Function) -> _Function:
     """``torch.compiler.disable(fn)``, made at the first call: the decorator imports ``torch._dynamo``
-    (2 s on a 2-core CPU), which ``import salsa_fused`` should not cost a script that never compiles.
-    torch.optim defers it the same way (``torch._disable_dynamo``, private)."""
+    (2 s on a 2-core CPU), which ``import salsa_fused`` should not cost. A process that trains still
+    imports it, at its first ``zero_grad`` or step: torch.optim defers its own decorators the same way
+    (``torch._disable_dynamo``, private)."""
 
     @functools.wraps(fn)
     def call(*args, **kwargs):

@@ -54,7 +54,7 @@ def _vectorizer_report(directory: Path) -> str:
     return result.stderr
 
 
-REPORT = background.job("vectorizer report", _vectorizer_report, seconds_hint=18)
+REPORT = background.job("vectorizer report", _vectorizer_report, seconds_hint=19)
 
 
 @pytest.fixture(scope="module")
