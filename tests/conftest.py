@@ -18,10 +18,12 @@ import time
 import pytest
 import torch
 
-from tests import background
+from tests import background, triton_interpreter
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    triton_interpreter.install()  # a launch patches triton.language once, not at every device-function call
 
 # One intra-op thread for every test, and through OMP_NUM_THREADS for the programs tests start: the
 # tensors are tiny and the other core runs the background jobs (tests/background.py), so a second
