@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 import threading
-from typing import Callable, FrozenSet, Optional
+from typing import Callable, Dict, FrozenSet, Optional
 
 _INTERNALS = ("_patch_lang", "_LangPatchScope", "GridExecutor", "InterpretedFunction")
 
@@ -35,12 +35,19 @@ _STATE = _LaunchState()
 _ORIGINALS: dict = {}
 
 
-def _language_modules(fn: Callable) -> FrozenSet[int]:
-    """The language modules ``_patch_lang(fn)`` patches: ``triton.language`` and its ``core`` in fn's globals."""
-    import triton.language as tl
+_MODULES_SEEN: Dict[Callable, FrozenSet[int]] = {}
 
-    return frozenset(id(value) for value in fn.__globals__.values()
-                     if inspect.ismodule(value) and (value is tl or value is tl.core))
+
+def _language_modules(fn: Callable) -> FrozenSet[int]:
+    """The language modules ``_patch_lang(fn)`` patches: ``triton.language`` and its ``core`` in fn's globals
+    (looked up once per function: a kernel module imports them at its top)."""
+    modules = _MODULES_SEEN.get(fn)
+    if modules is None:
+        import triton.language as tl
+
+        modules = _MODULES_SEEN[fn] = frozenset(id(value) for value in fn.__globals__.values()
+                                                if inspect.ismodule(value) and (value is tl or value is tl.core))
+    return modules
 
 
 def installed() -> bool:
