@@ -13,7 +13,8 @@ declared first), and moves those modules' tests to the end of the run, shortest 
 everything else. ``result()`` runs a job no one has started yet in the caller, or waits for it,
 and raises its exception, if any, in the test that reads it: the tests at the end take the short
 jobs from the back of the thread's queue while the thread runs the long ones from its front,
-and both cores work until the last job is done. A job started nowhere (its module was imported
+and both cores work until the last job is done. A job that mostly waits (``waits=True``) runs from the
+start in a thread of its own. A job started nowhere (its module was imported
 but none of its tests selected) runs on first use, in the caller. ``seconds_hint`` is a job's
 time in CI (2 cores, AVX2, 2026-12-06, commit a15f6ec), which orders both ends.
 """
@@ -32,8 +33,10 @@ from typing import Callable, Dict, List, Optional, Set
 class Job:
     """One computation, run once; ``result()`` returns its value or raises its exception."""
 
-    def __init__(self, name: str, compute: Callable[[Path], object], module: str, seconds_hint: float):
+    def __init__(self, name: str, compute: Callable[[Path], object], module: str, seconds_hint: float,
+                 waits: bool = False):
         self.name, self.compute, self.module, self.seconds_hint = name, compute, module, seconds_hint
+        self.waits = waits
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._started = False
@@ -95,10 +98,12 @@ def run_process(args, timeout: float, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
 
 
-def job(name: str, compute: Callable[[Path], object], seconds_hint: float = 60.0) -> Job:
+def job(name: str, compute: Callable[[Path], object], seconds_hint: float = 60.0, waits: bool = False) -> Job:
     """Declare background work for the test module that defines ``compute`` (``compute.__module__``);
-    ``seconds_hint`` only orders the jobs, longest first."""
-    declared = Job(name, compute, compute.__module__, seconds_hint)
+    ``seconds_hint`` only orders the jobs, longest first. A job that ``waits`` spends its time waiting
+    (a child past its time limit), not computing: it runs at the start in a thread of its own, beside
+    the queue, instead of holding the queue's core idle."""
+    declared = Job(name, compute, compute.__module__, seconds_hint, waits)
     JOBS[name] = declared
     return declared
 
@@ -115,8 +120,12 @@ def jobs_last(items: list, module_of: Callable[[object], str]) -> list:
 
 
 def start(modules: List[str]) -> Optional[threading.Thread]:
-    """Run, in one daemon thread, the jobs declared by ``modules``, longest first."""
-    todo = sorted((j for j in JOBS.values() if j.module in modules), key=lambda j: -j.seconds_hint)
+    """Run, in one daemon thread, the jobs declared by ``modules``, longest first; each job that waits
+    in a daemon thread of its own. Returns the queue's thread (None: no job to queue)."""
+    selected = [j for j in JOBS.values() if j.module in modules]
+    for waiting in (j for j in selected if j.waits):
+        threading.Thread(target=waiting.run, name=f"background-{waiting.name}", daemon=True).start()
+    todo = sorted((j for j in selected if not j.waits), key=lambda j: -j.seconds_hint)
     if not todo:
         return None
 

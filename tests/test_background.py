@@ -99,3 +99,24 @@ def test_the_tests_that_read_a_job_come_last_shortest_job_first(monkeypatch):
     ordered = background.jobs_last(items, lambda item: item[0])
     assert ordered == [("plain", 1), ("plain", 2), ("m_short", 1), ("m_short", 2), ("m_mid", 1),
                        ("m_long", 1), ("m_long", 2)]
+
+
+def test_a_job_that_waits_runs_at_once_beside_the_queue(monkeypatch):
+    """The queue's thread is busy with a long job; the waiting job starts anyway and ends first."""
+    monkeypatch.setattr(background, "JOBS", {})
+    release = threading.Event()
+    long = background.job("long", lambda tmp: release.wait(20), seconds_hint=100)
+    waiting = background.job("waiting", lambda tmp: time.sleep(0.05) or "waited", seconds_hint=20, waits=True)
+    queue = background.start([__name__])
+    try:
+        deadline = time.monotonic() + 10
+        while waiting.ended is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert waiting.ended is not None and long.ended is None
+        assert waiting.result() == "waited"
+    finally:
+        release.set()
+        queue.join(timeout=20)
+    assert long.result() is True
+    for j in (long, waiting):
+        j.cleanup()

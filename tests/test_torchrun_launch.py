@@ -23,7 +23,7 @@ def _alive(pid: int) -> bool:
 
 
 def _run_past_the_limit(tmp: Path):
-    """The sleeper under a 20 s limit (idle waiting: a background job, beside the other tests):
+    """The sleeper under a 20 s limit (idle waiting: a background job in a thread of its own):
     the launcher's error, and the ranks' pids once they are gone or 10 s have passed."""
     script = tmp / "sleeper.py"
     script.write_text(_SLEEPER)
@@ -39,7 +39,7 @@ def _run_past_the_limit(tmp: Path):
     return error, [pid for pid in pids if _alive(pid)]
 
 
-PAST_THE_LIMIT = background.job("torchrun past its limit", _run_past_the_limit, seconds_hint=20)
+PAST_THE_LIMIT = background.job("torchrun past its limit", _run_past_the_limit, seconds_hint=20, waits=True)
 
 
 def test_a_run_past_its_limit_fails_and_leaves_no_rank_behind():
