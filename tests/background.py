@@ -6,11 +6,13 @@ own process would wait. A test module declares such work once, at import::
 
     AUDIT = background.job("kernel audit", compute)   # compute(tmp_dir: Path) -> value
 
-and its fixture returns ``AUDIT.result()``. After collection, ``tests/conftest.py`` starts the
-jobs of the modules that have selected tests, one after another in one thread (longest
-declared first), and moves those modules' tests to the end of the run, shortest job first
-(:func:`jobs_last`), so the other core works through the jobs while this process runs
-everything else. ``result()`` runs a job no one has started yet in the caller, or waits for it,
+and its fixture returns ``AUDIT.result()``. The jobs of the modules that have selected tests run
+one after another in one thread (:class:`Queue`, the longest queued first): from the import of
+their module where the session runs whole modules (``runs_whole_module``, set by
+``tests/conftest.py``: the other core works while the rest is collected), or else from the end of
+collection (:func:`start`). ``tests/conftest.py`` moves those modules' tests to the end of the run,
+shortest job first (:func:`jobs_last`), so the other core works through the jobs while this process
+runs everything else. ``result()`` runs a job no one has started yet in the caller, or waits for it,
 and raises its exception, if any, in the test that reads it: the tests at the end take the short
 jobs from the back of the thread's queue while the thread runs the long ones from its front,
 and both cores work until the last job is done. A job that mostly waits (``waits=True``) runs from the
@@ -105,6 +107,8 @@ def job(name: str, compute: Callable[[Path], object], seconds_hint: float = 60.0
     the queue, instead of holding the queue's core idle."""
     declared = Job(name, compute, compute.__module__, seconds_hint, waits)
     JOBS[name] = declared
+    if runs_whole_module is not None and runs_whole_module(compute.__code__.co_filename):
+        _QUEUE.add([declared])
     return declared
 
 
@@ -119,23 +123,63 @@ def jobs_last(items: list, module_of: Callable[[object], str]) -> list:
     return rest + waiting
 
 
-def start(modules: List[str]) -> Optional[threading.Thread]:
-    """Run, in one daemon thread, the jobs declared by ``modules``, longest first; each job that waits
-    in a daemon thread of its own. Returns the queue's thread (None: no job to queue)."""
-    selected = [j for j in JOBS.values() if j.module in modules]
-    for waiting in (j for j in selected if j.waits):
-        threading.Thread(target=waiting.run, name=f"background-{waiting.name}", daemon=True).start()
-    todo = sorted((j for j in selected if not j.waits), key=lambda j: -j.seconds_hint)
-    if not todo:
-        return None
+class Queue:
+    """Jobs run one after another in a daemon thread, the longest queued first; each job that waits
+    in a daemon thread of its own. Jobs may be added until :meth:`close`; the thread ends once the
+    queue is closed and empty. A job is queued at most once."""
 
-    def work():
-        for j in todo:
+    def __init__(self) -> None:
+        self._queued: List[Job] = []
+        self._seen: Set[str] = set()
+        self._closed = False
+        self._changed = threading.Condition()
+        self.thread: Optional[threading.Thread] = None
+
+    def add(self, jobs: List[Job]) -> None:
+        with self._changed:
+            for j in jobs:
+                if j.name in self._seen:
+                    continue
+                self._seen.add(j.name)
+                if j.waits:
+                    threading.Thread(target=j.run, name=f"background-{j.name}", daemon=True).start()
+                else:
+                    self._queued.append(j)
+            if self._queued and (self.thread is None or not self.thread.is_alive()):
+                self.thread = threading.Thread(target=self._work, name="background-fixtures", daemon=True)
+                self.thread.start()
+            self._changed.notify()
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+
+    def _work(self) -> None:
+        while True:
+            with self._changed:
+                while not self._queued and not self._closed:
+                    self._changed.wait()
+                if not self._queued:
+                    return
+                j = max(self._queued, key=lambda queued: queued.seconds_hint)
+                self._queued.remove(j)
             j.run()
 
-    thread = threading.Thread(target=work, name="background-fixtures", daemon=True)
-    thread.start()
-    return thread
+
+_QUEUE = Queue()
+#: Set by tests/conftest.py before collection: whether the session runs every test of the module defined
+#: in this file (no option picks tests within the paths it was given). A job of such a module is queued
+#: when its module is imported, and runs while the rest is collected.
+runs_whole_module: Optional[Callable[[str], bool]] = None
+
+
+def start(modules: List[str]) -> Optional[threading.Thread]:
+    """Queue the jobs declared by ``modules`` (those queued at import stay queued) and close the queue:
+    collection is over. Returns the queue's thread (None: no job queued)."""
+    _QUEUE.add([j for j in JOBS.values() if j.module in modules])
+    _QUEUE.close()
+    return _QUEUE.thread
 
 
 def timeline(session_began: float) -> List[str]:

@@ -14,6 +14,7 @@ import importlib.util
 import os
 import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,6 +70,27 @@ def _module_name(item) -> str:
     return module.__name__ if module is not None else ""
 
 
+def pytest_configure(config):
+    background.runs_whole_module = _runs_whole_module(config)
+
+
+def _runs_whole_module(config):
+    """Whether this session runs every test of the module in a file (None: options pick tests within
+    modules, so a module's jobs wait for the end of collection)."""
+    option = config.option
+    if (option.collectonly or option.keyword or option.markexpr or getattr(option, "deselect", None)
+            or getattr(option, "lf", False) or getattr(option, "stepwise", False)
+            or any("::" in arg for arg in config.args)):
+        return None
+    roots = [Path(config.invocation_params.dir, arg).resolve() for arg in config.args]
+
+    def runs_whole(filename: str) -> bool:
+        path = Path(filename).resolve()
+        return any(path == root or root in path.parents for root in roots)
+
+    return runs_whole
+
+
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--reverse-order"):
         items.reverse()
@@ -79,6 +101,7 @@ _SESSION_BEGAN = time.monotonic()
 
 
 def pytest_collection_finish(session):
+    background.runs_whole_module = None  # a job declared from now on (by a test) is no module's import
     if not session.config.option.collectonly:
         background.start(sorted({_module_name(i) for i in session.items}))
 

@@ -1,6 +1,7 @@
 """tests/background.py: a job runs once, hands its value or its exception to every reader, and
 cleanup kills a child still running."""
 
+import os
 import subprocess
 import sys
 import threading
@@ -107,7 +108,9 @@ def test_a_job_that_waits_runs_at_once_beside_the_queue(monkeypatch):
     release = threading.Event()
     long = background.job("long", lambda tmp: release.wait(20), seconds_hint=100)
     waiting = background.job("waiting", lambda tmp: time.sleep(0.05) or "waited", seconds_hint=20, waits=True)
-    queue = background.start([__name__])
+    queue = background.Queue()
+    queue.add([long, waiting])
+    queue.close()
     try:
         deadline = time.monotonic() + 10
         while waiting.ended is None and time.monotonic() < deadline:
@@ -116,7 +119,64 @@ def test_a_job_that_waits_runs_at_once_beside_the_queue(monkeypatch):
         assert waiting.result() == "waited"
     finally:
         release.set()
-        queue.join(timeout=20)
+        queue.thread.join(timeout=20)
     assert long.result() is True
     for j in (long, waiting):
         j.cleanup()
+
+
+def test_the_queue_takes_jobs_until_closed_longest_first_and_each_once():
+    """Jobs queued while the thread runs another (a module imported during collection) run after it,
+    the longest first; a job queued twice (at import, then at the end of collection) runs once."""
+    order = []
+    release = threading.Event()
+    first = background.Job("first", lambda tmp: release.wait(20) and order.append("first"), __name__, 1)
+    short = background.Job("short", lambda tmp: order.append("short"), __name__, 5)
+    long = background.Job("long", lambda tmp: order.append("long"), __name__, 50)
+    queue = background.Queue()
+    queue.add([first])
+    deadline = time.monotonic() + 10
+    while first.began is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    queue.add([short])
+    queue.add([long, first])
+    release.set()
+    queue.add([short])
+    queue.close()
+    queue.thread.join(timeout=20)
+    assert not queue.thread.is_alive()
+    assert order == ["first", "long", "short"]
+    for j in (first, short, long):
+        j.cleanup()
+
+
+def test_a_session_that_runs_whole_modules_queues_their_jobs_at_import(tmp_path):
+    """In its own session: the job of a module given by path starts before collection ends; under -k it
+    starts only after, and only for a module with a selected test."""
+    (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
+    (tmp_path / "test_first.py").write_text(
+        "import time\n"
+        "from tests import background\n"
+        "def _compute(tmp):\n"
+        "    return time.monotonic()\n"
+        "JOB = background.job('first module job', _compute, seconds_hint=1)\n"
+        "def test_reads_it():\n"
+        "    assert JOB.result() > 0\n")
+    (tmp_path / "test_second.py").write_text(
+        "import time\n"
+        "COLLECTED = time.monotonic()\n"
+        "time.sleep(1)\n"
+        "def test_plain():\n"
+        "    from tests import background\n"
+        "    job = background.JOBS['first module job']\n"
+        "    began_early = job.began is not None and job.began < COLLECTED\n"
+        "    print('JOB-BEGAN-BEFORE-SECOND-COLLECTED' if began_early else 'JOB-BEGAN-AFTER')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    outputs = {}
+    for name, extra in (("whole", []), ("picked", ["-k", "plain or reads"])):
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-p", "no:randomly",
+                               *extra, str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        outputs[name] = done.stdout
+    assert "JOB-BEGAN-BEFORE-SECOND-COLLECTED" in outputs["whole"], outputs["whole"]
+    assert "JOB-BEGAN-AFTER" in outputs["picked"], outputs["picked"]
