@@ -18,7 +18,7 @@ jobs from the back of the thread's queue while the thread runs the long ones fro
 and both cores work until the last job is done. A job that mostly waits (``waits=True``) runs from the
 start in a thread of its own. A job started nowhere (its module was imported
 but none of its tests selected) runs on first use, in the caller. ``seconds_hint`` is a job's
-time in CI (2 cores, AVX2, 2026-12-06, commit a15f6ec), which orders both ends.
+time in CI (2 cores, AVX2, 2026-12-06, commit 4eed09c), which orders both ends.
 """
 
 from __future__ import annotations

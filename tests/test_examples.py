@@ -87,7 +87,7 @@ def _programs(tmp: Path) -> dict:
     return done
 
 
-PROGRAMS = background.job("example programs", _programs, seconds_hint=66)
+PROGRAMS = background.job("example programs", _programs, seconds_hint=58)
 
 
 def _program(key: tuple):

@@ -65,7 +65,7 @@ def _jit_build(tmp: Path):
     return json.loads(lines[-1][len("REPORT "):])
 
 
-JIT = background.job("jit build", _jit_build, seconds_hint=64)
+JIT = background.job("jit build", _jit_build, seconds_hint=65)
 
 
 @pytest.fixture(scope="module")

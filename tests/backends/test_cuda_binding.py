@@ -46,7 +46,7 @@ def _compile(tmp: Path):
     return dict(returncode=proc.returncode, stderr=proc.stderr, object=(tmp / "salsa_cuda.o").exists())
 
 
-BINDING = background.job("nvcc binding", _compile, seconds_hint=67)
+BINDING = background.job("nvcc binding", _compile, seconds_hint=60)
 
 
 def test_the_cuda_binding_compiles_with_the_extensions_flags():

@@ -46,7 +46,7 @@ def _build_and_run(tmp: Path) -> dict:
     return {name: (run.returncode, run.stdout, run.stderr) for name, run in runs.items()}
 
 
-RUN = background.job("CUDA kernels on the CPU", _build_and_run, seconds_hint=72)
+RUN = background.job("CUDA kernels on the CPU", _build_and_run, seconds_hint=54)
 
 
 def test_every_pass_writes_what_salsa_math_gives_for_every_element():

@@ -25,7 +25,7 @@ def _long_suite(tmp: Path):
     return done, out
 
 
-LONG_SUITE = background.job("long suite smoke", _long_suite, seconds_hint=50)
+LONG_SUITE = background.job("long suite smoke", _long_suite, seconds_hint=43)
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ def _audit(_tmp):
     return {"nvcc": record["nvcc"], **{arch["arch"]: arch for arch in record["archs"]}}
 
 
-AUDIT = background.job("nvcc audit", _audit, seconds_hint=54)
+AUDIT = background.job("nvcc audit", _audit, seconds_hint=44)
 
 
 @pytest.fixture(scope="module")

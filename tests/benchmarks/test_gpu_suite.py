@@ -42,7 +42,7 @@ def _smoke(tmp: Path):
     return done, out, rows, _repo_files() - before
 
 
-SMOKE = background.job("gpu suite smoke", _smoke, seconds_hint=78)
+SMOKE = background.job("gpu suite smoke", _smoke, seconds_hint=72)
 
 
 @pytest.fixture(scope="module")

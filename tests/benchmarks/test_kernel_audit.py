@@ -38,7 +38,7 @@ def _audit(_tmp: Path):
                                   cwd=ROOT, env=env, timeout=1800)
 
 
-AUDIT = background.job("kernel audit", _audit, seconds_hint=84)
+AUDIT = background.job("kernel audit", _audit, seconds_hint=76)
 COMMITTED = ROOT / "benchmarks" / "results" / "kernel_audit.json"
 
 
@@ -156,7 +156,7 @@ def _spill_probe(_tmp: Path):
     return {int(cap): tuple(map(int, rest)) for cap, *rest in lines}
 
 
-SPILLS = background.job("spill probe", _spill_probe, seconds_hint=7)
+SPILLS = background.job("spill probe", _spill_probe, seconds_hint=5)
 
 
 @pytest.mark.parametrize("cap", SPILL_CAPS)

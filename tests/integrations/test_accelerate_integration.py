@@ -270,7 +270,7 @@ def _fresh_interpreters(_tmp) -> dict:
             for key, script in scripts.items()}
 
 
-FRESH = background.job("accelerate in fresh interpreters", _fresh_interpreters, seconds_hint=19)
+FRESH = background.job("accelerate in fresh interpreters", _fresh_interpreters, seconds_hint=16)
 
 
 @pytest.mark.parametrize("placement, printed", [
