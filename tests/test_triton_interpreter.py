@@ -90,6 +90,21 @@ def test_without_it_every_device_call_patches_again(count_full_patches):
     assert len(count_full_patches) == 1 + 3 * 3 * 2
 
 
+def test_a_device_function_that_sees_no_language_module_meets_triton_s_own_check():
+    """Skipping is only for functions whose language modules the launch patched: one that sees none is
+    refused by Triton as it is without the wrapper, inside a launch too."""
+    namespace = {}
+    exec("def helper(x):\n    return x\n", namespace)
+    state = triton_interpreter._STATE
+    outer = (state.in_launch, state.patched)
+    state.in_launch, state.patched = True, frozenset({id(tl), id(tl.core)})
+    try:
+        with pytest.raises(AssertionError, match="triton.language must be visible"):
+            interpreter._patch_lang(namespace["helper"])
+    finally:
+        state.in_launch, state.patched = outer
+
+
 def test_the_language_is_triton_s_own_after_a_launch():
     before = _language_attributes()
     _run_kernel()

@@ -71,7 +71,8 @@ def install() -> bool:
 
     def patch_lang_once_per_launch(fn):
         modules = _language_modules(fn)
-        if _STATE.in_launch and _STATE.patched is not None and modules <= _STATE.patched:
+        # a function that sees no language module goes to Triton, whose check refuses it
+        if _STATE.in_launch and _STATE.patched is not None and modules and modules <= _STATE.patched:
             return interpreter._LangPatchScope()  # the launch patched these; nothing to undo
         scope = patch_lang(fn)
         if _STATE.in_launch:
