@@ -151,8 +151,9 @@ def test_the_queue_takes_jobs_until_closed_longest_first_and_each_once():
 
 
 def test_a_session_that_runs_whole_modules_queues_their_jobs_at_import(tmp_path):
-    """In its own session: the job of a module given by path starts before collection ends; under -k it
-    starts only after, and only for a module with a selected test."""
+    """In its own session: the job of a module given by path starts while the next module is collected
+    (a second, so that a busy machine schedules the queue's thread); under -k it starts only after
+    collection."""
     (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
     (tmp_path / "test_first.py").write_text(
         "import time\n"
@@ -164,8 +165,8 @@ def test_a_session_that_runs_whole_modules_queues_their_jobs_at_import(tmp_path)
         "    assert JOB.result() > 0\n")
     (tmp_path / "test_second.py").write_text(
         "import time\n"
+        "time.sleep(1)  # collection goes on for a second; the job starts meanwhile or not at all\n"
         "COLLECTED = time.monotonic()\n"
-        "time.sleep(1)\n"
         "def test_plain():\n"
         "    from tests import background\n"
         "    job = background.JOBS['first module job']\n"
