@@ -14,8 +14,12 @@ README = os.path.join(ROOT, "README.md")
 #: the README's blocks: split -> (files of rows, the recommended configuration's name in them): every row run on one
 #: machine, seeds 0-1 at one commit (NOTES.md sections 73-74) and seeds 2-3 at another (section 77)
 README_BLOCKS = {
-    "validation": (("validation_repro74.jsonl", "validation_seeds23_77.jsonl"), "pretrain_hold_decayfromhold"),
-    "holdout": (("holdout_repro74.jsonl", "holdout_seeds23_77.jsonl"), "pretrain_hold_decayfromhold")}
+    "validation": (("validation_repro74.jsonl", "validation_seeds23_77.jsonl", "validation_onerate82.jsonl"),
+                   "pretrain_hold_decayfromhold"),
+    "holdout": (("holdout_repro74.jsonl", "holdout_seeds23_77.jsonl", "holdout_onerate82.jsonl"),
+                "pretrain_hold_decayfromhold")}
+#: the rows the README's one-rate yardstick is chosen on (NOTES.md section 82)
+ONE_RATE_FROM = ("development.jsonl", "development_onerate82.jsonl")
 
 
 def _row(task, config, length, seed, loss, level=1e-3, forwards=1.0):
@@ -211,8 +215,12 @@ def test_the_readme_shows_the_committed_rows_as_the_scorecard_reads_them(split):
     """The README's tables are generated, not typed: this fails when a row or the page changes alone."""
     names, config = README_BLOCKS[split]
     files = [os.path.relpath(os.path.join(ZOO, name), ROOT) for name in names]
-    card = S.scorecard(runner.read_rows([os.path.join(ROOT, f) for f in files]), split, config)
-    expected = S.markdown(card, split, config, S.command(files, split, config))
+    chooser = [os.path.relpath(os.path.join(ZOO, name), ROOT) for name in ONE_RATE_FROM]
+    chosen = S.one_rate(runner.read_rows([os.path.join(ROOT, f) for f in chooser]))
+    assert chosen["config"] == "adamw_3e-2" and not chosen["edge"]
+    card = S.scorecard(runner.read_rows([os.path.join(ROOT, f) for f in files]), split, config,
+                       one_rate=chosen["config"])
+    expected = S.markdown(card, split, config, S.command(files, split, config, one_rate_from=chooser))
     with open(README, encoding="utf-8") as handle:
         assert S.block_of(handle.read(), split) == expected
 
@@ -235,3 +243,63 @@ def test_a_rate_chosen_on_other_rows_reads_the_flattery_and_the_configuration_ag
     assert len(result["missing"]) == 4  # the other hold-out tasks have no rows
     text = S.chosen_markdown({"default": result}, "cand")
     assert "| default | 1.414 (1) | 1.342 (2) | 0.949 (1) | 1/2 |" in text
+
+
+def _development_rows(losses):
+    """Development rows of the grid's rates: ``losses`` maps rate -> per-task loss (a list, one per task, for
+    every length), seeds 0-1."""
+    rows = []
+    for length in Z.LENGTHS:
+        for i, task in enumerate(sorted(Z.names("development"))):
+            rows += [_row(task, f"adamw_{rate}", length, seed, per_task[i]) for rate, per_task in losses.items()
+                     for seed in (0, 1)]
+    return rows
+
+
+def test_one_rate_is_the_grid_rate_with_the_lowest_geomean_over_the_development_task_lengths():
+    """NOTES.md section 82. Six development tasks: 1e-2 is best on four (ratio 1), 3e-2 on two; 3e-2's ratios
+    (1.1 on four, 1 on two) have a lower geomean than 1e-2's (1 on four, 2 on two). A rate without rows on every
+    task-length (9e-2, on one) is not chosen, but it is the best AdamW where it ran, and every ratio there is
+    over it (the first task at short: 3e-2 2.2, 1e-2 2)."""
+    losses = {"1e-3": [3.0] * 6, "1e-2": [1.0, 1.0, 1.0, 1.0, 2.0, 2.0], "3e-2": [1.1, 1.1, 1.1, 1.1, 1.0, 1.0],
+              "1e-1": [5.0] * 6}
+    rows = _development_rows(losses)
+    rows += [_row(sorted(Z.names("development"))[0], "adamw_9e-2", "short", seed, 0.5) for seed in (0, 1)]
+    chosen = S.one_rate(rows)
+    assert chosen["config"] == "adamw_3e-2" and not chosen["edge"] and chosen["task_lengths"] == 18
+    assert list(chosen["geomeans"]) == ["adamw_1e-3", "adamw_1e-2", "adamw_3e-2", "adamw_1e-1"]
+    assert chosen["geomeans"]["adamw_3e-2"] == pytest.approx((1.1 ** 11 * 2.2) ** (1 / 18))
+    assert chosen["geomeans"]["adamw_1e-2"] == pytest.approx(2 ** (7 / 18))
+    at_end = S.one_rate(_development_rows({"1e-2": [1.0] * 6, "3e-2": [2.0] * 6}))
+    assert at_end["config"] == "adamw_1e-2" and at_end["edge"]
+    with pytest.raises(ValueError, match="no task-length of split 'development'"):
+        S.one_rate([r for r in rows if r["split"] != "development"])
+
+
+def test_the_one_rate_yardstick_reads_that_rate_on_every_task_and_counts_the_configuration_ahead_of_it():
+    rows = []
+    names = sorted(Z.names("holdout"))
+    for i, task in enumerate(names):  # the candidate 1.0 everywhere; AdamW at 1e-1 is 2x the best, at 1e-3 3x
+        rows += _task_rows(task, "default", 1.0 if i else 2.5)
+    card = S.scorecard(rows, "holdout", "cand", one_rate="adamw_1e-1")["default"]
+    assert card["tasks"][1]["one_rate"] == pytest.approx(2.0)
+    assert card["one_rate"] == dict(config="adamw_1e-1", geomean=pytest.approx(2.0), above=6, tasks=6, ahead=5)
+    text = S.markdown({"default": card}, "holdout", "cand", S.command(["f"], "holdout", "cand", one_rate_from=["d"]))
+    assert "--config cand --one-rate-from d`" in text
+    assert "| yardstick: AdamW at one rate on every task (`adamw_1e-1`, chosen on development): geomean (tasks above " \
+           "1.15) | 2.000 (6/6) |" in text and "| at or ahead of AdamW at that one rate | 5/6 |" in text
+    without = S.scorecard([r for r in rows if not (r["config"] == "adamw_1e-1" and r["task"] == names[0])],
+                          "holdout", "cand", one_rate="adamw_3e-2")["default"]
+    assert without["one_rate"]["tasks"] == 0 and math.isnan(without["one_rate"]["geomean"])
+    assert S.scorecard(rows, "holdout", "cand")["default"]["one_rate"] is None
+    assert "one rate" not in S.markdown({"default": S.scorecard(rows, "holdout", "cand")["default"]}, "holdout",
+                                        "cand", "c")
+
+
+def test_the_command_refuses_a_one_rate_at_an_end_of_the_development_ladder(tmp_path):
+    rows = tmp_path / "development.jsonl"
+    import json
+    rows.write_text("".join(json.dumps(r) + "\n" for r in _development_rows({"1e-2": [1.0] * 6, "3e-2": [2.0] * 6})))
+    with pytest.raises(SystemExit, match="an end of the rates"):
+        runner.main(["scorecard", str(rows), "--split", "development", "--config", "adamw_1e-2",
+                     "--one-rate-from", str(rows)])

@@ -739,6 +739,9 @@ def main(argv=None) -> int:
                       help="the AdamW divided by: the zoo's grid (weight decay 0.1 on matrices), the grid at no "
                            "weight decay, or the better of the two per task-length (tuned over its weight decay, "
                            "NOTES.md section 78)")
+    card.add_argument("--one-rate-from", nargs="+", default=None, metavar="FILE",
+                      help="add a yardstick: AdamW at one rate on every task, the rate whose ratios have the lowest "
+                           "geomean over these rows' development task-lengths (NOTES.md section 82)")
     card.add_argument("--update", default=None,
                       help="rewrite this file's block between '<!-- zoo scorecard: SPLIT -->' and its end marker")
     args = parser.parse_args(argv)

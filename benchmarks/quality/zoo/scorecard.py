@@ -15,7 +15,9 @@ level / the best AdamW's mean rate. Per length, each target:
 
 Beside them, a yardstick for how precise a level the targets ask for: the same ratios for AdamW at the
 grid's rates next to its best (about 3x below and above), the better and the worse of the two per task;
-and how far the geomean rests on the seeds drawn: its 5th and 95th percentiles over ``RESAMPLES``
+with ``--one-rate-from FILE...``, AdamW at one rate on every task, the rate chosen on those rows (the
+development tasks: :func:`one_rate`, NOTES.md section 82), and on how many tasks the configuration is at or
+ahead of it; and how far the geomean rests on the seeds drawn: its 5th and 95th percentiles over ``RESAMPLES``
 resamplings of each task's seeds with replacement (the configuration and the best AdamW rate on the same
 drawn seeds, the rate kept as the whole sample chose it; a fixed generator, so the card is reproducible).
 
@@ -45,10 +47,12 @@ REFERENCE_NAMES = {"prodigy_warmup": "Prodigy + warm-up", "schedulefree_warmup":
                    "prodigy_plus_sf": "prodigy-plus-schedule-free"}
 
 
-def scorecard(rows: List[dict], split: str, config: str, grids: Tuple[str, ...] = R.ZOO_GRID) -> Dict[str, dict]:
+def scorecard(rows: List[dict], split: str, config: str, grids: Tuple[str, ...] = R.ZOO_GRID,
+              one_rate: Optional[str] = None) -> Dict[str, dict]:
     """Per length of ``tasks.LENGTHS``: the split's tasks (each with the configuration's ratio, level
     ratio and forwards, the defaults' and the references' ratios, None where a row is missing) and
-    each target, met or not; the best AdamW among the grids ``grids`` names (:func:`runner.summarize`)."""
+    each target, met or not; the best AdamW among the grids ``grids`` names (:func:`runner.summarize`).
+    ``one_rate``: an AdamW configuration (``adamw_<lr>``) read on every task as a yardstick (:func:`one_rate`)."""
     names = sorted(name for name, spec in Z.ZOO.items() if spec.split == split)
     if not names:
         raise ValueError(f"the zoo has no task in split {split!r}")
@@ -72,9 +76,45 @@ def scorecard(rows: List[dict], split: str, config: str, grids: Tuple[str, ...] 
                               best_lr=entry["best_lr"] if entry else None, edge=bool(entry and entry["edge"]),
                               grid_step_off=grid_step_off(entry) if entry else None,
                               no_grid=entry is None and name in ran,
+                              one_rate=ratio(one_rate) if one_rate else None,
                               seed_pairs=seed_pairs([r for r in at_length if r["task"] == name], config, entry)))
-        card[length] = dict(tasks=tasks, **_targets(tasks))
+        card[length] = dict(tasks=tasks, one_rate=_one_rate_yardstick(tasks, one_rate), **_targets(tasks))
     return card
+
+
+def one_rate(rows: List[dict], split: str = Z.DEVELOPMENT) -> dict:
+    """AdamW at one rate for every task and length, the rate chosen on ``rows`` of ``split`` (NOTES.md section
+    82): of the zoo grid's rates with a row on every task-length there (on the seeds its ratios are over), the
+    one whose ratios to the best AdamW have the lowest geometric mean over the task-lengths. Returns ``config``
+    (its name), ``geomeans`` (rate -> geomean, of every complete rate) and ``edge`` (the chosen rate is the lowest
+    or highest complete rate: the ladder should be extended past it before the choice is read)."""
+    entries = [e for length in Z.LENGTHS
+               for e in R.summarize([r for r in rows if r["split"] == split and r["length"] == length]).values()]
+    if not entries:
+        raise ValueError(f"no task-length of split {split!r} has an AdamW grid in the rows to choose one rate on")
+    ratios: Dict[str, List[float]] = {}
+    for entry in entries:
+        for name, numbers in entry["configs"].items():
+            if R.lr_of(name) is not None:
+                ratios.setdefault(name, []).append(numbers["ratio"])
+    complete = {name: values for name, values in ratios.items() if len(values) == len(entries)}
+    if not complete:
+        raise ValueError(f"no AdamW rate has rows on all {len(entries)} task-lengths of split {split!r}")
+    geomeans = {name: R._gmean(values) for name, values in complete.items()}
+    chosen = min(geomeans, key=lambda name: (geomeans[name], R.lr_of(name)))
+    ladder = sorted(geomeans, key=R.lr_of)
+    return dict(config=chosen, geomeans={name: geomeans[name] for name in ladder}, task_lengths=len(entries),
+                edge=chosen in (ladder[0], ladder[-1]))
+
+
+def _one_rate_yardstick(tasks: List[dict], config: Optional[str]) -> Optional[dict]:
+    if config is None:
+        return None
+    have = [t for t in tasks if t["one_rate"] is not None]
+    geomean = R._gmean([t["one_rate"] for t in have]) if len(have) == len(tasks) else math.nan
+    ahead = sum(t["ratio"] is not None and t["ratio"] <= t["one_rate"] for t in have)
+    return dict(config=config, geomean=geomean, above=sum(not t["one_rate"] <= NO_TASK_ABOVE for t in have),
+                tasks=len(have), ahead=ahead)
 
 
 def seed_pairs(rows: List[dict], config: str, entry: Optional[dict]) -> Optional[List[Tuple[float, float]]]:
@@ -239,6 +279,14 @@ def markdown(card: Dict[str, dict], split: str, config: str, command: str, adamw
         row(f"yardstick: AdamW a grid step off its best rate, the {side} side: geomean (tasks above {NO_TASK_ABOVE})",
             [f"{R._fmt(card[n]['grid_step_off'][side]['geomean'])} ({card[n]['grid_step_off'][side]['above']}"
              f"/{card[n]['grid_step_off'][side]['tasks']})" for n in lengths])
+    yardstick = card[lengths[0]].get("one_rate")
+    if yardstick is not None:
+        row(f"yardstick: AdamW at one rate on every task (`{yardstick['config']}`, chosen on development): geomean "
+            f"(tasks above {NO_TASK_ABOVE})",
+            [f"{R._fmt(card[n]['one_rate']['geomean'])} ({card[n]['one_rate']['above']}/{card[n]['one_rate']['tasks']})"
+             for n in lengths])
+        row(f"at or ahead of AdamW at that one rate", [f"{card[n]['one_rate']['ahead']}/{card[n]['one_rate']['tasks']}"
+                                                       for n in lengths])
     missing = {n: card[n]["missing"] for n in lengths if card[n]["missing"]}
     if missing:
         lines += ["", "Tasks without rows (every target they enter counts as missed): "
@@ -274,9 +322,11 @@ def block_of(text: str, split: str) -> str:
     return text.split(start, 1)[1].split(end, 1)[0].lstrip("\n")
 
 
-def command(files: List[str], split: str, config: str, adamw: str = "zoo-grid") -> str:
+def command(files: List[str], split: str, config: str, adamw: str = "zoo-grid",
+            one_rate_from: Optional[List[str]] = None) -> str:
     return (f"python -m benchmarks.quality.zoo scorecard {' '.join(files)} --split {split} --config {config}"
-            + ("" if adamw == "zoo-grid" else f" --adamw {adamw}"))
+            + ("" if adamw == "zoo-grid" else f" --adamw {adamw}")
+            + (f" --one-rate-from {' '.join(one_rate_from)}" if one_rate_from else ""))
 
 
 def chosen_markdown(result: Dict[str, dict], config: str) -> str:
@@ -294,13 +344,23 @@ def chosen_markdown(result: Dict[str, dict], config: str) -> str:
 
 def command_scorecard(args) -> int:
     rows = R.read_rows(args.files)
-    card = scorecard(rows, args.split, args.config, R.ADAMW_DENOMINATORS[args.adamw][0])
-    text = markdown(card, args.split, args.config, command(args.files, args.split, args.config, args.adamw), args.adamw)
+    chosen = one_rate(R.read_rows(args.one_rate_from)) if args.one_rate_from else None
+    if chosen is not None and chosen["edge"]:
+        raise SystemExit(f"--one-rate-from: the lowest geomean is at {chosen['config']}, an end of the rates with rows on "
+                         f"every development task-length ({', '.join(chosen['geomeans'])}): run the next rate past it first")
+    card = scorecard(rows, args.split, args.config, R.ADAMW_DENOMINATORS[args.adamw][0],
+                     chosen["config"] if chosen else None)
+    text = markdown(card, args.split, args.config,
+                    command(args.files, args.split, args.config, args.adamw, args.one_rate_from), args.adamw)
     if args.update:  # the card alone: the page's block is the issue's reading
         with open(args.update, encoding="utf-8") as handle:
             page = replace_block(handle.read(), args.split, text)
         with open(args.update, "w", encoding="utf-8") as handle:
             handle.write(page)
+    if chosen is not None:
+        text += (f"\nThe one rate, chosen on {chosen['task_lengths']} development task-lengths: geomean of AdamW's ratio "
+                 "to its best there, per rate: " + ", ".join(f"{name} {R._fmt(g)}" for name, g in chosen["geomeans"].items())
+                 + ".\n")
     if args.choose_rate_on:
         text += chosen_markdown(rate_chosen_elsewhere(rows, R.read_rows(args.choose_rate_on), args.split, args.config),
                                 args.config)
