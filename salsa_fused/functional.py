@@ -317,10 +317,13 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
 
     passes.run("first_trial", direction, GroupStep.trial, search.step_size)
     current = search.step_size  # the trial the weights are at
+    trials = finite_trials = 0
     try:
         while True:
             tried = search.step_size
             loss = trial_loss()
+            trials += 1
+            finite_trials += math.isfinite(loss)
             verdict = search.observe(loss)
             if (verdict is Verdict.GIVE_UP and not math.isfinite(loss)
                     and not _weights_finite(passes, reduction=reduction)):
@@ -336,6 +339,14 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
                 raise GaveUpAtNonFiniteTrial(
                     f"{failed}: the weights and the optimizer's state are as before the step (a smaller "
                     "init_step_size, or more max_trials, lets the search backtrack further)")
+            if verdict is Verdict.GIVE_UP and not finite_trials:
+                # the closure is NaN/inf wherever it was tried, down to the smallest trial, and finite at
+                # w0: kept, the run would go on at a level shrunk to next to nothing
+                raise GaveUpAtNonFiniteTrial(
+                    f"no trial of the search returned a finite loss ({trials} trials, the last at step size "
+                    f"{tried:g}: {loss}), while the loss at the current weights was finite: the closure returns "
+                    "NaN/inf at weights next to them (a forward that breaks under torch.no_grad(), or state the "
+                    "first call changed). The weights and the optimizer's state are as before the step")
             if verdict is not Verdict.RETRY:
                 break
             passes.run("retrial", direction, GroupStep.trial, search.step_size, current)
@@ -371,8 +382,8 @@ def _warn_every_trial_failed(trials: int, fell_to: float, shrink: float = 0.0, t
     while each search spends ``max_trials`` forwards. 0.1.0 does the same, silently. The text depends on
     the configuration and the step's form only, so Python's filter shows it once per calling line. It names
     the causes in the order they are met: in the two-phase form, a ``loss=`` that is not the closure's; a
-    closure that returns NaN or more at trial weights; for a rule that ``grows_untested`` (SaLSa's), a level
-    grown untested (0.1.0's rule grows it by ``growth`` at every search that cannot test: loss exactly 0, or a
+    closure that returns a much larger loss at trial weights (or NaN at some: a search with no finite trial
+    is refused before this warning); for a rule that ``grows_untested`` (SaLSa's), a level grown untested (0.1.0's rule grows it by ``growth`` at every search that cannot test: loss exactly 0, or a
     smoothed slope under 1e-8, as on a batch already fitted). When ``shrink``, the largest ``weight_decay * lr * s * eta`` of the step, is 1e-3
     or more, the text says so (not its value, which moves with the level): every trial shrinks the weights
     by it whatever the trial (the decay multiplies the level before the search), which can fail them all on
@@ -390,7 +401,7 @@ def _warn_every_trial_failed(trials: int, fell_to: float, shrink: float = 0.0, t
     warnings.warn(
         f"every trial of a line search failed ({trials} trials): the level fell to at most {fell_to:.3g} "
         f"times the first trial (with the defaults, to next to nothing). Causes: {loss_given}a closure that "
-        f"returns NaN or a much larger loss at trial weights{untested}. {decay}opt.search_state.last_trials and "
+        f"returns a much larger loss at trial weights, or NaN at the larger ones{untested}. {decay}opt.search_state.last_trials and "
         "opt.step_size show it", RuntimeWarning, stacklevel=caller_stacklevel())
 
 
@@ -424,7 +435,8 @@ def _decisions(search, direction: str) -> Tuple[FinalMove, SearchState]:
 
 
 class GaveUpAtNonFiniteTrial(NonFiniteError):
-    """A search whose kept move would write NaN/inf weights; nothing was written (``reject``)."""
+    """A search whose kept move would write NaN/inf weights, or none of whose trials returned a finite loss;
+    nothing was written (``reject``)."""
 
 
 def _weights_finite(passes: Passes, dtype: Optional[torch.dtype] = None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from copy import deepcopy
 from dataclasses import replace
 
@@ -1121,7 +1122,10 @@ def test_a_one_element_loss_of_any_shape_trains_as_the_scalar():
     assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
 
 
-def test_every_trial_loss_non_finite_exhausts_the_search_with_finite_state():
+def test_trial_losses_non_finite_then_far_larger_exhaust_the_search_with_finite_state():
+    """NaN at the two largest trials, a finite but far larger loss at the others: every trial fails, and the
+    search ends as 0.1.0's does (the last trial kept, the level backtracked once more, a warning). Where no
+    trial is finite the step is refused instead (test_a_closure_that_is_non_finite_at_every_trial_...)."""
     model, opt = _trained(max_trials=5)
     _until_search_next(model, opt)
     before = opt.search_state
@@ -1130,7 +1134,7 @@ def test_every_trial_loss_non_finite_exhausts_the_search_with_finite_state():
     def closure():
         calls.append(None)
         loss = F.mse_loss(model(_X), _Y)
-        return loss if len(calls) == 1 else loss * float("nan")
+        return loss if len(calls) == 1 else loss * (float("nan") if len(calls) <= 3 else 1e6)
 
     opt.zero_grad()
     with pytest.warns(RuntimeWarning, match=r"every trial of a line search failed \(5 trials\)"):
@@ -1355,6 +1359,47 @@ def test_a_search_that_gives_up_at_weights_that_overflowed_keeps_nothing_non_fin
         after = _everything(model, opt)
         _unchanged(before, after)
         assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend,restore", [("torch", "copy"), ("cpp", "copy"), ("torch", "inplace")])
+def test_a_closure_that_is_non_finite_at_every_trial_is_refused_not_kept_at_a_vanished_level(backend, restore):
+    """Finite at w0, NaN at every trial weight (a new user's check): the search backtracked through all
+    max_trials and kept the last trial with the level at 0.8^99 of the first, a run stalled behind one warning,
+    whatever ``nonfinite`` said. Now "raise" raises and "skip" skips the step, the weights (to rounding under
+    restore='inplace'), moments and search state as before; the next steps train as if it had not been."""
+    for policy in ("raise", "skip"):
+        torch.manual_seed(0)
+        model = _model()
+        opt = FusedSaLSa(model.parameters(), backend=backend, restore=restore, nonfinite=policy, max_trials=20)
+        calls = []
+
+        def closure():
+            calls.append(torch.is_grad_enabled())
+            loss = F.mse_loss(model(_X), _Y)
+            return loss if calls[-1] else loss * float("nan")  # NaN at every trial forward
+
+        before = _everything(model, opt)
+        opt.zero_grad()
+        if policy == "raise":
+            with pytest.raises(NonFiniteError, match=r"no trial of the search returned a finite loss \(20 trials"):
+                opt.step(closure)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no "every trial failed" warning: the step was not kept
+                opt.step(closure)
+            assert opt.num_skipped_steps == 1
+        after = _everything(model, opt)
+        if restore == "copy":
+            _unchanged(before, after)
+        else:
+            assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(before[0], after[0]))
+            _unchanged(([], before[1]), ([], after[1]))
+        assert opt.search_state == dataclasses.replace(before[2], num_forward_evals=opt.search_state.num_forward_evals,
+                                                       num_skipped_steps=opt.num_skipped_steps)
+        assert len(calls) == 21 and opt.step_size == before[2].step_size
+        opt.zero_grad()
+        opt.step(lambda: F.mse_loss(model(_X), _Y))  # a sound closure trains on at the level it had
+        assert opt.num_searches == 1 and opt.step_size > 1e-4
 
 
 def test_an_applied_step_that_overflows_float16_weights_is_refused_with_everything_as_before():
