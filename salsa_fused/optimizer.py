@@ -424,6 +424,7 @@ class FusedSaLSa(Optimizer, Joinable):
         self._past_end_warned = False  # the one-time warning past the schedule's total_steps
         self._collapse_checked = False  # the one-time check of the level a schedule freezes
         self._stacked_scheduler_warned = False  # the one-time warning of a scheduler on top of the schedule
+        self._auto_fallback_warned = False  # the one-time warning of "auto" sent to the torch backend
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         _refuse_a_set(params)  # torch.optim refuses one only inside a group
         super().__init__(params, defaults)
@@ -586,7 +587,17 @@ class FusedSaLSa(Optimizer, Joinable):
                 if reason is None:
                     continue
                 if self.backend_name == _backends.AUTO:
+                    kernels = self.backend.name
                     self.backend = _backends.resolve("torch", self._device or torch.device("cpu"))
+                    if not self._auto_fallback_warned:
+                        self._auto_fallback_warned = True
+                        warnings.warn(
+                            f"salsa_fused: backend='auto' runs every parameter on the torch backend (the reference, "
+                            f"slower than the compiled {kernels} kernels) because param_groups[{i}]['params'][{j}] "
+                            f"is {reason}. FusedSaLSa runs one backend for all its parameters: give that tensor an "
+                            f"optimizer of its own, or make it a dense float32/bfloat16/float16 tensor, and the "
+                            f"others keep the {kernels} backend; backend='torch' says you chose this",
+                            RuntimeWarning, stacklevel=caller_stacklevel())
                     return
                 flags = ", ".join(f"{k}={v}" for k, v in (("foreach", self.foreach), ("fused", self.fused))
                                   if v is not None)
@@ -884,7 +895,7 @@ class FusedSaLSa(Optimizer, Joinable):
     #: the backend is resolved again by name, caches and the hand-off to the next step start empty.
     _PICKLED = ("_search", "search_config", "search_rule", "_schedule", "search_direction",
                 "restore_strategy", "backend_name", "foreach", "fused", "nonfinite", "init_step_size",
-                "_init_step_size_given", "model", "_device", "_counts", "_reduction_given")
+                "_init_step_size_given", "model", "_device", "_counts", "_reduction_given", "_auto_fallback_warned")
 
     def __getstate__(self) -> dict:
         state = {**super().__getstate__(), **{name: self.__dict__[name] for name in self._PICKLED
@@ -900,7 +911,7 @@ class FusedSaLSa(Optimizer, Joinable):
         for name, value in (("_buckets", BucketCache()), ("_saved", {}), ("_counts", None), ("foreach", None),
                             ("fused", None), ("_lr_checked", False), ("_lr_rising", {}), ("_past_end_warned", False),
                             ("_init_step_size_given", True), ("_stacked_scheduler_warned", False),
-                            ("_collapse_checked", False)):
+                            ("_collapse_checked", False), ("_auto_fallback_warned", False)):
             self.__dict__.setdefault(name, value)
         # load_state_dict() comes here too: a bind_closure()/mark_forward() it follows stays for the next step
         self.__dict__.setdefault("_handoff", _StepHandoff())

@@ -459,14 +459,28 @@ def test_a_pass_that_writes_weights_refuses_an_empty_weight_list():
 
 def test_params_the_kernels_cannot_take_send_auto_to_torch_and_are_refused_by_name():
     """float64 (or a strided view with gaps) with the extension built: ``"auto"`` runs the torch
-    backend and trains; ``backend="cpp"`` and ``fused=True`` refuse at construction, naming it."""
+    backend for every parameter and trains, saying so once, with the tensor and its reason (a new user
+    found one float64 scalar beside a float32 model slow the whole step 3x, silently); ``backend="cpp"`` and
+    ``fused=True`` refuse at construction, naming it."""
+    import copy
+    import warnings
+
     from salsa_fused import FusedSaLSa
 
     double = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
     gappy = torch.nn.Parameter(torch.randn(4, 6)[:, ::2])
-    for param in (double, gappy):
+    for param, reason in ((double, r"torch.float64 \(the kernels take"), (gappy, "not dense")):
         before = param.detach().clone()
-        opt = FusedSaLSa([param], init_step_size=0.1)
+        dense = torch.nn.Parameter(torch.randn(3))
+        with pytest.warns(RuntimeWarning, match=r"backend='auto' runs every parameter on the torch backend .*"
+                                                rf"param_groups\[1\]\['params'\]\[0\] is {reason}.*keep the cpp backend"):
+            opt = FusedSaLSa([{"params": [dense]}, {"params": [param]}], init_step_size=0.1)
+        assert opt.backend.name == "torch"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once: not again for a copy or another group
+            copy.deepcopy(opt)
+            opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2, dtype=torch.float64))]})
+            opt = FusedSaLSa([param], init_step_size=0.1, backend="torch")  # chosen: no warning
         assert opt.backend.name == "torch"
         opt.step(lambda: (param.float() ** 2).sum())
         assert not torch.equal(param, before) and torch.isfinite(param).all()
