@@ -701,7 +701,9 @@ class FusedSaLSa(Optimizer, Joinable):
 
     @property
     def search_interval(self) -> float:
-        """The interval ``L`` of the last step (searches come every ``ceil(L)`` steps)."""
+        """The interval ``L`` of the last step (searches come every ``ceil(L)`` steps past the first
+        ``always_search_steps``). After step 1 it is ``max_search_interval``: the two averages of eta start
+        equal, so ``L = min(L_max, 1 / (r - 1))`` has ``r = 1``; the first steps search whatever it says."""
         return self._search.search_interval
 
     @property

@@ -178,6 +178,9 @@ def decay_matrices_only(params):
 def from_preset(params, name: str, total_steps=_OMITTED, **overrides) -> FusedSaLSa:
     """``FusedSaLSa(params, **preset, **overrides)`` for the named preset; for a preset of
     ``SPLIT_DECAY`` handed plain tensors, ``params`` split by :func:`decay_matrices_only`."""
+    if isinstance(params, str):
+        raise TypeError(f"from_preset(params, name, total_steps=...) takes the parameters first, got the string "
+                        f"{params!r}: from_preset(model.parameters(), {params!r}, total_steps=...)")
     preset = preset_kwargs(name, total_steps)
     kwargs = {**preset, **overrides}
     if name in SPLIT_DECAY:
@@ -195,4 +198,8 @@ def recommended(params, total_steps=_OMITTED, **overrides) -> FusedSaLSa:
     """The recommended configuration (preset ``RECOMMENDED``) for a run of ``total_steps`` steps;
     ``total_steps=None``: a run of unknown length (no schedule: the searched level throughout).
     Omitting ``total_steps`` raises TypeError: the choice is the caller's."""
+    if isinstance(params, str):
+        raise TypeError(f"recommended(params, total_steps=...) takes the parameters, got the string {params!r}: "
+                        "recommended(model.parameters(), total_steps=N) (a preset by name: "
+                        f"from_preset(model.parameters(), {params!r}, total_steps=N))")
     return from_preset(params, RECOMMENDED, total_steps=total_steps, **overrides)

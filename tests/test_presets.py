@@ -118,6 +118,11 @@ def test_groups_keep_their_own_weight_decay_and_overrides_win():
     (lambda p: presets.from_preset(p, "pretrain", total_steps=-1), ValueError, "total_steps"),
     (lambda p: presets.recommended(p, total_steps=0), ValueError, "total_steps"),
     (lambda p: presets.recommended(p, total_steps=2.5), ValueError, "total_steps"),
+    # the name where the parameters go (a new user's first guess): said so, not "can only optimize Tensors"
+    (lambda p: presets.recommended("pretrain", total_steps=100), TypeError,
+     r"takes the parameters, got the string 'pretrain': recommended\(model.parameters\(\), total_steps=N\)"),
+    (lambda p: presets.from_preset("pretrain", p, total_steps=100), TypeError,
+     r"takes the parameters first, got the string 'pretrain'"),
 ])
 def test_bad_preset_arguments_raise_clear_errors(call, error, match):
     with pytest.raises(error, match=match):
