@@ -19,7 +19,7 @@ ZOO_MD = os.path.join(os.path.dirname(Z.__file__), os.pardir, "ZOO.md")
 
 def test_zoo_md_lists_every_task_with_its_split_and_size():
     text = open(ZOO_MD).read()
-    rows = re.findall(r"^\| (\w+) \| (development|validation|holdout2?) \| .* \| (cycled|stream) \| (\d+) \| (\d+) \|$",
+    rows = re.findall(r"^\| (\w+) \| (development|validation|holdout2?|scale) \| .* \| (cycled|stream) \| (\d+) \| (\d+) \|$",
                       text, re.M)
     written = {name: (split, regime, int(steps), int(batch)) for name, split, regime, steps, batch in rows}
     assert written == {s.name: (s.split, s.regime, s.steps, s.batch) for s in Z.SPECS}
@@ -27,10 +27,12 @@ def test_zoo_md_lists_every_task_with_its_split_and_size():
 
 def test_the_split_holds_out_tasks():
     assert len(Z.SPECS) >= 12
-    development, validation, holdout, holdout2 = (Z.names(split) for split in Z.SPLITS)
+    development, validation, holdout, holdout2, scale = (Z.names(split) for split in Z.SPLITS)
     assert 3 * len(development) <= len(Z.SPECS) and set(development).isdisjoint(validation)
     assert len(holdout) >= 6 and set(holdout).isdisjoint(development + validation)
     assert len(holdout2) >= 4 and set(holdout2).isdisjoint(development + validation + holdout)
+    # the scale split: validation tasks' data at other widths, under names of their own
+    assert len(scale) == 6 and set(scale).isdisjoint(development + validation + holdout + holdout2)
     assert len({Z.ZOO[name].family for name in holdout} - {Z.ZOO[name].family for name in development}) == 6
     assert len({s.family for s in Z.SPECS}) >= 10
     assert {s.regime for s in Z.SPECS} == {"cycled", "stream"}
@@ -418,3 +420,18 @@ def test_the_zoo_table_rebuilds_the_committed_holdout_table_with_its_configurati
                         "--title", "Zoo hold-out tasks, length default, seeds 0-1 (NOTES.md section 34)"]) == 0
     with open(os.path.join(zoo, "holdout.md")) as committed:
         assert out.read_text() == committed.read()
+
+
+def test_a_scale_task_is_its_validation_task_at_another_width():
+    """NOTES.md section 83: the same batches and loss as the validation task, the model's hidden width changed."""
+    for base, narrow, wide, width in (("mlp_tanh_deep", "mlp_tanh_deep_w21", "mlp_tanh_deep_w192", (21, 192)),
+                                      ("mlp_gelu_sin", "mlp_gelu_sin_w21", "mlp_gelu_sin_w192", (21, 192)),
+                                      ("lm_mid", "lm_mid_w16", "lm_mid_w144", (16, 144))):
+        reference = Z.make(base, 0, steps=3)
+        for name, w in zip((narrow, wide), width):
+            task = Z.make(name, 0, steps=3)
+            assert task.name == name and Z.ZOO[name].split == Z.SCALE
+            assert all(torch.equal(x, y) for a, b in zip(task.batches, reference.batches) for x, y in zip(a, b))
+            model = task.model(0)
+            assert w in {p.shape[0] for p in model.parameters() if p.ndim == 2}
+            assert math.isfinite(float(task.loss(model, task.batches[0]).detach()))

@@ -33,8 +33,8 @@ from examples.gpt import GPT, ByteBatches, GPTConfig, load_stdlib_corpus
 
 from ..tasks import SequenceClassifier, Task, digits_task
 
-DEVELOPMENT, VALIDATION, HOLDOUT, HOLDOUT2 = "development", "validation", "holdout", "holdout2"
-SPLITS = (DEVELOPMENT, VALIDATION, HOLDOUT, HOLDOUT2)
+DEVELOPMENT, VALIDATION, HOLDOUT, HOLDOUT2, SCALE = "development", "validation", "holdout", "holdout2", "scale"
+SPLITS = (DEVELOPMENT, VALIDATION, HOLDOUT, HOLDOUT2, SCALE)
 # run lengths for later (issue 14: "held on three run lengths per task family"): steps x multiplier
 LENGTHS = {"short": 1 / 3, "default": 1.0, "long": 3.0}
 _CPU = torch.device("cpu")
@@ -631,6 +631,17 @@ def _embedding_topics(seed: int, steps: int) -> Task:
                 _ce_smoothed, val)
 
 
+# ---------------------------------------------------------------------------- the same tasks at other widths
+def _at_width(build: Callable[[int, int], Task], name: str, model: Callable[[], nn.Module]):
+    """``build``'s task (its data, batches and loss) with the model ``model`` builds: the scale split's
+    variant of a validation task at another width (quality NOTES section 83)."""
+    def made(seed: int, steps: int) -> Task:
+        task = build(seed, steps)
+        task.name, task.build = name, model
+        return task
+    return made
+
+
 # ---------------------------------------------------------------------------- the zoo and its split
 _D, _V, _H, _H2 = DEVELOPMENT, VALIDATION, HOLDOUT, HOLDOUT2
 SPECS: List[Spec] = [
@@ -712,6 +723,24 @@ SPECS: List[Spec] = [
          _least_squares),
     Spec("embedding_topics", _H2, "bag-of-embeddings classification", "EmbeddingBag 200 x 16 (mean), linear",
          "documents of 20 tokens from 5 topics, fresh samples", "stream", 500, 32, _embedding_topics),
+    # the scale split (quality NOTES section 83): three validation tasks at a third and at three times their
+    # width, committed before any run; only run to report whether a level follows the width
+    Spec("lm_mid_w16", SCALE, "transformer LM, narrow", "byte GPT 2 layers x 16, 2 heads, T=48",
+         "stdlib .py source bytes (first 2 MB)", "stream", 500, 16, _lm("lm_mid_w16", 2, 16, 2, 48, 16, 2_000_000)),
+    Spec("lm_mid_w144", SCALE, "transformer LM, wide", "byte GPT 2 layers x 144, 2 heads, T=48",
+         "stdlib .py source bytes (first 2 MB)", "stream", 500, 16, _lm("lm_mid_w144", 2, 144, 2, 48, 16, 2_000_000)),
+    Spec("mlp_tanh_deep_w21", SCALE, "deep MLP regression (tanh), narrow", "16-21-21-21-21-1 tanh",
+         "fresh samples of a random tanh teacher + noise 0.1", "stream", 3000, 64,
+         _at_width(_tanh_deep, "mlp_tanh_deep_w21", lambda: _mlp([16, 21, 21, 21, 21, 1], nn.Tanh))),
+    Spec("mlp_tanh_deep_w192", SCALE, "deep MLP regression (tanh), wide", "16-192-192-192-192-1 tanh",
+         "fresh samples of a random tanh teacher + noise 0.1", "stream", 3000, 64,
+         _at_width(_tanh_deep, "mlp_tanh_deep_w192", lambda: _mlp([16, 192, 192, 192, 192, 1], nn.Tanh))),
+    Spec("mlp_gelu_sin_w21", SCALE, "shallow MLP regression (GELU), narrow", "32-21-1 GELU",
+         "y = sin(sum(x)/2), 512 fixed samples", "cycled", 400, 32,
+         _at_width(_gelu_sin, "mlp_gelu_sin_w21", lambda: _mlp([32, 21, 1], nn.GELU))),
+    Spec("mlp_gelu_sin_w192", SCALE, "shallow MLP regression (GELU), wide", "32-192-1 GELU",
+         "y = sin(sum(x)/2), 512 fixed samples", "cycled", 400, 32,
+         _at_width(_gelu_sin, "mlp_gelu_sin_w192", lambda: _mlp([32, 192, 1], nn.GELU))),
 ]
 ZOO: Dict[str, Spec] = {s.name: s for s in SPECS}
 
