@@ -383,11 +383,12 @@ def _warn_every_trial_failed(trials: int, fell_to: float, shrink: float = 0.0, t
     the configuration and the step's form only, so Python's filter shows it once per calling line. It names
     the causes in the order they are met: in the two-phase form, a ``loss=`` that is not the closure's; a
     closure that returns a much larger loss at trial weights (or NaN at some: a search with no finite trial
-    is refused before this warning); for a rule that ``grows_untested`` (SaLSa's), a level grown untested (0.1.0's rule grows it by ``growth`` at every search that cannot test: loss exactly 0, or a
-    smoothed slope under 1e-8, as on a batch already fitted). When ``shrink``, the largest ``weight_decay * lr * s * eta`` of the step, is 1e-3
-    or more, the text says so (not its value, which moves with the level): every trial shrinks the weights
-    by it whatever the trial (the decay multiplies the level before the search), which can fail them all on
-    a trained model."""
+    is refused before this warning); for a rule that ``grows_untested`` (SaLSa's), a level grown untested
+    (0.1.0's rule grows it by ``growth`` at every search that cannot test: loss exactly 0, or a smoothed
+    slope under 1e-8, as on a batch already fitted). When ``shrink``, the largest
+    ``weight_decay * lr * s * eta`` of the step, is 1e-3 or more, the text says so (not its value, which moves
+    with the level): every trial shrinks the weights by it whatever the trial (the decay multiplies the level
+    before the search), which can fail them all on a trained model."""
     decay = ("Every trial also shrank the weights by 1e-3 or more (weight_decay * lr * schedule scale * "
              "the level before the search, whatever the trial): on a trained model that alone can fail them "
              "all; give a smaller init_step_size, or a longer schedule. " if shrink >= 1e-3 else "")
@@ -401,8 +402,9 @@ def _warn_every_trial_failed(trials: int, fell_to: float, shrink: float = 0.0, t
     warnings.warn(
         f"every trial of a line search failed ({trials} trials): the level fell to at most {fell_to:.3g} "
         f"times the first trial (with the defaults, to next to nothing). Causes: {loss_given}a closure that "
-        f"returns a much larger loss at trial weights, or NaN at the larger ones{untested}. {decay}opt.search_state.last_trials and "
-        "opt.step_size show it", RuntimeWarning, stacklevel=caller_stacklevel())
+        f"returns a much larger loss at trial weights, or NaN at the larger ones{untested}. "
+        f"{decay}opt.search_state.last_trials and opt.step_size show it",
+        RuntimeWarning, stacklevel=caller_stacklevel())
 
 
 def _decisions(search, direction: str) -> Tuple[FinalMove, SearchState]:

@@ -502,8 +502,8 @@ def warn_past_end(schedule, step: int, state, stacklevel: Optional[int] = None) 
         f"step {step} is past the schedule's total_steps={total}: the applied step now holds at "
         f"{applied_scale(schedule, state, step):.3g}x "
         "the searched level (the end of the cooldown; times lr * growth on a plain step, as "
-        "opt.applied_steps shows) with the level frozen. To train longer, build the optimizer with the new total_steps and "
-        "load_state_dict() the checkpoint: the schedule continues at this step of the longer run "
+        "opt.applied_steps shows) with the level frozen. To train longer, build the optimizer with the "
+        "new total_steps and load_state_dict() the checkpoint: the schedule continues at this step of the longer run "
         "(from a checkpoint saved before the cooldown, the decay restarts cleanly).",
         UserWarning, stacklevel=caller_stacklevel() if stacklevel is None else stacklevel + 1)
     return True

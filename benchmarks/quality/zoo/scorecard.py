@@ -346,8 +346,9 @@ def command_scorecard(args) -> int:
     rows = R.read_rows(args.files)
     chosen = one_rate(R.read_rows(args.one_rate_from)) if args.one_rate_from else None
     if chosen is not None and chosen["edge"]:
-        raise SystemExit(f"--one-rate-from: the lowest geomean is at {chosen['config']}, an end of the rates with rows on "
-                         f"every development task-length ({', '.join(chosen['geomeans'])}): run the next rate past it first")
+        raise SystemExit(f"--one-rate-from: the lowest geomean is at {chosen['config']}, an end of the rates with "
+                         f"rows on every development task-length ({', '.join(chosen['geomeans'])}): run the next "
+                         "rate past it first")
     card = scorecard(rows, args.split, args.config, R.ADAMW_DENOMINATORS[args.adamw][0],
                      chosen["config"] if chosen else None)
     text = markdown(card, args.split, args.config,
@@ -358,9 +359,9 @@ def command_scorecard(args) -> int:
         with open(args.update, "w", encoding="utf-8") as handle:
             handle.write(page)
     if chosen is not None:
-        text += (f"\nThe one rate, chosen on {chosen['task_lengths']} development task-lengths: geomean of AdamW's ratio "
-                 "to its best there, per rate: " + ", ".join(f"{name} {R._fmt(g)}" for name, g in chosen["geomeans"].items())
-                 + ".\n")
+        per_rate = ", ".join(f"{name} {R._fmt(g)}" for name, g in chosen["geomeans"].items())
+        text += (f"\nThe one rate, chosen on {chosen['task_lengths']} development task-lengths: geomean of AdamW's "
+                 f"ratio to its best there, per rate: {per_rate}.\n")
     if args.choose_rate_on:
         text += chosen_markdown(rate_chosen_elsewhere(rows, R.read_rows(args.choose_rate_on), args.split, args.config),
                                 args.config)
