@@ -52,6 +52,7 @@ from . import joint
 from .decay_per_run import DecayPerRun
 from .hypergradient import HypergradientMultiplier
 from .mechanic import Mechanic
+from .relative_ceiling import RelativeCeiling
 from .schedulefree_plus import ScheduleFreePlus
 from .searched_average import ScheduleFreeAverage
 from .weight_average import PowerEMA
@@ -82,6 +83,7 @@ class Built:
     hyper: Optional[HypergradientMultiplier] = None  # section 53: a learned multiplier on the applied step
     average: Optional[ScheduleFreeAverage] = None  # section 60: schedule-free averaging of the searched steps
     ema: Optional[PowerEMA] = None  # section 62: a power EMA of the weights beside the run, read over the tail
+    ceiling: Optional[RelativeCeiling] = None  # section 84: a ceiling on the applied step from the weights' scale
 
 
 def _fused(kwargs_of: Callable[[int], dict], decay: bool = True):
@@ -188,6 +190,16 @@ def _decay_per_run(kappa: float):
         decayed = [p for group in task.param_groups(model, WEIGHT_DECAY) if group.get("weight_decay", WEIGHT_DECAY) > 0
                    for p in group["params"]]
         built.decay = DecayPerRun(built.optimizer, decayed, kappa, total_steps)
+        return built
+    return build
+
+
+def _relative_ceiling(relative: float):
+    """The shipped preset (``pretrain_hold_decayfromhold``) with its applied step at most ``relative`` times the
+    weights' scale at the start (:class:`RelativeCeiling`, section 84)."""
+    def build(task, model, total_steps) -> Built:
+        built = REGISTRY["pretrain_hold_decayfromhold"](task, model, total_steps)
+        built.ceiling = RelativeCeiling(built.optimizer, relative)
         return built
     return build
 
@@ -669,6 +681,9 @@ REGISTRY: Dict[str, Callable] = {
     # NOTES.md section 78 (written before its runs): that preset with no weight decay on any group
     "pretrain_nowd": _early_freeze_preset(1 / 16, backoff_on_loss_rise=True, hold_scale_on_loss_rise=True,
                                           decay_from_hold=True, weight_decay=0.0),
+    # NOTES.md section 84 (written before its runs): that preset with its applied step capped at 0.63 times the
+    # geometric mean RMS of the weight matrices at the start (K chosen on development, in hindsight)
+    "pretrain_relceil0.63": _relative_ceiling(0.63),
     # NOTES.md section 79 (written before its runs): no decay from the optimizer; the zoo's decayed tensors shrink
     # by 1 - kappa s_t / T per step instead (DecayPerRun), kappa 1: the same over the run whatever the level
     "pretrain_decay_per_run": _decay_per_run(1.0),
