@@ -194,12 +194,13 @@ def _decay_per_run(kappa: float):
     return build
 
 
-def _relative_ceiling(relative: float):
+def _relative_ceiling(relative: float, at_peak: bool = False):
     """The shipped preset (``pretrain_hold_decayfromhold``) with its applied step at most ``relative`` times the
-    weights' scale at the start (:class:`RelativeCeiling`, section 84)."""
+    weights' scale at the start (:class:`RelativeCeiling`, section 84); with ``at_peak``, its whole schedule scaled
+    so that its peak is (section 85)."""
     def build(task, model, total_steps) -> Built:
         built = REGISTRY["pretrain_hold_decayfromhold"](task, model, total_steps)
-        built.ceiling = RelativeCeiling(built.optimizer, relative)
+        built.ceiling = RelativeCeiling(built.optimizer, relative, at_peak)
         return built
     return build
 
@@ -684,6 +685,9 @@ REGISTRY: Dict[str, Callable] = {
     # NOTES.md section 84 (written before its runs): that preset with its applied step capped at 0.63 times the
     # geometric mean RMS of the weight matrices at the start (K chosen on development, in hindsight)
     "pretrain_relceil0.63": _relative_ceiling(0.63),
+    # NOTES.md section 85 (written before its runs): the same constant, the whole schedule scaled so that its peak
+    # stays under the ceiling (the multiple of the level min(2, C / level)), as section 84's hindsight scored it
+    "pretrain_relpeak0.63": _relative_ceiling(0.63, at_peak=True),
     # NOTES.md section 79 (written before its runs): no decay from the optimizer; the zoo's decayed tensors shrink
     # by 1 - kappa s_t / T per step instead (DecayPerRun), kappa 1: the same over the run whatever the level
     "pretrain_decay_per_run": _decay_per_run(1.0),

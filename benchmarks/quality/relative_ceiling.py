@@ -12,6 +12,11 @@ construction. ``K`` is one constant for every task. After every step each group'
 ``lr = search_lr`` (``FusedSaLSa.applied_steps``). The search probes as before; only the applied step, and the
 decay that is proportional to it, are capped. The first step is not capped: before its search the level is a
 placeholder (and the preset's warm-up makes that step's applied step small).
+
+With ``at_peak`` (section 85) ``a`` is instead the applied step the schedule's peak would take at the current
+level, ``search_lr * peak * eta * growth``: the factor ``min(1, C / a)`` then scales the whole schedule, warm-up,
+hold and decay alike, so the multiple of the level becomes ``min(peak, C / (eta * growth))``. Once the level is
+frozen, the factor is fixed, and the cooldown keeps its shape.
 """
 
 from __future__ import annotations
@@ -34,14 +39,18 @@ def weight_scale(params: Iterable[torch.Tensor]) -> float:
 
 class RelativeCeiling:
     """Keep the applied step of ``optimizer`` (a FusedSaLSa) at most ``relative * weight_scale`` of its
-    parameters at construction (module docstring)."""
+    parameters at construction; with ``at_peak``, the applied step its schedule's peak would take (module
+    docstring)."""
 
-    def __init__(self, optimizer, relative: float):
+    def __init__(self, optimizer, relative: float, at_peak: bool = False):
         if isinstance(relative, bool) or not (isinstance(relative, (int, float)) and math.isfinite(relative)
                                               and relative > 0):
             raise ValueError(f"relative must be a finite number > 0, got {relative!r}")
         self.optimizer = optimizer
         self.relative = float(relative)
+        self.at_peak = bool(at_peak)
+        if self.at_peak and getattr(optimizer.schedule, "peak", None) is None:
+            raise ValueError("at_peak scales the schedule by its peak: the optimizer needs a schedule with a peak")
         self.ceiling = self.relative * weight_scale(p for g in optimizer.param_groups for p in g["params"])
         self.handle = optimizer.register_step_post_hook(lambda opt, args, kwargs: self._cap())
 
@@ -49,7 +58,12 @@ class RelativeCeiling:
         groups: List[dict] = self.optimizer.param_groups
         for group in groups:
             group["lr"] = group["search_lr"]
-        uncapped = self.optimizer.applied_steps
+        if self.at_peak:
+            opt = self.optimizer
+            level = opt.search_state.step_size * opt.search_config.growth * opt.schedule.peak
+            uncapped = [group["search_lr"] * level for group in groups]
+        else:
+            uncapped = self.optimizer.applied_steps
         for group, step in zip(groups, uncapped):
             if step > self.ceiling:
                 group["lr"] = group["search_lr"] * self.ceiling / step
