@@ -688,6 +688,8 @@ REGISTRY: Dict[str, Callable] = {
     # NOTES.md section 85 (written before its runs): the same constant, the whole schedule scaled so that its peak
     # stays under the ceiling (the multiple of the level min(2, C / level)), as section 84's hindsight scored it
     "pretrain_relpeak0.63": _relative_ceiling(0.63, at_peak=True),
+    # NOTES.md section 86 (written before its runs): the same rule at larger constants, chosen among on development
+    **{f"pretrain_relpeak{k}": _relative_ceiling(k, at_peak=True) for k in (1.0, 1.6)},
     # NOTES.md section 79 (written before its runs): no decay from the optimizer; the zoo's decayed tensors shrink
     # by 1 - kappa s_t / T per step instead (DecayPerRun), kappa 1: the same over the run whatever the level
     "pretrain_decay_per_run": _decay_per_run(1.0),
