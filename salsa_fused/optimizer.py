@@ -71,10 +71,20 @@ CLOSURE_RAN_BACKWARD = ("{what} ran backward() itself (torch.optim's and the pub
 #: the name messages give its call.
 CALL_NAME = "_salsa_call_name"
 CLOSURE_CHANGED_GRADIENTS = ("{what} changed the step's gradients in place during a trial forward (a "
-                             "zero_grad(set_to_none=False), or a backward, inside it): the search reads them at "
-                             "every trial, and each trial would have moved the weights nowhere. The closure "
-                             "returns the loss only; call zero_grad() before step(). The weights, the moments "
-                             "and the search state are as they were")
+                             "zero_grad(set_to_none=False), a backward, or a clip_grad_norm_ / clip_grad_value_ "
+                             "inside it): the search reads them at every trial, so trials must leave them as the "
+                             "step's backward made them. The closure returns the loss only; call zero_grad() "
+                             "before step(), and clip between backward() and step(closure, loss=loss), the "
+                             "two-phase form (docs/training.md). The weights, the moments and the search state "
+                             "are as they were")
+#: torch's error for a backward() with no graph: what a closure that runs its own backward raises at a trial forward.
+_NO_GRAPH = "does not require grad and does not have a grad_fn"
+CLOSURE_BACKWARD_AT_TRIAL = ("{what} ran backward() at a trial forward, which step() runs under torch.no_grad() "
+                             "(torch.optim's closure convention): here the closure returns the loss only, and "
+                             "the step's gradients come from your backward before step(closure, loss=loss), or "
+                             "from step(closure)'s own. The weights, the moments and the search state are as "
+                             "they were; a zero_grad() inside the closure may have cleared the gradients, so run "
+                             "the forward and backward again before the next step()")
 STALE_CLOSURE = ("{what} returned the step's own loss (the same tensor, or a view or detach() of it) at "
                  "trial weights: the search evaluates the closure at each trial and needs it to run the "
                  "forward again, e.g. step(lambda: loss_fn(model(x), y)), not step(lambda: loss). Each such "
@@ -1003,7 +1013,12 @@ class FusedSaLSa(Optimizer, Joinable):
             module.reshard()
         forget_autocast_casts()
         with torch.no_grad():
-            value = closure()
+            try:
+                value = closure()
+            except RuntimeError as error:
+                if _NO_GRAPH in str(error):
+                    raise RuntimeError(CLOSURE_BACKWARD_AT_TRIAL.format(what=what)) from error
+                raise
         loss = self._loss_tensor(value, what, need_grad=False)
         rerun = None
         if reruns is not None and not self.reduction.active:

@@ -504,6 +504,47 @@ def test_a_closure_that_zeroes_the_gradients_in_place_is_refused(backend):
     assert_unchanged(before, snapshot(opt))
 
 
+def test_clipping_inside_the_closure_is_refused_with_where_to_clip():
+    """``clip_grad_norm_`` inside the closure rewrites the step's gradients at every trial (even a clip that
+    changes nothing writes them): refused, naming the clip and the two-phase form, with nothing changed."""
+    model, opt = _trained()
+    _until_search_next(model, opt)
+    before = snapshot(opt)
+
+    def closure():
+        loss = F.mse_loss(model(_X), _Y)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e6)
+        return loss
+
+    opt.zero_grad()
+    loss = F.mse_loss(model(_X), _Y)
+    loss.backward()
+    with pytest.raises(RuntimeError, match=r"clip_grad_norm_.*clip between backward\(\) and step\(closure, loss=loss\)"):
+        opt.step(closure, loss=loss)
+    assert_unchanged(before, snapshot(opt))
+
+
+def test_a_two_phase_closure_that_runs_backward_is_refused_by_name():
+    """torch.optim's closure (zero_grad, forward, backward) in the two-phase form: at a trial, under no_grad,
+    its backward met no graph and torch's own "element 0 of tensors does not require grad" came out. The
+    step names the convention instead, with nothing changed."""
+    model, opt = _trained()
+    _until_search_next(model, opt)
+    before = snapshot(opt)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.mse_loss(model(_X), _Y)
+        loss.backward()
+        return loss
+
+    loss = closure()
+    with pytest.raises(RuntimeError, match=r"closure\(\) ran backward\(\) at a trial forward") as raised:
+        opt.step(closure, loss=loss)
+    assert "does not require grad" in str(raised.value.__cause__)
+    assert_unchanged(before, snapshot(opt))
+
+
 @pytest.mark.parametrize("form", ["closure", "two-phase"])
 def test_a_multi_batch_closure_that_zeroes_the_gradients_in_place_is_refused(form):
     """The same under LABPAL, whose search points average several batches ``closure(i)``: refused at

@@ -98,6 +98,7 @@ CHECKS = {
     ("docs/training.md", "FSDP2 (`fully_shard`, DTensor parameters)"): stepped(20),
     ("docs/training.md", "Mixed precision"): stepped(1),
     ("docs/training.md", "Gradient accumulation"): stepped(1),
+    ("docs/training.md", "A second optimizer on other parameters"): stepped(3, "body_opt"),
     ("docs/training.md", "Checkpoints"): _checkpoint_saved("checkpoint.pt"),
     ("docs/training.md", "Distributed checkpoint state dicts before the first step"): stepped(0),
     ("docs/integrations.md", "Hugging Face Trainer"): stepped(2, "trainer.salsa_optimizer"),
