@@ -419,3 +419,51 @@ def test_the_branches_refuse_a_schedule_whose_cooldown_decays_from_the_hold(conf
         signals.rehearsal("mlp_relu_teacher", "default", 0, config=config, steps=40)
     with pytest.raises(ValueError, match="decay_from_hold"):
         signals.switch_during_warmup("mlp_relu_teacher", "default", 0, at=0.1, config=config, steps=40)
+
+
+def test_the_path_readings_are_the_weights_and_gradients_of_the_zoos_run_by_hand():
+    steps, name = 60, "cnn_bn_digits"
+    row = signals.path_readings(name, "default", 0, steps=steps)
+    assert row["read_step"] == 6 and "final_train_loss" not in row
+    task, model, built = signals._start(name, "default", 0, "pretrain_hold", steps, ("fused",))
+    params = [p for g in built.optimizer.param_groups for p in g["params"]]
+    weights = [[p.detach().clone() for p in params]]
+    norms, losses = [], []
+    for batch in task.batches[:6]:
+        losses.append(signals._take_step(built, task, model, batch))
+        norms.append(math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in params if p.grad is not None)))
+        weights.append([p.detach().clone() for p in params])
+
+    def distance(a, b, keep=lambda w: True):
+        return math.sqrt(sum(float(((x.double() - y.double()) ** 2).sum()) for x, y in zip(a, b) if keep(x)))
+
+    travelled = sum(distance(a, b) for a, b in zip(weights, weights[1:]))
+    assert row["path_efficiency"] == pytest.approx(distance(weights[-1], weights[0]) / travelled, rel=1e-9)
+    assert 0 < row["path_efficiency"] < 1  # six steps that do not all point one way
+    matrix = lambda w: w.dim() >= 2  # noqa: E731
+    zero = [torch.zeros_like(w) for w in weights[0]]
+    assert row["relative_distance"] == pytest.approx(
+        distance(weights[-1], weights[0], matrix) / distance(weights[0], zero, matrix), rel=1e-9)
+    # early: steps 1 .. round(0.25 * 6) = 2, late: steps 5 .. 6 (index int(0.75 * 6) = 4 on)
+    assert row["grad_norm_growth"] == pytest.approx(sorted(norms[4:])[1] / sorted(norms[:2])[1], rel=1e-9)
+    assert row["loss_at_read"] == losses[-1]
+
+
+def test_a_path_of_one_step_is_straight():
+    row = signals.path_readings("mlp_relu_teacher", "default", 0, steps=10, at=0.1)
+    assert row["read_step"] == 1
+    assert row["path_efficiency"] == pytest.approx(1.0, rel=1e-12) and row["grad_norm_growth"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="no step to read at"):
+        signals.path_readings("mlp_relu_teacher", "default", 0, steps=4, at=0.1)
+
+
+def test_the_path_command_reads_where_it_is_told_and_refuses_a_fraction_without_it(tmp_path, capsys):
+    out = tmp_path / "rows.jsonl"
+    assert signals.main(["--path", "--read-at", "0.25", "--tasks", "mlp_relu_teacher", "--lengths", "short",
+                         "--seeds", "0", "--out", str(out)]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["read_step"] == round(0.25 * row["steps"]) and "commit" in row and row["path_efficiency"] > 0
+    for argv in (["--read-at", "0.2"], ["--path", "--read-at", "1.5"], ["--path", "--line-scan"]):
+        with pytest.raises(SystemExit):
+            signals.main(argv + ["--tasks", "mlp_relu_teacher", "--out", str(out)])
+    assert "--read-at F goes with --path" in capsys.readouterr().err

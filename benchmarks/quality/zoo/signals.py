@@ -66,7 +66,12 @@ NOTES.md section 64), for each multiple of ``REHEARSAL_MULTIPLES`` a branch of `
 section 66): ``switch_final_losses``, ``switch_min_multiple``; with ``--rehearse-at F`` the branches after step
 ``F T`` (section 67), and the line scan along step ``F T`` (section 68).
 
-Every kind also records the final train loss (and the sharpness and chord rows the val loss). Rows are appended:
+**With** ``--path`` (``--config``, a plain FusedSaLSa; the preset by default): the run to step ``F T``
+(``--read-at F``, default 0.1, half the preset's warm-up) and three readings of its path there
+(:func:`path_readings`, NOTES.md section 87): how straight it went, how far against the weights' scale, and
+how the gradient's norm grew. These rows stop at ``F T`` and have no final loss.
+
+Every kind but ``--path`` records the final train loss (and the sharpness and chord rows the val loss). Rows are appended:
 to rebuild a committed file, write to a new one (ZOO.md lists the commands).
 """
 
@@ -596,6 +601,56 @@ def switch_during_warmup(task_name: str, length: str, seed: int, at: float, conf
                 level_mean=sum(levels) / len(levels), **found)
 
 
+#: Where the path readings are taken, as a fraction of the run (NOTES.md section 87: half the warm-up).
+PATH_READ_AT = 0.1
+
+
+def _median(values: Sequence[float]) -> float:
+    finite = sorted(v for v in values if math.isfinite(v))
+    return finite[len(finite) // 2] if finite else math.nan
+
+
+def path_readings(task_name: str, length: str, seed: int, config: str = "pretrain_hold", at: float = PATH_READ_AT,
+                  steps: Optional[int] = None) -> dict:
+    """Train ``config`` (a plain FusedSaLSa) on the zoo task to step ``s = round(at T)`` and return the row of
+    three readings of its path there (NOTES.md section 87), ``w_t`` the weights after step ``t``:
+
+    - ``path_efficiency = |w_s - w_0| / sum_t |w_t - w_(t-1)|``, in (0, 1]: 1 on a straight path, about
+      ``1 / sqrt(s)`` on a random walk;
+    - ``relative_distance = |W_s - W_0| / |W_0|`` over the tensors of 2 or more dimensions: how far the run has
+      moved against the weights' own scale;
+    - ``grad_norm_growth``: the median gradient norm ``|g_t|`` over steps ``(0.75 s, s]`` over its median over
+      steps ``1 .. max(1, round(0.25 s))``.
+
+    The run stops at ``s`` (the readings need nothing after it); up to there it is the zoo's run."""
+    task, model, built = _start(task_name, length, seed, config, steps, ("fused",))
+    read_step = int(round(at * task.steps))
+    if not 1 <= read_step <= task.steps:
+        raise ValueError(f"path readings at {at!r} of {task.steps} steps: no step to read at")
+    params = [p for g in built.optimizer.param_groups for p in g["params"]]
+    start = [p.detach().double().clone() for p in params]
+    previous = [w.clone() for w in start]
+    travelled, grad_norms, losses = 0.0, [], []
+    for batch in task.batches[:read_step]:
+        losses.append(_take_step(built, task, model, batch))
+        with torch.no_grad():
+            grad_norms.append(math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None)))
+            now = [p.detach().double() for p in params]
+            travelled += math.sqrt(sum(float((w - v).pow(2).sum()) for w, v in zip(now, previous)))
+            previous = [w.clone() for w in now]
+    matrices = [i for i, w in enumerate(start) if w.dim() >= 2]
+    moved = math.sqrt(sum(float((w - v).pow(2).sum()) for w, v in zip(previous, start)))
+    moved_matrices = math.sqrt(sum(float((previous[i] - start[i]).pow(2).sum()) for i in matrices))
+    scale = math.sqrt(sum(float(start[i].pow(2).sum()) for i in matrices))
+    early = grad_norms[:max(1, round(0.25 * read_step))]
+    late = grad_norms[int(0.75 * read_step):]
+    return dict(task=task_name, split=Z.ZOO[task_name].split, length=length, steps=task.steps, config=config,
+                seed=seed, read_step=read_step, loss_at_read=losses[-1],
+                path_efficiency=moved / travelled if travelled > 0 else math.nan,
+                relative_distance=moved_matrices / scale if scale > 0 else math.nan,
+                grad_norm_growth=_median(late) / _median(early) if _median(early) > 0 else math.nan)
+
+
 def best_adamw_rates(rows: Iterable[dict]) -> Dict[tuple, float]:
     """``(task, length) -> lr``: each task-length's best AdamW rate in zoo rows, as the tables compute it
     (:func:`runner.best_adamw_lr`); task-lengths without a grid row are left out."""
@@ -644,6 +699,11 @@ def main(argv=None) -> int:
     parser.add_argument("--rehearsal", action="store_true",
                         help="run short branches at each multiple, decayed to zero, at the freeze of --config (NOTES.md "
                              "section 64) instead of the range test and agreement")
+    parser.add_argument("--path", action="store_true",
+                        help="read the path of --config to step F T (--read-at; NOTES.md section 87): its efficiency, its "
+                             "distance against the weights' scale, the growth of the gradient's norm")
+    parser.add_argument("--read-at", type=float, default=None, metavar="F",
+                        help=f"with --path: where the readings are taken, as a fraction of the run (default {PATH_READ_AT:g})")
     parser.add_argument("--switch-at", type=float, default=None, metavar="F",
                         help="with --rehearsal: instead of branches at the freeze, the rest of the run from step F T with "
                              "the schedule's peak at each of --multiples (NOTES.md section 66)")
@@ -664,8 +724,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True,
                         help="JSONL file the rows are appended to (a new file, to rebuild a committed one)")
     args = parser.parse_args(argv)
-    if args.sharpness + args.chord + args.line_scan + args.rehearsal > 1:
-        parser.error("--sharpness, --chord, --line-scan and --rehearsal are four measurements: choose one")
+    if args.sharpness + args.chord + args.line_scan + args.rehearsal + args.path > 1:
+        parser.error("--sharpness, --chord, --line-scan, --rehearsal and --path are five measurements: choose one")
+    if args.read_at is not None and (not args.path or not 0.0 < args.read_at < 1.0):
+        parser.error("--read-at F goes with --path, and F in (0, 1)")
     either = args.sharpness or args.chord
     fractions, multiples = REHEARSAL_FRACTIONS, REHEARSAL_MULTIPLES
     if args.multiples is not None:
@@ -728,7 +790,10 @@ def main(argv=None) -> int:
                 configs = [args.config] if best is None else [
                     O.adamw_name(best[(name, length)] * f) for f in (1 / 3, 1.0, 3.0)]
                 for seed, config in [(s, c) for s in seeds for c in configs]:
-                    if args.line_scan:
+                    if args.path:
+                        row = path_readings(name, length, seed, config,
+                                            at=PATH_READ_AT if args.read_at is None else args.read_at)
+                    elif args.line_scan:
                         row = line_scan(name, length, seed, config, at=args.rehearse_at)
                     elif args.rehearsal:
                         row = (rehearsal(name, length, seed, config, multiples=multiples, fractions=fractions,
@@ -749,6 +814,10 @@ def main(argv=None) -> int:
                         print(f"{name} {length} seed {seed} {config}: final {row['final_train_loss']:.4g}, chord "
                               + "; ".join(f"K={K} {[round(x, 3) for x in v]}" for K, v in row["chord_by_fifth"].items()),
                               file=sys.stderr)
+                    elif args.path:
+                        print(f"{name} {length} seed {seed} {config}: at step {row['read_step']} path efficiency "
+                              f"{row['path_efficiency']:.3g}, relative distance {row['relative_distance']:.3g}, "
+                              f"gradient norm growth {row['grad_norm_growth']:.3g}", file=sys.stderr)
                     elif args.line_scan:
                         print(f"{name} {length} seed {seed} {config}: final {row['final_train_loss']:.4g}, line "
                               f"minimum at {row['line_min_multiple']:g}x (parabola {row['line_parabola_multiple']:.3g}x)",
