@@ -51,8 +51,9 @@ import torch
 
 from ._rng import RNGSnapshot
 from .errors import NonFiniteError, checked_int
+from .line_search import FLOAT32_MAX, FLOAT32_TINY
 from .optimizer import CALL_NAME, FusedSaLSa, _torch_hooks_suspended, running_statistics
-from .step_size import ScaledSchedule, check_factors, check_installed, scaled_by
+from .step_size import ScaledSchedule, check_factors, check_installed, is_number, scaled_by
 
 #: Options of earlier versions, removed after their ablations lost (benchmarks/quality/NOTES.md
 #: sections 11, 14-19); a state_dict that has them at a value other than 0 is refused.
@@ -198,17 +199,18 @@ class StepSizeBeam:
             raise TypeError(f"points must be a sequence of fractions of the run (e.g. (0.05, 0.1)), got {points!r}")
         points = tuple(points)
         for p in points:
-            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < 1:
+            if not is_number(p) or not 0 < p < 1:
                 raise ValueError(f"points must be fractions of the run in (0, 1), got {p!r} in {points}")
-        if isinstance(horizon, bool) or not isinstance(horizon, (int, float)) or not 0 < horizon <= 1:
+        points = tuple(map(float, points))  # a numpy scalar or Fraction: Python floats from here
+        if not is_number(horizon) or not 0 < horizon <= 1:
             raise ValueError(f"horizon must be a fraction of the run in (0, 1], got {horizon!r}")
+        horizon = float(horizon)
         factors = check_factors(factors)
-        if isinstance(cooldown, bool) or not isinstance(cooldown, (int, float)) \
-                or not (math.isfinite(cooldown) and cooldown >= 0):
+        if not is_number(cooldown) or not (math.isfinite(cooldown) and cooldown >= 0):
             raise ValueError(f"cooldown must be a finite fraction of the horizon >= 0, got {cooldown!r}")
-        if isinstance(move_margin, bool) or not isinstance(move_margin, (int, float)) \
-                or not 0 <= move_margin < 1:
+        if not is_number(move_margin) or not 0 <= move_margin < 1:
             raise ValueError(f"move_margin must be a relative score margin in [0, 1), got {move_margin!r}")
+        cooldown, move_margin = float(cooldown), float(move_margin)
         if move_margin and 1.0 not in factors:
             raise ValueError(f"move_margin compares every factor with keeping the multiplier (factor 1), "
                              f"but 1 is not among the factors {tuple(factors)}")
@@ -391,9 +393,9 @@ class StepSizeBeam:
         for name, value in (("calls", calls), ("branch_forward_evals", forwards)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"StepSizeBeam state_dict {name} must be an integer >= 0, got {value!r}")
-        if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) \
-                or not (math.isfinite(multiplier) and multiplier > 0):
-            raise ValueError(f"StepSizeBeam state_dict multiplier must be a finite number > 0, got {multiplier!r}")
+        if not is_number(multiplier) or not FLOAT32_TINY <= multiplier <= FLOAT32_MAX:
+            raise ValueError(f"StepSizeBeam state_dict multiplier must be a number > 0 that float32 holds, from "
+                             f"{FLOAT32_TINY:.4g} to {FLOAT32_MAX:.4g}, got {multiplier!r}")
         decisions = state_dict.get("decisions", [])
         if not (isinstance(decisions, (list, tuple)) and all(isinstance(d, dict) for d in decisions)):
             raise ValueError("StepSizeBeam state_dict decisions must be a list of decisions (dicts, as "

@@ -265,6 +265,8 @@ def search_step(passes: Passes, plan: StepPlan, state: SearchState, loss: torch.
     if not (math.isfinite(f0_value) and math.isfinite(q_value)):
         if not math.isfinite(f0_value):
             what, value, why = "loss", f0_value, ""
+            if math.isinf(f0_value):
+                why = " (or a float64 loss above float32's 3.4e38: the search reads losses in float32)"
             if reduction.loss_ranks > 1:
                 what = (f"loss (averaged over the {reduction.loss_ranks} data-parallel ranks: NaN/inf on any "
                         "rank's batch)")
@@ -472,7 +474,8 @@ def report_plain_steps(state: SearchState, nonfinite: str, elements: int, losses
         if elements:
             problems.append(f"{elements} gradient elements were NaN/inf on plain steps since the last "
                             "search, or their new 16-bit weights overflowed (those elements kept their "
-                            "weights, and their moments where the gradient was NaN/inf)")
+                            "weights, and their moments where the gradient was NaN/inf; a finite gradient "
+                            "above about 1.8e19 counts too: its square overflows float32)")
         if losses:
             problems.append(f"the loss was NaN/inf on {losses} plain step(s) since the last search "
                             "(those steps changed nothing)")

@@ -60,6 +60,8 @@ class _f32(float):
 
 #: The largest float32: every level, trial and applied step goes to the passes in float32.
 FLOAT32_MAX = float(_f32(3.4028234663852886e38))
+#: The smallest normal float32: a level below it is 0 or subnormal in the passes, and moves nothing.
+FLOAT32_TINY = 1.1754943508222875e-38
 
 #: ``s`` below this skips the search (0.1.0's guard, compared in fp32).
 MIN_SLOPE_AVG = 1e-8
@@ -98,6 +100,7 @@ class SearchConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ValueError(f"{name} must be a number, got {value!r}")
+            object.__setattr__(self, name, float(value))  # a numpy scalar would reach the state and checkpoints
         for name, minimum in (("max_trials", 1), ("max_search_interval", 1), ("always_search_steps", 0)):
             object.__setattr__(self, name, checked_int(name, getattr(self, name), minimum))  # a numpy integer, say
         if not _is_bool(self.adaptive_interval):

@@ -152,7 +152,8 @@ class LRFactorSearch:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def step(self, closure: Callable[[], Any], optimizer_step: Optional[Callable[[], Any]] = None):
-        """Take the optimizer's step (``optimizer_step()``, default ``optimizer.step()``) and,
+        """Take the optimizer's step (``optimizer_step()``; default ``optimizer.step()``, for a torch optimizer: a
+        FusedSaLSa needs ``lambda: opt.step(train_closure)``) and,
         every ``interval`` calls, choose the factor; returns what ``optimizer_step`` returned.
 
         ``closure()`` runs the forward pass on the scoring batch and returns the scalar loss
@@ -165,6 +166,10 @@ class LRFactorSearch:
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
         if optimizer_step is None:
+            if isinstance(self.optimizer, FusedSaLSa):
+                raise TypeError("a FusedSaLSa steps through its own closure: pass it as optimizer_step, "
+                                "search.step(score_closure, lambda: opt.step(train_closure)); opt.step() alone, "
+                                "with no closure, would step nothing")
             optimizer_step = self.optimizer.step
         elif not callable(optimizer_step):
             raise TypeError(f"optimizer_step must be callable, got {type(optimizer_step).__name__}")

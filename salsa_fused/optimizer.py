@@ -44,7 +44,7 @@ from .backends.base import GRADIENT, MOMENTUM, Bucket, Hyper
 from .errors import caller_stacklevel
 from .distributed import SearchReduction, _is_dtensor, default_reduction, fsdp_modules, is_distributed, shard_group_of
 from .applied import GroupStep
-from .line_search import FLOAT32_MAX, SearchConfig, SearchState
+from .line_search import FLOAT32_MAX, FLOAT32_TINY, RENAMED_KEYS, SearchConfig, SearchState
 from .rules import (Batches, check_arguments, check_rule_state, checked_direction, moment_step, plan_step,
                     plan_without_search, resolve_rule, step_batches)
 from .step_size import (applied_scale, backs_off_on_loss_rise, check_freeze_below, check_freeze_rule,
@@ -182,9 +182,6 @@ _UNSUPPORTED_FLAGS = {
 #: (:meth:`FusedSaLSa._refuse_another_backend`).
 _BACKEND_FLAGS = ("foreach", "fused")
 _ASKED_FOR = {_backends.FOREACH_BACKEND: "the torch backend (foreach ops)", _backends.FUSED: "compiled kernels"}
-
-
-FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
 
 
 #: The hyperparameters every step reads from a param group.
@@ -393,9 +390,10 @@ class FusedSaLSa(Optimizer, Joinable):
         self._init_step_size_given = init_step_size is not None
         init_step_size = 1.0 if init_step_size is None else init_step_size
         if (isinstance(init_step_size, bool) or not isinstance(init_step_size, numbers.Real)
-                or not (math.isfinite(init_step_size) and 0 < init_step_size <= FLOAT32_MAX)):
-            raise ValueError(f"init_step_size must be a finite number > 0 that float32 holds (at most "
-                             f"{FLOAT32_MAX:.4g}), got {init_step_size!r}")
+                or not (math.isfinite(init_step_size) and FLOAT32_TINY <= init_step_size <= FLOAT32_MAX)):
+            raise ValueError(f"init_step_size must be a finite number > 0 that float32 holds, from {FLOAT32_TINY:.4g} "
+                             f"(below it the passes move by 0 or a subnormal) to {FLOAT32_MAX:.4g}, got "
+                             f"{init_step_size!r}")
         if search_direction not in SEARCH_DIRECTIONS:
             raise ValueError(f"search_direction must be one of {SEARCH_DIRECTIONS}, got {search_direction!r} "
                              "(the raw gradient is a rule's direction: search_rule='labpal')")
@@ -509,6 +507,14 @@ class FusedSaLSa(Optimizer, Joinable):
                         f"float32 holds ({FLOAT32_MAX:.4g}): lr={group['lr']!r}, search_lr={probing['search_lr']!r}, "
                         f"the level {plan.state.step_size:.4g}, the schedule's scale {scale:.4g}; nothing "
                         "was written")
+            shrink = moves["the weight decay"]
+            if shrink > 1.0:
+                raise ValueError(
+                    f"param_groups[{index}]: the weight decay would take {shrink:.4g} of the weights this step "
+                    f"(weight_decay={group['weight_decay']!r} times the decay step lr * s * eta = "
+                    f"{group_step.decay:.4g}); above 1 the decoupled decay w * (1 - weight_decay * lr * s * eta) "
+                    "flips the weights' sign, and above 2 grows them until they overflow. Lower weight_decay (as "
+                    "AdamW's lr * weight_decay, it must stay below 1); nothing was written")
 
     def add_param_group(self, param_group: dict) -> None:
         _refuse_unsupported_flags(**{name: param_group[name] for name in _UNSUPPORTED_FLAGS if name in param_group})
@@ -539,6 +545,10 @@ class FusedSaLSa(Optimizer, Joinable):
                              "and its initialization) and build the optimizer on its parameters")
         if len(set(map(id, tensors))) != len(tensors):  # torch.optim warns; the backends would disagree
             raise ValueError("a parameter group lists the same parameter more than once")
+        if _SEARCH_KEY in param_group:
+            raise ValueError(f"a param group has the key {_SEARCH_KEY!r}, which state_dict() keeps for the search "
+                             "state: name it otherwise (the group was not added)")
+        _refuse_shared_storage(tensors, [p for group in self.param_groups for p in group["params"]])
         param_group.setdefault("search_lr", candidate["lr"])  # what trials probe at (see lr)
         super().add_param_group(param_group)
         if devices:
@@ -767,7 +777,10 @@ class FusedSaLSa(Optimizer, Joinable):
         the parameter dtype) and validate everything before anything changes. The load hooks see
         the whole state dict, moments and search state included (a pre hook may return a
         replacement), and post hooks run once it is all loaded."""
-        state_dict = state_dict.copy()
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"load_state_dict() takes the dict state_dict() returns, got {type(state_dict).__name__}; "
+                             "nothing was loaded")
+        state_dict = dict(state_dict)
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:
@@ -803,12 +816,18 @@ class FusedSaLSa(Optimizer, Joinable):
             if missing:
                 raise ValueError(f"the checkpoint's search state has no {' or '.join(missing)}: the checkpoint is "
                                  "corrupt (the level would start over silently); nothing was loaded")
+            defaulted = sorted({f.name for f in dataclasses.fields(SearchState)}
+                               - {RENAMED_KEYS.get(k, k) for k in saved_search})
             try:
                 search = SearchState.from_dict(deepcopy(saved_search))
                 search.validate()  # unknown keys, bad values
                 check_rule_state(self.search_rule, search.rule_state, search.step)
             except ValueError as error:
                 raise ValueError(f"the checkpoint cannot be loaded: {error}; nothing was loaded") from error
+            if defaulted:
+                warnings.warn(f"the checkpoint's search state has no {', '.join(defaulted)}: they start from their "
+                              "defaults (a checkpoint saved by an earlier salsa_fused has fewer; one edited by hand "
+                              "may have lost them)", UserWarning, stacklevel=2)
         elif state_dict["state"]:
             warnings.warn(
                 "the checkpoint has moments but no search state (no param group has 'search'): it was saved "
@@ -835,6 +854,10 @@ class FusedSaLSa(Optimizer, Joinable):
                 continue
             moments[key] = {k: v for k, v in value.items() if k in _MOMENT_KEYS}
             stripped_state[key] = {k: v for k, v in value.items() if k not in _MOMENT_KEYS}
+            for name, extra in stripped_state[key].items():  # another optimizer's ('step' of AdamW's), kept
+                if not _all_finite_value(extra):
+                    raise ValueError(f"the checkpoint's state of parameter {key} has {name!r} holding NaN/inf: the "
+                                     "checkpoint is corrupt; nothing was loaded")
             if moments[key] and len(moments[key]) != len(_MOMENT_KEYS):
                 (have,), (lack,) = moments[key], set(_MOMENT_KEYS) - set(moments[key])
                 raise ValueError(f"the checkpoint's state of parameter {key} has {have} but no {lack}: the "
@@ -967,13 +990,17 @@ class FusedSaLSa(Optimizer, Joinable):
         ``closure``'s own name for its call where it has one (:data:`CALL_NAME`)."""
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not need_grad:
             return torch.tensor(float(value), dtype=torch.float32, device=self._device)
-        if (isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point()
-                and not value.is_complex() and not value.is_meta and (value.requires_grad or not need_grad)):
+        if (isinstance(value, torch.Tensor) and value.layout == torch.strided and value.numel() == 1
+                and value.is_floating_point() and not value.is_complex() and not value.is_meta
+                and (value.requires_grad or not need_grad)):
             return value
         what = what if closure is None else _call_name(closure, what)
         must = f"{what} must return" if what.endswith(")") else f"step()'s {what}= must be"
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{must} the loss as a scalar tensor, got {type(value).__name__}")
+        if value.layout != torch.strided:
+            raise TypeError(f"{must} a dense loss, got a tensor of layout {value.layout} (a sparse reduction? "
+                            "sum it to a dense scalar, e.g. loss.to_dense())")
         if value.numel() != 1:
             raise ValueError(f"{must} a loss of one element (a scalar, as loss.backward() takes), got a tensor of "
                              f"shape {tuple(value.shape)}")
@@ -1117,12 +1144,18 @@ class FusedSaLSa(Optimizer, Joinable):
         """Has a backward run since ``zero_grad()``? (zeroed tensors compared by version)"""
         return next(self._gradients_not_zeroed_here(), None) is not None
 
-    def _check_no_earlier_backward(self) -> None:
+    def _check_no_earlier_backward(self, closure: Optional[Callable] = None) -> None:
         """The one-phase form runs the backward itself: gradients of an earlier backward would be
         added to its own (the AdamW habit ``loss.backward(); opt.step(closure)``). Gradients this
         optimizer did not zero (``model.zero_grad(set_to_none=False)``) are read once: all zeros pass,
         and are remembered as zeroed (a device read on this path only; ``opt.zero_grad()`` avoids it)."""
         if self._has_new_gradients() and not self._remember_if_zeros():
+            if _from_lightning_manual(closure):
+                raise RuntimeError(
+                    "Lightning called step() with its own closure and nothing was bound, after a backward: in "
+                    "manual optimization bind the step first, after self.manual_backward(loss): "
+                    "opt.bind_closure(lambda: <the loss of this batch>, loss=loss.detach()); opt.step() "
+                    "(docs/integrations.md, examples/lightning_salsa.py); nothing was written")
             raise RuntimeError(
                     "step(closure) runs the forward and the backward itself, but parameters already "
                     "have gradients (a backward ran before step(), or zero_grad() was not called): "
@@ -1237,6 +1270,11 @@ class FusedSaLSa(Optimizer, Joinable):
         """
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        if loss is not None:
+            try:
+                self._loss_tensor(loss, "loss", need_grad=False)
+            except (TypeError, ValueError) as error:
+                raise type(error)(str(error).replace("step()'s loss=", "bind_closure()'s loss=")) from None
         self._handoff.bound_step = (closure, loss)
 
     def step(self, *args, **kwargs):
@@ -1372,7 +1410,7 @@ class FusedSaLSa(Optimizer, Joinable):
             if self.reduction.loss_group is None:
                 raise unscaled
         if loss is None:
-            self._check_no_earlier_backward()
+            self._check_no_earlier_backward(closure)
         if not self._lr_checked:
             # the lrs a rising scheduler's look records are this step's: a step that raises has not seen them
             undo.append(functools.partial(setattr, self, "_lr_rising", self._lr_rising))
@@ -1903,6 +1941,56 @@ def _grad_scaler_records(optimizer: Optimizer) -> Optional[List[torch.Tensor]]:
             found = list(records.values())
             return found if all(isinstance(record, torch.Tensor) for record in found) else None
     return None
+
+
+def _all_finite_value(value) -> bool:
+    """False for a float or a floating-point tensor holding NaN/inf (one device read); True otherwise."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, torch.Tensor) and value.layout == torch.strided and not value.is_meta and (
+            value.is_floating_point() or value.is_complex()):
+        return bool(torch.isfinite(value).all())
+    return True
+
+
+def _from_lightning_manual(closure) -> bool:
+    """Is ``closure`` the one Lightning's precision plugin hands to ``optimizer.step`` for a module in manual
+    optimization (a partial of the plugin's own method, the module its first argument)? Read only on a
+    path that is about to raise."""
+    if not isinstance(closure, functools.partial):
+        return False
+    module = getattr(closure.func, "__module__", None) or ""
+    return (module.split(".")[0] in ("lightning", "pytorch_lightning") and bool(closure.args)
+            and getattr(closure.args[0], "automatic_optimization", None) is False)
+
+
+def _storage_span(p: torch.Tensor) -> Optional[Tuple[int, int, int]]:
+    """``(storage address, first byte, one past the last byte)`` of the elements ``p`` views; None for a
+    tensor with no elements or no storage to read (meta, a tensor subclass such as DTensor)."""
+    if p.numel() == 0 or p.device.type == "meta" or type(p) not in (torch.Tensor, torch.nn.Parameter):
+        return None
+    try:
+        base = p.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+    size = p.element_size()
+    last = p.storage_offset() + sum((n - 1) * stride for n, stride in zip(p.shape, p.stride()))
+    return base, p.storage_offset() * size, (last + 1) * size
+
+
+def _refuse_shared_storage(new: Sequence[torch.Tensor], existing: Sequence[torch.Tensor]) -> None:
+    """ValueError if a tensor of ``new`` views memory that another of ``new`` or of ``existing`` views:
+    each pass reads a parameter's weights and writes them back, so two parameters over the same memory
+    (``b.data = a.data``, overlapping slices of one tensor) would each be stepped from the other's writes,
+    differently on every backend. Views of disjoint parts of one storage (a flat buffer) are fine."""
+    spans = sorted((span, i) for i, span in enumerate(map(_storage_span, list(existing) + list(new)))
+                   if span is not None)
+    for (left, i), (right, j) in zip(spans, spans[1:]):
+        if left[0] == right[0] and right[1] < left[2]:
+            shapes = ", ".join(str(tuple((list(existing) + list(new))[k].shape)) for k in (i, j))
+            raise ValueError(f"two parameters (shapes {shapes}) share memory: each would be stepped from the "
+                             "other's writes. Give each its own tensor (b.data = a.data.clone()), or pass the "
+                             "tied parameter once (the group was not added)")
 
 
 def _check_checkpoint_layout(state_dict) -> None:

@@ -12,16 +12,18 @@ ablations rejected live in ``benchmarks/quality/rules.py``.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, replace
 from typing import Iterable, Optional
 
 from .errors import caller_stacklevel, checked_int
+from .line_search import FLOAT32_MAX, FLOAT32_TINY
 
 
 def is_number(value) -> bool:
-    """A real number (int or float), not a bool."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real number (int, float, a numpy scalar, a Fraction), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_freeze_below(value) -> float:
@@ -116,12 +118,14 @@ class WarmupStableDecay:
             value = getattr(self, name)
             if not (is_number(value) and 0.0 <= value <= 1.0):
                 raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+            object.__setattr__(self, name, float(value))  # a numpy scalar or Fraction: a Python float from here
         if self.warmup + self.decay > 1.0:
             raise ValueError(f"warmup + decay must be <= 1, got {self.warmup} + {self.decay}")
 
         if not (is_number(self.peak) and 0.0 < self.peak < math.inf):
             raise ValueError(f"peak must be a finite number > 0, got {self.peak!r}")
-        check_freeze_below(self.freeze_below)
+        object.__setattr__(self, "peak", float(self.peak))
+        object.__setattr__(self, "freeze_below", check_freeze_below(self.freeze_below))
         check_flag("backoff_on_loss_rise", self.backoff_on_loss_rise)
         check_hold(self.backoff_on_loss_rise, self.hold_scale_on_loss_rise)
         check_flag("decay_from_hold", self.decay_from_hold)
@@ -209,6 +213,7 @@ class Cooldown:
             object.__setattr__(self, name, checked_int(name, getattr(self, name), minimum))  # a numpy integer, say
         if not (is_number(self.final) and 0.0 <= self.final <= 1.0):
             raise ValueError(f"final must lie in [0, 1], got {self.final!r}")
+        object.__setattr__(self, "final", float(self.final))
 
     @property
     def total_steps(self) -> int:
@@ -455,8 +460,10 @@ def check_factors(factors) -> tuple:
     if len(factors) < 2:
         raise ValueError(f"factors needs at least two factors to compare, got {factors}")
     for f in factors:
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not (math.isfinite(f) and f > 0):
-            raise ValueError(f"factors must be finite numbers > 0, got {f!r} in {factors}")
+        if not is_number(f) or not FLOAT32_TINY <= f <= FLOAT32_MAX:
+            raise ValueError(f"factors must be numbers > 0 that float32 holds, from {FLOAT32_TINY:.4g} to "
+                             f"{FLOAT32_MAX:.4g} (they multiply the applied step), got {f!r} in {factors}")
+    factors = tuple(map(float, factors))
     if len(set(factors)) != len(factors):
         raise ValueError(f"factors must be distinct (a repeated factor counts twice), got {factors}")
     return factors

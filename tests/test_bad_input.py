@@ -1806,3 +1806,121 @@ def test_a_loss_passed_by_position_is_named_as_steps_call_not_an_internal_method
     assert_unchanged(before, snapshot(opt))
     opt.step(_closure(model), loss=loss)
     assert opt.search_state.step == 1
+
+
+# ---------------------------------------------------------------------------- found by a user's audit (session 49)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_a_weight_decay_that_would_flip_the_weights_is_refused_by_name_before_anything_is_written(backend, dtype):
+    # decoupled decay multiplies by 1 - wd * lr * s * eta: at wd 1000 that is about -300 a step, and the
+    # weights of a group with no gradient reached -inf in some 20 steps, counted nowhere
+    _needs_kernels({"backend": backend})
+    model = _model().to(dtype)
+    unused = torch.nn.Parameter(torch.ones(2, dtype=dtype))
+    opt = FusedSaLSa([{"params": model.parameters()}, {"params": [unused], "weight_decay": 1000.0}], backend=backend)
+    closure = lambda: F.mse_loss(model(_X.to(dtype)), _Y.to(dtype)).float() + 0 * unused.sum()  # noqa: E731
+    opt.step(closure)  # the first search: the decay's level is 0 before it
+    assert torch.equal(unused.detach(), torch.ones(2, dtype=dtype))
+    opt.zero_grad()
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: the weight decay would take [0-9.e+]+ of the weights "
+                                         r"this step \(weight_decay=1000.0 .*Lower weight_decay"):
+        opt.step(closure)
+    assert_unchanged(before, snapshot(opt))
+    assert _all_finite(opt)
+    opt.zero_grad()
+    opt.param_groups[1]["weight_decay"] = 0.1  # a sane decay steps on
+    opt.step(closure)
+    assert _all_finite(opt) and 0 < float(unused[0]) < 1
+
+
+def test_parameters_that_share_memory_are_refused_and_disjoint_views_of_one_buffer_are_not():
+    a = torch.nn.Parameter(torch.randn(6))
+    b = torch.nn.Parameter(torch.empty(6))
+    b.data = a.data
+    with pytest.raises(ValueError, match=r"two parameters \(shapes \(6,\), \(6,\)\) share memory"):
+        FusedSaLSa([a, b])
+    flat = torch.randn(10)
+    first, second = torch.nn.Parameter(flat[:6]), torch.nn.Parameter(flat[4:])
+    with pytest.raises(ValueError, match="share memory"):
+        FusedSaLSa([first, second])
+    opt = FusedSaLSa([first])  # a later group over the same memory is refused and not added
+    with pytest.raises(ValueError, match="share memory.*the group was not added"):
+        opt.add_param_group({"params": [second]})
+    assert len(opt.param_groups) == 1
+    halves = [torch.nn.Parameter(flat[:5]), torch.nn.Parameter(flat[5:])]  # a flat buffer's disjoint views
+    assert len(FusedSaLSa(halves).param_groups[0]["params"]) == 2
+
+
+def test_a_group_key_that_state_dict_keeps_for_the_search_is_refused():
+    model = _model()
+    with pytest.raises(ValueError, match="a param group has the key 'search'"):
+        FusedSaLSa([{"params": model.parameters(), "search": {}}])
+    opt = FusedSaLSa(list(model.parameters())[:2])
+    with pytest.raises(ValueError, match="the key 'search'.*the group was not added"):
+        opt.add_param_group({"params": list(model.parameters())[2:], "search": 1})
+    assert len(opt.param_groups) == 1
+    opt.load_state_dict(opt.state_dict())  # its own state dict still loads
+
+
+@pytest.mark.parametrize("name", ["growth", "backtrack", "c", "beta3"])
+def test_numpy_search_constants_are_python_floats_in_the_state_and_the_checkpoint(name, tmp_path):
+    value = {"growth": 1.1, "backtrack": 0.8, "c": 0.5, "beta3": 0.9}[name]
+    model, opt = _trained(3, **{name: np.float32(value)})  # refused at every step before: a numpy level
+    assert type(getattr(opt.search_config, name)) is float
+    saved = opt.state_dict()
+    assert all(type(v) is not np.float32 and type(v) is not np.float64 for v in saved["param_groups"][0]["search"].values())
+    torch.save(saved, tmp_path / "opt.pt")
+    torch.load(tmp_path / "opt.pt", weights_only=True)  # numpy scalars would need an allowlist
+
+
+def test_a_level_below_the_smallest_normal_float32_is_refused():
+    with pytest.raises(ValueError, match=r"init_step_size must be .* from 1.175e-38 \(below it the passes move by 0"):
+        FusedSaLSa(_model().parameters(), init_step_size=1e-40)
+    FusedSaLSa(_model().parameters(), init_step_size=1e-30)
+
+
+@pytest.mark.parametrize("value", [3, None, torch.zeros(2)])
+def test_load_state_dict_of_something_that_is_not_a_dict_names_it(value):
+    _, opt = _trained(2)
+    assert_load_refused(opt, value, "load_state_dict\\(\\) takes the dict state_dict\\(\\) returns, got")
+
+
+def test_a_search_state_that_lost_fields_loads_with_a_warning_naming_them():
+    _, opt = _trained(3)
+    saved = deepcopy(opt.state_dict())
+    del saved["param_groups"][0]["search"]["slope_avg"], saved["param_groups"][0]["search"]["step_size_fast"]
+    with pytest.warns(UserWarning, match="the checkpoint's search state has no slope_avg, step_size_fast: they start "
+                                         "from their defaults"):
+        opt.load_state_dict(saved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.load_state_dict(opt.state_dict())  # a whole one: no warning
+
+
+def test_a_sparse_loss_is_refused_by_name():
+    model, opt = _trained(2)
+    opt.zero_grad()
+    before = snapshot(opt)
+    with pytest.raises(TypeError, match="closure\\(\\) must return a dense loss, got a tensor of layout torch.sparse_coo"):
+        opt.step(lambda: F.mse_loss(model(_X), _Y).reshape(1).to_sparse())
+    assert_unchanged(before, snapshot(opt))
+
+
+def test_a_bad_loss_bound_with_bind_closure_is_refused_at_the_binding():
+    model, opt = _trained(2)
+    with pytest.raises(TypeError, match="bind_closure\\(\\)'s loss= must be the loss as a scalar tensor, got str"):
+        opt.bind_closure(_closure(model), loss="x")
+    with pytest.raises(ValueError, match="bind_closure\\(\\)'s loss= must be a loss of one element"):
+        opt.bind_closure(_closure(model), loss=torch.ones(2))
+
+
+@pytest.mark.parametrize("extra", [torch.tensor(float("nan")), float("inf")])
+def test_a_checkpoint_whose_other_state_holds_nan_is_refused(extra):
+    _, opt = _trained(2)
+    saved = deepcopy(opt.state_dict())  # state_dict() shares each parameter's state dict with the optimizer
+    first = next(iter(saved["state"]))
+    saved["state"][first]["step"] = extra  # AdamW keeps a 'step' per parameter: kept, so checked
+    assert_load_refused(opt, saved, r"has 'step' holding NaN/inf: the checkpoint is corrupt")
+    saved["state"][first]["step"] = torch.tensor(3.0)
+    opt.load_state_dict(saved)

@@ -425,7 +425,7 @@ def test_the_default_optimizer_is_untouched_without_a_beam():
     (dict(horizon=0.0), ValueError, "horizon"),
     (dict(horizon=True), ValueError, "horizon"),
     (dict(factors=(1.0,)), ValueError, "at least two"),
-    (dict(factors=(1.0, -2.0)), ValueError, "finite numbers > 0"),
+    (dict(factors=(1.0, -2.0)), ValueError, "numbers > 0 that float32 holds"),
     (dict(factors=(1.0, 1.0)), ValueError, "distinct"),
     (dict(buffers=[1.0]), TypeError, "tensors"),
     (dict(cooldown=-1.0), ValueError, "cooldown"),
@@ -582,3 +582,15 @@ def test_a_state_dict_with_decisions_that_are_not_a_list_of_decisions_is_refused
     with pytest.raises(ValueError, match="decisions must be a list of decisions"):
         beam.load_state_dict(saved)
     assert beam.state_dict() == before
+
+
+def test_numpy_fractions_and_factors_are_accepted_as_python_floats_and_a_huge_multiplier_is_not_loaded():
+    import numpy as np
+    opt = FusedSaLSa(torch.nn.Linear(4, 1).parameters(), backend="torch")
+    beam = StepSizeBeam(opt, total_steps=100, points=(np.float32(0.25),), horizon=np.float64(0.5),
+                        factors=(np.float32(0.5), 1.0, 2), cooldown=np.float32(0.0))
+    assert beam.points == (0.25,) and type(beam.horizon) is float and all(type(f) is float for f in beam.factors)
+    saved = beam.state_dict()
+    with pytest.raises(ValueError, match="multiplier must be a number > 0 that float32 holds"):
+        beam.load_state_dict({**saved, "multiplier": 1e300})
+    assert beam.multiplier == saved["multiplier"]

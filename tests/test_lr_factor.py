@@ -202,8 +202,9 @@ def test_scoring_forwards_are_counted_one_per_factor_and_none_at_a_decision_that
     (dict(interval=0), ValueError, "interval must be an integer >= 1"),
     (dict(interval=2.0), ValueError, "interval must be an integer >= 1"),
     (dict(interval=1, factors=(1.0,)), ValueError, "at least two factors"),
-    (dict(interval=1, factors=(2.0, 0.0)), ValueError, "finite numbers > 0"),
-    (dict(interval=1, factors=(2.0, math.inf)), ValueError, "finite numbers > 0"),
+    (dict(interval=1, factors=(2.0, 0.0)), ValueError, "numbers > 0 that float32 holds"),
+    (dict(interval=1, factors=(2.0, math.inf)), ValueError, "numbers > 0 that float32 holds"),
+    (dict(interval=1, factors=(2.0, 1e300)), ValueError, "numbers > 0 that float32 holds"),
     (dict(interval=1, factors=(2.0, 2.0, 0.5)), ValueError, "distinct"),
     (dict(interval=1, target="momentum"), ValueError, "target must be one of"),
     (dict(interval=1, target="schedule"), ValueError, "needs a FusedSaLSa"),
@@ -436,8 +437,9 @@ def test_a_schedule_assigned_after_the_factor_search_wrapped_it_is_refused():
     search = LRFactorSearch(opt, interval=2)
     opt.schedule = None
     weights = [p.detach().clone() for p in model.parameters()]
+    closure = lambda: loss_on(model, batch(0, torch.float32))  # noqa: E731
     with pytest.raises(RuntimeError, match="schedule was replaced after LRFactorSearch wrapped it"):
-        search.step(lambda: loss_on(model, batch(0, torch.float32)))
+        search.step(closure, lambda: opt.step(closure))
     assert search.calls == 0 and all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
 
 
@@ -490,3 +492,22 @@ def test_the_factors_are_scored_at_their_own_weights_inside_an_autocast_region()
     assert len(set(losses)) == len(losses)  # each factor's own weights
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(after, model(xy[0]))  # a forward after the step reads where it left the weights
+
+
+def test_around_a_fused_salsa_the_step_must_be_given_or_nothing_would_step():
+    model = make_model(torch.float32)
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    search = LRFactorSearch(opt, interval=2)
+    closure = lambda: loss_on(model, batch(0, torch.float32))  # noqa: E731
+    with pytest.raises(TypeError, match="a FusedSaLSa steps through its own closure: pass it as optimizer_step"):
+        search.step(closure)
+    assert search.calls == 0 and opt.search_state.step == 0
+    search.step(closure, lambda: opt.step(closure))
+    assert search.calls == 1 and opt.search_state.step == 1
+
+
+def test_numpy_factors_are_python_floats():
+    import numpy as np
+    search = LRFactorSearch(torch.optim.SGD(make_model().parameters(), lr=0.1), interval=1,
+                            factors=(np.float32(0.5), np.float64(1.0), 2))
+    assert search.factors == (0.5, 1.0, 2.0) and all(type(f) is float for f in search.factors)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from salsa_fused import FusedSaLSa
-from salsa_fused.step_size import WarmupStableDecay
+from salsa_fused.step_size import Cooldown, WarmupStableDecay
 
 
 def test_warmup_stable_decay_values():
@@ -54,3 +54,16 @@ def test_optimizer_rejects_bad_rule_and_schedule():
         FusedSaLSa([w], search_rule=3)
     with pytest.raises(TypeError, match="schedule"):
         FusedSaLSa([w], schedule=object())
+
+
+def test_numpy_and_fraction_fractions_are_accepted_as_python_floats():
+    import fractions
+
+    import numpy as np
+    schedule = WarmupStableDecay(100, warmup=np.float32(0.25), decay=fractions.Fraction(1, 5), final=np.float64(0.1),
+                                 peak=np.float32(2.0))
+    assert (schedule.warmup, schedule.decay, schedule.final, schedule.peak) == (0.25, 0.2, 0.1, 2.0)
+    assert all(type(v) is float for v in (schedule.warmup, schedule.decay, schedule.final, schedule.peak))
+    assert type(Cooldown(0, 10, final=np.float32(0.5)).final) is float
+    with pytest.raises(ValueError, match="warmup must be a number in \\[0, 1\\], got True"):
+        WarmupStableDecay(100, warmup=True)

@@ -60,8 +60,8 @@ L = pytest.importorskip("lightning")
 class DropoutModule(L.LightningModule):
     """The README's Lightning pattern (manual optimization, the two-phase step) on a dropout net;
     ``call`` picks how the step is handed its loss function: ``"mark"`` (mark_forward() then
-    step(closure, loss=...)), ``"bind"`` (mark_forward(), bind_closure, then a bare step()), or
-    ``"plain"`` (the README snippet as written, no mark)."""
+    step(closure, loss=...)), ``"bind"`` (mark_forward(), bind_closure, then a bare step()),
+    ``"plain"`` (the README snippet as written, no mark), or ``"unbound"`` (a bare step() with nothing bound)."""
 
     def __init__(self, call: str, preset_steps: int = 0):
         super().__init__()
@@ -83,6 +83,8 @@ class DropoutModule(L.LightningModule):
         closure = lambda: F.mse_loss(self.net(x), y)  # noqa: E731
         if self.call == "bind":
             opt.bind_closure(closure, loss=loss.detach())
+            opt.step()
+        elif self.call == "unbound":  # the binding forgotten
             opt.step()
         else:
             opt.step(closure=closure, loss=loss.detach())
@@ -111,6 +113,19 @@ def test_lightning_wrapper_passes_mark_forward_and_bind_closure_on(call):
     assert salsa.search_state.step == 12
     assert _trials_replayed_the_training_masks(module.masks_per_step) >= 12  # the mark reached the step
     assert 1e-4 < salsa.step_size < 10
+
+
+def test_lightning_manual_optimization_with_nothing_bound_is_refused_naming_bind_closure():
+    """``manual_backward(loss); opt.step()`` without ``bind_closure``: Lightning hands step() a closure of
+    its own that runs no forward, after a backward. The error named automatic optimization, which this
+    module had already turned off; it now names the binding, and nothing is written."""
+    module = DropoutModule("unbound")
+    weights = [p.detach().clone() for p in module.net.parameters()]
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(RuntimeError, match=r"nothing was bound.*opt\.bind_closure\(lambda: .*loss=loss\.detach\(\)\)"):
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_batches(2), batch_size=None))
+    assert all(torch.equal(a, b) for a, b in zip(weights, module.net.parameters()))
 
 
 def test_lightning_wrapper_runs_the_preset_on_its_split_groups():
