@@ -21,12 +21,13 @@ forward left them (the trial forwards would update them too). Without ``mark_for
 step is still safe: it spends one more forward per search, at the current weights, to compare
 like with like.
 
-Lightning's precision plugin wraps that closure: ``on_before_optimizer_step`` hooks run
-after each of its calls (the first and each trial). Trial forwards run inside
+Lightning's precision plugin wraps the closure it hands to the step: in this bound form the
+``on_before_optimizer_step`` hooks run once per step, however many trials the search makes (with
+``step(closure=..., loss=...)`` they would run at each trial). Trial forwards run inside
 ``training_step``, so under ``bf16-mixed`` they are autocast like the training forward.
 
 Run: ``python examples/lightning_salsa.py --precision bf16-mixed --steps 20`` (``32-true``, ``bf16-mixed`` or
-``16-mixed``: with a GradScaler on a GPU; on the CPU Lightning autocasts to fp16 without one)
+``16-mixed``: with a GradScaler on a GPU; on the CPU Lightning 2.6 runs ``bf16-mixed`` in its place, and says so)
 """
 
 from __future__ import annotations
