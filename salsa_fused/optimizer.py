@@ -390,7 +390,7 @@ class FusedSaLSa(Optimizer, Joinable):
         self._init_step_size_given = init_step_size is not None
         init_step_size = 1.0 if init_step_size is None else init_step_size
         if (isinstance(init_step_size, bool) or not isinstance(init_step_size, numbers.Real)
-                or not (math.isfinite(init_step_size) and FLOAT32_TINY <= init_step_size <= FLOAT32_MAX)):
+                or not (math.isfinite(init_step_size) and FLOAT32_TINY <= float(init_step_size) <= FLOAT32_MAX)):
             raise ValueError(f"init_step_size must be a finite number > 0 that float32 holds, from {FLOAT32_TINY:.4g} "
                              f"(below it the passes move by 0 or a subnormal) to {FLOAT32_MAX:.4g}, got "
                              f"{init_step_size!r}")
@@ -464,11 +464,13 @@ class FusedSaLSa(Optimizer, Joinable):
         for name, value in (("lr", lr), ("eps", eps), ("weight_decay", wd)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        # compared as Python floats: a numpy float16 would cast the float32 bounds to its own type (and warn)
+        lr, eps, wd = float(lr), float(eps), float(wd)
         if not (math.isfinite(lr) and 0 <= lr <= FLOAT32_MAX):
             raise ValueError(f"lr must be a finite number >= 0 that float32 holds (at most {FLOAT32_MAX:.4g}), got {lr}")
         probe = group.get("search_lr", lr)
         if isinstance(probe, bool) or not isinstance(probe, numbers.Real) or not (
-                math.isfinite(probe) and 0 <= probe <= FLOAT32_MAX):
+                math.isfinite(probe) and 0 <= float(probe) <= FLOAT32_MAX):
             raise ValueError(f"search_lr must be a finite number >= 0 that float32 holds (at most {FLOAT32_MAX:.4g}), "
                              f"got {probe!r}")
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):

@@ -1924,3 +1924,12 @@ def test_a_checkpoint_whose_other_state_holds_nan_is_refused(extra):
     assert_load_refused(opt, saved, r"has 'step' holding NaN/inf: the checkpoint is corrupt")
     saved["state"][first]["step"] = torch.tensor(3.0)
     opt.load_state_dict(saved)
+
+
+def test_numpy_float16_hyperparameters_pass_their_checks_without_numpy_overflow_warnings():
+    model = _model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # comparing a float16 with float32's bounds cast the bounds to float16
+        opt = FusedSaLSa(model.parameters(), lr=np.float16(0.5), init_step_size=np.float16(0.1), backend="torch")
+        opt.step(_closure(model))
+    assert opt.search_state.step == 1
