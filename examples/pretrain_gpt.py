@@ -84,6 +84,24 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if not 0.0 <= args.dropout < 1.0:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.weight_decay is None:  # the default said once, so that a resume that spells it out matches
+        args.weight_decay = 0.1 if args.optimizer == "salsa-recommended" else 0.0
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        parser.error(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out} is a file: name a folder (made if missing)")
+    ignored = [flag for flag, value, default, reads in (
+        ("--lr", args.lr, 3e-3, "adamw"), ("--warmup", args.warmup, 20, "adamw"),
+        ("--search-direction", args.search_direction, "gradient", "salsa"))
+        if value != default and args.optimizer != reads]
+    if ignored:
+        parser.error(f"{', '.join(ignored)} set, but --optimizer {args.optimizer} does not read "
+                     f"{'it' if len(ignored) == 1 else 'them'} (--lr and --warmup are AdamW's; --search-direction is "
+                     "--optimizer salsa's: the preset sets its own)")
     if args.optimizer == "salsa-recommended":
         try:
             presets.preset_kwargs(presets.RECOMMENDED, args.steps)
@@ -139,10 +157,7 @@ def setup_distributed(requested_device: str):
 
 
 def make_optimizer(args, model, device):
-    weight_decay = args.weight_decay
-    if weight_decay is None:
-        weight_decay = 0.1 if args.optimizer == "salsa-recommended" else 0.0
-    groups = model.param_groups(weight_decay)
+    groups = model.param_groups(args.weight_decay)
     try:
         if args.optimizer == "salsa-recommended":
             return presets.recommended(groups, total_steps=args.steps, backend=args.backend), None
@@ -218,8 +233,17 @@ def _run(args, rank: int, world: int, device: torch.device) -> dict:
         if not os.path.exists(checkpoint_path):
             raise ResumeError(f"--resume: no checkpoint at {checkpoint_path} (run without --resume to start, or "
                               "--out the folder of the run to continue)")
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        try:
+            state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        except Exception as error:  # torch raises what its unpickler met: OSError, ValueError, RuntimeError, EOF...
+            raise ResumeError(f"--resume: {checkpoint_path} is not a readable checkpoint "
+                              f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+        if not (isinstance(state, dict) and {"model", "optimizer", "step", "rng"} <= state.keys()):
+            raise ResumeError(f"--resume: {checkpoint_path} is not a checkpoint of this script (no model, optimizer, "
+                              "step and random states in it)")
         saved = state.get("args", {})
+        if saved.get("weight_decay", 0) is None:  # written before the default was resolved in parse_args
+            saved["weight_decay"] = 0.1 if saved.get("optimizer") == "salsa-recommended" else 0.0
         changed = {k: (saved[k], v) for k, v in vars(args).items()
                    if k in RESUME_MUST_MATCH and k in saved and saved[k] != v}
         if changed:
@@ -253,8 +277,19 @@ def _run(args, rank: int, world: int, device: torch.device) -> dict:
         if device.type == "cuda" and rng.get("cuda") is not None:
             torch.cuda.set_rng_state(rng["cuda"], device)
         if is_main and os.path.exists(log_path):
+            records, damaged = [], 0
             with open(log_path) as handle:
-                records = [json.loads(line) for line in handle if json.loads(line)["step"] <= start]
+                for line in handle:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut off when the run was killed
+                        damaged += 1
+                        continue
+                    if isinstance(record, dict) and record.get("step", start + 1) <= start:
+                        records.append(record)
+            if damaged:
+                print(f"--resume: {damaged} line(s) of {log_path} did not decode (a run killed while writing?): "
+                      "left out of the log", flush=True)
 
     def forward_loss(x, y):
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):

@@ -282,3 +282,39 @@ def test_docs_demo_paragraph_names_every_flag_of_the_script(capsys):
         demo = handle.read().split("## The demo", 1)[1].split("\n## ", 1)[0]
     named = set(re.findall(r"`(--[a-z][a-z-]+)", demo))
     assert len(flags) > 20 and not flags - named, sorted(flags - named)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--optimizer", "adamw", "--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
+    (["--optimizer", "adamw", "--warmup", "-5"], "--warmup must be >= 0, got -5"),
+    (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0, got -1.0"),
+    (["--optimizer", "adamw", "--search-direction", "momentum"], "--search-direction set, but --optimizer adamw"),
+    (["--lr", "1e-2", "--warmup", "5"], "--lr, --warmup set, but --optimizer salsa does not read them"),
+])
+def test_pretrain_gpt_names_a_bad_or_unread_flag_in_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        pretrain_gpt.parse_args(flags)
+    assert message in capsys.readouterr().err
+
+
+def test_pretrain_gpt_refuses_an_out_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit):
+        pretrain_gpt.parse_args(["--out", str(tmp_path / "file")])
+    assert "is a file: name a folder" in capsys.readouterr().err
+
+
+def test_pretrain_gpt_resume_names_an_unreadable_checkpoint_and_skips_a_cut_log_line(tmp_path, capsys):
+    _run(tmp_path, "--steps", "3", "--checkpoint-interval", "3", "--optimizer", "salsa-recommended")
+    with open(tmp_path / "log.jsonl", "a") as log:
+        log.write('{"step": 2, "lo')  # a run killed while it wrote a line
+    args = ["--steps", "5", "--optimizer", "salsa-recommended", "--weight-decay", "0.1", "--resume"]
+    summary = _run(tmp_path, *args)  # the preset's default decay spelled out matches the checkpoint's
+    assert "1 line(s) of" in capsys.readouterr().out and summary is not None
+    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:5000])
+    with pytest.raises(pretrain_gpt.ResumeError, match="is not a readable checkpoint"):
+        _run(tmp_path, *args)
+    checkpoint.write_text("garbage")
+    with pytest.raises(pretrain_gpt.ResumeError, match="is not a readable checkpoint"):
+        _run(tmp_path, *args)
