@@ -374,11 +374,11 @@ def floor_report(rows: List[dict], multiples: Dict[str, float], control: str, si
 
 
 def feature_rule_report(rows: List[dict], feature_rows: List[dict], multiples: Dict[str, float], control: str,
-                        key: str, scale: float, split: Optional[str] = None) -> Dict[str, dict]:
-    """A multiple set from a feature, in hindsight (NOTES.md section 51). Per task-length where every
+                        key: str, scale: float, split: Optional[str] = None, power: float = 1.0) -> Dict[str, dict]:
+    """A multiple set from a feature, in hindsight (NOTES.md sections 51 and 88). Per task-length where every
     configuration of ``multiples`` (name -> the multiple of the searched level it applies, ``control``
-    among them) has a ratio, the rule applies ``scale`` times the feature (its geometric mean over the
-    seeds where it is finite and > 0; the control's multiple where it has none), rounded to the nearest
+    among them) has a ratio, the rule applies ``scale * feature ** power`` (the feature: its geometric mean
+    over the seeds where it is finite and > 0; the control's multiple where it has none), rounded to the nearest
     of ``multiples`` in log2 (ties to the lower), and is scored by that configuration's ratio to the best
     AdamW. Only ``multiples``, on every task: a grid's extensions that exist where an oracle wanted them
     would tell the rule the answer. Per length: ``per_task`` {task: (picked name, its ratio, the control's
@@ -387,6 +387,8 @@ def feature_rule_report(rows: List[dict], feature_rows: List[dict], multiples: D
         raise ValueError(f"the control {control!r} must be one of the multiples {sorted(multiples)}")
     if not (scale > 0 and math.isfinite(scale)):
         raise ValueError(f"the rule's scale must be a positive number, got {scale!r}")
+    if not math.isfinite(power):
+        raise ValueError(f"the rule's power must be a finite number, got {power!r}")
     values = feature_values(feature_rows, key)
     summary = summarize([r for r in rows if split is None or r.get("split") == split])
     out: Dict[str, dict] = {}
@@ -396,7 +398,7 @@ def feature_rule_report(rows: List[dict], feature_rows: List[dict], multiples: D
             continue
         ratios = {name: present[name]["ratio"] for name in multiples}
         feature = values.get((entry["task"], entry["length"]))
-        wanted = scale * _gmean(feature) if feature else multiples[control]
+        wanted = scale * _gmean(feature) ** power if feature else multiples[control]
         picked = _nearest(ratios, multiples, wanted)
         result = out.setdefault(entry["length"], dict(per_task={}, no_feature=[]))
         result["per_task"][entry["task"]] = (picked, ratios[picked], ratios[control])
@@ -469,6 +471,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rule-scale", type=float, default=None, metavar="C",
                         help="with --feature, --feature-rows and --control: score, in hindsight, the multiple set to C "
                              "times the feature (section 51)")
+    parser.add_argument("--feature-power", type=float, default=1.0, metavar="P",
+                        help="with --rule-scale: the multiple set to C times the feature to the power P (section 88: "
+                             "P = alpha - 1 with the searched level as the feature blends it with one rate)")
     parser.add_argument("--switched", default=None, metavar="ROWS",
                         help="add the runs that switched multiple at the freeze, switch_<q>, from these rehearsal rows "
                              "(comma-separated files; section 65), or during the warm-up (--switch-at rows, section 66)")
@@ -518,10 +523,11 @@ def main(argv=None) -> int:
                 raise ValueError("--rule-scale needs --feature-rows and --control")
             feature_rows = kept(read_rows(args.feature_rows.split(",")))
             rule = feature_rule_report(rows, feature_rows, multiples, args.control, args.feature, args.rule_scale,
-                                       args.split)
+                                       args.split, args.feature_power)
         except ValueError as error:
             parser.error(str(error))
-        print(f"the multiple at {args.rule_scale:g} x {args.feature}, in place of {args.control}'s")
+        powered = args.feature if args.feature_power == 1 else f"{args.feature} ** {args.feature_power:g}"
+        print(f"the multiple at {args.rule_scale:g} x {powered}, in place of {args.control}'s")
         print_rescored(rule, args.control, "moved on")
         return 0
     if args.feature is not None:

@@ -350,6 +350,11 @@ def test_a_multiple_set_from_a_feature_picks_the_nearest_multiple_and_keeps_the_
     assert sorted(partial["per_task"]) == ["a", "b", "c"]
     with pytest.raises(ValueError, match="scale"):
         oracle.feature_rule_report(rows, features, multiples, "control", "q", -1.0)
+    # a power: 2 / q (a: 4 -> four; b: 2/3 and d: 1.43, nearer 0.5 and 2 in log2; c keeps the control's)
+    inverse = oracle.feature_rule_report(rows, features, multiples, "control", "q", 2.0, power=-1.0)["default"]
+    assert {t: p[0] for t, p in inverse["per_task"].items()} == {"a": "four", "b": "half", "c": "control", "d": "control"}
+    with pytest.raises(ValueError, match="power"):
+        oracle.feature_rule_report(rows, features, multiples, "control", "q", 1.0, power=math.nan)
     rows_path, feature_path = tmp_path / "rows.jsonl", tmp_path / "features.jsonl"
     rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     feature_path.write_text("".join(json.dumps(r) + "\n" for r in features))
@@ -357,6 +362,10 @@ def test_a_multiple_set_from_a_feature_picks_the_nearest_multiple_and_keeps_the_
                         "--feature-rows", str(feature_path), "--control", "control", "--rule-scale", "1"]) == 0
     out = capsys.readouterr().out
     assert "default: 4 tasks, geomean 1.861 -> 1.000, moved on 3 (no feature: c); above 1.15: none" in out
+    assert oracle.main([str(rows_path), "--configs", "half=0.5,one=1,control=2,four=4", "--feature", "q",
+                        "--feature-rows", str(feature_path), "--control", "control", "--rule-scale", "2",
+                        "--feature-power", "-1"]) == 0
+    assert "the multiple at 2 x q ** -1, in place of control's" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         oracle.main([str(rows_path), "--configs", "half=0.5,control=2", "--feature", "q", "--feature-rows",
                      str(feature_path), "--rule-scale", "1"])
