@@ -818,8 +818,10 @@ class FusedSaLSa(Optimizer, Joinable):
             if missing:
                 raise ValueError(f"the checkpoint's search state has no {' or '.join(missing)}: the checkpoint is "
                                  "corrupt (the level would start over silently); nothing was loaded")
+            # rule_state is not named: torch.distributed.checkpoint's full state dicts drop an empty dict, and
+            # check_rule_state (below) refuses a checkpoint that lost the scalars a rule keeps
             defaulted = sorted({f.name for f in dataclasses.fields(SearchState)}
-                               - {RENAMED_KEYS.get(k, k) for k in saved_search})
+                               - {RENAMED_KEYS.get(k, k) for k in saved_search} - {"rule_state"})
             try:
                 search = SearchState.from_dict(deepcopy(saved_search))
                 search.validate()  # unknown keys, bad values

@@ -1898,6 +1898,24 @@ def test_a_search_state_that_lost_fields_loads_with_a_warning_naming_them():
         opt.load_state_dict(opt.state_dict())  # a whole one: no warning
 
 
+def test_a_full_state_dict_through_torch_distributed_checkpoint_loads_without_a_warning():
+    """``set_optimizer_state_dict(..., full_state_dict=True)`` drops the empty ``rule_state`` on its way in:
+    nothing was lost, so nothing warns."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+    model, opt = _trained(3)
+    options = StateDictOptions(full_state_dict=True)
+    saved = get_optimizer_state_dict(model, opt, options=options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        set_optimizer_state_dict(model, opt, saved, options=options)
+    assert opt.search_state.step == 3
+    labpal = FusedSaLSa(_model().parameters(), search_rule="labpal")
+    stripped = deepcopy(opt.state_dict())
+    stripped["param_groups"][0]["search"].pop("rule_state")
+    with pytest.raises(ValueError, match="without the scalars this search_rule keeps"):
+        labpal.load_state_dict(stripped)  # a rule that keeps scalars still refuses a checkpoint without them
+
+
 def test_a_sparse_loss_is_refused_by_name():
     model, opt = _trained(2)
     opt.zero_grad()
