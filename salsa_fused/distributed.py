@@ -43,6 +43,11 @@ MIXED_FORMS = (
     "form is refused there). Nothing was stepped")
 
 
+#: The relative spread of the ranks' ``q`` past which their gradients were not averaged
+#: (:meth:`SearchReduction.refuse_gradients_that_differ`): averaged ones give every rank the same bits; a rank
+#: on its own batch's gradients is off by far more.
+GRADIENT_SPREAD = 1e-4
+
 #: The ranks' status in an exchange's all-reduce (:meth:`SearchReduction.exchange`): four float64 sums.
 STATUS_SIZE = 4
 
@@ -174,6 +179,26 @@ class SearchReduction:
             raise ClosureFailedOnAnotherRank(
                 f"the closure raised on {which} ({failed_ranks} of the {self.loss_ranks} data-parallel ranks) "
                 f"{where}")
+
+    def refuse_gradients_that_differ(self, own_q: float, step: int, device: Optional[torch.device] = None) -> None:
+        """Raise on every rank alike when the ranks' ``q`` differ. With replicated weights each rank's ``q``
+        comes from the gradients DDP averaged, so it is the same on every rank; a rank whose backward skipped
+        the all-reduce (the module inside DDP called, ``no_sync()`` on the micro-batch that steps, no DDP at
+        all) steps on its own gradients, and its weights part from its peers' at every step, silently. One
+        all-reduce of ``q`` and ``q^2`` (their spread over the loss group) per search; a non-finite spread is
+        left to the search's own checks. Every rank of the loss group must call it at the same search."""
+        moments = torch.tensor([own_q, own_q * own_q], dtype=torch.float64, device=device)
+        dist.all_reduce(moments, op=dist.ReduceOp.SUM, group=self.loss_group)
+        mean_q, mean_q_square = (value / self.loss_ranks for value in moments.tolist())
+        spread = mean_q_square - mean_q * mean_q
+        if not (math.isfinite(spread) and spread > GRADIENT_SPREAD ** 2 * mean_q_square):
+            return
+        raise ValueError(
+            f"the {self.loss_ranks} data-parallel ranks stepped on different gradients at step {step} (the slope "
+            f"q = g.d: {own_q:.6g} on this rank, {mean_q:.6g} on average, spread {math.sqrt(spread):.3g}): step() "
+            "needs the gradients averaged over the ranks before it runs, as DDP's backward does. Call the "
+            "DDP-wrapped model (not the module inside it) in the closure, and leave no_sync() off the micro-batch "
+            "whose backward comes last before step(). Nothing was stepped")
 
     def shared_forward(self, forward: Callable[[], torch.Tensor], dtype: torch.dtype,
                        device: Optional[torch.device]) -> Tuple[torch.Tensor, Optional[Exception]]:

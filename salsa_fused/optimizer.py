@@ -1462,10 +1462,11 @@ class FusedSaLSa(Optimizer, Joinable):
         marked, handoff.forward_rng = handoff.forward_rng, None  # mark_forward(), used by this step only
         zeroed_at, handoff.zero_grad_rng = handoff.zero_grad_rng, None
         one_phase = loss is None
-        if self.reduction.loss_group is not None and state.step == 0:
-            # At the first step, known alike on every rank (a per-rank flag, set again by a load on one rank
-            # only, sent that rank alone into the all-reduce), compared once the step's own backward has run
-            # in either form, so that a rank in the other form meets it there, not in DDP's gradient all-reduce.
+        if self.reduction.loss_group is not None and not self.__dict__.get("_ranks_compared", False):
+            # At this optimizer's first step in the process, alike on every rank whatever was loaded before it
+            # (a checkpoint loaded on one rank only is then named, not met as a collective of another size),
+            # compared once the step's own backward has run in either form, so that a rank in the other form
+            # meets it there, not in DDP's gradient all-reduce. A load after it is not compared.
             compare = functools.partial(self._refuse_ranks_that_differ, state)
         else:
             compare = None
@@ -1573,8 +1574,8 @@ class FusedSaLSa(Optimizer, Joinable):
     def _refuse_ranks_that_differ(self, state: SearchState) -> None:
         """Every data-parallel rank must run the same search: ranks built or loaded otherwise (another
         init_step_size, preset or group) run other trials, their weights part, and their collectives
-        fall out of step until a timeout that names nothing. One all-reduce at the first step; every rank
-        raises alike."""
+        fall out of step until a timeout that names nothing. One all-reduce at the optimizer's first step in
+        the process (a resumed run's too); every rank raises alike."""
         def described(value) -> str:  # a dataclass by its fields, another object by its type
             return repr(value) if value is None or dataclasses.is_dataclass(value) else type(value).__name__
 
@@ -1594,11 +1595,14 @@ class FusedSaLSa(Optimizer, Joinable):
         texts.update({f"search state.{name}": repr(value) for name, value in dataclasses.asdict(state).items()})
         texts = {name: re.sub(r" at 0x[0-9a-fA-F]+", "", text) for name, text in texts.items()}  # addresses differ
         differing = self.reduction.differing(texts, self._device)
+        self._ranks_compared = not differing
         if differing:
             mine = "; ".join(f"{name} = {texts[name]}" for name in differing)
+            loaded = (" The step counters differ: was a checkpoint loaded on some ranks only?"
+                      if "search state.step" in differing else "")
             raise ValueError(
                 f"FusedSaLSa is not the same on the {self.reduction.loss_ranks} data-parallel ranks: "
-                f"{', '.join(differing)} differ (this rank's: {mine[:800]}). Build every rank's optimizer alike "
+                f"{', '.join(differing)} differ (this rank's: {mine[:800]}).{loaded} Build every rank's optimizer alike "
                 "(arguments, preset, param groups) and load the same checkpoint: ranks that search otherwise part "
                 "their weights and their collectives. Nothing was stepped")
 

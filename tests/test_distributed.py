@@ -768,8 +768,9 @@ class _ScheduleHoldingAnObject:
 
 def _ranks_that_differ_job(rank: int, out_dir: str) -> None:
     """Ranks built otherwise search otherwise: their weights parted and the job stalled at a later
-    collective with gloo's timeout, naming nothing. Refused on every rank at the first step; ranks
-    built alike step on, a load on one rank included (it sent that rank alone into the comparison)."""
+    collective with gloo's timeout, naming nothing. Refused on every rank at the first step, a checkpoint
+    loaded on one rank only before it included; ranks built alike step on, a load on one rank after the first
+    step included (not compared: no collective of its own follows)."""
     cases = {
         "init_step_size": (lambda params: FusedSaLSa(params, backend="torch", init_step_size=0.5 if rank else 1.0),
                            "search state.step_size"),
@@ -787,6 +788,22 @@ def _ranks_that_differ_job(rank: int, out_dir: str) -> None:
         with pytest.raises(ValueError, match=f"not the same on the 2 data-parallel ranks: {named} differ"):
             opt.step(lambda: F.mse_loss(ddp(x), y))
         assert torch.equal(_flat(ddp.parameters()), before) and opt.search_state.step == 0, what
+    # a resume that loaded the checkpoint on one rank only: gloo aborted the process at the first step
+    # (a collective of another size; NCCL may hang) where the step counter now names it
+    trained = torch.nn.parallel.DistributedDataParallel(_make_model(0))
+    source = FusedSaLSa(trained.parameters(), backend="torch")
+    for step in range(2):
+        x, y = _batch(step, rank)
+        source.zero_grad()
+        source.step(lambda: F.mse_loss(trained(x), y))
+    ddp = torch.nn.parallel.DistributedDataParallel(_make_model(0))
+    opt = FusedSaLSa(ddp.parameters(), backend="torch")
+    if rank == 0:
+        opt.load_state_dict(source.state_dict())
+    before, x, y = _flat(ddp.parameters()).clone(), *_batch(2, rank)
+    with pytest.raises(ValueError, match="The step counters differ: was a checkpoint loaded on some ranks only"):
+        opt.step(lambda: F.mse_loss(ddp(x), y))
+    assert torch.equal(_flat(ddp.parameters()), before)
     model = _make_model(0)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     objects = [object() for _ in range(10 * (rank + 1))]  # the schedules' markers at other addresses
@@ -806,6 +823,50 @@ def test_ddp_ranks_built_otherwise_are_refused_alike_at_the_first_step(tmp_path)
 
 def _state_of(opt: FusedSaLSa) -> dict:
     return copy.deepcopy(opt.state_dict())
+
+
+def _gradients_not_averaged_job(rank: int, out_dir: str) -> None:
+    """Three ways a DDP user's gradients miss the all-reduce: the module inside DDP called in the closure,
+    no_sync() around the micro-batch that steps, no DDP at all. Each rank stepped on its own gradients and
+    the weights parted from the first step, silently; now every rank raises alike at the first search,
+    with the weights and the optimizer's state as they were. The DDP-wrapped model steps on alike."""
+    def closure_of(forward, x, y):
+        return lambda: F.mse_loss(forward(x), y)
+
+    ddp = torch.nn.parallel.DistributedDataParallel(_make_model(0))
+    opt = FusedSaLSa(ddp.parameters(), backend="torch")
+    for step in range(3):  # alike at first: the search steps and compares its q
+        x, y = _batch(step, rank)
+        opt.zero_grad()
+        opt.step(closure_of(ddp, x, y))
+    cases = {
+        "the module inside DDP": lambda x, y: opt.step(closure_of(ddp.module, x, y)),
+        "no_sync() on the stepping micro-batch": None,
+    }
+    for what, run in cases.items():
+        x, y = _batch(7, rank)
+        opt.zero_grad()
+        before, state = _flat(ddp.parameters()).clone(), _state_of(opt)  # the 4th step searches (the first 9 do)
+        with pytest.raises(ValueError, match="data-parallel ranks stepped on different gradients at step 4"):
+            if run is not None:
+                run(x, y)
+            else:
+                with ddp.no_sync():
+                    loss = F.mse_loss(ddp(x), y)
+                    loss.backward()
+                opt.step(closure_of(ddp, x, y), loss=loss)
+        assert torch.equal(_flat(ddp.parameters()), before), what
+        _assert_same_state(_state_of(opt), state, what)
+    plain = _make_model(0)
+    alone = FusedSaLSa(plain.parameters(), backend="torch")
+    x, y = _batch(0, rank)
+    with pytest.raises(ValueError, match="stepped on different gradients at step 1 "):
+        alone.step(closure_of(plain, x, y))  # no DDP: each rank's own gradients
+    _assert_same_on_all_ranks(_flat(ddp.parameters()), "weights")
+
+
+def test_ddp_gradients_not_averaged_are_refused_on_every_rank(tmp_path):
+    spawn_in_gloo_group(_gradients_not_averaged_job, str(tmp_path), WORLD, timeout_s=60)
 
 
 def _assert_same_state(state: dict, before: dict, what: str) -> None:
