@@ -1602,9 +1602,9 @@ class FusedSaLSa(Optimizer, Joinable):
                       if "search state.step" in differing else "")
             raise ValueError(
                 f"FusedSaLSa is not the same on the {self.reduction.loss_ranks} data-parallel ranks: "
-                f"{', '.join(differing)} differ (this rank's: {mine[:800]}).{loaded} Build every rank's optimizer alike "
-                "(arguments, preset, param groups) and load the same checkpoint: ranks that search otherwise part "
-                "their weights and their collectives. Nothing was stepped")
+                f"{', '.join(differing)} differ (this rank's: {mine[:800]}).{loaded} Build every rank's optimizer "
+                "alike (arguments, preset, param groups) and load the same checkpoint: ranks that search otherwise "
+                "part their weights and their collectives. Nothing was stepped")
 
     def _passes(self, plan, scale: float, forwards: int, backwards: int) -> Optional[F.Passes]:
         """The backend's passes over this step's buckets (gradients checked), the step's forward

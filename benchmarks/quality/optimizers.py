@@ -590,9 +590,9 @@ REGISTRY: Dict[str, Callable] = {
     "nm_max10_h": _fused(lambda n: _author(schedule=WarmupStableDecay(n, 0.05, 0.5),
                                            search_rule=NonMonotoneArmijo("max", window=10,
                                                                          reference_in_average=False))),
-    # the shipped recommendation (salsa_fused.presets.RECOMMENDED). Since NOTES.md section 22 its schedule
-    # freezes a collapsing level early (freeze_below=1/16): rows of this name and of every beam_* on it
-    # (beam_cool_margin included) that name a commit before that adoption ran without the freeze;
+    # the shipped `pretrain` preset (salsa_fused.presets.RECOMMENDED; not recommended yet). Since NOTES.md
+    # section 22 its schedule freezes a collapsing level early (freeze_below=1/16): rows of this name and of
+    # every beam_* on it (beam_cool_margin included) that name a commit before that adoption ran without the freeze;
     # pretrain_freeze16 / beam_cool_margin_freeze16 ran it. Since section 23 it also backs off when the
     # loss turns (backoff_on_loss_rise): rows before that adoption ran without it; pretrain_backoff /
     # beam_cool_margin_backoff ran it. Since section 25 it also holds the warm-up's scale at the first
