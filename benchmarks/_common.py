@@ -10,6 +10,7 @@ ever filled in.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import hashlib
@@ -306,13 +307,24 @@ def row_from_samples(kernel: str, provider: str, size: str, samples: Sequence[fl
     return Row(kernel=kernel, provider=provider, size=size, **quantiles_ms(samples), **kwargs)
 
 
+def read_json(json_path: Path):
+    """A results file's JSON; ValueError naming the file when it does not parse (damaged, cut short)."""
+    try:
+        return json.loads(Path(json_path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{json_path} is not a results file: {error}") from None
+
+
 def read_runs(json_path: Path) -> List[dict]:
     """The runs recorded in a results file (none when it does not exist). A file from before
-    results were appended (one run at the top level) reads as that one run."""
+    results were appended (one run at the top level) reads as that one run. ValueError naming
+    the file when it is not a results file."""
     json_path = Path(json_path)
     if not json_path.exists():
         return []
-    data = json.loads(json_path.read_text(encoding="utf-8"))
+    data = read_json(json_path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{json_path} is not a results file: a JSON {type(data).__name__}, not an object")
     if "runs" in data:
         return data["runs"]
     return [data]
@@ -392,3 +404,73 @@ def name_pairs(items: Sequence[str], form: str = "NAME=AS") -> Dict[str, str]:
             raise ValueError(f"expected {form}, got {item!r}")
         pairs[old] = new
     return pairs
+
+
+# ---------------------------------------------------------------------------- command lines
+# argparse types: a bad value is refused by the parser (exit 2, the flag and the value named)
+# before anything is measured or written.
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+positive_int = int_at_least(1)
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def comma_list(text: str) -> List[str]:
+    """An argparse type: ``a,b,c`` as a list, at least one name."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}, which names none")
+    return items
+
+
+def _path(text: str) -> Path:
+    if not text.strip():  # `--out "$OUT"` with OUT unset would resolve to the working directory
+        raise argparse.ArgumentTypeError(f"an empty path ({text!r}): is the shell variable given unset, e.g. $OUT?")
+    return Path(text)
+
+
+def output_dir(text: str) -> Path:
+    """An argparse type: a directory to write into, existing or not, but not a file."""
+    path = _path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a directory")
+    return path
+
+
+def output_file(text: str) -> Path:
+    """An argparse type: a file to append to, existing or not, but not a directory."""
+    path = _path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file")
+    return path
+
+
+def results_readable(parser: argparse.ArgumentParser, json_path: Path) -> None:
+    """Refuse (``parser.error``) a results file the run would append to that cannot be read:
+    before measuring, so that no run is lost."""
+    try:
+        read_runs(json_path)
+    except ValueError as error:
+        parser.error(str(error))

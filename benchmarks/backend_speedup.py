@@ -107,21 +107,16 @@ def run(rounds: int, demo_steps: int, zoo_steps: int, threads: int, tasks: Optio
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--demo-steps", type=int, default=200, help="0 skips the demo")
-    parser.add_argument("--zoo-steps", type=int, default=100, help="0 skips the zoo")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--tasks", default=None, help="comma-separated zoo tasks (default: all)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="JSONL file the record is appended to")
+    parser.add_argument("--rounds", type=C.positive_int, default=2)
+    parser.add_argument("--demo-steps", type=C.int_at_least(0), default=200, help="0 skips the demo")
+    parser.add_argument("--zoo-steps", type=C.int_at_least(0), default=100, help="0 skips the zoo")
+    parser.add_argument("--threads", type=C.positive_int, default=1)
+    parser.add_argument("--tasks", type=C.comma_list, default=None, help="comma-separated zoo tasks (default: all)")
+    parser.add_argument("--out", type=C.output_file, default=RESULTS, help="JSONL file the record is appended to")
     args = parser.parse_args(argv)
-    for name in ("rounds", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
-    if args.demo_steps < 0 or args.zoo_steps < 0:
-        parser.error("--demo-steps and --zoo-steps must be >= 0")
     if args.demo_steps == 0 and args.zoo_steps == 0:
         parser.error("--demo-steps 0 and --zoo-steps 0 leave nothing to measure")
-    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+    tasks = args.tasks
     if tasks is not None:  # before any measurement: the demo takes minutes
         from benchmarks.quality.zoo import tasks as Z
         unknown = sorted(set(tasks) - set(Z.ZOO))

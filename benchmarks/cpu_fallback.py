@@ -116,12 +116,13 @@ def run(scale: float = 0.125, repeats: int = 15, dtype: str = "float32", warmup:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scale", type=float, default=0.125, help="fraction of GPT-2 small's size")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--scale", type=C.positive_float, default=0.125, help="fraction of GPT-2 small's size")
+    parser.add_argument("--repeats", type=C.positive_int, default=15)
+    parser.add_argument("--warmup", type=C.int_at_least(0), default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--out-dir", type=C.output_dir, default=None)
     args = parser.parse_args(argv)
+    C.results_readable(parser, (args.out_dir or C.RESULTS_DIR) / f"cpu_fallback_{args.dtype}.json")
     summary = run(args.scale, args.repeats, args.dtype, args.warmup, args.out_dir)
     for name, ms in summary["median_ms"].items():
         r = summary["ratios"][name]

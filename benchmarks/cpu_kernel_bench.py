@@ -39,6 +39,7 @@ from salsa_fused.backends import cpp_backend, torch_backend
 from salsa_fused.backends.base import GRADIENT, RAW, Bucket, Hyper, Move, PassArgs
 
 TARGETS = {"cpp_plain": 1.2, "cpp_pass_a": 1.25, "cpp_pass_b": 0.7}
+DTYPES = ("float32", "bfloat16", "float16")  # the weight dtypes the kernels and fused AdamW take
 BASELINE = "adamw_fused"
 
 
@@ -120,8 +121,7 @@ def run(scale: float, repeats: int, threads_list: List[int], dtypes: List[str], 
 def write(run_record: dict, out_dir: Path, name: str = "cpu_kernel_bench") -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
-    runs = json.loads(json_path.read_text())["runs"] if json_path.exists() else []
-    runs.append(run_record)
+    runs = C.read_runs(json_path) + [run_record]
     json_path.write_text(json.dumps({"runs": runs}, indent=1, default=str) + "\n", encoding="utf-8")
     render(runs, md_path, name)
 
@@ -161,18 +161,25 @@ def _run_section(run_record: dict) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scale", type=float, default=0.125, help="fraction of GPT-2 small's leading dims")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--scale", type=C.positive_float, default=0.125,
+                        help="fraction of GPT-2 small's leading dims")
+    parser.add_argument("--repeats", type=C.positive_int, default=15)
+    parser.add_argument("--threads", type=C.positive_int, nargs="+", default=[1, 2])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=DTYPES)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="cuda: the CUDA kernels against fused AdamW and Triton (results/cuda_kernel_bench)")
-    parser.add_argument("--out-dir", type=Path, default=C.RESULTS_DIR)
+    parser.add_argument("--out-dir", type=C.output_dir, default=C.RESULTS_DIR)
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: no CUDA device here (torch {torch.__version__}, built for CUDA "
+                     f"{torch.version.cuda or 'none'})")
     if not cpp_backend.supports(args.device):
-        raise SystemExit(f"the C++ extension has no {args.device} kernels here: python setup.py build_ext --inplace")
+        parser.error(f"--device {args.device}: the C++ extension has no {args.device} kernels here "
+                     "(build it: pip install --no-build-isolation -e .)")
+    name = "cpu_kernel_bench" if args.device == "cpu" else "cuda_kernel_bench"
+    C.results_readable(parser, args.out_dir / f"{name}.json")
     record = run(args.scale, args.repeats, args.threads, args.dtypes, device=args.device)
-    write(record, args.out_dir, "cpu_kernel_bench" if args.device == "cpu" else "cuda_kernel_bench")
+    write(record, args.out_dir, name)
     for r in record["results"]:
         print(r["dtype"], r["threads"], "threads:",
               "  ".join(f"{k} {v:.1f}ms ({r['vs_adamw_fused'][k]:.2f}x)" for k, v in r["median_ms"].items()))

@@ -130,11 +130,16 @@ def measure(sizes=(148, 1000), steps: int = 20, warmup: int = 3) -> List[dict]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[148, 1000])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help="JSONL file the rows are appended to")
+    parser.add_argument("--sizes", type=C.positive_int, nargs="+", default=[148, 1000])
+    parser.add_argument("--steps", type=C.positive_int, default=20)
+    parser.add_argument("--out", type=C.output_file, default=DEFAULT_OUT, help="JSONL file the rows are appended to")
     args = parser.parse_args(argv)
-    env = C.environment(torch.device("cpu"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the environment's device names the threads each worker runs on
+    try:
+        env = C.environment(torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
     for record in measure(args.sizes, args.steps):
         C.append_jsonl(args.out, {"name": f"fsdp2 plain step host time, {record['n_tensors']} tensors",
                                   "values": record, "env": env})

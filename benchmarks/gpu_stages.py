@@ -1,10 +1,13 @@
-"""The stages of ``benchmarks.gpu_suite``, one per process: ``python -m benchmarks.gpu_stages NAME --out DIR``.
+"""The stages of ``benchmarks.gpu_suite``, one per process.
+
+    python -m benchmarks.gpu_stages NAME --out DIR --details DETAILS_DIR [--smoke]
 
 Each stage appends its rows to ``DIR/rows.jsonl`` as it takes them (``stage``, ``name``,
 ``status`` ok/failed/skipped, ``values``, ``env``), may write detail files into
 ``--details``, and exits 0 (every check held), 1 (a check failed or raised) or 3 (it
-could not run: triton or pytest missing, too little memory). ``--smoke`` runs the same
-code on the CPU at tiny sizes (Triton under its interpreter where a stage uses it).
+could not run: triton or pytest missing, too little memory, no CUDA device without
+``--smoke``). ``--smoke`` runs the same code on the CPU at tiny sizes (Triton under its
+interpreter where a stage uses it).
 """
 
 from __future__ import annotations
@@ -303,7 +306,7 @@ def stage_large_tensor(ctx: Context) -> None:
     ctx.emit(f"plain step, one bf16 tensor of {n} elements (2^31 + {n - 2 ** 31})" if ctx.gpu else
              f"plain step, one bf16 tensor of {n} elements (smoke size)",
              {"numel": n, "step_ms": step_s * 1e3, "GBps": n * (3 * 2 + 16) / step_s / 1e9,
-              "checks": worst, "backend": opt.backend_name}, "ok" if passed else "failed")
+              "checks": worst, "backend": opt.backend.name}, "ok" if passed else "failed")
 
 
 # ---------------------------------------------------------------------------- 5. determinism
@@ -513,8 +516,9 @@ def _run_pytest(ctx: Context, files: List[str], junit_name: str, extra: List[str
     if ctx.smoke:
         env.pop("TRITON_INTERPRET", None)  # tests/conftest.py sets it when there is no GPU
     began = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-p", "no:randomly",
-                           "--junitxml", str(junit), *extra, *files], cwd=ROOT, env=env)
+    # no cache, no pytest-benchmark (its storage, .benchmarks/, would land in the repository)
+    done = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-p", "no:benchmark",
+                           "-p", "no:randomly", "--junitxml", str(junit), *extra, *files], cwd=ROOT, env=env)
     counts = {"exit_code": done.returncode, "seconds": round(time.monotonic() - began, 1),
               "files": " ".join(files + extra)}
     if junit.exists():
@@ -552,6 +556,9 @@ def main(argv=None) -> int:
     parser.add_argument("--details", required=True)
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        print(f"[{args.stage}] not run: no CUDA device (--smoke runs the stage on the CPU)", flush=True)
+        return MISSING
     ctx = Context(args.stage, Path(args.out), Path(args.details), args.smoke)
     print(f"[{args.stage}] device: {ctx.env['device']}; torch {ctx.env['torch']}, triton {ctx.env['triton']}, "
           f"CUDA {ctx.env['cuda']}", flush=True)

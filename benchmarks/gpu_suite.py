@@ -2,6 +2,7 @@
 
     bash benchmarks/gpu_suite.sh --out "$OUT"            # GPU: <= 9.2 minutes in all (550 s)
     bash benchmarks/gpu_suite.sh --out DIR --smoke       # the same stages on the CPU, tiny sizes
+                                                         # (CI: --smoke --slow 6, tests/benchmarks/test_gpu_suite.py)
 
 Made for a borrowed machine: no network, its own torch (never installed or replaced), one
 call of at most 10 minutes, and only what lies in ``--out`` comes back. So:
@@ -31,7 +32,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import signal
 import subprocess
@@ -44,9 +44,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from benchmarks import _common as C
+
 ROOT = Path(__file__).resolve().parents[1]
 TOTAL_BUDGET_S = 550.0  # the whole GPU run, CUDA context and Triton JIT compiles included
-SMOKE_BUDGET_S = 240.0
+SMOKE_BUDGET_S = 480.0
 WHEEL_NAME = "SaLSa_Optimizer-0.1.0-py3-none-any.whl"
 OUT_FILES = ("rows.jsonl", "suite.log", "summary.json", "summary.md", "details.tar.gz")
 
@@ -60,29 +62,31 @@ class Stage:
 
 
 # In order of value. The GPU limits add up to 535 s of the 550 s budget; the rest covers
-# the driver itself (starting a process per stage, packing the details). The extension's
+# the driver itself (starting a process per stage, packing the details). The smoke limits
+# (430 s of 480) leave a 2-core CPU about twice what it took: each stage spends 4-5 s on
+# imports alone (determinism took 12.4 s, cuda_checks 19.4 s, training 19.7 s). The extension's
 # build is not a stage: it runs beside the first stages (CPU cores only) and is waited for,
 # inside cuda_extension's limit, when that stage starts. host_overhead runs on it when it is
 # done by then (its rows say whether: ``group_signature``), as an installed package would.
 STAGES = (
-    Stage("cuda_checks", 45, 25, "plain steps under sync-debug 'error' (fp32, bf16, GradScaler), "
+    Stage("cuda_checks", 45, 50, "plain steps under sync-debug 'error' (fp32, bf16, GradScaler), "
           "launches and CUDA kernels per plain step, triton vs torch reference on the device"),
-    Stage("kernel_timing", 45, 20, "GPT-2 small's 148 tensors, fp32 and bf16: plain step, reduction, "
+    Stage("kernel_timing", 45, 40, "GPT-2 small's 148 tensors, fp32 and bf16: plain step, reduction, "
           "pass A, pass B vs fused and foreach AdamW, and a copy-bandwidth roofline"),
-    Stage("host_overhead", 75, 20, "host time of a plain step at 148 and 10,000 tensors "
+    Stage("host_overhead", 75, 40, "host time of a plain step at 148 and 10,000 tensors "
           "(launch stubbed and real) beside torch.optim.AdamW(fused=True)"),
-    Stage("cuda_extension", 70, 40, "the C++/CUDA extension (csrc/, JIT-built in the background from the "
+    Stage("cuda_extension", 70, 80, "the C++/CUDA extension (csrc/, JIT-built in the background from the "
           "suite's start): its CUDA kernels vs the torch reference, plain steps under sync-debug 'error', "
           "pass timings beside fused AdamW, tests/backends/test_cpp_backend.py -k cuda"),
-    Stage("large_tensor", 30, 15, "one plain step on a tensor of more than 2^31 elements (bf16), "
+    Stage("large_tensor", 30, 30, "one plain step on a tensor of more than 2^31 elements (bf16), "
           "checked against a reference computation at its start, across 2^31 and at its tail"),
-    Stage("determinism", 25, 15, "the search's q reduction: bitwise across repeats, error against float64"),
-    Stage("training", 140, 30, "GPT-2 small, B=8, T=512, bf16 autocast, 300 steps: fused AdamW, "
+    Stage("determinism", 25, 30, "the search's q reduction: bitwise across repeats, error against float64"),
+    Stage("training", 140, 60, "GPT-2 small, B=8, T=512, bf16 autocast, 300 steps: fused AdamW, "
           "FusedSaLSa (copy, inplace, recommended preset), published SaLSa 0.1.0 if installed, AdamW again "
           "last; steady-state time vs AdamW + the extra forwards"),
-    Stage("step_profile", 45, 25, "torch.profiler over 10 steady steps of GPT-2 small: device busy vs idle "
+    Stage("step_profile", 45, 50, "torch.profiler over 10 steady steps of GPT-2 small: device busy vs idle "
           "time per step, host waits on the device, top host ops (AdamW, FusedSaLSa copy and inplace)"),
-    Stage("pytest", 60, 25, "pytest tests/test_cuda.py, tests/backends/test_triton_backend.py and "
+    Stage("pytest", 60, 50, "pytest tests/test_cuda.py, tests/backends/test_triton_backend.py and "
           "tests/backends/test_launch_counts.py (--smoke: tests/test_cuda.py only; when pytest is installed)"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
@@ -192,6 +196,7 @@ class Suite:
         self.started = time.monotonic()
         self.stages: List[dict] = []
         self.build: Optional[ExtensionBuild] = None
+        self.not_run = ""  # why no stage ran at all (no CUDA device)
 
     def log(self, message: str) -> None:
         line = f"[{_now()}] {message}"
@@ -270,7 +275,7 @@ class Suite:
                     continue  # a line cut by a killed stage
         summary = {"smoke": self.smoke, "budget_s": self.budget,
                    "elapsed_s": round(time.monotonic() - self.started, 1), "date": _now(),
-                   "stages": self.stages, "rows": len(rows)}
+                   "stages": self.stages, "rows": len(rows), "not_run": self.not_run}
         # each file written beside and renamed over: a run killed while writing keeps the last whole one
         for name, text in (("summary.json", json.dumps(summary, indent=1) + "\n"),
                            ("summary.md", summary_markdown(summary, rows))):
@@ -288,7 +293,10 @@ def _cell(value) -> str:
 
 
 def summary_markdown(summary: dict, rows: List[dict]) -> str:
-    kind = "CPU smoke run at tiny sizes (not GPU figures)" if summary["smoke"] else "GPU run"
+    if summary.get("not_run"):
+        kind = f"not run: {summary['not_run']}, nothing measured"
+    else:
+        kind = "CPU smoke run at tiny sizes (not GPU figures)" if summary["smoke"] else "GPU run"
     device = next((r["env"]["device"] for r in rows if "env" in r), "unknown")
     lines = [f"# GPU suite: {kind}", "", f"Device: {device}; {summary['date']}; "
              f"{summary['elapsed_s']} s of a {summary['budget_s']:.0f} s budget.", "",
@@ -312,23 +320,21 @@ def summary_markdown(summary: dict, rows: List[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="The GPU check: every stage under its own time limit")
-    parser.add_argument("--out", required=True, help="directory for the (at most five) result files")
+    parser.add_argument("--out", required=True, type=C.output_dir,
+                        help="directory for the (at most five) result files")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: the same stages end to end")
-    parser.add_argument("--stages", default=",".join(STAGE_NAMES), help="comma-separated subset, in order")
-    parser.add_argument("--budget", type=float, default=None, help="seconds for the whole run")
+    parser.add_argument("--stages", type=C.comma_list, default=list(STAGE_NAMES),
+                        help="comma-separated subset, in order")
+    parser.add_argument("--budget", type=C.positive_float, default=None, help="seconds for the whole run")
     parser.add_argument("--wheel", default=None, help=f"path of {WHEEL_NAME}")
-    parser.add_argument("--slow", type=float, default=1.0,
+    parser.add_argument("--slow", type=C.positive_float, default=1.0,
                         help="multiply every time limit and the budget (a loaded or slow machine)")
     args = parser.parse_args(argv)
-    chosen = [s for s in args.stages.split(",") if s]
+    chosen = args.stages
     unknown = sorted(set(chosen) - set(STAGE_NAMES))
     if unknown:
         parser.error(f"unknown stages {unknown}; known: {', '.join(STAGE_NAMES)}")
-    if not (args.slow > 0 and math.isfinite(args.slow)):
-        parser.error(f"--slow must be a finite number > 0, got {args.slow}")
-    if args.budget is not None and not (args.budget > 0 and math.isfinite(args.budget)):
-        parser.error(f"--budget must be a finite number of seconds > 0, got {args.budget}")
-    out = Path(args.out).resolve()
+    out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     leftovers = [p.name for p in out.iterdir() if p.name in OUT_FILES or p.name.endswith(".partial")]
     for name in leftovers:  # after every refusal: a refused call leaves an earlier run's results
@@ -355,6 +361,7 @@ def main(argv=None) -> int:
                                    env=env, cwd=ROOT)
             if probe.returncode != 0:
                 suite.log("no CUDA device: GPU figures stay 'not measured: no GPU' (use --smoke on a CPU)")
+                suite.not_run = "no CUDA device"
                 suite.stages.append({"stage": "all", "what": "", "limit_s": 0, "status": "not run",
                                      "reason": "no CUDA device"})
                 suite.write_summary()

@@ -229,25 +229,27 @@ def rows(sizes=(148, 10000), device: Optional[torch.device] = None, steps: int =
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="*", default=[148, 10000])
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--sizes", type=C.positive_int, nargs="+", default=[148, 10000])
+    parser.add_argument("--steps", type=C.positive_int, default=20)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--launch", nargs="*", default=None, choices=["stubbed", "real"],
+    parser.add_argument("--launch", nargs="+", default=None, choices=["stubbed", "real"],
                         help="default: stubbed, and real too on CUDA")
-    parser.add_argument("--grads", nargs="*", default=list(GRAD_MODES), choices=list(GRAD_MODES),
+    parser.add_argument("--grads", nargs="+", default=list(GRAD_MODES), choices=list(GRAD_MODES),
                         help="gradient storage from step to step (default: all three)")
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help="JSONL file the rows are appended to")
-    parser.add_argument("--profile", type=int, default=None, metavar="N_TENSORS",
+    parser.add_argument("--out", type=C.output_file, default=DEFAULT_OUT, help="JSONL file the rows are appended to")
+    parser.add_argument("--profile", type=C.positive_int, default=None, metavar="N_TENSORS",
                         help="print a cProfile of stubbed plain steps at this many tensors instead")
-    parser.add_argument("--calls", type=int, default=None, metavar="N_TENSORS",
+    parser.add_argument("--calls", type=C.positive_int, default=None, metavar="N_TENSORS",
                         help="print Python calls per stubbed plain step at this many tensors instead "
                              "(backends triton and auto, under no_grad and with grad on)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    if args.profile:
+    if "real" in (args.launch or ()) and device.type != "cuda":
+        parser.error(f"--launch real: real launches are timed on CUDA only, not on --device {args.device}")
+    if args.profile is not None:
         print(profile(args.profile, device))
         return 0
-    if args.calls:
+    if args.calls is not None:
         for backend in ("triton", "auto"):
             for grad in (False, True):
                 print(f"{backend} backend, grad {'on' if grad else 'off'}: "

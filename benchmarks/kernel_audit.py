@@ -30,7 +30,7 @@ Every specialization the optimizer launches is compiled: each pass with and with
 GradScaler's scale (and the plain step with found_inf), all three directions (the plain
 step: Adam's update and raw), both restore strategies, the plain step's register cap (``maxnreg``) where the backend sets it.
 
-Run:  python -m benchmarks.kernel_audit   (writes benchmarks/results/kernel_audit.{json,md})
+Run:  python -m benchmarks.kernel_audit   (writes benchmarks/results/kernel_audit.{json,md}, or --out-dir DIR)
       python -m benchmarks.kernel_audit --sample   (a covering quarter, as JSON: what the tests compile)
 It must run without TRITON_INTERPRET (kernels must be JIT functions, not interpreted).
 """
@@ -471,7 +471,7 @@ def write(records: List[dict], found: List[str], out_dir: Path) -> None:
     env = {**C.environment("cpu"), "device": f"none: compiled ahead of time for {', '.join(TARGETS)}"}
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "kernel_audit.json"
-    old = json.loads(json_path.read_text()) if json_path.exists() else {"runs": []}
+    old = C.read_json(json_path) if json_path.exists() else {"runs": []}
     runs = old["runs"] if isinstance(old, dict) else [{"environment": {}, "records": old}]  # before appending
     runs.append({"environment": env, "problems": found, "records": records})
     json_path.write_text(json.dumps({"runs": runs}) + "\n")
@@ -486,11 +486,15 @@ def write(records: List[dict], found: List[str], out_dir: Path) -> None:
 
 
 def main(argv=None) -> int:
+    from benchmarks import _common as C
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print the records as JSON; write no files")
     parser.add_argument("--sample", action="store_true",
                         help="compile only a covering sample (every kernel in every dtype, on both targets, aligned "
                              "and not): what the tests check the committed audit against; implies --json")
+    parser.add_argument("--out-dir", type=C.output_dir, default=RESULTS,
+                        help="where kernel_audit.{json,md} are written (default: benchmarks/results)")
     args = parser.parse_args(argv)
     records = run_audit(sample=args.sample)
     if args.sample:
@@ -499,8 +503,8 @@ def main(argv=None) -> int:
         json.dump(records, sys.stdout)
         return 0
     found = problems(records)
-    write(records, found, RESULTS)
-    print(f"{len(records)} records, {len(found)} problems; wrote {RESULTS / 'kernel_audit.json'}")
+    write(records, found, args.out_dir)
+    print(f"{len(records)} records, {len(found)} problems; wrote {args.out_dir / 'kernel_audit.json'}")
     for p in found:
         print("  " + p)
     return 1 if found else 0

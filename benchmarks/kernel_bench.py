@@ -18,8 +18,9 @@ bytes ``w`` (4 fp32, 2 bf16), gradient bytes ``w``, fp32 moments: plain step
 
 Timings are interleaved across providers (CUDA events around ``inner`` back-to-back calls
 per sample). The backend is Triton on CUDA; without a GPU (``--device cpu``, used by
-the smoke test) the torch backend runs at tiny sizes and the results say they are not
-GPU figures.
+the smoke test) the torch backend runs at tiny sizes (``--tiny``, required there) and the
+results say they are not GPU figures. Tiny runs go to ``kernel_bench_cpu_smoke`` (CPU) or
+``kernel_bench_tiny_smoke`` (GPU), never to the published ``kernel_bench``.
 
     python -m benchmarks.kernel_bench                  # GPU: 1M .. 1B and GPT-2 small
     python -m benchmarks.kernel_bench --device cpu --tiny
@@ -115,18 +116,29 @@ def bench(shapes, label: str, dtype_name: str, device: torch.device, backend_nam
     return rows
 
 
+def results_name(on_gpu: bool, tiny: bool) -> str:
+    """The results file's name: only a GPU run at full sizes goes to the published one."""
+    if not on_gpu:
+        return "kernel_bench_cpu_smoke"
+    return "kernel_bench_tiny_smoke" if tiny else "kernel_bench"
+
+
 def main(argv=None) -> List[C.Row]:
     parser = argparse.ArgumentParser(description="Kernel-level timings vs AdamW with a copy roofline")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes, few repeats (CPU smoke test)")
-    parser.add_argument("--sizes", type=int, nargs="*", default=None, help="parameter counts")
-    parser.add_argument("--dtypes", nargs="*", default=list(DTYPES), choices=list(DTYPES))
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--sizes", type=C.positive_int, nargs="+", default=None, help="parameter counts")
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--repeats", type=C.positive_int, default=None)
     parser.add_argument("--no-gpt2", action="store_true")
-    parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--out-dir", type=C.output_dir, default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
+    if not on_gpu and not args.tiny:  # GPU sizes reach 2^30 elements: hours on a CPU, and not its figures
+        parser.error(f"--device {args.device} runs only with --tiny (the GPU sizes reach 2^30 elements)")
+    name = results_name(on_gpu, args.tiny)
+    C.results_readable(parser, (args.out_dir or C.RESULTS_DIR) / f"{name}.json")
     backend_name = "triton" if on_gpu else "torch"
     sizes = args.sizes or (TINY_SIZES if args.tiny else GPU_SIZES)
     repeats = args.repeats or (3 if args.tiny else 25)
@@ -145,8 +157,11 @@ def main(argv=None) -> List[C.Row]:
                 rows.append(C.Row("all", "all", label, C.numel_of(shapes), dtype_name, note=f"OOM: {error}"))
             if on_gpu:
                 torch.cuda.empty_cache()
-    note = ("" if on_gpu else f"\n**{C.NOT_MEASURED}**: these are CPU smoke figures of the torch "
-                              "backend at tiny sizes, not GPU kernel timings.\n")
+    if not on_gpu:
+        note = (f"\n**{C.NOT_MEASURED}**: these are CPU smoke figures of the torch backend at tiny sizes, "
+                "not GPU kernel timings.\n")
+    else:
+        note = "\nTiny sizes (--tiny): a smoke run, not the published kernel timings.\n" if args.tiny else ""
     table = C.markdown_table(
         ["size", "dtype", "provider", "p50 ms", "GB/s", "of copy BW", "x AdamW fused"],
         [[r.size, r.dtype, r.provider, r.p50_ms, r.extra.get("GBps", "-"),
@@ -154,7 +169,7 @@ def main(argv=None) -> List[C.Row]:
          for r in rows])
     markdown = f"# Kernel-level timings ({backend_name} backend)\n{note}\n{table}"
     print(markdown)
-    C.write_results("kernel_bench" if on_gpu else "kernel_bench_cpu_smoke", rows, C.environment(device),
+    C.write_results(name, rows, C.environment(device),
                     markdown, args.out_dir, {"gpu_measured": on_gpu, "backend": backend_name})
     return rows
 

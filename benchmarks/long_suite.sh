@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The long form of the GPU evidence (issue 7): every size (1M .. 1B), 2000 training steps,
 # pytest-benchmark and plots; 10+ minutes and needs pytest, pytest-benchmark and matplotlib.
-# The bounded check for a borrowed GPU (8 minutes, no network, results in one directory) is
+# The bounded check for a borrowed GPU (at most 550 s, no network, results in one directory) is
 # `bash benchmarks/gpu_suite.sh --out DIR`; run this one when a GPU is available for longer.
 #
 #   bash benchmarks/long_suite.sh            # GPU: CUDA tests, benchmarks, plots
@@ -13,7 +13,10 @@
 #   bash benchmarks/long_suite.sh --smoke [--out-dir DIR]
 #                                           # no GPU needed: every stage end to end on the
 #                                           # CPU at tiny sizes (what CI's smoke test runs);
-#                                           # no install, no pytest, results in DIR
+#                                           # needs pytest and pytest-benchmark (the
+#                                           # test_kernel_speed.py stage) and matplotlib;
+#                                           # results in DIR, else in a new temporary
+#                                           # directory (never in benchmarks/results)
 #
 # Writes JSON, markdown and PNG into benchmarks/results/ (or DIR), each with the device
 # name, torch/triton/CUDA versions, the command and the date. Without a GPU and without
@@ -23,16 +26,33 @@ cd "$(dirname "$0")/.."
 
 smoke=0
 quality=0
-out_dir="benchmarks/results"
+out_dir=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --smoke) smoke=1; shift ;;
     --quality) quality=1; shift ;;
-    --out-dir) out_dir="$2"; shift 2 ;;
+    --out-dir)
+      if [[ $# -lt 2 || -z "${2// }" ]]; then
+        echo "--out-dir needs a directory, got '${2-}' (is the variable given unset?)" >&2; exit 2
+      fi
+      out_dir="$2"; shift 2 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
+if [[ $smoke -eq 1 ]]; then  # CPU figures at tiny sizes never land beside the committed results
+  if [[ -z "$out_dir" ]]; then
+    out_dir="$(mktemp -d "${TMPDIR:-/tmp}/salsa_long_suite_smoke.XXXXXX")"
+  elif [[ "$(realpath -m "$out_dir")" == "$(realpath -m benchmarks/results)" ]]; then
+    echo "--out-dir $out_dir: the smoke form does not write into the committed benchmarks/results" >&2; exit 2
+  fi
+fi
+out_dir="${out_dir:-benchmarks/results}"
+if [[ -e "$out_dir" && ! -d "$out_dir" ]]; then
+  echo "--out-dir $out_dir: a file, not a directory" >&2; exit 2
+fi
 mkdir -p "$out_dir"
+bench_storage="$(mktemp -d)"  # pytest-benchmark's storage (.benchmarks/), kept out of the repository
+trap 'rm -rf "$bench_storage"' EXIT
 py="${PYTHON:-python}"
 quality_set="salsa_recommended,salsa_author,salsa_faithful"
 
@@ -43,7 +63,7 @@ if [[ $smoke -eq 1 ]]; then
   "$py" -m benchmarks.kernel_bench --device cpu --tiny --sizes 4096 --dtypes fp32 bf16 --repeats 2 \
       --out-dir "$out_dir" > /dev/null
   SALSA_BENCH_DEVICE=cpu "$py" -m pytest -q -p no:cacheprovider benchmarks/test_kernel_speed.py \
-      --benchmark-json "$out_dir/kernel_speed.json" > /dev/null
+      --benchmark-json "$out_dir/kernel_speed.json" --benchmark-storage "$bench_storage" > /dev/null
   "$py" -m benchmarks.train_bench --device cpu --tiny --steps 4 --out-dir "$out_dir" > /dev/null
   if [[ $quality -eq 1 ]]; then
     "$py" -m benchmarks.quality.run --size tiny --tasks gpt --optimizers "$quality_set" \
@@ -70,7 +90,8 @@ echo "== counts and memory"
 
 echo "== kernel level: plain step, reduction, pass A, pass B vs AdamW fused/foreach, copy roofline"
 "$py" -m benchmarks.kernel_bench --device cuda --out-dir "$out_dir"
-"$py" -m pytest -q -p no:cacheprovider benchmarks/test_kernel_speed.py --benchmark-json "$out_dir/kernel_speed.json"
+"$py" -m pytest -q -p no:cacheprovider benchmarks/test_kernel_speed.py --benchmark-json "$out_dir/kernel_speed.json" \
+    --benchmark-storage "$bench_storage"
 
 echo "== training level: GPT-2 small, B=8, T=512, bf16 autocast, 2000 steps per optimizer"
 "$py" -m benchmarks.train_bench --device cuda --out-dir "$out_dir"

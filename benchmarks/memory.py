@@ -139,14 +139,16 @@ def targets_met(results: Dict[str, dict]) -> Dict[str, bool]:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description="Optimizer state bytes vs AdamW")
-    parser.add_argument("--scale", type=float, default=0.125)
+    parser.add_argument("--scale", type=C.positive_float, default=0.125)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backends", nargs="*", default=None, choices=["torch", "triton"])
+    parser.add_argument("--backends", nargs="+", default=None, choices=["torch", "triton"])
     parser.add_argument("--tiny", action="store_true", help="a 1-layer, 32-wide GPT-2 layout (smoke test; its "
                         "results go to memory_<dtype>_tiny_smoke, not to the published memory_<dtype>)")
-    parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--out-dir", type=C.output_dir, default=None)
     args = parser.parse_args(argv)
+    results_name = f"memory_{args.dtype}" + ("_tiny_smoke" if args.tiny else "")  # not the published file
+    C.results_readable(parser, (args.out_dir or C.RESULTS_DIR) / f"{results_name}.json")
     shapes = C.gpt2_small_shapes(n_layer=1, d_model=32, vocab=100, context=16) if args.tiny else None
     results = measure(args.scale, getattr(torch, args.dtype), args.device, args.backends, shapes)
     met = targets_met(results)
@@ -172,8 +174,7 @@ def main(argv=None) -> dict:
                 + C.markdown_table(["optimizer", "state MiB", "x AdamW", "extra (in weights)",
                                     "step peak extra MiB", "target"], table))
     print(markdown)
-    name = f"memory_{args.dtype}" + ("_tiny_smoke" if args.tiny else "")  # a smoke run stays out of the published file
-    C.write_results(name, rows, C.environment(args.device), markdown, args.out_dir,
+    C.write_results(results_name, rows, C.environment(args.device), markdown, args.out_dir,
                     {"results": results, "targets_met": met})
     return results
 

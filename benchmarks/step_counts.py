@@ -247,9 +247,11 @@ def measure(backend: str, restore: str, trials: Sequence[int] = (1, 3), device="
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description="Passes, launches and host reads per FusedSaLSa step")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--out-dir", type=C.output_dir, default=None)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
+    if not args.no_write:
+        C.results_readable(parser, (args.out_dir or C.RESULTS_DIR) / "step_counts.json")
     rows, table, everything = [], [], {}
     for backend in ("triton", "torch"):
         for restore in ("copy", "inplace"):

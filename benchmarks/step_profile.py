@@ -26,6 +26,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks import _common as C
 from benchmarks import train_bench as TB
 
 SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
@@ -92,12 +93,12 @@ def profile_steps(name: str, device: torch.device, tiny: bool, warmup: int = 20,
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--optimizer", nargs="*", default=["adamw_fused", "fused_salsa_copy"],
+    parser.add_argument("--optimizer", nargs="+", default=["adamw_fused", "fused_salsa_copy"],
                         choices=list(TB.OPTIMIZERS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="the tiny model (CPU smoke)")
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=C.int_at_least(0), default=20)
+    parser.add_argument("--steps", type=C.positive_int, default=10)
     args = parser.parse_args(argv)
     for name in args.optimizer:
         result = profile_steps(name, torch.device(args.device), args.tiny, args.warmup, args.steps)

@@ -60,3 +60,11 @@ def test_kernel_speed(benchmark, size, dtype_name, provider):
 
     benchmark.pedantic(timed, rounds=30 if DEVICE.type == "cuda" else 3,
                        warmup_rounds=3 if DEVICE.type == "cuda" else 1)
+
+
+if __name__ == "__main__":  # run as a module it would define the tests and time nothing
+    import sys
+
+    print("benchmarks/test_kernel_speed.py is a pytest-benchmark file: run it with pytest, e.g.\n"
+          "    pytest benchmarks/test_kernel_speed.py --benchmark-json kernel_speed.json", file=sys.stderr)
+    sys.exit(2)

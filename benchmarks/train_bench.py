@@ -186,19 +186,25 @@ def run_one(name: str, steps: int, device: torch.device, tiny: bool, seed: int =
             "loss": torch.stack(losses).float().tolist() if losses else []}
 
 
+def results_name(gpu: bool) -> str:
+    return "train_bench" if gpu else "train_bench_cpu_smoke"
+
+
 def main(argv=None) -> Dict[str, dict]:
     parser = argparse.ArgumentParser(description="Training-level timings, GPT-2 small on random tokens")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="tiny model, few steps (CPU smoke test)")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--optimizers", nargs="*", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
-    parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--steps", type=C.int_at_least(2), default=None,
+                        help="at least 2: the step times are read in two windows")
+    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
+    parser.add_argument("--out-dir", type=C.output_dir, default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    gpu = device.type == "cuda" and not args.tiny
+    C.results_readable(parser, (args.out_dir or C.RESULTS_DIR) / f"{results_name(gpu)}.json")
     steps = args.steps or (12 if args.tiny else 2000)
     windows = WINDOWS if steps >= 2000 else ((1, min(200, steps // 2)), (steps // 2 + 1, steps))
     results = {name: run_one(name, steps, device, args.tiny, windows=windows) for name in args.optimizers}
-    gpu = device.type == "cuda" and not args.tiny
     rows, table = [], []
     for name, r in results.items():
         windows = r["mean_step_ms"]
@@ -219,7 +225,7 @@ def main(argv=None) -> Dict[str, dict]:
                                                     ["mean_step_ms"]]
                                    + ["peak GiB", "forwards/step", "searches", "backtracks"], table))
     print(markdown)
-    C.write_results("train_bench" if gpu else "train_bench_cpu_smoke", rows, C.environment(device),
+    C.write_results(results_name(gpu), rows, C.environment(device),
                     markdown, args.out_dir, {"gpu_measured": gpu, "series": {
                         n: {"step_ms": r["step_ms"], "step_size": r["step_size"]} for n, r in results.items()}})
     return results

@@ -45,6 +45,8 @@ def test_an_unknown_task_is_refused_by_name(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--tasks", "logreg,no_such_task"], r"unknown zoo tasks \['no_such_task'\]"),
     (["--demo-steps", "0", "--zoo-steps", "0"], "nothing to measure"),
+    (["--tasks", ","], "argument --tasks: expected comma-separated names"),
+    (["--rounds", "0"], "argument --rounds: must be at least 1, got 0"),
 ])
 def test_the_command_line_is_refused_before_anything_runs(tmp_path, flags, message, capsys, monkeypatch):
     """Refused before the demo (minutes) runs, and nothing appended."""
@@ -54,3 +56,11 @@ def test_the_command_line_is_refused_before_anything_runs(tmp_path, flags, messa
     assert refused.value.code == 2
     assert __import__("re").search(message, capsys.readouterr().err)
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_an_out_that_is_a_directory_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(backend_speedup, "run", lambda *a, **k: pytest.fail("measured before refusing"))
+    with pytest.raises(SystemExit) as refused:
+        backend_speedup.main(["--out", str(tmp_path)])
+    assert refused.value.code == 2 and "argument --out: " in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -117,3 +117,37 @@ def test_the_cpu_fingerprint_tells_machines_the_model_name_does_not():
     assert C.cpu_fingerprint(arm.replace("0xd0c", "0xd40")) != C.cpu_fingerprint(arm)
     assert C.cpu_fingerprint(arm.replace("fp asimd", "fp asimd sve")) != C.cpu_fingerprint(arm)
     assert C.environment("cpu")["cpu"] == C.cpu_fingerprint()
+
+
+def test_the_argparse_types_refuse_bad_values_by_name(tmp_path):
+    """The benchmarks' shared flag types: each refusal says what was wrong with the value."""
+    import argparse
+
+    assert C.positive_int("3") == 3 and C.int_at_least(0)("0") == 0 and C.positive_float("0.5") == 0.5
+    assert C.comma_list(" a, b,,") == ["a", "b"]
+    refused = [(C.positive_int, "0", "at least 1, got 0"), (C.positive_int, "-5", "at least 1, got -5"),
+               (C.positive_int, "x", "expected an integer, got 'x'"), (C.int_at_least(2), "1", "at least 2, got 1"),
+               (C.positive_float, "0", "> 0"), (C.positive_float, "nan", "> 0"), (C.positive_float, "inf", "> 0"),
+               (C.comma_list, "", "names none"), (C.comma_list, ",", "names none"),
+               (C.output_dir, "", "$OUT"), (C.output_dir, "  ", "$OUT"), (C.output_file, "", "$OUT")]
+    for parse, text, message in refused:
+        with pytest.raises(argparse.ArgumentTypeError, match=__import__("re").escape(message)):
+            parse(text)
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("x")
+    with pytest.raises(argparse.ArgumentTypeError, match="is a file, not a directory"):
+        C.output_dir(str(a_file))
+    with pytest.raises(argparse.ArgumentTypeError, match="is a directory, not a file"):
+        C.output_file(str(tmp_path))
+    assert C.output_dir(str(tmp_path / "new")) == tmp_path / "new" and C.output_file(str(a_file)) == a_file
+
+
+@pytest.mark.parametrize("text", ['{"runs": [', "[1, 2]", "\xff"])
+def test_a_damaged_results_file_is_named(tmp_path, text):
+    path = tmp_path / "bench.json"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{path} is not a results file"):
+        C.read_runs(path)
+    with pytest.raises(ValueError, match="bench.json is not a results file"):
+        C.write_results("bench", [], _env("2026-12-01T00:00:00", "aaa"), "table", tmp_path)
+    assert path.read_bytes() == text.encode("latin-1")  # left as it was

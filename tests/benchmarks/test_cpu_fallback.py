@@ -17,3 +17,15 @@ def test_every_provider_runs_and_the_ratios_are_of_medians():
         assert medians[name] > 0 and math.isfinite(medians[name])
         assert ratios[name]["vs_adamw_foreach"] == pytest.approx(medians[name] / medians["adamw_foreach"])
     assert summary["plain_meets_target"] == (ratios["salsa_plain"]["vs_adamw_foreach"] <= 1.2)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
+    (["--scale", "-1"], "argument --scale: must be a finite number > 0"),
+    (["--out-dir", __file__], "argument --out-dir: "),
+])
+def test_a_bad_flag_is_refused_before_anything_is_measured(flags, message, capsys, monkeypatch):
+    monkeypatch.setattr(cpu_fallback, "run", lambda *a, **k: pytest.fail("measured before refusing"))
+    with pytest.raises(SystemExit) as refused:
+        cpu_fallback.main(flags)
+    assert refused.value.code == 2 and message in capsys.readouterr().err

@@ -49,3 +49,45 @@ def test_run_measures_each_thread_count(tmp_path):
         assert f"| {run['size']} | 2 |" in history
         assert text.count(f"commit {run['environment']['git_commit']}: {run['size']}") == 1
     assert text.index(f": {smaller['size']}") < text.index(f": {record['size']}")  # newest first
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
+    (["--threads", "1", "0"], "argument --threads: must be at least 1, got 0"),
+    (["--dtypes", "foo"], "argument --dtypes: invalid choice: 'foo'"),
+    (["--dtypes", "int32"], "argument --dtypes: invalid choice: 'int32'"),
+    (["--scale", "0"], "argument --scale: must be a finite number > 0"),
+])
+def test_a_bad_flag_is_refused_before_anything_is_measured(tmp_path, flags, message, capsys, monkeypatch):
+    from benchmarks import cpu_kernel_bench as B
+    monkeypatch.setattr(B, "run", lambda *a, **k: pytest.fail("measured before refusing"))
+    with pytest.raises(SystemExit) as refused:
+        B.main([*flags, "--out-dir", str(tmp_path)])
+    assert refused.value.code == 2 and message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_out_dir_that_is_a_file_or_an_unreadable_results_file_is_refused_before_measuring(tmp_path, capsys,
+                                                                                             monkeypatch):
+    from benchmarks import cpu_kernel_bench as B
+    monkeypatch.setattr(B, "run", lambda *a, **k: pytest.fail("measured before refusing"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    damaged = tmp_path / "cpu_kernel_bench.json"
+    damaged.write_text('{"runs": [')
+    for out_dir, message in ((a_file, "argument --out-dir: "), (tmp_path, f"{damaged} is not a results file")):
+        with pytest.raises(SystemExit) as refused:
+            B.main(["--out-dir", str(out_dir)])
+        assert refused.value.code == 2 and message in capsys.readouterr().err
+    assert damaged.read_text() == '{"runs": [' and a_file.read_text() == "x"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only check")
+def test_device_cuda_without_a_gpu_says_so(tmp_path, capsys, monkeypatch):
+    """Building the extension would not help: there is no CUDA device (or CUDA torch) to run on."""
+    from benchmarks import cpu_kernel_bench as B
+    monkeypatch.setattr(B, "run", lambda *a, **k: pytest.fail("measured before refusing"))
+    with pytest.raises(SystemExit) as refused:
+        B.main(["--device", "cuda", "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and "--device cuda: no CUDA device here" in err and "build" not in err

@@ -102,3 +102,17 @@ def test_the_committed_audit_is_what_this_commit_compiles(audit):
         stale = sorted(f"{k}: committed {then.get(k)}, now {v}" for k, v in now.items() if then.get(k) != v)
         assert not stale and now.keys() == then.keys(), (
             f"{arch['arch']}: run python -m benchmarks.cuda_audit and commit its results; stale: " + "; ".join(stale[:10]))
+
+
+def test_the_record_names_a_modified_tree_dirty(monkeypatch, tmp_path):
+    """The commit recorded is _common.git_commit's: a tree with uncommitted code reads ``+dirty``."""
+    from benchmarks import _common as C
+
+    monkeypatch.setattr(C, "git_commit", lambda root=None: "0123456789ab+dirty")
+    monkeypatch.setattr(cuda_audit, "find_tool", lambda name: "echo" if name == "nvcc" else None)
+    monkeypatch.setattr(cuda_audit, "audit_arch", lambda arch, nvcc, cuobjdump, tmp: {"arch": arch, "kernels": []})
+    record = cuda_audit.run(["sm_80"])
+    assert record["git_commit"] == "0123456789ab+dirty"
+    (tmp_path / "cuda_audit.json").write_text('{"runs": [')
+    with pytest.raises(ValueError, match="cuda_audit.json is not a results file"):
+        cuda_audit.write(record, tmp_path)

@@ -24,9 +24,11 @@ SKIPPED_DIRS = {".git", "__pycache__", ".pytest_cache"}
 
 
 def _repo_files() -> set:
+    """Every file and folder of the checkout (a new empty folder, e.g. pytest-benchmark's .benchmarks/, counts)."""
     found = set()
     for directory, subdirs, files in os.walk(ROOT):
         subdirs[:] = [d for d in subdirs if d not in SKIPPED_DIRS]
+        found.update(os.path.relpath(os.path.join(directory, f), ROOT) + "/" for f in subdirs)
         found.update(os.path.relpath(os.path.join(directory, f), ROOT) for f in files)
     return found
 
@@ -124,6 +126,7 @@ def test_large_tensor_step_matches_the_formula_at_start_middle_and_tail(smoke):
     assert set(values["checks"]) == {"start", "across 2^31", "tail"}
     for check in values["checks"].values():
         assert check["m_rel_err"] <= 1e-5 and check["w_err_in_bf16_ulps"] <= 1.01
+    assert values["backend"] in ("triton", "cpp", "torch")  # the backend that ran, not "auto"
 
 
 def test_q_reduction_is_deterministic_and_close_to_float64(smoke):
@@ -222,7 +225,8 @@ def test_unknown_stage_names_are_refused(tmp_path, capsys):
     assert "warp_drive" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags", [["--slow", "0"], ["--slow", "nan"], ["--budget", "0"], ["--budget", "-5"]])
+@pytest.mark.parametrize("flags", [["--slow", "0"], ["--slow", "nan"], ["--budget", "0"], ["--budget", "-5"],
+                                   ["--stages", ""], ["--stages", ","]])
 def test_a_refused_command_line_leaves_an_earlier_runs_results(tmp_path, flags, capsys):
     for name in gpu_suite.OUT_FILES:
         (tmp_path / name).write_text("an earlier run\n", encoding="utf-8")
@@ -231,6 +235,67 @@ def test_a_refused_command_line_leaves_an_earlier_runs_results(tmp_path, flags, 
     assert refused.value.code == 2 and flags[0] in capsys.readouterr().err
     for name in gpu_suite.OUT_FILES:
         assert (tmp_path / name).read_text(encoding="utf-8") == "an earlier run\n", name
+
+
+@pytest.mark.parametrize("out", ["", " "])
+def test_an_empty_out_is_refused_not_read_as_the_working_directory(tmp_path, out, capsys, monkeypatch):
+    """`gpu_suite.sh --out "$OUT"` with OUT unset: refused by name, the working directory's files kept."""
+    monkeypatch.chdir(tmp_path)
+    for name in gpu_suite.OUT_FILES:
+        (tmp_path / name).write_text("an earlier run\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as refused:
+        gpu_suite.main(["--out", out, "--smoke", "--stages", "determinism"])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and "--out" in err and "$OUT" in err
+    assert {p.name: p.read_text(encoding="utf-8") for p in tmp_path.iterdir()} == dict.fromkeys(
+        gpu_suite.OUT_FILES, "an earlier run\n")
+
+
+def test_an_out_that_is_a_file_is_refused(tmp_path, capsys):
+    a_file = tmp_path / "summary.md"
+    a_file.write_text("an earlier run\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as refused:
+        gpu_suite.main(["--out", str(a_file), "--smoke", "--stages", "determinism"])
+    assert refused.value.code == 2 and "is a file, not a directory" in capsys.readouterr().err
+    assert a_file.read_text(encoding="utf-8") == "an earlier run\n"
+
+
+def test_the_smoke_limits_leave_a_two_core_cpu_headroom():
+    """A 2-core CPU took 12.4 s for determinism (4-5 s of it imports), 19.4 s for cuda_checks, 19.7 s for
+    training: every smoke limit leaves about twice that, and the budget holds them all."""
+    smoke = {s.name: s.smoke_seconds for s in gpu_suite.STAGES}
+    assert min(smoke.values()) >= 30 and smoke["cuda_checks"] >= 40 and smoke["training"] >= 40, smoke
+    assert sum(smoke.values()) <= gpu_suite.SMOKE_BUDGET_S
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CPU-only check")
+def test_without_a_gpu_the_summary_says_nothing_was_measured(tmp_path):
+    code = gpu_suite.main(["--out", str(tmp_path), "--stages", "determinism"])
+    heading = (tmp_path / "summary.md").read_text(encoding="utf-8").splitlines()[0]
+    assert code == 1 and heading == "# GPU suite: not run: no CUDA device, nothing measured", heading
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CPU-only check")
+def test_a_stage_without_a_gpu_or_smoke_is_a_missing_requirement(tmp_path, capsys):
+    """Exit 3, which the suite reads as "not run: a requirement is missing", not a traceback."""
+    from benchmarks import gpu_stages
+
+    assert gpu_stages.main(["determinism", "--out", str(tmp_path), "--details", str(tmp_path)]) == gpu_stages.MISSING
+    assert "no CUDA device" in capsys.readouterr().out and not (tmp_path / "rows.jsonl").exists()
+
+
+def test_the_pytest_stage_leaves_pytest_benchmarks_storage_out_of_the_repository(tmp_path, monkeypatch):
+    """pytest-benchmark makes .benchmarks/ in the working directory (the repository) unless it is left out."""
+    from benchmarks import gpu_stages
+
+    commands = []
+    ctx = gpu_stages.Context("pytest", tmp_path, tmp_path, smoke=True)
+    monkeypatch.setattr(gpu_stages.subprocess, "run", lambda command, **kwargs: commands.append(command)
+                        or __import__("subprocess").CompletedProcess(command, 0))
+    gpu_stages._run_pytest(ctx, ["tests/test_cuda.py"], "pytest", [])
+    (command,) = commands
+    assert [command[i + 1] for i, arg in enumerate(command) if arg == "-p"] == [
+        "no:cacheprovider", "no:benchmark", "no:randomly"]
 
 
 def test_a_stage_not_run_makes_the_exit_code_nonzero(tmp_path):

@@ -261,3 +261,22 @@ def test_the_committed_audit_is_what_this_commit_compiles(committed_run, compile
     then = {_key(r): figures(r) for r in committed_run["records"]}
     stale = sorted(f"{k}: committed {then.get(k)}, now {v}" for k, v in now.items() if then.get(k) != v)
     assert not stale, "run python -m benchmarks.kernel_audit and commit its results; stale: " + "; ".join(stale[:10])
+
+
+def test_out_dir_takes_the_results_and_a_file_is_refused(tmp_path):
+    """--out-dir: the audit's files go there, not into benchmarks/results; a file there is refused (exit 2)."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    refused = background.run_process([sys.executable, "-m", "benchmarks.kernel_audit", "--out-dir", str(a_file)],
+                                     cwd=ROOT, env=env, timeout=300)
+    assert refused.returncode == 2 and "argument --out-dir: " in refused.stderr, refused.stderr[-3000:]
+    code = ("import sys; from benchmarks import kernel_audit as K; "
+            "K.run_audit = lambda sample=False: [{'kernel': 'plain_step[momentum]', 'target': 'sm_90a', "
+            "'dtype': 'fp32', 'aligned': True, 'registers': 40, 'blocks_per_sm': 6, 'stack_bytes': 0, 'vector_bits': 128, "
+            "'sass_vector_bits': None, 'bytes_per_param': 28, 'bytes_per_param_ptx': 28}]; "
+            "K.problems = lambda records: []; sys.exit(K.main(['--out-dir', sys.argv[1]]))")
+    done = background.run_process([sys.executable, "-c", code, str(tmp_path / "audit")], cwd=ROOT, env=env,
+                                  timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {p.name for p in (tmp_path / "audit").iterdir()} == {"kernel_audit.json", "kernel_audit.md"}
