@@ -1218,7 +1218,7 @@ class FusedSaLSa(Optimizer, Joinable):
         base = group.get("max_lr", group.get("initial_lr", group["lr"]))
         if not (isinstance(base, (int, float)) and base < 0.1):
             return False
-        where = f"starts at lr={base:g}"
+        where = f"peaks at lr={base:g} (its scheduler's max_lr)" if "max_lr" in group else f"starts at lr={base:g}"
         if "initial_lr" in group and "max_lr" not in group:
             lr = group["lr"]
             if not (isinstance(lr, (int, float)) and lr < 0.1):
@@ -1237,14 +1237,15 @@ class FusedSaLSa(Optimizer, Joinable):
         return True
 
     def _warn_if_a_scheduler_shapes_the_schedule(self) -> bool:
-        """At a search step: a torch scheduler (it writes ``initial_lr``) that has moved a group's ``lr``
-        off its ``initial_lr`` multiplies this optimizer's own ``schedule`` (a preset's warm-up and
-        cooldown), shaping the applied step twice. Warns once and returns True; a constant scheduler never
-        moves ``lr``, so it never warns."""
+        """At a search step: a torch scheduler that has moved a group's ``lr`` off its ``initial_lr`` (or,
+        for one that writes none, ReduceLROnPlateau, off the ``search_lr`` it was built at) multiplies this
+        optimizer's own ``schedule`` (a preset's warm-up and cooldown), shaping the applied step twice. Warns
+        once and returns True; a constant scheduler never moves ``lr``, so it never warns."""
         for index, group in enumerate(self.param_groups):
-            if "initial_lr" in group and group["lr"] != group["initial_lr"]:
+            start = group.get("initial_lr", group.get("search_lr"))
+            if start is not None and group["lr"] != start:
                 warnings.warn(
-                    f"a learning-rate scheduler moved param_groups[{index}]'s lr from {group['initial_lr']:g} to "
+                    f"a learning-rate scheduler (or a hand edit) moved param_groups[{index}]'s lr from {start:g} to "
                     f"{group['lr']:g}, and this optimizer has a schedule of its own "
                     f"({type(self.schedule).__name__}): the applied step is "
                     "the product of the two, shaped twice. Drop the scheduler (or keep it constant) to apply the "
@@ -1990,7 +1991,11 @@ def _refuse_shared_storage(new: Sequence[torch.Tensor], existing: Sequence[torch
     """ValueError if a tensor of ``new`` views memory that another of ``new`` or of ``existing`` views:
     each pass reads a parameter's weights and writes them back, so two parameters over the same memory
     (``b.data = a.data``, overlapping slices of one tensor) would each be stepped from the other's writes,
-    differently on every backend. Views of disjoint parts of one storage (a flat buffer) are fine."""
+    differently on every backend. Views of disjoint parts of one storage (a flat buffer) are fine. The
+    same tensor twice is named as torch names it (its own check comes after this one)."""
+    existing_ids = set(map(id, existing))
+    if any(id(p) in existing_ids for p in new):
+        raise ValueError("some parameters appear in more than one parameter group (the group was not added)")
     spans = sorted((span, i) for i, span in enumerate(map(_storage_span, list(existing) + list(new)))
                    if span is not None)
     for (left, i), (right, j) in zip(spans, spans[1:]):

@@ -1834,6 +1834,16 @@ def test_a_weight_decay_that_would_flip_the_weights_is_refused_by_name_before_an
     assert _all_finite(opt) and 0 < float(unused[0]) < 1
 
 
+def test_one_parameter_in_two_groups_is_named_as_torch_names_it():
+    w, b = torch.nn.Parameter(torch.randn(4, 2)), torch.nn.Parameter(torch.zeros(4))
+    with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
+        FusedSaLSa([{"params": [w]}, {"params": [w, b]}])
+    opt = FusedSaLSa([w])
+    with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
+        opt.add_param_group({"params": [b, w]})
+    assert len(opt.param_groups) == 1
+
+
 def test_parameters_that_share_memory_are_refused_and_disjoint_views_of_one_buffer_are_not():
     a = torch.nn.Parameter(torch.randn(6))
     b = torch.nn.Parameter(torch.empty(6))

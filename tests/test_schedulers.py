@@ -220,6 +220,25 @@ def test_a_scheduler_that_moves_lr_on_a_preset_warns_once(kind):
         assert stacked[0].filename == __file__ and "WarmupStableDecay" in str(stacked[0].message)
 
 
+def test_reduce_lr_on_plateau_on_a_preset_warns_once():
+    """ReduceLROnPlateau writes no initial_lr: its cut is read against the lr the group was built at."""
+    import warnings
+
+    from salsa_fused import presets
+    model, _ = two_group_model()
+    opt = presets.recommended(model.parameters(), total_steps=40)
+    scheduler = lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for k in range(6):  # a flat metric: halved from the second call on, inside the search phase (8 steps)
+            x, y = batch(k)
+            opt.zero_grad()
+            opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+            scheduler.step(1.0)
+    stacked = [str(w.message) for w in caught if "shaped twice" in str(w.message)]
+    assert len(stacked) == 1 and "moved param_groups[0]'s lr from 1 to 0.5" in stacked[0], stacked
+
+
 def test_a_scheduler_without_a_schedule_of_the_optimizers_own_does_not_warn():
     import warnings
 

@@ -419,6 +419,8 @@ def test_an_adamw_style_lr_warns_once_what_lr_means(case):
                               lr=1.0)
     assert len(caught) == 1
     assert "step size" in str(caught[0].message)
+    where = "starts at lr=0.001" if case == "adamw_lr" else "peaks at lr=0.01 (its scheduler's max_lr)"
+    assert where in str(caught[0].message)  # OneCycleLR's lr starts at max_lr / 25: it was named the start
 
 
 @pytest.mark.parametrize("base_lr, max_lr", [(0.01, 1.0), (1e-5, 1e-3)])
