@@ -27,8 +27,9 @@ def _extension_build():
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        print("salsa_fused: C++ extension not built (torch not importable at build time; "
-              "use pip install --no-build-isolation, or SALSA_FUSED_JIT=1)", file=sys.stderr)
+        print("salsa_fused: C++ extension not built (torch not importable at build time: an isolated build; "
+              "use pip install --no-build-isolation, with torch, setuptools, wheel and ninja installed first; in "
+              "an editable install of a checkout, SALSA_FUSED_JIT=1 also builds it at import)", file=sys.stderr)
         return [], {}
 
     sources = [BUILD["PYTHON_MODULE_SOURCE"]] + BUILD["CPU_SOURCES"]
@@ -101,6 +102,7 @@ setup(
     description="SaLSa (Stable Armijo Line Search Adaptation) for PyTorch on fused multi-tensor kernels",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="MIT",
     packages=find_packages(include=["salsa_fused", "salsa_fused.*"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],

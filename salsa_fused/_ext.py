@@ -86,6 +86,12 @@ def load() -> bool:
     return True
 
 
+def never_built() -> bool:
+    """Whether the extension did not load because there is none (no ``salsa_fused._C``), not because a
+    built one fails to load (built against another torch, a damaged file: its error says which)."""
+    return isinstance(_error, ImportError) and str(_error) == "No module named 'salsa_fused._C'"
+
+
 def module() -> Optional[types.ModuleType]:
     """The loaded extension module (``salsa_fused._C`` or the JIT build's), None when it did not load."""
     return _module if load() else None

@@ -11,7 +11,6 @@ in ``__init__``, with :func:`resolve`.
 from __future__ import annotations
 
 import importlib
-import os
 import warnings
 from typing import Dict, Tuple, Union
 
@@ -93,9 +92,9 @@ def _auto(device: torch.device) -> str:
             _cpp_fallback_noted = True
             from .. import _ext
             # stacklevel: _auto, resolve, FusedSaLSa.__init__, its argument check, the caller
-            why = f" ({_ext._error})" if os.environ.get("SALSA_FUSED_JIT") == "1" else ""
+            why = "is not built" if _ext.never_built() else f"does not load ({_ext._error})"
             warnings.warn(f"salsa_fused: backend='auto' uses the torch backend on the CPU: the C++ extension "
-                          f"is not built{why}; {_ext.build_hint()}", RuntimeWarning, stacklevel=5)
+                          f"{why}; {_ext.build_hint()}", RuntimeWarning, stacklevel=5)
     return "torch"
 
 

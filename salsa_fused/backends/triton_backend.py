@@ -96,6 +96,11 @@ def is_available() -> bool:
 def check(device: torch.device) -> None:
     """Raise RuntimeError with the reason when kernels cannot run on ``device``."""
     if _IMPORT_ERROR is not None:
+        missing = getattr(_IMPORT_ERROR, "name", None) or ""
+        if missing and missing.split(".")[0] != "triton":  # numpy: Triton's CPU interpreter imports it
+            raise RuntimeError(f"backend='triton': the `triton` package does not import here, for want of "
+                               f"`{missing}` ({_IMPORT_ERROR}): pip install {missing.split('.')[0]}; backend='torch' "
+                               "works without either") from _IMPORT_ERROR
         raise RuntimeError(f"backend='triton' needs the `triton` package, which does not import here "
                            f"({_IMPORT_ERROR}); backend='torch' works without it") from _IMPORT_ERROR
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":

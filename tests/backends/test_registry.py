@@ -55,6 +55,15 @@ def test_auto_picks_cpp_for_cpu_tensors_when_it_is_built():
     assert FusedSaLSa([torch.zeros(3, requires_grad=True)], backend="torch").backend is torch_backend
 
 
+def test_triton_that_lacks_numpy_names_numpy(monkeypatch):
+    """Triton's CPU interpreter imports numpy, which neither Triton nor the [triton] extra installs: the
+    refusal blamed Triton."""
+    monkeypatch.setattr(triton_backend, "_IMPORT_ERROR", ModuleNotFoundError("No module named 'numpy'", name="numpy"))
+    with pytest.raises(RuntimeError, match="the `triton` package does not import here, for want of `numpy`.*"
+                                           "pip install numpy"):
+        FusedSaLSa([torch.zeros(3, requires_grad=True)], backend="triton")
+
+
 def test_auto_without_the_extension_falls_back_to_torch_and_says_so_once(monkeypatch):
     monkeypatch.setattr(_ext, "_loaded", False)
     monkeypatch.setattr(_ext, "_error", ImportError("No module named 'salsa_fused._C'"))
@@ -68,6 +77,16 @@ def test_auto_without_the_extension_falls_back_to_torch_and_says_so_once(monkeyp
         assert FusedSaLSa([w]).backend is torch_backend
     with pytest.raises(RuntimeError, match=r"C\+\+ extension is not available .*--no-build-isolation"):
         FusedSaLSa([w], backend="cpp")
+
+
+def test_auto_with_an_extension_that_does_not_load_names_its_error(monkeypatch):
+    """A built _C that fails to load (a damaged file, another torch) was reported as "not built"."""
+    monkeypatch.setattr(_ext, "_loaded", False)
+    monkeypatch.setattr(_ext, "_error", ImportError("/site-packages/salsa_fused/_C.so: file too short"))
+    monkeypatch.setattr(backends, "_cpp_fallback_noted", False)
+    with pytest.warns(RuntimeWarning, match=r"the C\+\+ extension does not load \(/site-packages/salsa_fused/_C.so: "
+                                            r"file too short\)"):
+        assert FusedSaLSa([torch.zeros(3, requires_grad=True)]).backend is torch_backend
 
 
 def test_cpp_on_a_device_without_its_kernels_says_so():
