@@ -225,11 +225,14 @@ def cpu_fingerprint(cpuinfo: Optional[str] = None) -> str:
     return f"{ids}, microcode {fields.get('microcode', '?')}, {dispatch}, flags sha1 {digest}"
 
 
-def device_name(device) -> str:
+def device_name(device, threads: Optional[int] = None) -> str:
+    """The GPU's name, or the CPU's with its cores and the torch threads the measurement ran on
+    (``threads``: where those were another process's, e.g. a spawned worker's; else this one's)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{_cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    threads = torch.get_num_threads() if threads is None else threads
+    return f"{_cpu_name()} ({os.cpu_count()} cores, {threads} torch threads)"
 
 
 #: Where measurements are appended: a run that adds rows there leaves the code as committed.
@@ -264,15 +267,15 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *launcher, *sys.argv[1:]])
 
 
-def environment(device) -> Dict[str, str]:
-    """Where and how a result was measured."""
+def environment(device, threads: Optional[int] = None) -> Dict[str, str]:
+    """Where and how a result was measured (``threads``: as :func:`device_name`)."""
     try:
         import triton
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
     return {
-        "device": device_name(device),
+        "device": device_name(device, threads),
         "device_type": torch.device(device).type,
         "torch": torch.__version__,
         "triton": triton_version,

@@ -39,6 +39,7 @@ import torch.multiprocessing as mp  # noqa: E402
 
 DEFAULT_OUT = C.RESULTS_DIR / "fsdp_host_overhead.jsonl"
 WORLD = 2
+WORKER_THREADS = 1  # each rank's torch threads: two ranks on a 2-core machine
 NUMEL_PER_TENSOR = 64
 
 
@@ -68,7 +69,7 @@ def _worker(rank: int, rendezvous: str, sizes: List[int], steps: int, warmup: in
     from benchmarks.host_overhead import NeverSearch, stubbed_launches
     from salsa_fused import FusedSaLSa
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(WORKER_THREADS)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
@@ -134,12 +135,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=C.positive_int, default=20)
     parser.add_argument("--out", type=C.output_file, default=DEFAULT_OUT, help="JSONL file the rows are appended to")
     args = parser.parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the environment's device names the threads each worker runs on
-    try:
-        env = C.environment(torch.device("cpu"))
-    finally:
-        torch.set_num_threads(threads)
+    env = C.environment(torch.device("cpu"), threads=WORKER_THREADS)
     for record in measure(args.sizes, args.steps):
         C.append_jsonl(args.out, {"name": f"fsdp2 plain step host time, {record['n_tensors']} tensors",
                                   "values": record, "env": env})
