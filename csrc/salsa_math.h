@@ -209,7 +209,12 @@ SALSA_HD float slope_term(float g, float exp_avg, float exp_avg_sq, const Scalar
   } else {
     const Moments next = new_moments(g, exp_avg, exp_avg_sq, s);
     const float precond = preconditioner(next.exp_avg_sq, s);
-    return D == Direction::momentum ? mul(g, direction<D>(precond, g, next.exp_avg, s)) : mul(mul(g, g), precond);
+    if constexpr (D == Direction::momentum) {
+      // where g * g overflows, v_new is inf and d is 0: the term is NaN, as (g * g) * precond is
+      return is_finite(next.exp_avg_sq) ? mul(g, direction<D>(precond, g, next.exp_avg, s)) : bits_float(0x7fc00000u);
+    } else {
+      return mul(mul(g, g), precond);
+    }
   }
 }
 

@@ -1033,6 +1033,28 @@ def test_non_finite_gradient_on_a_search_step_skipped():
     assert_unchanged(before, after)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("direction", ["gradient", "momentum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("element", [3, 18])  # in the C++ kernels' 16-wide vector loop, and in its scalar tail
+def test_a_finite_gradient_whose_square_overflows_is_refused_on_a_search_step(backend, direction, dtype, element):
+    """|g| = 1e20 is finite in fp32 and bf16 and its square is not: along the momentum, q's term
+    g * m_hat / (sqrt(v_hat) + eps) was 1e20 * 0, so the search ran and wrote exp_avg_sq = inf (found by a
+    helper's audit). A plain step keeps such an element and counts it; a search step refuses it whatever the
+    direction, everything as before."""
+    torch.manual_seed(0)
+    w = torch.randn(19).to(dtype).requires_grad_(True)
+    opt = FusedSaLSa([w], backend=backend, search_direction=direction)
+    closure = lambda: ((w.float() - 1) ** 2).sum()  # noqa: E731
+    loss = closure()
+    loss.backward()
+    w.grad[element] = 1e20
+    before = snapshot(opt)
+    with pytest.raises(NonFiniteError, match="non-finite gradient.*its square overflows float32"):
+        opt.step(closure, loss=loss.detach())
+    assert_unchanged(before, snapshot(opt))
+
+
 @pytest.mark.parametrize("policy", ["raise", "skip"])
 def test_non_finite_gradient_on_a_plain_step(policy):
     """Plain step: the two non-finite elements keep weight and moments, every other element

@@ -266,7 +266,9 @@ def slope(bucket: Bucket, args: PassArgs) -> torch.Tensor:
         per_tensor = [(g * g * p).sum() for g, p in zip(grads, precond)]
     else:
         d = _direction(_FOREACH, precond, grads, exp_avg, hyper, MOMENTUM)
-        per_tensor = [torch.inner(g.flatten(), dd.flatten()) for g, dd in zip(grads, d)]
+        # where g * g overflows, v_new is inf and d is 0: the term is made NaN, as (g * g) * precond is
+        per_tensor = [torch.inner(g.flatten(), dd.flatten()).where(torch.isfinite(v).all(), math.nan)
+                      for g, dd, v in zip(grads, d, exp_avg_sq)]
     return _sum_in_order(per_tensor, bucket.device)
 
 
