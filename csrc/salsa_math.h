@@ -210,8 +210,8 @@ SALSA_HD float slope_term(float g, float exp_avg, float exp_avg_sq, const Scalar
     const Moments next = new_moments(g, exp_avg, exp_avg_sq, s);
     const float precond = preconditioner(next.exp_avg_sq, s);
     if constexpr (D == Direction::momentum) {
-      // where g * g overflows, v_new is inf and d is 0: the term is NaN, as (g * g) * precond is
-      return is_finite(next.exp_avg_sq) ? mul(g, direction<D>(precond, g, next.exp_avg, s)) : bits_float(0x7fc00000u);
+      // where g * g overflows, v_hat is inf and precond 0: the term is NaN, as (g * g) * precond is
+      return precond > 0.0f ? mul(g, direction<D>(precond, g, next.exp_avg, s)) : bits_float(0x7fc00000u);
     } else {
       return mul(mul(g, g), precond);
     }

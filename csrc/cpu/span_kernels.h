@@ -189,7 +189,8 @@ struct AdamLanes {
     } else if constexpr (D == Direction::momentum) {
       __m256 m, v;
       const __m256 precond = moments(g, g2, _mm256_loadu_ps(exp_avg), _mm256_loadu_ps(exp_avg_sq), m, v);
-      const __m256 finite = _mm256_cmp_ps(v, _mm256_set1_ps(__builtin_inff()), _CMP_LT_OQ);  // v is not negative
+      // where g * g overflows, v_hat is inf and precond 0: the term is NaN, as (g * g) * precond is
+      const __m256 finite = _mm256_cmp_ps(precond, _mm256_setzero_ps(), _CMP_GT_OQ);
       return _mm256_blendv_ps(_mm256_set1_ps(__builtin_nanf("")), _mm256_mul_ps(g, momentum(precond, m)), finite);
     } else {
       return _mm256_mul_ps(g2, preconditioner(second_moment(g2, _mm256_loadu_ps(exp_avg_sq))));

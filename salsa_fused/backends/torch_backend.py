@@ -265,10 +265,11 @@ def slope(bucket: Bucket, args: PassArgs) -> torch.Tensor:
     if args.direction == GRADIENT:
         per_tensor = [(g * g * p).sum() for g, p in zip(grads, precond)]
     else:
-        d = _direction(_FOREACH, precond, grads, exp_avg, hyper, MOMENTUM)
-        # where g * g overflows, v_new is inf and d is 0: the term is made NaN, as (g * g) * precond is
-        per_tensor = [torch.inner(g.flatten(), dd.flatten()).where(torch.isfinite(v).all(), math.nan)
-                      for g, dd, v in zip(grads, d, exp_avg_sq)]
+        # where g * g overflows, v_hat is inf and precond 0: the term is NaN, as (g * g) * precond is
+        positive = [(p > 0).all() for p in precond]
+        d = _direction(_FOREACH, precond, grads, exp_avg, hyper, MOMENTUM)  # written into precond
+        per_tensor = [torch.inner(g.flatten(), dd.flatten()).where(ok, math.nan)
+                      for g, dd, ok in zip(grads, d, positive)]
     return _sum_in_order(per_tensor, bucket.device)
 
 

@@ -237,8 +237,8 @@ def _slope_block(row_ptr, offsets, mask, grad_scale_ptr, beta1, beta2, one_minus
         precond = _preconditioner(v_new, bias_correction2, eps)
         if DIRECTION == _MOMENTUM:
             term = g * _direction(precond, g, m_new, bias_correction1, _MOMENTUM)
-            # where g * g overflows, v_new is inf and d is 0: the term is NaN, as (g * g) * precond is
-            term = tl.where(v_new < float("inf"), term, float("nan"))
+            # where g * g overflows, v_hat is inf and precond 0: the term is NaN, as (g * g) * precond is
+            term = tl.where(precond > 0.0, term, float("nan"))
         else:
             term = (g * g) * precond
     if not FULL:
