@@ -328,6 +328,7 @@ def test_plain_steps_that_grad_scaler_skips_leave_the_step_count_under_a_frozen_
     clean, w_clean = run(False)
     skipped, w_skipped = run(True)
     assert skipped.search_state.step == clean.search_state.step == 33
+    assert skipped.search_state.steps_since_search == clean.search_state.steps_since_search
     assert skipped.applied_steps == clean.applied_steps
     assert torch.equal(w_skipped, w_clean)
     assert int(skipped._counts.scaler_skips) == 0

@@ -1226,6 +1226,21 @@ def test_skip_keeps_the_earlier_counts_when_the_reporting_step_is_itself_skipped
     assert _all_finite(opt)
 
 
+def test_skip_counts_a_plain_step_whose_loss_was_nan_when_the_reporting_search_is_itself_skipped():
+    """A plain step whose loss is NaN changes nothing (a skipped step, counted on the device); the next
+    search's own loss is NaN too: with nonfinite='skip' both steps are counted as skipped."""
+    model, opt = _trained(nonfinite="skip")
+    _until_plain_step_next(model, opt)
+    skipped = opt.num_skipped_steps
+    opt.zero_grad()
+    opt.step(lambda: F.mse_loss(model(_X), _Y) * float("nan"))
+    _until_search_next(model, opt)
+    opt.zero_grad()
+    opt.step(lambda: F.mse_loss(model(_X), _Y) * float("nan"))
+    assert opt.num_skipped_steps == skipped + 2
+    assert _all_finite(opt)
+
+
 def test_a_set_of_parameters_is_refused_as_torch_refuses_it():
     """A set's order changes between runs: a checkpoint would put moments on the wrong tensors."""
     params = {torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))}

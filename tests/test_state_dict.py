@@ -83,6 +83,26 @@ def test_resume_is_bit_identical(direction, restore):
             assert torch.equal(opt.state[p][key], resumed.state[q][key])
 
 
+def test_a_rollback_past_a_non_finite_plain_step_forgets_it():
+    """A plain step's NaN loss is counted on the device and reported at the next search; loading an
+    earlier checkpoint replaces that run, so its count goes with it: the search after the load does not
+    raise about a step that the loaded run never took."""
+    torch.manual_seed(0)
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch", nonfinite="raise")
+    _train(model, opt, 12)
+    while plan_step(opt.search_state, opt.search_config).is_search:
+        _train(model, opt, 1)
+    checkpoint = deepcopy((model.state_dict(), opt.state_dict()))
+    x, y = _batch(0)
+    opt.zero_grad()
+    opt.step(lambda: F.mse_loss(model(x), y) * float("nan"))  # counted, not read: a plain step
+    model.load_state_dict(checkpoint[0])
+    opt.load_state_dict(checkpoint[1])
+    kinds = _train(model, opt, 15)
+    assert any(kinds) and opt.search_state.num_skipped_steps == 0
+
+
 def test_search_state_lives_in_the_state_dict():
     model = _model()
     opt = FusedSaLSa(model.parameters(), backend="torch")
