@@ -86,7 +86,15 @@ def _seed_methods(namespace, before):
 
 
 def _preset(namespace, before):
-    assert namespace["opt"].schedule is not None
+    """What the text under the block says the preset is: momentum, beta3 0.95, weight decay 0.1 on the
+    matrices only, WarmupStableDecay(total_steps, warmup=0.2, decay=0.8, peak=2.0)."""
+    opt = namespace["opt"]
+    assert opt.search_direction == "momentum" and opt.search_config.beta3 == 0.95
+    schedule = opt.schedule
+    assert (schedule.total_steps, schedule.warmup, schedule.decay, schedule.peak) == (10_000, 0.2, 0.8, 2.0)
+    decayed = [p.dim() for g in opt.param_groups if g["weight_decay"] == 0.1 for p in g["params"]]
+    undecayed = [p.dim() for g in opt.param_groups if g["weight_decay"] == 0.0 for p in g["params"]]
+    assert decayed == [2, 2] and undecayed == [1, 1]
 
 
 CHECKS = {
