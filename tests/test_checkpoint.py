@@ -236,3 +236,38 @@ def test_a_distributed_checkpoint_loaded_into_groups_in_another_order_keeps_its_
     run(resumed_model, resumed, range(12, 20))
     for a, b in zip(expected, resumed_model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_checkpoint_saved_before_groups_had_search_lr_takes_it_from_the_groups_lr():
+    """A checkpoint of an earlier salsa_fused has no 'search_lr' in its param groups: the group's saved lr
+    stands in for it (the lr it was built at, what search_lr keeps), not 1 and not the loading optimizer's own,
+    and the run resumes as the uninterrupted one."""
+    def build(lr):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        return model, FusedSaLSa(model.parameters(), lr=lr, backend="torch")
+
+    def run(model, opt, steps):
+        for step in steps:
+            x = torch.randn(16, 8, generator=torch.Generator().manual_seed(step))
+            opt.zero_grad()
+            opt.step(lambda: torch.nn.functional.mse_loss(model(x), x[:, :1].sin()))
+
+    model, opt = build(lr=0.5)
+    run(model, opt, range(3))
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buffer)
+    run(model, opt, range(3, 6))
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    checkpoint = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    for group in checkpoint["optimizer"]["param_groups"]:
+        assert group["search_lr"] == 0.5
+        del group["search_lr"]  # as an earlier version saved it
+    resumed_model, resumed = build(lr=0.25)
+    resumed_model.load_state_dict(checkpoint["model"])
+    resumed.load_state_dict(checkpoint["optimizer"])
+    assert [(group["lr"], group["search_lr"]) for group in resumed.param_groups] == [(0.5, 0.5)]
+    run(resumed_model, resumed, range(3, 6))
+    for a, b in zip(expected, resumed_model.parameters()):
+        assert torch.equal(a, b)

@@ -554,6 +554,45 @@ def test_fsdp2_counts_a_nan_loss_of_a_plain_step_once(tmp_path):
     spawn_in_gloo_group(_fsdp_nan_plain_loss_job, str(tmp_path), WORLD, timeout_s=60)
 
 
+def _fsdp_nan_gradient_on_one_shard_job(rank: int, out_dir: str) -> None:
+    """FSDP2: a NaN gradient element in rank 0's shard only, at a plain step, is counted on every rank: the
+    plain steps' counts of NaN/inf gradient elements are per shard, and are summed over the shard group where
+    they are read (report_nonfinite() here, before any search reads them). Rank 1, whose shard held none,
+    reports the element as rank 0 does under "skip", and raises with it under "raise"."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from salsa_fused import NonFiniteError
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for policy in ("skip", "raise"):
+        model = _fsdp_model(0, mesh)
+        opt = FusedSaLSa(model.parameters(), model=model, backend="torch", always_search_steps=1, nonfinite=policy)
+        for step in (1, 2):
+            if step == 2:
+                _skip_interval_warmup(opt)  # the interval at its bound: step 2 is a plain step
+                assert _next_step_is_plain(opt)
+            x, y = _batch(step, rank)
+            opt.zero_grad()
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            if step == 2 and rank == 0:
+                model[0].weight.grad._local_tensor.view(-1)[0] = float("nan")
+            opt.step(fsdp_closure(model, lambda: F.mse_loss(model(x), y)), loss=loss.detach())
+        assert opt.num_searches == 1 and opt.search_state.step == 2
+        if policy == "skip":
+            reported = opt.report_nonfinite()
+            _assert_same_on_all_ranks(torch.tensor(reported, dtype=torch.float64), "the counts reported")
+            assert reported == (1, 0), reported
+            assert opt.search_state.num_nonfinite_elements == 1
+        else:
+            with pytest.raises(NonFiniteError, match=r"read by report_nonfinite\(\): 1 gradient elements were NaN/inf"):
+                opt.report_nonfinite()
+
+
+@fsdp2_forwards
+def test_fsdp2_sums_the_nan_gradient_elements_of_a_plain_step_over_the_shards(tmp_path):
+    spawn_in_gloo_group(_fsdp_nan_gradient_on_one_shard_job, str(tmp_path), WORLD, timeout_s=60)
+
+
 def _ddp_beam_job(rank: int, out_dir: str) -> None:
     """DDP with a StepSizeBeam, each rank on its own data (rank 1's targets noisier, so the ranks'
     own losses would rank the factors differently): every rank keeps the same factors, and the
@@ -867,6 +906,39 @@ def _gradients_not_averaged_job(rank: int, out_dir: str) -> None:
 
 def test_ddp_gradients_not_averaged_are_refused_on_every_rank(tmp_path):
     spawn_in_gloo_group(_gradients_not_averaged_job, str(tmp_path), WORLD, timeout_s=60)
+
+
+def _gradients_a_little_apart_job(rank: int, out_dir: str) -> None:
+    """Where the refusal of gradients not averaged draws its line (GRADIENT_SPREAD, 1e-4 of q): at the first
+    step q = g.d scales with the gradient, so rank 1's averaged gradients scaled by 1 + r put the ranks' q a
+    relative spread of about r / 2 apart. Scaled by 1.001 (5e-4) they are refused on every rank, nothing
+    stepped; scaled by 1.00002 (1e-5, far from what a rank's own batch gives) the step is taken on both."""
+    for factor, refused in ((1.001, True), (1.00002, False)):
+        ddp = torch.nn.parallel.DistributedDataParallel(_make_model(0))
+        opt = FusedSaLSa(ddp.parameters(), backend="torch")
+        x, y = _batch(0, rank)
+        loss = F.mse_loss(ddp(x), y)
+        loss.backward()  # averaged over the ranks
+        if rank == 1:
+            with torch.no_grad():
+                for p in ddp.parameters():
+                    p.grad.mul_(factor)
+        before, state = _flat(ddp.parameters()).clone(), _state_of(opt)
+        closure = lambda: F.mse_loss(ddp(x), y)  # noqa: E731
+        if refused:
+            with pytest.raises(ValueError, match="the 2 data-parallel ranks stepped on different gradients at step 1 "):
+                opt.step(closure, loss=loss.detach())
+            assert torch.equal(_flat(ddp.parameters()), before)
+            _assert_same_state(_state_of(opt), state, f"gradients {factor} apart")
+        else:
+            opt.step(closure, loss=loss.detach())
+            assert opt.search_state.step == 1 and opt.num_searches == 1
+            assert not torch.equal(_flat(ddp.parameters()), before)
+        del ddp
+
+
+def test_ddp_gradients_apart_by_more_than_the_spread_are_refused_and_by_less_are_not(tmp_path):
+    spawn_in_gloo_group(_gradients_a_little_apart_job, str(tmp_path), WORLD, timeout_s=60)
 
 
 def _assert_same_state(state: dict, before: dict, what: str) -> None:

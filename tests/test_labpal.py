@@ -483,6 +483,22 @@ def test_a_schedule_that_freezes_the_level_stops_the_approximations():
     assert kinds[7:] == ["update"] * (STEPS - 7)
 
 
+def test_a_fit_whose_minimum_lies_beyond_max_step_moves_alpha_max_step():
+    """The fit's s_min is capped at max_step: on 0.5 ||w - t||^2 from w = 0 the parabola along -g / ||g||
+    is exact, its minimum at s = ||t|| = 2, beyond max_step = 0.5: the update step is alpha * max_step
+    (not alpha * 2), and the weights move that far along -g / ||g|| = t / 2."""
+    weight = torch.nn.Parameter(torch.zeros(4))
+    target = torch.ones(4)
+    opt = LABPAL([weight], backend=BACKEND, approximation_batches=1, max_step=0.5)
+    opt.step(lambda i: 0.5 * ((weight - target) ** 2).sum())
+    state, rule = opt.labpal_state, opt.search_rule
+    assert state["last"]["kind"] == "approximation"
+    assert state["last"]["s_min"] == pytest.approx(2.0, rel=1e-2)  # beyond max_step
+    assert state["update_step"] == rule.alpha * rule.max_step == pytest.approx(0.9)
+    assert state["last"]["move"] == state["update_step"]
+    torch.testing.assert_close(weight.detach(), torch.full((4,), 0.45))
+
+
 def test_integrations_and_the_beam_refuse_a_multi_batch_rule():
     model = _model()
     opt = LABPAL(model.parameters(), backend=BACKEND, **SETTINGS)

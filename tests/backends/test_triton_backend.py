@@ -349,6 +349,56 @@ def test_raw_plain_step_non_finite_grad_elements(dtype):
     assert all(bool(torch.isfinite(p).all()) for p in on_triton.params)
 
 
+@pytest.mark.parametrize("grad_dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("direction", [GRADIENT, RAW])
+def test_plain_step_keeps_fp16_weights_that_would_overflow_in_full_and_masked_blocks(direction, grad_dtype):
+    """The fp16 plain step computes the new weight in fp32 and keeps it where it would round to inf
+    (|w| >= 65520), counted, in a full block and in the masked tail alike; one just inside the edge
+    moves. Along raw the move lands on the edge itself: 65504 + 16 = 65520 rounds to inf (kept),
+    65440 + 79.9375 = 65519.9375 rounds to 65504 (moved there, not counted): the port of
+    tests/backends/test_cpp_backend.py's test for the C++ kernel's lanes."""
+    n = 4096 + 7  # element i: past the edge where i % 3 == 0, just inside where i % 3 == 1, else O(1)
+    kind = torch.arange(n) % 3
+    sign = torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0)
+    gen = torch.Generator().manual_seed(5)
+    if direction == RAW:  # w - step * g, step 1
+        weights = torch.where(kind == 0, 65504.0, torch.where(kind == 1, 65440.0, torch.randn(n, generator=gen)))
+        grads = torch.where(kind == 0, -16.0, torch.where(kind == 1, -79.9375, torch.randn(n, generator=gen)))
+        weights, grads = weights * sign, grads * torch.where(kind < 2, sign, 1.0)
+        step = 1.0
+    else:  # m = v = 0, bias corrections 1 - beta: d = sign(g) to an ulp or two
+        weights = torch.where(kind == 0, 65000.0, torch.where(kind == 1, 60000.0, 1.0)) * sign
+        grads = -sign * torch.where(kind < 2, 1.0, 0.5 + torch.rand(n, generator=gen))
+        step = 2000.0
+    bucket = Bucket([weights.to(torch.float16).to(DEVICE)], [grads.to(grad_dtype).to(DEVICE)],
+                    [torch.zeros(n, device=DEVICE)], [torch.zeros(n, device=DEVICE)], None, DEVICE, torch.float16,
+                    group_index=0)
+    hyper = Hyper(beta1=0.9, beta2=0.999, eps=1e-20, weight_decay=0.0, bias_correction1=0.1, bias_correction2=0.001,
+                  lr=1.0)
+    counts = {}
+
+    def plain_step(backend, b):
+        counts[backend.name] = torch.zeros((), dtype=torch.int64, device=DEVICE)
+        backend.plain_step(b, PassArgs(hyper, Move(step), direction), torch.tensor(1.0, device=DEVICE),
+                           nonfinite_count=counts[backend.name])
+
+    ours, reference = clone_bucket(bucket), clone_bucket(bucket)
+    with torch.no_grad():
+        plain_step(triton_backend, ours)
+        plain_step(torch_backend, reference)
+    edge, kind = (kind == 0).to(DEVICE), kind.to(DEVICE)
+    assert int(counts["triton"]) == int(counts["torch"]) == int(edge.sum())
+    assert torch.equal(ours.params[0][edge], bucket.params[0][edge])
+    assert torch.isfinite(ours.params[0]).all()
+    if direction == RAW:
+        assert torch.equal(ours.params[0], reference.params[0])  # one rounding of an exact fp32 value
+        inside = kind == 1
+        assert torch.equal(ours.params[0][inside].abs(), torch.full_like(ours.params[0][inside], 65504.0))
+    else:
+        assert bool((ours.params[0][~edge] != bucket.params[0][~edge]).all())
+        assert bool((ours.exp_avg[0] != 0).all())  # the kept elements' moments take their finite gradients
+
+
 # --- bucket shapes, alignment, tables ----------------------------------------------------
 
 
