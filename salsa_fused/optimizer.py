@@ -40,7 +40,7 @@ from ._compat import OPTIMIZER_KEEPS_PARAMETER_NAMES, compile_disabled
 from ._rng import RNGSnapshot
 from .buckets import BucketCache, check_gradient, check_parameter
 from . import functional as F
-from .backends.base import GRADIENT, MOMENTUM, Bucket, Hyper
+from .backends.base import GRADIENT, MOMENTS_START, MOMENTUM, Bucket, Hyper
 from .errors import caller_stacklevel
 from .distributed import SearchReduction, _is_dtensor, default_reduction, fsdp_modules, is_distributed, shard_group_of
 from .applied import GroupStep
@@ -552,6 +552,16 @@ class FusedSaLSa(Optimizer, Joinable):
                              "state: name it otherwise (the group was not added)")
         _refuse_shared_storage(tensors, [p for group in self.param_groups for p in group["params"]])
         param_group.setdefault("search_lr", candidate["lr"])  # what trials probe at (see lr)
+        search = self.__dict__.get("_search")  # None while torch's __init__ adds the first groups
+        taken = search.step if search is not None else 0
+        if MOMENTS_START in param_group:
+            start = param_group[MOMENTS_START]
+            if type(start) is not int or not 0 <= start <= taken:
+                raise ValueError(f"param group key {MOMENTS_START!r} is the step count at which the group was added, "
+                                 f"an int from 0 to the optimizer's {taken} steps, got {start!r} (the group was not "
+                                 "added)")
+        elif taken > 0:  # its moments start now: Adam's bias corrections count its own steps
+            param_group[MOMENTS_START] = taken
         super().add_param_group(param_group)
         if devices:
             self._device = devices.pop()

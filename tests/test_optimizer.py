@@ -3,11 +3,14 @@ the two calling forms, low-precision weights, odd parameters."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from salsa_fused import FusedSaLSa
+from salsa_fused.backends.base import Hyper
 from salsa_fused.line_search import plan_step
 from tests.models import tanh_mlp
 
@@ -335,3 +338,70 @@ def test_an_optimizer_built_under_inference_mode_trains(backend, where):
     assert not any(t.is_inference() for state in opt.state.values() for t in state.values())
     losses, _ = _train(model, opt, 12)
     assert losses[-1] < losses[0]
+
+
+def _late_group_moves(backend: str, steps_before: int = 300):
+    """A linear model on x trained ``steps_before`` steps, then a linear layer on x**2 added with
+    add_param_group, every step searched: the new weight's largest move over the level on each of its
+    first six steps."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(2))
+    y = x.sum(1, keepdim=True) + 0.5 * (x ** 2).sum(1, keepdim=True)
+    base, late = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1, bias=False)
+    opt = FusedSaLSa(base.parameters(), backend=backend, max_search_interval=1)
+    uses_late = False
+
+    def closure():
+        out = base(x) + (late(x ** 2) if uses_late else 0)
+        return F.mse_loss(out, y)
+
+    for _ in range(steps_before):
+        opt.zero_grad()
+        opt.step(closure)
+    opt.add_param_group({"params": late.parameters()})
+    uses_late = True
+    ratios = []
+    for _ in range(6):
+        before = late.weight.detach().clone()
+        searches = opt.num_searches
+        opt.zero_grad()
+        opt.step(closure)
+        assert opt.num_searches == searches + 1
+        ratios.append(float((late.weight.detach() - before).abs().max()) / opt.step_size)
+    return opt, ratios
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_a_group_added_mid_run_counts_its_own_steps_in_adams_bias_corrections(backend):
+    """A group added after s steps corrects its moments with its own step count j, as torch's Adam counts a
+    parameter's from its first step. A search along the gradient moves it by the level times
+    |g| / sqrt(v_hat) <= sqrt((1 - beta2^(j+1)) / (1 - beta2)) (0.1.0 corrects with j + 1): sqrt(2), sqrt(3), ...;
+    with the optimizer's one counter its first search moved it sqrt((1 - beta2^301) / (1 - beta2)) = 16x the level."""
+    opt, ratios = _late_group_moves(backend)
+    assert opt.param_groups[1]["moments_start_step"] == 300
+    bounds = [math.sqrt((1 - 0.999 ** (j + 1)) / (1 - 0.999)) for j in range(1, 7)]
+    assert all(r <= b * (1 + 1e-5) for r, b in zip(ratios, bounds)), (ratios, bounds)
+    assert ratios[0] == pytest.approx(math.sqrt(2), rel=1e-3)  # every element's |g| / sqrt(v_hat) at j = 1
+    hyper = Hyper.for_step(opt.param_groups[1], 301)
+    assert (hyper.bias_correction1, hyper.bias_correction2) == (1 - 0.9 ** 2, 1 - 0.999 ** 2)
+
+
+def test_a_group_added_mid_run_resumes_with_its_step_count():
+    opt, _ = _late_group_moves("torch", steps_before=20)
+    saved = opt.state_dict()
+    assert saved["param_groups"][1]["moments_start_step"] == 20
+    params = [p for g in opt.param_groups for p in g["params"]]
+    fresh = FusedSaLSa([{"params": params[:2]}, {"params": params[2:]}], backend="torch")
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[1]["moments_start_step"] == 20
+    assert "moments_start_step" not in fresh.param_groups[0]
+
+
+@pytest.mark.parametrize("start", [-1, 1.0, 27, True])
+def test_a_group_given_a_moments_start_step_it_cannot_have_is_refused(start):
+    opt, _ = _late_group_moves("torch", steps_before=20)
+    extra = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match=f"'moments_start_step' is the step count at which the group was added, "
+                                         r"an int from 0 to the optimizer's 26 steps, got"):
+        opt.add_param_group({"params": [extra], "moments_start_step": start})
+    assert len(opt.param_groups) == 2

@@ -444,22 +444,28 @@ def test_the_documented_hand_over_to_adamw_continues_its_moments():
     """docs/training.md's recipe for going on with AdamW (its load_state_dict cannot read this optimizer's
     checkpoint): AdamW takes the moments and the step count and continues them, not from zero."""
     model = tanh_mlp(4, 8, 1)
-    opt = FusedSaLSa(model.parameters(), backend="torch")
+    opt = FusedSaLSa(model[0].parameters(), backend="torch")
     x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
     y = x[:, :1].sin()
-    for _ in range(6):
+    for step in range(6):
+        if step == 2:  # a group added mid-run counts its own steps (moments_start_step = 2)
+            opt.add_param_group({"params": model[2].parameters()})
         opt.zero_grad()
         opt.step(lambda: F.mse_loss(model(x), y))
     adamw = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=opt.param_groups[0]["betas"])
-    for p, s in opt.state.items():
-        adamw.state[p] = {"step": torch.tensor(float(opt.search_state.step)),
-                          "exp_avg": s["exp_avg"].clone(), "exp_avg_sq": s["exp_avg_sq"].clone()}
+    for group in opt.param_groups:
+        steps = opt.search_state.step - group.get("moments_start_step", 0)
+        for p in group["params"]:
+            s = opt.state[p]
+            adamw.state[p] = {"step": torch.tensor(float(steps)),
+                              "exp_avg": s["exp_avg"].clone(), "exp_avg_sq": s["exp_avg_sq"].clone()}
     handed = {p: (s["exp_avg"].clone(), s["exp_avg_sq"].clone()) for p, s in opt.state.items()}
+    late = set(model[2].parameters())
     adamw.zero_grad()
     F.mse_loss(model(x), y).backward()
     adamw.step()
     (beta1, beta2) = opt.param_groups[0]["betas"]
     for p, (m, v) in handed.items():
-        assert adamw.state[p]["step"].item() == 7
+        assert adamw.state[p]["step"].item() == (5 if p in late else 7)
         torch.testing.assert_close(adamw.state[p]["exp_avg"], beta1 * m + (1 - beta1) * p.grad)
         torch.testing.assert_close(adamw.state[p]["exp_avg_sq"], beta2 * v + (1 - beta2) * p.grad * p.grad)

@@ -63,6 +63,11 @@ class Bucket:
         return sum(p.numel() for p in self.params)
 
 
+#: The param-group key of a group added with ``add_param_group`` after ``s > 0`` steps: ``s``, from which
+#: its moments (zero until then) count the steps of Adam's bias corrections (:meth:`Hyper.for_step`).
+MOMENTS_START = "moments_start_step"
+
+
 @dataclass(frozen=True)
 class Hyper:
     """Scalars of one bucket for one step (host floats; nothing here lives on a device)."""
@@ -79,10 +84,12 @@ class Hyper:
     def for_step(cls, group: dict, step: int) -> "Hyper":
         """The scalars of param group ``group`` at step ``k = step`` (after its increment).
 
-        0.1.0 corrects with ``k + 1`` (SPEC section 1, step 5): the only bias correction.
+        0.1.0 corrects with ``k + 1`` (SPEC section 1, step 5): the only bias correction. A group added
+        after ``s`` steps (``group[MOMENTS_START] = s``) counts its own: ``k - s + 1``, as torch's Adam
+        counts a parameter's steps from its first.
         """
         beta1, beta2 = map(float, group["betas"])  # a scheduler may set numpy scalars: fp64 here
-        k = max(1, step + 1)
+        k = max(1, step + 1 - group.get(MOMENTS_START, 0))
         # positional, in the fields' order (beta1, beta2, eps, weight_decay, bias corrections, lr): keywords
         # cost a third more of this frozen class's construction, built once a group and step
         return cls(beta1, beta2, float(group["eps"]), float(group["weight_decay"]), 1 - beta1 ** k, 1 - beta2 ** k,
