@@ -727,9 +727,11 @@ class FusedSaLSa(Optimizer, Joinable):
         return step_batches(self.search_rule, plan)
 
     def _some_group_moves(self) -> bool:
-        """Does a group have a positive ``lr`` now? While none does nothing moves: no search runs
-        (a group built at 0 gets ``search_lr`` 1 with its first positive ``lr``)."""
-        return any(group["lr"] > 0 for group in self.param_groups)
+        """Does a group with a positive ``lr`` now hold a parameter that requires grad? While none does
+        nothing moves: no search runs (a group built at 0 gets ``search_lr`` 1 with its first positive
+        ``lr``). Frozen or empty groups at a positive ``lr`` would give every search a slope of 0 (the
+        groups at 0 add nothing to q), which 0.1.0's guard passes by growing the level untested."""
+        return any(group["lr"] > 0 and any(p.requires_grad for p in group["params"]) for group in self.param_groups)
 
     @property
     def search_interval(self) -> float:
@@ -802,7 +804,8 @@ class FusedSaLSa(Optimizer, Joinable):
         if len(groups) != len(self.param_groups):
             raise ValueError(
                 f"the checkpoint has {len(groups)} parameter group(s) and this optimizer {len(self.param_groups)}: "
-                "build it with the groups the checkpoint was saved with (the 'pretrain' preset splits a plain "
+                "build it with the groups the checkpoint was saved with (groups added with add_param_group during "
+                "the run: add them again before loading; the 'pretrain' preset splits a plain "
                 "list of tensors into decaying matrices and non-decaying vectors since 2026-12-01, and "
                 "model.named_parameters() since 2026-12-02; pass [{'params': list(model.parameters())}] to "
                 "load a checkpoint it saved before); nothing was loaded")
@@ -851,8 +854,14 @@ class FusedSaLSa(Optimizer, Joinable):
         # another optimizer's foreach/fused (AdamW keeps them in every group) chose its own kernels, not ours
         dropped = () if carriers else _BACKEND_FLAGS
         groups = [{k: v for k, v in group.items() if k != _SEARCH_KEY and k not in dropped} for group in groups]
+        saved_step = search.step if search is not None else 0
         for index, group in enumerate(groups):
             group.setdefault("search_lr", group.get("lr", self.defaults["lr"]))  # saved before it existed
+            start = group.get(MOMENTS_START, 0)
+            if type(start) is not int or not 0 <= start <= saved_step:
+                raise ValueError(f"the checkpoint's parameter group {index} has {MOMENTS_START}={start!r}: the step "
+                                 f"count at which the group was added, an int from 0 to the checkpoint's "
+                                 f"{saved_step} steps; nothing was loaded")
             lacking = [key for key in _GROUP_HYPER_KEYS if key not in group]
             if lacking:
                 raise ValueError(f"the checkpoint's parameter group {index} has no {', '.join(map(repr, lacking))}: "
@@ -1252,6 +1261,8 @@ class FusedSaLSa(Optimizer, Joinable):
         optimizer's own ``schedule`` (a preset's warm-up and cooldown), shaping the applied step twice. Warns
         once and returns True; a constant scheduler never moves ``lr``, so it never warns."""
         for index, group in enumerate(self.param_groups):
+            if _starts_probing(group):
+                continue  # a group built at 0 (api.md's way to hold a layer still) raised by hand: not a scheduler
             start = group.get("initial_lr", group.get("search_lr"))
             if start is not None and group["lr"] != start:
                 warnings.warn(

@@ -405,3 +405,29 @@ def test_a_group_given_a_moments_start_step_it_cannot_have_is_refused(start):
                                          r"an int from 0 to the optimizer's 26 steps, got"):
         opt.add_param_group({"params": [extra], "moments_start_step": start})
     assert len(opt.param_groups) == 2
+
+
+@pytest.mark.parametrize("moving", ["frozen", "empty"])
+def test_no_search_runs_while_every_group_at_a_positive_lr_is_frozen_or_empty(moving):
+    """The trained layer held still at lr=0 and the only group at lr > 0 frozen (or empty): every search's
+    slope was 0, which 0.1.0's guard passes by growing the level by 1.1 untested (2.6e12 after 300 steps, a
+    helper measured; then every trial failed once the layer's lr was raised). Now those steps do not search,
+    and once the lr is raised the level is found as from the start."""
+    torch.manual_seed(0)
+    trained, other = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+    other.requires_grad_(False)
+    x = torch.randn(32, 4, generator=torch.Generator().manual_seed(1))
+    y = x.sum(1, keepdim=True)
+    second = {"params": other.parameters()} if moving == "frozen" else {"params": []}
+    opt = FusedSaLSa([{"params": trained.parameters(), "lr": 0.0}, second], backend="torch")
+    start = opt.step_size
+    for _ in range(40):
+        opt.zero_grad()
+        opt.step(lambda: F.mse_loss(trained(x) + other(x), y))
+    assert opt.num_searches == 0 and opt.step_size == start
+    opt.param_groups[0]["lr"] = 1.0
+    losses = []
+    for _ in range(40):
+        opt.zero_grad()
+        losses.append(float(opt.step(lambda: F.mse_loss(trained(x) + other(x), y))))
+    assert opt.num_searches > 0 and losses[-1] < 0.1 * losses[0]

@@ -239,6 +239,30 @@ def test_reduce_lr_on_plateau_on_a_preset_warns_once():
     assert len(stacked) == 1 and "moved param_groups[0]'s lr from 1 to 0.5" in stacked[0], stacked
 
 
+def test_a_group_built_at_zero_raised_by_hand_on_a_preset_is_not_taken_for_a_scheduler():
+    """api.md's way to hold a layer still (a group at lr=0, raised later) is no scheduler: raising it warned
+    that the schedule is shaped twice, and used up the one warning a scheduler attached later should get."""
+    import warnings
+
+    from salsa_fused import presets
+    model, _ = two_group_model()
+    groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.0}]
+    opt = presets.recommended(groups, total_steps=40)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for k in range(12):
+            if k == 4:
+                opt.param_groups[1]["lr"] = 1.0
+            x, y = batch(k)
+            opt.zero_grad()
+            opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+        scheduler = lr_scheduler.CosineAnnealingLR(opt, T_max=40)
+        _train_with_scheduler(model, opt, scheduler, 6)
+    assert opt.param_groups[1]["search_lr"] == 1.0
+    stacked = [str(w.message) for w in caught if "shaped twice" in str(w.message)]
+    assert len(stacked) == 1 and "CosineAnnealingLR" not in stacked[0] and "from 1 to" in stacked[0], stacked
+
+
 def test_a_scheduler_without_a_schedule_of_the_optimizers_own_does_not_warn():
     import warnings
 

@@ -257,6 +257,32 @@ def test_add_param_group_then_train_and_resume():
     assert opt.search_state.step == 6
 
 
+@pytest.mark.parametrize("start", [10 ** 6, -5, 3.5, "20", None])
+def test_a_checkpoint_with_a_moments_start_step_it_cannot_have_is_refused(start):
+    model = _model()
+    opt = FusedSaLSa(model[0].parameters(), backend="torch")
+    _train(model, opt, 3)
+    opt.add_param_group({"params": list(model[2].parameters())})
+    _train(model, opt, 3, start=3)
+    saved = deepcopy(opt.state_dict())
+    assert saved["param_groups"][1]["moments_start_step"] == 3
+    saved["param_groups"][1]["moments_start_step"] = start
+    assert_load_refused(opt, saved, rf"group 1 has moments_start_step={start!r}: the step count at which the "
+                                    r"group was added, an int from 0 to the checkpoint's 6 steps; nothing was loaded")
+
+
+def test_a_checkpoint_with_groups_added_during_its_run_names_add_param_group_when_the_count_differs():
+    model = _model()
+    opt = FusedSaLSa(model[0].parameters(), backend="torch")
+    _train(model, opt, 3)
+    opt.add_param_group({"params": list(model[2].parameters())})
+    saved = opt.state_dict()
+    fresh = FusedSaLSa(_model()[0].parameters(), backend="torch")
+    assert_load_refused(fresh, saved, r"checkpoint has 2 parameter group\(s\) and this optimizer 1: build it with the "
+                                      r"groups the checkpoint was saved with \(groups added with add_param_group during "
+                                      r"the run: add them again before loading;")
+
+
 def test_zero_grad():
     model = _model()
     opt = FusedSaLSa(model.parameters(), backend="torch")
