@@ -222,6 +222,11 @@ def _hyper_key(group: dict) -> Optional[tuple]:
     return types, lr, probe, eps, wd, beta1, beta2
 
 
+def _valid_moments_start(start, steps: int) -> bool:
+    """A group's ``moments_start_step`` (:data:`MOMENTS_START`) can be ``start`` after ``steps`` steps."""
+    return type(start) is int and 0 <= start <= steps
+
+
 def _as_the_step_sees(group: dict) -> dict:
     """``group`` with the ``search_lr`` its next step will give it (1 when it starts probing)."""
     return {**group, "search_lr": 1.0} if _starts_probing(group) else group
@@ -556,7 +561,7 @@ class FusedSaLSa(Optimizer, Joinable):
         taken = search.step if search is not None else 0
         if MOMENTS_START in param_group:
             start = param_group[MOMENTS_START]
-            if type(start) is not int or not 0 <= start <= taken:
+            if not _valid_moments_start(start, taken):
                 raise ValueError(f"param group key {MOMENTS_START!r} is the step count at which the group was added, "
                                  f"an int from 0 to the optimizer's {taken} steps, got {start!r} (the group was not "
                                  "added)")
@@ -858,7 +863,7 @@ class FusedSaLSa(Optimizer, Joinable):
         for index, group in enumerate(groups):
             group.setdefault("search_lr", group.get("lr", self.defaults["lr"]))  # saved before it existed
             start = group.get(MOMENTS_START, 0)
-            if type(start) is not int or not 0 <= start <= saved_step:
+            if not _valid_moments_start(start, saved_step):
                 raise ValueError(f"the checkpoint's parameter group {index} has {MOMENTS_START}={start!r}: the step "
                                  f"count at which the group was added, an int from 0 to the checkpoint's "
                                  f"{saved_step} steps; nothing was loaded")
