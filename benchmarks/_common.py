@@ -240,9 +240,9 @@ RESULT_DIRECTORIES = ("benchmarks/results", "benchmarks/quality/results")
 
 
 def git_commit(root: Optional[str] = None) -> str:
-    """HEAD's short hash in ``root`` (this checkout), with ``+dirty`` when tracked files outside the
-    result directories differ from it (the measured code is then not that commit's); "unknown"
-    without git."""
+    """HEAD's short hash in ``root`` (this checkout), with ``+dirty`` when files outside the result
+    directories differ from it, untracked ones included (a benchmark run before its script's first
+    commit measured code that commit does not hold); "unknown" without git."""
     root = root or Path(__file__).resolve().parents[1]
 
     def git(*args) -> str:
@@ -251,7 +251,7 @@ def git_commit(root: Optional[str] = None) -> str:
         except (OSError, subprocess.SubprocessError):
             return ""
     commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
-    if commit != "unknown" and git("status", "--porcelain", "--untracked-files=no", "--", ".",
+    if commit != "unknown" and git("status", "--porcelain", "--untracked-files=all", "--", ".",
                                    *(f":(exclude){path}" for path in RESULT_DIRECTORIES)):
         commit += "+dirty"
     return commit

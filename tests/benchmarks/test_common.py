@@ -64,8 +64,10 @@ def test_name_pairs_maps_each_item_and_names_the_form_on_a_malformed_one():
 
 
 def test_the_commit_is_marked_dirty_by_code_edits_not_by_appended_results(tmp_path):
-    """Benchmark rows name the commit they measured; an uncommitted edit of code marks it ``+dirty``,
-    rows appended under a result directory do not (the GPU suite's rows once named a stale commit)."""
+    """Benchmark rows name the commit they measured; an uncommitted edit of code, or a new file not yet
+    committed, marks it ``+dirty``; rows appended or new under a result directory and ignored build
+    outputs do not (the GPU suite's rows once named a stale commit; three benchmarks' first rows named
+    the commit before their own script)."""
     import subprocess
 
     def git(*args):
@@ -83,6 +85,17 @@ def test_the_commit_is_marked_dirty_by_code_edits_not_by_appended_results(tmp_pa
     assert len(clean) == 12 and not clean.endswith("+dirty")
     rows.write_text("{}\n{}\n")
     assert C.git_commit(str(tmp_path)) == clean
+    (tmp_path / "benchmarks" / "results" / "new_rows.jsonl").write_text("{}\n")
+    (tmp_path / ".gitignore").write_text("built/\n")
+    git("add", ".gitignore")
+    git("commit", "-qm", "ignore")
+    clean = C.git_commit(str(tmp_path))
+    (tmp_path / "built").mkdir()
+    (tmp_path / "built" / "ext.so").write_text("")
+    assert C.git_commit(str(tmp_path)) == clean
+    (tmp_path / "new_bench.py").write_text("x = 1\n")
+    assert C.git_commit(str(tmp_path)) == clean + "+dirty"
+    (tmp_path / "new_bench.py").unlink()
     (tmp_path / "code.py").write_text("x = 2\n")
     assert C.git_commit(str(tmp_path)) == clean + "+dirty"
     assert C.git_commit(str(tmp_path / "missing")) == "unknown"
