@@ -39,7 +39,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from .backends.base import Bucket
+from .backends.base import MOMENTS_START, SAT_OUT_SINCE, STEPS_SAT_OUT, Bucket
 
 # (gradient pointers, dtypes) remembered per bucket as already validated.
 VALIDATED_GRAD_LAYOUTS = 4
@@ -245,6 +245,9 @@ class BucketCache:
         self._state: Optional[Mapping] = None  # the optimizer's state the buckets' moments came from
         self._state_fingerprint: tuple = ()  # its moments (held: their addresses are not reused)
         self._state_signature: Optional[bytes] = None  # their addresses, read by the extension
+        self._steps_taken = 0  # the optimizer's counted steps before the one collecting
+        #: the counts of steps sat out that this step's collection wrote, with what they replaced
+        self._counted: list = []
 
     def clear(self) -> None:
         """Forget every bucket (after ``load_state_dict``: new moments)."""
@@ -266,9 +269,23 @@ class BucketCache:
     def __len__(self) -> int:
         return sum(len(entry.slots) for entry in self._groups.values())
 
+    def take_back_counts(self) -> None:
+        """Put back the counts of steps sat out that the last :meth:`collect` wrote (its step did not
+        happen: nothing had a gradient, or it failed) and forget every bucket, so that the next step
+        counts them again from the state as it was."""
+        for entry, key, old in reversed(self._counted):
+            if old is _MISSING:
+                entry.pop(key, None)
+            else:
+                entry[key] = old
+        if self._counted:
+            self.clear()
+        self._counted = []
+
     def collect(self, param_groups: List[dict], init_state: Callable[[torch.Tensor], dict],
                 saved_buffer: Optional[Callable[[torch.Tensor], torch.Tensor]],
-                state: Optional[Mapping] = None, fit: Optional[Callable[[], None]] = None) -> List[Bucket]:
+                state: Optional[Mapping] = None, fit: Optional[Callable[[], None]] = None,
+                steps_taken: int = 0) -> List[Bucket]:
         """The buckets of the params that have gradients, their gradients checked.
 
         ``init_state(p)`` gives p's state dict (moments created if missing);
@@ -276,12 +293,16 @@ class BucketCache:
         ``state``: the optimizer's state mapping; where its moments are no longer those the
         buckets hold (replaced, cleared), every group is built again;
         ``fit()``, called once where a group is built, after the parameters are checked and before
-        any state is created, raises for weights the backend cannot take.
+        any state is created, raises for weights the backend cannot take;
+        ``steps_taken``: the optimizer's counted steps before this one, from which a group being built
+        counts the steps its params sat out (:func:`count_steps_sat_out`).
         Raises before anything is created when a gradient or a parameter is unusable.
         """
         if state is not None and self._groups and not self._moments_current(state):
             self._groups.clear()
         rebuilds = self.rebuilds
+        self._steps_taken = steps_taken
+        self._counted = []
         buckets = self._collect(param_groups, init_state, saved_buffer, state, fit)
         if state is not None and (self.rebuilds != rebuilds or state is not self._state):
             self._state, self._state_fingerprint = state, _fingerprint(state)
@@ -332,7 +353,8 @@ class BucketCache:
                     checked = True
                 if entry is not None and weight_pointers is not None and state is not None:
                     refuse_relaid_in_place(params, weights, weight_pointers, entry, state)
-                entry = self._build(index, params, grads, has_grad, init_state, saved_buffer, state)
+                entry = self._build(index, params, grads, has_grad, init_state, saved_buffer, state,
+                                    group.get(MOMENTS_START, 0))
                 self._groups[index] = entry
             relaid = False
             for slot in entry.slots:
@@ -383,28 +405,35 @@ class BucketCache:
         return False
 
     def _build(self, index: int, params: List[torch.Tensor], grads: List[Optional[torch.Tensor]],
-               has_grad: Tuple[bool, ...], init_state, saved_buffer, state: Optional[Mapping]) -> _GroupEntry:
-        """The group's buckets, one per (device, dtype) among params with gradients."""
+               has_grad: Tuple[bool, ...], init_state, saved_buffer, state: Optional[Mapping],
+               moments_start: int = 0) -> _GroupEntry:
+        """The group's buckets, one per (device, dtype, steps sat out) among params with gradients."""
         self.rebuilds += 1
         for p, grad in zip(params, grads):  # all checked before any state is created
             if grad is not None:
                 check_gradient(p, grad)
                 if state is not None and p in state:
                     check_moments(p, state[p])
+        sat_out = (count_steps_sat_out(params, has_grad, state, self._steps_taken - moments_start, self._counted)
+                   if state is not None else {})
         members: Dict[tuple, List[int]] = {}
         for position, (p, present) in enumerate(zip(params, has_grad)):
             if present:
-                members.setdefault((p.device, p.dtype), []).append(position)
+                members.setdefault((p.device, p.dtype, sat_out.get(position, 0)), []).append(position)
         distributed = any(hasattr(p, "_local_tensor") for p in params)
         slots = []
-        for (device, dtype), positions in members.items():
+        for (device, dtype, steps_sat_out), positions in members.items():
             chosen = [params[i] for i in positions]
             states = [init_state(p) for p in chosen]
+            if steps_sat_out:
+                for p_state in states:  # for one whose first gradient comes now
+                    _write(p_state, STEPS_SAT_OUT, steps_sat_out, self._counted)
             bucket = Bucket(params=[_local(p) for p in chosen], grads=[],
                             exp_avg=[_local(s["exp_avg"]) for s in states],
                             exp_avg_sq=[_local(s["exp_avg_sq"]) for s in states],
                             saved=[saved_buffer(p) for p in chosen] if saved_buffer is not None else None,
-                            device=device, dtype=dtype, group_index=index, tensors_fixed=True)
+                            device=device, dtype=dtype, group_index=index, tensors_fixed=True,
+                            steps_sat_out=steps_sat_out)
             whole = len(positions) == len(params)
             slots.append(_Slot(bucket, params, None if whole else positions,
                                None if whole else operator.itemgetter(*positions),
@@ -413,6 +442,46 @@ class BucketCache:
         return _GroupEntry(tuple(map(id, params)), tuple(map(_data_ptr, weights)), tuple(map(_stride_of, weights)),
                            has_grad, distributed, slots)
 
+
+
+_MISSING = object()
+
+
+def _write(entry: dict, key: str, value, journal: list) -> None:
+    """``entry[key] = value`` (``del`` for :data:`_MISSING`), its old value kept in ``journal``."""
+    journal.append((entry, key, entry.get(key, _MISSING)))
+    if value is _MISSING:
+        del entry[key]
+    else:
+        entry[key] = value
+
+
+def count_steps_sat_out(params: List[torch.Tensor], has_grad: Tuple[bool, ...], state: Mapping,
+                        group_steps: int, journal: list) -> Dict[int, int]:
+    """Each param's :data:`STEPS_SAT_OUT`, by its position in ``params``, where its group is built after
+    ``group_steps`` counted steps of its own (which of its params have a gradient changed, or its tensors).
+
+    A param with moments and no gradient starts sitting out (:data:`SAT_OUT_SINCE` = ``group_steps``);
+    one whose gradient is back adds the steps since then; one whose first gradient comes now (no
+    moments yet: it was frozen when the group was added) sat out every step before. Any rebuild at one
+    step reads the same counts. Steps a GradScaler or a NaN loss skipped, taken back out of the count at
+    the next search, may count as sat out (a few at most). Each write goes into ``journal`` (see
+    :meth:`BucketCache.take_back_counts`)."""
+    counts: Dict[int, int] = {}
+    for position, (p, present) in enumerate(zip(params, has_grad)):
+        entry = state[p] if p in state else None
+        if not isinstance(entry, dict) or "exp_avg" not in entry:
+            if present and group_steps > 0:
+                counts[position] = group_steps
+            continue
+        since = entry.get(SAT_OUT_SINCE)
+        if present and since is not None:
+            _write(entry, STEPS_SAT_OUT, entry.get(STEPS_SAT_OUT, 0) + max(0, group_steps - since), journal)
+            _write(entry, SAT_OUT_SINCE, _MISSING, journal)
+        elif not present and since is None:
+            _write(entry, SAT_OUT_SINCE, group_steps, journal)
+        counts[position] = min(entry.get(STEPS_SAT_OUT, 0), max(0, group_steps))
+    return counts
 
 
 _EXP_AVG, _EXP_AVG_SQ = operator.itemgetter("exp_avg"), operator.itemgetter("exp_avg_sq")

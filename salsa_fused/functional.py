@@ -100,7 +100,7 @@ class Passes:
 
     backend: Backend
     buckets: List[Bucket]
-    hypers: Dict[int, Hyper]  # group index -> Adam's scalars at this step
+    hypers: Dict[Tuple[int, int], Hyper]  # (group index, steps sat out) -> Adam's scalars at this step
     groups: Dict[int, GroupStep]  # group index -> lr_g, the schedule's scale, the level
     grad_scale: Optional[torch.Tensor] = None  # GradScaler's scale, or None
 
@@ -112,18 +112,25 @@ class Passes:
         with schedule scale ``scale`` and level ``eta = level``; the weight decay multiplies
         ``decay_level`` (``level`` when ``None``)."""
         decay_level = level if decay_level is None else decay_level
-        hypers: Dict[int, Hyper] = {}
+        hypers: Dict[Tuple[int, int], Hyper] = {}
         groups: Dict[int, GroupStep] = {}
-        for b in buckets:  # once per group, not per bucket (a group's dtypes each have one)
-            if b.group_index not in hypers:
+        for b in buckets:  # once per group and count, not per bucket (a group's dtypes each have one)
+            key = (b.group_index, b.steps_sat_out)
+            if key not in hypers:
                 group = param_groups[b.group_index]
-                hypers[b.group_index] = Hyper.for_step(group, moment_k)
-                groups[b.group_index] = GroupStep.of(group, scale, decay_level)
+                hypers[key] = Hyper.for_step(group, moment_k, b.steps_sat_out)
+                if b.group_index not in groups:
+                    groups[b.group_index] = GroupStep.of(group, scale, decay_level)
         return cls(backend, buckets, hypers, groups, grad_scale)
 
     def at_moment_step(self, param_groups: Sequence[dict], moment_k: int) -> "Passes":
         """The same passes with Adam's scalars re-formed at ``moment_k``."""
-        return replace(self, hypers={i: Hyper.for_step(param_groups[i], moment_k) for i in self.hypers})
+        return replace(self, hypers={(i, sat_out): Hyper.for_step(param_groups[i], moment_k, sat_out)
+                                     for i, sat_out in self.hypers})
+
+    def hyper(self, bucket: Bucket) -> Hyper:
+        """Adam's scalars of ``bucket`` at this step."""
+        return self.hypers[bucket.group_index, bucket.steps_sat_out]
 
     @torch.no_grad()
     def run(self, pass_name: str, direction: str, move: Callable[..., Move], *trials: float) -> None:
@@ -132,7 +139,7 @@ class Passes:
         run = getattr(self.backend, pass_name)
         for b in self.buckets:
             i = b.group_index
-            run(b, PassArgs(self.hypers[i], move(self.groups[i], *trials), direction, self.grad_scale))
+            run(b, PassArgs(self.hyper(b), move(self.groups[i], *trials), direction, self.grad_scale))
 
 
 def plain_step(passes: Passes, trial: float, loss: torch.Tensor, found_inf: Optional[torch.Tensor],
@@ -157,7 +164,7 @@ def plain_step(passes: Passes, trial: float, loss: torch.Tensor, found_inf: Opti
         torch.set_grad_enabled(False)
     try:
         for i, b in enumerate(passes.buckets):
-            args = PassArgs(passes.hypers[b.group_index], passes.groups[b.group_index].plain(trial),
+            args = PassArgs(passes.hypers[b.group_index, b.steps_sat_out], passes.groups[b.group_index].plain(trial),
                             direction, passes.grad_scale)
             passes.backend.plain_step(b, args, loss, found_inf=found_inf, nonfinite_count=counts.nonfinite_elements,
                                       step_counts=counts.step_counts if i == 0 else None)
@@ -198,8 +205,8 @@ def slope(passes: Passes, direction: str, device: Optional[torch.device]) -> tor
     q = torch.zeros((), dtype=torch.float32, device=device)
     with torch.no_grad():
         for b in passes.buckets:
-            lr = passes.hypers[b.group_index].lr
-            partial = passes.backend.slope(b, PassArgs(passes.hypers[b.group_index], direction=direction,
+            lr = passes.hyper(b).lr
+            partial = passes.backend.slope(b, PassArgs(passes.hyper(b), direction=direction,
                                                        grad_scale=passes.grad_scale))
             q = q + (partial if lr == 1.0 else partial * lr)
     return q
@@ -358,7 +365,8 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
         final, state = _decisions(search, direction)
         if verdict is Verdict.GIVE_UP and getattr(search, "exhausted", False):
             rule = getattr(search, "config", None) or getattr(search, "rule", None)
-            shrink = max((passes.hypers[i].shrink(g.decay) for i, g in passes.groups.items()), default=0.0)
+            shrink = max((passes.hypers[key].shrink(passes.groups[key[0]].decay) for key in passes.hypers),
+                         default=0.0)
             _warn_every_trial_failed(search.trials, getattr(rule, "backtrack", 0.0) ** (search.trials - 1), shrink,
                                      two_phase, getattr(search, "grows_untested", False))
     except BaseException:

@@ -40,7 +40,7 @@ from ._compat import OPTIMIZER_KEEPS_PARAMETER_NAMES, compile_disabled
 from ._rng import RNGSnapshot
 from .buckets import BucketCache, check_gradient, check_parameter
 from . import functional as F
-from .backends.base import GRADIENT, MOMENTS_START, MOMENTUM, Bucket, Hyper
+from .backends.base import GRADIENT, MOMENTS_START, MOMENTUM, SAT_OUT_SINCE, STEPS_SAT_OUT, Bucket, Hyper
 from .errors import caller_stacklevel
 from .distributed import SearchReduction, _is_dtensor, default_reduction, fsdp_modules, is_distributed, shard_group_of
 from .applied import GroupStep
@@ -54,6 +54,7 @@ from .step_size import (applied_scale, backs_off_on_loss_rise, check_freeze_belo
 LossClosure = Callable[[], Union[torch.Tensor, float]]
 
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+_SAT_OUT_KEYS = (STEPS_SAT_OUT, SAT_OUT_SINCE)
 _SEARCH_KEY = "search"  # where state_dict() carries the search state (param_groups[0])
 RESTORE_STRATEGIES = ("copy", "inplace")
 #: Adam's two directions; the backends' third, ``"raw"`` (``d = g``), is chosen by a rule (LABPAL's).
@@ -222,9 +223,10 @@ def _hyper_key(group: dict) -> Optional[tuple]:
     return types, lr, probe, eps, wd, beta1, beta2
 
 
-def _valid_moments_start(start, steps: int) -> bool:
-    """A group's ``moments_start_step`` (:data:`MOMENTS_START`) can be ``start`` after ``steps`` steps."""
-    return type(start) is int and 0 <= start <= steps
+def _valid_step_count(count, steps: int) -> bool:
+    """``count`` can count some of ``steps`` steps: a group's ``moments_start_step`` (:data:`MOMENTS_START`), a
+    parameter's ``steps_sat_out`` or ``sat_out_since`` (:data:`STEPS_SAT_OUT`, :data:`SAT_OUT_SINCE`)."""
+    return type(count) is int and 0 <= count <= steps
 
 
 def _as_the_step_sees(group: dict) -> dict:
@@ -561,7 +563,7 @@ class FusedSaLSa(Optimizer, Joinable):
         taken = search.step if search is not None else 0
         if MOMENTS_START in param_group:
             start = param_group[MOMENTS_START]
-            if not _valid_moments_start(start, taken):
+            if not _valid_step_count(start, taken):
                 raise ValueError(f"param group key {MOMENTS_START!r} is the step count at which the group was added, "
                                  f"an int from 0 to the optimizer's {taken} steps, got {start!r} (the group was not "
                                  "added)")
@@ -863,7 +865,7 @@ class FusedSaLSa(Optimizer, Joinable):
         for index, group in enumerate(groups):
             group.setdefault("search_lr", group.get("lr", self.defaults["lr"]))  # saved before it existed
             start = group.get(MOMENTS_START, 0)
-            if not _valid_moments_start(start, saved_step):
+            if not _valid_step_count(start, saved_step):
                 raise ValueError(f"the checkpoint's parameter group {index} has {MOMENTS_START}={start!r}: the step "
                                  f"count at which the group was added, an int from 0 to the checkpoint's "
                                  f"{saved_step} steps; nothing was loaded")
@@ -885,6 +887,10 @@ class FusedSaLSa(Optimizer, Joinable):
             for name, extra in stripped_state[key].items():  # another optimizer's ('step' of AdamW's), kept
                 if not _all_finite_value(extra):
                     raise ValueError(f"the checkpoint's state of parameter {key} has {name!r} holding NaN/inf: the "
+                                     "checkpoint is corrupt; nothing was loaded")
+                if name in _SAT_OUT_KEYS and not _valid_step_count(extra, saved_step):
+                    raise ValueError(f"the checkpoint's state of parameter {key} has {name}={extra!r}: a count of "
+                                     f"its group's steps, an int from 0 to the checkpoint's {saved_step} steps; the "
                                      "checkpoint is corrupt; nothing was loaded")
             if moments[key] and len(moments[key]) != len(_MOMENT_KEYS):
                 (have,), (lack,) = moments[key], set(_MOMENT_KEYS) - set(moments[key])
@@ -990,12 +996,14 @@ class FusedSaLSa(Optimizer, Joinable):
             self._search = SearchState.from_dict(saved) if saved is not None else SearchState()
 
     # ------------------------------------------------------------------ step
-    def _collect_buckets(self) -> List[Bucket]:
+    def _collect_buckets(self, steps_taken: Optional[int] = None) -> List[Bucket]:
         """Buckets of the params that have gradients (kept across steps, see
-        :mod:`salsa_fused.buckets`); validates the gradients first."""
+        :mod:`salsa_fused.buckets`) at the step after ``steps_taken`` (the steps taken so far when not
+        given); validates the gradients first."""
         saved = self._saved_buffer if self.restore_strategy == "copy" else None
         # a group built again (new weights: model.double(), model.half() ...) fits the backend first
-        return self._buckets.collect(self.param_groups, self._init_state, saved, self.state, self._refit_backend)
+        return self._buckets.collect(self.param_groups, self._init_state, saved, self.state, self._refit_backend,
+                                     self._search.step if steps_taken is None else steps_taken)
 
     def _refit_backend(self) -> None:
         """The weights changed after construction: ``"auto"`` chooses again over all of them (a
@@ -1539,7 +1547,7 @@ class FusedSaLSa(Optimizer, Joinable):
         needs_reference = (plan.is_search and not one_phase
                            and self._any_rank_opening(marked is None and not rng_after.same_as(zeroed_at),
                                                       plan.state.step))
-        passes = self._passes(plan, scale, forwards=1, backwards=int(one_phase))
+        passes = self._passes(plan, scale, forwards=1, backwards=int(one_phase), undo=undo)
         if passes is None:  # none of this optimizer's parameters is in this loss: as torch.optim, a no-op
             if unscaled is not None:
                 raise unscaled
@@ -1633,12 +1641,21 @@ class FusedSaLSa(Optimizer, Joinable):
                 "alike (arguments, preset, param groups) and load the same checkpoint: ranks that search otherwise "
                 "part their weights and their collectives. Nothing was stepped")
 
-    def _passes(self, plan, scale: float, forwards: int, backwards: int) -> Optional[F.Passes]:
+    def _passes(self, plan, scale: float, forwards: int, backwards: int,
+                undo: List[Callable[[], None]]) -> Optional[F.Passes]:
         """The backend's passes over this step's buckets (gradients checked), the step's forward
-        and backward counts added to ``plan.state``; ``None`` when no param has a gradient."""
-        buckets = self._collect_buckets()
+        and backward counts added to ``plan.state``; ``None`` when no param has a gradient. The
+        parameters' counts of steps sat out that the buckets' building wrote go back in ``undo``
+        (or at once where no param has a gradient: the step is a no-op)."""
+        try:
+            buckets = self._collect_buckets(plan.state.step - 1)
+        except BaseException:  # a gradient refused in a later group
+            self._buckets.take_back_counts()
+            raise
         if not buckets:
+            self._buckets.take_back_counts()
             return None
+        undo.append(self._buckets.take_back_counts)
         plan.state.num_forward_evals += forwards
         plan.state.num_backward_evals += backwards
         return F.Passes.of(self.backend, buckets, self.param_groups, moment_step(self.search_rule, plan.state.step),
@@ -1882,7 +1899,7 @@ class FusedSaLSa(Optimizer, Joinable):
                     not ((marked is not None and k == 1) or rng_after.same_as(zeroed_at)), plan.state.step)
                 replay = _IndexedReplay(closure, devices, first={i: start for i in range(k)} if reuse else {},
                                         end=rng_after)
-        passes = self._passes(plan, scale, forwards=k, backwards=k if one_phase else 0)
+        passes = self._passes(plan, scale, forwards=k, backwards=k if one_phase else 0, undo=undo)
         if passes is None:  # none of this optimizer's parameters is in this loss: as torch.optim, a no-op
             if unscaled is not None:
                 raise unscaled

@@ -1,7 +1,7 @@
 """What a refusal must leave as it was, checked once for every test file that refuses bad input.
 
-"Unchanged" means bitwise: every weight, both moments of every parameter, the search dict
-(k, eta, h, s, eta_fast, eta_slow, t and the counters) and the param groups.
+"Unchanged" means bitwise: every weight, both moments of every parameter (and its counts of steps sat
+out), the search dict (k, eta, h, s, eta_fast, eta_slow, t and the counters) and the param groups.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ def snapshot(opt) -> dict:
     params = [p for g in opt.param_groups for p in g["params"]]
     return dict(
         weights=[p.detach().clone() for p in params],
-        moments=[{k: v.clone() for k, v in opt.state[p].items()} for p in params],
+        moments=[{k: v.clone() if isinstance(v, torch.Tensor) else deepcopy(v) for k, v in opt.state[p].items()}
+                 for p in params],
         search=opt.state_dict()["param_groups"][0]["search"],
         groups=[{k: deepcopy(v) for k, v in g.items() if k not in ("params", "search")} for g in opt.param_groups],
         group_sizes=[len(g["params"]) for g in opt.param_groups])
@@ -30,7 +31,8 @@ def assert_unchanged(before: dict, after: dict) -> None:
     for i, (a, b) in enumerate(zip(before["moments"], after["moments"])):
         assert a.keys() == b.keys(), f"state keys of param {i} changed"
         for key in a:
-            assert torch.equal(a[key], b[key]), f"{key} of param {i} changed"
+            same = torch.equal(a[key], b[key]) if isinstance(a[key], torch.Tensor) else a[key] == b[key]
+            assert same, f"{key} of param {i} changed"
     assert before["search"] == after["search"]
     assert before["groups"] == after["groups"] and before["group_sizes"] == after["group_sizes"]
 

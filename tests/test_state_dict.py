@@ -468,7 +468,8 @@ def test_a_checkpoint_loaded_under_inference_mode_trains_on(backend):
 
 def test_the_documented_hand_over_to_adamw_continues_its_moments():
     """docs/training.md's recipe for going on with AdamW (its load_state_dict cannot read this optimizer's
-    checkpoint): AdamW takes the moments and the step count and continues them, not from zero."""
+    checkpoint): AdamW takes the moments and each parameter's step count (a group added late, a parameter
+    that sat out a stretch, one that sits out now) and continues them, not from zero."""
     model = tanh_mlp(4, 8, 1)
     opt = FusedSaLSa(model[0].parameters(), backend="torch")
     x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
@@ -476,22 +477,27 @@ def test_the_documented_hand_over_to_adamw_continues_its_moments():
     for step in range(6):
         if step == 2:  # a group added mid-run counts its own steps (moments_start_step = 2)
             opt.add_param_group({"params": model[2].parameters()})
+        model[0].bias.requires_grad_(step not in (1, 2))  # sits out 2 steps (steps_sat_out = 2)
+        model[2].bias.requires_grad_(step < 4)  # sits out the last 2 (sat_out_since = 2 of its group's 4)
         opt.zero_grad()
         opt.step(lambda: F.mse_loss(model(x), y))
+    assert opt.state[model[0].bias]["steps_sat_out"] == 2 and opt.state[model[2].bias]["sat_out_since"] == 2
     adamw = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=opt.param_groups[0]["betas"])
     for group in opt.param_groups:
-        steps = opt.search_state.step - group.get("moments_start_step", 0)
+        group_steps = opt.search_state.step - group.get("moments_start_step", 0)
         for p in group["params"]:
             s = opt.state[p]
+            steps = s.get("sat_out_since", group_steps) - s.get("steps_sat_out", 0)
             adamw.state[p] = {"step": torch.tensor(float(steps)),
                               "exp_avg": s["exp_avg"].clone(), "exp_avg_sq": s["exp_avg_sq"].clone()}
     handed = {p: (s["exp_avg"].clone(), s["exp_avg_sq"].clone()) for p, s in opt.state.items()}
-    late = set(model[2].parameters())
+    model[2].bias.requires_grad_(True)
     adamw.zero_grad()
     F.mse_loss(model(x), y).backward()
     adamw.step()
     (beta1, beta2) = opt.param_groups[0]["betas"]
+    taken = {model[0].weight: 6, model[0].bias: 4, model[2].weight: 4, model[2].bias: 2}
     for p, (m, v) in handed.items():
-        assert adamw.state[p]["step"].item() == (5 if p in late else 7)
+        assert adamw.state[p]["step"].item() == taken[p] + 1
         torch.testing.assert_close(adamw.state[p]["exp_avg"], beta1 * m + (1 - beta1) * p.grad)
         torch.testing.assert_close(adamw.state[p]["exp_avg_sq"], beta2 * v + (1 - beta2) * p.grad * p.grad)

@@ -57,6 +57,9 @@ class Bucket:
     tensors_fixed: bool = False
     # ``data_ptr()`` of each gradient when the optimizer has read them already, else None.
     grad_pointers: Optional[tuple] = None
+    #: the group's counted steps its tensors took no part in (:data:`STEPS_SAT_OUT`), which their
+    #: bias corrections leave out: a bucket holds tensors that agree on it
+    steps_sat_out: int = 0
 
     @property
     def numel(self) -> int:
@@ -66,6 +69,13 @@ class Bucket:
 #: The param-group key of a group added with ``add_param_group`` after ``s > 0`` steps: ``s``, from which
 #: its moments (zero until then) count the steps of Adam's bias corrections (:meth:`Hyper.for_step`).
 MOMENTS_START = "moments_start_step"
+#: The per-parameter state key of the counted steps of its group (since :data:`MOMENTS_START`) in which a
+#: parameter had no gradient: before its first one (a layer unfrozen late) and while its ``.grad`` was
+#: ``None``. Its bias corrections count the steps it took, as torch's Adam counts a parameter's ``step``.
+STEPS_SAT_OUT = "steps_sat_out"
+#: The per-parameter state key, while a parameter with moments has no gradient, of the steps taken
+#: before the first step it sat out (added to :data:`STEPS_SAT_OUT` when its gradient comes back).
+SAT_OUT_SINCE = "sat_out_since"
 
 
 @dataclass(frozen=True)
@@ -81,15 +91,16 @@ class Hyper:
     lr: float  # the group's probe multiplier on the level (its "search_lr")
 
     @classmethod
-    def for_step(cls, group: dict, step: int) -> "Hyper":
-        """The scalars of param group ``group`` at step ``k = step`` (after its increment).
+    def for_step(cls, group: dict, step: int, steps_sat_out: int = 0) -> "Hyper":
+        """The scalars of param group ``group`` at step ``k = step`` (after its increment), for its
+        tensors that sat out ``steps_sat_out`` of its steps.
 
         0.1.0 corrects with ``k + 1`` (SPEC section 1, step 5): the only bias correction. A group added
-        after ``s`` steps (``group[MOMENTS_START] = s``) counts its own: ``k - s + 1``, as torch's Adam
-        counts a parameter's steps from its first.
+        after ``s`` steps (``group[MOMENTS_START] = s``) counts its own, and a tensor the steps it took:
+        ``k - s - steps_sat_out + 1``, as torch's Adam counts a parameter's steps.
         """
         beta1, beta2 = map(float, group["betas"])  # a scheduler may set numpy scalars: fp64 here
-        k = max(1, step + 1 - group.get(MOMENTS_START, 0))
+        k = max(1, step + 1 - group.get(MOMENTS_START, 0) - steps_sat_out)
         # positional, in the fields' order (beta1, beta2, eps, weight_decay, bias corrections, lr): keywords
         # cost a third more of this frozen class's construction, built once a group and step
         return cls(beta1, beta2, float(group["eps"]), float(group["weight_decay"]), 1 - beta1 ** k, 1 - beta2 ** k,
