@@ -121,11 +121,11 @@ class _Snapshot:
                         state[k].copy_(v)
                     else:
                         state[k] = v.clone() if isinstance(v, torch.Tensor) else deepcopy(v)
-        fresh = [p for p in self.stateless if p in opt.state]
-        for p in fresh:  # a param that got its first gradient in a branch: no state, as before it
-            del opt.state[p]
-        if fresh:
-            opt._buckets.clear()  # the cache held the moments made in the branch
+        for p in [p for p in self.stateless if p in opt.state]:  # its first gradient came in a branch
+            del opt.state[p]  # no state, as before it
+        # The cache held the branches' buckets: which params had gradients there, and the moments made
+        # there. Built again, the step after counts the steps each param sat out from the state put back.
+        opt._buckets.clear()
         for group, saved in zip(opt.param_groups, self.groups):
             group.update(deepcopy(saved))
         opt._commit(deepcopy(self.search))

@@ -416,6 +416,8 @@ class BucketCache:
                     check_moments(p, state[p])
         sat_out = (count_steps_sat_out(params, has_grad, state, self._steps_taken - moments_start, self._counted)
                    if state is not None else {})
+        first = {position for position, (p, present) in enumerate(zip(params, has_grad))  # moments made now
+                 if present and sat_out.get(position) and not _has_moments(state, p)}
         members: Dict[tuple, List[int]] = {}
         for position, (p, present) in enumerate(zip(params, has_grad)):
             if present:
@@ -425,9 +427,11 @@ class BucketCache:
         for (device, dtype, steps_sat_out), positions in members.items():
             chosen = [params[i] for i in positions]
             states = [init_state(p) for p in chosen]
-            if steps_sat_out:
-                for p_state in states:  # for one whose first gradient comes now
-                    _write(p_state, STEPS_SAT_OUT, steps_sat_out, self._counted)
+            for position, p_state in zip(positions, states):
+                if position in first:
+                    # not in the journal: the count goes with the moments made now, which a failed
+                    # step keeps (a retry finds them, and would read no count without it)
+                    p_state[STEPS_SAT_OUT] = steps_sat_out
             bucket = Bucket(params=[_local(p) for p in chosen], grads=[],
                             exp_avg=[_local(s["exp_avg"]) for s in states],
                             exp_avg_sq=[_local(s["exp_avg_sq"]) for s in states],
@@ -447,6 +451,11 @@ class BucketCache:
 _MISSING = object()
 
 
+def _has_moments(state: Optional[Mapping], p: torch.Tensor) -> bool:
+    entry = state[p] if state is not None and p in state else None
+    return isinstance(entry, dict) and "exp_avg" in entry
+
+
 def _write(entry: dict, key: str, value, journal: list) -> None:
     """``entry[key] = value`` (``del`` for :data:`_MISSING`), its old value kept in ``journal``."""
     journal.append((entry, key, entry.get(key, _MISSING)))
@@ -464,16 +473,14 @@ def count_steps_sat_out(params: List[torch.Tensor], has_grad: Tuple[bool, ...], 
     A param with moments and no gradient starts sitting out (:data:`SAT_OUT_SINCE` = ``group_steps``);
     one whose gradient is back adds the steps since then; one whose first gradient comes now (no
     moments yet: it was frozen when the group was added) sat out every step before. Any rebuild at one
-    step reads the same counts. Steps a GradScaler or a NaN loss skipped, taken back out of the count at
-    the next search, may count as sat out (a few at most). Each write goes into ``journal`` (see
-    :meth:`BucketCache.take_back_counts`)."""
+    step reads the same counts. Each write goes into ``journal`` (see :meth:`BucketCache.take_back_counts`)."""
     counts: Dict[int, int] = {}
     for position, (p, present) in enumerate(zip(params, has_grad)):
-        entry = state[p] if p in state else None
-        if not isinstance(entry, dict) or "exp_avg" not in entry:
+        if not _has_moments(state, p):
             if present and group_steps > 0:
                 counts[position] = group_steps
             continue
+        entry = state[p]
         since = entry.get(SAT_OUT_SINCE)
         if present and since is not None:
             _write(entry, STEPS_SAT_OUT, entry.get(STEPS_SAT_OUT, 0) + max(0, group_steps - since), journal)

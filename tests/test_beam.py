@@ -594,3 +594,33 @@ def test_numpy_fractions_and_factors_are_accepted_as_python_floats_and_a_huge_mu
     with pytest.raises(ValueError, match="multiplier must be a number > 0 that float32 holds"):
         beam.load_state_dict({**saved, "multiplier": 1e300})
     assert beam.multiplier == saved["multiplier"]
+
+
+@pytest.mark.parametrize("out", [range(10, 20), range(3, 10)], ids=["leaves at the beam", "back at the beam"])
+def test_a_parameter_that_leaves_or_comes_back_at_a_beam_step_counts_its_steps_sat_out(out):
+    """The beam's branches build the optimizer's buckets; putting the state back after them must not keep
+    those buckets, else the real step at the beam call, with the branches' set of gradients, was not built
+    again and did not see an expert leave (its stretch then counted in its bias corrections) or come back
+    (a stale ``sat_out_since``, which later counted the steps it trained as sat out). A helper's finding."""
+    steps = 30
+    torch.manual_seed(0)
+    control, expert = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4, bias=False)
+    opt = FusedSaLSa(list(control.parameters()) + list(expert.parameters()), backend="torch",
+                     max_search_interval=1)
+    batches = [torch.randn(16, 4) for _ in range(steps + 10)]
+
+    def loss_at(b):
+        h = control(batches[b])
+        if b not in out:
+            h = h + 0.3 * expert(h).tanh()
+        return (h ** 2).mean() + 0.1 * h.mean()
+
+    beam = StepSizeBeam(opt, total_steps=steps, points=(10 / steps,), horizon=2 / steps, cooldown=0.0)
+    for k in range(steps):
+        beam.step(lambda i, k=k: loss_at(k + i))
+        state = opt.state[expert.weight]
+        sat_out = sum(1 for j in out if j <= k)
+        if k in out:
+            assert state.get("sat_out_since") == out.start and state.get("steps_sat_out") is None, k
+        else:
+            assert "sat_out_since" not in state and state.get("steps_sat_out", 0) == sat_out, k

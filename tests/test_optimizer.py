@@ -552,6 +552,45 @@ def test_a_failed_step_or_a_no_op_leaves_the_counts_of_steps_sat_out_as_they_wer
     assert opt.state[head.weight]["steps_sat_out"] == 2 and "sat_out_since" not in opt.state[head.weight]
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_a_late_parameter_whose_first_step_fails_keeps_its_count_for_the_retry(backend):
+    """Its zero moments are made at its first step and stay when that step fails; the count of the steps
+    before goes with them (it was taken back, and the retry, finding moments, read none: its first moves
+    were 16 times the level again; a helper's finding). The retry takes the steps of a run that never failed."""
+    if backend == "cpp":
+        pytest.importorskip("salsa_fused._C", reason="the C++ extension is not built: pip install --no-build-isolation -e .")
+    runs = []
+    for fails in (False, True):
+        torch.manual_seed(0)
+        x, y = torch.randn(32, 4), torch.randn(32, 1)
+        base, late = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1, bias=False)
+        late.requires_grad_(False)
+        opt = FusedSaLSa(list(base.parameters()) + list(late.parameters()), backend=backend, max_search_interval=1)
+        loss = lambda: F.mse_loss(base(x) + late(x), y)  # noqa: E731
+        for _ in range(5):
+            opt.zero_grad(set_to_none=True)
+            opt.step(loss)
+        late.requires_grad_(True)
+        if fails:
+            calls = []
+
+            def fails_in_a_trial():
+                calls.append(1)
+                if len(calls) > 1:
+                    raise RuntimeError("a trial forward failed")
+                return loss()
+
+            opt.zero_grad(set_to_none=True)
+            with pytest.raises(RuntimeError, match="a trial forward failed"):
+                opt.step(fails_in_a_trial)
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            opt.step(loss)
+        assert opt.state[late.weight]["steps_sat_out"] == 5
+        runs.append([p.detach().clone() for p in (*base.parameters(), late.weight)])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 @pytest.mark.parametrize("key", ["steps_sat_out", "sat_out_since"])
 @pytest.mark.parametrize("value", [-1, 2.0, True, 31])
 def test_a_checkpoint_with_a_count_of_steps_sat_out_it_cannot_have_is_refused(key, value):
