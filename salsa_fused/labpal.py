@@ -33,8 +33,12 @@ batches consumed, 2 up to ``3 t_max / 4``, 4 after (approximation batches count 
 times the noise adaptation factor ``epsilon`` (section 4.3, Eq. 7: ``noise_factor``, 1 by default;
 :meth:`LABPALRule.noise_factor_for` computes it from the batch and dataset sizes), truncated to an
 integer and at least 1, as the published code does. An approximation's points average
-``max(n, k(t))`` batches (Algorithm 1 samples the approximation batch in chunks of ``k(t)``
-batches, at least one chunk).
+``max(n, k(t))`` batches: Algorithm 1 samples the approximation batch in chunks of ``k(t)`` batches
+until it holds ``n``, so ``ceil(n / k) k`` (12 at ``n = 10, k = 4``), and the published code reads
+``n k``; the zoo's rows were measured with ``max(n, k(t))``. ``t_max`` is None by default, so ``k(t) = 1``
+throughout: the paper's default run (Algorithm 1, ``t_max = 150000`` batches) doubles the batch at half
+and three quarters of it in place of a learning-rate cool-down, which here takes ``t_max`` given. The
+published code also fits again when the batch size changes; here fits come every ``sgd_steps`` updates.
 ``accumulation=A`` splits every batch in ``A`` micro-batches: the closure is then called for
 ``A`` times as many indices, each returning the mean loss of one equal-sized micro-batch.
 
@@ -47,7 +51,10 @@ read) is ``lambda`` (``init_step_size`` before the first fit). A group's ``lr`` 
 in its trials and moves (``q`` sums ``lr_g g.g``): at the default ``lr = 1`` the geometry is the
 paper's. Defaults are the paper's (``n = 10``, ``sgd_steps = 1000``, ``alpha = 1.8``,
 ``max_step = 1``) and its published code's (``mu = 0.01``; the code differences ``np.gradient``
-on unevenly spaced points, which doubles ``s_min`` on an exact parabola: the exact fit is used).
+on unevenly spaced points, which doubles ``s_min`` on an exact parabola: the exact fit is used, so
+the paper's runs, tuned on that code, stepped about ``3.6 s_min``: ``alpha = 3.6`` reproduces them).
+The published code measures at ``s = 0``, a point close to it and ``mu``; the paper says three points
+along the direction; here ``0, mu, 2 mu``, so the fit spans ``[0, 2 mu]``.
 Not here, from the published code and not the paper: its momentum option (0 by default there),
 the mean over the last 25 fits once 400 updates have passed (here every fit replaces the last),
 and its refusal of a fit whose direction norm is below 1e-3 or above 100 (absolute bounds that

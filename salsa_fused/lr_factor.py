@@ -69,7 +69,13 @@ def _note(error: BaseException, text: str) -> None:
 def factor_scores(factors: Sequence[float], losses: Sequence[float]):
     """``(scores, factor)``: ``exp(-z)`` of each loss's z-score, and the score-weighted
     geometric mean of ``factors``. A non-finite loss scores 0 and is left out of the mean
-    and standard deviation; equal losses (standard deviation 0) score 1 each."""
+    and standard deviation; equal losses (standard deviation 0) score 1 each.
+
+    Seed 004 writes ``Normalize(Loss_list)`` without saying how; the z-score is this package's
+    reading. It is scale-free: losses 0.999, 1.0, 1.003 and 0.9, 1.0, 1.3 choose the same factor
+    (1.40 from ``(2, 1, 0.5)``), so differences at the noise level move the rate as much as large
+    ones. Min-max scaling is as scale-free (1.23 for both); the loss over its mean is not (1.00 and
+    1.09)."""
     finite = [loss for loss in losses if math.isfinite(loss)]
     if not finite:
         raise NonFiniteError(f"every trial loss was NaN/inf ({list(losses)}): no factor to choose")
