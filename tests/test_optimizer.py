@@ -512,6 +512,19 @@ def test_a_checkpoint_saved_while_a_parameter_sits_out_resumes_its_count():
     assert "steps_sat_out" not in fresh.state[head[0]] and "sat_out_since" not in fresh.state[head[0]]
 
 
+def _failing_in_its_trials(loss):
+    """A closure that returns ``loss()`` at its first call (the step's own forward) and raises after."""
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("a trial forward failed")
+        return loss()
+
+    return closure
+
+
 def test_a_failed_step_or_a_no_op_leaves_the_counts_of_steps_sat_out_as_they_were():
     """The first step a layer sits out records it (``sat_out_since``): a step that then fails puts that back
     with the rest, and a step where no parameter has a gradient (a no-op, as in torch.optim) is not a step
@@ -525,18 +538,10 @@ def test_a_failed_step_or_a_no_op_leaves_the_counts_of_steps_sat_out_as_they_wer
         opt.zero_grad(set_to_none=True)
         opt.step(loss)
     head.requires_grad_(False)
-    calls = []
-
-    def fails_in_a_trial():
-        calls.append(1)
-        if len(calls) > 1:
-            raise RuntimeError("a trial forward failed")
-        return loss()
-
     before = snapshot(opt)
     opt.zero_grad(set_to_none=True)
     with pytest.raises(RuntimeError, match="a trial forward failed"):
-        opt.step(fails_in_a_trial)
+        opt.step(_failing_in_its_trials(loss))
     assert_unchanged(before, snapshot(opt))
     other = torch.nn.Parameter(torch.ones(3))
     opt.zero_grad(set_to_none=True)
@@ -572,17 +577,9 @@ def test_a_late_parameter_whose_first_step_fails_keeps_its_count_for_the_retry(b
             opt.step(loss)
         late.requires_grad_(True)
         if fails:
-            calls = []
-
-            def fails_in_a_trial():
-                calls.append(1)
-                if len(calls) > 1:
-                    raise RuntimeError("a trial forward failed")
-                return loss()
-
             opt.zero_grad(set_to_none=True)
             with pytest.raises(RuntimeError, match="a trial forward failed"):
-                opt.step(fails_in_a_trial)
+                opt.step(_failing_in_its_trials(loss))
         for _ in range(3):
             opt.zero_grad(set_to_none=True)
             opt.step(loss)
