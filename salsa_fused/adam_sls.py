@@ -23,11 +23,11 @@ The backtracking factor 0.9 and first step 1.0 are SLS's (Vaswani et al. 2019); 
 not restate them. Seed 001's introduction also names an exponential moving average on both sides of
 the Armijo test, but its methods (Eq. 5, Eq. 9) give no formula for it, and these rules test the
 batch's losses as the equations write them (the authors' later code smooths with ``beta = 0.99``).
-The smoothed test with ALSALS's momentum direction is SaLSa itself:
-``FusedSaLSa(params, search_direction="momentum")``. The rule objects carry these constants and read none of FusedSaLSa's search
-arguments (``c``, ``growth``, ``backtrack``, ``beta3``, ``max_trials``, the interval settings,
-``search_direction``): passing one with these rules raises. ``FusedSaLSa(params,
-search_rule=AdamSLSRule(c=0.2))`` changes a constant.
+SaLSa smooths both sides, and ``FusedSaLSa(params, search_direction="momentum")`` runs its test
+along ALSALS's direction (without ALSALS's switch of ``c``). The rule objects carry these constants
+and read none of FusedSaLSa's search arguments (``c``, ``growth``, ``backtrack``, ``beta3``,
+``max_trials``, the interval settings, ``search_direction``): passing one with these rules raises.
+``FusedSaLSa(params, search_rule=AdamSLSRule(c=0.2))`` changes a constant.
 """
 
 from __future__ import annotations
