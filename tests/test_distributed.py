@@ -1958,3 +1958,70 @@ def _ddp_found_inf_job(rank: int, out_dir: str) -> None:
 
 def test_ddp_grad_scaler_inf_on_one_ranks_batch_is_skipped_alike(tmp_path):
     spawn_in_gloo_group(_ddp_found_inf_job, str(tmp_path), WORLD, timeout_s=30)
+
+
+class _WithExpert(torch.nn.Module):
+    """``_make_model``'s network plus an expert layer that the forward uses only while ``self.used``."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.body = _make_model(seed)
+        self.expert = torch.nn.Linear(IN_FEATURES, 1)
+        self.used = True
+
+    def forward(self, x):
+        out = self.body(x)
+        return out + 0.5 * torch.tanh(self.expert(x)) if self.used else out
+
+
+_EXPERT_OUT = range(4, 9)  # the steps the expert sits out
+
+
+def _expert_sits_out_job(rank: int, out_dir: str, wrapper: str = "fsdp2") -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    model = _WithExpert(0)
+    if wrapper == "fsdp2":
+        fsdp2().fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+        opt = FusedSaLSa(model.parameters(), model=model, max_search_interval=1)
+    else:  # DDP leaves an unused parameter's .grad as it was (None) with find_unused_parameters
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        opt = FusedSaLSa(ddp.parameters(), max_search_interval=1)
+    ref = _WithExpert(0)
+    ref_opt = FusedSaLSa(ref.parameters(), reduction=SearchReduction(), max_search_interval=1)
+    for step in range(12):
+        model.used = ref.used = step not in _EXPERT_OUT
+        x, y = _batch(step, rank)
+        opt.zero_grad(set_to_none=True)
+        if wrapper == "fsdp2":
+            opt.step(lambda: F.mse_loss(model(x), y))
+        else:  # two-phase: DDP averages the gradients of the caller's backward
+            loss = F.mse_loss(ddp(x), y)
+            loss.backward()
+            opt.step(lambda: F.mse_loss(model(x), y), loss=loss)
+        gx, gy = _global_batch(step)
+        ref_opt.zero_grad(set_to_none=True)
+        ref_opt.step(lambda: F.mse_loss(ref(gx), gy))
+        for p, q in zip(model.expert.parameters(), ref.expert.parameters()):
+            counts = [opt.state[p].get(key) for key in ("steps_sat_out", "sat_out_since")]
+            assert counts == [ref_opt.state[q].get(key) for key in ("steps_sat_out", "sat_out_since")], (step, counts)
+        weights = _full_weights(model) if wrapper == "fsdp2" else _flat(model.parameters())
+        torch.testing.assert_close(weights, _flat(ref.parameters()), rtol=1e-5, atol=1e-6)
+    assert opt.state[model.expert.weight]["steps_sat_out"] == len(_EXPERT_OUT)
+
+
+def _expert_sits_out_under_ddp_job(rank: int, out_dir: str) -> None:
+    _expert_sits_out_job(rank, out_dir, wrapper="ddp")
+
+
+@fsdp2_forwards
+@pytest.mark.skipif(fsdp2() is None, reason="this torch has no FSDP2")
+def test_fsdp2_an_expert_that_sits_out_counts_its_own_steps_as_in_one_process(tmp_path):
+    """Per-parameter step counts on sharded parameters: an expert layer unused for 5 steps (its gradients
+    None on every rank) comes back with the steps it sat out left out of its bias corrections, and the
+    sharded run follows one process on the global batch, counts and weights."""
+    spawn_in_gloo_group(_expert_sits_out_job, str(tmp_path), WORLD, timeout_s=120)
+
+
+def test_ddp_an_expert_that_sits_out_counts_its_own_steps_as_in_one_process(tmp_path):
+    """The same under DDP with ``find_unused_parameters=True`` (an MoE's way), in the two-phase form."""
+    spawn_in_gloo_group(_expert_sits_out_under_ddp_job, str(tmp_path), WORLD, timeout_s=120)
