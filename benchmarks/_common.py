@@ -251,7 +251,7 @@ def git_commit(root: Optional[str] = None) -> str:
         except (OSError, subprocess.SubprocessError):
             return ""
     commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
-    if commit != "unknown" and git("status", "--porcelain", "--untracked-files=all", "--", ".",
+    if commit != "unknown" and git("status", "--porcelain", "--untracked-files=normal", "--", ".",
                                    *(f":(exclude){path}" for path in RESULT_DIRECTORIES)):
         commit += "+dirty"
     return commit

@@ -81,8 +81,9 @@ def _step_without_hooks(opt: FusedSaLSa, closure):
 
 
 class _Snapshot:
-    """Everything a branch can change, copied; :meth:`restore` writes it back in place (bitwise),
-    so the optimizer's bucket cache, which holds the moment tensors, stays valid."""
+    """Everything a branch can change, copied; :meth:`restore` writes it back in place (bitwise) and
+    has the optimizer build its buckets again (the branches' set of gradients and counts of steps sat out
+    are not the run's)."""
 
     def __init__(self, opt: FusedSaLSa, buffers: List[torch.Tensor]):
         self.opt = opt

@@ -253,6 +253,7 @@ class BucketCache:
         """Forget every bucket (after ``load_state_dict``: new moments)."""
         self._groups.clear()
         self._state = None
+        self._counted = []
 
     def _moments_current(self, state: Mapping) -> bool:
         """Is ``state`` the optimizer state the buckets read, with the same moment tensors?
@@ -273,14 +274,14 @@ class BucketCache:
         """Put back the counts of steps sat out that the last :meth:`collect` wrote (its step did not
         happen: nothing had a gradient, or it failed) and forget every bucket, so that the next step
         counts them again from the state as it was."""
-        for entry, key, old in reversed(self._counted):
+        written, self._counted = self._counted, []
+        for entry, key, old in reversed(written):
             if old is _MISSING:
                 entry.pop(key, None)
             else:
                 entry[key] = old
-        if self._counted:
+        if written:
             self.clear()
-        self._counted = []
 
     def collect(self, param_groups: List[dict], init_state: Callable[[torch.Tensor], dict],
                 saved_buffer: Optional[Callable[[torch.Tensor], torch.Tensor]],
@@ -298,11 +299,11 @@ class BucketCache:
         counts the steps its params sat out (:func:`count_steps_sat_out`).
         Raises before anything is created when a gradient or a parameter is unusable.
         """
+        self._counted = []
+        self._steps_taken = steps_taken
         if state is not None and self._groups and not self._moments_current(state):
             self._groups.clear()
         rebuilds = self.rebuilds
-        self._steps_taken = steps_taken
-        self._counted = []
         buckets = self._collect(param_groups, init_state, saved_buffer, state, fit)
         if state is not None and (self.rebuilds != rebuilds or state is not self._state):
             self._state, self._state_fingerprint = state, _fingerprint(state)
@@ -432,6 +433,7 @@ class BucketCache:
                     # not in the journal: the count goes with the moments made now, which a failed
                     # step keeps (a retry finds them, and would read no count without it)
                     p_state[STEPS_SAT_OUT] = steps_sat_out
+                    p_state.pop(SAT_OUT_SINCE, None)  # a stretch begun without moments (set by hand)
             bucket = Bucket(params=[_local(p) for p in chosen], grads=[],
                             exp_avg=[_local(s["exp_avg"]) for s in states],
                             exp_avg_sq=[_local(s["exp_avg_sq"]) for s in states],
@@ -453,7 +455,7 @@ _MISSING = object()
 
 def _has_moments(state: Optional[Mapping], p: torch.Tensor) -> bool:
     entry = state[p] if state is not None and p in state else None
-    return isinstance(entry, dict) and "exp_avg" in entry
+    return isinstance(entry, Mapping) and "exp_avg" in entry
 
 
 def _write(entry: dict, key: str, value, journal: list) -> None:

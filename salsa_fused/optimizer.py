@@ -229,6 +229,27 @@ def _valid_step_count(count, steps: int) -> bool:
     return type(count) is int and 0 <= count <= steps
 
 
+def _check_loaded_counts(key, entry: Mapping, has_moments: bool, group_steps: int) -> None:
+    """Refuse (ValueError) a checkpoint's counts of steps sat out (:data:`STEPS_SAT_OUT`, :data:`SAT_OUT_SINCE`)
+    of parameter ``key`` that its group's ``group_steps`` steps cannot hold: each an int from 0 to them, the
+    earlier stretches no longer than the steps before the current one, and none without moments."""
+    counts = {name: entry[name] for name in _SAT_OUT_KEYS if name in entry}
+    if not counts:
+        return
+    where = f"the checkpoint's state of parameter {key} has"
+    if not has_moments:
+        raise ValueError(f"{where} {', '.join(counts)} but no moments: a count of the steps a parameter sat out "
+                         "goes with its moments; the checkpoint is corrupt; nothing was loaded")
+    for name, count in counts.items():
+        if not _valid_step_count(count, group_steps):
+            raise ValueError(f"{where} {name}={count!r}: a count of its group's steps, an int from 0 to the "
+                             f"{group_steps} steps its group took; the checkpoint is corrupt; nothing was loaded")
+    if len(counts) == 2 and counts[STEPS_SAT_OUT] > counts[SAT_OUT_SINCE]:
+        raise ValueError(f"{where} {STEPS_SAT_OUT}={counts[STEPS_SAT_OUT]} steps sat out before a stretch that began "
+                         f"after {counts[SAT_OUT_SINCE]} ({SAT_OUT_SINCE}); the checkpoint is corrupt; nothing "
+                         "was loaded")
+
+
 def _as_the_step_sees(group: dict) -> dict:
     """``group`` with the ``search_lr`` its next step will give it (1 when it starts probing)."""
     return {**group, "search_lr": 1.0} if _starts_probing(group) else group
@@ -877,6 +898,8 @@ class FusedSaLSa(Optimizer, Joinable):
             self._refuse_another_backend(group, f"the checkpoint's parameter group {index}", "nothing was loaded")
         param_of = {saved_id: param for saved, group in zip(groups, self.param_groups)
                     for saved_id, param in zip(saved["params"], group["params"])}
+        group_steps = {saved_id: saved_step - saved.get(MOMENTS_START, 0) for saved in groups
+                       for saved_id in saved["params"]}
         stripped_state, moments = {}, {}
         for key, value in state_dict["state"].items():
             if key not in param_of:  # state of no parameter here: kept as it is, as torch.optim keeps it
@@ -888,10 +911,7 @@ class FusedSaLSa(Optimizer, Joinable):
                 if not _all_finite_value(extra):
                     raise ValueError(f"the checkpoint's state of parameter {key} has {name!r} holding NaN/inf: the "
                                      "checkpoint is corrupt; nothing was loaded")
-                if name in _SAT_OUT_KEYS and not _valid_step_count(extra, saved_step):
-                    raise ValueError(f"the checkpoint's state of parameter {key} has {name}={extra!r}: a count of "
-                                     f"its group's steps, an int from 0 to the checkpoint's {saved_step} steps; the "
-                                     "checkpoint is corrupt; nothing was loaded")
+            _check_loaded_counts(key, stripped_state[key], bool(moments[key]), group_steps[key])
             if moments[key] and len(moments[key]) != len(_MOMENT_KEYS):
                 (have,), (lack,) = moments[key], set(_MOMENT_KEYS) - set(moments[key])
                 raise ValueError(f"the checkpoint's state of parameter {key} has {have} but no {lack}: the "

@@ -3,6 +3,7 @@ the two calling forms, low-precision weights, odd parameters."""
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional
 
@@ -588,6 +589,28 @@ def test_a_late_parameter_whose_first_step_fails_keeps_its_count_for_the_retry(b
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+def test_state_entries_of_another_mapping_keep_their_counts():
+    """``opt.state[p]`` replaced by another mapping (a ``UserDict``) holding warm moments: they are the same
+    moments, not a parameter's first ones (its count restarted at every rebuild: a reviewer's finding)."""
+    import collections
+
+    runs = []
+    for wrap in (False, True):
+        model = tanh_mlp(6, 8, 1)
+        x, y = torch.randn(32, 6, generator=torch.Generator().manual_seed(1)), torch.randn(32, 1)
+        opt = FusedSaLSa(model.parameters(), backend="torch", max_search_interval=1)
+        for step in range(25):
+            if step == 20 and wrap:
+                for p in list(opt.state):
+                    opt.state[p] = collections.UserDict(opt.state[p])
+            model[0].bias.requires_grad_(step != 21)  # sits out one step: the group is built again
+            opt.zero_grad(set_to_none=True)
+            opt.step(lambda: F.mse_loss(model(x), y))
+        runs.append([p.detach().clone() for p in model.parameters()])
+        assert [opt.state[p].get("steps_sat_out", 0) for p in model.parameters()] == [0, 1, 0, 0]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 @pytest.mark.parametrize("key", ["steps_sat_out", "sat_out_since"])
 @pytest.mark.parametrize("value", [-1, 2.0, True, 31])
 def test_a_checkpoint_with_a_count_of_steps_sat_out_it_cannot_have_is_refused(key, value):
@@ -597,7 +620,27 @@ def test_a_checkpoint_with_a_count_of_steps_sat_out_it_cannot_have_is_refused(ke
     assert "sat_out_since" in saved["state"][head_index]  # still sitting out at step 20
     saved["state"][head_index][key] = value
     assert_load_refused(opt, saved, rf"the checkpoint's state of parameter {head_index} has {key}={value!r}: a "
-                                    r"count of its group's steps, an int from 0 to the checkpoint's 20 steps")
+                                    r"count of its group's steps, an int from 0 to the 20 steps its group took")
+
+
+def test_a_checkpoint_whose_counts_of_steps_sat_out_disagree_is_refused():
+    """Counts a run cannot have written (a reviewer's finding: they loaded, and the steps were clamped at
+    the next rebuild): more than the steps of a group added late, a stretch said to begin before the
+    earlier ones ended, counts on a parameter without moments."""
+    opt, _ = _late_group_moves("torch", steps_before=20)  # group 1 added at 20, 6 steps of its own
+    saved = opt.state_dict()
+    late_index = len(saved["state"]) - 1
+    too_many = copy.deepcopy(saved)
+    too_many["state"][late_index]["steps_sat_out"] = 7
+    assert_load_refused(opt, too_many, rf"parameter {late_index} has steps_sat_out=7: a count of its group's steps, "
+                                       r"an int from 0 to the 6 steps its group took")
+    crossed = copy.deepcopy(saved)
+    crossed["state"][late_index].update(steps_sat_out=4, sat_out_since=3)
+    assert_load_refused(opt, crossed, rf"parameter {late_index} has steps_sat_out=4 steps sat out before a stretch "
+                                      r"that began after 3 \(sat_out_since\)")
+    bare = copy.deepcopy(saved)
+    bare["state"][late_index] = {"sat_out_since": 2}
+    assert_load_refused(opt, bare, rf"parameter {late_index} has sat_out_since but no moments")
 
 
 @pytest.mark.parametrize("start", [-1, 1.0, 27, True])
