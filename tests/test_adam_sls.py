@@ -6,6 +6,7 @@ bit-exact resume; DDP."""
 import copy
 import dataclasses
 import inspect
+import math
 import os
 import tempfile
 
@@ -222,3 +223,17 @@ def test_ddp_ranks_take_the_same_decisions():
         assert sum(len(t) for t in ranks[0][name]["trials"]) > 6  # some backtracks happened
         for p, q in zip(ranks[0][name]["weights"], ranks[1][name]["weights"]):
             assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("name", ["sls", "alsals"])
+def test_a_trial_exactly_at_the_armijo_bound_passes_and_one_ulp_worse_fails(name):
+    """Eq. 5 ``f1 <= f0 - c eta q`` and Eq. 9 ``f0 - f1 >= c_h eta f_a`` take the bound itself: at c = 0.5,
+    eta = 0.25 and a slope of 2 the bound is f1 = 0.75 from f0 = 1, every number exact in binary."""
+    from salsa_fused.adam_sls import _ALSALSSearch, _SLSSearch
+    from salsa_fused.line_search import SearchState, StepPlan
+    from salsa_fused.rules import Verdict
+
+    rule, search = (AdamSLSRule(c=0.5), _SLSSearch) if name == "sls" else (ALSALSRule(c=0.5), _ALSALSSearch)
+    plan = StepPlan(state=SearchState(), is_search=True, trial_step_size=0.25)
+    assert search(rule, plan, 1.0, 2.0).observe(0.75) is Verdict.ACCEPT
+    assert search(rule, plan, 1.0, 2.0).observe(math.nextafter(0.75, 1.0)) is Verdict.RETRY

@@ -242,3 +242,16 @@ def test_a_checkpoint_whose_h_or_s_float32_cannot_hold_is_refused_at_load(name, 
     saved = opt.state_dict()
     saved["param_groups"][0]["search"][name] = value
     assert_load_refused(opt, saved, f"search state {name} must be a finite number that float32 holds")
+
+
+def test_a_trial_exactly_at_the_smoothed_armijo_bound_passes_and_one_float32_ulp_worse_fails():
+    """``beta3 h + (1 - beta3)(f0 - f1) >= c eta s`` takes the bound itself (0.1.0's ``>=``): with beta3 = 0,
+    c = 0.5, eta = 0.25 and s = 2 the bound is a decrease of 0.25 from f0 = 1, exact in float32."""
+    from salsa_fused.line_search import StepPlan
+    from salsa_fused.rules import Verdict
+
+    plan = StepPlan(state=SearchState(), is_search=True, trial_step_size=0.25)
+    config = SearchConfig(c=0.5, beta3=0.0)
+    assert ArmijoSearch(plan, config, 1.0, 2.0).observe(0.75) is Verdict.ACCEPT
+    worse = float(np.nextafter(np.float32(0.75), np.float32(1.0)))
+    assert ArmijoSearch(plan, config, 1.0, 2.0).observe(worse) is Verdict.RETRY

@@ -257,3 +257,10 @@ def test_the_past_end_warning_quotes_the_applied_scale_with_the_back_off():
         warn_past_end(schedule, 11, state=replace(SearchState(), applied_backoff=0.5))
     with pytest.warns(UserWarning, match=r"holds at 0\.4x the searched level"):
         warn_past_end(schedule, 11, SearchState())
+
+
+def test_a_loss_at_exactly_twice_its_lowest_has_not_turned():
+    """``l > 2 l_low`` backs off, ``l = 2 l_low`` does not (exact: the first loss sets l, both are dyadic)."""
+    state = replace(SearchState(), search_loss_avg_low=1.0)
+    assert observe(ON, state, 2.0).applied_backoff == 1.0
+    assert observe(ON, state, math.nextafter(2.0, 3.0)).applied_backoff == LOSS_RISE_BACKOFF
