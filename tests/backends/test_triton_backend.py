@@ -214,6 +214,34 @@ def test_restore_matches_torch(case):
             assert torch.equal(w, w0)
 
 
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="compares with the C++ CPU backend")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("direction", [GRADIENT, MOMENTUM, RAW])
+def test_in_place_restore_is_bitwise_the_cpp_backends(dtype, weight_decay, direction):
+    """Without a saved copy the restore recomputes ``w0`` from the weights (to rounding, not exactly): the
+    Triton kernels and the C++ loops round alike, so after a first trial, a retrial and the restore every
+    stream agrees to the bit (the C++ backend is bitwise the reference with a correctly rounded sqrt:
+    tests/backends/test_cpp_backend.py). The comparison with the reference above is to tolerance."""
+    from salsa_fused.backends import cpp_backend
+
+    if not cpp_backend.is_available():
+        pytest.skip("the C++ extension is not built: pip install --no-build-isolation -e .")
+    bucket = make_bucket(dtype=dtype, saved=False, seed=6)
+    hyper = make_hyper(weight_decay)
+    streams = []
+    for backend in (triton_backend, cpp_backend):
+        b = clone_bucket(bucket)
+        with torch.no_grad():
+            backend.first_trial(b, PassArgs(hyper, Move(0.7, decay=1.0), direction))
+            backend.retrial(b, PassArgs(hyper, Move(0.7 * 0.8, 0.7, 1.0), direction))
+            backend.restore(b, PassArgs(hyper, Move(0.0, 0.7 * 0.8, 1.0), direction))
+        streams.append([t.clone() for t in (*b.params, *b.exp_avg, *b.exp_avg_sq)])
+    for i, (a, c) in enumerate(zip(*streams)):
+        assert torch.equal(a, c), f"stream tensor {i}: max |diff| {(a.float() - c.float()).abs().max().item():.3e}"
+    assert any(not torch.equal(w, w0) for w, w0 in zip(streams[0], bucket.params))  # not a trivial restore
+
+
 @pytest.mark.parametrize("direction", [GRADIENT, MOMENTUM, RAW])
 @pytest.mark.parametrize("saved", [True, False])
 def test_search_passes_with_grad_scale(direction, saved):
