@@ -164,6 +164,7 @@ def plain_step(passes: Passes, trial: float, loss: torch.Tensor, found_inf: Opti
         torch.set_grad_enabled(False)
     try:
         for i, b in enumerate(passes.buckets):
+            # Passes.hyper(b), inlined: a plain step's host path pays a Python call per bucket for it
             args = PassArgs(passes.hypers[b.group_index, b.steps_sat_out], passes.groups[b.group_index].plain(trial),
                             direction, passes.grad_scale)
             passes.backend.plain_step(b, args, loss, found_inf=found_inf, nonfinite_count=counts.nonfinite_elements,
