@@ -40,7 +40,8 @@ from ._compat import OPTIMIZER_KEEPS_PARAMETER_NAMES, compile_disabled
 from ._rng import RNGSnapshot
 from .buckets import BucketCache, check_gradient, check_parameter
 from . import functional as F
-from .backends.base import GRADIENT, MOMENTS_START, MOMENTUM, SAT_OUT_SINCE, STEPS_SAT_OUT, Bucket, Hyper
+from .backends.base import (GRADIENT, MOMENTS_START, MOMENTUM, NOT_SITTING_OUT, SAT_OUT_SINCE, STEPS_SAT_OUT, Bucket,
+                            Hyper)
 from .errors import caller_stacklevel
 from .distributed import SearchReduction, _is_dtensor, default_reduction, fsdp_modules, is_distributed, shard_group_of
 from .applied import GroupStep
@@ -248,6 +249,27 @@ def _check_loaded_counts(key, entry: Mapping, has_moments: bool, group_steps: in
         raise ValueError(f"{where} {STEPS_SAT_OUT}={counts[STEPS_SAT_OUT]} steps sat out before a stretch that began "
                          f"after {counts[SAT_OUT_SINCE]} ({SAT_OUT_SINCE}); the checkpoint is corrupt; nothing "
                          "was loaded")
+
+
+def _refuse_reordered_names(saved_groups: List[dict], groups: List[dict]) -> None:
+    """Refuse (ValueError) a checkpoint whose ``param_names`` are this optimizer's in another order: torch loads
+    by position, so each tensor would take another's moments (of its shape: a shape check cannot see it).
+    Names that differ otherwise (a wrapper's prefix, ``module.`` or ``_orig_mod.``) cannot be matched and
+    load by position, as in torch. A checkpoint whose ``params`` are fully qualified names is not checked:
+    torch.distributed.checkpoint lays those out in this optimizer's order and leaves the saved ``param_names``."""
+    if not all("param_names" in group for group in [*saved_groups, *groups]):
+        return
+    if not all(type(index) is int for group in saved_groups for index in group["params"]):
+        return
+    saved = [name for group in saved_groups for name in group["param_names"]]
+    names = [name for group in groups for name in group["param_names"]]
+    if saved != names and sorted(saved) == sorted(names):
+        at = next(i for i, (a, b) in enumerate(zip(saved, names)) if a != b)
+        raise ValueError(f"the checkpoint's parameters are this optimizer's in another order: its parameter {at} is "
+                         f"{saved[at]!r}, and this optimizer's {names[at]!r}; loaded by position, each would take "
+                         "another's moments. Build the optimizer with the parameters in the checkpoint's order, or "
+                         "lay the checkpoint out by param_names in a load_state_dict pre hook (docs/training.md); "
+                         "nothing was loaded")
 
 
 def _as_the_step_sees(group: dict) -> dict:
@@ -808,6 +830,12 @@ class FusedSaLSa(Optimizer, Joinable):
             # loads into the state dict of a fresh optimizer and fills only the keys it finds there
             search["rule_state"] = initial()
         state_dict["param_groups"][0][_SEARCH_KEY] = search
+        # both counts in every entry with moments: a resume through torch.distributed.checkpoint fills only
+        # the keys a fresh optimizer's state dict has, and its flattened form takes ints, not None
+        state_dict["state"] = {key: {**entry, STEPS_SAT_OUT: entry.get(STEPS_SAT_OUT, 0),
+                                     SAT_OUT_SINCE: entry.get(SAT_OUT_SINCE, NOT_SITTING_OUT)}
+                               if isinstance(entry, Mapping) and "exp_avg" in entry else entry
+                               for key, entry in state_dict["state"].items()}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
@@ -841,6 +869,7 @@ class FusedSaLSa(Optimizer, Joinable):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"the checkpoint's parameter group {index} has {len(saved['params'])} parameters "
                                  f"and this optimizer's {len(group['params'])}: nothing was loaded")
+        _refuse_reordered_names(groups, self.param_groups)
         search = None
         # saved in group 0, but a checkpoint laid out again in this optimizer's group order (a pre hook
         # matching param_names, torch.distributed.checkpoint) carries it in the group it came with
@@ -878,10 +907,18 @@ class FusedSaLSa(Optimizer, Joinable):
                 "the checkpoint has moments but no search state (no param group has 'search'): it was saved "
                 "by another optimizer, or through torch.distributed.checkpoint with "
                 "flatten_optimizer_state_dict=True, which drops it; the search starts over from "
-                "init_step_size, with the step counter at 0", UserWarning, stacklevel=2)
+                "init_step_size, with the step counter at 0 (and no parameter's count of steps sat out); "
+                "each group keeps its own lr and search_lr (another optimizer's lr is its rate, not a multiplier "
+                "on the searched level)", UserWarning, stacklevel=2)
         # another optimizer's foreach/fused (AdamW keeps them in every group) chose its own kernels, not ours
         dropped = () if carriers else _BACKEND_FLAGS
         groups = [{k: v for k, v in group.items() if k != _SEARCH_KEY and k not in dropped} for group in groups]
+        if not carriers:  # AdamW's rate taken as the probe multiplier (1e-3): a search tested 1000x less than it applied
+            for group, live in zip(groups, self.param_groups):
+                group.update(lr=live["lr"], search_lr=live.get("search_lr", live["lr"]))
+        for group, live in zip(groups, self.param_groups):
+            if "param_names" in live:  # they name this optimizer's tensors (torch keeps the checkpoint's)
+                group["param_names"] = list(live["param_names"])
         saved_step = search.step if search is not None else 0
         for index, group in enumerate(groups):
             group.setdefault("search_lr", group.get("lr", self.defaults["lr"]))  # saved before it existed
@@ -906,7 +943,11 @@ class FusedSaLSa(Optimizer, Joinable):
                 stripped_state[key] = value
                 continue
             moments[key] = {k: v for k, v in value.items() if k in _MOMENT_KEYS}
-            stripped_state[key] = {k: v for k, v in value.items() if k not in _MOMENT_KEYS}
+            # state_dict() writes both counts; a parameter taking part keeps neither, none sat out keeps no count
+            stripped_state[key] = {k: v for k, v in value.items() if k not in _MOMENT_KEYS
+                                   and not (k == SAT_OUT_SINCE and type(v) is int and v == NOT_SITTING_OUT)
+                                   and not (k == STEPS_SAT_OUT and type(v) is int and v == 0)
+                                   and not (k in _SAT_OUT_KEYS and search is None)}  # counts of a step count lost
             for name, extra in stripped_state[key].items():  # another optimizer's ('step' of AdamW's), kept
                 if not _all_finite_value(extra):
                     raise ValueError(f"the checkpoint's state of parameter {key} has {name!r} holding NaN/inf: the "

@@ -271,3 +271,64 @@ def test_a_checkpoint_saved_before_groups_had_search_lr_takes_it_from_the_groups
     run(resumed_model, resumed, range(3, 6))
     for a, b in zip(expected, resumed_model.parameters()):
         assert torch.equal(a, b)
+
+
+def _sitting_out_run(model, opt, steps):
+    """The first bias sits out steps 1-2; the last one sits out steps 4-7 (across a save at 6)."""
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+    for step in steps:
+        model[0].bias.requires_grad_(step not in (1, 2))
+        model[2].bias.requires_grad_(not 4 <= step < 8)
+        opt.zero_grad()
+        opt.step(lambda: torch.nn.functional.mse_loss(model(x), x[:, :1].sin()))
+
+
+def _sitting_out_model(seed):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    return model, FusedSaLSa(model.parameters(), backend="torch", init_step_size=0.5 + seed)
+
+
+def test_a_distributed_checkpoint_keeps_each_parameters_count_of_steps_sat_out(tmp_path):
+    """dcp.load fills only the keys of the fresh optimizer's state dict, which has both counts for every
+    parameter: the resumed run's bias corrections count the steps sat out before the save and the
+    stretch that goes on across it, and it continues bit for bit."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    model, opt = _sitting_out_model(0)
+    _sitting_out_run(model, opt, range(6))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
+        dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(tmp_path))
+        resumed_model, resumed = _sitting_out_model(1)
+        resumed_model.load_state_dict(model.state_dict())
+        state = {"optim": get_optimizer_state_dict(resumed_model, resumed)}
+        dcp.load(state, checkpoint_id=str(tmp_path))
+        set_optimizer_state_dict(resumed_model, resumed, state["optim"])
+    assert resumed.state[resumed_model[0].bias]["steps_sat_out"] == 2
+    assert resumed.state[resumed_model[2].bias]["sat_out_since"] == 4
+    _sitting_out_run(model, opt, range(6, 10))
+    _sitting_out_run(resumed_model, resumed, range(6, 10))
+    assert resumed.state[resumed_model[2].bias]["steps_sat_out"] == opt.state[model[2].bias]["steps_sat_out"] == 4
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_flattened_distributed_state_dict_loads_without_the_counts_it_cannot_place():
+    """With flatten_optimizer_state_dict=True the search state is dropped (docs/training.md), and with it
+    the step count the counts of steps sat out are counted in: the load warns and keeps no count, where
+    it refused the checkpoint as corrupt (their counts exceeded the lost step count of 0)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    model, opt = _sitting_out_model(0)
+    _sitting_out_run(model, opt, range(6))
+    flat = get_optimizer_state_dict(model, opt, options=options)
+    assert flat["state.0.bias.steps_sat_out"] == 2 and flat["state.2.bias.sat_out_since"] == 4
+    resumed_model, resumed = _sitting_out_model(1)
+    with pytest.warns(UserWarning, match=r"no parameter's count of steps sat out"):
+        set_optimizer_state_dict(resumed_model, resumed, flat, options=options)
+    assert not any("sat_out" in key for state in resumed.state.values() for key in state)
+    assert resumed.search_state.step == 0

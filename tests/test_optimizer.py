@@ -611,9 +611,10 @@ def test_state_entries_of_another_mapping_keep_their_counts():
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-@pytest.mark.parametrize("key", ["steps_sat_out", "sat_out_since"])
-@pytest.mark.parametrize("value", [-1, 2.0, True, 31])
+@pytest.mark.parametrize("key, value", [(key, value) for key in ("steps_sat_out", "sat_out_since")
+                                         for value in (-2, 2.0, True, 31)] + [("steps_sat_out", -1)])
 def test_a_checkpoint_with_a_count_of_steps_sat_out_it_cannot_have_is_refused(key, value):
+    """(``sat_out_since=-1`` is what state_dict() writes for a parameter taking part.)"""
     opt, _, _ = _sits_out("torch", out=range(5, 25), steps=20)
     saved = opt.state_dict()
     head_index = len(saved["state"]) - 1

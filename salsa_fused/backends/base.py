@@ -76,6 +76,8 @@ STEPS_SAT_OUT = "steps_sat_out"
 #: The per-parameter state key, while a parameter with moments has no gradient, of the steps taken
 #: before the first step it sat out (added to :data:`STEPS_SAT_OUT` when its gradient comes back).
 SAT_OUT_SINCE = "sat_out_since"
+#: :data:`SAT_OUT_SINCE` in a state dict for a parameter that takes part (the live state has no key then).
+NOT_SITTING_OUT = -1
 
 
 @dataclass(frozen=True)
