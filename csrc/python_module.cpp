@@ -28,13 +28,15 @@ namespace {
 
 // Per param: the Python object, the weight's data pointer, its gradient's data pointer, its
 // gradient's dtype plus one, 1 when the gradient's strides are the weight's (2 otherwise; these
-// three 0 without a gradient), and a hash of the weight's sizes and strides.
+// three 0 without a gradient), and a hash of the weight's dtype, sizes and strides.
 constexpr int kWordsPerParam = 6;
 
-// FNV-1a over the sizes, then the strides: ``p.data = p.data.view(...)`` (or ``.t()``) keeps the
-// weight's address but not its layout, which its moments must follow.
+// FNV-1a over the dtype, the sizes, then the strides: ``p.data = p.data.view(...)`` (``.t()``,
+// ``[:n]``) keeps the weight's address but not its layout, which its moments must follow, and a
+// weight of another dtype can land on the old address.
 int64_t layout_hash(const at::Tensor& t) {
   uint64_t hash = 14695981039346656037ull;
+  hash = (hash ^ static_cast<uint64_t>(t.scalar_type())) * 1099511628211ull;
   for (const int64_t size : t.sizes()) hash = (hash ^ static_cast<uint64_t>(size)) * 1099511628211ull;
   hash = (hash ^ 0xffull) * 1099511628211ull;  // between the two lists
   for (const int64_t stride : t.strides()) hash = (hash ^ static_cast<uint64_t>(stride)) * 1099511628211ull;

@@ -117,10 +117,17 @@ def check_moments(p: torch.Tensor, state: Mapping) -> None:
         if (moment.dtype != torch.float32 or moment.layout != torch.strided or moment.is_meta
                 or moment.device != p.device or moment.shape != p.shape
                 or _local(moment).shape != _local(p).shape):
-            reshaped = (moment.shape != p.shape and moment.dtype == torch.float32 and moment.numel() == p.numel())
-            cause = ("the parameter reshaped after its moments were made, by p.data = p.data.view(...) or "
-                     ".t()? Reshape the module's tensors before building the optimizer, or reshape opt.state[p]'s "
-                     "moments alike" if reshaped else "changed by hand?")
+            resized = moment.shape != p.shape and moment.dtype == torch.float32 and moment.layout == torch.strided
+            if resized and moment.numel() == p.numel():
+                cause = ("the parameter reshaped after its moments were made, by p.data = p.data.view(...) or "
+                         ".t()? Reshape the module's tensors before building the optimizer, or reshape "
+                         "opt.state[p]'s moments alike")
+            elif resized:
+                cause = ("the parameter changed size after its moments were made (p.data = p.data[:n]?), or its "
+                         "moments were set by hand: resize the module's tensors before building the optimizer, or "
+                         "give opt.state[p] moments of the parameter's shape")
+            else:
+                cause = "changed by hand?"
             raise ValueError(f"{where} holds {name!r} as a {moment.dtype} tensor of shape {tuple(moment.shape)} on "
                              f"{moment.device}{' (meta)' if moment.is_meta else ''}: the moments are float32 "
                              f"tensors of the parameter's shape on its device ({p.device}) ({cause}); "
@@ -135,9 +142,9 @@ def _span(tensor: torch.Tensor) -> Tuple[int, int]:
 
 
 def refuse_shared_moments(param_groups: List[dict], state: Mapping) -> None:
-    """Raise ValueError when a moment in ``state`` of a parameter with a gradient overlaps another such
-    moment or a weight in memory (set by hand: ``s["exp_avg"] = s["exp_avg_sq"] = torch.zeros_like(p)``):
-    each write of one would change the other."""
+    """Raise ValueError when a weight or a moment in ``state`` of a parameter with a gradient overlaps
+    another in memory (set by hand: ``s["exp_avg"] = s["exp_avg_sq"] = torch.zeros_like(p)``, or weights
+    tied after the optimizer took them, ``b.data = a.data``): each write of one would change the other."""
     spans = []  # (first byte, end, what, its parameter, whether it is a moment)
     for p in (p for group in param_groups for p in group["params"] if p.grad is not None):
         spans.append((*_span(p), "the weight", p, False))
@@ -148,13 +155,19 @@ def refuse_shared_moments(param_groups: List[dict], state: Mapping) -> None:
                 spans.append((*_span(moment), f"opt.state[p][{name!r}]", p, True))
     reaching = None  # of the spans before, the one that reaches furthest
     for span in sorted((span for span in spans if span[0] and span[1] > span[0]), key=operator.itemgetter(0)):
-        # weights may share memory with each other (views of one storage); a moment may share none
-        if reaching is not None and span[0] < reaching[1] and (span[4] or reaching[4]):
+        # disjoint views of one storage reach disjoint bytes (the constructor's rule, _refuse_shared_storage)
+        if reaching is not None and span[0] < reaching[1]:
             (_, _, what, p, _), (_, _, other, q, _) = reaching, span
-            raise ValueError(f"{what} of a parameter of shape {tuple(p.shape)} and {other} of a parameter of "
-                             f"shape {tuple(q.shape)}{' (the same one)' if p is q else ''} share memory (set by "
-                             "hand?): a step that writes one would change the other. Give each moment a tensor "
-                             "of its own (torch.zeros_like(p) for each); nothing was written")
+            if span[4] or reaching[4]:
+                raise ValueError(f"{what} of a parameter of shape {tuple(p.shape)} and {other} of a parameter of "
+                                 f"shape {tuple(q.shape)}{' (the same one)' if p is q else ''} share memory (set "
+                                 "by hand?): a step that writes one would change the other. Give each moment a "
+                                 "tensor of its own (torch.zeros_like(p) for each); nothing was written")
+            raise ValueError(f"the weights of two parameters (shapes {tuple(p.shape)}, {tuple(q.shape)}) share "
+                             "memory, tied after the optimizer took them (b.data = a.data, or a view of one put into "
+                             "param_groups by hand?): each would be stepped "
+                             "from the other's writes. Tie them before building the optimizer and pass the tied "
+                             "parameter once, or give each its own tensor; nothing was written")
         if reaching is None or span[1] > reaching[1]:
             reaching = span
 
@@ -214,6 +227,9 @@ class _GroupEntry:
     has_grad: Tuple[bool, ...]
     distributed: bool  # some param is a DTensor: read local shards
     slots: List[_Slot]
+    #: each weight's dtype and shape: ``p.data = p.data[:n]`` keeps its address and strides, and a weight of
+    #: another dtype can land on its old address; the kernels read both from the bucket as it was built
+    weight_kinds: Tuple[tuple, ...] = ()
     #: ``group_signature``'s bytes of the last few layouts every slot took and checked, most
     #: recent first, each with the slots' ``grad_pointers`` for it.
     layouts: List[Tuple[bytes, Tuple[tuple, ...]]] = field(default_factory=list)
@@ -342,7 +358,8 @@ class BucketCache:
             has_grad = tuple(map(_has_value, grads))
             if (entry is None or weight_pointers is None or entry.weight_pointers != weight_pointers
                     or entry.has_grad != has_grad or entry.param_ids != tuple(map(id, params))
-                    or entry.weight_strides != tuple(map(_stride_of, weights))):
+                    or entry.weight_strides != tuple(map(_stride_of, weights))
+                    or entry.weight_kinds != tuple(map(_kind_of, weights))):
                 if not checked:
                     refuse_repeated_params(param_groups)
                     for p in [p for g in param_groups for p in g["params"]]:
@@ -446,7 +463,7 @@ class BucketCache:
                                tuple(p.shape for p in chosen), tuple(map(_stride_of, bucket.params))))
         weights = [_local(p) for p in params]
         return _GroupEntry(tuple(map(id, params)), tuple(map(_data_ptr, weights)), tuple(map(_stride_of, weights)),
-                           has_grad, distributed, slots)
+                           has_grad, distributed, slots, tuple(map(_kind_of, weights)))
 
 
 
@@ -548,6 +565,7 @@ def _native_signature(signature_of, params: list) -> Optional[tuple]:
 _layout_of = operator.attrgetter("layout")
 _dtype_of = operator.attrgetter("dtype")
 _stride_of = operator.methodcaller("stride")
+_kind_of = operator.attrgetter("dtype", "shape")
 _device_of = operator.attrgetter("device")
 _shape_of = operator.attrgetter("shape")
 

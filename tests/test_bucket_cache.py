@@ -591,3 +591,86 @@ def test_moments_set_by_hand_in_shared_memory_are_refused_with_nothing_written(b
     with pytest.raises(ValueError, match=r"of a parameter of shape \((2, 4|4,)\) .*share memory"):
         opt.step(closure)
     assert_unchanged(before, snapshot(opt))
+
+
+class _SearchesFirst:
+    """A schedule whose first step searches and whose later ones are plain (the cached buckets' path)."""
+
+    def scale(self, step):
+        return 1.0
+
+    def searches(self, step):
+        return step <= 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["cpp"])
+def test_a_weight_trimmed_at_its_address_is_refused_with_nothing_written(backend):
+    """``p.data = p.data[:6]`` keeps the address and the strides: the cached bucket kept the old size, and
+    Triton stepped 40 elements of a 24-element weight and gradient (the reference wrote ``exp_avg_sq``
+    before failing in torch's words). A kernel audit's finding."""
+    if backend == "cpp":
+        pytest.importorskip("salsa_fused._C", reason="the C++ extension is not built")
+    torch.manual_seed(0)
+    p, x = torch.nn.Parameter(torch.randn(10, 4)), torch.randn(10, 4)
+    opt = FusedSaLSa([p], backend=backend, schedule=_SearchesFirst())
+    opt.step(lambda: ((p - x[:p.shape[0]]) ** 2).sum())
+    p.data = p.data[:6]
+    opt.zero_grad()
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"shape \(10, 4\) on cpu: .*the parameter changed size after its moments "
+                                         r"were made \(p.data = p.data\[:n\]\?\)"):
+        opt.step(lambda: ((p - x[:p.shape[0]]) ** 2).sum())
+    assert_unchanged(before, snapshot(opt))
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["cpp"])
+def test_a_weight_of_another_dtype_at_the_old_address_steps_as_a_new_tensor_would(backend):
+    """A float16 weight put where the float32 one was (same address, shape and strides, as a caching
+    allocator can hand out after ``model.half()``): the cached bucket read it as float32, and Triton wrote
+    NaN into it and past its end. It must step as the same values at a new address do."""
+    if backend == "cpp":
+        pytest.importorskip("salsa_fused._C", reason="the C++ extension is not built")
+    runs = []
+    for same_address in (True, False):
+        torch.manual_seed(0)
+        p, x = torch.nn.Parameter(torch.randn(64)), torch.randn(64)
+        opt = FusedSaLSa([p], backend=backend, schedule=_SearchesFirst())
+        opt.step(lambda: ((p.float() - x) ** 2).sum())
+        half = p.data.view(torch.uint8)[:128].view(torch.float16)
+        half.copy_(p.data.half())
+        past_the_end = p.data.view(torch.uint8)[128:].clone()
+        p.data = half if same_address else half.clone()
+        for _ in range(3):
+            opt.zero_grad()
+            opt.step(lambda: ((p.float() - x) ** 2).sum())
+        if same_address:
+            assert torch.equal(torch.frombuffer(bytearray(bytes(p.untyped_storage()))[128:], dtype=torch.uint8),
+                               past_the_end)
+        runs.append((p.detach().clone(), opt.state[p]["exp_avg"].clone()))
+    assert torch.isfinite(runs[0][0]).all()
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["cpp"])
+@pytest.mark.parametrize("how", ["tied", "a view appended"])
+def test_weights_tied_after_the_optimizer_took_them_are_refused_with_nothing_written(backend, how):
+    """``b.data = a.data`` after construction, or a view of a weight appended to a group's list by hand:
+    the constructor refuses weights that share memory, the rebuild let them through, and the C++ backend's
+    threads raced over the shared elements (results differed run to run)."""
+    if backend == "cpp":
+        pytest.importorskip("salsa_fused._C", reason="the C++ extension is not built")
+    torch.manual_seed(0)
+    a, b, x = torch.nn.Parameter(torch.randn(100)), torch.nn.Parameter(torch.randn(100)), torch.randn(100)
+    opt = FusedSaLSa([a] if how == "a view appended" else [a, b], backend=backend)
+    opt.step(lambda: ((a - x) ** 2).sum() + ((b + x) ** 2).sum())
+    if how == "tied":
+        b.data = a.data
+    else:
+        b = torch.nn.Parameter(a.data.view(10, 10).view(100))
+        opt.param_groups[0]["params"].append(b)
+    opt.zero_grad()
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"the weights of two parameters \(shapes \(100,\), \(100,\)\) share memory, "
+                                         r"tied after the optimizer took them"):
+        opt.step(lambda: ((a - x) ** 2).sum() + ((b + x) ** 2).sum())
+    assert_unchanged(before, snapshot(opt))
