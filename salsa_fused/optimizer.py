@@ -1591,7 +1591,8 @@ class FusedSaLSa(Optimizer, Joinable):
         else:
             loss_tensor = self._loss_tensor(loss, "loss", need_grad=False)
             rng_after = RNGSnapshot.capture(devices) if plan.is_search else None
-            rng_before = (marked or rng_after) if plan.is_search else None
+            # without a mark, the draws since zero_grad(): your forward's masks if it drew first after it
+            rng_before = (marked or zeroed_at or rng_after) if plan.is_search else None
         if compare is not None:
             compare()
         if unscaled is not None and plan.is_search:
@@ -1601,8 +1602,8 @@ class FusedSaLSa(Optimizer, Joinable):
             self._any_rank_opening(False, plan.state.step, unscaled, two_phase=False)
         # Two-phase without mark_forward(), when the generators moved since zero_grad() (or it was
         # not called): the caller's forward may have drawn random masks (dropout) the trials cannot
-        # replay, so a search judges them against a reference forward at w0 that replays what the
-        # trials replay, not against the caller's loss.
+        # be sure to replay (other draws may have come first), so a search judges them against a
+        # reference forward at w0 that replays what the trials replay, not against the caller's loss.
         # That choice is every rank's: the opening exchange of the two-phase form's search, whose status
         # refuses ranks in the other form (its first exchange is the search's loss at w0).
         needs_reference = (plan.is_search and not one_phase

@@ -159,3 +159,46 @@ def test_two_phase_with_mark_forward_replays_the_callers_forwards():
     assert torch.equal(torch.get_rng_state(), after_forwards)
     # The mark serves one step: the next two-phase step replays the state at its call again.
     assert opt._handoff.forward_rng is None
+
+
+def test_two_phase_after_zero_grad_replays_the_callers_forward_without_a_mark():
+    """zero_grad(), your forward and backward, step(closure, loss=): the reference forward at w0 and the
+    trials replay the draws made since zero_grad(), the masks your gradient came from. They replayed the
+    draws after your forward, other masks: a Dropout(0.3) MLP's level fell to 2e-8 and its loss stalled
+    at 0.40-0.51 where a marked run reached 0.02 (an audit's finding). The generator ends after your forward."""
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch", init_step_size=100.0)
+    closure = RecordingClosure(model)
+    torch.manual_seed(99)
+    opt.zero_grad()
+    loss = closure()
+    loss.backward()
+    after_forward = torch.get_rng_state()
+    opt.step(closure, loss=loss)
+    assert opt.last_search_trials >= 2
+    replays = closure.draws[1:]  # the reference forward, then the trials
+    assert len(replays) == 1 + opt.last_search_trials
+    assert all(torch.equal(d, closure.draws[0]) for d in replays)
+    assert all(torch.equal(m, closure.masks[0]) for m in closure.masks[1:])
+    assert torch.equal(torch.get_rng_state(), after_forward)
+
+
+def test_two_phase_with_dropout_trains_alike_with_and_without_a_mark():
+    """Without mark_forward() the search pays its reference forward and takes the marked run's steps."""
+    runs = []
+    for mark in (True, False):
+        model = _model()
+        opt = FusedSaLSa(model.parameters(), backend="torch")
+        closure = RecordingClosure(model)
+        torch.manual_seed(3)
+        for _ in range(30):
+            opt.zero_grad()
+            if mark:
+                opt.mark_forward()
+            loss = closure()
+            loss.backward()
+            opt.step(closure, loss=loss)
+        runs.append(([p.detach().clone() for p in model.parameters()], opt.num_forward_evals, opt.num_searches))
+    (marked, marked_forwards, searches), (unmarked, unmarked_forwards, _) = runs
+    assert all(torch.equal(a, b) for a, b in zip(marked, unmarked))
+    assert unmarked_forwards == marked_forwards + searches - 1  # the marked run's first search checks loss=
