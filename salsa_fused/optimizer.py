@@ -2237,13 +2237,24 @@ def _holds_earlier_loss(value: torch.Tensor, earlier: torch.Tensor, earlier_valu
 
 
 def running_statistics(model: Optional[torch.nn.Module]) -> List[torch.Tensor]:
-    """The buffers of ``model``'s modules that track running statistics in training mode
-    (BatchNorm's), which any extra forward would update; none without a model."""
+    """The buffers of ``model``'s modules that any extra forward in training mode would update: those
+    tracking running statistics (BatchNorm's) and spectral norm's power-iteration vectors ``u``, ``v``
+    (both of torch's forms); none without a model."""
     if model is None:
         return []
-    return [buffer for module in model.modules()
-            if getattr(module, "track_running_stats", False) and getattr(module, "training", False)
-            for buffer in module.buffers(recurse=False)]
+    from torch.nn.utils.parametrizations import _SpectralNorm
+    from torch.nn.utils.spectral_norm import SpectralNorm
+
+    buffers = []
+    for module in model.modules():
+        if not getattr(module, "training", False):
+            continue
+        if getattr(module, "track_running_stats", False) or isinstance(module, _SpectralNorm):
+            buffers += module.buffers(recurse=False)
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, SpectralNorm):
+                buffers += [getattr(module, hook.name + "_u"), getattr(module, hook.name + "_v")]
+    return buffers
 
 
 def _leave_random_state(rng: Optional[RNGSnapshot], running: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:

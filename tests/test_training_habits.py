@@ -129,6 +129,37 @@ def test_trials_leave_batchnorm_buffers_as_one_forward_leaves_them(form):
     _assert_buffers_as_after_one_forward(model[1], record)
 
 
+@pytest.mark.parametrize("form", ["one_phase", "two_phase"])
+@pytest.mark.parametrize("parametrized", [True, False], ids=["parametrizations", "hook"])
+def test_trials_leave_spectral_norms_power_iteration_as_one_forward_leaves_it(form, parametrized):
+    """Spectral norm's ``u`` and ``v`` take a power iteration at every training forward: with ``model=`` they
+    are put back as the step's own forward left them (each trial moved them, an audit found)."""
+    from torch.nn.utils import spectral_norm as hook_spectral_norm
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    torch.manual_seed(0)
+    layer = (spectral_norm if parametrized else hook_spectral_norm)(torch.nn.Linear(16, 32))
+    model = torch.nn.Sequential(layer, torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    opt = FusedSaLSa(model.parameters(), backend="torch", model=model)
+    trials = 0
+    for k in range(4):
+        x, y = _data(k, rows=32)
+        after_own_forward = []
+
+        def closure():
+            loss = F.mse_loss(model(x), y)
+            if not after_own_forward:
+                after_own_forward.extend(b.clone() for b in model.buffers())
+            return loss
+
+        opt.zero_grad()
+        evals = opt.num_forward_evals
+        step_in_form(opt, closure, form)
+        trials += opt.num_forward_evals - evals - 1
+        assert all(torch.equal(a, b) for a, b in zip(after_own_forward, model.buffers())), k
+    assert trials >= 4 and len(after_own_forward) == 2
+
+
 # ---------------------------------------------------------------- item 4: warmup, lr = 0
 
 
