@@ -266,8 +266,9 @@ def search_step(passes: Passes, plan: StepPlan, state: SearchState, loss: torch.
         # kept even if this step is skipped or rejected below
         state.step -= skipped
         state.steps_since_search = max(0, state.steps_since_search - skipped)
-    if inf_flag:
-        return state  # GradScaler found inf/nan: skip the step like AdamW, state unchanged
+    if inf_flag:  # GradScaler found inf/nan: skip the step like AdamW, state unchanged but for what ran
+        return replace(state, num_forward_evals=step_state.num_forward_evals,
+                       num_backward_evals=step_state.num_backward_evals)
     if earlier_nonfinite or earlier_bad_losses:
         counts.nonfinite_elements.zero_()
         counts.nonfinite_losses.zero_()

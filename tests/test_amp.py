@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -56,8 +57,9 @@ def _assert_unchanged(before, after, counters_deferred=False):
     for a, b in zip(before[1], after[1]):
         for key in a:
             assert torch.equal(a[key], b[key]), f"{key} changed on a skipped step"
-    if not counters_deferred:
-        assert before[2] == after[2], "search state changed on a skipped step"
+    if not counters_deferred:  # the forwards that ran are counted (as at a skipped plain step)
+        ran = {"num_forward_evals": after[2].num_forward_evals, "num_backward_evals": after[2].num_backward_evals}
+        assert dataclasses.replace(before[2], **ran) == after[2], "search state changed on a skipped step"
         return
     for key in ("step_size", "loss_decrease_avg", "slope_avg", "step_size_fast",
                 "step_size_slow", "num_searches", "num_backtracks"):
@@ -116,10 +118,13 @@ def test_grad_scaler_skips_overflow_steps_and_leaves_state_unchanged(device):
             before = _snapshot(model, opt)
             scale = scaler.get_scale()
             kind = "search" if plan_step(opt.search_state, opt.search_config).is_search else "plain"
-        scaler.step(opt, lambda: F.mse_loss(model(x), y), loss=loss)
+        calls = []
+        scaler.step(opt, lambda: calls.append(1) or F.mse_loss(model(x), y), loss=loss)
         scaler.update()
         if overflow:
             _assert_unchanged(before, _snapshot(model, opt), counters_deferred=kind == "plain")
+            # your forward and the step's (the first search's check of loss=): a skipped search counted none
+            assert opt.num_forward_evals - before[2].num_forward_evals == 1 + len(calls)
             assert scaler.get_scale() == scale / 2
             skipped_kinds.append(kind)
             assert opt.num_searches == searches
