@@ -151,7 +151,9 @@ class _StepHandoff:
     """
 
     forward_rng: Optional[RNGSnapshot] = None
-    zero_grad_rng: Optional[RNGSnapshot] = None  # the random state at zero_grad()
+    #: the random state at zero_grad(), or where the last two-phase step left it when none came since
+    zero_grad_rng: Optional[RNGSnapshot] = None
+    step_end_rng: Optional[RNGSnapshot] = None  # the latter, kept to tell the two apart
     bound_step: Optional[tuple] = None
     zeroed: Dict[int, tuple] = field(default_factory=dict)
 
@@ -1352,7 +1354,9 @@ class FusedSaLSa(Optimizer, Joinable):
         """Two-phase form with randomness (dropout): call right before the step's first forward
         (the first micro-batch under accumulation). The next step's trial forwards then replay
         the random state from this point, so a closure that draws as the caller's forwards did
-        sees their masks; without the mark they replay the state found at the ``step()`` call.
+        sees their masks. Without the mark they replay the state found at :meth:`zero_grad` (else
+        where the last two-phase step left it; at a first step with neither, at the ``step()`` call)
+        and, where the generators moved since, a search pays one reference forward at ``w0``.
         Either way the generators end where the caller's forwards left them."""
         devices = [self._device] if self._device is not None else []
         self._handoff.forward_rng = RNGSnapshot.capture(devices)
@@ -1411,7 +1415,7 @@ class FusedSaLSa(Optimizer, Joinable):
         probes = [group.get("search_lr") for group in self.param_groups]
         undo: List[Callable[[], None]] = []  # what the step did before it failed, undone
         try:
-            return self._step(closure, loss, undo)
+            result = self._step(closure, loss, undo)
         except BaseException:
             # The step did not happen: what was handed to it waits for the retry, a group that
             # was to start probing at it has not, and the gradients of its own backward are gone.
@@ -1428,6 +1432,14 @@ class FusedSaLSa(Optimizer, Joinable):
             raise
         finally:
             forget_autocast_casts()  # the weights moved (or went back): a forward after the step reads them
+        two_phase = loss is not None or pending[2] is not None
+        if (two_phase and handoff.zero_grad_rng is None
+                and (pending[1] is None or pending[1] is handoff.step_end_rng)):  # identity: tensors inside
+            # no zero_grad() of this optimizer's (model.zero_grad(), p.grad = None): the next step reads
+            # whether its caller's forward drew from here, and its trials replay from here
+            handoff.zero_grad_rng = handoff.step_end_rng = RNGSnapshot.capture(
+                [self._device] if self._device is not None else [])
+        return result
 
     #: torch's own wrapper: the step hooks, the profiler's range ``Optimizer.step#<class>.step``
     _hooked_step = Optimizer.profile_hook_step(_unhooked_step)
@@ -1959,8 +1971,10 @@ class FusedSaLSa(Optimizer, Joinable):
                 # again, every batch under the draws its trials replay.
                 reuse = not self._any_rank_opening(
                     not ((marked is not None and k == 1) or rng_after.same_as(zeroed_at)), plan.state.step)
-                replay = _IndexedReplay(closure, devices, first={i: start for i in range(k)} if reuse else {},
-                                        end=rng_after)
+                # not reused: a single batch replays the draws since zero_grad() (its masks, if it drew first)
+                first = ({i: start for i in range(k)} if reuse
+                         else {0: zeroed_at} if k == 1 and zeroed_at is not None else {})
+                replay = _IndexedReplay(closure, devices, first=first, end=rng_after)
         passes = self._passes(plan, scale, forwards=k, backwards=k if one_phase else 0, undo=undo)
         if passes is None:  # none of this optimizer's parameters is in this loss: as torch.optim, a no-op
             if unscaled is not None:

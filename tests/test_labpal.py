@@ -311,10 +311,11 @@ def _dropout_masks(form):
 @pytest.mark.parametrize("form", ["one_phase", "two_phase", "marked"])
 def test_each_batch_replays_its_random_draws_within_a_step(form):
     """Every call of closure(i) in a step sees the masks of its first call; in the two-phase form
-    without mark_forward() the caller's forward of batch 0 cannot be replayed, so the point at w0
-    is evaluated again and the trials replay that evaluation. With the mark, the first approximation
-    checks loss= against one more forward of batch 0 at w0 (once per optimizer), replaying the
-    caller's masks as the trials do."""
+    without mark_forward() the caller's forward of batch 0 may not be the first draw since zero_grad(),
+    so the point at w0 is evaluated again, replaying the draws since zero_grad() as the trials do: here
+    the caller's masks (they replayed the draws after the caller's forward, other masks). With the mark,
+    the first approximation checks loss= against one more forward of batch 0 at w0 (once per optimizer),
+    replaying the caller's masks as the trials do."""
     approximations = 0
     for kind, masks in _dropout_masks(form):
         if kind != "approximation":
@@ -325,10 +326,8 @@ def test_each_batch_replays_its_random_draws_within_a_step(form):
             again = form == "two_phase" and i == 0
             checked = form == "marked" and approximations == 1 and i == 0
             assert len(drawn) == 3 + again + checked, i
-            assert all(torch.equal(drawn[again], later) for later in drawn[again:]), i
+            assert all(torch.equal(drawn[0], later) for later in drawn), i
         assert not torch.equal(masks[1][0], masks[2][0])  # different batches draw different masks
-        if form == "two_phase":
-            assert not torch.equal(masks[0][0], masks[0][1])
     assert approximations == 2
 
 

@@ -202,3 +202,31 @@ def test_two_phase_with_dropout_trains_alike_with_and_without_a_mark():
     (marked, marked_forwards, searches), (unmarked, unmarked_forwards, _) = runs
     assert all(torch.equal(a, b) for a, b in zip(marked, unmarked))
     assert unmarked_forwards == marked_forwards + searches - 1  # the marked run's first search checks loss=
+
+
+@pytest.mark.parametrize("zero", ["model.zero_grad()", "p.grad = None"])
+def test_two_phase_without_the_optimizers_zero_grad_replays_from_where_the_last_step_left_the_generators(zero):
+    """model.zero_grad() (or setting the gradients to None) records no random state: the trials replayed the
+    state at the step() call, after your forward, other masks than your gradient's, and every search
+    paid a reference forward even where your forward drew nothing (309 forwards to 232 over 78 searches, a
+    helper measured). From the second step on they replay from where the last step left the generators."""
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch", init_step_size=100.0)
+    closure = RecordingClosure(model)
+    torch.manual_seed(99)
+    for step in range(2):
+        if zero == "model.zero_grad()":
+            model.zero_grad()
+        else:
+            for p in model.parameters():
+                p.grad = None
+        first = len(closure.draws)
+        loss = closure()
+        loss.backward()
+        after_forward = torch.get_rng_state()
+        opt.step(closure, loss=loss)
+        assert torch.equal(torch.get_rng_state(), after_forward)
+    replays = closure.draws[first + 1:]  # the second step's reference forward, then its trials
+    assert len(replays) >= 2
+    assert all(torch.equal(d, closure.draws[first]) for d in replays)
+    assert all(torch.equal(m, closure.masks[first]) for m in closure.masks[first + 1:])
