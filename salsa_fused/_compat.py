@@ -11,6 +11,8 @@ import functools
 from typing import Callable, List, Sequence, TypeVar
 
 import torch
+from torch.nn.utils.parametrizations import _SpectralNorm
+from torch.nn.utils.spectral_norm import SpectralNorm
 
 TensorList = List[torch.Tensor]
 
@@ -53,6 +55,16 @@ def compile_disabled(fn: _Function) -> _Function:
         return disabled(*args, **kwargs)
 
     return call  # type: ignore[return-value]
+
+
+def power_iteration_buffers(module: torch.nn.Module) -> TensorList:
+    """Spectral norm's ``u`` and ``v`` that a training forward of ``module`` itself updates: the buffers of
+    ``torch.nn.utils.parametrizations.spectral_norm``'s (private) ``_SpectralNorm`` module, and those of the
+    older ``torch.nn.utils.spectral_norm``'s forward pre hook (read from ``module._forward_pre_hooks``)."""
+    if isinstance(module, _SpectralNorm):
+        return list(module.buffers(recurse=False))
+    return [getattr(module, hook.name + suffix) for hook in module._forward_pre_hooks.values()
+            if isinstance(hook, SpectralNorm) for suffix in ("_u", "_v")]
 
 
 def to_float32(tensors: TensorList) -> TensorList:

@@ -36,7 +36,7 @@ except ImportError:  # a torch that moved them: never empty here, so every step 
     _global_optimizer_pre_hooks = _global_optimizer_post_hooks = {"unknown": None}
 
 from . import backends as _backends
-from ._compat import OPTIMIZER_KEEPS_PARAMETER_NAMES, compile_disabled
+from ._compat import OPTIMIZER_KEEPS_PARAMETER_NAMES, compile_disabled, power_iteration_buffers
 from ._rng import RNGSnapshot
 from .buckets import BucketCache, check_gradient, check_parameter
 from . import functional as F
@@ -56,6 +56,9 @@ LossClosure = Callable[[], Union[torch.Tensor, float]]
 
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 _SAT_OUT_KEYS = (STEPS_SAT_OUT, SAT_OUT_SINCE)
+#: A group's keys that hold a rate or a multiplier of one: another optimizer's (its checkpoint's) are not ours.
+#: ``initial_lr``, ``max_lr``, ``min_lr``: torch's schedulers' records of the group's rate.
+_RATE_KEYS = ("lr", "search_lr", "initial_lr", "max_lr", "min_lr")
 _SEARCH_KEY = "search"  # where state_dict() carries the search state (param_groups[0])
 RESTORE_STRATEGIES = ("copy", "inplace")
 #: Adam's two directions; the backends' third, ``"raw"`` (``d = g``), is chosen by a rule (LABPAL's).
@@ -917,7 +920,12 @@ class FusedSaLSa(Optimizer, Joinable):
         groups = [{k: v for k, v in group.items() if k != _SEARCH_KEY and k not in dropped} for group in groups]
         if not carriers:  # AdamW's rate taken as the probe multiplier (1e-3): a search tested 1000x less than it applied
             for group, live in zip(groups, self.param_groups):
-                group.update(lr=live["lr"], search_lr=live.get("search_lr", live["lr"]))
+                for key in _RATE_KEYS:  # and a scheduler's record of that rate, which it would set back
+                    if key in live:
+                        group[key] = live[key]
+                    else:
+                        group.pop(key, None)
+                group.setdefault("search_lr", live["lr"])
         for group, live in zip(groups, self.param_groups):
             if "param_names" in live:  # they name this optimizer's tensors (torch keeps the checkpoint's)
                 group["param_names"] = list(live["param_names"])
@@ -1646,15 +1654,18 @@ class FusedSaLSa(Optimizer, Joinable):
             gradients_unchanged()
             return loss
 
+        running = self._running_statistics()
+
         def trial_loss() -> float:
-            rng_before.set()  # each trial forward replays the step's random draws
+            # each trial forward replays the step's random draws, and starts from the buffers the step's own
+            # forward left (spectral norm's power iteration reads its u and v)
+            _leave_random_state(rng_before, running)
             return self.reduction.shared_loss(forward, torch.float32, self._device, not one_phase, plan.state.step)
 
-        running = self._running_statistics()
         try:
             failure = None  # what this rank's forward at w0 raised, raised once its peers know (shared_forward)
             if needs_reference or checks_loss:  # one forward at w0, replaying the step's random draws
-                rng_before.set()
+                _leave_random_state(rng_before, running)
                 # The check's forward is not tested for the step's own loss: at w0 a closure that writes
                 # a static output buffer (CUDA graphs) holds loss='s very value in its memory; the trials test it.
                 # That forward rewrites the buffer: loss= is read before it (a copy, once per optimizer).
@@ -2256,18 +2267,11 @@ def running_statistics(model: Optional[torch.nn.Module]) -> List[torch.Tensor]:
     (both of torch's forms); none without a model."""
     if model is None:
         return []
-    from torch.nn.utils.parametrizations import _SpectralNorm
-    from torch.nn.utils.spectral_norm import SpectralNorm
-
     buffers = []
     for module in model.modules():
-        if not getattr(module, "training", False):
-            continue
-        if getattr(module, "track_running_stats", False) or isinstance(module, _SpectralNorm):
-            buffers += module.buffers(recurse=False)
-        for hook in module._forward_pre_hooks.values():
-            if isinstance(hook, SpectralNorm):
-                buffers += [getattr(module, hook.name + "_u"), getattr(module, hook.name + "_v")]
+        if getattr(module, "training", False):
+            buffers += (module.buffers(recurse=False) if getattr(module, "track_running_stats", False)
+                        else power_iteration_buffers(module))
     return buffers
 
 

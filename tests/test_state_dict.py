@@ -468,10 +468,13 @@ def test_a_checkpoint_loaded_under_inference_mode_trains_on(backend):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed_model.parameters()))
 
 
-def test_the_documented_hand_over_to_adamw_continues_its_moments():
+@pytest.mark.parametrize("source", ["live", "saved"])
+def test_the_documented_hand_over_to_adamw_continues_its_moments(source):
     """docs/training.md's recipe for going on with AdamW (its load_state_dict cannot read this optimizer's
     checkpoint): AdamW takes the moments and each parameter's step count (a group added late, a parameter
-    that sat out a stretch, one that sits out now) and continues them, not from zero."""
+    that sat out a stretch, one that sits out now) and continues them, not from zero; read from
+    ``opt.state`` or from a checkpoint's entries (whose ``sat_out_since`` is -1 while a parameter takes part:
+    the recipe's earlier form read it as a count and gave AdamW step -1, a ZeroDivisionError)."""
     model = tanh_mlp(4, 8, 1)
     opt = FusedSaLSa(model[0].parameters(), backend="torch")
     x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
@@ -484,12 +487,15 @@ def test_the_documented_hand_over_to_adamw_continues_its_moments():
         opt.zero_grad()
         opt.step(lambda: F.mse_loss(model(x), y))
     assert opt.state[model[0].bias]["steps_sat_out"] == 2 and opt.state[model[2].bias]["sat_out_since"] == 2
+    saved = opt.state_dict()["state"]  # -1 for sat_out_since where a parameter takes part
+    index = {p: i for i, p in enumerate(p for group in opt.param_groups for p in group["params"])}
     adamw = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=opt.param_groups[0]["betas"])
     for group in opt.param_groups:
         group_steps = opt.search_state.step - group.get("moments_start_step", 0)
         for p in group["params"]:
-            s = opt.state[p]
-            steps = s.get("sat_out_since", group_steps) - s.get("steps_sat_out", 0)
+            s = opt.state[p] if source == "live" else saved[index[p]]
+            since = s.get("sat_out_since", -1)
+            steps = (since if since >= 0 else group_steps) - s.get("steps_sat_out", 0)
             adamw.state[p] = {"step": torch.tensor(float(steps)),
                               "exp_avg": s["exp_avg"].clone(), "exp_avg_sq": s["exp_avg_sq"].clone()}
     handed = {p: (s["exp_avg"].clone(), s["exp_avg_sq"].clone()) for p, s in opt.state.items()}
@@ -544,16 +550,21 @@ def test_an_adamw_checkpoint_keeps_this_optimizers_multipliers_and_trains(backen
     torch.manual_seed(0)
     source = tanh_mlp(4, 16, 1)
     adamw = torch.optim.AdamW(source.parameters(), lr=1e-3)
+    adamw_schedule = torch.optim.lr_scheduler.LambdaLR(adamw, lambda step: 1.0)  # records initial_lr=1e-3
     for _ in range(3):
         adamw.zero_grad()
         F.mse_loss(source(x), y).backward()
         adamw.step()
+        adamw_schedule.step()
     model = tanh_mlp(4, 16, 1)
     model.load_state_dict(source.state_dict())
     opt = FusedSaLSa(model.parameters(), backend=backend)
     with pytest.warns(UserWarning, match="no search state.*each group keeps its own lr and search_lr"):
         opt.load_state_dict(adamw.state_dict())
     assert [(g["lr"], g["search_lr"]) for g in opt.param_groups] == [(1.0, 1.0)]
+    assert "initial_lr" not in opt.param_groups[0]  # a scheduler built now would set AdamW's rate back
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    assert opt.param_groups[0]["lr"] == 1.0
     assert torch.equal(opt.state[model[0].weight]["exp_avg"], adamw.state[source[0].weight]["exp_avg"])
     losses = []
     for _ in range(30):
@@ -604,3 +615,24 @@ def test_param_names_that_differ_otherwise_load_by_position_and_keep_this_optimi
     assert other.param_groups[0]["param_names"] == [f"module.{name}" for name, _ in model.named_parameters()]
     assert all(torch.equal(other.state[q]["exp_avg"], opt.state[p]["exp_avg"])
                for p, q in zip(model.parameters(), other_model.parameters()))
+
+
+def test_saved_counts_copied_into_the_live_state_past_load_state_dict_read_as_taking_part():
+    """ZeroRedundancyOptimizer.load_state_dict writes each saved entry into the inner optimizer's state as
+    it is: ``sat_out_since=-1`` (taking part, as state_dict() writes it) was read as a stretch sat out since
+    step -1, and every parameter's bias corrections lost group_steps + 1 steps at the next rebuild."""
+    runs = []
+    for copied in (False, True):
+        model, opt = _named_run()
+        if copied:
+            saved = opt.state_dict()["state"]
+            for index, p in enumerate(model.parameters()):
+                opt.state[p].update(saved[index])
+            opt._buckets.clear()  # a rebuild reads the counts
+        x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+        for _ in range(4):
+            opt.zero_grad()
+            opt.step(lambda: F.mse_loss(model(x), x[:, :1]))
+        runs.append([p.detach().clone() for p in model.parameters()])
+        assert all(opt.state[p].get("steps_sat_out", 0) == 0 for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

@@ -132,8 +132,9 @@ def test_trials_leave_batchnorm_buffers_as_one_forward_leaves_them(form):
 @pytest.mark.parametrize("form", ["one_phase", "two_phase"])
 @pytest.mark.parametrize("parametrized", [True, False], ids=["parametrizations", "hook"])
 def test_trials_leave_spectral_norms_power_iteration_as_one_forward_leaves_it(form, parametrized):
-    """Spectral norm's ``u`` and ``v`` take a power iteration at every training forward: with ``model=`` they
-    are put back as the step's own forward left them (each trial moved them, an audit found)."""
+    """Spectral norm's ``u`` and ``v`` take a power iteration at every training forward: with ``model=`` every
+    trial starts from them as the step's own forward left them, and they end so (each trial moved them and
+    the next began there, two audits found)."""
     from torch.nn.utils import spectral_norm as hook_spectral_norm
     from torch.nn.utils.parametrizations import spectral_norm
 
@@ -144,9 +145,10 @@ def test_trials_leave_spectral_norms_power_iteration_as_one_forward_leaves_it(fo
     trials = 0
     for k in range(4):
         x, y = _data(k, rows=32)
-        after_own_forward = []
+        after_own_forward, starts = [], []
 
         def closure():
+            starts.append([b.clone() for b in model.buffers()])
             loss = F.mse_loss(model(x), y)
             if not after_own_forward:
                 after_own_forward.extend(b.clone() for b in model.buffers())
@@ -157,6 +159,8 @@ def test_trials_leave_spectral_norms_power_iteration_as_one_forward_leaves_it(fo
         step_in_form(opt, closure, form)
         trials += opt.num_forward_evals - evals - 1
         assert all(torch.equal(a, b) for a, b in zip(after_own_forward, model.buffers())), k
+        for start in starts[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(after_own_forward, start)), k
     assert trials >= 4 and len(after_own_forward) == 2
 
 
