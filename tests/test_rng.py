@@ -103,24 +103,31 @@ def test_plain_step_draws_exactly_one_forward():
     assert torch.equal(torch.get_rng_state(), after)
 
 
-def test_two_phase_trials_share_one_state_and_the_generator_is_not_advanced_by_them():
-    """Two-phase form: the optimizer did not see the first forward, so the reference forward
-    at w0 and the trials replay the state found at the step() call (all equal), and leave the
-    generator there."""
+@pytest.mark.parametrize("zeroed", [False, True], ids=["no zero_grad", "zero_grad"])
+def test_two_phase_trials_share_one_state_and_the_generator_ends_after_your_forward(zeroed):
+    """Two-phase form: the optimizer did not see your forward, so the reference forward at w0 and the trials
+    replay one state (all equal) and leave the generator after your forward. After zero_grad() it is the
+    state found there, the draws your forward made (your gradient's masks); they replayed the draws after
+    your forward, other masks: a Dropout(0.3) MLP's level fell to 2e-8 and its loss stalled at 0.40-0.51
+    where a marked run reached 0.02 (an audit's finding). With neither zero_grad() nor an earlier
+    two-phase step it is the state found at the step() call."""
     model = _model()
     opt = FusedSaLSa(model.parameters(), backend="torch", init_step_size=100.0)
     closure = RecordingClosure(model)
     torch.manual_seed(99)
+    if zeroed:
+        opt.zero_grad()
     loss = closure()
     loss.backward()
-    at_call = torch.get_rng_state()
+    after_forward = torch.get_rng_state()
     opt.step(closure, loss=loss)
     assert opt.last_search_trials >= 2
-    trials = closure.draws[1:]  # the reference forward, then the trials
-    assert len(trials) == 1 + opt.last_search_trials
-    assert all(torch.equal(d, trials[0]) for d in trials)
+    replays = closure.draws[1:]  # the reference forward, then the trials
+    assert len(replays) == 1 + opt.last_search_trials
+    assert all(torch.equal(d, replays[0]) for d in replays)
     assert all(torch.equal(m, closure.masks[1]) for m in closure.masks[1:])
-    assert torch.equal(torch.get_rng_state(), at_call)
+    assert torch.equal(replays[0], closure.draws[0]) == zeroed
+    assert torch.equal(torch.get_rng_state(), after_forward)
 
 
 def test_two_phase_with_mark_forward_replays_the_callers_forwards():
@@ -159,28 +166,6 @@ def test_two_phase_with_mark_forward_replays_the_callers_forwards():
     assert torch.equal(torch.get_rng_state(), after_forwards)
     # The mark serves one step: the next two-phase step replays the state at its call again.
     assert opt._handoff.forward_rng is None
-
-
-def test_two_phase_after_zero_grad_replays_the_callers_forward_without_a_mark():
-    """zero_grad(), your forward and backward, step(closure, loss=): the reference forward at w0 and the
-    trials replay the draws made since zero_grad(), the masks your gradient came from. They replayed the
-    draws after your forward, other masks: a Dropout(0.3) MLP's level fell to 2e-8 and its loss stalled
-    at 0.40-0.51 where a marked run reached 0.02 (an audit's finding). The generator ends after your forward."""
-    model = _model()
-    opt = FusedSaLSa(model.parameters(), backend="torch", init_step_size=100.0)
-    closure = RecordingClosure(model)
-    torch.manual_seed(99)
-    opt.zero_grad()
-    loss = closure()
-    loss.backward()
-    after_forward = torch.get_rng_state()
-    opt.step(closure, loss=loss)
-    assert opt.last_search_trials >= 2
-    replays = closure.draws[1:]  # the reference forward, then the trials
-    assert len(replays) == 1 + opt.last_search_trials
-    assert all(torch.equal(d, closure.draws[0]) for d in replays)
-    assert all(torch.equal(m, closure.masks[0]) for m in closure.masks[1:])
-    assert torch.equal(torch.get_rng_state(), after_forward)
 
 
 def test_two_phase_with_dropout_trains_alike_with_and_without_a_mark():
