@@ -31,17 +31,20 @@ C.ensure_triton_interpreter_without_cuda()
 import torch  # noqa: E402
 
 from salsa_fused import FusedSaLSa  # noqa: E402
+from salsa_fused._rng import RNGSnapshot  # noqa: E402
 from salsa_fused.backends import triton_usable  # noqa: E402
 
 INPLACE_OVERHEAD_TARGET = 0.02
 
 
 def _tensors_in(value, seen_objects: set) -> Iterable[torch.Tensor]:
-    """Every tensor reachable through dicts (values), sequences and dataclass-like objects."""
+    """Every tensor reachable through dicts (values), sequences and dataclass-like objects, but for the
+    random generators' snapshots a step hands to the next (host memory of a fixed size, 5 KB for the CPU
+    generator and a few bytes a CUDA device, whatever the model: not state that scales with it)."""
     if isinstance(value, torch.Tensor):
         yield value
         return
-    if id(value) in seen_objects:
+    if id(value) in seen_objects or isinstance(value, RNGSnapshot):
         return
     seen_objects.add(id(value))
     if isinstance(value, dict):
