@@ -2003,6 +2003,7 @@ class FusedSaLSa(Optimizer, Joinable):
             """``sum closure(i)`` over ``first <= i < end`` at the weights as they are, in float64."""
             total = torch.zeros((), dtype=torch.float64, device=self._device)
             for i in range(first, end):
+                _leave_random_state(None, running)  # every forward from the buffers the gradient forwards left
                 total = total + self._trial_loss(functools.partial(replay, i), f"closure({i})", torch.float64, own,
                                                  reruns)
                 gradients_unchanged()

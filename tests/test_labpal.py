@@ -604,6 +604,30 @@ def test_batchnorm_statistics_are_those_of_the_gradient_forwards_only():
         assert torch.equal(getattr(model[1], name), getattr(twin[1], name)), name
 
 
+def test_every_forward_of_an_approximation_starts_from_spectral_norms_vectors_as_the_gradient_forward_left_them():
+    """Spectral norm's power iteration reads ``u`` and ``v`` at every training forward: each point and trial
+    forward of LABPAL's batches starts from them as the gradient batch's forward left them (a reviewer found
+    each starting where the previous forward left them, the buffers put back only after the search)."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(spectral_norm(torch.nn.Linear(5, 12)), torch.nn.Tanh(), torch.nn.Linear(12, 1))
+    opt = LABPAL(model.parameters(), "NSGD", model=model, backend="torch", **SETTINGS)
+    batches = [_batch(0, i) for i in range(SETTINGS["approximation_batches"])]
+    starts = []
+
+    def closure(i):
+        starts.append(model[0].parametrizations.weight[0]._u.clone())
+        return torch.nn.functional.mse_loss(model(batches[i][0]), batches[i][1])
+
+    opt.step(closure)
+    assert opt.search_state.rule_state["last"]["kind"] == "approximation"
+    after_gradient_forward = starts[1]  # the first call is the gradient batch's forward
+    assert len(starts) > 2 + SETTINGS["approximation_batches"]
+    assert not torch.equal(starts[0], after_gradient_forward)
+    assert all(torch.equal(u, after_gradient_forward) for u in starts[1:])
+
+
 @pytest.mark.parametrize("kind", ["approximation", "update"])
 def test_a_refused_search_step_puts_back_the_generators_and_batchnorm_statistics(kind):
     """A search step refused with NonFiniteError (a NaN loss) leaves everything as it was, the
