@@ -1440,7 +1440,7 @@ class FusedSaLSa(Optimizer, Joinable):
             raise
         finally:
             forget_autocast_casts()  # the weights moved (or went back): a forward after the step reads them
-        two_phase = loss is not None or pending[2] is not None
+        two_phase = loss is not None or (pending[2] is not None and pending[2][1] is not None)  # bound with loss=
         if (two_phase and handoff.zero_grad_rng is None
                 and (pending[1] is None or pending[1] is handoff.step_end_rng)):  # identity: tensors inside
             # no zero_grad() of this optimizer's (model.zero_grad(), p.grad = None): the next step reads

@@ -215,3 +215,29 @@ def test_two_phase_without_the_optimizers_zero_grad_replays_from_where_the_last_
     assert len(replays) >= 2
     assert all(torch.equal(d, closure.draws[first]) for d in replays)
     assert all(torch.equal(m, closure.masks[first]) for m in closure.masks[first + 1:])
+
+
+@pytest.mark.parametrize("form", ["one-phase", "bound, one-phase", "two-phase", "bound, two-phase"])
+def test_only_a_two_phase_step_leaves_its_random_state_for_the_next(form):
+    """Without zero_grad(), a two-phase step (loss=, or a closure bound with loss=) keeps where it left the
+    generators for the next step's replay; a one-phase step, bound or not, has no use for it and takes no
+    snapshot (a bound closure without loss= was counted as two-phase: a capture a step for nothing)."""
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    closure = RecordingClosure(model)
+    torch.manual_seed(3)
+    loss = None
+    if form.endswith("two-phase"):
+        loss = closure()
+        loss.backward()
+    if form.startswith("bound"):
+        opt.bind_closure(closure, loss=loss)
+        opt.step()
+    elif loss is not None:
+        opt.step(closure, loss=loss)
+    else:
+        opt.step(closure)
+    kept = opt._handoff.zero_grad_rng
+    assert (kept is not None) == form.endswith("two-phase")
+    if kept is not None:
+        assert torch.equal(kept.cpu, torch.get_rng_state())
