@@ -39,7 +39,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from .backends.base import MOMENTS_START, NOT_SITTING_OUT, SAT_OUT_SINCE, STEPS_SAT_OUT, Bucket
+from .backends.base import (MOMENTS_START, NOT_SITTING_OUT, SAT_OUT_SINCE, STEPS_SAT_OUT, Bucket,
+                            first_step_corrected_to_one)
 
 # (gradient pointers, dtypes) remembered per bucket as already validated.
 VALIDATED_GRAD_LAYOUTS = 4
@@ -215,6 +216,16 @@ class _Slot:
     validated: "collections.OrderedDict[tuple, None]" = field(default_factory=collections.OrderedDict)
 
 
+@dataclass(frozen=True)
+class _MergeGuard:
+    """What a group's buckets of merged counts were built at (:func:`merged_counts`)."""
+
+    betas: Tuple[float, float]
+    moments_start: int
+    #: the group's counted steps from which a count now apart can share a bucket, or None
+    due: Optional[int]
+
+
 @dataclass
 class _GroupEntry:
     """The buckets of one param group and what they were built from."""
@@ -235,6 +246,15 @@ class _GroupEntry:
     #: ``group_signature``'s bytes of the last few layouts every slot took and checked, most
     #: recent first, each with the slots' ``grad_pointers`` for it.
     layouts: List[Tuple[bytes, Tuple[tuple, ...]]] = field(default_factory=list)
+    #: where its counts of steps sat out share buckets, or can later (:func:`merged_counts`)
+    merge_guard: Optional["_MergeGuard"] = None
+
+    def merge_holds(self, group: Mapping, group_steps_taken: int) -> bool:
+        """False when the group must be built again: its betas or first moment step changed (a merged
+        bucket's corrections may no longer be 1), or a count can now join a bucket."""
+        guard = self.merge_guard
+        return (guard.betas == tuple(map(float, group["betas"])) and guard.moments_start == group.get(MOMENTS_START, 0)
+                and (guard.due is None or group_steps_taken - guard.moments_start < guard.due))
 
     def known_layout(self, signature: bytes) -> Optional[Tuple[tuple, ...]]:
         """The slots' gradient pointers for ``signature`` if it is remembered (it becomes the
@@ -338,12 +358,15 @@ class BucketCache:
         for index, group in enumerate(param_groups):
             params = group["params"]
             entry = self._groups.get(index)
+            # built again below: its counts of steps sat out share buckets otherwise from now
+            regroup = entry is not None and entry.merge_guard is not None and not entry.merge_holds(
+                group, self._steps_taken)
             distributed = entry.distributed if entry is not None else False
             native = (_native_signature(signature_of, params) if signature_of is not None and not distributed
                       else None)
             if native is not None:
                 grads, signature = native
-                known = entry.known_layout(signature) if entry is not None else None
+                known = entry.known_layout(signature) if entry is not None and not regroup else None
                 if known is not None:
                     for slot, pointers in zip(entry.slots, known):  # same tensors, gradients
                         slot.bucket.grads = grads if slot.members is None else _picked(slot, grads)
@@ -358,7 +381,7 @@ class BucketCache:
             except (AttributeError, RuntimeError):  # a param became (or stopped being) a DTensor
                 weight_pointers = None
             has_grad = tuple(map(_has_value, grads))
-            if (entry is None or weight_pointers is None or entry.weight_pointers != weight_pointers
+            if (regroup or entry is None or weight_pointers is None or entry.weight_pointers != weight_pointers
                     or entry.has_grad != has_grad or entry.param_ids != tuple(map(id, params))
                     or entry.weight_strides != tuple(map(_stride_of, weights))
                     or entry.weight_dtypes != tuple(map(_dtype_of, weights))
@@ -374,8 +397,7 @@ class BucketCache:
                     checked = True
                 if entry is not None and weight_pointers is not None and state is not None:
                     refuse_relaid_in_place(params, weights, weight_pointers, entry, state)
-                entry = self._build(index, params, grads, has_grad, init_state, saved_buffer, state,
-                                    group.get(MOMENTS_START, 0))
+                entry = self._build(index, params, grads, has_grad, init_state, saved_buffer, state, group)
                 self._groups[index] = entry
             relaid = False
             for slot in entry.slots:
@@ -427,8 +449,10 @@ class BucketCache:
 
     def _build(self, index: int, params: List[torch.Tensor], grads: List[Optional[torch.Tensor]],
                has_grad: Tuple[bool, ...], init_state, saved_buffer, state: Optional[Mapping],
-               moments_start: int = 0) -> _GroupEntry:
-        """The group's buckets, one per (device, dtype, steps sat out) among params with gradients."""
+               group: Mapping) -> _GroupEntry:
+        """The group's buckets, one per (device, dtype, steps sat out) among params with gradients; the
+        counts whose bias corrections are exactly 1 at this step (:func:`merged_counts`) share one, under 0."""
+        moments_start = group.get(MOMENTS_START, 0)
         self.rebuilds += 1
         for p, grad in zip(params, grads):  # all checked before any state is created
             if grad is not None:
@@ -443,6 +467,8 @@ class BucketCache:
         for position, (p, present) in enumerate(zip(params, has_grad)):
             if present:
                 members.setdefault((p.device, p.dtype, sat_out.get(position, 0)), []).append(position)
+        group_steps = self._steps_taken - moments_start
+        members, merge_guard = merged_counts(members, group, group_steps)
         distributed = any(hasattr(p, "_local_tensor") for p in params)
         slots = []
         for (device, dtype, steps_sat_out), positions in members.items():
@@ -452,14 +478,15 @@ class BucketCache:
                 if position in first:
                     # not in the journal: the count goes with the moments made now, which a failed
                     # step keeps (a retry finds them, and would read no count without it)
-                    p_state[STEPS_SAT_OUT] = steps_sat_out
+                    p_state[STEPS_SAT_OUT] = sat_out[position]
                     p_state.pop(SAT_OUT_SINCE, None)  # a stretch begun without moments (set by hand)
+            own = tuple(sat_out.get(position, 0) for position in positions)
             bucket = Bucket(params=[_local(p) for p in chosen], grads=[],
                             exp_avg=[_local(s["exp_avg"]) for s in states],
                             exp_avg_sq=[_local(s["exp_avg_sq"]) for s in states],
                             saved=[saved_buffer(p) for p in chosen] if saved_buffer is not None else None,
                             device=device, dtype=dtype, group_index=index, tensors_fixed=True,
-                            steps_sat_out=steps_sat_out)
+                            steps_sat_out=steps_sat_out, merged_sat_out=own if len(set(own)) > 1 else ())
             whole = len(positions) == len(params)
             slots.append(_Slot(bucket, params, None if whole else positions,
                                None if whole else operator.itemgetter(*positions),
@@ -467,7 +494,44 @@ class BucketCache:
         weights = [_local(p) for p in params]
         return _GroupEntry(tuple(map(id, params)), tuple(map(_data_ptr, weights)), tuple(map(_stride_of, weights)),
                            has_grad, distributed, slots, tuple(map(_dtype_of, weights)),
-                           tuple(map(_shape_of, weights)))
+                           tuple(map(_shape_of, weights)), merge_guard=merge_guard)
+
+
+def merged_counts(members: Dict[tuple, List[int]], group: Mapping,
+                  group_steps: int) -> Tuple[Dict[tuple, List[int]], Optional[_MergeGuard]]:
+    """``members`` (positions by device, dtype and count of steps sat out) with the counts whose bias
+    corrections are exactly 1 where their dtype computes (:func:`~salsa_fused.backends.base.corrections_are_one`)
+    moved under count 0, whose corrections are then 1 too: at the step after ``group_steps`` counted steps of
+    the group a tensor's ``k`` is at least ``group_steps + 1 - count``, and its corrections stay 1 while ``k``
+    grows and the betas stay. The other counts keep a launch of each pass apiece (an MoE's experts left out
+    of some steps). Also the guard that builds the group again when the betas change or one more count can
+    join a bucket (None: nothing is merged and nothing can be).
+
+    A pass's ``k`` is checked again where its scalars are formed (:meth:`salsa_fused.functional.Passes.of`):
+    a step GradScaler skipped takes ``k`` back."""
+    beta1, beta2 = map(float, group["betas"])
+    merged: Dict[tuple, List[int]] = {}
+    apart: Dict[tuple, List[int]] = {}  # (device, dtype) -> the counts above 0 still apart
+    joined = False
+    for (device, dtype, count), positions in members.items():
+        if count and group_steps + 1 - count >= first_step_corrected_to_one(beta1, beta2, dtype):
+            joined, count = True, 0
+        elif count:
+            apart.setdefault((device, dtype), []).append(count)
+        merged.setdefault((device, dtype, count), []).extend(positions)
+    due = None  # the group's counted steps from which one more count shares a bucket
+    for (device, dtype), counts in apart.items():
+        counts.sort()
+        # the lowest joins count 0's bucket if there is one; else the second lowest joins the lowest
+        joins = counts[0] if (device, dtype, 0) in merged else (counts[1] if len(counts) > 1 else None)
+        if joins is not None:
+            at = first_step_corrected_to_one(beta1, beta2, dtype) - 1 + joins
+            due = at if due is None else min(due, at)
+    if not joined:
+        return members, (None if due is None else _MergeGuard((beta1, beta2), group.get(MOMENTS_START, 0), due))
+    for positions in merged.values():
+        positions.sort()
+    return merged, _MergeGuard((beta1, beta2), group.get(MOMENTS_START, 0), due)
 
 
 

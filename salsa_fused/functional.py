@@ -26,7 +26,7 @@ import torch
 
 from . import _compat as C
 from .applied import GroupStep
-from .backends.base import DIRECTIONS, GRADIENT, RAW, Backend, Bucket, Hyper, Move, PassArgs
+from .backends.base import DIRECTIONS, GRADIENT, RAW, Backend, Bucket, Hyper, Move, PassArgs, corrections_are_one
 from .distributed import SearchReduction
 from .errors import NonFiniteError, caller_stacklevel
 from .line_search import SearchConfig, SearchState, StepPlan
@@ -114,19 +114,29 @@ class Passes:
         decay_level = level if decay_level is None else decay_level
         hypers: Dict[Tuple[int, int], Hyper] = {}
         groups: Dict[int, GroupStep] = {}
+        merged = ()
         for b in buckets:  # once per group and count, not per bucket (a group's dtypes each have one)
+            merged = b.merged_sat_out or merged
             key = (b.group_index, b.steps_sat_out)
             if key not in hypers:
                 group = param_groups[b.group_index]
                 hypers[key] = Hyper.for_step(group, moment_k, b.steps_sat_out)
                 if b.group_index not in groups:
                     groups[b.group_index] = GroupStep.of(group, scale, decay_level)
+        if merged:
+            buckets = apart_where_corrections_differ(buckets, param_groups, moment_k)
+            for b in buckets:
+                if (b.group_index, b.steps_sat_out) not in hypers:
+                    hypers[b.group_index, b.steps_sat_out] = Hyper.for_step(param_groups[b.group_index], moment_k,
+                                                                            b.steps_sat_out)
         return cls(backend, buckets, hypers, groups, grad_scale)
 
     def at_moment_step(self, param_groups: Sequence[dict], moment_k: int) -> "Passes":
         """The same passes with Adam's scalars re-formed at ``moment_k``."""
-        return replace(self, hypers={(i, sat_out): Hyper.for_step(param_groups[i], moment_k, sat_out)
-                                     for i, sat_out in self.hypers})
+        buckets = apart_where_corrections_differ(self.buckets, param_groups, moment_k)
+        keys = set(self.hypers).union((b.group_index, b.steps_sat_out) for b in buckets)
+        return replace(self, buckets=buckets, hypers={(i, sat_out): Hyper.for_step(param_groups[i], moment_k, sat_out)
+                                                      for i, sat_out in keys})
 
     def hyper(self, bucket: Bucket) -> Hyper:
         """Adam's scalars of ``bucket`` at this step."""
@@ -140,6 +150,31 @@ class Passes:
         for b in self.buckets:
             i = b.group_index
             run(b, PassArgs(self.hyper(b), move(self.groups[i], *trials), direction, self.grad_scale))
+
+
+def apart_where_corrections_differ(buckets: List[Bucket], param_groups: Sequence[dict],
+                                   moment_k: int) -> List[Bucket]:
+    """``buckets`` with each bucket of merged counts of steps sat out (``Bucket.merged_sat_out``, built by
+    :func:`salsa_fused.buckets.merged_counts`) whose members' bias corrections at ``moment_k`` are not all
+    exactly 1 split into one bucket per count, each corrected at its own ``k`` (a step GradScaler skipped
+    takes ``k`` back; the betas changed). The others stay as they are."""
+    kept: List[Bucket] = []
+    for b in buckets:
+        if not b.merged_sat_out or corrections_are_one(
+                Hyper.for_step(param_groups[b.group_index], moment_k, max(b.merged_sat_out)), b.dtype):
+            kept.append(b)
+            continue
+        by_count: Dict[int, List[int]] = {}
+        for i, count in enumerate(b.merged_sat_out):
+            by_count.setdefault(count, []).append(i)
+        for count, members in by_count.items():
+            pick = members.__iter__
+            kept.append(replace(b, params=[b.params[i] for i in pick()], grads=[b.grads[i] for i in pick()],
+                                exp_avg=[b.exp_avg[i] for i in pick()], exp_avg_sq=[b.exp_avg_sq[i] for i in pick()],
+                                saved=None if b.saved is None else [b.saved[i] for i in pick()], cache={},
+                                grad_pointers=None if b.grad_pointers is None else tuple(b.grad_pointers[i] for i in pick()),
+                                steps_sat_out=count, merged_sat_out=()))
+    return kept
 
 
 def plain_step(passes: Passes, trial: float, loss: torch.Tensor, found_inf: Optional[torch.Tensor],

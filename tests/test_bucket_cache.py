@@ -674,3 +674,110 @@ def test_weights_tied_after_the_optimizer_took_them_are_refused_with_nothing_wri
                                          r"tied after the optimizer took them"):
         opt.step(lambda: ((a - x) ** 2).sum() + ((b + x) ** 2).sum())
     assert_unchanged(before, snapshot(opt))
+
+
+def _experts_run(backend, steps, merge, betas_later=None):
+    """Eight 4 x 4 experts, each used on a random 80% of ``steps`` steps (its ``.grad`` None otherwise), betas
+    (0.5, 0.5): bias corrections exactly 1 in float32 from a tensor's 25th step. ``merge=False`` keeps every
+    count of steps sat out in a bucket of its own. ``betas_later``: every expert used in the last 10 steps, and
+    these betas in the last 5 (no gradient comes or goes then to build the buckets again). The weights and
+    moments at the end, and the buckets of each step."""
+    generator = torch.Generator().manual_seed(3)
+    experts = [[torch.randn(4, 4, generator=generator).requires_grad_(), torch.zeros(4, requires_grad=True)]
+               for _ in range(8)]
+    params = [p for pair in experts for p in pair]
+    opt = FusedSaLSa(params, backend=backend, betas=(0.5, 0.5))
+    counts = []
+    collect = opt._collect_buckets
+
+    def counted(*args, **kwargs):
+        found = collect(*args, **kwargs)
+        counts.append(len(found))
+        return found
+
+    opt._collect_buckets = counted
+    with mock.patch.object(buckets, "first_step_corrected_to_one",
+                           buckets.first_step_corrected_to_one if merge else lambda *args: 10 ** 9):
+        for k in range(steps):
+            if betas_later is not None and k == steps - 5:
+                opt.param_groups[0]["betas"] = betas_later
+            x = torch.randn(16, 4, generator=generator)
+            used = [pair for pair in experts if torch.rand((), generator=generator) < 0.8] or experts[:1]
+            if betas_later is not None and k >= steps - 10:
+                used = experts
+            opt.zero_grad(set_to_none=True)
+            opt.step(lambda: sum(torch.tanh(x @ w.T + b).pow(2).mean() for w, b in used))
+    state = [opt.state[p][key].clone() for p in params for key in ("exp_avg", "exp_avg_sq")]
+    return [p.detach().clone() for p in params] + state, counts
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_counts_of_steps_sat_out_share_a_bucket_once_their_corrections_are_one_and_step_bitwise_as_apart(backend):
+    merged, merged_counts = _experts_run(backend, 60, merge=True)
+    apart, apart_counts = _experts_run(backend, 60, merge=False)
+    assert all(torch.equal(a, b) for a, b in zip(merged, apart))
+    assert max(merged_counts[-10:]) == 1  # every count's k is past 25 + the counts there
+    assert min(apart_counts[-10:]) > 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_merged_counts_part_again_when_the_betas_change(backend):
+    """From (0.5, 0.5) to (0.5, 0.999) five steps before the end, every expert taking part: a count's corrections
+    are no longer 1, so the merged buckets are built apart again, and every step is still the one the counts
+    apart take."""
+    merged, merged_counts = _experts_run(backend, 60, merge=True, betas_later=(0.5, 0.999))
+    apart, _ = _experts_run(backend, 60, merge=False, betas_later=(0.5, 0.999))
+    assert all(torch.equal(a, b) for a, b in zip(merged, apart))
+    assert max(merged_counts[-10:-5]) == 1 and min(merged_counts[-5:]) > 1
+
+
+def test_first_step_corrected_to_one_is_where_both_corrections_become_one_in_the_dtypes_arithmetic():
+    from salsa_fused.backends.base import Hyper, corrections_are_one, first_step_corrected_to_one
+
+    group = {"betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.0, "lr": 1.0}
+    for dtype, expected in ((torch.float32, 338), (torch.bfloat16, 338), (torch.float64, 730)):
+        k = first_step_corrected_to_one(0.9, 0.95, dtype)
+        assert k == expected
+        # Hyper.for_step corrects at k = step + 1: the step before k is not 1 yet, k and later are
+        assert not corrections_are_one(Hyper.for_step(group, k - 2), dtype)
+        assert all(corrections_are_one(Hyper.for_step(group, step), dtype) for step in range(k - 1, k + 50))
+
+
+def test_a_merged_bucket_is_split_where_a_step_takes_k_back_below_one():
+    """A step GradScaler skipped takes ``k`` back (``Passes.at_moment_step``): a bucket of merged counts whose
+    largest count's corrections are no longer 1 there is split, each count corrected at its own ``k``."""
+    from salsa_fused import functional
+    from salsa_fused.backends import torch_backend
+    from salsa_fused.backends.base import Bucket
+
+    tensors = [torch.full((3,), float(i)) for i in range(9)]
+    bucket = Bucket(params=tensors[:3], grads=tensors[3:6], exp_avg=tensors[6:], exp_avg_sq=tensors[6:], saved=None,
+                    device=torch.device("cpu"), dtype=torch.float32, group_index=0, tensors_fixed=True,
+                    merged_sat_out=(0, 20, 0))
+    group = {"betas": (0.5, 0.5), "eps": 1e-8, "weight_decay": 0.0, "lr": 1.0, "search_lr": 1.0}
+    passes = functional.Passes.of(torch_backend, [bucket], [group], 50, 1.0, 1.0)
+    assert passes.buckets == [bucket]  # k = 31 for count 20: corrections 1
+    split = passes.at_moment_step([group], 40).buckets  # k = 21 for count 20
+    assert [(b.steps_sat_out, b.merged_sat_out) for b in split] == [(0, ()), (20, ())]
+    assert [p.item() for p in split[0].params[0][:1]] == [0.0] and split[1].params == [tensors[1]]
+    assert split[1].grads == [tensors[4]] and split[0].exp_avg == [tensors[6], tensors[8]]
+    assert passes.at_moment_step([group], 40).hyper(split[1]).bias_correction2 == 1 - 0.5 ** 21
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_count_apart_joins_count_0s_bucket_at_its_step_with_no_gradient_coming_or_going(backend):
+    """One tensor sits out steps 2-4, then both take part in every step: two buckets until the one that sat out
+    3 steps has its corrections at 1 (betas (0.5, 0.5): its 25th step, the group's 28th), one from then on."""
+    generator = torch.Generator().manual_seed(4)
+    a, b = torch.randn(5, generator=generator).requires_grad_(), torch.randn(3, generator=generator).requires_grad_()
+    opt = FusedSaLSa([a, b], backend=backend, betas=(0.5, 0.5))
+    counts = []
+    for k in range(40):
+        opt.zero_grad(set_to_none=True)
+        before = opt._buckets.rebuilds
+        opt.step(lambda: a.sin().sum() ** 2 + (b.cos().sum() ** 2 if not 2 <= k <= 4 else 0))
+        counts.append((len([s for entry in opt._buckets._groups.values() for s in entry.slots]),
+                       opt._buckets.rebuilds != before))
+    assert opt.state[b]["steps_sat_out"] == 3
+    assert counts[5] == (2, True) and counts[6:27] == [(2, False)] * 21  # built when b came back
+    assert counts[27] == (1, True) and counts[28:] == [(1, False)] * 12

@@ -20,8 +20,10 @@ increment and ``lr`` the group's multiplier:
 
 from __future__ import annotations
 
+import functools
+import struct
 from dataclasses import dataclass, field
-from typing import List, Optional, Protocol, runtime_checkable
+from typing import List, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 
@@ -58,8 +60,11 @@ class Bucket:
     # ``data_ptr()`` of each gradient when the optimizer has read them already, else None.
     grad_pointers: Optional[tuple] = None
     #: the group's counted steps its tensors took no part in (:data:`STEPS_SAT_OUT`), which their
-    #: bias corrections leave out: a bucket holds tensors that agree on it
+    #: bias corrections leave out: a bucket holds tensors that agree on it, or tensors whose own counts
+    #: (``merged_sat_out``) give corrections of exactly 1 in its kernels' arithmetic, under 0
     steps_sat_out: int = 0
+    #: each tensor's own count where the bucket merged several (:func:`corrections_are_one`), else ``()``
+    merged_sat_out: Tuple[int, ...] = ()
 
     @property
     def numel(self) -> int:
@@ -105,8 +110,8 @@ class Hyper:
         k = max(1, step + 1 - group.get(MOMENTS_START, 0) - steps_sat_out)
         # positional, in the fields' order (beta1, beta2, eps, weight_decay, bias corrections, lr): keywords
         # cost a third more of this frozen class's construction, built once a group and step
-        return cls(beta1, beta2, float(group["eps"]), float(group["weight_decay"]), 1 - beta1 ** k, 1 - beta2 ** k,
-                   float(group.get("search_lr", group["lr"])))
+        return cls(beta1, beta2, float(group["eps"]), float(group["weight_decay"]), bias_correction(beta1, k),
+                   bias_correction(beta2, k), float(group.get("search_lr", group["lr"])))
 
     def shrink(self, decay_step_size: float) -> float:
         """``weight_decay * decay_step_size``: the fraction of the weights decoupled decay takes off (0.0
@@ -118,6 +123,43 @@ class Hyper:
         """``1 - weight_decay * decay_step_size``: what decoupled decay multiplies the weights by
         (exactly 1.0 without decay), in double; every backend takes it from here."""
         return 1 - self.shrink(decay_step_size)
+
+
+def bias_correction(beta: float, k: int) -> float:
+    """Adam's ``1 - beta^k`` at a tensor's ``k``-th step, in double (its one home)."""
+    return 1 - beta ** k
+
+
+_FLOAT32 = struct.Struct("f")
+
+
+def corrections_are_one(hyper: Hyper, dtype: torch.dtype) -> bool:
+    """Whether both bias corrections of ``hyper`` are exactly 1 where a bucket of ``dtype`` computes:
+    every backend rounds them to float32 for weights of 16 or 32 bits, and keeps double for float64.
+    Tensors whose corrections are 1 there step bitwise alike whatever their counts of steps sat out."""
+    if dtype == torch.float64:
+        return hyper.bias_correction1 == 1.0 and hyper.bias_correction2 == 1.0
+    unpack, pack = _FLOAT32.unpack, _FLOAT32.pack
+    return unpack(pack(hyper.bias_correction1))[0] == 1.0 and unpack(pack(hyper.bias_correction2))[0] == 1.0
+
+
+@functools.lru_cache(maxsize=64)
+def first_step_corrected_to_one(beta1: float, beta2: float, dtype: torch.dtype) -> int:
+    """The least ``k >= 1`` from which both of Adam's bias corrections are exactly 1 where a bucket of
+    ``dtype`` computes (:func:`corrections_are_one`): 338 steps for betas (0.9, 0.95) in float32, 17,321
+    for (0.9, 0.999)."""
+    def one(k: int) -> bool:
+        return corrections_are_one(Hyper(beta1, beta2, 0.0, 0.0, bias_correction(beta1, k),
+                                         bias_correction(beta2, k), 0.0), dtype)
+
+    high = 1
+    while not one(high):
+        high *= 2
+    low = high // 2  # not one(low), or low = 0
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if one(middle) else (middle, high)
+    return high
 
 
 @dataclass(frozen=True)
