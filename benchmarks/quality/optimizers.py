@@ -63,6 +63,8 @@ WARMUP_FRACTION = 0.05
 ADAMW_PREFIX = "adamw_"
 #: AdamW at no weight decay, the zoo's schedule otherwise: the second grid of NOTES.md section 78
 ADAMW_WD0_PREFIX = "adamwwd0_"
+#: AdamW with betas (0.9, 0.95), the zoo's schedule and weight decay otherwise: the second grid of NOTES.md section 89
+ADAMW_B95_PREFIX = "adamwb95_"
 LONG_WARMUP_PREFIX = "adamw20_"  # adamw20_<lr>: AdamW with 20% warmup + cosine (a check, not the grid)
 BACKEND = "auto"  # FusedSaLSa's backend in every configuration: "cpp" on the CPU when built (issue 18)
 #: wsdadamw_<lr>: AdamW in the pretrain preset's schedule shape (section 43; not ``adamw_``: the zoo's grid is
@@ -214,9 +216,9 @@ def warmup_cosine(step: int, total_steps: int, warmup: float = WARMUP_FRACTION, 
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _adamw(lr: float, warmup: float = WARMUP_FRACTION, weight_decay: float = WEIGHT_DECAY):
+def _adamw(lr: float, warmup: float = WARMUP_FRACTION, weight_decay: float = WEIGHT_DECAY, betas=(0.9, 0.999)):
     def build(task, model, total_steps) -> Built:
-        opt = torch.optim.AdamW(task.param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999))
+        opt = torch.optim.AdamW(task.param_groups(model, weight_decay), lr=lr, betas=betas)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: warmup_cosine(k, total_steps, warmup))
         return Built(opt, "torch", scheduler=sched)
     return build
@@ -238,6 +240,7 @@ def _adamw_in_preset_shape(lr: float):
 RATE_NAMED: Dict[str, Callable[[float], Callable]] = {
     ADAMW_PREFIX: _adamw,  # the zoo's grid: 5% warm-up, cosine to 10%
     ADAMW_WD0_PREFIX: lambda lr: _adamw(lr, weight_decay=0.0),  # the same at no weight decay (section 78)
+    ADAMW_B95_PREFIX: lambda lr: _adamw(lr, betas=(0.9, 0.95)),  # the same at beta2 0.95 (section 89)
     LONG_WARMUP_PREFIX: lambda lr: _adamw(lr, warmup=0.2),  # a check, not the grid
     PRESET_SHAPE_PREFIX: _adamw_in_preset_shape,  # section 43
 }
@@ -690,6 +693,10 @@ REGISTRY: Dict[str, Callable] = {
     "pretrain_relpeak0.63": _relative_ceiling(0.63, at_peak=True),
     # NOTES.md section 86 (written before its runs): the same rule at larger constants, chosen among on development
     **{f"pretrain_relpeak{k}": _relative_ceiling(k, at_peak=True) for k in (1.0, 1.6)},
+    # NOTES.md section 89 (written before its runs): that preset with Adam's beta2 at 0.95 or 0.99, not 0.999
+    **{f"pretrain_beta2_{beta2}": _early_freeze_preset(1 / 16, backoff_on_loss_rise=True, hold_scale_on_loss_rise=True,
+                                                       decay_from_hold=True, betas=(0.9, beta2))
+       for beta2 in (0.95, 0.99)},
     # NOTES.md section 79 (written before its runs): no decay from the optimizer; the zoo's decayed tensors shrink
     # by 1 - kappa s_t / T per step instead (DecayPerRun), kappa 1: the same over the run whatever the level
     "pretrain_decay_per_run": _decay_per_run(1.0),

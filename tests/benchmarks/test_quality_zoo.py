@@ -204,6 +204,26 @@ def test_the_no_decay_grid_runs_adamw_with_no_weight_decay_on_any_group(tmp_path
     assert not any(c.startswith("adamw_") for c in configs)
 
 
+def test_the_beta2_grid_and_candidates_run_with_their_betas(tmp_path):
+    from benchmarks.quality import optimizers as O
+    from benchmarks.quality.zoo import tasks as Z
+    task = Z.make("cnn_bn_digits", 0, steps=10)
+    betas = {}
+    for name in ("adamw_1e-2", "adamwb95_1e-2", "pretrain_hold_decayfromhold", "pretrain_beta2_0.95",
+                 "pretrain_beta2_0.99"):
+        built = O.build(name, task, task.model(0), 10)
+        betas[name] = {tuple(g["betas"]) for g in built.optimizer.param_groups}
+    assert betas["adamw_1e-2"] == betas["pretrain_hold_decayfromhold"] == {(0.9, 0.999)}
+    assert betas["adamwb95_1e-2"] == betas["pretrain_beta2_0.95"] == {(0.9, 0.95)}
+    assert betas["pretrain_beta2_0.99"] == {(0.9, 0.99)}
+    out = str(tmp_path / "rows.jsonl")
+    assert runner.main(["run", "--tasks", "cnn_bn_digits", "--configs", "adamw_grid_b95", "--seeds", "0",
+                        "--steps", "6", "--out", out]) == 0
+    configs = {r["config"] for r in runner.read_rows([out])}
+    assert {"adamwb95_1e-3", "adamwb95_3e-3", "adamwb95_1e-2"} <= configs
+    assert not any(c.startswith("adamw_") for c in configs)
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="bad seeds"):
         runner.parse_seeds("2-1")

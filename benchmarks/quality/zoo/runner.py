@@ -77,8 +77,8 @@ def optimizer_of(config: str) -> str:
 
 
 #: The AdamW grids ``run --configs`` takes, and the prefix of their rows' configurations: the zoo's (weight
-#: decay 0.1 on matrices) and the same at no weight decay (NOTES.md section 78).
-GRIDS = {"adamw_grid": O.ADAMW_PREFIX, "adamw_grid_wd0": O.ADAMW_WD0_PREFIX}
+#: decay 0.1 on matrices), the same at no weight decay (NOTES.md section 78) and at betas (0.9, 0.95) (section 89).
+GRIDS = {"adamw_grid": O.ADAMW_PREFIX, "adamw_grid_wd0": O.ADAMW_WD0_PREFIX, "adamw_grid_b95": O.ADAMW_B95_PREFIX}
 #: ``summarize(grids=...)``: the zoo's grid alone (every table before section 78), or AdamW tuned over its rate
 #: and its weight decay (the better of both grids per task-length)
 ZOO_GRID = (O.ADAMW_PREFIX,)
@@ -86,7 +86,9 @@ TUNED_OVER_DECAY = (O.ADAMW_PREFIX, O.ADAMW_WD0_PREFIX)
 #: ``scorecard --adamw``: its name -> (the grids, how the card says it)
 ADAMW_DENOMINATORS = {"zoo-grid": (ZOO_GRID, "weight decay 0.1 on matrices"),
                       "no-decay": ((O.ADAMW_WD0_PREFIX,), "no weight decay"),
-                      "tuned-decay": (TUNED_OVER_DECAY, "the better of weight decay 0.1 on matrices and none")}
+                      "tuned-decay": (TUNED_OVER_DECAY, "the better of weight decay 0.1 on matrices and none"),
+                      "tuned-betas": ((O.ADAMW_PREFIX, O.ADAMW_B95_PREFIX),
+                                      "weight decay 0.1 on matrices, the better of betas (0.9, 0.999) and (0.9, 0.95)")}
 
 
 def lr_of(config: str, prefix: str = O.ADAMW_PREFIX) -> Optional[float]:
