@@ -486,7 +486,8 @@ class BucketCache:
                             exp_avg_sq=[_local(s["exp_avg_sq"]) for s in states],
                             saved=[saved_buffer(p) for p in chosen] if saved_buffer is not None else None,
                             device=device, dtype=dtype, group_index=index, tensors_fixed=True,
-                            steps_sat_out=steps_sat_out, merged_sat_out=own if len(set(own)) > 1 else ())
+                            steps_sat_out=steps_sat_out,
+                            merged_sat_out=own if any(count != steps_sat_out for count in own) else ())
             whole = len(positions) == len(params)
             slots.append(_Slot(bucket, params, None if whole else positions,
                                None if whole else operator.itemgetter(*positions),

@@ -781,3 +781,26 @@ def test_a_count_apart_joins_count_0s_bucket_at_its_step_with_no_gradient_coming
     assert opt.state[b]["steps_sat_out"] == 3
     assert counts[5] == (2, True) and counts[6:27] == [(2, False)] * 21  # built when b came back
     assert counts[27] == (1, True) and counts[28:] == [(1, False)] * 12
+
+
+def test_a_bucket_of_one_count_moved_under_0_is_marked_and_split_where_k_is_taken_back():
+    """Two tensors of group 0 sat out steps 2-4 while group 1's took part, and group 0's third sits out from step
+    35: built again there, group 0's bucket holds one count, 3, moved under count 0 (its corrections are 1 with
+    betas (0.5, 0.5)). The bucket still says which counts it holds, so a ``k`` taken back below that splits it (a
+    helper's review found it unmarked, and corrected at count 0's ``k``)."""
+    from salsa_fused import functional
+    from salsa_fused.backends import torch_backend
+
+    generator = torch.Generator().manual_seed(5)
+    a, b, c, d = (torch.randn(4, generator=generator).requires_grad_() for _ in range(4))
+    opt = FusedSaLSa([{"params": [a, b, d]}, {"params": [c]}], backend="torch", betas=(0.5, 0.5))
+    for k in range(40):
+        opt.zero_grad(set_to_none=True)
+        opt.step(lambda: c.sin().sum() ** 2 + ((a * b).sum() ** 2 if not 2 <= k <= 4 else 0)
+                 + (d.cos().sum() ** 2 if k < 35 else 0))
+    (slot,) = opt._buckets._groups[0].slots
+    assert (slot.bucket.steps_sat_out, slot.bucket.merged_sat_out) == (0, (3, 3))
+    passes = functional.Passes.of(torch_backend, [slot.bucket], opt.param_groups, 40, 1.0, 1.0)
+    assert passes.buckets == [slot.bucket]
+    (split,) = passes.at_moment_step(opt.param_groups, 20).buckets  # k = 18 for count 3: not 1 in float32
+    assert (split.steps_sat_out, split.merged_sat_out, split.params) == (3, (), slot.bucket.params)
