@@ -110,8 +110,8 @@ class Hyper:
         k = max(1, step + 1 - group.get(MOMENTS_START, 0) - steps_sat_out)
         # positional, in the fields' order (beta1, beta2, eps, weight_decay, bias corrections, lr): keywords
         # cost a third more of this frozen class's construction, built once a group and step
-        return cls(beta1, beta2, float(group["eps"]), float(group["weight_decay"]), bias_correction(beta1, k),
-                   bias_correction(beta2, k), float(group.get("search_lr", group["lr"])))
+        return cls(beta1, beta2, float(group["eps"]), float(group["weight_decay"]), 1 - beta1 ** k, 1 - beta2 ** k,
+                   float(group.get("search_lr", group["lr"])))
 
     def shrink(self, decay_step_size: float) -> float:
         """``weight_decay * decay_step_size``: the fraction of the weights decoupled decay takes off (0.0
@@ -123,11 +123,6 @@ class Hyper:
         """``1 - weight_decay * decay_step_size``: what decoupled decay multiplies the weights by
         (exactly 1.0 without decay), in double; every backend takes it from here."""
         return 1 - self.shrink(decay_step_size)
-
-
-def bias_correction(beta: float, k: int) -> float:
-    """Adam's ``1 - beta^k`` at a tensor's ``k``-th step, in double (its one home)."""
-    return 1 - beta ** k
 
 
 _FLOAT32 = struct.Struct("f")
@@ -148,9 +143,10 @@ def first_step_corrected_to_one(beta1: float, beta2: float, dtype: torch.dtype) 
     """The least ``k >= 1`` from which both of Adam's bias corrections are exactly 1 where a bucket of
     ``dtype`` computes (:func:`corrections_are_one`): 338 steps for betas (0.9, 0.95) in float32, 17,321
     for (0.9, 0.999)."""
-    def one(k: int) -> bool:
-        return corrections_are_one(Hyper(beta1, beta2, 0.0, 0.0, bias_correction(beta1, k),
-                                         bias_correction(beta2, k), 0.0), dtype)
+    group = {"betas": (beta1, beta2), "eps": 0.0, "weight_decay": 0.0, "lr": 0.0}
+
+    def one(k: int) -> bool:  # Hyper.for_step corrects at k = step + 1
+        return corrections_are_one(Hyper.for_step(group, k - 1), dtype)
 
     high = 1
     while not one(high):
