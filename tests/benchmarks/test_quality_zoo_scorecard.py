@@ -194,6 +194,28 @@ def test_the_card_can_divide_by_adamw_tuned_over_its_weight_decay():
     assert S.command(["f"], "holdout", "cand").endswith("--config cand")
 
 
+def test_the_card_adds_a_row_against_adamw_tuned_over_beta2_and_keeps_its_own_denominator(tmp_path):
+    """NOTES.md section 91: with AdamW at beta2 0.95 at 0.25x the zoo's best on every task, the card still divides by
+    the zoo's grid and says, in one more row, the geomean against the better of the two grids."""
+    rows = []
+    for length in Z.LENGTHS:
+        for task in Z.names("holdout"):
+            rows += _task_rows(task, length, 1.0)
+            rows += [_row(task, f"adamwb95_{lr}", length, seed, loss) for seed in (0, 1)
+                     for lr, loss in (("1e-3", 0.75), ("1e-2", 0.25), ("1e-1", 0.75))]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+    page = tmp_path / "page.md"
+    page.write_text("\n".join(S.markers("holdout")) + "\n")
+    assert runner.main(["scorecard", str(path), "--split", "holdout", "--config", "cand", "--also-adamw",
+                        "tuned-betas", "--update", str(page)]) == 0
+    text = page.read_text()
+    assert "| geomean <= 1.03 | 1.000: met | 1.000: met | 1.000: met |" in text
+    assert ("| against AdamW with weight decay 0.1 on matrices, the better of betas (0.9, 0.999) and (0.9, 0.95) "
+            "(`--adamw tuned-betas`): geomean (tasks above 1.15) | 4.000 (6/6) | 4.000 (6/6) | 4.000 (6/6) |") in text
+    assert "--config cand --also-adamw tuned-betas`" in text
+
+
 def test_the_update_rewrites_only_its_own_block_and_refuses_a_page_without_it(tmp_path):
     page = tmp_path / "page.md"
     text = "intro\n" + "\n".join(S.markers("holdout")) + "\nafter\n"

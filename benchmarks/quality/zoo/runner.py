@@ -740,7 +740,10 @@ def main(argv=None) -> int:
     card.add_argument("--adamw", choices=sorted(ADAMW_DENOMINATORS), default="zoo-grid",
                       help="the AdamW divided by: the zoo's grid (weight decay 0.1 on matrices), the grid at no "
                            "weight decay, or the better of the two per task-length (tuned over its weight decay, "
-                           "NOTES.md section 78)")
+                           "NOTES.md section 78), or the better of the zoo's grid and the same at betas (0.9, 0.95) "
+                           "(tuned over beta2, section 91)")
+    card.add_argument("--also-adamw", choices=sorted(ADAMW_DENOMINATORS), default=None,
+                      help="add a row: the geomean against this AdamW too (section 91)")
     card.add_argument("--one-rate-from", nargs="+", default=None, metavar="FILE",
                       help="add a yardstick: AdamW at one rate on every task, the rate whose ratios have the lowest "
                            "geomean over these rows' development task-lengths (NOTES.md section 82)")
