@@ -14,10 +14,12 @@ README = os.path.join(ROOT, "README.md")
 #: the README's blocks: split -> (files of rows, the recommended configuration's name in them): every row run on one
 #: machine, seeds 0-1 at one commit (NOTES.md sections 73-74) and seeds 2-3 at another (section 77)
 README_BLOCKS = {
-    "validation": (("validation_repro74.jsonl", "validation_seeds23_77.jsonl", "validation_onerate82.jsonl"),
-                   "pretrain_hold_decayfromhold"),
-    "holdout": (("holdout_repro74.jsonl", "holdout_seeds23_77.jsonl", "holdout_onerate82.jsonl"),
+    "validation": (("validation_repro74.jsonl", "validation_seeds23_77.jsonl", "validation_onerate82.jsonl",
+                    "validation_beta91.jsonl"), "pretrain_hold_decayfromhold"),
+    "holdout": (("holdout_repro74.jsonl", "holdout_seeds23_77.jsonl", "holdout_onerate82.jsonl", "holdout_beta91.jsonl"),
                 "pretrain_hold_decayfromhold")}
+#: the second denominator the README's cards add a row for (NOTES.md section 91)
+ALSO_ADAMW = "tuned-betas"
 #: the rows the README's one-rate yardstick is chosen on (NOTES.md section 82)
 ONE_RATE_FROM = ("development.jsonl", "development_onerate82.jsonl")
 
@@ -240,9 +242,11 @@ def test_the_readme_shows_the_committed_rows_as_the_scorecard_reads_them(split):
     chooser = [os.path.relpath(os.path.join(ZOO, name), ROOT) for name in ONE_RATE_FROM]
     chosen = S.one_rate(runner.read_rows([os.path.join(ROOT, f) for f in chooser]))
     assert chosen["config"] == "adamw_3e-2" and not chosen["edge"]
-    card = S.scorecard(runner.read_rows([os.path.join(ROOT, f) for f in files]), split, config,
-                       one_rate=chosen["config"])
-    expected = S.markdown(card, split, config, S.command(files, split, config, one_rate_from=chooser))
+    rows = runner.read_rows([os.path.join(ROOT, f) for f in files])
+    card = S.scorecard(rows, split, config, one_rate=chosen["config"])
+    also = (ALSO_ADAMW, S.scorecard(rows, split, config, runner.ADAMW_DENOMINATORS[ALSO_ADAMW][0]))
+    expected = S.markdown(card, split, config, S.command(files, split, config, one_rate_from=chooser,
+                                                         also_adamw=ALSO_ADAMW), also=also)
     with open(README, encoding="utf-8") as handle:
         assert S.block_of(handle.read(), split) == expected
 
