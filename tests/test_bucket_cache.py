@@ -688,14 +688,6 @@ def _experts_run(backend, steps, merge, betas_later=None):
     params = [p for pair in experts for p in pair]
     opt = FusedSaLSa(params, backend=backend, betas=(0.5, 0.5))
     counts = []
-    collect = opt._collect_buckets
-
-    def counted(*args, **kwargs):
-        found = collect(*args, **kwargs)
-        counts.append(len(found))
-        return found
-
-    opt._collect_buckets = counted
     with mock.patch.object(buckets, "first_step_corrected_to_one",
                            buckets.first_step_corrected_to_one if merge else lambda *args: 10 ** 9):
         for k in range(steps):
@@ -707,6 +699,7 @@ def _experts_run(backend, steps, merge, betas_later=None):
                 used = experts
             opt.zero_grad(set_to_none=True)
             opt.step(lambda: sum(torch.tanh(x @ w.T + b).pow(2).mean() for w, b in used))
+            counts.append(len(opt._buckets._groups[0].slots))
     state = [opt.state[p][key].clone() for p in params for key in ("exp_avg", "exp_avg_sq")]
     return [p.detach().clone() for p in params] + state, counts
 
