@@ -32,6 +32,7 @@ Any other signature, or no extension, takes the Python path.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import operator
 from dataclasses import dataclass, field
@@ -224,6 +225,9 @@ class _MergeGuard:
     moments_start: int
     #: the group's counted steps from which a count now apart can share a bucket, or None
     due: Optional[int]
+    #: the counts of steps sat out present, per (device, dtype), and those moved under 0 (:func:`merge_plan`)
+    present: Mapping[tuple, Tuple[int, ...]]
+    moved: frozenset
 
 
 @dataclass
@@ -249,12 +253,21 @@ class _GroupEntry:
     #: where its counts of steps sat out share buckets, or can later (:func:`merged_counts`)
     merge_guard: Optional["_MergeGuard"] = None
 
-    def merge_holds(self, group: Mapping, group_steps_taken: int) -> bool:
-        """False when the group must be built again: its betas or first moment step changed (a merged
-        bucket's corrections may no longer be 1), or a count can now join a bucket."""
+    def merge_holds(self, group: Mapping, steps_taken: int) -> bool:
+        """False when the group must be built again after ``steps_taken`` steps: its first moment step changed,
+        a count can now join a bucket, or its betas changed and with them which counts share one (a merged
+        bucket's corrections may no longer be 1). Betas that keep the buckets (a scheduler's every step) keep them."""
         guard = self.merge_guard
-        return (guard.betas == tuple(map(float, group["betas"])) and guard.moments_start == group.get(MOMENTS_START, 0)
-                and (guard.due is None or group_steps_taken - guard.moments_start < guard.due))
+        start = group.get(MOMENTS_START, 0)
+        if guard.moments_start != start:
+            return False
+        betas = tuple(map(float, group["betas"]))
+        if betas != guard.betas:
+            moved, due = merge_plan(guard.present, betas, steps_taken - start)
+            if moved != guard.moved:
+                return False
+            guard = self.merge_guard = dataclasses.replace(guard, betas=betas, due=due)
+        return guard.due is None or steps_taken - start < guard.due
 
     def known_layout(self, signature: bytes) -> Optional[Tuple[tuple, ...]]:
         """The slots' gradient pointers for ``signature`` if it is remembered (it becomes the
@@ -502,37 +515,49 @@ def merged_counts(members: Dict[tuple, List[int]], group: Mapping,
                   group_steps: int) -> Tuple[Dict[tuple, List[int]], Optional[_MergeGuard]]:
     """``members`` (positions by device, dtype and count of steps sat out) with the counts whose bias
     corrections are exactly 1 where their dtype computes (:func:`~salsa_fused.backends.base.corrections_are_one`)
-    moved under count 0, whose corrections are then 1 too: at the step after ``group_steps`` counted steps of
-    the group a tensor's ``k`` is at least ``group_steps + 1 - count``, and its corrections stay 1 while ``k``
-    grows and the betas stay. The other counts keep a launch of each pass apiece (an MoE's experts left out
-    of some steps). Also the guard that builds the group again when the betas change or one more count can
-    join a bucket (None: nothing is merged and nothing can be).
+    moved under count 0, whose corrections are then 1 too (:func:`merge_plan`). The other counts keep a launch
+    of each pass apiece (an MoE's experts left out of some steps). Also the guard that builds the group again
+    when the plan changes (None: nothing is merged and nothing can be).
 
     A pass's ``k`` is checked again where its scalars are formed (:meth:`salsa_fused.functional.Passes.of`):
-    a step GradScaler skipped takes ``k`` back."""
-    beta1, beta2 = map(float, group["betas"])
+    a step taken back takes ``k`` back."""
+    betas = tuple(map(float, group["betas"]))
+    counts: Dict[tuple, List[int]] = {}
+    for device, dtype, count in members:
+        counts.setdefault((device, dtype), []).append(count)
+    present = {key: tuple(sorted(found)) for key, found in counts.items()}
+    moved, due = merge_plan(present, betas, group_steps)
+    if not moved and due is None:
+        return members, None
+    guard = _MergeGuard(betas, group.get(MOMENTS_START, 0), due, present, moved)
+    if not moved:
+        return members, guard
     merged: Dict[tuple, List[int]] = {}
-    apart: Dict[tuple, List[int]] = {}  # (device, dtype) -> the counts above 0 still apart
-    joined = False
     for (device, dtype, count), positions in members.items():
-        if count and group_steps + 1 - count >= first_step_corrected_to_one(beta1, beta2, dtype):
-            joined, count = True, 0
-        elif count:
-            apart.setdefault((device, dtype), []).append(count)
-        merged.setdefault((device, dtype, count), []).extend(positions)
-    due = None  # the group's counted steps from which one more count shares a bucket
-    for (device, dtype), counts in apart.items():
-        counts.sort()
-        # the lowest joins count 0's bucket if there is one; else the second lowest joins the lowest
-        joins = counts[0] if (device, dtype, 0) in merged else (counts[1] if len(counts) > 1 else None)
-        if joins is not None:
-            at = first_step_corrected_to_one(beta1, beta2, dtype) - 1 + joins
-            due = at if due is None else min(due, at)
-    if not joined:
-        return members, (None if due is None else _MergeGuard((beta1, beta2), group.get(MOMENTS_START, 0), due))
+        merged.setdefault((device, dtype, 0 if (device, dtype, count) in moved else count), []).extend(positions)
     for positions in merged.values():
         positions.sort()
-    return merged, _MergeGuard((beta1, beta2), group.get(MOMENTS_START, 0), due)
+    return merged, guard
+
+
+def merge_plan(present: Mapping[tuple, Tuple[int, ...]], betas: Tuple[float, float],
+               group_steps: int) -> Tuple[frozenset, Optional[int]]:
+    """Of the counts of steps sat out ``present`` per (device, dtype), the (device, dtype, count) that move under
+    count 0 at the step after ``group_steps`` counted steps of the group: a tensor's ``k`` there is at least
+    ``group_steps + 1 - count``, and its corrections stay 1 while ``k`` grows and the betas stay. Also the
+    group's counted steps from which one more count can share a bucket (None: none can)."""
+    moved = set()
+    due = None
+    for (device, dtype), counts in present.items():
+        full = first_step_corrected_to_one(betas[0], betas[1], dtype)
+        apart = [count for count in counts if count and group_steps + 1 - count < full]
+        moved.update((device, dtype, count) for count in counts if count and group_steps + 1 - count >= full)
+        # the lowest apart joins count 0's bucket if there is one; else the second lowest joins the lowest
+        zero = 0 in counts or len(apart) < sum(1 for count in counts if count)
+        joins = apart[0] if apart and zero else (apart[1] if len(apart) > 1 else None)
+        if joins is not None:
+            due = min(due, full - 1 + joins) if due is not None else full - 1 + joins
+    return frozenset(moved), due
 
 
 

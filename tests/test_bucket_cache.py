@@ -797,3 +797,21 @@ def test_a_bucket_of_one_count_moved_under_0_is_marked_and_split_where_k_is_take
     assert passes.buckets == [slot.bucket]
     (split,) = passes.at_moment_step(opt.param_groups, 20).buckets  # k = 18 for count 3: not 1 in float32
     assert (split.steps_sat_out, split.merged_sat_out, split.params) == (3, (), slot.bucket.params)
+
+
+def test_betas_a_scheduler_moves_every_step_keep_the_buckets_while_the_same_counts_share_one():
+    """beta1 alternating 0.5 / 0.45 every step (a scheduler's momentum cycle) keeps both counts' corrections at 1:
+    no step builds the buckets again. beta2 0.999 then parts them: built again once, apart from there."""
+    generator = torch.Generator().manual_seed(6)
+    a, b = torch.randn(5, generator=generator).requires_grad_(), torch.randn(3, generator=generator).requires_grad_()
+    opt = FusedSaLSa([a, b], backend="torch", betas=(0.5, 0.5))
+    seen = []
+    for k in range(60):
+        if k >= 35:
+            opt.param_groups[0]["betas"] = (0.5 if k % 2 else 0.45, 0.5) if k < 50 else (0.5, 0.999)
+        opt.zero_grad(set_to_none=True)
+        before = opt._buckets.rebuilds
+        opt.step(lambda: a.sin().sum() ** 2 + (b.cos().sum() ** 2 if not 2 <= k <= 4 else 0))
+        seen.append((len(opt._buckets._groups[0].slots), opt._buckets.rebuilds - before))
+    assert seen[28:50] == [(1, 0)] * 22  # merged from the group's 28th step (the test above)
+    assert seen[50] == (2, 1) and seen[51:] == [(2, 0)] * 9
