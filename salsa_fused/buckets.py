@@ -519,8 +519,8 @@ def merged_counts(members: Dict[tuple, List[int]], group: Mapping,
     of each pass apiece (an MoE's experts left out of some steps). Also the guard that builds the group again
     when the plan changes (None: nothing is merged and nothing can be).
 
-    A pass's ``k`` is checked again where its scalars are formed (:meth:`salsa_fused.functional.Passes.of`):
-    a step taken back takes ``k`` back."""
+    Each pass's ``k`` is checked again where its scalars are formed (:meth:`salsa_fused.functional.Passes.of`),
+    since a step taken back lowers it."""
     betas = tuple(map(float, group["betas"]))
     counts: Dict[tuple, List[int]] = {}
     for device, dtype, count in members:
@@ -544,7 +544,8 @@ def merge_plan(present: Mapping[tuple, Tuple[int, ...]], betas: Tuple[float, flo
                group_steps: int) -> Tuple[frozenset, Optional[int]]:
     """Of the counts of steps sat out ``present`` per (device, dtype), the (device, dtype, count) that move under
     count 0 at the step after ``group_steps`` counted steps of the group: a tensor's ``k`` there is at least
-    ``group_steps + 1 - count``, and its corrections stay 1 while ``k`` grows and the betas stay. Also the
+    ``group_steps + 1 - count`` (:meth:`Hyper.for_step <salsa_fused.backends.base.Hyper.for_step>` at the
+    smaller ``moment_step``), and its corrections stay 1 while ``k`` grows and the betas stay. Also the
     group's counted steps from which one more count can share a bucket (None: none can)."""
     moved = set()
     due = None

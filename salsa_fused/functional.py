@@ -156,8 +156,8 @@ def apart_where_corrections_differ(buckets: List[Bucket], param_groups: Sequence
                                    moment_k: int) -> List[Bucket]:
     """``buckets`` with each bucket of merged counts of steps sat out (``Bucket.merged_sat_out``, built by
     :func:`salsa_fused.buckets.merged_counts`) whose members' bias corrections at ``moment_k`` are not all
-    exactly 1 split into one bucket per count, each corrected at its own ``k`` (a step GradScaler skipped
-    takes ``k`` back; the betas changed). The others stay as they are."""
+    exactly 1 split into one bucket per count, each corrected at its own ``k`` (``k`` fell: a step taken back;
+    or the betas changed since the buckets were built). The others stay as they are."""
     kept: List[Bucket] = []
     for b in buckets:
         if not b.merged_sat_out or corrections_are_one(
@@ -168,11 +168,10 @@ def apart_where_corrections_differ(buckets: List[Bucket], param_groups: Sequence
         for i, count in enumerate(b.merged_sat_out):
             by_count.setdefault(count, []).append(i)
         for count, members in by_count.items():
-            pick = members.__iter__
-            kept.append(replace(b, params=[b.params[i] for i in pick()], grads=[b.grads[i] for i in pick()],
-                                exp_avg=[b.exp_avg[i] for i in pick()], exp_avg_sq=[b.exp_avg_sq[i] for i in pick()],
-                                saved=None if b.saved is None else [b.saved[i] for i in pick()], cache={},
-                                grad_pointers=None if b.grad_pointers is None else tuple(b.grad_pointers[i] for i in pick()),
+            kept.append(replace(b, params=[b.params[i] for i in members], grads=[b.grads[i] for i in members],
+                                exp_avg=[b.exp_avg[i] for i in members], exp_avg_sq=[b.exp_avg_sq[i] for i in members],
+                                saved=None if b.saved is None else [b.saved[i] for i in members], cache={},
+                                grad_pointers=None if b.grad_pointers is None else tuple(b.grad_pointers[i] for i in members),
                                 steps_sat_out=count, merged_sat_out=()))
     return kept
 
