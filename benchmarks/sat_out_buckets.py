@@ -60,9 +60,10 @@ def measure(backend: str = "torch", betas=(0.9, 0.95), steps: int = 600, experts
             width: int = 16, batch: int = 32, seed: int = 0) -> Dict[str, object]:
     """The two runs side by side (module docstring); a dict of what they measured."""
     torch.manual_seed(seed)
-    models = {"merged": _Experts(experts, width), "apart": None}
-    models["apart"] = _Experts(experts, width)
-    models["apart"].load_state_dict(models["merged"].state_dict())
+    merged = _Experts(experts, width)
+    apart = _Experts(experts, width)
+    apart.load_state_dict(merged.state_dict())
+    models = {"merged": merged, "apart": apart}
     opts = {name: FusedSaLSa(model.parameters(), backend=backend, betas=tuple(betas)) for name, model in models.items()}
     counts: Dict[str, List[int]] = {name: [] for name in models}
     seconds: Dict[str, List[float]] = {name: [] for name in models}
