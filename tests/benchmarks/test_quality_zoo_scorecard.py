@@ -1,6 +1,7 @@
 """Issue 14's targets read off the zoo's rows (benchmarks/quality/zoo/scorecard.py), and the README's
 blocks, which are that reading of the committed rows."""
 
+import json
 import math
 import os
 
@@ -206,7 +207,7 @@ def test_the_card_adds_a_row_against_adamw_tuned_over_beta2_and_keeps_its_own_de
             rows += [_row(task, f"adamwb95_{lr}", length, seed, loss) for seed in (0, 1)
                      for lr, loss in (("1e-3", 0.75), ("1e-2", 0.25), ("1e-1", 0.75))]
     path = tmp_path / "rows.jsonl"
-    path.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     page = tmp_path / "page.md"
     page.write_text("\n".join(S.markers("holdout")) + "\n")
     assert runner.main(["scorecard", str(path), "--split", "holdout", "--config", "cand", "--also-adamw",
