@@ -6,13 +6,18 @@ and ``examples.*``; the benchmarks hold tens of MB of results), so the sdist lea
 suite that fails at import.
 """
 
+import ast
 import os
+import re
+import shutil
 import subprocess
 import sys
 import sysconfig
 import tarfile
 import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ("*.py", "*.cpp", "*.h", "*.cu", "*.cuh")
@@ -107,3 +112,74 @@ def test_the_package_imports_and_searches_without_numpy():
             for how in ("blocked", "imported")]
     assert all(run.returncode == 0 for run in runs), runs[0].stderr[-2000:] + runs[1].stderr[-2000:]
     assert runs[0].stdout == runs[1].stdout and int(runs[0].stdout.split()[0]) > 30, runs[0].stdout
+
+
+def _oldest_python() -> tuple:
+    """The oldest Python ``setup.py`` declares (``python_requires=">=3.X"``), as ``(3, X)``."""
+    (declared,) = re.findall(r'python_requires=">=(\d+)\.(\d+)"', (ROOT / "setup.py").read_text())
+    return tuple(int(part) for part in declared)
+
+
+def _package_sources():
+    return sorted(path for path in (ROOT / "salsa_fused").rglob("*.py") if "__pycache__" not in path.parts)
+
+
+def test_the_package_uses_no_syntax_or_runtime_typing_newer_than_the_oldest_python_it_declares():
+    """Only one interpreter (3.11) has a torch wheel here, so the package is never run on the oldest Python
+    ``setup.py`` admits. What that Python would refuse at import is checked instead: its grammar
+    (``ast.parse(feature_version=...)``: ``match``, for one), ``X | Y`` of types evaluated at run time (in
+    ``isinstance``, or in annotations of a module without ``from __future__ import annotations``) and the
+    3.10 keywords ``zip(strict=)`` and ``dataclass(kw_only=, slots=)``."""
+    oldest = _oldest_python()
+    found = []
+    for path in _package_sources():
+        name = path.relative_to(ROOT).as_posix()
+        try:
+            ast.parse(path.read_text(), name, feature_version=oldest)
+        except SyntaxError as error:
+            found.append(f"{name}:{error.lineno}: {error.msg}")
+            continue
+        tree = ast.parse(path.read_text(), name)
+        lazy_annotations = any(isinstance(node, ast.ImportFrom) and node.module == "__future__"
+                               and any(alias.name == "annotations" for alias in node.names) for node in tree.body)
+        if oldest >= (3, 10):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                called = getattr(node.func, "id", getattr(node.func, "attr", None))
+                if called in ("isinstance", "issubclass") and len(node.args) == 2 \
+                        and isinstance(node.args[1], ast.BinOp):
+                    found.append(f"{name}:{node.lineno}: a type union X | Y in {called}")
+                keywords = {keyword.arg for keyword in node.keywords}
+                if called == "zip" and "strict" in keywords or called == "dataclass" and keywords & {"kw_only", "slots"}:
+                    found.append(f"{name}:{node.lineno}: {called}({', '.join(sorted(keywords))}) is 3.10+")
+            annotation = getattr(node, "annotation", None) if isinstance(node, (ast.arg, ast.AnnAssign)) else \
+                getattr(node, "returns", None) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else None
+            if annotation is not None and not lazy_annotations \
+                    and any(isinstance(part, ast.BinOp) for part in ast.walk(annotation)):
+                found.append(f"{name}:{node.lineno}: an annotation X | Y evaluated at import")
+    assert not found, f"newer than Python {oldest[0]}.{oldest[1]}: {found}"
+
+
+def test_the_oldest_python_it_declares_compiles_every_module_where_that_interpreter_is_installed():
+    """Where that interpreter is on the machine (pyenv's, on this project's CI), it compiles each module:
+    ``ast``'s ``feature_version`` above is best-effort, that interpreter's own grammar is the real one."""
+    oldest = _oldest_python()
+    version = f"{oldest[0]}.{oldest[1]}"
+    candidates = sorted(str(path) for path in Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")).glob(
+        f"versions/{version}.*/bin/python{version}")) + [shutil.which(f"python{version}")]
+
+    def runs(path) -> bool:  # pyenv's shim is on PATH where the version is not selected, and fails
+        return bool(path) and subprocess.run([path, "-c", "pass"], capture_output=True, timeout=60).returncode == 0
+
+    interpreter = next((path for path in candidates if runs(path)), None)
+    if interpreter is None:
+        pytest.skip(f"no Python {version} interpreter on this machine (pyenv's or on PATH)")
+    code = ("import sys\n"
+            "for path in sys.argv[1:]:\n"
+            "    compile(open(path, encoding='utf-8').read(), path, 'exec')\n"
+            "print(sys.version_info[:2])")
+    done = subprocess.run([interpreter, "-c", code, *map(str, _package_sources())], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(oldest), done.stdout
