@@ -1349,9 +1349,12 @@ class FusedSaLSa(Optimizer, Joinable):
                 continue  # a group built at 0 (api.md's way to hold a layer still) raised by hand: not a scheduler
             start = group.get("initial_lr", group.get("search_lr"))
             if start is not None and group["lr"] != start:
+                was, now = f"{start:g}", f"{group['lr']:g}"
+                if was == now:  # a move below 6 digits (OneCycleLR's first lr) would read "from 0.04 to 0.04"
+                    was, now = repr(float(start)), repr(float(group["lr"]))
                 warnings.warn(
-                    f"a learning-rate scheduler (or a hand edit) moved param_groups[{index}]'s lr from {start:g} to "
-                    f"{group['lr']:g}, and this optimizer has a schedule of its own "
+                    f"a learning-rate scheduler (or a hand edit) moved param_groups[{index}]'s lr from {was} to "
+                    f"{now}, and this optimizer has a schedule of its own "
                     f"({type(self.schedule).__name__}): the applied step is "
                     "the product of the two, shaped twice. Drop the scheduler (or keep it constant) to apply the "
                     "optimizer's schedule alone", UserWarning, stacklevel=caller_stacklevel())

@@ -239,6 +239,25 @@ def test_reduce_lr_on_plateau_on_a_preset_warns_once():
     assert len(stacked) == 1 and "moved param_groups[0]'s lr from 1 to 0.5" in stacked[0], stacked
 
 
+def test_the_warning_tells_the_two_rates_apart_when_they_differ_below_six_digits():
+    """OneCycleLR(max_lr=1.0) on a preset built at lr 0.04 starts lr at 0.040000000000000036: the warning read
+    "moved ... from 0.04 to 0.04" (found by a new-user audit)."""
+    import warnings
+
+    from salsa_fused import presets
+    model, _ = two_group_model()
+    opt = presets.recommended(model.parameters(), total_steps=40, lr=0.04)
+    scheduler = lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=40)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train_with_scheduler(model, opt, scheduler, 2)
+    stacked = [str(w.message) for w in caught if "shaped twice" in str(w.message)]
+    assert len(stacked) == 1, [str(w.message) for w in caught]
+    moved = stacked[0].split("lr from ", 1)[1].split(", and", 1)[0]
+    was, now = moved.split(" to ")
+    assert was != now and float(was) == opt.param_groups[0]["initial_lr"], stacked[0]
+
+
 def test_a_group_built_at_zero_raised_by_hand_on_a_preset_is_not_taken_for_a_scheduler():
     """api.md's way to hold a layer still (a group at lr=0, raised later) is no scheduler: raising it warned
     that the schedule is shaped twice, and used up the one warning a scheduler attached later should get."""
