@@ -19,7 +19,7 @@ ZOO_MD = os.path.join(os.path.dirname(Z.__file__), os.pardir, "ZOO.md")
 
 def test_zoo_md_lists_every_task_with_its_split_and_size():
     text = open(ZOO_MD).read()
-    rows = re.findall(r"^\| (\w+) \| (development|validation|holdout2?|scale) \| .* \| (cycled|stream) \| (\d+) \| (\d+) \|$",
+    rows = re.findall(r"^\| (\w+) \| (development|validation|holdout[23]?|scale) \| .* \| (cycled|stream) \| (\d+) \| (\d+) \|$",
                       text, re.M)
     written = {name: (split, regime, int(steps), int(batch)) for name, split, regime, steps, batch in rows}
     assert written == {s.name: (s.split, s.regime, s.steps, s.batch) for s in Z.SPECS}
@@ -27,12 +27,15 @@ def test_zoo_md_lists_every_task_with_its_split_and_size():
 
 def test_the_split_holds_out_tasks():
     assert len(Z.SPECS) >= 12
-    development, validation, holdout, holdout2, scale = (Z.names(split) for split in Z.SPLITS)
+    development, validation, holdout, holdout2, holdout3, scale = (Z.names(split) for split in Z.SPLITS)
     assert 3 * len(development) <= len(Z.SPECS) and set(development).isdisjoint(validation)
     assert len(holdout) >= 6 and set(holdout).isdisjoint(development + validation)
     assert len(holdout2) >= 4 and set(holdout2).isdisjoint(development + validation + holdout)
+    assert len(holdout3) == 6 and set(holdout3).isdisjoint(development + validation + holdout + holdout2)
+    earlier = {Z.ZOO[name].family for name in development + validation + holdout + holdout2}
+    assert not {Z.ZOO[name].family for name in holdout3} & earlier  # six families the zoo lacked
     # the scale split: validation tasks' data at other widths, under names of their own
-    assert len(scale) == 6 and set(scale).isdisjoint(development + validation + holdout + holdout2)
+    assert len(scale) == 6 and set(scale).isdisjoint(development + validation + holdout + holdout2 + holdout3)
     assert len({Z.ZOO[name].family for name in holdout} - {Z.ZOO[name].family for name in development}) == 6
     assert len({s.family for s in Z.SPECS}) >= 10
     assert {s.regime for s in Z.SPECS} == {"cycled", "stream"}
@@ -455,3 +458,31 @@ def test_a_scale_task_is_its_validation_task_at_another_width():
             model = task.model(0)
             assert w in {p.shape[0] for p in model.parameters() if p.ndim == 2}
             assert math.isfinite(float(task.loss(model, task.batches[0]).detach()))
+
+
+def test_the_third_hold_out_builds_what_its_rows_say():
+    """holdout3 (NOTES.md section 93): the MoE LM leaves an expert no token reaches without a gradient, as an
+    MoE's sat-out experts are; the dropout LM drops in training only; the contrastive loss sees each view's pair."""
+    task = Z.make("lm_moe", 0, steps=2)
+    model = task.model(0)
+    with torch.no_grad():
+        model.router.weight.zero_()  # every router logit 0: argmax takes the first, expert 0, for every token
+    task.loss(model, task.batches[0]).backward()
+    reached = [all(p.grad is not None for p in expert.parameters()) for expert in model.experts]
+    assert reached == [True, False, False, False]
+    assert model.router.weight.grad is not None and float(model.router.weight.grad.abs().sum()) > 0
+
+    task = Z.make("lm_dropout", 0, steps=2)
+    model = task.model(0)
+    assert sorted({m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}) == [0.1]
+    batch = task.batches[0]
+    assert not torch.equal(task.loss(model, batch), task.loss(model, batch))  # two masks
+    model.eval()
+    assert torch.equal(task.loss(model, batch), task.loss(model, batch))
+
+    task = Z.make("contrastive_clusters", 0, steps=2)
+    first, second = task.batches[0]
+    assert first.shape == second.shape == (64, 16) and not torch.equal(first, second)
+    identity = torch.nn.Identity()
+    paired = float(task.loss(identity, (first, first)))  # each view's positive is itself: the easiest pairing
+    assert paired < float(task.loss(identity, (first, second)))

@@ -16,7 +16,8 @@ on the ``development`` tasks, the ``validation`` tasks are only run to report. T
 tasks were added, and committed, before any optimizer ran on them, once the validation tasks had
 been seen by later rounds (quality NOTES section 34): they are only run to report configurations
 already fixed. The ``holdout2`` tasks were committed with section 35's round, before any run, after
-the first hold-out had been seen.
+the first hold-out had been seen; section 92 ran them first. The ``holdout3`` tasks were committed
+with section 93, before any optimizer ran on them, after ``holdout2`` had been seen.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from examples.gpt import GPT, ByteBatches, GPTConfig, load_stdlib_corpus
 
 from ..tasks import SequenceClassifier, Task, digits_task
 
-DEVELOPMENT, VALIDATION, HOLDOUT, HOLDOUT2, SCALE = "development", "validation", "holdout", "holdout2", "scale"
-SPLITS = (DEVELOPMENT, VALIDATION, HOLDOUT, HOLDOUT2, SCALE)
+DEVELOPMENT, VALIDATION, HOLDOUT, HOLDOUT2, HOLDOUT3, SCALE = ("development", "validation", "holdout", "holdout2",
+                                                               "holdout3", "scale")
+SPLITS = (DEVELOPMENT, VALIDATION, HOLDOUT, HOLDOUT2, HOLDOUT3, SCALE)
 # run lengths for later (issue 14: "held on three run lengths per task family"): steps x multiplier
 LENGTHS = {"short": 1 / 3, "default": 1.0, "long": 3.0}
 _CPU = torch.device("cpu")
@@ -631,6 +633,146 @@ def _embedding_topics(seed: int, steps: int) -> Task:
                 _ce_smoothed, val)
 
 
+# ---------------------------------------------------------------------------- third hold-out (section 93)
+class PatchTransformer(nn.Module):
+    """A vision transformer: 3 x 3 patches of a 12 x 12 image (16 tokens) embedded to ``width``, a learned
+    position embedding, one pre-LN encoder block (``heads`` heads, MLP 2x), mean-pooled, a linear head."""
+
+    def __init__(self, width: int = 32, heads: int = 2, classes: int = 4, patch: int = 3, size: int = 12):
+        super().__init__()
+        self.patch = patch
+        self.embed = nn.Linear(patch * patch, width)
+        self.position = nn.Parameter(0.02 * torch.randn((size // patch) ** 2, width))
+        self.block = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, activation="gelu",
+                                                batch_first=True, norm_first=True)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, images):
+        patches = F.unfold(images, self.patch, stride=self.patch).transpose(1, 2)  # (batch, 16, 9)
+        tokens = self.block(self.embed(patches) + self.position)
+        return self.head(self.norm(tokens).mean(1))
+
+
+def _vit_shapes(seed: int, steps: int) -> Task:
+    """The 4 patterns of ``_shapes`` (12 x 12, noise 0.3), fresh images every step, a patch transformer."""
+    batches, val = _fresh(_shapes, 32, steps, seed, 512)
+    return Task("vit_shapes", steps, _CPU, PatchTransformer, batches, _ce_smoothed, val)
+
+
+def _lm_dropout(seed: int, steps: int) -> Task:
+    """The byte GPT of the zoo's LMs (2 layers x 32, 2 heads, T=32) with dropout 0.1 in training: the
+    trial forwards of a search must replay the step's dropout masks."""
+    task = _lm("lm_dropout", 2, 32, 2, 32, 16, 1_000_000)(seed, steps)
+    config = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.1)
+    task.build = lambda: GPT(config)
+    return task
+
+
+class MoEByteLM(nn.Module):
+    """A one-block byte LM whose MLP is a top-1 mixture of ``experts`` GELU MLPs (Switch Transformer):
+    each token goes to the expert of its largest router probability, scaled by that probability; an expert
+    that no token of the batch reaches gets no gradient that step. The loss adds Switch's load-balancing
+    term, 0.01 x experts x sum over experts of (fraction of tokens) x (mean router probability)."""
+
+    def __init__(self, width: int = 32, heads: int = 2, experts: int = 4, block: int = 32, vocab: int = 256):
+        super().__init__()
+        self.token = nn.Embedding(vocab, width)
+        self.position = nn.Embedding(block, width)
+        self.ln_attention, self.ln_mlp, self.ln_final = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.router = nn.Linear(width, experts, bias=False)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+                                     for _ in range(experts))
+        self.head = nn.Linear(width, vocab, bias=False)
+
+    def forward(self, x, y):
+        time = x.shape[1]
+        h = self.token(x) + self.position(torch.arange(time, device=x.device))
+        causal = torch.triu(torch.ones(time, time, dtype=torch.bool, device=x.device), 1)
+        a = self.ln_attention(h)
+        h = h + self.attention(a, a, a, attn_mask=causal, need_weights=False)[0]
+        flat = self.ln_mlp(h).reshape(-1, h.shape[-1])
+        probabilities = F.softmax(self.router(flat), dim=-1)
+        chosen = probabilities.argmax(-1)
+        mixed = torch.zeros_like(flat)
+        for index, expert in enumerate(self.experts):
+            tokens = (chosen == index).nonzero().squeeze(1)
+            if tokens.numel():
+                mixed = mixed.index_add(0, tokens, probabilities[tokens, index, None] * expert(flat[tokens]))
+        h = h + mixed.reshape(h.shape)
+        logits = self.head(self.ln_final(h))
+        fraction = F.one_hot(chosen, len(self.experts)).float().mean(0)
+        balance = len(self.experts) * (fraction * probabilities.mean(0)).sum()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)) + 0.01 * balance
+
+
+def _lm_moe(seed: int, steps: int) -> Task:
+    task = _lm("lm_moe", 1, 32, 2, 32, 8, 1_000_000)(seed, steps)
+    task.build, task.loss_fn = MoEByteLM, lambda model, b: model(b[0], b[1])
+    return task
+
+
+def _poisson_glm(seed: int, steps: int) -> Task:
+    """Convex Poisson regression with a log link: 2048 fixed samples of 20 features (x ~ N(0, I / 4)), counts
+    drawn with rate exp(x . w* + 0.5), |w*| about 2; 16 batches of 128, cycled; a linear model, Poisson NLL."""
+    gen = torch.Generator().manual_seed(_DATA_SEED + 12)
+    w_star = torch.randn(20, generator=gen) * (2.0 / math.sqrt(20))
+
+    def sample(count, g):
+        x = 0.5 * torch.randn(count, 20, generator=g)
+        return x, torch.poisson(torch.exp(x @ w_star + 0.5), generator=g)
+
+    x, y = sample(2048, gen)
+    val = [sample(2048, torch.Generator().manual_seed(_VAL_SEED))]
+    return Task("poisson_glm", steps, _CPU, lambda: nn.Sequential(nn.Linear(20, 1), nn.Flatten(0)),
+                _cycle(_fixed_batches(x, y, 128), steps), lambda model, b: F.poisson_nll_loss(model(b[0]), b[1]), val)
+
+
+def _clusters(count: int, gen: torch.Generator):
+    """Two views of each of ``count`` points: a point of one of 10 fixed Gaussian clusters in 16-D (centres
+    N(0, I), spread 0.5), each view that point plus noise 0.3 with 20% of its coordinates zeroed."""
+    centres = torch.randn(10, 16, generator=torch.Generator().manual_seed(_DATA_SEED + 13))
+    points = centres[torch.randint(10, (count,), generator=gen)] + 0.5 * torch.randn(count, 16, generator=gen)
+
+    def view():
+        kept = (torch.rand(count, 16, generator=gen) >= 0.2).float()
+        return kept * (points + 0.3 * torch.randn(count, 16, generator=gen))
+
+    return view(), view()
+
+
+def _info_nce(model, batch):
+    """SimCLR's loss at temperature 0.2: each view's pair is the positive among the 2N - 1 other views."""
+    z = F.normalize(model(torch.cat(batch)), dim=-1)
+    similarity = (z @ z.T / 0.2).fill_diagonal_(float("-inf"))
+    half = len(batch[0])
+    target = torch.cat([torch.arange(half, 2 * half), torch.arange(half)])
+    return F.cross_entropy(similarity, target)
+
+
+def _contrastive_clusters(seed: int, steps: int) -> Task:
+    batches, val = _fresh(_clusters, 64, steps, seed, 512)
+    return Task("contrastive_clusters", steps, _CPU, lambda: _mlp([16, 64, 64, 32], nn.GELU), batches, _info_nce, val)
+
+
+def _conv_autoencoder_gn(seed: int, steps: int) -> Task:
+    """The waveforms of ``_waves`` (length 64, noise 0.3): 512 fixed signals in 8 batches of 64, cycled,
+    reconstructed through a 1-D conv autoencoder with GroupNorm (16 and 32 channels down by 4, up again)."""
+    x, _ = _waves(512, torch.Generator().manual_seed(_DATA_SEED + 14))
+    val_x, _ = _waves(512, torch.Generator().manual_seed(_VAL_SEED))
+
+    def build():
+        return nn.Sequential(
+            nn.Conv1d(1, 16, 5, stride=2, padding=2), nn.GroupNorm(4, 16), nn.GELU(),
+            nn.Conv1d(16, 32, 5, stride=2, padding=2), nn.GroupNorm(8, 32), nn.GELU(),
+            nn.ConvTranspose1d(32, 16, 4, stride=2, padding=1), nn.GroupNorm(4, 16), nn.GELU(),
+            nn.ConvTranspose1d(16, 1, 4, stride=2, padding=1))
+
+    return Task("conv_autoencoder_gn", steps, _CPU, build, _cycle(_fixed_batches(x, x, 64), steps), _mse,
+                [(val_x, val_x)])
+
+
 # ---------------------------------------------------------------------------- the same tasks at other widths
 def _at_width(build: Callable[[int, int], Task], name: str, model: Callable[[], nn.Module]):
     """``build``'s task (its data, batches and loss) with the model ``model`` builds: the scale split's
@@ -643,7 +785,7 @@ def _at_width(build: Callable[[int, int], Task], name: str, model: Callable[[], 
 
 
 # ---------------------------------------------------------------------------- the zoo and its split
-_D, _V, _H, _H2 = DEVELOPMENT, VALIDATION, HOLDOUT, HOLDOUT2
+_D, _V, _H, _H2, _H3 = DEVELOPMENT, VALIDATION, HOLDOUT, HOLDOUT2, HOLDOUT3
 SPECS: List[Spec] = [
     # development: every choice is made on these
     Spec("lm_small", _D, "transformer LM", "byte GPT 1 layer x 32, 2 heads, T=32",
@@ -723,6 +865,21 @@ SPECS: List[Spec] = [
          _least_squares),
     Spec("embedding_topics", _H2, "bag-of-embeddings classification", "EmbeddingBag 200 x 16 (mean), linear",
          "documents of 20 tokens from 5 topics, fresh samples", "stream", 500, 32, _embedding_topics),
+    # the third hold-out (quality NOTES section 93), committed before any optimizer ran on it: families the zoo
+    # lacked, nearer pretraining (a vision transformer, dropout in an LM, a mixture of experts, a contrastive loss)
+    Spec("vit_shapes", _H3, "vision transformer", "3x3 patches, 1 pre-LN block x 32, 2 heads, mean-pool",
+         "12x12 procedural images (4 patterns + noise 0.3), fresh samples", "stream", 600, 32, _vit_shapes),
+    Spec("lm_dropout", _H3, "transformer LM with dropout", "byte GPT 2 layers x 32, 2 heads, T=32, dropout 0.1",
+         "stdlib .py source bytes (first 1 MB)", "stream", 600, 16, _lm_dropout),
+    Spec("lm_moe", _H3, "mixture-of-experts LM", "1 block x 32, 2 heads, top-1 MoE of 4 GELU MLPs, T=32",
+         "stdlib .py source bytes (first 1 MB), load-balancing loss 0.01", "stream", 600, 8, _lm_moe),
+    Spec("poisson_glm", _H3, "convex: Poisson regression", "linear 20->1, log link",
+         "2048 fixed samples, counts of rate exp(x.w* + 0.5)", "cycled", 1000, 128, _poisson_glm),
+    Spec("contrastive_clusters", _H3, "contrastive (InfoNCE)", "16-64-64-32 GELU, temperature 0.2",
+         "two noisy masked views of points of 10 Gaussian clusters, fresh samples", "stream", 800, 64,
+         _contrastive_clusters),
+    Spec("conv_autoencoder_gn", _H3, "1-D conv autoencoder + GroupNorm", "conv 16, 32 ch stride 2, transposed back",
+         "512 fixed waveforms of length 64 (noise 0.3), reconstructed", "cycled", 1000, 64, _conv_autoencoder_gn),
     # the scale split (quality NOTES section 83): three validation tasks at a third and at three times their
     # width, committed before any run; only run to report whether a level follows the width
     Spec("lm_mid_w16", SCALE, "transformer LM, narrow", "byte GPT 2 layers x 16, 2 heads, T=48",
