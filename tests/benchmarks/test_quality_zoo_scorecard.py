@@ -330,3 +330,28 @@ def test_the_command_refuses_a_one_rate_at_an_end_of_the_development_ladder(tmp_
     with pytest.raises(SystemExit, match="an end of the rates"):
         runner.main(["scorecard", str(rows), "--split", "development", "--config", "adamw_1e-2",
                      "--one-rate-from", str(rows)])
+
+
+def test_pooled_reads_the_ratios_of_several_splits_together_and_names_a_missing_task(capsys, tmp_path):
+    """NOTES.md section 92's pooled figures: one geomean over the tasks of several splits, a task without a
+    ratio left out and named, never read as met."""
+    holdout, holdout2 = sorted(Z.names("holdout")), sorted(Z.names("holdout2"))
+    rows = []
+    for length in Z.LENGTHS:
+        rows += [r for task in holdout for r in _task_rows(task, length, 2.0)]
+        rows += [r for task in holdout2 for r in _task_rows(task, length, 1.0 if task != holdout2[0] else None)]
+    result = S.pooled(rows, ["holdout", "holdout2"], "cand")
+    for length in Z.LENGTHS:
+        entry = result[length]
+        assert len(entry["ratios"]) == len(holdout) + len(holdout2) - 1 and entry["missing"] == [holdout2[0]]
+        count = len(entry["ratios"])
+        assert entry["geomean"] == pytest.approx(2.0 ** (len(holdout) / count))
+        assert entry["above"] == holdout
+    path = str(tmp_path / "rows.jsonl")
+    with open(path, "w") as handle:
+        handle.writelines(json.dumps(r) + "\n" for r in rows)
+    assert runner.main(["pooled", path, "--splits", "holdout,holdout2", "--configs", "cand"]) == 0
+    printed = capsys.readouterr().out
+    assert f"over {len(holdout) + len(holdout2) - 1} ({len(holdout)} above; missing {holdout2[0]})" in printed
+    with pytest.raises(SystemExit):
+        runner.main(["pooled", path, "--splits", "holdout,test", "--configs", "cand"])

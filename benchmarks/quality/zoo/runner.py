@@ -8,6 +8,8 @@
         --control-files CONTROL_ROWS... --split validation --seeds 0-3 --worse-seeds 3
     python -m benchmarks.quality.zoo scorecard benchmarks/quality/results/zoo/validation.jsonl \\
         --split validation --config pretrain_hold --update README.md
+    python -m benchmarks.quality.zoo pooled FILES... --splits validation,holdout,holdout2 \\
+        --configs pretrain_hold_decayfromhold,pretrain_beta2_0.95 --adamw tuned-betas
 
 ``run`` appends one JSON row per finished run (task, split, configuration, seed, final train
 and val loss, applied level, forwards per step, ``best_adamw_lr``, commit, versions, date).
@@ -749,14 +751,20 @@ def main(argv=None) -> int:
                            "geomean over these rows' development task-lengths (NOTES.md section 82)")
     card.add_argument("--update", default=None,
                       help="rewrite this file's block between '<!-- zoo scorecard: SPLIT -->' and its end marker")
+    pool = sub.add_parser("pooled", help="configurations' geomeans over the tasks of several splits together")
+    pool.add_argument("files", nargs="+")
+    pool.add_argument("--splits", required=True, help="comma list, e.g. validation,holdout,holdout2")
+    pool.add_argument("--configs", required=True, help="comma list")
+    pool.add_argument("--adamw", choices=sorted(ADAMW_DENOMINATORS), default="zoo-grid",
+                      help="the AdamW divided by, as in scorecard")
     args = parser.parse_args(argv)
     if getattr(args, "steps", None) is not None and args.steps < 3:
         parser.error(f"--steps must be >= 3 (the presets' search phase needs a step before their cooldown), "
                      f"got {args.steps}")
     try:
-        from .scorecard import command_scorecard
+        from .scorecard import command_pooled, command_scorecard
 
         return {"run": command_run, "table": command_table, "plot": command_plot,
-                "compare": command_compare, "scorecard": command_scorecard}[args.command](args)
+                "compare": command_compare, "scorecard": command_scorecard, "pooled": command_pooled}[args.command](args)
     except ValueError as error:
         parser.error(str(error))

@@ -351,6 +351,48 @@ def chosen_markdown(result: Dict[str, dict], config: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pooled(rows: List[dict], splits: List[str], config: str, grids: Tuple[str, ...] = R.ZOO_GRID) -> Dict[str, dict]:
+    """Per length: the geomean of ``config``'s ratios (:func:`scorecard`'s, against the AdamW of ``grids``) over
+    every task of ``splits`` together, the tasks above ``NO_TASK_ABOVE``, and the tasks without a ratio (left out
+    of the geomean and named: a pooled reading never fills a gap). NOTES.md section 92."""
+    result: Dict[str, dict] = {}
+    for split in splits:
+        for length, card in scorecard(rows, split, config, grids).items():
+            entry = result.setdefault(length, {"ratios": {}, "missing": []})
+            for task in card["tasks"]:
+                if task["ratio"] is None:
+                    entry["missing"].append(task["task"])
+                else:
+                    entry["ratios"][task["task"]] = task["ratio"]
+    for entry in result.values():
+        ratios = entry["ratios"]
+        entry["geomean"] = math.exp(sum(map(math.log, ratios.values())) / len(ratios)) if ratios else None
+        entry["above"] = sorted(name for name, ratio in ratios.items() if ratio > NO_TASK_ABOVE)
+    return result
+
+
+def command_pooled(args) -> int:
+    rows = R.read_rows(args.files)
+    splits, configs = args.splits.split(","), args.configs.split(",")
+    unknown = [split for split in splits if split not in Z.SPLITS]
+    if unknown:
+        raise ValueError(f"--splits: unknown {unknown}; choose from {list(Z.SPLITS)}")
+    results = {config: pooled(rows, splits, config, R.ADAMW_DENOMINATORS[args.adamw][0]) for config in configs}
+    lengths = list(next(iter(results.values())))
+    lines = [f"Pooled over the tasks of {', '.join(splits)}: final train loss / the best AdamW "
+             f"({R.ADAMW_DENOMINATORS[args.adamw][1]}), mean of the seeds; geomean over the tasks with a ratio "
+             f"(tasks above {NO_TASK_ABOVE}; tasks without a ratio).", "",
+             "| configuration | " + " | ".join(lengths) + " |", "|---|" + "---|" * len(lengths)]
+    for config, result in results.items():
+        cells = [f"{R._fmt(result[n]['geomean']) if result[n]['geomean'] is not None else '—'} over "
+                 f"{len(result[n]['ratios'])} ({len(result[n]['above'])} above"
+                 + (f"; missing {', '.join(result[n]['missing'])}" if result[n]["missing"] else "") + ")"
+                 for n in lengths]
+        lines.append(f"| `{config}` | " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+    return 0
+
+
 def command_scorecard(args) -> int:
     rows = R.read_rows(args.files)
     chosen = one_rate(R.read_rows(args.one_rate_from)) if args.one_rate_from else None
