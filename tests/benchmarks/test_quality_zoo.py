@@ -486,3 +486,15 @@ def test_the_third_hold_out_builds_what_its_rows_say():
     identity = torch.nn.Identity()
     paired = float(task.loss(identity, (first, first)))  # each view's positive is itself: the easiest pairing
     assert paired < float(task.loss(identity, (first, second)))
+
+
+def test_a_grid_still_at_its_end_after_the_last_extension_is_warned_about(tmp_path, monkeypatch, capsys):
+    """The runner stops after MAX_EXTENSIONS; a best rate still at the grid's end is said, with the rate to run."""
+    out = str(tmp_path / "rows.jsonl")
+    monkeypatch.setattr(runner, "MAX_EXTENSIONS", 0)
+    monkeypatch.setattr(runner, "grid_edge", lambda rows, task, seeds, prefix: 0.03)
+    assert runner.main(["run", "--tasks", "least_squares", "--configs", "adamw_grid", "--seeds", "0", "--steps", "3",
+                        "--out", out]) == 0
+    printed = capsys.readouterr().out
+    assert "warning: least_squares: after 0 extensions the best AdamW rate is still at an end of the grid adamw_grid" \
+        in printed and "--configs adamw_3e-2 " in printed

@@ -355,3 +355,19 @@ def test_pooled_reads_the_ratios_of_several_splits_together_and_names_a_missing_
     assert f"over {len(holdout) + len(holdout2) - 1} ({len(holdout)} above; missing {holdout2[0]})" in printed
     with pytest.raises(SystemExit):
         runner.main(["pooled", path, "--splits", "holdout,test", "--configs", "cand"])
+
+
+def test_a_grid_whose_best_rate_is_at_its_end_is_named_not_called_bracketing():
+    """holdout2's least squares fit (NOTES.md section 92): the runner stopped at its four extensions with the best
+    rate at the grid's top, and the card said nothing."""
+    names = sorted(Z.names("holdout2"))
+    rows = [r for length in Z.LENGTHS for task in names for r in _task_rows(task, length, 1.0)]
+    plain = S.markdown(S.scorecard(rows, "holdout2", "cand"), "holdout2", "cand", "cmd")
+    assert "Not bracketed" not in plain
+    for r in rows:
+        if r["task"] == names[0] and r["length"] == "long" and r["config"] == "adamw_1e-1":
+            r["final_train_loss"] = 0.5  # the top rate is now the best
+    card = S.scorecard(rows, "holdout2", "cand")
+    assert [t["task"] for t in card["long"]["tasks"] if t["edge"]] == [names[0]]
+    text = S.markdown(card, "holdout2", "cand", "cmd")
+    assert f"Not bracketed (`--adamw zoo-grid`)" in text and f"long: {names[0]}." in text

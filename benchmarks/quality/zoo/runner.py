@@ -354,6 +354,15 @@ def command_run(args) -> int:
             if not extra:
                 break
             rows += _execute(extra, args.out, args.jobs, done, log, rows)
+        else:
+            for t in task_names:
+                steps = args.steps if args.steps is not None else Z.ZOO[t].steps_for(args.length)
+                mine = [r for r in rows if r["task"] == t and r["length"] == args.length and r["steps"] == steps]
+                new = grid_edge(mine, t, seeds, prefix)
+                if new is not None:
+                    log(f"warning: {t}: after {MAX_EXTENSIONS} extensions the best AdamW rate is still at an end of "
+                        f"the grid {config}; the scorecard names it as not bracketed: run "
+                        f"--configs {O.adamw_name(new, prefix)} (and on past it while it wins)")
     return 0
 
 

@@ -23,7 +23,9 @@ resamplings of each task's seeds with replacement (the configuration and the bes
 drawn seeds, the rate kept as the whole sample chose it; a fixed generator, so the card is reproducible).
 
 A task without rows for the configuration, the defaults or a reference at some length fails every target
-of that length it enters: the card never reads a missing task as met. ``--update FILE`` rewrites, in
+of that length it enters: the card never reads a missing task as met. A task whose best AdamW rate is at an
+end of the rates run (the runner stops extending after ``runner.MAX_EXTENSIONS``) is named below the card as
+not bracketed. ``--update FILE`` rewrites, in
 FILE, the text between ``<!-- zoo scorecard: SPLIT -->`` and ``<!-- end zoo scorecard: SPLIT -->``.
 """
 
@@ -303,6 +305,13 @@ def markdown(card: Dict[str, dict], split: str, config: str, command: str, adamw
     if no_grid:
         lines += ["", "Of those, with rows but no complete AdamW grid to divide by (run `--configs adamw_grid` on "
                   "them first): " + "; ".join(f"{n}: {', '.join(m)}" for n, m in no_grid.items()) + "."]
+    for name, scored in [(adamw, card)] + ([also] if also else []):
+        edges = {n: [t["task"] for t in scored[n]["tasks"] if t["edge"]] for n in lengths}
+        edges = {n: tasks for n, tasks in edges.items() if tasks}
+        if edges:  # the runner stops after MAX_EXTENSIONS: the card must not call such a grid bracketing
+            lines += ["", f"Not bracketed (`--adamw {name}`): AdamW's best rate is at an end of the rates run, so its "
+                      "best may lie past it and the ratio may flatter the configuration (run the next rate): "
+                      + "; ".join(f"{n}: {', '.join(tasks)}" for n, tasks in edges.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
