@@ -108,14 +108,14 @@ def _corpus(size: int) -> torch.Tensor:
     return _CORPUS[size]
 
 
-def _lm(name: str, n_layer: int, n_embd: int, n_head: int, block: int, batch: int, corpus: int):
+def _lm(name: str, n_layer: int, n_embd: int, n_head: int, block: int, batch: int, corpus: int, dropout: float = 0.0):
     def build(seed: int, steps: int) -> Task:
         data = ByteBatches(_corpus(corpus), block)
         gen = torch.Generator().manual_seed(seed)
         batches = [data.get("train", batch, gen) for _ in range(steps)]
         val_gen = torch.Generator().manual_seed(_VAL_SEED)
         val = [data.get("val", batch, val_gen) for _ in range(4)]
-        config = GPTConfig(block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=0.0)
+        config = GPTConfig(block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout)
         return Task(name, steps, _CPU, lambda: GPT(config), batches,
                     lambda model, b: model(b[0], b[1])[1], val)
     return build
@@ -660,15 +660,6 @@ def _vit_shapes(seed: int, steps: int) -> Task:
     return Task("vit_shapes", steps, _CPU, PatchTransformer, batches, _ce_smoothed, val)
 
 
-def _lm_dropout(seed: int, steps: int) -> Task:
-    """The byte GPT of the zoo's LMs (2 layers x 32, 2 heads, T=32) with dropout 0.1 in training: the
-    trial forwards of a search must replay the step's dropout masks."""
-    task = _lm("lm_dropout", 2, 32, 2, 32, 16, 1_000_000)(seed, steps)
-    config = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.1)
-    task.build = lambda: GPT(config)
-    return task
-
-
 class MoEByteLM(nn.Module):
     """A one-block byte LM whose MLP is a top-1 mixture of ``experts`` GELU MLPs (Switch Transformer):
     each token goes to the expert of its largest router probability, scaled by that probability; an expert
@@ -870,7 +861,9 @@ SPECS: List[Spec] = [
     Spec("vit_shapes", _H3, "vision transformer", "3x3 patches, 1 pre-LN block x 32, 2 heads, mean-pool",
          "12x12 procedural images (4 patterns + noise 0.3), fresh samples", "stream", 600, 32, _vit_shapes),
     Spec("lm_dropout", _H3, "transformer LM with dropout", "byte GPT 2 layers x 32, 2 heads, T=32, dropout 0.1",
-         "stdlib .py source bytes (first 1 MB)", "stream", 600, 16, _lm_dropout),
+         "stdlib .py source bytes (first 1 MB)", "stream", 600, 16,
+         # dropout in training: the trial forwards of a search must replay the step's dropout masks
+         _lm("lm_dropout", 2, 32, 2, 32, 16, 1_000_000, dropout=0.1)),
     Spec("lm_moe", _H3, "mixture-of-experts LM", "1 block x 32, 2 heads, top-1 MoE of 4 GELU MLPs, T=32",
          "stdlib .py source bytes (first 1 MB), load-balancing loss 0.01", "stream", 600, 8, _lm_moe),
     Spec("poisson_glm", _H3, "convex: Poisson regression", "linear 20->1, log link",
