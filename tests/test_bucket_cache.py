@@ -36,6 +36,20 @@ class NeverSearch:
         return False
 
 
+class SearchEvery:
+    """A search on steps 1, 1 + n, 1 + 2n, ...: trials on the buckets of those steps at a fraction of the
+    default rule's searches (it searches on nearly every step while the level moves)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def scale(self, step):
+        return 1.0
+
+    def searches(self, step):
+        return step % self.n == 1
+
+
 def _params():
     generator = torch.Generator().manual_seed(0)
     shapes = [(3, 4), (3,), (1, 3), (1,)]
@@ -677,16 +691,17 @@ def test_weights_tied_after_the_optimizer_took_them_are_refused_with_nothing_wri
 
 
 def _experts_run(backend, steps, merge, betas_later=None):
-    """Eight 4 x 4 experts, each used on a random 80% of ``steps`` steps (its ``.grad`` None otherwise), betas
-    (0.5, 0.5): bias corrections exactly 1 in float32 from a tensor's 25th step. ``merge=False`` keeps every
+    """Five 4 x 4 experts, each used on a random 80% of ``steps`` steps (its ``.grad`` None otherwise), betas
+    (0.5, 0.5): bias corrections exactly 1 in float32 from a tensor's 25th step; a search every 6th step, on merged
+    buckets too. ``merge=False`` keeps every
     count of steps sat out in a bucket of its own. ``betas_later``: every expert used in the last 10 steps, and
     these betas in the last 5 (no gradient comes or goes then to build the buckets again). The weights and
     moments at the end, and the buckets of each step."""
     generator = torch.Generator().manual_seed(3)
     experts = [[torch.randn(4, 4, generator=generator).requires_grad_(), torch.zeros(4, requires_grad=True)]
-               for _ in range(8)]
+               for _ in range(5)]
     params = [p for pair in experts for p in pair]
-    opt = FusedSaLSa(params, backend=backend, betas=(0.5, 0.5))
+    opt = FusedSaLSa(params, backend=backend, betas=(0.5, 0.5), schedule=SearchEvery(6))
     counts = []
     with mock.patch.object(buckets, "first_step_corrected_to_one",
                            buckets.first_step_corrected_to_one if merge else lambda *args: 10 ** 9):
