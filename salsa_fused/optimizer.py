@@ -50,7 +50,7 @@ from .rules import (Batches, check_arguments, check_rule_state, checked_directio
                     plan_without_search, resolve_rule, step_batches)
 from .step_size import (applied_scale, backs_off_on_loss_rise, check_freeze_below, check_freeze_rule,
                         freeze_if_collapsed, observe_search_loss, schedule_searches, warn_collapsed_level,
-                        unwrapped, warn_past_end)
+                        warn_past_end)
 
 LossClosure = Callable[[], Union[torch.Tensor, float]]
 
@@ -1751,15 +1751,15 @@ class FusedSaLSa(Optimizer, Joinable):
                            decay_level=self._decay_level(plan.state))
 
     def _decay_level(self, state: SearchState) -> float:
-        """The level the weight decay of this step multiplies: ``eta``, except before any search when
-        ``init_step_size`` was not given. That level is a placeholder (1.0), not a rate: decaying by it
-        shrank every trial of the first search by ``weight_decay`` itself (10% at 0.1) whatever the trial,
-        so on a trained model every trial failed and the level collapsed. Until a search sets it, no decay.
-        Not under a ``schedule`` (the presets): its scale at the first step (a warm-up's start) already makes
-        that decay small, and the preset's measured runs (docs/quality.md) decay there; they stay as measured.
-        A beam's or a factor search's multiplier on no schedule of the caller's (a :class:`ScaledSchedule`
-        around none) is no schedule here: its scale at the first step is 1."""
-        if state.num_searches == 0 and not self._init_step_size_given and unwrapped(self.schedule) is None:
+        """The level the weight decay of this step multiplies: ``eta``, except up to and on the first search
+        when ``init_step_size`` was not given. That level is a placeholder (1.0), not a rate: decaying by it
+        shrank every trial of the first search by ``weight_decay`` times the step's scale whatever the trial
+        (10% at 0.1 with no schedule; 2% under the preset's warm-up on a 50-step run), so on a trained model
+        every trial failed and the level collapsed (under the preset, frozen there for the rest of the run).
+        Until a search sets it, no decay. A schedule that forbids this step's search applies the placeholder
+        as the level, and decays by it as it moves by it."""
+        if (state.num_searches == 0 and not self._init_step_size_given
+                and schedule_searches(self.schedule, state, state.step)):
             return 0.0
         return state.step_size
 

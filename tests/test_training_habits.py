@@ -816,6 +816,42 @@ def test_weight_decay_on_a_trained_model_does_not_make_the_first_search_fail_und
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_the_preset_on_a_trained_model_does_not_decay_by_the_placeholder_level(backend):
+    """A user fine-tunes a trained model with presets.recommended(..., total_steps=50). Its warm-up scales the
+    first step by 0.2, and the first search's trials decayed the matrices by 0.1 * 0.2 * the placeholder level
+    1.0 = 2% whatever the trial: every trial failed, the loss rose 17,000x, and the preset's freeze_below froze
+    the level at 2e-10 for the rest of the run. Its first search now decays by nothing, as with no schedule."""
+    from salsa_fused import presets
+    torch.manual_seed(1)
+    x = torch.randn(64, 32)
+    y = x[:, :1].sin()
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 1))
+    warm = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        warm.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        warm.step()
+    trained = {key: value.clone() for key, value in model.state_dict().items()}
+    ends = {}
+    for weight_decay in (0.1, 0.0):
+        model.load_state_dict(trained)
+        opt = presets.recommended(model.parameters(), total_steps=50, weight_decay=weight_decay, backend=backend)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.zero_grad()
+            first = opt.step(lambda: F.mse_loss(model(x), y))
+            for _ in range(9):
+                opt.zero_grad()
+                opt.step(lambda: F.mse_loss(model(x), y))
+        assert not [w for w in caught if "every trial" in str(w.message)]
+        assert not opt.search_state.frozen_at
+        ends[weight_decay] = (opt.step_size, F.mse_loss(model(x), y).item(), first.item())
+    (level, loss, start), (level_without, loss_without, _) = ends[0.1], ends[0.0]
+    assert level_without / 2 < level < level_without * 2
+    assert loss < start and loss < 2 * loss_without
+
+
 @pytest.mark.parametrize("lr, warned", [(1e-4, True), (1.0, False), (0.0, False)])
 def test_a_group_added_mid_run_with_an_adamw_style_lr_warns(lr, warned):
     """A user unfreezes a layer mid-run and adds it as AdamW users do, add_param_group({..., "lr": 1e-4}):
