@@ -574,6 +574,12 @@ class FusedSaLSa(Optimizer, Joinable):
                     "AdamW's lr * weight_decay, it must stay below 1); nothing was written")
 
     def add_param_group(self, param_group: dict) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, as torch.optim takes it ({{'params': [...], ...}}), got "
+                            f"{type(param_group).__name__}; nothing was added")
+        if "params" not in param_group:
+            raise ValueError(f"param_group has no 'params' (its keys: {sorted(map(str, param_group))}); nothing "
+                             "was added")
         _refuse_unsupported_flags(**{name: param_group[name] for name in _UNSUPPORTED_FLAGS if name in param_group})
         params = param_group["params"]
         _refuse_a_set(params)

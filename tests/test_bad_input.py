@@ -472,6 +472,23 @@ _BAD_GROUP = [
 ]
 
 
+@pytest.mark.parametrize("group, error, message", [
+    (lambda extra: [extra], TypeError, r"param_group must be a dict, as torch.optim takes it .*got list"),
+    (lambda extra: ({"params": [extra]},), TypeError, "got tuple"),
+    (lambda extra: {"param": [extra]}, ValueError, r"param_group has no 'params' \(its keys: \['param'\]\)"),
+])
+def test_add_param_group_of_something_other_than_a_dict_with_params_is_named(group, error, message):
+    """AdamW's habit: opt.add_param_group([extra]) said "list indices must be integers or slices, not str",
+    torch's own check never reached; a dict without "params" said KeyError: 'params'."""
+    model, opt = _trained()
+    extra = torch.nn.Parameter(torch.ones(3))
+    before = snapshot(opt)
+    with pytest.raises(error, match=message):
+        opt.add_param_group(group(extra))
+    assert_unchanged(before, snapshot(opt))
+    assert len(opt.param_groups) == 1 and extra not in opt.state
+
+
 @pytest.mark.parametrize("group, message", _BAD_GROUP, ids=[str(k) for k, _ in _BAD_GROUP])
 def test_out_of_range_hyperparameters_in_add_param_group(group, message):
     model, opt = _trained()
