@@ -918,8 +918,10 @@ class FusedSaLSa(Optimizer, Joinable):
                 "the checkpoint has moments but no search state (no param group has 'search'): it was saved "
                 "by another optimizer, or through torch.distributed.checkpoint with "
                 "flatten_optimizer_state_dict=True, which drops it; the search starts over from "
-                "init_step_size, with the step counter at 0 (and no parameter's count of steps sat out); "
-                "each group keeps its own lr and search_lr (another optimizer's lr is its rate, not a multiplier "
+                "init_step_size, with the step counter at 0 (and no parameter's count of steps sat out), so "
+                "Adam's bias corrections start over on moments that are already averaged (the first step's "
+                "direction is sqrt(1 - beta2) / (1 - beta1) of the uncorrected one, 0.32 at (0.9, 0.999), back to 1 "
+                "as the count grows); each group keeps its own lr and search_lr (another optimizer's lr is its rate, not a multiplier "
                 "on the searched level)", UserWarning, stacklevel=2)
         # another optimizer's foreach/fused (AdamW keeps them in every group) chose its own kernels, not ours
         dropped = () if carriers else _BACKEND_FLAGS
