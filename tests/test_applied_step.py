@@ -168,10 +168,12 @@ def test_guard_failed_search_moves_along_momentum_with_the_scaled_step_and_decay
 
 def test_bug_search_step_decay_follows_the_schedule():
     """Issue 15 (a): warm-up, weight decay 0.1, zero gradient: a search step shrinks the weights
-    by ``1 - wd * lr * scale * eta`` as a plain step of the same schedule does (was 0.900)."""
+    by ``1 - wd * lr * scale * eta`` as a plain step of the same schedule does (was 0.900). The level is
+    given (``init_step_size``): the placeholder decays nothing before the first search
+    (tests/test_training_habits.py)."""
     schedule = WarmupStableDecay(100, warmup=0.5, decay=0.2)
     w = torch.ones(4, requires_grad=True)
-    opt = scripted_losses(FusedSaLSa([w], backend="torch", weight_decay=0.1, schedule=schedule))
+    opt = scripted_losses(FusedSaLSa([w], backend="torch", weight_decay=0.1, schedule=schedule, init_step_size=1.0))
     w.grad = torch.zeros(4)
     opt.mark_forward()  # scripted losses: the caller's loss is the trials' reference
     opt.step(lambda: pytest.fail("no trial"), loss=torch.tensor(1.0))
