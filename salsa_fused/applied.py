@@ -21,8 +21,7 @@ trials always probe at the probe multiplier, a warmup of ``lr`` scales only the 
 
 The decay is the plain step's on every pass of a search too, so a search step and a plain
 step of the same schedule shrink the weights alike. Up to and on the first search, with ``init_step_size``
-not given, the decay's ``eta`` is 0 (``FusedSaLSa._decay_level``; unless a schedule forbids that step's search):
-the placeholder level 1.0 is no rate. ``FusedSaLSa.applied_steps`` reads :meth:`GroupStep.plain` for the next step.
+not given, the decay's ``eta`` is 0 (``FusedSaLSa._decay_level``): the placeholder level 1.0 is no rate. ``FusedSaLSa.applied_steps`` reads :meth:`GroupStep.plain` for the next step.
 """
 
 from __future__ import annotations

@@ -1764,10 +1764,9 @@ class FusedSaLSa(Optimizer, Joinable):
         shrank every trial of the first search by ``weight_decay`` times the step's scale whatever the trial
         (10% at 0.1 with no schedule; 2% under the preset's warm-up on a 50-step run), so on a trained model
         every trial failed and the level collapsed (under the preset, frozen there for the rest of the run).
-        Until a search sets it, no decay. A schedule that forbids this step's search applies the placeholder
-        as the level, and decays by it as it moves by it."""
-        if (state.num_searches == 0 and not self._init_step_size_given
-                and schedule_searches(self.schedule, state, state.step)):
+        Until a search sets it, no decay (a schedule that stops the search before any search ran is refused
+        at that step)."""
+        if state.num_searches == 0 and not self._init_step_size_given:
             return 0.0
         return state.step_size
 
