@@ -1156,7 +1156,7 @@ class FusedSaLSa(Optimizer, Joinable):
         forget_autocast_casts()
         with torch.no_grad():
             try:
-                value = closure()
+                value = _call_plain(closure)
             except RuntimeError as error:
                 if _NO_GRAPH in str(error):
                     raise RuntimeError(CLOSURE_BACKWARD_AT_TRIAL.format(what=what)) from error
@@ -1610,7 +1610,7 @@ class FusedSaLSa(Optimizer, Joinable):
             rng_before = RNGSnapshot.capture(devices) if plan.is_search else None
             running_at_start = self._running_statistics() if plan.is_search else []
             with torch.enable_grad():
-                value = closure()
+                value = _call_plain(closure)
             # torch's closure convention, backward(retain_graph=True) too; new tensors of zeros are not
             # a backward's (DDP's gradient_as_bucket_view swaps .grad for bucket views in a forward)
             if self._has_new_gradients() and not self._remember_if_zeros():
@@ -2342,6 +2342,32 @@ def _takes_an_index(closure) -> bool:
     except ValueError:  # no signature to read (a builtin): assume it does
         return True
     return True
+
+
+def _wants_an_index(closure) -> bool:
+    """Whether ``closure`` cannot be called with no argument but can with one (a batch index)."""
+    try:
+        signature = inspect.signature(closure)
+    except ValueError:  # no signature to read (a builtin)
+        return False
+    try:
+        signature.bind()
+    except TypeError:
+        return _takes_an_index(closure)
+    return False
+
+
+def _call_plain(closure):
+    """``closure()``, with the contract named when the closure wants a batch index."""
+    try:
+        return closure()
+    except TypeError as error:
+        if not _wants_an_index(closure):
+            raise
+        raise TypeError("this FusedSaLSa's search rule reads one batch per step, so its closure takes no "
+                        "argument: closure() runs the forward pass and returns the loss; the closure given "
+                        "wants a batch index (closure(i) is search_rule='labpal' or 'labpal_sgd', and "
+                        "StepSizeBeam.step)") from error
 
 
 def _call_indexed(closure, index: int):

@@ -472,6 +472,34 @@ _BAD_GROUP = [
 ]
 
 
+@pytest.mark.parametrize("form", ["one-phase", "two-phase"])
+@pytest.mark.parametrize("rule", ["salsa", "sls", "alsals"])
+def test_a_closure_that_wants_a_batch_index_is_named_under_a_one_batch_rule(rule, form):
+    """A user back from search_rule='labpal' keeps closure(i): the error was Python's "missing 1 required
+    positional argument: 'i'"; it names the contract now, nothing written. A TypeError the closure's own body
+    raises is its own."""
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), search_rule=rule, backend="torch")
+    x, y = _X, _Y
+    kwargs = {}
+    if form == "two-phase":
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        kwargs["loss"] = loss
+    before = snapshot(opt)
+    with pytest.raises(TypeError, match=r"reads one batch per step, so its closure takes no argument: closure\(\) "
+                                        r"runs the forward .* the closure given wants a batch index"):
+        opt.step(lambda i: F.mse_loss(model(x), y), **kwargs)
+    assert_unchanged(before, snapshot(opt))
+    opt.zero_grad()
+
+    def own_error():
+        raise TypeError("the closure's own")
+
+    with pytest.raises(TypeError, match="^the closure's own$"):
+        opt.step(own_error)
+
+
 @pytest.mark.parametrize("group, error, message", [
     (lambda extra: [extra], TypeError, r"param_group must be a dict, as torch.optim takes it .*got list"),
     (lambda extra: ({"params": [extra]},), TypeError, "got tuple"),
