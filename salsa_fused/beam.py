@@ -52,7 +52,7 @@ import torch
 from ._rng import RNGSnapshot
 from .errors import NonFiniteError, checked_int
 from .line_search import FLOAT32_MAX, FLOAT32_TINY
-from .optimizer import CALL_NAME, FusedSaLSa, _torch_hooks_suspended, running_statistics
+from .optimizer import CALL_NAME, FusedSaLSa, _takes_an_index, _torch_hooks_suspended, running_statistics
 from .step_size import ScaledSchedule, check_factors, check_installed, is_number, scaled_by
 
 #: Options of earlier versions, removed after their ablations lost (benchmarks/quality/NOTES.md
@@ -247,6 +247,10 @@ class StepSizeBeam:
         """Step ``calls`` of the run (running the beam first at a beam step); returns the loss."""
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        if not _takes_an_index(closure):
+            raise TypeError("StepSizeBeam's closure takes the batch index: closure(i) returns the loss of the i-th "
+                            "batch from the current step on (i = 0: this step's); the closure given takes no "
+                            "argument. Nothing was stepped")
         check_installed(self.optimizer.schedule, self)
         before = (self.multiplier, len(self.decisions))
         if self.calls in self.beam_steps:
@@ -278,9 +282,10 @@ class StepSizeBeam:
         given = self.buffers
         snapshot = _Snapshot(self.optimizer, running_statistics(self.optimizer.model) if given is None else given)
         losses: List[float] = []
+        failures: List[tuple] = []  # per branch that diverged: (its step, the error or None for a non-finite loss)
         try:
             for f in self.factors:
-                losses.append(self._branch(closure, steps, cool, self.multiplier * f))
+                losses.append(self._branch(closure, steps, cool, self.multiplier * f, failures))
                 snapshot.restore()
             scores = dict(zip(self.factors, losses))
         except BaseException:
@@ -291,6 +296,11 @@ class StepSizeBeam:
             snapshot.release()
         if not any(math.isfinite(x) for x in scores.values()):
             self._applied_multiplier = self.multiplier
+            if all(at == 0 for at, _ in failures):  # each branch's first step, from the same weights
+                raise NonFiniteError(
+                    f"every branch of the beam at step {self.calls} failed at its first step, from the current "
+                    "weights, before its factor moved anything, so the fault is closure(0) at these weights, not a "
+                    f"factor: {failures[0][1] or 'its loss was not finite'}. Nothing was stepped")
             raise NonFiniteError(f"every branch of the beam at step {self.calls} diverged "
                                  f"(horizon losses {losses}): no factor to keep")
         best = min(scores, key=lambda f: (scores[f], abs(math.log(f))))
@@ -311,7 +321,8 @@ class StepSizeBeam:
             return True  # x1 diverged; ``best`` is finite (checked before)
         return scores[best] < keep - self.move_margin * abs(keep)
 
-    def _branch(self, closure: IndexedClosure, steps: int, cool: int, multiplier: float) -> float:
+    def _branch(self, closure: IndexedClosure, steps: int, cool: int, multiplier: float,
+                failures: List[tuple]) -> float:
         """``steps`` steps at ``multiplier``, then ``cool`` at a linearly falling one: the mean loss of
         the cooldown's steps (of the first ``steps`` without one); inf if a step raised
         NonFiniteError or a loss was NaN/inf (under data parallelism, a NonFiniteError the closure raised
@@ -319,7 +330,8 @@ class StepSizeBeam:
         and ClosureFailedOnAnotherRank on the other ranks; raised on every rank, it is an agreed divergence:
         NonFiniteOnEveryRank on every rank, inf). Counts the branch's forwards. Under data parallelism
         each step's loss is averaged over the optimizer's loss group first, so every rank scores,
-        leaves and keeps alike (a rank's own loss kept different factors on different ranks)."""
+        leaves and keeps alike (a rank's own loss kept different factors on different ranks). A branch that
+        diverges appends (its step, the NonFiniteError or None) to ``failures``."""
         opt = self.optimizer
         opt._collapse_checked = True  # a branch that runs past the freeze does not warn: the run checks its own
         total = 0.0
@@ -347,10 +359,12 @@ class StepSizeBeam:
                     # peers raise ClosureFailedOnAnotherRank (a diverged branch here and an error there parted
                     # the ranks' collectives), so this rank raises
                     raise
+                failures.append((i, error))
                 return math.inf
             (loss,) = opt.reduction.average_loss(
                 local.detach().reshape(1).to(device=opt._device, dtype=torch.float32)).tolist()
             if not math.isfinite(loss):
+                failures.append((i, None))
                 return math.inf
             total += loss
         return total / (cool if cool else steps)

@@ -353,6 +353,50 @@ def test_a_diverging_branch_scores_inf_and_every_branch_diverging_raises():
         assert torch.equal(p, w)
 
 
+@pytest.mark.parametrize("at_beam_step", [True, False])
+def test_a_closure_without_the_batch_index_is_named_and_nothing_is_counted(at_beam_step):
+    """beam.step(lambda: loss) said Python's "takes 0 positional arguments but 1 was given" and, at a beam step,
+    counted a branch forward that never ran."""
+    model, opt, beam, data = _beam_after_ten_steps()
+    if not at_beam_step:
+        beam.step(lambda i: loss_on(model, data[10 + i]))
+    weights = [p.detach().clone() for p in model.parameters()]
+    calls, forwards, state = beam.calls, beam.branch_forward_evals, copy.deepcopy(opt.state_dict())
+    with pytest.raises(TypeError, match=r"StepSizeBeam's closure takes the batch index: closure\(i\) .* takes no "
+                                        r"argument\. Nothing was stepped"):
+        beam.step(lambda: loss_on(model, data[calls]))
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    assert (beam.calls, beam.branch_forward_evals) == (calls, forwards)
+    assert opt.state_dict()["param_groups"] == state["param_groups"]
+
+
+def test_a_non_finite_loss_at_the_current_weights_is_named_as_closure_0s_not_as_every_factor_diverging():
+    """A NaN of closure(0) at a beam step fails every branch at its first step, from the same weights: the
+    error said "every branch of the beam diverged", as if the factors had; it names closure(0) now."""
+    model, opt, beam, data = _beam_after_ten_steps()
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+
+    def nan_now(i):
+        loss = loss_on(model, data[10 + i])
+        return loss * math.nan if i == 0 else loss
+
+    with pytest.raises(NonFiniteError, match=r"every branch of the beam at step 10 failed at its first step, from "
+                                             r"the current weights, .* closure\(0\) at these weights, not a factor: "
+                                             r"non-finite loss nan"):
+        beam.step(nan_now)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    after = opt.state_dict()
+    assert after["param_groups"] == state["param_groups"]
+    for key, value in state["state"].items():
+        for name, was in value.items():
+            now = after["state"][key][name]
+            assert torch.equal(now, was) if isinstance(was, torch.Tensor) else now == was
+    assert beam.calls == 10 and not beam.decisions
+    beam.step(lambda i: loss_on(model, data[10 + i]))
+    assert beam.calls == 11 and len(beam.decisions) == 1
+
+
 def test_state_dict_resumes_the_same_run():
     def run(resume_at=None):
         model = make_model()
