@@ -77,6 +77,9 @@ from .line_search import SearchConfig, SearchState, StepPlan
 from .optimizer import FusedSaLSa
 from .rules import Batches, FinalMove, Verdict
 
+#: float32's relative spacing (2^-23): the loss's own resolution is about this times its size
+FLOAT32_EPS = 2.0 ** -23
+
 MODES = ("SGD", "NSGD")
 
 #: ``SearchState.rule_state`` of LABPAL: its scalars, and ``last``, what the last step decided.
@@ -141,10 +144,13 @@ class _LABPALSearch:
         else:
             labpal["num_failed_fits"] += 1
             if self.losses[0] == self.losses[1] == self.losses[2]:
+                loss_resolution = abs(self.losses[0]) * FLOAT32_EPS
                 warnings.warn(
                     f"LABPAL: the loss is the same at s = 0, mu and 2 mu ({self.losses[0]!r}): the trial moves "
-                    f"of mu = {mu} along g / ||g|| changed nothing measurable (below the weights' resolution, "
-                    "e.g. bf16 or fp16 weights, or a flat loss), so the fit failed and "
+                    f"of mu = {mu} along g / ||g|| changed nothing measurable: below the weights' resolution "
+                    "(e.g. bf16 or fp16 weights), below the loss's own (float32 steps by about "
+                    f"{loss_resolution:.3g} there: a loss this large is often a run that diverged), or a flat "
+                    "loss; so the fit failed and "
                     + ("the last fit's step is kept" if labpal["update_step"] is not None else
                        "no step is taken until a fit succeeds")
                     + "; keep fp32 weights (autocast for the compute) or raise sample_step", RuntimeWarning,

@@ -553,6 +553,22 @@ def test_trials_below_the_weights_resolution_warn_instead_of_stalling_silently()
     assert opt.search_state.rule_state["num_failed_fits"] == 1
 
 
+def test_equal_losses_of_a_loss_too_large_for_float32_to_move_name_the_losss_own_resolution():
+    """fp32 weights, a loss of 1e21 (a diverged run's size): float32 steps by about 1.2e14 there, so the
+    trials' changes vanish in the loss itself. The warning blamed bf16 or fp16 weights alone."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+    opt = LABPAL(model.parameters(), "NSGD", backend="torch", **SETTINGS)
+    before = model.weight.detach().clone()
+    x = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning, match=r"changed nothing measurable: below the weights' resolution .*below the "
+                                            r"loss's own \(float32 steps by about 1\.1[0-9]e\+14 there: a loss this "
+                                            r"large is often a run that diverged\)"):
+        opt.step(lambda i: 1e21 + model(x[i % 2]).pow(2).mean())
+    assert torch.equal(model.weight, before)
+    assert opt.search_state.rule_state["num_failed_fits"] == 1
+
+
 def test_fits_that_fail_before_any_step_warn_though_the_losses_differ():
     """bf16 weights of a 5-64-64-1 MLP: the trials move most weights by less than their resolution, the
     three losses differ by rounding and no parabola has a minimum ahead (fp32: the first fit succeeds).
