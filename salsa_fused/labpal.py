@@ -321,8 +321,17 @@ class LABPALRule:
         if (rule_state["learning_rate"] is None) != (rule_state["update_step"] is None):
             raise ValueError("LABPAL state learning_rate and update_step are set together, got "
                              f"{rule_state['learning_rate']!r} and {rule_state['update_step']!r}")
-        if not isinstance(rule_state.get("last", {}), dict):
-            raise ValueError(f"LABPAL state last must be a dict, got {rule_state['last']!r}")
+        last = rule_state.get("last", {})
+        if not isinstance(last, dict):
+            raise ValueError(f"LABPAL state last must be a dict, got {last!r}")
+        if last:  # the plan of the step before: its kind and batch counts, as plan() writes them
+            keys = {"kind", "batches"} | ({"direction_batches"} if last.get("kind") == "approximation" else set())
+            counts_ok = all(isinstance(last.get(key), int) and not isinstance(last.get(key), bool)
+                            and last[key] >= 1 for key in keys - {"kind"})
+            if last.get("kind") not in ("approximation", "frozen", "update", "zero_gradient") or not counts_ok:
+                raise ValueError("LABPAL state last must be the step's plan, {'kind': 'approximation', 'batches': n, "
+                                 "'direction_batches': k, ...}, or {'kind': 'update', 'frozen' or 'zero_gradient', 'batches': k, ...} "
+                                 f"with counts >= 1, got {last!r}")
 
 
 LABPAL_NSGD = LABPALRule()

@@ -432,6 +432,12 @@ def test_resume_from_state_dict_and_pickle_is_bit_exact():
     bad["param_groups"][0]["search"]["rule_state"]["update_step"] = float("nan")
     with pytest.raises(ValueError, match="update_step must be None or a finite number"):
         opt_b.load_state_dict(bad)
+    for last in ({"x": float("nan")}, {"kind": "update", "batches": 0}, {"kind": "approximation", "batches": 4},
+                 {"kind": "update", "batches": True}):  # the step's plan, edited by hand: was loaded as it came
+        bad = copy.deepcopy(saved_opt)
+        bad["param_groups"][0]["search"]["rule_state"]["last"] = last
+        with pytest.raises(ValueError, match=r"LABPAL state last must be the step's plan, .*got " + re.escape(repr(last))):
+            opt_b.load_state_dict(bad)
 
 
 def test_bad_closures_and_non_finite_losses_leave_the_weights():
