@@ -143,6 +143,15 @@ class _Snapshot:
         self.opt._counts_in_flight = self.counts_in_flight
 
 
+def _is_a_decision(decision) -> bool:
+    """Whether ``decision`` is one of :attr:`StepSizeBeam.decisions`: its step, the factor kept and the multiplier."""
+    if not isinstance(decision, dict):
+        return False
+    step = decision.get("step")
+    return (isinstance(step, int) and not isinstance(step, bool) and step >= 0
+            and all(is_number(decision.get(key)) and 0 < decision[key] < math.inf for key in ("factor", "multiplier")))
+
+
 class StepSizeBeam:
     """Keep, at a few steps, the factor on the applied step whose next ``H`` steps train best.
 
@@ -412,9 +421,10 @@ class StepSizeBeam:
             raise ValueError(f"StepSizeBeam state_dict multiplier must be a number > 0 that float32 holds, from "
                              f"{FLOAT32_TINY:.4g} to {FLOAT32_MAX:.4g}, got {multiplier!r}")
         decisions = state_dict.get("decisions", [])
-        if not (isinstance(decisions, (list, tuple)) and all(isinstance(d, dict) for d in decisions)):
+        if not (isinstance(decisions, (list, tuple)) and all(map(_is_a_decision, decisions))):
             raise ValueError("StepSizeBeam state_dict decisions must be a list of decisions (dicts, as "
-                             f"StepSizeBeam.decisions), got {decisions!r}")
+                             "StepSizeBeam.decisions: a step >= 0, and its factor and multiplier numbers > 0), got "
+                             f"{decisions!r}")
         self.calls, self.multiplier = calls, float(multiplier)
         self._applied_multiplier = self.multiplier
         self.branch_forward_evals = forwards

@@ -620,7 +620,9 @@ def test_a_schedule_assigned_after_the_beam_wrapped_it_is_refused_at_the_next_st
     assert beam.calls == 1 and all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
 
 
-@pytest.mark.parametrize("decisions", [5, [5], "x"])
+@pytest.mark.parametrize("decisions", [5, [5], "x", [{"bad": 1}], [dict(step=3, factor=float("nan"), multiplier=1.0)],
+                                       [dict(step=-1, factor=2.0, multiplier=2.0)],
+                                       [dict(step=3, factor=2.0, multiplier=0.0)]])
 def test_a_state_dict_with_decisions_that_are_not_a_list_of_decisions_is_refused(decisions):
     model, opt, beam, _ = run_beam(steps=12)
     saved = {**beam.state_dict(), "decisions": decisions}
