@@ -73,12 +73,9 @@ from typing import ClassVar, FrozenSet, Optional
 
 from .backends.base import RAW
 from .errors import checked_int
-from .line_search import SearchConfig, SearchState, StepPlan
+from .line_search import FLOAT32_EPS, SearchConfig, SearchState, StepPlan
 from .optimizer import FusedSaLSa
 from .rules import Batches, FinalMove, Verdict
-
-#: float32's relative spacing (2^-23): the loss's own resolution is about this times its size
-FLOAT32_EPS = 2.0 ** -23
 
 MODES = ("SGD", "NSGD")
 

@@ -62,6 +62,8 @@ class _f32(float):
 FLOAT32_MAX = float(_f32(3.4028234663852886e38))
 #: The smallest normal float32: a level below it is 0 or subnormal in the passes, and moves nothing.
 FLOAT32_TINY = 1.1754943508222875e-38
+#: float32's relative spacing (2^-23): a float32 value's resolution is about this times its size.
+FLOAT32_EPS = 2.0 ** -23
 
 #: ``s`` below this skips the search (0.1.0's guard, compared in fp32).
 MIN_SLOPE_AVG = 1e-8
