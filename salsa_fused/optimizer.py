@@ -235,6 +235,51 @@ def _valid_step_count(count, steps: int) -> bool:
     return type(count) is int and 0 <= count <= steps
 
 
+def _valid_moments_start(start, steps: int) -> bool:
+    """``start`` can be a group's ``moments_start_step`` (:data:`MOMENTS_START`) after ``steps`` steps: the step
+    at which it was added (0 to ``steps``), or ``-s`` for moments that came with ``s`` steps of another
+    optimizer's (an AdamW checkpoint's ``step``, :func:`_carried_adam_steps`)."""
+    return type(start) is int and start <= steps
+
+
+def _adam_step_count(key, value) -> int:
+    """Another optimizer's ``step`` of parameter ``key`` (AdamW's: a float tensor, or a number) as an int,
+    or ValueError naming it: Adam's count of the steps that parameter's moments took."""
+    count, shown = value, repr(value)
+    if isinstance(value, torch.Tensor):
+        readable = value.numel() == 1 and not value.is_complex() and not value.is_meta
+        count = value.item() if readable else None
+        shown = repr(count) if readable else f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    if isinstance(count, bool) or not isinstance(count, (int, float)) or not math.isfinite(count) or (
+            count < 0 or count != int(count)):
+        raise ValueError(f"the checkpoint's state of parameter {key} has 'step'={shown}: Adam's "
+                         "count of the steps its moments took, a whole number >= 0; the checkpoint is corrupt; "
+                         "nothing was loaded")
+    return int(count)
+
+
+def _carried_adam_steps(groups: List[dict], saved_state: Mapping) -> Tuple[Dict[int, int], Dict[object, int]]:
+    """Of a checkpoint without a search state (another optimizer's), each Adam ``step`` carried into this
+    optimizer's counts: per group whose parameters with moments all have one, ``moments_start_step = -s``
+    with ``s`` the largest, and per parameter ``steps_sat_out = s - step``. Its bias corrections then go on
+    from ``step`` (``k - moments_start_step - steps_sat_out = k + step``), as AdamW's would have.
+    Returns (group index -> start, saved parameter id -> steps sat out); ValueError for a bad ``step``."""
+    starts: Dict[int, int] = {}
+    sat_out: Dict[object, int] = {}
+    for index, group in enumerate(groups):
+        entries = {key: saved_state[key] for key in group["params"]
+                   if isinstance(saved_state.get(key), Mapping) and all(k in saved_state[key] for k in _MOMENT_KEYS)}
+        if not entries or not all("step" in entry for entry in entries.values()):
+            continue
+        steps = {key: _adam_step_count(key, entry["step"]) for key, entry in entries.items()}
+        largest = max(steps.values())
+        if largest == 0:
+            continue
+        starts[index] = -largest
+        sat_out.update({key: largest - count for key, count in steps.items()})
+    return starts, sat_out
+
+
 def _check_loaded_counts(key, entry: Mapping, has_moments: bool, group_steps: int) -> None:
     """Refuse (ValueError) a checkpoint's counts of steps sat out (:data:`STEPS_SAT_OUT`, :data:`SAT_OUT_SINCE`)
     of parameter ``key`` that its group's ``group_steps`` steps cannot hold: each an int from 0 to them, the
@@ -913,16 +958,21 @@ class FusedSaLSa(Optimizer, Joinable):
                 warnings.warn(f"the checkpoint's search state has no {', '.join(defaulted)}: they start from their "
                               "defaults (a checkpoint saved by an earlier salsa_fused has fewer; one edited by hand "
                               "may have lost them)", UserWarning, stacklevel=2)
-        elif state_dict["state"]:
+        carried_starts, carried_sat_out = _carried_adam_steps(groups, state_dict["state"]) if not carriers else ({}, {})
+        if not carriers and state_dict["state"]:
+            counts = ("Adam's bias corrections go on from each parameter's 'step' (AdamW's count), as they would "
+                      "have there" if carried_starts else
+                      "with no parameter's 'step' to go on from (and no parameter's count of steps sat out), Adam's "
+                      "bias corrections start over on moments that "
+                      "are already averaged (the first step's direction is sqrt(1 - beta2) / (1 - beta1) of the "
+                      "uncorrected one, 0.32 at (0.9, 0.999), back to 1 as the count grows)")
             warnings.warn(
                 "the checkpoint has moments but no search state (no param group has 'search'): it was saved "
                 "by another optimizer, or through torch.distributed.checkpoint with "
                 "flatten_optimizer_state_dict=True, which drops it; the search starts over from "
-                "init_step_size, with the step counter at 0 (and no parameter's count of steps sat out), so "
-                "Adam's bias corrections start over on moments that are already averaged (the first step's "
-                "direction is sqrt(1 - beta2) / (1 - beta1) of the uncorrected one, 0.32 at (0.9, 0.999), back to 1 "
-                "as the count grows); each group keeps its own lr and search_lr (another optimizer's lr is its rate, not a multiplier "
-                "on the searched level)", UserWarning, stacklevel=2)
+                f"init_step_size, with the step counter at 0; {counts}; each group keeps its own lr and search_lr "
+                "(another optimizer's lr is its rate, not a multiplier on the searched level)", UserWarning,
+                stacklevel=2)
         # another optimizer's foreach/fused (AdamW keeps them in every group) chose its own kernels, not ours
         dropped = () if carriers else _BACKEND_FLAGS
         groups = [{k: v for k, v in group.items() if k != _SEARCH_KEY and k not in dropped} for group in groups]
@@ -938,13 +988,16 @@ class FusedSaLSa(Optimizer, Joinable):
             if "param_names" in live:  # they name this optimizer's tensors (torch keeps the checkpoint's)
                 group["param_names"] = list(live["param_names"])
         saved_step = search.step if search is not None else 0
+        for index, start in carried_starts.items():
+            groups[index][MOMENTS_START] = start
         for index, group in enumerate(groups):
             group.setdefault("search_lr", group.get("lr", self.defaults["lr"]))  # saved before it existed
             start = group.get(MOMENTS_START, 0)
-            if not _valid_step_count(start, saved_step):
+            if not _valid_moments_start(start, saved_step):
                 raise ValueError(f"the checkpoint's parameter group {index} has {MOMENTS_START}={start!r}: the step "
-                                 f"count at which the group was added, an int from 0 to the checkpoint's "
-                                 f"{saved_step} steps; nothing was loaded")
+                                 f"count at which the group was added (an int up to the checkpoint's {saved_step} "
+                                 "steps; below 0 for moments that came with another optimizer's steps); nothing was "
+                                 "loaded")
             lacking = [key for key in _GROUP_HYPER_KEYS if key not in group]
             if lacking:
                 raise ValueError(f"the checkpoint's parameter group {index} has no {', '.join(map(repr, lacking))}: "
@@ -965,7 +1018,10 @@ class FusedSaLSa(Optimizer, Joinable):
             stripped_state[key] = {k: v for k, v in value.items() if k not in _MOMENT_KEYS
                                    and not (k == SAT_OUT_SINCE and type(v) is int and v == NOT_SITTING_OUT)
                                    and not (k == STEPS_SAT_OUT and type(v) is int and v == 0)
-                                   and not (k in _SAT_OUT_KEYS and search is None)}  # counts of a step count lost
+                                   and not (k in _SAT_OUT_KEYS and search is None)  # counts of a step count lost
+                                   and not (k == "step" and key in carried_sat_out)}  # carried into the counts
+            if carried_sat_out.get(key):
+                stripped_state[key][STEPS_SAT_OUT] = carried_sat_out[key]
             for name, extra in stripped_state[key].items():  # another optimizer's ('step' of AdamW's), kept
                 if not _all_finite_value(extra):
                     raise ValueError(f"the checkpoint's state of parameter {key} has {name!r} holding NaN/inf: the "

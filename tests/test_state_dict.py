@@ -259,8 +259,9 @@ def test_add_param_group_then_train_and_resume():
     assert opt.search_state.step == 6
 
 
-@pytest.mark.parametrize("start", [10 ** 6, -5, 3.5, "20", None])
+@pytest.mark.parametrize("start", [10 ** 6, 7, 3.5, "20", None, True])
 def test_a_checkpoint_with_a_moments_start_step_it_cannot_have_is_refused(start):
+    """After 6 steps a group was added at step 6 at most; below 0 is a load's carry of AdamW's steps."""
     model = _model()
     opt = FusedSaLSa(model[0].parameters(), backend="torch")
     _train(model, opt, 3)
@@ -270,7 +271,8 @@ def test_a_checkpoint_with_a_moments_start_step_it_cannot_have_is_refused(start)
     assert saved["param_groups"][1]["moments_start_step"] == 3
     saved["param_groups"][1]["moments_start_step"] = start
     assert_load_refused(opt, saved, rf"group 1 has moments_start_step={start!r}: the step count at which the "
-                                    r"group was added, an int from 0 to the checkpoint's 6 steps; nothing was loaded")
+                                    r"group was added \(an int up to the checkpoint's 6 steps; below 0 for moments "
+                                    r"that came with another optimizer's steps\); nothing was loaded")
 
 
 def test_a_checkpoint_with_groups_added_during_its_run_names_add_param_group_when_the_count_differs():
@@ -571,6 +573,82 @@ def test_an_adamw_checkpoint_keeps_this_optimizers_multipliers_and_trains(backen
         opt.zero_grad()
         losses.append(float(opt.step(lambda: F.mse_loss(model(x), y))))
     assert max(losses) <= losses[0] and losses[-1] < 0.1 * losses[0], losses
+
+
+class _NeverSearch:
+    """A schedule that never searches: every step applies ``init_step_size``, so two runs from the same
+    weights and moments take the same steps exactly when their bias corrections count the same."""
+
+    def scale(self, step: int) -> float:
+        return 1.0
+
+    def searches(self, step: int) -> bool:
+        return False
+
+
+def _sat_out_run(backend: str):
+    """A model, an optimizer that never searches, and its batch, after 7 steps in which the last bias sat
+    out steps 3 and 4 (its ``steps_sat_out`` is 2)."""
+    x = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
+    y = x[:, :1].sin()
+    torch.manual_seed(0)
+    model = tanh_mlp(4, 8, 1)
+    opt = FusedSaLSa(model.parameters(), backend=backend, schedule=_NeverSearch(), init_step_size=1e-2)
+    for step in range(7):
+        model[2].bias.requires_grad_(step not in (2, 3))
+        opt.zero_grad()
+        opt.step(lambda: F.mse_loss(model(x), y))
+    model[2].bias.requires_grad_(True)
+    return model, opt, (x, y)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_an_adamw_checkpoint_carries_each_parameters_step_into_the_bias_corrections(backend):
+    """AdamW's per-parameter ``step`` used to be dropped at load: Adam's bias corrections started over on
+    moments already averaged (the first direction 0.32x at betas (0.9, 0.999)). Handed to AdamW by
+    docs/training.md's recipe and loaded back, a run's moments and counts (one parameter 2 steps behind)
+    now take the next step bitwise as the run itself does, with the same level, and the counts go on."""
+    if backend == "cpp":
+        pytest.importorskip("salsa_fused._C", reason="the C++ extension is not built")
+    model, opt, (x, y) = _sat_out_run(backend)
+    group = opt.param_groups[0]
+    adamw = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=group["betas"], eps=group["eps"],
+                              weight_decay=group["weight_decay"])
+    for p in model.parameters():  # the recipe, for a run of one group that no parameter sits out now
+        s = opt.state[p]
+        adamw.state[p] = {"step": torch.tensor(float(opt.search_state.step - s.get("steps_sat_out", 0))),
+                          "exp_avg": s["exp_avg"].clone(), "exp_avg_sq": s["exp_avg_sq"].clone()}
+    assert [float(adamw.state[p]["step"]) for p in model.parameters()] == [7.0, 7.0, 7.0, 5.0]
+    switched = tanh_mlp(4, 8, 1)
+    switched.load_state_dict(model.state_dict())
+    loaded = FusedSaLSa(switched.parameters(), backend=backend, schedule=_NeverSearch(), init_step_size=1e-2)
+    with pytest.warns(UserWarning, match="bias corrections go on from each parameter's 'step'"):
+        loaded.load_state_dict(adamw.state_dict())
+    assert loaded.param_groups[0]["moments_start_step"] == -7
+    assert [loaded.state[p].get("steps_sat_out", 0) for p in switched.parameters()] == [0, 0, 0, 2]
+    assert all("step" not in loaded.state[p] for p in switched.parameters())  # carried, not kept stale
+    for run, optimizer in ((model, opt), (switched, loaded)):
+        optimizer.zero_grad()
+        optimizer.step(lambda: F.mse_loss(run(x), y))
+    for p, q in zip(model.parameters(), switched.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["exp_avg_sq"], loaded.state[q]["exp_avg_sq"])
+    resumed = FusedSaLSa(tanh_mlp(4, 8, 1).parameters(), backend=backend)
+    resumed.load_state_dict(_roundtrip(loaded.state_dict()))  # a negative moments_start_step is a checkpoint's
+    assert resumed.param_groups[0]["moments_start_step"] == -7
+
+
+@pytest.mark.parametrize("step, shown", [(-1.0, "-1.0"), (2.5, "2.5"), (torch.ones(2), "a torch.float32 tensor")])
+def test_an_adamw_checkpoint_with_a_bad_step_is_refused(step, shown):
+    """A ``step`` that counts no steps (negative, fractional, not one number) is named, nothing loaded."""
+    model, opt, _ = _sat_out_run("torch")
+    state = {i: {"step": torch.tensor(3.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+             for i, p in enumerate(model.parameters())}
+    state[1]["step"] = step
+    saved = {"state": state, "param_groups": [{**{k: v for k, v in opt.param_groups[0].items() if k != "params"},
+                                               "params": [0, 1, 2, 3]}]}
+    saved["param_groups"][0].pop("moments_start_step", None)
+    assert_load_refused(opt, saved, rf"parameter 1 has 'step'={shown}.*a whole number >= 0")
 
 
 def _named_run():
