@@ -29,7 +29,7 @@ from .applied import GroupStep
 from .backends.base import DIRECTIONS, GRADIENT, RAW, Backend, Bucket, Hyper, Move, PassArgs, corrections_are_one
 from .distributed import SearchReduction
 from .errors import NonFiniteError, caller_stacklevel
-from .line_search import SearchConfig, SearchState, StepPlan
+from .line_search import FLOAT32_MAX, SearchConfig, SearchState, StepPlan
 from .rules import FinalMove, SearchRule, Verdict, checked_direction, moment_step
 
 
@@ -346,6 +346,7 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
     every trial fails."""
     if not search.active:
         final, state = _decisions(search, direction)
+        _check_final_fits_float32(passes, search, final)
         passes.run("first_trial", final.direction or direction, GroupStep.guard_failed, final.step)
         return state
     # Pass A writes this step's moments; a trial forward that raises (out of memory, caught and
@@ -399,6 +400,7 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
             passes.run("retrial", direction, GroupStep.trial, search.step_size, current)
             current = search.step_size
         final, state = _decisions(search, direction)
+        _check_final_fits_float32(passes, search, final)
         if verdict is Verdict.GIVE_UP and getattr(search, "exhausted", False):
             rule = getattr(search, "config", None) or getattr(search, "rule", None)
             shrink = max((passes.hypers[key].shrink(passes.groups[key[0]].decay) for key in passes.hypers),
@@ -482,6 +484,20 @@ def _decisions(search, direction: str) -> Tuple[FinalMove, SearchState]:
         raise ValueError(f"search {name}.finish() returned a state no run can reach ({error}); the weights "
                          "and moments are as before the step") from None
     return final, state
+
+
+def _check_final_fits_float32(passes: Passes, search, final: FinalMove) -> None:
+    """Refuse a final move that float32, where the passes take their step sizes, cannot hold: it would
+    write inf weights. The trials were checked before the step (``_check_moves_fit_float32``); a rule's
+    final move is its own (LABPAL's ``update_step / ||g||``)."""
+    for index, group in passes.groups.items():
+        size = group.apply(final.step, 0.0).step
+        if not (math.isfinite(size) and abs(size) <= FLOAT32_MAX):
+            raise ValueError(
+                f"search {type(search).__name__}.final() named a move of step size {final.step:.4g}, which is "
+                f"{size:.4g} times the direction in param_groups[{index}] (lr, schedule scale): more than float32 "
+                f"holds ({FLOAT32_MAX:.4g}). The rule's state sets it (LABPAL's update_step over the gradient's "
+                "norm); the weights and moments are as before the step")
 
 
 class GaveUpAtNonFiniteTrial(NonFiniteError):

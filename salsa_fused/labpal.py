@@ -73,7 +73,7 @@ from typing import ClassVar, FrozenSet, Optional
 
 from .backends.base import RAW
 from .errors import checked_int
-from .line_search import FLOAT32_EPS, SearchConfig, SearchState, StepPlan
+from .line_search import FLOAT32_EPS, FLOAT32_MAX, SearchConfig, SearchState, StepPlan
 from .optimizer import FusedSaLSa
 from .rules import Batches, FinalMove, Verdict
 
@@ -240,6 +240,9 @@ class LABPALRule:
             value = getattr(self, name)
             if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if not self.alpha * self.max_step <= FLOAT32_MAX:  # the passes move by update_step in float32
+            raise ValueError(f"alpha * max_step, the longest update step, must be one float32 holds (at most "
+                             f"{FLOAT32_MAX:.4g}), got alpha={self.alpha!r} and max_step={self.max_step!r}")
         object.__setattr__(self, "t_max", checked_int("t_max", self.t_max, 1, allow_none=True))
 
     def direction(self, configured: str) -> str:
@@ -313,8 +316,9 @@ class LABPALRule:
         for name in _RATES:
             value = rule_state[name]
             if value is not None and (isinstance(value, bool) or not (
-                    isinstance(value, (int, float)) and math.isfinite(value) and value > 0)):
-                raise ValueError(f"LABPAL state {name} must be None or a finite number > 0, got {value!r}")
+                    isinstance(value, (int, float)) and 0 < value <= FLOAT32_MAX)):
+                raise ValueError(f"LABPAL state {name} must be None or a number > 0 that float32 holds (at most "
+                                 f"{FLOAT32_MAX:.4g}), got {value!r}")
         if (rule_state["learning_rate"] is None) != (rule_state["update_step"] is None):
             raise ValueError("LABPAL state learning_rate and update_step are set together, got "
                              f"{rule_state['learning_rate']!r} and {rule_state['update_step']!r}")
@@ -329,6 +333,42 @@ class LABPALRule:
                 raise ValueError("LABPAL state last must be the step's plan, {'kind': 'approximation', 'batches': n, "
                                  "'direction_batches': k, ...}, or {'kind': 'update', 'frozen' or 'zero_gradient', 'batches': k, ...} "
                                  f"with counts >= 1, got {last!r}")
+            _check_last_readings(last)
+
+
+#: What a step adds to its plan in ``last`` (:class:`_LABPALSearch`): the gradient's norm and the move, finite
+#: and >= 0; the fit's points along ``g / ||g||``, finite; the losses read there and the parabola's
+#: coefficients as they came (a trial's NaN loss is recorded as read); its minimum, finite, or None.
+_LAST_READINGS = {"grad_norm": "finite", "move": "finite", "points": "finite list", "losses": "list", "a": "number",
+                  "b": "number", "s_min": "finite or None"}
+
+
+def _check_last_readings(last: dict) -> None:
+    """Raise ValueError on a ``last`` whose readings (:data:`_LAST_READINGS`) no step writes."""
+    unknown = set(last) - {"kind", "batches", "direction_batches", *_LAST_READINGS}
+    if unknown:
+        raise ValueError(f"LABPAL state last has keys no step writes: {sorted(unknown)}")
+
+    def number(value, finite: bool) -> bool:
+        return (not isinstance(value, bool) and isinstance(value, (int, float))
+                and (not finite or math.isfinite(value)))
+
+    for name, kind in _LAST_READINGS.items():
+        if name not in last:
+            continue
+        value = last[name]
+        if kind.endswith("list"):
+            ok = isinstance(value, list) and all(number(v, kind == "finite list") for v in value)
+        elif kind == "finite or None":
+            ok = value is None or number(value, True)
+        else:
+            ok = number(value, kind == "finite") and (kind != "finite" or value >= 0)
+        if not ok:
+            raise ValueError(f"LABPAL state last[{name!r}] must be {_LAST_MEANING[kind]}, got {value!r}")
+
+
+_LAST_MEANING = {"finite": "a finite number >= 0", "finite list": "a list of finite numbers",
+                 "list": "a list of numbers", "number": "a number", "finite or None": "a finite number or None"}
 
 
 LABPAL_NSGD = LABPALRule()

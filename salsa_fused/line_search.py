@@ -204,8 +204,9 @@ class SearchState:
         if self.frozen_at > self.step:
             raise ValueError(f"search state frozen_at={self.frozen_at} is after its step {self.step}")
         peak = self.step_size_fast_peak
-        if isinstance(peak, bool) or not (isinstance(peak, (int, float)) and math.isfinite(peak) and peak >= 0):
-            raise ValueError(f"search state step_size_fast_peak must be a finite number >= 0, got {peak!r}")
+        if isinstance(peak, bool) or not (isinstance(peak, (int, float)) and 0 <= peak <= FLOAT32_MAX):
+            raise ValueError(f"search state step_size_fast_peak must be a finite number >= 0 that float32 holds (at "
+                             f"most {FLOAT32_MAX:.4g}), got {peak!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "SearchState":

@@ -146,6 +146,8 @@ def test_rule_by_name_defaults_and_arguments():
     (dict(noise_factor=float("inf")), "noise_factor must be a finite number > 0"),
     (dict(sgd_steps=0), "sgd_steps must be an integer >= 1"),
     (dict(alpha=float("inf")), "alpha must be a finite number > 0"),
+    (dict(alpha=1e39), r"alpha \* max_step, the longest update step, must be one float32 holds"),
+    (dict(alpha=1e20, max_step=1e20), r"alpha \* max_step, the longest update step, must be one float32 holds"),
     (dict(t_max=0), "t_max must be None or an integer >= 1"),
 ])
 def test_bad_arguments_raise(kwargs, match):
@@ -429,15 +431,52 @@ def test_resume_from_state_dict_and_pickle_is_bit_exact():
         for p, q in zip(model.parameters(), other_model.parameters()):
             assert torch.equal(p, q)
     bad = copy.deepcopy(saved_opt)
-    bad["param_groups"][0]["search"]["rule_state"]["update_step"] = float("nan")
-    with pytest.raises(ValueError, match="update_step must be None or a finite number"):
-        opt_b.load_state_dict(bad)
+    for name, value in (("update_step", float("nan")), ("update_step", 1e39), ("learning_rate", 1e300)):
+        bad = copy.deepcopy(saved_opt)  # above float32's largest, the compiled backends wrote inf weights
+        bad["param_groups"][0]["search"]["rule_state"][name] = value
+        with pytest.raises(ValueError, match=f"{name} must be None or a number > 0 that float32 holds"):
+            opt_b.load_state_dict(bad)
+    last = dict(saved_opt["param_groups"][0]["search"]["rule_state"]["last"])
+    for key, value, match in (("grad_norm", float("inf"), "last\\['grad_norm'\\] must be a finite number >= 0"),
+                              ("move", -5.0, "last\\['move'\\] must be a finite number >= 0"),
+                              ("s_min", float("nan"), "last\\['s_min'\\] must be a finite number or None"),
+                              ("losses", "x", "last\\['losses'\\] must be a list of numbers"),
+                              ("x", 1.0, r"last has keys no step writes: \['x'\]")):
+        bad = copy.deepcopy(saved_opt)
+        bad["param_groups"][0]["search"]["rule_state"]["last"] = {**last, key: value}
+        with pytest.raises(ValueError, match=match):
+            opt_b.load_state_dict(bad)
     for last in ({"x": float("nan")}, {"kind": "update", "batches": 0}, {"kind": "approximation", "batches": 4},
                  {"kind": "update", "batches": True}):  # the step's plan, edited by hand: was loaded as it came
         bad = copy.deepcopy(saved_opt)
         bad["param_groups"][0]["search"]["rule_state"]["last"] = last
         with pytest.raises(ValueError, match=r"LABPAL state last must be the step's plan, .*got " + re.escape(repr(last))):
             opt_b.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_an_update_step_that_float32_cannot_hold_over_the_gradients_norm_is_refused_before_anything_moves(backend):
+    """NSGD moves ``update_step / ||g||`` along ``g``: an ``update_step`` float32 holds (3e38, loaded) over a
+    norm below 1 is not, and the C++ and Triton passes wrote inf weights with it (the torch backend raised
+    a RuntimeError of its own at every later step). Refused by name, before anything is written."""
+    if backend == "cpp":
+        pytest.importorskip("salsa_fused._C", reason="the C++ extension is not built")
+    from tests.refusals import assert_unchanged, snapshot
+    model = _model()
+    opt = LABPAL(model.parameters(), backend=backend, **SETTINGS)
+    _run(opt, model, range(5))
+    saved = copy.deepcopy(opt.state_dict())
+    saved["param_groups"][0]["search"]["rule_state"]["update_step"] = 3e38
+    opt.load_state_dict(saved)
+    assert opt.search_state.rule_state["updates_since_approximation"] < SETTINGS["sgd_steps"]  # an update is due
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1e-3)  # a gradient's norm below 1
+    opt.zero_grad()
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"more than float32 holds .*LABPAL's update_step over the gradient's norm"):
+        opt.step(_closure(model, 5))
+    assert_unchanged(before, snapshot(opt))
 
 
 def test_bad_closures_and_non_finite_losses_leave_the_weights():
