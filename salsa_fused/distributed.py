@@ -43,10 +43,12 @@ MIXED_FORMS = (
     "form is refused there). Nothing was stepped")
 
 
-#: The relative spread of the ranks' ``q`` past which their gradients were not averaged
+#: The relative range of the ranks' ``q`` past which their gradients were not averaged
 #: (:meth:`SearchReduction.refuse_gradients_that_differ`): averaged ones give every rank the same bits; a rank
 #: on its own batch's gradients is off by far more.
 GRADIENT_SPREAD = 1e-4
+#: The integer dtype a tensor's bits are summed as, by element size (:meth:`SearchReduction.refuse_weights_that_differ`).
+_SAME_SIZE_INTEGER = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 #: The ranks' status in an exchange's all-reduce (:meth:`SearchReduction.exchange`): four float64 sums.
 STATUS_SIZE = 4
@@ -180,25 +182,56 @@ class SearchReduction:
                 f"the closure raised on {which} ({failed_ranks} of the {self.loss_ranks} data-parallel ranks) "
                 f"{where}")
 
-    def refuse_gradients_that_differ(self, own_q: float, step: int, device: Optional[torch.device] = None) -> None:
+    def refuse_gradients_that_differ(self, own_q: float, step: int, device: Optional[torch.device] = None,
+                                     weights: Optional[Callable[[], List[torch.Tensor]]] = None) -> None:
         """Raise on every rank alike when the ranks' ``q`` differ. With replicated weights each rank's ``q``
         comes from the gradients DDP averaged, so it is the same on every rank; a rank whose backward skipped
         the all-reduce (the module inside DDP called, ``no_sync()`` on the micro-batch that steps, no DDP at
         all) steps on its own gradients, and its weights part from its peers' at every step, silently. One
-        all-reduce of ``q`` and ``q^2`` (their spread over the loss group) per search; a non-finite spread is
-        left to the search's own checks. Every rank of the loss group must call it at the same search."""
-        moments = torch.tensor([own_q, own_q * own_q], dtype=torch.float64, device=device)
-        dist.all_reduce(moments, op=dist.ReduceOp.SUM, group=self.loss_group)
-        mean_q, mean_q_square = (value / self.loss_ranks for value in moments.tolist())
-        spread = mean_q_square - mean_q * mean_q
-        if not (math.isfinite(spread) and spread > GRADIENT_SPREAD ** 2 * mean_q_square):
+        all-reduce of ``q`` and ``-q`` (MAX: the largest and the smallest over the loss group) per search; a
+        non-finite ``q`` is left to the search's own checks. Where they differ at all, ``weights()`` (this
+        step's, not yet moved) are compared bit for bit (:meth:`refuse_weights_that_differ`): ranks that parted
+        at a step without a search are named so. Then a relative range of ``q`` above :data:`GRADIENT_SPREAD`
+        is refused as this step's gradients. Every rank of the loss group must call it at the same search."""
+        extremes = torch.tensor([own_q, -own_q], dtype=torch.float64, device=device)
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=self.loss_group)
+        highest, negated_lowest = extremes.tolist()
+        lowest = -negated_lowest
+        if highest == lowest or not (math.isfinite(highest) and math.isfinite(lowest)):
             return
+        if weights is not None:
+            self.refuse_weights_that_differ(weights(), step, device)
+        if not highest - lowest > GRADIENT_SPREAD * max(abs(highest), abs(lowest)):
+            return  # the same gradients, q summed in another order
         raise ValueError(
             f"the {self.loss_ranks} data-parallel ranks stepped on different gradients at step {step} (the slope "
-            f"q = g.d: {own_q:.6g} on this rank, {mean_q:.6g} on average, spread {math.sqrt(spread):.3g}): step() "
+            f"q = g.d: {own_q:.6g} on this rank, from {lowest:.6g} to {highest:.6g} over the ranks): step() "
             "needs the gradients averaged over the ranks before it runs, as DDP's backward does. Call the "
             "DDP-wrapped model (not the module inside it) in the closure, and leave no_sync() off the micro-batch "
             "whose backward comes last before step(). Nothing was stepped")
+
+    def refuse_weights_that_differ(self, weights: List[torch.Tensor], step: int,
+                                   device: Optional[torch.device] = None) -> None:
+        """Raise on every rank alike when the replicated ``weights`` are not the same bits on every rank of the
+        loss group: a sum of their bits as integers (exact, and the same in any order), compared over the
+        ranks in one all-reduce (MAX of it and of its complement)."""
+        total = torch.zeros((), dtype=torch.int64, device=device)
+        for weight in weights:
+            bits = weight.detach().view(_SAME_SIZE_INTEGER[weight.element_size()])
+            total += bits.sum(dtype=torch.int64).to(device)
+        extremes = torch.stack([total, ~total])
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=self.loss_group)
+        highest, complement_of_lowest = extremes.tolist()
+        lowest = ~complement_of_lowest
+        if highest == lowest:
+            return
+        raise ValueError(
+            f"the {self.loss_ranks} data-parallel ranks' weights differ at step {step}, before it moved them: they "
+            "parted at an earlier step without a search (plain steps compare nothing across the ranks), where "
+            "some rank stepped on gradients its peers did not have: a last micro-batch whose backward ran under "
+            "no_sync() (a short accumulation window at the end of an epoch, say), a parameter whose .grad was None "
+            "on some ranks only, the module inside DDP called. Nothing was stepped, but the ranks cannot go on "
+            "from weights that differ: load the last checkpoint on every rank")
 
     def shared_forward(self, forward: Callable[[], torch.Tensor], dtype: torch.dtype,
                        device: Optional[torch.device]) -> Tuple[torch.Tensor, Optional[Exception]]:

@@ -287,7 +287,8 @@ def search_step(passes: Passes, plan: StepPlan, state: SearchState, loss: torch.
     q_value, inf_flag, earlier_nonfinite, earlier_bad_losses, scaler_skips, own_inf_value = values[head.numel():]
     reduction.check(status, two_phase, failure, plan.state.step)
     if reduction.loss_group is not None and reduction.shard_group is None:  # replicated weights (DDP)
-        reduction.refuse_gradients_that_differ(q_value, plan.state.step, q.device)
+        reduction.refuse_gradients_that_differ(q_value, plan.state.step, q.device,
+                                               lambda: [p for group in param_groups for p in group["params"]])
     if found_inf is not None:
         agree_scaler_found_inf(scaler_records, own_inf_value != 0, inf_flag != 0)
     step_state = plan.state

@@ -1773,7 +1773,8 @@ class FusedSaLSa(Optimizer, Joinable):
         groups = [(len(g["params"]), sum(p.numel() for p in g["params"]),
                    sorted((key, plain(value)) for key, value in g.items() if key not in ("params", "search_lr")))
                   for g in self.param_groups]
-        texts = {"search_rule": described(self.search_rule), "search_direction": repr(self.search_direction),
+        texts = {"backend": repr(getattr(self.backend, "name", type(self.backend).__name__)),
+                 "search_rule": described(self.search_rule), "search_direction": repr(self.search_direction),
                  "restore": repr(self.restore_strategy), "nonfinite": repr(self.nonfinite),
                  "schedule": described(self.schedule), "param_groups": repr(groups)}
         # field by field, so that the error names the one that differs

@@ -805,6 +805,14 @@ class _ScheduleHoldingAnObject:
         return True
 
 
+def _has_cpp_extension() -> bool:
+    try:
+        import salsa_fused._C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _ranks_that_differ_job(rank: int, out_dir: str) -> None:
     """Ranks built otherwise search otherwise: their weights parted and the job stalled at a later
     collective with gloo's timeout, naming nothing. Refused on every rank at the first step, a checkpoint
@@ -818,6 +826,8 @@ def _ranks_that_differ_job(rank: int, out_dir: str) -> None:
         "the preset": (lambda params: FusedSaLSa(params, backend="torch", beta3=0.95 if rank else 0.9),
                        "search constants.beta3"),
     }
+    if _has_cpp_extension():  # ulp apart from the first step: the weights were no longer bitwise the same, silently
+        cases["a backend"] = (lambda params: FusedSaLSa(params, backend="cpp" if rank else "torch"), "backend")
     for what, (build, named) in cases.items():
         model = _make_model(0)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -935,6 +945,56 @@ def _gradients_a_little_apart_job(rank: int, out_dir: str) -> None:
             assert opt.search_state.step == 1 and opt.num_searches == 1
             assert not torch.equal(_flat(ddp.parameters()), before)
         del ddp
+
+
+class _SearchOnOddSteps:
+    """Searches at steps 1, 3, 5, ...; the steps between are plain."""
+
+    def scale(self, step: int) -> float:
+        return 1.0
+
+    def searches(self, step: int) -> bool:
+        return step % 2 == 1
+
+
+def _weights_parted_at_a_plain_step_job(rank: int, out_dir: str) -> None:
+    """A plain step compares nothing across the ranks. Where one rank stepped on gradients its peers did not
+    have there (a parameter's .grad None on rank 1 only; the last micro-batch's backward under no_sync()), the
+    ranks parted for good: the first, silently to the end of the run; the second, refused at the next search as
+    that search's gradients, and at every search after it. The next search now names the weights that
+    differ, on every rank, before it moves anything."""
+    for how in ("a .grad None on one rank", "no_sync() on the last micro-batch"):
+        ddp = torch.nn.parallel.DistributedDataParallel(_make_model(0))
+        opt = FusedSaLSa(ddp.parameters(), backend="torch", schedule=_SearchOnOddSteps())
+        for step in range(2):  # the second is plain
+            x, y = _batch(step, rank)
+            opt.zero_grad()
+            if step == 1 and how.startswith("no_sync"):
+                with ddp.no_sync():
+                    loss = F.mse_loss(ddp(x), y)
+                    loss.backward()
+            else:
+                loss = F.mse_loss(ddp(x), y)
+                loss.backward()
+            if step == 1 and how.startswith("a .grad") and rank == 1:
+                ddp.module[0].bias.grad = None
+            opt.step(lambda: F.mse_loss(ddp(x), y), loss=loss.detach())
+        assert opt.search_state.num_searches == 1
+        x, y = _batch(2, rank)
+        opt.zero_grad()
+        loss = F.mse_loss(ddp(x), y)
+        loss.backward()
+        before, state = _flat(ddp.parameters()).clone(), _state_of(opt)
+        with pytest.raises(ValueError, match="the 2 data-parallel ranks' weights differ at step 3, before it moved "
+                                             "them: they parted at an earlier step without a search"):
+            opt.step(lambda: F.mse_loss(ddp(x), y), loss=loss.detach())
+        assert torch.equal(_flat(ddp.parameters()), before), how
+        _assert_same_state(_state_of(opt), state, how)
+        del ddp
+
+
+def test_ddp_ranks_whose_weights_parted_at_a_plain_step_are_named_at_the_next_search(tmp_path):
+    spawn_in_gloo_group(_weights_parted_at_a_plain_step_job, str(tmp_path), WORLD, timeout_s=60)
 
 
 def test_ddp_gradients_apart_by_more_than_the_spread_are_refused_and_by_less_are_not(tmp_path):
