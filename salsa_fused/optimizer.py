@@ -226,7 +226,10 @@ def _hyper_key(group: dict) -> Optional[tuple]:
         return None
     if ("foreach" in group or "fused" in group) and any(group.get(name) is not None for name in _BACKEND_FLAGS):
         return None  # checked at every step: a hand edit is refused at the next one
-    return types, lr, probe, eps, wd, beta1, beta2
+    start = group.get(MOMENTS_START, 0)
+    if type(start) is not int:
+        return None
+    return types, lr, probe, eps, wd, beta1, beta2, start
 
 
 def _valid_step_count(count, steps: int) -> bool:
@@ -1589,6 +1592,13 @@ class FusedSaLSa(Optimizer, Joinable):
             if key is None or checked is None or index >= len(checked[0]) or key != checked[0][index]:
                 self._validate_group_hyper(group, _GROUP_HYPER_KEYS + ("search_lr",))
                 self._refuse_another_backend(group, f"param_groups[{index}]", "nothing was written")
+                start = group.get(MOMENTS_START, 0)
+                if not _valid_moments_start(start, self._search.step):
+                    raise ValueError(f"param_groups[{index}] has {MOMENTS_START}={start!r} (set by hand): the step "
+                                     f"count at which the group was added, an int up to the optimizer's "
+                                     f"{self._search.step} steps (below 0 for moments that came with another "
+                                     "optimizer's steps); Adam's bias corrections count from it; nothing was "
+                                     "written")
         unscaled = None  # the one-phase form under a GradScaler, refused
         if loss is None and getattr(self, "grad_scale", None) is not None:
             unscaled = RuntimeError("under torch.amp.GradScaler use the two-phase form: "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import warnings
 from copy import deepcopy
 from dataclasses import replace
@@ -1660,6 +1661,25 @@ def test_a_group_key_deleted_by_hand_is_named_and_not_put_back(key):
         opt.step(_closure(model))
     assert_unchanged(before, snapshot(opt))
     assert key not in opt.param_groups[0]
+
+
+@pytest.mark.parametrize("start", ["3", 2.5, 10 ** 6, None])
+def test_a_moments_start_step_set_by_hand_is_refused_at_the_next_step(start):
+    """Every other group key set by hand was refused at the next step; this one was read as it came: "3" raised
+    a bare TypeError, 10**6 and 2.5 changed Adam's bias corrections silently and saved a checkpoint that no
+    optimizer loads. Below 0 stays valid: moments carried from another optimizer's steps."""
+    model, opt = _trained()
+    opt.param_groups[0]["moments_start_step"] = start
+    before = snapshot(opt)
+    opt.zero_grad()
+    with pytest.raises(ValueError, match=rf"param_groups\[0\] has moments_start_step={re.escape(repr(start))} \(set "
+                                         r"by hand\): the step count at which the group was added, an int up to the "
+                                         r"optimizer's 3 steps"):
+        opt.step(_closure(model))
+    assert_unchanged(before, snapshot(opt))
+    opt.param_groups[0]["moments_start_step"] = -4
+    opt.step(_closure(model))
+    assert opt.search_state.step == 4
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
