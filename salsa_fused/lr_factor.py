@@ -331,8 +331,27 @@ class LRFactorSearch:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"LRFactorSearch state_dict scale must be a finite number > 0, got {scale!r}")
         decision = state_dict.get("last_decision")
-        if decision is not None and not (isinstance(decision, dict) and {"call", "factor", "scale"} <= decision.keys()):
+        if decision is not None and not _is_decision(decision, calls, scale):
             raise ValueError("LRFactorSearch state_dict last_decision must be None or a decision (a dict with "
-                             f"call, factor and scale, as LRFactorSearch.last_decision), got {decision!r}")
+                             f"call, an int from 1 to the {calls} calls; factor, a finite number > 0; scale, the "
+                             "state's scale; losses and scores, lists of numbers; skipped, a bool; as "
+                             f"LRFactorSearch.last_decision), got {decision!r}")
         self.calls, self.scale, self.scoring_forward_evals = calls, float(scale), forwards
         self.last_decision = None if decision is None else dict(decision)
+
+
+def _is_decision(decision, calls: int, scale: float) -> bool:
+    """Whether ``decision`` is one a call writes (:attr:`LRFactorSearch.last_decision`) after ``calls`` calls with
+    the rate's multiplier at ``scale``: the scale it left is the state's, as no call since changed it."""
+    def number(value, positive: bool = False) -> bool:
+        return (not isinstance(value, bool) and isinstance(value, (int, float))
+                and (not positive or (math.isfinite(value) and value > 0)))
+
+    if not (isinstance(decision, dict) and {"call", "factor", "scale"} <= decision.keys()):
+        return False
+    call = decision["call"]
+    lists = [decision.get(key, []) for key in ("losses", "scores")]
+    return (type(call) is int and 1 <= call <= calls and number(decision["factor"], True)
+            and decision["scale"] == scale and type(decision.get("skipped", False)) is bool
+            and all(isinstance(values, list) and all(map(number, values)) for values in lists)
+            and set(decision) <= {"call", "factor", "scale", "losses", "scores", "skipped"})

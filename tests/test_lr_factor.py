@@ -443,12 +443,22 @@ def test_a_schedule_assigned_after_the_factor_search_wrapped_it_is_refused():
     assert search.calls == 0 and all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
 
 
-@pytest.mark.parametrize("decision", [3, "x", {"factor": 2.0}])
+_DECISION = {"call": 1, "losses": [0.5, 0.4], "scores": [0.5, 0.4], "factor": 2.0, "scale": 1.0, "skipped": False}
+
+
+@pytest.mark.parametrize("decision", [3, "x", {"factor": 2.0},  # values checked too, as StepSizeBeam's are:
+                                      {"call": "yesterday", "factor": math.nan, "scale": -3.0, "losses": "x"},
+                                      {**_DECISION, "call": 4}, {**_DECISION, "factor": math.nan},
+                                      {**_DECISION, "scale": 2.0}, {**_DECISION, "losses": "x"},
+                                      {**_DECISION, "skipped": 1}, {**_DECISION, "x": 1}])
 def test_a_state_dict_whose_last_decision_is_not_a_decision_is_refused(decision):
     search = LRFactorSearch(torch.optim.SGD(make_model().parameters(), lr=0.1), interval=1)
+    saved = {**search.state_dict(), "calls": 1}
+    search.load_state_dict({**saved, "last_decision": _DECISION})  # one a call writes
+    search = LRFactorSearch(torch.optim.SGD(make_model().parameters(), lr=0.1), interval=1)
     with pytest.raises(ValueError, match="last_decision must be None or a decision"):
-        search.load_state_dict({**search.state_dict(), "last_decision": decision})
-    assert search.last_decision is None
+        search.load_state_dict({**saved, "last_decision": decision})
+    assert search.last_decision is None and search.calls == 0
 
 
 def test_factors_that_are_not_a_sequence_are_named():
