@@ -261,21 +261,22 @@ class StepSizeBeam:
                             "batch from the current step on (i = 0: this step's); the closure given takes no "
                             "argument. Nothing was stepped")
         check_installed(self.optimizer.schedule, self)
-        before = (self.multiplier, len(self.decisions))
-        if self.calls in self.beam_steps:
-            self._decide(closure)
-        self._applied_multiplier = self.multiplier
-        self.optimizer.zero_grad(set_to_none=True)
+        before = (self.multiplier, len(self.decisions), self.branch_forward_evals)
+
         def first_batch():
             return closure(0)
         setattr(first_batch, CALL_NAME, "closure(0)")  # what the optimizer's messages call it
         try:
+            if self.calls in self.beam_steps:
+                self._decide(closure)
+            self._applied_multiplier = self.multiplier
+            self.optimizer.zero_grad(set_to_none=True)
             loss = self.optimizer.step(first_batch)
         except BaseException:
             # the step did not happen (the optimizer put everything back): neither did this call's
-            # decision, so a retry decides again from the same multiplier (its branches' forwards ran,
-            # and stay counted)
-            self.multiplier, kept = before
+            # decision, so a retry decides again from the same multiplier, and counts its branches'
+            # forwards again (as the optimizer leaves a refused step's forwards out of its own count)
+            self.multiplier, kept, self.branch_forward_evals = before
             del self.decisions[kept:]
             self._applied_multiplier = self.multiplier
             raise

@@ -308,6 +308,7 @@ def test_a_closure_that_raises_in_a_branch_leaves_everything_as_before():
             assert torch.equal(now, was) if isinstance(was, torch.Tensor) else now == was
     assert torch.equal(torch.get_rng_state(), rng)
     assert beam.calls == 10 and beam.multiplier == 1.0 and not beam.decisions
+    assert beam.branch_forward_evals == 0  # the branches' forwards of a call that did not happen: a retry counts its own
 
 
 @pytest.mark.parametrize("bad_at, at_beam_step", [(2, True), (0, False)])
@@ -562,6 +563,7 @@ def test_a_step_that_raises_after_the_beam_decided_is_retried_exactly():
     retried, retried_beam, failed = run(fail_at=plain_beam.beam_steps[0])
     assert failed and [d["multiplier"] for d in retried_beam.decisions] == [d["multiplier"] for d in plain_beam.decisions]
     assert all(torch.equal(a, b) for a, b in zip(retried.parameters(), reference.parameters()))
+    assert retried_beam.state_dict() == plain_beam.state_dict()  # its counts too: they kept the failed call's forwards
 
 
 class _NaNGradient(torch.autograd.Function):
