@@ -1112,7 +1112,10 @@ class FusedSaLSa(Optimizer, Joinable):
         return state
 
     def __setstate__(self, state: dict) -> None:
+        flags = set(state.get("defaults", self.__dict__.get("defaults", {})))
         super().__setstate__(state)
+        if "differentiable" not in flags:  # torch's adds it: add_param_group would give a later group the key
+            self.defaults.pop("differentiable", None)
         if "schedule" in self.__dict__:  # pickled before the schedule became a checked property
             self.__dict__["_schedule"] = self.__dict__.pop("schedule")
         for name, value in (("_buckets", BucketCache()), ("_saved", {}), ("_counts", None), ("foreach", None),

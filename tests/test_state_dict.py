@@ -575,6 +575,30 @@ def test_an_adamw_checkpoint_keeps_this_optimizers_multipliers_and_trains(backen
     assert max(losses) <= losses[0] and losses[-1] < 0.1 * losses[0], losses
 
 
+@pytest.mark.parametrize("resume", ["load_state_dict", "deepcopy", "pickle"])
+def test_a_group_added_after_a_resume_has_the_keys_of_one_added_without(resume):
+    """torch's __setstate__ (load_state_dict runs it too) adds defaults['differentiable']: a group added
+    after a resume carried a key the same group added in an uninterrupted run has not."""
+    def trained():
+        model = _model()
+        opt = FusedSaLSa(model[0].parameters(), backend="torch")
+        _train(model, opt, 2)
+        return model, opt
+
+    model, opt = trained()
+    if resume == "load_state_dict":
+        opt.load_state_dict(deepcopy(opt.state_dict()))
+    elif resume == "deepcopy":
+        model, opt = deepcopy((model, opt))
+    else:
+        model, opt = _roundtrip((model, opt))
+    opt.add_param_group({"params": list(model[2].parameters())})
+    other_model, uninterrupted = trained()
+    uninterrupted.add_param_group({"params": list(other_model[2].parameters())})
+    assert opt.param_groups[1].keys() == uninterrupted.param_groups[1].keys()
+    assert opt.defaults == uninterrupted.defaults
+
+
 class _NeverSearch:
     """A schedule that never searches: every step applies ``init_step_size``, so two runs from the same
     weights and moments take the same steps exactly when their bias corrections count the same."""
