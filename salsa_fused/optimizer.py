@@ -539,6 +539,8 @@ class FusedSaLSa(Optimizer, Joinable):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         _refuse_a_set(params)  # torch.optim refuses one only inside a group
         super().__init__(params, defaults)
+        if model is not None:
+            _refuse_a_model_of_other_parameters(model, self.param_groups)
         #: The live search state; state_dict()/load_state_dict() carry it as a dict.
         self._search = SearchState(step_size=self.init_step_size)
         # Detected after the groups exist: sharded DTensor params (FSDP2) also reduce q.
@@ -2340,6 +2342,18 @@ def _holds_earlier_loss(value: torch.Tensor, earlier: torch.Tensor, earlier_valu
         if not shared:
             return False
     return torch.equal(value.detach().reshape(()), earlier_value.reshape(()))
+
+
+def _refuse_a_model_of_other_parameters(model: torch.nn.Module, param_groups: List[dict]) -> None:
+    """Refuse (ValueError) a ``model=`` none of whose parameters this optimizer steps: another model's running
+    statistics would be put back after the searches, and this one's, left out, would take every trial forward."""
+    mine = {id(p) for group in param_groups for p in group["params"]}
+    theirs = list(model.parameters())
+    if theirs and mine and not any(id(p) in mine for p in theirs):
+        raise ValueError(f"model= is the module the closure runs, whose running statistics (BatchNorm's) a search "
+                         f"puts back after its extra forwards, but none of the {len(theirs)} parameters of the "
+                         f"{type(model).__name__} given is one this optimizer steps: pass the model whose parameters "
+                         "you gave")
 
 
 def running_statistics(model: Optional[torch.nn.Module]) -> List[torch.Tensor]:

@@ -1663,6 +1663,19 @@ def test_a_group_key_deleted_by_hand_is_named_and_not_put_back(key):
     assert key not in opt.param_groups[0]
 
 
+def test_a_model_none_of_whose_parameters_the_optimizer_steps_is_refused():
+    """model= another module was taken: its BatchNorm statistics were put back after each search, and those of
+    the model trained took every trial forward (18 batches counted after one search of 17 trials)."""
+    net, other = _model(), _model()
+    with pytest.raises(ValueError, match=r"none of the \d+ parameters of the Sequential given is one this optimizer "
+                                         r"steps: pass the model whose parameters you gave"):
+        FusedSaLSa(net.parameters(), backend="torch", model=other)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
+        FusedSaLSa(net.parameters(), backend="torch", model="net")
+    FusedSaLSa(net[0].parameters(), backend="torch", model=net)  # a part of the model: its own
+    FusedSaLSa(net.parameters(), backend="torch", model=torch.nn.ReLU())  # no parameters: nothing to compare
+
+
 @pytest.mark.parametrize("start", ["3", 2.5, 10 ** 6, None])
 def test_a_moments_start_step_set_by_hand_is_refused_at_the_next_step(start):
     """Every other group key set by hand was refused at the next step; this one was read as it came: "3" raised
