@@ -226,8 +226,8 @@ def _hyper_key(group: dict) -> Optional[tuple]:
         return None
     if ("foreach" in group or "fused" in group) and any(group.get(name) is not None for name in _BACKEND_FLAGS):
         return None  # checked at every step: a hand edit is refused at the next one
-    start = group.get(MOMENTS_START, 0)
-    if type(start) is not int:
+    start = group[MOMENTS_START] if MOMENTS_START in group else 0  # no call: this runs at every step
+    if start.__class__ is not int:
         return None
     return types, lr, probe, eps, wd, beta1, beta2, start
 
