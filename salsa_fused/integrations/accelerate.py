@@ -46,11 +46,33 @@ def _forward_to_salsa(name: str) -> Callable:
     return method
 
 
+def _bind_where_the_step_runs(bind: Callable) -> Callable:
+    """``FusedSaLSa.bind_closure`` of the wrapped optimizer, refused on a micro-batch that does not sync:
+    accelerate skips that step, so the binding waited, each micro-batch's replaced the one before, and the
+    step that syncs searched the last micro-batch's loss alone while it stepped on the window's gradients."""
+
+    def bind_closure(self, *args, **kwargs):
+        if not self.gradient_state.sync_gradients:
+            raise RuntimeError(
+                "bind_closure() on a micro-batch that does not sync gradients (gradient_accumulation_steps="
+                f"{self.gradient_state.num_steps}): accelerate skips this micro-batch's step, so the binding would "
+                "wait, the next micro-batch's would replace it, and the step that syncs would judge its trials on "
+                "the last micro-batch only while it steps on the whole window's gradients. Bind once, where "
+                "accelerator.sync_gradients is True, a closure of the whole window's mean loss, or use "
+                "SaLSaAccumulation, which does (salsa_fused.integrations.accelerate, docs/integrations.md). "
+                "Nothing was bound")
+        return bind(self, *args, **kwargs)
+
+    bind_closure.__name__, bind_closure.__doc__ = "bind_closure", bind.__doc__
+    return bind_closure
+
+
 # AcceleratedOptimizer forwards only torch.optim's methods: importing this module makes the
 # prepared optimizer take FusedSaLSa's hand-offs to the next step() too.
 for _name in ("mark_forward", "bind_closure"):
     if not hasattr(AcceleratedOptimizer, _name):
-        setattr(AcceleratedOptimizer, _name, _forward_to_salsa(_name))
+        _method = _forward_to_salsa(_name)
+        setattr(AcceleratedOptimizer, _name, _bind_where_the_step_runs(_method) if _name == "bind_closure" else _method)
 
 
 def _wrapped_salsa(prepared: AcceleratedOptimizer):

@@ -205,6 +205,33 @@ def test_a_closure_handed_to_a_step_that_accelerate_skips_is_refused(form):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_a_binding_on_a_micro_batch_that_does_not_sync_is_refused():
+    """``bind_closure`` then ``step()`` on every micro-batch (a hand-written form of what SaLSaAccumulation does):
+    accelerate skipped the step, the binding waited and the next micro-batch's replaced it, so the step that
+    synced judged its trials on the last micro-batch alone while it stepped on the window's gradients (an
+    audit's run: the weights 0.18 away from SaLSaAccumulation's, without a word). Refused; the syncing
+    micro-batch binds as before."""
+    model = make_model()
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=ACCUMULATE)
+    model, optimizer = accelerator.prepare(model, FusedSaLSa(model.parameters(), backend="torch"))
+    salsa = optimizer.optimizer
+    for index, batch in enumerate(batches()[:ACCUMULATE]):
+        with accelerator.accumulate(model):
+            loss = mse(model, batch) / ACCUMULATE
+            accelerator.backward(loss)
+            bind = lambda: optimizer.bind_closure(lambda: mse(model, batch) / ACCUMULATE,  # noqa: E731
+                                                  loss=loss.detach())
+            if index < ACCUMULATE - 1:
+                with pytest.raises(RuntimeError, match=r"bind_closure\(\) on a micro-batch that does not sync "
+                                                       r"gradients \(gradient_accumulation_steps=3\).*judge its "
+                                                       r"trials on the last micro-batch only.*Nothing was bound"):
+                    bind()
+                assert salsa._handoff.bound_step is None
+            else:
+                bind()
+                assert salsa._handoff.bound_step is not None
+
+
 _WITHOUT_THE_INTEGRATION_IMPORT = """
 import sys
 import torch
