@@ -115,3 +115,28 @@ def test_16_mixed_with_a_grad_scaler_steps_with_the_bound_closure():
     assert salsa.num_forward_evals > STEPS  # searches ran trial forwards
     assert int(norm.num_batches_tracked) == STEPS  # model=: the trials left BatchNorm's statistics alone
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_accumulation_recipe_of_the_docs_clips_unscaled_gradients_under_16_mixed(monkeypatch):
+    """docs/integrations.md's accumulation module, under 16-mixed with a GradScaler: its
+    ``self.clip_gradients`` raised Lightning's "does not allow for gradient clipping" there, and clipping the
+    gradients as they came clipped them scaled (norms of 640-990 against 2.5-3.3 unscaled: no clip at all).
+    The recipe unscales through the plugin's scaler first; every norm clipped is the unscaled one."""
+    from lightning.pytorch.plugins import MixedPrecision
+    from tests.test_readme import python_blocks
+
+    blocks = [code for heading, code in python_blocks("docs/integrations.md") if heading == "PyTorch Lightning"]
+    recipe = next(code for code in blocks if "AccumulatedLoss" in code)
+    trainer_call = 'L.Trainer(max_epochs=1, accelerator="cpu",'
+    assert trainer_call in recipe
+    recipe = recipe.replace(trainer_call, trainer_call + " plugins=[plugin],")
+    scale = 2.0 ** 12
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=scale))
+    norms, clip = [], torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, **kw: norms.append(float(clip(params, **kw))) or norms[-1])
+    torch.manual_seed(0)
+    namespace = {"plugin": plugin}
+    exec(compile(recipe, "docs/integrations.md", "exec"), namespace)
+    assert namespace["trainer"].optimizers[0].search_state.step == 4
+    assert len(norms) == 4 and all(0 < n < 100 for n in norms), norms  # scaled by 4096 they would be far above
