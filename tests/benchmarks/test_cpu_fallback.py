@@ -10,7 +10,9 @@ PROVIDERS = {"adamw_foreach", "adamw_fused", "salsa_plain", "salsa_plain_pass", 
 
 
 def test_every_provider_runs_and_the_ratios_are_of_medians():
-    summary = cpu_fallback.run(scale=0.01, repeats=1, warmup=0, write=False)
+    """Three calls of each provider: the documented command crashed at a search step's second call (its
+    constant closure refused as not the loss at the weights), which one call did not reach."""
+    summary = cpu_fallback.run(scale=0.01, repeats=2, warmup=1, write=False)
     assert set(summary["median_ms"]) == PROVIDERS and summary["n_tensors"] == 148
     medians, ratios = summary["median_ms"], summary["ratios"]
     for name in PROVIDERS:
