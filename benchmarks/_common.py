@@ -242,7 +242,8 @@ RESULT_DIRECTORIES = ("benchmarks/results", "benchmarks/quality/results")
 def git_commit(root: Optional[str] = None) -> str:
     """HEAD's short hash in ``root`` (this checkout), with ``+dirty`` when files outside the result
     directories differ from it, untracked ones included (a benchmark run before its script's first
-    commit measured code that commit does not hold); "unknown" without git."""
+    commit measured code that commit does not hold); without git (a borrowed machine gets the files, not
+    ``.git``), ``SALSA_FUSED_COMMIT`` as the caller gave it, else "unknown"."""
     root = root or Path(__file__).resolve().parents[1]
 
     def git(*args) -> str:
@@ -250,7 +251,7 @@ def git_commit(root: Optional[str] = None) -> str:
             return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
-    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    commit = git("rev-parse", "--short=12", "HEAD") or os.environ.get("SALSA_FUSED_COMMIT", "").strip() or "unknown"
     if commit != "unknown" and git("status", "--porcelain", "--untracked-files=normal", "--", ".",
                                    *(f":(exclude){path}" for path in RESULT_DIRECTORIES)):
         commit += "+dirty"

@@ -214,7 +214,8 @@ def test_restore_matches_torch(case):
             assert torch.equal(w, w0)
 
 
-@pytest.mark.skipif(DEVICE.type != "cpu", reason="compares with the C++ CPU backend")
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="on a CUDA device: this compares runs on the CPU with the C++ CPU "
+                                                   "backend")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("direction", [GRADIENT, MOMENTUM, RAW])

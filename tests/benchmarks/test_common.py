@@ -164,3 +164,14 @@ def test_a_damaged_results_file_is_named(tmp_path, text):
     with pytest.raises(ValueError, match="bench.json is not a results file"):
         C.write_results("bench", [], _env("2026-12-01T00:00:00", "aaa"), "table", tmp_path)
     assert path.read_bytes() == text.encode("latin-1")  # left as it was
+
+
+def test_without_git_the_commit_is_the_one_the_caller_gave(tmp_path, monkeypatch):
+    """A borrowed GPU machine gets the checkout's files, not .git: its rows said "unknown" with no way to
+    name the commit measured. SALSA_FUSED_COMMIT names it there; git, where there is one, comes first."""
+    (tmp_path / "code.py").write_text("x = 1\n")
+    monkeypatch.delenv("SALSA_FUSED_COMMIT", raising=False)
+    assert C.git_commit(str(tmp_path)) == "unknown"
+    monkeypatch.setenv("SALSA_FUSED_COMMIT", "1789ac0abc12")
+    assert C.git_commit(str(tmp_path)) == "1789ac0abc12"
+    assert C.git_commit() != "1789ac0abc12"  # this checkout has git

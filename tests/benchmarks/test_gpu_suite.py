@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tarfile
 from pathlib import Path
@@ -258,6 +259,41 @@ def test_an_out_that_is_a_file_is_refused(tmp_path, capsys):
         gpu_suite.main(["--out", str(a_file), "--smoke", "--stages", "determinism"])
     assert refused.value.code == 2 and "is a file, not a directory" in capsys.readouterr().err
     assert a_file.read_text(encoding="utf-8") == "an earlier run\n"
+
+
+@pytest.mark.parametrize("form", ["--out", "--out="])
+def test_a_relative_out_is_the_callers_directory_not_the_repositorys(tmp_path, form):
+    """gpu_suite.sh changes into the repository before Python reads --out: a relative --out was read there,
+    and a smoke run wrote its five files into the checkout (an audit's run). A relative file of the caller's
+    is refused as a file now, which only a path read in the caller's directory can see."""
+    (tmp_path / "summary.md").write_text("an earlier run\n", encoding="utf-8")
+    out = ["--out", "summary.md"] if form == "--out" else ["--out=summary.md"]
+    done = background.run_process(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), *out, "--stages", "bogus"],
+                                  cwd=tmp_path, timeout=120, env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 2 and "is a file, not a directory" in done.stderr, done.stderr
+    assert not (ROOT / "summary.md").exists()
+
+
+def test_every_skip_of_the_gpu_pytest_stage_names_cuda():
+    """On the GPU the pytest stage turns a skip whose reason names no CUDA device into a failure
+    (tests/conftest.py): a CPU-only test of the stage's files, skipped there as "compares with the C++ CPU
+    backend", would have failed the stage 18 times (an audit's reading), which the smoke form, running
+    tests/test_cuda.py alone, never shows."""
+    from benchmarks import gpu_stages
+    from tests.conftest import CUDA_REASON
+
+    ran = []
+    gpu_stages._run_pytest, real = (lambda ctx, files, *rest: ran.extend(files)), gpu_stages._run_pytest
+    try:
+        gpu_stages.stage_pytest(type("Context", (), {"smoke": False})())
+    finally:
+        gpu_stages._run_pytest = real
+    assert len(ran) >= 3, ran
+    for name in ran:
+        text = (ROOT / name).read_text(encoding="utf-8")
+        for condition, reason in re.findall(r"skipif\((.*?),\s*reason=\s*\(?((?:\"[^\"]*\"\s*)+)", text, flags=re.S):
+            if "DEVICE" in condition or "cuda" in condition:
+                assert CUDA_REASON.search(reason), f"{name}: skipif({condition}) says {reason!r}"
 
 
 def test_the_smoke_limits_leave_a_two_core_cpu_headroom():
