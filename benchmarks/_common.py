@@ -379,6 +379,27 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     return "\n".join(lines) + "\n"
 
 
+def device(text: str) -> torch.device:
+    """``--device``: ``cpu``, or ``cuda``/``cuda:N`` where torch sees that device (a CPU-only torch ended in
+    torch's own AssertionError, deep in the first tensor made there)."""
+    try:
+        chosen = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
+    if chosen.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if chosen.type == "cuda" and not (torch.cuda.is_available()
+                                      and (chosen.index or 0) < torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(
+            f"{text}: no such CUDA device here (torch {torch.__version__}, built for CUDA "
+            f"{torch.version.cuda or 'none'}, {torch.cuda.device_count()} device(s) seen)")
+    return chosen
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def ensure_triton_interpreter_without_cuda() -> None:
     """Let the triton backend run on the CPU (its interpreter) when no GPU is present.
 

@@ -231,7 +231,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=C.positive_int, nargs="+", default=[148, 10000])
     parser.add_argument("--steps", type=C.positive_int, default=20)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=C.device, default=C.default_device())
     parser.add_argument("--launch", nargs="+", default=None, choices=["stubbed", "real"],
                         help="default: stubbed, and real too on CUDA")
     parser.add_argument("--grads", nargs="+", default=list(GRAD_MODES), choices=list(GRAD_MODES),

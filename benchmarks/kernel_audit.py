@@ -493,9 +493,12 @@ def main(argv=None) -> int:
     parser.add_argument("--sample", action="store_true",
                         help="compile only a covering sample (every kernel in every dtype, on both targets, aligned "
                              "and not): what the tests check the committed audit against; implies --json")
-    parser.add_argument("--out-dir", type=C.output_dir, default=RESULTS,
+    parser.add_argument("--out-dir", type=C.output_dir, default=None,
                         help="where kernel_audit.{json,md} are written (default: benchmarks/results)")
     args = parser.parse_args(argv)
+    if args.out_dir is not None and (args.sample or args.json):
+        parser.error("--out-dir with --sample or --json: those print the records as JSON and write no files")
+    args.out_dir = args.out_dir or RESULTS
     records = run_audit(sample=args.sample)
     if args.sample:
         args.json = True

@@ -125,7 +125,7 @@ def results_name(on_gpu: bool, tiny: bool) -> str:
 
 def main(argv=None) -> List[C.Row]:
     parser = argparse.ArgumentParser(description="Kernel-level timings vs AdamW with a copy roofline")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=C.device, default=C.default_device())
     parser.add_argument("--tiny", action="store_true", help="tiny sizes, few repeats (CPU smoke test)")
     parser.add_argument("--sizes", type=C.positive_int, nargs="+", default=None, help="parameter counts")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))

@@ -144,7 +144,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description="Optimizer state bytes vs AdamW")
     parser.add_argument("--scale", type=C.positive_float, default=0.125)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=C.device, default=C.default_device())
     parser.add_argument("--backends", nargs="+", default=None, choices=["torch", "triton"])
     parser.add_argument("--tiny", action="store_true", help="a 1-layer, 32-wide GPT-2 layout (smoke test; its "
                         "results go to memory_<dtype>_tiny_smoke, not to the published memory_<dtype>)")
@@ -168,7 +168,7 @@ def main(argv=None) -> dict:
                       {True: "met", False: "MISSED"}.get(met.get(name), "-")])
         rows.append(C.Row(kernel="state_bytes", provider=name, size=size,
                           numel=meta["numel"], dtype=args.dtype, extra=r))
-    peak_note = ("" if args.device != "cpu" else
+    peak_note = ("" if args.device.type != "cpu" else
                  "Peak memory during a step: not measured on the CPU (the GPU suite measures it).\n\n")
     markdown = (f"# Optimizer state memory, {size} ({meta['n_tensors']} tensors, "
                 f"{meta['numel'] / 1e6:.2f}M params), {args.dtype} weights\n\n"

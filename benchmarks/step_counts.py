@@ -246,7 +246,7 @@ def measure(backend: str, restore: str, trials: Sequence[int] = (1, 3), device="
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description="Passes, launches and host reads per FusedSaLSa step")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=C.device, default=C.default_device())
     parser.add_argument("--out-dir", type=C.output_dir, default=None)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)

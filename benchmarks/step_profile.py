@@ -14,6 +14,9 @@ synchronized only at both ends of the window. Per step of the window:
 
     python -m benchmarks.step_profile --optimizer fused_salsa_copy   # GPU
     python -m benchmarks.step_profile --device cpu --tiny            # CPU, tiny model
+
+Each optimizer's figures are appended as a row, with the commit, versions, device and date, to
+``benchmarks/results/step_profile.jsonl`` (``step_profile_cpu_smoke.jsonl`` with ``--tiny``; ``--out``).
 """
 
 from __future__ import annotations
@@ -95,15 +98,23 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--optimizer", nargs="+", default=["adamw_fused", "fused_salsa_copy"],
                         choices=list(TB.OPTIMIZERS))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=C.device, default=C.default_device())
     parser.add_argument("--tiny", action="store_true", help="the tiny model (CPU smoke)")
     parser.add_argument("--warmup", type=C.int_at_least(0), default=20)
     parser.add_argument("--steps", type=C.positive_int, default=10)
+    parser.add_argument("--out", default=None,
+                        help="JSONL file each optimizer's row is appended to (default: "
+                             "benchmarks/results/step_profile.jsonl, step_profile_cpu_smoke.jsonl with --tiny)")
     args = parser.parse_args(argv)
+    if args.device.type == "cpu" and not args.tiny:
+        parser.error("--device cpu runs only with --tiny (the default model is GPT-2 small: minutes a step here)")
+    out = args.out or C.RESULTS_DIR / ("step_profile_cpu_smoke.jsonl" if args.tiny else "step_profile.jsonl")
     for name in args.optimizer:
-        result = profile_steps(name, torch.device(args.device), args.tiny, args.warmup, args.steps)
+        result = profile_steps(name, args.device, args.tiny, args.warmup, args.steps)
         print(result.pop("table"))
         print(json.dumps(result, indent=1))
+        C.append_jsonl(out, {"optimizer": name, "tiny": args.tiny, "warmup": args.warmup, "steps": args.steps,
+                             "values": result, "env": C.environment(args.device)})
     return 0
 
 

@@ -192,14 +192,16 @@ def results_name(gpu: bool) -> str:
 
 def main(argv=None) -> Dict[str, dict]:
     parser = argparse.ArgumentParser(description="Training-level timings, GPT-2 small on random tokens")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=C.device, default=C.default_device())
     parser.add_argument("--tiny", action="store_true", help="tiny model, few steps (CPU smoke test)")
     parser.add_argument("--steps", type=C.int_at_least(2), default=None,
                         help="at least 2: the step times are read in two windows")
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
     parser.add_argument("--out-dir", type=C.output_dir, default=None)
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    device = args.device
+    if device.type == "cpu" and not args.tiny:
+        parser.error("--device cpu runs only with --tiny (the default is GPT-2 small for 2000 steps: hours here)")
     gpu = device.type == "cuda" and not args.tiny
     C.results_readable(parser, (args.out_dir or C.RESULTS_DIR) / f"{results_name(gpu)}.json")
     steps = args.steps or (12 if args.tiny else 2000)

@@ -99,6 +99,49 @@ def test_train_bench_refuses_bad_flags(tmp_path, flags, message, capsys, monkeyp
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a check for machines without a CUDA device")
+@pytest.mark.parametrize("module", [host_overhead, kernel_bench, memory, step_counts, step_profile, train_bench])
+def test_a_cuda_device_that_is_not_here_is_refused_by_name(module, capsys, monkeypatch):
+    """``--device cuda`` on a CPU-only torch ended in torch's AssertionError ("Torch not compiled with CUDA
+    enabled") deep in the first tensor four of these made (an audit's runs)."""
+    for name in ("measure", "profile_steps", "run_one", "run"):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, _never)
+    assert "argument --device: cuda: no such CUDA device here" in _refused(module.main, ["--device", "cuda"], capsys)
+    assert "argument --device: expected cpu, cuda or cuda:N, got 'gpu'" in _refused(module.main, ["--device", "gpu"],
+                                                                                     capsys)
+
+
+@pytest.mark.parametrize("module", [step_profile, train_bench])
+def test_the_gpt2_small_default_is_refused_on_the_cpu(module, capsys, monkeypatch):
+    """Without --tiny these ran GPT-2 small on the CPU, past an audit's 2- and 4-minute limits."""
+    for name in ("profile_steps", "run_one"):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, _never)
+    assert "--device cpu runs only with --tiny" in _refused(module.main, ["--device", "cpu"], capsys)
+
+
+def test_step_profile_appends_a_row_with_its_environment(tmp_path, monkeypatch):
+    """It only printed: no row, no commit, versions or date (an audit's finding)."""
+    monkeypatch.setattr(step_profile, "profile_steps", lambda *a: {"table": "t", "wall_ms": 1.5})
+    out = tmp_path / "rows.jsonl"
+    step_profile.main(["--device", "cpu", "--tiny", "--optimizer", "adamw_fused", "--out", str(out)])
+    (row,) = [__import__("json").loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert row["optimizer"] == "adamw_fused" and row["values"] == {"wall_ms": 1.5}
+    assert {"git_commit", "torch", "device", "date"} <= set(row["env"])
+
+
+@pytest.mark.parametrize("flag", ["--sample", "--json"])
+def test_kernel_audit_refuses_an_out_dir_it_would_not_write(tmp_path, flag):
+    """--sample and --json print the records and write nothing: an --out-dir beside them was ignored silently.
+    (A process of its own: the audit refuses to import under TRITON_INTERPRET=1, which the tests set.)"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.kernel_audit", flag, "--out-dir", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--out-dir with --sample or --json" in done.stderr, done.stderr
+    assert not list(tmp_path.iterdir())
+
+
 def test_memory_refuses_an_empty_backend_list(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(memory, "measure", _never)
     argv = ["--device", "cpu", "--tiny", "--backends", "--out-dir", str(tmp_path)]
