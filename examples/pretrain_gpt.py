@@ -51,7 +51,7 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps in total")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch per rank")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
-    parser.add_argument("--block-size", type=int, default=64, help="tokens (bytes) per sequence")
+    parser.add_argument("--block-size", type=int, default=64, help="tokens (bytes) per sequence (at most 4096)")
     parser.add_argument("--n-layer", type=int, default=2, help="transformer blocks")
     parser.add_argument("--n-head", type=int, default=4, help="attention heads per block")
     parser.add_argument("--n-embd", type=int, default=64, help="model width")
@@ -82,6 +82,9 @@ def parse_args(argv=None):
                  "eval_interval", "eval_batches", "checkpoint_interval", "max_bytes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.block_size > MAX_BLOCK_SIZE:
+        parser.error(f"--block-size must be at most {MAX_BLOCK_SIZE} (attention holds block x block scores per head; "
+                     f"got {args.block_size})")
     if not 0.0 <= args.dropout < 1.0:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if not (math.isfinite(args.lr) and args.lr > 0):
@@ -135,6 +138,9 @@ class BackendError(ValueError):
 #: Settings a --resume must share with the run that wrote the checkpoint (the model, the data stream,
 #: the optimizer and its state's layout), as must the number of processes; --steps (the schedules
 #: follow it: said at the resume), the logging, the device and the backend may change.
+#: The longest sequence: an audit's --block-size 100000 ran 9 minutes at 7 GB before it was stopped.
+MAX_BLOCK_SIZE = 4096
+
 RESUME_MUST_MATCH = ("optimizer", "batch_size", "grad_accum", "block_size", "n_layer", "n_head", "n_embd",
                      "dropout", "dtype", "grad_scaler", "weight_decay", "search_direction", "lr", "warmup",
                      "max_bytes", "seed")
@@ -206,7 +212,6 @@ def train(args) -> dict:
 def _run(args, rank: int, world: int, device: torch.device) -> dict:
     is_main = rank == 0
     torch.manual_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
     checkpoint_path = os.path.join(args.out, "checkpoint.pt")
     log_path = os.path.join(args.out, "log.jsonl")
 
@@ -334,6 +339,8 @@ def _run(args, rank: int, world: int, device: torch.device) -> dict:
             print('no progress bar (tqdm is not installed: pip install -e ".[examples]"); '
                   "printing every 10 steps", flush=True)
     mode = "w" if not args.resume else "a"
+    if is_main:
+        os.makedirs(args.out, exist_ok=True)  # after every refusal: a refused run leaves no folder behind
     log_file = open(log_path, mode) if is_main else None
     if log_file is not None and args.resume:  # drop lines past the checkpoint
         log_file.close()

@@ -305,11 +305,21 @@ def test_the_demo_help_gives_every_flag_that_takes_a_value_its_default(capsys):
     (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0, got -1.0"),
     (["--optimizer", "adamw", "--search-direction", "momentum"], "--search-direction set, but --optimizer adamw"),
     (["--lr", "1e-2", "--warmup", "5"], "--lr, --warmup set, but --optimizer salsa does not read them"),
+    (["--block-size", "100000"], "--block-size must be at most 4096"),  # ran 9 minutes at 7 GB, unrefused
 ])
 def test_pretrain_gpt_names_a_bad_or_unread_flag_in_one_line(flags, message, capsys):
     with pytest.raises(SystemExit):
         pretrain_gpt.parse_args(flags)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--resume"], ["--device", "cpu", "--backend", "cuda"]])
+def test_a_refused_run_of_pretrain_gpt_leaves_no_folder_behind(tmp_path, flags):
+    """The folder of --out was made before the refusals: a mistyped resume left an empty one (an audit's run)."""
+    out = tmp_path / "new_run"
+    with pytest.raises((SystemExit, pretrain_gpt.ResumeError, pretrain_gpt.BackendError)):
+        pretrain_gpt.train(pretrain_gpt.parse_args([*TINY, "--steps", "2", "--out", str(out), *flags]))
+    assert not out.exists()
 
 
 def test_pretrain_gpt_refuses_an_out_that_is_a_file(tmp_path, capsys):
