@@ -289,6 +289,8 @@ class Suite:
 def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, list):  # a short list of scalars (launches per step): its values, not left out
+        return ", ".join(map(_cell, value))
     return str(value)
 
 
@@ -310,7 +312,9 @@ def summary_markdown(summary: dict, rows: List[dict]) -> str:
             continue
         keys = []
         for r in stage_rows:
-            keys += [k for k in r.get("values", {}) if k not in keys and not isinstance(r["values"][k], (list, dict))]
+            keys += [k for k in r.get("values", {}) if k not in keys and not isinstance(r["values"][k], dict)
+                     and not (isinstance(r["values"][k], list) and any(isinstance(v, (list, dict))
+                                                                        for v in r["values"][k]))]
         lines += ["", f"## {stage}", "", "| name | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
         for r in stage_rows:
             values = r.get("values", {})

@@ -85,6 +85,19 @@ def test_rows_carry_their_environment_and_every_stage_has_rows(smoke):
     assert not [row["name"] for row in rows if row["status"] == "failed"]
 
 
+def test_the_smoke_summary_says_what_it_did_not_check(smoke):
+    """The smoke summary read "passed" for a pytest stage whose 7 tests all skipped, reported 0 host syncs where
+    nothing was checked (the sync check is CUDA's), and left out the launches per step that decide the stage
+    (an audit's reading)."""
+    _, out, rows, _ = smoke
+    text = (out / "summary.md").read_text(encoding="utf-8")
+    assert "not checked on the CPU" in text and "every test skipped (no CUDA device): none ran" in text
+    plain = next(v for name, v in _values(rows, "cuda_checks").items() if name.startswith("plain steps"))
+    assert plain["host_syncs"] == "not checked on the CPU"
+    launches = ", ".join(map(str, plain["triton_launches_per_plain_step"]))
+    assert "triton_launches_per_plain_step" in text and f"| {launches} |" in text
+
+
 def _values(rows, stage):
     return {row["name"]: row["values"] for row in rows if row["stage"] == stage}
 
