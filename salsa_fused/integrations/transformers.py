@@ -82,6 +82,11 @@ class SaLSaTrainerMixin:
         _refuse_trainer_keys(self.salsa_kwargs, "salsa_kwargs")
         self._salsa_window = AccumulatedLoss()
         super().__init__(*args, **kwargs)
+        if self.salsa_kwargs and self.optimizer is not None:  # as Trainer refuses optimizer_cls_and_kwargs there
+            raise ValueError(f"salsa_kwargs ({', '.join(sorted(self.salsa_kwargs))}) configure the FusedSaLSa that "
+                             "SaLSaTrainer builds, but an optimizer was passed as optimizers=(optimizer, ...), which "
+                             "is used as given: they would be dropped. Build that optimizer with them, or leave "
+                             "optimizers= out")
 
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None):

@@ -164,6 +164,11 @@ def test_trainer_refuses_other_optimizers_and_warns_on_learning_rate(tmp_path):
         trainer.create_optimizer()
     with pytest.raises(ValueError, match="salsa_kwargs"):
         SaLSaTrainer(model=model, args=train_args(tmp_path), salsa_kwargs={"lr": 0.1})
+    given = FusedSaLSa(model.parameters(), backend="torch")  # salsa_kwargs beside it were dropped, silently
+    with pytest.raises(ValueError, match=r"salsa_kwargs \(c, init_step_size\) configure the FusedSaLSa that "
+                                         r"SaLSaTrainer builds, but an optimizer was passed"):
+        SaLSaTrainer(model=model, args=train_args(tmp_path), optimizers=(given, None),
+                     salsa_kwargs={"init_step_size": 0.01, "c": 0.1})
 
 
 def test_trainer_refuses_a_rule_that_reads_several_batches_per_step(tmp_path):
