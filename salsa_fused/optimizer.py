@@ -1176,6 +1176,12 @@ class FusedSaLSa(Optimizer, Joinable):
         what = what if closure is None else _call_name(closure, what)
         must = f"{what} must return" if what.endswith(")") else f"step()'s {what}= must be"
         if not isinstance(value, torch.Tensor):
+            if value is None and _from_lightning_manual(closure):
+                raise TypeError(
+                    "step() ran Lightning's closure, which returns None in manual optimization, with nothing bound "
+                    "and no backward run: bind the step first, after self.manual_backward(loss): "
+                    "opt.bind_closure(lambda: <the loss of this batch>, loss=loss.detach()); opt.step() "
+                    "(docs/integrations.md, examples/lightning_salsa.py); nothing was written")
             raise TypeError(f"{must} the loss as a scalar tensor, got {type(value).__name__}")
         if value.layout != torch.strided:
             raise TypeError(f"{must} a dense loss, got a tensor of layout {value.layout} (a sparse reduction? "
@@ -1331,10 +1337,11 @@ class FusedSaLSa(Optimizer, Joinable):
         if self._has_new_gradients() and not self._remember_if_zeros():
             if _from_lightning_manual(closure):
                 raise RuntimeError(
-                    "Lightning called step() with its own closure and nothing was bound, after a backward: in "
-                    "manual optimization bind the step first, after self.manual_backward(loss): "
-                    "opt.bind_closure(lambda: <the loss of this batch>, loss=loss.detach()); opt.step() "
-                    "(docs/integrations.md, examples/lightning_salsa.py); nothing was written")
+                    "after a backward, step() got Lightning's closure (a closure passed to step() is inside it) "
+                    "with no loss= and nothing bound, so it would run a backward of its own on top: in manual "
+                    "optimization, after self.manual_backward(loss), bind the step: opt.bind_closure(lambda: <the "
+                    "loss of this batch>, loss=loss.detach()); opt.step() (docs/integrations.md, "
+                    "examples/lightning_salsa.py); nothing was written")
             raise RuntimeError(
                     "step(closure) runs the forward and the backward itself, but parameters already "
                     "have gradients (a backward ran before step(), or zero_grad() was not called): "
@@ -1580,6 +1587,14 @@ class FusedSaLSa(Optimizer, Joinable):
                 raise TypeError("FusedSaLSa.step() needs closure: this search rule reads several batches per step, "
                                 "so closure(i) runs the forward pass on batch i of this step and returns its loss "
                                 "(docs/api.md, several batches per step: closure(i))")
+            if _called_from_lightning():
+                raise TypeError("FusedSaLSa.step() needs closure, and Lightning stepped without one: its automatic "
+                                "optimization under 16-mixed with a GradScaler runs its closure (training_step "
+                                "and the backward) itself, then steps without it, and a line search needs a "
+                                "forward-only one. Set self.automatic_optimization = False and bind the step, as "
+                                "docs/integrations.md shows: after self.manual_backward(loss), opt.bind_closure("
+                                "lambda: <the loss of this batch>, loss=loss.detach()); opt.step(); nothing was "
+                                "written")
             raise TypeError("FusedSaLSa.step() needs closure: a function that runs the forward pass "
                             "and returns the loss (SaLSa evaluates it at trial weights). Through a trainer "
                             "that calls step() itself: salsa_fused.integrations.transformers.SaLSaTrainer for "
@@ -2173,6 +2188,17 @@ def _all_finite_value(value) -> bool:
             value.is_floating_point() or value.is_complex()):
         return bool(torch.isfinite(value).all())
     return True
+
+
+def _called_from_lightning() -> bool:
+    """Is a frame of Lightning (``lightning``, ``pytorch_lightning``) among this call's callers? Read only on a
+    path that is about to raise."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").split(".")[0] in ("lightning", "pytorch_lightning"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _from_lightning_manual(closure) -> bool:

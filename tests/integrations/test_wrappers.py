@@ -123,7 +123,7 @@ def test_lightning_manual_optimization_with_nothing_bound_is_refused_naming_bind
     weights = [p.detach().clone() for p in module.net.parameters()]
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
-    with pytest.raises(RuntimeError, match=r"nothing was bound.*opt\.bind_closure\(lambda: .*loss=loss\.detach\(\)\)"):
+    with pytest.raises(RuntimeError, match=r"nothing bound.*opt\.bind_closure\(lambda: .*loss=loss\.detach\(\)\)"):
         trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_batches(2), batch_size=None))
     assert all(torch.equal(a, b) for a, b in zip(weights, module.net.parameters()))
 
@@ -350,6 +350,79 @@ def test_lightning_wrapper_refuses_a_one_phase_closure_it_cannot_index():
     with pytest.raises(TypeError, match="closure takes the batch index"):
         _fit_labpal(module, steps=2)
     assert all(torch.equal(p, b) for p, b in zip(module.net.parameters(), before))
+
+
+class _ManualMisuse(L.LightningModule):
+    """Manual optimization, stepped wrongly: ``"closure_without_loss"`` passes a closure to step() after a
+    backward, with no loss=; ``"no_backward"`` calls a bare step() with neither a backward nor a binding."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.automatic_optimization = False
+        self.net, self.form = torch.nn.Linear(4, 1), form
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt = self.optimizers()
+        opt.zero_grad()
+        if self.form == "closure_without_loss":
+            self.manual_backward(F.mse_loss(self.net(x), y))
+            opt.step(closure=lambda: F.mse_loss(self.net(x), y))
+        else:
+            opt.step()
+
+    def configure_optimizers(self):
+        from salsa_fused import FusedSaLSa
+        return FusedSaLSa(self.parameters(), backend="torch")
+
+
+@pytest.mark.parametrize("form, error, match", [
+    # said "Lightning called step() with its own closure", though the user had passed one
+    ("closure_without_loss", RuntimeError, r"a closure passed to step\(\) is inside it\) with no loss= and nothing "
+                                           r"bound.*opt\.bind_closure"),
+    # said "closure() must return the loss as a scalar tensor, got NoneType"
+    ("no_backward", TypeError, r"Lightning's closure, which returns None in manual optimization, with nothing bound.*"
+                               r"opt\.bind_closure"),
+])
+def test_lightning_manual_steps_taken_wrongly_are_named_with_the_binding(form, error, match):
+    module = _ManualMisuse(form)
+    weights = [p.detach().clone() for p in module.parameters()]
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    data = [(torch.randn(8, 4), torch.randn(8, 1))]
+    with pytest.raises(error, match=match):
+        trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
+    assert all(torch.equal(a, b) for a, b in zip(weights, module.parameters()))
+
+
+def test_lightning_automatic_optimization_under_a_grad_scaler_is_refused_naming_the_fix():
+    """Under 16-mixed with a GradScaler Lightning runs its closure itself and steps without one: the error
+    said "needs closure" and named SaLSaTrainer, SaLSaAccumulation and bind_closure, none of which an
+    automatic-optimization module can use; it names ``self.automatic_optimization = False``."""
+    from lightning.pytorch.plugins import MixedPrecision
+    from salsa_fused import FusedSaLSa
+
+    class Automatic(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return FusedSaLSa(self.parameters(), backend="torch")
+
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 8))
+    module = Automatic()
+    weights = [p.detach().clone() for p in module.parameters()]
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", plugins=[plugin], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    data = [(torch.randn(8, 4), torch.randn(8, 1))]
+    with pytest.raises(TypeError, match=r"Lightning stepped without one.*self\.automatic_optimization = False"):
+        trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
+    assert all(torch.equal(a, b) for a, b in zip(weights, module.parameters()))
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
