@@ -29,7 +29,7 @@ from .applied import GroupStep
 from .backends.base import DIRECTIONS, GRADIENT, RAW, Backend, Bucket, Hyper, Move, PassArgs, corrections_are_one
 from .distributed import SearchReduction
 from .errors import NonFiniteError, caller_stacklevel
-from .line_search import FLOAT32_MAX, SearchConfig, SearchState, StepPlan
+from .line_search import FLOAT32_MAX, SearchConfig, SearchState, StepPlan, fits_float32
 from .rules import FinalMove, SearchRule, Verdict, checked_direction, moment_step
 
 
@@ -493,7 +493,7 @@ def _check_final_fits_float32(passes: Passes, search, final: FinalMove) -> None:
     final move is its own (LABPAL's ``update_step / ||g||``)."""
     for index, group in passes.groups.items():
         size = group.apply(final.step, 0.0).step
-        if not (math.isfinite(size) and abs(size) <= FLOAT32_MAX):
+        if not fits_float32(size):
             raise ValueError(
                 f"search {type(search).__name__}.final() named a move of step size {final.step:.4g}, which is "
                 f"{size:.4g} times the direction in param_groups[{index}] (lr, schedule scale): more than float32 "

@@ -60,6 +60,11 @@ class _f32(float):
 
 #: The largest float32: every level, trial and applied step goes to the passes in float32.
 FLOAT32_MAX = float(_f32(3.4028234663852886e38))
+
+
+def fits_float32(value: float) -> bool:
+    """A finite ``value`` whose magnitude float32 holds (a step size the passes take in float32)."""
+    return math.isfinite(value) and abs(value) <= FLOAT32_MAX
 #: The smallest normal float32: a level below it is 0 or subnormal in the passes, and moves nothing.
 FLOAT32_TINY = 1.1754943508222875e-38
 #: float32's relative spacing (2^-23): a float32 value's resolution is about this times its size.

@@ -45,7 +45,7 @@ from .backends.base import (GRADIENT, MOMENTS_START, MOMENTUM, NOT_SITTING_OUT, 
 from .errors import caller_stacklevel
 from .distributed import SearchReduction, _is_dtensor, default_reduction, fsdp_modules, is_distributed, shard_group_of
 from .applied import GroupStep
-from .line_search import FLOAT32_MAX, FLOAT32_TINY, RENAMED_KEYS, SearchConfig, SearchState
+from .line_search import FLOAT32_MAX, FLOAT32_TINY, RENAMED_KEYS, SearchConfig, SearchState, fits_float32
 from .rules import (Batches, check_arguments, check_rule_state, checked_direction, moment_step, plan_step,
                     plan_without_search, resolve_rule, step_batches)
 from .step_size import (applied_scale, backs_off_on_loss_rise, check_freeze_below, check_freeze_rule,
@@ -608,7 +608,7 @@ class FusedSaLSa(Optimizer, Joinable):
                      "the applied step": group_step.plain(plan.trial_step_size).step,
                      "the weight decay": Hyper.for_step(probing, 0).shrink(group_step.decay)}
             for what, size in moves.items():
-                if not (math.isfinite(size) and abs(size) <= FLOAT32_MAX):
+                if not fits_float32(size):
                     raise ValueError(
                         f"param_groups[{index}]: {what} would be {size:.4g} times the direction, more than "
                         f"float32 holds ({FLOAT32_MAX:.4g}): lr={group['lr']!r}, search_lr={probing['search_lr']!r}, "

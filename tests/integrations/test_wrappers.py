@@ -352,6 +352,22 @@ def test_lightning_wrapper_refuses_a_one_phase_closure_it_cannot_index():
     assert all(torch.equal(p, b) for p, b in zip(module.net.parameters(), before))
 
 
+class _Automatic(L.LightningModule):
+    """Lightning's automatic optimization: training_step returns the loss, Lightning steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        from salsa_fused import FusedSaLSa
+        return FusedSaLSa(self.parameters(), backend="torch")
+
+
 class _ManualMisuse(L.LightningModule):
     """Manual optimization, stepped wrongly: ``"closure_without_loss"`` passes a closure to step() after a
     backward, with no loss=; ``"no_backward"`` calls a bare step() with neither a backward nor a binding."""
@@ -400,22 +416,9 @@ def test_lightning_automatic_optimization_under_a_grad_scaler_is_refused_naming_
     said "needs closure" and named SaLSaTrainer, SaLSaAccumulation and bind_closure, none of which an
     automatic-optimization module can use; it names ``self.automatic_optimization = False``."""
     from lightning.pytorch.plugins import MixedPrecision
-    from salsa_fused import FusedSaLSa
-
-    class Automatic(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = torch.nn.Linear(4, 1)
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return F.mse_loss(self.net(x), y)
-
-        def configure_optimizers(self):
-            return FusedSaLSa(self.parameters(), backend="torch")
 
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 8))
-    module = Automatic()
+    module = _Automatic()
     weights = [p.detach().clone() for p in module.parameters()]
     trainer = L.Trainer(max_steps=1, accelerator="cpu", plugins=[plugin], logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
@@ -431,23 +434,8 @@ def test_lightning_automatic_optimization_is_refused_naming_the_fix(accumulate):
     accumulate_grad_batches the earlier micro-batches' backward has already left gradients. Both
     ways the error names ``self.automatic_optimization = False`` (with accumulation it only
     said that gradients were there)."""
-    L = pytest.importorskip("lightning")
-    from salsa_fused import FusedSaLSa
-
-    class Automatic(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = torch.nn.Linear(4, 1)
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return F.mse_loss(self.net(x), y)
-
-        def configure_optimizers(self):
-            return FusedSaLSa(self.parameters(), backend="torch")
-
     data = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(4)]
     trainer = L.Trainer(max_steps=2, accelerator="cpu", accumulate_grad_batches=accumulate, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(RuntimeError, match=r"self\.automatic_optimization = False"):
-        trainer.fit(Automatic(), torch.utils.data.DataLoader(data, batch_size=None))
+        trainer.fit(_Automatic(), torch.utils.data.DataLoader(data, batch_size=None))
