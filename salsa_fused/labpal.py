@@ -342,6 +342,10 @@ class LABPALRule:
 _LAST_READINGS = {"grad_norm": "finite", "move": "finite", "points": "finite list", "losses": "list", "a": "number",
                   "b": "number", "s_min": "finite or None"}
 
+#: What each kind of reading in ``last`` must be, as the refusal says it.
+_LAST_MEANING = {"finite": "a finite number >= 0", "finite list": "a list of finite numbers",
+                 "list": "a list of numbers", "number": "a number", "finite or None": "a finite number or None"}
+
 
 def _check_last_readings(last: dict) -> None:
     """Raise ValueError on a ``last`` whose readings (:data:`_LAST_READINGS`) no step writes."""
@@ -365,10 +369,6 @@ def _check_last_readings(last: dict) -> None:
             ok = number(value, kind == "finite") and (kind != "finite" or value >= 0)
         if not ok:
             raise ValueError(f"LABPAL state last[{name!r}] must be {_LAST_MEANING[kind]}, got {value!r}")
-
-
-_LAST_MEANING = {"finite": "a finite number >= 0", "finite list": "a list of finite numbers",
-                 "list": "a list of numbers", "number": "a number", "finite or None": "a finite number or None"}
 
 
 LABPAL_NSGD = LABPALRule()
