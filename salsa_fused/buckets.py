@@ -75,6 +75,82 @@ def check_gradient(p: torch.Tensor, grad: torch.Tensor) -> None:
                            "gradients must have the dtype of their parameters")
 
 
+def _dims_by_stride(tensor: torch.Tensor) -> Optional[List[Tuple[int, int]]]:
+    """``tensor``'s ``(size, stride)`` pairs of size above 1, largest stride first, where each stride
+    exceeds how far the dims after it reach (a slice or permutation of a dense tensor): then each
+    element has an address of its own, and an address's index is found one dim at a time. None where
+    the strides do not nest so (``as_strided`` by hand, say)."""
+    dims = sorted(((n, stride) for n, stride in zip(tensor.shape, tensor.stride()) if n > 1),
+                  key=operator.itemgetter(1), reverse=True)
+    reach = 0
+    for n, stride in reversed(dims):
+        if stride <= reach:
+            return None
+        reach += (n - 1) * stride
+    return dims
+
+
+_OFFSET_CHUNK = 1 << 20  # elements whose offsets are made at once: 8 MiB of int64 in each of a few tensors
+
+
+def _element_offsets(tensor: torch.Tensor):
+    """The storage offsets (in elements, from ``tensor``'s first) of its elements, in chunks of int64 tensors."""
+    shape, strides = tensor.shape, tensor.stride()
+    for start in range(0, tensor.numel(), _OFFSET_CHUNK):
+        index = torch.arange(start, min(start + _OFFSET_CHUNK, tensor.numel()), dtype=torch.int64)
+        offsets = torch.zeros_like(index)
+        for n, stride in zip(reversed(shape), reversed(strides)):
+            offsets += (index % n) * stride
+            index //= n
+        yield offsets
+
+
+def _has_overlapping_elements(tensor: torch.Tensor) -> bool:
+    """Whether two of ``tensor``'s elements are one place in memory."""
+    if tensor.numel() < 2 or _dims_by_stride(tensor) is not None:
+        return False
+    if any(stride == 0 and n > 1 for n, stride in zip(tensor.shape, tensor.stride())):
+        return True
+    return torch.cat(list(_element_offsets(tensor))).unique().numel() < tensor.numel()
+
+
+def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether strided ``a`` and ``b``, whose byte spans overlap, have an element in one place: exact where
+    one of them nests its strides (:func:`_dims_by_stride`) and both have one element size and an
+    alignment in common; True (they may) where that cannot be told."""
+    if _dims_by_stride(b) is None or (_dims_by_stride(a) is not None and a.numel() > b.numel()):
+        a, b = b, a
+    dims, size = _dims_by_stride(b), a.element_size()
+    shift, misaligned = divmod(a.data_ptr() - b.data_ptr(), size)
+    if dims is None or misaligned or b.element_size() != size:
+        return True
+    for offsets in _element_offsets(a):
+        rest = offsets + shift  # a's elements, as offsets from b's first
+        inside = rest >= 0
+        for n, stride in dims:
+            index = rest.div(stride, rounding_mode="floor")
+            inside &= index < n
+            rest -= index * stride
+        if bool((inside & (rest == 0)).any()):
+            return True
+    return False
+
+
+def first_sharing_memory(tensors: List[torch.Tensor]) -> Optional[Tuple[int, int]]:
+    """Indices of two of the strided ``tensors`` that have an element in one place in memory, None where
+    none do. Views of one storage that interleave but share no element (column blocks of one matrix,
+    ``x[0::2]`` and ``x[1::2]``) do not."""
+    tensors = list(map(_local, tensors))
+    reaching: List[Tuple[int, int]] = []  # (end, index) of the spans before that reach past this one's start
+    for (first, end), i in sorted((_span(t), i) for i, t in enumerate(tensors) if t.numel() and t.data_ptr()):
+        reaching = [(reach, j) for reach, j in reaching if reach > first]
+        for _, j in reaching:
+            if _share_elements(tensors[j], tensors[i]):
+                return j, i
+        reaching.append((end, i))
+    return None
+
+
 def check_parameter(p) -> None:
     """Raise (TypeError, ValueError) naming the problem when ``p`` cannot be a parameter: checked where a
     group is added and, for a tensor put into ``param_groups`` by hand, where a step builds its group's
@@ -90,10 +166,11 @@ def check_parameter(p) -> None:
         raise ValueError(f"FusedSaLSa needs floating-point parameters, got {p.dtype}")
     if p.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         raise ValueError(f"unsupported parameter dtype {p.dtype}")
-    if any(stride == 0 and size > 1 for stride, size in zip(p.stride(), p.shape)):
-        raise ValueError(f"a parameter of shape {tuple(p.shape)} has elements that share memory (an "
-                         f"expanded tensor, strides {p.stride()}): an update cannot write it in place; "
-                         "make it a parameter of its own memory (.clone() or .contiguous())")
+    if p.layout == torch.strided and not p.is_meta and _has_overlapping_elements(_local(p)):
+        expanded = any(stride == 0 and size > 1 for stride, size in zip(p.stride(), p.shape))
+        raise ValueError(f"a parameter of shape {tuple(p.shape)} has elements that share memory "
+                         f"({'an expanded tensor, ' if expanded else ''}strides {p.stride()}): an update cannot "
+                         "write it in place; make it a parameter of its own memory (.clone() or .contiguous())")
 
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -147,31 +224,30 @@ def refuse_shared_moments(param_groups: List[dict], state: Mapping) -> None:
     """Raise ValueError when a weight or a moment in ``state`` of a parameter with a gradient overlaps
     another in memory (set by hand: ``s["exp_avg"] = s["exp_avg_sq"] = torch.zeros_like(p)``, or weights
     tied after the optimizer took them, ``b.data = a.data``): each write of one would change the other."""
-    spans = []  # (first byte, end, what, its parameter, whether it is a moment)
+    tensors, owners = [], []  # owners: (what, its parameter, whether it is a moment)
     for p in (p for group in param_groups for p in group["params"] if p.grad is not None):
-        spans.append((*_span(p), "the weight", p, False))
+        tensors.append(p)
+        owners.append(("the weight", p, False))
         moments = state[p] if p in state and isinstance(state[p], Mapping) else {}
         for name in _MOMENTS:
             moment = moments.get(name)
             if isinstance(moment, torch.Tensor) and moment.layout == torch.strided and moment.numel():
-                spans.append((*_span(moment), f"opt.state[p][{name!r}]", p, True))
-    reaching = None  # of the spans before, the one that reaches furthest
-    for span in sorted((span for span in spans if span[0] and span[1] > span[0]), key=operator.itemgetter(0)):
-        # disjoint views of one storage reach disjoint bytes (the constructor's rule, _refuse_shared_storage)
-        if reaching is not None and span[0] < reaching[1]:
-            (_, _, what, p, _), (_, _, other, q, _) = reaching, span
-            if span[4] or reaching[4]:
-                raise ValueError(f"{what} of a parameter of shape {tuple(p.shape)} and {other} of a parameter of "
-                                 f"shape {tuple(q.shape)}{' (the same one)' if p is q else ''} share memory (set "
-                                 "by hand?): a step that writes one would change the other. Give each moment a "
-                                 "tensor of its own (torch.zeros_like(p) for each); nothing was written")
-            raise ValueError(f"the weights of two parameters (shapes {tuple(p.shape)}, {tuple(q.shape)}) share "
-                             "memory, tied after the optimizer took them (b.data = a.data, or a view of one put into "
-                             "param_groups by hand?): each would be stepped "
-                             "from the other's writes. Tie them before building the optimizer and pass the tied "
-                             "parameter once, or give each its own tensor; nothing was written")
-        if reaching is None or span[1] > reaching[1]:
-            reaching = span
+                tensors.append(moment)
+                owners.append((f"opt.state[p][{name!r}]", p, True))
+    shared = first_sharing_memory(tensors)
+    if shared is None:
+        return
+    (what, p, moment), (other, q, other_moment) = (owners[i] for i in shared)
+    if moment or other_moment:
+        raise ValueError(f"{what} of a parameter of shape {tuple(p.shape)} and {other} of a parameter of "
+                         f"shape {tuple(q.shape)}{' (the same one)' if p is q else ''} share memory (set "
+                         "by hand?): a step that writes one would change the other. Give each moment a "
+                         "tensor of its own (torch.zeros_like(p) for each); nothing was written")
+    raise ValueError(f"the weights of two parameters (shapes {tuple(p.shape)}, {tuple(q.shape)}) share "
+                     "memory, tied after the optimizer took them (b.data = a.data, or a view of one put into "
+                     "param_groups by hand?): each would be stepped "
+                     "from the other's writes. Tie them before building the optimizer and pass the tied "
+                     "parameter once, or give each its own tensor; nothing was written")
 
 
 def refuse_relaid_in_place(params, weights, weight_pointers, entry: "_GroupEntry", state: Mapping) -> None:

@@ -38,7 +38,7 @@ except ImportError:  # a torch that moved them: never empty here, so every step 
 from . import backends as _backends
 from ._compat import OPTIMIZER_KEEPS_PARAMETER_NAMES, compile_disabled, power_iteration_buffers
 from ._rng import RNGSnapshot
-from .buckets import BucketCache, check_gradient, check_parameter
+from .buckets import BucketCache, check_gradient, check_parameter, first_sharing_memory
 from . import functional as F
 from .backends.base import (GRADIENT, MOMENTS_START, MOMENTUM, NOT_SITTING_OUT, SAT_OUT_SINCE, STEPS_SAT_OUT, Bucket,
                             Hyper)
@@ -2212,37 +2212,24 @@ def _from_lightning_manual(closure) -> bool:
             and getattr(closure.args[0], "automatic_optimization", None) is False)
 
 
-def _storage_span(p: torch.Tensor) -> Optional[Tuple[int, int, int]]:
-    """``(storage address, first byte, one past the last byte)`` of the elements ``p`` views; None for a
-    tensor with no elements or no storage to read (meta, a tensor subclass such as DTensor)."""
-    if p.numel() == 0 or p.device.type == "meta" or type(p) not in (torch.Tensor, torch.nn.Parameter):
-        return None
-    try:
-        base = p.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):
-        return None
-    size = p.element_size()
-    last = p.storage_offset() + sum((n - 1) * stride for n, stride in zip(p.shape, p.stride()))
-    return base, p.storage_offset() * size, (last + 1) * size
-
-
 def _refuse_shared_storage(new: Sequence[torch.Tensor], existing: Sequence[torch.Tensor]) -> None:
-    """ValueError if a tensor of ``new`` views memory that another of ``new`` or of ``existing`` views:
+    """ValueError if a tensor of ``new`` has an element where another of ``new`` or of ``existing`` has one:
     each pass reads a parameter's weights and writes them back, so two parameters over the same memory
     (``b.data = a.data``, overlapping slices of one tensor) would each be stepped from the other's writes,
-    differently on every backend. Views of disjoint parts of one storage (a flat buffer) are fine. The
-    same tensor twice is named as torch names it (its own check comes after this one)."""
+    differently on every backend. Views of disjoint parts of one storage (a flat buffer, column blocks of
+    one matrix) are fine. The same tensor twice is named as torch names it (its own check comes after
+    this one). Meta tensors and tensor subclasses (DTensor) hold no memory to compare here."""
     existing_ids = set(map(id, existing))
     if any(id(p) in existing_ids for p in new):
         raise ValueError("some parameters appear in more than one parameter group (the group was not added)")
-    spans = sorted((span, i) for i, span in enumerate(map(_storage_span, list(existing) + list(new)))
-                   if span is not None)
-    for (left, i), (right, j) in zip(spans, spans[1:]):
-        if left[0] == right[0] and right[1] < left[2]:
-            shapes = ", ".join(str(tuple((list(existing) + list(new))[k].shape)) for k in (i, j))
-            raise ValueError(f"two parameters (shapes {shapes}) share memory: each would be stepped from the "
-                             "other's writes. Give each its own tensor (b.data = a.data.clone()), or pass the "
-                             "tied parameter once (the group was not added)")
+    tensors = [p for p in list(existing) + list(new)
+               if type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type != "meta"]
+    shared = first_sharing_memory(tensors)
+    if shared is not None:
+        shapes = ", ".join(str(tuple(tensors[k].shape)) for k in shared)
+        raise ValueError(f"two parameters (shapes {shapes}) share memory: each would be stepped from the "
+                         "other's writes. Give each its own tensor (b.data = a.data.clone()), or pass the "
+                         "tied parameter once (the group was not added)")
 
 
 def _check_checkpoint_layout(state_dict) -> None:

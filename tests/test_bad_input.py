@@ -1006,6 +1006,15 @@ def test_a_parameter_whose_elements_share_memory_is_refused():
     assert_unchanged(before, snapshot(opt))
 
 
+def test_a_parameter_whose_strides_overlap_its_own_elements_is_refused():
+    """No stride is 0, yet [0, 1] and [1, 0] are one place in memory: the update pulled it two ways and kept
+    whichever write landed last."""
+    overlapping = torch.nn.Parameter(torch.zeros(10).as_strided((3, 3), (1, 1)))
+    with pytest.raises(ValueError, match=r"shape \(3, 3\) has elements that share memory \(strides \(1, 1\)\)"):
+        FusedSaLSa([overlapping], backend="torch")
+    gapped = torch.nn.Parameter(torch.zeros(20).as_strided((3, 3), (5, 1)))  # strides that nest: no overlap
+    assert FusedSaLSa([gapped], backend="torch").param_groups[0]["params"] == [gapped]
+
 # ---------------------------------------------------------------------------- non-finite values
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_first_loss(bad):
@@ -1975,6 +1984,42 @@ def test_parameters_that_share_memory_are_refused_and_disjoint_views_of_one_buff
     assert len(opt.param_groups) == 1
     halves = [torch.nn.Parameter(flat[:5]), torch.nn.Parameter(flat[5:])]  # a flat buffer's disjoint views
     assert len(FusedSaLSa(halves).param_groups[0]["params"]) == 2
+
+
+@pytest.mark.parametrize("split", ["columns", "even_odd", "as_strided"])
+def test_views_that_interleave_but_share_no_element_step_as_separate_tensors(split):
+    """Column blocks of one matrix and every other element reach bytes between each other's; they were refused
+    as sharing memory, where AdamW steps them."""
+    torch.manual_seed(0)
+    base = torch.randn(4, 6)
+    views = {"columns": lambda t: (t[:, :3], t[:, 3:]), "even_odd": lambda t: (t.view(-1)[0::2], t.view(-1)[1::2]),
+             "as_strided": lambda t: (t.view(-1).as_strided((3, 2), (8, 1)), t.view(-1).as_strided((3, 2), (8, 1), 3))}
+    shared = torch.nn.ParameterList(map(torch.nn.Parameter, views[split](base.clone())))
+    apart = torch.nn.ParameterList(torch.nn.Parameter(v.clone()) for v in views[split](base.clone()))
+    target = torch.randn(base.numel())
+    for params in (shared, apart):
+        opt = FusedSaLSa(params, backend="torch")
+        for _ in range(4):
+            opt.zero_grad()
+            opt.step(lambda: (torch.cat([p.reshape(-1) for p in params]) - target[:sum(p.numel() for p in params)])
+                     .pow(2).sum())
+    assert all(torch.equal(a, b) for a, b in zip(shared, apart))
+    with pytest.raises(ValueError, match="share memory"):  # one element in common is refused still
+        FusedSaLSa([torch.nn.Parameter(base[:, :4]), torch.nn.Parameter(base[:, 3:])])
+
+
+def test_the_step_time_check_tells_interleaving_weights_from_ones_that_share_an_element():
+    """Weights put into param_groups by hand are checked where the buckets are built, by the same rule."""
+    base = torch.randn(4, 6)
+    left, right = torch.nn.Parameter(base[:, :3]), torch.nn.Parameter(base[:, 3:])
+    opt = FusedSaLSa([left], backend="torch")
+    opt.param_groups[0]["params"].append(right)
+    opt.step(lambda: (left.sum() + right.sum()) ** 2)
+    assert opt.search_state.step == 1
+    opt.param_groups[0]["params"].append(torch.nn.Parameter(base[1:, 2:4]))
+    opt.zero_grad()
+    with pytest.raises(ValueError, match=r"the weights of two parameters .* share memory"):
+        opt.step(lambda: sum(p.sum() for p in opt.param_groups[0]["params"]) ** 2)
 
 
 def test_a_group_key_that_state_dict_keeps_for_the_search_is_refused():
