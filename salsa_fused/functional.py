@@ -367,10 +367,20 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
     passes.run("first_trial", direction, GroupStep.trial, search.step_size)
     current = search.step_size  # the trial the weights are at
     trials = finite_trials = 0
+    half = any(b.dtype == torch.float16 for b in passes.buckets)  # alike on every rank
     try:
         while True:
             tried = search.step_size
             loss = trial_loss()
+            if half and math.isfinite(loss) and not _weights_finite(passes, torch.float16, reduction):
+                # a forward that saturates (tanh, clamp) reads a finite loss at float16 weights that
+                # overflowed: a failed trial, never one to keep
+                if not has_saved_copy:
+                    raise NonFiniteError(
+                        f"the trial at step size {tried:g} overflowed float16 weights (its loss, {loss:g}, was "
+                        "finite: a forward that saturates); restore='inplace' cannot undo such a trial: the "
+                        "weights hold NaN/inf (restore='copy', the default, backtracks from w0)")
+                loss = math.inf
             trials += 1
             finite_trials += math.isfinite(loss)
             verdict = search.observe(loss)

@@ -1555,6 +1555,24 @@ def test_an_applied_step_that_overflows_float16_weights_is_refused_with_everythi
     assert opt.search_state == before[2]
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_a_trial_that_overflows_float16_weights_under_a_saturating_forward_is_a_failed_trial(backend):
+    """tanh reads a finite loss at an inf weight: the trial that overflowed was accepted and inf written (a
+    user's check, step 164 of 300 on every backend). It is now a failed trial: the search backtracks below it."""
+    weight = torch.nn.Parameter(torch.tensor([65000.0, 1.0], dtype=torch.float16))
+    opt = FusedSaLSa([weight], init_step_size=1e3, max_search_interval=1, nonfinite="skip", backend=backend)
+    closure = lambda: -torch.tanh(weight.float() / 1e5).sum()  # noqa: E731
+    opt.zero_grad()
+    opt.step(closure)
+    assert torch.isfinite(weight).all() and weight[0] > 65000.0
+    assert opt.last_search_trials > 1 and opt.num_searches == 1  # the first trial, 65000 + 1e3 ~ inf, failed
+    inplace = FusedSaLSa([weight], init_step_size=1e3, restore="inplace", backend=backend)
+    inplace.zero_grad()
+    with pytest.raises(NonFiniteError, match=r"overflowed float16 weights \(its loss, -?[0-9.]+, was finite.*"
+                                             "restore='inplace' cannot undo such a trial"):
+        inplace.step(closure)
+
+
 def test_under_inplace_restore_a_trial_that_overflowed_is_reported_as_not_undone():
     """restore='inplace' cannot put back a weight that overflowed: the error says the weights hold
     NaN/inf instead of claiming they are as before (and 'skip' does not count it as skipped)."""
