@@ -41,6 +41,7 @@ decides nothing: every factor would score alike.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
@@ -287,10 +288,10 @@ class LRFactorSearch:
 
     @staticmethod
     def _loss_value(value) -> torch.Tensor:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
             return torch.tensor(float(value), dtype=torch.float64)
         if not isinstance(value, torch.Tensor):
-            raise TypeError(f"closure() must return the loss as a scalar tensor or float, "
+            raise TypeError(f"closure() must return the loss as a scalar tensor or a real number, "
                             f"got {type(value).__name__}")
         if value.numel() != 1:
             raise ValueError(f"closure() must return a loss of one element (a scalar), got a tensor of shape "

@@ -1106,6 +1106,12 @@ class FusedSaLSa(Optimizer, Joinable):
                 "restore_strategy", "backend_name", "foreach", "fused", "nonfinite", "init_step_size",
                 "_init_step_size_given", "model", "_device", "_counts", "_reduction_given", "_auto_fallback_warned")
 
+    def __copy__(self):
+        raise TypeError(
+            f"copy.copy() of {type(self).__name__} is refused: a shallow copy would share the moments (state) but "
+            "not the search's step count, so each copy would apply bias corrections for steps the moments did not "
+            "see; use copy.deepcopy(opt) for an independent copy, or opt.state_dict() and load_state_dict()")
+
     def __getstate__(self) -> dict:
         state = {**super().__getstate__(), **{name: self.__dict__[name] for name in self._PICKLED
                                                if name in self.__dict__}}
@@ -1167,7 +1173,7 @@ class FusedSaLSa(Optimizer, Joinable):
     def _loss_tensor(self, value, what: str, need_grad: bool, closure: Optional[Callable] = None) -> torch.Tensor:
         """``value`` checked as a loss; ``what``: a closure call (``"closure()"``) or ``"loss"`` (step's argument),
         ``closure``'s own name for its call where it has one (:data:`CALL_NAME`)."""
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not need_grad:
+        if isinstance(value, numbers.Real) and not isinstance(value, bool) and not need_grad:
             return torch.tensor(float(value), dtype=torch.float32, device=self._device)
         if (isinstance(value, torch.Tensor) and value.layout == torch.strided and value.numel() == 1
                 and value.is_floating_point() and not value.is_complex() and not value.is_meta
@@ -1182,7 +1188,8 @@ class FusedSaLSa(Optimizer, Joinable):
                     "and no backward run: bind the step first, after self.manual_backward(loss): "
                     "opt.bind_closure(lambda: <the loss of this batch>, loss=loss.detach()); opt.step() "
                     "(docs/integrations.md, examples/lightning_salsa.py); nothing was written")
-            raise TypeError(f"{must} the loss as a scalar tensor, got {type(value).__name__}")
+            raise TypeError(f"{must} the loss as a scalar tensor{'' if need_grad else ' or a real number'}, "
+                            f"got {type(value).__name__}")
         if value.layout != torch.strided:
             raise TypeError(f"{must} a dense loss, got a tensor of layout {value.layout} (a sparse reduction? "
                             "sum it to a dense scalar, e.g. loss.to_dense())")

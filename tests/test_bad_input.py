@@ -2115,7 +2115,7 @@ def test_a_sparse_loss_is_refused_by_name():
 
 def test_a_bad_loss_bound_with_bind_closure_is_refused_at_the_binding():
     model, opt = _trained(2)
-    with pytest.raises(TypeError, match="bind_closure\\(\\)'s loss= must be the loss as a scalar tensor, got str"):
+    with pytest.raises(TypeError, match="bind_closure\\(\\)'s loss= must be the loss as a scalar tensor or a real number, got str"):
         opt.bind_closure(_closure(model), loss="x")
     with pytest.raises(ValueError, match="bind_closure\\(\\)'s loss= must be a loss of one element"):
         opt.bind_closure(_closure(model), loss=torch.ones(2))

@@ -236,7 +236,7 @@ _A_LOSS_COMPUTED_BEFORE = torch.tensor(0.5)
 @pytest.mark.parametrize("closure_value, error, match", [
     (lambda: torch.ones(2), ValueError, "loss of one element"),
     (lambda: _A_LOSS_COMPUTED_BEFORE, RuntimeError, "same loss tensor at two factors"),  # every factor ties
-    (lambda: "loss", TypeError, "scalar tensor or float"),
+    (lambda: "loss", TypeError, "scalar tensor or a real number"),
     (lambda: torch.tensor(1), TypeError, "floating-point"),
 ])
 def test_bad_closure_output_leaves_the_optimizer_step_and_rate(closure_value, error, match):

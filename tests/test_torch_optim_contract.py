@@ -7,6 +7,7 @@ import copy
 import io
 import pickle
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,34 @@ def test_a_copied_optimizer_steps_as_the_original(how):
     for got, want in zip(model_copy.parameters(), model.parameters()):
         assert torch.equal(got, want)
     assert opt_copy.search_state == opt.search_state
+
+
+def test_a_shallow_copy_is_refused_by_name():
+    """copy.copy shares ``state`` (the moments) but not the search's count, which every step replaces: two
+    shallow copies stepped in turn would each correct moments for steps they did not count."""
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    _train(model, opt, 2)
+    with pytest.raises(TypeError, match=r"copy\.copy\(\) of FusedSaLSa is refused.*copy\.deepcopy\(opt\)"):
+        copy.copy(opt)
+    assert opt.search_state.step == 2
+
+
+def test_a_numpy_scalar_loss_is_taken_as_a_python_float():
+    """loss= from a metrics pipeline (np.mean over float32 values) steps as the same value as a float."""
+    runs = []
+    for convert in (float, np.float32, np.float64):
+        model = _model()
+        opt = FusedSaLSa(model.parameters(), backend="torch")
+        for _ in range(3):
+            opt.zero_grad()
+            loss = F.mse_loss(model(_X), _Y)
+            loss.backward()
+            opt.step(lambda: F.mse_loss(model(_X), _Y), loss=convert(np.float32(loss.item())))
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(run, runs[0]))
+    with pytest.raises(TypeError, match=r"loss= must be the loss as a scalar tensor or a real number, got bool"):
+        opt.step(lambda: F.mse_loss(model(_X), _Y), loss=np.bool_(True))
 
 
 def test_step_with_a_closure_when_no_parameter_gets_a_gradient_is_a_no_op():
