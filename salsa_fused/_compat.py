@@ -67,6 +67,14 @@ def power_iteration_buffers(module: torch.nn.Module) -> TensorList:
             if isinstance(hook, SpectralNorm) for suffix in ("_u", "_v")]
 
 
+def upcast_16bit(tensors: TensorList) -> TensorList:
+    """The list itself when no tensor is 16-bit, else a list with the 16-bit ones upcast to fp32: the
+    weights' arithmetic (fp64 weights stay fp64, so a step keeps their precision)."""
+    if not any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors):
+        return tensors
+    return [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
+
+
 def to_float32(tensors: TensorList) -> TensorList:
     """The list itself when every tensor is fp32, else a list with upcast copies."""
     if all(t.dtype == torch.float32 for t in tensors):

@@ -10,7 +10,8 @@ Direction ``"raw"`` (``d = g``, base.py) skips Adam entirely: no pass reads or w
 moments, and the plain step moves along ``g`` too.
 
 Low-precision weights (bf16, fp16) are upcast to fp32 for the arithmetic and the
-result is rounded once when written back; moments are always fp32.
+result is rounded once when written back; fp64 weights take the (fp32) step in fp64, so
+they keep their precision. Moments, and so the direction, are always fp32.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ class _ForeachOps:
         return C.foreach_add(a, b, alpha=alpha)
 
     @staticmethod
-    def float32(a, into: int):
-        return C.to_float32(a)
+    def weights(a, into: int):
+        return C.upcast_16bit(a)
 
     @staticmethod
     def mul_(a, b):
@@ -99,7 +100,8 @@ class _BlockOps:
     def add(self, a, b, alpha: float, into: int):
         return torch.add(a, b, alpha=alpha, out=self.rows[into])
 
-    def float32(self, a, into: int):
+    def weights(self, a, into: int):
+        """16-bit weights upcast into an fp32 row (fp64 weights do not come here: the rows are fp32)."""
         return a if a.dtype == torch.float32 else self.rows[into].copy_(a)
 
     @staticmethod
@@ -173,12 +175,12 @@ def _direction(ops, precond, grads, exp_avg, hyper: Hyper, direction: str):
     return precond
 
 
-def _decayed(ops, weights_fp32, hyper: Hyper, decay_step_size: float):
-    """``w * (1 - weight_decay * decay_step_size)`` (``weights_fp32`` itself when the factor is 1)."""
+def _decayed(ops, weights, hyper: Hyper, decay_step_size: float):
+    """``w * (1 - weight_decay * decay_step_size)`` (``weights`` itself when the factor is 1)."""
     factor = hyper.decay_factor(decay_step_size)
     if factor == 1:
-        return weights_fp32
-    return ops.mul(weights_fp32, factor, 1)
+        return weights
+    return ops.mul(weights, factor, 1)
 
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
@@ -186,12 +188,12 @@ _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 _OVERFLOW = {torch.float16: 65520.0, torch.bfloat16: 3.39617752923046e38}
 
 
-def _move_from(ops, params, weights_fp32, d, hyper: Hyper, step_size: float, decay_step_size: float,
+def _move_from(ops, params, weights, d, hyper: Hyper, step_size: float, decay_step_size: float,
                kept: Optional[torch.Tensor] = None) -> None:
-    """``params = decay(weights) - step_size * d``; in place when fp32 without decay, as 0.1.0 does.
+    """``params = decay(weights) - step_size * d``; in place when fp32 (or fp64) without decay, as 0.1.0 does.
     With ``kept`` (a plain step's counter) a 16-bit weight whose new value would round to inf
     keeps its value and is counted into ``kept``."""
-    weights = _decayed(ops, weights_fp32, hyper, decay_step_size)
+    weights = _decayed(ops, weights, hyper, decay_step_size)
     if weights is params:
         ops.add_(params, d, alpha=-step_size)
     elif kept is None or not _has_sixteen_bit(params):
@@ -234,7 +236,7 @@ def _adam_move(ops, params, grads, exp_avg, exp_avg_sq, hyper: Hyper, move: Move
     step (along ``m_hat``) and a search's first trial, on a whole bucket or on one block."""
     exp_avg, exp_avg_sq = _new_moments(ops, exp_avg, exp_avg_sq, grads, hyper, in_place=True, grad_sq=grad_sq)
     d = _direction(ops, _preconditioner(ops, exp_avg_sq, hyper), grads, exp_avg, hyper, direction)
-    _move_from(ops, params, ops.float32(params, 1), d, hyper, move.step, move.decay, kept)
+    _move_from(ops, params, ops.weights(params, 1), d, hyper, move.step, move.decay, kept)
 
 
 def _current_direction(bucket: Bucket, hyper: Hyper, direction: str, grad_scale) -> List[torch.Tensor]:
@@ -290,7 +292,7 @@ def first_trial(bucket: Bucket, args: PassArgs) -> None:
         C.foreach_copy_(bucket.saved, bucket.params)
     grads = _grads_fp32(bucket.grads, args.grad_scale)
     if args.direction == RAW:
-        _move_from(_FOREACH, bucket.params, C.to_float32(bucket.params), grads, args.hyper, args.move.step,
+        _move_from(_FOREACH, bucket.params, C.upcast_16bit(bucket.params), grads, args.hyper, args.move.step,
                    args.move.decay)
         return
     _adam_move(_FOREACH, bucket.params, grads, bucket.exp_avg, bucket.exp_avg_sq, args.hyper, args.move, args.direction)
@@ -305,10 +307,10 @@ def retrial(bucket: Bucket, args: PassArgs) -> None:
     move = args.move
     d = _current_direction(bucket, args.hyper, args.direction, args.grad_scale)
     if bucket.saved is not None:
-        weights = _decayed(_FOREACH, C.to_float32(bucket.saved), args.hyper, move.decay)
+        weights = _decayed(_FOREACH, C.upcast_16bit(bucket.saved), args.hyper, move.decay)
         C.foreach_copy_(bucket.params, C.foreach_add(weights, d, alpha=-move.step))
     else:
-        weights = C.to_float32(bucket.params)
+        weights = C.upcast_16bit(bucket.params)
         if args.direction == RAW:  # d is the gradient: scaled into a new list
             d = C.foreach_mul(d, move.previous - move.step)
         else:
@@ -324,7 +326,7 @@ def restore(bucket: Bucket, args: PassArgs) -> None:
         return
     hyper, move = args.hyper, args.move
     d = _current_direction(bucket, hyper, args.direction, args.grad_scale)
-    weights = C.foreach_add(C.to_float32(bucket.params), d, alpha=move.previous)
+    weights = C.foreach_add(C.upcast_16bit(bucket.params), d, alpha=move.previous)
     factor = hyper.decay_factor(move.decay)
     if factor != 1:
         C.foreach_div_(weights, factor)
@@ -362,7 +364,8 @@ def plain_step(bucket: Bucket, args: PassArgs, loss: torch.Tensor, found_inf: Op
         _raw_plain_step(bucket.params, grads, args.hyper, args.move, nonfinite_count)
         return
     tensors = (bucket.params, grads, bucket.exp_avg, bucket.exp_avg_sq)
-    if bucket.device.type == "cpu" and all(t.is_contiguous() for stream in tensors for t in stream):
+    if (bucket.device.type == "cpu" and bucket.dtype != torch.float64
+            and all(t.is_contiguous() for stream in tensors for t in stream)):
         _plain_step_blocked(*tensors, args.hyper, args.move, nonfinite_count)
         return
     _foreach_plain_step(*tensors, args.hyper, args.move, nonfinite_count)
@@ -412,13 +415,13 @@ def _raw_plain_step(params, grads, hyper: Hyper, move: Move, nonfinite_count: Op
     if not params:
         return
     if bool(torch.isfinite(torch.stack(C.foreach_norm(grads))).all()):
-        _move_from(_FOREACH, params, C.to_float32(params), grads, hyper, move.step, move.decay, nonfinite_count)
+        _move_from(_FOREACH, params, C.upcast_16bit(params), grads, hyper, move.step, move.decay, nonfinite_count)
         return
     # The rare path (also taken when a norm overflows with finite elements: same bits then).
     finite = [torch.isfinite(g) for g in grads]
     safe_grads = [torch.where(ok, g, torch.zeros_like(g)) for ok, g in zip(finite, grads)]
     new_params = [p.clone() for p in params]
-    _move_from(_FOREACH, new_params, C.to_float32(new_params), safe_grads, hyper, move.step, move.decay)
+    _move_from(_FOREACH, new_params, C.upcast_16bit(new_params), safe_grads, hyper, move.step, move.decay)
     finite = _stays_finite(finite, new_params)
     for ok, target, value in zip(finite, params, new_params):
         target.copy_(torch.where(ok, value, target))

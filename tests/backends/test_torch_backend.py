@@ -147,6 +147,35 @@ def test_plain_step(dtype, weight_decay):
     assert count.item() == 0
 
 
+@pytest.mark.parametrize("kind", ["first_trial", "retrial", "retrial_inplace", "restore_inplace", "plain_step", "raw"])
+def test_float64_weights_take_the_step_in_float64(kind):
+    """The direction is float32 (its moments are), the move is made in the weights' float64: a step far
+    below a float32 ulp of the weights moves them by it (they were rounded to float32 at every pass)."""
+    bucket = _bucket(torch.float64, copy=kind != "retrial_inplace" and kind != "restore_inplace")
+    bucket.params = [p + 1e-12 for p in bucket.params]  # bits float32 does not hold
+    hyper, step, decay = _hyper(0.1), 1e-9, 0.25
+    w0 = [p.clone() for p in bucket.params]
+    direction = "raw" if kind == "raw" else "momentum"
+    ref = _reference(bucket, direction)
+    if kind == "first_trial":
+        B.first_trial(bucket, PassArgs(hyper, Move(step, decay=decay), direction))
+    elif kind.startswith("retrial"):
+        B.first_trial(bucket, PassArgs(hyper, Move(3 * step, decay=decay), direction))
+        B.retrial(bucket, PassArgs(hyper, Move(step, 3 * step, decay), direction))
+    elif kind == "restore_inplace":
+        B.first_trial(bucket, PassArgs(hyper, Move(step, decay=decay), direction))
+        B.restore(bucket, PassArgs(hyper, Move(0.0, step, decay), direction))
+        step = 0.0
+    else:
+        B.plain_step(bucket, PassArgs(hyper, Move(step, decay=decay), direction), torch.tensor(1.5))
+    for i, (_, _, d, update) in enumerate(ref):
+        assert bucket.params[i].dtype == torch.float64
+        decayed = w0[i] * (1 - 0.1 * decay) if step else w0[i]
+        moved = step * (update if kind == "plain_step" else d)
+        torch.testing.assert_close(bucket.params[i], decayed - moved, rtol=1e-15,
+                                   atol=4e-6 * float(moved.abs().max()) + 1e-15)
+
+
 def test_plain_step_with_grad_scale():
     bucket = _bucket()
     w0 = [p.clone() for p in bucket.params]
