@@ -1079,26 +1079,36 @@ class FusedSaLSa(Optimizer, Joinable):
             return
         device = self._device or torch.device("cpu")
 
-        def flaw(name: str, tensor: torch.Tensor) -> torch.Tensor:
-            """1 if the tensor holds NaN/inf (or, for exp_avg_sq, a negative value), else 0: its
-            min and max, so no mask the size of the tensor is kept."""
+        def flaws(name: str, tensor: torch.Tensor) -> torch.Tensor:
+            """Two flags: the tensor holds NaN/inf (or, for exp_avg_sq, a negative value); its values are
+            finite but beyond float32's range, where the moments are kept (a float64 AdamW's). From its min
+            and max, so no mask the size of the tensor is kept."""
             local = _local(tensor)
             if not local.numel():
-                return torch.zeros((), dtype=torch.float32, device=device)
-            # in float32, as the moments are kept: a float64 value beyond its range would load as inf
-            low, high = torch.aminmax(local if local.dtype == torch.float32 else local.float())
-            bad = ~(torch.isfinite(low) & torch.isfinite(high))
+                return torch.zeros(2, dtype=torch.float32, device=device)
+            low, high = torch.aminmax(local)
+            corrupt = ~(torch.isfinite(low) & torch.isfinite(high))
             if name == "exp_avg_sq":
-                bad = bad | (low < 0)
-            return bad.to(device=device, dtype=torch.float32)
+                corrupt = corrupt | (low < 0)
+            beyond = ~corrupt & ~torch.isfinite(torch.maximum(low.abs(), high.abs()).float())
+            return torch.stack([corrupt, beyond]).to(device=device, dtype=torch.float32)
 
         with torch.no_grad():
-            counts = torch.stack([flaw(name, moments[key][name]) for key, name in names])
+            counts = torch.stack([flaws(name, moments[key][name]) for key, name in names])
             counts = self.reduction.sum_over_shards(counts)
-        bad = [f"{name} of parameter {key}" for (key, name), count in zip(names, counts.tolist()) if count]
-        if bad:
-            raise ValueError(f"the checkpoint's {', '.join(bad[:4])}{' and more' if len(bad) > 4 else ''} "
-                             "hold NaN/inf (or a negative exp_avg_sq): the checkpoint is corrupt; nothing was loaded")
+        corrupt, beyond = ([f"{name} of parameter {key}" for (key, name), count in zip(names, counts[:, kind].tolist())
+                            if count] for kind in (0, 1))
+
+        def listed(bad: List[str]) -> str:
+            return f"{', '.join(bad[:4])}{' and more' if len(bad) > 4 else ''}"
+
+        if corrupt:
+            raise ValueError(f"the checkpoint's {listed(corrupt)} hold NaN/inf (or a negative exp_avg_sq): the "
+                             "checkpoint is corrupt; nothing was loaded")
+        if beyond:
+            raise ValueError(f"the checkpoint's {listed(beyond)} hold finite values beyond float32's range "
+                             f"({FLOAT32_MAX:.4g}), where FusedSaLSa keeps its moments (a float64 optimizer's "
+                             "checkpoint?): they would load as inf; nothing was loaded")
 
     #: What a copy (deepcopy, pickle, torch.save) keeps beside torch's defaults/state/param_groups;
     #: the backend is resolved again by name, caches and the hand-off to the next step start empty.

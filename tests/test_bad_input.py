@@ -2121,6 +2121,18 @@ def test_a_bad_loss_bound_with_bind_closure_is_refused_at_the_binding():
         opt.bind_closure(_closure(model), loss=torch.ones(2))
 
 
+def test_a_float64_checkpoint_whose_moments_float32_cannot_hold_is_refused_as_such_not_as_corrupt():
+    """A float64 AdamW's exp_avg_sq reached 4e40, all finite: the refusal said NaN/inf and corrupt."""
+    model, opt = _trained(2)
+    saved = deepcopy(opt.state_dict())
+    first = next(iter(saved["state"]))
+    saved["state"][first]["exp_avg_sq"] = saved["state"][first]["exp_avg_sq"].double() + 4e40
+    assert_load_refused(opt, saved, r"exp_avg_sq of parameter 0 hold finite values beyond float32's range "
+                                    r"\(3.403e\+38\), where FusedSaLSa keeps its moments")
+    saved["state"][first]["exp_avg_sq"][0] = float("nan")  # both: the corrupt one is named
+    assert_load_refused(opt, saved, r"hold NaN/inf .*the checkpoint is corrupt")
+
+
 @pytest.mark.parametrize("extra", [torch.tensor(float("nan")), float("inf")])
 def test_a_checkpoint_whose_other_state_holds_nan_is_refused(extra):
     _, opt = _trained(2)

@@ -179,7 +179,7 @@ def test_loading_does_not_alias_the_loaded_dict():
     (lambda sd: sd["param_groups"][0].update(search="corrupt"), "search state .* is a str, not a dict"),
     # float64 values beyond float32 would load as inf: the moments are kept in float32
     (lambda sd: sd["state"][0].update(exp_avg_sq=sd["state"][0]["exp_avg_sq"].double().fill_(1e300)),
-     "exp_avg_sq of parameter 0 hold NaN/inf"),
+     "exp_avg_sq of parameter 0 hold finite values beyond float32.s range"),
     (lambda sd: sd["param_groups"][0]["search"].update(last_loss_decrease=float("nan")), "last_loss_decrease"),
     # L = min(L_max, 1 / (r - 1 + 1e-8)) is positive at every step: 0 or below is a hand's or a corruption's
     (lambda sd: sd["param_groups"][0]["search"].update(search_interval=-1), "search_interval must be .* > 0"),
