@@ -330,9 +330,14 @@ def _as_the_step_sees(group: dict) -> dict:
     return {**group, "search_lr": 1.0} if _starts_probing(group) else group
 
 
+def _flag_off(value) -> bool:
+    """Whether a torch.optim flag is off as torch reads it: False, None or a number 0."""
+    return value is None or (isinstance(value, numbers.Number) and not isinstance(value, complex) and not value)
+
+
 def _refuse_unsupported_flags(**flags) -> None:
     for name, value in flags.items():
-        if value is not False:
+        if not _flag_off(value):
             raise ValueError(f"FusedSaLSa does not support {name}={value!r}: {_UNSUPPORTED_FLAGS[name]} "
                              f"({name}=False, the default, is accepted)")
 
@@ -592,7 +597,7 @@ class FusedSaLSa(Optimizer, Joinable):
         if not (math.isfinite(wd) and wd >= 0):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {wd}")
         for name, why in _UNSUPPORTED_FLAGS.items():
-            if group.get(name, False) not in (False, None):
+            if not _flag_off(group.get(name, False)):
                 raise ValueError(f"a param group has {name}={group[name]!r}, which FusedSaLSa does not support: "
                                  f"{why} (set it to False, or leave it out)")
 

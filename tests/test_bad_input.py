@@ -1311,9 +1311,12 @@ def test_a_set_of_parameters_is_refused_as_torch_refuses_it():
                                           ("differentiable", "not differentiable"), ("amsgrad", "running maximum")])
 def test_torch_optim_flags_it_cannot_honour_are_accepted_off_and_refused_on_with_the_reason(flag, reason):
     params = [torch.nn.Parameter(torch.randn(3))]
-    FusedSaLSa(params, **{flag: False})
-    with pytest.raises(ValueError, match=f"does not support {flag}=True: .*{reason}"):
-        FusedSaLSa(params, **{flag: True})
+    for off in (False, None, 0):  # torch.optim reads a flag as off where it is falsy
+        FusedSaLSa(params, **{flag: off})
+        FusedSaLSa(params).add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], flag: off})
+    for on in (True, 1):
+        with pytest.raises(ValueError, match=f"does not support {flag}={on}: .*{reason}"):
+            FusedSaLSa(params, **{flag: on})
 
 
 @pytest.mark.parametrize("flag", ["maximize", "amsgrad", "capturable", "differentiable"])
