@@ -1188,12 +1188,12 @@ class FusedSaLSa(Optimizer, Joinable):
     def _loss_tensor(self, value, what: str, need_grad: bool, closure: Optional[Callable] = None) -> torch.Tensor:
         """``value`` checked as a loss; ``what``: a closure call (``"closure()"``) or ``"loss"`` (step's argument),
         ``closure``'s own name for its call where it has one (:data:`CALL_NAME`)."""
-        if isinstance(value, numbers.Real) and not isinstance(value, bool) and not need_grad:
-            return torch.tensor(float(value), dtype=torch.float32, device=self._device)
         if (isinstance(value, torch.Tensor) and value.layout == torch.strided and value.numel() == 1
                 and value.is_floating_point() and not value.is_complex() and not value.is_meta
                 and (value.requires_grad or not need_grad)):
             return value
+        if not need_grad and isinstance(value, numbers.Real) and not isinstance(value, bool):  # an ABC: a call
+            return torch.tensor(float(value), dtype=torch.float32, device=self._device)
         what = what if closure is None else _call_name(closure, what)
         must = f"{what} must return" if what.endswith(")") else f"step()'s {what}= must be"
         if not isinstance(value, torch.Tensor):
