@@ -193,10 +193,12 @@ def profile(n_tensors: int, device: torch.device, steps: int = 10, top: int = 25
 
 
 def python_calls(n_tensors: int, device: torch.device, backend: str = "triton", grad: bool = False,
-                 steps: int = 100, warmup: int = 5) -> float:
+                 steps: int = 100, warmup: int = 5, made_in: Optional[str] = None) -> float:
     """Python calls (cProfile's count: functions and builtins) per stubbed plain step, the calling
     ``lambda`` included; deterministic, unlike the host clock. ``grad``: ``step()`` called with grad
-    enabled (a training loop's case) instead of under ``torch.no_grad()`` as :func:`measure` times it."""
+    enabled (a training loop's case) instead of under ``torch.no_grad()`` as :func:`measure` times it.
+    ``made_in``: count only the calls made from code in that directory (the package's own: what torch's
+    version does not move)."""
     params = C.make_params(tensor_shapes(n_tensors, device), torch.float32, device)
     with torch.set_grad_enabled(grad), stubbed_launches():
         step = salsa_plain_step(params, device, backend)
@@ -207,7 +209,11 @@ def python_calls(n_tensors: int, device: torch.device, backend: str = "triton", 
         for _ in range(steps):
             step()
         profiler.disable()
-    calls = sum(row[1] for row in pstats.Stats(profiler).stats.values())
+    stats = pstats.Stats(profiler).stats
+    if made_in is not None:
+        return sum(count for row in stats.values() for caller, (_, count, _, _) in row[4].items()
+                   if caller[0].startswith(made_in)) / steps
+    calls = sum(row[1] for row in stats.values())
     return (calls - 2 * steps) / steps  # less the profiler's own two calls a step (its enable/disable overhead)
 
 
