@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar, FrozenSet
 
 from .backends.base import GRADIENT, MOMENTUM
-from .errors import checked_int
+from .errors import checked_int, checked_real
 from .line_search import SearchConfig, SearchState, StepPlan
 from .rules import FinalMove, Verdict
 
@@ -127,12 +127,8 @@ class _EveryStepRule:
     search: ClassVar[type]
 
     def __post_init__(self):
-        if not 0.0 < self.c < 1.0:
-            raise ValueError(f"c must lie in (0, 1), got {self.c}")
-        if not (math.isfinite(self.b) and self.b > 0):
-            raise ValueError(f"b must be a finite number > 0, got {self.b}")
-        if not 0.0 < self.backtrack < 1.0:
-            raise ValueError(f"backtrack must lie in (0, 1), got {self.backtrack}")
+        for name, upper in (("c", 1.0), ("b", None), ("backtrack", 1.0)):  # a numpy float, say, kept as a float
+            object.__setattr__(self, name, checked_real(name, getattr(self, name), 0.0, upper))
         object.__setattr__(self, "max_trials", checked_int("max_trials", self.max_trials, 1))  # a numpy integer, say
 
     def direction(self, configured: str) -> str:

@@ -1,8 +1,10 @@
 """Errors raised by FusedSaLSa, and where its warnings point."""
 
+import math
 import numbers
 import os
 import sys
+from typing import Optional
 
 import torch
 
@@ -37,6 +39,19 @@ def checked_int(name: str, value, minimum: int, allow_none: bool = False):
     if value < minimum:
         raise ValueError(wanted)
     return int(value)
+
+
+def checked_real(name: str, value, lower: float, upper: Optional[float] = None) -> float:
+    """``value`` as a float, if it is a finite real number (Python's or numpy's, not a bool) above ``lower``
+    (and below ``upper``, when given); else ValueError naming ``name``, the range and, for a value that is
+    not a number, its type."""
+    wanted = (f"{name} must lie in ({lower:g}, {upper:g})" if upper is not None
+              else f"{name} must be a finite number > {lower:g}") + f", got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{wanted} (a {type(value).__name__}, not a number)")
+    if not (math.isfinite(value) and lower < value and (upper is None or value < upper)):
+        raise ValueError(wanted)
+    return float(value)
 
 
 def caller_stacklevel() -> int:

@@ -22,9 +22,11 @@ starts from, and the final move ``alpha * s_min / ||g||``. Between approximation
 A failed fit (``a <= 0`` or ``b >= 0``, or a non-finite loss at ``mu`` or ``2 mu``) keeps the
 previous rate (SGD) or step length (NSGD), or before any success moves nothing and approximates
 again at the next step (a ``RuntimeWarning`` each time, as when the three losses are equal). A
-non-finite loss at ``s = 0`` (on a gradient batch or a point batch, at the weights before the step)
-is the step's own loss: the step is skipped or refused as
-``nonfinite=`` says, as any step with a NaN/inf loss. Under ``torch.amp.GradScaler``, a skipped
+non-finite loss at both ``mu`` and ``2 mu`` is a search with no finite trial, and a non-finite loss
+at ``s = 0`` (on a gradient batch or a point batch, at the weights before the step) is the step's
+own loss: either step is skipped or refused as ``nonfinite=`` says, as any step with a NaN/inf loss.
+A loss at an approximation above ``DIVERGED_RISE`` (10) times the first approximation's, once a fit
+has set a rate, warns that the run is likely diverging (LABPAL-SGD on one or two batches per fit does). Under ``torch.amp.GradScaler``, a skipped
 NSGD update (a search step) advances none of LABPAL's counters; a skipped SGD update (a plain
 step, no host read) still counts toward ``sgd_steps`` and the batches consumed (the next
 approximation reads the skips and takes them out of the step counter, not out of these).
@@ -72,7 +74,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar, FrozenSet, Optional
 
 from .backends.base import RAW
-from .errors import checked_int
+from .errors import checked_int, checked_real
 from .line_search import FLOAT32_EPS, FLOAT32_MAX, SearchConfig, SearchState, StepPlan
 from .optimizer import FusedSaLSa
 from .rules import Batches, FinalMove, Verdict
@@ -82,6 +84,11 @@ MODES = ("SGD", "NSGD")
 #: ``SearchState.rule_state`` of LABPAL: its scalars, and ``last``, what the last step decided.
 _COUNTERS = ("batches_consumed", "updates_since_approximation", "num_approximations", "num_failed_fits")
 _RATES = ("learning_rate", "update_step")  # lambda and alpha * s_min, None before the first fit
+#: The loss at ``s = 0`` of the run's first approximation: what the divergence warning compares with (absent in
+#: checkpoints from before it, where the next approximation sets it).
+_FIRST_LOSS = "first_loss"
+#: A loss this many times the first approximation's is read as a run that diverged.
+DIVERGED_RISE = 10.0
 
 
 def parabola_minimum(points, losses):
@@ -135,6 +142,15 @@ class _LABPALSearch:
         points = (0.0, mu, 2 * mu)
         a, b, s_min = parabola_minimum(points, self.losses)
         labpal["num_approximations"] += 1
+        first = labpal.setdefault(_FIRST_LOSS, self.losses[0])
+        if 0 < first and DIVERGED_RISE * first < self.losses[0] and labpal["update_step"] is not None:
+            warnings.warn(
+                f"LABPAL: the loss, {self.losses[0]:.4g} at this approximation, is {self.losses[0] / first:.3g} times "
+                f"the first approximation's ({first:.4g}): the run is likely diverging at the last fit's "
+                f"{'rate' if rule.mode == 'SGD' else 'step length'} ({labpal['update_step']:.4g} along g / ||g||), "
+                "and later fits read losses that differ by rounding or curve downward. A fit on one or two batches "
+                "misleads: the paper's defaults average approximation_batches=10 and fit every sgd_steps=1000; a "
+                "smaller alpha shortens the step", RuntimeWarning, stacklevel=2)
         if s_min is not None:
             labpal["update_step"] = rule.alpha * min(s_min, rule.max_step)
             labpal["learning_rate"] = labpal["update_step"] / self.norm
@@ -152,6 +168,15 @@ class _LABPALSearch:
                        "no step is taken until a fit succeeds")
                     + "; keep fp32 weights (autocast for the compute) or raise sample_step", RuntimeWarning,
                     stacklevel=2)
+            elif not all(map(math.isfinite, self.losses[1:])):
+                if any(map(math.isfinite, self.losses[1:])):  # at both: no finite trial, the step is refused
+                    warnings.warn(
+                        f"LABPAL: a non-finite loss at a trial point (losses {self.losses} at s = 0, mu and 2 mu, "
+                        f"mu = {mu}), so the fit failed and "
+                        + ("the last fit's step is kept" if labpal["update_step"] is not None else
+                           "no step is taken until a fit succeeds")
+                        + "; a smaller sample_step keeps the trial points nearer the weights", RuntimeWarning,
+                        stacklevel=2)
             elif labpal["update_step"] is None:  # losses that differ by rounding alone fail the fit as well
                 warnings.warn(
                     f"LABPAL: no step has been taken: none of its {labpal['num_approximations']} fits found a "
@@ -237,12 +262,13 @@ class LABPALRule:
         for name in ("approximation_batches", "sgd_steps", "accumulation"):
             object.__setattr__(self, name, checked_int(name, getattr(self, name), 1))  # a numpy integer, say
         for name in ("alpha", "sample_step", "max_step", "noise_factor"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+            object.__setattr__(self, name, checked_real(name, getattr(self, name), 0.0))
         if not self.alpha * self.max_step <= FLOAT32_MAX:  # the passes move by update_step in float32
             raise ValueError(f"alpha * max_step, the longest update step, must be one float32 holds (at most "
                              f"{FLOAT32_MAX:.4g}), got alpha={self.alpha!r} and max_step={self.max_step!r}")
+        if not 2 * self.sample_step <= FLOAT32_MAX:  # the farther trial point, 2 mu along g / ||g||
+            raise ValueError(f"sample_step (mu) must be at most half of what float32 holds ({FLOAT32_MAX / 2:.4g}): "
+                             f"the farther trial moves 2 mu along g / ||g||, got {self.sample_step!r}")
         object.__setattr__(self, "t_max", checked_int("t_max", self.t_max, 1, allow_none=True))
 
     def direction(self, configured: str) -> str:
@@ -305,7 +331,7 @@ class LABPALRule:
         """Raise ValueError on LABPAL scalars no run reaches (a corrupt or hand-edited checkpoint)."""
         if not rule_state:
             return
-        unknown = set(rule_state) - {*_COUNTERS, *_RATES, "last"}
+        unknown = set(rule_state) - {*_COUNTERS, *_RATES, "last", _FIRST_LOSS}
         missing = {*_COUNTERS, *_RATES} - set(rule_state)
         if unknown or missing:
             raise ValueError(f"not a LABPAL rule state: unknown keys {sorted(unknown)}, missing {sorted(missing)}")
@@ -319,6 +345,9 @@ class LABPALRule:
                     isinstance(value, (int, float)) and 0 < value <= FLOAT32_MAX)):
                 raise ValueError(f"LABPAL state {name} must be None or a number > 0 that float32 holds (at most "
                                  f"{FLOAT32_MAX:.4g}), got {value!r}")
+        first = rule_state.get(_FIRST_LOSS, 0.0)
+        if isinstance(first, bool) or not (isinstance(first, (int, float)) and math.isfinite(first)):
+            raise ValueError(f"LABPAL state {_FIRST_LOSS} must be a finite number, got {first!r}")
         if (rule_state["learning_rate"] is None) != (rule_state["update_step"] is None):
             raise ValueError("LABPAL state learning_rate and update_step are set together, got "
                              f"{rule_state['learning_rate']!r} and {rule_state['update_step']!r}")

@@ -10,6 +10,7 @@ import math
 import os
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -141,6 +142,14 @@ def test_rules_by_name_carry_the_papers_constants_and_refuse_bad_ones():
             AdamSLSRule(**bad)
     with pytest.raises(ValueError, match="c must lie"):
         ALSALSRule(c=0.0)
+    # not numbers: a bare TypeError from a comparison, or (b=True) taken, where LABPALRule names them
+    for rule, bad, match in ((AdamSLSRule, dict(c="0.1"), r"c must lie in \(0, 1\), got '0.1' \(a str, not a number\)"),
+                             (ALSALSRule, dict(backtrack="0.9"), r"backtrack must lie in \(0, 1\), got '0.9' \(a str"),
+                             (ALSALSRule, dict(c=None), r"c must lie in \(0, 1\), got None \(a NoneType"),
+                             (AdamSLSRule, dict(b=True), r"b must be a finite number > 0, got True \(a bool")):
+        with pytest.raises(ValueError, match=match):
+            rule(**bad)
+    assert type(AdamSLSRule(c=np.float32(0.25)).c) is float  # a numpy scalar, kept as the float it is
 
 
 SEARCH_DEFAULTS = {name: inspect.signature(FusedSaLSa).parameters[name].default for name in SEARCH_ARGUMENTS}

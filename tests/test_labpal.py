@@ -614,6 +614,82 @@ def test_equal_losses_of_a_loss_too_large_for_float32_to_move_name_the_losss_own
     assert opt.search_state.rule_state["num_failed_fits"] == 1
 
 
+def test_a_run_that_diverges_at_a_fitted_rate_warns_that_it_is_diverging():
+    """LABPAL-SGD fitting on the step's one batch every 5 updates (a user's settings) picked a rate of 1.83 on
+    a Tanh MLP, where plain SGD diverges at 1 or more: the loss went from 0.74 to 5e17 in 60 steps without a
+    word (the fits failed, or fitted rounding noise, silently). At the paper's defaults the run trains, silent."""
+    def run(rule, steps):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        opt = FusedSaLSa(model.parameters(), search_rule=rule, backend="torch")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i in range(steps):
+                x = torch.randn(32, 8, generator=torch.Generator().manual_seed(i))
+                opt.zero_grad()
+                loss = opt.step(lambda b: torch.nn.functional.mse_loss(model(x), x[:, :1].cos()))
+        return float(loss), [str(w.message) for w in caught if "diverging" in str(w.message)]
+
+    loss, diverging = run(LABPALRule("SGD", approximation_batches=2, sgd_steps=5), 50)
+    assert loss > 1e3 and diverging
+    assert re.search(r"LABPAL: the loss, [0-9.e+]+ at this approximation, is [0-9.e+]+ times the first "
+                     r"approximation's \(0\.7377\): the run is likely diverging at the last fit's rate", diverging[0])
+    loss, diverging = run(LABPAL_SGD, 50)
+    assert loss < 0.5 and not diverging
+
+
+def test_a_non_finite_loss_at_one_trial_point_warns_naming_it_and_at_both_refuses_the_step():
+    """The warning before any fit blamed bf16 weights and a small sample_step for a NaN loss; the docstring said a
+    NaN at both points keeps the rate, where the step is refused as any search with no finite trial."""
+    model = _model()
+    trial_calls, nan_at = [], set()
+
+    def closure(i):  # the trial points' forwards run under no_grad; s = 0 reuses the gradient batch's loss
+        loss = torch.nn.functional.mse_loss(model(torch.ones(4, 5) * (i + 1)), torch.zeros(4, 1))
+        if torch.is_grad_enabled():
+            return loss
+        trial_calls.append(i)
+        return loss * float("nan") if len(trial_calls) - 1 in nan_at else loss
+
+    opt = LABPAL(model.parameters(), "NSGD", backend="torch", approximation_batches=1, sgd_steps=5)
+    before = [p.detach().clone() for p in model.parameters()]
+    nan_at.add(0)  # mu's
+    with pytest.warns(RuntimeWarning, match=r"LABPAL: a non-finite loss at a trial point \(losses \[[0-9.]+, nan, "
+                                            r"[0-9.]+\] at s = 0, mu and 2 mu, mu = 0.01\), so the fit failed and no "
+                                            r"step is taken"):
+        opt.zero_grad()
+        opt.step(closure)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    trial_calls.clear()
+    nan_at.add(1)  # and 2 mu's
+    with pytest.raises(NonFiniteError, match="no trial of the search returned a finite loss"):
+        opt.zero_grad()
+        opt.step(closure)
+
+
+def test_a_sample_step_float32_cannot_double_is_refused_by_name():
+    """sample_step=1e300 was taken, and the first step failed naming init_step_size and max_trials, which LABPAL
+    does not read."""
+    with pytest.raises(ValueError, match=r"sample_step \(mu\) must be at most half of what float32 holds"):
+        LABPALRule(sample_step=1e300)
+    assert LABPALRule(sample_step=1e30).sample_step == 1e30
+
+
+def test_a_checkpoint_before_the_first_loss_was_kept_loads_and_a_bad_one_is_refused():
+    model = _model()
+    opt = LABPAL(model.parameters(), "NSGD", backend="torch", **SETTINGS)
+    for k in range(2):
+        opt.zero_grad()
+        opt.step(_closure(model, k))
+    saved = copy.deepcopy(opt.state_dict())
+    assert saved["param_groups"][0]["search"]["rule_state"]["first_loss"] > 0
+    del saved["param_groups"][0]["search"]["rule_state"]["first_loss"]  # a checkpoint from before the key
+    opt.load_state_dict(saved)
+    saved["param_groups"][0]["search"]["rule_state"]["first_loss"] = float("nan")
+    with pytest.raises(ValueError, match="LABPAL state first_loss must be a finite number, got nan"):
+        opt.load_state_dict(saved)
+
+
 def test_fits_that_fail_before_any_step_warn_though_the_losses_differ():
     """bf16 weights of a 5-64-64-1 MLP: the trials move most weights by less than their resolution, the
     three losses differ by rounding and no parabola has a minimum ahead (fp32: the first fit succeeds).
