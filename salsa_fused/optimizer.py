@@ -50,7 +50,7 @@ from .rules import (Batches, check_arguments, check_rule_state, checked_directio
                     plan_without_search, resolve_rule, step_batches)
 from .step_size import (applied_scale, backs_off_on_loss_rise, check_freeze_below, check_freeze_rule,
                         freeze_if_collapsed, observe_search_loss, schedule_searches, warn_collapsed_level,
-                        warn_past_end)
+                        is_number, warn_past_end)
 
 LossClosure = Callable[[], Union[torch.Tensor, float]]
 
@@ -1420,12 +1420,12 @@ class FusedSaLSa(Optimizer, Joinable):
         (LinearLR from 0.01) holds a low lr as long as one returning AdamW's rates (LambdaLR(lambda k: 3e-4)),
         and only its future tells them apart."""
         base = group.get("max_lr", group.get("initial_lr", group["lr"]))
-        if not (isinstance(base, (int, float)) and base < 0.1):
+        if not (is_number(base) and base < 0.1):
             return False
         where = f"peaks at lr={base:g} (its scheduler's max_lr)" if "max_lr" in group else f"starts at lr={base:g}"
         if "initial_lr" in group and "max_lr" not in group:
             lr = group["lr"]
-            if not (isinstance(lr, (int, float)) and lr < 0.1):
+            if not (is_number(lr) and lr < 0.1):
                 return False
             if last is None or lr > last:
                 return None
@@ -1433,11 +1433,19 @@ class FusedSaLSa(Optimizer, Joinable):
             where = f"peaks at lr={base:g} under its scheduler"
         if base <= 0:
             return False
+        search_lr = _as_the_step_sees(group)["search_lr"]
+        if base / search_lr < 0.1:
+            effect = (f"which scales every step the search finds by {base / search_lr:g} (lr / search_lr, the lr "
+                      f"the group was built with being {search_lr:g})")
+        else:  # the lr it was built with: the units of the level, which grows to make up for them
+            effect = (f"the lr it was built with (its search_lr): trials probe search_lr * eta, so the first ones "
+                      f"are {1 / search_lr:.4g}x smaller than at lr=1.0 and the level spends its first searches "
+                      "growing to make up for it, a slow start (it scales the step found only by lr / search_lr, "
+                      f"{base / search_lr:g})")
         warnings.warn(
             f"FusedSaLSa's lr is a multiplier on the level its line search finds (1.0: "
-            f"none), not a step size: param_groups[{index}] {where}, which scales "
-            "every step by that factor; leave lr=1.0 unless you mean to (a warmup of the "
-            "multiplier from 0 to 1 is fine)", UserWarning, stacklevel=caller_stacklevel())
+            f"none), not a step size: param_groups[{index}] {where}, {effect}; leave lr=1.0 unless you mean "
+            "to (a warmup of the multiplier from 0 to 1 is fine)", UserWarning, stacklevel=caller_stacklevel())
         return True
 
     def _warn_if_a_scheduler_shapes_the_schedule(self) -> bool:

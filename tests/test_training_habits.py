@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -456,6 +457,19 @@ def test_an_adamw_style_lr_warns_once_what_lr_means(case):
     assert "step size" in str(caught[0].message)
     where = "starts at lr=0.001" if case == "adamw_lr" else "peaks at lr=0.01 (its scheduler's max_lr)"
     assert where in str(caught[0].message)  # OneCycleLR's lr starts at max_lr / 25: it was named the start
+    # what it does: lr at construction is search_lr, the level's units (it said "scales every step", which it
+    # does not: the level grows to make up for it); OneCycleLR's max_lr on lr=1.0 scales every step
+    effect = ("the lr it was built with (its search_lr): trials probe search_lr * eta, so the first ones are "
+              "1000x smaller" if case == "adamw_lr" else
+              "which scales every step the search finds by 0.01 (lr / search_lr, the lr the group was built with "
+              "being 1)")
+    assert effect in str(caught[0].message)
+
+
+@pytest.mark.parametrize("make", [float, np.float64, np.float32, np.float16])
+def test_an_adamw_style_lr_warns_whatever_real_type_holds_it(make):
+    """np.float32(1e-3) was accepted and trained, and warned of nothing: the check asked for int or float."""
+    assert len(_lr_warnings(lambda opt: None, lr=make(1e-3))) == 1
 
 
 @pytest.mark.parametrize("base_lr, max_lr", [(0.01, 1.0), (1e-5, 1e-3)])
