@@ -1679,12 +1679,20 @@ class FusedSaLSa(Optimizer, Joinable):
                 warn_collapsed_level(schedule, state, plan.state.step)
             if plan.is_search and not schedule_searches(schedule, state, plan.state.step):
                 if state.num_searches == 0 and not self._init_step_size_given:
+                    stops = f"the schedule stops the search at step {plan.state.step}, before any search has run: "
+                    level = (f"the level would stay at the default init_step_size ({self.init_step_size:g}) for the "
+                             f"whole run ({type(schedule).__name__})")
+                    if state.step == 0:
+                        raise ValueError(
+                            f"{stops}{level}. Let it search first, e.g. Cooldown(start, steps) with start >= 1 (the "
+                            "first step searches), or pass init_step_size= for a level of your own. Nothing was "
+                            "stepped")
                     raise ValueError(
-                        f"the schedule stops the search at step {plan.state.step}, before any search has run: "
-                        f"the level would stay at the default init_step_size ({self.init_step_size:g}) for the "
-                        f"whole run ({type(schedule).__name__}). Let it search first, e.g. Cooldown(start, "
-                        "steps) with start >= 1 (the first step searches), or pass init_step_size= for a level "
-                        "of your own. Nothing was stepped")
+                        f"{stops}none of steps 1-{state.step}, its search phase, searched, since no group could move "
+                        "there: every param group's lr was 0 (a learning-rate scheduler holding lr at 0, a warm-up "
+                        "from 0 longer than the search phase?) or held no parameter with a gradient. So "
+                        f"{level}. Let lr rise above 0 within the search phase, or pass init_step_size= for a "
+                        "level of your own. Nothing was stepped")
                 plan = plan_without_search(rule, state, config, plan)
         # The groups read again: the schedule's and the rule's own code ran since the keys above.
         moves_keys = (list(map(_hyper_key, self.param_groups)), type(scale), scale, type(plan.state.step_size),

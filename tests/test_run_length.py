@@ -634,6 +634,27 @@ def test_a_schedule_that_stops_the_search_before_any_search_ran_is_refused():
     assert opt.num_searches == 1 and opt.search_state.step == 2
 
 
+def test_a_scheduler_holding_lr_at_zero_through_the_search_phase_is_named_as_the_cause():
+    """The preset at total_steps=20 searches at steps 1-4; a LambdaLR holding lr at 0 for 5 steps let no search
+    run, and every later step was refused naming Cooldown, which the user never built (an audit's check)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    opt = presets.recommended(model.parameters(), total_steps=20)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.0 if k < 5 else 1.0)
+    for _ in range(4):
+        opt.zero_grad()
+        opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+        scheduler.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    with pytest.raises(ValueError, match=r"stops the search at step 5, before any search has run: none of steps "
+                                         r"1-4, its search phase, searched, since no group could move there: every "
+                                         r"param group's lr was 0 \(a learning-rate scheduler holding lr at 0"):
+        opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and opt.search_state.step == 4
+
+
 def test_a_schedule_assigned_after_construction_is_checked_as_one_given_to_it():
     opt = FusedSaLSa([torch.nn.Parameter(torch.ones(3))])
     with pytest.raises(TypeError, match="schedule must have scale.* got int"):
