@@ -328,6 +328,11 @@ def search_step(passes: Passes, plan: StepPlan, state: SearchState, loss: torch.
                       "weights and optimizer state are unchanged", int(earlier_nonfinite), int(earlier_bad_losses))
     step_state.last_search_loss = f0_value
     search = rule(plan, config, f0_value, q_value)
+    lacking = [name for name in ("active", "step_size", "observe", "final", "finish") if not hasattr(search, name)]
+    if lacking:
+        raise TypeError(f"search rule {type(rule).__name__}(plan, config, loss, slope) must return a search (a Search: "
+                        f"active, step_size, observe(), final(), finish()), got {type(search).__name__}, which has no "
+                        f"{', '.join(lacking)}; the weights and moments are as before the step")
     try:
         return run_search(passes, search, direction, trial_loss, has_saved_copy, reduction, two_phase)
     except GaveUpAtNonFiniteTrial as error:  # the weights and moments are back at w0
@@ -364,7 +369,7 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
             with torch.no_grad():
                 C.foreach_copy_(moments, moments_before)
 
-    passes.run("first_trial", direction, GroupStep.trial, search.step_size)
+    passes.run("first_trial", direction, _checked_trial(passes, search, "its first trial"), search.step_size)
     current = search.step_size  # the trial the weights are at
     trials = finite_trials = 0
     half = any(b.dtype == torch.float16 for b in passes.buckets)  # alike on every rank
@@ -384,6 +389,9 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
             trials += 1
             finite_trials += math.isfinite(loss)
             verdict = search.observe(loss)
+            if not isinstance(verdict, Verdict):  # a bool's False would keep a failed trial
+                raise TypeError(f"search {type(search).__name__}.observe() must return a Verdict (ACCEPT, RETRY or "
+                                f"GIVE_UP), got {verdict!r}; the weights and moments are as before the step")
             if (verdict is Verdict.GIVE_UP and not math.isfinite(loss)
                     and not _weights_finite(passes, reduction=reduction)):
                 # 0.1.0 keeps the last trial when every trial failed; one whose weights overflowed
@@ -408,7 +416,7 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
                     "first call changed). The weights and the optimizer's state are as before the step")
             if verdict is not Verdict.RETRY:
                 break
-            passes.run("retrial", direction, GroupStep.trial, search.step_size, current)
+            passes.run("retrial", direction, _checked_trial(passes, search, "a retrial"), search.step_size, current)
             current = search.step_size
         final, state = _decisions(search, direction)
         _check_final_fits_float32(passes, search, final)
@@ -466,6 +474,21 @@ def _warn_every_trial_failed(trials: int, fell_to: float, shrink: float = 0.0, t
         f"returns a much larger loss at trial weights, or NaN at the larger ones{untested}. "
         f"{decay}opt.search_state.last_trials and opt.step_size show it",
         RuntimeWarning, stacklevel=caller_stacklevel())
+
+
+def _checked_trial(passes: Passes, search, which: str):
+    """``GroupStep.trial``, once ``search.step_size`` is a trial a pass can take: a finite number >= 0 that float32
+    holds times each group's ``lr`` (a rule's own trials are its own; the plan's first was checked before the step)."""
+    size = search.step_size
+    if isinstance(size, bool) or not isinstance(size, numbers.Real) or not math.isfinite(size) or size < 0:
+        raise ValueError(f"search {type(search).__name__} named {which} of step size {size!r}; a trial is a finite "
+                         "number >= 0. The weights and moments are as before the step")
+    for index, group in passes.groups.items():
+        if not fits_float32(group.trial(size).step):
+            raise ValueError(f"search {type(search).__name__} named {which} of step size {size:.4g}, which is "
+                             f"{group.trial(size).step:.4g} times the direction in param_groups[{index}]: more than "
+                             f"float32 holds ({FLOAT32_MAX:.4g}). The weights and moments are as before the step")
+    return GroupStep.trial
 
 
 def _decisions(search, direction: str) -> Tuple[FinalMove, SearchState]:

@@ -536,6 +536,7 @@ class FusedSaLSa(Optimizer, Joinable):
         self._counts: Optional[F.DeviceCounts] = None
         self._handoff = _StepHandoff()  # mark_forward(), bind_closure(), zero_grad(): for the next step
         self._lr_checked = False  # the look at lr is done (_warn_if_lr_looks_like_a_step_size)
+        self._in_step = False  # a step() is running: one called from inside it is refused
         self._lr_rising: Dict[int, float] = {}  # group index -> lr at the last look, while a scheduler's lr rises
         self._past_end_warned = False  # the one-time warning past the schedule's total_steps
         self._collapse_checked = False  # the one-time check of the level a schedule freezes
@@ -1144,7 +1145,7 @@ class FusedSaLSa(Optimizer, Joinable):
         for name, value in (("_buckets", BucketCache()), ("_saved", {}), ("_counts", None), ("foreach", None),
                             ("fused", None), ("_lr_checked", False), ("_lr_rising", {}), ("_past_end_warned", False),
                             ("_init_step_size_given", True), ("_stacked_scheduler_warned", False),
-                            ("_collapse_checked", False), ("_auto_fallback_warned", False)):
+                            ("_collapse_checked", False), ("_auto_fallback_warned", False), ("_in_step", False)):
             self.__dict__.setdefault(name, value)
         # load_state_dict() comes here too: a bind_closure()/mark_forward() it follows stays for the next step
         self.__dict__.setdefault("_handoff", _StepHandoff())
@@ -1530,10 +1531,16 @@ class FusedSaLSa(Optimizer, Joinable):
     @compile_disabled
     def _unhooked_step(self, closure: Optional[LossClosure] = None, *, loss=None):
         """:meth:`step` without torch's step hooks and profiler range."""
+        if self._in_step:
+            raise RuntimeError(
+                f"step() was called again from inside this {type(self).__name__}'s own step (its closure, or a hook "
+                "that runs in it, called opt.step()): the weights sit at a trial there and the step's state is half "
+                "made. Call step() once per training step, from the training loop; this inner call did nothing")
         handoff = self._handoff
         pending = (handoff.forward_rng, handoff.zero_grad_rng, handoff.bound_step)
         probes = [group.get("search_lr") for group in self.param_groups]
         undo: List[Callable[[], None]] = []  # what the step did before it failed, undone
+        self._in_step = True
         try:
             result = self._step(closure, loss, undo)
         except BaseException:
@@ -1551,6 +1558,7 @@ class FusedSaLSa(Optimizer, Joinable):
             self.__dict__.pop("found_inf", None)
             raise
         finally:
+            self._in_step = False
             forget_autocast_casts()  # the weights moved (or went back): a forward after the step reads them
         two_phase = loss is not None or (pending[2] is not None and pending[2][1] is not None)  # bound with loss=
         if (two_phase and handoff.zero_grad_rng is None

@@ -57,6 +57,8 @@ from __future__ import annotations
 import enum
 import importlib
 import inspect
+import math
+import numbers
 from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import TYPE_CHECKING, Dict, Iterable, Optional, Protocol, Union, runtime_checkable
 
@@ -257,7 +259,28 @@ def plan_step(rule: SearchRule, state: "SearchState", config: "SearchConfig") ->
     plan = getattr(rule, "plan", None)
     if plan is None:
         return _line_search.plan_step(state, config)
-    return plan(state, config)
+    return _checked_plan(rule, "plan", plan(state, config), state)
+
+
+def _checked_plan(rule: SearchRule, method: str, plan, state: "SearchState") -> "StepPlan":
+    """``plan``, a rule's own ``plan()`` or ``without_search()``, once it is one a step can take: a ``StepPlan``
+    whose state counts one step more than ``state``, a bool ``is_search``, a first trial that is a finite number
+    >= 0 (nothing is written before this)."""
+    name = f"search rule {type(rule).__name__}.{method}()"
+    if not isinstance(plan, _line_search.StepPlan):
+        raise TypeError(f"{name} must return a StepPlan, got {type(plan).__name__}; nothing was written")
+    if not isinstance(plan.state, _line_search.SearchState) or plan.state.step != state.step + 1:
+        got = plan.state.step if isinstance(plan.state, _line_search.SearchState) else type(plan.state).__name__
+        raise ValueError(f"{name} must return the state of the step ahead, step {state.step + 1}, got {got}; "
+                         "nothing was written")
+    if not isinstance(plan.is_search, bool):
+        raise TypeError(f"{name} must say whether the step searches with a bool, got {plan.is_search!r}; nothing "
+                        "was written")
+    trial = plan.trial_step_size
+    if isinstance(trial, bool) or not isinstance(trial, numbers.Real) or not math.isfinite(trial) or trial < 0:
+        raise ValueError(f"{name} named a first trial of step size {trial!r}; a trial is a finite number >= 0. "
+                         "Nothing was written")
+    return plan
 
 
 def step_batches(rule: SearchRule, plan: "StepPlan") -> Optional[Batches]:
@@ -277,7 +300,7 @@ def plan_without_search(rule: SearchRule, state: "SearchState", config: "SearchC
         if type(plan) is StepPlan:  # as replace() gives, without its pass over the fields
             return StepPlan(state=plan.state, is_search=False, trial_step_size=plan.trial_step_size)
         return replace(plan, is_search=False)
-    return without(state, config)
+    return _checked_plan(rule, "without_search", without(state, config), state)
 
 
 def check_rule_state(rule: SearchRule, rule_state: dict, steps_taken: int = 0) -> None:

@@ -204,6 +204,15 @@ def test_a_rule_naming_an_unknown_direction_is_refused_before_anything_is_writte
 class _FaultySearch(ArmijoSearch):
     fault = None
 
+    def observe(self, trial_loss):
+        verdict = super().observe(trial_loss)
+        if self.fault == "observe says False":
+            return False  # "not accepted": ended the search at a failed trial, kept
+        if self.fault in ("nan retrial", "retrial beyond float32") and self.trials == 1:
+            self.step_size = float("nan") if self.fault == "nan retrial" else 1e39
+            return Verdict.RETRY
+        return verdict
+
     def final(self):
         if self.fault == "final raises":
             raise RuntimeError("final failed")
@@ -227,8 +236,12 @@ class Faulty(MomentumHalf):
         self.fault = fault
 
     def __call__(self, plan, config, loss, slope):
+        if self.fault == "no search":
+            return FinalMove(1.0)
         search = _FaultySearch(plan, config, loss, slope)
         search.fault = self.fault
+        if self.fault == "nan first trial":
+            search.step_size = float("nan")
         return search
 
 
@@ -242,6 +255,12 @@ class Faulty(MomentumHalf):
     ("not a FinalMove", TypeError, "must return a FinalMove"),
     ("zero level", ValueError, "returned a state no run can reach.*step_size must be a finite number > 0"),
     ("no state", TypeError, "must return a SearchState"),
+    # the rest, an audit's: a failed trial kept, trials nobody checked, an AttributeError naming nothing
+    ("observe says False", TypeError, r"_FaultySearch.observe\(\) must return a Verdict .*, got False"),
+    ("nan first trial", ValueError, "_FaultySearch named its first trial of step size nan"),
+    ("nan retrial", ValueError, "_FaultySearch named a retrial of step size nan"),
+    ("retrial beyond float32", ValueError, "named a retrial of step size 1e\\+39.*more than float32 holds"),
+    ("no search", TypeError, r"search rule Faulty\(plan, config, loss, slope\) must return a search .* got FinalMove"),
 ])
 def test_a_rule_failing_at_its_final_move_or_state_leaves_the_step_unapplied(restore, fault, error, message):
     """The final move and the state after the search are read and checked before the final move is
@@ -271,3 +290,66 @@ def test_a_rule_failing_at_its_final_move_or_state_leaves_the_step_unapplied(res
     rule.fault = None
     opt.step(closure, loss=closure().detach())  # the step can be retried
     assert opt.search_state.step == search["step"] + 1
+
+
+class _Planned(MomentumHalf):
+    """A rule of its own plan(): SaLSa's plan, then ``fault`` applied to it."""
+
+    def __init__(self, fault):
+        self.fault = fault
+
+    def plan(self, state, config):
+        from salsa_fused.line_search import plan_step
+        plan = plan_step(state, config)
+        return {None: plan, "None": None, "not advanced": replace(plan, state=state),
+                "is_search 'no'": replace(plan, is_search="no"),
+                "nan trial": replace(plan, trial_step_size=float("nan")),
+                "negative trial": replace(plan, trial_step_size=-1.0)}[self.fault]
+
+
+@pytest.mark.parametrize("fault, error, message", [
+    ("None", TypeError, r"_Planned.plan\(\) must return a StepPlan, got NoneType"),
+    ("not advanced", ValueError, r"must return the state of the step ahead, step 2, got 1"),
+    ("is_search 'no'", TypeError, "must say whether the step searches with a bool, got 'no'"),
+    ("nan trial", ValueError, "named a first trial of step size nan"),
+    ("negative trial", ValueError, r"named a first trial of step size -1.0"),
+])
+def test_a_rules_plan_is_checked_before_anything_is_written(fault, error, message):
+    """A rule's plan() returning None gave an AttributeError naming nothing; a negative first trial stepped uphill;
+    a state that did not advance, or an is_search of 'no', was taken (an audit's checks)."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(6))
+    a = torch.randn(6)
+    rule = _Planned(None)
+    opt = FusedSaLSa([w], search_rule=rule, backend="torch")
+    closure = lambda: ((w - a) ** 2).sum()  # noqa: E731
+    opt.zero_grad()
+    opt.step(closure)
+    rule.fault = fault
+    weights, search = w.detach().clone(), opt.state_dict()["param_groups"][0]["search"]
+    opt.zero_grad()
+    with pytest.raises(error, match=message):
+        opt.step(closure)
+    assert torch.equal(w, weights) and opt.state_dict()["param_groups"][0]["search"] == search
+
+
+def test_step_called_from_inside_its_own_closure_is_refused_and_the_outer_step_undone():
+    """The inner step was applied and counted, and the outer one then said the weights were as they were."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(6))
+    opt = FusedSaLSa([w], backend="torch")
+    inner = lambda: (w ** 2).sum()  # noqa: E731
+
+    def closure():
+        if torch.is_grad_enabled():
+            opt.step(inner)
+        return inner()
+
+    weights = w.detach().clone()
+    opt.zero_grad()
+    with pytest.raises(RuntimeError, match=r"step\(\) was called again from inside this FusedSaLSa's own step"):
+        opt.step(closure)
+    assert torch.equal(w, weights) and opt.search_state.step == 0
+    opt.zero_grad()
+    opt.step(inner)  # the flag went down with the refusal
+    assert opt.search_state.step == 1
