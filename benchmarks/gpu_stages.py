@@ -245,9 +245,10 @@ def stage_host_overhead(ctx: Context) -> None:
     launches = ("stubbed", "real") if ctx.gpu else ("stubbed",)
     if not ctx.gpu:
         torch.set_num_threads(1)
+    beside_build = os.environ.get("SALSA_GPU_SUITE_BUILD_RUNNING") == "1"  # gpu_suite.BUILD_RUNNING_ENV
     for n in sizes:
         for record in H.rows((n,), ctx.device, steps=20 if ctx.gpu else 3, launches=launches):
-            values = record["values"]
+            values = {**record["values"], "beside_extension_build": beside_build}
             ctx.emit(record["name"], values, "failed" if "error" in values and "adamw" not in record["name"]
                      else "ok")
 

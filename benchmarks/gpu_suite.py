@@ -51,6 +51,7 @@ TOTAL_BUDGET_S = 550.0  # the whole GPU run, CUDA context and Triton JIT compile
 SMOKE_BUDGET_S = 480.0
 WHEEL_NAME = "SaLSa_Optimizer-0.1.0-py3-none-any.whl"
 OUT_FILES = ("rows.jsonl", "suite.log", "summary.json", "summary.md", "details.tar.gz")
+BUILD_RUNNING_ENV = "SALSA_GPU_SUITE_BUILD_RUNNING"  # set for host_overhead while the extension still builds
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,10 @@ class ExtensionBuild:
         """The build has finished, successfully (a stage may load it without waiting)."""
         return self.process.poll() == 0
 
+    def running(self) -> bool:
+        """The build has not finished yet."""
+        return self.process.poll() is None
+
     def stop(self) -> None:
         """Kill an unfinished build, and remove the lock torch's JIT holds while it builds: a
         later load would otherwise wait on that lock for ever (torch's FileBaton)."""
@@ -209,10 +214,15 @@ class Suite:
 
     def stage_env(self, stage: Stage, env: Dict[str, str]) -> Dict[str, str]:
         """``env``, or for host_overhead the built extension's once the background build has
-        succeeded: the bucket cache then reads groups with the compiled ``group_signature``."""
+        succeeded: the bucket cache then reads groups with the compiled ``group_signature``; while
+        it still runs, ``env`` with :data:`BUILD_RUNNING_ENV` set, which its rows report."""
         if stage.name == "host_overhead" and self.build is not None and self.build.succeeded():
             self.log("host_overhead: on the C++ extension built in the background")
             return self.build.env
+        if stage.name == "host_overhead" and self.build is not None and self.build.running():
+            # its rows say so: the compile (MAX_JOBS processes) shares the host with the timed steps
+            self.log("host_overhead: beside the extension's build, still running")
+            return {**env, BUILD_RUNNING_ENV: "1"}
         return env
 
     def run_stage(self, stage: Stage, env: Dict[str, str]) -> dict:
