@@ -84,8 +84,8 @@ MODES = ("SGD", "NSGD")
 #: ``SearchState.rule_state`` of LABPAL: its scalars, and ``last``, what the last step decided.
 _COUNTERS = ("batches_consumed", "updates_since_approximation", "num_approximations", "num_failed_fits")
 _RATES = ("learning_rate", "update_step")  # lambda and alpha * s_min, None before the first fit
-#: The loss at ``s = 0`` of the run's first approximation: what the divergence warning compares with (absent in
-#: checkpoints from before it, where the next approximation sets it).
+#: The loss at ``s = 0`` of the run's first approximation: what the divergence warning compares with (None before
+#: it, and absent in checkpoints from before the key: the next approximation sets it).
 _FIRST_LOSS = "first_loss"
 #: A loss this many times the first approximation's is read as a run that diverged.
 DIVERGED_RISE = 10.0
@@ -105,7 +105,7 @@ def parabola_minimum(points, losses):
 
 def _initial_state() -> dict:
     return dict(batches_consumed=0, updates_since_approximation=0, num_approximations=0, num_failed_fits=0,
-                learning_rate=None, update_step=None, last={})
+                learning_rate=None, update_step=None, first_loss=None, last={})
 
 
 class _LABPALSearch:
@@ -142,7 +142,9 @@ class _LABPALSearch:
         points = (0.0, mu, 2 * mu)
         a, b, s_min = parabola_minimum(points, self.losses)
         labpal["num_approximations"] += 1
-        first = labpal.setdefault(_FIRST_LOSS, self.losses[0])
+        if labpal.get(_FIRST_LOSS) is None:
+            labpal[_FIRST_LOSS] = self.losses[0]
+        first = labpal[_FIRST_LOSS]
         if 0 < first and DIVERGED_RISE * first < self.losses[0] and labpal["update_step"] is not None:
             warnings.warn(
                 f"LABPAL: the loss, {self.losses[0]:.4g} at this approximation, is {self.losses[0] / first:.3g} times "
@@ -345,9 +347,10 @@ class LABPALRule:
                     isinstance(value, (int, float)) and 0 < value <= FLOAT32_MAX)):
                 raise ValueError(f"LABPAL state {name} must be None or a number > 0 that float32 holds (at most "
                                  f"{FLOAT32_MAX:.4g}), got {value!r}")
-        first = rule_state.get(_FIRST_LOSS, 0.0)
-        if isinstance(first, bool) or not (isinstance(first, (int, float)) and math.isfinite(first)):
-            raise ValueError(f"LABPAL state {_FIRST_LOSS} must be a finite number, got {first!r}")
+        first = rule_state.get(_FIRST_LOSS)
+        if first is not None and (isinstance(first, bool) or not (isinstance(first, (int, float))
+                                                                   and math.isfinite(first))):
+            raise ValueError(f"LABPAL state {_FIRST_LOSS} must be None or a finite number, got {first!r}")
         if (rule_state["learning_rate"] is None) != (rule_state["update_step"] is None):
             raise ValueError("LABPAL state learning_rate and update_step are set together, got "
                              f"{rule_state['learning_rate']!r} and {rule_state['update_step']!r}")
