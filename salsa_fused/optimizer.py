@@ -1001,8 +1001,12 @@ class FusedSaLSa(Optimizer, Joinable):
         saved_step = search.step if search is not None else 0
         for index, start in carried_starts.items():
             groups[index][MOMENTS_START] = start
-        for index, group in enumerate(groups):
-            group.setdefault("search_lr", group.get("lr", self.defaults["lr"]))  # saved before it existed
+        for index, (group, live) in enumerate(zip(groups, self.param_groups)):
+            if "search_lr" not in group:  # saved before it existed (8aa04d4): the lr the group was built with
+                # a scheduler's record of it where one ran (its lr then is mid-schedule); OneCycleLR's
+                # initial_lr is max_lr / div_factor, not it: the group built here says it, as a fresh run's would
+                group["search_lr"] = (live["search_lr"] if "max_lr" in group else
+                                      group.get("initial_lr", group.get("lr", self.defaults["lr"])))
             start = group.get(MOMENTS_START, 0)
             if not _valid_moments_start(start, saved_step):
                 raise ValueError(f"the checkpoint's parameter group {index} has {MOMENTS_START}={start!r}: the step "

@@ -8,6 +8,7 @@ state through torch.distributed.checkpoint) versions are in test_distributed.py.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import warnings
@@ -236,6 +237,31 @@ def test_a_distributed_checkpoint_loaded_into_groups_in_another_order_keeps_its_
     run(resumed_model, resumed, range(12, 20))
     for a, b in zip(expected, resumed_model.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("scheduler", ["lambda", "one_cycle"])
+def test_a_checkpoint_saved_before_search_lr_mid_warm_up_takes_the_lr_the_group_was_built_with(scheduler):
+    """Saved at step 6 of a 20-step LambdaLR warm-up, lr was 0.35: it became search_lr, and searches tested 0.35
+    eta while the warm-up went on to apply up to 1.0 eta, 2.9x what they accepted (an audit's check of a
+    checkpoint from 7ec43f0). A scheduler's initial_lr is the lr the group was built with; OneCycleLR's is not
+    (max_lr / div_factor), and the group built for the load says it."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    make = {"lambda": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda k: min(1.0, (k + 1) / 20)),
+            "one_cycle": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1.0, total_steps=20)}[scheduler]
+    sched = make(opt)
+    x = torch.randn(16, 4)
+    for _ in range(3):
+        opt.zero_grad()
+        opt.step(lambda: model(x).pow(2).mean())
+        sched.step()
+    saved = copy.deepcopy(opt.state_dict())
+    assert saved["param_groups"][0]["lr"] < 0.9 and saved["param_groups"][0]["search_lr"] == 1.0
+    del saved["param_groups"][0]["search_lr"]  # as an earlier version saved it
+    resumed = FusedSaLSa(torch.nn.Linear(4, 1).parameters(), backend="torch")
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["search_lr"] == 1.0
 
 
 def test_a_checkpoint_saved_before_groups_had_search_lr_takes_it_from_the_groups_lr():
