@@ -1023,7 +1023,7 @@ class FusedSaLSa(Optimizer, Joinable):
                     for saved_id, param in zip(saved["params"], group["params"])}
         group_steps = {saved_id: saved_step - saved.get(MOMENTS_START, 0) for saved in groups
                        for saved_id in saved["params"]}
-        stripped_state, moments = {}, {}
+        stripped_state, moments, undated = {}, {}, []
         for key, value in state_dict["state"].items():
             if key not in param_of:  # state of no parameter here: kept as it is, as torch.optim keeps it
                 stripped_state[key] = value
@@ -1037,6 +1037,9 @@ class FusedSaLSa(Optimizer, Joinable):
                                    and not (k == "step" and key in carried_sat_out)}  # carried into the counts
             if carried_sat_out.get(key):
                 stripped_state[key][STEPS_SAT_OUT] = carried_sat_out[key]
+            if (search is not None and group_steps[key] > 0 and not any(k in value for k in _SAT_OUT_KEYS)
+                    and len(moments[key]) == len(_MOMENT_KEYS)):
+                undated.append(key)  # saved before the counts existed: state_dict() writes both now
             for name, extra in stripped_state[key].items():  # another optimizer's ('step' of AdamW's), kept
                 if not _all_finite_value(extra):
                     raise ValueError(f"the checkpoint's state of parameter {key} has {name!r} holding NaN/inf: the "
@@ -1064,6 +1067,22 @@ class FusedSaLSa(Optimizer, Joinable):
                         "grouping or another sharding (load a sharded run through torch.distributed.checkpoint); "
                         "nothing was loaded")
         self._check_loaded_moments(moments, param_of)
+        if undated:  # one device read; under FSDP2 the shards' counts summed, so every rank decides alike
+            with torch.no_grad():
+                nonzero = torch.stack([torch.count_nonzero(_local(moments[key][name])).to(
+                    device=self._device or torch.device("cpu"), dtype=torch.float32)
+                    for key in undated for name in _MOMENT_KEYS])
+                nonzero = self.reduction.sum_over_shards(nonzero).reshape(len(undated), len(_MOMENT_KEYS))
+            never_stepped = [key for key, counts in zip(undated, nonzero.sum(1).tolist()) if counts == 0]
+            for key in never_stepped:  # it had no gradient yet: it sat out since its group began, as counted now
+                stripped_state[key][SAT_OUT_SINCE] = 0
+            if never_stepped:
+                warnings.warn(
+                    f"the checkpoint was saved before the counts of steps sat out, and parameter(s) "
+                    f"{', '.join(map(str, never_stepped[:4]))}{' and more' if len(never_stepped) > 4 else ''} have "
+                    "moments of zeros after steps of their group: taken as having had no gradient yet, so they "
+                    "sat out since their group began (Adam's bias corrections start at their first gradient, "
+                    "as this version counts such a parameter)", UserWarning, stacklevel=2)
         with _torch_hooks_suspended(self, "_optimizer_load_state_dict_pre_hooks",
                                     "_optimizer_load_state_dict_post_hooks"):
             super().load_state_dict({**state_dict, "param_groups": groups, "state": stripped_state})

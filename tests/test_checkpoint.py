@@ -264,6 +264,46 @@ def test_a_checkpoint_saved_before_search_lr_mid_warm_up_takes_the_lr_the_group_
     assert resumed.param_groups[0]["search_lr"] == 1.0
 
 
+def test_a_checkpoint_saved_before_counts_of_steps_sat_out_reads_zero_moments_as_never_stepped():
+    """Versions before the counts kept zero moments for a layer with no gradient yet, and no count: loaded, the
+    layer was taken as taking part until the resume, then counted as sitting out from there (2 of its 8 steps
+    sat out; an audit's check of c89a350's checkpoints). Its zero moments now say it sat out from the start, as
+    this version counts such a layer, and the run resumes as this version's own uninterrupted run."""
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.ModuleDict({"early": torch.nn.Linear(4, 4), "late": torch.nn.Linear(4, 1)})
+        return model, FusedSaLSa(model.parameters(), backend="torch")
+
+    x = torch.randn(16, 4)
+
+    def run(model, opt, steps):
+        for k in steps:
+            opt.zero_grad()
+            if k < 4:  # the late layer has no gradient yet
+                opt.step(lambda: model["early"](x).pow(2).mean())
+            else:
+                opt.step(lambda: (model["late"](torch.tanh(model["early"](x))) - 1).pow(2).mean())
+
+    model, opt = build()
+    run(model, opt, range(3))
+    saved = copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict()})
+    run(model, opt, range(3, 8))
+    expected = [p.detach().clone() for p in model.parameters()]
+    old = saved["optimizer"]
+    late = old["state"][2], old["state"][3]  # the late layer's weight and bias: zero moments, sat out since 0
+    assert all(e["sat_out_since"] == 0 and not e["exp_avg_sq"].any() for e in late)
+    for entry in old["state"].values():
+        for name in ("steps_sat_out", "sat_out_since"):
+            del entry[name]  # as an earlier version saved it
+    resumed_model, resumed = build()
+    resumed_model.load_state_dict(saved["model"])
+    with pytest.warns(UserWarning, match=r"saved before the counts of steps sat out, and parameter\(s\) 2, 3 have "
+                                         "moments of zeros"):
+        resumed.load_state_dict(old)
+    run(resumed_model, resumed, range(3, 8))
+    assert all(torch.equal(a, b) for a, b in zip(expected, resumed_model.parameters()))
+
+
 def test_a_checkpoint_saved_before_groups_had_search_lr_takes_it_from_the_groups_lr():
     """A checkpoint of an earlier salsa_fused has no 'search_lr' in its param groups: the group's saved lr
     stands in for it (the lr it was built at, what search_lr keeps), not 1 and not the loading optimizer's own,
