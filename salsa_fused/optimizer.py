@@ -1159,6 +1159,14 @@ class FusedSaLSa(Optimizer, Joinable):
         return state
 
     def __setstate__(self, state: dict) -> None:
+        if "backend_name" not in state and "backend_name" not in self.__dict__ and "param_groups" in state:
+            # pickled whole before __getstate__ (57bee1c): torch's three attributes, none of the search's
+            raise TypeError(
+                f"this {type(self).__name__} was pickled whole by a salsa_fused from before 2026-11-30 (57bee1c), "
+                "which kept only torch.optim's defaults, param_groups and state, not its search configuration; this "
+                "version cannot rebuild it. Unpickle it with the version that wrote it and save opt.state_dict(), "
+                "which loads into a new optimizer across versions (docs/training.md); a state_dict is also what to "
+                "save from now on")
         flags = set(state.get("defaults", self.__dict__.get("defaults", {})))
         super().__setstate__(state)
         if "differentiable" not in flags:  # torch's adds it: add_param_group would give a later group the key

@@ -67,6 +67,18 @@ def test_a_shallow_copy_is_refused_by_name():
     assert opt.search_state.step == 2
 
 
+def test_an_optimizer_pickled_whole_before_getstate_is_refused_naming_what_to_do():
+    """The first version pickled torch's three attributes alone: unpickled, it loaded, and its first zero_grad()
+    raised AttributeError: '_device' (an audit's check of 7ec43f0's pickles)."""
+    opt = FusedSaLSa(_model().parameters(), backend="torch")
+    early = {key: opt.__dict__[key] for key in ("defaults", "param_groups", "state")}  # what it kept
+    revived = FusedSaLSa.__new__(FusedSaLSa)
+    with pytest.raises(TypeError, match=r"pickled whole by a salsa_fused from before 2026-11-30 .*Unpickle it with "
+                                         r"the version that wrote it and save opt\.state_dict\(\)"):
+        revived.__setstate__(early)
+    opt.load_state_dict(opt.state_dict())  # torch's load_state_dict calls __setstate__ on a built optimizer
+
+
 def test_a_numpy_scalar_loss_is_taken_as_a_python_float():
     """loss= from a metrics pipeline (np.mean over float32 values) steps as the same value as a float."""
     runs = []
