@@ -36,14 +36,46 @@ def _in_a_checkout() -> bool:
                for path in [_build_flags.PYTHON_MODULE_SOURCE] + _build_flags.CPU_SOURCES)
 
 
+def _compiled_in(directory: str) -> bool:
+    """Whether a compiled ``_C`` (built by setup.py) lies in the package directory ``directory``."""
+    return os.path.isdir(directory) and any(name.startswith("_C.") and name.endswith((".so", ".pyd"))
+                                            for name in os.listdir(directory))
+
+
+def _installed_elsewhere() -> Optional[str]:
+    """The package directory of an installed (not editable) ``salsa-fused`` other than the one imported, where
+    it holds a compiled ``_C``: Python started in a checkout imports the checkout's package ahead of it."""
+    try:
+        from importlib import metadata
+        installed = os.path.abspath(str(metadata.distribution("salsa-fused").locate_file("salsa_fused")))
+    except Exception:  # no distribution, or metadata that names no files
+        return None
+    here = os.path.dirname(os.path.abspath(__file__))
+    return installed if installed != here and _compiled_in(installed) else None
+
+
 def build_hint() -> str:
     """How to build the extension from where the package is: the JIT variable only where the
-    sources it compiles are, and not again where it is already set (its failure is the reason)."""
+    sources it compiles are, and not again where it is already set (its failure is the reason); where a
+    compiled extension is there after all (an installed copy the checkout hides, or SALSA_FUSED_JIT=1 set in
+    an installed package), what makes Python load it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    jit = os.environ.get("SALSA_FUSED_JIT") == "1"
     if _in_a_checkout():
-        hint = ("build it with `pip install --no-build-isolation .` (or `python setup.py build_ext --inplace`) "
-                "here")
-        if os.environ.get("SALSA_FUSED_JIT") != "1":
+        elsewhere = None if jit else _installed_elsewhere()
+        if elsewhere is not None:
+            hint = (f"Python imported the source checkout's salsa_fused ({here}), which has no compiled _C, ahead "
+                    f"of the installed copy that has one ({elsewhere}): run from outside the checkout, or build it "
+                    "here too with `python setup.py build_ext --inplace` (or an editable install, "
+                    "`pip install --no-build-isolation -e .`)")
+        else:
+            hint = ("build it with `pip install --no-build-isolation .` (or `python setup.py build_ext --inplace`) "
+                    "here")
+        if not jit:
             hint += ", or set SALSA_FUSED_JIT=1 to compile it on first use"
+    elif jit and _compiled_in(here):
+        return ("SALSA_FUSED_JIT=1 compiles the csrc/ sources of a source checkout, which an installed package has "
+                "not; unset it to load the extension compiled into this installation")
     else:
         hint = ("reinstall from a source checkout or the sdist with `pip install --no-build-isolation <source>`, "
                 "torch, setuptools, wheel and ninja installed first (`pip -v` shows why a build failed)")

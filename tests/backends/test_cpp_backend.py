@@ -542,9 +542,40 @@ def test_the_build_hint_offers_the_jit_build_only_where_it_can_run(monkeypatch):
     monkeypatch.setenv("SALSA_FUSED_JIT", "1")
     assert "SALSA_FUSED_JIT" not in _ext.build_hint()
     monkeypatch.setattr(_ext, "_in_a_checkout", lambda: False)
+    monkeypatch.setattr(_ext, "_compiled_in", lambda directory: False)
     hint = _ext.build_hint()
     assert "SALSA_FUSED_JIT" not in hint and "build_ext" not in hint
     assert "reinstall from a source checkout or the sdist" in hint
+
+
+def test_the_build_hint_names_a_compiled_extension_that_is_there_but_not_loaded(monkeypatch, tmp_path):
+    """An audit's two installs: SALSA_FUSED_JIT=1 in a regular install ignored its compiled _C and said to
+    reinstall; Python started in the checkout after `pip install .` imported the checkout's package, without
+    _C, and the hint said to run the `pip install .` just run."""
+    monkeypatch.setenv("SALSA_FUSED_JIT", "1")
+    monkeypatch.setattr(_ext, "_in_a_checkout", lambda: False)
+    monkeypatch.setattr(_ext, "_compiled_in", lambda directory: True)
+    assert _ext.build_hint() == ("SALSA_FUSED_JIT=1 compiles the csrc/ sources of a source checkout, which an "
+                                 "installed package has not; unset it to load the extension compiled into this "
+                                 "installation")
+    monkeypatch.delenv("SALSA_FUSED_JIT")
+    monkeypatch.undo()
+    site = tmp_path / "salsa_fused"
+    site.mkdir()
+    (site / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+
+    class Installed:
+        @staticmethod
+        def locate_file(name):
+            return tmp_path / name
+
+    import importlib.metadata
+    monkeypatch.delenv("SALSA_FUSED_JIT", raising=False)
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Installed())
+    monkeypatch.setattr(_ext, "_in_a_checkout", lambda: True)
+    hint = _ext.build_hint()
+    assert f"ahead of the installed copy that has one ({site}): run from outside the checkout" in hint
+    assert "build it here too with `python setup.py build_ext --inplace`" in hint
 
 
 def test_ops_compose_with_torch_compile():
