@@ -17,7 +17,6 @@ formed by :class:`~salsa_fused.applied.GroupStep`. Nothing here reads ``param_gr
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -29,7 +28,7 @@ from .applied import GroupStep
 from .backends.base import DIRECTIONS, GRADIENT, RAW, Backend, Bucket, Hyper, Move, PassArgs, corrections_are_one
 from .distributed import SearchReduction
 from .errors import NonFiniteError, caller_stacklevel
-from .line_search import FLOAT32_MAX, SearchConfig, SearchState, StepPlan, fits_float32
+from .line_search import FLOAT32_MAX, SearchConfig, SearchState, StepPlan, fits_float32, is_step_size
 from .rules import FinalMove, SearchRule, Verdict, checked_direction, moment_step
 
 
@@ -480,7 +479,7 @@ def _checked_trial(passes: Passes, search, which: str):
     """``GroupStep.trial``, once ``search.step_size`` is a trial a pass can take: a finite number >= 0 that float32
     holds times each group's ``lr`` (a rule's own trials are its own; the plan's first was checked before the step)."""
     size = search.step_size
-    if isinstance(size, bool) or not isinstance(size, numbers.Real) or not math.isfinite(size) or size < 0:
+    if not is_step_size(size):
         raise ValueError(f"search {type(search).__name__} named {which} of step size {size!r}; a trial is a finite "
                          "number >= 0. The weights and moments are as before the step")
     for index, group in passes.groups.items():
@@ -501,7 +500,7 @@ def _decisions(search, direction: str) -> Tuple[FinalMove, SearchState]:
         raise TypeError(f"search {name}.final() must return a FinalMove, got {type(final).__name__}; "
                         "the weights and moments are as before the step")
     step = final.step
-    if isinstance(step, bool) or not isinstance(step, numbers.Real) or not math.isfinite(step) or step < 0:
+    if not is_step_size(step):
         raise ValueError(f"search {name}.final() named a move of step size {step!r}; a final move is a finite "
                          "number >= 0. The weights and moments are as before the step")
     if final.direction not in (None, *DIRECTIONS):

@@ -65,6 +65,12 @@ FLOAT32_MAX = float(_f32(3.4028234663852886e38))
 def fits_float32(value: float) -> bool:
     """A finite ``value`` whose magnitude float32 holds (a step size the passes take in float32)."""
     return math.isfinite(value) and abs(value) <= FLOAT32_MAX
+
+
+def is_step_size(value) -> bool:
+    """A finite real number >= 0, not a bool: what a search rule may name as a trial or a move."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0
+
 #: The smallest normal float32: a level below it is 0 or subnormal in the passes, and moves nothing.
 FLOAT32_TINY = 1.1754943508222875e-38
 #: float32's relative spacing (2^-23): a float32 value's resolution is about this times its size.

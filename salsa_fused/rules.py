@@ -57,8 +57,6 @@ from __future__ import annotations
 import enum
 import importlib
 import inspect
-import math
-import numbers
 from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import TYPE_CHECKING, Dict, Iterable, Optional, Protocol, Union, runtime_checkable
 
@@ -277,7 +275,7 @@ def _checked_plan(rule: SearchRule, method: str, plan, state: "SearchState") -> 
         raise TypeError(f"{name} must say whether the step searches with a bool, got {plan.is_search!r}; nothing "
                         "was written")
     trial = plan.trial_step_size
-    if isinstance(trial, bool) or not isinstance(trial, numbers.Real) or not math.isfinite(trial) or trial < 0:
+    if not _line_search.is_step_size(trial):
         raise ValueError(f"{name} named a first trial of step size {trial!r}; a trial is a finite number >= 0. "
                          "Nothing was written")
     return plan
