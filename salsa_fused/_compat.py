@@ -8,7 +8,7 @@ goes through the names below so a torch release that moves them is a one-file fi
 from __future__ import annotations
 
 import functools
-from typing import Callable, List, Sequence, TypeVar
+from typing import Callable, List, TypeVar
 
 import torch
 from torch.nn.utils.parametrizations import _SpectralNorm

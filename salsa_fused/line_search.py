@@ -18,7 +18,6 @@ import ctypes
 import math
 import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Optional
 
 from .errors import checked_int
 from .rules import SEARCH_ARGUMENTS, FinalMove, Verdict
