@@ -977,9 +977,13 @@ class FusedSaLSa(Optimizer, Joinable):
                       "bias corrections start over on moments that "
                       "are already averaged (the first step's direction is sqrt(1 - beta2) / (1 - beta1) of the "
                       "uncorrected one, 0.32 at (0.9, 0.999), back to 1 as the count grows)")
+            own = any("search_lr" in group for group in groups)  # a key of this optimizer's groups alone
             warnings.warn(
                 "the checkpoint has moments but no search state (no param group has 'search'): it was saved "
-                "by another optimizer, or through torch.distributed.checkpoint with "
+                + ("by this optimizer, and then its param_groups[0], where state_dict() keeps the search state, was "
+                   "removed (move that group's 'search' entry to the new first group to keep it), or it went "
+                   "through " if own else "by another optimizer, or through ")
+                + "torch.distributed.checkpoint with "
                 "flatten_optimizer_state_dict=True, which drops it; the search starts over from "
                 f"init_step_size, with the step counter at 0; {counts}; each group keeps its own lr and search_lr "
                 "(another optimizer's lr is its rate, not a multiplier on the searched level)", UserWarning,
@@ -1009,10 +1013,13 @@ class FusedSaLSa(Optimizer, Joinable):
                                       group.get("initial_lr", group.get("lr", self.defaults["lr"])))
             start = group.get(MOMENTS_START, 0)
             if not _valid_moments_start(start, saved_step):
+                lost = ("; no param group has 'search', the search state and its step count, which state_dict() "
+                        "keeps in param_groups[0]: was that group removed from the checkpoint? move its 'search' entry "
+                        "to the new first group" if search is None else "")
                 raise ValueError(f"the checkpoint's parameter group {index} has {MOMENTS_START}={start!r}: the step "
                                  f"count at which the group was added (an int up to the checkpoint's {saved_step} "
-                                 "steps; below 0 for moments that came with another optimizer's steps); nothing was "
-                                 "loaded")
+                                 "steps; below 0 for moments that came with another optimizer's steps)"
+                                 f"{lost}; nothing was loaded")
             lacking = [key for key in _GROUP_HYPER_KEYS if key not in group]
             if lacking:
                 raise ValueError(f"the checkpoint's parameter group {index} has no {', '.join(map(repr, lacking))}: "

@@ -304,6 +304,59 @@ def test_a_checkpoint_saved_before_counts_of_steps_sat_out_reads_zero_moments_as
     assert all(torch.equal(a, b) for a, b in zip(expected, resumed_model.parameters()))
 
 
+def _without_first_group(saved: dict, keep_search: bool) -> dict:
+    """``saved`` with its param_groups[0] removed as torch users remove a group (docs/training.md), the search
+    state moved to the new first group when ``keep_search``."""
+    saved = copy.deepcopy(saved)
+    first, rest = saved["param_groups"][0], saved["param_groups"][1:]
+    gone = set(first["params"])
+    renumber = {old: new for new, old in enumerate(i for group in rest for i in group["params"])}
+    state = {renumber[key]: entry for key, entry in saved["state"].items() if key not in gone}
+    groups = [{**group, "params": [renumber[i] for i in group["params"]]} for group in rest]
+    if keep_search:
+        groups[0]["search"] = first["search"]
+    return {"state": state, "param_groups": groups}
+
+
+@pytest.mark.parametrize("added_mid_run", [False, True])
+def test_removing_the_first_param_group_names_where_the_search_state_went(added_mid_run):
+    """Filtering param_groups[0] out lost the search state with it: a warning blamed another optimizer, or (the
+    kept group added mid-run) a refusal read like a corrupt checkpoint (an audit's check). Both now name the
+    removed group; moving its 'search' entry, as docs/training.md says, resumes as the uninterrupted run."""
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+    x = torch.randn(16, 4)
+    closure = lambda: (second(torch.tanh(first(x))) - 1).pow(2).mean()  # noqa: E731
+    if added_mid_run:
+        opt = FusedSaLSa(first.parameters(), backend="torch")
+        for _ in range(3):
+            opt.zero_grad()
+            opt.step(closure)
+        opt.add_param_group({"params": list(second.parameters())})
+    else:
+        opt = FusedSaLSa([{"params": list(first.parameters())}, {"params": list(second.parameters())}],
+                         backend="torch")
+    for _ in range(3):
+        opt.zero_grad()
+        opt.step(closure)
+    saved = opt.state_dict()
+    first.requires_grad_(False)
+    kept = FusedSaLSa([{"params": list(second.parameters())}], backend="torch")
+    if added_mid_run:
+        with pytest.raises(ValueError, match=r"moments_start_step=3: .*no param group has 'search', the search state "
+                                             r"and its step count, .*was that group removed from the checkpoint"):
+            kept.load_state_dict(_without_first_group(saved, keep_search=False))
+    else:
+        with pytest.warns(UserWarning, match=r"saved by this optimizer, and then its param_groups\[0\], where "
+                                             r"state_dict\(\) keeps the search state, was removed"):
+            kept.load_state_dict(_without_first_group(saved, keep_search=False))
+    kept = FusedSaLSa([{"params": list(second.parameters())}], backend="torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept.load_state_dict(_without_first_group(saved, keep_search=True))
+    assert kept.search_state == opt.search_state
+
+
 def test_a_checkpoint_saved_before_groups_had_search_lr_takes_it_from_the_groups_lr():
     """A checkpoint of an earlier salsa_fused has no 'search_lr' in its param groups: the group's saved lr
     stands in for it (the lr it was built at, what search_lr keeps), not 1 and not the loading optimizer's own,
