@@ -17,9 +17,10 @@ from __future__ import annotations
 import ctypes
 import math
 import numbers
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from .errors import checked_int
+from .errors import caller_stacklevel, checked_int
 from .rules import SEARCH_ARGUMENTS, FinalMove, Verdict
 
 
@@ -77,6 +78,9 @@ FLOAT32_EPS = 2.0 ** -23
 
 #: ``s`` below this skips the search (0.1.0's guard, compared in fp32).
 MIN_SLOPE_AVG = 1e-8
+#: Searches in a row whose guard failed, each growing the level untested, after which a warning says so: the
+#: level is then ``growth ** 50`` (117 at 1.1) times the last tested one.
+UNTESTED_SEARCHES_WARNED = 50
 #: Initial value of both step-size averages (no bias correction, as published).
 INITIAL_STEP_SIZE_AVERAGE = 1e-8
 #: Smoothing of the fast and slow step-size averages that set the interval.
@@ -166,6 +170,9 @@ class SearchState:
     num_nonfinite_elements: int = 0  # plain-step elements left unmoved: NaN/inf gradient, or a 16-bit overflow
     last_trials: int = 0
     last_loss_decrease: float = 0.0
+    #: Searches in a row whose guard failed (a loss of exactly 0, or ``s`` under ``MIN_SLOPE_AVG``): the level
+    #: grew by ``growth`` at each, untested (0.1.0's rule).
+    untested_searches: int = 0
     #: Scalars of a rule other than ArmijoSearch (salsa_fused.rules); empty for ArmijoSearch.
     rule_state: dict = field(default_factory=dict)
 
@@ -176,7 +183,7 @@ class SearchState:
         """Raise ValueError on values no run can reach (a corrupt or hand-edited checkpoint)."""
         for name in ("step", "frozen_at", "steps_since_search", "num_forward_evals", "num_backward_evals",
                      "num_searches", "num_backtracks", "num_skipped_steps", "num_nonfinite_elements",
-                     "last_trials"):
+                     "last_trials", "untested_searches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"search state {name} must be an integer >= 0, got {value!r}")
@@ -358,7 +365,21 @@ class ArmijoSearch:
         return self.trials >= self.config.max_trials
 
     def finish(self) -> SearchState:
-        """The state after the search: ``eta`` and its fast/slow averages updated."""
+        """The state after the search: ``eta`` and its fast/slow averages updated, and the count of searches in a
+        row that grew it untested (a warning when it reaches ``UNTESTED_SEARCHES_WARNED``)."""
+        untested = 0 if self.active else self.state.untested_searches + 1
+        self.state.untested_searches = untested
+        if untested == UNTESTED_SEARCHES_WARNED:
+            warnings.warn(
+                f"the search has not tested its level for {untested} searches in a row: each read a loss of exactly "
+                f"0 or a smoothed slope under {MIN_SLOPE_AVG:g} (a fit that converged, a loss scaled far down, an "
+                "eps far above the gradients), where SaLSa's rule (0.1.0's) grows the level by growth and moves "
+                f"eta * growth along m_hat without a trial. The level is now {self.step_size:.4g}, "
+                f"{self.config.growth ** untested:.4g} times the last tested one, and a step whose loss comes back "
+                "with a slope still under the guard applies it untested (a converged least-squares fit was thrown "
+                "to weights of 1e28 so). Stop a run that has converged, give the loss its natural scale, or train "
+                "with a schedule that freezes the level (presets.recommended); docs/api.md, 'A loss of exactly "
+                "zero'", RuntimeWarning, stacklevel=caller_stacklevel())
         return record_search(self.state, self.step_size, self.trials)
 
 

@@ -958,7 +958,8 @@ class FusedSaLSa(Optimizer, Joinable):
             # rule_state is not named: torch.distributed.checkpoint's full state dicts drop an empty dict, and
             # check_rule_state (below) refuses a checkpoint that lost the scalars a rule keeps
             defaulted = sorted({f.name for f in dataclasses.fields(SearchState)}
-                               - {RENAMED_KEYS.get(k, k) for k in saved_search} - {"rule_state"})
+                               - {RENAMED_KEYS.get(k, k) for k in saved_search} - {"rule_state"}
+                               - {"untested_searches"})  # a count for a warning: from 0, it only warns later
             try:
                 search = SearchState.from_dict(deepcopy(saved_search))
                 search.validate()  # unknown keys, bad values

@@ -1225,6 +1225,29 @@ def test_a_level_grown_on_zero_loss_batches_fails_the_next_batch_and_the_warning
     assert _all_finite(opt) and torch.isfinite(model.weight).all()
 
 
+def test_a_level_grown_untested_for_fifty_searches_in_a_row_warns_once_and_the_count_restarts_at_a_test():
+    """A least-squares fit solved to a loss of exactly 0 grew its level untested for ~900 steps, and a tiny loss
+    that came back with a slope under the guard applied it: weights of 1.5e28, without a word (a helper's check).
+    0.1.0's rule is kept, step for step; after 50 such searches in a row a warning says what is happening."""
+    model = torch.nn.Linear(4, 1, bias=False)
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        while opt.search_state.untested_searches < 60:
+            opt.zero_grad()
+            opt.step(lambda: (model(x) * 0).pow(2).mean())  # a loss of exactly 0, no gradient
+            count = opt.search_state.untested_searches
+            untested = [w for w in caught if "has not tested its level" in str(w.message)]
+            assert len(untested) == (count >= 50), count
+    text = str(untested[0].message)
+    assert "for 50 searches in a row" in text and "117.4 times the last tested one" in text
+    assert untested[0].filename == __file__
+    opt.zero_grad()
+    opt.step(lambda: (model(x) - 1).pow(2).mean())  # a loss and a slope again: a tested search
+    assert opt.search_state.untested_searches == 0 and opt.search_state.last_trials > 0
+
+
 def test_a_one_element_loss_of_any_shape_trains_as_the_scalar():
     """``loss.backward()`` takes a loss of one element whatever its shape; so does ``step``."""
     runs = []
