@@ -545,6 +545,8 @@ class FusedSaLSa(Optimizer, Joinable):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         _refuse_a_set(params)  # torch.optim refuses one only inside a group
         super().__init__(params, defaults)
+        _refuse_shared_storage([p for group in self.param_groups for p in group["params"]], [],
+                               refused="nothing was built")  # each group was compared with itself as it came
         if model is not None:
             _refuse_a_model_of_other_parameters(model, self.param_groups)
         #: The live search state; state_dict()/load_state_dict() carry it as a dict.
@@ -667,7 +669,8 @@ class FusedSaLSa(Optimizer, Joinable):
         if _SEARCH_KEY in param_group:
             raise ValueError(f"a param group has the key {_SEARCH_KEY!r}, which state_dict() keeps for the search "
                              "state: name it otherwise (the group was not added)")
-        _refuse_shared_storage(tensors, [p for group in self.param_groups for p in group["params"]])
+        _refuse_shared_storage(tensors, [p for group in self.param_groups for p in group["params"]],
+                               memory_of_existing="_search" in self.__dict__)  # built: torch's __init__ is done
         param_group.setdefault("search_lr", candidate["lr"])  # what trials probe at (see lr)
         search = self.__dict__.get("_search")  # None while torch's __init__ adds the first groups
         taken = search.step if search is not None else 0
@@ -2297,24 +2300,27 @@ def _from_lightning_manual(closure) -> bool:
             and getattr(closure.args[0], "automatic_optimization", None) is False)
 
 
-def _refuse_shared_storage(new: Sequence[torch.Tensor], existing: Sequence[torch.Tensor]) -> None:
+def _refuse_shared_storage(new: Sequence[torch.Tensor], existing: Sequence[torch.Tensor], memory_of_existing: bool = True,
+                           refused: str = "the group was not added") -> None:
     """ValueError if a tensor of ``new`` has an element where another of ``new`` or of ``existing`` has one:
     each pass reads a parameter's weights and writes them back, so two parameters over the same memory
     (``b.data = a.data``, overlapping slices of one tensor) would each be stepped from the other's writes,
     differently on every backend. Views of disjoint parts of one storage (a flat buffer, column blocks of
     one matrix) are fine. The same tensor twice is named as torch names it (its own check comes after
-    this one). Meta tensors and tensor subclasses (DTensor) hold no memory to compare here."""
+    this one). Meta tensors and tensor subclasses (DTensor) hold no memory to compare here.
+    ``memory_of_existing=False`` compares ``new``'s memory among itself only (the constructor's groups, one at a
+    time, then all at once: once per group over every earlier one took O(groups^2), 2 s at 1,000 groups)."""
     existing_ids = set(map(id, existing))
     if any(id(p) in existing_ids for p in new):
-        raise ValueError("some parameters appear in more than one parameter group (the group was not added)")
-    tensors = [p for p in list(existing) + list(new)
+        raise ValueError(f"some parameters appear in more than one parameter group ({refused})")
+    tensors = [p for p in (list(existing) if memory_of_existing else []) + list(new)
                if type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type != "meta"]
     shared = first_sharing_memory(tensors)
     if shared is not None:
         shapes = ", ".join(str(tuple(tensors[k].shape)) for k in shared)
         raise ValueError(f"two parameters (shapes {shapes}) share memory: each would be stepped from the "
                          "other's writes. Give each its own tensor (b.data = a.data.clone()), or pass the "
-                         "tied parameter once (the group was not added)")
+                         f"tied parameter once ({refused})")
 
 
 def _check_checkpoint_layout(state_dict) -> None:

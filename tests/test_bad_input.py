@@ -2018,6 +2018,8 @@ def test_parameters_that_share_memory_are_refused_and_disjoint_views_of_one_buff
     b.data = a.data
     with pytest.raises(ValueError, match=r"two parameters \(shapes \(6,\), \(6,\)\) share memory"):
         FusedSaLSa([a, b])
+    with pytest.raises(ValueError, match=r"share memory.*\(nothing was built\)"):  # groups compared at the end
+        FusedSaLSa([{"params": [a]}, {"params": [torch.nn.Parameter(torch.ones(2))]}, {"params": [b]}])
     flat = torch.randn(10)
     first, second = torch.nn.Parameter(flat[:6]), torch.nn.Parameter(flat[4:])
     with pytest.raises(ValueError, match="share memory"):
