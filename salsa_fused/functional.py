@@ -368,15 +368,17 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
             with torch.no_grad():
                 C.foreach_copy_(moments, moments_before)
 
+    # float16 weights non-finite before the step (an additive mask's -inf): a trial overflowed only those it made so
+    finite_before = _finite_tensors(passes, torch.float16) if any(b.dtype == torch.float16 for b in passes.buckets) \
+        else None  # alike on every rank: the buckets' dtypes are
     passes.run("first_trial", direction, _checked_trial(passes, search, "its first trial"), search.step_size)
     current = search.step_size  # the trial the weights are at
     trials = finite_trials = 0
-    half = any(b.dtype == torch.float16 for b in passes.buckets)  # alike on every rank
     try:
         while True:
             tried = search.step_size
             loss = trial_loss()
-            if half and math.isfinite(loss) and not _weights_finite(passes, torch.float16, reduction):
+            if finite_before is not None and math.isfinite(loss) and _overflowed(passes, finite_before, reduction):
                 # a forward that saturates (tanh, clamp) reads a finite loss at float16 weights that
                 # overflowed: a failed trial, never one to keep
                 if not has_saved_copy:
@@ -434,7 +436,7 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
         current = 0.0
     if along != direction or final.step != current or any(g.scale != 1.0 for g in passes.groups.values()):
         passes.run("retrial", along, GroupStep.apply, final.step, current)
-        if has_saved_copy and not _weights_finite(passes, torch.float16, reduction):
+        if has_saved_copy and finite_before is not None and _overflowed(passes, finite_before, reduction):
             put_back(current)  # from the saved copy: exact whatever the move was
             raise GaveUpAtNonFiniteTrial(
                 f"the applied step (step size {final.step:g} times each group's lr / search_lr and "
@@ -538,13 +540,36 @@ class GaveUpAtNonFiniteTrial(NonFiniteError):
     nothing was written (``reject``)."""
 
 
-def _weights_finite(passes: Passes, dtype: Optional[torch.dtype] = None,
-                    reduction: Optional[SearchReduction] = None) -> bool:
-    """Are the weights (of ``dtype`` only, if given) finite? One device read, the count of
-    non-finite tensors summed over the shard group (FSDP2: every rank decides alike). After the
-    final move it is asked of float16 weights only, the one dtype a realistic step overflows
-    (65504): none on search steps without float16 weights."""
-    buckets = [b for b in passes.buckets if dtype is None or b.dtype == dtype]  # alike on every rank
+def _finite_tensors(passes: Passes, dtype: torch.dtype) -> torch.Tensor:
+    """Which weights of ``dtype`` are finite, one flag per non-empty tensor (a shard may be empty) in bucket order,
+    on the device, not read; asked only where a bucket of ``dtype`` exists, alike on every rank."""
+    buckets = [b for b in passes.buckets if b.dtype == dtype]
+    with torch.no_grad():
+        weights = [p for b in buckets for p in b.params if p.numel()]
+        if not weights:
+            return torch.zeros(0, dtype=torch.bool, device=buckets[0].device)
+        return torch.stack(torch._foreach_norm(weights, float("inf"))).isfinite()
+
+
+def _overflowed(passes: Passes, finite_before: Optional[torch.Tensor],
+                reduction: Optional[SearchReduction] = None) -> bool:
+    """Whether a float16 weight finite before the step (``finite_before``, :func:`_finite_tensors`) is not now:
+    one device read, the count summed over the shard group (FSDP2: every rank decides alike). After each trial
+    and the final move of a search step with float16 weights, the one dtype a realistic step overflows (65504)."""
+    if finite_before is None:
+        return False
+    finite_now = _finite_tensors(passes, torch.float16)
+    with torch.no_grad():
+        made = (finite_before & finite_now.logical_not()).sum().to(torch.float32).reshape(1)
+        if reduction is not None:
+            made = reduction.sum_over_shards(made)
+    return bool(made.item())
+
+
+def _weights_finite(passes: Passes, reduction: Optional[SearchReduction] = None) -> bool:
+    """Are the weights finite? One device read, the count of non-finite tensors summed over the shard group
+    (FSDP2: every rank decides alike); asked where every trial failed at a non-finite loss."""
+    buckets = passes.buckets  # alike on every rank
     if not buckets:
         return True
     with torch.no_grad():

@@ -1599,6 +1599,26 @@ def test_a_trial_that_overflows_float16_weights_under_a_saturating_forward_is_a_
         inplace.step(closure)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_float16_weights_that_were_infinite_before_the_step_do_not_fail_its_trials(backend):
+    """A learnable additive mask holds -inf where it masks; its loss is finite and its gradient there 0. The
+    per-trial check read every trial as overflowed, and every search failed (a review of 5473f95): a trial
+    overflows only the weights it made non-finite."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 8).half()
+    mask = torch.zeros(8, dtype=torch.float16)
+    mask[5:] = float("-inf")
+    mask, weight = torch.nn.Parameter(mask), torch.nn.Parameter(torch.randn(8, dtype=torch.float16))
+    opt = FusedSaLSa([weight, mask], backend=backend)
+    closure = lambda: F.cross_entropy((logits * weight + mask).float(), torch.tensor([0, 1, 2, 3]))  # noqa: E731
+    first = float(closure())
+    for _ in range(3):
+        opt.zero_grad()
+        opt.step(closure)
+    assert opt.num_searches == 3 and opt.num_skipped_steps == 0 and float(closure()) < first
+    assert torch.isfinite(weight).all() and torch.equal(mask[5:], torch.full((3,), float("-inf")).half())
+
+
 def test_under_inplace_restore_a_trial_that_overflowed_is_reported_as_not_undone():
     """restore='inplace' cannot put back a weight that overflowed: the error says the weights hold
     NaN/inf instead of claiming they are as before (and 'skip' does not count it as skipped)."""
