@@ -114,10 +114,47 @@ def _has_overlapping_elements(tensor: torch.Tensor) -> bool:
     return torch.cat(list(_element_offsets(tensor))).unique().numel() < tensor.numel()
 
 
+def _blocks_share(a: torch.Tensor, b: torch.Tensor) -> Optional[bool]:
+    """For views with one ndim and one set of strides (blocks of one tensor: column blocks, tiles), whether they
+    have an element in one place, without listing elements: ``a``'s element ``i`` and ``b``'s ``j`` meet where
+    ``sum_d (i_d - j_d) s_d`` is ``b``'s first element's offset from ``a``'s, with ``i_d - j_d`` in
+    ``[1 - nb_d, na_d - 1]``; where the strides nest over both sizes, at most two values of ``i_d - j_d`` leave a
+    remainder the later dims can reach. None where this cannot be told so (other strides, sizes, alignment)."""
+    size = a.element_size()
+    if a.dim() != b.dim() or a.stride() != b.stride() or b.element_size() != size:
+        return None
+    shift, misaligned = divmod(b.data_ptr() - a.data_ptr(), size)
+    if misaligned:
+        return None
+    dims = sorted(((stride, na, nb) for stride, na, nb in zip(a.stride(), a.shape, b.shape) if na > 1 or nb > 1),
+                  reverse=True)
+    above = [0] * (len(dims) + 1)  # above[d], below[d]: how far dims d.. reach up (a's sizes) and down (b's)
+    below = [0] * (len(dims) + 1)
+    for d in range(len(dims) - 1, -1, -1):
+        stride, na, nb = dims[d]
+        if stride <= max(above[d + 1], below[d + 1]):
+            return None
+        above[d], below[d] = above[d + 1] + (na - 1) * stride, below[d + 1] + (nb - 1) * stride
+
+    def meet(d: int, rest: int) -> bool:
+        if d == len(dims):
+            return rest == 0
+        stride, na, nb = dims[d]
+        low = rest // stride
+        return any(1 - nb <= k <= na - 1 and -below[d + 1] <= rest - k * stride <= above[d + 1]
+                   and meet(d + 1, rest - k * stride) for k in (low, low + 1))
+
+    return meet(0, shift)
+
+
 def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether strided ``a`` and ``b``, whose byte spans overlap, have an element in one place: exact where
-    one of them nests its strides (:func:`_dims_by_stride`) and both have one element size and an
-    alignment in common; True (they may) where that cannot be told."""
+    """Whether strided ``a`` and ``b``, whose byte spans overlap, have an element in one place: in closed form
+    for blocks of one tensor (:func:`_blocks_share`), else exact where one of them nests its strides
+    (:func:`_dims_by_stride`) and both have one element size and an alignment in common; True (they may)
+    where that cannot be told."""
+    blocks = _blocks_share(a, b)
+    if blocks is not None:
+        return blocks
     if _dims_by_stride(b) is None or (_dims_by_stride(a) is not None and a.numel() > b.numel()):
         a, b = b, a
     dims, size = _dims_by_stride(b), a.element_size()

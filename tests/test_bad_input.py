@@ -2032,6 +2032,35 @@ def test_one_parameter_in_two_groups_is_named_as_torch_names_it():
     assert len(opt.param_groups) == 1
 
 
+def test_blocks_of_one_tensor_are_told_apart_in_closed_form_as_the_elements_say():
+    """Column blocks were compared element by element, O(blocks x elements): 64 blocks of a 1024 x 1024 matrix
+    took 1.9 s at every bucket rebuild (a review). Views with one set of strides are now solved in closed form;
+    checked here against the elements themselves on random views of one storage."""
+    import itertools
+    import random
+
+    from salsa_fused.buckets import _blocks_share, first_sharing_memory
+
+    def offsets(t):
+        return {t.storage_offset() + sum(i * s for i, s in zip(index, t.stride()))
+                for index in itertools.product(*map(range, t.shape))}
+
+    rng, storage, decided = random.Random(0), torch.zeros(2000), 0
+    for _ in range(1500):
+        dims = rng.randint(1, 3)
+        strides = tuple(rng.choice([1, 2, 3, 5, 16, 40]) for _ in range(dims))
+        a, b = (storage.as_strided(tuple(rng.randint(1, 5) for _ in range(dims)), strides, rng.randint(0, 60))
+                for _ in range(2))
+        told = _blocks_share(a, b)
+        if told is not None:
+            decided += 1
+            assert told == bool(offsets(a) & offsets(b)), (a.shape, b.shape, strides)
+    assert decided > 500
+    matrix = torch.zeros(1024, 1024)
+    assert first_sharing_memory([matrix[:, 16 * i:16 * (i + 1)] for i in range(64)]) is None
+    assert first_sharing_memory([matrix[:, :3], matrix[:, 2:5]]) == (0, 1)
+
+
 def test_parameters_that_share_memory_are_refused_and_disjoint_views_of_one_buffer_are_not():
     a = torch.nn.Parameter(torch.randn(6))
     b = torch.nn.Parameter(torch.empty(6))
