@@ -1476,7 +1476,7 @@ class FusedSaLSa(Optimizer, Joinable):
             where = f"peaks at lr={base:g} under its scheduler"
         if base <= 0:
             return False
-        search_lr = _as_the_step_sees(group)["search_lr"]
+        search_lr = _as_the_step_sees(group)["search_lr"] or 1.0  # built at 0: it probes at 1 from its first lr
         if base / search_lr < 0.1:
             effect = (f"which scales every step the search finds by {base / search_lr:g} (lr / search_lr, the lr "
                       f"the group was built with being {search_lr:g})")

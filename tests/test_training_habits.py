@@ -466,6 +466,22 @@ def test_an_adamw_style_lr_warns_once_what_lr_means(case):
     assert effect in str(caught[0].message)
 
 
+def test_the_lr_warning_of_a_group_built_at_zero_reads_its_probe_as_one():
+    """A group built at lr=0 has search_lr 0 until its first positive lr; the warning's new text divided by it
+    (ZeroDivisionError at the step, where c0424b4 stepped: a review of 58f5e9a)."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    opt = FusedSaLSa([weight], lr=0.0, backend="torch")
+    opt.param_groups[0]["lr"] = 0.01
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.0 if k < 10 else 1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            opt.zero_grad()
+            opt.step(lambda: (weight ** 2).sum())
+            scheduler.step()
+    assert [w for w in caught if "which scales every step the search finds by 0.01" in str(w.message)]
+
+
 @pytest.mark.parametrize("make", [float, np.float64, np.float32, np.float16])
 def test_an_adamw_style_lr_warns_whatever_real_type_holds_it(make):
     """np.float32(1e-3) was accepted and trained, and warned of nothing: the check asked for int or float."""
