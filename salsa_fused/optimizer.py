@@ -1093,7 +1093,8 @@ class FusedSaLSa(Optimizer, Joinable):
                     f"{', '.join(map(str, never_stepped[:4]))}{' and more' if len(never_stepped) > 4 else ''} have "
                     "moments of zeros after steps of their group: taken as having had no gradient yet, so they "
                     "sat out since their group began (Adam's bias corrections start at their first gradient, "
-                    "as this version counts such a parameter)", UserWarning, stacklevel=2)
+                    "as this version counts such a parameter); a parameter whose gradients were all exactly "
+                    "zero reads the same, and is then counted so too", UserWarning, stacklevel=2)
         with _torch_hooks_suspended(self, "_optimizer_load_state_dict_pre_hooks",
                                     "_optimizer_load_state_dict_post_hooks"):
             super().load_state_dict({**state_dict, "param_groups": groups, "state": stripped_state})
