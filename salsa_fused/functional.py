@@ -352,7 +352,23 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
     if not search.active:
         final, state = _decisions(search, direction)
         _check_final_fits_float32(passes, search, final)
-        passes.run("first_trial", final.direction or direction, GroupStep.guard_failed, final.step)
+        along = final.direction or direction
+        half = _float16_before(passes)
+        moments = [t for b in passes.buckets for t in (*b.exp_avg, *b.exp_avg_sq)] if half is not None else []
+        moments_before = C.foreach_mul(moments, 1.0) if moments else []
+        passes.run("first_trial", along, GroupStep.guard_failed, final.step)
+        if half is not None and half.gained(_weights(passes, torch.float16), reduction):
+            # no trial tested it (0.1.0's guard: a loss of exactly 0, or a vanishing slope), the level grown so
+            untested = (f"the untested move of a search whose guard failed (step size {final.step:g} along m_hat; "
+                        "a loss of exactly 0 or a smoothed slope under 1e-8 grows the level without a trial) "
+                        "overflowed float16 weights")
+            if not has_saved_copy:
+                raise NonFiniteError(f"{untested}, and restore='inplace' cannot undo it: the weights hold NaN/inf "
+                                     "(restore='copy', the default, puts them back)")
+            passes.run("restore", along, GroupStep.restore, final.step)
+            with torch.no_grad():
+                C.foreach_copy_(moments, moments_before)
+            raise GaveUpAtNonFiniteTrial(f"{untested}: the weights and the optimizer's state are as before the step")
         return state
     # Pass A writes this step's moments; a trial forward that raises (out of memory, caught and
     # retried by the caller) must find them as they were: copies, 8 bytes per parameter while
@@ -368,9 +384,7 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
             with torch.no_grad():
                 C.foreach_copy_(moments, moments_before)
 
-    # float16 weights non-finite before the step (an additive mask's -inf): a trial overflowed only those it made so
-    finite_before = _finite_tensors(passes, torch.float16) if any(b.dtype == torch.float16 for b in passes.buckets) \
-        else None  # alike on every rank: the buckets' dtypes are
+    half = _float16_before(passes)  # a trial overflowed only elements it made non-finite (a mask's -inf was)
     passes.run("first_trial", direction, _checked_trial(passes, search, "its first trial"), search.step_size)
     current = search.step_size  # the trial the weights are at
     trials = finite_trials = 0
@@ -378,7 +392,7 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
         while True:
             tried = search.step_size
             loss = trial_loss()
-            if finite_before is not None and math.isfinite(loss) and _overflowed(passes, finite_before, reduction):
+            if half is not None and math.isfinite(loss) and half.gained(_weights(passes, torch.float16), reduction):
                 # a forward that saturates (tanh, clamp) reads a finite loss at float16 weights that
                 # overflowed: a failed trial, never one to keep
                 if not has_saved_copy:
@@ -394,7 +408,9 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
                 raise TypeError(f"search {type(search).__name__}.observe() must return a Verdict (ACCEPT, RETRY or "
                                 f"GIVE_UP), got {verdict!r}; the weights and moments are as before the step")
             if (verdict is Verdict.GIVE_UP and not math.isfinite(loss)
-                    and not _weights_finite(passes, reduction=reduction)):
+                    and (_NonFiniteBefore(_weights(passes, saved=True), passes.buckets[0].device).gained(
+                        _weights(passes), reduction) if has_saved_copy
+                         else not _weights_finite(passes, reduction=reduction))):
                 # 0.1.0 keeps the last trial when every trial failed; one whose weights overflowed
                 # their dtype is not kept (read only on this path: nothing non-finite is kept)
                 failed = (f"every trial of the search failed, the last (step size {tried:g}) at a non-finite "
@@ -436,7 +452,13 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
         current = 0.0
     if along != direction or final.step != current or any(g.scale != 1.0 for g in passes.groups.values()):
         passes.run("retrial", along, GroupStep.apply, final.step, current)
-        if has_saved_copy and finite_before is not None and _overflowed(passes, finite_before, reduction):
+        if half is not None and half.gained(_weights(passes, torch.float16), reduction):
+            if not has_saved_copy:
+                raise NonFiniteError(
+                    f"the applied step (step size {final.step:g} times each group's lr / search_lr and schedule "
+                    "scale) overflowed float16 weights, and restore='inplace' cannot undo it: the weights hold "
+                    "NaN/inf (restore='copy', the default, puts them back; lower lr, or train float16 weights under "
+                    "an fp32 master copy)")
             put_back(current)  # from the saved copy: exact whatever the move was
             raise GaveUpAtNonFiniteTrial(
                 f"the applied step (step size {final.step:g} times each group's lr / search_lr and "
@@ -540,30 +562,56 @@ class GaveUpAtNonFiniteTrial(NonFiniteError):
     nothing was written (``reject``)."""
 
 
-def _finite_tensors(passes: Passes, dtype: torch.dtype) -> torch.Tensor:
-    """Which weights of ``dtype`` are finite, one flag per non-empty tensor (a shard may be empty) in bucket order,
-    on the device, not read; asked only where a bucket of ``dtype`` exists, alike on every rank."""
-    buckets = [b for b in passes.buckets if b.dtype == dtype]
-    with torch.no_grad():
-        weights = [p for b in buckets for p in b.params if p.numel()]
-        if not weights:
-            return torch.zeros(0, dtype=torch.bool, device=buckets[0].device)
-        return torch.stack(torch._foreach_norm(weights, float("inf"))).isfinite()
+def _float16_before(passes: Passes) -> Optional[_NonFiniteBefore]:
+    """What of the float16 weights was non-finite before a move, None without float16 weights (alike on every rank:
+    the buckets' dtypes are); float16 is the one dtype a realistic step overflows (65504)."""
+    buckets = [b for b in passes.buckets if b.dtype == torch.float16]
+    return _NonFiniteBefore(_weights(passes, torch.float16), buckets[0].device) if buckets else None
 
 
-def _overflowed(passes: Passes, finite_before: Optional[torch.Tensor],
-                reduction: Optional[SearchReduction] = None) -> bool:
-    """Whether a float16 weight finite before the step (``finite_before``, :func:`_finite_tensors`) is not now:
-    one device read, the count summed over the shard group (FSDP2: every rank decides alike). After each trial
-    and the final move of a search step with float16 weights, the one dtype a realistic step overflows (65504)."""
-    if finite_before is None:
-        return False
-    finite_now = _finite_tensors(passes, torch.float16)
-    with torch.no_grad():
-        made = (finite_before & finite_now.logical_not()).sum().to(torch.float32).reshape(1)
-        if reduction is not None:
-            made = reduction.sum_over_shards(made)
-    return bool(made.item())
+def _weights(passes: Passes, dtype: Optional[torch.dtype] = None, saved: bool = False) -> List[torch.Tensor]:
+    """The non-empty weights (or their saved copies, ``w0``) of ``dtype``, or of every dtype; a shard may be empty."""
+    return [t for b in passes.buckets if dtype is None or b.dtype == dtype
+            for t in (b.saved if saved else b.params) if t.numel()]
+
+
+class _NonFiniteBefore:
+    """Which of ``weights`` (one list, in bucket order) were non-finite before a move: a flag per tensor on the
+    device and, for the rare tensors that were (an additive mask's -inf), their count of non-finite elements
+    (read once, here). :meth:`gained` says whether the move made any element non-finite that was not."""
+
+    def __init__(self, weights: List[torch.Tensor], device: torch.device):
+        self.device = device
+        with torch.no_grad():
+            self.finite = _finite_flags(weights, device)
+            self.masked = [i for i, finite in enumerate(self.finite.tolist()) if not finite]
+            self.counts = _nonfinite_counts(weights, self.masked)
+
+    def gained(self, weights: List[torch.Tensor], reduction: Optional[SearchReduction] = None) -> bool:
+        """Whether ``weights`` (the same tensors, moved) hold a non-finite element they did not: one device read,
+        the count summed over the shard group (FSDP2: every rank decides alike, a shard with none included)."""
+        with torch.no_grad():
+            made = (self.finite & _finite_flags(weights, self.device).logical_not()).sum()
+            if self.masked:
+                made = made + (_nonfinite_counts(weights, self.masked) > self.counts).sum()
+            made = made.to(torch.float32).reshape(1)
+            if reduction is not None:
+                made = reduction.sum_over_shards(made)
+        return bool(made.item())
+
+
+def _finite_flags(weights: List[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """One flag per tensor, whether all its elements are finite: one multi-tensor op, not read."""
+    if not weights:
+        return torch.zeros(0, dtype=torch.bool, device=device)
+    return torch.stack(torch._foreach_norm(weights, float("inf"))).isfinite()
+
+
+def _nonfinite_counts(weights: List[torch.Tensor], indices: List[int]) -> Optional[torch.Tensor]:
+    """The count of non-finite elements of each of ``weights[i]`` for ``i`` in ``indices``, on the device."""
+    if not indices:
+        return None
+    return torch.stack([torch.isfinite(weights[i]).logical_not().sum() for i in indices])
 
 
 def _weights_finite(passes: Passes, reduction: Optional[SearchReduction] = None) -> bool:

@@ -1619,6 +1619,60 @@ def test_float16_weights_that_were_infinite_before_the_step_do_not_fail_its_tria
     assert torch.isfinite(weight).all() and torch.equal(mask[5:], torch.full((3,), float("-inf")).half())
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_a_tensor_holding_a_mask_s_inf_still_fails_a_trial_that_overflows_its_other_elements(backend):
+    """One flag per tensor read a tensor with a -inf as non-finite before the step, and missed a trial that sent its
+    other elements to inf (a review of db93946): such tensors' elements are counted."""
+    for first in (0.0, float("-inf")):
+        weight = torch.nn.Parameter(torch.tensor([first, 65000.0, 100.0, -3.0], dtype=torch.float16))
+        opt = FusedSaLSa([weight], init_step_size=2000.0, backend=backend)
+        opt.zero_grad()
+        opt.step(lambda: -torch.tanh(weight.float() / 1e5).sum())  # saturating: finite at +-inf
+        assert torch.isfinite(weight[1:]).all() and opt.last_search_trials > 1, first
+
+
+@pytest.mark.parametrize("restore", ["copy", "inplace"])
+def test_the_untested_move_of_a_failed_guard_and_an_inplace_final_move_do_not_write_float16_overflow(restore):
+    """Two moves no check read (a review): a search whose guard failed (a loss of exactly 0) moves eta * growth
+    along m_hat untested, and wrote -inf; under restore='inplace' a final move beyond the last trial wrote inf.
+    'copy' puts the weights and moments back and refuses the step; 'inplace' cannot, and says so."""
+    weight = torch.nn.Parameter(torch.tensor([-65000.0, 1.0], dtype=torch.float16))
+    opt = FusedSaLSa([weight], init_step_size=1000.0, restore=restore, backend="torch")
+    before = weight.detach().clone()
+    undo = "restore='inplace' cannot undo it" if restore == "inplace" else "as before the step"
+    with pytest.raises(NonFiniteError, match=f"the untested move of a search whose guard failed .*{undo}"):
+        opt.step(lambda: (weight.float() - weight.detach().float()).sum())  # a loss of exactly 0, gradient 1
+    assert torch.equal(weight, before) == (restore == "copy") and opt.search_state.step == 0
+    weight = torch.nn.Parameter(torch.tensor([60000.0, 1.0], dtype=torch.float16))
+    opt = FusedSaLSa([weight], init_step_size=2000.0, restore=restore, backend="torch")
+    opt.param_groups[0]["lr"] = 4.0  # a scheduler's lr above the lr the group was built with
+    before = weight.detach().clone()
+    with pytest.raises(NonFiniteError, match=f"the applied step .* overflowed float16 weights.*"
+                                             f"{'cannot undo it' if restore == 'inplace' else 'as before the step'}"):
+        opt.step(lambda: -torch.tanh(weight.float() / 1e5).sum())
+    assert torch.equal(weight, before) == (restore == "copy")
+
+
+def test_a_search_that_gives_up_at_a_nan_trial_keeps_it_beside_a_mask_that_held_inf_before():
+    """Giving up at a NaN last trial read every weight's finiteness: a mask's -inf refused the step as 'its weights
+    overflowed' where no trial overflowed anything, and 0.1.0 keeps the last trial (a review)."""
+    kept = []
+    for first in (0.0, float("-inf")):
+        mask, weight = torch.nn.Parameter(torch.tensor([first, 0.0])), torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+        opt = FusedSaLSa([weight, mask], max_trials=2, backend="torch")
+        calls = []
+
+        def closure():
+            calls.append(1)
+            loss = (weight ** 2).sum() + (mask.nan_to_num(0.0, neginf=0.0) ** 2).sum()  # the mask has a gradient
+            return {2: loss * 0 + 1e6, 3: loss * float("nan")}.get(len(calls), loss)
+
+        with pytest.warns(RuntimeWarning, match="every trial of a line search failed"):
+            opt.step(closure)
+        kept.append(weight.detach().clone())
+    assert torch.equal(kept[0], kept[1])
+
+
 def test_under_inplace_restore_a_trial_that_overflowed_is_reported_as_not_undone():
     """restore='inplace' cannot put back a weight that overflowed: the error says the weights hold
     NaN/inf instead of claiming they are as before (and 'skip' does not count it as skipped)."""
