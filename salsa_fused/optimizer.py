@@ -669,8 +669,10 @@ class FusedSaLSa(Optimizer, Joinable):
         if _SEARCH_KEY in param_group:
             raise ValueError(f"a param group has the key {_SEARCH_KEY!r}, which state_dict() keeps for the search "
                              "state: name it otherwise (the group was not added)")
+        built = "_search" in self.__dict__  # torch's __init__ is done
         _refuse_shared_storage(tensors, [p for group in self.param_groups for p in group["params"]],
-                               memory_of_existing="_search" in self.__dict__)  # built: torch's __init__ is done
+                               memory_of_existing=built,
+                               refused="the group was not added" if built else "nothing was built")
         param_group.setdefault("search_lr", candidate["lr"])  # what trials probe at (see lr)
         search = self.__dict__.get("_search")  # None while torch's __init__ adds the first groups
         taken = search.step if search is not None else 0
@@ -1479,8 +1481,9 @@ class FusedSaLSa(Optimizer, Joinable):
             return False
         search_lr = _as_the_step_sees(group)["search_lr"] or 1.0  # built at 0: it probes at 1 from its first lr
         if base / search_lr < 0.1:
-            effect = (f"which scales every step the search finds by {base / search_lr:g} (lr / search_lr, the lr "
-                      f"the group was built with being {search_lr:g})")
+            built = (f"the lr the group was built with being {search_lr:g}" if group.get("search_lr")
+                     else "the group was built at lr=0, so it probes at 1")
+            effect = f"which scales every step the search finds by {base / search_lr:g} (lr / search_lr, {built})"
         else:  # the lr it was built with: the units of the level, which grows to make up for them
             effect = (f"the lr it was built with (its search_lr): trials probe search_lr * eta, so the first ones "
                       f"are {1 / search_lr:.4g}x smaller than at lr=1.0 and the level spends its first searches "

@@ -479,7 +479,8 @@ def test_the_lr_warning_of_a_group_built_at_zero_reads_its_probe_as_one():
             opt.zero_grad()
             opt.step(lambda: (weight ** 2).sum())
             scheduler.step()
-    assert [w for w in caught if "which scales every step the search finds by 0.01" in str(w.message)]
+    assert [w for w in caught if "which scales every step the search finds by 0.01 (lr / search_lr, the group was "
+                                 "built at lr=0, so it probes at 1)" in str(w.message)]
 
 
 @pytest.mark.parametrize("make", [float, np.float64, np.float32, np.float16])
