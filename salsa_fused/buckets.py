@@ -413,6 +413,13 @@ class BucketCache:
         #: the counts of steps sat out that this step's collection wrote, with what they replaced
         self._counted: list = []
 
+    def release_grads(self) -> None:
+        """Let go of the gradients the buckets took at the last step (``zero_grad(set_to_none=True)``: the caller
+        let go of them, and they held one gradient set alive until the next step); the next step puts its own in."""
+        for entry in self._groups.values():
+            for slot in entry.slots:
+                slot.bucket.grads = []
+
     def clear(self) -> None:
         """Forget every bucket (after ``load_state_dict``: new moments)."""
         self._groups.clear()

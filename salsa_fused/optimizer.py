@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.join import Joinable, JoinHook
 from torch.optim import Optimizer
+from torch.utils.weak import WeakIdKeyDictionary
 try:  # torch's registries of global step hooks (private): read to skip its step wrapper while both are empty
     from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 except ImportError:  # a torch that moved them: never empty here, so every step takes torch's wrapper
@@ -532,7 +533,8 @@ class FusedSaLSa(Optimizer, Joinable):
         Joinable.__init__(self)  # Join sets its _join_config: read by _refuse_unshadowed_join
         self._device: Optional[torch.device] = None
         self._buckets = BucketCache()
-        self._saved: Dict[torch.Tensor, torch.Tensor] = {}
+        # weakly, by identity: a parameter swapped out of param_groups leaves with its copy (a dict kept every one)
+        self._saved: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._counts: Optional[F.DeviceCounts] = None
         self._handoff = _StepHandoff()  # mark_forward(), bind_closure(), zero_grad(): for the next step
         self._lr_checked = False  # the look at lr is done (_warn_if_lr_looks_like_a_step_size)
@@ -1187,7 +1189,7 @@ class FusedSaLSa(Optimizer, Joinable):
             self.defaults.pop("differentiable", None)
         if "schedule" in self.__dict__:  # pickled before the schedule became a checked property
             self.__dict__["_schedule"] = self.__dict__.pop("schedule")
-        for name, value in (("_buckets", BucketCache()), ("_saved", {}), ("_counts", None), ("foreach", None),
+        for name, value in (("_buckets", BucketCache()), ("_saved", WeakIdKeyDictionary()), ("_counts", None), ("foreach", None),
                             ("fused", None), ("_lr_checked", False), ("_lr_rising", {}), ("_past_end_warned", False),
                             ("_init_step_size_given", True), ("_stacked_scheduler_warned", False),
                             ("_collapse_checked", False), ("_auto_fallback_warned", False), ("_in_step", False)):
@@ -1356,6 +1358,8 @@ class FusedSaLSa(Optimizer, Joinable):
         device read) so the one-phase form can tell them from gradients of a backward, and the
         random state, so the two-phase form can tell whether the caller's forward drew from it."""
         super().zero_grad(set_to_none)
+        if set_to_none:
+            self._buckets.release_grads()  # the buckets' hold on the gradients the caller just let go
         self._handoff.zero_grad_rng = RNGSnapshot.capture([self._device] if self._device is not None else [])
         self._handoff.zeroed = {} if set_to_none else {
             id(p.grad): (p.grad, p.grad._version) for group in self.param_groups
@@ -1434,7 +1438,8 @@ class FusedSaLSa(Optimizer, Joinable):
             nonzero = self.reduction.sum_over_shards(local.reshape(1))
         if float(nonzero) != 0:
             return False
-        self._handoff.zeroed = {**self._handoff.zeroed, **{id(g): (g, g._version) for g in unknown}}
+        # the gradients there are now, all zeros: an earlier step's tensors (the caller zeroes new ones) are not kept
+        self._handoff.zeroed = {id(g): (g, g._version) for _, g, _ in self._gradients_and_records()}
         return True
 
     def _warn_if_lr_looks_like_a_step_size(self) -> None:
