@@ -1358,7 +1358,7 @@ class FusedSaLSa(Optimizer, Joinable):
         device read) so the one-phase form can tell them from gradients of a backward, and the
         random state, so the two-phase form can tell whether the caller's forward drew from it."""
         super().zero_grad(set_to_none)
-        if set_to_none:
+        if set_to_none and not self._in_step:  # a closure's zero_grad(): the search goes on reading this step's
             self._buckets.release_grads()  # the buckets' hold on the gradients the caller just let go
         self._handoff.zero_grad_rng = RNGSnapshot.capture([self._device] if self._device is not None else [])
         self._handoff.zeroed = {} if set_to_none else {

@@ -895,3 +895,28 @@ def test_zero_grad_to_none_lets_go_of_the_gradients_the_buckets_took(backend):
     assert all(ref() is None for ref in grads)
     opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))  # the next step puts its own in
     assert opt.search_state.step == 4
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_a_closure_that_calls_zero_grad_steps_as_one_that_does_not(backend):
+    """`def closure(): opt.zero_grad(); return loss`, a habit ported from other optimizers: from 804485c every
+    trial's zero_grad() let go of the gradients the search was reading (torch: a bare RuntimeError; cpp: the
+    weights left at a trial; a review). Inside a step zero_grad() lets go of nothing."""
+    runs = []
+    for zeroing in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(16, 4)
+        opt = FusedSaLSa(model.parameters(), backend=backend)
+        x, y = torch.randn(8, 16), torch.randn(8, 4)
+
+        def closure():
+            if zeroing:
+                opt.zero_grad()
+            return torch.nn.functional.mse_loss(model(x), y)
+
+        for _ in range(5):
+            opt.zero_grad()
+            opt.step(closure)
+        runs.append([p.detach().clone() for p in model.parameters()])
+        assert opt.num_searches >= 2
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
