@@ -354,7 +354,8 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
         _check_final_fits_float32(passes, search, final)
         along = final.direction or direction
         half = _float16_before(passes)
-        moments = [t for b in passes.buckets for t in (*b.exp_avg, *b.exp_avg_sq)] if half is not None else []
+        moments = ([t for b in passes.buckets for t in (*b.exp_avg, *b.exp_avg_sq)]
+                   if half is not None and has_saved_copy else [])  # put back only where the weights can be
         moments_before = C.foreach_mul(moments, 1.0) if moments else []
         passes.run("first_trial", along, GroupStep.guard_failed, final.step)
         if half is not None and half.gained(_weights(passes, torch.float16), reduction):
@@ -577,8 +578,9 @@ def _weights(passes: Passes, dtype: Optional[torch.dtype] = None, saved: bool = 
 
 class _NonFiniteBefore:
     """Which of ``weights`` (one list, in bucket order) were non-finite before a move: a flag per tensor on the
-    device and, for the rare tensors that were (an additive mask's -inf), their count of non-finite elements
-    (read once, here). :meth:`gained` says whether the move made any element non-finite that was not."""
+    device and, for the rare tensors that were (an additive mask's -inf), their count of non-finite elements.
+    The flags are read once, here: one host read per search step with float16 weights, after the step's read
+    of its loss and slope. :meth:`gained` says whether the move made any element non-finite that was not."""
 
     def __init__(self, weights: List[torch.Tensor], device: torch.device):
         self.device = device
