@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import MutableMapping
 from typing import Dict, Iterable, List, Optional
 
 from benchmarks import _common as C
@@ -47,8 +48,8 @@ def _tensors_in(value, seen_objects: set) -> Iterable[torch.Tensor]:
     if id(value) in seen_objects or isinstance(value, RNGSnapshot):
         return
     seen_objects.add(id(value))
-    if isinstance(value, dict):
-        for item in value.values():
+    if isinstance(value, (dict, MutableMapping)):  # MutableMapping: the optimizer's weak saved copies
+        for item in list(value.values()):
             yield from _tensors_in(item, seen_objects)
     elif isinstance(value, (list, tuple, set, frozenset)):
         for item in value:
