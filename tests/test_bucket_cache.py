@@ -835,18 +835,23 @@ def test_betas_a_scheduler_moves_every_step_keep_the_buckets_while_the_same_coun
 
 
 # ---------------------------------------------------------------------------- what the caches keep alive
+def _linear(backend: str = "torch"):
+    """A Linear(16, 4), its optimizer and a closure of its fixed batch's loss."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 4)
+    x, y = torch.randn(8, 16), torch.randn(8, 4)
+    return model, FusedSaLSa(model.parameters(), backend=backend), lambda: torch.nn.functional.mse_loss(model(x), y)
+
+
 def test_a_parameter_swapped_out_of_param_groups_is_let_go_with_its_saved_copy():
     """The saved copies (restore='copy') were a dict keyed by parameter, never pruned: 200 swaps of a 512 KB weight
     (torch's recipe: the new Parameter into param_groups, its state moved) kept 248 MB and every old Parameter (a
     helper's measurement). They are held weakly now."""
-    torch.manual_seed(0)
-    model = torch.nn.Linear(16, 4)
-    opt = FusedSaLSa(model.parameters(), backend="torch")
-    x, y = torch.randn(8, 16), torch.randn(8, 4)
+    model, opt, closure = _linear()
     gone = []
     for _ in range(5):
         opt.zero_grad()
-        opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+        opt.step(closure)
         old = model.weight
         new = torch.nn.Parameter(old.detach().clone())
         model.weight = new
@@ -855,7 +860,7 @@ def test_a_parameter_swapped_out_of_param_groups_is_let_go_with_its_saved_copy()
         gone.append(weakref.ref(old))
         del old
     opt.zero_grad()
-    opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))  # the buckets rebuilt on the last swap's weight
+    opt.step(closure)  # the buckets rebuilt on the last swap's weight
     gc.collect()
     assert [ref() is None for ref in gone] == [True] * 5 and len(opt._saved) == 2
 
@@ -863,17 +868,14 @@ def test_a_parameter_swapped_out_of_param_groups_is_let_go_with_its_saved_copy()
 def test_gradients_the_caller_zeroes_as_new_tensors_are_not_kept_from_step_to_step():
     """One-phase steps after `p.grad = torch.zeros_like(p)` (no opt.zero_grad()): every step's zeroed tensors were
     merged into the record of zeroed gradients, which only zero_grad() emptied: one gradient set kept per step."""
-    torch.manual_seed(0)
-    model = torch.nn.Linear(16, 4)
-    opt = FusedSaLSa(model.parameters(), backend="torch")
-    x, y = torch.randn(8, 16), torch.randn(8, 4)
+    model, opt, closure = _linear()
     first = []
     for k in range(20):
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
         if k == 0:
             first = [weakref.ref(p.grad) for p in model.parameters()]
-        opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+        opt.step(closure)
     gc.collect()
     assert len(opt._handoff.zeroed) == 2 and all(ref() is None for ref in first)
 
@@ -882,18 +884,15 @@ def test_gradients_the_caller_zeroes_as_new_tensors_are_not_kept_from_step_to_st
 def test_zero_grad_to_none_lets_go_of_the_gradients_the_buckets_took(backend):
     """The buckets held the last step's gradients until the next step: zero_grad(set_to_none=True) freed none of
     their memory, a gradient set more at the next backward's peak than AdamW (a helper's measurement)."""
-    torch.manual_seed(0)
-    model = torch.nn.Linear(16, 4)
-    opt = FusedSaLSa(model.parameters(), backend=backend)
-    x, y = torch.randn(8, 16), torch.randn(8, 4)
+    model, opt, closure = _linear(backend)
     for _ in range(3):
         opt.zero_grad()
-        opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+        opt.step(closure)
     grads = [weakref.ref(p.grad) for p in model.parameters()]
     opt.zero_grad()
     gc.collect()
     assert all(ref() is None for ref in grads)
-    opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))  # the next step puts its own in
+    opt.step(closure)  # the next step puts its own in
     assert opt.search_state.step == 4
 
 
@@ -904,15 +903,12 @@ def test_a_closure_that_calls_zero_grad_steps_as_one_that_does_not(backend):
     weights left at a trial; a review). Inside a step zero_grad() lets go of nothing."""
     runs = []
     for zeroing in (False, True):
-        torch.manual_seed(0)
-        model = torch.nn.Linear(16, 4)
-        opt = FusedSaLSa(model.parameters(), backend=backend)
-        x, y = torch.randn(8, 16), torch.randn(8, 4)
+        model, opt, loss = _linear(backend)
 
         def closure():
             if zeroing:
                 opt.zero_grad()
-            return torch.nn.functional.mse_loss(model(x), y)
+            return loss()
 
         for _ in range(5):
             opt.zero_grad()
