@@ -623,10 +623,7 @@ def _weights_finite(passes: Passes, reduction: Optional[SearchReduction] = None)
     if not buckets:
         return True
     with torch.no_grad():
-        weights = [p for b in buckets for p in b.params if p.numel()]
-        peaks = torch._foreach_norm(weights, float("inf")) if weights else []  # one multi-tensor op
-        bad = (torch.stack(peaks).isfinite().logical_not().sum().to(torch.float32).reshape(1) if peaks
-               else torch.zeros(1, dtype=torch.float32, device=buckets[0].device))
+        bad = _finite_flags(_weights(passes), buckets[0].device).logical_not().sum().to(torch.float32).reshape(1)
         if reduction is not None:
             bad = reduction.sum_over_shards(bad)
     return not bool(bad.item())
