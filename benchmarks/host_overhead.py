@@ -199,6 +199,16 @@ def python_calls(n_tensors: int, device: torch.device, backend: str = "triton", 
     enabled (a training loop's case) instead of under ``torch.no_grad()`` as :func:`measure` times it.
     ``made_in``: count only the calls made from code in that directory (the package's own: what torch's
     version does not move)."""
+    calls = sum(calls_by_function(n_tensors, device, backend, grad, steps, warmup, made_in).values())
+    if made_in is not None:
+        return calls / steps
+    return (calls - 2 * steps) / steps  # less the profiler's own two calls a step (its enable/disable overhead)
+
+
+def calls_by_function(n_tensors: int, device: torch.device, backend: str = "triton", grad: bool = False,
+                      steps: int = 100, warmup: int = 5, made_in: Optional[str] = None) -> Dict[str, int]:
+    """:func:`python_calls` per callee (``file:line function``), summed over the ``steps`` steps: where a rise
+    in the count comes from."""
     params = C.make_params(tensor_shapes(n_tensors, device), torch.float32, device)
     with torch.set_grad_enabled(grad), stubbed_launches():
         step = salsa_plain_step(params, device, backend)
@@ -209,12 +219,14 @@ def python_calls(n_tensors: int, device: torch.device, backend: str = "triton", 
         for _ in range(steps):
             step()
         profiler.disable()
-    stats = pstats.Stats(profiler).stats
-    if made_in is not None:
-        return sum(count for row in stats.values() for caller, (_, count, _, _) in row[4].items()
-                   if caller[0].startswith(made_in)) / steps
-    calls = sum(row[1] for row in stats.values())
-    return (calls - 2 * steps) / steps  # less the profiler's own two calls a step (its enable/disable overhead)
+    by_function: Dict[str, int] = {}
+    for (path, line, name), row in pstats.Stats(profiler).stats.items():
+        count = (row[1] if made_in is None else
+                 sum(calls for caller, (_, calls, _, _) in row[4].items() if caller[0].startswith(made_in)))
+        if count:
+            key = f"{path.rsplit('/', 1)[-1]}:{line} {name}"
+            by_function[key] = by_function.get(key, 0) + count
+    return by_function
 
 
 def rows(sizes=(148, 10000), device: Optional[torch.device] = None, steps: int = 20,
