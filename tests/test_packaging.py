@@ -44,6 +44,16 @@ def test_the_sdist_holds_every_source_of_the_package_and_the_extension_and_no_te
     assert not [name for name in names if name.endswith((".so", ".pyd", ".o"))], "a build output was shipped"
 
 
+def test_the_documents_the_readme_links_are_in_the_sdist(tmp_path):
+    """The README is the sdist's front page: the docs/ and csrc/ files it links were left out, so its
+    links led nowhere in an unpacked sdist (the benchmarks' result files stay in the repository)."""
+    links = {target.split("#", 1)[0] for target in re.findall(r"\]\(([^)\s]+)\)", (ROOT / "README.md").read_text())}
+    shipped = sorted(link for link in links if link.startswith(("docs/", "csrc/")))
+    assert "docs/api.md" in shipped and all((ROOT / link).is_file() for link in shipped), shipped
+    missing = sorted(set(shipped) - _sdist_names(tmp_path))
+    assert not missing, f"the sdist lacks what the README links: {missing}"
+
+
 def test_a_wheel_whose_extension_failed_to_build_is_pure_and_ships_no_stale_library(tmp_path):
     """No working compiler: the wheel holds the pure-Python package, tagged py3-none-any, and not a
     library an earlier build left in build/ (it shipped, beside a platform tag, before)."""
