@@ -24,6 +24,15 @@ OPTIMIZER_KEEPS_PARAMETER_NAMES = TORCH_RELEASE >= (2, 6)
 #: Where FSDP2's ``fully_shard`` and ``FSDPModule`` live: public from torch 2.6, private on 2.4 and 2.5.
 FSDP2_MODULES = ("torch.distributed.fsdp", "torch.distributed._composable.fsdp")
 
+#: Bump the autograd version counter of every tensor of a list, as a torch in-place op bumps the tensor it writes
+#: (a kernel that writes through raw pointers must say so): one call from torch 2.5, which takes the list.
+if TORCH_RELEASE >= (2, 5):
+    increment_versions = torch._C._increment_version
+else:
+    def increment_versions(tensors: TensorList) -> None:
+        for tensor in tensors:
+            torch._C._increment_version(tensor)
+
 foreach_add = torch._foreach_add
 foreach_add_ = torch._foreach_add_
 foreach_addcmul_ = torch._foreach_addcmul_

@@ -27,6 +27,8 @@ from typing import List, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 
+from .._compat import increment_versions
+
 GRADIENT = "gradient"
 MOMENTUM = "momentum"
 RAW = "raw"  # no preconditioner: Adam's moments are neither read nor written
@@ -224,6 +226,17 @@ class Backend(Protocol):
         ``nonfinite_count`` (int64, on the device).
         ``step_counts`` (int64 ``[2]``), when given, gets ``count_step``'s increments once per
         call. No host read on an accelerator."""
+
+
+def mark_written(bucket: Bucket, moments: bool) -> None:
+    """Bump the version counters of what a kernel pass wrote through raw pointers: the weights, and the moments
+    where ``moments``, as torch's in-place ops (the torch backend's, AdamW's) bump theirs. A graph that saved a
+    weight before the step then refuses its backward instead of running it on the new weights, and code that keys
+    a cache on ``_version`` (a derived weight) sees every trial's weights."""
+    increment_versions(bucket.params)
+    if moments:
+        increment_versions(bucket.exp_avg)
+        increment_versions(bucket.exp_avg_sq)
 
 
 #: The weight dtypes the compiled kernels (Triton, C++, CUDA) take.

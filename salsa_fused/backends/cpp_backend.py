@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from .base import GRADIENT, MOMENTUM, RAW, Bucket, Hyper, Move, PassArgs, count_step, kernel_unsupported
+from .base import GRADIENT, MOMENTUM, RAW, Bucket, Hyper, Move, PassArgs, count_step, kernel_unsupported, mark_written
 
 name = "cpp"
 
@@ -95,6 +95,7 @@ def first_trial(bucket: Bucket, args: PassArgs) -> None:
     _ops().first_trial_(bucket.params, bucket.grads, bucket.exp_avg, bucket.exp_avg_sq, _saved(bucket),
                         h.beta1, h.beta2, h.bias_correction1, h.bias_correction2, h.eps,
                         _decay_factor(h, move), move.step, direction, args.grad_scale)
+    mark_written(bucket, args.direction != RAW)
 
 
 def retrial(bucket: Bucket, args: PassArgs) -> None:
@@ -104,6 +105,7 @@ def retrial(bucket: Bucket, args: PassArgs) -> None:
     _ops().retrial_(bucket.params, bucket.grads, bucket.exp_avg, bucket.exp_avg_sq, _saved(bucket),
                     h.bias_correction1, h.bias_correction2, h.eps, _decay_factor(h, move), move.step,
                     move.previous, direction, args.grad_scale)
+    mark_written(bucket, False)
 
 
 def restore(bucket: Bucket, args: PassArgs) -> None:
@@ -113,6 +115,7 @@ def restore(bucket: Bucket, args: PassArgs) -> None:
     _ops().restore_(bucket.params, bucket.grads, bucket.exp_avg, bucket.exp_avg_sq, _saved(bucket),
                     h.bias_correction1, h.bias_correction2, h.eps, _decay_factor(h, move), move.previous,
                     direction, args.grad_scale)
+    mark_written(bucket, False)
 
 
 def plain_step(bucket: Bucket, args: PassArgs, loss: torch.Tensor, found_inf: Optional[torch.Tensor] = None,
@@ -135,3 +138,4 @@ def plain_step(bucket: Bucket, args: PassArgs, loss: torch.Tensor, found_inf: Op
     _ops().plain_step_(bucket.params, bucket.grads, bucket.exp_avg, bucket.exp_avg_sq, h.beta1, h.beta2,
                        h.bias_correction1, h.bias_correction2, h.eps, _decay_factor(h, move), move.step, along,
                        loss, found_inf, args.grad_scale, nonfinite_count)
+    mark_written(bucket, along != _DIRECTION_CODES[RAW])

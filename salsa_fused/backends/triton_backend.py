@@ -29,7 +29,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .base import DIRECTIONS, GRADIENT, MOMENTUM, RAW, Bucket, Hyper, PassArgs, count_step, dense, kernel_unsupported
+from .base import (DIRECTIONS, GRADIENT, MOMENTUM, RAW, Bucket, Hyper, PassArgs, count_step, dense, kernel_unsupported,
+                   mark_written)
 
 try:
     import triton
@@ -430,6 +431,7 @@ def first_trial(bucket: Bucket, args: PassArgs) -> None:
                 float(hyper.eps), _decay_factor(hyper, move.decay), float(-move.step),
                 W_DTYPE=tables.w_dtype, G_DTYPE=tables.g_dtype, DIRECTION=direction,
                 HAS_SAVED=tables.has_saved, HAS_GRAD_SCALE=grad_scale is not None)
+    mark_written(bucket, args.direction != RAW)
 
 
 def retrial(bucket: Bucket, args: PassArgs) -> None:
@@ -444,6 +446,7 @@ def retrial(bucket: Bucket, args: PassArgs) -> None:
                 float(move.previous - move.step), W_DTYPE=tables.w_dtype, G_DTYPE=tables.g_dtype,
                 DIRECTION=direction, HAS_SAVED=tables.has_saved,
                 HAS_GRAD_SCALE=grad_scale is not None and args.direction != MOMENTUM)
+    mark_written(bucket, False)
 
 
 def restore(bucket: Bucket, args: PassArgs) -> None:
@@ -458,6 +461,7 @@ def restore(bucket: Bucket, args: PassArgs) -> None:
                 W_DTYPE=tables.w_dtype, G_DTYPE=tables.g_dtype, DIRECTION=direction,
                 HAS_SAVED=tables.has_saved,
                 HAS_GRAD_SCALE=grad_scale is not None and args.direction != MOMENTUM and not tables.has_saved)
+    mark_written(bucket, False)
 
 
 def plain_step(bucket: Bucket, args: PassArgs, loss: torch.Tensor, found_inf: Optional[torch.Tensor] = None,
@@ -495,3 +499,4 @@ def plain_step(bucket: Bucket, args: PassArgs, loss: torch.Tensor, found_inf: Op
                 HAS_GRAD_SCALE=grad_scale is not None, HAS_COUNTER=nonfinite_count is not None,
                 HAS_STEP_COUNTS=counts is not None,
                 **_plain_step_options(tables, launch, bucket.device))
+    mark_written(bucket, args.direction != RAW)

@@ -217,3 +217,49 @@ def test_a_raw_plain_step_that_would_overflow_16_bit_weights_keeps_those_weights
     assert torch.equal(moved[edge], weights[edge])
     expected = (weights.double() - step * grads.double()).to(dtype)
     assert torch.equal(moved[~edge], expected[~edge])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])
+def test_every_write_of_a_step_bumps_the_version_of_what_it_wrote(backend):
+    """The kernels write through raw pointers: they bump the weights' and moments' version counters as torch's
+    in-place ops do (the cpp and Triton passes bumped nothing, so a cache keyed on ``_version`` read every
+    trial and every later step at stale weights)."""
+    weight = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 8))
+    opt = FusedSaLSa([weight], backend=_backend(backend), schedule=_SearchFirstStepOnly())
+    seen = []
+
+    def closure():
+        seen.append(weight._version)
+        return (weight ** 2).sum()
+
+    for _ in range(3):  # a search step, then plain steps
+        before = weight._version
+        moments = [opt.state[weight][key]._version for key in ("exp_avg", "exp_avg_sq")] if opt.state else None
+        opt.zero_grad()
+        opt.step(closure)
+        assert weight._version > before
+        if moments is not None:
+            assert [opt.state[weight][key]._version for key in ("exp_avg", "exp_avg_sq")] > moments
+    first_step = seen[:opt.search_state.last_trials + 1]  # the step's own forward, then one per trial
+    assert len(first_step) >= 2 and len(set(first_step)) == len(first_step), seen
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])
+@pytest.mark.parametrize("searches", [True, False])
+def test_a_graph_that_saved_a_weight_before_the_step_refuses_its_backward_after_it(backend, searches):
+    """A GAN's generator loss whose graph saved the discriminator's weight, its backward run after the
+    discriminator's step: autograd refuses it under AdamW; under the cpp and Triton backends it ran silently on
+    the new weights (a generator bias gradient of -1.55 for 0.0037)."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(4))
+    opt = FusedSaLSa([weight], backend=_backend(backend), schedule=_SearchFirstStepOnly())
+    x = torch.randn(4)
+    closure = lambda: (weight * x).pow(2).sum()  # noqa: E731
+    if not searches:  # step 1 searches: the stepped graph meets a plain step 2
+        opt.step(closure)
+        opt.zero_grad()
+    generated = torch.randn(4, requires_grad=True)  # the generator's output
+    held = (weight * generated).sum()  # saves weight, for generated's gradient
+    opt.step(closure)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        held.backward()
