@@ -350,6 +350,12 @@ def fsdp_closure(model: torch.nn.Module, closure: Callable[[], torch.Tensor]) ->
     return resharded_closure
 
 
+def ddp_modules(model: torch.nn.Module) -> list:
+    """The ``DistributedDataParallel`` wrappers among ``model``'s modules (``model`` itself, when it is one)."""
+    from torch.nn.parallel import DistributedDataParallel
+    return [m for m in model.modules() if isinstance(m, DistributedDataParallel)]
+
+
 def fsdp_modules(model: torch.nn.Module) -> list:
     """The FSDP2 modules (``fully_shard``-ed) among ``model``'s modules; none without FSDP2."""
     api = fsdp2()

@@ -44,7 +44,8 @@ from . import functional as F
 from .backends.base import (GRADIENT, MOMENTS_START, MOMENTUM, NOT_SITTING_OUT, SAT_OUT_SINCE, STEPS_SAT_OUT, Bucket,
                             Hyper)
 from .errors import caller_stacklevel
-from .distributed import SearchReduction, _is_dtensor, default_reduction, fsdp_modules, is_distributed, shard_group_of
+from .distributed import (SearchReduction, _is_dtensor, ddp_modules, default_reduction, fsdp_modules, is_distributed,
+                          shard_group_of)
 from .applied import GroupStep
 from .line_search import FLOAT32_MAX, FLOAT32_TINY, RENAMED_KEYS, SearchConfig, SearchState, fits_float32
 from .rules import (Batches, check_arguments, check_rule_state, checked_direction, moment_step, plan_step,
@@ -1294,6 +1295,9 @@ class FusedSaLSa(Optimizer, Joinable):
         for module in self._fsdp_modules():
             module.reshard()
         forget_autocast_casts()
+        # DDP marks a forward run without grad as one after which the next forward skips its broadcast of rank 0's
+        # buffers (BatchNorm's statistics): a trial forward is not the caller's, and leaves the mark as it found it
+        ddp_syncs = [(module, module.require_forward_param_sync) for module in self._ddp_modules()]
         with torch.no_grad():
             try:
                 value = _call_plain(closure)
@@ -1301,6 +1305,9 @@ class FusedSaLSa(Optimizer, Joinable):
                 if _NO_GRAPH in str(error):
                     raise RuntimeError(CLOSURE_BACKWARD_AT_TRIAL.format(what=what)) from error
                 raise
+            finally:
+                for module, sync in ddp_syncs:
+                    module.require_forward_param_sync = sync
         loss = self._loss_tensor(value, what, need_grad=False)
         rerun = None
         if reruns is not None and not self.reduction.active:
@@ -1310,6 +1317,14 @@ class FusedSaLSa(Optimizer, Joinable):
         if _is_stale_loss(loss, step_losses, rerun):
             raise RuntimeError(STALE_CLOSURE.format(what=what))
         return _loss_scalar(loss, self._device, dtype)
+
+    def _ddp_modules(self) -> list:
+        """``model``'s ``DistributedDataParallel`` wrappers (looked up once; ``model=None``: none)."""
+        modules = self.__dict__.get("_ddp_module_list")
+        if modules is None:
+            modules = ddp_modules(self.model) if self.model is not None else []
+            self._ddp_module_list = modules
+        return modules
 
     def _fsdp_modules(self) -> list:
         """``model``'s FSDP2 modules (looked up once; ``model=None``: none)."""

@@ -2085,3 +2085,41 @@ def test_fsdp2_an_expert_that_sits_out_counts_its_own_steps_as_in_one_process(tm
 def test_ddp_an_expert_that_sits_out_counts_its_own_steps_as_in_one_process(tmp_path):
     """The same under DDP with ``find_unused_parameters=True`` (an MoE's way), in the two-phase form."""
     spawn_in_gloo_group(_expert_sits_out_under_ddp_job, str(tmp_path), WORLD, timeout_s=120)
+
+
+def _ddp_buffers_after_searches_job(rank: int, out_dir: str) -> None:
+    """DDP broadcasts rank 0's buffers at the start of a forward that follows a training forward; a forward under
+    ``no_grad`` (a search's trials) marks the next one as not to broadcast. The trials leave that mark as they
+    found it, so the step after a search starts, as after AdamW's, from rank 0's BatchNorm statistics on every
+    rank (the statistics of rank 1 were its own there, 0.12 away from rank 0's on an audit's model)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    for two_phase in (False, True):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(IN_FEATURES, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh(),
+                                  torch.nn.Linear(16, 1))
+        ddp = DistributedDataParallel(net)  # broadcast_buffers=True
+        opt = FusedSaLSa(ddp.parameters(), model=ddp, backend="torch")
+        at_forward = []
+        net[1].register_forward_pre_hook(lambda module, args: at_forward.append(module.running_mean.clone()))
+        searched = 0
+        for k in range(8):
+            x, y = _batch(k, rank)
+            closure = lambda: F.mse_loss(ddp(x), y)  # noqa: E731
+            at_forward.clear()
+            opt.zero_grad()
+            if two_phase:
+                loss = closure()
+                loss.backward()
+                opt.step(closure, loss=loss.detach())
+            else:
+                opt.step(closure)
+            searched += opt.search_state.last_trials > 0
+            _assert_same_on_all_ranks(at_forward[0], f"the running mean the step-{k + 1} forward starts from")
+            assert ddp.require_forward_param_sync
+        assert searched >= 2
+        del ddp
+
+
+def test_ddp_broadcasts_the_buffers_at_the_forward_after_a_search(tmp_path):
+    spawn_in_gloo_group(_ddp_buffers_after_searches_job, str(tmp_path), WORLD, timeout_s=60)
