@@ -294,7 +294,7 @@ def _plain_step_block(w_ptr, g_ptr, m_ptr, v_ptr, offsets, mask, grad_scale_ptr,
         finite = finite & _stays_finite(w_ptr, w_new)
     _store(w_ptr, offsets, tl.where(finite, w_new, w), mask, FULL)
     if HAS_COUNTER:
-        _count_nonfinite(finite, nonfinite_count_ptr)
+        _count_nonfinite(finite, mask, nonfinite_count_ptr, FULL)
 
 
 @triton.jit
@@ -309,12 +309,15 @@ def _raw_plain_step_block(w_ptr, g_ptr, offsets, mask, grad_scale_ptr, nonfinite
         finite = finite & _stays_finite(w_ptr, w_new)
     _store(w_ptr, offsets, tl.where(finite, w_new, w), mask, FULL)
     if HAS_COUNTER:
-        _count_nonfinite(finite, nonfinite_count_ptr)
+        _count_nonfinite(finite, mask, nonfinite_count_ptr, FULL)
 
 
 @triton.jit
-def _count_nonfinite(finite, nonfinite_count_ptr):
-    """nonfinite_count += the block's elements that were not finite (one int64 atomic, if any)."""
+def _count_nonfinite(finite, mask, nonfinite_count_ptr, FULL: tl.constexpr):
+    """nonfinite_count += the block's elements that were not finite (one int64 atomic, if any); a partial
+    block's masked lanes are none (their g is 0 / grad_scale: NaN at a scale of 0)."""
+    if not FULL:
+        finite = finite | (mask == 0)
     n_nonfinite = tl.sum(tl.where(finite, 0, 1), axis=0)
     if n_nonfinite > 0:
         tl.atomic_add(nonfinite_count_ptr, n_nonfinite.to(tl.int64))

@@ -598,3 +598,22 @@ def test_a_bucket_beyond_the_launch_grid_is_refused_by_name():
     with pytest.raises(ValueError, match="needs 2147483648 blocks, more than 2147483647"):
         _block_table(torch.tensor([_MAX_BLOCKS, 1]))
     assert _block_table(torch.tensor([2, 0, 1])).tolist() == [[0, 0], [0, 1], [2, 0]]
+
+
+@pytest.mark.parametrize("direction", [MOMENTUM, RAW])
+@pytest.mark.parametrize("scale", [0.0, float("nan")])
+def test_plain_step_counts_no_padding_lane_of_a_partial_block(direction, scale):
+    """A GradScaler scale of 0 (or NaN) makes every gradient non-finite, and the padding lanes of a tensor's
+    last block too (their g is 0 / scale): they are not elements, and the count is the reference's (the Triton
+    kernels counted every lane of each tensor's last block; an audit's 3000 elements read 4096)."""
+    bucket = make_bucket(dtype=torch.float32, saved=False, seed=6)
+    counts = {}
+
+    def step(backend, b):
+        counts[backend.name] = torch.zeros((), dtype=torch.int64, device=DEVICE)
+        backend.plain_step(b, PassArgs(make_hyper(), Move(1e-3), direction, torch.tensor(scale, device=DEVICE)),
+                           torch.tensor(1.0, device=DEVICE), nonfinite_count=counts[backend.name])
+
+    run_both(bucket, step)
+    assert int(counts["torch"]) == sum(p.numel() for p in bucket.params)
+    assert int(counts["triton"]) == int(counts["torch"])
