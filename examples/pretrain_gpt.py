@@ -62,10 +62,12 @@ def parse_args(argv=None):
     parser.add_argument("--grad-scaler", action="store_true", help="torch.amp.GradScaler (for fp16)")
     parser.add_argument("--weight-decay", type=float, default=None,
                         help="on matrices only (default: 0.1 with salsa-recommended, as the preset; else 0)")
-    parser.add_argument("--search-direction", choices=("gradient", "momentum"), default="gradient",
-                        help="FusedSaLSa's trial direction")
-    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate")
-    parser.add_argument("--warmup", type=int, default=20, help="AdamW warmup steps (then cosine to 10%%)")
+    parser.add_argument("--search-direction", choices=("gradient", "momentum"), default=None,
+                        help="FusedSaLSa's trial direction, --optimizer salsa only (default: gradient)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="AdamW peak learning rate, --optimizer adamw only (default: 3e-3)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="AdamW warmup steps (then cosine to 10%%), --optimizer adamw only (default: 20)")
     parser.add_argument("--max-bytes", type=int, default=4_000_000, help="corpus size cap")
     parser.add_argument("--eval-interval", type=int, default=50, help="steps between validation losses")
     parser.add_argument("--eval-batches", type=int, default=4, help="batches per validation loss")
@@ -87,24 +89,29 @@ def parse_args(argv=None):
                      f"got {args.block_size})")
     if not 0.0 <= args.dropout < 1.0:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        parser.error(f"--lr must be a finite number > 0, got {args.lr}")
-    if args.warmup < 0:
-        parser.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.weight_decay is None:  # the default said once, so that a resume that spells it out matches
         args.weight_decay = 0.1 if args.optimizer == "salsa-recommended" else 0.0
     if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         parser.error(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         parser.error(f"--out {args.out} is a file: name a folder (made if missing)")
-    ignored = [flag for flag, value, default, reads in (
-        ("--lr", args.lr, 3e-3, "adamw"), ("--warmup", args.warmup, 20, "adamw"),
-        ("--search-direction", args.search_direction, "gradient", "salsa"))
-        if value != default and args.optimizer != reads]
+    # given at all, even at its default value: the preset's own direction ran where --search-direction gradient
+    # was spelled out, without a word
+    ignored = [flag for flag, value, reads in (
+        ("--lr", args.lr, "adamw"), ("--warmup", args.warmup, "adamw"),
+        ("--search-direction", args.search_direction, "salsa"))
+        if value is not None and args.optimizer != reads]
     if ignored:
         parser.error(f"{', '.join(ignored)} set, but --optimizer {args.optimizer} does not read "
                      f"{'it' if len(ignored) == 1 else 'them'} (--lr and --warmup are AdamW's; --search-direction is "
                      "--optimizer salsa's: the preset sets its own)")
+    args.lr = 3e-3 if args.lr is None else args.lr
+    args.warmup = 20 if args.warmup is None else args.warmup
+    args.search_direction = args.search_direction or "gradient"
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.optimizer == "salsa-recommended":
         try:
             presets.preset_kwargs(presets.RECOMMENDED, args.steps)

@@ -305,6 +305,10 @@ def test_the_demo_help_gives_every_flag_that_takes_a_value_its_default(capsys):
     (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0, got -1.0"),
     (["--optimizer", "adamw", "--search-direction", "momentum"], "--search-direction set, but --optimizer adamw"),
     (["--lr", "1e-2", "--warmup", "5"], "--lr, --warmup set, but --optimizer salsa does not read them"),
+    # a flag the optimizer does not read, given at its default value: the preset ran its own direction silently
+    (["--optimizer", "salsa-recommended", "--search-direction", "gradient"],
+     "--search-direction set, but --optimizer salsa-recommended"),
+    (["--lr", "3e-3"], "--lr set, but --optimizer salsa does not read it"),
     (["--block-size", "100000"], "--block-size must be at most 4096"),  # ran 9 minutes at 7 GB, unrefused
 ])
 def test_pretrain_gpt_names_a_bad_or_unread_flag_in_one_line(flags, message, capsys):
