@@ -2482,6 +2482,13 @@ def _refuse_a_model_of_other_parameters(model: torch.nn.Module, param_groups: Li
                          f"puts back after its extra forwards, but none of the {len(theirs)} parameters of the "
                          f"{type(model).__name__} given is one this optimizer steps: pass the model whose parameters "
                          "you gave")
+    outside = len(mine - {id(p) for p in theirs})
+    if theirs and outside:
+        warnings.warn(f"model= is the module the closure runs, but {outside} of the {len(mine)} parameters this "
+                      f"optimizer steps are not the {type(model).__name__}'s: the running statistics (BatchNorm's) of "
+                      "modules the closure runs outside it take every trial forward of a search. Pass the whole model "
+                      "(a part of it is fine for an optimizer of that part's parameters)", UserWarning,
+                      stacklevel=caller_stacklevel())
 
 
 def running_statistics(model: Optional[torch.nn.Module]) -> List[torch.Tensor]:

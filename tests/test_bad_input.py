@@ -1803,6 +1803,20 @@ def test_a_model_none_of_whose_parameters_the_optimizer_steps_is_refused():
     FusedSaLSa(net.parameters(), backend="torch", model=torch.nn.ReLU())  # no parameters: nothing to compare
 
 
+def test_a_model_that_holds_only_some_of_the_parameters_is_named():
+    """model=model[0] for an optimizer of the whole model was taken silently: the BatchNorm statistics of the
+    modules outside it took every trial forward. Said at construction; the whole model, or a part of it for an
+    optimizer of that part, says nothing."""
+    net = _model()
+    with pytest.warns(UserWarning, match=r"model= is the module the closure runs, but \d+ of the \d+ parameters "
+                                         r"this optimizer steps are not the Linear's"):
+        FusedSaLSa(net.parameters(), backend="torch", model=net[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FusedSaLSa(net.parameters(), backend="torch", model=net)
+        FusedSaLSa(net[0].parameters(), backend="torch", model=net)
+
+
 @pytest.mark.parametrize("start", ["3", 2.5, 10 ** 6, None])
 def test_a_moments_start_step_set_by_hand_is_refused_at_the_next_step(start):
     """Every other group key set by hand was refused at the next step; this one was read as it came: "3" raised
