@@ -202,6 +202,11 @@ class SearchState:
             value = getattr(self, name)
             if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise ValueError(f"search state {name} must be a finite number, got {value!r}")
+        low, high = sorted((self.step_size_fast, self.step_size_slow))
+        if not math.isfinite(high / low):  # plan_step's r: its L would be 0 at every step, each one refused
+            raise ValueError(f"search state step_size_fast={self.step_size_fast!r} and step_size_slow="
+                             f"{self.step_size_slow!r} are too far apart for their ratio to be a number: no run "
+                             "averages its levels so")
         interval = self.search_interval  # L = min(L_max, 1 / (r - 1 + 1e-8)) > 0 at every step
         if isinstance(interval, bool) or not (isinstance(interval, (int, float)) and math.isfinite(interval)
                                               and interval > 0):

@@ -634,7 +634,17 @@ class FusedSaLSa(Optimizer, Joinable):
                     "flips the weights' sign, and above 2 grows them until they overflow. Lower weight_decay (as "
                     "AdamW's lr * weight_decay, it must stay below 1); nothing was written")
 
+    def _refuse_inside_step(self, call: str, done: str) -> None:
+        """Refuse ``call`` made from inside this optimizer's own step (its closure, a hook run in it): the step
+        has collected the moments and groups it writes, and would finish on them, half of the old state and half
+        of the new, without a word."""
+        if self.__dict__.get("_in_step", False):
+            raise RuntimeError(f"{call} was called from inside this {type(self).__name__}'s own step (its closure, or "
+                               "a hook that runs in it): the step is half made, on the groups and moments it "
+                               f"collected. Call it between steps; {done}")
+
     def add_param_group(self, param_group: dict) -> None:
+        self._refuse_inside_step("add_param_group()", "nothing was added")
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, as torch.optim takes it ({{'params': [...], ...}}), got "
                             f"{type(param_group).__name__}; nothing was added")
@@ -922,6 +932,7 @@ class FusedSaLSa(Optimizer, Joinable):
         the parameter dtype) and validate everything before anything changes. The load hooks see
         the whole state dict, moments and search state included (a pre hook may return a
         replacement), and post hooks run once it is all loaded."""
+        self._refuse_inside_step("load_state_dict()", "nothing was loaded")
         if not isinstance(state_dict, Mapping):
             raise ValueError(f"load_state_dict() takes the dict state_dict() returns, got {type(state_dict).__name__}; "
                              "nothing was loaded")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Iterable, Optional
 
 from .errors import caller_stacklevel, checked_int
-from .line_search import FLOAT32_MAX, FLOAT32_TINY
+from .line_search import FLOAT32_MAX, FLOAT32_TINY, _is_bool
 
 
 def is_number(value) -> bool:
@@ -320,7 +320,14 @@ def schedule_searches(schedule, state, step: int) -> bool:
     """Whether step ``step`` may search: no schedule, or one that searches there while the level has
     not frozen early (``state.frozen_at``, kept in checkpoints: it holds under any schedule loaded
     later, and ``schedule=None`` searches as always)."""
-    return schedule is None or (bool(schedule.searches(step)) and not state.frozen_at)
+    if schedule is None:
+        return True
+    searches = schedule.searches(step)
+    if searches is not True and searches is not False and not _is_bool(searches):  # no call for a bool
+        raise ValueError(f"schedule {type(schedule).__name__}.searches({step}) returned {searches!r}; a schedule's "
+                         "searches(step) is True or False (a missing return is None, which read as False: no step "
+                         "searched again)")
+    return bool(searches) and not state.frozen_at
 
 
 #: The range test of ``backoff_on_loss_rise`` (quality NOTES section 23): the smoothing of the searches'

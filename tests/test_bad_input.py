@@ -2298,3 +2298,65 @@ def test_numpy_float16_hyperparameters_pass_their_checks_without_numpy_overflow_
         opt = FusedSaLSa(model.parameters(), lr=np.float16(0.5), init_step_size=np.float16(0.1), backend="torch")
         opt.step(_closure(model))
     assert opt.search_state.step == 1
+
+
+@pytest.mark.parametrize("call", ["load_state_dict", "add_param_group"])
+def test_load_state_dict_and_add_param_group_from_inside_the_step_are_refused(call):
+    """Called from the step's own closure, a load finished the step on the moments it had collected while
+    opt.state held the loaded ones (exp_avg differed from a clean step; another checkpoint's moments beside this
+    step's search state), and an added group met a half-made step. Refused as a nested step() is."""
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    opt.step(_closure(model))
+    saved = opt.state_dict()
+    extra = torch.nn.Parameter(torch.zeros(3))
+
+    def closure():
+        if torch.is_grad_enabled():
+            opt.load_state_dict(saved) if call == "load_state_dict" else opt.add_param_group({"params": [extra]})
+        return _closure(model)()
+
+    before = snapshot(opt)
+    opt.zero_grad()
+    with pytest.raises(RuntimeError, match=rf"{call}\(\) was called from inside this FusedSaLSa's own step"):
+        opt.step(closure)
+    assert_unchanged(before, snapshot(opt))
+    opt.zero_grad()
+    opt.step(_closure(model))  # between steps, as ever
+    getattr(opt, call)(saved if call == "load_state_dict" else {"params": [extra]})
+
+
+def test_a_checkpoint_whose_level_averages_are_too_far_apart_is_refused_at_the_load():
+    """step_size_fast / step_size_slow overflowing made the search interval 0: every later step raised, naming the
+    search rule's finish(), and only another load recovered the optimizer."""
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    opt.step(_closure(model))
+    for fast, slow in ((1e-320, 1.0), (3e38, 1e-300)):
+        saved = opt.state_dict()
+        saved["param_groups"][0]["search"].update(step_size_fast=fast, step_size_slow=slow)
+        assert_load_refused(opt, saved, "step_size_fast=.* and step_size_slow=.* are too far apart")
+    opt.zero_grad()
+    opt.step(_closure(model))
+
+
+@pytest.mark.parametrize("returned", [None, "yes", float("nan"), 1])
+def test_a_schedule_whose_searches_returns_no_bool_is_refused(returned):
+    """A schedule whose searches() forgot its return gave None, read as False: no step searched again, the level
+    stayed, and nothing said so (scale() returning None was refused by name)."""
+    class Schedule:
+        def scale(self, step):
+            return 1.0
+
+        def searches(self, step):
+            return True if step == 1 else returned
+
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch", schedule=Schedule())
+    opt.step(_closure(model))
+    before = snapshot(opt)
+    opt.zero_grad()
+    with pytest.raises(ValueError, match=r"schedule Schedule.searches\(2\) returned .*; a schedule's searches\(step\) "
+                                         r"is True or False"):
+        opt.step(_closure(model))
+    assert_unchanged(before, snapshot(opt))
