@@ -1042,8 +1042,10 @@ class FusedSaLSa(Optimizer, Joinable):
                                  f"{lost}; nothing was loaded")
             lacking = [key for key in _GROUP_HYPER_KEYS if key not in group]
             if lacking:
+                cause = ("the checkpoint is corrupt" if carriers else "it was saved by another optimizer, whose "
+                         "state this one cannot take (SGD's momentum buffer is not Adam's moments), or it is corrupt")
                 raise ValueError(f"the checkpoint's parameter group {index} has no {', '.join(map(repr, lacking))}: "
-                                 "every step reads it; the checkpoint is corrupt; nothing was loaded")
+                                 f"every step reads it; {cause}; nothing was loaded")
             self._validate_group_hyper(group)
             self._refuse_another_backend(group, f"the checkpoint's parameter group {index}", "nothing was loaded")
         param_of = {saved_id: param for saved, group in zip(groups, self.param_groups)

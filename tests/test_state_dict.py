@@ -738,3 +738,18 @@ def test_saved_counts_copied_into_the_live_state_past_load_state_dict_read_as_ta
         runs.append([p.detach().clone() for p in model.parameters()])
         assert all(opt.state[p].get("steps_sat_out", 0) == 0 for p in model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_an_sgd_checkpoint_is_refused_as_another_optimizers_not_as_corrupt():
+    """SGD's checkpoint (a momentum buffer, no betas or eps) was refused as 'corrupt'; it is another optimizer's."""
+    import warnings
+
+    model = torch.nn.Linear(3, 1)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(4, 3)).sum().backward()
+    sgd.step()
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    with warnings.catch_warnings(), pytest.raises(ValueError, match=r"has no 'betas', 'eps': every step reads it; it "
+                                                                    r"was saved by another optimizer"):
+        warnings.simplefilter("ignore")
+        opt.load_state_dict(sgd.state_dict())
