@@ -278,7 +278,8 @@ def _plain_step_block(w_ptr, g_ptr, m_ptr, v_ptr, offsets, mask, grad_scale_ptr,
                       beta1, beta2, one_minus_beta1, one_minus_beta2, bias_correction1, bias_correction2,
                       eps, decay_factor, neg_step_size, HAS_GRAD_SCALE: tl.constexpr,
                       HAS_COUNTER: tl.constexpr, FULL: tl.constexpr):
-    g = _scaled_grad(_load(g_ptr, offsets, mask, FULL), grad_scale_ptr, HAS_GRAD_SCALE)
+    g = _padding_zeroed(_scaled_grad(_load(g_ptr, offsets, mask, FULL), grad_scale_ptr, HAS_GRAD_SCALE), mask,
+                        HAS_GRAD_SCALE and HAS_COUNTER and not FULL)
     m = _load(m_ptr, offsets, mask, FULL)
     v = _load(v_ptr, offsets, mask, FULL)
     w = _to_fp32(_load(w_ptr, offsets, mask, FULL))
@@ -294,14 +295,15 @@ def _plain_step_block(w_ptr, g_ptr, m_ptr, v_ptr, offsets, mask, grad_scale_ptr,
         finite = finite & _stays_finite(w_ptr, w_new)
     _store(w_ptr, offsets, tl.where(finite, w_new, w), mask, FULL)
     if HAS_COUNTER:
-        _count_nonfinite(finite, mask, nonfinite_count_ptr, FULL)
+        _count_nonfinite(finite, nonfinite_count_ptr)
 
 
 @triton.jit
 def _raw_plain_step_block(w_ptr, g_ptr, offsets, mask, grad_scale_ptr, nonfinite_count_ptr, decay_factor,
                           neg_step_size, HAS_GRAD_SCALE: tl.constexpr, HAS_COUNTER: tl.constexpr,
                           FULL: tl.constexpr):
-    g = _scaled_grad(_load(g_ptr, offsets, mask, FULL), grad_scale_ptr, HAS_GRAD_SCALE)
+    g = _padding_zeroed(_scaled_grad(_load(g_ptr, offsets, mask, FULL), grad_scale_ptr, HAS_GRAD_SCALE), mask,
+                        HAS_GRAD_SCALE and HAS_COUNTER and not FULL)
     w = _to_fp32(_load(w_ptr, offsets, mask, FULL))
     w_new = tl.fma(g, neg_step_size, w * decay_factor)
     finite = tl.abs(g) <= _FLT_MAX
@@ -309,15 +311,21 @@ def _raw_plain_step_block(w_ptr, g_ptr, offsets, mask, grad_scale_ptr, nonfinite
         finite = finite & _stays_finite(w_ptr, w_new)
     _store(w_ptr, offsets, tl.where(finite, w_new, w), mask, FULL)
     if HAS_COUNTER:
-        _count_nonfinite(finite, mask, nonfinite_count_ptr, FULL)
+        _count_nonfinite(finite, nonfinite_count_ptr)
 
 
 @triton.jit
-def _count_nonfinite(finite, mask, nonfinite_count_ptr, FULL: tl.constexpr):
-    """nonfinite_count += the block's elements that were not finite (one int64 atomic, if any); a partial
-    block's masked lanes are none (their g is 0 / grad_scale: NaN at a scale of 0)."""
-    if not FULL:
-        finite = finite | (mask == 0)
+def _padding_zeroed(g, mask, ZERO: tl.constexpr):
+    """``g`` with a partial block's masked lanes 0 where ``ZERO``: loaded as 0, a GradScaler scale of 0 or NaN
+    makes them 0 / scale, NaN, and the count of non-finite elements counted them (nothing is stored there)."""
+    if ZERO:
+        g = tl.where(mask, g, 0.0)
+    return g
+
+
+@triton.jit
+def _count_nonfinite(finite, nonfinite_count_ptr):
+    """nonfinite_count += the block's elements that were not finite (one int64 atomic, if any)."""
     n_nonfinite = tl.sum(tl.where(finite, 0, 1), axis=0)
     if n_nonfinite > 0:
         tl.atomic_add(nonfinite_count_ptr, n_nonfinite.to(tl.int64))
