@@ -25,6 +25,7 @@ their weights are sharded (replicated weights would count more than once in ``q`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from dataclasses import dataclass
@@ -354,6 +355,23 @@ def ddp_modules(model: torch.nn.Module) -> list:
     """The ``DistributedDataParallel`` wrappers among ``model``'s modules (``model`` itself, when it is one)."""
     from torch.nn.parallel import DistributedDataParallel
     return [m for m in model.modules() if isinstance(m, DistributedDataParallel)]
+
+
+@contextlib.contextmanager
+def without_buffer_broadcast(wrappers: Sequence[torch.nn.Module]):
+    """Forwards run inside (a search's trials, a factor's scoring forward) through the DDP ``wrappers`` broadcast
+    no buffers, and the next forward outside broadcasts as it would have: DDP broadcasts rank 0's buffers at a
+    forward when its mark ``require_forward_param_sync`` is set, and a forward under ``no_grad`` clears it, so
+    that, left so, the training forward after a search skipped the broadcast (each rank started from its own
+    BatchNorm statistics), and set again before each trial, every trial broadcast them all."""
+    marks = [(wrapper, wrapper.require_forward_param_sync) for wrapper in wrappers]
+    for wrapper, _ in marks:
+        wrapper.require_forward_param_sync = False
+    try:
+        yield
+    finally:
+        for wrapper, mark in marks:
+            wrapper.require_forward_param_sync = mark
 
 
 def fsdp_modules(model: torch.nn.Module) -> list:

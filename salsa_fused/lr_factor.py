@@ -47,7 +47,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 
 from ._rng import RNGSnapshot
-from .distributed import SearchReduction, default_reduction
+from .distributed import SearchReduction, default_reduction, without_buffer_broadcast
 from .errors import NonFiniteError, checked_int
 from .optimizer import FusedSaLSa, _is_stale_loss, forget_autocast_casts, running_statistics
 from .step_size import ScaledSchedule, check_factors, check_installed, scaled_by
@@ -269,8 +269,9 @@ class LRFactorSearch:
             return values[-1].to(device)
 
         losses, scored_all = [], False
+        wrappers = self.optimizer._ddp_modules() if isinstance(self.optimizer, FusedSaLSa) else []
         try:
-            with torch.no_grad():
+            with torch.no_grad(), without_buffer_broadcast(wrappers):
                 for f in self.factors:
                     losses.append(reduction.shared_loss(lambda f=f: scored(f), torch.float64, device, False,
                                                         self.calls, where))

@@ -45,7 +45,7 @@ from .backends.base import (GRADIENT, MOMENTS_START, MOMENTUM, NOT_SITTING_OUT, 
                             Hyper)
 from .errors import caller_stacklevel
 from .distributed import (SearchReduction, _is_dtensor, ddp_modules, default_reduction, fsdp_modules, is_distributed,
-                          shard_group_of)
+                          shard_group_of, without_buffer_broadcast)
 from .applied import GroupStep
 from .line_search import FLOAT32_MAX, FLOAT32_TINY, RENAMED_KEYS, SearchConfig, SearchState, fits_float32
 from .rules import (Batches, check_arguments, check_rule_state, checked_direction, moment_step, plan_step,
@@ -1308,19 +1308,13 @@ class FusedSaLSa(Optimizer, Joinable):
         for module in self._fsdp_modules():
             module.reshard()
         forget_autocast_casts()
-        # DDP marks a forward run without grad as one after which the next forward skips its broadcast of rank 0's
-        # buffers (BatchNorm's statistics): a trial forward is not the caller's, and leaves the mark as it found it
-        ddp_syncs = [(module, module.require_forward_param_sync) for module in self._ddp_modules()]
-        with torch.no_grad():
+        with torch.no_grad(), without_buffer_broadcast(self._ddp_modules()):
             try:
                 value = _call_plain(closure)
             except RuntimeError as error:
                 if _NO_GRAPH in str(error):
                     raise RuntimeError(CLOSURE_BACKWARD_AT_TRIAL.format(what=what)) from error
                 raise
-            finally:
-                for module, sync in ddp_syncs:
-                    module.require_forward_param_sync = sync
         loss = self._loss_tensor(value, what, need_grad=False)
         rerun = None
         if reruns is not None and not self.reduction.active:
@@ -1332,12 +1326,12 @@ class FusedSaLSa(Optimizer, Joinable):
         return _loss_scalar(loss, self._device, dtype)
 
     def _ddp_modules(self) -> list:
-        """``model``'s ``DistributedDataParallel`` wrappers (looked up once; ``model=None``: none)."""
-        modules = self.__dict__.get("_ddp_module_list")
-        if modules is None:
-            modules = ddp_modules(self.model) if self.model is not None else []
-            self._ddp_module_list = modules
-        return modules
+        """``model``'s ``DistributedDataParallel`` wrappers (looked up once per ``model``: an integration sets the
+        wrapper it makes after the optimizer in its place; ``model=None``: none)."""
+        found = self.__dict__.get("_ddp_module_list")
+        if found is None or found[0] is not self.model:
+            found = self._ddp_module_list = (self.model, ddp_modules(self.model) if self.model is not None else [])
+        return found[1]
 
     def _fsdp_modules(self) -> list:
         """``model``'s FSDP2 modules (looked up once; ``model=None``: none)."""

@@ -2089,34 +2089,51 @@ def test_ddp_an_expert_that_sits_out_counts_its_own_steps_as_in_one_process(tmp_
 
 def _ddp_buffers_after_searches_job(rank: int, out_dir: str) -> None:
     """DDP broadcasts rank 0's buffers at the start of a forward that follows a training forward; a forward under
-    ``no_grad`` (a search's trials) marks the next one as not to broadcast. The trials leave that mark as they
-    found it, so the step after a search starts, as after AdamW's, from rank 0's BatchNorm statistics on every
-    rank (the statistics of rank 1 were its own there, 0.12 away from rank 0's on an audit's model)."""
+    ``no_grad`` (a search's trials, a factor's scoring) marks the next one as not to broadcast. Those forwards
+    broadcast nothing and leave the mark as they found it, so the step after a search starts, as after AdamW's,
+    from rank 0's BatchNorm statistics on every rank (rank 1's were its own there, 0.12 away from rank 0's on an
+    audit's model), with one broadcast per step (the trials once broadcast at every trial). Also through
+    LRFactorSearch, and with model= the inner module until the caller sets the wrapper in its place (as
+    SaLSaTrainer does once Trainer has wrapped the model)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    for two_phase in (False, True):
+    from salsa_fused import LRFactorSearch
+
+    for form in ("one-phase", "two-phase", "factor search", "wrapper set later"):
         torch.manual_seed(0)
         net = torch.nn.Sequential(torch.nn.Linear(IN_FEATURES, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh(),
                                   torch.nn.Linear(16, 1))
         ddp = DistributedDataParallel(net)  # broadcast_buffers=True
-        opt = FusedSaLSa(ddp.parameters(), model=ddp, backend="torch")
+        broadcasts = []
+        sync_buffers = ddp._sync_buffers
+        ddp._sync_buffers = lambda: (broadcasts.append(1), sync_buffers())[1]
+        opt = FusedSaLSa(ddp.parameters(), model=net if form == "wrapper set later" else ddp, backend="torch")
+        stepper = LRFactorSearch(opt, interval=2)
         at_forward = []
         net[1].register_forward_pre_hook(lambda module, args: at_forward.append(module.running_mean.clone()))
         searched = 0
         for k in range(8):
+            if form == "wrapper set later" and k == 1:
+                opt.model = ddp
             x, y = _batch(k, rank)
             closure = lambda: F.mse_loss(ddp(x), y)  # noqa: E731
             at_forward.clear()
+            broadcasts.clear()
             opt.zero_grad()
-            if two_phase:
+            if form == "two-phase":
                 loss = closure()
                 loss.backward()
                 opt.step(closure, loss=loss.detach())
+            elif form == "factor search":
+                stepper.step(closure, lambda: opt.step(closure))
             else:
                 opt.step(closure)
             searched += opt.search_state.last_trials > 0
-            _assert_same_on_all_ranks(at_forward[0], f"the running mean the step-{k + 1} forward starts from")
-            assert ddp.require_forward_param_sync
+            if k >= 2:  # the first forward after the wrapper was set
+                _assert_same_on_all_ranks(at_forward[0], f"{form}: the running mean the step-{k + 1} forward starts from")
+                assert ddp.require_forward_param_sync, form
+            if form != "wrapper set later" or k >= 2:
+                assert len(broadcasts) == 1, (form, k, len(broadcasts))  # the step's own training forward's
         assert searched >= 2
         del ddp
 

@@ -38,6 +38,7 @@ import warnings
 from typing import Any, Optional
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 try:
     from transformers import Trainer
@@ -197,7 +198,12 @@ class SaLSaTrainerMixin:
         return loss
 
     def training_step(self, model, inputs, num_items_in_batch=None, *args: Any, **kwargs: Any):
-        devices = _param_devices(self.salsa_optimizer)
+        salsa = self.salsa_optimizer
+        if isinstance(model, DistributedDataParallel) and salsa.model is not None and model.module is salsa.model:
+            # Trainer wraps its model in DDP after create_optimizer: the optimizer's model= becomes the wrapper, whose
+            # buffer broadcast the search's trial forwards then leave as the training forward set it
+            salsa.model = model
+        devices = _param_devices(salsa)
         rng = AccumulatedLoss.snapshot(devices)
         divisor = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         loss = super().training_step(model, inputs, num_items_in_batch, *args, **kwargs)

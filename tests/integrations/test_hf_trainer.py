@@ -289,3 +289,29 @@ def test_trainer_reports_a_plain_steps_nan_at_the_end_and_before_a_checkpoint(tm
         assert opt.num_searches == 1 and opt.search_state.step == (STEPS - 1 if save == "steps" else STEPS)
         assert not (tmp_path / save / f"checkpoint-{STEPS - 1}").exists()  # refused before it was written
         assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_optimizer_takes_the_ddp_wrapper_trainer_made_after_it(tmp_path):
+    """Trainer wraps its model in DDP after create_optimizer, so model= was the inner module and the search's
+    trial forwards left DDP's buffer-broadcast mark cleared: the forward after each search started from each
+    rank's own BatchNorm statistics. The first training step hands the optimizer the wrapper."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model = BatchNormRegression()
+        trainer = SaLSaTrainer(model=model, args=train_args(tmp_path, per_device_train_batch_size=8,
+                                                            gradient_accumulation_steps=1),
+                               train_dataset=regression_rows(16), salsa_kwargs={"backend": "torch"})
+        trainer.create_optimizer()
+        assert trainer.optimizer.model is model
+        wrapped = DistributedDataParallel(model)
+        rows = regression_rows(8)
+        inputs = {"x": torch.stack([r["x"] for r in rows]), "labels": torch.stack([r["labels"] for r in rows])}
+        trainer.current_gradient_accumulation_steps = 1  # as Trainer's loop sets it before its steps
+        trainer.training_step(wrapped, inputs)
+        assert trainer.optimizer.model is wrapped and trainer.optimizer._ddp_modules() == [wrapped]
+        del wrapped
+    finally:
+        dist.destroy_process_group()
