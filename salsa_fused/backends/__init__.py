@@ -77,14 +77,29 @@ def triton_usable(device: torch.device) -> bool:
 _cpp_fallback_noted = False
 
 
-def _auto(device: torch.device) -> str:
-    """triton on CUDA when it can run; cpp on the CPU when the extension is built; else torch.
+_cuda_fallback_noted = False
 
-    On the CPU without the extension, says so once per process (a warning, not silence).
+
+def _auto(device: torch.device) -> str:
+    """triton on CUDA when it can run, else the extension's CUDA kernels when built; cpp on the CPU when the
+    extension is built; else torch.
+
+    Where it falls back to torch on the CPU or on CUDA, says so once per process (a warning, not silence): on
+    CUDA the torch backend's plain step reads its guards on the host (two syncs a bucket).
     """
-    global _cpp_fallback_noted
+    global _cpp_fallback_noted, _cuda_fallback_noted
     if device.type == "cuda":
-        return "triton" if triton_usable(device) else "torch"
+        if triton_usable(device):
+            return "triton"
+        if usable("cpp", device):
+            return "cpp"
+        if not _cuda_fallback_noted:
+            _cuda_fallback_noted = True
+            warnings.warn("salsa_fused: backend='auto' uses the torch backend on CUDA: Triton cannot run here "
+                          "(pip install 'salsa_fused[triton]') and the C++ extension has no CUDA kernels (built "
+                          "without CUDA, or not built); the torch backend's plain step reads its guards on the host, "
+                          "two syncs per bucket at every step", RuntimeWarning, stacklevel=5)
+        return "torch"
     if device.type == "cpu":
         if usable("cpp", device):
             return "cpp"

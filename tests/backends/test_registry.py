@@ -79,6 +79,28 @@ def test_auto_without_the_extension_falls_back_to_torch_and_says_so_once(monkeyp
         FusedSaLSa([w], backend="cpp")
 
 
+@pytest.mark.parametrize("cuda_kernels", [True, False])
+def test_auto_on_cuda_without_triton_takes_the_extensions_cuda_kernels_or_says_it_falls_back(monkeypatch,
+                                                                                              cuda_kernels):
+    """On CUDA without Triton, "auto" took the torch backend without a word, whose plain step syncs twice a bucket
+    (docs promised a warning); the extension's CUDA kernels, where built, were never tried."""
+    monkeypatch.setattr(backends, "triton_usable", lambda device: False)
+    monkeypatch.setattr(backends, "usable", lambda name, device: cuda_kernels and name == "cpp")
+    monkeypatch.setattr(backends, "_cuda_fallback_noted", False)
+    cuda = torch.device("cuda", 0)
+    if cuda_kernels:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert backends._auto(cuda) == "cpp"
+        return
+    with pytest.warns(RuntimeWarning, match=r"uses the torch backend on CUDA: Triton cannot run here .* two syncs "
+                                            r"per bucket at every step"):
+        assert backends._auto(cuda) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
+        assert backends._auto(cuda) == "torch"
+
+
 def test_auto_with_an_extension_that_does_not_load_names_its_error(monkeypatch):
     """A built _C that fails to load (a damaged file, another torch) was reported as "not built"."""
     monkeypatch.setattr(_ext, "_loaded", False)
