@@ -163,6 +163,14 @@ class _StepHandoff:
     zeroed: Dict[int, tuple] = field(default_factory=dict)
 
 
+#: salsa-optimizer 0.1.0's constructor arguments that this one names otherwise, and how.
+_PUBLISHED_ARGUMENTS = {
+    "momentum": "momentum=(beta1, beta2, beta3) is betas=(beta1, beta2), beta3=beta3",
+    "speed_up": "speed_up is adaptive_interval (True: a search every L steps)",
+    "use_mv": "use_mv=True is search_direction='momentum'",
+}
+
+
 def _refuse_unread_search_arguments(init):
     """``FusedSaLSa.__init__`` that first refuses a search argument given by name that the chosen
     rule does not read (:func:`salsa_fused.rules.check_arguments`), before anything is built. It
@@ -170,6 +178,11 @@ def _refuse_unread_search_arguments(init):
 
     @functools.wraps(init)
     def checked_init(self, params, lr=1.0, **options):
+        published = [name for name in _PUBLISHED_ARGUMENTS if name in options]
+        if published:
+            raise TypeError(f"FusedSaLSa takes no {', '.join(published)}: salsa-optimizer 0.1.0's argument"
+                            f"{'s' if len(published) > 1 else ''}, named here "
+                            + "; ".join(_PUBLISHED_ARGUMENTS[name] for name in published))
         chosen = options.get("search_rule")
         check_arguments(resolve_rule(chosen), options, chosen)
         init(self, params, lr, **options)

@@ -2360,3 +2360,15 @@ def test_a_schedule_whose_searches_returns_no_bool_is_refused(returned):
                                          r"is True or False"):
         opt.step(_closure(model))
     assert_unchanged(before, snapshot(opt))
+
+
+def test_salsa_optimizer_0_1_0s_argument_names_are_refused_with_their_names_here():
+    """momentum=, speed_up= and use_mv= (0.1.0's) got Python's bare 'unexpected keyword argument'."""
+    model = _model()
+    with pytest.raises(TypeError, match=r"FusedSaLSa takes no momentum, use_mv: salsa-optimizer 0.1.0's arguments, "
+                                        r"named here momentum=\(beta1, beta2, beta3\) is betas=\(beta1, beta2\), "
+                                        r"beta3=beta3; use_mv=True is search_direction='momentum'"):
+        FusedSaLSa(model.parameters(), momentum=(0.9, 0.999, 0.9), use_mv=True)
+    with pytest.raises(TypeError, match=r"takes no speed_up: salsa-optimizer 0.1.0's argument, named here speed_up "
+                                        r"is adaptive_interval"):
+        FusedSaLSa(model.parameters(), speed_up=False)
