@@ -722,6 +722,8 @@ class FusedSaLSa(Optimizer, Joinable):
         for p in self.param_groups[-1]["params"]:
             if p.requires_grad:
                 self._init_state(p)
+        if self.__dict__.get("model") is not None:  # a group added after construction, to an optimizer with model=
+            _warn_of_parameters_outside_the_model(self.model, set(map(id, tensors)), "of the group added")
         if self.__dict__.get("_lr_checked") or self.__dict__.get("_lr_rising"):  # past the first step's look
             self._warn_if_group_lr_looks_like_a_step_size(len(self.param_groups) - 1, self.param_groups[-1])
 
@@ -2502,13 +2504,19 @@ def _refuse_a_model_of_other_parameters(model: torch.nn.Module, param_groups: Li
                          f"puts back after its extra forwards, but none of the {len(theirs)} parameters of the "
                          f"{type(model).__name__} given is one this optimizer steps: pass the model whose parameters "
                          "you gave")
-    outside = len(mine - {id(p) for p in theirs})
+    _warn_of_parameters_outside_the_model(model, mine, "this optimizer steps")
+
+
+def _warn_of_parameters_outside_the_model(model: torch.nn.Module, mine: set, whose: str) -> None:
+    """Warn where some of ``mine`` (parameter ids) are not ``model``'s: the modules they belong to are outside it."""
+    theirs = {id(p) for p in model.parameters()}
+    outside = len(mine - theirs)
     if theirs and outside:
-        warnings.warn(f"model= is the module the closure runs, but {outside} of the {len(mine)} parameters this "
-                      f"optimizer steps are not the {type(model).__name__}'s: the running statistics (BatchNorm's) of "
-                      "modules the closure runs outside it take every trial forward of a search. Pass the whole model "
-                      "(a part of it is fine for an optimizer of that part's parameters)", UserWarning,
-                      stacklevel=caller_stacklevel())
+        warnings.warn(f"model= is the module the closure runs, but {outside} of the {len(mine)} parameters {whose} "
+                      f"are not the {type(model).__name__}'s: the running statistics (BatchNorm's) of modules the "
+                      "closure runs outside it take every trial forward of a search. Pass the whole model (a part of "
+                      "it is fine for an optimizer of that part's parameters; a parameter outside any module, a "
+                      "learned temperature, needs none)", UserWarning, stacklevel=caller_stacklevel())
 
 
 def running_statistics(model: Optional[torch.nn.Module]) -> List[torch.Tensor]:

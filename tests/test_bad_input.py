@@ -1814,7 +1814,11 @@ def test_a_model_that_holds_only_some_of_the_parameters_is_named():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         FusedSaLSa(net.parameters(), backend="torch", model=net)
-        FusedSaLSa(net[0].parameters(), backend="torch", model=net)
+        opt = FusedSaLSa(net[0].parameters(), backend="torch", model=net)
+        opt.add_param_group({"params": net[2].parameters()})  # the model's own
+    head = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.BatchNorm1d(4))  # a head the closure runs, added
+    with pytest.warns(UserWarning, match=r"but 4 of the 4 parameters of the group added are not the Sequential's"):
+        opt.add_param_group({"params": head.parameters()})
 
 
 @pytest.mark.parametrize("start", ["3", 2.5, 10 ** 6, None])
