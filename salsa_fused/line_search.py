@@ -180,7 +180,14 @@ class SearchState:
         return asdict(self)
 
     def validate(self) -> None:
-        """Raise ValueError on values no run can reach (a corrupt or hand-edited checkpoint)."""
+        """Raise ValueError on values no run can reach (a corrupt or hand-edited checkpoint). numpy scalars (a
+        checkpoint built by other tools, a rule's arithmetic) become Python's ints and floats first: they were
+        refused as "must be an integer, got np.int64(3)"."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or type(value) in (int, float) or not isinstance(value, numbers.Real):
+                continue
+            setattr(self, f.name, int(value) if isinstance(value, numbers.Integral) else float(value))
         for name in ("step", "frozen_at", "steps_since_search", "num_forward_evals", "num_backward_evals",
                      "num_searches", "num_backtracks", "num_skipped_steps", "num_nonfinite_elements",
                      "last_trials", "untested_searches"):

@@ -753,3 +753,24 @@ def test_an_sgd_checkpoint_is_refused_as_another_optimizers_not_as_corrupt():
                                                                     r"was saved by another optimizer"):
         warnings.simplefilter("ignore")
         opt.load_state_dict(sgd.state_dict())
+
+
+def test_a_checkpoint_with_numpy_scalars_in_its_search_state_loads_as_python_numbers():
+    """np.int64(3) for the step count was refused as 'must be an integer >= 0, got np.int64(3)' (an audit)."""
+    import numpy as np
+
+    model = torch.nn.Linear(3, 1)
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    closure = lambda: model(torch.ones(4, 3)).pow(2).mean()  # noqa: E731
+    opt.step(closure)
+    saved = opt.state_dict()
+    search = saved["param_groups"][0]["search"]
+    as_numpy = deepcopy(saved)
+    as_numpy["param_groups"][0]["search"].update(step=np.int64(search["step"]),
+                                                 step_size=np.float32(search["step_size"]),
+                                                 slope_avg=np.float64(search["slope_avg"]))
+    twin = FusedSaLSa(model.parameters(), backend="torch")
+    twin.load_state_dict(as_numpy)
+    loaded = twin.state_dict()["param_groups"][0]["search"]
+    assert type(loaded["step"]) is int and type(loaded["step_size"]) is float
+    assert loaded["step"] == search["step"] and loaded["step_size"] == float(np.float32(search["step_size"]))
