@@ -70,14 +70,6 @@ class SaLSaModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.schedule(optimizer),
                                                          "interval": "step"}}
 
-    def on_train_start(self):
-        # Lightning wraps this module in DDP after configure_optimizers: model= becomes the wrapper, so that the
-        # trial forwards leave DDP's broadcast of rank 0's buffers (BatchNorm's statistics) as the training forward
-        # set it (docs/training.md, "Data parallel (DDP)")
-        wrapper = self.trainer.strategy.model
-        if isinstance(wrapper, torch.nn.parallel.DistributedDataParallel):
-            self.optimizers().optimizer.model = wrapper
-
     def training_step(self, batch, batch_idx):
         opt = self.optimizers()
         opt.zero_grad()

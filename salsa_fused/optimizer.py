@@ -1350,11 +1350,10 @@ class FusedSaLSa(Optimizer, Joinable):
 
     def _fsdp_modules(self) -> list:
         """``model``'s FSDP2 modules (looked up once; ``model=None``: none)."""
-        modules = self.__dict__.get("_fsdp_module_list")
-        if modules is None:
-            modules = fsdp_modules(self.model) if self.model is not None else []
-            self._fsdp_module_list = modules
-        return modules
+        found = self.__dict__.get("_fsdp_module_list")
+        if found is None or found[0] is not self.model:  # looked up again for a model set later
+            found = self._fsdp_module_list = (self.model, fsdp_modules(self.model) if self.model is not None else [])
+        return found[1]
 
     def _reshard_after_trials(self, closure) -> None:
         """After a search: the root keeps the last trial's weights unsharded (no backward followed

@@ -2140,3 +2140,17 @@ def _ddp_buffers_after_searches_job(rank: int, out_dir: str) -> None:
 
 def test_ddp_broadcasts_the_buffers_at_the_forward_after_a_search(tmp_path):
     spawn_in_gloo_group(_ddp_buffers_after_searches_job, str(tmp_path), WORLD, timeout_s=60)
+
+
+def test_the_wrappers_are_looked_up_again_for_a_model_set_later(monkeypatch):
+    """The FSDP2 modules were looked up once, so a model= set after the first step (as the docs now say to do
+    with a framework's wrapper) was never resharded before a trial; the DDP wrappers are keyed on the model too."""
+    import salsa_fused.optimizer as optimizer_module
+    monkeypatch.setattr(optimizer_module, "fsdp_modules", lambda model: [model])
+    first, later = _make_model(0), _make_model(0)
+    opt = FusedSaLSa(first.parameters(), backend="torch")
+    assert opt._fsdp_modules() == [] and opt._ddp_modules() == []
+    opt.model = first
+    assert opt._fsdp_modules() == [first]
+    opt.model = later
+    assert opt._fsdp_modules() == [later]

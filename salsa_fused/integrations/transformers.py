@@ -199,10 +199,11 @@ class SaLSaTrainerMixin:
 
     def training_step(self, model, inputs, num_items_in_batch=None, *args: Any, **kwargs: Any):
         salsa = self.salsa_optimizer
-        if isinstance(model, DistributedDataParallel) and salsa.model is not None and model.module is salsa.model:
+        wrapper = getattr(model, "_orig_mod", model)  # torch_compile=True: accelerate compiles the DDP wrapper
+        if isinstance(wrapper, DistributedDataParallel) and salsa.model is not None and wrapper.module is salsa.model:
             # Trainer wraps its model in DDP after create_optimizer: the optimizer's model= becomes the wrapper, whose
             # buffer broadcast the search's trial forwards then leave as the training forward set it
-            salsa.model = model
+            salsa.model = wrapper
         devices = _param_devices(salsa)
         rng = AccumulatedLoss.snapshot(devices)
         divisor = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)

@@ -312,6 +312,10 @@ def test_the_optimizer_takes_the_ddp_wrapper_trainer_made_after_it(tmp_path):
         trainer.current_gradient_accumulation_steps = 1  # as Trainer's loop sets it before its steps
         trainer.training_step(wrapped, inputs)
         assert trainer.optimizer.model is wrapped and trainer.optimizer._ddp_modules() == [wrapped]
+        trainer.optimizer.model = model  # torch_compile=True: accelerate compiles the wrapper
+        trainer.optimizer.zero_grad()
+        trainer.training_step(torch.compile(wrapped, backend="eager"), inputs)
+        assert trainer.optimizer.model is wrapped
         del wrapped
     finally:
         dist.destroy_process_group()
