@@ -253,7 +253,8 @@ class ScaledSchedule:
         return (1.0 if self.inner is None else float(self.inner.scale(step))), getattr(self.owner, self.attribute)
 
     def searches(self, step: int) -> bool:
-        return True if self.inner is None else bool(self.inner.searches(step))
+        """The inner schedule's answer as it gave it (checked by :func:`schedule_searches`)."""
+        return True if self.inner is None else self.inner.searches(step)
 
     @property
     def total_steps(self) -> Optional[int]:
@@ -324,7 +325,8 @@ def schedule_searches(schedule, state, step: int) -> bool:
         return True
     searches = schedule.searches(step)
     if searches is not True and searches is not False and not _is_bool(searches):  # no call for a bool
-        raise ValueError(f"schedule {type(schedule).__name__}.searches({step}) returned {searches!r}; a schedule's "
+        named = getattr(schedule, "inner", None) or schedule  # the caller's, inside a ScaledSchedule
+        raise ValueError(f"schedule {type(named).__name__}.searches({step}) returned {searches!r}; a schedule's "
                          "searches(step) is True or False (a missing return is None, which read as False: no step "
                          "searched again)")
     return bool(searches) and not state.frozen_at

@@ -2364,6 +2364,14 @@ def test_a_schedule_whose_searches_returns_no_bool_is_refused(returned):
                                          r"is True or False"):
         opt.step(_closure(model))
     assert_unchanged(before, snapshot(opt))
+    from salsa_fused import LRFactorSearch  # its ScaledSchedule around the schedule read None as False
+    other = _model()
+    wrapped = FusedSaLSa(other.parameters(), backend="torch", schedule=Schedule())
+    factor_search = LRFactorSearch(wrapped, interval=100)
+    wrapped.step(_closure(other))
+    wrapped.zero_grad()
+    with pytest.raises(ValueError, match=r"schedule Schedule.searches\(2\) returned"):
+        factor_search.step(_closure(other), lambda: wrapped.step(_closure(other)))
 
 
 def test_salsa_optimizer_0_1_0s_argument_names_are_refused_with_their_names_here():
