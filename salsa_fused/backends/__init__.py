@@ -95,10 +95,13 @@ def _auto(device: torch.device) -> str:
             return "cpp"
         if not _cuda_fallback_noted:
             _cuda_fallback_noted = True
+            from .. import _ext
+            why = ("is not built" if _ext.never_built() else f"does not load ({_ext._error})" if _ext._error is not None
+                   else "was built without CUDA")
             warnings.warn("salsa_fused: backend='auto' uses the torch backend on CUDA: Triton cannot run here "
-                          "(pip install 'salsa_fused[triton]') and the C++ extension has no CUDA kernels (built "
-                          "without CUDA, or not built); the torch backend's plain step reads its guards on the host, "
-                          "two syncs per bucket at every step", RuntimeWarning, stacklevel=5)
+                          f"(pip install 'salsa_fused[triton]') and the C++ extension, with its CUDA kernels, {why}; "
+                          "the torch backend's plain step reads its guards on the host, two syncs per bucket at every "
+                          "step", RuntimeWarning, stacklevel=5)
         return "torch"
     if device.type == "cpu":
         if usable("cpp", device):
