@@ -1323,6 +1323,8 @@ class FusedSaLSa(Optimizer, Joinable):
         for module in self._fsdp_modules():
             module.reshard()
         forget_autocast_casts()
+        read = [{key: group[key] for key in _GROUP_HYPER_KEYS + ("search_lr",) if key in group}
+                for group in self.param_groups]
         with torch.no_grad(), without_buffer_broadcast(self._ddp_modules()):
             try:
                 value = _call_plain(closure)
@@ -1330,6 +1332,7 @@ class FusedSaLSa(Optimizer, Joinable):
                 if _NO_GRAPH in str(error):
                     raise RuntimeError(CLOSURE_BACKWARD_AT_TRIAL.format(what=what)) from error
                 raise
+        self._refuse_hyperparameters_written_by(what, read)
         loss = self._loss_tensor(value, what, need_grad=False)
         rerun = None
         if reruns is not None and not self.reduction.active:
@@ -1339,6 +1342,20 @@ class FusedSaLSa(Optimizer, Joinable):
         if _is_stale_loss(loss, step_losses, rerun):
             raise RuntimeError(STALE_CLOSURE.format(what=what))
         return _loss_scalar(loss, self._device, dtype)
+
+    def _refuse_hyperparameters_written_by(self, what: str, read: List[dict]) -> None:
+        """Refuse a trial forward that wrote a group's ``lr``, ``betas``, ``eps``, ``weight_decay`` or ``search_lr``
+        (a scheduler stepped in the closure): the step checked and moves with the values it read at its start, and
+        the closure's went unchecked (an ``lr`` of NaN surfaced as the weights' overflow). The values go back."""
+        for index, (group, values) in enumerate(zip(self.param_groups, read)):
+            written = [key for key, value in values.items() if not _same_value(group.get(key), value)]
+            if written:
+                for key, value in values.items():
+                    group[key] = value
+                raise ValueError(f"{what} wrote param_groups[{index}]'s {', '.join(written)} during a forward of the "
+                                 "search (a scheduler stepped in the closure?): the step checked, and moves with, the "
+                                 "values it read at its start. Write them between steps; they are put back, and the "
+                                 "weights and the optimizer's state are as before the step")
 
     def _ddp_modules(self) -> list:
         """``model``'s ``DistributedDataParallel`` wrappers (looked up once per ``model``: an integration sets the
@@ -2491,6 +2508,18 @@ def _holds_earlier_loss(value: torch.Tensor, earlier: torch.Tensor, earlier_valu
         if not shared:
             return False
     return torch.equal(value.detach().reshape(()), earlier_value.reshape(()))
+
+
+def _same_value(now, before) -> bool:
+    """``now`` is ``before``, or a value of its type equal to it (a tensor only itself: comparing reads it)."""
+    if now is before:
+        return True
+    if type(now) is not type(before) or isinstance(now, torch.Tensor):
+        return False
+    try:
+        return bool(now == before)
+    except (TypeError, ValueError, RuntimeError):  # a tuple of tensors, say
+        return False
 
 
 def _refuse_a_model_of_other_parameters(model: torch.nn.Module, param_groups: List[dict]) -> None:

@@ -2384,3 +2384,28 @@ def test_salsa_optimizer_0_1_0s_argument_names_are_refused_with_their_names_here
     with pytest.raises(TypeError, match=r"takes no speed_up: salsa-optimizer 0.1.0's argument, named here speed_up "
                                         r"is adaptive_interval"):
         FusedSaLSa(model.parameters(), speed_up=False)
+
+
+@pytest.mark.parametrize("key, value", [("lr", float("nan")), ("weight_decay", 1e30), ("betas", (0.5, 0.5))])
+def test_a_closure_that_writes_a_groups_hyperparameters_during_the_search_is_refused_and_they_go_back(key, value):
+    """A closure that stepped a scheduler (or wrote lr = NaN) during the trials went unchecked: NaN surfaced as the
+    weights' overflow, weight_decay=1e30 as 'no trial returned a finite loss' (an audit)."""
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    forward = _closure(model)
+    calls = []
+
+    def closure():
+        calls.append(torch.is_grad_enabled())
+        if not torch.is_grad_enabled():  # a trial's forward
+            opt.param_groups[0][key] = value
+        return forward()
+
+    before = snapshot(opt)
+    opt.zero_grad()
+    with pytest.raises(ValueError, match=rf"closure\(\) wrote param_groups\[0\]'s {key} during a forward of the "
+                                         r"search .* they are put back"):
+        opt.step(closure)
+    assert_unchanged(before, snapshot(opt))
+    opt.zero_grad()
+    opt.step(forward)  # and the next step is an ordinary one
