@@ -1357,20 +1357,21 @@ class FusedSaLSa(Optimizer, Joinable):
                                  "values it read at its start. Write them between steps; they are put back, and the "
                                  "weights and the optimizer's state are as before the step")
 
-    def _ddp_modules(self) -> list:
-        """``model``'s ``DistributedDataParallel`` wrappers (looked up once per ``model``: an integration sets the
-        wrapper it makes after the optimizer in its place; ``model=None``: none)."""
-        found = self.__dict__.get("_ddp_module_list")
+    def _modules_of_model(self, cached: str, find: Callable[[torch.nn.Module], list]) -> list:
+        """``find(model)``, looked up once per ``model`` (kept in ``cached``): a framework's wrapper set in its
+        place after the optimizer was built is looked up again; ``model=None``: none."""
+        found = self.__dict__.get(cached)
         if found is None or found[0] is not self.model:
-            found = self._ddp_module_list = (self.model, ddp_modules(self.model) if self.model is not None else [])
+            found = self.__dict__[cached] = (self.model, find(self.model) if self.model is not None else [])
         return found[1]
 
+    def _ddp_modules(self) -> list:
+        """``model``'s ``DistributedDataParallel`` wrappers."""
+        return self._modules_of_model("_ddp_module_list", ddp_modules)
+
     def _fsdp_modules(self) -> list:
-        """``model``'s FSDP2 modules (looked up once; ``model=None``: none)."""
-        found = self.__dict__.get("_fsdp_module_list")
-        if found is None or found[0] is not self.model:  # looked up again for a model set later
-            found = self._fsdp_module_list = (self.model, fsdp_modules(self.model) if self.model is not None else [])
-        return found[1]
+        """``model``'s FSDP2 modules."""
+        return self._modules_of_model("_fsdp_module_list", fsdp_modules)
 
     def _reshard_after_trials(self, closure) -> None:
         """After a search: the root keeps the last trial's weights unsharded (no backward followed
