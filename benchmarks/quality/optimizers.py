@@ -53,6 +53,7 @@ from .decay_per_run import DecayPerRun
 from .hypergradient import HypergradientMultiplier
 from .mechanic import Mechanic
 from .relative_ceiling import RelativeCeiling
+from .trust_ratio import TrustRatio, per_tensor_groups
 from .schedulefree_plus import ScheduleFreePlus
 from .searched_average import ScheduleFreeAverage
 from .weight_average import PowerEMA
@@ -86,6 +87,7 @@ class Built:
     average: Optional[ScheduleFreeAverage] = None  # section 60: schedule-free averaging of the searched steps
     ema: Optional[PowerEMA] = None  # section 62: a power EMA of the weights beside the run, read over the tail
     ceiling: Optional[RelativeCeiling] = None  # section 84: a ceiling on the applied step from the weights' scale
+    trust: Optional[TrustRatio] = None  # section 95: per-tensor trust ratios as the groups' probe multipliers
 
 
 def _fused(kwargs_of: Callable[[int], dict], decay: bool = True):
@@ -203,6 +205,23 @@ def _relative_ceiling(relative: float, at_peak: bool = False):
     def build(task, model, total_steps) -> Built:
         built = REGISTRY["pretrain_hold_decayfromhold"](task, model, total_steps)
         built.ceiling = RelativeCeiling(built.optimizer, relative, at_peak)
+        return built
+    return build
+
+
+def _trust_ratio(normalized: bool = False, ratios: bool = True):
+    """The shipped preset (``pretrain_hold_decayfromhold``) with a group per tensor whose probe multiplier is its
+    trust ratio (:class:`TrustRatio`, section 95); with ``normalized``, the matrices' ratios over their geometric
+    mean; without ``ratios``, the groups alone (every multiplier 1)."""
+    def build(task, model, total_steps) -> Built:
+        kwargs = presets.preset_kwargs(presets.RECOMMENDED, total_steps)
+        kwargs["schedule"] = replace(kwargs["schedule"], freeze_below=1 / 16, backoff_on_loss_rise=True,
+                                     hold_scale_on_loss_rise=True, decay_from_hold=True)
+        wd = kwargs.pop("weight_decay", 0.0)
+        opt = FusedSaLSa(per_tensor_groups(task.param_groups(model, wd)), backend=BACKEND, **kwargs)
+        built = Built(opt, "fused", schedule=kwargs["schedule"])
+        if ratios:
+            built.trust = TrustRatio(opt, normalized)
         return built
     return build
 
@@ -697,6 +716,12 @@ REGISTRY: Dict[str, Callable] = {
     **{f"pretrain_beta2_{beta2}": _early_freeze_preset(1 / 16, backoff_on_loss_rise=True, hold_scale_on_loss_rise=True,
                                                        decay_from_hold=True, betas=(0.9, beta2))
        for beta2 in (0.95, 0.99)},
+    # NOTES.md section 95 (written before its runs): that preset with LAMB's per-tensor trust ratios, as published
+    # (matrices moved relative to their scale) and normalized (only the allocation between layers changes)
+    "pretrain_trust": _trust_ratio(),
+    "pretrain_trust_norm": _trust_ratio(normalized=True),
+    # the same per-tensor groups at probe multiplier 1: the split alone, which should not change the preset
+    "pretrain_pertensor": _trust_ratio(ratios=False),
     # NOTES.md section 79 (written before its runs): no decay from the optimizer; the zoo's decayed tensors shrink
     # by 1 - kappa s_t / T per step instead (DecayPerRun), kappa 1: the same over the run whatever the level
     "pretrain_decay_per_run": _decay_per_run(1.0),
