@@ -773,12 +773,18 @@ class FusedSaLSa(Optimizer, Joinable):
                     self.backend = _backends.resolve("torch", self._device or torch.device("cpu"))
                     if not self._auto_fallback_warned:
                         self._auto_fallback_warned = True
+                        params = [q for g in self.param_groups for q in g["params"]]
+                        if all(unsupported(q) is not None for q in params):
+                            advice = (f"none of its {len(params)} parameters suits those kernels: make them dense "
+                                      "float32/bfloat16/float16 tensors to run them")
+                        else:
+                            advice = ("FusedSaLSa runs one backend for all its parameters: give that tensor an "
+                                      "optimizer of its own, or make it a dense float32/bfloat16/float16 tensor, "
+                                      f"and the others keep the {kernels} backend")
                         warnings.warn(
                             f"salsa_fused: backend='auto' runs every parameter on the torch backend (the reference, "
                             f"slower than the compiled {kernels} kernels) because param_groups[{i}]['params'][{j}] "
-                            f"is {reason}. FusedSaLSa runs one backend for all its parameters: give that tensor an "
-                            f"optimizer of its own, or make it a dense float32/bfloat16/float16 tensor, and the "
-                            f"others keep the {kernels} backend; backend='torch' says you chose this",
+                            f"is {reason}; {advice}; backend='torch' says you chose this",
                             RuntimeWarning, stacklevel=caller_stacklevel())
                     return
                 flags = ", ".join(f"{k}={v}" for k, v in (("foreach", self.foreach), ("fused", self.fused))

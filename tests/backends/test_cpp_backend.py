@@ -491,6 +491,19 @@ def test_params_the_kernels_cannot_take_send_auto_to_torch_and_are_refused_by_na
     assert cpp_backend.unsupported(torch.zeros(5, 3).t()) is None  # dense in another order
 
 
+def test_a_model_the_kernels_cannot_take_at_all_is_not_told_to_keep_its_others_on_them():
+    """Every parameter float64 (a model.double()): there are no others to keep on the kernels, so the warning
+    says none suits them instead of advising an optimizer of its own for the first tensor (an audit)."""
+    from salsa_fused import FusedSaLSa
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+    with pytest.warns(RuntimeWarning, match=r"backend='auto' runs every parameter on the torch backend .*"
+                                            r"torch.float64.*none of its 4 parameters suits those kernels") as seen:
+        opt = FusedSaLSa(model.parameters())
+    assert not any("optimizer of its own" in str(w.message) for w in seen)
+    assert opt.backend.name == "torch"
+
+
 def test_weights_cast_after_construction_choose_the_backend_again():
     """``model.double()`` after construction: ``"auto"`` moves to the torch reference and back to
     cpp after ``model.float()``; ``backend="cpp"`` refuses by name (the kernel's own message
