@@ -414,8 +414,8 @@ class BucketCache:
         self._counted: list = []
 
     def release_grads(self) -> None:
-        """Let go of the gradients the buckets took at the last step (``zero_grad(set_to_none=True)``: the caller
-        let go of them, and they held one gradient set alive until the next step); the next step puts its own in."""
+        """Let go of the gradients the buckets took, once the step that read them ends (else they held a gradient
+        set alive through the caller's next backward, whatever freed the caller's own); the next step puts its own in."""
         for entry in self._groups.values():
             for slot in entry.slots:
                 slot.bucket.grads = []

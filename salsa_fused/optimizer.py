@@ -1418,8 +1418,6 @@ class FusedSaLSa(Optimizer, Joinable):
         device read) so the one-phase form can tell them from gradients of a backward, and the
         random state, so the two-phase form can tell whether the caller's forward drew from it."""
         super().zero_grad(set_to_none)
-        if set_to_none and not self._in_step:  # a closure's zero_grad(): the search goes on reading this step's
-            self._buckets.release_grads()  # the buckets' hold on the gradients the caller just let go
         self._handoff.zero_grad_rng = RNGSnapshot.capture([self._device] if self._device is not None else [])
         self._handoff.zeroed = {} if set_to_none else {
             id(p.grad): (p.grad, p.grad._version) for group in self.param_groups
@@ -1671,6 +1669,9 @@ class FusedSaLSa(Optimizer, Joinable):
         finally:
             self._in_step = False
             forget_autocast_casts()  # the weights moved (or went back): a forward after the step reads them
+            # the step has read its gradients: a caller that lets go of them without this optimizer
+            # (model.zero_grad(), as HF Trainer does) must not find a gradient set kept through its next backward
+            self._buckets.release_grads()
         two_phase = loss is not None or (pending[2] is not None and pending[2][1] is not None)  # bound with loss=
         if (two_phase and handoff.zero_grad_rng is None
                 and (pending[1] is None or pending[1] is handoff.step_end_rng)):  # identity: tensors inside

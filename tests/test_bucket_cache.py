@@ -880,20 +880,44 @@ def test_gradients_the_caller_zeroes_as_new_tensors_are_not_kept_from_step_to_st
     assert len(opt._handoff.zeroed) == 2 and all(ref() is None for ref in first)
 
 
+@pytest.mark.parametrize("release", ["opt.zero_grad", "model.zero_grad", "grad = None"])
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
-def test_zero_grad_to_none_lets_go_of_the_gradients_the_buckets_took(backend):
+def test_however_the_caller_lets_go_of_the_gradients_the_buckets_do_not_keep_them(backend, release):
     """The buckets held the last step's gradients until the next step: zero_grad(set_to_none=True) freed none of
-    their memory, a gradient set more at the next backward's peak than AdamW (a helper's measurement)."""
+    their memory, a gradient set more at the next backward's peak than AdamW (a helper's measurement). Freed then
+    only through this optimizer's zero_grad(), they stayed alive where the caller let go otherwise: HF Trainer
+    calls model.zero_grad() after the step (an audit). The step lets go of them when it ends."""
     model, opt, closure = _linear(backend)
     for _ in range(3):
         opt.zero_grad()
         opt.step(closure)
     grads = [weakref.ref(p.grad) for p in model.parameters()]
-    opt.zero_grad()
+    if release == "opt.zero_grad":
+        opt.zero_grad()
+    elif release == "model.zero_grad":
+        model.zero_grad()
+    else:
+        for p in model.parameters():
+            p.grad = None
     gc.collect()
     assert all(ref() is None for ref in grads)
     opt.step(closure)  # the next step puts its own in
     assert opt.search_state.step == 4
+
+
+def test_a_step_that_raises_lets_go_of_the_gradients_too():
+    model, opt, closure = _linear("cpp")
+
+    def fails():
+        raise ValueError("a closure that fails")
+    closure().backward()
+    grads = [weakref.ref(p.grad) for p in model.parameters()]
+    with pytest.raises(ValueError, match="a closure that fails"):  # the first step searches: its trial raises
+        opt.step(fails, loss=closure().detach())  # the two-phase form: the gradients are collected first
+    assert opt.search_state.step == 0
+    model.zero_grad()
+    gc.collect()
+    assert all(ref() is None for ref in grads)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])

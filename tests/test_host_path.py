@@ -82,9 +82,10 @@ print(json.dumps(H.calls_by_function(148, torch.device("cpu"), "cpp", False, ste
 def test_the_plain_step_makes_no_more_python_calls_of_its_own_than_it_did():
     """The host path's budget, counted where it is spent: the calls the package's own code makes in a plain
     step at GPT-2 small's 148 tensors (launches stubbed; ``benchmarks.host_overhead --calls 148`` prints the
-    total, 150.5 with torch's wrapper). 134.7 on torch 2.13 / Python 3.11; a check added to the plain step
+    total, 152.5 with torch's wrapper). 136.7 on torch 2.13 / Python 3.11; a check added to the plain step
     costs calls here, and belongs on the search steps or where the buckets are built (9e183bc added 2, a146d78
-    took them back; the version counters the kernels bump, a correctness fix, added 4 a bucket). Counted in a new interpreter with a bare environment, so that no earlier test's state and
+    took them back; the version counters the kernels bump, a correctness fix, added 4 a bucket; letting go of the
+    gradients when the step ends, which held a gradient set through the caller's next backward, 2). Counted in a new interpreter with a bare environment, so that no earlier test's state and
     no variable of the caller's shell enters the count. The project's CI once read 131.7 at fbc84ea, where
     every run here (alone, in the whole suite, from a fresh clone, at its path) read 130.7; the cause was not
     found, so the bound leaves that one call of slack and a failure lists the calls by callee."""
@@ -100,7 +101,7 @@ def test_the_plain_step_makes_no_more_python_calls_of_its_own_than_it_did():
     assert done.returncode == 0, done.stderr[-3000:]
     by_function = json.loads(done.stdout.strip().splitlines()[-1])
     calls = sum(by_function.values()) / 20
-    assert calls <= 134.7 + 1, (f"the plain step's own Python calls rose to {calls} (134.7); per step, by callee: "
+    assert calls <= 136.7 + 1, (f"the plain step's own Python calls rose to {calls} (136.7); per step, by callee: "
                                 + ", ".join(f"{name} {count / 20:g}" for name, count in sorted(by_function.items())))
 
 
