@@ -89,6 +89,10 @@ _RATES = ("learning_rate", "update_step")  # lambda and alpha * s_min, None befo
 _FIRST_LOSS = "first_loss"
 #: A loss this many times the first approximation's is read as a run that diverged.
 DIVERGED_RISE = 10.0
+#: The warnings' texts carry no value that moves from fit to fit, so Python's default filter shows each once per
+#: calling line (and its registry does not grow a text per fit); the values are in the rule's state.
+_WHERE_THE_VALUES_ARE = ("The fit's losses are in opt.search_state.rule_state['last'] (at s = 0, mu and 2 mu), with "
+                         "its first_loss, update_step, num_approximations and num_failed_fits")
 
 
 def parabola_minimum(points, losses):
@@ -147,45 +151,43 @@ class _LABPALSearch:
         first = labpal[_FIRST_LOSS]
         if 0 < first and DIVERGED_RISE * first < self.losses[0] and labpal["update_step"] is not None:
             warnings.warn(
-                f"LABPAL: the loss, {self.losses[0]:.4g} at this approximation, is {self.losses[0] / first:.3g} times "
-                f"the first approximation's ({first:.4g}): the run is likely diverging at the last fit's "
-                f"{'rate' if rule.mode == 'SGD' else 'step length'} ({labpal['update_step']:.4g} along g / ||g||), "
-                "and later fits read losses that differ by rounding or curve downward. A fit on one or two batches "
-                "misleads: the paper's defaults average approximation_batches=10 and fit every sgd_steps=1000; a "
-                "smaller alpha shortens the step", RuntimeWarning, stacklevel=2)
+                f"LABPAL: the loss at this approximation is more than {DIVERGED_RISE:g} times the first "
+                f"approximation's: the run is likely diverging at the last fit's "
+                f"{'rate' if rule.mode == 'SGD' else 'step length'} (along g / ||g||), and later fits read losses "
+                "that differ by rounding or curve downward. A fit on one or two batches misleads: the paper's "
+                "defaults average approximation_batches=10 and fit every sgd_steps=1000; a smaller alpha shortens "
+                f"the step. {_WHERE_THE_VALUES_ARE}", RuntimeWarning, stacklevel=2)
         if s_min is not None:
             labpal["update_step"] = rule.alpha * min(s_min, rule.max_step)
             labpal["learning_rate"] = labpal["update_step"] / self.norm
         else:
             labpal["num_failed_fits"] += 1
             if self.losses[0] == self.losses[1] == self.losses[2]:
-                loss_resolution = abs(self.losses[0]) * FLOAT32_EPS
                 warnings.warn(
-                    f"LABPAL: the loss is the same at s = 0, mu and 2 mu ({self.losses[0]!r}): the trial moves "
-                    f"of mu = {mu} along g / ||g|| changed nothing measurable: below the weights' resolution "
-                    "(e.g. bf16 or fp16 weights), below the loss's own (float32 steps by about "
-                    f"{loss_resolution:.3g} there: a loss this large is often a run that diverged), or a flat "
-                    "loss; so the fit failed and "
+                    f"LABPAL: the loss is the same at s = 0, mu and 2 mu: the trial moves of mu = {mu} along "
+                    "g / ||g|| changed nothing measurable: below the weights' resolution (e.g. bf16 or fp16 "
+                    f"weights), below the loss's own (float32 steps by about {FLOAT32_EPS:.3g} times the loss: a "
+                    "large loss is often a run that diverged), or a flat loss; so the fit failed and "
                     + ("the last fit's step is kept" if labpal["update_step"] is not None else
                        "no step is taken until a fit succeeds")
-                    + "; keep fp32 weights (autocast for the compute) or raise sample_step", RuntimeWarning,
-                    stacklevel=2)
+                    + f"; keep fp32 weights (autocast for the compute) or raise sample_step. {_WHERE_THE_VALUES_ARE}",
+                    RuntimeWarning, stacklevel=2)
             elif not all(map(math.isfinite, self.losses[1:])):
                 if any(map(math.isfinite, self.losses[1:])):  # at both: no finite trial, the step is refused
                     warnings.warn(
-                        f"LABPAL: a non-finite loss at a trial point (losses {self.losses} at s = 0, mu and 2 mu, "
-                        f"mu = {mu}), so the fit failed and "
+                        f"LABPAL: a non-finite loss at one of the trial points s = mu and 2 mu (mu = {mu}), so the "
+                        "fit failed and "
                         + ("the last fit's step is kept" if labpal["update_step"] is not None else
                            "no step is taken until a fit succeeds")
-                        + "; a smaller sample_step keeps the trial points nearer the weights", RuntimeWarning,
-                        stacklevel=2)
+                        + f"; a smaller sample_step keeps the trial points nearer the weights. {_WHERE_THE_VALUES_ARE}",
+                        RuntimeWarning, stacklevel=2)
             elif labpal["update_step"] is None:  # losses that differ by rounding alone fail the fit as well
                 warnings.warn(
-                    f"LABPAL: no step has been taken: none of its {labpal['num_approximations']} fits found a "
-                    f"minimum ahead along -g (the last: losses {self.losses} at s = 0, mu and 2 mu, mu = {mu}), "
+                    f"LABPAL: no step has been taken: none of its fits found a minimum ahead along -g (mu = {mu}), "
                     "and no step is taken until one does. With bf16 or fp16 weights the trial moves of mu along "
                     "g / ||g|| are near the weights' resolution and the losses differ by rounding: keep fp32 "
-                    "weights (autocast for the compute) or raise sample_step", RuntimeWarning, stacklevel=2)
+                    f"weights (autocast for the compute) or raise sample_step. {_WHERE_THE_VALUES_ARE}",
+                    RuntimeWarning, stacklevel=2)
         if labpal["update_step"] is not None:
             rate = labpal["learning_rate"] * self.norm if rule.mode == "SGD" else labpal["update_step"]
             self.move = rate

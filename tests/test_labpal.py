@@ -607,9 +607,11 @@ def test_equal_losses_of_a_loss_too_large_for_float32_to_move_name_the_losss_own
     before = model.weight.detach().clone()
     x = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(0))
     with pytest.warns(RuntimeWarning, match=r"changed nothing measurable: below the weights' resolution .*below the "
-                                            r"loss's own \(float32 steps by about 1\.1[0-9]e\+14 there: a loss this "
-                                            r"large is often a run that diverged\)"):
+                                            r"loss's own \(float32 steps by about 1\.19e-07 times the loss: a large "
+                                            r"loss is often a run that diverged\)"):
         opt.step(lambda i: 1e21 + model(x[i % 2]).pow(2).mean())
+    losses = opt.search_state.rule_state["last"]["losses"]  # where the warning says the loss is
+    assert len(set(losses)) == 1 and losses[0] == pytest.approx(1e21)
     assert torch.equal(model.weight, before)
     assert opt.search_state.rule_state["num_failed_fits"] == 1
 
@@ -632,8 +634,8 @@ def test_a_run_that_diverges_at_a_fitted_rate_warns_that_it_is_diverging():
 
     loss, diverging = run(LABPALRule("SGD", approximation_batches=2, sgd_steps=5), 50)
     assert loss > 1e3 and diverging
-    assert re.search(r"LABPAL: the loss, [0-9.e+]+ at this approximation, is [0-9.e+]+ times the first "
-                     r"approximation's \(0\.7377\): the run is likely diverging at the last fit's rate", diverging[0])
+    assert re.search(r"LABPAL: the loss at this approximation is more than 10 times the first "
+                     r"approximation's: the run is likely diverging at the last fit's rate", diverging[0])
     loss, diverging = run(LABPAL_SGD, 50)
     assert loss < 0.5 and not diverging
 
@@ -654,11 +656,12 @@ def test_a_non_finite_loss_at_one_trial_point_warns_naming_it_and_at_both_refuse
     opt = LABPAL(model.parameters(), "NSGD", backend="torch", approximation_batches=1, sgd_steps=5)
     before = [p.detach().clone() for p in model.parameters()]
     nan_at.add(0)  # mu's
-    with pytest.warns(RuntimeWarning, match=r"LABPAL: a non-finite loss at a trial point \(losses \[[0-9.]+, nan, "
-                                            r"[0-9.]+\] at s = 0, mu and 2 mu, mu = 0.01\), so the fit failed and no "
-                                            r"step is taken"):
+    with pytest.warns(RuntimeWarning, match=r"LABPAL: a non-finite loss at one of the trial points s = mu and 2 mu "
+                                            r"\(mu = 0.01\), so the fit failed and no step is taken"):
         opt.zero_grad()
         opt.step(closure)
+    losses = opt.search_state.rule_state["last"]["losses"]  # where the warning says the values are
+    assert math.isnan(losses[1]) and math.isfinite(losses[0]) and math.isfinite(losses[2])
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     trial_calls.clear()
     nan_at.add(1)  # and 2 mu's
@@ -720,7 +723,7 @@ def test_fits_that_fail_before_any_step_warn_though_the_losses_differ():
         assert len(messages) == 3
         assert all(re.search("no step has been taken.*keep fp32 weights.*raise sample_step", m, re.S)
                    for m in messages)
-        assert "none of its 3 fits" in messages[-1]
+        assert len(set(messages)) == 1  # no value that moves from fit to fit: Python's filter shows it once
 
 
 def test_batchnorm_statistics_are_those_of_the_gradient_forwards_only():
@@ -813,3 +816,27 @@ def test_labpal_with_a_search_rule_of_its_own_is_refused_by_name():
     w = torch.nn.Parameter(torch.ones(3))
     with pytest.raises(TypeError, match="LABPAL builds its own search rule"):
         LABPAL([w], search_rule="salsa")
+
+
+def test_fits_that_keep_failing_warn_once_under_pythons_default_filter():
+    """The warnings carried each fit's losses and counts, so every failing fit was a new text: under the default
+    filter all were printed, and Python's registry of shown warnings grew by one text per fit (2,000 after 2,000
+    steps of a run whose fits failed; an audit). Their texts now depend on the configuration only."""
+    from salsa_fused import functional
+
+    model = tanh_mlp(5, 64, 64, 1, dtype=torch.bfloat16)
+    opt = LABPAL(model.parameters(), "NSGD", backend="torch", **SETTINGS)
+    registry = getattr(functional, "__warningregistry__", {})
+    registry.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for k in range(6):
+            def loss(i, k=k):
+                x = torch.randn(16, 5, generator=torch.Generator().manual_seed(100 * k + i))
+                return torch.nn.functional.mse_loss(model(x.to(torch.bfloat16)).float(),
+                                                    torch.sin(2 * x.sum(1, keepdim=True)))
+            opt.zero_grad()
+            opt.step(loss)
+    assert opt.search_state.rule_state["num_failed_fits"] == 6
+    assert len([w for w in caught if "LABPAL" in str(w.message)]) == 1
+    assert len(getattr(functional, "__warningregistry__", {})) <= 2  # the filters' version and the one text
