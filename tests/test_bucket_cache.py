@@ -810,6 +810,7 @@ def test_a_bucket_of_one_count_moved_under_0_is_marked_and_split_where_k_is_take
                  + (d.cos().sum() ** 2 if k < 35 else 0))
     (slot,) = opt._buckets._groups[0].slots
     assert (slot.bucket.steps_sat_out, slot.bucket.merged_sat_out) == (0, (3, 3))
+    slot.bucket.grads = [p.grad for p in slot.bucket.params]  # as a step collects them (it lets go of them at its end)
     passes = functional.Passes.of(torch_backend, [slot.bucket], opt.param_groups, 40, 1.0, 1.0)
     assert passes.buckets == [slot.bucket]
     (split,) = passes.at_moment_step(opt.param_groups, 20).buckets  # k = 18 for count 3: not 1 in float32
