@@ -27,6 +27,13 @@ def signature_path(request, monkeypatch):
     native = request.param == "native"
     monkeypatch.setattr(buckets, "_extension_functions", {} if native else {
         "group_signature": None, "moments_signature": None, "moments_unchanged": None})
+    release = buckets.BucketCache.release_grads
+
+    def release_and_remember(cache):  # the step lets go of its gradients: what it held, for the checks below
+        cache.held_at_release = {id(slot): list(map(weakref.ref, slot.bucket.grads))  # weakly: the memory tests
+                                 for entry in cache._groups.values() for slot in entry.slots}
+        release(cache)
+    monkeypatch.setattr(buckets.BucketCache, "release_grads", release_and_remember)
     return request.param
 
 
@@ -256,7 +263,8 @@ def _assert_pointers_are_this_steps(opt):
     for slot in _slots(opt):
         chosen = slot.params if slot.positions is None else [slot.params[i] for i in slot.positions]
         assert slot.bucket.grad_pointers == tuple(p.grad.data_ptr() for p in chosen)
-        assert all(g is p.grad for g, p in zip(slot.bucket.grads, chosen))
+        held = opt._buckets.held_at_release[id(slot)]  # what the step read, taken as it let go of them
+        assert len(held) == len(chosen) and all(g() is p.grad for g, p in zip(held, chosen))
 
 
 def test_gradients_cycling_through_a_few_storages_take_the_python_path_once_each(signature_path):
