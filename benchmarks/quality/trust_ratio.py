@@ -16,7 +16,7 @@ With ``normalized``, the ratios of the matrices are divided by their geometric m
 allocation between layers changes, and the level keeps Adam's units.
 
 ``d`` is read after each step from the moments that step wrote, and sets the ratio of the next step (one step
-of lag, no extra pass). The first step's ratio uses the first direction's known size: with the moments at zero
+of lag, no extra pass); a tensor that sat the step out (no gradient) keeps its ratio. The first step's ratio uses the first direction's known size: with the moments at zero
 ``d = c * sign(g)`` with ``c = ((1 - beta1) / bc1) / (sqrt((1 - beta2) / bc2) + eps)``, whose RMS is ``c`` for a
 dense gradient.
 """
@@ -77,11 +77,15 @@ class TrustRatio:
         return _rms(m_hat / (v_hat.sqrt() + hyper.eps))
 
     def _update(self) -> None:
+        """Each ratio from the step just taken; a tensor that sat it out (no gradient) keeps its ratio: its moments
+        did not move, and a count of the step it sat out would bias-correct them as if they had."""
         groups = self.optimizer.param_groups
-        self._set({i: _ratio(_rms(g["params"][0]), self._direction_rms(g)) if g["params"][0].dim() >= 2 else 1.0
+        self._set({i: (self._raw[i] if g["params"][0].grad is None else
+                       _ratio(_rms(g["params"][0]), self._direction_rms(g)) if g["params"][0].dim() >= 2 else 1.0)
                    for i, g in enumerate(groups)})
 
     def _set(self, ratios: Dict[int, float]) -> None:
+        self._raw = dict(ratios)
         if self.normalized:
             logs = [math.log(r) for i, r in ratios.items() if self.optimizer.param_groups[i]["params"][0].dim() >= 2]
             if logs:

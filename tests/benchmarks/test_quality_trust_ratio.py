@@ -108,3 +108,24 @@ def test_the_zoo_configurations_build_the_shipped_preset_with_trust_ratios():
     assert built.trust.normalized and len(built.optimizer.param_groups) == len(list(model.parameters()))
     assert built.optimizer.schedule.decay_from_hold and built.optimizer.schedule.hold_scale_on_loss_rise
     assert O.build("pretrain_pertensor", task, task.model(0), 40).trust is None
+
+
+def test_a_tensor_that_sits_a_step_out_keeps_its_ratio():
+    """Its moments do not move while it has no gradient; read then, they were bias-corrected as if the steps it sat
+    out had been taken (a review)."""
+    model = _model()
+    opt = _optimizer(model)
+    trust = TrustRatio(opt)
+    x, y = torch.randn(32, 6), torch.randn(32, 1)
+    first = model[0].weight
+    for k in range(6):
+        opt.zero_grad()
+        if 2 <= k <= 4:  # the first layer frozen for three steps: no gradient
+            first.requires_grad_(False)
+        opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+        first.requires_grad_(True)
+        if k == 1:
+            kept = trust.ratios[0]
+        if 2 <= k <= 4:
+            assert trust.ratios[0] == kept
+    assert trust.ratios[0] != kept  # it moves again once the tensor takes part
