@@ -178,6 +178,10 @@ def test_rates_that_end_exactly_alike_name_the_lowest_as_the_best_whatever_the_r
         entry = runner.summarize(ordered)["t@default"]
         assert entry["best_lr"] == pytest.approx(3e-3)
         assert entry["configs"]["cand"]["level_ratio"] == pytest.approx(10.0)
+    grids = (runner.ZOO_GRID[0], "adamwwd0_")  # the same rate tied in two grids: the grid named first
+    both = rows + [_row("t", "adamwwd0_3e-3", s, 0.63, level=3e-3) for s in (0, 1)]
+    for ordered in (both, both[::-1]):
+        assert runner.summarize(ordered, grids)["t@default"]["grid_prefix"] == runner.ZOO_GRID[0]
 
 
 def test_adamw_tuned_over_its_weight_decay_divides_by_the_better_grid_and_reads_the_winners_grid():

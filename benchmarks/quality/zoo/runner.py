@@ -377,7 +377,8 @@ def summarize(rows: List[dict], grids: Tuple[str, ...] = ZOO_GRID) -> Dict[str, 
     The best AdamW is the lowest mean final train loss among the rows of the grids ``grids`` names (their
     prefixes; by default the zoo's grid alone; :data:`TUNED_OVER_DECAY`: over the rate and the weight decay),
     on the seeds every one of their rates has, the lowest rate where several end exactly alike (a convex task
-    converged: the level ratio is then to the least rate that gets there); ``grid_prefix``, ``grid`` and ``edge`` describe the winner's grid.
+    converged: the level ratio is then to the least rate that gets there; one rate in two grids: the grid named
+    first); ``grid_prefix``, ``grid`` and ``edge`` describe the winner's grid.
     A configuration's numbers are over the seeds it shares with the complete AdamW rates; its
     ratio = its mean final train loss / the best rate's mean on those seeds (inf if a seed
     diverged); level ratio = its mean applied level / the best rate's mean scheduled rate."""
@@ -407,7 +408,8 @@ def summarize(rows: List[dict], grids: Tuple[str, ...] = ZOO_GRID) -> Dict[str, 
         finite = {c: v for c, v in adamw.items() if v is not None}
         if not finite:
             continue
-        best = min(finite, key=lambda c: (finite[c], _grid_rate(c, grids)[1]))  # a tie: the lowest rate
+        # a tie: the lowest rate, then the grid named first
+        best = min(finite, key=lambda c: (finite[c], _grid_rate(c, grids)[1], grids.index(_grid_rate(c, grids)[0])))
         prefix = _grid_rate(best, grids)[0]
         rates = sorted((c for c in grid if c.startswith(prefix)), key=lambda c: lr_of(c, prefix))
         entry = dict(task=task, length=length, split=Z.ZOO[task].split if task in Z.ZOO else "?",
