@@ -156,7 +156,8 @@ class _LABPALSearch:
                 f"{'rate' if rule.mode == 'SGD' else 'step length'} (along g / ||g||), and later fits read losses "
                 "that differ by rounding or curve downward. A fit on one or two batches misleads: the paper's "
                 "defaults average approximation_batches=10 and fit every sgd_steps=1000; a smaller alpha shortens "
-                f"the step. {_WHERE_THE_VALUES_ARE}", RuntimeWarning, stacklevel=2)
+                f"the step. {_WHERE_THE_VALUES_ARE} (its update_step is already this approximation's fit, where one "
+                "was found)", RuntimeWarning, stacklevel=2)
         if s_min is not None:
             labpal["update_step"] = rule.alpha * min(s_min, rule.max_step)
             labpal["learning_rate"] = labpal["update_step"] / self.norm
