@@ -221,6 +221,37 @@ def regression_rows(n):
     return [{"x": row, "labels": row[:1].sin()} for row in x]
 
 
+def test_the_gradients_trainer_lets_go_of_after_a_step_are_not_kept_by_the_optimizer(tmp_path):
+    """Trainer frees the gradients with model.zero_grad() after optimizer.step(), not through the optimizer: the
+    buckets kept the step's gradients alive through the next step's forwards and backwards, one gradient set more
+    at the peak of every Trainer run (an audit). A model with dropout and BatchNorm, through Trainer's own loop."""
+    import gc
+    import weakref
+
+    class Watch(transformers.TrainerCallback):
+        def __init__(self):
+            self.refs, self.alive = [], []
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            self.refs = [weakref.ref(p.grad) for p in model.parameters() if p.grad is not None]
+
+        def on_step_end(self, args, state, control, **kwargs):  # after Trainer's model.zero_grad()
+            gc.collect()
+            self.alive.append(sum(ref() is not None for ref in self.refs))
+
+    model = BatchNormRegression()
+    args = train_args(tmp_path, max_steps=4, gradient_accumulation_steps=2, per_device_train_batch_size=8,
+                      lr_scheduler_type="constant")
+    trainer = SaLSaTrainer(model=model, args=args, train_dataset=regression_rows(8 * 4 * 2),
+                           salsa_kwargs={"backend": "cpp"})
+    watch = Watch()
+    trainer.add_callback(watch)
+    trainer.train()
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper around it
+    assert inner.search_state.step == 4 and len(watch.alive) == 4
+    assert watch.alive == [0, 0, 0, 0]
+
+
 def test_a_given_optimizer_without_model_keeps_batchnorm_statistics(tmp_path):
     # BatchNorm and dropout: Trainer's real loop, the window's dropout replayed by the trials
     """Trials of a FusedSaLSa passed through optimizers=(opt, None) without model= used to update the
