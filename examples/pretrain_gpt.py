@@ -42,9 +42,20 @@ else:  # run as a script (python examples/pretrain_gpt.py): its own directory is
 DTYPES = ("fp32", "bf16-autocast", "bf16", "fp16-autocast")
 
 
+#: What an optimizer's own flags default to where they are not given (given for another optimizer, they are refused).
+ADAMW_LR, ADAMW_WARMUP, SEARCH_DIRECTION = 3e-3, 20, "gradient"
+
+
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default in its help, but not ``None``: a flag left at None takes the default its help names."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=_DefaultsHelp)
     parser.add_argument("--optimizer", choices=("salsa", "salsa-recommended", "adamw"), default="salsa",
                         help="salsa: FusedSaLSa's defaults (the published SaLSa); salsa-recommended: "
                              "salsa_fused.presets.recommended for a run of --steps steps")
@@ -63,11 +74,11 @@ def parse_args(argv=None):
     parser.add_argument("--weight-decay", type=float, default=None,
                         help="on matrices only (default: 0.1 with salsa-recommended, as the preset; else 0)")
     parser.add_argument("--search-direction", choices=("gradient", "momentum"), default=None,
-                        help="FusedSaLSa's trial direction, --optimizer salsa only (default: gradient)")
+                        help=f"FusedSaLSa's trial direction, --optimizer salsa only (default: {SEARCH_DIRECTION})")
     parser.add_argument("--lr", type=float, default=None,
-                        help="AdamW peak learning rate, --optimizer adamw only (default: 3e-3)")
+                        help=f"AdamW peak learning rate, --optimizer adamw only (default: {ADAMW_LR:g})")
     parser.add_argument("--warmup", type=int, default=None,
-                        help="AdamW warmup steps (then cosine to 10%%), --optimizer adamw only (default: 20)")
+                        help=f"AdamW warmup steps (then cosine to 10%%), --optimizer adamw only (default: {ADAMW_WARMUP})")
     parser.add_argument("--max-bytes", type=int, default=4_000_000, help="corpus size cap")
     parser.add_argument("--eval-interval", type=int, default=50, help="steps between validation losses")
     parser.add_argument("--eval-batches", type=int, default=4, help="batches per validation loss")
@@ -105,9 +116,9 @@ def parse_args(argv=None):
         parser.error(f"{', '.join(ignored)} set, but --optimizer {args.optimizer} does not read "
                      f"{'it' if len(ignored) == 1 else 'them'} (--lr and --warmup are AdamW's; --search-direction is "
                      "--optimizer salsa's: the preset sets its own)")
-    args.lr = 3e-3 if args.lr is None else args.lr
-    args.warmup = 20 if args.warmup is None else args.warmup
-    args.search_direction = args.search_direction or "gradient"
+    args.lr = ADAMW_LR if args.lr is None else args.lr
+    args.warmup = ADAMW_WARMUP if args.warmup is None else args.warmup
+    args.search_direction = args.search_direction or SEARCH_DIRECTION
     if not (math.isfinite(args.lr) and args.lr > 0):
         parser.error(f"--lr must be a finite number > 0, got {args.lr}")
     if args.warmup < 0:

@@ -214,6 +214,21 @@ def test_pretrain_gpt_rejects_bad_flags():
         pretrain_gpt.parse_args(["--optimizer", "salsa-recommended", "--steps", "2"])  # too short for its cooldown
 
 
+def test_the_help_names_each_flags_default_once_and_never_none(capsys):
+    """--lr, --warmup and --search-direction default to None (so that one given for another optimizer is refused)
+    and take the default their help names: the help read "(default: 0.003) (default: None)"."""
+    with pytest.raises(SystemExit):
+        pretrain_gpt.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text
+    for default in (f"(default: {pretrain_gpt.ADAMW_LR:g})", f"(default: {pretrain_gpt.ADAMW_WARMUP})",
+                    f"(default: {pretrain_gpt.SEARCH_DIRECTION})"):
+        assert text.count(default) == 1, default
+    args = pretrain_gpt.parse_args([])
+    assert (args.lr, args.warmup, args.search_direction) == (pretrain_gpt.ADAMW_LR, pretrain_gpt.ADAMW_WARMUP,
+                                                             pretrain_gpt.SEARCH_DIRECTION)
+
+
 def test_a_corpus_too_short_for_the_block_is_named():
     from examples.gpt import ByteBatches
 
