@@ -935,6 +935,10 @@ class FusedSaLSa(Optimizer, Joinable):
             # every key the rule will keep, before its first step too: torch.distributed.checkpoint
             # loads into the state dict of a fresh optimizer and fills only the keys it finds there
             search["rule_state"] = initial()
+        # every group's moments_start_step, 0 included: torch.distributed.checkpoint fills only the keys a fresh
+        # optimizer's state dict has, and a resume adds a group added mid-run again at step 0, without the key
+        state_dict["param_groups"] = [{**group, MOMENTS_START: group.get(MOMENTS_START, 0)}
+                                      for group in state_dict["param_groups"]]
         state_dict["param_groups"][0][_SEARCH_KEY] = search
         # both counts in every entry with moments: a resume through torch.distributed.checkpoint fills only
         # the keys a fresh optimizer's state dict has, and its flattened form takes ints, not None
@@ -1069,6 +1073,9 @@ class FusedSaLSa(Optimizer, Joinable):
                                  f"every step reads it; {cause}; nothing was loaded")
             self._validate_group_hyper(group)
             self._refuse_another_backend(group, f"the checkpoint's parameter group {index}", "nothing was loaded")
+        for group in groups:  # state_dict() writes every group's; a group that began with the run keeps none
+            if type(group.get(MOMENTS_START)) is int and group[MOMENTS_START] == 0:
+                del group[MOMENTS_START]
         param_of = {saved_id: param for saved, group in zip(groups, self.param_groups)
                     for saved_id, param in zip(saved["params"], group["params"])}
         group_steps = {saved_id: saved_step - saved.get(MOMENTS_START, 0) for saved in groups

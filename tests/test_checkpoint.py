@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from examples.gpt import GPT, ByteBatches, GPTConfig, load_stdlib_corpus
-from salsa_fused import FusedSaLSa
+from salsa_fused import FusedSaLSa, presets
 
 SAVE_AT, STOP_AT = 12, 20
 
@@ -165,8 +165,9 @@ def test_labpal_resumes_through_distributed_checkpoint_into_a_fresh_optimizer(tm
         assert torch.equal(a, b)
 
 
-def test_a_distributed_checkpoint_without_a_later_search_field_loads_as_docs_training_says(tmp_path):
-    """docs/training.md: dcp.load refuses a checkpoint whose search state lacks a field added since
+@pytest.mark.parametrize("missing", ["search.scale_hold", "moments_start_step"])
+def test_a_distributed_checkpoint_without_a_later_field_loads_as_docs_training_says(tmp_path, missing):
+    """docs/training.md: dcp.load refuses a checkpoint whose search state or groups lack a field added since
     (an earlier version's); with allow_partial_load the field keeps its starting value, as a
     torch.save checkpoint of that version gets."""
     import torch.distributed.checkpoint as dcp
@@ -181,20 +182,24 @@ def test_a_distributed_checkpoint_without_a_later_search_field_loads_as_docs_tra
         opt.zero_grad()
         opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
     saved = get_optimizer_state_dict(model, opt)
-    del saved["param_groups"][0]["search"]["scale_hold"]  # as a version before that field wrote it
+    if missing == "moments_start_step":  # as a version before state_dict() wrote it in every group
+        del saved["param_groups"][0]["moments_start_step"]
+    else:  # as a version before that field
+        del saved["param_groups"][0]["search"]["scale_hold"]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
         dcp.save({"optim": saved}, checkpoint_id=str(tmp_path))
         fresh = FusedSaLSa(model.parameters(), backend="torch")
         state = {"optim": get_optimizer_state_dict(model, fresh)}
         with pytest.raises((RuntimeError, dcp.api.CheckpointException),  # the latter wraps it in one process
-                           match="Missing key in checkpoint state_dict: optim.param_groups.0.search.scale_hold"):
+                           match=f"Missing key in checkpoint state_dict: optim.param_groups.0.{missing}"):
             dcp.load(state, checkpoint_id=str(tmp_path))
         state = {"optim": get_optimizer_state_dict(model, fresh)}
         dcp.load(state, checkpoint_id=str(tmp_path), planner=DefaultLoadPlanner(allow_partial_load=True))
     set_optimizer_state_dict(model, fresh, state["optim"])
     assert fresh.search_state == dataclasses.replace(opt.search_state, scale_hold=fresh.search_state.scale_hold)
     assert fresh.search_state.scale_hold == type(opt.search_state)().scale_hold
+    assert "moments_start_step" not in fresh.param_groups[0]
 
 
 def test_a_distributed_checkpoint_loaded_into_groups_in_another_order_keeps_its_search_state(tmp_path):
@@ -237,6 +242,71 @@ def test_a_distributed_checkpoint_loaded_into_groups_in_another_order_keeps_its_
     run(resumed_model, resumed, range(12, 20))
     for a, b in zip(expected, resumed_model.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("preset", [None, "pretrain"])
+def test_a_distributed_checkpoint_keeps_the_step_a_group_was_added_at(tmp_path, preset):
+    """A group added at step 5 counts its bias corrections from there (moments_start_step). The resume adds it
+    again at step 0, so the fresh optimizer's state dict had no such key, and dcp.load fills only the keys
+    it finds there: the group counted from step 0, and six steps on the weights were 0.014 (the preset:
+    0.033) from the uninterrupted run's, with no warning (an audit's check)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        body = model[0].parameters()
+        opt = (FusedSaLSa(body, backend="torch") if preset is None else
+               presets.from_preset(body, preset, total_steps=40, backend="torch"))
+        return model, opt
+
+    def run(model, opt, steps):
+        for step in steps:
+            if step == 5 and not any(p is model[2].weight for group in opt.param_groups for p in group["params"]):
+                opt.add_param_group({"params": list(model[2].parameters())})
+            x = torch.randn(16, 8, generator=torch.Generator().manual_seed(step))
+            opt.zero_grad()
+            opt.step(lambda: torch.nn.functional.mse_loss(model(x), x[:, :1].sin()))
+
+    model, opt = build()
+    run(model, opt, range(14))
+    expected = [p.detach().clone() for p in model.parameters()]
+    model, opt = build()
+    run(model, opt, range(8))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
+        dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(tmp_path))
+        resumed_model, resumed = build()
+        resumed.add_param_group({"params": list(resumed_model[2].parameters())})  # as docs/training.md says
+        resumed_model.load_state_dict(model.state_dict())
+        state = {"optim": get_optimizer_state_dict(resumed_model, resumed)}
+        dcp.load(state, checkpoint_id=str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        set_optimizer_state_dict(resumed_model, resumed, state["optim"])
+    assert [group.get("moments_start_step") for group in resumed.param_groups][-1] == 5
+    assert all("moments_start_step" not in group for group in resumed.param_groups[:-1])
+    run(resumed_model, resumed, range(8, 14))
+    for a, b in zip(expected, resumed_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_state_dict_names_every_groups_start_and_a_load_keeps_none_for_a_group_that_began_with_the_run():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    opt = FusedSaLSa(model[0].parameters(), backend="torch")
+    x = torch.randn(8, 4)
+    for step in range(3):
+        if step == 2:
+            opt.add_param_group({"params": list(model[1].parameters())})
+        opt.zero_grad()
+        opt.step(lambda: model(x).square().mean())
+    saved = opt.state_dict()
+    assert [group["moments_start_step"] for group in saved["param_groups"]] == [0, 2]
+    assert "moments_start_step" not in opt.param_groups[0]  # the live groups are as they were
+    opt.load_state_dict(copy.deepcopy(saved))
+    assert [group.get("moments_start_step") for group in opt.param_groups] == [None, 2]
+    assert saved["param_groups"][0]["moments_start_step"] == 0  # the caller's dict is not edited
 
 
 @pytest.mark.parametrize("scheduler", ["lambda", "one_cycle"])
