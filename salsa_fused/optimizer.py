@@ -350,6 +350,29 @@ def _flag_off(value) -> bool:
     return value is None or (isinstance(value, numbers.Number) and not isinstance(value, complex) and not value)
 
 
+ZERO_REDUNDANCY_REFUSED = (
+    "torch.distributed.optim.ZeroRedundancyOptimizer(optimizer_class=FusedSaLSa) is not supported: each rank's "
+    "FusedSaLSa would hold a shard of the parameters as plain tensors, so its trials would move only that shard "
+    "while the loss reads them all, and ZeRO's state_dict() drops the search state (a resume would start the "
+    "search over); shard with FSDP2 (fully_shard), or use DDP (docs/training.md); nothing was built")
+
+
+def _refuse_a_zero_redundancy_shard() -> None:
+    """Refuse construction by ``ZeroRedundancyOptimizer`` (it builds its rank's optimizer in
+    ``_init_local_optimizer``). Not imported: not ZeRO; otherwise a look at the callers' frames, once per
+    construction (a subclass's ``__init__`` stands between)."""
+    zero = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    if zero is None:
+        return
+    frame = sys._getframe(2)
+    for _ in range(16):
+        if frame is None:
+            return
+        if isinstance(frame.f_locals.get("self"), zero.ZeroRedundancyOptimizer):
+            raise RuntimeError(ZERO_REDUNDANCY_REFUSED)
+        frame = frame.f_back
+
+
 def _refuse_unsupported_flags(**flags) -> None:
     for name, value in flags.items():
         if not _flag_off(value):
@@ -508,6 +531,7 @@ class FusedSaLSa(Optimizer, Joinable):
                  search_rule: Optional[Callable] = None, schedule=None,
                  model: Optional[torch.nn.Module] = None, maximize: bool = False, capturable: bool = False,
                  differentiable: bool = False, amsgrad: bool = False):
+        _refuse_a_zero_redundancy_shard()
         _refuse_unsupported_flags(maximize=maximize, capturable=capturable, differentiable=differentiable,
                                   amsgrad=amsgrad)
         self._init_step_size_given = init_step_size is not None

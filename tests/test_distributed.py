@@ -438,6 +438,29 @@ def test_ddp_ranks_agree_on_the_reference_forward_when_only_one_rank_drew_random
     spawn_in_gloo_group(_rng_on_one_rank_job, str(tmp_path), WORLD, timeout_s=60)
 
 
+def _zero_redundancy_job(rank: int, out_dir: str) -> None:
+    """ZeroRedundancyOptimizer builds each rank's optimizer on its shard of the parameters: the trials would
+    move only that shard, and its state_dict() drops the search state (a resume started the search over: the
+    step count at 0, the weights 0.015 off in four steps). It was accepted without a word (an audit's check)."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    class Subclass(FusedSaLSa):
+        pass
+
+    model = _make_model(0)
+    before = [p.detach().clone() for p in model.parameters()]
+    for optimizer_class in (FusedSaLSa, Subclass):
+        with pytest.raises(RuntimeError, match=r"ZeroRedundancyOptimizer\(optimizer_class=FusedSaLSa\) is not "
+                                               r"supported.*FSDP2 \(fully_shard\), or use DDP"):
+            ZeroRedundancyOptimizer(model.parameters(), optimizer_class=optimizer_class, backend="torch")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    FusedSaLSa(model.parameters(), backend="torch")  # built by the user, beside a ZeRO import: as before
+
+
+def test_zero_redundancy_optimizer_around_it_is_refused(tmp_path):
+    spawn_in_gloo_group(_zero_redundancy_job, str(tmp_path), 1, timeout_s=60)
+
+
 def test_single_process_reduction_is_inactive():
     params = list(_make_model(0).parameters())
     assert not default_reduction(params).active
