@@ -1742,6 +1742,20 @@ class FusedSaLSa(Optimizer, Joinable):
         Joinable.__init__(self)
         raise RuntimeError(JOIN_OPTIMIZER_FIRST if config.throw_on_early_termination else JOIN_UNSHADOWED)
 
+    def _creates_state_as_distributed_checkpoint_asks(self) -> bool:
+        """``torch.distributed.checkpoint.state_dict`` creates the state of an optimizer that has none (built
+        while its parameters were frozen, say) by a step with no closure, every gradient zero and every
+        ``lr`` 0: create the moments of the parameters with a gradient, move nothing, and say so (True).
+        Read on the way to the refusal of a step without closure only."""
+        if self.state or any(group["lr"] != 0 for group in self.param_groups):
+            return False
+        with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if any(p.grad.layout != torch.strided or _local(p.grad).count_nonzero() for p in with_grad):  # one device read per tensor, this once
+            return False
+        for p in with_grad:
+            self._init_state(p)
+        return True
+
     def _step(self, closure: Optional[LossClosure], loss, undo: List[Callable[[], None]]):
         if self._join_config.enable:
             self._refuse_unshadowed_join()
@@ -1758,6 +1772,8 @@ class FusedSaLSa(Optimizer, Joinable):
         if closure is None:
             if loss is None and not any(p.grad is not None for g in self.param_groups for p in g["params"]):
                 return None  # nothing to do, as torch.optim does for a step without gradients
+            if loss is None and self._creates_state_as_distributed_checkpoint_asks():
+                return None
             if loss is not None:
                 raise TypeError(
                     "FusedSaLSa.step(loss=...) came without a closure: the search evaluates a function that "

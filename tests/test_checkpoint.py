@@ -292,6 +292,56 @@ def test_a_distributed_checkpoint_keeps_the_step_a_group_was_added_at(tmp_path, 
         assert torch.equal(a, b)
 
 
+def test_distributed_checkpoint_creates_the_state_of_an_optimizer_built_while_its_parameters_were_frozen(tmp_path):
+    """torch.distributed.checkpoint's state-dict API creates an empty optimizer's state by a step with no
+    closure, zero gradients and lr 0 (_init_optim_state). That step raised "step() needs closure", and left
+    every group at lr 0 and every parameter with a zero gradient (an audit's check)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        model.requires_grad_(False)
+        opt = FusedSaLSa(model.parameters(), backend="torch")
+        model.requires_grad_(True)  # unfrozen after the optimizer was built: it has no state yet
+        return model, opt
+
+    def run(model, opt, steps):
+        for step in steps:
+            x = torch.randn(16, 4, generator=torch.Generator().manual_seed(step))
+            opt.zero_grad()
+            opt.step(lambda: torch.nn.functional.mse_loss(model(x), x[:, :1].cos()))
+
+    model, opt = build()
+    assert not opt.state
+    run(model, opt, range(10))
+    expected = [p.detach().clone() for p in model.parameters()]
+    model, opt = build()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
+        state = get_optimizer_state_dict(model, opt)
+        assert [group["lr"] for group in opt.param_groups] == [1.0]
+        assert all(p.grad is None for p in model.parameters())
+        assert opt.search_state.step == 0 and opt.num_forward_evals == 0
+        assert all(not entry["exp_avg"].any() and not entry["exp_avg_sq"].any() for entry in state["state"].values())
+        run(model, opt, range(6))
+        dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(tmp_path))
+        weights = model.state_dict()
+        model, opt = build()
+        model.load_state_dict(weights)
+        state = {"optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(state, checkpoint_id=str(tmp_path))
+    set_optimizer_state_dict(model, opt, state["optim"])
+    run(model, opt, range(6, 10))
+    for a, b in zip(expected, model.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(TypeError, match="needs closure"):  # a step without closure is refused as before
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+
+
 def test_a_state_dict_names_every_groups_start_and_a_load_keeps_none_for_a_group_that_began_with_the_run():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
     opt = FusedSaLSa(model[0].parameters(), backend="torch")
