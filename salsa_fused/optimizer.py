@@ -47,7 +47,7 @@ from .errors import caller_stacklevel
 from .distributed import (SearchReduction, _is_dtensor, ddp_modules, default_reduction, fsdp_modules, is_distributed,
                           shard_group_of, without_buffer_broadcast)
 from .applied import GroupStep
-from .line_search import FLOAT32_MAX, FLOAT32_TINY, RENAMED_KEYS, SearchConfig, SearchState, fits_float32
+from .line_search import FLOAT32_MAX, FLOAT32_TINY, MIN_SLOPE_AVG, RENAMED_KEYS, SearchConfig, SearchState, fits_float32
 from .rules import (Batches, check_arguments, check_rule_state, checked_direction, moment_step, plan_step,
                     plan_without_search, resolve_rule, step_batches)
 from .step_size import (applied_scale, backs_off_on_loss_rise, check_freeze_below, check_freeze_rule,
@@ -648,7 +648,13 @@ class FusedSaLSa(Optimizer, Joinable):
         """Refuse, before anything is written, a step whose moves float32 cannot hold: the passes take
         the step sizes in float32, where they would be inf and write inf weights (a scheduler's huge
         ``lr``, a level loaded from elsewhere). Checked: the first trial ``lr_g * eta * growth``, the
-        applied step ``lr_g * s * eta * growth`` (no accepted trial is larger) and the decay."""
+        applied step ``lr_g * s * eta * growth`` (no accepted trial is larger) and the decay. A level that grew
+        untested (SaLSa's guard) is named as the cause: no lr or weight_decay set it."""
+        untested = plan.state.untested_searches
+        grown = (f"; the level grew untested at the last {untested} search(es) in a row, by growth at each (each read "
+                 f"a loss of exactly 0 or a smoothed slope under {MIN_SLOPE_AVG:g}, where SaLSa's rule moves without "
+                 "a trial): a run that has converged, or a loss scaled far down (docs/api.md, 'A loss of exactly "
+                 "zero')" if untested else "")
         for index, group in enumerate(self.param_groups):
             probing = _as_the_step_sees(group)
             group_step = GroupStep.of(probing, scale, self._decay_level(plan.state))
@@ -660,7 +666,7 @@ class FusedSaLSa(Optimizer, Joinable):
                     raise ValueError(
                         f"param_groups[{index}]: {what} would be {size:.4g} times the direction, more than "
                         f"float32 holds ({FLOAT32_MAX:.4g}): lr={group['lr']!r}, search_lr={probing['search_lr']!r}, "
-                        f"the level {plan.state.step_size:.4g}, the schedule's scale {scale:.4g}; nothing "
+                        f"the level {plan.state.step_size:.4g}, the schedule's scale {scale:.4g}{grown}; nothing "
                         "was written")
             shrink = moves["the weight decay"]
             if shrink > 1.0:
@@ -668,8 +674,9 @@ class FusedSaLSa(Optimizer, Joinable):
                     f"param_groups[{index}]: the weight decay would take {shrink:.4g} of the weights this step "
                     f"(weight_decay={group['weight_decay']!r} times the decay step lr * s * eta = "
                     f"{group_step.decay:.4g}); above 1 the decoupled decay w * (1 - weight_decay * lr * s * eta) "
-                    "flips the weights' sign, and above 2 grows them until they overflow. Lower weight_decay (as "
-                    "AdamW's lr * weight_decay, it must stay below 1); nothing was written")
+                    "flips the weights' sign, and above 2 grows them until they overflow. "
+                    + (f"The level is {plan.state.step_size:.4g}{grown}; nothing was written" if untested else
+                       "Lower weight_decay (as AdamW's lr * weight_decay, it must stay below 1); nothing was written"))
 
     def _refuse_inside_step(self, call: str, done: str) -> None:
         """Refuse ``call`` made from inside this optimizer's own step (its closure, a hook run in it): the step
@@ -943,6 +950,22 @@ class FusedSaLSa(Optimizer, Joinable):
     @property
     def last_loss_decrease(self) -> float:
         return self._search.last_loss_decrease
+
+    def __repr__(self) -> str:
+        """torch's listing of the groups, after the search's configuration: two optimizers that print alike
+        search alike (a preset's and a hand-built one printed the same but for weight_decay)."""
+        if "backend" not in self.__dict__:  # a construction that raised (a debugger's or a traceback's look)
+            return super().__repr__()
+        rule = self.search_rule
+        rule = rule.__name__ if isinstance(rule, type) else repr(rule)
+        lines = [("backend", f"{self.backend_name!r} ({self.backend.name})"),
+                 ("search_direction", repr(self.search_direction)), ("search_rule", rule),
+                 *((f.name, repr(getattr(self.search_config, f.name))) for f in dataclasses.fields(self.search_config)),
+                 ("schedule", repr(self.schedule)), ("init_step_size", repr(self.init_step_size)),
+                 ("restore", repr(self.restore_strategy)), ("nonfinite", repr(self.nonfinite))]
+        search = "Search\n" + "".join(f"    {name}: {value}\n" for name, value in lines)
+        head, _, groups = super().__repr__().partition("\n")
+        return f"{head}\n{search}\n{groups}"
 
     # ------------------------------------------------------------------ state_dict
     def state_dict(self) -> dict:

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from salsa_fused import LABPAL, FusedSaLSa, NonFiniteError
+from salsa_fused import LABPAL, FusedSaLSa, NonFiniteError, presets
 from salsa_fused.line_search import plan_step
 from tests.models import StaticLoss
 from tests.refusals import assert_load_refused, assert_unchanged, give_gradient_of_another_dtype, snapshot
@@ -1246,6 +1246,34 @@ def test_a_level_grown_untested_for_fifty_searches_in_a_row_warns_once_and_the_c
     opt.zero_grad()
     opt.step(lambda: (model(x) - 1).pow(2).mean())  # a loss and a slope again: a tested search
     assert opt.search_state.untested_searches == 0 and opt.search_state.last_trials > 0
+
+
+@pytest.mark.parametrize("preset", [None, "pretrain"])
+def test_a_move_refused_after_a_level_grown_untested_names_that_cause(preset):
+    """A level that grew untested (loss exactly 0 for 950 searches with the defaults; a loss scaled to 1e-12 under
+    the preset, its slope under the guard for 23) reached moves float32 cannot hold, or a decay over 1: the
+    refusal named lr and the schedule, or said 'Lower weight_decay', neither the cause (an audit's check)."""
+    model = torch.nn.Linear(4, 1)
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    if preset is None:  # near float32's top, so that two searches grown untested reach it
+        opt = FusedSaLSa(model.parameters(), init_step_size=2.9e38, backend="torch")
+        closure = lambda: (model(x) * 0).pow(2).mean()  # a loss of exactly 0
+        cause, names = "the first trial would be", "lr="
+    else:
+        opt = presets.from_preset(model.parameters(), preset, total_steps=200, backend="torch")
+        closure = lambda: 1e-12 * (model(x) - 1).pow(2).mean()  # its slope under the guard
+        cause, names = "the weight decay would take", "The level is"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=cause) as refused:
+            for _ in range(40):
+                before = [p.detach().clone() for p in model.parameters()], opt.search_state
+                opt.zero_grad()
+                opt.step(closure)
+    text = str(refused.value)
+    assert names in text and "grew untested at the last" in text and "'A loss of exactly zero'" in text
+    assert "Lower weight_decay" not in text
+    assert all(torch.equal(a, b) for a, b in zip(before[0], model.parameters())) and opt.search_state == before[1]
 
 
 def test_a_one_element_loss_of_any_shape_trains_as_the_scalar():
