@@ -179,3 +179,21 @@ def test_a_tensor_lr_is_supported_or_refused_with_a_value_error():
         return
     opt.step(lambda: F.mse_loss(model(_X), _Y))
     assert 0 < opt.step_size
+
+
+def test_repr_names_the_search_configuration_before_the_groups_as_torch_lists_them():
+    """torch's repr lists only the groups: a preset's optimizer printed as a hand-built one but for weight_decay
+    (an audit's check). The search's configuration comes first; the groups as torch lists them."""
+    from salsa_fused import presets
+
+    model = torch.nn.Linear(4, 2)
+    preset = repr(presets.from_preset(model.parameters(), "pretrain", total_steps=100, backend="torch"))
+    plain = repr(FusedSaLSa(model.parameters(), backend="torch"))
+    assert preset.startswith("FusedSaLSa (\nSearch\n    backend: 'torch' (torch)\n")
+    assert "search_direction: 'momentum'" in preset and "search_direction: 'gradient'" in plain
+    assert "beta3: 0.95" in preset and "beta3: 0.9\n" in plain
+    assert "schedule: WarmupStableDecay(total_steps=100" in preset and "schedule: None" in plain
+    torch_listing = torch.optim.Optimizer.__repr__(FusedSaLSa(model.parameters(), backend="torch"))
+    assert plain.endswith(torch_listing.partition("\n")[2])
+    labpal = repr(FusedSaLSa(model.parameters(), search_rule="labpal", backend="torch"))
+    assert "search_rule: LABPALRule(mode='NSGD'" in labpal
