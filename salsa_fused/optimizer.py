@@ -714,11 +714,12 @@ class FusedSaLSa(Optimizer, Joinable):
         for p in tensors:
             check_parameter(p)
             devices.add(p.device)
-        if len(devices) > 1:
+        meta = [t for t in tensors if t.device.type == "meta"]  # before the devices: no device can take it
+        if len(devices) > 1 and not meta:
             names = ", ".join(sorted(str(d) for d in devices))
             raise ValueError(f"FusedSaLSa needs all parameters on one device, got {names}")
-        if devices and next(iter(devices)).type == "meta":
-            raise ValueError(f"a parameter of shape {tuple(tensors[0].shape)} is on the meta device, which holds no "
+        if meta:
+            raise ValueError(f"a parameter of shape {tuple(meta[0].shape)} is on the meta device, which holds no "
                              "values to update: materialize the model first (model.to_empty(device=...) "
                              "and its initialization) and build the optimizer on its parameters")
         if len(set(map(id, tensors))) != len(tensors):  # torch.optim warns; the backends would disagree
