@@ -714,14 +714,16 @@ class FusedSaLSa(Optimizer, Joinable):
         for p in tensors:
             check_parameter(p)
             devices.add(p.device)
-        meta = [t for t in tensors if t.device.type == "meta"]  # before the devices: no device can take it
-        if len(devices) > 1 and not meta:
+        meta = [t for t in tensors if t.device.type == "meta"]
+        on_meta = (f"a parameter of shape {tuple(meta[0].shape)} is on the meta device, which holds no values to "
+                   "update: materialize the model first (model.to_empty(device=...) and its initialization) and "
+                   "build the optimizer on its parameters" if meta else "")
+        if len(devices) > 1:
             names = ", ".join(sorted(str(d) for d in devices))
-            raise ValueError(f"FusedSaLSa needs all parameters on one device, got {names}")
+            raise ValueError(f"FusedSaLSa needs all parameters on one device, got {names}"
+                             + (f"; {on_meta}" if meta else ""))
         if meta:
-            raise ValueError(f"a parameter of shape {tuple(meta[0].shape)} is on the meta device, which holds no "
-                             "values to update: materialize the model first (model.to_empty(device=...) "
-                             "and its initialization) and build the optimizer on its parameters")
+            raise ValueError(on_meta)
         if len(set(map(id, tensors))) != len(tensors):  # torch.optim warns; the backends would disagree
             raise ValueError("a parameter group lists the same parameter more than once")
         if _SEARCH_KEY in param_group:

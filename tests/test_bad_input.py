@@ -1900,7 +1900,8 @@ def test_a_meta_parameter_is_refused_at_construction_by_what_it_is(backend):
     with pytest.raises(ValueError, match="on the meta device, which holds no values"):
         FusedSaLSa([torch.nn.Parameter(torch.empty(5, device="meta"))], backend=backend)
     opt = FusedSaLSa([torch.nn.Parameter(torch.zeros(3))], backend=backend)
-    # added to an optimizer on the CPU: it was refused as a parameter on another device (an audit's check)
+    # added to an optimizer on the CPU: refused as a parameter on another device, with no word of what to do (an
+    # audit's check)
     with pytest.raises(ValueError, match="shape \\(4,\\) is on the meta device, which holds no values"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.empty(4, device="meta"))]})
     assert len(opt.param_groups) == 1
