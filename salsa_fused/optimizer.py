@@ -14,6 +14,7 @@ formed in :mod:`salsa_fused.applied`, and the decisions come from the search rul
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import importlib
 import inspect
@@ -350,6 +351,24 @@ def _flag_off(value) -> bool:
     return value is None or (isinstance(value, numbers.Number) and not isinstance(value, complex) and not value)
 
 
+def _unexpected_arguments(unexpected: Mapping) -> str:
+    """Python's words for an unknown keyword, with what was meant: a preset's name and length (users wrote
+    ``FusedSaLSa(params, preset="pretrain", total_steps=N)``), or the nearest argument's name (a typo)."""
+    known = [name for name in inspect.signature(FusedSaLSa.__init__).parameters
+             if name not in ("self", "params", "unexpected")]
+    presetting = [name for name in unexpected if name in ("preset", "total_steps")]
+    hints = [f"{' and '.join(map(repr, presetting))}: a preset is built by presets.from_preset(params, 'pretrain', "
+             "total_steps=N), or presets.recommended(params, total_steps=N) (from salsa_fused import presets); a "
+             "schedule of one's own goes in schedule="] if presetting else []
+    for name in unexpected:
+        if name not in presetting:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            hints.append(f"{name!r}: did you mean {close[0]!r}?" if close else
+                         f"{name!r}: not an argument of FusedSaLSa (docs/api.md lists them)")
+    words = "keyword argument" if len(unexpected) == 1 else "keyword arguments"
+    return f"FusedSaLSa() got an unexpected {words} {', '.join(map(repr, unexpected))}; " + "; ".join(hints)
+
+
 ZERO_REDUNDANCY_REFUSED = (
     "torch.distributed.optim.ZeroRedundancyOptimizer(optimizer_class=FusedSaLSa) is not supported: each rank's "
     "FusedSaLSa would hold a shard of the parameters as plain tensors, so its trials would move only that shard "
@@ -530,7 +549,9 @@ class FusedSaLSa(Optimizer, Joinable):
                  foreach: Optional[bool] = None, fused: Optional[bool] = None, nonfinite: str = "raise", reduction: Optional[SearchReduction] = None,
                  search_rule: Optional[Callable] = None, schedule=None,
                  model: Optional[torch.nn.Module] = None, maximize: bool = False, capturable: bool = False,
-                 differentiable: bool = False, amsgrad: bool = False):
+                 differentiable: bool = False, amsgrad: bool = False, **unexpected):
+        if unexpected:
+            raise TypeError(_unexpected_arguments(unexpected))
         _refuse_a_zero_redundancy_shard()
         _refuse_unsupported_flags(maximize=maximize, capturable=capturable, differentiable=differentiable,
                                   amsgrad=amsgrad)

@@ -2443,3 +2443,17 @@ def test_a_closure_that_writes_a_groups_hyperparameters_during_the_search_is_ref
     assert_unchanged(before, snapshot(opt))
     opt.zero_grad()
     opt.step(forward)  # and the next step is an ordinary one
+
+
+@pytest.mark.parametrize("given, said", [
+    ({"preset": "pretrain", "total_steps": 100},
+     "unexpected keyword arguments 'preset', 'total_steps'; 'preset' and 'total_steps': a preset is built by "
+     "presets.from_preset\\(params, 'pretrain', total_steps=N\\)"),
+    ({"weight_decy": 0.1}, "unexpected keyword argument 'weight_decy'; 'weight_decy': did you mean 'weight_decay'\\?"),
+    ({"nesterov": True}, "unexpected keyword argument 'nesterov'; 'nesterov': not an argument of FusedSaLSa"),
+])
+def test_an_unknown_keyword_is_refused_in_pythons_words_with_what_was_meant(given, said):
+    """Two audits built FusedSaLSa(params, preset='pretrain', total_steps=N), as a user would, and read only
+    Python's bare "unexpected keyword argument 'preset'"."""
+    with pytest.raises(TypeError, match=f"^FusedSaLSa\\(\\) got an {said}"):
+        FusedSaLSa(torch.nn.Linear(2, 1).parameters(), **given)
