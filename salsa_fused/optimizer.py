@@ -42,7 +42,7 @@ from ._compat import OPTIMIZER_KEEPS_PARAMETER_NAMES, compile_disabled, power_it
 from ._rng import RNGSnapshot
 from .buckets import BucketCache, check_gradient, check_parameter, first_sharing_memory
 from . import functional as F
-from .backends.base import (GRADIENT, MOMENTS_START, MOMENTUM, NOT_SITTING_OUT, SAT_OUT_SINCE, STEPS_SAT_OUT, Bucket,
+from .backends.base import (GRADIENT, MOMENTS_START, MOMENTUM, NOT_SITTING_OUT, RAW, SAT_OUT_SINCE, STEPS_SAT_OUT, Bucket,
                             Hyper)
 from .errors import caller_stacklevel
 from .distributed import (SearchReduction, _is_dtensor, ddp_modules, default_reduction, fsdp_modules, is_distributed,
@@ -1152,6 +1152,8 @@ class FusedSaLSa(Optimizer, Joinable):
         group_steps = {saved_id: saved_step - saved.get(MOMENTS_START, 0) for saved in groups
                        for saved_id in saved["params"]}
         stripped_state, moments, undated = {}, {}, []
+        # a rule along the raw gradient (LABPAL) never writes the moments: their zeros say nothing of a gradient
+        moments_written = checked_direction(self.search_rule, self.search_direction) != RAW
         for key, value in state_dict["state"].items():
             if key not in param_of:  # state of no parameter here: kept as it is, as torch.optim keeps it
                 stripped_state[key] = value
@@ -1166,7 +1168,7 @@ class FusedSaLSa(Optimizer, Joinable):
             if carried_sat_out.get(key):
                 stripped_state[key][STEPS_SAT_OUT] = carried_sat_out[key]
             if (search is not None and group_steps[key] > 0 and not any(k in value for k in _SAT_OUT_KEYS)
-                    and len(moments[key]) == len(_MOMENT_KEYS)):
+                    and len(moments[key]) == len(_MOMENT_KEYS) and moments_written):
                 undated.append(key)  # saved before the counts existed: state_dict() writes both now
             for name, extra in stripped_state[key].items():  # another optimizer's ('step' of AdamW's), kept
                 if not _all_finite_value(extra):

@@ -424,6 +424,27 @@ def test_a_checkpoint_saved_before_counts_of_steps_sat_out_reads_zero_moments_as
     assert all(torch.equal(a, b) for a, b in zip(expected, resumed_model.parameters()))
 
 
+def test_a_labpal_checkpoint_saved_before_the_counts_is_not_read_as_parameters_that_never_stepped():
+    """LABPAL moves along the raw gradient and never writes Adam's moments, so every parameter's are zeros: a
+    checkpoint saved before the counts of steps sat out warned that parameters 0-3 had no gradient yet, and
+    counted all of them as sitting out since step 0 (steps_sat_out 15 five steps on; an audit's check)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = FusedSaLSa(model.parameters(), search_rule="labpal", backend="torch")
+    _labpal_run(model, opt, range(6))
+    old = copy.deepcopy(opt.state_dict())
+    for entry in old["state"].values():
+        for name in ("steps_sat_out", "sat_out_since"):
+            del entry[name]  # as an earlier version saved it
+    resumed = FusedSaLSa(model.parameters(), search_rule="labpal", backend="torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed.load_state_dict(old)
+    _labpal_run(model, resumed, range(6, 11))
+    counts = [(entry["steps_sat_out"], entry["sat_out_since"]) for entry in resumed.state_dict()["state"].values()]
+    assert counts == [(0, -1)] * 4
+
+
 def _without_first_group(saved: dict, keep_search: bool) -> dict:
     """``saved`` with its param_groups[0] removed as torch users remove a group (docs/training.md), the search
     state moved to the new first group when ``keep_search``."""
