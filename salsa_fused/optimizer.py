@@ -63,6 +63,11 @@ _SAT_OUT_KEYS = (STEPS_SAT_OUT, SAT_OUT_SINCE)
 #: ``initial_lr``, ``max_lr``, ``min_lr``: torch's schedulers' records of the group's rate.
 _RATE_KEYS = ("lr", "search_lr", "initial_lr", "max_lr", "min_lr")
 _SEARCH_KEY = "search"  # where state_dict() carries the search state (param_groups[0])
+#: The search state's key of the checkpoint format, and the format this version writes. A checkpoint without it was
+#: written before 2026-12-07 (format 0); one of a later format than this is refused.
+CHECKPOINT_FORMAT_KEY, CHECKPOINT_FORMAT = "format", 1
+#: The search state's key of the configuration the checkpoint was saved with (:func:`_configuration_of`).
+CONFIGURATION_KEY = "configuration"
 RESTORE_STRATEGIES = ("copy", "inplace")
 #: Adam's two directions; the backends' third, ``"raw"`` (``d = g``), is chosen by a rule (LABPAL's).
 SEARCH_DIRECTIONS = (GRADIENT, MOMENTUM)
@@ -351,6 +356,24 @@ def _flag_off(value) -> bool:
     return value is None or (isinstance(value, numbers.Number) and not isinstance(value, complex) and not value)
 
 
+def _configuration_value(value) -> str:
+    """A configuration value as a checkpoint keeps it: the repr of a number, a string, a dataclass (a preset's
+    schedule, a rule's settings) or None; a class's name (ArmijoSearch); an object of another kind, the name of its
+    type, whose repr may name its address."""
+    if value is None or isinstance(value, (bool, numbers.Number, str)) or (
+            dataclasses.is_dataclass(value) and not isinstance(value, type)):
+        return repr(value)
+    return value.__qualname__ if isinstance(value, type) else type(value).__qualname__
+
+
+def _configuration_of(opt: "FusedSaLSa") -> Dict[str, str]:
+    """What decides a run's next steps and is not in its state: the trial direction, the rule, the schedule and the
+    search's constants (not the backend, nor restore or nonfinite: a resume may pick others and take the same steps)."""
+    config = {"search_direction": opt.search_direction, "search_rule": opt.search_rule, "schedule": opt.schedule,
+              **{f.name: getattr(opt.search_config, f.name) for f in dataclasses.fields(opt.search_config)}}
+    return {name: _configuration_value(value) for name, value in config.items()}
+
+
 def _unexpected_arguments(unexpected: Mapping) -> str:
     """Python's words for an unknown keyword, with what was meant: a preset's name and length (users wrote
     ``FusedSaLSa(params, preset="pretrain", total_steps=N)``), or the nearest argument's name (a typo)."""
@@ -367,6 +390,50 @@ def _unexpected_arguments(unexpected: Mapping) -> str:
                          f"{name!r}: not an argument of FusedSaLSa (docs/api.md lists them)")
     words = "keyword argument" if len(unexpected) == 1 else "keyword arguments"
     return f"FusedSaLSa() got an unexpected {words} {', '.join(map(repr, unexpected))}; " + "; ".join(hints)
+
+
+def _package_version() -> str:
+    import importlib.metadata  # a refusal's words only
+
+    try:
+        return f"salsa_fused {importlib.metadata.version('salsa_fused')}"
+    except importlib.metadata.PackageNotFoundError:  # a source tree on the path, not installed
+        return "salsa_fused from a source tree"
+
+
+def _differing_fields(saved: str, live: str) -> str:
+    """``'total_steps=100 there, 200 here'`` for two reprs of one dataclass of plain fields (a schedule's, a
+    rule's) that differ in some; ``''`` where they are not such (then the whole reprs are shown)."""
+    def fields(text: str):
+        match = re.fullmatch(r"(\w+)\((.*)\)", text)
+        pairs = [pair.partition("=") for pair in match.group(2).split(", ")] if match else []
+        if not pairs or not all(eq and key.isidentifier() and not any(c in value for c in "()[]{}")
+                                for key, eq, value in pairs):
+            return None
+        return match.group(1), {key: value for key, _, value in pairs}
+
+    before, after = fields(saved), fields(live)
+    if before is None or after is None or before[0] != after[0] or before[1].keys() != after[1].keys():
+        return ""
+    return ", ".join(f"{key}={before[1][key]} there, {after[1][key]} here" for key in after[1]
+                     if before[1][key] != after[1][key])
+
+
+def _warn_of_another_configuration(saved: Mapping, live: Dict[str, str]) -> None:
+    """Warn once per load where the checkpoint's configuration (:func:`_configuration_of`) and this optimizer's
+    differ: the run goes on as configured here. Keys the checkpoint lacks (a later version's) are not compared."""
+    differ = []
+    for name, value in live.items():
+        if name in saved and str(saved[name]) != value:
+            fields = _differing_fields(str(saved[name]), value)
+            differ.append(f"{name} {fields or f'{saved[name]} there, {value} here'}")
+    if differ:
+        warnings.warn(
+            "the checkpoint was saved by an optimizer configured otherwise, and the run goes on as this one is: "
+            + "; ".join(differ) + ". A run extended on purpose (a longer total_steps) reads so; otherwise build the "
+            "optimizer as the saved run was built (its preset and total_steps, its search_direction, schedule and "
+            "constants), or note that a preset may have changed between salsa_fused versions", UserWarning,
+            stacklevel=3)
 
 
 ZERO_REDUNDANCY_REFUSED = (
@@ -1010,6 +1077,8 @@ class FusedSaLSa(Optimizer, Joinable):
         # optimizer's state dict has, and a resume adds a group added mid-run again at step 0, without the key
         state_dict["param_groups"] = [{**group, MOMENTS_START: group.get(MOMENTS_START, 0)}
                                       for group in state_dict["param_groups"]]
+        search[CHECKPOINT_FORMAT_KEY] = CHECKPOINT_FORMAT
+        search[CONFIGURATION_KEY] = _configuration_of(self)
         state_dict["param_groups"][0][_SEARCH_KEY] = search
         # both counts in every entry with moments: a resume through torch.distributed.checkpoint fills only
         # the keys a fresh optimizer's state dict has, and its flattened form takes ints, not None
@@ -1066,6 +1135,20 @@ class FusedSaLSa(Optimizer, Joinable):
                 raise ValueError(f"the checkpoint's search state (param_groups[{carriers[0]}]['search']) is a "
                                  f"{type(saved_search).__name__}, not a dict: the checkpoint is corrupt; nothing was "
                                  "loaded")
+            saved_search = dict(saved_search)  # the caller's stays as it was
+            saved_format = saved_search.pop(CHECKPOINT_FORMAT_KEY, 0)
+            if isinstance(saved_format, bool) or not isinstance(saved_format, numbers.Integral) or saved_format < 0:
+                raise ValueError(f"the checkpoint's format ({_SEARCH_KEY}[{CHECKPOINT_FORMAT_KEY!r}]) is "
+                                 f"{saved_format!r}, not a count: the checkpoint is corrupt; nothing was loaded")
+            if saved_format > CHECKPOINT_FORMAT:
+                raise ValueError(f"the checkpoint was written by a newer salsa_fused, in checkpoint format "
+                                 f"{saved_format}; this version ({_package_version()}) reads formats up to "
+                                 f"{CHECKPOINT_FORMAT}: upgrade salsa_fused to load it; nothing was loaded")
+            saved_configuration = saved_search.pop(CONFIGURATION_KEY, None)
+            if saved_configuration is not None and not isinstance(saved_configuration, Mapping):
+                raise ValueError(f"the checkpoint's configuration ({_SEARCH_KEY}[{CONFIGURATION_KEY!r}]) is a "
+                                 f"{type(saved_configuration).__name__}, not a dict: the checkpoint is corrupt; "
+                                 "nothing was loaded")
             missing = [k for k in ("step", "step_size") if k not in saved_search]
             if missing:
                 raise ValueError(f"the checkpoint's search state has no {' or '.join(missing)}: the checkpoint is "
@@ -1085,6 +1168,8 @@ class FusedSaLSa(Optimizer, Joinable):
                 warnings.warn(f"the checkpoint's search state has no {', '.join(defaulted)}: they start from their "
                               "defaults (a checkpoint saved by an earlier salsa_fused has fewer; one edited by hand "
                               "may have lost them)", UserWarning, stacklevel=2)
+            if saved_configuration:
+                _warn_of_another_configuration(saved_configuration, _configuration_of(self))
         carried_starts, carried_sat_out = _carried_adam_steps(groups, state_dict["state"]) if not carriers else ({}, {})
         if not carriers and state_dict["state"]:
             counts = ("Adam's bias corrections go on from each parameter's 'step' (AdamW's count), as they would "

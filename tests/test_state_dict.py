@@ -8,6 +8,7 @@ searches and plain steps included.
 from __future__ import annotations
 
 import io
+import warnings
 from copy import deepcopy
 
 import pytest
@@ -774,3 +775,57 @@ def test_a_checkpoint_with_numpy_scalars_in_its_search_state_loads_as_python_num
     loaded = twin.state_dict()["param_groups"][0]["search"]
     assert type(loaded["step"]) is int and type(loaded["step_size"]) is float
     assert loaded["step"] == search["step"] and loaded["step_size"] == float(np.float32(search["step_size"]))
+
+
+def test_a_checkpoint_names_its_format_and_one_of_a_newer_format_is_refused_with_nothing_changed():
+    """Checkpoints carried no format: a reader older than its writer misread what it could not know, or refused it
+    by listing keys it did not know (an audit's check across seven earlier versions)."""
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    _train(model, opt, 4)
+    saved = opt.state_dict()
+    assert saved["param_groups"][0]["search"]["format"] == 1
+    newer = deepcopy(saved)
+    newer["param_groups"][0]["search"]["format"] = 2
+    newer["param_groups"][0]["search"]["a_later_field"] = 0.5
+    assert_load_refused(opt, newer, r"written by a newer salsa_fused, in checkpoint format 2; this version "
+                                    r"\(salsa_fused [^)]*\) reads formats up to 1: upgrade salsa_fused")
+    for corrupt in ("1", -1, True, 1.5):
+        edited = deepcopy(saved)
+        edited["param_groups"][0]["search"]["format"] = corrupt
+        assert_load_refused(opt, edited, r"the checkpoint's format \(search\['format'\]\) is .*not a count")
+    unnamed = deepcopy(saved)  # as written before the format was
+    del unnamed["param_groups"][0]["search"]["format"], unnamed["param_groups"][0]["search"]["configuration"]
+    resumed = FusedSaLSa(model.parameters(), backend="torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed.load_state_dict(unnamed)
+        resumed.load_state_dict(deepcopy(saved))
+    assert resumed.search_state == opt.search_state
+    assert "format" in saved["param_groups"][0]["search"]  # the caller's dict is as it was
+
+
+def test_a_checkpoint_loaded_into_an_optimizer_configured_otherwise_warns_naming_what_differs():
+    """A checkpoint kept no configuration: resumed with another total_steps, preset or constant, or under a version
+    whose preset changed (decay_from_hold, 2026-12-05), the run went on otherwise without a word (an audit's check)."""
+    from salsa_fused import presets
+
+    model = _model()
+    opt = presets.from_preset(model.parameters(), "pretrain", total_steps=40, backend="torch")
+    _train(model, opt, 6)
+    saved = opt.state_dict()
+    same = presets.from_preset(model.parameters(), "pretrain", total_steps=40, backend="cpp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # another backend takes the same steps: not a configuration
+        same.load_state_dict(deepcopy(saved))
+    longer = presets.from_preset(model.parameters(), "pretrain", total_steps=80, backend="torch")
+    with pytest.warns(UserWarning, match=r"configured otherwise, and the run goes on as this one is: schedule "
+                                         r"total_steps=40 there, 80 here\. A run extended on purpose") as caught:
+        longer.load_state_dict(deepcopy(saved))
+    assert caught[0].filename == __file__
+    plain = FusedSaLSa([{"params": group["params"]} for group in opt.param_groups], backend="torch")
+    with pytest.warns(UserWarning, match=r"search_direction 'momentum' there, 'gradient' here; schedule "
+                                         r"WarmupStableDecay\(total_steps=40, .*\) there, None here; beta3 0.95 "
+                                         r"there, 0.9 here\."):
+        plain.load_state_dict(deepcopy(saved))
+    assert plain.search_state == opt.search_state  # loaded: the run goes on as configured here
