@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import math
 import os
+import weakref
 
 import pytest
 import torch
@@ -455,6 +456,22 @@ def _zero_redundancy_job(rank: int, out_dir: str) -> None:
             ZeroRedundancyOptimizer(model.parameters(), optimizer_class=optimizer_class, backend="torch")
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     FusedSaLSa(model.parameters(), backend="torch")  # built by the user, beside a ZeRO import: as before
+
+    class ShardedBodyWithAHead(ZeroRedundancyOptimizer):  # a user's own FusedSaLSa, built inside a ZeRO's method
+        def __init__(self, body, head):
+            super().__init__(body, optimizer_class=torch.optim.AdamW, lr=1e-3)
+            self.head_optimizer = FusedSaLSa(head, backend="torch")
+
+    ShardedBodyWithAHead(list(model[0].parameters()), list(model[2].parameters()))
+
+    def build_then_free(self):  # a ZeRO as some caller's `self`, and a large object freed after the build
+        big = torch.zeros(1000)
+        freed = weakref.ref(big)
+        FusedSaLSa(model.parameters(), backend="torch")
+        del big
+        assert freed() is None  # the check read no frame's locals: on Python 3.11 that kept them alive
+
+    build_then_free(ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=1e-3))
 
 
 def test_zero_redundancy_optimizer_around_it_is_refused(tmp_path):
