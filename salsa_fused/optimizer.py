@@ -2508,13 +2508,20 @@ def _grad_scaler_records(optimizer: Optimizer) -> Optional[List[torch.Tensor]]:
     ``step(optimizer, ...)`` runs this step: torch hands the optimizer ``found_inf``, a sum of them, not the
     scaler (a ``grad_scaler=`` keyword only to a ``step`` that declares one). Found among the calling frames,
     in the scaler's private ``_per_optimizer_states`` (torch 2.13); None where there is no such frame or record."""
+    codes, classes = set(), [torch.amp.GradScaler]  # the code of step() of GradScaler and of each subclass
+    while classes:
+        cls = classes.pop()
+        code = getattr(cls.__dict__.get("step"), "__code__", None)
+        if code is not None:
+            codes.add(code)
+        classes.extend(cls.__subclasses__())
     frame = sys._getframe(1)
     for _ in range(_SCALER_FRAMES):
         frame = frame.f_back
         if frame is None:
             return None
-        if frame.f_code.co_name != "step":
-            continue
+        if frame.f_code not in codes:  # only such a frame's locals are read: on Python 3.11 and 3.12 a read
+            continue                    # keeps them alive until the frame returns (a caller's own step(), say)
         scaler, stepped = frame.f_locals.get("self"), frame.f_locals.get("optimizer")
         if stepped is optimizer and isinstance(scaler, torch.amp.GradScaler):
             states = getattr(scaler, "_per_optimizer_states", None)
