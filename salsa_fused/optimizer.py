@@ -744,8 +744,10 @@ class FusedSaLSa(Optimizer, Joinable):
         the step sizes in float32, where they would be inf and write inf weights (a scheduler's huge
         ``lr``, a level loaded from elsewhere). Checked: the first trial ``lr_g * eta * growth``, the
         applied step ``lr_g * s * eta * growth`` (no accepted trial is larger) and the decay. A level that grew
-        untested (SaLSa's guard) is named as the cause: no lr or weight_decay set it."""
+        untested (SaLSa's guard) is named as the cause where the move at the last tested level, ``growth ** n``
+        times smaller, would have passed: then no lr or weight_decay set it."""
         untested = plan.state.untested_searches
+        grown_by = self.search_config.growth ** untested if untested else 1.0  # inf past float64: then it is
         grown = (f"; the level grew untested at the last {untested} search(es) in a row, by growth at each (each read "
                  f"a loss of exactly 0 or a smoothed slope under {MIN_SLOPE_AVG:g}, where SaLSa's rule moves without "
                  "a trial): a run that has converged, or a loss scaled far down (docs/api.md, 'A loss of exactly "
@@ -761,8 +763,8 @@ class FusedSaLSa(Optimizer, Joinable):
                     raise ValueError(
                         f"param_groups[{index}]: {what} would be {size:.4g} times the direction, more than "
                         f"float32 holds ({FLOAT32_MAX:.4g}): lr={group['lr']!r}, search_lr={probing['search_lr']!r}, "
-                        f"the level {plan.state.step_size:.4g}, the schedule's scale {scale:.4g}{grown}; nothing "
-                        "was written")
+                        f"the level {plan.state.step_size:.4g}, the schedule's scale {scale:.4g}"
+                        f"{grown if fits_float32(size / grown_by) else ''}; nothing was written")
             shrink = moves["the weight decay"]
             if shrink > 1.0:
                 raise ValueError(
@@ -770,7 +772,8 @@ class FusedSaLSa(Optimizer, Joinable):
                     f"(weight_decay={group['weight_decay']!r} times the decay step lr * s * eta = "
                     f"{group_step.decay:.4g}); above 1 the decoupled decay w * (1 - weight_decay * lr * s * eta) "
                     "flips the weights' sign, and above 2 grows them until they overflow. "
-                    + (f"The level is {plan.state.step_size:.4g}{grown}; nothing was written" if untested else
+                    + (f"The level is {plan.state.step_size:.4g}{grown}; nothing was written"
+                       if untested and shrink / grown_by <= 1.0 else
                        "Lower weight_decay (as AdamW's lr * weight_decay, it must stay below 1); nothing was written"))
 
     def _refuse_inside_step(self, call: str, done: str) -> None:

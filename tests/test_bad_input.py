@@ -2457,3 +2457,20 @@ def test_an_unknown_keyword_is_refused_in_pythons_words_with_what_was_meant(give
     Python's bare "unexpected keyword argument 'preset'"."""
     with pytest.raises(TypeError, match=f"^FusedSaLSa\\(\\) got an {said}"):
         FusedSaLSa(torch.nn.Linear(2, 1).parameters(), **given)
+
+
+def test_a_decay_refused_that_the_last_tested_level_would_also_refuse_names_weight_decay_not_the_growth():
+    """One search of a loss of exactly 0 grew the level by 1.1, untested, and weight_decay=3.0 (a typo for 3e-3)
+    took 3.3 of the weights: the refusal blamed the untested growth and dropped 'Lower weight_decay' (a review's
+    check). At the tested level it takes 3.0, refused as well: the growth is not the cause."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    x = torch.randn(8, 4)
+    opt = FusedSaLSa(model.parameters(), weight_decay=3.0, backend="torch")
+    opt.zero_grad()
+    opt.step(lambda: (model(x) * 0).sum())
+    assert opt.search_state.untested_searches == 1
+    opt.zero_grad()
+    with pytest.raises(ValueError, match="the weight decay would take 3.3 .*Lower weight_decay") as refused:
+        opt.step(lambda: (model(x) - 1).pow(2).mean())
+    assert "grew untested" not in str(refused.value)
