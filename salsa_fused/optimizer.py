@@ -1890,8 +1890,12 @@ class FusedSaLSa(Optimizer, Joinable):
         """``torch.distributed.checkpoint.state_dict`` creates the state of an optimizer that has none (built
         while its parameters were frozen, say) by a step with no closure, every gradient zero and every
         ``lr`` 0: create the moments of the parameters with a gradient, move nothing, and say so (True).
-        Read on the way to the refusal of a step without closure only."""
-        if self.state or any(group["lr"] != 0 for group in self.param_groups):
+        Read on the way to the refusal of a step without closure only, and only under that function: such a
+        step of the user's own (a warm-up at lr 0, an opt.step() by habit) is refused as any step without closure."""
+        checkpoint = sys.modules.get("torch.distributed.checkpoint.state_dict")
+        if (checkpoint is None or self.state or self._search.step != 0
+                or any(group["lr"] != 0 for group in self.param_groups)
+                or not _called_from(getattr(checkpoint, "_init_optim_state", None), depth=12)):
             return False
         with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         if any(p.grad.layout != torch.strided or _local(p.grad).count_nonzero() for p in with_grad):  # one device read per tensor, this once

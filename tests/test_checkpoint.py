@@ -340,6 +340,14 @@ def test_distributed_checkpoint_creates_the_state_of_an_optimizer_built_while_it
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
         opt.step()
+    model, opt = build()  # the user's own such step, in a warm-up at lr 0 (a review's check): refused
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(TypeError, match="needs closure"):
+        opt.step()
+    assert not opt.state
 
 
 def test_a_state_dict_names_every_groups_start_and_a_load_keeps_none_for_a_group_that_began_with_the_run():
