@@ -1053,17 +1053,23 @@ class FusedSaLSa(Optimizer, Joinable):
         return self._search.last_loss_decrease
 
     def __repr__(self) -> str:
-        """torch's listing of the groups, after the search's configuration: two optimizers that print alike
-        search alike (a preset's and a hand-built one printed the same but for weight_decay)."""
+        """torch's listing of the groups, after the constructor's settings (a preset's optimizer and a hand-built
+        one printed the same but for weight_decay)."""
         if "backend" not in self.__dict__:  # a construction that raised (a debugger's or a traceback's look)
-            return super().__repr__()
+            return super().__repr__() if "param_groups" in self.__dict__ else f"{type(self).__name__} (not built)"
         rule = self.search_rule
         rule = rule.__name__ if isinstance(rule, type) else repr(rule)
+        given = self.__dict__.get("_init_step_size_given", True)
         lines = [("backend", f"{self.backend_name!r} ({self.backend.name})"),
+                 *((name, repr(value)) for name, value in (("foreach", self.foreach), ("fused", self.fused))
+                   if value is not None),
                  ("search_direction", repr(self.search_direction)), ("search_rule", rule),
                  *((f.name, repr(getattr(self.search_config, f.name))) for f in dataclasses.fields(self.search_config)),
-                 ("schedule", repr(self.schedule)), ("init_step_size", repr(self.init_step_size)),
-                 ("restore", repr(self.restore_strategy)), ("nonfinite", repr(self.nonfinite))]
+                 ("schedule", repr(self.schedule)),
+                 ("init_step_size", repr(self.init_step_size) + ("" if given else " (none given: a placeholder)")),
+                 ("restore", repr(self.restore_strategy)), ("nonfinite", repr(self.nonfinite)),
+                 *((("model", type(self.model).__name__),) if self.model is not None else ()),
+                 *((("reduction", type(self.reduction).__name__),) if self.__dict__.get("_reduction_given") else ())]
         search = "Search\n" + "".join(f"    {name}: {value}\n" for name, value in lines)
         head, _, groups = super().__repr__().partition("\n")
         return f"{head}\n{search}\n{groups}"

@@ -197,3 +197,10 @@ def test_repr_names_the_search_configuration_before_the_groups_as_torch_lists_th
     assert plain.endswith(torch_listing.partition("\n")[2])
     labpal = repr(FusedSaLSa(model.parameters(), search_rule="labpal", backend="torch"))
     assert "search_rule: LABPALRule(mode='NSGD'" in labpal
+    # the placeholder level decides the first search's decay: given or not, the runs differ (a review's check)
+    assert "init_step_size: 1.0 (none given: a placeholder)\n" in plain
+    assert "init_step_size: 1.0\n" in repr(FusedSaLSa(model.parameters(), init_step_size=1.0, backend="torch"))
+    bound = repr(FusedSaLSa(model.parameters(), model=model, foreach=True))
+    assert "foreach: True\n" in bound and "model: Linear\n" in bound
+    unbuilt = FusedSaLSa.__new__(FusedSaLSa)  # a construction that raised before torch's __init__
+    assert repr(unbuilt) == "FusedSaLSa (not built)"
