@@ -1052,6 +1052,26 @@ class FusedSaLSa(Optimizer, Joinable):
     def last_loss_decrease(self) -> float:
         return self._search.last_loss_decrease
 
+    def _init_state_of_parameters_unfrozen_since(self) -> None:
+        """Moments for the parameters that require gradients but have none: frozen when their group was built,
+        unfrozen since, with no gradient yet. Made as construction makes them, counted as sitting out since their
+        group began, as their first gradient would count them; so a state dict names every parameter that
+        requires gradients, which torch.distributed.checkpoint's set_optimizer_state_dict asks of a checkpoint
+        (it refused a resume into an optimizer built so: 'Missing optimizer state for parameter')."""
+        if self.__dict__.get("_in_step"):  # a hook's save inside a step: its buckets are in use
+            return
+        made = False
+        for group in self.param_groups:
+            group_steps = self._search.step - group.get(MOMENTS_START, 0)
+            for p in group["params"]:
+                if p.requires_grad and not (p in self.state and "exp_avg" in self.state[p]):
+                    state = self._init_state(p)
+                    if group_steps > 0:
+                        state[SAT_OUT_SINCE] = 0
+                    made = True
+        if made:
+            self._buckets.clear()  # their layout was made for the tensors that had moments
+
     def __repr__(self) -> str:
         """torch's listing of the groups, after the constructor's settings (a preset's optimizer and a hand-built
         one printed the same but for weight_decay)."""
@@ -1081,6 +1101,7 @@ class FusedSaLSa(Optimizer, Joinable):
         _load_accelerate_integration_if_imported()  # accelerate's prepare() reads it (device placement)
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
+        self._init_state_of_parameters_unfrozen_since()
         with _torch_hooks_suspended(self, "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks"):
             state_dict = super().state_dict()
         search = self._search.to_dict()  # a deep copy

@@ -350,6 +350,57 @@ def test_distributed_checkpoint_creates_the_state_of_an_optimizer_built_while_it
     assert not opt.state
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_a_parameter_unfrozen_after_the_build_is_in_the_state_dict_and_resumes_through_dcp(tmp_path, backend):
+    """A layer frozen when the optimizer was built has no moments until its first gradient. Unfrozen, then saved
+    before that, the checkpoint did not name it, and a resume through torch.distributed.checkpoint into an optimizer
+    built so refused: 'Missing optimizer state for parameter 0.weight' (a review's check). state_dict() now makes
+    its moments, counted as sitting out since its group began, as its first gradient would count them: a run that
+    saves steps as one that does not, and the resume as both."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    if backend == "cpp":
+        pytest.importorskip("salsa_fused._C", reason="the C++ extension is not built")
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        model[0].requires_grad_(False)
+        return model, FusedSaLSa(model.parameters(), backend=backend)
+
+    def run(model, opt, steps):
+        for step in steps:
+            if step == 4:
+                model[0].requires_grad_(True)
+            x = torch.randn(16, 4, generator=torch.Generator().manual_seed(step))
+            opt.zero_grad()
+            opt.step(lambda: torch.nn.functional.mse_loss(model(x), x[:, :1].cos()))
+
+    model, opt = build()
+    run(model, opt, range(10))
+    expected = [p.detach().clone() for p in model.parameters()]
+    model, opt = build()
+    run(model, opt, range(4))
+    model[0].requires_grad_(True)  # unfrozen, no gradient yet
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
+        saved = get_optimizer_state_dict(model, opt)
+        assert [saved["state"]["0.weight"][key] for key in ("steps_sat_out", "sat_out_since")] == [0, 0]
+        dcp.save({"optim": saved}, checkpoint_id=str(tmp_path))
+        weights = copy.deepcopy(model.state_dict())
+        run(model, opt, range(4, 10))
+        assert all(torch.equal(a, b) for a, b in zip(expected, model.parameters()))  # the save changed nothing
+        model, opt = build()
+        model.load_state_dict(weights)
+        model[0].requires_grad_(True)
+        state = {"optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(state, checkpoint_id=str(tmp_path))
+    set_optimizer_state_dict(model, opt, state["optim"])
+    run(model, opt, range(4, 10))
+    assert all(torch.equal(a, b) for a, b in zip(expected, model.parameters()))
+
+
 def test_a_state_dict_names_every_groups_start_and_a_load_keeps_none_for_a_group_that_began_with_the_run():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
     opt = FusedSaLSa(model[0].parameters(), backend="torch")
