@@ -1052,25 +1052,25 @@ class FusedSaLSa(Optimizer, Joinable):
     def last_loss_decrease(self) -> float:
         return self._search.last_loss_decrease
 
-    def _init_state_of_parameters_unfrozen_since(self) -> None:
-        """Moments for the parameters that require gradients but have none: frozen when their group was built,
-        unfrozen since, with no gradient yet. Made as construction makes them, counted as sitting out since their
-        group began, as their first gradient would count them; so a state dict names every parameter that
-        requires gradients, which torch.distributed.checkpoint's set_optimizer_state_dict asks of a checkpoint
-        (it refused a resume into an optimizer built so: 'Missing optimizer state for parameter')."""
-        if self.__dict__.get("_in_step"):  # a hook's save inside a step: its buckets are in use
-            return
-        made = False
-        for group in self.param_groups:
-            group_steps = self._search.step - group.get(MOMENTS_START, 0)
-            for p in group["params"]:
-                if p.requires_grad and not (p in self.state and "exp_avg" in self.state[p]):
-                    state = self._init_state(p)
-                    if group_steps > 0:
-                        state[SAT_OUT_SINCE] = 0
-                    made = True
-        if made:
-            self._buckets.clear()  # their layout was made for the tensors that had moments
+    def _zero_moments_of_parameters_unfrozen_since(self, state_dict: dict) -> None:
+        """Into ``state_dict`` (torch's packing, not ``self.state``): zero moments for the parameters that require
+        gradients but have none, frozen when their group was built and unfrozen since, with no gradient yet,
+        counted as sitting out since their group began, as their first gradient would count them. So a state dict
+        names every parameter that requires gradients, as torch.distributed.checkpoint's set_optimizer_state_dict
+        asks of a checkpoint (it refused a resume into an optimizer built so: 'Missing optimizer state for
+        parameter'); loaded, they are as that gradient would make them."""
+        for saved, group in zip(state_dict["param_groups"], self.param_groups):
+            start = group.get(MOMENTS_START, 0)
+            if type(start) is not int:  # set by hand: the next step refuses it
+                continue
+            for index, p in zip(saved["params"], group["params"]):
+                if not p.requires_grad or index in state_dict["state"] or (
+                        p in self.state and "exp_avg" in self.state[p]):
+                    continue
+                with torch.no_grad(), torch.inference_mode(False):
+                    zeros = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                state_dict["state"][index] = {"exp_avg": zeros, "exp_avg_sq": zeros.clone(), STEPS_SAT_OUT: 0,
+                                              SAT_OUT_SINCE: 0 if self._search.step > start else NOT_SITTING_OUT}
 
     def __repr__(self) -> str:
         """torch's listing of the groups, after the constructor's settings (a preset's optimizer and a hand-built
@@ -1101,9 +1101,9 @@ class FusedSaLSa(Optimizer, Joinable):
         _load_accelerate_integration_if_imported()  # accelerate's prepare() reads it (device placement)
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        self._init_state_of_parameters_unfrozen_since()
         with _torch_hooks_suspended(self, "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks"):
             state_dict = super().state_dict()
+        self._zero_moments_of_parameters_unfrozen_since(state_dict)
         search = self._search.to_dict()  # a deep copy
         initial = getattr(self.search_rule, "initial_rule_state", None)
         if not search["rule_state"] and initial is not None:

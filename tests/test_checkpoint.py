@@ -354,9 +354,9 @@ def test_distributed_checkpoint_creates_the_state_of_an_optimizer_built_while_it
 def test_a_parameter_unfrozen_after_the_build_is_in_the_state_dict_and_resumes_through_dcp(tmp_path, backend):
     """A layer frozen when the optimizer was built has no moments until its first gradient. Unfrozen, then saved
     before that, the checkpoint did not name it, and a resume through torch.distributed.checkpoint into an optimizer
-    built so refused: 'Missing optimizer state for parameter 0.weight' (a review's check). state_dict() now makes
-    its moments, counted as sitting out since its group began, as its first gradient would count them: a run that
-    saves steps as one that does not, and the resume as both."""
+    built so refused: 'Missing optimizer state for parameter 0.weight' (a review's check). state_dict() now writes
+    zero moments for it, counted as sitting out since its group began, as its first gradient would count them,
+    and leaves the optimizer's own state as it is: the resume steps as the uninterrupted run."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
@@ -387,6 +387,7 @@ def test_a_parameter_unfrozen_after_the_build_is_in_the_state_dict_and_resumes_t
         warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
         saved = get_optimizer_state_dict(model, opt)
         assert [saved["state"]["0.weight"][key] for key in ("steps_sat_out", "sat_out_since")] == [0, 0]
+        assert model[0].weight not in opt.state  # written into the state dict only
         dcp.save({"optim": saved}, checkpoint_id=str(tmp_path))
         weights = copy.deepcopy(model.state_dict())
         run(model, opt, range(4, 10))
