@@ -383,3 +383,23 @@ def test_a_forward_after_the_step_in_the_same_autocast_region_reads_the_moved_we
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fresh = model(x)
     assert torch.equal(after_step, fresh)
+
+
+def test_the_grad_scaler_lookup_reads_no_locals_of_a_callers_own_step_function():
+    """The GradScaler's found_inf records are looked for among the calling frames. Any frame named 'step' had its
+    locals read, and on Python 3.11 and 3.12 a read keeps them alive until the frame returns: a caller's own
+    step() function held on to what it deleted after the optimizer's step (found beside the ZeRO check)."""
+    import weakref
+
+    from salsa_fused.optimizer import _grad_scaler_records
+
+    opt = FusedSaLSa(torch.nn.Linear(2, 1).parameters(), backend="torch")
+
+    def step(self, optimizer):  # the caller's own, not GradScaler's
+        big = torch.zeros(1000)
+        freed = weakref.ref(big)
+        assert (lambda: _grad_scaler_records(optimizer))() is None
+        del big
+        return freed() is None
+
+    assert step(object(), opt)
