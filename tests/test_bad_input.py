@@ -2474,3 +2474,20 @@ def test_a_decay_refused_that_the_last_tested_level_would_also_refuse_names_weig
     with pytest.raises(ValueError, match="the weight decay would take 3.3 .*Lower weight_decay") as refused:
         opt.step(lambda: (model(x) - 1).pow(2).mean())
     assert "grew untested" not in str(refused.value)
+
+
+def test_a_move_over_float32_that_the_last_tested_level_would_also_make_does_not_blame_the_growth():
+    """As for the decay: after one zero-loss search (the level grown 1.1, untested) an lr of 3.4e38 set by hand makes
+    an applied step float32 cannot hold at the tested level as well: the refusal names lr, not the growth."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    x = torch.randn(8, 4)
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    opt.zero_grad()
+    opt.step(lambda: (model(x) * 0).sum())
+    assert opt.search_state.untested_searches == 1
+    opt.param_groups[0]["lr"] = 3.4e38  # a scheduler's, say: the applied step is lr / search_lr times the trial
+    opt.zero_grad()
+    with pytest.raises(ValueError, match="the applied step would be .* lr=3.4e\\+38") as refused:
+        opt.step(lambda: (model(x) - 1).pow(2).mean())
+    assert "grew untested" not in str(refused.value)
