@@ -51,8 +51,8 @@ from .applied import GroupStep
 from .line_search import FLOAT32_MAX, FLOAT32_TINY, MIN_SLOPE_AVG, RENAMED_KEYS, SearchConfig, SearchState, fits_float32
 from .rules import (Batches, check_arguments, check_rule_state, checked_direction, moment_step, plan_step,
                     plan_without_search, resolve_rule, step_batches)
-from .step_size import (applied_scale, backs_off_on_loss_rise, check_freeze_below, check_freeze_rule,
-                        freeze_if_collapsed, observe_search_loss, schedule_searches, warn_collapsed_level,
+from .step_size import (ScaledSchedule, applied_scale, backs_off_on_loss_rise, check_freeze_below,
+                        check_freeze_rule, freeze_if_collapsed, observe_search_loss, schedule_searches, warn_collapsed_level,
                         is_number, warn_past_end)
 
 LossClosure = Callable[[], Union[torch.Tensor, float]]
@@ -357,12 +357,23 @@ def _flag_off(value) -> bool:
 
 
 def _configuration_value(value) -> str:
-    """A configuration value as a checkpoint keeps it: the repr of a number, a string, a dataclass (a preset's
-    schedule, a rule's settings) or None; a class's name (ArmijoSearch); an object of another kind, the name of its
-    type, whose repr may name its address."""
-    if value is None or isinstance(value, (bool, numbers.Number, str)) or (
-            dataclasses.is_dataclass(value) and not isinstance(value, type)):
+    """A configuration value as a checkpoint keeps it: the repr of a number, a string or None; a dataclass (a
+    preset's schedule, a rule's settings) as its repr, each field made so in turn (a field holding a function or
+    another object reads as its type's name, not its address); a class's name (ArmijoSearch); an object of another
+    kind, its type's name. A StepSizeBeam's or LRFactorSearch's wrapper is the schedule it wraps: its multiplier is
+    its owner's state."""
+    if isinstance(value, ScaledSchedule):
+        return _configuration_value(value.inner)
+    if value is None or isinstance(value, (bool, numbers.Number, str)):
         return repr(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        shown = ", ".join(f"{f.name}={_configuration_value(getattr(value, f.name))}"
+                          for f in dataclasses.fields(value) if f.repr)
+        return f"{type(value).__qualname__}({shown})"
+    if type(value) in (tuple, list):
+        items = [_configuration_value(item) for item in value]
+        return (f"({', '.join(items)}{',' if len(items) == 1 else ''})" if type(value) is tuple
+                else f"[{', '.join(items)}]")
     return value.__qualname__ if isinstance(value, type) else type(value).__qualname__
 
 
@@ -747,7 +758,10 @@ class FusedSaLSa(Optimizer, Joinable):
         untested (SaLSa's guard) is named as the cause where the move at the last tested level, ``growth ** n``
         times smaller, would have passed: then no lr or weight_decay set it."""
         untested = plan.state.untested_searches
-        grown_by = self.search_config.growth ** untested if untested else 1.0  # inf past float64: then it is
+        try:
+            grown_by = self.search_config.growth ** untested if untested else 1.0
+        except OverflowError:  # past float64 (a checkpoint's count of thousands): every move fitted there
+            grown_by = math.inf
         grown = (f"; the level grew untested at the last {untested} search(es) in a row, by growth at each (each read "
                  f"a loss of exactly 0 or a smoothed slope under {MIN_SLOPE_AVG:g}, where SaLSa's rule moves without "
                  "a trial): a run that has converged, or a loss scaled far down (docs/api.md, 'A loss of exactly "
@@ -1158,7 +1172,7 @@ class FusedSaLSa(Optimizer, Joinable):
                 raise ValueError(f"the checkpoint's parameter group {index} has {len(saved['params'])} parameters "
                                  f"and this optimizer's {len(group['params'])}: nothing was loaded")
         _refuse_reordered_names(groups, self.param_groups)
-        search = None
+        search, saved_configuration = None, None
         # saved in group 0, but a checkpoint laid out again in this optimizer's group order (a pre hook
         # matching param_names, torch.distributed.checkpoint) carries it in the group it came with
         carriers = [index for index, group in enumerate(groups) if _SEARCH_KEY in group]
@@ -1205,8 +1219,6 @@ class FusedSaLSa(Optimizer, Joinable):
                 warnings.warn(f"the checkpoint's search state has no {', '.join(defaulted)}: they start from their "
                               "defaults (a checkpoint saved by an earlier salsa_fused has fewer; one edited by hand "
                               "may have lost them)", UserWarning, stacklevel=2)
-            if saved_configuration:
-                _warn_of_another_configuration(saved_configuration, _configuration_of(self))
         carried_starts, carried_sat_out = _carried_adam_steps(groups, state_dict["state"]) if not carriers else ({}, {})
         if not carriers and state_dict["state"]:
             counts = ("Adam's bias corrections go on from each parameter's 'step' (AdamW's count), as they would "
@@ -1336,6 +1348,8 @@ class FusedSaLSa(Optimizer, Joinable):
                     "sat out since their group began (Adam's bias corrections start at their first gradient, "
                     "as this version counts such a parameter); a parameter whose gradients were all exactly "
                     "zero reads the same, and is then counted so too", UserWarning, stacklevel=2)
+        if saved_configuration:  # past every check: a refused load says only why
+            _warn_of_another_configuration(saved_configuration, _configuration_of(self))
         with _torch_hooks_suspended(self, "_optimizer_load_state_dict_pre_hooks",
                                     "_optimizer_load_state_dict_post_hooks"):
             super().load_state_dict({**state_dict, "param_groups": groups, "state": stripped_state})
@@ -1917,11 +1931,11 @@ class FusedSaLSa(Optimizer, Joinable):
         """``torch.distributed.checkpoint.state_dict`` creates the state of an optimizer that has none (built
         while its parameters were frozen, say) by a step with no closure, every gradient zero and every
         ``lr`` 0: create the moments of the parameters with a gradient, move nothing, and say so (True).
-        Read on the way to the refusal of a step without closure only, and only under that function: such a
-        step of the user's own (a warm-up at lr 0, an opt.step() by habit) is refused as any step without closure."""
+        Read on the way to the refusal of a step without closure only, and only under that function (its state
+        cleared by hand mid-run included): such a step of the user's own (a warm-up at lr 0, an opt.step() by
+        habit) is refused as any step without closure."""
         checkpoint = sys.modules.get("torch.distributed.checkpoint.state_dict")
-        if (checkpoint is None or self.state or self._search.step != 0
-                or any(group["lr"] != 0 for group in self.param_groups)
+        if (checkpoint is None or self.state or any(group["lr"] != 0 for group in self.param_groups)
                 or not _called_from(getattr(checkpoint, "_init_optim_state", None), depth=12)):
             return False
         with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]

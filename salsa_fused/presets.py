@@ -41,7 +41,8 @@ Run length, for ``"pretrain"``:
   of the frozen level; times the back-off ``b``, and ``h b / (T - D)`` where the loss turned and a hold ``h`` was
   kept), never 0, and the optimizer warns once that the run is past its plan.
   To train longer, build the optimizer with the new ``total_steps`` and ``load_state_dict`` the
-  checkpoint (the schedule is not in the checkpoint; the step count is): the run continues at
+  checkpoint (the step count is in it; the schedule is the loading optimizer's, and the load warns once that
+  ``total_steps`` changed): the run continues at
   its step of the longer schedule. From a checkpoint of the search phase (the first 20%) that
   is a clean extension (a level that froze early stays frozen: ``search_state.frozen_at``);
   from one inside the cooldown, the run goes on at that step of the longer schedule: where the

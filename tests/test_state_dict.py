@@ -829,3 +829,57 @@ def test_a_checkpoint_loaded_into_an_optimizer_configured_otherwise_warns_naming
                                          r"there, 0.9 here\."):
         plain.load_state_dict(deepcopy(saved))
     assert plain.search_state == opt.search_state  # loaded: the run goes on as configured here
+
+
+def test_the_configuration_compares_what_decides_the_steps_not_addresses_or_wrappers():
+    """A dataclass schedule holding a function printed its address, so every resume warned; a StepSizeBeam's or
+    LRFactorSearch's wrapper recorded only its own name, so a wrapped schedule's change went unseen and a wrapper
+    installed after the load warned; a load refused after the warning had already said the run goes on (a
+    review's check). And a checkpoint's count of untested searches past float64 raised OverflowError at a step."""
+    import dataclasses as dc
+
+    from salsa_fused import LRFactorSearch, StepSizeBeam, presets, step_size
+
+    @dc.dataclass(frozen=True)
+    class Shaped:
+        shape: object = lambda k: 1.0
+
+        def scale(self, step):
+            return self.shape(step)
+
+        def searches(self, step):
+            return True
+
+    model = _model()
+
+    def built(schedule):
+        return FusedSaLSa(model.parameters(), schedule=schedule, backend="torch")
+
+    saved = built(Shaped(lambda k: 1.0)).state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        built(Shaped(lambda k: 1.0)).load_state_dict(deepcopy(saved))  # another function, at another address
+    preset = presets.from_preset(model.parameters(), "pretrain", total_steps=40, backend="torch")
+    StepSizeBeam(preset, 40)
+    _train(model, preset, 2)
+    saved = preset.state_dict()
+    assert "ScaledSchedule" not in str(saved["param_groups"][0]["search"]["configuration"])
+    resumed = presets.from_preset(model.parameters(), "pretrain", total_steps=40, backend="torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed.load_state_dict(deepcopy(saved))  # the beam installed after the load: the same schedule
+    resumed = presets.from_preset(model.parameters(), "pretrain", total_steps=400, backend="torch")
+    LRFactorSearch(resumed, 10)
+    with pytest.warns(UserWarning, match="schedule total_steps=40 there, 400 here"):
+        resumed.load_state_dict(deepcopy(saved))
+    other = FusedSaLSa(_groups(_model()), schedule=step_size.Cooldown(0, 10), backend="torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused for its model, with no word of a configuration first
+        with pytest.raises(ValueError, match="nothing was loaded"):
+            other.load_state_dict(deepcopy(saved))
+    counted = built(None).state_dict()
+    counted["param_groups"][0]["search"]["untested_searches"] = 100_000
+    opt = FusedSaLSa(model.parameters(), growth=2.0, backend="torch")
+    with pytest.warns(UserWarning, match="growth 1.1 there, 2.0 here"):
+        opt.load_state_dict(counted)
+    _train(model, opt, 1)
