@@ -458,7 +458,8 @@ def _called_from(function, depth: int = 8) -> bool:
     """Whether ``function`` is among the ``depth`` callers above the caller (subclasses' ``__init__`` and wrappers
     stand between): its code object compared, frame by frame. No frame's locals are read: on Python 3.11 and 3.12
     reading them keeps a snapshot of each frame's variables alive until the frame returns."""
-    code = getattr(function, "__code__", None)
+    # a decorated function's frame runs the code it wraps (functools.wraps keeps it in __wrapped__)
+    code = getattr(inspect.unwrap(function), "__code__", None) if function is not None else None
     frame = sys._getframe(2)
     for _ in range(depth):
         if frame is None or code is None:
