@@ -2548,6 +2548,13 @@ class FusedSaLSa(Optimizer, Joinable):
         return loss_tensor.detach() if one_phase else loss
 
 
+# The constructor's signature as tools read it (LightningCLI's argument parser, HF's optimizer kwargs): its named
+# arguments, without the **unexpected that only words a refusal; a signature with **kwargs reads as taking any.
+FusedSaLSa.__init__.__signature__ = inspect.signature(FusedSaLSa.__init__).replace(parameters=[
+    parameter for parameter in inspect.signature(FusedSaLSa.__init__).parameters.values()
+    if parameter.kind is not inspect.Parameter.VAR_KEYWORD])
+
+
 #: How many frames above the optimizer's own a GradScaler's ``step`` is looked for (:func:`_grad_scaler_records`).
 _SCALER_FRAMES = 32
 

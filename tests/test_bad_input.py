@@ -8,6 +8,7 @@ Non-finite values: nothing non-finite is ever written into weights or state.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import re
 import warnings
@@ -2457,6 +2458,9 @@ def test_an_unknown_keyword_is_refused_in_pythons_words_with_what_was_meant(give
     Python's bare "unexpected keyword argument 'preset'"."""
     with pytest.raises(TypeError, match=f"^FusedSaLSa\\(\\) got an {said}"):
         FusedSaLSa(torch.nn.Linear(2, 1).parameters(), **given)
+    # tools that read the signature (LightningCLI, HF) see the named arguments, not a **kwargs that takes any
+    parameters = inspect.signature(FusedSaLSa).parameters
+    assert "weight_decay" in parameters and all(p.kind is not p.VAR_KEYWORD for p in parameters.values())
 
 
 def test_a_decay_refused_that_the_last_tested_level_would_also_refuse_names_weight_decay_not_the_growth():
