@@ -447,6 +447,15 @@ def _warn_of_another_configuration(saved: Mapping, live: Dict[str, str]) -> None
             stacklevel=3)
 
 
+#: Where no search comes (a frozen level), every plain step of a window of counts had a NaN/inf loss and was skipped.
+SKIPPED_EVERY_STEP = (
+    "nonfinite='skip' skipped every one of the last {interval} steps (the loss was NaN/inf at each), and no search "
+    "comes to move the level: the weights have not moved since, and a run whose weights left the loss's domain (a "
+    "log or sqrt of a negative, an overflow) stays there, since no skipped step moves them. "
+    "opt.search_state.num_skipped_steps counts them; nonfinite='raise' stops at the first; a checkpoint from before "
+    "the skips, with a shorter total_steps or a lower lr, goes on from there")
+
+
 ZERO_REDUNDANCY_REFUSED = (
     "torch.distributed.optim.ZeroRedundancyOptimizer(optimizer_class=FusedSaLSa) is not supported: each rank's "
     "FusedSaLSa would hold a shard of the parameters as plain tensors, so its trials would move only that shard "
@@ -689,6 +698,7 @@ class FusedSaLSa(Optimizer, Joinable):
         self._collapse_checked = False  # the one-time check of the level a schedule freezes
         self._stacked_scheduler_warned = False  # the one-time warning of a scheduler on top of the schedule
         self._auto_fallback_warned = False  # the one-time warning of "auto" sent to the torch backend
+        self._skips_warned = False  # the one-time warning of "skip" skipping every step where no search comes
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         _refuse_a_set(params)  # torch.optim refuses one only inside a group
         super().__init__(params, defaults)
@@ -1444,7 +1454,8 @@ class FusedSaLSa(Optimizer, Joinable):
         for name, value in (("_buckets", BucketCache()), ("_saved", WeakIdKeyDictionary()), ("_counts", None), ("foreach", None),
                             ("fused", None), ("_lr_checked", False), ("_lr_rising", {}), ("_past_end_warned", False),
                             ("_init_step_size_given", True), ("_stacked_scheduler_warned", False),
-                            ("_collapse_checked", False), ("_auto_fallback_warned", False), ("_in_step", False)):
+                            ("_collapse_checked", False), ("_auto_fallback_warned", False), ("_in_step", False),
+                            ("_skips_warned", False)):
             self.__dict__.setdefault(name, value)
         # load_state_dict() comes here too: a bind_closure()/mark_forward() it follows stays for the next step
         self.__dict__.setdefault("_handoff", _StepHandoff())
@@ -2316,6 +2327,10 @@ class FusedSaLSa(Optimizer, Joinable):
             elements, losses = pending.read(self._device_counts())
             F.report_plain_steps(state, self.nonfinite, elements, losses, state.step,
                                  where="read where no search came to report them: ")
+            if losses >= interval and not self._skips_warned:  # "skip" ("raise" raised): each step of a window
+                self._skips_warned = True
+                warnings.warn(SKIPPED_EVERY_STEP.format(interval=interval), RuntimeWarning,
+                              stacklevel=caller_stacklevel())
         return at_point
 
     def report_nonfinite(self) -> Tuple[int, int]:

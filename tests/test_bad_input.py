@@ -2495,3 +2495,24 @@ def test_a_move_over_float32_that_the_last_tested_level_would_also_make_does_not
     with pytest.raises(ValueError, match="the applied step would be .* lr=3.4e\\+38") as refused:
         opt.step(lambda: (model(x) - 1).pow(2).mean())
     assert "grew untested" not in str(refused.value)
+
+
+def test_skip_warns_once_when_every_step_of_a_read_window_was_skipped_where_no_search_comes():
+    """Past the preset's search phase its plain steps walked a log barrier's weights out of the loss's domain (NaN
+    for |w| >= 1): under nonfinite='skip' every later step was skipped, the weights never moved again, and nothing
+    said so (107 of 150 steps; an audit's check)."""
+    def run(bound: float):
+        w = torch.nn.Parameter(torch.linspace(-0.5, 0.5, 10))
+        opt = presets.from_preset([w], "pretrain", total_steps=150, backend="torch", nonfinite="skip")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(150):
+                opt.zero_grad()
+                opt.step(lambda: ((w - bound) ** 2).mean() - 1e-3 * torch.log(1 - w ** 2).mean())
+        return opt, [str(c.message) for c in caught if "skipped every one of the last" in str(c.message)]
+
+    stalled, said = run(0.999)
+    assert stalled.num_skipped_steps > 50 and len(said) == 1
+    assert said[0].startswith("nonfinite='skip' skipped every one of the last 10 steps")
+    healthy, said = run(0.5)  # inside the domain: nothing skipped, nothing said
+    assert healthy.num_skipped_steps == 0 and said == []
