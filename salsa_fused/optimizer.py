@@ -404,12 +404,10 @@ def _unexpected_arguments(unexpected: Mapping) -> str:
 
 
 def _package_version() -> str:
-    import importlib.metadata  # a refusal's words only
+    """The package's ``__version__`` (its one home, salsa_fused/__init__.py), for a refusal's words."""
+    from . import __version__  # the package is imported by the time a checkpoint loads
 
-    try:
-        return f"salsa_fused {importlib.metadata.version('salsa_fused')}"
-    except importlib.metadata.PackageNotFoundError:  # a source tree on the path, not installed
-        return "salsa_fused from a source tree"
+    return __version__
 
 
 def _differing_fields(saved: str, live: str) -> str:
@@ -1204,7 +1202,7 @@ class FusedSaLSa(Optimizer, Joinable):
                                  f"{saved_format!r}, not a count: the checkpoint is corrupt; nothing was loaded")
             if saved_format > CHECKPOINT_FORMAT:
                 raise ValueError(f"the checkpoint was written by a newer salsa_fused, in checkpoint format "
-                                 f"{saved_format}; this version ({_package_version()}) reads formats up to "
+                                 f"{saved_format}; this version (salsa_fused {_package_version()}) reads formats up to "
                                  f"{CHECKPOINT_FORMAT}: upgrade salsa_fused to load it; nothing was loaded")
             saved_configuration = saved_search.pop(CONFIGURATION_KEY, None)
             if saved_configuration is not None and not isinstance(saved_configuration, Mapping):
