@@ -356,6 +356,12 @@ def _flag_off(value) -> bool:
     return value is None or (isinstance(value, numbers.Number) and not isinstance(value, complex) and not value)
 
 
+def _zero_moments(p: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Adam's moments before any gradient: fp32 zeros in ``p``'s memory layout (a DTensor's for a DTensor)."""
+    return (torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format),
+            torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format))
+
+
 def _configuration_value(value) -> str:
     """A configuration value as a checkpoint keeps it: the repr of a number, a string or None; a dataclass (a
     preset's schedule, a rule's settings) as its repr, each field made so in turn (a field holding a function or
@@ -960,8 +966,7 @@ class FusedSaLSa(Optimizer, Joinable):
         state = self.state[p]
         with torch.inference_mode(False):
             if "exp_avg" not in state and "exp_avg_sq" not in state:  # none yet (check_moments refuses one alone)
-                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                state["exp_avg"], state["exp_avg_sq"] = _zero_moments(p)
             for name in _MOMENT_KEYS:
                 moment = state.get(name)
                 if moment is not None and _local(moment).stride() != _local(p).stride():
@@ -1090,9 +1095,9 @@ class FusedSaLSa(Optimizer, Joinable):
                 if not p.requires_grad or index in state_dict["state"] or (
                         p in self.state and "exp_avg" in self.state[p]):
                     continue
-                with torch.no_grad(), torch.inference_mode(False):
-                    zeros = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-                state_dict["state"][index] = {"exp_avg": zeros, "exp_avg_sq": zeros.clone(), STEPS_SAT_OUT: 0,
+                with torch.inference_mode(False):
+                    exp_avg, exp_avg_sq = _zero_moments(p)
+                state_dict["state"][index] = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, STEPS_SAT_OUT: 0,
                                               SAT_OUT_SINCE: 0 if self._search.step > start else NOT_SITTING_OUT}
 
     def __repr__(self) -> str:
