@@ -144,7 +144,8 @@ class GPT(nn.Module):
         return logits, loss
 
     def param_groups(self, weight_decay: float):
-        """Two groups as in nanoGPT: matrices decay, biases/norms/embeddings' positions do not."""
+        """Two groups as in nanoGPT: tensors of 2+ dimensions decay (the embeddings included), biases and norms
+        do not."""
         decay, no_decay = [], []
         for param in self.parameters():
             (decay if param.dim() >= 2 else no_decay).append(param)
