@@ -595,7 +595,8 @@ class FusedSaLSa(Optimizer, Joinable):
             (no extra memory, one rounding per trial).
         backend: ``"auto"`` (triton on CUDA when it can run; cpp on the CPU when the C++
             extension is built, else torch with a one-time warning), ``"torch"`` (the reference,
-            step for step 0.1.0's arithmetic), ``"triton"``, ``"cpp"``, or a name added with
+            step for step 0.1.0's arithmetic), ``"triton"``, ``"cpp"``, ``"cuda"`` (the extension's
+            CUDA kernels, where it was built with them), or a name added with
             :func:`salsa_fused.backends.register_backend`; chosen and checked here (a backend
             that cannot run raises with the reason).
         maximize, capturable, differentiable, amsgrad: torch.optim's flags, accepted at ``False``
@@ -1058,26 +1059,36 @@ class FusedSaLSa(Optimizer, Joinable):
 
     @property
     def num_forward_evals(self) -> int:
+        """Forwards run so far: one per step (its own, the closure's or the two-phase caller's) plus every
+        trial forward of every search (docs/api.md says where a reference forward adds one)."""
         return self._search.num_forward_evals
 
     @property
     def num_searches(self) -> int:
+        """Steps so far at which a search ran (its trials tested the level)."""
         return self._search.num_searches
 
     @property
     def num_backtracks(self) -> int:
+        """Failed trials so far, each followed by one ``backtrack`` times smaller: a search of ``k`` trials
+        adds ``k - 1``."""
         return self._search.num_backtracks
 
     @property
     def num_skipped_steps(self) -> int:
+        """Steps that changed no weight because their loss or a search step's gradient was NaN/inf
+        (``nonfinite="skip"``; docs/api.md, "NaN and inf")."""
         return self._search.num_skipped_steps
 
     @property
     def last_search_trials(self) -> int:
+        """Trials of the last search (1 when its first trial, ``growth * eta``, passed)."""
         return self._search.last_trials
 
     @property
     def last_loss_decrease(self) -> float:
+        """``f(w) - f(w - t d)`` at the last finite trial the search evaluated: the unsmoothed decrease
+        that the smoothed Armijo test reads."""
         return self._search.last_loss_decrease
 
     def _zero_moments_of_parameters_unfrozen_since(self, state_dict: dict) -> None:
