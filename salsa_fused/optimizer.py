@@ -2868,8 +2868,12 @@ def _gradients_watch(passes: F.Passes, param_groups: Sequence[dict], what: str) 
     gradients in place (their version counters moved): the trials read those gradients. Under
     FSDP2 the buckets hold each gradient's local shard, whose counter an in-place op on the
     DTensor gradient does not move: the DTensor's own counter is read too (``param_groups``: the
-    optimizer's groups where its gradients are sharded, else empty)."""
+    optimizer's groups where its gradients are sharded, else empty). A bucket holds a copy of a
+    gradient laid out otherwise than its weight (a transpose's strides): the parameter's own
+    ``.grad``, which the closure changes, is read then."""
     recorded = [(g, g._version) for bucket in passes.buckets for g in bucket.grads]
+    recorded += [(p.grad, p.grad._version) for bucket in passes.buckets for p, g in zip(bucket.params, bucket.grads)
+                 if p.grad is not None and p.grad is not g]
     recorded += [(p.grad, p.grad._version) for group in param_groups for p in group["params"]
                  if p.grad is not None and hasattr(p.grad, "_local_tensor")]
 

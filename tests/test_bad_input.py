@@ -551,6 +551,33 @@ def test_a_closure_that_zeroes_the_gradients_in_place_is_refused(backend):
     assert_unchanged(before, snapshot(opt))
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_a_closure_that_zeroes_gradients_laid_out_otherwise_than_their_weights_is_refused(backend):
+    """A gradient with a transpose's strides goes into the buckets as a copy in its weight's layout (channels_last
+    conv weights' gradients can come so from autograd): the watch read the copy's version counter, so a closure
+    that zeroed (or clipped) the user's ``.grad`` in place stepped on, as if nothing had been done (an audit's
+    find). The parameter's own gradient is read too: refused, with nothing changed."""
+    if backend == "cpp":
+        pytest.importorskip("salsa_fused._C", reason="the C++ extension is not built: pip install --no-build-isolation -e .")
+    model, opt = _trained(backend=backend)
+    _until_search_next(model, opt)
+    before = snapshot(opt)
+    weight = model[0].weight
+
+    def closure():
+        weight.grad.zero_()  # that gradient alone: the others' counters would tell on their own
+        return F.mse_loss(model(_X), _Y)
+
+    opt.zero_grad()
+    loss = F.mse_loss(model(_X), _Y)
+    loss.backward()
+    weight.grad = weight.grad.t().contiguous().t()  # the same values, a transpose's strides
+    assert weight.grad.stride() != weight.stride()
+    with pytest.raises(RuntimeError, match="changed the step's gradients in place during a trial forward"):
+        opt.step(closure, loss=loss.detach())
+    assert_unchanged(before, snapshot(opt))
+
+
 def test_clipping_inside_the_closure_is_refused_with_where_to_clip():
     """``clip_grad_norm_`` inside the closure rewrites the step's gradients at every trial (even a clip that
     changes nothing writes them): refused, naming the clip and the two-phase form, with nothing changed."""
