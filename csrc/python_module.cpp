@@ -27,9 +27,25 @@
 namespace {
 
 // Per param: the Python object, the weight's data pointer, its gradient's data pointer, its
-// gradient's dtype plus one, 1 when the gradient's strides are the weight's (2 otherwise; these
-// three 0 without a gradient), and a hash of the weight's dtype, sizes and strides.
+// gradient's dtype plus one, its layout against the weight's (gradient_layout; these three 0
+// without a gradient), and a hash of the weight's dtype, sizes and strides.
 constexpr int kWordsPerParam = 6;
+
+// 1 when the gradient has the weight's sizes and puts every element at the weight's offset (the
+// strides agree on each dimension longer than 1: a size-1 dimension's stride addresses nothing,
+// and autograd gives channels_last ``Conv2d(1, ...)`` weights' gradients other ones there); 2 for
+// the weight's sizes in another layout (a transpose: the Python path copies it, and never
+// remembers the signature); 3 for other sizes (the Python path refuses it by shape).
+int64_t gradient_layout(const at::Tensor& grad, const at::Tensor& param) {
+  if (grad.sizes() != param.sizes()) return 3;
+  const auto sizes = param.sizes();
+  const auto grad_strides = grad.strides();
+  const auto param_strides = param.strides();
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    if (sizes[d] > 1 && grad_strides[d] != param_strides[d]) return 2;
+  }
+  return 1;
+}
 
 // FNV-1a over the dtype, the sizes, then the strides: ``p.data = p.data.view(...)`` (``.t()``,
 // ``[:n]``) keeps the weight's address but not its layout, which its moments must follow, and a
@@ -46,8 +62,8 @@ int64_t layout_hash(const at::Tensor& t) {
 // group_signature(params: list[Tensor]) -> (grads: list[Tensor | None], signature: bytes) | None
 //
 // ``grads[i]`` is ``params[i].grad``; ``signature`` packs, per param, ``id(param)``,
-// ``param.data_ptr()``, the gradient's ``data_ptr()``, dtype and whether its strides are the
-// weight's (zeros without one), and the weight's layout. Two equal signatures mean the same param
+// ``param.data_ptr()``, the gradient's ``data_ptr()``, dtype and layout against the weight's
+// (zeros without one), and the weight's layout. Two equal signatures mean the same param
 // objects on the same storage in the same layouts, with gradients at the same addresses of the
 // same dtypes, each laid out as its weight or not as before (a gradient at a seen address with a
 // transpose's strides is new). None when ``params`` is not a list, or some entry is not a tensor or
@@ -87,7 +103,7 @@ PyObject* group_signature(PyObject* /*module*/, PyObject* params) {
     }
     word[2] = reinterpret_cast<int64_t>(grad.unsafeGetTensorImpl()->data());
     word[3] = static_cast<int64_t>(grad.scalar_type()) + 1;
-    word[4] = grad.strides() == param.strides() ? 1 : 2;
+    word[4] = gradient_layout(grad, param);
     PyList_SET_ITEM(grads, i, THPVariable_Wrap(grad));
   }
   PyObject* signature = PyBytes_FromStringAndSize(reinterpret_cast<const char*>(words.data()),

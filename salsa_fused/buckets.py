@@ -287,6 +287,13 @@ def refuse_shared_moments(param_groups: List[dict], state: Mapping) -> None:
                      "parameter once, or give each its own tensor; nothing was written")
 
 
+def same_memory_order(shape, strides: tuple, other_strides: tuple) -> bool:
+    """Do two tensors of ``shape`` with these strides put every element at the same offset? Their strides
+    agree on each dimension longer than 1 (a dimension of size 1 is indexed at 0 only: its stride addresses
+    nothing, and autograd or ``view`` may give it any value, as channels_last does to ``Conv2d(1, ...)``'s)."""
+    return strides == other_strides or all(a == b for n, a, b in zip(shape, strides, other_strides) if n > 1)
+
+
 def refuse_relaid_in_place(params, weights, weight_pointers, entry: "_GroupEntry", state: Mapping) -> None:
     """Raise ValueError when a weight with moments kept its address but not its strides since the
     buckets were built: ``p.data = p.data.t()`` (or ``.view(...)``) moves the values, not the memory,
@@ -295,7 +302,8 @@ def refuse_relaid_in_place(params, weights, weight_pointers, entry: "_GroupEntry
         return
     for p, weight, pointer, old_pointer, old_strides in zip(params, weights, weight_pointers, entry.weight_pointers,
                                                            entry.weight_strides):
-        if pointer == old_pointer and weight.stride() != old_strides and p in state and state[p]:
+        if (pointer == old_pointer and not same_memory_order(weight.shape, weight.stride(), old_strides)
+                and p in state and state[p]):
             raise ValueError(f"a parameter of shape {tuple(p.shape)} was laid out anew at its own address (strides "
                              f"{old_strides} -> {weight.stride()}: p.data = p.data.view(...) or .t()?) after its "
                              "moments were made, which no longer match its elements. Reshape the module's tensors "
@@ -544,16 +552,17 @@ class BucketCache:
     def _attach_grads(slot: _Slot, grads: List[torch.Tensor], distributed: bool) -> bool:
         """Put this step's gradients into the slot's bucket; check them unless their pointers
         are among the last few validated. A gradient laid out otherwise than its weight (strides
-        of a transpose, a non-dense view, an expanded tensor) goes in as a copy in the weight's
+        of a transpose, a non-dense view, an expanded tensor; strides that differ only on dimensions of
+        size 1 are the weight's layout, :func:`same_memory_order`) goes in as a copy in the weight's
         layout, which the kernels stream alongside it: True then, and the layout is not cached."""
         mine = grads if slot.members is None else _picked(slot, grads)
         if distributed:
             mine = list(map(_local, mine))
         try:
-            # with the dtypes and strides: a gradient of another dtype or layout (a transpose of
-            # a persistent buffer) can land on an address seen before
+            # with the dtypes, strides and shapes: a gradient of another dtype, layout or shape (a
+            # transpose of a persistent buffer, a narrower view of it) can land on an address seen before
             pointers = tuple(map(_data_ptr, mine))
-            key = (pointers, tuple(map(_dtype_of, mine)), tuple(map(_stride_of, mine)))
+            key = (pointers, tuple(map(_dtype_of, mine)), tuple(map(_stride_of, mine)), tuple(map(_shape_of, mine)))
         except RuntimeError:  # no storage (sparse): the check below says so
             pointers = key = None
         if key is None or key not in slot.validated:
@@ -562,7 +571,8 @@ class BucketCache:
                     check_gradient(slot.params[i], grads[i])
             # the strides the key read, compared as one tuple (148 stride() calls a pair were 17 us a step)
             odd = [] if key is not None and key[2] == slot.weight_strides else [
-                i for i, (g, p) in enumerate(zip(mine, slot.bucket.params)) if g.stride() != p.stride()]
+                i for i, (g, p) in enumerate(zip(mine, slot.bucket.params))
+                if not same_memory_order(p.shape, g.stride(), p.stride())]
             if odd:
                 mine = list(mine)
                 with torch.no_grad():
