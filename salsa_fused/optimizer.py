@@ -460,6 +460,22 @@ SKIPPED_EVERY_STEP = (
     "the skips, with a shorter total_steps or a lower lr, goes on from there")
 
 
+#: Searches in a row whose accepted trial's loss was the step's own bitwise, where the slope says it should have
+#: moved by ``TIED_TRIAL_RELATIVE_CHANGE`` of the loss or more, after which a warning names a closure that does
+#: not run the forward again. A real closure ties so by chance (a trial near twice the greedy step, in a bf16
+#: loss: about 2^-8 a search) far less often than 5 times in a row.
+TIED_SEARCHES_WARNED = 5
+#: The first-order change ``t * s`` over ``|f0|`` from which a bitwise tie is not the loss's rounding (bf16's
+#: resolution is 2^-8).
+TIED_TRIAL_RELATIVE_CHANGE = 2.0 ** -7
+TIED_SEARCHES = (
+    "the closure's loss at the accepted trial was the step's own loss bitwise at each of the last {count} searches, "
+    "where the slope said a move of step size {step:.4g} changes it by about {predicted:.3g} ({relative:.1%} of "
+    "it): the closure does not seem to run the forward again at each call (a loss built from outputs computed "
+    "before step(), step(lambda: loss_fn(out, y)), or from a cache). Every such trial passes the Armijo test, and "
+    "the level grows by growth at each search without bound. The closure must call the model: "
+    "step(lambda: loss_fn(model(x), y)); docs/api.md, 'The two-phase form'")
+
 ZERO_REDUNDANCY_REFUSED = (
     "torch.distributed.optim.ZeroRedundancyOptimizer(optimizer_class=FusedSaLSa) is not supported: each rank's "
     "FusedSaLSa would hold a shard of the parameters as plain tensors, so its trials would move only that shard "
@@ -704,6 +720,8 @@ class FusedSaLSa(Optimizer, Joinable):
         self._stacked_scheduler_warned = False  # the one-time warning of a scheduler on top of the schedule
         self._auto_fallback_warned = False  # the one-time warning of "auto" sent to the torch backend
         self._skips_warned = False  # the one-time warning of "skip" skipping every step where no search comes
+        self._tied_searches = 0  # searches in a row that accepted a trial tied with f0 (_count_tied_search)
+        self._ties_warned = False
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         _refuse_a_set(params)  # torch.optim refuses one only inside a group
         super().__init__(params, defaults)
@@ -1469,7 +1487,7 @@ class FusedSaLSa(Optimizer, Joinable):
                             ("fused", None), ("_lr_checked", False), ("_lr_rising", {}), ("_past_end_warned", False),
                             ("_init_step_size_given", True), ("_stacked_scheduler_warned", False),
                             ("_collapse_checked", False), ("_auto_fallback_warned", False), ("_in_step", False),
-                            ("_skips_warned", False)):
+                            ("_skips_warned", False), ("_tied_searches", 0), ("_ties_warned", False)):
             self.__dict__.setdefault(name, value)
         # load_state_dict() comes here too: a bind_closure()/mark_forward() it follows stays for the next step
         self.__dict__.setdefault("_handoff", _StepHandoff())
@@ -2430,7 +2448,30 @@ class FusedSaLSa(Optimizer, Joinable):
         state.num_forward_evals += reruns[0]
         if state.num_searches > searches_before:  # a search ran: the loss it read feeds the range test
             state = observe_search_loss(self.schedule, state)
+            self._count_tied_search(state, passes)
         self._commit(state)
+
+    def _count_tied_search(self, state: SearchState, passes: F.Passes) -> None:
+        """Count a search that accepted a trial whose loss was ``f0`` bitwise while the first-order change
+        ``t * s`` there was ``TIED_TRIAL_RELATIVE_CHANGE`` of ``|f0|`` or more (``t`` the accepted step size, ``s``
+        the smoothed slope), and warn once when ``TIED_SEARCHES_WARNED`` come in a row: a closure that returns a
+        fresh tensor of a stale value (outputs computed before ``step()``) ties at every trial, which a search
+        accepts (0.1.0's rule), and the level grows by ``growth`` at each search. A loss tensor of the step's own
+        memory is refused at the trial (:func:`_is_stale_loss`); a new one of the same value cannot be told from
+        a real tie at one search. A real closure ties so where the move rounds to no change of the weights (bf16
+        weights of a converged fit): a tie counts only where the weights differ from their saved ``w0``
+        (read then, one comparison per tensor; under ``restore="inplace"``, with no copy, every tie counts)."""
+        predicted = state.step_size * state.slope_avg
+        tied = (state.last_trials > 0 and state.untested_searches == 0 and state.last_loss_decrease == 0.0
+                and math.isfinite(predicted) and predicted > 0.0
+                and predicted >= TIED_TRIAL_RELATIVE_CHANGE * abs(state.last_search_loss)
+                and _weights_moved(passes) is not False)
+        self._tied_searches = self._tied_searches + 1 if tied else 0
+        if self._tied_searches >= TIED_SEARCHES_WARNED and not self._ties_warned:
+            self._ties_warned = True
+            relative = predicted / abs(state.last_search_loss) if state.last_search_loss else math.inf
+            warnings.warn(TIED_SEARCHES.format(count=self._tied_searches, step=state.step_size, predicted=predicted,
+                                               relative=relative), RuntimeWarning, stacklevel=caller_stacklevel())
 
     def _multi_batch_step(self, plan, scale: float, batches: Batches, closure, loss, devices, marked, zeroed_at,
                           undo: List[Callable[[], None]], compare: Optional[Callable[[], None]] = None,
@@ -2881,6 +2922,14 @@ def _gradients_watch(passes: F.Passes, param_groups: Sequence[dict], what: str) 
         if any(g._version != version for g, version in recorded):
             raise RuntimeError(CLOSURE_CHANGED_GRADIENTS.format(what=what))
     return unchanged
+
+
+def _weights_moved(passes: F.Passes) -> Optional[bool]:
+    """Does some weight differ from its saved copy of ``w0`` (after a search step)? None without copies
+    (``restore="inplace"``)."""
+    if any(bucket.saved is None for bucket in passes.buckets):
+        return None
+    return any(not torch.equal(w, w0) for bucket in passes.buckets for w, w0 in zip(bucket.params, bucket.saved))
 
 
 def _check_reduction(reduction, params) -> None:

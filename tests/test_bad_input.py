@@ -598,6 +598,48 @@ def test_clipping_inside_the_closure_is_refused_with_where_to_clip():
     assert_unchanged(before, snapshot(opt))
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("form", ["one-phase", "two-phase"])
+def test_a_closure_that_does_not_run_the_forward_again_is_warned_of_within_five_searches(backend, form):
+    """``out = model(x); step(lambda: loss_fn(out, y))``: a new tensor at each call, holding the loss at ``w0``.
+    Every trial tied the step's own loss, each search accepted its first trial and grew the level by growth: 200
+    steps took it to 1.1^200 and the loss to 1e19 without a word (an audit's find). Five such searches in a row,
+    where the slope said the loss moves and the weights did move, warn, naming the closure."""
+    if backend == "cpp":
+        pytest.importorskip("salsa_fused._C", reason="the C++ extension is not built: pip install --no-build-isolation -e .")
+    model = _model()
+    opt = FusedSaLSa(model.parameters(), backend=backend)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(1, 8):
+            opt.zero_grad()
+            out = model(_X)
+            if form == "one-phase":
+                opt.step(lambda: F.mse_loss(out, _Y))
+            else:
+                loss = F.mse_loss(out, _Y)
+                loss.backward()
+                opt.step(lambda: F.mse_loss(out.detach(), _Y), loss=loss)
+            ours = [w for w in caught if "does not seem to run the forward again" in str(w.message)]
+            assert len(ours) == (1 if step >= 5 else 0), step  # at the fifth search, once
+    assert ours[0].category is RuntimeWarning and "step(lambda: loss_fn(model(x), y))" in str(ours[0].message)
+
+
+def test_ties_of_a_move_that_rounds_to_no_change_of_bf16_weights_are_not_warned_of():
+    """A bf16 fit converged to a loss of 5e-8: the searched move rounds to no change of the weights, every trial
+    ties the step's loss, and the level grows as it does under a stale closure. It was warned of as one before
+    the tie was counted only where the weights moved from their saved w0."""
+    model = _model().to(torch.bfloat16)
+    opt = FusedSaLSa(model.parameters(), backend="torch", search_direction="momentum")
+    x, y = _X.to(torch.bfloat16), _Y.to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*does not seem to run the forward again.*")
+        for _ in range(400):
+            opt.zero_grad()
+            opt.step(lambda: F.mse_loss(model(x), y))
+    assert opt.search_state.num_searches > 100
+
+
 def test_a_two_phase_closure_that_runs_backward_is_refused_by_name():
     """torch.optim's closure (zero_grad, forward, backward) in the two-phase form: at a trial, under no_grad,
     its backward met no graph and torch's own "element 0 of tensors does not require grad" came out. The
