@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import numbers
 import operator
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
@@ -481,6 +482,8 @@ class BucketCache:
         self._counted = []
         self._steps_taken = steps_taken
         if state is not None and self._groups and not self._moments_current(state):
+            if state is self._state:
+                refuse_replaced_moments_values(state, self._state_fingerprint)
             self._groups.clear()
         rebuilds = self.rebuilds
         buckets = self._collect(param_groups, init_state, saved_buffer, state, fit)
@@ -718,6 +721,9 @@ def count_steps_sat_out(params: List[torch.Tensor], has_grad: Tuple[bool, ...], 
     one whose gradient is back adds the steps since then; one whose first gradient comes now (no
     moments yet: it was frozen when the group was added) sat out every step before. Any rebuild at one
     step reads the same counts. Each write goes into ``journal`` (see :meth:`BucketCache.take_back_counts`)."""
+    for p in params:  # every count read here checked before any is written
+        if _has_moments(state, p):
+            _check_sat_out_counts(p, state[p], group_steps)
     counts: Dict[int, int] = {}
     for position, (p, present) in enumerate(zip(params, has_grad)):
         if not _has_moments(state, p):
@@ -737,7 +743,53 @@ def count_steps_sat_out(params: List[torch.Tensor], has_grad: Tuple[bool, ...], 
     return counts
 
 
+def _check_sat_out_counts(p: torch.Tensor, entry: Mapping, group_steps: int) -> None:
+    """Raise ValueError when ``opt.state[p]``'s count of steps sat out, or the step its stretch began, set by hand,
+    is not an int of 0 or more (``sat_out_since`` may also be -1, "not sitting out"): used as they were, -5 or 2.5
+    moved the bias corrections, and the checkpoint they went into was refused by the optimizer's own
+    ``load_state_dict`` (an audit's find). A count above the group's steps is read as all of them, as before."""
+    for name in (STEPS_SAT_OUT, SAT_OUT_SINCE):
+        if name not in entry:
+            continue
+        value = entry[name]
+        if name == SAT_OUT_SINCE and value == NOT_SITTING_OUT and not isinstance(value, bool):
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(f"opt.state[p][{name!r}] of a parameter of shape {tuple(p.shape)} is {value!r}: a count "
+                             f"of its group's steps, an int of 0 or more (its group has taken {group_steps}; set by "
+                             "hand?); nothing was written")
+
+
 _EXP_AVG, _EXP_AVG_SQ = operator.itemgetter("exp_avg"), operator.itemgetter("exp_avg_sq")
+
+
+def refuse_replaced_moments_values(state: Mapping, fingerprint: tuple) -> None:
+    """Raise ValueError when a moment put into ``state`` by hand since ``fingerprint`` (:func:`_fingerprint`
+    of the moments the buckets held) holds NaN/inf, or ``exp_avg_sq`` a negative value: a plain step reads no
+    value on the host, and ``sqrt`` of a negative ``exp_avg_sq`` wrote NaN into every weight (an audit's find).
+    ``load_state_dict`` checks a checkpoint's moments so; here only the tensors that are new since are read
+    (one device read), so that a step with no such change reads nothing."""
+    held = {id(tensor) for moments in fingerprint for tensor in moments if tensor is not None}
+    new = [(p, name, entry[name]) for p, entry in state.items() if isinstance(entry, Mapping)
+           for name in _MOMENTS if isinstance(entry.get(name), torch.Tensor) and id(entry[name]) not in held
+           and entry[name].dtype == torch.float32 and entry[name].layout == torch.strided
+           and not entry[name].is_meta and _local(entry[name]).numel()]
+    if not new:
+        return
+    with torch.no_grad():
+        flags = []
+        for _, name, moment in new:
+            low, high = torch.aminmax(_local(moment))
+            bad = ~(torch.isfinite(low) & torch.isfinite(high))
+            flags.append((bad | (low < 0)) if name == "exp_avg_sq" else bad)
+        flags = torch.stack([flag.to("cpu", non_blocking=False) for flag in flags]).tolist()
+    for (p, name, _), bad in zip(new, flags):
+        if bad:
+            what = "NaN/inf or a negative value" if name == "exp_avg_sq" else "NaN/inf"
+            raise ValueError(f"opt.state[p][{name!r}] of a parameter of shape {tuple(p.shape)}, put there by hand, "
+                             f"holds {what}: the step would write NaN into the weights (sqrt of a negative "
+                             "exp_avg_sq, or a non-finite moment). Give it finite values (exp_avg_sq >= 0), or "
+                             "torch.zeros_like(p) to start it over; nothing was written")
 
 
 def _fingerprint(state: Mapping) -> tuple:

@@ -1938,6 +1938,30 @@ def test_a_moments_start_step_set_by_hand_is_refused_at_the_next_step(start):
     assert opt.search_state.step == 4
 
 
+@pytest.mark.parametrize("name", ["steps_sat_out", "sat_out_since"])
+@pytest.mark.parametrize("value", [-5, 2.5, True, "x"])
+def test_a_count_of_steps_sat_out_set_by_hand_is_refused_where_the_buckets_read_it(name, value):
+    """``opt.state[w]["steps_sat_out"] = -5`` (or 2.5, True) was read as it came when the buckets were built again
+    and kept, and the checkpoint it went into was refused by the optimizer's own load_state_dict; "x" raised a bare
+    TypeError (an audit's find). Refused by name, with nothing written; a valid count steps on."""
+    model, opt = _trained(steps=5)
+    weight = model[0].weight
+    opt.state[weight][name] = value
+    model[2].bias.requires_grad_(False)  # which parameters have gradients changes: the buckets are built again
+    opt.zero_grad()
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=rf"opt.state\[p\]\['{name}'\] of a parameter of shape \(8, 4\) is "
+                                         rf"{re.escape(repr(value))}: a count of its group's steps, an int of 0 or more"):
+        opt.step(_closure(model))
+    assert_unchanged(before, snapshot(opt))
+    opt.state[weight][name] = 0 if name == "steps_sat_out" else 5
+    opt.step(_closure(model))
+    model[2].bias.requires_grad_(True)
+    opt.zero_grad()
+    opt.step(_closure(model))
+    opt.load_state_dict(deepcopy(opt.state_dict()))  # its own checkpoint loads
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
 def test_a_group_appended_to_param_groups_by_hand_is_refused_naming_add_param_group(backend):
     """A group appended by hand, every AdamW key given, has no search_lr: the error said "deleted by

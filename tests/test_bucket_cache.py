@@ -3,6 +3,7 @@ a tensor moves, changes dtype, a group changes, a gradient appears or vanishes, 
 is reloaded, and every result bitwise the same as rebuilding them on every step."""
 
 import gc
+import math
 import weakref
 from unittest import mock
 
@@ -491,6 +492,36 @@ def test_the_moments_check_tells_a_replaced_or_removed_moment_from_an_in_place_w
         state.update(saved)
         assert cache._moments_current(state)
     assert not cache._moments_current(dict(state))  # another mapping: rebuilt whatever it holds
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["cpp"])
+@pytest.mark.parametrize("name, value, message", [
+    ("exp_avg_sq", -1.0, "holds NaN/inf or a negative value"), ("exp_avg_sq", math.inf, "holds NaN/inf or a negative value"),
+    ("exp_avg", math.inf, "holds NaN/inf")])
+def test_a_moment_replaced_by_hand_with_values_no_step_can_read_is_refused_at_a_plain_step(backend, name, value,
+                                                                                           message):
+    """``opt.state[w]["exp_avg_sq"] = torch.full_like(w, -1.0)`` (the right dtype, shape and device): a plain step
+    reads no value on the host, and sqrt of the negative moment wrote NaN into every weight of the tensor (an
+    audit's find); load_state_dict refuses such moments. The replaced tensors are read once, at the step that
+    finds them: refused by name, with nothing written."""
+    if backend == "cpp":
+        pytest.importorskip("salsa_fused._C", reason="the C++ extension is not built")
+    params = _params()
+    opt = FusedSaLSa(params, backend=backend, schedule=_EveryThird())
+    for k in range(2):  # steps 1 (a search) and 2: step 3 is plain
+        opt.zero_grad()
+        opt.step(lambda: _loss(params, [], k))
+    opt.state[params[0]][name] = torch.full_like(params[0], value)
+    opt.zero_grad()
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=rf"opt.state\[p\]\['{name}'\] of a parameter of shape \(3, 4\), put there "
+                                         rf"by hand, {message}"):
+        opt.step(lambda: _loss(params, [], 2))
+    assert_unchanged(before, snapshot(opt))
+    opt.state[params[0]][name] = torch.zeros_like(params[0])  # a reset by hand: steps on, finite
+    opt.zero_grad()
+    opt.step(lambda: _loss(params, [], 2))
+    assert all(torch.isfinite(p).all() for p in params)
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["cpp"])
