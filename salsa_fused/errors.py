@@ -41,6 +41,17 @@ def checked_int(name: str, value, minimum: int, allow_none: bool = False):
     return int(value)
 
 
+def as_float(name: str, value: numbers.Real) -> float:
+    """``float(value)``, or ValueError naming ``name`` where ``value`` is an integer too large for a float
+    (``10**400`` raised a bare OverflowError that named no argument)."""
+    try:
+        return float(value)
+    except OverflowError:
+        digits = len(str(abs(int(value))))
+        raise ValueError(f"{name} must be a finite number, got an integer of {digits} digits, too large for a "
+                         "float") from None
+
+
 def checked_real(name: str, value, lower: float, upper: Optional[float] = None) -> float:
     """``value`` as a float, if it is a finite real number (Python's or numpy's, not a bool) above ``lower``
     (and below ``upper``, when given); else ValueError naming ``name``, the range and, for a value that is
@@ -49,6 +60,7 @@ def checked_real(name: str, value, lower: float, upper: Optional[float] = None) 
               else f"{name} must be a finite number > {lower:g}") + f", got {value!r}"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{wanted} (a {type(value).__name__}, not a number)")
+    value = as_float(name, value)
     if not (math.isfinite(value) and lower < value and (upper is None or value < upper)):
         raise ValueError(wanted)
     return float(value)

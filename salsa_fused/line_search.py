@@ -20,7 +20,7 @@ import numbers
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from .errors import caller_stacklevel, checked_int
+from .errors import as_float, caller_stacklevel, checked_int
 from .rules import SEARCH_ARGUMENTS, FinalMove, Verdict
 
 
@@ -116,7 +116,7 @@ class SearchConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ValueError(f"{name} must be a number, got {value!r}")
-            object.__setattr__(self, name, float(value))  # a numpy scalar would reach the state and checkpoints
+            object.__setattr__(self, name, as_float(name, value))  # a numpy scalar would reach the state and checkpoints
         for name, minimum in (("max_trials", 1), ("max_search_interval", 1), ("always_search_steps", 0)):
             object.__setattr__(self, name, checked_int(name, getattr(self, name), minimum))  # a numpy integer, say
         if not _is_bool(self.adaptive_interval):

@@ -44,7 +44,7 @@ from .buckets import BucketCache, check_gradient, check_parameter, first_sharing
 from . import functional as F
 from .backends.base import (GRADIENT, MOMENTS_START, MOMENTUM, NOT_SITTING_OUT, RAW, SAT_OUT_SINCE, STEPS_SAT_OUT, Bucket,
                             Hyper)
-from .errors import caller_stacklevel
+from .errors import as_float, caller_stacklevel
 from .distributed import (SearchReduction, _is_dtensor, ddp_modules, default_reduction, fsdp_modules, is_distributed,
                           shard_group_of, without_buffer_broadcast)
 from .applied import GroupStep
@@ -674,7 +674,8 @@ class FusedSaLSa(Optimizer, Joinable):
         self._init_step_size_given = init_step_size is not None
         init_step_size = 1.0 if init_step_size is None else init_step_size
         if (isinstance(init_step_size, bool) or not isinstance(init_step_size, numbers.Real)
-                or not (math.isfinite(init_step_size) and FLOAT32_TINY <= float(init_step_size) <= FLOAT32_MAX)):
+                or not (math.isfinite(as_float("init_step_size", init_step_size))
+                        and FLOAT32_TINY <= float(init_step_size) <= FLOAT32_MAX)):
             raise ValueError(f"init_step_size must be a finite number > 0 that float32 holds, from {FLOAT32_TINY:.4g} "
                              f"(below it the passes move by 0 or a subnormal) to {FLOAT32_MAX:.4g}, got "
                              f"{init_step_size!r}")
@@ -758,12 +759,12 @@ class FusedSaLSa(Optimizer, Joinable):
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"{name} must be a number, got {type(value).__name__}")
         # compared as Python floats: a numpy float16 would cast the float32 bounds to its own type (and warn)
-        lr, eps, wd = float(lr), float(eps), float(wd)
+        lr, eps, wd = as_float("lr", lr), as_float("eps", eps), as_float("weight_decay", wd)
         if not (math.isfinite(lr) and 0 <= lr <= FLOAT32_MAX):
             raise ValueError(f"lr must be a finite number >= 0 that float32 holds (at most {FLOAT32_MAX:.4g}), got {lr}")
         probe = group.get("search_lr", lr)
         if isinstance(probe, bool) or not isinstance(probe, numbers.Real) or not (
-                math.isfinite(probe) and 0 <= float(probe) <= FLOAT32_MAX):
+                math.isfinite(as_float("search_lr", probe)) and 0 <= float(probe) <= FLOAT32_MAX):
             raise ValueError(f"search_lr must be a finite number >= 0 that float32 holds (at most {FLOAT32_MAX:.4g}), "
                              f"got {probe!r}")
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
@@ -1907,6 +1908,9 @@ class FusedSaLSa(Optimizer, Joinable):
                 "made. Call step() once per training step, from the training loop; this inner call did nothing")
         handoff = self._handoff
         pending = (handoff.forward_rng, handoff.zero_grad_rng, handoff.bound_step)
+        for index, group in enumerate(self.param_groups):
+            if type(group) is not dict or type(group.get("params")) is not list:
+                _refuse_group_replaced_by_hand(index, group)
         probes = [group.get("search_lr") for group in self.param_groups]
         undo: List[Callable[[], None]] = []  # what the step did before it failed, undone
         self._in_step = True
@@ -2922,6 +2926,22 @@ def _gradients_watch(passes: F.Passes, param_groups: Sequence[dict], what: str) 
         if any(g._version != version for g, version in recorded):
             raise RuntimeError(CLOSURE_CHANGED_GRADIENTS.format(what=what))
     return unchanged
+
+
+def _refuse_group_replaced_by_hand(index: int, group) -> None:
+    """Raise for ``param_groups[index]`` that is not a dict holding a list (or tuple) of parameters, or pass one
+    that is (a dict subclass, a list subclass). A generator set by hand (``group["params"] = model.parameters()``) was
+    used up by the step's first pass: every later step moved nothing, silently (an audit's find)."""
+    if not isinstance(group, dict):
+        raise ValueError(f"param_groups[{index}] is a {type(group).__name__}, not a dict (replaced by hand?): a group "
+                         "is a dict of 'params' and its settings; add groups with add_param_group; nothing was "
+                         "written")
+    params = group.get("params")
+    if not isinstance(params, (list, tuple)):
+        raise ValueError(f"param_groups[{index}]['params'] is a {type(params).__name__}, not a list (set by hand?): "
+                         "a generator such as model.parameters() is used up by one pass, and the steps after it "
+                         "would move nothing; set a list (list(model.parameters())), as add_param_group makes "
+                         "it; nothing was written")
 
 
 def _weights_moved(passes: F.Passes) -> Optional[bool]:

@@ -1938,6 +1938,40 @@ def test_a_moments_start_step_set_by_hand_is_refused_at_the_next_step(start):
     assert opt.search_state.step == 4
 
 
+@pytest.mark.parametrize("case", ["a generator of params", "a list for the group"])
+def test_a_group_or_its_params_replaced_by_hand_with_something_else_is_refused_by_name(case):
+    """``param_groups[0]["params"] = model.parameters()``: the step's first pass used the generator up, and every
+    later step ran the closure and moved nothing, silently; a group replaced by a list raised a bare AttributeError
+    (an audit's finds). Both refused by name, with nothing written."""
+    model, opt = _trained()
+    group = opt.param_groups[0]
+    if case == "a generator of params":
+        group["params"] = model.parameters()
+        message = r"param_groups\[0\]\['params'\] is a generator, not a list \(set by hand\?\)"
+    else:
+        opt.param_groups[0] = list(model.parameters())
+        message = r"param_groups\[0\] is a list, not a dict \(replaced by hand\?\)"
+    weights = [p.detach().clone() for p in model.parameters()]
+    search = opt.search_state
+    for _ in range(2):  # the next call too: nothing was used up
+        model.zero_grad()
+        with pytest.raises(ValueError, match=message):
+            opt.step(_closure(model))
+    assert all(torch.equal(w, p) for w, p in zip(weights, model.parameters())) and opt.search_state == search
+    opt.param_groups[0] = group
+    group["params"] = list(model.parameters())
+    opt.step(_closure(model))
+    assert opt.search_state.step == 4
+
+
+@pytest.mark.parametrize("argument", ["lr", "eps", "weight_decay", "c", "growth", "backtrack", "beta3",
+                                      "init_step_size"])
+def test_an_integer_too_large_for_a_float_is_refused_naming_the_argument(argument):
+    """``lr=10**400`` raised a bare OverflowError from ``float()`` that named no argument (an audit's find)."""
+    with pytest.raises(ValueError, match=rf"^{argument} must be a finite number, got an integer of 401 digits"):
+        FusedSaLSa(_model().parameters(), **{argument: 10 ** 400})
+
+
 @pytest.mark.parametrize("name", ["steps_sat_out", "sat_out_since"])
 @pytest.mark.parametrize("value", [-5, 2.5, True, "x"])
 def test_a_count_of_steps_sat_out_set_by_hand_is_refused_where_the_buckets_read_it(name, value):
