@@ -31,20 +31,13 @@ namespace {
 // without a gradient), and a hash of the weight's dtype, sizes and strides.
 constexpr int kWordsPerParam = 6;
 
-// 1 when the gradient has the weight's sizes and puts every element at the weight's offset (the
-// strides agree on each dimension longer than 1: a size-1 dimension's stride addresses nothing,
-// and autograd gives channels_last ``Conv2d(1, ...)`` weights' gradients other ones there); 2 for
-// the weight's sizes in another layout (a transpose: the Python path copies it, and never
-// remembers the signature); 3 for other sizes (the Python path refuses it by shape).
+// 1 when the gradient has the weight's sizes and strides; 2 for its sizes in other strides (a
+// transpose, or strides that differ only on a size-1 dimension, which address the same elements:
+// the Python path hands the kernels a copy or a view in the weight's strides, and never remembers
+// the signature); 3 for other sizes (the Python path refuses it by shape).
 int64_t gradient_layout(const at::Tensor& grad, const at::Tensor& param) {
   if (grad.sizes() != param.sizes()) return 3;
-  const auto sizes = param.sizes();
-  const auto grad_strides = grad.strides();
-  const auto param_strides = param.strides();
-  for (size_t d = 0; d < sizes.size(); ++d) {
-    if (sizes[d] > 1 && grad_strides[d] != param_strides[d]) return 2;
-  }
-  return 1;
+  return grad.strides() == param.strides() ? 1 : 2;
 }
 
 // FNV-1a over the dtype, the sizes, then the strides: ``p.data = p.data.view(...)`` (``.t()``,

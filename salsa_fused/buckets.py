@@ -34,7 +34,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import numbers
 import operator
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
@@ -429,11 +428,17 @@ class BucketCache:
             for slot in entry.slots:
                 slot.bucket.grads = []
 
-    def clear(self) -> None:
-        """Forget every bucket (after ``load_state_dict``: new moments)."""
+    def clear(self, checked_state: Optional[Mapping] = None) -> None:
+        """Forget every bucket (after ``load_state_dict``: new moments). ``checked_state``: an optimizer state
+        whose moments were checked (``load_state_dict``'s): a moment put into it by hand after now is read by
+        :func:`refuse_replaced_moments_values` at the next step, as after any step."""
         self._groups.clear()
         self._state = None
         self._counted = []
+        if checked_state is not None:
+            self._state, self._state_fingerprint = checked_state, _fingerprint(checked_state)
+            signature_of = _extension_function("moments_signature")
+            self._state_signature = signature_of(checked_state) if signature_of is not None else None
 
     def _moments_current(self, state: Mapping) -> bool:
         """Is ``state`` the optimizer state the buckets read, with the same moment tensors?
@@ -481,7 +486,7 @@ class BucketCache:
         """
         self._counted = []
         self._steps_taken = steps_taken
-        if state is not None and self._groups and not self._moments_current(state):
+        if state is not None and not self._moments_current(state):
             if state is self._state:
                 refuse_replaced_moments_values(state, self._state_fingerprint)
             self._groups.clear()
@@ -555,9 +560,10 @@ class BucketCache:
     def _attach_grads(slot: _Slot, grads: List[torch.Tensor], distributed: bool) -> bool:
         """Put this step's gradients into the slot's bucket; check them unless their pointers
         are among the last few validated. A gradient laid out otherwise than its weight (strides
-        of a transpose, a non-dense view, an expanded tensor; strides that differ only on dimensions of
-        size 1 are the weight's layout, :func:`same_memory_order`) goes in as a copy in the weight's
-        layout, which the kernels stream alongside it: True then, and the layout is not cached."""
+        of a transpose, a non-dense view, an expanded tensor) goes in as a copy in the weight's
+        layout, which the kernels stream alongside it, or as a view in the weight's strides where they
+        differ on size-1 dimensions only (:func:`same_memory_order`: no copy): True then, and the layout
+        is not cached."""
         mine = grads if slot.members is None else _picked(slot, grads)
         if distributed:
             mine = list(map(_local, mine))
@@ -574,13 +580,16 @@ class BucketCache:
                     check_gradient(slot.params[i], grads[i])
             # the strides the key read, compared as one tuple (148 stride() calls a pair were 17 us a step)
             odd = [] if key is not None and key[2] == slot.weight_strides else [
-                i for i, (g, p) in enumerate(zip(mine, slot.bucket.params))
-                if not same_memory_order(p.shape, g.stride(), p.stride())]
+                i for i, (g, p) in enumerate(zip(mine, slot.bucket.params)) if g.stride() != p.stride()]
             if odd:
                 mine = list(mine)
                 with torch.no_grad():
                     for i in odd:
-                        mine[i] = torch.empty_like(slot.bucket.params[i]).copy_(mine[i])
+                        p, g = slot.bucket.params[i], mine[i]
+                        # the same elements at the same offsets (strides apart on size-1 dimensions only): a view
+                        # in the weight's strides, which shares the gradient's memory and version counter
+                        mine[i] = (g.as_strided(p.shape, p.stride()) if same_memory_order(p.shape, g.stride(), p.stride())
+                                   else torch.empty_like(p).copy_(g))
                 slot.bucket.grads = mine
                 slot.bucket.grad_pointers = tuple(map(_data_ptr, mine))
                 return True
@@ -745,19 +754,20 @@ def count_steps_sat_out(params: List[torch.Tensor], has_grad: Tuple[bool, ...], 
 
 def _check_sat_out_counts(p: torch.Tensor, entry: Mapping, group_steps: int) -> None:
     """Raise ValueError when ``opt.state[p]``'s count of steps sat out, or the step its stretch began, set by hand,
-    is not an int of 0 or more (``sat_out_since`` may also be -1, "not sitting out"): used as they were, -5 or 2.5
-    moved the bias corrections, and the checkpoint they went into was refused by the optimizer's own
-    ``load_state_dict`` (an audit's find). A count above the group's steps is read as all of them, as before."""
+    is not an int from 0 to its group's ``group_steps`` steps (``sat_out_since`` may also be -1, "not sitting out"),
+    the rule ``load_state_dict`` holds a checkpoint to: used as they were, -5, 2.5, 10**6 or a numpy int moved the
+    bias corrections, and the checkpoint they went into was refused by the optimizer's own ``load_state_dict``
+    (an audit's and a review's finds)."""
     for name in (STEPS_SAT_OUT, SAT_OUT_SINCE):
         if name not in entry:
             continue
         value = entry[name]
-        if name == SAT_OUT_SINCE and value == NOT_SITTING_OUT and not isinstance(value, bool):
+        if name == SAT_OUT_SINCE and type(value) is int and value == NOT_SITTING_OUT:
             continue
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        if type(value) is not int or not 0 <= value <= group_steps:
             raise ValueError(f"opt.state[p][{name!r}] of a parameter of shape {tuple(p.shape)} is {value!r}: a count "
-                             f"of its group's steps, an int of 0 or more (its group has taken {group_steps}; set by "
-                             "hand?); nothing was written")
+                             f"of its group's steps, a Python int from 0 to the {group_steps} steps its group took "
+                             "(set by hand?); nothing was written")
 
 
 _EXP_AVG, _EXP_AVG_SQ = operator.itemgetter("exp_avg"), operator.itemgetter("exp_avg_sq")

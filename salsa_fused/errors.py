@@ -47,9 +47,9 @@ def as_float(name: str, value: numbers.Real) -> float:
     try:
         return float(value)
     except OverflowError:
-        digits = len(str(abs(int(value))))
-        raise ValueError(f"{name} must be a finite number, got an integer of {digits} digits, too large for a "
-                         "float") from None
+        bits = int(value).bit_length()  # str() of an int over 4300 digits raises: Python's conversion limit
+        raise ValueError(f"{name} must be a finite number, got an integer of {bits} bits (about "
+                         f"{int(bits * math.log10(2)) + 1} digits), too large for a float") from None
 
 
 def checked_real(name: str, value, lower: float, upper: Optional[float] = None) -> float:

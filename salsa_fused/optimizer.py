@@ -461,12 +461,11 @@ SKIPPED_EVERY_STEP = (
 
 
 #: Searches in a row whose accepted trial's loss was the step's own bitwise, where the slope says it should have
-#: moved by ``TIED_TRIAL_RELATIVE_CHANGE`` of the loss or more, after which a warning names a closure that does
-#: not run the forward again. A real closure ties so by chance (a trial near twice the greedy step, in a bf16
-#: loss: about 2^-8 a search) far less often than 5 times in a row.
+#: moved by ``TIED_TRIAL_RELATIVE_CHANGE`` of the loss or more and most weights moved, after which a warning names
+#: a closure that does not run the forward again (:meth:`FusedSaLSa._count_tied_search`).
 TIED_SEARCHES_WARNED = 5
-#: The first-order change ``t * s`` over ``|f0|`` from which a bitwise tie is not the loss's rounding (bf16's
-#: resolution is 2^-8).
+#: The first-order change ``t * s`` over ``|f0|`` from which a bitwise tie of a float32 loss (resolution 2^-24)
+#: is not its rounding.
 TIED_TRIAL_RELATIVE_CHANGE = 2.0 ** -7
 TIED_SEARCHES = (
     "the closure's loss at the accepted trial was the step's own loss bitwise at each of the last {count} searches, "
@@ -1404,7 +1403,7 @@ class FusedSaLSa(Optimizer, Joinable):
                 with torch.inference_mode(False):  # loaded under it: the steps write the moments in place
                     state[k] = v.to(device=param.device, dtype=torch.float32, copy=True)
         self._search = search if search is not None else SearchState(step_size=self.init_step_size)
-        self._buckets.clear()
+        self._buckets.clear(checked_state=self.state)  # its moments checked above (_check_loaded_moments)
         self._counts = None  # counts of the replaced run
         self._counts_in_flight = None
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -2216,7 +2215,8 @@ class FusedSaLSa(Optimizer, Joinable):
                     self._refuse_a_loss_not_the_closures(f0, at_w0, failure, plan.state.step)
                 else:
                     f0 = at_w0
-            self._search_step(passes, plan, f0, trial_loss, not one_phase, failure, reruns)
+            self._search_step(passes, plan, f0, trial_loss, not one_phase, failure, reruns,
+                              loss_dtype=loss_tensor.dtype)
             if checks_loss:
                 self._loss_check_passed()
         except BaseException:
@@ -2437,10 +2437,12 @@ class FusedSaLSa(Optimizer, Joinable):
         return value > 0
 
     def _search_step(self, passes: F.Passes, plan, f0, trial_loss: Callable[[], float], two_phase: bool,
-                     failure: Optional[Exception] = None, reruns: Sequence[int] = (0,)) -> None:
+                     failure: Optional[Exception] = None, reruns: Sequence[int] = (0,),
+                     loss_dtype: Optional[torch.dtype] = None) -> None:
         """The search step of ``plan`` from loss ``f0`` (:func:`salsa_fused.functional.search_step`);
         ``failure``: what this rank's forward of ``f0`` raised; ``reruns[0]``: the trials' extra forwards
-        (:meth:`_trial_loss`), counted once the search has run."""
+        (:meth:`_trial_loss`), counted once the search has run; ``loss_dtype``: the step's loss's, for
+        :meth:`_count_tied_search` (None: not counted)."""
         self._counts_in_flight = None  # the search reads (and zeroes) every count itself
         searches_before = self._search.num_searches
         state = F.search_step(
@@ -2450,26 +2452,31 @@ class FusedSaLSa(Optimizer, Joinable):
             nonfinite=self.nonfinite, has_saved_copy=self.restore_strategy == "copy", device=self._device,
             two_phase=two_phase, failure=failure, scaler_records=functools.partial(_grad_scaler_records, self))
         state.num_forward_evals += reruns[0]
-        if state.num_searches > searches_before:  # a search ran: the loss it read feeds the range test
+        searched = state.num_searches > searches_before
+        if searched:  # a search ran: the loss it read feeds the range test
             state = observe_search_loss(self.schedule, state)
-            self._count_tied_search(state, passes)
         self._commit(state)
+        if searched:  # after the commit: a warning raised as an error (-W error) leaves a whole step behind
+            self._count_tied_search(state, passes, loss_dtype)
 
-    def _count_tied_search(self, state: SearchState, passes: F.Passes) -> None:
+    def _count_tied_search(self, state: SearchState, passes: F.Passes, loss_dtype: Optional[torch.dtype]) -> None:
         """Count a search that accepted a trial whose loss was ``f0`` bitwise while the first-order change
         ``t * s`` there was ``TIED_TRIAL_RELATIVE_CHANGE`` of ``|f0|`` or more (``t`` the accepted step size, ``s``
         the smoothed slope), and warn once when ``TIED_SEARCHES_WARNED`` come in a row: a closure that returns a
         fresh tensor of a stale value (outputs computed before ``step()``) ties at every trial, which a search
         accepts (0.1.0's rule), and the level grows by ``growth`` at each search. A loss tensor of the step's own
         memory is refused at the trial (:func:`_is_stale_loss`); a new one of the same value cannot be told from
-        a real tie at one search. A real closure ties so where the move rounds to no change of the weights (bf16
-        weights of a converged fit): a tie counts only where the weights differ from their saved ``w0``
-        (read then, one comparison per tensor; under ``restore="inplace"``, with no copy, every tie counts)."""
+        a real tie at one search. A real closure ties so where the move rounds to nothing in most of the weights
+        (16-bit weights of a converged fit: a few small elements still move) or the loss's rounding hides it (a
+        16-bit loss): a tie counts only for a float32 or float64 loss, where at least half the weights' elements
+        differ from their saved ``w0`` (read then, one device read; under ``restore="inplace"``, with no copy,
+        none counts)."""
         predicted = state.step_size * state.slope_avg
-        tied = (state.last_trials > 0 and state.untested_searches == 0 and state.last_loss_decrease == 0.0
+        tied = (loss_dtype in (torch.float32, torch.float64)
+                and state.last_trials > 0 and state.untested_searches == 0 and state.last_loss_decrease == 0.0
                 and math.isfinite(predicted) and predicted > 0.0
                 and predicted >= TIED_TRIAL_RELATIVE_CHANGE * abs(state.last_search_loss)
-                and _weights_moved(passes) is not False)
+                and _most_weights_moved(passes))
         self._tied_searches = self._tied_searches + 1 if tied else 0
         if self._tied_searches >= TIED_SEARCHES_WARNED and not self._ties_warned:
             self._ties_warned = True
@@ -2944,12 +2951,16 @@ def _refuse_group_replaced_by_hand(index: int, group) -> None:
                          "it; nothing was written")
 
 
-def _weights_moved(passes: F.Passes) -> Optional[bool]:
-    """Does some weight differ from its saved copy of ``w0`` (after a search step)? None without copies
-    (``restore="inplace"``)."""
-    if any(bucket.saved is None for bucket in passes.buckets):
-        return None
-    return any(not torch.equal(w, w0) for bucket in passes.buckets for w, w0 in zip(bucket.params, bucket.saved))
+def _most_weights_moved(passes: F.Passes) -> bool:
+    """Do at least half the weights' elements differ from their saved copy of ``w0`` (after a search step)? False
+    without copies (``restore="inplace"``). One device read."""
+    if not passes.buckets or any(bucket.saved is None for bucket in passes.buckets):
+        return False
+    with torch.no_grad():
+        pairs = [(w, w0) for bucket in passes.buckets for w, w0 in zip(bucket.params, bucket.saved)]
+        total = sum(w.numel() for w, _ in pairs)
+        moved = torch.stack([(w != w0).sum() for w, w0 in pairs]).sum()
+        return total > 0 and 2 * int(moved) >= total
 
 
 def _check_reduction(reduction, params) -> None:
