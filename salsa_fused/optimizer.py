@@ -2116,6 +2116,10 @@ class FusedSaLSa(Optimizer, Joinable):
         marked, handoff.forward_rng = handoff.forward_rng, None  # mark_forward(), used by this step only
         zeroed_at, handoff.zero_grad_rng = handoff.zero_grad_rng, None
         one_phase = loss is None
+        if self.reduction.loss_group is None and not self.__dict__.get("_reduction_given", True) and is_distributed():
+            # the process group came up after the build (init_process_group after FusedSaLSa(...)): each rank
+            # searched on its own loss and the weights parted, silently (a DDP audit's find)
+            self.reduction = default_reduction(p for group in self.param_groups for p in group["params"])
         if self.reduction.loss_group is not None and not self.__dict__.get("_ranks_compared", False):
             # At this optimizer's first step in the process, alike on every rank whatever was loaded before it
             # (a checkpoint loaded on one rank only is then named, not met as a collective of another size),
@@ -2248,7 +2252,12 @@ class FusedSaLSa(Optimizer, Joinable):
         texts = {"backend": repr(getattr(self.backend, "name", type(self.backend).__name__)),
                  "search_rule": described(self.search_rule), "search_direction": repr(self.search_direction),
                  "restore": repr(self.restore_strategy), "nonfinite": repr(self.nonfinite),
-                 "schedule": described(self.schedule), "param_groups": repr(groups)}
+                 "schedule": described(self.schedule), "param_groups": repr(groups),
+                 # the first search's decay reads it (_decay_level), and trial forwards of a model= skip DDP's
+                 # buffer broadcast that a rank without one joins: each differing part the ranks silently (a
+                 # DDP audit's finds: weights 4e-2 apart from step 0; a hang in the first search)
+                 "init_step_size given": repr(self._init_step_size_given),
+                 "model given": repr(self.model is not None)}
         # field by field, so that the error names the one that differs
         texts.update({f"search constants.{field.name}": repr(getattr(self.search_config, field.name))
                       for field in dataclasses.fields(self.search_config)})

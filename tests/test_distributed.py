@@ -865,12 +865,21 @@ def _ranks_that_differ_job(rank: int, out_dir: str) -> None:
                                               backend="torch"), "param_groups"),
         "the preset": (lambda params: FusedSaLSa(params, backend="torch", beta3=0.95 if rank else 0.9),
                        "search constants.beta3"),
+        # the default level given by name on one rank: its first search decays the weights and the other's does
+        # not (weights 4e-2 apart from step 0, every later check passing; a DDP audit's find)
+        "init_step_size=1.0 given on one rank": (
+            lambda params: FusedSaLSa(params, backend="torch", weight_decay=0.1,
+                                      **({"init_step_size": 1.0} if rank == 0 else {})), "init_step_size given"),
+        # model= on one rank only: its trial forwards skip DDP's buffer broadcast that the other joins (a hang)
+        "model= on one rank": (lambda params: FusedSaLSa(params, backend="torch",
+                                                         model=params_model if rank == 0 else None), "model given"),
     }
     if _has_cpp_extension():  # ulp apart from the first step: the weights were no longer bitwise the same, silently
         cases["a backend"] = (lambda params: FusedSaLSa(params, backend="cpp" if rank else "torch"), "backend")
     for what, (build, named) in cases.items():
         model = _make_model(0)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
+        params_model = ddp  # for the model= case
         opt = build(list(ddp.parameters()))
         before = _flat(ddp.parameters()).clone()
         x, y = _batch(0, rank)
@@ -908,6 +917,33 @@ def _ranks_that_differ_job(rank: int, out_dir: str) -> None:
 
 def test_ddp_ranks_built_otherwise_are_refused_alike_at_the_first_step(tmp_path):
     spawn_in_gloo_group(_ranks_that_differ_job, str(tmp_path), WORLD, timeout_s=60)
+
+
+def _built_before_the_process_group_job(rank: int, out_dir: str) -> None:
+    """``FusedSaLSa(model.parameters())`` built before ``init_process_group`` (is_distributed() False then, as
+    it is before the call): the default reduction was decided at the build, never again, so each rank searched
+    on its own loss and the weights parted, silently (step sizes 3.5e-7 and 0.094 at the first step; a DDP
+    audit's find). The first step finds the process group and averages over it."""
+    from unittest import mock
+
+    import salsa_fused.optimizer as optimizer_module
+    model = _make_model(0)
+    with mock.patch.object(optimizer_module, "default_reduction",
+                           wraps=lambda params=None: optimizer_module.SearchReduction()):
+        opt = FusedSaLSa(model.parameters(), backend="torch")  # the reduction of a process before the group
+    assert opt.reduction.loss_group is None
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    for step in range(6):
+        x, y = _batch(step, rank)
+        opt.zero_grad()
+        opt.step(lambda: F.mse_loss(ddp(x), y))
+    assert opt.reduction.loss_group is not None
+    _assert_same_on_all_ranks(_flat(ddp.parameters()), "weights of an optimizer built before the process group")
+    _assert_same_on_all_ranks(torch.tensor([opt.step_size], dtype=torch.float64), "its level")
+
+
+def test_ddp_an_optimizer_built_before_the_process_group_averages_from_its_first_step(tmp_path):
+    spawn_in_gloo_group(_built_before_the_process_group_job, str(tmp_path), WORLD, timeout_s=60)
 
 
 def _state_of(opt: FusedSaLSa) -> dict:
