@@ -13,6 +13,7 @@
 #include <vector>
 
 #include <torch/csrc/Exceptions.h>
+#include "tensor_layout.h"
 #include <torch/csrc/autograd/python_variable.h>
 
 #ifndef TORCH_EXTENSION_NAME
@@ -31,13 +32,13 @@ namespace {
 // without a gradient), and a hash of the weight's dtype, sizes and strides.
 constexpr int kWordsPerParam = 6;
 
-// 1 when the gradient has the weight's sizes and strides; 2 for its sizes in other strides (a
-// transpose, or strides that differ only on a size-1 dimension, which address the same elements:
-// the Python path hands the kernels a copy or a view in the weight's strides, and never remembers
-// the signature); 3 for other sizes (the Python path refuses it by shape).
+// 1 when the gradient puts every element where the weight does (its strides, or strides apart on
+// size-1 dimensions only, which the kernels take as they are: tensor_layout.h); 2 for the weight's
+// sizes in another layout (a transpose: the Python path copies it, and never remembers the
+// signature); 3 for other sizes (the Python path refuses it by shape).
 int64_t gradient_layout(const at::Tensor& grad, const at::Tensor& param) {
   if (grad.sizes() != param.sizes()) return 3;
-  return grad.strides() == param.strides() ? 1 : 2;
+  return salsa_layout::same_element_offsets(grad, param) ? 1 : 2;
 }
 
 // FNV-1a over the dtype, the sizes, then the strides: ``p.data = p.data.view(...)`` (``.t()``,

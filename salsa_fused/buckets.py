@@ -40,7 +40,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from .backends.base import (MOMENTS_START, NOT_SITTING_OUT, SAT_OUT_SINCE, STEPS_SAT_OUT, Bucket,
+from .backends.base import (MOMENTS_START, NOT_SITTING_OUT, SAT_OUT_SINCE, STEPS_SAT_OUT, Bucket, same_memory_order,
                             first_step_corrected_to_one)
 
 # (gradient pointers, dtypes) remembered per bucket as already validated.
@@ -287,13 +287,6 @@ def refuse_shared_moments(param_groups: List[dict], state: Mapping) -> None:
                      "parameter once, or give each its own tensor; nothing was written")
 
 
-def same_memory_order(shape, strides: tuple, other_strides: tuple) -> bool:
-    """Do two tensors of ``shape`` with these strides put every element at the same offset? Their strides
-    agree on each dimension longer than 1 (a dimension of size 1 is indexed at 0 only: its stride addresses
-    nothing, and autograd or ``view`` may give it any value, as channels_last does to ``Conv2d(1, ...)``'s)."""
-    return strides == other_strides or all(a == b for n, a, b in zip(shape, strides, other_strides) if n > 1)
-
-
 def refuse_relaid_in_place(params, weights, weight_pointers, entry: "_GroupEntry", state: Mapping) -> None:
     """Raise ValueError when a weight with moments kept its address but not its strides since the
     buckets were built: ``p.data = p.data.t()`` (or ``.view(...)``) moves the values, not the memory,
@@ -336,6 +329,8 @@ class _Slot:
     #: of the bucket's weights, fixed for the slot's life (a weight laid out anew rebuilds the group)
     weight_strides: Tuple[tuple, ...] = ()
     validated: "collections.OrderedDict[tuple, None]" = field(default_factory=collections.OrderedDict)
+    #: the last gradients' strides found to put every element where the weights do (:func:`same_memory_order`)
+    same_order_strides: Tuple[tuple, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -466,7 +461,9 @@ class BucketCache:
             else:
                 entry[key] = old
         if written:
-            self.clear()
+            # every bucket forgotten, the moments' fingerprint kept: a moment replaced by hand since the last
+            # step that ran (or after this one) is still new to it, and read at the next (a review's find)
+            self._groups.clear()
 
     def collect(self, param_groups: List[dict], init_state: Callable[[torch.Tensor], dict],
                 saved_buffer: Optional[Callable[[torch.Tensor], torch.Tensor]],
@@ -561,9 +558,10 @@ class BucketCache:
         """Put this step's gradients into the slot's bucket; check them unless their pointers
         are among the last few validated. A gradient laid out otherwise than its weight (strides
         of a transpose, a non-dense view, an expanded tensor) goes in as a copy in the weight's
-        layout, which the kernels stream alongside it, or as a view in the weight's strides where they
-        differ on size-1 dimensions only (:func:`same_memory_order`: no copy): True then, and the layout
-        is not cached."""
+        layout, which the kernels stream alongside it: True then, and the layout is not cached. Strides
+        that differ on size-1 dimensions only address every element where the weight's do
+        (:func:`same_memory_order`): the kernels take such a gradient as it is (a channels_last 1x1
+        convolution's under a second loss term), and its layout is cached."""
         mine = grads if slot.members is None else _picked(slot, grads)
         if distributed:
             mine = list(map(_local, mine))
@@ -578,18 +576,18 @@ class BucketCache:
             if not _match(slot, mine if not distributed else picked_global(slot, grads)):
                 for i in range(len(slot.params)) if slot.positions is None else slot.positions:
                     check_gradient(slot.params[i], grads[i])
-            # the strides the key read, compared as one tuple (148 stride() calls a pair were 17 us a step)
-            odd = [] if key is not None and key[2] == slot.weight_strides else [
-                i for i, (g, p) in enumerate(zip(mine, slot.bucket.params)) if g.stride() != p.stride()]
+            # the strides the key read, compared as one tuple (148 stride() calls a pair were 17 us a step), with the
+            # weights' or with the last ones found to address the same elements (size-1 dimensions' strides apart)
+            odd = [] if key is not None and key[2] in (slot.weight_strides, slot.same_order_strides) else [
+                i for i, (g, p) in enumerate(zip(mine, slot.bucket.params))
+                if not same_memory_order(p.shape, g.stride(), p.stride())]
+            if not odd and key is not None:
+                slot.same_order_strides = key[2]
             if odd:
                 mine = list(mine)
                 with torch.no_grad():
                     for i in odd:
-                        p, g = slot.bucket.params[i], mine[i]
-                        # the same elements at the same offsets (strides apart on size-1 dimensions only): a view
-                        # in the weight's strides, which shares the gradient's memory and version counter
-                        mine[i] = (g.as_strided(p.shape, p.stride()) if same_memory_order(p.shape, g.stride(), p.stride())
-                                   else torch.empty_like(p).copy_(g))
+                        mine[i] = torch.empty_like(slot.bucket.params[i]).copy_(mine[i])
                 slot.bucket.grads = mine
                 slot.bucket.grad_pointers = tuple(map(_data_ptr, mine))
                 return True
@@ -754,20 +752,19 @@ def count_steps_sat_out(params: List[torch.Tensor], has_grad: Tuple[bool, ...], 
 
 def _check_sat_out_counts(p: torch.Tensor, entry: Mapping, group_steps: int) -> None:
     """Raise ValueError when ``opt.state[p]``'s count of steps sat out, or the step its stretch began, set by hand,
-    is not an int from 0 to its group's ``group_steps`` steps (``sat_out_since`` may also be -1, "not sitting out"),
-    the rule ``load_state_dict`` holds a checkpoint to: used as they were, -5, 2.5, 10**6 or a numpy int moved the
-    bias corrections, and the checkpoint they went into was refused by the optimizer's own ``load_state_dict``
-    (an audit's and a review's finds)."""
+    is not a Python int of 0 or more (``sat_out_since`` may also be -1, "not sitting out"): used as they were, -5,
+    2.5 or a numpy int moved the bias corrections, and the checkpoint they went into was refused by the
+    optimizer's own ``load_state_dict`` (an audit's and a review's finds). A count above the group's
+    ``group_steps`` is read as all of them (:func:`count_steps_sat_out`): ``moments_start_step`` moved by hand,
+    which the docs allow, leaves such counts behind."""
     for name in (STEPS_SAT_OUT, SAT_OUT_SINCE):
         if name not in entry:
             continue
         value = entry[name]
-        if name == SAT_OUT_SINCE and type(value) is int and value == NOT_SITTING_OUT:
-            continue
-        if type(value) is not int or not 0 <= value <= group_steps:
+        if type(value) is not int or not (value >= 0 or (name == SAT_OUT_SINCE and value == NOT_SITTING_OUT)):
             raise ValueError(f"opt.state[p][{name!r}] of a parameter of shape {tuple(p.shape)} is {value!r}: a count "
-                             f"of its group's steps, a Python int from 0 to the {group_steps} steps its group took "
-                             "(set by hand?); nothing was written")
+                             f"of its group's steps, a Python int of 0 or more (its group has taken {group_steps}; "
+                             "set by hand?); nothing was written")
 
 
 _EXP_AVG, _EXP_AVG_SQ = operator.itemgetter("exp_avg"), operator.itemgetter("exp_avg_sq")

@@ -722,6 +722,7 @@ class FusedSaLSa(Optimizer, Joinable):
         self._skips_warned = False  # the one-time warning of "skip" skipping every step where no search comes
         self._tied_searches = 0  # searches in a row that accepted a trial tied with f0 (_count_tied_search)
         self._ties_warned = False
+        self._tied_warning: Optional[str] = None  # its warning, given once the step has returned
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         _refuse_a_set(params)  # torch.optim refuses one only inside a group
         super().__init__(params, defaults)
@@ -1487,7 +1488,8 @@ class FusedSaLSa(Optimizer, Joinable):
                             ("fused", None), ("_lr_checked", False), ("_lr_rising", {}), ("_past_end_warned", False),
                             ("_init_step_size_given", True), ("_stacked_scheduler_warned", False),
                             ("_collapse_checked", False), ("_auto_fallback_warned", False), ("_in_step", False),
-                            ("_skips_warned", False), ("_tied_searches", 0), ("_ties_warned", False)):
+                            ("_skips_warned", False), ("_tied_searches", 0), ("_ties_warned", False),
+                            ("_tied_warning", None)):
             self.__dict__.setdefault(name, value)
         # load_state_dict() comes here too: a bind_closure()/mark_forward() it follows stays for the next step
         self.__dict__.setdefault("_handoff", _StepHandoff())
@@ -1907,8 +1909,8 @@ class FusedSaLSa(Optimizer, Joinable):
                 "made. Call step() once per training step, from the training loop; this inner call did nothing")
         handoff = self._handoff
         pending = (handoff.forward_rng, handoff.zero_grad_rng, handoff.bound_step)
-        for index, group in enumerate(self.param_groups):
-            if type(group) is not dict or type(group.get("params")) is not list:
+        for index, group in enumerate(self.param_groups):  # no call on the hot path but the refusal's
+            if type(group) is not dict or "params" not in group or type(group["params"]) is not list:
                 _refuse_group_replaced_by_hand(index, group)
         probes = [group.get("search_lr") for group in self.param_groups]
         undo: List[Callable[[], None]] = []  # what the step did before it failed, undone
@@ -1935,6 +1937,9 @@ class FusedSaLSa(Optimizer, Joinable):
             # the step has read its gradients: a caller that lets go of them without this optimizer
             # (model.zero_grad(), as HF Trainer does) must not find a gradient set kept through its next backward
             self._buckets.release_grads()
+        if self._tied_warning is not None:  # after the step returned: raised as an error (-W error), it undoes nothing
+            message, self._tied_warning = self._tied_warning, None
+            warnings.warn(message, RuntimeWarning, stacklevel=caller_stacklevel())
         two_phase = loss is not None or (pending[2] is not None and pending[2][1] is not None)  # bound with loss=
         if (two_phase and handoff.zero_grad_rng is None
                 and (pending[1] is None or pending[1] is handoff.step_end_rng)):  # identity: tensors inside
@@ -2116,9 +2121,11 @@ class FusedSaLSa(Optimizer, Joinable):
         marked, handoff.forward_rng = handoff.forward_rng, None  # mark_forward(), used by this step only
         zeroed_at, handoff.zero_grad_rng = handoff.zero_grad_rng, None
         one_phase = loss is None
-        if self.reduction.loss_group is None and not self.__dict__.get("_reduction_given", True) and is_distributed():
+        if (plan.is_search and self.reduction.loss_group is None and not self.__dict__.get("_reduction_given", True)
+                and is_distributed()):
             # the process group came up after the build (init_process_group after FusedSaLSa(...)): each rank
-            # searched on its own loss and the weights parted, silently (a DDP audit's find)
+            # searched on its own loss and the weights parted, silently (a DDP audit's find). Read at a search
+            # (the first step is one), not on plain steps, whose host path has no call to spare.
             self.reduction = default_reduction(p for group in self.param_groups for p in group["params"])
         if self.reduction.loss_group is not None and not self.__dict__.get("_ranks_compared", False):
             # At this optimizer's first step in the process, alike on every rank whatever was loaded before it
@@ -2465,7 +2472,7 @@ class FusedSaLSa(Optimizer, Joinable):
         if searched:  # a search ran: the loss it read feeds the range test
             state = observe_search_loss(self.schedule, state)
         self._commit(state)
-        if searched:  # after the commit: a warning raised as an error (-W error) leaves a whole step behind
+        if searched:
             self._count_tied_search(state, passes, loss_dtype)
 
     def _count_tied_search(self, state: SearchState, passes: F.Passes, loss_dtype: Optional[torch.dtype]) -> None:
@@ -2490,8 +2497,9 @@ class FusedSaLSa(Optimizer, Joinable):
         if self._tied_searches >= TIED_SEARCHES_WARNED and not self._ties_warned:
             self._ties_warned = True
             relative = predicted / abs(state.last_search_loss) if state.last_search_loss else math.inf
-            warnings.warn(TIED_SEARCHES.format(count=self._tied_searches, step=state.step_size, predicted=predicted,
-                                               relative=relative), RuntimeWarning, stacklevel=caller_stacklevel())
+            # warned by step() once the step has returned: an error there (-W error) would undo half of it
+            self._tied_warning = TIED_SEARCHES.format(count=self._tied_searches, step=state.step_size,
+                                                      predicted=predicted, relative=relative)
 
     def _multi_batch_step(self, plan, scale: float, batches: Batches, closure, loss, devices, marked, zeroed_at,
                           undo: List[Callable[[], None]], compare: Optional[Callable[[], None]] = None,

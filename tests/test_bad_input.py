@@ -1993,7 +1993,7 @@ def test_an_integer_too_large_for_a_float_is_refused_naming_the_argument(argumen
 
 
 @pytest.mark.parametrize("name", ["steps_sat_out", "sat_out_since"])
-@pytest.mark.parametrize("value", [-5, 2.5, True, "x", np.int64(2), 10 ** 6])
+@pytest.mark.parametrize("value", [-5, 2.5, True, "x", np.int64(2)])
 def test_a_count_of_steps_sat_out_set_by_hand_is_refused_where_the_buckets_read_it(name, value):
     """``opt.state[w]["steps_sat_out"] = -5`` (or 2.5, True) was read as it came when the buckets were built again
     and kept, and the checkpoint it went into was refused by the optimizer's own load_state_dict; "x" raised a bare
@@ -2005,8 +2005,8 @@ def test_a_count_of_steps_sat_out_set_by_hand_is_refused_where_the_buckets_read_
     opt.zero_grad()
     before = snapshot(opt)
     with pytest.raises(ValueError, match=rf"opt.state\[p\]\['{name}'\] of a parameter of shape \(8, 4\) is "
-                                         rf"{re.escape(repr(value))}: a count of its group's steps, a Python int from "
-                                         r"0 to the 5 steps its group took"):
+                                         rf"{re.escape(repr(value))}: a count of its group's steps, a Python int of 0 "
+                                         r"or more \(its group has taken 5; set by hand\?\)"):
         opt.step(_closure(model))
     assert_unchanged(before, snapshot(opt))
     opt.state[weight][name] = 0 if name == "steps_sat_out" else 5

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../salsa_math.h"
+#include "../tensor_layout.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -123,14 +124,16 @@ struct Bucket {
   int64_t chunks() const { return first_chunk.back(); }
 };
 
-// Same numel, device, and a dense layout shared by every stream of a tensor, so that
-// element i of the flat storage span is the same element in every stream.
+// Same numel, device, and a dense layout shared by every stream of a tensor (strides apart on
+// size-1 dimensions only are one layout: tensor_layout.h), so that element i of the flat storage
+// span is the same element in every stream.
 void check_same_layout(const at::Tensor& ref, const at::Tensor& t, int64_t index, const char* what) {
   TORCH_CHECK(t.device() == ref.device(), "salsa_fused cpp backend: tensor ", index, ": ", what,
               " is on ", t.device(), ", the bucket on ", ref.device());
   TORCH_CHECK(t.numel() == ref.numel(), "salsa_fused cpp backend: tensor ", index, ": ", what, " has ",
               t.numel(), " elements, the weight ", ref.numel());
-  TORCH_CHECK(t.is_non_overlapping_and_dense() && (t.strides() == ref.strides() || (t.is_contiguous() && ref.is_contiguous())),
+  TORCH_CHECK(t.is_non_overlapping_and_dense() &&
+                  (salsa_layout::same_element_offsets(t, ref) || (t.is_contiguous() && ref.is_contiguous())),
               "salsa_fused cpp backend: tensor ", index, ": ", what,
               " must be dense with the weight's memory layout");
 }

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "salsa_kernels.cuh"
+#include "../tensor_layout.h"
 
 namespace salsa_cuda {
 
@@ -27,7 +28,7 @@ void check_stream(const at::Tensor& ref, const at::Tensor& t, size_t i, const ch
   TORCH_CHECK(t.device() == ref.device(), "salsa_fused cuda backend: tensor ", i, ": ", what, " is on ",
               t.device(), ", the bucket on ", ref.device());
   TORCH_CHECK(t.numel() == ref.numel() && t.is_non_overlapping_and_dense() &&
-                  (t.strides() == ref.strides() || (t.is_contiguous() && ref.is_contiguous())),
+                  (salsa_layout::same_element_offsets(t, ref) || (t.is_contiguous() && ref.is_contiguous())),
               "salsa_fused cuda backend: tensor ", i, ": ", what, " must be dense with the weight's layout and numel");
 }
 

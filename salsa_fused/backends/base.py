@@ -243,6 +243,14 @@ def mark_written(bucket: Bucket, moments: bool) -> None:
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def same_memory_order(shape, strides: tuple, other_strides: tuple) -> bool:
+    """Do two tensors of ``shape`` with these strides put every element at the same offset? Their strides
+    agree on each dimension longer than 1 (a dimension of size 1 is indexed at 0 only: its stride addresses
+    nothing, and autograd or ``view`` may give it any value, as channels_last does to ``Conv2d(1, ...)``'s).
+    The kernels' layout checks read one such layout as one (csrc/tensor_layout.h is the C++ twin)."""
+    return strides == other_strides or all(a == b for n, a, b in zip(shape, strides, other_strides) if n > 1)
+
+
 def dense(t: torch.Tensor) -> bool:
     """Every element of ``t`` sits in one gap-free span of memory (any dimension order)."""
     if t.is_contiguous():

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .base import (DIRECTIONS, GRADIENT, MOMENTUM, RAW, Bucket, Hyper, PassArgs, count_step, dense, kernel_unsupported,
-                   mark_written)
+                   mark_written, same_memory_order)
 
 try:
     import triton
@@ -205,7 +205,8 @@ def _build_tables(bucket: Bucket) -> _Tables:
         for t in tensors:
             if t.numel() != param.numel() or t.device != param.device:
                 raise ValueError(f"tensor {index} of the bucket: streams differ in numel or device")
-            if not (dense(t) and (t.stride() == param.stride() or (t.is_contiguous() and param.is_contiguous()))):
+            one_layout = t.shape == param.shape and same_memory_order(param.shape, t.stride(), param.stride())
+            if not (dense(t) and (one_layout or (t.is_contiguous() and param.is_contiguous()))):
                 raise ValueError(f"tensor {index} of the bucket: streams must be dense with one memory layout")
         pointers = [t.data_ptr() for t in tensors]
         rows.append([param.numel()] + pointers + [0] * (K.TABLE_WIDTH - 1 - len(pointers)))
