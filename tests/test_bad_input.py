@@ -625,6 +625,42 @@ def test_a_closure_that_does_not_run_the_forward_again_is_warned_of_within_five_
     assert ours[0].category is RuntimeWarning and "step(lambda: loss_fn(model(x), y))" in str(ours[0].message)
 
 
+def test_the_stale_closure_warning_raised_as_an_error_leaves_the_step_whole():
+    """Under ``-W error`` the warning is an exception: given inside the step, it ran the step's undo list on a
+    committed step (a count of steps sat out taken back, the weights moved; a review's find). It is given once
+    step() has returned: the step is the one a run that ignores it takes."""
+    runs = []
+    for as_error in (False, True):
+        model = _model()
+        opt = FusedSaLSa(model.parameters(), backend="torch")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error" if as_error else "ignore")
+            for step in range(1, 6):
+                opt.zero_grad()
+                out = model(_X)
+                if step == 5:
+                    model[2].bias.grad = None  # a parameter sitting out at that step (made by the backward below)
+                loss = F.mse_loss(out, _Y)
+                loss.backward()
+                if step == 5:
+                    model[2].bias.grad = None
+                if as_error and step == 5:
+                    with pytest.raises(RuntimeWarning, match="does not seem to run the forward again"):
+                        opt.step(lambda: F.mse_loss(out.detach(), _Y), loss=loss)
+                else:
+                    opt.step(lambda: F.mse_loss(out.detach(), _Y), loss=loss)
+        runs.append(([p.detach().clone() for p in model.parameters()], opt.state_dict()))
+    (weights, ignored), (weights_error, raised) = runs
+    assert all(torch.equal(a, b) for a, b in zip(weights, weights_error))
+    assert raised["param_groups"][0]["search"] == ignored["param_groups"][0]["search"]
+    assert raised["state"].keys() == ignored["state"].keys()
+    for i, entry in ignored["state"].items():
+        assert entry.keys() == raised["state"][i].keys(), i
+        for key, value in entry.items():  # the counts of steps sat out included
+            other = raised["state"][i][key]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, (i, key)
+
+
 @pytest.mark.parametrize("restore", ["copy", "inplace"])
 def test_ties_of_a_converged_bf16_fit_are_not_warned_of(restore):
     """A bf16 fit converged to a loss of 5e-8: the searched move rounds to nothing in most weights and the bf16 loss

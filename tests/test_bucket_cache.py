@@ -525,7 +525,8 @@ def test_a_moment_replaced_by_hand_with_values_no_step_can_read_is_refused_at_a_
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
-def test_a_moment_replaced_by_hand_after_a_reload_is_read_too(backend):
+@pytest.mark.parametrize("no_op_step_first", [False, True])
+def test_a_moment_replaced_by_hand_after_a_reload_is_read_too(backend, no_op_step_first):
     """``load_state_dict`` forgets the buckets: the check of moments replaced by hand compared against the moments
     the buckets held, and after a reload it had none, so a negative ``exp_avg_sq`` set then went through and the
     next plain step wrote NaN (a review's find). The loaded moments, checked by the load, are what it compares
@@ -538,6 +539,9 @@ def test_a_moment_replaced_by_hand_after_a_reload_is_read_too(backend):
         opt.zero_grad()
         opt.step(lambda: _loss(params, [], k))
     opt.load_state_dict(opt.state_dict())
+    if no_op_step_first:  # no parameter has a gradient: the step takes back what it counted and forgets the buckets
+        opt.zero_grad()
+        opt.step(lambda: _loss(params, [], 1).detach().requires_grad_(), loss=_loss(params, [], 1).detach())
     opt.state[params[0]]["exp_avg_sq"] = torch.full_like(params[0], -1.0)
     opt.zero_grad()
     before = snapshot(opt)
