@@ -880,6 +880,16 @@ class FusedSaLSa(Optimizer, Joinable):
         _refuse_shared_storage(tensors, [p for group in self.param_groups for p in group["params"]],
                                memory_of_existing=built,
                                refused="the group was not added" if built else "nothing was built")
+        reduction = self.__dict__.get("reduction")
+        if built and reduction is not None and reduction.shard_group is not None and not self._reduction_given:
+            # the sharding detected at the build (FSDP2) holds the new parameters too: a plain one added (a learned
+            # temperature outside fully_shard) took no averaged gradient, its share of q counted once per rank, and
+            # the ranks' copies parted with every check passing (an FSDP2 audit's find)
+            try:
+                shard_group_of([p for group in self.param_groups for p in group["params"]] + tensors)
+            except ValueError as error:
+                raise ValueError(f"{error} (a group added to an optimizer of FSDP2-sharded parameters); the group "
+                                 "was not added") from None
         param_group.setdefault("search_lr", candidate["lr"])  # what trials probe at (see lr)
         search = self.__dict__.get("_search")  # None while torch's __init__ adds the first groups
         taken = search.step if search is not None else 0
@@ -2180,6 +2190,8 @@ class FusedSaLSa(Optimizer, Joinable):
                                                       plan.state.step))
         passes = self._passes(plan, scale, forwards=1, backwards=int(one_phase), undo=undo)
         if passes is None:  # none of this optimizer's parameters is in this loss: as torch.optim, a no-op
+            if self.model is not None:  # unless the model's parameters are no longer these (fully_shard after it)
+                _refuse_a_model_of_other_parameters(self.model, self.param_groups, warn=False)
             if unscaled is not None:
                 raise unscaled
             return loss_tensor.detach() if one_phase else loss
@@ -2578,6 +2590,8 @@ class FusedSaLSa(Optimizer, Joinable):
                 replay = _IndexedReplay(closure, devices, first=first, end=rng_after)
         passes = self._passes(plan, scale, forwards=k, backwards=k if one_phase else 0, undo=undo)
         if passes is None:  # none of this optimizer's parameters is in this loss: as torch.optim, a no-op
+            if self.model is not None:  # unless the model's parameters are no longer these (fully_shard after it)
+                _refuse_a_model_of_other_parameters(self.model, self.param_groups, warn=False)
             if unscaled is not None:
                 raise unscaled
             return loss_tensor.detach() if one_phase else loss
@@ -2879,17 +2893,21 @@ def _same_value(now, before) -> bool:
         return False
 
 
-def _refuse_a_model_of_other_parameters(model: torch.nn.Module, param_groups: List[dict]) -> None:
+def _refuse_a_model_of_other_parameters(model: torch.nn.Module, param_groups: List[dict], warn: bool = True) -> None:
     """Refuse (ValueError) a ``model=`` none of whose parameters this optimizer steps: another model's running
-    statistics would be put back after the searches, and this one's, left out, would take every trial forward."""
+    statistics would be put back after the searches, and this one's, left out, would take every trial forward.
+    Read at the build and at a step where no parameter has a gradient (``warn=False``): ``fully_shard`` after the
+    build replaces every parameter, and each step did nothing, silently (an FSDP2 audit's find)."""
     mine = {id(p) for group in param_groups for p in group["params"]}
     theirs = list(model.parameters())
     if theirs and mine and not any(id(p) in mine for p in theirs):
         raise ValueError(f"model= is the module the closure runs, whose running statistics (BatchNorm's) a search "
                          f"puts back after its extra forwards, but none of the {len(theirs)} parameters of the "
                          f"{type(model).__name__} given is one this optimizer steps: pass the model whose parameters "
-                         "you gave")
-    _warn_of_parameters_outside_the_model(model, mine, "this optimizer steps")
+                         "you gave (FSDP2's fully_shard, or a .to() that makes new parameters, replaces them: build "
+                         "the optimizer after it)")
+    if warn:
+        _warn_of_parameters_outside_the_model(model, mine, "this optimizer steps")
 
 
 def _warn_of_parameters_outside_the_model(model: torch.nn.Module, mine: set, whose: str) -> None:

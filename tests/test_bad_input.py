@@ -1954,6 +1954,21 @@ def test_a_model_none_of_whose_parameters_the_optimizer_steps_is_refused():
     FusedSaLSa(net.parameters(), backend="torch", model=torch.nn.ReLU())  # no parameters: nothing to compare
 
 
+def test_a_model_whose_parameters_were_replaced_after_the_build_is_refused_at_the_step():
+    """Parameters replaced after the build (FSDP2's fully_shard does it to every one): the optimizer's tensors got
+    no gradient, and each step returned the loss having done nothing, silently (an FSDP2 audit's find). With
+    model= the step finds that the model's parameters are no longer the optimizer's, and says so."""
+    net = _model()
+    opt = FusedSaLSa(net.parameters(), backend="torch", model=net)
+    for layer in (net[0], net[2]):
+        layer.weight = torch.nn.Parameter(layer.weight.detach().clone())
+        layer.bias = torch.nn.Parameter(layer.bias.detach().clone())
+    with pytest.raises(ValueError, match=r"none of the 4 parameters of the Sequential given is one this optimizer "
+                                         r"steps.*build the optimizer after it"):
+        opt.step(_closure(net))
+    assert opt.search_state.step == 0
+
+
 def test_a_model_that_holds_only_some_of_the_parameters_is_named():
     """model=model[0] for an optimizer of the whole model was taken silently: the BatchNorm statistics of the
     modules outside it took every trial forward. Said at construction; the whole model, or a part of it for an

@@ -552,6 +552,40 @@ def test_fsdp2_ranks_refuse_alike_a_search_whose_weights_overflowed(tmp_path):
     spawn_in_gloo_group(_fsdp_overflow_job, str(tmp_path), WORLD, timeout_s=60)
 
 
+def _fsdp_plain_group_added_job(rank: int, out_dir: str) -> None:
+    """FSDP2: a plain parameter added with add_param_group (a learned temperature outside fully_shard) took no
+    averaged gradient and its share of q counted once per rank; the ranks' copies parted (0.878 against 0.936 at
+    step 1) with every check passing (an FSDP2 audit's find). Refused, as the constructor refuses such a mix, with
+    nothing added. And an optimizer built before fully_shard (which replaces every parameter) with model= refuses
+    its first step by name: each step did nothing, silently."""
+    from torch.distributed.device_mesh import init_device_mesh
+    fully_shard = fsdp2().fully_shard
+    mesh = init_device_mesh("cpu", (WORLD,))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    fully_shard(model, mesh=mesh)
+    opt = FusedSaLSa(model.parameters(), model=model)
+    temperature = torch.nn.Parameter(torch.ones(()))
+    with pytest.raises(ValueError, match=r"1 of 5 parameters are not sharded DTensors.*\(a group added to an "
+                                         r"optimizer of FSDP2-sharded parameters\); the group was not added"):
+        opt.add_param_group({"params": [temperature]})
+    assert len(opt.param_groups) == 1
+    torch.manual_seed(0)
+    early = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = FusedSaLSa(early.parameters(), model=early)
+    fully_shard(early, mesh=mesh)
+    x, y = _batch(0, rank)
+    with pytest.raises(ValueError, match=r"none of the 4 parameters of the FSDPSequential given is one this "
+                                         r"optimizer steps.*fully_shard.*build the optimizer after it"):
+        opt.step(lambda: F.mse_loss(early(x), y))
+    assert opt.search_state.step == 0
+
+
+@fsdp2_forwards
+def test_fsdp2_a_plain_group_added_or_a_model_sharded_after_the_build_is_refused(tmp_path):
+    spawn_in_gloo_group(_fsdp_plain_group_added_job, str(tmp_path), WORLD, timeout_s=60)
+
+
 def _fsdp_nan_plain_loss_job(rank: int, out_dir: str) -> None:
     """FSDP2: one plain step whose loss is NaN (on every rank: the losses are averaged) is one
     skipped step when the next search reads the counts, not one per rank of the shard group."""
