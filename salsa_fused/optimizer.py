@@ -475,6 +475,14 @@ TIED_SEARCHES = (
     "the level grows by growth at each search without bound. The closure must call the model: "
     "step(lambda: loss_fn(model(x), y)); docs/api.md, 'The two-phase form'")
 
+#: Steps in a row with every group's lr at 0 after which a warning says that nothing moves.
+LR_ZERO_STEPS_WARNED = 100
+LR_ZERO_STEPS = (
+    "every param group's lr has been 0 for the last {steps} steps: nothing moved, and no search ran. A warm-up "
+    "from 0 needs its scheduler stepped (under Lightning's manual optimization, which does not step it, call "
+    "self.lr_schedulers().step() after opt.step(), as examples/lightning_salsa.py does); lr here is a multiplier "
+    "on the searched level (docs/api.md)")
+
 ZERO_REDUNDANCY_REFUSED = (
     "torch.distributed.optim.ZeroRedundancyOptimizer(optimizer_class=FusedSaLSa) is not supported: each rank's "
     "FusedSaLSa would hold a shard of the parameters as plain tensors, so its trials would move only that shard "
@@ -1071,6 +1079,18 @@ class FusedSaLSa(Optimizer, Joinable):
         if plan.is_search and not (schedule_searches(self.schedule, state, plan.state.step) and self._some_group_moves()):
             plan = plan_without_search(self.search_rule, state, self.search_config, plan)
         return step_batches(self.search_rule, plan)
+
+    def _warn_if_lr_stays_zero(self) -> None:
+        """Count the steps in a row at which every group's ``lr`` is 0, and warn once at ``LR_ZERO_STEPS_WARNED``: a
+        warm-up from 0 that nobody steps (Lightning does not step a scheduler under manual optimization) left
+        every step a no-op, silently (an integration audit's find: lr 0.0, no search, the weights unmoved)."""
+        if any(group["lr"] != 0 for group in self.param_groups):  # frozen parameters at a positive lr: not this
+            self._steps_at_lr_zero = 0
+            return
+        self._steps_at_lr_zero = self.__dict__.get("_steps_at_lr_zero", 0) + 1
+        if self._steps_at_lr_zero == LR_ZERO_STEPS_WARNED:
+            warnings.warn(LR_ZERO_STEPS.format(steps=LR_ZERO_STEPS_WARNED), RuntimeWarning,
+                          stacklevel=caller_stacklevel())
 
     def _some_group_moves(self) -> bool:
         """Does a group with a positive ``lr`` now hold a parameter that requires grad? While none does
@@ -2124,6 +2144,9 @@ class FusedSaLSa(Optimizer, Joinable):
                 group["search_lr"] = 1.0  # built at 0: its first positive lr is a warmup's, not its level
         if plan.is_search and not self._some_group_moves():
             plan = plan_without_search(rule, state, config, plan)  # every group at lr 0 now: nothing moves
+            self._warn_if_lr_stays_zero()
+        elif plan.is_search:
+            self._steps_at_lr_zero = 0
         if plan.is_search and not self.__dict__.get("_fsdp_checked", False):
             self._warn_if_trials_may_read_stale_fsdp_weights(closure)
         batches = step_batches(rule, plan)

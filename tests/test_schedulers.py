@@ -291,3 +291,28 @@ def test_a_scheduler_without_a_schedule_of_the_optimizers_own_does_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _train_with_scheduler(model, opt, scheduler, 12)
+
+
+def test_a_warmup_from_zero_that_is_never_stepped_is_warned_of_after_100_steps():
+    """LambdaLR from 0 under Lightning's manual optimization, which does not step it: lr stayed 0.0, no search ran
+    and the weights never moved, with no word (an integration audit's find). A warning at the 100th step in a row
+    at lr 0, once; a warm-up that is stepped never sees it."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    for stepped in (False, True):
+        opt = FusedSaLSa(model.parameters(), backend="torch")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s / 150))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(120):
+                opt.zero_grad()
+                opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+                if stepped:
+                    scheduler.step()
+        ours = [w for w in caught if "lr has been 0 for the last 100 steps" in str(w.message)]
+        assert len(ours) == (0 if stepped else 1)
+        if not stepped:
+            assert "self.lr_schedulers().step()" in str(ours[0].message) and opt.search_state.num_searches == 0
