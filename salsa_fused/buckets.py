@@ -789,7 +789,7 @@ def refuse_replaced_moments_values(state: Mapping, fingerprint: tuple) -> None:
             low, high = torch.aminmax(_local(moment))
             bad = ~(torch.isfinite(low) & torch.isfinite(high))
             flags.append((bad | (low < 0)) if name == "exp_avg_sq" else bad)
-        flags = torch.stack([flag.to("cpu", non_blocking=False) for flag in flags]).tolist()
+        flags = torch.stack(flags).tolist()  # the one device read (the optimizer's moments share its device)
     for (p, name, _), bad in zip(new, flags):
         if bad:
             what = "NaN/inf or a negative value" if name == "exp_avg_sq" else "NaN/inf"
