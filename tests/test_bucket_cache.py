@@ -494,6 +494,18 @@ def test_the_moments_check_tells_a_replaced_or_removed_moment_from_an_in_place_w
     assert not cache._moments_current(dict(state))  # another mapping: rebuilt whatever it holds
 
 
+def _two_steps_before_a_plain_one(backend):
+    """``_params()`` and an optimizer after steps 1 (a search) and 2, so that step 3 is a plain step."""
+    if backend == "cpp":
+        pytest.importorskip("salsa_fused._C", reason="the C++ extension is not built")
+    params = _params()
+    opt = FusedSaLSa(params, backend=backend, schedule=_EveryThird())
+    for k in range(2):
+        opt.zero_grad()
+        opt.step(lambda: _loss(params, [], k))
+    return params, opt
+
+
 @pytest.mark.parametrize("backend", BACKENDS + ["cpp"])
 @pytest.mark.parametrize("name, value, message", [
     ("exp_avg_sq", -1.0, "holds NaN/inf or a negative value"), ("exp_avg_sq", math.inf, "holds NaN/inf or a negative value"),
@@ -504,13 +516,7 @@ def test_a_moment_replaced_by_hand_with_values_no_step_can_read_is_refused_at_a_
     reads no value on the host, and sqrt of the negative moment wrote NaN into every weight of the tensor (an
     audit's find); load_state_dict refuses such moments. The replaced tensors are read once, at the step that
     finds them: refused by name, with nothing written."""
-    if backend == "cpp":
-        pytest.importorskip("salsa_fused._C", reason="the C++ extension is not built")
-    params = _params()
-    opt = FusedSaLSa(params, backend=backend, schedule=_EveryThird())
-    for k in range(2):  # steps 1 (a search) and 2: step 3 is plain
-        opt.zero_grad()
-        opt.step(lambda: _loss(params, [], k))
+    params, opt = _two_steps_before_a_plain_one(backend)
     opt.state[params[0]][name] = torch.full_like(params[0], value)
     opt.zero_grad()
     before = snapshot(opt)
@@ -531,13 +537,7 @@ def test_a_moment_replaced_by_hand_after_a_reload_is_read_too(backend, no_op_ste
     the buckets held, and after a reload it had none, so a negative ``exp_avg_sq`` set then went through and the
     next plain step wrote NaN (a review's find). The loaded moments, checked by the load, are what it compares
     against now."""
-    if backend == "cpp":
-        pytest.importorskip("salsa_fused._C", reason="the C++ extension is not built")
-    params = _params()
-    opt = FusedSaLSa(params, backend=backend, schedule=_EveryThird())
-    for k in range(2):
-        opt.zero_grad()
-        opt.step(lambda: _loss(params, [], k))
+    params, opt = _two_steps_before_a_plain_one(backend)
     opt.load_state_dict(opt.state_dict())
     if no_op_step_first:  # no parameter has a gradient: the step takes back what it counted and forgets the buckets
         opt.zero_grad()
