@@ -1,6 +1,6 @@
 // Where a tensor puts its elements, against another's: one rule for the kernels' layout checks
 // (cpu/salsa_cpu.cpp, cuda/salsa_cuda.cu) and the bucket cache's gradient signature
-// (python_module.cpp). Its Python twin is salsa_fused/buckets.py's same_memory_order.
+// (python_module.cpp). Its Python twin is salsa_fused/backends/base.py's same_memory_order.
 #pragma once
 
 #include <ATen/core/Tensor.h>
