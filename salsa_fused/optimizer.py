@@ -48,7 +48,8 @@ from .errors import as_float, caller_stacklevel
 from .distributed import (SearchReduction, _is_dtensor, ddp_modules, default_reduction, fsdp_modules, is_distributed,
                           shard_group_of, without_buffer_broadcast)
 from .applied import GroupStep
-from .line_search import FLOAT32_MAX, FLOAT32_TINY, MIN_SLOPE_AVG, RENAMED_KEYS, SearchConfig, SearchState, fits_float32
+from .line_search import (FLOAT32_MAX, FLOAT32_TINY, MIN_SLOPE_AVG, RENAMED_KEYS, SearchConfig, SearchState, StepPlan,
+                          fits_float32)
 from .rules import (Batches, check_arguments, check_rule_state, checked_direction, moment_step, plan_step,
                     plan_without_search, resolve_rule, step_batches)
 from .step_size import (ScaledSchedule, applied_scale, backs_off_on_loss_rise, check_freeze_below,
@@ -1031,18 +1032,30 @@ class FusedSaLSa(Optimizer, Joinable):
 
     @property
     def applied_steps(self) -> List[float]:
-        """Per group, the applied step of the next plain step: ``lr * s * eta * growth`` (the rule's
-        first trial: ``eta * 2^(1/b)`` for seed 001's rules; ``s`` the schedule's scale at the
+        """Per group, the step the next step applies when it does not search (where it searches, its first
+        trial): ``lr * s * t``, ``t`` the plan's first trial (``eta * growth``; ``eta * 2^(1/b)`` for seed 001's
+        rules; LABPAL's fitted rate, 0 before its first fit), as the step plans it: without a search where the
+        schedule stops searching or no group moves (the rule's ``without_search``); ``s`` the schedule's scale at the
         next step, past a schedule's end the scale it holds there, capped at the hold
         ``search_state.scale_hold`` when it is > 0 (past the warm-up of a ``decay_from_hold`` schedule, scaled
         by ``h / peak`` instead) and times the back-off
         ``search_state.applied_backoff`` of ``backoff_on_loss_rise``:
         :func:`salsa_fused.step_size.applied_scale`)."""
-        state = freeze_if_collapsed(self.schedule, self._search, self._search.step + 1, self.search_rule)
-        scale = applied_scale(self.schedule, state, state.step + 1)
-        trial = plan_step(self.search_rule, state, self.search_config).trial_step_size
-        return [GroupStep.of(_as_the_step_sees(group), scale, state.step_size).plain(trial).step
+        state, plan = self._plan_ahead()
+        scale = applied_scale(self.schedule, state, plan.state.step)
+        return [GroupStep.of(_as_the_step_sees(group), scale, state.step_size).plain(plan.trial_step_size).step
                 for group in self.param_groups]
+
+    def _plan_ahead(self) -> Tuple[SearchState, StepPlan]:
+        """The state the next step starts from and its plan, as :meth:`step` decides them: the level frozen where
+        the schedule freezes it, and no search (the rule's ``without_search``) where the schedule stops searching or
+        no group moves. What :attr:`applied_steps` and :meth:`next_batches` report."""
+        rule, config, schedule = self.search_rule, self.search_config, self.schedule
+        state = freeze_if_collapsed(schedule, self._search, self._search.step + 1, rule)
+        plan = plan_step(rule, state, config)
+        if plan.is_search and not (schedule_searches(schedule, state, plan.state.step) and self._some_group_moves()):
+            plan = plan_without_search(rule, state, config, plan)
+        return state, plan
 
     @property
     def schedule(self):
@@ -1074,11 +1087,7 @@ class FusedSaLSa(Optimizer, Joinable):
         """Under a rule that reads several batches per step (``search_rule="labpal"``): how many
         the next step reads (:class:`salsa_fused.rules.Batches`: the two-phase form runs the
         backward of the first ``gradient`` itself); ``None`` for a rule whose closure takes no index."""
-        state = freeze_if_collapsed(self.schedule, self._search, self._search.step + 1, self.search_rule)
-        plan = plan_step(self.search_rule, state, self.search_config)
-        if plan.is_search and not (schedule_searches(self.schedule, state, plan.state.step) and self._some_group_moves()):
-            plan = plan_without_search(self.search_rule, state, self.search_config, plan)
-        return step_batches(self.search_rule, plan)
+        return step_batches(self.search_rule, self._plan_ahead()[1])
 
     def _warn_if_lr_stays_zero(self) -> None:
         """Count the steps in a row at which every group's ``lr`` is 0, and warn once at ``LR_ZERO_STEPS_WARNED``: a

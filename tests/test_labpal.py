@@ -840,3 +840,41 @@ def test_fits_that_keep_failing_warn_once_under_pythons_default_filter():
     assert opt.search_state.rule_state["num_failed_fits"] == 6
     assert len([w for w in caught if "LABPAL" in str(w.message)]) == 1
     assert len(getattr(functional, "__warningregistry__", {})) <= 2  # the filters' version and the one text
+
+
+def test_applied_steps_reports_the_step_a_schedule_that_stops_the_search_takes():
+    """applied_steps plans the next step as step() does: where the schedule stops the search, the rule's
+    without_search plan (LABPAL before any fit: a step that moves nothing; after fits: the last rate), not the
+    searching plan's first trial (it said 0.09 for a step that moved nothing)."""
+    w = torch.nn.Parameter(torch.randn(4, generator=torch.Generator().manual_seed(0)))
+    opt = LABPAL([w], "SGD", init_step_size=0.1, backend="torch", schedule=_Searches(0))
+    assert opt.applied_steps == [0.0]
+    before = w.detach().clone()
+    opt.step(lambda i: (w ** 2).sum())
+    assert torch.equal(w.detach(), before)
+
+    model = _model()
+    opt = LABPAL(model.parameters(), "SGD", backend="torch", schedule=_Searches(7), **SETTINGS)
+    for step in range(STEPS):
+        predicted = opt.applied_steps
+        weight = model[0].weight.detach().clone()
+        opt.zero_grad()
+        opt.step(_closure(model, step))
+        rate = opt.search_state.rule_state["learning_rate"]
+        if step >= 7:  # no approximation: the update moves the weights by the rate the step predicted
+            assert predicted == [rate]
+            moved = (weight - model[0].weight.detach()).norm() / model[0].weight.grad.norm()
+            assert moved.item() == pytest.approx(rate, rel=1e-4)
+
+
+class _Searches:
+    """A schedule of scale 1 that lets the search run up to step ``last``."""
+
+    def __init__(self, last):
+        self.last = last
+
+    def scale(self, step):
+        return 1.0
+
+    def searches(self, step):
+        return step <= self.last
