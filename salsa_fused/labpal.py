@@ -63,7 +63,8 @@ and its refusal of a fit whose direction norm is below 1e-3 or above 100 (absolu
 depend on the model's scale; here only a fit without a minimum ahead is refused).
 
 Cost per update: ``k`` forwards and backwards; per approximation ``k`` forwards and backwards plus
-``3n - k`` forwards and one weight-sized copy (``restore="copy"``), once per ``sgd_steps`` updates.
+``3 max(n, k) - k`` forwards (each of the three points averages ``max(n, k)`` batches, the point at 0
+reusing the gradient's ``k``) and one weight-sized copy (``restore="copy"``), once per ``sgd_steps`` updates.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ The presets here are other fixed configurations, with nothing to tune per task:
   NOTES section 23), and that scale ``h`` becomes the schedule's peak: the warm-up stops rising at
   ``h`` (``hold_scale_on_loss_rise``, section 25) and the cooldown decays from ``h`` instead of from
   2x (``decay_from_hold``, section 73), all times the back-off ``b``.
-  The weight decay is decoupled and scales with the applied step (``w -= wd * a * w``), so where the level
+  The weight decay is decoupled and takes the level and the schedule's scale (``w -= wd * lr * s * eta * w``: the
+  applied step without the growth factor, none before the first search), so where the level
   overshoots the best AdamW rate the decay does too: on the zoo's overshooting validation tasks that decay is
   much of the loss (not on its hold-out tasks, which fail by the level's path), but without it, or with a decay
   set by the run length instead, another task needs it (quality NOTES sections 78-79), so it stays.

@@ -2,8 +2,8 @@
 :class:`Cooldown` (a cooldown started by hand in a run of unknown length).
 
 Host-side arithmetic on Python floats; no tensors. A *schedule* multiplies the step the
-optimizer applies (trials still probe the searched level; weight decay follows the applied
-step, ``salsa_fused.applied``) and may freeze the search. A schedule planned for a run length
+optimizer applies (trials still probe the searched level; the weight decay ``wd * lr * s * eta`` takes
+the scale too, ``salsa_fused.applied``) and may freeze the search. A schedule planned for a run length
 has ``total_steps``: the optimizer warns once when a step goes past it
 (:func:`warn_past_end`). Search rules are in :mod:`salsa_fused.rules`; the rules the quality
 ablations rejected live in ``benchmarks/quality/rules.py``.

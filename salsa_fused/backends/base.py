@@ -9,7 +9,7 @@ increment and ``lr`` the group's multiplier:
 
     v_new   = beta2 * v + (1 - beta2) * g^2
     m_new   = beta1 * m + (1 - beta1) * g
-    v_hat   = v_new / (1 - beta2^(k+1))          m_hat = m_new / (1 - beta1^(k+1))
+    v_hat   = v_new / (1 - beta2^(k+1))          m_hat = m_new / (1 - beta1^(k+1))   (Adam's k under "sls"/"alsals")
     precond = 1 / (sqrt(v_hat) + eps)
     d       = g * precond          (direction "gradient", 0.1.0's default)
             | m_hat * precond      (direction "momentum", 0.1.0's use_mv=True)
@@ -95,8 +95,8 @@ class Hyper:
     beta2: float
     eps: float
     weight_decay: float
-    bias_correction1: float  # 1 - beta1 ** (k + 1)
-    bias_correction2: float  # 1 - beta2 ** (k + 1)
+    bias_correction1: float  # 1 - beta1 ** (k + 1); 1 - beta1 ** k under seed 001's rules (rules.moment_step)
+    bias_correction2: float  # 1 - beta2 ** (k + 1); likewise
     lr: float  # the group's probe multiplier on the level (its "search_lr")
 
     @classmethod
@@ -104,7 +104,8 @@ class Hyper:
         """The scalars of param group ``group`` at step ``k = step`` (after its increment), for its
         tensors that sat out ``steps_sat_out`` of its steps.
 
-        0.1.0 corrects with ``k + 1`` (SPEC section 1, step 5): the only bias correction. A group added
+        0.1.0 corrects with ``k + 1`` (SPEC section 1, step 5); seed 001's rules (``"sls"``, ``"alsals"``)
+        correct with Adam's ``k``: :func:`salsa_fused.rules.moment_step` passes them ``step - 1``. A group added
         after ``s`` steps (``group[MOMENTS_START] = s``) counts its own, and a tensor the steps it took:
         ``k - s - steps_sat_out + 1``, as torch's Adam counts a parameter's steps.
         """

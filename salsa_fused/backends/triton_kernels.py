@@ -23,6 +23,7 @@ to the stream's dtype when stored:
     m_new   = m * beta1 + g * (1 - beta1)
     precond = 1 / (sqrt(v_new / bc2) + eps)                  bc2 = 1 - beta2^(k+1)
     m_hat   = m_new / bc1                                    bc1 = 1 - beta1^(k+1)
+                                       (Adam's k in both under the "sls" and "alsals" rules: rules.moment_step)
     d       = precond * g   |   precond * m_hat   |   g      (direction gradient | momentum | raw)
 
 A ``DIRECTION`` constexpr picks the direction (``GRADIENT_DIRECTION``, ``MOMENTUM_DIRECTION``,
