@@ -140,7 +140,7 @@ def preset_kwargs(name: str, total_steps=_OMITTED) -> dict:
         try:
             schedule.check_searches()
         except ValueError:
-            shortest = next(n for n in range(1, 1000) if PRESETS[name](n)["schedule"].decay_start >= 1)
+            shortest = schedule.shortest_total_steps()
             raise ValueError(f"total_steps={total_steps} is too short for the {name!r} preset: its cooldown "
                              f"takes the last {schedule.decay:.0%} of the run, so no step would search; use "
                              f"total_steps >= {shortest}") from None

@@ -145,13 +145,20 @@ class WarmupStableDecay:
         """Under a FusedSaLSa: refuse a run too short for one search step before the cooldown (the
         search would never run and the run would apply ``init_step_size``); ``decay=1`` asks for that."""
         if self.decay < 1.0 and self.decay_start < 1:
-            n = max(1, int(0.5 / (1.0 - self.decay)) - 2)  # n - round(decay * n) >= 1 from about 0.5 / (1 - decay)
-            while n - int(round(self.decay * n)) < 1:
-                n += 1
             raise ValueError(
                 f"total_steps={self.total_steps} with decay={self.decay} leaves no step before the cooldown, "
                 f"so the search would never run and the run would apply init_step_size: use total_steps >= "
-                f"{n} (or decay=1 to mean no search)")
+                f"{self.shortest_total_steps()} (or decay=1 to mean no search)")
+
+    def shortest_total_steps(self) -> int:
+        """The fewest ``total_steps`` that leave a step before a cooldown of ``decay < 1``:
+        the least ``n`` with ``n - round(decay * n) >= 1`` (from about ``0.5 / (1 - decay)``)."""
+        if not self.decay < 1.0:
+            raise ValueError(f"decay={self.decay} leaves no step before the cooldown at any total_steps")
+        n = max(1, int(0.5 / (1.0 - self.decay)) - 2)
+        while n - int(round(self.decay * n)) < 1:
+            n += 1
+        return n
 
     @property
     def past_end_scale(self) -> float:

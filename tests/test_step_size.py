@@ -67,3 +67,10 @@ def test_numpy_and_fraction_fractions_are_accepted_as_python_floats():
     assert type(Cooldown(0, 10, final=np.float32(0.5)).final) is float
     with pytest.raises(ValueError, match="warmup must be a number in \\[0, 1\\], got True"):
         WarmupStableDecay(100, warmup=True)
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.2, 0.5, 0.8, 0.9, 0.95, 0.99, 0.999, 0.9999])
+def test_shortest_total_steps_is_the_fewest_that_leave_a_step_before_the_cooldown(decay):
+    shortest = WarmupStableDecay(1000, warmup=0.0, decay=decay).shortest_total_steps()
+    assert WarmupStableDecay(shortest, warmup=0.0, decay=decay).decay_start >= 1
+    assert shortest == 1 or WarmupStableDecay(shortest - 1, warmup=0.0, decay=decay).decay_start < 1
