@@ -52,7 +52,8 @@ import torch
 from ._rng import RNGSnapshot
 from .errors import NonFiniteError, checked_int
 from .line_search import FLOAT32_MAX, FLOAT32_TINY
-from .optimizer import CALL_NAME, FusedSaLSa, _takes_an_index, _torch_hooks_suspended, running_statistics
+from .checkpoint import torch_hooks_suspended
+from .optimizer import CALL_NAME, FusedSaLSa, _takes_an_index, running_statistics
 from .step_size import ScaledSchedule, check_factors, check_installed, is_number, scaled_by
 
 #: Options of earlier versions, removed after their ablations lost (benchmarks/quality/NOTES.md
@@ -76,7 +77,7 @@ def _step_without_hooks(opt: FusedSaLSa, closure):
     if step is FusedSaLSa.step:
         return opt._unhooked_step(closure)
     raw = getattr(step, "__wrapped__", None) if getattr(step, "hooked", False) else None
-    with _torch_hooks_suspended(opt, "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks"):
+    with torch_hooks_suspended(opt, "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks"):
         return raw(opt, closure) if raw is not None else opt.step(closure)
 
 

@@ -52,7 +52,7 @@ _has_value = functools.partial(operator.is_not, None)
 _data_ptr = torch.Tensor.data_ptr
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor, the tensor itself otherwise."""
     return tensor._local_tensor if hasattr(tensor, "_local_tensor") else tensor
 
@@ -177,7 +177,7 @@ def first_sharing_memory(tensors: List[torch.Tensor]) -> Optional[Tuple[int, int
     """Indices of two of the strided ``tensors`` that have an element in one place in memory, None where
     none do. Views of one storage that interleave but share no element (column blocks of one matrix,
     ``x[0::2]`` and ``x[1::2]``) do not."""
-    tensors = list(map(_local, tensors))
+    tensors = list(map(local_shard, tensors))
     reaching: List[Tuple[int, int]] = []  # (end, index) of the spans before that reach past this one's start
     for (first, end), i in sorted((_span(t), i) for i, t in enumerate(tensors) if t.numel() and t.data_ptr()):
         reaching = [(reach, j) for reach, j in reaching if reach > first]
@@ -203,7 +203,7 @@ def check_parameter(p) -> None:
         raise ValueError(f"FusedSaLSa needs floating-point parameters, got {p.dtype}")
     if p.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         raise ValueError(f"unsupported parameter dtype {p.dtype}")
-    if p.layout == torch.strided and not p.is_meta and _has_overlapping_elements(_local(p)):
+    if p.layout == torch.strided and not p.is_meta and _has_overlapping_elements(local_shard(p)):
         expanded = any(stride == 0 and size > 1 for stride, size in zip(p.stride(), p.shape))
         raise ValueError(f"a parameter of shape {tuple(p.shape)} has elements that share memory "
                          f"({'an expanded tensor, ' if expanded else ''}strides {p.stride()}): an update cannot "
@@ -232,7 +232,7 @@ def check_moments(p: torch.Tensor, state: Mapping) -> None:
                              "hand?); nothing was written")
         if (moment.dtype != torch.float32 or moment.layout != torch.strided or moment.is_meta
                 or moment.device != p.device or moment.shape != p.shape
-                or _local(moment).shape != _local(p).shape):
+                or local_shard(moment).shape != local_shard(p).shape):
             resized = moment.shape != p.shape and moment.dtype == torch.float32 and moment.layout == torch.strided
             if resized and moment.numel() == p.numel():
                 cause = ("the parameter reshaped after its moments were made, by p.data = p.data.view(...) or "
@@ -252,7 +252,7 @@ def check_moments(p: torch.Tensor, state: Mapping) -> None:
 
 def _span(tensor: torch.Tensor) -> Tuple[int, int]:
     """The bytes ``tensor`` reaches, as ``(first, end)``: from its first element to past its last."""
-    local = _local(tensor)
+    local = local_shard(tensor)
     reach = sum((size - 1) * stride for size, stride in zip(local.shape, local.stride())) + 1
     return local.data_ptr(), local.data_ptr() + reach * local.element_size()
 
@@ -564,7 +564,7 @@ class BucketCache:
         convolution's under a second loss term), and its layout is cached."""
         mine = grads if slot.members is None else _picked(slot, grads)
         if distributed:
-            mine = list(map(_local, mine))
+            mine = list(map(local_shard, mine))
         try:
             # with the dtypes, strides and shapes: a gradient of another dtype, layout or shape (a
             # transpose of a persistent buffer, a narrower view of it) can land on an address seen before
@@ -634,9 +634,9 @@ class BucketCache:
                     p_state[STEPS_SAT_OUT] = sat_out[position]
                     p_state.pop(SAT_OUT_SINCE, None)  # a stretch begun without moments (set by hand)
             own = tuple(sat_out.get(position, 0) for position in positions)
-            bucket = Bucket(params=[_local(p) for p in chosen], grads=[],
-                            exp_avg=[_local(s["exp_avg"]) for s in states],
-                            exp_avg_sq=[_local(s["exp_avg_sq"]) for s in states],
+            bucket = Bucket(params=[local_shard(p) for p in chosen], grads=[],
+                            exp_avg=[local_shard(s["exp_avg"]) for s in states],
+                            exp_avg_sq=[local_shard(s["exp_avg_sq"]) for s in states],
                             saved=[saved_buffer(p) for p in chosen] if saved_buffer is not None else None,
                             device=device, dtype=dtype, group_index=index, tensors_fixed=True,
                             steps_sat_out=steps_sat_out,
@@ -645,7 +645,7 @@ class BucketCache:
             slots.append(_Slot(bucket, params, None if whole else positions,
                                None if whole else operator.itemgetter(*positions),
                                tuple(p.shape for p in chosen), tuple(map(_stride_of, bucket.params))))
-        weights = [_local(p) for p in params]
+        weights = [local_shard(p) for p in params]
         return _GroupEntry(tuple(map(id, params)), tuple(map(_data_ptr, weights)), tuple(map(_stride_of, weights)),
                            has_grad, distributed, slots, tuple(map(_dtype_of, weights)),
                            tuple(map(_shape_of, weights)), merge_guard=merge_guard)
@@ -780,13 +780,13 @@ def refuse_replaced_moments_values(state: Mapping, fingerprint: tuple) -> None:
     new = [(p, name, entry[name]) for p, entry in state.items() if isinstance(entry, Mapping)
            for name in _MOMENTS if isinstance(entry.get(name), torch.Tensor) and id(entry[name]) not in held
            and entry[name].dtype == torch.float32 and entry[name].layout == torch.strided
-           and not entry[name].is_meta and _local(entry[name]).numel()]
+           and not entry[name].is_meta and local_shard(entry[name]).numel()]
     if not new:
         return
     with torch.no_grad():
         flags = []
         for _, name, moment in new:
-            low, high = torch.aminmax(_local(moment))
+            low, high = torch.aminmax(local_shard(moment))
             bad = ~(torch.isfinite(low) & torch.isfinite(high))
             flags.append((bad | (low < 0)) if name == "exp_avg_sq" else bad)
         flags = torch.stack(flags).tolist()  # the one device read (the optimizer's moments share its device)

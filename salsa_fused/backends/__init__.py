@@ -32,6 +32,9 @@ KERNEL_BACKENDS = ("triton", "cpp", "cuda")
 FOREACH_BACKEND = "torch"
 #: :func:`name_for_flags`' answer to ``fused=True`` with ``backend="auto"``: kernels for the device.
 FUSED = "auto:fused"
+#: torch.optim's per-group backend flags: FusedSaLSa reads them at construction, as one choice for every group
+#: (:meth:`FusedSaLSa._refuse_another_backend <salsa_fused.FusedSaLSa._refuse_another_backend>`).
+BACKEND_FLAGS = ("foreach", "fused")
 
 
 def names() -> Tuple[str, ...]:

@@ -85,6 +85,14 @@ STEPS_SAT_OUT = "steps_sat_out"
 SAT_OUT_SINCE = "sat_out_since"
 #: :data:`SAT_OUT_SINCE` in a state dict for a parameter that takes part (the live state has no key then).
 NOT_SITTING_OUT = -1
+#: The hyperparameters every step reads from a param group.
+GROUP_HYPER_KEYS = ("lr", "betas", "eps", "weight_decay")
+
+
+def zero_moments(p: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Adam's moments before any gradient: fp32 zeros in ``p``'s memory layout (a DTensor's for a DTensor)."""
+    return (torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format),
+            torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format))
 
 
 @dataclass(frozen=True)
