@@ -130,6 +130,9 @@ class _EveryStepRule:
         for name, upper in (("c", 1.0), ("b", None), ("backtrack", 1.0)):  # a numpy float, say, kept as a float
             object.__setattr__(self, name, checked_real(name, getattr(self, name), 0.0, upper))
         object.__setattr__(self, "max_trials", checked_int("max_trials", self.max_trials, 1))  # a numpy integer, say
+        if self.b <= 1 / 128:
+            raise ValueError(f"b={self.b!r}: each step's first trial grows the level by 2^(1/b), which float32 holds "
+                             f"only for b > 1/128 (the paper's b is 500: a growth of 1.0014)")
 
     def direction(self, configured: str) -> str:
         return self.trial_direction

@@ -246,3 +246,13 @@ def test_a_trial_exactly_at_the_armijo_bound_passes_and_one_ulp_worse_fails(name
     plan = StepPlan(state=SearchState(), is_search=True, trial_step_size=0.25)
     assert search(rule, plan, 1.0, 2.0).observe(0.75) is Verdict.ACCEPT
     assert search(rule, plan, 1.0, 2.0).observe(math.nextafter(0.75, 1.0)) is Verdict.RETRY
+
+
+@pytest.mark.parametrize("rule", [AdamSLSRule, ALSALSRule])
+def test_a_b_whose_growth_float32_cannot_hold_is_refused_when_the_rule_is_built(rule):
+    """b > 0 is not enough: each step's first trial is eta * 2^(1/b), an OverflowError at the first step for
+    b = 1e-4 (and a float32 refusal at the step for b near 1e-3); refused by name where the rule is built."""
+    for b in (1e-4, 1e-3, 1 / 128):
+        with pytest.raises(ValueError, match=r"b=.*2\^\(1/b\), which float32 holds only for b > 1/128"):
+            rule(c=0.5, b=b)
+    assert rule(c=0.5, b=0.01).b == 0.01
