@@ -378,15 +378,23 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
     # Along the raw gradient no pass writes the moments: nothing to copy.
     moments = [] if direction == RAW else [t for b in passes.buckets for t in (*b.exp_avg, *b.exp_avg_sq)]
     moments_before = C.foreach_mul(moments, 1.0) if moments else []
+    undecayed = getattr(search, "undecayed_trials", False) is True
+    if undecayed and direction != RAW:
+        raise TypeError(f"search {type(search).__name__} asks for trials without the weight decay (undecayed_trials), "
+                        f"which only a search along 'raw' can take (its final move, in place, passes the weights "
+                        f"again without writing Adam's moments), not along {direction!r}; the weights and moments "
+                        "are as before the step")
+    restore_move = _undecayed(GroupStep.restore) if undecayed else GroupStep.restore
 
     def put_back(at: float) -> None:
-        passes.run("restore", direction, GroupStep.restore, at)
+        passes.run("restore", direction, restore_move, at)
         if moments:
             with torch.no_grad():
                 C.foreach_copy_(moments, moments_before)
 
     half = _float16_before(passes)  # a trial overflowed only elements it made non-finite (a mask's -inf was)
-    passes.run("first_trial", direction, _checked_trial(passes, search, "its first trial"), search.step_size)
+    passes.run("first_trial", direction, _checked_trial(passes, search, "its first trial", undecayed),
+               search.step_size)
     current = search.step_size  # the trial the weights are at
     trials = finite_trials = 0
     try:
@@ -434,7 +442,8 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
                     "first call changed). The weights and the optimizer's state are as before the step")
             if verdict is not Verdict.RETRY:
                 break
-            passes.run("retrial", direction, _checked_trial(passes, search, "a retrial"), search.step_size, current)
+            passes.run("retrial", direction, _checked_trial(passes, search, "a retrial", undecayed), search.step_size,
+                       current)
             current = search.step_size
         final, state = _decisions(search, direction)
         _check_final_fits_float32(passes, search, final)
@@ -448,11 +457,21 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
         put_back(current)
         raise
     along = final.direction or direction
-    if along != direction and not has_saved_copy:
-        passes.run("retrial", direction, GroupStep.trial, 0.0, current)  # back to decay(w0), in place
-        current = 0.0
-    if along != direction or final.step != current or any(g.scale != 1.0 for g in passes.groups.values()):
-        passes.run("retrial", along, GroupStep.apply, final.step, current)
+    if undecayed and along != RAW:
+        put_back(current)
+        raise TypeError(f"search {type(search).__name__} took its trials without the weight decay (undecayed_trials) "
+                        f"and named a final move along {along!r}: such a search moves along 'raw' only; the weights "
+                        "and moments are as before the step")
+    if undecayed and not has_saved_copy:  # in place: back to w0, then the decay and the move in one pass
+        passes.run("restore", direction, restore_move, current)
+        passes.run("first_trial", along, GroupStep.apply, final.step, 0.0)
+    else:
+        if along != direction and not has_saved_copy:
+            passes.run("retrial", direction, GroupStep.trial, 0.0, current)  # back to decay(w0), in place
+            current = 0.0
+        if (undecayed or along != direction or final.step != current
+                or any(g.scale != 1.0 for g in passes.groups.values())):
+            passes.run("retrial", along, GroupStep.apply, final.step, current)
         if half is not None and half.gained(_weights(passes, torch.float16), reduction):
             if not has_saved_copy:
                 raise NonFiniteError(
@@ -500,9 +519,18 @@ def _warn_every_trial_failed(trials: int, fell_to: float, shrink: float = 0.0, t
         RuntimeWarning, stacklevel=caller_stacklevel())
 
 
-def _checked_trial(passes: Passes, search, which: str):
-    """``GroupStep.trial``, once ``search.step_size`` is a trial a pass can take: a finite number >= 0 that float32
-    holds times each group's ``lr`` (a rule's own trials are its own; the plan's first was checked before the step)."""
+def _undecayed(move: Callable[..., Move]) -> Callable[..., Move]:
+    """``move`` (a :class:`GroupStep` method) without the weight decay: the trials, and the restores from them, of a
+    search whose trials lie on the line from the undecayed ``w0`` (``undecayed_trials``, LABPAL's fit)."""
+    def without_decay(group: GroupStep, *trials: float) -> Move:
+        return replace(move(group, *trials), decay=0.0)
+    return without_decay
+
+
+def _checked_trial(passes: Passes, search, which: str, undecayed: bool = False):
+    """``GroupStep.trial`` (without the decay where ``undecayed``), once ``search.step_size`` is a trial a pass can
+    take: a finite number >= 0 that float32 holds times each group's ``lr`` (a rule's own trials are its own; the
+    plan's first was checked before the step)."""
     size = search.step_size
     if not is_step_size(size):
         raise ValueError(f"search {type(search).__name__} named {which} of step size {size!r}; a trial is a finite "
@@ -512,7 +540,7 @@ def _checked_trial(passes: Passes, search, which: str):
             raise ValueError(f"search {type(search).__name__} named {which} of step size {size:.4g}, which is "
                              f"{group.trial(size).step:.4g} times the direction in param_groups[{index}]: more than "
                              f"float32 holds ({FLOAT32_MAX:.4g}). The weights and moments are as before the step")
-    return GroupStep.trial
+    return _undecayed(GroupStep.trial) if undecayed else GroupStep.trial
 
 
 def _decisions(search, direction: str) -> Tuple[FinalMove, SearchState]:

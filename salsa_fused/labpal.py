@@ -48,6 +48,10 @@ The closure contract (several batches per step) is :class:`salsa_fused.rules.Bat
 gradient reads ``closure(i)`` for ``i < k(t) * A``; each point averages ``closure(i)`` for
 ``i < n * A``, the point at ``s = 0`` reusing the gradient batches' losses.
 
+Weight decay (not in the paper; the package's decoupled decay): the fit's three points lie on the line from the
+undecayed ``w0`` (the trials carry no decay), and the update shrinks ``w0`` by ``wd * lr * lambda``, the rate before
+the step; before the first successful fit nothing moves or decays.
+
 The level ``eta`` (``FusedSaLSa.step_size``, what decoupled weight decay and ``applied_steps``
 read) is ``lambda`` (``init_step_size`` before the first fit). A group's ``lr`` multiplies ``g``
 in its trials and moves (``q`` sums ``lr_g g.g``): at the default ``lr = 1`` the geometry is the
@@ -115,6 +119,10 @@ def _initial_state() -> dict:
 
 class _LABPALSearch:
     """One LABPAL search step: an approximation (two trials), or an NSGD update (no trial)."""
+
+    #: The fit's three points lie on one line from ``w0`` (the paper's, section 3.3): the trials carry no weight
+    #: decay, which comes with the update (:func:`salsa_fused.functional.run_search`).
+    undecayed_trials = True
 
     def __init__(self, rule: "LABPALRule", plan: StepPlan, loss: float, slope: float):
         self.rule = rule
@@ -301,6 +309,12 @@ class LABPALRule:
         labpal = state.rule_state or _initial_state()
         due = labpal["update_step"] is None or labpal["updates_since_approximation"] >= self.sgd_steps
         return self._plan(state, approximate=due)
+
+    @staticmethod
+    def level_is_set(state: SearchState) -> bool:
+        """Whether a fit has set the rate (``eta = lambda``): before it LABPAL's steps move nothing, and the
+        weights do not decay either."""
+        return (state.rule_state or {}).get("learning_rate") is not None
 
     def without_search(self, state: SearchState, config: SearchConfig) -> StepPlan:
         """No approximation (the schedule freezes the level): the mode's update at the last rate,

@@ -1824,8 +1824,11 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
         (10% at 0.1 with no schedule; 2% under the preset's warm-up on a 50-step run), so on a trained model
         every trial failed and the level collapsed (under the preset, frozen there for the rest of the run).
         Until a search sets it, no decay (a schedule that stops the search before any search ran is refused
-        at that step)."""
+        at that step). A rule with ``level_is_set(state)`` says itself when its level is a rate: LABPAL's before its
+        first successful fit is none (its steps move nothing then, failed fits counted as searches), so no decay."""
         if state.num_searches == 0 and not self._init_step_size_given:
+            return 0.0
+        if state.rule_state and not _rule_level_is_set(self.search_rule, state):  # no call for SaLSa's rules
             return 0.0
         return state.step_size
 
@@ -2201,6 +2204,12 @@ def _grad_scaler_records(optimizer: Optimizer) -> Optional[List[torch.Tensor]]:
             found = list(records.values())
             return found if all(isinstance(record, torch.Tensor) for record in found) else None
     return None
+
+
+def _rule_level_is_set(rule, state: SearchState) -> bool:
+    """A rule's own ``level_is_set(state)`` where it has one, else True."""
+    level_is_set = getattr(rule, "level_is_set", None)
+    return True if level_is_set is None else bool(level_is_set(state))
 
 
 def _called_from_lightning() -> bool:

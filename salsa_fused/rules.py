@@ -121,6 +121,8 @@ class Search(Protocol):
     active: bool
     #: The trial the weights go to next (the first one once constructed), in units of the level.
     step_size: float
+    # Optional: ``undecayed_trials = True`` (a search along "raw"): its trials lie on the line from the undecayed
+    # w0, and the weight decay comes with the final move (LABPAL's parabola fit through f(w0) and two trials).
 
     def observe(self, trial_loss: float) -> Verdict:
         """Read the loss at the current trial."""

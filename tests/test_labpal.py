@@ -20,7 +20,7 @@ from salsa_fused import LABPAL, FusedSaLSa, functional
 from salsa_fused.beam import StepSizeBeam
 from salsa_fused.errors import NonFiniteError
 from salsa_fused.integrations import AccumulatedLoss
-from salsa_fused.labpal import LABPAL_NSGD, LABPAL_SGD, LABPALRule
+from salsa_fused.labpal import LABPAL_NSGD, LABPAL_SGD, LABPALRule, parabola_minimum
 from salsa_fused.rules import Batches, resolve_rule
 from tests.gloo_group import spawn_in_gloo_group
 from tests.models import tanh_mlp
@@ -878,3 +878,78 @@ class _Searches:
 
     def searches(self, step):
         return step <= self.last
+
+
+def _scaled_regression(wd, restore="copy", backend="torch"):
+    """A linear regression on 4 fixed batches of 64 rows, its weights 30x the initialization's (far from the data's:
+    a loss that weight decay moves), under LABPAL-SGD fitting every 3 updates on 4 batches: model, opt, batches."""
+    torch.manual_seed(1)
+    model = torch.nn.Linear(20, 1)
+    with torch.no_grad():
+        model.weight.mul_(30)
+    opt = FusedSaLSa(model.parameters(), search_rule=LABPALRule("SGD", approximation_batches=4, sgd_steps=3),
+                     weight_decay=wd, restore=restore, backend=backend)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 20, generator=generator)
+    y = x @ torch.randn(20, 1, generator=generator)
+    return model, opt, [(x[64 * i:64 * i + 64], y[64 * i:64 * i + 64]) for i in range(4)]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("restore", ["copy", "inplace"])
+def test_the_fits_points_lie_on_one_line_from_w0_and_the_decay_comes_with_the_update(backend, restore):
+    """The paper's fit (section 3.3) reads f(w0) and two points along -g/||g|| from w0. The trials carried the
+    weight decay and f(w0) did not, so the fit read the decay as slope (an audit: s_min 11.7 undecayed fell to
+    0.095 at weight_decay=1e-3). Each fit is now the parabola through the three points on the undecayed line, and
+    an update moves w0 decayed by the last rate."""
+    wd = 1e-3
+    model, opt, batches = _scaled_regression(wd, restore, backend)
+    mu = opt.search_rule.sample_step
+
+    def closure(i):
+        return torch.nn.functional.mse_loss(model(batches[i][0]), batches[i][1])
+    fits = 0
+    for _ in range(8):
+        w0, b0 = model.weight.detach().clone(), model.bias.detach().clone()
+        rate = opt.search_state.rule_state.get("learning_rate")
+        opt.zero_grad()
+        opt.step(closure)
+        last = opt.search_state.rule_state["last"]
+        if last["kind"] == "approximation" and rate is not None:  # a fit at a decaying level
+            probe = torch.nn.Linear(20, 1)
+            with torch.no_grad():
+                probe.weight.copy_(w0)
+                probe.bias.copy_(b0)
+            loss = torch.nn.functional.mse_loss(probe(batches[0][0]), batches[0][1])  # the direction's batch
+            gw, gb = torch.autograd.grad(loss, [probe.weight, probe.bias])
+            norm = torch.cat([gw.flatten(), gb]).norm()
+            losses = []
+            for s in (0.0, mu, 2 * mu):
+                with torch.no_grad():
+                    probe.weight.copy_(w0 - s * gw / norm)
+                    probe.bias.copy_(b0 - s * gb / norm)
+                    losses.append(sum(torch.nn.functional.mse_loss(probe(x), y).item() for x, y in batches) / 4)
+            # in place, each trial rounds the weights once more: on this flat a fit (s_min ~ 8 from points 0.1
+            # apart) the rounding alone moves s_min by up to 4%, as it does at weight_decay=0
+            rel = 1e-3 if restore == "copy" else 0.06
+            assert last["s_min"] == pytest.approx(parabola_minimum((0.0, mu, 2 * mu), losses)[2], rel=rel)
+            fits += 1
+        if last["kind"] == "update" and rate is not None:  # w = w0 (1 - wd * lambda) - lambda g
+            want = w0 * (1 - wd * rate) - rate * model.weight.grad
+            torch.testing.assert_close(model.weight.detach(), want, rtol=1e-5, atol=1e-5)
+    assert fits == 1  # the second of the run's two fits: the first decays by nothing (no rate yet)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_weights_do_not_decay_before_the_first_fit_sets_a_rate(backend):
+    """Before LABPAL's first successful fit its steps move nothing; the decay took the placeholder level 1.0 as its
+    rate once a failed fit counted as a search (10% a step at weight_decay=0.1)."""
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0, -1.0]))
+    opt = FusedSaLSa([w], search_rule=LABPALRule(approximation_batches=1), weight_decay=0.1, backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the failed fits' warning
+        for _ in range(3):  # concave along -g: every fit fails
+            opt.zero_grad()
+            opt.step(lambda i: -(w ** 2).sum())
+    assert opt.search_state.rule_state["num_failed_fits"] == 3
+    assert w.detach().tolist() == [1.0, 2.0, -1.0]
