@@ -13,6 +13,7 @@ formed in :mod:`salsa_fused.applied`, and the decisions come from the search rul
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import functools
@@ -229,6 +230,26 @@ def _hyper_key(group: dict) -> Optional[tuple]:
     if start.__class__ is not int:
         return None
     return types, lr, probe, eps, wd, beta1, beta2, start
+
+
+#: Why a tensor is refused where torch.optim's AdamW takes one (lr, betas, eps, weight_decay).
+_HOST_SCALAR = (" (not a tensor: the step's scalars are host arithmetic, which a tensor would make a device read a "
+                "step)")
+
+
+def _as_pair(betas):
+    """``betas`` as torch.optim takes them: a sequence of two other than a tuple or list (Hydra's ``ListConfig``, a
+    numpy array) as a tuple of Python numbers; anything else as it is (the group's check names what is wrong)."""
+    if isinstance(betas, (tuple, list, str, bytes, torch.Tensor)):
+        return betas
+    if not (isinstance(betas, collections.abc.Sequence) or getattr(betas, "ndim", None) == 1):
+        return betas
+    try:
+        if len(betas) != 2:
+            return betas
+        return tuple(beta.item() if callable(getattr(beta, "item", None)) else beta for beta in betas)
+    except (TypeError, ValueError):
+        return betas
 
 
 def _as_the_step_sees(group: dict) -> dict:
@@ -513,7 +534,7 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
         self._tied_searches = 0  # searches in a row that accepted a trial tied with f0 (_count_tied_search)
         self._ties_warned = False
         self._tied_warning: Optional[str] = None  # its warning, given once the step has returned
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        defaults = dict(lr=lr, betas=_as_pair(betas), eps=eps, weight_decay=weight_decay)
         _refuse_a_set(params)  # torch.optim refuses one only inside a group
         super().__init__(params, defaults)
         _refuse_shared_storage([p for group in self.param_groups for p in group["params"]], [],
@@ -547,7 +568,7 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
                              "multiplier on the level the search finds)")
         for name, value in (("lr", lr), ("eps", eps), ("weight_decay", wd)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}{_HOST_SCALAR}")
         # compared as Python floats: a numpy float16 would cast the float32 bounds to its own type (and warn)
         lr, eps, wd = as_float("lr", lr), as_float("eps", eps), as_float("weight_decay", wd)
         if not (math.isfinite(lr) and 0 <= lr <= FLOAT32_MAX):
@@ -558,10 +579,12 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
             raise ValueError(f"search_lr must be a finite number >= 0 that float32 holds (at most {FLOAT32_MAX:.4g}), "
                              f"got {probe!r}")
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+            raise ValueError(f"betas must be a pair (beta1, beta2), a tuple or a list, got {type(betas).__name__} "
+                             f"{betas!r}" + (" (set by hand: tuple(betas) converts it; the constructor and "
+                                             "add_param_group do so)" if _as_pair(betas) is not betas else ""))
         for i, beta in enumerate(betas):
             if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
-                raise TypeError(f"betas[{i}] must be a number, got {type(beta).__name__}")
+                raise TypeError(f"betas[{i}] must be a number, got {type(beta).__name__}{_HOST_SCALAR}")
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"betas[{i}] must lie in [0, 1), got {beta}")
         if not (math.isfinite(eps) and FLOAT32_TINY <= eps <= FLOAT32_MAX):
@@ -637,6 +660,8 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
         _refuse_a_set(params)
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         param_group = {**param_group, "params": params}  # a generator is consumed once, above
+        if "betas" in param_group:
+            param_group["betas"] = _as_pair(param_group["betas"])
         candidate = {**self.defaults, **param_group, "params": params}
         self._validate_group_hyper(candidate)
         self._refuse_another_backend(candidate, f"param_groups[{len(self.param_groups)}]",

@@ -3,6 +3,7 @@ pickles, a step with no gradient, named parameters, what a backend cannot take, 
 
 from __future__ import annotations
 
+import collections.abc
 import copy
 import io
 import pickle
@@ -204,3 +205,51 @@ def test_repr_names_the_search_configuration_before_the_groups_as_torch_lists_th
     assert "foreach: True\n" in bound and "model: Linear\n" in bound
     unbuilt = FusedSaLSa.__new__(FusedSaLSa)  # a construction that raised before torch's __init__
     assert repr(unbuilt) == "FusedSaLSa (not built)"
+
+
+class _ListConfigLike(collections.abc.Sequence):
+    """A sequence that is not a list, as Hydra's ``omegaconf.ListConfig`` (a config's ``betas: [0.9, 0.95]``)."""
+
+    def __init__(self, *values):
+        self.values = list(values)
+
+    def __getitem__(self, index):
+        return self.values[index]
+
+    def __len__(self):
+        return len(self.values)
+
+    def __repr__(self):
+        return repr(self.values)
+
+
+@pytest.mark.parametrize("betas", [_ListConfigLike(0.9, 0.95), np.array([0.9, 0.95])], ids=["ListConfig", "numpy"])
+def test_betas_as_a_sequence_of_two_train_as_adamw_takes_them(betas):
+    """AdamW takes any two betas; FusedSaLSa refused a ListConfig or a numpy array with "betas must be a pair,
+    got [0.9, 0.95]". The constructor and add_param_group turn them into a tuple; set by hand, the refusal
+    names the type and the conversion."""
+    model = torch.nn.Linear(4, 1)
+    opt = FusedSaLSa([model.weight], betas=betas, backend="torch")
+    opt.add_param_group({"params": [model.bias], "betas": betas})
+    assert [group["betas"] for group in opt.param_groups] == [(0.9, 0.95)] * 2
+    assert all(type(beta) is float for group in opt.param_groups for beta in group["betas"])
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    opt.zero_grad()
+    opt.step(lambda: F.mse_loss(model(x), y))
+    assert opt.num_searches == 1
+    opt.param_groups[0]["betas"] = betas
+    with pytest.raises(ValueError, match=r"betas must be a pair .* got (_ListConfigLike|ndarray) .*tuple\(betas\)"):
+        opt.step(lambda: F.mse_loss(model(x), y))
+
+
+def test_tensor_hyperparameters_are_refused_saying_why():
+    model = torch.nn.Linear(4, 1)
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    opt.param_groups[0]["betas"] = (torch.tensor(0.9), 0.999)
+    with pytest.raises(TypeError, match=r"betas\[0\] must be a number, got Tensor \(not a tensor: the step's scalars "
+                                        r"are host arithmetic"):
+        opt.step(lambda: model(torch.ones(1, 4)).sum())
+    opt.param_groups[0]["betas"] = (0.9, 0.999)
+    opt.param_groups[0]["eps"] = torch.tensor(1e-8)
+    with pytest.raises(TypeError, match=r"eps must be a number, got Tensor \(not a tensor"):
+        opt.step(lambda: model(torch.ones(1, 4)).sum())
