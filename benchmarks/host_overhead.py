@@ -230,19 +230,18 @@ def calls_by_function(n_tensors: int, device: torch.device, backend: str = "trit
 
 
 def rows(sizes=(148, 10000), device: Optional[torch.device] = None, steps: int = 20,
-         launches=("stubbed",), grad_modes=tuple(GRAD_MODES)) -> List[dict]:
-    """``{"name", "values"}`` records, one per (provider, size, launch mode, gradient mode)."""
+         launches=("stubbed",), grad_modes=tuple(GRAD_MODES)) -> Iterator[dict]:
+    """``{"name", "values"}`` records, one per (provider, size, launch mode, gradient mode), each yielded as soon
+    as its measurement ends: a caller that appends them keeps what was measured when a time limit kills it."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out = []
     for n in sizes:
         for launch in launches:
             for grads in grad_modes:
                 for provider, values in measure(n, device, launch=launch, steps=steps, grads=grads).items():
                     if provider == "adamw_fused" and launch != launches[0]:
                         continue  # AdamW has no stubbed form: once per size and gradient mode
-                    out.append({"name": f"{provider} {n} tensors, launch {values['launch']}, grads {grads}",
-                                "values": values})
-    return out
+                    yield {"name": f"{provider} {n} tensors, launch {values['launch']}, grads {grads}",
+                           "values": values}
 
 
 def main(argv=None) -> int:

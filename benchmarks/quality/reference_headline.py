@@ -10,8 +10,8 @@ validation loss, and for the searches the step size at steps 10, 100 and the end
 A preliminary check (slow reference code, one seed); the fused rules replace it.
 """
 
+import argparse
 import json
-import sys
 import time
 
 import torch
@@ -51,5 +51,20 @@ def main(run: str, size: str = "cpu", seed: int = 0) -> dict:
     return out
 
 
+def _parse(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run", help="sls, alsals, alsals_probe, or Adam's constant learning rate (a number)")
+    parser.add_argument("size", nargs="?", default="cpu", help="the task's size (benchmarks.quality.tasks)")
+    parser.add_argument("seed", nargs="?", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.run not in ("sls", "alsals", "alsals_probe"):
+        try:
+            float(args.run)
+        except ValueError:
+            parser.error(f"RUN must be sls, alsals, alsals_probe or a learning rate, got {args.run!r}")
+    return args
+
+
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1], *(sys.argv[2:3] or ["cpu"]), *[int(a) for a in sys.argv[3:4]])))
+    arguments = _parse()
+    print(json.dumps(main(arguments.run, arguments.size, arguments.seed)))

@@ -3,11 +3,13 @@ or written. (kernel_bench, train_bench and memory run end to end in test_benchma
 
 from __future__ import annotations
 
+import runpy
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import host_overhead, kernel_bench, memory, step_counts, step_profile, train_bench
 
@@ -167,3 +169,32 @@ def test_the_long_suites_smoke_form_never_writes_into_the_committed_results(tmp_
     done = subprocess.run(["bash", script, "--smoke"], cwd=ROOT, env=env, capture_output=True, text=True)
     (scratch,) = tmp_path.glob("salsa_long_suite_smoke.*")
     assert f"-> {scratch}" in done.stdout, done.stdout
+
+
+def test_host_overhead_yields_each_row_as_its_measurement_ends(monkeypatch):
+    """rows() returned a list after every measurement of a size: the GPU suite's stage, killed at its limit,
+    lost every 10,000-tensor row it had measured (H200 run 1). Each row comes as its measurement ends."""
+    measured = []
+
+    def fake_measure(n, device, launch, steps, grads):
+        measured.append((n, grads))
+        return {"salsa": {"launch": launch}}
+    monkeypatch.setattr(host_overhead, "measure", fake_measure)
+    records = host_overhead.rows((148, 10000), torch.device("cpu"), grad_modes=("fresh", "cycled"))
+    assert next(records)["name"] == "salsa 148 tensors, launch stubbed, grads fresh" and measured == [(148, "fresh")]
+    assert len(list(records)) == 3 and len(measured) == 4
+
+
+QUALITY_SCRIPTS = sorted(  # every module of benchmarks/quality that runs as python -m (a package by its __main__.py)
+    ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1 if path.name == "__main__.py" else None])
+    for path in (ROOT / "benchmarks" / "quality").rglob("*.py")
+    if path.name == "__main__.py" or "__main__" in path.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("module", QUALITY_SCRIPTS)
+def test_every_quality_script_answers_help_without_running(module, capsys, monkeypatch):
+    """``python -m benchmarks.quality.reference_headline --help`` built a task and died on float('--help')."""
+    monkeypatch.setattr(sys, "argv", [module, "--help"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module(module, run_name="__main__")
+    assert done.value.code == 0 and "usage:" in capsys.readouterr().out
