@@ -8,7 +8,9 @@ Made for a borrowed machine: no network, its own torch (never installed or repla
 call of at most 10 minutes, and only what lies in ``--out`` comes back. So:
 
 - each stage runs in its own process under its own time limit (``STAGES``: seconds per
-  stage, clipped to what is left of ``--budget``); a stage that fails, times out or cannot
+  stage, clipped to what is left of ``--budget``; raised to what the budget holds beyond the
+  own limits of the stages after it, so time the earlier stages left goes to the next one and
+  every later stage keeps its own); a stage that fails, times out or cannot
   run (no triton, no pytest) is logged as such and the next one runs;
 - every measurement is appended to ``rows.jsonl`` the moment it is taken (one JSON object
   a line: stage, name, values, and the environment: device, versions, commit, date);
@@ -19,7 +21,9 @@ call of at most 10 minutes, and only what lies in ``--out`` comes back. So:
   live in a temporary directory;
 - the exit code is 0 only when every chosen stage passed: a stage that failed, timed out or
   was not run (no time left, a missing requirement) makes it 1, as ``summary.md`` lists them.
-  A refused command line (exit 2) leaves an earlier run's files in ``--out`` as they were.
+  A refused command line (exit 2) leaves an earlier run's files in ``--out`` as they were; an
+  ``--out`` that holds them is refused unless ``--replace`` is given, and a ``--smoke`` run
+  into ``benchmarks/results`` (the GPU runs' committed results) is refused.
 
 The published ``salsa-optimizer`` 0.1.0 joins the training stage when it imports, or when
 its wheel (``--wheel``, else ``$SALSA_WHEEL``, ``shared/wheels/``, ``../shared/wheels/``)
@@ -42,7 +46,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from benchmarks import _common as C
 
@@ -225,8 +229,16 @@ class Suite:
             return {**env, BUILD_RUNNING_ENV: "1"}
         return env
 
-    def run_stage(self, stage: Stage, env: Dict[str, str]) -> dict:
-        limit = min((stage.smoke_seconds if self.smoke else stage.gpu_seconds) * self.slow, self.remaining() - 5)
+    def own_limit(self, stage: Stage) -> float:
+        """The stage's own seconds (times ``--slow``)."""
+        return (stage.smoke_seconds if self.smoke else stage.gpu_seconds) * self.slow
+
+    def run_stage(self, stage: Stage, env: Dict[str, str], later: Sequence[Stage] = ()) -> dict:
+        """Run ``stage`` under its own limit, or longer where the budget holds more than the own limits of the
+        ``later`` stages: time the earlier stages left unused goes to this one (a pytest stage whose tests grew),
+        and every later stage still gets its own limit."""
+        spare = self.remaining() - 5 - sum(map(self.own_limit, later))
+        limit = min(max(self.own_limit(stage), spare), self.remaining() - 5)
         record = {"stage": stage.name, "what": stage.what, "limit_s": round(max(limit, 0), 1)}
         if limit < 10:
             record.update(status="not run", reason=f"no time left ({self.remaining():.0f} s of the budget)")
@@ -343,12 +355,22 @@ def main(argv=None) -> int:
     parser.add_argument("--wheel", default=None, help=f"path of {WHEEL_NAME}")
     parser.add_argument("--slow", type=C.positive_float, default=1.0,
                         help="multiply every time limit and the budget (a loaded or slow machine)")
+    parser.add_argument("--replace", action="store_true",
+                        help="overwrite an earlier run's results in --out (refused without it)")
     args = parser.parse_args(argv)
     chosen = args.stages
     unknown = sorted(set(chosen) - set(STAGE_NAMES))
     if unknown:
         parser.error(f"unknown stages {unknown}; known: {', '.join(STAGE_NAMES)}")
     out = args.out.resolve()
+    results = (ROOT / "benchmarks" / "results").resolve()
+    if args.smoke and (out == results or results in out.parents):
+        parser.error(f"--out {out} is in benchmarks/results, where the GPU runs' committed results live: a smoke run's "
+                     "CPU figures do not go there; use a scratch directory")
+    earlier = sorted(p.name for p in out.iterdir() if p.name in OUT_FILES) if out.is_dir() else []
+    if earlier and not args.replace:
+        parser.error(f"--out {out} holds an earlier run's results ({', '.join(earlier)}): pass --replace to overwrite "
+                     "them, or another --out (a run copied back from a GPU and not yet committed would be lost)")
     out.mkdir(parents=True, exist_ok=True)
     leftovers = [p.name for p in out.iterdir() if p.name in OUT_FILES or p.name.endswith(".partial")]
     for name in leftovers:  # after every refusal: a refused call leaves an earlier run's results
@@ -384,8 +406,9 @@ def main(argv=None) -> int:
             suite.build = ExtensionBuild(scratch, details, env, suite.log)
         by_name = {s.name: s for s in STAGES}
         try:
-            for name in chosen:
-                suite.stages.append(suite.run_stage(by_name[name], env))
+            for index, name in enumerate(chosen):
+                later = [by_name[n] for n in chosen[index + 1:]]
+                suite.stages.append(suite.run_stage(by_name[name], env, later))
                 suite.write_summary()
         finally:
             if suite.build is not None:

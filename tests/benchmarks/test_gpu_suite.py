@@ -361,3 +361,38 @@ def test_a_stage_not_run_makes_the_exit_code_nonzero(tmp_path):
     assert [s["status"] for s in summary["stages"]] == ["not run"]
     assert code == 1
     assert "stages that did not pass: determinism (not run)" in (tmp_path / "suite.log").read_text(encoding="utf-8")
+
+
+def test_an_out_holding_an_earlier_run_is_refused_unless_replace_is_given(tmp_path, capsys):
+    """A run into an --out that held a GPU run's files (copied back, not yet committed) deleted them silently."""
+    (tmp_path / "rows.jsonl").write_text("an earlier run\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as refused:
+        gpu_suite.main(["--out", str(tmp_path), "--smoke", "--stages", "determinism"])
+    assert refused.value.code == 2 and "--replace" in capsys.readouterr().err
+    assert (tmp_path / "rows.jsonl").read_text(encoding="utf-8") == "an earlier run\n"
+
+
+def test_a_smoke_run_into_the_committed_results_is_refused(capsys):
+    out = ROOT / "benchmarks" / "results" / "gpu" / "a_smoke_run"
+    with pytest.raises(SystemExit) as refused:
+        gpu_suite.main(["--out", str(out), "--smoke", "--replace", "--stages", "determinism"])
+    assert refused.value.code == 2 and "benchmarks/results" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_stage_gets_the_time_the_budget_holds_beyond_the_later_stages_own_limits(tmp_path, monkeypatch):
+    """The pytest stage, last, got its fixed 60 s though 280 s of the 550 s budget were left (an audit's reading
+    of the GPU runs): a time-out there loses its counts. Every later stage still gets its own limit."""
+    class Finished:  # a stage process that ends at once
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def wait(self, timeout=None):
+            return 0
+    monkeypatch.setattr(gpu_suite.subprocess, "Popen", Finished)
+    suite = gpu_suite.Suite(tmp_path, False, 550.0, tmp_path, 1.0)
+    first, second = gpu_suite.Stage("determinism", 30, 30, "a"), gpu_suite.Stage("pytest", 60, 60, "b")
+    assert suite.run_stage(first, dict(os.environ), [second])["limit_s"] == pytest.approx(550 - 5 - 60, abs=2)
+    assert suite.run_stage(second, dict(os.environ))["limit_s"] == pytest.approx(550 - 5, abs=2)
+    tight = gpu_suite.Suite(tmp_path, False, 80.0, tmp_path, 1.0)  # no spare time: the own limit
+    assert tight.run_stage(first, dict(os.environ), [second])["limit_s"] == pytest.approx(30, abs=0.5)
