@@ -81,7 +81,13 @@ if ! "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 
 echo "== CUDA kernel tests (sync-free plain steps, launches, triton vs torch on the GPU)"
-"$py" -m pytest -q tests/test_cuda.py tests/backends tests/test_counts.py
+# a failing test must not cost the benchmarks after it (H200 run 1 failed two on tolerances): its exit code is
+# kept and returned at the end
+tests_status=0
+"$py" -m pytest -q tests/test_cuda.py tests/backends tests/test_counts.py || tests_status=$?
+if [[ $tests_status -ne 0 ]]; then
+  echo "== the CUDA kernel tests failed (exit $tests_status); the benchmarks go on, and this script exits $tests_status" >&2
+fi
 
 echo "== counts and memory"
 "$py" -m benchmarks.step_counts --device cuda --out-dir "$out_dir"
@@ -104,4 +110,8 @@ fi
 
 echo "== plots"
 "$py" -m benchmarks.plot_results --dir "$out_dir"
+if [[ $tests_status -ne 0 ]]; then
+  echo "== done, but the CUDA kernel tests failed (exit $tests_status): see their output above before committing $out_dir" >&2
+  exit "$tests_status"
+fi
 echo "== done: commit $out_dir"
