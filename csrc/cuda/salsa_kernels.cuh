@@ -74,7 +74,8 @@ __global__ void __launch_bounds__(THREADS) slope_kernel(Args a) {
   if (threadIdx.x == 0) a.partials[blockIdx.x] = total;
 }
 
-// q = sum of the partials in index order (one block; double accumulation), rounded to fp32.
+// q = sum of the partials (one block, double accumulation): each thread sums partials i, i + THREADS, ..., then
+// block_sum adds the threads' sums in its fixed tree order; rounded to fp32. Deterministic, not index order.
 __global__ void __launch_bounds__(THREADS) slope_finish_kernel(const float* __restrict__ partials, int64_t n,
                                                                float* __restrict__ q) {
   double sum = 0.0;
