@@ -465,13 +465,16 @@ def run_search(passes: Passes, search, direction: str, trial_loss: Callable[[], 
     if undecayed and not has_saved_copy:  # in place: back to w0, then the decay and the move in one pass
         passes.run("restore", direction, restore_move, current)
         passes.run("first_trial", along, GroupStep.apply, final.step, 0.0)
+        moved = True
     else:
         if along != direction and not has_saved_copy:
             passes.run("retrial", direction, GroupStep.trial, 0.0, current)  # back to decay(w0), in place
             current = 0.0
-        if (undecayed or along != direction or final.step != current
-                or any(g.scale != 1.0 for g in passes.groups.values())):
+        moved = (undecayed or along != direction or final.step != current
+                 or any(g.scale != 1.0 for g in passes.groups.values()))
+        if moved:
             passes.run("retrial", along, GroupStep.apply, final.step, current)
+    if moved:  # the weights at the last trial were checked in the loop
         if half is not None and half.gained(_weights(passes, torch.float16), reduction):
             if not has_saved_copy:
                 raise NonFiniteError(

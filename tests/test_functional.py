@@ -83,3 +83,22 @@ def test_the_every_trial_failed_warning_names_a_decay_that_fails_every_trial(ini
     assert len(failed) == (1 if named else 0)
     if named:
         assert "shrank the weights by 1e-3 or more" in failed[0]
+
+
+def test_a_search_that_ends_at_its_last_trial_reads_float16_overflow_once_per_trial(monkeypatch):
+    """The weights at the accepted trial were checked in the trial loop; a reordering read them again after every
+    search on float16 weights (one finiteness reduction and a host read more per search: a review's count, 21
+    reads where 16 were due over 5 steps)."""
+    reads = []
+    gained = F._NonFiniteBefore.gained
+    monkeypatch.setattr(F._NonFiniteBefore, "gained", lambda self, *a, **k: reads.append(1) or gained(self, *a, **k))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4).half()
+    x, y = torch.randn(16, 8).half(), torch.randn(16, 4).half()
+    opt = FusedSaLSa(model.parameters(), backend="torch")
+    trials = 0
+    for _ in range(5):
+        opt.zero_grad()
+        opt.step(lambda: torch.nn.functional.mse_loss(model(x).float(), y.float()))
+        trials += opt.last_search_trials
+    assert len(reads) == trials

@@ -953,3 +953,13 @@ def test_weights_do_not_decay_before_the_first_fit_sets_a_rate(backend):
             opt.step(lambda i: -(w ** 2).sum())
     assert opt.search_state.rule_state["num_failed_fits"] == 3
     assert w.detach().tolist() == [1.0, 2.0, -1.0]
+
+
+def test_an_in_place_update_that_overflows_float16_weights_is_refused():
+    """The in-place path of trials without decay (restore, then the update from w0) skipped the float16 overflow
+    check after the update: the weights were left at inf, silently (a review's find)."""
+    w = torch.nn.Parameter(torch.tensor([65000.0], dtype=torch.float16))
+    opt = FusedSaLSa([w], search_rule=LABPALRule("NSGD", approximation_batches=1, sample_step=100.0, max_step=1e4),
+                     restore="inplace", backend="torch")
+    with pytest.raises(NonFiniteError, match="overflowed float16 weights"):
+        opt.step(lambda i: ((w.float() - 66000.0) ** 2).sum() / 1e6)
