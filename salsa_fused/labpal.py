@@ -49,11 +49,12 @@ gradient reads ``closure(i)`` for ``i < k(t) * A``; each point averages ``closur
 ``i < n * A``, the point at ``s = 0`` reusing the gradient batches' losses.
 
 Weight decay (not in the paper; the package's decoupled decay): the fit's three points lie on the line from the
-undecayed ``w0`` (the trials carry no decay), and the update shrinks ``w0`` by ``wd * lr * lambda``, the rate before
-the step; before the first successful fit nothing moves or decays.
+undecayed ``w0`` (the trials carry no decay), and the update shrinks ``w0`` by ``wd * lr * s * lambda`` (``s`` the
+schedule's scale), the rate before the step; before the first successful fit nothing moves or decays.
 
 The level ``eta`` (``FusedSaLSa.step_size``, what decoupled weight decay and ``applied_steps``
-read) is ``lambda`` (``init_step_size`` before the first fit). A group's ``lr`` multiplies ``g``
+read) is ``lambda`` once a fit has set it; before that (``init_step_size`` in ``step_size``) nothing moves or decays
+and ``applied_steps`` is 0. A group's ``lr`` multiplies ``g``
 in its trials and moves (``q`` sums ``lr_g g.g``): at the default ``lr = 1`` the geometry is the
 paper's. Defaults are the paper's (``n = 10``, ``sgd_steps = 1000``, ``alpha = 1.8``,
 ``max_step = 1``) and its published code's (``mu = 0.01``; the code differences ``np.gradient``

@@ -383,7 +383,7 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
     Adam's direction ``d = g / (sqrt(v_hat) + eps)`` (or ``m_hat / (sqrt(v_hat) + eps)``
     with ``search_direction="momentum"``) and a level ``eta`` (the step along ``d``) found by backtracking
     until the smoothed decrease ``beta3*h + (1-beta3)*(f(w) - f(w - eta*d))`` reaches
-    ``c * eta * s``, ``s`` the smoothed slope ``q = sum(lr * g * d)`` (the preconditioned gradient norm along
+    ``c * eta * s``, ``s`` the smoothed slope ``q = sum(search_lr * g * d)`` (the preconditioned gradient norm along
     the default direction; along ``search_direction="momentum"`` a slope that can be negative). The search runs at
     least every ``max_search_interval`` steps, more often while ``eta`` moves. With its
     defaults this reproduces the published ``salsa-optimizer`` 0.1.0 step for step.
