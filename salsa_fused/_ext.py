@@ -44,14 +44,24 @@ def _compiled_in(directory: str) -> bool:
 
 def _installed_elsewhere() -> Optional[str]:
     """The package directory of an installed (not editable) ``salsa-fused`` other than the one imported, where
-    it holds a compiled ``_C``: Python started in a checkout imports the checkout's package ahead of it."""
+    it holds a compiled ``_C``: Python started in a checkout imports the checkout's package ahead of it. Every
+    distribution of that name is read: ``pip install .`` leaves the checkout's own ``salsa_fused.egg-info``, which
+    the checkout's directory on ``sys.path`` finds first, and which names the checkout's package."""
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
         from importlib import metadata
-        installed = os.path.abspath(str(metadata.distribution("salsa-fused").locate_file("salsa_fused")))
-    except Exception:  # no distribution, or metadata that names no files
+        found = [dist for dist in metadata.distributions()
+                 if (dist.metadata["Name"] or "").lower().replace("_", "-") == "salsa-fused"]
+    except Exception:  # metadata that cannot be read
         return None
-    here = os.path.dirname(os.path.abspath(__file__))
-    return installed if installed != here and _compiled_in(installed) else None
+    for dist in found:
+        try:
+            installed = os.path.abspath(str(dist.locate_file("salsa_fused")))
+        except Exception:  # metadata that names no files
+            continue
+        if installed != here and _compiled_in(installed):
+            return installed
+    return None
 
 
 def build_hint() -> str:

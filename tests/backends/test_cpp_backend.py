@@ -18,6 +18,7 @@ Skipped (a failure under tests/conftest.py) when the extension is not built.
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -578,13 +579,20 @@ def test_the_build_hint_names_a_compiled_extension_that_is_there_but_not_loaded(
     (site / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
 
     class Installed:
-        @staticmethod
-        def locate_file(name):
-            return tmp_path / name
+        metadata = {"Name": "salsa_fused"}
+
+        def __init__(self, root):
+            self.root = root
+
+        def locate_file(self, name):
+            return self.root / name
 
     import importlib.metadata
     monkeypatch.delenv("SALSA_FUSED_JIT", raising=False)
-    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Installed())
+    # the checkout's own salsa_fused.egg-info, which `pip install .` leaves and the checkout finds first, names
+    # the checkout's package: the installed copy is the next one (the hint never fired with the egg-info there)
+    checkout = Installed(Path(_ext.__file__).resolve().parents[1])
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: iter([checkout, Installed(tmp_path)]))
     monkeypatch.setattr(_ext, "_in_a_checkout", lambda: True)
     hint = _ext.build_hint()
     assert f"ahead of the installed copy that has one ({site}): run from outside the checkout" in hint
