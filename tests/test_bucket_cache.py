@@ -506,6 +506,17 @@ def _two_steps_before_a_plain_one(backend):
     return params, opt
 
 
+def _assert_refused_with_nothing_written(params, opt, name, message):
+    """The next plain step refuses the moment ``name`` of ``params[0]``, replaced by hand, with ``message``, and
+    writes nothing."""
+    opt.zero_grad()
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=rf"opt.state\[p\]\['{name}'\] of a parameter of shape \(3, 4\), put there "
+                                         rf"by hand, {message}"):
+        opt.step(lambda: _loss(params, [], 2))
+    assert_unchanged(before, snapshot(opt))
+
+
 @pytest.mark.parametrize("backend", BACKENDS + ["cpp"])
 @pytest.mark.parametrize("name, value, message", [
     ("exp_avg_sq", -1.0, "holds NaN/inf or a negative value"), ("exp_avg_sq", math.inf, "holds NaN/inf or a negative value"),
@@ -518,12 +529,7 @@ def test_a_moment_replaced_by_hand_with_values_no_step_can_read_is_refused_at_a_
     finds them: refused by name, with nothing written."""
     params, opt = _two_steps_before_a_plain_one(backend)
     opt.state[params[0]][name] = torch.full_like(params[0], value)
-    opt.zero_grad()
-    before = snapshot(opt)
-    with pytest.raises(ValueError, match=rf"opt.state\[p\]\['{name}'\] of a parameter of shape \(3, 4\), put there "
-                                         rf"by hand, {message}"):
-        opt.step(lambda: _loss(params, [], 2))
-    assert_unchanged(before, snapshot(opt))
+    _assert_refused_with_nothing_written(params, opt, name, message)
     opt.state[params[0]][name] = torch.zeros_like(params[0])  # a reset by hand: steps on, finite
     opt.zero_grad()
     opt.step(lambda: _loss(params, [], 2))
@@ -543,12 +549,7 @@ def test_a_moment_replaced_by_hand_after_a_reload_is_read_too(backend, no_op_ste
         opt.zero_grad()
         opt.step(lambda: _loss(params, [], 1).detach().requires_grad_(), loss=_loss(params, [], 1).detach())
     opt.state[params[0]]["exp_avg_sq"] = torch.full_like(params[0], -1.0)
-    opt.zero_grad()
-    before = snapshot(opt)
-    with pytest.raises(ValueError, match=r"opt.state\[p\]\['exp_avg_sq'\] of a parameter of shape \(3, 4\), put "
-                                         r"there by hand, holds NaN/inf or a negative value"):
-        opt.step(lambda: _loss(params, [], 2))
-    assert_unchanged(before, snapshot(opt))
+    _assert_refused_with_nothing_written(params, opt, "exp_avg_sq", "holds NaN/inf or a negative value")
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["cpp"])
