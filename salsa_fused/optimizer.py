@@ -568,7 +568,8 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
                              "multiplier on the level the search finds)")
         for name, value in (("lr", lr), ("eps", eps), ("weight_decay", wd)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise TypeError(f"{name} must be a number, got {type(value).__name__}{_HOST_SCALAR}")
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}"
+                                f"{_HOST_SCALAR if isinstance(value, torch.Tensor) else ''}")
         # compared as Python floats: a numpy float16 would cast the float32 bounds to its own type (and warn)
         lr, eps, wd = as_float("lr", lr), as_float("eps", eps), as_float("weight_decay", wd)
         if not (math.isfinite(lr) and 0 <= lr <= FLOAT32_MAX):
@@ -584,7 +585,8 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
                                              "add_param_group do so)" if _as_pair(betas) is not betas else ""))
         for i, beta in enumerate(betas):
             if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
-                raise TypeError(f"betas[{i}] must be a number, got {type(beta).__name__}{_HOST_SCALAR}")
+                raise TypeError(f"betas[{i}] must be a number, got {type(beta).__name__}"
+                                f"{_HOST_SCALAR if isinstance(beta, torch.Tensor) else ''}")
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"betas[{i}] must lie in [0, 1), got {beta}")
         if not (math.isfinite(eps) and FLOAT32_TINY <= eps <= FLOAT32_MAX):

@@ -253,3 +253,6 @@ def test_tensor_hyperparameters_are_refused_saying_why():
     opt.param_groups[0]["eps"] = torch.tensor(1e-8)
     with pytest.raises(TypeError, match=r"eps must be a number, got Tensor \(not a tensor"):
         opt.step(lambda: model(torch.ones(1, 4)).sum())
+    opt.param_groups[0]["eps"] = "1e-8"  # not a tensor: the reason for tensors is not given
+    with pytest.raises(TypeError, match=r"eps must be a number, got str$"):
+        opt.step(lambda: model(torch.ones(1, 4)).sum())
