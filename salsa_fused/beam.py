@@ -53,7 +53,8 @@ from ._rng import RNGSnapshot
 from .errors import NonFiniteError, checked_int
 from .line_search import FLOAT32_MAX, FLOAT32_TINY
 from .checkpoint import torch_hooks_suspended
-from .optimizer import CALL_NAME, FusedSaLSa, _takes_an_index, running_statistics
+from .closures import CALL_NAME, running_statistics, takes_an_index
+from .optimizer import FusedSaLSa
 from .step_size import ScaledSchedule, check_factors, check_installed, is_number, scaled_by
 
 #: Options of earlier versions, removed after their ablations lost (benchmarks/quality/NOTES.md
@@ -257,7 +258,7 @@ class StepSizeBeam:
         """Step ``calls`` of the run (running the beam first at a beam step); returns the loss."""
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
-        if not _takes_an_index(closure):
+        if not takes_an_index(closure):
             raise TypeError("StepSizeBeam's closure takes the batch index: closure(i) returns the loss of the i-th "
                             "batch from the current step on (i = 0: this step's); the closure given takes no "
                             "argument. Nothing was stepped")

@@ -30,6 +30,7 @@ from .distributed import _is_dtensor
 from .line_search import FLOAT32_MAX, RENAMED_KEYS, SearchState
 from .rules import check_rule_state, checked_direction
 from .step_size import ScaledSchedule
+from .validation import validate_group_hyper
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 _SAT_OUT_KEYS = (STEPS_SAT_OUT, SAT_OUT_SINCE)
@@ -472,7 +473,7 @@ class Checkpointing:
                          "state this one cannot take (SGD's momentum buffer is not Adam's moments), or it is corrupt")
                 raise ValueError(f"the checkpoint's parameter group {index} has no {', '.join(map(repr, lacking))}: "
                                  f"every step reads it; {cause}; nothing was loaded")
-            self._validate_group_hyper(group)
+            validate_group_hyper(group)
             self._refuse_another_backend(group, f"the checkpoint's parameter group {index}", "nothing was loaded")
         for group in groups:  # state_dict() writes every group's; a group that began with the run keeps none
             if type(group.get(MOMENTS_START)) is int and group[MOMENTS_START] == 0:

@@ -49,7 +49,8 @@ import torch
 from ._rng import RNGSnapshot
 from .distributed import SearchReduction, default_reduction, without_buffer_broadcast
 from .errors import NonFiniteError, checked_int
-from .optimizer import FusedSaLSa, _is_stale_loss, forget_autocast_casts, running_statistics
+from .closures import forget_autocast_casts, is_stale_loss, running_statistics
+from .optimizer import FusedSaLSa
 from .step_size import ScaledSchedule, check_factors, check_installed, scaled_by
 
 #: The factor lists of seed 004 (Factor_3 is the default).
@@ -150,7 +151,7 @@ class LRFactorSearch:
         self.calls = 0
         self.scale = 1.0  # product of the chosen factors
         #: The scoring forwards run: one per factor per decision, and one more per factor whose loss, in a static
-        #: output buffer, tied an earlier factor's bitwise (:func:`salsa_fused.optimizer._is_stale_loss`).
+        #: output buffer, tied an earlier factor's bitwise (:func:`salsa_fused.closures.is_stale_loss`).
         self.scoring_forward_evals = 0
         self.last_decision: Optional[Dict[str, Any]] = None
 
@@ -260,7 +261,7 @@ class LRFactorSearch:
             self.scoring_forward_evals += 1
             value = closure()
             values.append(self._loss_value(value))
-            if isinstance(value, torch.Tensor) and _is_stale_loss(value, list(zip(returned, values)), rerun):
+            if isinstance(value, torch.Tensor) and is_stale_loss(value, list(zip(returned, values)), rerun):
                 raise RuntimeError(
                     "closure() returned the same loss tensor at two factors' weights: it must run "
                     "the forward again at each call (each factor's weights are scored by it), e.g. "

@@ -8,14 +8,14 @@ host read) or a search (a reduction pass for the slope ``q``, one host read, pas
 one forward and one small host read per trial, pass B between trials). The arithmetic of
 every pass lives in the backends (:mod:`salsa_fused.backends`), every step they apply is
 formed in :mod:`salsa_fused.applied`, and the decisions come from the search rule
-(:mod:`salsa_fused.rules`; SaLSa's in :mod:`salsa_fused.line_search`).
+(:mod:`salsa_fused.rules`; SaLSa's in :mod:`salsa_fused.line_search`). Its arguments are checked in
+:mod:`salsa_fused.validation`, the closure's contract is kept by :mod:`salsa_fused.closures`, the
+warn-once watchers are :mod:`salsa_fused.diagnostics`' and checkpoints :mod:`salsa_fused.checkpoint`'s.
 """
 
 from __future__ import annotations
 
-import collections.abc
 import dataclasses
-import difflib
 import functools
 import importlib
 import inspect
@@ -26,7 +26,7 @@ import sys
 import warnings
 from copy import deepcopy
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -39,9 +39,9 @@ except ImportError:  # a torch that moved them: never empty here, so every step 
     _global_optimizer_pre_hooks = _global_optimizer_post_hooks = {"unknown": None}
 
 from . import backends as _backends
-from ._compat import OPTIMIZER_KEEPS_PARAMETER_NAMES, compile_disabled, power_iteration_buffers
+from ._compat import OPTIMIZER_KEEPS_PARAMETER_NAMES, compile_disabled
 from ._rng import RNGSnapshot
-from .buckets import BucketCache, check_gradient, check_parameter, first_sharing_memory, local_shard
+from .buckets import BucketCache, check_gradient, check_parameter, local_shard
 from . import functional as F
 from .backends import BACKEND_FLAGS
 from .backends.base import GRADIENT, GROUP_HYPER_KEYS, MOMENTS_START, MOMENTUM, Bucket, Hyper, zero_moments
@@ -51,11 +51,23 @@ from .distributed import (SearchReduction, _is_dtensor, ddp_modules, default_red
                           shard_group_of, without_buffer_broadcast)
 from .applied import GroupStep
 from .line_search import FLOAT32_MAX, FLOAT32_TINY, MIN_SLOPE_AVG, SearchConfig, SearchState, StepPlan, fits_float32
-from .rules import (Batches, check_arguments, checked_direction, moment_step, plan_step, plan_without_search,
+from .rules import (Batches, checked_direction, moment_step, plan_step, plan_without_search,
                     resolve_rule, step_batches)
+from .closures import (CLOSURE_BACKWARD_AT_TRIAL, CLOSURE_RAN_BACKWARD, LOSS_MISMATCH_FACTOR,
+                       LOSS_MISMATCH_MIN_DIFFERENCE, LOSS_NOT_THE_CLOSURES, NO_GRAPH, SCALED_LOSS,
+                       SCALED_LOSS_MIN_SCALE, STALE_CLOSURE, IndexedReplay, call_indexed, call_name, call_plain,
+                       called_from_lightning, forget_autocast_casts, from_lightning_manual, grad_scaler_records,
+                       gradients_watch, is_stale_loss, leave_random_state, loss_scalar, losses_with_values,
+                       running_statistics, same_value)
+from .validation import (UNSUPPORTED_FLAGS, as_pair, as_the_step_sees, called_from, check_reduction, hyper_key,
+                         refuse_a_model_of_other_parameters, refuse_a_set, refuse_a_zero_redundancy_shard,
+                         refuse_group_replaced_by_hand, refuse_shared_storage, refuse_unread_search_arguments,
+                         refuse_unsupported_flags, starts_probing, step_call_error, unexpected_arguments,
+                         validate_group_hyper, warn_of_parameters_outside_the_model)
+from .diagnostics import SKIPPED_EVERY_STEP, Diagnostics
 from .step_size import (applied_scale, backs_off_on_loss_rise, check_freeze_below,
                         check_freeze_rule, freeze_if_collapsed, observe_search_loss, schedule_searches, warn_collapsed_level,
-                        is_number, warn_past_end)
+                        warn_past_end)
 
 LossClosure = Callable[[], Union[torch.Tensor, float]]
 
@@ -63,65 +75,6 @@ RESTORE_STRATEGIES = ("copy", "inplace")
 #: Adam's two directions; the backends' third, ``"raw"`` (``d = g``), is chosen by a rule (LABPAL's).
 SEARCH_DIRECTIONS = (GRADIENT, MOMENTUM)
 NONFINITE_POLICIES = ("raise", "skip")
-#: The error for a closure that ran backward() itself, raised before the step's own backward.
-CLOSURE_RAN_BACKWARD = ("{what} ran backward() itself (torch.optim's and the published package's closure "
-                        "convention): here the closure returns the loss only, and step() runs the backward "
-                        "(the weights and the moments are as they were and the step was not counted; the "
-                        "gradients its backward left are in .grad: call zero_grad(), then step() with a "
-                        "closure that returns the loss; under Lightning's automatic optimization the "
-                        "trainer's closure runs the backward: set self.automatic_optimization = False as "
-                        "docs/integrations.md shows)")
-#: An attribute of a closure that wraps a caller's differently named one (StepSizeBeam's ``closure(i)``):
-#: the name messages give its call.
-CALL_NAME = "_salsa_call_name"
-CLOSURE_CHANGED_GRADIENTS = ("{what} changed the step's gradients in place during a trial forward (a "
-                             "zero_grad(set_to_none=False), a backward, or a clip_grad_norm_ / clip_grad_value_ "
-                             "inside it): the search reads them at every trial, so trials must leave them as the "
-                             "step's backward made them. The closure returns the loss only; call zero_grad() "
-                             "before step(), and clip between backward() and step(closure, loss=loss), the "
-                             "two-phase form (docs/training.md). The weights, the moments and the search state "
-                             "are as they were")
-#: torch's error for a backward() with no graph: what a closure that runs its own backward raises at a trial forward.
-_NO_GRAPH = "does not require grad and does not have a grad_fn"
-CLOSURE_BACKWARD_AT_TRIAL = ("{what} ran backward() at a trial forward, which step() runs under torch.no_grad() "
-                             "(torch.optim's closure convention): here the closure returns the loss only, and "
-                             "the step's gradients come from your backward before step(closure, loss=loss), or "
-                             "from step(closure)'s own. The weights, the moments and the search state are as "
-                             "they were; a zero_grad() inside the closure may have cleared the gradients, so run "
-                             "the forward and backward again before the next step()")
-STALE_CLOSURE = ("{what} returned the step's own loss (the same tensor, or a view or detach() of it) at "
-                 "trial weights: the search evaluates the closure at each trial and needs it to run the "
-                 "forward again, e.g. step(lambda: loss_fn(model(x), y)), not step(lambda: loss). Each such "
-                 "trial would pass the Armijo test and grow the step without bound. The weights, the moments "
-                 "and the search state are as they were")
-SCALED_LOSS = ("loss= is {ratio:.4g}x the closure's loss at the same weights, about the GradScaler's scale "
-               "{scale:g}: it looks like scaler.scale(loss). Pass the unscaled loss, as the closure returns it "
-               "(scaler.scale(loss).backward(); scaler.step(opt, closure, loss=loss)): the gradients are "
-               "unscaled by the optimizer, and a scaled loss passes every Armijo test. The weights, the moments "
-               "and the search state are as they were")
-#: Below this GradScaler scale a loss= is not named scaled: one that differs from the closure's by a
-#: small factor is refused as LOSS_NOT_THE_CLOSURES instead (a scale of 2 and a sum of 2 micro-batches look alike).
-SCALED_LOSS_MIN_SCALE = 256.0
-LOSS_NOT_THE_CLOSURES = (
-    "{what}. The search judges its trials against loss=: one above the "
-    "closure's passes trials it should not and inflates the level step after step, one below fails "
-    "them all and collapses it. Pass the closure's value at the "
-    "current weights, as the closure returns it: with gradient accumulation the mean over all micro-batches "
-    "(not their sum, not the last micro-batch's loss), unscaled, the closure computing it alike (autocast "
-    "inside it as in your forward, no term the closure leaves out). The weights, the moments and the search "
-    "state are as they were")
-#: loss= against the closure's loss at w0 (the step's random draws replayed): the same number computed
-#: twice, so they differ by rounding only: ~1e-6 relative for nondeterministic kernels, ~1e-2 for bf16
-#: autocast in one forward and not the other, nothing for a Python float (f0 is float32 either way). The
-#: mistakes are factors of 2 and more: the sum of k >= 2 micro-batch means is k x the closure's mean, the
-#: last of k micro-batches' divided losses about 1/k, a scaled loss the scale. 1.5 either way lies between
-#: (50x bf16's rounding, under the smallest mistake, k = 2); past it the Armijo test is off by a third of the
-#: loss at least, more than any step's decrease, so a refusal is not a false alarm about a harmless gap.
-LOSS_MISMATCH_FACTOR = 1.5
-#: ... and they differ by more than this, absolutely: a loss near 0 is the difference of terms of order
-#: 1-10 (log-softmax of a memorized sample), whose float32 rounding (eps * 8 ~ 1e-6) makes 1e-7 and 2e-7
-#: alike. A loss of 0, a NaN/inf and losses of opposite sign are not compared (a ratio says nothing there).
-LOSS_MISMATCH_MIN_DIFFERENCE = 1e-6
 _DeviceCounts = F.DeviceCounts  # its name before it moved to functional.py: pickled optimizers load
 #: The error for a step under torch's Join that a rank which ran out of inputs would leave hanging.
 JOIN_UNSHADOWED = (
@@ -155,206 +108,7 @@ class _StepHandoff:
     zeroed: Dict[int, tuple] = field(default_factory=dict)
 
 
-#: salsa-optimizer 0.1.0's constructor arguments that this one names otherwise, and how.
-_PUBLISHED_ARGUMENTS = {
-    "momentum": "momentum=(beta1, beta2, beta3) is betas=(beta1, beta2), beta3=beta3",
-    "speed_up": "speed_up is adaptive_interval (True: a search every L steps)",
-    "use_mv": "use_mv=True is search_direction='momentum'",
-}
-
-
-def _refuse_unread_search_arguments(init):
-    """``FusedSaLSa.__init__`` that first refuses a search argument given by name that the chosen
-    rule does not read (:func:`salsa_fused.rules.check_arguments`), before anything is built. It
-    sees the keywords as the caller passed them: a default left alone is never refused."""
-
-    @functools.wraps(init)
-    def checked_init(self, params, lr=1.0, **options):
-        published = [name for name in _PUBLISHED_ARGUMENTS if name in options]
-        if published:
-            raise TypeError(f"FusedSaLSa takes no {', '.join(published)}: salsa-optimizer 0.1.0's argument"
-                            f"{'s' if len(published) > 1 else ''}, named here "
-                            + "; ".join(_PUBLISHED_ARGUMENTS[name] for name in published))
-        chosen = options.get("search_rule")
-        check_arguments(resolve_rule(chosen), options, chosen)
-        init(self, params, lr, **options)
-
-    return checked_init
-
-
-#: torch.optim's flags this optimizer cannot honour, and why: accepted at False (their default) in the
-#: constructor, and refused when set there, in a group added, loaded or changed by hand.
-_UNSUPPORTED_FLAGS = {
-    "maximize": "the line search minimizes the closure's loss: return the negated objective instead",
-    "capturable": "a search reads its trial losses on the host, which a CUDA graph cannot capture",
-    "differentiable": "a search decides on host floats, so the step is not differentiable",
-    "amsgrad": "it keeps no running maximum of the second moment (AdamW's amsgrad)",
-}
-
-
 _ASKED_FOR = {_backends.FOREACH_BACKEND: "the torch backend (foreach ops)", _backends.FUSED: "compiled kernels"}
-
-
-def _starts_probing(group: dict) -> bool:
-    """A group built at ``lr=0`` whose ``lr`` is positive now: its step sets ``search_lr`` to 1."""
-    return group["search_lr"] == 0 and group["lr"] > 0
-
-
-_PLAIN_NUMBERS = frozenset((float, int))
-_FLAG_NAMES = frozenset(_UNSUPPORTED_FLAGS)
-
-
-def _hyper_key(group: dict) -> Optional[tuple]:
-    """Everything :meth:`FusedSaLSa._validate_group_hyper` reads of ``group`` (with ``search_lr``), as
-    types and values, when each value is an exact ``float`` or ``int``, ``betas`` a tuple or list and no
-    unsupported flag is set; else None. Two equal keys pass or fail those checks alike (the types are
-    part of the key, so ``True`` is not ``1``, nor ``1`` ``1.0``; NaN equals nothing), and so does the
-    float32 fit of the moves at the same scale and level: a step whose keys equal those of the last
-    step that checked them skips both checks. A group with ``foreach`` or ``fused`` set has none."""
-    try:
-        lr, probe, eps, wd, betas = (group["lr"], group["search_lr"], group["eps"], group["weight_decay"],
-                                     group["betas"])
-    except KeyError:
-        return None
-    if type(betas) not in (tuple, list) or len(betas) != 2:
-        return None
-    beta1, beta2 = betas
-    types = (type(lr), type(probe), type(eps), type(wd), type(beta1), type(beta2))
-    if not _PLAIN_NUMBERS.issuperset(types):
-        return None
-    if not _FLAG_NAMES.isdisjoint(group) and any(group.get(name, False) not in (False, None) for name in _FLAG_NAMES):
-        return None
-    if ("foreach" in group or "fused" in group) and any(group.get(name) is not None for name in BACKEND_FLAGS):
-        return None  # checked at every step: a hand edit is refused at the next one
-    start = group[MOMENTS_START] if MOMENTS_START in group else 0  # no call: this runs at every step
-    if start.__class__ is not int:
-        return None
-    return types, lr, probe, eps, wd, beta1, beta2, start
-
-
-#: Why a tensor is refused where torch.optim's AdamW takes one (lr, betas, eps, weight_decay).
-_HOST_SCALAR = (" (not a tensor: the step's scalars are host arithmetic, which a tensor would make a device read a "
-                "step)")
-
-
-def _as_pair(betas):
-    """``betas`` as torch.optim takes them: a sequence of two other than a tuple or list (Hydra's ``ListConfig``, a
-    numpy array) as a tuple of Python numbers; anything else as it is (the group's check names what is wrong)."""
-    if isinstance(betas, (tuple, list, str, bytes, torch.Tensor)):
-        return betas
-    if not (isinstance(betas, collections.abc.Sequence) or getattr(betas, "ndim", None) == 1):
-        return betas
-    try:
-        if len(betas) != 2:
-            return betas
-        return tuple(beta.item() if callable(getattr(beta, "item", None)) else beta for beta in betas)
-    except (TypeError, ValueError):
-        return betas
-
-
-def _as_the_step_sees(group: dict) -> dict:
-    """``group`` with the ``search_lr`` its next step will give it (1 when it starts probing)."""
-    return {**group, "search_lr": 1.0} if _starts_probing(group) else group
-
-
-def _flag_off(value) -> bool:
-    """Whether a torch.optim flag is off as torch reads it: False, None or a number 0."""
-    return value is None or (isinstance(value, numbers.Number) and not isinstance(value, complex) and not value)
-
-
-def _unexpected_arguments(unexpected: Mapping) -> str:
-    """Python's words for an unknown keyword, with what was meant: a preset's name and length (users wrote
-    ``FusedSaLSa(params, preset="pretrain", total_steps=N)``), or the nearest argument's name (a typo)."""
-    known = [name for name in inspect.signature(FusedSaLSa.__init__).parameters
-             if name not in ("self", "params", "unexpected")]
-    presetting = [name for name in unexpected if name in ("preset", "total_steps")]
-    hints = [f"{' and '.join(map(repr, presetting))}: a preset is built by presets.from_preset(params, 'pretrain', "
-             "total_steps=N), or presets.recommended(params, total_steps=N) (from salsa_fused import presets); a "
-             "schedule of one's own goes in schedule="] if presetting else []
-    for name in unexpected:
-        if name not in presetting:
-            close = difflib.get_close_matches(str(name), known, n=1)
-            hints.append(f"{name!r}: did you mean {close[0]!r}?" if close else
-                         f"{name!r}: not an argument of FusedSaLSa (docs/api.md lists them)")
-    words = "keyword argument" if len(unexpected) == 1 else "keyword arguments"
-    return f"FusedSaLSa() got an unexpected {words} {', '.join(map(repr, unexpected))}; " + "; ".join(hints)
-
-
-#: Where no search comes (a frozen level), every plain step of a window of counts had a NaN/inf loss and was skipped.
-SKIPPED_EVERY_STEP = (
-    "nonfinite='skip' skipped every one of the last {interval} steps (the loss was NaN/inf at each), and no search "
-    "comes to move the level: the weights have not moved since, and a run whose weights left the loss's domain (a "
-    "log or sqrt of a negative, an overflow) stays there, since no skipped step moves them. "
-    "opt.search_state.num_skipped_steps counts them; nonfinite='raise' stops at the first; a checkpoint from before "
-    "the skips, with a shorter total_steps or a lower lr, goes on from there")
-
-
-#: Searches in a row whose accepted trial's loss was the step's own bitwise, where the slope says it should have
-#: moved by ``TIED_TRIAL_RELATIVE_CHANGE`` of the loss or more and most weights moved, after which a warning names
-#: a closure that does not run the forward again (:meth:`FusedSaLSa._count_tied_search`).
-TIED_SEARCHES_WARNED = 5
-#: The first-order change ``t * s`` over ``|f0|`` from which a bitwise tie of a float32 loss (resolution 2^-24)
-#: is not its rounding.
-TIED_TRIAL_RELATIVE_CHANGE = 2.0 ** -7
-TIED_SEARCHES = (
-    "the closure's loss at the accepted trial was the step's own loss bitwise at each of the last {count} searches, "
-    "where the slope said a move of step size {step:.4g} changes it by about {predicted:.3g} ({relative:.1%} of "
-    "it): the closure does not seem to run the forward again at each call (a loss built from outputs computed "
-    "before step(), step(lambda: loss_fn(out, y)), or from a cache). Every such trial passes the Armijo test, and "
-    "the level grows by growth at each search without bound. The closure must call the model: "
-    "step(lambda: loss_fn(model(x), y)); docs/api.md, 'The two-phase form'")
-
-#: Steps in a row with every group's lr at 0 after which a warning says that nothing moves.
-LR_ZERO_STEPS_WARNED = 100
-LR_ZERO_STEPS = (
-    "every param group's lr has been 0 for the last {steps} steps: nothing moved, and no search ran. A warm-up "
-    "from 0 needs its scheduler stepped (under Lightning's manual optimization, which does not step it, call "
-    "self.lr_schedulers().step() after opt.step(), as examples/lightning_salsa.py does); lr here is a multiplier "
-    "on the searched level (docs/api.md)")
-
-ZERO_REDUNDANCY_REFUSED = (
-    "torch.distributed.optim.ZeroRedundancyOptimizer(optimizer_class=FusedSaLSa) is not supported: each rank's "
-    "FusedSaLSa would hold a shard of the parameters as plain tensors, so its trials would move only that shard "
-    "while the loss reads them all, and ZeRO's state_dict() drops the search state (a resume would start the "
-    "search over); shard with FSDP2 (fully_shard), or use DDP (docs/training.md); nothing was built")
-
-
-def _called_from(function, depth: int = 8) -> bool:
-    """Whether ``function`` is among the ``depth`` callers above the caller (subclasses' ``__init__`` and wrappers
-    stand between): its code object compared, frame by frame. No frame's locals are read: on Python 3.11 and 3.12
-    reading them keeps a snapshot of each frame's variables alive until the frame returns."""
-    # a decorated function's frame runs the code it wraps (functools.wraps keeps it in __wrapped__)
-    code = getattr(inspect.unwrap(function), "__code__", None) if function is not None else None
-    frame = sys._getframe(2)
-    for _ in range(depth):
-        if frame is None or code is None:
-            return False
-        if frame.f_code is code:
-            return True
-        frame = frame.f_back
-    return False
-
-
-def _refuse_a_zero_redundancy_shard() -> None:
-    """Refuse construction by ``ZeroRedundancyOptimizer``'s ``_init_local_optimizer``, which builds its rank's
-    optimizer. Not imported: not ZeRO."""
-    zero = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
-    if zero is not None and _called_from(zero.ZeroRedundancyOptimizer._init_local_optimizer, depth=16):
-        raise RuntimeError(ZERO_REDUNDANCY_REFUSED)
-
-
-def _refuse_unsupported_flags(**flags) -> None:
-    for name, value in flags.items():
-        if not _flag_off(value):
-            raise ValueError(f"FusedSaLSa does not support {name}={value!r}: {_UNSUPPORTED_FLAGS[name]} "
-                             f"({name}=False, the default, is accepted)")
-
-
-def _refuse_a_set(params) -> None:
-    if isinstance(params, (set, frozenset)):
-        raise TypeError("optimizer parameters need to be organized in ordered collections, but the "
-                        "ordering of tensors in sets will change between runs (a checkpoint would put "
-                        "moments on the wrong tensors): pass a list")
 
 
 class _JoinedRankRefusal(JoinHook):
@@ -366,18 +120,7 @@ class _JoinedRankRefusal(JoinHook):
         raise RuntimeError(JOIN_UNSHADOWED)
 
 
-def _step_call_error(args: tuple, kwargs: dict) -> str:
-    """What is wrong with ``step(*args, **kwargs)``: its one positional argument is the closure."""
-    if len(args) > 1:
-        return (f"step() takes the closure as its one positional argument, got {len(args)} positional arguments: "
-                "pass the loss of the two-phase form by name, step(closure, loss=loss)")
-    unknown = ", ".join(repr(k) for k in kwargs if k not in ("closure", "loss"))
-    if not unknown:
-        return "step() got the closure twice, by position and as closure="
-    return f"step() takes closure and loss=, got the keyword argument(s) {unknown}"
-
-
-class FusedSaLSa(Checkpointing, Optimizer, Joinable):
+class FusedSaLSa(Checkpointing, Diagnostics, Optimizer, Joinable):
     r"""SaLSa (Stable Armijo Line Search Adaptation) on fused multi-tensor passes.
 
     Adam's direction ``d = g / (sqrt(v_hat) + eps)`` (or ``m_hat / (sqrt(v_hat) + eps)``
@@ -465,7 +208,7 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
 
     _step_supports_amp_scaling = True
 
-    @_refuse_unread_search_arguments
+    @refuse_unread_search_arguments
     def __init__(self, params, lr: float = 1.0, *, init_step_size: Optional[float] = None, c: float = 0.5,
                  betas: Tuple[float, float] = (0.9, 0.999), beta3: float = 0.9, eps: float = 1e-8,
                  weight_decay: float = 0.0, search_direction: str = GRADIENT,
@@ -477,9 +220,9 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
                  model: Optional[torch.nn.Module] = None, maximize: bool = False, capturable: bool = False,
                  differentiable: bool = False, amsgrad: bool = False, **unexpected):
         if unexpected:
-            raise TypeError(_unexpected_arguments(unexpected))
-        _refuse_a_zero_redundancy_shard()
-        _refuse_unsupported_flags(maximize=maximize, capturable=capturable, differentiable=differentiable,
+            raise TypeError(unexpected_arguments(unexpected, FusedSaLSa.__init__))
+        refuse_a_zero_redundancy_shard()
+        refuse_unsupported_flags(maximize=maximize, capturable=capturable, differentiable=differentiable,
                                   amsgrad=amsgrad)
         self._init_step_size_given = init_step_size is not None
         init_step_size = 1.0 if init_step_size is None else init_step_size
@@ -523,30 +266,24 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
         self._saved: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._counts: Optional[F.DeviceCounts] = None
         self._handoff = _StepHandoff()  # mark_forward(), bind_closure(), zero_grad(): for the next step
-        self._lr_checked = False  # the look at lr is done (_warn_if_lr_looks_like_a_step_size)
         self._in_step = False  # a step() is running: one called from inside it is refused
-        self._lr_rising: Dict[int, float] = {}  # group index -> lr at the last look, while a scheduler's lr rises
         self._past_end_warned = False  # the one-time warning past the schedule's total_steps
         self._collapse_checked = False  # the one-time check of the level a schedule freezes
-        self._stacked_scheduler_warned = False  # the one-time warning of a scheduler on top of the schedule
         self._auto_fallback_warned = False  # the one-time warning of "auto" sent to the torch backend
-        self._skips_warned = False  # the one-time warning of "skip" skipping every step where no search comes
-        self._tied_searches = 0  # searches in a row that accepted a trial tied with f0 (_count_tied_search)
-        self._ties_warned = False
-        self._tied_warning: Optional[str] = None  # its warning, given once the step has returned
-        defaults = dict(lr=lr, betas=_as_pair(betas), eps=eps, weight_decay=weight_decay)
-        _refuse_a_set(params)  # torch.optim refuses one only inside a group
+        self._start_watchers()
+        defaults = dict(lr=lr, betas=as_pair(betas), eps=eps, weight_decay=weight_decay)
+        refuse_a_set(params)  # torch.optim refuses one only inside a group
         super().__init__(params, defaults)
-        _refuse_shared_storage([p for group in self.param_groups for p in group["params"]], [],
+        refuse_shared_storage([p for group in self.param_groups for p in group["params"]], [],
                                refused="nothing was built")  # each group was compared with itself as it came
         if model is not None:
-            _refuse_a_model_of_other_parameters(model, self.param_groups)
+            refuse_a_model_of_other_parameters(model, self.param_groups)
         #: The live search state; state_dict()/load_state_dict() carry it as a dict.
         self._search = SearchState(step_size=self.init_step_size)
         # Detected after the groups exist: sharded DTensor params (FSDP2) also reduce q.
         self._reduction_given = reduction is not None
         if reduction is not None:
-            _check_reduction(reduction, [p for group in self.param_groups for p in group["params"]])
+            check_reduction(reduction, [p for group in self.param_groups for p in group["params"]])
         self.reduction = reduction if reduction is not None else default_reduction(
             p for group in self.param_groups for p in group["params"])
         #: The backend module, chosen and checked here, once (raises with the reason it cannot run).
@@ -555,50 +292,6 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
         _load_accelerate_integration_if_imported()
 
     # ------------------------------------------------------------------ setup
-    @staticmethod
-    def _validate_group_hyper(group: dict, keys: Tuple[str, ...] = GROUP_HYPER_KEYS) -> None:
-        if not all(map(group.__contains__, keys)):
-            lacking = [key for key in keys if key not in group]
-            raise ValueError(f"a param group has no {', '.join(map(repr, lacking))}: every step reads it "
-                             "(deleted by hand, or the group appended to param_groups by hand: add groups with "
-                             "add_param_group, which fills in what they leave out); nothing was written")
-        lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        if isinstance(lr, torch.Tensor):
-            raise ValueError("a tensor lr is not supported: lr must be a Python float (a host-side "
-                             "multiplier on the level the search finds)")
-        for name, value in (("lr", lr), ("eps", eps), ("weight_decay", wd)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise TypeError(f"{name} must be a number, got {type(value).__name__}"
-                                f"{_HOST_SCALAR if isinstance(value, torch.Tensor) else ''}")
-        # compared as Python floats: a numpy float16 would cast the float32 bounds to its own type (and warn)
-        lr, eps, wd = as_float("lr", lr), as_float("eps", eps), as_float("weight_decay", wd)
-        if not (math.isfinite(lr) and 0 <= lr <= FLOAT32_MAX):
-            raise ValueError(f"lr must be a finite number >= 0 that float32 holds (at most {FLOAT32_MAX:.4g}), got {lr}")
-        probe = group.get("search_lr", lr)
-        if isinstance(probe, bool) or not isinstance(probe, numbers.Real) or not (
-                math.isfinite(as_float("search_lr", probe)) and 0 <= float(probe) <= FLOAT32_MAX):
-            raise ValueError(f"search_lr must be a finite number >= 0 that float32 holds (at most {FLOAT32_MAX:.4g}), "
-                             f"got {probe!r}")
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"betas must be a pair (beta1, beta2), a tuple or a list, got {type(betas).__name__} "
-                             f"{betas!r}" + (" (set by hand: tuple(betas) converts it; the constructor and "
-                                             "add_param_group do so)" if _as_pair(betas) is not betas else ""))
-        for i, beta in enumerate(betas):
-            if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
-                raise TypeError(f"betas[{i}] must be a number, got {type(beta).__name__}"
-                                f"{_HOST_SCALAR if isinstance(beta, torch.Tensor) else ''}")
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"betas[{i}] must lie in [0, 1), got {beta}")
-        if not (math.isfinite(eps) and FLOAT32_TINY <= eps <= FLOAT32_MAX):
-            raise ValueError(f"eps must be a finite number > 0 that float32 holds, from {FLOAT32_TINY:.4g} to "
-                             f"{FLOAT32_MAX:.4g} (the moments are float32: a smaller eps is 0 there, and "
-                             f"0 / (sqrt(0) + 0) is NaN), got {eps}")
-        if not (math.isfinite(wd) and wd >= 0):
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {wd}")
-        for name, why in _UNSUPPORTED_FLAGS.items():
-            if not _flag_off(group.get(name, False)):
-                raise ValueError(f"a param group has {name}={group[name]!r}, which FusedSaLSa does not support: "
-                                 f"{why} (set it to False, or leave it out)")
 
     def _check_moves_fit_float32(self, plan, scale: float) -> None:
         """Refuse, before anything is written, a step whose moves float32 cannot hold: the passes take
@@ -617,7 +310,7 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
                  "a trial): a run that has converged, or a loss scaled far down (docs/api.md, 'A loss of exactly "
                  "zero')" if untested else "")
         for index, group in enumerate(self.param_groups):
-            probing = _as_the_step_sees(group)
+            probing = as_the_step_sees(group)
             group_step = GroupStep.of(probing, scale, self._decay_level(plan.state))
             moves = {"the first trial": group_step.trial(plan.trial_step_size).step,
                      "the applied step": group_step.plain(plan.trial_step_size).step,
@@ -657,15 +350,15 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
         if "params" not in param_group:
             raise ValueError(f"param_group has no 'params' (its keys: {sorted(map(str, param_group))}); nothing "
                              "was added")
-        _refuse_unsupported_flags(**{name: param_group[name] for name in _UNSUPPORTED_FLAGS if name in param_group})
+        refuse_unsupported_flags(**{name: param_group[name] for name in UNSUPPORTED_FLAGS if name in param_group})
         params = param_group["params"]
-        _refuse_a_set(params)
+        refuse_a_set(params)
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         param_group = {**param_group, "params": params}  # a generator is consumed once, above
         if "betas" in param_group:
-            param_group["betas"] = _as_pair(param_group["betas"])
+            param_group["betas"] = as_pair(param_group["betas"])
         candidate = {**self.defaults, **param_group, "params": params}
-        self._validate_group_hyper(candidate)
+        validate_group_hyper(candidate)
         self._refuse_another_backend(candidate, f"param_groups[{len(self.param_groups)}]",
                                      "the group was not added" if "backend" in self.__dict__ else "nothing was built")
         devices = {self._device} if self._device is not None else set()
@@ -694,7 +387,7 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
             raise ValueError(f"a param group has the key {SEARCH_KEY!r}, which state_dict() keeps for the search "
                              "state: name it otherwise (the group was not added)")
         built = "_search" in self.__dict__  # torch's __init__ is done
-        _refuse_shared_storage(tensors, [p for group in self.param_groups for p in group["params"]],
+        refuse_shared_storage(tensors, [p for group in self.param_groups for p in group["params"]],
                                memory_of_existing=built,
                                refused="the group was not added" if built else "nothing was built")
         reduction = self.__dict__.get("reduction")
@@ -731,7 +424,7 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
             if p.requires_grad:
                 self._init_state(p)
         if self.__dict__.get("model") is not None:  # a group added after construction, to an optimizer with model=
-            _warn_of_parameters_outside_the_model(self.model, set(map(id, tensors)), "of the group added")
+            warn_of_parameters_outside_the_model(self.model, set(map(id, tensors)), "of the group added")
         if self.__dict__.get("_lr_checked") or self.__dict__.get("_lr_rising"):  # past the first step's look
             self._warn_if_group_lr_looks_like_a_step_size(len(self.param_groups) - 1, self.param_groups[-1])
 
@@ -851,7 +544,7 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
         :func:`salsa_fused.step_size.applied_scale`)."""
         state, plan = self._plan_ahead()
         scale = applied_scale(self.schedule, state, plan.state.step)
-        return [GroupStep.of(_as_the_step_sees(group), scale, state.step_size).plain(plan.trial_step_size).step
+        return [GroupStep.of(as_the_step_sees(group), scale, state.step_size).plain(plan.trial_step_size).step
                 for group in self.param_groups]
 
     def _plan_ahead(self) -> Tuple[SearchState, StepPlan]:
@@ -896,18 +589,6 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
         the next step reads (:class:`salsa_fused.rules.Batches`: the two-phase form runs the
         backward of the first ``gradient`` itself); ``None`` for a rule whose closure takes no index."""
         return step_batches(self.search_rule, self._plan_ahead()[1])
-
-    def _warn_if_lr_stays_zero(self) -> None:
-        """Count the steps in a row at which every group's ``lr`` is 0, and warn once at ``LR_ZERO_STEPS_WARNED``: a
-        warm-up from 0 that nobody steps (Lightning does not step a scheduler under manual optimization) left
-        every step a no-op, silently (an integration audit's find: lr 0.0, no search, the weights unmoved)."""
-        if any(group["lr"] != 0 for group in self.param_groups):  # frozen parameters at a positive lr: not this
-            self._steps_at_lr_zero = 0
-            return
-        self._steps_at_lr_zero = self.__dict__.get("_steps_at_lr_zero", 0) + 1
-        if self._steps_at_lr_zero == LR_ZERO_STEPS_WARNED:
-            warnings.warn(LR_ZERO_STEPS.format(steps=LR_ZERO_STEPS_WARNED), RuntimeWarning,
-                          stacklevel=caller_stacklevel())
 
     def _some_group_moves(self) -> bool:
         """Does a group with a positive ``lr`` now hold a parameter that requires grad? While none does
@@ -1021,12 +702,10 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
         if "schedule" in self.__dict__:  # pickled before the schedule became a checked property
             self.__dict__["_schedule"] = self.__dict__.pop("schedule")
         for name, value in (("_buckets", BucketCache()), ("_saved", WeakIdKeyDictionary()), ("_counts", None), ("foreach", None),
-                            ("fused", None), ("_lr_checked", False), ("_lr_rising", {}), ("_past_end_warned", False),
-                            ("_init_step_size_given", True), ("_stacked_scheduler_warned", False),
-                            ("_collapse_checked", False), ("_auto_fallback_warned", False), ("_in_step", False),
-                            ("_skips_warned", False), ("_tied_searches", 0), ("_ties_warned", False),
-                            ("_tied_warning", None)):
+                            ("fused", None), ("_past_end_warned", False), ("_init_step_size_given", True),
+                            ("_collapse_checked", False), ("_auto_fallback_warned", False), ("_in_step", False)):
             self.__dict__.setdefault(name, value)
+        self._start_watchers(keep=True)
         # load_state_dict() comes here too: a bind_closure()/mark_forward() it follows stays for the next step
         self.__dict__.setdefault("_handoff", _StepHandoff())
         if "_join_config" not in self.__dict__:  # not pickled: a copy is in no Join
@@ -1075,10 +754,10 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
             return value
         if not need_grad and isinstance(value, numbers.Real) and not isinstance(value, bool):  # an ABC: a call
             return torch.tensor(float(value), dtype=torch.float32, device=self._device)
-        what = what if closure is None else _call_name(closure, what)
+        what = what if closure is None else call_name(closure, what)
         must = f"{what} must return" if what.endswith(")") else f"step()'s {what}= must be"
         if not isinstance(value, torch.Tensor):
-            if value is None and _from_lightning_manual(closure):
+            if value is None and from_lightning_manual(closure):
                 raise TypeError(
                     "step() ran Lightning's closure, which returns None in manual optimization, with nothing bound "
                     "and no backward run: bind the step first, after self.manual_backward(loss): "
@@ -1120,10 +799,10 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
         The FSDP2 modules of ``model`` are resharded first, as :func:`fsdp_closure` does: the root
         keeps its parameters unsharded after a forward, and a trial would read them stale; so would a
         trial in an autocast region from autocast's cached casts (:func:`forget_autocast_casts`).
-        ``step_losses``: :func:`_step_losses` of the step's own losses; a trial loss that is one of
+        ``step_losses``: :func:`losses_with_values` of the step's own losses; a trial loss that is one of
         them, or a view or ``detach()`` of one, still holding its value was not computed at the
         trial's weights: refused, unless one forward more (counted in ``reruns[0]``; in one process only, where
-        it meets no peer's collectives) shows that the closure rewrites that memory (:func:`_is_stale_loss`)."""
+        it meets no peer's collectives) shows that the closure rewrites that memory (:func:`is_stale_loss`)."""
         for module in self._fsdp_modules():
             module.reshard()
         forget_autocast_casts()
@@ -1131,9 +810,9 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
                 for group in self.param_groups]
         with torch.no_grad(), without_buffer_broadcast(self._ddp_modules()):
             try:
-                value = _call_plain(closure)
+                value = call_plain(closure)
             except RuntimeError as error:
-                if _NO_GRAPH in str(error):
+                if NO_GRAPH in str(error):
                     raise RuntimeError(CLOSURE_BACKWARD_AT_TRIAL.format(what=what)) from error
                 raise
         self._refuse_hyperparameters_written_by(what, read)
@@ -1143,16 +822,16 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
             def rerun():
                 reruns[0] += 1
                 return closure()
-        if _is_stale_loss(loss, step_losses, rerun):
+        if is_stale_loss(loss, step_losses, rerun):
             raise RuntimeError(STALE_CLOSURE.format(what=what))
-        return _loss_scalar(loss, self._device, dtype)
+        return loss_scalar(loss, self._device, dtype)
 
     def _refuse_hyperparameters_written_by(self, what: str, read: List[dict]) -> None:
         """Refuse a trial forward that wrote a group's ``lr``, ``betas``, ``eps``, ``weight_decay`` or ``search_lr``
         (a scheduler stepped in the closure): the step checked and moves with the values it read at its start, and
         the closure's went unchecked (an ``lr`` of NaN surfaced as the weights' overflow). The values go back."""
         for index, (group, values) in enumerate(zip(self.param_groups, read)):
-            written = [key for key, value in values.items() if not _same_value(group.get(key), value)]
+            written = [key for key, value in values.items() if not same_value(group.get(key), value)]
             if written:
                 for key, value in values.items():
                     group[key] = value
@@ -1263,7 +942,7 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
         optimizer did not zero (``model.zero_grad(set_to_none=False)``) are read once: all zeros pass,
         and are remembered as zeroed (a device read on this path only; ``opt.zero_grad()`` avoids it)."""
         if self._has_new_gradients() and not self._remember_if_zeros():
-            if _from_lightning_manual(closure):
+            if from_lightning_manual(closure):
                 raise RuntimeError(
                     "after a backward, step() got Lightning's closure (a closure passed to step() is inside it) "
                     "with no loss= and nothing bound, so it would run a backward of its own on top: in manual "
@@ -1297,86 +976,6 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
         # the gradients there are now, all zeros: an earlier step's tensors (the caller zeroes new ones) are not kept
         self._handoff.zeroed = {id(g): (g, g._version) for _, g, _ in self._gradients_and_records()}
         return True
-
-    def _warn_if_lr_looks_like_a_step_size(self) -> None:
-        """At the first step: an lr (or a scheduler's initial_lr/max_lr) below 0.1 is most likely AdamW's
-        habit; here it multiplies every step the search finds. A torch scheduler's lr still rising below 0.1
-        is looked at again at the next steps. A resumed run (its step counter past 0) was looked at when it
-        started: its lr now may be a scheduler's (ReduceLROnPlateau)."""
-        if self._search.step > 0 and not self._lr_rising:
-            self._lr_checked = True
-            return
-        looked, self._lr_rising = self._lr_rising or dict.fromkeys(range(len(self.param_groups))), {}
-        for index, last in looked.items():
-            warned = self._warn_if_group_lr_looks_like_a_step_size(index, self.param_groups[index], last)
-            if warned:
-                self._lr_rising = {}
-                break
-            if warned is None:
-                self._lr_rising[index] = self.param_groups[index]["lr"]
-        self._lr_checked = not self._lr_rising
-
-    @staticmethod
-    def _warn_if_group_lr_looks_like_a_step_size(index: int, group: dict, last: Optional[float] = None
-                                                 ) -> Optional[bool]:
-        """Warns (and returns True) when group ``index``'s lr stays below 0.1, AdamW's habit: its lr, or a torch
-        scheduler's max_lr (OneCycleLR) or initial_lr. A scheduler may raise lr past its initial_lr (CyclicLR
-        writes its base_lr there, never its max_lr): an lr below 0.1 that may still rise (``last``, its lr at
-        the previous look, is None or below it) is not judged yet (None); one that stopped, by its peak. A scheduler's
-        lr below 0.1 on an initial_lr of 0.1 or more is not judged: a warm-up of the multiplier stepped per epoch
-        (LinearLR from 0.01) holds a low lr as long as one returning AdamW's rates (LambdaLR(lambda k: 3e-4)),
-        and only its future tells them apart."""
-        base = group.get("max_lr", group.get("initial_lr", group["lr"]))
-        if not (is_number(base) and base < 0.1):
-            return False
-        where = f"peaks at lr={base:g} (its scheduler's max_lr)" if "max_lr" in group else f"starts at lr={base:g}"
-        if "initial_lr" in group and "max_lr" not in group:
-            lr = group["lr"]
-            if not (is_number(lr) and lr < 0.1):
-                return False
-            if last is None or lr > last:
-                return None
-            base = max(base, last)
-            where = f"peaks at lr={base:g} under its scheduler"
-        if base <= 0:
-            return False
-        search_lr = _as_the_step_sees(group)["search_lr"] or 1.0  # built at 0: it probes at 1 from its first lr
-        if base / search_lr < 0.1:
-            built = (f"the lr the group was built with being {search_lr:g}" if group.get("search_lr")
-                     else "the group was built at lr=0, so it probes at 1")
-            effect = f"which scales every step the search finds by {base / search_lr:g} (lr / search_lr, {built})"
-        else:  # the lr it was built with: the units of the level, which grows to make up for them
-            effect = (f"the lr it was built with (its search_lr): trials probe search_lr * eta, so the first ones "
-                      f"are {1 / search_lr:.4g}x smaller than at lr=1.0 and the level spends its first searches "
-                      "growing to make up for it, a slow start (it scales the step found only by lr / search_lr, "
-                      f"{base / search_lr:g})")
-        warnings.warn(
-            f"FusedSaLSa's lr is a multiplier on the level its line search finds (1.0: "
-            f"none), not a step size: param_groups[{index}] {where}, {effect}; leave lr=1.0 unless you mean "
-            "to (a warmup of the multiplier from 0 to 1 is fine)", UserWarning, stacklevel=caller_stacklevel())
-        return True
-
-    def _warn_if_a_scheduler_shapes_the_schedule(self) -> bool:
-        """At a search step: a torch scheduler that has moved a group's ``lr`` off its ``initial_lr`` (or,
-        for one that writes none, ReduceLROnPlateau, off the ``search_lr`` it was built at) multiplies this
-        optimizer's own ``schedule`` (a preset's warm-up and cooldown), shaping the applied step twice. Warns
-        once and returns True; a constant scheduler never moves ``lr``, so it never warns."""
-        for index, group in enumerate(self.param_groups):
-            if _starts_probing(group):
-                continue  # a group built at 0 (api.md's way to hold a layer still) raised by hand: not a scheduler
-            start = group.get("initial_lr", group.get("search_lr"))
-            if start is not None and group["lr"] != start:
-                was, now = f"{start:g}", f"{group['lr']:g}"
-                if was == now:  # a move below 6 digits (OneCycleLR's first lr) would read "from 0.04 to 0.04"
-                    was, now = repr(float(start)), repr(float(group["lr"]))
-                warnings.warn(
-                    f"a learning-rate scheduler (or a hand edit) moved param_groups[{index}]'s lr from {was} to "
-                    f"{now}, and this optimizer has a schedule of its own "
-                    f"({type(self.schedule).__name__}): the applied step is "
-                    "the product of the two, shaped twice. Drop the scheduler (or keep it constant) to apply the "
-                    "optimizer's schedule alone", UserWarning, stacklevel=caller_stacklevel())
-                return True
-        return False
 
     def mark_forward(self) -> None:
         """Two-phase form with randomness (dropout): call right before the step's first forward
@@ -1425,7 +1024,7 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
         step, and the retry runs the same forward.
         """
         if len(args) > 1 or (kwargs and (not kwargs.keys() <= {"closure", "loss"} or (args and "closure" in kwargs))):
-            raise TypeError(_step_call_error(args, kwargs))
+            raise TypeError(step_call_error(args, kwargs))
         # torch wraps a step in its hooks and profiler range (Optimizer.profile_hook_step) at every call; here
         # only while a hook is registered or a profiler records (about a third of a plain step's host time).
         # A subclass's own step is wrapped by torch already: the hooks run there, once.
@@ -1447,7 +1046,7 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
         pending = (handoff.forward_rng, handoff.zero_grad_rng, handoff.bound_step)
         for index, group in enumerate(self.param_groups):  # no call on the hot path but the refusal's
             if type(group) is not dict or "params" not in group or type(group["params"]) is not list:
-                _refuse_group_replaced_by_hand(index, group)
+                refuse_group_replaced_by_hand(index, group)
         probes = [group.get("search_lr") for group in self.param_groups]
         undo: List[Callable[[], None]] = []  # what the step did before it failed, undone
         self._in_step = True
@@ -1524,7 +1123,7 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
         habit) is refused as any step without closure."""
         checkpoint = sys.modules.get("torch.distributed.checkpoint.state_dict")
         if (checkpoint is None or self.state or any(group["lr"] != 0 for group in self.param_groups)
-                or not _called_from(getattr(checkpoint, "_init_optim_state", None), depth=12)):
+                or not called_from(getattr(checkpoint, "_init_optim_state", None), depth=12)):
             return False
         with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         if any(p.grad.layout != torch.strided or local_shard(p.grad).count_nonzero() for p in with_grad):  # one device read per tensor, this once
@@ -1561,7 +1160,7 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
                 raise TypeError("FusedSaLSa.step() needs closure: this search rule reads several batches per step, "
                                 "so closure(i) runs the forward pass on batch i of this step and returns its loss "
                                 "(docs/api.md, several batches per step: closure(i))")
-            if _called_from_lightning():
+            if called_from_lightning():
                 raise TypeError("FusedSaLSa.step() needs closure, and Lightning stepped without one: its automatic "
                                 "optimization under 16-mixed with a GradScaler runs its closure (training_step "
                                 "and the backward) itself, then steps without it, and a line search needs a "
@@ -1580,11 +1179,11 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
             _load_accelerate_integration_if_imported()  # built before accelerate's import: refusals from now on
         # Schedulers and users write here: check before any write. Groups whose every value read is
         # as it was at the last step that checked them (types too) are not checked again.
-        hyper_keys = list(map(_hyper_key, self.param_groups))
+        hyper_keys = list(map(hyper_key, self.param_groups))
         checked = self.__dict__.get("_checked_hypers")
         for index, (group, key) in enumerate(zip(self.param_groups, hyper_keys)):
             if key is None or checked is None or index >= len(checked[0]) or key != checked[0][index]:
-                self._validate_group_hyper(group, GROUP_HYPER_KEYS + ("search_lr",))
+                validate_group_hyper(group, GROUP_HYPER_KEYS + ("search_lr",))
                 self._refuse_another_backend(group, f"param_groups[{index}]", "nothing was written")
                 start = group.get(MOMENTS_START, 0)
                 if not valid_moments_start(start, self._search.step):
@@ -1639,14 +1238,14 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
                         "level of your own. Nothing was stepped")
                 plan = plan_without_search(rule, state, config, plan)
         # The groups read again: the schedule's and the rule's own code ran since the keys above.
-        moves_keys = (list(map(_hyper_key, self.param_groups)), type(scale), scale, type(plan.state.step_size),
+        moves_keys = (list(map(hyper_key, self.param_groups)), type(scale), scale, type(plan.state.step_size),
                       plan.state.step_size, type(plan.trial_step_size), plan.trial_step_size)
         if checked is None or None in moves_keys[0] or moves_keys != checked[1] or moves_keys[0] != hyper_keys:
             self._check_moves_fit_float32(plan, scale)
         # both checks passed for these keys (a group whose key changed since was validated above: not kept)
         self._checked_hypers = (hyper_keys, moves_keys if moves_keys[0] == hyper_keys else None)
         for group in self.param_groups:
-            if _starts_probing(group):
+            if starts_probing(group):
                 group["search_lr"] = 1.0  # built at 0: its first positive lr is a warmup's, not its level
         if plan.is_search and not self._some_group_moves():
             plan = plan_without_search(rule, state, config, plan)  # every group at lr 0 now: nothing moves
@@ -1677,7 +1276,7 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
         if one_phase and (compare is not None or unscaled is not None):
             # Refused after the step's own forward (by the comparison, or under a scaler, through the opening
             # exchange): the generators and running statistics go back, so that a retry runs the same forward.
-            undo.append(functools.partial(_leave_random_state, RNGSnapshot.capture(devices),
+            undo.append(functools.partial(leave_random_state, RNGSnapshot.capture(devices),
                                           self._running_statistics()))
         if batches is not None:
             return self._multi_batch_step(plan, scale, batches, closure, loss, devices, marked, zeroed_at, undo,
@@ -1687,11 +1286,11 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
             rng_before = RNGSnapshot.capture(devices) if plan.is_search else None
             running_at_start = self._running_statistics() if plan.is_search else []
             with torch.enable_grad():
-                value = _call_plain(closure)
+                value = call_plain(closure)
             # torch's closure convention, backward(retain_graph=True) too; new tensors of zeros are not
             # a backward's (DDP's gradient_as_bucket_view swaps .grad for bucket views in a forward)
             if self._has_new_gradients() and not self._remember_if_zeros():
-                raise RuntimeError(CLOSURE_RAN_BACKWARD.format(what=_call_name(closure)))
+                raise RuntimeError(CLOSURE_RAN_BACKWARD.format(what=call_name(closure)))
             loss_tensor = self._loss_tensor(value, "closure()", need_grad=True, closure=closure)
             rng_after = RNGSnapshot.capture(devices) if plan.is_search else None
             undo.append(self._take_back_own_gradients)
@@ -1720,20 +1319,20 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
         passes = self._passes(plan, scale, forwards=1, backwards=int(one_phase), undo=undo)
         if passes is None:  # none of this optimizer's parameters is in this loss: as torch.optim, a no-op
             if self.model is not None:  # unless the model's parameters are no longer these (fully_shard after it)
-                _refuse_a_model_of_other_parameters(self.model, self.param_groups, warn=False)
+                refuse_a_model_of_other_parameters(self.model, self.param_groups, warn=False)
             if unscaled is not None:
                 raise unscaled
             return loss_tensor.detach() if one_phase else loss
-        f0 = _loss_scalar(loss_tensor, self._device)
+        f0 = loss_scalar(loss_tensor, self._device)
         if not plan.is_search:
             self._plain_step(passes, plan, f0, not one_phase, unscaled)
             return loss_tensor.detach() if one_phase else loss
 
-        call = _call_name(closure)
-        gradients_unchanged = _gradients_watch(passes, self._sharded_groups(), call)
+        call = call_name(closure)
+        gradients_unchanged = gradients_watch(passes, self._sharded_groups(), call)
         reruns = [0]  # the trials' extra forwards (_trial_loss)
 
-        step_losses = _step_losses([value if one_phase else loss])
+        step_losses = losses_with_values([value if one_phase else loss])
         # The first search of the two-phase form that judges trials against loss= (no reference forward)
         # checks once that loss= is the closure's loss at w0 (not a sum of micro-batch means, not
         # scaler.scale(loss)): one forward at w0 (counted), the caller's loss kept for the search.
@@ -1749,13 +1348,13 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
         def trial_loss() -> float:
             # each trial forward replays the step's random draws, and starts from the buffers the step's own
             # forward left (spectral norm's power iteration reads its u and v)
-            _leave_random_state(rng_before, running)
+            leave_random_state(rng_before, running)
             return self.reduction.shared_loss(forward, torch.float32, self._device, not one_phase, plan.state.step)
 
         try:
             failure = None  # what this rank's forward at w0 raised, raised once its peers know (shared_forward)
             if needs_reference or checks_loss:  # one forward at w0, replaying the step's random draws
-                _leave_random_state(rng_before, running)
+                leave_random_state(rng_before, running)
                 # The check's forward is not tested for the step's own loss: at w0 a closure that writes
                 # a static output buffer (CUDA graphs) holds loss='s very value in its memory; the trials test it.
                 # That forward rewrites the buffer: loss= is read before it (a copy, once per optimizer).
@@ -1774,12 +1373,12 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
         except BaseException:
             # Not applied: in the one-phase form the generators and running statistics go back to
             # before the step's own forward, so that step(closure) again runs the same forward.
-            _leave_random_state(*((rng_before, running_at_start) if one_phase else (rng_after, running)))
+            leave_random_state(*((rng_before, running_at_start) if one_phase else (rng_after, running)))
             raise
         finally:
             self._reshard_after_trials(closure)
         # the generators end where the step's one forward left them, the running statistics too
-        _leave_random_state(rng_after, running)
+        leave_random_state(rng_after, running)
         return loss_tensor.detach() if one_phase else loss
 
     def _refuse_ranks_that_differ(self, state: SearchState) -> None:
@@ -1900,7 +1499,7 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
         exchanged = self.reduction.exchange(torch.cat([f0.reshape(1), inf]), two_phase, unscaled)
         (_, any_inf, *status, own_inf) = torch.cat([exchanged, inf]).tolist()
         self.reduction.check(status, two_phase, unscaled, step)
-        F.agree_scaler_found_inf(functools.partial(_grad_scaler_records, self), own_inf != 0, any_inf != 0)
+        F.agree_scaler_found_inf(functools.partial(grad_scaler_records, self), own_inf != 0, any_inf != 0)
         agreed = exchanged[:2].to(torch.float32)  # the backends' found_inf is float32
         return agreed[0], agreed[1], any_inf != 0
 
@@ -2010,7 +1609,7 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
             search_direction=self.search_direction, param_groups=self.param_groups,
             counts=self._device_counts(), found_inf=getattr(self, "found_inf", None), reduction=self.reduction,
             nonfinite=self.nonfinite, has_saved_copy=self.restore_strategy == "copy", device=self._device,
-            two_phase=two_phase, failure=failure, scaler_records=functools.partial(_grad_scaler_records, self))
+            two_phase=two_phase, failure=failure, scaler_records=functools.partial(grad_scaler_records, self))
         state.num_forward_evals += reruns[0]
         searched = state.num_searches > searches_before
         if searched:  # a search ran: the loss it read feeds the range test
@@ -2018,32 +1617,6 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
         self._commit(state)
         if searched:
             self._count_tied_search(state, passes, loss_dtype)
-
-    def _count_tied_search(self, state: SearchState, passes: F.Passes, loss_dtype: Optional[torch.dtype]) -> None:
-        """Count a search that accepted a trial whose loss was ``f0`` bitwise while the first-order change
-        ``t * s`` there was ``TIED_TRIAL_RELATIVE_CHANGE`` of ``|f0|`` or more (``t`` the accepted step size, ``s``
-        the smoothed slope), and warn once when ``TIED_SEARCHES_WARNED`` come in a row: a closure that returns a
-        fresh tensor of a stale value (outputs computed before ``step()``) ties at every trial, which a search
-        accepts (0.1.0's rule), and the level grows by ``growth`` at each search. A loss tensor of the step's own
-        memory is refused at the trial (:func:`_is_stale_loss`); a new one of the same value cannot be told from
-        a real tie at one search. A real closure ties so where the move rounds to nothing in most of the weights
-        (16-bit weights of a converged fit: a few small elements still move) or the loss's rounding hides it (a
-        16-bit loss): a tie counts only for a float32 or float64 loss, where at least half the weights' elements
-        differ from their saved ``w0`` (read then, one device read; under ``restore="inplace"``, with no copy,
-        none counts)."""
-        predicted = state.step_size * state.slope_avg
-        tied = (loss_dtype in (torch.float32, torch.float64)
-                and state.last_trials > 0 and state.untested_searches == 0 and state.last_loss_decrease == 0.0
-                and math.isfinite(predicted) and predicted > 0.0
-                and predicted >= TIED_TRIAL_RELATIVE_CHANGE * abs(state.last_search_loss)
-                and _most_weights_moved(passes))
-        self._tied_searches = self._tied_searches + 1 if tied else 0
-        if self._tied_searches >= TIED_SEARCHES_WARNED and not self._ties_warned:
-            self._ties_warned = True
-            relative = predicted / abs(state.last_search_loss) if state.last_search_loss else math.inf
-            # warned by step() once the step has returned: an error there (-W error) would undo half of it
-            self._tied_warning = TIED_SEARCHES.format(count=self._tied_searches, step=state.step_size,
-                                                      predicted=predicted, relative=relative)
 
     def _multi_batch_step(self, plan, scale: float, batches: Batches, closure, loss, devices, marked, zeroed_at,
                           undo: List[Callable[[], None]], compare: Optional[Callable[[], None]] = None,
@@ -2064,7 +1637,7 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
         if one_phase and plan.is_search:
             running_at_start = self._running_statistics()
             if points:
-                replay = _IndexedReplay(closure, devices)
+                replay = IndexedReplay(closure, devices)
             else:
                 rng_at_start = RNGSnapshot.capture(devices)
         reuse = True  # the point at w0 reuses the gradient batches' losses
@@ -2072,7 +1645,7 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
             total = None  # the gradient batches' losses summed in float64
             dtype = None
             step_losses = []
-            call = replay if replay is not None else functools.partial(_call_indexed, closure)
+            call = replay if replay is not None else functools.partial(call_indexed, closure)
             for i in range(k):
                 with torch.enable_grad():
                     value = call(i)
@@ -2100,7 +1673,7 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
                     self._any_rank_opening(False, plan.state.step, unscaled, two_phase=False)
                 except BaseException:
                     if replay is not None:  # points read: else only a scaler's refusal, put back by undo
-                        _leave_random_state(replay.first.get(0), running_at_start)
+                        leave_random_state(replay.first.get(0), running_at_start)
                     raise
         else:
             loss_tensor = self._loss_tensor(loss, "loss", need_grad=False)
@@ -2119,27 +1692,27 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
                 # not reused: a single batch replays the draws since zero_grad() (its masks, if it drew first)
                 first = ({i: start for i in range(k)} if reuse
                          else {0: zeroed_at} if k == 1 and zeroed_at is not None else {})
-                replay = _IndexedReplay(closure, devices, first=first, end=rng_after)
+                replay = IndexedReplay(closure, devices, first=first, end=rng_after)
         passes = self._passes(plan, scale, forwards=k, backwards=k if one_phase else 0, undo=undo)
         if passes is None:  # none of this optimizer's parameters is in this loss: as torch.optim, a no-op
             if self.model is not None:  # unless the model's parameters are no longer these (fully_shard after it)
-                _refuse_a_model_of_other_parameters(self.model, self.param_groups, warn=False)
+                refuse_a_model_of_other_parameters(self.model, self.param_groups, warn=False)
             if unscaled is not None:
                 raise unscaled
             return loss_tensor.detach() if one_phase else loss
         if not plan.is_search:  # a one-phase step under a scaler is refused in the plain step's all-reduce
-            self._plain_step(passes, plan, _loss_scalar(loss_tensor, self._device), not one_phase, unscaled)
+            self._plain_step(passes, plan, loss_scalar(loss_tensor, self._device), not one_phase, unscaled)
             return loss_tensor.detach() if one_phase else loss
 
-        gradients_unchanged = _gradients_watch(passes, self._sharded_groups(), "closure(i)")
+        gradients_unchanged = gradients_watch(passes, self._sharded_groups(), "closure(i)")
         reruns = [0]  # the trials' extra forwards (_trial_loss)
-        own_losses = _step_losses(step_losses)
+        own_losses = losses_with_values(step_losses)
 
         def point_sum(first: int, end: int = n, own: Sequence = own_losses) -> torch.Tensor:
             """``sum closure(i)`` over ``first <= i < end`` at the weights as they are, in float64."""
             total = torch.zeros((), dtype=torch.float64, device=self._device)
             for i in range(first, end):
-                _leave_random_state(None, running)  # every forward from the buffers the gradient forwards left
+                leave_random_state(None, running)  # every forward from the buffers the gradient forwards left
                 total = total + self._trial_loss(functools.partial(replay, i), f"closure({i})", torch.float64, own,
                                                  reruns)
                 gradients_unchanged()
@@ -2180,15 +1753,15 @@ class FusedSaLSa(Checkpointing, Optimizer, Joinable):
             # Not applied: in the one-phase form the generators and running statistics go back to
             # before the step's first gradient forward, so that step(closure) again runs the same forwards.
             if one_phase:
-                _leave_random_state(replay.first.get(0) if replay is not None else rng_at_start, running_at_start)
+                leave_random_state(replay.first.get(0) if replay is not None else rng_at_start, running_at_start)
             else:
-                _leave_random_state(replay.end if replay is not None else None, running)
+                leave_random_state(replay.end if replay is not None else None, running)
             raise
         finally:
             self._reshard_after_trials(closure)
         # the generators end where the step's first forward of each batch left them; the running
         # statistics where the gradient forwards left them
-        _leave_random_state(replay.end if replay is not None else None, running)
+        leave_random_state(replay.end if replay is not None else None, running)
         return loss_tensor.detach() if one_phase else loss
 
 
@@ -2199,133 +1772,10 @@ FusedSaLSa.__init__.__signature__ = inspect.signature(FusedSaLSa.__init__).repla
     if parameter.kind is not inspect.Parameter.VAR_KEYWORD])
 
 
-#: How many frames above the optimizer's own a GradScaler's ``step`` is looked for (:func:`_grad_scaler_records`).
-_SCALER_FRAMES = 32
-
-
-def _grad_scaler_records(optimizer: Optimizer) -> Optional[List[torch.Tensor]]:
-    """The per-device ``found_inf`` records that ``scaler.update()`` reads, of the ``torch.amp.GradScaler`` whose
-    ``step(optimizer, ...)`` runs this step: torch hands the optimizer ``found_inf``, a sum of them, not the
-    scaler (a ``grad_scaler=`` keyword only to a ``step`` that declares one). Found among the calling frames,
-    in the scaler's private ``_per_optimizer_states`` (torch 2.13); None where there is no such frame or record."""
-    codes, classes = set(), [torch.amp.GradScaler]  # the code of step() of GradScaler and of each subclass
-    while classes:
-        cls = classes.pop()
-        code = getattr(cls.__dict__.get("step"), "__code__", None)
-        if code is not None:
-            codes.add(code)
-        classes.extend(cls.__subclasses__())
-    frame = sys._getframe(1)
-    for _ in range(_SCALER_FRAMES):
-        frame = frame.f_back
-        if frame is None:
-            return None
-        if frame.f_code not in codes:  # only such a frame's locals are read: on Python 3.11 and 3.12 a read
-            continue                    # keeps them alive until the frame returns (a caller's own step(), say)
-        scaler, stepped = frame.f_locals.get("self"), frame.f_locals.get("optimizer")
-        if stepped is optimizer and isinstance(scaler, torch.amp.GradScaler):
-            states = getattr(scaler, "_per_optimizer_states", None)
-            records = states.get(id(optimizer), {}).get("found_inf_per_device") if isinstance(states, dict) else None
-            if not isinstance(records, dict) or not records:
-                return None
-            found = list(records.values())
-            return found if all(isinstance(record, torch.Tensor) for record in found) else None
-    return None
-
-
 def _rule_level_is_set(rule, state: SearchState) -> bool:
     """A rule's own ``level_is_set(state)`` where it has one, else True."""
     level_is_set = getattr(rule, "level_is_set", None)
     return True if level_is_set is None else bool(level_is_set(state))
-
-
-def _called_from_lightning() -> bool:
-    """Is a frame of Lightning (``lightning``, ``pytorch_lightning``) among this call's callers? Read only on a
-    path that is about to raise."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_globals.get("__name__", "").split(".")[0] in ("lightning", "pytorch_lightning"):
-            return True
-        frame = frame.f_back
-    return False
-
-
-def _from_lightning_manual(closure) -> bool:
-    """Is ``closure`` the one Lightning's precision plugin hands to ``optimizer.step`` for a module in manual
-    optimization (a partial of the plugin's own method, the module its first argument)? Read only on a
-    path that is about to raise."""
-    if not isinstance(closure, functools.partial):
-        return False
-    module = getattr(closure.func, "__module__", None) or ""
-    return (module.split(".")[0] in ("lightning", "pytorch_lightning") and bool(closure.args)
-            and getattr(closure.args[0], "automatic_optimization", None) is False)
-
-
-def _refuse_shared_storage(new: Sequence[torch.Tensor], existing: Sequence[torch.Tensor], memory_of_existing: bool = True,
-                           refused: str = "the group was not added") -> None:
-    """ValueError if a tensor of ``new`` has an element where another of ``new`` or of ``existing`` has one:
-    each pass reads a parameter's weights and writes them back, so two parameters over the same memory
-    (``b.data = a.data``, overlapping slices of one tensor) would each be stepped from the other's writes,
-    differently on every backend. Views of disjoint parts of one storage (a flat buffer, column blocks of
-    one matrix) are fine. The same tensor twice is named as torch names it (its own check comes after
-    this one). Meta tensors and tensor subclasses (DTensor) hold no memory to compare here.
-    ``memory_of_existing=False`` compares ``new``'s memory among itself only (the constructor's groups, one at a
-    time, then all at once: once per group over every earlier one took O(groups^2), 2 s at 1,000 groups)."""
-    existing_ids = set(map(id, existing))
-    if any(id(p) in existing_ids for p in new):
-        raise ValueError(f"some parameters appear in more than one parameter group ({refused})")
-    tensors = [p for p in (list(existing) if memory_of_existing else []) + list(new)
-               if type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type != "meta"]
-    shared = first_sharing_memory(tensors)
-    if shared is not None:
-        shapes = ", ".join(str(tuple(tensors[k].shape)) for k in shared)
-        raise ValueError(f"two parameters (shapes {shapes}) share memory: each would be stepped from the "
-                         "other's writes. Give each its own tensor (b.data = a.data.clone()), or pass the "
-                         f"tied parameter once ({refused})")
-
-
-def _loss_scalar(loss: torch.Tensor, device: Optional[torch.device], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``loss.detach().reshape(()).to(device=device, dtype=dtype)``: the same tensor, without the last two
-    ops (about 2 us of a plain step's host time) when the loss is a 0-dim tensor of ``dtype`` on ``device``."""
-    value = loss.detach()
-    if value.dim() or value.dtype is not dtype or (device is not None and value.device != device):
-        value = value.reshape(()).to(device=device, dtype=dtype)
-    return value
-
-
-def _step_losses(losses) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """The step's own loss tensors, each with a copy of its value (one small device copy per
-    search step, no host read): what :func:`_is_stale_loss` compares a trial loss with."""
-    return [(loss, loss.detach().clone()) for loss in losses if isinstance(loss, torch.Tensor)]
-
-
-def _is_stale_loss(value: torch.Tensor, earlier_losses: Sequence[Tuple[torch.Tensor, torch.Tensor]],
-                   rerun: Optional[Callable[[], object]]) -> bool:
-    """Is ``value``, a closure's loss, a loss it returned before (``earlier_losses``: pairs of such a loss and
-    its value then: the step's own, or an LRFactorSearch's earlier factors') still holding that value, rather
-    than one its forward computed: that loss itself or a tensor sharing its memory (a ``detach()``, a view)?
-    A new forward's loss shares no memory with a live earlier one, except a static output buffer (CUDA graphs)
-    that each forward rewrites: one that holds another value is not stale, be it a view of that memory or the
-    earlier tensor itself (CUDA graph trees return the same tensor object from replay to replay). One that
-    holds the same value as any of them (a trial's loss equal to the step's own, bitwise) is told by
-    ``rerun``, the closure once more at the same weights (once, however many earlier losses it ties), with
-    ``value``'s memory set to NaN: a forward writes its loss there again, a closure that runs none leaves the
-    NaN. The memory gets its bits back either way; without ``rerun`` (under data parallelism, where a lone
-    forward's collectives, DDP's buffer broadcast or FSDP2's all-gathers, would meet no peer) it is stale.
-    The value is read only where the memory is shared."""
-    if not any(_holds_earlier_loss(value, earlier, earlier_value) for earlier, earlier_value in earlier_losses):
-        return False
-    if rerun is None:
-        return True
-    memory = value.data  # written without moving the tensor's version counter: its bits are put back
-    bits = memory.clone()
-    memory.fill_(math.nan)
-    try:
-        with torch.no_grad():
-            rerun()
-        return bool(torch.isnan(memory).all())
-    finally:
-        memory.copy_(bits)
 
 
 _ACCELERATE_INTEGRATION = "salsa_fused.integrations.accelerate"
@@ -2350,227 +1800,3 @@ def _load_accelerate_integration_if_imported() -> None:
         except ImportError:
             _accelerate_integration_failed = True
 
-
-def forget_autocast_casts() -> None:
-    """Drop autocast's cached low-precision copies of the weights. Inside one autocast region (a step called
-    in it) the cache outlives a weight write, and a later forward there would read the weights from before it."""
-    torch.clear_autocast_cache()
-
-
-def _holds_earlier_loss(value: torch.Tensor, earlier: torch.Tensor, earlier_value: torch.Tensor) -> bool:
-    """Is ``value`` ``earlier`` or a tensor sharing its memory, holding ``earlier``'s value then (``earlier_value``)?"""
-    if value is not earlier:
-        if not isinstance(earlier, torch.Tensor) or value.device != earlier.device:
-            return False
-        try:
-            shared = value.untyped_storage().data_ptr() == earlier.untyped_storage().data_ptr() != 0
-        except (RuntimeError, NotImplementedError):  # tensors without storage (fake, functional)
-            return False
-        if not shared:
-            return False
-    return torch.equal(value.detach().reshape(()), earlier_value.reshape(()))
-
-
-def _same_value(now, before) -> bool:
-    """``now`` is ``before``, or a value of its type equal to it (a tensor only itself: comparing reads it)."""
-    if now is before:
-        return True
-    if type(now) is not type(before) or isinstance(now, torch.Tensor):
-        return False
-    try:
-        return bool(now == before)
-    except (TypeError, ValueError, RuntimeError):  # a tuple of tensors, say
-        return False
-
-
-def _refuse_a_model_of_other_parameters(model: torch.nn.Module, param_groups: List[dict], warn: bool = True) -> None:
-    """Refuse (ValueError) a ``model=`` none of whose parameters this optimizer steps: another model's running
-    statistics would be put back after the searches, and this one's, left out, would take every trial forward.
-    Read at the build and at a step where no parameter has a gradient (``warn=False``): ``fully_shard`` after the
-    build replaces every parameter, and each step did nothing, silently (an FSDP2 audit's find)."""
-    mine = {id(p) for group in param_groups for p in group["params"]}
-    theirs = list(model.parameters())
-    if theirs and mine and not any(id(p) in mine for p in theirs):
-        raise ValueError(f"model= is the module the closure runs, whose running statistics (BatchNorm's) a search "
-                         f"puts back after its extra forwards, but none of the {len(theirs)} parameters of the "
-                         f"{type(model).__name__} given is one this optimizer steps: pass the model whose parameters "
-                         "you gave (FSDP2's fully_shard, or a .to() that makes new parameters, replaces them: build "
-                         "the optimizer after it)")
-    if warn:
-        _warn_of_parameters_outside_the_model(model, mine, "this optimizer steps")
-
-
-def _warn_of_parameters_outside_the_model(model: torch.nn.Module, mine: set, whose: str) -> None:
-    """Warn where some of ``mine`` (parameter ids) are not ``model``'s: the modules they belong to are outside it."""
-    theirs = {id(p) for p in model.parameters()}
-    outside = len(mine - theirs)
-    if theirs and outside:
-        warnings.warn(f"model= is the module the closure runs, but {outside} of the {len(mine)} parameters {whose} "
-                      f"are not the {type(model).__name__}'s: the running statistics (BatchNorm's) of modules the "
-                      "closure runs outside it take every trial forward of a search. Pass the whole model (a part of "
-                      "it is fine for an optimizer of that part's parameters; a parameter outside any module, a "
-                      "learned temperature, needs none)", UserWarning, stacklevel=caller_stacklevel())
-
-
-def running_statistics(model: Optional[torch.nn.Module]) -> List[torch.Tensor]:
-    """The buffers of ``model``'s modules that any extra forward in training mode would update: those
-    tracking running statistics (BatchNorm's) and spectral norm's power-iteration vectors ``u``, ``v``
-    (both of torch's forms); none without a model."""
-    if model is None:
-        return []
-    buffers = []
-    for module in model.modules():
-        if getattr(module, "training", False):
-            buffers += (module.buffers(recurse=False) if getattr(module, "track_running_stats", False)
-                        else power_iteration_buffers(module))
-    return buffers
-
-
-def _leave_random_state(rng: Optional[RNGSnapshot], running: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Put the generators at ``rng`` (if any) and each running-statistics buffer at its saved copy."""
-    if rng is not None:
-        rng.set()
-    with torch.no_grad():
-        for buffer, saved in running:
-            buffer.copy_(saved)
-
-
-def _call_name(closure: Callable, default: str = "closure()") -> str:
-    """How messages name a call of ``closure``: its :data:`CALL_NAME` where a wrapper set one."""
-    return getattr(closure, CALL_NAME, default)
-
-
-def _gradients_watch(passes: F.Passes, param_groups: Sequence[dict], what: str) -> Callable[[], None]:
-    """A check, for after each forward of a search, that raises when a closure changed the step's
-    gradients in place (their version counters moved): the trials read those gradients. Under
-    FSDP2 the buckets hold each gradient's local shard, whose counter an in-place op on the
-    DTensor gradient does not move: the DTensor's own counter is read too (``param_groups``: the
-    optimizer's groups where its gradients are sharded, else empty). A bucket holds a copy of a
-    gradient laid out otherwise than its weight (a transpose's strides): the parameter's own
-    ``.grad``, which the closure changes, is read then."""
-    recorded = [(g, g._version) for bucket in passes.buckets for g in bucket.grads]
-    recorded += [(p.grad, p.grad._version) for bucket in passes.buckets for p, g in zip(bucket.params, bucket.grads)
-                 if p.grad is not None and p.grad is not g]
-    recorded += [(p.grad, p.grad._version) for group in param_groups for p in group["params"]
-                 if p.grad is not None and hasattr(p.grad, "_local_tensor")]
-
-    def unchanged() -> None:
-        if any(g._version != version for g, version in recorded):
-            raise RuntimeError(CLOSURE_CHANGED_GRADIENTS.format(what=what))
-    return unchanged
-
-
-def _refuse_group_replaced_by_hand(index: int, group) -> None:
-    """Raise for ``param_groups[index]`` that is not a dict holding a list (or tuple) of parameters, or pass one
-    that is (a dict subclass, a list subclass). A generator set by hand (``group["params"] = model.parameters()``) was
-    used up by the step's first pass: every later step moved nothing, silently (an audit's find)."""
-    if not isinstance(group, dict):
-        raise ValueError(f"param_groups[{index}] is a {type(group).__name__}, not a dict (replaced by hand?): a group "
-                         "is a dict of 'params' and its settings; add groups with add_param_group; nothing was "
-                         "written")
-    params = group.get("params")
-    if not isinstance(params, (list, tuple)):
-        raise ValueError(f"param_groups[{index}]['params'] is a {type(params).__name__}, not a list (set by hand?): "
-                         "a generator such as model.parameters() is used up by one pass, and the steps after it "
-                         "would move nothing; set a list (list(model.parameters())), as add_param_group makes "
-                         "it; nothing was written")
-
-
-def _most_weights_moved(passes: F.Passes) -> bool:
-    """Do at least half the weights' elements differ from their saved copy of ``w0`` (after a search step)? False
-    without copies (``restore="inplace"``). One device read."""
-    if not passes.buckets or any(bucket.saved is None for bucket in passes.buckets):
-        return False
-    with torch.no_grad():
-        pairs = [(w, w0) for bucket in passes.buckets for w, w0 in zip(bucket.params, bucket.saved)]
-        total = sum(w.numel() for w, _ in pairs)
-        moved = torch.stack([(w != w0).sum() for w, w0 in pairs]).sum()
-        return total > 0 and 2 * int(moved) >= total
-
-
-def _check_reduction(reduction, params) -> None:
-    """A given ``reduction`` is a :class:`SearchReduction`, and has a shard group where the parameters
-    are sharded DTensors (FSDP2): without one each rank's slope ``q`` would come from its own shard,
-    the ranks would decide differently and their collectives fall out of step."""
-    if not isinstance(reduction, SearchReduction):
-        raise TypeError("reduction must be a salsa_fused.distributed.SearchReduction(loss_group=..., "
-                        f"shard_group=...), or None for the default, got {type(reduction).__name__} {reduction!r}")
-    if reduction.shard_group is not None or not is_distributed():
-        return
-    detected = shard_group_of(params)
-    if detected is not None and dist.get_world_size(detected) > 1:
-        raise ValueError(f"the parameters are DTensors sharded over {dist.get_world_size(detected)} ranks (FSDP2), "
-                         "but the reduction given has no shard_group: each rank's slope q would come from its own "
-                         "shard alone and the ranks would decide differently; pass SearchReduction(loss_group=..., "
-                         "shard_group=<the group the shards are spread over>), or omit reduction to have both "
-                         "detected")
-
-
-def _takes_an_index(closure) -> bool:
-    try:
-        inspect.signature(closure).bind(0)
-    except TypeError:
-        return False
-    except ValueError:  # no signature to read (a builtin): assume it does
-        return True
-    return True
-
-
-def _wants_an_index(closure) -> bool:
-    """Whether ``closure`` cannot be called with no argument but can with one (a batch index)."""
-    try:
-        signature = inspect.signature(closure)
-    except ValueError:  # no signature to read (a builtin)
-        return False
-    try:
-        signature.bind()
-    except TypeError:
-        return _takes_an_index(closure)
-    return False
-
-
-def _call_plain(closure):
-    """``closure()``, with the contract named when the closure wants a batch index."""
-    try:
-        return closure()
-    except TypeError as error:
-        if not _wants_an_index(closure):
-            raise
-        raise TypeError("this FusedSaLSa's search rule reads one batch per step, so its closure takes no "
-                        "argument: closure() runs the forward pass and returns the loss; the closure given "
-                        "wants a batch index (closure(i) is search_rule='labpal' or 'labpal_sgd', and "
-                        "StepSizeBeam.step)") from error
-
-
-def _call_indexed(closure, index: int):
-    """``closure(index)``, with the contract named when the closure takes no batch index."""
-    try:
-        return closure(index)
-    except TypeError as error:
-        if _takes_an_index(closure):
-            raise
-        raise TypeError("this FusedSaLSa's search rule reads several batches per step, so its closure "
-                        "takes the batch index: closure(i) runs the forward pass on batch i of this step "
-                        "and returns its loss (rules.Batches); the closure given takes no argument") from error
-
-
-class _IndexedReplay:
-    """``closure(i)`` whose later calls within one step replay the random state its first call drew
-    from (the same dropout masks for batch ``i`` at every point); ``end`` is the random state after
-    the latest first call, where the generators are left after the step."""
-
-    def __init__(self, closure, devices, first: Optional[Dict[int, RNGSnapshot]] = None,
-                 end: Optional[RNGSnapshot] = None):
-        self.closure, self.devices = closure, devices
-        self.first = dict(first or {})
-        self.end = end
-
-    def __call__(self, index: int):
-        before = self.first.get(index)
-        if before is not None:
-            before.set()
-            return _call_indexed(self.closure, index)
-        self.first[index] = RNGSnapshot.capture(self.devices)
-        value = _call_indexed(self.closure, index)
-        self.end = RNGSnapshot.capture(self.devices)
-        return value

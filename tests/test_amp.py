@@ -391,14 +391,14 @@ def test_the_grad_scaler_lookup_reads_no_locals_of_a_callers_own_step_function()
     step() function held on to what it deleted after the optimizer's step (found beside the ZeRO check)."""
     import weakref
 
-    from salsa_fused.optimizer import _grad_scaler_records
+    from salsa_fused.closures import grad_scaler_records
 
     opt = FusedSaLSa(torch.nn.Linear(2, 1).parameters(), backend="torch")
 
     def step(self, optimizer):  # the caller's own, not GradScaler's
         big = torch.zeros(1000)
         freed = weakref.ref(big)
-        assert (lambda: _grad_scaler_records(optimizer))() is None
+        assert (lambda: grad_scaler_records(optimizer))() is None
         del big
         return freed() is None
 

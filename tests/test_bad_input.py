@@ -684,13 +684,13 @@ def test_a_tie_counts_only_where_most_weights_moved_from_their_saved_copy():
     the elements, and without saved copies (restore="inplace") nothing counts."""
     from types import SimpleNamespace
 
-    from salsa_fused.optimizer import _most_weights_moved
+    from salsa_fused.closures import most_weights_moved
     w0 = [torch.zeros(6), torch.zeros(4)]
     passes = lambda weights, saved: SimpleNamespace(buckets=[SimpleNamespace(params=weights, saved=saved)])
-    assert not _most_weights_moved(passes([torch.tensor([1.0, 0, 0, 0, 0, 0]), torch.zeros(4)], w0))
-    assert _most_weights_moved(passes([torch.ones(6), torch.zeros(4)], w0))  # 6 of 10
-    assert not _most_weights_moved(passes([torch.ones(6), torch.zeros(4)], None))
-    assert not _most_weights_moved(SimpleNamespace(buckets=[]))
+    assert not most_weights_moved(passes([torch.tensor([1.0, 0, 0, 0, 0, 0]), torch.zeros(4)], w0))
+    assert most_weights_moved(passes([torch.ones(6), torch.zeros(4)], w0))  # 6 of 10
+    assert not most_weights_moved(passes([torch.ones(6), torch.zeros(4)], None))
+    assert not most_weights_moved(SimpleNamespace(buckets=[]))
 
 
 def test_a_two_phase_closure_that_runs_backward_is_refused_by_name():

@@ -186,11 +186,11 @@ def test_step_keeps_its_signature_and_torchs_mark():
 @pytest.mark.parametrize("loss", [torch.tensor(2.5), torch.tensor([2.5]), torch.tensor(2.5, dtype=torch.float64),
                                   torch.tensor([[2.5]], dtype=torch.bfloat16), torch.tensor(2.5, requires_grad=True) * 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_the_steps_loss_scalar_is_the_detached_reshaped_cast_loss(loss, dtype):
-    """``_loss_scalar`` skips reshape and cast when they change nothing (about 2 us a plain step)."""
-    from salsa_fused.optimizer import _loss_scalar
+def test_the_stepsloss_scalar_is_the_detached_reshaped_cast_loss(loss, dtype):
+    """``loss_scalar`` skips reshape and cast when they change nothing (about 2 us a plain step)."""
+    from salsa_fused.closures import loss_scalar
     for device in (None, torch.device("cpu")):
-        got, want = _loss_scalar(loss, device, dtype), loss.detach().reshape(()).to(device=device, dtype=dtype)
+        got, want = loss_scalar(loss, device, dtype), loss.detach().reshape(()).to(device=device, dtype=dtype)
         assert (got.shape, got.dtype, got.device, got.requires_grad) == (want.shape, want.dtype, want.device, False)
         assert torch.equal(got, want)
         assert (got.data_ptr() == loss.data_ptr()) == (want.data_ptr() == loss.data_ptr())  # a view where it was one

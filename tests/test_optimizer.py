@@ -684,20 +684,20 @@ def test_a_caller_is_found_by_the_code_it_runs_through_a_decorator():
     """The ZeRO refusal and the checkpoint's state creation find torch's function among the callers by its code.
     A torch that decorates it (torch.no_grad() does, with functools.wraps) runs it under a wrapper whose code every
     function so decorated shares: compared with the wrapper's code, any such function among the callers matched."""
-    import salsa_fused.optimizer as optimizer_module
+    from salsa_fused.validation import called_from
 
     @torch.no_grad()
     def decorated():
         return inner()
 
     def inner():
-        return optimizer_module._called_from(decorated)
+        return called_from(decorated)
 
     @torch.no_grad()
     def other():  # decorated alike: its wrapper's frame runs the same code as decorated's wrapper
         return inner_other()
 
     def inner_other():
-        return optimizer_module._called_from(decorated)
+        return called_from(decorated)
 
     assert decorated() and not other()
