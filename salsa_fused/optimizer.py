@@ -577,7 +577,10 @@ class FusedSaLSa(Checkpointing, Diagnostics, Optimizer, Joinable):
             if callable(getattr(schedule, "check_searches", None)):
                 schedule.check_searches()
         check_freeze_rule(schedule, self.search_rule)
+        planned_before = getattr(self.__dict__.get("_schedule"), "total_steps", None)
         self.__dict__["_schedule"] = schedule
+        if getattr(schedule, "total_steps", None) != planned_before:  # a new plan: its end warns once in turn
+            self.__dict__["_past_end_warned"] = False
 
     @property
     def effective_step_sizes(self) -> List[float]:

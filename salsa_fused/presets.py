@@ -124,7 +124,9 @@ _OMITTED = _Omitted()
 
 def preset_kwargs(name: str, total_steps=_OMITTED) -> dict:
     """The keyword arguments of ``FusedSaLSa`` that preset ``name`` sets. A preset of
-    ``TAKE_LENGTH`` needs ``total_steps``: the run length, or ``None`` when it is unknown."""
+    ``TAKE_LENGTH`` needs ``total_steps``: the run length, or ``None`` when it is unknown. The others
+    ("faithful", "author_gpt") have no schedule: a ``total_steps`` given to them is checked alike (a
+    script may pass its run length to any preset) and not read; ``schedule=`` plans their run."""
     if not isinstance(name, str) or name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     if total_steps is _OMITTED:

@@ -251,6 +251,9 @@ class ScaledSchedule:
     def __init__(self, inner, owner, attribute: str):
         self.inner, self.owner, self.attribute = inner, owner, attribute
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.inner!r}, {type(self.owner).__name__}.{self.attribute})"
+
     def scale(self, step: int) -> float:
         inner, multiplier = self.parts(step)
         return inner * multiplier

@@ -468,6 +468,17 @@ def test_the_default_optimizer_is_untouched_without_a_beam():
     assert opt.schedule is None  # the beam only exists where it is asked for
 
 
+def test_the_optimizers_repr_under_a_beam_shows_the_schedule_it_wraps():
+    """print(opt) under a beam showed the wrapper's address where the preset's schedule was (an audit's find): it
+    hid the schedule and changed from run to run, so logged configurations did not compare."""
+    model = make_model()
+    schedule = WarmupStableDecay(50, warmup=0.2, decay=0.8, peak=2.0)
+    opt = FusedSaLSa(model.parameters(), backend="torch", schedule=schedule)
+    StepSizeBeam(opt, total_steps=50)
+    shown = repr(opt)
+    assert f"ScaledSchedule({schedule!r}, StepSizeBeam." in shown and " at 0x" not in shown
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(points=(0.0,)), ValueError, "points"),
     (dict(points=(1.0,)), ValueError, "points"),

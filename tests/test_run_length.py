@@ -258,6 +258,28 @@ def test_a_cooldown_installed_during_a_run_of_unknown_length_freezes_and_decays_
     assert len(past_end_warnings(record)) == 1
 
 
+def test_a_second_cooldown_installed_after_the_first_ended_warns_past_its_own_end():
+    """The past-end warning comes once per plan: a schedule of another length installed later warns at its end too
+    (an audit's find: the one-time flag outlived the plan, and the second end passed in silence)."""
+    opt, weights, slopes = make(None)
+    run_scripted(opt, weights, slopes, 3)
+    ends = []
+    for _ in range(2):
+        opt.schedule = Cooldown(opt.search_state.step, 2)
+        ends.append(opt.search_state.step + 2)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            run_scripted(opt, weights, slopes, 4)
+        found = past_end_warnings(record)
+        assert len(found) == 1 and f"step {ends[-1] + 1} is past the schedule's total_steps={ends[-1]}" in str(
+            found[0].message)
+    opt.schedule = opt.schedule  # the same plan again: its end has been warned
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        run_scripted(opt, weights, slopes, 2)
+    assert not past_end_warnings(record)
+
+
 def test_bad_run_lengths_still_raise():
     w = torch.nn.Parameter(torch.ones(2))
     for total in (0, -3, 2.5, True, "100"):
