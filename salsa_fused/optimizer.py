@@ -423,7 +423,7 @@ class FusedSaLSa(Checkpointing, Diagnostics, Optimizer, Joinable):
         for p in self.param_groups[-1]["params"]:
             if p.requires_grad:
                 self._init_state(p)
-        if self.__dict__.get("model") is not None:  # a group added after construction, to an optimizer with model=
+        if built and self.__dict__.get("model") is not None:  # a group added after construction, with model=
             warn_of_parameters_outside_the_model(self.model, set(map(id, tensors)), "of the group added")
         if self.__dict__.get("_lr_checked") or self.__dict__.get("_lr_rising"):  # past the first step's look
             self._warn_if_group_lr_looks_like_a_step_size(len(self.param_groups) - 1, self.param_groups[-1])
