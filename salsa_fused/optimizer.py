@@ -562,11 +562,17 @@ class FusedSaLSa(Checkpointing, Diagnostics, Optimizer, Joinable):
     def schedule(self):
         """The step-size schedule (``None``, or an object with ``scale(step)`` and ``searches(step)``,
         e.g. :class:`salsa_fused.step_size.WarmupStableDecay`). Assigned here or at construction, it
-        is checked alike before it is kept: its methods, its options, and its rule."""
-        return self.__dict__.get("_schedule")
+        is checked alike before it is kept: its methods, its options, and its rule. Through a wrapper that
+        subclasses the optimizer's class and forwards attribute reads (Lightning's ``LightningOptimizer``),
+        both reach the wrapped optimizer's."""
+        return getattr(self, "_schedule", None)
 
     @schedule.setter
     def schedule(self, schedule) -> None:
+        wrapped = self.__dict__.get("_optimizer")
+        if isinstance(wrapped, FusedSaLSa) and wrapped is not self:  # kept on the wrapper, it would never step
+            wrapped.schedule = schedule
+            return
         if schedule is not None and not (callable(getattr(schedule, "scale", None))
                                          and callable(getattr(schedule, "searches", None))):
             raise TypeError("schedule must have scale(step) and searches(step) methods, got "

@@ -141,6 +141,23 @@ def test_lightning_wrapper_runs_the_preset_on_its_split_groups():
     assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
+def test_the_schedule_read_and_set_through_lightnings_wrapper_is_the_optimizers():
+    """``self.optimizers().schedule`` read None under a preset, and a Cooldown assigned through it (presets.py's way
+    to end a run of unknown length) stayed on the wrapper: the optimizer that steps never had it (a review's find)."""
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    from salsa_fused import presets
+    from salsa_fused.step_size import Cooldown
+
+    salsa = presets.recommended(_dropout_net().parameters(), total_steps=40, backend="torch")
+    wrapper = LightningOptimizer(salsa)
+    assert wrapper.schedule is salsa.schedule and wrapper.applied_steps == salsa.applied_steps
+    cooldown = Cooldown(1, 5)
+    wrapper.schedule = cooldown
+    assert salsa.schedule is cooldown and wrapper.schedule is cooldown
+    assert "_schedule" not in vars(wrapper)
+
+
 def test_lightning_readme_pattern_with_dropout_does_not_collapse():
     """The README snippet as written (no mark) on a dropout net: 495 backtracks and eta 6e-48
     in the issue's 20-step run."""
