@@ -17,8 +17,9 @@ __version__ = "0.1.0"
 
 #: Submodules imported on first access (``salsa_fused.presets`` after ``import salsa_fused``), as
 #: the ones the names above pull in are: the integrations import their frameworks only then.
-_SUBMODULES = ("adam_sls", "applied", "backends", "beam", "buckets", "distributed", "errors", "functional",
-               "integrations", "labpal", "line_search", "lr_factor", "optimizer", "presets", "rules", "step_size")
+_SUBMODULES = ("adam_sls", "applied", "backends", "beam", "buckets", "checkpoint", "closures", "diagnostics",
+               "distributed", "errors", "functional", "integrations", "labpal", "line_search", "lr_factor",
+               "optimizer", "presets", "rules", "step_size", "validation")
 
 
 def __getattr__(name: str):

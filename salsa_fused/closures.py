@@ -1,6 +1,10 @@
-"""The closure's contract, kept at every forward a step runs: the loss a closure returns (a fresh forward's,
-not a stale tensor; not a scaled one), the gradients it must leave alone, the random state and running
-statistics its extra forwards must not move, and the calls of a closure that takes a batch index.
+"""The closure's contract, kept at every forward a step runs: the loss a closure returns (a fresh forward's, not a
+stale tensor: :func:`is_stale_loss`; a ``loss=`` that is the closure's, not a scaled or summed one:
+:func:`loss_mismatch`), the gradients it must leave alone (:func:`gradients_watch`), the random state and running
+statistics its extra forwards must not move, and the calls of a closure that takes a batch index. Also here: the
+step's loss as one float scalar (:func:`loss_scalar`), hyperparameters a closure wrote (:func:`same_value`), the
+GradScaler whose ``step`` runs this one (:func:`grad_scaler_records`), and Lightning among the callers (for the
+words of a refusal).
 
 Used by :class:`salsa_fused.FusedSaLSa` and by the wrappers that run its closure at other points
 (:class:`salsa_fused.StepSizeBeam`, :class:`salsa_fused.LRFactorSearch`).
@@ -102,6 +106,21 @@ LOSS_MISMATCH_FACTOR = 1.5
 #: alike. A loss of 0, a NaN/inf and losses of opposite sign are not compared (a ratio says nothing there).
 LOSS_MISMATCH_MIN_DIFFERENCE = 1e-6
 
+
+
+def loss_mismatch(given: float, closure: float, scale: float) -> Tuple[float, bool, bool]:
+    """``(ratio, looks_scaled, differs)`` for a ``loss=`` of value ``given`` against the closure's ``closure`` at
+    the same weights, under a GradScaler's ``scale`` (0 without one): ``ratio = given / closure`` (NaN where the
+    closure's is 0 or not finite); ``looks_scaled``, the ratio within a factor of 2 of a scale of at least
+    ``SCALED_LOSS_MIN_SCALE``, both positive; ``differs``, finite losses of the same sign, neither 0, more than
+    ``LOSS_MISMATCH_FACTOR`` apart either way and ``LOSS_MISMATCH_MIN_DIFFERENCE`` apart absolutely."""
+    ratio = given / closure if closure != 0 and math.isfinite(closure) else math.nan
+    looks_scaled = (scale >= SCALED_LOSS_MIN_SCALE and given > 0 and closure > 0
+                    and math.isfinite(ratio) and scale / 2 <= ratio <= 2 * scale)
+    differs = (math.isfinite(given) and math.isfinite(ratio) and ratio > 0
+               and not 1 / LOSS_MISMATCH_FACTOR <= ratio <= LOSS_MISMATCH_FACTOR
+               and abs(given - closure) > LOSS_MISMATCH_MIN_DIFFERENCE)
+    return ratio, looks_scaled, differs
 
 #: How many frames above the optimizer's own a GradScaler's ``step`` is looked for (:func:`grad_scaler_records`).
 _SCALER_FRAMES = 32
@@ -281,18 +300,6 @@ def gradients_watch(passes: F.Passes, param_groups: Sequence[dict], what: str) -
         if any(g._version != version for g, version in recorded):
             raise RuntimeError(CLOSURE_CHANGED_GRADIENTS.format(what=what))
     return unchanged
-
-
-def most_weights_moved(passes: F.Passes) -> bool:
-    """Do at least half the weights' elements differ from their saved copy of ``w0`` (after a search step)? False
-    without copies (``restore="inplace"``). One device read."""
-    if not passes.buckets or any(bucket.saved is None for bucket in passes.buckets):
-        return False
-    with torch.no_grad():
-        pairs = [(w, w0) for bucket in passes.buckets for w, w0 in zip(bucket.params, bucket.saved)]
-        total = sum(w.numel() for w, _ in pairs)
-        moved = torch.stack([(w != w0).sum() for w, w0 in pairs]).sum()
-        return total > 0 and 2 * int(moved) >= total
 
 
 def takes_an_index(closure) -> bool:

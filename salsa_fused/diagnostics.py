@@ -1,7 +1,10 @@
-"""The warn-once watchers of :class:`salsa_fused.FusedSaLSa`: habits that leave a run silently wrong (an
-AdamW learning rate given as ``lr``, a warm-up from 0 nobody steps, a torch scheduler on top of the optimizer's own
-schedule, a closure whose trials tie the step's loss search after search). Each warns once per optimizer; none
-changes a step.
+"""The watchers of :class:`salsa_fused.FusedSaLSa`: habits that leave a run silently wrong, each named by a
+warning: an AdamW learning rate given as ``lr`` (at the first steps, and for each group added later), every
+``lr`` held at 0 for ``LR_ZERO_STEPS_WARNED`` steps (a warm-up from 0 nobody steps; again after each such run), a
+torch scheduler on top of the optimizer's own schedule, ``nonfinite="skip"`` skipping every step where no search
+comes, a closure whose trials tie the step's loss search after search, FSDP2 trials that may read stale unsharded
+weights, and (their rules in :mod:`salsa_fused.step_size`) a run past its schedule's end and a level that collapsed
+before the schedule froze it. Each warns once per optimizer unless said otherwise; none changes a step.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Optional
 import torch
 
 from . import functional as F
-from .closures import most_weights_moved
+from .distributed import _is_dtensor
 from .errors import caller_stacklevel
 from .line_search import SearchState
 from .step_size import is_number
@@ -56,14 +59,29 @@ LR_ZERO_STEPS = (
 
 
 
+
+def most_weights_moved(passes: F.Passes) -> bool:
+    """Do at least half the weights' elements differ from their saved copy of ``w0`` (after a search step)? False
+    without copies (``restore="inplace"``). One device read."""
+    if not passes.buckets or any(bucket.saved is None for bucket in passes.buckets):
+        return False
+    with torch.no_grad():
+        pairs = [(w, w0) for bucket in passes.buckets for w, w0 in zip(bucket.params, bucket.saved)]
+        total = sum(w.numel() for w, _ in pairs)
+        moved = torch.stack([(w != w0).sum() for w, w0 in pairs]).sum()
+        return total > 0 and 2 * int(moved) >= total
+
+
 class Diagnostics:
     """The watchers, mixed into :class:`salsa_fused.FusedSaLSa`: they read its ``param_groups``, ``_search`` and
     ``schedule`` and keep their own counters and once-flags on it (:data:`WATCHER_DEFAULTS`)."""
 
-    #: The watchers' counters and once-flags, as a new optimizer (or one unpickled without them) starts them.
+    #: The watchers' counters and once-flags, as a new optimizer (or one unpickled without them) starts them; the
+    #: step sets the last two where it calls step_size's warnings.
     WATCHER_DEFAULTS = (("_lr_checked", False), ("_lr_rising", dict), ("_steps_at_lr_zero", 0),
                         ("_stacked_scheduler_warned", False), ("_skips_warned", False), ("_tied_searches", 0),
-                        ("_ties_warned", False), ("_tied_warning", None))
+                        ("_ties_warned", False), ("_tied_warning", None), ("_fsdp_checked", False),
+                        ("_past_end_warned", False), ("_collapse_checked", False))
 
     def _start_watchers(self, keep: bool = False) -> None:
         """Set each of :data:`WATCHER_DEFAULTS` (``keep``: only those not set yet)."""
@@ -74,17 +92,26 @@ class Diagnostics:
             else:
                 setattr(self, name, value)
 
-    def _warn_if_lr_stays_zero(self) -> None:
-        """Count the steps in a row at which every group's ``lr`` is 0, and warn once at ``LR_ZERO_STEPS_WARNED``: a
-        warm-up from 0 that nobody steps (Lightning does not step a scheduler under manual optimization) left
-        every step a no-op, silently (an integration audit's find: lr 0.0, no search, the weights unmoved)."""
-        if any(group["lr"] != 0 for group in self.param_groups):  # frozen parameters at a positive lr: not this
+    def _count_steps_at_lr_zero(self, moves: bool) -> None:
+        """At a step that would search, ``moves`` saying whether a group with a positive ``lr`` holds a parameter that
+        requires grad: count the steps in a row at which every group's ``lr`` is 0, and warn once at
+        ``LR_ZERO_STEPS_WARNED``: a warm-up from 0 that nobody steps (Lightning does not step a scheduler under
+        manual optimization) left every step a no-op, silently (an integration audit's find: lr 0.0, no search,
+        the weights unmoved)."""
+        if moves or any(group["lr"] != 0 for group in self.param_groups):  # frozen parameters at a positive lr
             self._steps_at_lr_zero = 0
             return
-        self._steps_at_lr_zero = self.__dict__.get("_steps_at_lr_zero", 0) + 1
+        self._steps_at_lr_zero += 1
         if self._steps_at_lr_zero == LR_ZERO_STEPS_WARNED:
             warnings.warn(LR_ZERO_STEPS.format(steps=LR_ZERO_STEPS_WARNED), RuntimeWarning,
                           stacklevel=caller_stacklevel())
+
+    def _warn_if_every_step_was_skipped(self, skipped: int, interval: int) -> None:
+        """Warn once where ``skipped``, the plain steps skipped for a NaN/inf loss among the last ``interval``
+        (read where no search came to report them), is every one of them: the weights have not moved since."""
+        if skipped >= interval and not self._skips_warned:  # "skip" ("raise" raised): each step of a window
+            self._skips_warned = True
+            warnings.warn(SKIPPED_EVERY_STEP.format(interval=interval), RuntimeWarning, stacklevel=caller_stacklevel())
 
     def _warn_if_lr_looks_like_a_step_size(self) -> None:
         """At the first step: an lr (or a scheduler's initial_lr/max_lr) below 0.1 is most likely AdamW's
@@ -191,3 +218,20 @@ class Diagnostics:
             # warned by step() once the step has returned: an error there (-W error) would undo half of it
             self._tied_warning = TIED_SEARCHES.format(count=self._tied_searches, step=state.step_size,
                                                       predicted=predicted, relative=relative)
+
+    def _warn_if_trials_may_read_stale_fsdp_weights(self, closure) -> None:
+        """Once, at the first search: sharded (FSDP2) parameters, no ``model=`` with FSDP2 modules to
+        reshard, and a closure not made by :func:`fsdp_closure`: every trial after the first would
+        read the root's stale unsharded weights unless the root reshards after its forward."""
+        self._fsdp_checked = True
+        if self.model is not None or getattr(closure, "reshards_fsdp", False):
+            return  # model= given: its FSDP2 modules (if any) are resharded; none: tensor parallel, say
+        if any(_is_dtensor(p) for group in self.param_groups for p in group["params"]):
+            warnings.warn(
+                "FusedSaLSa's parameters are DTensors, but the optimizer was built without model= and "
+                "the closure is not wrapped by salsa_fused.distributed.fsdp_closure: if they are FSDP2's, it keeps the root "
+                "module's parameters unsharded after a forward, so every trial after the first reads "
+                "stale weights (the level collapses) unless the root was fully_shard-ed with "
+                "reshard_after_forward=True. Pass model=your_model (the optimizer then reshards before "
+                "each trial) or wrap the closure with fsdp_closure(model, closure)", UserWarning,
+                stacklevel=caller_stacklevel())

@@ -47,24 +47,23 @@ from .backends import BACKEND_FLAGS
 from .backends.base import GRADIENT, GROUP_HYPER_KEYS, MOMENTS_START, MOMENTUM, Bucket, Hyper, zero_moments
 from .checkpoint import MOMENT_KEYS, SEARCH_KEY, Checkpointing, valid_moments_start, valid_step_count
 from .errors import as_float, caller_stacklevel
-from .distributed import (SearchReduction, _is_dtensor, ddp_modules, default_reduction, fsdp_modules, is_distributed,
+from .distributed import (SearchReduction, ddp_modules, default_reduction, fsdp_modules, is_distributed,
                           shard_group_of, without_buffer_broadcast)
 from .applied import GroupStep
 from .line_search import FLOAT32_MAX, FLOAT32_TINY, MIN_SLOPE_AVG, SearchConfig, SearchState, StepPlan, fits_float32
 from .rules import (Batches, checked_direction, moment_step, plan_step, plan_without_search,
                     resolve_rule, step_batches)
-from .closures import (CLOSURE_BACKWARD_AT_TRIAL, CLOSURE_RAN_BACKWARD, LOSS_MISMATCH_FACTOR,
-                       LOSS_MISMATCH_MIN_DIFFERENCE, LOSS_NOT_THE_CLOSURES, NO_GRAPH, SCALED_LOSS,
-                       SCALED_LOSS_MIN_SCALE, STALE_CLOSURE, IndexedReplay, call_indexed, call_name, call_plain,
-                       called_from_lightning, forget_autocast_casts, from_lightning_manual, grad_scaler_records,
-                       gradients_watch, is_stale_loss, leave_random_state, loss_scalar, losses_with_values,
-                       running_statistics, same_value)
+from .closures import (CLOSURE_BACKWARD_AT_TRIAL, CLOSURE_RAN_BACKWARD, LOSS_NOT_THE_CLOSURES, NO_GRAPH, SCALED_LOSS,
+                       STALE_CLOSURE, call_indexed, call_name, call_plain, called_from_lightning,
+                       forget_autocast_casts, from_lightning_manual, grad_scaler_records, gradients_watch,
+                       IndexedReplay, is_stale_loss, leave_random_state, loss_mismatch, loss_scalar,
+                       losses_with_values, running_statistics, same_value)
 from .validation import (UNSUPPORTED_FLAGS, as_pair, as_the_step_sees, called_from, check_reduction, hyper_key,
                          refuse_a_model_of_other_parameters, refuse_a_set, refuse_a_zero_redundancy_shard,
                          refuse_group_replaced_by_hand, refuse_shared_storage, refuse_unread_search_arguments,
                          refuse_unsupported_flags, starts_probing, step_call_error, unexpected_arguments,
                          validate_group_hyper, warn_of_parameters_outside_the_model)
-from .diagnostics import SKIPPED_EVERY_STEP, Diagnostics
+from .diagnostics import Diagnostics
 from .step_size import (applied_scale, backs_off_on_loss_rise, check_freeze_below,
                         check_freeze_rule, freeze_if_collapsed, observe_search_loss, schedule_searches, warn_collapsed_level,
                         warn_past_end)
@@ -267,8 +266,6 @@ class FusedSaLSa(Checkpointing, Diagnostics, Optimizer, Joinable):
         self._counts: Optional[F.DeviceCounts] = None
         self._handoff = _StepHandoff()  # mark_forward(), bind_closure(), zero_grad(): for the next step
         self._in_step = False  # a step() is running: one called from inside it is refused
-        self._past_end_warned = False  # the one-time warning past the schedule's total_steps
-        self._collapse_checked = False  # the one-time check of the level a schedule freezes
         self._auto_fallback_warned = False  # the one-time warning of "auto" sent to the torch backend
         self._start_watchers()
         defaults = dict(lr=lr, betas=as_pair(betas), eps=eps, weight_decay=weight_decay)
@@ -711,8 +708,8 @@ class FusedSaLSa(Checkpointing, Diagnostics, Optimizer, Joinable):
         if "schedule" in self.__dict__:  # pickled before the schedule became a checked property
             self.__dict__["_schedule"] = self.__dict__.pop("schedule")
         for name, value in (("_buckets", BucketCache()), ("_saved", WeakIdKeyDictionary()), ("_counts", None), ("foreach", None),
-                            ("fused", None), ("_past_end_warned", False), ("_init_step_size_given", True),
-                            ("_collapse_checked", False), ("_auto_fallback_warned", False), ("_in_step", False)):
+                            ("fused", None), ("_init_step_size_given", True), ("_auto_fallback_warned", False),
+                            ("_in_step", False)):
             self.__dict__.setdefault(name, value)
         self._start_watchers(keep=True)
         # load_state_dict() comes here too: a bind_closure()/mark_forward() it follows stays for the next step
@@ -873,22 +870,7 @@ class FusedSaLSa(Checkpointing, Diagnostics, Optimizer, Joinable):
         for module in self._fsdp_modules() or getattr(closure, "fsdp_modules", ()):
             module.reshard()
 
-    def _warn_if_trials_may_read_stale_fsdp_weights(self, closure) -> None:
-        """Once, at the first search: sharded (FSDP2) parameters, no ``model=`` with FSDP2 modules to
-        reshard, and a closure not made by :func:`fsdp_closure`: every trial after the first would
-        read the root's stale unsharded weights unless the root reshards after its forward."""
-        self._fsdp_checked = True
-        if self.model is not None or getattr(closure, "reshards_fsdp", False):
-            return  # model= given: its FSDP2 modules (if any) are resharded; none: tensor parallel, say
-        if any(_is_dtensor(p) for group in self.param_groups for p in group["params"]):
-            warnings.warn(
-                "FusedSaLSa's parameters are DTensors, but the optimizer was built without model= and "
-                "the closure is not wrapped by salsa_fused.distributed.fsdp_closure: if they are FSDP2's, it keeps the root "
-                "module's parameters unsharded after a forward, so every trial after the first reads "
-                "stale weights (the level collapses) unless the root was fully_shard-ed with "
-                "reshard_after_forward=True. Pass model=your_model (the optimizer then reshards before "
-                "each trial) or wrap the closure with fsdp_closure(model, closure)", UserWarning,
-                stacklevel=caller_stacklevel())
+
 
     def _sharded_groups(self) -> Sequence[dict]:
         """The param groups where the gradients are FSDP2's sharded DTensors, else none."""
@@ -1256,12 +1238,12 @@ class FusedSaLSa(Checkpointing, Diagnostics, Optimizer, Joinable):
         for group in self.param_groups:
             if starts_probing(group):
                 group["search_lr"] = 1.0  # built at 0: its first positive lr is a warmup's, not its level
-        if plan.is_search and not self._some_group_moves():
-            plan = plan_without_search(rule, state, config, plan)  # every group at lr 0 now: nothing moves
-            self._warn_if_lr_stays_zero()
-        elif plan.is_search:
-            self._steps_at_lr_zero = 0
-        if plan.is_search and not self.__dict__.get("_fsdp_checked", False):
+        if plan.is_search:
+            moves = self._some_group_moves()
+            self._count_steps_at_lr_zero(moves)
+            if not moves:
+                plan = plan_without_search(rule, state, config, plan)  # every group at lr 0 now: nothing moves
+        if plan.is_search and not self._fsdp_checked:
             self._warn_if_trials_may_read_stale_fsdp_weights(closure)
         batches = step_batches(rule, plan)
         devices = [self._device] if self._device is not None else []
@@ -1531,10 +1513,7 @@ class FusedSaLSa(Checkpointing, Diagnostics, Optimizer, Joinable):
             elements, losses = pending.read(self._device_counts())
             F.report_plain_steps(state, self.nonfinite, elements, losses, state.step,
                                  where="read where no search came to report them: ")
-            if losses >= interval and not self._skips_warned:  # "skip" ("raise" raised): each step of a window
-                self._skips_warned = True
-                warnings.warn(SKIPPED_EVERY_STEP.format(interval=interval), RuntimeWarning,
-                              stacklevel=caller_stacklevel())
+            self._warn_if_every_step_was_skipped(losses, interval)
         return at_point
 
     def report_nonfinite(self) -> Tuple[int, int]:
@@ -1555,10 +1534,9 @@ class FusedSaLSa(Checkpointing, Diagnostics, Optimizer, Joinable):
 
     def _refuse_a_loss_not_the_closures(self, given: torch.Tensor, at_w0: torch.Tensor,
                                         failure: Optional[Exception], step: int) -> None:
-        """Refuse ``loss=`` that is not ``at_w0``, the closure's loss at the same weights: more than
-        ``LOSS_MISMATCH_FACTOR`` from it either way (and ``LOSS_MISMATCH_MIN_DIFFERENCE`` apart), named
-        ``scaler.scale(loss)`` where it is between half and twice the GradScaler's scale times it (the
-        caller marks the check done once its step is taken: :meth:`_loss_check_passed`).
+        """Refuse ``loss=`` that is not ``at_w0``, the closure's loss at the same weights, as
+        :func:`salsa_fused.closures.loss_mismatch` judges them (the caller marks the check done once its step
+        is taken: :meth:`_loss_check_passed`).
         One host read; the decision is every rank's, and so is ``failure``, what this rank's forward of
         ``at_w0`` raised (:meth:`SearchReduction.shared_forward`)."""
         scaler = getattr(self, "grad_scale", None)
@@ -1567,13 +1545,7 @@ class FusedSaLSa(Checkpointing, Diagnostics, Optimizer, Joinable):
             values.append(scaler.float().reshape(()).to(given.device))
         given_value, closure_value, *scale = torch.stack(values).tolist()
         scale = scale[0] if scale else 0.0
-        ratio = given_value / closure_value if closure_value != 0 and math.isfinite(closure_value) else math.nan
-        looks_scaled = (scale >= SCALED_LOSS_MIN_SCALE and given_value > 0 and closure_value > 0
-                        and math.isfinite(ratio) and scale / 2 <= ratio <= 2 * scale)
-        # a ratio > 0: finite losses of the same sign, neither 0
-        differs = (math.isfinite(given_value) and math.isfinite(ratio) and ratio > 0
-                   and not 1 / LOSS_MISMATCH_FACTOR <= ratio <= LOSS_MISMATCH_FACTOR
-                   and abs(given_value - closure_value) > LOSS_MISMATCH_MIN_DIFFERENCE)
+        ratio, looks_scaled, differs = loss_mismatch(given_value, closure_value, scale)
         if self._any_rank_opening(looks_scaled or differs, step, failure):
             if looks_scaled:
                 raise ValueError(SCALED_LOSS.format(ratio=ratio, scale=scale))

@@ -1,11 +1,15 @@
-"""The checks of FusedSaLSa's arguments, its param groups and what is handed to it: each refusal names what is
-wrong and is raised before anything is written.
+"""The checks of what FusedSaLSa is handed: its arguments, its param groups and hand edits of them. Each refusal
+names what is wrong and comes before anything is written.
 
 :func:`validate_group_hyper` is the one check of a group's hyperparameters (at construction, at
 ``add_param_group``, at ``load_state_dict`` and at each step whose values changed since the last check:
-:func:`hyper_key`); the rest refuse torch.optim's flags it cannot honour, arguments of the published package
-named otherwise, sets of parameters, parameters over shared memory, a ``model=`` of other parameters, a group
-replaced by hand and a ``reduction`` without the shard group FSDP2 needs.
+:func:`hyper_key`). The rest refuse unknown keywords (with the argument meant: :func:`unexpected_arguments`),
+salsa-optimizer 0.1.0's arguments named otherwise and search arguments the chosen rule does not read, torch.optim's
+flags it cannot honour, a ``ZeroRedundancyOptimizer`` shard, a set of parameters, parameters over shared memory, a
+``model=`` of other parameters (and warn of one that leaves some out), a group replaced by hand, a ``reduction``
+without the shard group FSDP2 needs, and a ``step()`` called with other arguments. Beside them: how torch.optim's
+values are taken (:func:`as_pair` for ``betas``; :func:`starts_probing`, a group built at ``lr=0``) and
+:func:`called_from`, which finds a caller by its code.
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ _FLAG_NAMES = frozenset(UNSUPPORTED_FLAGS)
 
 
 def hyper_key(group: dict) -> Optional[tuple]:
-    """Everything :meth:`validate_group_hyper` reads of ``group`` (with ``search_lr``), as
+    """Everything :func:`validate_group_hyper` reads of ``group`` (with ``search_lr``), as
     types and values, when each value is an exact ``float`` or ``int``, ``betas`` a tuple or list and no
     unsupported flag is set; else None. Two equal keys pass or fail those checks alike (the types are
     part of the key, so ``True`` is not ``1``, nor ``1`` ``1.0``; NaN equals nothing), and so does the

@@ -684,7 +684,7 @@ def test_a_tie_counts_only_where_most_weights_moved_from_their_saved_copy():
     the elements, and without saved copies (restore="inplace") nothing counts."""
     from types import SimpleNamespace
 
-    from salsa_fused.closures import most_weights_moved
+    from salsa_fused.diagnostics import most_weights_moved
     w0 = [torch.zeros(6), torch.zeros(4)]
     passes = lambda weights, saved: SimpleNamespace(buckets=[SimpleNamespace(params=weights, saved=saved)])
     assert not most_weights_moved(passes([torch.tensor([1.0, 0, 0, 0, 0, 0]), torch.zeros(4)], w0))

@@ -186,7 +186,7 @@ def test_step_keeps_its_signature_and_torchs_mark():
 @pytest.mark.parametrize("loss", [torch.tensor(2.5), torch.tensor([2.5]), torch.tensor(2.5, dtype=torch.float64),
                                   torch.tensor([[2.5]], dtype=torch.bfloat16), torch.tensor(2.5, requires_grad=True) * 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_the_stepsloss_scalar_is_the_detached_reshaped_cast_loss(loss, dtype):
+def test_the_steps_loss_scalar_is_the_detached_reshaped_cast_loss(loss, dtype):
     """``loss_scalar`` skips reshape and cast when they change nothing (about 2 us a plain step)."""
     from salsa_fused.closures import loss_scalar
     for device in (None, torch.device("cpu")):
