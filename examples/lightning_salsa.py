@@ -26,8 +26,10 @@ Lightning's precision plugin wraps the closure it hands to the step: in this bou
 ``step(closure=..., loss=...)`` they would run at each trial). Trial forwards run inside
 ``training_step``, so under ``bf16-mixed`` they are autocast like the training forward.
 
-Run: ``python examples/lightning_salsa.py --precision bf16-mixed --steps 20`` (``32-true``, ``bf16-mixed`` or
-``16-mixed``: with a GradScaler on a GPU; on the CPU Lightning 2.6 runs ``bf16-mixed`` in its place, and says so)
+Needs Lightning, which the ``examples`` extra leaves out (the demo does not use it): ``pip install lightning``
+(the ``test`` extra has it). Run: ``python examples/lightning_salsa.py --precision bf16-mixed --steps 20``
+(``32-true``, ``bf16-mixed`` or ``16-mixed``: with a GradScaler on a GPU; on the CPU Lightning 2.6 runs
+``bf16-mixed`` in its place, and says so)
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ from __future__ import annotations
 import argparse
 from typing import Callable, Optional
 
-import lightning as L
+try:
+    import lightning as L
+except ModuleNotFoundError as missing:  # the examples extra leaves it out: say how to get it
+    raise SystemExit(f"examples/lightning_salsa.py needs Lightning ({missing}): pip install lightning") from None
 import torch
 
 from salsa_fused import FusedSaLSa

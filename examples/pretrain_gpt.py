@@ -68,8 +68,8 @@ def parse_args(argv=None):
     parser.add_argument("--n-embd", type=int, default=64, help="model width")
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout probability in the blocks")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32",
-                        help="bf16-autocast: fp32 weights, bf16 compute; bf16: bf16 weights "
-                             "(fp32 optimizer moments); fp16-autocast needs --grad-scaler")
+                        help="bf16-autocast: fp32 weights, bf16 compute; bf16: bf16 weights (FusedSaLSa keeps "
+                             "fp32 moments, torch's AdamW bf16 ones); fp16-autocast needs --grad-scaler")
     parser.add_argument("--grad-scaler", action="store_true", help="torch.amp.GradScaler (for fp16)")
     parser.add_argument("--weight-decay", type=float, default=None,
                         help="on matrices only (default: 0.1 with salsa-recommended, as the preset; else 0)")
@@ -139,6 +139,8 @@ def parse_args(argv=None):
             device = torch.device(args.device)
         except RuntimeError:
             parser.error(f"--device {args.device!r} is not a device: auto, cpu, cuda or cuda:N")
+        if device.type not in ("cpu", "cuda"):
+            parser.error(f"--device {args.device}: this script runs on the CPU or CUDA (auto, cpu, cuda or cuda:N)")
         if device.type == "cuda" and not torch.cuda.is_available():
             parser.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device; "
                          "--device cpu or auto runs on the CPU")
@@ -372,6 +374,8 @@ def _run(args, rank: int, world: int, device: torch.device) -> dict:
             micro = step_batches(batches, args, step, rank, world, device)
             k = len(micro)
             opt.zero_grad(set_to_none=True)
+            if args.optimizer.startswith("salsa"):
+                opt.mark_forward()  # the trials replay this step's dropout draws: no reference forward at w0
             total = torch.zeros((), device=device)
             for i, (x, y) in enumerate(micro):
                 sync = net.no_sync() if (world > 1 and i < k - 1) else contextlib.nullcontext()
@@ -386,6 +390,7 @@ def _run(args, rank: int, world: int, device: torch.device) -> dict:
             if args.optimizer.startswith("salsa"):
                 scaler.step(opt, closure, loss=total)  # closure positional: GradScaler refuses closure=
             else:
+                lr_used = opt.param_groups[0]["lr"]  # the scheduler's step below sets the next step's
                 scaler.step(opt)
                 schedule.step()
             scaler.update()
@@ -402,7 +407,7 @@ def _run(args, rank: int, world: int, device: torch.device) -> dict:
                               searches=opt.num_searches, applied_backoff=opt.search_state.applied_backoff,
                               scale_hold=opt.search_state.scale_hold)
             else:
-                record.update(step_size=schedule.get_last_lr()[0])
+                record.update(step_size=lr_used)
             if (step + 1) % args.eval_interval == 0 or step + 1 == args.steps:
                 record["val_loss"] = validation_loss()
             if not math.isfinite(record["loss"]):
