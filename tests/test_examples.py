@@ -201,6 +201,32 @@ def test_pretrain_gpt_precisions_and_adamw(tmp_path, flags):
     assert all(r["loss"] == r["loss"] and r["step_size"] > 0 for r in _log(tmp_path))
 
 
+def test_the_adamw_log_gives_the_rate_each_step_ran_at(tmp_path):
+    """The log read the scheduler's rate after its step: one step ahead, a rate never used at the last step."""
+    _run(tmp_path, "--steps", "4", "--optimizer", "adamw", "--warmup", "2", "--lr", "1e-3")
+    assert [r["step_size"] for r in _log(tmp_path)] == pytest.approx([0.5e-3, 1e-3, 1e-3, 0.55e-3])  # warm-up, then cosine to 10%
+
+
+def test_the_demo_under_dropout_marks_its_forward_and_spends_no_reference_forward(tmp_path, monkeypatch):
+    """Without mark_forward() every search paid one reference forward at w0 once dropout moved the generators:
+    the forwards are the step's own, its trials and the one check of loss= (the same run counted)."""
+    from salsa_fused import FusedSaLSa
+
+    trials = []
+    step = FusedSaLSa.step
+
+    def counted(self, *args, **kwargs):
+        before = self.num_forward_evals
+        out = step(self, *args, **kwargs)
+        trials.append(self.search_state.last_trials if self.search_state.steps_since_search == 0 else 0)
+        assert self.num_forward_evals - before - trials[-1] in (1, 2)  # 2: the first two-phase search's check
+        return out
+
+    monkeypatch.setattr(FusedSaLSa, "step", counted)
+    summary = _run(tmp_path, "--steps", "6", "--dropout", "0.2")
+    assert summary["steps"] == 6 and _log(tmp_path)[-1]["forwards"] == 6 + sum(trials) + 1
+
+
 def test_pretrain_gpt_rejects_bad_flags():
     with pytest.raises(SystemExit):
         pretrain_gpt.parse_args(["--dtype", "fp16-autocast"])  # needs --grad-scaler
@@ -325,6 +351,7 @@ def test_the_demo_help_gives_every_flag_that_takes_a_value_its_default(capsys):
      "--search-direction set, but --optimizer salsa-recommended"),
     (["--lr", "3e-3"], "--lr set, but --optimizer salsa does not read it"),
     (["--block-size", "100000"], "--block-size must be at most 4096"),  # ran 9 minutes at 7 GB, unrefused
+    (["--device", "meta"], "--device meta: this script runs on the CPU or CUDA"),  # mps, xpu: a traceback
 ])
 def test_pretrain_gpt_names_a_bad_or_unread_flag_in_one_line(flags, message, capsys):
     with pytest.raises(SystemExit):
