@@ -1276,6 +1276,7 @@ class FusedSaLSa(Checkpointing, Diagnostics, Optimizer, Joinable):
         if one_phase:
             rng_before = RNGSnapshot.capture(devices) if plan.is_search else None
             running_at_start = self._running_statistics() if plan.is_search else []
+            forget_autocast_casts()  # in an autocast region, casts of weights another optimizer has moved since
             with torch.enable_grad():
                 value = call_plain(closure)
             # torch's closure convention, backward(retain_graph=True) too; new tensors of zeros are not
@@ -1627,6 +1628,7 @@ class FusedSaLSa(Checkpointing, Diagnostics, Optimizer, Joinable):
             dtype = None
             step_losses = []
             call = replay if replay is not None else functools.partial(call_indexed, closure)
+            forget_autocast_casts()  # as the one-batch form's own forward
             for i in range(k):
                 with torch.enable_grad():
                     value = call(i)

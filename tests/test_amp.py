@@ -385,6 +385,30 @@ def test_a_forward_after_the_step_in_the_same_autocast_region_reads_the_moved_we
     assert torch.equal(after_step, fresh)
 
 
+def test_a_one_phase_step_in_an_autocast_region_reads_weights_another_optimizer_moved_before_it():
+    """A head stepped by AdamW, then the body by a one-phase step, in one autocast region: the step's own forward
+    read the head's bf16 cast from before AdamW's step, so its loss and gradients were of weights gone (an
+    audit's find: f0 0.9649 where the weights give 0.6966; 15 steps 0.128 away from autocast per forward)."""
+    torch.manual_seed(0)
+    body, head = torch.nn.Linear(8, 16), torch.nn.Linear(16, 1)
+    x, y = torch.randn(32, 8), torch.randn(32, 1)
+
+    def loss_fn():
+        return F.mse_loss(head(torch.tanh(body(x))).float(), y)
+
+    body_at_start = copy.deepcopy(body)
+    salsa, adamw = FusedSaLSa(body.parameters(), backend="torch"), torch.optim.AdamW(head.parameters(), lr=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        adamw.zero_grad()
+        loss_fn().backward()
+        adamw.step()
+        salsa.zero_grad()
+        f0 = salsa.step(loss_fn)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # a region of its own: no earlier casts
+        expected = F.mse_loss(head(torch.tanh(body_at_start(x))).float(), y)
+    assert torch.equal(f0, expected), (f0.item(), expected.item())
+
+
 def test_the_grad_scaler_lookup_reads_no_locals_of_a_callers_own_step_function():
     """The GradScaler's found_inf records are looked for among the calling frames. Any frame named 'step' had its
     locals read, and on Python 3.11 and 3.12 a read keeps them alive until the frame returns: a caller's own
