@@ -87,7 +87,8 @@ LOSS_NOT_THE_CLOSURES = (
     "them all and collapses it. Pass the closure's value at the "
     "current weights, as the closure returns it: with gradient accumulation the mean over all micro-batches "
     "(not their sum, not the last micro-batch's loss), unscaled, the closure computing it alike (autocast "
-    "inside it as in your forward, no term the closure leaves out). The weights, the moments and the search "
+    "inside it as in your forward, no term the closure leaves out), and with no other optimizer's step between "
+    "your forward and this one (step FusedSaLSa first). The weights, the moments and the search "
     "state are as they were")
 
 

@@ -192,7 +192,8 @@ class FusedSaLSa(Checkpointing, Diagnostics, Optimizer, Joinable):
         schedule: ``None``, or an object with ``scale(step)`` (a multiplier on the applied
             step; trials still probe the level) and ``searches(step)`` (False
             freezes the level), e.g. :class:`salsa_fused.step_size.WarmupStableDecay`.
-        model: the module the closure runs, or ``None``. Given, the buffers of its modules that
+        model: the module holding every module the closure runs (a GAN's two optimizers both take
+            ``torch.nn.ModuleList([G, D])``), or ``None``. Given, the buffers of its modules that
             track running statistics (``track_running_stats``: BatchNorm, SyncBatchNorm, tracked
             InstanceNorm) are put back after a search's extra forwards, so they end as the step's
             one training forward left them (the integrations pass it).

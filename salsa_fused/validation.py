@@ -264,9 +264,10 @@ def warn_of_parameters_outside_the_model(model: torch.nn.Module, mine: set, whos
     if theirs and outside:
         warnings.warn(f"model= is the module the closure runs, but {outside} of the {len(mine)} parameters {whose} "
                       f"are not the {type(model).__name__}'s: the running statistics (BatchNorm's) of modules the "
-                      "closure runs outside it take every trial forward of a search. Pass the whole model (a part of "
-                      "it is fine for an optimizer of that part's parameters; a parameter outside any module, a "
-                      "learned temperature, needs none)", UserWarning, stacklevel=caller_stacklevel())
+                      "closure runs outside it take every trial forward of a search. Pass every module the closure runs, "
+                      "the whole model (it may hold more parameters than this optimizer steps: a GAN's optimizers "
+                      "both take torch.nn.ModuleList([G, D]); a parameter outside any module, a learned temperature, "
+                      "needs none)", UserWarning, stacklevel=caller_stacklevel())
 
 
 def refuse_group_replaced_by_hand(index: int, group) -> None:

@@ -1971,8 +1971,8 @@ def test_a_model_whose_parameters_were_replaced_after_the_build_is_refused_at_th
 
 def test_a_model_that_holds_only_some_of_the_parameters_is_named():
     """model=model[0] for an optimizer of the whole model was taken silently: the BatchNorm statistics of the
-    modules outside it took every trial forward. Said at construction; the whole model, or a part of it for an
-    optimizer of that part, says nothing."""
+    modules outside it took every trial forward. Said at construction; the whole model, for an optimizer of all or
+    part of its parameters, says nothing."""
     net = _model()
     with warnings.catch_warnings(record=True) as record:  # once: torch's __init__ adds the groups it was built with
         warnings.simplefilter("always")
