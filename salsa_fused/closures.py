@@ -258,14 +258,14 @@ def same_value(now, before) -> bool:
 def running_statistics(model: Optional[torch.nn.Module]) -> List[torch.Tensor]:
     """The buffers of ``model``'s modules that any extra forward in training mode would update: those
     tracking running statistics (BatchNorm's) and spectral norm's power-iteration vectors ``u``, ``v``
-    (both of torch's forms); none without a model."""
+    (both of torch's forms); none without a model. Taken in evaluation mode too: a closure may switch
+    the model to ``train()`` and back around its forward."""
     if model is None:
         return []
     buffers = []
     for module in model.modules():
-        if getattr(module, "training", False):
-            buffers += (module.buffers(recurse=False) if getattr(module, "track_running_stats", False)
-                        else power_iteration_buffers(module))
+        buffers += (module.buffers(recurse=False) if getattr(module, "track_running_stats", False)
+                    else power_iteration_buffers(module))
     return buffers
 
 

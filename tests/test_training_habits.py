@@ -131,6 +131,34 @@ def test_trials_leave_batchnorm_buffers_as_one_forward_leaves_them(form):
 
 
 @pytest.mark.parametrize("form", ["one_phase", "two_phase"])
+def test_trials_of_a_closure_that_switches_an_eval_model_to_train_leave_batchnorm_as_one_forward(form):
+    """A model kept in eval mode whose closure runs it in train mode and switches back: the statistics were taken
+    only of modules in training mode when the step read them, after the closure had switched back, so each trial
+    forward updated them (an audit's find: num_batches_tracked 2 after one step of one trial)."""
+    model = _batchnorm_mlp()
+    opt = FusedSaLSa(model.parameters(), backend="torch", model=model)
+    record = _BufferAfterGradForward(model[1])
+    model.eval()
+    searched = 0
+    for k in range(4):
+        x, y = _data(k, rows=32)
+
+        def closure():
+            model.train()
+            try:
+                return F.mse_loss(model(x), y)
+            finally:
+                model.eval()
+
+        opt.zero_grad()
+        evals = opt.num_forward_evals
+        step_in_form(opt, closure, form)
+        searched += opt.num_forward_evals - evals - 1
+    assert searched >= 4
+    _assert_buffers_as_after_one_forward(model[1], record)
+
+
+@pytest.mark.parametrize("form", ["one_phase", "two_phase"])
 @pytest.mark.parametrize("parametrized", [True, False], ids=["parametrizations", "hook"])
 def test_trials_leave_spectral_norms_power_iteration_as_one_forward_leaves_it(form, parametrized):
     """Spectral norm's ``u`` and ``v`` take a power iteration at every training forward: with ``model=`` every
