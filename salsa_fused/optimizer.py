@@ -1064,9 +1064,8 @@ class FusedSaLSa(Checkpointing, Diagnostics, Optimizer, Joinable):
             # the step has read its gradients: a caller that lets go of them without this optimizer
             # (model.zero_grad(), as HF Trainer does) must not find a gradient set kept through its next backward
             self._buckets.release_grads()
-        if self._tied_warning is not None:  # after the step returned: raised as an error (-W error), it undoes nothing
-            message, self._tied_warning = self._tied_warning, None
-            warnings.warn(message, RuntimeWarning, stacklevel=caller_stacklevel())
+        while self._deferred_warnings:  # after the step returned: raised as an error (-W error), it undoes nothing
+            warnings.warn(self._deferred_warnings.pop(0), RuntimeWarning, stacklevel=caller_stacklevel())
         two_phase = loss is not None or (pending[2] is not None and pending[2][1] is not None)  # bound with loss=
         if (two_phase and handoff.zero_grad_rng is None
                 and (pending[1] is None or pending[1] is handoff.step_end_rng)):  # identity: tensors inside
@@ -1337,12 +1336,17 @@ class FusedSaLSa(Checkpointing, Diagnostics, Optimizer, Joinable):
             return loss
 
         running = self._running_statistics()
+        replay_checked = [marked is None or one_phase]  # a marked search checks where its first trial's replay ends
 
         def trial_loss() -> float:
             # each trial forward replays the step's random draws, and starts from the buffers the step's own
             # forward left (spectral norm's power iteration reads its u and v)
             leave_random_state(rng_before, running)
-            return self.reduction.shared_loss(forward, torch.float32, self._device, not one_phase, plan.state.step)
+            value = self.reduction.shared_loss(forward, torch.float32, self._device, not one_phase, plan.state.step)
+            if not replay_checked[0]:
+                replay_checked[0] = True
+                self._count_replay_mismatch(not RNGSnapshot.capture(devices).same_as(rng_after))
+            return value
 
         try:
             failure = None  # what this rank's forward at w0 raised, raised once its peers know (shared_forward)
