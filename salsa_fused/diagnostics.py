@@ -48,18 +48,6 @@ TIED_SEARCHES = (
     "the level grows by growth at each search without bound. The closure must call the model: "
     "step(lambda: loss_fn(model(x), y)); docs/api.md, 'The two-phase form'")
 
-#: Marked searches in a row whose replay of the step's forwards did not end where the caller's forwards left the
-#: generators, after which a warning names draws between ``mark_forward()`` and ``step()``.
-REPLAY_MISMATCHES_WARNED = 3
-REPLAY_DIFFERS = (
-    "at each of the last {count} searches the closure's replay of your forwards, from mark_forward(), did not end "
-    "where your forwards left the random generators: something else drew from them between mark_forward() and "
-    "step() (a batch sampled with the global generator between micro-batches, a training-mode forward of another "
-    "model), so the trials drew other dropout masks than the forwards that made the gradient, and the search "
-    "judged another function. Sample batches with a generator of their own (torch.Generator, as "
-    "examples/pretrain_gpt.py does), or all of them before mark_forward() (docs/training.md, 'Gradient "
-    "accumulation')")
-
 #: Steps in a row with every group's lr at 0 after which a warning says that nothing moves.
 LR_ZERO_STEPS_WARNED = 100
 
@@ -93,7 +81,6 @@ class Diagnostics:
     WATCHER_DEFAULTS = (("_lr_checked", False), ("_lr_rising", dict), ("_steps_at_lr_zero", 0),
                         ("_stacked_scheduler_warned", False), ("_skips_warned", False), ("_tied_searches", 0),
                         ("_ties_warned", False), ("_deferred_warnings", list), ("_fsdp_checked", False),
-                        ("_replay_mismatches", 0), ("_replay_warned", False),
                         ("_past_end_warned", False), ("_collapse_checked", False))
 
     def _start_watchers(self, keep: bool = False) -> None:
@@ -231,16 +218,6 @@ class Diagnostics:
             # warned by step() once the step has returned: an error there (-W error) would undo half of it
             self._deferred_warnings.append(TIED_SEARCHES.format(count=self._tied_searches, step=state.step_size,
                                                                 predicted=predicted, relative=relative))
-
-    def _count_replay_mismatch(self, differs: bool) -> None:
-        """Count the marked two-phase searches in a row whose first trial's replay of the step's forwards ended
-        elsewhere than the caller's forwards left the generators (``differs``), and warn once, after the step,
-        at ``REPLAY_MISMATCHES_WARNED``: a closure that draws once at its first call (a lazily built random
-        table) differs at one search only."""
-        self._replay_mismatches = self._replay_mismatches + 1 if differs else 0
-        if self._replay_mismatches >= REPLAY_MISMATCHES_WARNED and not self._replay_warned:
-            self._replay_warned = True
-            self._deferred_warnings.append(REPLAY_DIFFERS.format(count=self._replay_mismatches))
 
     def _warn_if_trials_may_read_stale_fsdp_weights(self, closure) -> None:
         """Once, at the first search: sharded (FSDP2) parameters, no ``model=`` with FSDP2 modules to

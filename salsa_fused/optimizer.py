@@ -649,6 +649,9 @@ class FusedSaLSa(Checkpointing, Diagnostics, Optimizer, Joinable):
     def __repr__(self) -> str:
         """torch's listing of the groups, after the constructor's settings (a preset's optimizer and a hand-built
         one printed the same but for weight_decay)."""
+        wrapped = self.__dict__.get("_optimizer")
+        if isinstance(wrapped, FusedSaLSa) and wrapped is not self:  # Lightning's wrapper: the optimizer it wraps
+            return repr(wrapped)
         if "backend" not in self.__dict__:  # a construction that raised (a debugger's or a traceback's look)
             return super().__repr__() if "param_groups" in self.__dict__ else f"{type(self).__name__} (not built)"
         rule = self.search_rule
@@ -1064,8 +1067,6 @@ class FusedSaLSa(Checkpointing, Diagnostics, Optimizer, Joinable):
             # the step has read its gradients: a caller that lets go of them without this optimizer
             # (model.zero_grad(), as HF Trainer does) must not find a gradient set kept through its next backward
             self._buckets.release_grads()
-        while self._deferred_warnings:  # after the step returned: raised as an error (-W error), it undoes nothing
-            warnings.warn(self._deferred_warnings.pop(0), RuntimeWarning, stacklevel=caller_stacklevel())
         two_phase = loss is not None or (pending[2] is not None and pending[2][1] is not None)  # bound with loss=
         if (two_phase and handoff.zero_grad_rng is None
                 and (pending[1] is None or pending[1] is handoff.step_end_rng)):  # identity: tensors inside
@@ -1073,6 +1074,8 @@ class FusedSaLSa(Checkpointing, Diagnostics, Optimizer, Joinable):
             # whether its caller's forward drew from here, and its trials replay from here
             handoff.zero_grad_rng = handoff.step_end_rng = RNGSnapshot.capture(
                 [self._device] if self._device is not None else [])
+        while self._deferred_warnings:  # once the step is whole: raised as an error (-W error), it undoes nothing
+            warnings.warn(self._deferred_warnings.pop(0), RuntimeWarning, stacklevel=caller_stacklevel())
         return result
 
     #: torch's own wrapper: the step hooks, the profiler's range ``Optimizer.step#<class>.step``
@@ -1336,17 +1339,12 @@ class FusedSaLSa(Checkpointing, Diagnostics, Optimizer, Joinable):
             return loss
 
         running = self._running_statistics()
-        replay_checked = [marked is None or one_phase]  # a marked search checks where its first trial's replay ends
 
         def trial_loss() -> float:
             # each trial forward replays the step's random draws, and starts from the buffers the step's own
             # forward left (spectral norm's power iteration reads its u and v)
             leave_random_state(rng_before, running)
-            value = self.reduction.shared_loss(forward, torch.float32, self._device, not one_phase, plan.state.step)
-            if not replay_checked[0]:
-                replay_checked[0] = True
-                self._count_replay_mismatch(not RNGSnapshot.capture(devices).same_as(rng_after))
-            return value
+            return self.reduction.shared_loss(forward, torch.float32, self._device, not one_phase, plan.state.step)
 
         try:
             failure = None  # what this rank's forward at w0 raised, raised once its peers know (shared_forward)

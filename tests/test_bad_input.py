@@ -636,7 +636,7 @@ def test_the_stale_closure_warning_raised_as_an_error_leaves_the_step_whole():
         with warnings.catch_warnings():
             warnings.simplefilter("error" if as_error else "ignore")
             for step in range(1, 6):
-                opt.zero_grad()
+                model.zero_grad()  # not the optimizer's: each step leaves where the next one's trials replay from
                 out = model(_X)
                 if step == 5:
                     model[2].bias.grad = None  # a parameter sitting out at that step (made by the backward below)
@@ -649,9 +649,10 @@ def test_the_stale_closure_warning_raised_as_an_error_leaves_the_step_whole():
                         opt.step(lambda: F.mse_loss(out.detach(), _Y), loss=loss)
                 else:
                     opt.step(lambda: F.mse_loss(out.detach(), _Y), loss=loss)
-        runs.append(([p.detach().clone() for p in model.parameters()], opt.state_dict()))
-    (weights, ignored), (weights_error, raised) = runs
+        runs.append(([p.detach().clone() for p in model.parameters()], opt.state_dict(), opt._handoff.zero_grad_rng))
+    (weights, ignored, rng), (weights_error, raised, rng_error) = runs
     assert all(torch.equal(a, b) for a, b in zip(weights, weights_error))
+    assert rng is not None and rng.same_as(rng_error)  # where the next step's trials replay from, kept too
     assert raised["param_groups"][0]["search"] == ignored["param_groups"][0]["search"]
     assert raised["state"].keys() == ignored["state"].keys()
     for i, entry in ignored["state"].items():
