@@ -156,6 +156,7 @@ def test_the_schedule_read_and_set_through_lightnings_wrapper_is_the_optimizers(
     wrapper.schedule = cooldown
     assert salsa.schedule is cooldown and wrapper.schedule is cooldown
     assert "_schedule" not in vars(wrapper)
+    assert repr(wrapper) == repr(salsa)  # it read "LightningFusedSaLSa (not built)"
 
 
 def test_lightning_readme_pattern_with_dropout_does_not_collapse():
