@@ -108,7 +108,6 @@ LOSS_MISMATCH_FACTOR = 1.5
 LOSS_MISMATCH_MIN_DIFFERENCE = 1e-6
 
 
-
 def loss_mismatch(given: float, closure: float, scale: float) -> Tuple[float, bool, bool]:
     """``(ratio, looks_scaled, differs)`` for a ``loss=`` of value ``given`` against the closure's ``closure`` at
     the same weights, under a GradScaler's ``scale`` (0 without one): ``ratio = given / closure`` (NaN where the

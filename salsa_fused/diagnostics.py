@@ -58,8 +58,6 @@ LR_ZERO_STEPS = (
     "on the searched level (docs/api.md)")
 
 
-
-
 def most_weights_moved(passes: F.Passes) -> bool:
     """Do at least half the weights' elements differ from their saved copy of ``w0`` (after a search step)? False
     without copies (``restore="inplace"``). One device read."""

@@ -645,7 +645,6 @@ class FusedSaLSa(Checkpointing, Diagnostics, Optimizer, Joinable):
         that the smoothed Armijo test reads."""
         return self._search.last_loss_decrease
 
-
     def __repr__(self) -> str:
         """torch's listing of the groups, after the constructor's settings (a preset's optimizer and a hand-built
         one printed the same but for weight_decay)."""
@@ -873,8 +872,6 @@ class FusedSaLSa(Checkpointing, Diagnostics, Optimizer, Joinable):
         or those of an :func:`fsdp_closure`; the next forward all-gathers them anyway."""
         for module in self._fsdp_modules() or getattr(closure, "fsdp_modules", ()):
             module.reshard()
-
-
 
     def _sharded_groups(self) -> Sequence[dict]:
         """The param groups where the gradients are FSDP2's sharded DTensors, else none."""
