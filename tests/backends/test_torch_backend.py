@@ -323,7 +323,7 @@ def test_the_cpu_plain_step_on_many_small_tensors_costs_about_foreach_adamw():
         adamw = torch.optim.AdamW(params, lr=1e-3, foreach=True)
         args, loss = PassArgs(_hyper(0.1), Move(1e-4, decay=1e-4)), torch.tensor(1.0)
         best = {"salsa": float("inf"), "adamw": float("inf")}
-        for _ in range(9):
+        for _ in range(25):  # the best of many, interleaved: the suite's background jobs share the 2 cores
             start = time.perf_counter()
             B.plain_step(bucket, args, loss)
             best["salsa"] = min(best["salsa"], time.perf_counter() - start)
